@@ -1,0 +1,65 @@
+/*
+ * MessagePack envelope codec. Bodies on the wire are MessagePack; inside
+ * the hub a decoded body is a jansson value (json_t), the same model the
+ * JSON side of the partner client uses, so a referral is validated and
+ * stored the same way whichever way it came in.
+ *
+ * The decoder enforces every limit *before* allocating for it: a header
+ * that claims more elements or bytes than the frame still holds is refused
+ * without allocation, as is nesting past max_depth. It never aborts the
+ * process on any input. It tells "interrupted" (the input ends inside a
+ * value: KH_E_INTERRUPTED) from "malformed" (bytes that are not valid
+ * MessagePack, trailing bytes after the value, or types the hub does not
+ * accept: KH_E_MALFORMED / KH_E_UNSUPPORTED_TYPE).
+ *
+ * Accepted types: nil, bool, integers (int64 range; uint64 above INT64_MAX
+ * is refused), float32/64 (finite only), str (valid UTF-8, no NUL), array,
+ * map with str keys. bin and ext are refused (KH_E_UNSUPPORTED_TYPE).
+ */
+#ifndef KH_CODEC_H_INCLUDED
+#define KH_CODEC_H_INCLUDED
+
+#include <jansson.h>
+#include <stddef.h>
+
+#include "ketenhub/error.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct {
+    size_t max_frame;    /* bytes in one frame; default 256 KiB */
+    size_t max_depth;    /* nesting of arrays/maps; default 16, at most 16 */
+    size_t max_elements; /* entries in one array or map; default 1024 */
+    size_t max_total;    /* values in the whole frame; default 65536 */
+    size_t max_string;   /* bytes in one string or key; default 64 KiB */
+} kh_limits_t;
+
+/* The default limits above. */
+kh_limits_t kh_limits_default(void);
+
+/* Decode exactly one MessagePack value filling the whole of data[0..size).
+ * On success returns 0 and stores a new reference in *out (caller owns it:
+ * json_decref). On failure returns -1, *out is NULL, and err says why with
+ * the path of the offending element ("referral.subject.age",
+ * "items[3]"); the message names the byte offset. limits NULL means the
+ * defaults. */
+int kh_msgpack_decode(const void *data, size_t size, const kh_limits_t *limits,
+                      json_t **out, kh_error_t *err);
+
+/* Encode value as MessagePack into a new malloc'd buffer. On success returns
+ * 0, *data (caller frees with free) and *size. Integers as the smallest
+ * MessagePack int, reals as float64, strings as str. Fails with
+ * KH_E_TOO_DEEP past 16 levels, KH_E_NOMEM on allocation failure. */
+int kh_msgpack_encode(const json_t *value, char **data, size_t *size,
+                      kh_error_t *err);
+
+/* Whether s[0..len) is valid UTF-8 (no overlongs, no surrogates, nothing
+ * above U+10FFFF). */
+bool kh_utf8_valid(const char *s, size_t len);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
