@@ -1,0 +1,214 @@
+/*
+ * Envelope helpers for the partner protocol (schemas/protocol.md).
+ */
+#include "ketenhub/proto.h"
+
+#include <sodium.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static const char *s_cmd_names[] = {"SUBMIT",   "STATUS",   "PING",
+                                    "ACCEPTED", "REJECTED", "STATUS_REPLY",
+                                    "PONG",     "UNKNOWN"};
+
+const char *kh_cmd_name(kh_cmd_t cmd)
+{
+    if ((int) cmd < 0 || cmd > KH_CMD_UNKNOWN_)
+        cmd = KH_CMD_UNKNOWN_;
+    return s_cmd_names[cmd];
+}
+
+static kh_cmd_t s_cmd_from_name(const char *name)
+{
+    for (int i = 0; i < KH_CMD_UNKNOWN_; i++)
+        if (strcmp(name, s_cmd_names[i]) == 0)
+            return (kh_cmd_t) i;
+    return KH_CMD_UNKNOWN_;
+}
+
+/* The fields each command may carry besides v, cmd and cid; NULL-ended. */
+static const char *s_submit_fields[] = {"idempotency_key", "referral", NULL};
+static const char *s_status_fields[] = {"referral_id", NULL};
+static const char *s_none[] = {NULL};
+static const char *s_accepted_fields[] = {"referral_id", "accepted_at",
+                                          "duplicate", NULL};
+static const char *s_rejected_fields[] = {
+    "code", "path", "message", "retryable", "retry_after_ms", NULL};
+static const char *s_status_reply_fields[] = {
+    "referral_id", "state", "accepted_at", "deliveries", NULL};
+
+static const char **s_fields_of(kh_cmd_t cmd)
+{
+    switch (cmd) {
+    case KH_CMD_SUBMIT:
+        return s_submit_fields;
+    case KH_CMD_STATUS:
+        return s_status_fields;
+    case KH_CMD_ACCEPTED:
+        return s_accepted_fields;
+    case KH_CMD_REJECTED:
+        return s_rejected_fields;
+    case KH_CMD_STATUS_REPLY:
+        return s_status_reply_fields;
+    default:
+        return s_none;
+    }
+}
+
+static bool s_idem_key_valid(const char *key)
+{
+    size_t len = strlen(key);
+    if (len == 0 || len > KH_IDEM_KEY_MAX)
+        return false;
+    for (const char *c = key; *c; c++)
+        if (!((*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z') ||
+              (*c >= '0' && *c <= '9') || *c == '.' || *c == '_' || *c == ':' ||
+              *c == '-'))
+            return false;
+    return true;
+}
+
+static int s_check_command_fields(const json_t *msg, kh_cmd_t cmd,
+                                  kh_error_t *err)
+{
+    if (cmd == KH_CMD_SUBMIT) {
+        const json_t *key = json_object_get(msg, "idempotency_key");
+        if (!json_is_string(key))
+            return kh_error_set(err, KH_E_BAD_ENVELOPE, "idempotency_key",
+                                "idempotency_key is required and must be a "
+                                "string");
+        if (!s_idem_key_valid(json_string_value(key)))
+            return kh_error_set(err, KH_E_BAD_ENVELOPE, "idempotency_key",
+                                "idempotency_key must be 1 to %d characters "
+                                "of A-Z a-z 0-9 . _ : -",
+                                KH_IDEM_KEY_MAX);
+        if (!json_is_object(json_object_get(msg, "referral")))
+            return kh_error_set(err, KH_E_BAD_ENVELOPE, "referral",
+                                "referral is required and must be a map");
+    } else if (cmd == KH_CMD_STATUS) {
+        const json_t *id = json_object_get(msg, "referral_id");
+        if (!json_is_string(id) || !kh_uuid_valid(json_string_value(id)))
+            return kh_error_set(err, KH_E_BAD_ENVELOPE, "referral_id",
+                                "referral_id is required and must be a "
+                                "lower-case UUID");
+    }
+    return 0;
+}
+
+int kh_proto_check(const json_t *msg, kh_cmd_t *cmd, const char **cid,
+                   kh_error_t *err)
+{
+    *cid = NULL;
+    *cmd = KH_CMD_UNKNOWN_;
+    if (!json_is_object(msg))
+        return kh_error_set(err, KH_E_BAD_ENVELOPE, "",
+                            "the envelope must be a map");
+    const json_t *cid_value = json_object_get(msg, "cid");
+    if (json_is_string(cid_value) && json_string_length(cid_value) >= 1 &&
+        json_string_length(cid_value) <= KH_CID_MAX)
+        *cid = json_string_value(cid_value);
+
+    const json_t *version = json_object_get(msg, "v");
+    if (!json_is_integer(version))
+        return kh_error_set(err, KH_E_BAD_ENVELOPE, "v",
+                            "v is required and must be an integer");
+    if (json_integer_value(version) != KH_PROTO_VERSION)
+        return kh_error_set(err, KH_E_UNKNOWN_VERSION, "v",
+                            "this hub speaks protocol version %d",
+                            KH_PROTO_VERSION);
+    const json_t *name = json_object_get(msg, "cmd");
+    if (!json_is_string(name))
+        return kh_error_set(err, KH_E_BAD_ENVELOPE, "cmd",
+                            "cmd is required and must be a string");
+    *cmd = s_cmd_from_name(json_string_value(name));
+    if (*cmd == KH_CMD_UNKNOWN_)
+        return kh_error_set(err, KH_E_UNKNOWN_COMMAND, "cmd",
+                            "unknown command");
+    if (!*cid)
+        return kh_error_set(err, KH_E_BAD_ENVELOPE, "cid",
+                            "cid is required: a string of 1 to %d bytes",
+                            KH_CID_MAX);
+
+    const char **allowed = s_fields_of(*cmd);
+    const char *key;
+    const json_t *value;
+    json_object_foreach((json_t *) msg, key, value)
+    {
+        if (!strcmp(key, "v") || !strcmp(key, "cmd") || !strcmp(key, "cid"))
+            continue;
+        bool known = false;
+        for (const char **field = allowed; *field && !known; field++)
+            known = strcmp(key, *field) == 0;
+        if (!known)
+            return kh_error_set(err, KH_E_BAD_ENVELOPE, key,
+                                "unknown field for %s", kh_cmd_name(*cmd));
+    }
+    return s_check_command_fields(msg, *cmd, err);
+}
+
+json_t *kh_proto_new(kh_cmd_t cmd, const char *cid)
+{
+    return json_pack("{s:i, s:s, s:s}", "v", KH_PROTO_VERSION, "cmd",
+                     kh_cmd_name(cmd), "cid", cid ? cid : "");
+}
+
+json_t *kh_proto_rejected(const char *cid, const kh_error_t *err,
+                          int retry_after_ms)
+{
+    json_t *msg = kh_proto_new(KH_CMD_REJECTED, cid);
+    if (!msg)
+        return NULL;
+    bool retryable = kh_error_retryable(err->code);
+    json_object_set_new(msg, "code", json_string(kh_error_name(err->code)));
+    json_object_set_new(msg, "path", json_string(err->path));
+    json_object_set_new(msg, "message", json_string(err->message));
+    json_object_set_new(msg, "retryable", json_boolean(retryable));
+    if (retryable)
+        json_object_set_new(msg, "retry_after_ms",
+                            json_integer(retry_after_ms));
+    return msg;
+}
+
+bool kh_uuid_valid(const char *s)
+{
+    if (strlen(s) != 36)
+        return false;
+    for (int i = 0; i < 36; i++) {
+        bool dash = i == 8 || i == 13 || i == 18 || i == 23;
+        if (dash ? s[i] != '-'
+                 : !((s[i] >= '0' && s[i] <= '9') ||
+                     (s[i] >= 'a' && s[i] <= 'f')))
+            return false;
+    }
+    return true;
+}
+
+void kh_uuid_new(char out[37])
+{
+    unsigned char b[16];
+    (void) sodium_init(); /* idempotent; seeds the random source */
+    randombytes_buf(b, sizeof b);
+    b[6] = (unsigned char) ((b[6] & 0x0f) | 0x40);
+    b[8] = (unsigned char) ((b[8] & 0x3f) | 0x80);
+    snprintf(out, 37,
+             "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-"
+             "%02x%02x%02x%02x%02x%02x",
+             b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10],
+             b[11], b[12], b[13], b[14], b[15]);
+}
+
+int kh_payload_hash(const json_t *value, char out[65])
+{
+    char *canonical =
+        json_dumps(value, JSON_COMPACT | JSON_SORT_KEYS | JSON_ENSURE_ASCII |
+                              JSON_ENCODE_ANY);
+    if (!canonical)
+        return -1;
+    unsigned char digest[crypto_hash_sha256_BYTES];
+    crypto_hash_sha256(digest, (const unsigned char *) canonical,
+                       strlen(canonical));
+    free(canonical);
+    sodium_bin2hex(out, 65, digest, sizeof digest);
+    return 0;
+}

@@ -1,0 +1,51 @@
+/*
+ * Deployment settings from environment variables, declared in one table
+ * per program: name, type, default, bounds, whether it is a secret. The
+ * table is validated as a whole at start; a bad value names the variable,
+ * and the program exits 2 (STYLE.md).
+ */
+#ifndef KH_CONFIG_H_INCLUDED
+#define KH_CONFIG_H_INCLUDED
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "ketenhub/error.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum { KH_CFG_STRING, KH_CFG_INT, KH_CFG_BOOL } kh_cfg_type_t;
+
+typedef struct {
+    const char *name;   /* environment variable, KH_* */
+    kh_cfg_type_t type; /* how to read it */
+    const char *defval; /* default as text; NULL means required */
+    long min, max;      /* bounds for KH_CFG_INT */
+    bool secret;        /* never logged */
+    const char *help;   /* one line for --help and the README */
+    /* Filled by kh_config_load: */
+    const char *str; /* the text in force (points into environ or defval) */
+    long num;        /* KH_CFG_INT value, KH_CFG_BOOL as 0/1 */
+} kh_cfg_t;
+
+/* Read every entry of table[0..count) from the environment. Returns 0, or
+ * -1 with err (KH_E_CONFIG, path = the variable's name) for the first
+ * missing required variable or malformed / out-of-bounds value. */
+int kh_config_load(kh_cfg_t *table, size_t count, kh_error_t *err);
+
+/* The entry called name; NULL if the table has none. */
+const kh_cfg_t *kh_config_get(const kh_cfg_t *table, size_t count,
+                              const char *name);
+
+/* Log the settings in force at info level (secrets as "***"). */
+void kh_config_log(const kh_cfg_t *table, size_t count);
+
+/* Print "NAME  default  help" lines for --help. */
+void kh_config_usage(const kh_cfg_t *table, size_t count);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

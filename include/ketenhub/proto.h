@@ -1,0 +1,65 @@
+/*
+ * The partner protocol's envelopes (schemas/protocol.md): building replies
+ * and checking requests. An envelope is a jansson object once decoded by
+ * the codec; these helpers check its common fields and each command's own.
+ */
+#ifndef KH_PROTO_H_INCLUDED
+#define KH_PROTO_H_INCLUDED
+
+#include <jansson.h>
+
+#include "ketenhub/error.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define KH_PROTO_VERSION 1
+#define KH_CID_MAX 64
+#define KH_IDEM_KEY_MAX 128
+
+typedef enum {
+    KH_CMD_SUBMIT,
+    KH_CMD_STATUS,
+    KH_CMD_PING,
+    KH_CMD_ACCEPTED,
+    KH_CMD_REJECTED,
+    KH_CMD_STATUS_REPLY,
+    KH_CMD_PONG,
+    KH_CMD_UNKNOWN_
+} kh_cmd_t;
+
+/* The wire name of a command ("SUBMIT"). */
+const char *kh_cmd_name(kh_cmd_t cmd);
+
+/* Check the common fields of an envelope and the fields of its command.
+ * On success returns 0, *cmd and *cid (borrowed from msg). On failure
+ * returns -1 with err (unknown_version, unknown_command, bad_envelope and
+ * the path); *cid is still set when the envelope had a usable cid, so the
+ * refusal can be correlated, else it is NULL. */
+int kh_proto_check(const json_t *msg, kh_cmd_t *cmd, const char **cid,
+                   kh_error_t *err);
+
+/* A new envelope {"v":1,"cmd":...,"cid":...}; NULL on allocation failure.
+ * cid NULL is sent as "". */
+json_t *kh_proto_new(kh_cmd_t cmd, const char *cid);
+
+/* A REJECTED envelope from an error; retry_after_ms is used when the code
+ * is retryable. */
+json_t *kh_proto_rejected(const char *cid, const kh_error_t *err,
+                          int retry_after_ms);
+
+/* Whether s is a canonical lower-case UUID (8-4-4-4-12 hex). */
+bool kh_uuid_valid(const char *s);
+
+/* A random (version 4) UUID as 36 characters plus NUL. */
+void kh_uuid_new(char out[37]);
+
+/* Lower-case hex of the SHA-256 of value's canonical JSON (compact, keys
+ * sorted, ASCII). out holds 65 bytes. Returns -1 on allocation failure. */
+int kh_payload_hash(const json_t *value, char out[65]);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
