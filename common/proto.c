@@ -187,7 +187,8 @@ bool kh_uuid_valid(const char *s)
 void kh_uuid_new(char out[37])
 {
     unsigned char b[16];
-    (void) sodium_init(); /* idempotent; seeds the random source */
+    if (sodium_init() < 0) /* idempotent; -1 only without a random source */
+        memset(b, 0, sizeof b);
     randombytes_buf(b, sizeof b);
     b[6] = (unsigned char) ((b[6] & 0x0f) | 0x40);
     b[8] = (unsigned char) ((b[8] & 0x3f) | 0x80);

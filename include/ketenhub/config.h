@@ -30,6 +30,12 @@ typedef struct {
     long num;        /* KH_CFG_INT value, KH_CFG_BOOL as 0/1 */
 } kh_cfg_t;
 
+/* A table row; the outputs start empty. */
+#define KH_CFG(name, type, defval, min, max, secret, help)                     \
+    {                                                                          \
+        (name), (type), (defval), (min), (max), (secret), (help), NULL, 0      \
+    }
+
 /* Read every entry of table[0..count) from the environment. Returns 0, or
  * -1 with err (KH_E_CONFIG, path = the variable's name) for the first
  * missing required variable or malformed / out-of-bounds value. */

@@ -1,5 +1,105 @@
-int main(void);
-int main(void)
+/*
+ * ketenhub-intake: accepts referrals from partner systems over CURVE and
+ * commits them, with their audit events, before answering ACCEPTED.
+ * Settings come from the environment (see the table below and --help).
+ */
+#include <czmq.h>
+#include <sodium.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "intake.h"
+#include "ketenhub/config.h"
+#include "ketenhub/log.h"
+#include "ketenhub/service.h"
+
+#ifndef KH_DEFAULT_SHARE_DIR
+#define KH_DEFAULT_SHARE_DIR "/usr/local/share/ketenhub"
+#endif
+
+static kh_cfg_t s_config[] = {
+    KH_CFG("KH_INTAKE_ENDPOINT", KH_CFG_STRING, "tcp://*:7701", 0, 0, false,
+           "ZeroMQ endpoint partners connect to"),
+    KH_CFG("KH_HUB_CERT", KH_CFG_STRING, NULL, 0, 0, false,
+           "hub certificate file (its _secret file beside it)"),
+    KH_CFG("KH_PARTNER_CERT_DIR", KH_CFG_STRING, NULL, 0, 0, false,
+           "directory of partners' public certificates"),
+    KH_CFG("KH_DATABASE_URL", KH_CFG_STRING, "", 0, 0, true,
+           "libpq connection string (empty: PG* environment)"),
+    KH_CFG("KH_SCHEMA_DIR", KH_CFG_STRING, KH_DEFAULT_SHARE_DIR "/schemas", 0,
+           0, false, "directory holding referral.v1.json"),
+    KH_CFG("KH_MAX_FRAME", KH_CFG_INT, "262144", 1024, 16777216, false,
+           "largest accepted frame in bytes"),
+    KH_CFG("KH_INTAKE_BATCH", KH_CFG_INT, "256", 1, 4096, false,
+           "most requests committed in one transaction"),
+    KH_CFG("KH_PARTNER_REFRESH_MS", KH_CFG_INT, "5000", 100, 3600000, false,
+           "how often the partner registry is re-read"),
+    KH_CFG("KH_LOG_LEVEL", KH_CFG_STRING, "info", 0, 0, false,
+           "debug, info, warn or error"),
+};
+#define S_CONFIG_COUNT (sizeof s_config / sizeof s_config[0])
+
+static const char *s_get(const char *name)
 {
-    return 2;
+    return kh_config_get(s_config, S_CONFIG_COUNT, name)->str;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc > 1) {
+        bool help = strcmp(argv[1], "--help") == 0 || !strcmp(argv[1], "-h");
+        fprintf(stderr, "usage: ketenhub-intake\n");
+        kh_config_usage(s_config, S_CONFIG_COUNT);
+        return help ? 0 : 2;
+    }
+    int signal_fd = kh_signals_open();
+    if (signal_fd == -1) {
+        perror("ketenhub-intake: cannot set up signals");
+        return 1;
+    }
+    kh_error_t err;
+    if (kh_config_load(s_config, S_CONFIG_COUNT, &err)) {
+        fprintf(stderr, "ketenhub-intake: %s\n", err.message);
+        return 2;
+    }
+    if (kh_log_init("intake", s_get("KH_LOG_LEVEL"))) {
+        fprintf(stderr, "ketenhub-intake: KH_LOG_LEVEL must be debug, info, "
+                        "warn or error\n");
+        return 2;
+    }
+    if (sodium_init() < 0) {
+        kh_log_error("start_failed", "reason=\"no random source\"");
+        return 1;
+    }
+    kh_config_log(s_config, S_CONFIG_COUNT);
+
+    intake_config_t config = {
+        .endpoint = s_get("KH_INTAKE_ENDPOINT"),
+        .hub_cert = s_get("KH_HUB_CERT"),
+        .partner_certs = s_get("KH_PARTNER_CERT_DIR"),
+        .conninfo = s_get("KH_DATABASE_URL"),
+        .schema_dir = s_get("KH_SCHEMA_DIR"),
+        .limits = kh_limits_default(),
+        .batch_max =
+            (size_t) kh_config_get(s_config, S_CONFIG_COUNT, "KH_INTAKE_BATCH")
+                ->num,
+        .partner_refresh_ms = (int) kh_config_get(s_config, S_CONFIG_COUNT,
+                                                  "KH_PARTNER_REFRESH_MS")
+                                  ->num,
+    };
+    config.limits.max_frame =
+        (size_t) kh_config_get(s_config, S_CONFIG_COUNT, "KH_MAX_FRAME")->num;
+
+    intake_t *intake = intake_new(&config, &err);
+    if (!intake) {
+        kh_log_error("start_failed", "code=%s path=%s msg=\"%s\"",
+                     kh_error_name(err.code), err.path, err.message);
+        return err.code == KH_E_CONFIG || err.code == KH_E_SCHEMA_INVALID ? 2
+                                                                          : 1;
+    }
+    int rc = intake_run(intake, signal_fd);
+    intake_destroy(&intake);
+    close(signal_fd);
+    return rc == 0 ? 0 : 1;
 }
