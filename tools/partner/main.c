@@ -1,5 +1,208 @@
-int main(void);
-int main(void)
+/*
+ * ketenhub-partner: the reference partner tool. Submits referrals (JSON
+ * files) to the hub, asks their status, pings. Prints the hub's answer as
+ * one JSON line on stdout.
+ *
+ * Exit codes: 0 accepted (or answered), 1 refused, 2 usage or unreadable
+ * input, 3 hub unreachable or this key refused, 4 refused for now (the
+ * hub asked to retry later, and retries ran out).
+ */
+#include <getopt.h>
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ketenhub/client.h"
+#include "ketenhub/proto.h"
+
+enum {
+    S_EXIT_OK = 0,
+    S_EXIT_REFUSED = 1,
+    S_EXIT_USAGE = 2,
+    S_EXIT_UNREACHABLE = 3,
+    S_EXIT_RETRY_LATER = 4
+};
+
+static void s_usage(FILE *out)
 {
-    return 2;
+    fprintf(out,
+            "usage: ketenhub-partner [options] submit FILE|- [--key KEY]\n"
+            "       ketenhub-partner [options] status REFERRAL_ID\n"
+            "       ketenhub-partner [options] ping\n"
+            "options (environment variable in brackets):\n"
+            "  --endpoint E   hub intake endpoint [KH_ENDPOINT]\n"
+            "                 (default tcp://127.0.0.1:7701)\n"
+            "  --hub-cert F   hub's public certificate [KH_HUB_PUBLIC_CERT]\n"
+            "  --cert F       this partner's certificate, with F_secret\n"
+            "                 beside it [KH_PARTNER_CERT]\n"
+            "  --timeout MS   wait per attempt (default 5000)\n"
+            "  --retries N    resend after a timeout or a retryable\n"
+            "                 refusal (default 3)\n"
+            "  --key KEY      idempotency key (default: derived from the\n"
+            "                 referral's content, so a resend is safe)\n"
+            "exit: 0 accepted, 1 refused, 2 usage, 3 unreachable,\n"
+            "      4 refused for now (retry later)\n");
+}
+
+static const char *s_env(const char *name, const char *fallback)
+{
+    const char *value = getenv(name);
+    return value && *value ? value : fallback;
+}
+
+/* Exit code for a reply (or its absence). */
+static int s_outcome(const json_t *reply, const kh_error_t *err)
+{
+    if (!reply) {
+        fprintf(stderr, "ketenhub-partner: %s (%s)\n", err->message,
+                kh_error_name(err->code));
+        return S_EXIT_UNREACHABLE;
+    }
+    char *text = json_dumps(reply, JSON_COMPACT | JSON_SORT_KEYS);
+    if (text)
+        printf("%s\n", text);
+    free(text);
+    const char *cmd = kh_client_reply_cmd(reply);
+    if (strcmp(cmd, "REJECTED") != 0)
+        return S_EXIT_OK;
+    return json_is_true(json_object_get(reply, "retryable"))
+               ? S_EXIT_RETRY_LATER
+               : S_EXIT_REFUSED;
+}
+
+static json_t *s_read_referral(const char *file)
+{
+    json_error_t jerr;
+    json_t *doc = strcmp(file, "-") == 0
+                      ? json_loadf(stdin, JSON_REJECT_DUPLICATES, &jerr)
+                      : json_load_file(file, JSON_REJECT_DUPLICATES, &jerr);
+    if (!doc)
+        fprintf(stderr, "ketenhub-partner: %s:%d:%d: %s\n", file, jerr.line,
+                jerr.column, jerr.text);
+    return doc;
+}
+
+int main(int argc, char **argv)
+{
+    const char *endpoint = s_env("KH_ENDPOINT", "tcp://127.0.0.1:7701");
+    const char *hub_cert = s_env("KH_HUB_PUBLIC_CERT", NULL);
+    const char *cert = s_env("KH_PARTNER_CERT", NULL);
+    const char *key = NULL;
+    int timeout = 5000, retries = 3;
+    static const struct option options[] = {
+        {"endpoint", required_argument, NULL, 'e'},
+        {"hub-cert", required_argument, NULL, 'H'},
+        {"cert", required_argument, NULL, 'c'},
+        {"timeout", required_argument, NULL, 't'},
+        {"retries", required_argument, NULL, 'r'},
+        {"key", required_argument, NULL, 'k'},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0}};
+    int opt;
+    while ((opt = getopt_long(argc, argv, "+h", options, NULL)) != -1) {
+        switch (opt) {
+        case 'e':
+            endpoint = optarg;
+            break;
+        case 'H':
+            hub_cert = optarg;
+            break;
+        case 'c':
+            cert = optarg;
+            break;
+        case 't':
+            timeout = atoi(optarg);
+            break;
+        case 'r':
+            retries = atoi(optarg);
+            break;
+        case 'k':
+            key = optarg;
+            break;
+        case 'h':
+            s_usage(stdout);
+            return S_EXIT_OK;
+        default:
+            s_usage(stderr);
+            return S_EXIT_USAGE;
+        }
+    }
+    /* Options may also follow the command (submit FILE --key K). */
+    int first = optind;
+    optind = first + 1;
+    while ((opt = getopt_long(argc, argv, "+h", options, NULL)) != -1)
+        if (opt == 'k')
+            key = optarg;
+        else if (opt == 't')
+            timeout = atoi(optarg);
+        else if (opt == 'r')
+            retries = atoi(optarg);
+        else {
+            s_usage(stderr);
+            return S_EXIT_USAGE;
+        }
+    if (first >= argc || timeout <= 0 || retries < 0) {
+        s_usage(stderr);
+        return S_EXIT_USAGE;
+    }
+    const char *command = argv[first];
+    const char *arg = optind < argc ? argv[optind] : NULL;
+    bool needs_arg = strcmp(command, "ping") != 0;
+    if ((needs_arg && !arg) ||
+        (strcmp(command, "submit") && strcmp(command, "status") &&
+         strcmp(command, "ping"))) {
+        s_usage(stderr);
+        return S_EXIT_USAGE;
+    }
+    if (!hub_cert || !cert) {
+        fprintf(stderr, "ketenhub-partner: --hub-cert and --cert (or "
+                        "KH_HUB_PUBLIC_CERT and KH_PARTNER_CERT) are "
+                        "required\n");
+        return S_EXIT_USAGE;
+    }
+
+    json_t *referral = NULL;
+    char derived_key[72];
+    if (strcmp(command, "submit") == 0) {
+        referral = s_read_referral(arg);
+        if (!referral)
+            return S_EXIT_USAGE;
+        if (!key) {
+            char hash[65];
+            if (kh_payload_hash(referral, hash)) {
+                json_decref(referral);
+                return S_EXIT_USAGE;
+            }
+            snprintf(derived_key, sizeof derived_key, "sha256:%s", hash);
+            key = derived_key;
+        }
+    } else if (strcmp(command, "status") == 0 && !kh_uuid_valid(arg)) {
+        fprintf(stderr, "ketenhub-partner: %s is not a referral id\n", arg);
+        return S_EXIT_USAGE;
+    }
+
+    kh_error_t err;
+    kh_client_t *client = kh_client_new(endpoint, hub_cert, cert, &err);
+    if (!client) {
+        fprintf(stderr, "ketenhub-partner: %s\n", err.message);
+        json_decref(referral);
+        return S_EXIT_USAGE;
+    }
+    kh_client_set_retries(client, retries);
+    json_t *reply = NULL;
+    if (referral)
+        reply = kh_client_submit(client, referral, key, timeout, &err);
+    else if (strcmp(command, "status") == 0)
+        reply = kh_client_status(client, arg, timeout, &err);
+    else {
+        json_t *ping = json_pack("{s:s}", "cmd", "PING");
+        reply = kh_client_request(client, ping, timeout, &err);
+        json_decref(ping);
+    }
+    int rc = s_outcome(reply, &err);
+    json_decref(reply);
+    json_decref(referral);
+    kh_client_destroy(&client);
+    return rc;
 }

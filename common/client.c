@@ -1,0 +1,218 @@
+/*
+ * The reference partner client (see client.h).
+ */
+#include "ketenhub/client.h"
+
+#include <czmq.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ketenhub/codec.h"
+#include "ketenhub/proto.h"
+
+struct _kh_client_t {
+    zsock_t *dealer;
+    zactor_t *monitor; /* reports refused handshakes */
+    zpoller_t *poller;
+    uint64_t next_cid;
+    int retries;
+    bool auth_failed;
+};
+
+static zcert_t *s_load_cert(const char *path, bool need_secret, kh_error_t *err)
+{
+    zcert_t *cert = path ? zcert_load(path) : NULL;
+    if (!cert) {
+        kh_error_set(err, KH_E_CONFIG, "", "cannot read certificate %s",
+                     path ? path : "(none)");
+        return NULL;
+    }
+    if (need_secret &&
+        strcmp(zcert_secret_txt(cert),
+               "0000000000000000000000000000000000000000") == 0) {
+        kh_error_set(err, KH_E_CONFIG, "",
+                     "certificate %s has no secret key beside it (%s_secret)",
+                     path, path);
+        zcert_destroy(&cert);
+    }
+    return cert;
+}
+
+kh_client_t *kh_client_new(const char *endpoint, const char *hub_cert,
+                           const char *partner_cert, kh_error_t *err)
+{
+    kh_client_t *self = calloc(1, sizeof *self);
+    zcert_t *hub = s_load_cert(hub_cert, false, err);
+    zcert_t *mine = hub ? s_load_cert(partner_cert, true, err) : NULL;
+    if (!self || !mine)
+        goto fail;
+    self->dealer = zsock_new(ZMQ_DEALER);
+    if (!self->dealer) {
+        kh_error_set(err, KH_E_INTERNAL, "", "cannot create a socket");
+        goto fail;
+    }
+    zcert_apply(mine, self->dealer);
+    zsock_set_curve_serverkey(self->dealer, zcert_public_txt(hub));
+    zsock_set_linger(self->dealer, 0);
+    self->monitor = zactor_new(zmonitor, self->dealer);
+    if (self->monitor) {
+        zstr_sendx(self->monitor, "LISTEN", "HANDSHAKE_FAILED_AUTH", NULL);
+        zstr_sendx(self->monitor, "START", NULL);
+        zsock_wait(self->monitor);
+    }
+    if (zsock_connect(self->dealer, "%s", endpoint)) {
+        kh_error_set(err, KH_E_CONFIG, "", "cannot connect to %s", endpoint);
+        goto fail;
+    }
+    self->poller = zpoller_new(self->dealer, NULL);
+    if (self->monitor)
+        zpoller_add(self->poller, self->monitor);
+    self->next_cid = 1;
+    zcert_destroy(&hub);
+    zcert_destroy(&mine);
+    return self;
+fail:
+    zcert_destroy(&hub);
+    zcert_destroy(&mine);
+    kh_client_destroy(&self);
+    return NULL;
+}
+
+void kh_client_destroy(kh_client_t **self_p)
+{
+    if (!self_p || !*self_p)
+        return;
+    kh_client_t *self = *self_p;
+    zpoller_destroy(&self->poller);
+    zactor_destroy(&self->monitor);
+    zsock_destroy(&self->dealer);
+    free(self);
+    *self_p = NULL;
+}
+
+void kh_client_set_retries(kh_client_t *self, int retries)
+{
+    self->retries = retries < 0 ? 0 : retries;
+}
+
+const char *kh_client_reply_cmd(const json_t *reply)
+{
+    const char *cmd = json_string_value(json_object_get(reply, "cmd"));
+    return cmd ? cmd : "";
+}
+
+/* Send request once and wait for the reply with its cid. */
+static json_t *s_exchange(kh_client_t *self, json_t *request, int timeout_ms,
+                          kh_error_t *err)
+{
+    char cid[32];
+    snprintf(cid, sizeof cid, "c-%" PRIu64, self->next_cid++);
+    json_object_set_new(request, "v", json_integer(KH_PROTO_VERSION));
+    json_object_set_new(request, "cid", json_string(cid));
+    char *data = NULL;
+    size_t size = 0;
+    if (kh_msgpack_encode(request, &data, &size, err))
+        return NULL;
+    zframe_t *frame = zframe_new(data, size);
+    free(data);
+    if (!frame || zframe_send(&frame, self->dealer, 0)) {
+        zframe_destroy(&frame);
+        kh_error_set(err, KH_E_INTERNAL, "", "cannot send the request");
+        return NULL;
+    }
+    int64_t deadline = zclock_mono() + timeout_ms;
+    int64_t left;
+    while ((left = deadline - zclock_mono()) > 0) {
+        void *which = zpoller_wait(self->poller, (int) left);
+        if (which == self->monitor) {
+            zmsg_t *event = zmsg_recv(self->monitor);
+            zmsg_destroy(&event);
+            self->auth_failed = true;
+            kh_error_set(err, KH_E_UNKNOWN_PARTNER, "",
+                         "the hub refused this partner key");
+            return NULL;
+        }
+        if (which != self->dealer)
+            break;
+        zframe_t *reply_frame = zframe_recv(self->dealer);
+        if (!reply_frame)
+            break;
+        json_t *reply = NULL;
+        kh_error_t decode_err;
+        int rc = kh_msgpack_decode(zframe_data(reply_frame),
+                                   zframe_size(reply_frame), NULL, &reply,
+                                   &decode_err);
+        zframe_destroy(&reply_frame);
+        const char *reply_cid =
+            rc ? NULL : json_string_value(json_object_get(reply, "cid"));
+        if (reply_cid && strcmp(reply_cid, cid) == 0)
+            return reply;
+        json_decref(reply); /* a late answer to an earlier attempt */
+    }
+    kh_error_set(err, KH_E_TIMEOUT, "", "no reply from the hub within %d ms",
+                 timeout_ms);
+    return NULL;
+}
+
+json_t *kh_client_request(kh_client_t *self, json_t *request, int timeout_ms,
+                          kh_error_t *err)
+{
+    for (int attempt = 0;; attempt++) {
+        json_t *reply = s_exchange(self, request, timeout_ms, err);
+        bool last = attempt >= self->retries;
+        if (!reply) {
+            if (last || err->code != KH_E_TIMEOUT)
+                return NULL;
+            continue;
+        }
+        if (last || strcmp(kh_client_reply_cmd(reply), "REJECTED") != 0 ||
+            !json_is_true(json_object_get(reply, "retryable")))
+            return reply;
+        json_int_t wait =
+            json_integer_value(json_object_get(reply, "retry_after_ms"));
+        json_decref(reply);
+        zclock_sleep((int) (wait > 0 && wait < 60000 ? wait : 1000));
+    }
+}
+
+json_t *kh_client_submit(kh_client_t *self, const json_t *referral,
+                         const char *idem_key, int timeout_ms, kh_error_t *err)
+{
+    json_t *request =
+        json_pack("{s:s, s:s, s:O}", "cmd", "SUBMIT", "idempotency_key",
+                  idem_key, "referral", (json_t *) referral);
+    if (!request) {
+        kh_error_set(err, KH_E_BAD_ENVELOPE, "", "cannot build the request");
+        return NULL;
+    }
+    json_t *reply = kh_client_request(self, request, timeout_ms, err);
+    json_decref(request);
+    return reply;
+}
+
+json_t *kh_client_status(kh_client_t *self, const char *referral_id,
+                         int timeout_ms, kh_error_t *err)
+{
+    json_t *request =
+        json_pack("{s:s, s:s}", "cmd", "STATUS", "referral_id", referral_id);
+    if (!request) {
+        kh_error_set(err, KH_E_BAD_ENVELOPE, "", "cannot build the request");
+        return NULL;
+    }
+    json_t *reply = kh_client_request(self, request, timeout_ms, err);
+    json_decref(request);
+    return reply;
+}
+
+int kh_client_ping(kh_client_t *self, int timeout_ms, kh_error_t *err)
+{
+    json_t *request = json_pack("{s:s}", "cmd", "PING");
+    json_t *reply =
+        request ? kh_client_request(self, request, timeout_ms, err) : NULL;
+    json_decref(request);
+    int rc = reply && strcmp(kh_client_reply_cmd(reply), "PONG") == 0 ? 0 : -1;
+    if (reply && rc)
+        kh_error_set(err, KH_E_INTERNAL, "", "unexpected reply to PING");
+    json_decref(reply);
+    return rc;
+}
