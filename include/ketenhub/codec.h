@@ -36,6 +36,12 @@ typedef struct {
     size_t max_string;   /* bytes in one string or key; default 64 KiB */
 } kh_limits_t;
 
+/* How the limits count. A value nested in n arrays/maps is at depth n: a
+ * bare scalar is at 0, so max_depth 16 takes 16 nested containers and
+ * refuses the 17th; a max_depth above 16 is taken as 16. max_total counts
+ * every MessagePack value, containers and map keys included ({"a": [1]} is
+ * 4). Limits are taken literally (0 means none allowed). */
+
 /* The default limits above. */
 kh_limits_t kh_limits_default(void);
 
@@ -43,8 +49,22 @@ kh_limits_t kh_limits_default(void);
  * On success returns 0 and stores a new reference in *out (caller owns it:
  * json_decref). On failure returns -1, *out is NULL, and err says why with
  * the path of the offending element ("referral.subject.age",
- * "items[3]"); the message names the byte offset. limits NULL means the
- * defaults. */
+ * "items[3]", "" for the root); the message names the byte offset and
+ * never a value. limits NULL means the defaults.
+ *
+ * Codes: a frame over max_frame is KH_E_TOO_LARGE (checked first). A
+ * container header is checked, before anything is built for it, for depth
+ * (KH_E_TOO_DEEP), then its count against max_elements (KH_E_TOO_MANY),
+ * then against the bytes left, at least 1 per array element and 2 per map
+ * entry (KH_E_INTERRUPTED), then against max_total (KH_E_TOO_MANY); so a
+ * 5-byte array32 claiming 2^32-1 elements is too_many_elements under the
+ * default limits, interrupted under limits that allow the count. A str
+ * header is checked against max_string (KH_E_STRING_TOO_LONG), then the
+ * bytes left (KH_E_INTERRUPTED). Strings and keys that are not valid UTF-8
+ * or hold a NUL byte are KH_E_INVALID_UTF8. A repeated key is
+ * KH_E_DUPLICATE_KEY with the path of the repeat. A non-str key, the
+ * unused byte 0xc1 and trailing bytes are KH_E_MALFORMED; for an error in
+ * a key itself the path is the map's. */
 int kh_msgpack_decode(const void *data, size_t size, const kh_limits_t *limits,
                       json_t **out, kh_error_t *err);
 
@@ -56,7 +76,8 @@ int kh_msgpack_encode(const json_t *value, char **data, size_t *size,
                       kh_error_t *err);
 
 /* Whether s[0..len) is valid UTF-8 (no overlongs, no surrogates, nothing
- * above U+10FFFF). */
+ * above U+10FFFF). A NUL byte is valid UTF-8 here; the decoder refuses it
+ * on its own. s NULL is valid only with len 0. */
 bool kh_utf8_valid(const char *s, size_t len);
 
 #ifdef __cplusplus
