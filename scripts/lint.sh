@@ -1,0 +1,17 @@
+#!/bin/sh
+# Style and static checks: clang-format (one style), cppcheck, shellcheck
+# when it is installed. Exits non-zero on any finding.
+set -eu
+here=$(cd "$(dirname "$0")/.." && pwd)
+cd "$here"
+
+files=$(git ls-files '*.c' '*.h')
+# shellcheck disable=SC2086
+clang-format --dry-run --Werror $files
+# shellcheck disable=SC2086
+cppcheck --quiet --error-exitcode=1 --enable=warning,performance,portability \
+  --inline-suppr --std=c11 -I include $files
+if command -v shellcheck >/dev/null 2>&1; then
+  shellcheck scripts/*.sh .ci/run
+fi
+echo "lint: clean"

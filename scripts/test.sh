@@ -1,0 +1,24 @@
+#!/bin/sh
+# Set up and run the whole test suite: install what is missing, build,
+# run every test (unit and integration, with a throwaway PostgreSQL), then
+# again under AddressSanitizer and UBSan, then the style and static checks.
+#   scripts/test.sh            everything
+#   KH_TEST_QUICK=1 scripts/test.sh   skip the sanitizer pass
+set -eu
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+cd "$here"
+jobs=$(nproc)
+
+"$here/scripts/setup.sh" "$here/build"
+(cd build && ctest --output-on-failure -j "$jobs")
+
+if [ "${KH_TEST_QUICK:-0}" != 1 ]; then
+  "$here/scripts/setup.sh" "$here/build-asan" -DKH_SANITIZE=ON \
+    -DCMAKE_BUILD_TYPE=Debug
+  (cd build-asan && ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 \
+    UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+    ctest --output-on-failure -j "$jobs")
+fi
+
+"$here/scripts/lint.sh"

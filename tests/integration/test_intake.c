@@ -1,0 +1,556 @@
+/*
+ * intake against a real PostgreSQL and real CURVE sockets on
+ * tcp://127.0.0.1: the real ketenhub-intake binary, real partner keys.
+ */
+#include <czmq.h>
+#include <dirent.h>
+#include <libpq-fe.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ketenhub/client.h"
+#include "ketenhub/codec.h"
+#include "khproc.h"
+#include "khtest.h"
+
+#define S_DB "kh_test_intake"
+#define S_TIMEOUT 3000
+
+static char s_dir[256];     /* temp dir: certs, logs */
+static char s_endpoint[64]; /* where intake listens */
+static char *s_conninfo;    /* the test database */
+static pid_t s_intake = -1; /* the intake process */
+static PGconn *s_db;        /* for checks */
+
+static char *s_path(const char *name)
+{
+    static char path[4][512];
+    static int next;
+    char *out = path[next++ % 4];
+    snprintf(out, sizeof path[0], "%s/%s", s_dir, name);
+    return out;
+}
+
+/* A new partner key pair: secret in DIR/NAME.cert(_secret); the public
+ * half in the partner directory when registered_in_dir. */
+static zcert_t *s_make_cert(const char *name, bool in_dir)
+{
+    zcert_t *cert = zcert_new();
+    char file[512];
+    snprintf(file, sizeof file, "%s/%s.cert", s_dir, name);
+    zcert_save(cert, file);
+    if (in_dir) {
+        snprintf(file, sizeof file, "%s/partners/%s.cert", s_dir, name);
+        zcert_save_public(cert, file);
+    }
+    return cert;
+}
+
+static void s_register(const char *id, zcert_t *cert)
+{
+    const char *params[] = {id, zcert_public_txt(cert)};
+    PGresult *res = PQexecParams(
+        s_db,
+        "INSERT INTO partners (id, display_name, kind, handles_cases, "
+        "curve_public_key) VALUES ($1, $1, 'other', true, $2)",
+        2, NULL, params, NULL, NULL, 0);
+    ck_assert_msg(PQresultStatus(res) == PGRES_COMMAND_OK, "%s",
+                  PQerrorMessage(s_db));
+    PQclear(res);
+}
+
+static long s_count(const char *sql)
+{
+    PGresult *res = PQexec(s_db, sql);
+    ck_assert_msg(PQresultStatus(res) == PGRES_TUPLES_OK, "%s: %s", sql,
+                  PQerrorMessage(s_db));
+    long n = atol(PQgetvalue(res, 0, 0));
+    PQclear(res);
+    return n;
+}
+
+static void s_start_intake(void)
+{
+    char env_endpoint[128], env_cert[600], env_dir[600], env_db[1024],
+        env_schema[600];
+    snprintf(env_endpoint, sizeof env_endpoint, "KH_INTAKE_ENDPOINT=%s",
+             s_endpoint);
+    snprintf(env_cert, sizeof env_cert, "KH_HUB_CERT=%s", s_path("hub.cert"));
+    snprintf(env_dir, sizeof env_dir, "KH_PARTNER_CERT_DIR=%s",
+             s_path("partners"));
+    snprintf(env_db, sizeof env_db, "KH_DATABASE_URL=%s", s_conninfo);
+    snprintf(env_schema, sizeof env_schema, "KH_SCHEMA_DIR=%s",
+             khtest_src("schemas"));
+    char *env[] = {env_endpoint,
+                   env_cert,
+                   env_dir,
+                   env_db,
+                   env_schema,
+                   "KH_LOG_LEVEL=debug",
+                   "KH_PARTNER_REFRESH_MS=200",
+                   NULL};
+    char *argv[] = {"ketenhub-intake", NULL};
+    s_intake =
+        khproc_spawn(KH_TEST_BINARY_DIR "/services/intake/ketenhub-intake",
+                     argv, env, s_path("intake.log"));
+    ck_assert_int_gt(s_intake, 0);
+}
+
+static kh_client_t *s_client(const char *name)
+{
+    char cert[512];
+    snprintf(cert, sizeof cert, "%s/%s.cert", s_dir, name);
+    kh_error_t err;
+    kh_client_t *client =
+        kh_client_new(s_endpoint, s_path("hub.cert"), cert, &err);
+    ck_assert_msg(client != NULL, "%s", err.message);
+    return client;
+}
+
+/* Wait until intake answers PING (it is bound and PostgreSQL answers). */
+static void s_wait_ready(void)
+{
+    kh_client_t *client = s_client("vt");
+    kh_error_t err;
+    int rc = -1;
+    for (int i = 0; i < 50 && rc; i++)
+        rc = kh_client_ping(client, 200, &err);
+    kh_client_destroy(&client);
+    ck_assert_msg(rc == 0, "intake did not come up: see %s",
+                  s_path("intake.log"));
+}
+
+static void s_setup(void)
+{
+    snprintf(s_dir, sizeof s_dir, "/tmp/kh-intake-XXXXXX");
+    ck_assert_ptr_nonnull(mkdtemp(s_dir));
+    char partners[512];
+    snprintf(partners, sizeof partners, "%s/partners", s_dir);
+    ck_assert_int_eq(zsys_dir_create("%s", partners), 0);
+    snprintf(s_endpoint, sizeof s_endpoint, "tcp://127.0.0.1:%d",
+             khproc_free_port());
+
+    s_db = khtest_db_fresh(S_DB);
+    s_conninfo = khtest_db_conninfo(S_DB);
+    zcert_t *hub = zcert_new();
+    zcert_save(hub, s_path("hub.cert"));
+    zcert_destroy(&hub);
+    zcert_t *vt = s_make_cert("vt", true);
+    s_register("veilig-thuis", vt);
+    zcert_destroy(&vt);
+    zcert_t *zc = s_make_cert("zc", true);
+    s_register("zorgcoordinator", zc);
+    zcert_destroy(&zc);
+    zcert_t *stranger = s_make_cert("stranger", false); /* not in the dir */
+    zcert_destroy(&stranger);
+    zcert_t *unregistered = s_make_cert("unregistered", true); /* no row */
+    zcert_destroy(&unregistered);
+    s_start_intake();
+    s_wait_ready();
+}
+
+static void s_teardown(void)
+{
+    if (s_intake > 0)
+        khproc_stop(s_intake, SIGTERM, 5000);
+    s_intake = -1;
+    PQfinish(s_db);
+    s_db = NULL;
+    free(s_conninfo);
+    s_conninfo = NULL;
+    khproc_sh("rm -rf '%s'", s_dir);
+}
+
+/* The first example referral (sorted by file name). */
+static json_t *s_example(void)
+{
+    zlistx_t *names = zlistx_new();
+    zlistx_set_destructor(names, (zlistx_destructor_fn *) zstr_free);
+    zlistx_set_comparator(names, (zlistx_comparator_fn *) strcmp);
+    DIR *dir = opendir(khtest_src("schemas/examples"));
+    ck_assert_ptr_nonnull(dir);
+    struct dirent *entry;
+    while ((entry = readdir(dir)))
+        if (strstr(entry->d_name, ".json"))
+            zlistx_add_end(names, strdup(entry->d_name));
+    closedir(dir);
+    zlistx_sort(names);
+    ck_assert_int_gt(zlistx_size(names), 0);
+    char path[512];
+    snprintf(path, sizeof path, "schemas/examples/%s",
+             (char *) zlistx_first(names));
+    zlistx_destroy(&names);
+    json_error_t jerr;
+    json_t *doc = json_load_file(khtest_src(path), 0, &jerr);
+    ck_assert_msg(doc != NULL, "%s: %s", path, jerr.text);
+    return doc;
+}
+
+static const char *s_str(const json_t *reply, const char *field)
+{
+    const char *value = json_string_value(json_object_get(reply, field));
+    return value ? value : "";
+}
+
+START_TEST(accepted_referral_is_committed_with_its_audit_event)
+{
+    kh_client_t *client = s_client("vt");
+    json_t *referral = s_example();
+    kh_error_t err;
+    json_t *reply =
+        kh_client_submit(client, referral, "accept-1", S_TIMEOUT, &err);
+    ck_assert_msg(reply != NULL, "%s", err.message);
+    ck_assert_str_eq(kh_client_reply_cmd(reply), "ACCEPTED");
+    ck_assert(json_is_false(json_object_get(reply, "duplicate")));
+    char sql[1024];
+    /* Same transaction: the referral row and its audit event share xmin. */
+    snprintf(sql, sizeof sql,
+             "SELECT count(*) FROM referrals r JOIN audit_events a"
+             " ON a.referral_id = r.id AND a.xmin = r.xmin"
+             " WHERE r.id = '%s' AND r.partner_id = 'veilig-thuis'"
+             " AND a.action = 'referral.accepted' AND a.actor_id = "
+             "'veilig-thuis' AND a.outcome = 'ok'"
+             " AND a.payload_hash = r.payload_hash AND r.payload IS NOT NULL",
+             s_str(reply, "referral_id"));
+    ck_assert_int_eq(s_count(sql), 1);
+
+    /* STATUS by the submitter, and not by another partner. */
+    json_t *status =
+        kh_client_status(client, s_str(reply, "referral_id"), S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(status);
+    ck_assert_str_eq(kh_client_reply_cmd(status), "STATUS_REPLY");
+    ck_assert_str_eq(s_str(status, "state"), "accepted");
+    json_decref(status);
+    kh_client_t *other = s_client("zc");
+    status =
+        kh_client_status(other, s_str(reply, "referral_id"), S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(status);
+    ck_assert_str_eq(s_str(status, "code"), "not_found");
+    json_decref(status);
+    kh_client_destroy(&other);
+    json_decref(reply);
+    json_decref(referral);
+    kh_client_destroy(&client);
+}
+END_TEST
+
+START_TEST(same_idempotency_key_returns_the_first_answer)
+{
+    kh_client_t *client = s_client("vt");
+    json_t *referral = s_example();
+    kh_error_t err;
+    json_t *first =
+        kh_client_submit(client, referral, "idem-1", S_TIMEOUT, &err);
+    json_t *second =
+        kh_client_submit(client, referral, "idem-1", S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(first);
+    ck_assert_ptr_nonnull(second);
+    ck_assert_str_eq(kh_client_reply_cmd(second), "ACCEPTED");
+    ck_assert_str_eq(s_str(first, "referral_id"), s_str(second, "referral_id"));
+    ck_assert_str_eq(s_str(first, "accepted_at"), s_str(second, "accepted_at"));
+    ck_assert(json_is_true(json_object_get(second, "duplicate")));
+    ck_assert_int_eq(s_count("SELECT count(*) FROM referrals WHERE "
+                             "idempotency_key = 'idem-1'"),
+                     1);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events a JOIN "
+                             "referrals r ON r.id = a.referral_id WHERE "
+                             "r.idempotency_key = 'idem-1'"),
+                     1);
+
+    /* Another partner may use the same key for its own referral. */
+    kh_client_t *other = s_client("zc");
+    json_t *third =
+        kh_client_submit(other, referral, "idem-1", S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(third);
+    ck_assert_str_eq(kh_client_reply_cmd(third), "ACCEPTED");
+    ck_assert_str_ne(s_str(first, "referral_id"), s_str(third, "referral_id"));
+
+    /* The same key for a different referral is a conflict. */
+    json_object_set_new(referral, "summary", json_string("changed text"));
+    json_t *fourth =
+        kh_client_submit(client, referral, "idem-1", S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(fourth);
+    ck_assert_str_eq(s_str(fourth, "code"), "idempotency_conflict");
+    ck_assert_int_eq(s_count("SELECT count(*) FROM referrals WHERE "
+                             "idempotency_key = 'idem-1'"),
+                     2);
+    json_decref(first);
+    json_decref(second);
+    json_decref(third);
+    json_decref(fourth);
+    json_decref(referral);
+    kh_client_destroy(&other);
+    kh_client_destroy(&client);
+}
+END_TEST
+
+/* Send raw bytes on a CURVE DEALER as partner vt and return the decoded
+ * reply, or NULL when none came within timeout_ms. */
+static json_t *s_raw(const void *data, size_t size, int frames, int timeout_ms)
+{
+    zcert_t *hub = zcert_load(s_path("hub.cert"));
+    zcert_t *mine = zcert_load(s_path("vt.cert"));
+    zsock_t *dealer = zsock_new(ZMQ_DEALER);
+    zcert_apply(mine, dealer);
+    zsock_set_curve_serverkey(dealer, zcert_public_txt(hub));
+    zsock_set_rcvtimeo(dealer, timeout_ms);
+    zsock_connect(dealer, "%s", s_endpoint);
+    zmsg_t *msg = zmsg_new();
+    for (int i = 0; i < frames; i++)
+        zmsg_addmem(msg, data, size);
+    zmsg_send(&msg, dealer);
+    zframe_t *frame = zframe_recv(dealer);
+    json_t *reply = NULL;
+    if (frame) {
+        kh_error_t err;
+        ck_assert_int_eq(kh_msgpack_decode(zframe_data(frame),
+                                           zframe_size(frame), NULL, &reply,
+                                           &err),
+                         0);
+    }
+    zframe_destroy(&frame);
+    zsock_destroy(&dealer);
+    zcert_destroy(&hub);
+    zcert_destroy(&mine);
+    return reply;
+}
+
+static json_t *s_raw_json(json_t *envelope)
+{
+    char *data;
+    size_t size;
+    kh_error_t err;
+    ck_assert_int_eq(kh_msgpack_encode(envelope, &data, &size, &err), 0);
+    json_t *reply = s_raw(data, size, 1, S_TIMEOUT);
+    free(data);
+    json_decref(envelope);
+    return reply;
+}
+
+static void s_expect_rejected(json_t *reply, const char *code, const char *path)
+{
+    ck_assert_msg(reply != NULL, "no reply, expected %s", code);
+    ck_assert_str_eq(kh_client_reply_cmd(reply), "REJECTED");
+    ck_assert_str_eq(s_str(reply, "code"), code);
+    if (path)
+        ck_assert_str_eq(s_str(reply, "path"), path);
+    ck_assert(json_is_false(json_object_get(reply, "retryable")));
+    json_decref(reply);
+}
+
+START_TEST(bad_input_is_rejected_and_changes_nothing)
+{
+    long referrals = s_count("SELECT count(*) FROM referrals");
+    long refusals = s_count("SELECT count(*) FROM audit_events WHERE "
+                            "outcome = 'refused'");
+    s_expect_rejected(s_raw("\xc1", 1, 1, S_TIMEOUT), "malformed", "");
+    s_expect_rejected(s_raw("\x82\xa1v\x01", 4, 1, S_TIMEOUT), "interrupted",
+                      NULL);
+    s_expect_rejected(s_raw("\xdf\xff\xff\xff\xff", 5, 1, S_TIMEOUT),
+                      "too_many_elements", NULL);
+    char deep[10000];
+    memset(deep, 0x91, sizeof deep);
+    s_expect_rejected(s_raw(deep, sizeof deep, 1, S_TIMEOUT), "too_deep", NULL);
+    s_expect_rejected(s_raw("\x81\xa1v\x01", 4, 2, S_TIMEOUT), "bad_envelope",
+                      NULL);
+    s_expect_rejected(s_raw_json(json_pack("{s:i,s:s,s:s}", "v", 2, "cmd",
+                                           "PING", "cid", "x")),
+                      "unknown_version", "v");
+    s_expect_rejected(s_raw_json(json_pack("{s:i,s:s,s:s}", "v", 1, "cmd",
+                                           "FOO", "cid", "x")),
+                      "unknown_command", "cmd");
+    s_expect_rejected(s_raw_json(json_pack("{s:i,s:s,s:s,s:s}", "v", 1, "cmd",
+                                           "PING", "cid", "x", "from", "avim")),
+                      "bad_envelope", "from");
+    json_t *referral = s_example();
+    s_expect_rejected(
+        s_raw_json(json_pack("{s:i,s:s,s:s,s:s,s:O}", "v", 1, "cmd", "SUBMIT",
+                             "cid", "x", "idempotency_key", "bad key!",
+                             "referral", referral)),
+        "bad_envelope", "idempotency_key");
+    json_object_del(referral, "summary");
+    s_expect_rejected(
+        s_raw_json(json_pack("{s:i,s:s,s:s,s:s,s:O}", "v", 1, "cmd", "SUBMIT",
+                             "cid", "x", "idempotency_key", "k", "referral",
+                             referral)),
+        "schema.required", "referral.summary");
+    json_object_set_new(referral, "summary", json_string("x"));
+    json_object_set_new(referral, "partner", json_string("avim"));
+    s_expect_rejected(
+        s_raw_json(json_pack("{s:i,s:s,s:s,s:s,s:O}", "v", 1, "cmd", "SUBMIT",
+                             "cid", "x", "idempotency_key", "k", "referral",
+                             referral)),
+        "schema.unknown_field", "referral.partner");
+    json_decref(referral);
+
+    /* A frame over the limit is dropped with the connection: no reply. */
+    size_t big = 300 * 1024;
+    char *huge = calloc(1, big);
+    ck_assert_ptr_null(s_raw(huge, big, 1, 1000));
+    free(huge);
+
+    ck_assert_int_eq(s_count("SELECT count(*) FROM referrals"), referrals);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE "
+                             "outcome = 'refused'"),
+                     refusals + 11);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE "
+                             "action = 'referral.rejected' AND reason_code = "
+                             "'schema.required' AND reason_path = "
+                             "'referral.summary'"),
+                     1);
+    /* Still serving. */
+    kh_client_t *client = s_client("vt");
+    kh_error_t err;
+    ck_assert_int_eq(kh_client_ping(client, S_TIMEOUT, &err), 0);
+    kh_client_destroy(&client);
+}
+END_TEST
+
+START_TEST(unknown_keys_and_plain_clients_are_refused)
+{
+    long referrals = s_count("SELECT count(*) FROM referrals");
+    json_t *referral = s_example();
+    kh_error_t err;
+
+    /* A key the partner directory does not hold: handshake refused. */
+    kh_client_t *stranger = s_client("stranger");
+    json_t *reply = kh_client_submit(stranger, referral, "s-1", 2000, &err);
+    ck_assert_ptr_null(reply);
+    ck_assert_int_eq(err.code, KH_E_UNKNOWN_PARTNER);
+    kh_client_destroy(&stranger);
+
+    /* A key in the directory but not in the registry: refused, audited. */
+    kh_client_t *unregistered = s_client("unregistered");
+    reply = kh_client_submit(unregistered, referral, "u-1", S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(reply);
+    ck_assert_str_eq(s_str(reply, "code"), "unknown_partner");
+    json_decref(reply);
+    kh_client_destroy(&unregistered);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE "
+                             "action = 'auth.refused' AND actor_id LIKE "
+                             "'key:%'"),
+                     1);
+
+    /* A plain (non-CURVE) client never gets an answer. */
+    zsock_t *plain = zsock_new(ZMQ_DEALER);
+    zsock_set_rcvtimeo(plain, 1000);
+    zsock_connect(plain, "%s", s_endpoint);
+    zstr_send(plain, "hello");
+    char *answer = zstr_recv(plain);
+    ck_assert_ptr_null(answer);
+    zsock_destroy(&plain);
+
+    ck_assert_int_eq(s_count("SELECT count(*) FROM referrals"), referrals);
+    json_decref(referral);
+}
+END_TEST
+
+START_TEST(killed_before_commit_then_retry_succeeds_once)
+{
+    kh_client_t *client = s_client("vt");
+    json_t *referral = s_example();
+    kh_error_t err;
+    /* Stopped intake takes the request into its queue but cannot commit. */
+    kill(s_intake, SIGSTOP);
+    json_t *reply = kh_client_submit(client, referral, "kill-1", 500, &err);
+    ck_assert_ptr_null(reply);
+    khproc_stop(s_intake, SIGKILL, 5000);
+    s_intake = -1;
+    ck_assert_int_eq(s_count("SELECT count(*) FROM referrals WHERE "
+                             "idempotency_key = 'kill-1'"),
+                     0);
+    kh_client_destroy(&client);
+
+    s_start_intake();
+    s_wait_ready();
+    client = s_client("vt");
+    reply = kh_client_submit(client, referral, "kill-1", S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(reply);
+    ck_assert_str_eq(kh_client_reply_cmd(reply), "ACCEPTED");
+    ck_assert(json_is_false(json_object_get(reply, "duplicate")));
+    json_decref(reply);
+    reply = kh_client_submit(client, referral, "kill-1", S_TIMEOUT, &err);
+    ck_assert(json_is_true(json_object_get(reply, "duplicate")));
+    json_decref(reply);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM referrals WHERE "
+                             "idempotency_key = 'kill-1'"),
+                     1);
+    json_decref(referral);
+    kh_client_destroy(&client);
+}
+END_TEST
+
+START_TEST(database_down_gives_retryable_refusal_then_recovers)
+{
+    kh_client_t *client = s_client("vt");
+    json_t *referral = s_example();
+    kh_error_t err;
+    const char *pgdir = getenv("KH_TEST_PG_DIR");
+    ck_assert_ptr_nonnull(pgdir);
+    ck_assert_int_eq(khproc_sh("'%s/scripts/pgtmp.sh' down '%s' fast",
+                               KH_TEST_SOURCE_DIR, pgdir),
+                     0);
+    int64_t started = zclock_mono();
+    json_t *reply =
+        kh_client_submit(client, referral, "down-1", S_TIMEOUT, &err);
+    int64_t elapsed = zclock_mono() - started;
+    ck_assert_int_eq(
+        khproc_sh("'%s/scripts/pgtmp.sh' up '%s'", KH_TEST_SOURCE_DIR, pgdir),
+        0);
+    ck_assert_msg(reply != NULL, "no answer while the database was down");
+    ck_assert_str_eq(kh_client_reply_cmd(reply), "REJECTED");
+    ck_assert_str_eq(s_str(reply, "code"), "unavailable");
+    ck_assert(json_is_true(json_object_get(reply, "retryable")));
+    ck_assert_int_lt(elapsed, 1000);
+    json_decref(reply);
+
+    /* The client's retries carry it through the reconnection. */
+    kh_client_set_retries(client, 20);
+    reply = kh_client_submit(client, referral, "down-1", S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(reply);
+    ck_assert_str_eq(kh_client_reply_cmd(reply), "ACCEPTED");
+    json_decref(reply);
+    PQreset(s_db);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM referrals WHERE "
+                             "idempotency_key = 'down-1'"),
+                     1);
+    json_decref(referral);
+    kh_client_destroy(&client);
+}
+END_TEST
+
+START_TEST(sighup_does_not_stop_and_sigterm_exits_zero)
+{
+    kill(s_intake, SIGHUP);
+    kh_client_t *client = s_client("vt");
+    kh_error_t err;
+    ck_assert_int_eq(kh_client_ping(client, S_TIMEOUT, &err), 0);
+    kh_client_destroy(&client);
+    int status = khproc_stop(s_intake, SIGTERM, 5000);
+    s_intake = -1;
+    ck_assert(status != -1 && WIFEXITED(status));
+    ck_assert_int_eq(WEXITSTATUS(status), 0);
+}
+END_TEST
+
+int main(void)
+{
+    Suite *suite = suite_create("intake");
+    TCase *tc = tcase_create("intake");
+    tcase_set_timeout(tc, 60);
+    tcase_add_checked_fixture(tc, s_setup, s_teardown);
+    tcase_add_test(tc, accepted_referral_is_committed_with_its_audit_event);
+    tcase_add_test(tc, same_idempotency_key_returns_the_first_answer);
+    tcase_add_test(tc, bad_input_is_rejected_and_changes_nothing);
+    tcase_add_test(tc, unknown_keys_and_plain_clients_are_refused);
+    tcase_add_test(tc, killed_before_commit_then_retry_succeeds_once);
+    tcase_add_test(tc, database_down_gives_retryable_refusal_then_recovers);
+    tcase_add_test(tc, sighup_does_not_stop_and_sigterm_exits_zero);
+    suite_add_tcase(suite, tc);
+    SRunner *runner = srunner_create(suite);
+    srunner_run_all(runner, CK_NORMAL);
+    int failed = srunner_ntests_failed(runner);
+    srunner_free(runner);
+    return failed ? 1 : 0;
+}
