@@ -1,3 +1,306 @@
 #!/bin/sh
-# placeholder
-exit 1
+# pgtmp.sh: a throwaway PostgreSQL 15 cluster for the tests and the demo.
+#
+#   pgtmp.sh start DIR [--fsync]      create and start a cluster in DIR
+#   pgtmp.sh stop DIR                 stop it and remove DIR and its socket dir
+#   pgtmp.sh env DIR                  print DIR/env (shell-sourceable)
+#   pgtmp.sh restart DIR [fast|immediate]
+#                                     restart the server (immediate = crash)
+#   pgtmp.sh down DIR [fast|immediate]
+#                                     stop the server, keep the cluster
+#   pgtmp.sh up DIR                   start a cluster that is down
+#   pgtmp.sh status DIR               exit 0 if the server is running
+#
+# The cluster listens on its own short unix socket directory under /tmp and
+# on 127.0.0.1 at a free port (never 5432). Clients use PGHOST, PGPORT,
+# PGUSER and PGDATABASE from DIR/env. fsync and synchronous_commit are off
+# unless --fsync is given (benchmarks need it). As root the server runs as
+# the postgres OS user, because initdb refuses root.
+#
+# Every failure prints a message on stderr and exits non-zero: a test that
+# needs PostgreSQL must fail, never skip.
+
+set -eu
+
+prog=pgtmp.sh
+
+die() {
+    echo "$prog: $*" >&2
+    exit 1
+}
+
+usage() {
+    sed -n '3,12p' "$0" | sed 's/^# \{0,1\}//' >&2
+    exit "${1:-2}"
+}
+
+find_bindir() {
+    if command -v pg_config >/dev/null 2>&1; then
+        b=$(pg_config --bindir 2>/dev/null || true)
+        if [ -n "$b" ] && [ -x "$b/initdb" ]; then
+            echo "$b"
+            return 0
+        fi
+    fi
+    if [ -x /usr/lib/postgresql/15/bin/initdb ]; then
+        echo /usr/lib/postgresql/15/bin
+        return 0
+    fi
+    die "cannot find initdb: install postgresql-15 (pg_config --bindir)"
+}
+
+# Run a command as the OS user that owns the cluster.
+as_owner() {
+    if [ "$(id -u)" -eq 0 ]; then
+        runuser -u postgres -- "$@"
+    else
+        "$@"
+    fi
+}
+
+# Make DIR absolute, so env files and pg_ctl work from any cwd.
+abspath() {
+    case "$1" in
+    /*) echo "$1" ;;
+    *) echo "$(pwd)/$1" ;;
+    esac
+}
+
+port_in_use() {
+    if command -v ss >/dev/null 2>&1; then
+        ss -Htln "sport = :$1" 2>/dev/null | grep -q . && return 0
+    fi
+    return 1
+}
+
+# A port in 20000..59999 that nothing listens on (a hint: start retries if
+# another process takes it first).
+pick_port() {
+    n=0
+    while [ "$n" -lt 50 ]; do
+        p=$(od -An -N2 -tu2 /dev/urandom | tr -d ' ')
+        p=$((20000 + p % 40000))
+        if [ "$p" -ne 5432 ] && ! port_in_use "$p"; then
+            echo "$p"
+            return 0
+        fi
+        n=$((n + 1))
+    done
+    die "cannot find a free tcp port"
+}
+
+is_running() {
+    [ -f "$1/data/PG_VERSION" ] || return 1
+    as_owner "$bindir/pg_ctl" status -D "$1/data" >/dev/null 2>&1
+}
+
+write_env() {
+    dir=$1
+    sock=$2
+    port=$3
+    {
+        echo "# written by $prog; source it to reach the test cluster"
+        echo "export PGHOST='$sock'"
+        echo "export PGPORT='$port'"
+        echo "export PGUSER='postgres'"
+        echo "export PGDATABASE='postgres'"
+        echo "export PGDATA='$dir/data'"
+        echo "export KH_PG_TCP_HOST='127.0.0.1'"
+    } >"$dir/env.tmp"
+    mv "$dir/env.tmp" "$dir/env"
+}
+
+start_server() {
+    dir=$1
+    if ! as_owner "$bindir/pg_ctl" -w -t 60 -D "$dir/data" \
+        -l "$dir/postgres.log" start >/dev/null; then
+        tail -n 20 "$dir/postgres.log" >&2 2>/dev/null || true
+        return 1
+    fi
+    return 0
+}
+
+cmd_stop() {
+    dir=$(abspath "$1")
+    if [ -f "$dir/data/PG_VERSION" ] && is_running "$dir"; then
+        as_owner "$bindir/pg_ctl" -w -t 60 -D "$dir/data" -m fast stop \
+            >/dev/null || die "cannot stop the cluster in $dir"
+    fi
+    if [ -f "$dir/sockdir" ]; then
+        sock=$(cat "$dir/sockdir")
+        case "$sock" in
+        /tmp/khpg.*) rm -rf "$sock" ;;
+        esac
+    fi
+    if [ -d "$dir" ]; then
+        # Only remove what looks like one of our clusters.
+        if [ -f "$dir/sockdir" ] || [ -f "$dir/data/PG_VERSION" ] ||
+            [ -z "$(ls -A "$dir")" ]; then
+            rm -rf "$dir"
+        else
+            die "$dir does not look like a pgtmp cluster; not removing it"
+        fi
+    fi
+}
+
+cmd_start() {
+    dir=$(abspath "$1")
+    fsync=off
+    if [ "${2:-}" = "--fsync" ]; then
+        fsync=on
+    elif [ -n "${2:-}" ]; then
+        usage
+    fi
+
+    # A leftover cluster (a crashed test run) is replaced by a fresh one:
+    # tests expect an empty cluster.
+    if [ -e "$dir" ]; then
+        cmd_stop "$dir"
+    fi
+    mkdir -p "$dir" || die "cannot create $dir"
+    sock=$(mktemp -d /tmp/khpg.XXXXXX) || die "cannot create a socket dir"
+    echo "$sock" >"$dir/sockdir"
+    if [ "$(id -u)" -eq 0 ]; then
+        id postgres >/dev/null 2>&1 ||
+            die "running as root needs the postgres OS user"
+        mkdir -p "$dir/data"
+        chown postgres "$dir" "$dir/data" "$sock"
+        chmod 700 "$dir/data"
+        if ! runuser -u postgres -- test -w "$dir/data"; then
+            die "user postgres cannot write $dir/data (check the parent dirs)"
+        fi
+    fi
+
+    if ! as_owner "$bindir/initdb" -D "$dir/data" --no-sync --encoding=UTF8 \
+        --locale=C.UTF-8 --auth=trust -U postgres >"$dir/initdb.log" 2>&1; then
+        cat "$dir/initdb.log" >&2
+        die "initdb failed in $dir/data"
+    fi
+
+    tries=0
+    while :; do
+        port=$(pick_port)
+        {
+            echo "# pgtmp.sh settings"
+            echo "port = $port"
+            echo "listen_addresses = '127.0.0.1'"
+            echo "unix_socket_directories = '$sock'"
+            echo "fsync = $fsync"
+            echo "synchronous_commit = $fsync"
+            echo "full_page_writes = $fsync"
+            echo "max_connections = 200"
+            echo "shared_buffers = 128MB"
+            echo "log_min_messages = warning"
+            echo "log_line_prefix = '%m [%p] %q%a '"
+        } >"$dir/pgtmp.conf"
+        chmod 644 "$dir/pgtmp.conf"
+        # include_if_exists keeps postgresql.conf as initdb wrote it.
+        if ! grep -q "pgtmp.conf" "$dir/data/postgresql.conf"; then
+            echo "include_if_exists = '$dir/pgtmp.conf'" |
+                as_owner tee -a "$dir/data/postgresql.conf" >/dev/null
+        fi
+        if start_server "$dir"; then
+            break
+        fi
+        tries=$((tries + 1))
+        if [ "$tries" -ge 5 ] ||
+            ! grep -q "could not bind\|Address already in use" \
+                "$dir/postgres.log" 2>/dev/null; then
+            die "cannot start PostgreSQL in $dir (see $dir/postgres.log)"
+        fi
+    done
+
+    as_owner "$bindir/pg_isready" -q -h "$sock" -p "$port" -t 30 ||
+        die "PostgreSQL in $dir does not answer on $sock"
+    write_env "$dir" "$sock" "$port"
+    cat "$dir/env"
+}
+
+cmd_env() {
+    dir=$(abspath "$1")
+    [ -f "$dir/env" ] || die "no cluster in $dir (run: $prog start $dir)"
+    cat "$dir/env"
+}
+
+cmd_restart() {
+    dir=$(abspath "$1")
+    mode=${2:-fast}
+    case "$mode" in
+    fast | immediate | smart) ;;
+    *) usage ;;
+    esac
+    [ -f "$dir/data/PG_VERSION" ] || die "no cluster in $dir"
+    if is_running "$dir"; then
+        as_owner "$bindir/pg_ctl" -w -t 60 -D "$dir/data" -m "$mode" stop \
+            >/dev/null || die "cannot stop the cluster in $dir"
+    fi
+    start_server "$dir" || die "cannot start PostgreSQL in $dir"
+}
+
+cmd_down() {
+    dir=$(abspath "$1")
+    mode=${2:-fast}
+    case "$mode" in
+    fast | immediate | smart) ;;
+    *) usage ;;
+    esac
+    [ -f "$dir/data/PG_VERSION" ] || die "no cluster in $dir"
+    if is_running "$dir"; then
+        as_owner "$bindir/pg_ctl" -w -t 60 -D "$dir/data" -m "$mode" stop \
+            >/dev/null || die "cannot stop the cluster in $dir"
+    fi
+}
+
+cmd_up() {
+    dir=$(abspath "$1")
+    [ -f "$dir/data/PG_VERSION" ] || die "no cluster in $dir"
+    if ! is_running "$dir"; then
+        start_server "$dir" || die "cannot start PostgreSQL in $dir"
+    fi
+}
+
+cmd_status() {
+    dir=$(abspath "$1")
+    is_running "$dir"
+}
+
+[ $# -ge 1 ] || usage
+cmd=$1
+shift
+case "$cmd" in
+-h | --help | help) usage 0 ;;
+esac
+[ $# -ge 1 ] || usage
+bindir=$(find_bindir)
+
+case "$cmd" in
+start)
+    [ $# -le 2 ] || usage
+    cmd_start "$@"
+    ;;
+stop)
+    [ $# -eq 1 ] || usage
+    cmd_stop "$1"
+    ;;
+env)
+    [ $# -eq 1 ] || usage
+    cmd_env "$1"
+    ;;
+restart)
+    [ $# -le 2 ] || usage
+    cmd_restart "$@"
+    ;;
+down)
+    [ $# -le 2 ] || usage
+    cmd_down "$@"
+    ;;
+up)
+    [ $# -eq 1 ] || usage
+    cmd_up "$1"
+    ;;
+status)
+    [ $# -eq 1 ] || usage
+    cmd_status "$1"
+    ;;
+*) usage ;;
+esac
