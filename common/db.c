@@ -1,0 +1,170 @@
+/*
+ * PostgreSQL helpers: connect, classify SQLSTATEs, and turn libpq failures
+ * into error records that never carry a statement's parameters.
+ */
+#include "ketenhub/db.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* libpq prints notices on stderr by default; the hub logs in logfmt and
+ * decides itself what to log, so notices are dropped. */
+static void s_drop_notice(void *arg, const PGresult *res)
+{
+    (void) arg;
+    (void) res;
+}
+
+PGconn *kh_db_connect_app(const char *conninfo, const char *application_name,
+                          kh_error_t *err)
+{
+    const char *keywords[] = {"dbname", "fallback_application_name", NULL};
+    const char *values[] = {conninfo ? conninfo : "",
+                            application_name ? application_name : "ketenhub",
+                            NULL};
+    /* expand_dbname = 1: dbname may be a whole connection string or URI. */
+    PGconn *conn = PQconnectdbParams(keywords, values, 1);
+    if (!conn) {
+        kh_error_set(err, KH_E_NOMEM, NULL, "out of memory connecting");
+        return NULL;
+    }
+    if (PQstatus(conn) != CONNECTION_OK) {
+        kh_db_error(err, conn, NULL, "cannot connect to the database");
+        PQfinish(conn);
+        return NULL;
+    }
+    PQsetNoticeReceiver(conn, s_drop_notice, NULL);
+    return conn;
+}
+
+PGconn *kh_db_connect(const char *conninfo, kh_error_t *err)
+{
+    return kh_db_connect_app(conninfo, NULL, err);
+}
+
+const char *kh_db_env_conninfo(void)
+{
+    const char *url = getenv("KH_DATABASE_URL");
+    return url && *url ? url : "";
+}
+
+bool kh_db_retryable_sqlstate(const char *sqlstate)
+{
+    static const char *const retryable[] = {
+        "40001", /* serialization_failure */
+        "40P01", /* deadlock_detected */
+        "57P01", /* admin_shutdown */
+        "57P02", /* crash_shutdown */
+        "57P03", /* cannot_connect_now (starting up, recovering) */
+        "53000", /* insufficient_resources */
+        "53100", /* disk_full */
+        "53200", /* out_of_memory */
+        "53300", /* too_many_connections */
+        "55P03", /* lock_not_available (lock_timeout) */
+        "25006", /* read_only_sql_transaction: primary became a standby */
+    };
+    if (!sqlstate || strlen(sqlstate) != 5)
+        return false;
+    if (strncmp(sqlstate, "08", 2) == 0) /* connection_exception class */
+        return true;
+    for (size_t i = 0; i < sizeof retryable / sizeof retryable[0]; i++)
+        if (strcmp(sqlstate, retryable[i]) == 0)
+            return true;
+    return false;
+}
+
+/* Copy the first line of src into dst (size n), trimmed. When redact is
+ * set, the text between double quotes is replaced by "...": data-exception
+ * messages quote the offending input value there. */
+static void s_copy_message(char *dst, size_t n, const char *src, bool redact)
+{
+    size_t o = 0;
+    bool quoted = false;
+    if (!src)
+        src = "";
+    while (*src == ' ' || *src == '\t')
+        src++;
+    for (; *src && *src != '\n' && o + 1 < n; src++) {
+        if (redact && *src == '"') {
+            if (!quoted) {
+                const char *mark = "\"...";
+                for (size_t k = 0; mark[k] && o + 1 < n; k++)
+                    dst[o++] = mark[k];
+            } else
+                dst[o++] = '"';
+            quoted = !quoted;
+            continue;
+        }
+        if (quoted && redact)
+            continue;
+        dst[o++] = *src;
+    }
+    while (o > 0 && (dst[o - 1] == ' ' || dst[o - 1] == '\r'))
+        o--;
+    dst[o] = '\0';
+}
+
+int kh_db_error(kh_error_t *err, PGconn *conn, const PGresult *res,
+                const char *context)
+{
+    if (!err)
+        return -1;
+    const char *sqlstate =
+        res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+    const char *primary =
+        res ? PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY) : NULL;
+    bool bad_conn = !conn || PQstatus(conn) == CONNECTION_BAD;
+
+    char message[KH_ERROR_MESSAGE_MAX];
+    if (primary)
+        s_copy_message(message, sizeof message, primary,
+                       sqlstate && strncmp(sqlstate, "22", 2) == 0);
+    else if (res && PQresultErrorMessage(res)[0])
+        s_copy_message(message, sizeof message, PQresultErrorMessage(res),
+                       true);
+    else if (conn)
+        s_copy_message(message, sizeof message, PQerrorMessage(conn), false);
+    else
+        snprintf(message, sizeof message, "no connection");
+    if (!message[0]) {
+        if (res && PQresultStatus(res) != PGRES_FATAL_ERROR)
+            snprintf(message, sizeof message, "unexpected result %s",
+                     PQresStatus(PQresultStatus(res)));
+        else
+            snprintf(message, sizeof message, "unknown database error");
+    }
+
+    kh_errcode_t code = KH_E_DB;
+    if (bad_conn || kh_db_retryable_sqlstate(sqlstate))
+        code = KH_E_UNAVAILABLE;
+
+    const char *pre = context && *context ? context : "";
+    const char *sep = context && *context ? ": " : "";
+    if (sqlstate)
+        kh_error_set(err, code, NULL, "%s%s%s (sqlstate %s)", pre, sep, message,
+                     sqlstate);
+    else
+        kh_error_set(err, code, NULL, "%s%s%s", pre, sep, message);
+    return -1;
+}
+
+int kh_db_exec(PGconn *conn, const char *sql, kh_error_t *err)
+{
+    PGresult *res = PQexec(conn, sql);
+    ExecStatusType st = res ? PQresultStatus(res) : PGRES_FATAL_ERROR;
+    int rc = 0;
+    if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK)
+        rc = kh_db_error(err, conn, res, NULL);
+    PQclear(res);
+    return rc;
+}
+
+void kh_db_rollback_quietly(PGconn *conn)
+{
+    if (!conn || PQstatus(conn) != CONNECTION_OK)
+        return;
+    PGTransactionStatusType ts = PQtransactionStatus(conn);
+    if (ts == PQTRANS_INTRANS || ts == PQTRANS_INERROR)
+        PQclear(PQexec(conn, "ROLLBACK"));
+}

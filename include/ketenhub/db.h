@@ -1,0 +1,71 @@
+/*
+ * PostgreSQL helpers shared by the services and the tools: connecting,
+ * telling retryable failures from permanent ones, and turning a libpq
+ * failure into a kh_error_t.
+ *
+ * Error messages come from the server's primary message only. The detail
+ * (which for a unique violation quotes the key's value) is never copied,
+ * and quoted values in data-exception messages ("invalid input syntax for
+ * type uuid: ...") are blanked, so a statement's parameters (which may be
+ * personal data) never reach an error record, a log line or the trail.
+ */
+#ifndef KH_DB_H_INCLUDED
+#define KH_DB_H_INCLUDED
+
+#include <libpq-fe.h>
+#include <stdbool.h>
+
+#include "ketenhub/error.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Connect to PostgreSQL. conninfo is a libpq connection string or URI;
+ * NULL or "" uses libpq's defaults (PGHOST, PGPORT, PGUSER, PGDATABASE,
+ * PGPASSWORD, ...). The application name falls back to "ketenhub".
+ * Notices (NOTICE, WARNING sent by the server) are dropped: library code
+ * does not log, and nothing in the hub depends on them.
+ * Returns a connection the caller owns (PQfinish), or NULL with err:
+ * KH_E_UNAVAILABLE when the server cannot be reached or refuses the
+ * login, KH_E_NOMEM. */
+PGconn *kh_db_connect(const char *conninfo, kh_error_t *err);
+
+/* As kh_db_connect, with an application_name for pg_stat_activity (e.g.
+ * the service's name); application_name NULL means "ketenhub". */
+PGconn *kh_db_connect_app(const char *conninfo, const char *application_name,
+                          kh_error_t *err);
+
+/* The connection string the tools and services use: $KH_DATABASE_URL if
+ * set and not empty, else "" (libpq's environment defaults). Never NULL. */
+const char *kh_db_env_conninfo(void);
+
+/* Whether a failure with this SQLSTATE may succeed if the transaction is
+ * retried (possibly on a new connection): connection exceptions (class
+ * 08), serialization failure (40001), deadlock (40P01), server shutdown
+ * or start-up (57P01, 57P02, 57P03), insufficient resources (53000,
+ * 53100, 53200, 53300), lock not available (55P03) and a read-only
+ * transaction on a server that was just demoted (25006). NULL -> false. */
+bool kh_db_retryable_sqlstate(const char *sqlstate);
+
+/* Fill err from a failed command and return -1, for
+ * `return kh_db_error (err, conn, res, "cannot insert partner");`.
+ * res may be NULL (then the connection's error is used). The code is
+ * KH_E_UNAVAILABLE when the connection is bad or the SQLSTATE is
+ * retryable, else KH_E_DB. The message is "<context>: <primary message>
+ * (sqlstate XXXXX)"; context may be NULL. Does not clear res. */
+int kh_db_error(kh_error_t *err, PGconn *conn, const PGresult *res,
+                const char *context);
+
+/* Run one parameterless command (BEGIN, COMMIT, SET ..., DDL) and discard
+ * its result. Returns 0, or -1 with err as kh_db_error. */
+int kh_db_exec(PGconn *conn, const char *sql, kh_error_t *err);
+
+/* Roll back the connection's open transaction, if any, ignoring errors:
+ * for cleanup paths that already carry an error. Safe on NULL. */
+void kh_db_rollback_quietly(PGconn *conn);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
