@@ -1,5 +1,98 @@
-int main(void);
-int main(void)
+/*
+ * ketenhubctl: what administrators do to a hub from the command line:
+ * migrate the database, make the hub's key pair, add, list and revoke
+ * partners. The database comes from $KH_DATABASE_URL or the libpq
+ * environment (PGHOST, PGPORT, PGUSER, PGDATABASE, ...).
+ */
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "ctl.h"
+#include "ketenhub/db.h"
+
+static void s_usage(FILE *out)
 {
-    return 2;
+    fprintf(out,
+            "usage: ketenhubctl COMMAND [ARGS]\n"
+            "\n"
+            "commands:\n"
+            "  migrate [--dir DIR] [--status]   apply or show schema "
+            "migrations\n"
+            "  hub keygen --out DIR             make the hub's CURVE key "
+            "pair\n"
+            "  partner add ID ...               register a partner and make "
+            "its keys\n"
+            "  partner list [--json]            list partners\n"
+            "  partner revoke ID ...            revoke a partner's key\n"
+            "\n"
+            "Run `ketenhubctl COMMAND --help` for a command's options.\n"
+            "\n"
+            "environment:\n"
+            "  KH_DATABASE_URL      libpq connection string or URI; when "
+            "unset, the\n"
+            "                       libpq variables PGHOST, PGPORT, PGUSER, "
+            "PGDATABASE\n"
+            "  KH_MIGRATIONS_DIR    default for migrate --dir\n"
+            "  KH_PARTNER_CERT_DIR  default for partner --cert-dir\n"
+            "\n"
+            "exit status: 0 ok, 1 runtime failure, 2 usage or configuration "
+            "error\n");
+}
+
+void ctl_print_error(const kh_error_t *err)
+{
+    fprintf(stderr, "ketenhubctl: ");
+    if (err->path[0]) {
+        if (err->line > 0)
+            fprintf(stderr, "%s:%d: ", err->path, err->line);
+        else
+            fprintf(stderr, "%s: ", err->path);
+    }
+    fprintf(stderr, "%s (%s)\n", err->message[0] ? err->message : "failed",
+            kh_error_name(err->code));
+}
+
+int ctl_usage_error(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "ketenhubctl: ");
+    vfprintf(stderr, fmt, ap);
+    fprintf(stderr, "\n");
+    va_end(ap);
+    return CTL_USAGE;
+}
+
+PGconn *ctl_connect(void)
+{
+    kh_error_t err;
+    kh_error_clear(&err);
+    PGconn *conn = kh_db_connect_app(kh_db_env_conninfo(), "ketenhubctl", &err);
+    if (!conn)
+        ctl_print_error(&err);
+    return conn;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2) {
+        s_usage(stderr);
+        return CTL_USAGE;
+    }
+    const char *cmd = argv[1];
+    if (strcmp(cmd, "--help") == 0 || strcmp(cmd, "-h") == 0 ||
+        strcmp(cmd, "help") == 0) {
+        s_usage(stdout);
+        return CTL_OK;
+    }
+    if (strcmp(cmd, "migrate") == 0)
+        return ctl_migrate(argc - 1, argv + 1);
+    if (strcmp(cmd, "hub") == 0)
+        return ctl_hub(argc - 1, argv + 1);
+    if (strcmp(cmd, "partner") == 0)
+        return ctl_partner(argc - 1, argv + 1);
+    ctl_usage_error("unknown command '%s'", cmd);
+    s_usage(stderr);
+    return CTL_USAGE;
 }

@@ -1,0 +1,401 @@
+/*
+ * Partner registry: partners rows and the certificate files zauth reads.
+ */
+#include "ketenhub/partner.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "ketenhub/db.h"
+
+static const char *const s_kinds[KH_PARTNER_KIND_COUNT_] = {
+    "veilig_thuis", "zorgcoordinator", "police",         "municipality",
+    "inspectorate", "national_centre", "chain_director", "other"};
+
+/* Columns read into a kh_partner_t by s_fill. */
+#define S_PARTNER_COLUMNS                                                      \
+    "id, display_name, kind, handles_cases, curve_public_key, "                \
+    "to_char(created_at AT TIME ZONE 'UTC', "                                  \
+    "'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), "                                      \
+    "coalesce(to_char(revoked_at AT TIME ZONE 'UTC', "                         \
+    "'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), '')"
+
+const char *kh_partner_kind_name(kh_partner_kind_t kind)
+{
+    if ((int) kind < 0 || kind >= KH_PARTNER_KIND_COUNT_)
+        return "unknown";
+    return s_kinds[kind];
+}
+
+int kh_partner_kind_from_name(const char *name)
+{
+    if (!name)
+        return -1;
+    for (int i = 0; i < KH_PARTNER_KIND_COUNT_; i++)
+        if (strcmp(s_kinds[i], name) == 0)
+            return i;
+    return -1;
+}
+
+bool kh_partner_id_valid(const char *id)
+{
+    if (!id || !(id[0] >= 'a' && id[0] <= 'z'))
+        return false;
+    size_t len = strlen(id);
+    if (len < 2 || len > KH_PARTNER_ID_MAX)
+        return false;
+    for (size_t i = 1; i < len; i++)
+        if (!((id[i] >= 'a' && id[i] <= 'z') ||
+              (id[i] >= '0' && id[i] <= '9') || id[i] == '-'))
+            return false;
+    return true;
+}
+
+bool kh_partner_key_valid(const char *key)
+{
+    static const char z85[] = "0123456789abcdefghijklmnopqrstuvwxyz"
+                              "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                              ".-:+=^!/*?&<>()[]{}@%$#";
+    if (!key || strlen(key) != KH_PARTNER_KEY_LEN)
+        return false;
+    bool all_zero = true;
+    for (const char *p = key; *p; p++) {
+        if (!strchr(z85, *p))
+            return false;
+        if (*p != '0')
+            all_zero = false;
+    }
+    return !all_zero;
+}
+
+/* Display names: 1..KH_PARTNER_NAME_MAX characters, no control
+ * characters, no leading or trailing space. UTF-8 validity is left to the
+ * server (it refuses invalid bytes). */
+static bool s_display_name_valid(const char *name)
+{
+    if (!name || !*name)
+        return false;
+    size_t len = strlen(name);
+    if (len > 4 * KH_PARTNER_NAME_MAX || name[0] == ' ' || name[len - 1] == ' ')
+        return false;
+    size_t chars = 0;
+    for (const unsigned char *p = (const unsigned char *) name; *p; p++) {
+        if (*p < 0x20 || *p == 0x7f)
+            return false;
+        if ((*p & 0xC0) != 0x80)
+            chars++;
+    }
+    return chars <= KH_PARTNER_NAME_MAX;
+}
+
+static void s_fill(const PGresult *res, int row, kh_partner_t *out)
+{
+    memset(out, 0, sizeof *out);
+    snprintf(out->id, sizeof out->id, "%s", PQgetvalue(res, row, 0));
+    snprintf(out->display_name, sizeof out->display_name, "%s",
+             PQgetvalue(res, row, 1));
+    int kind = kh_partner_kind_from_name(PQgetvalue(res, row, 2));
+    out->kind = kind < 0 ? KH_PARTNER_OTHER : (kh_partner_kind_t) kind;
+    out->handles_cases = strcmp(PQgetvalue(res, row, 3), "t") == 0;
+    snprintf(out->public_key, sizeof out->public_key, "%s",
+             PQgetvalue(res, row, 4));
+    snprintf(out->created_at, sizeof out->created_at, "%s",
+             PQgetvalue(res, row, 5));
+    snprintf(out->revoked_at, sizeof out->revoked_at, "%s",
+             PQgetvalue(res, row, 6));
+    out->revoked = out->revoked_at[0] != '\0';
+}
+
+int kh_partner_register(PGconn *conn, const char *id, const char *display_name,
+                        kh_partner_kind_t kind, bool handles_cases,
+                        const char *public_key, kh_error_t *err)
+{
+    if (!kh_partner_id_valid(id))
+        return kh_error_set(err, KH_E_CONFIG, "id",
+                            "partner id must match ^[a-z][a-z0-9-]{1,31}$");
+    if (!s_display_name_valid(display_name))
+        return kh_error_set(err, KH_E_CONFIG, "display_name",
+                            "display name must be 1 to %d characters, "
+                            "without control characters or outer spaces",
+                            KH_PARTNER_NAME_MAX);
+    if ((int) kind < 0 || kind >= KH_PARTNER_KIND_COUNT_)
+        return kh_error_set(err, KH_E_CONFIG, "kind", "unknown partner kind");
+    if (kind == KH_PARTNER_CHAIN_DIRECTOR && handles_cases)
+        return kh_error_set(err, KH_E_CONFIG, "handles_cases",
+                            "a chain director never handles cases");
+    if (!kh_partner_key_valid(public_key))
+        return kh_error_set(err, KH_E_CONFIG, "public_key",
+                            "public key must be 40 characters of Z85");
+
+    const char *params[] = {id, display_name, s_kinds[kind],
+                            handles_cases ? "true" : "false", public_key};
+    PGresult *res = PQexecParams(
+        conn,
+        "INSERT INTO partners (id, display_name, kind, handles_cases, "
+        "curve_public_key) VALUES ($1, $2, $3, $4, $5)",
+        5, NULL, params, NULL, NULL, 0);
+    if (PQresultStatus(res) == PGRES_COMMAND_OK) {
+        PQclear(res);
+        return 0;
+    }
+    const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+    const char *constraint = PQresultErrorField(res, PG_DIAG_CONSTRAINT_NAME);
+    int rc;
+    if (state && strcmp(state, "23505") == 0 && constraint &&
+        strcmp(constraint, "partners_pkey") == 0)
+        rc = kh_error_set(err, KH_E_CONFIG, "id",
+                          "partner id is already registered");
+    else if (state && strcmp(state, "23505") == 0)
+        rc = kh_error_set(err, KH_E_CONFIG, "public_key",
+                          "public key is already registered");
+    else if (state && strcmp(state, "23514") == 0)
+        rc = kh_error_set(err, KH_E_CONFIG, "",
+                          "partner refused by constraint %s",
+                          constraint ? constraint : "?");
+    else if (state && strcmp(state, "22021") == 0)
+        rc = kh_error_set(err, KH_E_CONFIG, "display_name",
+                          "display name is not valid UTF-8");
+    else
+        rc = kh_db_error(err, conn, res, "cannot register partner");
+    PQclear(res);
+    return rc;
+}
+
+int kh_partner_list(PGconn *conn, bool include_revoked, kh_partner_list_fn *fn,
+                    void *arg, kh_error_t *err)
+{
+    PGresult *res = PQexec(
+        conn, include_revoked ? "SELECT " S_PARTNER_COLUMNS
+                                " FROM partners ORDER BY id"
+                              : "SELECT " S_PARTNER_COLUMNS " FROM partners "
+                                "WHERE revoked_at IS NULL ORDER BY id");
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        kh_db_error(err, conn, res, "cannot list partners");
+        PQclear(res);
+        return -1;
+    }
+    int n = PQntuples(res);
+    for (int i = 0; i < n && fn; i++) {
+        kh_partner_t p;
+        s_fill(res, i, &p);
+        fn(&p, arg);
+    }
+    PQclear(res);
+    return n;
+}
+
+int kh_partner_revoke(PGconn *conn, const char *id, kh_error_t *err)
+{
+    if (!kh_partner_id_valid(id))
+        return kh_error_set(err, KH_E_NOT_FOUND, "id", "no such partner");
+    const char *params[] = {id};
+    PGresult *res =
+        PQexecParams(conn,
+                     "WITH target AS (SELECT id, revoked_at FROM partners "
+                     "WHERE id = $1 FOR UPDATE), "
+                     "revoked AS (UPDATE partners p SET revoked_at = now() "
+                     "FROM target t WHERE p.id = t.id "
+                     "AND t.revoked_at IS NULL RETURNING p.id) "
+                     "SELECT (SELECT count(*) FROM target), "
+                     "(SELECT count(*) FROM revoked)",
+                     1, NULL, params, NULL, NULL, 0);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        kh_db_error(err, conn, res, "cannot revoke partner");
+        PQclear(res);
+        return -1;
+    }
+    bool found = strcmp(PQgetvalue(res, 0, 0), "0") != 0;
+    bool revoked_now = strcmp(PQgetvalue(res, 0, 1), "0") != 0;
+    PQclear(res);
+    if (!found)
+        return kh_error_set(err, KH_E_NOT_FOUND, "id", "no such partner");
+    return revoked_now ? 0 : 1;
+}
+
+static int s_lookup(PGconn *conn, const char *sql, const char *value,
+                    kh_partner_t *out, kh_errcode_t missing, const char *path,
+                    kh_error_t *err)
+{
+    const char *params[] = {value};
+    PGresult *res = PQexecParams(conn, sql, 1, NULL, params, NULL, NULL, 0);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        kh_db_error(err, conn, res, "cannot look up partner");
+        PQclear(res);
+        return -1;
+    }
+    if (PQntuples(res) != 1) {
+        PQclear(res);
+        return kh_error_set(err, missing, path, "no partner has this %s", path);
+    }
+    s_fill(res, 0, out);
+    PQclear(res);
+    return 0;
+}
+
+int kh_partner_lookup_key(PGconn *conn, const char *public_key,
+                          kh_partner_t *out, kh_error_t *err)
+{
+    if (!kh_partner_key_valid(public_key))
+        return kh_error_set(err, KH_E_UNKNOWN_PARTNER, "public_key",
+                            "not a CURVE public key");
+    return s_lookup(conn,
+                    "SELECT " S_PARTNER_COLUMNS
+                    " FROM partners WHERE curve_public_key = $1",
+                    public_key, out, KH_E_UNKNOWN_PARTNER, "public_key", err);
+}
+
+int kh_partner_get(PGconn *conn, const char *id, kh_partner_t *out,
+                   kh_error_t *err)
+{
+    if (!kh_partner_id_valid(id))
+        return kh_error_set(err, KH_E_NOT_FOUND, "id", "no such partner");
+    return s_lookup(conn,
+                    "SELECT " S_PARTNER_COLUMNS " FROM partners WHERE id = $1",
+                    id, out, KH_E_NOT_FOUND, "id", err);
+}
+
+zcert_t *kh_partner_cert_new(const char *id, kh_error_t *err)
+{
+    if (!kh_partner_id_valid(id)) {
+        kh_error_set(err, KH_E_CONFIG, "id",
+                     "partner id must match ^[a-z][a-z0-9-]{1,31}$");
+        return NULL;
+    }
+    if (!zsys_has_curve()) {
+        kh_error_set(err, KH_E_CURVE, NULL, "libzmq has no CURVE support");
+        return NULL;
+    }
+    zcert_t *cert = zcert_new();
+    if (!cert || !kh_partner_key_valid(zcert_public_txt(cert))) {
+        zcert_destroy(&cert);
+        kh_error_set(err, KH_E_CURVE, NULL, "cannot make a CURVE key pair");
+        return NULL;
+    }
+    zcert_set_meta(cert, "partner-id", "%s", id);
+    return cert;
+}
+
+/* Create dir (one level) with mode if it does not exist; it must then be
+ * a directory. */
+static int s_ensure_dir(const char *dir, mode_t mode, kh_error_t *err)
+{
+    struct stat st;
+    if (stat(dir, &st) != 0) {
+        if (errno != ENOENT || mkdir(dir, mode) != 0)
+            return kh_error_set(err, KH_E_IO, dir,
+                                "cannot create directory: %s", strerror(errno));
+        return 0;
+    }
+    if (!S_ISDIR(st.st_mode))
+        return kh_error_set(err, KH_E_IO, dir, "not a directory");
+    return 0;
+}
+
+/* path = dir/id suffix; zcert truncates names at 255 bytes, so refuse
+ * anything that long. */
+static int s_cert_path(char *path, size_t size, const char *dir, const char *id,
+                       const char *suffix, kh_error_t *err)
+{
+    int n = snprintf(path, size, "%s/%s%s", dir, id, suffix);
+    if (n < 0 || (size_t) n >= size || n > 240)
+        return kh_error_set(err, KH_E_CONFIG, dir,
+                            "certificate directory path is too long");
+    return 0;
+}
+
+int kh_partner_cert_install(zcert_t *cert, const char *id, const char *cert_dir,
+                            kh_error_t *err)
+{
+    if (!kh_partner_id_valid(id))
+        return kh_error_set(err, KH_E_CONFIG, "id", "bad partner id");
+    char final[PATH_MAX], temp[PATH_MAX], name[64];
+    if (s_cert_path(final, sizeof final, cert_dir, id, ".cert", err) != 0)
+        return -1;
+    /* A hidden name: zauth's directory scan skips dot files. */
+    snprintf(name, sizeof name, ".%s.cert.%ld.tmp", id, (long) getpid());
+    if (s_cert_path(temp, sizeof temp, cert_dir, name, "", err) != 0)
+        return -1;
+    if (s_ensure_dir(cert_dir, 0755, err) != 0)
+        return -1;
+    if (access(final, F_OK) == 0) {
+        /* The same key already in place (out dir = cert dir) is fine. */
+        zcert_t *present = zcert_load(final);
+        bool same = present && strcmp(zcert_public_txt(present),
+                                      zcert_public_txt(cert)) == 0;
+        zcert_destroy(&present);
+        if (same)
+            return 0;
+        return kh_error_set(err, KH_E_CONFIG, final,
+                            "a certificate for this partner already exists");
+    }
+    unlink(temp);
+    if (zcert_save_public(cert, temp) != 0) {
+        unlink(temp);
+        return kh_error_set(err, KH_E_IO, temp,
+                            "cannot write public certificate");
+    }
+    chmod(temp, 0644);
+    /* link() refuses to replace a file that appeared meanwhile. */
+    if (link(temp, final) != 0) {
+        int e = errno;
+        unlink(temp);
+        return kh_error_set(err, e == EEXIST ? KH_E_CONFIG : KH_E_IO, final,
+                            "cannot install public certificate: %s",
+                            strerror(e));
+    }
+    unlink(temp);
+    return 0;
+}
+
+int kh_partner_cert_export(zcert_t *cert, const char *id, const char *out_dir,
+                           kh_error_t *err)
+{
+    if (!kh_partner_id_valid(id))
+        return kh_error_set(err, KH_E_CONFIG, "id", "bad partner id");
+    char pub[PATH_MAX], secret[PATH_MAX];
+    if (s_cert_path(pub, sizeof pub, out_dir, id, ".cert", err) != 0 ||
+        s_cert_path(secret, sizeof secret, out_dir, id, ".cert_secret", err) !=
+            0)
+        return -1;
+    if (s_ensure_dir(out_dir, 0700, err) != 0)
+        return -1;
+    if (access(secret, F_OK) == 0 || access(pub, F_OK) == 0)
+        return kh_error_set(err, KH_E_CONFIG, secret,
+                            "refusing to overwrite an existing certificate");
+    /* zcert_save writes pub, then secret with a private umask. */
+    if (zcert_save(cert, pub) != 0 || access(pub, F_OK) != 0) {
+        unlink(pub);
+        unlink(secret);
+        return kh_error_set(err, KH_E_IO, out_dir,
+                            "cannot write partner certificate");
+    }
+    if (chmod(secret, 0600) != 0) {
+        int e = errno;
+        unlink(pub);
+        unlink(secret);
+        return kh_error_set(err, KH_E_IO, secret,
+                            "cannot restrict secret certificate: %s",
+                            strerror(e));
+    }
+    return 0;
+}
+
+int kh_partner_cert_remove(const char *id, const char *cert_dir,
+                           kh_error_t *err)
+{
+    if (!kh_partner_id_valid(id))
+        return kh_error_set(err, KH_E_CONFIG, "id", "bad partner id");
+    char path[PATH_MAX];
+    if (s_cert_path(path, sizeof path, cert_dir, id, ".cert", err) != 0)
+        return -1;
+    if (unlink(path) != 0 && errno != ENOENT)
+        return kh_error_set(err, KH_E_IO, path,
+                            "cannot remove public certificate: %s",
+                            strerror(errno));
+    return 0;
+}

@@ -1,0 +1,132 @@
+/*
+ * Partner registry: the organisations whose systems may connect to the
+ * hub, each identified by one CURVE key (promise 4: identity from keys).
+ * The rows live in the partners table; the public certificates live as
+ * files <id>.cert in the partner certificate directory, which zauth reads
+ * (CURVE <dir>) to decide who may connect at all. The secret half of a
+ * partner's certificate is written once, for the partner, and never kept
+ * by the hub.
+ *
+ * Registration functions work inside the caller's transaction when there
+ * is one, so a tool can register a partner and write its files, and roll
+ * back if the files cannot be written.
+ */
+#ifndef KH_PARTNER_H_INCLUDED
+#define KH_PARTNER_H_INCLUDED
+
+#include <czmq.h>
+#include <libpq-fe.h>
+#include <stdbool.h>
+
+#include "ketenhub/error.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Closed list of partner kinds (partners.kind). */
+typedef enum {
+    KH_PARTNER_VEILIG_THUIS,
+    KH_PARTNER_ZORGCOORDINATOR,
+    KH_PARTNER_POLICE,
+    KH_PARTNER_MUNICIPALITY,
+    KH_PARTNER_INSPECTORATE,
+    KH_PARTNER_NATIONAL_CENTRE,
+    KH_PARTNER_CHAIN_DIRECTOR, /* ketenregisseur: never handles cases */
+    KH_PARTNER_OTHER,
+    KH_PARTNER_KIND_COUNT_
+} kh_partner_kind_t;
+
+#define KH_PARTNER_ID_MAX 32    /* bytes, ^[a-z][a-z0-9-]{1,31}$ */
+#define KH_PARTNER_NAME_MAX 100 /* characters of display_name */
+#define KH_PARTNER_KEY_LEN 40   /* Z85 text of a CURVE public key */
+
+typedef struct {
+    char id[KH_PARTNER_ID_MAX + 1];
+    char display_name[4 * KH_PARTNER_NAME_MAX + 1]; /* UTF-8 */
+    kh_partner_kind_t kind;
+    bool handles_cases;
+    char public_key[KH_PARTNER_KEY_LEN + 1];
+    char created_at[40]; /* UTC, "2026-11-28T21:09:27Z" */
+    char revoked_at[40]; /* "" while active */
+    bool revoked;
+} kh_partner_t;
+
+/* Wire/database name of a kind ("chain_director"); "unknown" if out of
+ * range. */
+const char *kh_partner_kind_name(kh_partner_kind_t kind);
+
+/* Kind for a name, or -1 if the name is not in the closed list. */
+int kh_partner_kind_from_name(const char *name);
+
+/* Whether id matches ^[a-z][a-z0-9-]{1,31}$. */
+bool kh_partner_id_valid(const char *id);
+
+/* Whether key is the Z85 text of a CURVE public key (40 characters of
+ * the Z85 alphabet, not the all-zero key). */
+bool kh_partner_key_valid(const char *key);
+
+/* Register a partner. Refuses (KH_E_CONFIG, path = the argument's name:
+ * "id", "display_name", "kind", "handles_cases", "public_key") a
+ * malformed value, a chain director with handles_cases true, and an id
+ * or key already registered (also when revoked). KH_E_DB /
+ * KH_E_UNAVAILABLE for database failures. Returns 0 or -1. */
+int kh_partner_register(PGconn *conn, const char *id, const char *display_name,
+                        kh_partner_kind_t kind, bool handles_cases,
+                        const char *public_key, kh_error_t *err);
+
+/* Called once per partner, in id order; the record is valid only during
+ * the call. */
+typedef void(kh_partner_list_fn)(const kh_partner_t *partner, void *arg);
+
+/* List partners (revoked ones too when include_revoked). Returns the
+ * number listed, or -1 with err. */
+int kh_partner_list(PGconn *conn, bool include_revoked, kh_partner_list_fn *fn,
+                    void *arg, kh_error_t *err);
+
+/* Revoke a partner: set revoked_at. Returns 0 when revoked now, 1 when it
+ * was already revoked (revoked_at unchanged), -1 with err (KH_E_NOT_FOUND
+ * for an unknown id). */
+int kh_partner_revoke(PGconn *conn, const char *id, kh_error_t *err);
+
+/* Find the partner that owns a CURVE public key (Z85), e.g. the ZAP
+ * User-Id of a frame. Returns 0 and fills *out, revoked or not (the
+ * caller checks out->revoked and out->handles_cases); -1 with err:
+ * KH_E_UNKNOWN_PARTNER when no partner has the key. */
+int kh_partner_lookup_key(PGconn *conn, const char *public_key,
+                          kh_partner_t *out, kh_error_t *err);
+
+/* As kh_partner_lookup_key, by id; KH_E_NOT_FOUND when unknown. */
+int kh_partner_get(PGconn *conn, const char *id, kh_partner_t *out,
+                   kh_error_t *err);
+
+/* A new CURVE key pair for partner id, with metadata partner-id = id.
+ * Returns a certificate the caller owns (zcert_destroy), or NULL with err
+ * (KH_E_CONFIG for a bad id, KH_E_CURVE when no key can be made). */
+zcert_t *kh_partner_cert_new(const char *id, kh_error_t *err);
+
+/* Write the public half of cert as <cert_dir>/<id>.cert, atomically (a
+ * hidden temporary file, which zauth ignores, linked into place), so the
+ * hub accepts the key. Refuses to replace an existing file with another
+ * key (KH_E_CONFIG); one with the same key counts as installed, so the
+ * export directory may be the certificate directory itself.
+ * Returns 0 or -1 with err (KH_E_IO, path = the file). */
+int kh_partner_cert_install(zcert_t *cert, const char *id, const char *cert_dir,
+                            kh_error_t *err);
+
+/* Write <out_dir>/<id>.cert and <id>.cert_secret (mode 0600) for the
+ * partner to take; creates out_dir (mode 0700) if missing. Refuses to
+ * overwrite an existing secret. Returns 0 or -1 with err. */
+int kh_partner_cert_export(zcert_t *cert, const char *id, const char *out_dir,
+                           kh_error_t *err);
+
+/* Remove <cert_dir>/<id>.cert, so zauth refuses the key from now on (a
+ * connection already open stays open: services also check revoked_at).
+ * A file that is already gone is fine. Returns 0 or -1 with err. */
+int kh_partner_cert_remove(const char *id, const char *cert_dir,
+                           kh_error_t *err);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

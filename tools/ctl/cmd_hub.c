@@ -1,0 +1,124 @@
+/*
+ * ketenhubctl hub keygen: make the hub's CURVE server certificate.
+ * hub.cert (public) is what partners get; hub.cert_secret stays with the
+ * hub's services.
+ */
+#include <czmq.h>
+#include <errno.h>
+#include <getopt.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "ctl.h"
+
+static void s_usage(FILE *out)
+{
+    fprintf(out, "usage: ketenhubctl hub keygen --out DIR [--force]\n"
+                 "\n"
+                 "Make the hub's CURVE key pair: DIR/hub.cert (public, give it "
+                 "to partners)\n"
+                 "and DIR/hub.cert_secret (mode 0600, for the hub's services "
+                 "only).\n"
+                 "\n"
+                 "  --out DIR   where to write them (created, mode 0700, if "
+                 "missing)\n"
+                 "  --force     replace an existing key pair\n"
+                 "  --help      this text\n");
+}
+
+static int s_keygen(const char *out, bool force)
+{
+    char pub[4096], secret[4096];
+    if ((size_t) snprintf(pub, sizeof pub, "%s/hub.cert", out) >= 240 ||
+        (size_t) snprintf(secret, sizeof secret, "%s/hub.cert_secret", out) >=
+            240)
+        return ctl_usage_error("hub keygen: --out path is too long");
+    struct stat st;
+    if (stat(out, &st) != 0) {
+        if (errno != ENOENT || mkdir(out, 0700) != 0) {
+            fprintf(stderr, "ketenhubctl: %s: cannot create directory: %s\n",
+                    out, strerror(errno));
+            return CTL_FAIL;
+        }
+    } else if (!S_ISDIR(st.st_mode)) {
+        fprintf(stderr, "ketenhubctl: %s: not a directory\n", out);
+        return CTL_FAIL;
+    }
+    if (!force && (access(secret, F_OK) == 0 || access(pub, F_OK) == 0)) {
+        fprintf(stderr,
+                "ketenhubctl: %s: a hub key pair exists already (use --force "
+                "to replace it; partners then need the new hub.cert)\n",
+                out);
+        return CTL_FAIL;
+    }
+    if (!zsys_has_curve()) {
+        fprintf(stderr, "ketenhubctl: libzmq has no CURVE support\n");
+        return CTL_FAIL;
+    }
+    zcert_t *cert = zcert_new();
+    if (!cert) {
+        fprintf(stderr, "ketenhubctl: cannot make a CURVE key pair\n");
+        return CTL_FAIL;
+    }
+    zcert_set_meta(cert, "name", "ketenhub");
+    zcert_set_meta(cert, "role", "hub");
+    int rc = zcert_save(cert, pub);
+    if (rc == 0)
+        rc = chmod(secret, 0600);
+    if (rc != 0 || access(pub, F_OK) != 0) {
+        fprintf(stderr, "ketenhubctl: %s: cannot write the hub key pair\n",
+                out);
+        zcert_destroy(&cert);
+        return CTL_FAIL;
+    }
+    printf("hub public key: %s\n", zcert_public_txt(cert));
+    printf("public certificate (give to partners): %s\n", pub);
+    printf("secret certificate (hub services only): %s\n", secret);
+    zcert_destroy(&cert);
+    return CTL_OK;
+}
+
+int ctl_hub(int argc, char **argv)
+{
+    if (argc < 2 || strcmp(argv[1], "--help") == 0 ||
+        strcmp(argv[1], "-h") == 0) {
+        s_usage(argc < 2 ? stderr : stdout);
+        return argc < 2 ? CTL_USAGE : CTL_OK;
+    }
+    if (strcmp(argv[1], "keygen") != 0)
+        return ctl_usage_error("hub: unknown command '%s'", argv[1]);
+
+    static const struct option options[] = {
+        {"out", required_argument, NULL, 'o'},
+        {"force", no_argument, NULL, 'f'},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0}};
+    const char *out = NULL;
+    bool force = false;
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc - 1, argv + 1, "o:fh", options, NULL)) != -1) {
+        switch (c) {
+        case 'o':
+            out = optarg;
+            break;
+        case 'f':
+            force = true;
+            break;
+        case 'h':
+            s_usage(stdout);
+            return CTL_OK;
+        default:
+            s_usage(stderr);
+            return CTL_USAGE;
+        }
+    }
+    if (optind != argc - 1)
+        return ctl_usage_error("hub keygen: unexpected argument '%s'",
+                               argv[optind + 1]);
+    if (!out || !*out)
+        return ctl_usage_error("hub keygen: --out DIR is required");
+    return s_keygen(out, force);
+}

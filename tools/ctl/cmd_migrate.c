@@ -1,0 +1,112 @@
+/*
+ * ketenhubctl migrate: apply the schema migrations, or show their state.
+ */
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "ctl.h"
+#include "ketenhub/migrate.h"
+
+static void s_usage(FILE *out)
+{
+    fprintf(out,
+            "usage: ketenhubctl migrate [--dir DIR] [--status]\n"
+            "\n"
+            "Apply the pending migrations (DIR/NNN_name.sql, in order, each "
+            "in its own\n"
+            "transaction). Refuses to run when an applied file changed or "
+            "is missing.\n"
+            "\n"
+            "  --dir DIR   migrations directory (default: $KH_MIGRATIONS_DIR, "
+            "else\n"
+            "              %s if present, else\n"
+            "              %s)\n"
+            "  --status    show applied and pending migrations; change "
+            "nothing\n"
+            "  --help      this text\n",
+            KH_SOURCE_MIGRATIONS_DIR, KH_INSTALLED_MIGRATIONS_DIR);
+}
+
+static const char *s_default_dir(void)
+{
+    const char *env = getenv("KH_MIGRATIONS_DIR");
+    if (env && *env)
+        return env;
+    struct stat st;
+    if (stat(KH_SOURCE_MIGRATIONS_DIR, &st) == 0 && S_ISDIR(st.st_mode))
+        return KH_SOURCE_MIGRATIONS_DIR;
+    return KH_INSTALLED_MIGRATIONS_DIR;
+}
+
+static void s_report_applied(const kh_migration_t *m, void *arg)
+{
+    (void) arg;
+    printf("applied %s (sha256 %.12s)\n", m->file, m->sha256);
+}
+
+static void s_report_status(const kh_migration_t *m, void *arg)
+{
+    (void) arg;
+    printf("%-8s %-36s %s\n", kh_migration_state_name(m->state), m->file,
+           m->applied_at[0] ? m->applied_at : "-");
+}
+
+int ctl_migrate(int argc, char **argv)
+{
+    static const struct option options[] = {
+        {"dir", required_argument, NULL, 'd'},
+        {"status", no_argument, NULL, 's'},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0}};
+    const char *dir = NULL;
+    int status = 0;
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "d:sh", options, NULL)) != -1) {
+        switch (c) {
+        case 'd':
+            dir = optarg;
+            break;
+        case 's':
+            status = 1;
+            break;
+        case 'h':
+            s_usage(stdout);
+            return CTL_OK;
+        default:
+            s_usage(stderr);
+            return CTL_USAGE;
+        }
+    }
+    if (optind != argc)
+        return ctl_usage_error("migrate: unexpected argument '%s'",
+                               argv[optind]);
+    if (!dir)
+        dir = s_default_dir();
+
+    PGconn *conn = ctl_connect();
+    if (!conn)
+        return CTL_FAIL;
+    kh_error_t err;
+    kh_error_clear(&err);
+    int rc;
+    if (status) {
+        printf("%-8s %-36s %s\n", "state", "file", "applied_at");
+        rc = kh_migrate_status(conn, dir, s_report_status, NULL, &err);
+        if (rc >= 0)
+            printf("%d pending\n", rc);
+    } else {
+        rc = kh_migrate_apply(conn, dir, s_report_applied, NULL, &err);
+        if (rc >= 0)
+            printf("database is up to date (%d applied now)\n", rc);
+    }
+    PQfinish(conn);
+    if (rc < 0) {
+        ctl_print_error(&err);
+        return err.code == KH_E_CONFIG ? CTL_USAGE : CTL_FAIL;
+    }
+    return CTL_OK;
+}

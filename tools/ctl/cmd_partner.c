@@ -1,0 +1,379 @@
+/*
+ * ketenhubctl partner add / list / revoke: the partner registry for
+ * administrators. add and revoke change the database and the certificate
+ * directory together: the row is committed only when the files are in
+ * place, and the files are removed again when the commit fails.
+ */
+#include <getopt.h>
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "ctl.h"
+#include "ketenhub/db.h"
+#include "ketenhub/partner.h"
+
+static void s_usage(FILE *out)
+{
+    fprintf(out,
+            "usage: ketenhubctl partner add ID --name NAME --kind KIND "
+            "[--no-cases]\n"
+            "                               --cert-dir DIR --out DIR\n"
+            "       ketenhubctl partner list [--active] [--json]\n"
+            "       ketenhubctl partner revoke ID --cert-dir DIR\n"
+            "\n"
+            "Run `ketenhubctl partner add|list|revoke --help` for details.\n");
+}
+
+static void s_usage_add(FILE *out)
+{
+    fprintf(out,
+            "usage: ketenhubctl partner add ID --name NAME --kind KIND "
+            "[--no-cases]\n"
+            "                               --cert-dir DIR --out DIR\n"
+            "\n"
+            "Register a partner with a new CURVE key pair. The public "
+            "certificate goes\n"
+            "to the hub's partner certificate directory (DIR/ID.cert); "
+            "ID.cert and\n"
+            "ID.cert_secret go to the --out directory, for the partner.\n"
+            "\n"
+            "  ID              ^[a-z][a-z0-9-]{1,31}$, e.g. veilig-thuis-gv\n"
+            "  --name NAME     display name of the organisation\n"
+            "  --kind KIND     veilig_thuis, zorgcoordinator, police, "
+            "municipality,\n"
+            "                  inspectorate, national_centre, "
+            "chain_director, other\n"
+            "  --no-cases      the partner never receives referrals (always "
+            "so for\n"
+            "                  chain_director)\n"
+            "  --cert-dir DIR  the hub's partner certificate directory "
+            "(default:\n"
+            "                  $KH_PARTNER_CERT_DIR)\n"
+            "  --out DIR       where to write the partner's key pair "
+            "(created, 0700)\n"
+            "  --help          this text\n");
+}
+
+static void s_usage_list(FILE *out)
+{
+    fprintf(out, "usage: ketenhubctl partner list [--active] [--json]\n"
+                 "\n"
+                 "  --active  leave out revoked partners\n"
+                 "  --json    one JSON array, for scripts\n"
+                 "  --help    this text\n");
+}
+
+static void s_usage_revoke(FILE *out)
+{
+    fprintf(out,
+            "usage: ketenhubctl partner revoke ID --cert-dir DIR\n"
+            "\n"
+            "Revoke a partner's key: sets revoked_at and removes DIR/ID.cert "
+            "so the hub\n"
+            "refuses new connections with it. The row stays for the trail.\n"
+            "\n"
+            "  --cert-dir DIR  the hub's partner certificate directory "
+            "(default:\n"
+            "                  $KH_PARTNER_CERT_DIR)\n"
+            "  --help          this text\n");
+}
+
+static const char *s_env_cert_dir(void)
+{
+    const char *dir = getenv("KH_PARTNER_CERT_DIR");
+    return dir && *dir ? dir : NULL;
+}
+
+/* Undo the files s_add wrote: the installed public certificate when
+ * cert_dir is not NULL, the partner's pair when out is not NULL. */
+static void s_unlink_files(const char *cert_dir, const char *out,
+                           const char *id)
+{
+    char path[4096];
+    if (cert_dir) {
+        snprintf(path, sizeof path, "%s/%s.cert", cert_dir, id);
+        unlink(path);
+    }
+    if (out) {
+        snprintf(path, sizeof path, "%s/%s.cert", out, id);
+        unlink(path);
+        snprintf(path, sizeof path, "%s/%s.cert_secret", out, id);
+        unlink(path);
+    }
+}
+
+static int s_add(const char *id, const char *name, kh_partner_kind_t kind,
+                 bool cases, const char *cert_dir, const char *out)
+{
+    kh_error_t err;
+    kh_error_clear(&err);
+    PGconn *conn = ctl_connect();
+    if (!conn)
+        return CTL_FAIL;
+    zcert_t *cert = kh_partner_cert_new(id, &err);
+    bool exported = false, installed = false;
+    int rc = cert ? 0 : -1;
+    if (rc == 0)
+        rc = kh_db_exec(conn, "BEGIN", &err);
+    if (rc == 0)
+        rc = kh_partner_register(conn, id, name, kind, cases,
+                                 zcert_public_txt(cert), &err);
+    if (rc == 0) {
+        rc = kh_partner_cert_export(cert, id, out, &err);
+        exported = rc == 0;
+    }
+    if (rc == 0) {
+        rc = kh_partner_cert_install(cert, id, cert_dir, &err);
+        installed = rc == 0;
+    }
+    if (rc == 0)
+        rc = kh_db_exec(conn, "COMMIT", &err);
+    if (rc != 0) {
+        kh_db_rollback_quietly(conn);
+        s_unlink_files(installed ? cert_dir : NULL, exported ? out : NULL, id);
+        ctl_print_error(&err);
+    } else {
+        printf("partner %s registered (kind %s, handles cases: %s)\n", id,
+               kh_partner_kind_name(kind), cases ? "yes" : "no");
+        printf("public key: %s\n", zcert_public_txt(cert));
+        printf("installed: %s/%s.cert\n", cert_dir, id);
+        printf("for the partner (send the secret securely): %s/%s.cert, "
+               "%s/%s.cert_secret\n",
+               out, id, out, id);
+    }
+    zcert_destroy(&cert);
+    PQfinish(conn);
+    return rc == 0 ? CTL_OK : CTL_FAIL;
+}
+
+static int s_cmd_add(int argc, char **argv)
+{
+    static const struct option options[] = {
+        {"name", required_argument, NULL, 'n'},
+        {"kind", required_argument, NULL, 'k'},
+        {"no-cases", no_argument, NULL, 'c'},
+        {"cert-dir", required_argument, NULL, 'd'},
+        {"out", required_argument, NULL, 'o'},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0}};
+    const char *name = NULL, *kind_name = NULL, *out = NULL;
+    const char *cert_dir = s_env_cert_dir();
+    bool no_cases = false;
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "n:k:cd:o:h", options, NULL)) != -1) {
+        switch (c) {
+        case 'n':
+            name = optarg;
+            break;
+        case 'k':
+            kind_name = optarg;
+            break;
+        case 'c':
+            no_cases = true;
+            break;
+        case 'd':
+            cert_dir = optarg;
+            break;
+        case 'o':
+            out = optarg;
+            break;
+        case 'h':
+            s_usage_add(stdout);
+            return CTL_OK;
+        default:
+            s_usage_add(stderr);
+            return CTL_USAGE;
+        }
+    }
+    if (optind + 1 != argc)
+        return ctl_usage_error("partner add: give exactly one partner ID");
+    const char *id = argv[optind];
+    if (!kh_partner_id_valid(id))
+        return ctl_usage_error("partner add: ID must match "
+                               "^[a-z][a-z0-9-]{1,31}$");
+    if (!name || !*name)
+        return ctl_usage_error("partner add: --name NAME is required");
+    if (!kind_name)
+        return ctl_usage_error("partner add: --kind KIND is required");
+    int kind = kh_partner_kind_from_name(kind_name);
+    if (kind < 0)
+        return ctl_usage_error("partner add: unknown kind '%s'", kind_name);
+    if (!cert_dir || !*cert_dir)
+        return ctl_usage_error("partner add: --cert-dir DIR is required "
+                               "(or set KH_PARTNER_CERT_DIR)");
+    if (!out || !*out)
+        return ctl_usage_error("partner add: --out DIR is required");
+    /* A chain director never handles cases, so it needs no --no-cases. */
+    bool cases = !no_cases && kind != KH_PARTNER_CHAIN_DIRECTOR;
+    return s_add(id, name, (kh_partner_kind_t) kind, cases, cert_dir, out);
+}
+
+static void s_print_partner(const kh_partner_t *p, void *arg)
+{
+    (void) arg;
+    printf("%-24s %-16s %-5s %-8s %-40s %s\n", p->id,
+           kh_partner_kind_name(p->kind), p->handles_cases ? "yes" : "no",
+           p->revoked ? "revoked" : "active", p->public_key, p->display_name);
+}
+
+static void s_json_partner(const kh_partner_t *p, void *arg)
+{
+    json_t *array = arg;
+    json_t *o = json_pack(
+        "{s:s, s:s, s:s, s:b, s:s, s:s, s:o}", "id", p->id, "display_name",
+        p->display_name, "kind", kh_partner_kind_name(p->kind), "handles_cases",
+        p->handles_cases, "public_key", p->public_key, "created_at",
+        p->created_at, "revoked_at",
+        p->revoked ? json_string(p->revoked_at) : json_null());
+    if (o)
+        json_array_append_new(array, o);
+}
+
+static int s_cmd_list(int argc, char **argv)
+{
+    static const struct option options[] = {{"active", no_argument, NULL, 'a'},
+                                            {"json", no_argument, NULL, 'j'},
+                                            {"help", no_argument, NULL, 'h'},
+                                            {NULL, 0, NULL, 0}};
+    bool active = false, as_json = false;
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "ajh", options, NULL)) != -1) {
+        switch (c) {
+        case 'a':
+            active = true;
+            break;
+        case 'j':
+            as_json = true;
+            break;
+        case 'h':
+            s_usage_list(stdout);
+            return CTL_OK;
+        default:
+            s_usage_list(stderr);
+            return CTL_USAGE;
+        }
+    }
+    if (optind != argc)
+        return ctl_usage_error("partner list: unexpected argument '%s'",
+                               argv[optind]);
+    PGconn *conn = ctl_connect();
+    if (!conn)
+        return CTL_FAIL;
+    kh_error_t err;
+    kh_error_clear(&err);
+    int n;
+    if (as_json) {
+        json_t *array = json_array();
+        n = array ? kh_partner_list(conn, !active, s_json_partner, array, &err)
+                  : kh_error_set(&err, KH_E_NOMEM, NULL, "out of memory");
+        if (n >= 0 && (size_t) n != json_array_size(array))
+            n = kh_error_set(&err, KH_E_NOMEM, NULL, "out of memory");
+        if (n >= 0) {
+            char *text = json_dumps(array, JSON_INDENT(2));
+            if (text)
+                puts(text);
+            else
+                n = kh_error_set(&err, KH_E_NOMEM, NULL, "out of memory");
+            free(text);
+        }
+        json_decref(array);
+    } else {
+        printf("%-24s %-16s %-5s %-8s %-40s %s\n", "id", "kind", "cases",
+               "status", "public_key", "name");
+        n = kh_partner_list(conn, !active, s_print_partner, NULL, &err);
+    }
+    PQfinish(conn);
+    if (n < 0) {
+        ctl_print_error(&err);
+        return CTL_FAIL;
+    }
+    return CTL_OK;
+}
+
+static int s_cmd_revoke(int argc, char **argv)
+{
+    static const struct option options[] = {
+        {"cert-dir", required_argument, NULL, 'd'},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0}};
+    const char *cert_dir = s_env_cert_dir();
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "d:h", options, NULL)) != -1) {
+        switch (c) {
+        case 'd':
+            cert_dir = optarg;
+            break;
+        case 'h':
+            s_usage_revoke(stdout);
+            return CTL_OK;
+        default:
+            s_usage_revoke(stderr);
+            return CTL_USAGE;
+        }
+    }
+    if (optind + 1 != argc)
+        return ctl_usage_error("partner revoke: give exactly one partner ID");
+    const char *id = argv[optind];
+    if (!kh_partner_id_valid(id))
+        return ctl_usage_error("partner revoke: ID must match "
+                               "^[a-z][a-z0-9-]{1,31}$");
+    if (!cert_dir || !*cert_dir)
+        return ctl_usage_error("partner revoke: --cert-dir DIR is required "
+                               "(or set KH_PARTNER_CERT_DIR)");
+
+    PGconn *conn = ctl_connect();
+    if (!conn)
+        return CTL_FAIL;
+    kh_error_t err;
+    kh_error_clear(&err);
+    int revoked = -1;
+    int rc = kh_db_exec(conn, "BEGIN", &err);
+    if (rc == 0) {
+        revoked = kh_partner_revoke(conn, id, &err);
+        rc = revoked < 0 ? -1 : 0;
+    }
+    /* Remove the certificate inside the transaction: if it cannot be
+     * removed, the partner stays active, and the two agree. */
+    if (rc == 0)
+        rc = kh_partner_cert_remove(id, cert_dir, &err);
+    if (rc == 0)
+        rc = kh_db_exec(conn, "COMMIT", &err);
+    if (rc != 0) {
+        kh_db_rollback_quietly(conn);
+        ctl_print_error(&err);
+    } else if (revoked == 1)
+        printf("partner %s was already revoked; %s/%s.cert is gone\n", id,
+               cert_dir, id);
+    else
+        printf("partner %s revoked; removed %s/%s.cert\n", id, cert_dir, id);
+    PQfinish(conn);
+    return rc == 0 ? CTL_OK : CTL_FAIL;
+}
+
+int ctl_partner(int argc, char **argv)
+{
+    if (argc < 2) {
+        s_usage(stderr);
+        return CTL_USAGE;
+    }
+    const char *sub = argv[1];
+    if (strcmp(sub, "--help") == 0 || strcmp(sub, "-h") == 0) {
+        s_usage(stdout);
+        return CTL_OK;
+    }
+    if (strcmp(sub, "add") == 0)
+        return s_cmd_add(argc - 1, argv + 1);
+    if (strcmp(sub, "list") == 0)
+        return s_cmd_list(argc - 1, argv + 1);
+    if (strcmp(sub, "revoke") == 0)
+        return s_cmd_revoke(argc - 1, argv + 1);
+    ctl_usage_error("partner: unknown command '%s'", sub);
+    s_usage(stderr);
+    return CTL_USAGE;
+}

@@ -1,0 +1,32 @@
+/*
+ * ketenhubctl internals: one file per command group (migrate, hub,
+ * partner) plus the helpers they share. Each command returns the exit code
+ * of the program: 0 ok, 1 runtime failure, 2 usage or configuration error.
+ */
+#ifndef KH_CTL_H_INCLUDED
+#define KH_CTL_H_INCLUDED
+
+#include <libpq-fe.h>
+
+#include "ketenhub/error.h"
+
+#define CTL_OK 0
+#define CTL_FAIL 1
+#define CTL_USAGE 2
+
+/* Command groups: argv[0] is the group's name. */
+int ctl_migrate(int argc, char **argv);
+int ctl_hub(int argc, char **argv);
+int ctl_partner(int argc, char **argv);
+
+/* Print "ketenhubctl: <path>:<line>: <message> (<code>)" on stderr. */
+void ctl_print_error(const kh_error_t *err);
+
+/* Print "ketenhubctl: <message>" on stderr and return CTL_USAGE. */
+int ctl_usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* Connect using $KH_DATABASE_URL or the libpq environment. Prints the
+ * error and returns NULL on failure. */
+PGconn *ctl_connect(void);
+
+#endif
