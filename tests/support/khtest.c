@@ -1,13 +1,312 @@
 /*
- * Helpers shared by the tests.
+ * Helpers shared by the tests (see khtest.h).
  */
 #include "khtest.h"
 
+#include <errno.h>
+#include <fcntl.h>
+#include <ftw.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "ketenhub/migrate.h"
 
 const char *khtest_src(const char *relative)
 {
     static char path[4096];
     snprintf(path, sizeof path, "%s/%s", KH_TEST_SOURCE_DIR, relative);
     return path;
+}
+
+/* Value of NAME in a line "export NAME='value'" or "NAME=value". */
+static int s_env_value(const char *line, const char *name, char *out,
+                       size_t size)
+{
+    if (strncmp(line, "export ", 7) == 0)
+        line += 7;
+    size_t n = strlen(name);
+    if (strncmp(line, name, n) != 0 || line[n] != '=')
+        return -1;
+    const char *v = line + n + 1;
+    size_t len = strcspn(v, "\r\n");
+    if (len >= 2 && v[0] == '\'' && v[len - 1] == '\'') {
+        v++;
+        len -= 2;
+    }
+    if (len >= size)
+        return -1;
+    memcpy(out, v, len);
+    out[len] = '\0';
+    return 0;
+}
+
+/* Append " key='value'" to a conninfo string, quoting as libpq wants. */
+static void s_conninfo_add(char *buf, size_t size, const char *key,
+                           const char *value)
+{
+    size_t o = strlen(buf);
+    o += (size_t) snprintf(buf + o, size - o, "%s%s='", o ? " " : "", key);
+    for (const char *p = value; *p && o + 3 < size; p++) {
+        if (*p == '\'' || *p == '\\')
+            buf[o++] = '\\';
+        buf[o++] = *p;
+    }
+    if (o + 2 > size)
+        ck_abort_msg("khtest: connection string too long");
+    buf[o++] = '\'';
+    buf[o] = '\0';
+}
+
+/* host/port/user of the test cluster, without a dbname. */
+static const char *s_pg_base(void)
+{
+    static char base[1024];
+    if (base[0])
+        return base;
+    const char *dir = getenv("KH_TEST_PG_DIR");
+    if (!dir || !*dir)
+        ck_abort_msg("KH_TEST_PG_DIR is not set: run the integration tests "
+                     "through ctest (the pg fixture starts PostgreSQL with "
+                     "scripts/pgtmp.sh), or set it to a pgtmp.sh directory");
+    char path[4096];
+    snprintf(path, sizeof path, "%s/env", dir);
+    FILE *fp = fopen(path, "r");
+    if (!fp)
+        ck_abort_msg("cannot read %s (%s): is the test PostgreSQL running? "
+                     "(scripts/pgtmp.sh start %s)",
+                     path, strerror(errno), dir);
+    char host[512] = "", port[32] = "", user[128] = "";
+    char line[1024];
+    while (fgets(line, sizeof line, fp)) {
+        s_env_value(line, "PGHOST", host, sizeof host);
+        s_env_value(line, "PGPORT", port, sizeof port);
+        s_env_value(line, "PGUSER", user, sizeof user);
+    }
+    fclose(fp);
+    if (!host[0] || !port[0])
+        ck_abort_msg("%s has no PGHOST or PGPORT", path);
+    s_conninfo_add(base, sizeof base, "host", host);
+    s_conninfo_add(base, sizeof base, "port", port);
+    s_conninfo_add(base, sizeof base, "user", user[0] ? user : "postgres");
+    return base;
+}
+
+const char *khtest_pg_conninfo(void)
+{
+    static char conninfo[1200];
+    if (!conninfo[0]) {
+        snprintf(conninfo, sizeof conninfo, "%s", s_pg_base());
+        s_conninfo_add(conninfo, sizeof conninfo, "dbname", "postgres");
+    }
+    return conninfo;
+}
+
+char *khtest_db_conninfo(const char *dbname)
+{
+    char conninfo[1200];
+    snprintf(conninfo, sizeof conninfo, "%s", s_pg_base());
+    s_conninfo_add(conninfo, sizeof conninfo, "dbname", dbname);
+    char *copy = strdup(conninfo);
+    ck_assert_ptr_nonnull(copy);
+    return copy;
+}
+
+static PGconn *s_connect(const char *conninfo)
+{
+    PGconn *conn = PQconnectdb(conninfo);
+    if (!conn || PQstatus(conn) != CONNECTION_OK)
+        ck_abort_msg("cannot connect to the test PostgreSQL (%s): %s", conninfo,
+                     conn ? PQerrorMessage(conn) : "no memory");
+    return conn;
+}
+
+static void s_exec(PGconn *conn, const char *sql)
+{
+    PGresult *res = PQexec(conn, sql);
+    if (PQresultStatus(res) != PGRES_COMMAND_OK &&
+        PQresultStatus(res) != PGRES_TUPLES_OK)
+        ck_abort_msg("%s: %s", sql, PQerrorMessage(conn));
+    PQclear(res);
+}
+
+PGconn *khtest_db_empty(const char *dbname)
+{
+    size_t len = strlen(dbname);
+    if (len == 0 || len > 60 ||
+        strspn(dbname, "abcdefghijklmnopqrstuvwxyz"
+                       "0123456789_") != len)
+        ck_abort_msg("khtest: bad database name '%s'", dbname);
+    PGconn *admin = s_connect(khtest_pg_conninfo());
+    s_exec(admin, "SET client_min_messages = warning");
+    char sql[256];
+    snprintf(sql, sizeof sql, "DROP DATABASE IF EXISTS %s WITH (FORCE)",
+             dbname);
+    s_exec(admin, sql);
+    snprintf(sql, sizeof sql, "CREATE DATABASE %s", dbname);
+    s_exec(admin, sql);
+    PQfinish(admin);
+
+    char *conninfo = khtest_db_conninfo(dbname);
+    PGconn *conn = s_connect(conninfo);
+    free(conninfo);
+    PQclear(PQexec(conn, "SET client_min_messages = warning"));
+    return conn;
+}
+
+PGconn *khtest_db_fresh(const char *dbname)
+{
+    PGconn *conn = khtest_db_empty(dbname);
+    kh_error_t err;
+    kh_error_clear(&err);
+    if (kh_migrate_apply(conn, khtest_src("migrations"), NULL, NULL, &err) < 0)
+        ck_abort_msg("cannot migrate test database %s: %s: %s (%s)", dbname,
+                     err.path, err.message, kh_error_name(err.code));
+    return conn;
+}
+
+char *khtest_db_value(PGconn *conn, const char *sql)
+{
+    PGresult *res = PQexec(conn, sql);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK)
+        ck_abort_msg("%s: %s", sql, PQerrorMessage(conn));
+    char *value = NULL;
+    if (PQntuples(res) > 0 && !PQgetisnull(res, 0, 0)) {
+        value = strdup(PQgetvalue(res, 0, 0));
+        ck_assert_ptr_nonnull(value);
+    }
+    PQclear(res);
+    return value;
+}
+
+char *khtest_tmpdir(void)
+{
+    char *path = strdup("/tmp/khtest.XXXXXX");
+    ck_assert_ptr_nonnull(path);
+    if (!mkdtemp(path))
+        ck_abort_msg("cannot create a temporary directory: %s",
+                     strerror(errno));
+    return path;
+}
+
+static int s_remove(const char *path, const struct stat *st, int flag,
+                    struct FTW *ftw)
+{
+    (void) st;
+    (void) flag;
+    (void) ftw;
+    remove(path);
+    return 0;
+}
+
+void khtest_rmtree(const char *path)
+{
+    if (path && *path)
+        nftw(path, s_remove, 16, FTW_DEPTH | FTW_PHYS);
+}
+
+static void s_write(const char *path, const char *text, const char *mode)
+{
+    FILE *fp = fopen(path, mode);
+    if (!fp) {
+        ck_abort_msg("cannot write %s: %s", path, strerror(errno));
+        return;
+    }
+    size_t len = strlen(text);
+    if (fwrite(text, 1, len, fp) != len || fclose(fp) != 0)
+        ck_abort_msg("cannot write %s", path);
+}
+
+void khtest_write_file(const char *path, const char *text)
+{
+    s_write(path, text, "w");
+}
+
+void khtest_append_file(const char *path, const char *text)
+{
+    s_write(path, text, "a");
+}
+
+char *khtest_read_file(const char *path)
+{
+    FILE *fp = fopen(path, "rb");
+    if (!fp)
+        return NULL;
+    size_t size = 0, cap = 4096;
+    char *buf = malloc(cap);
+    size_t n;
+    while (buf && (n = fread(buf + size, 1, cap - size - 1, fp)) > 0) {
+        size += n;
+        if (cap - size - 1 == 0) {
+            char *grown = realloc(buf, cap * 2);
+            if (!grown) {
+                free(buf);
+                buf = NULL;
+                break;
+            }
+            buf = grown;
+            cap *= 2;
+        }
+    }
+    fclose(fp);
+    if (buf)
+        buf[size] = '\0';
+    return buf;
+}
+
+int khtest_run(char *const argv[], char **output)
+{
+    int fds[2];
+    if (pipe(fds) != 0)
+        ck_abort_msg("pipe: %s", strerror(errno));
+    fflush(stdout);
+    fflush(stderr);
+    pid_t pid = fork();
+    if (pid < 0)
+        ck_abort_msg("fork: %s", strerror(errno));
+    if (pid == 0) {
+        int null = open("/dev/null", O_RDONLY);
+        if (null >= 0)
+            dup2(null, 0);
+        dup2(fds[1], 1);
+        dup2(fds[1], 2);
+        close(fds[0]);
+        close(fds[1]);
+        execv(argv[0], argv);
+        fprintf(stderr, "cannot run %s: %s\n", argv[0], strerror(errno));
+        _exit(127);
+    }
+    close(fds[1]);
+    size_t size = 0, cap = 4096;
+    char *buf = malloc(cap);
+    ck_assert_ptr_nonnull(buf);
+    for (;;) {
+        if (cap - size < 1024) {
+            cap *= 2;
+            char *grown = realloc(buf, cap);
+            ck_assert_ptr_nonnull(grown);
+            buf = grown;
+        }
+        ssize_t n = read(fds[0], buf + size, cap - size - 1);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;
+        size += (size_t) n;
+    }
+    buf[size] = '\0';
+    close(fds[0]);
+    int status = 0;
+    while (waitpid(pid, &status, 0) < 0)
+        if (errno != EINTR)
+            ck_abort_msg("waitpid: %s", strerror(errno));
+    if (output)
+        *output = buf;
+    else
+        free(buf);
+    if (WIFEXITED(status))
+        return WEXITSTATUS(status);
+    return 128 + (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
 }

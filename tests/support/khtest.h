@@ -1,12 +1,63 @@
 /*
- * Helpers shared by the tests (placeholder; the PostgreSQL helpers follow).
+ * Helpers shared by the tests: source-tree paths, the throwaway PostgreSQL
+ * cluster of the integration tests (started by the ctest `pg` fixture,
+ * scripts/pgtmp.sh, found through $KH_TEST_PG_DIR), temporary directories
+ * and running the built binaries.
+ *
+ * Every helper that cannot do its job fails the current test with
+ * ck_abort_msg: a test that needs PostgreSQL fails, it never skips.
  */
 #ifndef KHTEST_H_INCLUDED
 #define KHTEST_H_INCLUDED
 
 #include <check.h>
+#include <libpq-fe.h>
 
-/* Path of a file in the source tree, e.g. khtest_src ("schemas/x.json"). */
+/* Path of a file in the source tree, e.g. khtest_src ("schemas/x.json").
+ * Returns a static buffer, overwritten by the next call. */
 const char *khtest_src(const char *relative);
+
+/* Connection string of the test cluster's maintenance database
+ * ("host=... port=... user=postgres dbname=postgres"), read from
+ * $KH_TEST_PG_DIR/env. Static; aborts the test when the variable or the
+ * file is missing. */
+const char *khtest_pg_conninfo(void);
+
+/* Connection string for database dbname of the test cluster. The caller
+ * frees it. */
+char *khtest_db_conninfo(const char *dbname);
+
+/* Drop (with FORCE) and create database dbname ([a-z0-9_]), and return a
+ * connection to it without any migration applied. Caller PQfinish-es. */
+PGconn *khtest_db_empty(const char *dbname);
+
+/* As khtest_db_empty, then apply all migrations of the source tree. Each
+ * test file uses its own dbname, so test files can run side by side. */
+PGconn *khtest_db_fresh(const char *dbname);
+
+/* Run a query that must succeed and return its first value as a new
+ * string (caller frees), or NULL when it returns no row or NULL. */
+char *khtest_db_value(PGconn *conn, const char *sql);
+
+/* A new directory under /tmp; the caller removes it with khtest_rmtree
+ * and frees the string. */
+char *khtest_tmpdir(void);
+
+/* Remove path and everything below it (no error if it is gone). */
+void khtest_rmtree(const char *path);
+
+/* Write / append text to a file, aborting the test on failure. */
+void khtest_write_file(const char *path, const char *text);
+void khtest_append_file(const char *path, const char *text);
+
+/* Whole file as a new NUL-terminated string (caller frees), or NULL when
+ * it cannot be read. */
+char *khtest_read_file(const char *path);
+
+/* Run argv (argv[0] is a path, argv NULL-terminated) with the test's
+ * environment, stdin from /dev/null. Returns the exit status (128 + the
+ * signal when killed). When output is not NULL, *output receives stdout
+ * and stderr together (caller frees). */
+int khtest_run(char *const argv[], char **output);
 
 #endif

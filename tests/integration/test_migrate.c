@@ -1,0 +1,599 @@
+/*
+ * Integration tests of the migration runner (common/migrate.c) and the
+ * PostgreSQL helpers (common/db.c) against the throwaway test cluster.
+ * Extra migrations written by these tests use versions 900 and up, so the
+ * project's own migrations can grow without touching the tests.
+ */
+#include <dirent.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "ketenhub/db.h"
+#include "ketenhub/migrate.h"
+#include "khtest.h"
+
+#define DB "kh_test_migrate"
+
+/* Number of migrations in the source tree. */
+static int s_source_count(void)
+{
+    DIR *dir = opendir(khtest_src("migrations"));
+    ck_assert_ptr_nonnull(dir);
+    int n = 0;
+    struct dirent *e;
+    while ((e = readdir(dir)) != NULL) {
+        size_t len = strlen(e->d_name);
+        if (e->d_name[0] != '.' && len > 4 &&
+            strcmp(e->d_name + len - 4, ".sql") == 0)
+            n++;
+    }
+    closedir(dir);
+    return n;
+}
+
+/* A temporary directory holding copies of the source migrations. */
+static char *s_copy_migrations(void)
+{
+    char *tmp = khtest_tmpdir();
+    const char *src = khtest_src("migrations");
+    char src_dir[1024];
+    snprintf(src_dir, sizeof src_dir, "%s", src);
+    DIR *dir = opendir(src_dir);
+    ck_assert_ptr_nonnull(dir);
+    struct dirent *e;
+    while ((e = readdir(dir)) != NULL) {
+        size_t len = strlen(e->d_name);
+        if (e->d_name[0] == '.' || len < 4 ||
+            strcmp(e->d_name + len - 4, ".sql") != 0)
+            continue;
+        char from[2048], to[2048];
+        snprintf(from, sizeof from, "%s/%s", src_dir, e->d_name);
+        snprintf(to, sizeof to, "%s/%s", tmp, e->d_name);
+        char *text = khtest_read_file(from);
+        ck_assert_ptr_nonnull(text);
+        khtest_write_file(to, text);
+        free(text);
+    }
+    closedir(dir);
+    return tmp;
+}
+
+static void s_write_in(const char *dir, const char *name, const char *text)
+{
+    char path[4096];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    khtest_write_file(path, text);
+}
+
+static bool s_ends_with(const char *s, const char *suffix)
+{
+    size_t a = strlen(s), b = strlen(suffix);
+    return a >= b && strcmp(s + a - b, suffix) == 0;
+}
+
+static int s_int(PGconn *conn, const char *sql)
+{
+    char *v = khtest_db_value(conn, sql);
+    ck_assert_ptr_nonnull(v);
+    int n = atoi(v);
+    free(v);
+    return n;
+}
+
+static bool s_exists(PGconn *conn, const char *relation)
+{
+    char sql[256];
+    snprintf(sql, sizeof sql, "SELECT to_regclass('%s') IS NOT NULL", relation);
+    char *v = khtest_db_value(conn, sql);
+    bool exists = v && strcmp(v, "t") == 0;
+    free(v);
+    return exists;
+}
+
+static int s_recorded(PGconn *conn)
+{
+    if (!s_exists(conn, "kh_schema_migrations"))
+        return 0;
+    return s_int(conn, "SELECT count(*) FROM kh_schema_migrations");
+}
+
+typedef struct {
+    int calls;
+    int by_state[4];
+    char last_file[256];
+} s_seen_t;
+
+static void s_count(const kh_migration_t *m, void *arg)
+{
+    s_seen_t *seen = arg;
+    seen->calls++;
+    seen->by_state[m->state]++;
+    snprintf(seen->last_file, sizeof seen->last_file, "%s", m->file);
+}
+
+START_TEST(test_apply_on_empty_database)
+{
+    PGconn *conn = khtest_db_empty(DB);
+    int n = s_source_count();
+    ck_assert_int_ge(n, 1);
+    kh_error_t err;
+    kh_error_clear(&err);
+    s_seen_t seen = {0};
+    int rc =
+        kh_migrate_apply(conn, khtest_src("migrations"), s_count, &seen, &err);
+    ck_assert_msg(rc == n, "applied %d of %d: %s %s", rc, n, err.path,
+                  err.message);
+    ck_assert_int_eq(seen.calls, n);
+    ck_assert_int_eq(seen.by_state[KH_MIGRATION_APPLIED], n);
+    ck_assert(s_exists(conn, "partners"));
+    ck_assert(s_exists(conn, "referrals"));
+    ck_assert(s_exists(conn, "audit_events"));
+    ck_assert_int_eq(s_recorded(conn), n);
+
+    /* The record of 001 names it and holds the SHA-256 of its bytes. */
+    char *name = khtest_db_value(
+        conn, "SELECT name FROM kh_schema_migrations WHERE version = 1");
+    ck_assert_str_eq(name, "foundation");
+    free(name);
+    char *text = khtest_read_file(khtest_src("migrations/001_foundation.sql"));
+    ck_assert_ptr_nonnull(text);
+    const char *params[] = {text};
+    int lengths[] = {(int) strlen(text)};
+    int formats[] = {1};
+    PGresult *res =
+        PQexecParams(conn,
+                     "SELECT encode(sha256($1::bytea), 'hex') = sha256 "
+                     "FROM kh_schema_migrations WHERE version = 1",
+                     1, NULL, params, lengths, formats, 0);
+    ck_assert_int_eq(PQresultStatus(res), PGRES_TUPLES_OK);
+    ck_assert_str_eq(PQgetvalue(res, 0, 0), "t");
+    PQclear(res);
+    free(text);
+
+    /* Idempotent: a second run applies nothing and reports nothing. */
+    memset(&seen, 0, sizeof seen);
+    rc = kh_migrate_apply(conn, khtest_src("migrations"), s_count, &seen, &err);
+    ck_assert_int_eq(rc, 0);
+    ck_assert_int_eq(seen.calls, 0);
+    ck_assert_int_eq(s_recorded(conn), n);
+    /* The advisory lock is released. */
+    char *locked = khtest_db_value(
+        conn, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+              "AND database = (SELECT oid FROM pg_database "
+              "WHERE datname = current_database())");
+    ck_assert_str_eq(locked, "0");
+    free(locked);
+    PQfinish(conn);
+}
+END_TEST
+
+START_TEST(test_status)
+{
+    PGconn *conn = khtest_db_empty(DB);
+    int n = s_source_count();
+    kh_error_t err;
+    kh_error_clear(&err);
+    s_seen_t seen = {0};
+    int rc =
+        kh_migrate_status(conn, khtest_src("migrations"), s_count, &seen, &err);
+    ck_assert_int_eq(rc, n);
+    ck_assert_int_eq(seen.by_state[KH_MIGRATION_PENDING], n);
+    /* Status changes nothing. */
+    ck_assert(!s_exists(conn, "kh_schema_migrations"));
+
+    ck_assert_int_eq(
+        kh_migrate_apply(conn, khtest_src("migrations"), NULL, NULL, &err), n);
+    memset(&seen, 0, sizeof seen);
+    rc =
+        kh_migrate_status(conn, khtest_src("migrations"), s_count, &seen, &err);
+    ck_assert_int_eq(rc, 0);
+    ck_assert_int_eq(seen.by_state[KH_MIGRATION_APPLIED], n);
+    ck_assert_int_eq(seen.calls, n);
+
+    /* A new file shows as pending. */
+    char *dir = s_copy_migrations();
+    s_write_in(dir, "900_extra.sql", "CREATE TABLE extra_one (x int);\n");
+    memset(&seen, 0, sizeof seen);
+    rc = kh_migrate_status(conn, dir, s_count, &seen, &err);
+    ck_assert_int_eq(rc, 1);
+    ck_assert_int_eq(seen.by_state[KH_MIGRATION_PENDING], 1);
+    ck_assert_str_eq(seen.last_file, "900_extra.sql");
+    khtest_rmtree(dir);
+    free(dir);
+    PQfinish(conn);
+}
+END_TEST
+
+START_TEST(test_changed_file_refused)
+{
+    PGconn *conn = khtest_db_empty(DB);
+    int n = s_source_count();
+    char *dir = s_copy_migrations();
+    s_write_in(dir, "900_extra.sql", "CREATE TABLE extra_one (x int);\n");
+    kh_error_t err;
+    kh_error_clear(&err);
+    ck_assert_int_eq(kh_migrate_apply(conn, dir, NULL, NULL, &err), n + 1);
+
+    /* Edit an applied file and add a new one: nothing is applied. */
+    char path[4096];
+    snprintf(path, sizeof path, "%s/900_extra.sql", dir);
+    khtest_append_file(path, "-- an innocent-looking edit\n");
+    s_write_in(dir, "901_more.sql", "CREATE TABLE extra_two (x int);\n");
+    int rc = kh_migrate_apply(conn, dir, NULL, NULL, &err);
+    ck_assert_int_eq(rc, -1);
+    ck_assert_int_eq(err.code, KH_E_MIGRATION_CHANGED);
+    ck_assert_msg(s_ends_with(err.path, "/900_extra.sql"), "path %s", err.path);
+    ck_assert(!s_exists(conn, "extra_two"));
+    ck_assert_int_eq(s_recorded(conn), n + 1);
+
+    /* Status says so too, and still lists everything. */
+    s_seen_t seen = {0};
+    kh_error_clear(&err);
+    rc = kh_migrate_status(conn, dir, s_count, &seen, &err);
+    ck_assert_int_eq(rc, -1);
+    ck_assert_int_eq(err.code, KH_E_MIGRATION_CHANGED);
+    ck_assert_int_eq(seen.by_state[KH_MIGRATION_CHANGED], 1);
+    ck_assert_int_eq(seen.by_state[KH_MIGRATION_PENDING], 1);
+    ck_assert_int_eq(seen.calls, n + 2);
+
+    /* An edit of the project's own 001 is refused the same way. */
+    khtest_write_file(path, "CREATE TABLE extra_one (x int);\n");
+    snprintf(path, sizeof path, "%s/001_foundation.sql", dir);
+    khtest_append_file(path, "\n");
+    kh_error_clear(&err);
+    ck_assert_int_eq(kh_migrate_apply(conn, dir, NULL, NULL, &err), -1);
+    ck_assert_int_eq(err.code, KH_E_MIGRATION_CHANGED);
+    ck_assert(s_ends_with(err.path, "/001_foundation.sql"));
+    ck_assert(!s_exists(conn, "extra_two"));
+    khtest_rmtree(dir);
+    free(dir);
+    PQfinish(conn);
+}
+END_TEST
+
+START_TEST(test_renamed_file_refused)
+{
+    PGconn *conn = khtest_db_empty(DB);
+    int n = s_source_count();
+    char *dir = s_copy_migrations();
+    s_write_in(dir, "900_extra.sql", "CREATE TABLE extra_one (x int);\n");
+    kh_error_t err;
+    kh_error_clear(&err);
+    ck_assert_int_eq(kh_migrate_apply(conn, dir, NULL, NULL, &err), n + 1);
+    char from[4096], to[4096];
+    snprintf(from, sizeof from, "%s/900_extra.sql", dir);
+    snprintf(to, sizeof to, "%s/900_renamed.sql", dir);
+    ck_assert_int_eq(rename(from, to), 0);
+    ck_assert_int_eq(kh_migrate_apply(conn, dir, NULL, NULL, &err), -1);
+    ck_assert_int_eq(err.code, KH_E_MIGRATION_CHANGED);
+    ck_assert(s_ends_with(err.path, "/900_renamed.sql"));
+    khtest_rmtree(dir);
+    free(dir);
+    PQfinish(conn);
+}
+END_TEST
+
+START_TEST(test_missing_file_refused)
+{
+    PGconn *conn = khtest_db_empty(DB);
+    int n = s_source_count();
+    char *dir = s_copy_migrations();
+    s_write_in(dir, "900_extra.sql", "CREATE TABLE extra_one (x int);\n");
+    kh_error_t err;
+    kh_error_clear(&err);
+    ck_assert_int_eq(kh_migrate_apply(conn, dir, NULL, NULL, &err), n + 1);
+    char path[4096];
+    snprintf(path, sizeof path, "%s/900_extra.sql", dir);
+    ck_assert_int_eq(unlink(path), 0);
+    s_write_in(dir, "901_more.sql", "CREATE TABLE extra_two (x int);\n");
+
+    int rc = kh_migrate_apply(conn, dir, NULL, NULL, &err);
+    ck_assert_int_eq(rc, -1);
+    ck_assert_int_eq(err.code, KH_E_MIGRATION_CHANGED);
+    ck_assert_msg(s_ends_with(err.path, "/900_extra.sql"), "path %s", err.path);
+    ck_assert(!s_exists(conn, "extra_two"));
+
+    s_seen_t seen = {0};
+    ck_assert_int_eq(kh_migrate_status(conn, dir, s_count, &seen, &err), -1);
+    ck_assert_int_eq(seen.by_state[KH_MIGRATION_MISSING], 1);
+    khtest_rmtree(dir);
+    free(dir);
+    PQfinish(conn);
+}
+END_TEST
+
+START_TEST(test_bad_names_refused)
+{
+    static const char *const bad[] = {
+        "9_short.sql", "900-dash.sql",     "900_Upper.sql",
+        "abc.sql",     "900_.sql",         "000_zero.sql",
+        "900_a b.sql", "1234567890_x.sql", "900_extra.sql.sql"};
+    PGconn *conn = khtest_db_empty(DB);
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        char *dir = s_copy_migrations();
+        s_write_in(dir, bad[i], "CREATE TABLE should_not_exist (x int);\n");
+        kh_error_t err;
+        kh_error_clear(&err);
+        int rc = kh_migrate_apply(conn, dir, NULL, NULL, &err);
+        ck_assert_msg(rc == -1, "%s accepted", bad[i]);
+        ck_assert_int_eq(err.code, KH_E_CONFIG);
+        ck_assert_msg(s_ends_with(err.path, bad[i]), "path %s for %s", err.path,
+                      bad[i]);
+        ck_assert_int_eq(kh_migrate_status(conn, dir, NULL, NULL, &err), -1);
+        ck_assert_int_eq(err.code, KH_E_CONFIG);
+        khtest_rmtree(dir);
+        free(dir);
+    }
+    /* Nothing at all was applied. */
+    ck_assert(!s_exists(conn, "kh_schema_migrations"));
+    ck_assert(!s_exists(conn, "partners"));
+
+    /* Two files with one version are refused as well. */
+    char *dir = s_copy_migrations();
+    s_write_in(dir, "900_a.sql", "SELECT 1;\n");
+    s_write_in(dir, "900_b.sql", "SELECT 2;\n");
+    kh_error_t err;
+    kh_error_clear(&err);
+    ck_assert_int_eq(kh_migrate_apply(conn, dir, NULL, NULL, &err), -1);
+    ck_assert_int_eq(err.code, KH_E_CONFIG);
+    khtest_rmtree(dir);
+    free(dir);
+
+    /* Files that are not .sql, and hidden files, are ignored. */
+    dir = s_copy_migrations();
+    s_write_in(dir, "README.md", "how migrations work\n");
+    s_write_in(dir, ".900_editor_swap.sql", "garbage\n");
+    ck_assert_int_eq(kh_migrate_apply(conn, dir, NULL, NULL, &err),
+                     s_source_count());
+    khtest_rmtree(dir);
+    free(dir);
+
+    /* A directory that does not exist is an I/O error. */
+    ck_assert_int_eq(
+        kh_migrate_apply(conn, "/nonexistent/migrations", NULL, NULL, &err),
+        -1);
+    ck_assert_int_eq(err.code, KH_E_IO);
+    PQfinish(conn);
+}
+END_TEST
+
+START_TEST(test_broken_migration_rolls_back)
+{
+    PGconn *conn = khtest_db_empty(DB);
+    int n = s_source_count();
+    char *dir = s_copy_migrations();
+    s_write_in(dir, "900_broken.sql",
+               "CREATE TABLE broken_part (x int);\n"
+               "INSERT INTO broken_part VALUES (1);\n"
+               "SELEC oops;\n");
+    s_write_in(dir, "901_after.sql", "CREATE TABLE after_broken (x int);\n");
+    kh_error_t err;
+    kh_error_clear(&err);
+    s_seen_t seen = {0};
+    int rc = kh_migrate_apply(conn, dir, s_count, &seen, &err);
+    ck_assert_int_eq(rc, -1);
+    ck_assert_int_eq(err.code, KH_E_DB);
+    ck_assert_msg(s_ends_with(err.path, "/900_broken.sql"), "path %s",
+                  err.path);
+    ck_assert_int_eq(err.line, 3);
+    ck_assert_ptr_nonnull(strstr(err.message, "42601"));
+    /* The migrations before it stay applied; it leaves nothing behind;
+     * the ones after it are not tried. */
+    ck_assert_int_eq(seen.calls, n);
+    ck_assert_int_eq(s_recorded(conn), n);
+    ck_assert(!s_exists(conn, "broken_part"));
+    ck_assert(!s_exists(conn, "after_broken"));
+    ck_assert_int_eq(s_int(conn, "SELECT count(*) FROM kh_schema_migrations "
+                                 "WHERE version = 900"),
+                     0);
+    ck_assert_int_eq(PQtransactionStatus(conn), PQTRANS_IDLE);
+
+    /* A runtime failure rolls back the same way. */
+    s_write_in(dir, "900_broken.sql",
+               "CREATE TABLE broken_part (x int);\nSELECT 1 / 0;\n");
+    ck_assert_int_eq(kh_migrate_apply(conn, dir, NULL, NULL, &err), -1);
+    ck_assert_int_eq(err.code, KH_E_DB);
+    ck_assert(!s_exists(conn, "broken_part"));
+
+    /* Fixed, it applies: a failed file was never recorded. */
+    s_write_in(dir, "900_broken.sql", "CREATE TABLE broken_part (x int);\n");
+    ck_assert_int_eq(kh_migrate_apply(conn, dir, NULL, NULL, &err), 2);
+    ck_assert(s_exists(conn, "broken_part"));
+    ck_assert(s_exists(conn, "after_broken"));
+    khtest_rmtree(dir);
+    free(dir);
+    PQfinish(conn);
+}
+END_TEST
+
+START_TEST(test_transaction_control_refused)
+{
+    PGconn *conn = khtest_db_empty(DB);
+    char *dir = s_copy_migrations();
+    s_write_in(dir, "900_commit.sql",
+               "CREATE TABLE committed_alone (x int);\nCOMMIT;\n");
+    kh_error_t err;
+    kh_error_clear(&err);
+    ck_assert_int_eq(kh_migrate_apply(conn, dir, NULL, NULL, &err), -1);
+    ck_assert_int_eq(err.code, KH_E_CONFIG);
+    ck_assert(s_ends_with(err.path, "/900_commit.sql"));
+    ck_assert_int_eq(s_int(conn, "SELECT count(*) FROM kh_schema_migrations "
+                                 "WHERE version = 900"),
+                     0);
+    khtest_rmtree(dir);
+    free(dir);
+    PQfinish(conn);
+}
+END_TEST
+
+START_TEST(test_out_of_order_refused)
+{
+    PGconn *conn = khtest_db_empty(DB);
+    char *dir = s_copy_migrations();
+    s_write_in(dir, "902_later.sql", "CREATE TABLE later (x int);\n");
+    kh_error_t err;
+    kh_error_clear(&err);
+    ck_assert_int_ge(kh_migrate_apply(conn, dir, NULL, NULL, &err), 1);
+    s_write_in(dir, "901_earlier.sql", "CREATE TABLE earlier (x int);\n");
+    ck_assert_int_eq(kh_migrate_apply(conn, dir, NULL, NULL, &err), -1);
+    ck_assert_int_eq(err.code, KH_E_CONFIG);
+    ck_assert(s_ends_with(err.path, "/901_earlier.sql"));
+    ck_assert(!s_exists(conn, "earlier"));
+    khtest_rmtree(dir);
+    free(dir);
+    PQfinish(conn);
+}
+END_TEST
+
+typedef struct {
+    const char *dir;
+    int rc;
+    kh_error_t err;
+} s_migrator_t;
+
+static void *s_migrator(void *arg)
+{
+    s_migrator_t *m = arg;
+    char *conninfo = khtest_db_conninfo(DB);
+    PGconn *conn = kh_db_connect(conninfo, &m->err);
+    free(conninfo);
+    m->rc = conn ? kh_migrate_apply(conn, m->dir, NULL, NULL, &m->err) : -1;
+    PQfinish(conn);
+    return NULL;
+}
+
+START_TEST(test_concurrent_migrators)
+{
+    PGconn *conn = khtest_db_empty(DB);
+    int n = s_source_count();
+    char *dir = s_copy_migrations();
+    s_write_in(dir, "900_slow.sql",
+               "SELECT pg_sleep(0.3);\nCREATE TABLE slow_one (x int);\n");
+    s_write_in(dir, "901_slow.sql",
+               "SELECT pg_sleep(0.3);\nCREATE TABLE slow_two (x int);\n");
+    s_migrator_t a = {.dir = dir}, b = {.dir = dir};
+    pthread_t ta, tb;
+    ck_assert_int_eq(pthread_create(&ta, NULL, s_migrator, &a), 0);
+    ck_assert_int_eq(pthread_create(&tb, NULL, s_migrator, &b), 0);
+    pthread_join(ta, NULL);
+    pthread_join(tb, NULL);
+    ck_assert_msg(a.rc >= 0, "first migrator: %s", a.err.message);
+    ck_assert_msg(b.rc >= 0, "second migrator: %s", b.err.message);
+    ck_assert_int_eq(a.rc + b.rc, n + 2);
+    ck_assert_int_eq(s_recorded(conn), n + 2);
+    khtest_rmtree(dir);
+    free(dir);
+    PQfinish(conn);
+}
+END_TEST
+
+START_TEST(test_db_errors)
+{
+    PGconn *conn = khtest_db_fresh(DB);
+    kh_error_t err;
+    kh_error_clear(&err);
+
+    /* A data error quotes the input value; the error record must not. */
+    const char *params[] = {"Jansen-secret-value"};
+    PGresult *res =
+        PQexecParams(conn, "SELECT $1::uuid", 1, NULL, params, NULL, NULL, 0);
+    ck_assert_int_eq(PQresultStatus(res), PGRES_FATAL_ERROR);
+    ck_assert_int_eq(kh_db_error(&err, conn, res, "lookup"), -1);
+    PQclear(res);
+    ck_assert_int_eq(err.code, KH_E_DB);
+    ck_assert_ptr_null(strstr(err.message, "secret"));
+    ck_assert_ptr_nonnull(strstr(err.message, "22P02"));
+    ck_assert_ptr_nonnull(strstr(err.message, "lookup: "));
+
+    /* A unique violation names the constraint, never the key's value. */
+    ck_assert_int_eq(
+        kh_db_exec(conn, "CREATE TEMP TABLE u (v text UNIQUE)", &err), 0);
+    ck_assert_int_eq(
+        kh_db_exec(conn, "INSERT INTO u VALUES ('Jansen-secret')", &err), 0);
+    const char *dup[] = {"Jansen-secret"};
+    res = PQexecParams(conn, "INSERT INTO u VALUES ($1)", 1, NULL, dup, NULL,
+                       NULL, 0);
+    kh_db_error(&err, conn, res, NULL);
+    PQclear(res);
+    ck_assert_ptr_null(strstr(err.message, "secret"));
+    ck_assert_ptr_nonnull(strstr(err.message, "u_v_key"));
+
+    /* kh_db_exec reports failures; the trail refuses to be rewritten. */
+    ck_assert_int_eq(
+        kh_db_exec(conn,
+                   "INSERT INTO audit_events (actor_kind, actor_id, action, "
+                   "outcome, origin_service) VALUES ('service', 'test', "
+                   "'test.event', 'ok', 'test')",
+                   &err),
+        0);
+    ck_assert_int_eq(
+        kh_db_exec(conn, "UPDATE audit_events SET outcome = 'failed'", &err),
+        -1);
+    ck_assert_int_eq(kh_db_exec(conn, "DELETE FROM audit_events", &err), -1);
+    ck_assert_int_eq(err.code, KH_E_DB);
+    ck_assert_ptr_nonnull(strstr(err.message, "append-only"));
+
+    /* A server that cannot be reached is unavailable (retryable). */
+    PGconn *none = kh_db_connect("host=/nonexistent port=1", &err);
+    ck_assert_ptr_null(none);
+    ck_assert_int_eq(err.code, KH_E_UNAVAILABLE);
+    ck_assert(kh_error_retryable(err.code));
+
+    /* An administrator terminating the session: 57P01, retryable. */
+    char *conninfo = khtest_db_conninfo(DB);
+    PGconn *victim = kh_db_connect(conninfo, &err);
+    free(conninfo);
+    ck_assert_ptr_nonnull(victim);
+    char sql[128];
+    snprintf(sql, sizeof sql, "SELECT pg_terminate_backend(%d)",
+             PQbackendPID(victim));
+    ck_assert_int_eq(kh_db_exec(conn, sql, &err), 0);
+    usleep(100 * 1000);
+    ck_assert_int_eq(kh_db_exec(victim, "SELECT 1", &err), -1);
+    ck_assert_int_eq(err.code, KH_E_UNAVAILABLE);
+    PQfinish(victim);
+
+    ck_assert(kh_db_retryable_sqlstate("08006"));
+    ck_assert(kh_db_retryable_sqlstate("40001"));
+    ck_assert(kh_db_retryable_sqlstate("40P01"));
+    ck_assert(kh_db_retryable_sqlstate("57P01"));
+    ck_assert(kh_db_retryable_sqlstate("53300"));
+    ck_assert(!kh_db_retryable_sqlstate("23505"));
+    ck_assert(!kh_db_retryable_sqlstate("42601"));
+    ck_assert(!kh_db_retryable_sqlstate(NULL));
+    ck_assert(!kh_db_retryable_sqlstate("08"));
+    PQfinish(conn);
+}
+END_TEST
+
+static Suite *s_suite(void)
+{
+    Suite *s = suite_create("migrate");
+    TCase *tc = tcase_create("migrate");
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, test_apply_on_empty_database);
+    tcase_add_test(tc, test_status);
+    tcase_add_test(tc, test_changed_file_refused);
+    tcase_add_test(tc, test_renamed_file_refused);
+    tcase_add_test(tc, test_missing_file_refused);
+    tcase_add_test(tc, test_bad_names_refused);
+    tcase_add_test(tc, test_broken_migration_rolls_back);
+    tcase_add_test(tc, test_transaction_control_refused);
+    tcase_add_test(tc, test_out_of_order_refused);
+    tcase_add_test(tc, test_concurrent_migrators);
+    tcase_add_test(tc, test_db_errors);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void)
+{
+    SRunner *sr = srunner_create(s_suite());
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}

@@ -1,0 +1,624 @@
+/*
+ * Integration tests of the partner registry (common/partner.c) and of
+ * `ketenhubctl partner` / `hub keygen` / `migrate`, run as the built binary
+ * against the throwaway test cluster. One test also proves the certificate
+ * files work as they are meant to: zauth admits a partner whose public
+ * certificate is in the directory and refuses it once revoked.
+ */
+#include <czmq.h>
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "ketenhub/db.h"
+#include "ketenhub/partner.h"
+#include "khtest.h"
+
+#define DB "kh_test_partner"
+#define CTL KH_TEST_BINARY_DIR "/tools/ctl/ketenhubctl"
+
+/* A fresh random CURVE public key (Z85). */
+static void s_new_key(char key[KH_PARTNER_KEY_LEN + 1])
+{
+    zcert_t *cert = zcert_new();
+    ck_assert_ptr_nonnull(cert);
+    snprintf(key, KH_PARTNER_KEY_LEN + 1, "%s", zcert_public_txt(cert));
+    zcert_destroy(&cert);
+}
+
+static int s_count_listed(PGconn *conn, bool include_revoked)
+{
+    kh_error_t err;
+    int n = kh_partner_list(conn, include_revoked, NULL, NULL, &err);
+    ck_assert_int_ge(n, 0);
+    return n;
+}
+
+static void s_collect(const kh_partner_t *p, void *arg)
+{
+    char *ids = arg;
+    strcat(ids, p->id);
+    strcat(ids, ",");
+}
+
+START_TEST(test_register_lookup_revoke)
+{
+    PGconn *conn = khtest_db_fresh(DB);
+    kh_error_t err;
+    kh_error_clear(&err);
+    char key[41], key2[41];
+    s_new_key(key);
+    s_new_key(key2);
+    ck_assert_int_eq(
+        kh_partner_register(conn, "vt-gv", "Veilig Thuis Gooi en Vechtstreek",
+                            KH_PARTNER_VEILIG_THUIS, true, key, &err),
+        0);
+    ck_assert_int_eq(kh_partner_register(conn, "avim", "Politie AVIM",
+                                         KH_PARTNER_POLICE, true, key2, &err),
+                     0);
+
+    kh_partner_t p;
+    ck_assert_int_eq(kh_partner_lookup_key(conn, key, &p, &err), 0);
+    ck_assert_str_eq(p.id, "vt-gv");
+    ck_assert_str_eq(p.display_name, "Veilig Thuis Gooi en Vechtstreek");
+    ck_assert_int_eq(p.kind, KH_PARTNER_VEILIG_THUIS);
+    ck_assert(p.handles_cases);
+    ck_assert(!p.revoked);
+    ck_assert_str_eq(p.public_key, key);
+    ck_assert_int_eq((int) strlen(p.created_at), 20);
+
+    ck_assert_int_eq(kh_partner_get(conn, "avim", &p, &err), 0);
+    ck_assert_str_eq(p.public_key, key2);
+    ck_assert_int_eq(p.kind, KH_PARTNER_POLICE);
+
+    char ids[256] = "";
+    ck_assert_int_eq(kh_partner_list(conn, true, s_collect, ids, &err), 2);
+    ck_assert_str_eq(ids, "avim,vt-gv,");
+
+    /* Revoke: now, then again (already), unknown. */
+    ck_assert_int_eq(kh_partner_revoke(conn, "vt-gv", &err), 0);
+    ck_assert_int_eq(kh_partner_revoke(conn, "vt-gv", &err), 1);
+    ck_assert_int_eq(kh_partner_revoke(conn, "nobody", &err), -1);
+    ck_assert_int_eq(err.code, KH_E_NOT_FOUND);
+
+    ck_assert_int_eq(kh_partner_lookup_key(conn, key, &p, &err), 0);
+    ck_assert(p.revoked);
+    ck_assert_int_eq((int) strlen(p.revoked_at), 20);
+    ck_assert_int_eq(s_count_listed(conn, true), 2);
+    ck_assert_int_eq(s_count_listed(conn, false), 1);
+
+    /* A key nobody has, and a string that is no key at all. */
+    char other[41];
+    s_new_key(other);
+    ck_assert_int_eq(kh_partner_lookup_key(conn, other, &p, &err), -1);
+    ck_assert_int_eq(err.code, KH_E_UNKNOWN_PARTNER);
+    ck_assert_int_eq(kh_partner_lookup_key(conn, "short", &p, &err), -1);
+    ck_assert_int_eq(err.code, KH_E_UNKNOWN_PARTNER);
+    ck_assert_int_eq(kh_partner_get(conn, "nobody", &p, &err), -1);
+    ck_assert_int_eq(err.code, KH_E_NOT_FOUND);
+    PQfinish(conn);
+}
+END_TEST
+
+START_TEST(test_duplicates_refused)
+{
+    PGconn *conn = khtest_db_fresh(DB);
+    kh_error_t err;
+    kh_error_clear(&err);
+    char key[41], key2[41];
+    s_new_key(key);
+    s_new_key(key2);
+    ck_assert_int_eq(kh_partner_register(conn, "zc-gv", "Zorgcoordinator",
+                                         KH_PARTNER_ZORGCOORDINATOR, true, key,
+                                         &err),
+                     0);
+    /* Same id, another key. */
+    ck_assert_int_eq(kh_partner_register(conn, "zc-gv", "Another",
+                                         KH_PARTNER_OTHER, true, key2, &err),
+                     -1);
+    ck_assert_int_eq(err.code, KH_E_CONFIG);
+    ck_assert_str_eq(err.path, "id");
+    /* Same key, another id. */
+    ck_assert_int_eq(kh_partner_register(conn, "zc-other", "Another",
+                                         KH_PARTNER_OTHER, true, key, &err),
+                     -1);
+    ck_assert_int_eq(err.code, KH_E_CONFIG);
+    ck_assert_str_eq(err.path, "public_key");
+    ck_assert_ptr_null(strstr(err.message, key));
+    /* A revoked partner's id and key stay taken. */
+    ck_assert_int_eq(kh_partner_revoke(conn, "zc-gv", &err), 0);
+    ck_assert_int_eq(kh_partner_register(conn, "zc-new", "New",
+                                         KH_PARTNER_OTHER, true, key, &err),
+                     -1);
+    ck_assert_str_eq(err.path, "public_key");
+    ck_assert_int_eq(s_count_listed(conn, true), 1);
+    PQfinish(conn);
+}
+END_TEST
+
+START_TEST(test_chain_director_never_handles_cases)
+{
+    PGconn *conn = khtest_db_fresh(DB);
+    kh_error_t err;
+    kh_error_clear(&err);
+    char key[41];
+    s_new_key(key);
+    ck_assert_int_eq(kh_partner_register(conn, "ketenregie", "Ketenregisseur",
+                                         KH_PARTNER_CHAIN_DIRECTOR, true, key,
+                                         &err),
+                     -1);
+    ck_assert_int_eq(err.code, KH_E_CONFIG);
+    ck_assert_str_eq(err.path, "handles_cases");
+    ck_assert_int_eq(kh_partner_register(conn, "ketenregie", "Ketenregisseur",
+                                         KH_PARTNER_CHAIN_DIRECTOR, false, key,
+                                         &err),
+                     0);
+    kh_partner_t p;
+    ck_assert_int_eq(kh_partner_get(conn, "ketenregie", &p, &err), 0);
+    ck_assert(!p.handles_cases);
+    ck_assert_int_eq(p.kind, KH_PARTNER_CHAIN_DIRECTOR);
+
+    /* The database refuses it too, whoever writes. */
+    ck_assert_int_eq(kh_db_exec(conn,
+                                "UPDATE partners SET handles_cases = true "
+                                "WHERE id = 'ketenregie'",
+                                &err),
+                     -1);
+    ck_assert_ptr_nonnull(
+        strstr(err.message, "partners_chain_director_no_cases"));
+    char key2[41];
+    s_new_key(key2);
+    char sql[512];
+    snprintf(sql, sizeof sql,
+             "INSERT INTO partners (id, display_name, kind, handles_cases, "
+             "curve_public_key) VALUES ('kr-two', 'K', 'chain_director', "
+             "true, '%s')",
+             key2);
+    ck_assert_int_eq(kh_db_exec(conn, sql, &err), -1);
+    ck_assert_int_eq(err.code, KH_E_DB);
+    /* Its default (true) does not slip through either. */
+    snprintf(sql, sizeof sql,
+             "INSERT INTO partners (id, display_name, kind, curve_public_key) "
+             "VALUES ('kr-two', 'K', 'chain_director', '%s')",
+             key2);
+    ck_assert_int_eq(kh_db_exec(conn, sql, &err), -1);
+    PQfinish(conn);
+}
+END_TEST
+
+START_TEST(test_bad_input_refused)
+{
+    PGconn *conn = khtest_db_fresh(DB);
+    kh_error_t err;
+    kh_error_clear(&err);
+    char key[41];
+    s_new_key(key);
+    static const char *const bad_ids[] = {"",
+                                          "a",
+                                          "Upper",
+                                          "9lives",
+                                          "has_underscore",
+                                          "has space",
+                                          "x123456789012345678901234567890123",
+                                          "-dash"};
+    for (size_t i = 0; i < sizeof bad_ids / sizeof bad_ids[0]; i++) {
+        ck_assert_msg(kh_partner_register(conn, bad_ids[i], "Name",
+                                          KH_PARTNER_OTHER, true, key,
+                                          &err) == -1,
+                      "id '%s' accepted", bad_ids[i]);
+        ck_assert_str_eq(err.path, "id");
+    }
+    static const char *const bad_names[] = {"", " leading", "trailing ",
+                                            "tab\there", "new\nline"};
+    for (size_t i = 0; i < sizeof bad_names / sizeof bad_names[0]; i++) {
+        ck_assert_int_eq(kh_partner_register(conn, "ok-id", bad_names[i],
+                                             KH_PARTNER_OTHER, true, key, &err),
+                         -1);
+        ck_assert_str_eq(err.path, "display_name");
+    }
+    char long_name[200];
+    memset(long_name, 'n', sizeof long_name - 1);
+    long_name[sizeof long_name - 1] = '\0';
+    ck_assert_int_eq(kh_partner_register(conn, "ok-id", long_name,
+                                         KH_PARTNER_OTHER, true, key, &err),
+                     -1);
+    /* Invalid UTF-8 is refused by the server, reported as a bad name. */
+    ck_assert_int_eq(kh_partner_register(conn, "ok-id", "bad \xff byte",
+                                         KH_PARTNER_OTHER, true, key, &err),
+                     -1);
+    ck_assert_str_eq(err.path, "display_name");
+    /* Non-ASCII names are fine. */
+    ck_assert_int_eq(kh_partner_register(conn, "ggd",
+                                         "GGD Gooi & Vechtstreek "
+                                         "co\xc3\xb6rdinatie",
+                                         KH_PARTNER_MUNICIPALITY, true, key,
+                                         &err),
+                     0);
+
+    char other[41];
+    s_new_key(other);
+    ck_assert_int_eq(kh_partner_register(conn, "ok-id", "Name",
+                                         (kh_partner_kind_t) 99, true, other,
+                                         &err),
+                     -1);
+    ck_assert_str_eq(err.path, "kind");
+    static const char *const bad_keys[] = {
+        "", "short", "0000000000000000000000000000000000000000",
+        "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf~",
+        "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7x"};
+    for (size_t i = 0; i < sizeof bad_keys / sizeof bad_keys[0]; i++) {
+        ck_assert_int_eq(kh_partner_register(conn, "ok-id", "Name",
+                                             KH_PARTNER_OTHER, true,
+                                             bad_keys[i], &err),
+                         -1);
+        ck_assert_str_eq(err.path, "public_key");
+    }
+    ck_assert_int_eq(s_count_listed(conn, true), 1);
+
+    ck_assert_int_eq(kh_partner_kind_from_name("chain_director"),
+                     KH_PARTNER_CHAIN_DIRECTOR);
+    ck_assert_int_eq(kh_partner_kind_from_name("ketenregisseur"), -1);
+    for (int k = 0; k < KH_PARTNER_KIND_COUNT_; k++)
+        ck_assert_int_eq(kh_partner_kind_from_name(
+                             kh_partner_kind_name((kh_partner_kind_t) k)),
+                         k);
+    PQfinish(conn);
+}
+END_TEST
+
+/* Whether a client with cert can deliver a message to a CURVE server that
+ * zauth guards with the given certificate directory. */
+static bool s_zauth_admits(const char *cert_dir, zcert_t *client_cert)
+{
+    zactor_t *auth = zactor_new(zauth, NULL);
+    ck_assert_ptr_nonnull(auth);
+    zstr_sendx(auth, "CURVE", cert_dir, NULL);
+    zsock_wait(auth);
+
+    zcert_t *hub = zcert_new();
+    zsock_t *server = zsock_new(ZMQ_PULL);
+    zcert_apply(hub, server);
+    zsock_set_curve_server(server, 1);
+    zsock_set_rcvtimeo(server, 1500);
+    int port = zsock_bind(server, "tcp://127.0.0.1:*");
+    ck_assert_int_gt(port, 0);
+
+    zsock_t *client = zsock_new(ZMQ_PUSH);
+    zcert_apply(client_cert, client);
+    zsock_set_curve_serverkey(client, zcert_public_txt(hub));
+    zsock_set_linger(client, 0);
+    ck_assert_int_eq(zsock_connect(client, "tcp://127.0.0.1:%d", port), 0);
+    zstr_send(client, "hello");
+    char *got = zstr_recv(server);
+    bool admitted = got && strcmp(got, "hello") == 0;
+    zstr_free(&got);
+
+    zsock_destroy(&client);
+    zsock_destroy(&server);
+    zcert_destroy(&hub);
+    zactor_destroy(&auth);
+    return admitted;
+}
+
+START_TEST(test_cert_files)
+{
+    char *cert_dir = khtest_tmpdir();
+    char *out = khtest_tmpdir();
+    char out_sub[1024];
+    snprintf(out_sub, sizeof out_sub, "%s/for-partner", out);
+    kh_error_t err;
+    kh_error_clear(&err);
+
+    zcert_t *cert = kh_partner_cert_new("vt-gv", &err);
+    ck_assert_ptr_nonnull(cert);
+    ck_assert_str_eq(zcert_meta(cert, "partner-id"), "vt-gv");
+    ck_assert(kh_partner_key_valid(zcert_public_txt(cert)));
+    ck_assert_int_eq(kh_partner_cert_install(cert, "vt-gv", cert_dir, &err), 0);
+    ck_assert_int_eq(kh_partner_cert_export(cert, "vt-gv", out_sub, &err), 0);
+
+    /* The hub's copy holds the public key only, with the partner id. */
+    char path[4096];
+    snprintf(path, sizeof path, "%s/vt-gv.cert", cert_dir);
+    zcert_t *pub = zcert_load(path);
+    ck_assert_ptr_nonnull(pub);
+    ck_assert_str_eq(zcert_public_txt(pub), zcert_public_txt(cert));
+    ck_assert_str_eq(zcert_secret_txt(pub),
+                     "0000000000000000000000000000000000000000");
+    ck_assert_str_eq(zcert_meta(pub, "partner-id"), "vt-gv");
+    zcert_destroy(&pub);
+    snprintf(path, sizeof path, "%s/vt-gv.cert_secret", cert_dir);
+    ck_assert_int_ne(access(path, F_OK), 0);
+
+    /* The partner's copy has both halves; the secret is private. */
+    snprintf(path, sizeof path, "%s/vt-gv.cert_secret", out_sub);
+    struct stat st;
+    ck_assert_int_eq(stat(path, &st), 0);
+    ck_assert_int_eq(st.st_mode & 0777, 0600);
+    ck_assert_int_eq(stat(out_sub, &st), 0);
+    ck_assert_int_eq(st.st_mode & 0777, 0700);
+    snprintf(path, sizeof path, "%s/vt-gv.cert", out_sub);
+    zcert_t *full = zcert_load(path);
+    ck_assert_ptr_nonnull(full);
+    ck_assert(zcert_eq(full, cert));
+
+    /* Neither copy is overwritten by another key; installing the same
+     * key again changes nothing. */
+    zcert_t *imposter = kh_partner_cert_new("vt-gv", &err);
+    ck_assert_ptr_nonnull(imposter);
+    ck_assert_int_eq(kh_partner_cert_install(imposter, "vt-gv", cert_dir, &err),
+                     -1);
+    ck_assert_int_eq(err.code, KH_E_CONFIG);
+    zcert_destroy(&imposter);
+    ck_assert_int_eq(kh_partner_cert_install(cert, "vt-gv", cert_dir, &err), 0);
+    ck_assert_int_eq(kh_partner_cert_export(cert, "vt-gv", out_sub, &err), -1);
+    ck_assert_int_eq(err.code, KH_E_CONFIG);
+
+    /* zauth admits the partner's key, and refuses it once removed. */
+    ck_assert(s_zauth_admits(cert_dir, full));
+    ck_assert_int_eq(kh_partner_cert_remove("vt-gv", cert_dir, &err), 0);
+    ck_assert_int_eq(kh_partner_cert_remove("vt-gv", cert_dir, &err), 0);
+    ck_assert(!s_zauth_admits(cert_dir, full));
+
+    /* No temporary files are left in the hub's directory. */
+    char cmd[4096 + 32];
+    snprintf(cmd, sizeof cmd, "%s/.vt-gv.cert.%ld.tmp", cert_dir,
+             (long) getpid());
+    ck_assert_int_ne(access(cmd, F_OK), 0);
+
+    /* Exporting into the certificate directory itself works: the public
+     * file there already holds the key. Another key there is refused. */
+    char *same = khtest_tmpdir();
+    zcert_t *other = kh_partner_cert_new("same-dir", &err);
+    ck_assert_ptr_nonnull(other);
+    ck_assert_int_eq(kh_partner_cert_export(other, "same-dir", same, &err), 0);
+    ck_assert_int_eq(kh_partner_cert_install(other, "same-dir", same, &err), 0);
+    ck_assert_int_eq(kh_partner_cert_install(cert, "same-dir", same, &err), -1);
+    ck_assert_int_eq(err.code, KH_E_CONFIG);
+    zcert_destroy(&other);
+    khtest_rmtree(same);
+    free(same);
+
+    zcert_destroy(&full);
+    zcert_destroy(&cert);
+    ck_assert_ptr_null(kh_partner_cert_new("Bad Id", &err));
+    khtest_rmtree(cert_dir);
+    khtest_rmtree(out);
+    free(cert_dir);
+    free(out);
+}
+END_TEST
+
+/* Run ketenhubctl with the NULL-terminated args; returns the exit
+ * status. CTL_RUN (&out, "partner", "list") builds the array. */
+static int s_ctl(char **output, const char *const *args)
+{
+    char *argv[32] = {(char *) CTL};
+    int i = 1;
+    for (; args[i - 1] && i < 31; i++)
+        argv[i] = (char *) args[i - 1];
+    argv[i] = NULL;
+    return khtest_run(argv, output);
+}
+
+#define CTL_RUN(output, ...)                                                   \
+    s_ctl(output, (const char *const[]){__VA_ARGS__, NULL})
+
+static bool s_file_exists(const char *dir, const char *name)
+{
+    char path[4096];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    return access(path, F_OK) == 0;
+}
+
+START_TEST(test_ctl_end_to_end)
+{
+    PGconn *conn = khtest_db_empty(DB);
+    char *conninfo = khtest_db_conninfo(DB);
+    setenv("KH_DATABASE_URL", conninfo, 1);
+    free(conninfo);
+    unsetenv("KH_PARTNER_CERT_DIR");
+    setenv("KH_MIGRATIONS_DIR", khtest_src("migrations"), 1);
+    char *cert_dir = khtest_tmpdir();
+    char *out = khtest_tmpdir();
+    char *hub = khtest_tmpdir();
+    char *text = NULL;
+
+    /* Help for every command. */
+    ck_assert_int_eq(CTL_RUN(NULL, "--help"), 0);
+    ck_assert_int_eq(CTL_RUN(NULL, "migrate", "--help"), 0);
+    ck_assert_int_eq(CTL_RUN(NULL, "hub", "--help"), 0);
+    ck_assert_int_eq(CTL_RUN(NULL, "hub", "keygen", "--help"), 0);
+    ck_assert_int_eq(CTL_RUN(NULL, "partner", "--help"), 0);
+    ck_assert_int_eq(CTL_RUN(NULL, "partner", "add", "--help"), 0);
+    ck_assert_int_eq(CTL_RUN(NULL, "partner", "list", "--help"), 0);
+    ck_assert_int_eq(CTL_RUN(NULL, "partner", "revoke", "--help"), 0);
+    ck_assert_int_eq(s_ctl(NULL, (const char *const[]){NULL}), 2);
+    ck_assert_int_eq(CTL_RUN(NULL, "frobnicate"), 2);
+    ck_assert_int_eq(CTL_RUN(NULL, "migrate", "--bogus"), 2);
+
+    /* migrate, then status, then nothing left to do. */
+    ck_assert_int_eq(CTL_RUN(&text, "migrate"), 0);
+    ck_assert_ptr_nonnull(strstr(text, "applied 001_foundation.sql"));
+    free(text);
+    ck_assert_int_eq(CTL_RUN(&text, "migrate", "--status"), 0);
+    ck_assert_ptr_nonnull(strstr(text, "applied"));
+    ck_assert_ptr_nonnull(strstr(text, "0 pending"));
+    free(text);
+    ck_assert_int_eq(CTL_RUN(&text, "migrate"), 0);
+    ck_assert_ptr_nonnull(strstr(text, "(0 applied now)"));
+    free(text);
+    ck_assert_int_eq(CTL_RUN(&text, "migrate", "--dir", "/nonexistent"), 1);
+    free(text);
+
+    /* hub keygen, and no silent replacement. */
+    ck_assert_int_eq(CTL_RUN(&text, "hub", "keygen", "--out", hub), 0);
+    free(text);
+    ck_assert(s_file_exists(hub, "hub.cert"));
+    ck_assert(s_file_exists(hub, "hub.cert_secret"));
+    ck_assert_int_eq(CTL_RUN(&text, "hub", "keygen", "--out", hub), 1);
+    free(text);
+    ck_assert_int_eq(CTL_RUN(&text, "hub", "keygen", "--out", hub, "--force"),
+                     0);
+    free(text);
+    ck_assert_int_eq(CTL_RUN(&text, "hub", "keygen"), 2);
+    free(text);
+
+    /* partner add. */
+    int rc = CTL_RUN(&text, "partner", "add", "vt-gv", "--name",
+                     "Veilig Thuis Gooi en Vechtstreek", "--kind",
+                     "veilig_thuis", "--cert-dir", cert_dir, "--out", out);
+    ck_assert_msg(rc == 0, "partner add: %s", text);
+    free(text);
+    ck_assert(s_file_exists(cert_dir, "vt-gv.cert"));
+    ck_assert(!s_file_exists(cert_dir, "vt-gv.cert_secret"));
+    ck_assert(s_file_exists(out, "vt-gv.cert"));
+    ck_assert(s_file_exists(out, "vt-gv.cert_secret"));
+
+    /* The registered key is the one in the certificate. */
+    char path[4096];
+    snprintf(path, sizeof path, "%s/vt-gv.cert", cert_dir);
+    zcert_t *cert = zcert_load(path);
+    ck_assert_ptr_nonnull(cert);
+    kh_error_t err;
+    kh_partner_t p;
+    ck_assert_int_eq(
+        kh_partner_lookup_key(conn, zcert_public_txt(cert), &p, &err), 0);
+    ck_assert_str_eq(p.id, "vt-gv");
+    ck_assert(p.handles_cases);
+    zcert_destroy(&cert);
+
+    /* A chain director is registered without cases, --no-cases or not. */
+    char *out2 = khtest_tmpdir();
+    rc = CTL_RUN(&text, "partner", "add", "ketenregie", "--name",
+                 "Ketenregisseur", "--kind", "chain_director", "--cert-dir",
+                 cert_dir, "--out", out2);
+    ck_assert_msg(rc == 0, "partner add: %s", text);
+    ck_assert_ptr_nonnull(strstr(text, "handles cases: no"));
+    free(text);
+    ck_assert_int_eq(kh_partner_get(conn, "ketenregie", &p, &err), 0);
+    ck_assert(!p.handles_cases);
+
+    /* A duplicate id fails at run time and leaves no files behind. */
+    char *out3 = khtest_tmpdir();
+    rc = CTL_RUN(&text, "partner", "add", "vt-gv", "--name", "Again", "--kind",
+                 "other", "--cert-dir", cert_dir, "--out", out3);
+    ck_assert_int_eq(rc, 1);
+    ck_assert_ptr_nonnull(strstr(text, "already registered"));
+    free(text);
+    ck_assert(!s_file_exists(out3, "vt-gv.cert_secret"));
+    /* A certificate already in the directory rolls the row back. */
+    snprintf(path, sizeof path, "%s/avim.cert", cert_dir);
+    khtest_write_file(path, "stale\n");
+    rc = CTL_RUN(&text, "partner", "add", "avim", "--name", "Politie AVIM",
+                 "--kind", "police", "--cert-dir", cert_dir, "--out", out3);
+    ck_assert_int_eq(rc, 1);
+    free(text);
+    ck_assert_int_eq(kh_partner_get(conn, "avim", &p, &err), -1);
+    ck_assert(!s_file_exists(out3, "avim.cert_secret"));
+    ck_assert(s_file_exists(cert_dir, "avim.cert"));
+
+    /* Usage errors exit 2. */
+    ck_assert_int_eq(CTL_RUN(&text, "partner", "add", "Bad", "--name", "x",
+                             "--kind", "other", "--cert-dir", cert_dir, "--out",
+                             out3),
+                     2);
+    free(text);
+    ck_assert_int_eq(CTL_RUN(&text, "partner", "add", "okid", "--name", "x",
+                             "--kind", "ketenregisseur", "--cert-dir", cert_dir,
+                             "--out", out3),
+                     2);
+    free(text);
+    ck_assert_int_eq(CTL_RUN(&text, "partner", "add", "okid", "--name", "x",
+                             "--kind", "other", "--out", out3),
+                     2);
+    free(text);
+
+    /* list, for humans and as JSON. */
+    ck_assert_int_eq(CTL_RUN(&text, "partner", "list"), 0);
+    ck_assert_ptr_nonnull(strstr(text, "vt-gv"));
+    ck_assert_ptr_nonnull(strstr(text, "ketenregie"));
+    free(text);
+    ck_assert_int_eq(CTL_RUN(&text, "partner", "list", "--json"), 0);
+    json_error_t jerr;
+    json_t *list = json_loads(text, 0, &jerr);
+    ck_assert_msg(list != NULL, "bad JSON: %s", jerr.text);
+    free(text);
+    ck_assert(json_is_array(list));
+    ck_assert_int_eq((int) json_array_size(list), 2);
+    json_t *first = json_array_get(list, 0);
+    ck_assert_str_eq(json_string_value(json_object_get(first, "id")),
+                     "ketenregie");
+    ck_assert(json_is_false(json_object_get(first, "handles_cases")));
+    ck_assert(json_is_null(json_object_get(first, "revoked_at")));
+    json_decref(list);
+
+    /* revoke removes the certificate and marks the row. */
+    ck_assert_int_eq(
+        CTL_RUN(&text, "partner", "revoke", "vt-gv", "--cert-dir", cert_dir),
+        0);
+    free(text);
+    ck_assert(!s_file_exists(cert_dir, "vt-gv.cert"));
+    ck_assert_int_eq(kh_partner_get(conn, "vt-gv", &p, &err), 0);
+    ck_assert(p.revoked);
+    ck_assert_int_eq(
+        CTL_RUN(&text, "partner", "revoke", "vt-gv", "--cert-dir", cert_dir),
+        0);
+    ck_assert_ptr_nonnull(strstr(text, "already revoked"));
+    free(text);
+    ck_assert_int_eq(
+        CTL_RUN(&text, "partner", "revoke", "nobody", "--cert-dir", cert_dir),
+        1);
+    free(text);
+    ck_assert_int_eq(CTL_RUN(&text, "partner", "list", "--active", "--json"),
+                     0);
+    list = json_loads(text, 0, &jerr);
+    free(text);
+    ck_assert_ptr_nonnull(list);
+    ck_assert_int_eq((int) json_array_size(list), 1);
+    json_decref(list);
+
+    /* Without a reachable database: runtime failure. */
+    setenv("KH_DATABASE_URL", "host=/nonexistent port=1", 1);
+    ck_assert_int_eq(CTL_RUN(&text, "partner", "list"), 1);
+    free(text);
+
+    khtest_rmtree(cert_dir);
+    khtest_rmtree(out);
+    khtest_rmtree(out2);
+    khtest_rmtree(out3);
+    khtest_rmtree(hub);
+    free(cert_dir);
+    free(out);
+    free(out2);
+    free(out3);
+    free(hub);
+    PQfinish(conn);
+}
+END_TEST
+
+static Suite *s_suite(void)
+{
+    Suite *s = suite_create("partner");
+    TCase *tc = tcase_create("partner");
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, test_register_lookup_revoke);
+    tcase_add_test(tc, test_duplicates_refused);
+    tcase_add_test(tc, test_chain_director_never_handles_cases);
+    tcase_add_test(tc, test_bad_input_refused);
+    tcase_add_test(tc, test_cert_files);
+    tcase_add_test(tc, test_ctl_end_to_end);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void)
+{
+    SRunner *sr = srunner_create(s_suite());
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}
