@@ -1,0 +1,47 @@
+#!/bin/sh
+# Measure intake as partners see it, on a PostgreSQL with fsync and
+# synchronous_commit on: accepted/s with 16 concurrent clients (closed
+# loop), submit -> ACCEPTED latency at 1,000/s offered (open loop), and
+# intake's CPU time and peak memory. Prints figures; asserts nothing.
+#   scripts/bench.sh [SECONDS]     (default 10 per run)
+set -eu
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+run=${KH_BENCH_DIR:-/tmp/ketenhub-bench}
+build="$here/build"
+seconds=${1:-10}
+# shellcheck source=scripts/hublib.sh
+. "$here/scripts/hublib.sh"
+
+"$here/scripts/setup.sh" "$build"
+hub_stop
+rm -rf "$run"
+trap hub_stop EXIT
+
+hub_start_db --fsync
+hub_keys >/dev/null
+hub_add_partner bench --name "Benchmark partner" --kind other >/dev/null
+endpoint=tcp://127.0.0.1:$((20000 + $$ % 20000))
+hub_start_intake "$endpoint" bench
+pid=$(cat "$run/intake.pid")
+set -- "$here"/schemas/examples/*.json
+bench() {
+  file=$1
+  shift
+  "$build/tools/bench/ketenhub-bench" --endpoint "$endpoint" \
+    --hub-cert "$run/hub/hub.cert" --cert "$run/keys/bench.cert" \
+    --referral "$file" --seconds "$seconds" "$@"
+}
+referral=$1
+
+echo "== closed loop, 16 clients, ${seconds}s (fsync on)"
+bench "$referral" --clients 16 --json "$run/closed.json" | sed 's/^/  /'
+echo "== open loop, 1000/s offered, 16 clients, ${seconds}s"
+bench "$referral" --clients 16 --rate 1000 --json "$run/open.json" | sed 's/^/  /'
+
+echo "== intake process"
+ticks=$(getconf CLK_TCK)
+awk -v t="$ticks" '{ printf "  cpu_s=%.2f", ($14 + $15) / t }' "/proc/$pid/stat"
+grep -E 'VmHWM|VmRSS' "/proc/$pid/status" | awk '{ printf " %s=%.1fMiB", $1, $2 / 1024 }'
+echo
+psql -Atc "SELECT 'referrals=' || count(*) FROM referrals" | sed 's/^/  /'

@@ -1,0 +1,55 @@
+# shellcheck shell=sh disable=SC2154
+# Shared by demo.sh and bench.sh (sourced, not run): start a local hub in a
+# directory of its own. Expects $here (the source tree), $build and $run.
+
+# A PostgreSQL cluster in $run/pg with the database ketenhub, migrated.
+# $1: "" or --fsync (benchmarks need it).
+hub_start_db() {
+  # shellcheck disable=SC2086
+  "$here/scripts/pgtmp.sh" start "$run/pg" $1 >/dev/null
+  # shellcheck disable=SC1091
+  . "$run/pg/env"
+  psql -q -c "CREATE DATABASE ketenhub" >/dev/null
+  export PGDATABASE=ketenhub
+  "$build/tools/ctl/ketenhubctl" migrate --dir "$here/migrations"
+}
+
+# The hub's key pair in $run/hub; partner ID ... keys in $run/keys.
+hub_keys() {
+  mkdir -p "$run/partners" "$run/keys" "$run/hub"
+  "$build/tools/ctl/ketenhubctl" hub keygen --out "$run/hub"
+}
+hub_add_partner() {
+  "$build/tools/ctl/ketenhubctl" partner add "$@" \
+    --cert-dir "$run/partners" --out "$run/keys"
+}
+
+# Start intake on $1 (a tcp endpoint); its pid in $run/intake.pid, its log
+# in $run/intake.log. Waits until it answers a PING as partner $2.
+hub_start_intake() {
+  KH_INTAKE_ENDPOINT=$1 KH_HUB_CERT="$run/hub/hub.cert" \
+  KH_PARTNER_CERT_DIR="$run/partners" KH_SCHEMA_DIR="$here/schemas" \
+    "$build/services/intake/ketenhub-intake" 2>"$run/intake.log" &
+  echo $! >"$run/intake.pid"
+  tries=0
+  until "$build/tools/partner/ketenhub-partner" --endpoint "$1" \
+      --hub-cert "$run/hub/hub.cert" --cert "$run/keys/$2.cert" \
+      --timeout 300 --retries 0 ping >/dev/null 2>&1; do
+    tries=$((tries + 1))
+    if [ "$tries" -ge 50 ]; then
+      echo "intake did not start; its log:" >&2
+      cat "$run/intake.log" >&2
+      hub_stop
+      return 1
+    fi
+  done
+}
+
+# Stop what hub_start_* started.
+hub_stop() {
+  if [ -f "$run/intake.pid" ]; then
+    kill -TERM "$(cat "$run/intake.pid")" 2>/dev/null || true
+    rm -f "$run/intake.pid"
+  fi
+  "$here/scripts/pgtmp.sh" stop "$run/pg" >/dev/null 2>&1 || true
+}

@@ -1,0 +1,238 @@
+/*
+ * ketenhub-bench: measures intake from the outside, as partners see it.
+ * Starts N client threads (each its own CURVE connection) that SUBMIT a
+ * referral under fresh idempotency keys, and prints accepted/s and the
+ * submit -> ACCEPTED latency percentiles.
+ *
+ *   closed loop: every client sends its next referral as soon as the last
+ *                one is answered (maximum throughput);
+ *   open loop:   referrals are sent on a fixed schedule (--rate per second
+ *                in all) and latency counts from the scheduled time, so a
+ *                slow answer cannot hide the queue behind it.
+ */
+#include <czmq.h>
+#include <getopt.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ketenhub/client.h"
+
+typedef struct {
+    int index;
+    const char *endpoint, *hub_cert, *cert;
+    const json_t *referral;
+    int64_t start_us, end_us; /* the measured window */
+    double interval_us;       /* open loop: between this client's sends */
+    /* results */
+    int64_t *latencies; /* microseconds */
+    size_t count, capacity;
+    size_t refused, failed;
+} s_worker_t;
+
+static char s_run_id[16];
+
+static void *s_work(void *arg)
+{
+    s_worker_t *w = arg;
+    kh_error_t err;
+    kh_client_t *client =
+        kh_client_new(w->endpoint, w->hub_cert, w->cert, &err);
+    if (!client) {
+        fprintf(stderr, "ketenhub-bench: %s\n", err.message);
+        w->failed++;
+        return NULL;
+    }
+    uint64_t n = 0;
+    double next = (double) w->start_us + w->interval_us * w->index / 16.0;
+    for (;;) {
+        int64_t now = zclock_usecs();
+        if (now >= w->end_us)
+            break;
+        int64_t sent_at = now;
+        if (w->interval_us > 0) {
+            if ((double) now < next)
+                zclock_sleep((int) (((int64_t) next - now) / 1000));
+            while ((double) zclock_usecs() < next)
+                ;
+            sent_at = (int64_t) next;
+            next += w->interval_us;
+        }
+        char key[64];
+        snprintf(key, sizeof key, "bench-%s-%d-%" PRIu64, s_run_id, w->index,
+                 n++);
+        json_t *reply = kh_client_submit(client, w->referral, key, 10000, &err);
+        int64_t done = zclock_usecs();
+        if (!reply) {
+            w->failed++;
+            continue;
+        }
+        if (strcmp(kh_client_reply_cmd(reply), "ACCEPTED") != 0)
+            w->refused++;
+        else if (sent_at >= w->start_us) {
+            if (w->count == w->capacity) {
+                w->capacity = w->capacity ? w->capacity * 2 : 4096;
+                w->latencies =
+                    realloc(w->latencies, w->capacity * sizeof(int64_t));
+            }
+            w->latencies[w->count++] = done - sent_at;
+        }
+        json_decref(reply);
+    }
+    kh_client_destroy(&client);
+    return NULL;
+}
+
+static int s_cmp(const void *a, const void *b)
+{
+    int64_t x = *(const int64_t *) a, y = *(const int64_t *) b;
+    return (x > y) - (x < y);
+}
+
+static double s_pct(const int64_t *v, size_t n, double p)
+{
+    if (!n)
+        return 0;
+    size_t i = (size_t) (p / 100.0 * (double) (n - 1) + 0.5);
+    return (double) v[i] / 1000.0;
+}
+
+static void s_usage(FILE *out)
+{
+    fprintf(out, "usage: ketenhub-bench --hub-cert F --cert F --referral F\n"
+                 "         [--endpoint E] [--clients N] [--seconds S]\n"
+                 "         [--rate R (open loop, per second in all)]\n"
+                 "         [--json FILE]\n");
+}
+
+int main(int argc, char **argv)
+{
+    const char *endpoint = "tcp://127.0.0.1:7701", *hub_cert = NULL,
+               *cert = NULL, *referral_file = NULL, *json_out = NULL;
+    int clients = 16, seconds = 10;
+    double rate = 0;
+    static const struct option options[] = {
+        {"endpoint", required_argument, NULL, 'e'},
+        {"hub-cert", required_argument, NULL, 'H'},
+        {"cert", required_argument, NULL, 'c'},
+        {"referral", required_argument, NULL, 'f'},
+        {"clients", required_argument, NULL, 'n'},
+        {"seconds", required_argument, NULL, 's'},
+        {"rate", required_argument, NULL, 'r'},
+        {"json", required_argument, NULL, 'j'},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0}};
+    int opt;
+    while ((opt = getopt_long(argc, argv, "h", options, NULL)) != -1) {
+        switch (opt) {
+        case 'e':
+            endpoint = optarg;
+            break;
+        case 'H':
+            hub_cert = optarg;
+            break;
+        case 'c':
+            cert = optarg;
+            break;
+        case 'f':
+            referral_file = optarg;
+            break;
+        case 'n':
+            clients = atoi(optarg);
+            break;
+        case 's':
+            seconds = atoi(optarg);
+            break;
+        case 'r':
+            rate = atof(optarg);
+            break;
+        case 'j':
+            json_out = optarg;
+            break;
+        case 'h':
+            s_usage(stdout);
+            return 0;
+        default:
+            s_usage(stderr);
+            return 2;
+        }
+    }
+    if (!hub_cert || !cert || !referral_file || clients < 1 || seconds < 1 ||
+        rate < 0) {
+        s_usage(stderr);
+        return 2;
+    }
+    json_error_t jerr;
+    json_t *referral = json_load_file(referral_file, 0, &jerr);
+    if (!referral) {
+        fprintf(stderr, "ketenhub-bench: %s:%d: %s\n", referral_file, jerr.line,
+                jerr.text);
+        return 2;
+    }
+    snprintf(s_run_id, sizeof s_run_id, "%" PRIx64,
+             (uint64_t) zclock_time() & 0xffffffffffULL);
+
+    /* One second of warm-up before the measured window. */
+    int64_t start = zclock_usecs() + 1000000;
+    int64_t end = start + (int64_t) seconds * 1000000;
+    s_worker_t *workers = calloc((size_t) clients, sizeof *workers);
+    pthread_t *threads = calloc((size_t) clients, sizeof *threads);
+    for (int i = 0; i < clients; i++) {
+        workers[i] =
+            (s_worker_t){.index = i,
+                         .endpoint = endpoint,
+                         .hub_cert = hub_cert,
+                         .cert = cert,
+                         .referral = referral,
+                         .start_us = start,
+                         .end_us = end,
+                         .interval_us = rate > 0 ? 1e6 * clients / rate : 0};
+        pthread_create(&threads[i], NULL, s_work, &workers[i]);
+    }
+    size_t total = 0, refused = 0, failed = 0;
+    for (int i = 0; i < clients; i++) {
+        pthread_join(threads[i], NULL);
+        total += workers[i].count;
+        refused += workers[i].refused;
+        failed += workers[i].failed;
+    }
+    int64_t *all = malloc((total ? total : 1) * sizeof(int64_t));
+    size_t k = 0;
+    for (int i = 0; i < clients; i++) {
+        memcpy(all + k, workers[i].latencies,
+               workers[i].count * sizeof(int64_t));
+        k += workers[i].count;
+        free(workers[i].latencies);
+    }
+    qsort(all, total, sizeof(int64_t), s_cmp);
+    double per_second = (double) total / seconds;
+    printf("mode=%s clients=%d seconds=%d offered=%s\n",
+           rate > 0 ? "open" : "closed", clients, seconds,
+           rate > 0 ? "fixed" : "max");
+    if (rate > 0)
+        printf("offered_per_s=%.0f\n", rate);
+    printf("accepted=%zu accepted_per_s=%.0f refused=%zu failed=%zu\n", total,
+           per_second, refused, failed);
+    printf("latency_ms p50=%.3f p90=%.3f p99=%.3f p99.9=%.3f max=%.3f\n",
+           s_pct(all, total, 50), s_pct(all, total, 90), s_pct(all, total, 99),
+           s_pct(all, total, 99.9), total ? (double) all[total - 1] / 1000 : 0);
+    if (json_out) {
+        json_t *doc = json_pack(
+            "{s:s, s:i, s:i, s:f, s:I, s:f, s:I, s:I, s:{s:f,s:f,s:f,s:f,s:f}}",
+            "mode", rate > 0 ? "open" : "closed", "clients", clients, "seconds",
+            seconds, "offered_per_s", rate, "accepted", (json_int_t) total,
+            "accepted_per_s", per_second, "refused", (json_int_t) refused,
+            "failed", (json_int_t) failed, "latency_ms", "p50",
+            s_pct(all, total, 50), "p90", s_pct(all, total, 90), "p99",
+            s_pct(all, total, 99), "p99.9", s_pct(all, total, 99.9), "max",
+            total ? (double) all[total - 1] / 1000 : 0.0);
+        json_dump_file(doc, json_out, JSON_INDENT(2));
+        json_decref(doc);
+    }
+    free(all);
+    free(workers);
+    free(threads);
+    json_decref(referral);
+    return failed ? 1 : 0;
+}
