@@ -171,7 +171,7 @@ int main(int argc, char **argv)
         return 2;
     }
     snprintf(s_run_id, sizeof s_run_id, "%" PRIx64,
-             (uint64_t) zclock_time() & 0xffffffffffULL);
+             (uint64_t) zclock_time() & UINT64_C(0xffffffffff));
 
     /* One second of warm-up before the measured window. */
     int64_t start = zclock_usecs() + 1000000;
