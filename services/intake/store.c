@@ -80,9 +80,11 @@ store_t *store_new(const char *conninfo)
     if (!self)
         return NULL;
     self->conninfo = strdup(conninfo ? conninfo : "");
-    if (!self->conninfo)
+    if (!self->conninfo) {
         free(self);
-    return self->conninfo ? self : NULL;
+        return NULL;
+    }
+    return self;
 }
 
 void store_destroy(store_t **self_p)
