@@ -71,9 +71,8 @@ sed 's/"schema_version"/"schema_versie"/' "$first" >"$run/bad.json"
 "$partner" submit "$run/bad.json" || echo "  (exit $?: refused)"
 
 step "A key the hub does not know cannot even connect"
-"$ctl" partner add onbekend --name "Unknown" --kind other \
-  --cert-dir "$run/keys-elsewhere" --out "$run/keys-elsewhere" >/dev/null 2>&1 || true
-KH_PARTNER_CERT="$run/keys-elsewhere/onbekend.cert" \
+"$ctl" hub keygen --out "$run/stranger" >/dev/null
+KH_PARTNER_CERT="$run/stranger/hub.cert" \
   "$partner" --timeout 1000 --retries 0 submit "$first" || echo "  (exit $?: unreachable/refused)"
 
 if [ -n "$last" ]; then
