@@ -89,9 +89,15 @@ pick_port() {
     die "cannot find a free tcp port"
 }
 
+# The real data directory (DIR/data links to it; the postgres OS user may
+# not be able to pass through DIR's parents).
+datadir() {
+    echo "$(cat "$1/sockdir")/data"
+}
+
 is_running() {
     [ -f "$1/data/PG_VERSION" ] || return 1
-    as_owner "$bindir/pg_ctl" status -D "$1/data" >/dev/null 2>&1
+    as_owner "$bindir/pg_ctl" status -D "$(datadir "$1")" >/dev/null 2>&1
 }
 
 write_env() {
@@ -104,7 +110,7 @@ write_env() {
         echo "export PGPORT='$port'"
         echo "export PGUSER='postgres'"
         echo "export PGDATABASE='postgres'"
-        echo "export PGDATA='$dir/data'"
+        echo "export PGDATA='$sock/data'"
         echo "export KH_PG_TCP_HOST='127.0.0.1'"
     } >"$dir/env.tmp"
     mv "$dir/env.tmp" "$dir/env"
@@ -112,8 +118,8 @@ write_env() {
 
 start_server() {
     dir=$1
-    if ! as_owner "$bindir/pg_ctl" -w -t 60 -D "$dir/data" \
-        -l "$dir/postgres.log" start >/dev/null; then
+    if ! as_owner "$bindir/pg_ctl" -w -t 60 -D "$(datadir "$dir")" \
+        -l "$(cat "$dir/sockdir")/postgres.log" start >/dev/null; then
         tail -n 20 "$dir/postgres.log" >&2 2>/dev/null || true
         return 1
     fi
@@ -123,7 +129,7 @@ start_server() {
 cmd_stop() {
     dir=$(abspath "$1")
     if [ -f "$dir/data/PG_VERSION" ] && is_running "$dir"; then
-        as_owner "$bindir/pg_ctl" -w -t 60 -D "$dir/data" -m fast stop \
+        as_owner "$bindir/pg_ctl" -w -t 60 -D "$(datadir "$dir")" -m fast stop \
             >/dev/null || die "cannot stop the cluster in $dir"
     fi
     if [ -f "$dir/sockdir" ]; then
@@ -158,20 +164,22 @@ cmd_start() {
         cmd_stop "$dir"
     fi
     mkdir -p "$dir" || die "cannot create $dir"
+    # Everything the server touches lives under /tmp, which the postgres
+    # OS user can reach wherever DIR is (a checkout under /root, say); DIR
+    # holds links to it and the env file.
     sock=$(mktemp -d /tmp/khpg.XXXXXX) || die "cannot create a socket dir"
     echo "$sock" >"$dir/sockdir"
+    mkdir -p "$sock/data"
+    chmod 700 "$sock/data"
+    ln -s "$sock/data" "$dir/data"
+    ln -s "$sock/postgres.log" "$dir/postgres.log"
     if [ "$(id -u)" -eq 0 ]; then
         id postgres >/dev/null 2>&1 ||
             die "running as root needs the postgres OS user"
-        mkdir -p "$dir/data"
-        chown postgres "$dir" "$dir/data" "$sock"
-        chmod 700 "$dir/data"
-        if ! runuser -u postgres -- test -w "$dir/data"; then
-            die "user postgres cannot write $dir/data (check the parent dirs)"
-        fi
+        chown -R postgres "$sock"
     fi
 
-    if ! as_owner "$bindir/initdb" -D "$dir/data" --no-sync --encoding=UTF8 \
+    if ! as_owner "$bindir/initdb" -D "$(datadir "$dir")" --no-sync --encoding=UTF8 \
         --locale=C.UTF-8 --auth=trust -U postgres >"$dir/initdb.log" 2>&1; then
         cat "$dir/initdb.log" >&2
         die "initdb failed in $dir/data"
@@ -192,12 +200,12 @@ cmd_start() {
             echo "shared_buffers = 128MB"
             echo "log_min_messages = warning"
             echo "log_line_prefix = '%m [%p] %q%a '"
-        } >"$dir/pgtmp.conf"
-        chmod 644 "$dir/pgtmp.conf"
+        } >"$sock/pgtmp.conf"
+        chmod 644 "$sock/pgtmp.conf"
         # include_if_exists keeps postgresql.conf as initdb wrote it.
         if ! grep -q "pgtmp.conf" "$dir/data/postgresql.conf"; then
-            echo "include_if_exists = '$dir/pgtmp.conf'" |
-                as_owner tee -a "$dir/data/postgresql.conf" >/dev/null
+            echo "include_if_exists = '$sock/pgtmp.conf'" |
+                as_owner tee -a "$(datadir "$dir")/postgresql.conf" >/dev/null
         fi
         if start_server "$dir"; then
             break
@@ -231,7 +239,7 @@ cmd_restart() {
     esac
     [ -f "$dir/data/PG_VERSION" ] || die "no cluster in $dir"
     if is_running "$dir"; then
-        as_owner "$bindir/pg_ctl" -w -t 60 -D "$dir/data" -m "$mode" stop \
+        as_owner "$bindir/pg_ctl" -w -t 60 -D "$(datadir "$dir")" -m "$mode" stop \
             >/dev/null || die "cannot stop the cluster in $dir"
     fi
     start_server "$dir" || die "cannot start PostgreSQL in $dir"
@@ -246,7 +254,7 @@ cmd_down() {
     esac
     [ -f "$dir/data/PG_VERSION" ] || die "no cluster in $dir"
     if is_running "$dir"; then
-        as_owner "$bindir/pg_ctl" -w -t 60 -D "$dir/data" -m "$mode" stop \
+        as_owner "$bindir/pg_ctl" -w -t 60 -D "$(datadir "$dir")" -m "$mode" stop \
             >/dev/null || die "cannot stop the cluster in $dir"
     fi
 }
