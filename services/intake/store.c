@@ -56,9 +56,11 @@ static const char *s_commit_sql =
     "   to_char(coalesce(ins.accepted_at, r.accepted_at) AT TIME ZONE 'UTC',"
     "   " S_TS_FORMAT ")"
     " FROM input LEFT JOIN ins USING (id)"
-    " LEFT JOIN referrals r ON ins.id IS NULL"
-    "   AND r.partner_id = input.partner_id"
-    "   AND r.idempotency_key = input.idem";
+    /* LATERAL: one index probe per resubmitted key, never a table scan. */
+    " LEFT JOIN LATERAL (SELECT id, payload_hash, accepted_at"
+    "   FROM referrals WHERE ins.id IS NULL"
+    "   AND partner_id = input.partner_id"
+    "   AND idempotency_key = input.idem) r ON true";
 
 /* For a key that another intake process committed while our statement
  * waited on it: a new statement sees that commit. */
