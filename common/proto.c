@@ -199,17 +199,29 @@ void kh_uuid_new(char out[37])
              b[11], b[12], b[13], b[14], b[15]);
 }
 
+char *kh_payload_canonical(const json_t *value, size_t *len)
+{
+    char *text = json_dumps(value, JSON_COMPACT | JSON_SORT_KEYS |
+                                       JSON_ENSURE_ASCII | JSON_ENCODE_ANY);
+    if (text && len)
+        *len = strlen(text);
+    return text;
+}
+
+void kh_sha256_hex(const void *data, size_t len, char out[65])
+{
+    unsigned char digest[crypto_hash_sha256_BYTES];
+    crypto_hash_sha256(digest, data, len);
+    sodium_bin2hex(out, 65, digest, sizeof digest);
+}
+
 int kh_payload_hash(const json_t *value, char out[65])
 {
-    char *canonical =
-        json_dumps(value, JSON_COMPACT | JSON_SORT_KEYS | JSON_ENSURE_ASCII |
-                              JSON_ENCODE_ANY);
+    size_t len = 0;
+    char *canonical = kh_payload_canonical(value, &len);
     if (!canonical)
         return -1;
-    unsigned char digest[crypto_hash_sha256_BYTES];
-    crypto_hash_sha256(digest, (const unsigned char *) canonical,
-                       strlen(canonical));
+    kh_sha256_hex(canonical, len, out);
     free(canonical);
-    sodium_bin2hex(out, 65, digest, sizeof digest);
     return 0;
 }

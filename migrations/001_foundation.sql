@@ -69,7 +69,7 @@ CREATE TABLE referrals (
     schema_version text NOT NULL
         CONSTRAINT referrals_schema_version_format
         CHECK (schema_version ~ '^[a-z][a-z0-9_.-]{0,63}$'),
-    payload jsonb NULL,
+    payload bytea NULL,
     payload_hash bytea NOT NULL
         CONSTRAINT referrals_payload_hash_sha256
         CHECK (octet_length(payload_hash) = 32),
@@ -98,11 +98,13 @@ COMMENT ON COLUMN referrals.schema_version IS
     'Version of the referral schema it was validated against, e.g. '
     'referral.v1.';
 COMMENT ON COLUMN referrals.payload IS
-    'The referral itself (personal data). NULL once purged.';
+    'The referral itself (personal data) as canonical JSON in UTF-8: compact, '
+    'keys sorted, non-ASCII escaped (jansson JSON_COMPACT | JSON_SORT_KEYS | '
+    'JSON_ENSURE_ASCII), so that sha256(payload) = payload_hash. Read it with '
+    'convert_from(payload, ''UTF8'')::jsonb. NULL once purged.';
 COMMENT ON COLUMN referrals.payload_hash IS
-    'SHA-256 of the canonical JSON of the payload (jansson json_dumps with '
-    'JSON_COMPACT | JSON_SORT_KEYS | JSON_ENSURE_ASCII). Kept after purge so '
-    'the trail stays verifiable.';
+    'SHA-256 of payload (the canonical JSON). Kept after purge so the trail '
+    'stays verifiable.';
 COMMENT ON COLUMN referrals.state IS
     'accepted: stored, not yet routed; routed: deliveries created.';
 COMMENT ON COLUMN referrals.accepted_at IS

@@ -55,8 +55,17 @@ bool kh_uuid_valid(const char *s);
 /* A random (version 4) UUID as 36 characters plus NUL. */
 void kh_uuid_new(char out[37]);
 
-/* Lower-case hex of the SHA-256 of value's canonical JSON (compact, keys
- * sorted, ASCII). out holds 65 bytes. Returns -1 on allocation failure. */
+/* The canonical JSON of value: compact, keys sorted, non-ASCII escaped,
+ * so equal referrals have equal bytes however they were encoded on the
+ * wire. This is what the hub stores and hashes. A new string (free it) and
+ * its length in *len (may be NULL); NULL on allocation failure. */
+char *kh_payload_canonical(const json_t *value, size_t *len);
+
+/* Lower-case hex of the SHA-256 of data[0..len) into out (65 bytes). */
+void kh_sha256_hex(const void *data, size_t len, char out[65]);
+
+/* kh_sha256_hex of value's canonical JSON. Returns -1 on allocation
+ * failure. */
 int kh_payload_hash(const json_t *value, char out[65]);
 
 #ifdef __cplusplus

@@ -1,12 +1,13 @@
 /*
  * The intake service core (see intake.h and schemas/protocol.md).
  *
- * Group commit: when the ROUTER is readable, intake takes every request
- * already waiting (up to batch_max), checks each, and commits all accepted
- * referrals and all refusal audit events of the batch in one statement.
- * Only then are the replies sent: ACCEPTED never precedes the commit
- * (promise 1). While a batch commits, new requests wait in ZeroMQ's queue
- * and form the next batch, so batches grow with load by themselves.
+ * Group commit with two batches: one is being committed by PostgreSQL
+ * while intake receives and checks the requests of the other. When the
+ * commit ends, its requests are answered (ACCEPTED never precedes the
+ * commit: promise 1) and the other batch, with whatever arrived meanwhile,
+ * is sent at once. Batches grow with load by themselves, and intake's work
+ * overlaps PostgreSQL's. A full waiting batch stops intake from reading
+ * the socket, so ZeroMQ's queue, not memory, holds the excess.
  */
 #include "intake.h"
 
@@ -37,9 +38,20 @@ typedef struct {
     char peer[64];    /* peer address */
     bool refused;     /* err holds why */
     kh_error_t err;
-    int sub;    /* index in the batch's submissions, or -1 */
+    char *canonical; /* SUBMIT: the referral's canonical JSON (owned) */
+    int sub;         /* index in the batch's submissions, or -1 */
     int leader; /* earlier request of this batch with the same key, or -1 */
 } s_request_t;
+
+/* Requests committed together, and their rows for the store. */
+typedef struct {
+    s_request_t *requests;
+    store_submit_t *subs;
+    store_refusal_t *refs;
+    size_t count, nsubs, nrefs;
+    zhashx_t *keys;  /* "partner\nkey" -> index + 1, to find repeats */
+    int64_t sent_at; /* when the commit started, 0 if not sent */
+} s_batch_t;
 
 struct _intake_t {
     intake_config_t cfg;
@@ -56,11 +68,11 @@ struct _intake_t {
     int backoff_ms;
     bool ready_logged;
     bool stopping;
-    /* batch scratch, batch_max entries each */
-    s_request_t *requests;
-    store_submit_t *subs;
-    store_refusal_t *refs;
-    zhashx_t *batch_keys; /* "partner\nkey" -> index + 1 */
+    s_batch_t batches[2];
+    s_batch_t *filling;    /* receives new requests */
+    s_batch_t *committing; /* being committed, or NULL */
+    bool reading;          /* the ROUTER reader is registered */
+    int db_fd;             /* the writer socket polled by the loop, or -1 */
 };
 
 intake_t *intake_new(const intake_config_t *config, kh_error_t *err)
@@ -123,15 +135,22 @@ intake_t *intake_new(const intake_config_t *config, kh_error_t *err)
         goto fail;
     }
     self->store = store_new(config->conninfo);
-    self->requests = calloc(config->batch_max, sizeof *self->requests);
-    self->subs = calloc(config->batch_max, sizeof *self->subs);
-    self->refs = calloc(config->batch_max, sizeof *self->refs);
-    self->batch_keys = zhashx_new();
-    if (!self->store || !self->requests || !self->subs || !self->refs ||
-        !self->batch_keys) {
+    bool allocated = self->store != NULL;
+    for (int i = 0; i < 2; i++) {
+        s_batch_t *batch = &self->batches[i];
+        batch->requests = calloc(config->batch_max, sizeof *batch->requests);
+        batch->subs = calloc(config->batch_max, sizeof *batch->subs);
+        batch->refs = calloc(config->batch_max, sizeof *batch->refs);
+        batch->keys = zhashx_new();
+        allocated = allocated && batch->requests && batch->subs &&
+                    batch->refs && batch->keys;
+    }
+    if (!allocated) {
         kh_error_set(err, KH_E_NOMEM, "", "out of memory");
         goto fail;
     }
+    self->filling = &self->batches[0];
+    self->db_fd = -1;
     return self;
 fail:
     intake_destroy(&self);
@@ -150,10 +169,12 @@ void intake_destroy(intake_t **self_p)
     kh_schema_destroy(&self->schema);
     store_destroy(&self->store);
     zhashx_destroy(&self->partners);
-    zhashx_destroy(&self->batch_keys);
-    free(self->requests);
-    free(self->subs);
-    free(self->refs);
+    for (int i = 0; i < 2; i++) {
+        zhashx_destroy(&self->batches[i].keys);
+        free(self->batches[i].requests);
+        free(self->batches[i].subs);
+        free(self->batches[i].refs);
+    }
     free(self);
     *self_p = NULL;
 }
@@ -194,6 +215,8 @@ static int s_reconnect(zloop_t *loop, int timer_id, void *arg)
     (void) timer_id;
     intake_t *self = arg;
     self->reconnect_timer = 0;
+    if (self->committing) /* the failure is not final until it ends */
+        return 0;
     kh_error_t err;
     if (store_connect(self->store, &err) == 0) {
         s_load_partners(self);
@@ -304,38 +327,41 @@ static void s_take(intake_t *self, s_request_t *req, zmsg_t *msg)
 
 /* Place a valid SUBMIT in the batch, or make it follow an earlier request
  * of this batch with the same partner and key. */
-static void s_batch_submit(intake_t *self, s_request_t *req, int index,
-                           size_t *nsubs)
+static void s_batch_submit(s_batch_t *batch, s_request_t *req)
 {
     const char *idem =
         json_string_value(json_object_get(req->msg, "idempotency_key"));
     char batch_key[KH_IDEM_KEY_MAX + 80];
     snprintf(batch_key, sizeof batch_key, "%s\n%s", req->partner, idem);
-    intptr_t leader = (intptr_t) zhashx_lookup(self->batch_keys, batch_key);
+    intptr_t leader = (intptr_t) zhashx_lookup(batch->keys, batch_key);
     if (leader) {
         req->leader = (int) leader - 1;
         return;
     }
-    zhashx_insert(self->batch_keys, batch_key, (void *) (intptr_t) (index + 1));
-    store_submit_t *sub = &self->subs[*nsubs];
+    store_submit_t *sub = &batch->subs[batch->nsubs];
     memset(sub, 0, sizeof *sub);
     sub->partner_id = req->partner;
     sub->idem_key = idem;
     sub->referral = json_object_get(req->msg, "referral");
     sub->peer = req->peer;
-    if (kh_payload_hash(sub->referral, sub->hash)) {
+    req->canonical = kh_payload_canonical(sub->referral, &sub->payload_len);
+    if (!req->canonical) {
         kh_error_t err;
         kh_error_set(&err, KH_E_NOMEM, "", "out of memory");
         s_refuse(req, &err);
         return;
     }
+    sub->payload = req->canonical;
+    kh_sha256_hex(sub->payload, sub->payload_len, sub->hash);
     kh_uuid_new(sub->referral_id);
-    req->sub = (int) (*nsubs)++;
+    zhashx_insert(batch->keys, batch_key,
+                  (void *) (intptr_t) (req - batch->requests + 1));
+    req->sub = (int) batch->nsubs++;
 }
 
-static void s_add_refusal(intake_t *self, s_request_t *req, size_t *nrefs)
+static void s_batch_refusal(s_batch_t *batch, const s_request_t *req)
 {
-    store_refusal_t *ref = &self->refs[(*nrefs)++];
+    store_refusal_t *ref = &batch->refs[batch->nrefs++];
     ref->action = !*req->partner ? "auth.refused"
                   : (req->cmd == KH_CMD_SUBMIT || req->cmd == KH_CMD_UNKNOWN_)
                       ? "referral.rejected"
@@ -347,22 +373,23 @@ static void s_add_refusal(intake_t *self, s_request_t *req, size_t *nrefs)
 }
 
 /* The reply to a SUBMIT whose batch committed. */
-static json_t *s_submit_reply(const s_request_t *req, const store_submit_t *sub,
-                              bool follower)
+static json_t *s_accepted(const s_request_t *req, const store_submit_t *sub,
+                          bool duplicate)
 {
-    if (sub->conflict) {
-        kh_error_t err;
-        kh_error_set(&err, KH_E_IDEMPOTENCY_CONFLICT, "idempotency_key",
-                     "this idempotency key was already used for another "
-                     "referral");
-        return kh_proto_rejected(req->cid, &err, 0);
-    }
     json_t *reply = kh_proto_new(KH_CMD_ACCEPTED, req->cid);
     json_object_set_new(reply, "referral_id", json_string(sub->referral_id));
     json_object_set_new(reply, "accepted_at", json_string(sub->accepted_at));
-    json_object_set_new(reply, "duplicate",
-                        json_boolean(sub->duplicate || follower));
+    json_object_set_new(reply, "duplicate", json_boolean(duplicate));
     return reply;
+}
+
+static json_t *s_conflict(const s_request_t *req)
+{
+    kh_error_t err;
+    kh_error_set(&err, KH_E_IDEMPOTENCY_CONFLICT, "idempotency_key",
+                 "this idempotency key was already used for another "
+                 "referral");
+    return kh_proto_rejected(req->cid, &err, 0);
 }
 
 static void s_send(intake_t *self, s_request_t *req, json_t *reply)
@@ -383,39 +410,43 @@ static void s_send(intake_t *self, s_request_t *req, json_t *reply)
     zmsg_send(&msg, self->router);
 }
 
-/* Answer every request of the batch; commit_err is set when the batch's
- * commit failed. */
-static void s_reply_all(intake_t *self, size_t count,
-                        const kh_error_t *commit_err)
+/* The reply to one SUBMIT of a batch that was committed (commit_err NULL)
+ * or failed. */
+static json_t *s_submit_reply(intake_t *self, const s_batch_t *batch,
+                              const s_request_t *req,
+                              const kh_error_t *commit_err)
 {
-    for (size_t i = 0; i < count; i++) {
-        s_request_t *req = &self->requests[i];
+    const s_request_t *owner =
+        req->leader >= 0 ? &batch->requests[req->leader] : req;
+    if (commit_err)
+        return kh_proto_rejected(req->cid, commit_err, self->backoff_ms);
+    if (owner->refused)
+        return kh_proto_rejected(req->cid, &owner->err, 0);
+    const store_submit_t *sub = &batch->subs[owner->sub];
+    if (sub->conflict)
+        return s_conflict(req);
+    if (req->leader < 0)
+        return s_accepted(req, sub, sub->duplicate);
+    /* A repeat of a key within the batch: same payload or conflict. */
+    char hash[65];
+    if (kh_payload_hash(json_object_get(req->msg, "referral"), hash) ||
+        strcmp(hash, sub->hash) != 0)
+        return s_conflict(req);
+    return s_accepted(req, sub, true);
+}
+
+/* Answer every request of the batch and empty it. */
+static void s_batch_reply(intake_t *self, s_batch_t *batch,
+                          const kh_error_t *commit_err)
+{
+    for (size_t i = 0; i < batch->count; i++) {
+        s_request_t *req = &batch->requests[i];
         json_t *reply = NULL;
         if (req->refused)
             reply = kh_proto_rejected(req->cid, &req->err, self->backoff_ms);
-        else if (req->cmd == KH_CMD_SUBMIT) {
-            const s_request_t *owner =
-                req->leader >= 0 ? &self->requests[req->leader] : req;
-            if (commit_err)
-                reply =
-                    kh_proto_rejected(req->cid, commit_err, self->backoff_ms);
-            else if (owner->refused)
-                reply = kh_proto_rejected(req->cid, &owner->err, 0);
-            else {
-                store_submit_t *sub = &self->subs[owner->sub];
-                char hash[65];
-                bool follower = req->leader >= 0;
-                if (follower &&
-                    (kh_payload_hash(json_object_get(req->msg, "referral"),
-                                     hash) ||
-                     strcmp(hash, sub->hash) != 0)) {
-                    store_submit_t other = *sub;
-                    other.conflict = true;
-                    reply = s_submit_reply(req, &other, true);
-                } else
-                    reply = s_submit_reply(req, sub, follower);
-            }
-        } else if (req->cmd == KH_CMD_STATUS) {
+        else if (req->cmd == KH_CMD_SUBMIT)
+            reply = s_submit_reply(self, batch, req, commit_err);
+        else if (req->cmd == KH_CMD_STATUS) {
             kh_error_t err;
             reply = kh_proto_new(KH_CMD_STATUS_REPLY, req->cid);
             const char *id =
@@ -423,8 +454,6 @@ static void s_reply_all(intake_t *self, size_t count,
             if (store_status(self->store, req->partner, id, reply, &err)) {
                 json_decref(reply);
                 reply = kh_proto_rejected(req->cid, &err, self->backoff_ms);
-                if (err.code == KH_E_UNAVAILABLE)
-                    s_schedule_reconnect(self);
             }
         } else
             reply = kh_proto_new(KH_CMD_PONG, req->cid);
@@ -432,52 +461,165 @@ static void s_reply_all(intake_t *self, size_t count,
         zframe_destroy(&req->identity);
         json_decref(req->msg);
         req->msg = NULL;
+        free(req->canonical);
+        req->canonical = NULL;
+    }
+    if (batch->count)
+        kh_log_debug("batch",
+                     "requests=%zu accepted=%zu refused=%zu commit_ms=%.3f "
+                     "outcome=%s",
+                     batch->count, batch->nsubs, batch->nrefs,
+                     batch->sent_at
+                         ? (double) (zclock_usecs() - batch->sent_at) / 1000.0
+                         : 0.0,
+                     commit_err ? kh_error_name(commit_err->code) : "ok");
+    batch->count = batch->nsubs = batch->nrefs = 0;
+    batch->sent_at = 0;
+    zhashx_purge(batch->keys);
+}
+
+static int s_on_router(zloop_t *loop, zsock_t *router, void *arg);
+static int s_on_db(zloop_t *loop, zmq_pollitem_t *item, void *arg);
+
+/* Read the ROUTER only while the filling batch has room. */
+static void s_set_reading(intake_t *self, bool reading)
+{
+    if (reading == self->reading)
+        return;
+    if (reading)
+        zloop_reader(self->loop, self->router, s_on_router, self);
+    else
+        zloop_reader_end(self->loop, self->router);
+    self->reading = reading;
+}
+
+/* Poll the writer's socket while a commit is in flight (the socket
+ * changes with every reconnection, and may be closed between). */
+static void s_watch_db(intake_t *self, bool watch)
+{
+    if (self->db_fd >= 0) {
+        zmq_pollitem_t old = {NULL, self->db_fd, ZMQ_POLLIN, 0};
+        zloop_poller_end(self->loop, &old);
+        self->db_fd = -1;
+    }
+    int fd = watch ? store_socket(self->store) : -1;
+    if (fd >= 0) {
+        zmq_pollitem_t item = {NULL, fd, ZMQ_POLLIN, 0};
+        if (zloop_poller(self->loop, &item, s_on_db, self) == 0) {
+            /* An error on the socket must reach s_on_db, not unlist it. */
+            zloop_poller_set_tolerant(self->loop, &item);
+            self->db_fd = fd;
+        }
     }
 }
 
-/* Take the waiting requests, commit them together, answer them. */
+static void s_db_failed(intake_t *self, const kh_error_t *err)
+{
+    if (err->code == KH_E_UNAVAILABLE || !store_up(self->store))
+        s_schedule_reconnect(self);
+}
+
+/* Send the filling batch to PostgreSQL if nothing is being committed; a
+ * batch that needs no commit is answered at once. */
+static void s_dispatch(intake_t *self)
+{
+    s_batch_t *batch = self->filling;
+    if (self->committing || batch->count == 0)
+        return;
+    kh_error_t err;
+    if (batch->nsubs + batch->nrefs == 0)
+        s_batch_reply(self, batch, NULL);
+    else if (store_commit_send(self->store, batch->subs, batch->nsubs,
+                               batch->refs, batch->nrefs, &err)) {
+        if (batch->nrefs)
+            kh_log_warn("refusals_unaudited", "count=%zu code=%s", batch->nrefs,
+                        kh_error_name(err.code));
+        s_batch_reply(self, batch, &err);
+        s_db_failed(self, &err);
+    } else {
+        batch->sent_at = zclock_usecs();
+        self->committing = batch;
+        self->filling =
+            batch == &self->batches[0] ? &self->batches[1] : &self->batches[0];
+        s_watch_db(self, true);
+    }
+    s_set_reading(self, true);
+}
+
+/* The commit in flight ended (or failed): answer it, send the next. */
+static void s_commit_done(intake_t *self, int rc, const kh_error_t *err)
+{
+    s_batch_t *batch = self->committing;
+    self->committing = NULL;
+    s_watch_db(self, false);
+    if (rc && batch->nrefs)
+        kh_log_warn("refusals_unaudited", "count=%zu code=%s", batch->nrefs,
+                    kh_error_name(err->code));
+    s_batch_reply(self, batch, rc ? err : NULL);
+    if (rc)
+        s_db_failed(self, err);
+    s_dispatch(self);
+}
+
+static int s_on_db(zloop_t *loop, zmq_pollitem_t *item, void *arg)
+{
+    (void) loop;
+    (void) item;
+    intake_t *self = arg;
+    if (!self->committing)
+        return 0;
+    kh_error_t err;
+    int rc = store_commit_poll(self->store, self->committing->subs,
+                               self->committing->nsubs, false, &err);
+    if (rc != 1)
+        s_commit_done(self, rc, &err);
+    return 0;
+}
+
+/* Take the waiting requests into the filling batch; commit it if nothing
+ * else is being committed. */
 static int s_on_router(zloop_t *loop, zsock_t *router, void *arg)
 {
     (void) loop;
     intake_t *self = arg;
-    int64_t started = zclock_usecs();
-    size_t count = 0, nsubs = 0, nrefs = 0;
-    while (count < self->cfg.batch_max && (zsock_events(router) & ZMQ_POLLIN)) {
+    s_batch_t *batch = self->filling;
+    while (batch->count < self->cfg.batch_max &&
+           (zsock_events(router) & ZMQ_POLLIN)) {
         zmsg_t *msg = zmsg_recv(router);
         if (!msg)
             break;
-        s_request_t *req = &self->requests[count];
+        s_request_t *req = &batch->requests[batch->count++];
         s_take(self, req, msg);
         zmsg_destroy(&msg);
         if (!req->refused && req->cmd == KH_CMD_SUBMIT)
-            s_batch_submit(self, req, (int) count, &nsubs);
+            s_batch_submit(batch, req);
         if (req->refused)
-            s_add_refusal(self, req, &nrefs);
-        count++;
+            s_batch_refusal(batch, req);
     }
-    zhashx_purge(self->batch_keys);
+    if (self->committing && batch->count == self->cfg.batch_max)
+        s_set_reading(self, false);
+    s_dispatch(self);
+    return 0;
+}
 
-    int64_t taken = zclock_usecs();
-    kh_error_t commit_err;
-    bool failed = false;
-    if (nsubs + nrefs > 0 && store_commit(self->store, self->subs, nsubs,
-                                          self->refs, nrefs, &commit_err)) {
-        failed = true;
-        if (nrefs)
-            kh_log_warn("refusals_unaudited", "count=%zu code=%s", nrefs,
-                        kh_error_name(commit_err.code));
-        if (!store_up(self->store))
-            s_schedule_reconnect(self);
+/* A commit that hangs (PostgreSQL stopped, network gone) is given up: its
+ * outcome is unknown, so its partners get a retryable refusal, and a
+ * resubmission with the same key will get the true answer. */
+static int s_check_stall(zloop_t *loop, int timer_id, void *arg)
+{
+    (void) loop;
+    (void) timer_id;
+    intake_t *self = arg;
+    if (self->committing && zclock_usecs() - self->committing->sent_at >
+                                (int64_t) self->cfg.commit_timeout_ms * 1000) {
+        kh_log_warn("commit_stalled", "ms=%d", self->cfg.commit_timeout_ms);
+        store_abandon(self->store);
+        kh_error_t err;
+        kh_error_set(&err, KH_E_UNAVAILABLE, "",
+                     "the hub's database did not answer in time; retry with "
+                     "the same idempotency key");
+        s_commit_done(self, -1, &err);
     }
-    int64_t committed = zclock_usecs();
-    s_reply_all(self, count, failed ? &commit_err : NULL);
-    if (count)
-        kh_log_debug("batch",
-                     "requests=%zu accepted=%zu refused=%zu take_ms=%.3f "
-                     "commit_ms=%.3f reply_ms=%.3f",
-                     count, nsubs, nrefs, (double) (taken - started) / 1000.0,
-                     (double) (committed - taken) / 1000.0,
-                     (double) (zclock_usecs() - committed) / 1000.0);
     return 0;
 }
 
@@ -497,22 +639,39 @@ static int s_on_signal(zloop_t *loop, zmq_pollitem_t *item, void *arg)
     return self->stopping ? -1 : 0;
 }
 
+/* On the way out: finish the commit in flight, take and commit what has
+ * already arrived, answer it all. */
+static void s_drain(intake_t *self)
+{
+    for (int round = 0; round < 16; round++) {
+        if (self->committing) {
+            kh_error_t err;
+            int rc = store_commit_poll(self->store, self->committing->subs,
+                                       self->committing->nsubs, true, &err);
+            s_commit_done(self, rc, &err);
+            continue;
+        }
+        if (!(zsock_events(self->router) & ZMQ_POLLIN) &&
+            self->filling->count == 0)
+            break;
+        s_on_router(self->loop, self->router, self);
+    }
+}
+
 int intake_run(intake_t *self, int signal_fd)
 {
     self->loop = zloop_new();
     if (!self->loop)
         return -1;
-    zloop_reader(self->loop, self->router, s_on_router, self);
+    s_set_reading(self, true);
     zmq_pollitem_t signals = {NULL, signal_fd, ZMQ_POLLIN, 0};
     zloop_poller(self->loop, &signals, s_on_signal, self);
     zloop_timer(self->loop, (size_t) self->cfg.partner_refresh_ms, 0,
                 s_refresh_partners, self);
+    zloop_timer(self->loop, 100, 0, s_check_stall, self);
     s_reconnect(self->loop, 0, self);
     zloop_start(self->loop);
-
-    /* Drain: answer what has already arrived, then let linger flush it. */
-    while (zsock_events(self->router) & ZMQ_POLLIN)
-        s_on_router(self->loop, self->router, self);
+    s_drain(self);
     kh_log_info("stopped", NULL);
     return 0;
 }

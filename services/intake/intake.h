@@ -18,6 +18,7 @@ typedef struct {
     kh_limits_t limits;        /* decoder limits; max_frame also on socket */
     size_t batch_max;          /* most requests committed together */
     int partner_refresh_ms;    /* how often the registry is re-read */
+    int commit_timeout_ms;     /* a commit taking longer is given up */
 } intake_config_t;
 
 typedef struct _intake_t intake_t;

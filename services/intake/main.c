@@ -35,6 +35,8 @@ static kh_cfg_t s_config[] = {
            "most requests committed in one transaction"),
     KH_CFG("KH_PARTNER_REFRESH_MS", KH_CFG_INT, "5000", 100, 3600000, false,
            "how often the partner registry is re-read"),
+    KH_CFG("KH_DB_COMMIT_TIMEOUT_MS", KH_CFG_INT, "5000", 100, 600000, false,
+           "a commit taking longer is given up (retryable refusal)"),
     KH_CFG("KH_LOG_LEVEL", KH_CFG_STRING, "info", 0, 0, false,
            "debug, info, warn or error"),
 };
@@ -88,6 +90,9 @@ int main(int argc, char **argv)
                                                   "KH_PARTNER_REFRESH_MS")
                                   ->num,
     };
+    config.commit_timeout_ms =
+        (int) kh_config_get(s_config, S_CONFIG_COUNT, "KH_DB_COMMIT_TIMEOUT_MS")
+            ->num;
     config.limits.max_frame =
         (size_t) kh_config_get(s_config, S_CONFIG_COUNT, "KH_MAX_FRAME")->num;
 

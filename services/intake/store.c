@@ -1,39 +1,48 @@
 /*
  * intake's PostgreSQL side (see store.h).
  *
- * A batch is committed by one statement: PostgreSQL runs a single statement
- * in its own transaction, so the referral rows and their audit events land
- * together or not at all, with one round trip and one commit for the whole
- * batch (group commit). The batch travels as one jsonb parameter.
+ * A batch travels as binary arrays, one per column, and is committed by one
+ * statement:
+ * PostgreSQL runs a single statement in its own transaction, so the
+ * referral rows and their audit events land together or not at all.
  */
 #include "store.h"
 
+#include <arpa/inet.h>
 #include <libpq-fe.h>
+#include <sodium.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "ketenhub/db.h"
 #include "ketenhub/log.h"
 
 struct _store_t {
     char *conninfo;
-    PGconn *conn;
+    PGconn *writer; /* batches, asynchronously */
+    PGconn *reader; /* status, look-ups, registry */
+    bool busy;      /* a batch is being committed on the writer */
+    PGresult *rows; /* the batch's result rows, once they arrived */
 };
 
 #define S_TS_FORMAT "'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'"
 
-/* $1: submissions, $2: refusals. Rows out: input index, inserted?, id,
- * stored payload hash (only when not inserted), accepted_at. The final
- * SELECT runs on the statement's snapshot, so it finds an earlier row for
- * the same key but not the rows this statement inserts. */
+/* $1..$7: the submissions, column by column; $8..$12: the refusals.
+ * All are binary arrays (no text to parse). Rows out: input index
+ * (1-based), inserted?, id, stored payload hash (only when not inserted),
+ * accepted_at. The final SELECT runs on the statement's snapshot, so it
+ * finds an earlier row for the same key but not the rows this statement
+ * inserts. */
 static const char *s_commit_sql =
     "WITH input AS ("
-    "  SELECT * FROM jsonb_to_recordset($1::jsonb) AS t(i int, id uuid,"
-    "    partner_id text, idem text, version text, payload jsonb,"
-    "    hash text, peer text)"
+    "  SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[],"
+    "    $5::bytea[], $6::bytea[], $7::text[]) WITH ORDINALITY"
+    "    AS t(id, partner_id, idem, version, payload, hash, peer, i)"
     "), ins AS ("
     "  INSERT INTO referrals (id, partner_id, idempotency_key,"
     "    schema_version, payload, payload_hash)"
-    "  SELECT id, partner_id, idem, version, payload, decode(hash, 'hex')"
+    "  SELECT id, partner_id, idem, version, payload, hash"
     "  FROM input ORDER BY i"
     "  ON CONFLICT (partner_id, idempotency_key) DO NOTHING"
     "  RETURNING id, accepted_at"
@@ -41,26 +50,30 @@ static const char *s_commit_sql =
     "  INSERT INTO audit_events (actor_kind, actor_id, action, referral_id,"
     "    outcome, payload_hash, origin_service, origin_peer)"
     "  SELECT 'partner', input.partner_id, 'referral.accepted', ins.id, 'ok',"
-    "    decode(input.hash, 'hex'), 'intake', input.peer"
+    "    input.hash, 'intake', input.peer"
     "  FROM ins JOIN input USING (id) ORDER BY input.i"
     "), refused AS ("
     "  INSERT INTO audit_events (actor_kind, actor_id, action, outcome,"
     "    reason_code, reason_path, origin_service, origin_peer)"
     "  SELECT 'partner', actor_id, action, 'refused', code, path, 'intake',"
     "    peer"
-    "  FROM jsonb_to_recordset($2::jsonb) AS t(i int, action text,"
-    "    actor_id text, code text, path text, peer text) ORDER BY i"
+    "  FROM unnest($8::text[], $9::text[], $10::text[], $11::text[],"
+    "    $12::text[]) WITH ORDINALITY"
+    "    AS t(action, actor_id, code, path, peer, i) ORDER BY i"
     ")"
     " SELECT input.i, ins.id IS NOT NULL, coalesce(ins.id, r.id),"
     "   encode(r.payload_hash, 'hex'),"
     "   to_char(coalesce(ins.accepted_at, r.accepted_at) AT TIME ZONE 'UTC',"
     "   " S_TS_FORMAT ")"
     " FROM input LEFT JOIN ins USING (id)"
-    /* LATERAL: one index probe per resubmitted key, never a table scan. */
+    /* One index probe per key that was not inserted, never a table scan:
+     * LIMIT keeps the planner from turning this into a hash join. */
     " LEFT JOIN LATERAL (SELECT id, payload_hash, accepted_at"
     "   FROM referrals WHERE ins.id IS NULL"
     "   AND partner_id = input.partner_id"
-    "   AND idempotency_key = input.idem) r ON true";
+    "   AND idempotency_key = input.idem LIMIT 1) r ON true";
+
+#define S_COMMIT_PARAMS 12
 
 /* For a key that another intake process committed while our statement
  * waited on it: a new statement sees that commit. */
@@ -94,34 +107,49 @@ void store_destroy(store_t **self_p)
     if (!self_p || !*self_p)
         return;
     store_t *self = *self_p;
-    if (self->conn)
-        PQfinish(self->conn);
+    PQclear(self->rows);
+    PQfinish(self->writer);
+    PQfinish(self->reader);
     free(self->conninfo);
     free(self);
     *self_p = NULL;
 }
 
-bool store_up(store_t *self)
+static bool s_conn_up(PGconn *conn)
 {
-    return self->conn && PQstatus(self->conn) == CONNECTION_OK;
+    return conn && PQstatus(conn) == CONNECTION_OK;
 }
 
-/* Turn a failed result into err. Connection-level failures and the
- * SQLSTATEs that mean "try again" become KH_E_UNAVAILABLE. */
-static int s_fail(store_t *self, PGresult *res, const char *what,
+bool store_up(store_t *self)
+{
+    return s_conn_up(self->writer) && s_conn_up(self->reader);
+}
+
+int store_socket(store_t *self)
+{
+    return self->writer ? PQsocket(self->writer) : -1;
+}
+
+bool store_busy(store_t *self)
+{
+    return self->busy;
+}
+
+/* Turn a failure on conn into err and clear res. Connection-level
+ * failures and the SQLSTATEs that mean "try again" become
+ * KH_E_UNAVAILABLE; anything else is KH_E_INTERNAL (a bug or a schema
+ * mismatch: the partner can only retry). */
+static int s_fail(PGconn *conn, PGresult *res, const char *what,
                   kh_error_t *err)
 {
     const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
     const char *primary =
         res ? PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY) : NULL;
-    bool retry = !store_up(self) || !state || strncmp(state, "08", 2) == 0 ||
-                 strcmp(state, "40001") == 0 || strcmp(state, "40P01") == 0 ||
-                 strncmp(state, "57P", 3) == 0 || strcmp(state, "53300") == 0;
+    bool retry = !s_conn_up(conn) || !state || kh_db_retryable_sqlstate(state);
     kh_log_warn("db_error", "op=%s sqlstate=%s retryable=%d msg=\"%s\"", what,
                 state ? state : "none", retry,
                 primary ? primary : "connection lost");
-    if (res)
-        PQclear(res);
+    PQclear(res);
     if (retry)
         return kh_error_set(err, KH_E_UNAVAILABLE, "",
                             "the hub's database is unavailable; nothing was "
@@ -131,81 +159,195 @@ static int s_fail(store_t *self, PGresult *res, const char *what,
                         "stored, retry with the same idempotency key");
 }
 
-int store_connect(store_t *self, kh_error_t *err)
+/* Prepare count statements on conn. */
+static int s_prepare(PGconn *conn, const char *const *names,
+                     const char *const *sql, const int *nparams, size_t count,
+                     kh_error_t *err)
 {
-    if (self->conn)
-        PQfinish(self->conn);
-    self->conn = PQconnectdb(self->conninfo);
-    if (PQstatus(self->conn) != CONNECTION_OK) {
-        kh_log_warn("db_connect_failed", "msg=\"%s\"",
-                    strtok(PQerrorMessage(self->conn), "\n"));
-        return kh_error_set(err, KH_E_UNAVAILABLE, "",
-                            "the hub's database is unavailable");
-    }
-    static const struct {
-        const char *name, *sql;
-        int nparams;
-    } statements[] = {{"commit", NULL, 2},
-                      {"lookup", NULL, 2},
-                      {"status", NULL, 2},
-                      {"partners", NULL, 0}};
-    const char *sql[] = {s_commit_sql, s_lookup_sql, s_status_sql,
-                         s_partners_sql};
-    for (size_t i = 0; i < sizeof statements / sizeof statements[0]; i++) {
-        PGresult *res = PQprepare(self->conn, statements[i].name, sql[i],
-                                  statements[i].nparams, NULL);
-        if (PQresultStatus(res) != PGRES_COMMAND_OK)
-            return s_fail(self, res, "prepare", err);
+    for (size_t i = 0; i < count; i++) {
+        PGresult *res = PQprepare(conn, names[i], sql[i], nparams[i], NULL);
+        if (PQresultStatus(res) != PGRES_COMMAND_OK) {
+            const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+            if (s_conn_up(conn) && state && !kh_db_retryable_sqlstate(state)) {
+                kh_db_error(err, conn, res, "cannot prepare statements");
+                PQclear(res);
+                return -1;
+            }
+            return s_fail(conn, res, "prepare", err);
+        }
         PQclear(res);
     }
     return 0;
 }
 
-static PGresult *s_exec(store_t *self, const char *name, int nparams,
+int store_connect(store_t *self, kh_error_t *err)
+{
+    PQclear(self->rows);
+    self->rows = NULL;
+    self->busy = false;
+    PQfinish(self->writer);
+    PQfinish(self->reader);
+    self->reader = NULL;
+    self->writer = kh_db_connect_app(self->conninfo, "ketenhub-intake", err);
+    if (!self->writer)
+        return -1;
+    /* The batch statement's plan does not depend on its parameters;
+     * planning it anew for every batch would cost more than running it. */
+    if (kh_db_exec(self->writer, "SET plan_cache_mode = force_generic_plan",
+                   err))
+        return -1;
+    self->reader = kh_db_connect_app(self->conninfo, "ketenhub-intake", err);
+    if (!self->reader)
+        return -1;
+    static const char *const writer_names[] = {"commit"};
+    const char *const writer_sql[] = {s_commit_sql};
+    static const int writer_nparams[] = {S_COMMIT_PARAMS};
+    static const char *const reader_names[] = {"lookup", "status", "partners"};
+    const char *const reader_sql[] = {s_lookup_sql, s_status_sql,
+                                      s_partners_sql};
+    static const int reader_nparams[] = {2, 2, 0};
+    return s_prepare(self->writer, writer_names, writer_sql, writer_nparams, 1,
+                     err) ||
+                   s_prepare(self->reader, reader_names, reader_sql,
+                             reader_nparams, 3, err)
+               ? -1
+               : 0;
+}
+
+static PGresult *s_read(store_t *self, const char *name, int nparams,
                         const char *const *params)
 {
-    return PQexecPrepared(self->conn, name, nparams, params, NULL, NULL, 0);
+    return PQexecPrepared(self->reader, name, nparams, params, NULL, NULL, 0);
 }
 
-/* Build the $1 and $2 parameters. NULL on allocation failure. */
-static char *s_submissions_json(const store_submit_t *subs, size_t nsubs)
+/* A growing buffer for binary parameters; oom is sticky. */
+typedef struct {
+    char *data;
+    size_t len, cap;
+    bool oom;
+} s_buf_t;
+
+static void s_put(s_buf_t *buf, const void *bytes, size_t len)
 {
-    json_t *rows = json_array();
-    for (size_t i = 0; rows && i < nsubs; i++) {
-        json_t *row =
-            json_pack("{s:I, s:s, s:s, s:s, s:s, s:O, s:s, s:s?}", "i",
-                      (json_int_t) i, "id", subs[i].referral_id, "partner_id",
-                      subs[i].partner_id, "idem", subs[i].idem_key, "version",
-                      json_string_value(
-                          json_object_get(subs[i].referral, "schema_version")),
-                      "payload", subs[i].referral, "hash", subs[i].hash, "peer",
-                      subs[i].peer);
-        if (!row || json_array_append_new(rows, row)) {
-            json_decref(rows);
-            return NULL;
+    if (buf->oom)
+        return;
+    if (buf->len + len > buf->cap) {
+        size_t cap = buf->cap ? buf->cap : 256;
+        while (cap < buf->len + len)
+            cap *= 2;
+        char *data = realloc(buf->data, cap);
+        if (!data) {
+            buf->oom = true;
+            return;
         }
+        buf->data = data;
+        buf->cap = cap;
     }
-    char *text = rows ? json_dumps(rows, JSON_COMPACT) : NULL;
-    json_decref(rows);
-    return text;
+    memcpy(buf->data + buf->len, bytes, len);
+    buf->len += len;
 }
 
-static char *s_refusals_json(const store_refusal_t *refs, size_t nrefs)
+static void s_put_int32(s_buf_t *buf, int32_t value)
 {
-    json_t *rows = json_array();
-    for (size_t i = 0; rows && i < nrefs; i++) {
-        json_t *row = json_pack(
-            "{s:I, s:s, s:s, s:s, s:s, s:s?}", "i", (json_int_t) i, "action",
-            refs[i].action, "actor_id", refs[i].actor_id, "code", refs[i].code,
-            "path", refs[i].path, "peer", refs[i].peer);
-        if (!row || json_array_append_new(rows, row)) {
-            json_decref(rows);
-            return NULL;
-        }
+    uint32_t be = htonl((uint32_t) value);
+    s_put(buf, &be, sizeof be);
+}
+
+/* The header of a one-dimensional array of count elements of type oid
+ * (PostgreSQL's binary array format). */
+static void s_array_begin(s_buf_t *buf, uint32_t oid, size_t count,
+                          bool has_nulls)
+{
+    s_put_int32(buf, count ? 1 : 0);
+    s_put_int32(buf, has_nulls ? 1 : 0);
+    s_put_int32(buf, (int32_t) oid);
+    if (count) {
+        s_put_int32(buf, (int32_t) count);
+        s_put_int32(buf, 1);
     }
-    char *text = rows ? json_dumps(rows, JSON_COMPACT) : NULL;
-    json_decref(rows);
-    return text;
+}
+
+/* One element; NULL when bytes is NULL. */
+static void s_array_item(s_buf_t *buf, const void *bytes, size_t len)
+{
+    s_put_int32(buf, bytes ? (int32_t) len : -1);
+    if (bytes)
+        s_put(buf, bytes, len);
+}
+
+#define S_OID_BYTEA 17
+#define S_OID_TEXT 25
+#define S_OID_UUID 2950
+
+typedef struct {
+    s_buf_t columns[S_COMMIT_PARAMS];
+} s_params_t;
+
+static void s_text_column(s_buf_t *buf, size_t count, const void *rows,
+                          size_t stride, size_t offset)
+{
+    bool nulls = false;
+    for (size_t i = 0; i < count; i++)
+        nulls = nulls || !*(const char *const *) ((const char *) rows +
+                                                  i * stride + offset);
+    s_array_begin(buf, S_OID_TEXT, count, nulls);
+    for (size_t i = 0; i < count; i++) {
+        const char *text =
+            *(const char *const *) ((const char *) rows + i * stride + offset);
+        s_array_item(buf, text, text ? strlen(text) : 0);
+    }
+}
+
+/* Fill params from the batch; -1 when memory ran out. */
+static int s_build_params(s_params_t *params, const store_submit_t *subs,
+                          size_t nsubs, const store_refusal_t *refs,
+                          size_t nrefs)
+{
+    s_buf_t *col = params->columns;
+    s_array_begin(&col[0], S_OID_UUID, nsubs, false);
+    s_array_begin(&col[3], S_OID_TEXT, nsubs, false);
+    s_array_begin(&col[4], S_OID_BYTEA, nsubs, false);
+    s_array_begin(&col[5], S_OID_BYTEA, nsubs, false);
+    for (size_t i = 0; i < nsubs; i++) {
+        unsigned char uuid[16], hash[32];
+        sodium_hex2bin(uuid, sizeof uuid, subs[i].referral_id, 36, "-", NULL,
+                       NULL);
+        sodium_hex2bin(hash, sizeof hash, subs[i].hash, 64, NULL, NULL, NULL);
+        const char *version = json_string_value(
+            json_object_get(subs[i].referral, "schema_version"));
+        s_array_item(&col[0], uuid, sizeof uuid);
+        s_array_item(&col[3], version, strlen(version));
+        s_array_item(&col[4], subs[i].payload, subs[i].payload_len);
+        s_array_item(&col[5], hash, sizeof hash);
+    }
+    size_t sub_size = sizeof(store_submit_t);
+    s_text_column(&col[1], nsubs, subs, sub_size,
+                  offsetof(store_submit_t, partner_id));
+    s_text_column(&col[2], nsubs, subs, sub_size,
+                  offsetof(store_submit_t, idem_key));
+    s_text_column(&col[6], nsubs, subs, sub_size,
+                  offsetof(store_submit_t, peer));
+    size_t ref_size = sizeof(store_refusal_t);
+    s_text_column(&col[7], nrefs, refs, ref_size,
+                  offsetof(store_refusal_t, action));
+    s_text_column(&col[8], nrefs, refs, ref_size,
+                  offsetof(store_refusal_t, actor_id));
+    s_text_column(&col[9], nrefs, refs, ref_size,
+                  offsetof(store_refusal_t, code));
+    s_text_column(&col[10], nrefs, refs, ref_size,
+                  offsetof(store_refusal_t, path));
+    s_text_column(&col[11], nrefs, refs, ref_size,
+                  offsetof(store_refusal_t, peer));
+    for (int i = 0; i < S_COMMIT_PARAMS; i++)
+        if (col[i].oom)
+            return -1;
+    return 0;
+}
+
+static void s_params_free(s_params_t *params)
+{
+    for (int i = 0; i < S_COMMIT_PARAMS; i++)
+        free(params->columns[i].data);
 }
 
 /* Fill sub's outputs from an existing row (id, hash, accepted_at). */
@@ -225,9 +367,9 @@ static void s_answer_existing(store_submit_t *sub, const char *id,
 static int s_lookup(store_t *self, store_submit_t *sub, kh_error_t *err)
 {
     const char *params[] = {sub->partner_id, sub->idem_key};
-    PGresult *res = s_exec(self, "lookup", 2, params);
+    PGresult *res = s_read(self, "lookup", 2, params);
     if (PQresultStatus(res) != PGRES_TUPLES_OK)
-        return s_fail(self, res, "lookup", err);
+        return s_fail(self->reader, res, "lookup", err);
     if (PQntuples(res) != 1) {
         PQclear(res);
         return kh_error_set(err, KH_E_INTERNAL, "",
@@ -239,29 +381,41 @@ static int s_lookup(store_t *self, store_submit_t *sub, kh_error_t *err)
     return 0;
 }
 
-int store_commit(store_t *self, store_submit_t *subs, size_t nsubs,
-                 const store_refusal_t *refs, size_t nrefs, kh_error_t *err)
+int store_commit_send(store_t *self, store_submit_t *subs, size_t nsubs,
+                      const store_refusal_t *refs, size_t nrefs,
+                      kh_error_t *err)
 {
-    if (!store_up(self))
-        return s_fail(self, NULL, "commit", err);
-    char *p1 = s_submissions_json(subs, nsubs);
-    char *p2 = s_refusals_json(refs, nrefs);
-    if (!p1 || !p2) {
-        free(p1);
-        free(p2);
+    if (!store_up(self) || self->busy)
+        return s_fail(self->writer, NULL, "commit", err);
+    s_params_t params;
+    memset(&params, 0, sizeof params);
+    if (s_build_params(&params, subs, nsubs, refs, nrefs)) {
+        s_params_free(&params);
         return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
     }
-    const char *params[] = {p1, p2};
-    PGresult *res = s_exec(self, "commit", 2, params);
-    free(p1);
-    free(p2);
-    if (PQresultStatus(res) != PGRES_TUPLES_OK)
-        return s_fail(self, res, "commit", err);
+    const char *values[S_COMMIT_PARAMS];
+    int lengths[S_COMMIT_PARAMS], formats[S_COMMIT_PARAMS];
+    for (int i = 0; i < S_COMMIT_PARAMS; i++) {
+        values[i] = params.columns[i].data;
+        lengths[i] = (int) params.columns[i].len;
+        formats[i] = 1;
+    }
+    int sent = PQsendQueryPrepared(self->writer, "commit", S_COMMIT_PARAMS,
+                                   values, lengths, formats, 0);
+    s_params_free(&params);
+    if (!sent)
+        return s_fail(self->writer, NULL, "commit", err);
+    self->busy = true;
+    return 0;
+}
 
+/* Fill the outputs of subs from the batch's result rows. */
+static int s_answer(store_t *self, PGresult *res, store_submit_t *subs,
+                    size_t nsubs, kh_error_t *err)
+{
     int rows = PQntuples(res);
-    int rc = 0;
-    for (int row = 0; row < rows && rc == 0; row++) {
-        long i = strtol(PQgetvalue(res, row, 0), NULL, 10);
+    for (int row = 0; row < rows; row++) {
+        long i = strtol(PQgetvalue(res, row, 0), NULL, 10) - 1;
         if (i < 0 || (size_t) i >= nsubs)
             continue;
         store_submit_t *sub = &subs[i];
@@ -269,25 +423,70 @@ int store_commit(store_t *self, store_submit_t *subs, size_t nsubs,
         if (inserted)
             snprintf(sub->accepted_at, sizeof sub->accepted_at, "%s",
                      PQgetvalue(res, row, 4));
-        else if (PQgetisnull(res, row, 2))
-            rc = s_lookup(self, sub, err);
-        else
+        else if (PQgetisnull(res, row, 2)) {
+            if (s_lookup(self, sub, err))
+                return -1;
+        } else
             s_answer_existing(sub, PQgetvalue(res, row, 2),
                               PQgetvalue(res, row, 3), PQgetvalue(res, row, 4));
     }
+    return 0;
+}
+
+int store_commit_poll(store_t *self, store_submit_t *subs, size_t nsubs,
+                      bool wait, kh_error_t *err)
+{
+    if (!self->busy)
+        return kh_error_set(err, KH_E_INTERNAL, "", "no batch to wait for");
+    if (!wait && !PQconsumeInput(self->writer)) {
+        self->busy = false;
+        return s_fail(self->writer, NULL, "commit", err);
+    }
+    /* Collect results until libpq says the command is over. */
+    while (wait || !PQisBusy(self->writer)) {
+        PGresult *res = PQgetResult(self->writer);
+        if (!res)
+            break;
+        /* Keep the rows, or the first error if there is one. */
+        if (!self->rows)
+            self->rows = res;
+        else if (PQresultStatus(self->rows) == PGRES_TUPLES_OK &&
+                 PQresultStatus(res) != PGRES_TUPLES_OK) {
+            PQclear(self->rows);
+            self->rows = res;
+        } else
+            PQclear(res);
+    }
+    if (PQisBusy(self->writer))
+        return 1;
+    self->busy = false;
+    PGresult *res = self->rows;
+    self->rows = NULL;
+    if (PQresultStatus(res) != PGRES_TUPLES_OK)
+        return s_fail(self->writer, res, "commit", err);
+    int rc = s_answer(self, res, subs, nsubs, err);
     PQclear(res);
     return rc;
+}
+
+void store_abandon(store_t *self)
+{
+    PQclear(self->rows);
+    self->rows = NULL;
+    self->busy = false;
+    PQfinish(self->writer);
+    self->writer = NULL;
 }
 
 int store_status(store_t *self, const char *partner_id, const char *referral_id,
                  json_t *reply, kh_error_t *err)
 {
-    if (!store_up(self))
-        return s_fail(self, NULL, "status", err);
+    if (!s_conn_up(self->reader))
+        return s_fail(self->reader, NULL, "status", err);
     const char *params[] = {referral_id, partner_id};
-    PGresult *res = s_exec(self, "status", 2, params);
+    PGresult *res = s_read(self, "status", 2, params);
     if (PQresultStatus(res) != PGRES_TUPLES_OK)
-        return s_fail(self, res, "status", err);
+        return s_fail(self->reader, res, "status", err);
     if (PQntuples(res) != 1) {
         PQclear(res);
         return kh_error_set(err, KH_E_NOT_FOUND, "referral_id",
@@ -310,13 +509,13 @@ static void s_free_string(void **item)
 
 zhashx_t *store_partners(store_t *self, kh_error_t *err)
 {
-    if (!store_up(self)) {
-        s_fail(self, NULL, "partners", err);
+    if (!s_conn_up(self->reader)) {
+        s_fail(self->reader, NULL, "partners", err);
         return NULL;
     }
-    PGresult *res = s_exec(self, "partners", 0, NULL);
+    PGresult *res = s_read(self, "partners", 0, NULL);
     if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-        s_fail(self, res, "partners", err);
+        s_fail(self->reader, res, "partners", err);
         return NULL;
     }
     zhashx_t *partners = zhashx_new();

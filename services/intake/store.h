@@ -1,9 +1,12 @@
 /*
- * intake's PostgreSQL side: one batch of accepted referrals and refusal
- * audit events committed in a single statement (so each referral commits
- * with its audit event, promise 2), idempotency answers, STATUS queries
- * and the partner registry. Tracks whether the database is reachable and
- * reconnects on request.
+ * intake's PostgreSQL side. Two connections: the writer commits batches
+ * asynchronously, so intake can check the next batch while PostgreSQL
+ * commits this one; the reader answers STATUS, idempotency look-ups and
+ * registry reloads, so they never wait behind a commit.
+ *
+ * A batch of accepted referrals and refusal audit events is committed by a
+ * single statement, so each referral commits with its audit event
+ * (promise 2) and the batch costs one round trip and one commit.
  */
 #ifndef INTAKE_STORE_H_INCLUDED
 #define INTAKE_STORE_H_INCLUDED
@@ -16,14 +19,16 @@
 
 typedef struct _store_t store_t;
 
-/* One SUBMIT of the batch. The caller fills the inputs; store_commit fills
- * the outputs. */
+/* One SUBMIT of a batch. The caller fills the inputs; the store fills the
+ * outputs when the batch has committed. */
 typedef struct {
     const char *partner_id; /* from the authenticated key */
     const char *idem_key;
     const json_t *referral;
+    const char *payload; /* its canonical JSON, payload_len bytes */
+    size_t payload_len;
     const char *peer; /* peer address, may be NULL */
-    char hash[65];    /* payload hash (hex) */
+    char hash[65];    /* SHA-256 of payload (hex) */
     char referral_id[37];
     /* outputs */
     char accepted_at[40];
@@ -47,22 +52,40 @@ store_t *store_new(const char *conninfo);
 /* Destroy; accepts NULL; nulls the pointer. */
 void store_destroy(store_t **self_p);
 
-/* (Re)connect and prepare statements. 0, or -1 with err (unavailable). */
+/* (Re)connect both connections and prepare statements. 0, or -1 with err:
+ * KH_E_UNAVAILABLE when PostgreSQL cannot be reached, KH_E_DB when it
+ * answers but the statements cannot be prepared (schema not migrated). */
 int store_connect(store_t *self, kh_error_t *err);
 
-/* Whether the last operation left the connection usable. */
+/* Whether both connections are usable. */
 bool store_up(store_t *self);
 
-/* Commit subs[0..nsubs) and refusals[0..nrefs) in one statement. Returns 0
- * and fills each submit's outputs, or -1 with err: KH_E_UNAVAILABLE when
- * the database cannot be reached (nothing was committed, or the outcome is
- * unknown and a resubmission with the same key will tell), KH_E_INTERNAL
- * for any other failure. Within a batch every (partner, key) must appear
- * at most once. */
-int store_commit(store_t *self, store_submit_t *subs, size_t nsubs,
-                 const store_refusal_t *refs, size_t nrefs, kh_error_t *err);
+/* The writer's socket, to poll for the end of a commit; -1 when down. */
+int store_socket(store_t *self);
 
-/* The STATUS of a referral submitted by partner_id: sets state and
+/* Whether a batch is being committed. */
+bool store_busy(store_t *self);
+
+/* Start committing subs[0..nsubs) and refs[0..nrefs) (they must stay put
+ * until the batch ends). Within a batch every (partner, key) appears at
+ * most once. 0, or -1 with err (nothing was sent). */
+int store_commit_send(store_t *self, store_submit_t *subs, size_t nsubs,
+                      const store_refusal_t *refs, size_t nrefs,
+                      kh_error_t *err);
+
+/* Read what the writer has received. Returns 1 while the commit is still
+ * running, 0 when it committed (each submit's outputs filled), or -1 with
+ * err: KH_E_UNAVAILABLE when the database went away (nothing committed, or
+ * the outcome is unknown: a resubmission with the same key tells), or
+ * KH_E_INTERNAL. With wait, blocks until the commit ends. */
+int store_commit_poll(store_t *self, store_submit_t *subs, size_t nsubs,
+                      bool wait, kh_error_t *err);
+
+/* Give up on a commit that takes too long: the writer is closed (the
+ * outcome is unknown) and store_up becomes false. */
+void store_abandon(store_t *self);
+
+/* The STATUS of a referral submitted by partner_id: sets the state and
  * accepted_at fields on reply. -1 with KH_E_NOT_FOUND when there is no
  * such referral of this partner, or KH_E_UNAVAILABLE / KH_E_INTERNAL. */
 int store_status(store_t *self, const char *partner_id, const char *referral_id,

@@ -1,11 +1,11 @@
 /*
  * ketenhub-bench: measures intake from the outside, as partners see it.
- * Starts N client threads (each its own CURVE connection) that SUBMIT a
- * referral under fresh idempotency keys, and prints accepted/s and the
- * submit -> ACCEPTED latency percentiles.
+ * N client threads, each its own CURVE connection with up to --window
+ * requests in flight, SUBMIT a referral under fresh idempotency keys; it
+ * prints accepted/s and the submit -> ACCEPTED latency percentiles.
  *
- *   closed loop: every client sends its next referral as soon as the last
- *                one is answered (maximum throughput);
+ *   closed loop: a client sends its next referral as soon as an answer
+ *                frees a place in its window (maximum throughput);
  *   open loop:   referrals are sent on a fixed schedule (--rate per second
  *                in all) and latency counts from the scheduled time, so a
  *                slow answer cannot hide the queue behind it.
@@ -18,11 +18,13 @@
 #include <string.h>
 
 #include "ketenhub/client.h"
+#include "ketenhub/codec.h"
 
 typedef struct {
     int index;
     const char *endpoint, *hub_cert, *cert;
     const json_t *referral;
+    int window;               /* requests in flight at most */
     int64_t start_us, end_us; /* the measured window */
     double interval_us;       /* open loop: between this client's sends */
     /* results */
@@ -33,54 +35,114 @@ typedef struct {
 
 static char s_run_id[16];
 
+static void s_record(s_worker_t *w, int64_t latency)
+{
+    if (w->count == w->capacity) {
+        w->capacity = w->capacity ? w->capacity * 2 : 4096;
+        w->latencies = realloc(w->latencies, w->capacity * sizeof(int64_t));
+    }
+    w->latencies[w->count++] = latency;
+}
+
+/* Encode one SUBMIT with a fresh idempotency key; cid is the sequence. */
+static zframe_t *s_submit_frame(s_worker_t *w, uint64_t seq)
+{
+    char key[64], cid[24];
+    snprintf(key, sizeof key, "bench-%s-%d-%" PRIu64, s_run_id, w->index, seq);
+    snprintf(cid, sizeof cid, "%" PRIu64, seq);
+    json_t *msg = json_pack("{s:i, s:s, s:s, s:s, s:O}", "v", 1, "cmd",
+                            "SUBMIT", "cid", cid, "idempotency_key", key,
+                            "referral", (json_t *) w->referral);
+    char *data = NULL;
+    size_t size = 0;
+    kh_error_t err;
+    zframe_t *frame = NULL;
+    if (msg && kh_msgpack_encode(msg, &data, &size, &err) == 0)
+        frame = zframe_new(data, size);
+    free(data);
+    json_decref(msg);
+    return frame;
+}
+
+/* One partner connection: keeps up to window requests in flight, sent as
+ * fast as answers come (closed loop) or on a schedule (open loop). */
 static void *s_work(void *arg)
 {
     s_worker_t *w = arg;
-    kh_error_t err;
-    kh_client_t *client =
-        kh_client_new(w->endpoint, w->hub_cert, w->cert, &err);
-    if (!client) {
-        fprintf(stderr, "ketenhub-bench: %s\n", err.message);
+    zcert_t *hub = zcert_load(w->hub_cert);
+    zcert_t *mine = zcert_load(w->cert);
+    zsock_t *dealer = zsock_new(ZMQ_DEALER);
+    if (!hub || !mine || !dealer) {
+        fprintf(stderr, "ketenhub-bench: cannot load %s or %s\n", w->hub_cert,
+                w->cert);
         w->failed++;
-        return NULL;
+        goto done;
     }
-    uint64_t n = 0;
-    double next = (double) w->start_us + w->interval_us * w->index / 16.0;
+    zcert_apply(mine, dealer);
+    zsock_set_curve_serverkey(dealer, zcert_public_txt(hub));
+    zsock_set_sndhwm(dealer, 0);
+    zsock_set_rcvhwm(dealer, 0);
+    zsock_connect(dealer, "%s", w->endpoint);
+
+    size_t slots = (size_t) w->window;
+    int64_t *sent_at = calloc(slots, sizeof(int64_t));
+    uint64_t next_seq = 0, answered = 0;
+    double next_send =
+        (double) w->start_us - 1e6 + w->interval_us * (w->index % 16) / 16.0;
+    int64_t deadline = w->end_us;
     for (;;) {
         int64_t now = zclock_usecs();
-        if (now >= w->end_us)
-            break;
-        int64_t sent_at = now;
-        if (w->interval_us > 0) {
-            if ((double) now < next)
-                zclock_sleep((int) (((int64_t) next - now) / 1000));
-            while ((double) zclock_usecs() < next)
-                ;
-            sent_at = (int64_t) next;
-            next += w->interval_us;
-        }
-        char key[64];
-        snprintf(key, sizeof key, "bench-%s-%d-%" PRIu64, s_run_id, w->index,
-                 n++);
-        json_t *reply = kh_client_submit(client, w->referral, key, 10000, &err);
-        int64_t done = zclock_usecs();
-        if (!reply) {
-            w->failed++;
-            continue;
-        }
-        if (strcmp(kh_client_reply_cmd(reply), "ACCEPTED") != 0)
-            w->refused++;
-        else if (sent_at >= w->start_us) {
-            if (w->count == w->capacity) {
-                w->capacity = w->capacity ? w->capacity * 2 : 4096;
-                w->latencies =
-                    realloc(w->latencies, w->capacity * sizeof(int64_t));
+        bool open = w->interval_us > 0;
+        /* Send what the window (and, open loop, the schedule) allows. */
+        while (now < w->end_us && next_seq - answered < slots &&
+               (!open || (double) now >= next_send)) {
+            zframe_t *frame = s_submit_frame(w, next_seq);
+            if (!frame || zframe_send(&frame, dealer, 0)) {
+                zframe_destroy(&frame);
+                w->failed++;
+                break;
             }
-            w->latencies[w->count++] = done - sent_at;
+            sent_at[next_seq % slots] = open ? (int64_t) next_send : now;
+            next_seq++;
+            if (open)
+                next_send += w->interval_us;
         }
-        json_decref(reply);
+        if (now >= w->end_us && answered == next_seq)
+            break;
+        if (now >= deadline + 10000000) { /* 10 s for the stragglers */
+            w->failed += next_seq - answered;
+            break;
+        }
+        int wait_ms = 10;
+        if (open && (double) now < next_send)
+            wait_ms = (int) (((int64_t) next_send - now) / 1000);
+        zsock_set_rcvtimeo(dealer, wait_ms < 1 ? 1 : wait_ms);
+        zframe_t *reply = zframe_recv(dealer);
+        while (reply) {
+            int64_t done = zclock_usecs();
+            json_t *msg = NULL;
+            kh_error_t err;
+            if (kh_msgpack_decode(zframe_data(reply), zframe_size(reply), NULL,
+                                  &msg, &err) == 0) {
+                uint64_t seq = strtoull(
+                    json_string_value(json_object_get(msg, "cid")), NULL, 10);
+                if (strcmp(kh_client_reply_cmd(msg), "ACCEPTED") != 0)
+                    w->refused++;
+                else if (sent_at[seq % slots] >= w->start_us)
+                    s_record(w, done - sent_at[seq % slots]);
+                answered++;
+            }
+            json_decref(msg);
+            zframe_destroy(&reply);
+            reply = (zsock_events(dealer) & ZMQ_POLLIN) ? zframe_recv(dealer)
+                                                        : NULL;
+        }
     }
-    kh_client_destroy(&client);
+    free(sent_at);
+done:
+    zsock_destroy(&dealer);
+    zcert_destroy(&hub);
+    zcert_destroy(&mine);
     return NULL;
 }
 
@@ -102,6 +164,7 @@ static void s_usage(FILE *out)
 {
     fprintf(out, "usage: ketenhub-bench --hub-cert F --cert F --referral F\n"
                  "         [--endpoint E] [--clients N] [--seconds S]\n"
+                 "         [--window W (requests in flight per client)]\n"
                  "         [--rate R (open loop, per second in all)]\n"
                  "         [--json FILE]\n");
 }
@@ -110,7 +173,7 @@ int main(int argc, char **argv)
 {
     const char *endpoint = "tcp://127.0.0.1:7701", *hub_cert = NULL,
                *cert = NULL, *referral_file = NULL, *json_out = NULL;
-    int clients = 16, seconds = 10;
+    int clients = 16, seconds = 10, window = 1;
     double rate = 0;
     static const struct option options[] = {
         {"endpoint", required_argument, NULL, 'e'},
@@ -121,6 +184,7 @@ int main(int argc, char **argv)
         {"seconds", required_argument, NULL, 's'},
         {"rate", required_argument, NULL, 'r'},
         {"json", required_argument, NULL, 'j'},
+        {"window", required_argument, NULL, 'w'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0}};
     int opt;
@@ -150,6 +214,9 @@ int main(int argc, char **argv)
         case 'j':
             json_out = optarg;
             break;
+        case 'w':
+            window = atoi(optarg);
+            break;
         case 'h':
             s_usage(stdout);
             return 0;
@@ -159,7 +226,7 @@ int main(int argc, char **argv)
         }
     }
     if (!hub_cert || !cert || !referral_file || clients < 1 || seconds < 1 ||
-        rate < 0) {
+        rate < 0 || window < 1) {
         s_usage(stderr);
         return 2;
     }
@@ -173,6 +240,7 @@ int main(int argc, char **argv)
     snprintf(s_run_id, sizeof s_run_id, "%" PRIx64,
              (uint64_t) zclock_time() & UINT64_C(0xffffffffff));
 
+    zsys_init(); /* before the threads: CZMQ's set-up is not thread-safe */
     /* One second of warm-up before the measured window. */
     int64_t start = zclock_usecs() + 1000000;
     int64_t end = start + (int64_t) seconds * 1000000;
@@ -185,6 +253,7 @@ int main(int argc, char **argv)
                          .hub_cert = hub_cert,
                          .cert = cert,
                          .referral = referral,
+                         .window = window,
                          .start_us = start,
                          .end_us = end,
                          .interval_us = rate > 0 ? 1e6 * clients / rate : 0};
@@ -207,9 +276,8 @@ int main(int argc, char **argv)
     }
     qsort(all, total, sizeof(int64_t), s_cmp);
     double per_second = (double) total / seconds;
-    printf("mode=%s clients=%d seconds=%d offered=%s\n",
-           rate > 0 ? "open" : "closed", clients, seconds,
-           rate > 0 ? "fixed" : "max");
+    printf("mode=%s clients=%d window=%d seconds=%d\n",
+           rate > 0 ? "open" : "closed", clients, window, seconds);
     if (rate > 0)
         printf("offered_per_s=%.0f\n", rate);
     printf("accepted=%zu accepted_per_s=%.0f refused=%zu failed=%zu\n", total,
@@ -219,12 +287,13 @@ int main(int argc, char **argv)
            s_pct(all, total, 99.9), total ? (double) all[total - 1] / 1000 : 0);
     if (json_out) {
         json_t *doc = json_pack(
-            "{s:s, s:i, s:i, s:f, s:I, s:f, s:I, s:I, s:{s:f,s:f,s:f,s:f,s:f}}",
-            "mode", rate > 0 ? "open" : "closed", "clients", clients, "seconds",
-            seconds, "offered_per_s", rate, "accepted", (json_int_t) total,
-            "accepted_per_s", per_second, "refused", (json_int_t) refused,
-            "failed", (json_int_t) failed, "latency_ms", "p50",
-            s_pct(all, total, 50), "p90", s_pct(all, total, 90), "p99",
+            "{s:s, s:i, s:i, s:i, s:f, s:I, s:f, s:I, s:I, "
+            "s:{s:f,s:f,s:f,s:f,s:f}}",
+            "mode", rate > 0 ? "open" : "closed", "clients", clients, "window",
+            window, "seconds", seconds, "offered_per_s", rate, "accepted",
+            (json_int_t) total, "accepted_per_s", per_second, "refused",
+            (json_int_t) refused, "failed", (json_int_t) failed, "latency_ms",
+            "p50", s_pct(all, total, 50), "p90", s_pct(all, total, 90), "p99",
             s_pct(all, total, 99), "p99.9", s_pct(all, total, 99.9), "max",
             total ? (double) all[total - 1] / 1000 : 0.0);
         json_dump_file(doc, json_out, JSON_INDENT(2));
