@@ -1,8 +1,9 @@
 #!/bin/sh
 # Measure intake as partners see it, on a PostgreSQL with fsync and
 # synchronous_commit on: accepted/s with 16 concurrent clients (closed
-# loop), submit -> ACCEPTED latency at 1,000/s offered (open loop), and
-# intake's CPU time and peak memory. Prints figures; asserts nothing.
+# loop, one and sixteen requests in flight each), submit -> ACCEPTED latency
+# at 1,000/s offered (open loop), and intake's CPU time and peak memory.
+# Prints figures (and JSON files in $KH_BENCH_DIR); asserts nothing.
 #   scripts/bench.sh [SECONDS]     (default 10 per run)
 set -eu
 
@@ -34,11 +35,13 @@ bench() {
 }
 referral=$1
 
-echo "== closed loop, 16 clients, ${seconds}s (fsync on)"
-bench "$referral" --clients 16 --json "$run/closed.json" | sed 's/^/  /'
-echo "== open loop, 1000/s offered, 16 clients, ${seconds}s"
-bench "$referral" --clients 16 --rate 1000 --json "$run/open.json" | sed 's/^/  /'
-
+# Latency first, on a quiet database; then throughput.
+echo "== open loop, 1000/s offered, 16 clients, ${seconds}s (fsync on)"
+bench "$referral" --clients 16 --window 64 --rate 1000 --json "$run/open-1000.json" | sed 's/^/  /'
+echo "== closed loop, 16 clients, 1 request in flight each, ${seconds}s"
+bench "$referral" --clients 16 --json "$run/closed-1.json" | sed 's/^/  /'
+echo "== closed loop, 16 clients, 16 requests in flight each, ${seconds}s"
+bench "$referral" --clients 16 --window 16 --json "$run/closed-16.json" | sed 's/^/  /'
 echo "== intake process"
 ticks=$(getconf CLK_TCK)
 awk -v t="$ticks" '{ printf "  cpu_s=%.2f", ($14 + $15) / t }' "/proc/$pid/stat"

@@ -12,6 +12,7 @@
  */
 #include <czmq.h>
 #include <getopt.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -113,12 +114,22 @@ static void *s_work(void *arg)
             w->failed += next_seq - answered;
             break;
         }
-        int wait_ms = 10;
-        if (open && (double) now < next_send)
-            wait_ms = (int) (((int64_t) next_send - now) / 1000);
-        zsock_set_rcvtimeo(dealer, wait_ms < 1 ? 1 : wait_ms);
-        zframe_t *reply = zframe_recv(dealer);
-        while (reply) {
+        /* Wait for answers, or until the next scheduled send, with
+         * microsecond precision (ZeroMQ's own timeouts count in ms, which
+         * would make the schedule, and so the latencies, late). */
+        if (!(zsock_events(dealer) & ZMQ_POLLIN)) {
+            int64_t wait_us = 10000;
+            if (open && (double) now < next_send)
+                wait_us = (int64_t) next_send - now;
+            struct pollfd pfd = {zsock_fd(dealer), POLLIN, 0};
+            struct timespec timeout = {wait_us / 1000000,
+                                       (wait_us % 1000000) * 1000};
+            ppoll(&pfd, 1, &timeout, NULL);
+        }
+        while (zsock_events(dealer) & ZMQ_POLLIN) {
+            zframe_t *reply = zframe_recv(dealer);
+            if (!reply)
+                break;
             int64_t done = zclock_usecs();
             json_t *msg = NULL;
             kh_error_t err;
@@ -134,8 +145,6 @@ static void *s_work(void *arg)
             }
             json_decref(msg);
             zframe_destroy(&reply);
-            reply = (zsock_events(dealer) & ZMQ_POLLIN) ? zframe_recv(dealer)
-                                                        : NULL;
         }
     }
     free(sent_at);
