@@ -1,0 +1,267 @@
+/*
+ * Envelope checks of the partner protocol (schemas/protocol.md), the
+ * configuration table and the canonical payload hash.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "ketenhub/config.h"
+#include "ketenhub/proto.h"
+#include "khtest.h"
+
+static json_t *s_envelope(const char *json)
+{
+    json_error_t jerr;
+    json_t *msg = json_loads(json, JSON_REJECT_DUPLICATES, &jerr);
+    ck_assert_msg(msg != NULL, "%s", jerr.text);
+    return msg;
+}
+
+/* Check json and expect code at path; cid_expected is the cid that must be
+ * recovered for correlation (NULL: none). */
+static void s_expect(const char *json, kh_errcode_t code, const char *path,
+                     const char *cid_expected)
+{
+    json_t *msg = s_envelope(json);
+    kh_cmd_t cmd;
+    const char *cid;
+    kh_error_t err;
+    kh_error_clear(&err);
+    int rc = kh_proto_check(msg, &cmd, &cid, &err);
+    if (code == KH_E_OK)
+        ck_assert_msg(rc == 0, "%s: %s", json, err.message);
+    else {
+        ck_assert_int_eq(rc, -1);
+        ck_assert_msg(err.code == code, "%s: got %s, expected %s", json,
+                      kh_error_name(err.code), kh_error_name(code));
+        ck_assert_str_eq(err.path, path);
+    }
+    if (cid_expected)
+        ck_assert_str_eq(cid, cid_expected);
+    else
+        ck_assert_ptr_null(cid);
+    json_decref(msg);
+}
+
+#define S_UUID "6f1c2e1a-8a55-4b53-9c55-0a3f3f0f6f2b"
+
+START_TEST(valid_envelopes_pass)
+{
+    s_expect("{\"v\":1,\"cmd\":\"PING\",\"cid\":\"a\"}", KH_E_OK, "", "a");
+    s_expect(
+        "{\"v\":1,\"cmd\":\"STATUS\",\"cid\":\"a\",\"referral_id\":\"" S_UUID
+        "\"}",
+        KH_E_OK, "", "a");
+    s_expect("{\"v\":1,\"cmd\":\"SUBMIT\",\"cid\":\"a\",\"idempotency_key\":"
+             "\"A-z.0_9:x\",\"referral\":{}}",
+             KH_E_OK, "", "a");
+}
+END_TEST
+
+START_TEST(version_and_command_come_first)
+{
+    s_expect("{\"cmd\":\"PING\",\"cid\":\"a\"}", KH_E_BAD_ENVELOPE, "v", "a");
+    s_expect("{\"v\":\"1\",\"cmd\":\"PING\",\"cid\":\"a\"}", KH_E_BAD_ENVELOPE,
+             "v", "a");
+    s_expect("{\"v\":2,\"cmd\":\"PING\",\"cid\":\"a\",\"new\":1}",
+             KH_E_UNKNOWN_VERSION, "v", "a");
+    s_expect("{\"v\":1,\"cmd\":\"ping\",\"cid\":\"a\"}", KH_E_UNKNOWN_COMMAND,
+             "cmd", "a");
+    s_expect("{\"v\":1,\"cid\":\"a\"}", KH_E_BAD_ENVELOPE, "cmd", "a");
+    /* A reply command is not a request, but it is a known command. */
+    s_expect("{\"v\":1,\"cmd\":\"PONG\",\"cid\":\"a\"}", KH_E_OK, "", "a");
+}
+END_TEST
+
+START_TEST(cid_is_required_and_bounded)
+{
+    s_expect("{\"v\":1,\"cmd\":\"PING\"}", KH_E_BAD_ENVELOPE, "cid", NULL);
+    s_expect("{\"v\":1,\"cmd\":\"PING\",\"cid\":\"\"}", KH_E_BAD_ENVELOPE,
+             "cid", NULL);
+    s_expect("{\"v\":1,\"cmd\":\"PING\",\"cid\":7}", KH_E_BAD_ENVELOPE, "cid",
+             NULL);
+    char json[256];
+    char cid[KH_CID_MAX + 2];
+    memset(cid, 'c', sizeof cid);
+    cid[KH_CID_MAX] = '\0'; /* exactly at the limit */
+    snprintf(json, sizeof json, "{\"v\":1,\"cmd\":\"PING\",\"cid\":\"%s\"}",
+             cid);
+    s_expect(json, KH_E_OK, "", cid);
+    cid[KH_CID_MAX] = 'c';
+    cid[KH_CID_MAX + 1] = '\0'; /* one past */
+    snprintf(json, sizeof json, "{\"v\":1,\"cmd\":\"PING\",\"cid\":\"%s\"}",
+             cid);
+    s_expect(json, KH_E_BAD_ENVELOPE, "cid", NULL);
+}
+END_TEST
+
+START_TEST(fields_are_checked_per_command)
+{
+    s_expect("{\"v\":1,\"cmd\":\"PING\",\"cid\":\"a\",\"from\":\"avim\"}",
+             KH_E_BAD_ENVELOPE, "from", "a");
+    s_expect("{\"v\":1,\"cmd\":\"SUBMIT\",\"cid\":\"a\",\"referral\":{}}",
+             KH_E_BAD_ENVELOPE, "idempotency_key", "a");
+    s_expect("{\"v\":1,\"cmd\":\"SUBMIT\",\"cid\":\"a\",\"idempotency_key\":"
+             "\"has space\",\"referral\":{}}",
+             KH_E_BAD_ENVELOPE, "idempotency_key", "a");
+    s_expect("{\"v\":1,\"cmd\":\"SUBMIT\",\"cid\":\"a\",\"idempotency_key\":"
+             "\"k\",\"referral\":[]}",
+             KH_E_BAD_ENVELOPE, "referral", "a");
+    s_expect("{\"v\":1,\"cmd\":\"STATUS\",\"cid\":\"a\",\"referral_id\":"
+             "\"6F1C2E1A-8A55-4B53-9C55-0A3F3F0F6F2B\"}",
+             KH_E_BAD_ENVELOPE, "referral_id", "a");
+    s_expect("{\"v\":1,\"cmd\":\"STATUS\",\"cid\":\"a\",\"referral_id\":"
+             "\"" S_UUID "\",\"referral\":{}}",
+             KH_E_BAD_ENVELOPE, "referral", "a");
+
+    char key[KH_IDEM_KEY_MAX + 2], json[512];
+    memset(key, 'k', sizeof key);
+    key[KH_IDEM_KEY_MAX] = '\0';
+    snprintf(json, sizeof json,
+             "{\"v\":1,\"cmd\":\"SUBMIT\",\"cid\":\"a\",\"idempotency_key\":"
+             "\"%s\",\"referral\":{}}",
+             key);
+    s_expect(json, KH_E_OK, "", "a");
+    key[KH_IDEM_KEY_MAX] = 'k';
+    key[KH_IDEM_KEY_MAX + 1] = '\0';
+    snprintf(json, sizeof json,
+             "{\"v\":1,\"cmd\":\"SUBMIT\",\"cid\":\"a\",\"idempotency_key\":"
+             "\"%s\",\"referral\":{}}",
+             key);
+    s_expect(json, KH_E_BAD_ENVELOPE, "idempotency_key", "a");
+}
+END_TEST
+
+START_TEST(rejected_carries_code_and_retry_hint)
+{
+    kh_error_t err;
+    kh_error_set(&err, KH_E_SCHEMA_REQUIRED, "referral.summary", "missing");
+    json_t *reply = kh_proto_rejected("c-1", &err, 500);
+    ck_assert_str_eq(json_string_value(json_object_get(reply, "code")),
+                     "schema.required");
+    ck_assert_str_eq(json_string_value(json_object_get(reply, "path")),
+                     "referral.summary");
+    ck_assert(json_is_false(json_object_get(reply, "retryable")));
+    ck_assert_ptr_null(json_object_get(reply, "retry_after_ms"));
+    json_decref(reply);
+
+    kh_error_set(&err, KH_E_UNAVAILABLE, "", "down");
+    reply = kh_proto_rejected("c-2", &err, 500);
+    ck_assert(json_is_true(json_object_get(reply, "retryable")));
+    ck_assert_int_eq(
+        json_integer_value(json_object_get(reply, "retry_after_ms")), 500);
+    /* Our own replies pass our own check. */
+    kh_cmd_t cmd;
+    const char *cid;
+    ck_assert_int_eq(kh_proto_check(reply, &cmd, &cid, &err), 0);
+    ck_assert_int_eq(cmd, KH_CMD_REJECTED);
+    json_decref(reply);
+}
+END_TEST
+
+START_TEST(uuids_are_v4_and_canonical)
+{
+    char id[37];
+    for (int i = 0; i < 100; i++) {
+        kh_uuid_new(id);
+        ck_assert(kh_uuid_valid(id));
+        ck_assert_int_eq(id[14], '4');
+        ck_assert(strchr("89ab", id[19]) != NULL);
+    }
+    ck_assert(!kh_uuid_valid("6f1c2e1a8a554b539c550a3f3f0f6f2b"));
+    ck_assert(!kh_uuid_valid("6f1c2e1a-8a55-4b53-9c55-0a3f3f0f6f2"));
+    ck_assert(!kh_uuid_valid("6f1c2e1a-8a55-4b53-9c55-0a3f3f0f6f2g"));
+}
+END_TEST
+
+START_TEST(payload_hash_ignores_key_order_not_content)
+{
+    json_t *a = s_envelope("{\"b\":1,\"a\":\"\\u00e9\"}");
+    json_t *b = s_envelope("{\"a\":\"\xc3\xa9\",\"b\":1}");
+    json_t *c = s_envelope("{\"a\":\"e\",\"b\":1}");
+    char ha[65], hb[65], hc[65];
+    ck_assert_int_eq(kh_payload_hash(a, ha), 0);
+    ck_assert_int_eq(kh_payload_hash(b, hb), 0);
+    ck_assert_int_eq(kh_payload_hash(c, hc), 0);
+    ck_assert_str_eq(ha, hb);
+    ck_assert_str_ne(ha, hc);
+    size_t len;
+    char *text = kh_payload_canonical(b, &len);
+    /* jansson writes \\u escapes with upper-case hex digits. */
+    ck_assert_str_eq(text, "{\"a\":\"\\u00E9\",\"b\":1}");
+    ck_assert_uint_eq(len, strlen(text));
+    /* The hash is the SHA-256 of exactly the canonical bytes. */
+    char again[65];
+    kh_sha256_hex(text, len, again);
+    ck_assert_str_eq(again, ha);
+    free(text);
+    json_decref(a);
+    json_decref(b);
+    json_decref(c);
+}
+END_TEST
+
+static kh_cfg_t s_table[] = {
+    KH_CFG("KH_T_NAME", KH_CFG_STRING, NULL, 0, 0, false, "a name"),
+    KH_CFG("KH_T_COUNT", KH_CFG_INT, "10", 1, 100, false, "a count"),
+    KH_CFG("KH_T_FLAG", KH_CFG_BOOL, "false", 0, 0, false, "a flag"),
+};
+#define S_COUNT (sizeof s_table / sizeof s_table[0])
+
+static void s_config_expect(const char *name, const char *count,
+                            const char *flag, const char *bad_variable)
+{
+    setenv("KH_T_NAME", name, 1);
+    setenv("KH_T_COUNT", count, 1);
+    setenv("KH_T_FLAG", flag, 1);
+    kh_error_t err;
+    kh_error_clear(&err);
+    int rc = kh_config_load(s_table, S_COUNT, &err);
+    if (!bad_variable)
+        ck_assert_msg(rc == 0, "%s", err.message);
+    else {
+        ck_assert_int_eq(rc, -1);
+        ck_assert_int_eq(err.code, KH_E_CONFIG);
+        ck_assert_str_eq(err.path, bad_variable);
+        ck_assert_ptr_nonnull(strstr(err.message, bad_variable));
+    }
+}
+
+START_TEST(config_is_validated_as_a_whole)
+{
+    s_config_expect("x", "", "", NULL); /* empty = default */
+    ck_assert_int_eq(kh_config_get(s_table, S_COUNT, "KH_T_COUNT")->num, 10);
+    ck_assert_int_eq(kh_config_get(s_table, S_COUNT, "KH_T_FLAG")->num, 0);
+    s_config_expect("x", "1", "yes", NULL);
+    ck_assert_int_eq(kh_config_get(s_table, S_COUNT, "KH_T_COUNT")->num, 1);
+    ck_assert_int_eq(kh_config_get(s_table, S_COUNT, "KH_T_FLAG")->num, 1);
+    s_config_expect("x", "100", "off", NULL);
+    s_config_expect("", "10", "on", "KH_T_NAME"); /* required */
+    s_config_expect("x", "0", "on", "KH_T_COUNT");
+    s_config_expect("x", "101", "on", "KH_T_COUNT");
+    s_config_expect("x", "12abc", "on", "KH_T_COUNT");
+    s_config_expect("x", "99999999999999999999999", "on", "KH_T_COUNT");
+    s_config_expect("x", "10", "maybe", "KH_T_FLAG");
+    ck_assert_ptr_null(kh_config_get(s_table, S_COUNT, "KH_T_NONE"));
+}
+END_TEST
+
+int main(void)
+{
+    Suite *suite = suite_create("proto");
+    TCase *tc = tcase_create("proto");
+    tcase_add_test(tc, valid_envelopes_pass);
+    tcase_add_test(tc, version_and_command_come_first);
+    tcase_add_test(tc, cid_is_required_and_bounded);
+    tcase_add_test(tc, fields_are_checked_per_command);
+    tcase_add_test(tc, rejected_carries_code_and_retry_hint);
+    tcase_add_test(tc, uuids_are_v4_and_canonical);
+    tcase_add_test(tc, payload_hash_ignores_key_order_not_content);
+    tcase_add_test(tc, config_is_validated_as_a_whole);
+    suite_add_tcase(suite, tc);
+    SRunner *runner = srunner_create(suite);
+    srunner_run_all(runner, CK_NORMAL);
+    int failed = srunner_ntests_failed(runner);
+    srunner_free(runner);
+    return failed ? 1 : 0;
+}
