@@ -125,6 +125,9 @@ CREATE TABLE audit_events (
         CHECK (action ~ '^[a-z][a-z0-9_.-]{0,63}$'),
     referral_id uuid NULL,
     delivery_id uuid NULL,
+    partner_id text NULL
+        CONSTRAINT audit_events_partner_id_format
+        CHECK (partner_id ~ '^[a-z][a-z0-9-]{1,31}$'),
     outcome text NOT NULL
         CONSTRAINT audit_events_outcome_known
         CHECK (outcome IN ('ok', 'refused', 'failed')),
@@ -155,6 +158,8 @@ CREATE INDEX audit_events_referral_id ON audit_events (referral_id)
 CREATE INDEX audit_events_delivery_id ON audit_events (delivery_id)
     WHERE delivery_id IS NOT NULL;
 CREATE INDEX audit_events_action_at ON audit_events (action, at);
+CREATE INDEX audit_events_partner_id ON audit_events (partner_id)
+    WHERE partner_id IS NOT NULL;
 
 COMMENT ON TABLE audit_events IS
     'The audit trail: one row per state change or refusal, committed in the '
@@ -180,6 +185,9 @@ COMMENT ON COLUMN audit_events.referral_id IS
     'its own).';
 COMMENT ON COLUMN audit_events.delivery_id IS
     'The delivery concerned, if any.';
+COMMENT ON COLUMN audit_events.partner_id IS
+    'The partner the event concerns besides the actor, if any: the partner '
+    'an administrator added or revoked, the target of a delivery.';
 COMMENT ON COLUMN audit_events.outcome IS 'ok, refused or failed.';
 COMMENT ON COLUMN audit_events.reason_code IS
     'Error code (wire name) when the outcome is not ok.';

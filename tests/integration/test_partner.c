@@ -568,6 +568,15 @@ START_TEST(test_ctl_end_to_end)
         0);
     ck_assert_ptr_nonnull(strstr(text, "already revoked"));
     free(text);
+    /* Each change of the registry is in the trail, once, by an admin; the
+     * failed additions above left nothing there. */
+    char *events = khtest_db_value(
+        conn, "SELECT string_agg(action || ':' || partner_id, ',' ORDER BY "
+              "seq) FROM audit_events WHERE actor_kind = 'admin' AND "
+              "origin_service = 'ketenhubctl' AND outcome = 'ok'");
+    ck_assert_str_eq(events, "partner.added:vt-gv,partner.added:ketenregie,"
+                             "partner.revoked:vt-gv");
+    free(events);
     ck_assert_int_eq(
         CTL_RUN(&text, "partner", "revoke", "nobody", "--cert-dir", cert_dir),
         1);

@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "ctl.h"
+#include "ketenhub/audit.h"
 #include "ketenhub/db.h"
 #include "ketenhub/partner.h"
 
@@ -121,6 +122,8 @@ static int s_add(const char *id, const char *name, kh_partner_kind_t kind,
     if (rc == 0)
         rc = kh_partner_register(conn, id, name, kind, cases,
                                  zcert_public_txt(cert), &err);
+    if (rc == 0)
+        rc = kh_audit_admin(conn, "partner.added", id, "ketenhubctl", &err);
     if (rc == 0) {
         rc = kh_partner_cert_export(cert, id, out, &err);
         exported = rc == 0;
@@ -338,6 +341,8 @@ static int s_cmd_revoke(int argc, char **argv)
         revoked = kh_partner_revoke(conn, id, &err);
         rc = revoked < 0 ? -1 : 0;
     }
+    if (rc == 0 && revoked == 0)
+        rc = kh_audit_admin(conn, "partner.revoked", id, "ketenhubctl", &err);
     /* Remove the certificate inside the transaction: if it cannot be
      * removed, the partner stays active, and the two agree. */
     if (rc == 0)
