@@ -548,9 +548,5 @@ int main(void)
     tcase_add_test(tc, database_down_gives_retryable_refusal_then_recovers);
     tcase_add_test(tc, sighup_does_not_stop_and_sigterm_exits_zero);
     suite_add_tcase(suite, tc);
-    SRunner *runner = srunner_create(suite);
-    srunner_run_all(runner, CK_NORMAL);
-    int failed = srunner_ntests_failed(runner);
-    srunner_free(runner);
-    return failed ? 1 : 0;
+    return khtest_run_suite(suite);
 }

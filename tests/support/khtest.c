@@ -14,6 +14,15 @@
 
 #include "ketenhub/migrate.h"
 
+int khtest_run_suite(Suite *suite)
+{
+    SRunner *runner = srunner_create(suite);
+    srunner_run_all(runner, CK_NORMAL);
+    int failed = srunner_ntests_failed(runner);
+    srunner_free(runner);
+    return failed ? 1 : 0;
+}
+
 const char *khtest_src(const char *relative)
 {
     static char path[4096];

@@ -13,6 +13,10 @@
 #include <check.h>
 #include <libpq-fe.h>
 
+/* Run every test of suite (and free it); the exit status for main: 0
+ * when all passed, 1 otherwise. */
+int khtest_run_suite(Suite *suite);
+
 /* Path of a file in the source tree, e.g. khtest_src ("schemas/x.json").
  * Returns a static buffer, overwritten by the next call. */
 const char *khtest_src(const char *relative);

@@ -936,9 +936,5 @@ int main(void)
     tcase_add_test(tc, test_unsupported);
     tcase_add_test(tc, test_encode);
     suite_add_tcase(s, tc);
-    SRunner *sr = srunner_create(s);
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+    return khtest_run_suite(s);
 }

@@ -259,9 +259,5 @@ int main(void)
     tcase_add_test(tc, payload_hash_ignores_key_order_not_content);
     tcase_add_test(tc, config_is_validated_as_a_whole);
     suite_add_tcase(suite, tc);
-    SRunner *runner = srunner_create(suite);
-    srunner_run_all(runner, CK_NORMAL);
-    int failed = srunner_ntests_failed(runner);
-    srunner_free(runner);
-    return failed ? 1 : 0;
+    return khtest_run_suite(suite);
 }

@@ -398,7 +398,6 @@ START_TEST(test_referral_bounds)
 }
 END_TEST
 
-
 /* ------------------------------------------------------------------ */
 /* The keywords of the subset                                          */
 /* ------------------------------------------------------------------ */
@@ -741,9 +740,5 @@ static Suite *s_suite(void)
 
 int main(void)
 {
-    SRunner *sr = srunner_create(s_suite());
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    return khtest_run_suite(s_suite());
 }
