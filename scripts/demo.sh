@@ -82,8 +82,9 @@ fi
 
 step "The audit trail (ids, actors, actions, outcomes: no personal data)"
 psql -P pager=off -c "SELECT seq, to_char(at, 'HH24:MI:SS.MS') AS at,
-    actor_id, action, outcome, coalesce(reason_code, '') AS reason,
-    coalesce(reason_path, '') AS path, left(referral_id::text, 8) AS referral
+    actor_kind || ':' || actor_id AS actor, action,
+    coalesce(partner_id, left(referral_id::text, 8), '') AS object, outcome,
+    coalesce(reason_code || ' ' || reason_path, '') AS reason
   FROM audit_events ORDER BY seq"
 
 if [ "$keep" = 1 ]; then
