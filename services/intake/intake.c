@@ -26,6 +26,7 @@
 #define S_BACKOFF_MAX_MS 5000
 #define S_UNKNOWN_KEY_RELOAD_MS 1000
 #define S_LINGER_MS 2000
+#define S_RCVHWM 256
 
 /* One request of the batch being handled. */
 typedef struct {
@@ -127,6 +128,9 @@ intake_t *intake_new(const intake_config_t *config, kh_error_t *err)
     zsock_set_curve_server(self->router, 1);
     zsock_set_maxmsgsize(self->router, (int64_t) config->limits.max_frame);
     zsock_set_linger(self->router, S_LINGER_MS);
+    /* Unread requests wait in ZeroMQ, per connection: bound them, so one
+     * connection cannot make intake hold more than S_RCVHWM frames. */
+    zsock_set_rcvhwm(self->router, S_RCVHWM);
     zsock_set_router_mandatory(self->router, 0);
     self->port = zsock_bind(self->router, "%s", config->endpoint);
     if (self->port == -1) {
@@ -593,8 +597,13 @@ static int s_on_router(zloop_t *loop, zsock_t *router, void *arg)
         zmsg_destroy(&msg);
         if (!req->refused && req->cmd == KH_CMD_SUBMIT)
             s_batch_submit(batch, req);
-        if (req->refused)
+        if (req->refused) {
             s_batch_refusal(batch, req);
+            /* Only its cid is needed from here on: memory for a refused
+             * request is held no longer than its check. */
+            json_decref(req->msg);
+            req->msg = NULL;
+        }
     }
     if (self->committing && batch->count == self->cfg.batch_max)
         s_set_reading(self, false);
