@@ -122,37 +122,15 @@ typedef struct {
     size_t index;
 } s_step_t;
 
-/* Write the path of steps[0..n) into buf: keys joined with '.', indices as
- * "[i]", the root as "". Truncated to fit (the error record truncates
- * anyway). */
+/* Write the path of steps[0..n) into buf (see kh_path_append_key). */
 static void s_path(const s_step_t *steps, size_t n, char *buf, size_t size)
 {
-    size_t used = 0;
     buf[0] = '\0';
-    for (size_t i = 0; i < n && used + 1 < size; i++) {
-        int w;
-        if (steps[i].key) {
-            size_t room = size - used - 1;
-            size_t dot = used > 0 ? 1 : 0;
-            if (dot > room)
-                break;
-            if (dot)
-                buf[used++] = '.';
-            room -= dot;
-            size_t k = steps[i].key_len < room ? steps[i].key_len : room;
-            memcpy(buf + used, steps[i].key, k);
-            used += k;
-            buf[used] = '\0';
-            continue;
-        }
-        w = snprintf(buf + used, size - used, "[%zu]", steps[i].index);
-        if (w < 0 || (size_t) w >= size - used) {
-            used = size - 1;
-            buf[used] = '\0';
-            break;
-        }
-        used += (size_t) w;
-    }
+    for (size_t i = 0; i < n; i++)
+        if (steps[i].key)
+            kh_path_append_key(buf, size, steps[i].key, steps[i].key_len);
+        else
+            kh_path_append_index(buf, size, steps[i].index);
 }
 
 /* ---------------------------------------------------------------------- */

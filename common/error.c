@@ -82,3 +82,36 @@ bool kh_error_retryable(kh_errcode_t code)
         return false;
     return s_errors[code].retryable;
 }
+
+bool kh_path_is_identifier(const char *key, size_t len)
+{
+    if (len == 0 || len > KH_PATH_KEY_MAX)
+        return false;
+    for (size_t i = 0; i < len; i++) {
+        unsigned char c = (unsigned char) key[i];
+        bool alpha = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z');
+        bool digit = c >= '0' && c <= '9';
+        if (!(alpha || c == '_' || (digit && i > 0)))
+            return false;
+    }
+    return true;
+}
+
+void kh_path_append_key(char *path, size_t size, const char *key, size_t len)
+{
+    size_t used = strlen(path);
+    if (used + 1 >= size)
+        return;
+    if (kh_path_is_identifier(key, len))
+        snprintf(path + used, size - used, "%s%.*s", used ? "." : "",
+                 (int) len, key);
+    else
+        snprintf(path + used, size - used, "%s?", used ? "." : "");
+}
+
+void kh_path_append_index(char *path, size_t size, size_t index)
+{
+    size_t used = strlen(path);
+    if (used + 1 < size)
+        snprintf(path + used, size - used, "[%zu]", index);
+}

@@ -140,9 +140,12 @@ int kh_proto_check(const json_t *msg, kh_cmd_t *cmd, const char **cid,
         bool known = false;
         for (const char **field = allowed; *field && !known; field++)
             known = strcmp(key, *field) == 0;
-        if (!known)
-            return kh_error_set(err, KH_E_BAD_ENVELOPE, key,
+        if (!known) {
+            char path[KH_ERROR_PATH_MAX] = "";
+            kh_path_append_key(path, sizeof path, key, strlen(key));
+            return kh_error_set(err, KH_E_BAD_ENVELOPE, path,
                                 "unknown field for %s", kh_cmd_name(*cmd));
+        }
     }
     return s_check_command_fields(msg, *cmd, err);
 }

@@ -29,7 +29,7 @@
 #define S_FILE_MAX (4 * 1024 * 1024) /* bytes of a schema file */
 #define S_DEPTH_MAX 32               /* nesting of instance levels */
 #define S_SEG_MAX 128                /* nesting of the schema's JSON */
-#define S_NAME_MAX 64                /* length of a property name */
+#define S_NAME_MAX KH_PATH_KEY_MAX   /* length of a property name */
 
 #define S_DRAFT "https://json-schema.org/draft/2020-12/schema"
 #define S_REF_PREFIX "#/$defs/"
@@ -126,22 +126,6 @@ struct _kh_schema_t {
 /* ------------------------------------------------------------------ */
 /* Small helpers shared by loading and validating                      */
 /* ------------------------------------------------------------------ */
-
-/* Whether name is a plain identifier that can appear in a field path
- * unambiguously: [A-Za-z_][A-Za-z0-9_]*, at most S_NAME_MAX bytes. */
-static bool s_is_identifier(const char *name, size_t len)
-{
-    if (len == 0 || len > S_NAME_MAX)
-        return false;
-    for (size_t i = 0; i < len; i++) {
-        unsigned char c = (unsigned char) name[i];
-        bool alpha = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z');
-        bool digit = c >= '0' && c <= '9';
-        if (!(alpha || c == '_' || (digit && i > 0)))
-            return false;
-    }
-    return true;
-}
 
 static bool s_is_number(const json_t *v)
 {
@@ -895,7 +879,7 @@ static int s_compile_properties(cc_t *cc, node_t *n, const json_t *js)
              it = json_object_iter_next(obj, it)) {
             const char *name = json_object_iter_key(it);
             size_t len = json_object_iter_key_len(it);
-            if (!s_is_identifier(name, len))
+            if (!kh_path_is_identifier(name, len))
                 return s_invalid(cc, name,
                                  "property names must be identifiers "
                                  "([A-Za-z_][A-Za-z0-9_]*, at most %d)",
@@ -927,7 +911,8 @@ static int s_compile_properties(cc_t *cc, node_t *n, const json_t *js)
             for (size_t k = 0; json_is_string(name) && k < i; k++)
                 repeated |= s_equal(name, json_array_get(req, k));
             if (!json_is_string(name) ||
-                !s_is_identifier(json_string_value(name), len) || repeated) {
+                !kh_path_is_identifier(json_string_value(name), len) ||
+                repeated) {
                 if (s_push(cc, "required"))
                     return -1;
                 s_push_index(cc, i);
@@ -1358,21 +1343,13 @@ typedef struct {
  * plain identifier (it may carry data) is shown as "?". */
 static void s_render_path(const vc_t *vc, char *out, size_t cap)
 {
-    size_t o = 0;
     out[0] = '\0';
-    for (size_t i = 0; i < vc->depth && o < cap; i++) {
-        const seg_t *s = &vc->path[i];
-        int w;
-        if (!s->key)
-            w = snprintf(out + o, cap - o, "[%zu]", s->index);
-        else if (s_is_identifier(s->key, s->len))
-            w = snprintf(out + o, cap - o, "%s%.*s", o ? "." : "", (int) s->len,
-                         s->key);
+    for (size_t i = 0; i < vc->depth; i++) {
+        const seg_t *seg = &vc->path[i];
+        if (seg->key)
+            kh_path_append_key(out, cap, seg->key, seg->len);
         else
-            w = snprintf(out + o, cap - o, "%s?", o ? "." : "");
-        if (w < 0)
-            break;
-        o += (size_t) w;
+            kh_path_append_index(out, cap, seg->index);
     }
 }
 

@@ -94,6 +94,17 @@ int kh_error_set_at(kh_error_t *err, kh_errcode_t code, const char *path,
                     int line, int column, const char *fmt, ...)
     __attribute__((format(printf, 6, 7)));
 
+/* Field paths ("subject.age", "indicators[2]") are built only from these
+ * helpers. A map key that is not a plain identifier ([A-Za-z_][A-Za-z0-9_]*,
+ * at most KH_PATH_KEY_MAX bytes) may carry data a partner put there, so it
+ * is written as "?": a path never holds anything but ASCII names, indices
+ * and dots, and is safe for replies, logs and the audit trail. Appending
+ * truncates at the buffer's end. */
+#define KH_PATH_KEY_MAX 64
+bool kh_path_is_identifier(const char *key, size_t len);
+void kh_path_append_key(char *path, size_t size, const char *key, size_t len);
+void kh_path_append_index(char *path, size_t size, size_t index);
+
 /* Stable wire name of a code ("schema.required"); "unknown" if out of
  * range. */
 const char *kh_error_name(kh_errcode_t code);

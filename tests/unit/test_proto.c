@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "ketenhub/codec.h"
 #include "ketenhub/config.h"
 #include "ketenhub/proto.h"
 #include "khtest.h"
@@ -132,6 +133,38 @@ START_TEST(fields_are_checked_per_command)
 }
 END_TEST
 
+/* A key a partner made up may hold personal data: paths show it as "?". */
+START_TEST(paths_never_carry_made_up_keys)
+{
+    s_expect("{\"v\":1,\"cmd\":\"PING\",\"cid\":\"a\",\"Jan de Vries "
+             "1987\":1}",
+             KH_E_BAD_ENVELOPE, "?", "a");
+    s_expect("{\"v\":1,\"cmd\":\"PING\",\"cid\":\"a\",\"a\\u0001b\":1}",
+             KH_E_BAD_ENVELOPE, "?", "a");
+    char path[16] = "";
+    kh_path_append_key(path, sizeof path, "referral", 8);
+    kh_path_append_index(path, sizeof path, 12);
+    kh_path_append_key(path, sizeof path, "\xc3\xa9t\xc3\xa9", 6);
+    ck_assert_str_eq(path, "referral[12].?");
+    kh_path_append_key(path, sizeof path, "truncated", 9);
+    ck_assert_str_eq(path, "referral[12].?.");
+    ck_assert(kh_path_is_identifier("subject_2", 9));
+    ck_assert(!kh_path_is_identifier("2nd", 3));
+    ck_assert(!kh_path_is_identifier("", 0));
+
+    /* The decoder's paths too: a duplicate made-up key. */
+    json_t *decoded = NULL;
+    kh_error_t err;
+    const char frame[] = "\x81\xa1r\x82\xa3"
+                         "a b\x01\xa3"
+                         "a b\x02";
+    ck_assert_int_eq(
+        kh_msgpack_decode(frame, sizeof frame - 1, NULL, &decoded, &err), -1);
+    ck_assert_int_eq(err.code, KH_E_DUPLICATE_KEY);
+    ck_assert_str_eq(err.path, "r.?");
+}
+END_TEST
+
 START_TEST(rejected_carries_code_and_retry_hint)
 {
     kh_error_t err;
@@ -254,6 +287,7 @@ int main(void)
     tcase_add_test(tc, version_and_command_come_first);
     tcase_add_test(tc, cid_is_required_and_bounded);
     tcase_add_test(tc, fields_are_checked_per_command);
+    tcase_add_test(tc, paths_never_carry_made_up_keys);
     tcase_add_test(tc, rejected_carries_code_and_retry_hint);
     tcase_add_test(tc, uuids_are_v4_and_canonical);
     tcase_add_test(tc, payload_hash_ignores_key_order_not_content);
