@@ -19,11 +19,29 @@ static void s_drop_notice(void *arg, const PGresult *res)
 PGconn *kh_db_connect_app(const char *conninfo, const char *application_name,
                           kh_error_t *err)
 {
-    const char *keywords[] = {"dbname", "fallback_application_name", NULL};
-    const char *values[] = {conninfo ? conninfo : "",
+    /* A database that stops answering must not hang a service: bounded
+     * connection attempts, and dead TCP peers noticed within seconds. These
+     * come first, so that the same settings in conninfo win. */
+    const char *keywords[] = {"connect_timeout",
+                              "keepalives",
+                              "keepalives_idle",
+                              "keepalives_interval",
+                              "keepalives_count",
+                              "tcp_user_timeout",
+                              "dbname",
+                              "fallback_application_name",
+                              NULL};
+    const char *values[] = {"5",
+                            "1",
+                            "10",
+                            "5",
+                            "3",
+                            "10000",
+                            conninfo ? conninfo : "",
                             application_name ? application_name : "ketenhub",
                             NULL};
-    /* expand_dbname = 1: dbname may be a whole connection string or URI. */
+    /* expand_dbname = 1: dbname may be a whole connection string or URI,
+     * whose settings override the ones before it. */
     PGconn *conn = PQconnectdbParams(keywords, values, 1);
     if (!conn) {
         kh_error_set(err, KH_E_NOMEM, NULL, "out of memory connecting");

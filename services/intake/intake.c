@@ -12,6 +12,7 @@
 #include "intake.h"
 
 #include <czmq.h>
+#include <poll.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -26,7 +27,9 @@
 #define S_BACKOFF_MAX_MS 5000
 #define S_UNKNOWN_KEY_RELOAD_MS 1000
 #define S_LINGER_MS 2000
-#define S_RCVHWM 256
+#define S_RCVHWM 64
+#define S_BATCH_BYTES (8 * 1024 * 1024)
+#define S_DRAIN_MS 3000
 
 /* One request of the batch being handled. */
 typedef struct {
@@ -38,6 +41,7 @@ typedef struct {
     char actor[64];   /* partner id, or "key:<Z85>" */
     char peer[64];    /* peer address */
     bool refused;     /* err holds why */
+    size_t size;      /* bytes of the frame */
     kh_error_t err;
     char *canonical; /* SUBMIT: the referral's canonical JSON (owned) */
     int sub;         /* index in the batch's submissions, or -1 */
@@ -50,6 +54,7 @@ typedef struct {
     store_submit_t *subs;
     store_refusal_t *refs;
     size_t count, nsubs, nrefs;
+    size_t bytes;    /* frames of the requests kept, for the memory bound */
     zhashx_t *keys;  /* "partner\nkey" -> index + 1, to find repeats */
     int64_t sent_at; /* when the commit started, 0 if not sent */
 } s_batch_t;
@@ -174,6 +179,12 @@ void intake_destroy(intake_t **self_p)
     store_destroy(&self->store);
     zhashx_destroy(&self->partners);
     for (int i = 0; i < 2; i++) {
+        s_batch_t *batch = &self->batches[i];
+        for (size_t r = 0; batch->requests && r < batch->count; r++) {
+            zframe_destroy(&batch->requests[r].identity);
+            json_decref(batch->requests[r].msg);
+            free(batch->requests[r].canonical);
+        }
         zhashx_destroy(&self->batches[i].keys);
         free(self->batches[i].requests);
         free(self->batches[i].subs);
@@ -283,6 +294,7 @@ static void s_take(intake_t *self, s_request_t *req, zmsg_t *msg)
     kh_error_t err;
     kh_error_clear(&err);
 
+    req->size = body ? zframe_size(body) : 0;
     const char *key = body ? zframe_meta(body, "User-Id") : NULL;
     const char *peer = body ? zframe_meta(body, "Peer-Address") : NULL;
     snprintf(req->peer, sizeof req->peer, "%s", peer ? peer : "");
@@ -304,6 +316,11 @@ static void s_take(intake_t *self, s_request_t *req, zmsg_t *msg)
         const char *cid = NULL;
         int rc = kh_proto_check(req->msg, &req->cmd, &cid, &err);
         snprintf(req->cid, sizeof req->cid, "%s", cid ? cid : "");
+        if (rc == 0 && req->cmd != KH_CMD_SUBMIT && req->cmd != KH_CMD_STATUS &&
+            req->cmd != KH_CMD_PING)
+            rc = kh_error_set(&err, KH_E_UNKNOWN_COMMAND, "cmd",
+                              "%s is not a request a partner can send",
+                              kh_cmd_name(req->cmd));
         if (rc)
             s_refuse(req, &err);
     }
@@ -381,7 +398,7 @@ static json_t *s_accepted(const s_request_t *req, const store_submit_t *sub,
                           bool duplicate)
 {
     json_t *reply = kh_proto_new(KH_CMD_ACCEPTED, req->cid);
-    json_object_set_new(reply, "referral_id", json_string(sub->referral_id));
+    json_object_set_new(reply, "referral_id", json_string(sub->stored_id));
     json_object_set_new(reply, "accepted_at", json_string(sub->accepted_at));
     json_object_set_new(reply, "duplicate", json_boolean(duplicate));
     return reply;
@@ -427,16 +444,21 @@ static json_t *s_submit_reply(intake_t *self, const s_batch_t *batch,
     if (owner->refused)
         return kh_proto_rejected(req->cid, &owner->err, 0);
     const store_submit_t *sub = &batch->subs[owner->sub];
-    if (sub->conflict)
+    const char *hash = sub->hash;
+    char own[65];
+    if (req->leader >= 0) { /* a repeat of the key within the batch */
+        if (kh_payload_hash(json_object_get(req->msg, "referral"), own)) {
+            kh_error_t err;
+            kh_error_set(&err, KH_E_NOMEM, "", "out of memory");
+            return kh_proto_rejected(req->cid, &err, self->backoff_ms);
+        }
+        hash = own;
+    }
+    /* The first answer for the key, whichever submission gave it; new
+     * only for the submission whose row it is. */
+    if (strcmp(hash, sub->stored_hash) != 0)
         return s_conflict(req);
-    if (req->leader < 0)
-        return s_accepted(req, sub, sub->duplicate);
-    /* A repeat of a key within the batch: same payload or conflict. */
-    char hash[65];
-    if (kh_payload_hash(json_object_get(req->msg, "referral"), hash) ||
-        strcmp(hash, sub->hash) != 0)
-        return s_conflict(req);
-    return s_accepted(req, sub, true);
+    return s_accepted(req, sub, !(sub->inserted && req->leader < 0));
 }
 
 /* Answer every request of the batch and empty it. */
@@ -477,7 +499,7 @@ static void s_batch_reply(intake_t *self, s_batch_t *batch,
                          ? (double) (zclock_usecs() - batch->sent_at) / 1000.0
                          : 0.0,
                      commit_err ? kh_error_name(commit_err->code) : "ok");
-    batch->count = batch->nsubs = batch->nrefs = 0;
+    batch->count = batch->nsubs = batch->nrefs = batch->bytes = 0;
     batch->sent_at = 0;
     zhashx_purge(batch->keys);
 }
@@ -523,6 +545,18 @@ static void s_db_failed(intake_t *self, const kh_error_t *err)
         s_schedule_reconnect(self);
 }
 
+/* Start committing batch. 0, or -1 with err (nothing was sent). */
+static int s_commit_start(intake_t *self, s_batch_t *batch, kh_error_t *err)
+{
+    if (store_commit_send(self->store, batch->subs, batch->nsubs, batch->refs,
+                          batch->nrefs, err))
+        return -1;
+    batch->sent_at = zclock_usecs();
+    self->committing = batch;
+    s_watch_db(self, true);
+    return 0;
+}
+
 /* Send the filling batch to PostgreSQL if nothing is being committed; a
  * batch that needs no commit is answered at once. */
 static void s_dispatch(intake_t *self)
@@ -533,32 +567,40 @@ static void s_dispatch(intake_t *self)
     kh_error_t err;
     if (batch->nsubs + batch->nrefs == 0)
         s_batch_reply(self, batch, NULL);
-    else if (store_commit_send(self->store, batch->subs, batch->nsubs,
-                               batch->refs, batch->nrefs, &err)) {
+    else if (s_commit_start(self, batch, &err)) {
         if (batch->nrefs)
             kh_log_warn("refusals_unaudited", "count=%zu code=%s", batch->nrefs,
                         kh_error_name(err.code));
         s_batch_reply(self, batch, &err);
         s_db_failed(self, &err);
-    } else {
-        batch->sent_at = zclock_usecs();
-        self->committing = batch;
+    } else
         self->filling =
             batch == &self->batches[0] ? &self->batches[1] : &self->batches[0];
-        s_watch_db(self, true);
-    }
     s_set_reading(self, true);
 }
 
-/* The commit in flight ended (or failed): answer it, send the next. */
+/* The commit in flight ended (rc 0) or failed (rc -1, err): answer it,
+ * send the next. */
 static void s_commit_done(intake_t *self, int rc, const kh_error_t *err)
 {
     s_batch_t *batch = self->committing;
     self->committing = NULL;
     s_watch_db(self, false);
+    kh_error_t again;
     if (rc && batch->nrefs)
         kh_log_warn("refusals_unaudited", "count=%zu code=%s", batch->nrefs,
                     kh_error_name(err->code));
+    if (rc && err->code == KH_E_INTERNAL && batch->nrefs > 0) {
+        /* An audit row of a refusal must never cost the others their
+         * commit (the refusals are answered anyway): once more without. */
+        batch->nrefs = 0;
+        if (batch->nsubs == 0)
+            rc = 0;
+        else if (s_commit_start(self, batch, &again) == 0)
+            return;
+        else
+            err = &again;
+    }
     s_batch_reply(self, batch, rc ? err : NULL);
     if (rc)
         s_db_failed(self, err);
@@ -587,7 +629,7 @@ static int s_on_router(zloop_t *loop, zsock_t *router, void *arg)
     (void) loop;
     intake_t *self = arg;
     s_batch_t *batch = self->filling;
-    while (batch->count < self->cfg.batch_max &&
+    while (batch->count < self->cfg.batch_max && batch->bytes < S_BATCH_BYTES &&
            (zsock_events(router) & ZMQ_POLLIN)) {
         zmsg_t *msg = zmsg_recv(router);
         if (!msg)
@@ -597,7 +639,9 @@ static int s_on_router(zloop_t *loop, zsock_t *router, void *arg)
         zmsg_destroy(&msg);
         if (!req->refused && req->cmd == KH_CMD_SUBMIT)
             s_batch_submit(batch, req);
-        if (req->refused) {
+        if (!req->refused)
+            batch->bytes += req->size;
+        else {
             s_batch_refusal(batch, req);
             /* Only its cid is needed from here on: memory for a refused
              * request is held no longer than its check. */
@@ -605,7 +649,8 @@ static int s_on_router(zloop_t *loop, zsock_t *router, void *arg)
             req->msg = NULL;
         }
     }
-    if (self->committing && batch->count == self->cfg.batch_max)
+    if (self->committing &&
+        (batch->count == self->cfg.batch_max || batch->bytes >= S_BATCH_BYTES))
         s_set_reading(self, false);
     s_dispatch(self);
     return 0;
@@ -621,9 +666,16 @@ static int s_check_stall(zloop_t *loop, int timer_id, void *arg)
     intake_t *self = arg;
     if (self->committing && zclock_usecs() - self->committing->sent_at >
                                 (int64_t) self->cfg.commit_timeout_ms * 1000) {
+        kh_error_t err;
+        /* The loop may have been busy rather than the database slow. */
+        int rc = store_commit_poll(self->store, self->committing->subs,
+                                   self->committing->nsubs, false, &err);
+        if (rc != 1) {
+            s_commit_done(self, rc, &err);
+            return 0;
+        }
         kh_log_warn("commit_stalled", "ms=%d", self->cfg.commit_timeout_ms);
         store_abandon(self->store);
-        kh_error_t err;
         kh_error_set(&err, KH_E_UNAVAILABLE, "",
                      "the hub's database did not answer in time; retry with "
                      "the same idempotency key");
@@ -649,22 +701,33 @@ static int s_on_signal(zloop_t *loop, zmq_pollitem_t *item, void *arg)
 }
 
 /* On the way out: finish the commit in flight, take and commit what has
- * already arrived, answer it all. */
+ * already arrived, answer it all; after S_DRAIN_MS, refuse (retryably)
+ * what is still open, so that intake always exits in time. */
 static void s_drain(intake_t *self)
 {
-    for (int round = 0; round < 16; round++) {
+    int64_t deadline = zclock_mono() + S_DRAIN_MS;
+    while (zclock_mono() < deadline) {
         if (self->committing) {
-            kh_error_t err;
-            int rc = store_commit_poll(self->store, self->committing->subs,
-                                       self->committing->nsubs, true, &err);
-            s_commit_done(self, rc, &err);
-            continue;
-        }
-        if (!(zsock_events(self->router) & ZMQ_POLLIN) &&
-            self->filling->count == 0)
-            break;
-        s_on_router(self->loop, self->router, self);
+            struct pollfd pfd = {store_socket(self->store), POLLIN, 0};
+            if (pfd.fd >= 0)
+                poll(&pfd, 1, 100);
+            s_on_db(self->loop, NULL, self);
+        } else if ((zsock_events(self->router) & ZMQ_POLLIN) ||
+                   self->filling->count > 0)
+            s_on_router(self->loop, self->router, self);
+        else
+            return;
     }
+    kh_error_t err;
+    kh_error_set(&err, KH_E_UNAVAILABLE, "",
+                 "the hub is stopping; resend with the same idempotency key");
+    if (self->committing) {
+        kh_log_warn("commit_abandoned", "reason=stopping");
+        store_abandon(self->store);
+        s_commit_done(self, -1, &err); /* fails the next batch too */
+    }
+    if (self->filling->count)
+        s_batch_reply(self, self->filling, &err);
 }
 
 int intake_run(intake_t *self, int signal_fd)
@@ -674,7 +737,8 @@ int intake_run(intake_t *self, int signal_fd)
         return -1;
     s_set_reading(self, true);
     zmq_pollitem_t signals = {NULL, signal_fd, ZMQ_POLLIN, 0};
-    zloop_poller(self->loop, &signals, s_on_signal, self);
+    if (zloop_poller(self->loop, &signals, s_on_signal, self))
+        return -1;
     zloop_timer(self->loop, (size_t) self->cfg.partner_refresh_ms, 0,
                 s_refresh_partners, self);
     zloop_timer(self->loop, 100, 0, s_check_stall, self);

@@ -60,18 +60,30 @@ static const char *s_commit_sql =
     "  FROM unnest($8::text[], $9::text[], $10::text[], $11::text[],"
     "    $12::text[]) WITH ORDINALITY"
     "    AS t(action, actor_id, code, path, peer, i) ORDER BY i"
-    ")"
-    " SELECT input.i, ins.id IS NOT NULL, coalesce(ins.id, r.id),"
-    "   encode(r.payload_hash, 'hex'),"
-    "   to_char(coalesce(ins.accepted_at, r.accepted_at) AT TIME ZONE 'UTC',"
-    "   " S_TS_FORMAT ")"
-    " FROM input LEFT JOIN ins USING (id)"
+    "), stored AS ("
     /* One index probe per key that was not inserted, never a table scan:
      * LIMIT keeps the planner from turning this into a hash join. */
-    " LEFT JOIN LATERAL (SELECT id, payload_hash, accepted_at"
-    "   FROM referrals WHERE ins.id IS NULL"
-    "   AND partner_id = input.partner_id"
-    "   AND idempotency_key = input.idem LIMIT 1) r ON true";
+    "  SELECT input.i, ins.id AS new_id, ins.accepted_at AS new_at,"
+    "    r.id, r.payload_hash, r.accepted_at, input.hash, input.partner_id,"
+    "    input.peer"
+    "  FROM input LEFT JOIN ins USING (id)"
+    "  LEFT JOIN LATERAL (SELECT id, payload_hash, accepted_at"
+    "    FROM referrals WHERE ins.id IS NULL"
+    "    AND partner_id = input.partner_id"
+    "    AND idempotency_key = input.idem LIMIT 1) r ON true"
+    "), conflicts AS ("
+    /* The same key for another referral: refused, and in the trail. */
+    "  INSERT INTO audit_events (actor_kind, actor_id, action, outcome,"
+    "    reason_code, reason_path, payload_hash, origin_service, origin_peer)"
+    "  SELECT 'partner', partner_id, 'referral.rejected', 'refused',"
+    "    'idempotency_conflict', 'idempotency_key', hash, 'intake', peer"
+    "  FROM stored WHERE payload_hash <> hash ORDER BY i"
+    ")"
+    " SELECT i, new_id IS NOT NULL, coalesce(new_id, id),"
+    "   encode(payload_hash, 'hex'),"
+    "   to_char(coalesce(new_at, accepted_at) AT TIME ZONE 'UTC',"
+    "   " S_TS_FORMAT ")"
+    " FROM stored";
 
 #define S_COMMIT_PARAMS 12
 
@@ -130,11 +142,6 @@ int store_socket(store_t *self)
     return self->writer ? PQsocket(self->writer) : -1;
 }
 
-bool store_busy(store_t *self)
-{
-    return self->busy;
-}
-
 /* Turn a failure on conn into err and clear res. Connection-level
  * failures and the SQLSTATEs that mean "try again" become
  * KH_E_UNAVAILABLE; anything else is KH_E_INTERNAL (a bug or a schema
@@ -143,20 +150,26 @@ static int s_fail(PGconn *conn, PGresult *res, const char *what,
                   kh_error_t *err)
 {
     const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
-    const char *primary =
-        res ? PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY) : NULL;
+    /* The server's message may quote a value from the request: log only
+     * the SQLSTATE and the constraint or table it names. */
+    const char *constraint =
+        res ? PQresultErrorField(res, PG_DIAG_CONSTRAINT_NAME) : NULL;
+    const char *table =
+        res ? PQresultErrorField(res, PG_DIAG_TABLE_NAME) : NULL;
     bool retry = !s_conn_up(conn) || !state || kh_db_retryable_sqlstate(state);
-    kh_log_warn("db_error", "op=%s sqlstate=%s retryable=%d msg=\"%s\"", what,
-                state ? state : "none", retry,
-                primary ? primary : "connection lost");
+    kh_log_warn("db_error",
+                "op=%s sqlstate=%s retryable=%d table=%s "
+                "constraint=%s",
+                what, state ? state : "none", retry, table ? table : "none",
+                constraint ? constraint : "none");
     PQclear(res);
     if (retry)
         return kh_error_set(err, KH_E_UNAVAILABLE, "",
-                            "the hub's database is unavailable; nothing was "
-                            "stored, retry with the same idempotency key");
+                            "the hub's database is unavailable; resend with "
+                            "the same idempotency key");
     return kh_error_set(err, KH_E_INTERNAL, "",
-                        "the hub could not store the request; nothing was "
-                        "stored, retry with the same idempotency key");
+                        "the hub could not store the request; resend with "
+                        "the same idempotency key");
 }
 
 /* Prepare count statements on conn. */
@@ -350,16 +363,13 @@ static void s_params_free(s_params_t *params)
         free(params->columns[i].data);
 }
 
-/* Fill sub's outputs from an existing row (id, hash, accepted_at). */
-static void s_answer_existing(store_submit_t *sub, const char *id,
-                              const char *hash, const char *accepted_at)
+/* Fill sub's outputs from the row that holds its key. */
+static void s_answer_stored(store_submit_t *sub, const char *id,
+                            const char *hash, const char *accepted_at)
 {
-    if (strcmp(hash, sub->hash) == 0) {
-        sub->duplicate = true;
-        snprintf(sub->referral_id, sizeof sub->referral_id, "%s", id);
-        snprintf(sub->accepted_at, sizeof sub->accepted_at, "%s", accepted_at);
-    } else
-        sub->conflict = true;
+    snprintf(sub->stored_id, sizeof sub->stored_id, "%s", id);
+    snprintf(sub->stored_hash, sizeof sub->stored_hash, "%s", hash);
+    snprintf(sub->accepted_at, sizeof sub->accepted_at, "%s", accepted_at);
 }
 
 /* A key that was neither inserted by us nor visible to our statement was
@@ -375,8 +385,8 @@ static int s_lookup(store_t *self, store_submit_t *sub, kh_error_t *err)
         return kh_error_set(err, KH_E_INTERNAL, "",
                             "the idempotency key vanished; retry");
     }
-    s_answer_existing(sub, PQgetvalue(res, 0, 0), PQgetvalue(res, 0, 1),
-                      PQgetvalue(res, 0, 2));
+    s_answer_stored(sub, PQgetvalue(res, 0, 0), PQgetvalue(res, 0, 1),
+                    PQgetvalue(res, 0, 2));
     PQclear(res);
     return 0;
 }
@@ -409,27 +419,34 @@ int store_commit_send(store_t *self, store_submit_t *subs, size_t nsubs,
     return 0;
 }
 
-/* Fill the outputs of subs from the batch's result rows. */
+/* Fill the outputs of subs from the batch's result rows; every
+ * submission must have its row. */
 static int s_answer(store_t *self, PGresult *res, store_submit_t *subs,
                     size_t nsubs, kh_error_t *err)
 {
     int rows = PQntuples(res);
+    size_t answered = 0;
     for (int row = 0; row < rows; row++) {
         long i = strtol(PQgetvalue(res, row, 0), NULL, 10) - 1;
-        if (i < 0 || (size_t) i >= nsubs)
+        if (i < 0 || (size_t) i >= nsubs || subs[i].stored_id[0])
             continue;
         store_submit_t *sub = &subs[i];
-        bool inserted = PQgetvalue(res, row, 1)[0] == 't';
-        if (inserted)
-            snprintf(sub->accepted_at, sizeof sub->accepted_at, "%s",
-                     PQgetvalue(res, row, 4));
+        sub->inserted = PQgetvalue(res, row, 1)[0] == 't';
+        if (sub->inserted)
+            s_answer_stored(sub, sub->referral_id, sub->hash,
+                            PQgetvalue(res, row, 4));
         else if (PQgetisnull(res, row, 2)) {
             if (s_lookup(self, sub, err))
                 return -1;
         } else
-            s_answer_existing(sub, PQgetvalue(res, row, 2),
-                              PQgetvalue(res, row, 3), PQgetvalue(res, row, 4));
+            s_answer_stored(sub, PQgetvalue(res, row, 2),
+                            PQgetvalue(res, row, 3), PQgetvalue(res, row, 4));
+        answered++;
     }
+    if (answered != nsubs)
+        return kh_error_set(err, KH_E_INTERNAL, "",
+                            "the hub could not confirm the request; resend it "
+                            "with the same idempotency key");
     return 0;
 }
 
@@ -440,6 +457,8 @@ int store_commit_poll(store_t *self, store_submit_t *subs, size_t nsubs,
         return kh_error_set(err, KH_E_INTERNAL, "", "no batch to wait for");
     if (!wait && !PQconsumeInput(self->writer)) {
         self->busy = false;
+        PQclear(self->rows);
+        self->rows = NULL;
         return s_fail(self->writer, NULL, "commit", err);
     }
     /* Collect results until libpq says the command is over. */

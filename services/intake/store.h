@@ -27,13 +27,14 @@ typedef struct {
     const json_t *referral;
     const char *payload; /* its canonical JSON, payload_len bytes */
     size_t payload_len;
-    const char *peer; /* peer address, may be NULL */
-    char hash[65];    /* SHA-256 of payload (hex) */
-    char referral_id[37];
-    /* outputs */
-    char accepted_at[40];
-    bool duplicate; /* the key was used before with the same payload */
-    bool conflict;  /* the key was used before with another payload */
+    const char *peer;     /* peer address, may be NULL */
+    char hash[65];        /* SHA-256 of payload (hex) */
+    char referral_id[37]; /* the id to give it if it is new */
+    /* outputs: the row that holds (partner, key) after the commit */
+    bool inserted;        /* it is this submission's row */
+    char stored_id[37];   /* its id */
+    char stored_hash[65]; /* its payload hash: differs on a conflict */
+    char accepted_at[40]; /* when it was accepted */
 } store_submit_t;
 
 /* One refusal to audit. */
@@ -63,9 +64,6 @@ bool store_up(store_t *self);
 /* The writer's socket, to poll for the end of a commit; -1 when down. */
 int store_socket(store_t *self);
 
-/* Whether a batch is being committed. */
-bool store_busy(store_t *self);
-
 /* Start committing subs[0..nsubs) and refs[0..nrefs) (they must stay put
  * until the batch ends). Within a batch every (partner, key) appears at
  * most once. 0, or -1 with err (nothing was sent). */
@@ -75,9 +73,9 @@ int store_commit_send(store_t *self, store_submit_t *subs, size_t nsubs,
 
 /* Read what the writer has received. Returns 1 while the commit is still
  * running, 0 when it committed (each submit's outputs filled), or -1 with
- * err: KH_E_UNAVAILABLE when the database went away (nothing committed, or
- * the outcome is unknown: a resubmission with the same key tells), or
- * KH_E_INTERNAL. With wait, blocks until the commit ends. */
+ * err: KH_E_UNAVAILABLE when the database went away (the outcome may be
+ * unknown: a resubmission with the same key tells), KH_E_INTERNAL for
+ * anything else. With wait, blocks until the commit ends. */
 int store_commit_poll(store_t *self, store_submit_t *subs, size_t nsubs,
                       bool wait, kh_error_t *err);
 
