@@ -328,6 +328,60 @@ static json_t *s_raw_json(json_t *envelope)
     return reply;
 }
 
+/* Send envelopes[0..n) on one connection without waiting, then collect
+ * the replies by cid (envelope i carries cid "p<i>"). Takes the
+ * envelopes; replies[i] is NULL when none came within timeout_ms. */
+static void s_pipeline(json_t **envelopes, size_t n, json_t **replies,
+                       int timeout_ms)
+{
+    zcert_t *hub = zcert_load(s_path("hub.cert"));
+    zcert_t *mine = zcert_load(s_path("vt.cert"));
+    zsock_t *dealer = zsock_new(ZMQ_DEALER);
+    zcert_apply(mine, dealer);
+    zsock_set_curve_serverkey(dealer, zcert_public_txt(hub));
+    zsock_set_rcvtimeo(dealer, timeout_ms);
+    zsock_connect(dealer, "%s", s_endpoint);
+    for (size_t i = 0; i < n; i++) {
+        char cid[32], *data;
+        size_t size;
+        kh_error_t err;
+        snprintf(cid, sizeof cid, "p%zu", i);
+        json_object_set_new(envelopes[i], "v", json_integer(1));
+        json_object_set_new(envelopes[i], "cid", json_string(cid));
+        ck_assert_int_eq(kh_msgpack_encode(envelopes[i], &data, &size, &err),
+                         0);
+        zframe_t *frame = zframe_new(data, size);
+        free(data);
+        zframe_send(&frame, dealer, 0);
+        json_decref(envelopes[i]);
+        replies[i] = NULL;
+    }
+    for (size_t got = 0; got < n; got++) {
+        zframe_t *frame = zframe_recv(dealer);
+        if (!frame)
+            break;
+        json_t *reply = NULL;
+        kh_error_t err;
+        ck_assert_int_eq(kh_msgpack_decode(zframe_data(frame),
+                                           zframe_size(frame), NULL, &reply,
+                                           &err),
+                         0);
+        zframe_destroy(&frame);
+        size_t i = strtoul(s_str(reply, "cid") + 1, NULL, 10);
+        ck_assert_uint_lt(i, n);
+        replies[i] = reply;
+    }
+    zsock_destroy(&dealer);
+    zcert_destroy(&hub);
+    zcert_destroy(&mine);
+}
+
+static json_t *s_submit_envelope(const char *key, json_t *referral)
+{
+    return json_pack("{s:s, s:s, s:O}", "cmd", "SUBMIT", "idempotency_key", key,
+                     "referral", referral);
+}
+
 static void s_expect_rejected(json_t *reply, const char *code, const char *path)
 {
     ck_assert_msg(reply != NULL, "no reply, expected %s", code);
@@ -363,6 +417,10 @@ START_TEST(bad_input_is_rejected_and_changes_nothing)
     s_expect_rejected(s_raw_json(json_pack("{s:i,s:s,s:s,s:s}", "v", 1, "cmd",
                                            "PING", "cid", "x", "from", "avim")),
                       "bad_envelope", "from");
+    /* The hub's own commands are not requests. */
+    s_expect_rejected(s_raw_json(json_pack("{s:i,s:s,s:s}", "v", 1, "cmd",
+                                           "ACCEPTED", "cid", "x")),
+                      "unknown_command", "cmd");
     json_t *referral = s_example();
     s_expect_rejected(
         s_raw_json(json_pack("{s:i,s:s,s:s,s:s,s:O}", "v", 1, "cmd", "SUBMIT",
@@ -393,7 +451,7 @@ START_TEST(bad_input_is_rejected_and_changes_nothing)
     ck_assert_int_eq(s_count("SELECT count(*) FROM referrals"), referrals);
     ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE "
                              "outcome = 'refused'"),
-                     refusals + 11);
+                     refusals + 12);
     ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE "
                              "action = 'referral.rejected' AND reason_code = "
                              "'schema.required' AND reason_path = "
@@ -404,6 +462,78 @@ START_TEST(bad_input_is_rejected_and_changes_nothing)
     kh_error_t err;
     ck_assert_int_eq(kh_client_ping(client, S_TIMEOUT, &err), 0);
     kh_client_destroy(&client);
+}
+END_TEST
+
+/* A made-up key in one request changes nothing for the others in its
+ * batch, and never reaches the trail. */
+START_TEST(made_up_keys_spoil_nothing_and_stay_out_of_the_trail)
+{
+    json_t *referral = s_example();
+    json_t *envelopes[3] = {
+        json_pack("{s:s, s:i}", "cmd", "PING", "Jan de Vries\x01", 1),
+        s_submit_envelope("mix-1", referral),
+        s_submit_envelope("mix-2", referral)};
+    json_t *replies[3];
+    s_pipeline(envelopes, 3, replies, S_TIMEOUT);
+    ck_assert_ptr_nonnull(replies[0]);
+    ck_assert_str_eq(s_str(replies[0], "code"), "bad_envelope");
+    ck_assert_str_eq(s_str(replies[0], "path"), "?");
+    for (int i = 1; i < 3; i++) {
+        ck_assert_ptr_nonnull(replies[i]);
+        ck_assert_str_eq(kh_client_reply_cmd(replies[i]), "ACCEPTED");
+    }
+    for (int i = 0; i < 3; i++)
+        json_decref(replies[i]);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE "
+                             "reason_code = 'bad_envelope' AND reason_path = "
+                             "'?'"),
+                     1);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE "
+                             "reason_path LIKE '%Vries%'"),
+                     0);
+    json_decref(referral);
+}
+END_TEST
+
+/* However the submissions of one key are batched, each gets the first
+ * answer for its payload, and a conflict is in the trail. */
+START_TEST(repeats_get_the_first_answer_and_conflicts_are_audited)
+{
+    json_t *first = s_example();
+    json_t *other = json_deep_copy(first);
+    json_object_set_new(other, "summary", json_string("another referral"));
+    kh_client_t *client = s_client("vt");
+    kh_error_t err;
+    json_t *accepted =
+        kh_client_submit(client, first, "rep-1", S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(accepted);
+    ck_assert_str_eq(kh_client_reply_cmd(accepted), "ACCEPTED");
+    kh_client_destroy(&client);
+
+    json_t *envelopes[2] = {s_submit_envelope("rep-1", other),
+                            s_submit_envelope("rep-1", first)};
+    json_t *replies[2];
+    s_pipeline(envelopes, 2, replies, S_TIMEOUT);
+    ck_assert_ptr_nonnull(replies[0]);
+    ck_assert_ptr_nonnull(replies[1]);
+    ck_assert_str_eq(s_str(replies[0], "code"), "idempotency_conflict");
+    ck_assert_str_eq(kh_client_reply_cmd(replies[1]), "ACCEPTED");
+    ck_assert(json_is_true(json_object_get(replies[1], "duplicate")));
+    ck_assert_str_eq(s_str(replies[1], "referral_id"),
+                     s_str(accepted, "referral_id"));
+    ck_assert_int_eq(s_count("SELECT count(*) FROM referrals WHERE "
+                             "idempotency_key = 'rep-1'"),
+                     1);
+    ck_assert_int_ge(s_count("SELECT count(*) FROM audit_events WHERE "
+                             "reason_code = 'idempotency_conflict' AND "
+                             "actor_id = 'veilig-thuis'"),
+                     1);
+    json_decref(replies[0]);
+    json_decref(replies[1]);
+    json_decref(accepted);
+    json_decref(first);
+    json_decref(other);
 }
 END_TEST
 
@@ -520,6 +650,84 @@ START_TEST(database_down_gives_retryable_refusal_then_recovers)
 }
 END_TEST
 
+/* A database that stops answering mid-commit: SIGTERM still ends intake
+ * in time, the waiting partner gets a retryable refusal (never a false
+ * ACCEPTED), and the same key afterwards gets exactly one referral. */
+START_TEST(sigterm_with_a_stalled_commit_exits_in_time)
+{
+    json_t *referral = s_example();
+    kh_client_t *client = s_client("vt");
+    kh_error_t err;
+    json_t *reply =
+        kh_client_submit(client, referral, "warm-1", S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(reply);
+    json_decref(reply);
+    kh_client_destroy(&client);
+    /* The writer's backend is the one whose last statement was a batch. */
+    long writer = s_count("SELECT pid FROM pg_stat_activity WHERE "
+                          "application_name = 'ketenhub-intake' AND query "
+                          "LIKE 'WITH input%'");
+    ck_assert_int_gt(writer, 0);
+    kill((pid_t) writer, SIGSTOP);
+
+    zcert_t *hub = zcert_load(s_path("hub.cert"));
+    zcert_t *mine = zcert_load(s_path("vt.cert"));
+    zsock_t *dealer = zsock_new(ZMQ_DEALER);
+    zcert_apply(mine, dealer);
+    zsock_set_curve_serverkey(dealer, zcert_public_txt(hub));
+    zsock_set_rcvtimeo(dealer, 8000);
+    zsock_connect(dealer, "%s", s_endpoint);
+    json_t *envelope = s_submit_envelope("stall-1", referral);
+    json_object_set_new(envelope, "v", json_integer(1));
+    json_object_set_new(envelope, "cid", json_string("s"));
+    char *data;
+    size_t size;
+    ck_assert_int_eq(kh_msgpack_encode(envelope, &data, &size, &err), 0);
+    zframe_t *frame = zframe_new(data, size);
+    free(data);
+    json_decref(envelope);
+    zframe_send(&frame, dealer, 0);
+    zclock_sleep(300); /* the commit is in flight and stuck */
+
+    int64_t started = zclock_mono();
+    kill(s_intake, SIGTERM);
+    frame = zframe_recv(dealer);
+    int status = khproc_stop(s_intake, 0, 8000);
+    int64_t elapsed = zclock_mono() - started;
+    s_intake = -1;
+    kill((pid_t) writer, SIGCONT);
+    ck_assert(status != -1 && WIFEXITED(status));
+    ck_assert_int_eq(WEXITSTATUS(status), 0);
+    ck_assert_int_lt(elapsed, 5000);
+    ck_assert_ptr_nonnull(frame);
+    reply = NULL;
+    ck_assert_int_eq(kh_msgpack_decode(zframe_data(frame), zframe_size(frame),
+                                       NULL, &reply, &err),
+                     0);
+    zframe_destroy(&frame);
+    ck_assert_str_eq(kh_client_reply_cmd(reply), "REJECTED");
+    ck_assert_str_eq(s_str(reply, "code"), "unavailable");
+    ck_assert(json_is_true(json_object_get(reply, "retryable")));
+    json_decref(reply);
+    zsock_destroy(&dealer);
+    zcert_destroy(&hub);
+    zcert_destroy(&mine);
+
+    s_start_intake();
+    s_wait_ready();
+    client = s_client("vt");
+    reply = kh_client_submit(client, referral, "stall-1", S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(reply);
+    ck_assert_str_eq(kh_client_reply_cmd(reply), "ACCEPTED");
+    json_decref(reply);
+    kh_client_destroy(&client);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM referrals WHERE "
+                             "idempotency_key = 'stall-1'"),
+                     1);
+    json_decref(referral);
+}
+END_TEST
+
 START_TEST(sighup_does_not_stop_and_sigterm_exits_zero)
 {
     kill(s_intake, SIGHUP);
@@ -543,9 +751,12 @@ int main(void)
     tcase_add_test(tc, accepted_referral_is_committed_with_its_audit_event);
     tcase_add_test(tc, same_idempotency_key_returns_the_first_answer);
     tcase_add_test(tc, bad_input_is_rejected_and_changes_nothing);
+    tcase_add_test(tc, made_up_keys_spoil_nothing_and_stay_out_of_the_trail);
+    tcase_add_test(tc, repeats_get_the_first_answer_and_conflicts_are_audited);
     tcase_add_test(tc, unknown_keys_and_plain_clients_are_refused);
     tcase_add_test(tc, killed_before_commit_then_retry_succeeds_once);
     tcase_add_test(tc, database_down_gives_retryable_refusal_then_recovers);
+    tcase_add_test(tc, sigterm_with_a_stalled_commit_exits_in_time);
     tcase_add_test(tc, sighup_does_not_stop_and_sigterm_exits_zero);
     suite_add_tcase(suite, tc);
     return khtest_run_suite(suite);
