@@ -16,7 +16,6 @@ struct _kh_client_t {
     zpoller_t *poller;
     uint64_t next_cid;
     int retries;
-    bool auth_failed;
 };
 
 static zcert_t *s_load_cert(const char *path, bool need_secret, kh_error_t *err)
@@ -42,9 +41,13 @@ kh_client_t *kh_client_new(const char *endpoint, const char *hub_cert,
                            const char *partner_cert, kh_error_t *err)
 {
     kh_client_t *self = calloc(1, sizeof *self);
+    if (!self) {
+        kh_error_set(err, KH_E_NOMEM, "", "out of memory");
+        return NULL;
+    }
     zcert_t *hub = s_load_cert(hub_cert, false, err);
     zcert_t *mine = hub ? s_load_cert(partner_cert, true, err) : NULL;
-    if (!self || !mine)
+    if (!mine)
         goto fail;
     self->dealer = zsock_new(ZMQ_DEALER);
     if (!self->dealer) {
@@ -127,7 +130,6 @@ static json_t *s_exchange(kh_client_t *self, json_t *request, int timeout_ms,
         if (which == self->monitor) {
             zmsg_t *event = zmsg_recv(self->monitor);
             zmsg_destroy(&event);
-            self->auth_failed = true;
             kh_error_set(err, KH_E_UNKNOWN_PARTNER, "",
                          "the hub refused this partner key");
             return NULL;
@@ -157,6 +159,9 @@ static json_t *s_exchange(kh_client_t *self, json_t *request, int timeout_ms,
 json_t *kh_client_request(kh_client_t *self, json_t *request, int timeout_ms,
                           kh_error_t *err)
 {
+    kh_error_t local;
+    if (!err)
+        err = &local;
     for (int attempt = 0;; attempt++) {
         json_t *reply = s_exchange(self, request, timeout_ms, err);
         bool last = attempt >= self->retries;
