@@ -230,8 +230,10 @@ static int s_reconnect(zloop_t *loop, int timer_id, void *arg)
     (void) timer_id;
     intake_t *self = arg;
     self->reconnect_timer = 0;
-    if (self->committing) /* the failure is not final until it ends */
+    if (self->committing) { /* reconnecting would drop it: later */
+        s_schedule_reconnect(self);
         return 0;
+    }
     kh_error_t err;
     if (store_connect(self->store, &err) == 0) {
         s_load_partners(self);
@@ -248,6 +250,8 @@ static int s_reconnect(zloop_t *loop, int timer_id, void *arg)
     self->backoff_ms = self->backoff_ms * 2 > S_BACKOFF_MAX_MS
                            ? S_BACKOFF_MAX_MS
                            : self->backoff_ms * 2;
+    kh_log_warn("db_connect_failed", "code=%s retry_ms=%d",
+                kh_error_name(err.code), self->backoff_ms);
     s_schedule_reconnect(self);
     return 0;
 }
@@ -480,6 +484,8 @@ static void s_batch_reply(intake_t *self, s_batch_t *batch,
             if (store_status(self->store, req->partner, id, reply, &err)) {
                 json_decref(reply);
                 reply = kh_proto_rejected(req->cid, &err, self->backoff_ms);
+                if (err.code == KH_E_UNAVAILABLE)
+                    s_schedule_reconnect(self);
             }
         } else
             reply = kh_proto_new(KH_CMD_PONG, req->cid);
