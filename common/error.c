@@ -103,8 +103,8 @@ void kh_path_append_key(char *path, size_t size, const char *key, size_t len)
     if (used + 1 >= size)
         return;
     if (kh_path_is_identifier(key, len))
-        snprintf(path + used, size - used, "%s%.*s", used ? "." : "",
-                 (int) len, key);
+        snprintf(path + used, size - used, "%s%.*s", used ? "." : "", (int) len,
+                 key);
     else
         snprintf(path + used, size - used, "%s?", used ? "." : "");
 }

@@ -607,10 +607,12 @@ static void s_commit_done(intake_t *self, int rc, const kh_error_t *err)
         else
             err = &again;
     }
+    /* Keep PostgreSQL busy with the next batch while this one is
+     * answered (the batches swap roles only after this one is empty). */
+    s_dispatch(self);
     s_batch_reply(self, batch, rc ? err : NULL);
     if (rc)
         s_db_failed(self, err);
-    s_dispatch(self);
 }
 
 static int s_on_db(zloop_t *loop, zmq_pollitem_t *item, void *arg)
