@@ -10,6 +10,7 @@
 
 #include <arpa/inet.h>
 #include <libpq-fe.h>
+#include <poll.h>
 #include <sodium.h>
 #include <stddef.h>
 #include <stdlib.h>
@@ -86,6 +87,7 @@ static const char *s_commit_sql =
     " FROM stored";
 
 #define S_COMMIT_PARAMS 12
+#define S_READ_TIMEOUT_MS 1000
 
 /* For a key that another intake process committed while our statement
  * waited on it: a new statement sees that commit. */
@@ -227,10 +229,37 @@ int store_connect(store_t *self, kh_error_t *err)
                : 0;
 }
 
+/* Run a prepared statement on the reader and wait at most S_READ_TIMEOUT_MS
+ * for its result: a database that stops answering must not stop intake's
+ * loop. On a timeout the reader is closed (store_up turns false, so intake
+ * reconnects) and NULL is returned, which the callers treat as a lost
+ * connection. */
 static PGresult *s_read(store_t *self, const char *name, int nparams,
                         const char *const *params)
 {
-    return PQexecPrepared(self->reader, name, nparams, params, NULL, NULL, 0);
+    if (!PQsendQueryPrepared(self->reader, name, nparams, params, NULL, NULL,
+                             0))
+        return NULL;
+    int64_t deadline = zclock_mono() + S_READ_TIMEOUT_MS;
+    while (PQisBusy(self->reader)) {
+        int64_t left = deadline - zclock_mono();
+        struct pollfd pfd = {PQsocket(self->reader), POLLIN, 0};
+        if (left <= 0 || poll(&pfd, 1, (int) left) == 0) {
+            kh_log_warn("db_read_timeout", "op=%s ms=%d", name,
+                        S_READ_TIMEOUT_MS);
+            PQfinish(self->reader);
+            self->reader = NULL;
+            return NULL;
+        }
+        if (!PQconsumeInput(self->reader))
+            break;
+    }
+    /* The statement's result, then drain to the end of the command. */
+    PGresult *res = PQgetResult(self->reader);
+    PGresult *more;
+    while ((more = PQgetResult(self->reader)) != NULL)
+        PQclear(more);
+    return res;
 }
 
 /* A growing buffer for binary parameters; oom is sticky. */

@@ -728,6 +728,37 @@ START_TEST(sigterm_with_a_stalled_commit_exits_in_time)
 }
 END_TEST
 
+/* The reader connection's backend stops answering: intake keeps
+ * serving, gives up on that connection after a moment, reconnects, and
+ * accepts again. */
+START_TEST(a_stalled_reader_does_not_stop_intake)
+{
+    ck_assert_int_eq(s_count("SELECT count(*) FROM pg_stat_activity WHERE "
+                             "application_name = 'ketenhub-intake'"),
+                     2);
+    long reader = s_count("SELECT pid FROM pg_stat_activity WHERE "
+                          "application_name = 'ketenhub-intake' AND query "
+                          "NOT LIKE 'WITH input%' ORDER BY pid LIMIT 1");
+    ck_assert_int_gt(reader, 0);
+    kill((pid_t) reader, SIGSTOP);
+    zclock_sleep(300); /* a registry refresh is now stuck */
+
+    kh_client_t *client = s_client("vt");
+    kh_error_t err;
+    int rc = kh_client_ping(client, 3000, &err);
+    kh_client_set_retries(client, 20);
+    json_t *referral = s_example();
+    json_t *reply = kh_client_submit(client, referral, "reader-1", 2000, &err);
+    kill((pid_t) reader, SIGCONT);
+    ck_assert_msg(rc == 0, "intake stopped answering");
+    ck_assert_ptr_nonnull(reply);
+    ck_assert_str_eq(kh_client_reply_cmd(reply), "ACCEPTED");
+    json_decref(reply);
+    json_decref(referral);
+    kh_client_destroy(&client);
+}
+END_TEST
+
 START_TEST(sighup_does_not_stop_and_sigterm_exits_zero)
 {
     kill(s_intake, SIGHUP);
@@ -757,6 +788,7 @@ int main(void)
     tcase_add_test(tc, killed_before_commit_then_retry_succeeds_once);
     tcase_add_test(tc, database_down_gives_retryable_refusal_then_recovers);
     tcase_add_test(tc, sigterm_with_a_stalled_commit_exits_in_time);
+    tcase_add_test(tc, a_stalled_reader_does_not_stop_intake);
     tcase_add_test(tc, sighup_does_not_stop_and_sigterm_exits_zero);
     suite_add_tcase(suite, tc);
     return khtest_run_suite(suite);
