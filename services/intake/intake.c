@@ -30,6 +30,7 @@
 #define S_RCVHWM 64
 #define S_BATCH_BYTES (8 * 1024 * 1024)
 #define S_DRAIN_MS 3000
+#define S_STATS_MS 10000
 
 /* One request of the batch being handled. */
 typedef struct {
@@ -59,6 +60,12 @@ typedef struct {
     int64_t sent_at; /* when the commit started, 0 if not sent */
 } s_batch_t;
 
+/* Counts since the last stats line. */
+typedef struct {
+    uint64_t accepted, duplicates, refused, failed, batches;
+    double commit_ms_total, commit_ms_max;
+} s_stats_t;
+
 struct _intake_t {
     intake_config_t cfg;
     kh_schema_t *schema;
@@ -79,6 +86,7 @@ struct _intake_t {
     s_batch_t *committing; /* being committed, or NULL */
     bool reading;          /* the ROUTER reader is registered */
     int db_fd;             /* the writer socket polled by the loop, or -1 */
+    s_stats_t stats;
 };
 
 intake_t *intake_new(const intake_config_t *config, kh_error_t *err)
@@ -435,6 +443,30 @@ static void s_send(intake_t *self, s_request_t *req, json_t *reply)
     zmsg_send(&msg, self->router);
 }
 
+/* Count an answer for the stats line; log a refusal (codes and paths
+ * only: they never carry a referral's values). */
+static void s_count_reply(intake_t *self, const s_request_t *req,
+                          const json_t *reply)
+{
+    const char *cmd = json_string_value(json_object_get(reply, "cmd"));
+    if (!cmd || strcmp(cmd, "REJECTED") != 0) {
+        if (cmd && strcmp(cmd, "ACCEPTED") == 0) {
+            bool dup = json_is_true(json_object_get(reply, "duplicate"));
+            self->stats.accepted += dup ? 0 : 1;
+            self->stats.duplicates += dup ? 1 : 0;
+        }
+        return;
+    }
+    bool retryable = json_is_true(json_object_get(reply, "retryable"));
+    if (retryable)
+        self->stats.failed++;
+    else
+        self->stats.refused++;
+    kh_log_debug("refused", "actor=%s code=%s path=%s retryable=%d", req->actor,
+                 json_string_value(json_object_get(reply, "code")),
+                 json_string_value(json_object_get(reply, "path")), retryable);
+}
+
 /* The reply to one SUBMIT of a batch that was committed (commit_err NULL)
  * or failed. */
 static json_t *s_submit_reply(intake_t *self, const s_batch_t *batch,
@@ -489,12 +521,20 @@ static void s_batch_reply(intake_t *self, s_batch_t *batch,
             }
         } else
             reply = kh_proto_new(KH_CMD_PONG, req->cid);
+        s_count_reply(self, req, reply);
         s_send(self, req, reply);
         zframe_destroy(&req->identity);
         json_decref(req->msg);
         req->msg = NULL;
         free(req->canonical);
         req->canonical = NULL;
+    }
+    if (batch->sent_at) {
+        double ms = (double) (zclock_usecs() - batch->sent_at) / 1000.0;
+        self->stats.batches++;
+        self->stats.commit_ms_total += ms;
+        if (ms > self->stats.commit_ms_max)
+            self->stats.commit_ms_max = ms;
     }
     if (batch->count)
         kh_log_debug("batch",
@@ -692,6 +732,27 @@ static int s_check_stall(zloop_t *loop, int timer_id, void *arg)
     return 0;
 }
 
+/* One line of counts every S_STATS_MS when there was traffic. */
+static int s_log_stats(zloop_t *loop, int timer_id, void *arg)
+{
+    (void) loop;
+    (void) timer_id;
+    intake_t *self = arg;
+    s_stats_t *st = &self->stats;
+    if (st->accepted + st->duplicates + st->refused + st->failed == 0)
+        return 0;
+    kh_log_info("stats",
+                "accepted=%" PRIu64 " duplicates=%" PRIu64 " refused=%" PRIu64
+                " unavailable=%" PRIu64 " batches=%" PRIu64
+                " commit_ms_avg=%.2f commit_ms_max=%.2f db=%s",
+                st->accepted, st->duplicates, st->refused, st->failed,
+                st->batches,
+                st->batches ? st->commit_ms_total / (double) st->batches : 0.0,
+                st->commit_ms_max, store_up(self->store) ? "up" : "down");
+    memset(st, 0, sizeof *st);
+    return 0;
+}
+
 static int s_on_signal(zloop_t *loop, zmq_pollitem_t *item, void *arg)
 {
     (void) loop;
@@ -750,9 +811,11 @@ int intake_run(intake_t *self, int signal_fd)
     zloop_timer(self->loop, (size_t) self->cfg.partner_refresh_ms, 0,
                 s_refresh_partners, self);
     zloop_timer(self->loop, 100, 0, s_check_stall, self);
+    zloop_timer(self->loop, S_STATS_MS, 0, s_log_stats, self);
     s_reconnect(self->loop, 0, self);
     zloop_start(self->loop);
     s_drain(self);
+    s_log_stats(self->loop, 0, self);
     kh_log_info("stopped", NULL);
     return 0;
 }
