@@ -22,6 +22,7 @@
 #include "ketenhub/schema.h"
 #include "ketenhub/service.h"
 #include "store.h"
+#include "zap.h"
 
 #define S_BACKOFF_MIN_MS 100
 #define S_BACKOFF_MAX_MS 5000
@@ -31,6 +32,8 @@
 #define S_BATCH_BYTES (8 * 1024 * 1024)
 #define S_DRAIN_MS 3000
 #define S_STATS_MS 10000
+#define S_AUTH_PENDING 64      /* refused handshakes waiting for audit */
+#define S_AUTH_REPEAT_MS 60000 /* one audit event per key and minute */
 
 /* One request of the batch being handled. */
 typedef struct {
@@ -49,8 +52,15 @@ typedef struct {
     int leader; /* earlier request of this batch with the same key, or -1 */
 } s_request_t;
 
+/* A refused handshake, to audit as auth.refused. */
+typedef struct {
+    char actor[48]; /* "key:<Z85>" */
+    char peer[64];
+} s_auth_refusal_t;
+
 /* Requests committed together, and their rows for the store. */
 typedef struct {
+    s_auth_refusal_t auth[S_AUTH_PENDING]; /* refused handshakes */
     s_request_t *requests;
     store_submit_t *subs;
     store_refusal_t *refs;
@@ -70,12 +80,11 @@ struct _intake_t {
     intake_config_t cfg;
     kh_schema_t *schema;
     zcert_t *cert;
-    zactor_t *auth;
+    zap_t *zap;
     zsock_t *router;
     int port;
     store_t *store;
     zhashx_t *partners; /* Z85 key -> partner id */
-    int64_t partners_loaded_at;
     zloop_t *loop;
     int reconnect_timer; /* zloop timer id, 0 if none */
     int backoff_ms;
@@ -87,7 +96,17 @@ struct _intake_t {
     bool reading;          /* the ROUTER reader is registered */
     int db_fd;             /* the writer socket polled by the loop, or -1 */
     s_stats_t stats;
+    s_auth_refusal_t auth_pending[S_AUTH_PENDING];
+    size_t nauth_pending;
+    zhashx_t *auth_seen;    /* "key peer" -> time of its last audit event */
+    zhashx_t *unknown_keys; /* key -> time it last reloaded the registry */
 };
+
+static void s_free_item(void **item)
+{
+    free(*item);
+    *item = NULL;
+}
 
 intake_t *intake_new(const intake_config_t *config, kh_error_t *err)
 {
@@ -124,14 +143,11 @@ intake_t *intake_new(const intake_config_t *config, kh_error_t *err)
                      "%s is not a directory", config->partner_certs);
         goto fail;
     }
-    /* Without a running zauth a CURVE server accepts any client key. */
-    self->auth = zactor_new(zauth, NULL);
-    if (!self->auth ||
-        zstr_sendx(self->auth, "CURVE", config->partner_certs, NULL) ||
-        zsock_wait(self->auth)) {
-        kh_error_set(err, KH_E_CURVE, "", "cannot start the authenticator");
+    /* Without a ZAP handler a CURVE server accepts any client key: it
+     * must be bound before the ROUTER. */
+    self->zap = zap_new(config->partner_certs, err);
+    if (!self->zap)
         goto fail;
-    }
     self->router = zsock_new(ZMQ_ROUTER);
     if (!self->router) {
         kh_error_set(err, KH_E_INTERNAL, "", "cannot create a socket");
@@ -152,12 +168,19 @@ intake_t *intake_new(const intake_config_t *config, kh_error_t *err)
         goto fail;
     }
     self->store = store_new(config->conninfo);
-    bool allocated = self->store != NULL;
+    self->auth_seen = zhashx_new();
+    self->unknown_keys = zhashx_new();
+    bool allocated = self->store && self->auth_seen && self->unknown_keys;
+    if (allocated) {
+        zhashx_set_destructor(self->auth_seen, s_free_item);
+        zhashx_set_destructor(self->unknown_keys, s_free_item);
+    }
     for (int i = 0; i < 2; i++) {
         s_batch_t *batch = &self->batches[i];
         batch->requests = calloc(config->batch_max, sizeof *batch->requests);
         batch->subs = calloc(config->batch_max, sizeof *batch->subs);
-        batch->refs = calloc(config->batch_max, sizeof *batch->refs);
+        batch->refs =
+            calloc(config->batch_max + S_AUTH_PENDING, sizeof *batch->refs);
         batch->keys = zhashx_new();
         allocated = allocated && batch->requests && batch->subs &&
                     batch->refs && batch->keys;
@@ -181,7 +204,9 @@ void intake_destroy(intake_t **self_p)
     intake_t *self = *self_p;
     zloop_destroy(&self->loop);
     zsock_destroy(&self->router);
-    zactor_destroy(&self->auth);
+    zap_destroy(&self->zap);
+    zhashx_destroy(&self->auth_seen);
+    zhashx_destroy(&self->unknown_keys);
     zcert_destroy(&self->cert);
     kh_schema_destroy(&self->schema);
     store_destroy(&self->store);
@@ -218,7 +243,6 @@ static void s_load_partners(intake_t *self)
         return;
     zhashx_destroy(&self->partners);
     self->partners = partners;
-    self->partners_loaded_at = zclock_mono();
 }
 
 /* Note that the database went away and arrange to reconnect. */
@@ -274,18 +298,28 @@ static int s_refresh_partners(zloop_t *loop, int timer_id, void *arg)
     return 0;
 }
 
-/* The partner id for an authenticated key; reloads the registry (at most
- * once a second) when the key is unknown, so a partner added while intake
- * runs is recognised. */
+/* The partner id for an authenticated key. An unknown key reloads the
+ * registry (at most once a second per key), so a partner added while
+ * intake runs is recognised at its first request; only keys that passed
+ * the handshake, i.e. are in the partner directory, get this far. */
 static const char *s_partner_of(intake_t *self, const char *key)
 {
     const char *id = self->partners ? zhashx_lookup(self->partners, key) : NULL;
-    if (!id && store_up(self->store) &&
-        zclock_mono() - self->partners_loaded_at > S_UNKNOWN_KEY_RELOAD_MS) {
-        s_load_partners(self);
-        id = self->partners ? zhashx_lookup(self->partners, key) : NULL;
+    if (id || !store_up(self->store))
+        return id;
+    int64_t now = zclock_mono();
+    int64_t *last = zhashx_lookup(self->unknown_keys, key);
+    if (last && now - *last < S_UNKNOWN_KEY_RELOAD_MS)
+        return NULL;
+    if (!last && (last = malloc(sizeof *last)) != NULL) {
+        if (zhashx_size(self->unknown_keys) > 1000)
+            zhashx_purge(self->unknown_keys);
+        zhashx_insert(self->unknown_keys, key, last);
     }
-    return id;
+    if (last)
+        *last = now;
+    s_load_partners(self);
+    return self->partners ? zhashx_lookup(self->partners, key) : NULL;
 }
 
 static void s_refuse(s_request_t *req, const kh_error_t *err)
@@ -608,8 +642,19 @@ static int s_commit_start(intake_t *self, s_batch_t *batch, kh_error_t *err)
 static void s_dispatch(intake_t *self)
 {
     s_batch_t *batch = self->filling;
-    if (self->committing || batch->count == 0)
+    if (self->committing || (batch->count == 0 && self->nauth_pending == 0))
         return;
+    /* Refused handshakes go into the trail with this batch. */
+    for (size_t i = 0; i < self->nauth_pending; i++) {
+        batch->auth[i] = self->auth_pending[i];
+        store_refusal_t *ref = &batch->refs[batch->nrefs++];
+        ref->action = "auth.refused";
+        ref->actor_id = batch->auth[i].actor;
+        ref->code = kh_error_name(KH_E_UNKNOWN_PARTNER);
+        ref->path = "";
+        ref->peer = batch->auth[i].peer;
+    }
+    self->nauth_pending = 0;
     kh_error_t err;
     if (batch->nsubs + batch->nrefs == 0)
         s_batch_reply(self, batch, NULL);
@@ -732,6 +777,45 @@ static int s_check_stall(zloop_t *loop, int timer_id, void *arg)
     return 0;
 }
 
+/* Answer a ZAP request; a refused key is logged and, once a minute per key
+ * and peer, audited (a client retrying its handshake must not flood the
+ * trail). */
+static int s_on_zap(zloop_t *loop, zsock_t *socket, void *arg)
+{
+    (void) loop;
+    (void) socket;
+    intake_t *self = arg;
+    char key[41], peer[64];
+    if (zap_handle(self->zap, key, peer) == 0)
+        return 0;
+    kh_log_warn("auth_refused", "key=%s peer=%s", *key ? key : "none", peer);
+    char seen[128];
+    snprintf(seen, sizeof seen, "%s %s", key, peer);
+    int64_t now = zclock_mono();
+    int64_t *last = zhashx_lookup(self->auth_seen, seen);
+    if (last && now - *last < S_AUTH_REPEAT_MS)
+        return 0;
+    if (self->nauth_pending == S_AUTH_PENDING) {
+        kh_log_warn("auth_refusals_unaudited", "reason=too_many");
+        return 0;
+    }
+    if (!last) {
+        if (zhashx_size(self->auth_seen) > 10000)
+            zhashx_purge(self->auth_seen);
+        last = malloc(sizeof *last);
+        if (!last)
+            return 0;
+        zhashx_insert(self->auth_seen, seen, last);
+    }
+    *last = now;
+    s_auth_refusal_t *refusal = &self->auth_pending[self->nauth_pending++];
+    snprintf(refusal->actor, sizeof refusal->actor, "key:%s",
+             *key ? key : "none");
+    snprintf(refusal->peer, sizeof refusal->peer, "%s", peer);
+    s_dispatch(self);
+    return 0;
+}
+
 /* One line of counts every S_STATS_MS when there was traffic. */
 static int s_log_stats(zloop_t *loop, int timer_id, void *arg)
 {
@@ -805,6 +889,8 @@ int intake_run(intake_t *self, int signal_fd)
     if (!self->loop)
         return -1;
     s_set_reading(self, true);
+    if (zloop_reader(self->loop, zap_socket(self->zap), s_on_zap, self))
+        return -1;
     zmq_pollitem_t signals = {NULL, signal_fd, ZMQ_POLLIN, 0};
     if (zloop_poller(self->loop, &signals, s_on_signal, self))
         return -1;

@@ -8,6 +8,7 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "ketenhub/client.h"
 #include "ketenhub/codec.h"
@@ -557,10 +558,22 @@ START_TEST(unknown_keys_and_plain_clients_are_refused)
     ck_assert_str_eq(s_str(reply, "code"), "unknown_partner");
     json_decref(reply);
     kh_client_destroy(&unregistered);
+    /* Both refusals are in the trail: the handshake refused for the
+     * stranger's key (once, however often its client retried), and the
+     * request refused for the unregistered one. */
+    zcert_t *stranger_cert = zcert_load(s_path("stranger.cert"));
+    char sql[512];
+    snprintf(sql, sizeof sql,
+             "SELECT count(*) FROM audit_events WHERE action = "
+             "'auth.refused' AND actor_id = 'key:%s' AND origin_peer = "
+             "'127.0.0.1'",
+             zcert_public_txt(stranger_cert));
+    zcert_destroy(&stranger_cert);
+    ck_assert_int_eq(s_count(sql), 1);
     ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE "
                              "action = 'auth.refused' AND actor_id LIKE "
                              "'key:%'"),
-                     1);
+                     2);
 
     /* A plain (non-CURVE) client never gets an answer. */
     zsock_t *plain = zsock_new(ZMQ_DEALER);
@@ -573,6 +586,28 @@ START_TEST(unknown_keys_and_plain_clients_are_refused)
 
     ck_assert_int_eq(s_count("SELECT count(*) FROM referrals"), referrals);
     json_decref(referral);
+}
+END_TEST
+
+/* Keys added and removed while intake runs take effect without a restart:
+ * the handshake reads the directory, the request reads the registry. */
+START_TEST(partners_added_and_removed_while_running)
+{
+    zcert_t *late = s_make_cert("late", true);
+    s_register("late-partner", late);
+    zcert_destroy(&late);
+    kh_client_t *client = s_client("late");
+    kh_error_t err;
+    ck_assert_int_eq(kh_client_ping(client, S_TIMEOUT, &err), 0);
+    kh_client_destroy(&client);
+
+    char path[512];
+    snprintf(path, sizeof path, "%s/partners/late.cert", s_dir);
+    ck_assert_int_eq(unlink(path), 0);
+    client = s_client("late");
+    ck_assert_int_eq(kh_client_ping(client, 2000, &err), -1);
+    ck_assert_int_eq(err.code, KH_E_UNKNOWN_PARTNER);
+    kh_client_destroy(&client);
 }
 END_TEST
 
@@ -785,6 +820,7 @@ int main(void)
     tcase_add_test(tc, made_up_keys_spoil_nothing_and_stay_out_of_the_trail);
     tcase_add_test(tc, repeats_get_the_first_answer_and_conflicts_are_audited);
     tcase_add_test(tc, unknown_keys_and_plain_clients_are_refused);
+    tcase_add_test(tc, partners_added_and_removed_while_running);
     tcase_add_test(tc, killed_before_commit_then_retry_succeeds_once);
     tcase_add_test(tc, database_down_gives_retryable_refusal_then_recovers);
     tcase_add_test(tc, sigterm_with_a_stalled_commit_exits_in_time);

@@ -1,0 +1,151 @@
+/*
+ * intake's ZAP handler (see zap.h).
+ *
+ * The partner directory is read here rather than through zcertstore: that
+ * class aborts the process on two files with the same key, and a copied
+ * certificate must not be able to stop the hub.
+ */
+#include "zap.h"
+
+#include <string.h>
+
+#define S_ZAP_ENDPOINT "inproc://zeromq.zap.01"
+
+static char s_present; /* the value of every key in the hash */
+
+struct _zap_t {
+    zsock_t *rep;
+    char *cert_dir;
+    zhashx_t *keys;  /* Z85 public key -> &s_present */
+    time_t modified; /* the directory as last read */
+    size_t count, size;
+};
+
+/* Re-read the partner directory if it changed since the last look. */
+static void s_refresh(zap_t *self)
+{
+    zdir_t *dir = zdir_new(self->cert_dir, NULL);
+    if (!dir) {
+        zhashx_purge(self->keys);
+        self->count = 0;
+        return;
+    }
+    if (zdir_modified(dir) != self->modified ||
+        zdir_count(dir) != self->count ||
+        (size_t) zdir_cursize(dir) != self->size) {
+        zhashx_purge(self->keys);
+        zfile_t **files = zdir_flatten(dir);
+        for (size_t i = 0; files && files[i]; i++) {
+            const char *name = zfile_filename(files[i], NULL);
+            size_t len = strlen(name);
+            if (!zfile_is_regular(files[i]) ||
+                (len > 7 && strcmp(name + len - 7, "_secret") == 0))
+                continue;
+            zcert_t *cert = zcert_load(name);
+            if (cert)
+                zhashx_insert(self->keys, zcert_public_txt(cert), &s_present);
+            zcert_destroy(&cert);
+        }
+        zdir_flatten_free(&files);
+        self->modified = zdir_modified(dir);
+        self->count = zdir_count(dir);
+        self->size = (size_t) zdir_cursize(dir);
+    }
+    zdir_destroy(&dir);
+}
+
+zap_t *zap_new(const char *cert_dir, kh_error_t *err)
+{
+    zap_t *self = calloc(1, sizeof *self);
+    if (!self) {
+        kh_error_set(err, KH_E_NOMEM, "", "out of memory");
+        return NULL;
+    }
+    self->cert_dir = strdup(cert_dir);
+    self->keys = zhashx_new();
+    self->rep = zsock_new(ZMQ_REP);
+    if (!self->cert_dir || !self->keys || !self->rep ||
+        zsock_bind(self->rep, S_ZAP_ENDPOINT) != 0) {
+        kh_error_set(err, KH_E_CURVE, "", "cannot start the authenticator");
+        zap_destroy(&self);
+        return NULL;
+    }
+    s_refresh(self);
+    return self;
+}
+
+void zap_destroy(zap_t **self_p)
+{
+    if (!self_p || !*self_p)
+        return;
+    zap_t *self = *self_p;
+    zsock_destroy(&self->rep);
+    zhashx_destroy(&self->keys);
+    free(self->cert_dir);
+    free(self);
+    *self_p = NULL;
+}
+
+zsock_t *zap_socket(zap_t *self)
+{
+    return self->rep;
+}
+
+/* Copy frame into out (size bytes) as a string; "" if it does not fit. */
+static void s_frame_text(zframe_t *frame, char *out, size_t size)
+{
+    size_t len = frame ? zframe_size(frame) : 0;
+    if (len >= size)
+        len = 0;
+    if (len)
+        memcpy(out, zframe_data(frame), len);
+    out[len] = '\0';
+}
+
+int zap_handle(zap_t *self, char key[41], char address[64])
+{
+    key[0] = '\0';
+    address[0] = '\0';
+    zmsg_t *request = zmsg_recv(self->rep);
+    if (!request)
+        return -1;
+    /* version, request id, domain, address, identity, mechanism, key */
+    zframe_t *version = zmsg_pop(request);
+    zframe_t *request_id = zmsg_pop(request);
+    zframe_t *domain = zmsg_pop(request);
+    zframe_t *peer = zmsg_pop(request);
+    zframe_t *identity = zmsg_pop(request);
+    zframe_t *mechanism = zmsg_pop(request);
+    zframe_t *credentials = zmsg_pop(request);
+    s_frame_text(peer, address, 64);
+
+    int rc = -1;
+    if (version && zframe_streq(version, "1.0") && mechanism &&
+        zframe_streq(mechanism, "CURVE") && credentials &&
+        zframe_size(credentials) == 32) {
+        zmq_z85_encode(key, zframe_data(credentials), 32);
+        s_refresh(self);
+        rc = zhashx_lookup(self->keys, key) ? 0 : 1;
+    }
+    zmsg_t *reply = zmsg_new();
+    zmsg_addstr(reply, "1.0");
+    if (request_id)
+        zmsg_addmem(reply, zframe_data(request_id), zframe_size(request_id));
+    else
+        zmsg_addstr(reply, "");
+    zmsg_addstr(reply, rc == 0 ? "200" : "400");
+    zmsg_addstr(reply, rc == 0 ? "OK" : "no access");
+    zmsg_addstr(reply, rc == 0 ? key : ""); /* the User-Id of its frames */
+    zmsg_addmem(reply, NULL, 0);            /* no metadata */
+    zmsg_send(&reply, self->rep);
+
+    zframe_destroy(&version);
+    zframe_destroy(&request_id);
+    zframe_destroy(&domain);
+    zframe_destroy(&peer);
+    zframe_destroy(&identity);
+    zframe_destroy(&mechanism);
+    zframe_destroy(&credentials);
+    zmsg_destroy(&request);
+    return rc;
+}
