@@ -1,5 +1,6 @@
 /*
- * Partner registry: partners rows and the certificate files zauth reads.
+ * Partner registry: partners rows and the certificate files that the
+ * CURVE handshake checks (intake reads the directory as zauth does).
  */
 #include "ketenhub/partner.h"
 

@@ -23,7 +23,7 @@ typedef struct {
 
 typedef struct _intake_t intake_t;
 
-/* Start: load the schema and the hub certificate, start zauth on the
+/* Start: load the schema and the hub certificate, start the ZAP handler on the
  * partner directory, bind. The database is connected by intake_run (it may
  * be down at start). NULL with err on failure (config or io). */
 intake_t *intake_new(const intake_config_t *config, kh_error_t *err);
