@@ -53,6 +53,23 @@ extern "C" {
     X(SCHEMA_UNIQUE, "schema.unique", false)                                   \
     X(SCHEMA_CONDITION, "schema.condition", false)                             \
     X(SCHEMA_INVALID, "schema.invalid", false)                                 \
+    /* routing rules files (schemas/rules.md) */                               \
+    X(RULES_SYNTAX, "rules.syntax", false)                                     \
+    X(RULES_ENCODING, "rules.encoding", false)                                 \
+    X(RULES_TOO_LARGE, "rules.too_large", false)                               \
+    X(RULES_TOO_DEEP, "rules.too_deep", false)                                 \
+    X(RULES_ALIAS, "rules.alias", false)                                       \
+    X(RULES_VERSION, "rules.version", false)                                   \
+    X(RULES_UNKNOWN_KEY, "rules.unknown_key", false)                           \
+    X(RULES_DUPLICATE_KEY, "rules.duplicate_key", false)                       \
+    X(RULES_DUPLICATE_NAME, "rules.duplicate_name", false)                     \
+    X(RULES_UNKNOWN_FIELD, "rules.unknown_field", false)                       \
+    X(RULES_TYPE, "rules.type", false)                                         \
+    X(RULES_PROJECTION, "rules.projection", false)                             \
+    X(RULES_NEVER_MATCHES, "rules.never_matches", false)                       \
+    X(RULES_UNKNOWN_PARTNER, "rules.unknown_partner", false)                   \
+    X(RULES_NO_CASES_PARTNER, "rules.no_cases_partner", false)                 \
+    X(RULES_PARTNER_ABSENT, "rules.partner_absent", false)                     \
     /* local failures */                                                       \
     X(CONFIG, "config", false)                                                 \
     X(IO, "io", false)                                                         \

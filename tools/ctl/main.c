@@ -25,6 +25,8 @@ static void s_usage(FILE *out)
             "its keys\n"
             "  partner list [--json]            list partners\n"
             "  partner revoke ID ...            revoke a partner's key\n"
+            "  rules check|explain FILE ...     validate or explain routing "
+            "rules\n"
             "\n"
             "Run `ketenhubctl COMMAND --help` for a command's options.\n"
             "\n"
@@ -92,6 +94,8 @@ int main(int argc, char **argv)
         return ctl_hub(argc - 1, argv + 1);
     if (strcmp(cmd, "partner") == 0)
         return ctl_partner(argc - 1, argv + 1);
+    if (strcmp(cmd, "rules") == 0)
+        return ctl_rules(argc - 1, argv + 1);
     ctl_usage_error("unknown command '%s'", cmd);
     s_usage(stderr);
     return CTL_USAGE;

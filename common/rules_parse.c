@@ -1,0 +1,1466 @@
+/*
+ * Loading a rules file (schemas/rules.md): the bytes are checked (size,
+ * UTF-8, no binary), parsed with libyaml's event API into a small tree
+ * (anchors, aliases and tags are refused as they come, so an alias bomb
+ * costs nothing), and the tree is checked and compiled against the referral
+ * schema and the partner list. Every problem is reported with its line and
+ * column; loading fails if there was any error.
+ */
+#include <errno.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <yaml.h>
+
+#include "ketenhub/partner.h"
+#include "ketenhub/proto.h"
+#include "rules_internal.h"
+
+/* ---- a small YAML tree ------------------------------------------------ */
+
+typedef enum { S_YSCALAR, S_YSEQ, S_YMAP } s_ykind_t;
+
+typedef struct s_ynode s_ynode_t;
+struct s_ynode {
+    s_ykind_t kind;
+    char *str; /* scalars */
+    size_t len;
+    bool plain;
+    int line, column;  /* 1-based */
+    s_ynode_t **items; /* sequences; maps: key, value, key, value... */
+    size_t n, cap;
+};
+
+static void s_ynode_free(s_ynode_t *node)
+{
+    if (!node)
+        return;
+    for (size_t i = 0; i < node->n; i++)
+        s_ynode_free(node->items[i]);
+    free(node->items);
+    free(node->str);
+    free(node);
+}
+
+static int s_ynode_push(s_ynode_t *parent, s_ynode_t *child)
+{
+    if (parent->n == parent->cap) {
+        size_t cap = parent->cap ? parent->cap * 2 : 8;
+        s_ynode_t **items = realloc(parent->items, cap * sizeof *items);
+        if (!items)
+            return -1;
+        parent->items = items;
+        parent->cap = cap;
+    }
+    parent->items[parent->n++] = child;
+    return 0;
+}
+
+/* ---- load context and reporting --------------------------------------- */
+
+typedef struct {
+    kh_rules_t *rules;
+    const kh_rules_options_t *opts;
+    kh_error_t *err;
+    int errors;
+} s_ctx_t;
+
+static void s_vreport(s_ctx_t *ctx, bool is_error, kh_errcode_t code,
+                      const char *path, int line, int column, const char *fmt,
+                      va_list ap)
+{
+    kh_error_t e;
+    kh_error_clear(&e);
+    e.code = code;
+    snprintf(e.path, sizeof e.path, "%s", path ? path : "");
+    e.line = line;
+    e.column = column;
+    vsnprintf(e.message, sizeof e.message, fmt, ap);
+    if (is_error) {
+        if (ctx->errors++ == 0 && ctx->err)
+            *ctx->err = e;
+    }
+    if (ctx->opts && ctx->opts->report)
+        ctx->opts->report(&e, is_error, ctx->opts->report_arg);
+}
+
+__attribute__((format(printf, 5, 6))) static void
+s_error(s_ctx_t *ctx, kh_errcode_t code, const char *path, const s_ynode_t *at,
+        const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    s_vreport(ctx, true, code, path, at ? at->line : 0, at ? at->column : 0,
+              fmt, ap);
+    va_end(ap);
+}
+
+__attribute__((format(printf, 5, 6))) static void
+s_note(s_ctx_t *ctx, kh_errcode_t code, const char *path, const s_ynode_t *at,
+       const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    s_vreport(ctx, false, code, path, at ? at->line : 0, at ? at->column : 0,
+              fmt, ap);
+    va_end(ap);
+}
+
+__attribute__((format(printf, 6, 7))) static void
+s_error_at(s_ctx_t *ctx, kh_errcode_t code, const char *path, int line,
+           int column, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    s_vreport(ctx, true, code, path, line, column, fmt, ap);
+    va_end(ap);
+}
+
+/* Child path: parent + key or parent + [index]. */
+static void s_path_key(char *out, const char *parent, const char *key)
+{
+    snprintf(out, KH_ERROR_PATH_MAX, "%s", parent);
+    kh_path_append_key(out, KH_ERROR_PATH_MAX, key, strlen(key));
+}
+
+static void s_path_index(char *out, const char *parent, size_t index)
+{
+    snprintf(out, KH_ERROR_PATH_MAX, "%s", parent);
+    kh_path_append_index(out, KH_ERROR_PATH_MAX, index);
+}
+
+/* ---- bytes: size, UTF-8, no control characters -------------------------- */
+
+/* Returns 0 when data is UTF-8 text without NUL or control characters
+ * other than tab, newline and carriage return; otherwise reports where. */
+static int s_check_text(s_ctx_t *ctx, const unsigned char *data, size_t len)
+{
+    int line = 1, column = 1;
+    size_t i = 0;
+    while (i < len) {
+        unsigned char c = data[i];
+        size_t n = 1;
+        uint32_t cp = c;
+        if (c >= 0x80) {
+            if (c >= 0xC2 && c <= 0xDF)
+                n = 2, cp = c & 0x1F;
+            else if (c >= 0xE0 && c <= 0xEF)
+                n = 3, cp = c & 0x0F;
+            else if (c >= 0xF0 && c <= 0xF4)
+                n = 4, cp = c & 0x07;
+            else
+                goto bad;
+            if (i + n > len)
+                goto bad;
+            for (size_t k = 1; k < n; k++) {
+                if ((data[i + k] & 0xC0) != 0x80)
+                    goto bad;
+                cp = (cp << 6) | (data[i + k] & 0x3F);
+            }
+            if ((n == 3 && cp < 0x800) || (n == 4 && cp < 0x10000) ||
+                cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))
+                goto bad;
+        } else if ((c < 0x20 && c != '\t' && c != '\n' && c != '\r') ||
+                   c == 0x7F) {
+            s_error_at(ctx, KH_E_RULES_ENCODING, "", line, column,
+                       "control character or binary data in the file");
+            return -1;
+        }
+        if (c == '\n')
+            line++, column = 1;
+        else
+            column++;
+        i += n;
+    }
+    return 0;
+bad:
+    s_error_at(ctx, KH_E_RULES_ENCODING, "", line, column,
+               "the file is not valid UTF-8");
+    return -1;
+}
+
+/* ---- YAML events into a tree ------------------------------------------ */
+
+static int s_refuse_anchor(s_ctx_t *ctx, const yaml_event_t *ev,
+                           const yaml_char_t *anchor, const yaml_char_t *tag)
+{
+    int line = (int) ev->start_mark.line + 1;
+    int column = (int) ev->start_mark.column + 1;
+    if (anchor) {
+        s_error_at(ctx, KH_E_RULES_ALIAS, "", line, column,
+                   "anchors and aliases are not allowed");
+        return -1;
+    }
+    if (tag) {
+        s_error_at(ctx, KH_E_RULES_SYNTAX, "", line, column,
+                   "tags are not allowed");
+        return -1;
+    }
+    return 0;
+}
+
+/* Parse len bytes into a tree. NULL after reporting the first problem. */
+static s_ynode_t *s_parse_yaml(s_ctx_t *ctx, const unsigned char *data,
+                               size_t len)
+{
+    yaml_parser_t parser;
+    if (!yaml_parser_initialize(&parser)) {
+        s_error_at(ctx, KH_E_NOMEM, "", 0, 0, "out of memory");
+        return NULL;
+    }
+    yaml_parser_set_input_string(&parser, data, len);
+    yaml_parser_set_encoding(&parser, YAML_UTF8_ENCODING);
+
+    s_ynode_t *stack[KH_RULES_DEPTH_MAX + 1];
+    int depth = 0;
+    s_ynode_t *root = NULL;
+    int documents = 0;
+    bool done = false, failed = false;
+    while (!done && !failed) {
+        yaml_event_t ev;
+        if (!yaml_parser_parse(&parser, &ev)) {
+            s_error_at(ctx, KH_E_RULES_SYNTAX, "",
+                       (int) parser.problem_mark.line + 1,
+                       (int) parser.problem_mark.column + 1, "%s%s%s",
+                       parser.context ? parser.context : "",
+                       parser.context ? ": " : "",
+                       parser.problem ? parser.problem : "invalid YAML");
+            failed = true;
+            break;
+        }
+        int line = (int) ev.start_mark.line + 1;
+        int column = (int) ev.start_mark.column + 1;
+        s_ynode_t *node = NULL;
+        switch (ev.type) {
+        case YAML_STREAM_END_EVENT:
+            done = true;
+            break;
+        case YAML_DOCUMENT_START_EVENT:
+            if (++documents > 1) {
+                s_error_at(ctx, KH_E_RULES_SYNTAX, "", line, column,
+                           "a rules file holds one document");
+                failed = true;
+            }
+            break;
+        case YAML_ALIAS_EVENT:
+            s_error_at(ctx, KH_E_RULES_ALIAS, "", line, column,
+                       "anchors and aliases are not allowed");
+            failed = true;
+            break;
+        case YAML_SCALAR_EVENT:
+            if (s_refuse_anchor(ctx, &ev, ev.data.scalar.anchor,
+                                ev.data.scalar.tag)) {
+                failed = true;
+                break;
+            }
+            node = calloc(1, sizeof *node);
+            if (node) {
+                node->kind = S_YSCALAR;
+                node->len = ev.data.scalar.length;
+                node->str = malloc(node->len + 1);
+                node->plain = ev.data.scalar.style == YAML_PLAIN_SCALAR_STYLE;
+                if (node->str) {
+                    memcpy(node->str, ev.data.scalar.value, node->len);
+                    node->str[node->len] = '\0';
+                }
+            }
+            break;
+        case YAML_SEQUENCE_START_EVENT:
+        case YAML_MAPPING_START_EVENT: {
+            bool seq = ev.type == YAML_SEQUENCE_START_EVENT;
+            const yaml_char_t *anchor = seq ? ev.data.sequence_start.anchor
+                                            : ev.data.mapping_start.anchor;
+            const yaml_char_t *tag =
+                seq ? ev.data.sequence_start.tag : ev.data.mapping_start.tag;
+            if (s_refuse_anchor(ctx, &ev, anchor, tag)) {
+                failed = true;
+                break;
+            }
+            if (depth == KH_RULES_DEPTH_MAX) {
+                s_error_at(ctx, KH_E_RULES_TOO_DEEP, "", line, column,
+                           "nesting deeper than %d", KH_RULES_DEPTH_MAX);
+                failed = true;
+                break;
+            }
+            node = calloc(1, sizeof *node);
+            if (node)
+                node->kind = seq ? S_YSEQ : S_YMAP;
+            break;
+        }
+        case YAML_SEQUENCE_END_EVENT:
+        case YAML_MAPPING_END_EVENT:
+            depth--;
+            break;
+        default:
+            break;
+        }
+        yaml_event_delete(&ev);
+        if (failed || !node)
+            continue;
+        if ((node->kind == S_YSCALAR && !node->str)) {
+            s_ynode_free(node);
+            s_error_at(ctx, KH_E_NOMEM, "", line, column, "out of memory");
+            failed = true;
+            continue;
+        }
+        node->line = line;
+        node->column = column;
+        if (depth == 0) {
+            s_ynode_free(root);
+            root = node;
+        } else {
+            s_ynode_t *parent = stack[depth - 1];
+            if (parent->kind == S_YMAP && parent->n % 2 == 0 &&
+                node->kind != S_YSCALAR) {
+                s_error_at(ctx, KH_E_RULES_SYNTAX, "", line, column,
+                           "a mapping key must be a plain name");
+                s_ynode_free(node);
+                failed = true;
+                continue;
+            }
+            if (s_ynode_push(parent, node)) {
+                s_ynode_free(node);
+                s_error_at(ctx, KH_E_NOMEM, "", line, column, "out of memory");
+                failed = true;
+                continue;
+            }
+        }
+        if (node->kind != S_YSCALAR)
+            stack[depth++] = node;
+    }
+    yaml_parser_delete(&parser);
+    if (failed) {
+        s_ynode_free(root);
+        return NULL;
+    }
+    if (!root) {
+        s_error_at(ctx, KH_E_RULES_SYNTAX, "", 1, 1, "the file is empty");
+        return NULL;
+    }
+    return root;
+}
+
+/* ---- tree helpers ------------------------------------------------------- */
+
+typedef enum { S_TNULL, S_TBOOL, S_TINT, S_TFLOAT, S_TSTR } s_stype_t;
+
+/* The type of a scalar under the YAML 1.2 core schema (quoted scalars are
+ * strings; "yes" and "no" are strings too). */
+static s_stype_t s_scalar_type(const s_ynode_t *n, bool *b, double *d)
+{
+    if (!n->plain)
+        return S_TSTR;
+    const char *s = n->str;
+    if (n->len == 0 || strcmp(s, "~") == 0 || strcmp(s, "null") == 0 ||
+        strcmp(s, "Null") == 0 || strcmp(s, "NULL") == 0)
+        return S_TNULL;
+    if (strcmp(s, "true") == 0 || strcmp(s, "True") == 0 ||
+        strcmp(s, "TRUE") == 0) {
+        *b = true;
+        return S_TBOOL;
+    }
+    if (strcmp(s, "false") == 0 || strcmp(s, "False") == 0 ||
+        strcmp(s, "FALSE") == 0) {
+        *b = false;
+        return S_TBOOL;
+    }
+    size_t i = (s[0] == '-' || s[0] == '+') ? 1 : 0;
+    if (i < n->len && s[i] >= '0' && s[i] <= '9') {
+        bool digits = true;
+        for (size_t k = i; k < n->len; k++)
+            if (s[k] < '0' || s[k] > '9')
+                digits = false;
+        char *end;
+        errno = 0;
+        double v = strtod(s, &end);
+        if (*end == '\0' && errno == 0 && isfinite(v)) {
+            *d = v;
+            return digits && n->len - i <= 15 ? S_TINT : S_TFLOAT;
+        }
+    }
+    return S_TSTR;
+}
+
+static const char *s_ykind_name(const s_ynode_t *n)
+{
+    return n->kind == S_YMAP   ? "a mapping"
+           : n->kind == S_YSEQ ? "a list"
+                               : "a single value";
+}
+
+/* The value under key in map, or NULL. */
+static const s_ynode_t *s_get(const s_ynode_t *map, const char *key)
+{
+    for (size_t i = 0; i + 1 < map->n; i += 2)
+        if (strcmp(map->items[i]->str, key) == 0)
+            return map->items[i + 1];
+    return NULL;
+}
+
+/* Report keys of map that are not in allowed (NULL-terminated), and keys
+ * given twice. Returns the number of problems. */
+static int s_check_keys(s_ctx_t *ctx, const s_ynode_t *map, const char *path,
+                        const char *const *allowed)
+{
+    int problems = 0;
+    if (map->n > 64) {
+        s_error(ctx, KH_E_RULES_SYNTAX, path, map, "too many keys");
+        return 1;
+    }
+    for (size_t i = 0; i + 1 < map->n; i += 2) {
+        const s_ynode_t *key = map->items[i];
+        char p[KH_ERROR_PATH_MAX];
+        snprintf(p, sizeof p, "%s", path);
+        kh_path_append_key(p, sizeof p, key->str, key->len);
+        bool known = false;
+        for (const char *const *a = allowed; *a; a++)
+            if (strcmp(*a, key->str) == 0)
+                known = true;
+        if (!known) {
+            s_error(ctx, KH_E_RULES_UNKNOWN_KEY, p, key,
+                    "this key is not part of the rules format");
+            problems++;
+            continue;
+        }
+        for (size_t k = 0; k < i; k += 2)
+            if (strcmp(map->items[k]->str, key->str) == 0) {
+                s_error(ctx, KH_E_RULES_DUPLICATE_KEY, p, key,
+                        "key given twice");
+                problems++;
+                break;
+            }
+    }
+    return problems;
+}
+
+static bool s_want(s_ctx_t *ctx, const s_ynode_t *n, s_ykind_t kind,
+                   const char *path, const char *what)
+{
+    if (n->kind == kind)
+        return true;
+    s_error(ctx, KH_E_RULES_SYNTAX, path, n, "%s must be %s, not %s", what,
+            kind == S_YMAP   ? "a mapping"
+            : kind == S_YSEQ ? "a list"
+                             : "a single value",
+            s_ykind_name(n));
+    return false;
+}
+
+/* A scalar that must be a string (a name, a path). */
+static const char *s_want_string(s_ctx_t *ctx, const s_ynode_t *n,
+                                 const char *path, const char *what)
+{
+    if (!s_want(ctx, n, S_YSCALAR, path, what))
+        return NULL;
+    bool b;
+    double d;
+    if (s_scalar_type(n, &b, &d) != S_TSTR) {
+        s_error(ctx, KH_E_RULES_TYPE, path, n, "%s must be text", what);
+        return NULL;
+    }
+    return n->str;
+}
+
+static int s_want_bool(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
+                       const char *what, bool *out)
+{
+    double d;
+    if (!s_want(ctx, n, S_YSCALAR, path, what))
+        return -1;
+    if (s_scalar_type(n, out, &d) != S_TBOOL) {
+        s_error(ctx, KH_E_RULES_TYPE, path, n, "%s must be true or false",
+                what);
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- the referral schema's fields ------------------------------------- */
+
+static kh_rkind_t s_kind_of(const char *type, bool *ok)
+{
+    *ok = true;
+    if (strcmp(type, "object") == 0)
+        return KH_RK_OBJECT;
+    if (strcmp(type, "array") == 0)
+        return KH_RK_ARRAY;
+    if (strcmp(type, "string") == 0)
+        return KH_RK_STRING;
+    if (strcmp(type, "boolean") == 0)
+        return KH_RK_BOOLEAN;
+    if (strcmp(type, "integer") == 0)
+        return KH_RK_INTEGER;
+    if (strcmp(type, "number") == 0)
+        return KH_RK_NUMBER;
+    *ok = false;
+    return KH_RK_STRING;
+}
+
+/* The kind of a property schema: from "type" (a name, or a list with
+ * "null"), else from "const"/"enum" (strings). Returns -1 if unknown. */
+static int s_prop_kind(const json_t *prop, kh_rkind_t *kind, bool *nullable)
+{
+    const json_t *type = json_object_get(prop, "type");
+    *nullable = false;
+    bool ok = false;
+    if (json_is_string(type)) {
+        *kind = s_kind_of(json_string_value(type), &ok);
+        return ok ? 0 : -1;
+    }
+    if (json_is_array(type)) {
+        size_t i;
+        const json_t *t;
+        int kinds = 0;
+        json_array_foreach(type, i, t)
+        {
+            if (!json_is_string(t))
+                return -1;
+            if (strcmp(json_string_value(t), "null") == 0)
+                *nullable = true;
+            else {
+                *kind = s_kind_of(json_string_value(t), &ok);
+                if (!ok)
+                    return -1;
+                kinds++;
+            }
+        }
+        return kinds == 1 ? 0 : -1;
+    }
+    const json_t *c = json_object_get(prop, "const");
+    if (json_is_string(c) || json_is_array(json_object_get(prop, "enum"))) {
+        *kind = KH_RK_STRING;
+        return 0;
+    }
+    return -1;
+}
+
+static bool s_in_required(const json_t *schema, const char *key)
+{
+    size_t i;
+    const json_t *r;
+    json_array_foreach(json_object_get(schema, "required"), i, r)
+    {
+        if (json_is_string(r) && strcmp(json_string_value(r), key) == 0)
+            return true;
+    }
+    return false;
+}
+
+static int s_bound(const json_t *prop, const char *incl, const char *excl,
+                   double *out, bool lower, bool integer)
+{
+    const json_t *v = json_object_get(prop, incl);
+    if (json_is_number(v)) {
+        *out = json_number_value(v);
+        return 1;
+    }
+    v = json_object_get(prop, excl);
+    if (json_is_number(v)) {
+        /* An exclusive bound is kept as inclusive only for integers. */
+        *out = json_number_value(v) + (integer ? (lower ? 1 : -1) : 0);
+        return 1;
+    }
+    return 0;
+}
+
+static int s_load_fields(kh_rules_t *rules, const json_t *schema, int parent,
+                         const char *prefix, bool always, int depth)
+{
+    const char *key;
+    const json_t *prop;
+    json_object_foreach((json_t *) json_object_get(schema, "properties"), key,
+                        prop)
+    {
+        if (rules->nfields == KH_RFIELDS_MAX)
+            return -1;
+        kh_rfield_t *f = &rules->fields[rules->nfields];
+        memset(f, 0, sizeof *f);
+        size_t plen = strlen(prefix), klen = strlen(key);
+        f->path = malloc(plen + klen + 2);
+        if (!f->path)
+            return -1;
+        if (plen)
+            snprintf(f->path, plen + klen + 2, "%s.%s", prefix, key);
+        else
+            snprintf(f->path, plen + klen + 2, "%s", key);
+        f->key = f->path + (plen ? plen + 1 : 0);
+        f->key_len = klen;
+        f->parent = parent;
+        f->depth = depth;
+        rules->nfields++;
+        if (s_prop_kind(prop, &f->kind, &f->nullable))
+            return -1;
+        f->always = always && s_in_required(schema, key) && !f->nullable;
+        f->enums = json_object_get(prop, "enum");
+        if (!f->enums && json_object_get(prop, "const")) {
+            /* Keep a one-value enum for a const, owned by the schema. */
+            json_t *one = json_array();
+            if (!one ||
+                json_array_append(one, json_object_get(prop, "const")) ||
+                json_object_set_new((json_t *) prop, "x-kh-enum", one))
+                return -1;
+            f->enums = one;
+        }
+        bool integer = f->kind == KH_RK_INTEGER;
+        f->has_min = s_bound(prop, "minimum", "exclusiveMinimum", &f->min, true,
+                             integer);
+        f->has_max = s_bound(prop, "maximum", "exclusiveMaximum", &f->max,
+                             false, integer);
+        if (f->kind == KH_RK_ARRAY) {
+            const json_t *items = json_object_get(prop, "items");
+            bool nullable;
+            if (s_prop_kind(items, &f->item_kind, &nullable))
+                return -1;
+            f->item_enum = json_object_get(items, "enum");
+        }
+        if (f->kind == KH_RK_OBJECT) {
+            int self = (int) rules->nfields - 1;
+            if (s_load_fields(rules, prop, self, rules->fields[self].path,
+                              rules->fields[self].always, depth + 1))
+                return -1;
+        }
+    }
+    return 0;
+}
+
+static int s_field_find(const kh_rules_t *rules, const char *path)
+{
+    for (size_t i = 0; i < rules->nfields; i++)
+        if (strcmp(rules->fields[i].path, path) == 0)
+            return (int) i;
+    return -1;
+}
+
+/* ---- partners ------------------------------------------------------------ */
+
+static int s_partner_intern(kh_rules_t *rules, const char *id)
+{
+    for (size_t i = 0; i < rules->npartners; i++)
+        if (strcmp(rules->partner_ids[i], id) == 0)
+            return (int) i;
+    char **ids =
+        realloc(rules->partner_ids, (rules->npartners + 1) * sizeof *ids);
+    if (!ids)
+        return -1;
+    rules->partner_ids = ids;
+    ids[rules->npartners] = strdup(id);
+    if (!ids[rules->npartners])
+        return -1;
+    return (int) rules->npartners++;
+}
+
+static const kh_rules_partner_t *s_registered(const kh_rules_options_t *opts,
+                                              const char *id)
+{
+    for (size_t i = 0; i < opts->partner_count; i++)
+        if (opts->partners[i].id && strcmp(opts->partners[i].id, id) == 0)
+            return &opts->partners[i];
+    return NULL;
+}
+
+/* ---- conditions ---------------------------------------------------------- */
+
+void kh_rcond_free(kh_rcond_t *cond)
+{
+    if (!cond)
+        return;
+    for (size_t i = 0; i < cond->nkids; i++)
+        kh_rcond_free(cond->kids[i]);
+    for (size_t i = 0; i < cond->nvals; i++)
+        free(cond->vals[i].s);
+    free(cond->kids);
+    free(cond->vals);
+    free(cond->path);
+    free(cond);
+}
+
+static const char *s_kind_name(kh_rkind_t kind)
+{
+    static const char *names[] = {"an object",  "a list",         "text",
+                                  "true/false", "a whole number", "a number"};
+    return names[kind];
+}
+
+static bool s_enum_has(const json_t *enums, const char *s)
+{
+    size_t i;
+    const json_t *v;
+    json_array_foreach(enums, i, v)
+    {
+        if (json_is_string(v) && strcmp(json_string_value(v), s) == 0)
+            return true;
+    }
+    return false;
+}
+
+/* Convert scalar n to a constant for a field of kind (nullable, enums,
+ * bounds from f when not items). Reports and returns -1 on a mismatch. */
+static int s_value(s_ctx_t *ctx, const kh_rfield_t *f, bool items,
+                   const s_ynode_t *n, const char *path, kh_rval_t *out)
+{
+    memset(out, 0, sizeof *out);
+    if (!s_want(ctx, n, S_YSCALAR, path, "the value"))
+        return -1;
+    kh_rkind_t kind = items ? f->item_kind : f->kind;
+    const json_t *enums = items ? f->item_enum : f->enums;
+    bool b = false;
+    double d = 0;
+    s_stype_t t = s_scalar_type(n, &b, &d);
+    if (t == S_TNULL && !items && f->nullable) {
+        out->kind = KH_RV_NULL;
+        return 0;
+    }
+    switch (kind) {
+    case KH_RK_BOOLEAN:
+        if (t == S_TBOOL) {
+            out->kind = KH_RV_BOOL;
+            out->b = b;
+            return 0;
+        }
+        break;
+    case KH_RK_INTEGER:
+    case KH_RK_NUMBER:
+        if (t == S_TINT || (t == S_TFLOAT && kind == KH_RK_NUMBER)) {
+            out->kind = KH_RV_NUM;
+            out->d = d;
+            if (!items &&
+                ((f->has_min && d < f->min) || (f->has_max && d > f->max))) {
+                s_error(ctx, KH_E_RULES_TYPE, path, n,
+                        "the value is outside the range of %s", f->path);
+                return -1;
+            }
+            return 0;
+        }
+        break;
+    case KH_RK_STRING:
+        if (t == S_TSTR) {
+            if (enums && !s_enum_has(enums, n->str)) {
+                s_error(ctx, KH_E_RULES_TYPE, path, n,
+                        "the value is not one of the codes of %s%s", f->path,
+                        items ? " items" : "");
+                return -1;
+            }
+            out->kind = KH_RV_STR;
+            out->s = strdup(n->str);
+            out->len = n->len;
+            if (!out->s) {
+                s_error(ctx, KH_E_NOMEM, path, n, "out of memory");
+                return -1;
+            }
+            return 0;
+        }
+        break;
+    default:
+        s_error(ctx, KH_E_RULES_TYPE, path, n,
+                "%s is %s and cannot be compared with a value", f->path,
+                s_kind_name(kind));
+        return -1;
+    }
+    s_error(ctx, KH_E_RULES_TYPE, path, n, "%s%s is %s", f->path,
+            items ? " holds items that are" : "", s_kind_name(kind));
+    return -1;
+}
+
+static bool s_val_same(const kh_rval_t *a, const kh_rval_t *b)
+{
+    if (a->kind != b->kind)
+        return false;
+    switch (a->kind) {
+    case KH_RV_NULL:
+        return true;
+    case KH_RV_BOOL:
+        return a->b == b->b;
+    case KH_RV_NUM:
+        return a->d == b->d;
+    default:
+        return a->len == b->len && memcmp(a->s, b->s, a->len) == 0;
+    }
+}
+
+static const char *const s_ops[] = {"equals", "in",  "contains", "lt",
+                                    "le",     "gt",  "ge",       "present",
+                                    "all",    "any", "not"};
+
+static kh_rcond_t *s_cond(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
+                          bool *failed);
+
+/* Contradictions between the direct leaves of an `all`: two equals on one
+ * field, an equals outside an in, numeric bounds that leave no value. */
+static bool s_all_contradicts(const kh_rules_t *rules, const kh_rcond_t *c)
+{
+    for (size_t i = 0; i < c->nkids; i++) {
+        const kh_rcond_t *a = c->kids[i];
+        if (a->op > KH_RC_PRESENT)
+            continue;
+        const kh_rfield_t *f = &rules->fields[a->field];
+        double lo = f->has_min ? f->min : -INFINITY;
+        double hi = f->has_max ? f->max : INFINITY;
+        bool integer = f->kind == KH_RK_INTEGER;
+        bool ranged = false;
+        for (size_t k = 0; k < c->nkids; k++) {
+            const kh_rcond_t *b = c->kids[k];
+            if (b->op > KH_RC_PRESENT || b->field != a->field)
+                continue;
+            if (a->op == KH_RC_EQ && b->op == KH_RC_EQ &&
+                !s_val_same(&a->vals[0], &b->vals[0]))
+                return true;
+            if (a->op == KH_RC_EQ && b->op == KH_RC_IN) {
+                bool found = false;
+                for (size_t v = 0; v < b->nvals; v++)
+                    found = found || s_val_same(&a->vals[0], &b->vals[v]);
+                if (!found)
+                    return true;
+            }
+            if (a->op == KH_RC_EQ && b->op == KH_RC_PRESENT && !b->vals[0].b &&
+                a->vals[0].kind != KH_RV_NULL)
+                return true;
+            double v = b->nvals ? b->vals[0].d : 0;
+            switch (b->op) {
+            case KH_RC_LT:
+                hi = fmin(hi, integer ? ceil(v) - 1 : v), ranged = true;
+                break;
+            case KH_RC_LE:
+                hi = fmin(hi, v), ranged = true;
+                break;
+            case KH_RC_GT:
+                lo = fmax(lo, integer ? floor(v) + 1 : v), ranged = true;
+                break;
+            case KH_RC_GE:
+                lo = fmax(lo, v), ranged = true;
+                break;
+            default:
+                break;
+            }
+        }
+        if (ranged && lo > hi)
+            return true;
+    }
+    return false;
+}
+
+/* A leaf: {field: PATH, OP: VALUE}. */
+static kh_rcond_t *s_leaf(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
+                          kh_rcond_t *c, bool *failed)
+{
+    static const char *const allowed[] = {"field",   "equals", "in", "contains",
+                                          "lt",      "le",     "gt", "ge",
+                                          "present", NULL};
+    if (s_check_keys(ctx, n, path, allowed)) {
+        *failed = true;
+        return c;
+    }
+    char p[KH_ERROR_PATH_MAX];
+    s_path_key(p, path, "field");
+    const s_ynode_t *fn = s_get(n, "field");
+    int ops = 0;
+    const s_ynode_t *vn = NULL;
+    for (int op = KH_RC_EQ; op <= KH_RC_PRESENT; op++)
+        if (s_get(n, s_ops[op])) {
+            ops++;
+            c->op = (kh_rcop_t) op;
+            vn = s_get(n, s_ops[op]);
+        }
+    if (!fn || ops != 1) {
+        s_error(ctx, KH_E_RULES_SYNTAX, path, n,
+                "a condition is {field, one operator} or all, any, not");
+        *failed = true;
+        return c;
+    }
+    const char *fpath = s_want_string(ctx, fn, p, "field");
+    if (!fpath) {
+        *failed = true;
+        return c;
+    }
+    c->field = s_field_find(ctx->rules, fpath);
+    if (c->field < 0) {
+        s_error(ctx, KH_E_RULES_UNKNOWN_FIELD, p, fn,
+                "no such field in the referral schema");
+        *failed = true;
+        return c;
+    }
+    const kh_rfield_t *f = &ctx->rules->fields[c->field];
+    s_path_key(p, path, s_ops[c->op]);
+    size_t count = vn->kind == S_YSEQ ? vn->n : 1;
+    c->vals = calloc(count ? count : 1, sizeof *c->vals);
+    if (!c->vals) {
+        s_error(ctx, KH_E_NOMEM, p, vn, "out of memory");
+        *failed = true;
+        return c;
+    }
+    switch (c->op) {
+    case KH_RC_EQ:
+        c->nvals = 1;
+        if (s_value(ctx, f, false, vn, p, &c->vals[0]))
+            *failed = true;
+        break;
+    case KH_RC_CONTAINS:
+        c->nvals = 1;
+        if (f->kind != KH_RK_ARRAY) {
+            s_error(ctx, KH_E_RULES_TYPE, p, vn,
+                    "contains needs a list field; %s is %s", f->path,
+                    s_kind_name(f->kind));
+            *failed = true;
+        } else if (s_value(ctx, f, true, vn, p, &c->vals[0]))
+            *failed = true;
+        break;
+    case KH_RC_IN:
+        if (!s_want(ctx, vn, S_YSEQ, p, "in")) {
+            *failed = true;
+            break;
+        }
+        for (size_t i = 0; i < vn->n; i++) {
+            char q[KH_ERROR_PATH_MAX];
+            s_path_index(q, p, i);
+            if (s_value(ctx, f, false, vn->items[i], q, &c->vals[c->nvals++]))
+                *failed = true;
+        }
+        if (vn->n == 0)
+            c->state = KH_RS_NEVER;
+        break;
+    case KH_RC_PRESENT:
+        c->nvals = 1;
+        c->vals[0].kind = KH_RV_BOOL;
+        if (s_want_bool(ctx, vn, p, "present", &c->vals[0].b))
+            *failed = true;
+        else if (f->always)
+            c->state = c->vals[0].b ? KH_RS_ALWAYS : KH_RS_NEVER;
+        break;
+    default: { /* lt le gt ge */
+        c->nvals = 1;
+        bool b;
+        if (f->kind != KH_RK_INTEGER && f->kind != KH_RK_NUMBER) {
+            s_error(ctx, KH_E_RULES_TYPE, p, vn,
+                    "%s needs a numeric field; %s is %s", s_ops[c->op], f->path,
+                    s_kind_name(f->kind));
+            *failed = true;
+            break;
+        }
+        s_stype_t t = S_TSTR;
+        if (vn->kind == S_YSCALAR)
+            t = s_scalar_type(vn, &b, &c->vals[0].d);
+        if (t != S_TINT && t != S_TFLOAT) {
+            s_error(ctx, KH_E_RULES_TYPE, p, vn, "%s needs a number",
+                    s_ops[c->op]);
+            *failed = true;
+            break;
+        }
+        c->vals[0].kind = KH_RV_NUM;
+        double v = c->vals[0].d;
+        bool never = (c->op == KH_RC_LT && f->has_min && v <= f->min) ||
+                     (c->op == KH_RC_LE && f->has_min && v < f->min) ||
+                     (c->op == KH_RC_GT && f->has_max && v >= f->max) ||
+                     (c->op == KH_RC_GE && f->has_max && v > f->max);
+        bool always =
+            f->always && ((c->op == KH_RC_LT && f->has_max && v > f->max) ||
+                          (c->op == KH_RC_LE && f->has_max && v >= f->max) ||
+                          (c->op == KH_RC_GT && f->has_min && v < f->min) ||
+                          (c->op == KH_RC_GE && f->has_min && v <= f->min));
+        c->state = never ? KH_RS_NEVER : always ? KH_RS_ALWAYS : KH_RS_MAYBE;
+        break;
+    }
+    }
+    return c;
+}
+
+/* Compile condition n; NULL only on allocation failure. *failed is set when
+ * something was reported (the tree is then only good for freeing). */
+static kh_rcond_t *s_cond(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
+                          bool *failed)
+{
+    kh_rcond_t *c = calloc(1, sizeof *c);
+    if (!c || !(c->path = strdup(path))) {
+        free(c);
+        s_error(ctx, KH_E_NOMEM, path, n, "out of memory");
+        *failed = true;
+        return NULL;
+    }
+    c->line = n->line;
+    c->column = n->column;
+    c->field = -1;
+    if (!s_want(ctx, n, S_YMAP, path, "a condition")) {
+        *failed = true;
+        return c;
+    }
+    const s_ynode_t *all = s_get(n, "all"), *any = s_get(n, "any"),
+                    *not = s_get(n, "not");
+    if (!all && !any && !not )
+        return s_leaf(ctx, n, path, c, failed);
+    if (n->n != 2) {
+        s_error(ctx, KH_E_RULES_SYNTAX, path, n,
+                "all, any and not stand alone in their condition");
+        *failed = true;
+        return c;
+    }
+    char p[KH_ERROR_PATH_MAX];
+    if (not ) {
+        c->op = KH_RC_NOT;
+        s_path_key(p, path, "not");
+        c->kids = calloc(1, sizeof *c->kids);
+        if (!c->kids || !(c->kids[0] = s_cond(ctx, not, p, failed))) {
+            *failed = true;
+            return c;
+        }
+        c->nkids = 1;
+        kh_rstate_t s = c->kids[0]->state;
+        c->state = s == KH_RS_ALWAYS  ? KH_RS_NEVER
+                   : s == KH_RS_NEVER ? KH_RS_ALWAYS
+                                      : KH_RS_MAYBE;
+        return c;
+    }
+    const s_ynode_t *list = all ? all : any;
+    c->op = all ? KH_RC_ALL : KH_RC_ANY;
+    s_path_key(p, path, all ? "all" : "any");
+    if (!s_want(ctx, list, S_YSEQ, p, all ? "all" : "any")) {
+        *failed = true;
+        return c;
+    }
+    c->kids = calloc(list->n ? list->n : 1, sizeof *c->kids);
+    if (!c->kids) {
+        *failed = true;
+        return c;
+    }
+    bool any_never = false, all_always = true, any_always = false,
+         all_never = true;
+    for (size_t i = 0; i < list->n; i++) {
+        char q[KH_ERROR_PATH_MAX];
+        s_path_index(q, p, i);
+        kh_rcond_t *k = s_cond(ctx, list->items[i], q, failed);
+        if (!k)
+            return c;
+        c->kids[c->nkids++] = k;
+        any_never = any_never || k->state == KH_RS_NEVER;
+        any_always = any_always || k->state == KH_RS_ALWAYS;
+        all_always = all_always && k->state == KH_RS_ALWAYS;
+        all_never = all_never && k->state == KH_RS_NEVER;
+    }
+    if (*failed)
+        return c;
+    if (c->op == KH_RC_ALL)
+        c->state = any_never || s_all_contradicts(ctx->rules, c) ? KH_RS_NEVER
+                   : all_always                                  ? KH_RS_ALWAYS
+                                                                 : KH_RS_MAYBE;
+    else
+        c->state = any_always  ? KH_RS_ALWAYS
+                   : all_never ? KH_RS_NEVER
+                               : KH_RS_MAYBE;
+    return c;
+}
+
+/* The innermost part of a never-matching condition that makes it so. */
+static const kh_rcond_t *s_never_origin(const kh_rcond_t *c)
+{
+    if (c->op == KH_RC_ALL) {
+        for (size_t i = 0; i < c->nkids; i++)
+            if (c->kids[i]->state == KH_RS_NEVER)
+                return s_never_origin(c->kids[i]);
+        return c;
+    }
+    if (c->op == KH_RC_ANY && c->nkids > 0)
+        return s_never_origin(c->kids[0]);
+    return c;
+}
+
+/* ---- targets ------------------------------------------------------------- */
+
+static int s_priority(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
+                      kh_priority_t *out)
+{
+    const char *s = s_want_string(ctx, n, path, "priority");
+    if (!s)
+        return -1;
+    for (int p = KH_PRIORITY_NORMAL; p <= KH_PRIORITY_URGENT; p++)
+        if (strcmp(s, kh_priority_name((kh_priority_t) p)) == 0) {
+            *out = (kh_priority_t) p;
+            return 0;
+        }
+    s_error(ctx, KH_E_RULES_TYPE, path, n,
+            "priority is normal, high or urgent");
+    return -1;
+}
+
+/* Parse the targets list n into *out. Returns -1 when anything was
+ * reported. */
+static int s_targets(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
+                     kh_rtarget_t **out, size_t *count)
+{
+    static const char *const allowed[] = {"partner", "fields", "priority",
+                                          "optional", NULL};
+    if (!s_want(ctx, n, S_YSEQ, path, "targets"))
+        return -1;
+    if (n->n == 0) {
+        s_error(ctx, KH_E_RULES_SYNTAX, path, n, "targets must not be empty");
+        return -1;
+    }
+    *out = calloc(n->n, sizeof **out);
+    if (!*out) {
+        s_error(ctx, KH_E_NOMEM, path, n, "out of memory");
+        return -1;
+    }
+    int rc = 0;
+    for (size_t i = 0; i < n->n; i++) {
+        const s_ynode_t *t = n->items[i];
+        kh_rtarget_t *target = &(*out)[*count];
+        char tp[KH_ERROR_PATH_MAX], p[KH_ERROR_PATH_MAX];
+        s_path_index(tp, path, i);
+        if (!s_want(ctx, t, S_YMAP, tp, "a target") ||
+            s_check_keys(ctx, t, tp, allowed)) {
+            rc = -1;
+            continue;
+        }
+        const s_ynode_t *pn = s_get(t, "partner"), *fn = s_get(t, "fields"),
+                        *prn = s_get(t, "priority"), *on = s_get(t, "optional");
+        if (!pn || !fn) {
+            s_error(ctx, KH_E_RULES_SYNTAX, tp, t,
+                    "a target needs a partner and its fields");
+            rc = -1;
+            continue;
+        }
+        s_path_key(p, tp, "priority");
+        if (prn && s_priority(ctx, prn, p, &target->priority))
+            rc = -1;
+        s_path_key(p, tp, "optional");
+        if (on && s_want_bool(ctx, on, p, "optional", &target->optional))
+            rc = -1;
+        s_path_key(p, tp, "fields");
+        if (!s_want(ctx, fn, S_YSEQ, p, "fields"))
+            rc = -1;
+        else if (fn->n == 0) {
+            s_error(ctx, KH_E_RULES_PROJECTION, p, fn,
+                    "a target receives at least one field");
+            rc = -1;
+        } else
+            for (size_t k = 0; k < fn->n; k++) {
+                char q[KH_ERROR_PATH_MAX];
+                s_path_index(q, p, k);
+                const char *fp = s_want_string(ctx, fn->items[k], q, "a field");
+                if (!fp) {
+                    rc = -1;
+                    continue;
+                }
+                int field = s_field_find(ctx->rules, fp);
+                if (field < 0) {
+                    s_error(ctx, KH_E_RULES_PROJECTION, q, fn->items[k],
+                            "no such field in the referral schema");
+                    rc = -1;
+                    continue;
+                }
+                target->fields[field / 64] |= UINT64_C(1) << (field % 64);
+            }
+        s_path_key(p, tp, "partner");
+        const char *id = s_want_string(ctx, pn, p, "partner");
+        if (!id) {
+            rc = -1;
+            continue;
+        }
+        if (!kh_partner_id_valid(id)) {
+            s_error(ctx, KH_E_RULES_UNKNOWN_PARTNER, p, pn, "not a partner id");
+            rc = -1;
+            continue;
+        }
+        target->active = true;
+        if (ctx->opts->partners) {
+            const kh_rules_partner_t *reg = s_registered(ctx->opts, id);
+            if (!reg && target->optional) {
+                s_note(ctx, KH_E_RULES_PARTNER_ABSENT, p, pn,
+                       "optional partner %s is not registered; target skipped",
+                       id);
+                target->active = false;
+            } else if (!reg) {
+                s_error(ctx, KH_E_RULES_UNKNOWN_PARTNER, p, pn,
+                        "partner %s is not registered", id);
+                rc = -1;
+            } else if (!reg->handles_cases) {
+                s_error(ctx, KH_E_RULES_NO_CASES_PARTNER, p, pn,
+                        "partner %s does not handle cases and may not "
+                        "receive case data",
+                        id);
+                rc = -1;
+            }
+        }
+        for (size_t k = 0; k < *count; k++)
+            if (strcmp(ctx->rules->partner_ids[(*out)[k].partner], id) == 0) {
+                s_error(ctx, KH_E_RULES_DUPLICATE_NAME, p, pn,
+                        "partner %s is named twice in these targets", id);
+                rc = -1;
+            }
+        target->partner = s_partner_intern(ctx->rules, id);
+        if (target->partner < 0) {
+            s_error(ctx, KH_E_NOMEM, p, pn, "out of memory");
+            return -1;
+        }
+        (*count)++;
+    }
+    return rc;
+}
+
+/* ---- rules and the document -----------------------------------------------
+ */
+
+static bool s_name_ok(const char *s)
+{
+    size_t len = strlen(s);
+    if (len == 0 || len > 64)
+        return false;
+    for (size_t i = 0; i < len; i++) {
+        char c = s[i];
+        if (!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
+              (i > 0 && (c == '-' || c == '_'))))
+            return false;
+    }
+    return true;
+}
+
+static void s_rule(s_ctx_t *ctx, const s_ynode_t *n, size_t index)
+{
+    static const char *const allowed[] = {"name", "description", "when", "then",
+                                          NULL};
+    static const char *const then_allowed[] = {"targets", "continue", NULL};
+    char path[KH_ERROR_PATH_MAX], p[KH_ERROR_PATH_MAX];
+    snprintf(path, sizeof path, "rules");
+    kh_path_append_index(path, sizeof path, index);
+    if (!s_want(ctx, n, S_YMAP, path, "a rule") ||
+        s_check_keys(ctx, n, path, allowed))
+        return;
+    kh_rrule_t *rule = &ctx->rules->rules[ctx->rules->nrules++];
+    rule->cont = true;
+    const s_ynode_t *name = s_get(n, "name"), *when = s_get(n, "when"),
+                    *then = s_get(n, "then"), *desc = s_get(n, "description");
+    if (!name || !when || !then) {
+        s_error(ctx, KH_E_RULES_SYNTAX, path, n,
+                "a rule needs a name, when and then");
+        return;
+    }
+    s_path_key(p, path, "name");
+    const char *s = s_want_string(ctx, name, p, "name");
+    if (s && !s_name_ok(s)) {
+        s_error(ctx, KH_E_RULES_SYNTAX, p, name,
+                "a name is 1 to 64 of a-z, 0-9, - and _, starting with a "
+                "letter or digit");
+        s = NULL;
+    }
+    if (s) {
+        for (size_t i = 0; i + 1 < ctx->rules->nrules; i++)
+            if (ctx->rules->rules[i].name &&
+                strcmp(ctx->rules->rules[i].name, s) == 0) {
+                s_error(ctx, KH_E_RULES_DUPLICATE_NAME, p, name,
+                        "rule name %s is used twice", s);
+                break;
+            }
+        rule->name = strdup(s);
+    }
+    s_path_key(p, path, "description");
+    if (desc)
+        (void) s_want_string(ctx, desc, p, "description");
+    s_path_key(p, path, "when");
+    bool failed = false;
+    rule->when = s_cond(ctx, when, p, &failed);
+    if (rule->when && !failed && rule->when->state == KH_RS_NEVER) {
+        const kh_rcond_t *o = s_never_origin(rule->when);
+        s_error_at(ctx, KH_E_RULES_NEVER_MATCHES, o->path, o->line, o->column,
+                   "this condition can never hold, so the rule never fires");
+    }
+    s_path_key(p, path, "then");
+    if (!s_want(ctx, then, S_YMAP, p, "then") ||
+        s_check_keys(ctx, then, p, then_allowed))
+        return;
+    const s_ynode_t *targets = s_get(then, "targets"),
+                    *cont = s_get(then, "continue");
+    char q[KH_ERROR_PATH_MAX];
+    if (cont) {
+        s_path_key(q, p, "continue");
+        (void) s_want_bool(ctx, cont, q, "continue", &rule->cont);
+    }
+    if (!targets) {
+        s_error(ctx, KH_E_RULES_SYNTAX, p, then, "then needs targets");
+        return;
+    }
+    s_path_key(q, p, "targets");
+    (void) s_targets(ctx, targets, q, &rule->targets, &rule->ntargets);
+}
+
+static void s_document(s_ctx_t *ctx, const s_ynode_t *root)
+{
+    static const char *const allowed[] = {"version", "partners_required",
+                                          "fallback", "rules", NULL};
+    static const char *const fb_allowed[] = {"targets", NULL};
+    if (!s_want(ctx, root, S_YMAP, "", "the file"))
+        return;
+    const s_ynode_t *version = s_get(root, "version");
+    bool b;
+    double d = 0;
+    if (!version || version->kind != S_YSCALAR ||
+        s_scalar_type(version, &b, &d) != S_TINT || d != 1) {
+        s_error(ctx, KH_E_RULES_VERSION, "version", version ? version : root,
+                "the file must start with version: 1");
+        return;
+    }
+    if (s_check_keys(ctx, root, "", allowed))
+        return;
+    const s_ynode_t *req = s_get(root, "partners_required");
+    if (req && s_want(ctx, req, S_YSEQ, "partners_required", "the list"))
+        for (size_t i = 0; i < req->n; i++) {
+            char p[KH_ERROR_PATH_MAX];
+            s_path_index(p, "partners_required", i);
+            const char *id = s_want_string(ctx, req->items[i], p, "partner");
+            if (id && ctx->opts->partners && !s_registered(ctx->opts, id))
+                s_error(ctx, KH_E_RULES_UNKNOWN_PARTNER, p, req->items[i],
+                        "required partner %s is not registered", id);
+        }
+    const s_ynode_t *fb = s_get(root, "fallback");
+    if (!fb)
+        s_error(ctx, KH_E_RULES_SYNTAX, "", root,
+                "the file needs a fallback: where unmatched referrals go");
+    else if (s_want(ctx, fb, S_YMAP, "fallback", "fallback") &&
+             !s_check_keys(ctx, fb, "fallback", fb_allowed)) {
+        const s_ynode_t *t = s_get(fb, "targets");
+        if (!t)
+            s_error(ctx, KH_E_RULES_SYNTAX, "fallback", fb,
+                    "fallback needs targets");
+        else if (s_targets(ctx, t, "fallback.targets", &ctx->rules->fallback,
+                           &ctx->rules->nfallback) == 0) {
+            bool any = false;
+            for (size_t i = 0; i < ctx->rules->nfallback; i++)
+                any = any || ctx->rules->fallback[i].active;
+            if (!any)
+                s_error(ctx, KH_E_RULES_UNKNOWN_PARTNER, "fallback.targets", t,
+                        "the fallback needs a registered partner");
+        }
+    }
+    const s_ynode_t *rules = s_get(root, "rules");
+    if (!rules) {
+        s_error(ctx, KH_E_RULES_SYNTAX, "", root, "the file needs rules");
+        return;
+    }
+    if (!s_want(ctx, rules, S_YSEQ, "rules", "rules"))
+        return;
+    ctx->rules->rules = calloc(rules->n ? rules->n : 1, sizeof(kh_rrule_t));
+    if (!ctx->rules->rules) {
+        s_error(ctx, KH_E_NOMEM, "rules", rules, "out of memory");
+        return;
+    }
+    for (size_t i = 0; i < rules->n; i++)
+        s_rule(ctx, rules->items[i], i);
+}
+
+/* ---- public -----------------------------------------------------------------
+ */
+
+const char *kh_priority_name(kh_priority_t priority)
+{
+    switch (priority) {
+    case KH_PRIORITY_NORMAL:
+        return "normal";
+    case KH_PRIORITY_HIGH:
+        return "high";
+    case KH_PRIORITY_URGENT:
+        return "urgent";
+    }
+    return "unknown";
+}
+
+void kh_rules_destroy(kh_rules_t **self_p)
+{
+    if (!self_p || !*self_p)
+        return;
+    kh_rules_t *self = *self_p;
+    for (size_t i = 0; i < self->nrules; i++) {
+        free(self->rules[i].name);
+        kh_rcond_free(self->rules[i].when);
+        free(self->rules[i].targets);
+    }
+    free(self->rules);
+    free(self->fallback);
+    for (size_t i = 0; i < self->npartners; i++)
+        free(self->partner_ids[i]);
+    free(self->partner_ids);
+    for (size_t i = 0; i < self->nfields; i++)
+        free(self->fields[i].path);
+    free(self->fields);
+    json_decref(self->schema);
+    free(self);
+    *self_p = NULL;
+}
+
+kh_rules_t *kh_rules_load_buffer(const void *data, size_t len,
+                                 const kh_rules_options_t *opts,
+                                 kh_error_t *err)
+{
+    kh_error_clear(err);
+    if (!opts || !opts->schema_path) {
+        kh_error_set(err, KH_E_CONFIG, "", "no referral schema given");
+        return NULL;
+    }
+    s_ctx_t ctx = {.opts = opts, .err = err};
+    if (len > KH_RULES_FILE_MAX) {
+        s_error_at(&ctx, KH_E_RULES_TOO_LARGE, "", 0, 0,
+                   "the file is larger than %d bytes", KH_RULES_FILE_MAX);
+        return NULL;
+    }
+    if (s_check_text(&ctx, data, len))
+        return NULL;
+    kh_rules_t *self = calloc(1, sizeof *self);
+    if (!self) {
+        kh_error_set(err, KH_E_NOMEM, "", "out of memory");
+        return NULL;
+    }
+    ctx.rules = self;
+    kh_sha256_hex(data, len, self->version);
+    json_error_t jerr;
+    self->schema =
+        json_load_file(opts->schema_path, JSON_REJECT_DUPLICATES, &jerr);
+    self->fields = calloc(KH_RFIELDS_MAX, sizeof *self->fields);
+    if (!self->schema || !self->fields ||
+        s_load_fields(self, self->schema, -1, "", true, 0)) {
+        kh_error_set(err, KH_E_CONFIG, opts->schema_path,
+                     "cannot read the referral schema's fields");
+        kh_rules_destroy(&self);
+        return NULL;
+    }
+    s_ynode_t *root = s_parse_yaml(&ctx, data, len);
+    if (root)
+        s_document(&ctx, root);
+    s_ynode_free(root);
+    if (ctx.errors > 0)
+        kh_rules_destroy(&self);
+    return self;
+}
+
+kh_rules_t *kh_rules_load(const char *path, const kh_rules_options_t *opts,
+                          kh_error_t *err)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        kh_error_set(err, KH_E_IO, "", "cannot open the rules file: %s",
+                     strerror(errno));
+        return NULL;
+    }
+    /* Read one byte more than allowed, to tell "too large" from "full". */
+    char *buf = malloc(KH_RULES_FILE_MAX + 1);
+    size_t len = buf ? fread(buf, 1, KH_RULES_FILE_MAX + 1, f) : 0;
+    bool bad = !buf || ferror(f);
+    fclose(f);
+    if (bad) {
+        free(buf);
+        kh_error_set(err, KH_E_IO, "", "cannot read the rules file");
+        return NULL;
+    }
+    kh_rules_t *self = kh_rules_load_buffer(buf, len, opts, err);
+    free(buf);
+    return self;
+}
+
+const char *kh_rules_version(const kh_rules_t *self)
+{
+    return self->version;
+}
+
+size_t kh_rules_count(const kh_rules_t *self)
+{
+    return self->nrules;
+}
+
+const char *kh_rules_name(const kh_rules_t *self, size_t index)
+{
+    return index < self->nrules ? self->rules[index].name : NULL;
+}

@@ -1,0 +1,150 @@
+/*
+ * Routing rules: the file administrators edit (schemas/rules.md) that says
+ * which partners receive a referral and which of its fields each of them
+ * sees. A rules file is loaded and checked once (every error with its line,
+ * column and a stable rules.* code), compiled into condition trees whose
+ * field paths are resolved against the referral schema, and then evaluated
+ * many times: an evaluation allocates nothing and reads the referral only.
+ *
+ * A loaded kh_rules_t is read-only: several threads may evaluate with it at
+ * once, each with its own kh_rules_result_t.
+ */
+#ifndef KH_RULES_H_INCLUDED
+#define KH_RULES_H_INCLUDED
+
+#include <jansson.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdio.h>
+
+#include "ketenhub/error.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define KH_RULES_FILE_MAX (1024 * 1024) /* bytes of a rules file */
+#define KH_RULES_DEPTH_MAX 32           /* nesting of YAML collections */
+
+typedef enum {
+    KH_PRIORITY_NORMAL,
+    KH_PRIORITY_HIGH,
+    KH_PRIORITY_URGENT
+} kh_priority_t;
+
+/* "normal", "high", "urgent"; "unknown" out of range. */
+const char *kh_priority_name(kh_priority_t priority);
+
+/* A partner the rules may name, as the registry knows it. */
+typedef struct {
+    const char *id;
+    bool handles_cases;
+} kh_rules_partner_t;
+
+/* Called for every problem found while loading: is_error false for a
+ * note (e.g. an optional target whose partner is not registered). err
+ * holds the code, the path inside the rules document ("rules[2].when.lt",
+ * built with kh_path_append_*), the line, column and message. */
+typedef void(kh_rules_report_fn)(const kh_error_t *err, bool is_error,
+                                 void *arg);
+
+typedef struct {
+    /* The referral schema (schemas/referral.v1.json): field names, types,
+     * enums and bounds are read from it. Required. */
+    const char *schema_path;
+    /* The registered partners. NULL: partner checks are skipped and every
+     * target, optional or not, is kept. */
+    const kh_rules_partner_t *partners;
+    size_t partner_count;
+    /* Receives every error and note; may be NULL. */
+    kh_rules_report_fn *report;
+    void *report_arg;
+} kh_rules_options_t;
+
+typedef struct _kh_rules_t kh_rules_t;
+
+/* Load, check and compile the rules file at path. Returns NULL when the
+ * file cannot be read (KH_E_IO) or holds any error; err then holds the
+ * first error and opts->report has seen all of them. Loading refuses
+ * files over KH_RULES_FILE_MAX, non-UTF-8 or binary input, anchors and
+ * aliases, tags, nesting deeper than KH_RULES_DEPTH_MAX. */
+kh_rules_t *kh_rules_load(const char *path, const kh_rules_options_t *opts,
+                          kh_error_t *err);
+
+/* As kh_rules_load, from len bytes at data (need not be NUL-terminated). */
+kh_rules_t *kh_rules_load_buffer(const void *data, size_t len,
+                                 const kh_rules_options_t *opts,
+                                 kh_error_t *err);
+
+/* Destroy; accepts NULL and a pointer to NULL; sets *self_p NULL. */
+void kh_rules_destroy(kh_rules_t **self_p);
+
+/* The rules version: lower-case hex SHA-256 of the file's bytes. Valid as
+ * long as self. */
+const char *kh_rules_version(const kh_rules_t *self);
+
+/* Number of rules and the name of rule i (valid as long as self). */
+size_t kh_rules_count(const kh_rules_t *self);
+const char *kh_rules_name(const kh_rules_t *self, size_t index);
+
+/* The outcome of one evaluation. Made once per thread for a given
+ * kh_rules_t and reused: evaluation overwrites it. */
+typedef struct _kh_rules_result_t kh_rules_result_t;
+
+/* A result sized for rules; NULL on allocation failure. It must not
+ * outlive rules. */
+kh_rules_result_t *kh_rules_result_new(const kh_rules_t *rules);
+void kh_rules_result_destroy(kh_rules_result_t **self_p);
+
+/* Evaluate the rules on referral (a jansson object, normally one that the
+ * schema accepted; anything else is safe too: a field that is missing or of
+ * another type makes its condition not hold). Rules run in file order; a
+ * matched rule with `continue: false` ends the evaluation. A partner named
+ * by several matched rules gets the union of their fields and the highest
+ * priority. When the matched rules name no partner (no rule matched, or
+ * only optional targets whose partner is absent), the fallback targets are
+ * used and kh_rules_result_fallback is true. Allocates nothing. */
+void kh_rules_eval(const kh_rules_t *self, const json_t *referral,
+                   kh_rules_result_t *result);
+
+/* Whether the targets come from the fallback. */
+bool kh_rules_result_fallback(const kh_rules_result_t *self);
+
+/* The matched rules, in file order (names valid as long as the rules). */
+size_t kh_rules_result_matched_count(const kh_rules_result_t *self);
+const char *kh_rules_result_matched(const kh_rules_result_t *self,
+                                    size_t index);
+
+/* The target partners, in the order they were first named. */
+size_t kh_rules_result_target_count(const kh_rules_result_t *self);
+const char *kh_rules_result_partner(const kh_rules_result_t *self,
+                                    size_t index);
+kh_priority_t kh_rules_result_priority(const kh_rules_result_t *self,
+                                       size_t index);
+
+/* Target index of partner id, or -1 when it is not a target. */
+int kh_rules_result_find(const kh_rules_result_t *self, const char *partner);
+
+/* A new object holding only the fields target index may see (deep
+ * copies, in schema order, parents created as needed; a projected field
+ * the referral lacks is left out). NULL on allocation failure or a bad
+ * index. */
+json_t *kh_rules_result_project(const kh_rules_result_t *self, size_t index,
+                                const json_t *referral);
+
+/* The projected field paths of target index, one per line, into out
+ * ("subject\nrisk.urgency\n"); for explaining. */
+void kh_rules_result_fields(const kh_rules_result_t *self, size_t index,
+                            FILE *out);
+
+/* Write to out, for an administrator: per rule whether it fired and, per
+ * condition part, whether it held, with the value it compared; then the
+ * targets with priority and projected payload. Shows referral values:
+ * a local tool only, never for logs. */
+void kh_rules_explain(const kh_rules_t *self, const json_t *referral,
+                      FILE *out);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

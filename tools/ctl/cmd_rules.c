@@ -1,0 +1,301 @@
+/*
+ * ketenhubctl rules check / explain: validate a routing rules file and show
+ * what it does to one referral. check takes the registered partners from
+ * the database, or from a file (`partner list --json` output) to work
+ * offline; explain needs no database and checks partners only when given
+ * --partners.
+ */
+#include <getopt.h>
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ctl.h"
+#include "ketenhub/partner.h"
+#include "ketenhub/rules.h"
+
+#ifndef KH_SOURCE_MIGRATIONS_DIR
+#define KH_SOURCE_MIGRATIONS_DIR ""
+#endif
+#ifndef KH_INSTALLED_MIGRATIONS_DIR
+#define KH_INSTALLED_MIGRATIONS_DIR "/usr/local/share/ketenhub/migrations"
+#endif
+
+static void s_usage(FILE *out)
+{
+    fprintf(out,
+            "usage: ketenhubctl rules check FILE [--partners FILE.json] "
+            "[--schema FILE]\n"
+            "       ketenhubctl rules explain FILE REFERRAL.json "
+            "[--partners FILE.json]\n"
+            "                                 [--schema FILE]\n"
+            "\n"
+            "check    validate a rules file: every error as "
+            "FILE:LINE:COL: code: message.\n"
+            "         Partners come from the database unless --partners "
+            "names a file\n"
+            "         (the output of `ketenhubctl partner list --json`).\n"
+            "explain  show which rules fire for a referral, which condition "
+            "parts\n"
+            "         held, and what each partner would receive. No "
+            "database;\n"
+            "         partners are checked only with --partners. It prints "
+            "the\n"
+            "         referral's values: keep its output local.\n"
+            "\n"
+            "  --schema FILE  the referral schema (default: "
+            "$KH_SCHEMA_DIR/referral.v1.json,\n"
+            "                 else the source tree's or the installed one)\n"
+            "\n"
+            "exit status: 0 valid, 1 invalid, 2 usage or unreadable input\n");
+}
+
+/* Where referral.v1.json is: $KH_SCHEMA_DIR, the source tree (next to the
+ * migrations directory), the installed share directory. */
+static const char *s_schema_path(const char *given, char *buf, size_t size)
+{
+    if (given)
+        return given;
+    const char *dir = getenv("KH_SCHEMA_DIR");
+    if (dir && *dir) {
+        snprintf(buf, size, "%s/referral.v1.json", dir);
+        return buf;
+    }
+    const char *bases[] = {KH_SOURCE_MIGRATIONS_DIR,
+                           KH_INSTALLED_MIGRATIONS_DIR};
+    for (size_t i = 0; i < 2; i++) {
+        if (!*bases[i])
+            continue;
+        snprintf(buf, size, "%s/../schemas/referral.v1.json", bases[i]);
+        FILE *f = fopen(buf, "r");
+        if (f) {
+            fclose(f);
+            return buf;
+        }
+    }
+    return buf;
+}
+
+typedef struct {
+    kh_rules_partner_t *list;
+    size_t count;
+    char **ids;
+} s_partners_t;
+
+static void s_partners_free(s_partners_t *p)
+{
+    for (size_t i = 0; i < p->count; i++)
+        free(p->ids[i]);
+    free(p->ids);
+    free(p->list);
+}
+
+static int s_partners_add(s_partners_t *p, const char *id, bool cases)
+{
+    kh_rules_partner_t *list = realloc(p->list, (p->count + 1) * sizeof *list);
+    if (!list)
+        return -1;
+    p->list = list;
+    char **ids = realloc(p->ids, (p->count + 1) * sizeof *ids);
+    if (!ids)
+        return -1;
+    p->ids = ids;
+    if (!(ids[p->count] = strdup(id)))
+        return -1;
+    list[p->count].id = ids[p->count];
+    list[p->count].handles_cases = cases;
+    p->count++;
+    return 0;
+}
+
+/* Active partners from a JSON array of {id, handles_cases, revoked_at}. */
+static int s_partners_file(s_partners_t *p, const char *path)
+{
+    json_error_t jerr;
+    json_t *doc = json_load_file(path, JSON_REJECT_DUPLICATES, &jerr);
+    if (!json_is_array(doc)) {
+        fprintf(stderr, "ketenhubctl: %s:%d: not a JSON array of partners\n",
+                path, doc ? 0 : jerr.line);
+        json_decref(doc);
+        return -1;
+    }
+    size_t i;
+    json_t *o;
+    int rc = 0;
+    json_array_foreach(doc, i, o)
+    {
+        const json_t *id = json_object_get(o, "id");
+        const json_t *cases = json_object_get(o, "handles_cases");
+        const json_t *revoked = json_object_get(o, "revoked_at");
+        if (!json_is_string(id) || !json_is_boolean(cases)) {
+            fprintf(stderr,
+                    "ketenhubctl: %s: partner %zu needs an id and "
+                    "handles_cases\n",
+                    path, i);
+            rc = -1;
+            break;
+        }
+        if (revoked && !json_is_null(revoked))
+            continue;
+        if (s_partners_add(p, json_string_value(id), json_is_true(cases))) {
+            rc = -1;
+            break;
+        }
+    }
+    json_decref(doc);
+    return rc;
+}
+
+static void s_from_db(const kh_partner_t *partner, void *arg)
+{
+    s_partners_t *p = arg;
+    if (s_partners_add(p, partner->id, partner->handles_cases))
+        fprintf(stderr, "ketenhubctl: out of memory\n");
+}
+
+typedef struct {
+    const char *file;
+    int errors;
+} s_report_arg_t;
+
+static void s_report(const kh_error_t *err, bool is_error, void *arg)
+{
+    s_report_arg_t *r = arg;
+    if (is_error)
+        r->errors++;
+    fprintf(stderr, "%s:%d:%d: %s%s: %s", r->file, err->line, err->column,
+            is_error ? "" : "note: ", kh_error_name(err->code), err->message);
+    if (err->path[0])
+        fprintf(stderr, " (at %s)", err->path);
+    fprintf(stderr, "\n");
+}
+
+static int s_run(int argc, char **argv, bool explain)
+{
+    static const struct option options[] = {
+        {"partners", required_argument, NULL, 'p'},
+        {"schema", required_argument, NULL, 's'},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0}};
+    const char *partners_file = NULL, *schema = NULL;
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "p:s:h", options, NULL)) != -1) {
+        switch (c) {
+        case 'p':
+            partners_file = optarg;
+            break;
+        case 's':
+            schema = optarg;
+            break;
+        case 'h':
+            s_usage(stdout);
+            return CTL_OK;
+        default:
+            s_usage(stderr);
+            return CTL_USAGE;
+        }
+    }
+    int want = explain ? 2 : 1;
+    if (argc - optind != want) {
+        s_usage(stderr);
+        return CTL_USAGE;
+    }
+    const char *file = argv[optind];
+    char schema_buf[4096];
+    s_partners_t partners = {0};
+    bool have_partners = false;
+    if (partners_file) {
+        if (s_partners_file(&partners, partners_file)) {
+            s_partners_free(&partners);
+            return CTL_USAGE;
+        }
+        have_partners = true;
+    } else if (!explain) {
+        PGconn *conn = ctl_connect();
+        if (!conn)
+            return CTL_USAGE;
+        kh_error_t err;
+        kh_error_clear(&err);
+        int n = kh_partner_list(conn, false, s_from_db, &partners, &err);
+        PQfinish(conn);
+        if (n < 0) {
+            ctl_print_error(&err);
+            s_partners_free(&partners);
+            return CTL_USAGE;
+        }
+        have_partners = true;
+    }
+    json_t *referral = NULL;
+    if (explain) {
+        json_error_t jerr;
+        referral =
+            json_load_file(argv[optind + 1], JSON_REJECT_DUPLICATES, &jerr);
+        if (!referral) {
+            fprintf(stderr, "ketenhubctl: %s:%d:%d: %s\n", argv[optind + 1],
+                    jerr.line, jerr.column, jerr.text);
+            s_partners_free(&partners);
+            return CTL_USAGE;
+        }
+    }
+    s_report_arg_t rep = {.file = file};
+    kh_rules_options_t opts = {
+        .schema_path = s_schema_path(schema, schema_buf, sizeof schema_buf),
+        .partners = have_partners ? partners.list : NULL,
+        .partner_count = partners.count,
+        .report = s_report,
+        .report_arg = &rep};
+    /* A partner list that is empty but given still counts as given. */
+    static const kh_rules_partner_t none = {NULL, false};
+    if (have_partners && !opts.partners)
+        opts.partners = &none;
+    kh_error_t err;
+    kh_error_clear(&err);
+    kh_rules_t *rules = kh_rules_load(file, &opts, &err);
+    int rc;
+    if (!rules) {
+        if (rep.errors == 0) {
+            fprintf(stderr, "ketenhubctl: %s: %s (%s)\n",
+                    err.code == KH_E_CONFIG ? opts.schema_path : file,
+                    err.message, kh_error_name(err.code));
+            rc = CTL_USAGE;
+        } else {
+            fprintf(stderr, "%s: %d error%s\n", file, rep.errors,
+                    rep.errors == 1 ? "" : "s");
+            rc = CTL_FAIL;
+        }
+    } else {
+        if (explain)
+            kh_rules_explain(rules, referral, stdout);
+        else
+            printf("%s: valid, %zu rules, version %s%s\n", file,
+                   kh_rules_count(rules), kh_rules_version(rules),
+                   have_partners ? "" : " (partners not checked)");
+        rc = CTL_OK;
+    }
+    kh_rules_destroy(&rules);
+    json_decref(referral);
+    s_partners_free(&partners);
+    return rc;
+}
+
+int ctl_rules(int argc, char **argv)
+{
+    if (argc < 2) {
+        s_usage(stderr);
+        return CTL_USAGE;
+    }
+    const char *sub = argv[1];
+    if (strcmp(sub, "--help") == 0 || strcmp(sub, "-h") == 0) {
+        s_usage(stdout);
+        return CTL_OK;
+    }
+    if (strcmp(sub, "check") == 0)
+        return s_run(argc - 1, argv + 1, false);
+    if (strcmp(sub, "explain") == 0)
+        return s_run(argc - 1, argv + 1, true);
+    ctl_usage_error("rules: unknown command '%s'", sub);
+    s_usage(stderr);
+    return CTL_USAGE;
+}
