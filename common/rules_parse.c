@@ -1292,7 +1292,7 @@ static void s_document(s_ctx_t *ctx, const s_ynode_t *root)
     if (!version || version->kind != S_YSCALAR ||
         s_scalar_type(version, &b, &d) != S_TINT || d != 1) {
         s_error(ctx, KH_E_RULES_VERSION, "version", version ? version : root,
-                "the file must start with version: 1");
+                "unsupported rules format version; this hub reads version 1");
         return;
     }
     if (s_check_keys(ctx, root, "", allowed))

@@ -1,0 +1,742 @@
+/*
+ * Unit tests of the routing rules (common/rules_parse.c, rules_eval.c):
+ * evaluation cases of every operator, nesting, projections, priority merge,
+ * continue/stop, fallback and referrals with missing or mistyped fields;
+ * the corpus of wrong rules files (schemas/rules/invalid/, each with its
+ * expected code, line and column in a .expect file); the default rules on
+ * the example referrals; refusal of hostile files; ketenhubctl rules exit
+ * codes. No database: partners are an in-memory list.
+ */
+#include "khtest.h"
+
+#include "ketenhub/proto.h"
+#include "ketenhub/rules.h"
+
+#include <dirent.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define REFERRAL_SCHEMA "schemas/referral.v1.json"
+
+/* The partners of the demo (scripts/demo.sh) plus the test's own. */
+static const kh_rules_partner_t s_demo[] = {{"meldpunt-hilversum", true},
+                                            {"veilig-thuis", true},
+                                            {"zorgcoordinator", true},
+                                            {"avim", true},
+                                            {"ketenregisseur", false},
+                                            {"px", true},
+                                            {"py", true},
+                                            {"pz", true}};
+#define S_DEMO_COUNT (sizeof s_demo / sizeof s_demo[0])
+
+static char s_schema[4096];
+
+static kh_rules_options_t s_opts(const kh_rules_partner_t *partners,
+                                 size_t count)
+{
+    snprintf(s_schema, sizeof s_schema, "%s", khtest_src(REFERRAL_SCHEMA));
+    kh_rules_options_t o = {
+        .schema_path = s_schema, .partners = partners, .partner_count = count};
+    return o;
+}
+
+/* JSON written with single quotes, for readable C literals. */
+static json_t *s_json(const char *text)
+{
+    char *copy = strdup(text);
+    ck_assert_ptr_nonnull(copy);
+    for (char *p = copy; *p; p++)
+        if (*p == '\'')
+            *p = '"';
+    json_error_t jerr;
+    json_t *doc =
+        json_loads(copy, JSON_REJECT_DUPLICATES | JSON_DECODE_ANY, &jerr);
+    ck_assert_msg(doc != NULL, "bad test JSON: %s", jerr.text);
+    free(copy);
+    return doc;
+}
+
+static kh_rules_t *s_load_text(const char *yaml,
+                               const kh_rules_partner_t *partners, size_t count)
+{
+    kh_rules_options_t o = s_opts(partners, count);
+    kh_error_t err;
+    kh_rules_t *rules = kh_rules_load_buffer(yaml, strlen(yaml), &o, &err);
+    ck_assert_msg(rules != NULL, "%d:%d %s: %s", err.line, err.column,
+                  kh_error_name(err.code), err.message);
+    return rules;
+}
+
+/* ---- evaluation table ------------------------------------------------ */
+
+/* One rule per operator; each targets the partner named like the rule. */
+static const char *s_ops_rules =
+    "version: 1\n"
+    "fallback: {targets: [{partner: zorgcoordinator, fields: [needs]}]}\n"
+    "rules:\n"
+    "- {name: eq-bool, when: {field: subject.minor, equals: true},\n"
+    "   then: {targets: [{partner: eq-bool, fields: [subject]}]}}\n"
+    "- {name: eq-str, when: {field: risk.urgency, equals: immediate},\n"
+    "   then: {targets: [{partner: eq-str, fields: [risk]}]}}\n"
+    "- {name: eq-null, when: {field: subject.age, equals: null},\n"
+    "   then: {targets: [{partner: eq-null, fields: [subject.age]}]}}\n"
+    "- {name: in-str, when: {field: subject.nationality, in: [RO, BG, PL]},\n"
+    "   then: {targets: [{partner: in-str, fields: [subject]}]}}\n"
+    "- {name: contains, when: {field: exploitation.forms, contains: labour},\n"
+    "   then: {targets: [{partner: contains, fields: [exploitation]}]}}\n"
+    "- {name: lt, when: {field: subject.age, lt: 18},\n"
+    "   then: {targets: [{partner: lt, fields: [subject.age]}]}}\n"
+    "- {name: le, when: {field: subject.age, le: 18},\n"
+    "   then: {targets: [{partner: le, fields: [subject.age]}]}}\n"
+    "- {name: gt, when: {field: subject.age, gt: 65},\n"
+    "   then: {targets: [{partner: gt, fields: [subject.age]}]}}\n"
+    "- {name: ge, when: {field: subject.age, ge: 65},\n"
+    "   then: {targets: [{partner: ge, fields: [subject.age]}]}}\n"
+    "- {name: present, when: {field: suspects, present: true},\n"
+    "   then: {targets: [{partner: present, fields: [suspects]}]}}\n"
+    "- {name: absent, when: {field: subject.residence_status, present: "
+    "false},\n"
+    "   then: {targets: [{partner: absent, fields: [subject]}]}}\n"
+    "- name: all\n"
+    "  when: {all: [{field: scope, equals: cross_border},\n"
+    "               {field: subject.language, equals: ro}]}\n"
+    "  then: {targets: [{partner: all, fields: [scope]}]}\n"
+    "- name: any\n"
+    "  when: {any: [{field: needs, contains: shelter},\n"
+    "               {field: needs, contains: medical}]}\n"
+    "  then: {targets: [{partner: any, fields: [needs]}]}\n"
+    "- {name: not, when: {not: {field: client.consent, equals: true}},\n"
+    "   then: {targets: [{partner: not, fields: [client]}]}}\n"
+    "- name: nested\n"
+    "  when:\n"
+    "    all:\n"
+    "      - any: [{field: exploitation.forms, contains: sexual},\n"
+    "              {field: exploitation.forms, contains: criminal}]\n"
+    "      - not: {field: subject.minor, equals: true}\n"
+    "      - {field: subject.age, ge: 30}\n"
+    "  then: {targets: [{partner: nested, fields: [summary]}]}\n";
+
+/* Priority merge, projection union, continue/stop, optional targets. */
+static const char *s_merge_rules =
+    "version: 1\n"
+    "fallback:\n"
+    "  targets: [{partner: zorgcoordinator, fields: [needs, "
+    "subject.minor]}]\n"
+    "rules:\n"
+    "- name: a\n"
+    "  when: {field: subject.minor, equals: true}\n"
+    "  then:\n"
+    "    targets:\n"
+    "    - {partner: px, priority: high, fields: [subject.age]}\n"
+    "    - {partner: py, fields: [scope]}\n"
+    "- name: b\n"
+    "  when: {field: risk.acute_danger, equals: true}\n"
+    "  then: {targets: [{partner: px, priority: urgent, fields: [risk]}]}\n"
+    "- name: stop\n"
+    "  when: {field: scope, equals: cross_border}\n"
+    "  then: {targets: [{partner: py, fields: [needs]}], continue: false}\n"
+    "- name: after\n"
+    "  when: {field: subject.gender, equals: female}\n"
+    "  then: {targets: [{partner: pz, fields: [subject.gender]}]}\n"
+    "- name: opt\n"
+    "  when: {field: exploitation.forms, contains: labour}\n"
+    "  then: {targets: [{partner: absent-one, optional: true, fields: "
+    "[scope]}]}\n";
+
+/* An adult, no needs, no suspects, consent, sexual exploitation. */
+static const char *s_base =
+    "{'schema_version':'referral.v1',"
+    "'subject':{'reference':'T-1','age':30,'minor':false,'gender':'male',"
+    "'nationality':'NL','municipality':'GM0402','language':'nl'},"
+    "'exploitation':{'forms':['sexual']},'scope':'domestic',"
+    "'indicators':['fear'],'risk':{'acute_danger':false,'urgency':'normal'},"
+    "'needs':[],'client':{'spoken_to':true,'consent':true},'summary':'x'}";
+
+typedef struct {
+    int set;             /* 0: s_ops_rules, 1: s_merge_rules */
+    const char *overlay; /* merged into s_base (NULL: none) */
+    const char *drop;    /* "subject.age" removed after the overlay */
+    const char *matched; /* space-separated rule names */
+    const char *targets; /* "px:high py:normal" in target order */
+    bool fallback;
+    const char *project; /* "partner={json}" expected projection */
+} s_case_t;
+
+static const s_case_t s_cases[] = {
+    /* 0-: each operator on the base and one change. */
+    {0, NULL, NULL, "absent nested", "absent:normal nested:normal", false,
+     "nested={'summary':'x'}"},
+    {0, "{'subject':{'minor':true,'age':16}}", NULL, "eq-bool lt le absent",
+     "eq-bool:normal lt:normal le:normal absent:normal", false,
+     "lt={'subject':{'age':16}}"},
+    {0, "{'risk':{'acute_danger':true,'urgency':'immediate'}}", NULL,
+     "eq-str absent nested", "eq-str:normal absent:normal nested:normal", false,
+     "eq-str={'risk':{'acute_danger':true,'urgency':'immediate'}}"},
+    {0, "{'subject':{'age':null}}", NULL, "eq-null absent",
+     "eq-null:normal absent:normal", false, "eq-null={'subject':{'age':null}}"},
+    {0, "{'subject':{'nationality':'RO'}}", NULL, "in-str absent nested",
+     "in-str:normal absent:normal nested:normal", false, NULL},
+    {0, "{'subject':{'nationality':'DE'}}", NULL, "absent nested",
+     "absent:normal nested:normal", false, NULL},
+    {0, "{'exploitation':{'forms':['labour']}}", NULL, "contains absent",
+     "contains:normal absent:normal", false,
+     "contains={'exploitation':{'forms':['labour']}}"},
+    {0, "{'subject':{'age':18}}", NULL, "le absent", "le:normal absent:normal",
+     false, NULL},
+    {0, "{'subject':{'age':17}}", NULL, "lt le absent",
+     "lt:normal le:normal absent:normal", false, NULL},
+    {0, "{'subject':{'age':65}}", NULL, "ge absent nested",
+     "ge:normal absent:normal nested:normal", false, NULL},
+    {0, "{'subject':{'age':66}}", NULL, "gt ge absent nested",
+     "gt:normal ge:normal absent:normal nested:normal", false, NULL},
+    {0, "{'suspects':'iemand'}", NULL, "present absent nested",
+     "present:normal absent:normal nested:normal", false,
+     "present={'suspects':'iemand'}"},
+    {0, "{'subject':{'residence_status':'eu_citizen'}}", NULL, "nested",
+     "nested:normal", false, NULL},
+    {0, "{'scope':'cross_border','subject':{'language':'ro'}}", NULL,
+     "absent all nested", "absent:normal all:normal nested:normal", false,
+     "all={'scope':'cross_border'}"},
+    {0, "{'scope':'cross_border'}", NULL, "absent nested",
+     "absent:normal nested:normal", false, NULL},
+    {0, "{'needs':['medical']}", NULL, "absent any nested",
+     "absent:normal any:normal nested:normal", false,
+     "any={'needs':['medical']}"},
+    {0, "{'needs':['legal']}", NULL, "absent nested",
+     "absent:normal nested:normal", false, NULL},
+    {0, "{'client':{'consent':false}}", NULL, "absent not nested",
+     "absent:normal not:normal nested:normal", false,
+     "not={'client':{'spoken_to':true,'consent':false}}"},
+    /* nesting: each part of `nested` failing in turn */
+    {0, "{'exploitation':{'forms':['criminal']}}", NULL, "absent nested",
+     "absent:normal nested:normal", false, NULL},
+    {0, "{'exploitation':{'forms':['other']}}", NULL, "absent", "absent:normal",
+     false, NULL},
+    {0, "{'subject':{'age':29}}", NULL, "absent", "absent:normal", false, NULL},
+    {0, "{'subject':{'minor':true,'age':40}}", NULL, "eq-bool absent",
+     "eq-bool:normal absent:normal", false, NULL},
+    /* missing or mistyped fields: the condition does not hold */
+    {0, NULL, "subject.age", "absent", "absent:normal", false, NULL},
+    {0, "{'subject':{'age':'30'}}", NULL, "absent", "absent:normal", false,
+     NULL},
+    {0, "{'subject':{'minor':'true'}}", NULL, "absent nested",
+     "absent:normal nested:normal", false, NULL},
+    {0, "{'needs':{'shelter':true}}", NULL, "absent nested",
+     "absent:normal nested:normal", false, NULL},
+    {0, "{'exploitation':{'forms':'labour'}}", NULL, "absent", "absent:normal",
+     false, NULL},
+    {0, "{'subject':[1,2]}", NULL, "absent", "absent:normal", false, NULL},
+    {0, "{'risk':{'urgency':7}}", NULL, "absent nested",
+     "absent:normal nested:normal", false, NULL},
+    {0, "{'subject':{'age':30.0}}", NULL, "absent nested",
+     "absent:normal nested:normal", false, NULL},
+    {0, NULL, "client", "absent not nested",
+     "absent:normal not:normal nested:normal", false, "not={}"},
+    {0, NULL, "subject", "absent", "absent:normal", false, NULL},
+    {0, NULL, "exploitation", "absent", "absent:normal", false, NULL},
+    /* merge: union of fields, highest priority, first-named order */
+    {1, "{'subject':{'minor':true,'age':16}}", NULL, "a", "px:high py:normal",
+     false, "px={'subject':{'age':16}}"},
+    {1,
+     "{'subject':{'minor':true,'age':16},"
+     "'risk':{'acute_danger':true,'urgency':'immediate'}}",
+     NULL, "a b", "px:urgent py:normal", false,
+     "px={'subject':{'age':16},"
+     "'risk':{'acute_danger':true,'urgency':'immediate'}}"},
+    {1, "{'risk':{'acute_danger':true,'urgency':'immediate'}}", NULL, "b",
+     "px:urgent", false, NULL},
+    /* continue: false stops before `after` */
+    {1, "{'scope':'cross_border','subject':{'gender':'female'}}", NULL, "stop",
+     "py:normal", false, "py={'needs':[]}"},
+    {1,
+     "{'scope':'cross_border','subject':{'minor':true,'age':16,"
+     "'gender':'female'}}",
+     NULL, "a stop", "px:high py:normal", false,
+     "py={'scope':'cross_border','needs':[]}"},
+    {1, "{'subject':{'gender':'female'}}", NULL, "after", "pz:normal", false,
+     "pz={'subject':{'gender':'female'}}"},
+    /* no match: fallback */
+    {1, NULL, NULL, "", "zorgcoordinator:normal", true,
+     "zorgcoordinator={'needs':[],'subject':{'minor':false}}"},
+    /* only an optional target whose partner is absent: fallback */
+    {1, "{'exploitation':{'forms':['labour']}}", NULL, "opt",
+     "zorgcoordinator:normal", true, NULL},
+    {1, NULL, "subject", "", "zorgcoordinator:normal", true,
+     "zorgcoordinator={'needs':[]}"},
+};
+
+static void s_apply(json_t *doc, const char *overlay, const char *drop)
+{
+    if (overlay) {
+        json_t *o = s_json(overlay);
+        ck_assert_int_eq(json_object_update_recursive(doc, o), 0);
+        json_decref(o);
+    }
+    if (drop) {
+        const char *dot = strchr(drop, '.');
+        if (dot) {
+            char head[64];
+            snprintf(head, sizeof head, "%.*s", (int) (dot - drop), drop);
+            json_object_del(json_object_get(doc, head), dot + 1);
+        } else
+            json_object_del(doc, drop);
+    }
+}
+
+/* Space-separated list of what the result holds. */
+static void s_describe(const kh_rules_result_t *r, char *matched, char *targets,
+                       size_t size)
+{
+    matched[0] = targets[0] = '\0';
+    for (size_t i = 0; i < kh_rules_result_matched_count(r); i++) {
+        size_t used = strlen(matched);
+        snprintf(matched + used, size - used, "%s%s", i ? " " : "",
+                 kh_rules_result_matched(r, i));
+    }
+    for (size_t i = 0; i < kh_rules_result_target_count(r); i++) {
+        size_t used = strlen(targets);
+        snprintf(targets + used, size - used, "%s%s:%s", i ? " " : "",
+                 kh_rules_result_partner(r, i),
+                 kh_priority_name(kh_rules_result_priority(r, i)));
+    }
+}
+
+START_TEST(test_eval_cases)
+{
+    ck_assert_int_ge(sizeof s_cases / sizeof s_cases[0], 40);
+    static const kh_rules_partner_t merge_partners[] = {
+        {"px", true}, {"py", true}, {"pz", true}, {"zorgcoordinator", true}};
+    kh_rules_t *sets[2] = {s_load_text(s_ops_rules, NULL, 0),
+                           s_load_text(s_merge_rules, merge_partners, 4)};
+    kh_rules_result_t *results[2] = {kh_rules_result_new(sets[0]),
+                                     kh_rules_result_new(sets[1])};
+    ck_assert_ptr_nonnull(results[0]);
+    ck_assert_ptr_nonnull(results[1]);
+    for (size_t i = 0; i < sizeof s_cases / sizeof s_cases[0]; i++) {
+        const s_case_t *c = &s_cases[i];
+        json_t *doc = s_json(s_base);
+        s_apply(doc, c->overlay, c->drop);
+        kh_rules_result_t *r = results[c->set];
+        kh_rules_eval(sets[c->set], doc, r);
+        char matched[1024], targets[1024];
+        s_describe(r, matched, targets, sizeof matched);
+        ck_assert_msg(strcmp(matched, c->matched) == 0,
+                      "case %zu: matched '%s', expected '%s'", i, matched,
+                      c->matched);
+        ck_assert_msg(strcmp(targets, c->targets) == 0,
+                      "case %zu: targets '%s', expected '%s'", i, targets,
+                      c->targets);
+        ck_assert_msg(kh_rules_result_fallback(r) == c->fallback,
+                      "case %zu: fallback", i);
+        if (c->project) {
+            const char *eq = strchr(c->project, '=');
+            char partner[64];
+            snprintf(partner, sizeof partner, "%.*s", (int) (eq - c->project),
+                     c->project);
+            int t = kh_rules_result_find(r, partner);
+            ck_assert_msg(t >= 0, "case %zu: %s not a target", i, partner);
+            json_t *got = kh_rules_result_project(r, (size_t) t, doc);
+            json_t *want = s_json(eq + 1);
+            char *text = json_dumps(got, JSON_COMPACT);
+            ck_assert_msg(json_equal(got, want), "case %zu: projected %s", i,
+                          text);
+            free(text);
+            json_decref(got);
+            json_decref(want);
+        }
+        json_decref(doc);
+    }
+    /* Anything, not only objects, evaluates without harm. */
+    const char *odd[] = {"null", "[]", "7", "'x'", "{}"};
+    for (size_t i = 0; i < 5; i++) {
+        json_t *doc = s_json(odd[i]);
+        kh_rules_eval(sets[0], doc, results[0]);
+        ck_assert(kh_rules_result_fallback(results[0]) ||
+                  kh_rules_result_target_count(results[0]) > 0);
+        kh_rules_eval(sets[1], doc, results[1]);
+        ck_assert(kh_rules_result_fallback(results[1]));
+        json_decref(doc);
+    }
+    for (int i = 0; i < 2; i++) {
+        kh_rules_result_destroy(&results[i]);
+        kh_rules_destroy(&sets[i]);
+    }
+    ck_assert_ptr_null(sets[0]);
+}
+END_TEST
+
+/* ---- the invalid corpus ---------------------------------------------- */
+
+typedef struct {
+    int errors, notes;
+} s_count_t;
+
+static void s_count(const kh_error_t *err, bool is_error, void *arg)
+{
+    s_count_t *c = arg;
+    (void) err;
+    if (is_error)
+        c->errors++;
+    else
+        c->notes++;
+}
+
+START_TEST(test_invalid_corpus)
+{
+    char dir[4096];
+    snprintf(dir, sizeof dir, "%s", khtest_src("schemas/rules/invalid"));
+    DIR *d = opendir(dir);
+    ck_assert_ptr_nonnull(d);
+    struct dirent *e;
+    int files = 0;
+    while ((e = readdir(d))) {
+        size_t len = strlen(e->d_name);
+        if (len < 6 || strcmp(e->d_name + len - 5, ".yaml") != 0)
+            continue;
+        char path[8192], expect_path[8192];
+        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+        snprintf(expect_path, sizeof expect_path, "%s/%.*s.expect", dir,
+                 (int) (len - 5), e->d_name);
+        char *expect = khtest_read_file(expect_path);
+        ck_assert_msg(expect != NULL, "%s has no .expect", e->d_name);
+        char code[64];
+        int line, column;
+        ck_assert_int_eq(sscanf(expect, "%63s %d %d", code, &line, &column), 3);
+        free(expect);
+        kh_rules_options_t o = s_opts(s_demo, S_DEMO_COUNT);
+        s_count_t count = {0, 0};
+        o.report = s_count;
+        o.report_arg = &count;
+        kh_error_t err;
+        kh_rules_t *rules = kh_rules_load(path, &o, &err);
+        ck_assert_msg(rules == NULL, "%s loaded", e->d_name);
+        ck_assert_msg(strcmp(kh_error_name(err.code), code) == 0,
+                      "%s: got %s (%s), expected %s", e->d_name,
+                      kh_error_name(err.code), err.message, code);
+        ck_assert_msg(err.line == line && err.column == column,
+                      "%s: at %d:%d, expected %d:%d", e->d_name, err.line,
+                      err.column, line, column);
+        ck_assert_int_ge(count.errors, 1);
+        files++;
+    }
+    closedir(d);
+    ck_assert_int_ge(files, 15);
+}
+END_TEST
+
+START_TEST(test_all_errors_reported)
+{
+    const char *yaml =
+        "version: 1\n"
+        "fallback: {targets: [{partner: zorgcoordinator, fields: [needs]}]}\n"
+        "rules:\n"
+        "- {name: r1, when: {field: nope, equals: 1},\n"
+        "   then: {targets: [{partner: politie, fields: [risk]}]}}\n"
+        "- {name: r1, when: {field: subject.age, lt: -1},\n"
+        "   then: {targets: [{partner: ketenregisseur, fields: [x]}]}}\n";
+    kh_rules_options_t o = s_opts(s_demo, S_DEMO_COUNT);
+    s_count_t count = {0, 0};
+    o.report = s_count;
+    o.report_arg = &count;
+    kh_error_t err;
+    kh_rules_t *rules = kh_rules_load_buffer(yaml, strlen(yaml), &o, &err);
+    ck_assert_ptr_null(rules);
+    /* unknown field, unknown partner, duplicate name, never matches,
+     * projection, partner without cases */
+    ck_assert_int_eq(count.errors, 6);
+    ck_assert_int_eq(err.code, KH_E_RULES_UNKNOWN_FIELD);
+    ck_assert_int_eq(err.line, 4);
+    ck_assert_str_eq(err.path, "rules[0].when.field");
+}
+END_TEST
+
+/* ---- hostile input --------------------------------------------------- */
+
+START_TEST(test_alias_bomb_refused_fast)
+{
+    /* Ten levels of ten aliases each: 10^10 nodes if expanded. */
+    char yaml[8192] = "version: 1\nl0: &l0 [lol, lol, lol, lol, lol, lol, "
+                      "lol, lol, lol, lol]\n";
+    for (int i = 1; i < 10; i++) {
+        size_t used = strlen(yaml);
+        snprintf(yaml + used, sizeof yaml - used, "l%d: &l%d [", i, i);
+        for (int k = 0; k < 10; k++) {
+            used = strlen(yaml);
+            snprintf(yaml + used, sizeof yaml - used, "%s*l%d", k ? "," : "",
+                     i - 1);
+        }
+        used = strlen(yaml);
+        snprintf(yaml + used, sizeof yaml - used, "]\n");
+    }
+    kh_rules_options_t o = s_opts(NULL, 0);
+    kh_error_t err;
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    kh_rules_t *rules = kh_rules_load_buffer(yaml, strlen(yaml), &o, &err);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    ck_assert_ptr_null(rules);
+    ck_assert_int_eq(err.code, KH_E_RULES_ALIAS);
+    ck_assert_int_eq(err.line, 2);
+    double ms = (double) (t1.tv_sec - t0.tv_sec) * 1e3 +
+                (double) (t1.tv_nsec - t0.tv_nsec) / 1e6;
+    ck_assert_msg(ms < 100, "took %.1f ms", ms);
+}
+END_TEST
+
+START_TEST(test_size_depth_encoding)
+{
+    kh_rules_options_t o = s_opts(NULL, 0);
+    kh_error_t err;
+    size_t big = KH_RULES_FILE_MAX + 1;
+    char *buf = malloc(big);
+    ck_assert_ptr_nonnull(buf);
+    memset(buf, '#', big);
+    ck_assert_ptr_null(kh_rules_load_buffer(buf, big, &o, &err));
+    ck_assert_int_eq(err.code, KH_E_RULES_TOO_LARGE);
+    /* Deep flow nesting is cut at the limit, not on the stack. */
+    size_t depth = 100000;
+    for (size_t i = 0; i < depth; i++)
+        buf[i] = '[';
+    ck_assert_ptr_null(kh_rules_load_buffer(buf, depth, &o, &err));
+    ck_assert_int_eq(err.code, KH_E_RULES_TOO_DEEP);
+    ck_assert_int_eq(err.column, KH_RULES_DEPTH_MAX + 1);
+    free(buf);
+    const char nul[] = "version: 1\nrules: []\0";
+    ck_assert_ptr_null(kh_rules_load_buffer(nul, sizeof nul, &o, &err));
+    ck_assert_int_eq(err.code, KH_E_RULES_ENCODING);
+    ck_assert_int_eq(err.line, 2);
+    const char utf16[] = "\xff\xfev\0e\0r\0";
+    ck_assert_ptr_null(kh_rules_load_buffer(utf16, sizeof utf16 - 1, &o, &err));
+    ck_assert_int_eq(err.code, KH_E_RULES_ENCODING);
+    ck_assert_ptr_null(kh_rules_load_buffer("", 0, &o, &err));
+    ck_assert_int_eq(err.code, KH_E_RULES_SYNTAX);
+    const char *two = "version: 1\n---\nversion: 1\n";
+    ck_assert_ptr_null(kh_rules_load_buffer(two, strlen(two), &o, &err));
+    ck_assert_int_eq(err.code, KH_E_RULES_SYNTAX);
+    ck_assert_ptr_null(kh_rules_load("/nonexistent/rules.yaml", &o, &err));
+    ck_assert_int_eq(err.code, KH_E_IO);
+}
+END_TEST
+
+/* ---- the default rules ----------------------------------------------- */
+
+typedef struct {
+    const char *example;
+    const char *targets; /* sorted "partner:priority" */
+} s_route_t;
+
+/* What chapters 5 and 6 of the policy ask for each example. */
+static const s_route_t s_routes[] = {
+    {"adult-labour-agriculture-shelter",
+     "arbeidsinspectie:normal zorgcoordinator:normal"},
+    {"criminal-with-suspects", "avim:high zorgcoordinator:normal"},
+    {"minor-criminal-cross-border",
+     "arbeidsinspectie:normal avim:high veilig-thuis:high "
+     "zorgcoordinator:high"},
+    {"minor-sexual-acute",
+     "avim:urgent veilig-thuis:urgent zorgcoordinator:high"},
+    {"unknown-age-domestic-work",
+     "arbeidsinspectie:normal zorgcoordinator:normal"},
+};
+
+static int s_cmp(const void *a, const void *b)
+{
+    return strcmp(*(char *const *) a, *(char *const *) b);
+}
+
+static void s_sorted_targets(const kh_rules_result_t *r, char *out, size_t size)
+{
+    char items[16][96];
+    char *ptrs[16];
+    size_t n = kh_rules_result_target_count(r);
+    ck_assert_uint_le(n, 16);
+    for (size_t i = 0; i < n; i++) {
+        snprintf(items[i], sizeof items[i], "%s:%s",
+                 kh_rules_result_partner(r, i),
+                 kh_priority_name(kh_rules_result_priority(r, i)));
+        ptrs[i] = items[i];
+    }
+    qsort(ptrs, n, sizeof ptrs[0], s_cmp);
+    out[0] = '\0';
+    for (size_t i = 0; i < n; i++) {
+        size_t used = strlen(out);
+        snprintf(out + used, size - used, "%s%s", i ? " " : "", ptrs[i]);
+    }
+}
+
+static json_t *s_example(const char *name)
+{
+    char rel[256];
+    snprintf(rel, sizeof rel, "schemas/examples/%s.json", name);
+    json_error_t jerr;
+    json_t *doc = json_load_file(khtest_src(rel), 0, &jerr);
+    ck_assert_msg(doc != NULL, "%s: %s", rel, jerr.text);
+    return doc;
+}
+
+START_TEST(test_default_rules_route_examples)
+{
+    kh_rules_partner_t with[S_DEMO_COUNT + 1];
+    memcpy(with, s_demo, sizeof s_demo);
+    with[S_DEMO_COUNT] = (kh_rules_partner_t){"arbeidsinspectie", true};
+    kh_rules_options_t o = s_opts(with, S_DEMO_COUNT + 1);
+    kh_error_t err;
+    kh_rules_t *rules =
+        kh_rules_load(khtest_src("schemas/rules/default.yaml"), &o, &err);
+    ck_assert_msg(rules != NULL, "%d:%d %s", err.line, err.column, err.message);
+    /* The version is the SHA-256 of the file's bytes. */
+    char *text = khtest_read_file(khtest_src("schemas/rules/default.yaml"));
+    char hex[65];
+    kh_sha256_hex(text, strlen(text), hex);
+    ck_assert_str_eq(kh_rules_version(rules), hex);
+    free(text);
+
+    kh_rules_result_t *r = kh_rules_result_new(rules);
+    for (size_t i = 0; i < sizeof s_routes / sizeof s_routes[0]; i++) {
+        json_t *doc = s_example(s_routes[i].example);
+        kh_rules_eval(rules, doc, r);
+        char got[1024];
+        s_sorted_targets(r, got, sizeof got);
+        ck_assert_msg(strcmp(got, s_routes[i].targets) == 0,
+                      "%s: got '%s', expected '%s'", s_routes[i].example, got,
+                      s_routes[i].targets);
+        ck_assert(!kh_rules_result_fallback(r));
+        /* Need to know: AVIM never sees consent or care needs; the
+         * inspectorate sees only the reference and language of the
+         * person; the care view holds no suspects. */
+        int avim = kh_rules_result_find(r, "avim");
+        if (avim >= 0) {
+            json_t *p = kh_rules_result_project(r, (size_t) avim, doc);
+            ck_assert_ptr_null(json_object_get(p, "client"));
+            ck_assert_ptr_null(json_object_get(p, "needs"));
+            ck_assert_ptr_nonnull(json_object_get(p, "risk"));
+            ck_assert(json_equal(json_object_get(p, "suspects"),
+                                 json_object_get(doc, "suspects")) ||
+                      !json_object_get(doc, "suspects"));
+            json_decref(p);
+        }
+        int ai = kh_rules_result_find(r, "arbeidsinspectie");
+        if (ai >= 0) {
+            json_t *p = kh_rules_result_project(r, (size_t) ai, doc);
+            ck_assert_uint_eq(json_object_size(json_object_get(p, "subject")),
+                              2);
+            ck_assert_ptr_null(json_object_get(p, "client"));
+            json_decref(p);
+        }
+        int zc = kh_rules_result_find(r, "zorgcoordinator");
+        ck_assert_int_ge(zc, 0);
+        json_t *p = kh_rules_result_project(r, (size_t) zc, doc);
+        ck_assert_ptr_null(json_object_get(p, "suspects"));
+        ck_assert(json_equal(json_object_get(p, "subject"),
+                             json_object_get(doc, "subject")));
+        json_decref(p);
+        json_decref(doc);
+    }
+    /* A referral no rule names: the zorgcoordinator, flagged. */
+    json_t *doc = s_json(s_base);
+    kh_rules_eval(rules, doc, r);
+    ck_assert(kh_rules_result_fallback(r));
+    ck_assert_uint_eq(kh_rules_result_matched_count(r), 0);
+    ck_assert_uint_eq(kh_rules_result_target_count(r), 1);
+    ck_assert_str_eq(kh_rules_result_partner(r, 0), "zorgcoordinator");
+    json_decref(doc);
+    kh_rules_result_destroy(&r);
+    kh_rules_destroy(&rules);
+
+    /* Without the inspectorate: a note, and labour is not routed there. */
+    o = s_opts(s_demo, S_DEMO_COUNT);
+    s_count_t count = {0, 0};
+    o.report = s_count;
+    o.report_arg = &count;
+    rules = kh_rules_load(khtest_src("schemas/rules/default.yaml"), &o, &err);
+    ck_assert_ptr_nonnull(rules);
+    ck_assert_int_eq(count.errors, 0);
+    ck_assert_int_eq(count.notes, 1);
+    r = kh_rules_result_new(rules);
+    doc = s_example("unknown-age-domestic-work");
+    kh_rules_eval(rules, doc, r);
+    char got[1024];
+    s_sorted_targets(r, got, sizeof got);
+    ck_assert_str_eq(got, "zorgcoordinator:normal");
+    json_decref(doc);
+    kh_rules_result_destroy(&r);
+    kh_rules_destroy(&rules);
+
+    /* Without AVIM registered, the default rules are refused. */
+    static const kh_rules_partner_t few[] = {{"veilig-thuis", true},
+                                             {"zorgcoordinator", true}};
+    o = s_opts(few, 2);
+    ck_assert_ptr_null(
+        kh_rules_load(khtest_src("schemas/rules/default.yaml"), &o, &err));
+    ck_assert_int_eq(err.code, KH_E_RULES_UNKNOWN_PARTNER);
+}
+END_TEST
+
+/* ---- ketenhubctl rules -------------------------------------------------- */
+
+START_TEST(test_ctl_exit_codes)
+{
+    char ctl[4096], partners[4096];
+    snprintf(ctl, sizeof ctl, "%s/tools/ctl/ketenhubctl", KH_TEST_BINARY_DIR);
+    char *dir = khtest_tmpdir();
+    snprintf(partners, sizeof partners, "%s/partners.json", dir);
+    khtest_write_file(partners,
+                      "[{\"id\":\"veilig-thuis\",\"handles_cases\":true},"
+                      "{\"id\":\"zorgcoordinator\",\"handles_cases\":true},"
+                      "{\"id\":\"avim\",\"handles_cases\":true},"
+                      "{\"id\":\"ketenregisseur\",\"handles_cases\":false}]");
+    char def[4096], bad[4096], ex[4096];
+    snprintf(def, sizeof def, "%s", khtest_src("schemas/rules/default.yaml"));
+    snprintf(bad, sizeof bad, "%s",
+             khtest_src("schemas/rules/invalid/unknown-partner.yaml"));
+    snprintf(ex, sizeof ex, "%s",
+             khtest_src("schemas/examples/minor-sexual-acute.json"));
+    char *out = NULL;
+    char *ok[] = {ctl, "rules", "check", def, "--partners", partners, NULL};
+    ck_assert_int_eq(khtest_run(ok, &out), 0);
+    ck_assert_ptr_nonnull(strstr(out, "rules.partner_absent"));
+    free(out);
+    char *invalid[] = {ctl,          "rules",  "check", bad,
+                       "--partners", partners, NULL};
+    ck_assert_int_eq(khtest_run(invalid, &out), 1);
+    ck_assert_ptr_nonnull(strstr(out, ":9:27: rules.unknown_partner:"));
+    free(out);
+    char *missing[] = {ctl,          "rules",  "check", "/nonexistent.yaml",
+                       "--partners", partners, NULL};
+    ck_assert_int_eq(khtest_run(missing, &out), 2);
+    free(out);
+    char *usage[] = {ctl, "rules", "check", NULL};
+    ck_assert_int_eq(khtest_run(usage, &out), 2);
+    free(out);
+    char *explain[] = {ctl, "rules", "explain", def, ex, NULL};
+    ck_assert_int_eq(khtest_run(explain, &out), 0);
+    ck_assert_ptr_nonnull(strstr(out, "rule minor: FIRED"));
+    ck_assert_ptr_nonnull(strstr(out, "partner avim, priority urgent"));
+    free(out);
+    khtest_rmtree(dir);
+    free(dir);
+}
+END_TEST
+
+static Suite *s_suite(void)
+{
+    Suite *s = suite_create("rules");
+    TCase *tc = tcase_create("rules");
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, test_eval_cases);
+    tcase_add_test(tc, test_invalid_corpus);
+    tcase_add_test(tc, test_all_errors_reported);
+    tcase_add_test(tc, test_alias_bomb_refused_fast);
+    tcase_add_test(tc, test_size_depth_encoding);
+    tcase_add_test(tc, test_default_rules_route_examples);
+    tcase_add_test(tc, test_ctl_exit_codes);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void)
+{
+    return khtest_run_suite(s_suite());
+}
