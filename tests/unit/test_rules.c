@@ -549,7 +549,7 @@ static int s_cmp(const void *a, const void *b)
 static void s_sorted_targets(const kh_rules_result_t *r, char *out, size_t size)
 {
     char items[16][96];
-    char *ptrs[16];
+    char *ptrs[16] = {NULL};
     size_t n = kh_rules_result_target_count(r);
     ck_assert_uint_le(n, 16);
     for (size_t i = 0; i < n; i++) {
