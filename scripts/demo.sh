@@ -44,6 +44,13 @@ hub_add_partner avim --name "AVIM Politie Midden-Nederland" --kind police
 hub_add_partner ketenregisseur --name "Ketenregisseur mensenhandel" --kind chain_director --no-cases
 "$ctl" partner list
 
+step "Routing rules: the defaults from the regional policy, checked against the registry"
+"$ctl" rules check "$here/schemas/rules/default.yaml"
+echo "what the rules decide for the minor in acute danger (schemas/examples/minor-sexual-acute.json):"
+"$ctl" rules explain "$here/schemas/rules/default.yaml" \
+  "$here/schemas/examples/minor-sexual-acute.json" |
+  sed -n -e '/^rule /p' -e '/^    ->/p' -e 's/, fields:$//p' | sed 's/^/  /'
+
 step "Services: intake on tcp://127.0.0.1:7701"
 hub_start_intake tcp://127.0.0.1:7701 meldpunt-hilversum
 echo "intake is ready"
