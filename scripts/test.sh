@@ -22,3 +22,4 @@ if [ "${KH_TEST_QUICK:-0}" != 1 ]; then
 fi
 
 "$here/scripts/lint.sh"
+"$here/scripts/fuzz.sh" 20
