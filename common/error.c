@@ -29,6 +29,10 @@ void kh_error_clear(kh_error_t *err)
 
 static void s_fill(kh_error_t *err, kh_errcode_t code, const char *path,
                    int line, int column, const char *fmt, va_list ap)
+    __attribute__((format(printf, 6, 0)));
+
+static void s_fill(kh_error_t *err, kh_errcode_t code, const char *path,
+                   int line, int column, const char *fmt, va_list ap)
 {
     err->code = code;
     snprintf(err->path, sizeof err->path, "%s", path ? path : "");

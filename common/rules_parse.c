@@ -68,6 +68,10 @@ typedef struct {
 
 static void s_vreport(s_ctx_t *ctx, bool is_error, kh_errcode_t code,
                       const char *path, int line, int column, const char *fmt,
+                      va_list ap) __attribute__((format(printf, 7, 0)));
+
+static void s_vreport(s_ctx_t *ctx, bool is_error, kh_errcode_t code,
+                      const char *path, int line, int column, const char *fmt,
                       va_list ap)
 {
     kh_error_t e;

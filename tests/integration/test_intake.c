@@ -286,9 +286,8 @@ START_TEST(same_idempotency_key_returns_the_first_answer)
 }
 END_TEST
 
-/* Send raw bytes on a CURVE DEALER as partner vt and return the decoded
- * reply, or NULL when none came within timeout_ms. */
-static json_t *s_raw(const void *data, size_t size, int frames, int timeout_ms)
+/* A CURVE DEALER of partner vt, connected to intake. */
+static zsock_t *s_dealer(int timeout_ms)
 {
     zcert_t *hub = zcert_load(s_path("hub.cert"));
     zcert_t *mine = zcert_load(s_path("vt.cert"));
@@ -297,6 +296,16 @@ static json_t *s_raw(const void *data, size_t size, int frames, int timeout_ms)
     zsock_set_curve_serverkey(dealer, zcert_public_txt(hub));
     zsock_set_rcvtimeo(dealer, timeout_ms);
     zsock_connect(dealer, "%s", s_endpoint);
+    zcert_destroy(&hub);
+    zcert_destroy(&mine);
+    return dealer;
+}
+
+/* Send raw bytes on a CURVE DEALER as partner vt and return the decoded
+ * reply, or NULL when none came within timeout_ms. */
+static json_t *s_raw(const void *data, size_t size, int frames, int timeout_ms)
+{
+    zsock_t *dealer = s_dealer(timeout_ms);
     zmsg_t *msg = zmsg_new();
     for (int i = 0; i < frames; i++)
         zmsg_addmem(msg, data, size);
@@ -312,8 +321,6 @@ static json_t *s_raw(const void *data, size_t size, int frames, int timeout_ms)
     }
     zframe_destroy(&frame);
     zsock_destroy(&dealer);
-    zcert_destroy(&hub);
-    zcert_destroy(&mine);
     return reply;
 }
 
@@ -335,13 +342,7 @@ static json_t *s_raw_json(json_t *envelope)
 static void s_pipeline(json_t **envelopes, size_t n, json_t **replies,
                        int timeout_ms)
 {
-    zcert_t *hub = zcert_load(s_path("hub.cert"));
-    zcert_t *mine = zcert_load(s_path("vt.cert"));
-    zsock_t *dealer = zsock_new(ZMQ_DEALER);
-    zcert_apply(mine, dealer);
-    zsock_set_curve_serverkey(dealer, zcert_public_txt(hub));
-    zsock_set_rcvtimeo(dealer, timeout_ms);
-    zsock_connect(dealer, "%s", s_endpoint);
+    zsock_t *dealer = s_dealer(timeout_ms);
     for (size_t i = 0; i < n; i++) {
         char cid[32], *data;
         size_t size;
@@ -373,8 +374,6 @@ static void s_pipeline(json_t **envelopes, size_t n, json_t **replies,
         replies[i] = reply;
     }
     zsock_destroy(&dealer);
-    zcert_destroy(&hub);
-    zcert_destroy(&mine);
 }
 
 static json_t *s_submit_envelope(const char *key, json_t *referral)
@@ -705,13 +704,7 @@ START_TEST(sigterm_with_a_stalled_commit_exits_in_time)
     ck_assert_int_gt(writer, 0);
     kill((pid_t) writer, SIGSTOP);
 
-    zcert_t *hub = zcert_load(s_path("hub.cert"));
-    zcert_t *mine = zcert_load(s_path("vt.cert"));
-    zsock_t *dealer = zsock_new(ZMQ_DEALER);
-    zcert_apply(mine, dealer);
-    zsock_set_curve_serverkey(dealer, zcert_public_txt(hub));
-    zsock_set_rcvtimeo(dealer, 8000);
-    zsock_connect(dealer, "%s", s_endpoint);
+    zsock_t *dealer = s_dealer(8000);
     json_t *envelope = s_submit_envelope("stall-1", referral);
     json_object_set_new(envelope, "v", json_integer(1));
     json_object_set_new(envelope, "cid", json_string("s"));
@@ -745,8 +738,6 @@ START_TEST(sigterm_with_a_stalled_commit_exits_in_time)
     ck_assert(json_is_true(json_object_get(reply, "retryable")));
     json_decref(reply);
     zsock_destroy(&dealer);
-    zcert_destroy(&hub);
-    zcert_destroy(&mine);
 
     s_start_intake();
     s_wait_ready();
