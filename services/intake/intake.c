@@ -32,6 +32,7 @@
 #define S_BATCH_BYTES (8 * 1024 * 1024)
 #define S_DRAIN_MS 3000
 #define S_STATS_MS 10000
+#define S_ROUTING_HWM 100      /* wake-ups are hints: drop rather than queue */
 #define S_AUTH_PENDING 64      /* refused handshakes waiting for audit */
 #define S_AUTH_REPEAT_MS 60000 /* one audit event per key and minute */
 
@@ -82,6 +83,7 @@ struct _intake_t {
     zcert_t *cert;
     zap_t *zap;
     zsock_t *router;
+    zsock_t *routing; /* wake-ups for routing, or NULL */
     int port;
     store_t *store;
     zhashx_t *partners; /* Z85 key -> partner id */
@@ -167,6 +169,24 @@ intake_t *intake_new(const intake_config_t *config, kh_error_t *err)
                      config->endpoint);
         goto fail;
     }
+    if (config->routing_endpoint && *config->routing_endpoint) {
+        /* Services authenticate to each other with the hub's key. */
+        self->routing = zsock_new(ZMQ_PUSH);
+        if (!self->routing) {
+            kh_error_set(err, KH_E_INTERNAL, "", "cannot create a socket");
+            goto fail;
+        }
+        zcert_apply(self->cert, self->routing);
+        zsock_set_curve_serverkey(self->routing, zcert_public_txt(self->cert));
+        zsock_set_sndhwm(self->routing, S_ROUTING_HWM);
+        zsock_set_sndtimeo(self->routing, 0);
+        zsock_set_linger(self->routing, 0);
+        if (zsock_connect(self->routing, "%s", config->routing_endpoint)) {
+            kh_error_set(err, KH_E_CONFIG, "KH_ROUTING_ENDPOINT",
+                         "cannot connect to %s", config->routing_endpoint);
+            goto fail;
+        }
+    }
     self->store = store_new(config->conninfo);
     self->auth_seen = zhashx_new();
     self->unknown_keys = zhashx_new();
@@ -204,6 +224,7 @@ void intake_destroy(intake_t **self_p)
     intake_t *self = *self_p;
     zloop_destroy(&self->loop);
     zsock_destroy(&self->router);
+    zsock_destroy(&self->routing);
     zap_destroy(&self->zap);
     zhashx_destroy(&self->auth_seen);
     zhashx_destroy(&self->unknown_keys);
@@ -670,6 +691,39 @@ static void s_dispatch(intake_t *self)
     s_set_reading(self, true);
 }
 
+/* Tell routing which referrals a batch committed. Only a hint that saves
+ * routing a wait: routing finds every accepted referral in PostgreSQL in
+ * any case, so a wake-up that cannot be sent at once is dropped. */
+static void s_wake_routing(intake_t *self, const s_batch_t *batch)
+{
+    if (!self->routing)
+        return;
+    json_t *ids = json_array();
+    for (size_t i = 0; ids && i < batch->nsubs; i++)
+        if (batch->subs[i].inserted)
+            json_array_append_new(ids, json_string(batch->subs[i].stored_id));
+    json_t *msg = ids && json_array_size(ids)
+                      ? json_pack("{s:i, s:s, s:o}", "v", KH_PROTO_VERSION,
+                                  "cmd", "ROUTE", "referral_ids", ids)
+                      : NULL;
+    if (!msg) {
+        json_decref(ids);
+        return;
+    }
+    char *data = NULL;
+    size_t size = 0;
+    kh_error_t err;
+    if (kh_msgpack_encode(msg, &data, &size, &err) == 0) {
+        zframe_t *frame = zframe_new(data, size);
+        if (zframe_send(&frame, self->routing, ZFRAME_DONTWAIT))
+            kh_log_debug("routing_wakeup_dropped", "referrals=%zu",
+                         json_array_size(ids));
+        zframe_destroy(&frame);
+    }
+    free(data);
+    json_decref(msg);
+}
+
 /* The commit in flight ended (rc 0) or failed (rc -1, err): answer it,
  * send the next. */
 static void s_commit_done(intake_t *self, int rc, const kh_error_t *err)
@@ -692,6 +746,8 @@ static void s_commit_done(intake_t *self, int rc, const kh_error_t *err)
         else
             err = &again;
     }
+    if (rc == 0)
+        s_wake_routing(self, batch);
     /* Keep PostgreSQL busy with the next batch while this one is
      * answered (the batches swap roles only after this one is empty). */
     s_dispatch(self);

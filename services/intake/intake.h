@@ -10,15 +10,16 @@
 #include "ketenhub/error.h"
 
 typedef struct {
-    const char *endpoint;      /* ZeroMQ endpoint to bind */
-    const char *hub_cert;      /* hub's certificate (with _secret file) */
-    const char *partner_certs; /* directory of partners' public certs */
-    const char *conninfo;      /* libpq connection string */
-    const char *schema_dir;    /* directory with referral.v1.json */
-    kh_limits_t limits;        /* decoder limits; max_frame also on socket */
-    size_t batch_max;          /* most requests committed together */
-    int partner_refresh_ms;    /* how often the registry is re-read */
-    int commit_timeout_ms;     /* a commit taking longer is given up */
+    const char *endpoint;         /* ZeroMQ endpoint to bind */
+    const char *hub_cert;         /* hub's certificate (with _secret file) */
+    const char *partner_certs;    /* directory of partners' public certs */
+    const char *conninfo;         /* libpq connection string */
+    const char *schema_dir;       /* directory with referral.v1.json */
+    kh_limits_t limits;           /* decoder limits; max_frame also on socket */
+    size_t batch_max;             /* most requests committed together */
+    int partner_refresh_ms;       /* how often the registry is re-read */
+    int commit_timeout_ms;        /* a commit taking longer is given up */
+    const char *routing_endpoint; /* where to send wake-ups; "" for none */
 } intake_config_t;
 
 typedef struct _intake_t intake_t;

@@ -37,6 +37,8 @@ static kh_cfg_t s_config[] = {
            "how often the partner registry is re-read"),
     KH_CFG("KH_DB_COMMIT_TIMEOUT_MS", KH_CFG_INT, "5000", 100, 600000, false,
            "a commit taking longer is given up (retryable refusal)"),
+    KH_CFG("KH_ROUTING_ENDPOINT", KH_CFG_STRING, "tcp://127.0.0.1:7702", 0, 0,
+           false, "routing's wake-up endpoint (\"none\" to send none)"),
     KH_CFG("KH_LOG_LEVEL", KH_CFG_STRING, "info", 0, 0, false,
            "debug, info, warn or error"),
 };
@@ -90,6 +92,9 @@ int main(int argc, char **argv)
                                                   "KH_PARTNER_REFRESH_MS")
                                   ->num,
     };
+    config.routing_endpoint = strcmp(s_get("KH_ROUTING_ENDPOINT"), "none")
+                                  ? s_get("KH_ROUTING_ENDPOINT")
+                                  : "";
     config.commit_timeout_ms =
         (int) kh_config_get(s_config, S_CONFIG_COUNT, "KH_DB_COMMIT_TIMEOUT_MS")
             ->num;

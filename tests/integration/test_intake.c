@@ -20,6 +20,7 @@
 
 static char s_dir[256];     /* temp dir: certs, logs */
 static char s_endpoint[64]; /* where intake listens */
+static char s_routing[64];  /* where intake sends wake-ups */
 static char *s_conninfo;    /* the test database */
 static pid_t s_intake = -1; /* the intake process */
 static PGconn *s_db;        /* for checks */
@@ -74,7 +75,7 @@ static long s_count(const char *sql)
 static void s_start_intake(void)
 {
     char env_endpoint[128], env_cert[600], env_dir[600], env_db[1024],
-        env_schema[600];
+        env_schema[600], env_routing[128];
     snprintf(env_endpoint, sizeof env_endpoint, "KH_INTAKE_ENDPOINT=%s",
              s_endpoint);
     snprintf(env_cert, sizeof env_cert, "KH_HUB_CERT=%s", s_path("hub.cert"));
@@ -90,7 +91,10 @@ static void s_start_intake(void)
                    env_schema,
                    "KH_LOG_LEVEL=debug",
                    "KH_PARTNER_REFRESH_MS=200",
+                   env_routing,
                    NULL};
+    snprintf(env_routing, sizeof env_routing, "KH_ROUTING_ENDPOINT=%s",
+             s_routing);
     char *argv[] = {"ketenhub-intake", NULL};
     s_intake =
         khproc_spawn(KH_TEST_BINARY_DIR "/services/intake/ketenhub-intake",
@@ -130,6 +134,8 @@ static void s_setup(void)
     snprintf(partners, sizeof partners, "%s/partners", s_dir);
     ck_assert_int_eq(zsys_dir_create("%s", partners), 0);
     snprintf(s_endpoint, sizeof s_endpoint, "tcp://127.0.0.1:%d",
+             khproc_free_port());
+    snprintf(s_routing, sizeof s_routing, "tcp://127.0.0.1:%d",
              khproc_free_port());
 
     s_db = khtest_db_fresh(S_DB);
@@ -610,6 +616,53 @@ START_TEST(partners_added_and_removed_while_running)
 }
 END_TEST
 
+/* After the commit, intake tells routing (CURVE, the hub's own key) which
+ * referrals are new; a resubmission is not news. */
+START_TEST(accepted_referrals_wake_routing)
+{
+    zcert_t *hub = zcert_load(s_path("hub.cert"));
+    zsock_t *pull = zsock_new(ZMQ_PULL);
+    zcert_apply(hub, pull);
+    zsock_set_curve_server(pull, 1);
+    zsock_set_rcvtimeo(pull, 3000);
+    ck_assert_int_ge(zsock_bind(pull, "%s", s_routing), 0);
+    zclock_sleep(500); /* intake's PUSH reconnects */
+
+    kh_client_t *client = s_client("vt");
+    json_t *referral = s_example();
+    kh_error_t err;
+    json_t *reply =
+        kh_client_submit(client, referral, "wake-1", S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(reply);
+    zframe_t *frame = zframe_recv(pull);
+    ck_assert_ptr_nonnull(frame);
+    json_t *wakeup = NULL;
+    ck_assert_int_eq(kh_msgpack_decode(zframe_data(frame), zframe_size(frame),
+                                       NULL, &wakeup, &err),
+                     0);
+    zframe_destroy(&frame);
+    ck_assert_str_eq(s_str(wakeup, "cmd"), "ROUTE");
+    json_t *ids = json_object_get(wakeup, "referral_ids");
+    ck_assert_int_eq((int) json_array_size(ids), 1);
+    ck_assert_str_eq(json_string_value(json_array_get(ids, 0)),
+                     s_str(reply, "referral_id"));
+    json_decref(wakeup);
+    json_decref(reply);
+
+    reply = kh_client_submit(client, referral, "wake-1", S_TIMEOUT, &err);
+    ck_assert(json_is_true(json_object_get(reply, "duplicate")));
+    json_decref(reply);
+    zsock_set_rcvtimeo(pull, 500);
+    frame = zframe_recv(pull);
+    ck_assert_ptr_null(frame);
+
+    json_decref(referral);
+    kh_client_destroy(&client);
+    zsock_destroy(&pull);
+    zcert_destroy(&hub);
+}
+END_TEST
+
 START_TEST(killed_before_commit_then_retry_succeeds_once)
 {
     kh_client_t *client = s_client("vt");
@@ -812,6 +865,7 @@ int main(void)
     tcase_add_test(tc, repeats_get_the_first_answer_and_conflicts_are_audited);
     tcase_add_test(tc, unknown_keys_and_plain_clients_are_refused);
     tcase_add_test(tc, partners_added_and_removed_while_running);
+    tcase_add_test(tc, accepted_referrals_wake_routing);
     tcase_add_test(tc, killed_before_commit_then_retry_succeeds_once);
     tcase_add_test(tc, database_down_gives_retryable_refusal_then_recovers);
     tcase_add_test(tc, sigterm_with_a_stalled_commit_exits_in_time);
