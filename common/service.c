@@ -3,8 +3,13 @@
  */
 #include "ketenhub/service.h"
 
+#include "ketenhub/log.h"
+
 #include <czmq.h>
 #include <signal.h>
+#include <sodium.h>
+#include <stdio.h>
+#include <string.h>
 #include <sys/signalfd.h>
 #include <unistd.h>
 
@@ -29,4 +34,42 @@ int kh_signals_read(int fd)
     if (n != (ssize_t) sizeof info)
         return 0;
     return (int) info.ssi_signo;
+}
+
+int kh_service_start(const char *name, int argc, char **argv, kh_cfg_t *config,
+                     size_t count, int *signal_fd)
+{
+    if (argc > 1) {
+        bool help = strcmp(argv[1], "--help") == 0 || !strcmp(argv[1], "-h");
+        fprintf(help ? stdout : stderr,
+                "usage: ketenhub-%s (settings come "
+                "from the environment)\n",
+                name);
+        kh_config_usage(config, count);
+        return help ? 0 : 2;
+    }
+    *signal_fd = kh_signals_open();
+    if (*signal_fd == -1) {
+        fprintf(stderr, "ketenhub-%s: cannot set up signals\n", name);
+        return 1;
+    }
+    kh_error_t err;
+    if (kh_config_load(config, count, &err)) {
+        fprintf(stderr, "ketenhub-%s: %s\n", name, err.message);
+        return 2;
+    }
+    const kh_cfg_t *level = kh_config_get(config, count, "KH_LOG_LEVEL");
+    if (kh_log_init(name, level ? level->str : NULL)) {
+        fprintf(stderr,
+                "ketenhub-%s: KH_LOG_LEVEL must be debug, info, warn "
+                "or error\n",
+                name);
+        return 2;
+    }
+    if (sodium_init() < 0) {
+        kh_log_error("start_failed", "reason=\"no random source\"");
+        return 1;
+    }
+    kh_config_log(config, count);
+    return -1;
 }

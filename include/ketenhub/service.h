@@ -13,6 +13,20 @@
 extern "C" {
 #endif
 
+#include <stddef.h>
+
+#include "ketenhub/config.h"
+
+/* What every service's main does first: answer --help (the settings
+ * table), block the signals (the signalfd goes to *signal_fd), read the
+ * settings (a bad one is named on stderr), set up logging as `name` with
+ * the table's KH_LOG_LEVEL, seed libsodium and log the settings in force.
+ * Returns -1 when main should go on; otherwise the exit status main should
+ * return at once (0 after --help, 2 for usage or settings, 1 for a
+ * failure). */
+int kh_service_start(const char *name, int argc, char **argv, kh_cfg_t *config,
+                     size_t count, int *signal_fd);
+
 /* Block SIGINT, SIGTERM and SIGHUP in this thread (call before any other
  * thread starts), ignore SIGPIPE, disable CZMQ's signal handler, and return
  * a non-blocking signalfd that reports the blocked signals; -1 on failure

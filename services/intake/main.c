@@ -4,7 +4,6 @@
  * Settings come from the environment (see the table below and --help).
  */
 #include <czmq.h>
-#include <sodium.h>
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
@@ -51,32 +50,12 @@ static const char *s_get(const char *name)
 
 int main(int argc, char **argv)
 {
-    if (argc > 1) {
-        bool help = strcmp(argv[1], "--help") == 0 || !strcmp(argv[1], "-h");
-        fprintf(stderr, "usage: ketenhub-intake\n");
-        kh_config_usage(s_config, S_CONFIG_COUNT);
-        return help ? 0 : 2;
-    }
-    int signal_fd = kh_signals_open();
-    if (signal_fd == -1) {
-        perror("ketenhub-intake: cannot set up signals");
-        return 1;
-    }
+    int signal_fd = -1;
+    int status = kh_service_start("intake", argc, argv, s_config,
+                                  S_CONFIG_COUNT, &signal_fd);
+    if (status >= 0)
+        return status;
     kh_error_t err;
-    if (kh_config_load(s_config, S_CONFIG_COUNT, &err)) {
-        fprintf(stderr, "ketenhub-intake: %s\n", err.message);
-        return 2;
-    }
-    if (kh_log_init("intake", s_get("KH_LOG_LEVEL"))) {
-        fprintf(stderr, "ketenhub-intake: KH_LOG_LEVEL must be debug, info, "
-                        "warn or error\n");
-        return 2;
-    }
-    if (sodium_init() < 0) {
-        kh_log_error("start_failed", "reason=\"no random source\"");
-        return 1;
-    }
-    kh_config_log(s_config, S_CONFIG_COUNT);
 
     intake_config_t config = {
         .endpoint = s_get("KH_INTAKE_ENDPOINT"),
