@@ -765,7 +765,7 @@ static int s_on_db(zloop_t *loop, zmq_pollitem_t *item, void *arg)
         return 0;
     kh_error_t err;
     int rc = store_commit_poll(self->store, self->committing->subs,
-                               self->committing->nsubs, false, &err);
+                               self->committing->nsubs, &err);
     if (rc != 1)
         s_commit_done(self, rc, &err);
     return 0;
@@ -818,7 +818,7 @@ static int s_check_stall(zloop_t *loop, int timer_id, void *arg)
         kh_error_t err;
         /* The loop may have been busy rather than the database slow. */
         int rc = store_commit_poll(self->store, self->committing->subs,
-                                   self->committing->nsubs, false, &err);
+                                   self->committing->nsubs, &err);
         if (rc != 1) {
             s_commit_done(self, rc, &err);
             return 0;

@@ -480,18 +480,18 @@ static int s_answer(store_t *self, PGresult *res, store_submit_t *subs,
 }
 
 int store_commit_poll(store_t *self, store_submit_t *subs, size_t nsubs,
-                      bool wait, kh_error_t *err)
+                      kh_error_t *err)
 {
     if (!self->busy)
         return kh_error_set(err, KH_E_INTERNAL, "", "no batch to wait for");
-    if (!wait && !PQconsumeInput(self->writer)) {
+    if (!PQconsumeInput(self->writer)) {
         self->busy = false;
         PQclear(self->rows);
         self->rows = NULL;
         return s_fail(self->writer, NULL, "commit", err);
     }
     /* Collect results until libpq says the command is over. */
-    while (wait || !PQisBusy(self->writer)) {
+    while (!PQisBusy(self->writer)) {
         PGresult *res = PQgetResult(self->writer);
         if (!res)
             break;

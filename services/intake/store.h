@@ -71,13 +71,13 @@ int store_commit_send(store_t *self, store_submit_t *subs, size_t nsubs,
                       const store_refusal_t *refs, size_t nrefs,
                       kh_error_t *err);
 
-/* Read what the writer has received. Returns 1 while the commit is still
- * running, 0 when it committed (each submit's outputs filled), or -1 with
- * err: KH_E_UNAVAILABLE when the database went away (the outcome may be
- * unknown: a resubmission with the same key tells), KH_E_INTERNAL for
- * anything else. With wait, blocks until the commit ends. */
+/* Read what the writer has received, without blocking. Returns 1 while
+ * the commit is still running, 0 when it committed (each submit's outputs
+ * filled), or -1 with err: KH_E_UNAVAILABLE when the database went away
+ * (the outcome may be unknown: a resubmission with the same key tells),
+ * KH_E_INTERNAL for anything else. */
 int store_commit_poll(store_t *self, store_submit_t *subs, size_t nsubs,
-                      bool wait, kh_error_t *err);
+                      kh_error_t *err);
 
 /* Give up on a commit that takes too long: the writer is closed (the
  * outcome is unknown) and store_up becomes false. */
