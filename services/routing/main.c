@@ -1,0 +1,129 @@
+/*
+ * ketenhub-routing: applies the routing rules to accepted referrals and
+ * commits one delivery per target partner, with that partner's projection,
+ * and the audit event. Settings come from the environment (see the table
+ * below and --help).
+ */
+#include <czmq.h>
+#include <sodium.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "ketenhub/config.h"
+#include "ketenhub/log.h"
+#include "ketenhub/service.h"
+#include "routing.h"
+
+#ifndef KH_DEFAULT_SHARE_DIR
+#define KH_DEFAULT_SHARE_DIR "/usr/local/share/ketenhub"
+#endif
+
+static kh_cfg_t s_config[] = {
+    KH_CFG("KH_DATABASE_URL", KH_CFG_STRING, "", 0, 0, true,
+           "libpq connection string (empty: PG* environment)"),
+    KH_CFG("KH_RULES_FILE", KH_CFG_STRING,
+           KH_DEFAULT_SHARE_DIR "/schemas/rules/default.yaml", 0, 0, false,
+           "the routing rules (SIGHUP reloads them)"),
+    KH_CFG("KH_SCHEMA_DIR", KH_CFG_STRING, KH_DEFAULT_SHARE_DIR "/schemas", 0,
+           0, false, "directory holding referral.v1.json"),
+    KH_CFG("KH_ROUTING_ENDPOINT", KH_CFG_STRING, "tcp://127.0.0.1:7702", 0, 0,
+           false, "ZeroMQ endpoint bound for wake-ups from intake"),
+    KH_CFG("KH_HUB_CERT", KH_CFG_STRING, NULL, 0, 0, false,
+           "hub certificate file (its _secret file beside it)"),
+    KH_CFG("KH_ROUTING_BATCH", KH_CFG_INT, "100", 1, 10000, false,
+           "most referrals routed in one transaction"),
+    KH_CFG("KH_ROUTING_POLL_MS", KH_CFG_INT, "1000", 10, 3600000, false,
+           "look for accepted referrals at least this often"),
+    KH_CFG("KH_LOG_LEVEL", KH_CFG_STRING, "info", 0, 0, false,
+           "debug, info, warn or error"),
+};
+#define S_CONFIG_COUNT (sizeof s_config / sizeof s_config[0])
+
+static const kh_cfg_t *s_cfg(const char *name)
+{
+    return kh_config_get(s_config, S_CONFIG_COUNT, name);
+}
+
+/* The default path when it exists, else the source tree's copy (a build
+ * that was not installed); a path set in the environment is kept. */
+static const char *s_path(const char *name, const char *relative, char *buf,
+                          size_t size)
+{
+    const char *path = s_cfg(name)->str;
+    if (getenv(name) || access(path, R_OK) == 0)
+        return path;
+#ifdef KH_ROUTING_SOURCE_DIR
+    snprintf(buf, size, "%s/%s", KH_ROUTING_SOURCE_DIR, relative);
+    if (access(buf, R_OK) == 0)
+        return buf;
+#else
+    (void) relative;
+    (void) buf;
+    (void) size;
+#endif
+    return path;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc > 1) {
+        bool help = strcmp(argv[1], "--help") == 0 || !strcmp(argv[1], "-h");
+        fprintf(stderr, "usage: ketenhub-routing\n");
+        kh_config_usage(s_config, S_CONFIG_COUNT);
+        return help ? 0 : 2;
+    }
+    int signal_fd = kh_signals_open();
+    if (signal_fd == -1) {
+        perror("ketenhub-routing: cannot set up signals");
+        return 1;
+    }
+    kh_error_t err;
+    if (kh_config_load(s_config, S_CONFIG_COUNT, &err)) {
+        fprintf(stderr, "ketenhub-routing: %s\n", err.message);
+        return 2;
+    }
+    if (kh_log_init("routing", s_cfg("KH_LOG_LEVEL")->str)) {
+        fprintf(stderr, "ketenhub-routing: KH_LOG_LEVEL must be debug, info, "
+                        "warn or error\n");
+        return 2;
+    }
+    if (sodium_init() < 0) {
+        kh_log_error("start_failed", "reason=\"no random source\"");
+        return 1;
+    }
+    kh_config_log(s_config, S_CONFIG_COUNT);
+
+    char rules[1024], schemas[1024], schema[1100];
+    const char *rules_file = s_path(
+        "KH_RULES_FILE", "schemas/rules/default.yaml", rules, sizeof rules);
+    const char *schema_dir =
+        s_path("KH_SCHEMA_DIR", "schemas", schemas, sizeof schemas);
+    snprintf(schema, sizeof schema, "%s/referral.v1.json", schema_dir);
+    routing_config_t config = {
+        .conninfo = s_cfg("KH_DATABASE_URL")->str,
+        .rules_file = rules_file,
+        .schema_path = schema,
+        .endpoint = s_cfg("KH_ROUTING_ENDPOINT")->str,
+        .hub_cert = s_cfg("KH_HUB_CERT")->str,
+        .batch = (size_t) s_cfg("KH_ROUTING_BATCH")->num,
+        .poll_ms = (int) s_cfg("KH_ROUTING_POLL_MS")->num,
+    };
+    kh_log_info("files", "rules=%s schema=%s", rules_file, schema);
+
+    routing_t *routing = routing_new(&config, &err);
+    if (!routing) {
+        kh_log_error("start_failed",
+                     "code=%s path=%s line=%d column=%d msg=\"%s\"",
+                     kh_error_name(err.code), err.path[0] ? err.path : "none",
+                     err.line, err.column, err.message);
+        bool usage = err.code == KH_E_CONFIG ||
+                     strncmp(kh_error_name(err.code), "rules.", 6) == 0;
+        close(signal_fd);
+        return usage ? 2 : 1;
+    }
+    int rc = routing_run(routing, signal_fd);
+    routing_destroy(&routing);
+    close(signal_fd);
+    return rc == 0 ? 0 : 1;
+}

@@ -1,0 +1,596 @@
+/*
+ * The routing service's core (see routing.h).
+ *
+ * Database calls are synchronous but bounded: every connection runs with a
+ * statement_timeout and a lock_timeout, so a stalled database ends a pass
+ * with an error (the transaction rolls back, the referrals stay accepted)
+ * instead of stopping the loop for good.
+ */
+#include "routing.h"
+
+#include <czmq.h>
+#include <libpq-fe.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ketenhub/codec.h"
+#include "ketenhub/db.h"
+#include "ketenhub/log.h"
+#include "ketenhub/partner.h"
+#include "ketenhub/proto.h"
+#include "ketenhub/rules.h"
+#include "ketenhub/service.h"
+#include "zap.h"
+
+#define S_STATS_MS 60000
+#define S_WAKEUP_MAX (1024 * 1024) /* bytes of a wake-up message */
+#define S_MATCHED_MAX 4096         /* bytes of audit_events.rules_matched */
+
+struct _routing_t {
+    routing_config_t config;
+    PGconn *conn;
+    kh_rules_t *rules;
+    kh_rules_result_t *result;
+    routing_zap_t *zap;
+    zcert_t *cert;
+    zsock_t *pull;
+    zloop_t *loop;
+    int signal_fd;
+    bool stopping;
+    /* Counters for the stats line. */
+    size_t routed, deliveries, passes, failures, wakeups, malformed;
+};
+
+/* Claim the oldest accepted referrals; rows another process holds are
+ * skipped, so side-by-side processes never take the same referral. */
+static const char *s_claim_sql =
+    "SELECT id, convert_from(payload, 'UTF8'), encode(payload_hash, 'hex')"
+    " FROM referrals WHERE state = 'accepted' ORDER BY accepted_at"
+    " LIMIT $1 FOR UPDATE SKIP LOCKED";
+
+static const char *s_delivery_sql =
+    "INSERT INTO deliveries (id, referral_id, partner_id, priority, payload,"
+    " payload_hash, rules_version)"
+    " VALUES ($1, $2, $3, $4, convert_to($5, 'UTF8'), decode($6, 'hex'), $7)"
+    " ON CONFLICT (referral_id, partner_id) DO NOTHING";
+
+static const char *s_routed_sql =
+    "INSERT INTO audit_events (actor_kind, actor_id, action, referral_id,"
+    " outcome, reason_code, payload_hash, rules_version, rules_matched,"
+    " origin_service)"
+    " VALUES ('service', 'routing', 'referral.routed', $1, 'ok', $2,"
+    " decode($3, 'hex'), $4, $5, 'routing')";
+
+static const char *s_state_sql =
+    "UPDATE referrals SET state = 'routed' WHERE id = $1 AND state = "
+    "'accepted'";
+
+static const char *s_reload_sql =
+    "INSERT INTO audit_events (actor_kind, actor_id, action, outcome,"
+    " reason_code, reason_path, rules_version, origin_service)"
+    " VALUES ('service', 'routing', $1, $2, $3, $4, $5, 'routing')";
+
+/* Run one statement with text parameters; 0 or -1 with err. */
+static int s_exec(PGconn *conn, const char *sql, int nparams,
+                  const char *const *params, kh_error_t *err)
+{
+    PGresult *res =
+        PQexecParams(conn, sql, nparams, NULL, params, NULL, NULL, 0);
+    ExecStatusType status = PQresultStatus(res);
+    int rc = 0;
+    if (status != PGRES_COMMAND_OK && status != PGRES_TUPLES_OK)
+        rc = kh_db_error(err, conn, res, NULL);
+    PQclear(res);
+    return rc;
+}
+
+/* Connect (again) when there is no working connection. */
+static int s_connect(routing_t *self, kh_error_t *err)
+{
+    if (self->conn && PQstatus(self->conn) == CONNECTION_OK)
+        return 0;
+    PQfinish(self->conn);
+    self->conn =
+        kh_db_connect_app(self->config.conninfo, "ketenhub-routing", err);
+    if (!self->conn)
+        return -1;
+    if (kh_db_exec(self->conn,
+                   "SET statement_timeout = '30s'; SET lock_timeout = '10s';"
+                   " SET idle_in_transaction_session_timeout = '60s'",
+                   err)) {
+        PQfinish(self->conn);
+        self->conn = NULL;
+        return -1;
+    }
+    return 0;
+}
+
+/* A growing list of the registered active partners, for the rules. */
+typedef struct {
+    kh_rules_partner_t *items;
+    size_t count, cap;
+    bool oom;
+} s_partners_t;
+
+static void s_partner_add(const kh_partner_t *partner, void *arg)
+{
+    s_partners_t *list = arg;
+    if (list->oom)
+        return;
+    if (list->count == list->cap) {
+        size_t cap = list->cap ? list->cap * 2 : 16;
+        kh_rules_partner_t *items = realloc(list->items, cap * sizeof *items);
+        if (!items) {
+            list->oom = true;
+            return;
+        }
+        list->items = items;
+        list->cap = cap;
+    }
+    char *id = strdup(partner->id);
+    if (!id) {
+        list->oom = true;
+        return;
+    }
+    list->items[list->count].id = id;
+    list->items[list->count].handles_cases = partner->handles_cases;
+    list->count++;
+}
+
+static void s_partners_free(s_partners_t *list)
+{
+    for (size_t i = 0; i < list->count; i++)
+        free((char *) list->items[i].id);
+    free(list->items);
+}
+
+/* Every problem the rules loader finds goes to the log with its place. */
+static void s_report(const kh_error_t *err, bool is_error, void *arg)
+{
+    (void) arg;
+    kh_log(is_error ? KH_LOG_ERROR : KH_LOG_INFO, "rules_problem",
+           "code=%s path=%s line=%d column=%d msg=\"%s\"",
+           kh_error_name(err->code), err->path[0] ? err->path : "none",
+           err->line, err->column, err->message);
+}
+
+/* Load the rules file against the partners registered now. Returns new
+ * rules or NULL with err. */
+static kh_rules_t *s_load_rules(routing_t *self, kh_error_t *err)
+{
+    if (s_connect(self, err))
+        return NULL;
+    s_partners_t list = {0};
+    kh_rules_t *rules = NULL;
+    if (kh_partner_list(self->conn, false, s_partner_add, &list, err) < 0)
+        goto done;
+    if (list.oom) {
+        kh_error_set(err, KH_E_NOMEM, "", "out of memory");
+        goto done;
+    }
+    kh_rules_options_t opts = {
+        .schema_path = self->config.schema_path,
+        .partners = list.items,
+        .partner_count = list.count,
+        .report = s_report,
+    };
+    rules = kh_rules_load(self->config.rules_file, &opts, err);
+done:
+    s_partners_free(&list);
+    return rules;
+}
+
+/* Insert the deliveries for the evaluated referral. */
+static int s_insert_deliveries(routing_t *self, const char *referral_id,
+                               const json_t *referral, kh_error_t *err)
+{
+    const kh_rules_result_t *result = self->result;
+    for (size_t i = 0; i < kh_rules_result_target_count(result); i++) {
+        json_t *projected = kh_rules_result_project(result, i, referral);
+        size_t len = 0;
+        char *payload = projected ? kh_payload_canonical(projected, &len) : 0;
+        json_decref(projected);
+        if (!payload)
+            return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
+        char hash[65], id[37];
+        kh_sha256_hex(payload, len, hash);
+        kh_uuid_new(id);
+        const char *params[] = {
+            id,
+            referral_id,
+            kh_rules_result_partner(result, i),
+            kh_priority_name(kh_rules_result_priority(result, i)),
+            payload,
+            hash,
+            kh_rules_version(self->rules)};
+        int rc = s_exec(self->conn, s_delivery_sql, 7, params, err);
+        free(payload);
+        if (rc)
+            return -1;
+    }
+    return 0;
+}
+
+/* The matched rules' names, comma separated, into out. */
+static void s_matched(const kh_rules_result_t *result, char *out, size_t size)
+{
+    out[0] = '\0';
+    size_t used = 0;
+    for (size_t i = 0; i < kh_rules_result_matched_count(result); i++) {
+        int n = snprintf(out + used, size - used, "%s%s", i ? "," : "",
+                         kh_rules_result_matched(result, i));
+        if (n < 0 || (size_t) n >= size - used) {
+            out[used] = '\0'; /* names are whole or absent */
+            break;
+        }
+        used += (size_t) n;
+    }
+}
+
+/* Route one claimed referral inside the open transaction. Returns 1 when
+ * routed, 0 when it cannot be read (left accepted, logged), -1 on a
+ * database failure. */
+static int s_route_one(routing_t *self, const char *id, const char *payload,
+                       const char *hash, kh_error_t *err)
+{
+    json_error_t jerr;
+    json_t *referral = payload ? json_loads(payload, 0, &jerr) : NULL;
+    if (!json_is_object(referral)) {
+        kh_log_error("referral_unreadable", "referral=%s purged=%d", id,
+                     payload == NULL);
+        json_decref(referral);
+        return 0;
+    }
+    kh_rules_eval(self->rules, referral, self->result);
+    int rc = s_insert_deliveries(self, id, referral, err);
+    json_decref(referral);
+    if (rc)
+        return -1;
+    char matched[S_MATCHED_MAX];
+    s_matched(self->result, matched, sizeof matched);
+    bool fallback = kh_rules_result_fallback(self->result);
+    const char *params[] = {id, fallback ? "no_rule_matched" : NULL, hash,
+                            kh_rules_version(self->rules),
+                            matched[0] ? matched : NULL};
+    if (s_exec(self->conn, s_routed_sql, 5, params, err) ||
+        s_exec(self->conn, s_state_sql, 1, &id, err))
+        return -1;
+    size_t targets = kh_rules_result_target_count(self->result);
+    self->deliveries += targets;
+    kh_log_debug("referral_routed",
+                 "referral=%s targets=%zu fallback=%d rules=%s", id, targets,
+                 fallback, matched[0] ? matched : "none");
+    return 1;
+}
+
+/* One pass: claim up to batch referrals and route them in one
+ * transaction. Returns the number routed, or -1 (rolled back). */
+static int s_pass(routing_t *self)
+{
+    kh_error_t err;
+    int64_t started = zclock_mono();
+    if (s_connect(self, &err)) {
+        kh_log_warn("db_unavailable", "msg=\"%s\"", err.message);
+        self->failures++;
+        return -1;
+    }
+    char limit[24];
+    snprintf(limit, sizeof limit, "%zu", self->config.batch);
+    const char *params[] = {limit};
+    PGresult *res = NULL;
+    int routed = 0;
+    if (kh_db_exec(self->conn, "BEGIN", &err))
+        goto fail;
+    res = PQexecParams(self->conn, s_claim_sql, 1, NULL, params, NULL, NULL, 0);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        kh_db_error(&err, self->conn, res, "cannot claim referrals");
+        goto fail;
+    }
+    for (int row = 0; row < PQntuples(res); row++) {
+        const char *payload =
+            PQgetisnull(res, row, 1) ? NULL : PQgetvalue(res, row, 1);
+        int rc = s_route_one(self, PQgetvalue(res, row, 0), payload,
+                             PQgetvalue(res, row, 2), &err);
+        if (rc < 0)
+            goto fail;
+        routed += rc;
+    }
+    if (kh_db_exec(self->conn, "COMMIT", &err))
+        goto fail;
+    self->routed += (size_t) routed;
+    self->passes++;
+    kh_log_debug("pass", "claimed=%d routed=%d ms=%lld", PQntuples(res), routed,
+                 (long long) (zclock_mono() - started));
+    PQclear(res);
+    return routed;
+fail:
+    PQclear(res);
+    self->failures++;
+    kh_log_warn("pass_failed", "code=%s msg=\"%s\"", kh_error_name(err.code),
+                err.message);
+    kh_db_rollback_quietly(self->conn);
+    if (PQstatus(self->conn) != CONNECTION_OK) {
+        PQfinish(self->conn);
+        self->conn = NULL;
+    }
+    return -1;
+}
+
+/* Write a rules.reloaded event (cause NULL) or a rules.reload_failed one
+ * naming cause's code and path, in its own transaction. */
+static void s_audit_reload(routing_t *self, const kh_error_t *cause)
+{
+    kh_error_t err;
+    const char *params[] = {"rules.reloaded", "ok", NULL, NULL,
+                            self->rules ? kh_rules_version(self->rules) : NULL};
+    if (cause) {
+        params[0] = "rules.reload_failed";
+        params[1] = "failed";
+        params[2] = kh_error_name(cause->code);
+        params[3] = cause->path[0] ? cause->path : NULL;
+    }
+    if (s_connect(self, &err) ||
+        s_exec(self->conn, s_reload_sql, 5, params, &err))
+        kh_log_error("audit_failed", "action=%s msg=\"%s\"", params[0],
+                     err.message);
+}
+
+/* SIGHUP: a valid file replaces the rules between two transactions, so
+ * every referral is routed by exactly one version; an invalid one keeps
+ * the old rules. */
+static void s_reload(routing_t *self)
+{
+    kh_error_t err;
+    kh_rules_t *rules = s_load_rules(self, &err);
+    kh_rules_result_t *result = rules ? kh_rules_result_new(rules) : NULL;
+    if (!result) {
+        if (rules)
+            kh_error_set(&err, KH_E_NOMEM, "", "out of memory");
+        kh_rules_destroy(&rules);
+        kh_log_error("rules_reload_failed",
+                     "file=%s code=%s path=%s line=%d column=%d msg=\"%s\" "
+                     "kept=%s",
+                     self->config.rules_file, kh_error_name(err.code),
+                     err.path[0] ? err.path : "none", err.line, err.column,
+                     err.message, kh_rules_version(self->rules));
+        s_audit_reload(self, &err);
+        return;
+    }
+    kh_rules_result_destroy(&self->result);
+    kh_rules_destroy(&self->rules);
+    self->rules = rules;
+    self->result = result;
+    kh_log_info("rules_reloaded", "file=%s version=%s rules=%zu",
+                self->config.rules_file, kh_rules_version(rules),
+                kh_rules_count(rules));
+    s_audit_reload(self, NULL);
+}
+
+/* Handle one signal; returns -1 when the loop must end. */
+static int s_signal(routing_t *self, int sig)
+{
+    if (sig == SIGHUP)
+        s_reload(self);
+    else if (sig == SIGTERM || sig == SIGINT) {
+        kh_log_info("stopping", "signal=%d", sig);
+        self->stopping = true;
+        return -1;
+    }
+    return 0;
+}
+
+/* Passes until the backlog is shorter than a batch; signals that arrive
+ * meanwhile are handled between two transactions. */
+static int s_drain(routing_t *self)
+{
+    while (!self->stopping) {
+        int routed = s_pass(self);
+        if (routed < (int) self->config.batch)
+            break;
+        int sig = kh_signals_read(self->signal_fd);
+        if (sig && s_signal(self, sig))
+            return -1;
+    }
+    return self->stopping ? -1 : 0;
+}
+
+static void s_stats(routing_t *self)
+{
+    kh_log_info("stats",
+                "routed=%zu deliveries=%zu passes=%zu failures=%zu "
+                "wakeups=%zu malformed=%zu rules_version=%s",
+                self->routed, self->deliveries, self->passes, self->failures,
+                self->wakeups, self->malformed, kh_rules_version(self->rules));
+}
+
+static int s_on_timer(zloop_t *loop, int timer_id, void *arg)
+{
+    (void) loop;
+    (void) timer_id;
+    return s_drain(arg);
+}
+
+static int s_on_stats(zloop_t *loop, int timer_id, void *arg)
+{
+    (void) loop;
+    (void) timer_id;
+    s_stats(arg);
+    return 0;
+}
+
+static int s_on_signal(zloop_t *loop, zmq_pollitem_t *item, void *arg)
+{
+    (void) loop;
+    (void) item;
+    routing_t *self = arg;
+    int sig;
+    while ((sig = kh_signals_read(self->signal_fd)) > 0)
+        if (s_signal(self, sig))
+            return -1;
+    return 0;
+}
+
+static int s_on_zap(zloop_t *loop, zsock_t *sock, void *arg)
+{
+    (void) loop;
+    (void) sock;
+    routing_t *self = arg;
+    if (routing_zap_handle(self->zap) == 1)
+        kh_log_warn("auth_refused", "socket=wakeup");
+    return 0;
+}
+
+/* Whether msg is a well-formed wake-up: one frame, a MessagePack map
+ * {"v":1,"cmd":"ROUTE","referral_ids":[uuid, ...]}. */
+static bool s_wakeup_valid(zmsg_t *msg, size_t *count)
+{
+    if (zmsg_size(msg) != 1)
+        return false;
+    zframe_t *frame = zmsg_first(msg);
+    kh_limits_t limits = kh_limits_default();
+    json_t *body = NULL;
+    kh_error_t err;
+    if (kh_msgpack_decode(zframe_data(frame), zframe_size(frame), &limits,
+                          &body, &err))
+        return false;
+    json_t *ids = json_object_get(body, "referral_ids");
+    const char *cmd = json_string_value(json_object_get(body, "cmd"));
+    bool ok = json_is_object(body) &&
+              json_integer_value(json_object_get(body, "v")) == 1 &&
+              json_is_integer(json_object_get(body, "v")) && cmd &&
+              strcmp(cmd, "ROUTE") == 0 && json_is_array(ids);
+    size_t i;
+    json_t *id;
+    json_array_foreach(ids, i, id)
+    {
+        if (!json_is_string(id) || !kh_uuid_valid(json_string_value(id)))
+            ok = false;
+    }
+    *count = ok ? json_array_size(ids) : 0;
+    json_decref(body);
+    return ok;
+}
+
+/* Wake-ups: take every waiting message, then one drain if any of them
+ * was well-formed. */
+static int s_on_wakeup(zloop_t *loop, zsock_t *sock, void *arg)
+{
+    (void) loop;
+    routing_t *self = arg;
+    size_t ids = 0, valid = 0;
+    for (int i = 0; i < 1000 && (zsock_events(sock) & ZMQ_POLLIN); i++) {
+        zmsg_t *msg = zmsg_recv(sock);
+        if (!msg)
+            break;
+        size_t count = 0;
+        if (s_wakeup_valid(msg, &count)) {
+            self->wakeups++;
+            valid++;
+            ids += count;
+        } else {
+            self->malformed++;
+            kh_log_warn("wakeup_malformed", "frames=%zu", zmsg_size(msg));
+        }
+        zmsg_destroy(&msg);
+    }
+    if (!valid)
+        return 0; /* only a well-formed wake-up hastens the next pass */
+    kh_log_debug("wakeup", "messages=%zu referrals=%zu", valid, ids);
+    return s_drain(self);
+}
+
+routing_t *routing_new(const routing_config_t *config, kh_error_t *err)
+{
+    routing_t *self = calloc(1, sizeof *self);
+    if (!self) {
+        kh_error_set(err, KH_E_NOMEM, "", "out of memory");
+        return NULL;
+    }
+    self->config = *config;
+    self->signal_fd = -1;
+    if (s_connect(self, err))
+        goto fail;
+    self->rules = s_load_rules(self, err);
+    if (!self->rules)
+        goto fail;
+    self->result = kh_rules_result_new(self->rules);
+    if (!self->result) {
+        kh_error_set(err, KH_E_NOMEM, "", "out of memory");
+        goto fail;
+    }
+    self->cert = zcert_load(config->hub_cert);
+    if (!self->cert) {
+        kh_error_set(err, KH_E_CONFIG, "KH_HUB_CERT",
+                     "cannot load the hub certificate");
+        goto fail;
+    }
+    /* The authenticator must be bound before the CURVE socket. */
+    self->zap = routing_zap_new(zcert_public_txt(self->cert), err);
+    if (!self->zap)
+        goto fail;
+    self->pull = zsock_new(ZMQ_PULL);
+    if (!self->pull) {
+        kh_error_set(err, KH_E_INTERNAL, "", "cannot create a socket");
+        goto fail;
+    }
+    zcert_apply(self->cert, self->pull);
+    zsock_set_curve_server(self->pull, 1);
+    zsock_set_maxmsgsize(self->pull, S_WAKEUP_MAX);
+    zsock_set_linger(self->pull, 0);
+    if (zsock_bind(self->pull, "%s", config->endpoint) == -1) {
+        kh_error_set(err, KH_E_CONFIG, "KH_ROUTING_ENDPOINT", "cannot bind %s",
+                     config->endpoint);
+        goto fail;
+    }
+    self->loop = zloop_new();
+    if (!self->loop) {
+        kh_error_set(err, KH_E_NOMEM, "", "out of memory");
+        goto fail;
+    }
+    return self;
+fail:
+    routing_destroy(&self);
+    return NULL;
+}
+
+void routing_destroy(routing_t **self_p)
+{
+    if (!self_p || !*self_p)
+        return;
+    routing_t *self = *self_p;
+    zloop_destroy(&self->loop);
+    zsock_destroy(&self->pull);
+    routing_zap_destroy(&self->zap);
+    zcert_destroy(&self->cert);
+    kh_rules_result_destroy(&self->result);
+    kh_rules_destroy(&self->rules);
+    PQfinish(self->conn);
+    free(self);
+    *self_p = NULL;
+}
+
+int routing_run(routing_t *self, int signal_fd)
+{
+    self->signal_fd = signal_fd;
+    zmq_pollitem_t signals = {NULL, signal_fd, ZMQ_POLLIN, 0};
+    if (zloop_reader(self->loop, routing_zap_socket(self->zap), s_on_zap,
+                     self) ||
+        zloop_reader(self->loop, self->pull, s_on_wakeup, self) ||
+        zloop_poller(self->loop, &signals, s_on_signal, self) ||
+        zloop_timer(self->loop, (size_t) self->config.poll_ms, 0, s_on_timer,
+                    self) == -1 ||
+        zloop_timer(self->loop, S_STATS_MS, 0, s_on_stats, self) == -1) {
+        kh_log_error("start_failed", "reason=\"cannot set up the loop\"");
+        return -1;
+    }
+    kh_log_info(
+        "ready", "endpoint=%s rules_version=%s rules=%zu batch=%zu poll_ms=%d",
+        self->config.endpoint, kh_rules_version(self->rules),
+        kh_rules_count(self->rules), self->config.batch, self->config.poll_ms);
+    /* Referrals accepted while routing was down are routed at once. */
+    if (s_drain(self) == 0)
+        zloop_start(self->loop);
+    s_stats(self);
+    return self->stopping ? 0 : -1;
+}

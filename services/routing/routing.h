@@ -1,0 +1,42 @@
+/*
+ * The routing service's core: claims accepted referrals from PostgreSQL,
+ * evaluates the rules, and commits per referral its deliveries (one per
+ * target partner, with that partner's projection), its audit event and its
+ * new state in one transaction. Runs on a timer and whenever a wake-up
+ * arrives on its CURVE PULL socket; PostgreSQL is the truth, the wake-up
+ * only hastens the next pass.
+ */
+#ifndef ROUTING_H_INCLUDED
+#define ROUTING_H_INCLUDED
+
+#include <stddef.h>
+
+#include "ketenhub/error.h"
+
+typedef struct {
+    const char *conninfo;    /* libpq connection string ("" = PG* env) */
+    const char *rules_file;  /* the rules administrators edit */
+    const char *schema_path; /* schemas/referral.v1.json */
+    const char *endpoint;    /* wake-up PULL endpoint, bound */
+    const char *hub_cert;    /* hub certificate (its _secret beside it) */
+    size_t batch;            /* most referrals claimed per transaction */
+    int poll_ms;             /* a pass at least this often */
+} routing_config_t;
+
+typedef struct _routing_t routing_t;
+
+/* Connect to PostgreSQL, load the rules against the registered partners,
+ * bind the wake-up socket. NULL with err on failure: a rules.* code for a
+ * rules file that does not load (every problem is logged with its line
+ * and column), KH_E_CONFIG for a bad setting. */
+routing_t *routing_new(const routing_config_t *config, kh_error_t *err);
+
+/* Destroy; accepts NULL and a pointer to NULL. */
+void routing_destroy(routing_t **self_p);
+
+/* Run passes until SIGTERM or SIGINT arrives on signal_fd (a transaction
+ * in flight is finished first); SIGHUP reloads the rules. Returns 0 on a
+ * clean stop, -1 when the loop failed. */
+int routing_run(routing_t *self, int signal_fd);
+
+#endif

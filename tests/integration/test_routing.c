@@ -1,0 +1,546 @@
+/*
+ * routing against a real PostgreSQL: the real ketenhub-routing binary,
+ * referrals inserted as intake stores them, deliveries and audit events
+ * checked against the rules evaluated here with the same library.
+ */
+#include <czmq.h>
+#include <dirent.h>
+#include <libpq-fe.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "ketenhub/codec.h"
+#include "ketenhub/proto.h"
+#include "ketenhub/rules.h"
+#include "khproc.h"
+#include "khtest.h"
+
+#define S_DB "kh_test_routing"
+#define S_EXAMPLES_MAX 16
+
+static char s_dir[256];  /* temp dir: certs, rules, logs */
+static char *s_conninfo; /* the test database */
+static PGconn *s_db;     /* for inserts and checks */
+static json_t *s_examples[S_EXAMPLES_MAX];
+static size_t s_example_count;
+static kh_rules_t *s_rules; /* the default rules, as routing loads them */
+static int s_seq;           /* idempotency keys */
+
+static const kh_rules_partner_t s_partners[] = {
+    {"avim", true},
+    {"ketenregisseur", false},
+    {"veilig-thuis", true},
+    {"zorgcoordinator", true},
+};
+
+static char *s_path(const char *name)
+{
+    static char path[4][512];
+    static int next;
+    char *out = path[next++ % 4];
+    snprintf(out, sizeof path[0], "%s/%s", s_dir, name);
+    return out;
+}
+
+static void s_sql(const char *sql, int nparams, const char *const *params)
+{
+    PGresult *res =
+        PQexecParams(s_db, sql, nparams, NULL, params, NULL, NULL, 0);
+    ck_assert_msg(PQresultStatus(res) == PGRES_COMMAND_OK, "%s: %s", sql,
+                  PQerrorMessage(s_db));
+    PQclear(res);
+}
+
+static long s_count(const char *sql)
+{
+    char *value = khtest_db_value(s_db, sql);
+    ck_assert_ptr_nonnull(value);
+    long n = atol(value);
+    free(value);
+    return n;
+}
+
+static void s_register(const char *id, const char *kind, bool cases)
+{
+    zcert_t *cert = zcert_new();
+    const char *params[] = {id, kind, cases ? "true" : "false",
+                            zcert_public_txt(cert)};
+    s_sql("INSERT INTO partners (id, display_name, kind, handles_cases,"
+          " curve_public_key) VALUES ($1, $1, $2, $3, $4)",
+          4, params);
+    zcert_destroy(&cert);
+}
+
+/* The example referrals, sorted by file name. */
+static void s_load_examples(void)
+{
+    zlistx_t *names = zlistx_new();
+    zlistx_set_destructor(names, (zlistx_destructor_fn *) zstr_free);
+    zlistx_set_comparator(names, (zlistx_comparator_fn *) strcmp);
+    DIR *dir = opendir(khtest_src("schemas/examples"));
+    ck_assert_ptr_nonnull(dir);
+    struct dirent *entry;
+    while ((entry = readdir(dir)))
+        if (strstr(entry->d_name, ".json"))
+            zlistx_add_end(names, strdup(entry->d_name));
+    closedir(dir);
+    zlistx_sort(names);
+    s_example_count = 0;
+    for (char *name = zlistx_first(names);
+         name && s_example_count < S_EXAMPLES_MAX; name = zlistx_next(names)) {
+        char path[512];
+        snprintf(path, sizeof path, "schemas/examples/%s", name);
+        json_error_t jerr;
+        json_t *doc = json_load_file(khtest_src(path), 0, &jerr);
+        ck_assert_msg(doc != NULL, "%s: %s", path, jerr.text);
+        s_examples[s_example_count++] = doc;
+    }
+    zlistx_destroy(&names);
+    ck_assert_int_ge(s_example_count, 5);
+}
+
+static void s_setup(void)
+{
+    snprintf(s_dir, sizeof s_dir, "/tmp/kh-routing-XXXXXX");
+    ck_assert_ptr_nonnull(mkdtemp(s_dir));
+    s_db = khtest_db_fresh(S_DB);
+    s_conninfo = khtest_db_conninfo(S_DB);
+    zcert_t *hub = zcert_new();
+    zcert_save(hub, s_path("hub.cert"));
+    zcert_destroy(&hub);
+    s_register("veilig-thuis", "veilig_thuis", true);
+    s_register("zorgcoordinator", "zorgcoordinator", true);
+    s_register("avim", "police", true);
+    s_register("ketenregisseur", "chain_director", false);
+    s_load_examples();
+    /* khtest_src returns a static buffer: keep one path aside. */
+    char schema[512];
+    snprintf(schema, sizeof schema, "%s",
+             khtest_src("schemas/referral.v1.json"));
+    kh_rules_options_t opts = {
+        .schema_path = schema,
+        .partners = s_partners,
+        .partner_count = sizeof s_partners / sizeof s_partners[0],
+    };
+    kh_error_t err;
+    s_rules =
+        kh_rules_load(khtest_src("schemas/rules/default.yaml"), &opts, &err);
+    ck_assert_msg(s_rules != NULL, "%s", err.message);
+}
+
+static void s_teardown(void)
+{
+    for (size_t i = 0; i < s_example_count; i++)
+        json_decref(s_examples[i]);
+    s_example_count = 0;
+    kh_rules_destroy(&s_rules);
+    PQfinish(s_db);
+    s_db = NULL;
+    free(s_conninfo);
+    s_conninfo = NULL;
+    khproc_sh("rm -rf '%s'", s_dir);
+}
+
+/* Insert doc as intake stores an accepted referral; its id into id. */
+static void s_insert(const json_t *doc, char id[37])
+{
+    size_t len;
+    char *payload = kh_payload_canonical(doc, &len);
+    ck_assert_ptr_nonnull(payload);
+    char hash[65], key[32];
+    kh_sha256_hex(payload, len, hash);
+    kh_uuid_new(id);
+    snprintf(key, sizeof key, "key-%d", ++s_seq);
+    const char *version =
+        json_string_value(json_object_get(doc, "schema_version"));
+    const char *params[] = {id, key, version ? version : "referral.v1", payload,
+                            hash};
+    s_sql("INSERT INTO referrals (id, partner_id, idempotency_key,"
+          " schema_version, payload, payload_hash) VALUES ($1,"
+          " 'veilig-thuis', $2, $3, convert_to($4, 'UTF8'),"
+          " decode($5, 'hex'))",
+          5, params);
+    free(payload);
+}
+
+/* Insert count referrals, cycling through the examples; returns the
+ * number of deliveries the default rules make for them. */
+static long s_insert_many(int count)
+{
+    kh_rules_result_t *result = kh_rules_result_new(s_rules);
+    long deliveries = 0;
+    for (int i = 0; i < count; i++) {
+        const json_t *doc = s_examples[(size_t) i % s_example_count];
+        char id[37];
+        s_insert(doc, id);
+        kh_rules_eval(s_rules, doc, result);
+        deliveries += (long) kh_rules_result_target_count(result);
+    }
+    kh_rules_result_destroy(&result);
+    return deliveries;
+}
+
+static pid_t s_start(const char *endpoint, const char *rules, int poll_ms,
+                     const char *log)
+{
+    char env_db[1024], env_cert[600], env_endpoint[128], env_rules[600],
+        env_schema[600], env_poll[64];
+    snprintf(env_db, sizeof env_db, "KH_DATABASE_URL=%s", s_conninfo);
+    snprintf(env_cert, sizeof env_cert, "KH_HUB_CERT=%s", s_path("hub.cert"));
+    snprintf(env_endpoint, sizeof env_endpoint, "KH_ROUTING_ENDPOINT=%s",
+             endpoint);
+    snprintf(env_rules, sizeof env_rules, "KH_RULES_FILE=%s",
+             rules ? rules : khtest_src("schemas/rules/default.yaml"));
+    snprintf(env_schema, sizeof env_schema, "KH_SCHEMA_DIR=%s",
+             khtest_src("schemas"));
+    snprintf(env_poll, sizeof env_poll, "KH_ROUTING_POLL_MS=%d", poll_ms);
+    char *env[] = {
+        env_db,     env_cert, env_endpoint,         env_rules,
+        env_schema, env_poll, "KH_ROUTING_BATCH=7", "KH_LOG_LEVEL=debug",
+        NULL};
+    char *argv[] = {"ketenhub-routing", NULL};
+    pid_t pid =
+        khproc_spawn(KH_TEST_BINARY_DIR "/services/routing/ketenhub-routing",
+                     argv, env, s_path(log));
+    ck_assert_int_gt(pid, 0);
+    return pid;
+}
+
+static char *s_endpoint(void)
+{
+    static char endpoint[64];
+    snprintf(endpoint, sizeof endpoint, "tcp://127.0.0.1:%d",
+             khproc_free_port());
+    return endpoint;
+}
+
+/* Wait until the log holds text; false after timeout_ms. */
+static bool s_log_has(const char *log, const char *text, int timeout_ms)
+{
+    for (int waited = 0; waited <= timeout_ms; waited += 20) {
+        char *content = khtest_read_file(s_path(log));
+        bool found = content && strstr(content, text);
+        free(content);
+        if (found)
+            return true;
+        zclock_sleep(20);
+    }
+    return false;
+}
+
+/* Wait until sql counts want; false after timeout_ms. */
+static bool s_wait_count(const char *sql, long want, int timeout_ms)
+{
+    for (int waited = 0; waited <= timeout_ms; waited += 20) {
+        if (s_count(sql) == want)
+            return true;
+        zclock_sleep(20);
+    }
+    return false;
+}
+
+/* Every referral routed exactly once, with exactly deliveries rows. */
+static void s_assert_routed_once(long referrals, long deliveries)
+{
+    ck_assert_int_eq(s_count("SELECT count(*) FROM referrals"), referrals);
+    ck_assert_int_eq(
+        s_count("SELECT count(*) FROM referrals WHERE state = 'routed'"),
+        referrals);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM deliveries"), deliveries);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM (SELECT 1 FROM deliveries"
+                             " GROUP BY referral_id, partner_id"
+                             " HAVING count(*) <> 1) d"),
+                     0);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events"
+                             " WHERE action = 'referral.routed'"),
+                     referrals);
+    ck_assert_int_eq(s_count("SELECT count(DISTINCT referral_id) FROM"
+                             " audit_events WHERE action = 'referral.routed'"),
+                     referrals);
+}
+
+#define S_ROUTED "SELECT count(*) FROM referrals WHERE state = 'routed'"
+
+/* The matched rule names as routing writes them, "" for none. */
+static void s_matched(const kh_rules_result_t *result, char *out, size_t size)
+{
+    out[0] = '\0';
+    for (size_t i = 0; i < kh_rules_result_matched_count(result); i++) {
+        size_t used = strlen(out);
+        snprintf(out + used, size - used, "%s%s", i ? "," : "",
+                 kh_rules_result_matched(result, i));
+    }
+}
+
+START_TEST(examples_get_exactly_the_projected_deliveries)
+{
+    char ids[S_EXAMPLES_MAX][37];
+    for (size_t i = 0; i < s_example_count; i++)
+        s_insert(s_examples[i], ids[i]);
+    /* Accepted before routing started: routed at once when it starts. */
+    pid_t pid = s_start(s_endpoint(), NULL, 60000, "routing.log");
+    ck_assert_msg(s_wait_count(S_ROUTED, (long) s_example_count, 10000),
+                  "not routed: see %s", s_path("routing.log"));
+
+    kh_rules_result_t *result = kh_rules_result_new(s_rules);
+    long total = 0;
+    for (size_t i = 0; i < s_example_count; i++) {
+        kh_rules_eval(s_rules, s_examples[i], result);
+        size_t targets = kh_rules_result_target_count(result);
+        total += (long) targets;
+        const char *params[] = {ids[i]};
+        PGresult *res = PQexecParams(
+            s_db,
+            "SELECT partner_id, priority, convert_from(payload, 'UTF8'),"
+            " encode(payload_hash, 'hex'), state, rules_version"
+            " FROM deliveries WHERE referral_id = $1",
+            1, NULL, params, NULL, NULL, 0);
+        ck_assert_int_eq(PQresultStatus(res), PGRES_TUPLES_OK);
+        ck_assert_int_eq(PQntuples(res), (int) targets);
+        for (int row = 0; row < PQntuples(res); row++) {
+            int t = kh_rules_result_find(result, PQgetvalue(res, row, 0));
+            ck_assert_msg(t >= 0, "unexpected delivery to %s",
+                          PQgetvalue(res, row, 0));
+            ck_assert_str_eq(
+                PQgetvalue(res, row, 1),
+                kh_priority_name(kh_rules_result_priority(result, (size_t) t)));
+            /* Byte for byte the projection: no field outside it. */
+            json_t *projected =
+                kh_rules_result_project(result, (size_t) t, s_examples[i]);
+            size_t len;
+            char *want = kh_payload_canonical(projected, &len);
+            ck_assert_str_eq(PQgetvalue(res, row, 2), want);
+            char hash[65];
+            kh_sha256_hex(want, len, hash);
+            ck_assert_str_eq(PQgetvalue(res, row, 3), hash);
+            free(want);
+            json_decref(projected);
+            ck_assert_str_eq(PQgetvalue(res, row, 4), "pending");
+            ck_assert_str_eq(PQgetvalue(res, row, 5),
+                             kh_rules_version(s_rules));
+        }
+        PQclear(res);
+
+        res = PQexecParams(
+            s_db,
+            "SELECT a.rules_version, coalesce(a.rules_matched, ''),"
+            " coalesce(a.reason_code, ''), a.payload_hash = r.payload_hash,"
+            " a.actor_kind, a.actor_id, a.outcome, a.origin_service"
+            " FROM audit_events a JOIN referrals r ON r.id = a.referral_id"
+            " WHERE a.action = 'referral.routed' AND a.referral_id = $1",
+            1, NULL, params, NULL, NULL, 0);
+        ck_assert_int_eq(PQresultStatus(res), PGRES_TUPLES_OK);
+        ck_assert_int_eq(PQntuples(res), 1);
+        char matched[1024];
+        s_matched(result, matched, sizeof matched);
+        ck_assert_str_eq(PQgetvalue(res, 0, 0), kh_rules_version(s_rules));
+        ck_assert_str_eq(PQgetvalue(res, 0, 1), matched);
+        ck_assert_str_eq(PQgetvalue(res, 0, 2), kh_rules_result_fallback(result)
+                                                    ? "no_rule_matched"
+                                                    : "");
+        ck_assert_str_eq(PQgetvalue(res, 0, 3), "t");
+        ck_assert_str_eq(PQgetvalue(res, 0, 4), "service");
+        ck_assert_str_eq(PQgetvalue(res, 0, 5), "routing");
+        ck_assert_str_eq(PQgetvalue(res, 0, 6), "ok");
+        ck_assert_str_eq(PQgetvalue(res, 0, 7), "routing");
+        PQclear(res);
+    }
+    kh_rules_result_destroy(&result);
+    s_assert_routed_once((long) s_example_count, total);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM deliveries"
+                             " WHERE partner_id = 'ketenregisseur'"),
+                     0);
+    int status = khproc_stop(pid, SIGTERM, 5000);
+    ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+}
+END_TEST
+
+START_TEST(killed_then_restarted_routes_each_once)
+{
+    long deliveries = s_insert_many(400);
+    const char *endpoint = s_endpoint();
+    pid_t pid = s_start(endpoint, NULL, 20, "routing.log");
+    for (int i = 0; i < 500 && s_count(S_ROUTED) == 0; i++)
+        zclock_sleep(10);
+    ck_assert_int_eq(khproc_stop(pid, SIGKILL, 5000) & 0x7f, SIGKILL);
+    ck_assert_int_lt(s_count(S_ROUTED), 400); /* killed mid-stream */
+    /* Accepted while routing is down. */
+    deliveries += s_insert_many(50);
+    ck_assert_int_gt(s_count("SELECT count(*) FROM referrals"
+                             " WHERE state = 'accepted'"),
+                     0);
+    pid = s_start(endpoint, NULL, 20, "routing2.log");
+    ck_assert_msg(s_wait_count(S_ROUTED, 450, 20000), "not routed: see %s",
+                  s_path("routing2.log"));
+    int status = khproc_stop(pid, SIGTERM, 5000);
+    ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    s_assert_routed_once(450, deliveries);
+}
+END_TEST
+
+START_TEST(two_processes_route_each_once)
+{
+    long deliveries = s_insert_many(200);
+    pid_t one = s_start(s_endpoint(), NULL, 10, "one.log");
+    pid_t two = s_start(s_endpoint(), NULL, 10, "two.log");
+    ck_assert_msg(s_wait_count(S_ROUTED, 200, 20000), "not routed: see %s",
+                  s_path("one.log"));
+    int status = khproc_stop(one, SIGTERM, 5000);
+    ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    status = khproc_stop(two, SIGTERM, 5000);
+    ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    s_assert_routed_once(200, deliveries);
+}
+END_TEST
+
+/* A PUSH socket that authenticates with cert_file's key. */
+static zsock_t *s_push(const char *endpoint, const char *cert_file)
+{
+    zcert_t *hub = zcert_load(s_path("hub.cert"));
+    zcert_t *mine = zcert_load(cert_file);
+    ck_assert_ptr_nonnull(hub);
+    ck_assert_ptr_nonnull(mine);
+    zsock_t *push = zsock_new(ZMQ_PUSH);
+    zcert_apply(mine, push);
+    zsock_set_curve_serverkey(push, zcert_public_txt(hub));
+    zsock_set_linger(push, 1000);
+    ck_assert_int_eq(zsock_connect(push, "%s", endpoint), 0);
+    zcert_destroy(&hub);
+    zcert_destroy(&mine);
+    return push;
+}
+
+static void s_send_route(zsock_t *push, const char *id)
+{
+    json_t *body = json_pack("{s:i, s:s, s:[s]}", "v", 1, "cmd", "ROUTE",
+                             "referral_ids", id);
+    char *data;
+    size_t size;
+    kh_error_t err;
+    ck_assert_int_eq(kh_msgpack_encode(body, &data, &size, &err), 0);
+    zframe_t *frame = zframe_new(data, size);
+    ck_assert_int_eq(zframe_send(&frame, push, 0), 0);
+    free(data);
+    json_decref(body);
+}
+
+START_TEST(wakeup_from_the_hub_routes_before_the_poll)
+{
+    const char *endpoint = s_endpoint();
+    pid_t pid = s_start(endpoint, NULL, 60000, "routing.log");
+    ck_assert(s_log_has("routing.log", "event=ready", 10000));
+    zclock_sleep(300); /* the first pass at start is over */
+    char id[37];
+    s_insert(s_examples[0], id);
+
+    /* Another key: the handshake is refused, nothing happens. */
+    zcert_t *stranger = zcert_new();
+    zcert_save(stranger, s_path("stranger.cert"));
+    zcert_destroy(&stranger);
+    zsock_t *push = s_push(endpoint, s_path("stranger.cert"));
+    s_send_route(push, id);
+    zsock_destroy(&push);
+    /* The hub's key but a malformed body: ignored with a warning. */
+    push = s_push(endpoint, s_path("hub.cert"));
+    zstr_send(push, "not messagepack");
+    ck_assert(s_log_has("routing.log", "event=wakeup_malformed", 5000));
+    ck_assert(s_log_has("routing.log", "event=auth_refused", 5000));
+    ck_assert_int_eq(s_count(S_ROUTED), 0);
+
+    s_send_route(push, id);
+    ck_assert_msg(s_wait_count(S_ROUTED, 1, 5000), "not woken: see %s",
+                  s_path("routing.log"));
+    zsock_destroy(&push);
+    int status = khproc_stop(pid, SIGTERM, 5000);
+    ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    s_assert_routed_once(1, s_count("SELECT count(*) FROM deliveries"));
+}
+END_TEST
+
+START_TEST(sighup_reload_keeps_old_rules_when_broken)
+{
+    char *rules = khtest_read_file(khtest_src("schemas/rules/default.yaml"));
+    ck_assert_ptr_nonnull(rules);
+    khtest_write_file(s_path("rules.yaml"), rules);
+    pid_t pid = s_start(s_endpoint(), s_path("rules.yaml"), 50, "routing.log");
+    ck_assert(s_log_has("routing.log", "event=ready", 10000));
+
+    khtest_write_file(s_path("rules.yaml"), "version: 1\nrules: [\n");
+    ck_assert_int_eq(kill(pid, SIGHUP), 0);
+    ck_assert(s_wait_count("SELECT count(*) FROM audit_events WHERE"
+                           " action = 'rules.reload_failed'"
+                           " AND outcome = 'failed'",
+                           1, 5000));
+    ck_assert(s_log_has("routing.log", "event=rules_reload_failed", 1000));
+    ck_assert(s_log_has("routing.log", "line=", 1000));
+    char *version =
+        khtest_db_value(s_db, "SELECT rules_version FROM audit_events"
+                              " WHERE action = 'rules.reload_failed'");
+    ck_assert_str_eq(version, kh_rules_version(s_rules));
+    free(version);
+
+    /* Still routing, by the old rules. */
+    long deliveries = s_insert_many(5);
+    ck_assert(s_wait_count(S_ROUTED, 5, 5000));
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE"
+                             " action = 'referral.routed'"
+                             " AND rules_version = (SELECT rules_version FROM"
+                             " audit_events WHERE"
+                             " action = 'rules.reload_failed')"),
+                     5);
+
+    /* A valid file replaces them. */
+    khtest_write_file(s_path("rules.yaml"), rules);
+    khtest_append_file(s_path("rules.yaml"), "# reviewed\n");
+    char *changed = khtest_read_file(s_path("rules.yaml"));
+    char want[65];
+    kh_sha256_hex(changed, strlen(changed), want);
+    free(changed);
+    ck_assert_int_eq(kill(pid, SIGHUP), 0);
+    ck_assert(s_wait_count("SELECT count(*) FROM audit_events WHERE"
+                           " action = 'rules.reloaded' AND outcome = 'ok'",
+                           1, 5000));
+    version = khtest_db_value(s_db, "SELECT rules_version FROM audit_events"
+                                    " WHERE action = 'rules.reloaded'");
+    ck_assert_str_eq(version, want);
+    free(version);
+    deliveries += s_insert_many(5);
+    ck_assert(s_wait_count(S_ROUTED, 10, 5000));
+    free(rules);
+    int status = khproc_stop(pid, SIGTERM, 5000);
+    ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    s_assert_routed_once(10, deliveries);
+}
+END_TEST
+
+START_TEST(invalid_rules_at_start_exit_2)
+{
+    khtest_write_file(s_path("rules.yaml"),
+                      "version: 1\nrules:\n  - name: x\n    when: {field: "
+                      "nope, equals: 1}\n    then: {targets: []}\n");
+    pid_t pid = s_start(s_endpoint(), s_path("rules.yaml"), 50, "routing.log");
+    int status = khproc_stop(pid, 0, 10000);
+    ck_assert(WIFEXITED(status));
+    ck_assert_int_eq(WEXITSTATUS(status), 2);
+    ck_assert(s_log_has("routing.log", "line=", 0));
+}
+END_TEST
+
+int main(void)
+{
+    Suite *suite = suite_create("routing");
+    TCase *tc = tcase_create("routing");
+    tcase_add_checked_fixture(tc, s_setup, s_teardown);
+    tcase_set_timeout(tc, 120);
+    tcase_add_test(tc, examples_get_exactly_the_projected_deliveries);
+    tcase_add_test(tc, killed_then_restarted_routes_each_once);
+    tcase_add_test(tc, two_processes_route_each_once);
+    tcase_add_test(tc, wakeup_from_the_hub_routes_before_the_poll);
+    tcase_add_test(tc, sighup_reload_keeps_old_rules_when_broken);
+    tcase_add_test(tc, invalid_rules_at_start_exit_2);
+    suite_add_tcase(suite, tc);
+    return khtest_run_suite(suite);
+}
