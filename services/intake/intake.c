@@ -21,8 +21,8 @@
 #include "ketenhub/proto.h"
 #include "ketenhub/schema.h"
 #include "ketenhub/service.h"
+#include "ketenhub/zap.h"
 #include "store.h"
-#include "zap.h"
 
 #define S_BACKOFF_MIN_MS 100
 #define S_BACKOFF_MAX_MS 5000
@@ -81,7 +81,7 @@ struct _intake_t {
     intake_config_t cfg;
     kh_schema_t *schema;
     zcert_t *cert;
-    zap_t *zap;
+    kh_zap_t *zap;
     zsock_t *router;
     zsock_t *routing; /* wake-ups for routing, or NULL */
     int port;
@@ -147,7 +147,7 @@ intake_t *intake_new(const intake_config_t *config, kh_error_t *err)
     }
     /* Without a ZAP handler a CURVE server accepts any client key: it
      * must be bound before the ROUTER. */
-    self->zap = zap_new(config->partner_certs, err);
+    self->zap = kh_zap_new(config->partner_certs, NULL, err);
     if (!self->zap)
         goto fail;
     self->router = zsock_new(ZMQ_ROUTER);
@@ -225,7 +225,7 @@ void intake_destroy(intake_t **self_p)
     zloop_destroy(&self->loop);
     zsock_destroy(&self->router);
     zsock_destroy(&self->routing);
-    zap_destroy(&self->zap);
+    kh_zap_destroy(&self->zap);
     zhashx_destroy(&self->auth_seen);
     zhashx_destroy(&self->unknown_keys);
     zcert_destroy(&self->cert);
@@ -842,7 +842,7 @@ static int s_on_zap(zloop_t *loop, zsock_t *socket, void *arg)
     (void) socket;
     intake_t *self = arg;
     char key[41], peer[64];
-    if (zap_handle(self->zap, key, peer) == 0)
+    if (kh_zap_handle(self->zap, key, peer) == 0)
         return 0;
     kh_log_warn("auth_refused", "key=%s peer=%s", *key ? key : "none", peer);
     char seen[128];
@@ -945,7 +945,7 @@ int intake_run(intake_t *self, int signal_fd)
     if (!self->loop)
         return -1;
     s_set_reading(self, true);
-    if (zloop_reader(self->loop, zap_socket(self->zap), s_on_zap, self))
+    if (zloop_reader(self->loop, kh_zap_socket(self->zap), s_on_zap, self))
         return -1;
     zmq_pollitem_t signals = {NULL, signal_fd, ZMQ_POLLIN, 0};
     if (zloop_poller(self->loop, &signals, s_on_signal, self))

@@ -5,7 +5,6 @@
  * below and --help).
  */
 #include <czmq.h>
-#include <sodium.h>
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
@@ -67,32 +66,12 @@ static const char *s_path(const char *name, const char *relative, char *buf,
 
 int main(int argc, char **argv)
 {
-    if (argc > 1) {
-        bool help = strcmp(argv[1], "--help") == 0 || !strcmp(argv[1], "-h");
-        fprintf(stderr, "usage: ketenhub-routing\n");
-        kh_config_usage(s_config, S_CONFIG_COUNT);
-        return help ? 0 : 2;
-    }
-    int signal_fd = kh_signals_open();
-    if (signal_fd == -1) {
-        perror("ketenhub-routing: cannot set up signals");
-        return 1;
-    }
+    int signal_fd = -1;
+    int status = kh_service_start("routing", argc, argv, s_config,
+                                  S_CONFIG_COUNT, &signal_fd);
+    if (status >= 0)
+        return status;
     kh_error_t err;
-    if (kh_config_load(s_config, S_CONFIG_COUNT, &err)) {
-        fprintf(stderr, "ketenhub-routing: %s\n", err.message);
-        return 2;
-    }
-    if (kh_log_init("routing", s_cfg("KH_LOG_LEVEL")->str)) {
-        fprintf(stderr, "ketenhub-routing: KH_LOG_LEVEL must be debug, info, "
-                        "warn or error\n");
-        return 2;
-    }
-    if (sodium_init() < 0) {
-        kh_log_error("start_failed", "reason=\"no random source\"");
-        return 1;
-    }
-    kh_config_log(s_config, S_CONFIG_COUNT);
 
     char rules[1024], schemas[1024], schema[1100];
     const char *rules_file = s_path(

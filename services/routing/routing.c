@@ -21,7 +21,7 @@
 #include "ketenhub/proto.h"
 #include "ketenhub/rules.h"
 #include "ketenhub/service.h"
-#include "zap.h"
+#include "ketenhub/zap.h"
 
 #define S_STATS_MS 60000
 #define S_WAKEUP_MAX (1024 * 1024) /* bytes of a wake-up message */
@@ -32,7 +32,7 @@ struct _routing_t {
     PGconn *conn;
     kh_rules_t *rules;
     kh_rules_result_t *result;
-    routing_zap_t *zap;
+    kh_zap_t *zap;
     zcert_t *cert;
     zsock_t *pull;
     zloop_t *loop;
@@ -436,8 +436,10 @@ static int s_on_zap(zloop_t *loop, zsock_t *sock, void *arg)
     (void) loop;
     (void) sock;
     routing_t *self = arg;
-    if (routing_zap_handle(self->zap) == 1)
-        kh_log_warn("auth_refused", "socket=wakeup");
+    char key[41], peer[64];
+    if (kh_zap_handle(self->zap, key, peer) != 0)
+        kh_log_warn("auth_refused", "socket=wakeup key=%s peer=%s",
+                    *key ? key : "none", peer);
     return 0;
 }
 
@@ -526,7 +528,7 @@ routing_t *routing_new(const routing_config_t *config, kh_error_t *err)
         goto fail;
     }
     /* The authenticator must be bound before the CURVE socket. */
-    self->zap = routing_zap_new(zcert_public_txt(self->cert), err);
+    self->zap = kh_zap_new(NULL, zcert_public_txt(self->cert), err);
     if (!self->zap)
         goto fail;
     self->pull = zsock_new(ZMQ_PULL);
@@ -561,7 +563,7 @@ void routing_destroy(routing_t **self_p)
     routing_t *self = *self_p;
     zloop_destroy(&self->loop);
     zsock_destroy(&self->pull);
-    routing_zap_destroy(&self->zap);
+    kh_zap_destroy(&self->zap);
     zcert_destroy(&self->cert);
     kh_rules_result_destroy(&self->result);
     kh_rules_destroy(&self->rules);
@@ -574,8 +576,7 @@ int routing_run(routing_t *self, int signal_fd)
 {
     self->signal_fd = signal_fd;
     zmq_pollitem_t signals = {NULL, signal_fd, ZMQ_POLLIN, 0};
-    if (zloop_reader(self->loop, routing_zap_socket(self->zap), s_on_zap,
-                     self) ||
+    if (zloop_reader(self->loop, kh_zap_socket(self->zap), s_on_zap, self) ||
         zloop_reader(self->loop, self->pull, s_on_wakeup, self) ||
         zloop_poller(self->loop, &signals, s_on_signal, self) ||
         zloop_timer(self->loop, (size_t) self->config.poll_ms, 0, s_on_timer,

@@ -1,11 +1,11 @@
 /*
- * intake's ZAP handler (see zap.h).
+ * A ZAP handler for a service's loop (see zap.h).
  *
  * The partner directory is read here rather than through zcertstore: that
  * class aborts the process on two files with the same key, and a copied
  * certificate must not be able to stop the hub.
  */
-#include "zap.h"
+#include "ketenhub/zap.h"
 
 #include <string.h>
 
@@ -13,17 +13,20 @@
 
 static char s_present; /* the value of every key in the hash */
 
-struct _zap_t {
+struct _kh_zap_t {
     zsock_t *rep;
-    char *cert_dir;
+    char *only_key;  /* the one admitted key, or NULL */
+    char *cert_dir;  /* or the directory of admitted certificates */
     zhashx_t *keys;  /* Z85 public key -> &s_present */
     time_t modified; /* the directory as last read */
     size_t count, size;
 };
 
 /* Re-read the partner directory if it changed since the last look. */
-static void s_refresh(zap_t *self)
+static void s_refresh(kh_zap_t *self)
 {
+    if (!self->cert_dir)
+        return;
     zdir_t *dir = zdir_new(self->cert_dir, NULL);
     if (!dir) {
         zhashx_purge(self->keys);
@@ -54,39 +57,44 @@ static void s_refresh(zap_t *self)
     zdir_destroy(&dir);
 }
 
-zap_t *zap_new(const char *cert_dir, kh_error_t *err)
+kh_zap_t *kh_zap_new(const char *cert_dir, const char *only_key,
+                     kh_error_t *err)
 {
-    zap_t *self = calloc(1, sizeof *self);
+    kh_zap_t *self = calloc(1, sizeof *self);
     if (!self) {
         kh_error_set(err, KH_E_NOMEM, "", "out of memory");
         return NULL;
     }
-    self->cert_dir = strdup(cert_dir);
+    if (only_key)
+        self->only_key = strdup(only_key);
+    else
+        self->cert_dir = strdup(cert_dir);
     self->keys = zhashx_new();
     self->rep = zsock_new(ZMQ_REP);
-    if (!self->cert_dir || !self->keys || !self->rep ||
+    if (!(self->only_key || self->cert_dir) || !self->keys || !self->rep ||
         zsock_bind(self->rep, S_ZAP_ENDPOINT) != 0) {
         kh_error_set(err, KH_E_CURVE, "", "cannot start the authenticator");
-        zap_destroy(&self);
+        kh_zap_destroy(&self);
         return NULL;
     }
     s_refresh(self);
     return self;
 }
 
-void zap_destroy(zap_t **self_p)
+void kh_zap_destroy(kh_zap_t **self_p)
 {
     if (!self_p || !*self_p)
         return;
-    zap_t *self = *self_p;
+    kh_zap_t *self = *self_p;
     zsock_destroy(&self->rep);
     zhashx_destroy(&self->keys);
     free(self->cert_dir);
+    free(self->only_key);
     free(self);
     *self_p = NULL;
 }
 
-zsock_t *zap_socket(zap_t *self)
+zsock_t *kh_zap_socket(kh_zap_t *self)
 {
     return self->rep;
 }
@@ -102,7 +110,7 @@ static void s_frame_text(zframe_t *frame, char *out, size_t size)
     out[len] = '\0';
 }
 
-int zap_handle(zap_t *self, char key[41], char address[64])
+int kh_zap_handle(kh_zap_t *self, char key[41], char address[64])
 {
     key[0] = '\0';
     address[0] = '\0';
@@ -124,8 +132,12 @@ int zap_handle(zap_t *self, char key[41], char address[64])
         zframe_streq(mechanism, "CURVE") && credentials &&
         zframe_size(credentials) == 32) {
         zmq_z85_encode(key, zframe_data(credentials), 32);
-        s_refresh(self);
-        rc = zhashx_lookup(self->keys, key) ? 0 : 1;
+        if (self->only_key)
+            rc = strcmp(key, self->only_key) == 0 ? 0 : 1;
+        else {
+            s_refresh(self);
+            rc = zhashx_lookup(self->keys, key) ? 0 : 1;
+        }
     }
     zmsg_t *reply = zmsg_new();
     zmsg_addstr(reply, "1.0");

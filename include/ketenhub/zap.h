@@ -1,0 +1,44 @@
+/*
+ * A ZAP handler (ZeroMQ RFC 27) for a service's own loop: decides, during
+ * the CURVE handshake, whether a client key may connect at all. Either the
+ * keys of the certificates in a directory are admitted (partners; the
+ * directory is re-read when it changes, so keys added or removed take
+ * effect without a restart), or exactly one key (the hub's own, between
+ * services). Running in the service's loop rather than in CZMQ's zauth
+ * lets the service audit a refused key.
+ */
+#ifndef KH_ZAP_H_INCLUDED
+#define KH_ZAP_H_INCLUDED
+
+#include <czmq.h>
+
+#include "ketenhub/error.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct _kh_zap_t kh_zap_t;
+
+/* Bind the process's ZAP endpoint; one of cert_dir and only_key (Z85) is
+ * given. Must exist before any CURVE server socket binds: without a
+ * handler libzmq lets every key in. NULL with err on failure. */
+kh_zap_t *kh_zap_new(const char *cert_dir, const char *only_key,
+                     kh_error_t *err);
+
+/* Destroy; accepts NULL; nulls the pointer. */
+void kh_zap_destroy(kh_zap_t **self_p);
+
+/* The socket to read ZAP requests from in the loop. */
+zsock_t *kh_zap_socket(kh_zap_t *self);
+
+/* Read and answer one ZAP request. Returns 0 when the key was let in, 1
+ * when it was refused, -1 when the request was not a CURVE request we
+ * understand (refused too). key gets the client key's Z85 text ("" if
+ * none), address the peer's address. */
+int kh_zap_handle(kh_zap_t *self, char key[41], char address[64]);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
