@@ -51,7 +51,9 @@ echo "what the rules decide for the minor in acute danger (schemas/examples/mino
   "$here/schemas/examples/minor-sexual-acute.json" |
   sed -n -e '/^rule /p' -e '/^    ->/p' -e 's/, fields:$//p' | sed 's/^/  /'
 
-step "Services: intake on tcp://127.0.0.1:7701"
+step "Services: routing (wake-ups on tcp://127.0.0.1:7702), intake on tcp://127.0.0.1:7701"
+hub_start_routing tcp://127.0.0.1:7702
+echo "routing is ready"
 hub_start_intake tcp://127.0.0.1:7701 meldpunt-hilversum
 echo "intake is ready"
 export KH_ENDPOINT=tcp://127.0.0.1:7701
@@ -86,6 +88,15 @@ if [ -n "$last" ]; then
   step "Status of the last referral, as its submitter sees it"
   "$partner" status "$last"
 fi
+
+step "Routing: one delivery per partner, each with only the fields its route projects"
+sleep 1
+psql -P pager=off -c "SELECT left(d.referral_id::text, 8) AS referral,
+    d.partner_id AS partner, d.priority,
+    (SELECT string_agg(k, ',' ORDER BY k) FROM
+       jsonb_object_keys(convert_from(d.payload, 'UTF8')::jsonb) k) AS fields
+  FROM deliveries d JOIN referrals r ON r.id = d.referral_id
+  ORDER BY r.accepted_at, d.partner_id"
 
 step "The audit trail (ids, actors, actions, outcomes: no personal data)"
 psql -P pager=off -c "SELECT seq, to_char(at, 'HH24:MI:SS.MS') AS at,

@@ -45,11 +45,33 @@ hub_start_intake() {
   done
 }
 
+# Start routing with the default rules, waking up at $1; pid in
+# $run/routing.pid, log in $run/routing.log. Waits for its ready line.
+hub_start_routing() {
+  KH_ROUTING_ENDPOINT=$1 KH_HUB_CERT="$run/hub/hub.cert" \
+  KH_SCHEMA_DIR="$here/schemas" KH_RULES_FILE="$here/schemas/rules/default.yaml" \
+    "$build/services/routing/ketenhub-routing" 2>"$run/routing.log" &
+  echo $! >"$run/routing.pid"
+  tries=0
+  until grep -q 'event=ready' "$run/routing.log" 2>/dev/null; do
+    tries=$((tries + 1))
+    if [ "$tries" -ge 100 ]; then
+      echo "routing did not start; its log:" >&2
+      cat "$run/routing.log" >&2
+      hub_stop
+      return 1
+    fi
+    sleep 0.1
+  done
+}
+
 # Stop what hub_start_* started.
 hub_stop() {
-  if [ -f "$run/intake.pid" ]; then
-    kill -TERM "$(cat "$run/intake.pid")" 2>/dev/null || true
-    rm -f "$run/intake.pid"
-  fi
+  for service in intake routing; do
+    if [ -f "$run/$service.pid" ]; then
+      kill -TERM "$(cat "$run/$service.pid")" 2>/dev/null || true
+      rm -f "$run/$service.pid"
+    fi
+  done
   "$here/scripts/pgtmp.sh" stop "$run/pg" >/dev/null 2>&1 || true
 }
