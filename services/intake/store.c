@@ -96,9 +96,17 @@ static const char *s_lookup_sql =
     "ZONE 'UTC', " S_TS_FORMAT ") FROM referrals"
     " WHERE partner_id = $1 AND idempotency_key = $2";
 
+/* A referral's state and its deliveries (never their payloads). */
 static const char *s_status_sql =
-    "SELECT state, to_char(accepted_at AT TIME ZONE 'UTC', " S_TS_FORMAT ")"
-    " FROM referrals WHERE id = $1::uuid AND partner_id = $2";
+    "SELECT r.state, to_char(r.accepted_at AT TIME ZONE 'UTC', " S_TS_FORMAT
+    "),"
+    "  coalesce((SELECT json_agg(json_build_object('delivery_id', d.id,"
+    "    'partner', d.partner_id, 'priority', d.priority, 'state', d.state,"
+    "    'updated_at', to_char(d.updated_at AT TIME ZONE 'UTC', " S_TS_FORMAT
+    "))"
+    "    ORDER BY d.partner_id) FROM deliveries d"
+    "    WHERE d.referral_id = r.id), '[]')"
+    " FROM referrals r WHERE r.id = $1::uuid AND r.partner_id = $2";
 
 static const char *s_partners_sql =
     "SELECT curve_public_key, id FROM partners WHERE revoked_at IS NULL";
@@ -544,7 +552,9 @@ int store_status(store_t *self, const char *partner_id, const char *referral_id,
     json_object_set_new(reply, "state", json_string(PQgetvalue(res, 0, 0)));
     json_object_set_new(reply, "accepted_at",
                         json_string(PQgetvalue(res, 0, 1)));
-    json_object_set_new(reply, "deliveries", json_array());
+    json_t *deliveries = json_loads(PQgetvalue(res, 0, 2), 0, NULL);
+    json_object_set_new(reply, "deliveries",
+                        deliveries ? deliveries : json_array());
     PQclear(res);
     return 0;
 }

@@ -228,6 +228,28 @@ START_TEST(accepted_referral_is_committed_with_its_audit_event)
     ck_assert_ptr_nonnull(status);
     ck_assert_str_eq(kh_client_reply_cmd(status), "STATUS_REPLY");
     ck_assert_str_eq(s_str(status, "state"), "accepted");
+    ck_assert_int_eq(
+        (int) json_array_size(json_object_get(status, "deliveries")), 0);
+    json_decref(status);
+
+    /* Once routed, STATUS lists the deliveries, never their payloads. */
+    snprintf(sql, sizeof sql,
+             "INSERT INTO deliveries (id, referral_id, partner_id, priority,"
+             " payload, payload_hash, rules_version) VALUES"
+             " (gen_random_uuid(), '%s', 'zorgcoordinator', 'high',"
+             " 'x', decode(repeat('ab', 32), 'hex'), 'v1')",
+             s_str(reply, "referral_id"));
+    PQclear(PQexec(s_db, sql));
+    status =
+        kh_client_status(client, s_str(reply, "referral_id"), S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(status);
+    json_t *deliveries = json_object_get(status, "deliveries");
+    ck_assert_int_eq((int) json_array_size(deliveries), 1);
+    json_t *delivery = json_array_get(deliveries, 0);
+    ck_assert_str_eq(s_str(delivery, "partner"), "zorgcoordinator");
+    ck_assert_str_eq(s_str(delivery, "state"), "pending");
+    ck_assert_str_eq(s_str(delivery, "priority"), "high");
+    ck_assert_ptr_null(json_object_get(delivery, "payload"));
     json_decref(status);
     kh_client_t *other = s_client("zc");
     status =
