@@ -2,7 +2,8 @@
 # Measure intake as partners see it, on a PostgreSQL with fsync and
 # synchronous_commit on: accepted/s with 16 concurrent clients (closed
 # loop, one and sixteen requests in flight each), submit -> ACCEPTED latency
-# at 1,000/s offered (open loop), and intake's CPU time and peak memory.
+# at 1,000/s offered (open loop), how long routing takes after acceptance in
+# that run, and intake's CPU time and peak memory.
 # Prints figures (and JSON files in $KH_BENCH_DIR); asserts nothing.
 #   scripts/bench.sh [SECONDS]     (default 10 per run)
 set -eu
@@ -22,7 +23,14 @@ trap hub_stop EXIT
 hub_start_db --fsync
 hub_keys >/dev/null
 hub_add_partner bench --name "Benchmark partner" --kind other >/dev/null
-endpoint=tcp://127.0.0.1:$((20000 + $$ % 20000))
+# The partners the default routing rules need.
+for p in veilig-thuis zorgcoordinator avim; do
+  hub_add_partner "$p" --name "$p" --kind other >/dev/null
+done
+port=$((20000 + $$ % 20000))
+endpoint=tcp://127.0.0.1:$port
+export KH_ROUTING_ENDPOINT=tcp://127.0.0.1:$((port + 1))
+hub_start_routing "$KH_ROUTING_ENDPOINT"
 hub_start_intake "$endpoint" bench
 pid=$(cat "$run/intake.pid")
 set -- "$here"/schemas/examples/*.json
@@ -38,6 +46,18 @@ referral=$1
 # Latency first, on a quiet database; then throughput.
 echo "== open loop, 1000/s offered, 16 clients, ${seconds}s (fsync on)"
 bench "$referral" --clients 16 --window 64 --rate 1000 --json "$run/open-1000.json" | sed 's/^/  /'
+sleep 1
+echo "== routing delay in that run: referral.accepted -> referral.routed in the trail"
+psql -At -F ' ' -c "SELECT 'routed=' || count(*),
+    'p50_ms=' || round(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms)::numeric, 3),
+    'p99_ms=' || round(percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)::numeric, 3),
+    'max_ms=' || round(max(ms)::numeric, 3)
+  FROM (SELECT extract(epoch FROM r.at - a.at) * 1000 AS ms
+          FROM audit_events a JOIN audit_events r
+            ON r.referral_id = a.referral_id AND r.action = 'referral.routed'
+         WHERE a.action = 'referral.accepted') delays" | sed 's/^/  /'
+# Throughput of intake alone from here on.
+kill -TERM "$(cat "$run/routing.pid")" && rm -f "$run/routing.pid"
 echo "== closed loop, 16 clients, 1 request in flight each, ${seconds}s"
 bench "$referral" --clients 16 --json "$run/closed-1.json" | sed 's/^/  /'
 echo "== closed loop, 16 clients, 16 requests in flight each, ${seconds}s"
