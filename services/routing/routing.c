@@ -75,6 +75,13 @@ static const char *s_reload_sql =
 static int s_exec(PGconn *conn, const char *sql, int nparams,
                   const char *const *params, kh_error_t *err)
 {
+    /* In a pipeline the statement is only sent; s_pipeline_end reads the
+     * outcomes of all of them. */
+    if (PQpipelineStatus(conn) != PQ_PIPELINE_OFF)
+        return PQsendQueryParams(conn, sql, nparams, NULL, params, NULL, NULL,
+                                 0)
+                   ? 0
+                   : kh_db_error(err, conn, NULL, "cannot send a statement");
     PGresult *res =
         PQexecParams(conn, sql, nparams, NULL, params, NULL, NULL, 0);
     ExecStatusType status = PQresultStatus(res);
@@ -82,6 +89,37 @@ static int s_exec(PGconn *conn, const char *sql, int nparams,
     if (status != PGRES_COMMAND_OK && status != PGRES_TUPLES_OK)
         rc = kh_db_error(err, conn, res, NULL);
     PQclear(res);
+    return rc;
+}
+
+/* Send a sync and read every result of the pipeline; leave pipeline
+ * mode. 0 when all statements succeeded, else -1 with the first error. */
+static int s_pipeline_end(PGconn *conn, kh_error_t *err)
+{
+    int rc = PQpipelineSync(conn) ? 0 : -1;
+    if (rc)
+        kh_db_error(err, conn, NULL, "cannot send the pipeline");
+    /* Results come query by query, each list ended by NULL, and the sync
+     * last; a broken connection ends the loop through the guard. */
+    for (int nulls = 0; rc == 0 || nulls < 2;) {
+        PGresult *res = PQgetResult(conn);
+        if (!res) {
+            if (++nulls > 1 && PQstatus(conn) != CONNECTION_OK)
+                break;
+            continue;
+        }
+        nulls = 0;
+        ExecStatusType status = PQresultStatus(res);
+        if (status == PGRES_PIPELINE_SYNC) {
+            PQclear(res);
+            break;
+        }
+        if (rc == 0 && status != PGRES_COMMAND_OK && status != PGRES_TUPLES_OK)
+            rc = kh_db_error(err, conn, res, NULL);
+        PQclear(res);
+    }
+    if (!PQexitPipelineMode(conn) && rc == 0)
+        rc = kh_db_error(err, conn, NULL, "cannot leave the pipeline");
     return rc;
 }
 
@@ -287,16 +325,30 @@ static int s_pass(routing_t *self)
         kh_db_error(&err, self->conn, res, "cannot claim referrals");
         goto fail;
     }
-    for (int row = 0; row < PQntuples(res); row++) {
+    /* The writes of the whole batch, and the COMMIT, in one round trip. */
+    if (!PQenterPipelineMode(self->conn)) {
+        kh_db_error(&err, self->conn, NULL, "cannot start a pipeline");
+        goto fail;
+    }
+    int sent = 0;
+    for (int row = 0; row < PQntuples(res) && sent == 0; row++) {
         const char *payload =
             PQgetisnull(res, row, 1) ? NULL : PQgetvalue(res, row, 1);
         int rc = s_route_one(self, PQgetvalue(res, row, 0), payload,
                              PQgetvalue(res, row, 2), &err);
         if (rc < 0)
-            goto fail;
-        routed += rc;
+            sent = -1;
+        else
+            routed += rc;
     }
-    if (kh_db_exec(self->conn, "COMMIT", &err))
+    if (sent == 0)
+        sent = s_exec(self->conn, "COMMIT", 0, NULL, &err);
+    kh_error_t end_err;
+    if (s_pipeline_end(self->conn, &end_err) && sent == 0) {
+        err = end_err;
+        sent = -1;
+    }
+    if (sent)
         goto fail;
     self->routed += (size_t) routed;
     self->passes++;
