@@ -30,7 +30,6 @@ done
 port=$((20000 + $$ % 20000))
 endpoint=tcp://127.0.0.1:$port
 export KH_ROUTING_ENDPOINT=tcp://127.0.0.1:$((port + 1))
-hub_start_routing "$KH_ROUTING_ENDPOINT"
 hub_start_intake "$endpoint" bench
 pid=$(cat "$run/intake.pid")
 set -- "$here"/schemas/examples/*.json
@@ -43,9 +42,18 @@ bench() {
 }
 referral=$1
 
-# Latency first, on a quiet database; then throughput.
-echo "== open loop, 1000/s offered, 16 clients, ${seconds}s (fsync on)"
+# Latency first, on a quiet database: intake alone, then with routing
+# working beside it; then intake's throughput.
+echo "== open loop, 1000/s offered, 16 clients, ${seconds}s, intake alone (fsync on)"
 bench "$referral" --clients 16 --window 64 --rate 1000 --json "$run/open-1000.json" | sed 's/^/  /'
+
+hub_start_routing "$KH_ROUTING_ENDPOINT"
+until [ "$(psql -Atc "SELECT count(*) FROM referrals WHERE state = 'accepted'")" = 0 ]; do
+  sleep 0.5
+done
+since=$(psql -Atc "SELECT now()")
+echo "== open loop, 1000/s offered, 16 clients, ${seconds}s, with routing"
+bench "$referral" --clients 16 --window 64 --rate 1000 --json "$run/open-1000-routing.json" | sed 's/^/  /'
 sleep 1
 echo "== routing delay in that run: referral.accepted -> referral.routed in the trail"
 psql -At -F ' ' -c "SELECT 'routed=' || count(*),
@@ -55,7 +63,7 @@ psql -At -F ' ' -c "SELECT 'routed=' || count(*),
   FROM (SELECT extract(epoch FROM r.at - a.at) * 1000 AS ms
           FROM audit_events a JOIN audit_events r
             ON r.referral_id = a.referral_id AND r.action = 'referral.routed'
-         WHERE a.action = 'referral.accepted') delays" | sed 's/^/  /'
+         WHERE a.action = 'referral.accepted' AND a.at > '$since') delays" | sed 's/^/  /'
 # Throughput of intake alone from here on.
 kill -TERM "$(cat "$run/routing.pid")" && rm -f "$run/routing.pid"
 echo "== closed loop, 16 clients, 1 request in flight each, ${seconds}s"
