@@ -12,6 +12,8 @@
 
 #include "ketenhub/client.h"
 #include "ketenhub/codec.h"
+#include "ketenhub/proto.h"
+#include "ketenhub/rules.h"
 #include "khproc.h"
 #include "khtest.h"
 
@@ -685,6 +687,110 @@ START_TEST(accepted_referrals_wake_routing)
 }
 END_TEST
 
+/* The whole path: referrals submitted to intake are routed by the real
+ * routing service, and each partner's delivery holds exactly the fields
+ * the default rules project for it, nothing else. */
+START_TEST(submitted_referrals_are_routed_with_their_projections)
+{
+    zcert_t *avim = s_make_cert("avim", true);
+    s_register("avim", avim);
+    zcert_destroy(&avim);
+    char env_db[1024], env_hub[600], env_routing[128];
+    snprintf(env_db, sizeof env_db, "KH_DATABASE_URL=%s", s_conninfo);
+    snprintf(env_hub, sizeof env_hub, "KH_HUB_CERT=%s", s_path("hub.cert"));
+    snprintf(env_routing, sizeof env_routing, "KH_ROUTING_ENDPOINT=%s",
+             s_routing);
+    char env_rules[600], env_schema[600];
+    snprintf(env_rules, sizeof env_rules, "KH_RULES_FILE=%s",
+             khtest_src("schemas/rules/default.yaml"));
+    snprintf(env_schema, sizeof env_schema, "KH_SCHEMA_DIR=%s",
+             khtest_src("schemas"));
+    char *env[] = {env_db,    env_hub,    env_routing,
+                   env_rules, env_schema, "KH_ROUTING_POLL_MS=60000",
+                   NULL};
+    char *argv[] = {"ketenhub-routing", NULL};
+    pid_t routing =
+        khproc_spawn(KH_TEST_BINARY_DIR "/services/routing/ketenhub-routing",
+                     argv, env, s_path("routing.log"));
+    ck_assert_int_gt(routing, 0);
+    zclock_sleep(1000); /* bound, and intake's wake-up socket connected */
+
+    kh_rules_partner_t partners[] = {
+        {"veilig-thuis", true}, {"zorgcoordinator", true}, {"avim", true}};
+    /* khtest_src reuses one buffer: keep each path apart. */
+    char schema_path[600], rules_path[600];
+    snprintf(schema_path, sizeof schema_path, "%s",
+             khtest_src("schemas/referral.v1.json"));
+    snprintf(rules_path, sizeof rules_path, "%s",
+             khtest_src("schemas/rules/default.yaml"));
+    kh_rules_options_t options = {
+        .schema_path = schema_path, .partners = partners, .partner_count = 3};
+    kh_error_t err;
+    kh_rules_t *rules = kh_rules_load(rules_path, &options, &err);
+    ck_assert_msg(rules != NULL, "%s", err.message);
+    kh_rules_result_t *result = kh_rules_result_new(rules);
+
+    kh_client_t *client = s_client("vt");
+    const char *examples[] = {
+        "adult-labour-agriculture-shelter", "criminal-with-suspects",
+        "minor-criminal-cross-border", "minor-sexual-acute",
+        "unknown-age-domestic-work"};
+    for (size_t e = 0; e < sizeof examples / sizeof examples[0]; e++) {
+        char path[256];
+        snprintf(path, sizeof path, "schemas/examples/%s.json", examples[e]);
+        json_error_t jerr;
+        json_t *referral = json_load_file(khtest_src(path), 0, &jerr);
+        ck_assert_ptr_nonnull(referral);
+        json_t *reply =
+            kh_client_submit(client, referral, examples[e], S_TIMEOUT, &err);
+        ck_assert_ptr_nonnull(reply);
+        ck_assert_str_eq(kh_client_reply_cmd(reply), "ACCEPTED");
+
+        /* Routed at once on intake's wake-up (routing polls only once a
+         * minute here). */
+        char sql[512];
+        snprintf(sql, sizeof sql,
+                 "SELECT count(*) FROM referrals WHERE id = '%s' AND state = "
+                 "'routed'",
+                 s_str(reply, "referral_id"));
+        for (int i = 0; i < 100 && s_count(sql) == 0; i++)
+            zclock_sleep(20);
+        ck_assert_msg(s_count(sql) == 1, "%s was not routed", examples[e]);
+
+        kh_rules_eval(rules, referral, result);
+        size_t targets = kh_rules_result_target_count(result);
+        snprintf(sql, sizeof sql,
+                 "SELECT count(*) FROM deliveries WHERE referral_id = '%s'",
+                 s_str(reply, "referral_id"));
+        ck_assert_int_eq(s_count(sql), (long) targets);
+        for (size_t t = 0; t < targets; t++) {
+            json_t *projected = kh_rules_result_project(result, t, referral);
+            char *expected = kh_payload_canonical(projected, NULL);
+            const char *params[] = {s_str(reply, "referral_id"),
+                                    kh_rules_result_partner(result, t)};
+            PGresult *res = PQexecParams(
+                s_db,
+                "SELECT convert_from(payload, 'UTF8') FROM deliveries"
+                " WHERE referral_id = $1 AND partner_id = $2",
+                2, NULL, params, NULL, NULL, 0);
+            ck_assert_int_eq(PQntuples(res), 1);
+            ck_assert_str_eq(PQgetvalue(res, 0, 0), expected);
+            PQclear(res);
+            free(expected);
+            json_decref(projected);
+        }
+        json_decref(reply);
+        json_decref(referral);
+    }
+    kh_client_destroy(&client);
+    kh_rules_result_destroy(&result);
+    kh_rules_destroy(&rules);
+    int status = khproc_stop(routing, SIGTERM, 5000);
+    ck_assert(status != -1 && WIFEXITED(status));
+    ck_assert_int_eq(WEXITSTATUS(status), 0);
+}
+END_TEST
+
 START_TEST(killed_before_commit_then_retry_succeeds_once)
 {
     kh_client_t *client = s_client("vt");
@@ -888,6 +994,7 @@ int main(void)
     tcase_add_test(tc, unknown_keys_and_plain_clients_are_refused);
     tcase_add_test(tc, partners_added_and_removed_while_running);
     tcase_add_test(tc, accepted_referrals_wake_routing);
+    tcase_add_test(tc, submitted_referrals_are_routed_with_their_projections);
     tcase_add_test(tc, killed_before_commit_then_retry_succeeds_once);
     tcase_add_test(tc, database_down_gives_retryable_refusal_then_recovers);
     tcase_add_test(tc, sigterm_with_a_stalled_commit_exits_in_time);
