@@ -70,6 +70,9 @@ echo "== closed loop, 16 clients, 1 request in flight each, ${seconds}s"
 bench "$referral" --clients 16 --json "$run/closed-1.json" | sed 's/^/  /'
 echo "== closed loop, 16 clients, 16 requests in flight each, ${seconds}s"
 bench "$referral" --clients 16 --window 16 --json "$run/closed-16.json" | sed 's/^/  /'
+echo "== routing rules: evaluations on one core, default rules"
+"$build/tools/bench/ketenhub-bench" --rules "$here/schemas/rules/default.yaml" \
+  --referral "$referral" --seconds 3 | sed 's/^/  /'
 echo "== intake process"
 ticks=$(getconf CLK_TCK)
 awk -v t="$ticks" '{ printf "  cpu_s=%.2f", ($14 + $15) / t }' "/proc/$pid/stat"
