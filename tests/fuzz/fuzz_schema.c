@@ -29,14 +29,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
     (void) argc;
     (void) argv;
-    const char *path = getenv("KH_FUZZ_SCHEMA");
-    kh_error_t err;
-    s_schema = kh_schema_load(path ? path : KH_FUZZ_SCHEMA, &err);
-    if (!s_schema) {
-        fprintf(stderr, "fuzz_schema: cannot load the schema: %s at %s\n",
-                err.message, err.path);
-        exit(2);
-    }
+    s_schema = kh_fuzz_load_schema("fuzz_schema");
     return 0;
 }
 

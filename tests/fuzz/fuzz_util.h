@@ -14,6 +14,7 @@
 
 #include "ketenhub/codec.h"
 #include "ketenhub/error.h"
+#include "ketenhub/schema.h"
 
 /* Report a broken property and stop. */
 #define KH_FUZZ_FAIL(...)                                                      \
@@ -34,6 +35,21 @@
 /* A refusal must carry a real code, a message, and a path made only of
  * identifiers, indices, dots and '?' (error.h: paths go into replies, logs
  * and the audit trail, so they never carry a partner's data). */
+/* The referral schema ($KH_FUZZ_SCHEMA or the source tree's), for
+ * harness's LLVMFuzzerInitialize; exits 2 when it cannot be loaded. */
+static inline kh_schema_t *kh_fuzz_load_schema(const char *harness)
+{
+    const char *path = getenv("KH_FUZZ_SCHEMA");
+    kh_error_t err;
+    kh_schema_t *schema = kh_schema_load(path ? path : KH_FUZZ_SCHEMA, &err);
+    if (!schema) {
+        fprintf(stderr, "%s: cannot load the schema: %s at %s\n", harness,
+                err.message, err.path);
+        exit(2);
+    }
+    return schema;
+}
+
 static inline void kh_fuzz_check_error(const kh_error_t *err, const char *what)
 {
     KH_FUZZ_CHECK(err->code > KH_E_OK && err->code < KH_E_COUNT_,

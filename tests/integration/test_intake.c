@@ -3,7 +3,6 @@
  * tcp://127.0.0.1: the real ketenhub-intake binary, real partner keys.
  */
 #include <czmq.h>
-#include <dirent.h>
 #include <libpq-fe.h>
 #include <signal.h>
 #include <stdlib.h>
@@ -53,25 +52,12 @@ static zcert_t *s_make_cert(const char *name, bool in_dir)
 
 static void s_register(const char *id, zcert_t *cert)
 {
-    const char *params[] = {id, zcert_public_txt(cert)};
-    PGresult *res = PQexecParams(
-        s_db,
-        "INSERT INTO partners (id, display_name, kind, handles_cases, "
-        "curve_public_key) VALUES ($1, $1, 'other', true, $2)",
-        2, NULL, params, NULL, NULL, 0);
-    ck_assert_msg(PQresultStatus(res) == PGRES_COMMAND_OK, "%s",
-                  PQerrorMessage(s_db));
-    PQclear(res);
+    khtest_register_partner(s_db, id, "other", true, zcert_public_txt(cert));
 }
 
 static long s_count(const char *sql)
 {
-    PGresult *res = PQexec(s_db, sql);
-    ck_assert_msg(PQresultStatus(res) == PGRES_TUPLES_OK, "%s: %s", sql,
-                  PQerrorMessage(s_db));
-    long n = atol(PQgetvalue(res, 0, 0));
-    PQclear(res);
-    return n;
+    return khtest_db_count(s_db, sql);
 }
 
 static void s_start_intake(void)
@@ -174,25 +160,8 @@ static void s_teardown(void)
 /* The first example referral (sorted by file name). */
 static json_t *s_example(void)
 {
-    zlistx_t *names = zlistx_new();
-    zlistx_set_destructor(names, (zlistx_destructor_fn *) zstr_free);
-    zlistx_set_comparator(names, (zlistx_comparator_fn *) strcmp);
-    DIR *dir = opendir(khtest_src("schemas/examples"));
-    ck_assert_ptr_nonnull(dir);
-    struct dirent *entry;
-    while ((entry = readdir(dir)))
-        if (strstr(entry->d_name, ".json"))
-            zlistx_add_end(names, strdup(entry->d_name));
-    closedir(dir);
-    zlistx_sort(names);
-    ck_assert_int_gt(zlistx_size(names), 0);
-    char path[512];
-    snprintf(path, sizeof path, "schemas/examples/%s",
-             (char *) zlistx_first(names));
-    zlistx_destroy(&names);
-    json_error_t jerr;
-    json_t *doc = json_load_file(khtest_src(path), 0, &jerr);
-    ck_assert_msg(doc != NULL, "%s: %s", path, jerr.text);
+    json_t *doc;
+    khtest_examples(&doc, 1);
     return doc;
 }
 
@@ -731,18 +700,14 @@ START_TEST(submitted_referrals_are_routed_with_their_projections)
     kh_rules_result_t *result = kh_rules_result_new(rules);
 
     kh_client_t *client = s_client("vt");
-    const char *examples[] = {
-        "adult-labour-agriculture-shelter", "criminal-with-suspects",
-        "minor-criminal-cross-border", "minor-sexual-acute",
-        "unknown-age-domestic-work"};
-    for (size_t e = 0; e < sizeof examples / sizeof examples[0]; e++) {
-        char path[256];
-        snprintf(path, sizeof path, "schemas/examples/%s.json", examples[e]);
-        json_error_t jerr;
-        json_t *referral = json_load_file(khtest_src(path), 0, &jerr);
-        ck_assert_ptr_nonnull(referral);
+    json_t *examples[16];
+    size_t count = khtest_examples(examples, 16);
+    for (size_t e = 0; e < count; e++) {
+        json_t *referral = examples[e];
+        char key[32];
+        snprintf(key, sizeof key, "e2e-%zu", e);
         json_t *reply =
-            kh_client_submit(client, referral, examples[e], S_TIMEOUT, &err);
+            kh_client_submit(client, referral, key, S_TIMEOUT, &err);
         ck_assert_ptr_nonnull(reply);
         ck_assert_str_eq(kh_client_reply_cmd(reply), "ACCEPTED");
 
@@ -755,7 +720,7 @@ START_TEST(submitted_referrals_are_routed_with_their_projections)
                  s_str(reply, "referral_id"));
         for (int i = 0; i < 100 && s_count(sql) == 0; i++)
             zclock_sleep(20);
-        ck_assert_msg(s_count(sql) == 1, "%s was not routed", examples[e]);
+        ck_assert_msg(s_count(sql) == 1, "example %zu was not routed", e);
 
         kh_rules_eval(rules, referral, result);
         size_t targets = kh_rules_result_target_count(result);

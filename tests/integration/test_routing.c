@@ -4,7 +4,6 @@
  * checked against the rules evaluated here with the same library.
  */
 #include <czmq.h>
-#include <dirent.h>
 #include <libpq-fe.h>
 #include <signal.h>
 #include <stdlib.h>
@@ -56,49 +55,20 @@ static void s_sql(const char *sql, int nparams, const char *const *params)
 
 static long s_count(const char *sql)
 {
-    char *value = khtest_db_value(s_db, sql);
-    ck_assert_ptr_nonnull(value);
-    long n = atol(value);
-    free(value);
-    return n;
+    return khtest_db_count(s_db, sql);
 }
 
 static void s_register(const char *id, const char *kind, bool cases)
 {
     zcert_t *cert = zcert_new();
-    const char *params[] = {id, kind, cases ? "true" : "false",
-                            zcert_public_txt(cert)};
-    s_sql("INSERT INTO partners (id, display_name, kind, handles_cases,"
-          " curve_public_key) VALUES ($1, $1, $2, $3, $4)",
-          4, params);
+    khtest_register_partner(s_db, id, kind, cases, zcert_public_txt(cert));
     zcert_destroy(&cert);
 }
 
 /* The example referrals, sorted by file name. */
 static void s_load_examples(void)
 {
-    zlistx_t *names = zlistx_new();
-    zlistx_set_destructor(names, (zlistx_destructor_fn *) zstr_free);
-    zlistx_set_comparator(names, (zlistx_comparator_fn *) strcmp);
-    DIR *dir = opendir(khtest_src("schemas/examples"));
-    ck_assert_ptr_nonnull(dir);
-    struct dirent *entry;
-    while ((entry = readdir(dir)))
-        if (strstr(entry->d_name, ".json"))
-            zlistx_add_end(names, strdup(entry->d_name));
-    closedir(dir);
-    zlistx_sort(names);
-    s_example_count = 0;
-    for (char *name = zlistx_first(names);
-         name && s_example_count < S_EXAMPLES_MAX; name = zlistx_next(names)) {
-        char path[512];
-        snprintf(path, sizeof path, "schemas/examples/%s", name);
-        json_error_t jerr;
-        json_t *doc = json_load_file(khtest_src(path), 0, &jerr);
-        ck_assert_msg(doc != NULL, "%s: %s", path, jerr.text);
-        s_examples[s_example_count++] = doc;
-    }
-    zlistx_destroy(&names);
+    s_example_count = khtest_examples(s_examples, S_EXAMPLES_MAX);
     ck_assert_int_ge(s_example_count, 5);
 }
 

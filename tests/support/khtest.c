@@ -3,6 +3,8 @@
  */
 #include "khtest.h"
 
+#include <dirent.h>
+
 #include <errno.h>
 #include <fcntl.h>
 #include <ftw.h>
@@ -188,6 +190,83 @@ char *khtest_db_value(PGconn *conn, const char *sql)
     }
     PQclear(res);
     return value;
+}
+
+json_t *khtest_json(const char *text)
+{
+    char *copy = strdup(text);
+    ck_assert_ptr_nonnull(copy);
+    for (char *p = copy; *p; p++)
+        if (*p == '\'')
+            *p = '"';
+    json_error_t jerr;
+    json_t *doc =
+        json_loads(copy, JSON_REJECT_DUPLICATES | JSON_DECODE_ANY, &jerr);
+    ck_assert_msg(doc != NULL, "bad test JSON: %s", jerr.text);
+    free(copy);
+    return doc;
+}
+
+long khtest_db_count(PGconn *conn, const char *sql)
+{
+    char *value = khtest_db_value(conn, sql);
+    ck_assert_msg(value != NULL, "%s: no count", sql);
+    long n = atol(value);
+    free(value);
+    return n;
+}
+
+void khtest_register_partner(PGconn *conn, const char *id, const char *kind,
+                             bool handles_cases, const char *public_key)
+{
+    const char *params[] = {id, kind, handles_cases ? "true" : "false",
+                            public_key};
+    PGresult *res = PQexecParams(
+        conn,
+        "INSERT INTO partners (id, display_name, kind, handles_cases,"
+        " curve_public_key) VALUES ($1, $1, $2, $3, $4)",
+        4, NULL, params, NULL, NULL, 0);
+    ck_assert_msg(PQresultStatus(res) == PGRES_COMMAND_OK,
+                  "cannot register %s: %s", id, PQerrorMessage(conn));
+    PQclear(res);
+}
+
+static int s_name_order(const void *a, const void *b)
+{
+    return strcmp(*(char *const *) a, *(char *const *) b);
+}
+
+size_t khtest_examples(json_t **docs, size_t max)
+{
+    char dir_path[4096];
+    snprintf(dir_path, sizeof dir_path, "%s", khtest_src("schemas/examples"));
+    DIR *dir = opendir(dir_path);
+    ck_assert_msg(dir != NULL, "cannot open %s", dir_path);
+    char *names[64];
+    size_t count = 0;
+    struct dirent *entry;
+    while ((entry = readdir(dir)) && count < 64) {
+        size_t len = strlen(entry->d_name);
+        if (len > 5 && strcmp(entry->d_name + len - 5, ".json") == 0)
+            names[count++] = strdup(entry->d_name);
+    }
+    closedir(dir);
+    qsort(names, count, sizeof names[0], s_name_order);
+    size_t loaded = 0;
+    for (size_t i = 0; i < count; i++) {
+        if (loaded < max) {
+            char path[4200];
+            snprintf(path, sizeof path, "%s/%s", dir_path, names[i]);
+            json_error_t jerr;
+            docs[loaded] = json_load_file(path, 0, &jerr);
+            ck_assert_msg(docs[loaded] != NULL, "%s:%d: %s", path, jerr.line,
+                          jerr.text);
+            loaded++;
+        }
+        free(names[i]);
+    }
+    ck_assert_msg(loaded > 0, "no example referrals in %s", dir_path);
+    return loaded;
 }
 
 char *khtest_tmpdir(void)

@@ -11,7 +11,10 @@
 #define KHTEST_H_INCLUDED
 
 #include <check.h>
+#include <jansson.h>
 #include <libpq-fe.h>
+#include <stdbool.h>
+#include <stddef.h>
 
 /* Run every test of suite (and free it); the exit status for main: 0
  * when all passed, 1 otherwise. */
@@ -42,6 +45,23 @@ PGconn *khtest_db_fresh(const char *dbname);
 /* Run a query that must succeed and return its first value as a new
  * string (caller frees), or NULL when it returns no row or NULL. */
 char *khtest_db_value(PGconn *conn, const char *sql);
+
+/* Parse JSON written with single quotes (for readable C literals);
+ * duplicate keys refused, any value allowed. Aborts the test on bad JSON. */
+json_t *khtest_json(const char *text);
+
+/* As khtest_db_value, for a query that returns one count. */
+long khtest_db_count(PGconn *conn, const char *sql);
+
+/* Register partner id (kind, handles_cases) with public_key (Z85) by SQL,
+ * aborting the test on failure. */
+void khtest_register_partner(PGconn *conn, const char *id, const char *kind,
+                             bool handles_cases, const char *public_key);
+
+/* Load the example referrals of schemas/examples/, sorted by file name,
+ * into docs[0..max); returns how many (at least one, or the test fails).
+ * The caller json_decref-s them. */
+size_t khtest_examples(json_t **docs, size_t max);
 
 /* A new directory under /tmp; the caller removes it with khtest_rmtree
  * and frees the string. */

@@ -42,22 +42,6 @@ static kh_rules_options_t s_opts(const kh_rules_partner_t *partners,
     return o;
 }
 
-/* JSON written with single quotes, for readable C literals. */
-static json_t *s_json(const char *text)
-{
-    char *copy = strdup(text);
-    ck_assert_ptr_nonnull(copy);
-    for (char *p = copy; *p; p++)
-        if (*p == '\'')
-            *p = '"';
-    json_error_t jerr;
-    json_t *doc =
-        json_loads(copy, JSON_REJECT_DUPLICATES | JSON_DECODE_ANY, &jerr);
-    ck_assert_msg(doc != NULL, "bad test JSON: %s", jerr.text);
-    free(copy);
-    return doc;
-}
-
 static kh_rules_t *s_load_text(const char *yaml,
                                const kh_rules_partner_t *partners, size_t count)
 {
@@ -270,7 +254,7 @@ static const s_case_t s_cases[] = {
 static void s_apply(json_t *doc, const char *overlay, const char *drop)
 {
     if (overlay) {
-        json_t *o = s_json(overlay);
+        json_t *o = khtest_json(overlay);
         ck_assert_int_eq(json_object_update_recursive(doc, o), 0);
         json_decref(o);
     }
@@ -316,7 +300,7 @@ START_TEST(test_eval_cases)
     ck_assert_ptr_nonnull(results[1]);
     for (size_t i = 0; i < sizeof s_cases / sizeof s_cases[0]; i++) {
         const s_case_t *c = &s_cases[i];
-        json_t *doc = s_json(s_base);
+        json_t *doc = khtest_json(s_base);
         s_apply(doc, c->overlay, c->drop);
         kh_rules_result_t *r = results[c->set];
         kh_rules_eval(sets[c->set], doc, r);
@@ -338,7 +322,7 @@ START_TEST(test_eval_cases)
             int t = kh_rules_result_find(r, partner);
             ck_assert_msg(t >= 0, "case %zu: %s not a target", i, partner);
             json_t *got = kh_rules_result_project(r, (size_t) t, doc);
-            json_t *want = s_json(eq + 1);
+            json_t *want = khtest_json(eq + 1);
             char *text = json_dumps(got, JSON_COMPACT);
             ck_assert_msg(json_equal(got, want), "case %zu: projected %s", i,
                           text);
@@ -351,7 +335,7 @@ START_TEST(test_eval_cases)
     /* Anything, not only objects, evaluates without harm. */
     const char *odd[] = {"null", "[]", "7", "'x'", "{}"};
     for (size_t i = 0; i < 5; i++) {
-        json_t *doc = s_json(odd[i]);
+        json_t *doc = khtest_json(odd[i]);
         kh_rules_eval(sets[0], doc, results[0]);
         ck_assert(kh_rules_result_fallback(results[0]) ||
                   kh_rules_result_target_count(results[0]) > 0);
@@ -635,7 +619,7 @@ START_TEST(test_default_rules_route_examples)
         json_decref(doc);
     }
     /* A referral no rule names: the zorgcoordinator, flagged. */
-    json_t *doc = s_json(s_base);
+    json_t *doc = khtest_json(s_base);
     kh_rules_eval(rules, doc, r);
     ck_assert(kh_rules_result_fallback(r));
     ck_assert_uint_eq(kh_rules_result_matched_count(r), 0);

@@ -19,22 +19,6 @@
 
 #define REFERRAL_SCHEMA "schemas/referral.v1.json"
 
-/* JSON written with single quotes, for readable C literals. */
-static json_t *s_json(const char *text)
-{
-    char *copy = strdup(text);
-    ck_assert_ptr_nonnull(copy);
-    for (char *p = copy; *p; p++)
-        if (*p == '\'')
-            *p = '"';
-    json_error_t jerr;
-    json_t *doc =
-        json_loads(copy, JSON_REJECT_DUPLICATES | JSON_DECODE_ANY, &jerr);
-    ck_assert_msg(doc != NULL, "bad test JSON: %s", jerr.text);
-    free(copy);
-    return doc;
-}
-
 /* Write a schema text (single quotes allowed) to a temporary file and
  * load it. */
 static kh_schema_t *s_load_text(const char *text, kh_error_t *err)
@@ -63,7 +47,7 @@ static kh_schema_t *s_load_ok(const char *text)
 
 static void s_expect_valid(const kh_schema_t *schema, const char *doc_text)
 {
-    json_t *doc = s_json(doc_text);
+    json_t *doc = khtest_json(doc_text);
     kh_error_t err;
     int rc = kh_schema_validate(schema, doc, &err);
     ck_assert_msg(rc == 0, "%s: refused: %s at '%s': %s", doc_text,
@@ -75,7 +59,7 @@ static void s_expect_valid(const kh_schema_t *schema, const char *doc_text)
 static void s_expect_error(const kh_schema_t *schema, const char *doc_text,
                            kh_errcode_t code, const char *path)
 {
-    json_t *doc = s_json(doc_text);
+    json_t *doc = khtest_json(doc_text);
     kh_error_t err;
     int rc = kh_schema_validate(schema, doc, &err);
     ck_assert_msg(rc == -1, "%s: accepted", doc_text);
@@ -594,7 +578,7 @@ START_TEST(test_keywords)
     s_expect_error(k, "{'s': 'ab'}", KH_E_SCHEMA_CONDITION, "n");
     s_expect_valid(k, "{'s': 'abc', 'n': 4}");
     s_expect_error(k, "{'s': 'abc', 'n': 6}", KH_E_SCHEMA_CONDITION, "n");
-    json_t *doc = s_json("{'s': 'ab'}");
+    json_t *doc = khtest_json("{'s': 'ab'}");
     kh_error_t err;
     ck_assert_int_eq(kh_schema_validate(k, doc, &err), -1);
     ck_assert_str_eq(err.message, "n is required when s is ab");
