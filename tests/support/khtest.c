@@ -242,7 +242,7 @@ size_t khtest_examples(json_t **docs, size_t max)
     snprintf(dir_path, sizeof dir_path, "%s", khtest_src("schemas/examples"));
     DIR *dir = opendir(dir_path);
     ck_assert_msg(dir != NULL, "cannot open %s", dir_path);
-    char *names[64];
+    char *names[64] = {NULL};
     size_t count = 0;
     struct dirent *entry;
     while ((entry = readdir(dir)) && count < 64) {
