@@ -114,6 +114,18 @@ static void s_count(const kh_migration_t *m, void *arg)
     snprintf(seen->last_file, sizeof seen->last_file, "%s", m->file);
 }
 
+/* A copy of the source migrations plus 900_extra.sql, all applied to
+ * conn; the caller removes the directory (khtest_rmtree) and frees it. */
+static char *s_applied_with_extra(PGconn *conn)
+{
+    char *dir = s_copy_migrations();
+    s_write_in(dir, "900_extra.sql", "CREATE TABLE extra_one (x int);\n");
+    kh_error_t err;
+    ck_assert_int_eq(kh_migrate_apply(conn, dir, NULL, NULL, &err),
+                     s_source_count() + 1);
+    return dir;
+}
+
 START_TEST(test_apply_on_empty_database)
 {
     PGconn *conn = khtest_db_empty(DB);
@@ -210,12 +222,9 @@ END_TEST
 START_TEST(test_changed_file_refused)
 {
     PGconn *conn = khtest_db_empty(DB);
-    int n = s_source_count();
-    char *dir = s_copy_migrations();
-    s_write_in(dir, "900_extra.sql", "CREATE TABLE extra_one (x int);\n");
+    char *dir = s_applied_with_extra(conn);
     kh_error_t err;
     kh_error_clear(&err);
-    ck_assert_int_eq(kh_migrate_apply(conn, dir, NULL, NULL, &err), n + 1);
 
     /* Edit an applied file and add a new one: nothing is applied. */
     char path[4096];
@@ -227,7 +236,7 @@ START_TEST(test_changed_file_refused)
     ck_assert_int_eq(err.code, KH_E_MIGRATION_CHANGED);
     ck_assert_msg(s_ends_with(err.path, "/900_extra.sql"), "path %s", err.path);
     ck_assert(!s_exists(conn, "extra_two"));
-    ck_assert_int_eq(s_recorded(conn), n + 1);
+    ck_assert_int_eq(s_recorded(conn), s_source_count() + 1);
 
     /* Status says so too, and still lists everything. */
     s_seen_t seen = {0};
@@ -237,7 +246,7 @@ START_TEST(test_changed_file_refused)
     ck_assert_int_eq(err.code, KH_E_MIGRATION_CHANGED);
     ck_assert_int_eq(seen.by_state[KH_MIGRATION_CHANGED], 1);
     ck_assert_int_eq(seen.by_state[KH_MIGRATION_PENDING], 1);
-    ck_assert_int_eq(seen.calls, n + 2);
+    ck_assert_int_eq(seen.calls, s_source_count() + 2);
 
     /* An edit of the project's own 001 is refused the same way. */
     khtest_write_file(path, "CREATE TABLE extra_one (x int);\n");
@@ -257,12 +266,9 @@ END_TEST
 START_TEST(test_renamed_file_refused)
 {
     PGconn *conn = khtest_db_empty(DB);
-    int n = s_source_count();
-    char *dir = s_copy_migrations();
-    s_write_in(dir, "900_extra.sql", "CREATE TABLE extra_one (x int);\n");
+    char *dir = s_applied_with_extra(conn);
     kh_error_t err;
     kh_error_clear(&err);
-    ck_assert_int_eq(kh_migrate_apply(conn, dir, NULL, NULL, &err), n + 1);
     char from[4096], to[4096];
     snprintf(from, sizeof from, "%s/900_extra.sql", dir);
     snprintf(to, sizeof to, "%s/900_renamed.sql", dir);
@@ -279,12 +285,9 @@ END_TEST
 START_TEST(test_missing_file_refused)
 {
     PGconn *conn = khtest_db_empty(DB);
-    int n = s_source_count();
-    char *dir = s_copy_migrations();
-    s_write_in(dir, "900_extra.sql", "CREATE TABLE extra_one (x int);\n");
+    char *dir = s_applied_with_extra(conn);
     kh_error_t err;
     kh_error_clear(&err);
-    ck_assert_int_eq(kh_migrate_apply(conn, dir, NULL, NULL, &err), n + 1);
     char path[4096];
     snprintf(path, sizeof path, "%s/900_extra.sql", dir);
     ck_assert_int_eq(unlink(path), 0);
