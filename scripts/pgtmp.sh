@@ -231,17 +231,7 @@ cmd_env() {
 }
 
 cmd_restart() {
-    dir=$(abspath "$1")
-    mode=${2:-fast}
-    case "$mode" in
-    fast | immediate | smart) ;;
-    *) usage ;;
-    esac
-    [ -f "$dir/data/PG_VERSION" ] || die "no cluster in $dir"
-    if is_running "$dir"; then
-        as_owner "$bindir/pg_ctl" -w -t 60 -D "$(datadir "$dir")" -m "$mode" stop \
-            >/dev/null || die "cannot stop the cluster in $dir"
-    fi
+    cmd_down "$@"
     start_server "$dir" || die "cannot start PostgreSQL in $dir"
 }
 
