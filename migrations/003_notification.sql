@@ -1,0 +1,64 @@
+-- 003_notification: what the notification service needs to deliver,
+-- re-send, dead-letter and escalate deliveries.
+--
+-- Applied by kh_migrate_apply in one transaction with its row in
+-- kh_schema_migrations. Never edit once applied: add a new numbered file.
+
+ALTER TABLE deliveries
+    ADD COLUMN attempts integer NOT NULL DEFAULT 0
+        CONSTRAINT deliveries_attempts_nonnegative CHECK (attempts >= 0),
+    ADD COLUMN next_attempt_at timestamptz NOT NULL DEFAULT now(),
+    ADD COLUMN sent_at timestamptz NULL,
+    ADD COLUMN acked_at timestamptz NULL,
+    ADD COLUMN escalate_to text NULL
+        CONSTRAINT deliveries_escalate_to_fkey REFERENCES partners (id),
+    ADD COLUMN escalated_at timestamptz NULL,
+    ADD COLUMN dead_reason text NULL
+        CONSTRAINT deliveries_dead_reason_known
+        CHECK (dead_reason IN ('max_attempts', 'max_age', 'nack_permanent',
+                               'partner_revoked')),
+    ADD COLUMN priority_rank smallint GENERATED ALWAYS AS (
+        CASE priority WHEN 'urgent' THEN 2 WHEN 'high' THEN 1 ELSE 0 END)
+        STORED,
+    ADD CONSTRAINT deliveries_dead_has_reason
+        CHECK ((state = 'dead') = (dead_reason IS NOT NULL)),
+    ADD CONSTRAINT deliveries_acked_has_time
+        CHECK ((state = 'acknowledged') = (acked_at IS NOT NULL));
+
+-- The old index ordered priorities alphabetically; the notification
+-- service takes a partner's open deliveries by rank, then age.
+DROP INDEX deliveries_partner_state_priority_created;
+CREATE INDEX deliveries_open_partner_rank_created
+    ON deliveries (partner_id, priority_rank DESC, created_at)
+    WHERE state IN ('pending', 'delivered');
+-- The sweeps: sent deliveries whose ACK is overdue, urgent ones that may
+-- need escalating, and the dead letters administrators list.
+CREATE INDEX deliveries_delivered_next_attempt
+    ON deliveries (next_attempt_at) WHERE state = 'delivered';
+CREATE INDEX deliveries_unescalated_urgent
+    ON deliveries (created_at)
+    WHERE priority = 'urgent' AND escalated_at IS NULL
+      AND state IN ('pending', 'delivered');
+CREATE INDEX deliveries_dead_updated
+    ON deliveries (updated_at) WHERE state = 'dead';
+-- Age limit sweep: the oldest open deliveries.
+CREATE INDEX deliveries_open_created
+    ON deliveries (created_at) WHERE state IN ('pending', 'delivered');
+
+COMMENT ON COLUMN deliveries.attempts IS
+    'How often the delivery was sent to the partner (0: never).';
+COMMENT ON COLUMN deliveries.next_attempt_at IS
+    'Pending: when it may be sent; delivered: when it is re-sent if no ACK '
+    'came (the ACK timeout with exponential backoff and jitter).';
+COMMENT ON COLUMN deliveries.sent_at IS 'When it was last sent.';
+COMMENT ON COLUMN deliveries.acked_at IS 'When the partner ACKed it.';
+COMMENT ON COLUMN deliveries.escalate_to IS
+    'The partner that gets a copy when this urgent delivery is not ACKed in '
+    'time (from the rules; NULL: escalation raises an alert only).';
+COMMENT ON COLUMN deliveries.escalated_at IS
+    'When the missing ACK of this urgent delivery was escalated.';
+COMMENT ON COLUMN deliveries.dead_reason IS
+    'Why it is a dead letter: max_attempts, max_age, nack_permanent or '
+    'partner_revoked. NULL unless state is dead.';
+COMMENT ON COLUMN deliveries.priority_rank IS
+    'priority as a number (urgent 2, high 1, normal 0) for ordering.';
