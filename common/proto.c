@@ -8,9 +8,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-static const char *s_cmd_names[] = {"SUBMIT",   "STATUS",   "PING",
-                                    "ACCEPTED", "REJECTED", "STATUS_REPLY",
-                                    "PONG",     "UNKNOWN"};
+static const char *s_cmd_names[] = {
+    "SUBMIT",       "STATUS", "PING",  "ACCEPTED", "REJECTED",
+    "STATUS_REPLY", "PONG",   "HELLO", "WELCOME",  "DELIVER",
+    "ACK",          "ACKED",  "NACK",  "NACKED",   "UNKNOWN"};
 
 const char *kh_cmd_name(kh_cmd_t cmd)
 {
@@ -37,6 +38,15 @@ static const char *s_rejected_fields[] = {
     "code", "path", "message", "retryable", "retry_after_ms", NULL};
 static const char *s_status_reply_fields[] = {
     "referral_id", "state", "accepted_at", "deliveries", NULL};
+static const char *s_hello_fields[] = {"window", NULL};
+static const char *s_welcome_fields[] = {"partner", "window", NULL};
+static const char *s_deliver_fields[] = {
+    "delivery_id", "referral_id", "priority",       "attempt",
+    "routed_at",   "payload",     "payload_sha256", NULL};
+static const char *s_ack_fields[] = {"delivery_id", NULL};
+static const char *s_acked_fields[] = {"delivery_id", "duplicate", NULL};
+static const char *s_nack_fields[] = {"delivery_id", "reason", NULL};
+static const char *s_nacked_fields[] = {"delivery_id", "dead", NULL};
 
 static const char **s_fields_of(kh_cmd_t cmd)
 {
@@ -51,6 +61,20 @@ static const char **s_fields_of(kh_cmd_t cmd)
         return s_rejected_fields;
     case KH_CMD_STATUS_REPLY:
         return s_status_reply_fields;
+    case KH_CMD_HELLO:
+        return s_hello_fields;
+    case KH_CMD_WELCOME:
+        return s_welcome_fields;
+    case KH_CMD_DELIVER:
+        return s_deliver_fields;
+    case KH_CMD_ACK:
+        return s_ack_fields;
+    case KH_CMD_ACKED:
+        return s_acked_fields;
+    case KH_CMD_NACK:
+        return s_nack_fields;
+    case KH_CMD_NACKED:
+        return s_nacked_fields;
     default:
         return s_none;
     }
@@ -67,6 +91,17 @@ static bool s_idem_key_valid(const char *key)
               *c == '-'))
             return false;
     return true;
+}
+
+/* The field called name must be a lower-case UUID string. */
+static int s_check_uuid(const json_t *msg, const char *name, kh_error_t *err)
+{
+    const json_t *id = json_object_get(msg, name);
+    if (!json_is_string(id) || !kh_uuid_valid(json_string_value(id)))
+        return kh_error_set(err, KH_E_BAD_ENVELOPE, name,
+                            "%s is required and must be a lower-case UUID",
+                            name);
+    return 0;
 }
 
 static int s_check_command_fields(const json_t *msg, kh_cmd_t cmd,
@@ -87,11 +122,23 @@ static int s_check_command_fields(const json_t *msg, kh_cmd_t cmd,
             return kh_error_set(err, KH_E_BAD_ENVELOPE, "referral",
                                 "referral is required and must be a map");
     } else if (cmd == KH_CMD_STATUS) {
-        const json_t *id = json_object_get(msg, "referral_id");
-        if (!json_is_string(id) || !kh_uuid_valid(json_string_value(id)))
-            return kh_error_set(err, KH_E_BAD_ENVELOPE, "referral_id",
-                                "referral_id is required and must be a "
-                                "lower-case UUID");
+        return s_check_uuid(msg, "referral_id", err);
+    } else if (cmd == KH_CMD_ACK || cmd == KH_CMD_NACK) {
+        if (s_check_uuid(msg, "delivery_id", err))
+            return -1;
+        const char *reason = json_string_value(json_object_get(msg, "reason"));
+        if (cmd == KH_CMD_NACK && (!reason || (strcmp(reason, "retry") &&
+                                               strcmp(reason, "permanent"))))
+            return kh_error_set(err, KH_E_BAD_ENVELOPE, "reason",
+                                "reason is required: retry or permanent");
+    } else if (cmd == KH_CMD_HELLO) {
+        const json_t *window = json_object_get(msg, "window");
+        if (window &&
+            (!json_is_integer(window) || json_integer_value(window) < 1 ||
+             json_integer_value(window) > KH_WINDOW_MAX))
+            return kh_error_set(err, KH_E_BAD_ENVELOPE, "window",
+                                "window must be an integer from 1 to %d",
+                                KH_WINDOW_MAX);
     }
     return 0;
 }

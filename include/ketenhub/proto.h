@@ -16,6 +16,7 @@ extern "C" {
 
 #define KH_PROTO_VERSION 1
 #define KH_CID_MAX 64
+#define KH_WINDOW_MAX 1024 /* HELLO window */
 #define KH_IDEM_KEY_MAX 128
 
 typedef enum {
@@ -26,6 +27,14 @@ typedef enum {
     KH_CMD_REJECTED,
     KH_CMD_STATUS_REPLY,
     KH_CMD_PONG,
+    /* Deliveries (the notification service): */
+    KH_CMD_HELLO,
+    KH_CMD_WELCOME,
+    KH_CMD_DELIVER,
+    KH_CMD_ACK,
+    KH_CMD_ACKED,
+    KH_CMD_NACK,
+    KH_CMD_NACKED,
     KH_CMD_UNKNOWN_
 } kh_cmd_t;
 
