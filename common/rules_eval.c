@@ -149,6 +149,9 @@ void kh_rules_result_destroy(kh_rules_result_t **self_p)
     *self_p = NULL;
 }
 
+/* Merge count targets into r. A partner named again gets the union of the
+ * fields and the highest priority; its escalation partner is the one of
+ * its highest-priority targets, the first in file order that names one. */
 static void s_merge(kh_rules_result_t *r, const kh_rtarget_t *targets,
                     size_t count)
 {
@@ -166,8 +169,11 @@ static void s_merge(kh_rules_result_t *r, const kh_rtarget_t *targets,
         kh_rtarget_t *m = &r->targets[slot];
         for (int w = 0; w < KH_RWORDS; w++)
             m->fields[w] |= t->fields[w];
-        if (t->priority > m->priority)
+        if (t->priority > m->priority) {
             m->priority = t->priority;
+            m->escalate = t->escalate;
+        } else if (t->priority == m->priority && m->escalate < 0)
+            m->escalate = t->escalate;
     }
 }
 
@@ -230,6 +236,15 @@ kh_priority_t kh_rules_result_priority(const kh_rules_result_t *self,
 {
     return index < self->ntargets ? self->targets[index].priority
                                   : KH_PRIORITY_NORMAL;
+}
+
+const char *kh_rules_result_escalate_to(const kh_rules_result_t *self,
+                                        size_t index)
+{
+    if (index >= self->ntargets || self->targets[index].escalate < 0 ||
+        self->targets[index].priority != KH_PRIORITY_URGENT)
+        return NULL;
+    return self->rules->partner_ids[self->targets[index].escalate];
 }
 
 int kh_rules_result_find(const kh_rules_result_t *self, const char *partner)
@@ -392,22 +407,31 @@ void kh_rules_explain(const kh_rules_t *self, const json_t *referral, FILE *out)
         if (!stopped)
             s_explain_cond(r, rule->when, 4, out);
         if (fired)
-            for (size_t t = 0; t < rule->ntargets; t++)
-                fprintf(out, "    -> %s (%s)%s\n",
-                        self->partner_ids[rule->targets[t].partner],
-                        kh_priority_name(rule->targets[t].priority),
-                        rule->targets[t].active
+            for (size_t t = 0; t < rule->ntargets; t++) {
+                const kh_rtarget_t *rt = &rule->targets[t];
+                fprintf(out, "    -> %s (%s)", self->partner_ids[rt->partner],
+                        kh_priority_name(rt->priority));
+                if (rt->escalate >= 0)
+                    fprintf(out, ", escalates to %s",
+                            self->partner_ids[rt->escalate]);
+                fprintf(out, "%s\n",
+                        rt->active
                             ? ""
                             : ", optional partner not registered: skipped");
+            }
         if (fired && !rule->cont)
             stopped = true;
     }
     fprintf(out, "\n%s\n",
             r->fallback ? "no rule named a partner: fallback" : "targets:");
     for (size_t t = 0; t < r->ntargets; t++) {
-        fprintf(out, "\npartner %s, priority %s, fields:\n",
-                kh_rules_result_partner(r, t),
+        const char *esc = kh_rules_result_escalate_to(r, t);
+        fprintf(out, "\npartner %s, priority %s", kh_rules_result_partner(r, t),
                 kh_priority_name(r->targets[t].priority));
+        if (esc)
+            fprintf(out, ", escalates to %s when not acknowledged in time",
+                    esc);
+        fprintf(out, ", fields:\n");
         kh_rules_result_fields(r, t, out);
         json_t *p = kh_rules_result_project(r, t, referral);
         char *text =

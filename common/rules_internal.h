@@ -86,6 +86,9 @@ typedef struct {
     kh_priority_t priority;
     bool optional;
     bool active; /* false: optional and its partner is not registered */
+    /* escalate_to: index into kh_rules_t.partner_ids, -1 when none (or
+     * when it names an optional partner that is not registered). */
+    int escalate;
     uint64_t fields[KH_RWORDS];
 } kh_rtarget_t;
 
@@ -118,7 +121,8 @@ struct _kh_rules_result_t {
     size_t nmatched;
     size_t *matched;
     size_t ntargets;
-    kh_rtarget_t *targets; /* merged; .partner, .priority, .fields */
+    kh_rtarget_t *targets; /* merged; .partner, .priority, .escalate,
+                              .fields */
     int *slot;             /* per partner: index into targets or -1 */
     bool fallback;
 };

@@ -1083,13 +1083,70 @@ static int s_priority(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
     return -1;
 }
 
+/* Check and compile the escalate_to value n of the target for partner
+ * id: a partner that gets a copy when the target's urgent delivery is not
+ * acknowledged in time. It is checked like a target partner (registered
+ * unless the target is optional, handles cases, not the target itself).
+ * Only urgent deliveries are escalated, and a merged delivery takes its
+ * escalation from its highest-priority targets, so escalate_to on a target
+ * that is not urgent never takes effect: a note says so. Returns -1 when
+ * an error was reported. */
+static int s_escalate_to(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
+                         const char *id, kh_rtarget_t *target)
+{
+    const char *to = s_want_string(ctx, n, path, "escalate_to");
+    if (!to)
+        return -1;
+    if (!kh_partner_id_valid(to)) {
+        s_error(ctx, KH_E_RULES_UNKNOWN_PARTNER, path, n, "not a partner id");
+        return -1;
+    }
+    if (strcmp(to, id) == 0) {
+        s_error(ctx, KH_E_RULES_ESCALATION, path, n,
+                "a target cannot escalate to its own partner");
+        return -1;
+    }
+    if (ctx->opts->partners) {
+        const kh_rules_partner_t *reg = s_registered(ctx->opts, to);
+        if (!reg && target->optional) {
+            s_note(ctx, KH_E_RULES_PARTNER_ABSENT, path, n,
+                   "escalation partner %s is not registered; no copy on "
+                   "escalation",
+                   to);
+            return 0;
+        }
+        if (!reg) {
+            s_error(ctx, KH_E_RULES_UNKNOWN_PARTNER, path, n,
+                    "escalation partner %s is not registered", to);
+            return -1;
+        }
+        if (!reg->handles_cases) {
+            s_error(ctx, KH_E_RULES_NO_CASES_PARTNER, path, n,
+                    "partner %s does not handle cases and may not receive "
+                    "a copy of case data",
+                    to);
+            return -1;
+        }
+    }
+    if (target->priority != KH_PRIORITY_URGENT)
+        s_note(ctx, KH_E_RULES_ESCALATION, path, n,
+               "only urgent deliveries are escalated; this target is %s",
+               kh_priority_name(target->priority));
+    target->escalate = s_partner_intern(ctx->rules, to);
+    if (target->escalate < 0) {
+        s_error(ctx, KH_E_NOMEM, path, n, "out of memory");
+        return -1;
+    }
+    return 0;
+}
+
 /* Parse the targets list n into *out. Returns -1 when anything was
  * reported. */
 static int s_targets(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
                      kh_rtarget_t **out, size_t *count)
 {
-    static const char *const allowed[] = {"partner", "fields", "priority",
-                                          "optional", NULL};
+    static const char *const allowed[] = {"partner",  "fields",      "priority",
+                                          "optional", "escalate_to", NULL};
     if (!s_want(ctx, n, S_YSEQ, path, "targets"))
         return -1;
     if (n->n == 0) {
@@ -1105,6 +1162,7 @@ static int s_targets(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
     for (size_t i = 0; i < n->n; i++) {
         const s_ynode_t *t = n->items[i];
         kh_rtarget_t *target = &(*out)[*count];
+        target->escalate = -1;
         char tp[KH_ERROR_PATH_MAX], p[KH_ERROR_PATH_MAX];
         s_path_index(tp, path, i);
         if (!s_want(ctx, t, S_YMAP, tp, "a target") ||
@@ -1193,6 +1251,10 @@ static int s_targets(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
             s_error(ctx, KH_E_NOMEM, p, pn, "out of memory");
             return -1;
         }
+        const s_ynode_t *en = s_get(t, "escalate_to");
+        s_path_key(p, tp, "escalate_to");
+        if (en && s_escalate_to(ctx, en, p, id, target))
+            rc = -1;
         (*count)++;
     }
     return rc;

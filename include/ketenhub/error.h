@@ -70,6 +70,7 @@ extern "C" {
     X(RULES_UNKNOWN_PARTNER, "rules.unknown_partner", false)                   \
     X(RULES_NO_CASES_PARTNER, "rules.no_cases_partner", false)                 \
     X(RULES_PARTNER_ABSENT, "rules.partner_absent", false)                     \
+    X(RULES_ESCALATION, "rules.escalation", false)                             \
     /* local failures */                                                       \
     X(CONFIG, "config", false)                                                 \
     X(IO, "io", false)                                                         \

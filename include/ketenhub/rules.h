@@ -122,6 +122,15 @@ const char *kh_rules_result_partner(const kh_rules_result_t *self,
 kh_priority_t kh_rules_result_priority(const kh_rules_result_t *self,
                                        size_t index);
 
+/* The partner that gets a copy when target index's urgent delivery is not
+ * acknowledged in time (the rules' escalate_to), or NULL when none (always
+ * NULL for a delivery that is not urgent: only urgent ones escalate). A
+ * partner named by several matched rules takes it from its highest-
+ * priority targets, the first in file order that names one. Valid as long
+ * as the rules. */
+const char *kh_rules_result_escalate_to(const kh_rules_result_t *self,
+                                        size_t index);
+
 /* Target index of partner id, or -1 when it is not a target. */
 int kh_rules_result_find(const kh_rules_result_t *self, const char *partner);
 

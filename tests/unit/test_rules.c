@@ -351,6 +351,147 @@ START_TEST(test_eval_cases)
 }
 END_TEST
 
+/* ---- escalation ------------------------------------------------------ */
+
+/* px is named by four rules: the escalation partner comes from its
+ * highest-priority targets, the first in file order that names one. */
+static const char *s_escalation_rules =
+    "version: 1\n"
+    "fallback:\n"
+    "  targets: [{partner: zorgcoordinator, priority: urgent,\n"
+    "             escalate_to: py, fields: [needs]}]\n"
+    "rules:\n"
+    "- name: high\n"
+    "  when: {field: subject.minor, equals: true}\n"
+    "  then: {targets: [{partner: px, priority: high, escalate_to: py,\n"
+    "                    fields: [subject.age]}]}\n"
+    "- name: urgent-plain\n"
+    "  when: {field: scope, equals: cross_border}\n"
+    "  then: {targets: [{partner: px, priority: urgent, fields: [scope]}]}\n"
+    "- name: urgent-pz\n"
+    "  when: {field: risk.acute_danger, equals: true}\n"
+    "  then: {targets: [{partner: px, priority: urgent, escalate_to: pz,\n"
+    "                    fields: [risk]}]}\n"
+    "- name: urgent-py\n"
+    "  when: {field: risk.urgency, equals: immediate}\n"
+    "  then:\n"
+    "    targets:\n"
+    "    - {partner: px, priority: urgent, escalate_to: py, fields: [risk]}\n"
+    "    - {partner: pz, priority: urgent, fields: [summary]}\n"
+    "    - {partner: gone, optional: true, priority: urgent,\n"
+    "       escalate_to: py, fields: [summary]}\n"
+    "- name: optional-escalation\n"
+    "  when: {field: suspects, present: true}\n"
+    "  then: {targets: [{partner: py, optional: true, priority: urgent,\n"
+    "                    escalate_to: absent-one, fields: [suspects]}]}\n";
+
+typedef struct {
+    const char *overlay;
+    const char *targets; /* sorted "px:urgent>pz ..." */
+} s_esc_case_t;
+
+/* Messages of the notes, joined. */
+static void s_collect(const kh_error_t *err, bool is_error, void *arg)
+{
+    char *buf = arg;
+    size_t used = strlen(buf);
+    snprintf(buf + used, 2048 - used, "%s %s %d:%d %s;",
+             is_error ? "error" : "note", kh_error_name(err->code), err->line,
+             err->column, err->path);
+}
+
+static void s_sorted_targets(const kh_rules_result_t *r, char *out,
+                             size_t size);
+
+START_TEST(test_escalation)
+{
+    static const kh_rules_partner_t partners[] = {
+        {"px", true}, {"py", true}, {"pz", true}, {"zorgcoordinator", true}};
+    kh_rules_options_t o = s_opts(partners, 4);
+    char reports[2048] = "";
+    o.report = s_collect;
+    o.report_arg = reports;
+    kh_error_t err;
+    kh_rules_t *rules = kh_rules_load_buffer(
+        s_escalation_rules, strlen(s_escalation_rules), &o, &err);
+    ck_assert_msg(rules != NULL, "%d:%d %s", err.line, err.column, err.message);
+    /* A note for the high target's escalation (never takes effect), one
+     * for the optional partner that is absent, one for the absent
+     * escalation partner of an optional target; no errors. */
+    ck_assert_str_eq(reports,
+                     "note rules.escalation 8:63 rules[0].then.targets[0]."
+                     "escalate_to;"
+                     "note rules.partner_absent 23:17 rules[3].then.targets[2]."
+                     "partner;"
+                     "note rules.partner_absent 28:34 rules[4].then.targets[0]."
+                     "escalate_to;");
+    static const s_esc_case_t cases[] = {
+        /* high only: not urgent, so no escalation */
+        {"{'subject':{'minor':true,'age':16}}", "px:high"},
+        /* urgent without escalate_to, plus high with one: none */
+        {"{'subject':{'minor':true,'age':16},'scope':'cross_border'}",
+         "px:urgent"},
+        /* the first urgent target naming one wins, in file order */
+        {"{'scope':'cross_border','risk':{'acute_danger':true,"
+         "'urgency':'immediate'}}",
+         "px:urgent>pz pz:urgent"},
+        {"{'risk':{'acute_danger':false,'urgency':'immediate'}}",
+         "px:urgent>py pz:urgent"},
+        /* the optional escalation partner is absent: no copy */
+        {"{'suspects':'iemand'}", "py:urgent"},
+        /* no rule: the fallback's escalation */
+        {NULL, "zorgcoordinator:urgent>py"},
+    };
+    kh_rules_result_t *r = kh_rules_result_new(rules);
+    ck_assert_ptr_nonnull(r);
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        json_t *doc = khtest_json(s_base);
+        s_apply(doc, cases[i].overlay, NULL);
+        kh_rules_eval(rules, doc, r);
+        char got[1024];
+        s_sorted_targets(r, got, sizeof got);
+        ck_assert_msg(strcmp(got, cases[i].targets) == 0,
+                      "case %zu: got '%s', expected '%s'", i, got,
+                      cases[i].targets);
+        json_decref(doc);
+    }
+    ck_assert_ptr_null(kh_rules_result_escalate_to(r, 99));
+    /* explain shows the escalation per rule and per partner. */
+    json_t *doc = khtest_json(s_base);
+    s_apply(doc, "{'risk':{'acute_danger':true,'urgency':'immediate'}}", NULL);
+    char *text = NULL;
+    size_t len = 0;
+    FILE *out = open_memstream(&text, &len);
+    ck_assert_ptr_nonnull(out);
+    kh_rules_explain(rules, doc, out);
+    fclose(out);
+    ck_assert_ptr_nonnull(strstr(text, "-> px (urgent), escalates to pz\n"));
+    ck_assert_ptr_nonnull(
+        strstr(text, "partner px, priority urgent, escalates to pz when not "
+                     "acknowledged in time, fields:"));
+    ck_assert_ptr_nonnull(strstr(text, "partner pz, priority urgent, fields:"));
+    free(text);
+    json_decref(doc);
+    kh_rules_result_destroy(&r);
+    kh_rules_destroy(&rules);
+
+    /* Without a partner list, nothing is checked against the registry and
+     * the escalation partner is kept. */
+    o = s_opts(NULL, 0);
+    rules = kh_rules_load_buffer(s_escalation_rules, strlen(s_escalation_rules),
+                                 &o, &err);
+    ck_assert_ptr_nonnull(rules);
+    r = kh_rules_result_new(rules);
+    doc = khtest_json(s_base);
+    s_apply(doc, "{'suspects':'iemand'}", NULL);
+    kh_rules_eval(rules, doc, r);
+    ck_assert_str_eq(kh_rules_result_escalate_to(r, 0), "absent-one");
+    json_decref(doc);
+    kh_rules_result_destroy(&r);
+    kh_rules_destroy(&rules);
+}
+END_TEST
+
 /* ---- the invalid corpus ---------------------------------------------- */
 
 typedef struct {
@@ -519,8 +660,9 @@ static const s_route_t s_routes[] = {
     {"minor-criminal-cross-border",
      "arbeidsinspectie:normal avim:high veilig-thuis:high "
      "zorgcoordinator:high"},
-    {"minor-sexual-acute",
-     "avim:urgent veilig-thuis:urgent zorgcoordinator:high"},
+    {"minor-sexual-acute", "avim:urgent>zorgcoordinator "
+                           "veilig-thuis:urgent>zorgcoordinator "
+                           "zorgcoordinator:high"},
     {"unknown-age-domestic-work",
      "arbeidsinspectie:normal zorgcoordinator:normal"},
 };
@@ -537,9 +679,11 @@ static void s_sorted_targets(const kh_rules_result_t *r, char *out, size_t size)
     size_t n = kh_rules_result_target_count(r);
     ck_assert_uint_le(n, 16);
     for (size_t i = 0; i < n; i++) {
-        snprintf(items[i], sizeof items[i], "%s:%s",
+        const char *esc = kh_rules_result_escalate_to(r, i);
+        snprintf(items[i], sizeof items[i], "%s:%s%s%s",
                  kh_rules_result_partner(r, i),
-                 kh_priority_name(kh_rules_result_priority(r, i)));
+                 kh_priority_name(kh_rules_result_priority(r, i)),
+                 esc ? ">" : "", esc ? esc : "");
         ptrs[i] = items[i];
     }
     qsort(ptrs, n, sizeof ptrs[0], s_cmp);
@@ -681,6 +825,7 @@ START_TEST(test_ctl_exit_codes)
     char *ok[] = {ctl, "rules", "check", def, "--partners", partners, NULL};
     ck_assert_int_eq(khtest_run(ok, &out), 0);
     ck_assert_ptr_nonnull(strstr(out, "rules.partner_absent"));
+    ck_assert_ptr_null(strstr(out, "rules.escalation"));
     free(out);
     char *invalid[] = {ctl,          "rules",  "check", bad,
                        "--partners", partners, NULL};
@@ -697,7 +842,8 @@ START_TEST(test_ctl_exit_codes)
     char *explain[] = {ctl, "rules", "explain", def, ex, NULL};
     ck_assert_int_eq(khtest_run(explain, &out), 0);
     ck_assert_ptr_nonnull(strstr(out, "rule minor: FIRED"));
-    ck_assert_ptr_nonnull(strstr(out, "partner avim, priority urgent"));
+    ck_assert_ptr_nonnull(strstr(out, "partner avim, priority urgent, "
+                                      "escalates to zorgcoordinator"));
     free(out);
     khtest_rmtree(dir);
     free(dir);
@@ -710,6 +856,7 @@ static Suite *s_suite(void)
     TCase *tc = tcase_create("rules");
     tcase_set_timeout(tc, 60);
     tcase_add_test(tc, test_eval_cases);
+    tcase_add_test(tc, test_escalation);
     tcase_add_test(tc, test_invalid_corpus);
     tcase_add_test(tc, test_all_errors_reported);
     tcase_add_test(tc, test_alias_bomb_refused_fast);
