@@ -27,6 +27,8 @@ static void s_usage(FILE *out)
             "  partner revoke ID ...            revoke a partner's key\n"
             "  rules check|explain FILE ...     validate or explain routing "
             "rules\n"
+            "  deadletters list|show|retry      dead deliveries: look at "
+            "them, send again\n"
             "\n"
             "Run `ketenhubctl COMMAND --help` for a command's options.\n"
             "\n"
@@ -96,6 +98,8 @@ int main(int argc, char **argv)
         return ctl_partner(argc - 1, argv + 1);
     if (strcmp(cmd, "rules") == 0)
         return ctl_rules(argc - 1, argv + 1);
+    if (strcmp(cmd, "deadletters") == 0)
+        return ctl_deadletters(argc - 1, argv + 1);
     ctl_usage_error("unknown command '%s'", cmd);
     s_usage(stderr);
     return CTL_USAGE;

@@ -1,0 +1,586 @@
+/*
+ * ketenhubctl deadletters list / show / retry: the deliveries the
+ * notification service gave up on (state dead: too many attempts, too old,
+ * refused for good by the partner, or the partner was revoked), for the
+ * administrator who decides what happens next.
+ *
+ * Nothing here ever reads a delivery's payload: list and show select only
+ * ids, states, counters, times and the payload's hash and size. retry puts
+ * dead deliveries back to pending (same delivery id, attempts from 0) in
+ * one statement together with one delivery.retried audit event each, so
+ * the change and its trail commit together (promise 2); the notification
+ * service picks them up on its next pass (next_attempt_at = now()).
+ */
+#include <getopt.h>
+#include <jansson.h>
+#include <pwd.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "ctl.h"
+#include "ketenhub/db.h"
+#include "ketenhub/partner.h"
+
+/* Timestamps as RFC 3339 UTC with milliseconds, like the rest of the hub. */
+#define S_TS(col)                                                              \
+    "to_char(" col " AT TIME ZONE 'UTC', "                                     \
+    "'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
+
+static void s_usage(FILE *out)
+{
+    fprintf(out,
+            "usage: ketenhubctl deadletters list [--partner P] [--since TIME] "
+            "[--json]\n"
+            "       ketenhubctl deadletters show ID [--json]\n"
+            "       ketenhubctl deadletters retry ID...\n"
+            "       ketenhubctl deadletters retry --partner P --all\n"
+            "\n"
+            "Run `ketenhubctl deadletters list|show|retry --help` for "
+            "details.\n");
+}
+
+static void s_usage_list(FILE *out)
+{
+    fprintf(out,
+            "usage: ketenhubctl deadletters list [--partner P] [--since TIME] "
+            "[--json]\n"
+            "\n"
+            "List the dead deliveries, oldest death first: delivery id, "
+            "referral id,\n"
+            "partner, priority, attempts, why it died, created and updated "
+            "(died) times.\n"
+            "\n"
+            "  --partner P   only partner P's\n"
+            "  --since TIME  only those that died at or after TIME (a "
+            "PostgreSQL\n"
+            "                timestamp: 2026-11-28, 2026-11-28T10:00:00Z, "
+            "today)\n"
+            "  --json        one JSON array, for scripts\n"
+            "  --help        this text\n");
+}
+
+static void s_usage_show(FILE *out)
+{
+    fprintf(out, "usage: ketenhubctl deadletters show ID [--json]\n"
+                 "\n"
+                 "Show one delivery (in any state): its ids, state, attempts, "
+                 "times,\n"
+                 "escalation, the payload's hash and size, and its audit "
+                 "events. Never\n"
+                 "the payload itself.\n"
+                 "\n"
+                 "  --json  one JSON object, for scripts\n"
+                 "  --help  this text\n");
+}
+
+static void s_usage_retry(FILE *out)
+{
+    fprintf(out,
+            "usage: ketenhubctl deadletters retry ID...\n"
+            "       ketenhubctl deadletters retry --partner P --all\n"
+            "\n"
+            "Send dead deliveries again, with the same delivery ids: each "
+            "becomes pending\n"
+            "with its attempts reset, and gets a delivery.retried audit "
+            "event. All or\n"
+            "nothing: when one ID is unknown, not dead, or its payload was "
+            "purged,\n"
+            "nothing changes and the exit status is 1.\n"
+            "\n"
+            "  --partner P --all  every dead delivery of partner P (but "
+            "those whose\n"
+            "                     payload was purged: they cannot be sent)\n"
+            "  --help             this text\n");
+}
+
+/* Whether s is a UUID in its text form (8-4-4-4-12 hex digits). */
+static bool s_uuid_ok(const char *s)
+{
+    if (strlen(s) != 36)
+        return false;
+    for (int i = 0; i < 36; i++) {
+        bool dash = i == 8 || i == 13 || i == 18 || i == 23;
+        char c = s[i];
+        bool hex = (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') ||
+                   (c >= 'A' && c <= 'F');
+        if (dash ? c != '-' : !hex)
+            return false;
+    }
+    return true;
+}
+
+/* The OS user running this command (as kh_audit_admin records it). */
+static void s_os_user(char *out, size_t size)
+{
+    struct passwd *pw = getpwuid(geteuid());
+    if (pw && pw->pw_name && *pw->pw_name)
+        snprintf(out, size, "%s", pw->pw_name);
+    else
+        snprintf(out, size, "uid:%u", (unsigned) geteuid());
+}
+
+/* Whether a failed result is the server refusing a malformed value (class
+ * 22: data exception), i.e. the user's input, not the database. */
+static bool s_bad_input(const PGresult *res)
+{
+    const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+    return state && strncmp(state, "22", 2) == 0;
+}
+
+/* The rows of res as a new JSON array of objects keyed by column name;
+ * columns listed in ints are numbers, NULLs are null. NULL when out of
+ * memory. */
+static json_t *s_rows_json(const PGresult *res, const char *const *ints)
+{
+    json_t *array = json_array();
+    for (int r = 0; array && r < PQntuples(res); r++) {
+        json_t *o = json_object();
+        if (!o || json_array_append_new(array, o)) {
+            json_decref(array);
+            return NULL;
+        }
+        for (int c = 0; c < PQnfields(res); c++) {
+            const char *name = PQfname(res, c);
+            bool is_int = false;
+            for (const char *const *i = ints; *i; i++)
+                is_int = is_int || strcmp(*i, name) == 0;
+            json_t *v = PQgetisnull(res, r, c) ? json_null()
+                        : is_int ? json_integer(atoll(PQgetvalue(res, r, c)))
+                                 : json_string(PQgetvalue(res, r, c));
+            if (!v || json_object_set_new(o, name, v)) {
+                json_decref(array);
+                return NULL;
+            }
+        }
+    }
+    return array;
+}
+
+/* Print value (stolen) indented; 0, or -1 when out of memory. */
+static int s_print_json(json_t *value)
+{
+    char *text = value ? json_dumps(value, JSON_INDENT(2)) : NULL;
+    if (text)
+        puts(text);
+    else
+        fprintf(stderr, "ketenhubctl: out of memory\n");
+    free(text);
+    json_decref(value);
+    return text ? 0 : -1;
+}
+
+/* ---- list ------------------------------------------------------------- */
+
+static int s_cmd_list(int argc, char **argv)
+{
+    static const struct option options[] = {
+        {"partner", required_argument, NULL, 'p'},
+        {"since", required_argument, NULL, 's'},
+        {"json", no_argument, NULL, 'j'},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0}};
+    const char *partner = NULL, *since = NULL;
+    bool as_json = false;
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "p:s:jh", options, NULL)) != -1) {
+        switch (c) {
+        case 'p':
+            partner = optarg;
+            break;
+        case 's':
+            since = optarg;
+            break;
+        case 'j':
+            as_json = true;
+            break;
+        case 'h':
+            s_usage_list(stdout);
+            return CTL_OK;
+        default:
+            s_usage_list(stderr);
+            return CTL_USAGE;
+        }
+    }
+    if (optind != argc)
+        return ctl_usage_error("deadletters list: unexpected argument '%s'",
+                               argv[optind]);
+    if (partner && !kh_partner_id_valid(partner))
+        return ctl_usage_error("deadletters list: --partner must match "
+                               "^[a-z][a-z0-9-]{1,31}$");
+    PGconn *conn = ctl_connect();
+    if (!conn)
+        return CTL_FAIL;
+    const char *params[] = {partner, since};
+    PGresult *res = PQexecParams(
+        conn,
+        "SELECT id AS delivery_id, referral_id, partner_id AS partner,"
+        " priority, attempts, dead_reason, " S_TS(
+            "created_at") " AS created_at,"
+                          " " S_TS(
+                              "updated_at") " AS updated_at"
+                                            " FROM deliveries WHERE state = "
+                                            "'dead'"
+                                            " AND ($1::text IS NULL OR "
+                                            "partner_id = $1)"
+                                            " AND ($2::timestamptz IS NULL OR "
+                                            "updated_at >= $2::timestamptz)"
+                                            " ORDER BY updated_at, id",
+        2, NULL, params, NULL, NULL, 0);
+    int rc = CTL_OK;
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        if (s_bad_input(res))
+            rc = ctl_usage_error("deadletters list: --since '%s' is not a "
+                                 "time PostgreSQL reads",
+                                 since ? since : "");
+        else {
+            kh_error_t err;
+            kh_db_error(&err, conn, res, "cannot list dead deliveries");
+            ctl_print_error(&err);
+            rc = CTL_FAIL;
+        }
+    } else if (as_json) {
+        static const char *const ints[] = {"attempts", NULL};
+        if (s_print_json(s_rows_json(res, ints)))
+            rc = CTL_FAIL;
+    } else {
+        printf("%-36s %-36s %-20s %-8s %8s %-15s %-24s %s\n", "delivery_id",
+               "referral_id", "partner", "priority", "attempts", "dead_reason",
+               "created_at", "updated_at");
+        for (int r = 0; r < PQntuples(res); r++)
+            printf("%-36s %-36s %-20s %-8s %8s %-15s %-24s %s\n",
+                   PQgetvalue(res, r, 0), PQgetvalue(res, r, 1),
+                   PQgetvalue(res, r, 2), PQgetvalue(res, r, 3),
+                   PQgetvalue(res, r, 4), PQgetvalue(res, r, 5),
+                   PQgetvalue(res, r, 6), PQgetvalue(res, r, 7));
+        printf("(%d dead %s)\n", PQntuples(res),
+               PQntuples(res) == 1 ? "delivery" : "deliveries");
+    }
+    PQclear(res);
+    PQfinish(conn);
+    return rc;
+}
+
+/* ---- show ------------------------------------------------------------- */
+
+/* The delivery's columns that show prints: never payload, only its hash
+ * and size. */
+static const char s_show_sql[] =
+    "SELECT id AS delivery_id, referral_id, partner_id AS partner, priority,"
+    " state, attempts, dead_reason, escalate_to,"
+    " " S_TS(
+        "created_at") " AS created_at,"
+                      " " S_TS(
+                          "updated_at") " AS updated_at,"
+                                        " " S_TS(
+                                            "sent_at") " AS sent_at,"
+                                                       " " S_TS(
+                                                           "acked_at") " AS "
+                                                                       "acked_"
+                                                                       "at,"
+                                                                       " " S_TS(
+                                                                           "nex"
+                                                                           "t_"
+                                                                           "att"
+                                                                           "emp"
+                                                                           "t_"
+                                                                           "at") " AS next_attempt_at,"
+                                                                                 " " S_TS(
+                                                                                     "escalated_at") " AS escalated_at,"
+                                                                                                     " rules_version, encode(payload_hash, 'hex') AS payload_sha256,"
+                                                                                                     " octet_length(payload) AS payload_bytes"
+                                                                                                     " FROM deliveries WHERE id = $1::uuid";
+
+static const char s_events_sql[] = "SELECT seq, " S_TS(
+    "at") " AS at, actor_kind, actor_id, action,"
+          " outcome, reason_code, partner_id AS partner, origin_service"
+          " FROM audit_events WHERE delivery_id = $1::uuid ORDER BY seq";
+
+static int s_cmd_show(int argc, char **argv)
+{
+    static const struct option options[] = {{"json", no_argument, NULL, 'j'},
+                                            {"help", no_argument, NULL, 'h'},
+                                            {NULL, 0, NULL, 0}};
+    bool as_json = false;
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "jh", options, NULL)) != -1) {
+        switch (c) {
+        case 'j':
+            as_json = true;
+            break;
+        case 'h':
+            s_usage_show(stdout);
+            return CTL_OK;
+        default:
+            s_usage_show(stderr);
+            return CTL_USAGE;
+        }
+    }
+    if (optind + 1 != argc)
+        return ctl_usage_error("deadletters show: give exactly one delivery "
+                               "ID");
+    const char *id = argv[optind];
+    if (!s_uuid_ok(id))
+        return ctl_usage_error("deadletters show: ID must be a delivery id "
+                               "(UUID)");
+    PGconn *conn = ctl_connect();
+    if (!conn)
+        return CTL_FAIL;
+    const char *params[] = {id};
+    PGresult *d =
+        PQexecParams(conn, s_show_sql, 1, NULL, params, NULL, NULL, 0);
+    PGresult *e =
+        PQresultStatus(d) == PGRES_TUPLES_OK && PQntuples(d) == 1
+            ? PQexecParams(conn, s_events_sql, 1, NULL, params, NULL, NULL, 0)
+            : NULL;
+    int rc = CTL_OK;
+    if (PQresultStatus(d) != PGRES_TUPLES_OK ||
+        (e && PQresultStatus(e) != PGRES_TUPLES_OK)) {
+        kh_error_t err;
+        kh_db_error(&err, conn, e ? e : d, "cannot read the delivery");
+        ctl_print_error(&err);
+        rc = CTL_FAIL;
+    } else if (PQntuples(d) == 0) {
+        fprintf(stderr, "ketenhubctl: deadletters show: no delivery %s\n", id);
+        rc = CTL_FAIL;
+    } else if (as_json) {
+        static const char *const ints[] = {"attempts", "payload_bytes", "seq",
+                                           NULL};
+        json_t *rows = s_rows_json(d, ints);
+        json_t *o =
+            rows ? json_pack("{s:O, s:o}", "delivery", json_array_get(rows, 0),
+                             "events", s_rows_json(e, ints))
+                 : NULL;
+        json_decref(rows);
+        if (s_print_json(o))
+            rc = CTL_FAIL;
+    } else {
+        for (int col = 0; col < PQnfields(d); col++) {
+            const char *name = PQfname(d, col);
+            const char *v =
+                PQgetisnull(d, 0, col) ? "-" : PQgetvalue(d, 0, col);
+            if (strcmp(name, "payload_bytes") == 0 && PQgetisnull(d, 0, col))
+                v = "purged";
+            printf("%-16s %s\n", name, v);
+        }
+        printf("\naudit events (%d):\n", PQntuples(e));
+        printf("%8s %-24s %-8s %-20s %-20s %-8s %-16s %s\n", "seq", "at",
+               "actor", "actor_id", "action", "outcome", "reason", "origin");
+        for (int r = 0; r < PQntuples(e); r++)
+            printf("%8s %-24s %-8s %-20s %-20s %-8s %-16s %s\n",
+                   PQgetvalue(e, r, 0), PQgetvalue(e, r, 1),
+                   PQgetvalue(e, r, 2), PQgetvalue(e, r, 3),
+                   PQgetvalue(e, r, 4), PQgetvalue(e, r, 5),
+                   PQgetisnull(e, r, 6) ? "-" : PQgetvalue(e, r, 6),
+                   PQgetvalue(e, r, 8));
+    }
+    PQclear(e);
+    PQclear(d);
+    PQfinish(conn);
+    return rc;
+}
+
+/* ---- retry ------------------------------------------------------------ */
+
+/* One statement does the whole retry: it locks the wanted deliveries,
+ * changes them only when every one of them is dead with its payload still
+ * there, writes one delivery.retried event per changed delivery, and
+ * returns per wanted id its state, whether its payload is purged and
+ * whether it was retried. %s is the set of wanted ids: an array parameter
+ * or one partner's dead deliveries; $2.. are the actor, the service and
+ * the host. */
+static const char s_retry_sql[] =
+    "WITH want AS (%s),"
+    " cur AS (SELECT d.id, d.state, d.payload IS NULL AS purged"
+    "  FROM deliveries d JOIN want USING (id) FOR UPDATE OF d),"
+    " gate AS (SELECT (SELECT count(*) FROM want) ="
+    "  (SELECT count(*) FROM cur WHERE state = 'dead' AND NOT purged) AS ok),"
+    " upd AS (UPDATE deliveries d SET state = 'pending', attempts = 0,"
+    "  next_attempt_at = now(), dead_reason = NULL, updated_at = now()"
+    "  FROM gate WHERE gate.ok AND d.state = 'dead'"
+    "  AND d.id IN (SELECT id FROM cur)"
+    "  RETURNING d.id, d.referral_id, d.partner_id, d.payload_hash,"
+    "  d.rules_version),"
+    " ins AS (INSERT INTO audit_events (actor_kind, actor_id, action,"
+    "  referral_id, delivery_id, partner_id, outcome, payload_hash,"
+    "  rules_version, origin_service, origin_peer)"
+    "  SELECT 'admin', $2, 'delivery.retried', referral_id, id, partner_id,"
+    "  'ok', payload_hash, rules_version, $3, $4 FROM upd"
+    "  RETURNING delivery_id)"
+    " SELECT w.id, c.state, coalesce(c.purged, false),"
+    "  (i.delivery_id IS NOT NULL)"
+    " FROM want w LEFT JOIN cur c USING (id)"
+    " LEFT JOIN ins i ON i.delivery_id = w.id ORDER BY w.id";
+
+/* Retry the deliveries: ids ("{a,b}", a uuid[] literal) or, when partner
+ * is not NULL, every dead delivery of partner. Prints what happened. */
+static int s_retry(const char *ids, const char *partner)
+{
+    char sql[sizeof s_retry_sql + 128];
+    snprintf(sql, sizeof sql, s_retry_sql,
+             partner ? "SELECT id FROM deliveries WHERE partner_id = $1"
+                       " AND state = 'dead' AND payload IS NOT NULL"
+                     : "SELECT DISTINCT unnest($1::uuid[]) AS id");
+    char actor[64], host[128];
+    s_os_user(actor, sizeof actor);
+    if (gethostname(host, sizeof host) != 0)
+        snprintf(host, sizeof host, "unknown");
+    host[sizeof host - 1] = '\0';
+    PGconn *conn = ctl_connect();
+    if (!conn)
+        return CTL_FAIL;
+    kh_error_t err;
+    kh_error_clear(&err);
+    const char *params[] = {partner ? partner : ids, actor, "ketenhubctl",
+                            host};
+    int rc = kh_db_exec(conn, "BEGIN", &err) ? CTL_FAIL : CTL_OK;
+    PGresult *res =
+        rc == CTL_OK ? PQexecParams(conn, sql, 4, NULL, params, NULL, NULL, 0)
+                     : NULL;
+    int n = 0, retried = 0;
+    if (rc == CTL_OK && PQresultStatus(res) != PGRES_TUPLES_OK) {
+        kh_db_error(&err, conn, res, "cannot retry");
+        rc = CTL_FAIL;
+    } else if (rc == CTL_OK) {
+        n = PQntuples(res);
+        for (int r = 0; r < n; r++)
+            retried += strcmp(PQgetvalue(res, r, 3), "t") == 0;
+    }
+    /* All or nothing: commit only when every wanted delivery changed. */
+    if (rc == CTL_OK && retried == n && kh_db_exec(conn, "COMMIT", &err))
+        rc = CTL_FAIL;
+    else if (rc == CTL_OK && retried != n)
+        rc = CTL_FAIL;
+    if (rc != CTL_OK)
+        kh_db_rollback_quietly(conn);
+    if (rc != CTL_OK && err.code != KH_E_OK)
+        ctl_print_error(&err);
+    else if (rc != CTL_OK) {
+        for (int r = 0; r < n; r++) {
+            const char *id = PQgetvalue(res, r, 0);
+            if (PQgetisnull(res, r, 1))
+                fprintf(stderr,
+                        "ketenhubctl: deadletters retry: no delivery "
+                        "%s\n",
+                        id);
+            else if (strcmp(PQgetvalue(res, r, 1), "dead") != 0)
+                fprintf(stderr,
+                        "ketenhubctl: deadletters retry: delivery %s is %s, "
+                        "not dead\n",
+                        id, PQgetvalue(res, r, 1));
+            else if (strcmp(PQgetvalue(res, r, 2), "t") == 0)
+                fprintf(stderr,
+                        "ketenhubctl: deadletters retry: the payload of "
+                        "delivery %s was purged; it cannot be sent again\n",
+                        id);
+        }
+        fprintf(stderr, "ketenhubctl: deadletters retry: nothing was "
+                        "retried\n");
+    } else if (n == 0)
+        printf("no dead deliveries for partner %s\n", partner);
+    else {
+        for (int r = 0; r < n; r++)
+            printf("delivery %s: pending again, attempts reset\n",
+                   PQgetvalue(res, r, 0));
+        printf("%d %s retried\n", n, n == 1 ? "delivery" : "deliveries");
+    }
+    PQclear(res);
+    PQfinish(conn);
+    return rc;
+}
+
+static int s_cmd_retry(int argc, char **argv)
+{
+    static const struct option options[] = {
+        {"partner", required_argument, NULL, 'p'},
+        {"all", no_argument, NULL, 'a'},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0}};
+    const char *partner = NULL;
+    bool all = false;
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "p:ah", options, NULL)) != -1) {
+        switch (c) {
+        case 'p':
+            partner = optarg;
+            break;
+        case 'a':
+            all = true;
+            break;
+        case 'h':
+            s_usage_retry(stdout);
+            return CTL_OK;
+        default:
+            s_usage_retry(stderr);
+            return CTL_USAGE;
+        }
+    }
+    if (all || partner) {
+        if (!all || !partner)
+            return ctl_usage_error("deadletters retry: --all needs --partner "
+                                   "P (and --partner needs --all)");
+        if (optind != argc)
+            return ctl_usage_error("deadletters retry: give IDs or --partner "
+                                   "P --all, not both");
+        if (!kh_partner_id_valid(partner))
+            return ctl_usage_error("deadletters retry: --partner must match "
+                                   "^[a-z][a-z0-9-]{1,31}$");
+        return s_retry(NULL, partner);
+    }
+    if (optind == argc)
+        return ctl_usage_error("deadletters retry: give delivery IDs or "
+                               "--partner P --all");
+    if (argc - optind > 10000)
+        return ctl_usage_error("deadletters retry: at most 10000 IDs at once");
+    size_t size = (size_t) (argc - optind) * 37 + 3;
+    char *ids = malloc(size);
+    if (!ids) {
+        fprintf(stderr, "ketenhubctl: out of memory\n");
+        return CTL_FAIL;
+    }
+    size_t used = 0;
+    ids[used++] = '{';
+    for (int i = optind; i < argc; i++) {
+        if (!s_uuid_ok(argv[i])) {
+            free(ids);
+            return ctl_usage_error("deadletters retry: '%s' is not a "
+                                   "delivery id (UUID)",
+                                   argv[i]);
+        }
+        if (i > optind)
+            ids[used++] = ',';
+        memcpy(ids + used, argv[i], 36);
+        used += 36;
+    }
+    ids[used++] = '}';
+    ids[used] = '\0';
+    int rc = s_retry(ids, NULL);
+    free(ids);
+    return rc;
+}
+
+int ctl_deadletters(int argc, char **argv)
+{
+    if (argc < 2) {
+        s_usage(stderr);
+        return CTL_USAGE;
+    }
+    const char *sub = argv[1];
+    if (strcmp(sub, "--help") == 0 || strcmp(sub, "-h") == 0) {
+        s_usage(stdout);
+        return CTL_OK;
+    }
+    if (strcmp(sub, "list") == 0)
+        return s_cmd_list(argc - 1, argv + 1);
+    if (strcmp(sub, "show") == 0)
+        return s_cmd_show(argc - 1, argv + 1);
+    if (strcmp(sub, "retry") == 0)
+        return s_cmd_retry(argc - 1, argv + 1);
+    ctl_usage_error("deadletters: unknown command '%s'", sub);
+    s_usage(stderr);
+    return CTL_USAGE;
+}
