@@ -1,0 +1,351 @@
+/*
+ * Integration test of `ketenhubctl deadletters list / show / retry`, run
+ * as the built binary against the throwaway test cluster: dead deliveries
+ * are made by SQL (as the notification service leaves them), then listed,
+ * shown (never with their payload: a canary string in it must not appear),
+ * retried (state, attempts, next attempt, reason and one delivery.retried
+ * audit event each, all in one transaction) and refused when not dead.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "khtest.h"
+
+#define DB "kh_test_deadletters"
+#define CTL KH_TEST_BINARY_DIR "/tools/ctl/ketenhubctl"
+#define CANARY "CANARY-7f3e-personal-data"
+
+#define REF "11111111-1111-4111-8111-111111111111"
+#define REF2 "22222222-2222-4222-8222-222222222222"
+#define D1 "aaaaaaaa-0000-4000-8000-000000000001" /* avim, dead */
+#define D2 "aaaaaaaa-0000-4000-8000-000000000002" /* avim, dead */
+#define D3 "aaaaaaaa-0000-4000-8000-000000000003" /* vt, dead */
+#define D4 "aaaaaaaa-0000-4000-8000-000000000004" /* vt, acknowledged */
+#define D5 "aaaaaaaa-0000-4000-8000-000000000005" /* zc, dead, purged */
+#define NOPE "aaaaaaaa-0000-4000-8000-0000000000ff"
+
+static PGconn *s_conn;
+
+static int s_ctl(char **output, const char *const *args)
+{
+    char *argv[32] = {(char *) CTL};
+    int i = 1;
+    for (; args[i - 1] && i < 31; i++)
+        argv[i] = (char *) args[i - 1];
+    argv[i] = NULL;
+    return khtest_run(argv, output);
+}
+
+#define CTL_RUN(output, ...)                                                   \
+    s_ctl(output, (const char *const[]){__VA_ARGS__, NULL})
+
+static void s_sql(const char *sql)
+{
+    PGresult *res = PQexec(s_conn, sql);
+    ck_assert_msg(PQresultStatus(res) == PGRES_COMMAND_OK, "%s: %s", sql,
+                  PQerrorMessage(s_conn));
+    PQclear(res);
+}
+
+static void s_delivery(const char *id, const char *ref, const char *partner,
+                       const char *priority, const char *state,
+                       const char *reason, int attempts, bool purged)
+{
+    char sql[2048];
+    snprintf(sql, sizeof sql,
+             "INSERT INTO deliveries (id, referral_id, partner_id, priority,"
+             " payload, payload_hash, state, rules_version, attempts,"
+             " dead_reason, acked_at, created_at, updated_at)"
+             " VALUES ('%s', '%s', '%s', '%s', %s,"
+             " sha256(convert_to('{\"summary\":\"" CANARY "\"}', 'UTF8')),"
+             " '%s', 'r1', %d, %s, %s, now() - interval '3 days',"
+             " now() - interval '%d hours')",
+             id, ref, partner, priority,
+             purged ? "NULL"
+                    : "convert_to('{\"summary\":\"" CANARY "\"}', 'UTF8')",
+             state, attempts, reason ? reason : "NULL",
+             strcmp(state, "acknowledged") == 0 ? "now()" : "NULL", attempts);
+    s_sql(sql);
+}
+
+static void s_setup(void)
+{
+    s_conn = khtest_db_fresh(DB);
+    char *conninfo = khtest_db_conninfo(DB);
+    setenv("KH_DATABASE_URL", conninfo, 1);
+    free(conninfo);
+    khtest_register_partner(s_conn, "meldpunt", "municipality", true,
+                            "0000000000000000000000000000000000000001");
+    khtest_register_partner(s_conn, "avim", "police", true,
+                            "0000000000000000000000000000000000000002");
+    khtest_register_partner(s_conn, "veilig-thuis", "veilig_thuis", true,
+                            "0000000000000000000000000000000000000003");
+    khtest_register_partner(s_conn, "zorgcoordinator", "zorgcoordinator", true,
+                            "0000000000000000000000000000000000000004");
+    s_sql("INSERT INTO referrals (id, partner_id, idempotency_key,"
+          " schema_version, payload, payload_hash, state) VALUES ('" REF "',"
+          " 'meldpunt', 'k-1', 'referral.v1',"
+          " convert_to('{\"summary\":\"" CANARY "\"}', 'UTF8'),"
+          " sha256(convert_to('{\"summary\":\"" CANARY "\"}', 'UTF8')),"
+          " 'routed'), ('" REF2 "', 'meldpunt', 'k-2', 'referral.v1',"
+          " convert_to('{\"summary\":\"" CANARY "\"}', 'UTF8'),"
+          " sha256(convert_to('{\"summary\":\"" CANARY "\"}', 'UTF8')),"
+          " 'routed')");
+    s_delivery(D1, REF, "avim", "urgent", "dead", "'max_attempts'", 10, false);
+    s_delivery(D2, REF2, "avim", "high", "dead", "'nack_permanent'", 2, false);
+    s_delivery(D3, REF, "veilig-thuis", "normal", "dead", "'max_age'", 5,
+               false);
+    s_delivery(D4, REF2, "veilig-thuis", "normal", "acknowledged", NULL, 1,
+               false);
+    s_delivery(D5, REF, "zorgcoordinator", "normal", "dead", "'max_age'", 4,
+               true);
+    /* The trail the notification service would have left for D1. */
+    s_sql("INSERT INTO audit_events (actor_kind, actor_id, action,"
+          " referral_id, delivery_id, partner_id, outcome, reason_code,"
+          " origin_service) VALUES"
+          " ('service', 'notification', 'delivery.sent', '" REF "', '" D1 "',"
+          " 'avim', 'ok', NULL, 'notification'),"
+          " ('service', 'notification', 'delivery.dead', '" REF "', '" D1 "',"
+          " 'avim', 'failed', 'max_attempts', 'notification')");
+}
+
+static long s_count(const char *sql)
+{
+    return khtest_db_count(s_conn, sql);
+}
+
+static long s_retried_events(const char *id)
+{
+    char sql[512];
+    snprintf(sql, sizeof sql,
+             "SELECT count(*) FROM audit_events WHERE action ="
+             " 'delivery.retried' AND delivery_id = '%s' AND actor_kind ="
+             " 'admin' AND outcome = 'ok' AND origin_service = 'ketenhubctl'"
+             " AND (referral_id, partner_id, payload_hash) = (SELECT"
+             " referral_id, partner_id, payload_hash FROM deliveries"
+             " WHERE id = '%s')",
+             id, id);
+    return s_count(sql);
+}
+
+static bool s_is_pending_again(const char *id)
+{
+    char sql[512];
+    snprintf(sql, sizeof sql,
+             "SELECT count(*) FROM deliveries WHERE id = '%s' AND state ="
+             " 'pending' AND attempts = 0 AND dead_reason IS NULL AND"
+             " next_attempt_at <= now() AND updated_at > now() - interval"
+             " '1 minute'",
+             id);
+    return s_count(sql) == 1;
+}
+
+START_TEST(test_list_and_show)
+{
+    s_setup();
+    char *out = NULL;
+    ck_assert_int_eq(CTL_RUN(NULL, "deadletters", "--help"), 0);
+    ck_assert_int_eq(CTL_RUN(NULL, "deadletters", "list", "--help"), 0);
+    ck_assert_int_eq(CTL_RUN(NULL, "deadletters", "show", "--help"), 0);
+    ck_assert_int_eq(CTL_RUN(NULL, "deadletters", "retry", "--help"), 0);
+    ck_assert_int_eq(CTL_RUN(NULL, "deadletters"), 2);
+    ck_assert_int_eq(CTL_RUN(NULL, "deadletters", "frob"), 2);
+    ck_assert_int_eq(CTL_RUN(NULL, "deadletters", "list", "--partner", "X"), 2);
+    ck_assert_int_eq(CTL_RUN(NULL, "deadletters", "show"), 2);
+    ck_assert_int_eq(CTL_RUN(NULL, "deadletters", "show", "not-a-uuid"), 2);
+
+    /* Table: every dead delivery, oldest death first, none acknowledged. */
+    ck_assert_int_eq(CTL_RUN(&out, "deadletters", "list"), 0);
+    ck_assert_ptr_nonnull(strstr(out, "delivery_id"));
+    ck_assert_ptr_nonnull(strstr(out, "dead_reason"));
+    const char *p1 = strstr(out, D1), *p2 = strstr(out, D2),
+               *p3 = strstr(out, D3), *p5 = strstr(out, D5);
+    ck_assert(p1 && p2 && p3 && p5);
+    ck_assert_ptr_null(strstr(out, D4));
+    /* D1 died 10 hours ago, D3 5, D5 4, D2 2. */
+    ck_assert(p1 < p3 && p3 < p5 && p5 < p2);
+    ck_assert_ptr_nonnull(strstr(out, "max_attempts"));
+    ck_assert_ptr_nonnull(strstr(out, "(4 dead deliveries)"));
+    ck_assert_ptr_null(strstr(out, CANARY));
+    free(out);
+
+    /* JSON, filtered by partner and by time of death. */
+    ck_assert_int_eq(
+        CTL_RUN(&out, "deadletters", "list", "--partner", "avim", "--json"), 0);
+    json_error_t jerr;
+    json_t *list = json_loads(out, 0, &jerr);
+    ck_assert_msg(list != NULL, "%s", out);
+    ck_assert_uint_eq(json_array_size(list), 2);
+    json_t *first = json_array_get(list, 0);
+    ck_assert_str_eq(json_string_value(json_object_get(first, "delivery_id")),
+                     D1);
+    ck_assert_str_eq(json_string_value(json_object_get(first, "referral_id")),
+                     REF);
+    ck_assert_str_eq(json_string_value(json_object_get(first, "partner")),
+                     "avim");
+    ck_assert_str_eq(json_string_value(json_object_get(first, "priority")),
+                     "urgent");
+    ck_assert_int_eq(json_integer_value(json_object_get(first, "attempts")),
+                     10);
+    ck_assert_str_eq(json_string_value(json_object_get(first, "dead_reason")),
+                     "max_attempts");
+    ck_assert_uint_eq(
+        strlen(json_string_value(json_object_get(first, "created_at"))), 24);
+    ck_assert_ptr_nonnull(json_object_get(first, "updated_at"));
+    json_decref(list);
+    free(out);
+    ck_assert_int_eq(CTL_RUN(&out, "deadletters", "list", "--since",
+                             "now() - interval '3 hours'", "--json"),
+                     2);
+    free(out);
+    char since[64];
+    char *ts = khtest_db_value(s_conn, "SELECT to_char(now() - interval"
+                                       " '3 hours', 'YYYY-MM-DD HH24:MI:SS')");
+    snprintf(since, sizeof since, "%s", ts);
+    free(ts);
+    ck_assert_int_eq(
+        CTL_RUN(&out, "deadletters", "list", "--since", since, "--json"), 0);
+    list = json_loads(out, 0, &jerr);
+    ck_assert_msg(list != NULL, "%s", out);
+    ck_assert_uint_eq(json_array_size(list), 1);
+    ck_assert_str_eq(json_string_value(json_object_get(json_array_get(list, 0),
+                                                       "delivery_id")),
+                     D2);
+    json_decref(list);
+    free(out);
+    ck_assert_int_eq(CTL_RUN(&out, "deadletters", "list", "--partner",
+                             "veilig-thuis", "--since", "yesterday"),
+                     0);
+    ck_assert_ptr_nonnull(strstr(out, D3));
+    ck_assert_ptr_nonnull(strstr(out, "(1 dead delivery)"));
+    free(out);
+
+    /* show: metadata and the trail, never the payload. */
+    ck_assert_int_eq(CTL_RUN(&out, "deadletters", "show", D1), 0);
+    ck_assert_ptr_null(strstr(out, CANARY));
+    ck_assert_ptr_nonnull(strstr(out, "max_attempts"));
+    ck_assert_ptr_nonnull(strstr(out, "payload_sha256"));
+    ck_assert_ptr_nonnull(strstr(out, "audit events (2):"));
+    ck_assert_ptr_nonnull(strstr(out, "delivery.sent"));
+    ck_assert_ptr_nonnull(strstr(out, "delivery.dead"));
+    free(out);
+    ck_assert_int_eq(CTL_RUN(&out, "deadletters", "show", D1, "--json"), 0);
+    ck_assert_ptr_null(strstr(out, CANARY));
+    json_t *shown = json_loads(out, 0, &jerr);
+    ck_assert_msg(shown != NULL, "%s", out);
+    json_t *d = json_object_get(shown, "delivery");
+    ck_assert_str_eq(json_string_value(json_object_get(d, "state")), "dead");
+    ck_assert_int_eq(json_integer_value(json_object_get(d, "payload_bytes")),
+                     (json_int_t) strlen("{\"summary\":\"" CANARY "\"}"));
+    ck_assert_ptr_null(json_object_get(d, "payload"));
+    ck_assert_uint_eq(json_array_size(json_object_get(shown, "events")), 2);
+    json_decref(shown);
+    free(out);
+    ck_assert_int_eq(CTL_RUN(&out, "deadletters", "show", D5), 0);
+    ck_assert_ptr_nonnull(strstr(out, "purged"));
+    free(out);
+    ck_assert_int_eq(CTL_RUN(&out, "deadletters", "show", NOPE), 1);
+    ck_assert_ptr_nonnull(strstr(out, "no delivery " NOPE));
+    free(out);
+    PQfinish(s_conn);
+}
+END_TEST
+
+START_TEST(test_retry)
+{
+    s_setup();
+    char *out = NULL;
+    const char *events = "SELECT count(*) FROM audit_events";
+    long before = s_count(events);
+    ck_assert_int_eq(CTL_RUN(NULL, "deadletters", "retry"), 2);
+    ck_assert_int_eq(CTL_RUN(NULL, "deadletters", "retry", "--all"), 2);
+    ck_assert_int_eq(CTL_RUN(NULL, "deadletters", "retry", "--partner", "avim"),
+                     2);
+    ck_assert_int_eq(CTL_RUN(NULL, "deadletters", "retry", "xyz"), 2);
+    ck_assert_int_eq(
+        CTL_RUN(NULL, "deadletters", "retry", "--partner", "avim", "--all", D1),
+        2);
+
+    /* Not dead, unknown or purged: refused, nothing changes at all, not
+     * even the dead one named beside it. */
+    ck_assert_int_eq(CTL_RUN(&out, "deadletters", "retry", D1, D4), 1);
+    ck_assert_ptr_nonnull(
+        strstr(out, "delivery " D4 " is acknowledged, not dead"));
+    ck_assert_ptr_nonnull(strstr(out, "nothing was retried"));
+    free(out);
+    ck_assert_int_eq(CTL_RUN(&out, "deadletters", "retry", NOPE, D1), 1);
+    ck_assert_ptr_nonnull(strstr(out, "no delivery " NOPE));
+    free(out);
+    ck_assert_int_eq(CTL_RUN(&out, "deadletters", "retry", D5), 1);
+    ck_assert_ptr_nonnull(strstr(out, "purged"));
+    free(out);
+    ck_assert_int_eq(s_count(events), before);
+    ck_assert_int_eq(
+        s_count("SELECT count(*) FROM deliveries WHERE state = 'dead'"), 4);
+
+    /* By id (a repeated id counts once). */
+    ck_assert_int_eq(CTL_RUN(&out, "deadletters", "retry", D3, D3), 0);
+    ck_assert_ptr_nonnull(strstr(out, "1 delivery retried"));
+    free(out);
+    ck_assert(s_is_pending_again(D3));
+    ck_assert_int_eq(s_retried_events(D3), 1);
+    ck_assert_int_eq(s_count(events), before + 1);
+    char *actor = khtest_db_value(s_conn, "SELECT actor_id FROM audit_events"
+                                          " WHERE action = 'delivery.retried'");
+    ck_assert_ptr_nonnull(actor);
+    ck_assert_uint_gt(strlen(actor), 0);
+    free(actor);
+    /* A second retry of the same id is refused: it is pending now. */
+    ck_assert_int_eq(CTL_RUN(&out, "deadletters", "retry", D3), 1);
+    ck_assert_ptr_nonnull(strstr(out, "is pending, not dead"));
+    free(out);
+
+    /* A partner's dead letters at once. */
+    ck_assert_int_eq(
+        CTL_RUN(&out, "deadletters", "retry", "--partner", "avim", "--all"), 0);
+    ck_assert_ptr_nonnull(strstr(out, "2 deliveries retried"));
+    free(out);
+    ck_assert(s_is_pending_again(D1));
+    ck_assert(s_is_pending_again(D2));
+    ck_assert_int_eq(s_retried_events(D1), 1);
+    ck_assert_int_eq(s_retried_events(D2), 1);
+    ck_assert_int_eq(s_count(events), before + 3);
+    ck_assert_int_eq(
+        CTL_RUN(&out, "deadletters", "retry", "--partner", "avim", "--all"), 0);
+    ck_assert_ptr_nonnull(strstr(out, "no dead deliveries for partner avim"));
+    free(out);
+    /* The purged one stays dead; the acknowledged one untouched. */
+    ck_assert_int_eq(s_count("SELECT count(*) FROM deliveries WHERE id = '" D5
+                             "' AND state = 'dead'"),
+                     1);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM deliveries WHERE id = '" D4
+                             "' AND state = 'acknowledged'"),
+                     1);
+    ck_assert_int_eq(CTL_RUN(&out, "deadletters", "list"), 0);
+    ck_assert_ptr_nonnull(strstr(out, "(1 dead delivery)"));
+    free(out);
+
+    /* No database: a runtime failure. */
+    setenv("KH_DATABASE_URL", "host=/nonexistent port=1", 1);
+    ck_assert_int_eq(CTL_RUN(NULL, "deadletters", "list"), 1);
+    ck_assert_int_eq(CTL_RUN(NULL, "deadletters", "retry", D1), 1);
+    PQfinish(s_conn);
+}
+END_TEST
+
+static Suite *s_suite(void)
+{
+    Suite *s = suite_create("deadletters");
+    TCase *tc = tcase_create("deadletters");
+    tcase_set_timeout(tc, 120);
+    tcase_add_test(tc, test_list_and_show);
+    tcase_add_test(tc, test_retry);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void)
+{
+    return khtest_run_suite(s_suite());
+}
