@@ -15,10 +15,12 @@ static char s_present; /* the value of every key in the hash */
 
 struct _kh_zap_t {
     zsock_t *rep;
-    char *only_key;  /* the one admitted key, or NULL */
-    char *cert_dir;  /* or the directory of admitted certificates */
-    zhashx_t *keys;  /* Z85 public key -> &s_present */
-    time_t modified; /* the directory as last read */
+    char *only_key;   /* the one admitted key, or NULL */
+    char *cert_dir;   /* or the directory of admitted certificates */
+    char *domain;     /* a ZAP domain with its own single key, or NULL */
+    char *domain_key; /* the one key admitted in that domain */
+    zhashx_t *keys;   /* Z85 public key -> &s_present */
+    time_t modified;  /* the directory as last read */
     size_t count, size;
 };
 
@@ -90,8 +92,22 @@ void kh_zap_destroy(kh_zap_t **self_p)
     zhashx_destroy(&self->keys);
     free(self->cert_dir);
     free(self->only_key);
+    free(self->domain);
+    free(self->domain_key);
     free(self);
     *self_p = NULL;
+}
+
+int kh_zap_domain_key(kh_zap_t *self, const char *domain, const char *key,
+                      kh_error_t *err)
+{
+    free(self->domain);
+    free(self->domain_key);
+    self->domain = strdup(domain);
+    self->domain_key = strdup(key);
+    if (!self->domain || !self->domain_key)
+        return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
+    return 0;
 }
 
 zsock_t *kh_zap_socket(kh_zap_t *self)
@@ -132,7 +148,9 @@ int kh_zap_handle(kh_zap_t *self, char key[41], char address[64])
         zframe_streq(mechanism, "CURVE") && credentials &&
         zframe_size(credentials) == 32) {
         zmq_z85_encode(key, zframe_data(credentials), 32);
-        if (self->only_key)
+        if (self->domain && domain && zframe_streq(domain, self->domain))
+            rc = strcmp(key, self->domain_key) == 0 ? 0 : 1;
+        else if (self->only_key)
             rc = strcmp(key, self->only_key) == 0 ? 0 : 1;
         else {
             s_refresh(self);

@@ -29,6 +29,12 @@ kh_zap_t *kh_zap_new(const char *cert_dir, const char *only_key,
 /* Destroy; accepts NULL; nulls the pointer. */
 void kh_zap_destroy(kh_zap_t **self_p);
 
+/* Admit only key (Z85) on sockets of ZAP domain (zsock_set_zap_domain),
+ * whatever the handler admits elsewhere: a service with a partner socket
+ * and an internal socket in one process. 0, or -1 with err. */
+int kh_zap_domain_key(kh_zap_t *self, const char *domain, const char *key,
+                      kh_error_t *err);
+
 /* The socket to read ZAP requests from in the loop. */
 zsock_t *kh_zap_socket(kh_zap_t *self);
 

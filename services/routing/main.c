@@ -28,6 +28,8 @@ static kh_cfg_t s_config[] = {
            0, false, "directory holding referral.v1.json"),
     KH_CFG("KH_ROUTING_ENDPOINT", KH_CFG_STRING, "tcp://127.0.0.1:7702", 0, 0,
            false, "ZeroMQ endpoint bound for wake-ups from intake"),
+    KH_CFG("KH_NOTIFY_WAKE_ENDPOINT", KH_CFG_STRING, "tcp://127.0.0.1:7704", 0,
+           0, false, "notification's wake-up endpoint (\"none\" to send none)"),
     KH_CFG("KH_HUB_CERT", KH_CFG_STRING, NULL, 0, 0, false,
            "hub certificate file (its _secret file beside it)"),
     KH_CFG("KH_ROUTING_BATCH", KH_CFG_INT, "100", 1, 10000, false,
@@ -85,6 +87,7 @@ int main(int argc, char **argv)
         .schema_path = schema,
         .endpoint = s_cfg("KH_ROUTING_ENDPOINT")->str,
         .hub_cert = s_cfg("KH_HUB_CERT")->str,
+        .notify_endpoint = s_cfg("KH_NOTIFY_WAKE_ENDPOINT")->str,
         .batch = (size_t) s_cfg("KH_ROUTING_BATCH")->num,
         .poll_ms = (int) s_cfg("KH_ROUTING_POLL_MS")->num,
     };

@@ -35,6 +35,8 @@ struct _routing_t {
     kh_zap_t *zap;
     zcert_t *cert;
     zsock_t *pull;
+    zsock_t *notify;   /* wake-ups for notification, or NULL */
+    zhashx_t *targets; /* partners with new deliveries in this pass */
     zloop_t *loop;
     int signal_fd;
     bool stopping;
@@ -219,6 +221,8 @@ done:
     return rules;
 }
 
+static char s_present; /* the value of every entry of targets */
+
 /* Insert the deliveries for the evaluated referral. */
 static int s_insert_deliveries(routing_t *self, const char *referral_id,
                                const json_t *referral, kh_error_t *err)
@@ -244,6 +248,8 @@ static int s_insert_deliveries(routing_t *self, const char *referral_id,
             kh_rules_version(self->rules)};
         int rc = s_exec(self->conn, s_delivery_sql, 7, params, err);
         free(payload);
+        zhashx_insert(self->targets, kh_rules_result_partner(result, i),
+                      &s_present);
         if (rc)
             return -1;
     }
@@ -302,6 +308,35 @@ static int s_route_one(routing_t *self, const char *id, const char *payload,
     return 1;
 }
 
+/* Tell notification which partners have new deliveries (services.md,
+ * NOTIFY); a wake-up that cannot be sent at once is dropped, notification
+ * finds the deliveries on its own sweep. */
+static void s_notify(routing_t *self)
+{
+    if (!self->notify || zhashx_size(self->targets) == 0) {
+        zhashx_purge(self->targets);
+        return;
+    }
+    json_t *partners = json_array();
+    for (void *item = zhashx_first(self->targets); item && partners;
+         item = zhashx_next(self->targets))
+        json_array_append_new(partners,
+                              json_string(zhashx_cursor(self->targets)));
+    zhashx_purge(self->targets);
+    json_t *msg = json_pack("{s:i, s:s, s:o}", "v", KH_PROTO_VERSION, "cmd",
+                            "NOTIFY", "partners", partners);
+    char *data = NULL;
+    size_t size = 0;
+    kh_error_t err;
+    if (msg && kh_msgpack_encode(msg, &data, &size, &err) == 0) {
+        zframe_t *frame = zframe_new(data, size);
+        if (frame && zframe_send(&frame, self->notify, ZFRAME_DONTWAIT))
+            zframe_destroy(&frame);
+    }
+    free(data);
+    json_decref(msg);
+}
+
 /* One pass: claim up to batch referrals and route them in one
  * transaction. Returns the number routed, or -1 (rolled back). */
 static int s_pass(routing_t *self)
@@ -350,6 +385,7 @@ static int s_pass(routing_t *self)
     }
     if (sent)
         goto fail;
+    s_notify(self);
     self->routed += (size_t) routed;
     self->passes++;
     kh_log_debug("pass", "claimed=%d routed=%d ms=%lld", PQntuples(res), routed,
@@ -358,6 +394,7 @@ static int s_pass(routing_t *self)
     return routed;
 fail:
     PQclear(res);
+    zhashx_purge(self->targets);
     self->failures++;
     kh_log_warn("pass_failed", "code=%s msg=\"%s\"", kh_error_name(err.code),
                 err.message);
@@ -597,8 +634,27 @@ routing_t *routing_new(const routing_config_t *config, kh_error_t *err)
                      config->endpoint);
         goto fail;
     }
+    if (config->notify_endpoint && *config->notify_endpoint &&
+        strcmp(config->notify_endpoint, "none") != 0) {
+        /* Services authenticate to each other with the hub's key. */
+        self->notify = zsock_new(ZMQ_PUSH);
+        if (!self->notify) {
+            kh_error_set(err, KH_E_INTERNAL, "", "cannot create a socket");
+            goto fail;
+        }
+        zcert_apply(self->cert, self->notify);
+        zsock_set_curve_serverkey(self->notify, zcert_public_txt(self->cert));
+        zsock_set_sndhwm(self->notify, 100);
+        zsock_set_linger(self->notify, 0);
+        if (zsock_connect(self->notify, "%s", config->notify_endpoint)) {
+            kh_error_set(err, KH_E_CONFIG, "KH_NOTIFY_WAKE_ENDPOINT",
+                         "cannot connect to %s", config->notify_endpoint);
+            goto fail;
+        }
+    }
+    self->targets = zhashx_new();
     self->loop = zloop_new();
-    if (!self->loop) {
+    if (!self->targets || !self->loop) {
         kh_error_set(err, KH_E_NOMEM, "", "out of memory");
         goto fail;
     }
@@ -615,6 +671,8 @@ void routing_destroy(routing_t **self_p)
     routing_t *self = *self_p;
     zloop_destroy(&self->loop);
     zsock_destroy(&self->pull);
+    zsock_destroy(&self->notify);
+    zhashx_destroy(&self->targets);
     kh_zap_destroy(&self->zap);
     zcert_destroy(&self->cert);
     kh_rules_result_destroy(&self->result);

@@ -14,13 +14,14 @@
 #include "ketenhub/error.h"
 
 typedef struct {
-    const char *conninfo;    /* libpq connection string ("" = PG* env) */
-    const char *rules_file;  /* the rules administrators edit */
-    const char *schema_path; /* schemas/referral.v1.json */
-    const char *endpoint;    /* wake-up PULL endpoint, bound */
-    const char *hub_cert;    /* hub certificate (its _secret beside it) */
-    size_t batch;            /* most referrals claimed per transaction */
-    int poll_ms;             /* a pass at least this often */
+    const char *conninfo;        /* libpq connection string ("" = PG* env) */
+    const char *rules_file;      /* the rules administrators edit */
+    const char *schema_path;     /* schemas/referral.v1.json */
+    const char *endpoint;        /* wake-up PULL endpoint, bound */
+    const char *hub_cert;        /* hub certificate (its _secret beside it) */
+    const char *notify_endpoint; /* notification's wake-ups; "none": none */
+    size_t batch;                /* most referrals claimed per transaction */
+    int poll_ms;                 /* a pass at least this often */
 } routing_config_t;
 
 typedef struct _routing_t routing_t;

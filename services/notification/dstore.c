@@ -1,0 +1,486 @@
+/*
+ * The notification service's statements (see dstore.h). Each is a single
+ * statement whose data-modifying CTEs change the deliveries and write
+ * their audit events, so they commit (autocommit) together or not at all.
+ */
+#include "dstore.h"
+
+#include <libpq-fe.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ketenhub/db.h"
+#include "ketenhub/log.h"
+
+struct _dstore_t {
+    char *conninfo;
+    dstore_policy_t policy;
+    PGconn *conn;
+    char *ids[3];       /* array literals built for a statement */
+    size_t ids_size[3]; /* allocated bytes of each */
+    const char **items; /* the strings of one literal */
+    size_t items_size;  /* allocated entries of items */
+};
+
+/* The wait before attempt `attempts + 1` of a delivery sent `attempts`
+ * times: the ACK timeout doubled per attempt, capped, with ±20 % jitter
+ * so that partners coming back together do not get their re-sends in
+ * lockstep. Parameters: $ack_timeout_ms, $backoff_max_ms. */
+#define S_BACKOFF(attempts, timeout, max)                                      \
+    "now() + make_interval(secs => least(" timeout "::float8 * power(2, "      \
+    "least(" attempts ", 30)), " max "::float8) / 1000.0 * (0.8 + 0.4 * "      \
+    "random()))"
+
+#define S_UTC(column)                                                          \
+    "to_char(" column " AT TIME ZONE 'UTC', "                                  \
+    "'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+
+/* $1 partner, $2 in-flight ids, $3 limit, $4 reclaim, $5 ACK timeout ms,
+ * $6 backoff max ms, $7 max attempts, $8 peer. A delivery past its last
+ * attempt is left to the sweep, which makes it a dead letter. */
+static const char *s_claim_sql =
+    "WITH due AS ("
+    " SELECT id FROM deliveries"
+    " WHERE partner_id = $1 AND state IN ('pending', 'delivered')"
+    "  AND attempts < $7 AND payload IS NOT NULL"
+    "  AND (next_attempt_at <= now() OR ($4 AND state = 'delivered'))"
+    "  AND NOT (id = ANY ($2::uuid[]))"
+    " ORDER BY priority_rank DESC, created_at"
+    " LIMIT $3 FOR UPDATE SKIP LOCKED),"
+    " resend AS ("
+    " SELECT id FROM deliveries"
+    " WHERE id = ANY ($2::uuid[]) AND partner_id = $1 AND state = 'delivered'"
+    "  AND attempts < $7 AND next_attempt_at <= now()"
+    " FOR UPDATE SKIP LOCKED),"
+    " claimed AS ("
+    " UPDATE deliveries d SET state = 'delivered', attempts = d.attempts + 1,"
+    "  sent_at = now(), updated_at = now(),"
+    "  next_attempt_at = " S_BACKOFF(
+        "d.attempts", "$5",
+        "$6") " WHERE d.id IN (SELECT id FROM due UNION ALL SELECT id FROM "
+              "resend)"
+              " RETURNING d.id, d.referral_id, d.partner_id, d.priority,"
+              "  d.priority_rank, d.attempts, d.created_at, d.payload, "
+              "d.payload_hash),"
+              " audit AS ("
+              " INSERT INTO audit_events (actor_kind, actor_id, action, "
+              "referral_id,"
+              "  delivery_id, partner_id, outcome, payload_hash, "
+              "origin_service,"
+              "  origin_peer)"
+              " SELECT 'service', 'notification', 'delivery.sent', "
+              "referral_id, id,"
+              "  partner_id, 'ok', payload_hash, 'notification', $8 FROM "
+              "claimed)"
+              " SELECT id, referral_id, priority, attempts, " S_UTC(
+                  "created_at") ","
+                                "  convert_from(payload, 'UTF8'), "
+                                "encode(payload_hash, 'hex')"
+                                " FROM claimed ORDER BY priority_rank DESC, "
+                                "created_at";
+
+/* $1 ids, $2 partners, $3 peers (arrays of the same length). An ACK
+ * counts for a delivery of that partner that was sent at least once and is
+ * not acknowledged yet (a dead letter that the partner did take is
+ * acknowledged after all). Returns per request, in order, done, duplicate
+ * or not_found. */
+static const char *s_ack_sql =
+    "WITH req AS ("
+    " SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[])"
+    "  WITH ORDINALITY AS r(id, partner, peer, n)),"
+    " known AS ("
+    " SELECT req.n, d.state FROM req JOIN deliveries d"
+    "  ON d.id = req.id AND d.partner_id = req.partner AND d.attempts > 0),"
+    " acked AS ("
+    " UPDATE deliveries d SET state = 'acknowledged', acked_at = now(),"
+    "  updated_at = now(), dead_reason = NULL"
+    " FROM req WHERE d.id = req.id AND d.partner_id = req.partner"
+    "  AND d.attempts > 0 AND d.state <> 'acknowledged'"
+    " RETURNING d.id, d.referral_id, d.partner_id, d.payload_hash, req.peer),"
+    " audit AS ("
+    " INSERT INTO audit_events (actor_kind, actor_id, action, referral_id,"
+    "  delivery_id, partner_id, outcome, reason_code, payload_hash,"
+    "  origin_service, origin_peer)"
+    " SELECT 'partner', partner_id, 'delivery.acked', referral_id, id,"
+    "  partner_id, 'ok', NULL, payload_hash, 'notification', peer FROM acked"
+    " UNION ALL"
+    " SELECT 'partner', partner, 'delivery.acked', NULL, id, NULL,"
+    "  'refused', 'not_found', NULL, 'notification', peer FROM req"
+    "  WHERE NOT EXISTS (SELECT 1 FROM known WHERE known.n = req.n))"
+    " SELECT CASE WHEN EXISTS (SELECT 1 FROM acked WHERE acked.id = req.id)"
+    "  THEN 'done' WHEN EXISTS (SELECT 1 FROM known WHERE known.n = req.n)"
+    "  THEN 'duplicate' ELSE 'not_found' END"
+    " FROM req ORDER BY req.n";
+
+/* $1 id, $2 partner, $3 peer, $4 permanent, $5 max attempts, $6 ACK
+ * timeout ms, $7 backoff max ms. Only a delivery that is out (sent, not
+ * acknowledged) changes. Returns one row: delivered (re-sent later), dead,
+ * unchanged or not_found. */
+static const char *s_nack_sql =
+    "WITH upd AS ("
+    " UPDATE deliveries d SET"
+    "  state = CASE WHEN $4 OR d.attempts >= $5 THEN 'dead'"
+    "   ELSE 'delivered' END,"
+    "  dead_reason = CASE WHEN $4 THEN 'nack_permanent'"
+    "   WHEN d.attempts >= $5 THEN 'max_attempts' END,"
+    "  next_attempt_at = " S_BACKOFF(
+        "d.attempts - 1", "$6",
+        "$7") ","
+              "  updated_at = now()"
+              " WHERE d.id = $1 AND d.partner_id = $2 AND d.state = 'delivered'"
+              " RETURNING d.id, d.referral_id, d.partner_id, d.payload_hash, "
+              "d.state,"
+              "  d.dead_reason),"
+              " audit AS ("
+              " INSERT INTO audit_events (actor_kind, actor_id, action, "
+              "referral_id,"
+              "  delivery_id, partner_id, outcome, reason_code, payload_hash,"
+              "  origin_service, origin_peer)"
+              " SELECT 'partner', partner_id, 'delivery.nacked', referral_id, "
+              "id,"
+              "  partner_id, 'ok', CASE WHEN $4 THEN 'nack_permanent'"
+              "  ELSE 'nack_retry' END, payload_hash, 'notification', $3 FROM "
+              "upd"
+              " UNION ALL"
+              " SELECT 'service', 'notification', 'delivery.dead', "
+              "referral_id, id,"
+              "  partner_id, 'ok', dead_reason, payload_hash, 'notification', "
+              "NULL"
+              "  FROM upd WHERE state = 'dead'"
+              " UNION ALL"
+              " SELECT 'partner', $2, 'delivery.nacked', NULL, $1, NULL, "
+              "'refused',"
+              "  'not_found', NULL, 'notification', $3"
+              "  WHERE NOT EXISTS (SELECT 1 FROM deliveries"
+              "   WHERE id = $1 AND partner_id = $2 AND attempts > 0))"
+              " SELECT coalesce((SELECT state FROM upd),"
+              "  (SELECT 'unchanged' FROM deliveries"
+              "   WHERE id = $1 AND partner_id = $2 AND attempts > 0), "
+              "'not_found')";
+
+/* $1 max attempts, $2 max age s. At most 1000 of each kind per sweep. */
+static const char *s_dead_sql =
+    "WITH cand AS ("
+    " SELECT d.id, CASE WHEN p.revoked_at IS NOT NULL THEN 'partner_revoked'"
+    "  WHEN d.created_at < now() - make_interval(secs => $2) THEN 'max_age'"
+    "  ELSE 'max_attempts' END AS reason"
+    " FROM deliveries d JOIN partners p ON p.id = d.partner_id"
+    " WHERE d.state IN ('pending', 'delivered') AND d.id IN ("
+    "  (SELECT id FROM deliveries WHERE state = 'delivered'"
+    "    AND next_attempt_at <= now() AND attempts >= $1 LIMIT 1000)"
+    "  UNION (SELECT id FROM deliveries WHERE state IN ('pending',"
+    "    'delivered') AND created_at < now() - make_interval(secs => $2)"
+    "    LIMIT 1000)"
+    "  UNION (SELECT id FROM deliveries WHERE state IN ('pending',"
+    "    'delivered') AND partner_id IN (SELECT id FROM partners"
+    "    WHERE revoked_at IS NOT NULL) LIMIT 1000))"
+    " FOR UPDATE OF d SKIP LOCKED),"
+    " dead AS ("
+    " UPDATE deliveries d SET state = 'dead', dead_reason = cand.reason,"
+    "  updated_at = now() FROM cand WHERE d.id = cand.id"
+    " RETURNING d.id, d.referral_id, d.partner_id, d.payload_hash,"
+    "  d.dead_reason),"
+    " audit AS ("
+    " INSERT INTO audit_events (actor_kind, actor_id, action, referral_id,"
+    "  delivery_id, partner_id, outcome, reason_code, payload_hash,"
+    "  origin_service)"
+    " SELECT 'service', 'notification', 'delivery.dead', referral_id, id,"
+    "  partner_id, 'ok', dead_reason, payload_hash, 'notification' FROM dead)"
+    " SELECT id, referral_id, partner_id, dead_reason FROM dead";
+
+/* $1 escalation time ms. An escalation copy is a new urgent delivery of
+ * the same projected payload to the escalation partner, unless that
+ * partner already has the referral (or is revoked). */
+static const char *s_escalate_sql =
+    "WITH cand AS ("
+    " SELECT id FROM deliveries"
+    " WHERE priority = 'urgent' AND escalated_at IS NULL"
+    "  AND state IN ('pending', 'delivered')"
+    "  AND created_at <= now() - make_interval(secs => $1 / 1000.0)"
+    " ORDER BY created_at LIMIT 1000 FOR UPDATE SKIP LOCKED),"
+    " esc AS ("
+    " UPDATE deliveries d SET escalated_at = now() FROM cand"
+    " WHERE d.id = cand.id"
+    " RETURNING d.id, d.referral_id, d.partner_id, d.escalate_to,"
+    "  d.payload, d.payload_hash, d.rules_version),"
+    " copies AS ("
+    " INSERT INTO deliveries (id, referral_id, partner_id, priority, payload,"
+    "  payload_hash, rules_version)"
+    " SELECT gen_random_uuid(), esc.referral_id, esc.escalate_to, 'urgent',"
+    "  esc.payload, esc.payload_hash, esc.rules_version FROM esc"
+    "  JOIN partners p ON p.id = esc.escalate_to AND p.revoked_at IS NULL"
+    "  AND p.handles_cases"
+    " ON CONFLICT (referral_id, partner_id) DO NOTHING"
+    " RETURNING id, referral_id, partner_id, payload_hash),"
+    " audit AS ("
+    " INSERT INTO audit_events (actor_kind, actor_id, action, referral_id,"
+    "  delivery_id, partner_id, outcome, reason_code, payload_hash,"
+    "  origin_service)"
+    " SELECT 'service', 'notification', 'delivery.escalated', referral_id,"
+    "  id, partner_id, 'ok', 'ack_overdue', payload_hash, 'notification'"
+    "  FROM esc"
+    " UNION ALL"
+    " SELECT 'service', 'notification', 'delivery.created', referral_id, id,"
+    "  partner_id, 'ok', 'escalation', payload_hash, 'notification'"
+    "  FROM copies)"
+    " SELECT esc.id, esc.referral_id, esc.partner_id, copies.partner_id"
+    " FROM esc LEFT JOIN copies ON copies.referral_id = esc.referral_id"
+    "  AND copies.partner_id = esc.escalate_to";
+
+static const char *s_partners_sql =
+    "SELECT curve_public_key, id FROM partners WHERE revoked_at IS NULL";
+
+dstore_t *dstore_new(const char *conninfo, const dstore_policy_t *policy)
+{
+    dstore_t *self = calloc(1, sizeof *self);
+    if (!self)
+        return NULL;
+    self->conninfo = strdup(conninfo ? conninfo : "");
+    if (!self->conninfo) {
+        free(self);
+        return NULL;
+    }
+    self->policy = *policy;
+    return self;
+}
+
+void dstore_destroy(dstore_t **self_p)
+{
+    if (!self_p || !*self_p)
+        return;
+    dstore_t *self = *self_p;
+    PQfinish(self->conn);
+    free(self->conninfo);
+    for (int k = 0; k < 3; k++)
+        free(self->ids[k]);
+    free(self->items);
+    free(self);
+    *self_p = NULL;
+}
+
+int dstore_connect(dstore_t *self, kh_error_t *err)
+{
+    if (self->conn && PQstatus(self->conn) == CONNECTION_OK)
+        return 0;
+    PQfinish(self->conn);
+    self->conn =
+        kh_db_connect_app(self->conninfo, "ketenhub-notification", err);
+    if (!self->conn)
+        return -1;
+    if (kh_db_exec(self->conn,
+                   "SET statement_timeout = '10s'; SET lock_timeout = '5s';"
+                   " SET idle_in_transaction_session_timeout = '60s'",
+                   err)) {
+        PQfinish(self->conn);
+        self->conn = NULL;
+        return -1;
+    }
+    return 0;
+}
+
+bool dstore_up(const dstore_t *self)
+{
+    return self->conn && PQstatus(self->conn) == CONNECTION_OK;
+}
+
+/* Run sql; the result when it returned rows or a command status, else
+ * NULL with err (and the connection dropped when it broke). */
+static PGresult *s_run(dstore_t *self, const char *sql, int nparams,
+                       const char *const *params, const char *what,
+                       kh_error_t *err)
+{
+    if (!dstore_up(self)) {
+        kh_error_set(err, KH_E_UNAVAILABLE, "", "no database connection");
+        return NULL;
+    }
+    PGresult *res =
+        PQexecParams(self->conn, sql, nparams, NULL, params, NULL, NULL, 0);
+    ExecStatusType status = PQresultStatus(res);
+    if (status == PGRES_TUPLES_OK || status == PGRES_COMMAND_OK)
+        return res;
+    kh_db_error(err, self->conn, res, what);
+    PQclear(res);
+    return NULL;
+}
+
+/* A PostgreSQL array literal {"a","b",...} of count strings (UUIDs, ids
+ * or peer addresses; " and \ escaped) into *buf, grown as needed. The
+ * literal, or NULL with err. */
+static const char *s_array(char **buf, size_t *size, const char *const *items,
+                           size_t count, kh_error_t *err)
+{
+    size_t need = 3;
+    for (size_t i = 0; i < count; i++)
+        need += 2 * strlen(items[i]) + 3;
+    if (need > *size) {
+        char *grown = realloc(*buf, need);
+        if (!grown) {
+            kh_error_set(err, KH_E_NOMEM, "", "out of memory");
+            return NULL;
+        }
+        *buf = grown;
+        *size = need;
+    }
+    char *out = *buf;
+    *out++ = '{';
+    for (size_t i = 0; i < count; i++) {
+        if (i)
+            *out++ = ',';
+        *out++ = '"';
+        for (const char *c = items[i]; *c; c++) {
+            if (*c == '"' || *c == '\\')
+                *out++ = '\\';
+            *out++ = *c;
+        }
+        *out++ = '"';
+    }
+    *out++ = '}';
+    *out = '\0';
+    return *buf;
+}
+
+zhashx_t *dstore_partners(dstore_t *self, kh_error_t *err)
+{
+    PGresult *res = s_run(self, s_partners_sql, 0, NULL, "partners", err);
+    if (!res)
+        return NULL;
+    zhashx_t *partners = zhashx_new();
+    if (!partners) {
+        PQclear(res);
+        kh_error_set(err, KH_E_NOMEM, "", "out of memory");
+        return NULL;
+    }
+    zhashx_set_duplicator(partners, (zhashx_duplicator_fn *) strdup);
+    zhashx_set_destructor(partners, (zhashx_destructor_fn *) zstr_free);
+    for (int i = 0; i < PQntuples(res); i++)
+        zhashx_insert(partners, PQgetvalue(res, i, 0), PQgetvalue(res, i, 1));
+    PQclear(res);
+    return partners;
+}
+
+int dstore_claim(dstore_t *self, const char *partner, const char *peer,
+                 const char *const *inflight, size_t ninflight, size_t limit,
+                 bool reclaim, dstore_delivery_fn *fn, void *arg,
+                 kh_error_t *err)
+{
+    const char *ids =
+        s_array(&self->ids[0], &self->ids_size[0], inflight, ninflight, err);
+    if (!ids)
+        return -1;
+    char slimit[24], stimeout[24], smax[24], sattempts[24];
+    snprintf(slimit, sizeof slimit, "%zu", limit);
+    snprintf(stimeout, sizeof stimeout, "%d", self->policy.ack_timeout_ms);
+    snprintf(smax, sizeof smax, "%d", self->policy.backoff_max_ms);
+    snprintf(sattempts, sizeof sattempts, "%d", self->policy.max_attempts);
+    const char *params[] = {partner,  ids,  slimit,    reclaim ? "t" : "f",
+                            stimeout, smax, sattempts, peer};
+    PGresult *res = s_run(self, s_claim_sql, 8, params, "claim", err);
+    if (!res)
+        return -1;
+    int rows = PQntuples(res);
+    for (int i = 0; i < rows; i++) {
+        dstore_delivery_t d = {
+            .id = PQgetvalue(res, i, 0),
+            .referral_id = PQgetvalue(res, i, 1),
+            .priority = PQgetvalue(res, i, 2),
+            .attempt = atoi(PQgetvalue(res, i, 3)),
+            .routed_at = PQgetvalue(res, i, 4),
+            .payload = PQgetvalue(res, i, 5),
+            .payload_len = (size_t) PQgetlength(res, i, 5),
+            .payload_sha256 = PQgetvalue(res, i, 6),
+        };
+        fn(&d, arg);
+    }
+    PQclear(res);
+    return rows;
+}
+
+static dstore_outcome_t s_outcome(const char *text)
+{
+    if (strcmp(text, "done") == 0 || strcmp(text, "delivered") == 0)
+        return DSTORE_DONE;
+    if (strcmp(text, "duplicate") == 0)
+        return DSTORE_DUPLICATE;
+    if (strcmp(text, "dead") == 0)
+        return DSTORE_DEAD;
+    if (strcmp(text, "unchanged") == 0)
+        return DSTORE_UNCHANGED;
+    return DSTORE_NOT_FOUND;
+}
+
+int dstore_ack(dstore_t *self, dstore_answer_t *acks, size_t count,
+               kh_error_t *err)
+{
+    if (count > self->items_size) {
+        const char **items = realloc(self->items, count * sizeof *items);
+        if (!items)
+            return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
+        self->items = items;
+        self->items_size = count;
+    }
+    const char *params[3];
+    for (int k = 0; k < 3; k++) {
+        for (size_t i = 0; i < count; i++)
+            self->items[i] = k == 0   ? acks[i].id
+                             : k == 1 ? acks[i].partner
+                                      : acks[i].peer;
+        params[k] =
+            s_array(&self->ids[k], &self->ids_size[k], self->items, count, err);
+        if (!params[k])
+            return -1;
+    }
+    PGresult *res = s_run(self, s_ack_sql, 3, params, "ack", err);
+    if (!res)
+        return -1;
+    for (int i = 0; i < PQntuples(res) && (size_t) i < count; i++)
+        acks[i].outcome = s_outcome(PQgetvalue(res, i, 0));
+    PQclear(res);
+    return 0;
+}
+
+int dstore_nack(dstore_t *self, dstore_answer_t *nack, bool permanent,
+                kh_error_t *err)
+{
+    char sattempts[24], stimeout[24], smax[24];
+    snprintf(sattempts, sizeof sattempts, "%d", self->policy.max_attempts);
+    snprintf(stimeout, sizeof stimeout, "%d", self->policy.ack_timeout_ms);
+    snprintf(smax, sizeof smax, "%d", self->policy.backoff_max_ms);
+    const char *params[] = {
+        nack->id,  nack->partner, nack->peer, permanent ? "t" : "f",
+        sattempts, stimeout,      smax};
+    PGresult *res = s_run(self, s_nack_sql, 7, params, "nack", err);
+    if (!res)
+        return -1;
+    nack->outcome = s_outcome(PQntuples(res) ? PQgetvalue(res, 0, 0) : "");
+    PQclear(res);
+    return 0;
+}
+
+int dstore_sweep(dstore_t *self, dstore_event_fn *fn, void *arg,
+                 kh_error_t *err)
+{
+    char sattempts[24], sage[24], sesc[24];
+    snprintf(sattempts, sizeof sattempts, "%d", self->policy.max_attempts);
+    snprintf(sage, sizeof sage, "%d", self->policy.max_age_s);
+    snprintf(sesc, sizeof sesc, "%d", self->policy.escalate_ms);
+    const char *dead_params[] = {sattempts, sage};
+    PGresult *res = s_run(self, s_dead_sql, 2, dead_params, "sweep", err);
+    if (!res)
+        return -1;
+    int changes = PQntuples(res);
+    for (int i = 0; i < PQntuples(res); i++)
+        fn("dead", PQgetvalue(res, i, 0), PQgetvalue(res, i, 1),
+           PQgetvalue(res, i, 2), PQgetvalue(res, i, 3), arg);
+    PQclear(res);
+    const char *esc_params[] = {sesc};
+    res = s_run(self, s_escalate_sql, 1, esc_params, "escalate", err);
+    if (!res)
+        return -1;
+    changes += PQntuples(res);
+    for (int i = 0; i < PQntuples(res); i++)
+        fn("escalated", PQgetvalue(res, i, 0), PQgetvalue(res, i, 1),
+           PQgetvalue(res, i, 2),
+           PQgetisnull(res, i, 3) ? NULL : PQgetvalue(res, i, 3), arg);
+    PQclear(res);
+    return changes;
+}

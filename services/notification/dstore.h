@@ -1,0 +1,103 @@
+/*
+ * The notification service's database side: claiming a partner's due
+ * deliveries (marking them sent), ACKs, NACKs and the sweeps that make
+ * dead letters and escalations. Every state change commits in one
+ * statement with its audit events (promise 2); every call is bounded by
+ * the connection's statement_timeout.
+ */
+#ifndef DSTORE_H_INCLUDED
+#define DSTORE_H_INCLUDED
+
+#include <czmq.h>
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "ketenhub/error.h"
+
+/* When deliveries are re-sent, given up and escalated. */
+typedef struct {
+    int ack_timeout_ms; /* first wait for an ACK; doubles per attempt */
+    int backoff_max_ms; /* the longest wait */
+    int max_attempts;   /* sends before a dead letter */
+    int max_age_s;      /* age (since routing) of a dead letter */
+    int escalate_ms;    /* an unacknowledged urgent delivery escalates */
+} dstore_policy_t;
+
+typedef struct _dstore_t dstore_t;
+
+/* A store for conninfo; connects lazily (dstore_connect). NULL on OOM. */
+dstore_t *dstore_new(const char *conninfo, const dstore_policy_t *policy);
+void dstore_destroy(dstore_t **self_p);
+
+/* Connect when there is no working connection; 0 or -1 with err. */
+int dstore_connect(dstore_t *self, kh_error_t *err);
+
+/* Whether the last call found the connection working. */
+bool dstore_up(const dstore_t *self);
+
+/* The active partners: Z85 public key -> partner id (hash owns both);
+ * NULL with err. */
+zhashx_t *dstore_partners(dstore_t *self, kh_error_t *err);
+
+/* One delivery as claimed; strings valid during the callback only. */
+typedef struct {
+    const char *id, *referral_id, *priority, *routed_at;
+    const char *payload, *payload_sha256;
+    size_t payload_len;
+    int attempt; /* 1 for the first send */
+} dstore_delivery_t;
+
+typedef void(dstore_delivery_fn)(const dstore_delivery_t *delivery, void *arg);
+
+/* Claim, mark as sent and audit (delivery.sent) up to limit due
+ * deliveries of partner, most urgent then oldest first, and besides them
+ * those of the inflight ids whose ACK is overdue; fn is called for each in
+ * that order after the commit. reclaim: also take sent, unacknowledged
+ * deliveries whose ACK is not yet overdue (a partner that reconnected).
+ * Returns the number claimed, -1 with err. */
+int dstore_claim(dstore_t *self, const char *partner, const char *peer,
+                 const char *const *inflight, size_t ninflight, size_t limit,
+                 bool reclaim, dstore_delivery_fn *fn, void *arg,
+                 kh_error_t *err);
+
+typedef enum {
+    DSTORE_DONE,      /* committed with its audit event */
+    DSTORE_DUPLICATE, /* ACK of an acknowledged delivery: nothing changed */
+    DSTORE_NOT_FOUND, /* unknown id, or another partner's: refusal audited */
+    DSTORE_DEAD,      /* NACK: it is a dead letter now */
+    DSTORE_UNCHANGED  /* NACK of a delivery that is not out: nothing done */
+} dstore_outcome_t;
+
+/* One ACK or NACK of a batch. */
+typedef struct {
+    char id[37];
+    char partner[33];
+    char peer[64];
+    dstore_outcome_t outcome; /* filled by dstore_ack / dstore_nack */
+} dstore_answer_t;
+
+/* Commit a batch of ACKs (distinct ids) with their audit events in one
+ * statement and fill each outcome. 0, or -1 with err (nothing changed). */
+int dstore_ack(dstore_t *self, dstore_answer_t *acks, size_t count,
+               kh_error_t *err);
+
+/* Commit a NACK (permanent: a dead letter at once; else re-sent after the
+ * backoff, or dead after the last attempt) with its audit events. */
+int dstore_nack(dstore_t *self, dstore_answer_t *nack, bool permanent,
+                kh_error_t *err);
+
+/* Something a sweep did: kind "dead" (detail: the reason) or "escalated"
+ * (detail: the partner that got a copy, or NULL). */
+typedef void(dstore_event_fn)(const char *kind, const char *delivery_id,
+                              const char *referral_id, const char *partner,
+                              const char *detail, void *arg);
+
+/* Make dead letters of deliveries past their last attempt, too old, or
+ * for a revoked partner, and escalate overdue urgent ones (with a copy to
+ * the escalation partner where the rules named one); each with its audit
+ * event. fn is called per change after the commit. Returns the number of
+ * changes, -1 with err. */
+int dstore_sweep(dstore_t *self, dstore_event_fn *fn, void *arg,
+                 kh_error_t *err);
+
+#endif

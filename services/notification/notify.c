@@ -1,0 +1,918 @@
+/*
+ * The notification service's core (see notify.h).
+ *
+ * One loop, one database connection. A round reads what the partners sent
+ * (up to S_READ_MAX frames), commits all its ACKs in one statement, then
+ * NACKs, then tops up every connection that has credit and may have work.
+ * Database calls are synchronous and bounded by statement_timeout; while
+ * the database is away ACKs are refused retryably and nothing is sent.
+ */
+#include "notify.h"
+
+#include <inttypes.h>
+#include <msgpack.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ketenhub/codec.h"
+#include "ketenhub/log.h"
+#include "ketenhub/proto.h"
+#include "ketenhub/service.h"
+#include "ketenhub/zap.h"
+
+#define S_READ_MAX 4096      /* frames read in one round */
+#define S_STATS_MS 10000     /* stats line */
+#define S_WAKE_MAX 65536     /* bytes of a wake-up */
+#define S_RELOAD_MIN_MS 1000 /* registry re-read for an unknown key */
+#define S_LINGER_MS 100
+#define S_INTERNAL_DOMAIN "ketenhub-internal" /* ZAP domain of wake-ups */
+
+/* One partner connection (a ROUTER peer that said something). */
+typedef struct {
+    zframe_t *identity;
+    char partner[33];
+    char peer[64];
+    size_t window;
+    zhashx_t *out;     /* delivery id -> s_present: sent, not answered */
+    int64_t last_seen; /* zclock_mono of its last frame */
+    bool reclaim;      /* next claim also takes earlier unacknowledged */
+    bool more;         /* there may be due deliveries for it */
+} s_conn_t;
+
+/* An ACK or NACK waiting for its commit. */
+typedef struct {
+    dstore_answer_t answer;
+    zframe_t *identity;
+    char cid[KH_CID_MAX + 1];
+    bool nack, permanent;
+    int leader; /* index of an earlier ACK of the same id, or -1 */
+} s_pending_t;
+
+typedef struct {
+    uint64_t sent, resent, acked, duplicates, refused, nacked, dead, escalated,
+        rounds, failures;
+} s_stats_t;
+
+static char s_present;
+
+struct _notify_t {
+    notify_config_t cfg;
+    zcert_t *cert;
+    kh_zap_t *zap; /* handshakes: partners, and the hub's key for wake-ups */
+    zsock_t *router;
+    zsock_t *wake;
+    int port;
+    dstore_t *store;
+    zhashx_t *partners; /* Z85 key -> partner id */
+    int64_t partners_loaded;
+    zhashx_t *conns; /* identity (hex) -> s_conn_t */
+    s_pending_t *pending;
+    size_t npending;
+    zhashx_t *batch_ids; /* delivery id -> index + 1 in pending (ACKs) */
+    const char **inflight;
+    zloop_t *loop;
+    bool stopping;
+    s_stats_t stats;
+};
+
+/* --- connections ------------------------------------------------------ */
+
+static void s_conn_destroy(s_conn_t **conn_p)
+{
+    if (!conn_p || !*conn_p)
+        return;
+    s_conn_t *conn = *conn_p;
+    zframe_destroy(&conn->identity);
+    zhashx_destroy(&conn->out);
+    free(conn);
+    *conn_p = NULL;
+}
+
+static void s_conn_free(void **item)
+{
+    s_conn_destroy((s_conn_t **) item);
+}
+
+static void s_identity_key(zframe_t *identity, char *out, size_t size)
+{
+    static const char hex[] = "0123456789abcdef";
+    const unsigned char *data = zframe_data(identity);
+    size_t len = zframe_size(identity);
+    size_t i = 0;
+    for (; i < len && 2 * i + 2 < size; i++) {
+        out[2 * i] = hex[data[i] >> 4];
+        out[2 * i + 1] = hex[data[i] & 15];
+    }
+    out[2 * i] = '\0';
+}
+
+/* Whether another connection of partner than skip is registered. */
+static bool s_partner_connected(notify_t *self, const char *partner,
+                                const s_conn_t *skip)
+{
+    for (s_conn_t *c = zhashx_first(self->conns); c;
+         c = zhashx_next(self->conns))
+        if (c != skip && strcmp(c->partner, partner) == 0)
+            return true;
+    return false;
+}
+
+/* The connection of identity, registered for partner if new. NULL on
+ * OOM. A key that now belongs to another partner (re-registered) starts
+ * over. */
+static s_conn_t *s_conn_get(notify_t *self, zframe_t *identity,
+                            const char *partner, const char *peer)
+{
+    char key[600];
+    s_identity_key(identity, key, sizeof key);
+    s_conn_t *conn = zhashx_lookup(self->conns, key);
+    if (conn && strcmp(conn->partner, partner) != 0) {
+        zhashx_delete(self->conns, key);
+        conn = NULL;
+    }
+    if (!conn) {
+        conn = calloc(1, sizeof *conn);
+        if (!conn)
+            return NULL;
+        conn->identity = zframe_dup(identity);
+        conn->out = zhashx_new();
+        if (!conn->identity || !conn->out) {
+            s_conn_destroy(&conn);
+            return NULL;
+        }
+        snprintf(conn->partner, sizeof conn->partner, "%s", partner);
+        conn->window = self->cfg.window;
+        conn->reclaim = !s_partner_connected(self, partner, NULL);
+        conn->more = true;
+        zhashx_insert(self->conns, key, conn);
+        kh_log_info("partner_connected", "partner=%s peer=%s window=%zu",
+                    partner, peer, conn->window);
+    }
+    snprintf(conn->peer, sizeof conn->peer, "%s", peer);
+    conn->last_seen = zclock_mono();
+    return conn;
+}
+
+static void s_conn_drop(notify_t *self, s_conn_t *conn, const char *why)
+{
+    kh_log_info("partner_disconnected",
+                "partner=%s peer=%s reason=%s unacknowledged=%zu",
+                conn->partner, conn->peer, why, zhashx_size(conn->out));
+    char key[600];
+    s_identity_key(conn->identity, key, sizeof key);
+    zhashx_delete(self->conns, key);
+}
+
+/* --- frames ----------------------------------------------------------- */
+
+static void s_pack_str(msgpack_packer *pk, const char *s)
+{
+    size_t len = strlen(s);
+    msgpack_pack_str(pk, len);
+    msgpack_pack_str_body(pk, s, len);
+}
+
+/* Send body to identity; false when the peer is gone (the caller drops
+ * its connection) or the frame could not be made. */
+static bool s_send_raw(notify_t *self, zframe_t *identity, const void *data,
+                       size_t size)
+{
+    zframe_t *to = zframe_dup(identity);
+    zframe_t *body = zframe_new(data, size);
+    if (!to || !body || zframe_send(&to, self->router, ZFRAME_MORE) ||
+        zframe_send(&body, self->router, 0)) {
+        zframe_destroy(&to);
+        zframe_destroy(&body);
+        return false;
+    }
+    return true;
+}
+
+/* Send a jansson envelope (consumed). */
+static bool s_send_json(notify_t *self, zframe_t *identity, json_t *msg)
+{
+    char *data = NULL;
+    size_t size = 0;
+    kh_error_t err;
+    bool ok = msg && kh_msgpack_encode(msg, &data, &size, &err) == 0 &&
+              s_send_raw(self, identity, data, size);
+    free(data);
+    json_decref(msg);
+    return ok;
+}
+
+static void s_reject(notify_t *self, zframe_t *identity, const char *cid,
+                     const kh_error_t *err)
+{
+    s_send_json(
+        self, identity,
+        kh_proto_rejected(cid, err, err->code == KH_E_UNAVAILABLE ? 1000 : 0));
+}
+
+/* ACKED or NACKED: hot enough to pack by hand. */
+static bool s_send_answer(notify_t *self, const s_pending_t *p, bool flag)
+{
+    msgpack_sbuffer buf;
+    msgpack_sbuffer_init(&buf);
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, &buf, msgpack_sbuffer_write);
+    msgpack_pack_map(&pk, 5);
+    s_pack_str(&pk, "v");
+    msgpack_pack_int(&pk, KH_PROTO_VERSION);
+    s_pack_str(&pk, "cmd");
+    s_pack_str(&pk, p->nack ? "NACKED" : "ACKED");
+    s_pack_str(&pk, "cid");
+    s_pack_str(&pk, p->cid);
+    s_pack_str(&pk, "delivery_id");
+    s_pack_str(&pk, p->answer.id);
+    s_pack_str(&pk, p->nack ? "dead" : "duplicate");
+    flag ? msgpack_pack_true(&pk) : msgpack_pack_false(&pk);
+    bool ok = buf.data && s_send_raw(self, p->identity, buf.data, buf.size);
+    msgpack_sbuffer_destroy(&buf);
+    return ok;
+}
+
+typedef struct {
+    notify_t *self;
+    s_conn_t *conn;
+    bool gone;
+    size_t count;
+} s_claim_ctx_t;
+
+/* Send one claimed delivery on the connection that claimed it. */
+static void s_send_delivery(const dstore_delivery_t *d, void *arg)
+{
+    s_claim_ctx_t *ctx = arg;
+    notify_t *self = ctx->self;
+    ctx->count++;
+    if (d->attempt > 1)
+        self->stats.resent++;
+    else
+        self->stats.sent++;
+    if (ctx->gone)
+        return; /* re-sent after its ACK timeout, to whoever is there */
+    msgpack_sbuffer buf;
+    msgpack_sbuffer_init(&buf);
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, &buf, msgpack_sbuffer_write);
+    msgpack_pack_map(&pk, 10);
+    s_pack_str(&pk, "v");
+    msgpack_pack_int(&pk, KH_PROTO_VERSION);
+    s_pack_str(&pk, "cmd");
+    s_pack_str(&pk, "DELIVER");
+    s_pack_str(&pk, "cid");
+    s_pack_str(&pk, d->id);
+    s_pack_str(&pk, "delivery_id");
+    s_pack_str(&pk, d->id);
+    s_pack_str(&pk, "referral_id");
+    s_pack_str(&pk, d->referral_id);
+    s_pack_str(&pk, "priority");
+    s_pack_str(&pk, d->priority);
+    s_pack_str(&pk, "attempt");
+    msgpack_pack_int(&pk, d->attempt);
+    s_pack_str(&pk, "routed_at");
+    s_pack_str(&pk, d->routed_at);
+    s_pack_str(&pk, "payload");
+    msgpack_pack_str(&pk, d->payload_len);
+    msgpack_pack_str_body(&pk, d->payload, d->payload_len);
+    s_pack_str(&pk, "payload_sha256");
+    s_pack_str(&pk, d->payload_sha256);
+    if (!buf.data || !s_send_raw(self, ctx->conn->identity, buf.data, buf.size))
+        ctx->gone = true;
+    else
+        zhashx_insert(ctx->conn->out, d->id, &s_present);
+    msgpack_sbuffer_destroy(&buf);
+    kh_log_debug("delivery_sent",
+                 "delivery=%s referral=%s partner=%s "
+                 "priority=%s attempt=%d",
+                 d->id, d->referral_id, ctx->conn->partner, d->priority,
+                 d->attempt);
+}
+
+/* --- partners and the database ----------------------------------------- */
+
+static void s_load_partners(notify_t *self)
+{
+    kh_error_t err;
+    zhashx_t *partners = dstore_partners(self->store, &err);
+    self->partners_loaded = zclock_mono();
+    if (!partners) {
+        kh_log_warn("partners_unread", "code=%s", kh_error_name(err.code));
+        return;
+    }
+    zhashx_destroy(&self->partners);
+    self->partners = partners;
+}
+
+/* The partner of an authenticated key; an unknown key re-reads the
+ * registry (at most once a second), so a partner added at run time is
+ * known at its first frame. */
+static const char *s_partner_of(notify_t *self, const char *key)
+{
+    const char *id = self->partners ? zhashx_lookup(self->partners, key) : NULL;
+    if (id || !dstore_up(self->store) ||
+        zclock_mono() - self->partners_loaded < S_RELOAD_MIN_MS)
+        return id;
+    s_load_partners(self);
+    return self->partners ? zhashx_lookup(self->partners, key) : NULL;
+}
+
+static void s_db_failed(notify_t *self, const char *what, const kh_error_t *err)
+{
+    self->stats.failures++;
+    kh_log_warn("db_failed", "during=%s code=%s msg=\"%s\"", what,
+                kh_error_name(err->code), err->message);
+}
+
+/* Top up one connection: claim up to its free credit (and the overdue
+ * re-sends of what it holds) and send. */
+static void s_fill(notify_t *self, s_conn_t *conn)
+{
+    size_t out = zhashx_size(conn->out);
+    size_t credit = conn->window > out ? conn->window - out : 0;
+    size_t n = 0;
+    for (const void *item = zhashx_first(conn->out); item && n < out;
+         item = zhashx_next(conn->out))
+        self->inflight[n++] = zhashx_cursor(conn->out);
+    s_claim_ctx_t ctx = {self, conn, false, 0};
+    kh_error_t err;
+    int rc =
+        dstore_claim(self->store, conn->partner, conn->peer, self->inflight, n,
+                     credit, conn->reclaim, s_send_delivery, &ctx, &err);
+    if (rc < 0) {
+        s_db_failed(self, "claim", &err);
+        return;
+    }
+    conn->reclaim = false;
+    /* Fewer than asked (beyond the re-sends): nothing more is due now. */
+    if ((size_t) rc < credit)
+        conn->more = false;
+    if (ctx.gone)
+        s_conn_drop(self, conn, "unreachable");
+}
+
+/* Top up every connection that has credit and may have work. */
+static void s_pump(notify_t *self)
+{
+    if (!dstore_up(self->store))
+        return;
+    /* s_fill may drop a connection: walk a snapshot of the keys. */
+    zlistx_t *keys = zhashx_keys(self->conns);
+    for (const char *key = keys ? zlistx_first(keys) : NULL; key;
+         key = zlistx_next(keys)) {
+        s_conn_t *conn = zhashx_lookup(self->conns, key);
+        if (conn && conn->more && zhashx_size(conn->out) < conn->window)
+            s_fill(self, conn);
+    }
+    zlistx_destroy(&keys);
+}
+
+/* Commit the round's ACKs in one statement and the NACKs one by one;
+ * answer each. */
+static void s_flush(notify_t *self)
+{
+    if (self->npending == 0)
+        return;
+    dstore_answer_t *acks = calloc(self->npending, sizeof *acks);
+    size_t nacks = 0;
+    kh_error_t err;
+    kh_error_clear(&err);
+    int rc = acks ? 0 : kh_error_set(&err, KH_E_NOMEM, "", "out of memory");
+    for (size_t i = 0; rc == 0 && i < self->npending; i++)
+        if (!self->pending[i].nack && self->pending[i].leader < 0)
+            acks[nacks++] = self->pending[i].answer;
+    if (rc == 0 && nacks)
+        rc = dstore_up(self->store)
+                 ? dstore_ack(self->store, acks, nacks, &err)
+                 : kh_error_set(&err, KH_E_UNAVAILABLE, "",
+                                "the hub's database is unavailable; send "
+                                "the ACK again");
+    if (rc && err.code != KH_E_NOMEM)
+        s_db_failed(self, "ack", &err);
+    if (rc)
+        kh_error_set(&err,
+                     err.code == KH_E_NOMEM ? KH_E_NOMEM : KH_E_UNAVAILABLE, "",
+                     "the ACK could not be committed; send it again");
+    for (size_t i = 0, a = 0; i < self->npending; i++) {
+        s_pending_t *p = &self->pending[i];
+        if (!p->nack && p->leader < 0 && rc == 0)
+            p->answer.outcome = acks[a++].outcome;
+        else if (!p->nack && rc == 0)
+            p->answer.outcome =
+                self->pending[p->leader].answer.outcome == DSTORE_NOT_FOUND
+                    ? DSTORE_NOT_FOUND
+                    : DSTORE_DUPLICATE;
+        else if (p->nack && dstore_up(self->store)) {
+            kh_error_t nerr;
+            if (dstore_nack(self->store, &p->answer, p->permanent, &nerr)) {
+                s_db_failed(self, "nack", &nerr);
+                s_reject(self, p->identity, p->cid, &nerr);
+                continue;
+            }
+        } else if (p->nack) {
+            kh_error_t nerr;
+            kh_error_set(&nerr, KH_E_UNAVAILABLE, "",
+                         "the hub's database is unavailable; send the NACK "
+                         "again");
+            s_reject(self, p->identity, p->cid, &nerr);
+            continue;
+        }
+        if (!p->nack && rc) {
+            s_reject(self, p->identity, p->cid, &err);
+            continue;
+        }
+        /* Answered: it no longer takes credit on its connection. */
+        char key[600];
+        s_identity_key(p->identity, key, sizeof key);
+        s_conn_t *conn = zhashx_lookup(self->conns, key);
+        if (conn && p->answer.outcome != DSTORE_NOT_FOUND) {
+            zhashx_delete(conn->out, p->answer.id);
+            conn->more = conn->more || p->answer.outcome == DSTORE_DONE;
+        }
+        switch (p->answer.outcome) {
+        case DSTORE_NOT_FOUND: {
+            self->stats.refused++;
+            kh_log_warn("answer_refused",
+                        "partner=%s peer=%s delivery=%s cmd=%s "
+                        "reason=not_found",
+                        p->answer.partner, p->answer.peer, p->answer.id,
+                        p->nack ? "NACK" : "ACK");
+            kh_error_t nf;
+            kh_error_set(&nf, KH_E_NOT_FOUND, "delivery_id",
+                         "no delivery with this id was sent to you");
+            s_reject(self, p->identity, p->cid, &nf);
+            continue;
+        }
+        case DSTORE_DUPLICATE:
+            self->stats.duplicates++;
+            break;
+        case DSTORE_DEAD:
+            self->stats.nacked++;
+            self->stats.dead++;
+            kh_log_error("alert",
+                         "kind=dead_letter delivery=%s partner=%s "
+                         "reason=%s",
+                         p->answer.id, p->answer.partner,
+                         p->permanent ? "nack_permanent" : "max_attempts");
+            break;
+        default:
+            if (p->nack)
+                self->stats.nacked++;
+            else
+                self->stats.acked++;
+        }
+        s_send_answer(self, p,
+                      p->nack ? p->answer.outcome == DSTORE_DEAD
+                              : p->answer.outcome == DSTORE_DUPLICATE);
+    }
+    free(acks);
+    for (size_t i = 0; i < self->npending; i++)
+        zframe_destroy(&self->pending[i].identity);
+    self->npending = 0;
+    zhashx_purge(self->batch_ids);
+}
+
+/* --- the partners' socket ---------------------------------------------- */
+
+/* Queue an ACK or NACK of conn for the round's commit. */
+static void s_queue_answer(notify_t *self, s_conn_t *conn, zframe_t *identity,
+                           const json_t *msg, const char *cid, kh_cmd_t cmd)
+{
+    s_pending_t *p = &self->pending[self->npending];
+    memset(p, 0, sizeof *p);
+    p->identity = zframe_dup(identity);
+    if (!p->identity)
+        return;
+    self->npending++;
+    snprintf(p->cid, sizeof p->cid, "%s", cid);
+    snprintf(p->answer.id, sizeof p->answer.id, "%s",
+             json_string_value(json_object_get(msg, "delivery_id")));
+    snprintf(p->answer.partner, sizeof p->answer.partner, "%s", conn->partner);
+    snprintf(p->answer.peer, sizeof p->answer.peer, "%s", conn->peer);
+    p->nack = cmd == KH_CMD_NACK;
+    p->permanent =
+        p->nack && strcmp(json_string_value(json_object_get(msg, "reason")),
+                          "permanent") == 0;
+    p->leader = -1;
+    if (!p->nack) {
+        /* The same id twice in one round: one commit, the rest are
+         * duplicates of it. Keys are "partner id". */
+        char key[80];
+        snprintf(key, sizeof key, "%s %s", conn->partner, p->answer.id);
+        size_t index = (size_t) (uintptr_t) zhashx_lookup(self->batch_ids, key);
+        if (index)
+            p->leader = (int) index - 1;
+        else
+            zhashx_insert(self->batch_ids, key,
+                          (void *) (uintptr_t) self->npending);
+    }
+}
+
+/* Handle one frame from a partner. */
+static void s_take(notify_t *self, zframe_t *identity, zframe_t *body,
+                   bool extra_frames)
+{
+    kh_error_t err;
+    kh_error_clear(&err);
+    const char *key = zframe_meta(body, "User-Id");
+    const char *peer = zframe_meta(body, "Peer-Address");
+    json_t *msg = NULL;
+    const char *cid = NULL;
+    kh_cmd_t cmd = KH_CMD_UNKNOWN_;
+    kh_limits_t limits = kh_limits_default();
+    limits.max_frame = self->cfg.max_frame;
+    const char *partner = key ? s_partner_of(self, key) : NULL;
+
+    if (extra_frames)
+        kh_error_set(&err, KH_E_BAD_ENVELOPE, "",
+                     "a message is exactly one frame");
+    else if (kh_msgpack_decode(zframe_data(body), zframe_size(body), &limits,
+                               &msg, &err) == 0 &&
+             kh_proto_check(msg, &cmd, &cid, &err) == 0 &&
+             cmd != KH_CMD_HELLO && cmd != KH_CMD_ACK && cmd != KH_CMD_NACK &&
+             cmd != KH_CMD_PING)
+        kh_error_set(&err, KH_E_UNKNOWN_COMMAND, "cmd",
+                     "%s is not a command for the delivery socket",
+                     kh_cmd_name(cmd));
+    if (err.code == KH_E_OK && !partner)
+        kh_error_set(&err, KH_E_UNKNOWN_PARTNER, "",
+                     "this key belongs to no active partner");
+    s_conn_t *conn = NULL;
+    if (err.code == KH_E_OK) {
+        conn = s_conn_get(self, identity, partner, peer ? peer : "");
+        if (!conn)
+            kh_error_set(&err, KH_E_NOMEM, "", "out of memory");
+    }
+    if (err.code != KH_E_OK) {
+        kh_log_warn("request_refused", "partner=%s peer=%s code=%s path=%s",
+                    partner ? partner : "none", peer ? peer : "",
+                    kh_error_name(err.code), *err.path ? err.path : "none");
+        s_reject(self, identity, cid, &err);
+        json_decref(msg);
+        return;
+    }
+    if (cmd == KH_CMD_HELLO) {
+        const json_t *window = json_object_get(msg, "window");
+        size_t want =
+            window ? (size_t) json_integer_value(window) : self->cfg.window;
+        conn->window = want < self->cfg.window ? want : self->cfg.window;
+        conn->more = true;
+        json_t *reply = kh_proto_new(KH_CMD_WELCOME, cid);
+        json_object_set_new(reply, "partner", json_string(conn->partner));
+        json_object_set_new(reply, "window",
+                            json_integer((json_int_t) conn->window));
+        s_send_json(self, identity, reply);
+    } else if (cmd == KH_CMD_PING)
+        s_send_json(self, identity, kh_proto_new(KH_CMD_PONG, cid));
+    else
+        s_queue_answer(self, conn, identity, msg, cid, cmd);
+    json_decref(msg);
+}
+
+static int s_on_router(zloop_t *loop, zsock_t *sock, void *arg)
+{
+    (void) loop;
+    notify_t *self = arg;
+    for (int i = 0; i < S_READ_MAX && (zsock_events(sock) & ZMQ_POLLIN); i++) {
+        zmsg_t *msg = zmsg_recv(sock);
+        if (!msg)
+            break;
+        zframe_t *identity = zmsg_pop(msg);
+        zframe_t *body = zmsg_pop(msg);
+        if (identity && body)
+            s_take(self, identity, body, zmsg_size(msg) > 0);
+        zframe_destroy(&identity);
+        zframe_destroy(&body);
+        zmsg_destroy(&msg);
+    }
+    self->stats.rounds++;
+    s_flush(self);
+    s_pump(self);
+    return 0;
+}
+
+/* --- timers, wake-ups, signals ------------------------------------------ */
+
+static void s_on_sweep_event(const char *kind, const char *delivery_id,
+                             const char *referral_id, const char *partner,
+                             const char *detail, void *arg)
+{
+    notify_t *self = arg;
+    if (strcmp(kind, "dead") == 0) {
+        self->stats.dead++;
+        kh_log_error("alert",
+                     "kind=dead_letter delivery=%s referral=%s "
+                     "partner=%s reason=%s",
+                     delivery_id, referral_id, partner, detail);
+        for (s_conn_t *c = zhashx_first(self->conns); c;
+             c = zhashx_next(self->conns))
+            zhashx_delete(c->out, delivery_id);
+    } else {
+        self->stats.escalated++;
+        kh_log_error("alert",
+                     "kind=escalation delivery=%s referral=%s "
+                     "partner=%s copy_to=%s",
+                     delivery_id, referral_id, partner,
+                     detail ? detail : "none");
+        if (detail)
+            for (s_conn_t *c = zhashx_first(self->conns); c;
+                 c = zhashx_next(self->conns))
+                if (strcmp(c->partner, detail) == 0)
+                    c->more = true;
+    }
+}
+
+/* The periodic round: reconnect, sweep, forget silent connections, and
+ * look for due re-sends on every connection. */
+static int s_on_tick(zloop_t *loop, int timer_id, void *arg)
+{
+    (void) loop;
+    (void) timer_id;
+    notify_t *self = arg;
+    kh_error_t err;
+    if (!dstore_up(self->store)) {
+        if (dstore_connect(self->store, &err)) {
+            kh_log_warn("db_connect_failed", "code=%s",
+                        kh_error_name(err.code));
+            return 0;
+        }
+        kh_log_info("db_connected", NULL);
+        s_load_partners(self);
+    }
+    if (dstore_sweep(self->store, s_on_sweep_event, self, &err) < 0)
+        s_db_failed(self, "sweep", &err);
+    int64_t now = zclock_mono();
+    zlistx_t *keys = zhashx_keys(self->conns);
+    for (const char *key = keys ? zlistx_first(keys) : NULL; key;
+         key = zlistx_next(keys)) {
+        s_conn_t *conn = zhashx_lookup(self->conns, key);
+        if (now - conn->last_seen > self->cfg.peer_timeout_ms)
+            s_conn_drop(self, conn, "silent");
+        else
+            conn->more = true;
+    }
+    zlistx_destroy(&keys);
+    s_pump(self);
+    return 0;
+}
+
+static int s_on_refresh(zloop_t *loop, int timer_id, void *arg)
+{
+    (void) loop;
+    (void) timer_id;
+    notify_t *self = arg;
+    if (dstore_up(self->store))
+        s_load_partners(self);
+    return 0;
+}
+
+static int s_on_stats(zloop_t *loop, int timer_id, void *arg)
+{
+    (void) loop;
+    (void) timer_id;
+    notify_t *self = arg;
+    s_stats_t *st = &self->stats;
+    if (st->sent + st->resent + st->acked + st->nacked + st->refused +
+            st->dead + st->escalated + st->failures >
+        0)
+        kh_log_info("stats",
+                    "sent=%" PRIu64 " resent=%" PRIu64 " acked=%" PRIu64
+                    " duplicates=%" PRIu64 " refused=%" PRIu64
+                    " nacked=%" PRIu64 " dead=%" PRIu64 " escalated=%" PRIu64
+                    " db_failures=%" PRIu64 " connections=%zu db=%s",
+                    st->sent, st->resent, st->acked, st->duplicates,
+                    st->refused, st->nacked, st->dead, st->escalated,
+                    st->failures, zhashx_size(self->conns),
+                    dstore_up(self->store) ? "up" : "down");
+    memset(st, 0, sizeof *st);
+    return 0;
+}
+
+/* A wake-up from routing: {"v":1,"cmd":"NOTIFY","partners":[id, ...]}.
+ * Only its partners' connections look again; a bad one is logged and
+ * ignored (the tick finds the work anyway). */
+static int s_on_wake(zloop_t *loop, zsock_t *sock, void *arg)
+{
+    (void) loop;
+    notify_t *self = arg;
+    for (int i = 0; i < 1000 && (zsock_events(sock) & ZMQ_POLLIN); i++) {
+        zmsg_t *msg = zmsg_recv(sock);
+        if (!msg)
+            break;
+        zframe_t *frame = zmsg_first(msg);
+        kh_limits_t limits = kh_limits_default();
+        json_t *body = NULL;
+        kh_error_t err;
+        const char *cmd = NULL;
+        json_t *partners = NULL;
+        if (zmsg_size(msg) == 1 &&
+            kh_msgpack_decode(zframe_data(frame), zframe_size(frame), &limits,
+                              &body, &err) == 0) {
+            cmd = json_string_value(json_object_get(body, "cmd"));
+            partners = json_object_get(body, "partners");
+        }
+        if (!cmd || strcmp(cmd, "NOTIFY") != 0 || !json_is_array(partners))
+            kh_log_warn("wakeup_malformed", "frames=%zu", zmsg_size(msg));
+        else {
+            size_t j;
+            const json_t *id;
+            json_array_foreach(partners, j, id)
+            {
+                const char *partner = json_string_value(id);
+                for (s_conn_t *c = zhashx_first(self->conns); c && partner;
+                     c = zhashx_next(self->conns))
+                    if (strcmp(c->partner, partner) == 0)
+                        c->more = true;
+            }
+        }
+        json_decref(body);
+        zmsg_destroy(&msg);
+    }
+    s_pump(self);
+    return 0;
+}
+
+static int s_on_zap(zloop_t *loop, zsock_t *sock, void *arg)
+{
+    (void) loop;
+    (void) sock;
+    notify_t *self = arg;
+    char key[41], peer[64];
+    if (kh_zap_handle(self->zap, key, peer) != 0)
+        kh_log_warn("auth_refused", "key=%s peer=%s", *key ? key : "none",
+                    peer);
+    return 0;
+}
+
+static int s_on_signal(zloop_t *loop, zmq_pollitem_t *item, void *arg)
+{
+    (void) loop;
+    notify_t *self = arg;
+    int signo;
+    while ((signo = kh_signals_read(item->fd)) > 0) {
+        if (signo == SIGHUP)
+            kh_log_info("sighup", "action=none");
+        else {
+            kh_log_info("stopping", "signal=%d", signo);
+            self->stopping = true;
+        }
+    }
+    return self->stopping ? -1 : 0;
+}
+
+/* --- life --------------------------------------------------------------- */
+
+notify_t *notify_new(const notify_config_t *config, kh_error_t *err)
+{
+    notify_t *self = calloc(1, sizeof *self);
+    if (!self) {
+        kh_error_set(err, KH_E_NOMEM, "", "out of memory");
+        return NULL;
+    }
+    self->cfg = *config;
+    if (!zsys_has_curve()) {
+        kh_error_set(err, KH_E_CURVE, "", "libzmq was built without CURVE");
+        goto fail;
+    }
+    self->cert = zcert_load(config->hub_cert);
+    if (!self->cert || !zcert_secret_txt(self->cert) ||
+        strcmp(zcert_secret_txt(self->cert),
+               "0000000000000000000000000000000000000000") == 0) {
+        kh_error_set(err, KH_E_CONFIG, "KH_HUB_CERT",
+                     "cannot load the hub certificate and its secret key "
+                     "from %s",
+                     config->hub_cert);
+        goto fail;
+    }
+    if (!zsys_file_exists(config->partner_certs) ||
+        !zsys_file_mode(config->partner_certs) ||
+        !(zsys_file_mode(config->partner_certs) & S_IFDIR)) {
+        kh_error_set(err, KH_E_CONFIG, "KH_PARTNER_CERT_DIR",
+                     "%s is not a directory", config->partner_certs);
+        goto fail;
+    }
+    /* Without a ZAP handler a CURVE server accepts any client key: each
+     * handler is bound before its socket. */
+    self->zap = kh_zap_new(config->partner_certs, NULL, err);
+    if (!self->zap)
+        goto fail;
+    self->router = zsock_new(ZMQ_ROUTER);
+    if (!self->router) {
+        kh_error_set(err, KH_E_INTERNAL, "", "cannot create a socket");
+        goto fail;
+    }
+    zcert_apply(self->cert, self->router);
+    zsock_set_curve_server(self->router, 1);
+    zsock_set_maxmsgsize(self->router, (int64_t) config->max_frame);
+    zsock_set_linger(self->router, S_LINGER_MS);
+    /* A send to a peer that is gone fails (EHOSTUNREACH) instead of
+     * vanishing, and the connection is forgotten at once. The window
+     * bounds what is queued per peer; the high-water mark is above it. */
+    zsock_set_router_mandatory(self->router, 1);
+    zsock_set_sndhwm(self->router, KH_WINDOW_MAX * 2 + 64);
+    zsock_set_sndtimeo(self->router, 0);
+    zsock_set_rcvhwm(self->router, KH_WINDOW_MAX * 2 + 64);
+    zsock_set_heartbeat_ivl(self->router, 1000);
+    zsock_set_heartbeat_timeout(self->router, 3000);
+    self->port = zsock_bind(self->router, "%s", config->endpoint);
+    if (self->port == -1) {
+        kh_error_set(err, KH_E_CONFIG, "KH_NOTIFY_ENDPOINT", "cannot bind %s",
+                     config->endpoint);
+        goto fail;
+    }
+    if (config->wake_endpoint && *config->wake_endpoint &&
+        strcmp(config->wake_endpoint, "none") != 0) {
+        /* Services speak to each other with the hub's key only. */
+        if (kh_zap_domain_key(self->zap, S_INTERNAL_DOMAIN,
+                              zcert_public_txt(self->cert), err))
+            goto fail;
+        self->wake = zsock_new(ZMQ_PULL);
+        if (!self->wake) {
+            kh_error_set(err, KH_E_INTERNAL, "", "cannot create a socket");
+            goto fail;
+        }
+        zcert_apply(self->cert, self->wake);
+        zsock_set_curve_server(self->wake, 1);
+        zsock_set_zap_domain(self->wake, S_INTERNAL_DOMAIN);
+        zsock_set_maxmsgsize(self->wake, S_WAKE_MAX);
+        zsock_set_linger(self->wake, 0);
+        if (zsock_bind(self->wake, "%s", config->wake_endpoint) == -1) {
+            kh_error_set(err, KH_E_CONFIG, "KH_NOTIFY_WAKE_ENDPOINT",
+                         "cannot bind %s", config->wake_endpoint);
+            goto fail;
+        }
+    }
+    self->store = dstore_new(config->conninfo, &config->policy);
+    self->conns = zhashx_new();
+    self->batch_ids = zhashx_new();
+    self->pending = calloc(S_READ_MAX, sizeof *self->pending);
+    self->inflight = calloc(KH_WINDOW_MAX, sizeof *self->inflight);
+    self->loop = zloop_new();
+    if (!self->store || !self->conns || !self->batch_ids || !self->pending ||
+        !self->inflight || !self->loop) {
+        kh_error_set(err, KH_E_NOMEM, "", "out of memory");
+        goto fail;
+    }
+    zhashx_set_destructor(self->conns, s_conn_free);
+    return self;
+fail:
+    notify_destroy(&self);
+    return NULL;
+}
+
+void notify_destroy(notify_t **self_p)
+{
+    if (!self_p || !*self_p)
+        return;
+    notify_t *self = *self_p;
+    zloop_destroy(&self->loop);
+    zsock_destroy(&self->router);
+    zsock_destroy(&self->wake);
+    kh_zap_destroy(&self->zap);
+    zcert_destroy(&self->cert);
+    zhashx_destroy(&self->conns);
+    zhashx_destroy(&self->batch_ids);
+    zhashx_destroy(&self->partners);
+    for (size_t i = 0; self->pending && i < self->npending; i++)
+        zframe_destroy(&self->pending[i].identity);
+    free(self->pending);
+    free(self->inflight);
+    dstore_destroy(&self->store);
+    free(self);
+    *self_p = NULL;
+}
+
+int notify_port(const notify_t *self)
+{
+    return self->port;
+}
+
+int notify_run(notify_t *self, int signal_fd)
+{
+    zmq_pollitem_t signals = {NULL, signal_fd, ZMQ_POLLIN, 0};
+    if (zloop_reader(self->loop, kh_zap_socket(self->zap), s_on_zap, self) ||
+        zloop_reader(self->loop, self->router, s_on_router, self) ||
+        (self->wake && zloop_reader(self->loop, self->wake, s_on_wake, self)) ||
+        zloop_poller(self->loop, &signals, s_on_signal, self) ||
+        zloop_timer(self->loop, (size_t) self->cfg.sweep_ms, 0, s_on_tick,
+                    self) == -1 ||
+        zloop_timer(self->loop, (size_t) self->cfg.partner_refresh_ms, 0,
+                    s_on_refresh, self) == -1 ||
+        zloop_timer(self->loop, S_STATS_MS, 0, s_on_stats, self) == -1) {
+        kh_log_error("start_failed", "reason=\"cannot set up the loop\"");
+        return -1;
+    }
+    kh_log_info("ready",
+                "endpoint=%s port=%d wake=%s window=%zu ack_timeout_ms=%d "
+                "max_attempts=%d escalate_ms=%d",
+                self->cfg.endpoint, self->port,
+                self->wake ? self->cfg.wake_endpoint : "none", self->cfg.window,
+                self->cfg.policy.ack_timeout_ms, self->cfg.policy.max_attempts,
+                self->cfg.policy.escalate_ms);
+    s_on_tick(self->loop, 0, self);
+    zloop_start(self->loop);
+    s_on_stats(self->loop, 0, self);
+    kh_log_info("stopped", NULL);
+    return 0;
+}

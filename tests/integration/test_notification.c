@@ -1,0 +1,707 @@
+/*
+ * notification against a real PostgreSQL and real CURVE sockets: the real
+ * ketenhub-notification binary, deliveries inserted as routing makes
+ * them, and partners played by DEALER sockets in this process speaking
+ * schemas/protocol.md (section Deliveries).
+ */
+#include <czmq.h>
+#include <libpq-fe.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "ketenhub/codec.h"
+#include "ketenhub/proto.h"
+#include "khproc.h"
+#include "khtest.h"
+
+#define S_DB "kh_test_notification"
+
+static char s_dir[256];  /* temp dir: certs, logs */
+static char *s_conninfo; /* the test database */
+static PGconn *s_db;     /* for inserts and checks */
+static char s_endpoint[64];
+static int s_seq; /* idempotency keys */
+
+static char *s_path(const char *name)
+{
+    static char path[8][512];
+    static int next;
+    char *out = path[next++ % 8];
+    snprintf(out, sizeof path[0], "%s/%s", s_dir, name);
+    return out;
+}
+
+static long s_count(const char *sql)
+{
+    return khtest_db_count(s_db, sql);
+}
+
+static void s_exec(const char *sql, int nparams, const char *const *params)
+{
+    PGresult *res =
+        PQexecParams(s_db, sql, nparams, NULL, params, NULL, NULL, 0);
+    ck_assert_msg(PQresultStatus(res) == PGRES_COMMAND_OK ||
+                      PQresultStatus(res) == PGRES_TUPLES_OK,
+                  "%s: %s", sql, PQerrorMessage(s_db));
+    PQclear(res);
+}
+
+/* A partner with a key pair in the test dir and its public certificate in
+ * the hub's partner directory. */
+static void s_register(const char *id, const char *kind, bool cases)
+{
+    zcert_t *cert = zcert_new();
+    char name[128];
+    snprintf(name, sizeof name, "%s.cert", id);
+    zcert_save(cert, s_path(name));
+    snprintf(name, sizeof name, "partners/%s.cert", id);
+    zcert_save_public(cert, s_path(name));
+    khtest_register_partner(s_db, id, kind, cases, zcert_public_txt(cert));
+    zcert_destroy(&cert);
+}
+
+static void s_setup(void)
+{
+    snprintf(s_dir, sizeof s_dir, "/tmp/kh-notification-XXXXXX");
+    ck_assert_ptr_nonnull(mkdtemp(s_dir));
+    ck_assert_int_eq(khproc_sh("mkdir -p '%s/partners'", s_dir), 0);
+    s_db = khtest_db_fresh(S_DB);
+    s_conninfo = khtest_db_conninfo(S_DB);
+    zcert_t *hub = zcert_new();
+    zcert_save(hub, s_path("hub.cert"));
+    zcert_destroy(&hub);
+    s_register("veilig-thuis", "veilig_thuis", true);
+    s_register("zorgcoordinator", "zorgcoordinator", true);
+    s_register("avim", "police", true);
+    snprintf(s_endpoint, sizeof s_endpoint, "tcp://127.0.0.1:%d",
+             khproc_free_port());
+}
+
+static void s_teardown(void)
+{
+    PQfinish(s_db);
+    s_db = NULL;
+    free(s_conninfo);
+    s_conninfo = NULL;
+    khproc_sh("rm -rf '%s'", s_dir);
+}
+
+/* A referral and one delivery of it to partner, as routing makes them;
+ * created age_ms ago. The delivery id into id (37 bytes). */
+static void s_delivery(const char *partner, const char *priority, int age_ms,
+                       const char *escalate_to, char *id)
+{
+    char referral[37], key[32], age[32], payload[128], hash[65];
+    kh_uuid_new(referral);
+    kh_uuid_new(id);
+    snprintf(key, sizeof key, "key-%d", ++s_seq);
+    snprintf(age, sizeof age, "%d", age_ms);
+    snprintf(payload, sizeof payload, "{\"summary\":\"delivery %d\"}", s_seq);
+    kh_sha256_hex(payload, strlen(payload), hash);
+    const char *rparams[] = {referral, key, payload, hash};
+    s_exec("INSERT INTO referrals (id, partner_id, idempotency_key,"
+           " schema_version, payload, payload_hash, state) VALUES ($1,"
+           " 'veilig-thuis', $2, 'referral.v1', convert_to($3, 'UTF8'),"
+           " decode($4, 'hex'), 'routed')",
+           4, rparams);
+    const char *dparams[] = {id,      referral, partner,     priority,
+                             payload, hash,     escalate_to, age};
+    s_exec("INSERT INTO deliveries (id, referral_id, partner_id, priority,"
+           " payload, payload_hash, rules_version, escalate_to, created_at,"
+           " updated_at)"
+           " VALUES ($1, $2, $3, $4, convert_to($5, 'UTF8'),"
+           " decode($6, 'hex'), 'test', $7,"
+           " now() - make_interval(secs => $8 / 1000.0), now())",
+           8, dparams);
+}
+
+/* Start notification with short timers; extra: one more NAME=value or
+ * NULL. */
+static pid_t s_start(const char *log, const char *extra)
+{
+    char env_db[1024], env_cert[600], env_dir[600], env_endpoint[128];
+    snprintf(env_db, sizeof env_db, "KH_DATABASE_URL=%s", s_conninfo);
+    snprintf(env_cert, sizeof env_cert, "KH_HUB_CERT=%s", s_path("hub.cert"));
+    snprintf(env_dir, sizeof env_dir, "KH_PARTNER_CERT_DIR=%s",
+             s_path("partners"));
+    snprintf(env_endpoint, sizeof env_endpoint, "KH_NOTIFY_ENDPOINT=%s",
+             s_endpoint);
+    char *env[] = {env_db,
+                   env_cert,
+                   env_dir,
+                   env_endpoint,
+                   "KH_NOTIFY_WAKE_ENDPOINT=none",
+                   "KH_NOTIFY_ACK_TIMEOUT_MS=400",
+                   "KH_NOTIFY_BACKOFF_MAX_MS=800",
+                   "KH_NOTIFY_MAX_ATTEMPTS=3",
+                   "KH_NOTIFY_ESCALATE_MS=1000",
+                   "KH_NOTIFY_SWEEP_MS=50",
+                   "KH_NOTIFY_WINDOW=64",
+                   "KH_LOG_LEVEL=debug",
+                   (char *) extra,
+                   NULL};
+    char *argv[] = {"ketenhub-notification", NULL};
+    pid_t pid = khproc_spawn(KH_TEST_BINARY_DIR
+                             "/services/notification/ketenhub-notification",
+                             argv, env, s_path(log));
+    ck_assert_int_gt(pid, 0);
+    return pid;
+}
+
+static void s_stop(pid_t pid)
+{
+    int status = khproc_stop(pid, SIGTERM, 5000);
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+                  "notification did not stop cleanly: status %d", status);
+}
+
+static bool s_log_has(const char *log, const char *text, int timeout_ms)
+{
+    for (int waited = 0; waited <= timeout_ms; waited += 20) {
+        char *content = khtest_read_file(s_path(log));
+        bool found = content && strstr(content, text);
+        free(content);
+        if (found)
+            return true;
+        zclock_sleep(20);
+    }
+    return false;
+}
+
+static bool s_wait_count(const char *sql, long want, int timeout_ms)
+{
+    for (int waited = 0; waited <= timeout_ms; waited += 20) {
+        if (s_count(sql) == want)
+            return true;
+        zclock_sleep(20);
+    }
+    return false;
+}
+
+/* --- a partner -------------------------------------------------------- */
+
+static zsock_t *s_partner(const char *id)
+{
+    char name[128];
+    snprintf(name, sizeof name, "%s.cert", id);
+    zcert_t *mine = zcert_load(s_path(name));
+    zcert_t *hub = zcert_load(s_path("hub.cert"));
+    ck_assert_ptr_nonnull(mine);
+    ck_assert_ptr_nonnull(hub);
+    zsock_t *dealer = zsock_new(ZMQ_DEALER);
+    zcert_apply(mine, dealer);
+    zsock_set_curve_serverkey(dealer, zcert_public_txt(hub));
+    zsock_set_linger(dealer, 0);
+    zsock_set_rcvtimeo(dealer, 3000);
+    ck_assert_int_eq(zsock_connect(dealer, "%s", s_endpoint), 0);
+    zcert_destroy(&mine);
+    zcert_destroy(&hub);
+    return dealer;
+}
+
+static void s_send(zsock_t *sock, json_t *msg)
+{
+    char *data;
+    size_t size;
+    kh_error_t err;
+    ck_assert_int_eq(kh_msgpack_encode(msg, &data, &size, &err), 0);
+    zframe_t *frame = zframe_new(data, size);
+    ck_assert_int_eq(zframe_send(&frame, sock, 0), 0);
+    free(data);
+    json_decref(msg);
+}
+
+/* The next message, or NULL after timeout_ms. */
+static json_t *s_recv(zsock_t *sock, int timeout_ms)
+{
+    zsock_set_rcvtimeo(sock, timeout_ms);
+    zframe_t *frame = zframe_recv(sock);
+    if (!frame)
+        return NULL;
+    json_t *msg = NULL;
+    kh_limits_t limits = kh_limits_default();
+    kh_error_t err;
+    ck_assert_int_eq(kh_msgpack_decode(zframe_data(frame), zframe_size(frame),
+                                       &limits, &msg, &err),
+                     0);
+    zframe_destroy(&frame);
+    return msg;
+}
+
+static const char *s_str(const json_t *msg, const char *key)
+{
+    const char *value = json_string_value(json_object_get(msg, key));
+    return value ? value : "";
+}
+
+/* HELLO with window and wait for WELCOME (DELIVERs that come first are
+ * kept back by the caller's next s_recv: none can come before it). */
+static void s_hello(zsock_t *sock, int window)
+{
+    json_t *hello = kh_proto_new(KH_CMD_HELLO, "h1");
+    json_object_set_new(hello, "window", json_integer(window));
+    s_send(sock, hello);
+    json_t *reply = s_recv(sock, 5000);
+    ck_assert_msg(reply != NULL, "no WELCOME");
+    ck_assert_str_eq(s_str(reply, "cmd"), "WELCOME");
+    ck_assert_int_eq(json_integer_value(json_object_get(reply, "window")),
+                     window);
+    json_decref(reply);
+}
+
+static void s_answer(zsock_t *sock, const char *delivery_id, const char *nack)
+{
+    json_t *msg = kh_proto_new(nack ? KH_CMD_NACK : KH_CMD_ACK, delivery_id);
+    json_object_set_new(msg, "delivery_id", json_string(delivery_id));
+    if (nack)
+        json_object_set_new(msg, "reason", json_string(nack));
+    s_send(sock, msg);
+}
+
+/* Receive until a message with cmd arrives (DELIVERs on the way are
+ * dropped and counted); NULL after timeout_ms. */
+static json_t *s_expect(zsock_t *sock, const char *cmd, int timeout_ms)
+{
+    int64_t deadline = zclock_mono() + timeout_ms;
+    while (zclock_mono() < deadline) {
+        json_t *msg = s_recv(sock, (int) (deadline - zclock_mono()) + 1);
+        if (!msg)
+            return NULL;
+        if (strcmp(s_str(msg, "cmd"), cmd) == 0)
+            return msg;
+        json_decref(msg);
+    }
+    return NULL;
+}
+
+/* --- tests ------------------------------------------------------------ */
+
+#define S_BACKLOG 40
+
+START_TEST(offline_backlog_drains_in_order_within_the_window)
+{
+    /* Deliveries made while avim is offline: ages give the order, two are
+     * urgent and one high, and they come first. */
+    char ids[S_BACKLOG][37];
+    for (int i = 0; i < S_BACKLOG; i++) {
+        const char *priority = i == 30 || i == 35 ? "urgent"
+                               : i == 20          ? "high"
+                                                  : "normal";
+        s_delivery("avim", priority, 10000 - i * 10, NULL, ids[i]);
+    }
+    char other[37];
+    s_delivery("zorgcoordinator", "urgent", 20000, NULL, other);
+    pid_t pid = s_start("notification.log", NULL);
+    ck_assert(s_log_has("notification.log", "event=ready", 10000));
+    zclock_sleep(300);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM deliveries"
+                             " WHERE state = 'pending'"),
+                     S_BACKLOG + 1);
+
+    zsock_t *avim = s_partner("avim");
+    s_hello(avim, 8);
+    /* The window: exactly 8 come while none is acknowledged. */
+    json_t *got[S_BACKLOG];
+    int n = 0;
+    for (json_t *msg; n < S_BACKLOG && (msg = s_recv(avim, 700)) != NULL;)
+        got[n++] = msg;
+    ck_assert_int_eq(n, 8);
+    /* Then everything, in order, acknowledging as it comes. */
+    const char *want_order[S_BACKLOG];
+    int w = 0;
+    want_order[w++] = ids[30];
+    want_order[w++] = ids[35];
+    want_order[w++] = ids[20];
+    for (int i = 0; i < S_BACKLOG; i++)
+        if (i != 20 && i != 30 && i != 35)
+            want_order[w++] = ids[i];
+    for (int i = 0; i < S_BACKLOG; i++) {
+        if (i >= n) {
+            got[n] = s_expect(avim, "DELIVER", 5000);
+            ck_assert_msg(got[n] != NULL, "delivery %d did not come", i);
+            n++;
+        }
+        ck_assert_str_eq(s_str(got[i], "cmd"), "DELIVER");
+        ck_assert_str_eq(s_str(got[i], "delivery_id"), want_order[i]);
+        ck_assert_int_eq(json_integer_value(json_object_get(got[i], "attempt")),
+                         1);
+        const char *payload = s_str(got[i], "payload");
+        char hash[65];
+        kh_sha256_hex(payload, strlen(payload), hash);
+        ck_assert_str_eq(s_str(got[i], "payload_sha256"), hash);
+        s_answer(avim, want_order[i], NULL);
+    }
+    for (int i = 0; i < S_BACKLOG; i++)
+        json_decref(got[i]);
+    ck_assert(s_wait_count("SELECT count(*) FROM deliveries WHERE partner_id"
+                           " = 'avim' AND state = 'acknowledged'",
+                           S_BACKLOG, 5000));
+    /* Each sent once and acknowledged once, in the trail; the other
+     * partner's delivery never left. */
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
+                             " = 'delivery.sent' AND partner_id = 'avim'"),
+                     S_BACKLOG);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
+                             " = 'delivery.acked' AND outcome = 'ok'"
+                             " AND actor_id = 'avim'"),
+                     S_BACKLOG);
+    ck_assert_int_eq(
+        s_count("SELECT count(*) FROM (SELECT delivery_id FROM audit_events"
+                " WHERE action = 'delivery.acked' GROUP BY delivery_id"
+                " HAVING count(*) > 1) d"),
+        0);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM deliveries WHERE"
+                             " partner_id = 'zorgcoordinator' AND state ="
+                             " 'pending'"),
+                     1);
+    zsock_destroy(&avim);
+    s_stop(pid);
+}
+END_TEST
+
+START_TEST(ack_twice_changes_once_and_foreign_ack_is_refused)
+{
+    char mine[37], theirs[37], never_sent[37], unknown[37];
+    s_delivery("avim", "normal", 1000, NULL, mine);
+    s_delivery("zorgcoordinator", "normal", 1000, NULL, theirs);
+    s_delivery("avim", "normal", 1000, NULL, never_sent);
+    kh_uuid_new(unknown);
+    pid_t pid = s_start("notification.log", NULL);
+    zsock_t *avim = s_partner("avim");
+    s_hello(avim, 1); /* only mine is sent (the oldest; same age: either) */
+    json_t *msg = s_expect(avim, "DELIVER", 5000);
+    ck_assert_ptr_nonnull(msg);
+    char sent[37];
+    snprintf(sent, sizeof sent, "%s", s_str(msg, "delivery_id"));
+    json_decref(msg);
+    const char *held = strcmp(sent, mine) == 0 ? never_sent : mine;
+
+    s_answer(avim, sent, NULL);
+    msg = s_expect(avim, "ACKED", 5000);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert_str_eq(s_str(msg, "delivery_id"), sent);
+    ck_assert(json_is_false(json_object_get(msg, "duplicate")));
+    json_decref(msg);
+    /* The second ACK: answered, nothing changes. */
+    s_answer(avim, sent, NULL);
+    msg = s_expect(avim, "ACKED", 5000);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert(json_is_true(json_object_get(msg, "duplicate")));
+    json_decref(msg);
+
+    /* Another partner's delivery, one never sent, and an unknown id. */
+    const char *foreign[] = {theirs, unknown};
+    for (int i = 0; i < 2; i++) {
+        s_answer(avim, foreign[i], NULL);
+        msg = s_expect(avim, "REJECTED", 5000);
+        ck_assert_ptr_nonnull(msg);
+        ck_assert_str_eq(s_str(msg, "code"), "not_found");
+        ck_assert_str_eq(s_str(msg, "path"), "delivery_id");
+        json_decref(msg);
+    }
+    s_answer(avim, theirs, "permanent");
+    msg = s_expect(avim, "REJECTED", 5000);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert_str_eq(s_str(msg, "code"), "not_found");
+    json_decref(msg);
+
+    const char *params[] = {sent};
+    PGresult *res = PQexecParams(s_db,
+                                 "SELECT count(*) FROM audit_events WHERE"
+                                 " delivery_id = $1 AND action ="
+                                 " 'delivery.acked'",
+                                 1, NULL, params, NULL, NULL, 0);
+    ck_assert_str_eq(PQgetvalue(res, 0, 0), "1");
+    PQclear(res);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE"
+                             " outcome = 'refused' AND reason_code ="
+                             " 'not_found' AND actor_id = 'avim'"),
+                     3);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM deliveries WHERE"
+                             " partner_id = 'zorgcoordinator' AND state ="
+                             " 'pending' AND attempts = 0"),
+                     1);
+    /* The one the window held back went out when the first was
+     * acknowledged (s_expect passed over its DELIVER). */
+    const char *hparams[] = {held};
+    res = PQexecParams(s_db, "SELECT state FROM deliveries WHERE id = $1", 1,
+                       NULL, hparams, NULL, NULL, 0);
+    ck_assert_str_eq(PQgetvalue(res, 0, 0), "delivered");
+    PQclear(res);
+    zsock_destroy(&avim);
+    s_stop(pid);
+}
+END_TEST
+
+START_TEST(unacknowledged_is_resent_with_its_id_then_dead)
+{
+    char id[37];
+    s_delivery("avim", "normal", 0, NULL, id);
+    pid_t pid = s_start("notification.log", NULL);
+    zsock_t *avim = s_partner("avim");
+    s_hello(avim, 4);
+    /* Three attempts (KH_NOTIFY_MAX_ATTEMPTS=3), the same id each time. */
+    for (int attempt = 1; attempt <= 3; attempt++) {
+        json_t *msg = s_expect(avim, "DELIVER", 5000);
+        ck_assert_msg(msg != NULL, "attempt %d did not come", attempt);
+        ck_assert_str_eq(s_str(msg, "delivery_id"), id);
+        ck_assert_int_eq(json_integer_value(json_object_get(msg, "attempt")),
+                         attempt);
+        json_decref(msg);
+        /* Keep the connection alive while waiting. */
+        s_send(avim, kh_proto_new(KH_CMD_PING, "p"));
+    }
+    ck_assert(s_wait_count("SELECT count(*) FROM deliveries WHERE state ="
+                           " 'dead' AND dead_reason = 'max_attempts'",
+                           1, 5000));
+    ck_assert(s_log_has("notification.log", "kind=dead_letter", 2000));
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
+                             " = 'delivery.dead' AND reason_code ="
+                             " 'max_attempts'"),
+                     1);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
+                             " = 'delivery.sent'"),
+                     3);
+    /* No fourth send. */
+    json_t *msg = s_expect(avim, "DELIVER", 1500);
+    ck_assert_ptr_null(msg);
+    zsock_destroy(&avim);
+    s_stop(pid);
+}
+END_TEST
+
+START_TEST(nack_retry_resends_and_nack_permanent_is_dead_at_once)
+{
+    char retry[37], permanent[37];
+    s_delivery("avim", "normal", 2000, NULL, retry);
+    s_delivery("avim", "normal", 1000, NULL, permanent);
+    pid_t pid = s_start("notification.log", NULL);
+    zsock_t *avim = s_partner("avim");
+    s_hello(avim, 4);
+    for (int i = 0; i < 2; i++) {
+        json_t *msg = s_expect(avim, "DELIVER", 5000);
+        ck_assert_ptr_nonnull(msg);
+        json_decref(msg);
+    }
+    s_answer(avim, retry, "retry");
+    json_t *msg = s_expect(avim, "NACKED", 5000);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert(json_is_false(json_object_get(msg, "dead")));
+    json_decref(msg);
+    s_answer(avim, permanent, "permanent");
+    msg = s_expect(avim, "NACKED", 5000);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert_str_eq(s_str(msg, "delivery_id"), permanent);
+    ck_assert(json_is_true(json_object_get(msg, "dead")));
+    json_decref(msg);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM deliveries WHERE state ="
+                             " 'dead' AND dead_reason = 'nack_permanent'"),
+                     1);
+    /* The retried one comes again, same id, attempt 2. */
+    msg = s_expect(avim, "DELIVER", 5000);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert_str_eq(s_str(msg, "delivery_id"), retry);
+    ck_assert_int_eq(json_integer_value(json_object_get(msg, "attempt")), 2);
+    json_decref(msg);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
+                             " = 'delivery.nacked' AND outcome = 'ok'"),
+                     2);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
+                             " = 'delivery.dead' AND reason_code ="
+                             " 'nack_permanent'"),
+                     1);
+    zsock_destroy(&avim);
+    s_stop(pid);
+}
+END_TEST
+
+START_TEST(overdue_urgent_escalates_with_a_copy_normal_does_not)
+{
+    char urgent[37], normal[37], plain[37];
+    s_delivery("avim", "urgent", 0, "zorgcoordinator", urgent);
+    s_delivery("avim", "normal", 0, "zorgcoordinator", normal);
+    s_delivery("veilig-thuis", "urgent", 0, NULL, plain);
+    pid_t pid = s_start("notification.log", NULL);
+    /* Nobody connected: after KH_NOTIFY_ESCALATE_MS (1 s) both urgent ones
+     * escalate; avim's gets a copy to the zorgcoordinator. */
+    ck_assert(s_wait_count("SELECT count(*) FROM deliveries WHERE"
+                           " escalated_at IS NOT NULL",
+                           2, 5000));
+    ck_assert(s_log_has("notification.log", "kind=escalation", 2000));
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
+                             " = 'delivery.escalated'"),
+                     2);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM deliveries d JOIN"
+                             " deliveries o ON o.referral_id = d.referral_id"
+                             " WHERE d.partner_id = 'zorgcoordinator' AND"
+                             " o.partner_id = 'avim' AND o.priority ="
+                             " 'urgent' AND d.priority = 'urgent' AND"
+                             " d.payload = o.payload"),
+                     1);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
+                             " = 'delivery.created' AND reason_code ="
+                             " 'escalation' AND partner_id ="
+                             " 'zorgcoordinator'"),
+                     1);
+    zclock_sleep(300);
+    const char *params[] = {normal};
+    PGresult *res = PQexecParams(s_db,
+                                 "SELECT escalated_at IS NULL FROM deliveries"
+                                 " WHERE id = $1",
+                                 1, NULL, params, NULL, NULL, 0);
+    ck_assert_str_eq(PQgetvalue(res, 0, 0), "t");
+    PQclear(res);
+    /* The copy reaches the zorgcoordinator. */
+    zsock_t *zc = s_partner("zorgcoordinator");
+    s_hello(zc, 4);
+    json_t *msg = s_expect(zc, "DELIVER", 5000);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert_str_eq(s_str(msg, "priority"), "urgent");
+    json_decref(msg);
+    zsock_destroy(&zc);
+    s_stop(pid);
+}
+END_TEST
+
+#define S_KILL_COUNT 2000
+
+START_TEST(killed_mid_stream_loses_nothing)
+{
+    for (int i = 0; i < S_KILL_COUNT; i++) {
+        char id[37];
+        s_delivery("avim", i % 10 ? "normal" : "high", S_KILL_COUNT - i, NULL,
+                   id);
+    }
+    pid_t pid = s_start("notification.log", NULL);
+    zsock_t *avim = s_partner("avim");
+    s_hello(avim, 32);
+    zhashx_t *seen = zhashx_new();
+    int received = 0, duplicates = 0;
+    bool killed = false;
+    int64_t deadline = zclock_mono() + 60000;
+    int64_t last_hello = zclock_mono();
+    while (zclock_mono() < deadline &&
+           s_count("SELECT count(*) FROM deliveries WHERE state ="
+                   " 'acknowledged'") < S_KILL_COUNT) {
+        for (json_t *msg; (msg = s_recv(avim, 100)) != NULL;) {
+            if (strcmp(s_str(msg, "cmd"), "DELIVER") == 0) {
+                const char *id = s_str(msg, "delivery_id");
+                if (zhashx_lookup(seen, id))
+                    duplicates++;
+                else
+                    zhashx_insert(seen, id, (void *) 1);
+                received++;
+                s_answer(avim, id, NULL);
+            }
+            json_decref(msg);
+            if (!killed && received >= S_KILL_COUNT / 3) {
+                ck_assert_int_eq(khproc_stop(pid, SIGKILL, 5000) & 0x7f,
+                                 SIGKILL);
+                killed = true;
+                pid = s_start("notification2.log", NULL);
+            }
+        }
+        /* The heartbeat that re-registers after a restart. */
+        if (zclock_mono() - last_hello > 500) {
+            json_t *hello = kh_proto_new(KH_CMD_HELLO, "h");
+            json_object_set_new(hello, "window", json_integer(32));
+            s_send(avim, hello);
+            last_hello = zclock_mono();
+        }
+    }
+    ck_assert(killed);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM deliveries WHERE state ="
+                             " 'acknowledged'"),
+                     S_KILL_COUNT);
+    /* Every delivery came, under its own id; repeats only of those ids. */
+    ck_assert_int_eq((int) zhashx_size(seen), S_KILL_COUNT);
+    ck_assert_int_eq(received, S_KILL_COUNT + duplicates);
+    ck_assert_int_eq(
+        s_count("SELECT count(*) FROM (SELECT delivery_id FROM audit_events"
+                " WHERE action = 'delivery.acked' AND outcome = 'ok'"
+                " GROUP BY delivery_id HAVING count(*) > 1) d"),
+        0);
+    zhashx_destroy(&seen);
+    zsock_destroy(&avim);
+    s_stop(pid);
+}
+END_TEST
+
+START_TEST(unknown_key_and_bad_frames_are_refused)
+{
+    pid_t pid = s_start("notification.log", NULL);
+    /* A key outside the partner directory never completes its handshake. */
+    zcert_t *stranger = zcert_new();
+    zcert_save(stranger, s_path("stranger.cert"));
+    zcert_destroy(&stranger);
+    zsock_t *sock = s_partner("stranger");
+    json_t *hello = kh_proto_new(KH_CMD_HELLO, "h");
+    s_send(sock, hello);
+    ck_assert_ptr_null(s_recv(sock, 1000));
+    ck_assert(s_log_has("notification.log", "event=auth_refused", 3000));
+    zsock_destroy(&sock);
+
+    zsock_t *avim = s_partner("avim");
+    zstr_send(avim, "not messagepack");
+    json_t *msg = s_expect(avim, "REJECTED", 5000);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert_str_eq(s_str(msg, "code"), "malformed");
+    json_decref(msg);
+    /* A SUBMIT belongs to intake. */
+    msg = kh_proto_new(KH_CMD_SUBMIT, "s");
+    json_object_set_new(msg, "idempotency_key", json_string("k"));
+    json_object_set_new(msg, "referral", json_object());
+    s_send(avim, msg);
+    msg = s_expect(avim, "REJECTED", 5000);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert_str_eq(s_str(msg, "code"), "unknown_command");
+    json_decref(msg);
+    /* A NACK without a valid reason, an ACK with a bad id. */
+    msg = kh_proto_new(KH_CMD_NACK, "n");
+    json_object_set_new(msg, "delivery_id",
+                        json_string("00000000-0000-4000-8000-000000000000"));
+    json_object_set_new(msg, "reason", json_string("whenever"));
+    s_send(avim, msg);
+    msg = s_expect(avim, "REJECTED", 5000);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert_str_eq(s_str(msg, "code"), "bad_envelope");
+    ck_assert_str_eq(s_str(msg, "path"), "reason");
+    json_decref(msg);
+    msg = kh_proto_new(KH_CMD_ACK, "a");
+    json_object_set_new(msg, "delivery_id", json_string("Robert'); DROP"));
+    s_send(avim, msg);
+    msg = s_expect(avim, "REJECTED", 5000);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert_str_eq(s_str(msg, "path"), "delivery_id");
+    json_decref(msg);
+    /* Still serving. */
+    s_hello(avim, 2);
+    zsock_destroy(&avim);
+    s_stop(pid);
+}
+END_TEST
+
+static Suite *s_suite(void)
+{
+    Suite *suite = suite_create("notification");
+    TCase *tc = tcase_create("service");
+    tcase_add_checked_fixture(tc, s_setup, s_teardown);
+    tcase_set_timeout(tc, 120);
+    tcase_add_test(tc, offline_backlog_drains_in_order_within_the_window);
+    tcase_add_test(tc, ack_twice_changes_once_and_foreign_ack_is_refused);
+    tcase_add_test(tc, unacknowledged_is_resent_with_its_id_then_dead);
+    tcase_add_test(tc, nack_retry_resends_and_nack_permanent_is_dead_at_once);
+    tcase_add_test(tc, overdue_urgent_escalates_with_a_copy_normal_does_not);
+    tcase_add_test(tc, killed_mid_stream_loses_nothing);
+    tcase_add_test(tc, unknown_key_and_bad_frames_are_refused);
+    suite_add_tcase(suite, tc);
+    return suite;
+}
+
+int main(void)
+{
+    return khtest_run_suite(s_suite());
+}
