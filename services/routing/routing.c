@@ -53,8 +53,9 @@ static const char *s_claim_sql =
 
 static const char *s_delivery_sql =
     "INSERT INTO deliveries (id, referral_id, partner_id, priority, payload,"
-    " payload_hash, rules_version)"
-    " VALUES ($1, $2, $3, $4, convert_to($5, 'UTF8'), decode($6, 'hex'), $7)"
+    " payload_hash, rules_version, escalate_to)"
+    " VALUES ($1, $2, $3, $4, convert_to($5, 'UTF8'), decode($6, 'hex'), $7,"
+    " $8)"
     " ON CONFLICT (referral_id, partner_id) DO NOTHING";
 
 static const char *s_routed_sql =
@@ -245,8 +246,9 @@ static int s_insert_deliveries(routing_t *self, const char *referral_id,
             kh_priority_name(kh_rules_result_priority(result, i)),
             payload,
             hash,
-            kh_rules_version(self->rules)};
-        int rc = s_exec(self->conn, s_delivery_sql, 7, params, err);
+            kh_rules_version(self->rules),
+            kh_rules_result_escalate_to(result, i)};
+        int rc = s_exec(self->conn, s_delivery_sql, 8, params, err);
         free(payload);
         zhashx_insert(self->targets, kh_rules_result_partner(result, i),
                       &s_present);

@@ -256,7 +256,7 @@ START_TEST(examples_get_exactly_the_projected_deliveries)
                   "not routed: see %s", s_path("routing.log"));
 
     kh_rules_result_t *result = kh_rules_result_new(s_rules);
-    long total = 0;
+    long total = 0, escalations = 0;
     for (size_t i = 0; i < s_example_count; i++) {
         kh_rules_eval(s_rules, s_examples[i], result);
         size_t targets = kh_rules_result_target_count(result);
@@ -265,7 +265,8 @@ START_TEST(examples_get_exactly_the_projected_deliveries)
         PGresult *res = PQexecParams(
             s_db,
             "SELECT partner_id, priority, convert_from(payload, 'UTF8'),"
-            " encode(payload_hash, 'hex'), state, rules_version"
+            " encode(payload_hash, 'hex'), state, rules_version,"
+            " coalesce(escalate_to, '')"
             " FROM deliveries WHERE referral_id = $1",
             1, NULL, params, NULL, NULL, 0);
         ck_assert_int_eq(PQresultStatus(res), PGRES_TUPLES_OK);
@@ -291,6 +292,10 @@ START_TEST(examples_get_exactly_the_projected_deliveries)
             ck_assert_str_eq(PQgetvalue(res, row, 4), "pending");
             ck_assert_str_eq(PQgetvalue(res, row, 5),
                              kh_rules_version(s_rules));
+            const char *escalate =
+                kh_rules_result_escalate_to(result, (size_t) t);
+            ck_assert_str_eq(PQgetvalue(res, row, 6), escalate ? escalate : "");
+            escalations += escalate != NULL;
         }
         PQclear(res);
 
@@ -319,6 +324,8 @@ START_TEST(examples_get_exactly_the_projected_deliveries)
         PQclear(res);
     }
     kh_rules_result_destroy(&result);
+    /* The default rules escalate some urgent deliveries of the examples. */
+    ck_assert_int_gt(escalations, 0);
     s_assert_routed_once((long) s_example_count, total);
     ck_assert_int_eq(s_count("SELECT count(*) FROM deliveries"
                              " WHERE partner_id = 'ketenregisseur'"),
