@@ -1,5 +1,6 @@
 /*
- * The reference partner client (see client.h).
+ * The reference partner client (see client.h): request and reply for
+ * intake, and the receiving side of deliveries.
  */
 #include "ketenhub/client.h"
 
@@ -220,4 +221,171 @@ int kh_client_ping(kh_client_t *self, int timeout_ms, kh_error_t *err)
         kh_error_set(err, KH_E_INTERNAL, "", "unexpected reply to PING");
     json_decref(reply);
     return rc;
+}
+
+/* ---- deliveries ------------------------------------------------------- */
+
+/* Encode msg (v is set) and send it as one frame without waiting. */
+static int s_send(kh_client_t *self, json_t *msg, kh_error_t *err)
+{
+    char *data = NULL;
+    size_t size = 0;
+    if (!msg || json_object_set_new(msg, "v", json_integer(KH_PROTO_VERSION)))
+        return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
+    if (kh_msgpack_encode(msg, &data, &size, err))
+        return -1;
+    zframe_t *frame = zframe_new(data, size);
+    free(data);
+    if (!frame || zframe_send(&frame, self->dealer, ZFRAME_DONTWAIT)) {
+        zframe_destroy(&frame);
+        return kh_error_set(err, KH_E_UNAVAILABLE, "",
+                            "cannot send now (not connected, or the send "
+                            "queue is full)");
+    }
+    return 0;
+}
+
+int kh_client_hello(kh_client_t *self, int window, kh_error_t *err)
+{
+    char cid[32];
+    snprintf(cid, sizeof cid, "hello:%" PRIu64, self->next_cid++);
+    json_t *msg = json_pack("{s:s, s:s}", "cmd", "HELLO", "cid", cid);
+    if (msg && window > 0)
+        json_object_set_new(msg, "window", json_integer(window));
+    int rc = s_send(self, msg, err);
+    json_decref(msg);
+    return rc;
+}
+
+/* ACK or NACK (reason not NULL) of delivery_id. */
+static int s_answer(kh_client_t *self, const char *delivery_id,
+                    const char *reason, kh_error_t *err)
+{
+    if (!delivery_id || !kh_uuid_valid(delivery_id))
+        return kh_error_set(err, KH_E_BAD_ENVELOPE, "delivery_id",
+                            "not a delivery id");
+    char cid[48];
+    snprintf(cid, sizeof cid, "%s:%s", reason ? "nack" : "ack", delivery_id);
+    json_t *msg = json_pack("{s:s, s:s, s:s}", "cmd", reason ? "NACK" : "ACK",
+                            "cid", cid, "delivery_id", delivery_id);
+    if (msg && reason)
+        json_object_set_new(msg, "reason", json_string(reason));
+    int rc = s_send(self, msg, err);
+    json_decref(msg);
+    return rc;
+}
+
+int kh_client_ack(kh_client_t *self, const char *delivery_id, kh_error_t *err)
+{
+    return s_answer(self, delivery_id, NULL, err);
+}
+
+int kh_client_nack(kh_client_t *self, const char *delivery_id, bool permanent,
+                   kh_error_t *err)
+{
+    return s_answer(self, delivery_id, permanent ? "permanent" : "retry", err);
+}
+
+json_t *kh_client_recv(kh_client_t *self, int timeout_ms, kh_error_t *err)
+{
+    int64_t deadline = zclock_mono() + (timeout_ms > 0 ? timeout_ms : 0);
+    int64_t left = timeout_ms > 0 ? timeout_ms : 0;
+    do {
+        void *which = zpoller_wait(self->poller, (int) left);
+        if (which && which == self->monitor) {
+            zmsg_t *event = zmsg_recv(self->monitor);
+            zmsg_destroy(&event);
+            kh_error_set(err, KH_E_UNKNOWN_PARTNER, "",
+                         "the hub refused this partner key");
+            return NULL;
+        }
+        if (which != self->dealer)
+            break; /* timeout or interrupted */
+        zframe_t *frame = zframe_recv(self->dealer);
+        if (!frame)
+            break;
+        /* A DELIVER's payload is a string as long as the frame allows. */
+        kh_limits_t limits = kh_limits_default();
+        limits.max_string = limits.max_frame;
+        json_t *msg = NULL;
+        kh_error_t decode_err;
+        int rc = kh_msgpack_decode(zframe_data(frame), zframe_size(frame),
+                                   &limits, &msg, &decode_err);
+        zframe_destroy(&frame);
+        if (rc == 0 && json_is_object(msg) &&
+            json_is_string(json_object_get(msg, "cmd")))
+            return msg;
+        json_decref(msg);
+    } while ((left = deadline - zclock_mono()) > 0);
+    kh_error_set(err, KH_E_TIMEOUT, "", "nothing from the hub within %d ms",
+                 timeout_ms);
+    return NULL;
+}
+
+static bool s_hex64(const char *s)
+{
+    if (!s || strlen(s) != 64)
+        return false;
+    for (const char *c = s; *c; c++)
+        if (!((*c >= '0' && *c <= '9') || (*c >= 'a' && *c <= 'f')))
+            return false;
+    return true;
+}
+
+int kh_client_delivery_check(const json_t *deliver, json_t **payload,
+                             kh_error_t *err)
+{
+    *payload = NULL;
+    kh_cmd_t cmd;
+    const char *cid;
+    if (kh_proto_check(deliver, &cmd, &cid, err))
+        return -1;
+    if (cmd != KH_CMD_DELIVER)
+        return kh_error_set(err, KH_E_BAD_ENVELOPE, "cmd", "not a DELIVER");
+    static const char *const ids[] = {"delivery_id", "referral_id"};
+    for (int i = 0; i < 2; i++) {
+        const char *id = json_string_value(json_object_get(deliver, ids[i]));
+        if (!id || !kh_uuid_valid(id))
+            return kh_error_set(err, KH_E_BAD_ENVELOPE, ids[i],
+                                "%s must be a lower-case UUID", ids[i]);
+    }
+    const char *priority =
+        json_string_value(json_object_get(deliver, "priority"));
+    if (!priority || (strcmp(priority, "normal") && strcmp(priority, "high") &&
+                      strcmp(priority, "urgent")))
+        return kh_error_set(err, KH_E_BAD_ENVELOPE, "priority",
+                            "priority must be normal, high or urgent");
+    const json_t *attempt = json_object_get(deliver, "attempt");
+    if (!json_is_integer(attempt) || json_integer_value(attempt) < 1)
+        return kh_error_set(err, KH_E_BAD_ENVELOPE, "attempt",
+                            "attempt must be an integer from 1");
+    if (!json_is_string(json_object_get(deliver, "routed_at")))
+        return kh_error_set(err, KH_E_BAD_ENVELOPE, "routed_at",
+                            "routed_at must be a string");
+    const json_t *text = json_object_get(deliver, "payload");
+    const char *hash =
+        json_string_value(json_object_get(deliver, "payload_sha256"));
+    if (!json_is_string(text))
+        return kh_error_set(err, KH_E_BAD_ENVELOPE, "payload",
+                            "payload must be a string");
+    if (!s_hex64(hash))
+        return kh_error_set(err, KH_E_BAD_ENVELOPE, "payload_sha256",
+                            "payload_sha256 must be 64 lower-case hex digits");
+    char actual[65];
+    kh_sha256_hex(json_string_value(text), json_string_length(text), actual);
+    if (strcmp(actual, hash) != 0) {
+        kh_error_set(err, KH_E_BAD_ENVELOPE, "payload_sha256",
+                     "the payload does not match payload_sha256");
+        return -2;
+    }
+    json_error_t jerr;
+    json_t *doc = json_loadb(json_string_value(text), json_string_length(text),
+                             JSON_REJECT_DUPLICATES, &jerr);
+    if (!json_is_object(doc)) {
+        json_decref(doc);
+        return kh_error_set(err, KH_E_BAD_ENVELOPE, "payload",
+                            "payload is not a JSON object");
+    }
+    *payload = doc;
+    return 0;
 }

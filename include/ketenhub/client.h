@@ -2,6 +2,9 @@
  * The reference partner client: what a partner system links to talk to
  * the hub (schemas/protocol.md). One client is one DEALER connection with
  * the partner's CURVE key; it is not thread-safe (use one per thread).
+ * A partner uses one client for intake (SUBMIT, STATUS) and another, on
+ * the notification endpoint, to receive its deliveries (HELLO, DELIVER,
+ * ACK, NACK).
  *
  * Replies are returned as the decoded envelope (a jansson object, owned by
  * the caller); kh_client_reply_code tells the outcome at a glance.
@@ -10,6 +13,7 @@
 #define KH_CLIENT_H_INCLUDED
 
 #include <jansson.h>
+#include <stdbool.h>
 
 #include "ketenhub/error.h"
 
@@ -54,6 +58,43 @@ int kh_client_ping(kh_client_t *self, int timeout_ms, kh_error_t *err);
 
 /* The reply's command name ("ACCEPTED", "REJECTED", ...), "" if none. */
 const char *kh_client_reply_cmd(const json_t *reply);
+
+/* ---- receiving deliveries (schemas/protocol.md, Deliveries) ----------
+ *
+ * On a client connected to the notification endpoint (default
+ * tcp://HUB:7703) the partner sends HELLO, and repeats it about every
+ * second as its heartbeat; the hub answers WELCOME and sends DELIVER
+ * messages, which the partner answers with ACK (only once the delivery is
+ * stored durably) or NACK. These calls do not wait for a reply: replies
+ * and deliveries all come through kh_client_recv. */
+
+/* Send HELLO asking for at most window unacknowledged deliveries on this
+ * connection (1..1024), or 0 to let the hub choose. 0, or -1 with err. */
+int kh_client_hello(kh_client_t *self, int window, kh_error_t *err);
+
+/* Send ACK / NACK for delivery_id. The cid is "ack:ID" / "nack:ID", so
+ * the ACKED, NACKED or REJECTED reply names the delivery even when it
+ * carries no delivery_id. permanent: NACK "permanent" (make it a dead
+ * letter now) instead of "retry". 0, or -1 with err. */
+int kh_client_ack(kh_client_t *self, const char *delivery_id, kh_error_t *err);
+int kh_client_nack(kh_client_t *self, const char *delivery_id, bool permanent,
+                   kh_error_t *err);
+
+/* The next message from the hub (caller owns it), waiting up to
+ * timeout_ms. NULL with err: KH_E_TIMEOUT when nothing came (also when
+ * interrupted by a signal), KH_E_UNKNOWN_PARTNER when the hub refused
+ * this key in the handshake. Frames that are not a valid envelope are
+ * dropped and waiting goes on. */
+json_t *kh_client_recv(kh_client_t *self, int timeout_ms, kh_error_t *err);
+
+/* Check a DELIVER message: its fields and types (KH_E_BAD_ENVELOPE with
+ * the field's path), that payload_sha256 is the SHA-256 of payload, and
+ * that payload is a JSON object. Returns 0 and *payload (a new object,
+ * caller owns it); -1 when the message is malformed (it will not get
+ * better when sent again); -2 when the payload does not match its hash
+ * (damaged on the way: NACK it for a re-send). */
+int kh_client_delivery_check(const json_t *deliver, json_t **payload,
+                             kh_error_t *err);
 
 #ifdef __cplusplus
 }

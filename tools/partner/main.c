@@ -1,7 +1,8 @@
 /*
  * ketenhub-partner: the reference partner tool. Submits referrals (JSON
  * files) to the hub, asks their status, pings. Prints the hub's answer as
- * one JSON line on stdout.
+ * one JSON line on stdout. `listen` receives the partner's deliveries
+ * (listen.c).
  *
  * Exit codes: 0 accepted (or answered), 1 refused, 2 usage or unreadable
  * input, 3 hub unreachable or this key refused, 4 refused for now (the
@@ -15,14 +16,7 @@
 
 #include "ketenhub/client.h"
 #include "ketenhub/proto.h"
-
-enum {
-    S_EXIT_OK = 0,
-    S_EXIT_REFUSED = 1,
-    S_EXIT_USAGE = 2,
-    S_EXIT_UNREACHABLE = 3,
-    S_EXIT_RETRY_LATER = 4
-};
+#include "partner.h"
 
 static void s_usage(FILE *out)
 {
@@ -30,9 +24,13 @@ static void s_usage(FILE *out)
             "usage: ketenhub-partner [options] submit FILE|- [--key KEY]\n"
             "       ketenhub-partner [options] status REFERRAL_ID\n"
             "       ketenhub-partner [options] ping\n"
+            "       ketenhub-partner [options] listen (--dir DIR | --exec "
+            "CMD) ...\n"
             "options (environment variable in brackets):\n"
             "  --endpoint E   hub intake endpoint [KH_ENDPOINT]\n"
-            "                 (default tcp://127.0.0.1:7701)\n"
+            "                 (default tcp://127.0.0.1:7701); for listen the\n"
+            "                 delivery endpoint [KH_DELIVERY_ENDPOINT]\n"
+            "                 (default tcp://127.0.0.1:7703)\n"
             "  --hub-cert F   hub's public certificate [KH_HUB_PUBLIC_CERT]\n"
             "  --cert F       this partner's certificate, with F_secret\n"
             "                 beside it [KH_PARTNER_CERT]\n"
@@ -42,7 +40,8 @@ static void s_usage(FILE *out)
             "  --key KEY      idempotency key (default: derived from the\n"
             "                 referral's content, so a resend is safe)\n"
             "exit: 0 accepted, 1 refused, 2 usage, 3 unreachable,\n"
-            "      4 refused for now (retry later)\n");
+            "      4 refused for now (retry later)\n"
+            "Run `ketenhub-partner listen --help` for the delivery side.\n");
 }
 
 static const char *s_env(const char *name, const char *fallback)
@@ -86,6 +85,7 @@ static json_t *s_read_referral(const char *file)
 int main(int argc, char **argv)
 {
     const char *endpoint = s_env("KH_ENDPOINT", "tcp://127.0.0.1:7701");
+    const char *endpoint_opt = NULL; /* --endpoint as given */
     const char *hub_cert = s_env("KH_HUB_PUBLIC_CERT", NULL);
     const char *cert = s_env("KH_PARTNER_CERT", NULL);
     const char *key = NULL;
@@ -103,7 +103,7 @@ int main(int argc, char **argv)
     while ((opt = getopt_long(argc, argv, "+h", options, NULL)) != -1) {
         switch (opt) {
         case 'e':
-            endpoint = optarg;
+            endpoint = endpoint_opt = optarg;
             break;
         case 'H':
             hub_cert = optarg;
@@ -128,8 +128,11 @@ int main(int argc, char **argv)
             return S_EXIT_USAGE;
         }
     }
-    /* Options may also follow the command (submit FILE --key K). */
     int first = optind;
+    if (first < argc && strcmp(argv[first], "listen") == 0)
+        return partner_listen(argc - first, argv + first, endpoint_opt,
+                              hub_cert, cert);
+    /* Options may also follow the command (submit FILE --key K). */
     optind = first + 1;
     while ((opt = getopt_long(argc, argv, "+h", options, NULL)) != -1)
         if (opt == 'k')

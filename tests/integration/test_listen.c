@@ -1,0 +1,460 @@
+/*
+ * Integration test of `ketenhub-partner listen` (tools/partner/listen.c and
+ * the delivery calls of common/client.c), the built binary against a hub
+ * side played by the test itself: a real CURVE ROUTER with zauth and a
+ * partner certificate directory, speaking the Deliveries section of
+ * schemas/protocol.md (WELCOME, DELIVER, ACKED, NACKED). It checks HELLO
+ * and its heartbeat, files written before the ACK and never rewritten for
+ * a re-send, NACKs for a damaged or malformed delivery, --exec and its
+ * exit codes, reconnection after the hub went away, a refused key, clean
+ * stops, and that the log holds no payload value. No database.
+ */
+#include <czmq.h>
+#include <jansson.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "ketenhub/codec.h"
+#include "ketenhub/proto.h"
+#include "khproc.h"
+#include "khtest.h"
+
+#define PARTNER KH_TEST_BINARY_DIR "/tools/partner/ketenhub-partner"
+#define CANARY "CANARY-91c4-personal-data"
+
+#define D1 "bbbbbbbb-0000-4000-8000-000000000001"
+#define D2 "bbbbbbbb-0000-4000-8000-000000000002"
+#define D3 "bbbbbbbb-0000-4000-8000-000000000003"
+#define D4 "bbbbbbbb-0000-4000-8000-000000000004"
+#define D5 "bbbbbbbb-0000-4000-8000-000000000005"
+#define REF "cccccccc-0000-4000-8000-000000000001"
+
+/* The hub side: keys, zauth, the ROUTER and the partner's routing id. */
+typedef struct {
+    char *dir; /* hub.cert, px.cert(+_secret), certs/ (allowed keys) */
+    zcert_t *hub;
+    zactor_t *auth;
+    zsock_t *router;
+    int port;
+    zframe_t *peer;
+    int hellos;
+} s_hub_t;
+
+static void s_hub_bind(s_hub_t *h)
+{
+    h->router = zsock_new(ZMQ_ROUTER);
+    ck_assert_ptr_nonnull(h->router);
+    zcert_apply(h->hub, h->router);
+    zsock_set_curve_server(h->router, 1);
+    zsock_set_zap_domain(h->router, "global");
+    zsock_set_linger(h->router, 0);
+    if (h->port == 0) {
+        h->port = zsock_bind(h->router, "tcp://127.0.0.1:*");
+        ck_assert_int_gt(h->port, 0);
+    } else
+        ck_assert_int_eq(zsock_bind(h->router, "tcp://127.0.0.1:%d", h->port),
+                         h->port);
+}
+
+/* Keys and a bound ROUTER; the partner's key is allowed when admit. */
+static void s_hub_new(s_hub_t *h, bool admit)
+{
+    memset(h, 0, sizeof *h);
+    h->dir = khtest_tmpdir();
+    char path[4096];
+    snprintf(path, sizeof path, "%s/certs", h->dir);
+    ck_assert_int_eq(mkdir(path, 0700), 0);
+    h->hub = zcert_new();
+    snprintf(path, sizeof path, "%s/hub.cert", h->dir);
+    ck_assert_int_eq(zcert_save_public(h->hub, path), 0);
+    zcert_t *px = zcert_new();
+    snprintf(path, sizeof path, "%s/px.cert", h->dir);
+    ck_assert_int_eq(zcert_save(px, path), 0);
+    if (admit) {
+        snprintf(path, sizeof path, "%s/certs/px.cert", h->dir);
+        ck_assert_int_eq(zcert_save_public(px, path), 0);
+    }
+    zcert_destroy(&px);
+    h->auth = zactor_new(zauth, NULL);
+    ck_assert_ptr_nonnull(h->auth);
+    snprintf(path, sizeof path, "%s/certs", h->dir);
+    zstr_sendx(h->auth, "CURVE", path, NULL);
+    zsock_wait(h->auth);
+    s_hub_bind(h);
+}
+
+static void s_hub_destroy(s_hub_t *h)
+{
+    zframe_destroy(&h->peer);
+    zsock_destroy(&h->router);
+    zactor_destroy(&h->auth);
+    zcert_destroy(&h->hub);
+    khtest_rmtree(h->dir);
+    free(h->dir);
+}
+
+/* The next message from the partner other than HELLO (HELLOs are counted
+ * and answered with WELCOME), or NULL after timeout_ms. */
+static json_t *s_hub_recv(s_hub_t *h, int timeout_ms)
+{
+    zpoller_t *poller = zpoller_new(h->router, NULL);
+    int64_t deadline = zclock_mono() + timeout_ms;
+    json_t *out = NULL;
+    while (!out && zclock_mono() < deadline) {
+        if (!zpoller_wait(poller, (int) (deadline - zclock_mono())))
+            break;
+        zmsg_t *msg = zmsg_recv(h->router);
+        ck_assert_ptr_nonnull(msg);
+        ck_assert_uint_eq(zmsg_size(msg), 2);
+        zframe_destroy(&h->peer);
+        h->peer = zmsg_pop(msg);
+        zframe_t *body = zmsg_pop(msg);
+        json_t *doc = NULL;
+        kh_error_t err;
+        ck_assert_int_eq(kh_msgpack_decode(zframe_data(body), zframe_size(body),
+                                           NULL, &doc, &err),
+                         0);
+        kh_cmd_t cmd;
+        const char *cid;
+        ck_assert_msg(kh_proto_check(doc, &cmd, &cid, &err) == 0, "%s %s",
+                      err.path, err.message);
+        if (cmd == KH_CMD_HELLO) {
+            h->hellos++;
+            json_t *w =
+                json_pack("{s:i, s:s, s:s, s:s, s:i}", "v", 1, "cmd", "WELCOME",
+                          "cid", cid, "partner", "px", "window", 8);
+            char *data;
+            size_t size;
+            ck_assert_int_eq(kh_msgpack_encode(w, &data, &size, &err), 0);
+            zmsg_t *reply = zmsg_new();
+            zmsg_append(reply, &(zframe_t *){zframe_dup(h->peer)});
+            zmsg_addmem(reply, data, size);
+            ck_assert_int_eq(zmsg_send(&reply, h->router), 0);
+            free(data);
+            json_decref(w);
+            json_decref(doc);
+        } else
+            out = doc;
+        zframe_destroy(&body);
+        zmsg_destroy(&msg);
+    }
+    zpoller_destroy(&poller);
+    return out;
+}
+
+/* Wait for the first HELLO (answered). */
+static void s_hub_await_hello(s_hub_t *h, int timeout_ms)
+{
+    int before = h->hellos;
+    int64_t deadline = zclock_mono() + timeout_ms;
+    while (h->hellos == before && zclock_mono() < deadline) {
+        json_t *other = s_hub_recv(h, 100);
+        ck_assert_ptr_null(other);
+    }
+    ck_assert_int_gt(h->hellos, before);
+}
+
+static void s_hub_send(s_hub_t *h, json_t *msg)
+{
+    ck_assert_ptr_nonnull(h->peer);
+    char *data;
+    size_t size;
+    kh_error_t err;
+    ck_assert_int_eq(kh_msgpack_encode(msg, &data, &size, &err), 0);
+    zmsg_t *m = zmsg_new();
+    zmsg_append(m, &(zframe_t *){zframe_dup(h->peer)});
+    zmsg_addmem(m, data, size);
+    ck_assert_int_eq(zmsg_send(&m, h->router), 0);
+    free(data);
+    json_decref(msg);
+}
+
+/* A DELIVER of payload (JSON text); sha NULL: the right hash. */
+static json_t *s_deliver(const char *id, int attempt, const char *payload,
+                         const char *sha, const char *priority)
+{
+    char hash[65];
+    kh_sha256_hex(payload, strlen(payload), hash);
+    return json_pack("{s:i, s:s, s:s, s:s, s:s, s:s, s:i, s:s, s:s, s:s}", "v",
+                     1, "cmd", "DELIVER", "cid", id, "delivery_id", id,
+                     "referral_id", REF, "priority", priority, "attempt",
+                     attempt, "routed_at", "2026-11-28T21:09:27.125Z",
+                     "payload", payload, "payload_sha256", sha ? sha : hash);
+}
+
+/* Expect an ACK (reason NULL) or NACK with reason for id, and answer it. */
+static void s_expect(s_hub_t *h, const char *id, const char *reason)
+{
+    json_t *m = s_hub_recv(h, 5000);
+    ck_assert_msg(m != NULL, "no answer for %s", id);
+    const char *cmd = json_string_value(json_object_get(m, "cmd"));
+    ck_assert_str_eq(cmd, reason ? "NACK" : "ACK");
+    ck_assert_str_eq(json_string_value(json_object_get(m, "delivery_id")), id);
+    if (reason)
+        ck_assert_str_eq(json_string_value(json_object_get(m, "reason")),
+                         reason);
+    const char *cid = json_string_value(json_object_get(m, "cid"));
+    json_t *reply =
+        reason ? json_pack("{s:i, s:s, s:s, s:s, s:b}", "v", 1, "cmd", "NACKED",
+                           "cid", cid, "delivery_id", id, "dead",
+                           strcmp(reason, "permanent") == 0)
+               : json_pack("{s:i, s:s, s:s, s:s, s:b}", "v", 1, "cmd", "ACKED",
+                           "cid", cid, "delivery_id", id, "duplicate", 0);
+    s_hub_send(h, reply);
+    json_decref(m);
+}
+
+static char *s_path(const char *dir, const char *name)
+{
+    char *p = malloc(4096);
+    ck_assert_ptr_nonnull(p);
+    snprintf(p, 4096, "%s/%s", dir, name);
+    return p;
+}
+
+static pid_t s_spawn(s_hub_t *h, const char *log, char **mode, char **env)
+{
+    char endpoint[64], hub_cert[4096], cert[4096];
+    snprintf(endpoint, sizeof endpoint, "tcp://127.0.0.1:%d", h->port);
+    snprintf(hub_cert, sizeof hub_cert, "%s/hub.cert", h->dir);
+    snprintf(cert, sizeof cert, "%s/px.cert", h->dir);
+    char *argv[16] = {PARTNER,  "--endpoint", endpoint, "--hub-cert",
+                      hub_cert, "--cert",     cert,     "listen"};
+    int n = 8;
+    for (int i = 0; mode[i] && n < 15; i++)
+        argv[n++] = mode[i];
+    argv[n] = NULL;
+    pid_t pid = khproc_spawn(PARTNER, argv, env, log);
+    ck_assert_int_gt(pid, 0);
+    return pid;
+}
+
+START_TEST(test_usage)
+{
+    char *out = NULL;
+    char *none[] = {PARTNER, "--hub-cert", "x", "--cert", "y", "listen", NULL};
+    ck_assert_int_eq(khtest_run(none, &out), 2);
+    free(out);
+    char *both[] = {PARTNER, "--hub-cert", "x",      "--cert", "y", "listen",
+                    "--dir", "/tmp",       "--exec", "true",   NULL};
+    ck_assert_int_eq(khtest_run(both, &out), 2);
+    free(out);
+    char *window[] = {PARTNER,    "--hub-cert", "x",     "--cert",
+                      "y",        "listen",     "--dir", "/tmp",
+                      "--window", "0",          NULL};
+    ck_assert_int_eq(khtest_run(window, &out), 2);
+    free(out);
+    char *nodir[] = {PARTNER, "--hub-cert",       "x", "--cert", "y", "listen",
+                     "--dir", "/nonexistent/dir", NULL};
+    ck_assert_int_eq(khtest_run(nodir, &out), 2);
+    free(out);
+    char *help[] = {PARTNER, "listen", "--help", NULL};
+    ck_assert_int_eq(khtest_run(help, &out), 0);
+    ck_assert_ptr_nonnull(strstr(out, "--exec CMD"));
+    free(out);
+}
+END_TEST
+
+START_TEST(test_dir)
+{
+    s_hub_t h;
+    s_hub_new(&h, true);
+    char *out = khtest_tmpdir();
+    char *log = s_path(h.dir, "listen.log");
+    char *mode[] = {"--dir", out, "--window", "8", "--count", "3", NULL};
+    pid_t pid = s_spawn(&h, log, mode, NULL);
+
+    s_hub_await_hello(&h, 5000);
+    const char *payload = "{\"risk\":{\"acute_danger\":true},"
+                          "\"summary\":\"" CANARY "\"}";
+    /* Stored, then ACKed: the file is there when the ACK comes. */
+    s_hub_send(&h, s_deliver(D1, 1, payload, NULL, "urgent"));
+    char *f1 = s_path(out, D1 ".json");
+    json_t *m = s_hub_recv(&h, 5000);
+    ck_assert_ptr_nonnull(m);
+    ck_assert_str_eq(json_string_value(json_object_get(m, "cmd")), "ACK");
+    ck_assert_str_eq(json_string_value(json_object_get(m, "cid")), "ack:" D1);
+    struct stat st;
+    ck_assert_int_eq(stat(f1, &st), 0);
+    ck_assert_int_eq(st.st_mode & 0777, 0600);
+    json_error_t jerr;
+    json_t *doc = json_load_file(f1, 0, &jerr);
+    ck_assert_ptr_nonnull(doc);
+    ck_assert_str_eq(json_string_value(json_object_get(doc, "delivery_id")),
+                     D1);
+    ck_assert_str_eq(json_string_value(json_object_get(doc, "referral_id")),
+                     REF);
+    ck_assert_str_eq(json_string_value(json_object_get(doc, "priority")),
+                     "urgent");
+    ck_assert_int_eq(json_integer_value(json_object_get(doc, "attempt")), 1);
+    ck_assert_str_eq(json_string_value(json_object_get(doc, "routed_at")),
+                     "2026-11-28T21:09:27.125Z");
+    json_t *want = json_loads(payload, 0, &jerr);
+    ck_assert(json_equal(json_object_get(doc, "payload"), want));
+    json_decref(want);
+    json_decref(doc);
+    s_hub_send(&h,
+               json_pack("{s:i, s:s, s:s, s:s, s:b}", "v", 1, "cmd", "ACKED",
+                         "cid", "ack:" D1, "delivery_id", D1, "duplicate", 0));
+    json_decref(m);
+
+    /* A damaged payload: NACK retry, nothing written. */
+    s_hub_send(&h, s_deliver(D2, 1, payload,
+                             "0000000000000000000000000000000000000000000000"
+                             "000000000000000000",
+                             "high"));
+    s_expect(&h, D2, "retry");
+    char *f2 = s_path(out, D2 ".json");
+    ck_assert_int_ne(access(f2, F_OK), 0);
+
+    /* A re-send of D1: ACKed again, the file is not rewritten. */
+    khtest_write_file(f1, "kept");
+    s_hub_send(&h, s_deliver(D1, 2, payload, NULL, "urgent"));
+    s_expect(&h, D1, NULL);
+    char *kept = khtest_read_file(f1);
+    ck_assert_str_eq(kept, "kept");
+    free(kept);
+
+    /* Malformed (an unknown priority): NACK permanent. */
+    s_hub_send(&h, s_deliver(D3, 1, payload, NULL, "bogus"));
+    s_expect(&h, D3, "permanent");
+
+    /* The heartbeat goes on while nothing happens. */
+    int before = h.hellos;
+    ck_assert_ptr_null(s_hub_recv(&h, 2500));
+    ck_assert_int_ge(h.hellos - before, 2);
+
+    /* Two more stored: with D1 that makes --count 3, and it exits 0 once
+     * its ACKs are answered. */
+    s_hub_send(&h, s_deliver(D4, 1, "{\"summary\":\"x\"}", NULL, "normal"));
+    s_expect(&h, D4, NULL);
+    s_hub_send(&h, s_deliver(D5, 1, "{\"summary\":\"y\"}", NULL, "normal"));
+    s_expect(&h, D5, NULL);
+    int status = khproc_stop(pid, 0, 5000);
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "status %d",
+                  status);
+
+    /* Only the three files, no temp file left; the log has ids only. */
+    char *listing = NULL;
+    char *ls[] = {"/bin/ls", "-A", out, NULL};
+    ck_assert_int_eq(khtest_run(ls, &listing), 0);
+    ck_assert_str_eq(listing, D1 ".json\n" D4 ".json\n" D5 ".json\n");
+    free(listing);
+    char *text = khtest_read_file(log);
+    ck_assert_ptr_nonnull(text);
+    ck_assert_ptr_null(strstr(text, CANARY));
+    ck_assert_ptr_nonnull(strstr(text, "delivery_id=" D1));
+    ck_assert_ptr_nonnull(strstr(text, "outcome=stored"));
+    ck_assert_ptr_nonnull(strstr(text, "outcome=duplicate"));
+    ck_assert_ptr_nonnull(strstr(text, "payload_sha256_mismatch"));
+    ck_assert_ptr_nonnull(strstr(text, "event=welcome"));
+    free(text);
+    free(f1);
+    free(f2);
+    free(log);
+    khtest_rmtree(out);
+    free(out);
+    s_hub_destroy(&h);
+}
+END_TEST
+
+START_TEST(test_exec_reconnect_stop)
+{
+    s_hub_t h;
+    s_hub_new(&h, true);
+    char *out = khtest_tmpdir();
+    char *log = s_path(h.dir, "listen.log");
+    char env_dir[4200];
+    snprintf(env_dir, sizeof env_dir, "T_DIR=%s", out);
+    char *env[] = {env_dir, NULL};
+    char *mode[] = {"--exec",
+                    "f=\"$T_DIR/$KH_DELIVERY_ID.in\"; cat > \"$f\";"
+                    " if grep -q perm \"$f\"; then exit 3; fi;"
+                    " if grep -q again \"$f\"; then exit 1; fi; exit 0",
+                    NULL};
+    pid_t pid = s_spawn(&h, log, mode, env);
+    s_hub_await_hello(&h, 5000);
+
+    s_hub_send(&h, s_deliver(D1, 1, "{\"summary\":\"ok\"}", NULL, "high"));
+    s_expect(&h, D1, NULL);
+    char *in = s_path(out, D1 ".in");
+    json_error_t jerr;
+    json_t *doc = json_load_file(in, 0, &jerr);
+    ck_assert_ptr_nonnull(doc);
+    ck_assert_str_eq(json_string_value(json_object_get(doc, "delivery_id")),
+                     D1);
+    ck_assert_str_eq(json_string_value(json_object_get(
+                         json_object_get(doc, "payload"), "summary")),
+                     "ok");
+    json_decref(doc);
+    free(in);
+    s_hub_send(&h, s_deliver(D2, 1, "{\"summary\":\"perm\"}", NULL, "high"));
+    s_expect(&h, D2, "permanent");
+    s_hub_send(&h, s_deliver(D3, 1, "{\"summary\":\"again\"}", NULL, "high"));
+    s_expect(&h, D3, "retry");
+
+    /* The hub goes away and comes back on the same port: the listener
+     * reconnects and says HELLO again. */
+    zsock_destroy(&h.router);
+    zframe_destroy(&h.peer);
+    zclock_sleep(1500);
+    s_hub_bind(&h);
+    s_hub_await_hello(&h, 10000);
+    s_hub_send(&h, s_deliver(D4, 1, "{\"summary\":\"ok\"}", NULL, "normal"));
+    s_expect(&h, D4, NULL);
+
+    /* SIGTERM stops it cleanly. */
+    int status = khproc_stop(pid, SIGTERM, 5000);
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "status %d",
+                  status);
+    char *text = khtest_read_file(log);
+    ck_assert_ptr_nonnull(strstr(text, "outcome=nack_permanent"));
+    ck_assert_ptr_nonnull(strstr(text, "event=stopped"));
+    free(text);
+    free(log);
+    khtest_rmtree(out);
+    free(out);
+    s_hub_destroy(&h);
+}
+END_TEST
+
+START_TEST(test_key_refused)
+{
+    s_hub_t h;
+    s_hub_new(&h, false);
+    char *out = khtest_tmpdir();
+    char *mode[] = {"--dir", out, NULL};
+    pid_t pid = s_spawn(&h, NULL, mode, NULL);
+    /* Nothing gets through; the listener gives up with exit 3. */
+    ck_assert_ptr_null(s_hub_recv(&h, 1000));
+    int status = khproc_stop(pid, 0, 10000);
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 3, "status %d",
+                  status);
+    khtest_rmtree(out);
+    free(out);
+    s_hub_destroy(&h);
+}
+END_TEST
+
+static Suite *s_suite(void)
+{
+    Suite *s = suite_create("listen");
+    TCase *tc = tcase_create("listen");
+    tcase_set_timeout(tc, 120);
+    tcase_add_test(tc, test_usage);
+    tcase_add_test(tc, test_dir);
+    tcase_add_test(tc, test_exec_reconnect_stop);
+    tcase_add_test(tc, test_key_refused);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void)
+{
+    return khtest_run_suite(s_suite());
+}

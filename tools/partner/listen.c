@@ -1,0 +1,529 @@
+/*
+ * ketenhub-partner listen: receive this partner's deliveries from the
+ * hub's notification service (schemas/protocol.md, Deliveries) and hand
+ * each one over durably before acknowledging it (promise 1):
+ *
+ *   --dir DIR   writes DIR/<delivery_id>.json (temp file, fsync, rename,
+ *               fsync of DIR) and ACKs once that succeeded. A delivery
+ *               whose file is already there (a re-send) is ACKed again
+ *               without rewriting it.
+ *   --exec CMD  pipes the same JSON to `sh -c CMD` and ACKs when it exits
+ *               0; exit 3 NACKs it as permanent (a dead letter for the
+ *               hub's administrator); any other status NACKs it for a
+ *               later re-send. CMD sees re-sends too: it must drop
+ *               duplicates by delivery_id.
+ *
+ * The JSON is {"delivery_id", "referral_id", "priority", "attempt",
+ * "routed_at", "payload_sha256", "payload": {...}}. The payload's SHA-256
+ * is checked first: a mismatch is NACKed for a re-send. HELLO goes out at
+ * start and every second (the heartbeat; ZeroMQ reconnects by itself and
+ * the next HELLO registers the new connection). One log line per delivery
+ * with ids only, never a payload value.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <jansson.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <czmq.h>
+
+#include "ketenhub/client.h"
+#include "ketenhub/log.h"
+#include "ketenhub/proto.h"
+#include "partner.h"
+
+#define S_HELLO_MS 1000    /* heartbeat */
+#define S_SILENT_MS 3500   /* no WELCOME for this long: say so in the log */
+#define S_DRAIN_MS 3000    /* at exit, wait this long for ACKED replies */
+#define S_EXIT_PERMANENT 3 /* --exec status that means NACK permanent */
+
+typedef struct {
+    kh_client_t *client;
+    const char *dir;
+    int dirfd;
+    const char *exec;
+    int window;
+    long count;      /* 0: no limit */
+    long done;       /* deliveries stored (or accepted by CMD) */
+    int unconfirmed; /* ACKs and NACKs sent without a reply yet */
+    int64_t next_hello, last_welcome;
+    bool connected;
+    sigset_t stop_signals;
+    bool stopping;
+} s_listener_t;
+
+static void s_usage(FILE *out)
+{
+    fprintf(out,
+            "usage: ketenhub-partner [options] listen (--dir DIR | --exec "
+            "CMD)\n"
+            "                        [--window N] [--count N]\n"
+            "\n"
+            "Receive this partner's deliveries and acknowledge each once it "
+            "is stored.\n"
+            "  --dir DIR    write DIR/<delivery_id>.json (mode 0600; it holds "
+            "personal\n"
+            "               data), then ACK; a delivery already there is "
+            "ACKed again\n"
+            "  --exec CMD   pipe the JSON to `sh -c CMD` (env KH_DELIVERY_ID, "
+            "KH_REFERRAL_ID,\n"
+            "               KH_PRIORITY); exit 0: ACK, 3: NACK permanent, "
+            "other: NACK retry.\n"
+            "               CMD also sees re-sends: drop duplicates by "
+            "delivery_id\n"
+            "  --window N   at most N unacknowledged deliveries at once "
+            "(1-1024)\n"
+            "  --count N    exit after N deliveries stored\n"
+            "endpoint: --endpoint, else KH_DELIVERY_ENDPOINT, else "
+            "tcp://127.0.0.1:7703.\n"
+            "exit: 0 stopped (SIGINT, SIGTERM or --count), 2 usage, 3 key "
+            "refused\n");
+}
+
+/* Whether a stop signal is pending (they are blocked in every thread and
+ * read here, so no poll is cut short and no handler runs). */
+static bool s_should_stop(s_listener_t *self)
+{
+    struct timespec zero = {0, 0};
+    if (!self->stopping && sigtimedwait(&self->stop_signals, NULL, &zero) > 0) {
+        kh_log_info("stopping", NULL);
+        self->stopping = true;
+    }
+    return self->stopping;
+}
+
+/* Send HELLO when due; say in the log when the hub stopped answering. */
+static void s_heartbeat(s_listener_t *self)
+{
+    int64_t now = zclock_mono();
+    if (now < self->next_hello)
+        return;
+    kh_error_t err;
+    if (kh_client_hello(self->client, self->window, &err))
+        kh_log_debug("hello_not_sent", "code=%s", kh_error_name(err.code));
+    self->next_hello = now + S_HELLO_MS;
+    if (self->connected && now - self->last_welcome > S_SILENT_MS) {
+        kh_log_warn("hub_silent", "ms=%" PRId64, now - self->last_welcome);
+        self->connected = false;
+    }
+}
+
+/* Write len bytes of text to fd; 0 or -1 (errno set). */
+static int s_write_all(int fd, const char *text, size_t len)
+{
+    while (len > 0) {
+        ssize_t n = write(fd, text, len);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return -1;
+        text += n;
+        len -= (size_t) n;
+    }
+    return 0;
+}
+
+/* Store text as DIR/<id>.json durably: a temp file written and synced,
+ * renamed into place, and the directory synced, so the file is either
+ * whole or absent after a crash. 0, or -1 with nothing left behind but
+ * possibly the temp file of a crash. */
+static int s_store(s_listener_t *self, const char *id, const char *text,
+                   size_t len)
+{
+    char tmp[64], final[48];
+    snprintf(tmp, sizeof tmp, ".%s.%ld.tmp", id, (long) getpid());
+    snprintf(final, sizeof final, "%s.json", id);
+    int fd = openat(self->dirfd, tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC,
+                    0600);
+    if (fd < 0)
+        return -1;
+    int rc = s_write_all(fd, text, len);
+    if (rc == 0)
+        rc = fsync(fd);
+    if (close(fd) != 0)
+        rc = -1;
+    if (rc == 0)
+        rc = renameat(self->dirfd, tmp, self->dirfd, final);
+    if (rc != 0) {
+        int saved = errno;
+        unlinkat(self->dirfd, tmp, 0);
+        errno = saved;
+        return -1;
+    }
+    return fsync(self->dirfd);
+}
+
+/* Run `sh -c CMD` with text on its stdin; heartbeats go on while it runs.
+ * Returns its exit status (128 + signal when killed), or -1 when it could
+ * not be started. */
+static int s_run(s_listener_t *self, const char *text, size_t len,
+                 const json_t *deliver)
+{
+    int pipefd[2];
+    if (pipe2(pipefd, O_CLOEXEC) != 0)
+        return -1;
+    pid_t pid = fork();
+    if (pid < 0) {
+        close(pipefd[0]);
+        close(pipefd[1]);
+        return -1;
+    }
+    if (pid == 0) {
+        sigset_t none;
+        sigemptyset(&none);
+        pthread_sigmask(SIG_SETMASK, &none, NULL);
+        signal(SIGPIPE, SIG_DFL);
+        if (dup2(pipefd[0], STDIN_FILENO) < 0)
+            _exit(127);
+        setenv("KH_DELIVERY_ID",
+               json_string_value(json_object_get(deliver, "delivery_id")), 1);
+        setenv("KH_REFERRAL_ID",
+               json_string_value(json_object_get(deliver, "referral_id")), 1);
+        setenv("KH_PRIORITY",
+               json_string_value(json_object_get(deliver, "priority")), 1);
+        execl("/bin/sh", "sh", "-c", self->exec, (char *) NULL);
+        _exit(127);
+    }
+    close(pipefd[0]);
+    /* SIGPIPE is ignored: a command that does not read all of its input
+     * only ends the writing; its exit status decides. */
+    (void) s_write_all(pipefd[1], text, len);
+    close(pipefd[1]);
+    int status;
+    for (;;) {
+        pid_t r = waitpid(pid, &status, WNOHANG);
+        if (r == pid)
+            break;
+        if (r < 0 && errno != EINTR)
+            return -1;
+        s_heartbeat(self);
+        zclock_sleep(20);
+    }
+    if (WIFEXITED(status))
+        return WEXITSTATUS(status);
+    return 128 + (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
+}
+
+static void s_log_delivery(const json_t *deliver, const char *outcome,
+                           const char *detail)
+{
+    kh_log(strncmp(outcome, "nack", 4) == 0 ? KH_LOG_WARN : KH_LOG_INFO,
+           "delivery",
+           "delivery_id=%s referral_id=%s priority=%s "
+           "attempt=%" JSON_INTEGER_FORMAT " outcome=%s%s%s",
+           json_string_value(json_object_get(deliver, "delivery_id")),
+           json_string_value(json_object_get(deliver, "referral_id")),
+           json_string_value(json_object_get(deliver, "priority")),
+           json_integer_value(json_object_get(deliver, "attempt")), outcome,
+           detail ? " reason=" : "", detail ? detail : "");
+}
+
+static void s_answer(s_listener_t *self, const char *id, int nack,
+                     bool permanent)
+{
+    kh_error_t err;
+    int rc = nack ? kh_client_nack(self->client, id, permanent, &err)
+                  : kh_client_ack(self->client, id, &err);
+    if (rc == 0)
+        self->unconfirmed++;
+    else
+        kh_log_warn("answer_not_sent", "delivery_id=%s code=%s", id,
+                    kh_error_name(err.code));
+}
+
+/* One DELIVER: check, hand over, then ACK or NACK. */
+static void s_deliver(s_listener_t *self, const json_t *msg)
+{
+    const char *id = json_string_value(json_object_get(msg, "delivery_id"));
+    json_t *payload = NULL;
+    kh_error_t err;
+    int rc = kh_client_delivery_check(msg, &payload, &err);
+    if (!id || !kh_uuid_valid(id)) {
+        kh_log_error("delivery_malformed", "path=%s code=%s", err.path,
+                     kh_error_name(err.code));
+        json_decref(payload);
+        return;
+    }
+    if (rc == -2) {
+        s_log_delivery(msg, "nack_retry", "payload_sha256_mismatch");
+        s_answer(self, id, true, false);
+        return;
+    }
+    if (rc != 0) {
+        kh_log_error("delivery_malformed", "delivery_id=%s path=%s code=%s", id,
+                     err.path, kh_error_name(err.code));
+        s_answer(self, id, true, true);
+        return;
+    }
+    if (self->dir) {
+        char final[48];
+        snprintf(final, sizeof final, "%s.json", id);
+        struct stat st;
+        if (fstatat(self->dirfd, final, &st, 0) == 0) {
+            s_log_delivery(msg, "duplicate", NULL);
+            s_answer(self, id, false, false);
+            json_decref(payload);
+            return;
+        }
+    }
+    json_t *doc =
+        json_pack("{s:O, s:O, s:O, s:O, s:O, s:O, s:o}", "delivery_id",
+                  json_object_get(msg, "delivery_id"), "referral_id",
+                  json_object_get(msg, "referral_id"), "priority",
+                  json_object_get(msg, "priority"), "attempt",
+                  json_object_get(msg, "attempt"), "routed_at",
+                  json_object_get(msg, "routed_at"), "payload_sha256",
+                  json_object_get(msg, "payload_sha256"), "payload", payload);
+    char *text =
+        doc ? json_dumps(doc, JSON_PRESERVE_ORDER | JSON_COMPACT) : NULL;
+    json_decref(doc);
+    if (!text) {
+        s_log_delivery(msg, "nack_retry", "out_of_memory");
+        s_answer(self, id, true, false);
+        return;
+    }
+    size_t len = strlen(text);
+    text[len] = '\n'; /* one line, ending in a newline */
+    if (self->dir) {
+        if (s_store(self, id, text, len + 1) == 0) {
+            s_log_delivery(msg, "stored", NULL);
+            s_answer(self, id, false, false);
+            self->done++;
+        } else {
+            char reason[64];
+            snprintf(reason, sizeof reason, "write_failed errno=%d", errno);
+            s_log_delivery(msg, "nack_retry", reason);
+            s_answer(self, id, true, false);
+        }
+    } else {
+        int status = s_run(self, text, len + 1, msg);
+        char reason[32];
+        snprintf(reason, sizeof reason, "exit_%d", status);
+        if (status == 0) {
+            s_log_delivery(msg, "accepted", NULL);
+            s_answer(self, id, false, false);
+            self->done++;
+        } else if (status == S_EXIT_PERMANENT) {
+            s_log_delivery(msg, "nack_permanent", reason);
+            s_answer(self, id, true, true);
+        } else {
+            s_log_delivery(msg, "nack_retry",
+                           status < 0 ? "cannot_start_command" : reason);
+            s_answer(self, id, true, false);
+        }
+    }
+    explicit_bzero(text, len); /* personal data: do not leave it in memory */
+    free(text);
+}
+
+/* A reply to an ACK or NACK (cid "ack:ID" / "nack:ID"). */
+static void s_reply(s_listener_t *self, const json_t *msg, const char *cmd)
+{
+    const char *cid = json_string_value(json_object_get(msg, "cid"));
+    bool ours =
+        cid && (strncmp(cid, "ack:", 4) == 0 || strncmp(cid, "nack:", 5) == 0);
+    if (!ours) {
+        if (strcmp(cmd, "REJECTED") == 0)
+            kh_log_warn("rejected", "cid=%s code=%s", cid ? cid : "",
+                        json_string_value(json_object_get(msg, "code")));
+        return;
+    }
+    const char *id = strchr(cid, ':') + 1;
+    if (strcmp(cmd, "REJECTED") == 0) {
+        const char *code = json_string_value(json_object_get(msg, "code"));
+        kh_log_warn("answer_rejected", "delivery_id=%s code=%s", id,
+                    code ? code : "");
+        /* The hub could not commit the ACK now: send it again. A NACK is
+         * not repeated: the delivery comes again and is decided again. */
+        if (json_is_true(json_object_get(msg, "retryable")) &&
+            strncmp(cid, "ack:", 4) == 0 && !self->stopping) {
+            zclock_sleep(200);
+            kh_error_t err;
+            if (kh_client_ack(self->client, id, &err) == 0)
+                return;
+        }
+    } else if (strcmp(cmd, "NACKED") == 0 &&
+               json_is_true(json_object_get(msg, "dead")))
+        kh_log_warn("delivery_dead", "delivery_id=%s", id);
+    if (self->unconfirmed > 0)
+        self->unconfirmed--;
+}
+
+static void s_handle(s_listener_t *self, const json_t *msg)
+{
+    const char *cmd = json_string_value(json_object_get(msg, "cmd"));
+    if (strcmp(cmd, "DELIVER") == 0) {
+        if (!self->stopping)
+            s_deliver(self, msg);
+    } else if (strcmp(cmd, "WELCOME") == 0) {
+        self->last_welcome = zclock_mono();
+        if (!self->connected)
+            kh_log_info("welcome", "partner=%s window=%" JSON_INTEGER_FORMAT,
+                        json_string_value(json_object_get(msg, "partner"))
+                            ? json_string_value(json_object_get(msg, "partner"))
+                            : "",
+                        json_integer_value(json_object_get(msg, "window")));
+        self->connected = true;
+    } else if (strcmp(cmd, "ACKED") == 0 || strcmp(cmd, "NACKED") == 0 ||
+               strcmp(cmd, "REJECTED") == 0)
+        s_reply(self, msg, cmd);
+}
+
+static int s_loop(s_listener_t *self)
+{
+    int64_t drain_until = 0;
+    for (;;) {
+        bool limit = self->count > 0 && self->done >= self->count;
+        if ((s_should_stop(self) || limit) && !drain_until) {
+            self->stopping = true;
+            drain_until = zclock_mono() + S_DRAIN_MS;
+        }
+        if (drain_until &&
+            (self->unconfirmed == 0 || zclock_mono() >= drain_until))
+            break;
+        s_heartbeat(self);
+        int64_t wait = self->next_hello - zclock_mono();
+        kh_error_t err;
+        json_t *msg = kh_client_recv(self->client,
+                                     (int) (wait < 1     ? 1
+                                            : wait > 200 ? 200
+                                                         : wait),
+                                     &err);
+        if (!msg && err.code == KH_E_UNKNOWN_PARTNER) {
+            kh_log_error("key_refused", "code=%s", kh_error_name(err.code));
+            return S_EXIT_UNREACHABLE;
+        }
+        if (msg)
+            s_handle(self, msg);
+        json_decref(msg);
+    }
+    if (self->unconfirmed > 0)
+        kh_log_warn("unconfirmed_at_exit", "count=%d", self->unconfirmed);
+    kh_log_info("stopped", "deliveries=%ld", self->done);
+    return S_EXIT_OK;
+}
+
+/* A whole number from min to max, or -1. */
+static long s_number(const char *text, long min, long max)
+{
+    char *end;
+    errno = 0;
+    long v = strtol(text, &end, 10);
+    if (errno || end == text || *end || v < min || v > max)
+        return -1;
+    return v;
+}
+
+int partner_listen(int argc, char **argv, const char *endpoint,
+                   const char *hub_cert, const char *cert)
+{
+    static const struct option options[] = {
+        {"dir", required_argument, NULL, 'd'},
+        {"exec", required_argument, NULL, 'x'},
+        {"window", required_argument, NULL, 'w'},
+        {"count", required_argument, NULL, 'n'},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0}};
+    s_listener_t self = {.dirfd = -1};
+    int opt;
+    optind = 1;
+    while ((opt = getopt_long(argc, argv, "+h", options, NULL)) != -1) {
+        switch (opt) {
+        case 'd':
+            self.dir = optarg;
+            break;
+        case 'x':
+            self.exec = optarg;
+            break;
+        case 'w':
+            self.window = (int) s_number(optarg, 1, KH_WINDOW_MAX);
+            if (self.window < 0) {
+                fprintf(stderr, "ketenhub-partner: --window is 1 to %d\n",
+                        KH_WINDOW_MAX);
+                return S_EXIT_USAGE;
+            }
+            break;
+        case 'n':
+            self.count = s_number(optarg, 1, 1000000000L);
+            if (self.count < 0) {
+                fprintf(stderr, "ketenhub-partner: --count is a number from "
+                                "1\n");
+                return S_EXIT_USAGE;
+            }
+            break;
+        case 'h':
+            s_usage(stdout);
+            return S_EXIT_OK;
+        default:
+            s_usage(stderr);
+            return S_EXIT_USAGE;
+        }
+    }
+    if (optind != argc || !self.dir == !self.exec) {
+        fprintf(stderr, "ketenhub-partner: listen takes one of --dir DIR or "
+                        "--exec CMD\n");
+        s_usage(stderr);
+        return S_EXIT_USAGE;
+    }
+    if (!hub_cert || !cert) {
+        fprintf(stderr, "ketenhub-partner: --hub-cert and --cert (or "
+                        "KH_HUB_PUBLIC_CERT and KH_PARTNER_CERT) are "
+                        "required\n");
+        return S_EXIT_USAGE;
+    }
+    if (!endpoint) {
+        const char *env = getenv("KH_DELIVERY_ENDPOINT");
+        endpoint = env && *env ? env : "tcp://127.0.0.1:7703";
+    }
+    const char *level = getenv("KH_LOG_LEVEL");
+    if (kh_log_init("ketenhub-partner", level && *level ? level : "info")) {
+        fprintf(stderr, "ketenhub-partner: KH_LOG_LEVEL is debug, info, "
+                        "warn or error\n");
+        return S_EXIT_USAGE;
+    }
+    if (self.dir) {
+        self.dirfd = open(self.dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (self.dirfd < 0 || faccessat(self.dirfd, ".", W_OK, 0) != 0) {
+            fprintf(stderr,
+                    "ketenhub-partner: --dir %s: not a writable "
+                    "directory\n",
+                    self.dir);
+            if (self.dirfd >= 0)
+                close(self.dirfd);
+            return S_EXIT_USAGE;
+        }
+    }
+    /* Stop signals are blocked in this thread and in the threads CZMQ
+     * starts from here on; s_should_stop reads them. */
+    sigemptyset(&self.stop_signals);
+    sigaddset(&self.stop_signals, SIGINT);
+    sigaddset(&self.stop_signals, SIGTERM);
+    pthread_sigmask(SIG_BLOCK, &self.stop_signals, NULL);
+    signal(SIGPIPE, SIG_IGN);
+    zsys_handler_set(NULL);
+
+    kh_error_t err;
+    self.client = kh_client_new(endpoint, hub_cert, cert, &err);
+    if (!self.client) {
+        fprintf(stderr, "ketenhub-partner: %s\n", err.message);
+        if (self.dirfd >= 0)
+            close(self.dirfd);
+        return S_EXIT_USAGE;
+    }
+    kh_log_info("listening", "endpoint=%s mode=%s window=%d count=%ld",
+                endpoint, self.dir ? "dir" : "exec", self.window, self.count);
+    int rc = s_loop(&self);
+    kh_client_destroy(&self.client);
+    if (self.dirfd >= 0)
+        close(self.dirfd);
+    return rc;
+}
