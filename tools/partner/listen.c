@@ -162,37 +162,75 @@ static int s_store(s_listener_t *self, const char *id, const char *text,
     return fsync(self->dirfd);
 }
 
+extern char **environ;
+
+/* The environment of CMD: ours plus KH_DELIVERY_ID, KH_REFERRAL_ID and
+ * KH_PRIORITY (made before fork: the child of a threaded process may only
+ * call async-signal-safe functions). The strings are in vars[3]; NULL
+ * when out of memory. */
+static char **s_child_env(const json_t *deliver, char vars[3][96])
+{
+    static const char *const names[] = {"delivery_id", "referral_id",
+                                        "priority"};
+    static const char *const envs[] = {"KH_DELIVERY_ID", "KH_REFERRAL_ID",
+                                       "KH_PRIORITY"};
+    size_t n = 0;
+    while (environ && environ[n])
+        n++;
+    char **env = calloc(n + 4, sizeof *env);
+    if (!env)
+        return NULL;
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++)
+        if (strncmp(environ[i], "KH_DELIVERY_ID=", 15) &&
+            strncmp(environ[i], "KH_REFERRAL_ID=", 15) &&
+            strncmp(environ[i], "KH_PRIORITY=", 12))
+            env[k++] = environ[i];
+    for (int i = 0; i < 3; i++) {
+        snprintf(vars[i], 96, "%s=%s", envs[i],
+                 json_string_value(json_object_get(deliver, names[i])));
+        env[k++] = vars[i];
+    }
+    env[k] = NULL;
+    return env;
+}
+
 /* Run `sh -c CMD` with text on its stdin; heartbeats go on while it runs.
  * Returns its exit status (128 + signal when killed), or -1 when it could
  * not be started. */
 static int s_run(s_listener_t *self, const char *text, size_t len,
                  const json_t *deliver)
 {
+    char vars[3][96];
+    char **env = s_child_env(deliver, vars);
     int pipefd[2];
-    if (pipe2(pipefd, O_CLOEXEC) != 0)
+    if (!env || pipe2(pipefd, O_CLOEXEC) != 0) {
+        free(env);
         return -1;
+    }
+    char *argv[] = {"sh", "-c", (char *) self->exec, NULL};
     pid_t pid = fork();
     if (pid < 0) {
         close(pipefd[0]);
         close(pipefd[1]);
+        free(env);
         return -1;
     }
     if (pid == 0) {
+        /* Only async-signal-safe calls from here to exec. */
         sigset_t none;
         sigemptyset(&none);
-        pthread_sigmask(SIG_SETMASK, &none, NULL);
-        signal(SIGPIPE, SIG_DFL);
+        sigprocmask(SIG_SETMASK, &none, NULL);
+        struct sigaction dfl;
+        memset(&dfl, 0, sizeof dfl);
+        dfl.sa_handler = SIG_DFL;
+        sigaction(SIGPIPE, &dfl, NULL);
         if (dup2(pipefd[0], STDIN_FILENO) < 0)
             _exit(127);
-        setenv("KH_DELIVERY_ID",
-               json_string_value(json_object_get(deliver, "delivery_id")), 1);
-        setenv("KH_REFERRAL_ID",
-               json_string_value(json_object_get(deliver, "referral_id")), 1);
-        setenv("KH_PRIORITY",
-               json_string_value(json_object_get(deliver, "priority")), 1);
-        execl("/bin/sh", "sh", "-c", self->exec, (char *) NULL);
+        execve("/bin/sh", argv, env);
         _exit(127);
     }
+    free(env);
     close(pipefd[0]);
     /* SIGPIPE is ignored: a command that does not read all of its input
      * only ends the writing; its exit status decides. */
