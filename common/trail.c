@@ -1,0 +1,612 @@
+/*
+ * The sealed audit trail without the database: canonical encoding, chain,
+ * checkpoints, keys and the streaming verifier (see trail.h and
+ * schemas/audit.md).
+ */
+#include "ketenhub/trail.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <sodium.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+const char *const kh_trail_actions[] = {"referral.accepted",
+                                        "referral.rejected",
+                                        "referral.routed",
+                                        "delivery.created",
+                                        "delivery.sent",
+                                        "delivery.acked",
+                                        "delivery.nacked",
+                                        "delivery.dead",
+                                        "delivery.escalated",
+                                        "delivery.retried",
+                                        "rules.reloaded",
+                                        "rules.reload_failed",
+                                        "auth.refused",
+                                        "partner.added",
+                                        "partner.revoked",
+                                        "trail.queried",
+                                        "trail.exported",
+                                        "trail.verified",
+                                        NULL};
+
+static const char *const s_field_names[KH_TRAIL_FIELD_COUNT] = {
+    "actor_kind",  "actor_id",      "action",        "referral_id",
+    "delivery_id", "partner_id",    "outcome",       "reason_code",
+    "reason_path", "payload_hash",  "rules_version", "origin_service",
+    "origin_peer", "rules_matched", "query_filter"};
+
+const char *kh_trail_field_name(kh_trail_field_t field)
+{
+    return field < KH_TRAIL_FIELD_COUNT ? s_field_names[field] : "unknown";
+}
+
+int kh_trail_field_kind(kh_trail_field_t field)
+{
+    if (field == KH_TRAIL_REFERRAL_ID || field == KH_TRAIL_DELIVERY_ID)
+        return 1;
+    if (field == KH_TRAIL_PAYLOAD_HASH)
+        return 2;
+    return 0;
+}
+
+bool kh_trail_action_known(const char *action)
+{
+    for (size_t i = 0; action && kh_trail_actions[i]; i++)
+        if (strcmp(action, kh_trail_actions[i]) == 0)
+            return true;
+    return false;
+}
+
+static void s_put64(unsigned char *p, uint64_t v)
+{
+    for (int i = 7; i >= 0; i--) {
+        p[i] = (unsigned char) (v & 0xff);
+        v >>= 8;
+    }
+}
+
+long kh_trail_encode(const kh_trail_event_t *ev, unsigned char *out,
+                     size_t size)
+{
+    size_t o = 0;
+    if (size < 17)
+        return -1;
+    out[o++] = 0x01; /* encoding version */
+    s_put64(out + o, (uint64_t) ev->seq);
+    o += 8;
+    s_put64(out + o, (uint64_t) ev->at_us);
+    o += 8;
+    for (int i = 0; i < KH_TRAIL_FIELD_COUNT; i++) {
+        const kh_trail_bytes_t *b = &ev->f[i];
+        if (size - o < 4)
+            return -1;
+        if (b->len < 0) {
+            memset(out + o, 0xff, 4);
+            o += 4;
+            continue;
+        }
+        uint32_t len = (uint32_t) b->len;
+        out[o] = (unsigned char) (len >> 24);
+        out[o + 1] = (unsigned char) (len >> 16);
+        out[o + 2] = (unsigned char) (len >> 8);
+        out[o + 3] = (unsigned char) len;
+        o += 4;
+        if (size - o < len)
+            return -1;
+        if (len)
+            memcpy(out + o, b->ptr, len);
+        o += len;
+    }
+    return (long) o;
+}
+
+int kh_trail_chain(const unsigned char prev[KH_TRAIL_HASH_SIZE],
+                   const kh_trail_event_t *ev,
+                   unsigned char next[KH_TRAIL_HASH_SIZE])
+{
+    unsigned char buf[65536 + KH_TRAIL_HASH_SIZE];
+    memcpy(buf, prev, KH_TRAIL_HASH_SIZE);
+    long n = kh_trail_encode(ev, buf + KH_TRAIL_HASH_SIZE,
+                             sizeof buf - KH_TRAIL_HASH_SIZE);
+    if (n < 0)
+        return -1;
+    crypto_hash_sha256(next, buf, (unsigned long long) n + KH_TRAIL_HASH_SIZE);
+    return 0;
+}
+
+void kh_trail_checkpoint_message(
+    const kh_trail_checkpoint_t *cp,
+    unsigned char out[KH_TRAIL_CHECKPOINT_MESSAGE_SIZE])
+{
+    memcpy(out, "ketenhub-checkpoint-v1", 22);
+    s_put64(out + 22, (uint64_t) cp->seq);
+    s_put64(out + 30, (uint64_t) cp->at_us);
+    memcpy(out + 38, cp->head, KH_TRAIL_HASH_SIZE);
+}
+
+void kh_trail_checkpoint_sign(kh_trail_checkpoint_t *cp,
+                              const unsigned char *secret_key)
+{
+    unsigned char msg[KH_TRAIL_CHECKPOINT_MESSAGE_SIZE];
+    kh_trail_checkpoint_message(cp, msg);
+    crypto_sign_ed25519_sk_to_pk(cp->public_key, secret_key);
+    crypto_sign_detached(cp->signature, NULL, msg, sizeof msg, secret_key);
+}
+
+bool kh_trail_checkpoint_valid(const kh_trail_checkpoint_t *cp,
+                               const unsigned char *public_key)
+{
+    if (sodium_memcmp(cp->public_key, public_key, KH_TRAIL_PUBLIC_KEY_SIZE))
+        return false;
+    unsigned char msg[KH_TRAIL_CHECKPOINT_MESSAGE_SIZE];
+    kh_trail_checkpoint_message(cp, msg);
+    return crypto_sign_verify_detached(cp->signature, msg, sizeof msg,
+                                       public_key) == 0;
+}
+
+void kh_trail_hex(const unsigned char *bytes, size_t n, char *out)
+{
+    static const char digits[] = "0123456789abcdef";
+    for (size_t i = 0; i < n; i++) {
+        out[2 * i] = digits[bytes[i] >> 4];
+        out[2 * i + 1] = digits[bytes[i] & 0xf];
+    }
+    out[2 * n] = '\0';
+}
+
+static int s_nibble(char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
+
+int kh_trail_unhex(const char *hex, unsigned char *out, size_t n)
+{
+    if (!hex || strlen(hex) != 2 * n)
+        return -1;
+    for (size_t i = 0; i < n; i++) {
+        int hi = s_nibble(hex[2 * i]), lo = s_nibble(hex[2 * i + 1]);
+        if (hi < 0 || lo < 0)
+            return -1;
+        out[i] = (unsigned char) (hi << 4 | lo);
+    }
+    return 0;
+}
+
+void kh_trail_format_time(int64_t at_us, char out[28])
+{
+    int64_t secs = at_us / 1000000, us = at_us % 1000000;
+    if (us < 0) {
+        us += 1000000;
+        secs--;
+    }
+    time_t t = (time_t) secs;
+    struct tm tm;
+    gmtime_r(&t, &tm);
+    char text[96];
+    snprintf(text, sizeof text, "%04d-%02d-%02dT%02d:%02d:%02d.%06dZ",
+             (tm.tm_year + 1900) % 10000, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour,
+             tm.tm_min, tm.tm_sec, (int) us);
+    snprintf(out, 28, "%.27s", text);
+}
+
+int kh_trail_parse_time(const char *text, int64_t *at_us)
+{
+    int y, mo, d, h, mi, s, us, n = 0;
+    if (!text || strlen(text) != 27 ||
+        sscanf(text, "%4d-%2d-%2dT%2d:%2d:%2d.%6dZ%n", &y, &mo, &d, &h, &mi, &s,
+               &us, &n) != 7 ||
+        n != 27)
+        return -1;
+    if (mo < 1 || mo > 12 || d < 1 || d > 31 || h > 23 || mi > 59 || s > 60 ||
+        us < 0)
+        return -1;
+    struct tm tm = {0};
+    tm.tm_year = y - 1900;
+    tm.tm_mon = mo - 1;
+    tm.tm_mday = d;
+    tm.tm_hour = h;
+    tm.tm_min = mi;
+    tm.tm_sec = s;
+    time_t t = timegm(&tm);
+    *at_us = (int64_t) t * 1000000 + us;
+    char back[28];
+    kh_trail_format_time(*at_us, back);
+    return strcmp(back, text) == 0 ? 0 : -1;
+}
+
+/* Write text to path with mode, refusing to replace unless force. */
+static int s_write_key(const char *path, const char *text, mode_t mode,
+                       bool force, kh_error_t *err)
+{
+    int flags = O_WRONLY | O_CREAT | O_CLOEXEC | (force ? O_TRUNC : O_EXCL);
+    int fd = open(path, flags, mode);
+    if (fd < 0)
+        return kh_error_set(err, KH_E_IO, path, "cannot create key file: %s",
+                            strerror(errno));
+    size_t len = strlen(text);
+    bool ok = write(fd, text, len) == (ssize_t) len && fchmod(fd, mode) == 0;
+    ok = close(fd) == 0 && ok;
+    return ok ? 0 : kh_error_set(err, KH_E_IO, path, "cannot write key file");
+}
+
+int kh_trail_keygen(const char *secret_path, const char *public_path,
+                    bool force, kh_error_t *err)
+{
+    unsigned char pk[KH_TRAIL_PUBLIC_KEY_SIZE], sk[KH_TRAIL_SECRET_KEY_SIZE];
+    char sk_hex[2 * KH_TRAIL_SECRET_KEY_SIZE + 2];
+    char pk_hex[2 * KH_TRAIL_PUBLIC_KEY_SIZE + 2];
+    if (sodium_init() < 0)
+        return kh_error_set(err, KH_E_INTERNAL, NULL, "no random source");
+    if (!force &&
+        (access(secret_path, F_OK) == 0 || access(public_path, F_OK) == 0))
+        return kh_error_set(err, KH_E_IO, secret_path,
+                            "an audit key exists already");
+    crypto_sign_keypair(pk, sk);
+    kh_trail_hex(sk, sizeof sk, sk_hex);
+    strcat(sk_hex, "\n");
+    kh_trail_hex(pk, sizeof pk, pk_hex);
+    strcat(pk_hex, "\n");
+    int rc = s_write_key(secret_path, sk_hex, 0600, force, err);
+    if (rc == 0)
+        rc = s_write_key(public_path, pk_hex, 0644, force, err);
+    sodium_memzero(sk, sizeof sk);
+    sodium_memzero(sk_hex, sizeof sk_hex);
+    return rc;
+}
+
+/* Read the first line of a key file: exactly n bytes of hex. */
+static int s_load_key(const char *path, unsigned char *out, size_t n,
+                      kh_error_t *err)
+{
+    char line[2 * KH_TRAIL_SECRET_KEY_SIZE + 8];
+    FILE *f = fopen(path, "re");
+    if (!f)
+        return kh_error_set(err, KH_E_IO, path, "cannot open key file: %s",
+                            strerror(errno));
+    bool got = fgets(line, sizeof line, f) != NULL;
+    fclose(f);
+    if (got)
+        line[strcspn(line, "\r\n")] = '\0';
+    int rc = got ? kh_trail_unhex(line, out, n) : -1;
+    sodium_memzero(line, sizeof line);
+    if (rc != 0)
+        return kh_error_set(err, KH_E_CONFIG, path,
+                            "not an audit key file (%zu hex digits)", 2 * n);
+    return 0;
+}
+
+int kh_trail_load_secret(const char *path,
+                         unsigned char out[KH_TRAIL_SECRET_KEY_SIZE],
+                         kh_error_t *err)
+{
+    if (s_load_key(path, out, KH_TRAIL_SECRET_KEY_SIZE, err))
+        return -1;
+    /* The secret key holds its public half: check they belong together. */
+    unsigned char seed[32], pk[32], sk[64];
+    crypto_sign_ed25519_sk_to_seed(seed, out);
+    crypto_sign_seed_keypair(pk, sk, seed);
+    bool ok = sodium_memcmp(sk, out, sizeof sk) == 0;
+    sodium_memzero(seed, sizeof seed);
+    sodium_memzero(sk, sizeof sk);
+    if (!ok) {
+        sodium_memzero(out, KH_TRAIL_SECRET_KEY_SIZE);
+        return kh_error_set(err, KH_E_CONFIG, path,
+                            "audit secret key is inconsistent");
+    }
+    return 0;
+}
+
+int kh_trail_load_public(const char *path,
+                         unsigned char out[KH_TRAIL_PUBLIC_KEY_SIZE],
+                         kh_error_t *err)
+{
+    return s_load_key(path, out, KH_TRAIL_PUBLIC_KEY_SIZE, err);
+}
+
+/* ------------------------------------------------------------------ */
+/* Verifier */
+
+static const char *const s_finding_names[KH_TRAIL_KIND_COUNT] = {
+    "ok",        "altered",   "missing",       "inserted",
+    "reordered", "truncated", "bad_signature", "checkpoint_mismatch"};
+
+const char *kh_trail_finding_name(kh_trail_finding_t kind)
+{
+    return kind < KH_TRAIL_KIND_COUNT ? s_finding_names[kind] : "unknown";
+}
+
+typedef struct {
+    kh_trail_checkpoint_t cp;
+    bool valid; /* signature checked and good */
+} s_cp_t;
+
+struct kh_trail_verifier_t {
+    unsigned char public_key[KH_TRAIL_PUBLIC_KEY_SIZE];
+    unsigned char prev[KH_TRAIL_HASH_SIZE];
+    int64_t start_seq; /* events at or below it are not judged */
+    s_cp_t *cps;
+    size_t ncps, cap;
+    bool sorted;
+    size_t next_cp; /* first checkpoint not yet passed */
+    /* The first finding of the stream (kind OK: none yet). */
+    kh_trail_finding_t kind;
+    int64_t seq, other;
+    char detail[160];
+    /* Pending judgements. */
+    int64_t unsealed_at; /* first event without a seal (0: none) */
+    int64_t missing_at;  /* first seal without an event (0: none) */
+    bool looking;        /* looking ahead for a moved event */
+    int64_t look_seq;
+    unsigned char look_prev[KH_TRAIL_HASH_SIZE];
+    unsigned char look_seal[KH_TRAIL_HASH_SIZE];
+    int64_t last_event; /* seq of the last event read */
+    kh_trail_report_t report;
+};
+
+kh_trail_verifier_t *kh_trail_verifier_new(const unsigned char *public_key,
+                                           const kh_trail_checkpoint_t *anchor)
+{
+    kh_trail_verifier_t *self = calloc(1, sizeof *self);
+    if (!self)
+        return NULL;
+    memcpy(self->public_key, public_key, KH_TRAIL_PUBLIC_KEY_SIZE);
+    self->kind = KH_TRAIL_OK;
+    if (anchor) {
+        memcpy(self->prev, anchor->head, KH_TRAIL_HASH_SIZE);
+        self->start_seq = anchor->seq;
+        self->last_event = anchor->seq;
+        self->report.signed_seq = anchor->seq;
+        if (kh_trail_verifier_checkpoint(self, anchor, false) != 0) {
+            kh_trail_verifier_destroy(&self);
+            return NULL;
+        }
+    }
+    return self;
+}
+
+void kh_trail_verifier_destroy(kh_trail_verifier_t **self_p)
+{
+    if (!self_p || !*self_p)
+        return;
+    free((*self_p)->cps);
+    free(*self_p);
+    *self_p = NULL;
+}
+
+/* Record a finding unless an earlier one (lower seq) is known. */
+static void s_find(kh_trail_verifier_t *self, kh_trail_finding_t kind,
+                   int64_t seq, int64_t other, const char *fmt, ...)
+    __attribute__((format(printf, 5, 6)));
+static void s_find(kh_trail_verifier_t *self, kh_trail_finding_t kind,
+                   int64_t seq, int64_t other, const char *fmt, ...)
+{
+    if (self->kind != KH_TRAIL_OK && self->seq <= seq)
+        return;
+    self->kind = kind;
+    self->seq = seq;
+    self->other = other;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(self->detail, sizeof self->detail, fmt, ap);
+    va_end(ap);
+}
+
+int kh_trail_verifier_checkpoint(kh_trail_verifier_t *self,
+                                 const kh_trail_checkpoint_t *cp,
+                                 bool published)
+{
+    (void) published; /* a published checkpoint is judged like any other */
+    for (size_t i = 0; i < self->ncps; i++)
+        if (self->cps[i].cp.seq == cp->seq &&
+            memcmp(&self->cps[i].cp, cp, sizeof *cp) == 0)
+            return 0; /* the same checkpoint from both sources */
+    if (self->ncps == self->cap) {
+        size_t cap = self->cap ? self->cap * 2 : 64;
+        s_cp_t *cps = realloc(self->cps, cap * sizeof *cps);
+        if (!cps)
+            return -1;
+        self->cps = cps;
+        self->cap = cap;
+    }
+    s_cp_t *slot = &self->cps[self->ncps++];
+    slot->cp = *cp;
+    slot->valid = kh_trail_checkpoint_valid(cp, self->public_key);
+    if (!slot->valid)
+        s_find(
+            self, KH_TRAIL_BAD_SIGNATURE, cp->seq, 0,
+            "checkpoint at seq %lld: %s", (long long) cp->seq,
+            memcmp(cp->public_key, self->public_key, KH_TRAIL_PUBLIC_KEY_SIZE)
+                ? "signed by another key"
+                : "signature does not verify");
+    self->sorted = false;
+    return 0;
+}
+
+static int s_cp_cmp(const void *a, const void *b)
+{
+    const s_cp_t *x = a, *y = b;
+    return x->cp.seq < y->cp.seq ? -1 : x->cp.seq > y->cp.seq;
+}
+
+static void s_sort(kh_trail_verifier_t *self)
+{
+    if (self->sorted)
+        return;
+    qsort(self->cps, self->ncps, sizeof *self->cps, s_cp_cmp);
+    self->sorted = true;
+    self->next_cp = 0;
+    while (self->next_cp < self->ncps &&
+           self->cps[self->next_cp].cp.seq <= self->start_seq) {
+        if (self->cps[self->next_cp].valid)
+            self->report.checkpoints++;
+        self->next_cp++;
+    }
+}
+
+/* The highest valid checkpoint at or below seq (0 if none). */
+static int64_t s_cp_at_or_below(const kh_trail_verifier_t *self, int64_t seq)
+{
+    int64_t best = 0;
+    for (size_t i = 0; i < self->ncps; i++)
+        if (self->cps[i].valid && self->cps[i].cp.seq <= seq &&
+            self->cps[i].cp.seq > best)
+            best = self->cps[i].cp.seq;
+    return best;
+}
+
+/* Judge the checkpoints below seq, none of which names an intact event
+ * (they would have been passed): their event is gone. */
+static void s_pass_checkpoints_below(kh_trail_verifier_t *self, int64_t seq)
+{
+    while (self->next_cp < self->ncps &&
+           self->cps[self->next_cp].cp.seq < seq) {
+        int64_t at = self->cps[self->next_cp].cp.seq;
+        s_find(self, KH_TRAIL_MISSING, at, 0,
+               "seq %lld: the event a checkpoint covers is gone",
+               (long long) at);
+        self->next_cp++;
+    }
+}
+
+/* The event at seq hashed to h and matched its seal: check a checkpoint
+ * at seq against it. */
+static void s_checkpoint_at(kh_trail_verifier_t *self, int64_t seq,
+                            const unsigned char *h)
+{
+    s_pass_checkpoints_below(self, seq);
+    while (self->next_cp < self->ncps &&
+           self->cps[self->next_cp].cp.seq == seq) {
+        const s_cp_t *c = &self->cps[self->next_cp++];
+        if (!c->valid)
+            continue; /* already a finding */
+        if (sodium_memcmp(c->cp.head, h, KH_TRAIL_HASH_SIZE) != 0) {
+            s_find(self, KH_TRAIL_CHECKPOINT_MISMATCH, seq, 0,
+                   "seq %lld: the signed head differs from the chain (the "
+                   "chain was rewritten up to here)",
+                   (long long) seq);
+            continue;
+        }
+        self->report.checkpoints++;
+        self->report.signed_seq = seq;
+    }
+}
+
+/* While looking ahead: is ev the event that belonged at look_seq? */
+static void s_look(kh_trail_verifier_t *self, const kh_trail_event_t *ev)
+{
+    kh_trail_event_t moved = *ev;
+    moved.seq = self->look_seq;
+    unsigned char h[KH_TRAIL_HASH_SIZE];
+    if (kh_trail_chain(self->look_prev, &moved, h) == 0 &&
+        sodium_memcmp(h, self->look_seal, KH_TRAIL_HASH_SIZE) == 0) {
+        /* The alteration found at look_seq becomes a reordering. */
+        if (self->kind == KH_TRAIL_ALTERED && self->seq == self->look_seq)
+            self->kind = KH_TRAIL_OK;
+        s_find(self, KH_TRAIL_REORDERED, self->look_seq, ev->seq,
+               "seq %lld: the event sealed here now stands at seq %lld",
+               (long long) self->look_seq, (long long) ev->seq);
+        self->looking = false;
+    }
+}
+
+void kh_trail_verifier_feed(kh_trail_verifier_t *self, int64_t seq,
+                            const kh_trail_event_t *ev,
+                            const unsigned char *seal)
+{
+    s_sort(self);
+    if (ev) {
+        self->report.events++;
+        if (!self->report.first_seq)
+            self->report.first_seq = seq;
+        self->report.last_seq = seq;
+        self->last_event = seq;
+    }
+    if (self->looking) {
+        if (ev)
+            s_look(self, ev);
+        return;
+    }
+    if (self->kind != KH_TRAIL_OK && self->kind != KH_TRAIL_BAD_SIGNATURE)
+        return;
+    if (seal && self->unsealed_at) {
+        s_find(self, KH_TRAIL_INSERTED, self->unsealed_at, 0,
+               "seq %lld: an event without a seal below sealed ones",
+               (long long) self->unsealed_at);
+        return;
+    }
+    if (ev && self->missing_at) {
+        s_find(self, KH_TRAIL_MISSING, self->missing_at, 0,
+               "seq %lld: a sealed event is gone",
+               (long long) self->missing_at);
+        return;
+    }
+    if (!ev) {
+        if (seal && !self->missing_at)
+            self->missing_at = seq;
+        return;
+    }
+    if (!seal) {
+        self->report.unsealed++;
+        if (!self->unsealed_at)
+            self->unsealed_at = seq;
+        return;
+    }
+    unsigned char h[KH_TRAIL_HASH_SIZE];
+    if (kh_trail_chain(self->prev, ev, h) != 0 ||
+        sodium_memcmp(h, seal, KH_TRAIL_HASH_SIZE) != 0) {
+        /* Altered, unless the sealed event moved elsewhere. */
+        s_find(self, KH_TRAIL_ALTERED, seq, 0,
+               "seq %lld: the event does not match its seal", (long long) seq);
+        self->looking = true;
+        self->look_seq = seq;
+        memcpy(self->look_prev, self->prev, KH_TRAIL_HASH_SIZE);
+        memcpy(self->look_seal, seal, KH_TRAIL_HASH_SIZE);
+        return;
+    }
+    memcpy(self->prev, h, KH_TRAIL_HASH_SIZE);
+    self->report.sealed++;
+    s_checkpoint_at(self, seq, h);
+}
+
+int kh_trail_verifier_finish(kh_trail_verifier_t *self,
+                             kh_trail_report_t *report)
+{
+    s_sort(self);
+    self->looking = false;
+    bool judging =
+        self->kind == KH_TRAIL_OK || self->kind == KH_TRAIL_BAD_SIGNATURE;
+    if (judging && self->unsealed_at && self->next_cp < self->ncps &&
+        self->cps[self->ncps - 1].cp.seq >= self->unsealed_at)
+        s_find(self, KH_TRAIL_INSERTED, self->unsealed_at, 0,
+               "seq %lld: an event without a seal below a checkpoint",
+               (long long) self->unsealed_at);
+    else if (judging && (self->missing_at || (self->next_cp < self->ncps &&
+                                              self->cps[self->ncps - 1].cp.seq >
+                                                  self->last_event))) {
+        int64_t after = s_cp_at_or_below(self, self->last_event);
+        s_find(self, KH_TRAIL_TRUNCATED, self->last_event + 1, after,
+               "seq %lld: the trail ends early (after checkpoint at seq "
+               "%lld, sealed or signed events follow)",
+               (long long) self->last_event + 1, (long long) after);
+    }
+    *report = self->report;
+    report->kind = self->kind;
+    report->seq = self->kind == KH_TRAIL_OK ? 0 : self->seq;
+    report->other_seq = self->kind == KH_TRAIL_OK ? 0 : self->other;
+    snprintf(report->detail, sizeof report->detail, "%s",
+             self->kind == KH_TRAIL_OK ? "intact" : self->detail);
+    return self->kind == KH_TRAIL_OK ? 0 : 1;
+}

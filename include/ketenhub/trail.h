@@ -1,0 +1,200 @@
+/*
+ * The sealed audit trail: the canonical encoding of an event, the hash
+ * chain over events in seq order, signed checkpoints, the audit key pair,
+ * and a streaming verifier that names the first sequence number where the
+ * trail was altered, has lost or gained an event, was reordered or
+ * truncated, or carries a bad signature. schemas/audit.md is the written
+ * contract; this is its implementation.
+ *
+ * The database side (reading the trail with COPY, sealing, recording an
+ * auditor's access) is in trail_db.h; the export file in trail_file.h.
+ */
+#ifndef KH_TRAIL_H_INCLUDED
+#define KH_TRAIL_H_INCLUDED
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "ketenhub/error.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define KH_TRAIL_HASH_SIZE 32
+#define KH_TRAIL_PUBLIC_KEY_SIZE 32
+#define KH_TRAIL_SECRET_KEY_SIZE 64
+#define KH_TRAIL_SIGNATURE_SIZE 64
+
+/* A field value as it is stored: bytes and a length, len -1 for NULL.
+ * Text is UTF-8; referral_id and delivery_id are 16 raw bytes; the
+ * payload hash is 32 raw bytes. Not NUL-terminated. */
+typedef struct {
+    const char *ptr;
+    int len;
+} kh_trail_bytes_t;
+
+/* The fields of audit_events, in canonical order after seq and at. */
+typedef enum {
+    KH_TRAIL_ACTOR_KIND,
+    KH_TRAIL_ACTOR_ID,
+    KH_TRAIL_ACTION,
+    KH_TRAIL_REFERRAL_ID,
+    KH_TRAIL_DELIVERY_ID,
+    KH_TRAIL_PARTNER_ID,
+    KH_TRAIL_OUTCOME,
+    KH_TRAIL_REASON_CODE,
+    KH_TRAIL_REASON_PATH,
+    KH_TRAIL_PAYLOAD_HASH,
+    KH_TRAIL_RULES_VERSION,
+    KH_TRAIL_ORIGIN_SERVICE,
+    KH_TRAIL_ORIGIN_PEER,
+    KH_TRAIL_RULES_MATCHED,
+    KH_TRAIL_QUERY_FILTER,
+    KH_TRAIL_FIELD_COUNT
+} kh_trail_field_t;
+
+/* One event. Borrowed: the bytes belong to whoever filled it. */
+typedef struct {
+    int64_t seq;
+    int64_t at_us; /* microseconds since 1970-01-01T00:00:00Z */
+    kh_trail_bytes_t f[KH_TRAIL_FIELD_COUNT];
+} kh_trail_event_t;
+
+/* A checkpoint as stored in audit_checkpoints. */
+typedef struct {
+    int64_t seq;
+    int64_t at_us;
+    unsigned char head[KH_TRAIL_HASH_SIZE];
+    unsigned char public_key[KH_TRAIL_PUBLIC_KEY_SIZE];
+    unsigned char signature[KH_TRAIL_SIGNATURE_SIZE];
+} kh_trail_checkpoint_t;
+
+/* Column name of a field ("actor_kind"), and whether it is 16-byte uuid
+ * (1), 32-byte hash (2) or text (0). */
+const char *kh_trail_field_name(kh_trail_field_t field);
+int kh_trail_field_kind(kh_trail_field_t field);
+
+/* Whether action is in the closed list of actions (migration 004). */
+bool kh_trail_action_known(const char *action);
+
+/* The closed list, NULL-terminated. */
+extern const char *const kh_trail_actions[];
+
+/* Canonical encoding of ev into out (size bytes). Returns its length, or
+ * -1 when it does not fit (every field is at most 4096 bytes in the
+ * database, so 64 KiB always fits). */
+long kh_trail_encode(const kh_trail_event_t *ev, unsigned char *out,
+                     size_t size);
+
+/* next = SHA-256(prev || canonical(ev)). prev is 32 zero bytes before the
+ * first event. Returns 0, or -1 when ev cannot be encoded. */
+int kh_trail_chain(const unsigned char prev[KH_TRAIL_HASH_SIZE],
+                   const kh_trail_event_t *ev,
+                   unsigned char next[KH_TRAIL_HASH_SIZE]);
+
+/* The signed message of a checkpoint (schemas/audit.md). */
+#define KH_TRAIL_CHECKPOINT_MESSAGE_SIZE (22 + 8 + 8 + KH_TRAIL_HASH_SIZE)
+void kh_trail_checkpoint_message(
+    const kh_trail_checkpoint_t *cp,
+    unsigned char out[KH_TRAIL_CHECKPOINT_MESSAGE_SIZE]);
+
+/* Fill cp->public_key and cp->signature from secret_key (libsodium's
+ * 64-byte Ed25519 secret key, which holds the public key). */
+void kh_trail_checkpoint_sign(kh_trail_checkpoint_t *cp,
+                              const unsigned char *secret_key);
+
+/* Whether cp's signature is valid for public_key and was made by it. */
+bool kh_trail_checkpoint_valid(const kh_trail_checkpoint_t *cp,
+                               const unsigned char *public_key);
+
+/* The audit key pair. The secret file holds 128 hex digits (mode 0600),
+ * the public file 64; each ends with a newline. */
+int kh_trail_keygen(const char *secret_path, const char *public_path,
+                    bool force, kh_error_t *err);
+int kh_trail_load_secret(const char *path,
+                         unsigned char out[KH_TRAIL_SECRET_KEY_SIZE],
+                         kh_error_t *err);
+int kh_trail_load_public(const char *path,
+                         unsigned char out[KH_TRAIL_PUBLIC_KEY_SIZE],
+                         kh_error_t *err);
+
+/* Lower-case hex of n bytes into out (2n + 1 bytes). */
+void kh_trail_hex(const unsigned char *bytes, size_t n, char *out);
+/* Parse exactly 2n hex digits; 0 or -1. */
+int kh_trail_unhex(const char *hex, unsigned char *out, size_t n);
+
+/* UTC time as "YYYY-MM-DDTHH:MM:SS.ffffffZ" (28 bytes with the NUL), and
+ * back (-1 when malformed). */
+void kh_trail_format_time(int64_t at_us, char out[28]);
+int kh_trail_parse_time(const char *text, int64_t *at_us);
+
+/* ------------------------------------------------------------------ */
+/* Verification. Feed the merged stream of events and seals in seq order;
+ * the verifier stops judging at the first finding but keeps looking
+ * ahead to tell a reordering from an alteration. */
+
+typedef enum {
+    KH_TRAIL_OK,
+    KH_TRAIL_ALTERED,       /* event changed: it no longer hashes to its seal */
+    KH_TRAIL_MISSING,       /* sealed event removed */
+    KH_TRAIL_INSERTED,      /* event without seal below the sealed head */
+    KH_TRAIL_REORDERED,     /* sealed event found at another seq */
+    KH_TRAIL_TRUNCATED,     /* the tail after a checkpoint is gone */
+    KH_TRAIL_BAD_SIGNATURE, /* checkpoint signature invalid or wrong key */
+    KH_TRAIL_CHECKPOINT_MISMATCH, /* signed head differs from the chain */
+    KH_TRAIL_KIND_COUNT
+} kh_trail_finding_t;
+
+/* Stable name ("altered", "truncated", ...) of a finding. */
+const char *kh_trail_finding_name(kh_trail_finding_t kind);
+
+typedef struct {
+    kh_trail_finding_t kind;
+    int64_t seq;       /* first sequence number where it is wrong */
+    int64_t other_seq; /* reordered: where the event is now; truncated:
+                        * the checkpoint it follows (0: none) */
+    char detail[160];  /* one line for people */
+    /* Counts of what was checked. */
+    int64_t events;      /* events read */
+    int64_t sealed;      /* events whose seal matched */
+    int64_t unsealed;    /* events above the sealed head (not yet sealed) */
+    int64_t checkpoints; /* checkpoints whose signature and head held */
+    int64_t first_seq, last_seq; /* range of events read */
+    int64_t signed_seq;          /* last seq covered by a valid checkpoint */
+} kh_trail_report_t;
+
+typedef struct kh_trail_verifier_t kh_trail_verifier_t;
+
+/* A verifier for checkpoints signed by public_key. It starts at the
+ * genesis (anchor NULL) or after a trusted checkpoint anchor (its
+ * signature is checked like any other). Returns NULL when out of memory. */
+kh_trail_verifier_t *kh_trail_verifier_new(const unsigned char *public_key,
+                                           const kh_trail_checkpoint_t *anchor);
+void kh_trail_verifier_destroy(kh_trail_verifier_t **self_p);
+
+/* Give every checkpoint before the first event, in any order. Published
+ * checkpoints (from a file kept outside the database) are given with
+ * published = true: each must also be present in the database's own
+ * list, and events up to its seq must exist. */
+int kh_trail_verifier_checkpoint(kh_trail_verifier_t *self,
+                                 const kh_trail_checkpoint_t *cp,
+                                 bool published);
+
+/* Feed the next seq in ascending order: the event (NULL if there is no
+ * row) and its seal (NULL if none). The event's bytes need only live
+ * for the call. */
+void kh_trail_verifier_feed(kh_trail_verifier_t *self, int64_t seq,
+                            const kh_trail_event_t *ev,
+                            const unsigned char *seal);
+
+/* End of the stream: fill report (kind KH_TRAIL_OK when all is well) and
+ * return 0 when all is well, 1 on a finding. */
+int kh_trail_verifier_finish(kh_trail_verifier_t *self,
+                             kh_trail_report_t *report);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,135 @@
+/*
+ * ketenhub-audit: seals the audit trail. Every KH_AUDIT_POLL_MS it chains
+ * the events whose seq values can no longer change (see schemas/audit.md)
+ * into audit_seals and signs checkpoints with the hub's audit key every
+ * KH_AUDIT_CHECKPOINT_EVERY events and at least every
+ * KH_AUDIT_CHECKPOINT_MS. Several replicas may run: an advisory lock lets
+ * one seal at a time. Settings come from the environment (--help).
+ */
+#include <poll.h>
+#include <signal.h>
+#include <sodium.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "ketenhub/config.h"
+#include "ketenhub/db.h"
+#include "ketenhub/log.h"
+#include "ketenhub/service.h"
+#include "ketenhub/trail_db.h"
+
+static kh_cfg_t s_config[] = {
+    KH_CFG("KH_DATABASE_URL", KH_CFG_STRING, "", 0, 0, true,
+           "libpq connection string (empty: PG* environment)"),
+    KH_CFG("KH_AUDIT_KEY", KH_CFG_STRING, NULL, 0, 0, false,
+           "the hub's Ed25519 audit secret key file (hub-audit.key)"),
+    KH_CFG("KH_AUDIT_POLL_MS", KH_CFG_INT, "200", 10, 3600000, false,
+           "look for new events this often"),
+    KH_CFG("KH_AUDIT_CHECKPOINT_EVERY", KH_CFG_INT, "1000", 1, 100000000, false,
+           "a signed checkpoint after this many events"),
+    KH_CFG("KH_AUDIT_CHECKPOINT_MS", KH_CFG_INT, "60000", 10, 86400000, false,
+           "and at least this often while events come in"),
+    KH_CFG("KH_AUDIT_BATCH", KH_CFG_INT, "10000", 1, 1000000, false,
+           "events read per statement while sealing"),
+    KH_CFG("KH_LOG_LEVEL", KH_CFG_STRING, "info", 0, 0, false,
+           "debug, info, warn or error"),
+};
+#define S_CONFIG_COUNT (sizeof s_config / sizeof s_config[0])
+
+static const kh_cfg_t *s_cfg(const char *name)
+{
+    return kh_config_get(s_config, S_CONFIG_COUNT, name);
+}
+
+static double s_ms_since(const struct timespec *t0)
+{
+    struct timespec t1;
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    return (double) (t1.tv_sec - t0->tv_sec) * 1e3 +
+           (double) (t1.tv_nsec - t0->tv_nsec) / 1e6;
+}
+
+int main(int argc, char **argv)
+{
+    int signal_fd = -1;
+    int status = kh_service_start("audit", argc, argv, s_config, S_CONFIG_COUNT,
+                                  &signal_fd);
+    if (status >= 0)
+        return status;
+    kh_error_t err;
+    kh_error_clear(&err);
+    unsigned char sk[KH_TRAIL_SECRET_KEY_SIZE];
+    if (kh_trail_load_secret(s_cfg("KH_AUDIT_KEY")->str, sk, &err) != 0) {
+        kh_log_error("start_failed", "code=%s path=%s msg=\"%s\"",
+                     kh_error_name(err.code), err.path, err.message);
+        close(signal_fd);
+        return 2;
+    }
+    kh_trail_sealer_config_t cfg = {
+        .checkpoint_every = s_cfg("KH_AUDIT_CHECKPOINT_EVERY")->num,
+        .checkpoint_ms = s_cfg("KH_AUDIT_CHECKPOINT_MS")->num,
+        .batch = s_cfg("KH_AUDIT_BATCH")->num,
+    };
+    kh_trail_sealer_t *sealer = kh_trail_sealer_new(sk, &cfg);
+    sodium_memzero(sk, sizeof sk);
+    if (!sealer) {
+        kh_log_error("start_failed", "reason=\"out of memory\"");
+        close(signal_fd);
+        return 1;
+    }
+    int poll_ms = (int) s_cfg("KH_AUDIT_POLL_MS")->num;
+    PGconn *conn = NULL;
+    bool ready = false, running = true;
+    int rc = 0;
+    while (running) {
+        if (!conn) {
+            conn =
+                kh_db_connect_app(s_cfg("KH_DATABASE_URL")->str, "audit", &err);
+            if (!conn)
+                kh_log_warn("db_unavailable", "msg=\"%s\"", err.message);
+            else if (!ready) {
+                kh_log_info("ready", NULL);
+                ready = true;
+            }
+        }
+        if (conn) {
+            struct timespec t0;
+            clock_gettime(CLOCK_MONOTONIC, &t0);
+            long cps = 0;
+            long n = kh_trail_sealer_step(sealer, conn, &cps, &err);
+            if (n < 0) {
+                kh_log_warn("seal_failed", "code=%s msg=\"%s\"",
+                            kh_error_name(err.code), err.message);
+                if (PQstatus(conn) != CONNECTION_OK) {
+                    PQfinish(conn);
+                    conn = NULL;
+                }
+            } else if (n > 0 || cps > 0)
+                kh_log_info("sealed", "events=%ld checkpoints=%ld ms=%.2f", n,
+                            cps, s_ms_since(&t0));
+        }
+        struct pollfd pfd = {.fd = signal_fd, .events = POLLIN};
+        if (poll(&pfd, 1, poll_ms) > 0) {
+            int sig = kh_signals_read(signal_fd);
+            if (sig == SIGTERM || sig == SIGINT) {
+                running = false;
+                kh_log_info("stopping", "signal=%d", sig);
+            }
+        }
+    }
+    /* Seal what is final before leaving; a failure only means the next
+     * start does it. */
+    if (conn) {
+        long n = kh_trail_sealer_flush(sealer, conn, 2000, &err);
+        if (n < 0)
+            kh_log_warn("seal_failed", "code=%s msg=\"%s\"",
+                        kh_error_name(err.code), err.message);
+        PQfinish(conn);
+    }
+    kh_trail_sealer_destroy(&sealer);
+    close(signal_fd);
+    kh_log_info("stopped", NULL);
+    return rc;
+}
