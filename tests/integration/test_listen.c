@@ -43,6 +43,7 @@ typedef struct {
     int port;
     zframe_t *peer;
     int hellos;
+    bool revoked; /* answer HELLO with REJECTED unknown_partner */
 } s_hub_t;
 
 static void s_hub_bind(s_hub_t *h)
@@ -125,9 +126,14 @@ static json_t *s_hub_recv(s_hub_t *h, int timeout_ms)
                       err.path, err.message);
         if (cmd == KH_CMD_HELLO) {
             h->hellos++;
-            json_t *w =
-                json_pack("{s:i, s:s, s:s, s:s, s:i}", "v", 1, "cmd", "WELCOME",
-                          "cid", cid, "partner", "px", "window", 8);
+            json_t *w = h->revoked
+                            ? json_pack("{s:i, s:s, s:s, s:s, s:s, s:s, s:b}",
+                                        "v", 1, "cmd", "REJECTED", "cid", cid,
+                                        "code", "unknown_partner", "path", "",
+                                        "message", "revoked", "retryable", 0)
+                            : json_pack("{s:i, s:s, s:s, s:s, s:i}", "v", 1,
+                                        "cmd", "WELCOME", "cid", cid, "partner",
+                                        "px", "window", 8);
             char *data;
             size_t size;
             ck_assert_int_eq(kh_msgpack_encode(w, &data, &size, &err), 0);
@@ -433,6 +439,21 @@ START_TEST(test_key_refused)
     /* Nothing gets through; the listener gives up with exit 3. */
     ck_assert_ptr_null(s_hub_recv(&h, 1000));
     int status = khproc_stop(pid, 0, 10000);
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 3, "status %d",
+                  status);
+    khtest_rmtree(out);
+    free(out);
+    s_hub_destroy(&h);
+
+    /* In the directory but revoked in the registry: the hub answers HELLO
+     * with REJECTED unknown_partner, and the listener gives up too. */
+    s_hub_new(&h, true);
+    h.revoked = true;
+    out = khtest_tmpdir();
+    char *mode2[] = {"--dir", out, NULL};
+    pid = s_spawn(&h, NULL, mode2, NULL);
+    s_hub_await_hello(&h, 5000);
+    status = khproc_stop(pid, 0, 10000);
     ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 3, "status %d",
                   status);
     khtest_rmtree(out);

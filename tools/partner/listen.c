@@ -59,6 +59,7 @@ typedef struct {
     bool connected;
     sigset_t stop_signals;
     bool stopping;
+    bool revoked; /* REJECTED unknown_partner: this key is revoked */
 } s_listener_t;
 
 static void s_usage(FILE *out)
@@ -86,7 +87,7 @@ static void s_usage(FILE *out)
             "endpoint: --endpoint, else KH_DELIVERY_ENDPOINT, else "
             "tcp://127.0.0.1:7703.\n"
             "exit: 0 stopped (SIGINT, SIGTERM or --count), 2 usage, 3 key "
-            "refused\n");
+            "refused or revoked\n");
 }
 
 /* Whether a stop signal is pending (they are blocked in every thread and
@@ -370,9 +371,15 @@ static void s_reply(s_listener_t *self, const json_t *msg, const char *cmd)
     bool ours =
         cid && (strncmp(cid, "ack:", 4) == 0 || strncmp(cid, "nack:", 5) == 0);
     if (!ours) {
-        if (strcmp(cmd, "REJECTED") == 0)
-            kh_log_warn("rejected", "cid=%s code=%s", cid ? cid : "",
-                        json_string_value(json_object_get(msg, "code")));
+        const char *code = json_string_value(json_object_get(msg, "code"));
+        if (strcmp(cmd, "REJECTED") != 0)
+            return;
+        /* The key is known to the handshake but revoked in the registry:
+         * that will not pass by itself. */
+        if (code && strcmp(code, "unknown_partner") == 0)
+            self->revoked = true;
+        kh_log(self->revoked ? KH_LOG_ERROR : KH_LOG_WARN, "rejected",
+               "cid=%s code=%s", cid ? cid : "", code ? code : "");
         return;
     }
     const char *id = strchr(cid, ':') + 1;
@@ -443,6 +450,8 @@ static int s_loop(s_listener_t *self)
         if (msg)
             s_handle(self, msg);
         json_decref(msg);
+        if (self->revoked)
+            return S_EXIT_UNREACHABLE;
     }
     if (self->unconfirmed > 0)
         kh_log_warn("unconfirmed_at_exit", "count=%d", self->unconfirmed);
