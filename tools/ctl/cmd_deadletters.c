@@ -394,8 +394,7 @@ static int s_cmd_show(int argc, char **argv)
  * the host. */
 static const char s_retry_sql[] =
     "WITH want AS (%s),"
-    " cur AS (SELECT d.id, d.state, d.payload IS NULL AS purged,"
-    "  extract(epoch FROM now() - d.created_at)::bigint AS age_s"
+    " cur AS (SELECT d.id, d.state, d.payload IS NULL AS purged"
     "  FROM deliveries d JOIN want USING (id) FOR UPDATE OF d),"
     " gate AS (SELECT (SELECT count(*) FROM want) ="
     "  (SELECT count(*) FROM cur WHERE state = 'dead' AND NOT purged) AS ok),"
@@ -412,18 +411,9 @@ static const char s_retry_sql[] =
     "  'ok', payload_hash, rules_version, $3, $4 FROM upd"
     "  RETURNING delivery_id)"
     " SELECT w.id, c.state, coalesce(c.purged, false),"
-    "  (i.delivery_id IS NOT NULL), c.age_s"
+    "  (i.delivery_id IS NOT NULL)"
     " FROM want w LEFT JOIN cur c USING (id)"
     " LEFT JOIN ins i ON i.delivery_id = w.id ORDER BY w.id";
-
-/* The notification service's age limit, when this shell has it set as
- * the services do, else its default (3 days). */
-static long long s_max_age_s(void)
-{
-    const char *env = getenv("KH_NOTIFY_MAX_AGE_S");
-    long long v = env && *env ? atoll(env) : 0;
-    return v > 0 ? v : 259200;
-}
 
 /* Retry the deliveries: ids ("{a,b}", a uuid[] literal) or, when partner
  * is not NULL, every dead delivery of partner. Prints what happened. */
@@ -492,23 +482,10 @@ static int s_retry(const char *ids, const char *partner)
     } else if (n == 0)
         printf("no dead deliveries for partner %s\n", partner);
     else {
-        long long max_age = s_max_age_s();
-        int old = 0;
-        for (int r = 0; r < n; r++) {
+        for (int r = 0; r < n; r++)
             printf("delivery %s: pending again, attempts reset\n",
                    PQgetvalue(res, r, 0));
-            old += atoll(PQgetvalue(res, r, 4)) >= max_age;
-        }
         printf("%d %s retried\n", n, n == 1 ? "delivery" : "deliveries");
-        if (old > 0)
-            fprintf(stderr,
-                    "ketenhubctl: note: %d of them %s routed more than "
-                    "KH_NOTIFY_MAX_AGE_S (%lld s) ago; the notification "
-                    "service counts the age from routing and may make %s "
-                    "dead letters again (max_age) before they are "
-                    "acknowledged\n",
-                    old, old == 1 ? "was" : "were", max_age,
-                    old == 1 ? "it" : "them");
     }
     PQclear(res);
     PQfinish(conn);
