@@ -29,6 +29,9 @@ static void s_usage(FILE *out)
             "rules\n"
             "  deadletters list|show|retry      dead deliveries: look at "
             "them, send again\n"
+            "  audit keygen|seal|query|export|verify\n"
+            "                                   the audit trail: query, "
+            "export, verify\n"
             "\n"
             "Run `ketenhubctl COMMAND --help` for a command's options.\n"
             "\n"
@@ -100,6 +103,8 @@ int main(int argc, char **argv)
         return ctl_rules(argc - 1, argv + 1);
     if (strcmp(cmd, "deadletters") == 0)
         return ctl_deadletters(argc - 1, argv + 1);
+    if (strcmp(cmd, "audit") == 0)
+        return ctl_audit(argc - 1, argv + 1);
     ctl_usage_error("unknown command '%s'", cmd);
     s_usage(stderr);
     return CTL_USAGE;

@@ -1,0 +1,674 @@
+/*
+ * ketenhubctl audit: what auditors do with the trail (schemas/audit.md).
+ *   keygen   make the hub's Ed25519 audit key pair
+ *   seal     seal what is final now and write a checkpoint (what the
+ *            audit service does continuously)
+ *   query    filtered, paged events as a table, JSON lines or CSV
+ *   export   a range with its checkpoints to a file kept elsewhere
+ *   verify   the chain and the signatures, in the database or a file
+ * query, export and verify in the database are themselves recorded in the
+ * trail (trail.queried / trail.exported / trail.verified) with the
+ * auditor's OS user and the filter, never the results.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <jansson.h>
+#include <regex.h>
+#include <sodium.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "ctl.h"
+#include "ketenhub/db.h"
+#include "ketenhub/trail_db.h"
+#include "ketenhub/trail_file.h"
+
+static void s_usage(FILE *out)
+{
+    fprintf(
+        out,
+        "usage: ketenhubctl audit keygen --out DIR [--force]\n"
+        "       ketenhubctl audit seal [--key FILE] [--checkpoint]\n"
+        "       ketenhubctl audit query [--referral ID] [--delivery ID]\n"
+        "                 [--partner ID] [--actor NAME] [--action ACTION]\n"
+        "                 [--outcome ok|refused|failed] [--since TIME]\n"
+        "                 [--until TIME] [--after SEQ] [--limit N]\n"
+        "                 [--format table|json|csv]\n"
+        "       ketenhubctl audit export --out FILE [--from SEQ] [--to SEQ]\n"
+        "                 [--checkpoints-only]\n"
+        "       ketenhubctl audit verify [--public-key FILE] [--file EXPORT]\n"
+        "                 [--published FILE] [--from-checkpoint SEQ]\n"
+        "\n"
+        "keygen   writes DIR/hub-audit.key (secret, 0600, for the audit "
+        "service)\n"
+        "         and DIR/hub-audit.pub (for auditors)\n"
+        "seal     --key defaults to $KH_AUDIT_KEY\n"
+        "query    --referral gives the referral's whole history, its "
+        "deliveries'\n"
+        "         events included; --after SEQ pages on (the next page's "
+        "SEQ is\n"
+        "         printed on stderr); --limit defaults to 100 (at most "
+        "100000);\n"
+        "         TIME is ISO 8601, e.g. 2026-11-28T21:00:00Z\n"
+        "export   widens the range to whole checkpoint intervals; "
+        "--checkpoints-only\n"
+        "         writes just the checkpoints, to publish elsewhere\n"
+        "verify   --public-key defaults to $KH_AUDIT_PUBLIC_KEY; --file "
+        "verifies an\n"
+        "         export offline (no database); --published adds "
+        "checkpoints kept\n"
+        "         outside the database; exit 0 intact, 1 on a finding\n");
+}
+
+/* Whether text matches the extended regular expression re. */
+static bool s_matches(const char *text, const char *re)
+{
+    regex_t rx;
+    if (regcomp(&rx, re, REG_EXTENDED | REG_NOSUB) != 0)
+        return false;
+    bool ok = regexec(&rx, text, 0, NULL, 0) == 0;
+    regfree(&rx);
+    return ok;
+}
+
+static bool s_seq_arg(const char *text, int64_t *out)
+{
+    char *end = NULL;
+    errno = 0;
+    long long v = strtoll(text, &end, 10);
+    if (errno || end == text || *end || v < 0)
+        return false;
+    *out = v;
+    return true;
+}
+
+static const char *s_env(const char *name)
+{
+    const char *v = getenv(name);
+    return v && *v ? v : NULL;
+}
+
+/* ---- keygen ---- */
+
+static int s_keygen(int argc, char **argv)
+{
+    static const struct option options[] = {
+        {"out", required_argument, NULL, 'o'},
+        {"force", no_argument, NULL, 'f'},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0}};
+    const char *out = NULL;
+    bool force = false;
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "o:fh", options, NULL)) != -1) {
+        if (c == 'o')
+            out = optarg;
+        else if (c == 'f')
+            force = true;
+        else {
+            s_usage(c == 'h' ? stdout : stderr);
+            return c == 'h' ? CTL_OK : CTL_USAGE;
+        }
+    }
+    if (!out || optind != argc)
+        return ctl_usage_error("audit keygen: --out DIR is required");
+    if (mkdir(out, 0700) != 0 && errno != EEXIST) {
+        fprintf(stderr, "ketenhubctl: %s: cannot create directory: %s\n", out,
+                strerror(errno));
+        return CTL_FAIL;
+    }
+    char sk[4096], pk[4096];
+    snprintf(sk, sizeof sk, "%s/hub-audit.key", out);
+    snprintf(pk, sizeof pk, "%s/hub-audit.pub", out);
+    kh_error_t err;
+    kh_error_clear(&err);
+    if (kh_trail_keygen(sk, pk, force, &err) != 0) {
+        ctl_print_error(&err);
+        return CTL_FAIL;
+    }
+    unsigned char pub[32];
+    char hex[65];
+    if (kh_trail_load_public(pk, pub, &err) == 0) {
+        kh_trail_hex(pub, sizeof pub, hex);
+        printf("audit public key: %s\n", hex);
+    }
+    printf("secret key (audit service only, KH_AUDIT_KEY): %s\n", sk);
+    printf("public key (for auditors, KH_AUDIT_PUBLIC_KEY): %s\n", pk);
+    return CTL_OK;
+}
+
+/* ---- seal ---- */
+
+static int s_seal(int argc, char **argv)
+{
+    static const struct option options[] = {
+        {"key", required_argument, NULL, 'k'},
+        {"checkpoint", no_argument, NULL, 'c'},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0}};
+    const char *key = s_env("KH_AUDIT_KEY");
+    bool checkpoint = false;
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "k:ch", options, NULL)) != -1) {
+        if (c == 'k')
+            key = optarg;
+        else if (c == 'c')
+            checkpoint = true;
+        else {
+            s_usage(c == 'h' ? stdout : stderr);
+            return c == 'h' ? CTL_OK : CTL_USAGE;
+        }
+    }
+    if (!key || optind != argc)
+        return ctl_usage_error("audit seal: --key FILE (or KH_AUDIT_KEY) is "
+                               "required");
+    kh_error_t err;
+    kh_error_clear(&err);
+    unsigned char sk[KH_TRAIL_SECRET_KEY_SIZE];
+    if (sodium_init() < 0 || kh_trail_load_secret(key, sk, &err) != 0) {
+        ctl_print_error(&err);
+        return CTL_USAGE;
+    }
+    kh_trail_sealer_config_t cfg = {
+        .checkpoint_every = 1000, .checkpoint_ms = 60000, .batch = 10000};
+    kh_trail_sealer_t *sealer = kh_trail_sealer_new(sk, &cfg);
+    sodium_memzero(sk, sizeof sk);
+    PGconn *conn = sealer ? ctl_connect() : NULL;
+    if (!conn) {
+        kh_trail_sealer_destroy(&sealer);
+        return CTL_FAIL;
+    }
+    long n = kh_trail_sealer_flush(sealer, conn, 30000, &err);
+    int wrote = 0;
+    if (n >= 0 && checkpoint)
+        wrote = kh_trail_sealer_checkpoint(sealer, conn, &err);
+    if (n < 0 || wrote < 0)
+        ctl_print_error(&err);
+    else
+        printf("sealed %ld events%s\n", n, wrote ? ", checkpoint written" : "");
+    kh_trail_sealer_destroy(&sealer);
+    PQfinish(conn);
+    return n < 0 || wrote < 0 ? CTL_FAIL : CTL_OK;
+}
+
+/* ---- query ---- */
+
+typedef enum { S_TABLE, S_JSON, S_CSV } s_format_t;
+
+#define S_MAX_PARAMS 10
+
+typedef struct {
+    char where[2048];
+    char filter[1024];
+    const char *params[S_MAX_PARAMS];
+    int nparams;
+} s_query_t;
+
+/* Add "column-condition with $n" and "name=value" to the filter. */
+static void s_cond(s_query_t *q, const char *name, const char *value,
+                   const char *cond_fmt)
+{
+    q->params[q->nparams++] = value;
+    /* cond_fmt holds "$?" where the parameter's number goes. */
+    char cond[512];
+    size_t o = 0;
+    for (const char *p = cond_fmt; *p && o + 8 < sizeof cond; p++) {
+        if (p[0] == '$' && p[1] == '?') {
+            o +=
+                (size_t) snprintf(cond + o, sizeof cond - o, "$%d", q->nparams);
+            p++;
+        } else
+            cond[o++] = *p;
+    }
+    cond[o] = '\0';
+    size_t len = strlen(q->where);
+    snprintf(q->where + len, sizeof q->where - len, "%s%s",
+             len ? " AND " : " WHERE ", cond);
+    len = strlen(q->filter);
+    snprintf(q->filter + len, sizeof q->filter - len, "%s%s=%s", len ? " " : "",
+             name, value);
+}
+
+static const char *s_columns =
+    "seq, to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),"
+    " actor_kind, actor_id, action, referral_id, delivery_id, partner_id,"
+    " outcome, reason_code, reason_path, encode(payload_hash, 'hex'),"
+    " rules_version, origin_service, origin_peer, rules_matched,"
+    " query_filter";
+
+static const char *const s_names[] = {"seq",           "at",
+                                      "actor_kind",    "actor_id",
+                                      "action",        "referral_id",
+                                      "delivery_id",   "partner_id",
+                                      "outcome",       "reason_code",
+                                      "reason_path",   "payload_hash",
+                                      "rules_version", "origin_service",
+                                      "origin_peer",   "rules_matched",
+                                      "query_filter"};
+#define S_NCOLS 17
+
+static void s_csv_field(const char *v, bool null)
+{
+    if (null)
+        return;
+    if (strpbrk(v, ",\"\r\n") == NULL) {
+        fputs(v, stdout);
+        return;
+    }
+    putchar('"');
+    for (; *v; v++) {
+        if (*v == '"')
+            putchar('"');
+        putchar(*v);
+    }
+    putchar('"');
+}
+
+static void s_print(const PGresult *res, int rows, s_format_t format)
+{
+    if (format == S_CSV) {
+        for (int c = 0; c < S_NCOLS; c++)
+            printf("%s%s", c ? "," : "", s_names[c]);
+        putchar('\n');
+    } else if (format == S_TABLE)
+        printf("%-8s %-27s %-24s %-19s %-36s %-20s %-8s %s\n", "SEQ", "AT",
+               "ACTOR", "ACTION", "REFERRAL", "PARTNER", "OUTCOME",
+               "REASON/DELIVERY/RULES");
+    for (int r = 0; r < rows; r++) {
+        if (format == S_JSON) {
+            json_t *o = json_object();
+            for (int c = 0; c < S_NCOLS; c++) {
+                json_t *v;
+                if (PQgetisnull(res, r, c))
+                    v = json_null();
+                else if (c == 0)
+                    v = json_integer(strtoll(PQgetvalue(res, r, c), NULL, 10));
+                else
+                    v = json_string(PQgetvalue(res, r, c));
+                json_object_set_new(o, s_names[c], v);
+            }
+            char *line = json_dumps(o, JSON_COMPACT | JSON_ENSURE_ASCII);
+            if (line)
+                puts(line);
+            free(line);
+            json_decref(o);
+        } else if (format == S_CSV) {
+            for (int c = 0; c < S_NCOLS; c++) {
+                if (c)
+                    putchar(',');
+                s_csv_field(PQgetvalue(res, r, c), PQgetisnull(res, r, c));
+            }
+            putchar('\n');
+        } else {
+            char actor[80], extra[512];
+            snprintf(actor, sizeof actor, "%s:%s", PQgetvalue(res, r, 2),
+                     PQgetvalue(res, r, 3));
+            extra[0] = '\0';
+            static const int more[] = {9, 10, 6, 12, 15, 16};
+            static const char *label[] = {"reason=", "path=",    "delivery=",
+                                          "rules=",  "matched=", "filter="};
+            for (int k = 0; k < 6; k++)
+                if (!PQgetisnull(res, r, more[k])) {
+                    size_t len = strlen(extra);
+                    snprintf(extra + len, sizeof extra - len, "%s%s%.*s",
+                             len ? " " : "", label[k], more[k] == 12 ? 12 : 200,
+                             PQgetvalue(res, r, more[k]));
+                }
+            printf("%-8s %-27s %-24s %-19s %-36s %-20s %-8s %s\n",
+                   PQgetvalue(res, r, 0), PQgetvalue(res, r, 1), actor,
+                   PQgetvalue(res, r, 4),
+                   PQgetisnull(res, r, 5) ? "-" : PQgetvalue(res, r, 5),
+                   PQgetisnull(res, r, 7) ? "-" : PQgetvalue(res, r, 7),
+                   PQgetvalue(res, r, 8), extra);
+        }
+    }
+}
+
+static int s_query(int argc, char **argv)
+{
+    static const struct option options[] = {
+        {"referral", required_argument, NULL, 'r'},
+        {"delivery", required_argument, NULL, 'd'},
+        {"partner", required_argument, NULL, 'p'},
+        {"actor", required_argument, NULL, 'a'},
+        {"action", required_argument, NULL, 'A'},
+        {"outcome", required_argument, NULL, 'o'},
+        {"since", required_argument, NULL, 's'},
+        {"until", required_argument, NULL, 'u'},
+        {"after", required_argument, NULL, 'S'},
+        {"limit", required_argument, NULL, 'l'},
+        {"format", required_argument, NULL, 'f'},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0}};
+    static const char *uuid_re = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{"
+                                 "4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$";
+    static const char *time_re = "^[0-9]{4}-[0-9]{2}-[0-9]{2}([T "
+                                 "][0-9:.]{2,15})?(Z|[+-][0-9:]{2,5})?$";
+    s_query_t q = {0};
+    s_format_t format = S_TABLE;
+    int64_t after = 0, limit = 100;
+    char after_s[24] = "", limit_s[24];
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "r:d:p:a:A:o:s:u:S:l:f:h", options,
+                            NULL)) != -1) {
+        if (q.nparams >= S_MAX_PARAMS - 2)
+            return ctl_usage_error("audit query: too many filters");
+        switch (c) {
+        case 'r':
+            if (!s_matches(optarg, uuid_re))
+                return ctl_usage_error("audit query: --referral takes a uuid");
+            s_cond(&q, "referral", optarg,
+                   "(referral_id = $?::uuid OR delivery_id IN (SELECT id FROM"
+                   " audit_delivery_ids WHERE referral_id = $?::uuid))");
+            break;
+        case 'd':
+            if (!s_matches(optarg, uuid_re))
+                return ctl_usage_error("audit query: --delivery takes a uuid");
+            s_cond(&q, "delivery", optarg, "delivery_id = $?::uuid");
+            break;
+        case 'p':
+            if (!s_matches(optarg, "^[a-z][a-z0-9-]{1,31}$"))
+                return ctl_usage_error("audit query: --partner takes a "
+                                       "partner id");
+            s_cond(&q, "partner", optarg,
+                   "(partner_id = $? OR (actor_kind = 'partner' AND actor_id "
+                   "= $?))");
+            break;
+        case 'a':
+            if (!s_matches(optarg, "^[A-Za-z0-9_.:@-]{1,64}$"))
+                return ctl_usage_error("audit query: --actor takes an actor "
+                                       "id");
+            s_cond(&q, "actor", optarg, "actor_id = $?");
+            break;
+        case 'A':
+            if (!kh_trail_action_known(optarg))
+                return ctl_usage_error("audit query: unknown action '%s'",
+                                       optarg);
+            s_cond(&q, "action", optarg, "action = $?");
+            break;
+        case 'o':
+            if (strcmp(optarg, "ok") && strcmp(optarg, "refused") &&
+                strcmp(optarg, "failed"))
+                return ctl_usage_error("audit query: --outcome is ok, "
+                                       "refused or failed");
+            s_cond(&q, "outcome", optarg, "outcome = $?");
+            break;
+        case 's':
+        case 'u':
+            if (!s_matches(optarg, time_re))
+                return ctl_usage_error("audit query: --%s takes an ISO 8601 "
+                                       "time",
+                                       c == 's' ? "since" : "until");
+            s_cond(&q, c == 's' ? "since" : "until", optarg,
+                   c == 's' ? "at >= $?::timestamptz" : "at < $?::timestamptz");
+            break;
+        case 'S':
+            if (!s_seq_arg(optarg, &after))
+                return ctl_usage_error("audit query: --after takes a seq");
+            break;
+        case 'l':
+            if (!s_seq_arg(optarg, &limit) || limit < 1 || limit > 100000)
+                return ctl_usage_error("audit query: --limit is 1..100000");
+            break;
+        case 'f':
+            if (strcmp(optarg, "table") == 0)
+                format = S_TABLE;
+            else if (strcmp(optarg, "json") == 0)
+                format = S_JSON;
+            else if (strcmp(optarg, "csv") == 0)
+                format = S_CSV;
+            else
+                return ctl_usage_error("audit query: --format is table, json "
+                                       "or csv");
+            break;
+        default:
+            s_usage(c == 'h' ? stdout : stderr);
+            return c == 'h' ? CTL_OK : CTL_USAGE;
+        }
+    }
+    if (optind != argc)
+        return ctl_usage_error("audit query: unexpected argument '%s'",
+                               argv[optind]);
+    if (after > 0) {
+        snprintf(after_s, sizeof after_s, "%" PRId64, after);
+        s_cond(&q, "after", after_s, "seq > $?::bigint");
+    }
+    snprintf(limit_s, sizeof limit_s, "%" PRId64, limit);
+    size_t flen = strlen(q.filter);
+    snprintf(q.filter + flen, sizeof q.filter - flen, "%slimit=%s",
+             flen ? " " : "", limit_s);
+
+    PGconn *conn = ctl_connect();
+    if (!conn)
+        return CTL_FAIL;
+    kh_error_t err;
+    kh_error_clear(&err);
+    char sql[4096];
+    snprintf(sql, sizeof sql,
+             "SELECT %s FROM audit_trail%s ORDER BY seq LIMIT %" PRId64,
+             s_columns, q.where, limit + 1);
+    int rc = kh_db_exec(conn, "BEGIN", &err);
+    if (rc == 0)
+        rc = kh_trail_db_record_access(conn, "trail.queried", "auditor", "ok",
+                                       NULL, q.filter, "ketenhubctl", &err);
+    PGresult *res = NULL;
+    if (rc == 0) {
+        res = PQexecParams(conn, sql, q.nparams, NULL, q.params, NULL, NULL, 0);
+        if (PQresultStatus(res) != PGRES_TUPLES_OK)
+            rc = kh_db_error(&err, conn, res, "cannot read the trail");
+    }
+    if (rc == 0)
+        rc = kh_db_exec(conn, "COMMIT", &err);
+    if (rc != 0) {
+        kh_db_rollback_quietly(conn);
+        ctl_print_error(&err);
+    } else {
+        int rows = PQntuples(res);
+        bool more = rows > limit;
+        if (more)
+            rows = (int) limit;
+        s_print(res, rows, format);
+        if (more)
+            fprintf(stderr, "more: --after %s\n", PQgetvalue(res, rows - 1, 0));
+    }
+    PQclear(res);
+    PQfinish(conn);
+    return rc == 0 ? CTL_OK : CTL_FAIL;
+}
+
+/* ---- export ---- */
+
+static int s_export(int argc, char **argv)
+{
+    static const struct option options[] = {
+        {"out", required_argument, NULL, 'o'},
+        {"from", required_argument, NULL, 'f'},
+        {"to", required_argument, NULL, 't'},
+        {"checkpoints-only", no_argument, NULL, 'c'},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0}};
+    const char *out = NULL;
+    int64_t from = 1, to = 0;
+    bool events = true;
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "o:f:t:ch", options, NULL)) != -1) {
+        if (c == 'o')
+            out = optarg;
+        else if (c == 'f' && s_seq_arg(optarg, &from))
+            continue;
+        else if (c == 't' && s_seq_arg(optarg, &to))
+            continue;
+        else if (c == 'c')
+            events = false;
+        else if (c == 'f' || c == 't')
+            return ctl_usage_error("audit export: --from/--to take a seq");
+        else {
+            s_usage(c == 'h' ? stdout : stderr);
+            return c == 'h' ? CTL_OK : CTL_USAGE;
+        }
+    }
+    if (!out || optind != argc)
+        return ctl_usage_error("audit export: --out FILE is required");
+    PGconn *conn = ctl_connect();
+    if (!conn)
+        return CTL_FAIL;
+    FILE *f = fopen(out, "wx");
+    if (!f) {
+        fprintf(stderr, "ketenhubctl: %s: cannot create: %s\n", out,
+                strerror(errno));
+        PQfinish(conn);
+        return CTL_FAIL;
+    }
+    char filter[128];
+    snprintf(filter, sizeof filter, "from=%" PRId64 " to=%" PRId64 "%s", from,
+             to, events ? "" : " checkpoints-only");
+    kh_error_t err;
+    kh_error_clear(&err);
+    long count = 0;
+    /* The access is recorded (and committed) first: an export that
+     * fails half-way was still an access. */
+    int rc = kh_trail_db_record_access(conn, "trail.exported", "auditor", "ok",
+                                       NULL, filter, "ketenhubctl", &err);
+    if (rc == 0)
+        rc = kh_trail_export(conn, f, from, to, events, &count, &err);
+    if (fclose(f) != 0 && rc == 0)
+        rc = kh_error_set(&err, KH_E_IO, out, "cannot write");
+    if (rc != 0) {
+        ctl_print_error(&err);
+        remove(out);
+    } else
+        printf("exported %ld events with their checkpoints to %s\n", count,
+               out);
+    PQfinish(conn);
+    return rc == 0 ? CTL_OK : CTL_FAIL;
+}
+
+/* ---- verify ---- */
+
+static void s_report(const kh_trail_report_t *r, const char *where)
+{
+    printf("verified %s: %" PRId64 " events (seq %" PRId64 "..%" PRId64
+           "), %" PRId64 " sealed, %" PRId64 " not yet sealed, %" PRId64
+           " checkpoints valid, signed up to seq %" PRId64 "\n",
+           where, r->events, r->first_seq, r->last_seq, r->sealed, r->unsealed,
+           r->checkpoints, r->signed_seq);
+    if (r->kind == KH_TRAIL_OK)
+        printf("intact\n");
+    else
+        printf("FIRST PROBLEM at seq %" PRId64 ": %s (%s)\n", r->seq,
+               kh_trail_finding_name(r->kind), r->detail);
+}
+
+static int s_verify(int argc, char **argv)
+{
+    static const struct option options[] = {
+        {"public-key", required_argument, NULL, 'k'},
+        {"file", required_argument, NULL, 'f'},
+        {"published", required_argument, NULL, 'p'},
+        {"from-checkpoint", required_argument, NULL, 'c'},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0}};
+    const char *key = s_env("KH_AUDIT_PUBLIC_KEY"), *file = NULL,
+               *published = NULL;
+    int64_t from_cp = 0;
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "k:f:p:c:h", options, NULL)) != -1) {
+        if (c == 'k')
+            key = optarg;
+        else if (c == 'f')
+            file = optarg;
+        else if (c == 'p')
+            published = optarg;
+        else if (c == 'c' && s_seq_arg(optarg, &from_cp))
+            continue;
+        else if (c == 'c')
+            return ctl_usage_error("audit verify: --from-checkpoint takes a "
+                                   "seq");
+        else {
+            s_usage(c == 'h' ? stdout : stderr);
+            return c == 'h' ? CTL_OK : CTL_USAGE;
+        }
+    }
+    if (!key || optind != argc)
+        return ctl_usage_error("audit verify: --public-key FILE (or "
+                               "KH_AUDIT_PUBLIC_KEY) is required");
+    kh_error_t err;
+    kh_error_clear(&err);
+    unsigned char pk[KH_TRAIL_PUBLIC_KEY_SIZE];
+    if (sodium_init() < 0 || kh_trail_load_public(key, pk, &err) != 0) {
+        ctl_print_error(&err);
+        return CTL_USAGE;
+    }
+    kh_trail_checkpoint_t *pub = NULL;
+    size_t npub = 0;
+    if (published &&
+        kh_trail_file_checkpoints(published, &pub, &npub, &err) != 0) {
+        ctl_print_error(&err);
+        return CTL_FAIL;
+    }
+    kh_trail_report_t report;
+    int rc;
+    if (file) {
+        rc = kh_trail_file_verify(file, pk, pub, npub, &report, &err);
+        if (rc >= 0)
+            s_report(&report, file);
+    } else {
+        PGconn *conn = ctl_connect();
+        if (!conn) {
+            free(pub);
+            return CTL_FAIL;
+        }
+        rc = kh_trail_db_verify(conn, pk, from_cp, pub, npub, &report, &err);
+        if (rc >= 0) {
+            s_report(&report, "the database");
+            char filter[160];
+            snprintf(filter, sizeof filter,
+                     "from_checkpoint=%" PRId64 " published=%zu", from_cp,
+                     npub);
+            kh_error_t aerr;
+            kh_error_clear(&aerr);
+            if (kh_trail_db_record_access(
+                    conn, "trail.verified", "auditor",
+                    rc == 0 ? "ok" : "failed",
+                    rc == 0 ? NULL : kh_trail_finding_name(report.kind), filter,
+                    "ketenhubctl", &aerr) != 0)
+                ctl_print_error(&aerr);
+        }
+        PQfinish(conn);
+    }
+    free(pub);
+    if (rc < 0) {
+        ctl_print_error(&err);
+        return CTL_FAIL;
+    }
+    return rc == 0 ? CTL_OK : CTL_FAIL;
+}
+
+int ctl_audit(int argc, char **argv)
+{
+    if (argc < 2 || strcmp(argv[1], "--help") == 0 ||
+        strcmp(argv[1], "-h") == 0) {
+        s_usage(argc < 2 ? stderr : stdout);
+        return argc < 2 ? CTL_USAGE : CTL_OK;
+    }
+    const char *sub = argv[1];
+    if (strcmp(sub, "keygen") == 0)
+        return s_keygen(argc - 1, argv + 1);
+    if (strcmp(sub, "seal") == 0)
+        return s_seal(argc - 1, argv + 1);
+    if (strcmp(sub, "query") == 0)
+        return s_query(argc - 1, argv + 1);
+    if (strcmp(sub, "export") == 0)
+        return s_export(argc - 1, argv + 1);
+    if (strcmp(sub, "verify") == 0)
+        return s_verify(argc - 1, argv + 1);
+    return ctl_usage_error("audit: unknown command '%s'", sub);
+}
