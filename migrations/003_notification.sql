@@ -8,6 +8,7 @@ ALTER TABLE deliveries
     ADD COLUMN attempts integer NOT NULL DEFAULT 0
         CONSTRAINT deliveries_attempts_nonnegative CHECK (attempts >= 0),
     ADD COLUMN next_attempt_at timestamptz NOT NULL DEFAULT now(),
+    ADD COLUMN age_from timestamptz NOT NULL DEFAULT now(),
     ADD COLUMN sent_at timestamptz NULL,
     ADD COLUMN acked_at timestamptz NULL,
     ADD COLUMN escalate_to text NULL
@@ -25,31 +26,37 @@ ALTER TABLE deliveries
     ADD CONSTRAINT deliveries_acked_has_time
         CHECK ((state = 'acknowledged') = (acked_at IS NOT NULL));
 
--- The old index ordered priorities alphabetically; the notification
--- service takes a partner's open deliveries by rank, then age.
+-- The old index ordered priorities alphabetically. The notification
+-- service takes a partner's pending deliveries by rank, then age; the
+-- index holds pending rows only, so that the deliveries waiting for their
+-- ACK are not walked over at every claim.
 DROP INDEX deliveries_partner_state_priority_created;
-CREATE INDEX deliveries_open_partner_rank_created
+CREATE INDEX deliveries_pending_partner_rank_created
     ON deliveries (partner_id, priority_rank DESC, created_at)
-    WHERE state IN ('pending', 'delivered');
--- The sweeps: sent deliveries whose ACK is overdue, urgent ones that may
--- need escalating, and the dead letters administrators list.
+    WHERE state = 'pending';
+-- Sent deliveries whose ACK is overdue (re-sends, and dead letters after
+-- the last attempt), urgent ones that may need escalating, the oldest
+-- open ones (age limit), and the dead letters administrators list.
 CREATE INDEX deliveries_delivered_next_attempt
     ON deliveries (next_attempt_at) WHERE state = 'delivered';
 CREATE INDEX deliveries_unescalated_urgent
     ON deliveries (created_at)
     WHERE priority = 'urgent' AND escalated_at IS NULL
       AND state IN ('pending', 'delivered');
+CREATE INDEX deliveries_open_age_from
+    ON deliveries (age_from) WHERE state IN ('pending', 'delivered');
 CREATE INDEX deliveries_dead_updated
     ON deliveries (updated_at) WHERE state = 'dead';
--- Age limit sweep: the oldest open deliveries.
-CREATE INDEX deliveries_open_created
-    ON deliveries (created_at) WHERE state IN ('pending', 'delivered');
 
 COMMENT ON COLUMN deliveries.attempts IS
     'How often the delivery was sent to the partner (0: never).';
 COMMENT ON COLUMN deliveries.next_attempt_at IS
     'Pending: when it may be sent; delivered: when it is re-sent if no ACK '
     'came (the ACK timeout with exponential backoff and jitter).';
+COMMENT ON COLUMN deliveries.age_from IS
+    'The age limit (KH_NOTIFY_MAX_AGE_S) counts from here: when routing '
+    'made the delivery, or when an administrator last retried it as a dead '
+    'letter.';
 COMMENT ON COLUMN deliveries.sent_at IS 'When it was last sent.';
 COMMENT ON COLUMN deliveries.acked_at IS 'When the partner ACKed it.';
 COMMENT ON COLUMN deliveries.escalate_to IS

@@ -65,9 +65,31 @@ hub_start_routing() {
   done
 }
 
+# Start notification with partners connecting at $1 and wake-ups from
+# routing at $2; pid in $run/notification.pid, log in
+# $run/notification.log. Waits for its ready line.
+hub_start_notification() {
+  KH_NOTIFY_ENDPOINT=$1 KH_NOTIFY_WAKE_ENDPOINT=$2 \
+  KH_HUB_CERT="$run/hub/hub.cert" KH_PARTNER_CERT_DIR="$run/partners" \
+    "$build/services/notification/ketenhub-notification" \
+    2>"$run/notification.log" &
+  echo $! >"$run/notification.pid"
+  tries=0
+  until grep -q 'event=ready' "$run/notification.log" 2>/dev/null; do
+    tries=$((tries + 1))
+    if [ "$tries" -ge 100 ]; then
+      echo "notification did not start; its log:" >&2
+      cat "$run/notification.log" >&2
+      hub_stop
+      return 1
+    fi
+    sleep 0.1
+  done
+}
+
 # Stop what hub_start_* started.
 hub_stop() {
-  for service in intake routing; do
+  for service in intake routing notification; do
     if [ -f "$run/$service.pid" ]; then
       kill -TERM "$(cat "$run/$service.pid")" 2>/dev/null || true
       rm -f "$run/$service.pid"

@@ -35,29 +35,30 @@ struct _dstore_t {
     "to_char(" column " AT TIME ZONE 'UTC', "                                  \
     "'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
 
-/* $1 partner, $2 in-flight ids, $3 limit, $4 reclaim, $5 ACK timeout ms,
- * $6 backoff max ms, $7 max attempts, $8 peer. A delivery past its last
- * attempt is left to the sweep, which makes it a dead letter. */
+/* $1 partner, $2 pending limit, $3 re-send limit (0: no re-sends), $4
+ * reclaim, $5 ACK timeout ms, $6 backoff max ms, $7 max attempts, $8 peer.
+ * Pending deliveries come from their own index, by rank and age; sent ones
+ * whose ACK is overdue (or all sent ones, on reclaim) from the index of
+ * sent ones. A delivery past its last attempt is left to the sweep, which
+ * makes it a dead letter. */
 static const char *s_claim_sql =
-    "WITH due AS ("
+    "WITH pending AS ("
     " SELECT id FROM deliveries"
-    " WHERE partner_id = $1 AND state IN ('pending', 'delivered')"
-    "  AND attempts < $7 AND payload IS NOT NULL"
-    "  AND (next_attempt_at <= now() OR ($4 AND state = 'delivered'))"
-    "  AND NOT (id = ANY ($2::uuid[]))"
+    " WHERE partner_id = $1 AND state = 'pending' AND payload IS NOT NULL"
+    "  AND next_attempt_at <= now()"
     " ORDER BY priority_rank DESC, created_at"
-    " LIMIT $3 FOR UPDATE SKIP LOCKED),"
+    " LIMIT $2 FOR UPDATE SKIP LOCKED),"
     " resend AS ("
     " SELECT id FROM deliveries"
-    " WHERE id = ANY ($2::uuid[]) AND partner_id = $1 AND state = 'delivered'"
-    "  AND attempts < $7 AND next_attempt_at <= now()"
-    " FOR UPDATE SKIP LOCKED),"
+    " WHERE $3 > 0 AND state = 'delivered' AND partner_id = $1"
+    "  AND attempts < $7 AND (next_attempt_at <= now() OR $4)"
+    " ORDER BY next_attempt_at LIMIT $3 FOR UPDATE SKIP LOCKED),"
     " claimed AS ("
     " UPDATE deliveries d SET state = 'delivered', attempts = d.attempts + 1,"
     "  sent_at = now(), updated_at = now(),"
     "  next_attempt_at = " S_BACKOFF(
         "d.attempts", "$5",
-        "$6") " WHERE d.id IN (SELECT id FROM due UNION ALL SELECT id FROM "
+        "$6") " WHERE d.id IN (SELECT id FROM pending UNION ALL SELECT id FROM "
               "resend)"
               " RETURNING d.id, d.referral_id, d.partner_id, d.priority,"
               "  d.priority_rank, d.attempts, d.created_at, d.payload, "
@@ -162,14 +163,14 @@ static const char *s_nack_sql =
 static const char *s_dead_sql =
     "WITH cand AS ("
     " SELECT d.id, CASE WHEN p.revoked_at IS NOT NULL THEN 'partner_revoked'"
-    "  WHEN d.created_at < now() - make_interval(secs => $2) THEN 'max_age'"
+    "  WHEN d.age_from < now() - make_interval(secs => $2) THEN 'max_age'"
     "  ELSE 'max_attempts' END AS reason"
     " FROM deliveries d JOIN partners p ON p.id = d.partner_id"
     " WHERE d.state IN ('pending', 'delivered') AND d.id IN ("
     "  (SELECT id FROM deliveries WHERE state = 'delivered'"
     "    AND next_attempt_at <= now() AND attempts >= $1 LIMIT 1000)"
     "  UNION (SELECT id FROM deliveries WHERE state IN ('pending',"
-    "    'delivered') AND created_at < now() - make_interval(secs => $2)"
+    "    'delivered') AND age_from < now() - make_interval(secs => $2)"
     "    LIMIT 1000)"
     "  UNION (SELECT id FROM deliveries WHERE state IN ('pending',"
     "    'delivered') AND partner_id IN (SELECT id FROM partners"
@@ -359,21 +360,17 @@ zhashx_t *dstore_partners(dstore_t *self, kh_error_t *err)
 }
 
 int dstore_claim(dstore_t *self, const char *partner, const char *peer,
-                 const char *const *inflight, size_t ninflight, size_t limit,
-                 bool reclaim, dstore_delivery_fn *fn, void *arg,
-                 kh_error_t *err)
+                 size_t limit, size_t resend_limit, bool reclaim,
+                 dstore_delivery_fn *fn, void *arg, kh_error_t *err)
 {
-    const char *ids =
-        s_array(&self->ids[0], &self->ids_size[0], inflight, ninflight, err);
-    if (!ids)
-        return -1;
-    char slimit[24], stimeout[24], smax[24], sattempts[24];
+    char slimit[24], sresend[24], stimeout[24], smax[24], sattempts[24];
     snprintf(slimit, sizeof slimit, "%zu", limit);
+    snprintf(sresend, sizeof sresend, "%zu", resend_limit);
     snprintf(stimeout, sizeof stimeout, "%d", self->policy.ack_timeout_ms);
     snprintf(smax, sizeof smax, "%d", self->policy.backoff_max_ms);
     snprintf(sattempts, sizeof sattempts, "%d", self->policy.max_attempts);
-    const char *params[] = {partner,  ids,  slimit,    reclaim ? "t" : "f",
-                            stimeout, smax, sattempts, peer};
+    const char *params[] = {partner,  slimit, sresend,   reclaim ? "t" : "f",
+                            stimeout, smax,   sattempts, peer};
     PGresult *res = s_run(self, s_claim_sql, 8, params, "claim", err);
     if (!res)
         return -1;

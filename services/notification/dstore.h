@@ -49,16 +49,15 @@ typedef struct {
 
 typedef void(dstore_delivery_fn)(const dstore_delivery_t *delivery, void *arg);
 
-/* Claim, mark as sent and audit (delivery.sent) up to limit due
- * deliveries of partner, most urgent then oldest first, and besides them
- * those of the inflight ids whose ACK is overdue; fn is called for each in
- * that order after the commit. reclaim: also take sent, unacknowledged
- * deliveries whose ACK is not yet overdue (a partner that reconnected).
- * Returns the number claimed, -1 with err. */
+/* Claim, mark as sent and audit (delivery.sent) up to limit pending
+ * deliveries of partner, most urgent then oldest first, and up to
+ * resend_limit sent ones whose ACK is overdue (reclaim: all sent,
+ * unacknowledged ones, for a partner that reconnected); fn is called for
+ * each, in that order, after the commit. Returns the number claimed, -1
+ * with err. */
 int dstore_claim(dstore_t *self, const char *partner, const char *peer,
-                 const char *const *inflight, size_t ninflight, size_t limit,
-                 bool reclaim, dstore_delivery_fn *fn, void *arg,
-                 kh_error_t *err);
+                 size_t limit, size_t resend_limit, bool reclaim,
+                 dstore_delivery_fn *fn, void *arg, kh_error_t *err);
 
 typedef enum {
     DSTORE_DONE,      /* committed with its audit event */

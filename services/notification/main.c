@@ -85,6 +85,13 @@ int main(int argc, char **argv)
         .max_frame = (size_t) s_cfg("KH_MAX_FRAME")->num,
     };
     kh_error_t err;
+    if (config.policy.backoff_max_ms < config.policy.ack_timeout_ms) {
+        kh_log_error("start_failed",
+                     "code=config path=KH_NOTIFY_BACKOFF_MAX_MS msg=\"must "
+                     "not be less than KH_NOTIFY_ACK_TIMEOUT_MS\"");
+        close(signal_fd);
+        return 2;
+    }
     notify_t *notify = notify_new(&config, &err);
     if (!notify) {
         kh_log_error("start_failed", "code=%s path=%s msg=\"%s\"",

@@ -70,7 +70,6 @@ struct _notify_t {
     s_pending_t *pending;
     size_t npending;
     zhashx_t *batch_ids; /* delivery id -> index + 1 in pending (ACKs) */
-    const char **inflight;
     zloop_t *loop;
     bool stopping;
     s_stats_t stats;
@@ -325,35 +324,42 @@ static void s_db_failed(notify_t *self, const char *what, const kh_error_t *err)
                 kh_error_name(err->code), err->message);
 }
 
-/* Top up one connection: claim up to its free credit (and the overdue
- * re-sends of what it holds) and send. */
-static void s_fill(notify_t *self, s_conn_t *conn)
+/* Claim for one connection and send: up to its free credit of pending
+ * deliveries, after (resend) the sent ones whose ACK is overdue. */
+static void s_fill(notify_t *self, s_conn_t *conn, bool resend)
 {
+    kh_error_t err;
+    s_claim_ctx_t ctx = {self, conn, false, 0};
+    if (resend || conn->reclaim) {
+        /* Re-sends first: they may take the credit that is left. */
+        if (dstore_claim(self->store, conn->partner, conn->peer, 0,
+                         conn->window, conn->reclaim, s_send_delivery, &ctx,
+                         &err) < 0) {
+            s_db_failed(self, "claim", &err);
+            return;
+        }
+        conn->reclaim = false;
+    }
     size_t out = zhashx_size(conn->out);
     size_t credit = conn->window > out ? conn->window - out : 0;
-    size_t n = 0;
-    for (const void *item = zhashx_first(conn->out); item && n < out;
-         item = zhashx_next(conn->out))
-        self->inflight[n++] = zhashx_cursor(conn->out);
-    s_claim_ctx_t ctx = {self, conn, false, 0};
-    kh_error_t err;
-    int rc =
-        dstore_claim(self->store, conn->partner, conn->peer, self->inflight, n,
-                     credit, conn->reclaim, s_send_delivery, &ctx, &err);
+    int rc = ctx.gone || credit == 0
+                 ? 0
+                 : dstore_claim(self->store, conn->partner, conn->peer, credit,
+                                0, false, s_send_delivery, &ctx, &err);
     if (rc < 0) {
         s_db_failed(self, "claim", &err);
         return;
     }
-    conn->reclaim = false;
-    /* Fewer than asked (beyond the re-sends): nothing more is due now. */
+    /* Fewer than asked: nothing more is pending for it now. */
     if ((size_t) rc < credit)
         conn->more = false;
     if (ctx.gone)
         s_conn_drop(self, conn, "unreachable");
 }
 
-/* Top up every connection that has credit and may have work. */
-static void s_pump(notify_t *self)
+/* Top up every connection that may have work (resend: and re-send what
+ * is overdue). */
+static void s_pump(notify_t *self, bool resend)
 {
     if (!dstore_up(self->store))
         return;
@@ -362,8 +368,9 @@ static void s_pump(notify_t *self)
     for (const char *key = keys ? zlistx_first(keys) : NULL; key;
          key = zlistx_next(keys)) {
         s_conn_t *conn = zhashx_lookup(self->conns, key);
-        if (conn && conn->more && zhashx_size(conn->out) < conn->window)
-            s_fill(self, conn);
+        if (conn && (resend || conn->reclaim ||
+                     (conn->more && zhashx_size(conn->out) < conn->window)))
+            s_fill(self, conn, resend);
     }
     zlistx_destroy(&keys);
 }
@@ -588,7 +595,7 @@ static int s_on_router(zloop_t *loop, zsock_t *sock, void *arg)
     }
     self->stats.rounds++;
     s_flush(self);
-    s_pump(self);
+    s_pump(self, false);
     return 0;
 }
 
@@ -653,7 +660,7 @@ static int s_on_tick(zloop_t *loop, int timer_id, void *arg)
             conn->more = true;
     }
     zlistx_destroy(&keys);
-    s_pump(self);
+    s_pump(self, true);
     return 0;
 }
 
@@ -729,7 +736,7 @@ static int s_on_wake(zloop_t *loop, zsock_t *sock, void *arg)
         json_decref(body);
         zmsg_destroy(&msg);
     }
-    s_pump(self);
+    s_pump(self, false);
     return 0;
 }
 
@@ -847,10 +854,9 @@ notify_t *notify_new(const notify_config_t *config, kh_error_t *err)
     self->conns = zhashx_new();
     self->batch_ids = zhashx_new();
     self->pending = calloc(S_READ_MAX, sizeof *self->pending);
-    self->inflight = calloc(KH_WINDOW_MAX, sizeof *self->inflight);
     self->loop = zloop_new();
     if (!self->store || !self->conns || !self->batch_ids || !self->pending ||
-        !self->inflight || !self->loop) {
+        !self->loop) {
         kh_error_set(err, KH_E_NOMEM, "", "out of memory");
         goto fail;
     }
@@ -877,7 +883,6 @@ void notify_destroy(notify_t **self_p)
     for (size_t i = 0; self->pending && i < self->npending; i++)
         zframe_destroy(&self->pending[i].identity);
     free(self->pending);
-    free(self->inflight);
     dstore_destroy(&self->store);
     free(self);
     *self_p = NULL;

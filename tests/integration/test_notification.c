@@ -86,7 +86,8 @@ static void s_teardown(void)
     s_db = NULL;
     free(s_conninfo);
     s_conninfo = NULL;
-    khproc_sh("rm -rf '%s'", s_dir);
+    if (!getenv("KH_TEST_KEEP"))
+        khproc_sh("rm -rf '%s'", s_dir);
 }
 
 /* A referral and one delivery of it to partner, as routing makes them;
@@ -118,9 +119,9 @@ static void s_delivery(const char *partner, const char *priority, int age_ms,
            8, dparams);
 }
 
-/* Start notification with short timers; extra: one more NAME=value or
- * NULL. */
-static pid_t s_start(const char *log, const char *extra)
+/* Start notification with short timers; extra, extra2: more NAME=value
+ * settings, or NULL. */
+static pid_t s_start(const char *log, const char *extra, const char *extra2)
 {
     char env_db[1024], env_cert[600], env_dir[600], env_endpoint[128];
     snprintf(env_db, sizeof env_db, "KH_DATABASE_URL=%s", s_conninfo);
@@ -142,6 +143,7 @@ static pid_t s_start(const char *log, const char *extra)
                    "KH_NOTIFY_WINDOW=64",
                    "KH_LOG_LEVEL=debug",
                    (char *) extra,
+                   (char *) extra2,
                    NULL};
     char *argv[] = {"ketenhub-notification", NULL};
     pid_t pid = khproc_spawn(KH_TEST_BINARY_DIR
@@ -294,7 +296,9 @@ START_TEST(offline_backlog_drains_in_order_within_the_window)
     }
     char other[37];
     s_delivery("zorgcoordinator", "urgent", 20000, NULL, other);
-    pid_t pid = s_start("notification.log", NULL);
+    /* An ACK timeout longer than the test's waits: no re-sends here. */
+    pid_t pid = s_start("notification.log", "KH_NOTIFY_ACK_TIMEOUT_MS=10000",
+                        "KH_NOTIFY_BACKOFF_MAX_MS=20000");
     ck_assert(s_log_has("notification.log", "event=ready", 10000));
     zclock_sleep(300);
     ck_assert_int_eq(s_count("SELECT count(*) FROM deliveries"
@@ -369,7 +373,7 @@ START_TEST(ack_twice_changes_once_and_foreign_ack_is_refused)
     s_delivery("zorgcoordinator", "normal", 1000, NULL, theirs);
     s_delivery("avim", "normal", 1000, NULL, never_sent);
     kh_uuid_new(unknown);
-    pid_t pid = s_start("notification.log", NULL);
+    pid_t pid = s_start("notification.log", NULL, NULL);
     zsock_t *avim = s_partner("avim");
     s_hello(avim, 1); /* only mine is sent (the oldest; same age: either) */
     json_t *msg = s_expect(avim, "DELIVER", 5000);
@@ -440,7 +444,7 @@ START_TEST(unacknowledged_is_resent_with_its_id_then_dead)
 {
     char id[37];
     s_delivery("avim", "normal", 0, NULL, id);
-    pid_t pid = s_start("notification.log", NULL);
+    pid_t pid = s_start("notification.log", NULL, NULL);
     zsock_t *avim = s_partner("avim");
     s_hello(avim, 4);
     /* Three attempts (KH_NOTIFY_MAX_ATTEMPTS=3), the same id each time. */
@@ -468,6 +472,32 @@ START_TEST(unacknowledged_is_resent_with_its_id_then_dead)
     /* No fourth send. */
     json_t *msg = s_expect(avim, "DELIVER", 1500);
     ck_assert_ptr_null(msg);
+
+    /* An administrator retries it: it comes again, same id, and the ACK
+     * ends it. */
+    setenv("KH_DATABASE_URL", s_conninfo, 1);
+    char *argv[] = {KH_TEST_BINARY_DIR "/tools/ctl/ketenhubctl", "deadletters",
+                    "retry", id, NULL};
+    char *out = NULL;
+    ck_assert_int_eq(khtest_run(argv, &out), 0);
+    free(out);
+    unsetenv("KH_DATABASE_URL");
+    s_send(avim, kh_proto_new(KH_CMD_PING, "p"));
+    msg = s_expect(avim, "DELIVER", 5000);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert_str_eq(s_str(msg, "delivery_id"), id);
+    ck_assert_int_eq(json_integer_value(json_object_get(msg, "attempt")), 1);
+    json_decref(msg);
+    s_answer(avim, id, NULL);
+    msg = s_expect(avim, "ACKED", 5000);
+    ck_assert_ptr_nonnull(msg);
+    json_decref(msg);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM deliveries WHERE state ="
+                             " 'acknowledged'"),
+                     1);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
+                             " = 'delivery.retried'"),
+                     1);
     zsock_destroy(&avim);
     s_stop(pid);
 }
@@ -478,7 +508,7 @@ START_TEST(nack_retry_resends_and_nack_permanent_is_dead_at_once)
     char retry[37], permanent[37];
     s_delivery("avim", "normal", 2000, NULL, retry);
     s_delivery("avim", "normal", 1000, NULL, permanent);
-    pid_t pid = s_start("notification.log", NULL);
+    pid_t pid = s_start("notification.log", NULL, NULL);
     zsock_t *avim = s_partner("avim");
     s_hello(avim, 4);
     for (int i = 0; i < 2; i++) {
@@ -524,7 +554,7 @@ START_TEST(overdue_urgent_escalates_with_a_copy_normal_does_not)
     s_delivery("avim", "urgent", 0, "zorgcoordinator", urgent);
     s_delivery("avim", "normal", 0, "zorgcoordinator", normal);
     s_delivery("veilig-thuis", "urgent", 0, NULL, plain);
-    pid_t pid = s_start("notification.log", NULL);
+    pid_t pid = s_start("notification.log", NULL, NULL);
     /* Nobody connected: after KH_NOTIFY_ESCALATE_MS (1 s) both urgent ones
      * escalate; avim's gets a copy to the zorgcoordinator. */
     ck_assert(s_wait_count("SELECT count(*) FROM deliveries WHERE"
@@ -575,7 +605,7 @@ START_TEST(killed_mid_stream_loses_nothing)
         s_delivery("avim", i % 10 ? "normal" : "high", S_KILL_COUNT - i, NULL,
                    id);
     }
-    pid_t pid = s_start("notification.log", NULL);
+    pid_t pid = s_start("notification.log", NULL, NULL);
     zsock_t *avim = s_partner("avim");
     s_hello(avim, 32);
     zhashx_t *seen = zhashx_new();
@@ -601,7 +631,7 @@ START_TEST(killed_mid_stream_loses_nothing)
                 ck_assert_int_eq(khproc_stop(pid, SIGKILL, 5000) & 0x7f,
                                  SIGKILL);
                 killed = true;
-                pid = s_start("notification2.log", NULL);
+                pid = s_start("notification2.log", NULL, NULL);
             }
         }
         /* The heartbeat that re-registers after a restart. */
@@ -632,7 +662,7 @@ END_TEST
 
 START_TEST(unknown_key_and_bad_frames_are_refused)
 {
-    pid_t pid = s_start("notification.log", NULL);
+    pid_t pid = s_start("notification.log", NULL, NULL);
     /* A key outside the partner directory never completes its handshake. */
     zcert_t *stranger = zcert_new();
     zcert_save(stranger, s_path("stranger.cert"));
