@@ -364,8 +364,9 @@ static int s_query(int argc, char **argv)
             if (!s_matches(optarg, uuid_re))
                 return ctl_usage_error("audit query: --referral takes a uuid");
             s_cond(&q, "referral", optarg,
-                   "(referral_id = $?::uuid OR delivery_id IN (SELECT id FROM"
-                   " audit_delivery_ids WHERE referral_id = $?::uuid))");
+                   "(referral_id = $?::uuid OR delivery_id = ANY (ARRAY(SELECT"
+                   " id FROM audit_delivery_ids WHERE referral_id ="
+                   " $?::uuid)))");
             break;
         case 'd':
             if (!s_matches(optarg, uuid_re))

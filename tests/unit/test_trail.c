@@ -1,0 +1,275 @@
+/*
+ * The sealed trail without a database: the canonical encoding against
+ * vectors computed independently from schemas/audit.md (Python's
+ * hashlib), checkpoint signatures, the key files, times, and the
+ * verifier's verdict for each kind of tampering on an in-memory trail.
+ */
+#include <sodium.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "ketenhub/trail.h"
+#include "khtest.h"
+
+static const char s_ref[16] = {0, 1, 2,  3,  4,  5,  6,  7,
+                               8, 9, 10, 11, 12, 13, 14, 15};
+static char s_hash[32];
+
+static kh_trail_bytes_t s_text(const char *t)
+{
+    kh_trail_bytes_t b = {t, t ? (int) strlen(t) : -1};
+    return b;
+}
+
+static void s_event(kh_trail_event_t *ev, int64_t seq, int64_t at,
+                    const char *kind, const char *actor, const char *action)
+{
+    memset(ev, 0, sizeof *ev);
+    for (int i = 0; i < KH_TRAIL_FIELD_COUNT; i++)
+        ev->f[i].len = -1;
+    ev->seq = seq;
+    ev->at_us = at;
+    ev->f[KH_TRAIL_ACTOR_KIND] = s_text(kind);
+    ev->f[KH_TRAIL_ACTOR_ID] = s_text(actor);
+    ev->f[KH_TRAIL_ACTION] = s_text(action);
+    ev->f[KH_TRAIL_REFERRAL_ID].ptr = s_ref;
+    ev->f[KH_TRAIL_REFERRAL_ID].len = 16;
+    ev->f[KH_TRAIL_OUTCOME] = s_text("ok");
+    ev->f[KH_TRAIL_PAYLOAD_HASH].ptr = s_hash;
+    ev->f[KH_TRAIL_PAYLOAD_HASH].len = 32;
+}
+
+START_TEST(encoding_and_chain_match_the_written_contract)
+{
+    memset(s_hash, 0xab, sizeof s_hash);
+    kh_trail_event_t a, b;
+    s_event(&a, 42, 1764364800123456, "partner", "veilig-thuis",
+            "referral.accepted");
+    a.f[KH_TRAIL_ORIGIN_SERVICE] = s_text("intake");
+    a.f[KH_TRAIL_ORIGIN_PEER] = s_text("10.0.0.7");
+    s_event(&b, 43, 1764364800200000, "service", "routing", "referral.routed");
+    b.f[KH_TRAIL_RULES_VERSION] = s_text("v1");
+    b.f[KH_TRAIL_ORIGIN_SERVICE] = s_text("routing");
+    b.f[KH_TRAIL_RULES_MATCHED] = s_text("minor,acute-danger");
+
+    unsigned char buf[1024];
+    ck_assert_int_eq(kh_trail_encode(&a, buf, sizeof buf), 177);
+    ck_assert_int_eq(buf[0], 1);
+    ck_assert_int_eq(buf[8], 42);
+    ck_assert_int_eq(kh_trail_encode(&a, buf, 100), -1);
+
+    unsigned char zero[32] = {0}, h1[32], h2[32];
+    char hex[65];
+    ck_assert_int_eq(kh_trail_chain(zero, &a, h1), 0);
+    kh_trail_hex(h1, 32, hex);
+    ck_assert_str_eq(
+        hex,
+        "ddb749ae5a4926520a289bef800adb6ae4263581c0cd9aeb494cb2f5ca976f7b");
+    ck_assert_int_eq(kh_trail_chain(h1, &b, h2), 0);
+    kh_trail_hex(h2, 32, hex);
+    ck_assert_str_eq(
+        hex,
+        "2a679cc662f6982d290302b5f4b7ac587426f9431704af949c48ca1b5009ed52");
+
+    /* NULL and "" differ. */
+    a.f[KH_TRAIL_REASON_CODE] = s_text("");
+    unsigned char h3[32];
+    kh_trail_chain(zero, &a, h3);
+    ck_assert(memcmp(h1, h3, 32) != 0);
+}
+END_TEST
+
+START_TEST(checkpoints_are_signed_and_checked)
+{
+    unsigned char pk[32], sk[64], pk2[32], sk2[64];
+    crypto_sign_keypair(pk, sk);
+    crypto_sign_keypair(pk2, sk2);
+    kh_trail_checkpoint_t cp = {.seq = 1000, .at_us = 1764364800000000};
+    memset(cp.head, 7, 32);
+    kh_trail_checkpoint_sign(&cp, sk);
+    ck_assert(kh_trail_checkpoint_valid(&cp, pk));
+    ck_assert(!kh_trail_checkpoint_valid(&cp, pk2));
+    kh_trail_checkpoint_t other = cp;
+    other.seq = 1001;
+    ck_assert(!kh_trail_checkpoint_valid(&other, pk));
+    other = cp;
+    other.head[31] ^= 1;
+    ck_assert(!kh_trail_checkpoint_valid(&other, pk));
+    other = cp;
+    other.signature[0] ^= 0x80;
+    ck_assert(!kh_trail_checkpoint_valid(&other, pk));
+}
+END_TEST
+
+START_TEST(key_files_and_times)
+{
+    char *dir = khtest_tmpdir();
+    char sk_path[512], pk_path[512];
+    snprintf(sk_path, sizeof sk_path, "%s/a.key", dir);
+    snprintf(pk_path, sizeof pk_path, "%s/a.pub", dir);
+    kh_error_t err;
+    ck_assert_int_eq(kh_trail_keygen(sk_path, pk_path, false, &err), 0);
+    ck_assert_int_eq(kh_trail_keygen(sk_path, pk_path, false, &err), -1);
+    struct stat st;
+    ck_assert_int_eq(stat(sk_path, &st), 0);
+    ck_assert_int_eq(st.st_mode & 0777, 0600);
+    unsigned char sk[64], pk[32];
+    ck_assert_int_eq(kh_trail_load_secret(sk_path, sk, &err), 0);
+    ck_assert_int_eq(kh_trail_load_public(pk_path, pk, &err), 0);
+    ck_assert_int_eq(memcmp(sk + 32, pk, 32), 0);
+    ck_assert_int_eq(kh_trail_load_secret(pk_path, sk, &err), -1);
+    khtest_write_file(sk_path, "zz\n");
+    ck_assert_int_eq(kh_trail_load_secret(sk_path, sk, &err), -1);
+    khtest_rmtree(dir);
+    free(dir);
+
+    char t[28];
+    int64_t us;
+    kh_trail_format_time(1764364800123456, t);
+    ck_assert_str_eq(t, "2025-11-28T21:20:00.123456Z");
+    ck_assert_int_eq(kh_trail_parse_time(t, &us), 0);
+    ck_assert(us == 1764364800123456);
+    ck_assert_int_eq(kh_trail_parse_time("2025-11-28T21:20:00Z", &us), -1);
+    ck_assert_int_eq(kh_trail_parse_time("2025-13-28T21:20:00.000000Z", &us),
+                     -1);
+    ck_assert(kh_trail_action_known("delivery.acked"));
+    ck_assert(!kh_trail_action_known("delivery.eaten"));
+}
+END_TEST
+
+/* ---- the verifier on an in-memory trail ---- */
+
+#define S_N 60
+static kh_trail_event_t s_ev[S_N];
+static unsigned char s_seal[S_N][32];
+static kh_trail_checkpoint_t s_cp[6];
+static unsigned char s_pk[32], s_sk[64];
+static char s_actors[S_N][16];
+
+/* Events with seq 1..S_N except every seventh (rolled back), sealed, a
+ * checkpoint every ten seq values. */
+static void s_build(void)
+{
+    crypto_sign_keypair(s_pk, s_sk);
+    memset(s_hash, 0x11, sizeof s_hash);
+    unsigned char prev[32] = {0};
+    int ncp = 0;
+    for (int i = 0; i < S_N; i++) {
+        snprintf(s_actors[i], sizeof s_actors[i], "actor-%d", i);
+        s_event(&s_ev[i], i + 1, 1764364800000000 + i, "partner", s_actors[i],
+                "referral.accepted");
+        if ((i + 1) % 7 == 0)
+            continue;
+        kh_trail_chain(prev, &s_ev[i], s_seal[i]);
+        memcpy(prev, s_seal[i], 32);
+        if ((i + 1) % 10 == 0 && ncp < 6) {
+            s_cp[ncp].seq = i + 1;
+            s_cp[ncp].at_us = 1764364900000000;
+            memcpy(s_cp[ncp].head, prev, 32);
+            kh_trail_checkpoint_sign(&s_cp[ncp], s_sk);
+            ncp++;
+        }
+    }
+}
+
+typedef enum { S_INTACT, S_ALTER, S_DROP, S_ADD, S_SWAP, S_CUT, S_SIG } s_op_t;
+
+/* Feed the trail with one tampering; return the report. */
+static kh_trail_report_t s_run_op(s_op_t op, int at, int other)
+{
+    kh_trail_verifier_t *v = kh_trail_verifier_new(s_pk, NULL);
+    for (int c = 0; c < 6; c++) {
+        kh_trail_checkpoint_t cp = s_cp[c];
+        if (op == S_SIG && c == at)
+            cp.signature[5] ^= 1;
+        kh_trail_verifier_checkpoint(v, &cp, false);
+    }
+    for (int i = 0; i < S_N; i++) {
+        bool exists = (i + 1) % 7 != 0;
+        kh_trail_event_t ev = s_ev[i];
+        const unsigned char *seal = exists ? s_seal[i] : NULL;
+        if (op == S_ADD && i == at)
+            exists = true; /* an event where a rollback left a gap */
+        if (op == S_CUT && i >= at)
+            exists = false;
+        if (op == S_DROP && i == at)
+            exists = false;
+        if (op == S_ALTER && i == at)
+            ev.at_us++;
+        if (op == S_SWAP && (i == at || i == other)) {
+            ev = s_ev[i == at ? other : at];
+            ev.seq = i + 1;
+        }
+        if (exists || seal)
+            kh_trail_verifier_feed(v, i + 1, exists ? &ev : NULL, seal);
+    }
+    kh_trail_report_t r;
+    kh_trail_verifier_finish(v, &r);
+    kh_trail_verifier_destroy(&v);
+    return r;
+}
+
+START_TEST(verifier_names_each_kind_of_tampering)
+{
+    s_build();
+    kh_trail_report_t r = s_run_op(S_INTACT, 0, 0);
+    ck_assert_int_eq(r.kind, KH_TRAIL_OK);
+    ck_assert_int_eq(r.checkpoints, 6);
+    ck_assert_int_eq(r.signed_seq, 60);
+    r = s_run_op(S_ALTER, 22, 0);
+    ck_assert_int_eq(r.kind, KH_TRAIL_ALTERED);
+    ck_assert_int_eq(r.seq, 23);
+    r = s_run_op(S_DROP, 22, 0);
+    ck_assert_int_eq(r.kind, KH_TRAIL_MISSING);
+    ck_assert_int_eq(r.seq, 23);
+    r = s_run_op(S_ADD, 13, 0); /* seq 14 never existed */
+    ck_assert_int_eq(r.kind, KH_TRAIL_INSERTED);
+    ck_assert_int_eq(r.seq, 14);
+    r = s_run_op(S_SWAP, 10, 40);
+    ck_assert_int_eq(r.kind, KH_TRAIL_REORDERED);
+    ck_assert_int_eq(r.seq, 11);
+    ck_assert_int_eq(r.other_seq, 41);
+    r = s_run_op(S_CUT, 30, 0); /* everything after seq 30 */
+    ck_assert_int_eq(r.kind, KH_TRAIL_TRUNCATED);
+    ck_assert_int_eq(r.seq, 31);
+    ck_assert_int_eq(r.other_seq, 30);
+    r = s_run_op(S_SIG, 2, 0);
+    ck_assert_int_eq(r.kind, KH_TRAIL_BAD_SIGNATURE);
+    ck_assert_int_eq(r.seq, 30);
+    ck_assert_str_eq(kh_trail_finding_name(r.kind), "bad_signature");
+}
+END_TEST
+
+START_TEST(verifier_starts_at_a_checkpoint)
+{
+    s_build();
+    kh_trail_verifier_t *v = kh_trail_verifier_new(s_pk, &s_cp[2]);
+    for (int c = 0; c < 6; c++)
+        kh_trail_verifier_checkpoint(v, &s_cp[c], false);
+    for (int i = 30; i < S_N; i++)
+        if ((i + 1) % 7 != 0)
+            kh_trail_verifier_feed(v, i + 1, &s_ev[i], s_seal[i]);
+    kh_trail_report_t r;
+    ck_assert_int_eq(kh_trail_verifier_finish(v, &r), 0);
+    ck_assert_int_eq(r.first_seq, 31);
+    ck_assert_int_eq(r.checkpoints, 6);
+    kh_trail_verifier_destroy(&v);
+}
+END_TEST
+
+int main(void)
+{
+    if (sodium_init() < 0)
+        return 1;
+    Suite *suite = suite_create("trail");
+    TCase *tc = tcase_create("trail");
+    tcase_add_test(tc, encoding_and_chain_match_the_written_contract);
+    tcase_add_test(tc, checkpoints_are_signed_and_checked);
+    tcase_add_test(tc, key_files_and_times);
+    tcase_add_test(tc, verifier_names_each_kind_of_tampering);
+    tcase_add_test(tc, verifier_starts_at_a_checkpoint);
+    suite_add_tcase(suite, tc);
+    return khtest_run_suite(suite);
+}
