@@ -19,6 +19,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "ketenhub/client.h"
 #include "ketenhub/trail.h"
 #include "khproc.h"
 #include "khtest.h"
@@ -352,6 +353,20 @@ START_TEST(a_hub_trail_is_complete_sealed_and_free_of_personal_data)
                            "--timeout=1000", "--retries=0", "submit",
                            s_path("referral-0.json"), S_END),
                      0);
+    /* A status request that is not well formed. */
+    kh_error_t cerr;
+    kh_client_t *client =
+        kh_client_new(s_intake, s_path("hub/hub.cert"),
+                      s_path("keys/meldpunt-hilversum.cert"), &cerr);
+    ck_assert_ptr_nonnull(client);
+    json_t *req =
+        json_pack("{s:s, s:s}", "cmd", "STATUS", "referral_id", "geen-id");
+    json_t *rep = kh_client_request(client, req, 5000, &cerr);
+    ck_assert_ptr_nonnull(rep);
+    ck_assert_str_eq(kh_client_reply_cmd(rep), "REJECTED");
+    json_decref(rep);
+    json_decref(req);
+    kh_client_destroy(&client);
     /* Rules reloaded, then a broken file refused. */
     kill(routing, SIGHUP);
     ck_assert(s_wait_count("SELECT count(*) FROM audit_events WHERE action ="
@@ -516,6 +531,7 @@ START_TEST(a_hub_trail_is_complete_sealed_and_free_of_personal_data)
     long unknown = khtest_db_count(
         s_db, "SELECT count(*) FROM audit_events WHERE action NOT IN ("
               "'referral.accepted', 'referral.rejected', 'referral.routed',"
+              " 'request.rejected',"
               " 'delivery.created', 'delivery.sent', 'delivery.acked',"
               " 'delivery.nacked', 'delivery.dead', 'delivery.escalated',"
               " 'delivery.retried', 'rules.reloaded', 'rules.reload_failed',"
