@@ -79,3 +79,9 @@ awk -v t="$ticks" '{ printf "  cpu_s=%.2f", ($14 + $15) / t }' "/proc/$pid/stat"
 grep -E 'VmHWM|VmRSS' "/proc/$pid/status" | awk '{ printf " %s=%.1fMiB", $1, $2 / 1024 }'
 echo
 psql -Atc "SELECT 'referrals=' || count(*) FROM referrals" | sed 's/^/  /'
+# The sealed trail: sealing rate, verify rate and one referral's history
+# query, with the trail filled up to KH_BENCH_AUDIT_EVENTS synthetic events
+# (10000000 for the figures in the README; it takes minutes).
+audit_events=${KH_BENCH_AUDIT_EVENTS:-1000000}
+echo "== audit trail at $audit_events events: seal, verify, history query"
+"$build/tools/auditbench/ketenhub-auditbench" --events "$audit_events" 2>/dev/null | sed 's/^/  /'
