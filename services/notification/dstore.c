@@ -1,7 +1,9 @@
 /*
  * The notification service's statements (see dstore.h). Each is a single
  * statement whose data-modifying CTEs change the deliveries and write
- * their audit events, so they commit (autocommit) together or not at all.
+ * their audit events, so they commit together or not at all; they are
+ * prepared once per connection (they are planned in as much time as they
+ * run).
  */
 #include "dstore.h"
 
@@ -231,6 +233,25 @@ static const char *s_escalate_sql =
 static const char *s_partners_sql =
     "SELECT curve_public_key, id FROM partners WHERE revoked_at IS NULL";
 
+/* The prepared statements, by index. */
+typedef enum {
+    S_CLAIM,
+    S_ACK,
+    S_NACK,
+    S_DEAD,
+    S_ESCALATE,
+    S_STATEMENTS
+} s_stmt_t;
+
+static const struct {
+    const char *name;
+    const char **sql;
+} s_statements[S_STATEMENTS] = {
+    {"claim", &s_claim_sql},       {"ack", &s_ack_sql},
+    {"nack", &s_nack_sql},         {"dead", &s_dead_sql},
+    {"escalate", &s_escalate_sql},
+};
+
 dstore_t *dstore_new(const char *conninfo, const dstore_policy_t *policy)
 {
     dstore_t *self = calloc(1, sizeof *self);
@@ -268,15 +289,45 @@ int dstore_connect(dstore_t *self, kh_error_t *err)
         kh_db_connect_app(self->conninfo, "ketenhub-notification", err);
     if (!self->conn)
         return -1;
-    if (kh_db_exec(self->conn,
-                   "SET statement_timeout = '10s'; SET lock_timeout = '5s';"
-                   " SET idle_in_transaction_session_timeout = '60s'",
-                   err)) {
+    int rc = kh_db_exec(self->conn,
+                        "SET statement_timeout = '10s'; SET lock_timeout = "
+                        "'5s'; SET idle_in_transaction_session_timeout = "
+                        "'60s'",
+                        err);
+    for (int i = 0; rc == 0 && i < S_STATEMENTS; i++) {
+        PGresult *res = PQprepare(self->conn, s_statements[i].name,
+                                  *s_statements[i].sql, 0, NULL);
+        if (PQresultStatus(res) != PGRES_COMMAND_OK)
+            rc = kh_db_error(err, self->conn, res, s_statements[i].name);
+        PQclear(res);
+    }
+    if (rc) {
         PQfinish(self->conn);
         self->conn = NULL;
-        return -1;
     }
-    return 0;
+    return rc;
+}
+
+int dstore_begin(dstore_t *self, kh_error_t *err)
+{
+    if (!dstore_up(self))
+        return kh_error_set(err, KH_E_UNAVAILABLE, "",
+                            "no database connection");
+    return kh_db_exec(self->conn, "BEGIN", err);
+}
+
+int dstore_commit(dstore_t *self, kh_error_t *err)
+{
+    if (kh_db_exec(self->conn, "COMMIT", err) == 0)
+        return 0;
+    kh_db_rollback_quietly(self->conn);
+    return -1;
+}
+
+void dstore_rollback(dstore_t *self)
+{
+    if (dstore_up(self))
+        kh_db_rollback_quietly(self->conn);
 }
 
 bool dstore_up(const dstore_t *self)
@@ -284,22 +335,25 @@ bool dstore_up(const dstore_t *self)
     return self->conn && PQstatus(self->conn) == CONNECTION_OK;
 }
 
-/* Run sql; the result when it returned rows or a command status, else
- * NULL with err (and the connection dropped when it broke). */
-static PGresult *s_run(dstore_t *self, const char *sql, int nparams,
-                       const char *const *params, const char *what,
-                       kh_error_t *err)
+/* Run a prepared statement (or, for S_STATEMENTS, the plain sql); the
+ * result when it returned rows or a command status, else NULL with err. */
+static PGresult *s_run(dstore_t *self, s_stmt_t stmt, const char *sql,
+                       int nparams, const char *const *params, kh_error_t *err)
 {
     if (!dstore_up(self)) {
         kh_error_set(err, KH_E_UNAVAILABLE, "", "no database connection");
         return NULL;
     }
-    PGresult *res =
-        PQexecParams(self->conn, sql, nparams, NULL, params, NULL, NULL, 0);
+    PGresult *res = stmt == S_STATEMENTS
+                        ? PQexecParams(self->conn, sql, nparams, NULL, params,
+                                       NULL, NULL, 0)
+                        : PQexecPrepared(self->conn, s_statements[stmt].name,
+                                         nparams, params, NULL, NULL, 0);
     ExecStatusType status = PQresultStatus(res);
     if (status == PGRES_TUPLES_OK || status == PGRES_COMMAND_OK)
         return res;
-    kh_db_error(err, self->conn, res, what);
+    kh_db_error(err, self->conn, res,
+                stmt == S_STATEMENTS ? "query" : s_statements[stmt].name);
     PQclear(res);
     return NULL;
 }
@@ -342,7 +396,7 @@ static const char *s_array(char **buf, size_t *size, const char *const *items,
 
 zhashx_t *dstore_partners(dstore_t *self, kh_error_t *err)
 {
-    PGresult *res = s_run(self, s_partners_sql, 0, NULL, "partners", err);
+    PGresult *res = s_run(self, S_STATEMENTS, s_partners_sql, 0, NULL, err);
     if (!res)
         return NULL;
     zhashx_t *partners = zhashx_new();
@@ -371,7 +425,7 @@ int dstore_claim(dstore_t *self, const char *partner, const char *peer,
     snprintf(sattempts, sizeof sattempts, "%d", self->policy.max_attempts);
     const char *params[] = {partner,  slimit, sresend,   reclaim ? "t" : "f",
                             stimeout, smax,   sattempts, peer};
-    PGresult *res = s_run(self, s_claim_sql, 8, params, "claim", err);
+    PGresult *res = s_run(self, S_CLAIM, NULL, 8, params, err);
     if (!res)
         return -1;
     int rows = PQntuples(res);
@@ -426,7 +480,7 @@ int dstore_ack(dstore_t *self, dstore_answer_t *acks, size_t count,
         if (!params[k])
             return -1;
     }
-    PGresult *res = s_run(self, s_ack_sql, 3, params, "ack", err);
+    PGresult *res = s_run(self, S_ACK, NULL, 3, params, err);
     if (!res)
         return -1;
     for (int i = 0; i < PQntuples(res) && (size_t) i < count; i++)
@@ -445,7 +499,7 @@ int dstore_nack(dstore_t *self, dstore_answer_t *nack, bool permanent,
     const char *params[] = {
         nack->id,  nack->partner, nack->peer, permanent ? "t" : "f",
         sattempts, stimeout,      smax};
-    PGresult *res = s_run(self, s_nack_sql, 7, params, "nack", err);
+    PGresult *res = s_run(self, S_NACK, NULL, 7, params, err);
     if (!res)
         return -1;
     nack->outcome = s_outcome(PQntuples(res) ? PQgetvalue(res, 0, 0) : "");
@@ -461,7 +515,7 @@ int dstore_sweep(dstore_t *self, dstore_event_fn *fn, void *arg,
     snprintf(sage, sizeof sage, "%d", self->policy.max_age_s);
     snprintf(sesc, sizeof sesc, "%d", self->policy.escalate_ms);
     const char *dead_params[] = {sattempts, sage};
-    PGresult *res = s_run(self, s_dead_sql, 2, dead_params, "sweep", err);
+    PGresult *res = s_run(self, S_DEAD, NULL, 2, dead_params, err);
     if (!res)
         return -1;
     int changes = PQntuples(res);
@@ -470,7 +524,7 @@ int dstore_sweep(dstore_t *self, dstore_event_fn *fn, void *arg,
            PQgetvalue(res, i, 2), PQgetvalue(res, i, 3), arg);
     PQclear(res);
     const char *esc_params[] = {sesc};
-    res = s_run(self, s_escalate_sql, 1, esc_params, "escalate", err);
+    res = s_run(self, S_ESCALATE, NULL, 1, esc_params, err);
     if (!res)
         return -1;
     changes += PQntuples(res);

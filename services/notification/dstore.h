@@ -32,6 +32,13 @@ void dstore_destroy(dstore_t **self_p);
 /* Connect when there is no working connection; 0 or -1 with err. */
 int dstore_connect(dstore_t *self, kh_error_t *err);
 
+/* A transaction around several calls (one commit for a round's ACKs and
+ * claims); without one each call commits on its own. dstore_commit rolls
+ * back when the commit fails. 0, or -1 with err. */
+int dstore_begin(dstore_t *self, kh_error_t *err);
+int dstore_commit(dstore_t *self, kh_error_t *err);
+void dstore_rollback(dstore_t *self);
+
 /* Whether the last call found the connection working. */
 bool dstore_up(const dstore_t *self);
 
@@ -53,8 +60,8 @@ typedef void(dstore_delivery_fn)(const dstore_delivery_t *delivery, void *arg);
  * deliveries of partner, most urgent then oldest first, and up to
  * resend_limit sent ones whose ACK is overdue (reclaim: all sent,
  * unacknowledged ones, for a partner that reconnected); fn is called for
- * each, in that order, after the commit. Returns the number claimed, -1
- * with err. */
+ * each, in that order (inside the caller's transaction, if any: send
+ * nothing before it commits). Returns the number claimed, -1 with err. */
 int dstore_claim(dstore_t *self, const char *partner, const char *peer,
                  size_t limit, size_t resend_limit, bool reclaim,
                  dstore_delivery_fn *fn, void *arg, kh_error_t *err);

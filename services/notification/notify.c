@@ -69,7 +69,9 @@ struct _notify_t {
     zhashx_t *conns; /* identity (hex) -> s_conn_t */
     s_pending_t *pending;
     size_t npending;
-    zhashx_t *batch_ids; /* delivery id -> index + 1 in pending (ACKs) */
+    dstore_answer_t *acks; /* the round's distinct ACKs, for the store */
+    zlistx_t *outbox;      /* s_outgoing_t: sent when the round commits */
+    zhashx_t *batch_ids;   /* delivery id -> index + 1 in pending (ACKs) */
     zloop_t *loop;
     bool stopping;
     s_stats_t stats;
@@ -232,25 +234,35 @@ static bool s_send_answer(notify_t *self, const s_pending_t *p, bool flag)
     return ok;
 }
 
+/* A DELIVER packed while its claim is not yet committed. */
+typedef struct {
+    zframe_t *identity; /* the connection's */
+    zframe_t *body;
+    char id[37];
+} s_outgoing_t;
+
+static void s_outgoing_free(void **item)
+{
+    s_outgoing_t *out = *item;
+    if (out) {
+        zframe_destroy(&out->identity);
+        zframe_destroy(&out->body);
+        free(out);
+    }
+    *item = NULL;
+}
+
 typedef struct {
     notify_t *self;
     s_conn_t *conn;
-    bool gone;
-    size_t count;
 } s_claim_ctx_t;
 
-/* Send one claimed delivery on the connection that claimed it. */
-static void s_send_delivery(const dstore_delivery_t *d, void *arg)
+/* Pack one claimed delivery for the connection that claimed it; it is
+ * sent when the round commits and takes credit from now on. */
+static void s_queue_delivery(const dstore_delivery_t *d, void *arg)
 {
     s_claim_ctx_t *ctx = arg;
     notify_t *self = ctx->self;
-    ctx->count++;
-    if (d->attempt > 1)
-        self->stats.resent++;
-    else
-        self->stats.sent++;
-    if (ctx->gone)
-        return; /* re-sent after its ACK timeout, to whoever is there */
     msgpack_sbuffer buf;
     msgpack_sbuffer_init(&buf);
     msgpack_packer pk;
@@ -277,16 +289,28 @@ static void s_send_delivery(const dstore_delivery_t *d, void *arg)
     msgpack_pack_str_body(&pk, d->payload, d->payload_len);
     s_pack_str(&pk, "payload_sha256");
     s_pack_str(&pk, d->payload_sha256);
-    if (!buf.data || !s_send_raw(self, ctx->conn->identity, buf.data, buf.size))
-        ctx->gone = true;
-    else
+    s_outgoing_t *out = calloc(1, sizeof *out);
+    if (out) {
+        out->identity = zframe_dup(ctx->conn->identity);
+        out->body = buf.data ? zframe_new(buf.data, buf.size) : NULL;
+        snprintf(out->id, sizeof out->id, "%s", d->id);
+    }
+    /* What cannot be queued is re-sent after its ACK timeout. */
+    if (out && out->identity && out->body &&
+        zlistx_add_end(self->outbox, out)) {
         zhashx_insert(ctx->conn->out, d->id, &s_present);
+        if (d->attempt > 1)
+            self->stats.resent++;
+        else
+            self->stats.sent++;
+        kh_log_debug("delivery_sent",
+                     "delivery=%s referral=%s partner=%s priority=%s "
+                     "attempt=%d",
+                     d->id, d->referral_id, ctx->conn->partner, d->priority,
+                     d->attempt);
+    } else
+        s_outgoing_free((void **) &out);
     msgpack_sbuffer_destroy(&buf);
-    kh_log_debug("delivery_sent",
-                 "delivery=%s referral=%s partner=%s "
-                 "priority=%s attempt=%d",
-                 d->id, d->referral_id, ctx->conn->partner, d->priority,
-                 d->attempt);
 }
 
 /* --- partners and the database ----------------------------------------- */
@@ -324,118 +348,88 @@ static void s_db_failed(notify_t *self, const char *what, const kh_error_t *err)
                 kh_error_name(err->code), err->message);
 }
 
-/* Claim for one connection and send: up to its free credit of pending
- * deliveries, after (resend) the sent ones whose ACK is overdue. */
-static void s_fill(notify_t *self, s_conn_t *conn, bool resend)
+/* Claim for one connection: up to its free credit of pending deliveries,
+ * after (resend) the sent ones whose ACK is overdue. */
+static int s_fill(notify_t *self, s_conn_t *conn, bool resend, kh_error_t *err)
 {
-    kh_error_t err;
-    s_claim_ctx_t ctx = {self, conn, false, 0};
+    s_claim_ctx_t ctx = {self, conn};
     if (resend || conn->reclaim) {
         /* Re-sends first: they may take the credit that is left. */
         if (dstore_claim(self->store, conn->partner, conn->peer, 0,
-                         conn->window, conn->reclaim, s_send_delivery, &ctx,
-                         &err) < 0) {
-            s_db_failed(self, "claim", &err);
-            return;
-        }
+                         conn->window, conn->reclaim, s_queue_delivery, &ctx,
+                         err) < 0)
+            return -1;
         conn->reclaim = false;
     }
     size_t out = zhashx_size(conn->out);
     size_t credit = conn->window > out ? conn->window - out : 0;
-    int rc = ctx.gone || credit == 0
+    int rc = credit == 0
                  ? 0
                  : dstore_claim(self->store, conn->partner, conn->peer, credit,
-                                0, false, s_send_delivery, &ctx, &err);
-    if (rc < 0) {
-        s_db_failed(self, "claim", &err);
-        return;
-    }
+                                0, false, s_queue_delivery, &ctx, err);
+    if (rc < 0)
+        return -1;
     /* Fewer than asked: nothing more is pending for it now. */
     if ((size_t) rc < credit)
         conn->more = false;
-    if (ctx.gone)
-        s_conn_drop(self, conn, "unreachable");
+    return 0;
 }
 
-/* Top up every connection that may have work (resend: and re-send what
- * is overdue). */
-static void s_pump(notify_t *self, bool resend)
+/* Claim for every connection that may have work (resend: and re-send
+ * what is overdue). */
+static int s_pump(notify_t *self, bool resend, kh_error_t *err)
 {
-    if (!dstore_up(self->store))
-        return;
-    /* s_fill may drop a connection: walk a snapshot of the keys. */
-    zlistx_t *keys = zhashx_keys(self->conns);
-    for (const char *key = keys ? zlistx_first(keys) : NULL; key;
-         key = zlistx_next(keys)) {
-        s_conn_t *conn = zhashx_lookup(self->conns, key);
-        if (conn && (resend || conn->reclaim ||
-                     (conn->more && zhashx_size(conn->out) < conn->window)))
-            s_fill(self, conn, resend);
-    }
-    zlistx_destroy(&keys);
+    for (s_conn_t *conn = zhashx_first(self->conns); conn;
+         conn = zhashx_next(self->conns))
+        if ((resend || conn->reclaim ||
+             (conn->more && zhashx_size(conn->out) < conn->window)) &&
+            s_fill(self, conn, resend, err))
+            return -1;
+    return 0;
 }
 
-/* Commit the round's ACKs in one statement and the NACKs one by one;
- * answer each. */
-static void s_flush(notify_t *self)
+/* The round's ACKs in one statement, then its NACKs: each answer gets its
+ * outcome, and leaves its connection's credit. */
+static int s_answers_commit(notify_t *self, kh_error_t *err)
 {
-    if (self->npending == 0)
-        return;
-    dstore_answer_t *acks = calloc(self->npending, sizeof *acks);
     size_t nacks = 0;
-    kh_error_t err;
-    kh_error_clear(&err);
-    int rc = acks ? 0 : kh_error_set(&err, KH_E_NOMEM, "", "out of memory");
-    for (size_t i = 0; rc == 0 && i < self->npending; i++)
+    for (size_t i = 0; i < self->npending; i++)
         if (!self->pending[i].nack && self->pending[i].leader < 0)
-            acks[nacks++] = self->pending[i].answer;
-    if (rc == 0 && nacks)
-        rc = dstore_up(self->store)
-                 ? dstore_ack(self->store, acks, nacks, &err)
-                 : kh_error_set(&err, KH_E_UNAVAILABLE, "",
-                                "the hub's database is unavailable; send "
-                                "the ACK again");
-    if (rc && err.code != KH_E_NOMEM)
-        s_db_failed(self, "ack", &err);
-    if (rc)
-        kh_error_set(&err,
-                     err.code == KH_E_NOMEM ? KH_E_NOMEM : KH_E_UNAVAILABLE, "",
-                     "the ACK could not be committed; send it again");
+            self->acks[nacks++] = self->pending[i].answer;
+    if (nacks && dstore_ack(self->store, self->acks, nacks, err))
+        return -1;
     for (size_t i = 0, a = 0; i < self->npending; i++) {
         s_pending_t *p = &self->pending[i];
-        if (!p->nack && p->leader < 0 && rc == 0)
-            p->answer.outcome = acks[a++].outcome;
-        else if (!p->nack && rc == 0)
+        if (p->nack) {
+            if (dstore_nack(self->store, &p->answer, p->permanent, err))
+                return -1;
+        } else if (p->leader < 0)
+            p->answer.outcome = self->acks[a++].outcome;
+        else
             p->answer.outcome =
                 self->pending[p->leader].answer.outcome == DSTORE_NOT_FOUND
                     ? DSTORE_NOT_FOUND
                     : DSTORE_DUPLICATE;
-        else if (p->nack && dstore_up(self->store)) {
-            kh_error_t nerr;
-            if (dstore_nack(self->store, &p->answer, p->permanent, &nerr)) {
-                s_db_failed(self, "nack", &nerr);
-                s_reject(self, p->identity, p->cid, &nerr);
-                continue;
-            }
-        } else if (p->nack) {
-            kh_error_t nerr;
-            kh_error_set(&nerr, KH_E_UNAVAILABLE, "",
-                         "the hub's database is unavailable; send the NACK "
-                         "again");
-            s_reject(self, p->identity, p->cid, &nerr);
-            continue;
-        }
-        if (!p->nack && rc) {
-            s_reject(self, p->identity, p->cid, &err);
-            continue;
-        }
-        /* Answered: it no longer takes credit on its connection. */
         char key[600];
         s_identity_key(p->identity, key, sizeof key);
         s_conn_t *conn = zhashx_lookup(self->conns, key);
         if (conn && p->answer.outcome != DSTORE_NOT_FOUND) {
             zhashx_delete(conn->out, p->answer.id);
             conn->more = conn->more || p->answer.outcome == DSTORE_DONE;
+        }
+    }
+    return 0;
+}
+
+/* Answer the round's ACKs and NACKs: with their outcomes, or all with
+ * fail when the round did not commit. */
+static void s_answers_reply(notify_t *self, const kh_error_t *fail)
+{
+    for (size_t i = 0; i < self->npending; i++) {
+        s_pending_t *p = &self->pending[i];
+        if (fail) {
+            s_reject(self, p->identity, p->cid, fail);
+            continue;
         }
         switch (p->answer.outcome) {
         case DSTORE_NOT_FOUND: {
@@ -458,8 +452,7 @@ static void s_flush(notify_t *self)
             self->stats.nacked++;
             self->stats.dead++;
             kh_log_error("alert",
-                         "kind=dead_letter delivery=%s partner=%s "
-                         "reason=%s",
+                         "kind=dead_letter delivery=%s partner=%s reason=%s",
                          p->answer.id, p->answer.partner,
                          p->permanent ? "nack_permanent" : "max_attempts");
             break;
@@ -473,11 +466,69 @@ static void s_flush(notify_t *self)
                       p->nack ? p->answer.outcome == DSTORE_DEAD
                               : p->answer.outcome == DSTORE_DUPLICATE);
     }
-    free(acks);
     for (size_t i = 0; i < self->npending; i++)
         zframe_destroy(&self->pending[i].identity);
     self->npending = 0;
     zhashx_purge(self->batch_ids);
+}
+
+/* Send the committed DELIVERs (sent: true) or forget them after a
+ * rollback (their credit is returned; they are still pending or overdue
+ * in the database). */
+static void s_outbox_flush(notify_t *self, bool sent)
+{
+    for (s_outgoing_t *out = zlistx_first(self->outbox); out;
+         out = zlistx_next(self->outbox)) {
+        char key[600];
+        s_identity_key(out->identity, key, sizeof key);
+        s_conn_t *conn = zhashx_lookup(self->conns, key);
+        if (!conn)
+            continue; /* dropped meanwhile: re-sent after its timeout */
+        if (!sent)
+            zhashx_delete(conn->out, out->id);
+        else if (!s_send_raw(self, out->identity, zframe_data(out->body),
+                             zframe_size(out->body)))
+            s_conn_drop(self, conn, "unreachable");
+    }
+    zlistx_purge(self->outbox);
+}
+
+/* Whether some connection may be given deliveries now. */
+static bool s_has_work(notify_t *self)
+{
+    for (s_conn_t *conn = zhashx_first(self->conns); conn;
+         conn = zhashx_next(self->conns))
+        if (conn->reclaim ||
+            (conn->more && zhashx_size(conn->out) < conn->window))
+            return true;
+    return false;
+}
+
+/* One round in one transaction: the ACKs and NACKs that came, then what
+ * the connections have credit for; then the answers and the DELIVERs,
+ * only once all of it is committed (promises 1 and 2). */
+static void s_round(notify_t *self, bool resend)
+{
+    if (self->npending == 0 &&
+        (!dstore_up(self->store) || (!resend && !s_has_work(self))))
+        return;
+    kh_error_t err;
+    int rc = dstore_begin(self->store, &err);
+    const char *during = "begin";
+    if (rc == 0 && (rc = s_answers_commit(self, &err)) != 0)
+        during = "answers";
+    if (rc == 0 && (rc = s_pump(self, resend, &err)) != 0)
+        during = "claim";
+    if (rc == 0 && (rc = dstore_commit(self->store, &err)) != 0)
+        during = "commit";
+    if (rc) {
+        dstore_rollback(self->store);
+        s_db_failed(self, during, &err);
+        kh_error_set(&err, KH_E_UNAVAILABLE, "",
+                     "the hub could not commit this now; send it again");
+    }
+    s_answers_reply(self, rc ? &err : NULL);
+    s_outbox_flush(self, rc == 0);
 }
 
 /* --- the partners' socket ---------------------------------------------- */
@@ -594,8 +645,7 @@ static int s_on_router(zloop_t *loop, zsock_t *sock, void *arg)
         zmsg_destroy(&msg);
     }
     self->stats.rounds++;
-    s_flush(self);
-    s_pump(self, false);
+    s_round(self, false);
     return 0;
 }
 
@@ -660,7 +710,7 @@ static int s_on_tick(zloop_t *loop, int timer_id, void *arg)
             conn->more = true;
     }
     zlistx_destroy(&keys);
-    s_pump(self, true);
+    s_round(self, true);
     return 0;
 }
 
@@ -736,7 +786,7 @@ static int s_on_wake(zloop_t *loop, zsock_t *sock, void *arg)
         json_decref(body);
         zmsg_destroy(&msg);
     }
-    s_pump(self, false);
+    s_round(self, false);
     return 0;
 }
 
@@ -854,13 +904,16 @@ notify_t *notify_new(const notify_config_t *config, kh_error_t *err)
     self->conns = zhashx_new();
     self->batch_ids = zhashx_new();
     self->pending = calloc(S_READ_MAX, sizeof *self->pending);
+    self->acks = calloc(S_READ_MAX, sizeof *self->acks);
+    self->outbox = zlistx_new();
     self->loop = zloop_new();
     if (!self->store || !self->conns || !self->batch_ids || !self->pending ||
-        !self->loop) {
+        !self->acks || !self->outbox || !self->loop) {
         kh_error_set(err, KH_E_NOMEM, "", "out of memory");
         goto fail;
     }
     zhashx_set_destructor(self->conns, s_conn_free);
+    zlistx_set_destructor(self->outbox, s_outgoing_free);
     return self;
 fail:
     notify_destroy(&self);
@@ -883,6 +936,8 @@ void notify_destroy(notify_t **self_p)
     for (size_t i = 0; self->pending && i < self->npending; i++)
         zframe_destroy(&self->pending[i].identity);
     free(self->pending);
+    free(self->acks);
+    zlistx_destroy(&self->outbox);
     dstore_destroy(&self->store);
     free(self);
     *self_p = NULL;
