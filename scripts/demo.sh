@@ -2,8 +2,10 @@
 # The hub's main job, on one machine: install and build, start a local
 # PostgreSQL in a directory of its own, apply the migrations, make the hub's
 # and the demo partners' keys, start the services, submit the example
-# referrals in schemas/examples/ as a municipal reporting point would, and
-# show what happened: the hub's answers, a status, and the audit trail.
+# referrals in schemas/examples/ as a municipal reporting point would, let
+# simulated partner systems (Veilig Thuis, the zorgcoordinator, AVIM)
+# receive and acknowledge what the rules send them, and show what happened:
+# the hub's answers, a status, the deliveries, and the audit trail.
 #   scripts/demo.sh            run the demo, then stop everything
 #   scripts/demo.sh --keep     leave the hub running (stop: scripts/demo.sh --stop)
 set -eu
@@ -51,7 +53,9 @@ echo "what the rules decide for the minor in acute danger (schemas/examples/mino
   "$here/schemas/examples/minor-sexual-acute.json" |
   sed -n -e '/^rule /p' -e '/^    ->/p' -e 's/, fields:$//p' | sed 's/^/  /'
 
-step "Services: routing (wake-ups on tcp://127.0.0.1:7702), intake on tcp://127.0.0.1:7701"
+step "Services: notification (partners on tcp://127.0.0.1:7703), routing, intake on tcp://127.0.0.1:7701"
+hub_start_notification tcp://127.0.0.1:7703 tcp://127.0.0.1:7704
+echo "notification is ready"
 hub_start_routing tcp://127.0.0.1:7702
 echo "routing is ready"
 hub_start_intake tcp://127.0.0.1:7701 meldpunt-hilversum
@@ -59,6 +63,12 @@ echo "intake is ready"
 export KH_ENDPOINT=tcp://127.0.0.1:7701
 export KH_HUB_PUBLIC_CERT="$run/hub/hub.cert"
 export KH_PARTNER_CERT="$run/keys/meldpunt-hilversum.cert"
+
+step "Partner systems: Veilig Thuis and the zorgcoordinator listen; AVIM's system is offline for now"
+for p in veilig-thuis zorgcoordinator; do
+  hub_start_listener "$p" tcp://127.0.0.1:7703
+  echo "$p: ketenhub-partner listen --dir $run/inbox/$p"
+done
 
 step "The meldpunt submits the example referrals"
 last=""
@@ -89,14 +99,45 @@ if [ -n "$last" ]; then
   "$partner" status "$last"
 fi
 
-step "Routing: one delivery per partner, each with only the fields its route projects"
-sleep 1
-psql -P pager=off -c "SELECT left(d.referral_id::text, 8) AS referral,
-    d.partner_id AS partner, d.priority,
-    (SELECT string_agg(k, ',' ORDER BY k) FROM
-       jsonb_object_keys(convert_from(d.payload, 'UTF8')::jsonb) k) AS fields
-  FROM deliveries d JOIN referrals r ON r.id = d.referral_id
-  ORDER BY r.accepted_at, d.partner_id"
+# Wait (at most 10 s) until every delivery to a listening partner is
+# acknowledged.
+waitacked() {
+  tries=0
+  until [ "$(psql -Atc "SELECT count(*) FROM deliveries
+      WHERE state <> 'acknowledged' AND partner_id IN ($1)")" = 0 ] ||
+      [ "$tries" -ge 100 ]; do
+    tries=$((tries + 1))
+    sleep 0.1
+  done
+}
+deliveries() {
+  psql -P pager=off -c "SELECT left(d.referral_id::text, 8) AS referral,
+      d.partner_id AS partner, d.priority, d.state, d.attempts,
+      (SELECT string_agg(k, ',' ORDER BY k) FROM
+         jsonb_object_keys(convert_from(d.payload, 'UTF8')::jsonb) k) AS fields
+    FROM deliveries d JOIN referrals r ON r.id = d.referral_id
+    ORDER BY r.accepted_at, d.partner_id"
+}
+step "Routing and notification: one delivery per partner, each with only the fields its route projects; AVIM's wait"
+waitacked "'veilig-thuis', 'zorgcoordinator'"
+deliveries
+
+step "AVIM's system comes online: its backlog drains, urgent first"
+hub_start_listener avim tcp://127.0.0.1:7703
+waitacked "'avim'"
+psql -P pager=off -c "SELECT d.partner_id AS partner, d.state, count(*)
+  FROM deliveries d GROUP BY 1, 2 ORDER BY 1, 2"
+for p in veilig-thuis zorgcoordinator avim; do
+  echo "$run/inbox/$p: $(find "$run/inbox/$p" -name '*.json' | wc -l) deliveries stored"
+done
+one=$(find "$run/inbox/avim" -name '*.json' | head -n 1)
+if [ -n "$one" ]; then
+  echo "what AVIM's system received for one referral (field names only):"
+  python3 -c 'import json, sys
+d = json.load(open(sys.argv[1]))
+print("  delivery:", ", ".join(k for k in sorted(d) if k != "payload"))
+print("  payload fields:", ", ".join(sorted(d["payload"])))' "$one"
+fi
 
 step "The audit trail (ids, actors, actions, outcomes: no personal data)"
 psql -P pager=off -c "SELECT seq, to_char(at, 'HH24:MI:SS.MS') AS at,
@@ -104,6 +145,15 @@ psql -P pager=off -c "SELECT seq, to_char(at, 'HH24:MI:SS.MS') AS at,
     coalesce(partner_id, left(referral_id::text, 8), '') AS object, outcome,
     coalesce(reason_code || ' ' || reason_path, '') AS reason
   FROM audit_events ORDER BY seq"
+
+step "Sealing the trail (what the audit service does continuously), then an auditor's view"
+"$ctl" audit keygen --out "$run/audit" >/dev/null
+"$ctl" audit seal --key "$run/audit/hub-audit.key" --checkpoint
+if [ -n "$last" ]; then
+  echo "the last referral's whole history (ketenhubctl audit query --referral ...):"
+  "$ctl" audit query --referral "$last" | sed 's/^/  /'
+fi
+"$ctl" audit verify --public-key "$run/audit/hub-audit.pub" | sed 's/^/  /'
 
 if [ "$keep" = 1 ]; then
   step "The hub keeps running; stop it with: scripts/demo.sh --stop"

@@ -89,11 +89,24 @@ hub_start_notification() {
 
 # Stop what hub_start_* started.
 hub_stop() {
-  for service in intake routing notification; do
-    if [ -f "$run/$service.pid" ]; then
-      kill -TERM "$(cat "$run/$service.pid")" 2>/dev/null || true
-      rm -f "$run/$service.pid"
+  for pidfile in "$run"/*.pid; do
+    if [ -f "$pidfile" ]; then
+      kill -TERM "$(cat "$pidfile")" 2>/dev/null || true
+      rm -f "$pidfile"
     fi
   done
   "$here/scripts/pgtmp.sh" stop "$run/pg" >/dev/null 2>&1 || true
+}
+
+# A simulated partner system: `ketenhub-partner listen` as partner $1,
+# storing its deliveries as JSON files in $run/inbox/$1 and ACKing each
+# once stored; pid in $run/listen-$1.pid, log in $run/listen-$1.log.
+# $2: the delivery endpoint.
+hub_start_listener() {
+  mkdir -p "$run/inbox/$1"
+  KH_DELIVERY_ENDPOINT=$2 KH_HUB_PUBLIC_CERT="$run/hub/hub.cert" \
+  KH_PARTNER_CERT="$run/keys/$1.cert" \
+    "$build/tools/partner/ketenhub-partner" listen --dir "$run/inbox/$1" \
+    2>"$run/listen-$1.log" &
+  echo $! >"$run/listen-$1.pid"
 }
