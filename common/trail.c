@@ -109,7 +109,7 @@ int kh_trail_chain(const unsigned char prev[KH_TRAIL_HASH_SIZE],
                              sizeof buf - KH_TRAIL_HASH_SIZE);
     if (n < 0)
         return -1;
-    crypto_hash_sha256(next, buf, (unsigned long long) n + KH_TRAIL_HASH_SIZE);
+    kh_trail_sha256(next, buf, (size_t) n + KH_TRAIL_HASH_SIZE, false);
     return 0;
 }
 

@@ -224,106 +224,272 @@ static int s_copy_field(const char **p, const char *e, const char **val,
     return 0;
 }
 
-/* The fast path of verification: one binary COPY of the events joined
- * with their seals (a merge join over both primary keys), hashed while
- * the server streams. Seals without an event are not in this stream: the
- * caller falls back to the full merge when anything is amiss. Returns 0
- * or -1 with err. */
-static int s_fast_feed(PGconn *conn, int64_t after, kh_trail_verifier_t *v,
-                       int64_t *last_seq, kh_error_t *err)
+/* Events of the fast path waiting to be chained: the COPY reads the
+ * table in physical order, which is seq order but for rows inserted side
+ * by side; a window of S_WINDOW rows puts them back in order. */
+#define S_WINDOW 4096
+
+typedef struct {
+    int64_t seq;
+    char *buf; /* the COPY row (PQfreemem) */
+    int len;
+} s_row_t;
+
+typedef struct {
+    const kh_trail_checkpoint_t *cps; /* sorted, all with a valid signature */
+    size_t ncps, next;
+    int64_t head; /* the sealed head: events above it are not chained */
+    unsigned char prev[KH_TRAIL_HASH_SIZE];
+    int64_t emitted; /* last seq chained or counted */
+    bool doubt;      /* something needs the full pass */
+    kh_trail_report_t *report;
+} s_fast_t;
+
+/* Parse a binary COPY row of the 17 event columns into ev. -1 if it is
+ * not one. */
+static int s_parse_row(const char *buf, int n, bool *header,
+                       kh_trail_event_t *ev)
 {
-    char sql[1024];
+    const char *p = buf, *e = buf + n;
+    if (*header && n >= 19 && memcmp(p, "PGCOPY\n\377\r\n\0", 11) == 0) {
+        uint32_t ext = (uint32_t) (unsigned char) p[15] << 24 |
+                       (uint32_t) (unsigned char) p[16] << 16 |
+                       (uint32_t) (unsigned char) p[17] << 8 |
+                       (uint32_t) (unsigned char) p[18];
+        p += 19 + ext;
+    }
+    *header = false;
+    if (e - p < 2)
+        return -1;
+    int16_t nf = (int16_t) ((unsigned char) p[0] << 8 | (unsigned char) p[1]);
+    p += 2;
+    if (nf == -1)
+        return 1; /* trailer */
+    if (nf != 17)
+        return -1;
+    const char *val[17];
+    int len[17];
+    for (int i = 0; i < 17; i++)
+        if (s_copy_field(&p, e, &val[i], &len[i]) != 0)
+            return -1;
+    if (len[0] != 8 || len[1] != 8)
+        return -1;
+    ev->seq = s_get64(val[0]);
+    ev->at_us = s_get64(val[1]) + S_PG_EPOCH_US;
+    for (int i = 0; i < KH_TRAIL_FIELD_COUNT; i++) {
+        ev->f[i].ptr = val[i + 2];
+        ev->f[i].len = len[i + 2];
+    }
+    return 0;
+}
+
+/* Chain one event in seq order. */
+static void s_fast_emit(s_fast_t *f, const s_row_t *row)
+{
+    kh_trail_event_t ev;
+    bool header = false;
+    if (s_parse_row(row->buf, row->len, &header, &ev) != 0) {
+        f->doubt = true;
+        return;
+    }
+    kh_trail_report_t *r = f->report;
+    r->events++;
+    if (!r->first_seq)
+        r->first_seq = ev.seq;
+    r->last_seq = ev.seq;
+    f->emitted = ev.seq;
+    if (ev.seq > f->head) {
+        r->unsealed++;
+        return;
+    }
+    unsigned char h[KH_TRAIL_HASH_SIZE];
+    if (kh_trail_chain(f->prev, &ev, h) != 0) {
+        f->doubt = true;
+        return;
+    }
+    memcpy(f->prev, h, sizeof h);
+    r->sealed++;
+    /* A checkpoint below this seq names an event that is gone. */
+    while (f->next < f->ncps && f->cps[f->next].seq < ev.seq) {
+        f->doubt = true;
+        f->next++;
+    }
+    if (f->next < f->ncps && f->cps[f->next].seq == ev.seq) {
+        if (sodium_memcmp(f->cps[f->next].head, h, sizeof h) != 0)
+            f->doubt = true;
+        else {
+            r->checkpoints++;
+            r->signed_seq = ev.seq;
+        }
+        f->next++;
+    }
+}
+
+static int s_cp_seq_cmp(const void *a, const void *b)
+{
+    const kh_trail_checkpoint_t *x = a, *y = b;
+    return x->seq < y->seq ? -1 : x->seq > y->seq;
+}
+
+/* The fast path of verification, for the usual intact trail: one COPY of
+ * the events in physical order (no index), the chain recomputed and
+ * compared with every checkpoint's signed head and with the seal of the
+ * sealed head. It proves the events unchanged but cannot say where a
+ * difference lies: on any doubt it returns 1 and the full pass (events
+ * and seals merged) names the first problem. 0 intact (report filled),
+ * 1 doubt, -1 error. */
+static int s_fast_verify(PGconn *conn, const unsigned char *public_key,
+                         const kh_trail_checkpoint_t *anchor,
+                         const kh_trail_checkpoint_t *cps, size_t ncps,
+                         const kh_trail_checkpoint_t *published,
+                         size_t npublished, kh_trail_report_t *report,
+                         kh_error_t *err)
+{
+    memset(report, 0, sizeof *report);
+    int64_t after = anchor ? anchor->seq : 0;
+    /* Every checkpoint valid, the published ones among the database's. */
+    for (size_t i = 0; i < npublished; i++) {
+        bool found = false;
+        for (size_t k = 0; k < ncps && !found; k++)
+            found = memcmp(&cps[k], &published[i], sizeof *cps) == 0;
+        if (!found)
+            return 1;
+    }
+    kh_trail_checkpoint_t *mine = calloc(ncps + 1, sizeof *mine);
+    if (!mine)
+        return kh_error_set(err, KH_E_NOMEM, NULL, "out of memory");
+    size_t n = 0;
+    for (size_t i = 0; i < ncps; i++) {
+        if (!kh_trail_checkpoint_valid(&cps[i], public_key)) {
+            free(mine);
+            return 1;
+        }
+        if (cps[i].seq > after)
+            mine[n++] = cps[i];
+        else
+            report->checkpoints++;
+    }
+    if (anchor && !kh_trail_checkpoint_valid(anchor, public_key)) {
+        free(mine);
+        return 1;
+    }
+    qsort(mine, n, sizeof *mine, s_cp_seq_cmp);
+    s_fast_t f = {.cps = mine, .ncps = n, .report = report};
+    report->signed_seq = after;
+    if (anchor)
+        memcpy(f.prev, anchor->head, KH_TRAIL_HASH_SIZE);
+    unsigned char head_seal[KH_TRAIL_HASH_SIZE];
+    PGresult *res = s_query(conn,
+                            "SELECT seq, hash FROM audit_trail_seals ORDER BY"
+                            " seq DESC LIMIT 1",
+                            1, err);
+    if (!res) {
+        free(mine);
+        return -1;
+    }
+    if (PQntuples(res) == 1 && PQgetlength(res, 0, 1) == KH_TRAIL_HASH_SIZE) {
+        f.head = s_get64(PQgetvalue(res, 0, 0));
+        memcpy(head_seal, PQgetvalue(res, 0, 1), KH_TRAIL_HASH_SIZE);
+    }
+    PQclear(res);
+    char sql[640];
     snprintf(sql, sizeof sql,
-             "COPY (SELECT e.seq, e.at, e.actor_kind, e.actor_id, e.action,"
-             " e.referral_id, e.delivery_id, e.partner_id, e.outcome,"
-             " e.reason_code, e.reason_path, e.payload_hash, e.rules_version,"
-             " e.origin_service, e.origin_peer, e.rules_matched,"
-             " e.query_filter, s.hash FROM audit_trail e LEFT JOIN"
-             " audit_trail_seals s ON s.seq = e.seq WHERE e.seq > %" PRId64
-             " ORDER BY e.seq) TO STDOUT (FORMAT binary)",
+             "COPY (SELECT " S_EVENT_COLUMNS " FROM audit_trail WHERE seq >"
+             " %" PRId64 ") TO STDOUT (FORMAT binary)",
              after);
-    PGresult *res = PQexec(conn, sql);
+    res = PQexec(conn, sql);
     if (PQresultStatus(res) != PGRES_COPY_OUT) {
         kh_db_error(err, conn, res, "cannot read the trail");
         PQclear(res);
+        free(mine);
         return -1;
     }
     PQclear(res);
-    int rc = 0;
+    s_row_t *ring = calloc(S_WINDOW, sizeof *ring);
+    size_t start = 0, count = 0;
+    bool header = true, bad = ring == NULL;
     char *buf = NULL;
-    int n;
-    bool header = true;
-    while ((n = PQgetCopyData(conn, &buf, 0)) > 0) {
-        const char *p = buf, *e = buf + n;
-        if (header && n >= 19 && memcmp(p, "PGCOPY\n\377\r\n\0", 11) == 0) {
-            uint32_t ext = (uint32_t) (unsigned char) p[15] << 24 |
-                           (uint32_t) (unsigned char) p[16] << 16 |
-                           (uint32_t) (unsigned char) p[17] << 8 |
-                           (uint32_t) (unsigned char) p[18];
-            p += 19 + ext;
+    int len;
+    f.emitted = after;
+    while ((len = PQgetCopyData(conn, &buf, 0)) > 0) {
+        /* The first row carries the COPY header: strip it, so that every
+         * row parses alike when it is chained. */
+        if (header && len >= 19 && memcmp(buf, "PGCOPY\n\377\r\n\0", 11) == 0) {
+            uint32_t ext = (uint32_t) (unsigned char) buf[15] << 24 |
+                           (uint32_t) (unsigned char) buf[16] << 16 |
+                           (uint32_t) (unsigned char) buf[17] << 8 |
+                           (uint32_t) (unsigned char) buf[18];
+            if (ext > (uint32_t) len - 19)
+                bad = true;
+            else {
+                memmove(buf, buf + 19 + ext, (size_t) len - 19 - ext);
+                len -= 19 + (int) ext;
+            }
         }
         header = false;
-        while (rc == 0 && e - p >= 2) {
-            int16_t nf =
-                (int16_t) ((unsigned char) p[0] << 8 | (unsigned char) p[1]);
-            p += 2;
-            if (nf == -1)
-                break; /* trailer */
-            const char *val[18];
-            int len[18];
-            if (nf != 18) {
-                rc = -1;
-                break;
-            }
-            for (int i = 0; rc == 0 && i < 18; i++)
-                rc = s_copy_field(&p, e, &val[i], &len[i]);
-            if (rc != 0 || len[0] != 8 || len[1] != 8) {
-                rc = -1;
-                break;
-            }
-            kh_trail_event_t ev;
-            ev.seq = s_get64(val[0]);
-            ev.at_us = s_get64(val[1]) + S_PG_EPOCH_US;
-            for (int i = 0; i < KH_TRAIL_FIELD_COUNT; i++) {
-                ev.f[i].ptr = val[i + 2];
-                ev.f[i].len = len[i + 2];
-            }
-            static const unsigned char zero[KH_TRAIL_HASH_SIZE];
-            const unsigned char *seal = len[17] < 0 ? NULL
-                                        : len[17] == KH_TRAIL_HASH_SIZE
-                                            ? (const unsigned char *) val[17]
-                                            : zero;
-            kh_trail_verifier_feed(v, ev.seq, &ev, seal);
-            *last_seq = ev.seq;
-        }
-        PQfreemem(buf);
-        buf = NULL;
-        if (rc != 0)
-            break;
-    }
-    if (rc != 0) {
-        /* Drain the rest; the stream is not what was asked for. */
-        while ((n = PQgetCopyData(conn, &buf, 0)) > 0)
+        /* Only the seq now (field count, length 8, value); the rest is
+         * parsed when the row is chained. */
+        bool trailer = len >= 2 && buf[0] == '\377' && buf[1] == '\377';
+        bool row_ok = len >= 14 && buf[0] == 0 && buf[1] == 17 && buf[2] == 0 &&
+                      buf[3] == 0 && buf[4] == 0 && buf[5] == 8;
+        int64_t seq = row_ok ? s_get64(buf + 6) : 0;
+        if (bad || trailer || !row_ok || seq <= f.emitted) {
+            /* trailer, or a row too far out of order: the full pass */
+            bad = bad || (!trailer && (!row_ok || seq <= f.emitted));
             PQfreemem(buf);
-        kh_error_set(err, KH_E_INTERNAL, NULL, "unexpected COPY data");
+            continue;
+        }
+        /* Insert by seq (usually at the end). */
+        size_t pos = count;
+        while (pos > 0 && ring[(start + pos - 1) % S_WINDOW].seq > seq) {
+            ring[(start + pos) % S_WINDOW] = ring[(start + pos - 1) % S_WINDOW];
+            pos--;
+        }
+        s_row_t row = {seq, buf, len};
+        ring[(start + pos) % S_WINDOW] = row;
+        count++;
+        if (count == S_WINDOW) {
+            s_fast_emit(&f, &ring[start]);
+            PQfreemem(ring[start].buf);
+            start = (start + 1) % S_WINDOW;
+            count--;
+        }
     }
+    while (count > 0) {
+        if (!bad)
+            s_fast_emit(&f, &ring[start]);
+        PQfreemem(ring[start].buf);
+        start = (start + 1) % S_WINDOW;
+        count--;
+    }
+    free(ring);
     res = PQgetResult(conn);
-    if (rc == 0 && PQresultStatus(res) != PGRES_COMMAND_OK)
+    int rc = 0;
+    if (PQresultStatus(res) != PGRES_COMMAND_OK)
         rc = kh_db_error(err, conn, res, "cannot read the trail");
     PQclear(res);
     while ((res = PQgetResult(conn)) != NULL)
         PQclear(res);
+    if (rc == 0) {
+        /* The chain must end exactly at the sealed head, with its seal,
+         * and no checkpoint may lie beyond it. */
+        bool ends = f.head <= after ||
+                    sodium_memcmp(f.prev, head_seal, KH_TRAIL_HASH_SIZE) == 0;
+        if (bad || f.doubt || !ends || f.next < f.ncps)
+            rc = 1;
+    }
+    free(mine);
     return rc;
 }
 
-/* One verification pass with a new verifier: fast (COPY, events with
- * their seals) or full (both cursors merged). */
+/* The full verification pass: events and seals merged in seq order and
+ * judged one by one (names the first problem). */
 static int s_verify_pass(PGconn *conn, const unsigned char *public_key,
                          const kh_trail_checkpoint_t *anchor,
                          const kh_trail_checkpoint_t *cps, size_t ncps,
                          const kh_trail_checkpoint_t *published,
-                         size_t npublished, bool fast,
-                         kh_trail_report_t *report, kh_error_t *err)
+                         size_t npublished, kh_trail_report_t *report,
+                         kh_error_t *err)
 {
     int rc = 0;
     kh_trail_verifier_t *v = kh_trail_verifier_new(public_key, anchor);
@@ -335,25 +501,9 @@ static int s_verify_pass(PGconn *conn, const unsigned char *public_key,
     for (size_t i = 0; rc == 0 && i < npublished; i++)
         if (kh_trail_verifier_checkpoint(v, &published[i], true) != 0)
             rc = kh_error_set(err, KH_E_NOMEM, NULL, "out of memory");
-    int64_t after = anchor ? anchor->seq : 0, last = after;
-    if (rc == 0 && fast) {
-        rc = s_fast_feed(conn, after, v, &last, err);
-        /* Seals past the last event (a cut tail): the full pass names it. */
-        if (rc == 0) {
-            char sql[160];
-            snprintf(sql, sizeof sql,
-                     "SELECT count(*) FROM (SELECT 1 FROM audit_trail_seals"
-                     " WHERE seq > %" PRId64 " LIMIT 1) t",
-                     last);
-            PGresult *res = s_query(conn, sql, 0, err);
-            if (!res)
-                rc = -1;
-            else if (strcmp(PQgetvalue(res, 0, 0), "0") != 0)
-                rc = 1;
-            PQclear(res);
-        }
-    } else if (rc == 0)
-        rc = kh_trail_db_scan(conn, after, INT64_MAX, s_feed, v, err);
+    if (rc == 0)
+        rc = kh_trail_db_scan(conn, anchor ? anchor->seq : 0, INT64_MAX, s_feed,
+                              v, err);
     if (rc == 0)
         rc = kh_trail_verifier_finish(v, report);
     kh_trail_verifier_destroy(&v);
@@ -390,14 +540,14 @@ int kh_trail_db_verify(PGconn *conn, const unsigned char *public_key,
      * intact trail); any doubt, and verification in the caller's
      * transaction, take the full pass, from the same snapshot. */
     if (rc == 0 && own) {
-        rc = s_verify_pass(conn, public_key, anchor, cps, ncps, published,
-                           npublished, true, report, err);
+        rc = s_fast_verify(conn, public_key, anchor, cps, ncps, published,
+                           npublished, report, err);
         if (rc == 1)
             rc = s_verify_pass(conn, public_key, anchor, cps, ncps, published,
-                               npublished, false, report, err);
+                               npublished, report, err);
     } else if (rc == 0)
         rc = s_verify_pass(conn, public_key, anchor, cps, ncps, published,
-                           npublished, false, report, err);
+                           npublished, report, err);
     free(cps);
     if (own)
         kh_db_rollback_quietly(conn);

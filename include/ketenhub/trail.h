@@ -94,6 +94,11 @@ int kh_trail_chain(const unsigned char prev[KH_TRAIL_HASH_SIZE],
                    const kh_trail_event_t *ev,
                    unsigned char next[KH_TRAIL_HASH_SIZE]);
 
+/* SHA-256 of in[0..len) into out: with the processor's SHA extensions
+ * where there are any, else (and always with portable) libsodium's. */
+void kh_trail_sha256(unsigned char out[32], const unsigned char *in, size_t len,
+                     bool portable);
+
 /* The signed message of a checkpoint (schemas/audit.md). */
 #define KH_TRAIL_CHECKPOINT_MESSAGE_SIZE (22 + 8 + 8 + KH_TRAIL_HASH_SIZE)
 void kh_trail_checkpoint_message(

@@ -303,9 +303,11 @@ static void s_sqlf(const char *fmt, ...)
     s_exec(s_db, sql);
 }
 
-/* One trial of kind k (in a transaction that is rolled back); checks the
- * verdict. */
-static void s_trial(const s_trail_t *t, kh_trail_finding_t k, int trial)
+/* One trial of kind k; checks the verdict. The tampering is rolled back
+ * after verification in its own transaction, or (commit) committed and
+ * verified afterwards, as `ketenhubctl audit verify` does it. */
+static void s_trial(const s_trail_t *t, kh_trail_finding_t k, int trial,
+                    bool commit)
 {
     kh_trail_report_t report;
     int64_t want = 0, other = -1;
@@ -401,8 +403,14 @@ static void s_trial(const s_trail_t *t, kh_trail_finding_t k, int trial)
     default:
         break;
     }
-    int rc = s_verify(published, npublished, &report);
-    s_exec(s_db, "ROLLBACK");
+    int rc;
+    if (commit) {
+        s_exec(s_db, "COMMIT");
+        rc = s_verify(published, npublished, &report);
+    } else {
+        rc = s_verify(published, npublished, &report);
+        s_exec(s_db, "ROLLBACK");
+    }
     ck_assert_msg(rc == 1 && report.kind == k && report.seq == want &&
                       (other < 0 || report.other_seq == other),
                   "trial %d (%s): got %s at %lld (other %lld), want %lld "
@@ -432,7 +440,7 @@ START_TEST(every_tampering_is_found_with_its_seq)
     int trials = env && atoi(env) > 0 ? atoi(env) : 6000;
     int per_kind[6] = {0};
     for (int i = 0; i < trials; i++) {
-        s_trial(&t, kinds[i % 6], i);
+        s_trial(&t, kinds[i % 6], i, false);
         per_kind[i % 6]++;
     }
     printf("tamper trials: %d, all found (altered %d, missing %d, inserted "
@@ -444,6 +452,36 @@ START_TEST(every_tampering_is_found_with_its_seq)
     free(t.seqs);
     free(t.gaps);
     free(t.cps);
+}
+END_TEST
+
+/* Verification in a transaction of its own takes the fast path first;
+ * every kind of tampering, committed, sends it to the full pass. */
+START_TEST(committed_tampering_is_found_too)
+{
+    static const kh_trail_finding_t kinds[] = {
+        KH_TRAIL_ALTERED,   KH_TRAIL_MISSING,   KH_TRAIL_INSERTED,
+        KH_TRAIL_REORDERED, KH_TRAIL_TRUNCATED, KH_TRAIL_BAD_SIGNATURE};
+    srandom(8151);
+    for (int k = 0; k < 12; k++) {
+        if (k > 0) {
+            PQfinish(s_db);
+            s_db = khtest_db_fresh(S_DB);
+        }
+        s_events(s_db, 400);
+        kh_trail_sealer_t *sealer = s_sealer(40);
+        s_flush(sealer);
+        kh_trail_sealer_destroy(&sealer);
+        s_trail_t t;
+        s_trail_load(&t);
+        kh_trail_report_t report;
+        ck_assert_int_eq(s_verify(NULL, 0, &report), 0);
+        ck_assert_int_eq(report.sealed, t.nseqs);
+        s_trial(&t, kinds[k % 6], k, true);
+        free(t.seqs);
+        free(t.gaps);
+        free(t.cps);
+    }
 }
 END_TEST
 
@@ -519,6 +557,7 @@ int main(void)
     tcase_add_test(tc, seals_wait_for_a_lower_seq_still_in_flight);
     tcase_add_test(tc, roles_cannot_change_the_trail);
     tcase_add_test(tc, every_tampering_is_found_with_its_seq);
+    tcase_add_test(tc, committed_tampering_is_found_too);
     tcase_add_test(tc, export_verifies_offline);
     suite_add_tcase(suite, tc);
     return khtest_run_suite(suite);

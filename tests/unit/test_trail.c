@@ -81,6 +81,25 @@ START_TEST(encoding_and_chain_match_the_written_contract)
 }
 END_TEST
 
+START_TEST(fast_sha256_equals_libsodium)
+{
+    unsigned char in[1100], a[32], b[32];
+    randombytes_buf(in, sizeof in);
+    for (size_t len = 0; len < sizeof in; len++) {
+        kh_trail_sha256(a, in, len, false);
+        kh_trail_sha256(b, in, len, true);
+        ck_assert_msg(memcmp(a, b, 32) == 0, "length %zu", len);
+    }
+    /* FIPS 180-2 example "abc". */
+    kh_trail_sha256(a, (const unsigned char *) "abc", 3, false);
+    char hex[65];
+    kh_trail_hex(a, 32, hex);
+    ck_assert_str_eq(
+        hex,
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+}
+END_TEST
+
 START_TEST(checkpoints_are_signed_and_checked)
 {
     unsigned char pk[32], sk[64], pk2[32], sk2[64];
@@ -266,6 +285,7 @@ int main(void)
     Suite *suite = suite_create("trail");
     TCase *tc = tcase_create("trail");
     tcase_add_test(tc, encoding_and_chain_match_the_written_contract);
+    tcase_add_test(tc, fast_sha256_equals_libsodium);
     tcase_add_test(tc, checkpoints_are_signed_and_checked);
     tcase_add_test(tc, key_files_and_times);
     tcase_add_test(tc, verifier_names_each_kind_of_tampering);
