@@ -21,6 +21,7 @@
 #include "ketenhub/proto.h"
 #include "ketenhub/schema.h"
 #include "ketenhub/service.h"
+#include "ketenhub/throttle.h"
 #include "ketenhub/zap.h"
 #include "store.h"
 
@@ -100,15 +101,9 @@ struct _intake_t {
     s_stats_t stats;
     s_auth_refusal_t auth_pending[S_AUTH_PENDING];
     size_t nauth_pending;
-    zhashx_t *auth_seen;    /* "key peer" -> time of its last audit event */
-    zhashx_t *unknown_keys; /* key -> time it last reloaded the registry */
+    kh_throttle_t *auth_seen;    /* "key peer": one audit event a minute */
+    kh_throttle_t *unknown_keys; /* key: one registry reload a second */
 };
-
-static void s_free_item(void **item)
-{
-    free(*item);
-    *item = NULL;
-}
 
 intake_t *intake_new(const intake_config_t *config, kh_error_t *err)
 {
@@ -188,13 +183,9 @@ intake_t *intake_new(const intake_config_t *config, kh_error_t *err)
         }
     }
     self->store = store_new(config->conninfo);
-    self->auth_seen = zhashx_new();
-    self->unknown_keys = zhashx_new();
+    self->auth_seen = kh_throttle_new(S_AUTH_REPEAT_MS, 10000);
+    self->unknown_keys = kh_throttle_new(S_UNKNOWN_KEY_RELOAD_MS, 1000);
     bool allocated = self->store && self->auth_seen && self->unknown_keys;
-    if (allocated) {
-        zhashx_set_destructor(self->auth_seen, s_free_item);
-        zhashx_set_destructor(self->unknown_keys, s_free_item);
-    }
     for (int i = 0; i < 2; i++) {
         s_batch_t *batch = &self->batches[i];
         batch->requests = calloc(config->batch_max, sizeof *batch->requests);
@@ -226,8 +217,8 @@ void intake_destroy(intake_t **self_p)
     zsock_destroy(&self->router);
     zsock_destroy(&self->routing);
     kh_zap_destroy(&self->zap);
-    zhashx_destroy(&self->auth_seen);
-    zhashx_destroy(&self->unknown_keys);
+    kh_throttle_destroy(&self->auth_seen);
+    kh_throttle_destroy(&self->unknown_keys);
     zcert_destroy(&self->cert);
     kh_schema_destroy(&self->schema);
     store_destroy(&self->store);
@@ -328,17 +319,8 @@ static const char *s_partner_of(intake_t *self, const char *key)
     const char *id = self->partners ? zhashx_lookup(self->partners, key) : NULL;
     if (id || !store_up(self->store))
         return id;
-    int64_t now = zclock_mono();
-    int64_t *last = zhashx_lookup(self->unknown_keys, key);
-    if (last && now - *last < S_UNKNOWN_KEY_RELOAD_MS)
+    if (!kh_throttle_pass(self->unknown_keys, key, zclock_mono()))
         return NULL;
-    if (!last && (last = malloc(sizeof *last)) != NULL) {
-        if (zhashx_size(self->unknown_keys) > 1000)
-            zhashx_purge(self->unknown_keys);
-        zhashx_insert(self->unknown_keys, key, last);
-    }
-    if (last)
-        *last = now;
     s_load_partners(self);
     return self->partners ? zhashx_lookup(self->partners, key) : NULL;
 }
@@ -845,25 +827,14 @@ static int s_on_zap(zloop_t *loop, zsock_t *socket, void *arg)
     if (kh_zap_handle(self->zap, key, peer) == 0)
         return 0;
     kh_log_warn("auth_refused", "key=%s peer=%s", *key ? key : "none", peer);
-    char seen[128];
-    snprintf(seen, sizeof seen, "%s %s", key, peer);
-    int64_t now = zclock_mono();
-    int64_t *last = zhashx_lookup(self->auth_seen, seen);
-    if (last && now - *last < S_AUTH_REPEAT_MS)
-        return 0;
     if (self->nauth_pending == S_AUTH_PENDING) {
         kh_log_warn("auth_refusals_unaudited", "reason=too_many");
         return 0;
     }
-    if (!last) {
-        if (zhashx_size(self->auth_seen) > 10000)
-            zhashx_purge(self->auth_seen);
-        last = malloc(sizeof *last);
-        if (!last)
-            return 0;
-        zhashx_insert(self->auth_seen, seen, last);
-    }
-    *last = now;
+    char seen[128];
+    snprintf(seen, sizeof seen, "%s %s", key, peer);
+    if (!kh_throttle_pass(self->auth_seen, seen, zclock_mono()))
+        return 0;
     s_auth_refusal_t *refusal = &self->auth_pending[self->nauth_pending++];
     snprintf(refusal->actor, sizeof refusal->actor, "key:%s",
              *key ? key : "none");

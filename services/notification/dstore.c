@@ -230,6 +230,13 @@ static const char *s_escalate_sql =
     " FROM esc LEFT JOIN copies ON copies.referral_id = esc.referral_id"
     "  AND copies.partner_id = esc.escalate_to";
 
+/* $1 actor ("key:" and the Z85 key), $2 peer address. */
+static const char *s_refused_sql =
+    "INSERT INTO audit_events (actor_kind, actor_id, action, outcome,"
+    " reason_code, origin_service, origin_peer)"
+    " VALUES ('partner', $1, 'auth.refused', 'refused', 'unknown_partner',"
+    " 'notification', $2)";
+
 static const char *s_partners_sql =
     "SELECT curve_public_key, id FROM partners WHERE revoked_at IS NULL";
 
@@ -505,6 +512,17 @@ int dstore_nack(dstore_t *self, dstore_answer_t *nack, bool permanent,
     nack->outcome = s_outcome(PQntuples(res) ? PQgetvalue(res, 0, 0) : "");
     PQclear(res);
     return 0;
+}
+
+int dstore_audit_refused(dstore_t *self, const char *key, const char *peer,
+                         kh_error_t *err)
+{
+    char actor[64];
+    snprintf(actor, sizeof actor, "key:%s", *key ? key : "none");
+    const char *params[] = {actor, peer};
+    PGresult *res = s_run(self, S_STATEMENTS, s_refused_sql, 2, params, err);
+    PQclear(res);
+    return res ? 0 : -1;
 }
 
 int dstore_sweep(dstore_t *self, dstore_event_fn *fn, void *arg,

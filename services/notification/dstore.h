@@ -92,6 +92,11 @@ int dstore_ack(dstore_t *self, dstore_answer_t *acks, size_t count,
 int dstore_nack(dstore_t *self, dstore_answer_t *nack, bool permanent,
                 kh_error_t *err);
 
+/* Record a refused handshake (auth.refused) of key (Z85, "" if none) from
+ * peer. 0, or -1 with err. */
+int dstore_audit_refused(dstore_t *self, const char *key, const char *peer,
+                         kh_error_t *err);
+
 /* Something a sweep did: kind "dead" (detail: the reason) or "escalated"
  * (detail: the partner that got a copy, or NULL). */
 typedef void(dstore_event_fn)(const char *kind, const char *delivery_id,

@@ -19,6 +19,7 @@
 #include "ketenhub/log.h"
 #include "ketenhub/proto.h"
 #include "ketenhub/service.h"
+#include "ketenhub/throttle.h"
 #include "ketenhub/zap.h"
 
 #define S_READ_MAX 4096      /* frames read in one round */
@@ -26,6 +27,7 @@
 #define S_WAKE_MAX 65536     /* bytes of a wake-up */
 #define S_RELOAD_MIN_MS 1000 /* registry re-read for an unknown key */
 #define S_LINGER_MS 100
+#define S_AUTH_REPEAT_MS 60000 /* one auth.refused per key and minute */
 #define S_INTERNAL_DOMAIN "ketenhub-internal" /* ZAP domain of wake-ups */
 
 /* One partner connection (a ROUTER peer that said something). */
@@ -69,9 +71,10 @@ struct _notify_t {
     zhashx_t *conns; /* identity (hex) -> s_conn_t */
     s_pending_t *pending;
     size_t npending;
-    dstore_answer_t *acks; /* the round's distinct ACKs, for the store */
-    zlistx_t *outbox;      /* s_outgoing_t: sent when the round commits */
-    zhashx_t *batch_ids;   /* delivery id -> index + 1 in pending (ACKs) */
+    dstore_answer_t *acks;    /* the round's distinct ACKs, for the store */
+    zlistx_t *outbox;         /* s_outgoing_t: sent when the round commits */
+    zhashx_t *batch_ids;      /* delivery id -> index + 1 in pending (ACKs) */
+    kh_throttle_t *auth_seen; /* "key peer": one audit event a minute */
     zloop_t *loop;
     bool stopping;
     s_stats_t stats;
@@ -796,9 +799,18 @@ static int s_on_zap(zloop_t *loop, zsock_t *sock, void *arg)
     (void) sock;
     notify_t *self = arg;
     char key[41], peer[64];
-    if (kh_zap_handle(self->zap, key, peer) != 0)
-        kh_log_warn("auth_refused", "key=%s peer=%s", *key ? key : "none",
-                    peer);
+    if (kh_zap_handle(self->zap, key, peer) == 0)
+        return 0;
+    kh_log_warn("auth_refused", "key=%s peer=%s", *key ? key : "none", peer);
+    /* Into the trail once a minute per key and address: a client that
+     * retries its handshake must not flood it. */
+    char seen[128];
+    snprintf(seen, sizeof seen, "%s %s", key, peer);
+    kh_error_t err;
+    if (dstore_up(self->store) &&
+        kh_throttle_pass(self->auth_seen, seen, zclock_mono()) &&
+        dstore_audit_refused(self->store, key, peer, &err))
+        s_db_failed(self, "audit", &err);
     return 0;
 }
 
@@ -906,9 +918,10 @@ notify_t *notify_new(const notify_config_t *config, kh_error_t *err)
     self->pending = calloc(S_READ_MAX, sizeof *self->pending);
     self->acks = calloc(S_READ_MAX, sizeof *self->acks);
     self->outbox = zlistx_new();
+    self->auth_seen = kh_throttle_new(S_AUTH_REPEAT_MS, 10000);
     self->loop = zloop_new();
     if (!self->store || !self->conns || !self->batch_ids || !self->pending ||
-        !self->acks || !self->outbox || !self->loop) {
+        !self->acks || !self->outbox || !self->auth_seen || !self->loop) {
         kh_error_set(err, KH_E_NOMEM, "", "out of memory");
         goto fail;
     }
@@ -938,6 +951,7 @@ void notify_destroy(notify_t **self_p)
     free(self->pending);
     free(self->acks);
     zlistx_destroy(&self->outbox);
+    kh_throttle_destroy(&self->auth_seen);
     dstore_destroy(&self->store);
     free(self);
     *self_p = NULL;

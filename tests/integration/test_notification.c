@@ -673,6 +673,11 @@ START_TEST(unknown_key_and_bad_frames_are_refused)
     ck_assert_ptr_null(s_recv(sock, 1000));
     ck_assert(s_log_has("notification.log", "event=auth_refused", 3000));
     zsock_destroy(&sock);
+    /* In the trail, once however often the client retried. */
+    ck_assert(s_wait_count("SELECT count(*) FROM audit_events WHERE action ="
+                           " 'auth.refused' AND origin_service ="
+                           " 'notification' AND outcome = 'refused'",
+                           1, 3000));
 
     zsock_t *avim = s_partner("avim");
     zstr_send(avim, "not messagepack");

@@ -1,6 +1,6 @@
 /*
  * Envelope checks of the partner protocol (schemas/protocol.md), the
- * configuration table and the canonical payload hash.
+ * configuration table, the canonical payload hash and the throttle.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -8,6 +8,7 @@
 #include "ketenhub/codec.h"
 #include "ketenhub/config.h"
 #include "ketenhub/proto.h"
+#include "ketenhub/throttle.h"
 #include "khtest.h"
 
 static json_t *s_envelope(const char *json)
@@ -130,6 +131,61 @@ START_TEST(fields_are_checked_per_command)
              "\"%s\",\"referral\":{}}",
              key);
     s_expect(json, KH_E_BAD_ENVELOPE, "idempotency_key", "a");
+}
+END_TEST
+
+START_TEST(delivery_commands_are_checked)
+{
+    s_expect("{\"v\":1,\"cmd\":\"HELLO\",\"cid\":\"h\"}", KH_E_OK, "", "h");
+    s_expect("{\"v\":1,\"cmd\":\"HELLO\",\"cid\":\"h\",\"window\":1024}",
+             KH_E_OK, "", "h");
+    s_expect("{\"v\":1,\"cmd\":\"HELLO\",\"cid\":\"h\",\"window\":0}",
+             KH_E_BAD_ENVELOPE, "window", "h");
+    s_expect("{\"v\":1,\"cmd\":\"HELLO\",\"cid\":\"h\",\"window\":1025}",
+             KH_E_BAD_ENVELOPE, "window", "h");
+    s_expect("{\"v\":1,\"cmd\":\"HELLO\",\"cid\":\"h\",\"window\":\"8\"}",
+             KH_E_BAD_ENVELOPE, "window", "h");
+    s_expect("{\"v\":1,\"cmd\":\"ACK\",\"cid\":\"a\",\"delivery_id\":\"" S_UUID
+             "\"}",
+             KH_E_OK, "", "a");
+    s_expect("{\"v\":1,\"cmd\":\"ACK\",\"cid\":\"a\"}", KH_E_BAD_ENVELOPE,
+             "delivery_id", "a");
+    s_expect("{\"v\":1,\"cmd\":\"ACK\",\"cid\":\"a\",\"delivery_id\":\"" S_UUID
+             "\",\"reason\":\"retry\"}",
+             KH_E_BAD_ENVELOPE, "reason", "a");
+    s_expect("{\"v\":1,\"cmd\":\"NACK\",\"cid\":\"n\",\"delivery_id\":\"" S_UUID
+             "\",\"reason\":\"permanent\"}",
+             KH_E_OK, "", "n");
+    s_expect("{\"v\":1,\"cmd\":\"NACK\",\"cid\":\"n\",\"delivery_id\":\"" S_UUID
+             "\",\"reason\":\"retry\"}",
+             KH_E_OK, "", "n");
+    s_expect("{\"v\":1,\"cmd\":\"NACK\",\"cid\":\"n\",\"delivery_id\":\"" S_UUID
+             "\",\"reason\":\"later\"}",
+             KH_E_BAD_ENVELOPE, "reason", "n");
+    s_expect("{\"v\":1,\"cmd\":\"NACK\",\"cid\":\"n\",\"delivery_id\":\"" S_UUID
+             "\"}",
+             KH_E_BAD_ENVELOPE, "reason", "n");
+    s_expect("{\"v\":1,\"cmd\":\"NACK\",\"cid\":\"n\",\"delivery_id\":\"x\","
+             "\"reason\":\"retry\"}",
+             KH_E_BAD_ENVELOPE, "delivery_id", "n");
+}
+END_TEST
+
+START_TEST(throttle_passes_once_per_interval_per_key)
+{
+    kh_throttle_t *throttle = kh_throttle_new(1000, 2);
+    ck_assert_ptr_nonnull(throttle);
+    ck_assert(kh_throttle_pass(throttle, "a", 0));
+    ck_assert(!kh_throttle_pass(throttle, "a", 999));
+    ck_assert(kh_throttle_pass(throttle, "b", 999));
+    ck_assert(kh_throttle_pass(throttle, "a", 1000));
+    ck_assert(!kh_throttle_pass(throttle, "a", 1500));
+    /* A third key forgets the others: memory stays bounded. */
+    ck_assert(kh_throttle_pass(throttle, "c", 1500));
+    ck_assert(kh_throttle_pass(throttle, "a", 1500));
+    kh_throttle_destroy(&throttle);
+    ck_assert_ptr_null(throttle);
+    kh_throttle_destroy(&throttle);
 }
 END_TEST
 
@@ -287,6 +343,8 @@ int main(void)
     tcase_add_test(tc, version_and_command_come_first);
     tcase_add_test(tc, cid_is_required_and_bounded);
     tcase_add_test(tc, fields_are_checked_per_command);
+    tcase_add_test(tc, delivery_commands_are_checked);
+    tcase_add_test(tc, throttle_passes_once_per_interval_per_key);
     tcase_add_test(tc, paths_never_carry_made_up_keys);
     tcase_add_test(tc, rejected_carries_code_and_retry_hint);
     tcase_add_test(tc, uuids_are_v4_and_canonical);
