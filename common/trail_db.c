@@ -5,6 +5,7 @@
 #include "ketenhub/trail_db.h"
 
 #include <inttypes.h>
+#include <pthread.h>
 #include <pwd.h>
 #include <sodium.h>
 #include <stdio.h>
@@ -235,12 +236,41 @@ typedef struct {
     int len;
 } s_row_t;
 
+/* A run of events chained by the worker thread: from a known hash (a
+ * signed checkpoint's head, or the genesis) or on from the previous batch,
+ * to an expected hash (the next checkpoint's head or the sealed head's
+ * seal) or on into the next batch. */
+#define S_BATCH_MAX 8192
+#define S_QUEUE_MAX 32
+
+typedef struct s_batch_t {
+    bool has_start, has_end;
+    unsigned char start[KH_TRAIL_HASH_SIZE], end[KH_TRAIL_HASH_SIZE];
+    s_row_t *rows;
+    size_t count;
+    struct s_batch_t *next;
+} s_batch_t;
+
+typedef struct {
+    pthread_mutex_t lock;
+    pthread_cond_t changed;
+    s_batch_t *first, *last;
+    size_t queued;
+    bool closing;
+    bool doubt; /* a worker's verdict (under lock) */
+} s_queue_t;
+
 typedef struct {
     const kh_trail_checkpoint_t *cps; /* sorted, all with a valid signature */
     size_t ncps, next;
     int64_t head; /* the sealed head: events above it are not chained */
-    unsigned char prev[KH_TRAIL_HASH_SIZE];
+    unsigned char head_seal[KH_TRAIL_HASH_SIZE];
+    unsigned char seg_start[KH_TRAIL_HASH_SIZE]; /* start of the next batch */
+    bool seg_known;   /* seg_start holds (else: on from the last batch) */
+    s_batch_t *batch; /* being filled */
+    s_queue_t *queue;
     int64_t emitted; /* last seq chained or counted */
+    int64_t chained; /* last seq handed to the chain */
     bool doubt;      /* something needs the full pass */
     kh_trail_report_t *report;
 } s_fast_t;
@@ -283,46 +313,133 @@ static int s_parse_row(const char *buf, int n, bool *header,
     return 0;
 }
 
-/* Chain one event in seq order. */
-static void s_fast_emit(s_fast_t *f, const s_row_t *row)
+static void s_batch_free(s_batch_t *b)
 {
-    kh_trail_event_t ev;
-    bool header = false;
-    if (s_parse_row(row->buf, row->len, &header, &ev) != 0) {
-        f->doubt = true;
-        return;
+    for (size_t i = 0; i < b->count; i++)
+        PQfreemem(b->rows[i].buf);
+    free(b->rows);
+    free(b);
+}
+
+/* The worker: chains the batches in order, compares the ends. */
+static void *s_worker(void *arg)
+{
+    s_queue_t *q = arg;
+    unsigned char h[KH_TRAIL_HASH_SIZE] = {0};
+    for (;;) {
+        pthread_mutex_lock(&q->lock);
+        while (!q->first && !q->closing)
+            pthread_cond_wait(&q->changed, &q->lock);
+        s_batch_t *b = q->first;
+        if (b) {
+            q->first = b->next;
+            if (!q->first)
+                q->last = NULL;
+            q->queued--;
+            pthread_cond_broadcast(&q->changed);
+        }
+        bool doubt = q->doubt;
+        pthread_mutex_unlock(&q->lock);
+        if (!b)
+            return NULL;
+        if (b->has_start)
+            memcpy(h, b->start, sizeof h);
+        for (size_t i = 0; i < b->count && !doubt; i++) {
+            kh_trail_event_t ev;
+            bool header = false;
+            unsigned char next[KH_TRAIL_HASH_SIZE];
+            if (s_parse_row(b->rows[i].buf, b->rows[i].len, &header, &ev) !=
+                    0 ||
+                kh_trail_chain(h, &ev, next) != 0)
+                doubt = true;
+            memcpy(h, next, sizeof h);
+        }
+        if (b->has_end && sodium_memcmp(h, b->end, sizeof h) != 0)
+            doubt = true;
+        s_batch_free(b);
+        if (doubt) {
+            pthread_mutex_lock(&q->lock);
+            q->doubt = true;
+            pthread_mutex_unlock(&q->lock);
+        }
     }
+}
+
+/* Hand the batch being filled to the worker (end: the hash it must reach,
+ * NULL: it goes on in the next batch). */
+static void s_submit(s_fast_t *f, const unsigned char *end)
+{
+    s_batch_t *b = f->batch;
+    if (!b)
+        return;
+    f->batch = NULL;
+    if (end) {
+        b->has_end = true;
+        memcpy(b->end, end, KH_TRAIL_HASH_SIZE);
+    }
+    s_queue_t *q = f->queue;
+    pthread_mutex_lock(&q->lock);
+    while (q->queued >= S_QUEUE_MAX)
+        pthread_cond_wait(&q->changed, &q->lock);
+    if (q->last)
+        q->last->next = b;
+    else
+        q->first = b;
+    q->last = b;
+    q->queued++;
+    pthread_cond_broadcast(&q->changed);
+    pthread_mutex_unlock(&q->lock);
+}
+
+/* Take one event in seq order (and its buffer). */
+static void s_fast_emit(s_fast_t *f, s_row_t *row)
+{
     kh_trail_report_t *r = f->report;
     r->events++;
     if (!r->first_seq)
-        r->first_seq = ev.seq;
-    r->last_seq = ev.seq;
-    f->emitted = ev.seq;
-    if (ev.seq > f->head) {
-        r->unsealed++;
+        r->first_seq = row->seq;
+    r->last_seq = row->seq;
+    f->emitted = row->seq;
+    if (row->seq > f->head || f->doubt) {
+        if (row->seq > f->head)
+            r->unsealed++;
+        PQfreemem(row->buf);
         return;
     }
-    unsigned char h[KH_TRAIL_HASH_SIZE];
-    if (kh_trail_chain(f->prev, &ev, h) != 0) {
-        f->doubt = true;
-        return;
-    }
-    memcpy(f->prev, h, sizeof h);
-    r->sealed++;
     /* A checkpoint below this seq names an event that is gone. */
-    while (f->next < f->ncps && f->cps[f->next].seq < ev.seq) {
+    while (f->next < f->ncps && f->cps[f->next].seq < row->seq) {
         f->doubt = true;
         f->next++;
     }
-    if (f->next < f->ncps && f->cps[f->next].seq == ev.seq) {
-        if (sodium_memcmp(f->cps[f->next].head, h, sizeof h) != 0)
+    if (!f->batch) {
+        f->batch = calloc(1, sizeof *f->batch);
+        if (f->batch)
+            f->batch->rows = malloc(S_BATCH_MAX * sizeof *f->batch->rows);
+        if (!f->batch || !f->batch->rows) {
+            free(f->batch);
+            f->batch = NULL;
             f->doubt = true;
-        else {
-            r->checkpoints++;
-            r->signed_seq = ev.seq;
+            PQfreemem(row->buf);
+            return;
         }
-        f->next++;
+        f->batch->has_start = f->seg_known;
+        memcpy(f->batch->start, f->seg_start, KH_TRAIL_HASH_SIZE);
+        f->seg_known = false;
     }
+    f->batch->rows[f->batch->count++] = *row;
+    f->chained = row->seq;
+    r->sealed++;
+    if (f->next < f->ncps && f->cps[f->next].seq == row->seq) {
+        const kh_trail_checkpoint_t *cp = &f->cps[f->next++];
+        s_submit(f, cp->head);
+        memcpy(f->seg_start, cp->head, KH_TRAIL_HASH_SIZE);
+        f->seg_known = true;
+        r->checkpoints++;
+        r->signed_seq = row->seq;
+    } else if (row->seq == f->head)
+        s_submit(f, f->head_seal);
+    else if (f->batch->count == S_BATCH_MAX)
+        s_submit(f, NULL);
 }
 
 static int s_cp_seq_cmp(const void *a, const void *b)
@@ -374,11 +491,10 @@ static int s_fast_verify(PGconn *conn, const unsigned char *public_key,
         return 1;
     }
     qsort(mine, n, sizeof *mine, s_cp_seq_cmp);
-    s_fast_t f = {.cps = mine, .ncps = n, .report = report};
+    s_fast_t f = {.cps = mine, .ncps = n, .report = report, .seg_known = true};
     report->signed_seq = after;
     if (anchor)
-        memcpy(f.prev, anchor->head, KH_TRAIL_HASH_SIZE);
-    unsigned char head_seal[KH_TRAIL_HASH_SIZE];
+        memcpy(f.seg_start, anchor->head, KH_TRAIL_HASH_SIZE);
     PGresult *res = s_query(conn,
                             "SELECT seq, hash FROM audit_trail_seals ORDER BY"
                             " seq DESC LIMIT 1",
@@ -389,7 +505,7 @@ static int s_fast_verify(PGconn *conn, const unsigned char *public_key,
     }
     if (PQntuples(res) == 1 && PQgetlength(res, 0, 1) == KH_TRAIL_HASH_SIZE) {
         f.head = s_get64(PQgetvalue(res, 0, 0));
-        memcpy(head_seal, PQgetvalue(res, 0, 1), KH_TRAIL_HASH_SIZE);
+        memcpy(f.head_seal, PQgetvalue(res, 0, 1), KH_TRAIL_HASH_SIZE);
     }
     PQclear(res);
     char sql[640];
@@ -405,9 +521,15 @@ static int s_fast_verify(PGconn *conn, const unsigned char *public_key,
         return -1;
     }
     PQclear(res);
+    s_queue_t queue = {.closing = false};
+    pthread_t worker;
+    pthread_mutex_init(&queue.lock, NULL);
+    pthread_cond_init(&queue.changed, NULL);
+    f.queue = &queue;
+    bool started = pthread_create(&worker, NULL, s_worker, &queue) == 0;
     s_row_t *ring = calloc(S_WINDOW, sizeof *ring);
     size_t start = 0, count = 0;
-    bool header = true, bad = ring == NULL;
+    bool header = true, bad = ring == NULL || !started;
     char *buf = NULL;
     int len;
     f.emitted = after;
@@ -450,7 +572,6 @@ static int s_fast_verify(PGconn *conn, const unsigned char *public_key,
         count++;
         if (count == S_WINDOW) {
             s_fast_emit(&f, &ring[start]);
-            PQfreemem(ring[start].buf);
             start = (start + 1) % S_WINDOW;
             count--;
         }
@@ -458,11 +579,28 @@ static int s_fast_verify(PGconn *conn, const unsigned char *public_key,
     while (count > 0) {
         if (!bad)
             s_fast_emit(&f, &ring[start]);
-        PQfreemem(ring[start].buf);
+        else
+            PQfreemem(ring[start].buf);
         start = (start + 1) % S_WINDOW;
         count--;
     }
     free(ring);
+    /* Rows after the last checkpoint that never reached the sealed head
+     * still go to the worker, which finds them short of it. */
+    s_submit(&f, f.head_seal);
+    pthread_mutex_lock(&queue.lock);
+    queue.closing = true;
+    pthread_cond_broadcast(&queue.changed);
+    pthread_mutex_unlock(&queue.lock);
+    if (started)
+        pthread_join(worker, NULL);
+    while (queue.first) { /* only when the worker never started */
+        s_batch_t *b = queue.first;
+        queue.first = b->next;
+        s_batch_free(b);
+    }
+    pthread_cond_destroy(&queue.changed);
+    pthread_mutex_destroy(&queue.lock);
     res = PQgetResult(conn);
     int rc = 0;
     if (PQresultStatus(res) != PGRES_COMMAND_OK)
@@ -473,9 +611,8 @@ static int s_fast_verify(PGconn *conn, const unsigned char *public_key,
     if (rc == 0) {
         /* The chain must end exactly at the sealed head, with its seal,
          * and no checkpoint may lie beyond it. */
-        bool ends = f.head <= after ||
-                    sodium_memcmp(f.prev, head_seal, KH_TRAIL_HASH_SIZE) == 0;
-        if (bad || f.doubt || !ends || f.next < f.ncps)
+        bool ends = f.head <= after || f.chained == f.head;
+        if (bad || f.doubt || queue.doubt || !ends || f.next < f.ncps)
             rc = 1;
     }
     free(mine);

@@ -485,6 +485,45 @@ START_TEST(committed_tampering_is_found_too)
 }
 END_TEST
 
+/* Long stretches between checkpoints (more events than one batch of the
+ * fast pass) verify, and an edit in the middle of one is found. */
+START_TEST(long_stretches_between_checkpoints)
+{
+    s_exec(s_db, "INSERT INTO audit_events (actor_kind, actor_id, action,"
+                 " referral_id, outcome, payload_hash, origin_service)"
+                 " SELECT 'partner', 'veilig-thuis', 'referral.accepted',"
+                 " md5(i::text)::uuid, 'ok', sha256(i::text::bytea), 'intake'"
+                 " FROM generate_series(1, 30000) i");
+    kh_trail_sealer_t *sealer = s_sealer(100000);
+    ck_assert_int_eq(s_flush(sealer), 30000);
+    /* (The first seal already signed its head: no checkpoint existed.) */
+    kh_error_t err;
+    ck_assert_int_ge(kh_trail_sealer_checkpoint(sealer, s_db, &err), 0);
+    s_exec(s_db, "INSERT INTO audit_events (actor_kind, actor_id, action,"
+                 " outcome, origin_service) SELECT 'service', 'routing',"
+                 " 'rules.reloaded', 'ok', 'routing' FROM generate_series(1,"
+                 " 20000)");
+    ck_assert_int_eq(s_flush(sealer), 20000);
+    kh_trail_sealer_destroy(&sealer);
+    kh_trail_report_t report;
+    ck_assert_int_eq(s_verify(NULL, 0, &report), 0);
+    ck_assert_int_eq(report.sealed, 50000);
+    ck_assert_int_eq(report.signed_seq, 30000);
+    s_exec(s_db, "ALTER TABLE audit_events DISABLE TRIGGER USER");
+    s_exec(s_db, "UPDATE audit_events SET outcome = 'failed' WHERE seq ="
+                 " 15000");
+    s_exec(s_db, "UPDATE audit_events SET outcome = 'failed' WHERE seq ="
+                 " 45000");
+    ck_assert_int_eq(s_verify(NULL, 0, &report), 1);
+    ck_assert_int_eq(report.kind, KH_TRAIL_ALTERED);
+    ck_assert_int_eq(report.seq, 15000);
+    s_exec(s_db, "UPDATE audit_events SET outcome = 'ok' WHERE seq = 15000");
+    ck_assert_int_eq(s_verify(NULL, 0, &report), 1);
+    ck_assert_int_eq(report.kind, KH_TRAIL_ALTERED);
+    ck_assert_int_eq(report.seq, 45000);
+}
+END_TEST
+
 START_TEST(export_verifies_offline)
 {
     s_events(s_db, 400);
@@ -558,6 +597,7 @@ int main(void)
     tcase_add_test(tc, roles_cannot_change_the_trail);
     tcase_add_test(tc, every_tampering_is_found_with_its_seq);
     tcase_add_test(tc, committed_tampering_is_found_too);
+    tcase_add_test(tc, long_stretches_between_checkpoints);
     tcase_add_test(tc, export_verifies_offline);
     suite_add_tcase(suite, tc);
     return khtest_run_suite(suite);

@@ -276,7 +276,7 @@ static void s_print(const PGresult *res, int rows, s_format_t format)
             printf("%s%s", c ? "," : "", s_names[c]);
         putchar('\n');
     } else if (format == S_TABLE)
-        printf("%-8s %-27s %-24s %-19s %-36s %-20s %-8s %s\n", "SEQ", "AT",
+        printf("%-8s %-27s %-30s %-19s %-36s %-20s %-8s %s\n", "SEQ", "AT",
                "ACTOR", "ACTION", "REFERRAL", "PARTNER", "OUTCOME",
                "REASON/DELIVERY/RULES");
     for (int r = 0; r < rows; r++) {
@@ -319,7 +319,7 @@ static void s_print(const PGresult *res, int rows, s_format_t format)
                              len ? " " : "", label[k], more[k] == 12 ? 12 : 200,
                              PQgetvalue(res, r, more[k]));
                 }
-            printf("%-8s %-27s %-24s %-19s %-36s %-20s %-8s %s\n",
+            printf("%-8s %-27s %-30s %-19s %-36s %-20s %-8s %s\n",
                    PQgetvalue(res, r, 0), PQgetvalue(res, r, 1), actor,
                    PQgetvalue(res, r, 4),
                    PQgetisnull(res, r, 5) ? "-" : PQgetvalue(res, r, 5),
