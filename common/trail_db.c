@@ -731,11 +731,12 @@ int kh_trail_db_record_access(PGconn *conn, const char *action,
 struct kh_trail_sealer_t {
     unsigned char secret_key[KH_TRAIL_SECRET_KEY_SIZE];
     kh_trail_sealer_config_t cfg;
-    bool pending;     /* a bound is waiting for its transactions */
-    int64_t bound;    /* the sequence's last value when it was taken */
-    char *vxids;      /* array literal of the transactions to wait for */
-    int64_t cp_seq;   /* last checkpoint */
-    int64_t cp_at_us; /* when it was made (0: none) */
+    bool pending;          /* a bound is waiting for its transactions */
+    int64_t bound;         /* the sequence's last value when it was taken */
+    char *vxids;           /* array literal of the transactions to wait for */
+    int64_t pending_since; /* when the pending bound was taken (µs) */
+    int64_t cp_seq;        /* last checkpoint */
+    int64_t cp_at_us;      /* when it was made (0: none) */
 };
 
 kh_trail_sealer_t *kh_trail_sealer_new(const unsigned char *secret_key,
@@ -993,6 +994,7 @@ static int s_take_bound(kh_trail_sealer_t *self, PGconn *conn, kh_error_t *err)
     if (!self->vxids)
         return kh_error_set(err, KH_E_NOMEM, NULL, "out of memory");
     self->pending = true;
+    self->pending_since = s_now_us();
     return 0;
 }
 
@@ -1081,6 +1083,13 @@ long kh_trail_sealer_flush(kh_trail_sealer_t *self, PGconn *conn,
                                 "transactions still running, not sealed");
         usleep(10000);
     }
+}
+
+int64_t kh_trail_sealer_waiting_ms(const kh_trail_sealer_t *self)
+{
+    if (!self->pending || strcmp(self->vxids, "{}") == 0)
+        return 0;
+    return (s_now_us() - self->pending_since) / 1000;
 }
 
 int kh_trail_sealer_checkpoint(kh_trail_sealer_t *self, PGconn *conn,

@@ -81,6 +81,11 @@ long kh_trail_sealer_step(kh_trail_sealer_t *self, PGconn *conn,
 long kh_trail_sealer_flush(kh_trail_sealer_t *self, PGconn *conn,
                            int timeout_ms, kh_error_t *err);
 
+/* How long (ms) the sealer has been waiting for transactions that were
+ * running when it took its bound (0: not waiting). A long wait means a
+ * long transaction holds events back from the seal: worth a warning. */
+int64_t kh_trail_sealer_waiting_ms(const kh_trail_sealer_t *self);
+
 /* Write a checkpoint at the sealed head now (if there is one that has
  * no checkpoint yet). Returns 1 written, 0 nothing to do, -1 error. */
 int kh_trail_sealer_checkpoint(kh_trail_sealer_t *self, PGconn *conn,

@@ -174,6 +174,9 @@ START_TEST(seals_wait_for_a_lower_seq_still_in_flight)
     ck_assert_int_eq(khtest_db_count(s_db, sql), 0);
     ck_assert_int_le(khtest_db_count(s_db, "SELECT count(*) FROM audit_seals"),
                      3);
+    /* The wait is visible (the service warns when it lasts). */
+    usleep(20000);
+    ck_assert_int_ge(kh_trail_sealer_waiting_ms(sealer), 20);
     s_exec(slow, "COMMIT");
     s_flush(sealer);
     ck_assert_int_eq(khtest_db_count(s_db, "SELECT count(*) FROM audit_seals"),
@@ -251,6 +254,81 @@ START_TEST(roles_cannot_change_the_trail)
         ck_assert(s_refused(s_db, sql));
     }
     s_exec(s_db, "ROLLBACK");
+}
+END_TEST
+
+/* A login in each group role (cluster-wide, so made once). */
+static PGconn *s_login(const char *user, const char *group)
+{
+    char sql[512];
+    snprintf(sql, sizeof sql,
+             "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname"
+             " = '%s') THEN CREATE ROLE %s LOGIN IN ROLE %s; END IF; END $$",
+             user, user, group);
+    s_exec(s_db, sql);
+    char *base = khtest_db_conninfo(S_DB);
+    char conninfo[1400];
+    snprintf(conninfo, sizeof conninfo, "%s user=%s", base, user);
+    free(base);
+    PGconn *conn = PQconnectdb(conninfo);
+    ck_assert_msg(PQstatus(conn) == CONNECTION_OK, "%s: %s", user,
+                  PQerrorMessage(conn));
+    return conn;
+}
+
+/* Each role does its work with its grants alone: a service writes events,
+ * the audit service seals, the auditor verifies, exports and has its
+ * access recorded, through the views. */
+START_TEST(least_privilege_roles_do_their_work)
+{
+    PGconn *intake = s_login("kh_test_intake", "ketenhub_intake");
+    PGconn *sealer_db = s_login("kh_test_sealer", "ketenhub_audit");
+    PGconn *auditor = s_login("kh_test_auditor", "ketenhub_auditor");
+    s_events(intake, 50);
+    PGresult *res = PQexec(intake, "SELECT count(*) FROM audit_events");
+    ck_assert_int_ne(PQresultStatus(res), PGRES_TUPLES_OK);
+    PQclear(res);
+
+    kh_trail_sealer_t *sealer = s_sealer(10);
+    kh_error_t err;
+    kh_error_clear(&err);
+    long events = khtest_db_count(s_db, "SELECT count(*) FROM audit_events");
+    long n = kh_trail_sealer_flush(sealer, sealer_db, 10000, &err);
+    ck_assert_msg(n == events, "sealed %ld: %s", n, err.message);
+    kh_trail_sealer_destroy(&sealer);
+
+    kh_trail_report_t report;
+    ck_assert_int_eq(
+        kh_trail_db_verify(auditor, s_pk, 0, NULL, 0, &report, &err), 0);
+    ck_assert_int_eq(report.sealed, events);
+    ck_assert_int_eq(
+        kh_trail_db_record_access(auditor, "trail.verified", "auditor", "ok",
+                                  NULL, "from_checkpoint=0", "test", &err),
+        0);
+    char *dir = khtest_tmpdir();
+    char path[512];
+    snprintf(path, sizeof path, "%s/x.jsonl", dir);
+    FILE *f = fopen(path, "w");
+    long count = 0;
+    ck_assert_int_eq(kh_trail_export(auditor, f, 1, 0, true, &count, &err), 0);
+    fclose(f);
+    ck_assert_int_eq(count, events + 1);
+    khtest_rmtree(dir);
+    free(dir);
+    res = PQexec(auditor, "SELECT count(*) FROM audit_events");
+    ck_assert_int_ne(PQresultStatus(res), PGRES_TUPLES_OK);
+    PQclear(res);
+
+    /* A superuser's edit: the auditor's verification names it. */
+    s_exec(s_db, "ALTER TABLE audit_events DISABLE TRIGGER USER");
+    s_exec(s_db, "UPDATE audit_events SET actor_id = 'x' WHERE seq = 20");
+    ck_assert_int_eq(
+        kh_trail_db_verify(auditor, s_pk, 0, NULL, 0, &report, &err), 1);
+    ck_assert_int_eq(report.kind, KH_TRAIL_ALTERED);
+    ck_assert_int_eq(report.seq, 20);
+    PQfinish(intake);
+    PQfinish(sealer_db);
+    PQfinish(auditor);
 }
 END_TEST
 
@@ -595,6 +673,7 @@ int main(void)
     tcase_add_test(tc, sealed_trail_verifies);
     tcase_add_test(tc, seals_wait_for_a_lower_seq_still_in_flight);
     tcase_add_test(tc, roles_cannot_change_the_trail);
+    tcase_add_test(tc, least_privilege_roles_do_their_work);
     tcase_add_test(tc, every_tampering_is_found_with_its_seq);
     tcase_add_test(tc, committed_tampering_is_found_too);
     tcase_add_test(tc, long_stretches_between_checkpoints);
