@@ -169,11 +169,14 @@ static void s_merge(kh_rules_result_t *r, const kh_rtarget_t *targets,
         kh_rtarget_t *m = &r->targets[slot];
         for (int w = 0; w < KH_RWORDS; w++)
             m->fields[w] |= t->fields[w];
-        if (t->priority > m->priority) {
+        if (t->priority > m->priority ||
+            (t->priority == m->priority && m->escalate < 0)) {
+            m->escalate = t->escalate;
+            memcpy(m->escalate_fields, t->escalate_fields,
+                   sizeof m->escalate_fields);
+        }
+        if (t->priority > m->priority)
             m->priority = t->priority;
-            m->escalate = t->escalate;
-        } else if (t->priority == m->priority && m->escalate < 0)
-            m->escalate = t->escalate;
     }
 }
 
@@ -270,13 +273,10 @@ static bool s_covered(const kh_rules_t *rules, const uint64_t *bits, int field)
     return false;
 }
 
-json_t *kh_rules_result_project(const kh_rules_result_t *self, size_t index,
-                                const json_t *referral)
+/* A new object holding the fields of referral that bits select. */
+static json_t *s_project(const kh_rules_t *rules, const uint64_t *bits,
+                         const json_t *referral)
 {
-    if (index >= self->ntargets)
-        return NULL;
-    const kh_rules_t *rules = self->rules;
-    const uint64_t *bits = self->targets[index].fields;
     json_t *out = json_object();
     if (!out)
         return NULL;
@@ -315,6 +315,23 @@ json_t *kh_rules_result_project(const kh_rules_result_t *self, size_t index,
         }
     }
     return out;
+}
+
+json_t *kh_rules_result_project(const kh_rules_result_t *self, size_t index,
+                                const json_t *referral)
+{
+    if (index >= self->ntargets)
+        return NULL;
+    return s_project(self->rules, self->targets[index].fields, referral);
+}
+
+json_t *kh_rules_result_project_escalation(const kh_rules_result_t *self,
+                                           size_t index, const json_t *referral)
+{
+    if (!kh_rules_result_escalate_to(self, index))
+        return NULL;
+    return s_project(self->rules, self->targets[index].escalate_fields,
+                     referral);
 }
 
 void kh_rules_result_fields(const kh_rules_result_t *self, size_t index,

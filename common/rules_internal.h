@@ -90,6 +90,7 @@ typedef struct {
      * when it names an optional partner that is not registered). */
     int escalate;
     uint64_t fields[KH_RWORDS];
+    uint64_t escalate_fields[KH_RWORDS]; /* what the escalation copy holds */
 } kh_rtarget_t;
 
 typedef struct {

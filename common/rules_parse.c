@@ -1083,18 +1083,71 @@ static int s_priority(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
     return -1;
 }
 
-/* Check and compile the escalate_to value n of the target for partner
- * id: a partner that gets a copy when the target's urgent delivery is not
- * acknowledged in time. It is checked like a target partner (registered
- * unless the target is optional, handles cases, not the target itself).
- * Only urgent deliveries are escalated, and a merged delivery takes its
- * escalation from its highest-priority targets, so escalate_to on a target
- * that is not urgent never takes effect: a note says so. Returns -1 when
- * an error was reported. */
+/* Compile the projection list n (field paths of the referral schema, at
+ * least one) into bits. Returns -1 when an error was reported. */
+static int s_fields(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
+                    uint64_t *bits)
+{
+    if (!s_want(ctx, n, S_YSEQ, path, "fields"))
+        return -1;
+    if (n->n == 0) {
+        s_error(ctx, KH_E_RULES_PROJECTION, path, n,
+                "a target receives at least one field");
+        return -1;
+    }
+    int rc = 0;
+    for (size_t k = 0; k < n->n; k++) {
+        char q[KH_ERROR_PATH_MAX];
+        s_path_index(q, path, k);
+        const char *fp = s_want_string(ctx, n->items[k], q, "a field");
+        if (!fp) {
+            rc = -1;
+            continue;
+        }
+        int field = s_field_find(ctx->rules, fp);
+        if (field < 0) {
+            s_error(ctx, KH_E_RULES_PROJECTION, q, n->items[k],
+                    "no such field in the referral schema");
+            rc = -1;
+            continue;
+        }
+        bits[field / 64] |= UINT64_C(1) << (field % 64);
+    }
+    return rc;
+}
+
+/* Check and compile the escalate_to mapping n of the target for partner
+ * id: {partner: P, fields: [...]}, the partner that gets a copy when the
+ * target's urgent delivery is not acknowledged in time, and the fields the
+ * copy carries (its own projection: need to know holds for a copy too).
+ * The partner is checked like a target partner (registered unless the
+ * target is optional, handles cases, not the target itself). Only urgent
+ * deliveries are escalated, and a merged delivery takes its escalation from
+ * its highest-priority targets, so escalate_to on a target that is not
+ * urgent never takes effect: a note says so. Returns -1 when an error was
+ * reported. */
 static int s_escalate_to(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
                          const char *id, kh_rtarget_t *target)
 {
-    const char *to = s_want_string(ctx, n, path, "escalate_to");
+    static const char *const allowed[] = {"partner", "fields", NULL};
+    if (!s_want(ctx, n, S_YMAP, path, "escalate_to") ||
+        s_check_keys(ctx, n, path, allowed))
+        return -1;
+    const s_ynode_t *pn = s_get(n, "partner"), *fn = s_get(n, "fields");
+    if (!pn || !fn) {
+        s_error(ctx, KH_E_RULES_SYNTAX, path, n,
+                "escalate_to needs a partner and the fields its copy "
+                "carries");
+        return -1;
+    }
+    char p[KH_ERROR_PATH_MAX];
+    s_path_key(p, path, "fields");
+    if (s_fields(ctx, fn, p, target->escalate_fields))
+        return -1;
+    s_path_key(p, path, "partner");
+    path = p;
+    n = pn;
+    const char *to = s_want_string(ctx, n, path, "partner");
     if (!to)
         return -1;
     if (!kh_partner_id_valid(to)) {
@@ -1185,30 +1238,8 @@ static int s_targets(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
         if (on && s_want_bool(ctx, on, p, "optional", &target->optional))
             rc = -1;
         s_path_key(p, tp, "fields");
-        if (!s_want(ctx, fn, S_YSEQ, p, "fields"))
+        if (s_fields(ctx, fn, p, target->fields))
             rc = -1;
-        else if (fn->n == 0) {
-            s_error(ctx, KH_E_RULES_PROJECTION, p, fn,
-                    "a target receives at least one field");
-            rc = -1;
-        } else
-            for (size_t k = 0; k < fn->n; k++) {
-                char q[KH_ERROR_PATH_MAX];
-                s_path_index(q, p, k);
-                const char *fp = s_want_string(ctx, fn->items[k], q, "a field");
-                if (!fp) {
-                    rc = -1;
-                    continue;
-                }
-                int field = s_field_find(ctx->rules, fp);
-                if (field < 0) {
-                    s_error(ctx, KH_E_RULES_PROJECTION, q, fn->items[k],
-                            "no such field in the referral schema");
-                    rc = -1;
-                    continue;
-                }
-                target->fields[field / 64] |= UINT64_C(1) << (field % 64);
-            }
         s_path_key(p, tp, "partner");
         const char *id = s_want_string(ctx, pn, p, "partner");
         if (!id) {

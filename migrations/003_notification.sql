@@ -13,6 +13,10 @@ ALTER TABLE deliveries
     ADD COLUMN acked_at timestamptz NULL,
     ADD COLUMN escalate_to text NULL
         CONSTRAINT deliveries_escalate_to_fkey REFERENCES partners (id),
+    ADD COLUMN escalation_payload bytea NULL,
+    ADD COLUMN escalation_payload_hash bytea NULL
+        CONSTRAINT deliveries_escalation_payload_hash_sha256
+        CHECK (octet_length(escalation_payload_hash) = 32),
     ADD COLUMN escalated_at timestamptz NULL,
     ADD COLUMN dead_reason text NULL
         CONSTRAINT deliveries_dead_reason_known
@@ -21,6 +25,8 @@ ALTER TABLE deliveries
     ADD COLUMN priority_rank smallint GENERATED ALWAYS AS (
         CASE priority WHEN 'urgent' THEN 2 WHEN 'high' THEN 1 ELSE 0 END)
         STORED,
+    ADD CONSTRAINT deliveries_escalation_has_payload
+        CHECK ((escalate_to IS NULL) = (escalation_payload_hash IS NULL)),
     ADD CONSTRAINT deliveries_dead_has_reason
         CHECK ((state = 'dead') = (dead_reason IS NOT NULL)),
     ADD CONSTRAINT deliveries_acked_has_time
@@ -60,8 +66,15 @@ COMMENT ON COLUMN deliveries.age_from IS
 COMMENT ON COLUMN deliveries.sent_at IS 'When it was last sent.';
 COMMENT ON COLUMN deliveries.acked_at IS 'When the partner ACKed it.';
 COMMENT ON COLUMN deliveries.escalate_to IS
-    'The partner that gets a copy when this urgent delivery is not ACKed in '
-    'time (from the rules; NULL: escalation raises an alert only).';
+    'The partner that gets a copy (escalation_payload) when this urgent '
+    'delivery is not ACKed in time (from the rules; NULL: escalation raises '
+    'an alert only).';
+COMMENT ON COLUMN deliveries.escalation_payload IS
+    'What the escalation copy carries: the referral projected on the '
+    'fields that the rules give the escalation partner (need to know holds '
+    'for a copy too), canonical JSON like payload. NULL once purged.';
+COMMENT ON COLUMN deliveries.escalation_payload_hash IS
+    'SHA-256 of escalation_payload; NULL exactly when escalate_to is.';
 COMMENT ON COLUMN deliveries.escalated_at IS
     'When the missing ACK of this urgent delivery was escalated.';
 COMMENT ON COLUMN deliveries.dead_reason IS

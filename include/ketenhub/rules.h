@@ -131,6 +131,13 @@ kh_priority_t kh_rules_result_priority(const kh_rules_result_t *self,
 const char *kh_rules_result_escalate_to(const kh_rules_result_t *self,
                                         size_t index);
 
+/* A new object holding only the fields that the escalation copy of target
+ * index carries (its own projection in the rules' escalate_to), or NULL
+ * when the target has no escalation (or on allocation failure). */
+json_t *kh_rules_result_project_escalation(const kh_rules_result_t *self,
+                                           size_t index,
+                                           const json_t *referral);
+
 /* Target index of partner id, or -1 when it is not a target. */
 int kh_rules_result_find(const kh_rules_result_t *self, const char *partner);
 

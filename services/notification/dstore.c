@@ -191,9 +191,10 @@ static const char *s_dead_sql =
     "  partner_id, 'ok', dead_reason, payload_hash, 'notification' FROM dead)"
     " SELECT id, referral_id, partner_id, dead_reason FROM dead";
 
-/* $1 escalation time ms. An escalation copy is a new urgent delivery of
- * the same projected payload to the escalation partner, unless that
- * partner already has the referral (or is revoked). */
+/* $1 escalation time ms. An escalation copy is a new urgent delivery to
+ * the escalation partner of the payload routing projected for it (its own
+ * fields, not the target's), unless that partner already has the referral
+ * (or is revoked, or the payload was purged). */
 static const char *s_escalate_sql =
     "WITH cand AS ("
     " SELECT id FROM deliveries"
@@ -204,15 +205,17 @@ static const char *s_escalate_sql =
     " esc AS ("
     " UPDATE deliveries d SET escalated_at = now() FROM cand"
     " WHERE d.id = cand.id"
-    " RETURNING d.id, d.referral_id, d.partner_id, d.escalate_to,"
-    "  d.payload, d.payload_hash, d.rules_version),"
+    " RETURNING d.id, d.referral_id, d.partner_id, d.payload_hash,"
+    "  d.escalate_to, d.escalation_payload, d.escalation_payload_hash,"
+    "  d.rules_version),"
     " copies AS ("
     " INSERT INTO deliveries (id, referral_id, partner_id, priority, payload,"
     "  payload_hash, rules_version)"
     " SELECT gen_random_uuid(), esc.referral_id, esc.escalate_to, 'urgent',"
-    "  esc.payload, esc.payload_hash, esc.rules_version FROM esc"
+    "  esc.escalation_payload, esc.escalation_payload_hash,"
+    "  esc.rules_version FROM esc"
     "  JOIN partners p ON p.id = esc.escalate_to AND p.revoked_at IS NULL"
-    "  AND p.handles_cases"
+    "  AND p.handles_cases WHERE esc.escalation_payload IS NOT NULL"
     " ON CONFLICT (referral_id, partner_id) DO NOTHING"
     " RETURNING id, referral_id, partner_id, payload_hash),"
     " audit AS ("

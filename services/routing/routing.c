@@ -53,9 +53,10 @@ static const char *s_claim_sql =
 
 static const char *s_delivery_sql =
     "INSERT INTO deliveries (id, referral_id, partner_id, priority, payload,"
-    " payload_hash, rules_version, escalate_to)"
+    " payload_hash, rules_version, escalate_to, escalation_payload,"
+    " escalation_payload_hash)"
     " VALUES ($1, $2, $3, $4, convert_to($5, 'UTF8'), decode($6, 'hex'), $7,"
-    " $8)"
+    " $8, convert_to($9, 'UTF8'), decode($10, 'hex'))"
     " ON CONFLICT (referral_id, partner_id) DO NOTHING";
 
 static const char *s_routed_sql =
@@ -224,20 +225,40 @@ done:
 
 static char s_present; /* the value of every entry of targets */
 
-/* Insert the deliveries for the evaluated referral. */
+/* The canonical JSON of a projection (consumed) and its SHA-256 in hash;
+ * NULL on allocation failure. */
+static char *s_canonical(json_t *projected, char hash[65])
+{
+    size_t len = 0;
+    char *text = projected ? kh_payload_canonical(projected, &len) : NULL;
+    json_decref(projected);
+    if (text)
+        kh_sha256_hex(text, len, hash);
+    return text;
+}
+
+/* Insert the deliveries for the evaluated referral: each with its
+ * target's projection and, where the rules name an escalation partner,
+ * the escalation copy's own projection. */
 static int s_insert_deliveries(routing_t *self, const char *referral_id,
                                const json_t *referral, kh_error_t *err)
 {
     const kh_rules_result_t *result = self->result;
     for (size_t i = 0; i < kh_rules_result_target_count(result); i++) {
-        json_t *projected = kh_rules_result_project(result, i, referral);
-        size_t len = 0;
-        char *payload = projected ? kh_payload_canonical(projected, &len) : 0;
-        json_decref(projected);
-        if (!payload)
+        const char *escalate_to = kh_rules_result_escalate_to(result, i);
+        char hash[65], esc_hash[65], id[37];
+        char *payload =
+            s_canonical(kh_rules_result_project(result, i, referral), hash);
+        char *esc_payload =
+            escalate_to ? s_canonical(kh_rules_result_project_escalation(
+                                          result, i, referral),
+                                      esc_hash)
+                        : NULL;
+        if (!payload || (escalate_to && !esc_payload)) {
+            free(payload);
+            free(esc_payload);
             return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
-        char hash[65], id[37];
-        kh_sha256_hex(payload, len, hash);
+        }
         kh_uuid_new(id);
         const char *params[] = {
             id,
@@ -247,9 +268,12 @@ static int s_insert_deliveries(routing_t *self, const char *referral_id,
             payload,
             hash,
             kh_rules_version(self->rules),
-            kh_rules_result_escalate_to(result, i)};
-        int rc = s_exec(self->conn, s_delivery_sql, 8, params, err);
+            escalate_to,
+            esc_payload,
+            escalate_to ? esc_hash : NULL};
+        int rc = s_exec(self->conn, s_delivery_sql, 10, params, err);
         free(payload);
+        free(esc_payload);
         zhashx_insert(self->targets, kh_rules_result_partner(result, i),
                       &s_present);
         if (rc)

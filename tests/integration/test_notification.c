@@ -108,15 +108,28 @@ static void s_delivery(const char *partner, const char *priority, int age_ms,
            " 'veilig-thuis', $2, 'referral.v1', convert_to($3, 'UTF8'),"
            " decode($4, 'hex'), 'routed')",
            4, rparams);
-    const char *dparams[] = {id,      referral, partner,     priority,
-                             payload, hash,     escalate_to, age};
+    /* The escalation copy has its own, smaller projection. */
+    char copy[128], copy_hash[65];
+    snprintf(copy, sizeof copy, "{\"copy\":%d}", s_seq);
+    kh_sha256_hex(copy, strlen(copy), copy_hash);
+    const char *dparams[] = {id,
+                             referral,
+                             partner,
+                             priority,
+                             payload,
+                             hash,
+                             escalate_to,
+                             age,
+                             escalate_to ? copy : NULL,
+                             escalate_to ? copy_hash : NULL};
     s_exec("INSERT INTO deliveries (id, referral_id, partner_id, priority,"
            " payload, payload_hash, rules_version, escalate_to, created_at,"
-           " updated_at)"
+           " updated_at, escalation_payload, escalation_payload_hash)"
            " VALUES ($1, $2, $3, $4, convert_to($5, 'UTF8'),"
            " decode($6, 'hex'), 'test', $7,"
-           " now() - make_interval(secs => $8 / 1000.0), now())",
-           8, dparams);
+           " now() - make_interval(secs => $8 / 1000.0), now(),"
+           " convert_to($9, 'UTF8'), decode($10, 'hex'))",
+           10, dparams);
 }
 
 /* Start notification with short timers; extra, extra2: more NAME=value
@@ -569,7 +582,9 @@ START_TEST(overdue_urgent_escalates_with_a_copy_normal_does_not)
                              " WHERE d.partner_id = 'zorgcoordinator' AND"
                              " o.partner_id = 'avim' AND o.priority ="
                              " 'urgent' AND d.priority = 'urgent' AND"
-                             " d.payload = o.payload"),
+                             " d.payload = o.escalation_payload AND"
+                             " d.payload_hash = o.escalation_payload_hash AND"
+                             " d.payload <> o.payload"),
                      1);
     ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
                              " = 'delivery.created' AND reason_code ="

@@ -266,7 +266,9 @@ START_TEST(examples_get_exactly_the_projected_deliveries)
             s_db,
             "SELECT partner_id, priority, convert_from(payload, 'UTF8'),"
             " encode(payload_hash, 'hex'), state, rules_version,"
-            " coalesce(escalate_to, '')"
+            " coalesce(escalate_to, ''),"
+            " coalesce(convert_from(escalation_payload, 'UTF8'), ''),"
+            " coalesce(encode(escalation_payload_hash, 'hex'), '')"
             " FROM deliveries WHERE referral_id = $1",
             1, NULL, params, NULL, NULL, 0);
         ck_assert_int_eq(PQresultStatus(res), PGRES_TUPLES_OK);
@@ -295,6 +297,18 @@ START_TEST(examples_get_exactly_the_projected_deliveries)
             const char *escalate =
                 kh_rules_result_escalate_to(result, (size_t) t);
             ck_assert_str_eq(PQgetvalue(res, row, 6), escalate ? escalate : "");
+            /* The copy's own projection, byte for byte. */
+            json_t *copy = kh_rules_result_project_escalation(
+                result, (size_t) t, s_examples[i]);
+            char *copy_text = copy ? kh_payload_canonical(copy, &len) : NULL;
+            ck_assert_str_eq(PQgetvalue(res, row, 7),
+                             copy_text ? copy_text : "");
+            if (copy_text) {
+                kh_sha256_hex(copy_text, len, hash);
+                ck_assert_str_eq(PQgetvalue(res, row, 8), hash);
+            }
+            free(copy_text);
+            json_decref(copy);
             escalations += escalate != NULL;
         }
         PQclear(res);

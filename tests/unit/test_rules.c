@@ -359,31 +359,36 @@ static const char *s_escalation_rules =
     "version: 1\n"
     "fallback:\n"
     "  targets: [{partner: zorgcoordinator, priority: urgent,\n"
-    "             escalate_to: py, fields: [needs]}]\n"
+    "             escalate_to: {partner: py, fields: [needs]},\n"
+    "             fields: [needs]}]\n"
     "rules:\n"
     "- name: high\n"
     "  when: {field: subject.minor, equals: true}\n"
-    "  then: {targets: [{partner: px, priority: high, escalate_to: py,\n"
+    "  then: {targets: [{partner: px, priority: high,\n"
+    "                    escalate_to: {partner: py, fields: [scope]},\n"
     "                    fields: [subject.age]}]}\n"
     "- name: urgent-plain\n"
     "  when: {field: scope, equals: cross_border}\n"
     "  then: {targets: [{partner: px, priority: urgent, fields: [scope]}]}\n"
     "- name: urgent-pz\n"
     "  when: {field: risk.acute_danger, equals: true}\n"
-    "  then: {targets: [{partner: px, priority: urgent, escalate_to: pz,\n"
+    "  then: {targets: [{partner: px, priority: urgent,\n"
+    "                    escalate_to: {partner: pz, fields: [risk.urgency]},\n"
     "                    fields: [risk]}]}\n"
     "- name: urgent-py\n"
     "  when: {field: risk.urgency, equals: immediate}\n"
     "  then:\n"
     "    targets:\n"
-    "    - {partner: px, priority: urgent, escalate_to: py, fields: [risk]}\n"
+    "    - {partner: px, priority: urgent, fields: [risk],\n"
+    "       escalate_to: {partner: py, fields: [summary]}}\n"
     "    - {partner: pz, priority: urgent, fields: [summary]}\n"
     "    - {partner: gone, optional: true, priority: urgent,\n"
-    "       escalate_to: py, fields: [summary]}\n"
+    "       escalate_to: {partner: py, fields: [summary]}, fields: [summary]}\n"
     "- name: optional-escalation\n"
     "  when: {field: suspects, present: true}\n"
     "  then: {targets: [{partner: py, optional: true, priority: urgent,\n"
-    "                    escalate_to: absent-one, fields: [suspects]}]}\n";
+    "                    escalate_to: {partner: absent-one, fields: [risk]},\n"
+    "                    fields: [suspects]}]}\n";
 
 typedef struct {
     const char *overlay;
@@ -419,12 +424,12 @@ START_TEST(test_escalation)
      * for the optional partner that is absent, one for the absent
      * escalation partner of an optional target; no errors. */
     ck_assert_str_eq(reports,
-                     "note rules.escalation 8:63 rules[0].then.targets[0]."
-                     "escalate_to;"
-                     "note rules.partner_absent 23:17 rules[3].then.targets[2]."
+                     "note rules.escalation 10:44 rules[0].then.targets[0]."
+                     "escalate_to.partner;"
+                     "note rules.partner_absent 27:17 rules[3].then.targets[2]."
                      "partner;"
-                     "note rules.partner_absent 28:34 rules[4].then.targets[0]."
-                     "escalate_to;");
+                     "note rules.partner_absent 32:44 rules[4].then.targets[0]."
+                     "escalate_to.partner;");
     static const s_esc_case_t cases[] = {
         /* high only: not urgent, so no escalation */
         {"{'subject':{'minor':true,'age':16}}", "px:high"},
@@ -456,6 +461,22 @@ START_TEST(test_escalation)
         json_decref(doc);
     }
     ck_assert_ptr_null(kh_rules_result_escalate_to(r, 99));
+    /* The copy carries its own projection: only the escalation's fields. */
+    json_t *urgent = khtest_json(s_base);
+    s_apply(urgent, "{'risk':{'acute_danger':true,'urgency':'immediate'}}",
+            NULL);
+    kh_rules_eval(rules, urgent, r);
+    int px = kh_rules_result_find(r, "px");
+    ck_assert_int_ge(px, 0);
+    json_t *copy = kh_rules_result_project_escalation(r, (size_t) px, urgent);
+    json_t *want = khtest_json("{'risk':{'urgency':'immediate'}}");
+    ck_assert_msg(json_equal(copy, want), "escalation copy: wrong fields");
+    json_decref(want);
+    json_decref(copy);
+    int pz = kh_rules_result_find(r, "pz");
+    ck_assert_ptr_null(
+        kh_rules_result_project_escalation(r, (size_t) pz, urgent));
+    json_decref(urgent);
     /* explain shows the escalation per rule and per partner. */
     json_t *doc = khtest_json(s_base);
     s_apply(doc, "{'risk':{'acute_danger':true,'urgency':'immediate'}}", NULL);
