@@ -1,5 +1,6 @@
 -- 003_notification: what the notification service needs to deliver,
--- re-send, dead-letter and escalate deliveries.
+-- re-send, dead-letter and escalate deliveries; referrals that cannot be
+-- routed.
 --
 -- Applied by kh_migrate_apply in one transaction with its row in
 -- kh_schema_migrations. Never edit once applied: add a new numbered file.
@@ -31,6 +32,17 @@ ALTER TABLE deliveries
         CHECK ((state = 'dead') = (dead_reason IS NOT NULL)),
     ADD CONSTRAINT deliveries_acked_has_time
         CHECK ((state = 'acknowledged') = (acked_at IS NOT NULL));
+
+-- A referral whose stored payload cannot be read (or was purged before
+-- routing) cannot be routed: it is set aside as unroutable, with an audit
+-- event, instead of being claimed again at every pass.
+ALTER TABLE referrals DROP CONSTRAINT referrals_state_known,
+    ADD CONSTRAINT referrals_state_known
+        CHECK (state IN ('accepted', 'routed', 'unroutable'));
+COMMENT ON COLUMN referrals.state IS
+    'accepted: stored, not yet routed; routed: deliveries created; '
+    'unroutable: its payload could not be read (its referral.routed audit '
+    'event has outcome failed and says why), nothing was delivered.';
 
 -- The old index ordered priorities alphabetically. The notification
 -- service takes a partner's pending deliveries by rank, then age; the

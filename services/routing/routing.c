@@ -70,6 +70,14 @@ static const char *s_state_sql =
     "UPDATE referrals SET state = 'routed' WHERE id = $1 AND state = "
     "'accepted'";
 
+static const char *s_unroutable_sql =
+    "WITH r AS (UPDATE referrals SET state = 'unroutable' WHERE id = $1"
+    " AND state = 'accepted' RETURNING id)"
+    " INSERT INTO audit_events (actor_kind, actor_id, action, referral_id,"
+    " outcome, reason_code, payload_hash, origin_service)"
+    " SELECT 'service', 'routing', 'referral.routed', id, 'failed', $2,"
+    " decode($3, 'hex'), 'routing' FROM r";
+
 static const char *s_reload_sql =
     "INSERT INTO audit_events (actor_kind, actor_id, action, outcome,"
     " reason_code, reason_path, rules_version, origin_service)"
@@ -299,18 +307,22 @@ static void s_matched(const kh_rules_result_t *result, char *out, size_t size)
 }
 
 /* Route one claimed referral inside the open transaction. Returns 1 when
- * routed, 0 when it cannot be read (left accepted, logged), -1 on a
- * database failure. */
+ * routed, 0 when it cannot be read (set aside as unroutable: a
+ * referral.routed event with outcome failed), -1 on a database failure. */
 static int s_route_one(routing_t *self, const char *id, const char *payload,
                        const char *hash, kh_error_t *err)
 {
     json_error_t jerr;
     json_t *referral = payload ? json_loads(payload, 0, &jerr) : NULL;
     if (!json_is_object(referral)) {
-        kh_log_error("referral_unreadable", "referral=%s purged=%d", id,
-                     payload == NULL);
+        /* Set aside, audited, so that it is not claimed again and again
+         * (and cannot block the referrals behind it). */
+        const char *reason = payload ? "payload_unreadable" : "payload_purged";
+        kh_log_error("alert", "kind=referral_unroutable referral=%s reason=%s",
+                     id, reason);
         json_decref(referral);
-        return 0;
+        const char *params[] = {id, reason, hash};
+        return s_exec(self->conn, s_unroutable_sql, 3, params, err) ? -1 : 0;
     }
     kh_rules_eval(self->rules, referral, self->result);
     int rc = s_insert_deliveries(self, id, referral, err);

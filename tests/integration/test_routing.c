@@ -507,6 +507,49 @@ START_TEST(sighup_reload_keeps_old_rules_when_broken)
 }
 END_TEST
 
+/* More unreadable referrals than a batch, oldest first, then good ones:
+ * the bad ones are set aside (audited) and the good ones routed. */
+START_TEST(unreadable_referrals_are_set_aside_not_retried)
+{
+    for (int i = 0; i < 10; i++) {
+        char id[37], key[32];
+        kh_uuid_new(id);
+        snprintf(key, sizeof key, "bad-%d", i);
+        const char *params[] = {id, key, i % 2 ? "not json" : NULL};
+        s_sql("INSERT INTO referrals (id, partner_id, idempotency_key,"
+              " schema_version, payload, payload_hash, accepted_at)"
+              " VALUES ($1, 'veilig-thuis', $2, 'referral.v1',"
+              " convert_to($3, 'UTF8'), sha256(''::bytea),"
+              " now() - interval '1 hour')",
+              3, params);
+    }
+    long deliveries = s_insert_many(5);
+    pid_t pid = s_start(s_endpoint(), NULL, 50, "routing.log");
+    ck_assert_msg(s_wait_count(S_ROUTED, 5, 10000), "not routed: see %s",
+                  s_path("routing.log"));
+    ck_assert(s_wait_count("SELECT count(*) FROM referrals"
+                           " WHERE state = 'unroutable'",
+                           10, 5000));
+    ck_assert_int_eq(s_count("SELECT count(*) FROM deliveries"), deliveries);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
+                             " = 'referral.routed' AND outcome = 'failed'"
+                             " AND reason_code = 'payload_unreadable'"),
+                     5);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
+                             " = 'referral.routed' AND outcome = 'failed'"
+                             " AND reason_code = 'payload_purged'"),
+                     5);
+    ck_assert(s_log_has("routing.log", "kind=referral_unroutable", 1000));
+    /* Set aside once: later passes do not touch them again. */
+    zclock_sleep(300);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE"
+                             " outcome = 'failed'"),
+                     10);
+    int status = khproc_stop(pid, SIGTERM, 5000);
+    ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+}
+END_TEST
+
 START_TEST(invalid_rules_at_start_exit_2)
 {
     khtest_write_file(s_path("rules.yaml"),
@@ -531,6 +574,7 @@ int main(void)
     tcase_add_test(tc, two_processes_route_each_once);
     tcase_add_test(tc, wakeup_from_the_hub_routes_before_the_poll);
     tcase_add_test(tc, sighup_reload_keeps_old_rules_when_broken);
+    tcase_add_test(tc, unreadable_referrals_are_set_aside_not_retried);
     tcase_add_test(tc, invalid_rules_at_start_exit_2);
     suite_add_tcase(suite, tc);
     return khtest_run_suite(suite);
