@@ -6,15 +6,18 @@
  * export file verified offline.
  */
 #include <libpq-fe.h>
+#include <signal.h>
 #include <sodium.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "ketenhub/trail_db.h"
 #include "ketenhub/trail_file.h"
+#include "khproc.h"
 #include "khtest.h"
 
 #define S_DB "kh_test_audit"
@@ -602,6 +605,65 @@ START_TEST(long_stretches_between_checkpoints)
 }
 END_TEST
 
+/* The audit service killed with SIGKILL while it seals, again and again:
+ * each restart goes on from the sealed head, and the trail verifies. */
+START_TEST(service_killed_while_sealing_loses_nothing)
+{
+    char *dir = khtest_tmpdir();
+    char sk_path[512], pk_path[512], log[512], env_db[1200], env_key[600];
+    snprintf(sk_path, sizeof sk_path, "%s/hub-audit.key", dir);
+    snprintf(pk_path, sizeof pk_path, "%s/hub-audit.pub", dir);
+    snprintf(log, sizeof log, "%s/audit.log", dir);
+    kh_error_t err;
+    ck_assert_int_eq(kh_trail_keygen(sk_path, pk_path, false, &err), 0);
+    unsigned char pk[32], sk[64];
+    ck_assert_int_eq(kh_trail_load_public(pk_path, pk, &err), 0);
+    ck_assert_int_eq(kh_trail_load_secret(sk_path, sk, &err), 0);
+    char *conninfo = khtest_db_conninfo(S_DB);
+    snprintf(env_db, sizeof env_db, "KH_DATABASE_URL=%s", conninfo);
+    snprintf(env_key, sizeof env_key, "KH_AUDIT_KEY=%s", sk_path);
+    char *env[] = {env_db,
+                   env_key,
+                   "KH_AUDIT_POLL_MS=10",
+                   "KH_AUDIT_CHECKPOINT_EVERY=50",
+                   "KH_AUDIT_CHECKPOINT_MS=20",
+                   "KH_AUDIT_BATCH=100",
+                   NULL};
+    char *argv[] = {"ketenhub-audit", NULL};
+    const char *bin = KH_TEST_BINARY_DIR "/services/audit/ketenhub-audit";
+    for (int round = 0; round < 6; round++) {
+        pid_t pid = khproc_spawn(bin, argv, env, log);
+        ck_assert_int_gt(pid, 0);
+        s_exec(s_db, "INSERT INTO audit_events (actor_kind, actor_id, action,"
+                     " outcome, origin_service) SELECT 'service', 'routing',"
+                     " 'rules.reloaded', 'ok', 'routing' FROM"
+                     " generate_series(1, 3000)");
+        usleep(20000 + 15000 * round);
+        int status = khproc_stop(pid, round == 5 ? SIGTERM : SIGKILL, 5000);
+        if (round == 5)
+            ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+                          "status %d", status);
+    }
+    kh_trail_sealer_config_t cfg = {
+        .checkpoint_every = 50, .checkpoint_ms = 3600000, .batch = 1000};
+    kh_trail_sealer_t *sealer = kh_trail_sealer_new(sk, &cfg);
+    ck_assert_ptr_nonnull(sealer);
+    ck_assert_int_ge(kh_trail_sealer_flush(sealer, s_db, 10000, &err), 0);
+    kh_trail_sealer_destroy(&sealer);
+    kh_trail_report_t report;
+    ck_assert_int_eq(kh_trail_db_verify(s_db, pk, 0, NULL, 0, &report, &err),
+                     0);
+    ck_assert_int_eq(report.sealed, 18000);
+    ck_assert_int_gt(report.checkpoints, 300);
+    char *text = khtest_read_file(log);
+    ck_assert_ptr_nonnull(strstr(text, "event=sealed"));
+    free(text);
+    free(conninfo);
+    khtest_rmtree(dir);
+    free(dir);
+}
+END_TEST
+
 START_TEST(export_verifies_offline)
 {
     s_events(s_db, 400);
@@ -677,6 +739,7 @@ int main(void)
     tcase_add_test(tc, every_tampering_is_found_with_its_seq);
     tcase_add_test(tc, committed_tampering_is_found_too);
     tcase_add_test(tc, long_stretches_between_checkpoints);
+    tcase_add_test(tc, service_killed_while_sealing_loses_nothing);
     tcase_add_test(tc, export_verifies_offline);
     suite_add_tcase(suite, tc);
     return khtest_run_suite(suite);
