@@ -232,6 +232,17 @@ START_TEST(a_hub_trail_is_complete_sealed_and_free_of_personal_data)
     snprintf(e_wake, sizeof e_wake, "KH_NOTIFY_WAKE_ENDPOINT=%s", s_wake);
     snprintf(e_key, sizeof e_key, "KH_AUDIT_KEY=%s",
              s_path("audit/hub-audit.key"));
+    /* Each service's health endpoint (where it has one) on a port of its
+     * own, never a fixed default another test may hold. */
+    char h_routing[64], h_notify[64], h_intake[64], h_audit[64];
+    snprintf(h_routing, sizeof h_routing, "KH_HEALTH_ENDPOINT=127.0.0.1:%d",
+             khproc_free_port());
+    snprintf(h_notify, sizeof h_notify, "KH_HEALTH_ENDPOINT=127.0.0.1:%d",
+             khproc_free_port());
+    snprintf(h_intake, sizeof h_intake, "KH_HEALTH_ENDPOINT=127.0.0.1:%d",
+             khproc_free_port());
+    snprintf(h_audit, sizeof h_audit, "KH_HEALTH_ENDPOINT=127.0.0.1:%d",
+             khproc_free_port());
     char *routing_env[] = {e_db,
                            e_cert,
                            e_schema,
@@ -239,6 +250,7 @@ START_TEST(a_hub_trail_is_complete_sealed_and_free_of_personal_data)
                            e_routing,
                            e_wake,
                            "KH_ROUTING_POLL_MS=100",
+                           h_routing,
                            NULL};
     char *notify_env[] = {e_db,
                           e_cert,
@@ -252,6 +264,7 @@ START_TEST(a_hub_trail_is_complete_sealed_and_free_of_personal_data)
                           "KH_NOTIFY_SWEEP_MS=50",
                           "KH_PARTNER_REFRESH_MS=200",
                           "KH_LOG_LEVEL=debug",
+                          h_notify,
                           NULL};
     char *intake_env[] = {e_db,
                           e_cert,
@@ -260,6 +273,7 @@ START_TEST(a_hub_trail_is_complete_sealed_and_free_of_personal_data)
                           e_intake,
                           e_routing,
                           "KH_LOG_LEVEL=debug",
+                          h_intake,
                           NULL};
     char *audit_env[] = {e_db,
                          e_key,
@@ -267,6 +281,7 @@ START_TEST(a_hub_trail_is_complete_sealed_and_free_of_personal_data)
                          "KH_AUDIT_CHECKPOINT_EVERY=20",
                          "KH_AUDIT_CHECKPOINT_MS=300",
                          "KH_LOG_LEVEL=debug",
+                         h_audit,
                          NULL};
     pid_t routing =
         s_spawn(KH_TEST_BINARY_DIR "/services/routing/ketenhub-routing",
