@@ -36,6 +36,22 @@ int kh_signals_read(int fd)
     return (int) info.ssi_signo;
 }
 
+int kh_signals_take(int fd, bool *stopping, bool *hup)
+{
+    int signo;
+    while ((signo = kh_signals_read(fd)) > 0) {
+        if (signo == SIGHUP && hup)
+            *hup = true;
+        else if (signo == SIGHUP)
+            kh_log_info("sighup", "action=none");
+        else {
+            kh_log_info("stopping", "signal=%d", signo);
+            *stopping = true;
+        }
+    }
+    return *stopping ? -1 : 0;
+}
+
 int kh_service_start(const char *name, int argc, char **argv, kh_cfg_t *config,
                      size_t count, int *signal_fd)
 {

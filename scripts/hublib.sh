@@ -45,6 +45,22 @@ hub_start_intake() {
   done
 }
 
+# Wait (at most 10 s) for service $1's ready line in $run/$1.log; on a
+# timeout show the log, stop everything and fail.
+hub_wait_ready() {
+  tries=0
+  until grep -q 'event=ready' "$run/$1.log" 2>/dev/null; do
+    tries=$((tries + 1))
+    if [ "$tries" -ge 100 ]; then
+      echo "$1 did not start; its log:" >&2
+      cat "$run/$1.log" >&2
+      hub_stop
+      return 1
+    fi
+    sleep 0.1
+  done
+}
+
 # Start routing with the default rules, waking up at $1; pid in
 # $run/routing.pid, log in $run/routing.log. Waits for its ready line.
 hub_start_routing() {
@@ -52,17 +68,7 @@ hub_start_routing() {
   KH_SCHEMA_DIR="$here/schemas" KH_RULES_FILE="$here/schemas/rules/default.yaml" \
     "$build/services/routing/ketenhub-routing" 2>"$run/routing.log" &
   echo $! >"$run/routing.pid"
-  tries=0
-  until grep -q 'event=ready' "$run/routing.log" 2>/dev/null; do
-    tries=$((tries + 1))
-    if [ "$tries" -ge 100 ]; then
-      echo "routing did not start; its log:" >&2
-      cat "$run/routing.log" >&2
-      hub_stop
-      return 1
-    fi
-    sleep 0.1
-  done
+  hub_wait_ready routing
 }
 
 # Start notification with partners connecting at $1 and wake-ups from
@@ -74,17 +80,7 @@ hub_start_notification() {
     "$build/services/notification/ketenhub-notification" \
     2>"$run/notification.log" &
   echo $! >"$run/notification.pid"
-  tries=0
-  until grep -q 'event=ready' "$run/notification.log" 2>/dev/null; do
-    tries=$((tries + 1))
-    if [ "$tries" -ge 100 ]; then
-      echo "notification did not start; its log:" >&2
-      cat "$run/notification.log" >&2
-      hub_stop
-      return 1
-    fi
-    sleep 0.1
-  done
+  hub_wait_ready notification
 }
 
 # Stop what hub_start_* started.

@@ -13,6 +13,7 @@
 extern "C" {
 #endif
 
+#include <stdbool.h>
 #include <stddef.h>
 
 #include "ketenhub/config.h"
@@ -35,6 +36,12 @@ int kh_signals_open(void);
 
 /* Read one pending signal from fd: its number, or 0 if none is pending. */
 int kh_signals_read(int fd);
+
+/* Read every pending signal from fd, for a loop's signal handler: SIGTERM
+ * and SIGINT are logged (event=stopping) and set *stopping; SIGHUP sets
+ * *hup, or, when hup is NULL, is logged and ignored. Returns -1 when a
+ * stop was asked (now or before: the loop ends), else 0. */
+int kh_signals_take(int fd, bool *stopping, bool *hup);
 
 #ifdef __cplusplus
 }

@@ -868,16 +868,7 @@ static int s_on_signal(zloop_t *loop, zmq_pollitem_t *item, void *arg)
 {
     (void) loop;
     intake_t *self = arg;
-    int signo;
-    while ((signo = kh_signals_read(item->fd)) > 0) {
-        if (signo == SIGHUP)
-            kh_log_info("sighup", "action=none");
-        else {
-            kh_log_info("stopping", "signal=%d", signo);
-            self->stopping = true;
-        }
-    }
-    return self->stopping ? -1 : 0;
+    return kh_signals_take(item->fd, &self->stopping, NULL);
 }
 
 /* On the way out: finish the commit in flight, take and commit what has

@@ -175,25 +175,12 @@ static void s_stop(pid_t pid)
 
 static bool s_log_has(const char *log, const char *text, int timeout_ms)
 {
-    for (int waited = 0; waited <= timeout_ms; waited += 20) {
-        char *content = khtest_read_file(s_path(log));
-        bool found = content && strstr(content, text);
-        free(content);
-        if (found)
-            return true;
-        zclock_sleep(20);
-    }
-    return false;
+    return khtest_log_has(s_path(log), text, timeout_ms);
 }
 
 static bool s_wait_count(const char *sql, long want, int timeout_ms)
 {
-    for (int waited = 0; waited <= timeout_ms; waited += 20) {
-        if (s_count(sql) == want)
-            return true;
-        zclock_sleep(20);
-    }
-    return false;
+    return khtest_wait_count(s_db, sql, want, timeout_ms);
 }
 
 /* --- a partner -------------------------------------------------------- */

@@ -187,29 +187,14 @@ static char *s_endpoint(void)
     return endpoint;
 }
 
-/* Wait until the log holds text; false after timeout_ms. */
 static bool s_log_has(const char *log, const char *text, int timeout_ms)
 {
-    for (int waited = 0; waited <= timeout_ms; waited += 20) {
-        char *content = khtest_read_file(s_path(log));
-        bool found = content && strstr(content, text);
-        free(content);
-        if (found)
-            return true;
-        zclock_sleep(20);
-    }
-    return false;
+    return khtest_log_has(s_path(log), text, timeout_ms);
 }
 
-/* Wait until sql counts want; false after timeout_ms. */
 static bool s_wait_count(const char *sql, long want, int timeout_ms)
 {
-    for (int waited = 0; waited <= timeout_ms; waited += 20) {
-        if (s_count(sql) == want)
-            return true;
-        zclock_sleep(20);
-    }
-    return false;
+    return khtest_wait_count(s_db, sql, want, timeout_ms);
 }
 
 /* Every referral routed exactly once, with exactly deliveries rows. */

@@ -216,6 +216,29 @@ long khtest_db_count(PGconn *conn, const char *sql)
     return n;
 }
 
+bool khtest_wait_count(PGconn *conn, const char *sql, long want, int timeout_ms)
+{
+    for (int waited = 0; waited <= timeout_ms; waited += 20) {
+        if (khtest_db_count(conn, sql) == want)
+            return true;
+        usleep(20 * 1000);
+    }
+    return false;
+}
+
+bool khtest_log_has(const char *path, const char *text, int timeout_ms)
+{
+    for (int waited = 0; waited <= timeout_ms; waited += 20) {
+        char *content = khtest_read_file(path);
+        bool found = content && strstr(content, text);
+        free(content);
+        if (found)
+            return true;
+        usleep(20 * 1000);
+    }
+    return false;
+}
+
 void khtest_register_partner(PGconn *conn, const char *id, const char *kind,
                              bool handles_cases, const char *public_key)
 {

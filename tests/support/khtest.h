@@ -53,6 +53,14 @@ json_t *khtest_json(const char *text);
 /* As khtest_db_value, for a query that returns one count. */
 long khtest_db_count(PGconn *conn, const char *sql);
 
+/* Wait until sql counts want (true) or timeout_ms pass (false). */
+bool khtest_wait_count(PGconn *conn, const char *sql, long want,
+                       int timeout_ms);
+
+/* Wait until the file at path holds text (true) or timeout_ms pass
+ * (false): a service's log line. */
+bool khtest_log_has(const char *path, const char *text, int timeout_ms);
+
 /* Register partner id (kind, handles_cases) with public_key (Z85) by SQL,
  * aborting the test on failure. */
 void khtest_register_partner(PGconn *conn, const char *id, const char *kind,

@@ -21,6 +21,7 @@
 #include "ketenhub/client.h"
 #include "ketenhub/codec.h"
 #include "ketenhub/rules.h"
+#include "percentiles.h"
 
 typedef struct {
     int index;
@@ -154,20 +155,6 @@ done:
     zcert_destroy(&hub);
     zcert_destroy(&mine);
     return NULL;
-}
-
-static int s_cmp(const void *a, const void *b)
-{
-    int64_t x = *(const int64_t *) a, y = *(const int64_t *) b;
-    return (x > y) - (x < y);
-}
-
-static double s_pct(const int64_t *v, size_t n, double p)
-{
-    if (!n)
-        return 0;
-    size_t i = (size_t) (p / 100.0 * (double) (n - 1) + 0.5);
-    return (double) v[i] / 1000.0;
 }
 
 static void s_usage(FILE *out)
@@ -334,7 +321,7 @@ int main(int argc, char **argv)
         k += workers[i].count;
         free(workers[i].latencies);
     }
-    qsort(all, total, sizeof(int64_t), s_cmp);
+    qsort(all, total, sizeof(int64_t), bench_cmp_us);
     double per_second = (double) total / seconds;
     printf("mode=%s clients=%d window=%d seconds=%d\n",
            rate > 0 ? "open" : "closed", clients, window, seconds);
@@ -343,8 +330,9 @@ int main(int argc, char **argv)
     printf("accepted=%zu accepted_per_s=%.0f refused=%zu failed=%zu\n", total,
            per_second, refused, failed);
     printf("latency_ms p50=%.3f p90=%.3f p99=%.3f p99.9=%.3f max=%.3f\n",
-           s_pct(all, total, 50), s_pct(all, total, 90), s_pct(all, total, 99),
-           s_pct(all, total, 99.9), total ? (double) all[total - 1] / 1000 : 0);
+           bench_pct_ms(all, total, 50), bench_pct_ms(all, total, 90),
+           bench_pct_ms(all, total, 99), bench_pct_ms(all, total, 99.9),
+           total ? (double) all[total - 1] / 1000 : 0);
     if (json_out) {
         json_t *doc = json_pack(
             "{s:s, s:i, s:i, s:i, s:f, s:I, s:f, s:I, s:I, "
@@ -353,8 +341,9 @@ int main(int argc, char **argv)
             window, "seconds", seconds, "offered_per_s", rate, "accepted",
             (json_int_t) total, "accepted_per_s", per_second, "refused",
             (json_int_t) refused, "failed", (json_int_t) failed, "latency_ms",
-            "p50", s_pct(all, total, 50), "p90", s_pct(all, total, 90), "p99",
-            s_pct(all, total, 99), "p99.9", s_pct(all, total, 99.9), "max",
+            "p50", bench_pct_ms(all, total, 50), "p90",
+            bench_pct_ms(all, total, 90), "p99", bench_pct_ms(all, total, 99),
+            "p99.9", bench_pct_ms(all, total, 99.9), "max",
             total ? (double) all[total - 1] / 1000 : 0.0);
         json_dump_file(doc, json_out, JSON_INDENT(2));
         json_decref(doc);

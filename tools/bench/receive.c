@@ -23,6 +23,7 @@
 #include <time.h>
 
 #include "ketenhub/codec.h"
+#include "percentiles.h"
 
 #define S_CERTS_MAX 16
 
@@ -174,20 +175,6 @@ static void *s_receive(void *arg)
     return NULL;
 }
 
-static int s_cmp(const void *a, const void *b)
-{
-    int64_t x = *(const int64_t *) a, y = *(const int64_t *) b;
-    return (x > y) - (x < y);
-}
-
-static double s_pct(const int64_t *v, size_t n, double p)
-{
-    if (n == 0)
-        return 0;
-    size_t i = (size_t) ((p / 100.0) * (double) (n - 1) + 0.5);
-    return (double) v[i] / 1000.0;
-}
-
 static void s_usage(FILE *out)
 {
     fprintf(out,
@@ -286,15 +273,16 @@ int main(int argc, char **argv)
         free(receivers[i].latencies);
     }
     if (all)
-        qsort(all, total, sizeof *all, s_cmp);
+        qsort(all, total, sizeof *all, bench_cmp_us);
     double elapsed = last > first ? (double) (last - first) / 1e6 : 0;
     printf("partners=%d window=%d acked=%zu refused=%zu seconds=%.2f "
            "acked_per_s=%.0f\n",
            ncerts, window, acked, refused, elapsed,
            elapsed > 0 ? (double) acked / elapsed : 0.0);
     printf("routed_to_received_ms p50=%.3f p90=%.3f p99=%.3f max=%.3f\n",
-           all ? s_pct(all, total, 50) : 0, all ? s_pct(all, total, 90) : 0,
-           all ? s_pct(all, total, 99) : 0,
+           all ? bench_pct_ms(all, total, 50) : 0,
+           all ? bench_pct_ms(all, total, 90) : 0,
+           all ? bench_pct_ms(all, total, 99) : 0,
            all && total ? (double) all[total - 1] / 1000 : 0);
     free(all);
     return acked ? 0 : 1;
