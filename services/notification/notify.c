@@ -2,10 +2,11 @@
  * The notification service's core (see notify.h).
  *
  * One loop, one database connection. A round reads what the partners sent
- * (up to S_READ_MAX frames), commits all its ACKs in one statement, then
- * NACKs, then tops up every connection that has credit and may have work.
- * Database calls are synchronous and bounded by statement_timeout; while
- * the database is away ACKs are refused retryably and nothing is sent.
+ * (up to S_READ_MAX frames) and, in one transaction, commits its ACKs (one
+ * statement), its NACKs and the claims that top up every connection with
+ * credit; only then are the answers and the DELIVERs sent. Database calls
+ * are synchronous and bounded by statement_timeout; while the database is
+ * away ACKs are refused retryably and nothing is sent.
  */
 #include "notify.h"
 
