@@ -10,7 +10,7 @@ build=${1:-"$here/build"}
 
 packages="build-essential cmake pkg-config git ca-certificates
   libzmq3-dev libczmq-dev libmsgpack-dev libpq-dev check libsodium-dev
-  libjansson-dev libyaml-dev postgresql python3 python3-jsonschema
+  libjansson-dev libyaml-dev libmicrohttpd-dev postgresql python3 python3-jsonschema
   clang-format cppcheck clang libclang-rt-14-dev"
 
 missing=""

@@ -17,6 +17,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "ketenhub/health.h"
 #include "ketenhub/log.h"
 #include "ketenhub/proto.h"
 #include "ketenhub/schema.h"
@@ -486,14 +487,21 @@ static void s_count_reply(intake_t *self, const s_request_t *req,
                           const json_t *reply)
 {
     const char *cmd = json_string_value(json_object_get(reply, "cmd"));
+    if (req->cmd == KH_CMD_SUBMIT)
+        kh_metric_add("referrals_received_total", NULL, 1);
     if (!cmd || strcmp(cmd, "REJECTED") != 0) {
         if (cmd && strcmp(cmd, "ACCEPTED") == 0) {
             bool dup = json_is_true(json_object_get(reply, "duplicate"));
             self->stats.accepted += dup ? 0 : 1;
             self->stats.duplicates += dup ? 1 : 0;
+            kh_metric_add(dup ? "referrals_duplicate_total"
+                              : "referrals_accepted_total",
+                          NULL, 1);
         }
         return;
     }
+    kh_metric_add("requests_refused_total",
+                  json_string_value(json_object_get(reply, "code")), 1);
     bool retryable = json_is_true(json_object_get(reply, "retryable"));
     if (retryable)
         self->stats.failed++;
@@ -569,6 +577,7 @@ static void s_batch_reply(intake_t *self, s_batch_t *batch,
     if (batch->sent_at) {
         double ms = (double) (zclock_usecs() - batch->sent_at) / 1000.0;
         self->stats.batches++;
+        kh_metric_observe("intake_commit_seconds", NULL, ms / 1000.0);
         self->stats.commit_ms_total += ms;
         if (ms > self->stats.commit_ms_max)
             self->stats.commit_ms_max = ms;
@@ -907,7 +916,8 @@ int intake_run(intake_t *self, int signal_fd)
     if (!self->loop)
         return -1;
     s_set_reading(self, true);
-    if (zloop_reader(self->loop, kh_zap_socket(self->zap), s_on_zap, self))
+    if (zloop_reader(self->loop, kh_zap_socket(self->zap), s_on_zap, self) ||
+        kh_health_attach(self->loop))
         return -1;
     zmq_pollitem_t signals = {NULL, signal_fd, ZMQ_POLLIN, 0};
     if (zloop_poller(self->loop, &signals, s_on_signal, self))

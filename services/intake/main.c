@@ -10,6 +10,7 @@
 
 #include "intake.h"
 #include "ketenhub/config.h"
+#include "ketenhub/health.h"
 #include "ketenhub/log.h"
 #include "ketenhub/service.h"
 
@@ -38,6 +39,8 @@ static kh_cfg_t s_config[] = {
            "a commit taking longer is given up (retryable refusal)"),
     KH_CFG("KH_ROUTING_ENDPOINT", KH_CFG_STRING, "tcp://127.0.0.1:7702", 0, 0,
            false, "routing's wake-up endpoint (\"none\" to send none)"),
+    KH_CFG("KH_HEALTH_ENDPOINT", KH_CFG_STRING, "127.0.0.1:9701", 0, 0, false,
+           "HOST:PORT of /livez, /readyz, /metrics (\"none\": off)"),
     KH_CFG("KH_LOG_LEVEL", KH_CFG_STRING, "info", 0, 0, false,
            "debug, info, warn or error"),
 };
@@ -80,15 +83,30 @@ int main(int argc, char **argv)
     config.limits.max_frame =
         (size_t) kh_config_get(s_config, S_CONFIG_COUNT, "KH_MAX_FRAME")->num;
 
+    /* First, so that a bad KH_HEALTH_ENDPOINT is named before anything
+     * else; not ready until the sockets are bound. */
+    kh_health_config_t hc = {.service = "intake",
+                             .endpoint = s_get("KH_HEALTH_ENDPOINT"),
+                             .conninfo = config.conninfo};
+    kh_health_t *health = kh_health_new(&hc, &err);
+    if (!health) {
+        kh_log_error("start_failed", "code=%s path=%s msg=\"%s\"",
+                     kh_error_name(err.code), err.path, err.message);
+        return err.code == KH_E_CONFIG ? 2 : 1;
+    }
     intake_t *intake = intake_new(&config, &err);
     if (!intake) {
+        kh_health_destroy(&health);
         kh_log_error("start_failed", "code=%s path=%s msg=\"%s\"",
                      kh_error_name(err.code), err.path, err.message);
         return err.code == KH_E_CONFIG || err.code == KH_E_SCHEMA_INVALID ? 2
                                                                           : 1;
     }
+    kh_health_set_sockets(health, true); /* intake_new bound them */
     int rc = intake_run(intake, signal_fd);
+    kh_health_destroy(&health);
     intake_destroy(&intake);
+    kh_metrics_reset();
     close(signal_fd);
     return rc == 0 ? 0 : 1;
 }

@@ -32,6 +32,8 @@ static void s_usage(FILE *out)
             "  audit keygen|seal|query|export|verify\n"
             "                                   the audit trail: query, "
             "export, verify\n"
+            "  status [--json]                  services up or down, "
+            "backlog, trail head\n"
             "\n"
             "Run `ketenhubctl COMMAND --help` for a command's options.\n"
             "\n"
@@ -105,6 +107,8 @@ int main(int argc, char **argv)
         return ctl_deadletters(argc - 1, argv + 1);
     if (strcmp(cmd, "audit") == 0)
         return ctl_audit(argc - 1, argv + 1);
+    if (strcmp(cmd, "status") == 0)
+        return ctl_status(argc - 1, argv + 1);
     ctl_usage_error("unknown command '%s'", cmd);
     s_usage(stderr);
     return CTL_USAGE;

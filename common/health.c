@@ -1,0 +1,933 @@
+/*
+ * Health, readiness and metrics over HTTP (see health.h): the metrics
+ * registry, the libmicrohttpd endpoint, the database probe thread and a
+ * small HTTP GET for the administrators' tool and the tests.
+ */
+#include "ketenhub/health.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <libpq-fe.h>
+#include <microhttpd.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "ketenhub/log.h"
+
+#ifndef KH_VERSION
+#define KH_VERSION "unknown"
+#endif
+
+#define S_STALL_MS 15000     /* /livez fails when the loop is this late */
+#define S_PROBE_MS 1000      /* database probe interval */
+#define S_PROBE_WAIT_MS 2000 /* longest wait for one probe's answer */
+#define S_GAUGE_EVERY 5      /* gauges refreshed every this many probes */
+#define S_HTTP_MAX (1024 * 1024)
+
+const char *kh_version(void)
+{
+    return KH_VERSION;
+}
+
+/* ---- registry ------------------------------------------------------------ */
+
+/* Upper bounds of the histogram buckets in seconds (+Inf implied). */
+static const double s_bounds[] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                                  0.1,   0.25,   0.5,   1,    2.5,   5,
+                                  10,    30,     60,    300,  1800};
+#define S_NBOUNDS (sizeof s_bounds / sizeof s_bounds[0])
+
+typedef struct s_series_t_ {
+    struct s_series_t_ *next;
+    char *label;                     /* label value, NULL without label */
+    uint64_t count;                  /* counter; histogram observations */
+    double value;                    /* gauge; histogram sum */
+    uint64_t buckets[S_NBOUNDS + 1]; /* histogram, not cumulative */
+} s_series_t;
+
+typedef struct s_family_t_ {
+    struct s_family_t_ *next;
+    char *name, *label, *help;
+    kh_metric_type_t type;
+    s_series_t *series, **tail;
+} s_family_t;
+
+static pthread_mutex_t s_lock = PTHREAD_MUTEX_INITIALIZER;
+static s_family_t *s_families;
+static s_family_t **s_families_tail = &s_families;
+
+static bool s_same(const char *a, const char *b)
+{
+    return (!a && !b) || (a && b && strcmp(a, b) == 0);
+}
+
+/* The family called name; NULL if undeclared. Call with the lock held. */
+static s_family_t *s_family(const char *name)
+{
+    for (s_family_t *f = s_families; f; f = f->next)
+        if (strcmp(f->name, name) == 0)
+            return f;
+    return NULL;
+}
+
+/* The series of name with label_value, created on first use; NULL when
+ * the family is undeclared or memory is short. Lock held. */
+static s_series_t *s_series(const char *name, const char *label_value,
+                            kh_metric_type_t type)
+{
+    s_family_t *f = s_family(name);
+    if (!f || f->type != type)
+        return NULL;
+    if (!f->label)
+        label_value = NULL;
+    else if (!label_value)
+        label_value = "";
+    for (s_series_t *s = f->series; s; s = s->next)
+        if (s_same(s->label, label_value))
+            return s;
+    s_series_t *s = calloc(1, sizeof *s);
+    if (!s)
+        return NULL;
+    if (label_value && !(s->label = strdup(label_value))) {
+        free(s);
+        return NULL;
+    }
+    *f->tail = s;
+    f->tail = &s->next;
+    return s;
+}
+
+int kh_metric_declare(const char *name, kh_metric_type_t type,
+                      const char *label, const char *help)
+{
+    pthread_mutex_lock(&s_lock);
+    int rc = 0;
+    if (!s_family(name)) {
+        s_family_t *f = calloc(1, sizeof *f);
+        if (f) {
+            f->name = strdup(name);
+            f->label = label ? strdup(label) : NULL;
+            f->help = strdup(help ? help : "");
+        }
+        if (!f || !f->name || !f->help || (label && !f->label)) {
+            if (f) {
+                free(f->name);
+                free(f->label);
+                free(f->help);
+            }
+            free(f);
+            rc = -1;
+        } else {
+            f->type = type;
+            f->tail = &f->series;
+            *s_families_tail = f;
+            s_families_tail = &f->next;
+        }
+    }
+    pthread_mutex_unlock(&s_lock);
+    return rc;
+}
+
+void kh_metric_add(const char *name, const char *label_value, uint64_t n)
+{
+    pthread_mutex_lock(&s_lock);
+    s_series_t *s = s_series(name, label_value, KH_METRIC_COUNTER);
+    if (s)
+        s->count += n;
+    pthread_mutex_unlock(&s_lock);
+}
+
+void kh_metric_set(const char *name, const char *label_value, double value)
+{
+    pthread_mutex_lock(&s_lock);
+    s_series_t *s = s_series(name, label_value, KH_METRIC_GAUGE);
+    if (s)
+        s->value = value;
+    pthread_mutex_unlock(&s_lock);
+}
+
+void kh_metric_observe(const char *name, const char *label_value,
+                       double seconds)
+{
+    pthread_mutex_lock(&s_lock);
+    s_series_t *s = s_series(name, label_value, KH_METRIC_HISTOGRAM);
+    if (s) {
+        size_t i = 0;
+        while (i < S_NBOUNDS && seconds > s_bounds[i])
+            i++;
+        s->buckets[i]++;
+        s->count++;
+        s->value += seconds;
+    }
+    pthread_mutex_unlock(&s_lock);
+}
+
+double kh_metric_value(const char *name, const char *label_value)
+{
+    double value = 0;
+    pthread_mutex_lock(&s_lock);
+    s_family_t *f = s_family(name);
+    if (f) {
+        const char *want = !f->label ? NULL : label_value ? label_value : "";
+        for (s_series_t *s = f->series; s; s = s->next)
+            if (s_same(s->label, want))
+                value =
+                    f->type == KH_METRIC_GAUGE ? s->value : (double) s->count;
+    }
+    pthread_mutex_unlock(&s_lock);
+    return value;
+}
+
+/* A label value with \, " and newline escaped as the text format wants. */
+static void s_put_label(FILE *out, const char *value)
+{
+    for (const char *p = value; *p; p++) {
+        if (*p == '\\' || *p == '"')
+            fputc('\\', out);
+        if (*p == '\n')
+            fputs("\\n", out);
+        else
+            fputc(*p, out);
+    }
+}
+
+/* "{label="value"" without the closing brace, or nothing. */
+static void s_put_labels(FILE *out, const s_family_t *f, const s_series_t *s,
+                         bool more)
+{
+    if (!f->label) {
+        if (more)
+            fputc('{', out);
+        return;
+    }
+    fprintf(out, "{%s=\"", f->label);
+    s_put_label(out, s->label);
+    fputc('"', out);
+    if (more)
+        fputc(',', out);
+}
+
+static void s_render_family(FILE *out, const s_family_t *f)
+{
+    static const char *types[] = {"counter", "gauge", "histogram"};
+    fprintf(out, "# HELP ketenhub_%s %s\n# TYPE ketenhub_%s %s\n", f->name,
+            f->help, f->name, types[f->type]);
+    for (const s_series_t *s = f->series; s; s = s->next) {
+        if (f->type == KH_METRIC_COUNTER || f->type == KH_METRIC_GAUGE) {
+            fprintf(out, "ketenhub_%s", f->name);
+            if (f->label) {
+                s_put_labels(out, f, s, false);
+                fputc('}', out);
+            }
+            if (f->type == KH_METRIC_COUNTER)
+                fprintf(out, " %" PRIu64 "\n", s->count);
+            else
+                fprintf(out, " %.15g\n", s->value);
+            continue;
+        }
+        uint64_t cumulative = 0;
+        for (size_t i = 0; i <= S_NBOUNDS; i++) {
+            cumulative += s->buckets[i];
+            fprintf(out, "ketenhub_%s_bucket", f->name);
+            s_put_labels(out, f, s, true);
+            if (i < S_NBOUNDS)
+                fprintf(out, "le=\"%g\"} %" PRIu64 "\n", s_bounds[i],
+                        cumulative);
+            else
+                fprintf(out, "le=\"+Inf\"} %" PRIu64 "\n", cumulative);
+        }
+        fprintf(out, "ketenhub_%s_sum", f->name);
+        if (f->label) {
+            s_put_labels(out, f, s, false);
+            fputc('}', out);
+        }
+        fprintf(out, " %.9g\nketenhub_%s_count", s->value, f->name);
+        if (f->label) {
+            s_put_labels(out, f, s, false);
+            fputc('}', out);
+        }
+        fprintf(out, " %" PRIu64 "\n", s->count);
+    }
+}
+
+char *kh_metrics_render(void)
+{
+    char *text = NULL;
+    size_t size = 0;
+    FILE *out = open_memstream(&text, &size);
+    if (!out)
+        return NULL;
+    pthread_mutex_lock(&s_lock);
+    for (const s_family_t *f = s_families; f; f = f->next)
+        s_render_family(out, f);
+    pthread_mutex_unlock(&s_lock);
+    if (fclose(out) != 0) {
+        free(text);
+        return NULL;
+    }
+    return text;
+}
+
+void kh_metrics_reset(void)
+{
+    pthread_mutex_lock(&s_lock);
+    while (s_families) {
+        s_family_t *f = s_families;
+        s_families = f->next;
+        while (f->series) {
+            s_series_t *s = f->series;
+            f->series = s->next;
+            free(s->label);
+            free(s);
+        }
+        free(f->name);
+        free(f->label);
+        free(f->help);
+        free(f);
+    }
+    s_families_tail = &s_families;
+    pthread_mutex_unlock(&s_lock);
+}
+
+/* ---- each service's metrics (the README's table follows this one) -------- */
+
+typedef struct {
+    const char *service, *name;
+    kh_metric_type_t type;
+    const char *label, *help;
+} s_def_t;
+
+#define S_C KH_METRIC_COUNTER
+#define S_G KH_METRIC_GAUGE
+#define S_H KH_METRIC_HISTOGRAM
+static const s_def_t s_defs[] = {
+    {"intake", "referrals_received_total", S_C, NULL,
+     "SUBMIT requests answered, whatever the answer."},
+    {"intake", "referrals_accepted_total", S_C, NULL,
+     "Referrals committed and answered ACCEPTED (duplicates not counted)."},
+    {"intake", "referrals_duplicate_total", S_C, NULL,
+     "Resubmitted idempotency keys answered with the first answer."},
+    {"intake", "requests_refused_total", S_C, "code",
+     "Requests answered REJECTED, by error code."},
+    {"intake", "intake_commit_seconds", S_H, NULL,
+     "From sending a batch to PostgreSQL to its commit (ACCEPTED follows)."},
+    {"routing", "referrals_routed_total", S_C, NULL,
+     "Referrals routed (deliveries and audit event committed)."},
+    {"routing", "deliveries_created_total", S_C, NULL,
+     "Deliveries created by routing."},
+    {"routing", "rules_reloads_total", S_C, "outcome",
+     "Rules reloads on SIGHUP, ok or failed (the old rules stay)."},
+    {"routing", "routing_pass_seconds", S_H, NULL,
+     "One routing pass (claim, evaluate, commit) that routed something."},
+    {"notification", "deliveries_sent_total", S_C, NULL,
+     "Deliveries sent for the first time."},
+    {"notification", "deliveries_retried_total", S_C, NULL,
+     "Deliveries sent again (no ACK in time, NACK, reconnection)."},
+    {"notification", "deliveries_acked_total", S_C, NULL,
+     "Deliveries acknowledged by their partner."},
+    {"notification", "deliveries_nacked_total", S_C, NULL, "NACKs received."},
+    {"notification", "deliveries_dead_total", S_C, NULL,
+     "Deliveries that became dead letters."},
+    {"notification", "deliveries_escalated_total", S_C, NULL,
+     "Urgent deliveries escalated."},
+    {"notification", "deliveries_backlog", S_G, "partner",
+     "Deliveries not yet acknowledged (pending or sent), per partner."},
+    {"notification", "deliveries_oldest_unacked_seconds", S_G, "partner",
+     "Age of the oldest unacknowledged delivery, per partner (0: none)."},
+    {"notification", "dead_letters", S_G, NULL,
+     "Dead letters in the database (until retried)."},
+    {"notification", "escalations_open", S_G, NULL,
+     "Escalated deliveries not yet acknowledged."},
+    {"audit", "trail_head_sequence", S_G, NULL, "Highest seq in audit_events."},
+    {"audit", "trail_sealed_sequence", S_G, NULL, "Highest sealed seq."},
+    {"audit", "trail_checkpoint_sequence", S_G, NULL,
+     "seq of the last signed checkpoint."},
+    {"audit", "trail_checkpoint_age_seconds", S_G, NULL,
+     "Age of the last signed checkpoint."},
+    {"audit", "trail_events_sealed_total", S_C, NULL,
+     "Events sealed by this process."},
+    {"audit", "trail_checkpoints_total", S_C, NULL,
+     "Checkpoints signed by this process."},
+};
+#undef S_C
+#undef S_G
+#undef S_H
+
+/* Gauges read from PostgreSQL by the probe, per service: rows of
+ * (family, label, value). Partners without backlog show 0, so a gauge
+ * never keeps a stale value. */
+static const char *s_gauge_sql(const char *service)
+{
+    if (strcmp(service, "notification") == 0)
+        return "SELECT 'deliveries_backlog', p.id, count(d.id)"
+               " FROM partners p LEFT JOIN deliveries d ON d.partner_id = p.id"
+               "  AND d.state IN ('pending', 'delivered')"
+               " GROUP BY p.id"
+               " UNION ALL SELECT 'deliveries_oldest_unacked_seconds', p.id,"
+               "  coalesce(extract(epoch FROM now() - min(d.created_at)), 0)"
+               " FROM partners p LEFT JOIN deliveries d ON d.partner_id = p.id"
+               "  AND d.state IN ('pending', 'delivered')"
+               " GROUP BY p.id"
+               " UNION ALL SELECT 'dead_letters', NULL, count(*)"
+               " FROM deliveries WHERE state = 'dead'"
+               " UNION ALL SELECT 'escalations_open', NULL, count(*)"
+               " FROM deliveries WHERE escalated_at IS NOT NULL"
+               "  AND state IN ('pending', 'delivered')";
+    if (strcmp(service, "audit") == 0)
+        return "SELECT 'trail_head_sequence', NULL,"
+               " coalesce((SELECT max(seq) FROM audit_events), 0)"
+               " UNION ALL SELECT 'trail_sealed_sequence', NULL,"
+               " coalesce((SELECT max(seq) FROM audit_seals), 0)"
+               " UNION ALL SELECT 'trail_checkpoint_sequence', NULL,"
+               " coalesce((SELECT max(seq) FROM audit_checkpoints), 0)"
+               " UNION ALL SELECT 'trail_checkpoint_age_seconds', NULL,"
+               " coalesce(extract(epoch FROM now() -"
+               " (SELECT max(at) FROM audit_checkpoints)), 0)";
+    return NULL;
+}
+
+int kh_metrics_declare_service(const char *service)
+{
+    for (size_t i = 0; i < sizeof s_defs / sizeof s_defs[0]; i++)
+        if (strcmp(s_defs[i].service, service) == 0 &&
+            kh_metric_declare(s_defs[i].name, s_defs[i].type, s_defs[i].label,
+                              s_defs[i].help))
+            return -1;
+    return 0;
+}
+
+void kh_metrics_table(FILE *out)
+{
+    static const char *types[] = {"counter", "gauge", "histogram"};
+    fprintf(out, "| service | metric | type | label | meaning |\n"
+                 "|---|---|---|---|---|\n");
+    for (size_t i = 0; i < sizeof s_defs / sizeof s_defs[0]; i++)
+        fprintf(out, "| %s | `ketenhub_%s` | %s | %s | %s |\n",
+                s_defs[i].service, s_defs[i].name, types[s_defs[i].type],
+                s_defs[i].label ? s_defs[i].label : "", s_defs[i].help);
+}
+
+/* ---- the endpoint -------------------------------------------------------- */
+
+struct _kh_health_t {
+    char service[32];
+    char *conninfo;  /* NULL: no database check */
+    char *gauge_sql; /* NULL: no gauges from the database */
+    bool needs_rules;
+    struct MHD_Daemon *daemon;
+    int port;
+    atomic_bool sockets, rules, db;
+    pthread_t probe;
+    bool probing; /* the probe thread runs */
+    pthread_mutex_t mutex;
+    pthread_cond_t wake;
+    bool stop;
+};
+
+/* Monotonic ms of the loop's last beat: one service per process. */
+static atomic_llong s_beat_ms;
+
+static long long s_now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long) ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Wait until conn has a whole result ready; false on timeout or a broken
+ * connection. */
+static bool s_wait(PGconn *conn, long long deadline)
+{
+    while (PQisBusy(conn)) {
+        long long left = deadline - s_now_ms();
+        if (left <= 0)
+            return false;
+        struct pollfd pfd = {PQsocket(conn), POLLIN, 0};
+        if (pfd.fd < 0 || poll(&pfd, 1, (int) left) < 0)
+            return false;
+        if (!PQconsumeInput(conn))
+            return false;
+    }
+    return true;
+}
+
+/* Run sql on conn, waiting at most S_PROBE_WAIT_MS. The result when it
+ * succeeded with rows (caller clears), else NULL. */
+static PGresult *s_query(PGconn *conn, const char *sql)
+{
+    long long deadline = s_now_ms() + S_PROBE_WAIT_MS;
+    if (!PQsendQuery(conn, sql) || !s_wait(conn, deadline))
+        return NULL;
+    PGresult *res = PQgetResult(conn);
+    bool ok = res && PQresultStatus(res) == PGRES_TUPLES_OK;
+    for (;;) {
+        if (!s_wait(conn, deadline)) {
+            ok = false;
+            break;
+        }
+        PGresult *extra = PQgetResult(conn);
+        if (!extra)
+            break;
+        PQclear(extra);
+    }
+    if (!ok) {
+        PQclear(res);
+        return NULL;
+    }
+    return res;
+}
+
+/* One probe: (re)connect when needed, SELECT 1, and the gauges when asked.
+ * Returns whether the database answered. */
+static bool s_probe_once(kh_health_t *self, PGconn **conn_p, bool gauges)
+{
+    if (!*conn_p) {
+        const char *keys[] = {"dbname", "connect_timeout", "application_name",
+                              NULL};
+        const char *values[] = {self->conninfo, "2", "ketenhub-health", NULL};
+        *conn_p = PQconnectdbParams(keys, values, 1);
+        if (!*conn_p)
+            return false;
+        if (PQstatus(*conn_p) != CONNECTION_OK) {
+            PQfinish(*conn_p);
+            *conn_p = NULL;
+            return false;
+        }
+    }
+    PGresult *res = s_query(*conn_p, "SELECT 1");
+    if (!res) {
+        PQfinish(*conn_p);
+        *conn_p = NULL;
+        return false;
+    }
+    PQclear(res);
+    if (gauges && self->gauge_sql) {
+        res = s_query(*conn_p, self->gauge_sql);
+        for (int i = 0; res && PQnfields(res) >= 3 && i < PQntuples(res); i++)
+            kh_metric_set(PQgetvalue(res, i, 0),
+                          PQgetisnull(res, i, 1) ? NULL : PQgetvalue(res, i, 1),
+                          strtod(PQgetvalue(res, i, 2), NULL));
+        PQclear(res);
+    }
+    return true;
+}
+
+static void *s_probe_main(void *arg)
+{
+    kh_health_t *self = arg;
+    PGconn *conn = NULL;
+    unsigned round = 0;
+    pthread_mutex_lock(&self->mutex);
+    while (!self->stop) {
+        pthread_mutex_unlock(&self->mutex);
+        bool up = s_probe_once(self, &conn, round++ % S_GAUGE_EVERY == 0);
+        if (up != atomic_exchange(&self->db, up)) {
+            if (up)
+                kh_log_info("health_db", "state=up");
+            else
+                kh_log_warn("health_db", "state=down");
+        }
+        pthread_mutex_lock(&self->mutex);
+        struct timespec until;
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_sec += S_PROBE_MS / 1000;
+        while (!self->stop &&
+               pthread_cond_timedwait(&self->wake, &self->mutex, &until) == 0)
+            ;
+    }
+    pthread_mutex_unlock(&self->mutex);
+    PQfinish(conn);
+    return NULL;
+}
+
+/* Why the service is not ready ("" when it is). */
+static const char *s_not_ready(const kh_health_t *self)
+{
+    if (!atomic_load(&self->sockets))
+        return "sockets not bound";
+    if (self->needs_rules && !atomic_load(&self->rules))
+        return "rules not loaded";
+    if (self->conninfo && !atomic_load(&self->db))
+        return "database unreachable";
+    return "";
+}
+
+static enum MHD_Result s_respond(struct MHD_Connection *connection,
+                                 unsigned int status, char *text,
+                                 const char *type)
+{
+    if (!text)
+        return MHD_NO;
+    struct MHD_Response *response = MHD_create_response_from_buffer(
+        strlen(text), text, MHD_RESPMEM_MUST_FREE);
+    if (!response) {
+        free(text);
+        return MHD_NO;
+    }
+    MHD_add_response_header(response, "Content-Type", type);
+    MHD_add_response_header(response, "Cache-Control", "no-store");
+    enum MHD_Result rc = MHD_queue_response(connection, status, response);
+    MHD_destroy_response(response);
+    return rc;
+}
+
+static char *s_printf(const char *fmt, ...)
+    __attribute__((format(printf, 1, 2)));
+static char *s_printf(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    char *text = NULL;
+    if (vasprintf(&text, fmt, ap) < 0)
+        text = NULL;
+    va_end(ap);
+    return text;
+}
+
+/* The metrics text: build_info, readiness as gauges, then the registry. */
+static char *s_metrics(const kh_health_t *self)
+{
+    char *registry = kh_metrics_render();
+    if (!registry)
+        return NULL;
+    char *text = s_printf(
+        "# HELP ketenhub_build_info The running service and its version.\n"
+        "# TYPE ketenhub_build_info gauge\n"
+        "ketenhub_build_info{service=\"%s\",version=\"%s\"} 1\n"
+        "# HELP ketenhub_ready 1 when the service is ready (see /readyz).\n"
+        "# TYPE ketenhub_ready gauge\nketenhub_ready %d\n"
+        "# HELP ketenhub_database_up 1 when the last database probe "
+        "succeeded.\n"
+        "# TYPE ketenhub_database_up gauge\nketenhub_database_up %d\n%s",
+        self->service, KH_VERSION, *s_not_ready(self) ? 0 : 1,
+        atomic_load(&self->db) ? 1 : 0, registry);
+    free(registry);
+    return text;
+}
+
+static enum MHD_Result s_handler(void *cls, struct MHD_Connection *connection,
+                                 const char *url, const char *method,
+                                 const char *version, const char *upload_data,
+                                 size_t *upload_data_size, void **con_cls)
+{
+    (void) version;
+    (void) upload_data;
+    (void) upload_data_size;
+    (void) con_cls;
+    kh_health_t *self = cls;
+    const char *plain = "text/plain; charset=utf-8";
+    if (strcmp(method, "GET") != 0 && strcmp(method, "HEAD") != 0)
+        return s_respond(connection, MHD_HTTP_METHOD_NOT_ALLOWED,
+                         strdup("only GET\n"), plain);
+    if (strcmp(url, "/livez") == 0) {
+        long long late = s_now_ms() - atomic_load(&s_beat_ms);
+        if (late > S_STALL_MS)
+            return s_respond(
+                connection, MHD_HTTP_SERVICE_UNAVAILABLE,
+                s_printf("stalled: loop silent for %lld ms\n", late), plain);
+        return s_respond(connection, MHD_HTTP_OK, strdup("alive\n"), plain);
+    }
+    if (strcmp(url, "/readyz") == 0) {
+        const char *why = s_not_ready(self);
+        if (*why)
+            return s_respond(connection, MHD_HTTP_SERVICE_UNAVAILABLE,
+                             s_printf("not ready: %s\n", why), plain);
+        return s_respond(connection, MHD_HTTP_OK,
+                         s_printf("ready %s %s\n", self->service, KH_VERSION),
+                         plain);
+    }
+    if (strcmp(url, "/metrics") == 0)
+        return s_respond(connection, MHD_HTTP_OK, s_metrics(self),
+                         "text/plain; version=0.0.4; charset=utf-8");
+    return s_respond(connection, MHD_HTTP_NOT_FOUND,
+                     strdup("not found: /livez, /readyz, /metrics\n"), plain);
+}
+
+/* Split "HOST:PORT" ("[V6]:PORT", HOST "*" for all addresses) into an
+ * address; 0 or -1. */
+static int s_parse_endpoint(const char *endpoint, struct sockaddr_storage *addr,
+                            socklen_t *len, bool *v6)
+{
+    const char *colon = strrchr(endpoint, ':');
+    if (!colon || colon == endpoint || !colon[1])
+        return -1;
+    char host[256];
+    size_t hlen = (size_t) (colon - endpoint);
+    if (hlen >= sizeof host)
+        return -1;
+    memcpy(host, endpoint, hlen);
+    host[hlen] = '\0';
+    if (host[0] == '[' && hlen > 2 && host[hlen - 1] == ']') {
+        memmove(host, host + 1, hlen - 2);
+        host[hlen - 2] = '\0';
+    }
+    char *end = NULL;
+    errno = 0;
+    long port = strtol(colon + 1, &end, 10);
+    if (errno || *end || port < 0 || port > 65535)
+        return -1;
+    struct addrinfo hints = {0}, *found = NULL;
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+    char service[8];
+    snprintf(service, sizeof service, "%ld", port);
+    bool any = strcmp(host, "*") == 0;
+    if (any)
+        hints.ai_family = AF_INET;
+    if (getaddrinfo(any ? NULL : host, service, &hints, &found) != 0 || !found)
+        return -1;
+    memcpy(addr, found->ai_addr, found->ai_addrlen);
+    *len = found->ai_addrlen;
+    *v6 = found->ai_family == AF_INET6;
+    freeaddrinfo(found);
+    return 0;
+}
+
+kh_health_t *kh_health_new(const kh_health_config_t *config, kh_error_t *err)
+{
+    kh_health_t *self = calloc(1, sizeof *self);
+    if (!self) {
+        kh_error_set(err, KH_E_NOMEM, "", "out of memory");
+        return NULL;
+    }
+    snprintf(self->service, sizeof self->service, "%s",
+             config->service ? config->service : "ketenhub");
+    self->needs_rules = config->needs_rules;
+    atomic_init(&self->sockets, false);
+    atomic_init(&self->rules, false);
+    atomic_init(&self->db, false);
+    kh_health_beat(); /* alive while the service starts */
+    pthread_mutex_init(&self->mutex, NULL);
+    pthread_cond_init(&self->wake, NULL);
+    const char *gauge_sql =
+        config->gauge_sql ? config->gauge_sql : s_gauge_sql(self->service);
+    if ((config->conninfo && !(self->conninfo = strdup(config->conninfo))) ||
+        (gauge_sql && !(self->gauge_sql = strdup(gauge_sql))) ||
+        kh_metrics_declare_service(self->service)) {
+        kh_error_set(err, KH_E_NOMEM, "", "out of memory");
+        goto fail;
+    }
+    const char *endpoint = config->endpoint ? config->endpoint : "none";
+    if (strcmp(endpoint, "none") != 0) {
+        struct sockaddr_storage addr;
+        socklen_t len = 0;
+        bool v6 = false;
+        if (s_parse_endpoint(endpoint, &addr, &len, &v6)) {
+            kh_error_set(err, KH_E_CONFIG, "KH_HEALTH_ENDPOINT",
+                         "KH_HEALTH_ENDPOINT must be HOST:PORT or none");
+            goto fail;
+        }
+        unsigned int flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_POLL |
+                             (v6 ? MHD_USE_IPv6 : 0);
+        self->daemon = MHD_start_daemon(
+            flags, 0, NULL, NULL, s_handler, self, MHD_OPTION_SOCK_ADDR,
+            (const struct sockaddr *) &addr, MHD_OPTION_CONNECTION_LIMIT,
+            (unsigned int) 32, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int) 10,
+            MHD_OPTION_END);
+        if (!self->daemon) {
+            kh_error_set(err, KH_E_CONFIG, "KH_HEALTH_ENDPOINT",
+                         "cannot bind KH_HEALTH_ENDPOINT %s", endpoint);
+            goto fail;
+        }
+        const union MHD_DaemonInfo *info =
+            MHD_get_daemon_info(self->daemon, MHD_DAEMON_INFO_BIND_PORT);
+        self->port = info ? (int) info->port : 0;
+    }
+    if (self->conninfo) {
+        if (pthread_create(&self->probe, NULL, s_probe_main, self) != 0) {
+            kh_error_set(err, KH_E_INTERNAL, "", "cannot start the probe");
+            goto fail;
+        }
+        self->probing = true;
+    }
+    return self;
+fail:
+    kh_health_destroy(&self);
+    return NULL;
+}
+
+void kh_health_destroy(kh_health_t **self_p)
+{
+    if (!self_p || !*self_p)
+        return;
+    kh_health_t *self = *self_p;
+    if (self->daemon)
+        MHD_stop_daemon(self->daemon);
+    if (self->probing) {
+        pthread_mutex_lock(&self->mutex);
+        self->stop = true;
+        pthread_cond_signal(&self->wake);
+        pthread_mutex_unlock(&self->mutex);
+        pthread_join(self->probe, NULL);
+    }
+    pthread_cond_destroy(&self->wake);
+    pthread_mutex_destroy(&self->mutex);
+    free(self->conninfo);
+    free(self->gauge_sql);
+    free(self);
+    *self_p = NULL;
+}
+
+int kh_health_port(const kh_health_t *self)
+{
+    return self ? self->port : 0;
+}
+
+void kh_health_set_sockets(kh_health_t *self, bool bound)
+{
+    if (self)
+        atomic_store(&self->sockets, bound);
+}
+
+void kh_health_set_rules(kh_health_t *self, bool loaded)
+{
+    if (self)
+        atomic_store(&self->rules, loaded);
+}
+
+bool kh_health_db_up(const kh_health_t *self)
+{
+    return self && atomic_load(&self->db);
+}
+
+void kh_health_beat(void)
+{
+    atomic_store(&s_beat_ms, s_now_ms());
+}
+
+static int s_on_beat(zloop_t *loop, int timer_id, void *arg)
+{
+    (void) loop;
+    (void) timer_id;
+    (void) arg;
+    kh_health_beat();
+    return 0;
+}
+
+int kh_health_attach(zloop_t *loop)
+{
+    kh_health_beat();
+    return zloop_timer(loop, 1000, 0, s_on_beat, NULL) == -1 ? -1 : 0;
+}
+
+/* ---- client -------------------------------------------------------------- */
+
+/* Connect to host:port within the time left; the socket or -1. */
+static int s_dial(const char *hostport, long long deadline)
+{
+    const char *colon = strrchr(hostport, ':');
+    if (!colon || !colon[1])
+        return -1;
+    char host[256];
+    size_t hlen = (size_t) (colon - hostport);
+    if (hlen >= sizeof host)
+        return -1;
+    memcpy(host, hostport, hlen);
+    host[hlen] = '\0';
+    if (host[0] == '[' && hlen > 2 && host[hlen - 1] == ']') {
+        memmove(host, host + 1, hlen - 2);
+        host[hlen - 2] = '\0';
+    }
+    /* A wildcard bind is reached on this machine. */
+    if (!*host || strcmp(host, "*") == 0 || strcmp(host, "0.0.0.0") == 0)
+        snprintf(host, sizeof host, "127.0.0.1");
+    struct addrinfo hints = {0}, *found = NULL;
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    if (getaddrinfo(host, colon + 1, &hints, &found) != 0 || !found)
+        return -1;
+    int fd = socket(found->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd >= 0) {
+        fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+        int rc = connect(fd, found->ai_addr, found->ai_addrlen);
+        if (rc != 0 && errno == EINPROGRESS) {
+            struct pollfd pfd = {fd, POLLOUT, 0};
+            long long left = deadline - s_now_ms();
+            int soerr = 0;
+            socklen_t slen = sizeof soerr;
+            if (left > 0 && poll(&pfd, 1, (int) left) == 1 &&
+                getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &slen) == 0 &&
+                soerr == 0)
+                rc = 0;
+        }
+        if (rc != 0) {
+            close(fd);
+            fd = -1;
+        }
+    }
+    freeaddrinfo(found);
+    return fd;
+}
+
+int kh_http_get(const char *hostport, const char *path, int timeout_ms,
+                char **body, kh_error_t *err)
+{
+    if (body)
+        *body = NULL;
+    long long deadline = s_now_ms() + timeout_ms;
+    int fd = s_dial(hostport, deadline);
+    if (fd < 0)
+        return kh_error_set(err, KH_E_UNAVAILABLE, "", "cannot connect to %s",
+                            hostport);
+    char request[512];
+    int len = snprintf(request, sizeof request,
+                       "GET %s HTTP/1.0\r\nHost: %s\r\n"
+                       "Connection: close\r\n\r\n",
+                       path, hostport);
+    if (len < 0 || (size_t) len >= sizeof request ||
+        send(fd, request, (size_t) len, MSG_NOSIGNAL) != len) {
+        close(fd);
+        return kh_error_set(err, KH_E_UNAVAILABLE, "", "cannot send to %s",
+                            hostport);
+    }
+    char *reply = malloc(S_HTTP_MAX + 1);
+    size_t size = 0;
+    bool done = false;
+    while (reply && size < S_HTTP_MAX) {
+        long long left = deadline - s_now_ms();
+        struct pollfd pfd = {fd, POLLIN, 0};
+        if (left <= 0 || poll(&pfd, 1, (int) left) != 1)
+            break;
+        ssize_t n = recv(fd, reply + size, S_HTTP_MAX - size, 0);
+        if (n < 0 && (errno == EINTR || errno == EAGAIN))
+            continue;
+        if (n <= 0) {
+            done = n == 0;
+            break;
+        }
+        size += (size_t) n;
+    }
+    close(fd);
+    if (!reply)
+        return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
+    reply[size] = '\0';
+    int status = 0;
+    const char *head_end = strstr(reply, "\r\n\r\n");
+    if (!done || sscanf(reply, "HTTP/%*d.%*d %d", &status) != 1 || !head_end) {
+        free(reply);
+        return kh_error_set(err, KH_E_UNAVAILABLE, "",
+                            "no whole HTTP answer from %s in time", hostport);
+    }
+    if (body) {
+        *body = strdup(head_end + 4);
+        if (!*body) {
+            free(reply);
+            return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
+        }
+    }
+    free(reply);
+    return status;
+}

@@ -1,0 +1,483 @@
+/*
+ * Health, readiness and metrics of the real services, and `ketenhubctl
+ * status`: the real ketenhub-intake with KH_HEALTH_ENDPOINT on a free
+ * port, fed by the partner client library; readiness while its database
+ * is made unreachable (renamed away: the test cluster is shared and stays
+ * up) and after; counters that move by exactly what was submitted; a
+ * partner's backlog growing while it is offline; bad settings refused with
+ * exit 2 by every service binary.
+ */
+#include <czmq.h>
+#include <libpq-fe.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "ketenhub/client.h"
+#include "ketenhub/health.h"
+#include "khproc.h"
+#include "khtest.h"
+
+#define S_DB "kh_test_health"
+#define S_AWAY "kh_test_health_away"
+#define S_TIMEOUT 3000
+
+static char s_dir[256];     /* temp dir: certs, logs */
+static char s_endpoint[64]; /* intake's partner endpoint */
+static char s_health[64];   /* intake's health endpoint */
+static char *s_conninfo;    /* the test database */
+static pid_t s_intake = -1;
+static PGconn *s_db;
+
+static char *s_path(const char *name)
+{
+    static char path[4][512];
+    static int next;
+    char *out = path[next++ % 4];
+    snprintf(out, sizeof path[0], "%s/%s", s_dir, name);
+    return out;
+}
+
+static void s_make_partner(const char *file, const char *id)
+{
+    zcert_t *cert = zcert_new();
+    ck_assert_ptr_nonnull(cert);
+    char path[512];
+    snprintf(path, sizeof path, "%s/%s.cert", s_dir, file);
+    zcert_save(cert, path);
+    snprintf(path, sizeof path, "%s/partners/%s.cert", s_dir, file);
+    zcert_save_public(cert, path);
+    khtest_register_partner(s_db, id, "other", true, zcert_public_txt(cert));
+    zcert_destroy(&cert);
+}
+
+static void s_start_intake(void)
+{
+    char env_endpoint[128], env_cert[600], env_dir[600], env_db[1024],
+        env_schema[600], env_health[128];
+    snprintf(env_endpoint, sizeof env_endpoint, "KH_INTAKE_ENDPOINT=%s",
+             s_endpoint);
+    snprintf(env_cert, sizeof env_cert, "KH_HUB_CERT=%s", s_path("hub.cert"));
+    snprintf(env_dir, sizeof env_dir, "KH_PARTNER_CERT_DIR=%s",
+             s_path("partners"));
+    snprintf(env_db, sizeof env_db, "KH_DATABASE_URL=%s", s_conninfo);
+    snprintf(env_schema, sizeof env_schema, "KH_SCHEMA_DIR=%s",
+             khtest_src("schemas"));
+    snprintf(env_health, sizeof env_health, "KH_HEALTH_ENDPOINT=%s", s_health);
+    char *env[] = {env_endpoint,
+                   env_cert,
+                   env_dir,
+                   env_db,
+                   env_schema,
+                   env_health,
+                   "KH_ROUTING_ENDPOINT=none",
+                   "KH_LOG_LEVEL=debug",
+                   NULL};
+    char *argv[] = {"ketenhub-intake", NULL};
+    s_intake =
+        khproc_spawn(KH_TEST_BINARY_DIR "/services/intake/ketenhub-intake",
+                     argv, env, s_path("intake.log"));
+    ck_assert_int_gt(s_intake, 0);
+}
+
+/* GET path on intake's health endpoint: the HTTP status, -1 when it does
+ * not answer; *body when body is not NULL (caller frees). */
+static int s_get(const char *path, char **body)
+{
+    kh_error_t err;
+    return kh_http_get(s_health, path, 2000, body, &err);
+}
+
+/* Wait up to ms for path to answer status want. */
+static bool s_wait_status(const char *path, int want, int ms)
+{
+    for (int waited = 0; waited <= ms; waited += 100) {
+        if (s_get(path, NULL) == want)
+            return true;
+        usleep(100 * 1000);
+    }
+    return false;
+}
+
+/* The value of one series ("name" or "name{label=\"x\"}") in /metrics;
+ * 0 when it is absent (a counter that never moved). */
+static double s_metric(const char *series)
+{
+    char *body = NULL;
+    ck_assert_int_eq(s_get("/metrics", &body), 200);
+    ck_assert_ptr_nonnull(body);
+    char want[256];
+    snprintf(want, sizeof want, "\nketenhub_%s ", series);
+    const char *at = strstr(body, want);
+    double value = at ? strtod(at + strlen(want), NULL) : 0;
+    free(body);
+    return value;
+}
+
+static kh_client_t *s_client(void)
+{
+    kh_error_t err;
+    kh_client_t *client =
+        kh_client_new(s_endpoint, s_path("hub.cert"), s_path("vt.cert"), &err);
+    ck_assert_msg(client != NULL, "%s", err.message);
+    return client;
+}
+
+/* SUBMIT the first example with key; the reply's cmd ("" on no reply). */
+static char *s_submit(kh_client_t *client, const char *key, char *code,
+                      size_t size)
+{
+    static char cmd[32];
+    json_t *referral;
+    khtest_examples(&referral, 1);
+    kh_error_t err;
+    json_t *reply = kh_client_submit(client, referral, key, S_TIMEOUT, &err);
+    json_decref(referral);
+    snprintf(cmd, sizeof cmd, "%s", reply ? kh_client_reply_cmd(reply) : "");
+    if (code)
+        snprintf(code, size, "%s",
+                 reply && json_string_value(json_object_get(reply, "code"))
+                     ? json_string_value(json_object_get(reply, "code"))
+                     : "");
+    json_decref(reply);
+    return cmd;
+}
+
+static void s_setup(void)
+{
+    snprintf(s_dir, sizeof s_dir, "/tmp/kh-health-XXXXXX");
+    ck_assert_ptr_nonnull(mkdtemp(s_dir));
+    ck_assert_int_eq(zsys_dir_create("%s/partners", s_dir), 0);
+    snprintf(s_endpoint, sizeof s_endpoint, "tcp://127.0.0.1:%d",
+             khproc_free_port());
+    snprintf(s_health, sizeof s_health, "127.0.0.1:%d", khproc_free_port());
+    s_db = khtest_db_fresh(S_DB);
+    s_conninfo = khtest_db_conninfo(S_DB);
+    zcert_t *hub = zcert_new();
+    zcert_save(hub, s_path("hub.cert"));
+    zcert_destroy(&hub);
+    s_make_partner("vt", "veilig-thuis");
+    s_make_partner("zc", "zorgcoordinator");
+    s_start_intake();
+    ck_assert_msg(s_wait_status("/readyz", 200, 10000),
+                  "intake did not become ready: see %s", s_path("intake.log"));
+}
+
+static void s_teardown(void)
+{
+    if (s_intake > 0) {
+        int status = khproc_stop(s_intake, SIGTERM, 5000);
+        ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+                      "intake did not stop cleanly: see %s",
+                      s_path("intake.log"));
+    }
+    s_intake = -1;
+    PQfinish(s_db);
+    s_db = NULL;
+    free(s_conninfo);
+    s_conninfo = NULL;
+    khproc_sh("rm -rf '%s'", s_dir);
+}
+
+START_TEST(live_ready_and_metrics_in_the_text_format)
+{
+    char *body = NULL;
+    ck_assert_int_eq(s_get("/livez", &body), 200);
+    ck_assert_str_eq(body, "alive\n");
+    free(body);
+    ck_assert_int_eq(s_get("/readyz", &body), 200);
+    char want[64];
+    snprintf(want, sizeof want, "ready intake %s\n", kh_version());
+    ck_assert_str_eq(body, want);
+    free(body);
+    ck_assert_int_eq(s_get("/nothing-here", NULL), 404);
+
+    ck_assert_int_eq(s_get("/metrics", &body), 200);
+    snprintf(want, sizeof want,
+             "ketenhub_build_info{service=\"intake\",version=\"%s\"} 1\n",
+             kh_version());
+    ck_assert_ptr_nonnull(strstr(body, want));
+    ck_assert_ptr_nonnull(strstr(body, "ketenhub_ready 1\n"));
+    ck_assert_ptr_nonnull(strstr(body, "ketenhub_database_up 1\n"));
+    ck_assert_ptr_nonnull(
+        strstr(body, "# TYPE ketenhub_referrals_accepted_total counter\n"));
+    ck_assert_ptr_nonnull(
+        strstr(body, "# TYPE ketenhub_intake_commit_seconds histogram\n"));
+    free(body);
+}
+END_TEST
+
+START_TEST(counters_move_by_exactly_what_was_submitted)
+{
+    double accepted = s_metric("referrals_accepted_total");
+    double received = s_metric("referrals_received_total");
+    double duplicate = s_metric("referrals_duplicate_total");
+    double commits = s_metric("intake_commit_seconds_count");
+    kh_client_t *client = s_client();
+    enum { N = 7 };
+    for (int i = 0; i < N; i++) {
+        char key[32];
+        snprintf(key, sizeof key, "metrics-%d", i);
+        ck_assert_str_eq(s_submit(client, key, NULL, 0), "ACCEPTED");
+    }
+    ck_assert_str_eq(s_submit(client, "metrics-0", NULL, 0), "ACCEPTED");
+    /* A referral the schema refuses, counted under its code. */
+    json_t *bad = khtest_json("{'not_a_referral': true}");
+    kh_error_t err;
+    json_t *reply =
+        kh_client_submit(client, bad, "metrics-bad", S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(reply);
+    ck_assert_str_eq(kh_client_reply_cmd(reply), "REJECTED");
+    char series[128];
+    snprintf(series, sizeof series, "requests_refused_total{code=\"%s\"}",
+             json_string_value(json_object_get(reply, "code")));
+    json_decref(reply);
+    json_decref(bad);
+    kh_client_destroy(&client);
+
+    ck_assert_double_eq(s_metric("referrals_accepted_total"), accepted + N);
+    ck_assert_double_eq(s_metric("referrals_duplicate_total"), duplicate + 1);
+    ck_assert_double_eq(s_metric("referrals_received_total"), received + N + 2);
+    ck_assert_double_eq(s_metric(series), 1);
+    ck_assert(s_metric("intake_commit_seconds_count") >= commits + 1);
+    ck_assert_int_eq(khtest_db_count(s_db, "SELECT count(*) FROM referrals"),
+                     N);
+}
+END_TEST
+
+/* Rename database from away to to, ending its sessions first (they come
+ * back by themselves, so try a few times). */
+static void s_rename(PGconn *admin, const char *from, const char *to)
+{
+    char sql[512];
+    for (int i = 0; i < 50; i++) {
+        snprintf(sql, sizeof sql,
+                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                 " WHERE datname = '%s' AND pid <> pg_backend_pid()",
+                 from);
+        PQclear(PQexec(admin, sql));
+        snprintf(sql, sizeof sql, "ALTER DATABASE %s RENAME TO %s", from, to);
+        PGresult *res = PQexec(admin, sql);
+        bool ok = PQresultStatus(res) == PGRES_COMMAND_OK;
+        PQclear(res);
+        if (ok)
+            return;
+        usleep(50 * 1000);
+    }
+    ck_abort_msg("cannot rename database %s", from);
+}
+
+START_TEST(readiness_follows_the_database)
+{
+    PQfinish(s_db);
+    s_db = NULL;
+    PGconn *admin = PQconnectdb(khtest_pg_conninfo());
+    ck_assert_int_eq(PQstatus(admin), CONNECTION_OK);
+    char sql[128];
+    snprintf(sql, sizeof sql, "DROP DATABASE IF EXISTS %s WITH (FORCE)",
+             S_AWAY);
+    PQclear(PQexec(admin, sql));
+
+    s_rename(admin, S_DB, S_AWAY);
+    ck_assert_msg(s_wait_status("/readyz", 503, 8000),
+                  "still ready without its database");
+    char *body = NULL;
+    ck_assert_int_eq(s_get("/readyz", &body), 503);
+    ck_assert_str_eq(body, "not ready: database unreachable\n");
+    free(body);
+    ck_assert_int_eq(s_get("/livez", NULL), 200); /* alive all the same */
+    ck_assert_double_eq(s_metric("database_up"), 0);
+
+    s_rename(admin, S_AWAY, S_DB);
+    PQfinish(admin);
+    ck_assert_msg(s_wait_status("/readyz", 200, 8000),
+                  "not ready again after the database came back");
+    ck_assert_double_eq(s_metric("database_up"), 1);
+    /* And intake itself works again (its first try may be refused
+     * retryably while it reconnects). */
+    kh_client_t *client = s_client();
+    bool accepted = false;
+    for (int i = 0; i < 50 && !accepted; i++) {
+        accepted =
+            strcmp(s_submit(client, "after-outage", NULL, 0), "ACCEPTED") == 0;
+        if (!accepted)
+            usleep(200 * 1000);
+    }
+    kh_client_destroy(&client);
+    ck_assert(accepted);
+    s_db = PQconnectdb(s_conninfo);
+    ck_assert_int_eq(PQstatus(s_db), CONNECTION_OK);
+}
+END_TEST
+
+/* Run ketenhubctl status --json with intake's health endpoint and the
+ * given routing endpoint ("none" skips it); the exit status, the
+ * document in *doc. */
+static int s_status(const char *routing, json_t **doc)
+{
+    setenv("KH_DATABASE_URL", s_conninfo, 1);
+    char *argv[] = {KH_TEST_BINARY_DIR "/tools/ctl/ketenhubctl",
+                    "status",
+                    "--json",
+                    "--intake",
+                    s_health,
+                    "--routing",
+                    (char *) routing,
+                    "--notification",
+                    "none",
+                    "--audit",
+                    "none",
+                    NULL};
+    char *output = NULL;
+    int status = khtest_run(argv, &output);
+    json_error_t jerr;
+    *doc = json_loads(output, 0, &jerr);
+    ck_assert_msg(*doc != NULL, "not JSON: %s", output);
+    free(output);
+    return status;
+}
+
+/* partner's backlog in a status document; -1 when it is not listed. */
+static long s_backlog(const json_t *doc, const char *partner)
+{
+    size_t i;
+    json_t *row;
+    json_array_foreach(json_object_get(doc, "partners"), i, row)
+    {
+        if (strcmp(json_string_value(json_object_get(row, "partner")),
+                   partner) == 0)
+            return (long) json_integer_value(json_object_get(row, "backlog"));
+    }
+    return -1;
+}
+
+/* A delivery for partner of the referral submitted with key. */
+static void s_add_delivery(const char *key, const char *partner)
+{
+    char sql[1024];
+    snprintf(sql, sizeof sql,
+             "INSERT INTO deliveries (id, referral_id, partner_id, priority,"
+             " payload, payload_hash, rules_version)"
+             " SELECT gen_random_uuid(), id, '%s', 'normal', payload,"
+             " payload_hash, 'test' FROM referrals"
+             " WHERE idempotency_key = '%s'",
+             partner, key);
+    PGresult *res = PQexec(s_db, sql);
+    ck_assert_msg(PQresultStatus(res) == PGRES_COMMAND_OK &&
+                      strcmp(PQcmdTuples(res), "1") == 0,
+                  "%s", PQresultErrorMessage(res));
+    PQclear(res);
+}
+
+START_TEST(status_shows_an_offline_partners_backlog_growing)
+{
+    kh_client_t *client = s_client();
+    for (int i = 0; i < 3; i++) {
+        char key[32];
+        snprintf(key, sizeof key, "status-%d", i);
+        ck_assert_str_eq(s_submit(client, key, NULL, 0), "ACCEPTED");
+    }
+    kh_client_destroy(&client);
+
+    json_t *doc = NULL;
+    ck_assert_int_eq(s_status("none", &doc), 0);
+    ck_assert(json_is_true(json_object_get(doc, "ok")));
+    json_t *intake = json_array_get(json_object_get(doc, "services"), 0);
+    ck_assert_str_eq(json_string_value(json_object_get(intake, "state")), "up");
+    ck_assert_str_eq(json_string_value(json_object_get(intake, "version")),
+                     kh_version());
+    ck_assert_int_eq(s_backlog(doc, "zorgcoordinator"), 0);
+    json_decref(doc);
+
+    /* Nobody of the zorgcoordinator is connected: its deliveries wait. */
+    s_add_delivery("status-0", "zorgcoordinator");
+    ck_assert_int_eq(s_status("none", &doc), 0);
+    ck_assert_int_eq(s_backlog(doc, "zorgcoordinator"), 1);
+    ck_assert_int_eq(s_backlog(doc, "veilig-thuis"), 0);
+    json_t *zc = json_array_get(json_object_get(doc, "partners"), 1);
+    ck_assert_ptr_nonnull(json_object_get(zc, "oldest"));
+    json_decref(doc);
+    s_add_delivery("status-1", "zorgcoordinator");
+    s_add_delivery("status-2", "zorgcoordinator");
+    ck_assert_int_eq(s_status("none", &doc), 0);
+    ck_assert_int_eq(s_backlog(doc, "zorgcoordinator"), 3);
+    json_decref(doc);
+
+    /* A service that does not answer makes status say so, exit 1. */
+    char down[64];
+    snprintf(down, sizeof down, "127.0.0.1:%d", khproc_free_port());
+    ck_assert_int_eq(s_status(down, &doc), 1);
+    ck_assert(json_is_false(json_object_get(doc, "ok")));
+    json_t *routing = json_array_get(json_object_get(doc, "services"), 1);
+    ck_assert_str_eq(json_string_value(json_object_get(routing, "state")),
+                     "down");
+    json_decref(doc);
+
+    /* The text screen names the partner with its backlog. */
+    char *argv[] = {KH_TEST_BINARY_DIR "/tools/ctl/ketenhubctl",
+                    "status",
+                    "--intake",
+                    s_health,
+                    "--routing",
+                    "none",
+                    "--notification",
+                    "none",
+                    "--audit",
+                    "none",
+                    NULL};
+    char *output = NULL;
+    ck_assert_int_eq(khtest_run(argv, &output), 0);
+    ck_assert_msg(strstr(output, "zorgcoordinator") &&
+                      strstr(output, "intake        up"),
+                  "%s", output);
+    free(output);
+}
+END_TEST
+
+/* Each service binary with one bad setting: exit 2 naming it. */
+START_TEST(a_bad_setting_exits_2_naming_the_variable)
+{
+    static const struct {
+        const char *binary, *variable, *value;
+    } cases[] = {
+        {"services/intake/ketenhub-intake", "KH_HEALTH_ENDPOINT", "nowhere"},
+        {"services/intake/ketenhub-intake", "KH_HEALTH_ENDPOINT", "host:99999"},
+        {"services/intake/ketenhub-intake", "KH_MAX_FRAME", "lots"},
+    };
+    /* Required settings with placeholder values, so that the one under
+     * test is the first wrong one. */
+    setenv("KH_HUB_CERT", "/nonexistent/hub.cert", 1);
+    setenv("KH_PARTNER_CERT_DIR", "/nonexistent", 1);
+    setenv("KH_AUDIT_KEY", "/nonexistent/hub-audit.key", 1);
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        setenv(cases[i].variable, cases[i].value, 1);
+        char path[512];
+        snprintf(path, sizeof path, "%s/%s", KH_TEST_BINARY_DIR,
+                 cases[i].binary);
+        char *argv[] = {path, NULL};
+        char *output = NULL;
+        int status = khtest_run(argv, &output);
+        ck_assert_msg(status == 2 && strstr(output, cases[i].variable),
+                      "%s with %s=%s: exit %d: %s", cases[i].binary,
+                      cases[i].variable, cases[i].value, status, output);
+        free(output);
+        unsetenv(cases[i].variable);
+    }
+}
+END_TEST
+
+int main(void)
+{
+    Suite *suite = suite_create("health");
+    TCase *tc = tcase_create("health");
+    tcase_set_timeout(tc, 90);
+    tcase_add_checked_fixture(tc, s_setup, s_teardown);
+    tcase_add_test(tc, live_ready_and_metrics_in_the_text_format);
+    tcase_add_test(tc, counters_move_by_exactly_what_was_submitted);
+    tcase_add_test(tc, readiness_follows_the_database);
+    tcase_add_test(tc, status_shows_an_offline_partners_backlog_growing);
+    tcase_add_test(tc, a_bad_setting_exits_2_naming_the_variable);
+    suite_add_tcase(suite, tc);
+    return khtest_run_suite(suite);
+}

@@ -1,0 +1,387 @@
+/*
+ * ketenhubctl status: one screen for an administrator. Each service's
+ * /readyz (up, not ready and why, or down) with its version; from
+ * PostgreSQL the rules version in force, the trail head and the last
+ * signed checkpoint, dead letters, open escalations, and per partner the
+ * backlog of unacknowledged deliveries and the oldest of them.
+ *
+ * Everything is gathered into one JSON document first; --json prints it,
+ * otherwise it is laid out as text. Nothing here reads a payload. Exit
+ * status 0 when every service checked is ready and the database answers,
+ * 1 when something is down, 2 for usage.
+ */
+#include <getopt.h>
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ctl.h"
+#include "ketenhub/health.h"
+
+#define S_PROBE_MS 2000
+
+#define S_TS(col)                                                              \
+    "to_char(" col " AT TIME ZONE 'UTC', "                                     \
+    "'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
+
+typedef struct {
+    const char *name;     /* service */
+    const char *env;      /* variable with its health endpoint */
+    const char *defval;   /* default endpoint */
+    const char *endpoint; /* in force */
+} s_service_t;
+
+static void s_usage(FILE *out)
+{
+    fprintf(out,
+            "usage: ketenhubctl status [--intake H:P] [--routing H:P]\n"
+            "                          [--notification H:P] [--audit H:P] "
+            "[--json]\n"
+            "\n"
+            "One screen: each service up or down (its /readyz) with its "
+            "version;\n"
+            "rules version, trail head and last checkpoint, dead letters, "
+            "open\n"
+            "escalations, and per partner the backlog of unacknowledged "
+            "deliveries\n"
+            "with the oldest one's time.\n"
+            "\n"
+            "  --intake H:P        intake's KH_HEALTH_ENDPOINT (default "
+            "$KH_INTAKE_HEALTH,\n"
+            "                      else 127.0.0.1:9701); \"none\" skips it\n"
+            "  --routing H:P       likewise ($KH_ROUTING_HEALTH, 9702)\n"
+            "  --notification H:P  likewise ($KH_NOTIFY_HEALTH, 9703)\n"
+            "  --audit H:P         likewise ($KH_AUDIT_HEALTH, 9704)\n"
+            "  --json              one JSON document, for scripts\n"
+            "\n"
+            "exit status: 0 all up, 1 something down or the database "
+            "unreachable,\n"
+            "2 usage\n");
+}
+
+/* "http://h:p/" -> "h:p" in buf. */
+static const char *s_hostport(const char *endpoint, char *buf, size_t size)
+{
+    if (strncmp(endpoint, "http://", 7) == 0)
+        endpoint += 7;
+    snprintf(buf, size, "%s", endpoint);
+    size_t len = strlen(buf);
+    while (len > 0 && buf[len - 1] == '/')
+        buf[--len] = '\0';
+    return buf;
+}
+
+/* {"name", "endpoint", "state": up|not_ready|down|skipped, "version",
+ * "detail"} for one service. */
+static json_t *s_probe(const s_service_t *svc)
+{
+    json_t *out =
+        json_pack("{s:s, s:s}", "name", svc->name, "endpoint", svc->endpoint);
+    if (strcmp(svc->endpoint, "none") == 0) {
+        json_object_set_new(out, "state", json_string("skipped"));
+        return out;
+    }
+    char hostport[256];
+    char *body = NULL;
+    kh_error_t err;
+    int status =
+        kh_http_get(s_hostport(svc->endpoint, hostport, sizeof hostport),
+                    "/readyz", S_PROBE_MS, &body, &err);
+    if (status < 0) {
+        json_object_set_new(out, "state", json_string("down"));
+        json_object_set_new(out, "detail", json_string(err.message));
+        return out;
+    }
+    char *nl = body ? strchr(body, '\n') : NULL;
+    if (nl)
+        *nl = '\0';
+    char service[64] = "", version[64] = "";
+    if (status == 200 && body &&
+        sscanf(body, "ready %63s %63s", service, version) == 2) {
+        json_object_set_new(out, "state", json_string("up"));
+        json_object_set_new(out, "version", json_string(version));
+        if (strcmp(service, svc->name) != 0)
+            json_object_set_new(out, "detail",
+                                json_sprintf("answered as %s", service));
+    } else {
+        json_object_set_new(out, "state", json_string("not_ready"));
+        json_object_set_new(out, "detail",
+                            body && *body
+                                ? json_string(body)
+                                : json_sprintf("HTTP status %d", status));
+    }
+    free(body);
+    return out;
+}
+
+/* The first row's values as strings into obj under keys (NULL values are
+ * left out). 0, or -1 when the query failed. */
+static int s_row(PGconn *conn, const char *sql, json_t *obj,
+                 const char *const *keys, const bool *numeric)
+{
+    PGresult *res = PQexec(conn, sql);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        fprintf(stderr, "ketenhubctl: status: %s", PQresultErrorMessage(res));
+        PQclear(res);
+        return -1;
+    }
+    for (int c = 0; PQntuples(res) > 0 && keys[c]; c++)
+        if (!PQgetisnull(res, 0, c))
+            json_object_set_new(
+                obj, keys[c],
+                numeric[c]
+                    ? json_integer(strtoll(PQgetvalue(res, 0, c), NULL, 10))
+                    : json_string(PQgetvalue(res, 0, c)));
+    PQclear(res);
+    return 0;
+}
+
+/* The database part: {"reachable", ...} and the partners' backlog. */
+static json_t *s_database(json_t **partners)
+{
+    json_t *db = json_object();
+    *partners = json_array();
+    PGconn *conn = ctl_connect();
+    if (!conn) {
+        json_object_set_new(db, "reachable", json_false());
+        return db;
+    }
+    json_object_set_new(db, "reachable", json_true());
+    static const char *k_rules[] = {"rules_version", "rules_version_at", NULL};
+    static const bool n_rules[] = {false, false};
+    static const char *k_trail[] = {"trail_head", "trail_sealed", NULL};
+    static const bool n_trail[] = {true, true};
+    static const char *k_cp[] = {"checkpoint_seq", "checkpoint_at", NULL};
+    static const bool n_cp[] = {true, false};
+    static const char *k_dl[] = {"dead_letters", "escalations_open", NULL};
+    static const bool n_dl[] = {true, true};
+    /* Both halves use audit_events (action, at). */
+    int rc = s_row(
+        conn,
+        "SELECT rules_version, " S_TS(
+            "at") " FROM ("
+                  " (SELECT rules_version, at FROM audit_events"
+                  "  WHERE action = 'rules.reloaded' AND outcome = 'ok'"
+                  "  ORDER BY at DESC LIMIT 1) UNION ALL"
+                  " (SELECT rules_version, at FROM audit_events"
+                  "  WHERE action = 'referral.routed'"
+                  "  ORDER BY at DESC LIMIT 1)) r ORDER BY at DESC LIMIT 1",
+        db, k_rules, n_rules);
+    rc = rc ? rc
+            : s_row(conn,
+                    "SELECT (SELECT coalesce(max(seq), 0) FROM audit_events),"
+                    " (SELECT coalesce(max(seq), 0) FROM audit_seals)",
+                    db, k_trail, n_trail);
+    rc = rc ? rc
+            : s_row(conn,
+                    "SELECT seq, " S_TS("at") " FROM audit_checkpoints"
+                                              " ORDER BY seq DESC LIMIT 1",
+                    db, k_cp, n_cp);
+    rc = rc ? rc
+            : s_row(conn,
+                    "SELECT count(*) FILTER (WHERE state = 'dead'),"
+                    " count(*) FILTER (WHERE escalated_at IS NOT NULL"
+                    "  AND state IN ('pending', 'delivered'))"
+                    " FROM deliveries WHERE state IN ('dead', 'pending',"
+                    " 'delivered')",
+                    db, k_dl, n_dl);
+    PGresult *res =
+        rc ? NULL
+           : PQexec(conn,
+                    "SELECT p.id, count(d.id), " S_TS(
+                        "min(d.created_at)") ","
+                                             " extract(epoch FROM now() - "
+                                             "min(d.created_at))::bigint,"
+                                             " p.revoked_at IS NOT NULL"
+                                             " FROM partners p LEFT JOIN "
+                                             "deliveries d"
+                                             " ON d.partner_id = p.id"
+                                             " AND d.state IN ('pending', "
+                                             "'delivered')"
+                                             " GROUP BY p.id, p.revoked_at "
+                                             "ORDER BY p.id");
+    if (res && PQresultStatus(res) == PGRES_TUPLES_OK) {
+        for (int i = 0; i < PQntuples(res); i++) {
+            json_t *row = json_pack(
+                "{s:s, s:I, s:b}", "partner", PQgetvalue(res, i, 0), "backlog",
+                (json_int_t) strtoll(PQgetvalue(res, i, 1), NULL, 10),
+                "revoked", strcmp(PQgetvalue(res, i, 4), "t") == 0);
+            if (row && !PQgetisnull(res, i, 2)) {
+                json_object_set_new(row, "oldest",
+                                    json_string(PQgetvalue(res, i, 2)));
+                json_object_set_new(
+                    row, "oldest_age_s",
+                    json_integer(strtoll(PQgetvalue(res, i, 3), NULL, 10)));
+            }
+            json_array_append_new(*partners, row);
+        }
+    } else if (res) {
+        fprintf(stderr, "ketenhubctl: status: %s", PQresultErrorMessage(res));
+        rc = -1;
+    }
+    PQclear(res);
+    PQfinish(conn);
+    if (rc)
+        json_object_set_new(db, "error", json_string("a query failed"));
+    return db;
+}
+
+/* "3d 4h", "2h 5m", "7m 3s", "12s". */
+static void s_age(long long s, char *buf, size_t size)
+{
+    if (s >= 86400)
+        snprintf(buf, size, "%lldd %lldh", s / 86400, s % 86400 / 3600);
+    else if (s >= 3600)
+        snprintf(buf, size, "%lldh %lldm", s / 3600, s % 3600 / 60);
+    else if (s >= 60)
+        snprintf(buf, size, "%lldm %llds", s / 60, s % 60);
+    else
+        snprintf(buf, size, "%llds", s);
+}
+
+static const char *s_str(const json_t *obj, const char *key, const char *dflt)
+{
+    const char *value = json_string_value(json_object_get(obj, key));
+    return value ? value : dflt;
+}
+
+static long long s_int(const json_t *obj, const char *key)
+{
+    return (long long) json_integer_value(json_object_get(obj, key));
+}
+
+static void s_print_text(const json_t *doc)
+{
+    printf("services\n");
+    size_t i;
+    json_t *svc;
+    json_array_foreach(json_object_get(doc, "services"), i, svc)
+    {
+        const char *state = s_str(svc, "state", "down");
+        printf("  %-13s %-9s %-7s %-21s %s\n", s_str(svc, "name", ""),
+               strcmp(state, "not_ready") == 0 ? "NOT READY"
+               : strcmp(state, "down") == 0    ? "DOWN"
+                                               : state,
+               s_str(svc, "version", "-"), s_str(svc, "endpoint", ""),
+               s_str(svc, "detail", ""));
+    }
+    const json_t *db = json_object_get(doc, "database");
+    if (!json_is_true(json_object_get(db, "reachable"))) {
+        printf("database          UNREACHABLE\n");
+        return;
+    }
+    printf("database          reachable%s\n",
+           json_object_get(db, "error") ? " (a query failed)" : "");
+    printf("rules version     %s", s_str(db, "rules_version", "-"));
+    if (json_object_get(db, "rules_version_at"))
+        printf(" (last used %s)", s_str(db, "rules_version_at", ""));
+    printf("\ntrail head        seq %lld (sealed up to %lld)\n",
+           s_int(db, "trail_head"), s_int(db, "trail_sealed"));
+    if (json_object_get(db, "checkpoint_seq"))
+        printf("last checkpoint   seq %lld at %s\n",
+               s_int(db, "checkpoint_seq"), s_str(db, "checkpoint_at", ""));
+    else
+        printf("last checkpoint   none\n");
+    printf("dead letters      %lld\nescalations open  %lld\n",
+           s_int(db, "dead_letters"), s_int(db, "escalations_open"));
+    printf("backlog (unacknowledged deliveries per partner)\n");
+    printf("  %-24s %8s  %s\n", "partner", "backlog", "oldest");
+    json_t *p;
+    json_array_foreach(json_object_get(doc, "partners"), i, p)
+    {
+        char age[32] = "";
+        if (json_object_get(p, "oldest"))
+            s_age(s_int(p, "oldest_age_s"), age, sizeof age);
+        printf("  %-24s %8lld  %s%s%s%s%s\n", s_str(p, "partner", ""),
+               s_int(p, "backlog"), s_str(p, "oldest", "-"), *age ? " (" : "",
+               age, *age ? " ago)" : "",
+               json_is_true(json_object_get(p, "revoked")) ? "  revoked" : "");
+    }
+}
+
+int ctl_status(int argc, char **argv)
+{
+    s_service_t services[] = {
+        {"intake", "KH_INTAKE_HEALTH", "127.0.0.1:9701", NULL},
+        {"routing", "KH_ROUTING_HEALTH", "127.0.0.1:9702", NULL},
+        {"notification", "KH_NOTIFY_HEALTH", "127.0.0.1:9703", NULL},
+        {"audit", "KH_AUDIT_HEALTH", "127.0.0.1:9704", NULL},
+    };
+    const size_t nservices = sizeof services / sizeof services[0];
+    for (size_t i = 0; i < nservices; i++) {
+        const char *env = getenv(services[i].env);
+        services[i].endpoint = env && *env ? env : services[i].defval;
+    }
+    static const struct option options[] = {
+        {"intake", required_argument, NULL, 'i'},
+        {"routing", required_argument, NULL, 'r'},
+        {"notification", required_argument, NULL, 'n'},
+        {"audit", required_argument, NULL, 'a'},
+        {"json", no_argument, NULL, 'j'},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0}};
+    bool as_json = false;
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "jh", options, NULL)) != -1) {
+        switch (c) {
+        case 'i':
+            services[0].endpoint = optarg;
+            break;
+        case 'r':
+            services[1].endpoint = optarg;
+            break;
+        case 'n':
+            services[2].endpoint = optarg;
+            break;
+        case 'a':
+            services[3].endpoint = optarg;
+            break;
+        case 'j':
+            as_json = true;
+            break;
+        case 'h':
+            s_usage(stdout);
+            return CTL_OK;
+        default:
+            s_usage(stderr);
+            return CTL_USAGE;
+        }
+    }
+    if (optind < argc)
+        return ctl_usage_error("status: unexpected argument '%s'",
+                               argv[optind]);
+
+    bool ok = true;
+    json_t *list = json_array();
+    for (size_t i = 0; i < nservices; i++) {
+        json_t *svc = s_probe(&services[i]);
+        const char *state = s_str(svc, "state", "down");
+        ok = ok && (strcmp(state, "up") == 0 || strcmp(state, "skipped") == 0);
+        json_array_append_new(list, svc);
+    }
+    json_t *partners = NULL;
+    json_t *db = s_database(&partners);
+    ok = ok && json_is_true(json_object_get(db, "reachable")) &&
+         !json_object_get(db, "error");
+    json_t *doc =
+        json_pack("{s:s, s:b, s:o, s:o, s:o}", "version", kh_version(), "ok",
+                  ok, "services", list, "database", db, "partners", partners);
+    if (!doc) {
+        fprintf(stderr, "ketenhubctl: out of memory\n");
+        return CTL_FAIL;
+    }
+    if (as_json) {
+        char *text = json_dumps(doc, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
+        if (text)
+            printf("%s\n", text);
+        free(text);
+    } else {
+        printf("ketenhub %s: %s\n", kh_version(),
+               ok ? "all up" : "SOMETHING IS DOWN");
+        s_print_text(doc);
+    }
+    json_decref(doc);
+    return ok ? CTL_OK : CTL_FAIL;
+}
