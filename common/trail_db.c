@@ -519,6 +519,10 @@ static int s_fast_verify(PGconn *conn, const unsigned char *public_key,
         snprintf(sql, sizeof sql,
                  "COPY audit_events (" S_EVENT_COLUMNS ") TO STDOUT (FORMAT"
                  " binary)");
+    else if (after == 0)
+        snprintf(sql, sizeof sql,
+                 "COPY (SELECT " S_EVENT_COLUMNS " FROM audit_trail) TO STDOUT"
+                 " (FORMAT binary)");
     else
         snprintf(sql, sizeof sql,
                  "COPY (SELECT " S_EVENT_COLUMNS " FROM audit_trail WHERE seq"
