@@ -171,6 +171,35 @@ int main(int argc, char **argv)
                (double) report.events / dt, rc == 0 ? "intact" : "FINDING");
     }
 
+    /* The same as an auditor sees it: through the views only. */
+    {
+        kh_error_t aerr;
+        if (kh_db_exec(conn,
+                       "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles"
+                       " WHERE rolname = 'kh_bench_auditor') THEN CREATE ROLE"
+                       " kh_bench_auditor LOGIN IN ROLE ketenhub_auditor; END"
+                       " IF; END $$",
+                       &aerr) != 0)
+            s_die("cannot make the auditor role", &aerr);
+        char conninfo[2048];
+        snprintf(conninfo, sizeof conninfo, "%s user=kh_bench_auditor",
+                 kh_db_env_conninfo());
+        PGconn *auditor = kh_db_connect_app(conninfo, "auditbench", &aerr);
+        if (!auditor)
+            s_die("cannot connect as the auditor", &aerr);
+        kh_trail_report_t report;
+        t0 = s_now();
+        int rc = kh_trail_db_verify(auditor, pk, 0, NULL, 0, &report, &aerr);
+        dt = s_now() - t0;
+        if (rc < 0)
+            s_die("cannot verify as the auditor", &aerr);
+        printf("verify as ketenhub_auditor (views): %" PRId64
+               " events in %.2f s = %.0f events/s (%s)\n",
+               report.events, dt, (double) report.events / dt,
+               rc == 0 ? "intact" : "FINDING");
+        PQfinish(auditor);
+    }
+
     /* One referral's history, random referrals. */
     double *ms = calloc((size_t) queries, sizeof *ms);
     long long referrals = total / 8;
