@@ -297,7 +297,7 @@ static void s_check_inboxes(const e2e_run_t *run)
                 strcmp(ent->d_name + 36, ".json") != 0)
                 continue;
             files++;
-            char path[600], id[37];
+            char path[1024], id[37];
             snprintf(path, sizeof path, "%s/%s", dir, ent->d_name);
             snprintf(id, sizeof id, "%.36s", ent->d_name);
             json_error_t jerr;
