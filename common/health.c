@@ -737,13 +737,20 @@ kh_health_t *kh_health_new(const kh_health_config_t *config, kh_error_t *err)
             (const struct sockaddr *) &addr, MHD_OPTION_CONNECTION_LIMIT,
             (unsigned int) 32, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int) 10,
             MHD_OPTION_END);
-        if (!self->daemon) {
+        if (!self->daemon && !config->bind_optional) {
             kh_error_set(err, KH_E_CONFIG, "KH_HEALTH_ENDPOINT",
                          "cannot bind KH_HEALTH_ENDPOINT %s", endpoint);
             goto fail;
         }
+        if (!self->daemon)
+            kh_log_warn("health_unbound",
+                        "endpoint=%s reason=\"cannot bind the default "
+                        "KH_HEALTH_ENDPOINT; set it to serve health\"",
+                        endpoint);
         const union MHD_DaemonInfo *info =
-            MHD_get_daemon_info(self->daemon, MHD_DAEMON_INFO_BIND_PORT);
+            self->daemon
+                ? MHD_get_daemon_info(self->daemon, MHD_DAEMON_INFO_BIND_PORT)
+                : NULL;
         self->port = info ? (int) info->port : 0;
     }
     if (self->conninfo) {

@@ -92,6 +92,10 @@ typedef struct {
     const char *endpoint; /* "HOST:PORT" (HOST "*" = all); "none": no HTTP */
     const char *conninfo; /* database to probe; NULL: no database check */
     bool needs_rules;     /* readiness waits for kh_health_set_rules */
+    /* The endpoint is the default, not the administrator's choice: when
+     * it cannot be bound (a second process on the host), log a warning
+     * and go on without HTTP instead of failing. */
+    bool bind_optional;
     /* Optional: a query refreshed every few seconds on the probe's
      * connection, returning rows (family, label or NULL, value) that set
      * gauges. NULL: the service's own (backlog per partner for
@@ -101,8 +105,8 @@ typedef struct {
 
 /* Start the HTTP endpoint and the database probe. Returns the object, or
  * NULL with err: KH_E_CONFIG (path "KH_HEALTH_ENDPOINT") when the endpoint
- * is malformed or cannot be bound, KH_E_NOMEM. With endpoint "none" only
- * the probe runs (the registry still counts). */
+ * is malformed or cannot be bound (unless bind_optional), KH_E_NOMEM.
+ * With endpoint "none" only the probe runs (the registry still counts). */
 kh_health_t *kh_health_new(const kh_health_config_t *config, kh_error_t *err);
 
 /* Stop the threads and free; accepts NULL; nulls the pointer. */

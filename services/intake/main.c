@@ -5,6 +5,7 @@
  */
 #include <czmq.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -87,6 +88,7 @@ int main(int argc, char **argv)
      * else; not ready until the sockets are bound. */
     kh_health_config_t hc = {.service = "intake",
                              .endpoint = s_get("KH_HEALTH_ENDPOINT"),
+                             .bind_optional = !getenv("KH_HEALTH_ENDPOINT"),
                              .conninfo = config.conninfo};
     kh_health_t *health = kh_health_new(&hc, &err);
     if (!health) {

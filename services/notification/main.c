@@ -6,11 +6,13 @@
  */
 #include <czmq.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "ketenhub/codec.h"
 #include "ketenhub/config.h"
+#include "ketenhub/health.h"
 #include "ketenhub/log.h"
 #include "ketenhub/proto.h"
 #include "ketenhub/service.h"
@@ -47,6 +49,8 @@ static kh_cfg_t s_config[] = {
            "how often the partner registry is re-read"),
     KH_CFG("KH_MAX_FRAME", KH_CFG_INT, "65536", 1024, 16777216, false,
            "largest frame a partner may send on this socket"),
+    KH_CFG("KH_HEALTH_ENDPOINT", KH_CFG_STRING, "127.0.0.1:9703", 0, 0, false,
+           "HOST:PORT of /livez, /readyz, /metrics (\"none\": off)"),
     KH_CFG("KH_LOG_LEVEL", KH_CFG_STRING, "info", 0, 0, false,
            "debug, info, warn or error"),
 };
@@ -92,16 +96,34 @@ int main(int argc, char **argv)
         close(signal_fd);
         return 2;
     }
+    /* First, so that a bad KH_HEALTH_ENDPOINT is named before anything
+     * else; not ready until the sockets are bound. The probe also reads
+     * the backlog per partner for /metrics. */
+    kh_health_config_t hc = {.service = "notification",
+                             .endpoint = s_cfg("KH_HEALTH_ENDPOINT")->str,
+                             .bind_optional = !getenv("KH_HEALTH_ENDPOINT"),
+                             .conninfo = config.conninfo};
+    kh_health_t *health = kh_health_new(&hc, &err);
+    if (!health) {
+        kh_log_error("start_failed", "code=%s path=%s msg=\"%s\"",
+                     kh_error_name(err.code), err.path, err.message);
+        close(signal_fd);
+        return err.code == KH_E_CONFIG ? 2 : 1;
+    }
     notify_t *notify = notify_new(&config, &err);
     if (!notify) {
+        kh_health_destroy(&health);
         kh_log_error("start_failed", "code=%s path=%s msg=\"%s\"",
                      kh_error_name(err.code), err.path[0] ? err.path : "none",
                      err.message);
         close(signal_fd);
         return err.code == KH_E_CONFIG ? 2 : 1;
     }
+    kh_health_set_sockets(health, true); /* notify_new bound them */
     int rc = notify_run(notify, signal_fd);
+    kh_health_destroy(&health);
     notify_destroy(&notify);
+    kh_metrics_reset();
     close(signal_fd);
     return rc == 0 ? 0 : 1;
 }

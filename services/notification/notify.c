@@ -17,6 +17,7 @@
 #include <string.h>
 
 #include "ketenhub/codec.h"
+#include "ketenhub/health.h"
 #include "ketenhub/log.h"
 #include "ketenhub/proto.h"
 #include "ketenhub/service.h"
@@ -307,6 +308,9 @@ static void s_queue_delivery(const dstore_delivery_t *d, void *arg)
             self->stats.resent++;
         else
             self->stats.sent++;
+        kh_metric_add(d->attempt > 1 ? "deliveries_retried_total"
+                                     : "deliveries_sent_total",
+                      NULL, 1);
         kh_log_debug("delivery_sent",
                      "delivery=%s referral=%s partner=%s priority=%s "
                      "attempt=%d",
@@ -455,6 +459,8 @@ static void s_answers_reply(notify_t *self, const kh_error_t *fail)
         case DSTORE_DEAD:
             self->stats.nacked++;
             self->stats.dead++;
+            kh_metric_add("deliveries_nacked_total", NULL, 1);
+            kh_metric_add("deliveries_dead_total", NULL, 1);
             kh_log_error("alert",
                          "kind=dead_letter delivery=%s partner=%s reason=%s",
                          p->answer.id, p->answer.partner,
@@ -465,6 +471,9 @@ static void s_answers_reply(notify_t *self, const kh_error_t *fail)
                 self->stats.nacked++;
             else
                 self->stats.acked++;
+            kh_metric_add(p->nack ? "deliveries_nacked_total"
+                                  : "deliveries_acked_total",
+                          NULL, 1);
         }
         s_send_answer(self, p,
                       p->nack ? p->answer.outcome == DSTORE_DEAD
@@ -662,6 +671,7 @@ static void s_on_sweep_event(const char *kind, const char *delivery_id,
     notify_t *self = arg;
     if (strcmp(kind, "dead") == 0) {
         self->stats.dead++;
+        kh_metric_add("deliveries_dead_total", NULL, 1);
         kh_log_error("alert",
                      "kind=dead_letter delivery=%s referral=%s "
                      "partner=%s reason=%s",
@@ -671,6 +681,7 @@ static void s_on_sweep_event(const char *kind, const char *delivery_id,
             zhashx_delete(c->out, delivery_id);
     } else {
         self->stats.escalated++;
+        kh_metric_add("deliveries_escalated_total", NULL, 1);
         kh_log_error("alert",
                      "kind=escalation delivery=%s referral=%s "
                      "partner=%s copy_to=%s",
@@ -965,7 +976,8 @@ int notify_run(notify_t *self, int signal_fd)
                     self) == -1 ||
         zloop_timer(self->loop, (size_t) self->cfg.partner_refresh_ms, 0,
                     s_on_refresh, self) == -1 ||
-        zloop_timer(self->loop, S_STATS_MS, 0, s_on_stats, self) == -1) {
+        zloop_timer(self->loop, S_STATS_MS, 0, s_on_stats, self) == -1 ||
+        kh_health_attach(self->loop)) {
         kh_log_error("start_failed", "reason=\"cannot set up the loop\"");
         return -1;
     }

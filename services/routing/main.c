@@ -6,10 +6,12 @@
  */
 #include <czmq.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "ketenhub/config.h"
+#include "ketenhub/health.h"
 #include "ketenhub/log.h"
 #include "ketenhub/service.h"
 #include "routing.h"
@@ -36,6 +38,8 @@ static kh_cfg_t s_config[] = {
            "most referrals routed in one transaction"),
     KH_CFG("KH_ROUTING_POLL_MS", KH_CFG_INT, "1000", 10, 3600000, false,
            "look for accepted referrals at least this often"),
+    KH_CFG("KH_HEALTH_ENDPOINT", KH_CFG_STRING, "127.0.0.1:9702", 0, 0, false,
+           "HOST:PORT of /livez, /readyz, /metrics (\"none\": off)"),
     KH_CFG("KH_LOG_LEVEL", KH_CFG_STRING, "info", 0, 0, false,
            "debug, info, warn or error"),
 };
@@ -93,8 +97,23 @@ int main(int argc, char **argv)
     };
     kh_log_info("files", "rules=%s schema=%s", rules_file, schema);
 
+    /* First, so that a bad KH_HEALTH_ENDPOINT is named before anything
+     * else; ready once the socket is bound and the rules are loaded. */
+    kh_health_config_t hc = {.service = "routing",
+                             .endpoint = s_cfg("KH_HEALTH_ENDPOINT")->str,
+                             .bind_optional = !getenv("KH_HEALTH_ENDPOINT"),
+                             .conninfo = config.conninfo,
+                             .needs_rules = true};
+    kh_health_t *health = kh_health_new(&hc, &err);
+    if (!health) {
+        kh_log_error("start_failed", "code=%s path=%s msg=\"%s\"",
+                     kh_error_name(err.code), err.path, err.message);
+        close(signal_fd);
+        return err.code == KH_E_CONFIG ? 2 : 1;
+    }
     routing_t *routing = routing_new(&config, &err);
     if (!routing) {
+        kh_health_destroy(&health);
         kh_log_error("start_failed",
                      "code=%s path=%s line=%d column=%d msg=\"%s\"",
                      kh_error_name(err.code), err.path[0] ? err.path : "none",
@@ -104,8 +123,14 @@ int main(int argc, char **argv)
         close(signal_fd);
         return usage ? 2 : 1;
     }
+    /* routing_new bound the socket and loaded the rules; a failed reload
+     * keeps them. */
+    kh_health_set_sockets(health, true);
+    kh_health_set_rules(health, true);
     int rc = routing_run(routing, signal_fd);
+    kh_health_destroy(&health);
     routing_destroy(&routing);
+    kh_metrics_reset();
     close(signal_fd);
     return rc == 0 ? 0 : 1;
 }

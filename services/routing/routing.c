@@ -16,6 +16,7 @@
 
 #include "ketenhub/codec.h"
 #include "ketenhub/db.h"
+#include "ketenhub/health.h"
 #include "ketenhub/log.h"
 #include "ketenhub/partner.h"
 #include "ketenhub/proto.h"
@@ -381,6 +382,7 @@ static int s_pass(routing_t *self)
 {
     kh_error_t err;
     int64_t started = zclock_mono();
+    size_t deliveries = self->deliveries;
     if (s_connect(self, &err)) {
         kh_log_warn("db_unavailable", "msg=\"%s\"", err.message);
         self->failures++;
@@ -424,6 +426,12 @@ static int s_pass(routing_t *self)
     if (sent)
         goto fail;
     s_notify(self);
+    kh_metric_add("referrals_routed_total", NULL, (uint64_t) routed);
+    kh_metric_add("deliveries_created_total", NULL,
+                  (uint64_t) (self->deliveries - deliveries));
+    if (routed)
+        kh_metric_observe("routing_pass_seconds", NULL,
+                          (double) (zclock_mono() - started) / 1000.0);
     self->routed += (size_t) routed;
     self->passes++;
     kh_log_debug("pass", "claimed=%d routed=%d ms=%lld", PQntuples(res), routed,
@@ -481,6 +489,7 @@ static void s_reload(routing_t *self)
                      self->config.rules_file, kh_error_name(err.code),
                      err.path[0] ? err.path : "none", err.line, err.column,
                      err.message, kh_rules_version(self->rules));
+        kh_metric_add("rules_reloads_total", "failed", 1);
         s_audit_reload(self, &err);
         return;
     }
@@ -491,6 +500,7 @@ static void s_reload(routing_t *self)
     kh_log_info("rules_reloaded", "file=%s version=%s rules=%zu",
                 self->config.rules_file, kh_rules_version(rules),
                 kh_rules_count(rules));
+    kh_metric_add("rules_reloads_total", "ok", 1);
     s_audit_reload(self, NULL);
 }
 
@@ -729,7 +739,8 @@ int routing_run(routing_t *self, int signal_fd)
         zloop_poller(self->loop, &signals, s_on_signal, self) ||
         zloop_timer(self->loop, (size_t) self->config.poll_ms, 0, s_on_timer,
                     self) == -1 ||
-        zloop_timer(self->loop, S_STATS_MS, 0, s_on_stats, self) == -1) {
+        zloop_timer(self->loop, S_STATS_MS, 0, s_on_stats, self) == -1 ||
+        kh_health_attach(self->loop)) {
         kh_log_error("start_failed", "reason=\"cannot set up the loop\"");
         return -1;
     }

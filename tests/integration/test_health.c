@@ -83,29 +83,40 @@ static void s_start_intake(void)
 
 /* GET path on intake's health endpoint: the HTTP status, -1 when it does
  * not answer; *body when body is not NULL (caller frees). */
-static int s_get(const char *path, char **body)
+static int s_get_at(const char *health, const char *path, char **body)
 {
     kh_error_t err;
-    return kh_http_get(s_health, path, 2000, body, &err);
+    return kh_http_get(health, path, 2000, body, &err);
 }
 
-/* Wait up to ms for path to answer status want. */
-static bool s_wait_status(const char *path, int want, int ms)
+static int s_get(const char *path, char **body)
+{
+    return s_get_at(s_health, path, body);
+}
+
+/* Wait up to ms for path on health to answer status want. */
+static bool s_wait_status_at(const char *health, const char *path, int want,
+                             int ms)
 {
     for (int waited = 0; waited <= ms; waited += 100) {
-        if (s_get(path, NULL) == want)
+        if (s_get_at(health, path, NULL) == want)
             return true;
         usleep(100 * 1000);
     }
     return false;
 }
 
-/* The value of one series ("name" or "name{label=\"x\"}") in /metrics;
- * 0 when it is absent (a counter that never moved). */
-static double s_metric(const char *series)
+static bool s_wait_status(const char *path, int want, int ms)
+{
+    return s_wait_status_at(s_health, path, want, ms);
+}
+
+/* The value of one series ("name" or "name{label=\"x\"}") in the
+ * /metrics of health; 0 when it is absent (a counter that never moved). */
+static double s_metric_at(const char *health, const char *series)
 {
     char *body = NULL;
-    ck_assert_int_eq(s_get("/metrics", &body), 200);
+    ck_assert_int_eq(s_get_at(health, "/metrics", &body), 200);
     ck_assert_ptr_nonnull(body);
     char want[256];
     snprintf(want, sizeof want, "\nketenhub_%s ", series);
@@ -113,6 +124,23 @@ static double s_metric(const char *series)
     double value = at ? strtod(at + strlen(want), NULL) : 0;
     free(body);
     return value;
+}
+
+static double s_metric(const char *series)
+{
+    return s_metric_at(s_health, series);
+}
+
+/* Wait up to ms for a series of health to reach value. */
+static bool s_wait_metric(const char *health, const char *series, double value,
+                          int ms)
+{
+    for (int waited = 0; waited <= ms; waited += 100) {
+        if (s_metric_at(health, series) == value)
+            return true;
+        usleep(100 * 1000);
+    }
+    return false;
 }
 
 static kh_client_t *s_client(void)
@@ -435,6 +463,114 @@ START_TEST(status_shows_an_offline_partners_backlog_growing)
 }
 END_TEST
 
+/* Start service (routing or notification) with env; its pid. */
+static pid_t s_start_service(const char *service, char *const *extra)
+{
+    char *env[16];
+    size_t n = 0;
+    static char env_db[1024], env_hub[600], env_dir[600], env_rules[600],
+        env_schema[600];
+    snprintf(env_db, sizeof env_db, "KH_DATABASE_URL=%s", s_conninfo);
+    snprintf(env_hub, sizeof env_hub, "KH_HUB_CERT=%s", s_path("hub.cert"));
+    snprintf(env_dir, sizeof env_dir, "KH_PARTNER_CERT_DIR=%s",
+             s_path("partners"));
+    snprintf(env_rules, sizeof env_rules, "KH_RULES_FILE=%s",
+             khtest_src("schemas/rules/default.yaml"));
+    snprintf(env_schema, sizeof env_schema, "KH_SCHEMA_DIR=%s",
+             khtest_src("schemas"));
+    env[n++] = env_db;
+    env[n++] = env_hub;
+    env[n++] = env_dir;
+    env[n++] = env_rules;
+    env[n++] = env_schema;
+    env[n++] = "KH_NOTIFY_WAKE_ENDPOINT=none";
+    env[n++] = "KH_LOG_LEVEL=debug";
+    for (size_t i = 0; extra[i] && n < 15; i++)
+        env[n++] = extra[i];
+    env[n] = NULL;
+    char binary[512], log[64];
+    snprintf(binary, sizeof binary, "%s/services/%s/ketenhub-%s",
+             KH_TEST_BINARY_DIR, service, service);
+    snprintf(log, sizeof log, "%s.log", service);
+    char *argv[] = {binary, NULL};
+    pid_t pid = khproc_spawn(binary, argv, env, s_path(log));
+    ck_assert_int_gt(pid, 0);
+    return pid;
+}
+
+START_TEST(routing_and_notification_count_and_report_the_backlog)
+{
+    zcert_t *avim = zcert_new();
+    khtest_register_partner(s_db, "avim", "police", true,
+                            zcert_public_txt(avim));
+    zcert_destroy(&avim);
+    char routing_health[64], notify_health[64], env_rh[128], env_nh[128],
+        env_pull[128], env_notify[128];
+    snprintf(routing_health, sizeof routing_health, "127.0.0.1:%d",
+             khproc_free_port());
+    snprintf(notify_health, sizeof notify_health, "127.0.0.1:%d",
+             khproc_free_port());
+    snprintf(env_rh, sizeof env_rh, "KH_HEALTH_ENDPOINT=%s", routing_health);
+    snprintf(env_nh, sizeof env_nh, "KH_HEALTH_ENDPOINT=%s", notify_health);
+    snprintf(env_pull, sizeof env_pull,
+             "KH_ROUTING_ENDPOINT=tcp://127.0.0.1:%d", khproc_free_port());
+    snprintf(env_notify, sizeof env_notify,
+             "KH_NOTIFY_ENDPOINT=tcp://127.0.0.1:%d", khproc_free_port());
+    char *routing_env[] = {env_rh, env_pull, "KH_ROUTING_POLL_MS=200", NULL};
+    char *notify_env[] = {env_nh, env_notify, NULL};
+    pid_t routing = s_start_service("routing", routing_env);
+    pid_t notify = s_start_service("notification", notify_env);
+    ck_assert_msg(s_wait_status_at(routing_health, "/readyz", 200, 10000),
+                  "routing not ready: see %s", s_path("routing.log"));
+    ck_assert_msg(s_wait_status_at(notify_health, "/readyz", 200, 10000),
+                  "notification not ready: see %s", s_path("notification.log"));
+    char *body = NULL;
+    ck_assert_int_eq(s_get_at(routing_health, "/readyz", &body), 200);
+    ck_assert_ptr_nonnull(strstr(body, "ready routing "));
+    free(body);
+
+    kh_client_t *client = s_client();
+    enum { N = 3 };
+    for (int i = 0; i < N; i++) {
+        char key[32];
+        snprintf(key, sizeof key, "routed-%d", i);
+        ck_assert_str_eq(s_submit(client, key, NULL, 0), "ACCEPTED");
+    }
+    kh_client_destroy(&client);
+    ck_assert_msg(
+        s_wait_metric(routing_health, "referrals_routed_total", N, 10000),
+        "routed: %g", s_metric_at(routing_health, "referrals_routed_total"));
+    ck_assert_double_eq(
+        s_metric_at(routing_health, "deliveries_created_total"),
+        (double) khtest_db_count(s_db, "SELECT count(*) FROM deliveries"));
+    ck_assert(s_metric_at(routing_health, "routing_pass_seconds_count") >= 1);
+
+    /* No partner is connected: the backlog per partner is what routing
+     * created for it, read by notification's probe. */
+    long zc = khtest_db_count(s_db, "SELECT count(*) FROM deliveries"
+                                    " WHERE partner_id = 'zorgcoordinator'");
+    ck_assert_int_gt(zc, 0);
+    ck_assert_msg(
+        s_wait_metric(notify_health,
+                      "deliveries_backlog{partner=\"zorgcoordinator\"}",
+                      (double) zc, 10000),
+        "backlog not reported");
+    ck_assert(s_metric_at(notify_health,
+                          "deliveries_oldest_unacked_seconds{partner="
+                          "\"zorgcoordinator\"}") >= 0);
+
+    /* A reload is counted. */
+    kill(routing, SIGHUP);
+    ck_assert(s_wait_metric(routing_health,
+                            "rules_reloads_total{outcome=\"ok\"}", 1, 5000));
+
+    int status = khproc_stop(routing, SIGTERM, 5000);
+    ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    status = khproc_stop(notify, SIGTERM, 5000);
+    ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+}
+END_TEST
+
 /* Each service binary with one bad setting: exit 2 naming it. */
 START_TEST(a_bad_setting_exits_2_naming_the_variable)
 {
@@ -444,6 +580,14 @@ START_TEST(a_bad_setting_exits_2_naming_the_variable)
         {"services/intake/ketenhub-intake", "KH_HEALTH_ENDPOINT", "nowhere"},
         {"services/intake/ketenhub-intake", "KH_HEALTH_ENDPOINT", "host:99999"},
         {"services/intake/ketenhub-intake", "KH_MAX_FRAME", "lots"},
+        {"services/routing/ketenhub-routing", "KH_HEALTH_ENDPOINT", "nowhere"},
+        {"services/routing/ketenhub-routing", "KH_ROUTING_BATCH", "0"},
+        {"services/notification/ketenhub-notification", "KH_HEALTH_ENDPOINT",
+         "nowhere"},
+        {"services/notification/ketenhub-notification", "KH_NOTIFY_WINDOW",
+         "many"},
+        {"services/audit/ketenhub-audit", "KH_HEALTH_ENDPOINT", "nowhere"},
+        {"services/audit/ketenhub-audit", "KH_LOG_LEVEL", "loud"},
     };
     /* Required settings with placeholder values, so that the one under
      * test is the first wrong one. */
@@ -477,6 +621,7 @@ int main(void)
     tcase_add_test(tc, counters_move_by_exactly_what_was_submitted);
     tcase_add_test(tc, readiness_follows_the_database);
     tcase_add_test(tc, status_shows_an_offline_partners_backlog_growing);
+    tcase_add_test(tc, routing_and_notification_count_and_report_the_backlog);
     tcase_add_test(tc, a_bad_setting_exits_2_naming_the_variable);
     suite_add_tcase(suite, tc);
     return khtest_run_suite(suite);
