@@ -35,8 +35,12 @@
  *   ketenhub-e2e --referrals 50000 --seconds 900 --kills 80 \
  *                --pg-restarts 4 --pauses 8 --disconnects 8 --terms 8
  *
- * Two replicas of each service (--replicas 2) are not supported yet: the
- * partner-facing services bind fixed ports.
+ * --replicas 2 runs two processes of each service side by side, each on
+ * ports of its own: the load's clients are spread over the two intakes,
+ * intake replica r wakes routing replica r, which wakes notification
+ * replica r, and every partner has one listener per notification replica,
+ * both storing into the partner's one inbox. Each fault hits one of the two
+ * at random; the checks are the same.
  */
 #include <czmq.h>
 #include <errno.h>
@@ -81,7 +85,11 @@ static char s_run[64]; /* the run directory */
 static char s_src[] = KH_E2E_SOURCE_DIR;
 static char s_bin[] = KH_E2E_BINARY_DIR;
 static char s_ctl[512];
-static int s_port_intake, s_port_routing, s_port_notify, s_port_wake;
+#define S_SERVICES 4 /* intake, routing, notification, audit */
+/* Ports of replica r (0 or 1): each replica of a service binds its own. */
+static int s_port_intake[2], s_port_routing[2], s_port_notify[2],
+    s_port_wake[2], s_port_health[2][S_SERVICES];
+static int s_replicas = 1;
 static struct timespec s_t0; /* the start of the load */
 
 static double s_now(void)
@@ -122,6 +130,10 @@ static double s_rand01(void)
 typedef struct {
     const char *name; /* "intake", ..., or a listener's partner id */
     bool listener;
+    int replica;     /* 0, or 1 for the second of each (--replicas 2) */
+    char label[48];  /* name, or name-2 for the second replica */
+    char argv0[48];  /* the program name it runs under */
+    char dir[256];   /* a listener's inbox (shared by both replicas) */
     pid_t pid;       /* 0 when not running */
     int incarnation; /* log file <run>/<name>.<incarnation>.log */
     int kills, terms, pauses, restarts, unexpected;
@@ -129,14 +141,14 @@ typedef struct {
     double term_max_s;
 } s_proc_t;
 
-#define S_SERVICES 4
-static s_proc_t s_procs[S_SERVICES + E2E_LISTENERS] = {
-    {.name = "intake"},
-    {.name = "routing"},
-    {.name = "notification"},
-    {.name = "audit"},
-};
-#define S_PROCS (S_SERVICES + E2E_LISTENERS)
+#define S_KINDS (S_SERVICES + E2E_LISTENERS)
+static const char *const s_service_names[S_SERVICES] = {
+    "intake", "routing", "notification", "audit"};
+/* Replica r of kind k (a service, then the listeners) is s_procs[r *
+ * S_KINDS + k]; s_proc_count is S_KINDS times the replicas. Listener
+ * replica r connects to notification replica r. */
+static s_proc_t s_procs[2 * S_KINDS];
+static int s_proc_count;
 
 static int s_pg_restarts[2]; /* fast, immediate */
 static int s_failures;       /* setup or restart problems */
@@ -160,47 +172,47 @@ static int s_spawn(s_proc_t *p)
     snprintf(hub, sizeof hub, "%s/hub/hub.cert", s_run);
     snprintf(certs, sizeof certs, "%s/partners", s_run);
     snprintf(schemas, sizeof schemas, "%s/schemas", s_src);
+    int r = p->replica;
     p->incarnation++;
-    snprintf(log, sizeof log, "%s/%s.%d.log", s_run, p->name, p->incarnation);
+    if (!p->listener) /* a health endpoint of its own, for the replicas */
+        S_ENV("KH_HEALTH_ENDPOINT=127.0.0.1:%d",
+              s_port_health[r][(p - s_procs) % S_KINDS]);
+    snprintf(log, sizeof log, "%s/%s.%d.log", s_run, p->label, p->incarnation);
     if (p->listener) {
-        char dir[256], cert[256];
+        char cert[256];
         snprintf(path, sizeof path, "%s/tools/partner/ketenhub-partner", s_bin);
-        snprintf(dir, sizeof dir, "%s/inbox/%s", s_run, p->name);
-        mkdir(dir, 0700);
+        snprintf(p->dir, sizeof p->dir, "%s/inbox/%s", s_run, p->name);
+        mkdir(p->dir, 0700);
         snprintf(cert, sizeof cert, "%s/keys/%s.cert", s_run, p->name);
-        S_ENV("KH_DELIVERY_ENDPOINT=tcp://127.0.0.1:%d", s_port_notify);
+        S_ENV("KH_DELIVERY_ENDPOINT=tcp://127.0.0.1:%d", s_port_notify[r]);
         S_ENV("KH_HUB_PUBLIC_CERT=%s", hub);
         S_ENV("KH_PARTNER_CERT=%s", cert);
-        static char a0[] = "ketenhub-partner", a1[] = "listen", a2[] = "--dir";
-        static char dirs[E2E_LISTENERS][256];
-        int i = (int) (p - s_procs) - S_SERVICES;
-        snprintf(dirs[i], sizeof dirs[i], "%s", dir);
-        argv[0] = a0;
+        static char a1[] = "listen", a2[] = "--dir";
+        snprintf(p->argv0, sizeof p->argv0, "ketenhub-partner");
+        argv[0] = p->argv0;
         argv[1] = a1;
         argv[2] = a2;
-        argv[3] = dirs[i];
+        argv[3] = p->dir;
     } else {
         snprintf(path, sizeof path, "%s/services/%s/ketenhub-%s", s_bin,
                  p->name, p->name);
-        static char names[S_SERVICES][32];
-        int i = (int) (p - s_procs);
-        snprintf(names[i], sizeof names[i], "ketenhub-%s", p->name);
-        argv[0] = names[i];
+        snprintf(p->argv0, sizeof p->argv0, "ketenhub-%s", p->name);
+        argv[0] = p->argv0;
         if (strcmp(p->name, "intake") == 0) {
-            S_ENV("KH_INTAKE_ENDPOINT=tcp://127.0.0.1:%d", s_port_intake);
-            S_ENV("KH_ROUTING_ENDPOINT=tcp://127.0.0.1:%d", s_port_routing);
+            S_ENV("KH_INTAKE_ENDPOINT=tcp://127.0.0.1:%d", s_port_intake[r]);
+            S_ENV("KH_ROUTING_ENDPOINT=tcp://127.0.0.1:%d", s_port_routing[r]);
             S_ENV("KH_HUB_CERT=%s", hub);
             S_ENV("KH_PARTNER_CERT_DIR=%s", certs);
             S_ENV("KH_SCHEMA_DIR=%s", schemas);
         } else if (strcmp(p->name, "routing") == 0) {
-            S_ENV("KH_ROUTING_ENDPOINT=tcp://127.0.0.1:%d", s_port_routing);
-            S_ENV("KH_NOTIFY_WAKE_ENDPOINT=tcp://127.0.0.1:%d", s_port_wake);
+            S_ENV("KH_ROUTING_ENDPOINT=tcp://127.0.0.1:%d", s_port_routing[r]);
+            S_ENV("KH_NOTIFY_WAKE_ENDPOINT=tcp://127.0.0.1:%d", s_port_wake[r]);
             S_ENV("KH_HUB_CERT=%s", hub);
             S_ENV("KH_SCHEMA_DIR=%s", schemas);
             S_ENV("KH_RULES_FILE=%s/schemas/rules/default.yaml", s_src);
         } else if (strcmp(p->name, "notification") == 0) {
-            S_ENV("KH_NOTIFY_ENDPOINT=tcp://127.0.0.1:%d", s_port_notify);
-            S_ENV("KH_NOTIFY_WAKE_ENDPOINT=tcp://127.0.0.1:%d", s_port_wake);
+            S_ENV("KH_NOTIFY_ENDPOINT=tcp://127.0.0.1:%d", s_port_notify[r]);
+            S_ENV("KH_NOTIFY_WAKE_ENDPOINT=tcp://127.0.0.1:%d", s_port_wake[r]);
             S_ENV("KH_HUB_CERT=%s", hub);
             S_ENV("KH_PARTNER_CERT_DIR=%s", certs);
             /* Re-sends after a crash come within seconds, not 30 s. */
@@ -254,7 +266,7 @@ static int s_spawn(s_proc_t *p)
 static bool s_log_ready(const s_proc_t *p)
 {
     char log[512], line[2048];
-    snprintf(log, sizeof log, "%s/%s.%d.log", s_run, p->name, p->incarnation);
+    snprintf(log, sizeof log, "%s/%s.%d.log", s_run, p->label, p->incarnation);
     FILE *f = fopen(log, "r");
     bool ready = false;
     while (f && !ready && fgets(line, sizeof line, f))
@@ -270,7 +282,7 @@ static double s_start(s_proc_t *p)
 {
     double t0 = s_now();
     if (s_spawn(p) != 0) {
-        printf("e2e: cannot start %s\n", p->name);
+        printf("e2e: cannot start %s\n", p->label);
         s_failures++;
         return -1;
     }
@@ -287,7 +299,7 @@ static double s_start(s_proc_t *p)
             p->unexpected++;
             printf("e2e: t=%.1fs %s exited while starting (status %d);"
                    " starting it again\n",
-                   s_elapsed(), p->name, status);
+                   s_elapsed(), p->label, status);
             s_sleep_ms(500);
             if (s_spawn(p) != 0)
                 break;
@@ -295,8 +307,8 @@ static double s_start(s_proc_t *p)
         }
         s_sleep_ms(20);
     }
-    printf("e2e: %s did not become ready in 30 s (see %s/%s.%d.log)\n", p->name,
-           s_run, p->name, p->incarnation);
+    printf("e2e: %s did not become ready in 30 s (see %s/%s.%d.log)\n",
+           p->label, s_run, p->label, p->incarnation);
     s_failures++;
     return -1;
 }
@@ -305,14 +317,14 @@ static double s_start(s_proc_t *p)
  * the database): count it and start it again. */
 static void s_supervise(void)
 {
-    for (int i = 0; i < S_PROCS; i++) {
+    for (int i = 0; i < s_proc_count; i++) {
         s_proc_t *p = &s_procs[i];
         int status;
         if (p->pid > 0 && waitpid(p->pid, &status, WNOHANG) == p->pid) {
             p->pid = 0;
             p->unexpected++;
             printf("e2e: t=%.1fs %s ended on its own (%s %d); restarting it\n",
-                   s_elapsed(), p->name, WIFEXITED(status) ? "exit" : "signal",
+                   s_elapsed(), p->label, WIFEXITED(status) ? "exit" : "signal",
                    WIFEXITED(status) ? WEXITSTATUS(status) : WTERMSIG(status));
             p->restarts++;
             s_start(p);
@@ -346,10 +358,11 @@ static atomic_bool s_give_up;   /* stop retrying (the drain timed out) */
 static pthread_mutex_t s_out_lock = PTHREAD_MUTEX_INITIALIZER;
 static FILE *s_accepted_file;
 
-static kh_client_t *s_client(void)
+/* A connection to intake replica r. */
+static kh_client_t *s_client(int r)
 {
     char endpoint[64], hub[256], cert[256];
-    snprintf(endpoint, sizeof endpoint, "tcp://127.0.0.1:%d", s_port_intake);
+    snprintf(endpoint, sizeof endpoint, "tcp://127.0.0.1:%d", s_port_intake[r]);
     snprintf(hub, sizeof hub, "%s/hub/hub.cert", s_run);
     snprintf(cert, sizeof cert, "%s/keys/%s.cert", s_run, E2E_SUBMITTER);
     kh_error_t err;
@@ -359,11 +372,12 @@ static kh_client_t *s_client(void)
 /* Submit key k until it gets a final answer: a timeout or a retryable
  * refusal is resent with the same key (the contract), on a fresh
  * connection after a timeout. Returns the ACCEPTED reply or NULL. */
-static json_t *s_submit(kh_client_t **client, e2e_key_t *k, const json_t *doc)
+static json_t *s_submit(kh_client_t **client, int r, e2e_key_t *k,
+                        const json_t *doc)
 {
     for (;;) {
         if (!*client)
-            *client = s_client();
+            *client = s_client(r);
         if (!*client || atomic_load(&s_give_up))
             return NULL;
         kh_error_t err;
@@ -404,7 +418,7 @@ static json_t *s_submit(kh_client_t **client, e2e_key_t *k, const json_t *doc)
  * the same referral. */
 static void *s_load(void *arg)
 {
-    (void) arg;
+    int r = (int) (intptr_t) arg % s_replicas; /* the intake it talks to */
     kh_client_t *client = NULL;
     double rate = (double) s_opt.referrals / (s_opt.seconds * 0.9);
     for (;;) {
@@ -417,7 +431,7 @@ static void *s_load(void *arg)
             s_sleep_ms((long) (wait * 1000));
         e2e_key_t *k = &s_keys[i];
         const json_t *doc = s_examples[(size_t) i % s_example_count];
-        json_t *reply = s_submit(&client, k, doc);
+        json_t *reply = s_submit(&client, r, k, doc);
         if (!reply)
             continue;
         const char *id =
@@ -431,7 +445,7 @@ static void *s_load(void *arg)
         pthread_mutex_unlock(&s_out_lock);
         if (i % 20 == 7) {
             atomic_fetch_add(&s_resubmits, 1);
-            reply = s_submit(&client, k, doc);
+            reply = s_submit(&client, r, k, doc);
             const char *again =
                 reply ? json_string_value(json_object_get(reply, "referral_id"))
                       : NULL;
@@ -458,7 +472,8 @@ typedef enum {
 typedef struct {
     double at; /* seconds after the start of the load */
     s_fault_kind_t kind;
-    int target; /* index in s_procs; for S_PG_RESTART 0 fast, 1 immediate */
+    int target; /* kind (s_procs[replica * S_KINDS + target]); for
+                   S_PG_RESTART 0 fast, 1 immediate */
 } s_fault_t;
 
 static int s_fault_cmp(const void *a, const void *b)
@@ -493,7 +508,10 @@ static void s_plan(s_fault_t *plan, int *count, int n, s_fault_kind_t kind,
 
 static void s_fault(const s_fault_t *f)
 {
-    s_proc_t *p = f->kind == S_PG_RESTART ? NULL : &s_procs[f->target];
+    /* With two replicas, one of the two, at random. */
+    int r = (int) (s_rand() % (uint64_t) s_replicas);
+    s_proc_t *p =
+        f->kind == S_PG_RESTART ? NULL : &s_procs[r * S_KINDS + f->target];
     if (p && p->pid <= 0)
         return; /* being restarted by the supervisor; skip */
     double t = s_elapsed();
@@ -507,7 +525,7 @@ static void s_fault(const s_fault_t *f)
         double ready = s_start(p);
         p->restarts++;
         printf("e2e: t=%.1fs %s %s, back in %.2f s\n", t,
-               f->kind == S_KILL ? "kill -9" : "disconnected partner", p->name,
+               f->kind == S_KILL ? "kill -9" : "disconnected partner", p->label,
                s_elapsed() - t);
         (void) ready;
     } else if (f->kind == S_TERM) {
@@ -521,7 +539,7 @@ static void s_fault(const s_fault_t *f)
         bool ok = status != -1 && WIFEXITED(status) && WEXITSTATUS(status) == 0;
         if (!ok)
             p->term_failures++;
-        printf("e2e: t=%.1fs SIGTERM %s: %s in %.2f s\n", t, p->name,
+        printf("e2e: t=%.1fs SIGTERM %s: %s in %.2f s\n", t, p->label,
                status == -1        ? "still running after 5 s (killed)"
                : WIFEXITED(status) ? (ok ? "exit 0" : "exit non-zero")
                                    : "killed by a signal",
@@ -534,7 +552,7 @@ static void s_fault(const s_fault_t *f)
         s_sleep_ms(ms);
         kill(p->pid, SIGCONT);
         p->pauses++;
-        printf("e2e: t=%.1fs SIGSTOP %s for %.1f s\n", t, p->name,
+        printf("e2e: t=%.1fs SIGSTOP %s for %.1f s\n", t, p->label,
                (double) ms / 1000);
     } else {
         const char *mode = f->target ? "immediate" : "fast";
@@ -552,6 +570,25 @@ static void s_fault(const s_fault_t *f)
 }
 
 /* ---- setup ------------------------------------------------------------- */
+
+/* A free port that this run has not handed out yet (the kernel may give
+ * the same free port twice in a row). */
+static int s_free_port(void)
+{
+    static int used[32];
+    static int count;
+    for (int tries = 0; tries < 100; tries++) {
+        int port = khproc_free_port();
+        bool taken = port <= 0;
+        for (int i = 0; i < count && !taken; i++)
+            taken = used[i] == port;
+        if (!taken && count < 32) {
+            used[count++] = port;
+            return port;
+        }
+    }
+    return -1;
+}
 
 /* Read <run>/pg/env (export NAME='value' lines) into our environment. */
 static int s_pg_env(void)
@@ -634,7 +671,7 @@ static int s_setup(void)
  * shutdowns too (the hub is idle by then). */
 static void s_stop_all(bool final)
 {
-    for (int i = S_PROCS - 1; i >= 0; i--) {
+    for (int i = s_proc_count - 1; i >= 0; i--) {
         s_proc_t *p = &s_procs[i];
         if (p->pid <= 0)
             continue;
@@ -759,9 +796,9 @@ static int s_args(int argc, char **argv)
             s_opt.keep = true;
             break;
         case 'r':
-            if (atoi(optarg) != 1) {
-                fprintf(stderr, "ketenhub-e2e: --replicas 2 is not supported"
-                                " yet (the services bind fixed ports)\n");
+            s_replicas = atoi(optarg);
+            if (s_replicas != 1 && s_replicas != 2) {
+                fprintf(stderr, "ketenhub-e2e: --replicas is 1 or 2\n");
                 return 2;
             }
             break;
@@ -797,6 +834,7 @@ int main(int argc, char **argv)
         s_opt.seed = (unsigned long) (t.tv_nsec ^ t.tv_sec) % 1000000000UL + 1;
     }
     s_rng = s_opt.seed * 0x9E3779B97F4A7C15ULL + 1;
+    clock_gettime(CLOCK_MONOTONIC, &s_t0); /* again when the load starts */
     snprintf(s_ctl, sizeof s_ctl, "%s/tools/ctl/ketenhubctl", s_bin);
     snprintf(s_run, sizeof s_run, "/tmp/khe2e.XXXXXX");
     if (!mkdtemp(s_run)) {
@@ -808,16 +846,26 @@ int main(int argc, char **argv)
            s_opt.seed, s_opt.referrals, s_opt.seconds, s_opt.kills,
            s_opt.pg_restarts, s_opt.pauses, s_opt.disconnects, s_opt.terms,
            s_run);
-    for (int i = 0; i < E2E_LISTENERS; i++) {
-        s_procs[S_SERVICES + i].name = e2e_listener_ids[i];
-        s_procs[S_SERVICES + i].listener = true;
+    s_proc_count = s_replicas * S_KINDS;
+    for (int r = 0; r < s_replicas; r++) {
+        for (int k = 0; k < S_KINDS; k++) {
+            s_proc_t *p = &s_procs[r * S_KINDS + k];
+            p->listener = k >= S_SERVICES;
+            p->name = p->listener ? e2e_listener_ids[k - S_SERVICES]
+                                  : s_service_names[k];
+            p->replica = r;
+            snprintf(p->label, sizeof p->label, "%s%s", p->name, r ? "-2" : "");
+        }
+        s_port_intake[r] = s_free_port();
+        s_port_routing[r] = s_free_port();
+        s_port_notify[r] = s_free_port();
+        s_port_wake[r] = s_free_port();
+        for (int k = 0; k < S_SERVICES; k++)
+            s_port_health[r][k] = s_free_port();
     }
-    s_port_intake = khproc_free_port();
-    s_port_routing = khproc_free_port();
-    s_port_notify = khproc_free_port();
-    s_port_wake = khproc_free_port();
 
     int failed = 1;
+    bool checked = false;
     pthread_t threads[64];
     int started = 0;
     s_keys = calloc((size_t) s_opt.referrals, sizeof *s_keys);
@@ -830,7 +878,7 @@ int main(int argc, char **argv)
         snprintf(s_keys[i].key, sizeof s_keys[i].key, "e2e-%lu-%ld", s_opt.seed,
                  i);
     /* Downstream first, so the first wake-ups find someone. */
-    for (int i = S_PROCS - 1; i >= 0; i--)
+    for (int i = s_proc_count - 1; i >= 0; i--)
         if (s_start(&s_procs[i]) < 0)
             goto done;
 
@@ -851,7 +899,8 @@ int main(int argc, char **argv)
 
     clock_gettime(CLOCK_MONOTONIC, &s_t0);
     for (; started < s_opt.clients; started++)
-        if (pthread_create(&threads[started], NULL, s_load, NULL) != 0)
+        if (pthread_create(&threads[started], NULL, s_load,
+                           (void *) (intptr_t) started) != 0)
             break;
     for (int i = 0; i < count; i++) {
         double wait = plan[i].at - s_elapsed();
@@ -881,8 +930,8 @@ int main(int argc, char **argv)
     for (long i = 0; i < s_opt.referrals; i++)
         unanswered += !s_keys[i].answered;
     int kills = 0, terms = 0, pauses = 0, disc = 0, unexpected = 0;
-    char per[256] = "";
-    for (int i = 0; i < S_PROCS; i++) {
+    int per_kind[S_SERVICES] = {0};
+    for (int i = 0; i < s_proc_count; i++) {
         s_proc_t *p = &s_procs[i];
         unexpected += p->unexpected;
         if (p->listener) {
@@ -892,9 +941,13 @@ int main(int argc, char **argv)
         kills += p->kills;
         terms += p->terms;
         pauses += p->pauses;
+        per_kind[i % S_KINDS] += p->kills;
+    }
+    char per[256] = "";
+    for (int k = 0; k < S_SERVICES; k++) {
         size_t len = strlen(per);
         snprintf(per + len, sizeof per - len, "%s%s %d", len ? ", " : "",
-                 p->name, p->kills);
+                 s_service_names[k], per_kind[k]);
     }
     printf("e2e: figures: %ld accepted of %ld keys (%ld unanswered, %ld"
            " refused), %ld timeouts and %ld retryable refusals resent under"
@@ -928,7 +981,9 @@ int main(int argc, char **argv)
     int term_fail = 0;
     double term_max = 0;
     terms = 0;
-    for (int i = 0; i < S_SERVICES; i++) {
+    for (int i = 0; i < s_proc_count; i++) {
+        if (s_procs[i].listener)
+            continue;
         term_fail += s_procs[i].term_failures;
         terms += s_procs[i].terms;
         if (s_procs[i].term_max_s > term_max)
@@ -939,8 +994,13 @@ int main(int argc, char **argv)
               " within 5 s, slowest %.2f s",
               terms, term_fail, term_max);
     failed = e2e_report();
+    checked = true;
 
 done:
+    if (!checked) {
+        e2e_check("setup", false, "the hub did not start; see the logs");
+        e2e_report();
+    }
     atomic_store(&s_give_up, true);
     for (int i = 0; i < started; i++)
         pthread_join(threads[i], NULL);
