@@ -43,6 +43,7 @@ struct _dstore_t {
  * whose ACK is overdue (or all sent ones, on reclaim) from the index of
  * sent ones. A delivery past its last attempt is left to the sweep, which
  * makes it a dead letter. */
+/* clang-format off */
 static const char *s_claim_sql =
     "WITH pending AS ("
     " SELECT id FROM deliveries"
@@ -58,29 +59,20 @@ static const char *s_claim_sql =
     " claimed AS ("
     " UPDATE deliveries d SET state = 'delivered', attempts = d.attempts + 1,"
     "  sent_at = now(), updated_at = now(),"
-    "  next_attempt_at = " S_BACKOFF(
-        "d.attempts", "$5",
-        "$6") " WHERE d.id IN (SELECT id FROM pending UNION ALL SELECT id FROM "
-              "resend)"
-              " RETURNING d.id, d.referral_id, d.partner_id, d.priority,"
-              "  d.priority_rank, d.attempts, d.created_at, d.payload, "
-              "d.payload_hash),"
-              " audit AS ("
-              " INSERT INTO audit_events (actor_kind, actor_id, action, "
-              "referral_id,"
-              "  delivery_id, partner_id, outcome, payload_hash, "
-              "origin_service,"
-              "  origin_peer)"
-              " SELECT 'service', 'notification', 'delivery.sent', "
-              "referral_id, id,"
-              "  partner_id, 'ok', payload_hash, 'notification', $8 FROM "
-              "claimed)"
-              " SELECT id, referral_id, priority, attempts, " S_UTC(
-                  "created_at") ","
-                                "  convert_from(payload, 'UTF8'), "
-                                "encode(payload_hash, 'hex')"
-                                " FROM claimed ORDER BY priority_rank DESC, "
-                                "created_at";
+    "  next_attempt_at = " S_BACKOFF("d.attempts", "$5", "$6")
+    " WHERE d.id IN (SELECT id FROM pending UNION ALL SELECT id FROM resend)"
+    " RETURNING d.id, d.referral_id, d.partner_id, d.priority,"
+    "  d.priority_rank, d.attempts, d.created_at, d.payload, d.payload_hash),"
+    " audit AS ("
+    " INSERT INTO audit_events (actor_kind, actor_id, action, referral_id,"
+    "  delivery_id, partner_id, outcome, payload_hash, origin_service,"
+    "  origin_peer)"
+    " SELECT 'service', 'notification', 'delivery.sent', referral_id, id,"
+    "  partner_id, 'ok', payload_hash, 'notification', $8 FROM claimed)"
+    " SELECT id, referral_id, priority, attempts, " S_UTC("created_at") ","
+    "  convert_from(payload, 'UTF8'), encode(payload_hash, 'hex')"
+    " FROM claimed ORDER BY priority_rank DESC, created_at";
+/* clang-format on */
 
 /* $1 ids, $2 partners, $3 peers (arrays of the same length). An ACK
  * counts for a delivery of that partner that was sent at least once and is
@@ -119,6 +111,7 @@ static const char *s_ack_sql =
  * timeout ms, $7 backoff max ms. Only a delivery that is out (sent, not
  * acknowledged) changes. Returns one row: delivered (re-sent later), dead,
  * unchanged or not_found. */
+/* clang-format off */
 static const char *s_nack_sql =
     "WITH upd AS ("
     " UPDATE deliveries d SET"
@@ -126,40 +119,31 @@ static const char *s_nack_sql =
     "   ELSE 'delivered' END,"
     "  dead_reason = CASE WHEN $4 THEN 'nack_permanent'"
     "   WHEN d.attempts >= $5 THEN 'max_attempts' END,"
-    "  next_attempt_at = " S_BACKOFF(
-        "d.attempts - 1", "$6",
-        "$7") ","
-              "  updated_at = now()"
-              " WHERE d.id = $1 AND d.partner_id = $2 AND d.state = 'delivered'"
-              " RETURNING d.id, d.referral_id, d.partner_id, d.payload_hash, "
-              "d.state,"
-              "  d.dead_reason),"
-              " audit AS ("
-              " INSERT INTO audit_events (actor_kind, actor_id, action, "
-              "referral_id,"
-              "  delivery_id, partner_id, outcome, reason_code, payload_hash,"
-              "  origin_service, origin_peer)"
-              " SELECT 'partner', partner_id, 'delivery.nacked', referral_id, "
-              "id,"
-              "  partner_id, 'ok', CASE WHEN $4 THEN 'nack_permanent'"
-              "  ELSE 'nack_retry' END, payload_hash, 'notification', $3 FROM "
-              "upd"
-              " UNION ALL"
-              " SELECT 'service', 'notification', 'delivery.dead', "
-              "referral_id, id,"
-              "  partner_id, 'ok', dead_reason, payload_hash, 'notification', "
-              "NULL"
-              "  FROM upd WHERE state = 'dead'"
-              " UNION ALL"
-              " SELECT 'partner', $2, 'delivery.nacked', NULL, $1, NULL, "
-              "'refused',"
-              "  'not_found', NULL, 'notification', $3"
-              "  WHERE NOT EXISTS (SELECT 1 FROM deliveries"
-              "   WHERE id = $1 AND partner_id = $2 AND attempts > 0))"
-              " SELECT coalesce((SELECT state FROM upd),"
-              "  (SELECT 'unchanged' FROM deliveries"
-              "   WHERE id = $1 AND partner_id = $2 AND attempts > 0), "
-              "'not_found')";
+    "  next_attempt_at = " S_BACKOFF("d.attempts - 1", "$6", "$7") ","
+    "  updated_at = now()"
+    " WHERE d.id = $1 AND d.partner_id = $2 AND d.state = 'delivered'"
+    " RETURNING d.id, d.referral_id, d.partner_id, d.payload_hash, d.state,"
+    "  d.dead_reason),"
+    " audit AS ("
+    " INSERT INTO audit_events (actor_kind, actor_id, action, referral_id,"
+    "  delivery_id, partner_id, outcome, reason_code, payload_hash,"
+    "  origin_service, origin_peer)"
+    " SELECT 'partner', partner_id, 'delivery.nacked', referral_id, id,"
+    "  partner_id, 'ok', CASE WHEN $4 THEN 'nack_permanent'"
+    "  ELSE 'nack_retry' END, payload_hash, 'notification', $3 FROM upd"
+    " UNION ALL"
+    " SELECT 'service', 'notification', 'delivery.dead', referral_id, id,"
+    "  partner_id, 'ok', dead_reason, payload_hash, 'notification', NULL"
+    "  FROM upd WHERE state = 'dead'"
+    " UNION ALL"
+    " SELECT 'partner', $2, 'delivery.nacked', NULL, $1, NULL, 'refused',"
+    "  'not_found', NULL, 'notification', $3"
+    "  WHERE NOT EXISTS (SELECT 1 FROM deliveries"
+    "   WHERE id = $1 AND partner_id = $2 AND attempts > 0))"
+    " SELECT coalesce((SELECT state FROM upd),"
+    "  (SELECT 'unchanged' FROM deliveries"
+    "   WHERE id = $1 AND partner_id = $2 AND attempts > 0), 'not_found')";
+/* clang-format on */
 
 /* $1 max attempts, $2 max age s. At most 1000 of each kind per sweep. */
 static const char *s_dead_sql =
