@@ -412,7 +412,13 @@ void kh_metrics_table(FILE *out)
 {
     static const char *types[] = {"counter", "gauge", "histogram"};
     fprintf(out, "| service | metric | type | label | meaning |\n"
-                 "|---|---|---|---|---|\n");
+                 "|---|---|---|---|---|\n"
+                 "| all | `ketenhub_build_info` | gauge | service, version | "
+                 "Always 1; names the service and its version. |\n"
+                 "| all | `ketenhub_ready` | gauge |  | 1 when /readyz answers "
+                 "200. |\n"
+                 "| all | `ketenhub_database_up` | gauge |  | 1 when the last "
+                 "database probe (every second) succeeded. |\n");
     for (size_t i = 0; i < sizeof s_defs / sizeof s_defs[0]; i++)
         fprintf(out, "| %s | `ketenhub_%s` | %s | %s | %s |\n",
                 s_defs[i].service, s_defs[i].name, types[s_defs[i].type],

@@ -3,6 +3,7 @@
  */
 #include "ketenhub/service.h"
 
+#include "ketenhub/health.h"
 #include "ketenhub/log.h"
 
 #include <czmq.h>
@@ -55,6 +56,10 @@ int kh_signals_take(int fd, bool *stopping, bool *hup)
 int kh_service_start(const char *name, int argc, char **argv, kh_cfg_t *config,
                      size_t count, int *signal_fd)
 {
+    if (argc > 1 && strcmp(argv[1], "--version") == 0) {
+        printf("ketenhub-%s %s\n", name, kh_version());
+        return 0;
+    }
     if (argc > 1) {
         bool help = strcmp(argv[1], "--help") == 0 || !strcmp(argv[1], "-h");
         fprintf(help ? stdout : stderr,

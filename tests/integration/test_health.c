@@ -611,6 +611,66 @@ START_TEST(a_bad_setting_exits_2_naming_the_variable)
 }
 END_TEST
 
+/* Each line of text must be a line of the README. */
+static void s_assert_lines_in(const char *readme, const char *text,
+                              const char *what)
+{
+    char *copy = strdup(text);
+    ck_assert_ptr_nonnull(copy);
+    int lines = 0;
+    for (char *save = NULL, *line = strtok_r(copy, "\n", &save); line;
+         line = strtok_r(NULL, "\n", &save), lines++) {
+        char want[2048];
+        snprintf(want, sizeof want, "\n%s\n", line);
+        ck_assert_msg(strstr(readme, want), "README.md lacks this %s line:\n%s",
+                      what, line);
+    }
+    ck_assert_int_gt(lines, 10);
+    free(copy);
+}
+
+/* The README's configuration reference and metrics table are what the
+ * code says; every binary names its version. */
+START_TEST(readme_names_every_setting_and_metric)
+{
+    char *readme = khtest_read_file(khtest_src("README.md"));
+    ck_assert_ptr_nonnull(readme);
+    char script[600];
+    snprintf(script, sizeof script, "%s",
+             khtest_src("scripts/config-reference.sh"));
+    char *argv[] = {"/bin/sh", script, KH_TEST_BINARY_DIR, NULL};
+    char *output = NULL;
+    ck_assert_int_eq(khtest_run(argv, &output), 0);
+    s_assert_lines_in(readme, output, "configuration");
+    ck_assert_ptr_nonnull(strstr(output, "| `KH_HEALTH_ENDPOINT` | audit |"));
+    free(output);
+
+    char *table = NULL;
+    size_t size = 0;
+    FILE *out = open_memstream(&table, &size);
+    ck_assert_ptr_nonnull(out);
+    kh_metrics_table(out);
+    fclose(out);
+    s_assert_lines_in(readme, table, "metrics");
+    free(table);
+    free(readme);
+
+    static const char *binaries[] = {
+        "services/intake/ketenhub-intake", "services/routing/ketenhub-routing",
+        "services/notification/ketenhub-notification",
+        "services/audit/ketenhub-audit", "tools/ctl/ketenhubctl"};
+    for (size_t i = 0; i < sizeof binaries / sizeof binaries[0]; i++) {
+        char path[600];
+        snprintf(path, sizeof path, "%s/%s", KH_TEST_BINARY_DIR, binaries[i]);
+        char *vargv[] = {path, "--version", NULL};
+        ck_assert_int_eq(khtest_run(vargv, &output), 0);
+        ck_assert_msg(strstr(output, kh_version()), "%s: %s", binaries[i],
+                      output);
+        free(output);
+    }
+}
+END_TEST
+
 int main(void)
 {
     Suite *suite = suite_create("health");
@@ -624,5 +684,8 @@ int main(void)
     tcase_add_test(tc, routing_and_notification_count_and_report_the_backlog);
     tcase_add_test(tc, a_bad_setting_exits_2_naming_the_variable);
     suite_add_tcase(suite, tc);
+    TCase *reference = tcase_create("reference");
+    tcase_add_test(reference, readme_names_every_setting_and_metric);
+    suite_add_tcase(suite, reference);
     return khtest_run_suite(suite);
 }

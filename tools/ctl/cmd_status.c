@@ -275,7 +275,8 @@ static void s_print_text(const json_t *doc)
            json_object_get(db, "error") ? " (a query failed)" : "");
     printf("rules version     %s", s_str(db, "rules_version", "-"));
     if (json_object_get(db, "rules_version_at"))
-        printf(" (last used %s)", s_str(db, "rules_version_at", ""));
+        printf("\n                  last used %s",
+               s_str(db, "rules_version_at", ""));
     printf("\ntrail head        seq %lld (sealed up to %lld)\n",
            s_int(db, "trail_head"), s_int(db, "trail_sealed"));
     if (json_object_get(db, "checkpoint_seq"))
@@ -384,4 +385,55 @@ int ctl_status(int argc, char **argv)
     }
     json_decref(doc);
     return ok ? CTL_OK : CTL_FAIL;
+}
+
+static void s_usage_health(FILE *out)
+{
+    fprintf(out,
+            "usage: ketenhubctl health [--live] [H:P]\n"
+            "\n"
+            "Ask one service's health endpoint (default 127.0.0.1:9701) "
+            "whether it is\n"
+            "ready (/readyz), or with --live only alive (/livez); print its "
+            "answer.\n"
+            "For container health checks: needs no database and no key.\n"
+            "\n"
+            "exit status: 0 ready (alive), 1 not, 2 usage\n");
+}
+
+int ctl_health(int argc, char **argv)
+{
+    static const struct option options[] = {{"live", no_argument, NULL, 'l'},
+                                            {"help", no_argument, NULL, 'h'},
+                                            {NULL, 0, NULL, 0}};
+    bool live = false;
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "lh", options, NULL)) != -1) {
+        if (c == 'l')
+            live = true;
+        else if (c == 'h') {
+            s_usage_health(stdout);
+            return CTL_OK;
+        } else {
+            s_usage_health(stderr);
+            return CTL_USAGE;
+        }
+    }
+    if (argc - optind > 1)
+        return ctl_usage_error("health: one endpoint at most");
+    char hostport[256];
+    s_hostport(optind < argc ? argv[optind] : "127.0.0.1:9701", hostport,
+               sizeof hostport);
+    char *body = NULL;
+    kh_error_t err;
+    int status = kh_http_get(hostport, live ? "/livez" : "/readyz", S_PROBE_MS,
+                             &body, &err);
+    if (status < 0) {
+        ctl_print_error(&err);
+        return CTL_FAIL;
+    }
+    printf("%s", body ? body : "");
+    free(body);
+    return status == 200 ? CTL_OK : CTL_FAIL;
 }

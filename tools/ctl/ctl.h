@@ -22,6 +22,7 @@ int ctl_rules(int argc, char **argv);
 int ctl_deadletters(int argc, char **argv);
 int ctl_audit(int argc, char **argv);
 int ctl_status(int argc, char **argv);
+int ctl_health(int argc, char **argv);
 
 /* Print "ketenhubctl: <path>:<line>: <message> (<code>)" on stderr. */
 void ctl_print_error(const kh_error_t *err);

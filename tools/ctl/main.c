@@ -10,6 +10,7 @@
 
 #include "ctl.h"
 #include "ketenhub/db.h"
+#include "ketenhub/health.h"
 
 static void s_usage(FILE *out)
 {
@@ -34,6 +35,8 @@ static void s_usage(FILE *out)
             "export, verify\n"
             "  status [--json]                  services up or down, "
             "backlog, trail head\n"
+            "  health [--live] [H:P]            one service ready (alive)? "
+            "exit 0 or 1\n"
             "\n"
             "Run `ketenhubctl COMMAND --help` for a command's options.\n"
             "\n"
@@ -44,6 +47,10 @@ static void s_usage(FILE *out)
             "PGDATABASE\n"
             "  KH_MIGRATIONS_DIR    default for migrate --dir\n"
             "  KH_PARTNER_CERT_DIR  default for partner --cert-dir\n"
+            "  KH_INTAKE_HEALTH, KH_ROUTING_HEALTH, KH_NOTIFY_HEALTH, "
+            "KH_AUDIT_HEALTH\n"
+            "                       the services' health endpoints for "
+            "status\n"
             "\n"
             "exit status: 0 ok, 1 runtime failure, 2 usage or configuration "
             "error\n");
@@ -109,6 +116,12 @@ int main(int argc, char **argv)
         return ctl_audit(argc - 1, argv + 1);
     if (strcmp(cmd, "status") == 0)
         return ctl_status(argc - 1, argv + 1);
+    if (strcmp(cmd, "health") == 0)
+        return ctl_health(argc - 1, argv + 1);
+    if (strcmp(cmd, "--version") == 0) {
+        printf("ketenhubctl %s\n", kh_version());
+        return CTL_OK;
+    }
     ctl_usage_error("unknown command '%s'", cmd);
     s_usage(stderr);
     return CTL_USAGE;
