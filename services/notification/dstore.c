@@ -91,7 +91,8 @@ static const char *s_ack_sql =
     "  updated_at = now(), dead_reason = NULL"
     " FROM req WHERE d.id = req.id AND d.partner_id = req.partner"
     "  AND d.attempts > 0 AND d.state <> 'acknowledged'"
-    " RETURNING d.id, d.referral_id, d.partner_id, d.payload_hash, req.peer),"
+    " RETURNING d.id, d.referral_id, d.partner_id, d.payload_hash, req.peer,"
+    "  extract(epoch FROM now() - d.sent_at) AS wait),"
     " audit AS ("
     " INSERT INTO audit_events (actor_kind, actor_id, action, referral_id,"
     "  delivery_id, partner_id, outcome, reason_code, payload_hash,"
@@ -104,7 +105,8 @@ static const char *s_ack_sql =
     "  WHERE NOT EXISTS (SELECT 1 FROM known WHERE known.n = req.n))"
     " SELECT CASE WHEN EXISTS (SELECT 1 FROM acked WHERE acked.id = req.id)"
     "  THEN 'done' WHEN EXISTS (SELECT 1 FROM known WHERE known.n = req.n)"
-    "  THEN 'duplicate' ELSE 'not_found' END"
+    "  THEN 'duplicate' ELSE 'not_found' END,"
+    " (SELECT wait FROM acked WHERE acked.id = req.id)"
     " FROM req ORDER BY req.n";
 
 /* $1 id, $2 partner, $3 peer, $4 permanent, $5 max attempts, $6 ACK
@@ -477,8 +479,11 @@ int dstore_ack(dstore_t *self, dstore_answer_t *acks, size_t count,
     PGresult *res = s_run(self, S_ACK, NULL, 3, params, err);
     if (!res)
         return -1;
-    for (int i = 0; i < PQntuples(res) && (size_t) i < count; i++)
+    for (int i = 0; i < PQntuples(res) && (size_t) i < count; i++) {
         acks[i].outcome = s_outcome(PQgetvalue(res, i, 0));
+        acks[i].wait_s =
+            PQgetisnull(res, i, 1) ? -1 : strtod(PQgetvalue(res, i, 1), NULL);
+    }
     PQclear(res);
     return 0;
 }

@@ -80,6 +80,7 @@ typedef struct {
     char partner[33];
     char peer[64];
     dstore_outcome_t outcome; /* filled by dstore_ack / dstore_nack */
+    double wait_s; /* dstore_ack, DSTORE_DONE: seconds since the last send */
 } dstore_answer_t;
 
 /* Commit a batch of ACKs (distinct ids) with their audit events in one

@@ -411,9 +411,10 @@ static int s_answers_commit(notify_t *self, kh_error_t *err)
         if (p->nack) {
             if (dstore_nack(self->store, &p->answer, p->permanent, err))
                 return -1;
-        } else if (p->leader < 0)
-            p->answer.outcome = self->acks[a++].outcome;
-        else
+        } else if (p->leader < 0) {
+            p->answer.outcome = self->acks[a].outcome;
+            p->answer.wait_s = self->acks[a++].wait_s;
+        } else
             p->answer.outcome =
                 self->pending[p->leader].answer.outcome == DSTORE_NOT_FOUND
                     ? DSTORE_NOT_FOUND
@@ -474,6 +475,10 @@ static void s_answers_reply(notify_t *self, const kh_error_t *fail)
             kh_metric_add(p->nack ? "deliveries_nacked_total"
                                   : "deliveries_acked_total",
                           NULL, 1);
+            if (!p->nack && p->answer.outcome == DSTORE_DONE &&
+                p->answer.wait_s >= 0)
+                kh_metric_observe("delivery_ack_seconds", NULL,
+                                  p->answer.wait_s);
         }
         s_send_answer(self, p,
                       p->nack ? p->answer.outcome == DSTORE_DEAD

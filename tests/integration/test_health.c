@@ -559,6 +559,42 @@ START_TEST(routing_and_notification_count_and_report_the_backlog)
                           "deliveries_oldest_unacked_seconds{partner="
                           "\"zorgcoordinator\"}") >= 0);
 
+    /* The zorgcoordinator comes online and acknowledges one delivery:
+     * sent, acknowledged and its wait are counted, its backlog shrinks. */
+    kh_error_t err;
+    kh_client_t *zc_client =
+        kh_client_new(env_notify + strlen("KH_NOTIFY_ENDPOINT="),
+                      s_path("hub.cert"), s_path("zc.cert"), &err);
+    ck_assert_msg(zc_client != NULL, "%s", err.message);
+    ck_assert_int_eq(kh_client_hello(zc_client, 1, &err), 0);
+    char acked_id[64] = "";
+    bool acked = false;
+    for (int i = 0; i < 50 && !acked; i++) {
+        json_t *msg = kh_client_recv(zc_client, 200, &err);
+        const char *cmd = msg ? kh_client_reply_cmd(msg) : "";
+        if (strcmp(cmd, "DELIVER") == 0 && !*acked_id) {
+            snprintf(acked_id, sizeof acked_id, "%s",
+                     json_string_value(json_object_get(msg, "delivery_id")));
+            ck_assert_int_eq(kh_client_ack(zc_client, acked_id, &err), 0);
+        } else if (strcmp(cmd, "ACKED") == 0)
+            acked = true;
+        else if (!msg)
+            kh_client_hello(zc_client, 1, &err);
+        json_decref(msg);
+    }
+    kh_client_destroy(&zc_client);
+    ck_assert_msg(acked, "no ACKED for %s", acked_id);
+    ck_assert(s_metric_at(notify_health, "deliveries_sent_total") >= 1);
+    ck_assert_double_eq(s_metric_at(notify_health, "deliveries_acked_total"),
+                        1);
+    ck_assert_double_eq(
+        s_metric_at(notify_health, "delivery_ack_seconds_count"), 1);
+    ck_assert_msg(
+        s_wait_metric(notify_health,
+                      "deliveries_backlog{partner=\"zorgcoordinator\"}",
+                      (double) zc - 1, 10000),
+        "backlog did not shrink");
+
     /* A reload is counted. */
     kill(routing, SIGHUP);
     ck_assert(s_wait_metric(routing_health,
