@@ -30,7 +30,7 @@
 #define KH_VERSION "unknown"
 #endif
 
-#define S_STALL_MS 15000     /* /livez fails when the loop is this late */
+#define S_STALL_MS 60000     /* /livez fails when the loop is this late */
 #define S_PROBE_MS 1000      /* database probe interval */
 #define S_PROBE_WAIT_MS 2000 /* longest wait for one probe's answer */
 #define S_GAUGE_EVERY 5      /* gauges refreshed every this many probes */

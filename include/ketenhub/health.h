@@ -18,7 +18,8 @@
  * Readiness: the socket check (and the rules check when required) are set
  * by the service; the database check by the probe. Liveness: the service's
  * loop beats (kh_health_beat, or a zloop timer from kh_health_attach); a
- * loop that has not beaten for 15 s makes /livez answer 503.
+ * loop that has not beaten for 60 s makes /livez answer 503 (generous: a
+ * first seal of a long trail or a large routing backlog takes a while).
  */
 #ifndef KH_HEALTH_H_INCLUDED
 #define KH_HEALTH_H_INCLUDED

@@ -522,6 +522,7 @@ static int s_signal(routing_t *self, int sig)
 static int s_drain(routing_t *self)
 {
     while (!self->stopping) {
+        kh_health_beat(); /* a long backlog is progress, not a hang */
         int routed = s_pass(self);
         if (routed < (int) self->config.batch)
             break;
