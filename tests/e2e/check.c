@@ -439,6 +439,12 @@ static void s_check_trail(PGconn *conn, const e2e_run_t *run)
               " delivery_id, count(*) n FROM audit_events WHERE action ="
               " 'delivery.sent' GROUP BY 1) e ON e.delivery_id = d.id WHERE"
               " coalesce(e.n, 0) < 1");
+    /* Each send counts an attempt in the same statement as its event. */
+    long attempts = s_count(
+        conn, "SELECT count(*) FROM deliveries d LEFT JOIN (SELECT"
+              " delivery_id, count(*) n FROM audit_events WHERE action ="
+              " 'delivery.sent' GROUP BY 1) e ON e.delivery_id = d.id WHERE"
+              " coalesce(e.n, 0) <> d.attempts");
     long acked = s_count(
         conn, "SELECT count(*) FROM deliveries d LEFT JOIN (SELECT"
               " delivery_id, count(*) n FROM audit_events WHERE action ="
@@ -468,14 +474,15 @@ static void s_check_trail(PGconn *conn, const e2e_run_t *run)
     }
     PQclear(res);
     e2e_check("audit-events",
-              acc == 0 && routed == 0 && sent == 0 && acked == 0 &&
-                  orphans == 0 && odd == 0,
+              acc == 0 && routed == 0 && sent == 0 && attempts == 0 &&
+                  acked == 0 && orphans == 0 && odd == 0,
               "referrals without exactly one referral.accepted: %ld, one"
               " referral.routed: %ld; deliveries without a delivery.sent:"
+              " %ld, whose attempts differ from their delivery.sent events:"
               " %ld, without exactly one delivery.acked ok: %ld; events of"
               " no object: %ld; rejections, NACKs, dead letters,"
               " escalations: %ld; all: %s",
-              acc, routed, sent, acked, orphans, odd, counts);
+              acc, routed, sent, attempts, acked, orphans, odd, counts);
 }
 
 void e2e_check_all(const e2e_run_t *run)
