@@ -66,6 +66,27 @@ CREATE INDEX deliveries_open_age_from
 CREATE INDEX deliveries_dead_updated
     ON deliveries (updated_at) WHERE state = 'dead';
 
+-- Deliveries and referrals are work queues: each claim walks its index
+-- from the oldest entry, and every state change leaves a dead entry there
+-- until VACUUM removes it. With the default thresholds (20 % of the table)
+-- a large backlog makes every claim walk over hundreds of thousands of
+-- dead entries; vacuum them after a few thousand changes instead, and at
+-- full speed.
+ALTER TABLE deliveries SET (
+    autovacuum_vacuum_scale_factor = 0,
+    autovacuum_vacuum_threshold = 5000,
+    autovacuum_vacuum_insert_scale_factor = 0,
+    autovacuum_vacuum_insert_threshold = 20000,
+    autovacuum_analyze_scale_factor = 0.02,
+    autovacuum_vacuum_cost_delay = 0);
+ALTER TABLE referrals SET (
+    autovacuum_vacuum_scale_factor = 0,
+    autovacuum_vacuum_threshold = 5000,
+    autovacuum_vacuum_insert_scale_factor = 0,
+    autovacuum_vacuum_insert_threshold = 20000,
+    autovacuum_analyze_scale_factor = 0.02,
+    autovacuum_vacuum_cost_delay = 0);
+
 COMMENT ON COLUMN deliveries.attempts IS
     'How often the delivery was sent to the partner (0: never).';
 COMMENT ON COLUMN deliveries.next_attempt_at IS

@@ -198,6 +198,9 @@ cmd_start() {
             echo "full_page_writes = $fsync"
             echo "max_connections = 200"
             echo "shared_buffers = 128MB"
+            # The hub's queue tables want their dead entries gone soon
+            # (see migrations/003): look for vacuum work every 5 s.
+            echo "autovacuum_naptime = 5s"
             echo "log_min_messages = warning"
             echo "log_line_prefix = '%m [%p] %q%a '"
         } >"$sock/pgtmp.conf"
