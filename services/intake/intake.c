@@ -20,6 +20,7 @@
 #include "ketenhub/health.h"
 #include "ketenhub/log.h"
 #include "ketenhub/proto.h"
+#include "ketenhub/ratelimit.h"
 #include "ketenhub/schema.h"
 #include "ketenhub/service.h"
 #include "ketenhub/throttle.h"
@@ -44,11 +45,12 @@ typedef struct {
     json_t *msg;        /* decoded envelope, NULL if undecodable */
     kh_cmd_t cmd;       /* KH_CMD_UNKNOWN_ when not understood */
     char cid[KH_CID_MAX + 1];
-    char partner[64]; /* partner id, "" when the key is unknown */
-    char actor[64];   /* partner id, or "key:<Z85>" */
-    char peer[64];    /* peer address */
-    bool refused;     /* err holds why */
-    size_t size;      /* bytes of the frame */
+    char partner[64];   /* partner id, "" when the key is unknown */
+    char actor[64];     /* partner id, or "key:<Z85>" */
+    char peer[64];      /* peer address */
+    bool refused;       /* err holds why */
+    int retry_after_ms; /* throttled: the least wait before resending */
+    size_t size;        /* bytes of the frame */
     kh_error_t err;
     char *canonical; /* SUBMIT: the referral's canonical JSON (owned) */
     int sub;         /* index in the batch's submissions, or -1 */
@@ -75,7 +77,7 @@ typedef struct {
 
 /* Counts since the last stats line. */
 typedef struct {
-    uint64_t accepted, duplicates, refused, failed, batches;
+    uint64_t accepted, duplicates, refused, failed, throttled, batches;
     double commit_ms_total, commit_ms_max;
 } s_stats_t;
 
@@ -102,8 +104,10 @@ struct _intake_t {
     s_stats_t stats;
     s_auth_refusal_t auth_pending[S_AUTH_PENDING];
     size_t nauth_pending;
-    kh_throttle_t *auth_seen;    /* "key peer": one audit event a minute */
-    kh_throttle_t *unknown_keys; /* key: one registry reload a second */
+    kh_throttle_t *auth_seen;       /* "key peer": one audit event a minute */
+    kh_ratelimit_t *ratelimit;      /* per partner SUBMITs, or NULL: no limit */
+    kh_throttle_t *throttle_logged; /* partner: one "throttled" line / 10 s */
+    kh_throttle_t *unknown_keys;    /* key: one registry reload a second */
 };
 
 intake_t *intake_new(const intake_config_t *config, kh_error_t *err)
@@ -185,8 +189,17 @@ intake_t *intake_new(const intake_config_t *config, kh_error_t *err)
     }
     self->store = store_new(config->conninfo);
     self->auth_seen = kh_throttle_new(S_AUTH_REPEAT_MS, 10000);
+    self->throttle_logged = kh_throttle_new(10000, 10000);
+    if (config->partner_rate > 0)
+        self->ratelimit =
+            kh_ratelimit_new(config->partner_rate,
+                             config->partner_burst > 0 ? config->partner_burst
+                                                       : config->partner_rate,
+                             10000);
     self->unknown_keys = kh_throttle_new(S_UNKNOWN_KEY_RELOAD_MS, 1000);
-    bool allocated = self->store && self->auth_seen && self->unknown_keys;
+    bool allocated = self->store && self->auth_seen && self->unknown_keys &&
+                     self->throttle_logged &&
+                     (config->partner_rate <= 0 || self->ratelimit);
     for (int i = 0; i < 2; i++) {
         s_batch_t *batch = &self->batches[i];
         batch->requests = calloc(config->batch_max, sizeof *batch->requests);
@@ -219,6 +232,8 @@ void intake_destroy(intake_t **self_p)
     zsock_destroy(&self->routing);
     kh_zap_destroy(&self->zap);
     kh_throttle_destroy(&self->auth_seen);
+    kh_throttle_destroy(&self->throttle_logged);
+    kh_ratelimit_destroy(&self->ratelimit);
     kh_throttle_destroy(&self->unknown_keys);
     zcert_destroy(&self->cert);
     kh_schema_destroy(&self->schema);
@@ -379,6 +394,24 @@ static void s_take(intake_t *self, s_request_t *req, zmsg_t *msg)
                      "this key belongs to no active partner");
         s_refuse(req, &err);
     }
+    /* Over its rate, a partner's SUBMIT costs nothing more: no schema
+     * check, no database work, no audit event (a flood must not flood the
+     * trail); the log says so now and then. */
+    if (!req->refused && req->cmd == KH_CMD_SUBMIT && self->ratelimit) {
+        int64_t wait =
+            kh_ratelimit_take(self->ratelimit, partner, zclock_usecs());
+        if (wait > 0) {
+            kh_error_set(&err, KH_E_THROTTLED, "",
+                         "this partner sends faster than its rate; resend "
+                         "after retry_after_ms with the same idempotency key");
+            s_refuse(req, &err);
+            req->retry_after_ms = wait > INT32_MAX ? INT32_MAX : (int) wait;
+            self->stats.throttled++;
+            if (kh_throttle_pass(self->throttle_logged, partner, zclock_mono()))
+                kh_log_warn("throttled", "partner=%s peer=%s rate=%d/s",
+                            partner, req->peer, self->cfg.partner_rate);
+        }
+    }
     if (!req->refused && req->cmd == KH_CMD_SUBMIT) {
         const json_t *referral = json_object_get(req->msg, "referral");
         if (kh_schema_validate(self->schema, referral, &err)) {
@@ -503,7 +536,9 @@ static void s_count_reply(intake_t *self, const s_request_t *req,
     kh_metric_add("requests_refused_total",
                   json_string_value(json_object_get(reply, "code")), 1);
     bool retryable = json_is_true(json_object_get(reply, "retryable"));
-    if (retryable)
+    if (req->err.code == KH_E_THROTTLED)
+        ; /* counted apart when it was refused */
+    else if (retryable)
         self->stats.failed++;
     else
         self->stats.refused++;
@@ -550,7 +585,9 @@ static void s_batch_reply(intake_t *self, s_batch_t *batch,
         s_request_t *req = &batch->requests[i];
         json_t *reply = NULL;
         if (req->refused)
-            reply = kh_proto_rejected(req->cid, &req->err, self->backoff_ms);
+            reply = kh_proto_rejected(req->cid, &req->err,
+                                      req->retry_after_ms ? req->retry_after_ms
+                                                          : self->backoff_ms);
         else if (req->cmd == KH_CMD_SUBMIT)
             reply = s_submit_reply(self, batch, req, commit_err);
         else if (req->cmd == KH_CMD_STATUS) {
@@ -782,7 +819,8 @@ static int s_on_router(zloop_t *loop, zsock_t *router, void *arg)
         if (!req->refused)
             batch->bytes += req->size;
         else {
-            s_batch_refusal(batch, req);
+            if (req->err.code != KH_E_THROTTLED)
+                s_batch_refusal(batch, req);
             /* Only its cid is needed from here on: memory for a refused
              * request is held no longer than its check. */
             json_decref(req->msg);
@@ -859,14 +897,17 @@ static int s_log_stats(zloop_t *loop, int timer_id, void *arg)
     (void) timer_id;
     intake_t *self = arg;
     s_stats_t *st = &self->stats;
-    if (st->accepted + st->duplicates + st->refused + st->failed == 0)
+    if (st->accepted + st->duplicates + st->refused + st->failed +
+            st->throttled ==
+        0)
         return 0;
     kh_log_info("stats",
                 "accepted=%" PRIu64 " duplicates=%" PRIu64 " refused=%" PRIu64
-                " unavailable=%" PRIu64 " batches=%" PRIu64
+                " unavailable=%" PRIu64 " throttled=%" PRIu64
+                " batches=%" PRIu64
                 " commit_ms_avg=%.2f commit_ms_max=%.2f db=%s",
                 st->accepted, st->duplicates, st->refused, st->failed,
-                st->batches,
+                st->throttled, st->batches,
                 st->batches ? st->commit_ms_total / (double) st->batches : 0.0,
                 st->commit_ms_max, store_up(self->store) ? "up" : "down");
     memset(st, 0, sizeof *st);

@@ -20,6 +20,8 @@ typedef struct {
     int partner_refresh_ms;       /* how often the registry is re-read */
     int commit_timeout_ms;        /* a commit taking longer is given up */
     const char *routing_endpoint; /* where to send wake-ups; "" for none */
+    int partner_rate;  /* SUBMITs a second per partner; 0: no limit */
+    int partner_burst; /* saved up at most (0: one second's worth) */
 } intake_config_t;
 
 typedef struct _intake_t intake_t;

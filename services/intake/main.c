@@ -34,6 +34,10 @@ static kh_cfg_t s_config[] = {
            "largest accepted frame in bytes"),
     KH_CFG("KH_INTAKE_BATCH", KH_CFG_INT, "256", 1, 4096, false,
            "most requests committed in one transaction"),
+    KH_CFG("KH_PARTNER_RATE", KH_CFG_INT, "0", 0, 1000000, false,
+           "SUBMITs a second one partner may send (0: no limit)"),
+    KH_CFG("KH_PARTNER_BURST", KH_CFG_INT, "0", 0, 10000000, false,
+           "SUBMITs a partner may send at once above its rate (0: a second's)"),
     KH_CFG("KH_PARTNER_REFRESH_MS", KH_CFG_INT, "5000", 100, 3600000, false,
            "how often the partner registry is re-read"),
     KH_CFG("KH_DB_COMMIT_TIMEOUT_MS", KH_CFG_INT, "5000", 100, 600000, false,
@@ -83,6 +87,10 @@ int main(int argc, char **argv)
             ->num;
     config.limits.max_frame =
         (size_t) kh_config_get(s_config, S_CONFIG_COUNT, "KH_MAX_FRAME")->num;
+    config.partner_rate =
+        (int) kh_config_get(s_config, S_CONFIG_COUNT, "KH_PARTNER_RATE")->num;
+    config.partner_burst =
+        (int) kh_config_get(s_config, S_CONFIG_COUNT, "KH_PARTNER_BURST")->num;
 
     /* First, so that a bad KH_HEALTH_ENDPOINT is named before anything
      * else; not ready until the sockets are bound. */

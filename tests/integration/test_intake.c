@@ -931,6 +931,81 @@ START_TEST(a_stalled_reader_does_not_stop_intake)
 }
 END_TEST
 
+#define S_FLOOD 60
+
+/* A partner over its rate gets retryable throttled refusals at once, with
+ * nothing written for them; another partner is not held up. */
+START_TEST(a_partner_over_its_rate_is_throttled)
+{
+    int status = khproc_stop(s_intake, SIGTERM, 5000);
+    ck_assert(status != -1 && WIFEXITED(status));
+    setenv("KH_PARTNER_RATE", "20", 1);
+    setenv("KH_PARTNER_BURST", "20", 1);
+    s_start_intake();
+    unsetenv("KH_PARTNER_RATE");
+    unsetenv("KH_PARTNER_BURST");
+    s_wait_ready();
+
+    json_t *referral = s_example();
+    json_t *envelopes[S_FLOOD], *replies[S_FLOOD];
+    for (int i = 0; i < S_FLOOD; i++) {
+        char key[32];
+        snprintf(key, sizeof key, "flood-%d", i);
+        envelopes[i] = s_submit_envelope(key, referral);
+    }
+    s_pipeline(envelopes, S_FLOOD, replies, S_TIMEOUT);
+    int accepted = 0, throttled = 0, first_throttled = -1;
+    for (int i = 0; i < S_FLOOD; i++) {
+        ck_assert_msg(replies[i] != NULL, "no reply to %d", i);
+        const char *cmd = kh_client_reply_cmd(replies[i]);
+        if (strcmp(cmd, "ACCEPTED") == 0)
+            accepted++;
+        else {
+            ck_assert_str_eq(s_str(replies[i], "code"), "throttled");
+            ck_assert(json_is_true(json_object_get(replies[i], "retryable")));
+            ck_assert_int_ge(json_integer_value(
+                                 json_object_get(replies[i], "retry_after_ms")),
+                             1);
+            throttled++;
+            if (first_throttled < 0)
+                first_throttled = i;
+        }
+        json_decref(replies[i]);
+    }
+    /* The burst, and what a second at 20/s adds at most. */
+    ck_assert_int_ge(accepted, 20);
+    ck_assert_int_lt(accepted, 45);
+    ck_assert_int_eq(accepted + throttled, S_FLOOD);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM referrals"), accepted);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE"
+                             " reason_code = 'throttled'"),
+                     0);
+    ck_assert(khtest_log_has(s_path("intake.log"), "event=throttled", 1000));
+
+    /* Another partner has its own rate. */
+    kh_client_t *zc = s_client("zc");
+    kh_error_t err;
+    json_t *reply = kh_client_submit(zc, referral, "zc-1", S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(reply);
+    ck_assert_str_eq(kh_client_reply_cmd(reply), "ACCEPTED");
+    json_decref(reply);
+    kh_client_destroy(&zc);
+
+    /* Resent after the wait, with the same key: accepted. */
+    zclock_sleep(1100);
+    kh_client_t *vt = s_client("vt");
+    char key[32];
+    snprintf(key, sizeof key, "flood-%d", first_throttled);
+    reply = kh_client_submit(vt, referral, key, S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(reply);
+    ck_assert_str_eq(kh_client_reply_cmd(reply), "ACCEPTED");
+    ck_assert(json_is_false(json_object_get(reply, "duplicate")));
+    json_decref(reply);
+    kh_client_destroy(&vt);
+    json_decref(referral);
+}
+END_TEST
+
 START_TEST(sighup_does_not_stop_and_sigterm_exits_zero)
 {
     kill(s_intake, SIGHUP);
@@ -964,6 +1039,7 @@ int main(void)
     tcase_add_test(tc, database_down_gives_retryable_refusal_then_recovers);
     tcase_add_test(tc, sigterm_with_a_stalled_commit_exits_in_time);
     tcase_add_test(tc, a_stalled_reader_does_not_stop_intake);
+    tcase_add_test(tc, a_partner_over_its_rate_is_throttled);
     tcase_add_test(tc, sighup_does_not_stop_and_sigterm_exits_zero);
     suite_add_tcase(suite, tc);
     return khtest_run_suite(suite);

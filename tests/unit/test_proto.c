@@ -1,6 +1,7 @@
 /*
  * Envelope checks of the partner protocol (schemas/protocol.md), the
- * configuration table, the canonical payload hash and the throttle.
+ * configuration table, the canonical payload hash, the throttle and the
+ * rate limit.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -8,6 +9,7 @@
 #include "ketenhub/codec.h"
 #include "ketenhub/config.h"
 #include "ketenhub/proto.h"
+#include "ketenhub/ratelimit.h"
 #include "ketenhub/throttle.h"
 #include "khtest.h"
 
@@ -189,6 +191,29 @@ START_TEST(throttle_passes_once_per_interval_per_key)
 }
 END_TEST
 
+START_TEST(ratelimit_refills_at_its_rate_up_to_the_burst)
+{
+    ck_assert_ptr_null(kh_ratelimit_new(0, 1, 10));
+    ck_assert_ptr_null(kh_ratelimit_new(10, 0.5, 10));
+    kh_ratelimit_t *limit = kh_ratelimit_new(10, 3, 2); /* 10/s, burst 3 */
+    ck_assert_ptr_nonnull(limit);
+    for (int i = 0; i < 3; i++)
+        ck_assert_int_eq(kh_ratelimit_take(limit, "a", 0), 0);
+    /* Empty: the next token comes in 100 ms. */
+    ck_assert_int_eq(kh_ratelimit_take(limit, "a", 0), 101);
+    ck_assert_int_eq(kh_ratelimit_take(limit, "a", 50000), 51);
+    ck_assert_int_eq(kh_ratelimit_take(limit, "a", 100000), 0);
+    /* Another key has its own bucket. */
+    ck_assert_int_eq(kh_ratelimit_take(limit, "b", 100000), 0);
+    /* A long pause refills up to the burst, not beyond. */
+    for (int i = 0; i < 3; i++)
+        ck_assert_int_eq(kh_ratelimit_take(limit, "a", 60000000), 0);
+    ck_assert_int_gt(kh_ratelimit_take(limit, "a", 60000000), 0);
+    kh_ratelimit_destroy(&limit);
+    ck_assert_ptr_null(limit);
+}
+END_TEST
+
 /* A key a partner made up may hold personal data: paths show it as "?". */
 START_TEST(paths_never_carry_made_up_keys)
 {
@@ -345,6 +370,7 @@ int main(void)
     tcase_add_test(tc, fields_are_checked_per_command);
     tcase_add_test(tc, delivery_commands_are_checked);
     tcase_add_test(tc, throttle_passes_once_per_interval_per_key);
+    tcase_add_test(tc, ratelimit_refills_at_its_rate_up_to_the_burst);
     tcase_add_test(tc, paths_never_carry_made_up_keys);
     tcase_add_test(tc, rejected_carries_code_and_retry_hint);
     tcase_add_test(tc, uuids_are_v4_and_canonical);
