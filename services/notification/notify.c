@@ -611,7 +611,12 @@ static void s_take(notify_t *self, zframe_t *identity, zframe_t *body,
         kh_error_set(&err, KH_E_UNKNOWN_COMMAND, "cmd",
                      "%s is not a command for the delivery socket",
                      kh_cmd_name(cmd));
-    if (err.code == KH_E_OK && !partner)
+    /* Until the registry has been read (the database is not up yet) no key
+     * can be told it is revoked: that answer makes a partner stop. */
+    if (err.code == KH_E_OK && !partner && !self->partners)
+        kh_error_set(&err, KH_E_UNAVAILABLE, "",
+                     "the partner registry cannot be read now");
+    else if (err.code == KH_E_OK && !partner)
         kh_error_set(&err, KH_E_UNKNOWN_PARTNER, "",
                      "this key belongs to no active partner");
     s_conn_t *conn = NULL;
