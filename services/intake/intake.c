@@ -389,7 +389,13 @@ static void s_take(intake_t *self, s_request_t *req, zmsg_t *msg)
         if (rc)
             s_refuse(req, &err);
     }
-    if (!req->refused && !partner) {
+    /* Until the registry has been read (the database is not up yet) no key
+     * can be told it is unknown: that answer is final for a partner. */
+    if (!req->refused && !partner && !self->partners) {
+        kh_error_set(&err, KH_E_UNAVAILABLE, "",
+                     "the partner registry cannot be read now");
+        s_refuse(req, &err);
+    } else if (!req->refused && !partner) {
         kh_error_set(&err, KH_E_UNKNOWN_PARTNER, "",
                      "this key belongs to no active partner");
         s_refuse(req, &err);
@@ -819,7 +825,10 @@ static int s_on_router(zloop_t *loop, zsock_t *router, void *arg)
         if (!req->refused)
             batch->bytes += req->size;
         else {
-            if (req->err.code != KH_E_THROTTLED)
+            /* Neither a throttled request nor one refused because the
+             * database is away is audited (that could not commit). */
+            if (req->err.code != KH_E_THROTTLED &&
+                req->err.code != KH_E_UNAVAILABLE)
                 s_batch_refusal(batch, req);
             /* Only its cid is needed from here on: memory for a refused
              * request is held no longer than its check. */
