@@ -13,15 +13,13 @@
 
 #include "ketenhub/db.h"
 #include "ketenhub/log.h"
+#include "ketenhub/pgarray.h"
 
 struct _dstore_t {
     char *conninfo;
     dstore_policy_t policy;
     PGconn *conn;
-    char *ids[3];       /* array literals built for a statement */
-    size_t ids_size[3]; /* allocated bytes of each */
-    const char **items; /* the strings of one literal */
-    size_t items_size;  /* allocated entries of items */
+    kh_pgarray_t arrays[3]; /* the ACK statement's parameters */
 };
 
 /* The wait before attempt `attempts + 1` of a delivery sent `attempts`
@@ -270,8 +268,7 @@ void dstore_destroy(dstore_t **self_p)
     PQfinish(self->conn);
     free(self->conninfo);
     for (int k = 0; k < 3; k++)
-        free(self->ids[k]);
-    free(self->items);
+        kh_pgarray_free(&self->arrays[k]);
     free(self);
     *self_p = NULL;
 }
@@ -354,42 +351,6 @@ static PGresult *s_run(dstore_t *self, s_stmt_t stmt, const char *sql,
     return NULL;
 }
 
-/* A PostgreSQL array literal {"a","b",...} of count strings (UUIDs, ids
- * or peer addresses; " and \ escaped) into *buf, grown as needed. The
- * literal, or NULL with err. */
-static const char *s_array(char **buf, size_t *size, const char *const *items,
-                           size_t count, kh_error_t *err)
-{
-    size_t need = 3;
-    for (size_t i = 0; i < count; i++)
-        need += 2 * strlen(items[i]) + 3;
-    if (need > *size) {
-        char *grown = realloc(*buf, need);
-        if (!grown) {
-            kh_error_set(err, KH_E_NOMEM, "", "out of memory");
-            return NULL;
-        }
-        *buf = grown;
-        *size = need;
-    }
-    char *out = *buf;
-    *out++ = '{';
-    for (size_t i = 0; i < count; i++) {
-        if (i)
-            *out++ = ',';
-        *out++ = '"';
-        for (const char *c = items[i]; *c; c++) {
-            if (*c == '"' || *c == '\\')
-                *out++ = '\\';
-            *out++ = *c;
-        }
-        *out++ = '"';
-    }
-    *out++ = '}';
-    *out = '\0';
-    return *buf;
-}
-
 zhashx_t *dstore_partners(dstore_t *self, kh_error_t *err)
 {
     PGresult *res = s_run(self, S_STATEMENTS, s_partners_sql, 0, NULL, err);
@@ -458,23 +419,17 @@ static dstore_outcome_t s_outcome(const char *text)
 int dstore_ack(dstore_t *self, dstore_answer_t *acks, size_t count,
                kh_error_t *err)
 {
-    if (count > self->items_size) {
-        const char **items = realloc(self->items, count * sizeof *items);
-        if (!items)
-            return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
-        self->items = items;
-        self->items_size = count;
-    }
     const char *params[3];
     for (int k = 0; k < 3; k++) {
+        kh_pgarray_t *array = &self->arrays[k];
+        kh_pgarray_reset(array);
         for (size_t i = 0; i < count; i++)
-            self->items[i] = k == 0   ? acks[i].id
-                             : k == 1 ? acks[i].partner
-                                      : acks[i].peer;
-        params[k] =
-            s_array(&self->ids[k], &self->ids_size[k], self->items, count, err);
+            kh_pgarray_add(array, k == 0   ? acks[i].id
+                                  : k == 1 ? acks[i].partner
+                                           : acks[i].peer);
+        params[k] = kh_pgarray_text(array);
         if (!params[k])
-            return -1;
+            return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
     }
     PGresult *res = s_run(self, S_ACK, NULL, 3, params, err);
     if (!res)

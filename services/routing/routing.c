@@ -19,6 +19,7 @@
 #include "ketenhub/health.h"
 #include "ketenhub/log.h"
 #include "ketenhub/partner.h"
+#include "ketenhub/pgarray.h"
 #include "ketenhub/proto.h"
 #include "ketenhub/rules.h"
 #include "ketenhub/service.h"
@@ -27,6 +28,9 @@
 #define S_STATS_MS 60000
 #define S_WAKEUP_MAX (1024 * 1024) /* bytes of a wake-up message */
 #define S_MATCHED_MAX 4096         /* bytes of audit_events.rules_matched */
+#define S_DELIVERY_COLUMNS 9
+#define S_ROUTED_COLUMNS 4
+#define S_UNROUTABLE_COLUMNS 3
 
 struct _routing_t {
     routing_config_t config;
@@ -38,6 +42,11 @@ struct _routing_t {
     zsock_t *pull;
     zsock_t *notify;   /* wake-ups for notification, or NULL */
     zhashx_t *targets; /* partners with new deliveries in this pass */
+    /* The pass's writes as array parameters: deliveries, routed and
+     * unroutable referrals (columns as the statements take them). */
+    kh_pgarray_t deliveries_cols[S_DELIVERY_COLUMNS];
+    kh_pgarray_t routed_cols[S_ROUTED_COLUMNS];
+    kh_pgarray_t unroutable_cols[S_UNROUTABLE_COLUMNS];
     zloop_t *loop;
     int signal_fd;
     bool stopping;
@@ -52,32 +61,48 @@ static const char *s_claim_sql =
     " FROM referrals WHERE state = 'accepted' ORDER BY accepted_at"
     " LIMIT $1 FOR UPDATE SKIP LOCKED";
 
-static const char *s_delivery_sql =
+/* The pass's deliveries, one row per element of the arrays; $10 is the
+ * rules version. */
+static const char *s_deliveries_sql =
     "INSERT INTO deliveries (id, referral_id, partner_id, priority, payload,"
     " payload_hash, rules_version, escalate_to, escalation_payload,"
     " escalation_payload_hash)"
-    " VALUES ($1, $2, $3, $4, convert_to($5, 'UTF8'), decode($6, 'hex'), $7,"
-    " $8, convert_to($9, 'UTF8'), decode($10, 'hex'))"
+    " SELECT d.id, d.referral_id, d.partner_id, d.priority,"
+    " convert_to(d.payload, 'UTF8'), decode(d.hash, 'hex'), $10,"
+    " d.escalate_to, convert_to(d.esc_payload, 'UTF8'),"
+    " decode(d.esc_hash, 'hex')"
+    " FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[],"
+    " $6::text[], $7::text[], $8::text[], $9::text[])"
+    " AS d(id, referral_id, partner_id, priority, payload, hash, escalate_to,"
+    " esc_payload, esc_hash)"
     " ON CONFLICT (referral_id, partner_id) DO NOTHING";
 
+/* The pass's routed referrals: new state and audit event each; $5 is the
+ * rules version. */
 static const char *s_routed_sql =
-    "INSERT INTO audit_events (actor_kind, actor_id, action, referral_id,"
+    "WITH r AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[],"
+    " $4::text[]) AS r(id, reason, hash, matched)),"
+    " s AS (UPDATE referrals SET state = 'routed' FROM r"
+    " WHERE referrals.id = r.id AND referrals.state = 'accepted'"
+    " RETURNING referrals.id)"
+    " INSERT INTO audit_events (actor_kind, actor_id, action, referral_id,"
     " outcome, reason_code, payload_hash, rules_version, rules_matched,"
     " origin_service)"
-    " VALUES ('service', 'routing', 'referral.routed', $1, 'ok', $2,"
-    " decode($3, 'hex'), $4, $5, 'routing')";
+    " SELECT 'service', 'routing', 'referral.routed', r.id, 'ok', r.reason,"
+    " decode(r.hash, 'hex'), $5, r.matched, 'routing' FROM r"
+    " JOIN s ON s.id = r.id";
 
-static const char *s_state_sql =
-    "UPDATE referrals SET state = 'routed' WHERE id = $1 AND state = "
-    "'accepted'";
-
+/* The pass's unreadable referrals, set aside with their audit events. */
 static const char *s_unroutable_sql =
-    "WITH r AS (UPDATE referrals SET state = 'unroutable' WHERE id = $1"
-    " AND state = 'accepted' RETURNING id)"
+    "WITH u AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[])"
+    " AS u(id, reason, hash)),"
+    " s AS (UPDATE referrals SET state = 'unroutable' FROM u"
+    " WHERE referrals.id = u.id AND referrals.state = 'accepted'"
+    " RETURNING referrals.id)"
     " INSERT INTO audit_events (actor_kind, actor_id, action, referral_id,"
     " outcome, reason_code, payload_hash, origin_service)"
-    " SELECT 'service', 'routing', 'referral.routed', id, 'failed', $2,"
-    " decode($3, 'hex'), 'routing' FROM r";
+    " SELECT 'service', 'routing', 'referral.routed', u.id, 'failed',"
+    " u.reason, decode(u.hash, 'hex'), 'routing' FROM u JOIN s ON s.id = u.id";
 
 static const char *s_reload_sql =
     "INSERT INTO audit_events (actor_kind, actor_id, action, outcome,"
@@ -246,11 +271,11 @@ static char *s_canonical(json_t *projected, char hash[65])
     return text;
 }
 
-/* Insert the deliveries for the evaluated referral: each with its
+/* Add the deliveries of the evaluated referral to the pass: each with its
  * target's projection and, where the rules name an escalation partner,
  * the escalation copy's own projection. */
-static int s_insert_deliveries(routing_t *self, const char *referral_id,
-                               const json_t *referral, kh_error_t *err)
+static int s_add_deliveries(routing_t *self, const char *referral_id,
+                            const json_t *referral, kh_error_t *err)
 {
     const kh_rules_result_t *result = self->result;
     for (size_t i = 0; i < kh_rules_result_target_count(result); i++) {
@@ -269,24 +294,22 @@ static int s_insert_deliveries(routing_t *self, const char *referral_id,
             return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
         }
         kh_uuid_new(id);
-        const char *params[] = {
+        const char *row[S_DELIVERY_COLUMNS] = {
             id,
             referral_id,
             kh_rules_result_partner(result, i),
             kh_priority_name(kh_rules_result_priority(result, i)),
             payload,
             hash,
-            kh_rules_version(self->rules),
             escalate_to,
             esc_payload,
             escalate_to ? esc_hash : NULL};
-        int rc = s_exec(self->conn, s_delivery_sql, 10, params, err);
+        for (int c = 0; c < S_DELIVERY_COLUMNS; c++)
+            kh_pgarray_add(&self->deliveries_cols[c], row[c]);
         free(payload);
         free(esc_payload);
         zhashx_insert(self->targets, kh_rules_result_partner(result, i),
                       &s_present);
-        if (rc)
-            return -1;
     }
     return 0;
 }
@@ -307,9 +330,10 @@ static void s_matched(const kh_rules_result_t *result, char *out, size_t size)
     }
 }
 
-/* Route one claimed referral inside the open transaction. Returns 1 when
- * routed, 0 when it cannot be read (set aside as unroutable: a
- * referral.routed event with outcome failed), -1 on a database failure. */
+/* Route one claimed referral: add its deliveries and its audit event to
+ * the pass. Returns 1 when routed, 0 when it cannot be read (set aside as
+ * unroutable: a referral.routed event with outcome failed), -1 when out of
+ * memory. */
 static int s_route_one(routing_t *self, const char *id, const char *payload,
                        const char *hash, kh_error_t *err)
 {
@@ -322,29 +346,56 @@ static int s_route_one(routing_t *self, const char *id, const char *payload,
         kh_log_error("alert", "kind=referral_unroutable referral=%s reason=%s",
                      id, reason);
         json_decref(referral);
-        const char *params[] = {id, reason, hash};
-        return s_exec(self->conn, s_unroutable_sql, 3, params, err) ? -1 : 0;
+        const char *row[S_UNROUTABLE_COLUMNS] = {id, reason, hash};
+        for (int c = 0; c < S_UNROUTABLE_COLUMNS; c++)
+            kh_pgarray_add(&self->unroutable_cols[c], row[c]);
+        return 0;
     }
     kh_rules_eval(self->rules, referral, self->result);
-    int rc = s_insert_deliveries(self, id, referral, err);
+    int rc = s_add_deliveries(self, id, referral, err);
     json_decref(referral);
     if (rc)
         return -1;
     char matched[S_MATCHED_MAX];
     s_matched(self->result, matched, sizeof matched);
     bool fallback = kh_rules_result_fallback(self->result);
-    const char *params[] = {id, fallback ? "no_rule_matched" : NULL, hash,
-                            kh_rules_version(self->rules),
-                            matched[0] ? matched : NULL};
-    if (s_exec(self->conn, s_routed_sql, 5, params, err) ||
-        s_exec(self->conn, s_state_sql, 1, &id, err))
-        return -1;
+    const char *row[S_ROUTED_COLUMNS] = {id,
+                                         fallback ? "no_rule_matched" : NULL,
+                                         hash, matched[0] ? matched : NULL};
+    for (int c = 0; c < S_ROUTED_COLUMNS; c++)
+        kh_pgarray_add(&self->routed_cols[c], row[c]);
     size_t targets = kh_rules_result_target_count(self->result);
     self->deliveries += targets;
     kh_log_debug("referral_routed",
                  "referral=%s targets=%zu fallback=%d rules=%s", id, targets,
                  fallback, matched[0] ? matched : "none");
     return 1;
+}
+
+/* Send one of the pass's array statements (when it has rows): the arrays
+ * of cols, then extra (NULL for none) as the last parameter. */
+static int s_send_arrays(routing_t *self, const char *sql, kh_pgarray_t *cols,
+                         int ncols, const char *extra, kh_error_t *err)
+{
+    if (cols[0].count == 0)
+        return 0;
+    const char *params[S_DELIVERY_COLUMNS + 1];
+    for (int c = 0; c < ncols; c++)
+        if (!(params[c] = kh_pgarray_text(&cols[c])))
+            return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
+    params[ncols] = extra;
+    return s_exec(self->conn, sql, ncols + (extra ? 1 : 0), params, err);
+}
+
+/* Empty the pass's arrays. */
+static void s_writes_reset(routing_t *self)
+{
+    for (int c = 0; c < S_DELIVERY_COLUMNS; c++)
+        kh_pgarray_reset(&self->deliveries_cols[c]);
+    for (int c = 0; c < S_ROUTED_COLUMNS; c++)
+        kh_pgarray_reset(&self->routed_cols[c]);
+    for (int c = 0; c < S_UNROUTABLE_COLUMNS; c++)
+        kh_pgarray_reset(&self->unroutable_cols[c]);
 }
 
 /* Tell notification which partners have new deliveries (services.md,
@@ -406,6 +457,7 @@ static int s_pass(routing_t *self)
         goto fail;
     }
     int sent = 0;
+    s_writes_reset(self);
     for (int row = 0; row < PQntuples(res) && sent == 0; row++) {
         const char *payload =
             PQgetisnull(res, row, 1) ? NULL : PQgetvalue(res, row, 1);
@@ -416,6 +468,17 @@ static int s_pass(routing_t *self)
         else
             routed += rc;
     }
+    /* The whole pass in three statements, then the commit. */
+    const char *version = kh_rules_version(self->rules);
+    if (sent == 0)
+        sent = s_send_arrays(self, s_deliveries_sql, self->deliveries_cols,
+                             S_DELIVERY_COLUMNS, version, &err);
+    if (sent == 0)
+        sent = s_send_arrays(self, s_routed_sql, self->routed_cols,
+                             S_ROUTED_COLUMNS, version, &err);
+    if (sent == 0)
+        sent = s_send_arrays(self, s_unroutable_sql, self->unroutable_cols,
+                             S_UNROUTABLE_COLUMNS, NULL, &err);
     if (sent == 0)
         sent = s_exec(self->conn, "COMMIT", 0, NULL, &err);
     kh_error_t end_err;
@@ -722,6 +785,12 @@ void routing_destroy(routing_t **self_p)
     zsock_destroy(&self->pull);
     zsock_destroy(&self->notify);
     zhashx_destroy(&self->targets);
+    for (int c = 0; c < S_DELIVERY_COLUMNS; c++)
+        kh_pgarray_free(&self->deliveries_cols[c]);
+    for (int c = 0; c < S_ROUTED_COLUMNS; c++)
+        kh_pgarray_free(&self->routed_cols[c]);
+    for (int c = 0; c < S_UNROUTABLE_COLUMNS; c++)
+        kh_pgarray_free(&self->unroutable_cols[c]);
     kh_zap_destroy(&self->zap);
     zcert_destroy(&self->cert);
     kh_rules_result_destroy(&self->result);
