@@ -1,13 +1,14 @@
 /*
  * Envelope checks of the partner protocol (schemas/protocol.md), the
- * configuration table, the canonical payload hash, the throttle and the
- * rate limit.
+ * configuration table, the canonical payload hash, the throttle, the
+ * rate limit and the array literals.
  */
 #include <stdlib.h>
 #include <string.h>
 
 #include "ketenhub/codec.h"
 #include "ketenhub/config.h"
+#include "ketenhub/pgarray.h"
 #include "ketenhub/proto.h"
 #include "ketenhub/ratelimit.h"
 #include "ketenhub/throttle.h"
@@ -214,6 +215,28 @@ START_TEST(ratelimit_refills_at_its_rate_up_to_the_burst)
 }
 END_TEST
 
+START_TEST(pgarray_quotes_escapes_and_keeps_nulls)
+{
+    kh_pgarray_t array = {0};
+    ck_assert_str_eq(kh_pgarray_text(&array), "{}");
+    kh_pgarray_add(&array, "plain");
+    kh_pgarray_add(&array, NULL);
+    kh_pgarray_add(&array, "{\"a\":\"b\\c\"}");
+    kh_pgarray_add(&array, "");
+    ck_assert_str_eq(kh_pgarray_text(&array),
+                     "{\"plain\",NULL,\"{\\\"a\\\":\\\"b\\\\c\\\"}\",\"\"}");
+    ck_assert_uint_eq(array.count, 4);
+    kh_pgarray_reset(&array);
+    ck_assert_str_eq(kh_pgarray_text(&array), "{}");
+    /* Growth well past the first allocation. */
+    for (int i = 0; i < 1000; i++)
+        kh_pgarray_add(&array, "0123456789");
+    ck_assert_uint_eq(strlen(kh_pgarray_text(&array)), 2 + 1000 * 12 + 999);
+    kh_pgarray_free(&array);
+    ck_assert_ptr_null(array.data);
+}
+END_TEST
+
 /* A key a partner made up may hold personal data: paths show it as "?". */
 START_TEST(paths_never_carry_made_up_keys)
 {
@@ -371,6 +394,7 @@ int main(void)
     tcase_add_test(tc, delivery_commands_are_checked);
     tcase_add_test(tc, throttle_passes_once_per_interval_per_key);
     tcase_add_test(tc, ratelimit_refills_at_its_rate_up_to_the_burst);
+    tcase_add_test(tc, pgarray_quotes_escapes_and_keeps_nulls);
     tcase_add_test(tc, paths_never_carry_made_up_keys);
     tcase_add_test(tc, rejected_carries_code_and_retry_hint);
     tcase_add_test(tc, uuids_are_v4_and_canonical);
