@@ -10,8 +10,10 @@
  * kill -9s a service and restarts it, sends one SIGTERM and checks it
  * exits 0 within 5 s (graceful shutdown under load), pauses a service with
  * SIGSTOP for a few seconds, restarts PostgreSQL (fast and immediate
- * mode, alternately) and disconnects partners (kill -9 of a listener, back
- * a few seconds later). Then it drains and checks (check.c); one line per
+ * mode, alternately; during an immediate one's outage of 1-4 s a random
+ * service is killed and started again, so it starts without a database)
+ * and disconnects partners (kill -9 of a listener, back a few seconds
+ * later). Then it drains and checks (check.c); one line per
  * check and a last line "e2e: N passed, M failed". Exit 0 only when all
  * passed.
  *
@@ -27,8 +29,10 @@
  * The run directory (/tmp/khe2e.XXXXXX, logs of every process) is removed
  * unless --keep or a check failed.
  *
- * Short configuration (ctest e2e.short, a few minutes):
- *   ketenhub-e2e --referrals 2000 --seconds 60 --kills 6 --pg-restarts 1
+ * Short configuration (ctest e2e.short, about a minute; e2e.replicas is
+ * the same with --replicas 2 and 8 kills):
+ *   ketenhub-e2e --referrals 2000 --seconds 60 --kills 6 --pg-restarts 2 \
+ *                --pauses 2 --disconnects 2 --terms 4
  * Long configuration (the issue's figures: >= 50,000 referrals, each
  * service killed >= 20 times, PostgreSQL restarted >= 3 times; about
  * 20 minutes on a 2-core machine):
@@ -276,18 +280,11 @@ static bool s_log_ready(const s_proc_t *p)
     return ready;
 }
 
-/* Start p and, for a service, wait up to 30 s for its ready line.
- * Returns the seconds it took, or -1 (counted as a failure). */
-static double s_start(s_proc_t *p)
+/* Wait up to 30 s from t0 for the ready line of service p, started
+ * already; one that ends meanwhile is counted and started again. Returns
+ * the seconds since t0, or -1 (counted as a failure). */
+static double s_await(s_proc_t *p, double t0)
 {
-    double t0 = s_now();
-    if (s_spawn(p) != 0) {
-        printf("e2e: cannot start %s\n", p->label);
-        s_failures++;
-        return -1;
-    }
-    if (p->listener)
-        return 0;
     while (s_now() - t0 < 30) {
         if (s_log_ready(p))
             return s_now() - t0;
@@ -311,6 +308,18 @@ static double s_start(s_proc_t *p)
            p->label, s_run, p->label, p->incarnation);
     s_failures++;
     return -1;
+}
+
+/* Start p and, for a service, wait for its ready line (s_await). */
+static double s_start(s_proc_t *p)
+{
+    double t0 = s_now();
+    if (s_spawn(p) != 0) {
+        printf("e2e: cannot start %s\n", p->label);
+        s_failures++;
+        return -1;
+    }
+    return p->listener ? 0 : s_await(p, t0);
 }
 
 /* Reap any process that ended on its own (a crash, or an exit on losing
@@ -396,12 +405,15 @@ static json_t *s_submit(kh_client_t **client, int r, e2e_key_t *k,
         json_int_t after =
             json_integer_value(json_object_get(reply, "retry_after_ms"));
         if (!retryable) {
-            pthread_mutex_lock(&s_out_lock);
-            printf("e2e: key %s refused: %s %s\n", k->key,
-                   json_string_value(json_object_get(reply, "code")),
-                   json_string_value(json_object_get(reply, "path")));
-            pthread_mutex_unlock(&s_out_lock);
-            atomic_fetch_add(&s_refused, 1);
+            /* The first few are named; the count says the rest. */
+            if (atomic_fetch_add(&s_refused, 1) < 5) {
+                pthread_mutex_lock(&s_out_lock);
+                printf("e2e: t=%.1fs key %s refused: %s %s\n", s_elapsed(),
+                       k->key,
+                       json_string_value(json_object_get(reply, "code")),
+                       json_string_value(json_object_get(reply, "path")));
+                pthread_mutex_unlock(&s_out_lock);
+            }
             k->answered = true;
             json_decref(reply);
             return NULL;
@@ -554,6 +566,36 @@ static void s_fault(const s_fault_t *f)
         p->pauses++;
         printf("e2e: t=%.1fs SIGSTOP %s for %.1f s\n", t, p->label,
                (double) ms / 1000);
+    } else if (f->target == 1) {
+        /* A crash (immediate stop), and a random service killed and
+         * started again while PostgreSQL is down: it must come up and
+         * serve once the database is back. */
+        s_proc_t *q = &s_procs[r * S_KINDS + (int) (s_rand() % S_SERVICES)];
+        int rc = khproc_sh("%s/scripts/pgtmp.sh down %s/pg immediate"
+                           " >>%s/pgtmp.log 2>&1",
+                           s_src, s_run, s_run);
+        if (q->pid > 0) {
+            kill(q->pid, SIGKILL);
+            waitpid(q->pid, NULL, 0);
+            q->pid = 0;
+            q->kills++;
+        }
+        double t0 = s_now();
+        if (s_spawn(q) == 0)
+            q->restarts++;
+        s_sleep_ms(1000 + (long) (s_rand() % 3000));
+        rc |= khproc_sh("%s/scripts/pgtmp.sh up %s/pg >>%s/pgtmp.log 2>&1",
+                        s_src, s_run, s_run);
+        s_pg_restarts[1]++;
+        if (rc != 0) {
+            printf("e2e: PostgreSQL restart (immediate) failed\n");
+            s_failures++;
+        }
+        double ready = q->pid > 0 ? s_await(q, t0) : -1;
+        printf("e2e: t=%.1fs PostgreSQL crashed (immediate), back in %.1f s;"
+               " %s killed and started during the outage, ready %.1f s"
+               " after\n",
+               t, s_elapsed() - t, q->label, ready);
     } else {
         const char *mode = f->target ? "immediate" : "fast";
         int rc = khproc_sh("%s/scripts/pgtmp.sh restart %s/pg %s"
