@@ -2,8 +2,11 @@
 # Build the ketenhub container image with podman on a Debian 12 machine that
 # has no Docker engine, then smoke-test it: a throwaway PostgreSQL on the
 # host, the image's ketenhubctl applies the migrations and makes the keys,
-# the image's intake runs with host networking, and the host-built
-# ketenhub-partner submits schemas/examples/*.json, which must be accepted.
+# the image's four services run in containers with host networking, the
+# host-built ketenhub-partner submits schemas/examples/*.json as a
+# municipality and, as Veilig Thuis, the zorgcoordinator and AVIM, listens:
+# every referral must be accepted, every delivery stored and acknowledged,
+# the trail sealed and verified, and every service must stop with exit 0.
 #
 #   docker/build.sh              set podman up, build the image, smoke-test it
 #   docker/build.sh --no-test    set podman up and build the image only
@@ -147,11 +150,15 @@ build_image() {
 # ---- smoke test ---------------------------------------------------------
 
 work=""
-intake=""
+containers=""
+listeners=""
 cleanup() {
-  if [ -n "$intake" ]; then
-    podman rm -f "$intake" >/dev/null 2>&1 || true
-  fi
+  for pid in $listeners; do
+    kill "$pid" 2>/dev/null || true
+  done
+  for c in $containers; do
+    podman rm -f "$c" >/dev/null 2>&1 || true
+  done
   if [ -n "$work" ]; then
     "$here/scripts/pgtmp.sh" stop "$work/pg" >/dev/null 2>&1 || true
     rm -rf "$work"
@@ -176,7 +183,32 @@ free_port() {
 ctl() {
   podman run --rm --network=host -e KH_DATABASE_URL="$url" \
     -v "$work/hub:/etc/ketenhub/hub" -v "$work/partners:/etc/ketenhub/partners" \
-    -v "$work/keys:/keys" --entrypoint ketenhubctl "$image" "$@"
+    -v "$work/keys:/keys" -v "$work/audit:/etc/ketenhub/audit" \
+    --entrypoint ketenhubctl "$image" "$@"
+}
+
+# Start service $1 of the image in a container on the host network, with
+# a health endpoint of its own; more podman options follow.
+service() {
+  name=$1
+  shift
+  c="kh-smoke-$name-$$"
+  podman run -d --name "$c" --network=host --entrypoint "ketenhub-$name" \
+    -e KH_DATABASE_URL="$url" \
+    -e KH_HEALTH_ENDPOINT="127.0.0.1:$(free_port)" \
+    -v "$work/hub:/etc/ketenhub/hub:ro" \
+    -v "$work/partners:/etc/ketenhub/partners:ro" "$@" "$image" >/dev/null
+  containers="$containers $c"
+}
+
+# Wait (at most 30 s) until the SQL $1 returns $2.
+wait_sql() {
+  tries=0
+  until [ "$(psql -d ketenhub -Atc "$1")" = "$2" ]; do
+    tries=$((tries + 1))
+    [ "$tries" -lt 300 ] || return 1
+    sleep 0.1
+  done
 }
 
 smoke_test() {
@@ -200,8 +232,9 @@ smoke_test() {
   url="host=127.0.0.1 port=$PGPORT user=postgres dbname=ketenhub"
 
   say "migrations, with the image's ketenhubctl"
-  mkdir -p "$work/hub" "$work/partners" "$work/keys"
-  chown "$kh_uid:$kh_uid" "$work/hub" "$work/partners" "$work/keys"
+  mkdir -p "$work/hub" "$work/partners" "$work/keys" "$work/audit"
+  chown "$kh_uid:$kh_uid" "$work/hub" "$work/partners" "$work/keys" \
+    "$work/audit"
   ctl migrate
   ctl migrate --status
 
@@ -209,16 +242,29 @@ smoke_test() {
   ctl hub keygen --out /etc/ketenhub/hub >/dev/null
   ctl partner add meldpunt-smoke --name "Meldpunt smoke test" \
     --kind municipality --out /keys >/dev/null
+  ctl partner add veilig-thuis --name "Veilig Thuis" --kind veilig_thuis \
+    --out /keys >/dev/null
+  ctl partner add zorgcoordinator --name "Zorgcoordinator" \
+    --kind zorgcoordinator --out /keys >/dev/null
+  ctl partner add avim --name "AVIM" --kind police --out /keys >/dev/null
   ctl partner list
+  ctl audit keygen --out /etc/ketenhub/audit >/dev/null
 
   port=$(free_port)
   endpoint="tcp://127.0.0.1:$port"
-  say "intake container on $endpoint"
-  intake="kh-smoke-intake-$$"
-  podman run -d --name "$intake" --network=host \
-    -e KH_DATABASE_URL="$url" -e KH_INTAKE_ENDPOINT="tcp://127.0.0.1:$port" \
-    -v "$work/hub:/etc/ketenhub/hub:ro" \
-    -v "$work/partners:/etc/ketenhub/partners:ro" "$image" >/dev/null
+  routing_at="tcp://127.0.0.1:$(free_port)"
+  deliveries_at="tcp://127.0.0.1:$(free_port)"
+  wake_at="tcp://127.0.0.1:$(free_port)"
+  say "service containers: intake on $endpoint, notification on $deliveries_at, routing, audit"
+  service notification -e KH_NOTIFY_ENDPOINT="$deliveries_at" \
+    -e KH_NOTIFY_WAKE_ENDPOINT="$wake_at"
+  service routing -e KH_ROUTING_ENDPOINT="$routing_at" \
+    -e KH_NOTIFY_WAKE_ENDPOINT="$wake_at"
+  service audit -e KH_AUDIT_KEY=/etc/ketenhub/audit/hub-audit.key \
+    -v "$work/audit:/etc/ketenhub/audit:ro"
+  service intake -e KH_INTAKE_ENDPOINT="$endpoint" \
+    -e KH_ROUTING_ENDPOINT="$routing_at"
+  intake=$c
   user=$(podman exec "$intake" id -un)
   [ "$user" = ketenhub ] || die "intake runs as $user, not ketenhub"
 
@@ -233,6 +279,15 @@ smoke_test() {
     fi
   done
   echo "intake answers (user $user)"
+
+  say "partner systems listening (host-built ketenhub-partner listen)"
+  for p in veilig-thuis zorgcoordinator avim; do
+    mkdir -p "$work/inbox/$p"
+    "$partner" --endpoint "$deliveries_at" --hub-cert "$work/hub/hub.cert" \
+      --cert "$work/keys/$p.cert" listen --dir "$work/inbox/$p" \
+      2>"$work/listen-$p.log" &
+    listeners="$listeners $!"
+  done
 
   say "submitting schemas/examples/*.json"
   sent=0
@@ -253,11 +308,35 @@ smoke_test() {
     die "$sent referrals accepted, $stored stored"
   echo "$sent accepted, $stored stored"
 
-  say "stopping intake (SIGTERM)"
-  podman stop -t 10 "$intake" >/dev/null
-  code=$(podman inspect --format '{{.State.ExitCode}}' "$intake")
-  podman logs "$intake" 2>&1 | tail -n 3
-  [ "$code" -eq 0 ] || die "intake exited $code on SIGTERM"
+  say "routed, delivered and acknowledged; the trail sealed"
+  wait_sql "SELECT count(*) FROM referrals WHERE state <> 'routed'" 0 ||
+    die "not every referral was routed"
+  wait_sql "SELECT count(*) > 0 AND bool_and(state = 'acknowledged')
+    FROM deliveries" t || {
+    for c in $containers; do podman logs "$c" 2>&1 | tail -n 5 >&2; done
+    die "not every delivery was acknowledged"
+  }
+  made=$(psql -d ketenhub -Atc "SELECT count(*) FROM deliveries")
+  files=$(find "$work/inbox" -name '*.json' | wc -l)
+  [ "$files" -eq "$made" ] || die "$made deliveries, $files stored by the partners"
+  echo "$made deliveries acknowledged, $files stored by the partners"
+  wait_sql "SELECT count(*) FROM audit_events e WHERE NOT EXISTS
+    (SELECT 1 FROM audit_seals s WHERE s.seq = e.seq)" 0 ||
+    die "the trail was not sealed"
+  verified=$(ctl audit verify --public-key /etc/ketenhub/audit/hub-audit.pub) ||
+    die "audit verify failed: $verified"
+  echo "$verified" | tail -n 2
+
+  say "stopping the services (SIGTERM)"
+  for c in $containers; do
+    podman stop -t 10 "$c" >/dev/null
+    code=$(podman inspect --format '{{.State.ExitCode}}' "$c")
+    [ "$code" -eq 0 ] || {
+      podman logs "$c" 2>&1 | tail -n 5 >&2
+      die "$c exited $code on SIGTERM"
+    }
+    echo "$c: exit 0"
+  done
   echo "smoke test passed"
 }
 
