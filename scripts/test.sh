@@ -1,9 +1,12 @@
 #!/bin/sh
 # Set up and run the whole test suite: install what is missing, build,
 # run every test (unit and integration, with a throwaway PostgreSQL), then
-# again under AddressSanitizer and UBSan, then the style and static checks.
+# again under AddressSanitizer and UBSan, then the style and static checks,
+# short fuzz runs, and (as root: podman runs rootful) the container smoke
+# test of docker/build.sh.
 #   scripts/test.sh            everything
 #   KH_TEST_QUICK=1 scripts/test.sh   skip the sanitizer pass
+#   KH_TEST_CONTAINERS=0 scripts/test.sh   skip the container smoke test
 set -eu
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -23,3 +26,11 @@ fi
 
 "$here/scripts/lint.sh"
 "$here/scripts/fuzz.sh" 20
+
+if [ "${KH_TEST_CONTAINERS:-1}" != 0 ]; then
+  if [ "$(id -u)" -eq 0 ]; then
+    "$here/docker/build.sh"
+  else
+    echo "test.sh: container smoke test not run: docker/build.sh needs root" >&2
+  fi
+fi
