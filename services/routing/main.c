@@ -5,6 +5,7 @@
  * below and --help).
  */
 #include <czmq.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -111,7 +112,25 @@ int main(int argc, char **argv)
         close(signal_fd);
         return err.code == KH_E_CONFIG ? 2 : 1;
     }
-    routing_t *routing = routing_new(&config, &err);
+    /* PostgreSQL may come up after routing (a host that restarts, a
+     * database that is being restarted): wait for it, as the other
+     * services do, until it answers or a SIGTERM comes. */
+    routing_t *routing = NULL;
+    bool stopping = false;
+    for (int wait_ms = 200;; wait_ms = wait_ms < 2500 ? wait_ms * 2 : 5000) {
+        routing = routing_new(&config, &err);
+        if (routing || err.code != KH_E_UNAVAILABLE)
+            break;
+        kh_log_warn("db_unavailable", "retry_ms=%d msg=\"%s\"", wait_ms,
+                    err.message);
+        struct pollfd pfd = {signal_fd, POLLIN, 0};
+        if (poll(&pfd, 1, wait_ms) > 0 &&
+            kh_signals_take(signal_fd, &stopping, NULL) < 0) {
+            kh_health_destroy(&health);
+            close(signal_fd);
+            return 0;
+        }
+    }
     if (!routing) {
         kh_health_destroy(&health);
         kh_log_error("start_failed",
