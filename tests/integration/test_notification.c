@@ -373,7 +373,8 @@ START_TEST(ack_twice_changes_once_and_foreign_ack_is_refused)
     s_delivery("zorgcoordinator", "normal", 1000, NULL, theirs);
     s_delivery("avim", "normal", 1000, NULL, never_sent);
     kh_uuid_new(unknown);
-    pid_t pid = s_start("notification.log", NULL, NULL);
+    pid_t pid = s_start("notification.log", "KH_NOTIFY_ACK_TIMEOUT_MS=2000",
+                        "KH_NOTIFY_BACKOFF_MAX_MS=4000");
     zsock_t *avim = s_partner("avim");
     s_hello(avim, 1); /* only mine is sent (the oldest; same age: either) */
     json_t *msg = s_expect(avim, "DELIVER", 5000);
@@ -508,7 +509,8 @@ START_TEST(nack_retry_resends_and_nack_permanent_is_dead_at_once)
     char retry[37], permanent[37];
     s_delivery("avim", "normal", 2000, NULL, retry);
     s_delivery("avim", "normal", 1000, NULL, permanent);
-    pid_t pid = s_start("notification.log", NULL, NULL);
+    pid_t pid = s_start("notification.log", "KH_NOTIFY_ACK_TIMEOUT_MS=2000",
+                        "KH_NOTIFY_BACKOFF_MAX_MS=4000");
     zsock_t *avim = s_partner("avim");
     s_hello(avim, 4);
     for (int i = 0; i < 2; i++) {
@@ -782,11 +784,15 @@ START_TEST(a_large_backlog_drains_with_flat_memory)
         const char *cmd = s_str(msg, "cmd");
         if (strcmp(cmd, "DELIVER") == 0)
             s_answer(avim, s_str(msg, "delivery_id"), NULL);
-        else if (strcmp(cmd, "ACKED") == 0 && ++acked == 2000)
-            idle = peak = s_mem_kib(pid, "VmRSS");
-        else if (acked > 2000 && acked % 5000 == 0) { /* now and then */
-            long now = s_mem_kib(pid, "VmRSS");
-            peak = now > peak ? now : peak;
+        else if (strcmp(cmd, "ACKED") == 0 &&
+                 !json_is_true(json_object_get(msg, "duplicate"))) {
+            /* A slow machine may see re-sends: count each delivery once. */
+            if (++acked == 2000)
+                idle = peak = s_mem_kib(pid, "VmRSS");
+            else if (acked > 2000 && acked % 5000 == 0) { /* now and then */
+                long now = s_mem_kib(pid, "VmRSS");
+                peak = now > peak ? now : peak;
+            }
         }
         json_decref(msg);
     }
