@@ -364,6 +364,7 @@ static atomic_long s_retryable; /* retryable refusals */
 static atomic_long s_refused;   /* final refusals */
 static atomic_long s_resubmits; /* deliberate resubmissions of a key */
 static atomic_bool s_give_up;   /* stop retrying (the drain timed out) */
+static atomic_int s_finished;   /* load threads that have answered all */
 static pthread_mutex_t s_out_lock = PTHREAD_MUTEX_INITIALIZER;
 static FILE *s_accepted_file;
 
@@ -387,8 +388,12 @@ static json_t *s_submit(kh_client_t **client, int r, e2e_key_t *k,
     for (;;) {
         if (!*client)
             *client = s_client(r);
-        if (!*client || atomic_load(&s_give_up))
+        if (atomic_load(&s_give_up))
             return NULL;
+        if (!*client) { /* its intake is down just now: try again */
+            s_sleep_ms(100);
+            continue;
+        }
         kh_error_t err;
         json_t *reply = kh_client_submit(*client, doc, k->key, 3000, &err);
         if (!reply) {
@@ -468,6 +473,7 @@ static void *s_load(void *arg)
         }
     }
     kh_client_destroy(&client);
+    atomic_fetch_add(&s_finished, 1);
     return NULL;
 }
 
@@ -956,8 +962,12 @@ int main(int argc, char **argv)
         s_wait(200);
     printf("e2e: t=%.1fs load sent; draining\n", s_elapsed());
 
-    /* The last answers come during the drain; it also gives up the
-     * generator's retries when it times out. */
+    /* Every key answered first (the generator resends under the same key
+     * until it is), within two minutes; then the drain, which also gives
+     * up the generator's retries when it times out. */
+    for (long waited = 0; atomic_load(&s_finished) < started && waited < 120000;
+         waited += 200)
+        s_wait(200);
     double drained = s_drain();
     atomic_store(&s_give_up, true);
     for (int i = 0; i < started; i++)
