@@ -59,8 +59,15 @@ typedef struct {
     bool connected;
     sigset_t stop_signals;
     bool stopping;
-    bool revoked; /* REJECTED unknown_partner: this key is revoked */
+    bool revoked;     /* REJECTED unknown_partner: this key is revoked */
+    zlistx_t *reacks; /* s_reack_t: ACKs the hub could not commit yet */
 } s_listener_t;
+
+/* An ACK to send again once the hub can commit it. */
+typedef struct {
+    char id[37];
+    int64_t due; /* zclock_mono */
+} s_reack_t;
 
 static void s_usage(FILE *out)
 {
@@ -387,14 +394,24 @@ static void s_reply(s_listener_t *self, const json_t *msg, const char *cmd)
         const char *code = json_string_value(json_object_get(msg, "code"));
         kh_log_warn("answer_rejected", "delivery_id=%s code=%s", id,
                     code ? code : "");
-        /* The hub could not commit the ACK now: send it again. A NACK is
-         * not repeated: the delivery comes again and is decided again. */
+        /* The hub could not commit the ACK now: send it again after the
+         * wait it asks for, without holding up the other deliveries. A
+         * NACK is not repeated: the delivery comes again and is decided
+         * again. */
         if (json_is_true(json_object_get(msg, "retryable")) &&
             strncmp(cid, "ack:", 4) == 0 && !self->stopping) {
-            zclock_sleep(200);
-            kh_error_t err;
-            if (kh_client_ack(self->client, id, &err) == 0)
-                return;
+            s_reack_t *again = calloc(1, sizeof *again);
+            json_int_t after =
+                json_integer_value(json_object_get(msg, "retry_after_ms"));
+            if (again && strlen(id) < sizeof again->id) {
+                snprintf(again->id, sizeof again->id, "%s", id);
+                again->due = zclock_mono() + (after < 100    ? 100
+                                              : after > 5000 ? 5000
+                                                             : after);
+                if (zlistx_add_end(self->reacks, again))
+                    return; /* still unconfirmed */
+            }
+            free(again);
         }
     } else if (strcmp(cmd, "NACKED") == 0 &&
                json_is_true(json_object_get(msg, "dead")))
@@ -423,6 +440,33 @@ static void s_handle(s_listener_t *self, const json_t *msg)
         s_reply(self, msg, cmd);
 }
 
+static void s_reack_free(void **item)
+{
+    free(*item);
+    *item = NULL;
+}
+
+/* Send again the ACKs whose wait is over. */
+static void s_reack_due(s_listener_t *self)
+{
+    int64_t now = zclock_mono();
+    void *handle =
+        zlistx_first(self->reacks) ? zlistx_cursor(self->reacks) : NULL;
+    while (handle) {
+        s_reack_t *item = zlistx_handle_item(handle);
+        void *next =
+            zlistx_next(self->reacks) ? zlistx_cursor(self->reacks) : NULL;
+        if (item->due <= now) {
+            kh_error_t err;
+            if (kh_client_ack(self->client, item->id, &err) &&
+                self->unconfirmed > 0)
+                self->unconfirmed--; /* the delivery comes again instead */
+            zlistx_delete(self->reacks, handle);
+        }
+        handle = next;
+    }
+}
+
 static int s_loop(s_listener_t *self)
 {
     int64_t drain_until = 0;
@@ -436,7 +480,10 @@ static int s_loop(s_listener_t *self)
             (self->unconfirmed == 0 || zclock_mono() >= drain_until))
             break;
         s_heartbeat(self);
+        s_reack_due(self);
         int64_t wait = self->next_hello - zclock_mono();
+        if (zlistx_size(self->reacks) > 0 && wait > 50)
+            wait = 50;
         kh_error_t err;
         json_t *msg = kh_client_recv(self->client,
                                      (int) (wait < 1     ? 1
@@ -566,9 +613,19 @@ int partner_listen(int argc, char **argv, const char *endpoint,
             close(self.dirfd);
         return S_EXIT_USAGE;
     }
+    self.reacks = zlistx_new();
+    if (!self.reacks) {
+        fprintf(stderr, "ketenhub-partner: out of memory\n");
+        kh_client_destroy(&self.client);
+        if (self.dirfd >= 0)
+            close(self.dirfd);
+        return S_EXIT_USAGE;
+    }
+    zlistx_set_destructor(self.reacks, s_reack_free);
     kh_log_info("listening", "endpoint=%s mode=%s window=%d count=%ld",
                 endpoint, self.dir ? "dir" : "exec", self.window, self.count);
     int rc = s_loop(&self);
+    zlistx_destroy(&self.reacks);
     kh_client_destroy(&self.client);
     if (self.dirfd >= 0)
         close(self.dirfd);
