@@ -8,6 +8,7 @@
 #include "ketenhub/zap.h"
 
 #include <string.h>
+#include <sys/stat.h>
 
 #define S_ZAP_ENDPOINT "inproc://zeromq.zap.01"
 
@@ -62,6 +63,13 @@ static void s_refresh(kh_zap_t *self)
 kh_zap_t *kh_zap_new(const char *cert_dir, const char *only_key,
                      kh_error_t *err)
 {
+    struct stat info;
+    if (!only_key &&
+        (!cert_dir || stat(cert_dir, &info) || !S_ISDIR(info.st_mode))) {
+        kh_error_set(err, KH_E_CONFIG, "KH_PARTNER_CERT_DIR",
+                     "%s is not a directory", cert_dir ? cert_dir : "");
+        return NULL;
+    }
     kh_zap_t *self = calloc(1, sizeof *self);
     if (!self) {
         kh_error_set(err, KH_E_NOMEM, "", "out of memory");
@@ -108,6 +116,58 @@ int kh_zap_domain_key(kh_zap_t *self, const char *domain, const char *key,
     if (!self->domain || !self->domain_key)
         return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
     return 0;
+}
+
+zcert_t *kh_hub_cert_load(const char *path, kh_error_t *err)
+{
+    zcert_t *cert = zcert_load(path);
+    if (!cert || !zcert_secret_txt(cert) ||
+        strcmp(zcert_secret_txt(cert),
+               "0000000000000000000000000000000000000000") == 0) {
+        zcert_destroy(&cert);
+        kh_error_set(err, KH_E_CONFIG, "KH_HUB_CERT",
+                     "cannot load the hub certificate and its secret key "
+                     "from %s",
+                     path);
+        return NULL;
+    }
+    return cert;
+}
+
+zsock_t *kh_curve_server_new(int type, zcert_t *cert, int64_t max_frame,
+                             kh_error_t *err)
+{
+    zsock_t *sock = zsock_new(type);
+    if (!sock) {
+        kh_error_set(err, KH_E_INTERNAL, "", "cannot create a socket");
+        return NULL;
+    }
+    zcert_apply(cert, sock);
+    zsock_set_curve_server(sock, 1);
+    zsock_set_maxmsgsize(sock, max_frame);
+    return sock;
+}
+
+zsock_t *kh_wake_push_new(zcert_t *hub, const char *endpoint,
+                          const char *setting, kh_error_t *err)
+{
+    zsock_t *push = zsock_new(ZMQ_PUSH);
+    if (!push) {
+        kh_error_set(err, KH_E_INTERNAL, "", "cannot create a socket");
+        return NULL;
+    }
+    zcert_apply(hub, push);
+    zsock_set_curve_serverkey(push, zcert_public_txt(hub));
+    zsock_set_sndhwm(push, 100);
+    zsock_set_sndtimeo(push, 0);
+    zsock_set_linger(push, 0);
+    if (zsock_connect(push, "%s", endpoint)) {
+        zsock_destroy(&push);
+        kh_error_set(err, KH_E_CONFIG, setting, "cannot connect to %s",
+                     endpoint);
+        return NULL;
+    }
+    return push;
 }
 
 zsock_t *kh_zap_socket(kh_zap_t *self)

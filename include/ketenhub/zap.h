@@ -20,9 +20,10 @@ extern "C" {
 
 typedef struct _kh_zap_t kh_zap_t;
 
-/* Bind the process's ZAP endpoint; one of cert_dir and only_key (Z85) is
- * given. Must exist before any CURVE server socket binds: without a
- * handler libzmq lets every key in. NULL with err on failure. */
+/* Bind the process's ZAP endpoint; one of cert_dir (a directory, else
+ * KH_E_CONFIG at KH_PARTNER_CERT_DIR) and only_key (Z85) is given. Must exist
+ * before any CURVE server socket binds: without a handler libzmq lets every key
+ * in. NULL with err on failure. */
 kh_zap_t *kh_zap_new(const char *cert_dir, const char *only_key,
                      kh_error_t *err);
 
@@ -34,6 +35,22 @@ void kh_zap_destroy(kh_zap_t **self_p);
  * and an internal socket in one process. 0, or -1 with err. */
 int kh_zap_domain_key(kh_zap_t *self, const char *domain, const char *key,
                       kh_error_t *err);
+
+/* The hub's certificate from path, with its secret key (a CURVE server
+ * needs it). NULL with err (KH_E_CONFIG at KH_HUB_CERT). */
+zcert_t *kh_hub_cert_load(const char *path, kh_error_t *err);
+
+/* A socket of type that is a CURVE server with the hub's cert, taking
+ * frames of at most max_frame bytes; the ZAP handler must exist before it
+ * binds. NULL with err. */
+zsock_t *kh_curve_server_new(int type, zcert_t *cert, int64_t max_frame,
+                             kh_error_t *err);
+
+/* A PUSH socket that wakes another service at endpoint (the setting that
+ * names it goes into err): authenticated with the hub's key, hints only,
+ * so at most 100 queued and never blocking or lingering. NULL with err. */
+zsock_t *kh_wake_push_new(zcert_t *hub, const char *endpoint,
+                          const char *setting, kh_error_t *err);
 
 /* The socket to read ZAP requests from in the loop. */
 zsock_t *kh_zap_socket(kh_zap_t *self);

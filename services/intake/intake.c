@@ -15,7 +15,6 @@
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 
 #include "ketenhub/health.h"
 #include "ketenhub/log.h"
@@ -35,7 +34,6 @@
 #define S_BATCH_BYTES (8 * 1024 * 1024)
 #define S_DRAIN_MS 3000
 #define S_STATS_MS 10000
-#define S_ROUTING_HWM 100      /* wake-ups are hints: drop rather than queue */
 #define S_AUTH_PENDING 64      /* refused handshakes waiting for audit */
 #define S_AUTH_REPEAT_MS 60000 /* one audit event per key and minute */
 
@@ -129,35 +127,18 @@ intake_t *intake_new(const intake_config_t *config, kh_error_t *err)
         kh_error_set(err, KH_E_CURVE, "", "libzmq was built without CURVE");
         goto fail;
     }
-    self->cert = zcert_load(config->hub_cert);
-    if (!self->cert || !zcert_secret_txt(self->cert) ||
-        strcmp(zcert_secret_txt(self->cert),
-               "0000000000000000000000000000000000000000") == 0) {
-        kh_error_set(err, KH_E_CONFIG, "KH_HUB_CERT",
-                     "cannot load the hub certificate and its secret key "
-                     "from %s",
-                     config->hub_cert);
+    self->cert = kh_hub_cert_load(config->hub_cert, err);
+    if (!self->cert)
         goto fail;
-    }
-    struct stat info;
-    if (stat(config->partner_certs, &info) || !S_ISDIR(info.st_mode)) {
-        kh_error_set(err, KH_E_CONFIG, "KH_PARTNER_CERT_DIR",
-                     "%s is not a directory", config->partner_certs);
-        goto fail;
-    }
     /* Without a ZAP handler a CURVE server accepts any client key: it
      * must be bound before the ROUTER. */
     self->zap = kh_zap_new(config->partner_certs, NULL, err);
     if (!self->zap)
         goto fail;
-    self->router = zsock_new(ZMQ_ROUTER);
-    if (!self->router) {
-        kh_error_set(err, KH_E_INTERNAL, "", "cannot create a socket");
+    self->router = kh_curve_server_new(ZMQ_ROUTER, self->cert,
+                                       (int64_t) config->limits.max_frame, err);
+    if (!self->router)
         goto fail;
-    }
-    zcert_apply(self->cert, self->router);
-    zsock_set_curve_server(self->router, 1);
-    zsock_set_maxmsgsize(self->router, (int64_t) config->limits.max_frame);
     zsock_set_linger(self->router, S_LINGER_MS);
     /* Unread requests wait in ZeroMQ, per connection: bound them, so one
      * connection cannot make intake hold more than S_RCVHWM frames. */
@@ -169,24 +150,10 @@ intake_t *intake_new(const intake_config_t *config, kh_error_t *err)
                      config->endpoint);
         goto fail;
     }
-    if (config->routing_endpoint && *config->routing_endpoint) {
-        /* Services authenticate to each other with the hub's key. */
-        self->routing = zsock_new(ZMQ_PUSH);
-        if (!self->routing) {
-            kh_error_set(err, KH_E_INTERNAL, "", "cannot create a socket");
-            goto fail;
-        }
-        zcert_apply(self->cert, self->routing);
-        zsock_set_curve_serverkey(self->routing, zcert_public_txt(self->cert));
-        zsock_set_sndhwm(self->routing, S_ROUTING_HWM);
-        zsock_set_sndtimeo(self->routing, 0);
-        zsock_set_linger(self->routing, 0);
-        if (zsock_connect(self->routing, "%s", config->routing_endpoint)) {
-            kh_error_set(err, KH_E_CONFIG, "KH_ROUTING_ENDPOINT",
-                         "cannot connect to %s", config->routing_endpoint);
-            goto fail;
-        }
-    }
+    if (config->routing_endpoint && *config->routing_endpoint &&
+        !(self->routing = kh_wake_push_new(self->cert, config->routing_endpoint,
+                                           "KH_ROUTING_ENDPOINT", err)))
+        goto fail;
     self->store = store_new(config->conninfo);
     self->auth_seen = kh_throttle_new(S_AUTH_REPEAT_MS, 10000);
     self->throttle_logged = kh_throttle_new(10000, 10000);

@@ -857,36 +857,18 @@ notify_t *notify_new(const notify_config_t *config, kh_error_t *err)
         kh_error_set(err, KH_E_CURVE, "", "libzmq was built without CURVE");
         goto fail;
     }
-    self->cert = zcert_load(config->hub_cert);
-    if (!self->cert || !zcert_secret_txt(self->cert) ||
-        strcmp(zcert_secret_txt(self->cert),
-               "0000000000000000000000000000000000000000") == 0) {
-        kh_error_set(err, KH_E_CONFIG, "KH_HUB_CERT",
-                     "cannot load the hub certificate and its secret key "
-                     "from %s",
-                     config->hub_cert);
+    self->cert = kh_hub_cert_load(config->hub_cert, err);
+    if (!self->cert)
         goto fail;
-    }
-    if (!zsys_file_exists(config->partner_certs) ||
-        !zsys_file_mode(config->partner_certs) ||
-        !(zsys_file_mode(config->partner_certs) & S_IFDIR)) {
-        kh_error_set(err, KH_E_CONFIG, "KH_PARTNER_CERT_DIR",
-                     "%s is not a directory", config->partner_certs);
-        goto fail;
-    }
     /* Without a ZAP handler a CURVE server accepts any client key: each
      * handler is bound before its socket. */
     self->zap = kh_zap_new(config->partner_certs, NULL, err);
     if (!self->zap)
         goto fail;
-    self->router = zsock_new(ZMQ_ROUTER);
-    if (!self->router) {
-        kh_error_set(err, KH_E_INTERNAL, "", "cannot create a socket");
+    self->router = kh_curve_server_new(ZMQ_ROUTER, self->cert,
+                                       (int64_t) config->max_frame, err);
+    if (!self->router)
         goto fail;
-    }
-    zcert_apply(self->cert, self->router);
-    zsock_set_curve_server(self->router, 1);
-    zsock_set_maxmsgsize(self->router, (int64_t) config->max_frame);
     zsock_set_linger(self->router, S_LINGER_MS);
     /* A send to a peer that is gone fails (EHOSTUNREACH) instead of
      * vanishing, and the connection is forgotten at once. The window
@@ -909,15 +891,10 @@ notify_t *notify_new(const notify_config_t *config, kh_error_t *err)
         if (kh_zap_domain_key(self->zap, S_INTERNAL_DOMAIN,
                               zcert_public_txt(self->cert), err))
             goto fail;
-        self->wake = zsock_new(ZMQ_PULL);
-        if (!self->wake) {
-            kh_error_set(err, KH_E_INTERNAL, "", "cannot create a socket");
+        self->wake = kh_curve_server_new(ZMQ_PULL, self->cert, S_WAKE_MAX, err);
+        if (!self->wake)
             goto fail;
-        }
-        zcert_apply(self->cert, self->wake);
-        zsock_set_curve_server(self->wake, 1);
         zsock_set_zap_domain(self->wake, S_INTERNAL_DOMAIN);
-        zsock_set_maxmsgsize(self->wake, S_WAKE_MAX);
         zsock_set_linger(self->wake, 0);
         if (zsock_bind(self->wake, "%s", config->wake_endpoint) == -1) {
             kh_error_set(err, KH_E_CONFIG, "KH_NOTIFY_WAKE_ENDPOINT",

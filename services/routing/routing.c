@@ -722,24 +722,16 @@ routing_t *routing_new(const routing_config_t *config, kh_error_t *err)
         kh_error_set(err, KH_E_NOMEM, "", "out of memory");
         goto fail;
     }
-    self->cert = zcert_load(config->hub_cert);
-    if (!self->cert) {
-        kh_error_set(err, KH_E_CONFIG, "KH_HUB_CERT",
-                     "cannot load the hub certificate");
+    self->cert = kh_hub_cert_load(config->hub_cert, err);
+    if (!self->cert)
         goto fail;
-    }
     /* The authenticator must be bound before the CURVE socket. */
     self->zap = kh_zap_new(NULL, zcert_public_txt(self->cert), err);
     if (!self->zap)
         goto fail;
-    self->pull = zsock_new(ZMQ_PULL);
-    if (!self->pull) {
-        kh_error_set(err, KH_E_INTERNAL, "", "cannot create a socket");
+    self->pull = kh_curve_server_new(ZMQ_PULL, self->cert, S_WAKEUP_MAX, err);
+    if (!self->pull)
         goto fail;
-    }
-    zcert_apply(self->cert, self->pull);
-    zsock_set_curve_server(self->pull, 1);
-    zsock_set_maxmsgsize(self->pull, S_WAKEUP_MAX);
     zsock_set_linger(self->pull, 0);
     if (zsock_bind(self->pull, "%s", config->endpoint) == -1) {
         kh_error_set(err, KH_E_CONFIG, "KH_ROUTING_ENDPOINT", "cannot bind %s",
@@ -747,23 +739,10 @@ routing_t *routing_new(const routing_config_t *config, kh_error_t *err)
         goto fail;
     }
     if (config->notify_endpoint && *config->notify_endpoint &&
-        strcmp(config->notify_endpoint, "none") != 0) {
-        /* Services authenticate to each other with the hub's key. */
-        self->notify = zsock_new(ZMQ_PUSH);
-        if (!self->notify) {
-            kh_error_set(err, KH_E_INTERNAL, "", "cannot create a socket");
-            goto fail;
-        }
-        zcert_apply(self->cert, self->notify);
-        zsock_set_curve_serverkey(self->notify, zcert_public_txt(self->cert));
-        zsock_set_sndhwm(self->notify, 100);
-        zsock_set_linger(self->notify, 0);
-        if (zsock_connect(self->notify, "%s", config->notify_endpoint)) {
-            kh_error_set(err, KH_E_CONFIG, "KH_NOTIFY_WAKE_ENDPOINT",
-                         "cannot connect to %s", config->notify_endpoint);
-            goto fail;
-        }
-    }
+        strcmp(config->notify_endpoint, "none") != 0 &&
+        !(self->notify = kh_wake_push_new(self->cert, config->notify_endpoint,
+                                          "KH_NOTIFY_WAKE_ENDPOINT", err)))
+        goto fail;
     self->targets = zhashx_new();
     self->loop = zloop_new();
     if (!self->targets || !self->loop) {
