@@ -86,8 +86,7 @@ static void s_teardown(void)
     s_db = NULL;
     free(s_conninfo);
     s_conninfo = NULL;
-    if (!getenv("KH_TEST_KEEP"))
-        khproc_sh("rm -rf '%s'", s_dir);
+    khproc_sh("rm -rf '%s'", s_dir);
 }
 
 /* A referral and one delivery of it to partner, as routing makes them;
