@@ -655,21 +655,8 @@ static int s_verify(int argc, char **argv)
 
 int ctl_audit(int argc, char **argv)
 {
-    if (argc < 2 || strcmp(argv[1], "--help") == 0 ||
-        strcmp(argv[1], "-h") == 0) {
-        s_usage(argc < 2 ? stderr : stdout);
-        return argc < 2 ? CTL_USAGE : CTL_OK;
-    }
-    const char *sub = argv[1];
-    if (strcmp(sub, "keygen") == 0)
-        return s_keygen(argc - 1, argv + 1);
-    if (strcmp(sub, "seal") == 0)
-        return s_seal(argc - 1, argv + 1);
-    if (strcmp(sub, "query") == 0)
-        return s_query(argc - 1, argv + 1);
-    if (strcmp(sub, "export") == 0)
-        return s_export(argc - 1, argv + 1);
-    if (strcmp(sub, "verify") == 0)
-        return s_verify(argc - 1, argv + 1);
-    return ctl_usage_error("audit: unknown command '%s'", sub);
+    static const ctl_sub_t subs[] = {{"keygen", s_keygen}, {"seal", s_seal},
+                                     {"query", s_query},   {"export", s_export},
+                                     {"verify", s_verify}, {NULL, NULL}};
+    return ctl_dispatch("audit", argc, argv, subs, s_usage);
 }

@@ -566,22 +566,9 @@ static int s_cmd_retry(int argc, char **argv)
 
 int ctl_deadletters(int argc, char **argv)
 {
-    if (argc < 2) {
-        s_usage(stderr);
-        return CTL_USAGE;
-    }
-    const char *sub = argv[1];
-    if (strcmp(sub, "--help") == 0 || strcmp(sub, "-h") == 0) {
-        s_usage(stdout);
-        return CTL_OK;
-    }
-    if (strcmp(sub, "list") == 0)
-        return s_cmd_list(argc - 1, argv + 1);
-    if (strcmp(sub, "show") == 0)
-        return s_cmd_show(argc - 1, argv + 1);
-    if (strcmp(sub, "retry") == 0)
-        return s_cmd_retry(argc - 1, argv + 1);
-    ctl_usage_error("deadletters: unknown command '%s'", sub);
-    s_usage(stderr);
-    return CTL_USAGE;
+    static const ctl_sub_t subs[] = {{"list", s_cmd_list},
+                                     {"show", s_cmd_show},
+                                     {"retry", s_cmd_retry},
+                                     {NULL, NULL}};
+    return ctl_dispatch("deadletters", argc, argv, subs, s_usage);
 }

@@ -363,22 +363,9 @@ static int s_cmd_revoke(int argc, char **argv)
 
 int ctl_partner(int argc, char **argv)
 {
-    if (argc < 2) {
-        s_usage(stderr);
-        return CTL_USAGE;
-    }
-    const char *sub = argv[1];
-    if (strcmp(sub, "--help") == 0 || strcmp(sub, "-h") == 0) {
-        s_usage(stdout);
-        return CTL_OK;
-    }
-    if (strcmp(sub, "add") == 0)
-        return s_cmd_add(argc - 1, argv + 1);
-    if (strcmp(sub, "list") == 0)
-        return s_cmd_list(argc - 1, argv + 1);
-    if (strcmp(sub, "revoke") == 0)
-        return s_cmd_revoke(argc - 1, argv + 1);
-    ctl_usage_error("partner: unknown command '%s'", sub);
-    s_usage(stderr);
-    return CTL_USAGE;
+    static const ctl_sub_t subs[] = {{"add", s_cmd_add},
+                                     {"list", s_cmd_list},
+                                     {"revoke", s_cmd_revoke},
+                                     {NULL, NULL}};
+    return ctl_dispatch("partner", argc, argv, subs, s_usage);
 }

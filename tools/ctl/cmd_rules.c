@@ -280,22 +280,19 @@ static int s_run(int argc, char **argv, bool explain)
     return rc;
 }
 
+static int s_check(int argc, char **argv)
+{
+    return s_run(argc, argv, false);
+}
+
+static int s_explain(int argc, char **argv)
+{
+    return s_run(argc, argv, true);
+}
+
 int ctl_rules(int argc, char **argv)
 {
-    if (argc < 2) {
-        s_usage(stderr);
-        return CTL_USAGE;
-    }
-    const char *sub = argv[1];
-    if (strcmp(sub, "--help") == 0 || strcmp(sub, "-h") == 0) {
-        s_usage(stdout);
-        return CTL_OK;
-    }
-    if (strcmp(sub, "check") == 0)
-        return s_run(argc - 1, argv + 1, false);
-    if (strcmp(sub, "explain") == 0)
-        return s_run(argc - 1, argv + 1, true);
-    ctl_usage_error("rules: unknown command '%s'", sub);
-    s_usage(stderr);
-    return CTL_USAGE;
+    static const ctl_sub_t subs[] = {
+        {"check", s_check}, {"explain", s_explain}, {NULL, NULL}};
+    return ctl_dispatch("rules", argc, argv, subs, s_usage);
 }

@@ -7,6 +7,7 @@
 #define KH_CTL_H_INCLUDED
 
 #include <libpq-fe.h>
+#include <stdio.h>
 
 #include "ketenhub/error.h"
 
@@ -29,6 +30,19 @@ void ctl_print_error(const kh_error_t *err);
 
 /* Print "ketenhubctl: <message>" on stderr and return CTL_USAGE. */
 int ctl_usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* A subcommand of a command group: its name and what runs it (argv[0] is
+ * the subcommand's name). */
+typedef struct {
+    const char *name;
+    int (*run)(int argc, char **argv);
+} ctl_sub_t;
+
+/* Run the subcommand named in argv[1] from subs (ended by a NULL name).
+ * No subcommand, or an unknown one: usage on stderr, CTL_USAGE; --help or
+ * -h: usage on stdout, CTL_OK. */
+int ctl_dispatch(const char *group, int argc, char **argv,
+                 const ctl_sub_t *subs, void (*usage)(FILE *out));
 
 /* Connect using $KH_DATABASE_URL or the libpq environment. Prints the
  * error and returns NULL on failure. */

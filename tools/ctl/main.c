@@ -80,6 +80,26 @@ int ctl_usage_error(const char *fmt, ...)
     return CTL_USAGE;
 }
 
+int ctl_dispatch(const char *group, int argc, char **argv,
+                 const ctl_sub_t *subs, void (*usage)(FILE *out))
+{
+    if (argc < 2) {
+        usage(stderr);
+        return CTL_USAGE;
+    }
+    const char *sub = argv[1];
+    if (strcmp(sub, "--help") == 0 || strcmp(sub, "-h") == 0) {
+        usage(stdout);
+        return CTL_OK;
+    }
+    for (const ctl_sub_t *s = subs; s->name; s++)
+        if (strcmp(sub, s->name) == 0)
+            return s->run(argc - 1, argv + 1);
+    ctl_usage_error("%s: unknown command '%s'", group, sub);
+    usage(stderr);
+    return CTL_USAGE;
+}
+
 PGconn *ctl_connect(void)
 {
     kh_error_t err;
