@@ -4,6 +4,7 @@
  */
 #include "ketenhub/db.h"
 
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,9 +17,43 @@ static void s_drop_notice(void *arg, const PGresult *res)
     (void) res;
 }
 
+int kh_db_password(char *buf, size_t size, kh_error_t *err)
+{
+    static const char *const var = "KH_DATABASE_PASSWORD_FILE";
+    const char *path = getenv(var);
+    buf[0] = '\0';
+    if (!path || !*path)
+        return 0;
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return kh_error_set(err, KH_E_CONFIG, var, "cannot read %s: %s", path,
+                            strerror(errno));
+    size_t n = fread(buf, 1, size, f);
+    bool failed = ferror(f) != 0;
+    fclose(f);
+    if (n > 0 && buf[n - 1] == '\n')
+        n--;
+    if (n > 0 && buf[n - 1] == '\r')
+        n--;
+    if (failed || n == 0 || n >= size || memchr(buf, '\0', n) ||
+        memchr(buf, '\n', n)) {
+        explicit_bzero(buf, size);
+        return kh_error_set(err, KH_E_CONFIG, var,
+                            failed   ? "cannot read %s"
+                            : n == 0 ? "%s is empty"
+                                     : "%s does not hold one password",
+                            path);
+    }
+    buf[n] = '\0';
+    return 1;
+}
+
 PGconn *kh_db_connect_app(const char *conninfo, const char *application_name,
                           kh_error_t *err)
 {
+    char password[256];
+    if (kh_db_password(password, sizeof password, err) < 0)
+        return NULL;
     /* A database that stops answering must not hang a service: bounded
      * connection attempts, and dead TCP peers noticed within seconds. These
      * come first, so that the same settings in conninfo win. */
@@ -28,6 +63,7 @@ PGconn *kh_db_connect_app(const char *conninfo, const char *application_name,
                               "keepalives_interval",
                               "keepalives_count",
                               "tcp_user_timeout",
+                              "password",
                               "dbname",
                               "fallback_application_name",
                               NULL};
@@ -37,12 +73,14 @@ PGconn *kh_db_connect_app(const char *conninfo, const char *application_name,
                             "5",
                             "3",
                             "10000",
+                            password, /* "" is ignored by libpq */
                             conninfo ? conninfo : "",
                             application_name ? application_name : "ketenhub",
                             NULL};
     /* expand_dbname = 1: dbname may be a whole connection string or URI,
      * whose settings override the ones before it. */
     PGconn *conn = PQconnectdbParams(keywords, values, 1);
+    explicit_bzero(password, sizeof password);
     if (!conn) {
         kh_error_set(err, KH_E_NOMEM, NULL, "out of memory connecting");
         return NULL;

@@ -5,6 +5,8 @@
  */
 #include "ketenhub/health.h"
 
+#include "ketenhub/db.h"
+
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -502,10 +504,16 @@ static PGresult *s_query(PGconn *conn, const char *sql)
 static bool s_probe_once(kh_health_t *self, PGconn **conn_p, bool gauges)
 {
     if (!*conn_p) {
-        const char *keys[] = {"dbname", "connect_timeout", "application_name",
-                              NULL};
-        const char *values[] = {self->conninfo, "2", "ketenhub-health", NULL};
+        char password[256];
+        kh_error_t err;
+        if (kh_db_password(password, sizeof password, &err) < 0)
+            return false;
+        const char *keys[] = {"password", "dbname", "connect_timeout",
+                              "application_name", NULL};
+        const char *values[] = {password, self->conninfo, "2",
+                                "ketenhub-health", NULL};
         *conn_p = PQconnectdbParams(keys, values, 1);
+        explicit_bzero(password, sizeof password);
         if (!*conn_p)
             return false;
         if (PQstatus(*conn_p) != CONNECTION_OK) {

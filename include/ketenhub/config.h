@@ -36,6 +36,15 @@ typedef struct {
         (name), (type), (defval), (min), (max), (secret), (help), NULL, 0      \
     }
 
+/* The database settings of every service: the libpq connection string
+ * (a secret: it may hold a password) and a file holding the password,
+ * which kh_db_connect_app reads at each connection (kh_db_password). */
+#define KH_CFG_DATABASE                                                        \
+    KH_CFG("KH_DATABASE_URL", KH_CFG_STRING, "", 0, 0, true,                   \
+           "libpq connection string (empty: PG* environment)"),                \
+        KH_CFG("KH_DATABASE_PASSWORD_FILE", KH_CFG_STRING, "", 0, 0, false,    \
+               "file holding the database password, e.g. a mounted secret")
+
 /* Read every entry of table[0..count) from the environment. Returns 0, or
  * -1 with err (KH_E_CONFIG, path = the variable's name) for the first
  * missing required variable or malformed / out-of-bounds value. */

@@ -14,6 +14,7 @@
 
 #include <libpq-fe.h>
 #include <stdbool.h>
+#include <stddef.h>
 
 #include "ketenhub/error.h"
 
@@ -23,13 +24,24 @@ extern "C" {
 
 /* Connect to PostgreSQL. conninfo is a libpq connection string or URI;
  * NULL or "" uses libpq's defaults (PGHOST, PGPORT, PGUSER, PGDATABASE,
- * PGPASSWORD, ...). The application name falls back to "ketenhub".
+ * PGPASSWORD, ...); a password in conninfo wins over the one in
+ * $KH_DATABASE_PASSWORD_FILE (kh_db_password), which wins over PGPASSWORD.
+ * The application name falls back to "ketenhub".
  * Notices (NOTICE, WARNING sent by the server) are dropped: library code
  * does not log, and nothing in the hub depends on them.
  * Returns a connection the caller owns (PQfinish), or NULL with err:
  * KH_E_UNAVAILABLE when the server cannot be reached or refuses the
  * login, KH_E_NOMEM. */
 PGconn *kh_db_connect(const char *conninfo, kh_error_t *err);
+
+/* The database password from the file named by $KH_DATABASE_PASSWORD_FILE
+ * (a container secret), read again at every connection so that a rotated
+ * password is picked up on reconnect. The file holds the password alone;
+ * one trailing newline is dropped. Returns 1 with the password in buf,
+ * 0 when the variable is unset or empty (buf ""), or -1 with err
+ * (KH_E_CONFIG, path = the variable) when the file cannot be read, is
+ * empty, or does not fit in size bytes. */
+int kh_db_password(char *buf, size_t size, kh_error_t *err);
 
 /* As kh_db_connect, with an application_name for pg_stat_activity (e.g.
  * the service's name); application_name NULL means "ketenhub". */

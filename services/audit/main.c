@@ -23,8 +23,7 @@
 #include "ketenhub/trail_db.h"
 
 static kh_cfg_t s_config[] = {
-    KH_CFG("KH_DATABASE_URL", KH_CFG_STRING, "", 0, 0, true,
-           "libpq connection string (empty: PG* environment)"),
+    KH_CFG_DATABASE,
     KH_CFG("KH_AUDIT_KEY", KH_CFG_STRING, NULL, 0, 0, false,
            "the hub's Ed25519 audit secret key file (hub-audit.key)"),
     KH_CFG("KH_AUDIT_POLL_MS", KH_CFG_INT, "200", 10, 3600000, false,

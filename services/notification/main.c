@@ -19,8 +19,7 @@
 #include "notify.h"
 
 static kh_cfg_t s_config[] = {
-    KH_CFG("KH_DATABASE_URL", KH_CFG_STRING, "", 0, 0, true,
-           "libpq connection string (empty: PG* environment)"),
+    KH_CFG_DATABASE,
     KH_CFG("KH_NOTIFY_ENDPOINT", KH_CFG_STRING, "tcp://*:7703", 0, 0, false,
            "ZeroMQ endpoint partners connect to for their deliveries"),
     KH_CFG("KH_NOTIFY_WAKE_ENDPOINT", KH_CFG_STRING, "tcp://127.0.0.1:7704", 0,

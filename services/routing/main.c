@@ -22,8 +22,7 @@
 #endif
 
 static kh_cfg_t s_config[] = {
-    KH_CFG("KH_DATABASE_URL", KH_CFG_STRING, "", 0, 0, true,
-           "libpq connection string (empty: PG* environment)"),
+    KH_CFG_DATABASE,
     KH_CFG("KH_RULES_FILE", KH_CFG_STRING,
            KH_DEFAULT_SHARE_DIR "/schemas/rules/default.yaml", 0, 0, false,
            "the routing rules (SIGHUP reloads them)"),

@@ -5,6 +5,7 @@
  */
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "ketenhub/db.h"
 #include "khtest.h"
@@ -60,12 +61,67 @@ START_TEST(unreachable_database_is_unavailable)
 }
 END_TEST
 
+/* Write text to a new file in the test's temp dir; returns its path. */
+static void s_write(char *path, size_t size, const char *name, const char *text)
+{
+    const char *dir = getenv("TMPDIR");
+    snprintf(path, size, "%s/kh-test-db-%d-%s", dir && *dir ? dir : "/tmp",
+             (int) getpid(), name);
+    FILE *f = fopen(path, "w");
+    ck_assert_ptr_nonnull(f);
+    fputs(text, f);
+    fclose(f);
+}
+
+START_TEST(password_comes_from_the_password_file)
+{
+    char path[512];
+    s_write(path, sizeof path, "pw", "s3cret\n");
+    setenv("KH_DATABASE_PASSWORD_FILE", path, 1);
+    kh_error_t err;
+    PGconn *conn = kh_db_connect(khtest_pg_conninfo(), &err);
+    ck_assert_msg(conn != NULL, "%s", err.message);
+    char *password = s_setting(conn, "password");
+    ck_assert_str_eq(password, "s3cret");
+    free(password);
+    PQfinish(conn);
+
+    /* A password in the connection string wins. */
+    char conninfo[2048];
+    snprintf(conninfo, sizeof conninfo, "%s password=other",
+             khtest_pg_conninfo());
+    conn = kh_db_connect(conninfo, &err);
+    ck_assert_msg(conn != NULL, "%s", err.message);
+    password = s_setting(conn, "password");
+    ck_assert_str_eq(password, "other");
+    free(password);
+    PQfinish(conn);
+    unlink(path);
+
+    /* Missing, empty or two-line files are configuration errors that name
+     * the variable; no connection is tried. */
+    const char *bad[] = {NULL, "", "\n", "one\ntwo\n"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        if (bad[i])
+            s_write(path, sizeof path, "pw", bad[i]);
+        kh_error_clear(&err);
+        conn = kh_db_connect(khtest_pg_conninfo(), &err);
+        ck_assert_ptr_null(conn);
+        ck_assert_int_eq(err.code, KH_E_CONFIG);
+        ck_assert_str_eq(err.path, "KH_DATABASE_PASSWORD_FILE");
+        unlink(path);
+    }
+    unsetenv("KH_DATABASE_PASSWORD_FILE");
+}
+END_TEST
+
 int main(void)
 {
     Suite *suite = suite_create("db");
     TCase *tc = tcase_create("db");
     tcase_add_test(tc, connections_have_bounded_timeouts);
     tcase_add_test(tc, unreachable_database_is_unavailable);
+    tcase_add_test(tc, password_comes_from_the_password_file);
     suite_add_tcase(suite, tc);
     return khtest_run_suite(suite);
 }

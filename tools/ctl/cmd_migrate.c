@@ -13,7 +13,8 @@
 static void s_usage(FILE *out)
 {
     fprintf(out,
-            "usage: ketenhubctl migrate [--dir DIR] [--status]\n"
+            "usage: ketenhubctl migrate [--dir DIR] [--status] [--wait "
+            "SECONDS]\n"
             "\n"
             "Apply the pending migrations (DIR/NNN_name.sql, in order, each "
             "in its own\n"
@@ -26,6 +27,9 @@ static void s_usage(FILE *out)
             "              %s)\n"
             "  --status    show applied and pending migrations; change "
             "nothing\n"
+            "  --wait S    wait up to S seconds for the database to accept "
+            "connections\n"
+            "              (a one-shot job started beside it)\n"
             "  --help      this text\n",
             KH_SOURCE_MIGRATIONS_DIR, KH_INSTALLED_MIGRATIONS_DIR);
 }
@@ -59,13 +63,15 @@ int ctl_migrate(int argc, char **argv)
     static const struct option options[] = {
         {"dir", required_argument, NULL, 'd'},
         {"status", no_argument, NULL, 's'},
+        {"wait", required_argument, NULL, 'w'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0}};
     const char *dir = NULL;
     int status = 0;
+    int wait_s = 0;
     int c;
     optind = 1;
-    while ((c = getopt_long(argc, argv, "d:sh", options, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "d:sw:h", options, NULL)) != -1) {
         switch (c) {
         case 'd':
             dir = optarg;
@@ -73,6 +79,15 @@ int ctl_migrate(int argc, char **argv)
         case 's':
             status = 1;
             break;
+        case 'w': {
+            char *end;
+            long v = strtol(optarg, &end, 10);
+            if (*optarg == '\0' || *end || v < 0 || v > 3600)
+                return ctl_usage_error("migrate: --wait wants seconds, "
+                                       "0 to 3600");
+            wait_s = (int) v;
+            break;
+        }
         case 'h':
             s_usage(stdout);
             return CTL_OK;
@@ -87,7 +102,7 @@ int ctl_migrate(int argc, char **argv)
     if (!dir)
         dir = s_default_dir();
 
-    PGconn *conn = ctl_connect();
+    PGconn *conn = ctl_connect_wait(wait_s);
     if (!conn)
         return CTL_FAIL;
     kh_error_t err;

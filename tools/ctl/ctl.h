@@ -44,8 +44,12 @@ typedef struct {
 int ctl_dispatch(const char *group, int argc, char **argv,
                  const ctl_sub_t *subs, void (*usage)(FILE *out));
 
-/* Connect using $KH_DATABASE_URL or the libpq environment. Prints the
- * error and returns NULL on failure. */
+/* Connect using $KH_DATABASE_URL (and $KH_DATABASE_PASSWORD_FILE) or the
+ * libpq environment. Prints the error and returns NULL on failure. */
 PGconn *ctl_connect(void);
+
+/* As ctl_connect, trying again every second for up to wait_s seconds
+ * while the server cannot be reached (a database container starting). */
+PGconn *ctl_connect_wait(int wait_s);
 
 #endif

@@ -7,6 +7,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "ctl.h"
 #include "ketenhub/db.h"
@@ -18,7 +19,8 @@ static void s_usage(FILE *out)
             "usage: ketenhubctl COMMAND [ARGS]\n"
             "\n"
             "commands:\n"
-            "  migrate [--dir DIR] [--status]   apply or show schema "
+            "  migrate [--dir DIR] [--status] [--wait S]\n"
+            "                                   apply or show schema "
             "migrations\n"
             "  hub keygen --out DIR             make the hub's CURVE key "
             "pair\n"
@@ -45,6 +47,9 @@ static void s_usage(FILE *out)
             "unset, the\n"
             "                       libpq variables PGHOST, PGPORT, PGUSER, "
             "PGDATABASE\n"
+            "  KH_DATABASE_PASSWORD_FILE\n"
+            "                       file holding the database password "
+            "(a secret)\n"
             "  KH_MIGRATIONS_DIR    default for migrate --dir\n"
             "  KH_PARTNER_CERT_DIR  default for partner --cert-dir\n"
             "  KH_INTAKE_HEALTH, KH_ROUTING_HEALTH, KH_NOTIFY_HEALTH, "
@@ -100,14 +105,31 @@ int ctl_dispatch(const char *group, int argc, char **argv,
     return CTL_USAGE;
 }
 
+PGconn *ctl_connect_wait(int wait_s)
+{
+    for (int waited = 0;; waited++) {
+        kh_error_t err;
+        kh_error_clear(&err);
+        PGconn *conn =
+            kh_db_connect_app(kh_db_env_conninfo(), "ketenhubctl", &err);
+        if (conn)
+            return conn;
+        if (err.code != KH_E_UNAVAILABLE || waited >= wait_s) {
+            ctl_print_error(&err);
+            return NULL;
+        }
+        if (waited == 0)
+            fprintf(stderr,
+                    "ketenhubctl: waiting up to %d s for the "
+                    "database\n",
+                    wait_s);
+        sleep(1);
+    }
+}
+
 PGconn *ctl_connect(void)
 {
-    kh_error_t err;
-    kh_error_clear(&err);
-    PGconn *conn = kh_db_connect_app(kh_db_env_conninfo(), "ketenhubctl", &err);
-    if (!conn)
-        ctl_print_error(&err);
-    return conn;
+    return ctl_connect_wait(0);
 }
 
 int main(int argc, char **argv)
