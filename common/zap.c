@@ -145,6 +145,7 @@ zsock_t *kh_curve_server_new(int type, zcert_t *cert, int64_t max_frame,
     zcert_apply(cert, sock);
     zsock_set_curve_server(sock, 1);
     zsock_set_maxmsgsize(sock, max_frame);
+    zsock_set_handshake_ivl(sock, KH_HANDSHAKE_MS);
     return sock;
 }
 

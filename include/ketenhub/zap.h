@@ -40,9 +40,16 @@ int kh_zap_domain_key(kh_zap_t *self, const char *domain, const char *key,
  * needs it). NULL with err (KH_E_CONFIG at KH_HUB_CERT). */
 zcert_t *kh_hub_cert_load(const char *path, kh_error_t *err);
 
+/* How long a connection may take over its ZMTP greeting and CURVE
+ * handshake before the hub drops it (ZMQ_HANDSHAKE_IVL; libzmq's default
+ * is 30 s). A silent or half-open connection costs a file descriptor for
+ * no longer than this; a real partner needs a few round trips. */
+#define KH_HANDSHAKE_MS 10000
+
 /* A socket of type that is a CURVE server with the hub's cert, taking
- * frames of at most max_frame bytes; the ZAP handler must exist before it
- * binds. NULL with err. */
+ * frames of at most max_frame bytes and handshakes of at most
+ * KH_HANDSHAKE_MS; the ZAP handler must exist before it binds. NULL with
+ * err. */
 zsock_t *kh_curve_server_new(int type, zcert_t *cert, int64_t max_frame,
                              kh_error_t *err);
 
