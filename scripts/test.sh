@@ -2,8 +2,8 @@
 # Set up and run the whole test suite: install what is missing, build,
 # run every test (unit and integration, with a throwaway PostgreSQL), then
 # again under AddressSanitizer and UBSan, then the style and static checks,
-# short fuzz runs, and (as root: podman runs rootful) the container smoke
-# test of docker/build.sh.
+# short fuzz runs, and (as root: podman runs rootful) the linters of the
+# container files and the compose stack's smoke test (docker/build.sh).
 #   scripts/test.sh            everything
 #   KH_TEST_QUICK=1 scripts/test.sh   skip the sanitizer pass
 #   KH_TEST_CONTAINERS=0 scripts/test.sh   skip the container smoke test
@@ -29,6 +29,7 @@ fi
 
 if [ "${KH_TEST_CONTAINERS:-1}" != 0 ]; then
   if [ "$(id -u)" -eq 0 ]; then
+    "$here/scripts/lint-containers.sh"
     "$here/docker/build.sh"
   else
     echo "test.sh: container smoke test not run: docker/build.sh needs root" >&2

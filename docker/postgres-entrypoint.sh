@@ -1,0 +1,36 @@
+#!/bin/sh
+# Entry point of docker/postgres.Dockerfile: on first start (an empty
+# PGDATA) make the cluster, with POSTGRES_USER as its superuser, the
+# password from POSTGRES_PASSWORD_FILE and the database POSTGRES_DB; then
+# run the server, listening on every address of the container. Connections
+# over the network need the password (scram-sha-256); the Unix socket
+# inside the container is trusted, as in the official image.
+set -eu
+
+: "${PGDATA:=/var/lib/postgresql/data}"
+user=${POSTGRES_USER:-postgres}
+db=${POSTGRES_DB:-$user}
+
+die() {
+  echo "postgres-entrypoint: $*" >&2
+  exit 1
+}
+
+if [ ! -s "$PGDATA/PG_VERSION" ]; then
+  pwfile=${POSTGRES_PASSWORD_FILE:-}
+  [ -n "$pwfile" ] || die "POSTGRES_PASSWORD_FILE is not set (first start)"
+  [ -r "$pwfile" ] || die "cannot read POSTGRES_PASSWORD_FILE $pwfile"
+  [ -s "$pwfile" ] || die "POSTGRES_PASSWORD_FILE $pwfile is empty"
+  initdb -D "$PGDATA" --username="$user" --pwfile="$pwfile" \
+    --encoding=UTF8 --locale=C.UTF-8 --auth-local=trust \
+    --auth-host=scram-sha-256 >/dev/null
+  echo "host all all all scram-sha-256" >>"$PGDATA/pg_hba.conf"
+  if [ "$db" != postgres ]; then
+    # Single-user mode: no server is listening while the cluster is made.
+    echo "CREATE DATABASE \"$db\" OWNER \"$user\"" |
+      postgres --single -D "$PGDATA" postgres >/dev/null
+  fi
+  echo "postgres-entrypoint: made the cluster in $PGDATA (user $user, database $db)"
+fi
+
+exec postgres -D "$PGDATA" -c listen_addresses='*' "$@"
