@@ -8,14 +8,15 @@
 # submit -> ACCEPTED -> routed -> first sent -> acknowledged (percentiles),
 # the rates, the rows written per referral, each service's CPU seconds and
 # peak RSS; and, for comparison, this PostgreSQL's raw multi-row INSERT
-# rate for rows of the same shape.
-# Prints figures; asserts nothing.
+# rate for rows of the same shape, and the hub's rows/s as a ratio of it.
+# Prints figures, and writes them as JSON to $KH_BENCH_DIR/hub.json;
+# asserts nothing.
 #   scripts/bench-hub.sh [SECONDS] [RATE]     (default 10 s, 1000/s)
 set -eu
 
 here=$(cd "$(dirname "$0")/.." && pwd)
 run=${KH_BENCH_DIR:-/tmp/ketenhub-bench-hub}
-build="$here/build"
+build=${KH_BUILD_DIR:-"$here/build"}
 seconds=${1:-10}
 rate=${2:-1000}
 # shellcheck source=scripts/hublib.sh
@@ -51,68 +52,91 @@ hub_wait_ready audit
 # A minor in acute danger: three target partners.
 referral="$here/schemas/examples/minor-sexual-acute.json"
 
+# One value from the database.
+q() { psql -Atc "$1"; }
+
+# Percentiles of a column of the CTE "d" (milliseconds), as JSON members.
+pct_json() {
+  q "SELECT json_build_object(
+      'p50', round(percentile_cont(0.5) WITHIN GROUP (ORDER BY $1)::numeric, 2),
+      'p90', round(percentile_cont(0.9) WITHIN GROUP (ORDER BY $1)::numeric, 2),
+      'p99', round(percentile_cont(0.99) WITHIN GROUP (ORDER BY $1)::numeric, 2),
+      'p999', round(percentile_cont(0.999) WITHIN GROUP (ORDER BY $1)::numeric, 2),
+      'max', round(max($1)::numeric, 2))
+    FROM ($2) d"
+}
+
+rows_now() {
+  q "SELECT (SELECT count(*) FROM referrals) + (SELECT count(*) FROM deliveries)
+    + (SELECT count(*) FROM audit_events) + (SELECT count(*) FROM audit_seals)"
+}
+
 # $1: label, then ketenhub-bench's load options. Marks the trail, runs the
-# receivers and the load side by side, waits for the acknowledgements.
+# receivers and the load side by side, waits for the acknowledgements and
+# the seals; prints the figures and leaves them as JSON in $run/$label.hub.json.
 run_load() {
   label=$1
   shift
-  since=$(psql -Atc "SELECT coalesce(max(seq), 0) FROM audit_events")
+  since=$(q "SELECT coalesce(max(seq), 0) FROM audit_events")
+  rows_before=$(rows_now)
   "$build/tools/bench/ketenhub-bench-receive" --endpoint "$deliveries" \
     --hub-cert "$run/hub/hub.cert" --cert "$run/keys/veilig-thuis.cert" \
     --cert "$run/keys/zorgcoordinator.cert" --cert "$run/keys/avim.cert" \
     --seconds $((seconds + 60)) --idle-ms 5000 >"$run/$label-receive.txt" &
   receiver=$!
   sleep 1
+  started=$(date +%s.%N)
   "$build/tools/bench/ketenhub-bench" --endpoint "$intake" \
     --hub-cert "$run/hub/hub.cert" --cert "$run/keys/bench.cert" \
     --referral "$referral" --seconds "$seconds" --json "$run/$label.json" \
     "$@" | sed 's/^/  intake: /'
   wait "$receiver" || true
   sed 's/^/  partners: /' "$run/$label-receive.txt"
-  # Everything sealed, then the figures from the trail.
+  # Everything sealed: then the figures from the trail.
   tries=0
-  until [ "$(psql -Atc "SELECT count(*) FROM audit_events e
+  until [ "$(q "SELECT count(*) FROM audit_events e
       WHERE NOT EXISTS (SELECT 1 FROM audit_seals s WHERE s.seq = e.seq)")" = 0 ] ||
       [ "$tries" -ge 300 ]; do
     tries=$((tries + 1))
     sleep 0.1
   done
-  psql -At -F ' ' -c "
-    WITH r AS (
-      SELECT referral_id,
+  sealed_at=$(date +%s.%N)
+  per_referral="SELECT referral_id,
         min(at) FILTER (WHERE action = 'referral.accepted') AS accepted,
         min(at) FILTER (WHERE action = 'referral.routed') AS routed,
         min(at) FILTER (WHERE action = 'delivery.sent') AS sent,
         max(at) FILTER (WHERE action = 'delivery.acked') AS acked
       FROM audit_events WHERE seq > $since AND referral_id IS NOT NULL
-      GROUP BY referral_id),
-    d AS (
-      SELECT extract(epoch FROM routed - accepted) * 1000 AS routed_ms,
+      GROUP BY referral_id"
+  d="SELECT extract(epoch FROM routed - accepted) * 1000 AS routed_ms,
         extract(epoch FROM sent - accepted) * 1000 AS sent_ms,
         extract(epoch FROM acked - accepted) * 1000 AS acked_ms
-      FROM r WHERE accepted IS NOT NULL AND acked IS NOT NULL)
-    SELECT 'referrals=' || count(*),
-      'accepted->routed_ms p50=' || round(percentile_cont(0.5) WITHIN GROUP (ORDER BY routed_ms)::numeric, 2)
-        || ' p99=' || round(percentile_cont(0.99) WITHIN GROUP (ORDER BY routed_ms)::numeric, 2),
-      '| accepted->first_sent_ms p50=' || round(percentile_cont(0.5) WITHIN GROUP (ORDER BY sent_ms)::numeric, 2)
-        || ' p99=' || round(percentile_cont(0.99) WITHIN GROUP (ORDER BY sent_ms)::numeric, 2),
-      '| accepted->all_acked_ms p50=' || round(percentile_cont(0.5) WITHIN GROUP (ORDER BY acked_ms)::numeric, 2)
-        || ' p99=' || round(percentile_cont(0.99) WITHIN GROUP (ORDER BY acked_ms)::numeric, 2)
-        || ' max=' || round(max(acked_ms)::numeric, 2)
-    FROM d" | sed 's/^/  trail: /'
-  psql -At -F ' ' -c "
-    WITH done AS (
-      SELECT referral_id,
-        min(at) FILTER (WHERE action = 'referral.accepted') AS accepted,
-        max(at) FILTER (WHERE action = 'delivery.acked') AS acked
-      FROM audit_events WHERE seq > $since AND referral_id IS NOT NULL
-      GROUP BY referral_id)
-    SELECT count(*) || ' referrals accepted, routed, delivered and acknowledged in '
-      || round(extract(epoch FROM max(acked) - min(accepted))::numeric, 2)
-      || ' s: end_to_end_per_s=' || round(count(*) / greatest(extract(epoch FROM
-        max(acked) - min(accepted)), 0.001)::numeric, 0)
-    FROM done WHERE accepted IS NOT NULL AND acked IS NOT NULL" |
-    sed 's/^/  trail: /'
+      FROM ($per_referral) r WHERE accepted IS NOT NULL AND acked IS NOT NULL"
+  done_n=$(q "SELECT count(*) FROM ($d) d")
+  span_s=$(q "SELECT round(extract(epoch FROM max(acked) - min(accepted))::numeric, 3)
+    FROM ($per_referral) r WHERE accepted IS NOT NULL AND acked IS NOT NULL")
+  acks=$(q "SELECT count(*) FROM audit_events WHERE seq > $since
+    AND action = 'delivery.acked' AND outcome = 'ok'")
+  events=$(q "SELECT count(*) FROM audit_events WHERE seq > $since")
+  rows=$(($(rows_now) - rows_before))
+  routed=$(pct_json routed_ms "$d")
+  sent=$(pct_json sent_ms "$d")
+  acked=$(pct_json acked_ms "$d")
+  figures=$(echo "$done_n $span_s $acks $events $rows $started $sealed_at" | awk '{
+    span = $2 > 0 ? $2 : 0.001
+    printf "%.0f %.0f %.0f %.0f", $1 / span, $3 / span, $5 / span,
+      $4 / ($7 - $6) }')
+  # shellcheck disable=SC2086 # numbers, split on purpose
+  set -- $figures
+  echo "  trail: $done_n referrals accepted, routed, delivered and acknowledged in ${span_s} s: end_to_end_per_s=$1 acked_per_s=$2"
+  echo "  trail: accepted->routed_ms $routed"
+  echo "  trail: accepted->first_sent_ms $sent"
+  echo "  trail: accepted->all_acked_ms $acked"
+  echo "  trail: $events events, sealed_per_s=$4 (start of the load to all sealed); rows_written=$rows rows_per_s=$3"
+  printf '{"label":"%s","referrals":%s,"span_s":%s,"end_to_end_per_s":%s,"acked_per_s":%s,"events":%s,"sealed_per_s":%s,"rows_written":%s,"rows_per_s":%s,"accepted_to_routed_ms":%s,"accepted_to_first_sent_ms":%s,"accepted_to_all_acked_ms":%s,"intake":%s}\n' \
+    "$label" "$done_n" "$span_s" "$1" "$2" "$events" "$4" "$rows" "$3" \
+    "$routed" "$sent" "$acked" "$(cat "$run/$label.json" 2>/dev/null || echo null)" \
+    >"$run/$label.hub.json"
 }
 
 echo "== open loop: $rate referrals/s offered for ${seconds}s, 16 clients (3 deliveries each)"
@@ -133,12 +157,15 @@ psql -At -F ' ' -c "SELECT
 
 echo "== each service: CPU seconds and peak RSS"
 ticks=$(getconf CLK_TCK)
+services_json=""
 for service in intake routing notification audit; do
   pid=$(cat "$run/$service.pid")
-  printf '  %-13s' "$service"
-  awk -v t="$ticks" '{ printf "cpu_s=%.2f", ($14 + $15) / t }' "/proc/$pid/stat"
-  awk '/VmHWM/ { printf " peak_rss_mib=%.1f", $2 / 1024 }' "/proc/$pid/status"
-  echo
+  line=$(awk -v t="$ticks" '{ printf "%.2f", ($14 + $15) / t }' "/proc/$pid/stat")
+  line="$line $(awk '/VmHWM/ { printf "%.1f", $2 / 1024 }' "/proc/$pid/status")"
+  # shellcheck disable=SC2086 # numbers, split on purpose
+  set -- $line
+  printf '  %-13s cpu_s=%s peak_rss_mib=%s\n' "$service" "$1" "$2"
+  services_json="$services_json${services_json:+,}\"$service\":{\"cpu_s\":$1,\"peak_rss_mib\":$2}"
 done
 
 echo "== this PostgreSQL's raw multi-row INSERT rate, rows shaped like the hub's"
@@ -151,4 +178,14 @@ for _ in $(seq 1 20); do
       sha256(g::text::bytea), 'bench' FROM generate_series(1, 5000) g"
 done
 end=$(date +%s.%N)
-echo "$start $end" | awk '{ printf "  raw_insert_rows_per_s=%.0f (100000 rows, 5000 per statement, one client)\n", 100000 / ($2 - $1) }'
+raw=$(echo "$start $end" | awk '{ printf "%.0f", 100000 / ($2 - $1) }')
+hub_rows=$(sed -n 's/.*"rows_per_s":\([0-9]*\).*/\1/p' "$run/closed.hub.json")
+ratio=$(echo "$hub_rows $raw" | awk '{ printf "%.2f", $1 / $2 }')
+echo "  raw_insert_rows_per_s=$raw (100000 rows, 5000 per statement, one client)"
+echo "  hub rows/s in the closed loop: $hub_rows, ratio to the raw rate: $ratio"
+
+printf '{"seconds":%s,"rate":%s,"open":%s,"closed":%s,"services":{%s},"raw_insert_rows_per_s":%s,"hub_rows_per_s":%s,"ratio_to_raw":%s}\n' \
+  "$seconds" "$rate" "$(cat "$run/open.hub.json")" \
+  "$(cat "$run/closed.hub.json")" "$services_json" "$raw" "$hub_rows" \
+  "$ratio" >"$run/hub.json"
+echo "== figures as JSON: $run/hub.json"
