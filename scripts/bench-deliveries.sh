@@ -9,12 +9,16 @@
 #      1,000 referrals/s offered (each referral makes 1-3 deliveries).
 # Prints figures; asserts nothing.
 #   scripts/bench-deliveries.sh [COUNT]     (default 1000000)
+# KH_BENCH_WINDOW (default 256) is the window the partners ask for and
+# notification's KH_NOTIFY_WINDOW; KH_BUILD_DIR the build to run.
 set -eu
 
 here=$(cd "$(dirname "$0")/.." && pwd)
 run=${KH_BENCH_DIR:-/tmp/ketenhub-bench-deliveries}
-build="$here/build"
+build=${KH_BUILD_DIR:-"$here/build"}
 count=${1:-1000000}
+window=${KH_BENCH_WINDOW:-256}
+export KH_NOTIFY_WINDOW="$window"
 # shellcheck source=scripts/hublib.sh
 . "$here/scripts/hublib.sh"
 
@@ -58,7 +62,7 @@ backlog() {
 }
 receive() {
   "$build/tools/bench/ketenhub-bench-receive" --endpoint "$deliveries" \
-    --hub-cert "$run/hub/hub.cert" "$@"
+    --hub-cert "$run/hub/hub.cert" --window "$window" "$@"
 }
 rss() {
   awk '/VmRSS/ { printf "%.1f", $2 / 1024 }' "/proc/$(cat "$run/notification.pid")/status"
@@ -68,12 +72,12 @@ hub_start_notification "$deliveries" "$wake"
 idle=$(rss)
 
 each=$((count / 10))
-echo "== three partners, a backlog of $each deliveries each, window 256"
+echo "== three partners, a backlog of $each deliveries each, window $window"
 backlog "$each" veilig-thuis zorgcoordinator avim
 receive --cert "$run/keys/veilig-thuis.cert" --cert "$run/keys/zorgcoordinator.cert" \
   --cert "$run/keys/avim.cert" --count $((each * 3)) --seconds 600 | sed 's/^/  /'
 
-echo "== one partner, a backlog of $count deliveries, window 256"
+echo "== one partner, a backlog of $count deliveries, window $window"
 backlog "$count" avim
 peak=$idle
 receive --cert "$run/keys/avim.cert" --count "$count" --seconds 1800 \

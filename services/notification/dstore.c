@@ -3,7 +3,8 @@
  * statement whose data-modifying CTEs change the deliveries and write
  * their audit events, so they commit together or not at all; they are
  * prepared once per connection (they are planned in as much time as they
- * run).
+ * run). ACK batches have a connection of their own, so that PostgreSQL
+ * commits them on one core while it claims on another.
  */
 #include "dstore.h"
 
@@ -19,7 +20,10 @@ struct _dstore_t {
     char *conninfo;
     dstore_policy_t policy;
     PGconn *conn;
+    PGconn *ack_conn;       /* ACK batches only, each committing alone */
     kh_pgarray_t arrays[3]; /* the ACK statement's parameters */
+    dstore_answer_t *acks;  /* the batch in flight on ack_conn, or NULL */
+    size_t nacks;
 };
 
 /* The wait before attempt `attempts + 1` of a delivery sent `attempts`
@@ -76,21 +80,27 @@ static const char *s_claim_sql =
  * counts for a delivery of that partner that was sent at least once and is
  * not acknowledged yet (a dead letter that the partner did take is
  * acknowledged after all). Returns per request, in order, done, duplicate
- * or not_found. */
+ * or not_found. Every step joins on the request's number: a batch costs
+ * the same per ACK whatever its size (no request scans another's rows),
+ * and the deliveries are looked up again only for the ACKs that changed
+ * nothing (duplicate or not_found). */
 static const char *s_ack_sql =
     "WITH req AS ("
     " SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[])"
     "  WITH ORDINALITY AS r(id, partner, peer, n)),"
-    " known AS ("
-    " SELECT req.n, d.state FROM req JOIN deliveries d"
-    "  ON d.id = req.id AND d.partner_id = req.partner AND d.attempts > 0),"
     " acked AS ("
     " UPDATE deliveries d SET state = 'acknowledged', acked_at = now(),"
     "  updated_at = now(), dead_reason = NULL"
     " FROM req WHERE d.id = req.id AND d.partner_id = req.partner"
     "  AND d.attempts > 0 AND d.state <> 'acknowledged'"
-    " RETURNING d.id, d.referral_id, d.partner_id, d.payload_hash, req.peer,"
-    "  extract(epoch FROM now() - d.sent_at) AS wait),"
+    " RETURNING req.n, d.id, d.referral_id, d.partner_id, d.payload_hash,"
+    "  req.peer, extract(epoch FROM now() - d.sent_at) AS wait),"
+    " rest AS ("
+    " SELECT * FROM req WHERE NOT EXISTS"
+    "  (SELECT 1 FROM acked WHERE acked.n = req.n)),"
+    " known AS ("
+    " SELECT rest.n FROM rest JOIN deliveries d"
+    "  ON d.id = rest.id AND d.partner_id = rest.partner AND d.attempts > 0),"
     " audit AS ("
     " INSERT INTO audit_events (actor_kind, actor_id, action, referral_id,"
     "  delivery_id, partner_id, outcome, reason_code, payload_hash,"
@@ -99,13 +109,13 @@ static const char *s_ack_sql =
     "  partner_id, 'ok', NULL, payload_hash, 'notification', peer FROM acked"
     " UNION ALL"
     " SELECT 'partner', partner, 'delivery.acked', NULL, id, NULL,"
-    "  'refused', 'not_found', NULL, 'notification', peer FROM req"
-    "  WHERE NOT EXISTS (SELECT 1 FROM known WHERE known.n = req.n))"
-    " SELECT CASE WHEN EXISTS (SELECT 1 FROM acked WHERE acked.id = req.id)"
-    "  THEN 'done' WHEN EXISTS (SELECT 1 FROM known WHERE known.n = req.n)"
-    "  THEN 'duplicate' ELSE 'not_found' END,"
-    " (SELECT wait FROM acked WHERE acked.id = req.id)"
-    " FROM req ORDER BY req.n";
+    "  'refused', 'not_found', NULL, 'notification', peer FROM rest"
+    "  WHERE NOT EXISTS (SELECT 1 FROM known WHERE known.n = rest.n))"
+    " SELECT CASE WHEN acked.n IS NOT NULL THEN 'done'"
+    "  WHEN known.n IS NOT NULL THEN 'duplicate' ELSE 'not_found' END,"
+    " acked.wait"
+    " FROM req LEFT JOIN acked ON acked.n = req.n"
+    "  LEFT JOIN known ON known.n = req.n ORDER BY req.n";
 
 /* $1 id, $2 partner, $3 peer, $4 permanent, $5 max attempts, $6 ACK
  * timeout ms, $7 backoff max ms. Only a delivery that is out (sent, not
@@ -266,6 +276,7 @@ void dstore_destroy(dstore_t **self_p)
         return;
     dstore_t *self = *self_p;
     PQfinish(self->conn);
+    PQfinish(self->ack_conn);
     free(self->conninfo);
     for (int k = 0; k < 3; k++)
         kh_pgarray_free(&self->arrays[k]);
@@ -273,32 +284,42 @@ void dstore_destroy(dstore_t **self_p)
     *self_p = NULL;
 }
 
-int dstore_connect(dstore_t *self, kh_error_t *err)
+/* Open *conn_p unless it works: settings and prepared statements. 0, or
+ * -1 with err and *conn_p NULL. */
+static int s_open(dstore_t *self, PGconn **conn_p, kh_error_t *err)
 {
-    if (self->conn && PQstatus(self->conn) == CONNECTION_OK)
+    if (*conn_p && PQstatus(*conn_p) == CONNECTION_OK)
         return 0;
-    PQfinish(self->conn);
-    self->conn =
-        kh_db_connect_app(self->conninfo, "ketenhub-notification", err);
-    if (!self->conn)
+    PQfinish(*conn_p);
+    *conn_p = kh_db_connect_app(self->conninfo, "ketenhub-notification", err);
+    if (!*conn_p)
         return -1;
-    int rc = kh_db_exec(self->conn,
+    int rc = kh_db_exec(*conn_p,
                         "SET statement_timeout = '10s'; SET lock_timeout = "
                         "'5s'; SET idle_in_transaction_session_timeout = "
                         "'60s'",
                         err);
     for (int i = 0; rc == 0 && i < S_STATEMENTS; i++) {
-        PGresult *res = PQprepare(self->conn, s_statements[i].name,
+        PGresult *res = PQprepare(*conn_p, s_statements[i].name,
                                   *s_statements[i].sql, 0, NULL);
         if (PQresultStatus(res) != PGRES_COMMAND_OK)
-            rc = kh_db_error(err, self->conn, res, s_statements[i].name);
+            rc = kh_db_error(err, *conn_p, res, s_statements[i].name);
         PQclear(res);
     }
     if (rc) {
-        PQfinish(self->conn);
-        self->conn = NULL;
+        PQfinish(*conn_p);
+        *conn_p = NULL;
     }
     return rc;
+}
+
+int dstore_connect(dstore_t *self, kh_error_t *err)
+{
+    if (self->acks) /* a batch was in flight on a connection that broke */
+        dstore_ack_wait(self, err);
+    return s_open(self, &self->conn, err) || s_open(self, &self->ack_conn, err)
+               ? -1
+               : 0;
 }
 
 int dstore_begin(dstore_t *self, kh_error_t *err)
@@ -325,7 +346,8 @@ void dstore_rollback(dstore_t *self)
 
 bool dstore_up(const dstore_t *self)
 {
-    return self->conn && PQstatus(self->conn) == CONNECTION_OK;
+    return self->conn && PQstatus(self->conn) == CONNECTION_OK &&
+           self->ack_conn && PQstatus(self->ack_conn) == CONNECTION_OK;
 }
 
 /* Run a prepared statement (or, for S_STATEMENTS, the plain sql); the
@@ -416,9 +438,14 @@ static dstore_outcome_t s_outcome(const char *text)
     return DSTORE_NOT_FOUND;
 }
 
-int dstore_ack(dstore_t *self, dstore_answer_t *acks, size_t count,
-               kh_error_t *err)
+int dstore_ack_send(dstore_t *self, dstore_answer_t *acks, size_t count,
+                    kh_error_t *err)
 {
+    if (self->acks)
+        return kh_error_set(err, KH_E_INTERNAL, "", "an ack batch is out");
+    if (!dstore_up(self))
+        return kh_error_set(err, KH_E_UNAVAILABLE, "",
+                            "no database connection");
     const char *params[3];
     for (int k = 0; k < 3; k++) {
         kh_pgarray_t *array = &self->arrays[k];
@@ -431,16 +458,51 @@ int dstore_ack(dstore_t *self, dstore_answer_t *acks, size_t count,
         if (!params[k])
             return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
     }
-    PGresult *res = s_run(self, S_ACK, NULL, 3, params, err);
-    if (!res)
-        return -1;
-    for (int i = 0; i < PQntuples(res) && (size_t) i < count; i++) {
-        acks[i].outcome = s_outcome(PQgetvalue(res, i, 0));
-        acks[i].wait_s =
-            PQgetisnull(res, i, 1) ? -1 : strtod(PQgetvalue(res, i, 1), NULL);
-    }
-    PQclear(res);
+    if (!PQsendQueryPrepared(self->ack_conn, s_statements[S_ACK].name, 3,
+                             params, NULL, NULL, 0))
+        return kh_db_error(err, self->ack_conn, NULL, "ack");
+    self->acks = acks;
+    self->nacks = count;
     return 0;
+}
+
+int dstore_ack_wait(dstore_t *self, kh_error_t *err)
+{
+    if (!self->acks)
+        return kh_error_set(err, KH_E_INTERNAL, "", "no ack batch is out");
+    int rc = -1;
+    bool first = true;
+    PGresult *res;
+    /* Every result is read, so that the connection is free again. */
+    while ((res = PQgetResult(self->ack_conn)) != NULL) {
+        if (first && PQresultStatus(res) == PGRES_TUPLES_OK) {
+            for (int i = 0; i < PQntuples(res) && (size_t) i < self->nacks;
+                 i++) {
+                self->acks[i].outcome = s_outcome(PQgetvalue(res, i, 0));
+                self->acks[i].wait_s =
+                    PQgetisnull(res, i, 1)
+                        ? -1
+                        : strtod(PQgetvalue(res, i, 1), NULL);
+            }
+            rc = 0;
+        } else if (first)
+            kh_db_error(err, self->ack_conn, res, "ack");
+        first = false;
+        PQclear(res);
+    }
+    if (first) /* no result at all: the connection is gone */
+        kh_db_error(err, self->ack_conn, NULL, "ack");
+    self->acks = NULL;
+    self->nacks = 0;
+    return rc;
+}
+
+int dstore_ack(dstore_t *self, dstore_answer_t *acks, size_t count,
+               kh_error_t *err)
+{
+    if (dstore_ack_send(self, acks, count, err))
+        return -1;
+    return dstore_ack_wait(self, err);
 }
 
 int dstore_nack(dstore_t *self, dstore_answer_t *nack, bool permanent,

@@ -32,8 +32,9 @@ void dstore_destroy(dstore_t **self_p);
 /* Connect when there is no working connection; 0 or -1 with err. */
 int dstore_connect(dstore_t *self, kh_error_t *err);
 
-/* A transaction around several calls (one commit for a round's ACKs and
- * claims); without one each call commits on its own. dstore_commit rolls
+/* A transaction around several calls (one commit for a round's NACKs and
+ * claims); without one each call commits on its own. ACK batches are not
+ * part of it (they have a connection of their own). dstore_commit rolls
  * back when the commit fails. 0, or -1 with err. */
 int dstore_begin(dstore_t *self, kh_error_t *err);
 int dstore_commit(dstore_t *self, kh_error_t *err);
@@ -87,6 +88,15 @@ typedef struct {
  * statement and fill each outcome. 0, or -1 with err (nothing changed). */
 int dstore_ack(dstore_t *self, dstore_answer_t *acks, size_t count,
                kh_error_t *err);
+
+/* dstore_ack in two halves, so that the batch commits (in a transaction
+ * of its own, on a connection of its own) while the caller claims:
+ * dstore_ack_send starts it (acks must stay valid until dstore_ack_wait
+ * returns), dstore_ack_wait waits for it and fills the outcomes. One
+ * batch at a time. Each returns 0, or -1 with err (nothing changed). */
+int dstore_ack_send(dstore_t *self, dstore_answer_t *acks, size_t count,
+                    kh_error_t *err);
+int dstore_ack_wait(dstore_t *self, kh_error_t *err);
 
 /* Commit a NACK (permanent: a dead letter at once; else re-sent after the
  * backoff, or dead after the last attempt) with its audit events. */

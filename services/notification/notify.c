@@ -1,10 +1,11 @@
 /*
  * The notification service's core (see notify.h).
  *
- * One loop, one database connection. A round reads what the partners sent
- * (up to S_READ_MAX frames) and, in one transaction, commits its ACKs (one
- * statement), its NACKs and the claims that top up every connection with
- * credit; only then are the answers and the DELIVERs sent. Database calls
+ * One loop, two database connections. A round reads what the partners
+ * sent (up to S_READ_MAX frames); its ACKs commit as one statement on one
+ * connection while, on the other, one transaction commits its NACKs and
+ * the claims that top up every connection with credit; only then are the
+ * answers and the DELIVERs sent. Database calls
  * are synchronous and bounded by statement_timeout; while the database is
  * away ACKs are refused retryably and nothing is sent.
  */
@@ -396,25 +397,44 @@ static int s_pump(notify_t *self, bool resend, kh_error_t *err)
     return 0;
 }
 
-/* The round's ACKs in one statement, then its NACKs: each answer gets its
- * outcome, and leaves its connection's credit. */
-static int s_answers_commit(notify_t *self, kh_error_t *err)
+/* Send the round's distinct ACKs to the store as one batch, to commit on
+ * its own connection while the round claims. Returns the batch size (0:
+ * none sent), or -1 with err. */
+static int s_acks_send(notify_t *self, kh_error_t *err)
 {
     size_t nacks = 0;
     for (size_t i = 0; i < self->npending; i++)
         if (!self->pending[i].nack && self->pending[i].leader < 0)
             self->acks[nacks++] = self->pending[i].answer;
-    if (nacks && dstore_ack(self->store, self->acks, nacks, err))
+    if (nacks && dstore_ack_send(self->store, self->acks, nacks, err))
         return -1;
+    return (int) nacks;
+}
+
+/* The round's NACKs, inside its transaction; each gets its outcome. */
+static int s_nacks_commit(notify_t *self, kh_error_t *err)
+{
+    for (size_t i = 0; i < self->npending; i++) {
+        s_pending_t *p = &self->pending[i];
+        if (p->nack && dstore_nack(self->store, &p->answer, p->permanent, err))
+            return -1;
+    }
+    return 0;
+}
+
+/* After the commits: the ACKs get their batch's outcomes, and every
+ * committed answer (acked: the ACK batch, nacked: the round's
+ * transaction) leaves its connection's credit. */
+static void s_answers_settle(notify_t *self, bool acked, bool nacked)
+{
     for (size_t i = 0, a = 0; i < self->npending; i++) {
         s_pending_t *p = &self->pending[i];
-        if (p->nack) {
-            if (dstore_nack(self->store, &p->answer, p->permanent, err))
-                return -1;
-        } else if (p->leader < 0) {
+        if (p->nack ? !nacked : !acked)
+            continue;
+        if (!p->nack && p->leader < 0) {
             p->answer.outcome = self->acks[a].outcome;
             p->answer.wait_s = self->acks[a++].wait_s;
-        } else
+        } else if (!p->nack)
             p->answer.outcome =
                 self->pending[p->leader].answer.outcome == DSTORE_NOT_FOUND
                     ? DSTORE_NOT_FOUND
@@ -427,15 +447,17 @@ static int s_answers_commit(notify_t *self, kh_error_t *err)
             conn->more = conn->more || p->answer.outcome == DSTORE_DONE;
         }
     }
-    return 0;
 }
 
-/* Answer the round's ACKs and NACKs: with their outcomes, or all with
- * fail when the round did not commit. */
-static void s_answers_reply(notify_t *self, const kh_error_t *fail)
+/* Answer the round's ACKs and NACKs: with their outcomes, or with
+ * ack_fail (nack_fail) when the ACK batch (the round's transaction) did
+ * not commit. */
+static void s_answers_reply(notify_t *self, const kh_error_t *ack_fail,
+                            const kh_error_t *nack_fail)
 {
     for (size_t i = 0; i < self->npending; i++) {
         s_pending_t *p = &self->pending[i];
+        const kh_error_t *fail = p->nack ? nack_fail : ack_fail;
         if (fail) {
             s_reject(self, p->identity, p->cid, fail);
             continue;
@@ -522,18 +544,22 @@ static bool s_has_work(notify_t *self)
     return false;
 }
 
-/* One round in one transaction: the ACKs and NACKs that came, then what
- * the connections have credit for; then the answers and the DELIVERs,
- * only once all of it is committed (promises 1 and 2). */
+/* One round: the ACKs that came go to the store as one batch, which
+ * commits on its own connection while the NACKs and the claims that use
+ * the connections' credit commit in one transaction on the other (two
+ * PostgreSQL backends at work at once). Then the answers and the
+ * DELIVERs, each only once what it reports is committed (promises 1 and
+ * 2). The credit an ACK frees is used from the next round on. */
 static void s_round(notify_t *self, bool resend)
 {
     if (self->npending == 0 &&
         (!dstore_up(self->store) || (!resend && !s_has_work(self))))
         return;
-    kh_error_t err;
+    kh_error_t err, ack_err;
+    int acks = s_acks_send(self, &ack_err);
     int rc = dstore_begin(self->store, &err);
     const char *during = "begin";
-    if (rc == 0 && (rc = s_answers_commit(self, &err)) != 0)
+    if (rc == 0 && (rc = s_nacks_commit(self, &err)) != 0)
         during = "answers";
     if (rc == 0 && (rc = s_pump(self, resend, &err)) != 0)
         during = "claim";
@@ -545,8 +571,22 @@ static void s_round(notify_t *self, bool resend)
         kh_error_set(&err, KH_E_UNAVAILABLE, "",
                      "the hub could not commit this now; send it again");
     }
-    s_answers_reply(self, rc ? &err : NULL);
+    if (acks > 0 && dstore_ack_wait(self->store, &ack_err))
+        acks = -1;
+    if (acks < 0) {
+        s_db_failed(self, "ack", &ack_err);
+        kh_error_set(&ack_err, KH_E_UNAVAILABLE, "",
+                     "the hub could not commit this now; send it again");
+    }
+    s_answers_settle(self, acks >= 0, rc == 0);
+    s_answers_reply(self, acks < 0 ? &ack_err : NULL, rc ? &err : NULL);
     s_outbox_flush(self, rc == 0);
+    /* The credit the ACKs freed is used at once when no partner frame is
+     * waiting (one would start the next round anyway): a partner that has
+     * answered everything sends nothing more until it gets more. */
+    if (acks > 0 && !(zsock_events(self->router) & ZMQ_POLLIN) &&
+        s_has_work(self))
+        s_round(self, false);
 }
 
 /* --- the partners' socket ---------------------------------------------- */
