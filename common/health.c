@@ -439,6 +439,10 @@ struct _kh_health_t {
     struct MHD_Daemon *daemon;
     int port;
     atomic_bool sockets, rules, db;
+    /* /metrics was asked for since the probe last read the gauges: they
+     * are read only for someone who looks (a backlog count over a large
+     * queue costs the database real work). */
+    atomic_bool scraped;
     pthread_t probe;
     bool probing; /* the probe thread runs */
     pthread_mutex_t mutex;
@@ -548,7 +552,9 @@ static void *s_probe_main(void *arg)
     pthread_mutex_lock(&self->mutex);
     while (!self->stop) {
         pthread_mutex_unlock(&self->mutex);
-        bool up = s_probe_once(self, &conn, round++ % S_GAUGE_EVERY == 0);
+        bool gauges = round++ % S_GAUGE_EVERY == 0 &&
+                      atomic_exchange(&self->scraped, false);
+        bool up = s_probe_once(self, &conn, gauges);
         if (up != atomic_exchange(&self->db, up)) {
             if (up)
                 kh_log_info("health_db", "state=up");
@@ -664,9 +670,11 @@ static enum MHD_Result s_handler(void *cls, struct MHD_Connection *connection,
                          s_printf("ready %s %s\n", self->service, KH_VERSION),
                          plain);
     }
-    if (strcmp(url, "/metrics") == 0)
+    if (strcmp(url, "/metrics") == 0) {
+        atomic_store(&self->scraped, true);
         return s_respond(connection, MHD_HTTP_OK, s_metrics(self),
                          "text/plain; version=0.0.4; charset=utf-8");
+    }
     return s_respond(connection, MHD_HTTP_NOT_FOUND,
                      strdup("not found: /livez, /readyz, /metrics\n"), plain);
 }
@@ -725,6 +733,7 @@ kh_health_t *kh_health_new(const kh_health_config_t *config, kh_error_t *err)
     atomic_init(&self->sockets, false);
     atomic_init(&self->rules, false);
     atomic_init(&self->db, false);
+    atomic_init(&self->scraped, false);
     kh_health_beat(); /* alive while the service starts */
     pthread_mutex_init(&self->mutex, NULL);
     pthread_cond_init(&self->wake, NULL);
