@@ -249,15 +249,6 @@ void kh_uuid_new(char out[37])
              b[11], b[12], b[13], b[14], b[15]);
 }
 
-char *kh_payload_canonical(const json_t *value, size_t *len)
-{
-    char *text = json_dumps(value, JSON_COMPACT | JSON_SORT_KEYS |
-                                       JSON_ENSURE_ASCII | JSON_ENCODE_ANY);
-    if (text && len)
-        *len = strlen(text);
-    return text;
-}
-
 void kh_sha256_hex(const void *data, size_t len, char out[65])
 {
     unsigned char digest[crypto_hash_sha256_BYTES];

@@ -308,8 +308,10 @@ static json_t *s_project(const kh_rules_t *rules, const uint64_t *bits,
             }
             cur = next;
         }
-        json_t *copy = json_deep_copy(v);
-        if (!copy || json_object_setn_new(cur, f->key, f->key_len, copy)) {
+        /* Shared, not copied: a selected field's parents are never
+         * selected too (s_covered), so nothing is ever added inside a
+         * shared value. */
+        if (json_object_setn(cur, f->key, f->key_len, (json_t *) v)) {
             json_decref(out);
             return NULL;
         }

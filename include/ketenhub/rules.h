@@ -141,10 +141,12 @@ json_t *kh_rules_result_project_escalation(const kh_rules_result_t *self,
 /* Target index of partner id, or -1 when it is not a target. */
 int kh_rules_result_find(const kh_rules_result_t *self, const char *partner);
 
-/* A new object holding only the fields target index may see (deep
- * copies, in schema order, parents created as needed; a projected field
- * the referral lacks is left out). NULL on allocation failure or a bad
- * index. */
+/* A new object holding only the fields target index may see (in schema
+ * order, parents created as needed; a projected field the referral lacks
+ * is left out). The selected values are shared with referral, not copied
+ * (the result holds its own references, so it outlives the referral):
+ * neither may be changed while the other is in use. NULL on allocation
+ * failure or a bad index. */
 json_t *kh_rules_result_project(const kh_rules_result_t *self, size_t index,
                                 const json_t *referral);
 

@@ -3,6 +3,8 @@
  * configuration table, the canonical payload hash, the throttle, the
  * rate limit and the array literals.
  */
+#include <czmq.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -338,6 +340,149 @@ START_TEST(payload_hash_ignores_key_order_not_content)
 }
 END_TEST
 
+/* jansson's canonical form, the reference kh_payload_canonical keeps. */
+static char *s_jansson_canonical(const json_t *v)
+{
+    return json_dumps(v, JSON_COMPACT | JSON_SORT_KEYS | JSON_ENSURE_ASCII |
+                             JSON_ENCODE_ANY);
+}
+
+static void s_same_as_jansson(const json_t *v, const char *what)
+{
+    size_t len = 0;
+    char *mine = kh_payload_canonical(v, &len);
+    char *ref = s_jansson_canonical(v);
+    ck_assert_msg(mine && ref, "%s: encoding failed", what);
+    ck_assert_msg(strcmp(mine, ref) == 0, "%s:\n  mine %s\n  ref  %s", what,
+                  mine, ref);
+    ck_assert_uint_eq(len, strlen(ref));
+    free(mine);
+    free(ref);
+}
+
+/* A random string of code points of every kind: ASCII letters, the
+ * characters JSON escapes, control characters, NUL, 2-, 3- and 4-byte
+ * UTF-8 (beyond the BMP: surrogate pairs). */
+static json_t *s_random_string(unsigned *seed)
+{
+    char buf[64];
+    size_t n = 0;
+    int count = rand_r(seed) % 8;
+    for (int i = 0; i < count; i++) {
+        unsigned kind = (unsigned) rand_r(seed) % 7;
+        unsigned cp = kind == 0   ? 'a' + (unsigned) rand_r(seed) % 3
+                      : kind == 1 ? (unsigned) "\"\\/ \x7f"[rand_r(seed) % 5]
+                      : kind == 2 ? (unsigned) rand_r(seed) % 0x20
+                      : kind == 3 ? 0x80 + (unsigned) rand_r(seed) % 0x780
+                      : kind == 4 ? 0x800 + (unsigned) rand_r(seed) % 0xD000
+                      : kind == 5
+                          ? 0xE000 + (unsigned) rand_r(seed) % 0x2000
+                          : 0x10000 + (unsigned) rand_r(seed) % 0x100000;
+        if (cp < 0x80)
+            buf[n++] = (char) cp;
+        else if (cp < 0x800) {
+            buf[n++] = (char) (0xC0 | (cp >> 6));
+            buf[n++] = (char) (0x80 | (cp & 0x3F));
+        } else if (cp < 0x10000) {
+            buf[n++] = (char) (0xE0 | (cp >> 12));
+            buf[n++] = (char) (0x80 | ((cp >> 6) & 0x3F));
+            buf[n++] = (char) (0x80 | (cp & 0x3F));
+        } else {
+            buf[n++] = (char) (0xF0 | (cp >> 18));
+            buf[n++] = (char) (0x80 | ((cp >> 12) & 0x3F));
+            buf[n++] = (char) (0x80 | ((cp >> 6) & 0x3F));
+            buf[n++] = (char) (0x80 | (cp & 0x3F));
+        }
+    }
+    return json_stringn(buf, n);
+}
+
+static json_t *s_random_value(unsigned *seed, int depth)
+{
+    switch (rand_r(seed) % (depth > 3 ? 6 : 8)) {
+    case 0:
+        return json_null();
+    case 1:
+        return json_boolean(rand_r(seed) % 2);
+    case 2: {
+        static const json_int_t edge[] = {0, -1, 1, INT64_MIN, INT64_MAX};
+        return json_integer(rand_r(seed) % 2 ? edge[rand_r(seed) % 5]
+                                             : rand_r(seed) - RAND_MAX / 2);
+    }
+    case 3:
+        return json_real((rand_r(seed) - RAND_MAX / 2) / 7.0);
+    case 4:
+    case 5:
+        return s_random_string(seed);
+    case 6: {
+        json_t *a = json_array();
+        for (int i = rand_r(seed) % 5; i > 0; i--)
+            json_array_append_new(a, s_random_value(seed, depth + 1));
+        return a;
+    }
+    default: {
+        /* Keys sharing prefixes, and more keys than fit on the stack. */
+        json_t *o = json_object();
+        int count = rand_r(seed) % 8 == 0 ? 40 : rand_r(seed) % 6;
+        for (int i = 0; i < count; i++) {
+            json_t *key = s_random_string(seed);
+            json_object_setn_new(o, json_string_value(key),
+                                 json_string_length(key),
+                                 s_random_value(seed, depth + 1));
+            json_decref(key);
+        }
+        return o;
+    }
+    }
+}
+
+static int s_compare_file(const char *path, void *arg)
+{
+    (void) arg;
+    json_error_t jerr;
+    json_t *doc = json_load_file(path, JSON_ALLOW_NUL, &jerr);
+    if (doc)
+        s_same_as_jansson(doc, path);
+    json_decref(doc);
+    return doc != NULL;
+}
+
+START_TEST(canonical_json_is_jansson_byte_for_byte)
+{
+    /* Every example and every case of the invalid corpus (they are JSON,
+     * only not valid referrals). */
+    int files = 0;
+    const char *dirs[] = {"schemas/examples", "schemas/invalid"};
+    for (size_t d = 0; d < 2; d++) {
+        char pattern[4096];
+        snprintf(pattern, sizeof pattern, "%s", khtest_src(dirs[d]));
+        zdir_t *dir = zdir_new(pattern, NULL);
+        ck_assert_ptr_nonnull(dir);
+        zlist_t *list = zdir_list(dir);
+        for (zfile_t *f = zlist_first(list); f; f = zlist_next(list))
+            if (strstr(zfile_filename(f, NULL), ".json"))
+                files += s_compare_file(zfile_filename(f, NULL), NULL);
+        zlist_destroy(&list);
+        zdir_destroy(&dir);
+    }
+    ck_assert_int_ge(files, 60);
+    /* And many random values. */
+    unsigned seed = 20261129;
+    for (int i = 0; i < 20000; i++) {
+        json_t *v = s_random_value(&seed, 0);
+        char what[32];
+        snprintf(what, sizeof what, "random value %d", i);
+        s_same_as_jansson(v, what);
+        json_decref(v);
+    }
+    /* Not well-formed UTF-8 (a string made without jansson's check) is
+     * refused, not written. */
+    json_t *bad = json_string_nocheck("a\xc3");
+    ck_assert_ptr_null(kh_payload_canonical(bad, NULL));
+    json_decref(bad);
+}
+END_TEST
+
 static kh_cfg_t s_table[] = {
     KH_CFG("KH_T_NAME", KH_CFG_STRING, NULL, 0, 0, false, "a name"),
     KH_CFG("KH_T_COUNT", KH_CFG_INT, "10", 1, 100, false, "a count"),
@@ -399,6 +544,7 @@ int main(void)
     tcase_add_test(tc, rejected_carries_code_and_retry_hint);
     tcase_add_test(tc, uuids_are_v4_and_canonical);
     tcase_add_test(tc, payload_hash_ignores_key_order_not_content);
+    tcase_add_test(tc, canonical_json_is_jansson_byte_for_byte);
     tcase_add_test(tc, config_is_validated_as_a_whole);
     suite_add_tcase(suite, tc);
     return khtest_run_suite(suite);
