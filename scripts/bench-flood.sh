@@ -24,13 +24,7 @@ offered=${KH_FLOOD_OFFERED:-5000}
 # shellcheck source=scripts/hublib.sh
 . "$here/scripts/hublib.sh"
 
-"$here/scripts/setup.sh" "$build"
-hub_stop
-rm -rf "$run"
-trap hub_stop EXIT
-
-hub_start_db --fsync
-hub_keys >/dev/null
+hub_bench_begin
 hub_add_partner flooder --name "Flooding partner" --kind other >/dev/null
 i=1
 while [ "$i" -le "$others" ]; do

@@ -19,17 +19,8 @@ rate=${2:-1000}
 # shellcheck source=scripts/hublib.sh
 . "$here/scripts/hublib.sh"
 
-"$here/scripts/setup.sh" "$build"
-hub_stop
-rm -rf "$run"
-trap hub_stop EXIT
-
-hub_start_db --fsync
-hub_keys >/dev/null
-hub_add_partner bench --name "Benchmark partner" --kind other >/dev/null
-for p in veilig-thuis zorgcoordinator avim; do
-  hub_add_partner "$p" --name "$p" --kind other >/dev/null
-done
+hub_bench_begin
+hub_bench_partners
 port=$((20000 + $$ % 20000))
 intake=tcp://127.0.0.1:$port
 wake=tcp://127.0.0.1:$((port + 2))

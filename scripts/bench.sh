@@ -15,18 +15,8 @@ seconds=${1:-10}
 # shellcheck source=scripts/hublib.sh
 . "$here/scripts/hublib.sh"
 
-"$here/scripts/setup.sh" "$build"
-hub_stop
-rm -rf "$run"
-trap hub_stop EXIT
-
-hub_start_db --fsync
-hub_keys >/dev/null
-hub_add_partner bench --name "Benchmark partner" --kind other >/dev/null
-# The partners the default routing rules need.
-for p in veilig-thuis zorgcoordinator avim; do
-  hub_add_partner "$p" --name "$p" --kind other >/dev/null
-done
+hub_bench_begin
+hub_bench_partners
 port=$((20000 + $$ % 20000))
 endpoint=tcp://127.0.0.1:$port
 export KH_ROUTING_ENDPOINT=tcp://127.0.0.1:$((port + 1))

@@ -14,6 +14,26 @@ hub_start_db() {
   "$build/tools/ctl/ketenhubctl" migrate --dir "$here/migrations"
 }
 
+# A benchmark's start: the build in $build, a fresh $run with a
+# PostgreSQL (fsync on) and the hub's keys; everything stops on exit.
+hub_bench_begin() {
+  "$here/scripts/setup.sh" "$build"
+  hub_stop
+  rm -rf "$run"
+  trap hub_stop EXIT
+  hub_start_db --fsync
+  hub_keys >/dev/null
+}
+
+# The submitting partner "bench" and the three partners the default rules
+# deliver to.
+hub_bench_partners() {
+  hub_add_partner bench --name "Benchmark partner" --kind other >/dev/null
+  for p in veilig-thuis zorgcoordinator avim; do
+    hub_add_partner "$p" --name "$p" --kind other >/dev/null
+  done
+}
+
 # The hub's key pair in $run/hub; partner ID ... keys in $run/keys.
 hub_keys() {
   mkdir -p "$run/partners" "$run/keys" "$run/hub"
