@@ -22,6 +22,7 @@ struct _dstore_t {
     PGconn *conn;
     PGconn *ack_conn;       /* ACK batches only, each committing alone */
     kh_pgarray_t arrays[3]; /* the ACK statement's parameters */
+    kh_pgarray_t ids;       /* claim and due: ids, on conn */
     dstore_answer_t *acks;  /* the batch in flight on ack_conn, or NULL */
     size_t nacks;
 };
@@ -40,11 +41,11 @@ struct _dstore_t {
     "'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
 
 /* $1 partner, $2 pending limit, $3 re-send limit (0: no re-sends), $4
- * reclaim, $5 ACK timeout ms, $6 backoff max ms, $7 max attempts, $8 peer.
- * Pending deliveries come from their own index, by rank and age; sent ones
- * whose ACK is overdue (or all sent ones, on reclaim) from the index of
- * sent ones. A delivery past its last attempt is left to the sweep, which
- * makes it a dead letter. */
+ * reclaim, $5 ACK timeout ms, $6 backoff max ms, $7 max attempts, $8 peer,
+ * $9 ids a reclaim leaves alone. Pending deliveries come from their own
+ * index, by rank and age; sent ones whose ACK is overdue (or all sent ones
+ * but $9, on reclaim) from the index of sent ones. A delivery past its
+ * last attempt is left to the sweep, which makes it a dead letter. */
 /* clang-format off */
 static const char *s_claim_sql =
     "WITH pending AS ("
@@ -56,7 +57,8 @@ static const char *s_claim_sql =
     " resend AS ("
     " SELECT id FROM deliveries"
     " WHERE $3 > 0 AND state = 'delivered' AND partner_id = $1"
-    "  AND attempts < $7 AND (next_attempt_at <= now() OR $4)"
+    "  AND attempts < $7 AND (next_attempt_at <= now()"
+    "   OR ($4 AND id <> ALL ($9::uuid[])))"
     " ORDER BY next_attempt_at LIMIT $3 FOR UPDATE SKIP LOCKED),"
     " claimed AS ("
     " UPDATE deliveries d SET state = 'delivered', attempts = d.attempts + 1,"
@@ -227,6 +229,14 @@ static const char *s_escalate_sql =
     " FROM esc LEFT JOIN copies ON copies.referral_id = esc.referral_id"
     "  AND copies.partner_id = esc.escalate_to";
 
+/* $1 ids, $2 partner, $3 max attempts. Sent, unacknowledged deliveries
+ * that are not at their last attempt become due now; nothing else changes
+ * (no state, no attempt: no audit event is due). */
+static const char *s_due_sql =
+    "UPDATE deliveries SET next_attempt_at = now()"
+    " WHERE id = ANY ($1::uuid[]) AND partner_id = $2"
+    "  AND state = 'delivered' AND attempts < $3 AND next_attempt_at > now()";
+
 /* $1 actor ("key:" and the Z85 key), $2 peer address. */
 static const char *s_refused_sql =
     "INSERT INTO audit_events (actor_kind, actor_id, action, outcome,"
@@ -244,6 +254,7 @@ typedef enum {
     S_NACK,
     S_DEAD,
     S_ESCALATE,
+    S_DUE,
     S_STATEMENTS
 } s_stmt_t;
 
@@ -253,7 +264,7 @@ static const struct {
 } s_statements[S_STATEMENTS] = {
     {"claim", &s_claim_sql},       {"ack", &s_ack_sql},
     {"nack", &s_nack_sql},         {"dead", &s_dead_sql},
-    {"escalate", &s_escalate_sql},
+    {"escalate", &s_escalate_sql}, {"due", &s_due_sql},
 };
 
 dstore_t *dstore_new(const char *conninfo, const dstore_policy_t *policy)
@@ -280,6 +291,7 @@ void dstore_destroy(dstore_t **self_p)
     free(self->conninfo);
     for (int k = 0; k < 3; k++)
         kh_pgarray_free(&self->arrays[k]);
+    kh_pgarray_free(&self->ids);
     free(self);
     *self_p = NULL;
 }
@@ -392,10 +404,27 @@ zhashx_t *dstore_partners(dstore_t *self, kh_error_t *err)
     return partners;
 }
 
+/* ids as an array literal in self->ids; NULL with err on OOM. */
+static const char *s_ids(dstore_t *self, const char *const *ids, size_t count,
+                         kh_error_t *err)
+{
+    kh_pgarray_reset(&self->ids);
+    for (size_t i = 0; i < count; i++)
+        kh_pgarray_add(&self->ids, ids[i]);
+    const char *text = kh_pgarray_text(&self->ids);
+    if (!text)
+        kh_error_set(err, KH_E_NOMEM, "", "out of memory");
+    return text;
+}
+
 int dstore_claim(dstore_t *self, const char *partner, const char *peer,
                  size_t limit, size_t resend_limit, bool reclaim,
-                 dstore_delivery_fn *fn, void *arg, kh_error_t *err)
+                 const char *const *keep, size_t nkeep, dstore_delivery_fn *fn,
+                 void *arg, kh_error_t *err)
 {
+    const char *skeep = s_ids(self, keep, nkeep, err);
+    if (!skeep)
+        return -1;
     char slimit[24], sresend[24], stimeout[24], smax[24], sattempts[24];
     snprintf(slimit, sizeof slimit, "%zu", limit);
     snprintf(sresend, sizeof sresend, "%zu", resend_limit);
@@ -403,8 +432,9 @@ int dstore_claim(dstore_t *self, const char *partner, const char *peer,
     snprintf(smax, sizeof smax, "%d", self->policy.backoff_max_ms);
     snprintf(sattempts, sizeof sattempts, "%d", self->policy.max_attempts);
     const char *params[] = {partner,  slimit, sresend,   reclaim ? "t" : "f",
-                            stimeout, smax,   sattempts, peer};
-    PGresult *res = s_run(self, S_CLAIM, NULL, 8, params, err);
+                            stimeout, smax,   sattempts, peer,
+                            skeep};
+    PGresult *res = s_run(self, S_CLAIM, NULL, 9, params, err);
     if (!res)
         return -1;
     int rows = PQntuples(res);
@@ -521,6 +551,25 @@ int dstore_nack(dstore_t *self, dstore_answer_t *nack, bool permanent,
     nack->outcome = s_outcome(PQntuples(res) ? PQgetvalue(res, 0, 0) : "");
     PQclear(res);
     return 0;
+}
+
+int dstore_due_now(dstore_t *self, const char *partner, const char *const *ids,
+                   size_t count, kh_error_t *err)
+{
+    if (count == 0)
+        return 0;
+    const char *sids = s_ids(self, ids, count, err);
+    if (!sids)
+        return -1;
+    char sattempts[24];
+    snprintf(sattempts, sizeof sattempts, "%d", self->policy.max_attempts);
+    const char *params[] = {sids, partner, sattempts};
+    PGresult *res = s_run(self, S_DUE, NULL, 3, params, err);
+    if (!res)
+        return -1;
+    int rows = atoi(PQcmdTuples(res));
+    PQclear(res);
+    return rows;
 }
 
 int dstore_audit_refused(dstore_t *self, const char *key, const char *peer,

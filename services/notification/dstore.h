@@ -60,12 +60,20 @@ typedef void(dstore_delivery_fn)(const dstore_delivery_t *delivery, void *arg);
 /* Claim, mark as sent and audit (delivery.sent) up to limit pending
  * deliveries of partner, most urgent then oldest first, and up to
  * resend_limit sent ones whose ACK is overdue (reclaim: all sent,
- * unacknowledged ones, for a partner that reconnected); fn is called for
- * each, in that order (inside the caller's transaction, if any: send
- * nothing before it commits). Returns the number claimed, -1 with err. */
+ * unacknowledged ones but the nkeep ids in keep, for a partner that
+ * reconnected); fn is called for each, in that order (inside the caller's
+ * transaction, if any: send nothing before it commits). Returns the
+ * number claimed, -1 with err. */
 int dstore_claim(dstore_t *self, const char *partner, const char *peer,
                  size_t limit, size_t resend_limit, bool reclaim,
-                 dstore_delivery_fn *fn, void *arg, kh_error_t *err);
+                 const char *const *keep, size_t nkeep, dstore_delivery_fn *fn,
+                 void *arg, kh_error_t *err);
+
+/* Make the count ids (partner's) that are sent, unacknowledged and not at
+ * their last attempt due for a re-send now: they were out on a connection
+ * that is gone. Returns how many changed, or -1 with err. */
+int dstore_due_now(dstore_t *self, const char *partner, const char *const *ids,
+                   size_t count, kh_error_t *err);
 
 typedef enum {
     DSTORE_DONE,      /* committed with its audit event */

@@ -32,6 +32,7 @@
 #define S_LINGER_MS 100
 #define S_AUTH_REPEAT_MS 60000 /* one auth.refused per key and minute */
 #define S_INTERNAL_DOMAIN "ketenhub-internal" /* ZAP domain of wake-ups */
+#define S_HELD_MAX (KH_WINDOW_MAX * 4) /* DELIVERs that lost their peer */
 
 /* One partner connection (a ROUTER peer that said something). */
 typedef struct {
@@ -43,6 +44,7 @@ typedef struct {
     int64_t last_seen; /* zclock_mono of its last frame */
     bool reclaim;      /* next claim also takes earlier unacknowledged */
     bool more;         /* there may be due deliveries for it */
+    bool overdue;      /* re-sends became due (another connection went) */
 } s_conn_t;
 
 /* An ACK or NACK waiting for its commit. */
@@ -55,8 +57,8 @@ typedef struct {
 } s_pending_t;
 
 typedef struct {
-    uint64_t sent, resent, acked, duplicates, refused, nacked, dead, escalated,
-        rounds, failures;
+    uint64_t sent, resent, moved, acked, duplicates, refused, nacked, dead,
+        escalated, rounds, failures;
 } s_stats_t;
 
 static char s_present;
@@ -76,12 +78,16 @@ struct _notify_t {
     size_t npending;
     dstore_answer_t *acks;    /* the round's distinct ACKs, for the store */
     zlistx_t *outbox;         /* s_outgoing_t: sent when the round commits */
+    zlistx_t *held;           /* s_outgoing_t whose connection was gone */
     zhashx_t *batch_ids;      /* delivery id -> index + 1 in pending (ACKs) */
     kh_throttle_t *auth_seen; /* "key peer": one audit event a minute */
     zloop_t *loop;
     bool stopping;
     s_stats_t stats;
 };
+
+static void s_db_failed(notify_t *self, const char *what,
+                        const kh_error_t *err);
 
 /* --- connections ------------------------------------------------------ */
 
@@ -161,14 +167,44 @@ static s_conn_t *s_conn_get(notify_t *self, zframe_t *identity,
     return conn;
 }
 
+/* Forget conn. What it had out (sent there, not answered) is due for a
+ * re-send at once when the partner has another connection here, which
+ * takes it in its next round; without one it waits for the partner's
+ * next connection (a reclaim) or its ACK timeout. Runs outside the
+ * round's transaction. */
 static void s_conn_drop(notify_t *self, s_conn_t *conn, const char *why)
 {
     kh_log_info("partner_disconnected",
                 "partner=%s peer=%s reason=%s unacknowledged=%zu",
                 conn->partner, conn->peer, why, zhashx_size(conn->out));
+    char partner[sizeof conn->partner];
+    snprintf(partner, sizeof partner, "%s", conn->partner);
+    zlistx_t *ids = zhashx_size(conn->out) && dstore_up(self->store) &&
+                            s_partner_connected(self, partner, conn)
+                        ? zhashx_keys(conn->out)
+                        : NULL;
     char key[600];
     s_identity_key(conn->identity, key, sizeof key);
-    zhashx_delete(self->conns, key);
+    zhashx_delete(self->conns, key); /* conn is gone from here on */
+    size_t count = ids ? zlistx_size(ids) : 0;
+    const char **list = count ? calloc(count, sizeof *list) : NULL;
+    size_t n = 0;
+    for (const char *id = list ? zlistx_first(ids) : NULL; id;
+         id = zlistx_next(ids))
+        list[n++] = id;
+    kh_error_t err;
+    int due = list ? dstore_due_now(self->store, partner, list, n, &err) : 0;
+    if (due < 0)
+        s_db_failed(self, "due", &err);
+    else if (due > 0) {
+        kh_log_info("resend_now", "partner=%s deliveries=%d", partner, due);
+        for (s_conn_t *c = zhashx_first(self->conns); c;
+             c = zhashx_next(self->conns))
+            if (strcmp(c->partner, partner) == 0)
+                c->overdue = true;
+    }
+    free(list);
+    zlistx_destroy(&ids);
 }
 
 /* --- frames ----------------------------------------------------------- */
@@ -245,6 +281,8 @@ typedef struct {
     zframe_t *identity; /* the connection's */
     zframe_t *body;
     char id[37];
+    char partner[33];
+    int64_t claimed; /* zclock_mono when it was claimed */
 } s_outgoing_t;
 
 static void s_outgoing_free(void **item)
@@ -300,6 +338,8 @@ static void s_queue_delivery(const dstore_delivery_t *d, void *arg)
         out->identity = zframe_dup(ctx->conn->identity);
         out->body = buf.data ? zframe_new(buf.data, buf.size) : NULL;
         snprintf(out->id, sizeof out->id, "%s", d->id);
+        snprintf(out->partner, sizeof out->partner, "%s", ctx->conn->partner);
+        out->claimed = zclock_mono();
     }
     /* What cannot be queued is re-sent after its ACK timeout. */
     if (out && out->identity && out->body &&
@@ -362,20 +402,42 @@ static void s_db_failed(notify_t *self, const char *what, const kh_error_t *err)
 static int s_fill(notify_t *self, s_conn_t *conn, bool resend, kh_error_t *err)
 {
     s_claim_ctx_t ctx = {self, conn};
-    if (resend || conn->reclaim) {
-        /* Re-sends first: they may take the credit that is left. */
-        if (dstore_claim(self->store, conn->partner, conn->peer, 0,
-                         conn->window, conn->reclaim, s_queue_delivery, &ctx,
-                         err) < 0)
+    if (resend || conn->reclaim || conn->overdue) {
+        /* Re-sends first: they may take the credit that is left. A reclaim
+         * leaves alone what already went out on this connection and the
+         * held DELIVERs of the partner: they were claimed and go out as
+         * they are. */
+        size_t nkeep = 0;
+        const char **keep = NULL;
+        if (conn->reclaim &&
+            zlistx_size(self->held) + zhashx_size(conn->out) > 0) {
+            keep = calloc(zlistx_size(self->held) + zhashx_size(conn->out),
+                          sizeof *keep);
+            if (!keep)
+                return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
+            for (s_outgoing_t *h = zlistx_first(self->held); h;
+                 h = zlistx_next(self->held))
+                if (strcmp(h->partner, conn->partner) == 0)
+                    keep[nkeep++] = h->id;
+            for (void *v = zhashx_first(conn->out); v;
+                 v = zhashx_next(conn->out))
+                keep[nkeep++] = zhashx_cursor(conn->out);
+        }
+        int claimed = dstore_claim(self->store, conn->partner, conn->peer, 0,
+                                   conn->window, conn->reclaim, keep, nkeep,
+                                   s_queue_delivery, &ctx, err);
+        free(keep);
+        if (claimed < 0)
             return -1;
         conn->reclaim = false;
+        conn->overdue = false;
     }
     size_t out = zhashx_size(conn->out);
     size_t credit = conn->window > out ? conn->window - out : 0;
     int rc = credit == 0
                  ? 0
                  : dstore_claim(self->store, conn->partner, conn->peer, credit,
-                                0, false, s_queue_delivery, &ctx, err);
+                                0, false, NULL, 0, s_queue_delivery, &ctx, err);
     if (rc < 0)
         return -1;
     /* Fewer than asked: nothing more is pending for it now. */
@@ -390,7 +452,7 @@ static int s_pump(notify_t *self, bool resend, kh_error_t *err)
 {
     for (s_conn_t *conn = zhashx_first(self->conns); conn;
          conn = zhashx_next(self->conns))
-        if ((resend || conn->reclaim ||
+        if ((resend || conn->reclaim || conn->overdue ||
              (conn->more && zhashx_size(conn->out) < conn->window)) &&
             s_fill(self, conn, resend, err))
             return -1;
@@ -512,9 +574,79 @@ static void s_answers_reply(notify_t *self, const kh_error_t *ack_fail,
     zhashx_purge(self->batch_ids);
 }
 
+/* Send a committed DELIVER whose connection is gone on another
+ * connection of its partner with free credit: the same attempt, which
+ * now leaves. Connections found gone on the way are dropped. Whether it
+ * was sent (it is still the caller's). */
+static bool s_place(notify_t *self, s_outgoing_t *out)
+{
+    bool retry = true;
+    while (retry) {
+        retry = false;
+        for (s_conn_t *c = zhashx_first(self->conns); c;
+             c = zhashx_next(self->conns)) {
+            if (strcmp(c->partner, out->partner) != 0 ||
+                zhashx_size(c->out) >= c->window)
+                continue;
+            if (s_send_raw(self, c->identity, zframe_data(out->body),
+                           zframe_size(out->body))) {
+                zhashx_insert(c->out, out->id, &s_present);
+                self->stats.moved++;
+                kh_log_debug("delivery_moved", "delivery=%s partner=%s peer=%s",
+                             out->id, c->partner, c->peer);
+                return true;
+            }
+            s_conn_drop(self, c, "unreachable");
+            retry = true; /* the table changed under the iteration */
+            break;
+        }
+    }
+    return false;
+}
+
+/* A committed DELIVER that never left (its connection is gone): on
+ * another connection of the partner now, or held until one has credit.
+ * Takes out. */
+static void s_orphan(notify_t *self, s_outgoing_t *out)
+{
+    if (s_place(self, out))
+        s_outgoing_free((void **) &out);
+    else if (zlistx_size(self->held) < S_HELD_MAX &&
+             zlistx_add_end(self->held, out))
+        return;
+    else {
+        /* Sent after its ACK timeout, as a new attempt. */
+        kh_log_warn("delivery_unsent", "delivery=%s partner=%s", out->id,
+                    out->partner);
+        s_outgoing_free((void **) &out);
+    }
+}
+
+/* Send the held DELIVERs that a connection of their partner has credit
+ * for. One whose re-send may be due by now is let go: the database
+ * re-sends it (the earliest re-send is at 80 % of the ACK timeout). */
+static void s_held_flush(notify_t *self)
+{
+    int64_t now = zclock_mono();
+    int64_t ttl = (int64_t) self->cfg.policy.ack_timeout_ms * 7 / 10;
+    for (s_outgoing_t *out = zlistx_first(self->held); out;
+         out = zlistx_next(self->held)) {
+        bool expired = now - out->claimed >= ttl;
+        if (!expired && !s_place(self, out))
+            continue;
+        if (expired)
+            kh_log_warn("delivery_unsent", "delivery=%s partner=%s", out->id,
+                        out->partner);
+        zlistx_detach_cur(self->held);
+        s_outgoing_free((void **) &out);
+    }
+}
+
 /* Send the committed DELIVERs (sent: true) or forget them after a
  * rollback (their credit is returned; they are still pending or overdue
- * in the database). */
+ * in the database). A DELIVER whose connection turns out to be gone never
+ * left: it goes on another connection of the partner as the same attempt
+ * (s_orphan), and so do the connection's DELIVERs after it. */
 static void s_outbox_flush(notify_t *self, bool sent)
 {
     for (s_outgoing_t *out = zlistx_first(self->outbox); out;
@@ -522,13 +654,25 @@ static void s_outbox_flush(notify_t *self, bool sent)
         char key[600];
         s_identity_key(out->identity, key, sizeof key);
         s_conn_t *conn = zhashx_lookup(self->conns, key);
-        if (!conn)
-            continue; /* dropped meanwhile: re-sent after its timeout */
-        if (!sent)
-            zhashx_delete(conn->out, out->id);
-        else if (!s_send_raw(self, out->identity, zframe_data(out->body),
-                             zframe_size(out->body)))
+        if (!sent) {
+            if (conn)
+                zhashx_delete(conn->out, out->id);
+            continue;
+        }
+        if (conn && s_send_raw(self, out->identity, zframe_data(out->body),
+                               zframe_size(out->body)))
+            continue;
+        if (conn) {
+            /* What did not leave is not the dropped connection's to
+             * re-send: this one and its later ones in the outbox. */
+            for (s_outgoing_t *o = out; o; o = zlistx_next(self->outbox))
+                if (zframe_eq(o->identity, out->identity))
+                    zhashx_delete(conn->out, o->id);
+            zlistx_find(self->outbox, out); /* the cursor back to out */
             s_conn_drop(self, conn, "unreachable");
+        }
+        zlistx_detach_cur(self->outbox);
+        s_orphan(self, out);
     }
     zlistx_purge(self->outbox);
 }
@@ -538,7 +682,7 @@ static bool s_has_work(notify_t *self)
 {
     for (s_conn_t *conn = zhashx_first(self->conns); conn;
          conn = zhashx_next(self->conns))
-        if (conn->reclaim ||
+        if (conn->reclaim || conn->overdue ||
             (conn->more && zhashx_size(conn->out) < conn->window))
             return true;
     return false;
@@ -552,6 +696,8 @@ static bool s_has_work(notify_t *self)
  * 2). The credit an ACK frees is used from the next round on. */
 static void s_round(notify_t *self, bool resend)
 {
+    if (zlistx_size(self->held))
+        s_held_flush(self);
     if (self->npending == 0 &&
         (!dstore_up(self->store) || (!resend && !s_has_work(self))))
         return;
@@ -729,6 +875,12 @@ static void s_on_sweep_event(const char *kind, const char *delivery_id,
         for (s_conn_t *c = zhashx_first(self->conns); c;
              c = zhashx_next(self->conns))
             zhashx_delete(c->out, delivery_id);
+        for (s_outgoing_t *h = zlistx_first(self->held); h;
+             h = zlistx_next(self->held))
+            if (strcmp(h->id, delivery_id) == 0) {
+                zlistx_detach_cur(self->held);
+                s_outgoing_free((void **) &h);
+            }
     } else {
         self->stats.escalated++;
         kh_metric_add("deliveries_escalated_total", NULL, 1);
@@ -795,15 +947,15 @@ static int s_on_stats(zloop_t *loop, int timer_id, void *arg)
     (void) timer_id;
     notify_t *self = arg;
     s_stats_t *st = &self->stats;
-    if (st->sent + st->resent + st->acked + st->nacked + st->refused +
-            st->dead + st->escalated + st->failures >
+    if (st->sent + st->resent + st->moved + st->acked + st->nacked +
+            st->refused + st->dead + st->escalated + st->failures >
         0)
         kh_log_info("stats",
-                    "sent=%" PRIu64 " resent=%" PRIu64 " acked=%" PRIu64
-                    " duplicates=%" PRIu64 " refused=%" PRIu64
+                    "sent=%" PRIu64 " resent=%" PRIu64 " moved=%" PRIu64
+                    " acked=%" PRIu64 " duplicates=%" PRIu64 " refused=%" PRIu64
                     " nacked=%" PRIu64 " dead=%" PRIu64 " escalated=%" PRIu64
                     " db_failures=%" PRIu64 " connections=%zu db=%s",
-                    st->sent, st->resent, st->acked, st->duplicates,
+                    st->sent, st->resent, st->moved, st->acked, st->duplicates,
                     st->refused, st->nacked, st->dead, st->escalated,
                     st->failures, zhashx_size(self->conns),
                     dstore_up(self->store) ? "up" : "down");
@@ -948,15 +1100,18 @@ notify_t *notify_new(const notify_config_t *config, kh_error_t *err)
     self->pending = calloc(S_READ_MAX, sizeof *self->pending);
     self->acks = calloc(S_READ_MAX, sizeof *self->acks);
     self->outbox = zlistx_new();
+    self->held = zlistx_new();
     self->auth_seen = kh_throttle_new(S_AUTH_REPEAT_MS, 10000);
     self->loop = zloop_new();
     if (!self->store || !self->conns || !self->batch_ids || !self->pending ||
-        !self->acks || !self->outbox || !self->auth_seen || !self->loop) {
+        !self->acks || !self->outbox || !self->held || !self->auth_seen ||
+        !self->loop) {
         kh_error_set(err, KH_E_NOMEM, "", "out of memory");
         goto fail;
     }
     zhashx_set_destructor(self->conns, s_conn_free);
     zlistx_set_destructor(self->outbox, s_outgoing_free);
+    zlistx_set_destructor(self->held, s_outgoing_free);
     return self;
 fail:
     notify_destroy(&self);
@@ -981,6 +1136,7 @@ void notify_destroy(notify_t **self_p)
     free(self->pending);
     free(self->acks);
     zlistx_destroy(&self->outbox);
+    zlistx_destroy(&self->held);
     kh_throttle_destroy(&self->auth_seen);
     dstore_destroy(&self->store);
     free(self);

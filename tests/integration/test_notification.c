@@ -5,6 +5,7 @@
  * schemas/protocol.md (section Deliveries).
  */
 #include <czmq.h>
+#include <inttypes.h>
 #include <libpq-fe.h>
 #include <signal.h>
 #include <stdlib.h>
@@ -131,9 +132,10 @@ static void s_delivery(const char *partner, const char *priority, int age_ms,
            10, dparams);
 }
 
-/* Start notification with short timers; extra, extra2: more NAME=value
- * settings, or NULL. */
-static pid_t s_start(const char *log, const char *extra, const char *extra2)
+/* Start notification with short timers; extra, extra2, extra3: more
+ * NAME=value settings, or NULL. */
+static pid_t s_start3(const char *log, const char *extra, const char *extra2,
+                      const char *extra3)
 {
     char env_db[1024], env_cert[600], env_dir[600], env_endpoint[128];
     snprintf(env_db, sizeof env_db, "KH_DATABASE_URL=%s", s_conninfo);
@@ -156,6 +158,7 @@ static pid_t s_start(const char *log, const char *extra, const char *extra2)
                    "KH_LOG_LEVEL=debug",
                    (char *) extra,
                    (char *) extra2,
+                   (char *) extra3,
                    NULL};
     char *argv[] = {"ketenhub-notification", NULL};
     pid_t pid = khproc_spawn(KH_TEST_BINARY_DIR
@@ -163,6 +166,11 @@ static pid_t s_start(const char *log, const char *extra, const char *extra2)
                              argv, env, s_path(log));
     ck_assert_int_gt(pid, 0);
     return pid;
+}
+
+static pid_t s_start(const char *log, const char *extra, const char *extra2)
+{
+    return s_start3(log, extra, extra2, NULL);
 }
 
 static void s_stop(pid_t pid)
@@ -599,6 +607,207 @@ START_TEST(overdue_urgent_escalates_with_a_copy_normal_does_not)
 }
 END_TEST
 
+#define S_RECONNECT_OLD 3
+#define S_RECONNECT_NEW 12
+
+/* Receive DELIVERs for up to timeout_ms until all count ids came, ACKing
+ * each as it comes (a repeat is ACKed again); the number of distinct ids
+ * received. */
+static int s_collect(zsock_t *sock, char ids[][37], int count, bool *got,
+                     int timeout_ms)
+{
+    int distinct = 0;
+    for (int i = 0; i < count; i++)
+        distinct += got[i];
+    int64_t deadline = zclock_mono() + timeout_ms;
+    while (distinct < count && zclock_mono() < deadline) {
+        json_t *msg = s_recv(sock, (int) (deadline - zclock_mono()) + 1);
+        if (!msg)
+            break;
+        if (strcmp(s_str(msg, "cmd"), "DELIVER") == 0) {
+            const char *id = s_str(msg, "delivery_id");
+            for (int i = 0; i < count; i++)
+                if (strcmp(ids[i], id) == 0 && !got[i]) {
+                    got[i] = true;
+                    distinct++;
+                }
+            s_answer(sock, id, NULL);
+        }
+        json_decref(msg);
+    }
+    return distinct;
+}
+
+/* Run twice: _i 0, the partner reconnects and then deliveries come
+ * (some are claimed for the old connection, still registered); _i 1,
+ * deliveries come while the old connection is gone and no other is there
+ * (the sends fail and the DELIVERs are held), then the partner
+ * reconnects. */
+START_TEST(a_partner_that_reconnects_gets_its_deliveries_at_once)
+{
+    const bool gone_first = _i == 1;
+    /* An ACK timeout and a silence limit far beyond the test's waits: only
+     * noticing that the old connection is gone can make things prompt. */
+    pid_t pid = s_start3("notification.log", "KH_NOTIFY_ACK_TIMEOUT_MS=30000",
+                         "KH_NOTIFY_BACKOFF_MAX_MS=60000",
+                         "KH_NOTIFY_PEER_TIMEOUT_MS=60000");
+    ck_assert(s_log_has("notification.log", "event=ready", 10000));
+    char old_ids[S_RECONNECT_OLD][37];
+    for (int i = 0; i < S_RECONNECT_OLD; i++)
+        s_delivery("avim", "normal", 1000 - i, NULL, old_ids[i]);
+    zsock_t *first = s_partner("avim");
+    s_hello(first, 8);
+    /* All three come; the last one is left unacknowledged. */
+    json_t *got[S_RECONNECT_OLD];
+    for (int i = 0; i < S_RECONNECT_OLD; i++) {
+        got[i] = s_expect(first, "DELIVER", 5000);
+        ck_assert_msg(got[i] != NULL, "delivery %d did not come", i);
+        ck_assert_str_eq(s_str(got[i], "delivery_id"), old_ids[i]);
+        json_decref(got[i]);
+    }
+    for (int i = 0; i < S_RECONNECT_OLD - 1; i++) {
+        s_answer(first, old_ids[i], NULL);
+        json_t *acked = s_expect(first, "ACKED", 5000);
+        ck_assert_ptr_nonnull(acked);
+        json_decref(acked);
+    }
+    /* The partner's socket goes without a word; a new one says HELLO
+     * while the hub still has the old connection registered. New
+     * deliveries, more than the new connection's window: some are claimed
+     * for the old connection, whose sends fail. The one left
+     * unacknowledged on the old connection comes again on the new one, at
+     * once, as its second attempt (the last of the list). */
+    zsock_destroy(&first);
+    zclock_sleep(200);
+    zsock_t *second = NULL;
+    if (!gone_first) {
+        second = s_partner("avim");
+        s_hello(second, 2);
+    }
+    char want[S_RECONNECT_NEW + 1][37];
+    s_exec("BEGIN", 0, NULL);
+    for (int i = 0; i < S_RECONNECT_NEW; i++)
+        s_delivery("avim", "normal", 0, NULL, want[i]);
+    s_exec("COMMIT", 0, NULL);
+    if (gone_first) {
+        ck_assert(s_log_has("notification.log", "reason=unreachable", 5000));
+        second = s_partner("avim");
+        s_hello(second, 2);
+    }
+    char *left = want[S_RECONNECT_NEW];
+    snprintf(left, 37, "%s", old_ids[S_RECONNECT_OLD - 1]);
+    int64_t started = zclock_mono();
+    bool came[S_RECONNECT_NEW + 1] = {false};
+    int n = s_collect(second, want, S_RECONNECT_NEW + 1, came, 5000);
+    int64_t took = zclock_mono() - started;
+    fprintf(stderr, "reconnect: %d of %d deliveries in %" PRId64 " ms\n", n,
+            S_RECONNECT_NEW + 1, took);
+    for (int i = 0; i <= S_RECONNECT_NEW; i++)
+        ck_assert_msg(came[i],
+                      "%s %d did not come within 5 s (ACK timeout "
+                      "30 s)",
+                      i < S_RECONNECT_NEW ? "new delivery"
+                                          : "the "
+                                            "unacknowledged one",
+                      i);
+    ck_assert(s_log_has("notification.log", "reason=unreachable", 1000));
+    /* What the old connection could not take went out on the new one. */
+    ck_assert(s_log_has("notification.log", "event=delivery_moved", 1000));
+    ck_assert(s_wait_count("SELECT count(*) FROM deliveries WHERE state ="
+                           " 'acknowledged'",
+                           S_RECONNECT_OLD + S_RECONNECT_NEW, 5000));
+    /* Each acknowledged once; a send that never left is no attempt: each
+     * new delivery went out once, with one delivery.sent. */
+    ck_assert_int_eq(s_count("SELECT count(*) FROM (SELECT delivery_id FROM"
+                             " audit_events WHERE action = 'delivery.acked'"
+                             " AND outcome = 'ok' GROUP BY 1 HAVING"
+                             " count(*) = 1) a"),
+                     S_RECONNECT_OLD + S_RECONNECT_NEW);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
+                             " = 'delivery.acked' AND outcome <> 'ok'"),
+                     0);
+    char sql[512];
+    int at_one = 0;
+    for (int i = 0; i < S_RECONNECT_NEW; i++) {
+        const char *params[] = {want[i]};
+        PGresult *res = PQexecParams(
+            s_db,
+            "SELECT d.attempts, (SELECT count(*) FROM audit_events e WHERE"
+            " e.delivery_id = d.id AND e.action = 'delivery.sent')"
+            " FROM deliveries d WHERE d.id = $1",
+            1, NULL, params, NULL, NULL, 0);
+        ck_assert_int_eq(PQntuples(res), 1);
+        ck_assert_str_eq(PQgetvalue(res, 0, 0), PQgetvalue(res, 0, 1));
+        at_one += strcmp(PQgetvalue(res, 0, 0), "1") == 0;
+        PQclear(res);
+    }
+    ck_assert_int_eq(at_one, S_RECONNECT_NEW);
+    snprintf(sql, sizeof sql, "SELECT attempts FROM deliveries WHERE id = '%s'",
+             left);
+    ck_assert_int_eq(s_count(sql), 2);
+    zsock_destroy(&second);
+    s_stop(pid);
+}
+END_TEST
+
+START_TEST(two_connections_of_one_partner_both_keep_working)
+{
+    pid_t pid = s_start3("notification.log", "KH_NOTIFY_ACK_TIMEOUT_MS=30000",
+                         "KH_NOTIFY_BACKOFF_MAX_MS=60000",
+                         "KH_NOTIFY_PEER_TIMEOUT_MS=60000");
+    ck_assert(s_log_has("notification.log", "event=ready", 10000));
+    zsock_t *one = s_partner("avim");
+    s_hello(one, 2);
+    zsock_t *two = s_partner("avim");
+    s_hello(two, 2);
+    /* One HELLO after the other, from the same address: both stay. */
+    s_hello(one, 2);
+    char ids[8][37];
+    s_exec("BEGIN", 0, NULL);
+    for (int i = 0; i < 8; i++)
+        s_delivery("avim", "normal", 0, NULL, ids[i]);
+    s_exec("COMMIT", 0, NULL);
+    /* Neither acknowledges yet: each gets its window of two. */
+    json_t *first[2][2];
+    zsock_t *socks[2] = {one, two};
+    for (int c = 0; c < 2; c++)
+        for (int i = 0; i < 2; i++) {
+            first[c][i] = s_expect(socks[c], "DELIVER", 5000);
+            ck_assert_msg(first[c][i] != NULL, "connection %d got %d", c, i);
+        }
+    ck_assert_ptr_null(s_recv(one, 300));
+    ck_assert_ptr_null(s_recv(two, 100));
+    /* Then each acknowledges what it got, and all of it comes, on both. */
+    bool got[8] = {false};
+    for (int c = 0; c < 2; c++)
+        for (int i = 0; i < 2; i++) {
+            for (int k = 0; k < 8; k++)
+                if (strcmp(ids[k], s_str(first[c][i], "delivery_id")) == 0)
+                    got[k] = true;
+            s_answer(socks[c], s_str(first[c][i], "delivery_id"), NULL);
+            json_decref(first[c][i]);
+        }
+    int64_t deadline = zclock_mono() + 10000;
+    int n = 0;
+    while (n < 8 && zclock_mono() < deadline) {
+        s_collect(one, ids, 8, got, 100);
+        n = s_collect(two, ids, 8, got, 100);
+    }
+    ck_assert_int_eq(n, 8);
+    ck_assert(s_wait_count("SELECT count(*) FROM deliveries WHERE state ="
+                           " 'acknowledged'",
+                           8, 5000));
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
+                             " = 'delivery.sent'"),
+                     8);
+    ck_assert(!khtest_log_has(s_path("notification.log"),
+                              "event=partner_disconnected", 0));
+    zsock_destroy(&one);
+    zsock_destroy(&two);
+    s_stop(pid);
+}
+END_TEST
+
 #define S_KILL_COUNT 2000
 
 START_TEST(killed_mid_stream_loses_nothing)
@@ -834,6 +1043,9 @@ static Suite *s_suite(void)
     tcase_add_test(tc, nack_retry_resends_and_nack_permanent_is_dead_at_once);
     tcase_add_test(tc, overdue_urgent_escalates_with_a_copy_normal_does_not);
     tcase_add_test(tc, killed_mid_stream_loses_nothing);
+    tcase_add_loop_test(
+        tc, a_partner_that_reconnects_gets_its_deliveries_at_once, 0, 2);
+    tcase_add_test(tc, two_connections_of_one_partner_both_keep_working);
     tcase_add_test(tc, unknown_key_and_bad_frames_are_refused);
     suite_add_tcase(suite, tc);
     TCase *big = tcase_create("backlog");
