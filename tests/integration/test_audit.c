@@ -732,6 +732,180 @@ START_TEST(export_verifies_offline)
 }
 END_TEST
 
+/* The columns of an event in s_try_event, with values the services write. */
+enum {
+    S_COL_ACTOR_KIND,
+    S_COL_ACTOR_ID,
+    S_COL_ACTION,
+    S_COL_PARTNER_ID,
+    S_COL_OUTCOME,
+    S_COL_REASON_CODE,
+    S_COL_REASON_PATH,
+    S_COL_ORIGIN_SERVICE,
+    S_COL_ORIGIN_PEER,
+    S_COL_RULES_MATCHED,
+    S_NCOLS
+};
+
+/* Inserts one event whose column col is value (NULL for SQL NULL), the
+ * others as a NACK from a partner, inside a savepoint that is rolled back
+ * either way. Returns NULL when the row was accepted, else the name of the
+ * CHECK constraint that refused it (a static buffer); any other failure
+ * fails the test. */
+static const char *s_try_event(int col, const char *value)
+{
+    static char refused_by[64];
+    const char *params[S_NCOLS] = {
+        "partner",    "veilig-thuis", "delivery.nacked", "avim",       "ok",
+        "nack_retry", "delivery_id",  "notification",    "10.0.0.1:5", "a,b"};
+    params[col] = value;
+    s_exec(s_db, "SAVEPOINT try");
+    PGresult *res = PQexecParams(
+        s_db,
+        "INSERT INTO audit_events (actor_kind, actor_id, action, partner_id,"
+        " outcome, reason_code, reason_path, origin_service, origin_peer,"
+        " rules_matched) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        S_NCOLS, NULL, params, NULL, NULL, 0);
+    const char *result = NULL;
+    if (PQresultStatus(res) != PGRES_COMMAND_OK) {
+        const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+        const char *name = PQresultErrorField(res, PG_DIAG_CONSTRAINT_NAME);
+        ck_assert_msg(state && strcmp(state, "23514") == 0 && name,
+                      "column %d: not a check violation: %s", col,
+                      PQresultErrorMessage(res));
+        snprintf(refused_by, sizeof refused_by, "%s", name);
+        result = refused_by;
+    }
+    PQclear(res);
+    s_exec(s_db, "ROLLBACK TO SAVEPOINT try");
+    return result;
+}
+
+/* Whether value matches the regular expression re in this database (the
+ * check of migration 001, evaluated by PostgreSQL itself). */
+static bool s_old_check(const char *value, const char *re)
+{
+    const char *params[] = {value, re};
+    PGresult *res =
+        PQexecParams(s_db, "SELECT $1 ~ $2", 2, NULL, params, NULL, NULL, 0);
+    ck_assert_int_eq(PQresultStatus(res), PGRES_TUPLES_OK);
+    bool match = strcmp(PQgetvalue(res, 0, 0), "t") == 0;
+    PQclear(res);
+    return match;
+}
+
+#define S_AS "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+#define S_DASHES "------------------------------------------"
+
+/* The checks on audit_events (001, made cheaper by 005) still refuse what
+ * 001 refused: free text, spaces and control characters, upper case,
+ * over-long values, and any action outside the closed list. partner_id,
+ * reason_code and origin_service decide every value as the patterns of 001
+ * did; action admits exactly the closed list. */
+START_TEST(checks_refuse_what_they_refused)
+{
+    char len32[40], len33[40], len64[80], len65[80], len31dash[40];
+    snprintf(len32, sizeof len32, "%.32s", S_AS);
+    snprintf(len33, sizeof len33, "%.33s", S_AS);
+    snprintf(len64, sizeof len64, "%.64s", S_AS S_AS);
+    snprintf(len65, sizeof len65, "%.65s", S_AS S_AS);
+    snprintf(len31dash, sizeof len31dash, "z%.30s", S_DASHES);
+    /* clang-format off */
+    const char *values[] = {
+        "avim", "veilig-thuis", "meldpunt-hilversum", "a", "ab", "a-", "a1",
+        "a--", "a_b", "a.b", "a..b", "zorg.v2", "not_found", "1a", "-a",
+        "_a", ".a", "A", "Avim", "aVim", "avim ", " avim", "a b", "avim\n",
+        "avim\t", "av\x01im", "av\x7fim", "", "zo\xc3\xab", "caf\xc3\xa9",
+        "a\xe2\x80\xa8", "jan.jansen@example.nl", "j.jansen 12-03-1990",
+        "a;b", "a/b", "a'b", "a,b", len32, len33, len64, len65, len31dash,
+        "referral.accepted", "referral.rejected", "referral.routed",
+        "delivery.sent", "delivery.acked", "trail.verified",
+        "delivery.eaten", "test.event", "Referral.accepted",
+        "referral.accepted ", "referral.accepted\n", "referral.accepted;",
+        "referral.accepted.x", "referral", "referral.accepted-"};
+    /* clang-format on */
+    static const struct {
+        int col;
+        const char *re;
+        const char *constraint;
+    } formats[] = {{S_COL_PARTNER_ID, "^[a-z][a-z0-9-]{1,31}$",
+                    "audit_events_partner_id_format"},
+                   {S_COL_REASON_CODE, "^[a-z][a-z0-9_.-]{0,63}$",
+                    "audit_events_reason_code_format"},
+                   {S_COL_ORIGIN_SERVICE, "^[a-z][a-z0-9_.-]{0,31}$",
+                    "audit_events_origin_service_format"},
+                   {S_COL_ACTION, "^[a-z][a-z0-9_.-]{0,63}$",
+                    "audit_events_action_known"}};
+    s_exec(s_db, "BEGIN");
+    int refused = 0;
+    for (size_t f = 0; f < sizeof formats / sizeof *formats; f++)
+        for (size_t v = 0; v < sizeof values / sizeof *values; v++) {
+            bool old_ok = s_old_check(values[v], formats[f].re);
+            const char *by = s_try_event(formats[f].col, values[v]);
+            if (by) {
+                ck_assert_str_eq(by, formats[f].constraint);
+                refused++;
+            }
+            if (formats[f].col == S_COL_ACTION) {
+                /* Stricter: never admits what 001 refused, and admits
+                 * nothing but the closed list. */
+                ck_assert_msg(old_ok || by, "action '%s' admitted", values[v]);
+                ck_assert_msg((by == NULL) == kh_trail_action_known(values[v]),
+                              "action '%s': %s", values[v],
+                              by ? "refused" : "admitted");
+            } else
+                ck_assert_msg((by == NULL) == old_ok, "%s '%s': %s (001: %s)",
+                              formats[f].constraint, values[v],
+                              by ? "refused" : "admitted",
+                              old_ok ? "admitted" : "refused");
+        }
+    ck_assert_int_gt(refused, 100);
+
+    /* Every action of the closed list is admitted (the database and
+     * kh_trail_actions agree). */
+    for (int i = 0; kh_trail_actions[i]; i++)
+        ck_assert_msg(s_try_event(S_COL_ACTION, kh_trail_actions[i]) == NULL,
+                      "action %s refused", kh_trail_actions[i]);
+
+    /* NULL stays allowed where 001 allowed it. */
+    ck_assert_ptr_null(s_try_event(S_COL_PARTNER_ID, NULL));
+    ck_assert_ptr_null(s_try_event(S_COL_REASON_CODE, NULL));
+
+    /* The other checks: no space or control character in an actor (a key
+     * as auth.refused names it is fine), none in paths, peers and rule
+     * names, only known kinds and outcomes. */
+    const struct {
+        int col;
+        const char *value;
+        const char *constraint;
+    } others[] = {
+        {S_COL_ACTOR_ID, "veilig thuis", "audit_events_actor_id_format"},
+        {S_COL_ACTOR_ID, "veilig-thuis\t", "audit_events_actor_id_format"},
+        {S_COL_ACTOR_ID, "vt\x01", "audit_events_actor_id_format"},
+        {S_COL_ACTOR_ID, "jan\xc2\x85", "audit_events_actor_id_format"},
+        {S_COL_ACTOR_ID, "", "audit_events_actor_id_format"},
+        {S_COL_ACTOR_ID, len65, "audit_events_actor_id_format"},
+        {S_COL_ACTOR_ID, "key:rq:^V?Bj&kW$ak*n]Nx=gvh!Bg(7-5SEPw0AkqsP", NULL},
+        {S_COL_ACTOR_ID, "uid:1000", NULL},
+        {S_COL_ACTOR_KIND, "person", "audit_events_actor_kind_known"},
+        {S_COL_OUTCOME, "maybe", "audit_events_outcome_known"},
+        {S_COL_REASON_PATH, "subject\nage", "audit_events_reason_path_length"},
+        {S_COL_ORIGIN_PEER, "10.0.0.1\r", "audit_events_origin_peer_length"},
+        {S_COL_RULES_MATCHED, "minor always",
+         "audit_events_rules_matched_format"},
+    };
+    for (size_t i = 0; i < sizeof others / sizeof *others; i++) {
+        const char *by = s_try_event(others[i].col, others[i].value);
+        if (others[i].constraint)
+            ck_assert_msg(by && strcmp(by, others[i].constraint) == 0,
+                          "%zu: %s", i, by ? by : "admitted");
+        else
+            ck_assert_msg(by == NULL, "%zu: refused by %s", i, by);
+    }
+    s_exec(s_db, "ROLLBACK");
+}
+END_TEST
+
 int main(void)
 {
     Suite *suite = suite_create("audit");
@@ -747,6 +921,7 @@ int main(void)
     tcase_add_test(tc, long_stretches_between_checkpoints);
     tcase_add_test(tc, service_killed_while_sealing_loses_nothing);
     tcase_add_test(tc, export_verifies_offline);
+    tcase_add_test(tc, checks_refuse_what_they_refused);
     suite_add_tcase(suite, tc);
     return khtest_run_suite(suite);
 }

@@ -529,7 +529,7 @@ START_TEST(test_db_errors)
         kh_db_exec(conn,
                    "INSERT INTO audit_events (actor_kind, actor_id, action, "
                    "outcome, origin_service) VALUES ('service', 'test', "
-                   "'test.event', 'ok', 'test')",
+                   "'rules.reloaded', 'ok', 'test')",
                    &err),
         0);
     ck_assert_int_eq(
