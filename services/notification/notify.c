@@ -218,18 +218,32 @@ static void s_pack_str(msgpack_packer *pk, const char *s)
 
 /* Send body to identity; false when the peer is gone (the caller drops
  * its connection) or the frame could not be made. */
-static bool s_send_raw(notify_t *self, zframe_t *identity, const void *data,
-                       size_t size)
+/* What became of a send to one connection. */
+typedef enum {
+    S_SENT,
+    S_FULL, /* its queue is at the high-water mark: it reads too slowly */
+    S_GONE  /* no such peer any more (or out of memory) */
+} s_send_t;
+
+static s_send_t s_send_to(notify_t *self, zframe_t *identity, const void *data,
+                          size_t size)
 {
     zframe_t *to = zframe_dup(identity);
     zframe_t *body = zframe_new(data, size);
     if (!to || !body || zframe_send(&to, self->router, ZFRAME_MORE) ||
         zframe_send(&body, self->router, 0)) {
+        bool full = to && body && zmq_errno() == EAGAIN;
         zframe_destroy(&to);
         zframe_destroy(&body);
-        return false;
+        return full ? S_FULL : S_GONE;
     }
-    return true;
+    return S_SENT;
+}
+
+static bool s_send_raw(notify_t *self, zframe_t *identity, const void *data,
+                       size_t size)
+{
+    return s_send_to(self, identity, data, size) == S_SENT;
 }
 
 /* Send a jansson envelope (consumed). */
@@ -588,14 +602,17 @@ static bool s_place(notify_t *self, s_outgoing_t *out)
             if (strcmp(c->partner, out->partner) != 0 ||
                 zhashx_size(c->out) >= c->window)
                 continue;
-            if (s_send_raw(self, c->identity, zframe_data(out->body),
-                           zframe_size(out->body))) {
+            s_send_t rc = s_send_to(self, c->identity, zframe_data(out->body),
+                                    zframe_size(out->body));
+            if (rc == S_SENT) {
                 zhashx_insert(c->out, out->id, &s_present);
                 self->stats.moved++;
                 kh_log_debug("delivery_moved", "delivery=%s partner=%s peer=%s",
                              out->id, c->partner, c->peer);
                 return true;
             }
+            if (rc == S_FULL)
+                continue; /* alive, only slow: another, or held */
             s_conn_drop(self, c, "unreachable");
             retry = true; /* the table changed under the iteration */
             break;
@@ -659,10 +676,19 @@ static void s_outbox_flush(notify_t *self, bool sent)
                 zhashx_delete(conn->out, out->id);
             continue;
         }
-        if (conn && s_send_raw(self, out->identity, zframe_data(out->body),
-                               zframe_size(out->body)))
+        s_send_t rc =
+            conn ? s_send_to(self, out->identity, zframe_data(out->body),
+                             zframe_size(out->body))
+                 : S_GONE;
+        if (rc == S_SENT)
             continue;
-        if (conn) {
+        if (rc == S_FULL) {
+            /* The connection is alive but does not read: this one did not
+             * leave and is held (or goes on another connection). */
+            zhashx_delete(conn->out, out->id);
+            kh_log_debug("send_queue_full", "delivery=%s partner=%s peer=%s",
+                         out->id, conn->partner, conn->peer);
+        } else if (conn) {
             /* What did not leave is not the dropped connection's to
              * re-send: this one and its later ones in the outbox. */
             for (s_outgoing_t *o = out; o; o = zlistx_next(self->outbox))
