@@ -13,6 +13,7 @@
 #include "ketenhub/codec.h"
 #include "ketenhub/proto.h"
 #include "ketenhub/rules.h"
+#include "khpartner.h"
 #include "khproc.h"
 #include "khtest.h"
 
@@ -288,15 +289,9 @@ END_TEST
 /* A CURVE DEALER of partner vt, connected to intake. */
 static zsock_t *s_dealer(int timeout_ms)
 {
-    zcert_t *hub = zcert_load(s_path("hub.cert"));
-    zcert_t *mine = zcert_load(s_path("vt.cert"));
-    zsock_t *dealer = zsock_new(ZMQ_DEALER);
-    zcert_apply(mine, dealer);
-    zsock_set_curve_serverkey(dealer, zcert_public_txt(hub));
+    zsock_t *dealer =
+        khpartner_connect(s_path("vt.cert"), s_path("hub.cert"), s_endpoint);
     zsock_set_rcvtimeo(dealer, timeout_ms);
-    zsock_connect(dealer, "%s", s_endpoint);
-    zcert_destroy(&hub);
-    zcert_destroy(&mine);
     return dealer;
 }
 

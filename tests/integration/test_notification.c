@@ -15,6 +15,7 @@
 
 #include "ketenhub/codec.h"
 #include "ketenhub/proto.h"
+#include "khpartner.h"
 #include "khproc.h"
 #include "khtest.h"
 
@@ -196,48 +197,10 @@ static zsock_t *s_partner(const char *id)
 {
     char name[128];
     snprintf(name, sizeof name, "%s.cert", id);
-    zcert_t *mine = zcert_load(s_path(name));
-    zcert_t *hub = zcert_load(s_path("hub.cert"));
-    ck_assert_ptr_nonnull(mine);
-    ck_assert_ptr_nonnull(hub);
-    zsock_t *dealer = zsock_new(ZMQ_DEALER);
-    zcert_apply(mine, dealer);
-    zsock_set_curve_serverkey(dealer, zcert_public_txt(hub));
-    zsock_set_linger(dealer, 0);
+    zsock_t *dealer =
+        khpartner_connect(s_path(name), s_path("hub.cert"), s_endpoint);
     zsock_set_rcvtimeo(dealer, 3000);
-    ck_assert_int_eq(zsock_connect(dealer, "%s", s_endpoint), 0);
-    zcert_destroy(&mine);
-    zcert_destroy(&hub);
     return dealer;
-}
-
-static void s_send(zsock_t *sock, json_t *msg)
-{
-    char *data;
-    size_t size;
-    kh_error_t err;
-    ck_assert_int_eq(kh_msgpack_encode(msg, &data, &size, &err), 0);
-    zframe_t *frame = zframe_new(data, size);
-    ck_assert_int_eq(zframe_send(&frame, sock, 0), 0);
-    free(data);
-    json_decref(msg);
-}
-
-/* The next message, or NULL after timeout_ms. */
-static json_t *s_recv(zsock_t *sock, int timeout_ms)
-{
-    zsock_set_rcvtimeo(sock, timeout_ms);
-    zframe_t *frame = zframe_recv(sock);
-    if (!frame)
-        return NULL;
-    json_t *msg = NULL;
-    kh_limits_t limits = kh_limits_default();
-    kh_error_t err;
-    ck_assert_int_eq(kh_msgpack_decode(zframe_data(frame), zframe_size(frame),
-                                       &limits, &msg, &err),
-                     0);
-    zframe_destroy(&frame);
-    return msg;
 }
 
 static const char *s_str(const json_t *msg, const char *key)
@@ -252,8 +215,8 @@ static void s_hello(zsock_t *sock, int window)
 {
     json_t *hello = kh_proto_new(KH_CMD_HELLO, "h1");
     json_object_set_new(hello, "window", json_integer(window));
-    s_send(sock, hello);
-    json_t *reply = s_recv(sock, 5000);
+    khpartner_send(sock, hello);
+    json_t *reply = khpartner_recv(sock, 5000);
     ck_assert_msg(reply != NULL, "no WELCOME");
     ck_assert_str_eq(s_str(reply, "cmd"), "WELCOME");
     ck_assert_int_eq(json_integer_value(json_object_get(reply, "window")),
@@ -267,7 +230,7 @@ static void s_answer(zsock_t *sock, const char *delivery_id, const char *nack)
     json_object_set_new(msg, "delivery_id", json_string(delivery_id));
     if (nack)
         json_object_set_new(msg, "reason", json_string(nack));
-    s_send(sock, msg);
+    khpartner_send(sock, msg);
 }
 
 /* Receive until a message with cmd arrives (DELIVERs on the way are
@@ -276,7 +239,8 @@ static json_t *s_expect(zsock_t *sock, const char *cmd, int timeout_ms)
 {
     int64_t deadline = zclock_mono() + timeout_ms;
     while (zclock_mono() < deadline) {
-        json_t *msg = s_recv(sock, (int) (deadline - zclock_mono()) + 1);
+        json_t *msg =
+            khpartner_recv(sock, (int) (deadline - zclock_mono()) + 1);
         if (!msg)
             return NULL;
         if (strcmp(s_str(msg, "cmd"), cmd) == 0)
@@ -317,7 +281,8 @@ START_TEST(offline_backlog_drains_in_order_within_the_window)
     /* The window: exactly 8 come while none is acknowledged. */
     json_t *got[S_BACKLOG];
     int n = 0;
-    for (json_t *msg; n < S_BACKLOG && (msg = s_recv(avim, 700)) != NULL;)
+    for (json_t *msg;
+         n < S_BACKLOG && (msg = khpartner_recv(avim, 700)) != NULL;)
         got[n++] = msg;
     ck_assert_int_eq(n, 8);
     /* Then everything, in order, acknowledging as it comes. */
@@ -464,7 +429,7 @@ START_TEST(unacknowledged_is_resent_with_its_id_then_dead)
                          attempt);
         json_decref(msg);
         /* Keep the connection alive while waiting. */
-        s_send(avim, kh_proto_new(KH_CMD_PING, "p"));
+        khpartner_send(avim, kh_proto_new(KH_CMD_PING, "p"));
     }
     ck_assert(s_wait_count("SELECT count(*) FROM deliveries WHERE state ="
                            " 'dead' AND dead_reason = 'max_attempts'",
@@ -490,7 +455,7 @@ START_TEST(unacknowledged_is_resent_with_its_id_then_dead)
     ck_assert_int_eq(khtest_run(argv, &out), 0);
     free(out);
     unsetenv("KH_DATABASE_URL");
-    s_send(avim, kh_proto_new(KH_CMD_PING, "p"));
+    khpartner_send(avim, kh_proto_new(KH_CMD_PING, "p"));
     msg = s_expect(avim, "DELIVER", 5000);
     ck_assert_ptr_nonnull(msg);
     ck_assert_str_eq(s_str(msg, "delivery_id"), id);
@@ -621,7 +586,8 @@ static int s_collect(zsock_t *sock, char ids[][37], int count, bool *got,
         distinct += got[i];
     int64_t deadline = zclock_mono() + timeout_ms;
     while (distinct < count && zclock_mono() < deadline) {
-        json_t *msg = s_recv(sock, (int) (deadline - zclock_mono()) + 1);
+        json_t *msg =
+            khpartner_recv(sock, (int) (deadline - zclock_mono()) + 1);
         if (!msg)
             break;
         if (strcmp(s_str(msg, "cmd"), "DELIVER") == 0) {
@@ -775,8 +741,8 @@ START_TEST(two_connections_of_one_partner_both_keep_working)
             first[c][i] = s_expect(socks[c], "DELIVER", 5000);
             ck_assert_msg(first[c][i] != NULL, "connection %d got %d", c, i);
         }
-    ck_assert_ptr_null(s_recv(one, 300));
-    ck_assert_ptr_null(s_recv(two, 100));
+    ck_assert_ptr_null(khpartner_recv(one, 300));
+    ck_assert_ptr_null(khpartner_recv(two, 100));
     /* Then each acknowledges what it got, and all of it comes, on both. */
     bool got[8] = {false};
     for (int c = 0; c < 2; c++)
@@ -828,7 +794,7 @@ START_TEST(killed_mid_stream_loses_nothing)
     while (zclock_mono() < deadline &&
            s_count("SELECT count(*) FROM deliveries WHERE state ="
                    " 'acknowledged'") < S_KILL_COUNT) {
-        for (json_t *msg; (msg = s_recv(avim, 100)) != NULL;) {
+        for (json_t *msg; (msg = khpartner_recv(avim, 100)) != NULL;) {
             if (strcmp(s_str(msg, "cmd"), "DELIVER") == 0) {
                 const char *id = s_str(msg, "delivery_id");
                 if (zhashx_lookup(seen, id))
@@ -850,7 +816,7 @@ START_TEST(killed_mid_stream_loses_nothing)
         if (zclock_mono() - last_hello > 500) {
             json_t *hello = kh_proto_new(KH_CMD_HELLO, "h");
             json_object_set_new(hello, "window", json_integer(32));
-            s_send(avim, hello);
+            khpartner_send(avim, hello);
             last_hello = zclock_mono();
         }
     }
@@ -881,8 +847,8 @@ START_TEST(unknown_key_and_bad_frames_are_refused)
     zcert_destroy(&stranger);
     zsock_t *sock = s_partner("stranger");
     json_t *hello = kh_proto_new(KH_CMD_HELLO, "h");
-    s_send(sock, hello);
-    ck_assert_ptr_null(s_recv(sock, 1000));
+    khpartner_send(sock, hello);
+    ck_assert_ptr_null(khpartner_recv(sock, 1000));
     ck_assert(s_log_has("notification.log", "event=auth_refused", 3000));
     zsock_destroy(&sock);
     /* In the trail, once however often the client retried. */
@@ -901,7 +867,7 @@ START_TEST(unknown_key_and_bad_frames_are_refused)
     msg = kh_proto_new(KH_CMD_SUBMIT, "s");
     json_object_set_new(msg, "idempotency_key", json_string("k"));
     json_object_set_new(msg, "referral", json_object());
-    s_send(avim, msg);
+    khpartner_send(avim, msg);
     msg = s_expect(avim, "REJECTED", 5000);
     ck_assert_ptr_nonnull(msg);
     ck_assert_str_eq(s_str(msg, "code"), "unknown_command");
@@ -911,7 +877,7 @@ START_TEST(unknown_key_and_bad_frames_are_refused)
     json_object_set_new(msg, "delivery_id",
                         json_string("00000000-0000-4000-8000-000000000000"));
     json_object_set_new(msg, "reason", json_string("whenever"));
-    s_send(avim, msg);
+    khpartner_send(avim, msg);
     msg = s_expect(avim, "REJECTED", 5000);
     ck_assert_ptr_nonnull(msg);
     ck_assert_str_eq(s_str(msg, "code"), "bad_envelope");
@@ -919,7 +885,7 @@ START_TEST(unknown_key_and_bad_frames_are_refused)
     json_decref(msg);
     msg = kh_proto_new(KH_CMD_ACK, "a");
     json_object_set_new(msg, "delivery_id", json_string("Robert'); DROP"));
-    s_send(avim, msg);
+    khpartner_send(avim, msg);
     msg = s_expect(avim, "REJECTED", 5000);
     ck_assert_ptr_nonnull(msg);
     ck_assert_str_eq(s_str(msg, "path"), "delivery_id");
@@ -986,7 +952,7 @@ START_TEST(a_large_backlog_drains_with_flat_memory)
     long acked = 0, idle = 0, peak = 0;
     int64_t deadline = zclock_mono() + 240000;
     while (acked < S_DRAIN_COUNT && zclock_mono() < deadline) {
-        json_t *msg = s_recv(avim, 1000);
+        json_t *msg = khpartner_recv(avim, 1000);
         if (!msg)
             continue;
         const char *cmd = s_str(msg, "cmd");

@@ -34,6 +34,7 @@
 #include "ketenhub/codec.h"
 #include "ketenhub/proto.h"
 #include "ketenhub/zap.h"
+#include "khpartner.h"
 #include "khproc.h"
 #include "khtest.h"
 
@@ -455,45 +456,9 @@ static zsock_t *s_partner(const char *id)
 {
     char name[128];
     snprintf(name, sizeof name, "%s.cert", id);
-    zcert_t *mine = zcert_load(s_path(name));
-    zcert_t *hub = zcert_load(s_path("hub.cert"));
-    ck_assert_ptr_nonnull(mine);
-    ck_assert_ptr_nonnull(hub);
-    zsock_t *dealer = zsock_new(ZMQ_DEALER);
-    zcert_apply(mine, dealer);
-    zsock_set_curve_serverkey(dealer, zcert_public_txt(hub));
-    zsock_set_linger(dealer, 0);
-    ck_assert_int_eq(zsock_connect(dealer, "%s", s_endpoint), 0);
-    zcert_destroy(&mine);
-    zcert_destroy(&hub);
+    zsock_t *dealer =
+        khpartner_connect(s_path(name), s_path("hub.cert"), s_endpoint);
     return dealer;
-}
-
-static void s_send(zsock_t *sock, json_t *msg)
-{
-    char *data;
-    size_t size;
-    kh_error_t err;
-    ck_assert_int_eq(kh_msgpack_encode(msg, &data, &size, &err), 0);
-    zframe_t *frame = zframe_new(data, size);
-    ck_assert_int_eq(zframe_send(&frame, sock, 0), 0);
-    free(data);
-    json_decref(msg);
-}
-
-static json_t *s_recv(zsock_t *sock, int timeout_ms)
-{
-    zsock_set_rcvtimeo(sock, timeout_ms);
-    zframe_t *frame = zframe_recv(sock);
-    if (!frame)
-        return NULL;
-    json_t *msg = NULL;
-    kh_error_t err;
-    ck_assert_int_eq(kh_msgpack_decode(zframe_data(frame), zframe_size(frame),
-                                       NULL, &msg, &err),
-                     0);
-    zframe_destroy(&frame);
-    return msg;
 }
 
 /* The real partner avim, connected once for the whole test (as a
@@ -503,8 +468,8 @@ static zsock_t *s_avim(void)
     zsock_t *avim = s_partner("avim");
     json_t *hello = kh_proto_new(KH_CMD_HELLO, "h1");
     json_object_set_new(hello, "window", json_integer(S_DELIVERIES));
-    s_send(avim, hello);
-    json_t *welcome = s_recv(avim, 3 * S_BOUND_MS);
+    khpartner_send(avim, hello);
+    json_t *welcome = khpartner_recv(avim, 3 * S_BOUND_MS);
     ck_assert_msg(welcome != NULL, "no WELCOME");
     ck_assert_str_eq(s_str(welcome, "cmd"), "WELCOME");
     json_decref(welcome);
@@ -519,13 +484,13 @@ static int64_t s_real_deliveries(zsock_t *avim)
     /* The heartbeat a partner sends about every second. */
     json_t *hello = kh_proto_new(KH_CMD_HELLO, "h2");
     json_object_set_new(hello, "window", json_integer(S_DELIVERIES));
-    s_send(avim, hello);
+    khpartner_send(avim, hello);
     for (int i = 0; i < S_DELIVERIES; i++)
         s_delivery("avim");
     int delivered = 0, acked = 0;
     int64_t last = zclock_mono(), slowest = 0;
     while (acked < S_DELIVERIES) {
-        json_t *msg = s_recv(avim, 3 * S_BOUND_MS);
+        json_t *msg = khpartner_recv(avim, 3 * S_BOUND_MS);
         ck_assert_msg(msg != NULL,
                       "nothing from notification for %d ms (%d delivered, "
                       "%d acked)",
@@ -539,7 +504,7 @@ static int64_t s_real_deliveries(zsock_t *avim)
             json_t *ack = kh_proto_new(KH_CMD_ACK, s_str(msg, "delivery_id"));
             json_object_set_new(ack, "delivery_id",
                                 json_string(s_str(msg, "delivery_id")));
-            s_send(avim, ack);
+            khpartner_send(avim, ack);
         } else if (strcmp(cmd, "ACKED") == 0)
             acked++;
         else
