@@ -4,9 +4,11 @@
 #include "ketenhub/proto.h"
 
 #include <sodium.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 static const char *s_cmd_names[] = {
     "SUBMIT",       "STATUS", "PING",  "ACCEPTED", "REJECTED",
@@ -240,7 +242,16 @@ void kh_uuid_new(char out[37])
     if (sodium_init() < 0) /* idempotent; -1 only without a random source */
         memset(b, 0, sizeof b);
     randombytes_buf(b, sizeof b);
-    b[6] = (unsigned char) ((b[6] & 0x0f) | 0x40);
+    /* Version 7 (RFC 9562): the Unix time in milliseconds, big-endian, in
+     * the first 48 bits, then 74 random bits. Ids made one after another
+     * sort one after another, so the indexes they key take new entries at
+     * their right edge instead of on pages all over the tree. */
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    uint64_t ms = (uint64_t) ts.tv_sec * 1000 + (uint64_t) ts.tv_nsec / 1000000;
+    for (int i = 0; i < 6; i++)
+        b[i] = (unsigned char) (ms >> (40 - 8 * i));
+    b[6] = (unsigned char) ((b[6] & 0x0f) | 0x70);
     b[8] = (unsigned char) ((b[8] & 0x3f) | 0x80);
     snprintf(out, 37,
              "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-"

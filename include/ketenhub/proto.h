@@ -61,7 +61,8 @@ json_t *kh_proto_rejected(const char *cid, const kh_error_t *err,
 /* Whether s is a canonical lower-case UUID (8-4-4-4-12 hex). */
 bool kh_uuid_valid(const char *s);
 
-/* A random (version 4) UUID as 36 characters plus NUL. */
+/* A new time-ordered (version 7) UUID as 36 characters plus NUL: the
+ * creation time in milliseconds, then 74 random bits. */
 void kh_uuid_new(char out[37]);
 
 /* The canonical JSON of value: compact, keys sorted, non-ASCII escaped,

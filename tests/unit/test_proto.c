@@ -7,6 +7,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "ketenhub/codec.h"
 #include "ketenhub/config.h"
@@ -298,14 +299,33 @@ START_TEST(rejected_carries_code_and_retry_hint)
 }
 END_TEST
 
-START_TEST(uuids_are_v4_and_canonical)
+START_TEST(uuids_are_v7_time_ordered_and_canonical)
 {
-    char id[37];
+    char id[37], prev[37] = "";
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    unsigned long long now = (unsigned long long) ts.tv_sec * 1000 +
+                             (unsigned long long) ts.tv_nsec / 1000000;
     for (int i = 0; i < 100; i++) {
         kh_uuid_new(id);
         ck_assert(kh_uuid_valid(id));
-        ck_assert_int_eq(id[14], '4');
+        ck_assert_int_eq(id[14], '7');
         ck_assert(strchr("89ab", id[19]) != NULL);
+        /* The first 48 bits are the time in ms: within a second of now. */
+        char hex[13];
+        memcpy(hex, id, 8);
+        memcpy(hex + 8, id + 9, 4);
+        hex[12] = '\0';
+        unsigned long long ms = strtoull(hex, NULL, 16);
+        ck_assert(ms + 1000 >= now && ms <= now + 1000);
+        /* Ids a millisecond apart sort in the order they were made. */
+        if (i % 10 == 0) {
+            if (prev[0])
+                ck_assert_int_lt(strcmp(prev, id), 0);
+            memcpy(prev, id, sizeof id);
+            struct timespec ms_wait = {0, 1100000};
+            nanosleep(&ms_wait, NULL);
+        }
     }
     ck_assert(!kh_uuid_valid("6f1c2e1a8a554b539c550a3f3f0f6f2b"));
     ck_assert(!kh_uuid_valid("6f1c2e1a-8a55-4b53-9c55-0a3f3f0f6f2"));
@@ -542,7 +562,7 @@ int main(void)
     tcase_add_test(tc, pgarray_quotes_escapes_and_keeps_nulls);
     tcase_add_test(tc, paths_never_carry_made_up_keys);
     tcase_add_test(tc, rejected_carries_code_and_retry_hint);
-    tcase_add_test(tc, uuids_are_v4_and_canonical);
+    tcase_add_test(tc, uuids_are_v7_time_ordered_and_canonical);
     tcase_add_test(tc, payload_hash_ignores_key_order_not_content);
     tcase_add_test(tc, canonical_json_is_jansson_byte_for_byte);
     tcase_add_test(tc, config_is_validated_as_a_whole);
