@@ -51,18 +51,9 @@ static void s_exec(const char *sql, int nparams, const char *const *params)
     PQclear(res);
 }
 
-/* A partner with a key pair in the test dir and its public certificate in
- * the hub's partner directory. */
 static void s_register(const char *id, const char *kind, bool cases)
 {
-    zcert_t *cert = zcert_new();
-    char name[128];
-    snprintf(name, sizeof name, "%s.cert", id);
-    zcert_save(cert, s_path(name));
-    snprintf(name, sizeof name, "partners/%s.cert", id);
-    zcert_save_public(cert, s_path(name));
-    khtest_register_partner(s_db, id, kind, cases, zcert_public_txt(cert));
-    zcert_destroy(&cert);
+    khpartner_make(s_db, s_dir, id, kind, cases);
 }
 
 static void s_setup(void)

@@ -75,14 +75,7 @@ static void s_exec(const char *sql, int nparams, const char *const *params)
 
 static void s_register(const char *id, const char *kind)
 {
-    zcert_t *cert = zcert_new();
-    char name[128];
-    snprintf(name, sizeof name, "%s.cert", id);
-    zcert_save(cert, s_path(name));
-    snprintf(name, sizeof name, "partners/%s.cert", id);
-    zcert_save_public(cert, s_path(name));
-    khtest_register_partner(s_db, id, kind, true, zcert_public_txt(cert));
-    zcert_destroy(&cert);
+    khpartner_make(s_db, s_dir, id, kind, true);
 }
 
 static void s_setup(void)

@@ -4,9 +4,25 @@
 #include "khpartner.h"
 
 #include <check.h>
+#include <stdio.h>
 #include <stdlib.h>
 
 #include "ketenhub/codec.h"
+#include "khtest.h"
+
+void khpartner_make(PGconn *db, const char *dir, const char *id,
+                    const char *kind, bool cases)
+{
+    zcert_t *cert = zcert_new();
+    ck_assert_ptr_nonnull(cert);
+    char path[1024];
+    snprintf(path, sizeof path, "%s/%s.cert", dir, id);
+    ck_assert_int_eq(zcert_save(cert, path), 0);
+    snprintf(path, sizeof path, "%s/partners/%s.cert", dir, id);
+    ck_assert_int_eq(zcert_save_public(cert, path), 0);
+    khtest_register_partner(db, id, kind, cases, zcert_public_txt(cert));
+    zcert_destroy(&cert);
+}
 
 zsock_t *khpartner_connect(const char *cert, const char *hub_cert,
                            const char *endpoint)

@@ -8,6 +8,14 @@
 
 #include <czmq.h>
 #include <jansson.h>
+#include <libpq-fe.h>
+#include <stdbool.h>
+
+/* A new key pair for partner id: dir/ID.cert (and ID.cert_secret) for
+ * the partner system, dir/partners/ID.cert for the hub's partner
+ * directory; registered in db as kind (cases: it may receive referrals). */
+void khpartner_make(PGconn *db, const char *dir, const char *id,
+                    const char *kind, bool cases);
 
 /* A DEALER with the key pair of cert (and cert's _secret beside it),
  * trusting the server key in hub_cert, connected to endpoint; linger 0. */
