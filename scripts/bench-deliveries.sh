@@ -9,7 +9,7 @@
 #      1,000 referrals/s offered (each referral makes 1-3 deliveries).
 # Prints figures; asserts nothing.
 #   scripts/bench-deliveries.sh [COUNT]     (default 1000000)
-# KH_BENCH_WINDOW (default 256) is the window the partners ask for and
+# KH_BENCH_WINDOW (default 1024) is the window the partners ask for and
 # notification's KH_NOTIFY_WINDOW; KH_BUILD_DIR the build to run.
 set -eu
 
@@ -17,7 +17,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 run=${KH_BENCH_DIR:-/tmp/ketenhub-bench-deliveries}
 build=${KH_BUILD_DIR:-"$here/build"}
 count=${1:-1000000}
-window=${KH_BENCH_WINDOW:-256}
+window=${KH_BENCH_WINDOW:-1024}
 export KH_NOTIFY_WINDOW="$window"
 # shellcheck source=scripts/hublib.sh
 . "$here/scripts/hublib.sh"

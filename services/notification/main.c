@@ -28,7 +28,7 @@ static kh_cfg_t s_config[] = {
            "hub certificate file (its _secret file beside it)"),
     KH_CFG("KH_PARTNER_CERT_DIR", KH_CFG_STRING, NULL, 0, 0, false,
            "directory of partners' public certificates"),
-    KH_CFG("KH_NOTIFY_WINDOW", KH_CFG_INT, "256", 1, KH_WINDOW_MAX, false,
+    KH_CFG("KH_NOTIFY_WINDOW", KH_CFG_INT, "1024", 1, KH_WINDOW_MAX, false,
            "most unacknowledged deliveries per partner connection"),
     KH_CFG("KH_NOTIFY_ACK_TIMEOUT_MS", KH_CFG_INT, "30000", 100, 86400000,
            false, "re-send when no ACK came this long after a send"),

@@ -187,7 +187,7 @@ int main(int argc, char **argv)
 {
     const char *endpoint = "tcp://127.0.0.1:7703", *hub_cert = NULL;
     const char *certs[S_CERTS_MAX];
-    int ncerts = 0, window = 256, seconds = 60, idle_ms = 2000;
+    int ncerts = 0, window = 1024, seconds = 60, idle_ms = 2000;
     static const struct option options[] = {
         {"endpoint", required_argument, NULL, 'e'},
         {"hub-cert", required_argument, NULL, 'H'},
