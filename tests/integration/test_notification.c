@@ -538,6 +538,15 @@ START_TEST(overdue_urgent_escalates_with_a_copy_normal_does_not)
                              " d.payload_hash = o.escalation_payload_hash AND"
                              " d.payload <> o.payload"),
                      1);
+    /* The copy's id is time-ordered like every id the hub makes: version
+     * 7, its first 48 bits the time it was made (within a minute). */
+    ck_assert_int_eq(
+        s_count("SELECT count(*) FROM deliveries WHERE partner_id ="
+                " 'zorgcoordinator' AND substring(id::text, 15, 1) = '7'"
+                " AND abs(('x' || lpad(replace(left(id::text, 13), '-', ''),"
+                " 16, '0'))::bit(64)::bigint - extract(epoch FROM now())"
+                " * 1000) < 60000"),
+        1);
     ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
                              " = 'delivery.created' AND reason_code ="
                              " 'escalation' AND partner_id ="
