@@ -14,10 +14,11 @@ hub_start_db() {
   "$build/tools/ctl/ketenhubctl" migrate --dir "$here/migrations"
 }
 
-# A benchmark's start: the build in $build, a fresh $run with a
+# A benchmark's start: the build in $build (KH_BENCH_SETUP=0: already
+# built, as when a test runs the benchmark), a fresh $run with a
 # PostgreSQL (fsync on) and the hub's keys; everything stops on exit.
 hub_bench_begin() {
-  "$here/scripts/setup.sh" "$build"
+  [ "${KH_BENCH_SETUP:-1}" = 0 ] || "$here/scripts/setup.sh" "$build"
   hub_stop
   rm -rf "$run"
   trap hub_stop EXIT

@@ -1,0 +1,39 @@
+#!/bin/sh
+# ctest bench.hub: run scripts/bench-hub.sh for a second of load against
+# this build and check that its JSON is well formed and holds every
+# figure, each a number, with every referral acknowledged.
+#   tests/bench_hub_test.sh SOURCE_DIR BUILD_DIR
+set -eu
+src=$1
+build=$2
+run="$build/bench-hub-test"
+KH_BENCH_SETUP=0 KH_BUILD_DIR="$build" KH_BENCH_DIR="$run" \
+  sh "$src/scripts/bench-hub.sh" 1 100 >"$build/bench-hub-test.log" 2>&1 || {
+  tail -n 30 "$build/bench-hub-test.log" >&2
+  exit 1
+}
+python3 - "$run/hub.json" <<'PY'
+import json, sys
+hub = json.load(open(sys.argv[1]))
+def number(v, where):
+    assert isinstance(v, (int, float)) and not isinstance(v, bool), where
+for key in ("seconds", "rate", "raw_insert_rows_per_s", "hub_rows_per_s",
+            "ratio_to_raw"):
+    number(hub[key], key)
+for loop in ("open", "closed"):
+    run = hub[loop]
+    for key in ("referrals", "span_s", "end_to_end_per_s", "acked_per_s",
+                "events", "sealed_per_s", "rows_written", "rows_per_s"):
+        number(run[key], loop + "." + key)
+    assert run["referrals"] > 0, loop + ": no referral went through"
+    for stage in ("accepted_to_routed_ms", "accepted_to_first_sent_ms",
+                  "accepted_to_all_acked_ms"):
+        for p in ("p50", "p90", "p99", "p999", "max"):
+            number(run[stage][p], loop + "." + stage + "." + p)
+    assert run["intake"]["accepted"] > 0, loop + ": intake figures missing"
+for service in ("intake", "routing", "notification", "audit"):
+    number(hub["services"][service]["cpu_s"], service + ".cpu_s")
+    number(hub["services"][service]["peak_rss_mib"], service + ".rss")
+print("bench.hub: hub.json well formed, %d + %d referrals" % (
+    hub["open"]["referrals"], hub["closed"]["referrals"]))
+PY
