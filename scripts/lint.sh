@@ -12,6 +12,6 @@ clang-format --dry-run --Werror $files
 cppcheck --quiet --error-exitcode=1 --enable=warning,performance,portability \
   --inline-suppr --std=c11 -I include $files
 if command -v shellcheck >/dev/null 2>&1; then
-  shellcheck scripts/*.sh docker/*.sh .ci/run
+  shellcheck scripts/*.sh docker/*.sh tests/*.sh .ci/run
 fi
 echo "lint: clean"
