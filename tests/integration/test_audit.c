@@ -39,24 +39,16 @@ static void s_teardown(void)
     s_db = NULL;
 }
 
-static void s_exec(PGconn *conn, const char *sql)
-{
-    PGresult *res = PQexec(conn, sql);
-    ck_assert_msg(PQresultStatus(res) == PGRES_COMMAND_OK ||
-                      PQresultStatus(res) == PGRES_TUPLES_OK,
-                  "%s: %s", sql, PQerrorMessage(conn));
-    PQclear(res);
-}
-
 /* Whether sql fails (and the failure is rolled back to a savepoint). */
 static bool s_refused(PGconn *conn, const char *sql)
 {
-    s_exec(conn, "SAVEPOINT try");
+    khtest_db_exec(conn, "SAVEPOINT try", 0, NULL);
     PGresult *res = PQexec(conn, sql);
     ExecStatusType st = PQresultStatus(res);
     PQclear(res);
     bool failed = st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK;
-    s_exec(conn, failed ? "ROLLBACK TO SAVEPOINT try" : "RELEASE try");
+    khtest_db_exec(conn, failed ? "ROLLBACK TO SAVEPOINT try" : "RELEASE try",
+                   0, NULL);
     return failed;
 }
 
@@ -77,10 +69,10 @@ static void s_events(PGconn *conn, int n)
     for (int i = 0; i < n; i++) {
         bool gap = random() % 10 == 0;
         if (gap)
-            s_exec(conn, "BEGIN");
-        s_exec(conn, s_insert_sql);
+            khtest_db_exec(conn, "BEGIN", 0, NULL);
+        khtest_db_exec(conn, s_insert_sql, 0, NULL);
         if (gap)
-            s_exec(conn, "ROLLBACK");
+            khtest_db_exec(conn, "ROLLBACK", 0, NULL);
     }
 }
 
@@ -159,11 +151,11 @@ START_TEST(seals_wait_for_a_lower_seq_still_in_flight)
     s_events(s_db, 3);
     /* slow takes the next seq and keeps it uncommitted; later events
      * commit with higher seqs. */
-    s_exec(slow, "BEGIN");
-    s_exec(slow, s_insert_sql);
+    khtest_db_exec(slow, "BEGIN", 0, NULL);
+    khtest_db_exec(slow, s_insert_sql, 0, NULL);
     char *held = khtest_db_value(slow, "SELECT max(seq) FROM audit_events");
-    s_exec(s_db, s_insert_sql);
-    s_exec(s_db, s_insert_sql);
+    khtest_db_exec(s_db, s_insert_sql, 0, NULL);
+    khtest_db_exec(s_db, s_insert_sql, 0, NULL);
 
     kh_trail_sealer_t *sealer = s_sealer(1000);
     kh_error_t err;
@@ -180,7 +172,7 @@ START_TEST(seals_wait_for_a_lower_seq_still_in_flight)
     /* The wait is visible (the service warns when it lasts). */
     usleep(20000);
     ck_assert_int_ge(kh_trail_sealer_waiting_ms(sealer), 20);
-    s_exec(slow, "COMMIT");
+    khtest_db_exec(slow, "COMMIT", 0, NULL);
     s_flush(sealer);
     ck_assert_int_eq(khtest_db_count(s_db, "SELECT count(*) FROM audit_seals"),
                      6);
@@ -207,10 +199,10 @@ START_TEST(roles_cannot_change_the_trail)
     kh_trail_sealer_destroy(&sealer);
     int refused = 0;
     for (size_t r = 0; r < sizeof roles / sizeof *roles; r++) {
-        s_exec(s_db, "BEGIN");
+        khtest_db_exec(s_db, "BEGIN", 0, NULL);
         char sql[256];
         snprintf(sql, sizeof sql, "SET LOCAL ROLE %s", roles[r]);
-        s_exec(s_db, sql);
+        khtest_db_exec(s_db, sql, 0, NULL);
         for (size_t t = 0; t < 3; t++) {
             static const char *attempts[][2] = {
                 {"UPDATE ", " SET seq = seq"},
@@ -243,12 +235,13 @@ START_TEST(roles_cannot_change_the_trail)
                                       "'referral.accepted', 'auditor', 'x',"
                                       " 'ok', NULL, NULL, 'test', NULL)"));
         }
-        s_exec(s_db, "ROLLBACK");
+        khtest_db_exec(s_db, "ROLLBACK", 0, NULL);
     }
     ck_assert_int_eq(refused, 6 * 3 * 7);
     /* Even a superuser, and in replica mode, meets the triggers. */
-    s_exec(s_db, "BEGIN");
-    s_exec(s_db, "SET LOCAL session_replication_role = replica");
+    khtest_db_exec(s_db, "BEGIN", 0, NULL);
+    khtest_db_exec(s_db, "SET LOCAL session_replication_role = replica", 0,
+                   NULL);
     for (size_t t = 0; t < 3; t++) {
         char sql[128];
         snprintf(sql, sizeof sql, "DELETE FROM %s", tables[t]);
@@ -256,7 +249,7 @@ START_TEST(roles_cannot_change_the_trail)
         snprintf(sql, sizeof sql, "TRUNCATE %s", tables[t]);
         ck_assert(s_refused(s_db, sql));
     }
-    s_exec(s_db, "ROLLBACK");
+    khtest_db_exec(s_db, "ROLLBACK", 0, NULL);
 }
 END_TEST
 
@@ -268,7 +261,7 @@ static PGconn *s_login(const char *user, const char *group)
              "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname"
              " = '%s') THEN CREATE ROLE %s LOGIN IN ROLE %s; END IF; END $$",
              user, user, group);
-    s_exec(s_db, sql);
+    khtest_db_exec(s_db, sql, 0, NULL);
     char *base = khtest_db_conninfo(S_DB);
     char conninfo[1400];
     snprintf(conninfo, sizeof conninfo, "%s user=%s", base, user);
@@ -323,8 +316,10 @@ START_TEST(least_privilege_roles_do_their_work)
     PQclear(res);
 
     /* A superuser's edit: the auditor's verification names it. */
-    s_exec(s_db, "ALTER TABLE audit_events DISABLE TRIGGER USER");
-    s_exec(s_db, "UPDATE audit_events SET actor_id = 'x' WHERE seq = 20");
+    khtest_db_exec(s_db, "ALTER TABLE audit_events DISABLE TRIGGER USER", 0,
+                   NULL);
+    khtest_db_exec(
+        s_db, "UPDATE audit_events SET actor_id = 'x' WHERE seq = 20", 0, NULL);
     ck_assert_int_eq(
         kh_trail_db_verify(auditor, s_pk, 0, NULL, 0, &report, &err), 1);
     ck_assert_int_eq(report.kind, KH_TRAIL_ALTERED);
@@ -381,7 +376,7 @@ static void s_sqlf(const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(sql, sizeof sql, fmt, ap);
     va_end(ap);
-    s_exec(s_db, sql);
+    khtest_db_exec(s_db, sql, 0, NULL);
 }
 
 /* One trial of kind k; checks the verdict. The tampering is rolled back
@@ -394,10 +389,13 @@ static void s_trial(const s_trail_t *t, kh_trail_finding_t k, int trial,
     int64_t want = 0, other = -1;
     const kh_trail_checkpoint_t *published = NULL;
     size_t npublished = 0;
-    s_exec(s_db, "BEGIN");
-    s_exec(s_db, "ALTER TABLE audit_events DISABLE TRIGGER USER");
-    s_exec(s_db, "ALTER TABLE audit_seals DISABLE TRIGGER USER");
-    s_exec(s_db, "ALTER TABLE audit_checkpoints DISABLE TRIGGER USER");
+    khtest_db_exec(s_db, "BEGIN", 0, NULL);
+    khtest_db_exec(s_db, "ALTER TABLE audit_events DISABLE TRIGGER USER", 0,
+                   NULL);
+    khtest_db_exec(s_db, "ALTER TABLE audit_seals DISABLE TRIGGER USER", 0,
+                   NULL);
+    khtest_db_exec(s_db, "ALTER TABLE audit_checkpoints DISABLE TRIGGER USER",
+                   0, NULL);
     /* Never the last event: removing it is truncation. */
     int64_t s = t->seqs[random() % (t->nseqs - 1)];
     switch (k) {
@@ -486,11 +484,11 @@ static void s_trial(const s_trail_t *t, kh_trail_finding_t k, int trial,
     }
     int rc;
     if (commit) {
-        s_exec(s_db, "COMMIT");
+        khtest_db_exec(s_db, "COMMIT", 0, NULL);
         rc = s_verify(published, npublished, &report);
     } else {
         rc = s_verify(published, npublished, &report);
-        s_exec(s_db, "ROLLBACK");
+        khtest_db_exec(s_db, "ROLLBACK", 0, NULL);
     }
     ck_assert_msg(rc == 1 && report.kind == k && report.seq == want &&
                       (other < 0 || report.other_seq == other),
@@ -576,35 +574,46 @@ END_TEST
  * fast pass) verify, and an edit in the middle of one is found. */
 START_TEST(long_stretches_between_checkpoints)
 {
-    s_exec(s_db, "INSERT INTO audit_events (actor_kind, actor_id, action,"
-                 " referral_id, outcome, payload_hash, origin_service)"
-                 " SELECT 'partner', 'veilig-thuis', 'referral.accepted',"
-                 " md5(i::text)::uuid, 'ok', sha256(i::text::bytea), 'intake'"
-                 " FROM generate_series(1, 30000) i");
+    khtest_db_exec(s_db,
+                   "INSERT INTO audit_events (actor_kind, actor_id, action,"
+                   " referral_id, outcome, payload_hash, origin_service)"
+                   " SELECT 'partner', 'veilig-thuis', 'referral.accepted',"
+                   " md5(i::text)::uuid, 'ok', sha256(i::text::bytea), 'intake'"
+                   " FROM generate_series(1, 30000) i",
+                   0, NULL);
     kh_trail_sealer_t *sealer = s_sealer(100000);
     ck_assert_int_eq(s_flush(sealer), 30000);
     /* (The first seal already signed its head: no checkpoint existed.) */
     kh_error_t err;
     ck_assert_int_ge(kh_trail_sealer_checkpoint(sealer, s_db, &err), 0);
-    s_exec(s_db, "INSERT INTO audit_events (actor_kind, actor_id, action,"
-                 " outcome, origin_service) SELECT 'service', 'routing',"
-                 " 'rules.reloaded', 'ok', 'routing' FROM generate_series(1,"
-                 " 20000)");
+    khtest_db_exec(s_db,
+                   "INSERT INTO audit_events (actor_kind, actor_id, action,"
+                   " outcome, origin_service) SELECT 'service', 'routing',"
+                   " 'rules.reloaded', 'ok', 'routing' FROM generate_series(1,"
+                   " 20000)",
+                   0, NULL);
     ck_assert_int_eq(s_flush(sealer), 20000);
     kh_trail_sealer_destroy(&sealer);
     kh_trail_report_t report;
     ck_assert_int_eq(s_verify(NULL, 0, &report), 0);
     ck_assert_int_eq(report.sealed, 50000);
     ck_assert_int_eq(report.signed_seq, 30000);
-    s_exec(s_db, "ALTER TABLE audit_events DISABLE TRIGGER USER");
-    s_exec(s_db, "UPDATE audit_events SET outcome = 'failed' WHERE seq ="
-                 " 15000");
-    s_exec(s_db, "UPDATE audit_events SET outcome = 'failed' WHERE seq ="
-                 " 45000");
+    khtest_db_exec(s_db, "ALTER TABLE audit_events DISABLE TRIGGER USER", 0,
+                   NULL);
+    khtest_db_exec(s_db,
+                   "UPDATE audit_events SET outcome = 'failed' WHERE seq ="
+                   " 15000",
+                   0, NULL);
+    khtest_db_exec(s_db,
+                   "UPDATE audit_events SET outcome = 'failed' WHERE seq ="
+                   " 45000",
+                   0, NULL);
     ck_assert_int_eq(s_verify(NULL, 0, &report), 1);
     ck_assert_int_eq(report.kind, KH_TRAIL_ALTERED);
     ck_assert_int_eq(report.seq, 15000);
-    s_exec(s_db, "UPDATE audit_events SET outcome = 'ok' WHERE seq = 15000");
+    khtest_db_exec(s_db,
+                   "UPDATE audit_events SET outcome = 'ok' WHERE seq = 15000",
+                   0, NULL);
     ck_assert_int_eq(s_verify(NULL, 0, &report), 1);
     ck_assert_int_eq(report.kind, KH_TRAIL_ALTERED);
     ck_assert_int_eq(report.seq, 45000);
@@ -640,10 +649,12 @@ START_TEST(service_killed_while_sealing_loses_nothing)
     for (int round = 0; round < 6; round++) {
         pid_t pid = khproc_spawn(bin, argv, env, log);
         ck_assert_int_gt(pid, 0);
-        s_exec(s_db, "INSERT INTO audit_events (actor_kind, actor_id, action,"
-                     " outcome, origin_service) SELECT 'service', 'routing',"
-                     " 'rules.reloaded', 'ok', 'routing' FROM"
-                     " generate_series(1, 3000)");
+        khtest_db_exec(s_db,
+                       "INSERT INTO audit_events (actor_kind, actor_id, action,"
+                       " outcome, origin_service) SELECT 'service', 'routing',"
+                       " 'rules.reloaded', 'ok', 'routing' FROM"
+                       " generate_series(1, 3000)",
+                       0, NULL);
         usleep(20000 + 15000 * round);
         int status = khproc_stop(pid, round == 5 ? SIGTERM : SIGKILL, 5000);
         if (round == 5)
@@ -759,7 +770,7 @@ static const char *s_try_event(int col, const char *value)
         "partner",    "veilig-thuis", "delivery.nacked", "avim",       "ok",
         "nack_retry", "delivery_id",  "notification",    "10.0.0.1:5", "a,b"};
     params[col] = value;
-    s_exec(s_db, "SAVEPOINT try");
+    khtest_db_exec(s_db, "SAVEPOINT try", 0, NULL);
     PGresult *res = PQexecParams(
         s_db,
         "INSERT INTO audit_events (actor_kind, actor_id, action, partner_id,"
@@ -777,7 +788,7 @@ static const char *s_try_event(int col, const char *value)
         result = refused_by;
     }
     PQclear(res);
-    s_exec(s_db, "ROLLBACK TO SAVEPOINT try");
+    khtest_db_exec(s_db, "ROLLBACK TO SAVEPOINT try", 0, NULL);
     return result;
 }
 
@@ -836,7 +847,7 @@ START_TEST(checks_refuse_what_they_refused)
                     "audit_events_origin_service_format"},
                    {S_COL_ACTION, "^[a-z][a-z0-9_.-]{0,63}$",
                     "audit_events_action_known"}};
-    s_exec(s_db, "BEGIN");
+    khtest_db_exec(s_db, "BEGIN", 0, NULL);
     int refused = 0;
     for (size_t f = 0; f < sizeof formats / sizeof *formats; f++)
         for (size_t v = 0; v < sizeof values / sizeof *values; v++) {
@@ -902,7 +913,7 @@ START_TEST(checks_refuse_what_they_refused)
         else
             ck_assert_msg(by == NULL, "%zu: refused by %s", i, by);
     }
-    s_exec(s_db, "ROLLBACK");
+    khtest_db_exec(s_db, "ROLLBACK", 0, NULL);
 }
 END_TEST
 

@@ -39,11 +39,7 @@ static int s_ncanaries;
 
 static char *s_path(const char *name)
 {
-    static char path[8][512];
-    static int next;
-    char *out = path[next++ % 8];
-    snprintf(out, sizeof path[0], "%s/%s", s_dir, name);
-    return out;
+    return khtest_path(s_dir, name);
 }
 
 /* Run ketenhubctl (or another binary) with args; returns the exit status

@@ -53,20 +53,7 @@ static PGconn *s_db; /* superuser, for limits and checks */
 
 static char *s_path(const char *name)
 {
-    static char path[4][512];
-    static int next;
-    char *out = path[next++ % 4];
-    snprintf(out, sizeof path[0], "%s/%s", s_dir, name);
-    return out;
-}
-
-static void s_exec(PGconn *conn, const char *sql)
-{
-    PGresult *res = PQexec(conn, sql);
-    ck_assert_msg(PQresultStatus(res) == PGRES_COMMAND_OK ||
-                      PQresultStatus(res) == PGRES_TUPLES_OK,
-                  "%s: %s", sql, PQerrorMessage(conn));
-    PQclear(res);
+    return khtest_path(s_dir, name);
 }
 
 static long s_count(const char *sql)
@@ -143,12 +130,14 @@ static void s_setup(void)
              khproc_free_port());
 
     s_db = khtest_db_fresh(S_DB);
-    s_exec(s_db, "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE"
-                 " rolname = '" S_ROLE "') THEN CREATE ROLE " S_ROLE
-                 " LOGIN; END IF; END $$");
+    khtest_db_exec(s_db,
+                   "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE"
+                   " rolname = '" S_ROLE "') THEN CREATE ROLE " S_ROLE
+                   " LOGIN; END IF; END $$",
+                   0, NULL);
     /* A failed test may have left its limit behind. */
-    s_exec(s_db, "ALTER ROLE " S_ROLE " CONNECTION LIMIT -1");
-    s_exec(s_db, "GRANT ketenhub_intake TO " S_ROLE);
+    khtest_db_exec(s_db, "ALTER ROLE " S_ROLE " CONNECTION LIMIT -1", 0, NULL);
+    khtest_db_exec(s_db, "GRANT ketenhub_intake TO " S_ROLE, 0, NULL);
 
     char *base = khtest_db_conninfo(S_DB);
     size_t size = strlen(base) + 64;
@@ -325,7 +314,7 @@ START_TEST(restarted_with_connection_limit_0)
     long events = s_count("SELECT count(*) FROM audit_events");
 
     /* The server restarts and refuses intake's role from then on. */
-    s_exec(s_db, "ALTER ROLE " S_ROLE " CONNECTION LIMIT 0");
+    khtest_db_exec(s_db, "ALTER ROLE " S_ROLE " CONNECTION LIMIT 0", 0, NULL);
     ck_assert_int_eq(s_pgtmp("restart"), 0);
     PQreset(s_db);
     ck_assert_int_eq(PQstatus(s_db), CONNECTION_OK);
@@ -337,7 +326,7 @@ START_TEST(restarted_with_connection_limit_0)
     ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events"), events);
 
     /* A failed test may have left its limit behind. */
-    s_exec(s_db, "ALTER ROLE " S_ROLE " CONNECTION LIMIT -1");
+    khtest_db_exec(s_db, "ALTER ROLE " S_ROLE " CONNECTION LIMIT -1", 0, NULL);
     int64_t recovered = s_expect_recovery(referral, "limit-1");
     s_expect_whole();
     printf("dblimits: connection_limit_0 slowest_refusal_ms=%" PRId64
@@ -357,8 +346,10 @@ START_TEST(max_connections_held_by_others)
 
     /* intake loses its connections, and others take every slot before it
      * can come back (superusers: the reserved slots too). */
-    s_exec(s_db, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                 " WHERE usename = '" S_ROLE "'");
+    khtest_db_exec(s_db,
+                   "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                   " WHERE usename = '" S_ROLE "'",
+                   0, NULL);
     ck_assert(khtest_wait_count(s_db,
                                 "SELECT count(*) FROM pg_stat_activity"
                                 " WHERE usename = '" S_ROLE "'",
@@ -421,12 +412,16 @@ START_TEST(out_of_space)
         char sql[1024];
         snprintf(sql, sizeof sql,
                  "CREATE TABLESPACE " S_TABLESPACE " LOCATION '%s'", s_tmpfs);
-        s_exec(s_db, sql);
+        khtest_db_exec(s_db, sql, 0, NULL);
     }
-    s_exec(s_db, "ALTER TABLE ALL IN TABLESPACE pg_default SET "
-                 "TABLESPACE " S_TABLESPACE);
-    s_exec(s_db, "ALTER INDEX ALL IN TABLESPACE pg_default SET "
-                 "TABLESPACE " S_TABLESPACE);
+    khtest_db_exec(s_db,
+                   "ALTER TABLE ALL IN TABLESPACE pg_default SET "
+                   "TABLESPACE " S_TABLESPACE,
+                   0, NULL);
+    khtest_db_exec(s_db,
+                   "ALTER INDEX ALL IN TABLESPACE pg_default SET "
+                   "TABLESPACE " S_TABLESPACE,
+                   0, NULL);
     ck_assert_int_eq(s_count("SELECT count(*) FROM pg_class c JOIN"
                              " pg_namespace n ON n.oid = c.relnamespace"
                              " WHERE n.nspname = 'public' AND c.relname IN"
@@ -440,7 +435,8 @@ START_TEST(out_of_space)
 
     /* Fill the tablespace until PostgreSQL says the disk is full (rows
      * under the TOAST threshold are stored as they are, uncompressed). */
-    s_exec(s_db, "CREATE TABLE filler (b text) TABLESPACE " S_TABLESPACE);
+    khtest_db_exec(
+        s_db, "CREATE TABLE filler (b text) TABLESPACE " S_TABLESPACE, 0, NULL);
     char state[6] = "";
     int rounds = 0;
     for (; rounds < 10000 && !state[0]; rounds++)
@@ -461,7 +457,7 @@ START_TEST(out_of_space)
     ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events"), 0);
 
     /* DROP TABLE gives the space back at once (the file is truncated). */
-    s_exec(s_db, "DROP TABLE filler");
+    khtest_db_exec(s_db, "DROP TABLE filler", 0, NULL);
     int64_t recovered = s_expect_recovery(referral, "disk-1");
     s_expect_whole();
     printf("dblimits: out_of_space fill_rounds=%d slowest_refusal_ms=%" PRId64

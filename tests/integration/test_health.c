@@ -32,11 +32,7 @@ static PGconn *s_db;
 
 static char *s_path(const char *name)
 {
-    static char path[4][512];
-    static int next;
-    char *out = path[next++ % 4];
-    snprintf(out, sizeof path[0], "%s/%s", s_dir, name);
-    return out;
+    return khtest_path(s_dir, name);
 }
 
 static void s_make_partner(const char *file, const char *id)

@@ -29,26 +29,12 @@ static int s_seq; /* idempotency keys */
 
 static char *s_path(const char *name)
 {
-    static char path[8][512];
-    static int next;
-    char *out = path[next++ % 8];
-    snprintf(out, sizeof path[0], "%s/%s", s_dir, name);
-    return out;
+    return khtest_path(s_dir, name);
 }
 
 static long s_count(const char *sql)
 {
     return khtest_db_count(s_db, sql);
-}
-
-static void s_exec(const char *sql, int nparams, const char *const *params)
-{
-    PGresult *res =
-        PQexecParams(s_db, sql, nparams, NULL, params, NULL, NULL, 0);
-    ck_assert_msg(PQresultStatus(res) == PGRES_COMMAND_OK ||
-                      PQresultStatus(res) == PGRES_TUPLES_OK,
-                  "%s: %s", sql, PQerrorMessage(s_db));
-    PQclear(res);
 }
 
 static void s_register(const char *id, const char *kind, bool cases)
@@ -95,11 +81,12 @@ static void s_delivery(const char *partner, const char *priority, int age_ms,
     snprintf(payload, sizeof payload, "{\"summary\":\"delivery %d\"}", s_seq);
     kh_sha256_hex(payload, strlen(payload), hash);
     const char *rparams[] = {referral, key, payload, hash};
-    s_exec("INSERT INTO referrals (id, partner_id, idempotency_key,"
-           " schema_version, payload, payload_hash, state) VALUES ($1,"
-           " 'veilig-thuis', $2, 'referral.v1', convert_to($3, 'UTF8'),"
-           " decode($4, 'hex'), 'routed')",
-           4, rparams);
+    khtest_db_exec(s_db,
+                   "INSERT INTO referrals (id, partner_id, idempotency_key,"
+                   " schema_version, payload, payload_hash, state) VALUES ($1,"
+                   " 'veilig-thuis', $2, 'referral.v1', convert_to($3, 'UTF8'),"
+                   " decode($4, 'hex'), 'routed')",
+                   4, rparams);
     /* The escalation copy has its own, smaller projection. */
     char copy[128], copy_hash[65];
     snprintf(copy, sizeof copy, "{\"copy\":%d}", s_seq);
@@ -114,14 +101,16 @@ static void s_delivery(const char *partner, const char *priority, int age_ms,
                              age,
                              escalate_to ? copy : NULL,
                              escalate_to ? copy_hash : NULL};
-    s_exec("INSERT INTO deliveries (id, referral_id, partner_id, priority,"
-           " payload, payload_hash, rules_version, escalate_to, created_at,"
-           " updated_at, escalation_payload, escalation_payload_hash)"
-           " VALUES ($1, $2, $3, $4, convert_to($5, 'UTF8'),"
-           " decode($6, 'hex'), 'test', $7,"
-           " now() - make_interval(secs => $8 / 1000.0), now(),"
-           " convert_to($9, 'UTF8'), decode($10, 'hex'))",
-           10, dparams);
+    khtest_db_exec(
+        s_db,
+        "INSERT INTO deliveries (id, referral_id, partner_id, priority,"
+        " payload, payload_hash, rules_version, escalate_to, created_at,"
+        " updated_at, escalation_payload, escalation_payload_hash)"
+        " VALUES ($1, $2, $3, $4, convert_to($5, 'UTF8'),"
+        " decode($6, 'hex'), 'test', $7,"
+        " now() - make_interval(secs => $8 / 1000.0), now(),"
+        " convert_to($9, 'UTF8'), decode($10, 'hex'))",
+        10, dparams);
 }
 
 /* Start notification with short timers; extra, extra2, extra3: more
@@ -651,10 +640,10 @@ START_TEST(a_partner_that_reconnects_gets_its_deliveries_at_once)
         s_hello(second, 2);
     }
     char want[S_RECONNECT_NEW + 1][37];
-    s_exec("BEGIN", 0, NULL);
+    khtest_db_exec(s_db, "BEGIN", 0, NULL);
     for (int i = 0; i < S_RECONNECT_NEW; i++)
         s_delivery("avim", "normal", 0, NULL, want[i]);
-    s_exec("COMMIT", 0, NULL);
+    khtest_db_exec(s_db, "COMMIT", 0, NULL);
     if (gone_first) {
         ck_assert(s_log_has("notification.log", "reason=unreachable", 5000));
         second = s_partner("avim");
@@ -729,10 +718,10 @@ START_TEST(two_connections_of_one_partner_both_keep_working)
     /* One HELLO after the other, from the same address: both stay. */
     s_hello(one, 2);
     char ids[8][37];
-    s_exec("BEGIN", 0, NULL);
+    khtest_db_exec(s_db, "BEGIN", 0, NULL);
     for (int i = 0; i < 8; i++)
         s_delivery("avim", "normal", 0, NULL, ids[i]);
-    s_exec("COMMIT", 0, NULL);
+    khtest_db_exec(s_db, "COMMIT", 0, NULL);
     /* Neither acknowledges yet: each gets its window of two. */
     json_t *first[2][2];
     zsock_t *socks[2] = {one, two};
@@ -920,20 +909,22 @@ static long s_mem_kib(pid_t pid, const char *field)
 START_TEST(a_large_backlog_drains_with_flat_memory)
 {
     const char *params[] = {"100000"};
-    s_exec("WITH r AS (INSERT INTO referrals (id, partner_id,"
-           " idempotency_key, schema_version, payload, payload_hash, state)"
-           " SELECT gen_random_uuid(), 'veilig-thuis', 'bulk-' || g,"
-           " 'referral.v1', convert_to(p, 'UTF8'),"
-           " sha256(convert_to(p, 'UTF8')), 'routed'"
-           " FROM generate_series(1, $1::int) g,"
-           " (SELECT '{\"summary\":\"backlog\"}' AS p) x"
-           " RETURNING id, payload, payload_hash)"
-           " INSERT INTO deliveries (id, referral_id, partner_id, priority,"
-           " payload, payload_hash, rules_version)"
-           " SELECT gen_random_uuid(), id, 'avim', 'normal', payload,"
-           " payload_hash, 'test' FROM r",
-           1, params);
-    s_exec("VACUUM ANALYZE deliveries", 0, NULL);
+    khtest_db_exec(
+        s_db,
+        "WITH r AS (INSERT INTO referrals (id, partner_id,"
+        " idempotency_key, schema_version, payload, payload_hash, state)"
+        " SELECT gen_random_uuid(), 'veilig-thuis', 'bulk-' || g,"
+        " 'referral.v1', convert_to(p, 'UTF8'),"
+        " sha256(convert_to(p, 'UTF8')), 'routed'"
+        " FROM generate_series(1, $1::int) g,"
+        " (SELECT '{\"summary\":\"backlog\"}' AS p) x"
+        " RETURNING id, payload, payload_hash)"
+        " INSERT INTO deliveries (id, referral_id, partner_id, priority,"
+        " payload, payload_hash, rules_version)"
+        " SELECT gen_random_uuid(), id, 'avim', 'normal', payload,"
+        " payload_hash, 'test' FROM r",
+        1, params);
+    khtest_db_exec(s_db, "VACUUM ANALYZE deliveries", 0, NULL);
 #if defined(__SANITIZE_ADDRESS__)
     /* Memory is what is measured: ASan must not hold freed blocks back. */
     char asan[512];

@@ -56,21 +56,7 @@ static int s_seq;
 
 static char *s_path(const char *name)
 {
-    static char path[8][512];
-    static int next;
-    char *out = path[next++ % 8];
-    snprintf(out, sizeof path[0], "%s/%s", s_dir, name);
-    return out;
-}
-
-static void s_exec(const char *sql, int nparams, const char *const *params)
-{
-    PGresult *res =
-        PQexecParams(s_db, sql, nparams, NULL, params, NULL, NULL, 0);
-    ck_assert_msg(PQresultStatus(res) == PGRES_COMMAND_OK ||
-                      PQresultStatus(res) == PGRES_TUPLES_OK,
-                  "%s: %s", sql, PQerrorMessage(s_db));
-    PQclear(res);
+    return khtest_path(s_dir, name);
 }
 
 static void s_register(const char *id, const char *kind)
@@ -433,16 +419,19 @@ static void s_delivery(const char *partner)
     snprintf(payload, sizeof payload, "{\"summary\":\"delivery %d\"}", s_seq);
     kh_sha256_hex(payload, strlen(payload), hash);
     const char *rparams[] = {referral, key, payload, hash};
-    s_exec("INSERT INTO referrals (id, partner_id, idempotency_key,"
-           " schema_version, payload, payload_hash, state) VALUES ($1,"
-           " 'veilig-thuis', $2, 'referral.v1', convert_to($3, 'UTF8'),"
-           " decode($4, 'hex'), 'routed')",
-           4, rparams);
+    khtest_db_exec(s_db,
+                   "INSERT INTO referrals (id, partner_id, idempotency_key,"
+                   " schema_version, payload, payload_hash, state) VALUES ($1,"
+                   " 'veilig-thuis', $2, 'referral.v1', convert_to($3, 'UTF8'),"
+                   " decode($4, 'hex'), 'routed')",
+                   4, rparams);
     const char *dparams[] = {id, referral, partner, payload, hash};
-    s_exec("INSERT INTO deliveries (id, referral_id, partner_id, priority,"
-           " payload, payload_hash, rules_version) VALUES ($1, $2, $3,"
-           " 'normal', convert_to($4, 'UTF8'), decode($5, 'hex'), 'test')",
-           5, dparams);
+    khtest_db_exec(
+        s_db,
+        "INSERT INTO deliveries (id, referral_id, partner_id, priority,"
+        " payload, payload_hash, rules_version) VALUES ($1, $2, $3,"
+        " 'normal', convert_to($4, 'UTF8'), decode($5, 'hex'), 'test')",
+        5, dparams);
 }
 
 static zsock_t *s_partner(const char *id)

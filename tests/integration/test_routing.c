@@ -37,11 +37,7 @@ static const kh_rules_partner_t s_partners[] = {
 
 static char *s_path(const char *name)
 {
-    static char path[4][512];
-    static int next;
-    char *out = path[next++ % 4];
-    snprintf(out, sizeof path[0], "%s/%s", s_dir, name);
-    return out;
+    return khtest_path(s_dir, name);
 }
 
 static void s_sql(const char *sql, int nparams, const char *const *params)

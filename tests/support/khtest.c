@@ -207,6 +207,28 @@ json_t *khtest_json(const char *text)
     return doc;
 }
 
+void khtest_db_exec(PGconn *conn, const char *sql, int nparams,
+                    const char *const *params)
+{
+    PGresult *res =
+        nparams == 0
+            ? PQexec(conn, sql) /* may hold several statements */
+            : PQexecParams(conn, sql, nparams, NULL, params, NULL, NULL, 0);
+    ck_assert_msg(PQresultStatus(res) == PGRES_COMMAND_OK ||
+                      PQresultStatus(res) == PGRES_TUPLES_OK,
+                  "%s: %s", sql, PQerrorMessage(conn));
+    PQclear(res);
+}
+
+char *khtest_path(const char *dir, const char *name)
+{
+    static char path[8][1024];
+    static int next;
+    char *out = path[next++ % 8];
+    snprintf(out, sizeof path[0], "%s/%s", dir, name);
+    return out;
+}
+
 long khtest_db_count(PGconn *conn, const char *sql)
 {
     char *value = khtest_db_value(conn, sql);

@@ -50,6 +50,15 @@ char *khtest_db_value(PGconn *conn, const char *sql);
  * duplicate keys refused, any value allowed. Aborts the test on bad JSON. */
 json_t *khtest_json(const char *text);
 
+/* Run sql with nparams text parameters (none: params NULL, and sql may
+ * hold several statements); fails the test unless it succeeds. */
+void khtest_db_exec(PGconn *conn, const char *sql, int nparams,
+                    const char *const *params);
+
+/* dir/name in one of 8 static buffers used in turn, so that a few paths
+ * can be used in one call. */
+char *khtest_path(const char *dir, const char *name);
+
 /* As khtest_db_value, for a query that returns one count. */
 long khtest_db_count(PGconn *conn, const char *sql);
 
