@@ -69,30 +69,9 @@ static int s_pgtmp(const char *command)
 
 static void s_start_intake(void)
 {
-    char env_endpoint[128], env_cert[600], env_dir[600], env_db[1200],
-        env_schema[600];
-    snprintf(env_endpoint, sizeof env_endpoint, "KH_INTAKE_ENDPOINT=%s",
-             s_endpoint);
-    snprintf(env_cert, sizeof env_cert, "KH_HUB_CERT=%s", s_path("hub.cert"));
-    snprintf(env_dir, sizeof env_dir, "KH_PARTNER_CERT_DIR=%s",
-             s_path("partners"));
-    snprintf(env_db, sizeof env_db, "KH_DATABASE_URL=%s", s_conninfo);
-    snprintf(env_schema, sizeof env_schema, "KH_SCHEMA_DIR=%s",
-             khtest_src("schemas"));
-    char *env[] = {env_endpoint,
-                   env_cert,
-                   env_dir,
-                   env_db,
-                   env_schema,
-                   "KH_LOG_LEVEL=debug",
-                   "KH_ROUTING_ENDPOINT=none",
-                   "KH_HEALTH_ENDPOINT=none",
-                   NULL};
-    char *argv[] = {"ketenhub-intake", NULL};
-    s_intake =
-        khproc_spawn(KH_TEST_BINARY_DIR "/services/intake/ketenhub-intake",
-                     argv, env, s_path("intake.log"));
-    ck_assert_int_gt(s_intake, 0);
+    char *extra[] = {"KH_ROUTING_ENDPOINT=none", "KH_HEALTH_ENDPOINT=none",
+                     NULL};
+    s_intake = khtest_start_intake(s_dir, s_endpoint, s_conninfo, extra);
     /* For main to stop it should this test fail before its teardown. */
     char pidfile[600], pid[32];
     snprintf(pidfile, sizeof pidfile, "%s/intake.pid", s_top);

@@ -50,31 +50,10 @@ static void s_make_partner(const char *file, const char *id)
 
 static void s_start_intake(void)
 {
-    char env_endpoint[128], env_cert[600], env_dir[600], env_db[1024],
-        env_schema[600], env_health[128];
-    snprintf(env_endpoint, sizeof env_endpoint, "KH_INTAKE_ENDPOINT=%s",
-             s_endpoint);
-    snprintf(env_cert, sizeof env_cert, "KH_HUB_CERT=%s", s_path("hub.cert"));
-    snprintf(env_dir, sizeof env_dir, "KH_PARTNER_CERT_DIR=%s",
-             s_path("partners"));
-    snprintf(env_db, sizeof env_db, "KH_DATABASE_URL=%s", s_conninfo);
-    snprintf(env_schema, sizeof env_schema, "KH_SCHEMA_DIR=%s",
-             khtest_src("schemas"));
-    snprintf(env_health, sizeof env_health, "KH_HEALTH_ENDPOINT=%s", s_health);
-    char *env[] = {env_endpoint,
-                   env_cert,
-                   env_dir,
-                   env_db,
-                   env_schema,
-                   env_health,
-                   "KH_ROUTING_ENDPOINT=none",
-                   "KH_LOG_LEVEL=debug",
-                   NULL};
-    char *argv[] = {"ketenhub-intake", NULL};
-    s_intake =
-        khproc_spawn(KH_TEST_BINARY_DIR "/services/intake/ketenhub-intake",
-                     argv, env, s_path("intake.log"));
-    ck_assert_int_gt(s_intake, 0);
+    char health[128];
+    snprintf(health, sizeof health, "KH_HEALTH_ENDPOINT=%s", s_health);
+    char *extra[] = {health, "KH_ROUTING_ENDPOINT=none", NULL};
+    s_intake = khtest_start_intake(s_dir, s_endpoint, s_conninfo, extra);
 }
 
 /* GET path on intake's health endpoint: the HTTP status, -1 when it does

@@ -59,32 +59,10 @@ static long s_count(const char *sql)
 
 static void s_start_intake(void)
 {
-    char env_endpoint[128], env_cert[600], env_dir[600], env_db[1024],
-        env_schema[600], env_routing[128];
-    snprintf(env_endpoint, sizeof env_endpoint, "KH_INTAKE_ENDPOINT=%s",
-             s_endpoint);
-    snprintf(env_cert, sizeof env_cert, "KH_HUB_CERT=%s", s_path("hub.cert"));
-    snprintf(env_dir, sizeof env_dir, "KH_PARTNER_CERT_DIR=%s",
-             s_path("partners"));
-    snprintf(env_db, sizeof env_db, "KH_DATABASE_URL=%s", s_conninfo);
-    snprintf(env_schema, sizeof env_schema, "KH_SCHEMA_DIR=%s",
-             khtest_src("schemas"));
-    char *env[] = {env_endpoint,
-                   env_cert,
-                   env_dir,
-                   env_db,
-                   env_schema,
-                   "KH_LOG_LEVEL=debug",
-                   "KH_PARTNER_REFRESH_MS=200",
-                   env_routing,
-                   NULL};
-    snprintf(env_routing, sizeof env_routing, "KH_ROUTING_ENDPOINT=%s",
-             s_routing);
-    char *argv[] = {"ketenhub-intake", NULL};
-    s_intake =
-        khproc_spawn(KH_TEST_BINARY_DIR "/services/intake/ketenhub-intake",
-                     argv, env, s_path("intake.log"));
-    ck_assert_int_gt(s_intake, 0);
+    char routing[128];
+    snprintf(routing, sizeof routing, "KH_ROUTING_ENDPOINT=%s", s_routing);
+    char *extra[] = {"KH_PARTNER_REFRESH_MS=200", routing, NULL};
+    s_intake = khtest_start_intake(s_dir, s_endpoint, s_conninfo, extra);
 }
 
 static kh_client_t *s_client(const char *name)

@@ -3,6 +3,8 @@
  */
 #include "khtest.h"
 
+#include "khproc.h"
+
 #include <dirent.h>
 
 #include <errno.h>
@@ -442,4 +444,31 @@ int khtest_run(char *const argv[], char **output)
     if (WIFEXITED(status))
         return WEXITSTATUS(status);
     return 128 + (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
+}
+
+pid_t khtest_start_intake(const char *dir, const char *endpoint,
+                          const char *conninfo, char *const extra[])
+{
+    char vars[5][2048];
+    snprintf(vars[0], sizeof vars[0], "KH_INTAKE_ENDPOINT=%s", endpoint);
+    snprintf(vars[1], sizeof vars[1], "KH_HUB_CERT=%s/hub.cert", dir);
+    snprintf(vars[2], sizeof vars[2], "KH_PARTNER_CERT_DIR=%s/partners", dir);
+    snprintf(vars[3], sizeof vars[3], "KH_DATABASE_URL=%s", conninfo);
+    snprintf(vars[4], sizeof vars[4], "KH_SCHEMA_DIR=%s/schemas",
+             KH_TEST_SOURCE_DIR);
+    char *env[32] = {vars[0], vars[1], vars[2],
+                     vars[3], vars[4], "KH_LOG_LEVEL=debug"};
+    size_t n = 6;
+    for (size_t i = 0; extra && extra[i]; i++) {
+        ck_assert_uint_lt(n, sizeof env / sizeof env[0] - 1);
+        env[n++] = extra[i];
+    }
+    env[n] = NULL;
+    char log[2048];
+    snprintf(log, sizeof log, "%s/intake.log", dir);
+    char *argv[] = {"ketenhub-intake", NULL};
+    pid_t pid = khproc_spawn(
+        KH_TEST_BINARY_DIR "/services/intake/ketenhub-intake", argv, env, log);
+    ck_assert_int_gt(pid, 0);
+    return pid;
 }

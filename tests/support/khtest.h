@@ -15,6 +15,7 @@
 #include <libpq-fe.h>
 #include <stdbool.h>
 #include <stddef.h>
+#include <sys/types.h>
 
 /* Run every test of suite (and free it); the exit status for main: 0
  * when all passed, 1 otherwise. */
@@ -94,6 +95,14 @@ void khtest_append_file(const char *path, const char *text);
 /* Whole file as a new NUL-terminated string (caller frees), or NULL when
  * it cannot be read. */
 char *khtest_read_file(const char *path);
+
+/* Start the built ketenhub-intake on endpoint with dir's certificates
+ * (dir/hub.cert, dir/partners), the database conninfo, the source tree's
+ * schemas and debug logs appended to dir/intake.log; extra (NULL-ended
+ * "NAME=value" strings, may be NULL) comes after and wins. Returns the
+ * pid; fails the test when it cannot start. */
+pid_t khtest_start_intake(const char *dir, const char *endpoint,
+                          const char *conninfo, char *const extra[]);
 
 /* Run argv (argv[0] is a path, argv NULL-terminated) with the test's
  * environment, stdin from /dev/null. Returns the exit status (128 + the
