@@ -22,7 +22,10 @@ rate=${2:-1000}
 # shellcheck source=scripts/hublib.sh
 . "$here/scripts/hublib.sh"
 
+[ "${KH_BENCH_STATEMENTS:-0}" = 0 ] || export PGTMP_STATEMENTS=1
 hub_bench_begin
+[ "${KH_BENCH_STATEMENTS:-0}" = 0 ] ||
+  psql -q -c "CREATE EXTENSION pg_stat_statements" >/dev/null
 "$build/tools/ctl/ketenhubctl" audit keygen --out "$run/audit" >/dev/null
 hub_bench_partners
 port=$((20000 + $$ % 20000))
@@ -133,6 +136,8 @@ run_load() {
 echo "== open loop: $rate referrals/s offered for ${seconds}s, 16 clients (3 deliveries each)"
 run_load open --clients 16 --window 64 --rate "$rate"
 echo "== closed loop: 16 clients, 16 in flight each, ${seconds}s"
+[ "${KH_BENCH_STATEMENTS:-0}" = 0 ] ||
+  psql -q -c "SELECT pg_stat_statements_reset()" >/dev/null
 run_load closed --clients 16 --window 16
 
 echo "== rows written per referral"
@@ -158,6 +163,27 @@ for service in intake routing notification audit; do
   printf '  %-13s cpu_s=%s peak_rss_mib=%s\n' "$service" "$1" "$2"
   services_json="$services_json${services_json:+,}\"$service\":{\"cpu_s\":$1,\"peak_rss_mib\":$2}"
 done
+
+# The PostgreSQL server processes that serve each service: their CPU
+# seconds since they connected (all of both runs, like the services' own).
+echo "== PostgreSQL CPU seconds per client (its server processes)"
+psql -At -F ' ' -c "SELECT application_name, pid FROM pg_stat_activity
+    WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()" |
+  while read -r app pid; do
+    awk -v t="$ticks" -v a="${app:-none}" \
+      '{ printf "%s %.2f\n", a, ($14 + $15) / t }' "/proc/$pid/stat" 2>/dev/null || true
+  done | awk '{ s[$1] += $2 } END { for (a in s) printf "  %-28s cpu_s=%.2f\n", a, s[a] }' |
+  sort
+
+# KH_BENCH_STATEMENTS=1: where the closed loop's PostgreSQL time went, per
+# statement (pg_stat_statements).
+if [ "${KH_BENCH_STATEMENTS:-0}" = 1 ]; then
+  echo "== statements of the closed loop by total time"
+  psql -At -F ' ' -c "SELECT round(total_exec_time)::bigint || 'ms',
+      calls || 'calls', round((1000 * total_exec_time / calls)::numeric, 1) || 'us/call',
+      rows || 'rows', left(regexp_replace(query, '\s+', ' ', 'g'), 90)
+    FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 15" | sed 's/^/  /'
+fi
 
 echo "== this PostgreSQL's raw multi-row INSERT rate, rows shaped like the hub's"
 psql -q -c "CREATE TABLE raw_events (LIKE audit_events INCLUDING DEFAULTS)"

@@ -203,6 +203,12 @@ cmd_start() {
             echo "autovacuum_naptime = 5s"
             echo "log_min_messages = warning"
             echo "log_line_prefix = '%m [%p] %q%a '"
+            # PGTMP_STATEMENTS=1: count every statement's time
+            # (pg_stat_statements), for a benchmark's profile.
+            if [ "${PGTMP_STATEMENTS:-0}" = 1 ]; then
+                echo "shared_preload_libraries = 'pg_stat_statements'"
+                echo "pg_stat_statements.track = all"
+            fi
         } >"$sock/pgtmp.conf"
         chmod 644 "$sock/pgtmp.conf"
         # include_if_exists keeps postgresql.conf as initdb wrote it.
