@@ -1,8 +1,9 @@
 /*
- * PostgreSQL array literals (see pgarray.h).
+ * PostgreSQL array parameters (see pgarray.h).
  */
 #include "ketenhub/pgarray.h"
 
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -72,6 +73,154 @@ const char *kh_pgarray_text(kh_pgarray_t *self)
 }
 
 void kh_pgarray_free(kh_pgarray_t *self)
+{
+    free(self->data);
+    memset(self, 0, sizeof *self);
+}
+
+/* The binary header: dimensions, flags (has nulls), element type, then
+ * the one dimension's length and lower bound; all int32, network order. */
+#define S_BIN_HEADER 20
+
+static void s_put32(char *out, uint32_t v)
+{
+    out[0] = (char) (v >> 24);
+    out[1] = (char) (v >> 16);
+    out[2] = (char) (v >> 8);
+    out[3] = (char) v;
+}
+
+/* Room for need more bytes. */
+static bool s_bin_reserve(kh_pgbinarray_t *self, size_t need)
+{
+    if (self->failed)
+        return false;
+    if (self->len + need <= self->cap)
+        return true;
+    size_t cap = self->cap ? self->cap : 1024;
+    while (cap < self->len + need)
+        cap *= 2;
+    char *data = realloc(self->data, cap);
+    if (!data) {
+        self->failed = true;
+        return false;
+    }
+    self->data = data;
+    self->cap = cap;
+    return true;
+}
+
+void kh_pgbinarray_reset(kh_pgbinarray_t *self, unsigned element_oid)
+{
+    self->len = 0;
+    self->count = 0;
+    self->oid = element_oid;
+    self->has_null = false;
+    self->failed = false;
+    if (s_bin_reserve(self, S_BIN_HEADER))
+        self->len = S_BIN_HEADER;
+}
+
+/* Room for one more element of len bytes, its length written; NULL when
+ * the array failed. */
+static char *s_bin_element(kh_pgbinarray_t *self, size_t len)
+{
+    if (self->len < S_BIN_HEADER || len > INT32_MAX - 4 ||
+        !s_bin_reserve(self, 4 + len)) {
+        self->failed = true;
+        return NULL;
+    }
+    char *out = self->data + self->len;
+    s_put32(out, (uint32_t) len);
+    self->len += 4 + len;
+    self->count++;
+    return out + 4;
+}
+
+static void s_bin_null(kh_pgbinarray_t *self)
+{
+    if (self->len < S_BIN_HEADER || !s_bin_reserve(self, 4)) {
+        self->failed = true;
+        return;
+    }
+    s_put32(self->data + self->len, UINT32_MAX); /* length -1 */
+    self->len += 4;
+    self->count++;
+    self->has_null = true;
+}
+
+void kh_pgbinarray_add(kh_pgbinarray_t *self, const void *item, size_t len)
+{
+    if (!item) {
+        s_bin_null(self);
+        return;
+    }
+    char *out = s_bin_element(self, len);
+    if (out && len)
+        memcpy(out, item, len);
+}
+
+void kh_pgbinarray_add_str(kh_pgbinarray_t *self, const char *item)
+{
+    kh_pgbinarray_add(self, item, item ? strlen(item) : 0);
+}
+
+static int s_hexval(char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
+
+void kh_pgbinarray_add_uuid(kh_pgbinarray_t *self, const char *uuid)
+{
+    if (!uuid) {
+        s_bin_null(self);
+        return;
+    }
+    unsigned char bytes[16];
+    size_t n = 0, i = 0;
+    while (n < sizeof bytes) {
+        if (i == 8 || i == 13 || i == 18 || i == 23) {
+            if (uuid[i++] != '-')
+                break;
+            continue;
+        }
+        int hi = s_hexval(uuid[i]);
+        int lo = hi < 0 ? -1 : s_hexval(uuid[i + 1]);
+        if (lo < 0)
+            break;
+        bytes[n++] = (unsigned char) (hi << 4 | lo);
+        i += 2;
+    }
+    if (n != sizeof bytes || uuid[i] != '\0') {
+        self->failed = true;
+        return;
+    }
+    char *out = s_bin_element(self, sizeof bytes);
+    if (out)
+        memcpy(out, bytes, sizeof bytes);
+}
+
+const char *kh_pgbinarray_data(kh_pgbinarray_t *self, int *len)
+{
+    if (self->failed || self->len < S_BIN_HEADER || self->len > INT32_MAX)
+        return NULL;
+    /* No elements: no dimension (an empty array). */
+    s_put32(self->data, self->count ? 1 : 0);
+    s_put32(self->data + 4, self->has_null ? 1 : 0);
+    s_put32(self->data + 8, self->oid);
+    s_put32(self->data + 12, (uint32_t) self->count);
+    s_put32(self->data + 16, 1);
+    *len = self->count ? (int) self->len : 12;
+    return self->data;
+}
+
+void kh_pgbinarray_free(kh_pgbinarray_t *self)
 {
     free(self->data);
     memset(self, 0, sizeof *self);

@@ -260,10 +260,15 @@ void kh_uuid_new(char out[37])
              b[11], b[12], b[13], b[14], b[15]);
 }
 
+void kh_sha256(const void *data, size_t len, unsigned char out[32])
+{
+    crypto_hash_sha256(out, data, len);
+}
+
 void kh_sha256_hex(const void *data, size_t len, char out[65])
 {
     unsigned char digest[crypto_hash_sha256_BYTES];
-    crypto_hash_sha256(digest, data, len);
+    kh_sha256(data, len, digest);
     sodium_bin2hex(out, 65, digest, sizeof digest);
 }
 

@@ -71,6 +71,9 @@ void kh_uuid_new(char out[37]);
  * its length in *len (may be NULL); NULL on allocation failure. */
 char *kh_payload_canonical(const json_t *value, size_t *len);
 
+/* The SHA-256 of data[0..len) into out (32 bytes). */
+void kh_sha256(const void *data, size_t len, unsigned char out[32]);
+
 /* Lower-case hex of the SHA-256 of data[0..len) into out (65 bytes). */
 void kh_sha256_hex(const void *data, size_t len, char out[65]);
 

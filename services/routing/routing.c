@@ -42,11 +42,11 @@ struct _routing_t {
     zsock_t *pull;
     zsock_t *notify;   /* wake-ups for notification, or NULL */
     zhashx_t *targets; /* partners with new deliveries in this pass */
-    /* The pass's writes as array parameters: deliveries, routed and
+    /* The pass's writes as binary array parameters: deliveries, routed and
      * unroutable referrals (columns as the statements take them). */
-    kh_pgarray_t deliveries_cols[S_DELIVERY_COLUMNS];
-    kh_pgarray_t routed_cols[S_ROUTED_COLUMNS];
-    kh_pgarray_t unroutable_cols[S_UNROUTABLE_COLUMNS];
+    kh_pgbinarray_t deliveries_cols[S_DELIVERY_COLUMNS];
+    kh_pgbinarray_t routed_cols[S_ROUTED_COLUMNS];
+    kh_pgbinarray_t unroutable_cols[S_UNROUTABLE_COLUMNS];
     zloop_t *loop;
     int signal_fd;
     bool stopping;
@@ -56,30 +56,36 @@ struct _routing_t {
 
 /* Claim the oldest accepted referrals; rows another process holds are
  * skipped, so side-by-side processes never take the same referral. */
-static const char *s_claim_sql =
+static const char s_claim_sql[] =
     "SELECT id, convert_from(payload, 'UTF8'), encode(payload_hash, 'hex')"
     " FROM referrals WHERE state = 'accepted' ORDER BY accepted_at"
     " LIMIT $1 FOR UPDATE SKIP LOCKED";
 
-/* The pass's deliveries, one row per element of the arrays; $10 is the
- * rules version. */
-static const char *s_deliveries_sql =
+/* The pass's deliveries, one row per element of the arrays (binary, of
+ * the element types in s_delivery_types); $10 is the rules version. */
+static const char s_deliveries_sql[] =
     "INSERT INTO deliveries (id, referral_id, partner_id, priority, payload,"
     " payload_hash, rules_version, escalate_to, escalation_payload,"
     " escalation_payload_hash)"
-    " SELECT d.id, d.referral_id, d.partner_id, d.priority,"
-    " convert_to(d.payload, 'UTF8'), decode(d.hash, 'hex'), $10,"
-    " d.escalate_to, convert_to(d.esc_payload, 'UTF8'),"
-    " decode(d.esc_hash, 'hex')"
-    " FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[],"
-    " $6::text[], $7::text[], $8::text[], $9::text[])"
+    " SELECT d.id, d.referral_id, d.partner_id, d.priority, d.payload, d.hash,"
+    " $10, d.escalate_to, d.esc_payload, d.esc_hash"
+    " FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[],"
+    " $5::bytea[], $6::bytea[], $7::text[], $8::bytea[], $9::bytea[])"
     " AS d(id, referral_id, partner_id, priority, payload, hash, escalate_to,"
     " esc_payload, esc_hash)"
     " ON CONFLICT (referral_id, partner_id) DO NOTHING";
 
+static const unsigned s_delivery_types[S_DELIVERY_COLUMNS] = {
+    KH_PG_UUID,  KH_PG_UUID, KH_PG_TEXT,  KH_PG_TEXT, KH_PG_BYTEA,
+    KH_PG_BYTEA, KH_PG_TEXT, KH_PG_BYTEA, KH_PG_BYTEA};
+static const unsigned s_routed_types[S_ROUTED_COLUMNS] = {
+    KH_PG_UUID, KH_PG_TEXT, KH_PG_TEXT, KH_PG_TEXT};
+static const unsigned s_unroutable_types[S_UNROUTABLE_COLUMNS] = {
+    KH_PG_UUID, KH_PG_TEXT, KH_PG_TEXT};
+
 /* The pass's routed referrals: new state and audit event each; $5 is the
  * rules version. */
-static const char *s_routed_sql =
+static const char s_routed_sql[] =
     "WITH r AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[],"
     " $4::text[]) AS r(id, reason, hash, matched)),"
     " s AS (UPDATE referrals SET state = 'routed' FROM r"
@@ -93,7 +99,7 @@ static const char *s_routed_sql =
     " JOIN s ON s.id = r.id";
 
 /* The pass's unreadable referrals, set aside with their audit events. */
-static const char *s_unroutable_sql =
+static const char s_unroutable_sql[] =
     "WITH u AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[])"
     " AS u(id, reason, hash)),"
     " s AS (UPDATE referrals SET state = 'unroutable' FROM u"
@@ -104,24 +110,42 @@ static const char *s_unroutable_sql =
     " SELECT 'service', 'routing', 'referral.routed', u.id, 'failed',"
     " u.reason, decode(u.hash, 'hex'), 'routing' FROM u JOIN s ON s.id = u.id";
 
-static const char *s_reload_sql =
+static const char s_reload_sql[] =
     "INSERT INTO audit_events (actor_kind, actor_id, action, outcome,"
     " reason_code, reason_path, rules_version, origin_service)"
     " VALUES ('service', 'routing', $1, $2, $3, $4, $5, 'routing')";
 
-/* Run one statement with text parameters; 0 or -1 with err. */
-static int s_exec(PGconn *conn, const char *sql, int nparams,
-                  const char *const *params, kh_error_t *err)
+/* The statements, prepared on each new connection (by their index as
+ * name): a pass no longer parses and plans its statements. */
+enum { S_CLAIM, S_DELIVERIES, S_ROUTED, S_UNROUTABLE, S_RELOAD, S_STATEMENTS };
+
+static const struct {
+    const char *name, *sql;
+    int nparams;
+} s_statements[S_STATEMENTS] = {
+    [S_CLAIM] = {"claim", s_claim_sql, 1},
+    [S_DELIVERIES] = {"deliveries", s_deliveries_sql, S_DELIVERY_COLUMNS + 1},
+    [S_ROUTED] = {"routed", s_routed_sql, S_ROUTED_COLUMNS + 1},
+    [S_UNROUTABLE] = {"unroutable", s_unroutable_sql, S_UNROUTABLE_COLUMNS},
+    [S_RELOAD] = {"reload", s_reload_sql, 5},
+};
+
+/* Run one of s_statements (lengths and formats NULL: text parameters);
+ * 0 or -1 with err. */
+static int s_exec(PGconn *conn, int stmt, const char *const *params,
+                  const int *lengths, const int *formats, kh_error_t *err)
 {
+    const char *name = s_statements[stmt].name;
+    int nparams = s_statements[stmt].nparams;
     /* In a pipeline the statement is only sent; s_pipeline_end reads the
      * outcomes of all of them. */
     if (PQpipelineStatus(conn) != PQ_PIPELINE_OFF)
-        return PQsendQueryParams(conn, sql, nparams, NULL, params, NULL, NULL,
-                                 0)
+        return PQsendQueryPrepared(conn, name, nparams, params, lengths,
+                                   formats, 0)
                    ? 0
                    : kh_db_error(err, conn, NULL, "cannot send a statement");
     PGresult *res =
-        PQexecParams(conn, sql, nparams, NULL, params, NULL, NULL, 0);
+        PQexecPrepared(conn, name, nparams, params, lengths, formats, 0);
     ExecStatusType status = PQresultStatus(res);
     int rc = 0;
     if (status != PGRES_COMMAND_OK && status != PGRES_TUPLES_OK)
@@ -171,15 +195,25 @@ static int s_connect(routing_t *self, kh_error_t *err)
         kh_db_connect_app(self->config.conninfo, "ketenhub-routing", err);
     if (!self->conn)
         return -1;
-    if (kh_db_exec(self->conn,
-                   "SET statement_timeout = '30s'; SET lock_timeout = '10s';"
-                   " SET idle_in_transaction_session_timeout = '60s'",
-                   err)) {
+    /* The statements' plans do not depend on their parameters. */
+    int rc = kh_db_exec(self->conn,
+                        "SET statement_timeout = '30s'; SET lock_timeout ="
+                        " '10s'; SET idle_in_transaction_session_timeout ="
+                        " '60s'; SET plan_cache_mode = force_generic_plan",
+                        err);
+    for (int i = 0; rc == 0 && i < S_STATEMENTS; i++) {
+        PGresult *res =
+            PQprepare(self->conn, s_statements[i].name, s_statements[i].sql,
+                      s_statements[i].nparams, NULL);
+        if (PQresultStatus(res) != PGRES_COMMAND_OK)
+            rc = kh_db_error(err, self->conn, res, "cannot prepare statements");
+        PQclear(res);
+    }
+    if (rc) {
         PQfinish(self->conn);
         self->conn = NULL;
-        return -1;
     }
-    return 0;
+    return rc;
 }
 
 /* A growing list of the registered active partners, for the rules. */
@@ -259,15 +293,14 @@ done:
 
 static char s_present; /* the value of every entry of targets */
 
-/* The canonical JSON of a projection (consumed) and its SHA-256 in hash;
- * NULL on allocation failure. */
-static char *s_canonical(json_t *projected, char hash[65])
+/* The canonical JSON of a projection (consumed), its length in *len and
+ * its SHA-256 in hash; NULL on allocation failure. */
+static char *s_canonical(json_t *projected, size_t *len, unsigned char hash[32])
 {
-    size_t len = 0;
-    char *text = projected ? kh_payload_canonical(projected, &len) : NULL;
+    char *text = projected ? kh_payload_canonical(projected, len) : NULL;
     json_decref(projected);
     if (text)
-        kh_sha256_hex(text, len, hash);
+        kh_sha256(text, *len, hash);
     return text;
 }
 
@@ -280,13 +313,15 @@ static int s_add_deliveries(routing_t *self, const char *referral_id,
     const kh_rules_result_t *result = self->result;
     for (size_t i = 0; i < kh_rules_result_target_count(result); i++) {
         const char *escalate_to = kh_rules_result_escalate_to(result, i);
-        char hash[65], esc_hash[65], id[37];
-        char *payload =
-            s_canonical(kh_rules_result_project(result, i, referral), hash);
+        unsigned char hash[32], esc_hash[32];
+        size_t len = 0, esc_len = 0;
+        char id[37];
+        char *payload = s_canonical(
+            kh_rules_result_project(result, i, referral), &len, hash);
         char *esc_payload =
             escalate_to ? s_canonical(kh_rules_result_project_escalation(
                                           result, i, referral),
-                                      esc_hash)
+                                      &esc_len, esc_hash)
                         : NULL;
         if (!payload || (escalate_to && !esc_payload)) {
             free(payload);
@@ -294,18 +329,18 @@ static int s_add_deliveries(routing_t *self, const char *referral_id,
             return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
         }
         kh_uuid_new(id);
-        const char *row[S_DELIVERY_COLUMNS] = {
-            id,
-            referral_id,
-            kh_rules_result_partner(result, i),
-            kh_priority_name(kh_rules_result_priority(result, i)),
-            payload,
-            hash,
-            escalate_to,
-            esc_payload,
-            escalate_to ? esc_hash : NULL};
-        for (int c = 0; c < S_DELIVERY_COLUMNS; c++)
-            kh_pgarray_add(&self->deliveries_cols[c], row[c]);
+        kh_pgbinarray_t *cols = self->deliveries_cols;
+        kh_pgbinarray_add_uuid(&cols[0], id);
+        kh_pgbinarray_add_uuid(&cols[1], referral_id);
+        kh_pgbinarray_add_str(&cols[2], kh_rules_result_partner(result, i));
+        kh_pgbinarray_add_str(
+            &cols[3], kh_priority_name(kh_rules_result_priority(result, i)));
+        kh_pgbinarray_add(&cols[4], payload, len);
+        kh_pgbinarray_add(&cols[5], hash, sizeof hash);
+        kh_pgbinarray_add_str(&cols[6], escalate_to);
+        kh_pgbinarray_add(&cols[7], esc_payload, esc_len);
+        kh_pgbinarray_add(&cols[8], escalate_to ? esc_hash : NULL,
+                          sizeof esc_hash);
         free(payload);
         free(esc_payload);
         zhashx_insert(self->targets, kh_rules_result_partner(result, i),
@@ -346,9 +381,9 @@ static int s_route_one(routing_t *self, const char *id, const char *payload,
         kh_log_error("alert", "kind=referral_unroutable referral=%s reason=%s",
                      id, reason);
         json_decref(referral);
-        const char *row[S_UNROUTABLE_COLUMNS] = {id, reason, hash};
-        for (int c = 0; c < S_UNROUTABLE_COLUMNS; c++)
-            kh_pgarray_add(&self->unroutable_cols[c], row[c]);
+        kh_pgbinarray_add_uuid(&self->unroutable_cols[0], id);
+        kh_pgbinarray_add_str(&self->unroutable_cols[1], reason);
+        kh_pgbinarray_add_str(&self->unroutable_cols[2], hash);
         return 0;
     }
     kh_rules_eval(self->rules, referral, self->result);
@@ -359,11 +394,11 @@ static int s_route_one(routing_t *self, const char *id, const char *payload,
     char matched[S_MATCHED_MAX];
     s_matched(self->result, matched, sizeof matched);
     bool fallback = kh_rules_result_fallback(self->result);
-    const char *row[S_ROUTED_COLUMNS] = {id,
-                                         fallback ? "no_rule_matched" : NULL,
-                                         hash, matched[0] ? matched : NULL};
-    for (int c = 0; c < S_ROUTED_COLUMNS; c++)
-        kh_pgarray_add(&self->routed_cols[c], row[c]);
+    kh_pgbinarray_add_uuid(&self->routed_cols[0], id);
+    kh_pgbinarray_add_str(&self->routed_cols[1],
+                          fallback ? "no_rule_matched" : NULL);
+    kh_pgbinarray_add_str(&self->routed_cols[2], hash);
+    kh_pgbinarray_add_str(&self->routed_cols[3], matched[0] ? matched : NULL);
     size_t targets = kh_rules_result_target_count(self->result);
     self->deliveries += targets;
     kh_log_debug("referral_routed",
@@ -372,30 +407,39 @@ static int s_route_one(routing_t *self, const char *id, const char *payload,
     return 1;
 }
 
-/* Send one of the pass's array statements (when it has rows): the arrays
- * of cols, then extra (NULL for none) as the last parameter. */
-static int s_send_arrays(routing_t *self, const char *sql, kh_pgarray_t *cols,
-                         int ncols, const char *extra, kh_error_t *err)
+/* Send one of the pass's array statements (when it has rows): its
+ * columns' binary arrays, then the rules version when the statement takes
+ * one more parameter. */
+static int s_send_arrays(routing_t *self, int stmt, kh_pgbinarray_t *cols,
+                         int ncols, kh_error_t *err)
 {
     if (cols[0].count == 0)
         return 0;
     const char *params[S_DELIVERY_COLUMNS + 1];
-    for (int c = 0; c < ncols; c++)
-        if (!(params[c] = kh_pgarray_text(&cols[c])))
+    int lengths[S_DELIVERY_COLUMNS + 1];
+    int formats[S_DELIVERY_COLUMNS + 1];
+    for (int c = 0; c < ncols; c++) {
+        /* Every add failed the array at once: an out-of-memory, or an id
+         * that is no uuid (never from PostgreSQL or kh_uuid_new). */
+        if (!(params[c] = kh_pgbinarray_data(&cols[c], &lengths[c])))
             return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
-    params[ncols] = extra;
-    return s_exec(self->conn, sql, ncols + (extra ? 1 : 0), params, err);
+        formats[c] = 1;
+    }
+    params[ncols] = kh_rules_version(self->rules);
+    lengths[ncols] = 0;
+    formats[ncols] = 0;
+    return s_exec(self->conn, stmt, params, lengths, formats, err);
 }
 
-/* Empty the pass's arrays. */
+/* Empty the pass's arrays (of their columns' element types). */
 static void s_writes_reset(routing_t *self)
 {
     for (int c = 0; c < S_DELIVERY_COLUMNS; c++)
-        kh_pgarray_reset(&self->deliveries_cols[c]);
+        kh_pgbinarray_reset(&self->deliveries_cols[c], s_delivery_types[c]);
     for (int c = 0; c < S_ROUTED_COLUMNS; c++)
-        kh_pgarray_reset(&self->routed_cols[c]);
+        kh_pgbinarray_reset(&self->routed_cols[c], s_routed_types[c]);
     for (int c = 0; c < S_UNROUTABLE_COLUMNS; c++)
-        kh_pgarray_reset(&self->unroutable_cols[c]);
+        kh_pgbinarray_reset(&self->unroutable_cols[c], s_unroutable_types[c]);
 }
 
 /* Tell notification which partners have new deliveries (services.md,
@@ -446,7 +490,8 @@ static int s_pass(routing_t *self)
     int routed = 0;
     if (kh_db_exec(self->conn, "BEGIN", &err))
         goto fail;
-    res = PQexecParams(self->conn, s_claim_sql, 1, NULL, params, NULL, NULL, 0);
+    res = PQexecPrepared(self->conn, s_statements[S_CLAIM].name, 1, params,
+                         NULL, NULL, 0);
     if (PQresultStatus(res) != PGRES_TUPLES_OK) {
         kh_db_error(&err, self->conn, res, "cannot claim referrals");
         goto fail;
@@ -469,18 +514,21 @@ static int s_pass(routing_t *self)
             routed += rc;
     }
     /* The whole pass in three statements, then the commit. */
-    const char *version = kh_rules_version(self->rules);
     if (sent == 0)
-        sent = s_send_arrays(self, s_deliveries_sql, self->deliveries_cols,
-                             S_DELIVERY_COLUMNS, version, &err);
+        sent = s_send_arrays(self, S_DELIVERIES, self->deliveries_cols,
+                             S_DELIVERY_COLUMNS, &err);
     if (sent == 0)
-        sent = s_send_arrays(self, s_routed_sql, self->routed_cols,
-                             S_ROUTED_COLUMNS, version, &err);
+        sent = s_send_arrays(self, S_ROUTED, self->routed_cols,
+                             S_ROUTED_COLUMNS, &err);
     if (sent == 0)
-        sent = s_send_arrays(self, s_unroutable_sql, self->unroutable_cols,
-                             S_UNROUTABLE_COLUMNS, NULL, &err);
+        sent = s_send_arrays(self, S_UNROUTABLE, self->unroutable_cols,
+                             S_UNROUTABLE_COLUMNS, &err);
     if (sent == 0)
-        sent = s_exec(self->conn, "COMMIT", 0, NULL, &err);
+        sent = PQsendQueryParams(self->conn, "COMMIT", 0, NULL, NULL, NULL,
+                                 NULL, 0)
+                   ? 0
+                   : kh_db_error(&err, self->conn, NULL,
+                                 "cannot send a statement");
     kh_error_t end_err;
     if (s_pipeline_end(self->conn, &end_err) && sent == 0) {
         err = end_err;
@@ -529,7 +577,7 @@ static void s_audit_reload(routing_t *self, const kh_error_t *cause)
         params[3] = cause->path[0] ? cause->path : NULL;
     }
     if (s_connect(self, &err) ||
-        s_exec(self->conn, s_reload_sql, 5, params, &err))
+        s_exec(self->conn, S_RELOAD, params, NULL, NULL, &err))
         kh_log_error("audit_failed", "action=%s msg=\"%s\"", params[0],
                      err.message);
 }
@@ -765,11 +813,11 @@ void routing_destroy(routing_t **self_p)
     zsock_destroy(&self->notify);
     zhashx_destroy(&self->targets);
     for (int c = 0; c < S_DELIVERY_COLUMNS; c++)
-        kh_pgarray_free(&self->deliveries_cols[c]);
+        kh_pgbinarray_free(&self->deliveries_cols[c]);
     for (int c = 0; c < S_ROUTED_COLUMNS; c++)
-        kh_pgarray_free(&self->routed_cols[c]);
+        kh_pgbinarray_free(&self->routed_cols[c]);
     for (int c = 0; c < S_UNROUTABLE_COLUMNS; c++)
-        kh_pgarray_free(&self->unroutable_cols[c]);
+        kh_pgbinarray_free(&self->unroutable_cols[c]);
     kh_zap_destroy(&self->zap);
     zcert_destroy(&self->cert);
     kh_rules_result_destroy(&self->result);

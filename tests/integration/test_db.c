@@ -1,13 +1,14 @@
 /*
  * Connection helpers against the real test cluster: default timeouts and
- * keepalives, which a connection string may override, and SQLSTATE
- * classes.
+ * keepalives, which a connection string may override, SQLSTATE
+ * classes, and binary array parameters as the server reads them.
  */
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "ketenhub/db.h"
+#include "ketenhub/pgarray.h"
 #include "khtest.h"
 
 /* The value of keyword on a live connection. */
@@ -115,6 +116,60 @@ START_TEST(password_comes_from_the_password_file)
 }
 END_TEST
 
+/* Binary arrays of every element type the hub sends arrive as the same
+ * values a text literal would give: NULLs, empty and non-ASCII strings,
+ * bytes with a NUL, quotes and backslashes, uuids; an empty array. */
+START_TEST(binary_arrays_reach_the_server_intact)
+{
+    kh_error_t err;
+    PGconn *conn = kh_db_connect(khtest_pg_conninfo(), &err);
+    ck_assert_msg(conn != NULL, "%s", err.message);
+    kh_pgbinarray_t uuids = {0}, texts = {0}, bytes = {0}, empty = {0};
+    kh_pgbinarray_reset(&uuids, KH_PG_UUID);
+    kh_pgbinarray_add_uuid(&uuids, "0192f3a4-5b6c-7d8e-9fa0-b1c2d3e4f5a6");
+    kh_pgbinarray_add_uuid(&uuids, NULL);
+    kh_pgbinarray_reset(&texts, KH_PG_TEXT);
+    kh_pgbinarray_add_str(&texts, "{\"naam\": \"Zoë \\\" \\\\\"}");
+    kh_pgbinarray_add_str(&texts, "");
+    kh_pgbinarray_add_str(&texts, NULL);
+    kh_pgbinarray_reset(&bytes, KH_PG_BYTEA);
+    kh_pgbinarray_add(&bytes, "\x00\xff,\"", 4);
+    kh_pgbinarray_reset(&empty, KH_PG_TEXT);
+    const char *values[4];
+    int lengths[4];
+    const int formats[4] = {1, 1, 1, 1};
+    kh_pgbinarray_t *arrays[4] = {&uuids, &texts, &bytes, &empty};
+    for (int i = 0; i < 4; i++)
+        ck_assert_ptr_nonnull(values[i] =
+                                  kh_pgbinarray_data(arrays[i], &lengths[i]));
+    PGresult *res = PQexecParams(
+        conn,
+        "SELECT $1::uuid[] = ARRAY['0192f3a4-5b6c-7d8e-9fa0-b1c2d3e4f5a6',"
+        " NULL]::uuid[],"
+        " $2::text[] = ARRAY['{\"naam\": \"Zoë \\\" \\\\\"}', '', NULL],"
+        " $3::bytea[] = ARRAY['\\x00ff2c22'::bytea],"
+        " cardinality($4::text[]), array_ndims($1::uuid[])",
+        4, NULL, values, lengths, formats, 0);
+    ck_assert_msg(PQresultStatus(res) == PGRES_TUPLES_OK, "%s",
+                  PQresultErrorMessage(res));
+    for (int c = 0; c < 3; c++)
+        ck_assert_msg(strcmp(PQgetvalue(res, 0, c), "t") == 0,
+                      "column %d differs", c + 1);
+    ck_assert_str_eq(PQgetvalue(res, 0, 3), "0");
+    ck_assert_str_eq(PQgetvalue(res, 0, 4), "1");
+    PQclear(res);
+    /* The element type is checked: a text array where uuids are wanted is
+     * refused, not misread. */
+    res = PQexecParams(conn, "SELECT $1::uuid[]", 1, NULL, &values[1],
+                       &lengths[1], formats, 0);
+    ck_assert_int_eq(PQresultStatus(res), PGRES_FATAL_ERROR);
+    PQclear(res);
+    for (int i = 0; i < 4; i++)
+        kh_pgbinarray_free(arrays[i]);
+    PQfinish(conn);
+}
+END_TEST
+
 int main(void)
 {
     Suite *suite = suite_create("db");
@@ -122,6 +177,7 @@ int main(void)
     tcase_add_test(tc, connections_have_bounded_timeouts);
     tcase_add_test(tc, unreachable_database_is_unavailable);
     tcase_add_test(tc, password_comes_from_the_password_file);
+    tcase_add_test(tc, binary_arrays_reach_the_server_intact);
     suite_add_tcase(suite, tc);
     return khtest_run_suite(suite);
 }

@@ -240,6 +240,91 @@ START_TEST(pgarray_quotes_escapes_and_keeps_nulls)
 }
 END_TEST
 
+static uint32_t s_be32(const char *p)
+{
+    return (uint32_t) (unsigned char) p[0] << 24 |
+           (uint32_t) (unsigned char) p[1] << 16 |
+           (uint32_t) (unsigned char) p[2] << 8 |
+           (uint32_t) (unsigned char) p[3];
+}
+
+START_TEST(pgbinarray_lays_out_array_recv_format)
+{
+    kh_pgbinarray_t array = {0};
+    kh_pgbinarray_reset(&array, KH_PG_UUID);
+    int len = 0;
+    const char *data = kh_pgbinarray_data(&array, &len);
+    /* Empty: no dimension, no flags, the element type. */
+    ck_assert_ptr_nonnull(data);
+    ck_assert_int_eq(len, 12);
+    ck_assert_uint_eq(s_be32(data), 0);
+    ck_assert_uint_eq(s_be32(data + 8), KH_PG_UUID);
+    kh_pgbinarray_add_uuid(&array, "0192f3a4-5b6c-7d8e-9fa0-b1c2d3e4f5A6");
+    kh_pgbinarray_add_uuid(&array, NULL);
+    data = kh_pgbinarray_data(&array, &len);
+    ck_assert_int_eq(len, 20 + 4 + 16 + 4);
+    ck_assert_uint_eq(s_be32(data), 1);      /* one dimension */
+    ck_assert_uint_eq(s_be32(data + 4), 1);  /* has a NULL */
+    ck_assert_uint_eq(s_be32(data + 12), 2); /* two elements */
+    ck_assert_uint_eq(s_be32(data + 16), 1); /* from index 1 */
+    ck_assert_uint_eq(s_be32(data + 20), 16);
+    static const unsigned char want[16] = {0x01, 0x92, 0xf3, 0xa4, 0x5b, 0x6c,
+                                           0x7d, 0x8e, 0x9f, 0xa0, 0xb1, 0xc2,
+                                           0xd3, 0xe4, 0xf5, 0xa6};
+    ck_assert_mem_eq(data + 24, want, 16);
+    ck_assert_uint_eq(s_be32(data + 40), UINT32_MAX); /* NULL: length -1 */
+    /* Bytes as they are, the empty string included; growth past the first
+     * allocation. */
+    kh_pgbinarray_reset(&array, KH_PG_BYTEA);
+    kh_pgbinarray_add(&array, "a\0b", 3);
+    kh_pgbinarray_add_str(&array, "");
+    for (int i = 0; i < 1000; i++)
+        kh_pgbinarray_add_str(&array, "0123456789");
+    data = kh_pgbinarray_data(&array, &len);
+    ck_assert_int_eq(len, 20 + 7 + 4 + 1000 * 14);
+    ck_assert_uint_eq(s_be32(data + 4), 0);
+    ck_assert_uint_eq(s_be32(data + 8), KH_PG_BYTEA);
+    ck_assert_uint_eq(s_be32(data + 12), 1002);
+    ck_assert_mem_eq(data + 24, "a\0b", 3);
+    ck_assert_uint_eq(s_be32(data + 27), 0);
+    kh_pgbinarray_free(&array);
+    ck_assert_ptr_null(array.data);
+}
+END_TEST
+
+/* A malformed uuid fails the whole array: it is never sent half. */
+START_TEST(pgbinarray_refuses_malformed_uuids)
+{
+    static const char *const bad[] = {
+        "",
+        "0192f3a4-5b6c-7d8e-9fa0-b1c2d3e4f5a",   /* short */
+        "0192f3a4-5b6c-7d8e-9fa0-b1c2d3e4f5a67", /* long */
+        "0192f3a4x5b6c-7d8e-9fa0-b1c2d3e4f5a6",  /* no hyphen */
+        "0192f3a4-5b6c-7d8e-9fa0-b1c2d3e4f5g6",  /* not hex */
+        "0192f3a45b6c7d8e9fa0b1c2d3e4f5a6",      /* no hyphens */
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        kh_pgbinarray_t array = {0};
+        kh_pgbinarray_reset(&array, KH_PG_UUID);
+        kh_pgbinarray_add_uuid(&array, "0192f3a4-5b6c-7d8e-9fa0-b1c2d3e4f5a6");
+        kh_pgbinarray_add_uuid(&array, bad[i]);
+        int len = 0;
+        ck_assert_msg(kh_pgbinarray_data(&array, &len) == NULL, "accepted %s",
+                      bad[i]);
+        /* A reset makes it usable again. */
+        kh_pgbinarray_reset(&array, KH_PG_UUID);
+        ck_assert_ptr_nonnull(kh_pgbinarray_data(&array, &len));
+        kh_pgbinarray_free(&array);
+    }
+    /* An add before the first reset (no element type) fails too. */
+    kh_pgbinarray_t unset = {0};
+    kh_pgbinarray_add_str(&unset, "x");
+    int len = 0;
+    ck_assert_ptr_null(kh_pgbinarray_data(&unset, &len));
+    kh_pgbinarray_free(&unset);
+}
+END_TEST
+
 /* A key a partner made up may hold personal data: paths show it as "?". */
 START_TEST(paths_never_carry_made_up_keys)
 {
@@ -560,6 +645,8 @@ int main(void)
     tcase_add_test(tc, throttle_passes_once_per_interval_per_key);
     tcase_add_test(tc, ratelimit_refills_at_its_rate_up_to_the_burst);
     tcase_add_test(tc, pgarray_quotes_escapes_and_keeps_nulls);
+    tcase_add_test(tc, pgbinarray_lays_out_array_recv_format);
+    tcase_add_test(tc, pgbinarray_refuses_malformed_uuids);
     tcase_add_test(tc, paths_never_carry_made_up_keys);
     tcase_add_test(tc, rejected_carries_code_and_retry_hint);
     tcase_add_test(tc, uuids_are_v7_time_ordered_and_canonical);
