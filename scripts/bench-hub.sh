@@ -46,6 +46,8 @@ hub_wait_ready audit
 # A minor in acute danger: three target partners.
 referral="$here/schemas/examples/minor-sexual-acute.json"
 
+ticks=$(getconf CLK_TCK)
+
 # One value from the database.
 q() { psql -Atc "$1"; }
 
@@ -58,6 +60,22 @@ pct_json() {
       'p999', round(percentile_cont(0.999) WITHIN GROUP (ORDER BY $1)::numeric, 2),
       'max', round(max($1)::numeric, 2))
     FROM ($2) d"
+}
+
+# CPU seconds so far: the four services together, then all of PostgreSQL
+# (the postmaster and its children, alive or exited).
+cpu_now() {
+  pm=$(head -n 1 "$run/pg/data/postmaster.pid")
+  {
+    for service in intake routing notification audit; do
+      sed 's/^/S /' "/proc/$(cat "$run/$service.pid")/stat"
+    done
+    sed 's/^/P /' "/proc/$pm/stat"
+    for c in $(pgrep -P "$pm"); do sed 's/^/P /' "/proc/$c/stat" 2>/dev/null || true; done
+  } | awk -v t="$ticks" -v pm="$pm" '
+    $1 == "S" { s += $15 + $16 }
+    $1 == "P" { p += $15 + $16; if ($2 == pm) p += $17 + $18 }
+    END { printf "%.2f %.2f", s / t, p / t }'
 }
 
 rows_now() {
@@ -73,6 +91,9 @@ run_load() {
   shift
   since=$(q "SELECT coalesce(max(seq), 0) FROM audit_events")
   rows_before=$(rows_now)
+  wal_before=$(q "SELECT pg_current_wal_lsn()")
+  checkpoints_before=$(q "SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter")
+  cpu_before=$(cpu_now)
   "$build/tools/bench/ketenhub-bench-receive" --endpoint "$deliveries" \
     --hub-cert "$run/hub/hub.cert" --cert "$run/keys/veilig-thuis.cert" \
     --cert "$run/keys/zorgcoordinator.cert" --cert "$run/keys/avim.cert" \
@@ -85,6 +106,7 @@ run_load() {
     --referral "$referral" --seconds "$seconds" --json "$run/$label.json" \
     "$@" | sed 's/^/  intake: /'
   wait "$receiver" || true
+  cpu_after=$(cpu_now)
   sed 's/^/  partners: /' "$run/$label-receive.txt"
   # Everything sealed: then the figures from the trail.
   tries=0
@@ -113,6 +135,14 @@ run_load() {
     AND action = 'delivery.acked' AND outcome = 'ok'")
   events=$(q "SELECT count(*) FROM audit_events WHERE seq > $since")
   rows=$(($(rows_now) - rows_before))
+  wal_mib=$(q "SELECT round(pg_wal_lsn_diff(pg_current_wal_lsn(), '$wal_before') / 1048576.0, 1)")
+  wal_per_referral=$(q "SELECT round(pg_wal_lsn_diff(pg_current_wal_lsn(), '$wal_before') / greatest($done_n, 1))")
+  checkpoints=$(($(q "SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter") - checkpoints_before))
+  # shellcheck disable=SC2086 # numbers, split on purpose
+  cpu=$(echo $cpu_before $cpu_after "$done_n" | awk '{ n = $5 > 0 ? $5 : 1
+    printf "%.0f %.0f", ($3 - $1) * 1e6 / n, ($4 - $2) * 1e6 / n }')
+  services_us=${cpu% *}
+  postgres_us=${cpu#* }
   routed=$(pct_json routed_ms "$d")
   sent=$(pct_json sent_ms "$d")
   acked=$(pct_json acked_ms "$d")
@@ -127,8 +157,11 @@ run_load() {
   echo "  trail: accepted->first_sent_ms $sent"
   echo "  trail: accepted->all_acked_ms $acked"
   echo "  trail: $events events, sealed_per_s=$4 (start of the load to all sealed); rows_written=$rows rows_per_s=$3"
-  printf '{"label":"%s","referrals":%s,"span_s":%s,"end_to_end_per_s":%s,"acked_per_s":%s,"events":%s,"sealed_per_s":%s,"rows_written":%s,"rows_per_s":%s,"accepted_to_routed_ms":%s,"accepted_to_first_sent_ms":%s,"accepted_to_all_acked_ms":%s,"intake":%s}\n' \
+  echo "  wal: ${wal_mib} MiB, ${wal_per_referral} bytes per referral, $checkpoints checkpoints"
+  echo "  cpu per referral: services ${services_us} us, PostgreSQL ${postgres_us} us (from the first submit to the last ACK)"
+  printf '{"label":"%s","referrals":%s,"span_s":%s,"end_to_end_per_s":%s,"acked_per_s":%s,"events":%s,"sealed_per_s":%s,"rows_written":%s,"rows_per_s":%s,"wal_mib":%s,"wal_bytes_per_referral":%s,"checkpoints":%s,"services_cpu_us_per_referral":%s,"postgres_cpu_us_per_referral":%s,"accepted_to_routed_ms":%s,"accepted_to_first_sent_ms":%s,"accepted_to_all_acked_ms":%s,"intake":%s}\n' \
     "$label" "$done_n" "$span_s" "$1" "$2" "$events" "$4" "$rows" "$3" \
+    "$wal_mib" "$wal_per_referral" "$checkpoints" "$services_us" "$postgres_us" \
     "$routed" "$sent" "$acked" "$(cat "$run/$label.json" 2>/dev/null || echo null)" \
     >"$run/$label.hub.json"
 }
@@ -152,7 +185,6 @@ psql -At -F ' ' -c "SELECT
       / greatest((SELECT count(*) FROM referrals), 1), 1)" | sed 's/^/  /'
 
 echo "== each service: CPU seconds and peak RSS"
-ticks=$(getconf CLK_TCK)
 services_json=""
 for service in intake routing notification audit; do
   pid=$(cat "$run/$service.pid")
@@ -166,14 +198,25 @@ done
 
 # The PostgreSQL server processes that serve each service: their CPU
 # seconds since they connected (all of both runs, like the services' own).
-echo "== PostgreSQL CPU seconds per client (its server processes)"
-psql -At -F ' ' -c "SELECT application_name, pid FROM pg_stat_activity
-    WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()" |
+echo "== PostgreSQL CPU seconds: the server processes of each client, the background ones"
+psql -At -F ' ' -c "SELECT CASE backend_type WHEN 'client backend'
+      THEN coalesce(nullif(application_name, ''), 'none')
+      ELSE replace(backend_type, ' ', '-') END, pid
+    FROM pg_stat_activity WHERE pid <> pg_backend_pid()" |
   while read -r app pid; do
     awk -v t="$ticks" -v a="${app:-none}" \
       '{ printf "%s %.2f\n", a, ($14 + $15) / t }' "/proc/$pid/stat" 2>/dev/null || true
-  done | awk '{ s[$1] += $2 } END { for (a in s) printf "  %-28s cpu_s=%.2f\n", a, s[a] }' |
-  sort
+  done | awk '{ s[$1] += $2 } END { for (a in s) printf "%s %.2f\n", a, s[a] }' |
+  sort >"$run/postgres-cpu.txt"
+# The children that exited (autovacuum workers, the benchmark's own
+# queries) count in the postmaster's.
+pm=$(head -n 1 "$run/pg/data/postmaster.pid")
+awk -v t="$ticks" '{ printf "exited %.2f\n", ($16 + $17) / t }' "/proc/$pm/stat" \
+  >>"$run/postgres-cpu.txt"
+pg_total=$(cpu_now | cut -d ' ' -f 2)
+echo "all $pg_total" >>"$run/postgres-cpu.txt"
+awk '{ printf "  %-28s cpu_s=%s\n", $1, $2 }' "$run/postgres-cpu.txt"
+postgres_json=$(awk '{ printf "%s\"%s\":%s", (NR > 1 ? "," : ""), $1, $2 }' "$run/postgres-cpu.txt")
 
 # KH_BENCH_STATEMENTS=1: where the closed loop's PostgreSQL time went, per
 # statement (pg_stat_statements).
@@ -201,8 +244,8 @@ ratio=$(echo "$hub_rows $raw" | awk '{ printf "%.2f", $1 / $2 }')
 echo "  raw_insert_rows_per_s=$raw (100000 rows, 5000 per statement, one client)"
 echo "  hub rows/s in the closed loop: $hub_rows, ratio to the raw rate: $ratio"
 
-printf '{"seconds":%s,"rate":%s,"open":%s,"closed":%s,"services":{%s},"raw_insert_rows_per_s":%s,"hub_rows_per_s":%s,"ratio_to_raw":%s}\n' \
+printf '{"seconds":%s,"rate":%s,"open":%s,"closed":%s,"services":{%s},"postgres_cpu_s":{%s},"raw_insert_rows_per_s":%s,"hub_rows_per_s":%s,"ratio_to_raw":%s}\n' \
   "$seconds" "$rate" "$(cat "$run/open.hub.json")" \
-  "$(cat "$run/closed.hub.json")" "$services_json" "$raw" "$hub_rows" \
-  "$ratio" >"$run/hub.json"
+  "$(cat "$run/closed.hub.json")" "$services_json" "$postgres_json" "$raw" \
+  "$hub_rows" "$ratio" >"$run/hub.json"
 echo "== figures as JSON: $run/hub.json"

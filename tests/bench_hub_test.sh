@@ -23,7 +23,10 @@ for key in ("seconds", "rate", "raw_insert_rows_per_s", "hub_rows_per_s",
 for loop in ("open", "closed"):
     run = hub[loop]
     for key in ("referrals", "span_s", "end_to_end_per_s", "acked_per_s",
-                "events", "sealed_per_s", "rows_written", "rows_per_s"):
+                "events", "sealed_per_s", "rows_written", "rows_per_s",
+                "wal_mib", "wal_bytes_per_referral", "checkpoints",
+                "services_cpu_us_per_referral",
+                "postgres_cpu_us_per_referral"):
         number(run[key], loop + "." + key)
     assert run["referrals"] > 0, loop + ": no referral went through"
     for stage in ("accepted_to_routed_ms", "accepted_to_first_sent_ms",
@@ -34,6 +37,9 @@ for loop in ("open", "closed"):
 for service in ("intake", "routing", "notification", "audit"):
     number(hub["services"][service]["cpu_s"], service + ".cpu_s")
     number(hub["services"][service]["peak_rss_mib"], service + ".rss")
+for app in ("ketenhub-intake", "ketenhub-routing", "ketenhub-notification",
+            "audit", "all"):
+    number(hub["postgres_cpu_s"][app], "postgres_cpu_s." + app)
 print("bench.hub: hub.json well formed, %d + %d referrals" % (
     hub["open"]["referrals"], hub["closed"]["referrals"]))
 PY
