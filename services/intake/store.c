@@ -8,16 +8,15 @@
  */
 #include "store.h"
 
-#include <arpa/inet.h>
 #include <libpq-fe.h>
 #include <poll.h>
 #include <sodium.h>
-#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "ketenhub/db.h"
 #include "ketenhub/log.h"
+#include "ketenhub/pgarray.h"
 
 struct _store_t {
     char *conninfo;
@@ -270,134 +269,49 @@ static PGresult *s_read(store_t *self, const char *name, int nparams,
     return res;
 }
 
-/* A growing buffer for binary parameters; oom is sticky. */
-typedef struct {
-    char *data;
-    size_t len, cap;
-    bool oom;
-} s_buf_t;
-
-static void s_put(s_buf_t *buf, const void *bytes, size_t len)
-{
-    if (buf->oom)
-        return;
-    if (buf->len + len > buf->cap) {
-        size_t cap = buf->cap ? buf->cap : 256;
-        while (cap < buf->len + len)
-            cap *= 2;
-        char *data = realloc(buf->data, cap);
-        if (!data) {
-            buf->oom = true;
-            return;
-        }
-        buf->data = data;
-        buf->cap = cap;
-    }
-    memcpy(buf->data + buf->len, bytes, len);
-    buf->len += len;
-}
-
-static void s_put_int32(s_buf_t *buf, int32_t value)
-{
-    uint32_t be = htonl((uint32_t) value);
-    s_put(buf, &be, sizeof be);
-}
-
-/* The header of a one-dimensional array of count elements of type oid
- * (PostgreSQL's binary array format). */
-static void s_array_begin(s_buf_t *buf, uint32_t oid, size_t count,
-                          bool has_nulls)
-{
-    s_put_int32(buf, count ? 1 : 0);
-    s_put_int32(buf, has_nulls ? 1 : 0);
-    s_put_int32(buf, (int32_t) oid);
-    if (count) {
-        s_put_int32(buf, (int32_t) count);
-        s_put_int32(buf, 1);
-    }
-}
-
-/* One element; NULL when bytes is NULL. */
-static void s_array_item(s_buf_t *buf, const void *bytes, size_t len)
-{
-    s_put_int32(buf, bytes ? (int32_t) len : -1);
-    if (bytes)
-        s_put(buf, bytes, len);
-}
-
-#define S_OID_BYTEA 17
-#define S_OID_TEXT 25
-#define S_OID_UUID 2950
+/* The element types of the commit statement's binary arrays. */
+static const unsigned s_commit_types[S_COMMIT_PARAMS] = {
+    KH_PG_UUID, KH_PG_TEXT, KH_PG_TEXT, KH_PG_TEXT, KH_PG_BYTEA, KH_PG_BYTEA,
+    KH_PG_TEXT, KH_PG_TEXT, KH_PG_TEXT, KH_PG_TEXT, KH_PG_TEXT,  KH_PG_TEXT};
 
 typedef struct {
-    s_buf_t columns[S_COMMIT_PARAMS];
+    kh_pgbinarray_t columns[S_COMMIT_PARAMS];
 } s_params_t;
 
-static void s_text_column(s_buf_t *buf, size_t count, const void *rows,
-                          size_t stride, size_t offset)
+/* Fill params from the batch, column by column. */
+static void s_build_params(s_params_t *params, const store_submit_t *subs,
+                           size_t nsubs, const store_refusal_t *refs,
+                           size_t nrefs)
 {
-    bool nulls = false;
-    for (size_t i = 0; i < count; i++)
-        nulls = nulls || !*(const char *const *) ((const char *) rows +
-                                                  i * stride + offset);
-    s_array_begin(buf, S_OID_TEXT, count, nulls);
-    for (size_t i = 0; i < count; i++) {
-        const char *text =
-            *(const char *const *) ((const char *) rows + i * stride + offset);
-        s_array_item(buf, text, text ? strlen(text) : 0);
-    }
-}
-
-/* Fill params from the batch; -1 when memory ran out. */
-static int s_build_params(s_params_t *params, const store_submit_t *subs,
-                          size_t nsubs, const store_refusal_t *refs,
-                          size_t nrefs)
-{
-    s_buf_t *col = params->columns;
-    s_array_begin(&col[0], S_OID_UUID, nsubs, false);
-    s_array_begin(&col[3], S_OID_TEXT, nsubs, false);
-    s_array_begin(&col[4], S_OID_BYTEA, nsubs, false);
-    s_array_begin(&col[5], S_OID_BYTEA, nsubs, false);
-    for (size_t i = 0; i < nsubs; i++) {
-        unsigned char uuid[16], hash[32];
-        sodium_hex2bin(uuid, sizeof uuid, subs[i].referral_id, 36, "-", NULL,
-                       NULL);
-        sodium_hex2bin(hash, sizeof hash, subs[i].hash, 64, NULL, NULL, NULL);
-        const char *version = json_string_value(
-            json_object_get(subs[i].referral, "schema_version"));
-        s_array_item(&col[0], uuid, sizeof uuid);
-        s_array_item(&col[3], version, strlen(version));
-        s_array_item(&col[4], subs[i].payload, subs[i].payload_len);
-        s_array_item(&col[5], hash, sizeof hash);
-    }
-    size_t sub_size = sizeof(store_submit_t);
-    s_text_column(&col[1], nsubs, subs, sub_size,
-                  offsetof(store_submit_t, partner_id));
-    s_text_column(&col[2], nsubs, subs, sub_size,
-                  offsetof(store_submit_t, idem_key));
-    s_text_column(&col[6], nsubs, subs, sub_size,
-                  offsetof(store_submit_t, peer));
-    size_t ref_size = sizeof(store_refusal_t);
-    s_text_column(&col[7], nrefs, refs, ref_size,
-                  offsetof(store_refusal_t, action));
-    s_text_column(&col[8], nrefs, refs, ref_size,
-                  offsetof(store_refusal_t, actor_id));
-    s_text_column(&col[9], nrefs, refs, ref_size,
-                  offsetof(store_refusal_t, code));
-    s_text_column(&col[10], nrefs, refs, ref_size,
-                  offsetof(store_refusal_t, path));
-    s_text_column(&col[11], nrefs, refs, ref_size,
-                  offsetof(store_refusal_t, peer));
+    kh_pgbinarray_t *col = params->columns;
     for (int i = 0; i < S_COMMIT_PARAMS; i++)
-        if (col[i].oom)
-            return -1;
-    return 0;
+        kh_pgbinarray_reset(&col[i], s_commit_types[i]);
+    for (size_t i = 0; i < nsubs; i++) {
+        unsigned char hash[32];
+        sodium_hex2bin(hash, sizeof hash, subs[i].hash, 64, NULL, NULL, NULL);
+        kh_pgbinarray_add_uuid(&col[0], subs[i].referral_id);
+        kh_pgbinarray_add_str(&col[1], subs[i].partner_id);
+        kh_pgbinarray_add_str(&col[2], subs[i].idem_key);
+        kh_pgbinarray_add_str(
+            &col[3], json_string_value(
+                         json_object_get(subs[i].referral, "schema_version")));
+        kh_pgbinarray_add(&col[4], subs[i].payload, subs[i].payload_len);
+        kh_pgbinarray_add(&col[5], hash, sizeof hash);
+        kh_pgbinarray_add_str(&col[6], subs[i].peer);
+    }
+    for (size_t i = 0; i < nrefs; i++) {
+        kh_pgbinarray_add_str(&col[7], refs[i].action);
+        kh_pgbinarray_add_str(&col[8], refs[i].actor_id);
+        kh_pgbinarray_add_str(&col[9], refs[i].code);
+        kh_pgbinarray_add_str(&col[10], refs[i].path);
+        kh_pgbinarray_add_str(&col[11], refs[i].peer);
+    }
 }
 
 static void s_params_free(s_params_t *params)
 {
     for (int i = 0; i < S_COMMIT_PARAMS; i++)
-        free(params->columns[i].data);
+        kh_pgbinarray_free(&params->columns[i]);
 }
 
 /* Fill sub's outputs from the row that holds its key. */
@@ -436,15 +350,17 @@ int store_commit_send(store_t *self, store_submit_t *subs, size_t nsubs,
         return s_fail(self->writer, NULL, "commit", err);
     s_params_t params;
     memset(&params, 0, sizeof params);
-    if (s_build_params(&params, subs, nsubs, refs, nrefs)) {
-        s_params_free(&params);
-        return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
-    }
+    s_build_params(&params, subs, nsubs, refs, nrefs);
     const char *values[S_COMMIT_PARAMS];
     int lengths[S_COMMIT_PARAMS], formats[S_COMMIT_PARAMS];
     for (int i = 0; i < S_COMMIT_PARAMS; i++) {
-        values[i] = params.columns[i].data;
-        lengths[i] = (int) params.columns[i].len;
+        /* An array fails on an allocation (or an id that is no uuid,
+         * which kh_uuid_new never makes). */
+        if (!(values[i] =
+                  kh_pgbinarray_data(&params.columns[i], &lengths[i]))) {
+            s_params_free(&params);
+            return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
+        }
         formats[i] = 1;
     }
     int sent = PQsendQueryPrepared(self->writer, "commit", S_COMMIT_PARAMS,
