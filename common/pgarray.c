@@ -7,77 +7,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Room for need more bytes and the closing "}\0". */
-static bool s_reserve(kh_pgarray_t *self, size_t need)
-{
-    if (self->oom)
-        return false;
-    size_t want = self->len + need + 2;
-    if (want <= self->cap)
-        return true;
-    size_t cap = self->cap ? self->cap : 256;
-    while (cap < want)
-        cap *= 2;
-    char *data = realloc(self->data, cap);
-    if (!data) {
-        self->oom = true;
-        return false;
-    }
-    self->data = data;
-    self->cap = cap;
-    return true;
-}
-
-void kh_pgarray_reset(kh_pgarray_t *self)
-{
-    self->len = 0;
-    self->count = 0;
-    self->oom = false;
-    if (s_reserve(self, 1)) {
-        self->data[self->len++] = '{';
-        memcpy(self->data + self->len, "}", 2);
-    }
-}
-
-void kh_pgarray_add(kh_pgarray_t *self, const char *item)
-{
-    if (!self->data || self->len == 0)
-        kh_pgarray_reset(self);
-    size_t size = item ? 2 * strlen(item) + 2 : 4;
-    if (!s_reserve(self, size + 1))
-        return;
-    char *out = self->data + self->len;
-    if (self->count++)
-        *out++ = ',';
-    if (!item) {
-        memcpy(out, "NULL", 4);
-        out += 4;
-    } else {
-        *out++ = '"';
-        for (const char *c = item; *c; c++) {
-            if (*c == '"' || *c == '\\')
-                *out++ = '\\';
-            *out++ = *c;
-        }
-        *out++ = '"';
-    }
-    self->len = (size_t) (out - self->data);
-    memcpy(self->data + self->len, "}", 2);
-}
-
-const char *kh_pgarray_text(kh_pgarray_t *self)
-{
-    if (!self->data || self->len == 0)
-        kh_pgarray_reset(self);
-    return self->oom ? NULL : self->data;
-}
-
-void kh_pgarray_free(kh_pgarray_t *self)
-{
-    free(self->data);
-    memset(self, 0, sizeof *self);
-}
-
 /* The binary header: dimensions, flags (has nulls), element type, then
  * the one dimension's length and lower bound; all int32, network order. */
 #define S_BIN_HEADER 20
@@ -91,7 +20,7 @@ static void s_put32(char *out, uint32_t v)
 }
 
 /* Room for need more bytes. */
-static bool s_bin_reserve(kh_pgbinarray_t *self, size_t need)
+static bool s_bin_reserve(kh_pgarray_t *self, size_t need)
 {
     if (self->failed)
         return false;
@@ -110,7 +39,7 @@ static bool s_bin_reserve(kh_pgbinarray_t *self, size_t need)
     return true;
 }
 
-void kh_pgbinarray_reset(kh_pgbinarray_t *self, unsigned element_oid)
+void kh_pgarray_reset(kh_pgarray_t *self, unsigned element_oid)
 {
     self->len = 0;
     self->count = 0;
@@ -123,7 +52,7 @@ void kh_pgbinarray_reset(kh_pgbinarray_t *self, unsigned element_oid)
 
 /* Room for one more element of len bytes, its length written; NULL when
  * the array failed. */
-static char *s_bin_element(kh_pgbinarray_t *self, size_t len)
+static char *s_bin_element(kh_pgarray_t *self, size_t len)
 {
     if (self->len < S_BIN_HEADER || len > INT32_MAX - 4 ||
         !s_bin_reserve(self, 4 + len)) {
@@ -137,7 +66,7 @@ static char *s_bin_element(kh_pgbinarray_t *self, size_t len)
     return out + 4;
 }
 
-static void s_bin_null(kh_pgbinarray_t *self)
+static void s_bin_null(kh_pgarray_t *self)
 {
     if (self->len < S_BIN_HEADER || !s_bin_reserve(self, 4)) {
         self->failed = true;
@@ -149,7 +78,7 @@ static void s_bin_null(kh_pgbinarray_t *self)
     self->has_null = true;
 }
 
-void kh_pgbinarray_add(kh_pgbinarray_t *self, const void *item, size_t len)
+void kh_pgarray_add(kh_pgarray_t *self, const void *item, size_t len)
 {
     if (!item) {
         s_bin_null(self);
@@ -160,9 +89,9 @@ void kh_pgbinarray_add(kh_pgbinarray_t *self, const void *item, size_t len)
         memcpy(out, item, len);
 }
 
-void kh_pgbinarray_add_str(kh_pgbinarray_t *self, const char *item)
+void kh_pgarray_add_str(kh_pgarray_t *self, const char *item)
 {
-    kh_pgbinarray_add(self, item, item ? strlen(item) : 0);
+    kh_pgarray_add(self, item, item ? strlen(item) : 0);
 }
 
 static int s_hexval(char c)
@@ -176,7 +105,7 @@ static int s_hexval(char c)
     return -1;
 }
 
-void kh_pgbinarray_add_uuid(kh_pgbinarray_t *self, const char *uuid)
+void kh_pgarray_add_uuid(kh_pgarray_t *self, const char *uuid)
 {
     if (!uuid) {
         s_bin_null(self);
@@ -206,7 +135,7 @@ void kh_pgbinarray_add_uuid(kh_pgbinarray_t *self, const char *uuid)
         memcpy(out, bytes, sizeof bytes);
 }
 
-const char *kh_pgbinarray_data(kh_pgbinarray_t *self, int *len)
+const char *kh_pgarray_data(kh_pgarray_t *self, int *len)
 {
     if (self->failed || self->len < S_BIN_HEADER || self->len > INT32_MAX)
         return NULL;
@@ -220,7 +149,7 @@ const char *kh_pgbinarray_data(kh_pgbinarray_t *self, int *len)
     return self->data;
 }
 
-void kh_pgbinarray_free(kh_pgbinarray_t *self)
+void kh_pgarray_free(kh_pgarray_t *self)
 {
     free(self->data);
     memset(self, 0, sizeof *self);

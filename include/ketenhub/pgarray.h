@@ -1,7 +1,7 @@
 /*
  * PostgreSQL array parameters, built one element at a time, for statements
  * that take a whole batch as arrays (unnest) instead of one statement per
- * row: as text literals ({"a","b",NULL}) or in the binary format.
+ * row.
  */
 #ifndef KH_PGARRAY_H_INCLUDED
 #define KH_PGARRAY_H_INCLUDED
@@ -13,34 +13,12 @@
 extern "C" {
 #endif
 
-typedef struct {
-    char *data;   /* the literal so far, always closed: "{...}" */
-    size_t len;   /* bytes before the closing brace */
-    size_t cap;   /* allocated bytes of data */
-    size_t count; /* elements */
-    bool oom;     /* an allocation failed: the literal is incomplete */
-} kh_pgarray_t;
-
-/* Empty the array (keeps its memory); a zeroed kh_pgarray_t is empty too. */
-void kh_pgarray_reset(kh_pgarray_t *self);
-
-/* Append item (any text: quoted, " and \ escaped), or NULL for a NULL
- * element. */
-void kh_pgarray_add(kh_pgarray_t *self, const char *item);
-
-/* The literal, valid until the next add or reset; NULL when an allocation
- * failed on the way. */
-const char *kh_pgarray_text(kh_pgarray_t *self);
-
-/* Free the memory; the array is empty afterwards. */
-void kh_pgarray_free(kh_pgarray_t *self);
-
-/* The same in PostgreSQL's binary array format (array_recv), for a
- * parameter sent with format 1 (see kh_pgbinarray_data): the server copies
- * each element instead of unquoting and parsing text, which for large
+/* An array in PostgreSQL's binary format (array_recv), for a parameter
+ * sent with format 1 (see kh_pgarray_data): the server copies each
+ * element instead of unquoting and parsing a text literal, which for large
  * elements (payloads) is most of the cost of a text array. An element is
  * its type's binary form: bytes as they are for bytea and text (UTF-8),
- * 16 bytes for a uuid (kh_pgbinarray_add_uuid). */
+ * 16 bytes for a uuid (kh_pgarray_add_uuid). */
 typedef struct {
     char *data;    /* header, then (length, bytes) per element */
     size_t len;    /* bytes used */
@@ -49,7 +27,7 @@ typedef struct {
     unsigned oid;  /* the element type (KH_PG_BYTEA, ...) */
     bool has_null; /* a NULL element was added */
     bool failed;   /* an allocation or a uuid failed: do not send */
-} kh_pgbinarray_t;
+} kh_pgarray_t;
 
 /* PostgreSQL's type oids of the elements the hub sends (pg_type.dat). */
 #define KH_PG_BYTEA 17u
@@ -58,25 +36,25 @@ typedef struct {
 
 /* Empty the array and set its element type (keeps its memory); before
  * the first add too. */
-void kh_pgbinarray_reset(kh_pgbinarray_t *self, unsigned element_oid);
+void kh_pgarray_reset(kh_pgarray_t *self, unsigned element_oid);
 
 /* Append len bytes of item, or a NULL element when item is NULL. */
-void kh_pgbinarray_add(kh_pgbinarray_t *self, const void *item, size_t len);
+void kh_pgarray_add(kh_pgarray_t *self, const void *item, size_t len);
 
 /* Append the string item (without its NUL), or a NULL element. */
-void kh_pgbinarray_add_str(kh_pgbinarray_t *self, const char *item);
+void kh_pgarray_add_str(kh_pgarray_t *self, const char *item);
 
 /* Append a uuid given as text (36 characters, hex digits and hyphens as
  * PostgreSQL prints them), or a NULL element. A malformed uuid fails the
  * array. */
-void kh_pgbinarray_add_uuid(kh_pgbinarray_t *self, const char *uuid);
+void kh_pgarray_add_uuid(kh_pgarray_t *self, const char *uuid);
 
 /* The array's bytes and their count in *len, valid until the next add or
  * reset; NULL when an add failed (out of memory, malformed uuid). */
-const char *kh_pgbinarray_data(kh_pgbinarray_t *self, int *len);
+const char *kh_pgarray_data(kh_pgarray_t *self, int *len);
 
 /* Free the memory; the array is empty afterwards. */
-void kh_pgbinarray_free(kh_pgbinarray_t *self);
+void kh_pgarray_free(kh_pgarray_t *self);
 
 #ifdef __cplusplus
 }

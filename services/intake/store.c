@@ -275,7 +275,7 @@ static const unsigned s_commit_types[S_COMMIT_PARAMS] = {
     KH_PG_TEXT, KH_PG_TEXT, KH_PG_TEXT, KH_PG_TEXT, KH_PG_TEXT,  KH_PG_TEXT};
 
 typedef struct {
-    kh_pgbinarray_t columns[S_COMMIT_PARAMS];
+    kh_pgarray_t columns[S_COMMIT_PARAMS];
 } s_params_t;
 
 /* Fill params from the batch, column by column. */
@@ -283,35 +283,34 @@ static void s_build_params(s_params_t *params, const store_submit_t *subs,
                            size_t nsubs, const store_refusal_t *refs,
                            size_t nrefs)
 {
-    kh_pgbinarray_t *col = params->columns;
+    kh_pgarray_t *col = params->columns;
     for (int i = 0; i < S_COMMIT_PARAMS; i++)
-        kh_pgbinarray_reset(&col[i], s_commit_types[i]);
+        kh_pgarray_reset(&col[i], s_commit_types[i]);
     for (size_t i = 0; i < nsubs; i++) {
         unsigned char hash[32];
         sodium_hex2bin(hash, sizeof hash, subs[i].hash, 64, NULL, NULL, NULL);
-        kh_pgbinarray_add_uuid(&col[0], subs[i].referral_id);
-        kh_pgbinarray_add_str(&col[1], subs[i].partner_id);
-        kh_pgbinarray_add_str(&col[2], subs[i].idem_key);
-        kh_pgbinarray_add_str(
-            &col[3], json_string_value(
-                         json_object_get(subs[i].referral, "schema_version")));
-        kh_pgbinarray_add(&col[4], subs[i].payload, subs[i].payload_len);
-        kh_pgbinarray_add(&col[5], hash, sizeof hash);
-        kh_pgbinarray_add_str(&col[6], subs[i].peer);
+        kh_pgarray_add_uuid(&col[0], subs[i].referral_id);
+        kh_pgarray_add_str(&col[1], subs[i].partner_id);
+        kh_pgarray_add_str(&col[2], subs[i].idem_key);
+        kh_pgarray_add_str(&col[3], json_string_value(json_object_get(
+                                        subs[i].referral, "schema_version")));
+        kh_pgarray_add(&col[4], subs[i].payload, subs[i].payload_len);
+        kh_pgarray_add(&col[5], hash, sizeof hash);
+        kh_pgarray_add_str(&col[6], subs[i].peer);
     }
     for (size_t i = 0; i < nrefs; i++) {
-        kh_pgbinarray_add_str(&col[7], refs[i].action);
-        kh_pgbinarray_add_str(&col[8], refs[i].actor_id);
-        kh_pgbinarray_add_str(&col[9], refs[i].code);
-        kh_pgbinarray_add_str(&col[10], refs[i].path);
-        kh_pgbinarray_add_str(&col[11], refs[i].peer);
+        kh_pgarray_add_str(&col[7], refs[i].action);
+        kh_pgarray_add_str(&col[8], refs[i].actor_id);
+        kh_pgarray_add_str(&col[9], refs[i].code);
+        kh_pgarray_add_str(&col[10], refs[i].path);
+        kh_pgarray_add_str(&col[11], refs[i].peer);
     }
 }
 
 static void s_params_free(s_params_t *params)
 {
     for (int i = 0; i < S_COMMIT_PARAMS; i++)
-        kh_pgbinarray_free(&params->columns[i]);
+        kh_pgarray_free(&params->columns[i]);
 }
 
 /* Fill sub's outputs from the row that holds its key. */
@@ -356,8 +355,7 @@ int store_commit_send(store_t *self, store_submit_t *subs, size_t nsubs,
     for (int i = 0; i < S_COMMIT_PARAMS; i++) {
         /* An array fails on an allocation (or an id that is no uuid,
          * which kh_uuid_new never makes). */
-        if (!(values[i] =
-                  kh_pgbinarray_data(&params.columns[i], &lengths[i]))) {
+        if (!(values[i] = kh_pgarray_data(&params.columns[i], &lengths[i]))) {
             s_params_free(&params);
             return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
         }

@@ -256,6 +256,8 @@ static const char *s_refused_sql =
 static const char *s_partners_sql =
     "SELECT curve_public_key, id FROM partners WHERE revoked_at IS NULL";
 
+#define S_PARAMS_MAX 9 /* the most parameters of a statement (the claim) */
+
 /* The prepared statements, by index. */
 typedef enum {
     S_CLAIM,
@@ -372,19 +374,27 @@ bool dstore_up(const dstore_t *self)
 }
 
 /* Run a prepared statement (or, for S_STATEMENTS, the plain sql); the
- * result when it returned rows or a command status, else NULL with err. */
+ * parameters are text but for the one at index binary (-1: none), a
+ * binary array of binary_len bytes. The result when it returned rows or a
+ * command status, else NULL with err. */
 static PGresult *s_run(dstore_t *self, s_stmt_t stmt, const char *sql,
-                       int nparams, const char *const *params, kh_error_t *err)
+                       int nparams, const char *const *params, int binary,
+                       int binary_len, kh_error_t *err)
 {
     if (!dstore_up(self)) {
         kh_error_set(err, KH_E_UNAVAILABLE, "", "no database connection");
         return NULL;
     }
+    int lengths[S_PARAMS_MAX] = {0}, formats[S_PARAMS_MAX] = {0};
+    if (binary >= 0 && binary < S_PARAMS_MAX) {
+        lengths[binary] = binary_len;
+        formats[binary] = 1;
+    }
     PGresult *res = stmt == S_STATEMENTS
                         ? PQexecParams(self->conn, sql, nparams, NULL, params,
-                                       NULL, NULL, 0)
+                                       lengths, formats, 0)
                         : PQexecPrepared(self->conn, s_statements[stmt].name,
-                                         nparams, params, NULL, NULL, 0);
+                                         nparams, params, lengths, formats, 0);
     ExecStatusType status = PQresultStatus(res);
     if (status == PGRES_TUPLES_OK || status == PGRES_COMMAND_OK)
         return res;
@@ -396,7 +406,8 @@ static PGresult *s_run(dstore_t *self, s_stmt_t stmt, const char *sql,
 
 zhashx_t *dstore_partners(dstore_t *self, kh_error_t *err)
 {
-    PGresult *res = s_run(self, S_STATEMENTS, s_partners_sql, 0, NULL, err);
+    PGresult *res =
+        s_run(self, S_STATEMENTS, s_partners_sql, 0, NULL, -1, 0, err);
     if (!res)
         return NULL;
     zhashx_t *partners = zhashx_new();
@@ -413,17 +424,18 @@ zhashx_t *dstore_partners(dstore_t *self, kh_error_t *err)
     return partners;
 }
 
-/* ids as an array literal in self->ids; NULL with err on OOM. */
+/* ids (uuids the hub sent) as a binary array in self->ids: its bytes and
+ * their count in *len; NULL with err when memory ran out. */
 static const char *s_ids(dstore_t *self, const char *const *ids, size_t count,
-                         kh_error_t *err)
+                         int *len, kh_error_t *err)
 {
-    kh_pgarray_reset(&self->ids);
+    kh_pgarray_reset(&self->ids, KH_PG_UUID);
     for (size_t i = 0; i < count; i++)
-        kh_pgarray_add(&self->ids, ids[i]);
-    const char *text = kh_pgarray_text(&self->ids);
-    if (!text)
+        kh_pgarray_add_uuid(&self->ids, ids[i]);
+    const char *data = kh_pgarray_data(&self->ids, len);
+    if (!data)
         kh_error_set(err, KH_E_NOMEM, "", "out of memory");
-    return text;
+    return data;
 }
 
 int dstore_claim(dstore_t *self, const char *partner, const char *peer,
@@ -431,7 +443,8 @@ int dstore_claim(dstore_t *self, const char *partner, const char *peer,
                  const char *const *keep, size_t nkeep, dstore_delivery_fn *fn,
                  void *arg, kh_error_t *err)
 {
-    const char *skeep = s_ids(self, keep, nkeep, err);
+    int keep_len = 0;
+    const char *skeep = s_ids(self, keep, nkeep, &keep_len, err);
     if (!skeep)
         return -1;
     char slimit[24], sresend[24], stimeout[24], smax[24], sattempts[24];
@@ -443,7 +456,7 @@ int dstore_claim(dstore_t *self, const char *partner, const char *peer,
     const char *params[] = {partner,  slimit, sresend,   reclaim ? "t" : "f",
                             stimeout, smax,   sattempts, peer,
                             skeep};
-    PGresult *res = s_run(self, S_CLAIM, NULL, 9, params, err);
+    PGresult *res = s_run(self, S_CLAIM, NULL, 9, params, 8, keep_len, err);
     if (!res)
         return -1;
     int rows = PQntuples(res);
@@ -485,20 +498,23 @@ int dstore_ack_send(dstore_t *self, dstore_answer_t *acks, size_t count,
     if (!dstore_up(self))
         return kh_error_set(err, KH_E_UNAVAILABLE, "",
                             "no database connection");
-    const char *params[3];
-    for (int k = 0; k < 3; k++) {
-        kh_pgarray_t *array = &self->arrays[k];
-        kh_pgarray_reset(array);
-        for (size_t i = 0; i < count; i++)
-            kh_pgarray_add(array, k == 0   ? acks[i].id
-                                  : k == 1 ? acks[i].partner
-                                           : acks[i].peer);
-        params[k] = kh_pgarray_text(array);
-        if (!params[k])
-            return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
+    kh_pgarray_t *array = self->arrays;
+    kh_pgarray_reset(&array[0], KH_PG_UUID);
+    kh_pgarray_reset(&array[1], KH_PG_TEXT);
+    kh_pgarray_reset(&array[2], KH_PG_TEXT);
+    for (size_t i = 0; i < count; i++) {
+        kh_pgarray_add_uuid(&array[0], acks[i].id);
+        kh_pgarray_add_str(&array[1], acks[i].partner);
+        kh_pgarray_add_str(&array[2], acks[i].peer);
     }
+    const char *params[3];
+    int lengths[3];
+    static const int formats[3] = {1, 1, 1};
+    for (int k = 0; k < 3; k++)
+        if (!(params[k] = kh_pgarray_data(&array[k], &lengths[k])))
+            return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
     if (!PQsendQueryPrepared(self->ack_conn, s_statements[S_ACK].name, 3,
-                             params, NULL, NULL, 0))
+                             params, lengths, formats, 0))
         return kh_db_error(err, self->ack_conn, NULL, "ack");
     self->acks = acks;
     self->nacks = count;
@@ -554,7 +570,7 @@ int dstore_nack(dstore_t *self, dstore_answer_t *nack, bool permanent,
     const char *params[] = {
         nack->id,  nack->partner, nack->peer, permanent ? "t" : "f",
         sattempts, stimeout,      smax};
-    PGresult *res = s_run(self, S_NACK, NULL, 7, params, err);
+    PGresult *res = s_run(self, S_NACK, NULL, 7, params, -1, 0, err);
     if (!res)
         return -1;
     nack->outcome = s_outcome(PQntuples(res) ? PQgetvalue(res, 0, 0) : "");
@@ -567,13 +583,14 @@ int dstore_due_now(dstore_t *self, const char *partner, const char *const *ids,
 {
     if (count == 0)
         return 0;
-    const char *sids = s_ids(self, ids, count, err);
+    int ids_len = 0;
+    const char *sids = s_ids(self, ids, count, &ids_len, err);
     if (!sids)
         return -1;
     char sattempts[24];
     snprintf(sattempts, sizeof sattempts, "%d", self->policy.max_attempts);
     const char *params[] = {sids, partner, sattempts};
-    PGresult *res = s_run(self, S_DUE, NULL, 3, params, err);
+    PGresult *res = s_run(self, S_DUE, NULL, 3, params, 0, ids_len, err);
     if (!res)
         return -1;
     int rows = atoi(PQcmdTuples(res));
@@ -587,7 +604,8 @@ int dstore_audit_refused(dstore_t *self, const char *key, const char *peer,
     char actor[64];
     snprintf(actor, sizeof actor, "key:%s", *key ? key : "none");
     const char *params[] = {actor, peer};
-    PGresult *res = s_run(self, S_STATEMENTS, s_refused_sql, 2, params, err);
+    PGresult *res =
+        s_run(self, S_STATEMENTS, s_refused_sql, 2, params, -1, 0, err);
     PQclear(res);
     return res ? 0 : -1;
 }
@@ -600,7 +618,7 @@ int dstore_sweep(dstore_t *self, dstore_event_fn *fn, void *arg,
     snprintf(sage, sizeof sage, "%d", self->policy.max_age_s);
     snprintf(sesc, sizeof sesc, "%d", self->policy.escalate_ms);
     const char *dead_params[] = {sattempts, sage};
-    PGresult *res = s_run(self, S_DEAD, NULL, 2, dead_params, err);
+    PGresult *res = s_run(self, S_DEAD, NULL, 2, dead_params, -1, 0, err);
     if (!res)
         return -1;
     int changes = PQntuples(res);
@@ -609,7 +627,7 @@ int dstore_sweep(dstore_t *self, dstore_event_fn *fn, void *arg,
            PQgetvalue(res, i, 2), PQgetvalue(res, i, 3), arg);
     PQclear(res);
     const char *esc_params[] = {sesc};
-    res = s_run(self, S_ESCALATE, NULL, 1, esc_params, err);
+    res = s_run(self, S_ESCALATE, NULL, 1, esc_params, -1, 0, err);
     if (!res)
         return -1;
     changes += PQntuples(res);

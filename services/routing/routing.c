@@ -44,9 +44,9 @@ struct _routing_t {
     zhashx_t *targets; /* partners with new deliveries in this pass */
     /* The pass's writes as binary array parameters: deliveries, routed and
      * unroutable referrals (columns as the statements take them). */
-    kh_pgbinarray_t deliveries_cols[S_DELIVERY_COLUMNS];
-    kh_pgbinarray_t routed_cols[S_ROUTED_COLUMNS];
-    kh_pgbinarray_t unroutable_cols[S_UNROUTABLE_COLUMNS];
+    kh_pgarray_t deliveries_cols[S_DELIVERY_COLUMNS];
+    kh_pgarray_t routed_cols[S_ROUTED_COLUMNS];
+    kh_pgarray_t unroutable_cols[S_UNROUTABLE_COLUMNS];
     zloop_t *loop;
     int signal_fd;
     bool stopping;
@@ -329,18 +329,18 @@ static int s_add_deliveries(routing_t *self, const char *referral_id,
             return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
         }
         kh_uuid_new(id);
-        kh_pgbinarray_t *cols = self->deliveries_cols;
-        kh_pgbinarray_add_uuid(&cols[0], id);
-        kh_pgbinarray_add_uuid(&cols[1], referral_id);
-        kh_pgbinarray_add_str(&cols[2], kh_rules_result_partner(result, i));
-        kh_pgbinarray_add_str(
+        kh_pgarray_t *cols = self->deliveries_cols;
+        kh_pgarray_add_uuid(&cols[0], id);
+        kh_pgarray_add_uuid(&cols[1], referral_id);
+        kh_pgarray_add_str(&cols[2], kh_rules_result_partner(result, i));
+        kh_pgarray_add_str(
             &cols[3], kh_priority_name(kh_rules_result_priority(result, i)));
-        kh_pgbinarray_add(&cols[4], payload, len);
-        kh_pgbinarray_add(&cols[5], hash, sizeof hash);
-        kh_pgbinarray_add_str(&cols[6], escalate_to);
-        kh_pgbinarray_add(&cols[7], esc_payload, esc_len);
-        kh_pgbinarray_add(&cols[8], escalate_to ? esc_hash : NULL,
-                          sizeof esc_hash);
+        kh_pgarray_add(&cols[4], payload, len);
+        kh_pgarray_add(&cols[5], hash, sizeof hash);
+        kh_pgarray_add_str(&cols[6], escalate_to);
+        kh_pgarray_add(&cols[7], esc_payload, esc_len);
+        kh_pgarray_add(&cols[8], escalate_to ? esc_hash : NULL,
+                       sizeof esc_hash);
         free(payload);
         free(esc_payload);
         zhashx_insert(self->targets, kh_rules_result_partner(result, i),
@@ -381,9 +381,9 @@ static int s_route_one(routing_t *self, const char *id, const char *payload,
         kh_log_error("alert", "kind=referral_unroutable referral=%s reason=%s",
                      id, reason);
         json_decref(referral);
-        kh_pgbinarray_add_uuid(&self->unroutable_cols[0], id);
-        kh_pgbinarray_add_str(&self->unroutable_cols[1], reason);
-        kh_pgbinarray_add_str(&self->unroutable_cols[2], hash);
+        kh_pgarray_add_uuid(&self->unroutable_cols[0], id);
+        kh_pgarray_add_str(&self->unroutable_cols[1], reason);
+        kh_pgarray_add_str(&self->unroutable_cols[2], hash);
         return 0;
     }
     kh_rules_eval(self->rules, referral, self->result);
@@ -394,11 +394,11 @@ static int s_route_one(routing_t *self, const char *id, const char *payload,
     char matched[S_MATCHED_MAX];
     s_matched(self->result, matched, sizeof matched);
     bool fallback = kh_rules_result_fallback(self->result);
-    kh_pgbinarray_add_uuid(&self->routed_cols[0], id);
-    kh_pgbinarray_add_str(&self->routed_cols[1],
-                          fallback ? "no_rule_matched" : NULL);
-    kh_pgbinarray_add_str(&self->routed_cols[2], hash);
-    kh_pgbinarray_add_str(&self->routed_cols[3], matched[0] ? matched : NULL);
+    kh_pgarray_add_uuid(&self->routed_cols[0], id);
+    kh_pgarray_add_str(&self->routed_cols[1],
+                       fallback ? "no_rule_matched" : NULL);
+    kh_pgarray_add_str(&self->routed_cols[2], hash);
+    kh_pgarray_add_str(&self->routed_cols[3], matched[0] ? matched : NULL);
     size_t targets = kh_rules_result_target_count(self->result);
     self->deliveries += targets;
     kh_log_debug("referral_routed",
@@ -410,7 +410,7 @@ static int s_route_one(routing_t *self, const char *id, const char *payload,
 /* Send one of the pass's array statements (when it has rows): its
  * columns' binary arrays, then the rules version when the statement takes
  * one more parameter. */
-static int s_send_arrays(routing_t *self, int stmt, kh_pgbinarray_t *cols,
+static int s_send_arrays(routing_t *self, int stmt, kh_pgarray_t *cols,
                          int ncols, kh_error_t *err)
 {
     if (cols[0].count == 0)
@@ -421,7 +421,7 @@ static int s_send_arrays(routing_t *self, int stmt, kh_pgbinarray_t *cols,
     for (int c = 0; c < ncols; c++) {
         /* Every add failed the array at once: an out-of-memory, or an id
          * that is no uuid (never from PostgreSQL or kh_uuid_new). */
-        if (!(params[c] = kh_pgbinarray_data(&cols[c], &lengths[c])))
+        if (!(params[c] = kh_pgarray_data(&cols[c], &lengths[c])))
             return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
         formats[c] = 1;
     }
@@ -435,11 +435,11 @@ static int s_send_arrays(routing_t *self, int stmt, kh_pgbinarray_t *cols,
 static void s_writes_reset(routing_t *self)
 {
     for (int c = 0; c < S_DELIVERY_COLUMNS; c++)
-        kh_pgbinarray_reset(&self->deliveries_cols[c], s_delivery_types[c]);
+        kh_pgarray_reset(&self->deliveries_cols[c], s_delivery_types[c]);
     for (int c = 0; c < S_ROUTED_COLUMNS; c++)
-        kh_pgbinarray_reset(&self->routed_cols[c], s_routed_types[c]);
+        kh_pgarray_reset(&self->routed_cols[c], s_routed_types[c]);
     for (int c = 0; c < S_UNROUTABLE_COLUMNS; c++)
-        kh_pgbinarray_reset(&self->unroutable_cols[c], s_unroutable_types[c]);
+        kh_pgarray_reset(&self->unroutable_cols[c], s_unroutable_types[c]);
 }
 
 /* Tell notification which partners have new deliveries (services.md,
@@ -813,11 +813,11 @@ void routing_destroy(routing_t **self_p)
     zsock_destroy(&self->notify);
     zhashx_destroy(&self->targets);
     for (int c = 0; c < S_DELIVERY_COLUMNS; c++)
-        kh_pgbinarray_free(&self->deliveries_cols[c]);
+        kh_pgarray_free(&self->deliveries_cols[c]);
     for (int c = 0; c < S_ROUTED_COLUMNS; c++)
-        kh_pgbinarray_free(&self->routed_cols[c]);
+        kh_pgarray_free(&self->routed_cols[c]);
     for (int c = 0; c < S_UNROUTABLE_COLUMNS; c++)
-        kh_pgbinarray_free(&self->unroutable_cols[c]);
+        kh_pgarray_free(&self->unroutable_cols[c]);
     kh_zap_destroy(&self->zap);
     zcert_destroy(&self->cert);
     kh_rules_result_destroy(&self->result);

@@ -124,24 +124,24 @@ START_TEST(binary_arrays_reach_the_server_intact)
     kh_error_t err;
     PGconn *conn = kh_db_connect(khtest_pg_conninfo(), &err);
     ck_assert_msg(conn != NULL, "%s", err.message);
-    kh_pgbinarray_t uuids = {0}, texts = {0}, bytes = {0}, empty = {0};
-    kh_pgbinarray_reset(&uuids, KH_PG_UUID);
-    kh_pgbinarray_add_uuid(&uuids, "0192f3a4-5b6c-7d8e-9fa0-b1c2d3e4f5a6");
-    kh_pgbinarray_add_uuid(&uuids, NULL);
-    kh_pgbinarray_reset(&texts, KH_PG_TEXT);
-    kh_pgbinarray_add_str(&texts, "{\"naam\": \"Zoë \\\" \\\\\"}");
-    kh_pgbinarray_add_str(&texts, "");
-    kh_pgbinarray_add_str(&texts, NULL);
-    kh_pgbinarray_reset(&bytes, KH_PG_BYTEA);
-    kh_pgbinarray_add(&bytes, "\x00\xff,\"", 4);
-    kh_pgbinarray_reset(&empty, KH_PG_TEXT);
+    kh_pgarray_t uuids = {0}, texts = {0}, bytes = {0}, empty = {0};
+    kh_pgarray_reset(&uuids, KH_PG_UUID);
+    kh_pgarray_add_uuid(&uuids, "0192f3a4-5b6c-7d8e-9fa0-b1c2d3e4f5a6");
+    kh_pgarray_add_uuid(&uuids, NULL);
+    kh_pgarray_reset(&texts, KH_PG_TEXT);
+    kh_pgarray_add_str(&texts, "{\"naam\": \"Zoë \\\" \\\\\"}");
+    kh_pgarray_add_str(&texts, "");
+    kh_pgarray_add_str(&texts, NULL);
+    kh_pgarray_reset(&bytes, KH_PG_BYTEA);
+    kh_pgarray_add(&bytes, "\x00\xff,\"", 4);
+    kh_pgarray_reset(&empty, KH_PG_TEXT);
     const char *values[4];
     int lengths[4];
     const int formats[4] = {1, 1, 1, 1};
-    kh_pgbinarray_t *arrays[4] = {&uuids, &texts, &bytes, &empty};
+    kh_pgarray_t *arrays[4] = {&uuids, &texts, &bytes, &empty};
     for (int i = 0; i < 4; i++)
         ck_assert_ptr_nonnull(values[i] =
-                                  kh_pgbinarray_data(arrays[i], &lengths[i]));
+                                  kh_pgarray_data(arrays[i], &lengths[i]));
     PGresult *res = PQexecParams(
         conn,
         "SELECT $1::uuid[] = ARRAY['0192f3a4-5b6c-7d8e-9fa0-b1c2d3e4f5a6',"
@@ -165,7 +165,7 @@ START_TEST(binary_arrays_reach_the_server_intact)
     ck_assert_int_eq(PQresultStatus(res), PGRES_FATAL_ERROR);
     PQclear(res);
     for (int i = 0; i < 4; i++)
-        kh_pgbinarray_free(arrays[i]);
+        kh_pgarray_free(arrays[i]);
     PQfinish(conn);
 }
 END_TEST
