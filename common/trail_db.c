@@ -225,56 +225,6 @@ static int s_copy_field(const char **p, const char *e, const char **val,
     return 0;
 }
 
-/* Events of the fast path waiting to be chained: the COPY reads the
- * table in physical order, which is seq order but for rows inserted side
- * by side; a window of S_WINDOW rows puts them back in order. */
-#define S_WINDOW 4096
-
-typedef struct {
-    int64_t seq;
-    char *buf; /* the COPY row (PQfreemem) */
-    int len;
-} s_row_t;
-
-/* A run of events chained by the worker thread: from a known hash (a
- * signed checkpoint's head, or the genesis) or on from the previous batch,
- * to an expected hash (the next checkpoint's head or the sealed head's
- * seal) or on into the next batch. */
-#define S_BATCH_MAX 8192
-#define S_QUEUE_MAX 32
-
-typedef struct s_batch_t {
-    bool has_start, has_end;
-    unsigned char start[KH_TRAIL_HASH_SIZE], end[KH_TRAIL_HASH_SIZE];
-    s_row_t *rows;
-    size_t count;
-    struct s_batch_t *next;
-} s_batch_t;
-
-typedef struct {
-    pthread_mutex_t lock;
-    pthread_cond_t changed;
-    s_batch_t *first, *last;
-    size_t queued;
-    bool closing;
-    bool doubt; /* a worker's verdict (under lock) */
-} s_queue_t;
-
-typedef struct {
-    const kh_trail_checkpoint_t *cps; /* sorted, all with a valid signature */
-    size_t ncps, next;
-    int64_t head; /* the sealed head: events above it are not chained */
-    unsigned char head_seal[KH_TRAIL_HASH_SIZE];
-    unsigned char seg_start[KH_TRAIL_HASH_SIZE]; /* start of the next batch */
-    bool seg_known;   /* seg_start holds (else: on from the last batch) */
-    s_batch_t *batch; /* being filled */
-    s_queue_t *queue;
-    int64_t emitted; /* last seq chained or counted */
-    int64_t chained; /* last seq handed to the chain */
-    bool doubt;      /* something needs the full pass */
-    kh_trail_report_t *report;
-} s_fast_t;
-
 /* Parse a binary COPY row of the 17 event columns into ev. -1 if it is
  * not one. */
 static int s_parse_row(const char *buf, int n, bool *header,
@@ -286,6 +236,8 @@ static int s_parse_row(const char *buf, int n, bool *header,
                        (uint32_t) (unsigned char) p[16] << 16 |
                        (uint32_t) (unsigned char) p[17] << 8 |
                        (uint32_t) (unsigned char) p[18];
+        if (ext > (uint32_t) (n - 19))
+            return -1;
         p += 19 + ext;
     }
     *header = false;
@@ -313,133 +265,169 @@ static int s_parse_row(const char *buf, int n, bool *header,
     return 0;
 }
 
-static void s_batch_free(s_batch_t *b)
-{
-    for (size_t i = 0; i < b->count; i++)
-        PQfreemem(b->rows[i].buf);
-    free(b->rows);
-    free(b);
-}
+/* The fast path of verification reads the events in one or two streams,
+ * each a COPY of a range of seq in seq order on a connection of its own
+ * (the second one on the first one's snapshot), so that the server's
+ * reading and the hashing of two halves run side by side. A stream chains
+ * its range from a known hash (the genesis, the anchor, or the signed
+ * checkpoint where the previous stream ends) and compares the chain with
+ * every checkpoint in it and with its expected end. */
+typedef struct {
+    PGconn *conn;
+    const char *relation; /* audit_events, or the auditors' audit_trail */
+    int64_t after, upto;  /* the range (after, upto]; upto 0: no bound */
+    unsigned char start[KH_TRAIL_HASH_SIZE];
+    const kh_trail_checkpoint_t *cps; /* the checkpoints in the range */
+    size_t ncps;
+    int64_t head; /* the chain must end here, with the hash end */
+    unsigned char end[KH_TRAIL_HASH_SIZE];
+    /* What it found. */
+    kh_trail_report_t report;
+    int64_t chained; /* last seq chained */
+    bool doubt;
+    int rc; /* 0, or -1 with err (the database failed) */
+    kh_error_t err;
+} s_stream_t;
 
-/* The worker: chains the batches in order, compares the ends. */
-static void *s_worker(void *arg)
+/* Read and chain one stream (see s_stream_t). */
+static void s_stream_run(s_stream_t *st)
 {
-    s_queue_t *q = arg;
-    unsigned char h[KH_TRAIL_HASH_SIZE] = {0};
-    for (;;) {
-        pthread_mutex_lock(&q->lock);
-        while (!q->first && !q->closing)
-            pthread_cond_wait(&q->changed, &q->lock);
-        s_batch_t *b = q->first;
-        if (b) {
-            q->first = b->next;
-            if (!q->first)
-                q->last = NULL;
-            q->queued--;
-            pthread_cond_broadcast(&q->changed);
-        }
-        bool doubt = q->doubt;
-        pthread_mutex_unlock(&q->lock);
-        if (!b)
-            return NULL;
-        if (b->has_start)
-            memcpy(h, b->start, sizeof h);
-        for (size_t i = 0; i < b->count && !doubt; i++) {
-            kh_trail_event_t ev;
-            bool header = false;
-            unsigned char next[KH_TRAIL_HASH_SIZE];
-            if (s_parse_row(b->rows[i].buf, b->rows[i].len, &header, &ev) !=
-                    0 ||
-                kh_trail_chain(h, &ev, next) != 0)
-                doubt = true;
-            memcpy(h, next, sizeof h);
-        }
-        if (b->has_end && sodium_memcmp(h, b->end, sizeof h) != 0)
-            doubt = true;
-        s_batch_free(b);
-        if (doubt) {
-            pthread_mutex_lock(&q->lock);
-            q->doubt = true;
-            pthread_mutex_unlock(&q->lock);
-        }
-    }
-}
-
-/* Hand the batch being filled to the worker (end: the hash it must reach,
- * NULL: it goes on in the next batch). */
-static void s_submit(s_fast_t *f, const unsigned char *end)
-{
-    s_batch_t *b = f->batch;
-    if (!b)
+    kh_trail_report_t *r = &st->report;
+    char sql[768];
+    int n = snprintf(sql, sizeof sql,
+                     "COPY (SELECT " S_EVENT_COLUMNS " FROM %s WHERE seq >"
+                     " %" PRId64,
+                     st->relation, st->after);
+    if (st->upto > 0)
+        n += snprintf(sql + n, sizeof sql - (size_t) n, " AND seq <= %" PRId64,
+                      st->upto);
+    snprintf(sql + n, sizeof sql - (size_t) n,
+             " ORDER BY seq) TO STDOUT (FORMAT binary)");
+    PGresult *res = PQexec(st->conn, sql);
+    if (PQresultStatus(res) != PGRES_COPY_OUT) {
+        st->rc = kh_db_error(&st->err, st->conn, res, "cannot read the trail");
+        PQclear(res);
         return;
-    f->batch = NULL;
-    if (end) {
-        b->has_end = true;
-        memcpy(b->end, end, KH_TRAIL_HASH_SIZE);
     }
-    s_queue_t *q = f->queue;
-    pthread_mutex_lock(&q->lock);
-    while (q->queued >= S_QUEUE_MAX)
-        pthread_cond_wait(&q->changed, &q->lock);
-    if (q->last)
-        q->last->next = b;
-    else
-        q->first = b;
-    q->last = b;
-    q->queued++;
-    pthread_cond_broadcast(&q->changed);
-    pthread_mutex_unlock(&q->lock);
-}
-
-/* Take one event in seq order (and its buffer). */
-static void s_fast_emit(s_fast_t *f, s_row_t *row)
-{
-    kh_trail_report_t *r = f->report;
-    r->events++;
-    if (!r->first_seq)
-        r->first_seq = row->seq;
-    r->last_seq = row->seq;
-    f->emitted = row->seq;
-    if (row->seq > f->head || f->doubt) {
-        if (row->seq > f->head)
+    PQclear(res);
+    unsigned char h[KH_TRAIL_HASH_SIZE];
+    memcpy(h, st->start, sizeof h);
+    st->chained = st->after;
+    int64_t last = st->after;
+    size_t next = 0; /* the next checkpoint to reach */
+    bool header = true;
+    char *buf = NULL;
+    int len;
+    while ((len = PQgetCopyData(st->conn, &buf, 0)) > 0) {
+        kh_trail_event_t ev;
+        int parsed = s_parse_row(buf, len, &header, &ev);
+        if (parsed == 1 || st->doubt) { /* the trailer; or only draining */
+            PQfreemem(buf);
+            continue;
+        }
+        if (parsed != 0 || ev.seq <= last) {
+            st->doubt = true;
+            PQfreemem(buf);
+            continue;
+        }
+        last = ev.seq;
+        r->events++;
+        if (!r->first_seq)
+            r->first_seq = ev.seq;
+        r->last_seq = ev.seq;
+        if (ev.seq > st->head) {
             r->unsealed++;
-        PQfreemem(row->buf);
-        return;
-    }
-    /* A checkpoint below this seq names an event that is gone. */
-    while (f->next < f->ncps && f->cps[f->next].seq < row->seq) {
-        f->doubt = true;
-        f->next++;
-    }
-    if (!f->batch) {
-        f->batch = calloc(1, sizeof *f->batch);
-        if (f->batch)
-            f->batch->rows = malloc(S_BATCH_MAX * sizeof *f->batch->rows);
-        if (!f->batch || !f->batch->rows) {
-            free(f->batch);
-            f->batch = NULL;
-            f->doubt = true;
-            PQfreemem(row->buf);
-            return;
+            PQfreemem(buf);
+            continue;
         }
-        f->batch->has_start = f->seg_known;
-        memcpy(f->batch->start, f->seg_start, KH_TRAIL_HASH_SIZE);
-        f->seg_known = false;
+        /* A checkpoint below this seq names an event that is gone. */
+        if (next < st->ncps && st->cps[next].seq < ev.seq)
+            st->doubt = true;
+        unsigned char chained[KH_TRAIL_HASH_SIZE];
+        if (kh_trail_chain(h, &ev, chained) != 0)
+            st->doubt = true;
+        PQfreemem(buf);
+        memcpy(h, chained, sizeof h);
+        st->chained = ev.seq;
+        r->sealed++;
+        if (next < st->ncps && st->cps[next].seq == ev.seq) {
+            if (sodium_memcmp(h, st->cps[next].head, sizeof h) != 0)
+                st->doubt = true;
+            next++;
+            r->checkpoints++;
+            r->signed_seq = ev.seq;
+        }
+        if (ev.seq == st->head && sodium_memcmp(h, st->end, sizeof h) != 0)
+            st->doubt = true;
     }
-    f->batch->rows[f->batch->count++] = *row;
-    f->chained = row->seq;
-    r->sealed++;
-    if (f->next < f->ncps && f->cps[f->next].seq == row->seq) {
-        const kh_trail_checkpoint_t *cp = &f->cps[f->next++];
-        s_submit(f, cp->head);
-        memcpy(f->seg_start, cp->head, KH_TRAIL_HASH_SIZE);
-        f->seg_known = true;
-        r->checkpoints++;
-        r->signed_seq = row->seq;
-    } else if (row->seq == f->head)
-        s_submit(f, f->head_seal);
-    else if (f->batch->count == S_BATCH_MAX)
-        s_submit(f, NULL);
+    res = PQgetResult(st->conn);
+    if (PQresultStatus(res) != PGRES_COMMAND_OK)
+        st->rc = kh_db_error(&st->err, st->conn, res, "cannot read the trail");
+    PQclear(res);
+    while ((res = PQgetResult(st->conn)) != NULL)
+        PQclear(res);
+    /* The chain must end exactly at the head, past every checkpoint. */
+    if (next < st->ncps || (st->head > st->after && st->chained != st->head))
+        st->doubt = true;
+}
+
+static void *s_stream_thread(void *arg)
+{
+    s_stream_run(arg);
+    return NULL;
+}
+
+/* A second connection like conn (same server, user, database, password
+ * and settings) in conn's snapshot, ready for a stream; NULL when it
+ * cannot be had (the caller reads with one stream). */
+static PGconn *s_stream_conn(PGconn *conn)
+{
+    PGresult *res = PQexec(conn, "SELECT pg_export_snapshot()");
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        PQclear(res);
+        return NULL;
+    }
+    char *snapshot = PQescapeLiteral(conn, PQgetvalue(res, 0, 0),
+                                     (size_t) PQgetlength(res, 0, 0));
+    PQclear(res);
+    PQconninfoOption *opts = PQconninfo(conn);
+    size_t n = 0;
+    for (PQconninfoOption *o = opts; o && o->keyword; o++)
+        n++;
+    const char **keys = calloc(n + 1, sizeof *keys);
+    const char **vals = calloc(n + 1, sizeof *vals);
+    PGconn *second = NULL;
+    if (snapshot && keys && vals) {
+        size_t k = 0;
+        for (PQconninfoOption *o = opts; o && o->keyword; o++)
+            if (o->val && *o->val) {
+                keys[k] = o->keyword;
+                vals[k++] = o->val;
+            }
+        second = PQconnectdbParams(keys, vals, 0);
+    }
+    free(keys);
+    free(vals);
+    PQconninfoFree(opts);
+    char sql[256];
+    snprintf(sql, sizeof sql,
+             "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;"
+             " SET TRANSACTION SNAPSHOT %s; SET LOCAL enable_seqscan = off;"
+             " SET LOCAL enable_bitmapscan = off",
+             snapshot ? snapshot : "''");
+    PQfreemem(snapshot);
+    if (!second || PQstatus(second) != CONNECTION_OK) {
+        PQfinish(second);
+        return NULL;
+    }
+    res = PQexec(second, sql);
+    bool ok = PQresultStatus(res) == PGRES_COMMAND_OK;
+    PQclear(res);
+    if (!ok) {
+        PQfinish(second);
+        return NULL;
+    }
+    return second;
 }
 
 static int s_cp_seq_cmp(const void *a, const void *b)
@@ -448,10 +436,10 @@ static int s_cp_seq_cmp(const void *a, const void *b)
     return x->seq < y->seq ? -1 : x->seq > y->seq;
 }
 
-/* The fast path of verification, for the usual intact trail: one COPY of
- * the events in physical order (no index), the chain recomputed and
- * compared with every checkpoint's signed head and with the seal of the
- * sealed head. It proves the events unchanged but cannot say where a
+/* The fast path of verification, for the usual intact trail: the events
+ * in seq order (one or two streams, see s_stream_t), the chain recomputed
+ * and compared with every checkpoint's signed head and with the seal of
+ * the sealed head. It proves the events unchanged but cannot say where a
  * difference lies: on any doubt it returns 1 and the full pass (events
  * and seals merged) names the first problem. 0 intact (report filled),
  * 1 doubt, -1 error. */
@@ -472,10 +460,13 @@ static int s_fast_verify(PGconn *conn, const unsigned char *public_key,
         if (!found)
             return 1;
     }
+    if (anchor && !kh_trail_checkpoint_valid(anchor, public_key))
+        return 1;
     kh_trail_checkpoint_t *mine = calloc(ncps + 1, sizeof *mine);
     if (!mine)
         return kh_error_set(err, KH_E_NOMEM, NULL, "out of memory");
     size_t n = 0;
+    int64_t below = 0; /* checkpoints at or before the anchor */
     for (size_t i = 0; i < ncps; i++) {
         if (!kh_trail_checkpoint_valid(&cps[i], public_key)) {
             free(mine);
@@ -484,17 +475,12 @@ static int s_fast_verify(PGconn *conn, const unsigned char *public_key,
         if (cps[i].seq > after)
             mine[n++] = cps[i];
         else
-            report->checkpoints++;
-    }
-    if (anchor && !kh_trail_checkpoint_valid(anchor, public_key)) {
-        free(mine);
-        return 1;
+            below++;
     }
     qsort(mine, n, sizeof *mine, s_cp_seq_cmp);
-    s_fast_t f = {.cps = mine, .ncps = n, .report = report, .seg_known = true};
-    report->signed_seq = after;
+    s_stream_t st[2] = {{.conn = conn, .after = after, .cps = mine, .ncps = n}};
     if (anchor)
-        memcpy(f.seg_start, anchor->head, KH_TRAIL_HASH_SIZE);
+        memcpy(st[0].start, anchor->head, KH_TRAIL_HASH_SIZE);
     PGresult *res = s_query(conn,
                             "SELECT seq, hash FROM audit_trail_seals ORDER BY"
                             " seq DESC LIMIT 1",
@@ -504,133 +490,77 @@ static int s_fast_verify(PGconn *conn, const unsigned char *public_key,
         return -1;
     }
     if (PQntuples(res) == 1 && PQgetlength(res, 0, 1) == KH_TRAIL_HASH_SIZE) {
-        f.head = s_get64(PQgetvalue(res, 0, 0));
-        memcpy(f.head_seal, PQgetvalue(res, 0, 1), KH_TRAIL_HASH_SIZE);
+        st[0].head = s_get64(PQgetvalue(res, 0, 0));
+        memcpy(st[0].end, PQgetvalue(res, 0, 1), KH_TRAIL_HASH_SIZE);
     }
     PQclear(res);
-    /* A whole-table COPY costs the server less than a query; the table is
-     * readable by the audit role and superusers, auditors read the view. */
-    res = s_query(conn, "SELECT has_table_privilege('audit_events', 'SELECT')",
-                  0, err);
-    bool table = res && strcmp(PQgetvalue(res, 0, 0), "t") == 0;
-    PQclear(res);
-    char sql[640];
-    if (table && after == 0)
-        snprintf(sql, sizeof sql,
-                 "COPY audit_events (" S_EVENT_COLUMNS ") TO STDOUT (FORMAT"
-                 " binary)");
-    else if (after == 0)
-        snprintf(sql, sizeof sql,
-                 "COPY (SELECT " S_EVENT_COLUMNS " FROM audit_trail) TO STDOUT"
-                 " (FORMAT binary)");
-    else
-        snprintf(sql, sizeof sql,
-                 "COPY (SELECT " S_EVENT_COLUMNS " FROM audit_trail WHERE seq"
-                 " > %" PRId64 ") TO STDOUT (FORMAT binary)",
-                 after);
-    res = PQexec(conn, sql);
-    if (PQresultStatus(res) != PGRES_COPY_OUT) {
-        kh_db_error(err, conn, res, "cannot read the trail");
-        PQclear(res);
+    /* The table when this role may read it (the audit role, superusers),
+     * else the auditors' view; in seq order from the primary key. */
+    res = kh_db_exec(conn,
+                     "SET LOCAL enable_seqscan = off;"
+                     " SET LOCAL enable_bitmapscan = off",
+                     err) == 0
+              ? s_query(conn,
+                        "SELECT has_table_privilege('audit_events', 'SELECT')",
+                        0, err)
+              : NULL;
+    if (!res) {
         free(mine);
         return -1;
     }
+    bool table = strcmp(PQgetvalue(res, 0, 0), "t") == 0;
     PQclear(res);
-    s_queue_t queue = {.closing = false};
-    pthread_t worker;
-    pthread_mutex_init(&queue.lock, NULL);
-    pthread_cond_init(&queue.changed, NULL);
-    f.queue = &queue;
-    bool started = pthread_create(&worker, NULL, s_worker, &queue) == 0;
-    s_row_t *ring = calloc(S_WINDOW, sizeof *ring);
-    size_t start = 0, count = 0;
-    bool header = true, bad = ring == NULL || !started;
-    char *buf = NULL;
-    int len;
-    f.emitted = after;
-    while ((len = PQgetCopyData(conn, &buf, 0)) > 0) {
-        /* The first row carries the COPY header: strip it, so that every
-         * row parses alike when it is chained. */
-        if (header && len >= 19 && memcmp(buf, "PGCOPY\n\377\r\n\0", 11) == 0) {
-            uint32_t ext = (uint32_t) (unsigned char) buf[15] << 24 |
-                           (uint32_t) (unsigned char) buf[16] << 16 |
-                           (uint32_t) (unsigned char) buf[17] << 8 |
-                           (uint32_t) (unsigned char) buf[18];
-            if (ext > (uint32_t) len - 19)
-                bad = true;
-            else {
-                memmove(buf, buf + 19 + ext, (size_t) len - 19 - ext);
-                len -= 19 + (int) ext;
-            }
-        }
-        header = false;
-        /* Only the seq now (field count, length 8, value); the rest is
-         * parsed when the row is chained. */
-        bool trailer = len >= 2 && buf[0] == '\377' && buf[1] == '\377';
-        bool row_ok = len >= 14 && buf[0] == 0 && buf[1] == 17 && buf[2] == 0 &&
-                      buf[3] == 0 && buf[4] == 0 && buf[5] == 8;
-        int64_t seq = row_ok ? s_get64(buf + 6) : 0;
-        if (bad || trailer || !row_ok || seq <= f.emitted) {
-            /* trailer, or a row too far out of order: the full pass */
-            bad = bad || (!trailer && (!row_ok || seq <= f.emitted));
-            PQfreemem(buf);
-            continue;
-        }
-        /* Insert by seq (usually at the end). */
-        size_t pos = count;
-        while (pos > 0 && ring[(start + pos - 1) % S_WINDOW].seq > seq) {
-            ring[(start + pos) % S_WINDOW] = ring[(start + pos - 1) % S_WINDOW];
-            pos--;
-        }
-        s_row_t row = {seq, buf, len};
-        ring[(start + pos) % S_WINDOW] = row;
-        count++;
-        if (count == S_WINDOW) {
-            s_fast_emit(&f, &ring[start]);
-            start = (start + 1) % S_WINDOW;
-            count--;
-        }
+    st[0].relation = table ? "audit_events" : "audit_trail";
+    /* Two streams when there is a checkpoint to split at: the first ends
+     * at the middle checkpoint, the second starts from its signed head. */
+    PGconn *second = n >= 2 ? s_stream_conn(conn) : NULL;
+    int streams = second ? 2 : 1;
+    pthread_t thread;
+    bool threaded = false;
+    if (second) {
+        size_t m = (n - 1) / 2;
+        st[1] = st[0];
+        st[1].conn = second;
+        st[1].after = mine[m].seq;
+        memcpy(st[1].start, mine[m].head, KH_TRAIL_HASH_SIZE);
+        st[1].cps = mine + m + 1;
+        st[1].ncps = n - m - 1;
+        st[0].upto = st[0].head = mine[m].seq;
+        memcpy(st[0].end, mine[m].head, KH_TRAIL_HASH_SIZE);
+        st[0].ncps = m + 1;
+        threaded = pthread_create(&thread, NULL, s_stream_thread, &st[1]) == 0;
     }
-    while (count > 0) {
-        if (!bad)
-            s_fast_emit(&f, &ring[start]);
-        else
-            PQfreemem(ring[start].buf);
-        start = (start + 1) % S_WINDOW;
-        count--;
-    }
-    free(ring);
-    /* Rows after the last checkpoint that never reached the sealed head
-     * still go to the worker, which finds them short of it. */
-    s_submit(&f, f.head_seal);
-    pthread_mutex_lock(&queue.lock);
-    queue.closing = true;
-    pthread_cond_broadcast(&queue.changed);
-    pthread_mutex_unlock(&queue.lock);
-    if (started)
-        pthread_join(worker, NULL);
-    while (queue.first) { /* only when the worker never started */
-        s_batch_t *b = queue.first;
-        queue.first = b->next;
-        s_batch_free(b);
-    }
-    pthread_cond_destroy(&queue.changed);
-    pthread_mutex_destroy(&queue.lock);
-    res = PQgetResult(conn);
-    int rc = 0;
-    if (PQresultStatus(res) != PGRES_COMMAND_OK)
-        rc = kh_db_error(err, conn, res, "cannot read the trail");
-    PQclear(res);
-    while ((res = PQgetResult(conn)) != NULL)
-        PQclear(res);
-    if (rc == 0) {
-        /* The chain must end exactly at the sealed head, with its seal,
-         * and no checkpoint may lie beyond it. */
-        bool ends = f.head <= after || f.chained == f.head;
-        if (bad || f.doubt || queue.doubt || !ends || f.next < f.ncps)
-            rc = 1;
-    }
+    s_stream_run(&st[0]);
+    if (threaded)
+        pthread_join(thread, NULL);
+    else if (second) /* no thread: the second half after the first */
+        s_stream_run(&st[1]);
+    PQfinish(second);
     free(mine);
+    int rc = 0;
+    for (int i = 0; i < streams; i++) {
+        const kh_trail_report_t *part = &st[i].report;
+        if (st[i].rc && rc == 0) {
+            *err = st[i].err;
+            rc = -1;
+        }
+        if (st[i].doubt && rc == 0)
+            rc = 1;
+        report->events += part->events;
+        report->sealed += part->sealed;
+        report->unsealed += part->unsealed;
+        report->checkpoints += part->checkpoints;
+        if (!report->first_seq)
+            report->first_seq = part->first_seq;
+        if (part->last_seq)
+            report->last_seq = part->last_seq;
+        if (part->signed_seq)
+            report->signed_seq = part->signed_seq;
+    }
+    report->checkpoints += below;
+    if (!report->signed_seq)
+        report->signed_seq = after;
+    report->streams = streams;
     return rc;
 }
 

@@ -168,6 +168,8 @@ typedef struct {
     int64_t checkpoints; /* checkpoints whose signature and head held */
     int64_t first_seq, last_seq; /* range of events read */
     int64_t signed_seq;          /* last seq covered by a valid checkpoint */
+    int streams; /* kh_trail_db_verify: the streams that read the trail on
+                  * the fast path (1 or 2), 0 when the full pass judged */
 } kh_trail_report_t;
 
 typedef struct kh_trail_verifier_t kh_trail_verifier_t;

@@ -297,6 +297,8 @@ START_TEST(least_privilege_roles_do_their_work)
     ck_assert_int_eq(
         kh_trail_db_verify(auditor, s_pk, 0, NULL, 0, &report, &err), 0);
     ck_assert_int_eq(report.sealed, events);
+    /* The auditor's own second connection shares the snapshot. */
+    ck_assert_int_eq(report.streams, 2);
     ck_assert_int_eq(
         kh_trail_db_record_access(auditor, "trail.verified", "auditor", "ok",
                                   NULL, "from_checkpoint=0", "test", &err),
@@ -562,6 +564,21 @@ START_TEST(committed_tampering_is_found_too)
         kh_trail_report_t report;
         ck_assert_int_eq(s_verify(NULL, 0, &report), 0);
         ck_assert_int_eq(report.sealed, t.nseqs);
+        /* Intact: the fast path said so, reading two halves side by
+         * side, and counted what the full pass counts. */
+        ck_assert_int_eq(report.streams, 2);
+        kh_trail_report_t full;
+        khtest_db_exec(s_db, "BEGIN", 0, NULL);
+        ck_assert_int_eq(s_verify(NULL, 0, &full), 0);
+        khtest_db_exec(s_db, "ROLLBACK", 0, NULL);
+        ck_assert_int_eq(full.streams, 0);
+        ck_assert_int_eq(report.events, full.events);
+        ck_assert_int_eq(report.sealed, full.sealed);
+        ck_assert_int_eq(report.unsealed, full.unsealed);
+        ck_assert_int_eq(report.checkpoints, full.checkpoints);
+        ck_assert_int_eq(report.first_seq, full.first_seq);
+        ck_assert_int_eq(report.last_seq, full.last_seq);
+        ck_assert_int_eq(report.signed_seq, full.signed_seq);
         s_trial(&t, kinds[k % 6], k, true);
         free(t.seqs);
         free(t.gaps);
