@@ -3,6 +3,7 @@
  */
 #include "ketenhub/pgarray.h"
 
+#include <sodium.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -94,39 +95,21 @@ void kh_pgarray_add_str(kh_pgarray_t *self, const char *item)
     kh_pgarray_add(self, item, item ? strlen(item) : 0);
 }
 
-static int s_hexval(char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
-
 void kh_pgarray_add_uuid(kh_pgarray_t *self, const char *uuid)
 {
     if (!uuid) {
         s_bin_null(self);
         return;
     }
+    /* 32 hex digits, 36 characters with the hyphens where PostgreSQL
+     * prints them. */
     unsigned char bytes[16];
-    size_t n = 0, i = 0;
-    while (n < sizeof bytes) {
-        if (i == 8 || i == 13 || i == 18 || i == 23) {
-            if (uuid[i++] != '-')
-                break;
-            continue;
-        }
-        int hi = s_hexval(uuid[i]);
-        int lo = hi < 0 ? -1 : s_hexval(uuid[i + 1]);
-        if (lo < 0)
-            break;
-        bytes[n++] = (unsigned char) (hi << 4 | lo);
-        i += 2;
-    }
-    if (n != sizeof bytes || uuid[i] != '\0') {
+    size_t n = 0;
+    const char *end = NULL;
+    if (strlen(uuid) != 36 || uuid[8] != '-' || uuid[13] != '-' ||
+        uuid[18] != '-' || uuid[23] != '-' ||
+        sodium_hex2bin(bytes, sizeof bytes, uuid, 36, "-", &n, &end) != 0 ||
+        n != sizeof bytes || *end != '\0') {
         self->failed = true;
         return;
     }
