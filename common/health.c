@@ -371,24 +371,25 @@ static const s_def_t s_defs[] = {
 
 /* Gauges read from PostgreSQL by the probe, per service: rows of
  * (family, label, value). Partners without backlog show 0, so a gauge
- * never keeps a stale value. */
+ * never keeps a stale value. Open deliveries are named as their index
+ * names them (acked_at and dead_reason NULL, migrations/006). */
 static const char *s_gauge_sql(const char *service)
 {
     if (strcmp(service, "notification") == 0)
         return "SELECT 'deliveries_backlog', p.id, count(d.id)"
                " FROM partners p LEFT JOIN deliveries d ON d.partner_id = p.id"
-               "  AND d.state IN ('pending', 'delivered')"
+               "  AND d.acked_at IS NULL AND d.dead_reason IS NULL"
                " GROUP BY p.id"
                " UNION ALL SELECT 'deliveries_oldest_unacked_seconds', p.id,"
                "  coalesce(extract(epoch FROM now() - min(d.created_at)), 0)"
                " FROM partners p LEFT JOIN deliveries d ON d.partner_id = p.id"
-               "  AND d.state IN ('pending', 'delivered')"
+               "  AND d.acked_at IS NULL AND d.dead_reason IS NULL"
                " GROUP BY p.id"
                " UNION ALL SELECT 'dead_letters', NULL, count(*)"
                " FROM deliveries WHERE state = 'dead'"
                " UNION ALL SELECT 'escalations_open', NULL, count(*)"
                " FROM deliveries WHERE escalated_at IS NOT NULL"
-               "  AND state IN ('pending', 'delivered')";
+               "  AND acked_at IS NULL AND dead_reason IS NULL";
     if (strcmp(service, "audit") == 0)
         return "SELECT 'trail_head_sequence', NULL,"
                " coalesce((SELECT max(seq) FROM audit_events), 0)"

@@ -157,7 +157,9 @@ static const char *s_nack_sql =
     "   WHERE id = $1 AND partner_id = $2 AND attempts > 0), 'not_found')";
 /* clang-format on */
 
-/* $1 max attempts, $2 max age s. At most 1000 of each kind per sweep. */
+/* $1 max attempts, $2 max age s. At most 1000 of each kind per sweep.
+ * Open deliveries are named as the index of open deliveries names them
+ * (acked_at and dead_reason NULL, migrations/006). */
 static const char *s_dead_sql =
     "WITH cand AS ("
     " SELECT d.id, CASE WHEN p.revoked_at IS NOT NULL THEN 'partner_revoked'"
@@ -167,11 +169,11 @@ static const char *s_dead_sql =
     " WHERE d.state IN ('pending', 'delivered') AND d.id IN ("
     "  (SELECT id FROM deliveries WHERE state = 'delivered'"
     "    AND next_attempt_at <= now() AND attempts >= $1 LIMIT 1000)"
-    "  UNION (SELECT id FROM deliveries WHERE state IN ('pending',"
-    "    'delivered') AND age_from < now() - make_interval(secs => $2)"
-    "    LIMIT 1000)"
-    "  UNION (SELECT id FROM deliveries WHERE state IN ('pending',"
-    "    'delivered') AND partner_id IN (SELECT id FROM partners"
+    "  UNION (SELECT id FROM deliveries WHERE acked_at IS NULL"
+    "    AND dead_reason IS NULL"
+    "    AND age_from < now() - make_interval(secs => $2) LIMIT 1000)"
+    "  UNION (SELECT id FROM deliveries WHERE acked_at IS NULL"
+    "    AND dead_reason IS NULL AND partner_id IN (SELECT id FROM partners"
     "    WHERE revoked_at IS NOT NULL) LIMIT 1000))"
     " FOR UPDATE OF d SKIP LOCKED),"
     " dead AS ("

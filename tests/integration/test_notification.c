@@ -988,6 +988,80 @@ START_TEST(a_large_backlog_drains_with_flat_memory)
 }
 END_TEST
 
+/* The text of the plan of sql (one string, lines joined). */
+static char *s_plan(const char *sql)
+{
+    char explain[1024];
+    snprintf(explain, sizeof explain, "EXPLAIN %s", sql);
+    PGresult *res = PQexec(s_db, explain);
+    ck_assert_int_eq(PQresultStatus(res), PGRES_TUPLES_OK);
+    size_t len = 1;
+    for (int i = 0; i < PQntuples(res); i++)
+        len += strlen(PQgetvalue(res, i, 0)) + 1;
+    char *plan = calloc(1, len);
+    for (int i = 0; i < PQntuples(res); i++) {
+        strcat(plan, PQgetvalue(res, i, 0));
+        strcat(plan, "\n");
+    }
+    PQclear(res);
+    return plan;
+}
+
+/* A claim can only use the index made for it: without that index no other
+ * index serves it, so statistics that make its own index look dear (taken
+ * when the queue was empty) cannot send the planner to an index over every
+ * open delivery (migrations/006). */
+START_TEST(claims_have_no_index_but_their_own)
+{
+    /* Many closed deliveries and some open ones, statistics taken. */
+    khtest_db_exec(
+        s_db,
+        "WITH r AS (INSERT INTO referrals (id, partner_id, idempotency_key,"
+        " schema_version, payload, payload_hash, state)"
+        " SELECT gen_random_uuid(), 'veilig-thuis', 'plan-' || g,"
+        " 'referral.v1', '\\x7b7d', sha256(g::text::bytea), 'routed'"
+        " FROM generate_series(1, 4000) g RETURNING id)"
+        " INSERT INTO deliveries (id, referral_id, partner_id, payload,"
+        " payload_hash, rules_version, state, attempts, acked_at)"
+        " SELECT gen_random_uuid(), id, 'avim', '\\x7b7d',"
+        " sha256(id::text::bytea), 'test', 'acknowledged', 1, now() FROM r",
+        0, NULL);
+    for (int i = 0; i < 200; i++) {
+        char id[37];
+        s_delivery(i % 2 ? "avim" : "zorgcoordinator", "normal", 0, NULL, id);
+    }
+    khtest_db_exec(s_db, "ANALYZE deliveries", 0, NULL);
+    static const struct {
+        const char *index, *claim;
+    } claims[] = {
+        {"deliveries_pending_partner_rank_created",
+         "SELECT id FROM deliveries WHERE partner_id = 'avim'"
+         " AND state = 'pending' AND payload IS NOT NULL"
+         " AND next_attempt_at <= now()"
+         " ORDER BY priority_rank DESC, created_at LIMIT 100"
+         " FOR UPDATE SKIP LOCKED"},
+        {"deliveries_delivered_next_attempt",
+         "SELECT id FROM deliveries WHERE state = 'delivered'"
+         " AND partner_id = 'avim' AND attempts < 10"
+         " AND next_attempt_at <= now() ORDER BY next_attempt_at LIMIT 100"
+         " FOR UPDATE SKIP LOCKED"},
+    };
+    for (size_t i = 0; i < sizeof claims / sizeof claims[0]; i++) {
+        char *plan = s_plan(claims[i].claim);
+        ck_assert_msg(strstr(plan, claims[i].index), "%s", plan);
+        free(plan);
+        char drop[128];
+        snprintf(drop, sizeof drop, "DROP INDEX %s", claims[i].index);
+        khtest_db_exec(s_db, "BEGIN", 0, NULL);
+        khtest_db_exec(s_db, drop, 0, NULL);
+        plan = s_plan(claims[i].claim);
+        khtest_db_exec(s_db, "ROLLBACK", 0, NULL);
+        ck_assert_msg(!strstr(plan, "Index"), "another index serves: %s", plan);
+        free(plan);
+    }
+}
+END_TEST
+
 static Suite *s_suite(void)
 {
     Suite *suite = suite_create("notification");
@@ -1004,6 +1078,7 @@ static Suite *s_suite(void)
         tc, a_partner_that_reconnects_gets_its_deliveries_at_once, 0, 2);
     tcase_add_test(tc, two_connections_of_one_partner_both_keep_working);
     tcase_add_test(tc, unknown_key_and_bad_frames_are_refused);
+    tcase_add_test(tc, claims_have_no_index_but_their_own);
     suite_add_tcase(suite, tc);
     TCase *big = tcase_create("backlog");
     tcase_add_checked_fixture(big, s_setup, s_teardown);

@@ -182,7 +182,7 @@ static json_t *s_database(json_t **partners)
             : s_row(conn,
                     "SELECT count(*) FILTER (WHERE state = 'dead'),"
                     " count(*) FILTER (WHERE escalated_at IS NOT NULL"
-                    "  AND state IN ('pending', 'delivered'))"
+                    "  AND acked_at IS NULL AND dead_reason IS NULL)"
                     " FROM deliveries WHERE state IN ('dead', 'pending',"
                     " 'delivered')",
                     db, k_dl, n_dl);
