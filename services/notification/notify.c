@@ -1095,8 +1095,17 @@ notify_t *notify_new(const notify_config_t *config, kh_error_t *err)
     zsock_set_sndhwm(self->router, KH_WINDOW_MAX * 2 + 64);
     zsock_set_sndtimeo(self->router, 0);
     zsock_set_rcvhwm(self->router, KH_WINDOW_MAX * 2 + 64);
+    /* ZeroMQ's heartbeat closes a connection that sent nothing for the
+     * timeout. Under load its I/O thread can run the timer before it reads
+     * what arrived (a burst of DELIVERs to encrypt for several partners),
+     * so a short timeout closed live connections now and then: 3 s did in
+     * three of five runs of scripts/bench-deliveries.sh, and their DELIVERs
+     * then waited for the ACK timeout. Partners that go quiet are dropped
+     * by the silence timeout (KH_NOTIFY_PEER_TIMEOUT_MS) and gone ones on
+     * the first failed send; the heartbeat is only there for peers whose
+     * TCP connection died without a word. */
     zsock_set_heartbeat_ivl(self->router, 1000);
-    zsock_set_heartbeat_timeout(self->router, 3000);
+    zsock_set_heartbeat_timeout(self->router, 30000);
     self->port = zsock_bind(self->router, "%s", config->endpoint);
     if (self->port == -1) {
         kh_error_set(err, KH_E_CONFIG, "KH_NOTIFY_ENDPOINT", "cannot bind %s",
