@@ -587,6 +587,63 @@ START_TEST(committed_tampering_is_found_too)
 }
 END_TEST
 
+/* Verification from a checkpoint (--from-checkpoint) trusts the trail up
+ * to it: the fast path starts at its signed head, counts as the full pass
+ * does, and a change after it is found while one before it is not looked
+ * at. */
+START_TEST(verify_from_a_checkpoint)
+{
+    s_events(s_db, 400);
+    kh_trail_sealer_t *sealer = s_sealer(40);
+    s_flush(sealer);
+    kh_trail_sealer_destroy(&sealer);
+    s_trail_t t;
+    s_trail_load(&t);
+    ck_assert_uint_ge(t.ncps, 6);
+    int64_t from = t.cps[2].seq;
+    kh_error_t err;
+    kh_trail_report_t fast, full;
+    ck_assert_int_eq(kh_trail_db_verify(s_db, s_pk, from, NULL, 0, &fast, &err),
+                     0);
+    ck_assert_int_eq(fast.streams, 2);
+    ck_assert_int_gt(fast.first_seq, from);
+    khtest_db_exec(s_db, "BEGIN", 0, NULL);
+    ck_assert_int_eq(kh_trail_db_verify(s_db, s_pk, from, NULL, 0, &full, &err),
+                     0);
+    khtest_db_exec(s_db, "ROLLBACK", 0, NULL);
+    ck_assert_int_eq(full.streams, 0);
+    ck_assert_int_eq(fast.events, full.events);
+    ck_assert_int_eq(fast.sealed, full.sealed);
+    ck_assert_int_eq(fast.checkpoints, full.checkpoints);
+    ck_assert_int_eq(fast.first_seq, full.first_seq);
+    ck_assert_int_eq(fast.last_seq, full.last_seq);
+    ck_assert_int_eq(fast.signed_seq, full.signed_seq);
+    /* Changed before the checkpoint: outside what was asked for. */
+    khtest_db_exec(s_db, "ALTER TABLE audit_events DISABLE TRIGGER USER", 0,
+                   NULL);
+    char sql[160];
+    snprintf(sql, sizeof sql,
+             "UPDATE audit_events SET outcome = 'failed' WHERE seq = %lld",
+             (long long) t.seqs[1]);
+    khtest_db_exec(s_db, sql, 0, NULL);
+    ck_assert_int_eq(kh_trail_db_verify(s_db, s_pk, from, NULL, 0, &fast, &err),
+                     0);
+    /* Changed after it, in the second half: named. */
+    int64_t late = t.seqs[t.nseqs - 3];
+    snprintf(sql, sizeof sql,
+             "UPDATE audit_events SET outcome = 'failed' WHERE seq = %lld",
+             (long long) late);
+    khtest_db_exec(s_db, sql, 0, NULL);
+    ck_assert_int_eq(kh_trail_db_verify(s_db, s_pk, from, NULL, 0, &fast, &err),
+                     1);
+    ck_assert_int_eq(fast.kind, KH_TRAIL_ALTERED);
+    ck_assert_int_eq(fast.seq, late);
+    free(t.seqs);
+    free(t.gaps);
+    free(t.cps);
+}
+END_TEST
+
 /* Long stretches between checkpoints (more events than one batch of the
  * fast pass) verify, and an edit in the middle of one is found. */
 START_TEST(long_stretches_between_checkpoints)
@@ -946,6 +1003,7 @@ int main(void)
     tcase_add_test(tc, least_privilege_roles_do_their_work);
     tcase_add_test(tc, every_tampering_is_found_with_its_seq);
     tcase_add_test(tc, committed_tampering_is_found_too);
+    tcase_add_test(tc, verify_from_a_checkpoint);
     tcase_add_test(tc, long_stretches_between_checkpoints);
     tcase_add_test(tc, service_killed_while_sealing_loses_nothing);
     tcase_add_test(tc, export_verifies_offline);
