@@ -542,6 +542,31 @@ START_TEST(every_tampering_is_found_with_its_seq)
 }
 END_TEST
 
+/* Verify from checkpoint from (0: the start) on the fast path, which must
+ * read the intact trail in two streams, and again in a transaction (the
+ * full pass): both say intact and count the same. The fast report. */
+static kh_trail_report_t s_verify_both(int64_t from)
+{
+    kh_error_t err;
+    kh_trail_report_t fast, full;
+    ck_assert_int_eq(kh_trail_db_verify(s_db, s_pk, from, NULL, 0, &fast, &err),
+                     0);
+    ck_assert_int_eq(fast.streams, 2);
+    khtest_db_exec(s_db, "BEGIN", 0, NULL);
+    ck_assert_int_eq(kh_trail_db_verify(s_db, s_pk, from, NULL, 0, &full, &err),
+                     0);
+    khtest_db_exec(s_db, "ROLLBACK", 0, NULL);
+    ck_assert_int_eq(full.streams, 0);
+    ck_assert_int_eq(fast.events, full.events);
+    ck_assert_int_eq(fast.sealed, full.sealed);
+    ck_assert_int_eq(fast.unsealed, full.unsealed);
+    ck_assert_int_eq(fast.checkpoints, full.checkpoints);
+    ck_assert_int_eq(fast.first_seq, full.first_seq);
+    ck_assert_int_eq(fast.last_seq, full.last_seq);
+    ck_assert_int_eq(fast.signed_seq, full.signed_seq);
+    return fast;
+}
+
 /* Verification in a transaction of its own takes the fast path first;
  * every kind of tampering, committed, sends it to the full pass. */
 START_TEST(committed_tampering_is_found_too)
@@ -561,24 +586,9 @@ START_TEST(committed_tampering_is_found_too)
         kh_trail_sealer_destroy(&sealer);
         s_trail_t t;
         s_trail_load(&t);
-        kh_trail_report_t report;
-        ck_assert_int_eq(s_verify(NULL, 0, &report), 0);
-        ck_assert_int_eq(report.sealed, t.nseqs);
         /* Intact: the fast path said so, reading two halves side by
          * side, and counted what the full pass counts. */
-        ck_assert_int_eq(report.streams, 2);
-        kh_trail_report_t full;
-        khtest_db_exec(s_db, "BEGIN", 0, NULL);
-        ck_assert_int_eq(s_verify(NULL, 0, &full), 0);
-        khtest_db_exec(s_db, "ROLLBACK", 0, NULL);
-        ck_assert_int_eq(full.streams, 0);
-        ck_assert_int_eq(report.events, full.events);
-        ck_assert_int_eq(report.sealed, full.sealed);
-        ck_assert_int_eq(report.unsealed, full.unsealed);
-        ck_assert_int_eq(report.checkpoints, full.checkpoints);
-        ck_assert_int_eq(report.first_seq, full.first_seq);
-        ck_assert_int_eq(report.last_seq, full.last_seq);
-        ck_assert_int_eq(report.signed_seq, full.signed_seq);
+        ck_assert_int_eq(s_verify_both(0).sealed, t.nseqs);
         s_trial(&t, kinds[k % 6], k, true);
         free(t.seqs);
         free(t.gaps);
@@ -601,23 +611,9 @@ START_TEST(verify_from_a_checkpoint)
     s_trail_load(&t);
     ck_assert_uint_ge(t.ncps, 6);
     int64_t from = t.cps[2].seq;
-    kh_error_t err;
-    kh_trail_report_t fast, full;
-    ck_assert_int_eq(kh_trail_db_verify(s_db, s_pk, from, NULL, 0, &fast, &err),
-                     0);
-    ck_assert_int_eq(fast.streams, 2);
+    kh_trail_report_t fast = s_verify_both(from);
     ck_assert_int_gt(fast.first_seq, from);
-    khtest_db_exec(s_db, "BEGIN", 0, NULL);
-    ck_assert_int_eq(kh_trail_db_verify(s_db, s_pk, from, NULL, 0, &full, &err),
-                     0);
-    khtest_db_exec(s_db, "ROLLBACK", 0, NULL);
-    ck_assert_int_eq(full.streams, 0);
-    ck_assert_int_eq(fast.events, full.events);
-    ck_assert_int_eq(fast.sealed, full.sealed);
-    ck_assert_int_eq(fast.checkpoints, full.checkpoints);
-    ck_assert_int_eq(fast.first_seq, full.first_seq);
-    ck_assert_int_eq(fast.last_seq, full.last_seq);
-    ck_assert_int_eq(fast.signed_seq, full.signed_seq);
+    kh_error_t err;
     /* Changed before the checkpoint: outside what was asked for. */
     khtest_db_exec(s_db, "ALTER TABLE audit_events DISABLE TRIGGER USER", 0,
                    NULL);

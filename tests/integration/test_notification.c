@@ -73,20 +73,10 @@ static void s_teardown(void)
 static void s_delivery(const char *partner, const char *priority, int age_ms,
                        const char *escalate_to, char *id)
 {
-    char referral[37], key[32], age[32], payload[128], hash[65];
-    kh_uuid_new(referral);
+    char referral[37], age[32], payload[128], hash[65];
+    khtest_routed_referral(s_db, ++s_seq, referral, payload, hash);
     kh_uuid_new(id);
-    snprintf(key, sizeof key, "key-%d", ++s_seq);
     snprintf(age, sizeof age, "%d", age_ms);
-    snprintf(payload, sizeof payload, "{\"summary\":\"delivery %d\"}", s_seq);
-    kh_sha256_hex(payload, strlen(payload), hash);
-    const char *rparams[] = {referral, key, payload, hash};
-    khtest_db_exec(s_db,
-                   "INSERT INTO referrals (id, partner_id, idempotency_key,"
-                   " schema_version, payload, payload_hash, state) VALUES ($1,"
-                   " 'veilig-thuis', $2, 'referral.v1', convert_to($3, 'UTF8'),"
-                   " decode($4, 'hex'), 'routed')",
-                   4, rparams);
     /* The escalation copy has its own, smaller projection. */
     char copy[128], copy_hash[65];
     snprintf(copy, sizeof copy, "{\"copy\":%d}", s_seq);

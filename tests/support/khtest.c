@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "ketenhub/migrate.h"
+#include "ketenhub/proto.h"
 
 int khtest_run_suite(Suite *suite)
 {
@@ -220,6 +221,23 @@ void khtest_db_exec(PGconn *conn, const char *sql, int nparams,
                       PQresultStatus(res) == PGRES_TUPLES_OK,
                   "%s: %s", sql, PQerrorMessage(conn));
     PQclear(res);
+}
+
+void khtest_routed_referral(PGconn *conn, int n, char referral[37],
+                            char payload[128], char hash[65])
+{
+    char key[32];
+    kh_uuid_new(referral);
+    snprintf(key, sizeof key, "key-%d", n);
+    snprintf(payload, 128, "{\"summary\":\"delivery %d\"}", n);
+    kh_sha256_hex(payload, strlen(payload), hash);
+    const char *params[] = {referral, key, payload, hash};
+    khtest_db_exec(conn,
+                   "INSERT INTO referrals (id, partner_id, idempotency_key,"
+                   " schema_version, payload, payload_hash, state) VALUES ($1,"
+                   " 'veilig-thuis', $2, 'referral.v1', convert_to($3, 'UTF8'),"
+                   " decode($4, 'hex'), 'routed')",
+                   4, params);
 }
 
 char *khtest_path(const char *dir, const char *name)

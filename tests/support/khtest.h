@@ -56,6 +56,13 @@ json_t *khtest_json(const char *text);
 void khtest_db_exec(PGconn *conn, const char *sql, int nparams,
                     const char *const *params);
 
+/* A routed referral of veilig-thuis, number n (its idempotency key
+ * "key-n"), as routing leaves it: a new id in referral, its payload
+ * {"summary":"delivery n"} in payload and the payload's SHA-256 (hex) in
+ * hash, for the caller's deliveries of it. */
+void khtest_routed_referral(PGconn *conn, int n, char referral[37],
+                            char payload[128], char hash[65]);
+
 /* dir/name in one of 8 static buffers used in turn, so that a few paths
  * can be used in one call. */
 char *khtest_path(const char *dir, const char *name);
