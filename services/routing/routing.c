@@ -195,11 +195,14 @@ static int s_connect(routing_t *self, kh_error_t *err)
         kh_db_connect_app(self->config.conninfo, "ketenhub-routing", err);
     if (!self->conn)
         return -1;
-    /* The statements' plans do not depend on their parameters. */
+    /* The statements' plans do not depend on their parameters, and find
+     * their rows through an index however large the tables are (a plan
+     * cached while they were small must not scan them whole later). */
     int rc = kh_db_exec(self->conn,
                         "SET statement_timeout = '30s'; SET lock_timeout ="
                         " '10s'; SET idle_in_transaction_session_timeout ="
-                        " '60s'; SET plan_cache_mode = force_generic_plan",
+                        " '60s'; SET plan_cache_mode = force_generic_plan;"
+                        " SET enable_seqscan = off",
                         err);
     for (int i = 0; rc == 0 && i < S_STATEMENTS; i++) {
         PGresult *res =
