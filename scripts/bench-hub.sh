@@ -166,12 +166,25 @@ run_load() {
     >"$run/$label.hub.json"
 }
 
-echo "== open loop: $rate referrals/s offered for ${seconds}s, 16 clients (3 deliveries each)"
-run_load open --clients 16 --window 64 --rate "$rate"
-echo "== closed loop: 16 clients, 16 in flight each, ${seconds}s"
-[ "${KH_BENCH_STATEMENTS:-0}" = 0 ] ||
+# KH_BENCH_STATEMENTS=1: where a run's PostgreSQL time went, per statement
+# (pg_stat_statements), since the previous call; $1 names the run.
+statements() {
+  [ "${KH_BENCH_STATEMENTS:-0}" = 1 ] || return 0
+  echo "== statements of the $1 loop by total time"
+  psql -At -F ' ' -c "SELECT round(total_exec_time)::bigint || 'ms',
+      calls || 'calls', round((1000 * total_exec_time / calls)::numeric, 1) || 'us/call',
+      rows || 'rows', left(regexp_replace(query, '\s+', ' ', 'g'), 90)
+    FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 15" | sed 's/^/  /'
   psql -q -c "SELECT pg_stat_statements_reset()" >/dev/null
+}
+
+echo "== open loop: $rate referrals/s offered for ${seconds}s, 16 clients (3 deliveries each)"
+statements start >/dev/null
+run_load open --clients 16 --window 64 --rate "$rate"
+statements open
+echo "== closed loop: 16 clients, 16 in flight each, ${seconds}s"
 run_load closed --clients 16 --window 16
+statements closed
 
 echo "== rows written per referral"
 psql -At -F ' ' -c "SELECT
@@ -217,16 +230,6 @@ pg_total=$(cpu_now | cut -d ' ' -f 2)
 echo "all $pg_total" >>"$run/postgres-cpu.txt"
 awk '{ printf "  %-28s cpu_s=%s\n", $1, $2 }' "$run/postgres-cpu.txt"
 postgres_json=$(awk '{ printf "%s\"%s\":%s", (NR > 1 ? "," : ""), $1, $2 }' "$run/postgres-cpu.txt")
-
-# KH_BENCH_STATEMENTS=1: where the closed loop's PostgreSQL time went, per
-# statement (pg_stat_statements).
-if [ "${KH_BENCH_STATEMENTS:-0}" = 1 ]; then
-  echo "== statements of the closed loop by total time"
-  psql -At -F ' ' -c "SELECT round(total_exec_time)::bigint || 'ms',
-      calls || 'calls', round((1000 * total_exec_time / calls)::numeric, 1) || 'us/call',
-      rows || 'rows', left(regexp_replace(query, '\s+', ' ', 'g'), 90)
-    FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 15" | sed 's/^/  /'
-fi
 
 echo "== this PostgreSQL's raw multi-row INSERT rate, rows shaped like the hub's"
 psql -q -c "CREATE TABLE raw_events (LIKE audit_events INCLUDING DEFAULTS)"
