@@ -9,25 +9,26 @@
 
 #include "ketenhub/db.h"
 
-/* The OS user name of this process, or "uid:N" when it has none. */
-static void s_os_user(char *out, size_t size)
+void kh_audit_origin(kh_audit_origin_t *origin)
 {
     struct passwd *pw = getpwuid(geteuid());
     if (pw && pw->pw_name && *pw->pw_name)
-        snprintf(out, size, "%s", pw->pw_name);
+        snprintf(origin->actor, sizeof origin->actor, "%s", pw->pw_name);
     else
-        snprintf(out, size, "uid:%u", (unsigned) geteuid());
+        snprintf(origin->actor, sizeof origin->actor, "uid:%u",
+                 (unsigned) geteuid());
+    if (gethostname(origin->host, sizeof origin->host) != 0)
+        snprintf(origin->host, sizeof origin->host, "unknown");
+    origin->host[sizeof origin->host - 1] = '\0';
 }
 
 int kh_audit_admin(PGconn *conn, const char *action, const char *partner_id,
                    const char *origin_service, kh_error_t *err)
 {
-    char actor[64], host[128];
-    s_os_user(actor, sizeof actor);
-    if (gethostname(host, sizeof host) != 0)
-        snprintf(host, sizeof host, "unknown");
-    host[sizeof host - 1] = '\0';
-    const char *params[] = {actor, action, partner_id, origin_service, host};
+    kh_audit_origin_t origin;
+    kh_audit_origin(&origin);
+    const char *params[] = {origin.actor, action, partner_id, origin_service,
+                            origin.host};
     PGresult *res = PQexecParams(
         conn,
         "INSERT INTO audit_events (actor_kind, actor_id, action, partner_id,"

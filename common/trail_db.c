@@ -6,7 +6,6 @@
 
 #include <inttypes.h>
 #include <pthread.h>
-#include <pwd.h>
 #include <sodium.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -14,6 +13,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "ketenhub/audit.h"
 #include "ketenhub/db.h"
 
 /* Microseconds between 1970-01-01 and PostgreSQL's epoch 2000-01-01. */
@@ -636,30 +636,17 @@ int kh_trail_db_verify(PGconn *conn, const unsigned char *public_key,
     return rc;
 }
 
-/* The OS user of this process, or "uid:N". */
-static void s_os_user(char *out, size_t size)
-{
-    struct passwd *pw = getpwuid(geteuid());
-    if (pw && pw->pw_name && *pw->pw_name)
-        snprintf(out, size, "%s", pw->pw_name);
-    else
-        snprintf(out, size, "uid:%u", (unsigned) geteuid());
-}
-
 int kh_trail_db_record_access(PGconn *conn, const char *action,
                               const char *actor_kind, const char *outcome,
                               const char *reason_code, const char *filter,
                               const char *origin_service, kh_error_t *err)
 {
-    char actor[64], host[128];
-    s_os_user(actor, sizeof actor);
-    if (gethostname(host, sizeof host) != 0)
-        snprintf(host, sizeof host, "unknown");
-    host[sizeof host - 1] = '\0';
+    kh_audit_origin_t origin;
+    kh_audit_origin(&origin);
     const char *params[] = {action,         actor_kind,
-                            actor,          outcome,
+                            origin.actor,   outcome,
                             reason_code,    filter && *filter ? filter : NULL,
-                            origin_service, host};
+                            origin_service, origin.host};
     PGresult *res = PQexecParams(
         conn, "SELECT audit_record_access($1, $2, $3, $4, $5, $6, $7, $8)", 8,
         NULL, params, NULL, NULL, 0);

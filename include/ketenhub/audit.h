@@ -15,6 +15,16 @@
 extern "C" {
 #endif
 
+/* Who runs this command, as the events of administrators and auditors
+ * name them: the OS user (actor_id; "uid:N" when it has no name) and this
+ * host (origin_peer; "unknown" when it has no name). */
+typedef struct {
+    char actor[64];
+    char host[128];
+} kh_audit_origin_t;
+
+void kh_audit_origin(kh_audit_origin_t *origin);
+
 /* Record that the administrator running this process (its OS user, from
  * this host) did action ("partner.added", "partner.revoked") to partner_id
  * (may be NULL), on behalf of origin_service ("ketenhubctl"). 0, or -1

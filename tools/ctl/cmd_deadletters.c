@@ -13,13 +13,13 @@
  */
 #include <getopt.h>
 #include <jansson.h>
-#include <pwd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "ctl.h"
+#include "ketenhub/audit.h"
 #include "ketenhub/db.h"
 #include "ketenhub/partner.h"
 
@@ -109,16 +109,6 @@ static bool s_uuid_ok(const char *s)
             return false;
     }
     return true;
-}
-
-/* The OS user running this command (as kh_audit_admin records it). */
-static void s_os_user(char *out, size_t size)
-{
-    struct passwd *pw = getpwuid(geteuid());
-    if (pw && pw->pw_name && *pw->pw_name)
-        snprintf(out, size, "%s", pw->pw_name);
-    else
-        snprintf(out, size, "uid:%u", (unsigned) geteuid());
 }
 
 /* Whether a failed result is the server refusing a malformed value (class
@@ -425,18 +415,15 @@ static int s_retry(const char *ids, const char *partner)
              partner ? "SELECT id FROM deliveries WHERE partner_id = $1"
                        " AND state = 'dead' AND payload IS NOT NULL"
                      : "SELECT DISTINCT unnest($1::uuid[]) AS id");
-    char actor[64], host[128];
-    s_os_user(actor, sizeof actor);
-    if (gethostname(host, sizeof host) != 0)
-        snprintf(host, sizeof host, "unknown");
-    host[sizeof host - 1] = '\0';
+    kh_audit_origin_t origin;
+    kh_audit_origin(&origin);
     PGconn *conn = ctl_connect();
     if (!conn)
         return CTL_FAIL;
     kh_error_t err;
     kh_error_clear(&err);
-    const char *params[] = {partner ? partner : ids, actor, "ketenhubctl",
-                            host};
+    const char *params[] = {partner ? partner : ids, origin.actor,
+                            "ketenhubctl", origin.host};
     int rc = kh_db_exec(conn, "BEGIN", &err) ? CTL_FAIL : CTL_OK;
     PGresult *res =
         rc == CTL_OK ? PQexecParams(conn, sql, 4, NULL, params, NULL, NULL, 0)
