@@ -13,7 +13,6 @@
 #include "khtest.h"
 
 #define DB "kh_test_deadletters"
-#define CTL KH_TEST_BINARY_DIR "/tools/ctl/ketenhubctl"
 #define CANARY "CANARY-7f3e-personal-data"
 
 #define REF "11111111-1111-4111-8111-111111111111"
@@ -26,19 +25,6 @@
 #define NOPE "aaaaaaaa-0000-4000-8000-0000000000ff"
 
 static PGconn *s_conn;
-
-static int s_ctl(char **output, const char *const *args)
-{
-    char *argv[32] = {(char *) CTL};
-    int i = 1;
-    for (; args[i - 1] && i < 31; i++)
-        argv[i] = (char *) args[i - 1];
-    argv[i] = NULL;
-    return khtest_run(argv, output);
-}
-
-#define CTL_RUN(output, ...)                                                   \
-    s_ctl(output, (const char *const[]){__VA_ARGS__, NULL})
 
 static void s_sql(const char *sql)
 {
@@ -145,18 +131,19 @@ START_TEST(test_list_and_show)
 {
     s_setup();
     char *out = NULL;
-    ck_assert_int_eq(CTL_RUN(NULL, "deadletters", "--help"), 0);
-    ck_assert_int_eq(CTL_RUN(NULL, "deadletters", "list", "--help"), 0);
-    ck_assert_int_eq(CTL_RUN(NULL, "deadletters", "show", "--help"), 0);
-    ck_assert_int_eq(CTL_RUN(NULL, "deadletters", "retry", "--help"), 0);
-    ck_assert_int_eq(CTL_RUN(NULL, "deadletters"), 2);
-    ck_assert_int_eq(CTL_RUN(NULL, "deadletters", "frob"), 2);
-    ck_assert_int_eq(CTL_RUN(NULL, "deadletters", "list", "--partner", "X"), 2);
-    ck_assert_int_eq(CTL_RUN(NULL, "deadletters", "show"), 2);
-    ck_assert_int_eq(CTL_RUN(NULL, "deadletters", "show", "not-a-uuid"), 2);
+    ck_assert_int_eq(KHTEST_CTL(NULL, "deadletters", "--help"), 0);
+    ck_assert_int_eq(KHTEST_CTL(NULL, "deadletters", "list", "--help"), 0);
+    ck_assert_int_eq(KHTEST_CTL(NULL, "deadletters", "show", "--help"), 0);
+    ck_assert_int_eq(KHTEST_CTL(NULL, "deadletters", "retry", "--help"), 0);
+    ck_assert_int_eq(KHTEST_CTL(NULL, "deadletters"), 2);
+    ck_assert_int_eq(KHTEST_CTL(NULL, "deadletters", "frob"), 2);
+    ck_assert_int_eq(KHTEST_CTL(NULL, "deadletters", "list", "--partner", "X"),
+                     2);
+    ck_assert_int_eq(KHTEST_CTL(NULL, "deadletters", "show"), 2);
+    ck_assert_int_eq(KHTEST_CTL(NULL, "deadletters", "show", "not-a-uuid"), 2);
 
     /* Table: every dead delivery, oldest death first, none acknowledged. */
-    ck_assert_int_eq(CTL_RUN(&out, "deadletters", "list"), 0);
+    ck_assert_int_eq(KHTEST_CTL(&out, "deadletters", "list"), 0);
     ck_assert_ptr_nonnull(strstr(out, "delivery_id"));
     ck_assert_ptr_nonnull(strstr(out, "dead_reason"));
     const char *p1 = strstr(out, D1), *p2 = strstr(out, D2),
@@ -172,7 +159,8 @@ START_TEST(test_list_and_show)
 
     /* JSON, filtered by partner and by time of death. */
     ck_assert_int_eq(
-        CTL_RUN(&out, "deadletters", "list", "--partner", "avim", "--json"), 0);
+        KHTEST_CTL(&out, "deadletters", "list", "--partner", "avim", "--json"),
+        0);
     json_error_t jerr;
     json_t *list = json_loads(out, 0, &jerr);
     ck_assert_msg(list != NULL, "%s", out);
@@ -195,8 +183,8 @@ START_TEST(test_list_and_show)
     ck_assert_ptr_nonnull(json_object_get(first, "updated_at"));
     json_decref(list);
     free(out);
-    ck_assert_int_eq(CTL_RUN(&out, "deadletters", "list", "--since",
-                             "now() - interval '3 hours'", "--json"),
+    ck_assert_int_eq(KHTEST_CTL(&out, "deadletters", "list", "--since",
+                                "now() - interval '3 hours'", "--json"),
                      2);
     free(out);
     char since[64];
@@ -205,7 +193,7 @@ START_TEST(test_list_and_show)
     snprintf(since, sizeof since, "%s", ts);
     free(ts);
     ck_assert_int_eq(
-        CTL_RUN(&out, "deadletters", "list", "--since", since, "--json"), 0);
+        KHTEST_CTL(&out, "deadletters", "list", "--since", since, "--json"), 0);
     list = json_loads(out, 0, &jerr);
     ck_assert_msg(list != NULL, "%s", out);
     ck_assert_uint_eq(json_array_size(list), 1);
@@ -214,15 +202,15 @@ START_TEST(test_list_and_show)
                      D2);
     json_decref(list);
     free(out);
-    ck_assert_int_eq(CTL_RUN(&out, "deadletters", "list", "--partner",
-                             "veilig-thuis", "--since", "yesterday"),
+    ck_assert_int_eq(KHTEST_CTL(&out, "deadletters", "list", "--partner",
+                                "veilig-thuis", "--since", "yesterday"),
                      0);
     ck_assert_ptr_nonnull(strstr(out, D3));
     ck_assert_ptr_nonnull(strstr(out, "(1 dead delivery)"));
     free(out);
 
     /* show: metadata and the trail, never the payload. */
-    ck_assert_int_eq(CTL_RUN(&out, "deadletters", "show", D1), 0);
+    ck_assert_int_eq(KHTEST_CTL(&out, "deadletters", "show", D1), 0);
     ck_assert_ptr_null(strstr(out, CANARY));
     ck_assert_ptr_nonnull(strstr(out, "max_attempts"));
     ck_assert_ptr_nonnull(strstr(out, "payload_sha256"));
@@ -230,7 +218,7 @@ START_TEST(test_list_and_show)
     ck_assert_ptr_nonnull(strstr(out, "delivery.sent"));
     ck_assert_ptr_nonnull(strstr(out, "delivery.dead"));
     free(out);
-    ck_assert_int_eq(CTL_RUN(&out, "deadletters", "show", D1, "--json"), 0);
+    ck_assert_int_eq(KHTEST_CTL(&out, "deadletters", "show", D1, "--json"), 0);
     ck_assert_ptr_null(strstr(out, CANARY));
     json_t *shown = json_loads(out, 0, &jerr);
     ck_assert_msg(shown != NULL, "%s", out);
@@ -242,10 +230,10 @@ START_TEST(test_list_and_show)
     ck_assert_uint_eq(json_array_size(json_object_get(shown, "events")), 2);
     json_decref(shown);
     free(out);
-    ck_assert_int_eq(CTL_RUN(&out, "deadletters", "show", D5), 0);
+    ck_assert_int_eq(KHTEST_CTL(&out, "deadletters", "show", D5), 0);
     ck_assert_ptr_nonnull(strstr(out, "purged"));
     free(out);
-    ck_assert_int_eq(CTL_RUN(&out, "deadletters", "show", NOPE), 1);
+    ck_assert_int_eq(KHTEST_CTL(&out, "deadletters", "show", NOPE), 1);
     ck_assert_ptr_nonnull(strstr(out, "no delivery " NOPE));
     free(out);
     PQfinish(s_conn);
@@ -258,26 +246,26 @@ START_TEST(test_retry)
     char *out = NULL;
     const char *events = "SELECT count(*) FROM audit_events";
     long before = s_count(events);
-    ck_assert_int_eq(CTL_RUN(NULL, "deadletters", "retry"), 2);
-    ck_assert_int_eq(CTL_RUN(NULL, "deadletters", "retry", "--all"), 2);
-    ck_assert_int_eq(CTL_RUN(NULL, "deadletters", "retry", "--partner", "avim"),
-                     2);
-    ck_assert_int_eq(CTL_RUN(NULL, "deadletters", "retry", "xyz"), 2);
+    ck_assert_int_eq(KHTEST_CTL(NULL, "deadletters", "retry"), 2);
+    ck_assert_int_eq(KHTEST_CTL(NULL, "deadletters", "retry", "--all"), 2);
     ck_assert_int_eq(
-        CTL_RUN(NULL, "deadletters", "retry", "--partner", "avim", "--all", D1),
-        2);
+        KHTEST_CTL(NULL, "deadletters", "retry", "--partner", "avim"), 2);
+    ck_assert_int_eq(KHTEST_CTL(NULL, "deadletters", "retry", "xyz"), 2);
+    ck_assert_int_eq(KHTEST_CTL(NULL, "deadletters", "retry", "--partner",
+                                "avim", "--all", D1),
+                     2);
 
     /* Not dead, unknown or purged: refused, nothing changes at all, not
      * even the dead one named beside it. */
-    ck_assert_int_eq(CTL_RUN(&out, "deadletters", "retry", D1, D4), 1);
+    ck_assert_int_eq(KHTEST_CTL(&out, "deadletters", "retry", D1, D4), 1);
     ck_assert_ptr_nonnull(
         strstr(out, "delivery " D4 " is acknowledged, not dead"));
     ck_assert_ptr_nonnull(strstr(out, "nothing was retried"));
     free(out);
-    ck_assert_int_eq(CTL_RUN(&out, "deadletters", "retry", NOPE, D1), 1);
+    ck_assert_int_eq(KHTEST_CTL(&out, "deadletters", "retry", NOPE, D1), 1);
     ck_assert_ptr_nonnull(strstr(out, "no delivery " NOPE));
     free(out);
-    ck_assert_int_eq(CTL_RUN(&out, "deadletters", "retry", D5), 1);
+    ck_assert_int_eq(KHTEST_CTL(&out, "deadletters", "retry", D5), 1);
     ck_assert_ptr_nonnull(strstr(out, "purged"));
     free(out);
     ck_assert_int_eq(s_count(events), before);
@@ -285,7 +273,7 @@ START_TEST(test_retry)
         s_count("SELECT count(*) FROM deliveries WHERE state = 'dead'"), 4);
 
     /* By id (a repeated id counts once). */
-    ck_assert_int_eq(CTL_RUN(&out, "deadletters", "retry", D3, D3), 0);
+    ck_assert_int_eq(KHTEST_CTL(&out, "deadletters", "retry", D3, D3), 0);
     ck_assert_ptr_nonnull(strstr(out, "1 delivery retried"));
     free(out);
     ck_assert(s_is_pending_again(D3));
@@ -297,13 +285,14 @@ START_TEST(test_retry)
     ck_assert_uint_gt(strlen(actor), 0);
     free(actor);
     /* A second retry of the same id is refused: it is pending now. */
-    ck_assert_int_eq(CTL_RUN(&out, "deadletters", "retry", D3), 1);
+    ck_assert_int_eq(KHTEST_CTL(&out, "deadletters", "retry", D3), 1);
     ck_assert_ptr_nonnull(strstr(out, "is pending, not dead"));
     free(out);
 
     /* A partner's dead letters at once. */
     ck_assert_int_eq(
-        CTL_RUN(&out, "deadletters", "retry", "--partner", "avim", "--all"), 0);
+        KHTEST_CTL(&out, "deadletters", "retry", "--partner", "avim", "--all"),
+        0);
     ck_assert_ptr_nonnull(strstr(out, "2 deliveries retried"));
     free(out);
     ck_assert(s_is_pending_again(D1));
@@ -312,7 +301,8 @@ START_TEST(test_retry)
     ck_assert_int_eq(s_retried_events(D2), 1);
     ck_assert_int_eq(s_count(events), before + 3);
     ck_assert_int_eq(
-        CTL_RUN(&out, "deadletters", "retry", "--partner", "avim", "--all"), 0);
+        KHTEST_CTL(&out, "deadletters", "retry", "--partner", "avim", "--all"),
+        0);
     ck_assert_ptr_nonnull(strstr(out, "no dead deliveries for partner avim"));
     free(out);
     /* The purged one stays dead; the acknowledged one untouched. */
@@ -322,14 +312,14 @@ START_TEST(test_retry)
     ck_assert_int_eq(s_count("SELECT count(*) FROM deliveries WHERE id = '" D4
                              "' AND state = 'acknowledged'"),
                      1);
-    ck_assert_int_eq(CTL_RUN(&out, "deadletters", "list"), 0);
+    ck_assert_int_eq(KHTEST_CTL(&out, "deadletters", "list"), 0);
     ck_assert_ptr_nonnull(strstr(out, "(1 dead delivery)"));
     free(out);
 
     /* No database: a runtime failure. */
     setenv("KH_DATABASE_URL", "host=/nonexistent port=1", 1);
-    ck_assert_int_eq(CTL_RUN(NULL, "deadletters", "list"), 1);
-    ck_assert_int_eq(CTL_RUN(NULL, "deadletters", "retry", D1), 1);
+    ck_assert_int_eq(KHTEST_CTL(NULL, "deadletters", "list"), 1);
+    ck_assert_int_eq(KHTEST_CTL(NULL, "deadletters", "retry", D1), 1);
     PQfinish(s_conn);
 }
 END_TEST

@@ -18,7 +18,6 @@
 #include "khtest.h"
 
 #define DB "kh_test_partner"
-#define CTL KH_TEST_BINARY_DIR "/tools/ctl/ketenhubctl"
 
 /* A fresh random CURVE public key (Z85). */
 static void s_new_key(char key[KH_PARTNER_KEY_LEN + 1])
@@ -391,21 +390,6 @@ START_TEST(test_cert_files)
 }
 END_TEST
 
-/* Run ketenhubctl with the NULL-terminated args; returns the exit
- * status. CTL_RUN (&out, "partner", "list") builds the array. */
-static int s_ctl(char **output, const char *const *args)
-{
-    char *argv[32] = {(char *) CTL};
-    int i = 1;
-    for (; args[i - 1] && i < 31; i++)
-        argv[i] = (char *) args[i - 1];
-    argv[i] = NULL;
-    return khtest_run(argv, output);
-}
-
-#define CTL_RUN(output, ...)                                                   \
-    s_ctl(output, (const char *const[]){__VA_ARGS__, NULL})
-
 static bool s_file_exists(const char *dir, const char *name)
 {
     char path[4096];
@@ -427,49 +411,49 @@ START_TEST(test_ctl_end_to_end)
     char *text = NULL;
 
     /* Help for every command. */
-    ck_assert_int_eq(CTL_RUN(NULL, "--help"), 0);
-    ck_assert_int_eq(CTL_RUN(NULL, "migrate", "--help"), 0);
-    ck_assert_int_eq(CTL_RUN(NULL, "hub", "--help"), 0);
-    ck_assert_int_eq(CTL_RUN(NULL, "hub", "keygen", "--help"), 0);
-    ck_assert_int_eq(CTL_RUN(NULL, "partner", "--help"), 0);
-    ck_assert_int_eq(CTL_RUN(NULL, "partner", "add", "--help"), 0);
-    ck_assert_int_eq(CTL_RUN(NULL, "partner", "list", "--help"), 0);
-    ck_assert_int_eq(CTL_RUN(NULL, "partner", "revoke", "--help"), 0);
-    ck_assert_int_eq(s_ctl(NULL, (const char *const[]){NULL}), 2);
-    ck_assert_int_eq(CTL_RUN(NULL, "frobnicate"), 2);
-    ck_assert_int_eq(CTL_RUN(NULL, "migrate", "--bogus"), 2);
+    ck_assert_int_eq(KHTEST_CTL(NULL, "--help"), 0);
+    ck_assert_int_eq(KHTEST_CTL(NULL, "migrate", "--help"), 0);
+    ck_assert_int_eq(KHTEST_CTL(NULL, "hub", "--help"), 0);
+    ck_assert_int_eq(KHTEST_CTL(NULL, "hub", "keygen", "--help"), 0);
+    ck_assert_int_eq(KHTEST_CTL(NULL, "partner", "--help"), 0);
+    ck_assert_int_eq(KHTEST_CTL(NULL, "partner", "add", "--help"), 0);
+    ck_assert_int_eq(KHTEST_CTL(NULL, "partner", "list", "--help"), 0);
+    ck_assert_int_eq(KHTEST_CTL(NULL, "partner", "revoke", "--help"), 0);
+    ck_assert_int_eq(khtest_ctl(NULL, (const char *const[]){NULL}), 2);
+    ck_assert_int_eq(KHTEST_CTL(NULL, "frobnicate"), 2);
+    ck_assert_int_eq(KHTEST_CTL(NULL, "migrate", "--bogus"), 2);
 
     /* migrate, then status, then nothing left to do. */
-    ck_assert_int_eq(CTL_RUN(&text, "migrate"), 0);
+    ck_assert_int_eq(KHTEST_CTL(&text, "migrate"), 0);
     ck_assert_ptr_nonnull(strstr(text, "applied 001_foundation.sql"));
     free(text);
-    ck_assert_int_eq(CTL_RUN(&text, "migrate", "--status"), 0);
+    ck_assert_int_eq(KHTEST_CTL(&text, "migrate", "--status"), 0);
     ck_assert_ptr_nonnull(strstr(text, "applied"));
     ck_assert_ptr_nonnull(strstr(text, "0 pending"));
     free(text);
-    ck_assert_int_eq(CTL_RUN(&text, "migrate"), 0);
+    ck_assert_int_eq(KHTEST_CTL(&text, "migrate"), 0);
     ck_assert_ptr_nonnull(strstr(text, "(0 applied now)"));
     free(text);
-    ck_assert_int_eq(CTL_RUN(&text, "migrate", "--dir", "/nonexistent"), 1);
+    ck_assert_int_eq(KHTEST_CTL(&text, "migrate", "--dir", "/nonexistent"), 1);
     free(text);
 
     /* hub keygen, and no silent replacement. */
-    ck_assert_int_eq(CTL_RUN(&text, "hub", "keygen", "--out", hub), 0);
+    ck_assert_int_eq(KHTEST_CTL(&text, "hub", "keygen", "--out", hub), 0);
     free(text);
     ck_assert(s_file_exists(hub, "hub.cert"));
     ck_assert(s_file_exists(hub, "hub.cert_secret"));
-    ck_assert_int_eq(CTL_RUN(&text, "hub", "keygen", "--out", hub), 1);
+    ck_assert_int_eq(KHTEST_CTL(&text, "hub", "keygen", "--out", hub), 1);
     free(text);
-    ck_assert_int_eq(CTL_RUN(&text, "hub", "keygen", "--out", hub, "--force"),
-                     0);
+    ck_assert_int_eq(
+        KHTEST_CTL(&text, "hub", "keygen", "--out", hub, "--force"), 0);
     free(text);
-    ck_assert_int_eq(CTL_RUN(&text, "hub", "keygen"), 2);
+    ck_assert_int_eq(KHTEST_CTL(&text, "hub", "keygen"), 2);
     free(text);
 
     /* partner add. */
-    int rc = CTL_RUN(&text, "partner", "add", "vt-gv", "--name",
-                     "Veilig Thuis Gooi en Vechtstreek", "--kind",
-                     "veilig_thuis", "--cert-dir", cert_dir, "--out", out);
+    int rc = KHTEST_CTL(&text, "partner", "add", "vt-gv", "--name",
+                        "Veilig Thuis Gooi en Vechtstreek", "--kind",
+                        "veilig_thuis", "--cert-dir", cert_dir, "--out", out);
     ck_assert_msg(rc == 0, "partner add: %s", text);
     free(text);
     ck_assert(s_file_exists(cert_dir, "vt-gv.cert"));
@@ -492,9 +476,9 @@ START_TEST(test_ctl_end_to_end)
 
     /* A chain director is registered without cases, --no-cases or not. */
     char *out2 = khtest_tmpdir();
-    rc = CTL_RUN(&text, "partner", "add", "ketenregie", "--name",
-                 "Ketenregisseur", "--kind", "chain_director", "--cert-dir",
-                 cert_dir, "--out", out2);
+    rc = KHTEST_CTL(&text, "partner", "add", "ketenregie", "--name",
+                    "Ketenregisseur", "--kind", "chain_director", "--cert-dir",
+                    cert_dir, "--out", out2);
     ck_assert_msg(rc == 0, "partner add: %s", text);
     ck_assert_ptr_nonnull(strstr(text, "handles cases: no"));
     free(text);
@@ -503,8 +487,8 @@ START_TEST(test_ctl_end_to_end)
 
     /* A duplicate id fails at run time and leaves no files behind. */
     char *out3 = khtest_tmpdir();
-    rc = CTL_RUN(&text, "partner", "add", "vt-gv", "--name", "Again", "--kind",
-                 "other", "--cert-dir", cert_dir, "--out", out3);
+    rc = KHTEST_CTL(&text, "partner", "add", "vt-gv", "--name", "Again",
+                    "--kind", "other", "--cert-dir", cert_dir, "--out", out3);
     ck_assert_int_eq(rc, 1);
     ck_assert_ptr_nonnull(strstr(text, "already registered"));
     free(text);
@@ -512,8 +496,8 @@ START_TEST(test_ctl_end_to_end)
     /* A certificate already in the directory rolls the row back. */
     snprintf(path, sizeof path, "%s/avim.cert", cert_dir);
     khtest_write_file(path, "stale\n");
-    rc = CTL_RUN(&text, "partner", "add", "avim", "--name", "Politie AVIM",
-                 "--kind", "police", "--cert-dir", cert_dir, "--out", out3);
+    rc = KHTEST_CTL(&text, "partner", "add", "avim", "--name", "Politie AVIM",
+                    "--kind", "police", "--cert-dir", cert_dir, "--out", out3);
     ck_assert_int_eq(rc, 1);
     free(text);
     ck_assert_int_eq(kh_partner_get(conn, "avim", &p, &err), -1);
@@ -521,27 +505,27 @@ START_TEST(test_ctl_end_to_end)
     ck_assert(s_file_exists(cert_dir, "avim.cert"));
 
     /* Usage errors exit 2. */
-    ck_assert_int_eq(CTL_RUN(&text, "partner", "add", "Bad", "--name", "x",
-                             "--kind", "other", "--cert-dir", cert_dir, "--out",
-                             out3),
+    ck_assert_int_eq(KHTEST_CTL(&text, "partner", "add", "Bad", "--name", "x",
+                                "--kind", "other", "--cert-dir", cert_dir,
+                                "--out", out3),
                      2);
     free(text);
-    ck_assert_int_eq(CTL_RUN(&text, "partner", "add", "okid", "--name", "x",
-                             "--kind", "ketenregisseur", "--cert-dir", cert_dir,
-                             "--out", out3),
+    ck_assert_int_eq(KHTEST_CTL(&text, "partner", "add", "okid", "--name", "x",
+                                "--kind", "ketenregisseur", "--cert-dir",
+                                cert_dir, "--out", out3),
                      2);
     free(text);
-    ck_assert_int_eq(CTL_RUN(&text, "partner", "add", "okid", "--name", "x",
-                             "--kind", "other", "--out", out3),
+    ck_assert_int_eq(KHTEST_CTL(&text, "partner", "add", "okid", "--name", "x",
+                                "--kind", "other", "--out", out3),
                      2);
     free(text);
 
     /* list, for humans and as JSON. */
-    ck_assert_int_eq(CTL_RUN(&text, "partner", "list"), 0);
+    ck_assert_int_eq(KHTEST_CTL(&text, "partner", "list"), 0);
     ck_assert_ptr_nonnull(strstr(text, "vt-gv"));
     ck_assert_ptr_nonnull(strstr(text, "ketenregie"));
     free(text);
-    ck_assert_int_eq(CTL_RUN(&text, "partner", "list", "--json"), 0);
+    ck_assert_int_eq(KHTEST_CTL(&text, "partner", "list", "--json"), 0);
     json_error_t jerr;
     json_t *list = json_loads(text, 0, &jerr);
     ck_assert_msg(list != NULL, "bad JSON: %s", jerr.text);
@@ -557,14 +541,14 @@ START_TEST(test_ctl_end_to_end)
 
     /* revoke removes the certificate and marks the row. */
     ck_assert_int_eq(
-        CTL_RUN(&text, "partner", "revoke", "vt-gv", "--cert-dir", cert_dir),
+        KHTEST_CTL(&text, "partner", "revoke", "vt-gv", "--cert-dir", cert_dir),
         0);
     free(text);
     ck_assert(!s_file_exists(cert_dir, "vt-gv.cert"));
     ck_assert_int_eq(kh_partner_get(conn, "vt-gv", &p, &err), 0);
     ck_assert(p.revoked);
     ck_assert_int_eq(
-        CTL_RUN(&text, "partner", "revoke", "vt-gv", "--cert-dir", cert_dir),
+        KHTEST_CTL(&text, "partner", "revoke", "vt-gv", "--cert-dir", cert_dir),
         0);
     ck_assert_ptr_nonnull(strstr(text, "already revoked"));
     free(text);
@@ -577,11 +561,11 @@ START_TEST(test_ctl_end_to_end)
     ck_assert_str_eq(events, "partner.added:vt-gv,partner.added:ketenregie,"
                              "partner.revoked:vt-gv");
     free(events);
-    ck_assert_int_eq(
-        CTL_RUN(&text, "partner", "revoke", "nobody", "--cert-dir", cert_dir),
-        1);
+    ck_assert_int_eq(KHTEST_CTL(&text, "partner", "revoke", "nobody",
+                                "--cert-dir", cert_dir),
+                     1);
     free(text);
-    ck_assert_int_eq(CTL_RUN(&text, "partner", "list", "--active", "--json"),
+    ck_assert_int_eq(KHTEST_CTL(&text, "partner", "list", "--active", "--json"),
                      0);
     list = json_loads(text, 0, &jerr);
     free(text);
@@ -591,7 +575,7 @@ START_TEST(test_ctl_end_to_end)
 
     /* Without a reachable database: runtime failure. */
     setenv("KH_DATABASE_URL", "host=/nonexistent port=1", 1);
-    ck_assert_int_eq(CTL_RUN(&text, "partner", "list"), 1);
+    ck_assert_int_eq(KHTEST_CTL(&text, "partner", "list"), 1);
     free(text);
 
     khtest_rmtree(cert_dir);

@@ -490,3 +490,13 @@ pid_t khtest_start_intake(const char *dir, const char *endpoint,
     ck_assert_int_gt(pid, 0);
     return pid;
 }
+
+int khtest_ctl(char **output, const char *const *args)
+{
+    char *argv[32] = {(char *) KH_TEST_BINARY_DIR "/tools/ctl/ketenhubctl"};
+    int i = 1;
+    for (; args[i - 1] && i < 31; i++)
+        argv[i] = (char *) args[i - 1];
+    argv[i] = NULL;
+    return khtest_run(argv, output);
+}

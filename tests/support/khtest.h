@@ -117,4 +117,11 @@ pid_t khtest_start_intake(const char *dir, const char *endpoint,
  * and stderr together (caller frees). */
 int khtest_run(char *const argv[], char **output);
 
+/* Run the built ketenhubctl with args (NULL-terminated, at most 30), as
+ * khtest_run. KHTEST_CTL (&out, "partner", "list") builds the array. */
+int khtest_ctl(char **output, const char *const *args);
+
+#define KHTEST_CTL(output, ...)                                                \
+    khtest_ctl(output, (const char *const[]){__VA_ARGS__, NULL})
+
 #endif
