@@ -28,7 +28,7 @@ synopsis() {
 
 reference() {
   echo '```'
-  for group in migrate hub partner rules deadletters audit status health; do
+  for group in migrate hub partner rules deadletters purge audit status health; do
     synopsis "$ctl" "$group"
   done
   echo '```'

@@ -21,6 +21,7 @@ int ctl_hub(int argc, char **argv);
 int ctl_partner(int argc, char **argv);
 int ctl_rules(int argc, char **argv);
 int ctl_deadletters(int argc, char **argv);
+int ctl_purge(int argc, char **argv);
 int ctl_audit(int argc, char **argv);
 int ctl_status(int argc, char **argv);
 int ctl_health(int argc, char **argv);

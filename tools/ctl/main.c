@@ -32,6 +32,9 @@ static void s_usage(FILE *out)
             "rules\n"
             "  deadletters list|show|retry      dead deliveries: look at "
             "them, send again\n"
+            "  purge --before T | --older-than D\n"
+            "                                   erase the payloads of "
+            "finished referrals\n"
             "  audit keygen|seal|query|export|verify\n"
             "                                   the audit trail: query, "
             "export, verify\n"
@@ -154,6 +157,8 @@ int main(int argc, char **argv)
         return ctl_rules(argc - 1, argv + 1);
     if (strcmp(cmd, "deadletters") == 0)
         return ctl_deadletters(argc - 1, argv + 1);
+    if (strcmp(cmd, "purge") == 0)
+        return ctl_purge(argc - 1, argv + 1);
     if (strcmp(cmd, "audit") == 0)
         return ctl_audit(argc - 1, argv + 1);
     if (strcmp(cmd, "status") == 0)

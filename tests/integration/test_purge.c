@@ -1,0 +1,297 @@
+/*
+ * Integration test of `ketenhubctl purge`, run as the built binary against
+ * the throwaway test cluster. Referrals in every state are made by SQL, a
+ * year and more old or new: only the old ones whose work is done lose
+ * their payloads (the referral's and its deliveries'), each with one
+ * referral.purged event; the rest, a dry run, a second run and every bad
+ * argument change nothing. A referral that another transaction holds is
+ * left for the next run.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "khtest.h"
+
+#define DB "kh_test_purge"
+#define CANARY "CANARY-5b1d-personal-data"
+#define PAYLOAD "convert_to('{\"summary\":\"" CANARY "\"}', 'UTF8')"
+
+/* Old (accepted 400 days ago) unless said otherwise. */
+#define R_ACKED "10000000-0000-4000-8000-000000000001"  /* done */
+#define R_DEAD "10000000-0000-4000-8000-000000000002"   /* done: dead+acked */
+#define R_UNROUT "10000000-0000-4000-8000-000000000003" /* done: unroutable */
+#define R_OPEN "10000000-0000-4000-8000-000000000004"   /* a pending one */
+#define R_SENT "10000000-0000-4000-8000-000000000005"   /* a delivered one */
+#define R_ACCEPT "10000000-0000-4000-8000-000000000006" /* not routed */
+#define R_NEW "10000000-0000-4000-8000-000000000007"    /* done, 10 days */
+#define R_HELD "10000000-0000-4000-8000-000000000008"   /* done, locked */
+
+static PGconn *s_conn;
+
+static void s_sql(PGconn *conn, const char *sql)
+{
+    PGresult *res = PQexec(conn, sql);
+    ck_assert_msg(PQresultStatus(res) == PGRES_COMMAND_OK ||
+                      PQresultStatus(res) == PGRES_TUPLES_OK,
+                  "%s: %s", sql, PQerrorMessage(conn));
+    PQclear(res);
+}
+
+static void s_referral(const char *id, const char *state, int age_days)
+{
+    char sql[1024];
+    snprintf(sql, sizeof sql,
+             "INSERT INTO referrals (id, partner_id, idempotency_key,"
+             " schema_version, payload, payload_hash, state, accepted_at)"
+             " VALUES ('%s', 'meldpunt', 'k-%s', 'referral.v1', " PAYLOAD ","
+             " sha256(" PAYLOAD "), '%s', now() - interval '%d days')",
+             id, id, state, age_days);
+    s_sql(s_conn, sql);
+}
+
+/* A delivery of ref to partner in state (with an escalation copy's
+ * payload when escalate is true). */
+static void s_delivery(const char *ref, const char *partner, const char *state,
+                       bool escalate)
+{
+    char sql[2048];
+    snprintf(sql, sizeof sql,
+             "INSERT INTO deliveries (id, referral_id, partner_id, priority,"
+             " payload, payload_hash, state, rules_version, attempts,"
+             " dead_reason, acked_at, escalate_to, escalation_payload,"
+             " escalation_payload_hash) VALUES (gen_random_uuid(), '%s', '%s',"
+             " 'urgent', " PAYLOAD ", sha256(" PAYLOAD "), '%s', 'r1', 1, %s,"
+             " %s, %s, %s, %s)",
+             ref, partner, state,
+             strcmp(state, "dead") == 0 ? "'max_attempts'" : "NULL",
+             strcmp(state, "acknowledged") == 0 ? "now()" : "NULL",
+             escalate ? "'zorgcoordinator'" : "NULL",
+             escalate ? PAYLOAD : "NULL",
+             escalate ? "sha256(" PAYLOAD ")" : "NULL");
+    s_sql(s_conn, sql);
+}
+
+static void s_setup(void)
+{
+    s_conn = khtest_db_fresh(DB);
+    char *conninfo = khtest_db_conninfo(DB);
+    setenv("KH_DATABASE_URL", conninfo, 1);
+    free(conninfo);
+    khtest_register_partner(s_conn, "meldpunt", "municipality", true,
+                            "0000000000000000000000000000000000000001");
+    khtest_register_partner(s_conn, "avim", "police", true,
+                            "0000000000000000000000000000000000000002");
+    khtest_register_partner(s_conn, "zorgcoordinator", "zorgcoordinator", true,
+                            "0000000000000000000000000000000000000004");
+    s_referral(R_ACKED, "routed", 400);
+    s_delivery(R_ACKED, "avim", "acknowledged", true);
+    s_delivery(R_ACKED, "zorgcoordinator", "acknowledged", false);
+    s_referral(R_DEAD, "routed", 400);
+    s_delivery(R_DEAD, "avim", "dead", false);
+    s_delivery(R_DEAD, "zorgcoordinator", "acknowledged", false);
+    s_referral(R_UNROUT, "unroutable", 400);
+    s_referral(R_OPEN, "routed", 400);
+    s_delivery(R_OPEN, "avim", "acknowledged", false);
+    s_delivery(R_OPEN, "zorgcoordinator", "pending", false);
+    s_referral(R_SENT, "routed", 400);
+    s_delivery(R_SENT, "avim", "delivered", false);
+    s_referral(R_ACCEPT, "accepted", 400);
+    s_referral(R_NEW, "routed", 10);
+    s_delivery(R_NEW, "avim", "acknowledged", false);
+    s_referral(R_HELD, "routed", 500);
+    s_delivery(R_HELD, "avim", "acknowledged", false);
+}
+
+static long s_count(const char *sql)
+{
+    return khtest_db_count(s_conn, sql);
+}
+
+/* Payloads left on referral id: its own (0 or 1) plus its deliveries'
+ * payloads and escalation payloads. */
+static long s_payloads(const char *id)
+{
+    char sql[512];
+    snprintf(sql, sizeof sql,
+             "SELECT (SELECT count(payload) FROM referrals WHERE id = '%s')"
+             " + (SELECT count(payload) + count(escalation_payload)"
+             " FROM deliveries WHERE referral_id = '%s')",
+             id, id);
+    return s_count(sql);
+}
+
+/* The purge events of id that name the administrator and the referral's
+ * payload hash. */
+static long s_purge_events(const char *id)
+{
+    char sql[512];
+    snprintf(sql, sizeof sql,
+             "SELECT count(*) FROM audit_events e JOIN referrals r ON"
+             " r.id = e.referral_id WHERE e.action = 'referral.purged' AND"
+             " e.referral_id = '%s' AND e.actor_kind = 'admin' AND"
+             " e.outcome = 'ok' AND e.origin_service = 'ketenhubctl' AND"
+             " e.payload_hash = r.payload_hash AND e.delivery_id IS NULL",
+             id);
+    return s_count(sql);
+}
+
+static const char s_all_payloads[] =
+    "SELECT (SELECT count(payload) FROM referrals) + (SELECT count(payload)"
+    " + count(escalation_payload) FROM deliveries)";
+static const char s_all_events[] = "SELECT count(*) FROM audit_events";
+
+START_TEST(test_bad_arguments_change_nothing)
+{
+    s_setup();
+    long payloads = s_count(s_all_payloads), events = s_count(s_all_events);
+    ck_assert_int_eq(KHTEST_CTL(NULL, "purge", "--help"), 0);
+    char *out = NULL;
+    const char *const bad[][3] = {
+        {"--dry-run", NULL, NULL},
+        {"--before", "2025-01-01", "--older-than=30"},
+        {"--older-than", "0", NULL},
+        {"--older-than", "-3", NULL},
+        {"--older-than", "30x", NULL},
+        {"--older-than", "", NULL},
+        {"--older-than", "99999", NULL},
+        {"--before", "garbage", NULL},
+        {"--before", "2999-01-01", NULL},
+        {"--before", "now + 1", NULL},
+        {"--older-than=30", "--batch", "0"},
+        {"--older-than=30", "--batch", "lots"},
+        {"--older-than=30", "stray", NULL},
+        {"--older-than=30", "--frob", NULL},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        int rc = KHTEST_CTL(&out, "purge", bad[i][0], bad[i][1], bad[i][2]);
+        ck_assert_msg(rc == 2, "case %zu: exit %d: %s", i, rc, out);
+        ck_assert_msg(strstr(out, "ketenhubctl") != NULL, "case %zu: %s", i,
+                      out);
+        free(out);
+    }
+    ck_assert_int_eq(KHTEST_CTL(&out, "purge", "--before", "garbage"), 2);
+    ck_assert_ptr_nonnull(strstr(out, "'garbage' is not a time"));
+    free(out);
+    ck_assert_int_eq(KHTEST_CTL(&out, "purge", "--before", "2999-01-01"), 2);
+    ck_assert_ptr_nonnull(strstr(out, "is in the future"));
+    free(out);
+    ck_assert_int_eq(s_count(s_all_payloads), payloads);
+    ck_assert_int_eq(s_count(s_all_events), events);
+
+    /* No database: a runtime failure, and still nothing changed. */
+    char *conninfo = khtest_db_conninfo(DB);
+    setenv("KH_DATABASE_URL", "host=/nonexistent port=1", 1);
+    ck_assert_int_eq(KHTEST_CTL(NULL, "purge", "--older-than", "365"), 1);
+    setenv("KH_DATABASE_URL", conninfo, 1);
+    free(conninfo);
+    ck_assert_int_eq(s_count(s_all_payloads), payloads);
+    PQfinish(s_conn);
+}
+END_TEST
+
+START_TEST(test_purge_done_referrals_only)
+{
+    s_setup();
+    long events = s_count(s_all_events);
+    char *out = NULL;
+
+    /* Another transaction holds R_HELD: skipped, left for the next run. */
+    char *conninfo = khtest_db_conninfo(DB);
+    PGconn *holder = PQconnectdb(conninfo);
+    free(conninfo);
+    ck_assert_int_eq(PQstatus(holder), CONNECTION_OK);
+    s_sql(holder, "BEGIN");
+    s_sql(holder,
+          "SELECT 1 FROM referrals WHERE id = '" R_HELD "' FOR NO KEY UPDATE");
+
+    /* A dry run counts and changes nothing. */
+    ck_assert_int_eq(
+        KHTEST_CTL(&out, "purge", "--older-than", "365", "--dry-run"), 0);
+    ck_assert_msg(strstr(out, "would purge 4 referrals (5 deliveries)"), "%s",
+                  out);
+    ck_assert_msg(strstr(out, "kept 3 referrals"), "%s", out);
+    free(out);
+    ck_assert_int_eq(s_count(s_all_events), events);
+    ck_assert_int_eq(s_payloads(R_ACKED), 4);
+
+    ck_assert_int_eq(
+        KHTEST_CTL(&out, "purge", "--older-than", "365", "--batch", "2"), 0);
+    ck_assert_msg(strstr(out, "purged 3 referrals (4 deliveries)"), "%s", out);
+    ck_assert_msg(strstr(out, "kept 3 referrals"), "%s", out);
+    ck_assert_msg(strstr(out, "left 1 referral that another transaction"), "%s",
+                  out);
+    ck_assert_ptr_null(strstr(out, CANARY));
+    free(out);
+
+    /* Done and old: every payload gone, one event each. */
+    const char *purged[] = {R_ACKED, R_DEAD, R_UNROUT};
+    for (int i = 0; i < 3; i++) {
+        ck_assert_int_eq(s_payloads(purged[i]), 0);
+        ck_assert_int_eq(s_purge_events(purged[i]), 1);
+    }
+    /* In work, not routed, too new or held: untouched. */
+    ck_assert_int_eq(s_payloads(R_OPEN), 3);
+    ck_assert_int_eq(s_payloads(R_SENT), 2);
+    ck_assert_int_eq(s_payloads(R_ACCEPT), 1);
+    ck_assert_int_eq(s_payloads(R_NEW), 2);
+    ck_assert_int_eq(s_payloads(R_HELD), 2);
+    ck_assert_int_eq(s_count(s_all_events), events + 3);
+    /* Hashes, states and times stay for the trail. */
+    ck_assert_int_eq(
+        s_count("SELECT count(*) FROM deliveries WHERE payload IS NULL AND"
+                " payload_hash IS NOT NULL AND state IN ('acknowledged',"
+                " 'dead')"),
+        4);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM deliveries WHERE"
+                             " escalation_payload IS NULL AND"
+                             " escalation_payload_hash IS NOT NULL"),
+                     1);
+    /* A purged dead letter cannot be sent again. */
+    ck_assert_int_eq(
+        KHTEST_CTL(&out, "deadletters", "retry", "--partner", "avim", "--all"),
+        0);
+    ck_assert_ptr_nonnull(strstr(out, "no dead deliveries for partner avim"));
+    free(out);
+
+    /* Released, the held one goes on the next run; then nothing is left. */
+    s_sql(holder, "ROLLBACK");
+    PQfinish(holder);
+    ck_assert_int_eq(KHTEST_CTL(&out, "purge", "--older-than", "365", "--json"),
+                     0);
+    ck_assert_msg(strstr(out, "\"referrals\":1,\"deliveries\":1,"
+                              "\"kept_in_work\":3,\"busy\":0"),
+                  "%s", out);
+    free(out);
+    ck_assert_int_eq(s_payloads(R_HELD), 0);
+    ck_assert_int_eq(s_purge_events(R_HELD), 1);
+    ck_assert_int_eq(KHTEST_CTL(&out, "purge", "--older-than", "365"), 0);
+    ck_assert_msg(strstr(out, "purged 0 referrals (0 deliveries)"), "%s", out);
+    free(out);
+    ck_assert_int_eq(s_count(s_all_events), events + 4);
+
+    /* A cutoff of now takes the new one too, once its work is done. */
+    ck_assert_int_eq(KHTEST_CTL(&out, "purge", "--before", "now"), 0);
+    ck_assert_msg(strstr(out, "purged 1 referral (1 delivery)"), "%s", out);
+    free(out);
+    ck_assert_int_eq(s_payloads(R_NEW), 0);
+    ck_assert_int_eq(s_payloads(R_OPEN), 3);
+    PQfinish(s_conn);
+}
+END_TEST
+
+static Suite *s_suite(void)
+{
+    Suite *s = suite_create("purge");
+    TCase *tc = tcase_create("purge");
+    tcase_set_timeout(tc, 120);
+    tcase_add_test(tc, test_bad_arguments_change_nothing);
+    tcase_add_test(tc, test_purge_done_referrals_only);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void)
+{
+    return khtest_run_suite(s_suite());
+}

@@ -1,0 +1,393 @@
+/*
+ * ketenhubctl purge: erase the personal data of referrals whose retention
+ * period is over and whose work is done (promise 6).
+ *
+ * A referral is done when it was routed (or set aside as unroutable) and
+ * every delivery of it is acknowledged or dead. Its purge sets the
+ * referral's payload and its deliveries' payloads and escalation payloads
+ * to NULL and writes one referral.purged audit event with the payload's
+ * hash, in one transaction (promise 2). Ids, states, times and hashes stay,
+ * so the trail stays whole and verifiable. A referral still in work is
+ * never touched, however old: its partners would lose what they have not
+ * received yet.
+ *
+ * Work goes in batches, each its own transaction: first the batch's
+ * referrals are locked (those another transaction holds are skipped), then
+ * their deliveries, and only then, on a snapshot taken after the locks,
+ * does the purge check again that each is done. A delivery that became
+ * pending meanwhile (a dead letter retried) keeps its referral from the
+ * purge. An interrupted purge can be run again: what it did is committed
+ * batch by batch, and the rest is found again.
+ */
+#include <getopt.h>
+#include <jansson.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ctl.h"
+#include "ketenhub/audit.h"
+#include "ketenhub/db.h"
+
+#define S_BATCH_DEFAULT 1000
+#define S_BATCH_MAX 100000
+#define S_DAYS_MAX 36500
+
+static void s_usage(FILE *out)
+{
+    fprintf(out,
+            "usage: ketenhubctl purge (--before TIME | --older-than DAYS) "
+            "[--dry-run]\n"
+            "         [--batch N] [--json]\n"
+            "\n"
+            "Erase the personal data of the referrals accepted before a "
+            "cutoff whose work\n"
+            "is done (routed or unroutable, every delivery acknowledged or "
+            "dead): the\n"
+            "referral's payload and its deliveries' payloads become NULL. "
+            "Ids, states,\n"
+            "times and payload hashes stay, so the audit trail stays whole "
+            "and verifiable.\n"
+            "Each purged referral gets a referral.purged audit event naming "
+            "you, in the\n"
+            "same transaction. Referrals still in work are kept, however "
+            "old. A dead\n"
+            "letter that is purged can no longer be retried.\n"
+            "\n"
+            "  --before TIME      cutoff: a PostgreSQL timestamp "
+            "(2025-11-29,\n"
+            "                     2025-11-29T00:00:00Z), not in the future\n"
+            "  --older-than DAYS  cutoff: DAYS (1..%d) days before now\n"
+            "  --dry-run          count what would be purged; change nothing\n"
+            "  --batch N          referrals per transaction (1..%d, default "
+            "%d)\n"
+            "  --json             the counts as one JSON object, for scripts\n"
+            "  --help             this text\n"
+            "\n"
+            "Exit status: 0 done (also when there was nothing to purge), 1 "
+            "the database\n"
+            "failed (batches committed before stay purged; run it again), 2 "
+            "usage.\n",
+            S_DAYS_MAX, S_BATCH_MAX, S_BATCH_DEFAULT);
+}
+
+/* The cutoff as an exact UTC timestamp, from $1: a time (--before) or a
+ * number of days before now (--older-than). No row: in the future. */
+#define S_CUTOFF(expr)                                                         \
+    "SELECT to_char(c AT TIME ZONE 'UTC',"                                     \
+    " 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') FROM (SELECT " expr " AS c) t"      \
+    " WHERE c <= now()"
+static const char s_cutoff_before_sql[] = S_CUTOFF("$1::timestamptz");
+static const char s_cutoff_days_sql[] =
+    S_CUTOFF("now() - make_interval(days => $1::int)");
+
+/* What a referral accepted before $1 that still has its payload is: done
+ * (its work is over) or not. */
+#define S_DONE(r)                                                              \
+    r ".state IN ('routed', 'unroutable') AND NOT EXISTS (SELECT 1 FROM"       \
+      " deliveries d WHERE d.referral_id = " r ".id"                           \
+      " AND d.state IN ('pending', 'delivered'))"
+
+/* $1 cutoff: referrals to purge and their deliveries with a payload, and
+ * the referrals before the cutoff that are kept because still in work. */
+static const char s_count_sql[] =
+    "SELECT count(*) FILTER (WHERE done), coalesce(sum(dlv) FILTER (WHERE"
+    " done), 0), count(*) FILTER (WHERE NOT done) FROM (SELECT " S_DONE(
+        "r") " AS done, (SELECT count(*) FROM deliveries d WHERE d.referral_id "
+             "= r.id"
+             " AND (d.payload IS NOT NULL OR d.escalation_payload IS NOT "
+             "NULL)) AS dlv"
+             " FROM referrals r WHERE r.accepted_at < $1::timestamptz"
+             " AND r.payload IS NOT NULL) t";
+
+/* $1 cutoff, $2 batch size: lock a batch of done referrals, oldest first. */
+static const char s_lock_sql[] =
+    "SELECT r.id FROM referrals r WHERE r.accepted_at < $1::timestamptz"
+    " AND r.payload IS NOT NULL AND " S_DONE(
+        "r") " ORDER BY r.accepted_at LIMIT $2::int FOR NO KEY UPDATE OF r "
+             "SKIP LOCKED";
+
+/* $1 the batch's ids: lock their deliveries, so that none changes state
+ * before the purge commits. */
+static const char s_lock_deliveries_sql[] =
+    "SELECT 1 FROM deliveries WHERE referral_id = ANY ($1::uuid[])"
+    " FOR NO KEY UPDATE";
+
+/* $1 the batch's ids, $2 the administrator, $3 the host. Checks once more
+ * (on a snapshot taken after the locks) that each referral is done, erases
+ * the payloads and writes the events. Returns the referrals and
+ * deliveries purged. */
+static const char s_purge_sql[] =
+    "WITH done AS (SELECT r.id, r.payload_hash FROM referrals r"
+    "  WHERE r.id = ANY ($1::uuid[]) AND r.payload IS NOT NULL"
+    "  AND " S_DONE(
+        "r") "),"
+             " refs AS (UPDATE referrals r SET payload = NULL FROM done"
+             "  WHERE r.id = done.id RETURNING r.id),"
+             " dels AS (UPDATE deliveries d SET payload = NULL,"
+             "  escalation_payload = NULL FROM done WHERE d.referral_id = "
+             "done.id"
+             "  AND (d.payload IS NOT NULL OR d.escalation_payload IS NOT NULL)"
+             "  RETURNING d.id),"
+             " events AS (INSERT INTO audit_events (actor_kind, actor_id, "
+             "action,"
+             "  referral_id, outcome, payload_hash, origin_service, "
+             "origin_peer)"
+             "  SELECT 'admin', $2, 'referral.purged', id, 'ok', payload_hash,"
+             "  'ketenhubctl', $3 FROM done ORDER BY id RETURNING 1)"
+             " SELECT (SELECT count(*) FROM refs), (SELECT count(*) FROM dels),"
+             " (SELECT count(*) FROM events)";
+
+/* Referrals (and their deliveries) purged or to purge, referrals kept
+ * because still in work, and done ones that another transaction held (a
+ * next run takes them). */
+typedef struct {
+    long referrals, deliveries, kept, busy;
+} s_counts_t;
+
+/* Run sql with text params; the result, or NULL with err. */
+static PGresult *s_query(PGconn *conn, const char *sql, int nparams,
+                         const char *const *params, const char *what,
+                         kh_error_t *err)
+{
+    PGresult *res =
+        PQexecParams(conn, sql, nparams, NULL, params, NULL, NULL, 0);
+    if (PQresultStatus(res) == PGRES_TUPLES_OK)
+        return res;
+    kh_db_error(err, conn, res, what);
+    PQclear(res);
+    return NULL;
+}
+
+/* The counts before the cutoff (s_count_sql). */
+static int s_count(PGconn *conn, const char *cutoff, s_counts_t *counts,
+                   kh_error_t *err)
+{
+    const char *params[] = {cutoff};
+    PGresult *res =
+        s_query(conn, s_count_sql, 1, params, "cannot count referrals", err);
+    if (!res)
+        return -1;
+    counts->referrals = atol(PQgetvalue(res, 0, 0));
+    counts->deliveries = atol(PQgetvalue(res, 0, 1));
+    counts->kept = atol(PQgetvalue(res, 0, 2));
+    PQclear(res);
+    return 0;
+}
+
+/* One batch in its own transaction; adds what it purged to done. Returns
+ * the number of referrals it locked (0: nothing left), or -1 with err
+ * (the batch rolled back). */
+static int s_batch(PGconn *conn, const char *cutoff, const char *batch,
+                   const kh_audit_origin_t *origin, s_counts_t *done,
+                   kh_error_t *err)
+{
+    if (kh_db_exec(conn, "BEGIN", err))
+        return -1;
+    const char *lock_params[] = {cutoff, batch};
+    PGresult *res =
+        s_query(conn, s_lock_sql, 2, lock_params, "cannot lock referrals", err);
+    char *ids = NULL;
+    int locked = res ? PQntuples(res) : -1;
+    if (locked > 0) {
+        /* "{id,id,...}": 37 bytes per id. */
+        ids = malloc((size_t) locked * 37 + 2);
+        if (ids) {
+            size_t used = 0;
+            ids[used++] = '{';
+            for (int r = 0; r < locked; r++) {
+                used += (size_t) snprintf(ids + used, 38, "%s%s", r ? "," : "",
+                                          PQgetvalue(res, r, 0));
+            }
+            ids[used++] = '}';
+            ids[used] = '\0';
+        } else {
+            kh_error_set(err, KH_E_NOMEM, "", "out of memory");
+            locked = -1;
+        }
+    }
+    PQclear(res);
+    res = NULL;
+    if (locked > 0) {
+        const char *params[] = {ids};
+        res = s_query(conn, s_lock_deliveries_sql, 1, params,
+                      "cannot lock deliveries", err);
+        if (!res)
+            locked = -1;
+        PQclear(res);
+    }
+    if (locked > 0) {
+        const char *params[] = {ids, origin->actor, origin->host};
+        res = s_query(conn, s_purge_sql, 3, params, "cannot purge", err);
+        if (res) {
+            done->referrals += atol(PQgetvalue(res, 0, 0));
+            done->deliveries += atol(PQgetvalue(res, 0, 1));
+        } else
+            locked = -1;
+        PQclear(res);
+    }
+    free(ids);
+    if (locked >= 0 && kh_db_exec(conn, "COMMIT", err) == 0)
+        return locked;
+    kh_db_rollback_quietly(conn);
+    return -1;
+}
+
+static void s_report(const char *cutoff, bool dry_run, bool json,
+                     const s_counts_t *counts)
+{
+    if (json) {
+        json_t *o = json_pack(
+            "{s:s, s:b, s:I, s:I, s:I, s:I}", "cutoff", cutoff, "dry_run",
+            dry_run, "referrals", (json_int_t) counts->referrals, "deliveries",
+            (json_int_t) counts->deliveries, "kept_in_work",
+            (json_int_t) counts->kept, "busy", (json_int_t) counts->busy);
+        char *text = o ? json_dumps(o, JSON_COMPACT) : NULL;
+        if (text)
+            printf("%s\n", text);
+        free(text);
+        json_decref(o);
+        return;
+    }
+    printf("%s %ld %s (%ld %s) accepted before %s\n",
+           dry_run ? "would purge" : "purged", counts->referrals,
+           counts->referrals == 1 ? "referral" : "referrals",
+           counts->deliveries,
+           counts->deliveries == 1 ? "delivery" : "deliveries", cutoff);
+    if (counts->kept)
+        printf("kept %ld %s accepted before %s: still in work\n", counts->kept,
+               counts->kept == 1 ? "referral" : "referrals", cutoff);
+    if (counts->busy)
+        printf("left %ld %s that another transaction held; run it again\n",
+               counts->busy, counts->busy == 1 ? "referral" : "referrals");
+}
+
+static int s_purge(const char *value, bool days, bool dry_run, int batch,
+                   bool json)
+{
+    PGconn *conn = ctl_connect();
+    if (!conn)
+        return CTL_FAIL;
+    kh_error_t err;
+    kh_error_clear(&err);
+    int rc = CTL_OK;
+    /* A lock held elsewhere must not stop the purge for long. */
+    if (kh_db_exec(conn, "SET lock_timeout = '10s'", &err))
+        rc = CTL_FAIL;
+    char cutoff[64] = "";
+    if (rc == CTL_OK) {
+        const char *params[] = {value};
+        PGresult *res =
+            PQexecParams(conn, days ? s_cutoff_days_sql : s_cutoff_before_sql,
+                         1, NULL, params, NULL, NULL, 0);
+        const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+        if (PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1)
+            snprintf(cutoff, sizeof cutoff, "%s", PQgetvalue(res, 0, 0));
+        else if (PQresultStatus(res) == PGRES_TUPLES_OK)
+            rc = ctl_usage_error("purge: --before %s is in the future", value);
+        else if (state && strncmp(state, "22", 2) == 0)
+            rc = ctl_usage_error("purge: --before: '%s' is not a time "
+                                 "(e.g. 2025-11-29 or 2025-11-29T00:00:00Z)",
+                                 value);
+        else {
+            kh_db_error(&err, conn, res, "cannot read the cutoff");
+            rc = CTL_FAIL;
+        }
+        PQclear(res);
+    }
+    s_counts_t counts = {0, 0, 0, 0};
+    if (rc == CTL_OK && dry_run) {
+        if (s_count(conn, cutoff, &counts, &err))
+            rc = CTL_FAIL;
+    } else if (rc == CTL_OK) {
+        kh_audit_origin_t origin;
+        kh_audit_origin(&origin);
+        char size[16];
+        snprintf(size, sizeof size, "%d", batch);
+        int locked;
+        while ((locked = s_batch(conn, cutoff, size, &origin, &counts, &err)) >
+               0)
+            ;
+        s_counts_t left;
+        if (locked < 0 || s_count(conn, cutoff, &left, &err))
+            rc = CTL_FAIL;
+        else {
+            counts.kept = left.kept;
+            counts.busy = left.referrals;
+        }
+    }
+    if (rc == CTL_FAIL) {
+        ctl_print_error(&err);
+        if (!dry_run && counts.referrals)
+            fprintf(stderr,
+                    "ketenhubctl: purge: %ld referrals were purged before "
+                    "the failure; run it again for the rest\n",
+                    counts.referrals);
+    } else if (rc == CTL_OK)
+        s_report(cutoff, dry_run, json, &counts);
+    PQfinish(conn);
+    return rc;
+}
+
+int ctl_purge(int argc, char **argv)
+{
+    static const struct option options[] = {
+        {"before", required_argument, NULL, 'b'},
+        {"older-than", required_argument, NULL, 'o'},
+        {"dry-run", no_argument, NULL, 'n'},
+        {"batch", required_argument, NULL, 'B'},
+        {"json", no_argument, NULL, 'j'},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0}};
+    const char *before = NULL, *older = NULL;
+    bool dry_run = false, json = false;
+    long batch = S_BATCH_DEFAULT;
+    char *end;
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "b:o:nB:jh", options, NULL)) != -1) {
+        switch (c) {
+        case 'b':
+            before = optarg;
+            break;
+        case 'o':
+            older = optarg;
+            break;
+        case 'n':
+            dry_run = true;
+            break;
+        case 'B':
+            batch = strtol(optarg, &end, 10);
+            if (*optarg == '\0' || *end != '\0' || batch < 1 ||
+                batch > S_BATCH_MAX)
+                return ctl_usage_error("purge: --batch must be a number "
+                                       "from 1 to %d",
+                                       S_BATCH_MAX);
+            break;
+        case 'j':
+            json = true;
+            break;
+        case 'h':
+            s_usage(stdout);
+            return CTL_OK;
+        default:
+            s_usage(stderr);
+            return CTL_USAGE;
+        }
+    }
+    if (optind != argc)
+        return ctl_usage_error("purge: unexpected argument '%s'", argv[optind]);
+    if (!before == !older)
+        return ctl_usage_error("purge: give either --before TIME or "
+                               "--older-than DAYS");
+    if (older) {
+        long days = strtol(older, &end, 10);
+        if (*older == '\0' || *end != '\0' || days < 1 || days > S_DAYS_MAX)
+            return ctl_usage_error("purge: --older-than must be a number of "
+                                   "days from 1 to %d",
+                                   S_DAYS_MAX);
+    }
+    return s_purge(before ? before : older, older != NULL, dry_run, (int) batch,
+                   json);
+}
