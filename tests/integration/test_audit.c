@@ -987,6 +987,68 @@ START_TEST(checks_refuse_what_they_refused)
 }
 END_TEST
 
+/* The format checks on referrals (001, made cheaper by 009) admit and
+ * refuse every value as the patterns of 001 did. */
+START_TEST(referral_checks_decide_as_before)
+{
+    char len64[80], len65[80], len128[140], len129[140];
+    snprintf(len64, sizeof len64, "%.64s", S_AS S_AS);
+    snprintf(len65, sizeof len65, "%.65s", S_AS S_AS);
+    snprintf(len128, sizeof len128, "%.128s", S_AS S_AS S_AS S_AS);
+    snprintf(len129, sizeof len129, "%.129s", S_AS S_AS S_AS S_AS);
+    /* clang-format off */
+    const char *values[] = {
+        "referral.v1", "referral.v2", "k-1", "K.1:2_3", "a", "1", "-",
+        "a b", " a", "a ", "a\n", "a\t", "a\x01", "a\x7f", "",
+        "caf\xc3\xa9", "a\xe2\x80\xa8", "a;b", "a/b", "a'b", "a,b",
+        "Referral.v1", "1referral", "_a", ".a", "a..b", "a--b",
+        len64, len65, len128, len129};
+    /* clang-format on */
+    static const struct {
+        const char *column, *re, *constraint;
+    } formats[] = {{"idempotency_key", "^[A-Za-z0-9._:-]{1,128}$",
+                    "referrals_idempotency_key_format"},
+                   {"schema_version", "^[a-z][a-z0-9_.-]{0,63}$",
+                    "referrals_schema_version_format"}};
+    khtest_register_partner(s_db, "meldpunt", "municipality", true,
+                            "0000000000000000000000000000000000000001");
+    khtest_db_exec(s_db, "BEGIN", 0, NULL);
+    int refused = 0;
+    for (size_t f = 0; f < sizeof formats / sizeof *formats; f++)
+        for (size_t v = 0; v < sizeof values / sizeof *values; v++) {
+            bool old_ok = s_old_check(values[v], formats[f].re);
+            char sql[512];
+            snprintf(sql, sizeof sql,
+                     "INSERT INTO referrals (id, partner_id, idempotency_key,"
+                     " schema_version, payload_hash) VALUES"
+                     " (gen_random_uuid(), 'meldpunt', %s, %s,"
+                     " sha256('x'::bytea))",
+                     f == 0 ? "$1" : "'k-1'", f == 1 ? "$1" : "'referral.v1'");
+            const char *params[] = {values[v]};
+            khtest_db_exec(s_db, "SAVEPOINT try", 0, NULL);
+            PGresult *res =
+                PQexecParams(s_db, sql, 1, NULL, params, NULL, NULL, 0);
+            bool admitted = PQresultStatus(res) == PGRES_COMMAND_OK;
+            if (!admitted) {
+                const char *name =
+                    PQresultErrorField(res, PG_DIAG_CONSTRAINT_NAME);
+                ck_assert_msg(name && strcmp(name, formats[f].constraint) == 0,
+                              "%s '%s': %s", formats[f].column, values[v],
+                              PQresultErrorMessage(res));
+                refused++;
+            }
+            PQclear(res);
+            khtest_db_exec(s_db, "ROLLBACK TO SAVEPOINT try", 0, NULL);
+            ck_assert_msg(admitted == old_ok, "%s '%s': %s (001: %s)",
+                          formats[f].column, values[v],
+                          admitted ? "admitted" : "refused",
+                          old_ok ? "admitted" : "refused");
+        }
+    ck_assert_int_gt(refused, 30);
+    khtest_db_exec(s_db, "ROLLBACK", 0, NULL);
+}
+END_TEST
+
 int main(void)
 {
     Suite *suite = suite_create("audit");
@@ -1004,6 +1066,7 @@ int main(void)
     tcase_add_test(tc, service_killed_while_sealing_loses_nothing);
     tcase_add_test(tc, export_verifies_offline);
     tcase_add_test(tc, checks_refuse_what_they_refused);
+    tcase_add_test(tc, referral_checks_decide_as_before);
     suite_add_tcase(suite, tc);
     return khtest_run_suite(suite);
 }
