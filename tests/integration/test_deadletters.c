@@ -1,6 +1,7 @@
 /*
  * Integration test of `ketenhubctl deadletters list / show / retry`, run
- * as the built binary against the throwaway test cluster: dead deliveries
+ * as the built binary, logged in as an administrator (ketenhub_admin),
+ * against the throwaway test cluster: dead deliveries
  * are made by SQL (as the notification service leaves them), then listed,
  * shown (never with their payload: a canary string in it must not appear),
  * retried (state, attempts, next attempt, reason and one delivery.retried
@@ -58,8 +59,18 @@ static void s_delivery(const char *id, const char *ref, const char *partner,
 static void s_setup(void)
 {
     s_conn = khtest_db_fresh(DB);
+    /* The commands run as an administrator's login: ketenhub_admin's
+     * rights and no more. */
+    khtest_db_exec(s_conn,
+                   "DO $$ BEGIN CREATE ROLE kh_test_dl_admin LOGIN;"
+                   " EXCEPTION WHEN duplicate_object OR unique_violation"
+                   " THEN NULL; END $$",
+                   0, NULL);
+    khtest_db_exec(s_conn, "GRANT ketenhub_admin TO kh_test_dl_admin", 0, NULL);
     char *conninfo = khtest_db_conninfo(DB);
-    setenv("KH_DATABASE_URL", conninfo, 1);
+    char admin[1400];
+    snprintf(admin, sizeof admin, "%s user=kh_test_dl_admin", conninfo);
+    setenv("KH_DATABASE_URL", admin, 1);
     free(conninfo);
     khtest_register_partner(s_conn, "meldpunt", "municipality", true,
                             "0000000000000000000000000000000000000001");

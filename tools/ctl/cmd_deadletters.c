@@ -286,7 +286,7 @@ static const char s_show_sql[] =
 static const char s_events_sql[] = "SELECT seq, " S_TS(
     "at") " AS at, actor_kind, actor_id, action,"
           " outcome, reason_code, partner_id AS partner, origin_service"
-          " FROM audit_events WHERE delivery_id = $1::uuid ORDER BY seq";
+          " FROM audit_trail WHERE delivery_id = $1::uuid ORDER BY seq";
 
 static int s_cmd_show(int argc, char **argv)
 {
@@ -399,12 +399,13 @@ static const char s_retry_sql[] =
     "  referral_id, delivery_id, partner_id, outcome, payload_hash,"
     "  rules_version, origin_service, origin_peer)"
     "  SELECT 'admin', $2, 'delivery.retried', referral_id, id, partner_id,"
-    "  'ok', payload_hash, rules_version, $3, $4 FROM upd"
-    "  RETURNING delivery_id)"
+    "  'ok', payload_hash, rules_version, $3, $4 FROM upd)"
+    /* Retried: changed, with its event (ins runs whether read or not; it
+     * returns nothing, as ketenhub_admin may not read the trail). */
     " SELECT w.id, c.state, coalesce(c.purged, false),"
-    "  (i.delivery_id IS NOT NULL)"
+    "  (u.id IS NOT NULL)"
     " FROM want w LEFT JOIN cur c USING (id)"
-    " LEFT JOIN ins i ON i.delivery_id = w.id ORDER BY w.id";
+    " LEFT JOIN upd u ON u.id = w.id ORDER BY w.id";
 
 /* Retry the deliveries: ids ("{a,b}", a uuid[] literal) or, when partner
  * is not NULL, every dead delivery of partner. Prints what happened. */

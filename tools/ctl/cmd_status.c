@@ -156,26 +156,27 @@ static json_t *s_database(json_t **partners)
     static const bool n_cp[] = {true, false};
     static const char *k_dl[] = {"dead_letters", "escalations_open", NULL};
     static const bool n_dl[] = {true, true};
-    /* Both halves use audit_events (action, at). */
+    /* Through the views that ketenhub_admin may read; both halves use
+     * audit_events (action, at). */
     int rc = s_row(
         conn,
         "SELECT rules_version, " S_TS(
             "at") " FROM ("
-                  " (SELECT rules_version, at FROM audit_events"
+                  " (SELECT rules_version, at FROM audit_trail"
                   "  WHERE action = 'rules.reloaded' AND outcome = 'ok'"
                   "  ORDER BY at DESC LIMIT 1) UNION ALL"
-                  " (SELECT rules_version, at FROM audit_events"
+                  " (SELECT rules_version, at FROM audit_trail"
                   "  WHERE action = 'referral.routed'"
                   "  ORDER BY at DESC LIMIT 1)) r ORDER BY at DESC LIMIT 1",
         db, k_rules, n_rules);
     rc = rc ? rc
             : s_row(conn,
-                    "SELECT (SELECT coalesce(max(seq), 0) FROM audit_events),"
-                    " (SELECT coalesce(max(seq), 0) FROM audit_seals)",
+                    "SELECT (SELECT coalesce(max(seq), 0) FROM audit_trail),"
+                    " (SELECT coalesce(max(seq), 0) FROM audit_trail_seals)",
                     db, k_trail, n_trail);
     rc = rc ? rc
             : s_row(conn,
-                    "SELECT seq, " S_TS("at") " FROM audit_checkpoints"
+                    "SELECT seq, " S_TS("at") " FROM audit_trail_checkpoints"
                                               " ORDER BY seq DESC LIMIT 1",
                     db, k_cp, n_cp);
     rc = rc ? rc
