@@ -431,10 +431,23 @@ START_TEST(a_hub_trail_is_complete_sealed_and_free_of_personal_data)
     ck_assert_int_eq(s_run(&out, S_CTL, "purge", "--before", "now", S_END), 0);
     ck_assert_msg(strstr(out, "purged 0 ") == NULL, "%s", out);
     free(out);
+    /* Every routed referral lost its payloads, its deliveries' too, and
+     * has exactly one referral.purged event. */
     ck_assert_int_eq(khtest_db_count(s_db, "SELECT count(payload) FROM"
                                            " referrals WHERE state <>"
                                            " 'accepted'"),
                      0);
+    ck_assert_int_eq(
+        khtest_db_count(s_db, "SELECT count(payload) +"
+                              " count(escalation_payload) FROM deliveries"),
+        0);
+    ck_assert_int_eq(
+        khtest_db_count(
+            s_db, "SELECT count(*) FROM referrals r WHERE r.state <>"
+                  " 'accepted' AND (SELECT count(*) FROM audit_events e"
+                  " WHERE e.action = 'referral.purged' AND e.referral_id ="
+                  " r.id AND e.payload_hash = r.payload_hash) <> 1"),
+        0);
 
     /* Auditors at work. */
     char aud_pub[600], export_all[600], export_cps[600];

@@ -4,8 +4,10 @@
  * year and more old or new: only the old ones whose work is done lose
  * their payloads (the referral's and its deliveries'), each with one
  * referral.purged event; the rest, a dry run, a second run and every bad
- * argument change nothing. A referral that another transaction holds is
- * left for the next run.
+ * argument change nothing. A referral, or a delivery of one, that another
+ * transaction holds is left for the next run (never waited for); a dead
+ * letter retried meanwhile keeps its referral. The purge runs as a login
+ * of the ketenhub_admin role, with no more rights than that.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -158,6 +160,8 @@ START_TEST(test_bad_arguments_change_nothing)
         {"--before", "garbage", NULL},
         {"--before", "2999-01-01", NULL},
         {"--before", "now + 1", NULL},
+        {"--before", "infinity", NULL},
+        {"--before", "-infinity", NULL},
         {"--older-than=30", "--batch", "0"},
         {"--older-than=30", "--batch", "lots"},
         {"--older-than=30", "stray", NULL},
@@ -174,7 +178,7 @@ START_TEST(test_bad_arguments_change_nothing)
     ck_assert_ptr_nonnull(strstr(out, "'garbage' is not a time"));
     free(out);
     ck_assert_int_eq(KHTEST_CTL(&out, "purge", "--before", "2999-01-01"), 2);
-    ck_assert_ptr_nonnull(strstr(out, "is in the future"));
+    ck_assert_ptr_nonnull(strstr(out, "is not a time in the past"));
     free(out);
     ck_assert_int_eq(s_count(s_all_payloads), payloads);
     ck_assert_int_eq(s_count(s_all_events), events);
@@ -196,14 +200,28 @@ START_TEST(test_purge_done_referrals_only)
     long events = s_count(s_all_events);
     char *out = NULL;
 
-    /* Another transaction holds R_HELD: skipped, left for the next run. */
+    /* The administrator's login: ketenhub_admin's rights and no more. */
+    khtest_db_exec(s_conn,
+                   "DO $$ BEGIN CREATE ROLE kh_test_purger LOGIN;"
+                   " EXCEPTION WHEN duplicate_object OR unique_violation"
+                   " THEN NULL; END $$",
+                   0, NULL);
+    khtest_db_exec(s_conn, "GRANT ketenhub_admin TO kh_test_purger", 0, NULL);
     char *conninfo = khtest_db_conninfo(DB);
+    char admin[1400];
+    snprintf(admin, sizeof admin, "%s user=kh_test_purger", conninfo);
+    setenv("KH_DATABASE_URL", admin, 1);
+
+    /* Another transaction holds R_HELD, and the dead delivery of R_DEAD
+     * (as a retry would): both are left, and the purge does not wait. */
     PGconn *holder = PQconnectdb(conninfo);
     free(conninfo);
     ck_assert_int_eq(PQstatus(holder), CONNECTION_OK);
     s_sql(holder, "BEGIN");
     s_sql(holder,
           "SELECT 1 FROM referrals WHERE id = '" R_HELD "' FOR NO KEY UPDATE");
+    s_sql(holder, "SELECT 1 FROM deliveries WHERE referral_id = '" R_DEAD
+                  "' AND state = 'dead' FOR UPDATE");
 
     /* A dry run counts and changes nothing. */
     ck_assert_int_eq(
@@ -216,59 +234,89 @@ START_TEST(test_purge_done_referrals_only)
     ck_assert_int_eq(s_payloads(R_ACKED), 4);
 
     ck_assert_int_eq(
-        KHTEST_CTL(&out, "purge", "--older-than", "365", "--batch", "2"), 0);
-    ck_assert_msg(strstr(out, "purged 3 referrals (4 deliveries)"), "%s", out);
+        KHTEST_CTL(&out, "purge", "--older-than", "365", "--batch", "1"), 0);
+    ck_assert_msg(strstr(out, "purged 2 referrals (2 deliveries)"), "%s", out);
     ck_assert_msg(strstr(out, "kept 3 referrals"), "%s", out);
-    ck_assert_msg(strstr(out, "left 1 referral that another transaction"), "%s",
+    ck_assert_msg(strstr(out, "left 2 done referrals: held by another"), "%s",
                   out);
     ck_assert_ptr_null(strstr(out, CANARY));
     free(out);
 
     /* Done and old: every payload gone, one event each. */
-    const char *purged[] = {R_ACKED, R_DEAD, R_UNROUT};
-    for (int i = 0; i < 3; i++) {
+    const char *purged[] = {R_ACKED, R_UNROUT};
+    for (int i = 0; i < 2; i++) {
         ck_assert_int_eq(s_payloads(purged[i]), 0);
         ck_assert_int_eq(s_purge_events(purged[i]), 1);
     }
     /* In work, not routed, too new or held: untouched. */
+    ck_assert_int_eq(s_payloads(R_DEAD), 3);
     ck_assert_int_eq(s_payloads(R_OPEN), 3);
     ck_assert_int_eq(s_payloads(R_SENT), 2);
     ck_assert_int_eq(s_payloads(R_ACCEPT), 1);
     ck_assert_int_eq(s_payloads(R_NEW), 2);
     ck_assert_int_eq(s_payloads(R_HELD), 2);
-    ck_assert_int_eq(s_count(s_all_events), events + 3);
+    ck_assert_int_eq(s_count(s_all_events), events + 2);
     /* Hashes, states and times stay for the trail. */
     ck_assert_int_eq(
         s_count("SELECT count(*) FROM deliveries WHERE payload IS NULL AND"
-                " payload_hash IS NOT NULL AND state IN ('acknowledged',"
-                " 'dead')"),
-        4);
+                " payload_hash IS NOT NULL AND state = 'acknowledged'"),
+        2);
     ck_assert_int_eq(s_count("SELECT count(*) FROM deliveries WHERE"
                              " escalation_payload IS NULL AND"
                              " escalation_payload_hash IS NOT NULL"),
                      1);
-    /* A purged dead letter cannot be sent again. */
-    ck_assert_int_eq(
-        KHTEST_CTL(&out, "deadletters", "retry", "--partner", "avim", "--all"),
-        0);
-    ck_assert_ptr_nonnull(strstr(out, "no dead deliveries for partner avim"));
-    free(out);
 
-    /* Released, the held one goes on the next run; then nothing is left. */
-    s_sql(holder, "ROLLBACK");
+    /* The holder retried the dead letter: R_DEAD is in work again and is
+     * kept; the held referral goes on this run; then nothing is left. */
+    s_sql(holder, "UPDATE deliveries SET state = 'pending', attempts = 0,"
+                  " dead_reason = NULL WHERE referral_id = '" R_DEAD
+                  "' AND state = 'dead'");
+    s_sql(holder, "COMMIT");
     PQfinish(holder);
     ck_assert_int_eq(KHTEST_CTL(&out, "purge", "--older-than", "365", "--json"),
                      0);
     ck_assert_msg(strstr(out, "\"referrals\":1,\"deliveries\":1,"
-                              "\"kept_in_work\":3,\"busy\":0"),
+                              "\"kept_in_work\":4,\"busy\":0"),
                   "%s", out);
     free(out);
     ck_assert_int_eq(s_payloads(R_HELD), 0);
     ck_assert_int_eq(s_purge_events(R_HELD), 1);
+    ck_assert_int_eq(s_payloads(R_DEAD), 3);
+    ck_assert_int_eq(s_purge_events(R_DEAD), 0);
     ck_assert_int_eq(KHTEST_CTL(&out, "purge", "--older-than", "365"), 0);
     ck_assert_msg(strstr(out, "purged 0 referrals (0 deliveries)"), "%s", out);
     free(out);
-    ck_assert_int_eq(s_count(s_all_events), events + 4);
+    ck_assert_int_eq(s_count(s_all_events), events + 3);
+
+    /* Its dead letter back (a partner refused it for good), R_DEAD is done
+     * again; purged, it can no longer be retried. */
+    s_sql(s_conn, "UPDATE deliveries SET state = 'dead', dead_reason ="
+                  " 'nack_permanent' WHERE referral_id = '" R_DEAD
+                  "' AND state = 'pending'");
+    ck_assert_int_eq(KHTEST_CTL(&out, "purge", "--older-than", "365"), 0);
+    ck_assert_msg(strstr(out, "purged 1 referral (2 deliveries)"), "%s", out);
+    free(out);
+    ck_assert_int_eq(s_payloads(R_DEAD), 0);
+    int rc =
+        KHTEST_CTL(&out, "deadletters", "retry", "--partner", "avim", "--all");
+    ck_assert_msg(rc == 0, "exit %d: %s", rc, out);
+    ck_assert_ptr_nonnull(strstr(out, "no dead deliveries for partner avim"));
+    free(out);
+
+    /* The administrator sees what a purged dead letter was, and the state
+     * of the hub, through what ketenhub_admin may read. */
+    char *dead = khtest_db_value(s_conn, "SELECT id FROM deliveries WHERE"
+                                         " referral_id = '" R_DEAD
+                                         "' AND state = 'dead'");
+    rc = KHTEST_CTL(&out, "deadletters", "show", dead);
+    ck_assert_msg(rc == 0 && strstr(out, "nack_permanent"), "exit %d: %s", rc,
+                  out);
+    free(out);
+    free(dead);
+    KHTEST_CTL(&out, "status", "--json");
+    ck_assert_msg(strstr(out, "\"trail_head\"") && !strstr(out, "denied"), "%s",
+                  out);
+    free(out);
 
     /* A cutoff of now takes the new one too, once its work is done. */
     ck_assert_int_eq(KHTEST_CTL(&out, "purge", "--before", "now"), 0);

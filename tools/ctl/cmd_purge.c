@@ -12,12 +12,14 @@
  * received yet.
  *
  * Work goes in batches, each its own transaction: first the batch's
- * referrals are locked (those another transaction holds are skipped), then
- * their deliveries, and only then, on a snapshot taken after the locks,
- * does the purge check again that each is done. A delivery that became
- * pending meanwhile (a dead letter retried) keeps its referral from the
- * purge. An interrupted purge can be run again: what it did is committed
- * batch by batch, and the rest is found again.
+ * referrals are locked, then their deliveries, and only then, on a
+ * snapshot taken after the locks, does the purge check again that each is
+ * done. A delivery that became pending meanwhile (a dead letter retried)
+ * keeps its referral from the purge. Nothing waits for a lock: a referral,
+ * or a delivery of one, that another transaction holds (an ACK batch, a
+ * retry) is left for the next run, so the purge can neither deadlock with
+ * the services nor hold them up. An interrupted purge can be run again:
+ * what it did is committed batch by batch, and the rest is found again.
  */
 #include <getopt.h>
 #include <jansson.h>
@@ -72,47 +74,60 @@ static void s_usage(FILE *out)
             S_DAYS_MAX, S_BATCH_MAX, S_BATCH_DEFAULT);
 }
 
-/* The cutoff as an exact UTC timestamp, from $1: a time (--before) or a
- * number of days before now (--older-than). No row: in the future. */
+/* The cutoff, from $1: a time (--before) or a number of days before now
+ * (--older-than), as the exact text of the timestamp (the session's time
+ * zone is UTC). No row: in the future, or not finite. */
 #define S_CUTOFF(expr)                                                         \
-    "SELECT to_char(c AT TIME ZONE 'UTC',"                                     \
-    " 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') FROM (SELECT " expr " AS c) t"      \
-    " WHERE c <= now()"
+    "SELECT c::text FROM (SELECT " expr " AS c) t"                             \
+    " WHERE c <= now() AND isfinite(c)"
 static const char s_cutoff_before_sql[] = S_CUTOFF("$1::timestamptz");
 static const char s_cutoff_days_sql[] =
     S_CUTOFF("now() - make_interval(days => $1::int)");
 
-/* What a referral accepted before $1 that still has its payload is: done
- * (its work is over) or not. */
+/* clang-format off */
+/* Whether the referral r is done: routed or set aside as unroutable, and no
+ * delivery of it pending or delivered. */
 #define S_DONE(r)                                                              \
-    r ".state IN ('routed', 'unroutable') AND NOT EXISTS (SELECT 1 FROM"       \
-      " deliveries d WHERE d.referral_id = " r ".id"                           \
-      " AND d.state IN ('pending', 'delivered'))"
+    r ".state IN ('routed', 'unroutable') AND NOT EXISTS (SELECT 1"            \
+    " FROM deliveries d WHERE d.referral_id = " r ".id"                        \
+    " AND d.state IN ('pending', 'delivered'))"
 
-/* $1 cutoff: referrals to purge and their deliveries with a payload, and
- * the referrals before the cutoff that are kept because still in work. */
+/* $1 cutoff: the referrals to purge and their deliveries with a payload,
+ * and the referrals before the cutoff kept because they are in work. */
 static const char s_count_sql[] =
-    "SELECT count(*) FILTER (WHERE done), coalesce(sum(dlv) FILTER (WHERE"
-    " done), 0), count(*) FILTER (WHERE NOT done) FROM (SELECT " S_DONE(
-        "r") " AS done, (SELECT count(*) FROM deliveries d WHERE d.referral_id "
-             "= r.id"
-             " AND (d.payload IS NOT NULL OR d.escalation_payload IS NOT "
-             "NULL)) AS dlv"
-             " FROM referrals r WHERE r.accepted_at < $1::timestamptz"
-             " AND r.payload IS NOT NULL) t";
+    "SELECT count(*) FILTER (WHERE done),"
+    " coalesce(sum(dlv) FILTER (WHERE done), 0),"
+    " count(*) FILTER (WHERE NOT done)"
+    " FROM (SELECT " S_DONE("r") " AS done,"
+    "  (SELECT count(*) FROM deliveries d WHERE d.referral_id = r.id"
+    "   AND (d.payload IS NOT NULL OR d.escalation_payload IS NOT NULL))"
+    "  AS dlv"
+    "  FROM referrals r WHERE r.accepted_at < $1::timestamptz"
+    "  AND r.payload IS NOT NULL) t";
 
-/* $1 cutoff, $2 batch size: lock a batch of done referrals, oldest first. */
+/* $1 cutoff, $2 batch size, $3 the referrals this run left already: lock
+ * a batch of done referrals, oldest first. */
 static const char s_lock_sql[] =
     "SELECT r.id FROM referrals r WHERE r.accepted_at < $1::timestamptz"
-    " AND r.payload IS NOT NULL AND " S_DONE(
-        "r") " ORDER BY r.accepted_at LIMIT $2::int FOR NO KEY UPDATE OF r "
-             "SKIP LOCKED";
+    " AND r.payload IS NOT NULL AND r.id <> ALL ($3::uuid[])"
+    " AND " S_DONE("r")
+    " ORDER BY r.accepted_at LIMIT $2::int"
+    " FOR NO KEY UPDATE OF r SKIP LOCKED";
 
 /* $1 the batch's ids: lock their deliveries, so that none changes state
- * before the purge commits. */
+ * before the purge commits. Returns the referrals whose deliveries are all
+ * locked now, and those left because a delivery is held elsewhere (the
+ * texts of two uuid[]). */
 static const char s_lock_deliveries_sql[] =
-    "SELECT 1 FROM deliveries WHERE referral_id = ANY ($1::uuid[])"
-    " FOR NO KEY UPDATE";
+    "WITH locked AS (SELECT referral_id FROM deliveries"
+    "  WHERE referral_id = ANY ($1::uuid[])"
+    "  FOR NO KEY UPDATE SKIP LOCKED),"
+    " batch AS (SELECT r.id,"
+    "  (SELECT count(*) FROM locked l WHERE l.referral_id = r.id) ="
+    "  (SELECT count(*) FROM deliveries d WHERE d.referral_id = r.id)"
+    "  AS whole FROM unnest($1::uuid[]) r(id))"
+    " SELECT coalesce(array_agg(id) FILTER (WHERE whole), '{}'),"
+    " coalesce(array_agg(id) FILTER (WHERE NOT whole), '{}') FROM batch";
 
 /* $1 the batch's ids, $2 the administrator, $3 the host. Checks once more
  * (on a snapshot taken after the locks) that each referral is done, erases
@@ -121,23 +136,20 @@ static const char s_lock_deliveries_sql[] =
 static const char s_purge_sql[] =
     "WITH done AS (SELECT r.id, r.payload_hash FROM referrals r"
     "  WHERE r.id = ANY ($1::uuid[]) AND r.payload IS NOT NULL"
-    "  AND " S_DONE(
-        "r") "),"
-             " refs AS (UPDATE referrals r SET payload = NULL FROM done"
-             "  WHERE r.id = done.id RETURNING r.id),"
-             " dels AS (UPDATE deliveries d SET payload = NULL,"
-             "  escalation_payload = NULL FROM done WHERE d.referral_id = "
-             "done.id"
-             "  AND (d.payload IS NOT NULL OR d.escalation_payload IS NOT NULL)"
-             "  RETURNING d.id),"
-             " events AS (INSERT INTO audit_events (actor_kind, actor_id, "
-             "action,"
-             "  referral_id, outcome, payload_hash, origin_service, "
-             "origin_peer)"
-             "  SELECT 'admin', $2, 'referral.purged', id, 'ok', payload_hash,"
-             "  'ketenhubctl', $3 FROM done ORDER BY id RETURNING 1)"
-             " SELECT (SELECT count(*) FROM refs), (SELECT count(*) FROM dels),"
-             " (SELECT count(*) FROM events)";
+    "  AND " S_DONE("r") "),"
+    " refs AS (UPDATE referrals r SET payload = NULL FROM done"
+    "  WHERE r.id = done.id RETURNING r.id),"
+    " dels AS (UPDATE deliveries d SET payload = NULL,"
+    "  escalation_payload = NULL FROM done WHERE d.referral_id = done.id"
+    "  AND (d.payload IS NOT NULL OR d.escalation_payload IS NOT NULL)"
+    "  RETURNING d.id),"
+    " events AS (INSERT INTO audit_events (actor_kind, actor_id, action,"
+    "  referral_id, outcome, payload_hash, origin_service, origin_peer)"
+    "  SELECT 'admin', $2, 'referral.purged', id, 'ok', payload_hash,"
+    "  'ketenhubctl', $3 FROM done ORDER BY id RETURNING 1)"
+    " SELECT (SELECT count(*) FROM refs), (SELECT count(*) FROM dels),"
+    " (SELECT count(*) FROM events)";
+/* clang-format on */
 
 /* Referrals (and their deliveries) purged or to purge, referrals kept
  * because still in work, and done ones that another transaction held (a
@@ -176,60 +188,95 @@ static int s_count(PGconn *conn, const char *cutoff, s_counts_t *counts,
     return 0;
 }
 
-/* One batch in its own transaction; adds what it purged to done. Returns
- * the number of referrals it locked (0: nothing left), or -1 with err
- * (the batch rolled back). */
+/* The text of a uuid[] of the ids in column 0 of res: "{id,id,...}"
+ * (37 bytes an id); NULL when out of memory. */
+static char *s_id_array(const PGresult *res)
+{
+    int rows = PQntuples(res);
+    char *ids = malloc((size_t) rows * 37 + 2);
+    if (!ids)
+        return NULL;
+    size_t used = 0;
+    ids[used++] = '{';
+    for (int r = 0; r < rows; r++)
+        used += (size_t) snprintf(ids + used, 38, "%s%s", r ? "," : "",
+                                  PQgetvalue(res, r, 0));
+    ids[used++] = '}';
+    ids[used] = '\0';
+    return ids;
+}
+
+/* Append the ids of the uuid[] text more ("{...}") to the one in *ids. 0,
+ * or -1 when out of memory. */
+static int s_ids_append(char **ids, const char *more)
+{
+    size_t have = strlen(*ids), add = strlen(more);
+    if (add <= 2)
+        return 0;
+    char *grown = realloc(*ids, have + add + 1);
+    if (!grown)
+        return -1;
+    /* "{a}" + "{b,c}" = "{a,b,c}"; "{}" + "{b}" = "{b}". */
+    snprintf(grown + have - 1, add + 2, "%s%s", have > 2 ? "," : "", more + 1);
+    *ids = grown;
+    return 0;
+}
+
+/* One batch in its own transaction; adds what it purged to done once it
+ * committed, and to *held (a uuid[] text) the referrals it left because
+ * another transaction held one of their deliveries, so that no later batch
+ * of this run takes them again. Returns the number of referrals it locked
+ * (0: nothing left), or -1 with err (the batch rolled back). */
 static int s_batch(PGconn *conn, const char *cutoff, const char *batch,
-                   const kh_audit_origin_t *origin, s_counts_t *done,
-                   kh_error_t *err)
+                   char **held, const kh_audit_origin_t *origin,
+                   s_counts_t *done, kh_error_t *err)
 {
     if (kh_db_exec(conn, "BEGIN", err))
         return -1;
-    const char *lock_params[] = {cutoff, batch};
+    const char *lock_params[] = {cutoff, batch, *held};
     PGresult *res =
-        s_query(conn, s_lock_sql, 2, lock_params, "cannot lock referrals", err);
-    char *ids = NULL;
+        s_query(conn, s_lock_sql, 3, lock_params, "cannot lock referrals", err);
     int locked = res ? PQntuples(res) : -1;
-    if (locked > 0) {
-        /* "{id,id,...}": 37 bytes per id. */
-        ids = malloc((size_t) locked * 37 + 2);
-        if (ids) {
-            size_t used = 0;
-            ids[used++] = '{';
-            for (int r = 0; r < locked; r++) {
-                used += (size_t) snprintf(ids + used, 38, "%s%s", r ? "," : "",
-                                          PQgetvalue(res, r, 0));
-            }
-            ids[used++] = '}';
-            ids[used] = '\0';
-        } else {
-            kh_error_set(err, KH_E_NOMEM, "", "out of memory");
-            locked = -1;
-        }
-    }
+    char *ids = locked > 0 ? s_id_array(res) : NULL;
     PQclear(res);
-    res = NULL;
+    if (locked > 0 && !ids) {
+        kh_error_set(err, KH_E_NOMEM, "", "out of memory");
+        locked = -1;
+    }
     if (locked > 0) {
+        /* From here on, ids holds only the referrals whose deliveries are
+         * all locked too. */
         const char *params[] = {ids};
         res = s_query(conn, s_lock_deliveries_sql, 1, params,
                       "cannot lock deliveries", err);
-        if (!res)
+        free(ids);
+        ids = res ? strdup(PQgetvalue(res, 0, 0)) : NULL;
+        if (res && (!ids || s_ids_append(held, PQgetvalue(res, 0, 1)))) {
+            kh_error_set(err, KH_E_NOMEM, "", "out of memory");
+            free(ids);
+            ids = NULL;
+        }
+        if (!ids)
             locked = -1;
         PQclear(res);
     }
+    long referrals = 0, deliveries = 0;
     if (locked > 0) {
         const char *params[] = {ids, origin->actor, origin->host};
         res = s_query(conn, s_purge_sql, 3, params, "cannot purge", err);
         if (res) {
-            done->referrals += atol(PQgetvalue(res, 0, 0));
-            done->deliveries += atol(PQgetvalue(res, 0, 1));
+            referrals = atol(PQgetvalue(res, 0, 0));
+            deliveries = atol(PQgetvalue(res, 0, 1));
         } else
             locked = -1;
         PQclear(res);
     }
     free(ids);
-    if (locked >= 0 && kh_db_exec(conn, "COMMIT", err) == 0)
+    if (locked >= 0 && kh_db_exec(conn, "COMMIT", err) == 0) {
+        done->referrals += referrals;
+        done->deliveries += deliveries;
         return locked;
+    }
     kh_db_rollback_quietly(conn);
     return -1;
 }
@@ -259,7 +306,8 @@ static void s_report(const char *cutoff, bool dry_run, bool json,
         printf("kept %ld %s accepted before %s: still in work\n", counts->kept,
                counts->kept == 1 ? "referral" : "referrals", cutoff);
     if (counts->busy)
-        printf("left %ld %s that another transaction held; run it again\n",
+        printf("left %ld done %s: held by another transaction, or done "
+               "only since the purge began; run it again\n",
                counts->busy, counts->busy == 1 ? "referral" : "referrals");
 }
 
@@ -272,8 +320,10 @@ static int s_purge(const char *value, bool days, bool dry_run, int batch,
     kh_error_t err;
     kh_error_clear(&err);
     int rc = CTL_OK;
-    /* A lock held elsewhere must not stop the purge for long. */
-    if (kh_db_exec(conn, "SET lock_timeout = '10s'", &err))
+    /* Times are read and written in UTC; a lock held elsewhere (other than
+     * the rows it skips) must not stop the purge for long. */
+    if (kh_db_exec(conn, "SET TimeZone = 'UTC'; SET lock_timeout = '10s'",
+                   &err))
         rc = CTL_FAIL;
     char cutoff[64] = "";
     if (rc == CTL_OK) {
@@ -285,7 +335,8 @@ static int s_purge(const char *value, bool days, bool dry_run, int batch,
         if (PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1)
             snprintf(cutoff, sizeof cutoff, "%s", PQgetvalue(res, 0, 0));
         else if (PQresultStatus(res) == PGRES_TUPLES_OK)
-            rc = ctl_usage_error("purge: --before %s is in the future", value);
+            rc = ctl_usage_error("purge: --before %s is not a time in the past",
+                                 value);
         else if (state && strncmp(state, "22", 2) == 0)
             rc = ctl_usage_error("purge: --before: '%s' is not a time "
                                  "(e.g. 2025-11-29 or 2025-11-29T00:00:00Z)",
@@ -305,16 +356,21 @@ static int s_purge(const char *value, bool days, bool dry_run, int batch,
         kh_audit_origin(&origin);
         char size[16];
         snprintf(size, sizeof size, "%d", batch);
-        int locked;
-        while ((locked = s_batch(conn, cutoff, size, &origin, &counts, &err)) >
-               0)
-            ;
-        s_counts_t left;
-        if (locked < 0 || s_count(conn, cutoff, &left, &err))
+        /* The referrals left because a delivery was held elsewhere: not
+         * taken again in this run. */
+        char *held = strdup("{}");
+        int locked = held ? 1 : -1;
+        if (!held)
+            kh_error_set(&err, KH_E_NOMEM, "", "out of memory");
+        while (locked > 0)
+            locked = s_batch(conn, cutoff, size, &held, &origin, &counts, &err);
+        free(held);
+        s_counts_t after;
+        if (locked < 0 || s_count(conn, cutoff, &after, &err))
             rc = CTL_FAIL;
         else {
-            counts.kept = left.kept;
-            counts.busy = left.referrals;
+            counts.kept = after.kept;
+            counts.busy = after.referrals;
         }
     }
     if (rc == CTL_FAIL) {
