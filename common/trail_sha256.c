@@ -1,9 +1,10 @@
 /*
- * SHA-256 for the trail's chain. Verification hashes every event once, so
- * on x86-64 processors with the SHA extensions (SHA-NI) the compression
- * runs on them: about four times libsodium's portable code, which stays
- * the fallback everywhere else. The unit tests compare both on inputs of
- * every length that matters.
+ * SHA-256 for the trail's chain, and for every payload hash (kh_sha256).
+ * Verification hashes every event once, intake every referral and routing
+ * every projection, so on x86-64 processors with the SHA extensions
+ * (SHA-NI) the compression runs on them: about four times libsodium's
+ * portable code, which stays the fallback everywhere else. The unit tests
+ * compare both on inputs of every length that matters.
  */
 #include "ketenhub/trail.h"
 
