@@ -166,6 +166,89 @@ run_load() {
     >"$run/$label.hub.json"
 }
 
+# KH_BENCH_PROFILE=1: where the CPU of the closed loop goes, per process
+# (each service, and the database session(s) of each), from perf with DWARF
+# call graphs over 5 s of the run: for each process the functions found on
+# the stack in the largest share of its samples (inclusive time), leaving
+# out the entry points and main loops that nearly every stack passes.
+profile_start() {
+  [ "${KH_BENCH_PROFILE:-0}" = 1 ] || return 0
+  if ! command -v perf >/dev/null; then
+    echo "  profile: perf is not installed (Debian: linux-perf)"
+    return 0
+  fi
+  {
+    for service in intake routing notification audit; do
+      echo "$(cat "$run/$service.pid") $service"
+    done
+    q "SELECT pid, 'db:' || coalesce(nullif(application_name, ''),
+        replace(backend_type, ' ', '-')) FROM pg_stat_activity
+      WHERE pid <> pg_backend_pid()" | tr '|' ' '
+  } >"$run/profile-pids.txt"
+  pids=$(awk '{ printf "%s%s", (NR > 1 ? "," : ""), $1 }' "$run/profile-pids.txt")
+  (sleep 2 && perf record -q -F 199 --call-graph dwarf,16384 \
+    -o "$run/perf.data" -p "$pids" -- sleep 5 >/dev/null 2>&1) &
+  profiler=$!
+}
+
+profile_report() {
+  [ -n "${profiler:-}" ] || return 0
+  wait "$profiler" || true
+  echo "== profile of the closed loop: % of a process's samples with the function on its stack"
+  perf script -i "$run/perf.data" -F pid,ip,sym 2>/dev/null | awk -v map="$run/profile-pids.txt" '
+    BEGIN {
+      while ((getline line < map) > 0) { split(line, a, " "); who[a[1]] = a[2] }
+      RS = ""
+      generic = "^(main|_start|__libc_start_.*|start_thread|clone3?|" \
+        "PostmasterMain|PostgresMain|ServerLoop|BackendRun|BackendStartup|" \
+        "PortalRun.*|exec_(simple_query|execute_message|bind_message)|" \
+        "(standard_)?Executor(Run|Finish)|ExecutePlan|zloop_start|" \
+        "[a-z]+_run|do_syscall_64|entry_SYSCALL_64.*)$"
+    }
+    {
+      n = split($0, lines, "\n")
+      split(lines[1], head, " ")
+      w = (head[1] in who) ? who[head[1]] : "other"
+      total[w]++
+      all++
+      delete seen
+      for (i = 2; i <= n; i++) {
+        f = lines[i]
+        sub(/^[ \t]*[0-9a-f]+ /, "", f)
+        sub(/ \(inlined\)$/, "", f)
+        sub(/\+0x[0-9a-f]+$/, "", f)
+        if (f == "" || f ~ /^\[unknown\]$/ || f ~ /^0x/ || (f in seen) ||
+            f ~ generic)
+          continue
+        seen[f] = 1
+        if (!((w, f) in count))
+          funcs[w] = funcs[w] SUBSEP f
+        count[w, f]++
+      }
+    }
+    END {
+      for (w in total) {
+        if (total[w] < 0.03 * all)
+          continue
+        printf "  %-22s %3.0f%% of all samples\n", w, 100 * total[w] / all
+        m = split(substr(funcs[w], 2), list, SUBSEP)
+        for (k = 1; k <= 10; k++) {
+          best = ""
+          for (j = 1; j <= m; j++) {
+            f = list[j]
+            c = count[w, f]
+            if (!((w, f) in shown) && (best == "" || c > count[w, best]))
+              best = f
+          }
+          if (best == "" || count[w, best] < 0.05 * total[w])
+            break
+          shown[w, best] = 1
+          printf "    %-40s %3.0f%%\n", best, 100 * count[w, best] / total[w]
+        }
+      }
+    }'
+}
+
 # KH_BENCH_STATEMENTS=1: where a run's PostgreSQL time went, per statement
 # (pg_stat_statements), since the previous call; $1 names the run.
 statements() {
@@ -183,8 +266,10 @@ statements start >/dev/null
 run_load open --clients 16 --window 64 --rate "$rate"
 statements open
 echo "== closed loop: 16 clients, 16 in flight each, ${seconds}s"
+profile_start
 run_load closed --clients 16 --window 16
 statements closed
+profile_report
 
 echo "== rows written per referral"
 psql -At -F ' ' -c "SELECT
