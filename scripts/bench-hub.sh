@@ -166,13 +166,19 @@ run_load() {
     >"$run/$label.hub.json"
 }
 
-# KH_BENCH_PROFILE=1: where the CPU of the closed loop goes, per process
+# KH_BENCH_PROFILE=closed (or 1) or open: where the CPU of that run goes,
+# per process
 # (each service, and the database session(s) of each), from perf with DWARF
 # call graphs over 5 s of the run: for each process the functions found on
 # the stack in the largest share of its samples (inclusive time), leaving
 # out the entry points and main loops that nearly every stack passes.
+# $1: the run about to start.
 profile_start() {
-  [ "${KH_BENCH_PROFILE:-0}" = 1 ] || return 0
+  case "${KH_BENCH_PROFILE:-0}" in
+  "$1") ;;
+  1) [ "$1" = closed ] || return 0 ;;
+  *) return 0 ;;
+  esac
   if ! command -v perf >/dev/null; then
     echo "  profile: perf is not installed (Debian: linux-perf)"
     return 0
@@ -194,7 +200,8 @@ profile_start() {
 profile_report() {
   [ -n "${profiler:-}" ] || return 0
   wait "$profiler" || true
-  echo "== profile of the closed loop: % of a process's samples with the function on its stack"
+  profiler=
+  echo "== profile of the $1 loop: % of a process's samples with the function on its stack"
   perf script -i "$run/perf.data" -F pid,ip,sym 2>/dev/null | awk -v map="$run/profile-pids.txt" '
     BEGIN {
       while ((getline line < map) > 0) { split(line, a, " "); who[a[1]] = a[2] }
@@ -263,13 +270,15 @@ statements() {
 
 echo "== open loop: $rate referrals/s offered for ${seconds}s, 16 clients (3 deliveries each)"
 statements start >/dev/null
+profile_start open
 run_load open --clients 16 --window 64 --rate "$rate"
 statements open
+profile_report open
 echo "== closed loop: 16 clients, 16 in flight each, ${seconds}s"
-profile_start
+profile_start closed
 run_load closed --clients 16 --window 16
 statements closed
-profile_report
+profile_report closed
 
 echo "== rows written per referral"
 psql -At -F ' ' -c "SELECT
