@@ -262,10 +262,10 @@ void kh_uuid_new(char out[37])
              b[11], b[12], b[13], b[14], b[15]);
 }
 
-/* The trail's SHA-256: on the processor's SHA extensions where it has
- * them (about four times libsodium's portable code, which hashing every
- * payload in intake and every projection in routing spent a third of
- * routing's own CPU on), else libsodium's. */
+/* The trail's SHA-256 (trail_sha256.c): on the processor's SHA extensions
+ * where it has them, about four times as fast as libsodium's portable code,
+ * which it falls back to. With libsodium alone, hashing the projections
+ * took a third of routing's own CPU. */
 void kh_sha256(const void *data, size_t len, unsigned char out[32])
 {
     kh_trail_sha256(out, data, len, false);
