@@ -19,9 +19,11 @@ extern "C" {
 #include "ketenhub/config.h"
 
 /* What every service's main does first: answer --version and --help
- * (the settings table), block the signals (the signalfd goes to *signal_fd),
- * read the settings (a bad one is named on stderr), set up logging as `name`
- * with the table's KH_LOG_LEVEL, seed libsodium and log the settings in force.
+ * (the settings table), limit malloc to two arenas (unless
+ * MALLOC_ARENA_MAX says otherwise), block the signals (the signalfd goes
+ * to *signal_fd), read the settings (a bad one is named on stderr), set up
+ * logging as `name` with the table's KH_LOG_LEVEL, seed libsodium and log
+ * the settings in force.
  * Returns -1 when main should go on; otherwise the exit status main should
  * return at once (0 after --help, 2 for usage or settings, 1 for a
  * failure). */
