@@ -31,6 +31,7 @@
 #include "ctl.h"
 #include "ketenhub/audit.h"
 #include "ketenhub/db.h"
+#include "ketenhub/pgarray.h"
 
 #define S_BATCH_DEFAULT 1000
 #define S_BATCH_MAX 100000
@@ -105,19 +106,18 @@ static const char s_count_sql[] =
     "  FROM referrals r WHERE r.accepted_at < $1::timestamptz"
     "  AND r.payload IS NOT NULL) t";
 
-/* $1 cutoff, $2 batch size, $3 the referrals this run left already: lock
+/* $1 the referrals this run left already, $2 cutoff, $3 batch size: lock
  * a batch of done referrals, oldest first. */
 static const char s_lock_sql[] =
-    "SELECT r.id FROM referrals r WHERE r.accepted_at < $1::timestamptz"
-    " AND r.payload IS NOT NULL AND r.id <> ALL ($3::uuid[])"
+    "SELECT r.id FROM referrals r WHERE r.accepted_at < $2::timestamptz"
+    " AND r.payload IS NOT NULL AND r.id <> ALL ($1::uuid[])"
     " AND " S_DONE("r")
-    " ORDER BY r.accepted_at LIMIT $2::int"
+    " ORDER BY r.accepted_at LIMIT $3::int"
     " FOR NO KEY UPDATE OF r SKIP LOCKED";
 
 /* $1 the batch's ids: lock their deliveries, so that none changes state
- * before the purge commits. Returns the referrals whose deliveries are all
- * locked now, and those left because a delivery is held elsewhere (the
- * texts of two uuid[]). */
+ * before the purge commits. Returns each referral and whether its
+ * deliveries are all locked now (false: one is held elsewhere). */
 static const char s_lock_deliveries_sql[] =
     "WITH locked AS (SELECT referral_id FROM deliveries"
     "  WHERE referral_id = ANY ($1::uuid[])"
@@ -126,8 +126,7 @@ static const char s_lock_deliveries_sql[] =
     "  (SELECT count(*) FROM locked l WHERE l.referral_id = r.id) ="
     "  (SELECT count(*) FROM deliveries d WHERE d.referral_id = r.id)"
     "  AS whole FROM unnest($1::uuid[]) r(id))"
-    " SELECT coalesce(array_agg(id) FILTER (WHERE whole), '{}'),"
-    " coalesce(array_agg(id) FILTER (WHERE NOT whole), '{}') FROM batch";
+    " SELECT id, whole FROM batch";
 
 /* $1 the batch's ids, $2 the administrator, $3 the host. Checks once more
  * (on a snapshot taken after the locks) that each referral is done, erases
@@ -158,13 +157,28 @@ typedef struct {
     long referrals, deliveries, kept, busy;
 } s_counts_t;
 
-/* Run sql with text params; the result, or NULL with err. */
+/* The arrays of one run: the batch locked, the part of it to purge, and the
+ * referrals left because another transaction held one of their deliveries
+ * (kept across batches, so that no later batch of this run takes them
+ * again). All uuid[], sent in binary. */
+typedef struct {
+    kh_pgarray_t locked, whole, held;
+} s_arrays_t;
+
+/* Run sql with its text params; when array is not NULL, $1 is that binary
+ * array (params[0] is filled in). The result, or NULL with err. */
 static PGresult *s_query(PGconn *conn, const char *sql, int nparams,
-                         const char *const *params, const char *what,
-                         kh_error_t *err)
+                         kh_pgarray_t *array, const char **params,
+                         const char *what, kh_error_t *err)
 {
+    int lengths[4] = {0}, formats[4] = {0};
+    if (array && !(params[0] = kh_pgarray_data(array, &lengths[0]))) {
+        kh_error_set(err, KH_E_NOMEM, "", "out of memory");
+        return NULL;
+    }
+    formats[0] = array != NULL;
     PGresult *res =
-        PQexecParams(conn, sql, nparams, NULL, params, NULL, NULL, 0);
+        PQexecParams(conn, sql, nparams, NULL, params, lengths, formats, 0);
     if (PQresultStatus(res) == PGRES_TUPLES_OK)
         return res;
     kh_db_error(err, conn, res, what);
@@ -177,8 +191,8 @@ static int s_count(PGconn *conn, const char *cutoff, s_counts_t *counts,
                    kh_error_t *err)
 {
     const char *params[] = {cutoff};
-    PGresult *res =
-        s_query(conn, s_count_sql, 1, params, "cannot count referrals", err);
+    PGresult *res = s_query(conn, s_count_sql, 1, NULL, params,
+                            "cannot count referrals", err);
     if (!res)
         return -1;
     counts->referrals = atol(PQgetvalue(res, 0, 0));
@@ -188,82 +202,43 @@ static int s_count(PGconn *conn, const char *cutoff, s_counts_t *counts,
     return 0;
 }
 
-/* The text of a uuid[] of the ids in column 0 of res: "{id,id,...}"
- * (37 bytes an id); NULL when out of memory. */
-static char *s_id_array(const PGresult *res)
-{
-    int rows = PQntuples(res);
-    char *ids = malloc((size_t) rows * 37 + 2);
-    if (!ids)
-        return NULL;
-    size_t used = 0;
-    ids[used++] = '{';
-    for (int r = 0; r < rows; r++)
-        used += (size_t) snprintf(ids + used, 38, "%s%s", r ? "," : "",
-                                  PQgetvalue(res, r, 0));
-    ids[used++] = '}';
-    ids[used] = '\0';
-    return ids;
-}
-
-/* Append the ids of the uuid[] text more ("{...}") to the one in *ids. 0,
- * or -1 when out of memory. */
-static int s_ids_append(char **ids, const char *more)
-{
-    size_t have = strlen(*ids), add = strlen(more);
-    if (add <= 2)
-        return 0;
-    char *grown = realloc(*ids, have + add + 1);
-    if (!grown)
-        return -1;
-    /* "{a}" + "{b,c}" = "{a,b,c}"; "{}" + "{b}" = "{b}". */
-    snprintf(grown + have - 1, add + 2, "%s%s", have > 2 ? "," : "", more + 1);
-    *ids = grown;
-    return 0;
-}
-
 /* One batch in its own transaction; adds what it purged to done once it
- * committed, and to *held (a uuid[] text) the referrals it left because
- * another transaction held one of their deliveries, so that no later batch
- * of this run takes them again. Returns the number of referrals it locked
- * (0: nothing left), or -1 with err (the batch rolled back). */
+ * committed, and to a->held the referrals it left. Returns the number of
+ * referrals it locked (0: nothing left), or -1 with err (the batch rolled
+ * back). */
 static int s_batch(PGconn *conn, const char *cutoff, const char *batch,
-                   char **held, const kh_audit_origin_t *origin,
+                   s_arrays_t *a, const kh_audit_origin_t *origin,
                    s_counts_t *done, kh_error_t *err)
 {
     if (kh_db_exec(conn, "BEGIN", err))
         return -1;
-    const char *lock_params[] = {cutoff, batch, *held};
-    PGresult *res =
-        s_query(conn, s_lock_sql, 3, lock_params, "cannot lock referrals", err);
+    const char *lock_params[] = {NULL, cutoff, batch};
+    PGresult *res = s_query(conn, s_lock_sql, 3, &a->held, lock_params,
+                            "cannot lock referrals", err);
     int locked = res ? PQntuples(res) : -1;
-    char *ids = locked > 0 ? s_id_array(res) : NULL;
+    kh_pgarray_reset(&a->locked, KH_PG_UUID);
+    for (int r = 0; r < locked; r++)
+        kh_pgarray_add_uuid(&a->locked, PQgetvalue(res, r, 0));
     PQclear(res);
-    if (locked > 0 && !ids) {
-        kh_error_set(err, KH_E_NOMEM, "", "out of memory");
-        locked = -1;
-    }
     if (locked > 0) {
-        /* From here on, ids holds only the referrals whose deliveries are
-         * all locked too. */
-        const char *params[] = {ids};
-        res = s_query(conn, s_lock_deliveries_sql, 1, params,
+        /* Only the referrals whose deliveries are all locked too go on. */
+        const char *params[] = {NULL};
+        res = s_query(conn, s_lock_deliveries_sql, 1, &a->locked, params,
                       "cannot lock deliveries", err);
-        free(ids);
-        ids = res ? strdup(PQgetvalue(res, 0, 0)) : NULL;
-        if (res && (!ids || s_ids_append(held, PQgetvalue(res, 0, 1)))) {
-            kh_error_set(err, KH_E_NOMEM, "", "out of memory");
-            free(ids);
-            ids = NULL;
-        }
-        if (!ids)
+        kh_pgarray_reset(&a->whole, KH_PG_UUID);
+        for (int r = 0; res && r < PQntuples(res); r++)
+            kh_pgarray_add_uuid(
+                strcmp(PQgetvalue(res, r, 1), "t") == 0 ? &a->whole : &a->held,
+                PQgetvalue(res, r, 0));
+        if (!res)
             locked = -1;
         PQclear(res);
     }
     long referrals = 0, deliveries = 0;
     if (locked > 0) {
-        const char *params[] = {ids, origin->actor, origin->host};
-        res = s_query(conn, s_purge_sql, 3, params, "cannot purge", err);
+        const char *params[] = {NULL, origin->actor, origin->host};
+        res = s_query(conn, s_purge_sql, 3, &a->whole, params, "cannot purge",
+                      err);
         if (res) {
             referrals = atol(PQgetvalue(res, 0, 0));
             deliveries = atol(PQgetvalue(res, 0, 1));
@@ -271,7 +246,6 @@ static int s_batch(PGconn *conn, const char *cutoff, const char *batch,
             locked = -1;
         PQclear(res);
     }
-    free(ids);
     if (locked >= 0 && kh_db_exec(conn, "COMMIT", err) == 0) {
         done->referrals += referrals;
         done->deliveries += deliveries;
@@ -356,15 +330,16 @@ static int s_purge(const char *value, bool days, bool dry_run, int batch,
         kh_audit_origin(&origin);
         char size[16];
         snprintf(size, sizeof size, "%d", batch);
-        /* The referrals left because a delivery was held elsewhere: not
-         * taken again in this run. */
-        char *held = strdup("{}");
-        int locked = held ? 1 : -1;
-        if (!held)
-            kh_error_set(&err, KH_E_NOMEM, "", "out of memory");
+        s_arrays_t arrays;
+        memset(&arrays, 0, sizeof arrays);
+        kh_pgarray_reset(&arrays.held, KH_PG_UUID);
+        int locked = 1;
         while (locked > 0)
-            locked = s_batch(conn, cutoff, size, &held, &origin, &counts, &err);
-        free(held);
+            locked =
+                s_batch(conn, cutoff, size, &arrays, &origin, &counts, &err);
+        kh_pgarray_free(&arrays.locked);
+        kh_pgarray_free(&arrays.whole);
+        kh_pgarray_free(&arrays.held);
         s_counts_t after;
         if (locked < 0 || s_count(conn, cutoff, &after, &err))
             rc = CTL_FAIL;
