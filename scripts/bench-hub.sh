@@ -167,11 +167,11 @@ run_load() {
 }
 
 # KH_BENCH_PROFILE=closed (or 1) or open: where the CPU of that run goes,
-# per process
-# (each service, and the database session(s) of each), from perf with DWARF
-# call graphs over 5 s of the run: for each process the functions found on
-# the stack in the largest share of its samples (inclusive time), leaving
-# out the entry points and main loops that nearly every stack passes.
+# per process (each service, and the database session(s) of each), from
+# perf with DWARF call graphs over 5 s of the run: for each process the
+# functions found on the stack in the largest share of its samples
+# (inclusive time), leaving out the entry points and main loops that
+# nearly every stack passes.
 # $1: the run about to start.
 profile_start() {
   case "${KH_BENCH_PROFILE:-0}" in
