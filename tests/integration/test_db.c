@@ -48,6 +48,20 @@ START_TEST(connections_have_bounded_timeouts)
 }
 END_TEST
 
+/* The hub's sessions never compile plans (common/db.c says why). */
+START_TEST(sessions_have_no_jit)
+{
+    kh_error_t err;
+    PGconn *conn = kh_db_connect(khtest_pg_conninfo(), &err);
+    ck_assert_msg(conn != NULL, "%s", err.message);
+    PGresult *res = PQexec(conn, "SHOW jit");
+    ck_assert_int_eq(PQresultStatus(res), PGRES_TUPLES_OK);
+    ck_assert_str_eq(PQgetvalue(res, 0, 0), "off");
+    PQclear(res);
+    PQfinish(conn);
+}
+END_TEST
+
 START_TEST(unreachable_database_is_unavailable)
 {
     kh_error_t err;
@@ -175,6 +189,7 @@ int main(void)
     Suite *suite = suite_create("db");
     TCase *tc = tcase_create("db");
     tcase_add_test(tc, connections_have_bounded_timeouts);
+    tcase_add_test(tc, sessions_have_no_jit);
     tcase_add_test(tc, unreachable_database_is_unavailable);
     tcase_add_test(tc, password_comes_from_the_password_file);
     tcase_add_test(tc, binary_arrays_reach_the_server_intact);
