@@ -103,6 +103,20 @@ static void s_delivery(const char *partner, const char *priority, int age_ms,
         10, dparams);
 }
 
+/* The state of delivery id, into state (16 bytes). */
+static const char *s_state(const char *id, char *state)
+{
+    const char *params[] = {id};
+    PGresult *res =
+        PQexecParams(s_db, "SELECT state FROM deliveries WHERE id = $1", 1,
+                     NULL, params, NULL, NULL, 0);
+    ck_assert_int_eq(PQresultStatus(res), PGRES_TUPLES_OK);
+    ck_assert_int_eq(PQntuples(res), 1);
+    snprintf(state, 16, "%s", PQgetvalue(res, 0, 0));
+    PQclear(res);
+    return state;
+}
+
 /* Start notification with short timers; extra, extra2, extra3: more
  * NAME=value settings, or NULL. */
 static pid_t s_start3(const char *log, const char *extra, const char *extra2,
@@ -373,11 +387,8 @@ START_TEST(ack_twice_changes_once_and_foreign_ack_is_refused)
                      1);
     /* The one the window held back went out when the first was
      * acknowledged (s_expect passed over its DELIVER). */
-    const char *hparams[] = {held};
-    res = PQexecParams(s_db, "SELECT state FROM deliveries WHERE id = $1", 1,
-                       NULL, hparams, NULL, NULL, 0);
-    ck_assert_str_eq(PQgetvalue(res, 0, 0), "delivered");
-    PQclear(res);
+    char state[16];
+    ck_assert_str_eq(s_state(held, state), "delivered");
     zsock_destroy(&avim);
     s_stop(pid);
 }
@@ -442,6 +453,43 @@ START_TEST(unacknowledged_is_resent_with_its_id_then_dead)
                              " = 'delivery.retried'"),
                      1);
     zsock_destroy(&avim);
+    s_stop(pid);
+}
+END_TEST
+
+/* A revoked partner's deliveries become dead letters: the waiting ones at
+ * the next sweep, the one sent to it when its ACK is overdue. Another
+ * partner's delivery stays as it was. */
+START_TEST(a_revoked_partners_deliveries_become_dead_letters)
+{
+    char waiting[37], other[37], sent[37], state[16];
+    s_delivery("avim", "normal", 0, NULL, waiting);
+    s_delivery("zorgcoordinator", "normal", 0, NULL, other);
+    s_delivery("avim", "urgent", 0, NULL, sent);
+    const char *params[] = {sent};
+    khtest_db_exec(s_db,
+                   "UPDATE deliveries SET state = 'delivered', attempts = 1,"
+                   " sent_at = now(), next_attempt_at = now() + '2 s'"
+                   " WHERE id = $1",
+                   1, params);
+    khtest_db_exec(s_db,
+                   "UPDATE partners SET revoked_at = now() WHERE id = 'avim'",
+                   0, NULL);
+    pid_t pid = s_start("notification.log", NULL, NULL);
+    ck_assert(s_wait_count("SELECT count(*) FROM deliveries WHERE state ="
+                           " 'dead' AND dead_reason = 'partner_revoked'",
+                           1, 5000));
+    ck_assert_str_eq(s_state(waiting, state), "dead");
+    ck_assert_str_eq(s_state(sent, state), "delivered");
+    ck_assert(s_wait_count("SELECT count(*) FROM deliveries WHERE state ="
+                           " 'dead' AND dead_reason = 'partner_revoked'",
+                           2, 8000));
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
+                             " = 'delivery.dead' AND reason_code ="
+                             " 'partner_revoked' AND partner_id = 'avim'"),
+                     2);
+    ck_assert_str_eq(s_state(sent, state), "dead");
+    ck_assert_str_eq(s_state(other, state), "pending");
     s_stop(pid);
 }
 END_TEST
@@ -1062,6 +1110,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, ack_twice_changes_once_and_foreign_ack_is_refused);
     tcase_add_test(tc, unacknowledged_is_resent_with_its_id_then_dead);
     tcase_add_test(tc, nack_retry_resends_and_nack_permanent_is_dead_at_once);
+    tcase_add_test(tc, a_revoked_partners_deliveries_become_dead_letters);
     tcase_add_test(tc, overdue_urgent_escalates_with_a_copy_normal_does_not);
     tcase_add_test(tc, killed_mid_stream_loses_nothing);
     tcase_add_loop_test(
