@@ -23,6 +23,7 @@ struct _dstore_t {
     PGconn *ack_conn;       /* ACK batches only, each committing alone */
     kh_pgarray_t arrays[3]; /* the ACK statement's parameters */
     kh_pgarray_t ids;       /* claim and due: ids, on conn */
+    kh_pgarray_t claims[3]; /* the pending claim's parameters, on conn */
     dstore_answer_t *acks;  /* the batch in flight on ack_conn, or NULL */
     size_t nacks;
 };
@@ -40,31 +41,25 @@ struct _dstore_t {
     "to_char(" column " AT TIME ZONE 'UTC', "                                  \
     "'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
 
-/* $1 partner, $2 pending limit, $3 re-send limit (0: no re-sends), $4
- * reclaim, $5 ACK timeout ms, $6 backoff max ms, $7 max attempts, $8 peer,
- * $9 ids a reclaim leaves alone. Pending deliveries come from their own
- * index, by rank and age; sent ones whose ACK is overdue (or all sent ones
- * but $9, on reclaim) from the index of sent ones. A delivery past its
- * last attempt is left to the sweep, which makes it a dead letter. */
+/* $1 partner, $2 re-send limit, $3 reclaim, $4 ACK timeout ms, $5
+ * backoff max ms, $6 max attempts, $7 peer, $8 ids a reclaim leaves alone.
+ * Sent deliveries whose ACK is overdue (or all sent ones but $8, on
+ * reclaim), from the index of sent ones; they go out most urgent, then
+ * oldest first. A delivery past its last attempt
+ * is left to the sweep, which makes it a dead letter. */
 /* clang-format off */
-static const char *s_claim_sql =
-    "WITH pending AS ("
+static const char *s_resend_sql =
+    "WITH resend AS ("
     " SELECT id FROM deliveries"
-    " WHERE partner_id = $1 AND state = 'pending' AND payload IS NOT NULL"
-    "  AND next_attempt_at <= now()"
-    " ORDER BY priority_rank DESC, created_at"
-    " LIMIT $2 FOR UPDATE SKIP LOCKED),"
-    " resend AS ("
-    " SELECT id FROM deliveries"
-    " WHERE $3 > 0 AND state = 'delivered' AND partner_id = $1"
-    "  AND attempts < $7 AND (next_attempt_at <= now()"
-    "   OR ($4 AND id <> ALL ($9::uuid[])))"
-    " ORDER BY next_attempt_at LIMIT $3 FOR UPDATE SKIP LOCKED),"
+    " WHERE state = 'delivered' AND partner_id = $1"
+    "  AND attempts < $6 AND (next_attempt_at <= now()"
+    "   OR ($3 AND id <> ALL ($8::uuid[])))"
+    " ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED),"
     " claimed AS ("
-    " UPDATE deliveries d SET state = 'delivered', attempts = d.attempts + 1,"
+    " UPDATE deliveries d SET attempts = d.attempts + 1,"
     "  sent_at = now(), updated_at = now(),"
-    "  next_attempt_at = " S_BACKOFF("d.attempts", "$5", "$6")
-    " WHERE d.id IN (SELECT id FROM pending UNION ALL SELECT id FROM resend)"
+    "  next_attempt_at = " S_BACKOFF("d.attempts", "$4", "$5")
+    " WHERE d.id IN (SELECT id FROM resend)"
     " RETURNING d.id, d.referral_id, d.partner_id, d.priority,"
     "  d.priority_rank, d.attempts, d.created_at, d.payload, d.payload_hash),"
     " audit AS ("
@@ -72,10 +67,47 @@ static const char *s_claim_sql =
     "  delivery_id, partner_id, outcome, payload_hash, origin_service,"
     "  origin_peer)"
     " SELECT 'service', 'notification', 'delivery.sent', referral_id, id,"
-    "  partner_id, 'ok', payload_hash, 'notification', $8 FROM claimed)"
+    "  partner_id, 'ok', payload_hash, 'notification', $7 FROM claimed)"
     " SELECT id, referral_id, priority, attempts, " S_UTC("created_at") ","
     "  convert_from(payload, 'UTF8'), encode(payload_hash, 'hex')"
     " FROM claimed ORDER BY priority_rank DESC, created_at";
+/* clang-format on */
+
+/* $1 partners (distinct), $2 limits, $3 peers (text arrays of the same
+ * length), $4 ACK timeout ms, $5 backoff max ms. The pending deliveries of
+ * each partner, up to its limit, from the claims' index by rank and age;
+ * one statement for all the connections that have credit, so that a round
+ * costs one execution however many partners it serves. Rows come by
+ * request, then as the partner is to get them. */
+/* clang-format off */
+static const char *s_claim_pending_sql =
+    "WITH req AS ("
+    " SELECT * FROM unnest($1::text[], $2::text[], $3::text[])"
+    "  WITH ORDINALITY AS r(partner, lim, peer, n)),"
+    " pending AS ("
+    " SELECT req.n, req.peer, p.id FROM req CROSS JOIN LATERAL"
+    "  (SELECT id FROM deliveries"
+    "   WHERE partner_id = req.partner AND state = 'pending'"
+    "    AND payload IS NOT NULL AND next_attempt_at <= now()"
+    "   ORDER BY priority_rank DESC, created_at"
+    "   LIMIT req.lim::integer FOR UPDATE SKIP LOCKED) p),"
+    " claimed AS ("
+    " UPDATE deliveries d SET state = 'delivered', attempts = d.attempts + 1,"
+    "  sent_at = now(), updated_at = now(),"
+    "  next_attempt_at = " S_BACKOFF("d.attempts", "$4", "$5")
+    " FROM pending WHERE d.id = pending.id"
+    " RETURNING pending.n, pending.peer, d.id, d.referral_id, d.partner_id,"
+    "  d.priority, d.priority_rank, d.attempts, d.created_at, d.payload,"
+    "  d.payload_hash),"
+    " audit AS ("
+    " INSERT INTO audit_events (actor_kind, actor_id, action, referral_id,"
+    "  delivery_id, partner_id, outcome, payload_hash, origin_service,"
+    "  origin_peer)"
+    " SELECT 'service', 'notification', 'delivery.sent', referral_id, id,"
+    "  partner_id, 'ok', payload_hash, 'notification', peer FROM claimed)"
+    " SELECT n, id, referral_id, priority, attempts, " S_UTC("created_at") ","
+    "  convert_from(payload, 'UTF8'), encode(payload_hash, 'hex')"
+    " FROM claimed ORDER BY n, priority_rank DESC, created_at";
 /* clang-format on */
 
 /* $1 ids, $2 partners, $3 peers (arrays of the same length). An ACK
@@ -271,11 +303,12 @@ static const char *s_refused_sql =
 static const char *s_partners_sql =
     "SELECT curve_public_key, id FROM partners WHERE revoked_at IS NULL";
 
-#define S_PARAMS_MAX 9 /* the most parameters of a statement (the claim) */
+#define S_PARAMS_MAX 8 /* the most parameters of a statement (re-send) */
 
 /* The prepared statements, by index. */
 typedef enum {
-    S_CLAIM,
+    S_RESEND,
+    S_CLAIM_PENDING,
     S_ACK,
     S_NACK,
     S_DEAD,
@@ -288,9 +321,10 @@ static const struct {
     const char *name;
     const char **sql;
 } s_statements[S_STATEMENTS] = {
-    {"claim", &s_claim_sql},       {"ack", &s_ack_sql},
-    {"nack", &s_nack_sql},         {"dead", &s_dead_sql},
-    {"escalate", &s_escalate_sql}, {"due", &s_due_sql},
+    {"resend", &s_resend_sql}, {"claim_pending", &s_claim_pending_sql},
+    {"ack", &s_ack_sql},       {"nack", &s_nack_sql},
+    {"dead", &s_dead_sql},     {"escalate", &s_escalate_sql},
+    {"due", &s_due_sql},
 };
 
 dstore_t *dstore_new(const char *conninfo, const dstore_policy_t *policy)
@@ -317,6 +351,8 @@ void dstore_destroy(dstore_t **self_p)
     free(self->conninfo);
     for (int k = 0; k < 3; k++)
         kh_pgarray_free(&self->arrays[k]);
+    for (int k = 0; k < 3; k++)
+        kh_pgarray_free(&self->claims[k]);
     kh_pgarray_free(&self->ids);
     free(self);
     *self_p = NULL;
@@ -461,40 +497,91 @@ static const char *s_ids(dstore_t *self, const char *const *ids, size_t count,
     return data;
 }
 
-int dstore_claim(dstore_t *self, const char *partner, const char *peer,
-                 size_t limit, size_t resend_limit, bool reclaim,
-                 const char *const *keep, size_t nkeep, dstore_delivery_fn *fn,
-                 void *arg, kh_error_t *err)
+/* Row i of a claim's result, its columns from first on: id, referral
+ * id, priority, attempts, routed at, payload, payload hash. */
+static dstore_delivery_t s_claimed(const PGresult *res, int i, int first)
+{
+    return (dstore_delivery_t){
+        .id = PQgetvalue(res, i, first),
+        .referral_id = PQgetvalue(res, i, first + 1),
+        .priority = PQgetvalue(res, i, first + 2),
+        .attempt = atoi(PQgetvalue(res, i, first + 3)),
+        .routed_at = PQgetvalue(res, i, first + 4),
+        .payload = PQgetvalue(res, i, first + 5),
+        .payload_len = (size_t) PQgetlength(res, i, first + 5),
+        .payload_sha256 = PQgetvalue(res, i, first + 6),
+    };
+}
+
+int dstore_resend(dstore_t *self, const char *partner, const char *peer,
+                  size_t limit, bool reclaim, const char *const *keep,
+                  size_t nkeep, dstore_delivery_fn *fn, void *arg,
+                  kh_error_t *err)
 {
     int keep_len = 0;
     const char *skeep = s_ids(self, keep, nkeep, &keep_len, err);
     if (!skeep)
         return -1;
-    char slimit[24], sresend[24], stimeout[24], smax[24], sattempts[24];
+    char slimit[24], stimeout[24], smax[24], sattempts[24];
     snprintf(slimit, sizeof slimit, "%zu", limit);
-    snprintf(sresend, sizeof sresend, "%zu", resend_limit);
     snprintf(stimeout, sizeof stimeout, "%d", self->policy.ack_timeout_ms);
     snprintf(smax, sizeof smax, "%d", self->policy.backoff_max_ms);
     snprintf(sattempts, sizeof sattempts, "%d", self->policy.max_attempts);
-    const char *params[] = {partner,  slimit, sresend,   reclaim ? "t" : "f",
-                            stimeout, smax,   sattempts, peer,
-                            skeep};
-    PGresult *res = s_run(self, S_CLAIM, NULL, 9, params, 8, keep_len, err);
+    const char *params[] = {partner,  slimit, reclaim ? "t" : "f",
+                            stimeout, smax,   sattempts,
+                            peer,     skeep};
+    PGresult *res = s_run(self, S_RESEND, NULL, 8, params, 7, keep_len, err);
     if (!res)
         return -1;
     int rows = PQntuples(res);
     for (int i = 0; i < rows; i++) {
-        dstore_delivery_t d = {
-            .id = PQgetvalue(res, i, 0),
-            .referral_id = PQgetvalue(res, i, 1),
-            .priority = PQgetvalue(res, i, 2),
-            .attempt = atoi(PQgetvalue(res, i, 3)),
-            .routed_at = PQgetvalue(res, i, 4),
-            .payload = PQgetvalue(res, i, 5),
-            .payload_len = (size_t) PQgetlength(res, i, 5),
-            .payload_sha256 = PQgetvalue(res, i, 6),
-        };
+        dstore_delivery_t d = s_claimed(res, i, 0);
         fn(&d, arg);
+    }
+    PQclear(res);
+    return rows;
+}
+
+int dstore_claim_pending(dstore_t *self, const dstore_claim_t *claims,
+                         size_t count, dstore_claimed_fn *fn, void *arg,
+                         kh_error_t *err)
+{
+    if (!dstore_up(self))
+        return kh_error_set(err, KH_E_UNAVAILABLE, "",
+                            "no database connection");
+    kh_pgarray_t *array = self->claims;
+    for (int k = 0; k < 3; k++)
+        kh_pgarray_reset(&array[k], KH_PG_TEXT);
+    for (size_t i = 0; i < count; i++) {
+        char limit[24];
+        snprintf(limit, sizeof limit, "%zu", claims[i].limit);
+        kh_pgarray_add_str(&array[0], claims[i].partner);
+        kh_pgarray_add_str(&array[1], limit);
+        kh_pgarray_add_str(&array[2], claims[i].peer);
+    }
+    char stimeout[24], smax[24];
+    snprintf(stimeout, sizeof stimeout, "%d", self->policy.ack_timeout_ms);
+    snprintf(smax, sizeof smax, "%d", self->policy.backoff_max_ms);
+    const char *params[5] = {NULL, NULL, NULL, stimeout, smax};
+    int lengths[5] = {0};
+    static const int formats[5] = {1, 1, 1, 0, 0};
+    for (int k = 0; k < 3; k++)
+        if (!(params[k] = kh_pgarray_data(&array[k], &lengths[k])))
+            return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
+    PGresult *res =
+        PQexecPrepared(self->conn, s_statements[S_CLAIM_PENDING].name, 5,
+                       params, lengths, formats, 0);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        kh_db_error(err, self->conn, res, "claim_pending");
+        PQclear(res);
+        return -1;
+    }
+    int rows = PQntuples(res);
+    for (int i = 0; i < rows; i++) {
+        long which = strtol(PQgetvalue(res, i, 0), NULL, 10) - 1;
+        dstore_delivery_t d = s_claimed(res, i, 1);
+        if (which >= 0 && (size_t) which < count)
+            fn((size_t) which, &d, arg);
     }
     PQclear(res);
     return rows;

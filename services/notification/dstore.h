@@ -57,17 +57,35 @@ typedef struct {
 
 typedef void(dstore_delivery_fn)(const dstore_delivery_t *delivery, void *arg);
 
-/* Claim, mark as sent and audit (delivery.sent) up to limit pending
- * deliveries of partner, most urgent then oldest first, and up to
- * resend_limit sent ones whose ACK is overdue (reclaim: all sent,
+/* Claim, mark as sent again and audit (delivery.sent) up to limit sent
+ * deliveries of partner whose ACK is overdue (reclaim: all sent,
  * unacknowledged ones but the nkeep ids in keep, for a partner that
- * reconnected); fn is called for each, in that order (inside the caller's
- * transaction, if any: send nothing before it commits). Returns the
- * number claimed, -1 with err. */
-int dstore_claim(dstore_t *self, const char *partner, const char *peer,
-                 size_t limit, size_t resend_limit, bool reclaim,
-                 const char *const *keep, size_t nkeep, dstore_delivery_fn *fn,
-                 void *arg, kh_error_t *err);
+ * reconnected), most urgent then oldest first; fn is called for each, in that
+ * order (inside the caller's transaction, if any: send nothing before it
+ * commits). Returns the number claimed, -1 with err. */
+int dstore_resend(dstore_t *self, const char *partner, const char *peer,
+                  size_t limit, bool reclaim, const char *const *keep,
+                  size_t nkeep, dstore_delivery_fn *fn, void *arg,
+                  kh_error_t *err);
+
+/* One connection's part of a claim of pending deliveries. */
+typedef struct {
+    const char *partner, *peer;
+    size_t limit; /* at least 1 */
+} dstore_claim_t;
+
+typedef void(dstore_claimed_fn)(size_t which, const dstore_delivery_t *delivery,
+                                void *arg);
+
+/* Claim, mark as sent and audit (delivery.sent) up to claims[i].limit
+ * pending deliveries of claims[i].partner for each of the count claims
+ * (their partners distinct), most urgent then oldest first, in one
+ * statement; fn is called with i for each, in that order (inside the
+ * caller's transaction, if any: send nothing before it commits). Returns
+ * the number claimed, -1 with err. */
+int dstore_claim_pending(dstore_t *self, const dstore_claim_t *claims,
+                         size_t count, dstore_claimed_fn *fn, void *arg,
+                         kh_error_t *err);
 
 /* Make the count ids (partner's) that are sent, unacknowledged and not at
  * their last attempt due for a re-send now: they were out on a connection

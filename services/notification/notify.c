@@ -411,66 +411,119 @@ static void s_db_failed(notify_t *self, const char *what, const kh_error_t *err)
                 kh_error_name(err->code), err->message);
 }
 
-/* Claim for one connection: up to its free credit of pending deliveries,
- * after (resend) the sent ones whose ACK is overdue. */
-static int s_fill(notify_t *self, s_conn_t *conn, bool resend, kh_error_t *err)
+/* Re-send to one connection the sent deliveries whose ACK is overdue
+ * (they may take the credit that is left). A reclaim leaves alone what
+ * already went out on this connection and the held DELIVERs of the
+ * partner: they were claimed and go out as they are. */
+static int s_resend(notify_t *self, s_conn_t *conn, kh_error_t *err)
 {
     s_claim_ctx_t ctx = {self, conn};
-    if (resend || conn->reclaim || conn->overdue) {
-        /* Re-sends first: they may take the credit that is left. A reclaim
-         * leaves alone what already went out on this connection and the
-         * held DELIVERs of the partner: they were claimed and go out as
-         * they are. */
-        size_t nkeep = 0;
-        const char **keep = NULL;
-        if (conn->reclaim &&
-            zlistx_size(self->held) + zhashx_size(conn->out) > 0) {
-            keep = calloc(zlistx_size(self->held) + zhashx_size(conn->out),
-                          sizeof *keep);
-            if (!keep)
-                return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
-            for (s_outgoing_t *h = zlistx_first(self->held); h;
-                 h = zlistx_next(self->held))
-                if (strcmp(h->partner, conn->partner) == 0)
-                    keep[nkeep++] = h->id;
-            for (void *v = zhashx_first(conn->out); v;
-                 v = zhashx_next(conn->out))
-                keep[nkeep++] = zhashx_cursor(conn->out);
-        }
-        int claimed = dstore_claim(self->store, conn->partner, conn->peer, 0,
-                                   conn->window, conn->reclaim, keep, nkeep,
-                                   s_queue_delivery, &ctx, err);
-        free(keep);
-        if (claimed < 0)
-            return -1;
-        conn->reclaim = false;
-        conn->overdue = false;
+    size_t nkeep = 0;
+    const char **keep = NULL;
+    if (conn->reclaim && zlistx_size(self->held) + zhashx_size(conn->out) > 0) {
+        keep = calloc(zlistx_size(self->held) + zhashx_size(conn->out),
+                      sizeof *keep);
+        if (!keep)
+            return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
+        for (s_outgoing_t *h = zlistx_first(self->held); h;
+             h = zlistx_next(self->held))
+            if (strcmp(h->partner, conn->partner) == 0)
+                keep[nkeep++] = h->id;
+        for (void *v = zhashx_first(conn->out); v; v = zhashx_next(conn->out))
+            keep[nkeep++] = zhashx_cursor(conn->out);
     }
-    size_t out = zhashx_size(conn->out);
-    size_t credit = conn->window > out ? conn->window - out : 0;
-    int rc = credit == 0
-                 ? 0
-                 : dstore_claim(self->store, conn->partner, conn->peer, credit,
-                                0, false, NULL, 0, s_queue_delivery, &ctx, err);
-    if (rc < 0)
+    int claimed =
+        dstore_resend(self->store, conn->partner, conn->peer, conn->window,
+                      conn->reclaim, keep, nkeep, s_queue_delivery, &ctx, err);
+    free(keep);
+    if (claimed < 0)
         return -1;
-    /* Fewer than asked: nothing more is pending for it now. */
-    if ((size_t) rc < credit)
-        conn->more = false;
+    conn->reclaim = false;
+    conn->overdue = false;
     return 0;
 }
 
+/* The connections of one pending claim, and what each got. */
+typedef struct {
+    notify_t *self;
+    s_conn_t **conns;
+    size_t *got;
+} s_pending_ctx_t;
+
+static void s_queue_pending(size_t which, const dstore_delivery_t *d, void *arg)
+{
+    s_pending_ctx_t *ctx = arg;
+    s_claim_ctx_t one = {ctx->self, ctx->conns[which]};
+    s_queue_delivery(d, &one);
+    ctx->got[which]++;
+}
+
+/* Claim pending deliveries up to the free credit of each of the count
+ * connections in conns (reordered): one statement for as many as have
+ * distinct partners, the next for the second connections of a partner. */
+static int s_claim_pending(notify_t *self, s_conn_t **conns, size_t count,
+                           kh_error_t *err)
+{
+    dstore_claim_t *claims = calloc(count ? count : 1, sizeof *claims);
+    size_t *got = calloc(count ? count : 1, sizeof *got);
+    int rc =
+        claims && got ? 0 : kh_error_set(err, KH_E_NOMEM, "", "out of memory");
+    while (rc == 0 && count > 0) {
+        /* This statement's connections to the front, one per partner. */
+        size_t n = 0;
+        for (size_t i = 0; i < count; i++) {
+            bool seen = false;
+            for (size_t j = 0; j < n && !seen; j++)
+                seen = strcmp(conns[j]->partner, conns[i]->partner) == 0;
+            if (seen)
+                continue;
+            s_conn_t *conn = conns[i];
+            conns[i] = conns[n];
+            conns[n] = conn;
+            claims[n] = (dstore_claim_t){conn->partner, conn->peer,
+                                         conn->window - zhashx_size(conn->out)};
+            got[n++] = 0;
+        }
+        s_pending_ctx_t ctx = {self, conns, got};
+        if (dstore_claim_pending(self->store, claims, n, s_queue_pending, &ctx,
+                                 err) < 0)
+            rc = -1;
+        /* Fewer than asked: nothing more is pending for it now. */
+        for (size_t i = 0; rc == 0 && i < n; i++)
+            if (got[i] < claims[i].limit)
+                conns[i]->more = false;
+        conns += n;
+        count -= n;
+    }
+    free(claims);
+    free(got);
+    return rc;
+}
+
 /* Claim for every connection that may have work (resend: and re-send
- * what is overdue). */
+ * what is overdue): re-sends connection by connection, then the pending
+ * deliveries for all that have credit left. */
 static int s_pump(notify_t *self, bool resend, kh_error_t *err)
 {
-    for (s_conn_t *conn = zhashx_first(self->conns); conn;
-         conn = zhashx_next(self->conns))
-        if ((resend || conn->reclaim || conn->overdue ||
-             (conn->more && zhashx_size(conn->out) < conn->window)) &&
-            s_fill(self, conn, resend, err))
-            return -1;
-    return 0;
+    s_conn_t **conns = calloc(zhashx_size(self->conns) + 1, sizeof *conns);
+    if (!conns)
+        return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
+    size_t count = 0;
+    int rc = 0;
+    for (s_conn_t *conn = zhashx_first(self->conns); rc == 0 && conn;
+         conn = zhashx_next(self->conns)) {
+        bool again = resend || conn->reclaim || conn->overdue;
+        if (!again && !conn->more)
+            continue;
+        if (again && s_resend(self, conn, err))
+            rc = -1;
+        else if (zhashx_size(conn->out) < conn->window)
+            conns[count++] = conn;
+    }
+    if (rc == 0)
+        rc = s_claim_pending(self, conns, count, err);
+    free(conns);
+    return rc;
 }
 
 /* Send the round's distinct ACKs to the store as one batch, to commit on
