@@ -55,15 +55,9 @@ PGconn *kh_db_connect_app(const char *conninfo, const char *application_name,
     if (kh_db_password(password, sizeof password, err) < 0)
         return NULL;
     /* A database that stops answering must not hang a service: bounded
-     * connection attempts, and dead TCP peers noticed within seconds. No
-     * JIT: the hub's statements are short, and PostgreSQL compiles a plan
-     * at every execution once its estimated cost passes jit_above_cost,
-     * which a seq scan that enable_seqscan = off rules out always does
-     * (it costs 10^10): 0.5-0.8 s an execution, measured on a dead-letter
-     * sweep of 0.2 ms. These come first, so that the same settings in
-     * conninfo win. */
-    const char *keywords[] = {"options",
-                              "connect_timeout",
+     * connection attempts, and dead TCP peers noticed within seconds. These
+     * come first, so that the same settings in conninfo win. */
+    const char *keywords[] = {"connect_timeout",
                               "keepalives",
                               "keepalives_idle",
                               "keepalives_interval",
@@ -73,8 +67,7 @@ PGconn *kh_db_connect_app(const char *conninfo, const char *application_name,
                               "dbname",
                               "fallback_application_name",
                               NULL};
-    const char *values[] = {"-c jit=off",
-                            "5",
+    const char *values[] = {"5",
                             "1",
                             "10",
                             "5",
@@ -98,6 +91,15 @@ PGconn *kh_db_connect_app(const char *conninfo, const char *application_name,
         return NULL;
     }
     PQsetNoticeReceiver(conn, s_drop_notice, NULL);
+    /* No JIT: the hub's statements are short, and PostgreSQL compiles a
+     * plan at every execution once its estimated cost passes
+     * jit_above_cost, which a seq scan that enable_seqscan = off rules out
+     * always does (it costs 10^10): 0.5-0.8 s an execution, measured on a
+     * dead-letter sweep of 0.2 ms. */
+    if (kh_db_exec(conn, "SET jit = off", err)) {
+        PQfinish(conn);
+        return NULL;
+    }
     return conn;
 }
 

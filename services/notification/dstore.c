@@ -22,7 +22,7 @@ struct _dstore_t {
     PGconn *conn;
     PGconn *ack_conn;       /* ACK batches only, each committing alone */
     kh_pgarray_t arrays[3]; /* the ACK statement's parameters */
-    kh_pgarray_t ids;       /* claim and due: ids, on conn */
+    kh_pgarray_t ids;       /* re-send and due: ids, on conn */
     kh_pgarray_t claims[3]; /* the pending claim's parameters, on conn */
     dstore_answer_t *acks;  /* the batch in flight on ack_conn, or NULL */
     size_t nacks;
@@ -45,13 +45,16 @@ struct _dstore_t {
  * backoff max ms, $6 max attempts, $7 peer, $8 ids a reclaim leaves alone.
  * Sent deliveries whose ACK is overdue (or all sent ones but $8, on
  * reclaim), from the index of sent ones; they go out most urgent, then
- * oldest first. A delivery past its last attempt
- * is left to the sweep, which makes it a dead letter. */
+ * oldest first. Nothing goes to a revoked partner (the sweep makes its
+ * deliveries dead letters), and a delivery past its last attempt is left
+ * to the sweep too. */
 /* clang-format off */
 static const char *s_resend_sql =
     "WITH resend AS ("
     " SELECT id FROM deliveries"
     " WHERE state = 'delivered' AND partner_id = $1"
+    "  AND EXISTS (SELECT 1 FROM partners"
+    "   WHERE id = $1 AND revoked_at IS NULL)"
     "  AND attempts < $6 AND (next_attempt_at <= now()"
     "   OR ($3 AND id <> ALL ($8::uuid[])))"
     " ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED),"
@@ -73,17 +76,21 @@ static const char *s_resend_sql =
     " FROM claimed ORDER BY priority_rank DESC, created_at";
 /* clang-format on */
 
-/* $1 partners (distinct), $2 limits, $3 peers (text arrays of the same
- * length), $4 ACK timeout ms, $5 backoff max ms. The pending deliveries of
- * each partner, up to its limit, from the claims' index by rank and age;
- * one statement for all the connections that have credit, so that a round
- * costs one execution however many partners it serves. Rows come by
- * request, then as the partner is to get them. */
+/* $1 partners, $2 limits, $3 peers (text arrays of the same length), $4
+ * ACK timeout ms, $5 backoff max ms. The pending deliveries of each
+ * partner, up to its limit, from the claims' index by rank and age; one
+ * statement for all the connections that have credit, so that a round
+ * costs one execution however many partners it serves. A partner is
+ * served once per statement (its first request: SKIP LOCKED does not skip
+ * the rows the statement itself locked), and a revoked one not at all.
+ * Rows come by request number, then as the partner is to get them. */
 /* clang-format off */
 static const char *s_claim_pending_sql =
     "WITH req AS ("
-    " SELECT * FROM unnest($1::text[], $2::text[], $3::text[])"
-    "  WITH ORDINALITY AS r(partner, lim, peer, n)),"
+    " SELECT DISTINCT ON (r.partner) r.* FROM unnest($1::text[], $2::text[],"
+    "  $3::text[]) WITH ORDINALITY AS r(partner, lim, peer, n)"
+    "  JOIN partners p ON p.id = r.partner AND p.revoked_at IS NULL"
+    "  ORDER BY r.partner, r.n),"
     " pending AS ("
     " SELECT req.n, req.peer, p.id FROM req CROSS JOIN LATERAL"
     "  (SELECT id FROM deliveries"
@@ -435,22 +442,16 @@ bool dstore_up(const dstore_t *self)
            self->ack_conn && PQstatus(self->ack_conn) == CONNECTION_OK;
 }
 
-/* Run a prepared statement (or, for S_STATEMENTS, the plain sql); the
- * parameters are text but for the one at index binary (-1: none), a
- * binary array of binary_len bytes. The result when it returned rows or a
- * command status, else NULL with err. */
-static PGresult *s_run(dstore_t *self, s_stmt_t stmt, const char *sql,
-                       int nparams, const char *const *params, int binary,
-                       int binary_len, kh_error_t *err)
+/* Run a prepared statement (or, for S_STATEMENTS, the plain sql) with
+ * parameters as PQexecParams takes them. The result when it returned rows
+ * or a command status, else NULL with err. */
+static PGresult *s_exec(dstore_t *self, s_stmt_t stmt, const char *sql,
+                        int nparams, const char *const *params,
+                        const int *lengths, const int *formats, kh_error_t *err)
 {
     if (!dstore_up(self)) {
         kh_error_set(err, KH_E_UNAVAILABLE, "", "no database connection");
         return NULL;
-    }
-    int lengths[S_PARAMS_MAX] = {0}, formats[S_PARAMS_MAX] = {0};
-    if (binary >= 0 && binary < S_PARAMS_MAX) {
-        lengths[binary] = binary_len;
-        formats[binary] = 1;
     }
     PGresult *res = stmt == S_STATEMENTS
                         ? PQexecParams(self->conn, sql, nparams, NULL, params,
@@ -464,6 +465,20 @@ static PGresult *s_run(dstore_t *self, s_stmt_t stmt, const char *sql,
                 stmt == S_STATEMENTS ? "query" : s_statements[stmt].name);
     PQclear(res);
     return NULL;
+}
+
+/* s_exec with text parameters but for the one at index binary (-1: none),
+ * a binary array of binary_len bytes. */
+static PGresult *s_run(dstore_t *self, s_stmt_t stmt, const char *sql,
+                       int nparams, const char *const *params, int binary,
+                       int binary_len, kh_error_t *err)
+{
+    int lengths[S_PARAMS_MAX] = {0}, formats[S_PARAMS_MAX] = {0};
+    if (binary >= 0 && binary < S_PARAMS_MAX) {
+        lengths[binary] = binary_len;
+        formats[binary] = 1;
+    }
+    return s_exec(self, stmt, sql, nparams, params, lengths, formats, err);
 }
 
 zhashx_t *dstore_partners(dstore_t *self, kh_error_t *err)
@@ -549,9 +564,6 @@ int dstore_claim_pending(dstore_t *self, const dstore_claim_t *claims,
                          size_t count, dstore_claimed_fn *fn, void *arg,
                          kh_error_t *err)
 {
-    if (!dstore_up(self))
-        return kh_error_set(err, KH_E_UNAVAILABLE, "",
-                            "no database connection");
     kh_pgarray_t *array = self->claims;
     for (int k = 0; k < 3; k++)
         kh_pgarray_reset(&array[k], KH_PG_TEXT);
@@ -572,13 +584,9 @@ int dstore_claim_pending(dstore_t *self, const dstore_claim_t *claims,
         if (!(params[k] = kh_pgarray_data(&array[k], &lengths[k])))
             return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
     PGresult *res =
-        PQexecPrepared(self->conn, s_statements[S_CLAIM_PENDING].name, 5,
-                       params, lengths, formats, 0);
-    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-        kh_db_error(err, self->conn, res, "claim_pending");
-        PQclear(res);
+        s_exec(self, S_CLAIM_PENDING, NULL, 5, params, lengths, formats, err);
+    if (!res)
         return -1;
-    }
     int rows = PQntuples(res);
     for (int i = 0; i < rows; i++) {
         long which = strtol(PQgetvalue(res, i, 0), NULL, 10) - 1;

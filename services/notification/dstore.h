@@ -79,8 +79,9 @@ typedef void(dstore_claimed_fn)(size_t which, const dstore_delivery_t *delivery,
 
 /* Claim, mark as sent and audit (delivery.sent) up to claims[i].limit
  * pending deliveries of claims[i].partner for each of the count claims
- * (their partners distinct), most urgent then oldest first, in one
- * statement; fn is called with i for each, in that order (inside the
+ * (a partner's first claim only; none for a revoked partner), most urgent
+ * then oldest first, in one statement; fn is called with i for each, in
+ * that order (inside the
  * caller's transaction, if any: send nothing before it commits). Returns
  * the number claimed, -1 with err. */
 int dstore_claim_pending(dstore_t *self, const dstore_claim_t *claims,

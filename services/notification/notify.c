@@ -411,10 +411,10 @@ static void s_db_failed(notify_t *self, const char *what, const kh_error_t *err)
                 kh_error_name(err->code), err->message);
 }
 
-/* Re-send to one connection the sent deliveries whose ACK is overdue
- * (they may take the credit that is left). A reclaim leaves alone what
- * already went out on this connection and the held DELIVERs of the
- * partner: they were claimed and go out as they are. */
+/* Re-send to one connection the sent deliveries whose ACK is overdue, up
+ * to its window (the pending ones get the credit that is left). A reclaim
+ * leaves alone what already went out on this connection and the held
+ * DELIVERs of the partner: they were claimed and go out as they are. */
 static int s_resend(notify_t *self, s_conn_t *conn, kh_error_t *err)
 {
     s_claim_ctx_t ctx = {self, conn};
@@ -458,14 +458,15 @@ static void s_queue_pending(size_t which, const dstore_delivery_t *d, void *arg)
     ctx->got[which]++;
 }
 
-/* Claim pending deliveries up to the free credit of each of the count
- * connections in conns (reordered): one statement for as many as have
- * distinct partners, the next for the second connections of a partner. */
+/* Claim pending deliveries up to the free credit of each of the count (at
+ * least 1) connections in conns (reordered): one statement for as many as
+ * have distinct partners, the next for the second connections of a
+ * partner. */
 static int s_claim_pending(notify_t *self, s_conn_t **conns, size_t count,
                            kh_error_t *err)
 {
-    dstore_claim_t *claims = calloc(count ? count : 1, sizeof *claims);
-    size_t *got = calloc(count ? count : 1, sizeof *got);
+    dstore_claim_t *claims = calloc(count, sizeof *claims);
+    size_t *got = calloc(count, sizeof *got);
     int rc =
         claims && got ? 0 : kh_error_set(err, KH_E_NOMEM, "", "out of memory");
     while (rc == 0 && count > 0) {
@@ -520,7 +521,7 @@ static int s_pump(notify_t *self, bool resend, kh_error_t *err)
         else if (zhashx_size(conn->out) < conn->window)
             conns[count++] = conn;
     }
-    if (rc == 0)
+    if (rc == 0 && count > 0)
         rc = s_claim_pending(self, conns, count, err);
     free(conns);
     return rc;

@@ -48,16 +48,28 @@ START_TEST(connections_have_bounded_timeouts)
 }
 END_TEST
 
-/* The hub's sessions never compile plans (common/db.c says why). */
+/* The value of setting name in conn's session. */
+static void s_show(PGconn *conn, const char *name, const char *want)
+{
+    char sql[64];
+    snprintf(sql, sizeof sql, "SHOW %s", name);
+    PGresult *res = PQexec(conn, sql);
+    ck_assert_int_eq(PQresultStatus(res), PGRES_TUPLES_OK);
+    ck_assert_str_eq(PQgetvalue(res, 0, 0), want);
+    PQclear(res);
+}
+
+/* The hub's sessions never compile plans (common/db.c says why), and
+ * server options from PGOPTIONS still reach the server. */
 START_TEST(sessions_have_no_jit)
 {
+    setenv("PGOPTIONS", "-c statement_timeout=1234", 1);
     kh_error_t err;
     PGconn *conn = kh_db_connect(khtest_pg_conninfo(), &err);
+    unsetenv("PGOPTIONS");
     ck_assert_msg(conn != NULL, "%s", err.message);
-    PGresult *res = PQexec(conn, "SHOW jit");
-    ck_assert_int_eq(PQresultStatus(res), PGRES_TUPLES_OK);
-    ck_assert_str_eq(PQgetvalue(res, 0, 0), "off");
-    PQclear(res);
+    s_show(conn, "jit", "off");
+    s_show(conn, "statement_timeout", "1234ms");
     PQfinish(conn);
 }
 END_TEST

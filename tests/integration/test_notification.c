@@ -469,7 +469,7 @@ START_TEST(a_revoked_partners_deliveries_become_dead_letters)
     const char *params[] = {sent};
     khtest_db_exec(s_db,
                    "UPDATE deliveries SET state = 'delivered', attempts = 1,"
-                   " sent_at = now(), next_attempt_at = now() + '2 s'"
+                   " sent_at = now(), next_attempt_at = now() + '5 s'"
                    " WHERE id = $1",
                    1, params);
     khtest_db_exec(s_db,
@@ -483,13 +483,39 @@ START_TEST(a_revoked_partners_deliveries_become_dead_letters)
     ck_assert_str_eq(s_state(sent, state), "delivered");
     ck_assert(s_wait_count("SELECT count(*) FROM deliveries WHERE state ="
                            " 'dead' AND dead_reason = 'partner_revoked'",
-                           2, 8000));
+                           2, 12000));
     ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
                              " = 'delivery.dead' AND reason_code ="
                              " 'partner_revoked' AND partner_id = 'avim'"),
                      2);
     ck_assert_str_eq(s_state(sent, state), "dead");
     ck_assert_str_eq(s_state(other, state), "pending");
+    s_stop(pid);
+}
+END_TEST
+
+/* A partner revoked while connected is sent nothing more: what comes for
+ * it becomes a dead letter instead. */
+START_TEST(a_connected_revoked_partner_gets_nothing_more)
+{
+    pid_t pid = s_start("notification.log", NULL, NULL);
+    zsock_t *avim = s_partner("avim");
+    s_hello(avim, 4);
+    khtest_db_exec(s_db,
+                   "UPDATE partners SET revoked_at = now() WHERE id = 'avim'",
+                   0, NULL);
+    char id[37], state[16];
+    s_delivery("avim", "urgent", 0, NULL, id);
+    ck_assert(s_wait_count("SELECT count(*) FROM deliveries WHERE state ="
+                           " 'dead' AND dead_reason = 'partner_revoked'",
+                           1, 5000));
+    ck_assert_str_eq(s_state(id, state), "dead");
+    json_t *msg = s_expect(avim, "DELIVER", 1000);
+    ck_assert_msg(msg == NULL, "a revoked partner was sent a delivery");
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
+                             " = 'delivery.sent'"),
+                     0);
+    zsock_destroy(&avim);
     s_stop(pid);
 }
 END_TEST
@@ -1111,6 +1137,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, unacknowledged_is_resent_with_its_id_then_dead);
     tcase_add_test(tc, nack_retry_resends_and_nack_permanent_is_dead_at_once);
     tcase_add_test(tc, a_revoked_partners_deliveries_become_dead_letters);
+    tcase_add_test(tc, a_connected_revoked_partner_gets_nothing_more);
     tcase_add_test(tc, overdue_urgent_escalates_with_a_copy_normal_does_not);
     tcase_add_test(tc, killed_mid_stream_loses_nothing);
     tcase_add_loop_test(
