@@ -41,6 +41,27 @@ struct _dstore_t {
     "to_char(" column " AT TIME ZONE 'UTC', "                                  \
     "'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
 
+/* What the two claims below (with $4 the ACK timeout ms and $5 the backoff
+ * max ms) set on a delivery they send, return of it, audit (with peer as
+ * the origin), and give the caller (columns in s_claimed's order). */
+/* clang-format off */
+#define S_SEND_SET                                                             \
+    " attempts = d.attempts + 1, sent_at = now(), updated_at = now(),"         \
+    " next_attempt_at = " S_BACKOFF("d.attempts", "$4", "$5")
+#define S_SENT_RETURNING                                                       \
+    " RETURNING d.id, d.referral_id, d.partner_id, d.priority,"                \
+    " d.priority_rank, d.attempts, d.created_at, d.payload, d.payload_hash"
+#define S_SENT_AUDIT(peer)                                                     \
+    " INSERT INTO audit_events (actor_kind, actor_id, action, referral_id,"    \
+    " delivery_id, partner_id, outcome, payload_hash, origin_service,"         \
+    " origin_peer)"                                                            \
+    " SELECT 'service', 'notification', 'delivery.sent', referral_id, id,"     \
+    " partner_id, 'ok', payload_hash, 'notification', " peer
+#define S_SENT_COLUMNS                                                         \
+    " id, referral_id, priority, attempts, " S_UTC("created_at") ","           \
+    " convert_from(payload, 'UTF8'), encode(payload_hash, 'hex')"
+/* clang-format on */
+
 /* $1 partner, $2 re-send limit, $3 reclaim, $4 ACK timeout ms, $5
  * backoff max ms, $6 max attempts, $7 peer, $8 ids a reclaim leaves alone.
  * Sent deliveries whose ACK is overdue (or all sent ones but $8, on
@@ -59,20 +80,10 @@ static const char *s_resend_sql =
     "   OR ($3 AND id <> ALL ($8::uuid[])))"
     " ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED),"
     " claimed AS ("
-    " UPDATE deliveries d SET attempts = d.attempts + 1,"
-    "  sent_at = now(), updated_at = now(),"
-    "  next_attempt_at = " S_BACKOFF("d.attempts", "$4", "$5")
-    " WHERE d.id IN (SELECT id FROM resend)"
-    " RETURNING d.id, d.referral_id, d.partner_id, d.priority,"
-    "  d.priority_rank, d.attempts, d.created_at, d.payload, d.payload_hash),"
-    " audit AS ("
-    " INSERT INTO audit_events (actor_kind, actor_id, action, referral_id,"
-    "  delivery_id, partner_id, outcome, payload_hash, origin_service,"
-    "  origin_peer)"
-    " SELECT 'service', 'notification', 'delivery.sent', referral_id, id,"
-    "  partner_id, 'ok', payload_hash, 'notification', $7 FROM claimed)"
-    " SELECT id, referral_id, priority, attempts, " S_UTC("created_at") ","
-    "  convert_from(payload, 'UTF8'), encode(payload_hash, 'hex')"
+    " UPDATE deliveries d SET" S_SEND_SET
+    " WHERE d.id IN (SELECT id FROM resend)" S_SENT_RETURNING "),"
+    " audit AS (" S_SENT_AUDIT("$7") " FROM claimed)"
+    " SELECT" S_SENT_COLUMNS
     " FROM claimed ORDER BY priority_rank DESC, created_at";
 /* clang-format on */
 
@@ -99,21 +110,10 @@ static const char *s_claim_pending_sql =
     "   ORDER BY priority_rank DESC, created_at"
     "   LIMIT req.lim::integer FOR UPDATE SKIP LOCKED) p),"
     " claimed AS ("
-    " UPDATE deliveries d SET state = 'delivered', attempts = d.attempts + 1,"
-    "  sent_at = now(), updated_at = now(),"
-    "  next_attempt_at = " S_BACKOFF("d.attempts", "$4", "$5")
-    " WHERE d.id IN (SELECT id FROM pending)"
-    " RETURNING d.id, d.referral_id, d.partner_id, d.priority,"
-    "  d.priority_rank, d.attempts, d.created_at, d.payload, d.payload_hash),"
-    " audit AS ("
-    " INSERT INTO audit_events (actor_kind, actor_id, action, referral_id,"
-    "  delivery_id, partner_id, outcome, payload_hash, origin_service,"
-    "  origin_peer)"
-    " SELECT 'service', 'notification', 'delivery.sent', referral_id, id,"
-    "  partner_id, 'ok', payload_hash, 'notification', peer"
-    "  FROM claimed JOIN pending USING (id))"
-    " SELECT n, id, referral_id, priority, attempts, " S_UTC("created_at") ","
-    "  convert_from(payload, 'UTF8'), encode(payload_hash, 'hex')"
+    " UPDATE deliveries d SET state = 'delivered'," S_SEND_SET
+    " WHERE d.id IN (SELECT id FROM pending)" S_SENT_RETURNING "),"
+    " audit AS (" S_SENT_AUDIT("peer") " FROM claimed JOIN pending USING (id))"
+    " SELECT n," S_SENT_COLUMNS
     " FROM claimed JOIN pending USING (id)"
     " ORDER BY n, priority_rank DESC, created_at";
 /* clang-format on */
@@ -515,8 +515,8 @@ static const char *s_ids(dstore_t *self, const char *const *ids, size_t count,
     return data;
 }
 
-/* Row i of a claim's result, its columns from first on: id, referral
- * id, priority, attempts, routed at, payload, payload hash. */
+/* Row i of a claim's result, its columns (S_SENT_COLUMNS) from first on:
+ * id, referral id, priority, attempts, routed at, payload, payload hash. */
 static dstore_delivery_t s_claimed(const PGresult *res, int i, int first)
 {
     return (dstore_delivery_t){

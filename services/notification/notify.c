@@ -33,6 +33,7 @@
 #define S_AUTH_REPEAT_MS 60000 /* one auth.refused per key and minute */
 #define S_INTERNAL_DOMAIN "ketenhub-internal" /* ZAP domain of wake-ups */
 #define S_HELD_MAX (KH_WINDOW_MAX * 4) /* DELIVERs that lost their peer */
+#define S_CLAIM_ROWS 1024 /* deliveries one claim statement asks for */
 
 /* One partner connection (a ROUTER peer that said something). */
 typedef struct {
@@ -460,8 +461,10 @@ static void s_queue_pending(size_t which, const dstore_delivery_t *d, void *arg)
 
 /* Claim pending deliveries up to the free credit of each of the count (at
  * least 1) connections in conns (reordered): one statement for as many as
- * have distinct partners, the next for the second connections of a
- * partner. */
+ * have distinct partners and together ask for at most S_CLAIM_ROWS (the
+ * first always), the next for the rest and the second connections of a
+ * partner. The bound keeps the rows of one result, payloads and all, to
+ * what one connection's window held before they were claimed together. */
 static int s_claim_pending(notify_t *self, s_conn_t **conns, size_t count,
                            kh_error_t *err)
 {
@@ -471,18 +474,19 @@ static int s_claim_pending(notify_t *self, s_conn_t **conns, size_t count,
         claims && got ? 0 : kh_error_set(err, KH_E_NOMEM, "", "out of memory");
     while (rc == 0 && count > 0) {
         /* This statement's connections to the front, one per partner. */
-        size_t n = 0;
+        size_t n = 0, rows = 0;
         for (size_t i = 0; i < count; i++) {
-            bool seen = false;
-            for (size_t j = 0; j < n && !seen; j++)
-                seen = strcmp(conns[j]->partner, conns[i]->partner) == 0;
-            if (seen)
+            size_t credit = conns[i]->window - zhashx_size(conns[i]->out);
+            bool skip = n > 0 && rows + credit > S_CLAIM_ROWS;
+            for (size_t j = 0; j < n && !skip; j++)
+                skip = strcmp(conns[j]->partner, conns[i]->partner) == 0;
+            if (skip)
                 continue;
             s_conn_t *conn = conns[i];
             conns[i] = conns[n];
             conns[n] = conn;
-            claims[n] = (dstore_claim_t){conn->partner, conn->peer,
-                                         conn->window - zhashx_size(conn->out)};
+            claims[n] = (dstore_claim_t){conn->partner, conn->peer, credit};
+            rows += credit;
             got[n++] = 0;
         }
         s_pending_ctx_t ctx = {self, conns, got};
