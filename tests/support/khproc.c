@@ -8,6 +8,7 @@
 #include <netinet/in.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -57,21 +58,45 @@ int khproc_stop(pid_t pid, int sig, int timeout_ms)
     return -1;
 }
 
+/* Ports are taken from below the kernel's ephemeral range (32768-60999 by
+ * default): a port that bind(0) hands out is in that range, and the
+ * outgoing connection of some process (a database client) could take it
+ * between this call and the bind of the service it is for. A process is
+ * never given the same port twice. */
+#define S_PORT_FIRST 20000
+#define S_PORT_COUNT 12000
+#define S_PORTS_GIVEN_MAX 1024
+
 int khproc_free_port(void)
 {
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in addr;
-    memset(&addr, 0, sizeof addr);
-    addr.sin_family = AF_INET;
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    socklen_t len = sizeof addr;
-    int port = -1;
-    if (fd >= 0 && bind(fd, (struct sockaddr *) &addr, sizeof addr) == 0 &&
-        getsockname(fd, (struct sockaddr *) &addr, &len) == 0)
-        port = ntohs(addr.sin_port);
-    if (fd >= 0)
+    static int given[S_PORTS_GIVEN_MAX];
+    static size_t ngiven;
+    static unsigned seed;
+    if (!seed)
+        seed = (unsigned) getpid() ^ (unsigned) time(NULL);
+    for (int tries = 0; tries < 1000 && ngiven < S_PORTS_GIVEN_MAX; tries++) {
+        int port = S_PORT_FIRST + rand_r(&seed) % S_PORT_COUNT;
+        bool taken = false;
+        for (size_t i = 0; i < ngiven && !taken; i++)
+            taken = given[i] == port;
+        if (taken)
+            continue;
+        int fd = socket(AF_INET, SOCK_STREAM, 0);
+        if (fd < 0)
+            return -1;
+        struct sockaddr_in addr;
+        memset(&addr, 0, sizeof addr);
+        addr.sin_family = AF_INET;
+        addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        addr.sin_port = htons((uint16_t) port);
+        bool unused = bind(fd, (struct sockaddr *) &addr, sizeof addr) == 0;
         close(fd);
-    return port;
+        if (unused) {
+            given[ngiven++] = port;
+            return port;
+        }
+    }
+    return -1;
 }
 
 int khproc_sh(const char *fmt, ...)
