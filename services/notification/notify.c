@@ -414,24 +414,33 @@ static void s_db_failed(notify_t *self, const char *what, const kh_error_t *err)
 
 /* Re-send to one connection the sent deliveries whose ACK is overdue, up
  * to its window (the pending ones get the credit that is left). A reclaim
- * leaves alone what already went out on this connection and the held
- * DELIVERs of the partner: they were claimed and go out as they are. */
-static int s_resend(notify_t *self, s_conn_t *conn, kh_error_t *err)
+ * leaves alone the held DELIVERs of the partner and what is out on any of
+ * its count connections in conns (this round's re-sends included): they
+ * were claimed and go out as they are, each on one connection. */
+static int s_resend(notify_t *self, s_conn_t *conn, s_conn_t **conns,
+                    size_t count, kh_error_t *err)
 {
     s_claim_ctx_t ctx = {self, conn};
     size_t nkeep = 0;
     const char **keep = NULL;
-    if (conn->reclaim && zlistx_size(self->held) + zhashx_size(conn->out) > 0) {
-        keep = calloc(zlistx_size(self->held) + zhashx_size(conn->out),
-                      sizeof *keep);
+    if (conn->reclaim) {
+        size_t size = zlistx_size(self->held);
+        for (size_t i = 0; i < count; i++)
+            if (strcmp(conns[i]->partner, conn->partner) == 0)
+                size += zhashx_size(conns[i]->out);
+        keep = calloc(size + 1, sizeof *keep);
         if (!keep)
             return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
         for (s_outgoing_t *h = zlistx_first(self->held); h;
              h = zlistx_next(self->held))
             if (strcmp(h->partner, conn->partner) == 0)
                 keep[nkeep++] = h->id;
-        for (void *v = zhashx_first(conn->out); v; v = zhashx_next(conn->out))
-            keep[nkeep++] = zhashx_cursor(conn->out);
+        for (size_t i = 0; i < count; i++) {
+            zhashx_t *out = conns[i]->out;
+            if (strcmp(conns[i]->partner, conn->partner) == 0)
+                for (void *v = zhashx_first(out); v; v = zhashx_next(out))
+                    keep[nkeep++] = zhashx_cursor(out);
+        }
     }
     int claimed =
         dstore_resend(self->store, conn->partner, conn->peer, conn->window,
@@ -510,23 +519,28 @@ static int s_claim_pending(notify_t *self, s_conn_t **conns, size_t count,
  * deliveries for all that have credit left. */
 static int s_pump(notify_t *self, bool resend, kh_error_t *err)
 {
-    s_conn_t **conns = calloc(zhashx_size(self->conns) + 1, sizeof *conns);
-    if (!conns)
-        return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
-    size_t count = 0;
-    int rc = 0;
+    size_t nall = zhashx_size(self->conns), count = 0;
+    s_conn_t **all = calloc(nall + 1, sizeof *all);
+    s_conn_t **conns = calloc(nall + 1, sizeof *conns);
+    int rc =
+        all && conns ? 0 : kh_error_set(err, KH_E_NOMEM, "", "out of memory");
+    size_t n = 0;
     for (s_conn_t *conn = zhashx_first(self->conns); rc == 0 && conn;
-         conn = zhashx_next(self->conns)) {
+         conn = zhashx_next(self->conns))
+        all[n++] = conn;
+    for (size_t i = 0; rc == 0 && i < n; i++) {
+        s_conn_t *conn = all[i];
         bool again = resend || conn->reclaim || conn->overdue;
         if (!again && !conn->more)
             continue;
-        if (again && s_resend(self, conn, err))
+        if (again && s_resend(self, conn, all, n, err))
             rc = -1;
         else if (zhashx_size(conn->out) < conn->window)
             conns[count++] = conn;
     }
     if (rc == 0 && count > 0)
         rc = s_claim_pending(self, conns, count, err);
+    free(all);
     free(conns);
     return rc;
 }
