@@ -769,6 +769,54 @@ START_TEST(a_partner_that_reconnects_gets_its_deliveries_at_once)
 }
 END_TEST
 
+#define S_EACH 6 /* deliveries per partner */
+
+/* Three partners connected when their deliveries come: one claim serves
+ * them all, and each gets its own, once, with the right trail. */
+START_TEST(partners_connected_together_each_get_their_own)
+{
+    static const char *partners[] = {"veilig-thuis", "zorgcoordinator", "avim"};
+    pid_t pid = s_start("notification.log", "KH_NOTIFY_ACK_TIMEOUT_MS=10000",
+                        "KH_NOTIFY_BACKOFF_MAX_MS=20000");
+    zsock_t *socks[3];
+    for (int p = 0; p < 3; p++) {
+        socks[p] = s_partner(partners[p]);
+        s_hello(socks[p], 4);
+    }
+    char ids[3][S_EACH][37];
+    khtest_db_exec(s_db, "BEGIN", 0, NULL);
+    for (int i = 0; i < S_EACH; i++)
+        for (int p = 0; p < 3; p++)
+            s_delivery(partners[p], i % 3 ? "normal" : "urgent", 1000 - i, NULL,
+                       ids[p][i]);
+    khtest_db_exec(s_db, "COMMIT", 0, NULL);
+    for (int p = 0; p < 3; p++) {
+        bool came[S_EACH] = {false};
+        ck_assert_int_eq(s_collect(socks[p], ids[p], S_EACH, came, 5000),
+                         S_EACH);
+    }
+    ck_assert(s_wait_count("SELECT count(*) FROM deliveries WHERE state ="
+                           " 'acknowledged'",
+                           3 * S_EACH, 5000));
+    /* Nobody got (and ACKed) another partner's delivery, each was sent
+     * once, and each sent event names the delivery's own partner. */
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE"
+                             " outcome <> 'ok'"),
+                     0);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events e JOIN"
+                             " deliveries d ON d.id = e.delivery_id WHERE"
+                             " e.action = 'delivery.sent' AND e.partner_id ="
+                             " d.partner_id AND d.attempts = 1"),
+                     3 * S_EACH);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
+                             " = 'delivery.sent'"),
+                     3 * S_EACH);
+    for (int p = 0; p < 3; p++)
+        zsock_destroy(&socks[p]);
+    s_stop(pid);
+}
+END_TEST
+
 START_TEST(two_connections_of_one_partner_both_keep_working)
 {
     pid_t pid = s_start3("notification.log", "KH_NOTIFY_ACK_TIMEOUT_MS=30000",
@@ -1143,6 +1191,7 @@ static Suite *s_suite(void)
     tcase_add_loop_test(
         tc, a_partner_that_reconnects_gets_its_deliveries_at_once, 0, 2);
     tcase_add_test(tc, two_connections_of_one_partner_both_keep_working);
+    tcase_add_test(tc, partners_connected_together_each_get_their_own);
     tcase_add_test(tc, unknown_key_and_bad_frames_are_refused);
     tcase_add_test(tc, claims_have_no_index_but_their_own);
     suite_add_tcase(suite, tc);
