@@ -13,6 +13,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "dstore_sql.h"
 #include "ketenhub/codec.h"
 #include "ketenhub/proto.h"
 #include "khpartner.h"
@@ -1174,6 +1175,114 @@ START_TEST(claims_have_no_index_but_their_own)
 }
 END_TEST
 
+/* Whether plan (EXPLAIN's text) reads all deliveries: a seq scan, or a
+ * scan of an index over the whole table (one of the names in whole, each
+ * followed by a space) with no Index Cond, as the generic plan of a join
+ * with a claim's CTE once did. A partial index (the claims' own) may be
+ * read whole: it holds the rows of one state only. */
+static bool s_walks_all_deliveries(const char *plan, const char *whole)
+{
+    for (const char *line = plan; line && *line;) {
+        const char *end = strchr(line, '\n');
+        size_t len = end ? (size_t) (end - line) : strlen(line);
+        char node[512];
+        snprintf(node, sizeof node, "%.*s", (int) len, line);
+        line = end ? end + 1 : NULL;
+        if (strstr(node, "Seq Scan on deliveries"))
+            return true;
+        const char *using = strstr(node, "Scan using ");
+        if (!using || !strstr(node, " on deliveries"))
+            continue;
+        char index[128];
+        if (sscanf(using, "Scan using %127s", index) != 1)
+            continue;
+        strcat(index, " ");
+        if (!strstr(whole, index))
+            continue;
+        /* The node's details come before its first child or sibling. */
+        bool cond = false;
+        for (const char *next = line; next && *next && !cond;) {
+            const char *stop = strchr(next, '\n');
+            size_t n = stop ? (size_t) (stop - next) : strlen(next);
+            char detail[512];
+            snprintf(detail, sizeof detail, "%.*s", (int) n, next);
+            if (strstr(detail, "->"))
+                break;
+            cond = strstr(detail, "Index Cond:") != NULL;
+            next = stop ? stop + 1 : NULL;
+        }
+        if (!cond)
+            return true;
+    }
+    return false;
+}
+
+/* Every statement of the service, planned as the service plans it (a
+ * generic plan, no seq scans), reaches deliveries through an index
+ * condition: none walks the table, however large it or its backlog grows
+ * (with a backlog of 200,000, joining a claim's CTE hashed every
+ * delivery). */
+START_TEST(statements_never_walk_all_deliveries)
+{
+    khtest_db_exec(
+        s_db,
+        "WITH r AS (INSERT INTO referrals (id, partner_id, idempotency_key,"
+        " schema_version, payload, payload_hash, state)"
+        " SELECT gen_random_uuid(), 'veilig-thuis', 'walk-' || g,"
+        " 'referral.v1', '\\x7b7d', sha256(g::text::bytea), 'routed'"
+        " FROM generate_series(1, 200000) g RETURNING id)"
+        " INSERT INTO deliveries (id, referral_id, partner_id, payload,"
+        " payload_hash, rules_version)"
+        " SELECT gen_random_uuid(), id, 'avim', '\\x7b7d',"
+        " sha256(id::text::bytea), 'test' FROM r",
+        0, NULL);
+    for (int i = 0; i < 200; i++) {
+        char id[37];
+        s_delivery(i % 2 ? "avim" : "zorgcoordinator", "urgent", 0, NULL, id);
+    }
+    khtest_db_exec(s_db, "ANALYZE deliveries", 0, NULL);
+    /* The indexes over every row, each name followed by a space. */
+    PGresult *names = PQexec(s_db, "SELECT string_agg(indexname || ' ', '')"
+                                   " FROM pg_indexes WHERE tablename ="
+                                   " 'deliveries' AND indexdef NOT LIKE"
+                                   " '% WHERE %'");
+    ck_assert_int_eq(PQresultStatus(names), PGRES_TUPLES_OK);
+    const char *whole = PQgetvalue(names, 0, 0);
+    ck_assert_ptr_nonnull(strstr(whole, "deliveries_pkey "));
+    khtest_db_exec(s_db,
+                   "SET plan_cache_mode = force_generic_plan;"
+                   " SET enable_seqscan = off",
+                   0, NULL);
+    static const char *const args[S_STATEMENTS] = {
+        [S_RESEND] = "'avim', 1024, true, 400, 800, 3, 'x', '{}'",
+        [S_CLAIM_PENDING] = "'{avim,zorgcoordinator}', '{1024,1024}',"
+                            " '{x,y}', 400, 800",
+        [S_ACK] = "'{00000000-0000-7000-8000-000000000000}', '{avim}',"
+                  " '{x}'",
+        [S_NACK] = "'00000000-0000-7000-8000-000000000000', 'avim', 'x',"
+                   " false, 3, 400, 800",
+        [S_DEAD] = "3, 259200",
+        [S_ESCALATE] = "1000",
+        [S_DUE] = "'{00000000-0000-7000-8000-000000000000}', 'avim', 3",
+    };
+    for (int i = 0; i < S_STATEMENTS; i++) {
+        PGresult *res = PQprepare(s_db, s_statements[i].name,
+                                  *s_statements[i].sql, 0, NULL);
+        ck_assert_msg(PQresultStatus(res) == PGRES_COMMAND_OK, "%s: %s",
+                      s_statements[i].name, PQerrorMessage(s_db));
+        PQclear(res);
+        char sql[256];
+        snprintf(sql, sizeof sql, "EXECUTE %s(%s)", s_statements[i].name,
+                 args[i]);
+        char *plan = s_plan(sql);
+        ck_assert_msg(!s_walks_all_deliveries(plan, whole),
+                      "%s walks deliveries:\n%s", s_statements[i].name, plan);
+        free(plan);
+    }
+    PQclear(names);
+}
+END_TEST
+
 static Suite *s_suite(void)
 {
     Suite *suite = suite_create("notification");
@@ -1194,6 +1303,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, partners_connected_together_each_get_their_own);
     tcase_add_test(tc, unknown_key_and_bad_frames_are_refused);
     tcase_add_test(tc, claims_have_no_index_but_their_own);
+    tcase_add_test(tc, statements_never_walk_all_deliveries);
     suite_add_tcase(suite, tc);
     TCase *big = tcase_create("backlog");
     tcase_add_checked_fixture(big, s_setup, s_teardown);

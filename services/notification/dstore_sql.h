@@ -1,0 +1,309 @@
+/*
+ * The notification service's prepared statements, by index: its store
+ * (dstore.c) prepares and runs them, and the tests EXPLAIN them as
+ * PostgreSQL plans them for the service (generic plans, no seq scans).
+ * Each is a single statement whose data-modifying CTEs change the
+ * deliveries and write their audit events, so they commit together or not
+ * at all.
+ */
+#ifndef KH_DSTORE_SQL_H_INCLUDED
+#define KH_DSTORE_SQL_H_INCLUDED
+
+/* The wait before attempt `attempts + 1` of a delivery sent `attempts`
+ * times: the ACK timeout doubled per attempt, capped, with ±20 % jitter
+ * so that partners coming back together do not get their re-sends in
+ * lockstep. Parameters: $ack_timeout_ms, $backoff_max_ms. */
+#define S_BACKOFF(attempts, timeout, max)                                      \
+    "now() + make_interval(secs => least(" timeout "::float8 * power(2, "      \
+    "least(" attempts ", 30)), " max "::float8) / 1000.0 * (0.8 + 0.4 * "      \
+    "random()))"
+
+#define S_UTC(column)                                                          \
+    "to_char(" column " AT TIME ZONE 'UTC', "                                  \
+    "'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+
+/* What the two claims below (with $4 the ACK timeout ms and $5 the backoff
+ * max ms) set on a delivery they send, return of it, audit (with peer as
+ * the origin), and give the caller (columns in s_claimed's order). */
+/* clang-format off */
+#define S_SEND_SET                                                             \
+    " attempts = d.attempts + 1, sent_at = now(), updated_at = now(),"         \
+    " next_attempt_at = " S_BACKOFF("d.attempts", "$4", "$5")
+#define S_SENT_RETURNING                                                       \
+    " RETURNING d.id, d.referral_id, d.partner_id, d.priority,"                \
+    " d.priority_rank, d.attempts, d.created_at, d.payload, d.payload_hash"
+#define S_SENT_AUDIT(peer)                                                     \
+    " INSERT INTO audit_events (actor_kind, actor_id, action, referral_id,"    \
+    " delivery_id, partner_id, outcome, payload_hash, origin_service,"         \
+    " origin_peer)"                                                            \
+    " SELECT 'service', 'notification', 'delivery.sent', referral_id, id,"     \
+    " partner_id, 'ok', payload_hash, 'notification', " peer
+#define S_SENT_COLUMNS                                                         \
+    " id, referral_id, priority, attempts, " S_UTC("created_at") ","           \
+    " convert_from(payload, 'UTF8'), encode(payload_hash, 'hex')"
+/* clang-format on */
+
+/* $1 partner, $2 re-send limit, $3 reclaim, $4 ACK timeout ms, $5
+ * backoff max ms, $6 max attempts, $7 peer, $8 ids a reclaim leaves alone.
+ * Sent deliveries whose ACK is overdue (or all sent ones but $8, on
+ * reclaim), from the index of sent ones; they go out most urgent, then
+ * oldest first. Nothing goes to a revoked partner (the sweep makes its
+ * deliveries dead letters), and a delivery past its last attempt is left
+ * to the sweep too. */
+/* clang-format off */
+static const char *s_resend_sql =
+    "WITH resend AS ("
+    " SELECT id FROM deliveries"
+    " WHERE state = 'delivered' AND partner_id = $1"
+    "  AND EXISTS (SELECT 1 FROM partners"
+    "   WHERE id = $1 AND revoked_at IS NULL)"
+    "  AND attempts < $6 AND (next_attempt_at <= now()"
+    "   OR ($3 AND id <> ALL ($8::uuid[])))"
+    " ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED),"
+    " claimed AS ("
+    " UPDATE deliveries d SET" S_SEND_SET
+    " WHERE d.id IN (SELECT id FROM resend)" S_SENT_RETURNING "),"
+    " audit AS (" S_SENT_AUDIT("$7") " FROM claimed)"
+    " SELECT" S_SENT_COLUMNS
+    " FROM claimed ORDER BY priority_rank DESC, created_at";
+/* clang-format on */
+
+/* $1 partners, $2 limits, $3 peers (text arrays of the same length), $4
+ * ACK timeout ms, $5 backoff max ms. The pending deliveries of each
+ * partner, up to its limit, from the claims' index by rank and age; one
+ * statement for all the connections that have credit, so that a round
+ * costs one execution however many partners it serves. A partner is
+ * served once per statement (its first request: SKIP LOCKED does not skip
+ * the rows the statement itself locked), and a revoked one not at all.
+ * Rows come by request number, then as the partner is to get them. */
+/* clang-format off */
+static const char *s_claim_pending_sql =
+    "WITH req AS ("
+    " SELECT DISTINCT ON (r.partner) r.* FROM unnest($1::text[], $2::text[],"
+    "  $3::text[]) WITH ORDINALITY AS r(partner, lim, peer, n)"
+    "  JOIN partners p ON p.id = r.partner AND p.revoked_at IS NULL"
+    "  ORDER BY r.partner, r.n),"
+    " pending AS ("
+    " SELECT req.n, req.peer, p.id FROM req CROSS JOIN LATERAL"
+    "  (SELECT id FROM deliveries"
+    "   WHERE partner_id = req.partner AND state = 'pending'"
+    "    AND payload IS NOT NULL AND next_attempt_at <= now()"
+    "   ORDER BY priority_rank DESC, created_at"
+    "   LIMIT req.lim::integer FOR UPDATE SKIP LOCKED) p),"
+    " claimed AS ("
+    " UPDATE deliveries d SET state = 'delivered'," S_SEND_SET
+    " WHERE d.id IN (SELECT id FROM pending)" S_SENT_RETURNING "),"
+    " audit AS (" S_SENT_AUDIT("peer") " FROM claimed JOIN pending USING (id))"
+    " SELECT n," S_SENT_COLUMNS
+    " FROM claimed JOIN pending USING (id)"
+    " ORDER BY n, priority_rank DESC, created_at";
+/* clang-format on */
+
+/* $1 ids, $2 partners, $3 peers (arrays of the same length). An ACK
+ * counts for a delivery of that partner that was sent at least once and is
+ * not acknowledged yet (a dead letter that the partner did take is
+ * acknowledged after all). Returns per request, in order, done, duplicate
+ * or not_found. Every step joins on the request's number: a batch costs
+ * the same per ACK whatever its size (no request scans another's rows),
+ * and the deliveries are looked up again only for the ACKs that changed
+ * nothing (duplicate or not_found). */
+static const char *s_ack_sql =
+    "WITH req AS ("
+    " SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[])"
+    "  WITH ORDINALITY AS r(id, partner, peer, n)),"
+    " acked AS ("
+    " UPDATE deliveries d SET state = 'acknowledged', acked_at = now(),"
+    "  updated_at = now(), dead_reason = NULL"
+    " FROM req WHERE d.id = req.id AND d.partner_id = req.partner"
+    "  AND d.attempts > 0 AND d.state <> 'acknowledged'"
+    " RETURNING req.n, d.id, d.referral_id, d.partner_id, d.payload_hash,"
+    "  req.peer, extract(epoch FROM now() - d.sent_at) AS wait),"
+    " rest AS ("
+    " SELECT * FROM req WHERE NOT EXISTS"
+    "  (SELECT 1 FROM acked WHERE acked.n = req.n)),"
+    " known AS ("
+    " SELECT rest.n FROM rest JOIN deliveries d"
+    "  ON d.id = rest.id AND d.partner_id = rest.partner AND d.attempts > 0),"
+    " audit AS ("
+    " INSERT INTO audit_events (actor_kind, actor_id, action, referral_id,"
+    "  delivery_id, partner_id, outcome, reason_code, payload_hash,"
+    "  origin_service, origin_peer)"
+    " SELECT 'partner', partner_id, 'delivery.acked', referral_id, id,"
+    "  partner_id, 'ok', NULL, payload_hash, 'notification', peer FROM acked"
+    " UNION ALL"
+    " SELECT 'partner', partner, 'delivery.acked', NULL, id, NULL,"
+    "  'refused', 'not_found', NULL, 'notification', peer FROM rest"
+    "  WHERE NOT EXISTS (SELECT 1 FROM known WHERE known.n = rest.n))"
+    " SELECT CASE WHEN acked.n IS NOT NULL THEN 'done'"
+    "  WHEN known.n IS NOT NULL THEN 'duplicate' ELSE 'not_found' END,"
+    " acked.wait"
+    " FROM req LEFT JOIN acked ON acked.n = req.n"
+    "  LEFT JOIN known ON known.n = req.n ORDER BY req.n";
+
+/* $1 id, $2 partner, $3 peer, $4 permanent, $5 max attempts, $6 ACK
+ * timeout ms, $7 backoff max ms. Only a delivery that is out (sent, not
+ * acknowledged) changes. Returns one row: delivered (re-sent later), dead,
+ * unchanged or not_found. */
+/* clang-format off */
+static const char *s_nack_sql =
+    "WITH upd AS ("
+    " UPDATE deliveries d SET"
+    "  state = CASE WHEN $4 OR d.attempts >= $5 THEN 'dead'"
+    "   ELSE 'delivered' END,"
+    "  dead_reason = CASE WHEN $4 THEN 'nack_permanent'"
+    "   WHEN d.attempts >= $5 THEN 'max_attempts' END,"
+    "  next_attempt_at = " S_BACKOFF("d.attempts - 1", "$6", "$7") ","
+    "  updated_at = now()"
+    " WHERE d.id = $1 AND d.partner_id = $2 AND d.state = 'delivered'"
+    " RETURNING d.id, d.referral_id, d.partner_id, d.payload_hash, d.state,"
+    "  d.dead_reason),"
+    " audit AS ("
+    " INSERT INTO audit_events (actor_kind, actor_id, action, referral_id,"
+    "  delivery_id, partner_id, outcome, reason_code, payload_hash,"
+    "  origin_service, origin_peer)"
+    " SELECT 'partner', partner_id, 'delivery.nacked', referral_id, id,"
+    "  partner_id, 'ok', CASE WHEN $4 THEN 'nack_permanent'"
+    "  ELSE 'nack_retry' END, payload_hash, 'notification', $3 FROM upd"
+    " UNION ALL"
+    " SELECT 'service', 'notification', 'delivery.dead', referral_id, id,"
+    "  partner_id, 'ok', dead_reason, payload_hash, 'notification', NULL"
+    "  FROM upd WHERE state = 'dead'"
+    " UNION ALL"
+    " SELECT 'partner', $2, 'delivery.nacked', NULL, $1, NULL, 'refused',"
+    "  'not_found', NULL, 'notification', $3"
+    "  WHERE NOT EXISTS (SELECT 1 FROM deliveries"
+    "   WHERE id = $1 AND partner_id = $2 AND attempts > 0))"
+    " SELECT coalesce((SELECT state FROM upd),"
+    "  (SELECT 'unchanged' FROM deliveries"
+    "   WHERE id = $1 AND partner_id = $2 AND attempts > 0), 'not_found')";
+/* clang-format on */
+
+/* $1 max attempts, $2 max age s. At most 1000 of each kind per sweep.
+ * Each kind is found from an index that holds just its candidates, so a
+ * sweep that finds nothing reads next to nothing: sent deliveries whose
+ * last attempt is overdue, or whose partner was revoked, from the index of
+ * sent ones by due time (a revoked partner's delivery in flight dies when
+ * its ACK is overdue); the oldest open deliveries from the index of open
+ * ones (named as it names them: acked_at and dead_reason NULL,
+ * migrations/006); a revoked partner's pending deliveries from the
+ * claims' index, partner by partner. Walking every open delivery to look
+ * for revoked partners cost 20-35 ms a sweep under load. */
+static const char *s_dead_sql =
+    "WITH due AS ("
+    "  (SELECT id FROM deliveries WHERE state = 'delivered'"
+    "    AND next_attempt_at <= now()"
+    "    AND (attempts >= $1 OR partner_id IN"
+    "     (SELECT id FROM partners WHERE revoked_at IS NOT NULL))"
+    "    LIMIT 1000)"
+    "  UNION (SELECT id FROM deliveries WHERE acked_at IS NULL"
+    "    AND dead_reason IS NULL"
+    "    AND age_from < now() - make_interval(secs => $2) LIMIT 1000)"
+    "  UNION (SELECT pending.id FROM partners r CROSS JOIN LATERAL"
+    "    (SELECT id FROM deliveries WHERE partner_id = r.id"
+    "     AND state = 'pending' LIMIT 1000) pending"
+    "    WHERE r.revoked_at IS NOT NULL LIMIT 1000)),"
+    " cand AS ("
+    " SELECT c.id FROM due CROSS JOIN LATERAL ("
+    "  SELECT d.id FROM deliveries d"
+    "  WHERE d.id = due.id AND d.state IN ('pending', 'delivered')"
+    "  FOR UPDATE SKIP LOCKED) c),"
+    " dead AS ("
+    " UPDATE deliveries d SET state = 'dead', updated_at = now(),"
+    "  dead_reason = CASE WHEN EXISTS (SELECT 1 FROM partners p"
+    "   WHERE p.id = d.partner_id AND p.revoked_at IS NOT NULL)"
+    "   THEN 'partner_revoked'"
+    "   WHEN d.age_from < now() - make_interval(secs => $2) THEN 'max_age'"
+    "   ELSE 'max_attempts' END"
+    " WHERE d.id IN (SELECT id FROM cand)"
+    " RETURNING d.id, d.referral_id, d.partner_id, d.payload_hash,"
+    "  d.dead_reason),"
+    " audit AS ("
+    " INSERT INTO audit_events (actor_kind, actor_id, action, referral_id,"
+    "  delivery_id, partner_id, outcome, reason_code, payload_hash,"
+    "  origin_service)"
+    " SELECT 'service', 'notification', 'delivery.dead', referral_id, id,"
+    "  partner_id, 'ok', dead_reason, payload_hash, 'notification' FROM dead)"
+    " SELECT id, referral_id, partner_id, dead_reason FROM dead";
+
+/* A new time-ordered (version 7) UUID made by the database, as
+ * kh_uuid_new makes them: the time in milliseconds in the first 48 bits,
+ * the version nibble 7, the rest from gen_random_uuid(). */
+#define S_UUID_V7                                                              \
+    "encode(set_byte(overlay(uuid_send(gen_random_uuid()) PLACING"             \
+    " substring(int8send(floor(extract(epoch FROM clock_timestamp()) * 1000)"  \
+    "::bigint) FROM 3) FROM 1 FOR 6), 6, 112 + floor(random() * 16)::int),"    \
+    " 'hex')::uuid"
+
+/* $1 escalation time ms. An escalation copy is a new urgent delivery to
+ * the escalation partner of the payload routing projected for it (its own
+ * fields, not the target's), unless that partner already has the referral
+ * (or is revoked, or the payload was purged). */
+static const char *s_escalate_sql =
+    "WITH cand AS ("
+    " SELECT id FROM deliveries"
+    " WHERE priority = 'urgent' AND escalated_at IS NULL"
+    "  AND state IN ('pending', 'delivered')"
+    "  AND created_at <= now() - make_interval(secs => $1 / 1000.0)"
+    " ORDER BY created_at LIMIT 1000 FOR UPDATE SKIP LOCKED),"
+    " esc AS ("
+    " UPDATE deliveries d SET escalated_at = now()"
+    " WHERE d.id IN (SELECT id FROM cand)"
+    " RETURNING d.id, d.referral_id, d.partner_id, d.payload_hash,"
+    "  d.escalate_to, d.escalation_payload, d.escalation_payload_hash,"
+    "  d.rules_version),"
+    " copies AS ("
+    " INSERT INTO deliveries (id, referral_id, partner_id, priority, payload,"
+    "  payload_hash, rules_version)"
+    " SELECT " S_UUID_V7 ", esc.referral_id, esc.escalate_to, 'urgent',"
+    "  esc.escalation_payload, esc.escalation_payload_hash,"
+    "  esc.rules_version FROM esc"
+    "  JOIN partners p ON p.id = esc.escalate_to AND p.revoked_at IS NULL"
+    "  AND p.handles_cases WHERE esc.escalation_payload IS NOT NULL"
+    " ON CONFLICT (referral_id, partner_id) DO NOTHING"
+    " RETURNING id, referral_id, partner_id, payload_hash),"
+    " audit AS ("
+    " INSERT INTO audit_events (actor_kind, actor_id, action, referral_id,"
+    "  delivery_id, partner_id, outcome, reason_code, payload_hash,"
+    "  origin_service)"
+    " SELECT 'service', 'notification', 'delivery.escalated', referral_id,"
+    "  id, partner_id, 'ok', 'ack_overdue', payload_hash, 'notification'"
+    "  FROM esc"
+    " UNION ALL"
+    " SELECT 'service', 'notification', 'delivery.created', referral_id, id,"
+    "  partner_id, 'ok', 'escalation', payload_hash, 'notification'"
+    "  FROM copies)"
+    " SELECT esc.id, esc.referral_id, esc.partner_id, copies.partner_id"
+    " FROM esc LEFT JOIN copies ON copies.referral_id = esc.referral_id"
+    "  AND copies.partner_id = esc.escalate_to";
+
+/* $1 ids, $2 partner, $3 max attempts. Sent, unacknowledged deliveries
+ * that are not at their last attempt become due now; nothing else changes
+ * (no state, no attempt: no audit event is due). */
+static const char *s_due_sql =
+    "UPDATE deliveries SET next_attempt_at = now()"
+    " WHERE id = ANY ($1::uuid[]) AND partner_id = $2"
+    "  AND state = 'delivered' AND attempts < $3 AND next_attempt_at > now()";
+
+/* The prepared statements, by index. */
+typedef enum {
+    S_RESEND,
+    S_CLAIM_PENDING,
+    S_ACK,
+    S_NACK,
+    S_DEAD,
+    S_ESCALATE,
+    S_DUE,
+    S_STATEMENTS
+} s_stmt_t;
+
+static const struct {
+    const char *name;
+    const char **sql;
+} s_statements[S_STATEMENTS] = {
+    {"resend", &s_resend_sql}, {"claim_pending", &s_claim_pending_sql},
+    {"ack", &s_ack_sql},       {"nack", &s_nack_sql},
+    {"dead", &s_dead_sql},     {"escalate", &s_escalate_sql},
+    {"due", &s_due_sql},
+};
+
+#endif
