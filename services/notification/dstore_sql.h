@@ -24,7 +24,8 @@
 
 /* What the two claims below (with $4 the ACK timeout ms and $5 the backoff
  * max ms) set on a delivery they send, return of it, audit (with peer as
- * the origin), and give the caller (columns in s_claimed's order). */
+ * the origin), and give the caller (the columns dstore.c reads, in that
+ * order: id, referral id, priority, attempts, routed at, payload, hash). */
 /* clang-format off */
 #define S_SEND_SET                                                             \
     " attempts = d.attempts + 1, sent_at = now(), updated_at = now(),"         \
