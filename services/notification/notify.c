@@ -519,15 +519,17 @@ static int s_claim_pending(notify_t *self, s_conn_t **conns, size_t count,
  * deliveries for all that have credit left. */
 static int s_pump(notify_t *self, bool resend, kh_error_t *err)
 {
-    size_t nall = zhashx_size(self->conns), count = 0;
-    s_conn_t **all = calloc(nall + 1, sizeof *all);
-    s_conn_t **conns = calloc(nall + 1, sizeof *conns);
-    int rc =
-        all && conns ? 0 : kh_error_set(err, KH_E_NOMEM, "", "out of memory");
-    size_t n = 0;
-    for (s_conn_t *conn = zhashx_first(self->conns); rc == 0 && conn;
+    /* The connections first (a re-send walks them again), then the ones
+     * left with credit in the second half. */
+    size_t n = 0, count = 0;
+    s_conn_t **all = calloc(2 * zhashx_size(self->conns) + 1, sizeof *all);
+    if (!all)
+        return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
+    for (s_conn_t *conn = zhashx_first(self->conns); conn;
          conn = zhashx_next(self->conns))
         all[n++] = conn;
+    s_conn_t **conns = all + n;
+    int rc = 0;
     for (size_t i = 0; rc == 0 && i < n; i++) {
         s_conn_t *conn = all[i];
         bool again = resend || conn->reclaim || conn->overdue;
@@ -541,7 +543,6 @@ static int s_pump(notify_t *self, bool resend, kh_error_t *err)
     if (rc == 0 && count > 0)
         rc = s_claim_pending(self, conns, count, err);
     free(all);
-    free(conns);
     return rc;
 }
 
