@@ -203,13 +203,15 @@ static void s_value(s_out_t *out, const json_t *v)
     }
     case JSON_REAL: {
         /* Rare in referrals: jansson's own formatting, so the bytes stay
-         * the same. */
-        char *num = json_dumps(v, JSON_ENCODE_ANY | JSON_COMPACT);
-        if (!num)
+         * the same (into a buffer of ours: nothing for jansson to
+         * allocate, whatever arena is entered). */
+        char num[64];
+        size_t n =
+            json_dumpb(v, num, sizeof num, JSON_ENCODE_ANY | JSON_COMPACT);
+        if (n == 0 || n > sizeof num)
             out->failed = true;
         else
-            s_put(out, num, strlen(num));
-        free(num);
+            s_put(out, num, n);
         break;
     }
     case JSON_TRUE:

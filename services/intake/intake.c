@@ -17,6 +17,7 @@
 #include <string.h>
 
 #include "ketenhub/health.h"
+#include "ketenhub/jarena.h"
 #include "ketenhub/log.h"
 #include "ketenhub/proto.h"
 #include "ketenhub/ratelimit.h"
@@ -32,6 +33,7 @@
 #define S_LINGER_MS 2000
 #define S_RCVHWM 64
 #define S_BATCH_BYTES (8 * 1024 * 1024)
+#define S_ARENA_KEEP (2 * 1024 * 1024) /* of a batch's arena across batches */
 #define S_DRAIN_MS 3000
 #define S_STATS_MS 10000
 #define S_AUTH_PENDING 64      /* refused handshakes waiting for audit */
@@ -40,7 +42,7 @@
 /* One request of the batch being handled. */
 typedef struct {
     zframe_t *identity; /* the ROUTER's routing id of the connection */
-    json_t *msg;        /* decoded envelope, NULL if undecodable */
+    json_t *msg;        /* decoded envelope (in the batch's arena), or NULL */
     kh_cmd_t cmd;       /* KH_CMD_UNKNOWN_ when not understood */
     char cid[KH_CID_MAX + 1];
     char partner[64];   /* partner id, "" when the key is unknown */
@@ -68,9 +70,10 @@ typedef struct {
     store_submit_t *subs;
     store_refusal_t *refs;
     size_t count, nsubs, nrefs;
-    size_t bytes;    /* frames of the requests kept, for the memory bound */
-    zhashx_t *keys;  /* "partner\nkey" -> index + 1, to find repeats */
-    int64_t sent_at; /* when the commit started, 0 if not sent */
+    size_t bytes;       /* frames of the requests kept, for the memory bound */
+    kh_jarena_t *arena; /* the requests' decoded envelopes */
+    zhashx_t *keys;     /* "partner\nkey" -> index + 1, to find repeats */
+    int64_t sent_at;    /* when the commit started, 0 if not sent */
 } s_batch_t;
 
 /* Counts since the last stats line. */
@@ -174,8 +177,9 @@ intake_t *intake_new(const intake_config_t *config, kh_error_t *err)
         batch->refs =
             calloc(config->batch_max + S_AUTH_PENDING, sizeof *batch->refs);
         batch->keys = zhashx_new();
+        batch->arena = kh_jarena_new(S_ARENA_KEEP);
         allocated = allocated && batch->requests && batch->subs &&
-                    batch->refs && batch->keys;
+                    batch->refs && batch->keys && batch->arena;
     }
     if (!allocated) {
         kh_error_set(err, KH_E_NOMEM, "", "out of memory");
@@ -210,9 +214,9 @@ void intake_destroy(intake_t **self_p)
         s_batch_t *batch = &self->batches[i];
         for (size_t r = 0; batch->requests && r < batch->count; r++) {
             zframe_destroy(&batch->requests[r].identity);
-            json_decref(batch->requests[r].msg);
             free(batch->requests[r].canonical);
         }
+        kh_jarena_destroy(&batch->arena);
         zhashx_destroy(&self->batches[i].keys);
         free(self->batches[i].requests);
         free(self->batches[i].subs);
@@ -314,8 +318,10 @@ static void s_refuse(s_request_t *req, const kh_error_t *err)
     req->err = *err;
 }
 
-/* Receive one request and check everything that needs no database. */
-static void s_take(intake_t *self, s_request_t *req, zmsg_t *msg)
+/* Receive one request and check everything that needs no database; its
+ * envelope is decoded into arena. */
+static void s_take(intake_t *self, kh_jarena_t *arena, s_request_t *req,
+                   zmsg_t *msg)
 {
     memset(req, 0, sizeof *req);
     req->sub = -1;
@@ -337,16 +343,21 @@ static void s_take(intake_t *self, s_request_t *req, zmsg_t *msg)
     } else
         snprintf(req->actor, sizeof req->actor, "key:%s", key ? key : "none");
 
-    if (!body || zmsg_size(msg) != 0) {
-        kh_error_set(&err, KH_E_BAD_ENVELOPE, "",
-                     "a request is exactly one frame");
-        s_refuse(req, &err);
-    } else if (kh_msgpack_decode(zframe_data(body), zframe_size(body),
-                                 &self->cfg.limits, &req->msg, &err))
+    int rc = 0;
+    if (!body || zmsg_size(msg) != 0)
+        rc = kh_error_set(&err, KH_E_BAD_ENVELOPE, "",
+                          "a request is exactly one frame");
+    else {
+        kh_jarena_t *was = kh_jarena_enter(arena);
+        rc = kh_msgpack_decode(zframe_data(body), zframe_size(body),
+                               &self->cfg.limits, &req->msg, &err);
+        kh_jarena_enter(was);
+    }
+    if (rc)
         s_refuse(req, &err);
     else {
         const char *cid = NULL;
-        int rc = kh_proto_check(req->msg, &req->cmd, &cid, &err);
+        rc = kh_proto_check(req->msg, &req->cmd, &cid, &err);
         snprintf(req->cid, sizeof req->cid, "%s", cid ? cid : "");
         if (rc == 0 && req->cmd != KH_CMD_SUBMIT && req->cmd != KH_CMD_STATUS &&
             req->cmd != KH_CMD_PING)
@@ -579,11 +590,11 @@ static void s_batch_reply(intake_t *self, s_batch_t *batch,
         s_count_reply(self, req, reply);
         s_send(self, req, reply);
         zframe_destroy(&req->identity);
-        json_decref(req->msg);
         req->msg = NULL;
         free(req->canonical);
         req->canonical = NULL;
     }
+    kh_jarena_reset(batch->arena);
     if (batch->sent_at) {
         double ms = (double) (zclock_usecs() - batch->sent_at) / 1000.0;
         self->stats.batches++;
@@ -772,6 +783,15 @@ static int s_on_db(zloop_t *loop, zmq_pollitem_t *item, void *arg)
     return 0;
 }
 
+/* Whether batch holds all the requests, or all the memory, it may: its
+ * envelopes, and the canonical referrals (about as large as their frames)
+ * of the ones it keeps. */
+static bool s_batch_full(const intake_t *self, const s_batch_t *batch)
+{
+    return batch->count >= self->cfg.batch_max ||
+           batch->bytes + kh_jarena_used(batch->arena) >= S_BATCH_BYTES;
+}
+
 /* Take the waiting requests into the filling batch; commit it if nothing
  * else is being committed. */
 static int s_on_router(zloop_t *loop, zsock_t *router, void *arg)
@@ -779,32 +799,24 @@ static int s_on_router(zloop_t *loop, zsock_t *router, void *arg)
     (void) loop;
     intake_t *self = arg;
     s_batch_t *batch = self->filling;
-    while (batch->count < self->cfg.batch_max && batch->bytes < S_BATCH_BYTES &&
-           (zsock_events(router) & ZMQ_POLLIN)) {
+    while (!s_batch_full(self, batch) && (zsock_events(router) & ZMQ_POLLIN)) {
         zmsg_t *msg = zmsg_recv(router);
         if (!msg)
             break;
         s_request_t *req = &batch->requests[batch->count++];
-        s_take(self, req, msg);
+        s_take(self, batch->arena, req, msg);
         zmsg_destroy(&msg);
         if (!req->refused && req->cmd == KH_CMD_SUBMIT)
             s_batch_submit(batch, req);
         if (!req->refused)
             batch->bytes += req->size;
-        else {
-            /* Neither a throttled request nor one refused because the
-             * database is away is audited (that could not commit). */
-            if (req->err.code != KH_E_THROTTLED &&
-                req->err.code != KH_E_UNAVAILABLE)
-                s_batch_refusal(batch, req);
-            /* Only its cid is needed from here on: memory for a refused
-             * request is held no longer than its check. */
-            json_decref(req->msg);
-            req->msg = NULL;
-        }
+        /* Neither a throttled request nor one refused because the
+         * database is away is audited (that could not commit). */
+        else if (req->err.code != KH_E_THROTTLED &&
+                 req->err.code != KH_E_UNAVAILABLE)
+            s_batch_refusal(batch, req);
     }
-    if (self->committing &&
-        (batch->count == self->cfg.batch_max || batch->bytes >= S_BATCH_BYTES))
+    if (self->committing && s_batch_full(self, batch))
         s_set_reading(self, false);
     s_dispatch(self);
     return 0;
