@@ -57,13 +57,19 @@ static _Thread_local kh_jarena_t *s_current; /* where jansson allocates */
 static _Thread_local kh_jarena_t *s_arenas;  /* the thread's arenas */
 static pthread_once_t s_once = PTHREAD_ONCE_INIT;
 
-static bool s_owns(const kh_jarena_t *self, const void *p)
+static bool s_in(const s_chunk_t *c, const unsigned char *p)
 {
-    const unsigned char *b = p;
-    for (const s_chunk_t *c = self->chunks; c; c = c->next)
-        if (b >= S_DATA(c) && b < S_DATA(c) + c->size)
+    for (; c; c = c->next)
+        if (p >= S_DATA(c) && p < S_DATA(c) + c->size)
             return true;
     return false;
+}
+
+/* Whether p is in one of the arena's chunks (a spare one too: a value
+ * freed after its arena's reset is then no free() of arena memory). */
+static bool s_owns(const kh_jarena_t *self, const void *p)
+{
+    return s_in(self->chunks, p) || s_in(self->spare, p);
 }
 
 static void *s_alloc(kh_jarena_t *self, size_t size)

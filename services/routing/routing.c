@@ -17,6 +17,7 @@
 #include "ketenhub/codec.h"
 #include "ketenhub/db.h"
 #include "ketenhub/health.h"
+#include "ketenhub/jarena.h"
 #include "ketenhub/log.h"
 #include "ketenhub/partner.h"
 #include "ketenhub/pgarray.h"
@@ -31,12 +32,14 @@
 #define S_DELIVERY_COLUMNS 9
 #define S_ROUTED_COLUMNS 4
 #define S_UNROUTABLE_COLUMNS 3
+#define S_ARENA_KEEP (256 * 1024)
 
 struct _routing_t {
     routing_config_t config;
     PGconn *conn;
     kh_rules_t *rules;
     kh_rules_result_t *result;
+    kh_jarena_t *arena; /* the referral being routed and its projections */
     kh_zap_t *zap;
     zcert_t *cert;
     zsock_t *pull;
@@ -372,8 +375,8 @@ static void s_matched(const kh_rules_result_t *result, char *out, size_t size)
  * the pass. Returns 1 when routed, 0 when it cannot be read (set aside as
  * unroutable: a referral.routed event with outcome failed), -1 when out of
  * memory. */
-static int s_route_one(routing_t *self, const char *id, const char *payload,
-                       const char *hash, kh_error_t *err)
+static int s_route(routing_t *self, const char *id, const char *payload,
+                   const char *hash, kh_error_t *err)
 {
     json_error_t jerr;
     json_t *referral = payload ? json_loads(payload, 0, &jerr) : NULL;
@@ -408,6 +411,18 @@ static int s_route_one(routing_t *self, const char *id, const char *payload,
                  "referral=%s targets=%zu fallback=%d rules=%s", id, targets,
                  fallback, matched[0] ? matched : "none");
     return 1;
+}
+
+/* s_route, with the referral's values and its projections in the arena,
+ * which forgets them once it is done. */
+static int s_route_one(routing_t *self, const char *id, const char *payload,
+                       const char *hash, kh_error_t *err)
+{
+    kh_jarena_t *was = kh_jarena_enter(self->arena);
+    int rc = s_route(self, id, payload, hash, err);
+    kh_jarena_enter(was);
+    kh_jarena_reset(self->arena);
+    return rc;
 }
 
 /* Send one of the pass's array statements (when it has rows): its
@@ -769,7 +784,8 @@ routing_t *routing_new(const routing_config_t *config, kh_error_t *err)
     if (!self->rules)
         goto fail;
     self->result = kh_rules_result_new(self->rules);
-    if (!self->result) {
+    self->arena = kh_jarena_new(S_ARENA_KEEP);
+    if (!self->result || !self->arena) {
         kh_error_set(err, KH_E_NOMEM, "", "out of memory");
         goto fail;
     }
@@ -824,6 +840,7 @@ void routing_destroy(routing_t **self_p)
     kh_zap_destroy(&self->zap);
     zcert_destroy(&self->cert);
     kh_rules_result_destroy(&self->result);
+    kh_jarena_destroy(&self->arena);
     kh_rules_destroy(&self->rules);
     PQfinish(self->conn);
     free(self);
