@@ -133,6 +133,7 @@ static void s_string(s_out_t *out, const char *str, size_t n)
 typedef struct {
     const char *key;
     size_t len;
+    const json_t *value;
 } s_key_t;
 
 /* jansson's order: bytewise, a prefix first. */
@@ -161,6 +162,7 @@ static void s_object(s_out_t *out, const json_t *v)
          it = json_object_iter_next((json_t *) v, it), i++) {
         keys[i].key = json_object_iter_key(it);
         keys[i].len = json_object_iter_key_len(it);
+        keys[i].value = json_object_iter_value(it);
     }
     qsort(keys, i, sizeof *keys, s_key_cmp);
     s_put(out, "{", 1);
@@ -169,7 +171,7 @@ static void s_object(s_out_t *out, const json_t *v)
             s_put(out, ",", 1);
         s_string(out, keys[k].key, keys[k].len);
         s_put(out, ":", 1);
-        s_value(out, json_object_getn(v, keys[k].key, keys[k].len));
+        s_value(out, keys[k].value);
     }
     s_put(out, "}", 1);
     if (keys != small)

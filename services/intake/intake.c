@@ -565,6 +565,9 @@ static json_t *s_submit_reply(intake_t *self, const s_batch_t *batch,
 static void s_batch_reply(intake_t *self, s_batch_t *batch,
                           const kh_error_t *commit_err)
 {
+    /* The replies are made in the batch's arena too, and forgotten with
+     * the requests. */
+    kh_jarena_t *was = kh_jarena_enter(batch->arena);
     for (size_t i = 0; i < batch->count; i++) {
         s_request_t *req = &batch->requests[i];
         json_t *reply = NULL;
@@ -594,6 +597,7 @@ static void s_batch_reply(intake_t *self, s_batch_t *batch,
         free(req->canonical);
         req->canonical = NULL;
     }
+    kh_jarena_enter(was);
     kh_jarena_reset(batch->arena);
     if (batch->sent_at) {
         double ms = (double) (zclock_usecs() - batch->sent_at) / 1000.0;
