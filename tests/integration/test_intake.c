@@ -802,9 +802,10 @@ END_TEST
 /* A database that stops answering mid-commit: SIGTERM still ends intake
  * in time, the waiting partner gets a retryable refusal (never a false
  * ACCEPTED), and the same key afterwards gets exactly one referral. */
-START_TEST(sigterm_with_a_stalled_commit_exits_in_time)
+/* The pid of intake's writer backend, after a first SUBMIT of referral
+ * (its backend is then the one whose last statement was a batch). */
+static pid_t s_writer(json_t *referral)
 {
-    json_t *referral = s_example();
     kh_client_t *client = s_client("vt");
     kh_error_t err;
     json_t *reply =
@@ -812,12 +813,21 @@ START_TEST(sigterm_with_a_stalled_commit_exits_in_time)
     ck_assert_ptr_nonnull(reply);
     json_decref(reply);
     kh_client_destroy(&client);
-    /* The writer's backend is the one whose last statement was a batch. */
     long writer = s_count("SELECT pid FROM pg_stat_activity WHERE "
                           "application_name = 'ketenhub-intake' AND query "
                           "LIKE 'WITH input%'");
     ck_assert_int_gt(writer, 0);
-    kill((pid_t) writer, SIGSTOP);
+    return (pid_t) writer;
+}
+
+START_TEST(sigterm_with_a_stalled_commit_exits_in_time)
+{
+    json_t *referral = s_example();
+    pid_t writer = s_writer(referral);
+    kill(writer, SIGSTOP);
+    kh_error_t err;
+    kh_client_t *client;
+    json_t *reply;
 
     zsock_t *dealer = s_dealer(8000);
     json_t *envelope = s_submit_envelope("stall-1", referral);
@@ -838,7 +848,7 @@ START_TEST(sigterm_with_a_stalled_commit_exits_in_time)
     int status = khproc_stop(s_intake, 0, 8000);
     int64_t elapsed = zclock_mono() - started;
     s_intake = -1;
-    kill((pid_t) writer, SIGCONT);
+    kill(writer, SIGCONT);
     ck_assert(status != -1 && WIFEXITED(status));
     ck_assert_int_eq(WEXITSTATUS(status), 0);
     ck_assert_int_lt(elapsed, 5000);
@@ -865,6 +875,114 @@ START_TEST(sigterm_with_a_stalled_commit_exits_in_time)
     ck_assert_int_eq(s_count("SELECT count(*) FROM referrals WHERE "
                              "idempotency_key = 'stall-1'"),
                      1);
+    json_decref(referral);
+}
+END_TEST
+
+#define S_BOMBS 40
+
+/* An encoded SUBMIT (cid cid) whose referral has, beside the example's
+ * fields, one the schema refuses: 60 arrays of 1,000 one-letter strings,
+ * a frame of some 120 KB that decodes into megabytes of JSON values. */
+static zframe_t *s_bomb(json_t *referral, const char *cid)
+{
+    json_t *copy = json_deep_copy(referral);
+    json_t *x = json_array();
+    for (int a = 0; a < 60; a++) {
+        json_t *strings = json_array();
+        for (int i = 0; i < 1000; i++)
+            json_array_append_new(strings, json_string("x"));
+        json_array_append_new(x, strings);
+    }
+    json_object_set_new(copy, "x", x);
+    json_t *envelope = s_submit_envelope(cid, copy);
+    json_decref(copy);
+    json_object_set_new(envelope, "v", json_integer(1));
+    json_object_set_new(envelope, "cid", json_string(cid));
+    char *data;
+    size_t size;
+    kh_error_t err;
+    ck_assert_int_eq(kh_msgpack_encode(envelope, &data, &size, &err), 0);
+    json_decref(envelope);
+    zframe_t *frame = zframe_new(data, size);
+    free(data);
+    return frame;
+}
+
+/* While a commit hangs, requests wait in the batch being filled: however
+ * many come and however large they decode, that batch stops taking them
+ * at its memory bound (the rest wait in ZeroMQ's queue), and every one is
+ * answered once the commit goes through (promise 9). */
+START_TEST(a_stalled_commit_keeps_waiting_requests_in_bounded_memory)
+{
+    khproc_stop(s_intake, SIGTERM, 5000);
+    char routing[128], asan[512];
+    snprintf(routing, sizeof routing, "KH_ROUTING_ENDPOINT=%s", s_routing);
+    /* Memory is what is measured: ASan must not hold freed blocks back. */
+    const char *was = getenv("ASAN_OPTIONS");
+    snprintf(asan, sizeof asan, "ASAN_OPTIONS=%s%squarantine_size_mb=1",
+             was ? was : "", was && *was ? ":" : "");
+    char *extra[] = {routing, "KH_DB_COMMIT_TIMEOUT_MS=60000", asan, NULL};
+    s_intake = khtest_start_intake(s_dir, s_endpoint, s_conninfo, extra);
+    s_wait_ready();
+    json_t *referral = s_example();
+    pid_t writer = s_writer(referral);
+    long before = khproc_mem_kib(s_intake, "VmRSS");
+
+    kill(writer, SIGSTOP);
+    zsock_t *dealer = s_dealer(30000);
+    json_t *envelope = s_submit_envelope("held-1", referral);
+    json_object_set_new(envelope, "v", json_integer(1));
+    json_object_set_new(envelope, "cid", json_string("held"));
+    char *data;
+    size_t size;
+    kh_error_t err;
+    ck_assert_int_eq(kh_msgpack_encode(envelope, &data, &size, &err), 0);
+    json_decref(envelope);
+    zframe_t *frame = zframe_new(data, size);
+    free(data);
+    zframe_send(&frame, dealer, 0);
+    zclock_sleep(300); /* its commit is in flight and stuck */
+    for (int i = 0; i < S_BOMBS; i++) {
+        char cid[16];
+        snprintf(cid, sizeof cid, "b%d", i);
+        frame = s_bomb(referral, cid);
+        zframe_send(&frame, dealer, 0);
+    }
+    zclock_sleep(2000);
+    long during = khproc_mem_kib(s_intake, "VmRSS");
+    kill(writer, SIGCONT);
+
+    int accepted = 0, refused = 0;
+    for (int i = 0; i < S_BOMBS + 1; i++) {
+        frame = zframe_recv(dealer);
+        ck_assert_msg(frame != NULL, "%d of %d answered", i, S_BOMBS + 1);
+        json_t *reply = NULL;
+        ck_assert_int_eq(kh_msgpack_decode(zframe_data(frame),
+                                           zframe_size(frame), NULL, &reply,
+                                           &err),
+                         0);
+        zframe_destroy(&frame);
+        if (strcmp(s_str(reply, "cid"), "held") == 0) {
+            ck_assert_str_eq(kh_client_reply_cmd(reply), "ACCEPTED");
+            accepted++;
+            json_decref(reply);
+        } else {
+            s_expect_rejected(reply, "schema.unknown_field", "referral.x");
+            refused++;
+        }
+    }
+    ck_assert_int_eq(accepted, 1);
+    ck_assert_int_eq(refused, S_BOMBS);
+    /* Two batches of 8 MiB at most, one request past each bound, and what
+     * ZeroMQ holds; all of them at once would be some 160 MiB. */
+    fprintf(stderr,
+            "intake rss before %ld KiB, with %d requests waiting %ld KiB\n",
+            before, S_BOMBS, during);
+    ck_assert_int_gt(before, 0);
+    ck_assert_msg(during - before <= 48 * 1024,
+                  "RSS grew by %ld KiB while requests waited", during - before);
+    zsock_destroy(&dealer);
     json_decref(referral);
 }
 END_TEST
@@ -1007,6 +1125,8 @@ int main(void)
     tcase_add_test(tc, killed_before_commit_then_retry_succeeds_once);
     tcase_add_test(tc, database_down_gives_retryable_refusal_then_recovers);
     tcase_add_test(tc, sigterm_with_a_stalled_commit_exits_in_time);
+    tcase_add_test(tc,
+                   a_stalled_commit_keeps_waiting_requests_in_bounded_memory);
     tcase_add_test(tc, a_stalled_reader_does_not_stop_intake);
     tcase_add_test(tc, a_partner_over_its_rate_is_throttled);
     tcase_add_test(tc, sighup_does_not_stop_and_sigterm_exits_zero);

@@ -1002,19 +1002,10 @@ START_TEST(unknown_key_and_bad_frames_are_refused)
 }
 END_TEST
 
-/* VmRSS (or VmHWM) of pid in KiB. */
-static long s_mem_kib(pid_t pid, const char *field)
+/* VmRSS of pid in KiB. */
+static long s_rss_kib(pid_t pid)
 {
-    char path[64], line[256];
-    snprintf(path, sizeof path, "/proc/%d/status", (int) pid);
-    FILE *file = fopen(path, "r");
-    ck_assert_ptr_nonnull(file);
-    long kib = -1;
-    size_t len = strlen(field);
-    while (fgets(line, sizeof line, file))
-        if (strncmp(line, field, len) == 0 && line[len] == ':')
-            kib = atol(line + len + 1);
-    fclose(file);
+    long kib = khproc_mem_kib(pid, "VmRSS");
     ck_assert_int_ge(kib, 0);
     return kib;
 }
@@ -1069,15 +1060,15 @@ START_TEST(a_large_backlog_drains_with_flat_memory)
                  !json_is_true(json_object_get(msg, "duplicate"))) {
             /* A slow machine may see re-sends: count each delivery once. */
             if (++acked == 2000)
-                idle = peak = s_mem_kib(pid, "VmRSS");
+                idle = peak = s_rss_kib(pid);
             else if (acked > 2000 && acked % 5000 == 0) { /* now and then */
-                long now = s_mem_kib(pid, "VmRSS");
+                long now = s_rss_kib(pid);
                 peak = now > peak ? now : peak;
             }
         }
         json_decref(msg);
     }
-    long now = s_mem_kib(pid, "VmRSS");
+    long now = s_rss_kib(pid);
     peak = now > peak ? now : peak;
     ck_assert_int_eq(acked, S_DRAIN_COUNT);
     ck_assert_int_eq(s_count("SELECT count(*) FROM deliveries WHERE state ="

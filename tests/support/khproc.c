@@ -111,3 +111,19 @@ int khproc_sh(const char *fmt, ...)
         return -1;
     return WEXITSTATUS(status);
 }
+
+long khproc_mem_kib(pid_t pid, const char *field)
+{
+    char path[64], line[256];
+    snprintf(path, sizeof path, "/proc/%d/status", (int) pid);
+    FILE *file = fopen(path, "r");
+    if (!file)
+        return -1;
+    long kib = -1;
+    size_t len = strlen(field);
+    while (fgets(line, sizeof line, file))
+        if (strncmp(line, field, len) == 0 && line[len] == ':')
+            kib = atol(line + len + 1);
+    fclose(file);
+    return kib;
+}

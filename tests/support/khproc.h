@@ -22,6 +22,10 @@ int khproc_stop(pid_t pid, int sig, int timeout_ms);
 /* A TCP port on 127.0.0.1 that was free a moment ago. */
 int khproc_free_port(void);
 
+/* A memory figure of pid from /proc/PID/status in KiB ("VmRSS",
+ * "VmHWM"), or -1. */
+long khproc_mem_kib(pid_t pid, const char *field);
+
 /* Run a shell command; returns its exit status (0..255) or -1. */
 int khproc_sh(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
