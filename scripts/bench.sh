@@ -38,25 +38,32 @@ referral=$1
 echo "== open loop, 1000/s offered, 16 clients, ${seconds}s, intake alone (fsync on)"
 bench "$referral" --clients 16 --window 64 --rate 1000 --json "$run/open-1000.json" | sed 's/^/  /'
 
-hub_start_routing "$KH_ROUTING_ENDPOINT"
-until [ "$(psql -Atc "SELECT count(*) FROM referrals WHERE state = 'accepted'")" = 0 ]; do
-  sleep 0.5
-done
-since=$(psql -Atc "SELECT now()")
-echo "== open loop, 1000/s offered, 16 clients, ${seconds}s, with routing"
-bench "$referral" --clients 16 --window 64 --rate 1000 --json "$run/open-1000-routing.json" | sed 's/^/  /'
-sleep 1
-echo "== routing delay in that run: referral.accepted -> referral.routed in the trail"
-psql -At -F ' ' -c "SELECT 'routed=' || count(*),
-    'p50_ms=' || round(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms)::numeric, 3),
-    'p99_ms=' || round(percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)::numeric, 3),
-    'max_ms=' || round(max(ms)::numeric, 3)
-  FROM (SELECT extract(epoch FROM r.at - a.at) * 1000 AS ms
-          FROM audit_events a JOIN audit_events r
-            ON r.referral_id = a.referral_id AND r.action = 'referral.routed'
-         WHERE a.action = 'referral.accepted' AND a.at > '$since') delays" | sed 's/^/  /'
+# $1: what the cluster is like, $2: the JSON file. The open loop with
+# routing working beside intake, and how long routing took after
+# acceptance in that run (referral.accepted -> referral.routed in the
+# trail); routing stops after it.
+with_routing() {
+  hub_start_routing "$KH_ROUTING_ENDPOINT"
+  until [ "$(psql -Atc "SELECT count(*) FROM referrals WHERE state = 'accepted'")" = 0 ]; do
+    sleep 0.5
+  done
+  since=$(psql -Atc "SELECT now()")
+  echo "== open loop, 1000/s offered, 16 clients, ${seconds}s, with routing, $1"
+  bench "$referral" --clients 16 --window 64 --rate 1000 --json "$2" | sed 's/^/  /'
+  sleep 1
+  echo "== routing delay in that run: referral.accepted -> referral.routed in the trail"
+  psql -At -F ' ' -c "SELECT 'routed=' || count(*),
+      'p50_ms=' || round(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms)::numeric, 3),
+      'p99_ms=' || round(percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)::numeric, 3),
+      'max_ms=' || round(max(ms)::numeric, 3)
+    FROM (SELECT extract(epoch FROM r.at - a.at) * 1000 AS ms
+            FROM audit_events a JOIN audit_events r
+              ON r.referral_id = a.referral_id AND r.action = 'referral.routed'
+           WHERE a.action = 'referral.accepted' AND a.at > '$since') delays" | sed 's/^/  /'
+  kill -TERM "$(cat "$run/routing.pid")" && rm -f "$run/routing.pid"
+}
+with_routing "new cluster" "$run/open-1000-routing.json"
 # Throughput of intake alone from here on.
-kill -TERM "$(cat "$run/routing.pid")" && rm -f "$run/routing.pid"
 echo "== closed loop, 16 clients, 1 request in flight each, ${seconds}s"
 bench "$referral" --clients 16 --json "$run/closed-1.json" | sed 's/^/  /'
 echo "== closed loop, 16 clients, 16 requests in flight each, ${seconds}s"
@@ -65,11 +72,15 @@ bench "$referral" --clients 16 --window 16 --json "$run/closed-16.json" | sed 's
 # needs it, and the commits behind wait (the p99.9 of the first runs); a
 # running one reuses the segments that a checkpoint has retired. Once more
 # in that steady state: after a checkpoint and 5 s of the same load.
+# The closed loops' referrals are set aside (marked routed, with no
+# deliveries), so that routing starts on an empty queue below.
+psql -qc "UPDATE referrals SET state = 'routed' WHERE state = 'accepted'"
 echo "== open loop, 1000/s offered, 16 clients, ${seconds}s, intake alone, WAL segments reused"
 psql -qc "CHECKPOINT"
 bench "$referral" --clients 16 --window 64 --rate 1000 --seconds 5 >/dev/null
 bench "$referral" --clients 16 --window 64 --rate 1000 \
   --json "$run/open-1000-steady.json" | sed 's/^/  /'
+with_routing "WAL segments reused" "$run/open-1000-routing-steady.json"
 echo "== routing rules: evaluations on one core, default rules"
 "$build/tools/bench/ketenhub-bench" --rules "$here/schemas/rules/default.yaml" \
   --referral "$referral" --seconds 3 | sed 's/^/  /'
