@@ -350,6 +350,21 @@ static json_t *s_submit_envelope(const char *key, json_t *referral)
                      "referral", referral);
 }
 
+/* envelope (consumed) as version 1 with cid, encoded in a frame. */
+static zframe_t *s_frame(json_t *envelope, const char *cid)
+{
+    json_object_set_new(envelope, "v", json_integer(1));
+    json_object_set_new(envelope, "cid", json_string(cid));
+    char *data;
+    size_t size;
+    kh_error_t err;
+    ck_assert_int_eq(kh_msgpack_encode(envelope, &data, &size, &err), 0);
+    json_decref(envelope);
+    zframe_t *frame = zframe_new(data, size);
+    free(data);
+    return frame;
+}
+
 static void s_expect_rejected(json_t *reply, const char *code, const char *path)
 {
     ck_assert_msg(reply != NULL, "no reply, expected %s", code);
@@ -830,15 +845,7 @@ START_TEST(sigterm_with_a_stalled_commit_exits_in_time)
     json_t *reply;
 
     zsock_t *dealer = s_dealer(8000);
-    json_t *envelope = s_submit_envelope("stall-1", referral);
-    json_object_set_new(envelope, "v", json_integer(1));
-    json_object_set_new(envelope, "cid", json_string("s"));
-    char *data;
-    size_t size;
-    ck_assert_int_eq(kh_msgpack_encode(envelope, &data, &size, &err), 0);
-    zframe_t *frame = zframe_new(data, size);
-    free(data);
-    json_decref(envelope);
+    zframe_t *frame = s_frame(s_submit_envelope("stall-1", referral), "s");
     zframe_send(&frame, dealer, 0);
     zclock_sleep(300); /* the commit is in flight and stuck */
 
@@ -897,16 +904,7 @@ static zframe_t *s_bomb(json_t *referral, const char *cid)
     json_object_set_new(copy, "x", x);
     json_t *envelope = s_submit_envelope(cid, copy);
     json_decref(copy);
-    json_object_set_new(envelope, "v", json_integer(1));
-    json_object_set_new(envelope, "cid", json_string(cid));
-    char *data;
-    size_t size;
-    kh_error_t err;
-    ck_assert_int_eq(kh_msgpack_encode(envelope, &data, &size, &err), 0);
-    json_decref(envelope);
-    zframe_t *frame = zframe_new(data, size);
-    free(data);
-    return frame;
+    return s_frame(envelope, cid);
 }
 
 /* While a commit hangs, requests wait in the batch being filled: however
@@ -931,16 +929,7 @@ START_TEST(a_stalled_commit_keeps_waiting_requests_in_bounded_memory)
 
     kill(writer, SIGSTOP);
     zsock_t *dealer = s_dealer(30000);
-    json_t *envelope = s_submit_envelope("held-1", referral);
-    json_object_set_new(envelope, "v", json_integer(1));
-    json_object_set_new(envelope, "cid", json_string("held"));
-    char *data;
-    size_t size;
-    kh_error_t err;
-    ck_assert_int_eq(kh_msgpack_encode(envelope, &data, &size, &err), 0);
-    json_decref(envelope);
-    zframe_t *frame = zframe_new(data, size);
-    free(data);
+    zframe_t *frame = s_frame(s_submit_envelope("held-1", referral), "held");
     zframe_send(&frame, dealer, 0);
     zclock_sleep(300); /* its commit is in flight and stuck */
     for (int i = 0; i < S_BOMBS; i++) {
@@ -958,6 +947,7 @@ START_TEST(a_stalled_commit_keeps_waiting_requests_in_bounded_memory)
         frame = zframe_recv(dealer);
         ck_assert_msg(frame != NULL, "%d of %d answered", i, S_BOMBS + 1);
         json_t *reply = NULL;
+        kh_error_t err;
         ck_assert_int_eq(kh_msgpack_decode(zframe_data(frame),
                                            zframe_size(frame), NULL, &reply,
                                            &err),
