@@ -260,6 +260,18 @@ START_TEST(same_idempotency_key_returns_the_first_answer)
 }
 END_TEST
 
+/* The message in frame (destroyed), which must decode. */
+static json_t *s_decoded(zframe_t **frame)
+{
+    json_t *msg = NULL;
+    kh_error_t err;
+    ck_assert_int_eq(kh_msgpack_decode(zframe_data(*frame), zframe_size(*frame),
+                                       NULL, &msg, &err),
+                     0);
+    zframe_destroy(frame);
+    return msg;
+}
+
 /* A CURVE DEALER of partner vt, connected to intake. */
 static zsock_t *s_dealer(int timeout_ms)
 {
@@ -279,15 +291,7 @@ static json_t *s_raw(const void *data, size_t size, int frames, int timeout_ms)
         zmsg_addmem(msg, data, size);
     zmsg_send(&msg, dealer);
     zframe_t *frame = zframe_recv(dealer);
-    json_t *reply = NULL;
-    if (frame) {
-        kh_error_t err;
-        ck_assert_int_eq(kh_msgpack_decode(zframe_data(frame),
-                                           zframe_size(frame), NULL, &reply,
-                                           &err),
-                         0);
-    }
-    zframe_destroy(&frame);
+    json_t *reply = frame ? s_decoded(&frame) : NULL;
     zsock_destroy(&dealer);
     return reply;
 }
@@ -330,13 +334,7 @@ static void s_pipeline(json_t **envelopes, size_t n, json_t **replies,
         zframe_t *frame = zframe_recv(dealer);
         if (!frame)
             break;
-        json_t *reply = NULL;
-        kh_error_t err;
-        ck_assert_int_eq(kh_msgpack_decode(zframe_data(frame),
-                                           zframe_size(frame), NULL, &reply,
-                                           &err),
-                         0);
-        zframe_destroy(&frame);
+        json_t *reply = s_decoded(&frame);
         size_t i = strtoul(s_str(reply, "cid") + 1, NULL, 10);
         ck_assert_uint_lt(i, n);
         replies[i] = reply;
@@ -613,11 +611,7 @@ START_TEST(accepted_referrals_wake_routing)
     ck_assert_ptr_nonnull(reply);
     zframe_t *frame = zframe_recv(pull);
     ck_assert_ptr_nonnull(frame);
-    json_t *wakeup = NULL;
-    ck_assert_int_eq(kh_msgpack_decode(zframe_data(frame), zframe_size(frame),
-                                       NULL, &wakeup, &err),
-                     0);
-    zframe_destroy(&frame);
+    json_t *wakeup = s_decoded(&frame);
     ck_assert_str_eq(s_str(wakeup, "cmd"), "ROUTE");
     json_t *ids = json_object_get(wakeup, "referral_ids");
     ck_assert_int_eq((int) json_array_size(ids), 1);
@@ -860,11 +854,7 @@ START_TEST(sigterm_with_a_stalled_commit_exits_in_time)
     ck_assert_int_eq(WEXITSTATUS(status), 0);
     ck_assert_int_lt(elapsed, 5000);
     ck_assert_ptr_nonnull(frame);
-    reply = NULL;
-    ck_assert_int_eq(kh_msgpack_decode(zframe_data(frame), zframe_size(frame),
-                                       NULL, &reply, &err),
-                     0);
-    zframe_destroy(&frame);
+    reply = s_decoded(&frame);
     ck_assert_str_eq(kh_client_reply_cmd(reply), "REJECTED");
     ck_assert_str_eq(s_str(reply, "code"), "unavailable");
     ck_assert(json_is_true(json_object_get(reply, "retryable")));
@@ -946,13 +936,7 @@ START_TEST(a_stalled_commit_keeps_waiting_requests_in_bounded_memory)
     for (int i = 0; i < S_BOMBS + 1; i++) {
         frame = zframe_recv(dealer);
         ck_assert_msg(frame != NULL, "%d of %d answered", i, S_BOMBS + 1);
-        json_t *reply = NULL;
-        kh_error_t err;
-        ck_assert_int_eq(kh_msgpack_decode(zframe_data(frame),
-                                           zframe_size(frame), NULL, &reply,
-                                           &err),
-                         0);
-        zframe_destroy(&frame);
+        json_t *reply = s_decoded(&frame);
         if (strcmp(s_str(reply, "cid"), "held") == 0) {
             ck_assert_str_eq(kh_client_reply_cmd(reply), "ACCEPTED");
             accepted++;
