@@ -74,6 +74,8 @@ static bool s_owns(const kh_jarena_t *self, const void *p)
 
 static void *s_alloc(kh_jarena_t *self, size_t size)
 {
+    if (size > SIZE_MAX / 2)
+        return NULL;
     size_t n = (size + S_ALIGN - 1) & ~(size_t) (S_ALIGN - 1);
     s_chunk_t *c = self->chunks;
     if (!c || c->size - c->used < n) {
