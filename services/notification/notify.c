@@ -591,10 +591,10 @@ static void s_answers_settle(notify_t *self, bool acked, bool nacked)
         char key[600];
         s_identity_key(p->identity, key, sizeof key);
         s_conn_t *conn = zhashx_lookup(self->conns, key);
-        /* The credit it frees is claimed for only when the last claim
-         * left deliveries waiting (more stayed true): an ACK adds none. */
-        if (conn && p->answer.outcome != DSTORE_NOT_FOUND)
+        if (conn && p->answer.outcome != DSTORE_NOT_FOUND) {
             zhashx_delete(conn->out, p->answer.id);
+            conn->more = conn->more || p->answer.outcome == DSTORE_DONE;
+        }
     }
 }
 
