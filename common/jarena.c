@@ -13,8 +13,9 @@
 #include <stdlib.h>
 
 /* Under AddressSanitizer the bytes of an arena that are not handed out
- * are poisoned, so that a value used after its arena's reset is caught
- * like a use after free. */
+ * are poisoned, and a reset keeps no chunk (ASan's quarantine then holds
+ * them back from reuse), so that a value used after its arena's reset is
+ * caught like a use after free. */
 #if defined(__SANITIZE_ADDRESS__)
 #define S_ASAN 1
 #elif defined(__has_feature)
@@ -26,7 +27,9 @@
 #include <sanitizer/asan_interface.h>
 #define S_POISON(p, n) ASAN_POISON_MEMORY_REGION(p, n)
 #define S_UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION(p, n)
+#define S_KEEPS 0
 #else
+#define S_KEEPS 1
 #define S_POISON(p, n) ((void) (p), (void) (n))
 #define S_UNPOISON(p, n) ((void) (p), (void) (n))
 #endif
@@ -57,19 +60,16 @@ static _Thread_local kh_jarena_t *s_current; /* where jansson allocates */
 static _Thread_local kh_jarena_t *s_arenas;  /* the thread's arenas */
 static pthread_once_t s_once = PTHREAD_ONCE_INIT;
 
-static bool s_in(const s_chunk_t *c, const unsigned char *p)
-{
-    for (; c; c = c->next)
-        if (p >= S_DATA(c) && p < S_DATA(c) + c->size)
-            return true;
-    return false;
-}
-
-/* Whether p is in one of the arena's chunks (a spare one too: a value
- * freed after its arena's reset is then no free() of arena memory). */
+/* Whether p is in one of the chunks that hold the arena's values (a
+ * value freed after its arena's reset is not: libc's free() then fails
+ * loudly rather than a reused chunk being corrupted quietly). */
 static bool s_owns(const kh_jarena_t *self, const void *p)
 {
-    return s_in(self->chunks, p) || s_in(self->spare, p);
+    const unsigned char *b = p;
+    for (const s_chunk_t *c = self->chunks; c; c = c->next)
+        if (b >= S_DATA(c) && b < S_DATA(c) + c->size)
+            return true;
+    return false;
 }
 
 static void *s_alloc(kh_jarena_t *self, size_t size)
@@ -181,7 +181,7 @@ void kh_jarena_reset(kh_jarena_t *self)
     s_chunk_t *c = self->chunks;
     while (c) {
         s_chunk_t *next = c->next;
-        if (c->size == S_CHUNK && kept + c->size <= self->keep) {
+        if (S_KEEPS && c->size == S_CHUNK && kept + c->size <= self->keep) {
             S_POISON(S_DATA(c), c->size);
             c->next = self->spare;
             self->spare = c;

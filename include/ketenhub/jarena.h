@@ -8,7 +8,9 @@
  * tree lies together in memory.
  *
  * Rules: a value made in an arena is used only on the thread that made
- * it, and nothing refers to it after the arena's reset or destruction.
+ * it, and nothing refers to it, reads it or frees it after the arena's
+ * reset or destruction (the arena's memory may hold other values by
+ * then).
  * Values made outside an arena are jansson's as usual (malloc and free),
  * on every thread.
  */
