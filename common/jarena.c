@@ -52,7 +52,7 @@ struct _kh_jarena_t {
     s_chunk_t *chunks; /* in use, the one allocated from first */
     s_chunk_t *spare;  /* emptied by a reset, kept for reuse */
     size_t keep;       /* bytes of chunks a reset keeps */
-    size_t used;       /* bytes handed out since the last reset */
+    size_t used;       /* kh_jarena_used */
     kh_jarena_t *next; /* the thread's other arenas */
 };
 
@@ -97,6 +97,9 @@ static void *s_alloc(kh_jarena_t *self, size_t size)
             c->next = self->chunks->next;
             self->chunks->next = c;
         } else {
+            /* The rest of the chunk it replaces stays unused: count it. */
+            if (self->chunks)
+                self->used += self->chunks->size - self->chunks->used;
             c->next = self->chunks;
             self->chunks = c;
         }

@@ -40,7 +40,9 @@ kh_jarena_t *kh_jarena_enter(kh_jarena_t *arena);
 /* Forget every value made in the arena. */
 void kh_jarena_reset(kh_jarena_t *self);
 
-/* Bytes handed out since the last reset. */
+/* The memory the values made since the last reset take up: the bytes
+ * handed out, and the ends of the chunks they filled that were left
+ * unused (what a bound on memory counts). */
 size_t kh_jarena_used(const kh_jarena_t *self);
 
 #ifdef __cplusplus

@@ -131,6 +131,24 @@ START_TEST(test_large_values_get_chunks_of_their_own)
 }
 END_TEST
 
+/* Memory counts whole: the end of a chunk that the next value did not fit
+ * in is counted with the values before it. */
+START_TEST(test_the_unused_end_of_a_chunk_counts)
+{
+    kh_jarena_t *arena = kh_jarena_new(0);
+    size_t each = 60 * 1024; /* four fit in a chunk of 256 KiB, not five */
+    char *text = malloc(each);
+    memset(text, 'y', each);
+    kh_jarena_enter(arena);
+    for (int i = 0; i < 5; i++)
+        ck_assert_ptr_nonnull(json_stringn(text, each));
+    kh_jarena_enter(NULL);
+    ck_assert_uint_ge(kh_jarena_used(arena), 256 * 1024 + each);
+    kh_jarena_destroy(&arena);
+    free(text);
+}
+END_TEST
+
 static void *s_thread(void *arg)
 {
     (void) arg;
@@ -181,6 +199,7 @@ int main(void)
     tcase_add_test(tc, test_arena_values_are_the_heap_values);
     tcase_add_test(tc, test_values_outside_an_arena_are_heap_values);
     tcase_add_test(tc, test_large_values_get_chunks_of_their_own);
+    tcase_add_test(tc, test_the_unused_end_of_a_chunk_counts);
     tcase_add_test(tc, test_other_threads_allocate_on_the_heap);
 #if defined(__SANITIZE_ADDRESS__)
     tcase_add_exit_test(tc, test_a_value_read_after_a_reset_is_caught, 1);
