@@ -1049,6 +1049,76 @@ START_TEST(referral_checks_decide_as_before)
 }
 END_TEST
 
+/* The page of a delivery's current version, from ctid "(page,item)". */
+static long s_page(PGconn *conn, const char *sql, const char *id)
+{
+    const char *params[] = {id};
+    PGresult *res = PQexecParams(conn, sql, 1, NULL, params, NULL, NULL, 0);
+    ck_assert_msg(PQresultStatus(res) == PGRES_TUPLES_OK, "%s",
+                  PQresultErrorMessage(res));
+    ck_assert_int_eq(PQntuples(res), 1);
+    long page = strtol(PQgetvalue(res, 0, 0) + 1, NULL, 10);
+    PQclear(res);
+    return page;
+}
+
+/* A delivery's claim writes the new version of its row on the page of the
+ * old one, even while a concurrent transaction keeps the old versions
+ * from being pruned (as under load): migration 012 keeps room there, so
+ * that the WAL holds the changed bytes rather than the whole row with its
+ * payload. */
+START_TEST(delivery_state_changes_stay_on_their_page)
+{
+    khtest_register_partner(s_db, "avim", "police", true,
+                            "0000000000000000000000000000000000000002");
+    khtest_db_exec(s_db,
+                   "INSERT INTO referrals (id, partner_id, idempotency_key,"
+                   " schema_version, payload_hash) VALUES"
+                   " ('00000000-0000-4000-8000-000000000001', 'avim', 'k-1',"
+                   " 'referral.v1', sha256('x'::bytea))",
+                   0, NULL);
+    /* 100 partners' deliveries with payloads of 960 bytes, packed as
+     * inserts pack them. */
+    khtest_db_exec(s_db,
+                   "INSERT INTO partners (id, display_name, kind,"
+                   " curve_public_key, handles_cases)"
+                   " SELECT 'p' || g, 'p' || g, 'other',"
+                   " lpad(g::text, 40, 'a'), true"
+                   " FROM generate_series(1, 100) g",
+                   0, NULL);
+    khtest_db_exec(s_db,
+                   "INSERT INTO deliveries (id, referral_id, partner_id,"
+                   " payload, payload_hash, rules_version)"
+                   " SELECT gen_random_uuid(),"
+                   " '00000000-0000-4000-8000-000000000001', 'p' || g,"
+                   " convert_to(repeat('{\"summary\":\"x\"}', 60), 'UTF8'),"
+                   " sha256('x'::bytea), 'v1' FROM generate_series(1, 100) g",
+                   0, NULL);
+    char *conninfo = khtest_db_conninfo(S_DB);
+    PGconn *other = PQconnectdb(conninfo);
+    free(conninfo);
+    ck_assert_int_eq(PQstatus(other), CONNECTION_OK);
+    khtest_db_exec(other, "BEGIN ISOLATION LEVEL REPEATABLE READ", 0, NULL);
+    khtest_db_exec(other, "SELECT count(*) FROM deliveries", 0, NULL);
+    PGresult *ids = PQexec(s_db, "SELECT id, (ctid::text::point)[0]"
+                                 " FROM deliveries ORDER BY ctid");
+    ck_assert_int_eq(PQntuples(ids), 100);
+    int stayed = 0;
+    for (int i = 0; i < PQntuples(ids); i++) {
+        long page = strtol(PQgetvalue(ids, i, 1), NULL, 10);
+        stayed += s_page(s_db,
+                         "UPDATE deliveries SET state = 'delivered',"
+                         " attempts = 1, sent_at = now(), updated_at ="
+                         " now() WHERE id = $1 RETURNING ctid",
+                         PQgetvalue(ids, i, 0)) == page;
+    }
+    PQclear(ids);
+    khtest_db_exec(other, "COMMIT", 0, NULL);
+    PQfinish(other);
+    ck_assert_msg(stayed >= 50, "%d of 100 new versions on their page", stayed);
+}
+END_TEST
+
 int main(void)
 {
     Suite *suite = suite_create("audit");
@@ -1067,6 +1137,7 @@ int main(void)
     tcase_add_test(tc, export_verifies_offline);
     tcase_add_test(tc, checks_refuse_what_they_refused);
     tcase_add_test(tc, referral_checks_decide_as_before);
+    tcase_add_test(tc, delivery_state_changes_stay_on_their_page);
     suite_add_tcase(suite, tc);
     return khtest_run_suite(suite);
 }
