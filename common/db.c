@@ -225,6 +225,73 @@ int kh_db_exec(PGconn *conn, const char *sql, kh_error_t *err)
     return rc;
 }
 
+int kh_db_pipeline_end(PGconn *conn, int keep_index, PGresult **keep,
+                       kh_error_t *err)
+{
+    if (keep)
+        *keep = NULL;
+    int rc = PQpipelineSync(conn) ? 0 : -1;
+    if (rc)
+        kh_db_error(err, conn, NULL, "cannot send the pipeline");
+    /* Results come query by query, each list ended by NULL, and the sync
+     * last; a broken connection ends the loop through the guard. */
+    for (int nulls = 0, query = 0; rc == 0 || nulls < 2;) {
+        PGresult *res = PQgetResult(conn);
+        if (!res) {
+            query++;
+            if (++nulls > 1 && PQstatus(conn) != CONNECTION_OK)
+                break;
+            continue;
+        }
+        nulls = 0;
+        ExecStatusType status = PQresultStatus(res);
+        if (status == PGRES_PIPELINE_SYNC) {
+            PQclear(res);
+            break;
+        }
+        if (status != PGRES_COMMAND_OK && status != PGRES_TUPLES_OK) {
+            if (rc == 0)
+                rc = kh_db_error(err, conn, res, NULL);
+        } else if (keep && query == keep_index && !*keep) {
+            *keep = res;
+            continue;
+        }
+        PQclear(res);
+    }
+    if (!PQexitPipelineMode(conn) && rc == 0)
+        rc = kh_db_error(err, conn, NULL, "cannot leave the pipeline");
+    if (rc && keep) {
+        PQclear(*keep);
+        *keep = NULL;
+    }
+    return rc;
+}
+
+PGresult *kh_db_begin_exec(PGconn *conn, const char *begin, const char *name,
+                           int nparams, const char *const *params,
+                           const int *lengths, const int *formats,
+                           kh_error_t *err)
+{
+    if (!PQenterPipelineMode(conn)) {
+        kh_db_error(err, conn, NULL, "cannot start a pipeline");
+        return NULL;
+    }
+    kh_error_t send_err;
+    bool sent =
+        PQsendQueryParams(conn, begin, 0, NULL, NULL, NULL, NULL, 0) &&
+        PQsendQueryPrepared(conn, name, nparams, params, lengths, formats, 0);
+    if (!sent)
+        kh_db_error(&send_err, conn, NULL, "cannot send a statement");
+    PGresult *res = NULL;
+    int rc = kh_db_pipeline_end(conn, 1, &res, err);
+    if (sent)
+        return rc ? NULL : res;
+    if (rc == 0)
+        *err = send_err;
+    PQclear(res);
+    return NULL;
+}
+
 void kh_db_rollback_quietly(PGconn *conn)
 {
     if (!conn || PQstatus(conn) != CONNECTION_OK)

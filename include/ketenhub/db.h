@@ -73,6 +73,25 @@ int kh_db_error(kh_error_t *err, PGconn *conn, const PGresult *res,
  * its result. Returns 0, or -1 with err as kh_db_error. */
 int kh_db_exec(PGconn *conn, const char *sql, kh_error_t *err);
 
+/* Send a sync, read every result of the pipeline the connection is in and
+ * leave pipeline mode. Returns 0 when every query succeeded, else -1 with
+ * the first error in err. keep (or NULL) gets the result of the query at
+ * index keep_index (from 0, in the order they were sent) when it
+ * succeeded, else NULL; the caller clears it. */
+int kh_db_pipeline_end(PGconn *conn, int keep_index, PGresult **keep,
+                       kh_error_t *err);
+
+/* Run begin (a parameterless command such as "BEGIN") and then the
+ * prepared statement name (parameters as PQexecPrepared takes them) in one
+ * round trip: a pipeline. Returns the statement's result (rows or a
+ * command status) when both succeeded, else NULL with the first error in
+ * err; the transaction begin opened is then open and failed, for the
+ * caller to roll back. */
+PGresult *kh_db_begin_exec(PGconn *conn, const char *begin, const char *name,
+                           int nparams, const char *const *params,
+                           const int *lengths, const int *formats,
+                           kh_error_t *err);
+
 /* Roll back the connection's open transaction, if any, ignoring errors:
  * for cleanup paths that already carry an error. Safe on NULL. */
 void kh_db_rollback_quietly(PGconn *conn);

@@ -140,8 +140,8 @@ static int s_exec(PGconn *conn, int stmt, const char *const *params,
 {
     const char *name = s_statements[stmt].name;
     int nparams = s_statements[stmt].nparams;
-    /* In a pipeline the statement is only sent; s_pipeline_end reads the
-     * outcomes of all of them. */
+    /* In a pipeline the statement is only sent; kh_db_pipeline_end reads
+     * the outcomes of all of them. */
     if (PQpipelineStatus(conn) != PQ_PIPELINE_OFF)
         return PQsendQueryPrepared(conn, name, nparams, params, lengths,
                                    formats, 0)
@@ -154,37 +154,6 @@ static int s_exec(PGconn *conn, int stmt, const char *const *params,
     if (status != PGRES_COMMAND_OK && status != PGRES_TUPLES_OK)
         rc = kh_db_error(err, conn, res, NULL);
     PQclear(res);
-    return rc;
-}
-
-/* Send a sync and read every result of the pipeline; leave pipeline
- * mode. 0 when all statements succeeded, else -1 with the first error. */
-static int s_pipeline_end(PGconn *conn, kh_error_t *err)
-{
-    int rc = PQpipelineSync(conn) ? 0 : -1;
-    if (rc)
-        kh_db_error(err, conn, NULL, "cannot send the pipeline");
-    /* Results come query by query, each list ended by NULL, and the sync
-     * last; a broken connection ends the loop through the guard. */
-    for (int nulls = 0; rc == 0 || nulls < 2;) {
-        PGresult *res = PQgetResult(conn);
-        if (!res) {
-            if (++nulls > 1 && PQstatus(conn) != CONNECTION_OK)
-                break;
-            continue;
-        }
-        nulls = 0;
-        ExecStatusType status = PQresultStatus(res);
-        if (status == PGRES_PIPELINE_SYNC) {
-            PQclear(res);
-            break;
-        }
-        if (rc == 0 && status != PGRES_COMMAND_OK && status != PGRES_TUPLES_OK)
-            rc = kh_db_error(err, conn, res, NULL);
-        PQclear(res);
-    }
-    if (!PQexitPipelineMode(conn) && rc == 0)
-        rc = kh_db_error(err, conn, NULL, "cannot leave the pipeline");
     return rc;
 }
 
@@ -504,16 +473,13 @@ static int s_pass(routing_t *self)
     char limit[24];
     snprintf(limit, sizeof limit, "%zu", self->config.batch);
     const char *params[] = {limit};
-    PGresult *res = NULL;
     int routed = 0;
-    if (kh_db_exec(self->conn, "BEGIN", &err))
+    /* BEGIN and the claim in one round trip. */
+    PGresult *res =
+        kh_db_begin_exec(self->conn, "BEGIN", s_statements[S_CLAIM].name, 1,
+                         params, NULL, NULL, &err);
+    if (!res)
         goto fail;
-    res = PQexecPrepared(self->conn, s_statements[S_CLAIM].name, 1, params,
-                         NULL, NULL, 0);
-    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-        kh_db_error(&err, self->conn, res, "cannot claim referrals");
-        goto fail;
-    }
     /* The writes of the whole batch, and the COMMIT, in one round trip. */
     if (!PQenterPipelineMode(self->conn)) {
         kh_db_error(&err, self->conn, NULL, "cannot start a pipeline");
@@ -548,7 +514,7 @@ static int s_pass(routing_t *self)
                    : kh_db_error(&err, self->conn, NULL,
                                  "cannot send a statement");
     kh_error_t end_err;
-    if (s_pipeline_end(self->conn, &end_err) && sent == 0) {
+    if (kh_db_pipeline_end(self->conn, -1, NULL, &end_err) && sent == 0) {
         err = end_err;
         sent = -1;
     }

@@ -1,7 +1,8 @@
 /*
  * Connection helpers against the real test cluster: default timeouts and
  * keepalives, which a connection string may override, SQLSTATE
- * classes, and binary array parameters as the server reads them.
+ * classes, binary array parameters as the server reads them, and BEGIN
+ * sent with a statement in one round trip.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -196,6 +197,74 @@ START_TEST(binary_arrays_reach_the_server_intact)
 }
 END_TEST
 
+/* The number of rows of table, as another session sees them. */
+static int s_rows(const char *table)
+{
+    kh_error_t err;
+    PGconn *conn = kh_db_connect(khtest_pg_conninfo(), &err);
+    ck_assert_msg(conn != NULL, "%s", err.message);
+    char sql[128];
+    snprintf(sql, sizeof sql, "SELECT count(*) FROM %s", table);
+    PGresult *res = PQexec(conn, sql);
+    ck_assert_int_eq(PQresultStatus(res), PGRES_TUPLES_OK);
+    int rows = atoi(PQgetvalue(res, 0, 0));
+    PQclear(res);
+    PQfinish(conn);
+    return rows;
+}
+
+/* BEGIN and a statement in one round trip give the statement's result,
+ * in a transaction left open for the caller; a failing statement leaves
+ * it open and failed, and a failing BEGIN runs nothing. */
+START_TEST(begin_and_statement_go_in_one_round_trip)
+{
+    kh_error_t err;
+    PGconn *conn = kh_db_connect(khtest_pg_conninfo(), &err);
+    ck_assert_msg(conn != NULL, "%s", err.message);
+    char table[32], sql[160];
+    snprintf(table, sizeof table, "begun_%d", (int) getpid());
+    snprintf(sql, sizeof sql,
+             "DROP TABLE IF EXISTS %s; CREATE TABLE %s (k integer)", table,
+             table);
+    ck_assert_int_eq(kh_db_exec(conn, sql, &err), 0);
+    snprintf(sql, sizeof sql, "INSERT INTO %s VALUES ($1) RETURNING k * 10",
+             table);
+    PQclear(PQprepare(conn, "ins", sql, 1, NULL));
+    PQclear(PQprepare(conn, "div", "SELECT 1 / $1::integer", 1, NULL));
+
+    const char *one[] = {"1"};
+    PGresult *res =
+        kh_db_begin_exec(conn, "BEGIN", "ins", 1, one, NULL, NULL, &err);
+    ck_assert_msg(res != NULL, "%s", err.message);
+    ck_assert_int_eq(PQntuples(res), 1);
+    ck_assert_str_eq(PQgetvalue(res, 0, 0), "10");
+    PQclear(res);
+    ck_assert_int_eq(PQtransactionStatus(conn), PQTRANS_INTRANS);
+    ck_assert_int_eq(s_rows(table), 0); /* not committed yet */
+    ck_assert_int_eq(kh_db_exec(conn, "COMMIT", &err), 0);
+    ck_assert_int_eq(s_rows(table), 1);
+
+    const char *zero[] = {"0"};
+    res = kh_db_begin_exec(conn, "BEGIN", "div", 1, zero, NULL, NULL, &err);
+    ck_assert_ptr_null(res);
+    ck_assert_int_eq(err.code, KH_E_DB);
+    ck_assert_msg(strstr(err.message, "22012"), "%s", err.message);
+    ck_assert_int_eq(PQtransactionStatus(conn), PQTRANS_INERROR);
+    kh_db_rollback_quietly(conn);
+
+    res = kh_db_begin_exec(conn, "BEGIN ISOLATION LEVEL NONE", "ins", 1, one,
+                           NULL, NULL, &err);
+    ck_assert_ptr_null(res);
+    ck_assert_msg(strstr(err.message, "42601"), "%s", err.message);
+    ck_assert_int_eq(PQtransactionStatus(conn), PQTRANS_IDLE);
+    ck_assert_int_eq(s_rows(table), 1);
+
+    snprintf(sql, sizeof sql, "DROP TABLE %s", table);
+    ck_assert_int_eq(kh_db_exec(conn, sql, &err), 0);
+    PQfinish(conn);
+}
+END_TEST
+
 int main(void)
 {
     Suite *suite = suite_create("db");
@@ -205,6 +274,7 @@ int main(void)
     tcase_add_test(tc, unreachable_database_is_unavailable);
     tcase_add_test(tc, password_comes_from_the_password_file);
     tcase_add_test(tc, binary_arrays_reach_the_server_intact);
+    tcase_add_test(tc, begin_and_statement_go_in_one_round_trip);
     suite_add_tcase(suite, tc);
     return khtest_run_suite(suite);
 }
