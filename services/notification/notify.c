@@ -42,6 +42,7 @@ typedef struct {
     char peer[64];
     size_t window;
     zhashx_t *out;     /* delivery id -> s_present: sent, not answered */
+    size_t acking;     /* of those, ACKed in the round's ACK batch */
     int64_t last_seen; /* zclock_mono of its last frame */
     bool reclaim;      /* next claim also takes earlier unacknowledged */
     bool more;         /* there may be due deliveries for it */
@@ -106,6 +107,17 @@ static void s_conn_destroy(s_conn_t **conn_p)
 static void s_conn_free(void **item)
 {
     s_conn_destroy((s_conn_t **) item);
+}
+
+/* How many more deliveries conn may be given: its window less what it has
+ * out, where the round's ACK batch already counts as answered. The round
+ * claims with that credit while the batch commits beside it; should the
+ * batch fail, what would exceed the window waits (s_outbox_flush). */
+static size_t s_credit(const s_conn_t *conn)
+{
+    size_t out = zhashx_size(conn->out);
+    size_t busy = out > conn->acking ? out - conn->acking : 0;
+    return busy < conn->window ? conn->window - busy : 0;
 }
 
 static void s_identity_key(zframe_t *identity, char *out, size_t size)
@@ -485,7 +497,7 @@ static int s_claim_pending(notify_t *self, s_conn_t **conns, size_t count,
         /* This statement's connections to the front, one per partner. */
         size_t n = 0, rows = 0;
         for (size_t i = 0; i < count; i++) {
-            size_t credit = conns[i]->window - zhashx_size(conns[i]->out);
+            size_t credit = s_credit(conns[i]);
             bool skip = n > 0 && rows + credit > S_CLAIM_ROWS;
             for (size_t j = 0; j < n && !skip; j++)
                 skip = strcmp(conns[j]->partner, conns[i]->partner) == 0;
@@ -537,7 +549,7 @@ static int s_pump(notify_t *self, bool resend, kh_error_t *err)
             continue;
         if (again && s_resend(self, conn, all, n, err))
             rc = -1;
-        else if (zhashx_size(conn->out) < conn->window)
+        else if (s_credit(conn) > 0)
             conns[count++] = conn;
     }
     if (rc == 0 && count > 0)
@@ -547,8 +559,9 @@ static int s_pump(notify_t *self, bool resend, kh_error_t *err)
 }
 
 /* Send the round's distinct ACKs to the store as one batch, to commit on
- * its own connection while the round claims. Returns the batch size (0:
- * none sent), or -1 with err. */
+ * its own connection while the round claims; each connection counts the
+ * ACKs of what it has out as answered (s_credit). Returns the batch size
+ * (0: none sent), or -1 with err. */
 static int s_acks_send(notify_t *self, kh_error_t *err)
 {
     size_t nacks = 0;
@@ -557,6 +570,16 @@ static int s_acks_send(notify_t *self, kh_error_t *err)
             self->acks[nacks++] = self->pending[i].answer;
     if (nacks && dstore_ack_send(self->store, self->acks, nacks, err))
         return -1;
+    for (size_t i = 0; i < self->npending; i++) {
+        const s_pending_t *p = &self->pending[i];
+        if (p->nack || p->leader >= 0)
+            continue;
+        char key[600];
+        s_identity_key(p->identity, key, sizeof key);
+        s_conn_t *conn = zhashx_lookup(self->conns, key);
+        if (conn && zhashx_lookup(conn->out, p->answer.id))
+            conn->acking++;
+    }
     return (int) nacks;
 }
 
@@ -576,6 +599,9 @@ static int s_nacks_commit(notify_t *self, kh_error_t *err)
  * transaction) leaves its connection's credit. */
 static void s_answers_settle(notify_t *self, bool acked, bool nacked)
 {
+    for (s_conn_t *conn = zhashx_first(self->conns); conn;
+         conn = zhashx_next(self->conns))
+        conn->acking = 0;
     for (size_t i = 0, a = 0; i < self->npending; i++) {
         s_pending_t *p = &self->pending[i];
         if (p->nack ? !nacked : !acked)
@@ -732,6 +758,28 @@ static void s_held_flush(notify_t *self)
     }
 }
 
+/* The round's ACK batch did not commit, so the credit its claims counted
+ * on (s_credit) is not there: the DELIVERs that would take a connection
+ * past its window, its last ones (the least urgent, the newest), go on
+ * another connection of the partner or wait (s_orphan). */
+static void s_outbox_trim(notify_t *self)
+{
+    s_outgoing_t *out = zlistx_last(self->outbox);
+    while (out) {
+        char key[600];
+        s_identity_key(out->identity, key, sizeof key);
+        s_conn_t *conn = zhashx_lookup(self->conns, key);
+        if (!conn || zhashx_size(conn->out) <= conn->window) {
+            out = zlistx_prev(self->outbox);
+            continue;
+        }
+        zhashx_delete(conn->out, out->id);
+        zlistx_detach_cur(self->outbox); /* the cursor goes to the one before */
+        s_orphan(self, out);
+        out = zlistx_item(self->outbox);
+    }
+}
+
 /* Send the committed DELIVERs (sent: true) or forget them after a
  * rollback (their credit is returned; they are still pending or overdue
  * in the database). A DELIVER whose connection turns out to be gone never
@@ -782,7 +830,7 @@ static bool s_has_work(notify_t *self)
     for (s_conn_t *conn = zhashx_first(self->conns); conn;
          conn = zhashx_next(self->conns))
         if (conn->reclaim || conn->overdue ||
-            (conn->more && zhashx_size(conn->out) < conn->window))
+            (conn->more && s_credit(conn) > 0))
             return true;
     return false;
 }
@@ -792,7 +840,9 @@ static bool s_has_work(notify_t *self)
  * the connections' credit commit in one transaction on the other (two
  * PostgreSQL backends at work at once). Then the answers and the
  * DELIVERs, each only once what it reports is committed (promises 1 and
- * 2). The credit an ACK frees is used from the next round on. */
+ * 2). The claims count the credit the ACK batch frees (s_credit), so that
+ * a partner with a full window gets more in the round that commits its
+ * ACKs rather than in the one after. */
 static void s_round(notify_t *self, bool resend)
 {
     if (zlistx_size(self->held))
@@ -825,10 +875,14 @@ static void s_round(notify_t *self, bool resend)
     }
     s_answers_settle(self, acks >= 0, rc == 0);
     s_answers_reply(self, acks < 0 ? &ack_err : NULL, rc ? &err : NULL);
+    if (acks < 0 && rc == 0)
+        s_outbox_trim(self);
     s_outbox_flush(self, rc == 0);
-    /* The credit the ACKs freed is used at once when no partner frame is
-     * waiting (one would start the next round anyway): a partner that has
-     * answered everything sends nothing more until it gets more. */
+    /* A connection whose ACKs committed may have more due (a wake-up for
+     * it may have been lost): it claims again at once when no partner
+     * frame is waiting (one would start the next round anyway), since a
+     * partner that has answered everything sends nothing more until it
+     * gets more. */
     if (acks > 0 && !(zsock_events(self->router) & ZMQ_POLLIN) &&
         s_has_work(self))
         s_round(self, false);
@@ -1163,9 +1217,11 @@ notify_t *notify_new(const notify_config_t *config, kh_error_t *err)
     zsock_set_linger(self->router, S_LINGER_MS);
     /* A send to a peer that is gone fails (EHOSTUNREACH) instead of
      * vanishing, and the connection is forgotten at once. The window
-     * bounds what is queued per peer; the high-water mark is above it. */
+     * bounds what is queued per peer (its DELIVERs, and the answers to
+     * its ACKs); the high-water mark is twice above that, because a
+     * sender learns what its pipe has passed on only every half mark. */
     zsock_set_router_mandatory(self->router, 1);
-    zsock_set_sndhwm(self->router, KH_WINDOW_MAX * 2 + 64);
+    zsock_set_sndhwm(self->router, KH_WINDOW_MAX * 4 + 64);
     zsock_set_sndtimeo(self->router, 0);
     zsock_set_rcvhwm(self->router, KH_WINDOW_MAX * 2 + 64);
     /* ZeroMQ's heartbeat closes a connection that sent nothing for the
