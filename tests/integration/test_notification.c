@@ -1271,6 +1271,81 @@ START_TEST(statements_never_walk_all_deliveries)
 }
 END_TEST
 
+/* The next message but DELIVERs, which go into got (up to max; their
+ * count in *ngot); NULL after timeout_ms. */
+static json_t *s_next_noting(zsock_t *sock, int timeout_ms, char got[][37],
+                             int max, int *ngot)
+{
+    int64_t deadline = zclock_mono() + timeout_ms;
+    while (zclock_mono() < deadline) {
+        json_t *msg =
+            khpartner_recv(sock, (int) (deadline - zclock_mono()) + 1);
+        if (!msg)
+            return NULL;
+        if (strcmp(s_str(msg, "cmd"), "DELIVER") != 0)
+            return msg;
+        if (*ngot < max)
+            snprintf(got[(*ngot)++], 37, "%s", s_str(msg, "delivery_id"));
+        json_decref(msg);
+    }
+    return NULL;
+}
+
+/* A round claims with the credit its ACK batch frees. When that batch
+ * fails (a row it changes is locked past lock_timeout), what the claim
+ * took waits until an ACK commits: the window holds throughout. */
+START_TEST(a_failed_ack_batch_never_overfills_the_window)
+{
+    char ids[3][37], got[8][37];
+    int ngot = 0;
+    for (int i = 0; i < 3; i++)
+        s_delivery("avim", "normal", 10000 - i * 10, NULL, ids[i]);
+    /* Nothing is re-sent, and the partner, silent while the batch waits,
+     * is not forgotten meanwhile. */
+    pid_t pid = s_start3("notification.log", "KH_NOTIFY_ACK_TIMEOUT_MS=60000",
+                         "KH_NOTIFY_BACKOFF_MAX_MS=60000",
+                         "KH_NOTIFY_PEER_TIMEOUT_MS=60000");
+    ck_assert(s_log_has("notification.log", "event=ready", 10000));
+    zsock_t *sock = s_partner("avim");
+    s_hello(sock, 2);
+    ck_assert_ptr_null(s_next_noting(sock, 1000, got, 8, &ngot));
+    ck_assert_int_eq(ngot, 2);
+    ck_assert_str_eq(got[0], ids[0]);
+    ck_assert_str_eq(got[1], ids[1]);
+
+    PGconn *locker = PQconnectdb(s_conninfo);
+    ck_assert_int_eq(PQstatus(locker), CONNECTION_OK);
+    const char *first[] = {ids[0]};
+    khtest_db_exec(locker, "BEGIN", 0, NULL);
+    khtest_db_exec(locker, "SELECT 1 FROM deliveries WHERE id = $1 FOR UPDATE",
+                   1, first);
+    s_answer(sock, ids[0], NULL);
+    json_t *reply = s_next_noting(sock, 15000, got, 8, &ngot);
+    ck_assert_msg(reply != NULL, "no answer to the ACK");
+    ck_assert_str_eq(s_str(reply, "cmd"), "REJECTED");
+    json_decref(reply);
+    /* The third was claimed beside the failed batch: it must not come
+     * while the first two are still out. */
+    ck_assert_ptr_null(s_next_noting(sock, 1000, got, 8, &ngot));
+    ck_assert_int_eq(ngot, 2);
+    char state[16];
+    ck_assert_str_eq(s_state(ids[0], state), "delivered");
+
+    khtest_db_exec(locker, "ROLLBACK", 0, NULL);
+    PQfinish(locker);
+    s_answer(sock, ids[0], NULL);
+    reply = s_next_noting(sock, 5000, got, 8, &ngot);
+    ck_assert_msg(reply != NULL, "no answer to the second ACK");
+    ck_assert_str_eq(s_str(reply, "cmd"), "ACKED");
+    json_decref(reply);
+    ck_assert_ptr_null(s_next_noting(sock, 1000, got, 8, &ngot));
+    ck_assert_int_eq(ngot, 3);
+    ck_assert_str_eq(got[2], ids[2]);
+    zsock_destroy(&sock);
+    s_stop(pid);
+}
+END_TEST
+
 static Suite *s_suite(void)
 {
     Suite *suite = suite_create("notification");
@@ -1290,6 +1365,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, two_connections_of_one_partner_both_keep_working);
     tcase_add_test(tc, partners_connected_together_each_get_their_own);
     tcase_add_test(tc, unknown_key_and_bad_frames_are_refused);
+    tcase_add_test(tc, a_failed_ack_batch_never_overfills_the_window);
     tcase_add_test(tc, claims_have_no_index_but_their_own);
     tcase_add_test(tc, statements_never_walk_all_deliveries);
     suite_add_tcase(suite, tc);
