@@ -112,7 +112,7 @@ static void s_conn_free(void **item)
 /* How many more deliveries conn may be given: its window less what it has
  * out, where the round's ACK batch already counts as answered. The round
  * claims with that credit while the batch commits beside it; should the
- * batch fail, what would exceed the window waits (s_outbox_flush). */
+ * batch fail, what would exceed the window waits (s_outbox_trim). */
 static size_t s_credit(const s_conn_t *conn)
 {
     size_t out = zhashx_size(conn->out);
