@@ -109,17 +109,6 @@ static void s_conn_free(void **item)
     s_conn_destroy((s_conn_t **) item);
 }
 
-/* How many more deliveries conn may be given: its window less what it has
- * out, where the round's ACK batch already counts as answered. The round
- * claims with that credit while the batch commits beside it; should the
- * batch fail, what would exceed the window waits (s_outbox_trim). */
-static size_t s_credit(const s_conn_t *conn)
-{
-    size_t out = zhashx_size(conn->out);
-    size_t busy = out > conn->acking ? out - conn->acking : 0;
-    return busy < conn->window ? conn->window - busy : 0;
-}
-
 static void s_identity_key(zframe_t *identity, char *out, size_t size)
 {
     static const char hex[] = "0123456789abcdef";
@@ -323,6 +312,21 @@ static void s_outgoing_free(void **item)
     *item = NULL;
 }
 
+/* How many more deliveries conn may be claimed: its window less what it
+ * has out, where the round's ACK batch already counts as answered, and
+ * less its partner's held DELIVERs, which go first. The round claims with
+ * that credit while the batch commits beside it; should the batch fail,
+ * what would exceed the window waits (s_outbox_trim). */
+static size_t s_credit(notify_t *self, const s_conn_t *conn)
+{
+    size_t busy = zhashx_size(conn->out);
+    busy = busy > conn->acking ? busy - conn->acking : 0;
+    for (s_outgoing_t *h = zlistx_first(self->held); h;
+         h = zlistx_next(self->held))
+        busy += strcmp(h->partner, conn->partner) == 0;
+    return busy < conn->window ? conn->window - busy : 0;
+}
+
 typedef struct {
     notify_t *self;
     s_conn_t *conn;
@@ -497,7 +501,7 @@ static int s_claim_pending(notify_t *self, s_conn_t **conns, size_t count,
         /* This statement's connections to the front, one per partner. */
         size_t n = 0, rows = 0;
         for (size_t i = 0; i < count; i++) {
-            size_t credit = s_credit(conns[i]);
+            size_t credit = s_credit(self, conns[i]);
             bool skip = n > 0 && rows + credit > S_CLAIM_ROWS;
             for (size_t j = 0; j < n && !skip; j++)
                 skip = strcmp(conns[j]->partner, conns[i]->partner) == 0;
@@ -549,7 +553,7 @@ static int s_pump(notify_t *self, bool resend, kh_error_t *err)
             continue;
         if (again && s_resend(self, conn, all, n, err))
             rc = -1;
-        else if (s_credit(conn) > 0)
+        else if (s_credit(self, conn) > 0)
             conns[count++] = conn;
     }
     if (rc == 0 && count > 0)
@@ -830,7 +834,7 @@ static bool s_has_work(notify_t *self)
     for (s_conn_t *conn = zhashx_first(self->conns); conn;
          conn = zhashx_next(self->conns))
         if (conn->reclaim || conn->overdue ||
-            (conn->more && s_credit(conn) > 0))
+            (conn->more && s_credit(self, conn) > 0))
             return true;
     return false;
 }
@@ -877,6 +881,9 @@ static void s_round(notify_t *self, bool resend)
     s_answers_reply(self, acks < 0 ? &ack_err : NULL, rc ? &err : NULL);
     if (acks < 0 && rc == 0)
         s_outbox_trim(self);
+    /* What was held goes first, with the credit the ACKs just freed. */
+    if (zlistx_size(self->held))
+        s_held_flush(self);
     s_outbox_flush(self, rc == 0);
     /* A connection whose ACKs committed may have more due (a wake-up for
      * it may have been lost): it claims again at once when no partner

@@ -1330,6 +1330,7 @@ START_TEST(a_failed_ack_batch_never_overfills_the_window)
     ck_assert_int_eq(ngot, 2);
     char state[16];
     ck_assert_str_eq(s_state(ids[0], state), "delivered");
+    ck_assert_str_eq(s_state(ids[2], state), "delivered"); /* claimed */
 
     khtest_db_exec(locker, "ROLLBACK", 0, NULL);
     PQfinish(locker);
