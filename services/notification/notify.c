@@ -762,10 +762,12 @@ static void s_held_flush(notify_t *self)
     }
 }
 
-/* The round's ACK batch did not commit, so the credit its claims counted
- * on (s_credit) is not there: the DELIVERs that would take a connection
- * past its window, its last ones (the least urgent, the newest), go on
- * another connection of the partner or wait (s_orphan). */
+/* Hold the window: the DELIVERs that would take a connection past it, its
+ * last ones (the least urgent, the newest), go on another connection of
+ * the partner or wait (s_orphan). That happens when the round's ACK batch
+ * did not commit, so that the credit its claims counted on (s_credit) is
+ * not there, or when another connection of the partner went and its
+ * DELIVERs were re-sent on this one. */
 static void s_outbox_trim(notify_t *self)
 {
     s_outgoing_t *out = zlistx_last(self->outbox);
@@ -879,7 +881,7 @@ static void s_round(notify_t *self, bool resend)
     }
     s_answers_settle(self, acks >= 0, rc == 0);
     s_answers_reply(self, acks < 0 ? &ack_err : NULL, rc ? &err : NULL);
-    if (acks < 0 && rc == 0)
+    if (rc == 0)
         s_outbox_trim(self);
     /* What was held goes first, with the credit the ACKs just freed. */
     if (zlistx_size(self->held))

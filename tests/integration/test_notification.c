@@ -1347,6 +1347,57 @@ START_TEST(a_failed_ack_batch_never_overfills_the_window)
 }
 END_TEST
 
+/* A connection that goes leaves its DELIVERs due at once on another
+ * connection of the partner; they come there only as its window has
+ * room, never on top of what it has out. */
+START_TEST(a_gone_connections_deliveries_wait_for_room_on_another)
+{
+    pid_t pid = s_start3("notification.log", "KH_NOTIFY_ACK_TIMEOUT_MS=30000",
+                         "KH_NOTIFY_BACKOFF_MAX_MS=60000",
+                         "KH_NOTIFY_PEER_TIMEOUT_MS=1500");
+    ck_assert(s_log_has("notification.log", "event=ready", 10000));
+    zsock_t *one = s_partner("avim");
+    s_hello(one, 2);
+    zsock_t *two = s_partner("avim");
+    s_hello(two, 2);
+    char ids[4][37], mine[8][37], theirs[4][37];
+    int nmine = 0, ntheirs = 0;
+    for (int i = 0; i < 4; i++)
+        s_delivery("avim", "normal", 1000 - i * 10, NULL, ids[i]);
+    int64_t until = zclock_mono() + 3000;
+    while ((nmine < 2 || ntheirs < 2) && zclock_mono() < until) {
+        json_decref(s_next_noting(one, 100, mine, 8, &nmine));
+        json_decref(s_next_noting(two, 100, theirs, 4, &ntheirs));
+    }
+    ck_assert_int_eq(nmine, 2);
+    ck_assert_int_eq(ntheirs, 2);
+    zsock_destroy(&two);
+    /* one stays in touch while two is forgotten and its two are due. */
+    until = zclock_mono() + 5000;
+    while (zclock_mono() < until &&
+           !s_log_has("notification.log", "event=resend_now", 0)) {
+        khpartner_send(one, kh_proto_new(KH_CMD_PING, "p"));
+        json_decref(s_next_noting(one, 200, mine, 8, &nmine));
+    }
+    ck_assert(s_log_has("notification.log", "event=resend_now", 0));
+    khpartner_send(one, kh_proto_new(KH_CMD_PING, "p"));
+    json_decref(s_next_noting(one, 500, mine, 8, &nmine));
+    ck_assert_int_eq(nmine, 2);
+    for (int i = 0; i < 2; i++)
+        s_answer(one, mine[i], NULL);
+    until = zclock_mono() + 5000;
+    while (nmine < 4 && zclock_mono() < until)
+        json_decref(s_next_noting(one, 200, mine, 8, &nmine));
+    ck_assert_int_eq(nmine, 4);
+    for (int i = 0; i < 2; i++)
+        ck_assert_msg(strcmp(mine[2 + i], theirs[0]) == 0 ||
+                          strcmp(mine[2 + i], theirs[1]) == 0,
+                      "%s was not two's", mine[2 + i]);
+    zsock_destroy(&one);
+    s_stop(pid);
+}
+END_TEST
+
 static Suite *s_suite(void)
 {
     Suite *suite = suite_create("notification");
@@ -1367,6 +1418,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, partners_connected_together_each_get_their_own);
     tcase_add_test(tc, unknown_key_and_bad_frames_are_refused);
     tcase_add_test(tc, a_failed_ack_batch_never_overfills_the_window);
+    tcase_add_test(tc, a_gone_connections_deliveries_wait_for_room_on_another);
     tcase_add_test(tc, claims_have_no_index_but_their_own);
     tcase_add_test(tc, statements_never_walk_all_deliveries);
     suite_add_tcase(suite, tc);
