@@ -122,6 +122,14 @@ static void s_identity_key(zframe_t *identity, char *out, size_t size)
     out[2 * i] = '\0';
 }
 
+/* The registered connection of identity, or NULL. */
+static s_conn_t *s_conn_of(notify_t *self, zframe_t *identity)
+{
+    char key[600];
+    s_identity_key(identity, key, sizeof key);
+    return zhashx_lookup(self->conns, key);
+}
+
 /* Whether another connection of partner than skip is registered. */
 static bool s_partner_connected(notify_t *self, const char *partner,
                                 const s_conn_t *skip)
@@ -578,9 +586,7 @@ static int s_acks_send(notify_t *self, kh_error_t *err)
         const s_pending_t *p = &self->pending[i];
         if (p->nack || p->leader >= 0)
             continue;
-        char key[600];
-        s_identity_key(p->identity, key, sizeof key);
-        s_conn_t *conn = zhashx_lookup(self->conns, key);
+        s_conn_t *conn = s_conn_of(self, p->identity);
         if (conn && zhashx_lookup(conn->out, p->answer.id))
             conn->acking++;
     }
@@ -618,9 +624,7 @@ static void s_answers_settle(notify_t *self, bool acked, bool nacked)
                 self->pending[p->leader].answer.outcome == DSTORE_NOT_FOUND
                     ? DSTORE_NOT_FOUND
                     : DSTORE_DUPLICATE;
-        char key[600];
-        s_identity_key(p->identity, key, sizeof key);
-        s_conn_t *conn = zhashx_lookup(self->conns, key);
+        s_conn_t *conn = s_conn_of(self, p->identity);
         if (conn && p->answer.outcome != DSTORE_NOT_FOUND) {
             zhashx_delete(conn->out, p->answer.id);
             conn->more = conn->more || p->answer.outcome == DSTORE_DONE;
@@ -770,11 +774,13 @@ static void s_held_flush(notify_t *self)
  * DELIVERs were re-sent on this one. */
 static void s_outbox_trim(notify_t *self)
 {
-    s_outgoing_t *out = zlistx_last(self->outbox);
+    bool over = false;
+    for (s_conn_t *conn = zhashx_first(self->conns); conn && !over;
+         conn = zhashx_next(self->conns))
+        over = zhashx_size(conn->out) > conn->window;
+    s_outgoing_t *out = over ? zlistx_last(self->outbox) : NULL;
     while (out) {
-        char key[600];
-        s_identity_key(out->identity, key, sizeof key);
-        s_conn_t *conn = zhashx_lookup(self->conns, key);
+        s_conn_t *conn = s_conn_of(self, out->identity);
         if (!conn || zhashx_size(conn->out) <= conn->window) {
             out = zlistx_prev(self->outbox);
             continue;
@@ -795,9 +801,7 @@ static void s_outbox_flush(notify_t *self, bool sent)
 {
     for (s_outgoing_t *out = zlistx_first(self->outbox); out;
          out = zlistx_next(self->outbox)) {
-        char key[600];
-        s_identity_key(out->identity, key, sizeof key);
-        s_conn_t *conn = zhashx_lookup(self->conns, key);
+        s_conn_t *conn = s_conn_of(self, out->identity);
         if (!sent) {
             if (conn)
                 zhashx_delete(conn->out, out->id);
