@@ -1119,6 +1119,94 @@ START_TEST(delivery_state_changes_stay_on_their_page)
 }
 END_TEST
 
+/* Whether the plan PostgreSQL makes for sql reads index. */
+static bool s_plan_reads(const char *sql, const char *index)
+{
+    char explain[512];
+    snprintf(explain, sizeof explain, "EXPLAIN (FORMAT JSON) %s", sql);
+    char *plan = khtest_db_value(s_db, explain);
+    bool reads = strstr(plan, index) != NULL;
+    free(plan);
+    return reads;
+}
+
+/* Migration 013: the trail's action and actor indexes hold the rare
+ * values an auditor looks for, and a query for one of them (as `audit
+ * query` asks it) reads its index; the events every referral has
+ * (accepted, routed, sent, acknowledged; the actors routing and
+ * notification) are in neither. A period and the refusals have indexes of
+ * their own. */
+START_TEST(rare_events_are_found_through_small_indexes)
+{
+    khtest_db_exec(s_db,
+                   "INSERT INTO audit_events (actor_kind, actor_id, action,"
+                   " referral_id, delivery_id, partner_id, outcome,"
+                   " origin_service, at)"
+                   " SELECT k, a, x, gen_random_uuid(), gen_random_uuid(),"
+                   " 'avim', 'ok', 'notification',"
+                   " '2026-01-01'::timestamptz + g * interval '1 s'"
+                   " FROM generate_series(1, 20000) g,"
+                   " LATERAL (SELECT (ARRAY['partner', 'service',"
+                   " 'service', 'partner'])[g % 4 + 1] AS k,"
+                   " (ARRAY['veilig-thuis', 'routing', 'notification',"
+                   " 'avim'])[g % 4 + 1] AS a,"
+                   " (ARRAY['referral.accepted', 'referral.routed',"
+                   " 'delivery.sent', 'delivery.acked'])[g % 4 + 1] AS x) e;"
+                   " INSERT INTO audit_events (actor_kind, actor_id, action,"
+                   " outcome, reason_code, origin_service)"
+                   " SELECT 'admin', 'admin:jan', 'delivery.retried', 'ok',"
+                   " NULL, 'ketenhubctl' FROM generate_series(1, 5);"
+                   " INSERT INTO audit_events (actor_kind, actor_id, action,"
+                   " outcome, reason_code, origin_service)"
+                   " SELECT 'service', 'notification', 'delivery.dead', 'ok',"
+                   " 'max_attempts', 'notification'"
+                   " FROM generate_series(1, 5);"
+                   " INSERT INTO audit_events (actor_kind, actor_id, action,"
+                   " outcome, reason_code, origin_service)"
+                   " SELECT 'partner', 'avim', 'delivery.acked', 'refused',"
+                   " 'not_found', 'notification' FROM generate_series(1, 5);"
+                   " ANALYZE audit_events",
+                   0, NULL);
+    static const struct {
+        const char *where, *index;
+    } finds[] = {
+        {"action = 'delivery.dead'", "audit_events_action_at"},
+        {"actor_id = 'admin:jan'", "audit_events_actor_id"},
+        {"at >= '2026-01-01 02:00' AND at < '2026-01-01 02:01'",
+         "audit_events_at"},
+        {"outcome = 'refused'", "audit_events_not_ok"},
+    };
+    char sql[256];
+    for (size_t i = 0; i < sizeof finds / sizeof *finds; i++) {
+        snprintf(sql, sizeof sql,
+                 "SELECT seq FROM audit_trail WHERE %s ORDER BY seq LIMIT 101",
+                 finds[i].where);
+        ck_assert_msg(s_plan_reads(sql, finds[i].index), "%s: not through %s",
+                      finds[i].where, finds[i].index);
+    }
+    /* Not even when told to use any index rather than read the table. */
+    static const struct {
+        const char *where, *index;
+    } common[] = {
+        {"action = 'delivery.sent'", "audit_events_action_at"},
+        {"outcome = 'ok'", "audit_events_not_ok"},
+        {"actor_id = 'routing'", "audit_events_actor_id"},
+        {"actor_id = 'notification'", "audit_events_actor_id"},
+    };
+    khtest_db_exec(s_db, "SET enable_seqscan = off", 0, NULL);
+    for (size_t i = 0; i < sizeof common / sizeof *common; i++) {
+        snprintf(sql, sizeof sql, "SELECT count(*) FROM audit_trail WHERE %s",
+                 common[i].where);
+        ck_assert_msg(!s_plan_reads(sql, common[i].index), "%s: through %s",
+                      common[i].where, common[i].index);
+    }
+    khtest_db_exec(s_db, "RESET enable_seqscan", 0, NULL);
+    ck_assert_int_eq(khtest_db_count(s_db, "SELECT count(*) FROM audit_trail"
+                                           " WHERE actor_id = 'notification'"),
+                     5005);
+}
+END_TEST
+
 int main(void)
 {
     Suite *suite = suite_create("audit");
@@ -1138,6 +1226,7 @@ int main(void)
     tcase_add_test(tc, checks_refuse_what_they_refused);
     tcase_add_test(tc, referral_checks_decide_as_before);
     tcase_add_test(tc, delivery_state_changes_stay_on_their_page);
+    tcase_add_test(tc, rare_events_are_found_through_small_indexes);
     suite_add_tcase(suite, tc);
     return khtest_run_suite(suite);
 }
