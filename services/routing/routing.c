@@ -540,7 +540,10 @@ fail:
     kh_log_warn("pass_failed", "code=%s msg=\"%s\"", kh_error_name(err.code),
                 err.message);
     kh_db_rollback_quietly(self->conn);
-    if (PQstatus(self->conn) != CONNECTION_OK) {
+    /* A connection that could not leave its pipeline refuses every
+     * statement after; the next pass opens a new one. */
+    if (PQstatus(self->conn) != CONNECTION_OK ||
+        PQpipelineStatus(self->conn) != PQ_PIPELINE_OFF) {
         PQfinish(self->conn);
         self->conn = NULL;
     }
