@@ -82,6 +82,12 @@ rows_now() {
   q "SELECT (SELECT count(*) FROM referrals) + (SELECT count(*) FROM deliveries)
     + (SELECT count(*) FROM audit_events) + (SELECT count(*) FROM audit_seals)"
 }
+# Row versions written to those tables, as PostgreSQL counts them: a row
+# inserted, and each change of one (its new version, written in full).
+writes_now() {
+  q "SELECT sum(n_tup_ins + n_tup_upd) FROM pg_stat_user_tables
+    WHERE relname IN ('referrals', 'deliveries', 'audit_events', 'audit_seals')"
+}
 
 # $1: label, then ketenhub-bench's load options. Marks the trail, runs the
 # receivers and the load side by side, waits for the acknowledgements and
@@ -91,6 +97,7 @@ run_load() {
   shift
   since=$(q "SELECT coalesce(max(seq), 0) FROM audit_events")
   rows_before=$(rows_now)
+  writes_before=$(writes_now)
   wal_before=$(q "SELECT pg_current_wal_lsn()")
   checkpoints_before=$(q "SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter")
   cpu_before=$(cpu_now)
@@ -135,6 +142,8 @@ run_load() {
     AND action = 'delivery.acked' AND outcome = 'ok'")
   events=$(q "SELECT count(*) FROM audit_events WHERE seq > $since")
   rows=$(($(rows_now) - rows_before))
+  sleep 1.5 # the services' table statistics reach the server within 1 s
+  writes=$(($(writes_now) - writes_before))
   wal_mib=$(q "SELECT round(pg_wal_lsn_diff(pg_current_wal_lsn(), '$wal_before') / 1048576.0, 1)")
   wal_per_referral=$(q "SELECT round(pg_wal_lsn_diff(pg_current_wal_lsn(), '$wal_before') / greatest($done_n, 1))")
   checkpoints=$(($(q "SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter") - checkpoints_before))
@@ -146,10 +155,10 @@ run_load() {
   routed=$(pct_json routed_ms "$d")
   sent=$(pct_json sent_ms "$d")
   acked=$(pct_json acked_ms "$d")
-  figures=$(echo "$done_n $span_s $acks $events $rows $started $sealed_at" | awk '{
+  figures=$(echo "$done_n $span_s $acks $events $rows $started $sealed_at $writes" | awk '{
     span = $2 > 0 ? $2 : 0.001
-    printf "%.0f %.0f %.0f %.0f", $1 / span, $3 / span, $5 / span,
-      $4 / ($7 - $6) }')
+    printf "%.0f %.0f %.0f %.0f %.0f", $1 / span, $3 / span, $5 / span,
+      $4 / ($7 - $6), $8 / span }')
   # shellcheck disable=SC2086 # numbers, split on purpose
   set -- $figures
   echo "  trail: $done_n referrals accepted, routed, delivered and acknowledged in ${span_s} s: end_to_end_per_s=$1 acked_per_s=$2"
@@ -157,10 +166,11 @@ run_load() {
   echo "  trail: accepted->first_sent_ms $sent"
   echo "  trail: accepted->all_acked_ms $acked"
   echo "  trail: $events events, sealed_per_s=$4 (start of the load to all sealed); rows_written=$rows rows_per_s=$3"
+  echo "  rows: row_writes=$writes row_writes_per_s=$5 (inserts and updates: each state change writes its row again)"
   echo "  wal: ${wal_mib} MiB, ${wal_per_referral} bytes per referral, $checkpoints checkpoints"
   echo "  cpu per referral: services ${services_us} us, PostgreSQL ${postgres_us} us (from the first submit to the last ACK)"
-  printf '{"label":"%s","referrals":%s,"span_s":%s,"end_to_end_per_s":%s,"acked_per_s":%s,"events":%s,"sealed_per_s":%s,"rows_written":%s,"rows_per_s":%s,"wal_mib":%s,"wal_bytes_per_referral":%s,"checkpoints":%s,"services_cpu_us_per_referral":%s,"postgres_cpu_us_per_referral":%s,"accepted_to_routed_ms":%s,"accepted_to_first_sent_ms":%s,"accepted_to_all_acked_ms":%s,"intake":%s}\n' \
-    "$label" "$done_n" "$span_s" "$1" "$2" "$events" "$4" "$rows" "$3" \
+  printf '{"label":"%s","referrals":%s,"span_s":%s,"end_to_end_per_s":%s,"acked_per_s":%s,"events":%s,"sealed_per_s":%s,"rows_written":%s,"rows_per_s":%s,"row_writes":%s,"row_writes_per_s":%s,"wal_mib":%s,"wal_bytes_per_referral":%s,"checkpoints":%s,"services_cpu_us_per_referral":%s,"postgres_cpu_us_per_referral":%s,"accepted_to_routed_ms":%s,"accepted_to_first_sent_ms":%s,"accepted_to_all_acked_ms":%s,"intake":%s}\n' \
+    "$label" "$done_n" "$span_s" "$1" "$2" "$events" "$4" "$rows" "$3" "$writes" "$5" \
     "$wal_mib" "$wal_per_referral" "$checkpoints" "$services_us" "$postgres_us" \
     "$routed" "$sent" "$acked" "$(cat "$run/$label.json" 2>/dev/null || echo null)" \
     >"$run/$label.hub.json"
@@ -337,12 +347,15 @@ done
 end=$(date +%s.%N)
 raw=$(echo "$start $end" | awk '{ printf "%.0f", 100000 / ($2 - $1) }')
 hub_rows=$(sed -n 's/.*"rows_per_s":\([0-9]*\).*/\1/p' "$run/closed.hub.json")
+hub_writes=$(sed -n 's/.*"row_writes_per_s":\([0-9]*\).*/\1/p' "$run/closed.hub.json")
 ratio=$(echo "$hub_rows $raw" | awk '{ printf "%.2f", $1 / $2 }')
+writes_ratio=$(echo "$hub_writes $raw" | awk '{ printf "%.2f", $1 / $2 }')
 echo "  raw_insert_rows_per_s=$raw (100000 rows, 5000 per statement, one client)"
 echo "  hub rows/s in the closed loop: $hub_rows, ratio to the raw rate: $ratio"
+echo "  hub row writes/s in the closed loop: $hub_writes, ratio to the raw rate: $writes_ratio"
 
-printf '{"seconds":%s,"rate":%s,"open":%s,"closed":%s,"services":{%s},"postgres_cpu_s":{%s},"raw_insert_rows_per_s":%s,"hub_rows_per_s":%s,"ratio_to_raw":%s}\n' \
+printf '{"seconds":%s,"rate":%s,"open":%s,"closed":%s,"services":{%s},"postgres_cpu_s":{%s},"raw_insert_rows_per_s":%s,"hub_rows_per_s":%s,"ratio_to_raw":%s,"hub_row_writes_per_s":%s,"row_writes_ratio_to_raw":%s}\n' \
   "$seconds" "$rate" "$(cat "$run/open.hub.json")" \
   "$(cat "$run/closed.hub.json")" "$services_json" "$postgres_json" "$raw" \
-  "$hub_rows" "$ratio" >"$run/hub.json"
+  "$hub_rows" "$ratio" "$hub_writes" "$writes_ratio" >"$run/hub.json"
 echo "== figures as JSON: $run/hub.json"

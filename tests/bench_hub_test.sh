@@ -18,17 +18,20 @@ hub = json.load(open(sys.argv[1]))
 def number(v, where):
     assert isinstance(v, (int, float)) and not isinstance(v, bool), where
 for key in ("seconds", "rate", "raw_insert_rows_per_s", "hub_rows_per_s",
-            "ratio_to_raw"):
+            "ratio_to_raw", "hub_row_writes_per_s", "row_writes_ratio_to_raw"):
     number(hub[key], key)
 for loop in ("open", "closed"):
     run = hub[loop]
     for key in ("referrals", "span_s", "end_to_end_per_s", "acked_per_s",
                 "events", "sealed_per_s", "rows_written", "rows_per_s",
+                "row_writes", "row_writes_per_s",
                 "wal_mib", "wal_bytes_per_referral", "checkpoints",
                 "services_cpu_us_per_referral",
                 "postgres_cpu_us_per_referral"):
         number(run[key], loop + "." + key)
     assert run["referrals"] > 0, loop + ": no referral went through"
+    # Every row is written once, and a delivery's claim and ACK again.
+    assert run["row_writes"] > run["rows_written"], loop + ": row writes"
     for stage in ("accepted_to_routed_ms", "accepted_to_first_sent_ms",
                   "accepted_to_all_acked_ms"):
         for p in ("p50", "p90", "p99", "p999", "max"):
