@@ -30,9 +30,10 @@ hub_bench_begin() {
 # A hub in service writes its WAL into segment files that checkpoints
 # recycled; a new cluster creates each 16 MiB segment, zero-filled and
 # synced, in the commit that first needs it: a stall of that commit every
-# 16 MiB of WAL (about every 0.8 s at 1,000 referrals/s), and 5-7 % of
-# PostgreSQL's CPU in the closed loop. Benchmarks measure the hub in
-# service: about 600 MiB of segments are made first, and recycled.
+# 16 MiB of WAL (about every 0.8 s at 1,000 referrals/s; 4 % of the
+# machine's CPU samples in a profile of the closed loop). Benchmarks
+# measure the hub in service: about 600 MiB of segments are made first,
+# and recycled.
 hub_warm_wal() {
   psql -q -c "ALTER SYSTEM SET min_wal_size = '1GB'" \
     -c "SELECT pg_reload_conf()" \
