@@ -31,24 +31,28 @@ export KH_ROUTING_ENDPOINT=tcp://127.0.0.1:$((port + 2))
 export KH_NOTIFY_WAKE_ENDPOINT=$wake
 intake=tcp://127.0.0.1:$((port + 3))
 
-# $1 referrals, each with one delivery to every partner in $2...
+# $1 referrals, each with one delivery to every partner in $2..., with ids
+# as the hub makes them (time-ordered, kh_uuid_v7 of migration 014), in
+# the order intake and routing would make them.
 backlog() {
   n=$1
   shift
   partners=$(printf "('%s')," "$@")
   psql -q -c "INSERT INTO referrals (id, partner_id, idempotency_key,
       schema_version, payload, payload_hash, state)
-    SELECT gen_random_uuid(), 'bench', 'backlog-' || gen_random_uuid(),
+    SELECT kh_uuid_v7(), 'bench', 'backlog-' || gen_random_uuid(),
       'referral.v1', convert_to(p, 'UTF8'), sha256(convert_to(p, 'UTF8')),
       'routed'
     FROM generate_series(1, $n), (SELECT '{\"summary\":\"benchmark\",\"subject\":{\"reference\":\"bench-subject\",\"minor\":false}}' AS p) x;
     INSERT INTO deliveries (id, referral_id, partner_id, priority, payload,
       payload_hash, rules_version)
-    SELECT gen_random_uuid(), r.id, t.id, 'normal', r.payload,
-      r.payload_hash, 'bench'
-    FROM referrals r CROSS JOIN (VALUES ${partners%,}) t(id)
-    WHERE r.state = 'routed' AND NOT EXISTS
-      (SELECT 1 FROM deliveries d WHERE d.referral_id = r.id)"
+    SELECT kh_uuid_v7(), id, partner, 'normal', payload, payload_hash,
+      'bench'
+    FROM (SELECT r.id, t.id AS partner, r.payload, r.payload_hash
+      FROM referrals r CROSS JOIN (VALUES ${partners%,}) t(id)
+      WHERE r.state = 'routed' AND NOT EXISTS
+        (SELECT 1 FROM deliveries d WHERE d.referral_id = r.id)
+      ORDER BY r.id, t.id) b"
   psql -q -c "VACUUM ANALYZE deliveries"
 }
 receive() {

@@ -226,15 +226,6 @@ static const char *s_dead_sql =
     "  partner_id, 'ok', dead_reason, payload_hash, 'notification' FROM dead)"
     " SELECT id, referral_id, partner_id, dead_reason FROM dead";
 
-/* A new time-ordered (version 7) UUID made by the database, as
- * kh_uuid_new makes them: the time in milliseconds in the first 48 bits,
- * the version nibble 7, the rest from gen_random_uuid(). */
-#define S_UUID_V7                                                              \
-    "encode(set_byte(overlay(uuid_send(gen_random_uuid()) PLACING"             \
-    " substring(int8send(floor(extract(epoch FROM clock_timestamp()) * 1000)"  \
-    "::bigint) FROM 3) FROM 1 FOR 6), 6, 112 + floor(random() * 16)::int),"    \
-    " 'hex')::uuid"
-
 /* $1 escalation time ms. An escalation copy is a new urgent delivery to
  * the escalation partner of the payload routing projected for it (its own
  * fields, not the target's), unless that partner already has the referral
@@ -255,7 +246,7 @@ static const char *s_escalate_sql =
     " copies AS ("
     " INSERT INTO deliveries (id, referral_id, partner_id, priority, payload,"
     "  payload_hash, rules_version)"
-    " SELECT " S_UUID_V7 ", esc.referral_id, esc.escalate_to, 'urgent',"
+    " SELECT kh_uuid_v7(), esc.referral_id, esc.escalate_to, 'urgent',"
     "  esc.escalation_payload, esc.escalation_payload_hash,"
     "  esc.rules_version FROM esc"
     "  JOIN partners p ON p.id = esc.escalate_to AND p.revoked_at IS NULL"

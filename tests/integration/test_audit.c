@@ -15,6 +15,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "ketenhub/proto.h"
 #include "ketenhub/trail_db.h"
 #include "ketenhub/trail_file.h"
 #include "khproc.h"
@@ -1207,6 +1208,30 @@ START_TEST(rare_events_are_found_through_small_indexes)
 }
 END_TEST
 
+/* kh_uuid_v7() (migration 014) makes ids as kh_uuid_new does: version 7,
+ * variant 10, in the order they were made, whichever of the two made
+ * them. */
+START_TEST(database_ids_sort_with_the_services_ids)
+{
+    char before[37], after[37];
+    kh_uuid_new(before);
+    usleep(2000);
+    char *id = khtest_db_value(s_db, "SELECT kh_uuid_v7()::text");
+    usleep(2000);
+    kh_uuid_new(after);
+    ck_assert(kh_uuid_valid(id));
+    ck_assert_int_eq(id[14], '7');
+    ck_assert_ptr_nonnull(strchr("89ab", id[19]));
+    ck_assert_msg(strcmp(before, id) < 0 && strcmp(id, after) < 0, "%s, %s, %s",
+                  before, id, after);
+    /* Many in one statement (one millisecond or a few) are all new. */
+    ck_assert_int_eq(khtest_db_count(s_db, "SELECT count(DISTINCT kh_uuid_v7())"
+                                           " FROM generate_series(1, 10000)"),
+                     10000);
+    free(id);
+}
+END_TEST
+
 int main(void)
 {
     Suite *suite = suite_create("audit");
@@ -1227,6 +1252,7 @@ int main(void)
     tcase_add_test(tc, referral_checks_decide_as_before);
     tcase_add_test(tc, delivery_state_changes_stay_on_their_page);
     tcase_add_test(tc, rare_events_are_found_through_small_indexes);
+    tcase_add_test(tc, database_ids_sort_with_the_services_ids);
     suite_add_tcase(suite, tc);
     return khtest_run_suite(suite);
 }
