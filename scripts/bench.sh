@@ -2,9 +2,9 @@
 # Measure intake as partners see it, on a PostgreSQL with fsync and
 # synchronous_commit on: accepted/s with 16 concurrent clients (closed
 # loop, one and sixteen requests in flight each), submit -> ACCEPTED latency
-# at 1,000/s offered (open loop; on the new cluster, and again once its WAL
-# segments are reused), how long routing takes after acceptance in that
-# run, and intake's CPU time and peak memory.
+# at 1,000/s offered (open loop; first on a quiet database, and again after
+# the closed loops and a checkpoint), how long routing takes after
+# acceptance in those runs, and intake's CPU time and peak memory.
 # Prints figures (and JSON files in $KH_BENCH_DIR); asserts nothing.
 #   scripts/bench.sh [SECONDS]     (default 10 per run)
 set -eu
@@ -62,25 +62,25 @@ with_routing() {
            WHERE a.action = 'referral.accepted' AND a.at > '$since') delays" | sed 's/^/  /'
   kill -TERM "$(cat "$run/routing.pid")" && rm -f "$run/routing.pid"
 }
-with_routing "new cluster" "$run/open-1000-routing.json"
+with_routing "quiet database" "$run/open-1000-routing.json"
 # Throughput of intake alone from here on.
 echo "== closed loop, 16 clients, 1 request in flight each, ${seconds}s"
 bench "$referral" --clients 16 --json "$run/closed-1.json" | sed 's/^/  /'
 echo "== closed loop, 16 clients, 16 requests in flight each, ${seconds}s"
 bench "$referral" --clients 16 --window 16 --json "$run/closed-16.json" | sed 's/^/  /'
-# A new cluster writes zeros into each 16 MiB WAL segment the first time it
-# needs it, and the commits behind wait (the p99.9 of the first runs); a
-# running one reuses the segments that a checkpoint has retired. Once more
+# The closed loops write more WAL than the segments hub_bench_begin made
+# (a new segment is zero-filled in a commit, and the commits behind it
+# wait); after a checkpoint the segments they used are recycled. Once more
 # in that steady state: after a checkpoint and 5 s of the same load.
 # The closed loops' referrals are set aside (marked routed, with no
 # deliveries), so that routing starts on an empty queue below.
 psql -qc "UPDATE referrals SET state = 'routed' WHERE state = 'accepted'"
-echo "== open loop, 1000/s offered, 16 clients, ${seconds}s, intake alone, WAL segments reused"
+echo "== open loop, 1000/s offered, 16 clients, ${seconds}s, intake alone, after the closed loops"
 psql -qc "CHECKPOINT"
 bench "$referral" --clients 16 --window 64 --rate 1000 --seconds 5 >/dev/null
 bench "$referral" --clients 16 --window 64 --rate 1000 \
   --json "$run/open-1000-steady.json" | sed 's/^/  /'
-with_routing "WAL segments reused" "$run/open-1000-routing-steady.json"
+with_routing "after the closed loops" "$run/open-1000-routing-steady.json"
 echo "== routing rules: evaluations on one core, default rules"
 "$build/tools/bench/ketenhub-bench" --rules "$here/schemas/rules/default.yaml" \
   --referral "$referral" --seconds 3 | sed 's/^/  /'
