@@ -3,8 +3,10 @@
 --
 -- Applied by kh_migrate_apply in one transaction with its row in
 -- kh_schema_migrations. Never edit once applied: add a new numbered file.
--- It rebuilds two indexes of audit_events, which holds writes to the trail
--- (and so the hub) for as long as that takes on a large trail.
+-- It builds four indexes of audit_events, which holds writes to the trail
+-- (and so the hub) for as long as that takes on a large trail; the trail
+-- stays readable until the old indexes make way for the new ones at the
+-- end, in a moment.
 --
 -- Every referral adds eight events or so to the trail: accepted, routed,
 -- and sent and acknowledged for each partner. Each event was an entry in
@@ -34,25 +36,26 @@
 -- and costs next to nothing to keep; the index of the events that are not
 -- ok holds refusals and failures only.
 
-DROP INDEX audit_events_action_at;
-CREATE INDEX audit_events_action_at ON audit_events (action, at)
+CREATE INDEX audit_events_action_at_rare ON audit_events (action, at)
     WHERE action NOT IN ('referral.accepted', 'referral.routed',
                          'delivery.sent', 'delivery.acked');
+CREATE INDEX audit_events_actor_id_rare ON audit_events (actor_id)
+    WHERE actor_id NOT IN ('routing', 'notification');
+CREATE INDEX audit_events_at ON audit_events USING brin (at);
+CREATE INDEX audit_events_not_ok ON audit_events (seq) WHERE outcome <> 'ok';
+
+DROP INDEX audit_events_action_at;
+ALTER INDEX audit_events_action_at_rare RENAME TO audit_events_action_at;
+DROP INDEX audit_events_actor_id;
+ALTER INDEX audit_events_actor_id_rare RENAME TO audit_events_actor_id;
+
 COMMENT ON INDEX audit_events_action_at IS
     'Events by action and time, for the actions that are not in every '
     'referral''s history.';
-
-DROP INDEX audit_events_actor_id;
-CREATE INDEX audit_events_actor_id ON audit_events (actor_id)
-    WHERE actor_id NOT IN ('routing', 'notification');
 COMMENT ON INDEX audit_events_actor_id IS
     'Events by actor, but for the hub''s routing and notification services '
     '(half of all events).';
-
-CREATE INDEX audit_events_at ON audit_events USING brin (at);
 COMMENT ON INDEX audit_events_at IS
     'A summary of the event times per 128 pages, to find a period.';
-
-CREATE INDEX audit_events_not_ok ON audit_events (seq) WHERE outcome <> 'ok';
 COMMENT ON INDEX audit_events_not_ok IS
     'The refusals and failures, in trail order.';

@@ -5,7 +5,8 @@
 --
 -- The services make their ids as kh_uuid_new does (common/proto.c): UUID
 -- version 7 (RFC 9562), the Unix time in milliseconds in the first 48
--- bits, the version nibble 7, then random bits. Ids made one after another
+-- bits, the version nibble 7, then random bits (here those of
+-- gen_random_uuid(), its version nibble replaced as kh_uuid_new does). Ids made one after another
 -- sort one after another, so the indexes they key (deliveries by id and
 -- by referral, the trail by referral and by delivery) take new entries at
 -- their right edge, on pages already in memory and already in the WAL
@@ -17,11 +18,12 @@
 -- and 48 us with ids as the hub makes them.
 
 CREATE FUNCTION kh_uuid_v7() RETURNS uuid
-LANGUAGE sql VOLATILE PARALLEL SAFE AS $$
-    SELECT encode(set_byte(overlay(uuid_send(gen_random_uuid())
+LANGUAGE sql VOLATILE AS $$
+    SELECT encode(set_byte(b, 6, (get_byte(b, 6) & 15) | 112), 'hex')::uuid
+    FROM (SELECT overlay(uuid_send(gen_random_uuid())
         PLACING substring(int8send(floor(extract(epoch FROM
-            clock_timestamp()) * 1000)::bigint) FROM 3) FROM 1 FOR 6),
-        6, 112 + floor(random() * 16)::int), 'hex')::uuid
+            clock_timestamp()) * 1000)::bigint) FROM 3) FROM 1 FOR 6) AS b) r
 $$;
+ALTER FUNCTION kh_uuid_v7() OWNER TO ketenhub_owner;
 COMMENT ON FUNCTION kh_uuid_v7() IS
     'A new UUID version 7: time in milliseconds, then random bits.';

@@ -156,8 +156,10 @@ static json_t *s_database(json_t **partners)
     static const bool n_cp[] = {true, false};
     static const char *k_dl[] = {"dead_letters", "escalations_open", NULL};
     static const bool n_dl[] = {true, true};
-    /* Through the views that ketenhub_admin may read; both halves use
-     * audit_events (action, at). */
+    /* Through the views that ketenhub_admin may read: the last
+     * rules.reloaded from audit_events (action, at), the last
+     * referral.routed (an action that index leaves out, migration 013)
+     * from the newest events back. */
     int rc = s_row(
         conn,
         "SELECT rules_version, " S_TS(
@@ -167,7 +169,7 @@ static json_t *s_database(json_t **partners)
                   "  ORDER BY at DESC LIMIT 1) UNION ALL"
                   " (SELECT rules_version, at FROM audit_trail"
                   "  WHERE action = 'referral.routed'"
-                  "  ORDER BY at DESC LIMIT 1)) r ORDER BY at DESC LIMIT 1",
+                  "  ORDER BY seq DESC LIMIT 1)) r ORDER BY at DESC LIMIT 1",
         db, k_rules, n_rules);
     rc = rc ? rc
             : s_row(conn,
