@@ -340,7 +340,7 @@ start=$(date +%s.%N)
 for _ in $(seq 1 20); do
   psql -q -c "INSERT INTO raw_events (actor_kind, actor_id, action,
       referral_id, outcome, payload_hash, origin_service)
-    SELECT 'service', 'bench', 'referral.routed', kh_uuid_v7(), 'ok',
+    SELECT 'service', 'bench', 'referral.routed', gen_random_uuid(), 'ok',
       sha256(g::text::bytea), 'bench' FROM generate_series(1, 5000) g"
 done
 end=$(date +%s.%N)
