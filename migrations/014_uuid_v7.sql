@@ -6,11 +6,11 @@
 -- The services make their ids as kh_uuid_new does (common/proto.c): UUID
 -- version 7 (RFC 9562), the Unix time in milliseconds in the first 48
 -- bits, the version nibble 7, then random bits (here those of
--- gen_random_uuid(), its version nibble replaced as kh_uuid_new does). Ids made one after another
--- sort one after another, so the indexes they key (deliveries by id and
--- by referral, the trail by referral and by delivery) take new entries at
--- their right edge, on pages already in memory and already in the WAL
--- since the last checkpoint. This function makes the same ids in SQL: for
+-- gen_random_uuid(), its version nibble replaced as kh_uuid_new does).
+-- Ids made one after another sort one after another, so the indexes they
+-- key (deliveries by id and by referral, the trail by referral and by
+-- delivery) take new entries at their right edge, on pages already in
+-- memory and already in the WAL since the last checkpoint. This function makes the same ids in SQL: for
 -- notification's escalation copies, and for the benchmarks' backlogs,
 -- which with random ids (gen_random_uuid) touched a page all over each of
 -- those indexes for every row: a backlog of 1,000,000 deliveries drained
