@@ -1123,9 +1123,7 @@ END_TEST
 /* Whether the plan PostgreSQL makes for sql reads index. */
 static bool s_plan_reads(const char *sql, const char *index)
 {
-    char explain[512];
-    snprintf(explain, sizeof explain, "EXPLAIN (FORMAT JSON) %s", sql);
-    char *plan = khtest_db_value(s_db, explain);
+    char *plan = khtest_db_plan(s_db, sql);
     bool reads = strstr(plan, index) != NULL;
     free(plan);
     return reads;

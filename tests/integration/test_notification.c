@@ -171,6 +171,20 @@ static bool s_log_has(const char *log, const char *text, int timeout_ms)
     return khtest_log_has(s_path(log), text, timeout_ms);
 }
 
+/* Notification with a back-off far beyond a test's waits, the ACK timeout
+ * and silence limit given, ready. */
+static pid_t s_start_slow(int ack_timeout_ms, int peer_timeout_ms)
+{
+    char ack[64], peer[64];
+    snprintf(ack, sizeof ack, "KH_NOTIFY_ACK_TIMEOUT_MS=%d", ack_timeout_ms);
+    snprintf(peer, sizeof peer, "KH_NOTIFY_PEER_TIMEOUT_MS=%d",
+             peer_timeout_ms);
+    pid_t pid = s_start3("notification.log", ack,
+                         "KH_NOTIFY_BACKOFF_MAX_MS=60000", peer);
+    ck_assert(s_log_has("notification.log", "event=ready", 10000));
+    return pid;
+}
+
 static bool s_wait_count(const char *sql, long want, int timeout_ms)
 {
     return khtest_wait_count(s_db, sql, want, timeout_ms);
@@ -671,10 +685,7 @@ START_TEST(a_partner_that_reconnects_gets_its_deliveries_at_once)
     const bool gone_first = _i == 1;
     /* An ACK timeout and a silence limit far beyond the test's waits: only
      * noticing that the old connection is gone can make things prompt. */
-    pid_t pid = s_start3("notification.log", "KH_NOTIFY_ACK_TIMEOUT_MS=30000",
-                         "KH_NOTIFY_BACKOFF_MAX_MS=60000",
-                         "KH_NOTIFY_PEER_TIMEOUT_MS=60000");
-    ck_assert(s_log_has("notification.log", "event=ready", 10000));
+    pid_t pid = s_start_slow(30000, 60000);
     char old_ids[S_RECONNECT_OLD][37];
     for (int i = 0; i < S_RECONNECT_OLD; i++)
         s_delivery("avim", "normal", 1000 - i, NULL, old_ids[i]);
@@ -823,10 +834,7 @@ END_TEST
 
 START_TEST(two_connections_of_one_partner_both_keep_working)
 {
-    pid_t pid = s_start3("notification.log", "KH_NOTIFY_ACK_TIMEOUT_MS=30000",
-                         "KH_NOTIFY_BACKOFF_MAX_MS=60000",
-                         "KH_NOTIFY_PEER_TIMEOUT_MS=60000");
-    ck_assert(s_log_has("notification.log", "event=ready", 10000));
+    pid_t pid = s_start_slow(30000, 60000);
     zsock_t *one = s_partner("avim");
     s_hello(one, 2);
     zsock_t *two = s_partner("avim");
@@ -1121,25 +1129,6 @@ static void s_many(int count, bool acknowledged, const char *priority)
     khtest_db_exec(s_db, "ANALYZE deliveries", 0, NULL);
 }
 
-/* The text of the plan of sql (one string, lines joined). */
-static char *s_plan(const char *sql)
-{
-    char explain[1024];
-    snprintf(explain, sizeof explain, "EXPLAIN %s", sql);
-    PGresult *res = PQexec(s_db, explain);
-    ck_assert_int_eq(PQresultStatus(res), PGRES_TUPLES_OK);
-    size_t len = 1;
-    for (int i = 0; i < PQntuples(res); i++)
-        len += strlen(PQgetvalue(res, i, 0)) + 1;
-    char *plan = calloc(1, len);
-    for (int i = 0; i < PQntuples(res); i++) {
-        strcat(plan, PQgetvalue(res, i, 0));
-        strcat(plan, "\n");
-    }
-    PQclear(res);
-    return plan;
-}
-
 /* A claim can only use the index made for it: without that index no other
  * index serves it, so statistics that make its own index look dear (taken
  * when the queue was empty) cannot send the planner to an index over every
@@ -1164,14 +1153,14 @@ START_TEST(claims_have_no_index_but_their_own)
          " FOR UPDATE SKIP LOCKED"},
     };
     for (size_t i = 0; i < sizeof claims / sizeof claims[0]; i++) {
-        char *plan = s_plan(claims[i].claim);
+        char *plan = khtest_db_plan(s_db, claims[i].claim);
         ck_assert_msg(strstr(plan, claims[i].index), "%s", plan);
         free(plan);
         char drop[128];
         snprintf(drop, sizeof drop, "DROP INDEX %s", claims[i].index);
         khtest_db_exec(s_db, "BEGIN", 0, NULL);
         khtest_db_exec(s_db, drop, 0, NULL);
-        plan = s_plan(claims[i].claim);
+        plan = khtest_db_plan(s_db, claims[i].claim);
         khtest_db_exec(s_db, "ROLLBACK", 0, NULL);
         ck_assert_msg(!strstr(plan, "Index"), "another index serves: %s", plan);
         free(plan);
@@ -1262,7 +1251,7 @@ START_TEST(statements_never_walk_all_deliveries)
         char sql[256];
         snprintf(sql, sizeof sql, "EXECUTE %s(%s)", s_statements[i].name,
                  args[i]);
-        char *plan = s_plan(sql);
+        char *plan = khtest_db_plan(s_db, sql);
         ck_assert_msg(!s_walks_all_deliveries(plan, whole),
                       "%s walks deliveries:\n%s", s_statements[i].name, plan);
         free(plan);
@@ -1302,10 +1291,7 @@ START_TEST(a_failed_ack_batch_never_overfills_the_window)
         s_delivery("avim", "normal", 10000 - i * 10, NULL, ids[i]);
     /* Nothing is re-sent, and the partner, silent while the batch waits,
      * is not forgotten meanwhile. */
-    pid_t pid = s_start3("notification.log", "KH_NOTIFY_ACK_TIMEOUT_MS=60000",
-                         "KH_NOTIFY_BACKOFF_MAX_MS=60000",
-                         "KH_NOTIFY_PEER_TIMEOUT_MS=60000");
-    ck_assert(s_log_has("notification.log", "event=ready", 10000));
+    pid_t pid = s_start_slow(60000, 60000);
     zsock_t *sock = s_partner("avim");
     s_hello(sock, 2);
     ck_assert_ptr_null(s_next_noting(sock, 1000, got, 8, &ngot));
@@ -1352,10 +1338,7 @@ END_TEST
  * room, never on top of what it has out. */
 START_TEST(a_gone_connections_deliveries_wait_for_room_on_another)
 {
-    pid_t pid = s_start3("notification.log", "KH_NOTIFY_ACK_TIMEOUT_MS=30000",
-                         "KH_NOTIFY_BACKOFF_MAX_MS=60000",
-                         "KH_NOTIFY_PEER_TIMEOUT_MS=1500");
-    ck_assert(s_log_has("notification.log", "event=ready", 10000));
+    pid_t pid = s_start_slow(30000, 1500);
     zsock_t *one = s_partner("avim");
     s_hello(one, 2);
     zsock_t *two = s_partner("avim");

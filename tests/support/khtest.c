@@ -249,6 +249,26 @@ char *khtest_path(const char *dir, const char *name)
     return out;
 }
 
+char *khtest_db_plan(PGconn *conn, const char *sql)
+{
+    char explain[1024];
+    snprintf(explain, sizeof explain, "EXPLAIN %s", sql);
+    PGresult *res = PQexec(conn, explain);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK)
+        ck_abort_msg("%s: %s", explain, PQerrorMessage(conn));
+    size_t len = 1;
+    for (int i = 0; i < PQntuples(res); i++)
+        len += strlen(PQgetvalue(res, i, 0)) + 1;
+    char *plan = calloc(1, len);
+    ck_assert_ptr_nonnull(plan);
+    for (int i = 0; i < PQntuples(res); i++) {
+        strcat(plan, PQgetvalue(res, i, 0));
+        strcat(plan, "\n");
+    }
+    PQclear(res);
+    return plan;
+}
+
 long khtest_db_count(PGconn *conn, const char *sql)
 {
     char *value = khtest_db_value(conn, sql);

@@ -67,6 +67,10 @@ void khtest_routed_referral(PGconn *conn, int n, char referral[37],
  * can be used in one call. */
 char *khtest_path(const char *dir, const char *name);
 
+/* The text of PostgreSQL's plan of sql on conn (EXPLAIN, its lines
+ * joined with newlines), a new string the caller frees. */
+char *khtest_db_plan(PGconn *conn, const char *sql);
+
 /* As khtest_db_value, for a query that returns one count. */
 long khtest_db_count(PGconn *conn, const char *sql);
 
