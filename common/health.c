@@ -344,6 +344,8 @@ static const s_def_t s_defs[] = {
      "Deliveries that became dead letters."},
     {"notification", "deliveries_escalated_total", S_C, NULL,
      "Urgent deliveries escalated."},
+    {"notification", "delivery_claims_total", S_C, NULL,
+     "Claim statements for pending deliveries (one serves many partners)."},
     {"notification", "delivery_ack_seconds", S_H, NULL,
      "From a delivery's last send to its partner's ACK, as committed."},
     {"notification", "deliveries_backlog", S_G, "partner",

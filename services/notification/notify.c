@@ -494,10 +494,13 @@ static void s_queue_pending(size_t which, const dstore_delivery_t *d, void *arg)
 
 /* Claim pending deliveries up to the free credit of each of the count (at
  * least 1) connections in conns (reordered): one statement for as many as
- * have distinct partners and together ask for at most S_CLAIM_ROWS (the
- * first always), the next for the rest and the second connections of a
- * partner. The bound keeps the rows of one result, payloads and all, to
- * what one connection's window held before they were claimed together. */
+ * have distinct partners, asking together for at most S_CLAIM_ROWS, the
+ * next for the second connections of a partner and for those that got all
+ * the statement asked of them and have credit left. The bound keeps the
+ * rows of one result, payloads and all, to what one full window holds;
+ * each connection asks for its credit up to an equal share of it, so that
+ * partners with large windows share one statement when little is due (a
+ * statement per partner costs nearly as much as one for all). */
 static int s_claim_pending(notify_t *self, s_conn_t **conns, size_t count,
                            kh_error_t *err)
 {
@@ -507,31 +510,41 @@ static int s_claim_pending(notify_t *self, s_conn_t **conns, size_t count,
         claims && got ? 0 : kh_error_set(err, KH_E_NOMEM, "", "out of memory");
     while (rc == 0 && count > 0) {
         /* This statement's connections to the front, one per partner. */
-        size_t n = 0, rows = 0;
-        for (size_t i = 0; i < count; i++) {
-            size_t credit = s_credit(self, conns[i]);
-            bool skip = n > 0 && rows + credit > S_CLAIM_ROWS;
+        size_t n = 0;
+        for (size_t i = 0; i < count && n < S_CLAIM_ROWS; i++) {
+            bool skip = false;
             for (size_t j = 0; j < n && !skip; j++)
                 skip = strcmp(conns[j]->partner, conns[i]->partner) == 0;
             if (skip)
                 continue;
             s_conn_t *conn = conns[i];
             conns[i] = conns[n];
-            conns[n] = conn;
-            claims[n] = (dstore_claim_t){conn->partner, conn->peer, credit};
-            rows += credit;
-            got[n++] = 0;
+            conns[n++] = conn;
+        }
+        for (size_t i = 0; i < n; i++) {
+            size_t limit = s_credit(self, conns[i]);
+            if (limit > S_CLAIM_ROWS / n)
+                limit = S_CLAIM_ROWS / n;
+            claims[i] =
+                (dstore_claim_t){conns[i]->partner, conns[i]->peer, limit};
+            got[i] = 0;
         }
         s_pending_ctx_t ctx = {self, conns, got};
         if (dstore_claim_pending(self->store, claims, n, s_queue_pending, &ctx,
                                  err) < 0)
             rc = -1;
-        /* Fewer than asked: nothing more is pending for it now. */
+        else
+            kh_metric_add("delivery_claims_total", NULL, 1);
+        /* Fewer than asked: nothing more is pending for it now. All it
+         * asked, and credit left: it asks again after the others. */
+        size_t again = 0;
         for (size_t i = 0; rc == 0 && i < n; i++)
             if (got[i] < claims[i].limit)
                 conns[i]->more = false;
-        conns += n;
-        count -= n;
+            else if (s_credit(self, conns[i]) > 0)
+                conns[again++] = conns[i];
+        memmove(conns + again, conns + n, (count - n) * sizeof *conns);
+        count -= n - again;
     }
     free(claims);
     free(got);
@@ -627,7 +640,12 @@ static void s_answers_settle(notify_t *self, bool acked, bool nacked)
         s_conn_t *conn = s_conn_of(self, p->identity);
         if (conn && p->answer.outcome != DSTORE_NOT_FOUND) {
             zhashx_delete(conn->out, p->answer.id);
-            conn->more = conn->more || p->answer.outcome == DSTORE_DONE;
+            /* Without wake-ups from routing, an ACK is the cue to look
+             * again; with them, a connection whose last claim found less
+             * than its credit has nothing due until one comes (or the
+             * tick, should one be dropped). */
+            conn->more =
+                conn->more || (!self->wake && p->answer.outcome == DSTORE_DONE);
         }
     }
 }
@@ -891,11 +909,11 @@ static void s_round(notify_t *self, bool resend)
     if (zlistx_size(self->held))
         s_held_flush(self);
     s_outbox_flush(self, rc == 0);
-    /* A connection whose ACKs committed may have more due (a wake-up for
-     * it may have been lost): it claims again at once when no partner
-     * frame is waiting (one would start the next round anyway), since a
-     * partner that has answered everything sends nothing more until it
-     * gets more. */
+    /* A connection whose ACKs committed and that may have more due (its
+     * window was full) claims again at once when no partner frame is
+     * waiting (one would start the next round anyway), since a partner
+     * that has answered everything sends nothing more until it gets
+     * more. */
     if (acks > 0 && !(zsock_events(self->router) & ZMQ_POLLIN) &&
         s_has_work(self))
         s_round(self, false);

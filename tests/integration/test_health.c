@@ -86,24 +86,9 @@ static bool s_wait_status(const char *path, int want, int ms)
     return s_wait_status_at(s_health, path, want, ms);
 }
 
-/* The value of one series ("name" or "name{label=\"x\"}") in the
- * /metrics of health; 0 when it is absent (a counter that never moved). */
-static double s_metric_at(const char *health, const char *series)
-{
-    char *body = NULL;
-    ck_assert_int_eq(s_get_at(health, "/metrics", &body), 200);
-    ck_assert_ptr_nonnull(body);
-    char want[256];
-    snprintf(want, sizeof want, "\nketenhub_%s ", series);
-    const char *at = strstr(body, want);
-    double value = at ? strtod(at + strlen(want), NULL) : 0;
-    free(body);
-    return value;
-}
-
 static double s_metric(const char *series)
 {
-    return s_metric_at(s_health, series);
+    return khtest_metric(s_health, series);
 }
 
 /* Wait up to ms for a series of health to reach value. */
@@ -111,7 +96,7 @@ static bool s_wait_metric(const char *health, const char *series, double value,
                           int ms)
 {
     for (int waited = 0; waited <= ms; waited += 100) {
-        if (s_metric_at(health, series) == value)
+        if (khtest_metric(health, series) == value)
             return true;
         usleep(100 * 1000);
     }
@@ -514,11 +499,11 @@ START_TEST(routing_and_notification_count_and_report_the_backlog)
     kh_client_destroy(&client);
     ck_assert_msg(
         s_wait_metric(routing_health, "referrals_routed_total", N, 10000),
-        "routed: %g", s_metric_at(routing_health, "referrals_routed_total"));
+        "routed: %g", khtest_metric(routing_health, "referrals_routed_total"));
     ck_assert_double_eq(
-        s_metric_at(routing_health, "deliveries_created_total"),
+        khtest_metric(routing_health, "deliveries_created_total"),
         (double) khtest_db_count(s_db, "SELECT count(*) FROM deliveries"));
-    ck_assert(s_metric_at(routing_health, "routing_pass_seconds_count") >= 1);
+    ck_assert(khtest_metric(routing_health, "routing_pass_seconds_count") >= 1);
 
     /* No partner is connected: the backlog per partner is what routing
      * created for it, read by notification's probe. */
@@ -530,9 +515,9 @@ START_TEST(routing_and_notification_count_and_report_the_backlog)
                       "deliveries_backlog{partner=\"zorgcoordinator\"}",
                       (double) zc, 10000),
         "backlog not reported");
-    ck_assert(s_metric_at(notify_health,
-                          "deliveries_oldest_unacked_seconds{partner="
-                          "\"zorgcoordinator\"}") >= 0);
+    ck_assert(khtest_metric(notify_health,
+                            "deliveries_oldest_unacked_seconds{partner="
+                            "\"zorgcoordinator\"}") >= 0);
 
     /* The zorgcoordinator comes online and acknowledges one delivery:
      * sent, acknowledged and its wait are counted, its backlog shrinks. */
@@ -559,11 +544,11 @@ START_TEST(routing_and_notification_count_and_report_the_backlog)
     }
     kh_client_destroy(&zc_client);
     ck_assert_msg(acked, "no ACKED for %s", acked_id);
-    ck_assert(s_metric_at(notify_health, "deliveries_sent_total") >= 1);
-    ck_assert_double_eq(s_metric_at(notify_health, "deliveries_acked_total"),
+    ck_assert(khtest_metric(notify_health, "deliveries_sent_total") >= 1);
+    ck_assert_double_eq(khtest_metric(notify_health, "deliveries_acked_total"),
                         1);
     ck_assert_double_eq(
-        s_metric_at(notify_health, "delivery_ack_seconds_count"), 1);
+        khtest_metric(notify_health, "delivery_ack_seconds_count"), 1);
     ck_assert_msg(
         s_wait_metric(notify_health,
                       "deliveries_backlog{partner=\"zorgcoordinator\"}",

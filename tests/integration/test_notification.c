@@ -16,6 +16,7 @@
 #include "dstore_sql.h"
 #include "ketenhub/codec.h"
 #include "ketenhub/proto.h"
+#include "ketenhub/zap.h"
 #include "khpartner.h"
 #include "khproc.h"
 #include "khtest.h"
@@ -118,10 +119,9 @@ static const char *s_state(const char *id, char *state)
     return state;
 }
 
-/* Start notification with short timers; extra, extra2, extra3: more
- * NAME=value settings, or NULL. */
-static pid_t s_start3(const char *log, const char *extra, const char *extra2,
-                      const char *extra3)
+/* Start notification with short timers; extra: more NAME=value settings,
+ * up to a NULL. */
+static pid_t s_start_env(const char *log, char *const extra[])
 {
     char env_db[1024], env_cert[600], env_dir[600], env_endpoint[128];
     snprintf(env_db, sizeof env_db, "KH_DATABASE_URL=%s", s_conninfo);
@@ -130,28 +130,36 @@ static pid_t s_start3(const char *log, const char *extra, const char *extra2,
              s_path("partners"));
     snprintf(env_endpoint, sizeof env_endpoint, "KH_NOTIFY_ENDPOINT=%s",
              s_endpoint);
-    char *env[] = {env_db,
-                   env_cert,
-                   env_dir,
-                   env_endpoint,
-                   "KH_NOTIFY_WAKE_ENDPOINT=none",
-                   "KH_NOTIFY_ACK_TIMEOUT_MS=400",
-                   "KH_NOTIFY_BACKOFF_MAX_MS=800",
-                   "KH_NOTIFY_MAX_ATTEMPTS=3",
-                   "KH_NOTIFY_ESCALATE_MS=1000",
-                   "KH_NOTIFY_SWEEP_MS=50",
-                   "KH_NOTIFY_WINDOW=64",
-                   "KH_LOG_LEVEL=debug",
-                   (char *) extra,
-                   (char *) extra2,
-                   (char *) extra3,
-                   NULL};
+    char *env[24] = {env_db,
+                     env_cert,
+                     env_dir,
+                     env_endpoint,
+                     "KH_NOTIFY_WAKE_ENDPOINT=none",
+                     "KH_NOTIFY_ACK_TIMEOUT_MS=400",
+                     "KH_NOTIFY_BACKOFF_MAX_MS=800",
+                     "KH_NOTIFY_MAX_ATTEMPTS=3",
+                     "KH_NOTIFY_ESCALATE_MS=1000",
+                     "KH_NOTIFY_SWEEP_MS=50",
+                     "KH_NOTIFY_WINDOW=64",
+                     "KH_LOG_LEVEL=debug"};
+    size_t n = 12;
+    for (size_t i = 0; extra[i] && n < sizeof env / sizeof env[0] - 1; i++)
+        env[n++] = extra[i];
     char *argv[] = {"ketenhub-notification", NULL};
     pid_t pid = khproc_spawn(KH_TEST_BINARY_DIR
                              "/services/notification/ketenhub-notification",
                              argv, env, s_path(log));
     ck_assert_int_gt(pid, 0);
     return pid;
+}
+
+/* The same with up to three settings (the first NULL ends them). */
+static pid_t s_start3(const char *log, const char *extra, const char *extra2,
+                      const char *extra3)
+{
+    char *const env[] = {(char *) extra, (char *) extra2, (char *) extra3,
+                         NULL};
+    return s_start_env(log, env);
 }
 
 static pid_t s_start(const char *log, const char *extra, const char *extra2)
@@ -832,6 +840,74 @@ START_TEST(partners_connected_together_each_get_their_own)
 }
 END_TEST
 
+/* With wake-ups from routing, three partners with the largest window a
+ * partner may ask for get what one wake-up announces from one claim
+ * statement (a statement costs PostgreSQL about as much for one partner
+ * as for three), and their ACKs start no claim: their last claims found
+ * less than their credit, so nothing more is due until a wake-up says
+ * so. */
+START_TEST(one_claim_serves_a_wake_up_for_three_partners)
+{
+    static const char *partners[] = {"veilig-thuis", "zorgcoordinator", "avim"};
+    char wake[64], env_wake[128], health[64], env_health[128];
+    snprintf(wake, sizeof wake, "tcp://127.0.0.1:%d", khproc_free_port());
+    snprintf(env_wake, sizeof env_wake, "KH_NOTIFY_WAKE_ENDPOINT=%s", wake);
+    snprintf(health, sizeof health, "127.0.0.1:%d", khproc_free_port());
+    snprintf(env_health, sizeof env_health, "KH_HEALTH_ENDPOINT=%s", health);
+    /* No tick within the test: only the wake-up says there is work. */
+    char *const env[] = {env_wake, env_health, "KH_NOTIFY_SWEEP_MS=60000",
+                         "KH_NOTIFY_WINDOW=1024", NULL};
+    pid_t pid = s_start_env("notification.log", env);
+    ck_assert(s_log_has("notification.log", "event=ready", 10000));
+    zsock_t *socks[3];
+    for (int p = 0; p < 3; p++) {
+        socks[p] = s_partner(partners[p]);
+        s_hello(socks[p], KH_WINDOW_MAX);
+    }
+    zclock_sleep(300); /* the claims of the HELLOs are done */
+    double before = khtest_metric(health, "delivery_claims_total");
+
+    char ids[3][S_EACH][37];
+    khtest_db_exec(s_db, "BEGIN", 0, NULL);
+    for (int i = 0; i < S_EACH; i++)
+        for (int p = 0; p < 3; p++)
+            s_delivery(partners[p], "normal", 1000 - i, NULL, ids[p][i]);
+    khtest_db_exec(s_db, "COMMIT", 0, NULL);
+    zcert_t *hub = zcert_load(s_path("hub.cert"));
+    kh_error_t err;
+    zsock_t *push = kh_wake_push_new(hub, wake, "wake", &err);
+    ck_assert_msg(push != NULL, "%s", err.message);
+    zclock_sleep(200); /* connected and authenticated */
+    json_t *notify =
+        json_pack("{s:i, s:s, s:[s,s,s]}", "v", KH_PROTO_VERSION, "cmd",
+                  "NOTIFY", "partners", partners[0], partners[1], partners[2]);
+    char *data = NULL;
+    size_t size = 0;
+    ck_assert_int_eq(kh_msgpack_encode(notify, &data, &size, &err), 0);
+    zframe_t *frame = zframe_new(data, size);
+    ck_assert_int_eq(zframe_send(&frame, push, 0), 0);
+    free(data);
+    json_decref(notify);
+
+    for (int p = 0; p < 3; p++) {
+        bool came[S_EACH] = {false};
+        ck_assert_int_eq(s_collect(socks[p], ids[p], S_EACH, came, 5000),
+                         S_EACH);
+    }
+    ck_assert(s_wait_count("SELECT count(*) FROM deliveries WHERE state ="
+                           " 'acknowledged'",
+                           3 * S_EACH, 5000));
+    zclock_sleep(300); /* any claim the ACKs would start */
+    ck_assert_double_eq(khtest_metric(health, "delivery_claims_total"),
+                        before + 1);
+    zsock_destroy(&push);
+    zcert_destroy(&hub);
+    for (int p = 0; p < 3; p++)
+        zsock_destroy(&socks[p]);
+    s_stop(pid);
+}
+END_TEST
+
 START_TEST(two_connections_of_one_partner_both_keep_working)
 {
     pid_t pid = s_start_slow(30000, 60000);
@@ -1399,6 +1475,7 @@ static Suite *s_suite(void)
         tc, a_partner_that_reconnects_gets_its_deliveries_at_once, 0, 2);
     tcase_add_test(tc, two_connections_of_one_partner_both_keep_working);
     tcase_add_test(tc, partners_connected_together_each_get_their_own);
+    tcase_add_test(tc, one_claim_serves_a_wake_up_for_three_partners);
     tcase_add_test(tc, unknown_key_and_bad_frames_are_refused);
     tcase_add_test(tc, a_failed_ack_batch_never_overfills_the_window);
     tcase_add_test(tc, a_gone_connections_deliveries_wait_for_room_on_another);

@@ -16,6 +16,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "ketenhub/health.h"
 #include "ketenhub/migrate.h"
 #include "ketenhub/proto.h"
 
@@ -286,6 +287,20 @@ bool khtest_wait_count(PGconn *conn, const char *sql, long want, int timeout_ms)
         usleep(20 * 1000);
     }
     return false;
+}
+
+double khtest_metric(const char *health, const char *series)
+{
+    char *body = NULL;
+    kh_error_t err;
+    ck_assert_int_eq(kh_http_get(health, "/metrics", 2000, &body, &err), 200);
+    ck_assert_ptr_nonnull(body);
+    char want[256];
+    snprintf(want, sizeof want, "\nketenhub_%s ", series);
+    const char *at = strstr(body, want);
+    double value = at ? strtod(at + strlen(want), NULL) : 0;
+    free(body);
+    return value;
 }
 
 bool khtest_log_has(const char *path, const char *text, int timeout_ms)

@@ -78,6 +78,11 @@ long khtest_db_count(PGconn *conn, const char *sql);
 bool khtest_wait_count(PGconn *conn, const char *sql, long want,
                        int timeout_ms);
 
+/* The value of one series ("name" or "name{label=\"x\"}", without the
+ * ketenhub_ prefix) in the /metrics of the health endpoint health
+ * (host:port); 0 when it is absent (a counter that never moved). */
+double khtest_metric(const char *health, const char *series);
+
 /* Wait until the file at path holds text (true) or timeout_ms pass
  * (false): a service's log line. */
 bool khtest_log_has(const char *path, const char *text, int timeout_ms);
