@@ -4,7 +4,8 @@
  * One loop, two database connections. A round reads what the partners
  * sent (up to S_READ_MAX frames); its ACKs commit as one statement on one
  * connection while, on the other, one transaction commits its NACKs and
- * the claims that top up every connection with credit; only then are the
+ * the claims for the connections that may have deliveries due and have
+ * credit; only then are the
  * answers and the DELIVERs sent. Database calls
  * are synchronous and bounded by statement_timeout; while the database is
  * away ACKs are refused retryably and nothing is sent.
@@ -46,6 +47,7 @@ typedef struct {
     int64_t last_seen; /* zclock_mono of its last frame */
     bool reclaim;      /* next claim also takes earlier unacknowledged */
     bool more;         /* there may be due deliveries for it */
+    int64_t looked;    /* zclock_mono of its last claim */
     bool overdue;      /* re-sends became due (another connection went) */
 } s_conn_t;
 
@@ -506,8 +508,10 @@ static int s_claim_pending(notify_t *self, s_conn_t **conns, size_t count,
 {
     dstore_claim_t *claims = calloc(count, sizeof *claims);
     size_t *got = calloc(count, sizeof *got);
-    int rc =
-        claims && got ? 0 : kh_error_set(err, KH_E_NOMEM, "", "out of memory");
+    size_t *had = calloc(count, sizeof *had); /* credit before */
+    int rc = claims && got && had
+                 ? 0
+                 : kh_error_set(err, KH_E_NOMEM, "", "out of memory");
     while (rc == 0 && count > 0) {
         /* This statement's connections to the front, one per partner. */
         size_t n = 0;
@@ -522,9 +526,9 @@ static int s_claim_pending(notify_t *self, s_conn_t **conns, size_t count,
             conns[n++] = conn;
         }
         for (size_t i = 0; i < n; i++) {
-            size_t limit = s_credit(self, conns[i]);
-            if (limit > S_CLAIM_ROWS / n)
-                limit = S_CLAIM_ROWS / n;
+            had[i] = s_credit(self, conns[i]);
+            size_t limit =
+                had[i] < S_CLAIM_ROWS / n ? had[i] : S_CLAIM_ROWS / n;
             claims[i] =
                 (dstore_claim_t){conns[i]->partner, conns[i]->peer, limit};
             got[i] = 0;
@@ -536,18 +540,25 @@ static int s_claim_pending(notify_t *self, s_conn_t **conns, size_t count,
         else
             kh_metric_add("delivery_claims_total", NULL, 1);
         /* Fewer than asked: nothing more is pending for it now. All it
-         * asked, and credit left: it asks again after the others. */
+         * asked, less than its credit, and all of it queued (its credit
+         * went down by as much): it asks again in the next statement,
+         * before the connections not served yet. */
         size_t again = 0;
-        for (size_t i = 0; rc == 0 && i < n; i++)
+        int64_t now = zclock_mono();
+        for (size_t i = 0; rc == 0 && i < n; i++) {
+            conns[i]->looked = now;
             if (got[i] < claims[i].limit)
                 conns[i]->more = false;
-            else if (s_credit(self, conns[i]) > 0)
+            else if (got[i] < had[i] &&
+                     s_credit(self, conns[i]) == had[i] - got[i])
                 conns[again++] = conns[i];
+        }
         memmove(conns + again, conns + n, (count - n) * sizeof *conns);
         count -= n - again;
     }
     free(claims);
     free(got);
+    free(had);
     return rc;
 }
 
@@ -622,6 +633,7 @@ static int s_nacks_commit(notify_t *self, kh_error_t *err)
  * transaction) leaves its connection's credit. */
 static void s_answers_settle(notify_t *self, bool acked, bool nacked)
 {
+    int64_t now = zclock_mono();
     for (s_conn_t *conn = zhashx_first(self->conns); conn;
          conn = zhashx_next(self->conns))
         conn->acking = 0;
@@ -640,12 +652,16 @@ static void s_answers_settle(notify_t *self, bool acked, bool nacked)
         s_conn_t *conn = s_conn_of(self, p->identity);
         if (conn && p->answer.outcome != DSTORE_NOT_FOUND) {
             zhashx_delete(conn->out, p->answer.id);
-            /* Without wake-ups from routing, an ACK is the cue to look
-             * again; with them, a connection whose last claim found less
-             * than its credit has nothing due until one comes (or the
-             * tick, should one be dropped). */
-            conn->more =
-                conn->more || (!self->wake && p->answer.outcome == DSTORE_DONE);
+            /* An ACK is the cue to look again: always without wake-ups
+             * from routing; with them, once the connection's last claim
+             * is a quarter of a sweep old, so that what no wake-up
+             * announces to this process (deliveries another process
+             * routed, a dead letter retried, a wake-up dropped) comes
+             * that soon to a partner that is answering, without a claim
+             * after every ACK. */
+            if (p->answer.outcome == DSTORE_DONE &&
+                (!self->wake || now - conn->looked >= self->cfg.sweep_ms / 4))
+                conn->more = true;
         }
     }
 }
@@ -890,6 +906,10 @@ static void s_round(notify_t *self, bool resend)
         during = "commit";
     if (rc) {
         dstore_rollback(self->store);
+        /* What the claims found is undone with them. */
+        for (s_conn_t *conn = zhashx_first(self->conns); conn;
+             conn = zhashx_next(self->conns))
+            conn->more = true;
         s_db_failed(self, during, &err);
         kh_error_set(&err, KH_E_UNAVAILABLE, "",
                      "the hub could not commit this now; send it again");
@@ -909,11 +929,11 @@ static void s_round(notify_t *self, bool resend)
     if (zlistx_size(self->held))
         s_held_flush(self);
     s_outbox_flush(self, rc == 0);
-    /* A connection whose ACKs committed and that may have more due (its
-     * window was full) claims again at once when no partner frame is
-     * waiting (one would start the next round anyway), since a partner
-     * that has answered everything sends nothing more until it gets
-     * more. */
+    /* A connection that may have more due (its window was full, or an
+     * ACK was its cue) and whose ACKs freed credit claims again at once
+     * when no partner frame is waiting (one would start the next round
+     * anyway), since a partner that has answered everything sends nothing
+     * more until it gets more. */
     if (acks > 0 && !(zsock_events(self->router) & ZMQ_POLLIN) &&
         s_has_work(self))
         s_round(self, false);

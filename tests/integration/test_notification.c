@@ -143,8 +143,10 @@ static pid_t s_start_env(const char *log, char *const extra[])
                      "KH_NOTIFY_WINDOW=64",
                      "KH_LOG_LEVEL=debug"};
     size_t n = 12;
-    for (size_t i = 0; extra[i] && n < sizeof env / sizeof env[0] - 1; i++)
+    for (size_t i = 0; extra[i]; i++) {
+        ck_assert_uint_lt(n, sizeof env / sizeof env[0] - 1);
         env[n++] = extra[i];
+    }
     char *argv[] = {"ketenhub-notification", NULL};
     pid_t pid = khproc_spawn(KH_TEST_BINARY_DIR
                              "/services/notification/ketenhub-notification",
@@ -840,6 +842,68 @@ START_TEST(partners_connected_together_each_get_their_own)
 }
 END_TEST
 
+/* Notification with wake-ups at a free port (into wake) and its health
+ * endpoint (into health), no sweep within a test (sweep_ms, and re-sends
+ * far later), the largest window, ready. */
+static pid_t s_start_waking(char wake[64], char health[64], int sweep_ms)
+{
+    char env_wake[128], env_health[128], env_sweep[64];
+    snprintf(wake, 64, "tcp://127.0.0.1:%d", khproc_free_port());
+    snprintf(env_wake, sizeof env_wake, "KH_NOTIFY_WAKE_ENDPOINT=%s", wake);
+    snprintf(health, 64, "127.0.0.1:%d", khproc_free_port());
+    snprintf(env_health, sizeof env_health, "KH_HEALTH_ENDPOINT=%s", health);
+    snprintf(env_sweep, sizeof env_sweep, "KH_NOTIFY_SWEEP_MS=%d", sweep_ms);
+    char *const env[] = {env_wake,
+                         env_health,
+                         env_sweep,
+                         "KH_NOTIFY_WINDOW=1024",
+                         "KH_NOTIFY_ACK_TIMEOUT_MS=60000",
+                         "KH_NOTIFY_BACKOFF_MAX_MS=60000",
+                         NULL};
+    pid_t pid = s_start_env("notification.log", env);
+    ck_assert(s_log_has("notification.log", "event=ready", 10000));
+    return pid;
+}
+
+/* A wake-up socket like routing's, to notification's wake endpoint (the
+ * NOTIFYs it sends wait for its handshake). */
+static zsock_t *s_waker(const char *endpoint)
+{
+    zcert_t *hub = zcert_load(s_path("hub.cert"));
+    ck_assert_ptr_nonnull(hub);
+    kh_error_t err;
+    zsock_t *push = kh_wake_push_new(hub, endpoint, "wake", &err);
+    zcert_destroy(&hub);
+    ck_assert_msg(push != NULL, "%s", err.message);
+    return push;
+}
+
+/* A NOTIFY for count partners, as routing sends it. */
+static void s_wake(zsock_t *push, const char *const *partners, size_t count)
+{
+    json_t *ids = json_array();
+    for (size_t i = 0; i < count; i++)
+        json_array_append_new(ids, json_string(partners[i]));
+    khpartner_send(push, json_pack("{s:i, s:s, s:o}", "v", KH_PROTO_VERSION,
+                                   "cmd", "NOTIFY", "partners", ids));
+}
+
+/* The claims counted at health once the count stays put for 300 ms (the
+ * claims of what came before are done). */
+static double s_claims_settled(const char *health)
+{
+    double last = khtest_metric(health, "delivery_claims_total");
+    for (int i = 0; i < 50; i++) {
+        zclock_sleep(300);
+        double now = khtest_metric(health, "delivery_claims_total");
+        if (now == last)
+            return now;
+        last = now;
+    }
+    ck_abort_msg("the claims never settled");
+    return last;
+}
+
 #define S_OVER_SHARE 600 /* more than a third of a claim's 1,024 rows */
 
 /* With wake-ups from routing, three partners with the largest window a
@@ -854,23 +918,15 @@ START_TEST(one_claim_serves_a_wake_up_for_three_partners)
 {
     int counts[3] = {S_EACH, S_EACH, _i ? S_OVER_SHARE : S_EACH};
     static const char *partners[] = {"veilig-thuis", "zorgcoordinator", "avim"};
-    char wake[64], env_wake[128], health[64], env_health[128];
-    snprintf(wake, sizeof wake, "tcp://127.0.0.1:%d", khproc_free_port());
-    snprintf(env_wake, sizeof env_wake, "KH_NOTIFY_WAKE_ENDPOINT=%s", wake);
-    snprintf(health, sizeof health, "127.0.0.1:%d", khproc_free_port());
-    snprintf(env_health, sizeof env_health, "KH_HEALTH_ENDPOINT=%s", health);
+    char wake[64], health[64];
     /* No tick within the test: only the wake-up says there is work. */
-    char *const env[] = {env_wake, env_health, "KH_NOTIFY_SWEEP_MS=60000",
-                         "KH_NOTIFY_WINDOW=1024", NULL};
-    pid_t pid = s_start_env("notification.log", env);
-    ck_assert(s_log_has("notification.log", "event=ready", 10000));
+    pid_t pid = s_start_waking(wake, health, 60000);
     zsock_t *socks[3];
     for (int p = 0; p < 3; p++) {
         socks[p] = s_partner(partners[p]);
         s_hello(socks[p], KH_WINDOW_MAX);
     }
-    zclock_sleep(300); /* the claims of the HELLOs are done */
-    double before = khtest_metric(health, "delivery_claims_total");
+    double before = s_claims_settled(health); /* the HELLOs' */
 
     char(*ids[3])[37];
     khtest_db_exec(s_db, "BEGIN", 0, NULL);
@@ -881,21 +937,8 @@ START_TEST(one_claim_serves_a_wake_up_for_three_partners)
             s_delivery(partners[p], "normal", 1000 - i, NULL, ids[p][i]);
     }
     khtest_db_exec(s_db, "COMMIT", 0, NULL);
-    zcert_t *hub = zcert_load(s_path("hub.cert"));
-    kh_error_t err;
-    zsock_t *push = kh_wake_push_new(hub, wake, "wake", &err);
-    ck_assert_msg(push != NULL, "%s", err.message);
-    zclock_sleep(200); /* connected and authenticated */
-    json_t *notify =
-        json_pack("{s:i, s:s, s:[s,s,s]}", "v", KH_PROTO_VERSION, "cmd",
-                  "NOTIFY", "partners", partners[0], partners[1], partners[2]);
-    char *data = NULL;
-    size_t size = 0;
-    ck_assert_int_eq(kh_msgpack_encode(notify, &data, &size, &err), 0);
-    zframe_t *frame = zframe_new(data, size);
-    ck_assert_int_eq(zframe_send(&frame, push, 0), 0);
-    free(data);
-    json_decref(notify);
+    zsock_t *push = s_waker(wake);
+    s_wake(push, partners, 3);
 
     /* All of them before any ACK: what one round claimed. */
     for (int p = 0; p < 3; p++) {
@@ -918,9 +961,82 @@ START_TEST(one_claim_serves_a_wake_up_for_three_partners)
     ck_assert_double_eq(khtest_metric(health, "delivery_claims_total"),
                         before + (_i ? 2 : 1));
     zsock_destroy(&push);
-    zcert_destroy(&hub);
     for (int p = 0; p < 3; p++)
         zsock_destroy(&socks[p]);
+    s_stop(pid);
+}
+END_TEST
+
+/* With wake-ups and no sweep within the test, a partner whose window is
+ * full gets the rest as its ACKs free room: its claims took all they
+ * asked, so there may be more. Run twice: _i 0, one connection with a
+ * window of 4 and 40 deliveries; _i 1, two connections of the partner
+ * with windows of 3 and 30 deliveries. */
+START_TEST(with_wake_ups_a_full_window_drains_through_acks)
+{
+    int conns = _i ? 2 : 1, window = _i ? 3 : 4, count = _i ? 30 : 40;
+    char wake[64], health[64];
+    pid_t pid = s_start_waking(wake, health, 60000);
+    zsock_t *socks[2];
+    for (int c = 0; c < conns; c++) {
+        socks[c] = s_partner("avim");
+        s_hello(socks[c], window);
+    }
+    char ids[40][37];
+    khtest_db_exec(s_db, "BEGIN", 0, NULL);
+    for (int i = 0; i < count; i++)
+        s_delivery("avim", "normal", 1000 - i, NULL, ids[i]);
+    khtest_db_exec(s_db, "COMMIT", 0, NULL);
+    zsock_t *push = s_waker(wake);
+    s_wake(push, (const char *const[]){"avim"}, 1);
+    bool got[40] = {false};
+    int n = 0;
+    for (int64_t deadline = zclock_mono() + 10000;
+         n < count && zclock_mono() < deadline;)
+        for (int c = 0; c < conns; c++)
+            n = s_collect(socks[c], ids, count, got, 100);
+    ck_assert_int_eq(n, count);
+    ck_assert(s_wait_count("SELECT count(*) FROM deliveries WHERE state ="
+                           " 'acknowledged'",
+                           count, 5000));
+    zsock_destroy(&push);
+    for (int c = 0; c < conns; c++)
+        zsock_destroy(&socks[c]);
+    s_stop(pid);
+}
+END_TEST
+
+/* With wake-ups, what no wake-up announces (here a delivery made while
+ * the partner held another) comes on the partner's next ACK once its last
+ * claim is a quarter of a sweep old, well before the sweep. */
+START_TEST(with_wake_ups_an_ack_finds_what_no_wake_up_announced)
+{
+    char wake[64], health[64];
+    pid_t pid = s_start_waking(wake, health, 4000);
+    zsock_t *sock = s_partner("avim");
+    s_hello(sock, 8);
+    char first[37], second[37];
+    s_delivery("avim", "normal", 0, NULL, first);
+    zsock_t *push = s_waker(wake);
+    s_wake(push, (const char *const[]){"avim"}, 1);
+    json_t *msg = s_expect(sock, "DELIVER", 3000);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert_str_eq(s_str(msg, "delivery_id"), first);
+    json_decref(msg);
+    s_delivery("avim", "normal", 0, NULL, second); /* no wake-up */
+    zclock_sleep(1200);                            /* > 4000 / 4 ms */
+    int64_t acked = zclock_mono();
+    s_answer(sock, first, NULL);
+    bool got[1] = {false};
+    char ids[1][37];
+    snprintf(ids[0], sizeof ids[0], "%s", second);
+    ck_assert_int_eq(s_collect(sock, ids, 1, got, 5000), 1);
+    ck_assert_msg(zclock_mono() - acked < 1000,
+                  "came %" PRId64 " ms after the ACK: the sweep's, not the "
+                  "ACK's",
+                  zclock_mono() - acked);
+    zsock_destroy(&push);
+    zsock_destroy(&sock);
     s_stop(pid);
 }
 END_TEST
@@ -1494,6 +1610,9 @@ static Suite *s_suite(void)
     tcase_add_test(tc, partners_connected_together_each_get_their_own);
     tcase_add_loop_test(tc, one_claim_serves_a_wake_up_for_three_partners, 0,
                         2);
+    tcase_add_loop_test(tc, with_wake_ups_a_full_window_drains_through_acks, 0,
+                        2);
+    tcase_add_test(tc, with_wake_ups_an_ack_finds_what_no_wake_up_announced);
     tcase_add_test(tc, unknown_key_and_bad_frames_are_refused);
     tcase_add_test(tc, a_failed_ack_batch_never_overfills_the_window);
     tcase_add_test(tc, a_gone_connections_deliveries_wait_for_room_on_another);

@@ -14,6 +14,7 @@
 #include "ketenhub/codec.h"
 #include "ketenhub/proto.h"
 #include "ketenhub/rules.h"
+#include "khpartner.h"
 #include "khproc.h"
 #include "khtest.h"
 
@@ -387,16 +388,8 @@ static zsock_t *s_push(const char *endpoint, const char *cert_file)
 
 static void s_send_route(zsock_t *push, const char *id)
 {
-    json_t *body = json_pack("{s:i, s:s, s:[s]}", "v", 1, "cmd", "ROUTE",
-                             "referral_ids", id);
-    char *data;
-    size_t size;
-    kh_error_t err;
-    ck_assert_int_eq(kh_msgpack_encode(body, &data, &size, &err), 0);
-    zframe_t *frame = zframe_new(data, size);
-    ck_assert_int_eq(zframe_send(&frame, push, 0), 0);
-    free(data);
-    json_decref(body);
+    khpartner_send(push, json_pack("{s:i, s:s, s:[s]}", "v", 1, "cmd", "ROUTE",
+                                   "referral_ids", id));
 }
 
 START_TEST(wakeup_from_the_hub_routes_before_the_poll)
