@@ -5,8 +5,7 @@
  * sent (up to S_READ_MAX frames); its ACKs commit as one statement on one
  * connection while, on the other, one transaction commits its NACKs and
  * the claims for the connections that may have deliveries due and have
- * credit; only then are the
- * answers and the DELIVERs sent. Database calls
+ * credit; only then are the answers and the DELIVERs sent. Database calls
  * are synchronous and bounded by statement_timeout; while the database is
  * away ACKs are refused retryably and nothing is sent.
  */
