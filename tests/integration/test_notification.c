@@ -142,7 +142,9 @@ static pid_t s_start_env(const char *log, char *const extra[])
                      "KH_NOTIFY_SWEEP_MS=50",
                      "KH_NOTIFY_WINDOW=64",
                      "KH_LOG_LEVEL=debug"};
-    size_t n = 12;
+    size_t n = 0;
+    while (env[n])
+        n++;
     for (size_t i = 0; extra[i]; i++) {
         ck_assert_uint_lt(n, sizeof env / sizeof env[0] - 1);
         env[n++] = extra[i];
