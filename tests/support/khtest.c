@@ -252,11 +252,14 @@ char *khtest_path(const char *dir, const char *name)
 
 char *khtest_db_plan(PGconn *conn, const char *sql)
 {
-    char explain[1024];
-    snprintf(explain, sizeof explain, "EXPLAIN %s", sql);
+    size_t size = strlen("EXPLAIN ") + strlen(sql) + 1;
+    char *explain = malloc(size);
+    ck_assert_ptr_nonnull(explain);
+    snprintf(explain, size, "EXPLAIN %s", sql);
     PGresult *res = PQexec(conn, explain);
     if (PQresultStatus(res) != PGRES_TUPLES_OK)
         ck_abort_msg("%s: %s", explain, PQerrorMessage(conn));
+    free(explain);
     size_t len = 1;
     for (int i = 0; i < PQntuples(res); i++)
         len += strlen(PQgetvalue(res, i, 0)) + 1;
