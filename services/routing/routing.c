@@ -25,13 +25,11 @@
 #include "ketenhub/rules.h"
 #include "ketenhub/service.h"
 #include "ketenhub/zap.h"
+#include "routing_sql.h"
 
 #define S_STATS_MS 60000
 #define S_WAKEUP_MAX (1024 * 1024) /* bytes of a wake-up message */
 #define S_MATCHED_MAX 4096         /* bytes of audit_events.rules_matched */
-#define S_DELIVERY_COLUMNS 9
-#define S_ROUTED_COLUMNS 4
-#define S_UNROUTABLE_COLUMNS 3
 #define S_ARENA_KEEP (256 * 1024)
 
 struct _routing_t {
@@ -57,27 +55,8 @@ struct _routing_t {
     size_t routed, deliveries, passes, failures, wakeups, malformed;
 };
 
-/* Claim the oldest accepted referrals; rows another process holds are
- * skipped, so side-by-side processes never take the same referral. */
-static const char s_claim_sql[] =
-    "SELECT id, convert_from(payload, 'UTF8'), encode(payload_hash, 'hex')"
-    " FROM referrals WHERE state = 'accepted' ORDER BY accepted_at"
-    " LIMIT $1 FOR UPDATE SKIP LOCKED";
-
-/* The pass's deliveries, one row per element of the arrays (binary, of
- * the element types in s_delivery_types); $10 is the rules version. */
-static const char s_deliveries_sql[] =
-    "INSERT INTO deliveries (id, referral_id, partner_id, priority, payload,"
-    " payload_hash, rules_version, escalate_to, escalation_payload,"
-    " escalation_payload_hash)"
-    " SELECT d.id, d.referral_id, d.partner_id, d.priority, d.payload, d.hash,"
-    " $10, d.escalate_to, d.esc_payload, d.esc_hash"
-    " FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[],"
-    " $5::bytea[], $6::bytea[], $7::text[], $8::bytea[], $9::bytea[])"
-    " AS d(id, referral_id, partner_id, priority, payload, hash, escalate_to,"
-    " esc_payload, esc_hash)"
-    " ON CONFLICT (referral_id, partner_id) DO NOTHING";
-
+/* The element types of the pass's arrays, column by column as the
+ * statements in routing_sql.h take them. */
 static const unsigned s_delivery_types[S_DELIVERY_COLUMNS] = {
     KH_PG_UUID,  KH_PG_UUID, KH_PG_TEXT,  KH_PG_TEXT, KH_PG_BYTEA,
     KH_PG_BYTEA, KH_PG_TEXT, KH_PG_BYTEA, KH_PG_BYTEA};
@@ -85,53 +64,6 @@ static const unsigned s_routed_types[S_ROUTED_COLUMNS] = {
     KH_PG_UUID, KH_PG_TEXT, KH_PG_TEXT, KH_PG_TEXT};
 static const unsigned s_unroutable_types[S_UNROUTABLE_COLUMNS] = {
     KH_PG_UUID, KH_PG_TEXT, KH_PG_TEXT};
-
-/* The pass's routed referrals: new state and audit event each; $5 is the
- * rules version. */
-static const char s_routed_sql[] =
-    "WITH r AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[],"
-    " $4::text[]) AS r(id, reason, hash, matched)),"
-    " s AS (UPDATE referrals SET state = 'routed' FROM r"
-    " WHERE referrals.id = r.id AND referrals.state = 'accepted'"
-    " RETURNING referrals.id)"
-    " INSERT INTO audit_events (actor_kind, actor_id, action, referral_id,"
-    " outcome, reason_code, payload_hash, rules_version, rules_matched,"
-    " origin_service)"
-    " SELECT 'service', 'routing', 'referral.routed', r.id, 'ok', r.reason,"
-    " decode(r.hash, 'hex'), $5, r.matched, 'routing' FROM r"
-    " JOIN s ON s.id = r.id";
-
-/* The pass's unreadable referrals, set aside with their audit events. */
-static const char s_unroutable_sql[] =
-    "WITH u AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[])"
-    " AS u(id, reason, hash)),"
-    " s AS (UPDATE referrals SET state = 'unroutable' FROM u"
-    " WHERE referrals.id = u.id AND referrals.state = 'accepted'"
-    " RETURNING referrals.id)"
-    " INSERT INTO audit_events (actor_kind, actor_id, action, referral_id,"
-    " outcome, reason_code, payload_hash, origin_service)"
-    " SELECT 'service', 'routing', 'referral.routed', u.id, 'failed',"
-    " u.reason, decode(u.hash, 'hex'), 'routing' FROM u JOIN s ON s.id = u.id";
-
-static const char s_reload_sql[] =
-    "INSERT INTO audit_events (actor_kind, actor_id, action, outcome,"
-    " reason_code, reason_path, rules_version, origin_service)"
-    " VALUES ('service', 'routing', $1, $2, $3, $4, $5, 'routing')";
-
-/* The statements, prepared on each new connection (by their index as
- * name): a pass no longer parses and plans its statements. */
-enum { S_CLAIM, S_DELIVERIES, S_ROUTED, S_UNROUTABLE, S_RELOAD, S_STATEMENTS };
-
-static const struct {
-    const char *name, *sql;
-    int nparams;
-} s_statements[S_STATEMENTS] = {
-    [S_CLAIM] = {"claim", s_claim_sql, 1},
-    [S_DELIVERIES] = {"deliveries", s_deliveries_sql, S_DELIVERY_COLUMNS + 1},
-    [S_ROUTED] = {"routed", s_routed_sql, S_ROUTED_COLUMNS + 1},
-    [S_UNROUTABLE] = {"unroutable", s_unroutable_sql, S_UNROUTABLE_COLUMNS},
-    [S_RELOAD] = {"reload", s_reload_sql, 5},
-};
 
 /* Run one of s_statements (lengths and formats NULL: text parameters);
  * 0 or -1 with err. */

@@ -17,6 +17,7 @@
 #include "khpartner.h"
 #include "khproc.h"
 #include "khtest.h"
+#include "routing_sql.h"
 
 #define S_DB "kh_test_routing"
 #define S_EXAMPLES_MAX 16
@@ -524,6 +525,60 @@ START_TEST(unreadable_referrals_are_set_aside_not_retried)
 }
 END_TEST
 
+/* The statements that write a pass, as PostgreSQL plans them for routing
+ * (generic plans, no seq scans), reach the referrals they name by key:
+ * never through the index of accepted ones. Planned on statistics that
+ * know of no accepted referral (a backlog that came after the last
+ * ANALYZE), a join on that index, or a probe of it per referral, read in
+ * each pass every entry that the referrals routed since the last vacuum
+ * left in it. */
+START_TEST(pass_statements_reach_referrals_by_key)
+{
+    static const char insert[] =
+        "INSERT INTO referrals (id, partner_id, idempotency_key,"
+        " schema_version, payload, payload_hash, state)"
+        " SELECT gen_random_uuid(), 'veilig-thuis', $1 || g, 'referral.v1',"
+        " convert_to('{}', 'UTF8'), sha256(convert_to($1 || g, 'UTF8')), $2"
+        " FROM generate_series(1, $3::integer) g";
+    const char *routed[] = {"r-", "routed", "20000"};
+    const char *backlog[] = {"a-", "accepted", "2000"};
+    khtest_db_exec(s_db, insert, 3, routed);
+    khtest_db_exec(s_db, "ANALYZE referrals", 0, NULL);
+    khtest_db_exec(s_db, insert, 3, backlog);
+    khtest_db_exec(s_db,
+                   "SET plan_cache_mode = force_generic_plan;"
+                   " SET enable_seqscan = off",
+                   0, NULL);
+    static const struct {
+        const char *name, *args;
+    } runs[] = {
+        {"routed", "'{00000000-0000-7000-8000-000000000000}', '{NULL}',"
+                   " '{00}', '{NULL}', 'v'"},
+        {"unroutable", "'{00000000-0000-7000-8000-000000000000}',"
+                       " '{payload_unreadable}', '{00}'"},
+    };
+    for (size_t i = 0; i < sizeof runs / sizeof runs[0]; i++) {
+        const char *name = runs[i].name, *sql = NULL;
+        for (int j = 0; j < S_STATEMENTS; j++)
+            if (strcmp(s_statements[j].name, name) == 0)
+                sql = s_statements[j].sql;
+        ck_assert_ptr_nonnull(sql);
+        PGresult *res = PQprepare(s_db, name, sql, 0, NULL);
+        ck_assert_msg(PQresultStatus(res) == PGRES_COMMAND_OK, "%s: %s", name,
+                      PQerrorMessage(s_db));
+        PQclear(res);
+        char execute[256];
+        snprintf(execute, sizeof execute, "EXECUTE %s(%s)", name, runs[i].args);
+        char *plan = khtest_db_plan(s_db, execute);
+        ck_assert_msg(!strstr(plan, "referrals_state_accepted_at") &&
+                          !strstr(plan, "Seq Scan on referrals") &&
+                          strstr(plan, "referrals_pkey"),
+                      "%s:\n%s", name, plan);
+        free(plan);
+    }
+}
+END_TEST
+
 START_TEST(invalid_rules_at_start_exit_2)
 {
     khtest_write_file(s_path("rules.yaml"),
@@ -549,6 +604,7 @@ int main(void)
     tcase_add_test(tc, wakeup_from_the_hub_routes_before_the_poll);
     tcase_add_test(tc, sighup_reload_keeps_old_rules_when_broken);
     tcase_add_test(tc, unreadable_referrals_are_set_aside_not_retried);
+    tcase_add_test(tc, pass_statements_reach_referrals_by_key);
     tcase_add_test(tc, invalid_rules_at_start_exit_2);
     suite_add_tcase(suite, tc);
     return khtest_run_suite(suite);

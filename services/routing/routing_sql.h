@@ -1,0 +1,95 @@
+/*
+ * The routing service's prepared statements, by index: routing.c prepares
+ * and runs them, and the tests EXPLAIN them as PostgreSQL plans them for
+ * the service (generic plans, no seq scans).
+ */
+#ifndef KH_ROUTING_SQL_H_INCLUDED
+#define KH_ROUTING_SQL_H_INCLUDED
+
+/* The columns of the pass's arrays (routing.c gives their types). */
+#define S_DELIVERY_COLUMNS 9
+#define S_ROUTED_COLUMNS 4
+#define S_UNROUTABLE_COLUMNS 3
+
+/* Claim the oldest accepted referrals; rows another process holds are
+ * skipped, so side-by-side processes never take the same referral. */
+static const char s_claim_sql[] =
+    "SELECT id, convert_from(payload, 'UTF8'), encode(payload_hash, 'hex')"
+    " FROM referrals WHERE state = 'accepted' ORDER BY accepted_at"
+    " LIMIT $1 FOR UPDATE SKIP LOCKED";
+
+/* The pass's deliveries, one row per element of the arrays (binary, of
+ * the element types in s_delivery_types); $10 is the rules version. */
+static const char s_deliveries_sql[] =
+    "INSERT INTO deliveries (id, referral_id, partner_id, priority, payload,"
+    " payload_hash, rules_version, escalate_to, escalation_payload,"
+    " escalation_payload_hash)"
+    " SELECT d.id, d.referral_id, d.partner_id, d.priority, d.payload, d.hash,"
+    " $10, d.escalate_to, d.esc_payload, d.esc_hash"
+    " FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[],"
+    " $5::bytea[], $6::bytea[], $7::text[], $8::bytea[], $9::bytea[])"
+    " AS d(id, referral_id, partner_id, priority, payload, hash, escalate_to,"
+    " esc_payload, esc_hash)"
+    " ON CONFLICT (referral_id, partner_id) DO NOTHING";
+
+/* The referrals of list (a CTE with their ids) that are still accepted,
+ * as the CTE c: each reached by its key (the state is tested outside the
+ * subquery, where no index can take it), so that a pass never reads the
+ * index of accepted referrals. That index holds an entry of every
+ * referral routed since the last vacuum; planned on statistics that know
+ * few accepted referrals, a pass read it whole, once per referral. */
+#define S_ACCEPTED(list)                                                       \
+    " c AS (SELECT f.id FROM " list " CROSS JOIN LATERAL (SELECT id, state"    \
+    " FROM referrals WHERE id = " list ".id LIMIT 1) f"                        \
+    " WHERE f.state = 'accepted'),"
+
+/* The pass's routed referrals: new state and audit event each; $5 is the
+ * rules version. */
+/* clang-format off */
+static const char s_routed_sql[] =
+    "WITH r AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[],"
+    " $4::text[]) AS r(id, reason, hash, matched)),"
+    S_ACCEPTED("r")
+    " s AS (UPDATE referrals SET state = 'routed' FROM c"
+    " WHERE referrals.id = c.id RETURNING referrals.id)"
+    " INSERT INTO audit_events (actor_kind, actor_id, action, referral_id,"
+    " outcome, reason_code, payload_hash, rules_version, rules_matched,"
+    " origin_service)"
+    " SELECT 'service', 'routing', 'referral.routed', r.id, 'ok', r.reason,"
+    " decode(r.hash, 'hex'), $5, r.matched, 'routing' FROM r"
+    " JOIN s ON s.id = r.id";
+
+/* The pass's unreadable referrals, set aside with their audit events. */
+static const char s_unroutable_sql[] =
+    "WITH u AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[])"
+    " AS u(id, reason, hash)),"
+    S_ACCEPTED("u")
+    " s AS (UPDATE referrals SET state = 'unroutable' FROM c"
+    " WHERE referrals.id = c.id RETURNING referrals.id)"
+    " INSERT INTO audit_events (actor_kind, actor_id, action, referral_id,"
+    " outcome, reason_code, payload_hash, origin_service)"
+    " SELECT 'service', 'routing', 'referral.routed', u.id, 'failed',"
+    " u.reason, decode(u.hash, 'hex'), 'routing' FROM u JOIN s ON s.id = u.id";
+/* clang-format on */
+
+static const char s_reload_sql[] =
+    "INSERT INTO audit_events (actor_kind, actor_id, action, outcome,"
+    " reason_code, reason_path, rules_version, origin_service)"
+    " VALUES ('service', 'routing', $1, $2, $3, $4, $5, 'routing')";
+
+/* The statements, prepared on each new connection (by their index as
+ * name): a pass no longer parses and plans its statements. */
+enum { S_CLAIM, S_DELIVERIES, S_ROUTED, S_UNROUTABLE, S_RELOAD, S_STATEMENTS };
+
+static const struct {
+    const char *name, *sql;
+    int nparams;
+} s_statements[S_STATEMENTS] = {
+    [S_CLAIM] = {"claim", s_claim_sql, 1},
+    [S_DELIVERIES] = {"deliveries", s_deliveries_sql, S_DELIVERY_COLUMNS + 1},
+    [S_ROUTED] = {"routed", s_routed_sql, S_ROUTED_COLUMNS + 1},
+    [S_UNROUTABLE] = {"unroutable", s_unroutable_sql, S_UNROUTABLE_COLUMNS},
+    [S_RELOAD] = {"reload", s_reload_sql, 5},
+};
+
+#endif
