@@ -340,6 +340,14 @@ static long s_backlog(const json_t *doc, const char *partner)
     return -1;
 }
 
+/* The database part of a status document. */
+static json_t *s_db_doc(const json_t *doc)
+{
+    json_t *db = json_object_get(doc, "database");
+    ck_assert_ptr_nonnull(db);
+    return db;
+}
+
 /* A delivery for partner of the referral submitted with key. */
 static void s_add_delivery(const char *key, const char *partner)
 {
@@ -390,6 +398,31 @@ START_TEST(status_shows_an_offline_partners_backlog_growing)
     s_add_delivery("status-2", "zorgcoordinator");
     ck_assert_int_eq(s_status("none", &doc), 0);
     ck_assert_int_eq(s_backlog(doc, "zorgcoordinator"), 3);
+    ck_assert_int_eq(
+        json_integer_value(json_object_get(s_db_doc(doc), "dead_letters")), 0);
+    ck_assert_int_eq(
+        json_integer_value(json_object_get(s_db_doc(doc), "escalations_open")),
+        0);
+    json_decref(doc);
+    /* One dead letter (out of the backlog) and one open escalation. */
+    khtest_db_exec(s_db,
+                   "UPDATE deliveries SET state = 'dead',"
+                   " dead_reason = 'max_attempts' WHERE referral_id ="
+                   " (SELECT id FROM referrals"
+                   "  WHERE idempotency_key = 'status-0')",
+                   0, NULL);
+    khtest_db_exec(s_db,
+                   "UPDATE deliveries SET escalated_at = now()"
+                   " WHERE referral_id = (SELECT id FROM referrals"
+                   "  WHERE idempotency_key = 'status-1')",
+                   0, NULL);
+    ck_assert_int_eq(s_status("none", &doc), 0);
+    ck_assert_int_eq(s_backlog(doc, "zorgcoordinator"), 2);
+    ck_assert_int_eq(
+        json_integer_value(json_object_get(s_db_doc(doc), "dead_letters")), 1);
+    ck_assert_int_eq(
+        json_integer_value(json_object_get(s_db_doc(doc), "escalations_open")),
+        1);
     json_decref(doc);
 
     /* A service that does not answer makes status say so, exit 1. */
