@@ -18,6 +18,14 @@
     "least(" attempts ", 30)), " max "::float8) / 1000.0 * (0.8 + 0.4 * "      \
     "random()))"
 
+/* Whether a delivery (columns prefixed with p) is out: sent and not
+ * acknowledged, state = 'delivered', in a form that no partial index's
+ * predicate follows from. The statements that name their deliveries by id
+ * then find them by key: written as the plain equality, it let the
+ * planner read all of deliveries_delivered_next_attempt for one id when
+ * the statistics knew few sent deliveries. */
+#define S_OUT(p) " (" p "state = 'delivered') IS TRUE"
+
 #define S_UTC(column)                                                          \
     "to_char(" column " AT TIME ZONE 'UTC', "                                  \
     "'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
@@ -155,7 +163,8 @@ static const char *s_nack_sql =
     "   WHEN d.attempts >= $5 THEN 'max_attempts' END,"
     "  next_attempt_at = " S_BACKOFF("d.attempts - 1", "$6", "$7") ","
     "  updated_at = now()"
-    " WHERE d.id = $1 AND d.partner_id = $2 AND d.state = 'delivered'"
+    " WHERE d.id = $1 AND d.partner_id = $2"
+    "  AND" S_OUT("d.")
     " RETURNING d.id, d.referral_id, d.partner_id, d.payload_hash, d.state,"
     "  d.dead_reason),"
     " audit AS ("
@@ -271,10 +280,13 @@ static const char *s_escalate_sql =
 /* $1 ids, $2 partner, $3 max attempts. Sent, unacknowledged deliveries
  * that are not at their last attempt become due now; nothing else changes
  * (no state, no attempt: no audit event is due). */
+/* clang-format off */
 static const char *s_due_sql =
     "UPDATE deliveries SET next_attempt_at = now()"
     " WHERE id = ANY ($1::uuid[]) AND partner_id = $2"
-    "  AND state = 'delivered' AND attempts < $3 AND next_attempt_at > now()";
+    "  AND" S_OUT("")
+    "  AND attempts < $3 AND next_attempt_at > now()";
+/* clang-format on */
 
 /* The prepared statements, by index. */
 typedef enum {

@@ -1471,6 +1471,51 @@ START_TEST(statements_never_walk_all_deliveries)
 }
 END_TEST
 
+/* The statements that name a delivery by id (a NACK, the deliveries of a
+ * connection that went away) find it by key, as the service plans them
+ * (generic plans, no seq scans): never through the index of sent
+ * deliveries, which statistics taken when few were out once made look
+ * cheaper, so that each NACK read every delivery in flight. */
+START_TEST(nack_and_due_reach_deliveries_by_key)
+{
+    s_many(4000, true, "normal");
+    /* Out after the statistics were taken. */
+    khtest_db_exec(s_db,
+                   "UPDATE deliveries SET state = 'delivered', acked_at = NULL,"
+                   " next_attempt_at = now() + interval '1 hour'"
+                   " WHERE id IN (SELECT id FROM deliveries"
+                   "  WHERE state = 'acknowledged' LIMIT 2000)",
+                   0, NULL);
+    khtest_db_exec(s_db,
+                   "SET plan_cache_mode = force_generic_plan;"
+                   " SET enable_seqscan = off",
+                   0, NULL);
+    static const struct {
+        s_stmt_t stmt;
+        const char *args;
+    } runs[] = {
+        {S_NACK, "'00000000-0000-7000-8000-000000000000', 'avim', 'x',"
+                 " false, 3, 400, 800"},
+        {S_DUE, "'{00000000-0000-7000-8000-000000000000}', 'avim', 3"},
+    };
+    for (size_t i = 0; i < sizeof runs / sizeof runs[0]; i++) {
+        const char *name = s_statements[runs[i].stmt].name;
+        PGresult *res =
+            PQprepare(s_db, name, *s_statements[runs[i].stmt].sql, 0, NULL);
+        ck_assert_msg(PQresultStatus(res) == PGRES_COMMAND_OK, "%s: %s", name,
+                      PQerrorMessage(s_db));
+        PQclear(res);
+        char sql[256];
+        snprintf(sql, sizeof sql, "EXECUTE %s(%s)", name, runs[i].args);
+        char *plan = khtest_db_plan(s_db, sql);
+        ck_assert_msg(!strstr(plan, "deliveries_delivered_next_attempt") &&
+                          strstr(plan, "deliveries_pkey"),
+                      "%s:\n%s", name, plan);
+        free(plan);
+    }
+}
+END_TEST
+
 /* The next message but DELIVERs, which go into got (up to max; their
  * count in *ngot); NULL after timeout_ms. */
 static json_t *s_next_noting(zsock_t *sock, int timeout_ms, char got[][37],
@@ -1620,6 +1665,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, a_gone_connections_deliveries_wait_for_room_on_another);
     tcase_add_test(tc, claims_have_no_index_but_their_own);
     tcase_add_test(tc, statements_never_walk_all_deliveries);
+    tcase_add_test(tc, nack_and_due_reach_deliveries_by_key);
     suite_add_tcase(suite, tc);
     TCase *big = tcase_create("backlog");
     tcase_add_checked_fixture(big, s_setup, s_teardown);
