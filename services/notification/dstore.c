@@ -25,6 +25,7 @@ struct _dstore_t {
     kh_pgarray_t claims[3]; /* the pending claim's parameters, on conn */
     dstore_answer_t *acks;  /* the batch in flight on ack_conn, or NULL */
     size_t nacks;
+    bool begin_pending; /* a transaction begun that has sent no statement */
 };
 
 /* $1 actor ("key:" and the Z85 key), $2 peer address. */
@@ -121,11 +122,16 @@ int dstore_begin(dstore_t *self, kh_error_t *err)
     if (!dstore_up(self))
         return kh_error_set(err, KH_E_UNAVAILABLE, "",
                             "no database connection");
-    return kh_db_exec(self->conn, "BEGIN", err);
+    self->begin_pending = true; /* sent with the first statement */
+    return 0;
 }
 
 int dstore_commit(dstore_t *self, kh_error_t *err)
 {
+    if (self->begin_pending) { /* nothing was sent: nothing to commit */
+        self->begin_pending = false;
+        return 0;
+    }
     if (kh_db_exec(self->conn, "COMMIT", err) == 0)
         return 0;
     kh_db_rollback_quietly(self->conn);
@@ -134,6 +140,7 @@ int dstore_commit(dstore_t *self, kh_error_t *err)
 
 void dstore_rollback(dstore_t *self)
 {
+    self->begin_pending = false;
     if (dstore_up(self))
         kh_db_rollback_quietly(self->conn);
 }
@@ -154,6 +161,17 @@ static PGresult *s_exec(dstore_t *self, s_stmt_t stmt, const char *sql,
     if (!dstore_up(self)) {
         kh_error_set(err, KH_E_UNAVAILABLE, "", "no database connection");
         return NULL;
+    }
+    if (self->begin_pending) {
+        self->begin_pending = false;
+        /* The transaction's BEGIN and its first statement in one round
+         * trip (on failure it is open and failed: the caller rolls back). */
+        if (stmt != S_STATEMENTS)
+            return kh_db_begin_exec(self->conn, "BEGIN",
+                                    s_statements[stmt].name, nparams, params,
+                                    lengths, formats, err);
+        if (kh_db_exec(self->conn, "BEGIN", err))
+            return NULL;
     }
     PGresult *res = stmt == S_STATEMENTS
                         ? PQexecParams(self->conn, sql, nparams, NULL, params,

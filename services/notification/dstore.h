@@ -34,8 +34,10 @@ int dstore_connect(dstore_t *self, kh_error_t *err);
 
 /* A transaction around several calls (one commit for a round's NACKs and
  * claims); without one each call commits on its own. ACK batches are not
- * part of it (they have a connection of their own). dstore_commit rolls
- * back when the commit fails. 0, or -1 with err. */
+ * part of it (they have a connection of their own). The BEGIN goes to
+ * PostgreSQL with the first call, so a transaction without calls costs
+ * nothing. dstore_commit rolls back when the commit fails. 0, or -1 with
+ * err. */
 int dstore_begin(dstore_t *self, kh_error_t *err);
 int dstore_commit(dstore_t *self, kh_error_t *err);
 void dstore_rollback(dstore_t *self);
