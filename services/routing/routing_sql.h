@@ -37,7 +37,9 @@ static const char s_deliveries_sql[] =
  * subquery, where no index can take it), so that a pass never reads the
  * index of accepted referrals. That index holds an entry of every
  * referral routed since the last vacuum; planned on statistics that know
- * few accepted referrals, a pass read it whole, once per referral. */
+ * few accepted referrals, a pass read it whole, once per referral. The
+ * pass holds these referrals locked since its claim (s_claim_sql), so the
+ * state read here is the one its UPDATE changes. */
 #define S_ACCEPTED(list)                                                       \
     " c AS (SELECT f.id FROM " list " CROSS JOIN LATERAL (SELECT id, state"    \
     " FROM referrals WHERE id = " list ".id LIMIT 1) f"                        \
