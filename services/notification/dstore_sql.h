@@ -52,23 +52,35 @@
     " convert_from(payload, 'UTF8'), encode(payload_hash, 'hex')"
 /* clang-format on */
 
+/* The sent deliveries of partner $1 (not revoked) with attempts left
+ * (fewer than $6), those the CTE sent_where names, from the index of sent
+ * ones by due time; up to $2, the first due first, locked. */
+#define S_SENT(name, where)                                                    \
+    " " name " AS (SELECT id, next_attempt_at FROM deliveries"                 \
+    " WHERE state = 'delivered' AND " where " AND partner_id = $1"             \
+    "  AND attempts < $6 AND EXISTS (SELECT 1 FROM partners"                   \
+    "   WHERE id = $1 AND revoked_at IS NULL)"                                 \
+    " ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED),"
+
 /* $1 partner, $2 re-send limit, $3 reclaim, $4 ACK timeout ms, $5
  * backoff max ms, $6 max attempts, $7 peer, $8 ids a reclaim leaves alone.
  * Sent deliveries whose ACK is overdue (or all sent ones but $8, on
  * reclaim), from the index of sent ones; they go out most urgent, then
  * oldest first. Nothing goes to a revoked partner (the sweep makes its
  * deliveries dead letters), and a delivery past its last attempt is left
- * to the sweep too. */
+ * to the sweep too. The overdue ones are a range of that index, which a
+ * re-send reads alone unless it reclaims (every connection re-sends at
+ * every sweep: when a re-send read all that was in flight for every
+ * partner, the sweeps cost the square of the partners). */
 /* clang-format off */
 static const char *s_resend_sql =
-    "WITH resend AS ("
-    " SELECT id FROM deliveries"
-    " WHERE state = 'delivered' AND partner_id = $1"
-    "  AND EXISTS (SELECT 1 FROM partners"
-    "   WHERE id = $1 AND revoked_at IS NULL)"
-    "  AND attempts < $6 AND (next_attempt_at <= now()"
-    "   OR ($3 AND id <> ALL ($8::uuid[])))"
-    " ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED),"
+    "WITH"
+    S_SENT("due", "next_attempt_at <= now()")
+    S_SENT("reclaimed", "$3 AND next_attempt_at > now()"
+           " AND id <> ALL ($8::uuid[])")
+    " resend AS (SELECT id FROM (SELECT * FROM due"
+    "  UNION ALL SELECT * FROM reclaimed) s"
+    "  ORDER BY next_attempt_at LIMIT $2),"
     " claimed AS ("
     " UPDATE deliveries d SET" S_SEND_SET
     " WHERE d.id IN (SELECT id FROM resend)" S_SENT_RETURNING "),"

@@ -1471,15 +1471,18 @@ START_TEST(statements_never_walk_all_deliveries)
 }
 END_TEST
 
-/* The statements that name a delivery by id (a NACK, the deliveries of a
- * connection that went away) find it by key, as the service plans them
- * (generic plans, no seq scans): never through the index of sent
- * deliveries, which statistics taken when few were out once made look
- * cheaper, so that each NACK read every delivery in flight. */
-START_TEST(nack_and_due_reach_deliveries_by_key)
+/* The statements that read sent deliveries, as the service plans them
+ * (generic plans, no seq scans), read only their own rows: a NACK and the
+ * deliveries of a connection that went away find theirs by key, never
+ * through the index of sent deliveries (statistics taken when few were
+ * out once made that look cheaper, so that each NACK read every delivery
+ * in flight); a re-send reads the overdue range of that index, not all
+ * that is in flight for every partner (every connection re-sends at every
+ * sweep). */
+START_TEST(sent_deliveries_are_read_by_key_or_due_time)
 {
     s_many(4000, true, "normal");
-    /* Out after the statistics were taken. */
+    /* Out after the statistics were taken, none of them due. */
     khtest_db_exec(s_db,
                    "UPDATE deliveries SET state = 'delivered', acked_at = NULL,"
                    " next_attempt_at = now() + interval '1 hour'"
@@ -1492,11 +1495,16 @@ START_TEST(nack_and_due_reach_deliveries_by_key)
                    0, NULL);
     static const struct {
         s_stmt_t stmt;
-        const char *args;
+        const char *args, *want, *unwanted;
     } runs[] = {
-        {S_NACK, "'00000000-0000-7000-8000-000000000000', 'avim', 'x',"
-                 " false, 3, 400, 800"},
-        {S_DUE, "'{00000000-0000-7000-8000-000000000000}', 'avim', 3"},
+        {S_NACK,
+         "'00000000-0000-7000-8000-000000000000', 'avim', 'x', false, 3,"
+         " 400, 800",
+         "deliveries_pkey", "deliveries_delivered_next_attempt"},
+        {S_DUE, "'{00000000-0000-7000-8000-000000000000}', 'avim', 3",
+         "deliveries_pkey", "deliveries_delivered_next_attempt"},
+        {S_RESEND, "'avim', 1024, false, 400, 800, 3, 'x', '{}'",
+         "Index Cond: (next_attempt_at <= now())", "Seq Scan"},
     };
     for (size_t i = 0; i < sizeof runs / sizeof runs[0]; i++) {
         const char *name = s_statements[runs[i].stmt].name;
@@ -1508,8 +1516,8 @@ START_TEST(nack_and_due_reach_deliveries_by_key)
         char sql[256];
         snprintf(sql, sizeof sql, "EXECUTE %s(%s)", name, runs[i].args);
         char *plan = khtest_db_plan(s_db, sql);
-        ck_assert_msg(!strstr(plan, "deliveries_delivered_next_attempt") &&
-                          strstr(plan, "deliveries_pkey"),
+        ck_assert_msg(strstr(plan, runs[i].want) &&
+                          !strstr(plan, runs[i].unwanted),
                       "%s:\n%s", name, plan);
         free(plan);
     }
@@ -1665,7 +1673,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, a_gone_connections_deliveries_wait_for_room_on_another);
     tcase_add_test(tc, claims_have_no_index_but_their_own);
     tcase_add_test(tc, statements_never_walk_all_deliveries);
-    tcase_add_test(tc, nack_and_due_reach_deliveries_by_key);
+    tcase_add_test(tc, sent_deliveries_are_read_by_key_or_due_time);
     suite_add_tcase(suite, tc);
     TCase *big = tcase_create("backlog");
     tcase_add_checked_fixture(big, s_setup, s_teardown);
