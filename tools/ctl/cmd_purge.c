@@ -122,11 +122,12 @@ static const char s_lock_deliveries_sql[] =
     "WITH locked AS (SELECT referral_id FROM deliveries"
     "  WHERE referral_id = ANY ($1::uuid[])"
     "  FOR NO KEY UPDATE SKIP LOCKED),"
-    " batch AS (SELECT r.id,"
-    "  (SELECT count(*) FROM locked l WHERE l.referral_id = r.id) ="
+    " counted AS (SELECT referral_id, count(*) AS n FROM locked"
+    "  GROUP BY referral_id)"
+    " SELECT r.id, coalesce(c.n, 0) ="
     "  (SELECT count(*) FROM deliveries d WHERE d.referral_id = r.id)"
-    "  AS whole FROM unnest($1::uuid[]) r(id))"
-    " SELECT id, whole FROM batch";
+    " FROM unnest($1::uuid[]) r(id)"
+    " LEFT JOIN counted c ON c.referral_id = r.id";
 
 /* $1 the batch's ids, $2 the administrator, $3 the host. Checks once more
  * (on a snapshot taken after the locks) that each referral is done, erases
