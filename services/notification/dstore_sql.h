@@ -52,15 +52,16 @@
     " convert_from(payload, 'UTF8'), encode(payload_hash, 'hex')"
 /* clang-format on */
 
-/* The sent deliveries of partner $1 (not revoked) with attempts left
- * (fewer than $6), those the CTE sent_where names, from the index of sent
- * ones by due time; up to $2, the first due first, locked. */
-#define S_SENT(name, where)                                                    \
-    " " name " AS (SELECT id, next_attempt_at FROM deliveries"                 \
+/* The CTE name: the sent deliveries of partner $1 (not revoked) with
+ * attempts left (fewer than $6) for which where holds, from the index of
+ * sent ones by due time; up to limit of them, the first due first,
+ * locked. */
+#define S_SENT(name, where, limit)                                             \
+    " " name " AS (SELECT id FROM deliveries"                                  \
     " WHERE state = 'delivered' AND " where " AND partner_id = $1"             \
     "  AND attempts < $6 AND EXISTS (SELECT 1 FROM partners"                   \
     "   WHERE id = $1 AND revoked_at IS NULL)"                                 \
-    " ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED),"
+    " ORDER BY next_attempt_at LIMIT " limit " FOR UPDATE SKIP LOCKED),"
 
 /* $1 partner, $2 re-send limit, $3 reclaim, $4 ACK timeout ms, $5
  * backoff max ms, $6 max attempts, $7 peer, $8 ids a reclaim leaves alone.
@@ -75,12 +76,13 @@
 /* clang-format off */
 static const char *s_resend_sql =
     "WITH"
-    S_SENT("due", "next_attempt_at <= now()")
+    S_SENT("due", "next_attempt_at <= now()", "$2")
+    /* what a reclaim adds after them, up to $2 in all (so that it locks
+     * no more than it sends) */
     S_SENT("reclaimed", "$3 AND next_attempt_at > now()"
-           " AND id <> ALL ($8::uuid[])")
-    " resend AS (SELECT id FROM (SELECT * FROM due"
-    "  UNION ALL SELECT * FROM reclaimed) s"
-    "  ORDER BY next_attempt_at LIMIT $2),"
+           " AND id <> ALL ($8::uuid[])",
+           "greatest($2 - (SELECT count(*) FROM due), 0)")
+    " resend AS (SELECT id FROM due UNION ALL SELECT id FROM reclaimed),"
     " claimed AS ("
     " UPDATE deliveries d SET" S_SEND_SET
     " WHERE d.id IN (SELECT id FROM resend)" S_SENT_RETURNING "),"

@@ -26,7 +26,7 @@
     "'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
 
 /* Each partner's open deliveries (named as their index names them,
- * migrations/006: a status never reads the delivered history): how many,
+ * migrations/006: a status never reads the acknowledged history): how many,
  * the oldest and its age in seconds; and whether the partner is revoked. */
 /* clang-format off */
 static const char s_backlog_sql[] =
