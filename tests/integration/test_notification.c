@@ -1454,15 +1454,8 @@ START_TEST(statements_never_walk_all_deliveries)
         [S_DUE] = "'{00000000-0000-7000-8000-000000000000}', 'avim', 3",
     };
     for (int i = 0; i < S_STATEMENTS; i++) {
-        PGresult *res = PQprepare(s_db, s_statements[i].name,
-                                  *s_statements[i].sql, 0, NULL);
-        ck_assert_msg(PQresultStatus(res) == PGRES_COMMAND_OK, "%s: %s",
-                      s_statements[i].name, PQerrorMessage(s_db));
-        PQclear(res);
-        char sql[256];
-        snprintf(sql, sizeof sql, "EXECUTE %s(%s)", s_statements[i].name,
-                 args[i]);
-        char *plan = khtest_db_plan(s_db, sql);
+        char *plan = khtest_db_plan_prepared(s_db, s_statements[i].name,
+                                             *s_statements[i].sql, args[i]);
         ck_assert_msg(!s_walks_all_deliveries(plan, whole),
                       "%s walks deliveries:\n%s", s_statements[i].name, plan);
         free(plan);
@@ -1508,14 +1501,8 @@ START_TEST(sent_deliveries_are_read_by_key_or_due_time)
     };
     for (size_t i = 0; i < sizeof runs / sizeof runs[0]; i++) {
         const char *name = s_statements[runs[i].stmt].name;
-        PGresult *res =
-            PQprepare(s_db, name, *s_statements[runs[i].stmt].sql, 0, NULL);
-        ck_assert_msg(PQresultStatus(res) == PGRES_COMMAND_OK, "%s: %s", name,
-                      PQerrorMessage(s_db));
-        PQclear(res);
-        char sql[256];
-        snprintf(sql, sizeof sql, "EXECUTE %s(%s)", name, runs[i].args);
-        char *plan = khtest_db_plan(s_db, sql);
+        char *plan = khtest_db_plan_prepared(
+            s_db, name, *s_statements[runs[i].stmt].sql, runs[i].args);
         ck_assert_msg(strstr(plan, runs[i].want) &&
                           !strstr(plan, runs[i].unwanted),
                       "%s:\n%s", name, plan);

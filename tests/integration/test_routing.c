@@ -563,13 +563,7 @@ START_TEST(pass_statements_reach_referrals_by_key)
             if (strcmp(s_statements[j].name, name) == 0)
                 sql = s_statements[j].sql;
         ck_assert_ptr_nonnull(sql);
-        PGresult *res = PQprepare(s_db, name, sql, 0, NULL);
-        ck_assert_msg(PQresultStatus(res) == PGRES_COMMAND_OK, "%s: %s", name,
-                      PQerrorMessage(s_db));
-        PQclear(res);
-        char execute[256];
-        snprintf(execute, sizeof execute, "EXECUTE %s(%s)", name, runs[i].args);
-        char *plan = khtest_db_plan(s_db, execute);
+        char *plan = khtest_db_plan_prepared(s_db, name, sql, runs[i].args);
         ck_assert_msg(!strstr(plan, "referrals_state_accepted_at") &&
                           !strstr(plan, "Seq Scan on referrals") &&
                           strstr(plan, "referrals_pkey"),

@@ -273,6 +273,22 @@ char *khtest_db_plan(PGconn *conn, const char *sql)
     return plan;
 }
 
+char *khtest_db_plan_prepared(PGconn *conn, const char *name, const char *sql,
+                              const char *args)
+{
+    PGresult *res = PQprepare(conn, name, sql, 0, NULL);
+    ck_assert_msg(PQresultStatus(res) == PGRES_COMMAND_OK, "%s: %s", name,
+                  PQerrorMessage(conn));
+    PQclear(res);
+    size_t size = strlen("EXECUTE ()") + strlen(name) + strlen(args) + 1;
+    char *execute = malloc(size);
+    ck_assert_ptr_nonnull(execute);
+    snprintf(execute, size, "EXECUTE %s(%s)", name, args);
+    char *plan = khtest_db_plan(conn, execute);
+    free(execute);
+    return plan;
+}
+
 long khtest_db_count(PGconn *conn, const char *sql)
 {
     char *value = khtest_db_value(conn, sql);

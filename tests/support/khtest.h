@@ -71,6 +71,11 @@ char *khtest_path(const char *dir, const char *name);
  * joined with newlines), a new string the caller frees. */
 char *khtest_db_plan(PGconn *conn, const char *sql);
 
+/* khtest_db_plan of "EXECUTE name(args)", sql prepared as name first (the
+ * parameter types as its casts give them), as a service runs it. */
+char *khtest_db_plan_prepared(PGconn *conn, const char *name, const char *sql,
+                              const char *args);
+
 /* As khtest_db_value, for a query that returns one count. */
 long khtest_db_count(PGconn *conn, const char *sql);
 
