@@ -141,16 +141,13 @@ int dstore_commit(dstore_t *self, kh_error_t *err)
 void dstore_rollback(dstore_t *self)
 {
     self->begin_pending = false;
-    if (!dstore_up(self))
-        return;
     /* A connection that could not leave its pipeline (the BEGIN goes in
      * one) refuses every statement after: the next tick opens a new one. */
-    if (PQpipelineStatus(self->conn) != PQ_PIPELINE_OFF) {
+    if (self->conn && PQpipelineStatus(self->conn) != PQ_PIPELINE_OFF) {
         PQfinish(self->conn);
         self->conn = NULL;
-        return;
-    }
-    kh_db_rollback_quietly(self->conn);
+    } else if (dstore_up(self))
+        kh_db_rollback_quietly(self->conn);
 }
 
 bool dstore_up(const dstore_t *self)
