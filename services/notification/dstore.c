@@ -374,20 +374,24 @@ int dstore_ack_wait(dstore_t *self, kh_error_t *err)
     int rc = -1;
     bool first = true;
     PGresult *res;
-    /* Every result is read, so that the connection is free again. */
+    /* Every result is read, so that the connection is free again. The
+     * batch commits after its rows came (an implicit transaction ends at
+     * the Sync): an error after them, at commit, undoes all of it. */
     while ((res = PQgetResult(self->ack_conn)) != NULL) {
-        if (first && PQresultStatus(res) == PGRES_TUPLES_OK) {
-            for (int i = 0; i < PQntuples(res) && (size_t) i < self->nacks;
-                 i++) {
-                self->acks[i].outcome = s_outcome(PQgetvalue(res, i, 0));
+        if (first && PQresultStatus(res) == PGRES_TUPLES_OK &&
+            (size_t) PQntuples(res) == self->nacks) {
+            for (size_t i = 0; i < self->nacks; i++) {
+                self->acks[i].outcome = s_outcome(PQgetvalue(res, (int) i, 0));
                 self->acks[i].wait_s =
-                    PQgetisnull(res, i, 1)
+                    PQgetisnull(res, (int) i, 1)
                         ? -1
-                        : strtod(PQgetvalue(res, i, 1), NULL);
+                        : strtod(PQgetvalue(res, (int) i, 1), NULL);
             }
             rc = 0;
-        } else if (first)
+        } else if (rc == 0 || first) {
             kh_db_error(err, self->ack_conn, res, "ack");
+            rc = -1;
+        }
         first = false;
         PQclear(res);
     }

@@ -421,6 +421,49 @@ START_TEST(ack_twice_changes_once_and_foreign_ack_is_refused)
 }
 END_TEST
 
+/* An ACK batch commits after PostgreSQL has sent its rows: when that
+ * commit fails, nothing was acknowledged, and the partner hears so (to
+ * send the ACK again) rather than ACKED. */
+START_TEST(an_ack_whose_commit_fails_is_not_acked)
+{
+    char id[37];
+    s_delivery("avim", "normal", 1000, NULL, id);
+    khtest_db_exec(s_db,
+                   "CREATE FUNCTION s_refuse() RETURNS trigger LANGUAGE plpgsql"
+                   " AS $$BEGIN RAISE EXCEPTION 'refused at commit'; END$$;"
+                   " CREATE CONSTRAINT TRIGGER s_refuse AFTER UPDATE ON"
+                   " deliveries DEFERRABLE INITIALLY DEFERRED FOR EACH ROW"
+                   " WHEN (NEW.state = 'acknowledged') EXECUTE FUNCTION"
+                   " s_refuse()",
+                   0, NULL);
+    pid_t pid = s_start("notification.log", NULL, NULL);
+    zsock_t *avim = s_partner("avim");
+    s_hello(avim, 1);
+    json_t *msg = s_expect(avim, "DELIVER", 5000);
+    ck_assert_ptr_nonnull(msg);
+    json_decref(msg);
+    s_answer(avim, id, NULL);
+    msg = s_expect(avim, "REJECTED", 5000);
+    ck_assert_msg(msg != NULL, "no REJECTED for an ACK that did not commit");
+    ck_assert_str_eq(s_str(msg, "code"), "unavailable");
+    json_decref(msg);
+    char state[16];
+    ck_assert_str_eq(s_state(id, state), "delivered");
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events"
+                             " WHERE action = 'delivery.acked'"),
+                     0);
+    /* Sent again once the commit can succeed: acknowledged. */
+    khtest_db_exec(s_db, "DROP TRIGGER s_refuse ON deliveries", 0, NULL);
+    s_answer(avim, id, NULL);
+    msg = s_expect(avim, "ACKED", 5000);
+    ck_assert_ptr_nonnull(msg);
+    json_decref(msg);
+    ck_assert_str_eq(s_state(id, state), "acknowledged");
+    zsock_destroy(&avim);
+    s_stop(pid);
+}
+END_TEST
+
 START_TEST(unacknowledged_is_resent_with_its_id_then_dead)
 {
     char id[37];
@@ -1686,6 +1729,7 @@ static Suite *s_suite(void)
     tcase_set_timeout(tc, 120);
     tcase_add_test(tc, offline_backlog_drains_in_order_within_the_window);
     tcase_add_test(tc, ack_twice_changes_once_and_foreign_ack_is_refused);
+    tcase_add_test(tc, an_ack_whose_commit_fails_is_not_acked);
     tcase_add_test(tc, unacknowledged_is_resent_with_its_id_then_dead);
     tcase_add_test(tc, nack_retry_resends_and_nack_permanent_is_dead_at_once);
     tcase_add_test(tc, a_revoked_partners_deliveries_become_dead_letters);
