@@ -21,7 +21,7 @@ struct _dstore_t {
     PGconn *conn;
     PGconn *ack_conn;       /* ACK batches only, each committing alone */
     kh_pgarray_t arrays[3]; /* the ACK statement's parameters */
-    kh_pgarray_t ids;       /* re-send and due: ids, on conn */
+    kh_pgarray_t ids[2];    /* re-send and due: ids, on conn */
     kh_pgarray_t claims[3]; /* the pending claim's parameters, on conn */
     dstore_answer_t *acks;  /* the batch in flight on ack_conn, or NULL */
     size_t nacks;
@@ -38,7 +38,7 @@ static const char *s_refused_sql =
 static const char *s_partners_sql =
     "SELECT curve_public_key, id FROM partners WHERE revoked_at IS NULL";
 
-#define S_PARAMS_MAX 8 /* the most parameters of a statement (re-send) */
+#define S_PARAMS_MAX 9 /* the most parameters of a statement (re-send) */
 
 dstore_t *dstore_new(const char *conninfo, const dstore_policy_t *policy)
 {
@@ -66,7 +66,8 @@ void dstore_destroy(dstore_t **self_p)
         kh_pgarray_free(&self->arrays[k]);
     for (int k = 0; k < 3; k++)
         kh_pgarray_free(&self->claims[k]);
-    kh_pgarray_free(&self->ids);
+    for (int k = 0; k < 2; k++)
+        kh_pgarray_free(&self->ids[k]);
     free(self);
     *self_p = NULL;
 }
@@ -226,15 +227,16 @@ zhashx_t *dstore_partners(dstore_t *self, kh_error_t *err)
     return partners;
 }
 
-/* ids (uuids the hub sent) as a binary array in self->ids: its bytes and
- * their count in *len; NULL with err when memory ran out. */
-static const char *s_ids(dstore_t *self, const char *const *ids, size_t count,
-                         int *len, kh_error_t *err)
+/* ids (uuids the hub sent) as a binary array in self->ids[which]: its
+ * bytes and their count in *len; NULL with err when memory ran out. */
+static const char *s_ids(dstore_t *self, int which, const char *const *ids,
+                         size_t count, int *len, kh_error_t *err)
 {
-    kh_pgarray_reset(&self->ids, KH_PG_UUID);
+    kh_pgarray_t *array = &self->ids[which];
+    kh_pgarray_reset(array, KH_PG_UUID);
     for (size_t i = 0; i < count; i++)
-        kh_pgarray_add_uuid(&self->ids, ids[i]);
-    const char *data = kh_pgarray_data(&self->ids, len);
+        kh_pgarray_add_uuid(array, ids[i]);
+    const char *data = kh_pgarray_data(array, len);
     if (!data)
         kh_error_set(err, KH_E_NOMEM, "", "out of memory");
     return data;
@@ -257,23 +259,27 @@ static dstore_delivery_t s_claimed(const PGresult *res, int i, int first)
 }
 
 int dstore_resend(dstore_t *self, const char *partner, const char *peer,
-                  size_t limit, bool reclaim, const char *const *keep,
-                  size_t nkeep, dstore_delivery_fn *fn, void *arg,
-                  kh_error_t *err)
+                  size_t credit, bool reclaim, const char *const *keep,
+                  size_t nkeep, const char *const *out, size_t nout,
+                  dstore_delivery_fn *fn, void *arg, kh_error_t *err)
 {
-    int keep_len = 0;
-    const char *skeep = s_ids(self, keep, nkeep, &keep_len, err);
-    if (!skeep)
+    int lengths[9] = {0};
+    static const int formats[9] = {0, 0, 0, 0, 0, 0, 0, 1, 1};
+    const char *skeep = s_ids(self, 0, keep, nkeep, &lengths[7], err);
+    const char *sout =
+        skeep ? s_ids(self, 1, out, nout, &lengths[8], err) : NULL;
+    if (!sout)
         return -1;
-    char slimit[24], stimeout[24], smax[24], sattempts[24];
-    snprintf(slimit, sizeof slimit, "%zu", limit);
+    char scredit[24], stimeout[24], smax[24], sattempts[24];
+    snprintf(scredit, sizeof scredit, "%zu", credit);
     snprintf(stimeout, sizeof stimeout, "%d", self->policy.ack_timeout_ms);
     snprintf(smax, sizeof smax, "%d", self->policy.backoff_max_ms);
     snprintf(sattempts, sizeof sattempts, "%d", self->policy.max_attempts);
-    const char *params[] = {partner,  slimit, reclaim ? "t" : "f",
-                            stimeout, smax,   sattempts,
-                            peer,     skeep};
-    PGresult *res = s_run(self, S_RESEND, NULL, 8, params, 7, keep_len, err);
+    const char *params[] = {partner,  scredit, reclaim ? "t" : "f",
+                            stimeout, smax,    sattempts,
+                            peer,     skeep,   sout};
+    PGresult *res =
+        s_exec(self, S_RESEND, NULL, 9, params, lengths, formats, err);
     if (!res)
         return -1;
     int rows = PQntuples(res);
@@ -434,7 +440,7 @@ int dstore_due_now(dstore_t *self, const char *partner, const char *const *ids,
     if (count == 0)
         return 0;
     int ids_len = 0;
-    const char *sids = s_ids(self, ids, count, &ids_len, err);
+    const char *sids = s_ids(self, 0, ids, count, &ids_len, err);
     if (!sids)
         return -1;
     char sattempts[24];

@@ -59,16 +59,18 @@ typedef struct {
 
 typedef void(dstore_delivery_fn)(const dstore_delivery_t *delivery, void *arg);
 
-/* Claim, mark as sent again and audit (delivery.sent) up to limit sent
- * deliveries of partner whose ACK is overdue (reclaim: all sent,
- * unacknowledged ones but the nkeep ids in keep, for a partner that
- * reconnected), most urgent then oldest first; fn is called for each, in that
- * order (inside the caller's transaction, if any: send nothing before it
- * commits). Returns the number claimed, -1 with err. */
+/* Claim, mark as sent again and audit (delivery.sent) the sent deliveries
+ * of partner whose ACK is overdue: those among the nout ids in out (out on
+ * the connection: they take no more of its window), and up to credit
+ * others (reclaim: also sent, unacknowledged ones not yet overdue, but
+ * the nkeep ids in keep, for a partner that reconnected), most urgent then
+ * oldest first; fn is called for each, in that order (inside the caller's
+ * transaction, if any: send nothing before it commits). Returns the number
+ * claimed, -1 with err. */
 int dstore_resend(dstore_t *self, const char *partner, const char *peer,
-                  size_t limit, bool reclaim, const char *const *keep,
-                  size_t nkeep, dstore_delivery_fn *fn, void *arg,
-                  kh_error_t *err);
+                  size_t credit, bool reclaim, const char *const *keep,
+                  size_t nkeep, const char *const *out, size_t nout,
+                  dstore_delivery_fn *fn, void *arg, kh_error_t *err);
 
 /* One connection's part of a claim of pending deliveries. */
 typedef struct {

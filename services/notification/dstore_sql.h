@@ -63,11 +63,15 @@
     "   WHERE id = $1 AND revoked_at IS NULL)"                                 \
     " ORDER BY next_attempt_at LIMIT " limit " FOR UPDATE SKIP LOCKED),"
 
-/* $1 partner, $2 re-send limit, $3 reclaim, $4 ACK timeout ms, $5
- * backoff max ms, $6 max attempts, $7 peer, $8 ids a reclaim leaves alone.
- * Sent deliveries whose ACK is overdue (or all sent ones but $8, on
- * reclaim), from the index of sent ones; they go out most urgent, then
- * oldest first. Nothing goes to a revoked partner (the sweep makes its
+/* $1 partner, $2 credit, $3 reclaim, $4 ACK timeout ms, $5 backoff max
+ * ms, $6 max attempts, $7 peer, $8 ids a reclaim leaves alone, $9 ids out
+ * on the connection. Sent deliveries whose ACK is overdue (or all sent
+ * ones but $8, on reclaim), from the index of sent ones; they go out most
+ * urgent, then oldest first. Those out on the connection go again in
+ * their own place in its window; the others take credit, up to $2 of
+ * them: claimed beyond the window, they would wait in memory, sent in the
+ * trail but not yet on the wire, and be given up when they waited too
+ * long. Nothing goes to a revoked partner (the sweep makes its
  * deliveries dead letters), and a delivery past its last attempt is left
  * to the sweep too. The overdue ones are a range of that index, which a
  * re-send reads alone unless it reclaims (every connection re-sends at
@@ -76,13 +80,16 @@
 /* clang-format off */
 static const char *s_resend_sql =
     "WITH"
-    S_SENT("due", "next_attempt_at <= now()", "$2")
+    S_SENT("again", "next_attempt_at <= now() AND id = ANY ($9::uuid[])",
+           "cardinality($9::uuid[])")
+    S_SENT("due", "next_attempt_at <= now() AND id <> ALL ($9::uuid[])", "$2")
     /* what a reclaim adds after them, up to $2 in all (so that it locks
      * no more than it sends) */
     S_SENT("reclaimed", "$3 AND next_attempt_at > now()"
            " AND id <> ALL ($8::uuid[])",
            "greatest($2 - (SELECT count(*) FROM due), 0)")
-    " resend AS (SELECT id FROM due UNION ALL SELECT id FROM reclaimed),"
+    " resend AS (SELECT id FROM again UNION ALL SELECT id FROM due"
+    "  UNION ALL SELECT id FROM reclaimed),"
     " claimed AS ("
     " UPDATE deliveries d SET" S_SEND_SET
     " WHERE d.id IN (SELECT id FROM resend)" S_SENT_RETURNING "),"

@@ -437,8 +437,16 @@ static void s_db_failed(notify_t *self, const char *what, const kh_error_t *err)
                 kh_error_name(err->code), err->message);
 }
 
-/* Re-send to one connection the sent deliveries whose ACK is overdue, up
- * to its window (the pending ones get the credit that is left). A reclaim
+/* Whether conn has a reclaim to make now: one waits for credit (a
+ * window full of the partner's held DELIVERs, say). */
+static bool s_reclaims(notify_t *self, const s_conn_t *conn)
+{
+    return conn->reclaim && s_credit(self, conn) > 0;
+}
+
+/* Re-send to one connection the sent deliveries whose ACK is overdue:
+ * those it has out, in their place in its window, and others up to its
+ * credit (the pending ones get the credit that is left). A reclaim
  * leaves alone the held DELIVERs of the partner and what is out on any of
  * its count connections in conns (this round's re-sends included): they
  * were claimed and go out as they are, each on one connection. */
@@ -448,7 +456,8 @@ static int s_resend(notify_t *self, s_conn_t *conn, s_conn_t **conns,
     s_claim_ctx_t ctx = {self, conn};
     size_t nkeep = 0;
     const char **keep = NULL;
-    if (conn->reclaim) {
+    bool reclaim = s_reclaims(self, conn);
+    if (reclaim) {
         size_t size = zlistx_size(self->held);
         for (size_t i = 0; i < count; i++)
             if (strcmp(conns[i]->partner, conn->partner) == 0)
@@ -467,13 +476,22 @@ static int s_resend(notify_t *self, s_conn_t *conn, s_conn_t **conns,
                     keep[nkeep++] = zhashx_cursor(out);
         }
     }
-    int claimed =
-        dstore_resend(self->store, conn->partner, conn->peer, conn->window,
-                      conn->reclaim, keep, nkeep, s_queue_delivery, &ctx, err);
+    size_t nout = 0;
+    const char **out = calloc(zhashx_size(conn->out) + 1, sizeof *out);
+    if (!out) {
+        free(keep);
+        return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
+    }
+    for (void *v = zhashx_first(conn->out); v; v = zhashx_next(conn->out))
+        out[nout++] = zhashx_cursor(conn->out);
+    int claimed = dstore_resend(self->store, conn->partner, conn->peer,
+                                s_credit(self, conn), reclaim, keep, nkeep, out,
+                                nout, s_queue_delivery, &ctx, err);
     free(keep);
+    free(out);
     if (claimed < 0)
         return -1;
-    conn->reclaim = false;
+    conn->reclaim = conn->reclaim && !reclaim;
     conn->overdue = false;
     return 0;
 }
@@ -579,7 +597,7 @@ static int s_pump(notify_t *self, bool resend, kh_error_t *err)
     int rc = 0;
     for (size_t i = 0; rc == 0 && i < n; i++) {
         s_conn_t *conn = all[i];
-        bool again = resend || conn->reclaim || conn->overdue;
+        bool again = resend || s_reclaims(self, conn) || conn->overdue;
         if (!again && !conn->more)
             continue;
         if (again && s_resend(self, conn, all, n, err))
@@ -872,7 +890,7 @@ static bool s_has_work(notify_t *self)
 {
     for (s_conn_t *conn = zhashx_first(self->conns); conn;
          conn = zhashx_next(self->conns))
-        if (conn->reclaim || conn->overdue ||
+        if (s_reclaims(self, conn) || conn->overdue ||
             (conn->more && s_credit(self, conn) > 0))
             return true;
     return false;

@@ -1485,7 +1485,7 @@ START_TEST(statements_never_walk_all_deliveries)
                    " SET enable_seqscan = off",
                    0, NULL);
     static const char *const args[S_STATEMENTS] = {
-        [S_RESEND] = "'avim', 1024, true, 400, 800, 3, 'x', '{}'",
+        [S_RESEND] = "'avim', 1024, true, 400, 800, 3, 'x', '{}', '{}'",
         [S_CLAIM_PENDING] = "'{avim,zorgcoordinator}', '{1024,1024}',"
                             " '{x,y}', 400, 800",
         [S_ACK] = "'{00000000-0000-7000-8000-000000000000}', '{avim}',"
@@ -1539,7 +1539,7 @@ START_TEST(sent_deliveries_are_read_by_key_or_due_time)
          "deliveries_pkey", "deliveries_delivered_next_attempt"},
         {S_DUE, "'{00000000-0000-7000-8000-000000000000}', 'avim', 3",
          "deliveries_pkey", "deliveries_delivered_next_attempt"},
-        {S_RESEND, "'avim', 1024, false, 400, 800, 3, 'x', '{}'",
+        {S_RESEND, "'avim', 1024, false, 400, 800, 3, 'x', '{}', '{}'",
          "Index Cond: (next_attempt_at <= now())", "Seq Scan"},
     };
     for (size_t i = 0; i < sizeof runs / sizeof runs[0]; i++) {
@@ -1619,6 +1619,50 @@ static json_t *s_next_noting(zsock_t *sock, int timeout_ms, char got[][37],
     }
     return NULL;
 }
+
+/* Overdue deliveries that are not out on the connection (sent before a
+ * restart, or on a connection since gone) take its credit like new ones:
+ * claimed beyond its window they would wait in memory, sent in the trail
+ * (an attempt and a delivery.sent event each) but not on the wire, again
+ * at every sweep, until given up. */
+START_TEST(overdue_resends_take_credit_like_new_deliveries)
+{
+    char ids[3][37], got[8][37];
+    int ngot = 0;
+    for (int i = 0; i < 3; i++)
+        s_delivery("avim", "normal", 1000 - i * 10, NULL, ids[i]);
+    khtest_db_exec(s_db,
+                   "UPDATE deliveries SET state = 'delivered', attempts = 1,"
+                   " sent_at = now() - interval '1 hour',"
+                   " next_attempt_at = now() - interval '1 minute'",
+                   0, NULL);
+    pid_t pid = s_start_slow(60000, 60000);
+    zsock_t *avim = s_partner("avim");
+    s_hello(avim, 1);
+    /* Sweeps come every 250 ms: one delivery, the window's, goes out. */
+    ck_assert_ptr_null(s_next_noting(avim, 1500, got, 8, &ngot));
+    ck_assert_int_eq(ngot, 1);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events"
+                             " WHERE action = 'delivery.sent'"),
+                     1);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM deliveries"
+                             " WHERE attempts = 1"),
+                     2);
+    /* Its ACK makes room for the next, sent as it is claimed. */
+    s_answer(avim, got[0], NULL);
+    json_t *msg = s_next_noting(avim, 1500, got, 8, &ngot);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert_str_eq(s_str(msg, "cmd"), "ACKED");
+    json_decref(msg);
+    ck_assert_ptr_null(s_next_noting(avim, 1000, got, 8, &ngot));
+    ck_assert_int_eq(ngot, 2);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events"
+                             " WHERE action = 'delivery.sent'"),
+                     2);
+    zsock_destroy(&avim);
+    s_stop(pid);
+}
+END_TEST
 
 /* A round claims with the credit its ACK batch frees. When that batch
  * fails (a row it changes is locked past lock_timeout), what the claim
@@ -1730,6 +1774,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, offline_backlog_drains_in_order_within_the_window);
     tcase_add_test(tc, ack_twice_changes_once_and_foreign_ack_is_refused);
     tcase_add_test(tc, an_ack_whose_commit_fails_is_not_acked);
+    tcase_add_test(tc, overdue_resends_take_credit_like_new_deliveries);
     tcase_add_test(tc, unacknowledged_is_resent_with_its_id_then_dead);
     tcase_add_test(tc, nack_retry_resends_and_nack_permanent_is_dead_at_once);
     tcase_add_test(tc, a_revoked_partners_deliveries_become_dead_letters);
