@@ -342,6 +342,7 @@ struct kh_trail_verifier_t {
     unsigned char look_prev[KH_TRAIL_HASH_SIZE];
     unsigned char look_seal[KH_TRAIL_HASH_SIZE];
     int64_t last_event; /* seq of the last event read */
+    int64_t last_row;   /* seq of the last event or seal read */
     kh_trail_report_t report;
 };
 
@@ -357,6 +358,7 @@ kh_trail_verifier_t *kh_trail_verifier_new(const unsigned char *public_key,
         memcpy(self->prev, anchor->head, KH_TRAIL_HASH_SIZE);
         self->start_seq = anchor->seq;
         self->last_event = anchor->seq;
+        self->last_row = anchor->seq;
         self->report.signed_seq = anchor->seq;
         if (kh_trail_verifier_checkpoint(self, anchor, false) != 0) {
             kh_trail_verifier_destroy(&self);
@@ -456,17 +458,41 @@ static int64_t s_cp_at_or_below(const kh_trail_verifier_t *self, int64_t seq)
     return best;
 }
 
-/* Judge the checkpoints below seq, none of which names an intact event
- * (they would have been passed): their event is gone. */
-static void s_pass_checkpoints_below(kh_trail_verifier_t *self, int64_t seq)
+/* Judge the checkpoints below seq, the seq of the row (event or seal)
+ * read now; before is the seq of the row read before it. Every row passes
+ * the checkpoints below it, sealed or not: one that is still waiting
+ * names a seq where no row stands, or an event without a seal. A
+ * checkpoint is signed only over sealed events, so an unsealed event at
+ * or below it was inserted; with no row at all, its event went with its
+ * seal. The rows between before and it went too, or were never
+ * committed (a rollback leaves a gap): the first seq that may be wrong
+ * is before + 1. A checkpoint with a bad signature is a finding already
+ * and vouches for nothing. */
+static void s_pass_checkpoints_below(kh_trail_verifier_t *self, int64_t seq,
+                                     int64_t before)
 {
     while (self->next_cp < self->ncps &&
            self->cps[self->next_cp].cp.seq < seq) {
-        int64_t at = self->cps[self->next_cp].cp.seq;
-        s_find(self, KH_TRAIL_MISSING, at, 0,
-               "seq %lld: the event a checkpoint covers is gone",
-               (long long) at);
-        self->next_cp++;
+        const s_cp_t *c = &self->cps[self->next_cp++];
+        int64_t at = c->cp.seq;
+        if (!c->valid)
+            continue;
+        if (self->unsealed_at && self->unsealed_at <= at)
+            s_find(self, KH_TRAIL_INSERTED, self->unsealed_at, 0,
+                   "seq %lld: an event without a seal below a checkpoint",
+                   (long long) self->unsealed_at);
+        else if (before + 1 == at)
+            s_find(self, KH_TRAIL_MISSING, at, 0,
+                   "seq %lld: the event a checkpoint covers was removed with "
+                   "its seal",
+                   (long long) at);
+        else
+            s_find(self, KH_TRAIL_MISSING, before + 1, 0,
+                   "seq %lld: the event at seq %lld, which a checkpoint "
+                   "covers, was removed with its seal, as were any events "
+                   "after seq %lld",
+                   (long long) (before + 1), (long long) at,
+                   (long long) before);
     }
 }
 
@@ -475,7 +501,6 @@ static void s_pass_checkpoints_below(kh_trail_verifier_t *self, int64_t seq)
 static void s_checkpoint_at(kh_trail_verifier_t *self, int64_t seq,
                             const unsigned char *h)
 {
-    s_pass_checkpoints_below(self, seq);
     while (self->next_cp < self->ncps &&
            self->cps[self->next_cp].cp.seq == seq) {
         const s_cp_t *c = &self->cps[self->next_cp++];
@@ -516,6 +541,8 @@ void kh_trail_verifier_feed(kh_trail_verifier_t *self, int64_t seq,
                             const unsigned char *seal)
 {
     s_sort(self);
+    int64_t before = self->last_row;
+    self->last_row = seq;
     if (ev) {
         self->report.events++;
         if (!self->report.first_seq)
@@ -530,6 +557,14 @@ void kh_trail_verifier_feed(kh_trail_verifier_t *self, int64_t seq,
     }
     if (self->kind != KH_TRAIL_OK && self->kind != KH_TRAIL_BAD_SIGNATURE)
         return;
+    s_pass_checkpoints_below(self, seq, before);
+    if (!ev && seal) {
+        /* A seal without its event: reported below as missing, so a
+         * checkpoint at this seq needs no other word. */
+        while (self->next_cp < self->ncps &&
+               self->cps[self->next_cp].cp.seq == seq)
+            self->next_cp++;
+    }
     if (seal && self->unsealed_at) {
         s_find(self, KH_TRAIL_INSERTED, self->unsealed_at, 0,
                "seq %lld: an event without a seal below sealed ones",
@@ -575,6 +610,8 @@ int kh_trail_verifier_finish(kh_trail_verifier_t *self,
 {
     s_sort(self);
     self->looking = false;
+    /* Every row passed the checkpoints below it (s_pass_checkpoints_below):
+     * those still waiting stand at or above the last row. */
     bool judging =
         self->kind == KH_TRAIL_OK || self->kind == KH_TRAIL_BAD_SIGNATURE;
     if (judging && self->unsealed_at && self->next_cp < self->ncps &&

@@ -814,6 +814,92 @@ START_TEST(export_verifies_offline)
 }
 END_TEST
 
+/* n events without a gap in seq (the tests below name exact seqs). */
+static void s_events_dense(int n)
+{
+    for (int i = 0; i < n; i++)
+        khtest_db_exec(s_db, s_insert_sql, 0, NULL);
+}
+
+/* As a superuser who bypasses the protections of migration 004: remove
+ * the event at seq and, if seal, its seal. */
+static void s_remove(int64_t seq, bool seal)
+{
+    khtest_db_exec(s_db, "ALTER TABLE audit_events DISABLE TRIGGER USER", 0,
+                   NULL);
+    khtest_db_exec(s_db, "ALTER TABLE audit_seals DISABLE TRIGGER USER", 0,
+                   NULL);
+    s_sqlf("DELETE FROM audit_events WHERE seq = %lld", (long long) seq);
+    if (seal)
+        s_sqlf("DELETE FROM audit_seals WHERE seq = %lld", (long long) seq);
+}
+
+/* Verify the database (fast pass, then the full one), again with the
+ * published checkpoints, and an export of it offline; each must name
+ * kind at seq. */
+static void s_expect_everywhere(kh_trail_finding_t kind, int64_t seq,
+                                const kh_trail_checkpoint_t *published,
+                                size_t npublished)
+{
+    kh_trail_report_t r;
+    for (int with = 0; with < 2; with++) {
+        int rc = s_verify(with ? published : NULL, with ? npublished : 0, &r);
+        ck_assert_msg(rc == 1 && r.kind == kind && r.seq == seq,
+                      "database%s: %s at %lld: %s",
+                      with ? " with published checkpoints" : "",
+                      kh_trail_finding_name(r.kind), (long long) r.seq,
+                      r.detail);
+    }
+    char *dir = khtest_tmpdir();
+    char path[512];
+    snprintf(path, sizeof path, "%s/trail.jsonl", dir);
+    kh_error_t err;
+    long count = 0;
+    FILE *f = fopen(path, "w");
+    ck_assert_ptr_nonnull(f);
+    ck_assert_int_eq(kh_trail_export(s_db, f, 1, 0, true, &count, &err), 0);
+    fclose(f);
+    for (int with = 0; with < 2; with++) {
+        int rc = kh_trail_file_verify(path, s_pk, with ? published : NULL,
+                                      with ? npublished : 0, &r, &err);
+        ck_assert_msg(rc == 1 && r.kind == kind && r.seq == seq,
+                      "export%s: %s at %lld: %s",
+                      with ? " with published checkpoints" : "",
+                      kh_trail_finding_name(r.kind), (long long) r.seq,
+                      r.detail);
+    }
+    khtest_rmtree(dir);
+    free(dir);
+}
+
+/* Events sealed up to a checkpoint and three more committed but not
+ * sealed yet (the sealer comes round every 200 ms, or the audit service
+ * is down): the checkpointed event removed with its seal is found, in
+ * the database and in an export. */
+START_TEST(a_removal_below_unsealed_events_is_found)
+{
+    s_events_dense(25);
+    kh_trail_sealer_t *sealer = s_sealer(10);
+    s_flush(sealer);
+    kh_error_t err;
+    ck_assert_int_eq(kh_trail_sealer_checkpoint(sealer, s_db, &err), 1);
+    kh_trail_sealer_destroy(&sealer);
+    kh_trail_checkpoint_t *cps = NULL;
+    size_t ncps = 0;
+    ck_assert_int_eq(kh_trail_db_checkpoints(s_db, &cps, &ncps, &err), 0);
+    ck_assert_uint_eq(ncps, 3);
+    ck_assert_int_eq(cps[ncps - 1].seq, 25);
+    s_events_dense(3);
+    kh_trail_report_t r;
+    ck_assert_int_eq(s_verify(cps, ncps, &r), 0);
+    ck_assert_int_eq(r.unsealed, 3);
+
+    s_remove(25, true);
+    s_expect_everywhere(KH_TRAIL_MISSING, 25, cps, ncps);
+    free(cps);
+}
+END_TEST
+
 /* The columns of an event in s_try_event, with values the services write. */
 enum {
     S_COL_ACTOR_KIND,
@@ -1246,6 +1332,7 @@ int main(void)
     tcase_add_test(tc, long_stretches_between_checkpoints);
     tcase_add_test(tc, service_killed_while_sealing_loses_nothing);
     tcase_add_test(tc, export_verifies_offline);
+    tcase_add_test(tc, a_removal_below_unsealed_events_is_found);
     tcase_add_test(tc, checks_refuse_what_they_refused);
     tcase_add_test(tc, referral_checks_decide_as_before);
     tcase_add_test(tc, delivery_state_changes_stay_on_their_page);
