@@ -389,6 +389,7 @@ static void s_trial(const s_trail_t *t, kh_trail_finding_t k, int trial,
                     bool commit)
 {
     kh_trail_report_t report;
+    kh_trail_finding_t want_kind = k;
     int64_t want = 0, other = -1;
     const kh_trail_checkpoint_t *published = NULL;
     size_t npublished = 0;
@@ -400,10 +401,19 @@ static void s_trial(const s_trail_t *t, kh_trail_finding_t k, int trial,
     khtest_db_exec(s_db, "ALTER TABLE audit_checkpoints DISABLE TRIGGER USER",
                    0, NULL);
     /* Never the last event: removing it is truncation. */
-    int64_t s = t->seqs[random() % (t->nseqs - 1)];
+    int si = (int) (random() % (t->nseqs - 1));
+    int64_t s = t->seqs[si];
+    /* The event before s; when a rollback left a gap between them, an
+     * event removed there with its seal would break the chain at s just
+     * as s altered does, and the verifier names the seq after it. */
+    int64_t before = si ? t->seqs[si - 1] : 0;
     switch (k) {
     case KH_TRAIL_ALTERED:
         want = s;
+        if (before != s - 1) {
+            want_kind = KH_TRAIL_MISSING;
+            want = before + 1;
+        }
         switch (random() % 4) {
         case 0: /* one character of the actor */
             s_sqlf("UPDATE audit_events SET actor_id = overlay(actor_id"
@@ -434,6 +444,12 @@ static void s_trial(const s_trail_t *t, kh_trail_finding_t k, int trial,
     case KH_TRAIL_MISSING:
         want = s;
         s_sqlf("DELETE FROM audit_events WHERE seq = %lld", (long long) s);
+        /* Half the time its seal goes too: only the chain tells, at the
+         * next event, and the first seq that may be wrong is named. */
+        if (trial / 6 % 2) {
+            s_sqlf("DELETE FROM audit_seals WHERE seq = %lld", (long long) s);
+            want = before + 1;
+        }
         break;
     case KH_TRAIL_INSERTED:
         want = t->gaps[random() % t->ngaps];
@@ -493,13 +509,14 @@ static void s_trial(const s_trail_t *t, kh_trail_finding_t k, int trial,
         rc = s_verify(published, npublished, &report);
         khtest_db_exec(s_db, "ROLLBACK", 0, NULL);
     }
-    ck_assert_msg(rc == 1 && report.kind == k && report.seq == want &&
+    ck_assert_msg(rc == 1 && report.kind == want_kind && report.seq == want &&
                       (other < 0 || report.other_seq == other),
-                  "trial %d (%s): got %s at %lld (other %lld), want %lld "
-                  "(other %lld): %s",
+                  "trial %d (%s): got %s at %lld (other %lld), want %s at "
+                  "%lld (other %lld): %s",
                   trial, kh_trail_finding_name(k),
                   kh_trail_finding_name(report.kind), (long long) report.seq,
-                  (long long) report.other_seq, (long long) want,
+                  (long long) report.other_seq,
+                  kh_trail_finding_name(want_kind), (long long) want,
                   (long long) other, report.detail);
 }
 
@@ -896,6 +913,28 @@ START_TEST(a_removal_below_unsealed_events_is_found)
 
     s_remove(25, true);
     s_expect_everywhere(KH_TRAIL_MISSING, 25, cps, ncps);
+    free(cps);
+}
+END_TEST
+
+/* An event removed with its seal breaks the chain at the next event: the
+ * report names the removed seq, not the next event as altered. */
+START_TEST(a_removal_with_its_seal_is_named)
+{
+    s_events_dense(40);
+    kh_trail_sealer_t *sealer = s_sealer(20);
+    s_flush(sealer);
+    kh_trail_sealer_destroy(&sealer);
+    kh_trail_checkpoint_t *cps = NULL;
+    size_t ncps = 0;
+    kh_error_t err;
+    ck_assert_int_eq(kh_trail_db_checkpoints(s_db, &cps, &ncps, &err), 0);
+    s_remove(13, true);
+    s_expect_everywhere(KH_TRAIL_MISSING, 13, cps, ncps);
+    kh_trail_report_t r;
+    s_verify(NULL, 0, &r);
+    ck_assert_ptr_nonnull(
+        strstr(r.detail, "event 14 does not follow event 12"));
     free(cps);
 }
 END_TEST
@@ -1333,6 +1372,7 @@ int main(void)
     tcase_add_test(tc, service_killed_while_sealing_loses_nothing);
     tcase_add_test(tc, export_verifies_offline);
     tcase_add_test(tc, a_removal_below_unsealed_events_is_found);
+    tcase_add_test(tc, a_removal_with_its_seal_is_named);
     tcase_add_test(tc, checks_refuse_what_they_refused);
     tcase_add_test(tc, referral_checks_decide_as_before);
     tcase_add_test(tc, delivery_state_changes_stay_on_their_page);

@@ -317,6 +317,36 @@ START_TEST(verifier_finds_a_removal_below_unsealed_events)
 }
 END_TEST
 
+/* An event removed with its seal leaves no trace but a break in the
+ * chain at the next event, which looks like that event altered; so does
+ * an event altered after a rolled-back seq. The report names the first
+ * seq that may be wrong and both readings. */
+START_TEST(verifier_names_a_gap_where_the_chain_breaks)
+{
+    s_build();
+    /* 23 removed with its seal: the first problem is 23, not 24. */
+    kh_trail_report_t r = s_run_op(S_REMOVE, 22, 0);
+    ck_assert_msg(r.kind == KH_TRAIL_MISSING && r.seq == 23, "%s at %lld: %s",
+                  kh_trail_finding_name(r.kind), (long long) r.seq, r.detail);
+    ck_assert_ptr_nonnull(
+        strstr(r.detail, "event 24 does not follow event 22"));
+    /* 1 removed with its seal. */
+    r = s_run_op(S_REMOVE, 0, 0);
+    ck_assert_int_eq(r.kind, KH_TRAIL_MISSING);
+    ck_assert_int_eq(r.seq, 1);
+    /* 15 altered; 14 was rolled back, so a removed 14 reads the same. */
+    r = s_run_op(S_ALTER, 14, 0);
+    ck_assert_msg(r.kind == KH_TRAIL_MISSING && r.seq == 14, "%s at %lld: %s",
+                  kh_trail_finding_name(r.kind), (long long) r.seq, r.detail);
+    ck_assert_ptr_nonnull(strstr(r.detail, "event 15 was altered"));
+    /* An event moved across such a gap is still a reordering. */
+    r = s_run_op(S_SWAP, 14, 40);
+    ck_assert_int_eq(r.kind, KH_TRAIL_REORDERED);
+    ck_assert_int_eq(r.seq, 15);
+    ck_assert_int_eq(r.other_seq, 41);
+}
+END_TEST
+
 START_TEST(verifier_starts_at_a_checkpoint)
 {
     s_build();
@@ -346,6 +376,7 @@ int main(void)
     tcase_add_test(tc, key_files_and_times);
     tcase_add_test(tc, verifier_names_each_kind_of_tampering);
     tcase_add_test(tc, verifier_finds_a_removal_below_unsealed_events);
+    tcase_add_test(tc, verifier_names_a_gap_where_the_chain_breaks);
     tcase_add_test(tc, verifier_starts_at_a_checkpoint);
     suite_add_tcase(suite, tc);
     return khtest_run_suite(suite);
