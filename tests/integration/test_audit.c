@@ -939,6 +939,103 @@ START_TEST(a_removal_with_its_seal_is_named)
 }
 END_TEST
 
+/* Seals removed down below the last checkpoint: a sealer that went on
+ * from what is left would chain the later events over the gap and sign
+ * the result. It refuses, says why, and writes nothing; the audit service
+ * raises an alert and keeps running. */
+START_TEST(sealer_refuses_a_head_below_its_checkpoint)
+{
+    s_events_dense(20);
+    kh_trail_sealer_t *sealer = s_sealer(10);
+    s_flush(sealer);
+    ck_assert_int_eq(
+        khtest_db_count(s_db, "SELECT max(seq) FROM audit_checkpoints"), 20);
+    s_events_dense(5);
+    khtest_db_exec(s_db, "ALTER TABLE audit_seals DISABLE TRIGGER USER", 0,
+                   NULL);
+    khtest_db_exec(s_db, "DELETE FROM audit_seals WHERE seq > 15", 0, NULL);
+    const char *count_sql = "SELECT (SELECT count(*) FROM audit_seals) * 1000"
+                            " + (SELECT count(*) FROM audit_checkpoints)";
+    long before = khtest_db_count(s_db, count_sql);
+
+    kh_error_t err;
+    kh_error_clear(&err);
+    ck_assert_int_eq(kh_trail_sealer_step(sealer, s_db, NULL, &err), -1);
+    ck_assert_int_eq(err.code, KH_E_TRAIL_BROKEN);
+    ck_assert_msg(strstr(err.message, "seq 15") && strstr(err.message, "20"),
+                  "%s", err.message);
+    kh_error_clear(&err);
+    ck_assert_int_eq(kh_trail_sealer_flush(sealer, s_db, 1000, &err), -1);
+    ck_assert_int_eq(err.code, KH_E_TRAIL_BROKEN);
+    kh_error_clear(&err);
+    ck_assert_int_eq(kh_trail_sealer_checkpoint(sealer, s_db, &err), -1);
+    ck_assert_int_eq(err.code, KH_E_TRAIL_BROKEN);
+    kh_trail_sealer_destroy(&sealer);
+    ck_assert_int_eq(khtest_db_count(s_db, count_sql), before);
+
+    /* The audit service: an alert, no seal, no checkpoint, still up. */
+    char *dir = khtest_tmpdir();
+    char sk_path[512], pk_path[512], log[512], env_db[1200], env_key[600];
+    snprintf(sk_path, sizeof sk_path, "%s/hub-audit.key", dir);
+    snprintf(pk_path, sizeof pk_path, "%s/hub-audit.pub", dir);
+    snprintf(log, sizeof log, "%s/audit.log", dir);
+    ck_assert_int_eq(kh_trail_keygen(sk_path, pk_path, false, &err), 0);
+    char *conninfo = khtest_db_conninfo(S_DB);
+    snprintf(env_db, sizeof env_db, "KH_DATABASE_URL=%s", conninfo);
+    snprintf(env_key, sizeof env_key, "KH_AUDIT_KEY=%s", sk_path);
+    char *env[] = {env_db, env_key, "KH_AUDIT_POLL_MS=10",
+                   "KH_AUDIT_CHECKPOINT_MS=20", NULL};
+    char *argv[] = {"ketenhub-audit", NULL};
+    pid_t pid = khproc_spawn(
+        KH_TEST_BINARY_DIR "/services/audit/ketenhub-audit", argv, env, log);
+    ck_assert_int_gt(pid, 0);
+    char *text = NULL;
+    for (int i = 0; i < 500; i++) {
+        free(text);
+        usleep(10000);
+        text = khtest_read_file(log);
+        if (text && strstr(text, "event=alert"))
+            break;
+    }
+    ck_assert_msg(text && strstr(text, "event=alert kind=trail_broken"), "%s",
+                  text ? text : "(no log)");
+    usleep(100000); /* several more rounds */
+    ck_assert_int_eq(kill(pid, 0), 0);
+    ck_assert_int_eq(khtest_db_count(s_db, count_sql), before);
+    int status = khproc_stop(pid, SIGTERM, 5000);
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "status %d",
+                  status);
+    free(text);
+    text = khtest_read_file(log);
+    /* One alert for as long as the trail stays broken, not one a round. */
+    ck_assert_ptr_null(strstr(strstr(text, "event=alert") + 1, "event=alert"));
+    free(text);
+    free(conninfo);
+    khtest_rmtree(dir);
+    free(dir);
+
+    /* The seal at the last checkpoint rewritten, the head above it. */
+    PQfinish(s_db);
+    s_db = khtest_db_fresh(S_DB);
+    s_events_dense(20);
+    sealer = s_sealer(10);
+    s_flush(sealer);
+    s_events_dense(5);
+    s_flush(sealer);
+    khtest_db_exec(s_db, "ALTER TABLE audit_seals DISABLE TRIGGER USER", 0,
+                   NULL);
+    khtest_db_exec(s_db,
+                   "UPDATE audit_seals SET hash = sha256(hash) WHERE seq = 20",
+                   0, NULL);
+    s_events_dense(1);
+    kh_error_clear(&err);
+    ck_assert_int_eq(kh_trail_sealer_step(sealer, s_db, NULL, &err), -1);
+    ck_assert_int_eq(err.code, KH_E_TRAIL_BROKEN);
+    ck_assert_msg(strstr(err.message, "seal at seq 20"), "%s", err.message);
+    kh_trail_sealer_destroy(&sealer);
+}
+END_TEST
+
 /* The columns of an event in s_try_event, with values the services write. */
 enum {
     S_COL_ACTOR_KIND,
@@ -1373,6 +1470,7 @@ int main(void)
     tcase_add_test(tc, export_verifies_offline);
     tcase_add_test(tc, a_removal_below_unsealed_events_is_found);
     tcase_add_test(tc, a_removal_with_its_seal_is_named);
+    tcase_add_test(tc, sealer_refuses_a_head_below_its_checkpoint);
     tcase_add_test(tc, checks_refuse_what_they_refused);
     tcase_add_test(tc, referral_checks_decide_as_before);
     tcase_add_test(tc, delivery_state_changes_stay_on_their_page);
