@@ -322,6 +322,13 @@ typedef struct {
     bool valid; /* signature checked and good */
 } s_cp_t;
 
+/* A finding: its kind (KH_TRAIL_OK: none), seq and words. */
+typedef struct {
+    kh_trail_finding_t kind;
+    int64_t seq, other;
+    char detail[160];
+} s_finding_t;
+
 struct kh_trail_verifier_t {
     unsigned char public_key[KH_TRAIL_PUBLIC_KEY_SIZE];
     unsigned char prev[KH_TRAIL_HASH_SIZE];
@@ -331,9 +338,7 @@ struct kh_trail_verifier_t {
     bool sorted;
     size_t next_cp; /* first checkpoint not yet passed */
     /* The first finding of the stream (kind OK: none yet). */
-    kh_trail_finding_t kind;
-    int64_t seq, other;
-    char detail[160];
+    s_finding_t found;
     /* Pending judgements. */
     int64_t unsealed_at; /* first event without a seal (0: none) */
     int64_t missing_at;  /* first seal without an event (0: none) */
@@ -341,7 +346,9 @@ struct kh_trail_verifier_t {
     int64_t look_seq;
     unsigned char look_prev[KH_TRAIL_HASH_SIZE];
     unsigned char look_seal[KH_TRAIL_HASH_SIZE];
-    int64_t last_event; /* seq of the last event read */
+    s_finding_t before_look; /* the finding before the break at look_seq */
+    int64_t last_event;      /* seq of the last event read */
+    int64_t last_row;        /* seq of the last event or seal read */
     kh_trail_report_t report;
 };
 
@@ -352,11 +359,12 @@ kh_trail_verifier_t *kh_trail_verifier_new(const unsigned char *public_key,
     if (!self)
         return NULL;
     memcpy(self->public_key, public_key, KH_TRAIL_PUBLIC_KEY_SIZE);
-    self->kind = KH_TRAIL_OK;
+    self->found.kind = KH_TRAIL_OK;
     if (anchor) {
         memcpy(self->prev, anchor->head, KH_TRAIL_HASH_SIZE);
         self->start_seq = anchor->seq;
         self->last_event = anchor->seq;
+        self->last_row = anchor->seq;
         self->report.signed_seq = anchor->seq;
         if (kh_trail_verifier_checkpoint(self, anchor, false) != 0) {
             kh_trail_verifier_destroy(&self);
@@ -382,15 +390,24 @@ static void s_find(kh_trail_verifier_t *self, kh_trail_finding_t kind,
 static void s_find(kh_trail_verifier_t *self, kh_trail_finding_t kind,
                    int64_t seq, int64_t other, const char *fmt, ...)
 {
-    if (self->kind != KH_TRAIL_OK && self->seq <= seq)
+    s_finding_t *f = &self->found;
+    if (f->kind != KH_TRAIL_OK && f->seq <= seq)
         return;
-    self->kind = kind;
-    self->seq = seq;
-    self->other = other;
+    f->kind = kind;
+    f->seq = seq;
+    f->other = other;
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(self->detail, sizeof self->detail, fmt, ap);
+    vsnprintf(f->detail, sizeof f->detail, fmt, ap);
     va_end(ap);
+}
+
+/* Whether the stream is still judged: no finding yet, or only a bad
+ * signature (which says nothing about the events). */
+static bool s_judging(const kh_trail_verifier_t *self)
+{
+    return self->found.kind == KH_TRAIL_OK ||
+           self->found.kind == KH_TRAIL_BAD_SIGNATURE;
 }
 
 int kh_trail_verifier_checkpoint(kh_trail_verifier_t *self,
@@ -456,17 +473,41 @@ static int64_t s_cp_at_or_below(const kh_trail_verifier_t *self, int64_t seq)
     return best;
 }
 
-/* Judge the checkpoints below seq, none of which names an intact event
- * (they would have been passed): their event is gone. */
-static void s_pass_checkpoints_below(kh_trail_verifier_t *self, int64_t seq)
+/* Judge the checkpoints below seq, the seq of the row (event or seal)
+ * read now; before is the seq of the row read before it. Every row passes
+ * the checkpoints below it, sealed or not: one that is still waiting
+ * names a seq where no row stands, or an event without a seal. A
+ * checkpoint is signed only over sealed events, so an unsealed event at
+ * or below it was inserted; with no row at all, its event went with its
+ * seal. The rows between before and it went too, or were never
+ * committed (a rollback leaves a gap): the first seq that may be wrong
+ * is before + 1. A checkpoint with a bad signature is a finding already
+ * and vouches for nothing. */
+static void s_pass_checkpoints_below(kh_trail_verifier_t *self, int64_t seq,
+                                     int64_t before)
 {
     while (self->next_cp < self->ncps &&
            self->cps[self->next_cp].cp.seq < seq) {
-        int64_t at = self->cps[self->next_cp].cp.seq;
-        s_find(self, KH_TRAIL_MISSING, at, 0,
-               "seq %lld: the event a checkpoint covers is gone",
-               (long long) at);
-        self->next_cp++;
+        const s_cp_t *c = &self->cps[self->next_cp++];
+        int64_t at = c->cp.seq;
+        if (!c->valid)
+            continue;
+        if (self->unsealed_at && self->unsealed_at <= at)
+            s_find(self, KH_TRAIL_INSERTED, self->unsealed_at, 0,
+                   "seq %lld: an event without a seal below a checkpoint",
+                   (long long) self->unsealed_at);
+        else if (before + 1 == at)
+            s_find(self, KH_TRAIL_MISSING, at, 0,
+                   "seq %lld: the event a checkpoint covers was removed with "
+                   "its seal",
+                   (long long) at);
+        else
+            s_find(self, KH_TRAIL_MISSING, before + 1, 0,
+                   "seq %lld: the event at seq %lld, which a checkpoint "
+                   "covers, was removed with its seal, as were any events "
+                   "after seq %lld",
+                   (long long) (before + 1), (long long) at,
+                   (long long) before);
     }
 }
 
@@ -475,7 +516,6 @@ static void s_pass_checkpoints_below(kh_trail_verifier_t *self, int64_t seq)
 static void s_checkpoint_at(kh_trail_verifier_t *self, int64_t seq,
                             const unsigned char *h)
 {
-    s_pass_checkpoints_below(self, seq);
     while (self->next_cp < self->ncps &&
            self->cps[self->next_cp].cp.seq == seq) {
         const s_cp_t *c = &self->cps[self->next_cp++];
@@ -501,9 +541,9 @@ static void s_look(kh_trail_verifier_t *self, const kh_trail_event_t *ev)
     unsigned char h[KH_TRAIL_HASH_SIZE];
     if (kh_trail_chain(self->look_prev, &moved, h) == 0 &&
         sodium_memcmp(h, self->look_seal, KH_TRAIL_HASH_SIZE) == 0) {
-        /* The alteration found at look_seq becomes a reordering. */
-        if (self->kind == KH_TRAIL_ALTERED && self->seq == self->look_seq)
-            self->kind = KH_TRAIL_OK;
+        /* The event sealed at look_seq followed the event before it: the
+         * break there was no alteration and no removal but a move. */
+        self->found = self->before_look;
         s_find(self, KH_TRAIL_REORDERED, self->look_seq, ev->seq,
                "seq %lld: the event sealed here now stands at seq %lld",
                (long long) self->look_seq, (long long) ev->seq);
@@ -516,6 +556,8 @@ void kh_trail_verifier_feed(kh_trail_verifier_t *self, int64_t seq,
                             const unsigned char *seal)
 {
     s_sort(self);
+    int64_t before = self->last_row;
+    self->last_row = seq;
     if (ev) {
         self->report.events++;
         if (!self->report.first_seq)
@@ -528,8 +570,16 @@ void kh_trail_verifier_feed(kh_trail_verifier_t *self, int64_t seq,
             s_look(self, ev);
         return;
     }
-    if (self->kind != KH_TRAIL_OK && self->kind != KH_TRAIL_BAD_SIGNATURE)
+    if (!s_judging(self))
         return;
+    s_pass_checkpoints_below(self, seq, before);
+    if (!ev && seal) {
+        /* A seal without its event: reported below as missing, so a
+         * checkpoint at this seq needs no other word. */
+        while (self->next_cp < self->ncps &&
+               self->cps[self->next_cp].cp.seq == seq)
+            self->next_cp++;
+    }
     if (seal && self->unsealed_at) {
         s_find(self, KH_TRAIL_INSERTED, self->unsealed_at, 0,
                "seq %lld: an event without a seal below sealed ones",
@@ -556,9 +606,28 @@ void kh_trail_verifier_feed(kh_trail_verifier_t *self, int64_t seq,
     unsigned char h[KH_TRAIL_HASH_SIZE];
     if (kh_trail_chain(self->prev, ev, h) != 0 ||
         sodium_memcmp(h, seal, KH_TRAIL_HASH_SIZE) != 0) {
-        /* Altered, unless the sealed event moved elsewhere. */
-        s_find(self, KH_TRAIL_ALTERED, seq, 0,
-               "seq %lld: the event does not match its seal", (long long) seq);
+        /* Altered, unless the sealed event moved elsewhere. When seq does
+         * not follow the event before it at once, an event between them
+         * removed with its seal breaks the chain here just the same, and
+         * the seals cannot tell which (a rollback leaves gaps too): the
+         * first seq that may be wrong is the one after that event. */
+        self->before_look = self->found;
+        if (before == seq - 1)
+            s_find(self, KH_TRAIL_ALTERED, seq, 0,
+                   "seq %lld: the event does not match its seal",
+                   (long long) seq);
+        else if (before == 0)
+            s_find(self, KH_TRAIL_MISSING, 1, 0,
+                   "seq 1: event %lld is not the first: an event before it "
+                   "was removed with its seal, or event %lld was altered",
+                   (long long) seq, (long long) seq);
+        else
+            s_find(self, KH_TRAIL_MISSING, before + 1, 0,
+                   "seq %lld: event %lld does not follow event %lld: an event "
+                   "between them was removed with its seal, or event %lld was "
+                   "altered",
+                   (long long) (before + 1), (long long) seq,
+                   (long long) before, (long long) seq);
         self->looking = true;
         self->look_seq = seq;
         memcpy(self->look_prev, self->prev, KH_TRAIL_HASH_SIZE);
@@ -575,8 +644,9 @@ int kh_trail_verifier_finish(kh_trail_verifier_t *self,
 {
     s_sort(self);
     self->looking = false;
-    bool judging =
-        self->kind == KH_TRAIL_OK || self->kind == KH_TRAIL_BAD_SIGNATURE;
+    /* Every row passed the checkpoints below it (s_pass_checkpoints_below):
+     * those still waiting stand at or above the last row. */
+    bool judging = s_judging(self);
     if (judging && self->unsealed_at && self->next_cp < self->ncps &&
         self->cps[self->ncps - 1].cp.seq >= self->unsealed_at)
         s_find(self, KH_TRAIL_INSERTED, self->unsealed_at, 0,
@@ -591,11 +661,12 @@ int kh_trail_verifier_finish(kh_trail_verifier_t *self,
                "%lld, sealed or signed events follow)",
                (long long) self->last_event + 1, (long long) after);
     }
+    const s_finding_t *f = &self->found;
     *report = self->report;
-    report->kind = self->kind;
-    report->seq = self->kind == KH_TRAIL_OK ? 0 : self->seq;
-    report->other_seq = self->kind == KH_TRAIL_OK ? 0 : self->other;
+    report->kind = f->kind;
+    report->seq = f->kind == KH_TRAIL_OK ? 0 : f->seq;
+    report->other_seq = f->kind == KH_TRAIL_OK ? 0 : f->other;
     snprintf(report->detail, sizeof report->detail, "%s",
-             self->kind == KH_TRAIL_OK ? "intact" : self->detail);
-    return self->kind == KH_TRAIL_OK ? 0 : 1;
+             f->kind == KH_TRAIL_OK ? "intact" : f->detail);
+    return f->kind == KH_TRAIL_OK ? 0 : 1;
 }

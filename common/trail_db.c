@@ -739,7 +739,13 @@ static int s_write_checkpoint(kh_trail_sealer_t *self, PGconn *conn,
 }
 
 /* The sealed head (seq 0 and zero hash when nothing is sealed) and the
- * last checkpoint, read inside the sealing transaction. */
+ * last checkpoint, read inside the sealing transaction. The head must
+ * still be where the last checkpoint signed it, or above: the sealer only
+ * ever adds seals, so a head below it, or another seal at its seq, means
+ * seals were removed or rewritten. Going on from there would chain the
+ * later events over the gap and sign the result, so it refuses
+ * (KH_E_TRAIL_BROKEN) and leaves the trail as it finds it, for verify to
+ * name the problem. */
 static int s_read_head(kh_trail_sealer_t *self, PGconn *conn, int64_t *seq,
                        unsigned char *hash, kh_error_t *err)
 {
@@ -756,19 +762,37 @@ static int s_read_head(kh_trail_sealer_t *self, PGconn *conn, int64_t *seq,
     }
     PQclear(res);
     res = s_query(conn,
-                  "SELECT seq, at FROM audit_checkpoints ORDER BY seq DESC"
-                  " LIMIT 1",
+                  "SELECT c.seq, c.at, c.head, s.hash FROM audit_checkpoints c"
+                  " LEFT JOIN audit_seals s ON s.seq = c.seq"
+                  " ORDER BY c.seq DESC LIMIT 1",
                   1, err);
     if (!res)
         return -1;
     self->cp_seq = 0;
     self->cp_at_us = 0;
+    int rc = 0;
     if (PQntuples(res) == 1) {
         self->cp_seq = s_get64(PQgetvalue(res, 0, 0));
         self->cp_at_us = s_get64(PQgetvalue(res, 0, 1)) + S_PG_EPOCH_US;
+        if (*seq < self->cp_seq)
+            rc = kh_error_set(err, KH_E_TRAIL_BROKEN, NULL,
+                              "the sealed head is at seq %" PRId64
+                              ", below the last checkpoint at seq %" PRId64
+                              ": seals were removed; sealing stops",
+                              *seq, self->cp_seq);
+        else if (PQgetisnull(res, 0, 3) ||
+                 PQgetlength(res, 0, 3) != KH_TRAIL_HASH_SIZE ||
+                 memcmp(PQgetvalue(res, 0, 2), PQgetvalue(res, 0, 3),
+                        KH_TRAIL_HASH_SIZE) != 0)
+            rc = kh_error_set(err, KH_E_TRAIL_BROKEN, NULL,
+                              "the seal at seq %" PRId64
+                              " is gone or differs from the head its"
+                              " checkpoint signed: seals were removed or"
+                              " rewritten; sealing stops",
+                              self->cp_seq);
     }
     PQclear(res);
-    return 0;
+    return rc;
 }
 
 /* Append seals text (COPY text format) to audit_seals. */

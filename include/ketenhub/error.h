@@ -77,6 +77,7 @@ extern "C" {
     X(DB, "db", false)                                                         \
     X(MIGRATION_CHANGED, "migration_changed", false)                           \
     X(CURVE, "curve", false)                                                   \
+    X(TRAIL_BROKEN, "trail_broken", false)                                     \
     X(NOMEM, "out_of_memory", true)                                            \
     X(INTERNAL, "internal", true)
 

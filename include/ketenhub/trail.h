@@ -143,7 +143,8 @@ int kh_trail_parse_time(const char *text, int64_t *at_us);
 typedef enum {
     KH_TRAIL_OK,
     KH_TRAIL_ALTERED,       /* event changed: it no longer hashes to its seal */
-    KH_TRAIL_MISSING,       /* sealed event removed */
+    KH_TRAIL_MISSING,       /* sealed event removed (with its seal: or
+                             * the next event altered, across a gap) */
     KH_TRAIL_INSERTED,      /* event without seal below the sealed head */
     KH_TRAIL_REORDERED,     /* sealed event found at another seq */
     KH_TRAIL_TRUNCATED,     /* the tail after a checkpoint is gone */
@@ -157,7 +158,8 @@ const char *kh_trail_finding_name(kh_trail_finding_t kind);
 
 typedef struct {
     kh_trail_finding_t kind;
-    int64_t seq;       /* first sequence number where it is wrong */
+    int64_t seq;       /* first sequence number where it is (or, for
+                        * an event gone with its seal, may be) wrong */
     int64_t other_seq; /* reordered: where the event is now; truncated:
                         * the checkpoint it follows (0: none) */
     char detail[160];  /* one line for people */

@@ -71,7 +71,10 @@ void kh_trail_sealer_destroy(kh_trail_sealer_t **self_p);
 /* One round on conn (autocommit): seal what has become final since the
  * last round, then note the bound for the next. Returns the number of
  * events sealed (>= 0), or -1 with err. *checkpoints (may be NULL) gets
- * the number of checkpoints written. */
+ * the number of checkpoints written. The code KH_E_TRAIL_BROKEN says the
+ * seals no longer reach the last checkpoint, or differ from its head
+ * there (seals were removed or rewritten): nothing was sealed or signed,
+ * and nothing will be while that lasts. */
 long kh_trail_sealer_step(kh_trail_sealer_t *self, PGconn *conn,
                           long *checkpoints, kh_error_t *err);
 
@@ -87,7 +90,8 @@ long kh_trail_sealer_flush(kh_trail_sealer_t *self, PGconn *conn,
 int64_t kh_trail_sealer_waiting_ms(const kh_trail_sealer_t *self);
 
 /* Write a checkpoint at the sealed head now (if there is one that has
- * no checkpoint yet). Returns 1 written, 0 nothing to do, -1 error. */
+ * no checkpoint yet). Returns 1 written, 0 nothing to do, -1 error
+ * (KH_E_TRAIL_BROKEN as for kh_trail_sealer_step). */
 int kh_trail_sealer_checkpoint(kh_trail_sealer_t *self, PGconn *conn,
                                kh_error_t *err);
 

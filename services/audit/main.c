@@ -103,7 +103,7 @@ int main(int argc, char **argv)
     int poll_ms = (int) s_cfg("KH_AUDIT_POLL_MS")->num;
     int64_t warn_ms = s_cfg("KH_AUDIT_DELAY_WARN_MS")->num, warned = 0;
     PGconn *conn = NULL;
-    bool ready = false, running = true;
+    bool ready = false, running = true, broken = false;
     int rc = 0;
     while (running) {
         kh_health_beat();
@@ -122,18 +122,31 @@ int main(int argc, char **argv)
             clock_gettime(CLOCK_MONOTONIC, &t0);
             long cps = 0;
             long n = kh_trail_sealer_step(sealer, conn, &cps, &err);
-            if (n < 0) {
+            if (n < 0 && err.code == KH_E_TRAIL_BROKEN) {
+                /* Seals were removed or rewritten: nothing is sealed or
+                 * signed until someone looks (verify names the event).
+                 * One alert while it lasts, not one a round. */
+                if (!broken)
+                    kh_log_error("alert", "kind=trail_broken msg=\"%s\"",
+                                 err.message);
+                broken = true;
+            } else if (n < 0) {
                 kh_log_warn("seal_failed", "code=%s msg=\"%s\"",
                             kh_error_name(err.code), err.message);
                 if (PQstatus(conn) != CONNECTION_OK) {
                     PQfinish(conn);
                     conn = NULL;
                 }
-            } else if (n > 0 || cps > 0) {
-                kh_metric_add("trail_events_sealed_total", NULL, (uint64_t) n);
-                kh_metric_add("trail_checkpoints_total", NULL, (uint64_t) cps);
-                kh_log_info("sealed", "events=%ld checkpoints=%ld ms=%.2f", n,
-                            cps, s_ms_since(&t0));
+            } else {
+                broken = false;
+                if (n > 0 || cps > 0) {
+                    kh_metric_add("trail_events_sealed_total", NULL,
+                                  (uint64_t) n);
+                    kh_metric_add("trail_checkpoints_total", NULL,
+                                  (uint64_t) cps);
+                    kh_log_info("sealed", "events=%ld checkpoints=%ld ms=%.2f",
+                                n, cps, s_ms_since(&t0));
+                }
             }
             /* Events that stay unsealed are a finding (NOTES.md): say so,
              * once per warning period. */

@@ -389,6 +389,7 @@ static void s_trial(const s_trail_t *t, kh_trail_finding_t k, int trial,
                     bool commit)
 {
     kh_trail_report_t report;
+    kh_trail_finding_t want_kind = k;
     int64_t want = 0, other = -1;
     const kh_trail_checkpoint_t *published = NULL;
     size_t npublished = 0;
@@ -400,10 +401,19 @@ static void s_trial(const s_trail_t *t, kh_trail_finding_t k, int trial,
     khtest_db_exec(s_db, "ALTER TABLE audit_checkpoints DISABLE TRIGGER USER",
                    0, NULL);
     /* Never the last event: removing it is truncation. */
-    int64_t s = t->seqs[random() % (t->nseqs - 1)];
+    int si = (int) (random() % (t->nseqs - 1));
+    int64_t s = t->seqs[si];
+    /* The event before s; when a rollback left a gap between them, an
+     * event removed there with its seal would break the chain at s just
+     * as s altered does, and the verifier names the seq after it. */
+    int64_t before = si ? t->seqs[si - 1] : 0;
     switch (k) {
     case KH_TRAIL_ALTERED:
         want = s;
+        if (before != s - 1) {
+            want_kind = KH_TRAIL_MISSING;
+            want = before + 1;
+        }
         switch (random() % 4) {
         case 0: /* one character of the actor */
             s_sqlf("UPDATE audit_events SET actor_id = overlay(actor_id"
@@ -434,6 +444,12 @@ static void s_trial(const s_trail_t *t, kh_trail_finding_t k, int trial,
     case KH_TRAIL_MISSING:
         want = s;
         s_sqlf("DELETE FROM audit_events WHERE seq = %lld", (long long) s);
+        /* Half the time its seal goes too: only the chain tells, at the
+         * next event, and the first seq that may be wrong is named. */
+        if (trial / 6 % 2) {
+            s_sqlf("DELETE FROM audit_seals WHERE seq = %lld", (long long) s);
+            want = before + 1;
+        }
         break;
     case KH_TRAIL_INSERTED:
         want = t->gaps[random() % t->ngaps];
@@ -463,7 +479,7 @@ static void s_trial(const s_trail_t *t, kh_trail_finding_t k, int trial,
         want = c->seq + 1;
         other = c->seq;
         s_sqlf("DELETE FROM audit_events WHERE seq > %lld", (long long) c->seq);
-        if (trial % 2) {
+        if (trial / 6 % 2) {
             s_sqlf("DELETE FROM audit_seals WHERE seq > %lld",
                    (long long) c->seq);
             s_sqlf("DELETE FROM audit_checkpoints WHERE seq > %lld",
@@ -493,13 +509,14 @@ static void s_trial(const s_trail_t *t, kh_trail_finding_t k, int trial,
         rc = s_verify(published, npublished, &report);
         khtest_db_exec(s_db, "ROLLBACK", 0, NULL);
     }
-    ck_assert_msg(rc == 1 && report.kind == k && report.seq == want &&
+    ck_assert_msg(rc == 1 && report.kind == want_kind && report.seq == want &&
                       (other < 0 || report.other_seq == other),
-                  "trial %d (%s): got %s at %lld (other %lld), want %lld "
-                  "(other %lld): %s",
+                  "trial %d (%s): got %s at %lld (other %lld), want %s at "
+                  "%lld (other %lld): %s",
                   trial, kh_trail_finding_name(k),
                   kh_trail_finding_name(report.kind), (long long) report.seq,
-                  (long long) report.other_seq, (long long) want,
+                  (long long) report.other_seq,
+                  kh_trail_finding_name(want_kind), (long long) want,
                   (long long) other, report.detail);
 }
 
@@ -811,6 +828,211 @@ START_TEST(export_verifies_offline)
     free(pub);
     khtest_rmtree(dir);
     free(dir);
+}
+END_TEST
+
+/* n events without a gap in seq (the tests below name exact seqs). */
+static void s_events_dense(int n)
+{
+    for (int i = 0; i < n; i++)
+        khtest_db_exec(s_db, s_insert_sql, 0, NULL);
+}
+
+/* As a superuser who bypasses the protections of migration 004: remove
+ * the event at seq and, if seal, its seal. */
+static void s_remove(int64_t seq, bool seal)
+{
+    khtest_db_exec(s_db, "ALTER TABLE audit_events DISABLE TRIGGER USER", 0,
+                   NULL);
+    khtest_db_exec(s_db, "ALTER TABLE audit_seals DISABLE TRIGGER USER", 0,
+                   NULL);
+    s_sqlf("DELETE FROM audit_events WHERE seq = %lld", (long long) seq);
+    if (seal)
+        s_sqlf("DELETE FROM audit_seals WHERE seq = %lld", (long long) seq);
+}
+
+/* Verify the database (fast pass, then the full one), again with the
+ * published checkpoints, and an export of it offline; each must name
+ * kind at seq. */
+static void s_expect_everywhere(kh_trail_finding_t kind, int64_t seq,
+                                const kh_trail_checkpoint_t *published,
+                                size_t npublished)
+{
+    kh_trail_report_t r;
+    for (int with = 0; with < 2; with++) {
+        int rc = s_verify(with ? published : NULL, with ? npublished : 0, &r);
+        ck_assert_msg(rc == 1 && r.kind == kind && r.seq == seq,
+                      "database%s: %s at %lld: %s",
+                      with ? " with published checkpoints" : "",
+                      kh_trail_finding_name(r.kind), (long long) r.seq,
+                      r.detail);
+    }
+    char *dir = khtest_tmpdir();
+    char path[512];
+    snprintf(path, sizeof path, "%s/trail.jsonl", dir);
+    kh_error_t err;
+    long count = 0;
+    FILE *f = fopen(path, "w");
+    ck_assert_ptr_nonnull(f);
+    ck_assert_int_eq(kh_trail_export(s_db, f, 1, 0, true, &count, &err), 0);
+    fclose(f);
+    for (int with = 0; with < 2; with++) {
+        int rc = kh_trail_file_verify(path, s_pk, with ? published : NULL,
+                                      with ? npublished : 0, &r, &err);
+        ck_assert_msg(rc == 1 && r.kind == kind && r.seq == seq,
+                      "export%s: %s at %lld: %s",
+                      with ? " with published checkpoints" : "",
+                      kh_trail_finding_name(r.kind), (long long) r.seq,
+                      r.detail);
+    }
+    khtest_rmtree(dir);
+    free(dir);
+}
+
+/* Events sealed up to a checkpoint and three more committed but not
+ * sealed yet (the sealer comes round every 200 ms, or the audit service
+ * is down): the checkpointed event removed with its seal is found, in
+ * the database and in an export. */
+START_TEST(a_removal_below_unsealed_events_is_found)
+{
+    s_events_dense(25);
+    kh_trail_sealer_t *sealer = s_sealer(10);
+    s_flush(sealer);
+    kh_error_t err;
+    ck_assert_int_eq(kh_trail_sealer_checkpoint(sealer, s_db, &err), 1);
+    kh_trail_sealer_destroy(&sealer);
+    kh_trail_checkpoint_t *cps = NULL;
+    size_t ncps = 0;
+    ck_assert_int_eq(kh_trail_db_checkpoints(s_db, &cps, &ncps, &err), 0);
+    ck_assert_uint_eq(ncps, 3);
+    ck_assert_int_eq(cps[ncps - 1].seq, 25);
+    s_events_dense(3);
+    kh_trail_report_t r;
+    ck_assert_int_eq(s_verify(cps, ncps, &r), 0);
+    ck_assert_int_eq(r.unsealed, 3);
+
+    s_remove(25, true);
+    s_expect_everywhere(KH_TRAIL_MISSING, 25, cps, ncps);
+    free(cps);
+}
+END_TEST
+
+/* An event removed with its seal breaks the chain at the next event: the
+ * report names the removed seq, not the next event as altered. */
+START_TEST(a_removal_with_its_seal_is_named)
+{
+    s_events_dense(40);
+    kh_trail_sealer_t *sealer = s_sealer(20);
+    s_flush(sealer);
+    kh_trail_sealer_destroy(&sealer);
+    kh_trail_checkpoint_t *cps = NULL;
+    size_t ncps = 0;
+    kh_error_t err;
+    ck_assert_int_eq(kh_trail_db_checkpoints(s_db, &cps, &ncps, &err), 0);
+    s_remove(13, true);
+    s_expect_everywhere(KH_TRAIL_MISSING, 13, cps, ncps);
+    kh_trail_report_t r;
+    s_verify(NULL, 0, &r);
+    ck_assert_ptr_nonnull(
+        strstr(r.detail, "event 14 does not follow event 12"));
+    free(cps);
+}
+END_TEST
+
+/* Seals removed down below the last checkpoint: a sealer that went on
+ * from what is left would chain the later events over the gap and sign
+ * the result. It refuses, says why, and writes nothing; the audit service
+ * raises an alert and keeps running. */
+START_TEST(sealer_refuses_a_head_below_its_checkpoint)
+{
+    s_events_dense(20);
+    kh_trail_sealer_t *sealer = s_sealer(10);
+    s_flush(sealer);
+    ck_assert_int_eq(
+        khtest_db_count(s_db, "SELECT max(seq) FROM audit_checkpoints"), 20);
+    s_events_dense(5);
+    khtest_db_exec(s_db, "ALTER TABLE audit_seals DISABLE TRIGGER USER", 0,
+                   NULL);
+    khtest_db_exec(s_db, "DELETE FROM audit_seals WHERE seq > 15", 0, NULL);
+    const char *count_sql = "SELECT (SELECT count(*) FROM audit_seals) * 1000"
+                            " + (SELECT count(*) FROM audit_checkpoints)";
+    long before = khtest_db_count(s_db, count_sql);
+
+    kh_error_t err;
+    kh_error_clear(&err);
+    ck_assert_int_eq(kh_trail_sealer_step(sealer, s_db, NULL, &err), -1);
+    ck_assert_int_eq(err.code, KH_E_TRAIL_BROKEN);
+    ck_assert_msg(strstr(err.message, "seq 15") && strstr(err.message, "20"),
+                  "%s", err.message);
+    kh_error_clear(&err);
+    ck_assert_int_eq(kh_trail_sealer_flush(sealer, s_db, 1000, &err), -1);
+    ck_assert_int_eq(err.code, KH_E_TRAIL_BROKEN);
+    kh_error_clear(&err);
+    ck_assert_int_eq(kh_trail_sealer_checkpoint(sealer, s_db, &err), -1);
+    ck_assert_int_eq(err.code, KH_E_TRAIL_BROKEN);
+    kh_trail_sealer_destroy(&sealer);
+    ck_assert_int_eq(khtest_db_count(s_db, count_sql), before);
+
+    /* The audit service: an alert, no seal, no checkpoint, still up. */
+    char *dir = khtest_tmpdir();
+    char sk_path[512], pk_path[512], log[512], env_db[1200], env_key[600];
+    snprintf(sk_path, sizeof sk_path, "%s/hub-audit.key", dir);
+    snprintf(pk_path, sizeof pk_path, "%s/hub-audit.pub", dir);
+    snprintf(log, sizeof log, "%s/audit.log", dir);
+    ck_assert_int_eq(kh_trail_keygen(sk_path, pk_path, false, &err), 0);
+    char *conninfo = khtest_db_conninfo(S_DB);
+    snprintf(env_db, sizeof env_db, "KH_DATABASE_URL=%s", conninfo);
+    snprintf(env_key, sizeof env_key, "KH_AUDIT_KEY=%s", sk_path);
+    char *env[] = {env_db, env_key, "KH_AUDIT_POLL_MS=10",
+                   "KH_AUDIT_CHECKPOINT_MS=20", NULL};
+    char *argv[] = {"ketenhub-audit", NULL};
+    pid_t pid = khproc_spawn(
+        KH_TEST_BINARY_DIR "/services/audit/ketenhub-audit", argv, env, log);
+    ck_assert_int_gt(pid, 0);
+    char *text = NULL;
+    for (int i = 0; i < 500; i++) {
+        free(text);
+        usleep(10000);
+        text = khtest_read_file(log);
+        if (text && strstr(text, "event=alert"))
+            break;
+    }
+    ck_assert_msg(text && strstr(text, "event=alert kind=trail_broken"), "%s",
+                  text ? text : "(no log)");
+    usleep(100000); /* several more rounds */
+    ck_assert_int_eq(kill(pid, 0), 0);
+    ck_assert_int_eq(khtest_db_count(s_db, count_sql), before);
+    int status = khproc_stop(pid, SIGTERM, 5000);
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "status %d",
+                  status);
+    free(text);
+    text = khtest_read_file(log);
+    /* One alert for as long as the trail stays broken, not one a round. */
+    ck_assert_ptr_null(strstr(strstr(text, "event=alert") + 1, "event=alert"));
+    free(text);
+    free(conninfo);
+    khtest_rmtree(dir);
+    free(dir);
+
+    /* The seal at the last checkpoint rewritten, the head above it. */
+    PQfinish(s_db);
+    s_db = khtest_db_fresh(S_DB);
+    s_events_dense(20);
+    sealer = s_sealer(10);
+    s_flush(sealer);
+    s_events_dense(5);
+    s_flush(sealer);
+    khtest_db_exec(s_db, "ALTER TABLE audit_seals DISABLE TRIGGER USER", 0,
+                   NULL);
+    khtest_db_exec(s_db,
+                   "UPDATE audit_seals SET hash = sha256(hash) WHERE seq = 20",
+                   0, NULL);
+    s_events_dense(1);
+    kh_error_clear(&err);
+    ck_assert_int_eq(kh_trail_sealer_step(sealer, s_db, NULL, &err), -1);
+    ck_assert_int_eq(err.code, KH_E_TRAIL_BROKEN);
+    ck_assert_msg(strstr(err.message, "seal at seq 20"), "%s", err.message);
+    kh_trail_sealer_destroy(&sealer);
 }
 END_TEST
 
@@ -1246,6 +1468,9 @@ int main(void)
     tcase_add_test(tc, long_stretches_between_checkpoints);
     tcase_add_test(tc, service_killed_while_sealing_loses_nothing);
     tcase_add_test(tc, export_verifies_offline);
+    tcase_add_test(tc, a_removal_below_unsealed_events_is_found);
+    tcase_add_test(tc, a_removal_with_its_seal_is_named);
+    tcase_add_test(tc, sealer_refuses_a_head_below_its_checkpoint);
     tcase_add_test(tc, checks_refuse_what_they_refused);
     tcase_add_test(tc, referral_checks_decide_as_before);
     tcase_add_test(tc, delivery_state_changes_stay_on_their_page);

@@ -193,13 +193,28 @@ static void s_build(void)
     }
 }
 
-typedef enum { S_INTACT, S_ALTER, S_DROP, S_ADD, S_SWAP, S_CUT, S_SIG } s_op_t;
+/* S_DROP removes an event and leaves its seal; S_REMOVE removes both;
+ * S_UNSEAL removes the seal and leaves the event. */
+typedef enum {
+    S_INTACT,
+    S_ALTER,
+    S_DROP,
+    S_REMOVE,
+    S_UNSEAL,
+    S_ADD,
+    S_SWAP,
+    S_CUT,
+    S_SIG
+} s_op_t;
 
-/* Feed the trail with one tampering; return the report. */
-static kh_trail_report_t s_run_op(s_op_t op, int at, int other)
+/* Feed the trail with one tampering, the events up to seq head sealed
+ * with their checkpoints, those after it committed but not sealed yet
+ * (the sealer has not come round, or the audit service is down); return
+ * the report. */
+static kh_trail_report_t s_run(s_op_t op, int at, int other, int head)
 {
     kh_trail_verifier_t *v = kh_trail_verifier_new(s_pk, NULL);
-    for (int c = 0; c < 6; c++) {
+    for (int c = 0; c < 6 && s_cp[c].seq <= head; c++) {
         kh_trail_checkpoint_t cp = s_cp[c];
         if (op == S_SIG && c == at)
             cp.signature[5] ^= 1;
@@ -208,13 +223,15 @@ static kh_trail_report_t s_run_op(s_op_t op, int at, int other)
     for (int i = 0; i < S_N; i++) {
         bool exists = (i + 1) % 7 != 0;
         kh_trail_event_t ev = s_ev[i];
-        const unsigned char *seal = exists ? s_seal[i] : NULL;
+        const unsigned char *seal = exists && i < head ? s_seal[i] : NULL;
         if (op == S_ADD && i == at)
             exists = true; /* an event where a rollback left a gap */
         if (op == S_CUT && i >= at)
             exists = false;
-        if (op == S_DROP && i == at)
+        if ((op == S_DROP || op == S_REMOVE) && i == at)
             exists = false;
+        if ((op == S_REMOVE || op == S_UNSEAL) && i == at)
+            seal = NULL;
         if (op == S_ALTER && i == at)
             ev.at_us++;
         if (op == S_SWAP && (i == at || i == other)) {
@@ -228,6 +245,11 @@ static kh_trail_report_t s_run_op(s_op_t op, int at, int other)
     kh_trail_verifier_finish(v, &r);
     kh_trail_verifier_destroy(&v);
     return r;
+}
+
+static kh_trail_report_t s_run_op(s_op_t op, int at, int other)
+{
+    return s_run(op, at, other, S_N);
 }
 
 START_TEST(verifier_names_each_kind_of_tampering)
@@ -261,6 +283,70 @@ START_TEST(verifier_names_each_kind_of_tampering)
 }
 END_TEST
 
+/* A checkpointed event removed with its seal while later events wait for
+ * their seals: the checkpoint still names it. */
+START_TEST(verifier_finds_a_removal_below_unsealed_events)
+{
+    s_build();
+    /* Sealed up to the checkpoint at 40, 41..60 not yet: intact. */
+    kh_trail_report_t r = s_run(S_INTACT, 0, 0, 40);
+    ck_assert_int_eq(r.kind, KH_TRAIL_OK);
+    ck_assert_int_eq(r.signed_seq, 40);
+    ck_assert_int_eq(r.unsealed, 17);
+    /* Event 40 and its seal removed. */
+    r = s_run(S_REMOVE, 39, 0, 40);
+    ck_assert_msg(r.kind == KH_TRAIL_MISSING && r.seq == 40, "%s at %lld: %s",
+                  kh_trail_finding_name(r.kind), (long long) r.seq, r.detail);
+    ck_assert_ptr_nonnull(strstr(r.detail, "checkpoint"));
+    /* Event 50 and its seal removed; 49 was rolled back: either may have
+     * been the first event removed. */
+    r = s_run(S_REMOVE, 49, 0, 50);
+    ck_assert_msg(r.kind == KH_TRAIL_MISSING && r.seq == 49, "%s at %lld: %s",
+                  kh_trail_finding_name(r.kind), (long long) r.seq, r.detail);
+    ck_assert_ptr_nonnull(strstr(r.detail, "seq 50"));
+    /* Only the seal of event 40 removed: an unsealed event below a
+     * checkpoint. */
+    r = s_run(S_UNSEAL, 39, 0, 40);
+    ck_assert_int_eq(r.kind, KH_TRAIL_INSERTED);
+    ck_assert_int_eq(r.seq, 40);
+    /* Without the unsealed events it is a truncation, as before. */
+    r = s_run(S_CUT, 39, 0, 40);
+    ck_assert_int_eq(r.kind, KH_TRAIL_TRUNCATED);
+    ck_assert_int_eq(r.seq, 40);
+    ck_assert_int_eq(r.other_seq, 30);
+}
+END_TEST
+
+/* An event removed with its seal leaves no trace but a break in the
+ * chain at the next event, which looks like that event altered; so does
+ * an event altered after a rolled-back seq. The report names the first
+ * seq that may be wrong and both readings. */
+START_TEST(verifier_names_a_gap_where_the_chain_breaks)
+{
+    s_build();
+    /* 23 removed with its seal: the first problem is 23, not 24. */
+    kh_trail_report_t r = s_run_op(S_REMOVE, 22, 0);
+    ck_assert_msg(r.kind == KH_TRAIL_MISSING && r.seq == 23, "%s at %lld: %s",
+                  kh_trail_finding_name(r.kind), (long long) r.seq, r.detail);
+    ck_assert_ptr_nonnull(
+        strstr(r.detail, "event 24 does not follow event 22"));
+    /* 1 removed with its seal. */
+    r = s_run_op(S_REMOVE, 0, 0);
+    ck_assert_int_eq(r.kind, KH_TRAIL_MISSING);
+    ck_assert_int_eq(r.seq, 1);
+    /* 15 altered; 14 was rolled back, so a removed 14 reads the same. */
+    r = s_run_op(S_ALTER, 14, 0);
+    ck_assert_msg(r.kind == KH_TRAIL_MISSING && r.seq == 14, "%s at %lld: %s",
+                  kh_trail_finding_name(r.kind), (long long) r.seq, r.detail);
+    ck_assert_ptr_nonnull(strstr(r.detail, "event 15 was altered"));
+    /* An event moved across such a gap is still a reordering. */
+    r = s_run_op(S_SWAP, 14, 40);
+    ck_assert_int_eq(r.kind, KH_TRAIL_REORDERED);
+    ck_assert_int_eq(r.seq, 15);
+    ck_assert_int_eq(r.other_seq, 41);
+}
+END_TEST
+
 START_TEST(verifier_starts_at_a_checkpoint)
 {
     s_build();
@@ -289,6 +375,8 @@ int main(void)
     tcase_add_test(tc, checkpoints_are_signed_and_checked);
     tcase_add_test(tc, key_files_and_times);
     tcase_add_test(tc, verifier_names_each_kind_of_tampering);
+    tcase_add_test(tc, verifier_finds_a_removal_below_unsealed_events);
+    tcase_add_test(tc, verifier_names_a_gap_where_the_chain_breaks);
     tcase_add_test(tc, verifier_starts_at_a_checkpoint);
     suite_add_tcase(suite, tc);
     return khtest_run_suite(suite);
