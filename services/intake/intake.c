@@ -52,6 +52,7 @@ typedef struct {
     int retry_after_ms; /* throttled: the least wait before resending */
     size_t size;        /* bytes of the frame */
     kh_error_t err;
+    char trail_path[KH_ERROR_PATH_MAX]; /* err.path as the trail holds it */
     char *canonical; /* SUBMIT: the referral's canonical JSON (owned) */
     int sub;         /* index in the batch's submissions, or -1 */
     int leader; /* earlier request of this batch with the same key, or -1 */
@@ -447,8 +448,12 @@ static void s_batch_submit(s_batch_t *batch, s_request_t *req)
     req->sub = (int) batch->nsubs++;
 }
 
-static void s_batch_refusal(s_batch_t *batch, const s_request_t *req)
+/* Queue req's refusal for the trail, with only the contract's names in
+ * its path (the reply has the partner's own). */
+static void s_batch_refusal(intake_t *self, s_batch_t *batch, s_request_t *req)
 {
+    kh_proto_trail_path(req->err.code, req->err.path, self->schema,
+                        req->trail_path, sizeof req->trail_path);
     store_refusal_t *ref = &batch->refs[batch->nrefs++];
     ref->action = !*req->partner ? "auth.refused"
                   : (req->cmd == KH_CMD_SUBMIT || req->cmd == KH_CMD_UNKNOWN_)
@@ -456,7 +461,7 @@ static void s_batch_refusal(s_batch_t *batch, const s_request_t *req)
                       : "request.rejected";
     ref->actor_id = req->actor;
     ref->code = kh_error_name(req->err.code);
-    ref->path = req->err.path;
+    ref->path = req->trail_path;
     ref->peer = req->peer;
 }
 
@@ -498,8 +503,9 @@ static void s_send(intake_t *self, s_request_t *req, json_t *reply)
     zmsg_send(&msg, self->router);
 }
 
-/* Count an answer for the stats line; log a refusal (codes and paths
- * only: they never carry a referral's values). */
+/* Count an answer for the stats line; log a refusal (its code and its
+ * path as the trail has it: never a referral's values, nor a name the
+ * partner chose). */
 static void s_count_reply(intake_t *self, const s_request_t *req,
                           const json_t *reply)
 {
@@ -526,9 +532,14 @@ static void s_count_reply(intake_t *self, const s_request_t *req,
         self->stats.failed++;
     else
         self->stats.refused++;
+    const char *code = json_string_value(json_object_get(reply, "code"));
+    int known = code ? kh_error_from_name(code) : -1;
+    char path[KH_ERROR_PATH_MAX];
+    kh_proto_trail_path(known < 0 ? KH_E_INTERNAL : (kh_errcode_t) known,
+                        json_string_value(json_object_get(reply, "path")),
+                        self->schema, path, sizeof path);
     kh_log_debug("refused", "actor=%s code=%s path=%s retryable=%d", req->actor,
-                 json_string_value(json_object_get(reply, "code")),
-                 json_string_value(json_object_get(reply, "path")), retryable);
+                 code ? code : "none", path, retryable);
 }
 
 /* The reply to one SUBMIT of a batch that was committed (commit_err NULL)
@@ -818,7 +829,7 @@ static int s_on_router(zloop_t *loop, zsock_t *router, void *arg)
          * database is away is audited (that could not commit). */
         else if (req->err.code != KH_E_THROTTLED &&
                  req->err.code != KH_E_UNAVAILABLE)
-            s_batch_refusal(batch, req);
+            s_batch_refusal(self, batch, req);
     }
     if (self->committing && s_batch_full(self, batch))
         s_set_reading(self, false);

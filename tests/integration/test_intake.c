@@ -518,6 +518,94 @@ START_TEST(repeats_get_the_first_answer_and_conflicts_are_audited)
 }
 END_TEST
 
+/* A field name of the partner's choosing. */
+#define S_NAME "Fatima_Yilmaz_12031985"
+
+/* frame's copy of marker (which must occur once) overwritten with with,
+ * of the same length: shapes the encoder will not make. */
+static void s_patch(zframe_t *frame, const char *marker, const char *with)
+{
+    size_t len = strlen(marker);
+    ck_assert_uint_eq(strlen(with), len);
+    unsigned char *data = zframe_data(frame);
+    unsigned char *at = memmem(data, zframe_size(frame), marker, len);
+    ck_assert_ptr_nonnull(at);
+    memcpy(at, with, len);
+    ck_assert_ptr_null(memmem(at + len,
+                              zframe_size(frame) - (size_t) (at - data) - len,
+                              marker, len));
+}
+
+/* Send frame (destroyed) as partner vt and return the reply. */
+static json_t *s_send_frame(zframe_t *frame)
+{
+    zsock_t *dealer = s_dealer(S_TIMEOUT);
+    zframe_send(&frame, dealer, 0);
+    frame = zframe_recv(dealer);
+    json_t *reply = frame ? s_decoded(&frame) : NULL;
+    zsock_destroy(&dealer);
+    return reply;
+}
+
+/* An identifier-shaped field name is the partner's data (here a name and
+ * a birth date): the reply names it, so the partner can fix its message,
+ * but the trail and the logs hold only the contract's names. */
+START_TEST(names_of_the_partner_stay_out_of_the_trail_and_logs)
+{
+    json_t *referral = s_example();
+    json_t *subject = json_object_get(referral, "subject");
+
+    /* An unknown field. */
+    json_object_set_new(subject, S_NAME, json_integer(1));
+    json_t *reply =
+        s_send_frame(s_frame(s_submit_envelope("name-1", referral), "unknown"));
+    s_expect_rejected(reply, "schema.unknown_field",
+                      "referral.subject." S_NAME);
+
+    /* The same name twice in one map (only raw bytes can say that). */
+    json_object_set_new(subject, "QQQQQQQQQQQQQQQQQQQQQQ", json_integer(2));
+    zframe_t *frame = s_frame(s_submit_envelope("name-2", referral), "dup");
+    s_patch(frame, "QQQQQQQQQQQQQQQQQQQQQQ", S_NAME);
+    s_expect_rejected(s_send_frame(frame), "duplicate_key",
+                      "referral.subject." S_NAME);
+    json_object_del(subject, "QQQQQQQQQQQQQQQQQQQQQQ");
+
+    /* A value the codec refuses, under the name. */
+    json_object_set_new(subject, S_NAME, json_string("XQXQ"));
+    frame = s_frame(s_submit_envelope("name-3", referral), "utf8");
+    s_patch(frame, "XQXQ", "\xff\xfe\xfd\xfc");
+    s_expect_rejected(s_send_frame(frame), "invalid_utf8",
+                      "referral.subject." S_NAME);
+
+    /* An unknown field of the envelope. */
+    s_expect_rejected(s_raw_json(json_pack("{s:i,s:s,s:s,s:i}", "v", 1, "cmd",
+                                           "PING", "cid", "x", S_NAME, 1)),
+                      "bad_envelope", S_NAME);
+    json_decref(referral);
+
+    ck_assert_int_eq(
+        s_count("SELECT count(*) FROM audit_events WHERE actor_id = "
+                "'veilig-thuis' AND reason_path = 'referral.subject.?' AND "
+                "reason_code IN ('schema.unknown_field', 'duplicate_key', "
+                "'invalid_utf8')"),
+        3);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE "
+                             "reason_code = 'bad_envelope' AND reason_path = "
+                             "'?'"),
+                     1);
+    /* In no column of any event, nor in the log. */
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events a WHERE "
+                             "strpos(a::text, 'Yilmaz') > 0 OR "
+                             "strpos(a::text, '12031985') > 0"),
+                     0);
+    kh_client_t *client = s_client("vt");
+    kh_error_t err;
+    ck_assert_int_eq(kh_client_ping(client, S_TIMEOUT, &err), 0);
+    kh_client_destroy(&client);
+    ck_assert(!khtest_log_has(s_path("intake.log"), "Yilmaz", 0));
+}
+END_TEST
+
 START_TEST(unknown_keys_and_plain_clients_are_refused)
 {
     long referrals = s_count("SELECT count(*) FROM referrals");
@@ -1092,6 +1180,7 @@ int main(void)
     tcase_add_test(tc, bad_input_is_rejected_and_changes_nothing);
     tcase_add_test(tc, made_up_keys_spoil_nothing_and_stay_out_of_the_trail);
     tcase_add_test(tc, repeats_get_the_first_answer_and_conflicts_are_audited);
+    tcase_add_test(tc, names_of_the_partner_stay_out_of_the_trail_and_logs);
     tcase_add_test(tc, unknown_keys_and_plain_clients_are_refused);
     tcase_add_test(tc, partners_added_and_removed_while_running);
     tcase_add_test(tc, accepted_referrals_wake_routing);
