@@ -201,6 +201,71 @@ int kh_proto_check(const json_t *msg, kh_cmd_t *cmd, const char **cid,
     return s_check_command_fields(msg, *cmd, err);
 }
 
+/* Whether name[0..len) is a field of the envelope of some command. */
+static bool s_envelope_field(const char *name, size_t len)
+{
+    static const char *common[] = {"v", "cmd", "cid", NULL};
+    for (int cmd = -1; cmd < KH_CMD_UNKNOWN_; cmd++)
+        for (const char **f = cmd < 0 ? common : s_fields_of((kh_cmd_t) cmd);
+             *f; f++)
+            if (strlen(*f) == len && memcmp(*f, name, len) == 0)
+                return true;
+    return false;
+}
+
+/* Append sep and text[0..len) to out (used bytes of size), truncated. */
+static void s_append(char *out, size_t size, size_t *used, const char *sep,
+                     const char *text, size_t len)
+{
+    int n = snprintf(out + *used, size - *used, "%s%.*s", sep, (int) len, text);
+    if (n > 0)
+        *used += (size_t) n < size - *used ? (size_t) n : size - *used - 1;
+}
+
+void kh_proto_trail_path(kh_errcode_t code, const char *path,
+                         const kh_schema_t *referral_schema, char *out,
+                         size_t size)
+{
+    if (!size)
+        return;
+    out[0] = '\0';
+    /* These refusals are about a name the contract does not have there. */
+    bool names_last =
+        code == KH_E_SCHEMA_UNKNOWN_FIELD || code == KH_E_DUPLICATE_KEY;
+    bool root = true;         /* the next key is one of the envelope's */
+    bool in_referral = false; /* below the envelope's referral */
+    size_t used = 0;
+    const char *p = path ? path : "";
+    while (*p) {
+        if (*p == '.') {
+            p++;
+            continue;
+        }
+        size_t len;
+        if (*p == '[') { /* an index, kept as it is */
+            len = 1 + strspn(p + 1, "0123456789");
+            if (p[len] == ']')
+                len++;
+            s_append(out, size, &used, "", p, len);
+            root = false;
+            p += len;
+            continue;
+        }
+        len = strcspn(p, ".[");
+        bool keep = !(names_last && p[len] == '\0');
+        if (keep && root)
+            keep = s_envelope_field(p, len);
+        else if (keep)
+            keep = in_referral && kh_schema_has_name(referral_schema, p, len);
+        if (root)
+            in_referral = keep && len == 8 && memcmp(p, "referral", 8) == 0;
+        root = false;
+        s_append(out, size, &used, used ? "." : "", keep ? p : "?",
+                 keep ? len : 1);
+        p += len;
+    }
+}
+
 json_t *kh_proto_new(kh_cmd_t cmd, const char *cid)
 {
     return json_pack("{s:i, s:s, s:s}", "v", KH_PROTO_VERSION, "cmd",

@@ -1320,6 +1320,22 @@ const char *kh_schema_id(const kh_schema_t *self)
     return id ? id : "";
 }
 
+bool kh_schema_has_name(const kh_schema_t *self, const char *name, size_t len)
+{
+    /* Looked up only for refusals, so a walk over every node is cheaper
+     * to keep right than another index. */
+    for (size_t i = 0; self && name && i < self->n_nodes; i++) {
+        const node_t *n = self->nodes[i];
+        if (n->n_props && s_find_prop(n, name, len))
+            return true;
+        str_t key = {name, len};
+        for (size_t r = 0; r < n->n_extra_required; r++)
+            if (s_str_cmp(&key, &n->extra_required[r]) == 0)
+                return true;
+    }
+    return false;
+}
+
 /* ------------------------------------------------------------------ */
 /* Validating                                                          */
 /* ------------------------------------------------------------------ */

@@ -117,7 +117,9 @@ int kh_error_set_at(kh_error_t *err, kh_errcode_t code, const char *path,
  * helpers. A map key that is not a plain identifier ([A-Za-z_][A-Za-z0-9_]*,
  * at most KH_PATH_KEY_MAX bytes) may carry data a partner put there, so it
  * is written as "?": a path never holds anything but ASCII names, indices
- * and dots, and is safe for replies, logs and the audit trail. Appending
+ * and dots, and is safe to send back to the partner. An identifier can be
+ * data too ("Fatima_Yilmaz_12031985"): what goes into the audit trail or a
+ * log keeps only the contract's names (kh_proto_trail_path). Appending
  * truncates at the buffer's end. */
 #define KH_PATH_KEY_MAX 64
 bool kh_path_is_identifier(const char *key, size_t len);

@@ -9,6 +9,7 @@
 #include <jansson.h>
 
 #include "ketenhub/error.h"
+#include "ketenhub/schema.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -48,6 +49,22 @@ const char *kh_cmd_name(kh_cmd_t cmd);
  * refusal can be correlated, else it is NULL. */
 int kh_proto_check(const json_t *msg, kh_cmd_t *cmd, const char **cid,
                    kh_error_t *err);
+
+/* The path of a refusal (code, path from the envelope's root, as in the
+ * REJECTED reply) as the audit trail and the logs may hold it: the reply
+ * names the partner's own keys, which are the partner's data to choose
+ * (an identifier-shaped "Fatima_Yilmaz_12031985" is a name and a birth
+ * date), while the trail can never be purged (promise 6). So only names of
+ * the contract are kept: at the root, the envelope's fields (of any
+ * command); below "referral", the names of referral_schema (NULL: none).
+ * Every other key becomes "?", and so does the last key of a
+ * schema.unknown_field or duplicate_key refusal, the name the refusal is
+ * about, whatever it is: "referral.subject.Fatima_Yilmaz_12031985" is
+ * written "referral.subject.?". Indices are kept. The result is never
+ * longer than path, so KH_ERROR_PATH_MAX bytes of out always suffice. */
+void kh_proto_trail_path(kh_errcode_t code, const char *path,
+                         const kh_schema_t *referral_schema, char *out,
+                         size_t size);
 
 /* A new envelope {"v":1,"cmd":...,"cid":...}; NULL on allocation failure.
  * cid NULL is sent as "". */

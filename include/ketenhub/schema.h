@@ -94,6 +94,13 @@ const char *kh_schema_id(const kh_schema_t *self);
 int kh_schema_validate(const kh_schema_t *self, const json_t *doc,
                        kh_error_t *err);
 
+/* Whether name[0..len) is a field name of the contract: a name under
+ * "properties" or "required" anywhere in the schema. A document's key that
+ * is not is the sender's own choice and may be data (a name, a birth
+ * date), so paths that go into the audit trail or the logs show it as "?"
+ * (see kh_proto_trail_path). self may be NULL: then no name is. */
+bool kh_schema_has_name(const kh_schema_t *self, const char *name, size_t len);
+
 #ifdef __cplusplus
 }
 #endif

@@ -52,9 +52,12 @@ typedef struct {
     int retry_after_ms; /* throttled: the least wait before resending */
     size_t size;        /* bytes of the frame */
     kh_error_t err;
+    char trail_path[KH_ERROR_PATH_MAX]; /* err.path as the trail holds it */
     char *canonical; /* SUBMIT: the referral's canonical JSON (owned) */
     int sub;         /* index in the batch's submissions, or -1 */
-    int leader; /* earlier request of this batch with the same key, or -1 */
+    int leader;     /* earlier request of this batch with the same key, or -1 */
+    char hash[65];  /* a repeat of a key (leader set): its referral's hash */
+    bool unaudited; /* a conflict whose audit event failed: err says why */
 } s_request_t;
 
 /* A refused handshake, to audit as auth.refused. */
@@ -69,6 +72,7 @@ typedef struct {
     s_request_t *requests;
     store_submit_t *subs;
     store_refusal_t *refs;
+    store_conflict_t *conflicts; /* found after the commit, to audit */
     size_t count, nsubs, nrefs;
     size_t bytes;       /* frames of the requests kept, for the memory bound */
     kh_jarena_t *arena; /* the requests' decoded envelopes */
@@ -176,10 +180,12 @@ intake_t *intake_new(const intake_config_t *config, kh_error_t *err)
         batch->subs = calloc(config->batch_max, sizeof *batch->subs);
         batch->refs =
             calloc(config->batch_max + S_AUTH_PENDING, sizeof *batch->refs);
+        batch->conflicts = calloc(config->batch_max, sizeof *batch->conflicts);
         batch->keys = zhashx_new();
         batch->arena = kh_jarena_new(S_ARENA_KEEP);
         allocated = allocated && batch->requests && batch->subs &&
-                    batch->refs && batch->keys && batch->arena;
+                    batch->refs && batch->conflicts && batch->keys &&
+                    batch->arena;
     }
     if (!allocated) {
         kh_error_set(err, KH_E_NOMEM, "", "out of memory");
@@ -221,6 +227,7 @@ void intake_destroy(intake_t **self_p)
         free(self->batches[i].requests);
         free(self->batches[i].subs);
         free(self->batches[i].refs);
+        free(self->batches[i].conflicts);
     }
     free(self);
     *self_p = NULL;
@@ -424,6 +431,11 @@ static void s_batch_submit(s_batch_t *batch, s_request_t *req)
     intptr_t leader = (intptr_t) zhashx_lookup(batch->keys, batch_key);
     if (leader) {
         req->leader = (int) leader - 1;
+        if (kh_payload_hash(json_object_get(req->msg, "referral"), req->hash)) {
+            kh_error_t err;
+            kh_error_set(&err, KH_E_NOMEM, "", "out of memory");
+            s_refuse(req, &err);
+        }
         return;
     }
     store_submit_t *sub = &batch->subs[batch->nsubs];
@@ -447,8 +459,12 @@ static void s_batch_submit(s_batch_t *batch, s_request_t *req)
     req->sub = (int) batch->nsubs++;
 }
 
-static void s_batch_refusal(s_batch_t *batch, const s_request_t *req)
+/* Queue req's refusal for the trail, with only the contract's names in
+ * its path (the reply has the partner's own). */
+static void s_batch_refusal(intake_t *self, s_batch_t *batch, s_request_t *req)
 {
+    kh_proto_trail_path(req->err.code, req->err.path, self->schema,
+                        req->trail_path, sizeof req->trail_path);
     store_refusal_t *ref = &batch->refs[batch->nrefs++];
     ref->action = !*req->partner ? "auth.refused"
                   : (req->cmd == KH_CMD_SUBMIT || req->cmd == KH_CMD_UNKNOWN_)
@@ -456,7 +472,7 @@ static void s_batch_refusal(s_batch_t *batch, const s_request_t *req)
                       : "request.rejected";
     ref->actor_id = req->actor;
     ref->code = kh_error_name(req->err.code);
-    ref->path = req->err.path;
+    ref->path = req->trail_path;
     ref->peer = req->peer;
 }
 
@@ -498,8 +514,9 @@ static void s_send(intake_t *self, s_request_t *req, json_t *reply)
     zmsg_send(&msg, self->router);
 }
 
-/* Count an answer for the stats line; log a refusal (codes and paths
- * only: they never carry a referral's values). */
+/* Count an answer for the stats line; log a refusal (its code and its
+ * path as the trail has it: never a referral's values, nor a name the
+ * partner chose). */
 static void s_count_reply(intake_t *self, const s_request_t *req,
                           const json_t *reply)
 {
@@ -526,9 +543,14 @@ static void s_count_reply(intake_t *self, const s_request_t *req,
         self->stats.failed++;
     else
         self->stats.refused++;
+    const char *code = json_string_value(json_object_get(reply, "code"));
+    int known = code ? kh_error_from_name(code) : -1;
+    char path[KH_ERROR_PATH_MAX];
+    kh_proto_trail_path(known < 0 ? KH_E_INTERNAL : (kh_errcode_t) known,
+                        json_string_value(json_object_get(reply, "path")),
+                        self->schema, path, sizeof path);
     kh_log_debug("refused", "actor=%s code=%s path=%s retryable=%d", req->actor,
-                 json_string_value(json_object_get(reply, "code")),
-                 json_string_value(json_object_get(reply, "path")), retryable);
+                 code ? code : "none", path, retryable);
 }
 
 /* The reply to one SUBMIT of a batch that was committed (commit_err NULL)
@@ -543,22 +565,69 @@ static json_t *s_submit_reply(intake_t *self, const s_batch_t *batch,
         return kh_proto_rejected(req->cid, commit_err, self->backoff_ms);
     if (owner->refused)
         return kh_proto_rejected(req->cid, &owner->err, 0);
+    if (req->unaudited)
+        return kh_proto_rejected(req->cid, &req->err, self->backoff_ms);
     const store_submit_t *sub = &batch->subs[owner->sub];
-    const char *hash = sub->hash;
-    char own[65];
-    if (req->leader >= 0) { /* a repeat of the key within the batch */
-        if (kh_payload_hash(json_object_get(req->msg, "referral"), own)) {
-            kh_error_t err;
-            kh_error_set(&err, KH_E_NOMEM, "", "out of memory");
-            return kh_proto_rejected(req->cid, &err, self->backoff_ms);
-        }
-        hash = own;
-    }
     /* The first answer for the key, whichever submission gave it; new
      * only for the submission whose row it is. */
-    if (strcmp(hash, sub->stored_hash) != 0)
+    if (strcmp(req->leader >= 0 ? req->hash : sub->hash, sub->stored_hash))
         return s_conflict(req);
     return s_accepted(req, sub, !(sub->inserted && req->leader < 0));
+}
+
+/*
+ * Write the idempotency conflicts of a committed batch that its statement
+ * could not see, before they are answered: a repeat of a key within the
+ * batch (only the first submission of a key is in the statement), and a
+ * key another intake process committed while the statement ran (its
+ * snapshot did not hold that row; the look-up after it did). The batch's
+ * statement writes the others, so every idempotency_conflict answer has
+ * exactly one event, and is given only once that event is committed (as
+ * ACCEPTED is only once its referral is: promise 1). If it cannot be
+ * written, those submissions get a retryable refusal instead: the same
+ * key again finds the conflict in a later batch's statement, which writes
+ * it. (A write that timed out may still have committed, as a batch whose
+ * commit stalled may have: then the conflict is in the trail twice, once
+ * for the answer that said unavailable.)
+ */
+static void s_audit_conflicts(intake_t *self, s_batch_t *batch)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < batch->count; i++) {
+        s_request_t *req = &batch->requests[i];
+        if (req->refused || req->cmd != KH_CMD_SUBMIT)
+            continue;
+        const s_request_t *owner =
+            req->leader >= 0 ? &batch->requests[req->leader] : req;
+        if (owner->refused)
+            continue;
+        const store_submit_t *sub = &batch->subs[owner->sub];
+        const char *hash = req->leader >= 0 ? req->hash : sub->hash;
+        if (strcmp(hash, sub->stored_hash) == 0 ||
+            (req->leader < 0 && !sub->late))
+            continue; /* no conflict, or the statement wrote it */
+        store_conflict_t *conflict = &batch->conflicts[n++];
+        conflict->partner_id = req->partner;
+        conflict->hash = hash;
+        conflict->peer = req->peer;
+        req->unaudited = true; /* until it is written */
+    }
+    if (n == 0)
+        return;
+    kh_error_t err;
+    if (store_audit_conflicts(self->store, batch->conflicts, n, &err) == 0) {
+        for (size_t i = 0; i < batch->count; i++)
+            batch->requests[i].unaudited = false;
+        return;
+    }
+    kh_log_warn("conflicts_unaudited", "count=%zu code=%s", n,
+                kh_error_name(err.code));
+    /* The store's errors are all retryable: resend with the same key. */
+    for (size_t i = 0; i < batch->count; i++)
+        if (batch->requests[i].unaudited)
+            batch->requests[i].err = err;
+    if (err.code == KH_E_UNAVAILABLE || !store_up(self->store))
+        s_schedule_reconnect(self);
 }
 
 /* Answer every request of the batch and empty it. */
@@ -767,6 +836,8 @@ static void s_commit_done(intake_t *self, int rc, const kh_error_t *err)
     /* Keep PostgreSQL busy with the next batch while this one is
      * answered (the batches swap roles only after this one is empty). */
     s_dispatch(self);
+    if (rc == 0)
+        s_audit_conflicts(self, batch);
     s_batch_reply(self, batch, rc ? err : NULL);
     if (rc)
         s_db_failed(self, err);
@@ -818,7 +889,7 @@ static int s_on_router(zloop_t *loop, zsock_t *router, void *arg)
          * database is away is audited (that could not commit). */
         else if (req->err.code != KH_E_THROTTLED &&
                  req->err.code != KH_E_UNAVAILABLE)
-            s_batch_refusal(batch, req);
+            s_batch_refusal(self, batch, req);
     }
     if (self->committing && s_batch_full(self, batch))
         s_set_reading(self, false);

@@ -95,6 +95,16 @@ static const char *s_lookup_sql =
     "ZONE 'UTC', " S_TS_FORMAT ") FROM referrals"
     " WHERE partner_id = $1 AND idempotency_key = $2";
 
+/* Conflicts found after a batch's statement, audited as that statement
+ * audits the ones it sees ("conflicts" above). */
+static const char *s_conflicts_sql =
+    "INSERT INTO audit_events (actor_kind, actor_id, action, outcome,"
+    "  reason_code, reason_path, payload_hash, origin_service, origin_peer)"
+    " SELECT 'partner', partner_id, 'referral.rejected', 'refused',"
+    "  'idempotency_conflict', 'idempotency_key', hash, 'intake', peer"
+    " FROM unnest($1::text[], $2::bytea[], $3::text[]) WITH ORDINALITY"
+    "  AS t(partner_id, hash, peer, i) ORDER BY i";
+
 /* A referral's state and its deliveries (never their payloads). */
 static const char *s_status_sql =
     "SELECT r.state, to_char(r.accepted_at AT TIME ZONE 'UTC', " S_TS_FORMAT
@@ -224,28 +234,31 @@ int store_connect(store_t *self, kh_error_t *err)
     static const char *const writer_names[] = {"commit"};
     const char *const writer_sql[] = {s_commit_sql};
     static const int writer_nparams[] = {S_COMMIT_PARAMS};
-    static const char *const reader_names[] = {"lookup", "status", "partners"};
+    static const char *const reader_names[] = {"lookup", "status", "partners",
+                                               "conflicts"};
     const char *const reader_sql[] = {s_lookup_sql, s_status_sql,
-                                      s_partners_sql};
-    static const int reader_nparams[] = {2, 2, 0};
+                                      s_partners_sql, s_conflicts_sql};
+    static const int reader_nparams[] = {2, 2, 0, 3};
     return s_prepare(self->writer, writer_names, writer_sql, writer_nparams, 1,
                      err) ||
                    s_prepare(self->reader, reader_names, reader_sql,
-                             reader_nparams, 3, err)
+                             reader_nparams, 4, err)
                ? -1
                : 0;
 }
 
-/* Run a prepared statement on the reader and wait at most S_READ_TIMEOUT_MS
- * for its result: a database that stops answering must not stop intake's
+/* Run a prepared statement on the reader (lengths and formats as libpq
+ * takes them; NULL: text) and wait at most S_READ_TIMEOUT_MS for its
+ * result: a database that stops answering must not stop intake's
  * loop. On a timeout the reader is closed (store_up turns false, so intake
  * reconnects) and NULL is returned, which the callers treat as a lost
  * connection. */
-static PGresult *s_read(store_t *self, const char *name, int nparams,
-                        const char *const *params)
+static PGresult *s_read_binary(store_t *self, const char *name, int nparams,
+                               const char *const *params, const int *lengths,
+                               const int *formats)
 {
-    if (!PQsendQueryPrepared(self->reader, name, nparams, params, NULL, NULL,
-                             0))
+    if (!PQsendQueryPrepared(self->reader, name, nparams, params, lengths,
+                             formats, 0))
         return NULL;
     int64_t deadline = zclock_mono() + S_READ_TIMEOUT_MS;
     while (PQisBusy(self->reader)) {
@@ -267,6 +280,13 @@ static PGresult *s_read(store_t *self, const char *name, int nparams,
     while ((more = PQgetResult(self->reader)) != NULL)
         PQclear(more);
     return res;
+}
+
+/* s_read_binary with text parameters. */
+static PGresult *s_read(store_t *self, const char *name, int nparams,
+                        const char *const *params)
+{
+    return s_read_binary(self, name, nparams, params, NULL, NULL);
 }
 
 /* The element types of the commit statement's binary arrays. */
@@ -389,6 +409,7 @@ static int s_answer(store_t *self, PGresult *res, store_submit_t *subs,
         else if (PQgetisnull(res, row, 2)) {
             if (s_lookup(self, sub, err))
                 return -1;
+            sub->late = true;
         } else
             s_answer_stored(sub, PQgetvalue(res, row, 2),
                             PQgetvalue(res, row, 3), PQgetvalue(res, row, 4));
@@ -437,6 +458,42 @@ int store_commit_poll(store_t *self, store_submit_t *subs, size_t nsubs,
     int rc = s_answer(self, res, subs, nsubs, err);
     PQclear(res);
     return rc;
+}
+
+int store_audit_conflicts(store_t *self, const store_conflict_t *conflicts,
+                          size_t n, kh_error_t *err)
+{
+    if (!s_conn_up(self->reader))
+        return s_fail(self->reader, NULL, "conflicts", err);
+    kh_pgarray_t cols[3];
+    memset(cols, 0, sizeof cols);
+    kh_pgarray_reset(&cols[0], KH_PG_TEXT);
+    kh_pgarray_reset(&cols[1], KH_PG_BYTEA);
+    kh_pgarray_reset(&cols[2], KH_PG_TEXT);
+    for (size_t i = 0; i < n; i++) {
+        unsigned char hash[32];
+        sodium_hex2bin(hash, sizeof hash, conflicts[i].hash, 64, NULL, NULL,
+                       NULL);
+        kh_pgarray_add_str(&cols[0], conflicts[i].partner_id);
+        kh_pgarray_add(&cols[1], hash, sizeof hash);
+        kh_pgarray_add_str(&cols[2], conflicts[i].peer);
+    }
+    const char *values[3];
+    int lengths[3], formats[3] = {1, 1, 1};
+    bool built = true;
+    for (int i = 0; i < 3; i++)
+        built = (values[i] = kh_pgarray_data(&cols[i], &lengths[i])) && built;
+    PGresult *res =
+        built ? s_read_binary(self, "conflicts", 3, values, lengths, formats)
+              : NULL;
+    for (int i = 0; i < 3; i++)
+        kh_pgarray_free(&cols[i]);
+    if (!built)
+        return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
+    if (PQresultStatus(res) != PGRES_COMMAND_OK)
+        return s_fail(self->reader, res, "conflicts", err);
+    PQclear(res);
+    return 0;
 }
 
 void store_abandon(store_t *self)

@@ -2,7 +2,8 @@
  * intake's PostgreSQL side. Two connections: the writer commits batches
  * asynchronously, so intake can check the next batch while PostgreSQL
  * commits this one; the reader answers STATUS, idempotency look-ups and
- * registry reloads, so they never wait behind a commit.
+ * registry reloads, and writes the idempotency conflicts found after a
+ * batch's statement, so they never wait behind a commit.
  *
  * A batch of accepted referrals and refusal audit events is committed by a
  * single statement, so each referral commits with its audit event
@@ -32,6 +33,9 @@ typedef struct {
     char referral_id[37]; /* the id to give it if it is new */
     /* outputs: the row that holds (partner, key) after the commit */
     bool inserted;        /* it is this submission's row */
+    bool late;            /* found by a look-up after the statement (another
+                           * process committed it meanwhile): a conflict with
+                           * it is not in the trail yet */
     char stored_id[37];   /* its id */
     char stored_hash[65]; /* its payload hash: differs on a conflict */
     char accepted_at[40]; /* when it was accepted */
@@ -45,6 +49,15 @@ typedef struct {
     const char *path;     /* field path or "" */
     const char *peer;     /* peer address, may be NULL */
 } store_refusal_t;
+
+/* An idempotency conflict the batch's statement could not write: a
+ * repeat of a key within the batch, or a key committed by another intake
+ * process while the statement ran. */
+typedef struct {
+    const char *partner_id;
+    const char *hash; /* SHA-256 of the refused referral (hex) */
+    const char *peer; /* peer address, may be NULL */
+} store_conflict_t;
 
 /* A store for conninfo (libpq syntax; "" means libpq's environment). It
  * does not connect yet. NULL on allocation failure. */
@@ -78,6 +91,14 @@ int store_commit_send(store_t *self, store_submit_t *subs, size_t nsubs,
  * KH_E_INTERNAL for anything else. */
 int store_commit_poll(store_t *self, store_submit_t *subs, size_t nsubs,
                       kh_error_t *err);
+
+/* Write the referral.rejected events of conflicts[0..n) (the same rows
+ * as the batch statement writes for a conflict it sees) in one statement
+ * on the reader, and wait at most a second for it. 0 once they are
+ * committed, or -1 with a retryable err: KH_E_UNAVAILABLE (after a
+ * timeout the outcome is unknown), KH_E_INTERNAL or KH_E_NOMEM. */
+int store_audit_conflicts(store_t *self, const store_conflict_t *conflicts,
+                          size_t n, kh_error_t *err);
 
 /* Give up on a commit that takes too long: the writer is closed (the
  * outcome is unknown) and store_up becomes false. */

@@ -1033,9 +1033,13 @@ static void s_take(notify_t *self, zframe_t *identity, zframe_t *body,
             kh_error_set(&err, KH_E_NOMEM, "", "out of memory");
     }
     if (err.code != KH_E_OK) {
+        /* The reply names the partner's keys; the log only the contract's
+         * (no referral travels on this socket: no schema's names). */
+        char path[KH_ERROR_PATH_MAX];
+        kh_proto_trail_path(err.code, err.path, NULL, path, sizeof path);
         kh_log_warn("request_refused", "partner=%s peer=%s code=%s path=%s",
                     partner ? partner : "none", peer ? peer : "",
-                    kh_error_name(err.code), *err.path ? err.path : "none");
+                    kh_error_name(err.code), *path ? path : "none");
         s_reject(self, identity, cid, &err);
         json_decref(msg);
         return;

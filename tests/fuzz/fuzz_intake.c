@@ -13,7 +13,11 @@
  *    parses back to an equal referral, and is the same bytes for the
  *    round-tripped referral;
  *  - a REJECTED reply carries code, path and message as strings and, with
- *    a cid, passes the hub's own envelope check after encode + decode.
+ *    a cid, passes the hub's own envelope check after encode + decode;
+ *  - the refusal's path as the trail holds it (kh_proto_trail_path) has
+ *    the reply's segments, each the same or "?", keeps below the root only
+ *    names of the schema, and hides the name an unknown_field or
+ *    duplicate_key refusal is about.
  * The canonical JSON is taken for every SUBMIT that passes the envelope
  * check, valid referral or not, so the property is tried on more shapes.
  * Seeds: corpus/intake (SUBMIT, STATUS and PING envelopes, broken ones).
@@ -69,6 +73,51 @@ static void s_check_reply(const char *cid, const kh_error_t *err)
         free(bytes);
     }
     json_decref(reply);
+}
+
+/* The next segment of a path at *p: a key or an index with its brackets,
+ * without the dot before it; its length in *len, 0 at the end. */
+static const char *s_segment(const char **p, size_t *len)
+{
+    if (**p == '.')
+        (*p)++;
+    const char *at = *p;
+    if (*at == '[')
+        *len = strcspn(at, "]") + (at[strcspn(at, "]")] == ']');
+    else
+        *len = strcspn(at, ".[");
+    *p += *len;
+    return at;
+}
+
+/* The trail's form of a refusal at path (from the envelope's root). */
+static void s_check_trail(kh_errcode_t code, const char *path)
+{
+    char trail[KH_ERROR_PATH_MAX];
+    kh_proto_trail_path(code, path, s_schema, trail, sizeof trail);
+    KH_FUZZ_CHECK(strlen(trail) <= strlen(path), "trail path %s longer than %s",
+                  trail, path);
+    bool names_last =
+        code == KH_E_SCHEMA_UNKNOWN_FIELD || code == KH_E_DUPLICATE_KEY;
+    const char *p = path, *t = trail;
+    for (bool root = true;; root = false) {
+        size_t plen, tlen;
+        const char *pseg = s_segment(&p, &plen);
+        const char *tseg = s_segment(&t, &tlen);
+        KH_FUZZ_CHECK((plen == 0) == (tlen == 0),
+                      "trail path %s does not follow %s", trail, path);
+        if (plen == 0)
+            break;
+        bool hidden = tlen == 1 && *tseg == '?';
+        KH_FUZZ_CHECK(hidden || (plen == tlen && memcmp(pseg, tseg, plen) == 0),
+                      "trail path %s changes %s", trail, path);
+        if (*tseg == '[' || hidden)
+            continue;
+        KH_FUZZ_CHECK(root || kh_schema_has_name(s_schema, tseg, tlen),
+                      "trail path %s keeps a name not in the schema", trail);
+        KH_FUZZ_CHECK(!names_last || *p, "trail path %s names the refused key",
+                      trail);
+    }
 }
 
 /* The canonical JSON of referral and its properties. */
@@ -130,6 +179,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         KH_FUZZ_CHECK(kh_fuzz_codec_code(err.code), "decode: code %s",
                       kh_error_name(err.code));
         s_check_reply(NULL, &err);
+        s_check_trail(err.code, err.path);
         return 0;
     }
     kh_fuzz_roundtrip(msg, "envelope");
@@ -151,6 +201,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                           err.code <= KH_E_BAD_ENVELOPE,
                       "envelope: code %s", kh_error_name(err.code));
         s_check_reply(cid, &err);
+        s_check_trail(err.code, err.path);
     } else if (cmd == KH_CMD_SUBMIT) {
         const json_t *referral = json_object_get(msg, "referral");
         KH_FUZZ_CHECK(json_is_object(referral), "SUBMIT without a referral");
@@ -161,6 +212,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                               err.code <= KH_E_SCHEMA_CONDITION,
                           "validate: code %s", kh_error_name(err.code));
             s_check_reply(cid, &err);
+            char path[KH_ERROR_PATH_MAX + 16];
+            snprintf(path, sizeof path, "referral%s%s", *err.path ? "." : "",
+                     err.path);
+            path[KH_ERROR_PATH_MAX - 1] = '\0'; /* as intake cuts it */
+            s_check_trail(err.code, path);
         }
         s_check_canonical(referral);
     }

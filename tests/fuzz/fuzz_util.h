@@ -32,9 +32,6 @@
             KH_FUZZ_FAIL(__VA_ARGS__);                                         \
     } while (0)
 
-/* A refusal must carry a real code, a message, and a path made only of
- * identifiers, indices, dots and '?' (error.h: paths go into replies, logs
- * and the audit trail, so they never carry a partner's data). */
 /* The referral schema ($KH_FUZZ_SCHEMA or the source tree's), for
  * harness's LLVMFuzzerInitialize; exits 2 when it cannot be loaded. */
 static inline kh_schema_t *kh_fuzz_load_schema(const char *harness)
@@ -50,6 +47,10 @@ static inline kh_schema_t *kh_fuzz_load_schema(const char *harness)
     return schema;
 }
 
+/* A refusal must carry a real code, a message, and a path made only of
+ * identifiers, indices, dots and '?' (error.h: a path goes back to the
+ * partner, and never carries more of its data than the names of its
+ * keys; the trail's paths are checked apart, in fuzz_intake). */
 static inline void kh_fuzz_check_error(const kh_error_t *err, const char *what)
 {
     KH_FUZZ_CHECK(err->code > KH_E_OK && err->code < KH_E_COUNT_,

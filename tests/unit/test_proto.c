@@ -336,6 +336,66 @@ START_TEST(paths_never_carry_made_up_keys)
 }
 END_TEST
 
+static void s_trail(const kh_schema_t *schema, kh_errcode_t code,
+                    const char *path, const char *expected)
+{
+    char out[KH_ERROR_PATH_MAX];
+    kh_proto_trail_path(code, path, schema, out, sizeof out);
+    ck_assert_msg(strcmp(out, expected) == 0, "%s %s: got %s, expected %s",
+                  kh_error_name(code), path, out, expected);
+}
+
+/* An identifier-shaped key is the partner's choice too, and may be data:
+ * the trail's paths keep only the envelope's and the referral's names. */
+START_TEST(trail_paths_keep_only_the_contracts_names)
+{
+    kh_error_t err;
+    kh_schema_t *schema =
+        kh_schema_load(khtest_src("schemas/referral.v1.json"), &err);
+    ck_assert_msg(schema != NULL, "%s", err.message);
+    ck_assert(kh_schema_has_name(schema, "birth_date", 10));
+    ck_assert(kh_schema_has_name(schema, "summary", 7));
+    ck_assert(!kh_schema_has_name(schema, "summar", 6));
+    ck_assert(!kh_schema_has_name(schema, "Fatima_Yilmaz", 13));
+    ck_assert(!kh_schema_has_name(NULL, "summary", 7));
+
+    /* What a refusal is about is never written, contract name or not. */
+    s_trail(schema, KH_E_SCHEMA_UNKNOWN_FIELD,
+            "referral.subject.Fatima_Yilmaz_12031985", "referral.subject.?");
+    s_trail(schema, KH_E_SCHEMA_UNKNOWN_FIELD, "referral.subject.summary",
+            "referral.subject.?");
+    s_trail(schema, KH_E_DUPLICATE_KEY, "referral.subject.age",
+            "referral.subject.?");
+    s_trail(schema, KH_E_DUPLICATE_KEY, "Fatima", "?");
+    /* Other refusals keep the contract's names, wherever they stand. */
+    s_trail(schema, KH_E_SCHEMA_REQUIRED, "referral.subject.age",
+            "referral.subject.age");
+    s_trail(schema, KH_E_INVALID_UTF8, "referral.Fatima.age", "referral.?.age");
+    s_trail(schema, KH_E_TOO_DEEP, "referral.indicators[2].Jan[0][13]",
+            "referral.indicators[2].?[0][13]");
+    s_trail(schema, KH_E_BAD_ENVELOPE, "Fatima_Yilmaz_12031985", "?");
+    s_trail(schema, KH_E_BAD_ENVELOPE, "idempotency_key", "idempotency_key");
+    s_trail(schema, KH_E_BAD_ENVELOPE, "window", "window");
+    /* The envelope's names at the root, the referral's below it only. */
+    s_trail(schema, KH_E_BAD_ENVELOPE, "summary", "?");
+    s_trail(schema, KH_E_STRING_TOO_LONG, "referral.cid", "referral.?");
+    s_trail(schema, KH_E_STRING_TOO_LONG, "payload.summary", "payload.?");
+    s_trail(schema, KH_E_TOO_DEEP, "[0].referral", "[0].?");
+    s_trail(NULL, KH_E_STRING_TOO_LONG, "referral.summary", "referral.?");
+    /* Already hidden, empty, cut short. */
+    s_trail(schema, KH_E_MALFORMED, "?.?", "?.?");
+    s_trail(schema, KH_E_MALFORMED, "", "");
+    s_trail(schema, KH_E_TOO_DEEP, "referral.indicators[1",
+            "referral.indicators[1");
+    s_trail(schema, KH_E_STRING_TOO_LONG, "referral.summ", "referral.?");
+    char small[12];
+    kh_proto_trail_path(KH_E_SCHEMA_REQUIRED, "referral.summary", schema, small,
+                        sizeof small);
+    ck_assert_str_eq(small, "referral.su");
+    kh_schema_destroy(&schema);
+}
+END_TEST
+
 START_TEST(rejected_carries_code_and_retry_hint)
 {
     kh_error_t err;
@@ -639,6 +699,7 @@ int main(void)
     tcase_add_test(tc, pgarray_lays_out_array_recv_format);
     tcase_add_test(tc, pgarray_refuses_malformed_uuids);
     tcase_add_test(tc, paths_never_carry_made_up_keys);
+    tcase_add_test(tc, trail_paths_keep_only_the_contracts_names);
     tcase_add_test(tc, rejected_carries_code_and_retry_hint);
     tcase_add_test(tc, uuids_are_v7_time_ordered_and_canonical);
     tcase_add_test(tc, payload_hash_ignores_key_order_not_content);
