@@ -437,6 +437,21 @@ static void s_db_failed(notify_t *self, const char *what, const kh_error_t *err)
                 kh_error_name(err->code), err->message);
 }
 
+/* An auth.refused event for key from peer, with reason: into the trail
+ * once a minute per reason, key and address, since a client that retries
+ * must not flood it. */
+static void s_audit_refused(notify_t *self, const char *key, const char *peer,
+                            const char *reason)
+{
+    char seen[160];
+    snprintf(seen, sizeof seen, "%s %s %s", reason, key, peer);
+    kh_error_t err;
+    if (dstore_up(self->store) &&
+        kh_throttle_pass(self->auth_seen, seen, zclock_mono()) &&
+        dstore_audit_refused(self->store, key, peer, reason, &err))
+        s_db_failed(self, "audit", &err);
+}
+
 /* Re-send to one connection the sent deliveries whose ACK is overdue, up
  * to its window (the pending ones get the credit that is left). A reclaim
  * leaves alone the held DELIVERs of the partner and what is out on any of
@@ -1219,15 +1234,7 @@ static int s_on_zap(zloop_t *loop, zsock_t *sock, void *arg)
     if (kh_zap_handle(self->zap, key, peer) == 0)
         return 0;
     kh_log_warn("auth_refused", "key=%s peer=%s", *key ? key : "none", peer);
-    /* Into the trail once a minute per key and address: a client that
-     * retries its handshake must not flood it. */
-    char seen[128];
-    snprintf(seen, sizeof seen, "%s %s", key, peer);
-    kh_error_t err;
-    if (dstore_up(self->store) &&
-        kh_throttle_pass(self->auth_seen, seen, zclock_mono()) &&
-        dstore_audit_refused(self->store, key, peer, &err))
-        s_db_failed(self, "audit", &err);
+    s_audit_refused(self, key, peer, "unknown_partner");
     return 0;
 }
 
