@@ -1063,10 +1063,10 @@ static void s_queue_answer(notify_t *self, s_conn_t *conn, zframe_t *identity,
 }
 
 /* Drop conn, registered under a routing id that a frame of another
- * connection now comes with: another key or another socket (s_take).
- * Only a peer that sets its own routing id can take over one, and only
- * once the connection that had it is gone; another key doing so is
- * refused in the trail. */
+ * connection now comes with: another key, another socket, or an id the
+ * peer chose (s_take). Only a peer that sets its own routing id can take
+ * over one, and only once the connection that had it is gone; another
+ * key doing so is refused in the trail. */
 static void s_conn_taken(notify_t *self, s_conn_t *conn, const char *key,
                          const char *peer)
 {
@@ -1093,9 +1093,29 @@ static void s_take(notify_t *self, zframe_t *identity, zmq_msg_t *body,
      * ZMQ_SRCFD for Peer-Address, but an address does not tell two
      * connections apart. */
     int fd = zmq_msg_get(body, ZMQ_SRCFD);
+    /* A DEALER's own routing id comes in its handshake as the Identity
+     * property, "" when it set none (libzmq 4.3 answers nothing to
+     * "Routing-Id" here). The property is read as a C string, so an id
+     * that begins with a zero byte, like ZeroMQ's own, looks like none:
+     * the key and socket checks below cover that one. */
+    const char *chosen = zmq_msg_gets(body, "Identity");
     s_conn_t *known = s_conn_of(self, identity);
-    if (known && (!key || strcmp(key, known->key) != 0 || fd != known->fd))
+    if (known && ((chosen && *chosen) || !key || strcmp(key, known->key) != 0 ||
+                  fd != known->fd))
         s_conn_taken(self, known, key, peer);
+    if (chosen && *chosen) {
+        /* The hub tells its peers apart by routing ids it gives; a peer
+         * that chooses one could take a gone connection's. */
+        kh_log_warn("routing_id_refused", "key=%s peer=%s", key ? key : "none",
+                    peer ? peer : "");
+        s_audit_refused(self, key ? key : "", peer ? peer : "",
+                        "routing_id_chosen");
+        kh_error_set(&err, KH_E_BAD_ENVELOPE, "",
+                     "the connection set its own routing id; a partner's "
+                     "connection must leave it to the hub");
+        s_reject(self, identity, NULL, &err);
+        return;
+    }
     json_t *msg = NULL;
     const char *cid = NULL;
     kh_cmd_t cmd = KH_CMD_UNKNOWN_;

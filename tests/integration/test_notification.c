@@ -1729,6 +1729,43 @@ START_TEST(a_connection_on_a_gone_ones_routing_id_gets_none_of_its_deliveries)
 }
 END_TEST
 
+/* A connection that sets its own routing id is refused and gets nothing;
+ * the refusal is in the trail once. */
+START_TEST(a_connection_that_sets_its_own_routing_id_is_refused)
+{
+    pid_t pid = s_start_slow(30000, 60000);
+    char id[37];
+    s_delivery("avim", "normal", 0, NULL, id);
+    zsock_t *named = s_partner_rid("avim", "avim1", 5);
+    for (int i = 0; i < 2; i++) {
+        khpartner_send(named, kh_proto_new(KH_CMD_HELLO, "h"));
+        json_t *msg = s_next_no_deliver(named, 5000);
+        ck_assert_ptr_nonnull(msg);
+        ck_assert_str_eq(s_str(msg, "cmd"), "REJECTED");
+        ck_assert_str_eq(s_str(msg, "code"), "bad_envelope");
+        json_decref(msg);
+    }
+    ck_assert_ptr_null(s_next_no_deliver(named, 1000));
+    char state[16];
+    ck_assert_str_eq(s_state(id, state), "pending");
+    ck_assert(s_wait_count("SELECT count(*) FROM audit_events WHERE action ="
+                           " 'auth.refused' AND reason_code ="
+                           " 'routing_id_chosen' AND outcome = 'refused'",
+                           1, 3000));
+    /* The same key without a chosen id is served. */
+    zsock_t *avim = s_partner("avim");
+    s_hello(avim, 8);
+    json_t *msg = s_expect(avim, "DELIVER", 5000);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert_str_eq(s_str(msg, "delivery_id"), id);
+    json_decref(msg);
+    ck_assert_ptr_null(s_next_no_deliver(named, 200));
+    zsock_destroy(&named);
+    zsock_destroy(&avim);
+    s_stop(pid);
+}
+END_TEST
+
 static Suite *s_suite(void)
 {
     Suite *suite = suite_create("notification");
@@ -1765,6 +1802,7 @@ static Suite *s_suite(void)
     tcase_add_test(
         rid,
         a_connection_on_a_gone_ones_routing_id_gets_none_of_its_deliveries);
+    tcase_add_test(rid, a_connection_that_sets_its_own_routing_id_is_refused);
     suite_add_tcase(suite, rid);
     TCase *big = tcase_create("backlog");
     tcase_add_checked_fixture(big, s_setup, s_teardown);
