@@ -32,7 +32,7 @@ struct _dstore_t {
 static const char *s_refused_sql =
     "INSERT INTO audit_events (actor_kind, actor_id, action, outcome,"
     " reason_code, origin_service, origin_peer)"
-    " VALUES ('partner', $1, 'auth.refused', 'refused', 'unknown_partner',"
+    " VALUES ('partner', $1, 'auth.refused', 'refused', $3,"
     " 'notification', $2)";
 
 static const char *s_partners_sql =
@@ -455,13 +455,13 @@ int dstore_due_now(dstore_t *self, const char *partner, const char *const *ids,
 }
 
 int dstore_audit_refused(dstore_t *self, const char *key, const char *peer,
-                         kh_error_t *err)
+                         const char *reason, kh_error_t *err)
 {
     char actor[64];
     snprintf(actor, sizeof actor, "key:%s", *key ? key : "none");
-    const char *params[] = {actor, peer};
+    const char *params[] = {actor, peer, reason};
     PGresult *res =
-        s_run(self, S_STATEMENTS, s_refused_sql, 2, params, -1, 0, err);
+        s_run(self, S_STATEMENTS, s_refused_sql, 3, params, -1, 0, err);
     PQclear(res);
     return res ? 0 : -1;
 }

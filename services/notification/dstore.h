@@ -134,10 +134,11 @@ int dstore_ack_wait(dstore_t *self, kh_error_t *err);
 int dstore_nack(dstore_t *self, dstore_answer_t *nack, bool permanent,
                 kh_error_t *err);
 
-/* Record a refused handshake (auth.refused) of key (Z85, "" if none) from
- * peer. 0, or -1 with err. */
+/* Record a refused handshake or connection (auth.refused) of key (Z85, ""
+ * if none) from peer, with its reason code (unknown_partner, or
+ * routing_id_chosen, routing_id_taken: see notify.c). 0, or -1 with err. */
 int dstore_audit_refused(dstore_t *self, const char *key, const char *peer,
-                         kh_error_t *err);
+                         const char *reason, kh_error_t *err);
 
 /* Something a sweep did: kind "dead" (detail: the reason) or "escalated"
  * (detail: the partner that got a copy, or NULL). */

@@ -35,9 +35,16 @@
 #define S_HELD_MAX (KH_WINDOW_MAX * 4) /* DELIVERs that lost their peer */
 #define S_CLAIM_ROWS 1024 /* deliveries one claim statement asks for */
 
-/* One partner connection (a ROUTER peer that said something). */
+/* One partner connection (a ROUTER peer that said something). Its routing
+ * id names it to the ROUTER only while the connection lasts: once it is
+ * gone, ZeroMQ gives the id to the next peer that asks for it. So the
+ * record also holds what only that connection has, its key and its TCP
+ * socket, and goes as soon as either does not match or the socket is
+ * reported closed (s_take, s_monitor_drain). */
 typedef struct {
     zframe_t *identity;
+    char key[41]; /* its ZAP-authenticated key (Z85) */
+    int fd;       /* its socket in ZeroMQ's I/O thread, or -1: unknown */
     char partner[33];
     char peer[64];
     size_t window;
@@ -71,6 +78,7 @@ struct _notify_t {
     zcert_t *cert;
     kh_zap_t *zap; /* handshakes: partners, and the hub's key for wake-ups */
     zsock_t *router;
+    zsock_t *monitor; /* the router's disconnects (ZeroMQ's socket monitor) */
     zsock_t *wake;
     int port;
     dstore_t *store;
@@ -142,17 +150,17 @@ static bool s_partner_connected(notify_t *self, const char *partner,
     return false;
 }
 
-/* The connection of identity, registered for partner if new. NULL on
- * OOM. A key that now belongs to another partner (re-registered) starts
- * over. */
-static s_conn_t *s_conn_get(notify_t *self, zframe_t *identity,
-                            const char *partner, const char *peer)
+/* The connection of identity, registered for partner (with its key and
+ * socket fd) if new. NULL on OOM. A key that now belongs to another
+ * partner (re-registered) starts over. */
+static s_conn_t *s_conn_get(notify_t *self, zframe_t *identity, const char *key,
+                            int fd, const char *partner, const char *peer)
 {
-    char key[600];
-    s_identity_key(identity, key, sizeof key);
-    s_conn_t *conn = zhashx_lookup(self->conns, key);
+    char hex[600];
+    s_identity_key(identity, hex, sizeof hex);
+    s_conn_t *conn = zhashx_lookup(self->conns, hex);
     if (conn && strcmp(conn->partner, partner) != 0) {
-        zhashx_delete(self->conns, key);
+        zhashx_delete(self->conns, hex);
         conn = NULL;
     }
     if (!conn) {
@@ -165,11 +173,13 @@ static s_conn_t *s_conn_get(notify_t *self, zframe_t *identity,
             s_conn_destroy(&conn);
             return NULL;
         }
+        snprintf(conn->key, sizeof conn->key, "%s", key);
+        conn->fd = fd;
         snprintf(conn->partner, sizeof conn->partner, "%s", partner);
         conn->window = self->cfg.window;
         conn->reclaim = !s_partner_connected(self, partner, NULL);
         conn->more = true;
-        zhashx_insert(self->conns, key, conn);
+        zhashx_insert(self->conns, hex, conn);
         kh_log_info("partner_connected", "partner=%s peer=%s window=%zu",
                     partner, peer, conn->window);
     }
@@ -321,6 +331,66 @@ static void s_outgoing_free(void **item)
     *item = NULL;
 }
 
+/* Drop conn (s_conn_drop), also between a round's commit and its sends:
+ * what the round queued for conn never left, so it is not conn's to
+ * re-send; s_outbox_flush sends it on another connection of the partner
+ * or holds it, as the same attempt. */
+static void s_conn_gone(notify_t *self, s_conn_t *conn, const char *why)
+{
+    for (s_outgoing_t *o = zlistx_first(self->outbox); o;
+         o = zlistx_next(self->outbox))
+        if (zframe_eq(o->identity, conn->identity))
+            zhashx_delete(conn->out, o->id);
+    s_conn_drop(self, conn, why);
+}
+
+/* A connection whose socket is fd, or whose socket is unknown; NULL. */
+static s_conn_t *s_conn_on(notify_t *self, int fd)
+{
+    for (s_conn_t *c = zhashx_first(self->conns); c;
+         c = zhashx_next(self->conns))
+        if (c->fd == fd || c->fd < 0)
+            return c;
+    return NULL;
+}
+
+/* Drop the connections whose sockets ZeroMQ reports closed; whether any
+ * went. Until then their routing ids still lead to them, and once the
+ * ROUTER has let go of a gone connection the next peer may take its id:
+ * whatever went to the id would go to that peer. A disconnect event is
+ * queued before its socket is closed, and so before another connection
+ * can have its descriptor or the routing id. A round reads the events
+ * before it claims and again before it sends, so it claims and sends for
+ * live connections only; with none queued that costs one look at the
+ * monitor socket. */
+static bool s_monitor_drain(notify_t *self)
+{
+    bool dropped = false;
+    while (zsock_events(self->monitor) & ZMQ_POLLIN) {
+        zmsg_t *msg = zmsg_recv(self->monitor);
+        if (!msg)
+            break;
+        /* event (16 bits) and value (32: the descriptor), then the
+         * endpoint */
+        zframe_t *head = zmsg_first(msg);
+        uint16_t event = 0;
+        uint32_t fd = 0;
+        if (head && zframe_size(head) == sizeof event + sizeof fd) {
+            memcpy(&event, zframe_data(head), sizeof event);
+            memcpy(&fd, zframe_data(head) + sizeof event, sizeof fd);
+        }
+        zmsg_destroy(&msg);
+        if (event != ZMQ_EVENT_DISCONNECTED)
+            continue;
+        for (s_conn_t *c = s_conn_on(self, (int) fd); c;
+             c = s_conn_on(self, (int) fd)) {
+            s_conn_gone(self, c, "disconnected");
+            dropped = true;
+        }
+    }
+    return dropped;
+}
+
 /* How many more deliveries conn may be claimed: its window less what it
  * has out, where the round's ACK batch already counts as answered, and
  * less its partner's held DELIVERs, which go first. The round claims with
@@ -435,6 +505,21 @@ static void s_db_failed(notify_t *self, const char *what, const kh_error_t *err)
     self->stats.failures++;
     kh_log_warn("db_failed", "during=%s code=%s msg=\"%s\"", what,
                 kh_error_name(err->code), err->message);
+}
+
+/* An auth.refused event for key from peer, with reason: into the trail
+ * once a minute per reason, key and address, since a client that retries
+ * must not flood it. */
+static void s_audit_refused(notify_t *self, const char *key, const char *peer,
+                            const char *reason)
+{
+    char seen[160];
+    snprintf(seen, sizeof seen, "%s %s %s", reason, key, peer);
+    kh_error_t err;
+    if (dstore_up(self->store) &&
+        kh_throttle_pass(self->auth_seen, seen, zclock_mono()) &&
+        dstore_audit_refused(self->store, key, peer, reason, &err))
+        s_db_failed(self, "audit", &err);
 }
 
 /* Whether conn has a reclaim to make now: one waits for credit (a
@@ -906,6 +991,7 @@ static bool s_has_work(notify_t *self)
  * ACKs rather than in the one after. */
 static void s_round(notify_t *self, bool resend)
 {
+    s_monitor_drain(self);
     if (zlistx_size(self->held))
         s_held_flush(self);
     if (self->npending == 0 &&
@@ -940,6 +1026,8 @@ static void s_round(notify_t *self, bool resend)
     }
     s_answers_settle(self, acks >= 0, rc == 0);
     s_answers_reply(self, acks < 0 ? &ack_err : NULL, rc ? &err : NULL);
+    /* A connection that went while the round committed gets none of it. */
+    s_monitor_drain(self);
     if (rc == 0)
         s_outbox_trim(self);
     /* What was held goes first, with the credit the ACKs just freed. */
@@ -992,14 +1080,60 @@ static void s_queue_answer(notify_t *self, s_conn_t *conn, zframe_t *identity,
     }
 }
 
-/* Handle one frame from a partner. */
-static void s_take(notify_t *self, zframe_t *identity, zframe_t *body,
+/* Drop conn, registered under a routing id that a frame of another
+ * connection now comes with: another key, another socket, or an id the
+ * peer chose (s_take). Only a peer that sets its own routing id can take
+ * over one, and only once the connection that had it is gone; another
+ * key doing so is refused in the trail. */
+static void s_conn_taken(notify_t *self, s_conn_t *conn, const char *key,
+                         const char *peer)
+{
+    bool foreign = !key || strcmp(key, conn->key) != 0;
+    if (foreign) {
+        kh_log_warn("routing_id_taken", "partner=%s key=%s peer=%s",
+                    conn->partner, key ? key : "none", peer ? peer : "");
+        s_audit_refused(self, key ? key : "", peer ? peer : "",
+                        "routing_id_taken");
+    }
+    s_conn_gone(self, conn, foreign ? "taken" : "replaced");
+}
+
+/* Handle one frame (body) from a partner's connection. */
+static void s_take(notify_t *self, zframe_t *identity, zmq_msg_t *body,
                    bool extra_frames)
 {
     kh_error_t err;
     kh_error_clear(&err);
-    const char *key = zframe_meta(body, "User-Id");
-    const char *peer = zframe_meta(body, "Peer-Address");
+    const char *key = zmq_msg_gets(body, "User-Id");
+    const char *peer = zmq_msg_gets(body, "Peer-Address");
+    /* The descriptor of the frame's socket (-1: unknown), which the
+     * disconnect events name (s_monitor_drain). ZeroMQ deprecates
+     * ZMQ_SRCFD for Peer-Address, but an address does not tell two
+     * connections apart. */
+    int fd = zmq_msg_get(body, ZMQ_SRCFD);
+    /* A DEALER's own routing id comes in its handshake as the Identity
+     * property, "" when it set none (libzmq 4.3 answers nothing to
+     * "Routing-Id" here). The property is read as a C string, so an id
+     * that begins with a zero byte, like ZeroMQ's own, looks like none:
+     * the key and socket checks below cover that one. */
+    const char *chosen = zmq_msg_gets(body, "Identity");
+    s_conn_t *known = s_conn_of(self, identity);
+    if (known && ((chosen && *chosen) || !key || strcmp(key, known->key) != 0 ||
+                  fd != known->fd))
+        s_conn_taken(self, known, key, peer);
+    if (chosen && *chosen) {
+        /* The hub tells its peers apart by routing ids it gives; a peer
+         * that chooses one could take a gone connection's. */
+        kh_log_warn("routing_id_refused", "key=%s peer=%s", key ? key : "none",
+                    peer ? peer : "");
+        s_audit_refused(self, key ? key : "", peer ? peer : "",
+                        "routing_id_chosen");
+        kh_error_set(&err, KH_E_BAD_ENVELOPE, "",
+                     "the connection set its own routing id; a partner's "
+                     "connection must leave it to the hub");
+        s_reject(self, identity, NULL, &err);
+        return;
+    }
     json_t *msg = NULL;
     const char *cid = NULL;
     kh_cmd_t cmd = KH_CMD_UNKNOWN_;
@@ -1010,7 +1144,7 @@ static void s_take(notify_t *self, zframe_t *identity, zframe_t *body,
     if (extra_frames)
         kh_error_set(&err, KH_E_BAD_ENVELOPE, "",
                      "a message is exactly one frame");
-    else if (kh_msgpack_decode(zframe_data(body), zframe_size(body), &limits,
+    else if (kh_msgpack_decode(zmq_msg_data(body), zmq_msg_size(body), &limits,
                                &msg, &err) == 0 &&
              kh_proto_check(msg, &cmd, &cid, &err) == 0 &&
              cmd != KH_CMD_HELLO && cmd != KH_CMD_ACK && cmd != KH_CMD_NACK &&
@@ -1028,7 +1162,7 @@ static void s_take(notify_t *self, zframe_t *identity, zframe_t *body,
                      "this key belongs to no active partner");
     s_conn_t *conn = NULL;
     if (err.code == KH_E_OK) {
-        conn = s_conn_get(self, identity, partner, peer ? peer : "");
+        conn = s_conn_get(self, identity, key, fd, partner, peer ? peer : "");
         if (!conn)
             kh_error_set(&err, KH_E_NOMEM, "", "out of memory");
     }
@@ -1066,17 +1200,34 @@ static int s_on_router(zloop_t *loop, zsock_t *sock, void *arg)
 {
     (void) loop;
     notify_t *self = arg;
+    void *handle = zsock_resolve(sock);
     for (int i = 0; i < S_READ_MAX && (zsock_events(sock) & ZMQ_POLLIN); i++) {
-        zmsg_t *msg = zmsg_recv(sock);
-        if (!msg)
-            break;
-        zframe_t *identity = zmsg_pop(msg);
-        zframe_t *body = zmsg_pop(msg);
-        if (identity && body)
-            s_take(self, identity, body, zmsg_size(msg) > 0);
+        /* libzmq's own messages: a CZMQ frame does not give its socket's
+         * descriptor (s_take). Routing id, body, and any more frames,
+         * which are read and refused. */
+        zmq_msg_t id, body;
+        zmq_msg_init(&id);
+        zmq_msg_init(&body);
+        int rc = zmq_msg_recv(&id, handle, ZMQ_DONTWAIT);
+        bool whole = rc >= 0 && zmq_msg_more(&id) &&
+                     zmq_msg_recv(&body, handle, ZMQ_DONTWAIT) >= 0;
+        bool extra = whole && zmq_msg_more(&body);
+        for (bool more = extra; more;) {
+            zmq_msg_t rest;
+            zmq_msg_init(&rest);
+            more = zmq_msg_recv(&rest, handle, ZMQ_DONTWAIT) >= 0 &&
+                   zmq_msg_more(&rest);
+            zmq_msg_close(&rest);
+        }
+        zframe_t *identity =
+            whole ? zframe_new(zmq_msg_data(&id), zmq_msg_size(&id)) : NULL;
+        if (identity)
+            s_take(self, identity, &body, extra);
         zframe_destroy(&identity);
-        zframe_destroy(&body);
-        zmsg_destroy(&msg);
+        zmq_msg_close(&id);
+        zmq_msg_close(&body);
+        if (rc < 0)
+            break;
     }
     self->stats.rounds++;
     s_round(self, false);
@@ -1241,15 +1392,18 @@ static int s_on_zap(zloop_t *loop, zsock_t *sock, void *arg)
     if (kh_zap_handle(self->zap, key, peer) == 0)
         return 0;
     kh_log_warn("auth_refused", "key=%s peer=%s", *key ? key : "none", peer);
-    /* Into the trail once a minute per key and address: a client that
-     * retries its handshake must not flood it. */
-    char seen[128];
-    snprintf(seen, sizeof seen, "%s %s", key, peer);
-    kh_error_t err;
-    if (dstore_up(self->store) &&
-        kh_throttle_pass(self->auth_seen, seen, zclock_mono()) &&
-        dstore_audit_refused(self->store, key, peer, &err))
-        s_db_failed(self, "audit", &err);
+    s_audit_refused(self, key, peer, "unknown_partner");
+    return 0;
+}
+
+static int s_on_monitor(zloop_t *loop, zsock_t *sock, void *arg)
+{
+    (void) loop;
+    (void) sock;
+    notify_t *self = arg;
+    /* What the connections that went had out may be due on others now. */
+    if (s_monitor_drain(self))
+        s_round(self, false);
     return 0;
 }
 
@@ -1307,6 +1461,20 @@ notify_t *notify_new(const notify_config_t *config, kh_error_t *err)
      * TCP connection died without a word. */
     zsock_set_heartbeat_ivl(self->router, 1000);
     zsock_set_heartbeat_timeout(self->router, 30000);
+    /* ZeroMQ reports each closed connection with its socket's descriptor
+     * on an inproc PAIR (s_monitor_drain); only disconnects, which are
+     * few and read at once. Set before the bind: none is missed. */
+    char monitor[64];
+    snprintf(monitor, sizeof monitor, "inproc://notify-monitor-%p",
+             (void *) self);
+    if (zmq_socket_monitor(zsock_resolve(self->router), monitor,
+                           ZMQ_EVENT_DISCONNECTED) ||
+        !(self->monitor = zsock_new(ZMQ_PAIR)) ||
+        zsock_connect(self->monitor, "%s", monitor)) {
+        kh_error_set(err, KH_E_INTERNAL, "",
+                     "cannot watch the partners' socket");
+        goto fail;
+    }
     self->port = zsock_bind(self->router, "%s", config->endpoint);
     if (self->port == -1) {
         kh_error_set(err, KH_E_CONFIG, "KH_NOTIFY_ENDPOINT", "cannot bind %s",
@@ -1360,6 +1528,9 @@ void notify_destroy(notify_t **self_p)
         return;
     notify_t *self = *self_p;
     zloop_destroy(&self->loop);
+    if (self->router && self->monitor)
+        zmq_socket_monitor(zsock_resolve(self->router), NULL, 0);
+    zsock_destroy(&self->monitor);
     zsock_destroy(&self->router);
     zsock_destroy(&self->wake);
     kh_zap_destroy(&self->zap);
@@ -1389,6 +1560,7 @@ int notify_run(notify_t *self, int signal_fd)
     zmq_pollitem_t signals = {NULL, signal_fd, ZMQ_POLLIN, 0};
     if (zloop_reader(self->loop, kh_zap_socket(self->zap), s_on_zap, self) ||
         zloop_reader(self->loop, self->router, s_on_router, self) ||
+        zloop_reader(self->loop, self->monitor, s_on_monitor, self) ||
         (self->wake && zloop_reader(self->loop, self->wake, s_on_wake, self)) ||
         zloop_poller(self->loop, &signals, s_on_signal, self) ||
         zloop_timer(self->loop, (size_t) self->cfg.sweep_ms, 0, s_on_tick,

@@ -220,6 +220,30 @@ static const char *s_str(const json_t *msg, const char *key)
     return value ? value : "";
 }
 
+/* A partner's DEALER that sets its own routing id (rid, len bytes), which
+ * the reference client never does: a test's way to take another
+ * connection's id, or to be refused for choosing one. */
+static zsock_t *s_partner_rid(const char *id, const char *rid, size_t len)
+{
+    char name[128];
+    snprintf(name, sizeof name, "%s.cert", id);
+    zcert_t *mine = zcert_load(s_path(name));
+    zcert_t *hub = zcert_load(s_path("hub.cert"));
+    ck_assert(mine && hub);
+    zsock_t *dealer = zsock_new(ZMQ_DEALER);
+    ck_assert_ptr_nonnull(dealer);
+    zcert_apply(mine, dealer);
+    zsock_set_curve_serverkey(dealer, zcert_public_txt(hub));
+    zsock_set_linger(dealer, 0);
+    zsock_set_rcvtimeo(dealer, 3000);
+    ck_assert_int_eq(
+        zmq_setsockopt(zsock_resolve(dealer), ZMQ_ROUTING_ID, rid, len), 0);
+    ck_assert_int_eq(zsock_connect(dealer, "%s", s_endpoint), 0);
+    zcert_destroy(&mine);
+    zcert_destroy(&hub);
+    return dealer;
+}
+
 /* HELLO with window and wait for WELCOME (DELIVERs that come first are
  * kept back by the caller's next s_recv: none can come before it). */
 static void s_hello(zsock_t *sock, int window)
@@ -760,12 +784,12 @@ START_TEST(a_partner_that_reconnects_gets_its_deliveries_at_once)
         ck_assert_ptr_nonnull(acked);
         json_decref(acked);
     }
-    /* The partner's socket goes without a word; a new one says HELLO
-     * while the hub still has the old connection registered. New
-     * deliveries, more than the new connection's window: some are claimed
-     * for the old connection, whose sends fail. The one left
-     * unacknowledged on the old connection comes again on the new one, at
-     * once, as its second attempt (the last of the list). */
+    /* The partner's socket goes without a word; ZeroMQ reports it closed
+     * and the hub forgets the connection. New deliveries, more than the new
+     * connection's window, go to the new one only: none is claimed for the
+     * old one, whose routing id another peer may have taken by then. The
+     * one left unacknowledged on the old connection comes again on the new
+     * one, at once, as its second attempt (the last of the list). */
     zsock_destroy(&first);
     zclock_sleep(200);
     zsock_t *second = NULL;
@@ -779,7 +803,7 @@ START_TEST(a_partner_that_reconnects_gets_its_deliveries_at_once)
         s_delivery("avim", "normal", 0, NULL, want[i]);
     khtest_db_exec(s_db, "COMMIT", 0, NULL);
     if (gone_first) {
-        ck_assert(s_log_has("notification.log", "reason=unreachable", 5000));
+        ck_assert(s_log_has("notification.log", "reason=disconnected", 5000));
         second = s_partner("avim");
         s_hello(second, 2);
     }
@@ -799,9 +823,10 @@ START_TEST(a_partner_that_reconnects_gets_its_deliveries_at_once)
                                           : "the "
                                             "unacknowledged one",
                       i);
-    ck_assert(s_log_has("notification.log", "reason=unreachable", 1000));
-    /* What the old connection could not take went out on the new one. */
-    ck_assert(s_log_has("notification.log", "event=delivery_moved", 1000));
+    /* Nothing was sent to the old connection's routing id. */
+    ck_assert(s_log_has("notification.log", "reason=disconnected", 0));
+    ck_assert(!s_log_has("notification.log", "reason=unreachable", 0));
+    ck_assert(!s_log_has("notification.log", "event=delivery_moved", 0));
     ck_assert(s_wait_count("SELECT count(*) FROM deliveries WHERE state ="
                            " 'acknowledged'",
                            S_RECONNECT_OLD + S_RECONNECT_NEW, 5000));
@@ -1765,6 +1790,115 @@ START_TEST(a_gone_connections_deliveries_wait_for_room_on_another)
 }
 END_TEST
 
+/* The next message on sock within timeout_ms, or NULL; never a DELIVER
+ * (the caller's socket has none due). */
+static json_t *s_next_no_deliver(zsock_t *sock, int timeout_ms)
+{
+    json_t *msg = khpartner_recv(sock, timeout_ms);
+    ck_assert_msg(!msg || strcmp(s_str(msg, "cmd"), "DELIVER") != 0,
+                  "got a DELIVER of referral %s meant for another partner",
+                  s_str(msg, "referral_id"));
+    return msg;
+}
+
+/* A connection that goes leaves its routing id free; another partner's
+ * connection that takes it, silent or not, gets none of the deliveries of
+ * the one that went, which come to that partner's next connection. The
+ * routing id begins with a zero byte, as ZeroMQ's own do: one the hub
+ * cannot tell apart from an id it gave. */
+START_TEST(a_connection_on_a_gone_ones_routing_id_gets_none_of_its_deliveries)
+{
+    /* An ACK timeout and a silence limit far beyond the test's waits: only
+     * noticing that avim's connection went keeps its deliveries off the
+     * routing id. */
+    pid_t pid = s_start_slow(30000, 60000);
+    static const char rid[] = "\0kh-a";
+    zsock_t *avim = s_partner_rid("avim", rid, 5);
+    s_hello(avim, 8);
+    zsock_destroy(&avim);
+    zclock_sleep(300);
+    /* Another partner's connection takes the routing id (its handshake
+     * done, it is the id's peer) and says nothing while a delivery for
+     * avim comes, for longer than several sweeps. */
+    zsock_t *zc = s_partner_rid("zorgcoordinator", rid, 5);
+    zclock_sleep(300);
+    char id[37];
+    s_delivery("avim", "urgent", 0, NULL, id);
+    ck_assert_ptr_null(s_next_no_deliver(zc, 1500));
+    /* A bad frame is refused and changes nothing; a HELLO is its own. */
+    zstr_send(zc, "not messagepack");
+    json_t *msg = s_next_no_deliver(zc, 5000);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert_str_eq(s_str(msg, "cmd"), "REJECTED");
+    ck_assert_str_eq(s_str(msg, "code"), "malformed");
+    json_decref(msg);
+    ck_assert_ptr_null(s_next_no_deliver(zc, 500));
+    json_t *hello = kh_proto_new(KH_CMD_HELLO, "h");
+    khpartner_send(zc, hello);
+    msg = s_next_no_deliver(zc, 5000);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert_str_eq(s_str(msg, "cmd"), "WELCOME");
+    ck_assert_str_eq(s_str(msg, "partner"), "zorgcoordinator");
+    json_decref(msg);
+    ck_assert_ptr_null(s_next_no_deliver(zc, 1000));
+    /* avim's next connection gets it, as its first attempt. */
+    avim = s_partner("avim");
+    s_hello(avim, 8);
+    msg = s_expect(avim, "DELIVER", 5000);
+    ck_assert_msg(msg != NULL, "the delivery did not come to avim");
+    ck_assert_str_eq(s_str(msg, "delivery_id"), id);
+    ck_assert_int_eq(json_integer_value(json_object_get(msg, "attempt")), 1);
+    json_decref(msg);
+    ck_assert_ptr_null(s_next_no_deliver(zc, 200));
+    char state[16];
+    ck_assert_str_eq(s_state(id, state), "delivered");
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
+                             " = 'delivery.sent'"),
+                     1);
+    ck_assert(s_log_has("notification.log", "reason=disconnected", 0));
+    zsock_destroy(&avim);
+    zsock_destroy(&zc);
+    s_stop(pid);
+}
+END_TEST
+
+/* A connection that sets its own routing id is refused and gets nothing;
+ * the refusal is in the trail once. */
+START_TEST(a_connection_that_sets_its_own_routing_id_is_refused)
+{
+    pid_t pid = s_start_slow(30000, 60000);
+    char id[37];
+    s_delivery("avim", "normal", 0, NULL, id);
+    zsock_t *named = s_partner_rid("avim", "avim1", 5);
+    for (int i = 0; i < 2; i++) {
+        khpartner_send(named, kh_proto_new(KH_CMD_HELLO, "h"));
+        json_t *msg = s_next_no_deliver(named, 5000);
+        ck_assert_ptr_nonnull(msg);
+        ck_assert_str_eq(s_str(msg, "cmd"), "REJECTED");
+        ck_assert_str_eq(s_str(msg, "code"), "bad_envelope");
+        json_decref(msg);
+    }
+    ck_assert_ptr_null(s_next_no_deliver(named, 1000));
+    char state[16];
+    ck_assert_str_eq(s_state(id, state), "pending");
+    ck_assert(s_wait_count("SELECT count(*) FROM audit_events WHERE action ="
+                           " 'auth.refused' AND reason_code ="
+                           " 'routing_id_chosen' AND outcome = 'refused'",
+                           1, 3000));
+    /* The same key without a chosen id is served. */
+    zsock_t *avim = s_partner("avim");
+    s_hello(avim, 8);
+    json_t *msg = s_expect(avim, "DELIVER", 5000);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert_str_eq(s_str(msg, "delivery_id"), id);
+    json_decref(msg);
+    ck_assert_ptr_null(s_next_no_deliver(named, 200));
+    zsock_destroy(&named);
+    zsock_destroy(&avim);
+    s_stop(pid);
+}
+END_TEST
+
 static Suite *s_suite(void)
 {
     Suite *suite = suite_create("notification");
@@ -1798,6 +1932,14 @@ static Suite *s_suite(void)
     tcase_add_test(tc, sent_deliveries_are_read_by_key_or_due_time);
     tcase_add_test(tc, batch_statements_join_no_ctes_row_by_row);
     suite_add_tcase(suite, tc);
+    TCase *rid = tcase_create("routing_id");
+    tcase_add_checked_fixture(rid, s_setup, s_teardown);
+    tcase_set_timeout(rid, 60);
+    tcase_add_test(
+        rid,
+        a_connection_on_a_gone_ones_routing_id_gets_none_of_its_deliveries);
+    tcase_add_test(rid, a_connection_that_sets_its_own_routing_id_is_refused);
+    suite_add_tcase(suite, rid);
     TCase *big = tcase_create("backlog");
     tcase_add_checked_fixture(big, s_setup, s_teardown);
     tcase_set_timeout(big, 280);
