@@ -137,13 +137,14 @@ static const char *s_claim_pending_sql =
 /* clang-format on */
 
 /* $1 ids, $2 partners, $3 peers (arrays of the same length). An ACK
- * counts for a delivery of that partner that was sent at least once and is
- * not acknowledged yet (a dead letter that the partner did take is
- * acknowledged after all). Returns per request, in order, done, duplicate
- * or not_found. Every step joins on the request's number: a batch costs
- * the same per ACK whatever its size (no request scans another's rows),
- * and the deliveries are looked up again only for the ACKs that changed
- * nothing (duplicate or not_found). */
+ * counts for a delivery of that partner that was sent at least once (ever:
+ * sent_at, since an administrator's retry of a dead letter starts its
+ * attempts again) and is not acknowledged yet (a dead letter that the
+ * partner did take, retried or not, is acknowledged after all). Returns per
+ * request, in order, done, duplicate or not_found. Every step joins on the
+ * request's number: a batch costs the same per ACK whatever its size (no
+ * request scans another's rows), and the deliveries are looked up again only
+ * for the ACKs that changed nothing (duplicate or not_found). */
 static const char *s_ack_sql =
     "WITH req AS ("
     " SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[])"
@@ -152,7 +153,7 @@ static const char *s_ack_sql =
     " UPDATE deliveries d SET state = 'acknowledged', acked_at = now(),"
     "  updated_at = now(), dead_reason = NULL"
     " FROM req WHERE d.id = req.id AND d.partner_id = req.partner"
-    "  AND d.attempts > 0 AND d.state <> 'acknowledged'"
+    "  AND d.sent_at IS NOT NULL AND d.state <> 'acknowledged'"
     " RETURNING req.n, d.id, d.referral_id, d.partner_id, d.payload_hash,"
     "  req.peer, extract(epoch FROM now() - d.sent_at) AS wait),"
     " rest AS ("
@@ -160,7 +161,8 @@ static const char *s_ack_sql =
     "  (SELECT 1 FROM acked WHERE acked.n = req.n)),"
     " known AS ("
     " SELECT rest.n FROM rest JOIN deliveries d"
-    "  ON d.id = rest.id AND d.partner_id = rest.partner AND d.attempts > 0),"
+    "  ON d.id = rest.id AND d.partner_id = rest.partner"
+    "  AND d.sent_at IS NOT NULL),"
     " audit AS ("
     " INSERT INTO audit_events (actor_kind, actor_id, action, referral_id,"
     "  delivery_id, partner_id, outcome, reason_code, payload_hash,"
@@ -210,10 +212,10 @@ static const char *s_nack_sql =
     " SELECT 'partner', $2, 'delivery.nacked', NULL, $1, NULL, 'refused',"
     "  'not_found', NULL, 'notification', $3"
     "  WHERE NOT EXISTS (SELECT 1 FROM deliveries"
-    "   WHERE id = $1 AND partner_id = $2 AND attempts > 0))"
+    "   WHERE id = $1 AND partner_id = $2 AND sent_at IS NOT NULL))"
     " SELECT coalesce((SELECT state FROM upd),"
     "  (SELECT 'unchanged' FROM deliveries"
-    "   WHERE id = $1 AND partner_id = $2 AND attempts > 0), 'not_found')";
+    "   WHERE id = $1 AND partner_id = $2 AND sent_at IS NOT NULL), 'not_found')";
 /* clang-format on */
 
 /* $1 max attempts, $2 max age s. At most 1000 of each kind per sweep.

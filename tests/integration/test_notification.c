@@ -488,6 +488,37 @@ START_TEST(an_ack_whose_commit_fails_is_not_acked)
 }
 END_TEST
 
+/* A partner that took a delivery and ACKs it late, after it became a
+ * dead letter and an administrator retried it (its attempts start again
+ * from 0), has it acknowledged: it was sent, and the partner has it. */
+START_TEST(a_late_ack_of_a_retried_dead_letter_counts)
+{
+    char id[37];
+    s_delivery("avim", "normal", 1000, NULL, id);
+    pid_t pid = s_start("notification.log", NULL, NULL);
+    zsock_t *avim = s_partner("avim");
+    s_hello(avim, 1);
+    json_t *msg = s_expect(avim, "DELIVER", 5000);
+    ck_assert_ptr_nonnull(msg);
+    json_decref(msg);
+    /* Dead, then retried as deadletters retry does, not yet due. */
+    const char *params[] = {id};
+    khtest_db_exec(s_db,
+                   "UPDATE deliveries SET state = 'pending', attempts = 0,"
+                   " next_attempt_at = now() + interval '1 hour',"
+                   " dead_reason = NULL WHERE id = $1",
+                   1, params);
+    s_answer(avim, id, NULL);
+    msg = s_expect(avim, "ACKED", 5000);
+    ck_assert_msg(msg != NULL, "the late ACK was refused");
+    json_decref(msg);
+    char state[16];
+    ck_assert_str_eq(s_state(id, state), "acknowledged");
+    zsock_destroy(&avim);
+    s_stop(pid);
+}
+END_TEST
+
 START_TEST(unacknowledged_is_resent_with_its_id_then_dead)
 {
     char id[37];
@@ -1908,6 +1939,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, offline_backlog_drains_in_order_within_the_window);
     tcase_add_test(tc, ack_twice_changes_once_and_foreign_ack_is_refused);
     tcase_add_test(tc, an_ack_whose_commit_fails_is_not_acked);
+    tcase_add_test(tc, a_late_ack_of_a_retried_dead_letter_counts);
     tcase_add_test(tc, overdue_resends_take_credit_like_new_deliveries);
     tcase_add_test(tc, unacknowledged_is_resent_with_its_id_then_dead);
     tcase_add_test(tc, nack_retry_resends_and_nack_permanent_is_dead_at_once);
