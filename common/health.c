@@ -806,7 +806,21 @@ void kh_health_destroy(kh_health_t **self_p)
         self->stop = true;
         pthread_cond_signal(&self->wake);
         pthread_mutex_unlock(&self->mutex);
-        pthread_join(self->probe, NULL);
+        /* A probe can hang in the host name's lookup, which no libpq
+         * timeout bounds (with the database's container gone, a lookup
+         * waits for the resolver's timeouts, 10 s and more): the service
+         * stops without it rather than be killed, and leaves it what it
+         * uses. */
+        struct timespec until;
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_sec += S_PROBE_WAIT_MS / 1000;
+        if (pthread_timedjoin_np(self->probe, NULL, &until) != 0) {
+            kh_log_warn("health_probe_left", "msg=\"the database probe did "
+                                             "not end in time\"");
+            pthread_detach(self->probe);
+            *self_p = NULL;
+            return;
+        }
     }
     pthread_cond_destroy(&self->wake);
     pthread_mutex_destroy(&self->mutex);

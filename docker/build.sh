@@ -23,9 +23,9 @@
 #                     with debootstrap when missing)
 #   KH_DEBIAN_MIRROR  mirror for debootstrap (default: the one apt uses)
 #
-# Needs root: it installs podman, podman-compose, buildah, runc and
-# debootstrap with apt-get when missing, and sets podman to use runc with
-# ulimits this VM allows.
+# Needs root: it installs podman, podman-compose, buildah, runc,
+# debootstrap and the CNI plugins with dnsname with apt-get when missing,
+# and sets podman to use runc with ulimits this VM allows, and CNI.
 set -eu
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -62,7 +62,8 @@ die() {
 
 setup_podman() {
   missing=""
-  for p in podman podman-compose buildah runc debootstrap; do
+  for p in podman podman-compose buildah runc debootstrap \
+    containernetworking-plugins golang-github-containernetworking-plugin-dnsname; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null |
       grep -q "install ok installed" || missing="$missing $p"
   done
@@ -74,14 +75,22 @@ setup_podman() {
       --no-install-recommends $missing >/dev/null
   fi
   # crun refuses this VM's hybrid cgroups; podman's default ulimits are
-  # above what the VM allows. A drop-in leaves containers.conf alone.
+  # above what the VM allows. The services find each other by name: CNI
+  # with its dnsname plugin, which answers for the network's containers
+  # alone (apt may give podman netavark instead, which without aardvark-dns
+  # resolves no names, and with it asks the host's resolvers about a
+  # container that stopped, for 10 s and more where they cannot be
+  # reached). A drop-in leaves containers.conf alone.
   conf=/etc/containers/containers.conf.d/50-ketenhub.conf
   want='# written by ketenhub docker/build.sh
 [containers]
 default_ulimits = ["nofile=20000:20000", "nproc=4096:4096"]
 
 [engine]
-runtime = "runc"'
+runtime = "runc"
+
+[network]
+network_backend = "cni"'
   if [ "$(cat "$conf" 2>/dev/null || true)" != "$want" ]; then
     mkdir -p "$(dirname "$conf")"
     printf '%s\n' "$want" >"$conf"
