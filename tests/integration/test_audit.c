@@ -973,6 +973,23 @@ START_TEST(sealer_refuses_a_head_below_its_checkpoint)
     kh_trail_sealer_destroy(&sealer);
     ck_assert_int_eq(khtest_db_count(s_db, count_sql), before);
 
+    /* ketenhubctl status says so (and fails). */
+    char *conninfo = khtest_db_conninfo(S_DB);
+    setenv("KH_DATABASE_URL", conninfo, 1);
+    char *out = NULL;
+    ck_assert_int_eq(KHTEST_CTL(&out, "status", "--json", "--intake", "none",
+                                "--routing", "none", "--notification", "none",
+                                "--audit", "none"),
+                     1);
+    ck_assert_msg(strstr(out, "\"trail_broken\": true"), "%s", out);
+    free(out);
+    ck_assert_int_eq(KHTEST_CTL(&out, "status", "--intake", "none", "--routing",
+                                "none", "--notification", "none", "--audit",
+                                "none"),
+                     1);
+    ck_assert_msg(strstr(out, "THE TRAIL IS BROKEN"), "%s", out);
+    free(out);
+
     /* The audit service: an alert, no seal, no checkpoint, still up. */
     char *dir = khtest_tmpdir();
     char sk_path[512], pk_path[512], log[512], env_db[1200], env_key[600];
@@ -980,7 +997,6 @@ START_TEST(sealer_refuses_a_head_below_its_checkpoint)
     snprintf(pk_path, sizeof pk_path, "%s/hub-audit.pub", dir);
     snprintf(log, sizeof log, "%s/audit.log", dir);
     ck_assert_int_eq(kh_trail_keygen(sk_path, pk_path, false, &err), 0);
-    char *conninfo = khtest_db_conninfo(S_DB);
     snprintf(env_db, sizeof env_db, "KH_DATABASE_URL=%s", conninfo);
     snprintf(env_key, sizeof env_key, "KH_AUDIT_KEY=%s", sk_path);
     char *env[] = {env_db, env_key, "KH_AUDIT_POLL_MS=10",

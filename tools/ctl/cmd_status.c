@@ -68,9 +68,9 @@ static void s_usage(FILE *out)
             "  --audit H:P         likewise ($KH_AUDIT_HEALTH, 9704)\n"
             "  --json              one JSON document, for scripts\n"
             "\n"
-            "exit status: 0 all up, 1 something down or the database "
-            "unreachable,\n"
-            "2 usage\n");
+            "exit status: 0 all up, 1 something down, the database "
+            "unreachable or the\n"
+            "trail's seals broken, 2 usage\n");
 }
 
 /* "http://h:p/" -> "h:p" in buf. */
@@ -194,6 +194,13 @@ static json_t *s_database(json_t **partners)
                     "SELECT seq, " S_TS("at") " FROM audit_trail_checkpoints"
                                               " ORDER BY seq DESC LIMIT 1",
                     db, k_cp, n_cp);
+    /* Seals that stop below the last checkpoint were removed: the sealer
+     * then seals nothing more (trail_broken), and only verify says where. */
+    const json_t *cp = json_object_get(db, "checkpoint_seq");
+    if (rc == 0 && cp &&
+        json_integer_value(json_object_get(db, "trail_sealed")) <
+            json_integer_value(cp))
+        json_object_set_new(db, "trail_broken", json_true());
     rc = rc ? rc
             : s_row(conn,
                     /* As their indexes name them (migrations/003, 006). */
@@ -287,6 +294,10 @@ static void s_print_text(const json_t *doc)
                s_int(db, "checkpoint_seq"), s_str(db, "checkpoint_at", ""));
     else
         printf("last checkpoint   none\n");
+    if (json_object_get(db, "trail_broken"))
+        printf("TRAIL BROKEN      the seals stop below the last checkpoint: "
+               "seals were removed;\n                  nothing is sealed "
+               "until that is repaired (ketenhubctl audit verify)\n");
     printf("dead letters      %lld\nescalations open  %lld\n",
            s_int(db, "dead_letters"), s_int(db, "escalations_open"));
     printf("backlog (unacknowledged deliveries per partner)\n");
@@ -368,7 +379,7 @@ int ctl_status(int argc, char **argv)
     json_t *partners = NULL;
     json_t *db = s_database(&partners);
     ok = ok && json_is_true(json_object_get(db, "reachable")) &&
-         !json_object_get(db, "error");
+         !json_object_get(db, "error") && !json_object_get(db, "trail_broken");
     json_t *doc =
         json_pack("{s:s, s:b, s:o, s:o, s:o}", "version", kh_version(), "ok",
                   ok, "services", list, "database", db, "partners", partners);
@@ -383,7 +394,9 @@ int ctl_status(int argc, char **argv)
         free(text);
     } else {
         printf("ketenhub %s: %s\n", kh_version(),
-               ok ? "all up" : "SOMETHING IS DOWN");
+               ok                                    ? "all up"
+               : json_object_get(db, "trail_broken") ? "THE TRAIL IS BROKEN"
+                                                     : "SOMETHING IS DOWN");
         s_print_text(doc);
     }
     json_decref(doc);
