@@ -62,15 +62,17 @@ static void s_delivery(const char *ref, const char *partner, const char *state,
              "INSERT INTO deliveries (id, referral_id, partner_id, priority,"
              " payload, payload_hash, state, rules_version, attempts,"
              " dead_reason, acked_at, escalate_to, escalation_payload,"
-             " escalation_payload_hash) VALUES (gen_random_uuid(), '%s', '%s',"
-             " 'urgent', " PAYLOAD ", sha256(" PAYLOAD "), '%s', 'r1', 1, %s,"
-             " %s, %s, %s, %s)",
+             " escalation_payload_hash, updated_at) VALUES (gen_random_uuid(),"
+             " '%s', '%s', 'urgent', " PAYLOAD ", sha256(" PAYLOAD "), '%s',"
+             " 'r1', 1, %s, %s, %s, %s, %s, now() - interval '%s days')",
              ref, partner, state,
              strcmp(state, "dead") == 0 ? "'max_attempts'" : "NULL",
              strcmp(state, "acknowledged") == 0 ? "now()" : "NULL",
              escalate ? "'zorgcoordinator'" : "NULL",
              escalate ? PAYLOAD : "NULL",
-             escalate ? "sha256(" PAYLOAD ")" : "NULL");
+             escalate ? "sha256(" PAYLOAD ")" : "NULL",
+             /* a dead letter dead as long as its referral is old */
+             strcmp(state, "dead") == 0 ? "400" : "0");
     s_sql(s_conn, sql);
 }
 
@@ -288,11 +290,21 @@ START_TEST(test_purge_done_referrals_only)
     free(out);
     ck_assert_int_eq(s_count(s_all_events), events + 3);
 
-    /* Its dead letter back (a partner refused it for good), R_DEAD is done
-     * again; purged, it can no longer be retried. */
-    s_sql(s_conn, "UPDATE deliveries SET state = 'dead', dead_reason ="
-                  " 'nack_permanent' WHERE referral_id = '" R_DEAD
-                  "' AND state = 'pending'");
+    /* Its dead letter back (a partner refused it for good): dead since
+     * the cutoff, it is the administrator's to retry, and kept. */
+    s_sql(s_conn,
+          "UPDATE deliveries SET state = 'dead', dead_reason ="
+          " 'nack_permanent', updated_at = now() WHERE referral_id = '" R_DEAD
+          "' AND state = 'pending'");
+    ck_assert_int_eq(KHTEST_CTL(&out, "purge", "--older-than", "365"), 0);
+    ck_assert_msg(strstr(out, "purged 0 referrals (0 deliveries)"), "%s", out);
+    free(out);
+    ck_assert_int_eq(s_payloads(R_DEAD), 3);
+    /* Dead for as long as the retention: done; purged, it can no longer
+     * be retried. */
+    s_sql(s_conn,
+          "UPDATE deliveries SET updated_at = now() - interval"
+          " '400 days' WHERE referral_id = '" R_DEAD "' AND state = 'dead'");
     ck_assert_int_eq(KHTEST_CTL(&out, "purge", "--older-than", "365"), 0);
     ck_assert_msg(strstr(out, "purged 1 referral (2 deliveries)"), "%s", out);
     free(out);

@@ -47,7 +47,8 @@ static void s_usage(FILE *out)
             "Erase the personal data of the referrals accepted before a "
             "cutoff whose work\n"
             "is done (routed or unroutable, every delivery acknowledged or "
-            "dead): the\n"
+            "dead since\n"
+            "before the cutoff): the\n"
             "referral's payload and its deliveries' payloads become NULL. "
             "Ids, states,\n"
             "times and payload hashes stay, so the audit trail stays whole "
@@ -55,8 +56,10 @@ static void s_usage(FILE *out)
             "Each purged referral gets a referral.purged audit event naming "
             "you, in the\n"
             "same transaction. Referrals still in work are kept, however "
-            "old. A dead\n"
-            "letter that is purged can no longer be retried.\n"
+            "old, and so are\n"
+            "those with a dead letter that died after the cutoff. A dead "
+            "letter that is\n"
+            "purged can no longer be retried.\n"
             "\n"
             "  --before TIME      cutoff: a PostgreSQL timestamp "
             "(2025-11-29,\n"
@@ -86,12 +89,15 @@ static const char s_cutoff_days_sql[] =
     S_CUTOFF("now() - make_interval(days => $1::int)");
 
 /* clang-format off */
-/* Whether the referral r is done: routed or set aside as unroutable, and no
- * delivery of it pending or delivered. */
-#define S_DONE(r)                                                              \
+/* Whether the referral r is done by the cutoff: routed or set aside as
+ * unroutable, and no delivery of it pending or delivered, nor dead since
+ * the cutoff: a dead letter is the administrator's to retry, and its
+ * retention runs from when it died, not from when its referral came. */
+#define S_DONE(r, cutoff)                                                      \
     r ".state IN ('routed', 'unroutable') AND NOT EXISTS (SELECT 1"            \
     " FROM deliveries d WHERE d.referral_id = " r ".id"                        \
-    " AND d.state IN ('pending', 'delivered'))"
+    " AND (d.state IN ('pending', 'delivered')"                                \
+    " OR (d.state = 'dead' AND d.updated_at >= " cutoff ")))"
 
 /* $1 cutoff: the referrals to purge and their deliveries with a payload,
  * and the referrals before the cutoff kept because they are in work. */
@@ -99,7 +105,7 @@ static const char s_count_sql[] =
     "SELECT count(*) FILTER (WHERE done),"
     " coalesce(sum(dlv) FILTER (WHERE done), 0),"
     " count(*) FILTER (WHERE NOT done)"
-    " FROM (SELECT " S_DONE("r") " AS done,"
+    " FROM (SELECT " S_DONE("r", "$1::timestamptz") " AS done,"
     "  (SELECT count(*) FROM deliveries d WHERE d.referral_id = r.id"
     "   AND (d.payload IS NOT NULL OR d.escalation_payload IS NOT NULL))"
     "  AS dlv"
@@ -111,7 +117,7 @@ static const char s_count_sql[] =
 static const char s_lock_sql[] =
     "SELECT r.id FROM referrals r WHERE r.accepted_at < $2::timestamptz"
     " AND r.payload IS NOT NULL AND r.id <> ALL ($1::uuid[])"
-    " AND " S_DONE("r")
+    " AND " S_DONE("r", "$2::timestamptz")
     " ORDER BY r.accepted_at LIMIT $3::int"
     " FOR NO KEY UPDATE OF r SKIP LOCKED";
 
@@ -129,14 +135,15 @@ static const char s_lock_deliveries_sql[] =
     " FROM unnest($1::uuid[]) r(id)"
     " LEFT JOIN counted c ON c.referral_id = r.id";
 
-/* $1 the batch's ids, $2 the administrator, $3 the host. Checks once more
+/* $1 the batch's ids, $2 the administrator, $3 the host, $4 the cutoff.
+ * Checks once more
  * (on a snapshot taken after the locks) that each referral is done, erases
  * the payloads and writes the events. Returns the referrals and
  * deliveries purged. */
 static const char s_purge_sql[] =
     "WITH done AS (SELECT r.id, r.payload_hash FROM referrals r"
     "  WHERE r.id = ANY ($1::uuid[]) AND r.payload IS NOT NULL"
-    "  AND " S_DONE("r") "),"
+    "  AND " S_DONE("r", "$4::timestamptz") "),"
     " refs AS (UPDATE referrals r SET payload = NULL FROM done"
     "  WHERE r.id = done.id RETURNING r.id),"
     " dels AS (UPDATE deliveries d SET payload = NULL,"
@@ -237,8 +244,8 @@ static int s_batch(PGconn *conn, const char *cutoff, const char *batch,
     }
     long referrals = 0, deliveries = 0;
     if (locked > 0) {
-        const char *params[] = {NULL, origin->actor, origin->host};
-        res = s_query(conn, s_purge_sql, 3, &a->whole, params, "cannot purge",
+        const char *params[] = {NULL, origin->actor, origin->host, cutoff};
+        res = s_query(conn, s_purge_sql, 4, &a->whole, params, "cannot purge",
                       err);
         if (res) {
             referrals = atol(PQgetvalue(res, 0, 0));
