@@ -644,6 +644,48 @@ static long s_conflict_events(const json_t *payload)
     return s_count(sql);
 }
 
+/* Send, on a new DEALER, a SUBMIT of first under KEY-hold (cid "hold")
+ * while *holder (s_hold_key) holds that key, so that its batch waits at
+ * its commit; then first and other under key (cids "first" and "other"),
+ * which wait together for the same next batch. */
+static zsock_t *s_send_pair_in_one_batch(const char *key, json_t *first,
+                                         json_t *other, PGconn **holder)
+{
+    char hold[64];
+    snprintf(hold, sizeof hold, "%s-hold", key);
+    *holder = s_hold_key(hold, first);
+    zsock_t *dealer = s_dealer(S_TIMEOUT);
+    zframe_t *frame = s_frame(s_submit_envelope(hold, first), "hold");
+    zframe_send(&frame, dealer, 0);
+    zclock_sleep(300);
+    frame = s_frame(s_submit_envelope(key, first), "first");
+    zframe_send(&frame, dealer, 0);
+    frame = s_frame(s_submit_envelope(key, other), "other");
+    zframe_send(&frame, dealer, 0);
+    return dealer;
+}
+
+/* The three replies to s_send_pair_in_one_batch, by cid: hold, first,
+ * other; then the DEALER is closed. */
+static void s_pair_replies(zsock_t **dealer, json_t *replies[3])
+{
+    for (int i = 0; i < 3; i++)
+        replies[i] = NULL;
+    for (int i = 0; i < 3; i++) {
+        zframe_t *frame = zframe_recv(*dealer);
+        if (!frame)
+            break;
+        json_t *reply = s_decoded(&frame);
+        const char *cid = s_str(reply, "cid");
+        replies[!strcmp(cid, "hold")    ? 0
+                : !strcmp(cid, "first") ? 1
+                                        : 2] = reply;
+    }
+    zsock_destroy(dealer);
+    for (int i = 0; i < 3; i++)
+        ck_assert_msg(replies[i] != NULL, "request %d not answered", i);
+}
+
 /* Two referrals under one key in the same batch: the first is accepted,
  * the second refused, and both answers are in the trail, as they are when
  * the two come in different batches. */
@@ -653,31 +695,13 @@ START_TEST(a_conflict_within_a_batch_is_audited)
     json_t *other = json_deep_copy(first);
     json_object_set_new(other, "summary", json_string("another referral"));
 
-    /* A batch held at its commit, so that the next two requests wait in
-     * the same next batch. */
-    PGconn *holder = s_hold_key("pair-hold", first);
-    zsock_t *dealer = s_dealer(S_TIMEOUT);
-    zframe_t *frame = s_frame(s_submit_envelope("pair-hold", first), "hold");
-    zframe_send(&frame, dealer, 0);
-    zclock_sleep(300);
-    frame = s_frame(s_submit_envelope("pair-1", first), "first");
-    zframe_send(&frame, dealer, 0);
-    frame = s_frame(s_submit_envelope("pair-1", other), "other");
-    zframe_send(&frame, dealer, 0);
+    PGconn *holder;
+    zsock_t *dealer = s_send_pair_in_one_batch("pair-1", first, other, &holder);
     zclock_sleep(300);
     khtest_db_exec(holder, "ROLLBACK", 0, NULL);
     PQfinish(holder);
-
-    json_t *replies[3] = {NULL, NULL, NULL};
-    for (int i = 0; i < 3; i++) {
-        frame = zframe_recv(dealer);
-        ck_assert_msg(frame != NULL, "%d of 3 answered", i);
-        json_t *reply = s_decoded(&frame);
-        const char *cid = s_str(reply, "cid");
-        int at = !strcmp(cid, "hold") ? 0 : !strcmp(cid, "first") ? 1 : 2;
-        replies[at] = reply;
-    }
-    zsock_destroy(&dealer);
+    json_t *replies[3];
+    s_pair_replies(&dealer, replies);
     ck_assert_str_eq(kh_client_reply_cmd(replies[0]), "ACCEPTED");
     ck_assert_str_eq(kh_client_reply_cmd(replies[1]), "ACCEPTED");
     ck_assert_str_eq(s_str(replies[2], "code"), "idempotency_conflict");
@@ -713,15 +737,8 @@ START_TEST(a_conflict_not_yet_audited_is_not_answered)
     json_t *first = s_example();
     json_t *other = json_deep_copy(first);
     json_object_set_new(other, "summary", json_string("another referral"));
-    PGconn *holder = s_hold_key("late-hold", first);
-    zsock_t *dealer = s_dealer(S_TIMEOUT);
-    zframe_t *frame = s_frame(s_submit_envelope("late-hold", first), "hold");
-    zframe_send(&frame, dealer, 0);
-    zclock_sleep(300);
-    frame = s_frame(s_submit_envelope("late-1", first), "first");
-    zframe_send(&frame, dealer, 0);
-    frame = s_frame(s_submit_envelope("late-1", other), "other");
-    zframe_send(&frame, dealer, 0);
+    PGconn *holder;
+    zsock_t *dealer = s_send_pair_in_one_batch("late-1", first, other, &holder);
     /* The reader, which writes such events, is gone (intake finds out
      * when it next uses it). */
     ck_assert_int_eq(s_count("SELECT count(pg_terminate_backend(pid)) FROM "
@@ -732,20 +749,8 @@ START_TEST(a_conflict_not_yet_audited_is_not_answered)
     zclock_sleep(300);
     khtest_db_exec(holder, "ROLLBACK", 0, NULL);
     PQfinish(holder);
-    json_t *replies[3] = {NULL, NULL, NULL};
-    for (int i = 0; i < 3; i++) {
-        frame = zframe_recv(dealer);
-        if (!frame)
-            break;
-        json_t *reply = s_decoded(&frame);
-        const char *cid = s_str(reply, "cid");
-        replies[!strcmp(cid, "hold")    ? 0
-                : !strcmp(cid, "first") ? 1
-                                        : 2] = reply;
-    }
-    zsock_destroy(&dealer);
-    for (int i = 0; i < 3; i++)
-        ck_assert_msg(replies[i] != NULL, "request %d not answered", i);
+    json_t *replies[3];
+    s_pair_replies(&dealer, replies);
     ck_assert_str_eq(kh_client_reply_cmd(replies[0]), "ACCEPTED");
     ck_assert_str_eq(kh_client_reply_cmd(replies[1]), "ACCEPTED");
     ck_assert_str_eq(kh_client_reply_cmd(replies[2]), "REJECTED");

@@ -445,13 +445,39 @@ START_TEST(ack_twice_changes_once_and_foreign_ack_is_refused)
 }
 END_TEST
 
+/* A delivery for avim (its id in id), notification started (*pid) and
+ * avim connected with a window of 1 and sent it: avim's socket. */
+static zsock_t *s_sent_to_avim(char *id, pid_t *pid)
+{
+    s_delivery("avim", "normal", 1000, NULL, id);
+    *pid = s_start("notification.log", NULL, NULL);
+    zsock_t *avim = s_partner("avim");
+    s_hello(avim, 1);
+    json_t *msg = s_expect(avim, "DELIVER", 5000);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert_str_eq(s_str(msg, "delivery_id"), id);
+    json_decref(msg);
+    return avim;
+}
+
+/* avim ACKs id and gets ACKED (why: the failure message), and id is
+ * acknowledged. */
+static void s_acked(zsock_t *avim, const char *id, const char *why)
+{
+    s_answer(avim, id, NULL);
+    json_t *msg = s_expect(avim, "ACKED", 5000);
+    ck_assert_msg(msg != NULL, "%s", why);
+    json_decref(msg);
+    char state[16];
+    ck_assert_str_eq(s_state(id, state), "acknowledged");
+}
+
 /* An ACK batch commits after PostgreSQL has sent its rows: when that
  * commit fails, nothing was acknowledged, and the partner hears so (to
  * send the ACK again) rather than ACKED. */
 START_TEST(an_ack_whose_commit_fails_is_not_acked)
 {
     char id[37];
-    s_delivery("avim", "normal", 1000, NULL, id);
     khtest_db_exec(s_db,
                    "CREATE FUNCTION s_refuse() RETURNS trigger LANGUAGE plpgsql"
                    " AS $$BEGIN RAISE EXCEPTION 'refused at commit'; END$$;"
@@ -460,14 +486,10 @@ START_TEST(an_ack_whose_commit_fails_is_not_acked)
                    " WHEN (NEW.state = 'acknowledged') EXECUTE FUNCTION"
                    " s_refuse()",
                    0, NULL);
-    pid_t pid = s_start("notification.log", NULL, NULL);
-    zsock_t *avim = s_partner("avim");
-    s_hello(avim, 1);
-    json_t *msg = s_expect(avim, "DELIVER", 5000);
-    ck_assert_ptr_nonnull(msg);
-    json_decref(msg);
+    pid_t pid;
+    zsock_t *avim = s_sent_to_avim(id, &pid);
     s_answer(avim, id, NULL);
-    msg = s_expect(avim, "REJECTED", 5000);
+    json_t *msg = s_expect(avim, "REJECTED", 5000);
     ck_assert_msg(msg != NULL, "no REJECTED for an ACK that did not commit");
     ck_assert_str_eq(s_str(msg, "code"), "unavailable");
     json_decref(msg);
@@ -478,11 +500,7 @@ START_TEST(an_ack_whose_commit_fails_is_not_acked)
                      0);
     /* Sent again once the commit can succeed: acknowledged. */
     khtest_db_exec(s_db, "DROP TRIGGER s_refuse ON deliveries", 0, NULL);
-    s_answer(avim, id, NULL);
-    msg = s_expect(avim, "ACKED", 5000);
-    ck_assert_ptr_nonnull(msg);
-    json_decref(msg);
-    ck_assert_str_eq(s_state(id, state), "acknowledged");
+    s_acked(avim, id, "the ACK sent again was refused");
     zsock_destroy(&avim);
     s_stop(pid);
 }
@@ -494,13 +512,8 @@ END_TEST
 START_TEST(a_late_ack_of_a_retried_dead_letter_counts)
 {
     char id[37];
-    s_delivery("avim", "normal", 1000, NULL, id);
-    pid_t pid = s_start("notification.log", NULL, NULL);
-    zsock_t *avim = s_partner("avim");
-    s_hello(avim, 1);
-    json_t *msg = s_expect(avim, "DELIVER", 5000);
-    ck_assert_ptr_nonnull(msg);
-    json_decref(msg);
+    pid_t pid;
+    zsock_t *avim = s_sent_to_avim(id, &pid);
     /* Dead, then retried as deadletters retry does, not yet due. */
     const char *params[] = {id};
     khtest_db_exec(s_db,
@@ -508,12 +521,7 @@ START_TEST(a_late_ack_of_a_retried_dead_letter_counts)
                    " next_attempt_at = now() + interval '1 hour',"
                    " dead_reason = NULL WHERE id = $1",
                    1, params);
-    s_answer(avim, id, NULL);
-    msg = s_expect(avim, "ACKED", 5000);
-    ck_assert_msg(msg != NULL, "the late ACK was refused");
-    json_decref(msg);
-    char state[16];
-    ck_assert_str_eq(s_state(id, state), "acknowledged");
+    s_acked(avim, id, "the late ACK was refused");
     zsock_destroy(&avim);
     s_stop(pid);
 }
