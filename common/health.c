@@ -442,6 +442,7 @@ struct _kh_health_t {
     struct MHD_Daemon *daemon;
     int port;
     atomic_bool sockets, rules, db;
+    _Atomic(const char *) fault; /* kh_health_set_fault; NULL: none */
     /* /metrics was asked for since the probe last read the gauges: they
      * are read only for someone who looks (a backlog count over a large
      * queue costs the database real work). */
@@ -586,7 +587,8 @@ static const char *s_not_ready(const kh_health_t *self)
         return "rules not loaded";
     if (self->conninfo && !atomic_load(&self->db))
         return "database unreachable";
-    return "";
+    const char *fault = atomic_load(&self->fault);
+    return fault ? fault : "";
 }
 
 static enum MHD_Result s_respond(struct MHD_Connection *connection,
@@ -736,6 +738,7 @@ kh_health_t *kh_health_new(const kh_health_config_t *config, kh_error_t *err)
     atomic_init(&self->sockets, false);
     atomic_init(&self->rules, false);
     atomic_init(&self->db, false);
+    atomic_init(&self->fault, NULL);
     atomic_init(&self->scraped, false);
     kh_health_beat(); /* alive while the service starts */
     pthread_mutex_init(&self->mutex, NULL);
@@ -845,6 +848,12 @@ void kh_health_set_rules(kh_health_t *self, bool loaded)
 {
     if (self)
         atomic_store(&self->rules, loaded);
+}
+
+void kh_health_set_fault(kh_health_t *self, const char *why)
+{
+    if (self)
+        atomic_store(&self->fault, why);
 }
 
 bool kh_health_db_up(const kh_health_t *self)

@@ -121,6 +121,11 @@ int kh_health_port(const kh_health_t *self);
 void kh_health_set_sockets(kh_health_t *self, bool bound);
 void kh_health_set_rules(kh_health_t *self, bool loaded);
 
+/* A fault of the service's own that keeps it from doing its work (audit:
+ * the trail is broken), as /readyz's reason; NULL clears it. why must
+ * outlive the service (a string literal). Thread-safe. */
+void kh_health_set_fault(kh_health_t *self, const char *why);
+
 /* Whether the last database probe succeeded. */
 bool kh_health_db_up(const kh_health_t *self);
 

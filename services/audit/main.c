@@ -126,9 +126,12 @@ int main(int argc, char **argv)
                 /* Seals were removed or rewritten: nothing is sealed or
                  * signed until someone looks (verify names the event).
                  * One alert while it lasts, not one a round. */
-                if (!broken)
+                if (!broken) {
                     kh_log_error("alert", "kind=trail_broken msg=\"%s\"",
                                  err.message);
+                    kh_health_set_fault(health, "trail broken: run "
+                                                "ketenhubctl audit verify");
+                }
                 broken = true;
             } else if (n < 0) {
                 kh_log_warn("seal_failed", "code=%s msg=\"%s\"",
@@ -138,6 +141,8 @@ int main(int argc, char **argv)
                     conn = NULL;
                 }
             } else {
+                if (broken)
+                    kh_health_set_fault(health, NULL);
                 broken = false;
                 if (n > 0 || cps > 0) {
                     kh_metric_add("trail_events_sealed_total", NULL,

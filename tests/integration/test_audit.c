@@ -15,6 +15,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "ketenhub/health.h"
 #include "ketenhub/proto.h"
 #include "ketenhub/trail_db.h"
 #include "ketenhub/trail_file.h"
@@ -990,17 +991,25 @@ START_TEST(sealer_refuses_a_head_below_its_checkpoint)
     ck_assert_msg(strstr(out, "THE TRAIL IS BROKEN"), "%s", out);
     free(out);
 
-    /* The audit service: an alert, no seal, no checkpoint, still up. */
+    /* The audit service: an alert, no seal, no checkpoint, still up, and
+     * not ready, saying why. */
     char *dir = khtest_tmpdir();
     char sk_path[512], pk_path[512], log[512], env_db[1200], env_key[600];
+    char health[64], env_health[100];
+    snprintf(health, sizeof health, "127.0.0.1:%d", khproc_free_port());
+    snprintf(env_health, sizeof env_health, "KH_HEALTH_ENDPOINT=%s", health);
     snprintf(sk_path, sizeof sk_path, "%s/hub-audit.key", dir);
     snprintf(pk_path, sizeof pk_path, "%s/hub-audit.pub", dir);
     snprintf(log, sizeof log, "%s/audit.log", dir);
     ck_assert_int_eq(kh_trail_keygen(sk_path, pk_path, false, &err), 0);
     snprintf(env_db, sizeof env_db, "KH_DATABASE_URL=%s", conninfo);
     snprintf(env_key, sizeof env_key, "KH_AUDIT_KEY=%s", sk_path);
-    char *env[] = {env_db, env_key, "KH_AUDIT_POLL_MS=10",
-                   "KH_AUDIT_CHECKPOINT_MS=20", NULL};
+    char *env[] = {env_db,
+                   env_key,
+                   env_health,
+                   "KH_AUDIT_POLL_MS=10",
+                   "KH_AUDIT_CHECKPOINT_MS=20",
+                   NULL};
     char *argv[] = {"ketenhub-audit", NULL};
     pid_t pid = khproc_spawn(
         KH_TEST_BINARY_DIR "/services/audit/ketenhub-audit", argv, env, log);
@@ -1018,6 +1027,18 @@ START_TEST(sealer_refuses_a_head_below_its_checkpoint)
     usleep(100000); /* several more rounds */
     ck_assert_int_eq(kill(pid, 0), 0);
     ck_assert_int_eq(khtest_db_count(s_db, count_sql), before);
+    char *ready = NULL;
+    int code = -1;
+    for (int i = 0; i < 100 && !(ready && strstr(ready, "trail")); i++) {
+        free(ready);
+        ready = NULL;
+        usleep(50000);
+        code = kh_http_get(health, "/readyz", 2000, &ready, &err);
+    }
+    ck_assert_int_eq(code, 503);
+    ck_assert_msg(ready && strstr(ready, "not ready: trail broken"), "%s",
+                  ready ? ready : "(no body)");
+    free(ready);
     int status = khproc_stop(pid, SIGTERM, 5000);
     ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "status %d",
                   status);
