@@ -97,14 +97,15 @@ run_load() {
   "$build/tools/bench/ketenhub-bench-receive" --endpoint "$deliveries" \
     --hub-cert "$run/hub/hub.cert" --cert "$run/keys/veilig-thuis.cert" \
     --cert "$run/keys/zorgcoordinator.cert" --cert "$run/keys/avim.cert" \
-    --seconds $((seconds + 60)) --idle-ms 5000 >"$run/$label-receive.txt" &
+    --seconds $((seconds + 60)) --idle-ms 5000 \
+    --times "$run/$label-received.csv" >"$run/$label-receive.txt" &
   receiver=$!
   sleep 1
   started=$(date +%s.%N)
   "$build/tools/bench/ketenhub-bench" --endpoint "$intake" \
     --hub-cert "$run/hub/hub.cert" --cert "$run/keys/bench.cert" \
     --referral "$referral" --seconds "$seconds" --json "$run/$label.json" \
-    "$@" | sed 's/^/  intake: /'
+    --times "$run/$label-submitted.csv" "$@" | sed 's/^/  intake: /'
   wait "$receiver" || true
   cpu_after=$(cpu_now)
   sed 's/^/  partners: /' "$run/$label-receive.txt"
@@ -154,6 +155,25 @@ run_load() {
   routed=$(pct_json routed_ms "$d")
   sent=$(pct_json sent_ms "$d")
   acked=$(pct_json acked_ms "$d")
+  # As the partners see it, per delivery: from the submit (the scheduled
+  # one in the open loop) of a referral accepted in the measured window to
+  # its partner receiving the DELIVER, and to the partner holding the
+  # ACKED answer. Both tools stamp CLOCK_MONOTONIC.
+  times="bench_times_$label"
+  psql -q -c "CREATE TABLE $times (kind text, delivery_id text,
+      referral_id text, us bigint)" \
+    -c "\\copy $times FROM '$run/$label-submitted.csv' csv" \
+    -c "\\copy $times FROM '$run/$label-received.csv' csv" >/dev/null
+  p="SELECT (r.received - s.us) / 1000.0 AS delivered_ms,
+        (a.acked - s.us) / 1000.0 AS acked_ms
+      FROM (SELECT referral_id, us FROM $times WHERE kind = 'S') s
+      JOIN (SELECT delivery_id, referral_id, min(us) AS received FROM $times
+        WHERE kind = 'D' GROUP BY delivery_id, referral_id) r USING (referral_id)
+      LEFT JOIN (SELECT delivery_id, min(us) AS acked FROM $times
+        WHERE kind = 'A' GROUP BY delivery_id) a USING (delivery_id)"
+  delivered=$(pct_json delivered_ms "$p")
+  acknowledged=$(pct_json acked_ms "$p")
+  measured=$(q "SELECT count(*) FROM ($p) p")
   figures=$(echo "$done_n $span_s $acks $events $rows $started $sealed_at $writes" | awk '{
     span = $2 > 0 ? $2 : 0.001
     printf "%.0f %.0f %.0f %.0f %.0f", $1 / span, $3 / span, $5 / span,
@@ -164,14 +184,18 @@ run_load() {
   echo "  trail: accepted->routed_ms $routed"
   echo "  trail: accepted->first_sent_ms $sent"
   echo "  trail: accepted->all_acked_ms $acked"
+  echo "  partners: $measured deliveries of the referrals accepted in the measured window"
+  echo "  partners: submit->delivered_ms $delivered"
+  echo "  partners: submit->acknowledged_ms $acknowledged (the partner holds ACKED)"
   echo "  trail: $events events, sealed_per_s=$4 (start of the load to all sealed); rows_written=$rows rows_per_s=$3"
   echo "  rows: row_writes=$writes row_writes_per_s=$5 (inserts and updates: each state change writes its row again)"
   echo "  wal: ${wal_mib} MiB, ${wal_per_referral} bytes per referral, $checkpoints checkpoints"
   echo "  cpu per referral: services ${services_us} us, PostgreSQL ${postgres_us} us (from the first submit to the last ACK)"
-  printf '{"label":"%s","referrals":%s,"span_s":%s,"end_to_end_per_s":%s,"acked_per_s":%s,"events":%s,"sealed_per_s":%s,"rows_written":%s,"rows_per_s":%s,"row_writes":%s,"row_writes_per_s":%s,"wal_mib":%s,"wal_bytes_per_referral":%s,"checkpoints":%s,"services_cpu_us_per_referral":%s,"postgres_cpu_us_per_referral":%s,"accepted_to_routed_ms":%s,"accepted_to_first_sent_ms":%s,"accepted_to_all_acked_ms":%s,"intake":%s}\n' \
+  printf '{"label":"%s","referrals":%s,"span_s":%s,"end_to_end_per_s":%s,"acked_per_s":%s,"events":%s,"sealed_per_s":%s,"rows_written":%s,"rows_per_s":%s,"row_writes":%s,"row_writes_per_s":%s,"wal_mib":%s,"wal_bytes_per_referral":%s,"checkpoints":%s,"services_cpu_us_per_referral":%s,"postgres_cpu_us_per_referral":%s,"accepted_to_routed_ms":%s,"accepted_to_first_sent_ms":%s,"accepted_to_all_acked_ms":%s,"deliveries_measured":%s,"submit_to_delivered_ms":%s,"submit_to_acknowledged_ms":%s,"intake":%s}\n' \
     "$label" "$done_n" "$span_s" "$1" "$2" "$events" "$4" "$rows" "$3" "$writes" "$5" \
     "$wal_mib" "$wal_per_referral" "$checkpoints" "$services_us" "$postgres_us" \
-    "$routed" "$sent" "$acked" "$(cat "$run/$label.json" 2>/dev/null || echo null)" \
+    "$routed" "$sent" "$acked" "$measured" "$delivered" "$acknowledged" \
+    "$(cat "$run/$label.json" 2>/dev/null || echo null)" \
     >"$run/$label.hub.json"
 }
 

@@ -33,10 +33,15 @@ for loop in ("open", "closed"):
     # Every row is written once, and a delivery's claim and ACK again.
     assert run["row_writes"] > run["rows_written"], loop + ": row writes"
     for stage in ("accepted_to_routed_ms", "accepted_to_first_sent_ms",
-                  "accepted_to_all_acked_ms"):
+                  "accepted_to_all_acked_ms", "submit_to_delivered_ms",
+                  "submit_to_acknowledged_ms"):
         for p in ("p50", "p90", "p99", "p999", "max"):
             number(run[stage][p], loop + "." + stage + "." + p)
     assert run["intake"]["accepted"] > 0, loop + ": intake figures missing"
+    # Each referral of the measured window reached its three partners.
+    assert run["deliveries_measured"] == 3 * run["intake"]["accepted"], (
+        loop + ": %d deliveries measured for %d referrals" % (
+            run["deliveries_measured"], run["intake"]["accepted"]))
 for service in ("intake", "routing", "notification", "audit"):
     number(hub["services"][service]["cpu_s"], service + ".cpu_s")
     number(hub["services"][service]["peak_rss_mib"], service + ".rss")

@@ -9,6 +9,12 @@
  *   open loop:   referrals are sent on a fixed schedule (--rate per second
  *                in all) and latency counts from the scheduled time, so a
  *                slow answer cannot hide the queue behind it.
+ *
+ * --times FILE writes a line "S,,REFERRAL_ID,US" for each referral accepted
+ * in the measured window: US is its submit time (the scheduled one in the
+ * open loop) on CLOCK_MONOTONIC, the clock of ketenhub-bench-receive's
+ * lines, so that the two files give submit -> delivered and submit ->
+ * acknowledged per delivery.
  */
 #include <czmq.h>
 #include <getopt.h>
@@ -32,6 +38,7 @@ typedef struct {
     int window;               /* requests in flight at most */
     int64_t start_us, end_us; /* the measured window */
     double interval_us;       /* open loop: between this client's sends */
+    FILE *times;              /* --times, or NULL (shared, stdio locks) */
     /* results */
     int64_t *latencies; /* microseconds */
     size_t count, capacity;
@@ -164,10 +171,16 @@ static void *s_work(void *arg)
                     json_string_value(json_object_get(msg, "code"));
                 w->accepted_all += accepted;
                 w->throttled += code && strcmp(code, "throttled") == 0;
+                const char *referral_id =
+                    json_string_value(json_object_get(msg, "referral_id"));
                 if (!accepted)
                     w->refused++;
-                else if (sent_at[seq % slots] >= w->start_us)
+                else if (sent_at[seq % slots] >= w->start_us) {
                     s_record(w, done - sent_at[seq % slots]);
+                    if (w->times && referral_id)
+                        fprintf(w->times, "S,,%s,%" PRId64 "\n", referral_id,
+                                sent_at[seq % slots]);
+                }
                 answered++;
             }
             json_decref(msg);
@@ -188,7 +201,7 @@ static void s_usage(FILE *out)
                  "         [--endpoint E] [--clients N] [--seconds S]\n"
                  "         [--window W (requests in flight per client)]\n"
                  "         [--rate R (open loop, per second in all)]\n"
-                 "         [--json FILE]\n"
+                 "         [--json FILE] [--times FILE]\n"
                  "       ketenhub-bench --rules FILE --referral F [--seconds "
                  "S]\n"
                  "         (rule evaluations per second on one core; the\n"
@@ -238,7 +251,7 @@ int main(int argc, char **argv)
 {
     const char *endpoint = "tcp://127.0.0.1:7701", *hub_cert = NULL,
                *cert = NULL, *referral_file = NULL, *json_out = NULL,
-               *rules_file = NULL;
+               *rules_file = NULL, *times_out = NULL;
     int clients = 16, seconds = 10, window = 1;
     double rate = 0;
     static const struct option options[] = {
@@ -250,6 +263,7 @@ int main(int argc, char **argv)
         {"seconds", required_argument, NULL, 's'},
         {"rate", required_argument, NULL, 'r'},
         {"json", required_argument, NULL, 'j'},
+        {"times", required_argument, NULL, 't'},
         {"rules", required_argument, NULL, 'R'},
         {"window", required_argument, NULL, 'w'},
         {"help", no_argument, NULL, 'h'},
@@ -280,6 +294,9 @@ int main(int argc, char **argv)
             break;
         case 'j':
             json_out = optarg;
+            break;
+        case 't':
+            times_out = optarg;
             break;
         case 'w':
             window = atoi(optarg);
@@ -318,6 +335,12 @@ int main(int argc, char **argv)
         return 2;
     }
     json_decref(referral);
+    FILE *times = times_out ? fopen(times_out, "w") : NULL;
+    if (times_out && !times) {
+        fprintf(stderr, "ketenhub-bench: cannot write %s\n", times_out);
+        free(encoded);
+        return 2;
+    }
     snprintf(s_run_id, sizeof s_run_id, "%" PRIx64,
              (uint64_t) zclock_time() & UINT64_C(0xffffffffff));
 
@@ -338,6 +361,7 @@ int main(int argc, char **argv)
                          .window = window,
                          .start_us = start,
                          .end_us = end,
+                         .times = times,
                          .interval_us = rate > 0 ? 1e6 * clients / rate : 0};
         pthread_create(&threads[i], NULL, s_work, &workers[i]);
     }
@@ -357,6 +381,10 @@ int main(int argc, char **argv)
                workers[i].count * sizeof(int64_t));
         k += workers[i].count;
         free(workers[i].latencies);
+    }
+    if (times && fclose(times) != 0) {
+        fprintf(stderr, "ketenhub-bench: cannot write %s\n", times_out);
+        failed++;
     }
     qsort(all, total, sizeof(int64_t), bench_cmp_us);
     double per_second = (double) total / seconds;

@@ -12,6 +12,10 @@
  *
  * It stops when --count deliveries are acknowledged in all, after
  * --seconds, or when nothing came for --idle-ms after the first delivery.
+ *
+ * --times FILE writes a line "D,DELIVERY_ID,REFERRAL_ID,US" for each
+ * DELIVER received and "A,DELIVERY_ID,,US" for each ACKED, US on
+ * CLOCK_MONOTONIC (see ketenhub-bench --times).
  */
 #include <czmq.h>
 #include <getopt.h>
@@ -31,6 +35,7 @@ typedef struct {
     const char *endpoint, *hub_cert, *cert;
     int window, idle_ms;
     int64_t deadline_us;
+    FILE *times; /* --times, or NULL (shared, stdio locks) */
     /* results */
     int64_t *latencies; /* microseconds */
     size_t count, capacity;
@@ -156,10 +161,20 @@ static void *s_receive(void *arg)
                         s_record(r, now - routed);
                     const char *id =
                         json_string_value(json_object_get(msg, "delivery_id"));
+                    const char *referral_id =
+                        json_string_value(json_object_get(msg, "referral_id"));
+                    if (r->times && id && referral_id)
+                        fprintf(r->times, "D,%s,%s,%" PRId64 "\n", id,
+                                referral_id, zclock_usecs());
                     s_send(sock,
                            json_pack("{s:i, s:s, s:s, s:s}", "v", 1, "cmd",
                                      "ACK", "cid", id, "delivery_id", id));
                 } else if (cmd && strcmp(cmd, "ACKED") == 0) {
+                    const char *id =
+                        json_string_value(json_object_get(msg, "cid"));
+                    if (r->times && id)
+                        fprintf(r->times, "A,%s,,%" PRId64 "\n", id,
+                                zclock_usecs());
                     r->acked++;
                     r->last_us = now;
                     atomic_fetch_add(&s_acked, 1);
@@ -180,12 +195,14 @@ static void s_usage(FILE *out)
     fprintf(out,
             "usage: ketenhub-bench-receive --endpoint E --hub-cert H "
             "--cert P.cert [--cert Q.cert ...]\n"
-            "         [--window N] [--count N] [--seconds S] [--idle-ms MS]\n");
+            "         [--window N] [--count N] [--seconds S] [--idle-ms MS]\n"
+            "         [--times FILE]\n");
 }
 
 int main(int argc, char **argv)
 {
-    const char *endpoint = "tcp://127.0.0.1:7703", *hub_cert = NULL;
+    const char *endpoint = "tcp://127.0.0.1:7703", *hub_cert = NULL,
+               *times_out = NULL;
     const char *certs[S_CERTS_MAX];
     int ncerts = 0, window = 1024, seconds = 60, idle_ms = 2000;
     static const struct option options[] = {
@@ -196,6 +213,7 @@ int main(int argc, char **argv)
         {"count", required_argument, NULL, 'n'},
         {"seconds", required_argument, NULL, 's'},
         {"idle-ms", required_argument, NULL, 'i'},
+        {"times", required_argument, NULL, 't'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0}};
     int opt;
@@ -226,6 +244,9 @@ int main(int argc, char **argv)
         case 'i':
             idle_ms = atoi(optarg);
             break;
+        case 't':
+            times_out = optarg;
+            break;
         case 'h':
             s_usage(stdout);
             return 0;
@@ -238,6 +259,11 @@ int main(int argc, char **argv)
         s_usage(stderr);
         return 2;
     }
+    FILE *times = times_out ? fopen(times_out, "w") : NULL;
+    if (times_out && !times) {
+        fprintf(stderr, "ketenhub-bench-receive: cannot write %s\n", times_out);
+        return 2;
+    }
     zsys_init(); /* before the threads: CZMQ's set-up is not thread-safe */
     s_receiver_t receivers[S_CERTS_MAX];
     pthread_t threads[S_CERTS_MAX];
@@ -248,7 +274,8 @@ int main(int argc, char **argv)
                                       .cert = certs[i],
                                       .window = window,
                                       .idle_ms = idle_ms,
-                                      .deadline_us = deadline};
+                                      .deadline_us = deadline,
+                                      .times = times};
         pthread_create(&threads[i], NULL, s_receive, &receivers[i]);
     }
     size_t acked = 0, refused = 0, total = 0;
@@ -263,6 +290,9 @@ int main(int argc, char **argv)
         if (receivers[i].last_us > last)
             last = receivers[i].last_us;
     }
+    bool written = !times || fclose(times) == 0;
+    if (!written)
+        fprintf(stderr, "ketenhub-bench-receive: cannot write %s\n", times_out);
     int64_t *all = malloc((total ? total : 1) * sizeof *all);
     size_t k = 0;
     for (int i = 0; i < ncerts; i++) {
@@ -285,5 +315,5 @@ int main(int argc, char **argv)
            all ? bench_pct_ms(all, total, 99) : 0,
            all && total ? (double) all[total - 1] / 1000 : 0);
     free(all);
-    return acked ? 0 : 1;
+    return acked && written ? 0 : 1;
 }
