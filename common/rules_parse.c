@@ -7,10 +7,13 @@
  * column; loading fails if there was any error.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 #include <yaml.h>
 
 #include "ketenhub/partner.h"
@@ -1526,10 +1529,28 @@ kh_rules_t *kh_rules_load_buffer(const void *data, size_t len,
 kh_rules_t *kh_rules_load(const char *path, const kh_rules_options_t *opts,
                           kh_error_t *err)
 {
-    FILE *f = fopen(path, "rb");
-    if (!f) {
+    /* Opened without blocking and checked before reading: a FIFO would
+     * otherwise hold the reader (a routing reload, the whole service) until
+     * some writer came, and a device could be read without end. A rules
+     * file is what an administrator edits, a regular file. */
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
+    if (fd < 0) {
         kh_error_set(err, KH_E_IO, "", "cannot open the rules file: %s",
                      strerror(errno));
+        return NULL;
+    }
+    struct stat st;
+    int rc = fstat(fd, &st);
+    if (rc != 0 || !S_ISREG(st.st_mode)) {
+        kh_error_set(err, KH_E_IO, "", "cannot read the rules file: %s",
+                     rc != 0 ? strerror(errno) : "not a regular file");
+        close(fd);
+        return NULL;
+    }
+    FILE *f = fdopen(fd, "rb");
+    if (!f) {
+        close(fd);
+        kh_error_set(err, KH_E_NOMEM, "", "out of memory");
         return NULL;
     }
     /* Read one byte more than allowed, to tell "too large" from "full". */

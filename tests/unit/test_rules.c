@@ -16,7 +16,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 #define REFERRAL_SCHEMA "schemas/referral.v1.json"
 
@@ -666,6 +668,33 @@ START_TEST(test_size_depth_encoding)
 }
 END_TEST
 
+/* A rules file is a regular file: a FIFO (which would block the reader
+ * until some writer came, a routing reload included), a directory or a
+ * device is refused at once, saying why. */
+START_TEST(test_not_a_regular_file)
+{
+    kh_rules_options_t o = s_opts(NULL, 0);
+    kh_error_t err;
+    char *dir = khtest_tmpdir();
+    char fifo[4096];
+    snprintf(fifo, sizeof fifo, "%s/rules.yaml", dir);
+    ck_assert_int_eq(mkfifo(fifo, 0600), 0);
+    alarm(5); /* a blocked open ends the test instead of hanging it */
+    ck_assert_ptr_null(kh_rules_load(fifo, &o, &err));
+    alarm(0);
+    ck_assert_int_eq(err.code, KH_E_IO);
+    ck_assert_msg(strstr(err.message, "not a regular file"), "%s", err.message);
+    ck_assert_ptr_null(kh_rules_load(dir, &o, &err));
+    ck_assert_int_eq(err.code, KH_E_IO);
+    ck_assert_msg(strstr(err.message, "not a regular file"), "%s", err.message);
+    ck_assert_ptr_null(kh_rules_load("/dev/zero", &o, &err));
+    ck_assert_int_eq(err.code, KH_E_IO);
+    ck_assert_msg(strstr(err.message, "not a regular file"), "%s", err.message);
+    khtest_rmtree(dir);
+    free(dir);
+}
+END_TEST
+
 /* ---- the default rules ----------------------------------------------- */
 
 typedef struct {
@@ -882,6 +911,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_all_errors_reported);
     tcase_add_test(tc, test_alias_bomb_refused_fast);
     tcase_add_test(tc, test_size_depth_encoding);
+    tcase_add_test(tc, test_not_a_regular_file);
     tcase_add_test(tc, test_default_rules_route_examples);
     tcase_add_test(tc, test_ctl_exit_codes);
     suite_add_tcase(s, tc);
