@@ -144,7 +144,8 @@ static void s_path_index(char *out, const char *parent, size_t index)
 static int s_check_text(s_ctx_t *ctx, const unsigned char *data, size_t len)
 {
     int line = 1, column = 1;
-    size_t i = 0;
+    /* A leading byte order mark takes no column (see s_parse_yaml). */
+    size_t i = len >= 3 && memcmp(data, "\xEF\xBB\xBF", 3) == 0 ? 3 : 0;
     while (i < len) {
         unsigned char c = data[i];
         size_t n = 1;
@@ -216,6 +217,11 @@ static s_ynode_t *s_parse_yaml(s_ctx_t *ctx, const unsigned char *data,
         s_error_at(ctx, KH_E_NOMEM, "", 0, 0, "out of memory");
         return NULL;
     }
+    /* A byte order mark may open the stream (YAML 1.2, 5.2). With the
+     * encoding given, libyaml would take it for content; it is no part of
+     * the document, and the columns of line 1 count from after it. */
+    if (len >= 3 && memcmp(data, "\xEF\xBB\xBF", 3) == 0)
+        data += 3, len -= 3;
     yaml_parser_set_input_string(&parser, data, len);
     yaml_parser_set_encoding(&parser, YAML_UTF8_ENCODING);
 

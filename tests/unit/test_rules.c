@@ -668,6 +668,40 @@ START_TEST(test_size_depth_encoding)
 }
 END_TEST
 
+/* A UTF-8 byte order mark, as some editors write it, is allowed (YAML
+ * allows it at the start of the stream): the rules load, problems keep
+ * their line and column, and the version is still the hash of the bytes. */
+START_TEST(test_byte_order_mark)
+{
+    const char *body =
+        "version: 1\n"
+        "fallback: {targets: [{partner: zorgcoordinator, fields: [needs]}]}\n"
+        "rules:\n"
+        "- {name: r1, when: {field: subject.minor, equals: true},\n"
+        "   then: {targets: [{partner: avim, fields: [risk]}]}}\n";
+    char text[1024];
+    snprintf(text, sizeof text, "\xEF\xBB\xBF%s", body);
+    kh_rules_options_t o = s_opts(s_demo, S_DEMO_COUNT);
+    kh_error_t err;
+    kh_rules_t *rules = kh_rules_load_buffer(text, strlen(text), &o, &err);
+    ck_assert_msg(rules != NULL, "%d:%d %s: %s", err.line, err.column,
+                  kh_error_name(err.code), err.message);
+    char hex[65];
+    kh_sha256_hex(text, strlen(text), hex);
+    ck_assert_str_eq(kh_rules_version(rules), hex);
+    ck_assert_uint_eq(kh_rules_count(rules), 1);
+    kh_rules_destroy(&rules);
+
+    snprintf(text, sizeof text, "\xEF\xBB\xBFversion: 1\nrules: [\n");
+    ck_assert_ptr_null(kh_rules_load_buffer(text, strlen(text), &o, &err));
+    ck_assert_int_eq(err.code, KH_E_RULES_SYNTAX);
+    ck_assert_int_eq(err.line, 3);
+    /* Only at the start: anywhere else it is not allowed. */
+    snprintf(text, sizeof text, "version: 1\n\xEF\xBB\xBF");
+    ck_assert_ptr_null(kh_rules_load_buffer(text, strlen(text), &o, &err));
+}
+END_TEST
+
 /* A rules file is a regular file: a FIFO (which would block the reader
  * until some writer came, a routing reload included), a directory or a
  * device is refused at once, saying why. */
@@ -912,6 +946,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_alias_bomb_refused_fast);
     tcase_add_test(tc, test_size_depth_encoding);
     tcase_add_test(tc, test_not_a_regular_file);
+    tcase_add_test(tc, test_byte_order_mark);
     tcase_add_test(tc, test_default_rules_route_examples);
     tcase_add_test(tc, test_ctl_exit_codes);
     suite_add_tcase(s, tc);
