@@ -190,6 +190,20 @@ bad:
 
 /* ---- YAML events into a tree ------------------------------------------ */
 
+/* Whether a scalar's value (escapes resolved) holds a control character
+ * other than tab and line breaks: a quoted "\0" or "\x01" is binary input
+ * as much as the raw byte that s_check_text refuses, and cut at a NUL the
+ * text would mean something else than it says. */
+static bool s_scalar_binary(const unsigned char *value, size_t len)
+{
+    for (size_t i = 0; i < len; i++)
+        if ((value[i] < 0x20 && value[i] != '\t' && value[i] != '\n' &&
+             value[i] != '\r') ||
+            value[i] == 0x7F)
+            return true;
+    return false;
+}
+
 static int s_refuse_anchor(s_ctx_t *ctx, const yaml_event_t *ev,
                            const yaml_char_t *anchor, const yaml_char_t *tag)
 {
@@ -264,6 +278,12 @@ static s_ynode_t *s_parse_yaml(s_ctx_t *ctx, const unsigned char *data,
         case YAML_SCALAR_EVENT:
             if (s_refuse_anchor(ctx, &ev, ev.data.scalar.anchor,
                                 ev.data.scalar.tag)) {
+                failed = true;
+                break;
+            }
+            if (s_scalar_binary(ev.data.scalar.value, ev.data.scalar.length)) {
+                s_error_at(ctx, KH_E_RULES_ENCODING, "", line, column,
+                           "control character or binary data in a value");
                 failed = true;
                 break;
             }

@@ -668,6 +668,66 @@ START_TEST(test_size_depth_encoding)
 }
 END_TEST
 
+/* A NUL or another control character written as an escape in a quoted
+ * scalar ("\0", "\x01") is binary input as much as the raw byte: it is
+ * refused where it stands. Cut at the NUL, the text would mean something
+ * else than it says: a value that never equals a referral's, a partner id
+ * that is not the one written. */
+START_TEST(test_escaped_control_characters)
+{
+    static const struct {
+        const char *scalar;
+        int column;
+    } cases[] = {
+        {"when: {field: risk.urgency, equals: \"immediate\\0\"}", 39},
+        {"when: {\"field\\0x\": risk.urgency, equals: immediate}", 10},
+        {"when: {field: risk.urgency, equals: \"immediate\\x1b\"}", 39},
+        {"when: {field: risk.urgency, equals: \"\\u0000\"}", 39},
+    };
+    kh_rules_options_t o = s_opts(s_demo, S_DEMO_COUNT);
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char yaml[1024];
+        snprintf(yaml, sizeof yaml,
+                 "version: 1\n"
+                 "fallback: {targets: [{partner: zorgcoordinator, fields: "
+                 "[needs]}]}\n"
+                 "rules:\n"
+                 "- name: r1\n"
+                 "  %s\n"
+                 "  then: {targets: [{partner: avim, fields: [risk]}]}\n",
+                 cases[i].scalar);
+        kh_error_t err;
+        kh_rules_t *rules = kh_rules_load_buffer(yaml, strlen(yaml), &o, &err);
+        ck_assert_msg(rules == NULL, "%s loaded", cases[i].scalar);
+        ck_assert_msg(err.code == KH_E_RULES_ENCODING, "%s: %s",
+                      cases[i].scalar, kh_error_name(err.code));
+        ck_assert_int_eq(err.line, 5);
+        ck_assert_int_eq(err.column, cases[i].column);
+    }
+    const char *partner =
+        "version: 1\n"
+        "fallback: {targets: [{partner: \"zorgcoordinator\\0x\", fields: "
+        "[needs]}]}\n"
+        "rules: []\n";
+    kh_error_t err;
+    ck_assert_ptr_null(
+        kh_rules_load_buffer(partner, strlen(partner), &o, &err));
+    ck_assert_int_eq(err.code, KH_E_RULES_ENCODING);
+    /* Tab and line breaks stay allowed, escaped or not. */
+    const char *ok =
+        "version: 1\n"
+        "fallback: {targets: [{partner: zorgcoordinator, fields: [needs]}]}\n"
+        "rules:\n"
+        "- name: r1\n"
+        "  description: \"one\\ttwo\\nthree\\r\"\n"
+        "  when: {field: risk.urgency, equals: immediate}\n"
+        "  then: {targets: [{partner: avim, fields: [risk]}]}\n";
+    kh_rules_t *rules = kh_rules_load_buffer(ok, strlen(ok), &o, &err);
+    ck_assert_msg(rules != NULL, "%s", err.message);
+    kh_rules_destroy(&rules);
+}
+END_TEST
+
 /* A UTF-8 byte order mark, as some editors write it, is allowed (YAML
  * allows it at the start of the stream): the rules load, problems keep
  * their line and column, and the version is still the hash of the bytes. */
@@ -947,6 +1007,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_size_depth_encoding);
     tcase_add_test(tc, test_not_a_regular_file);
     tcase_add_test(tc, test_byte_order_mark);
+    tcase_add_test(tc, test_escaped_control_characters);
     tcase_add_test(tc, test_default_rules_route_examples);
     tcase_add_test(tc, test_ctl_exit_codes);
     suite_add_tcase(s, tc);
