@@ -818,58 +818,123 @@ static const char *const s_ops[] = {"equals", "in",  "contains", "lt",
 static kh_rcond_t *s_cond(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
                           bool *failed);
 
-/* Contradictions between the direct leaves of an `all`: two equals on one
- * field, an equals outside an in, numeric bounds that leave no value. */
-static bool s_all_contradicts(const kh_rules_t *rules, const kh_rcond_t *c)
+/* The leaves of an `all`, those of the `all`s nested in it included (they
+ * must hold together with the outer ones), into out when it is not NULL;
+ * returns how many there are. The nesting is bounded by the YAML depth. */
+static size_t s_all_leaves(const kh_rcond_t *c, const kh_rcond_t **out,
+                           size_t n)
 {
     for (size_t i = 0; i < c->nkids; i++) {
-        const kh_rcond_t *a = c->kids[i];
-        if (a->op > KH_RC_PRESENT)
-            continue;
-        const kh_rfield_t *f = &rules->fields[a->field];
-        double lo = f->has_min ? f->min : -INFINITY;
-        double hi = f->has_max ? f->max : INFINITY;
-        bool integer = f->kind == KH_RK_INTEGER;
-        bool ranged = false;
-        for (size_t k = 0; k < c->nkids; k++) {
-            const kh_rcond_t *b = c->kids[k];
-            if (b->op > KH_RC_PRESENT || b->field != a->field)
-                continue;
-            if (a->op == KH_RC_EQ && b->op == KH_RC_EQ &&
-                !s_val_same(&a->vals[0], &b->vals[0]))
-                return true;
-            if (a->op == KH_RC_EQ && b->op == KH_RC_IN) {
-                bool found = false;
-                for (size_t v = 0; v < b->nvals; v++)
-                    found = found || s_val_same(&a->vals[0], &b->vals[v]);
-                if (!found)
-                    return true;
-            }
-            if (a->op == KH_RC_EQ && b->op == KH_RC_PRESENT && !b->vals[0].b &&
-                a->vals[0].kind != KH_RV_NULL)
-                return true;
-            double v = b->nvals ? b->vals[0].d : 0;
-            switch (b->op) {
-            case KH_RC_LT:
-                hi = fmin(hi, integer ? ceil(v) - 1 : v), ranged = true;
-                break;
-            case KH_RC_LE:
-                hi = fmin(hi, v), ranged = true;
-                break;
-            case KH_RC_GT:
-                lo = fmax(lo, integer ? floor(v) + 1 : v), ranged = true;
-                break;
-            case KH_RC_GE:
-                lo = fmax(lo, v), ranged = true;
-                break;
-            default:
-                break;
-            }
+        const kh_rcond_t *k = c->kids[i];
+        if (k->op == KH_RC_ALL)
+            n = s_all_leaves(k, out, n);
+        else if (k->op <= KH_RC_PRESENT) {
+            if (out)
+                out[n] = k;
+            n++;
         }
-        if (ranged && lo > hi)
+    }
+    return n;
+}
+
+/* Whether the leaves on field leave no value that satisfies all of them:
+ * two different equals, numeric bounds that leave no number, an equals or
+ * every value of an in outside the others, a comparison or a contains with
+ * present: false (or with equals null: a null is no number and no list). */
+static bool s_field_contradicts(const kh_rules_t *rules,
+                                const kh_rcond_t *const *leaves, size_t n,
+                                int field)
+{
+    const kh_rfield_t *f = &rules->fields[field];
+    double lo = f->has_min ? f->min : -INFINITY;
+    double hi = f->has_max ? f->max : INFINITY;
+    bool integer = f->kind == KH_RK_INTEGER;
+    bool ranged = false, present = false, absent = false, contains = false;
+    const kh_rval_t *eq = NULL;
+    for (size_t i = 0; i < n; i++) {
+        const kh_rcond_t *b = leaves[i];
+        if (b->field != field)
+            continue;
+        double v = b->nvals ? b->vals[0].d : 0;
+        switch (b->op) {
+        case KH_RC_EQ:
+            if (eq && !s_val_same(eq, &b->vals[0]))
+                return true;
+            eq = &b->vals[0];
+            break;
+        case KH_RC_PRESENT:
+            *(b->vals[0].b ? &present : &absent) = true;
+            break;
+        case KH_RC_CONTAINS:
+            contains = true;
+            break;
+        case KH_RC_LT:
+            hi = fmin(hi, integer ? ceil(v) - 1 : v), ranged = true;
+            break;
+        case KH_RC_LE:
+            hi = fmin(hi, integer ? floor(v) : v), ranged = true;
+            break;
+        case KH_RC_GT:
+            lo = fmax(lo, integer ? floor(v) + 1 : v), ranged = true;
+            break;
+        case KH_RC_GE:
+            lo = fmax(lo, integer ? ceil(v) : v), ranged = true;
+            break;
+        default:
+            break;
+        }
+    }
+    if (ranged && lo > hi)
+        return true;
+    /* What holds only for a value that is there and not null. */
+    bool valued = ranged || contains || present;
+    if (absent && valued)
+        return true;
+    if (eq) {
+        if (eq->kind == KH_RV_NULL ? valued : absent)
+            return true;
+        if (eq->kind == KH_RV_NUM && ranged && (eq->d < lo || eq->d > hi))
+            return true;
+    }
+    for (size_t i = 0; i < n; i++) {
+        const kh_rcond_t *b = leaves[i];
+        if (b->field != field || b->op != KH_RC_IN)
+            continue;
+        bool possible = false;
+        for (size_t k = 0; k < b->nvals && !possible; k++) {
+            const kh_rval_t *v = &b->vals[k];
+            possible =
+                (!eq || s_val_same(eq, v)) &&
+                (v->kind == KH_RV_NULL ? !valued : !absent) &&
+                (v->kind != KH_RV_NUM || !ranged || (v->d >= lo && v->d <= hi));
+        }
+        if (!possible)
             return true;
     }
     return false;
+}
+
+/* Contradictions between the leaves of an `all` (see s_field_contradicts),
+ * field by field. */
+static bool s_all_contradicts(const kh_rules_t *rules, const kh_rcond_t *c)
+{
+    size_t n = s_all_leaves(c, NULL, 0);
+    if (n < 2)
+        return false;
+    const kh_rcond_t **leaves = malloc(n * sizeof *leaves);
+    if (!leaves)
+        return false; /* a check the less, never a wrong one */
+    s_all_leaves(c, leaves, 0);
+    bool never = false;
+    for (size_t i = 0; i < n && !never; i++) {
+        bool first = true; /* each field once */
+        for (size_t k = 0; k < i && first; k++)
+            first = leaves[k]->field != leaves[i]->field;
+        never =
+            first && s_field_contradicts(rules, leaves, n, leaves[i]->field);
+    }
+    free(leaves);
+    return never;
 }
 
 /* A leaf: {field: PATH, OP: VALUE}. */
@@ -1348,6 +1413,18 @@ static void s_rule(s_ctx_t *ctx, const s_ynode_t *n, size_t index)
     if (!s_want(ctx, n, S_YMAP, path, "a rule") ||
         s_check_keys(ctx, n, path, allowed))
         return;
+    /* Evaluation ends at a matched rule with continue: false; after one
+     * whose condition always holds, no rule is ever reached. */
+    for (size_t i = 0; i < ctx->rules->nrules; i++) {
+        const kh_rrule_t *r = &ctx->rules->rules[i];
+        if (r->when && r->when->state == KH_RS_ALWAYS && !r->cont) {
+            s_error(ctx, KH_E_RULES_NEVER_MATCHES, path, n,
+                    "rule %s before this one always fires and stops the "
+                    "evaluation, so this rule is never reached",
+                    r->name ? r->name : "");
+            break;
+        }
+    }
     kh_rrule_t *rule = &ctx->rules->rules[ctx->rules->nrules++];
     rule->cont = true;
     const s_ynode_t *name = s_get(n, "name"), *when = s_get(n, "when"),

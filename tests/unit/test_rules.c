@@ -600,6 +600,62 @@ START_TEST(test_all_errors_reported)
 }
 END_TEST
 
+/* Conditions that look alike the never-matching ones of the corpus but can
+ * hold are not refused, and do fire. */
+START_TEST(test_never_matches_only_when_impossible)
+{
+    static const char *conds[] = {
+        "{all: [{field: subject.age, equals: 10}, {field: subject.age, lt: "
+        "18}]}",
+        "{all: [{field: subject.age, in: [12, 40]}, {field: subject.age, ge: "
+        "18}]}",
+        "{all: [{field: subject.age, ge: 17.5}, {field: subject.age, le: "
+        "18.5}]}",
+        "{all: [{field: subject.age, present: false}, {field: subject.age, "
+        "in: [null, 3]}]}",
+        "{all: [{field: subject.age, equals: null}, {field: subject.age, "
+        "present: false}]}",
+        "{all: [{field: subject.minor, equals: true}, {all: [{field: "
+        "subject.age, lt: 18}, {field: subject.minor, equals: true}]}]}",
+        "{all: [{field: subject.minor, equals: true}, {any: [{field: "
+        "subject.minor, equals: false}, {field: subject.age, lt: 18}]}]}",
+    };
+    static const char *referrals[] = {
+        "{'subject': {'age': 10, 'minor': true}}",
+        "{'subject': {'age': 40, 'minor': false}}",
+        "{'subject': {'age': 18, 'minor': false}}",
+        "{'subject': {'age': null, 'minor': false}}",
+        "{'subject': {'age': null, 'minor': false}}",
+        "{'subject': {'age': 9, 'minor': true}}",
+        "{'subject': {'age': 9, 'minor': true}}",
+    };
+    for (size_t i = 0; i < sizeof conds / sizeof conds[0]; i++) {
+        char yaml[1024];
+        snprintf(yaml, sizeof yaml,
+                 "version: 1\n"
+                 "fallback: {targets: [{partner: zorgcoordinator, fields: "
+                 "[needs]}]}\n"
+                 "rules:\n"
+                 "- name: r1\n"
+                 "  when: %s\n"
+                 "  then: {targets: [{partner: avim, fields: [risk]}],\n"
+                 "         continue: false}\n"
+                 "- name: r2\n"
+                 "  when: {field: risk.acute_danger, equals: true}\n"
+                 "  then: {targets: [{partner: px, fields: [risk]}]}\n",
+                 conds[i]);
+        kh_rules_t *rules = s_load_text(yaml, s_demo, S_DEMO_COUNT);
+        kh_rules_result_t *r = kh_rules_result_new(rules);
+        json_t *doc = khtest_json(referrals[i]);
+        kh_rules_eval(rules, doc, r);
+        ck_assert_msg(kh_rules_result_matched_count(r) == 1, "%s", conds[i]);
+        json_decref(doc);
+        kh_rules_result_destroy(&r);
+        kh_rules_destroy(&rules);
+    }
+}
+END_TEST
+
 /* ---- hostile input --------------------------------------------------- */
 
 START_TEST(test_alias_bomb_refused_fast)
@@ -1003,6 +1059,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_escalation);
     tcase_add_test(tc, test_invalid_corpus);
     tcase_add_test(tc, test_all_errors_reported);
+    tcase_add_test(tc, test_never_matches_only_when_impossible);
     tcase_add_test(tc, test_alias_bomb_refused_fast);
     tcase_add_test(tc, test_size_depth_encoding);
     tcase_add_test(tc, test_not_a_regular_file);
