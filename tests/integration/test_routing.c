@@ -616,6 +616,26 @@ START_TEST(invalid_rules_at_start_exit_2)
 }
 END_TEST
 
+/* A rules file that is missing or cannot be read at start is a bad
+ * setting, like a missing hub certificate: exit 2, naming the variable. */
+START_TEST(unreadable_rules_at_start_exit_2)
+{
+    char missing[512];
+    snprintf(missing, sizeof missing, "%s", s_path("missing.yaml"));
+    const char *files[] = {missing, s_dir};
+    for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) {
+        char log[32];
+        snprintf(log, sizeof log, "routing%zu.log", i);
+        pid_t pid = s_start(s_endpoint(), files[i], 50, log);
+        int status = khproc_stop(pid, 0, 10000);
+        ck_assert(WIFEXITED(status));
+        ck_assert_msg(WEXITSTATUS(status) == 2, "%s: exit %d", files[i],
+                      WEXITSTATUS(status));
+        ck_assert(s_log_has(log, "path=KH_RULES_FILE", 0));
+    }
+}
+END_TEST
+
 int main(void)
 {
     Suite *suite = suite_create("routing");
@@ -631,6 +651,7 @@ int main(void)
     tcase_add_test(tc, unreadable_referrals_are_set_aside_not_retried);
     tcase_add_test(tc, pass_statements_reach_referrals_by_key);
     tcase_add_test(tc, invalid_rules_at_start_exit_2);
+    tcase_add_test(tc, unreadable_rules_at_start_exit_2);
     suite_add_tcase(suite, tc);
     return khtest_run_suite(suite);
 }
