@@ -432,7 +432,9 @@ static const s_ynode_t *s_get(const s_ynode_t *map, const char *key)
 }
 
 /* Report keys of map that are not in allowed (NULL-terminated), and keys
- * given twice. Returns the number of problems. */
+ * given twice. Returns the number of problems. Callers go on checking the
+ * known keys (the first of a repeated one), so that one check reports
+ * every error, not only the first typo. */
 static int s_check_keys(s_ctx_t *ctx, const s_ynode_t *map, const char *path,
                         const char *const *allowed)
 {
@@ -944,10 +946,8 @@ static kh_rcond_t *s_leaf(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
     static const char *const allowed[] = {"field",   "equals", "in", "contains",
                                           "lt",      "le",     "gt", "ge",
                                           "present", NULL};
-    if (s_check_keys(ctx, n, path, allowed)) {
+    if (s_check_keys(ctx, n, path, allowed))
         *failed = true;
-        return c;
-    }
     char p[KH_ERROR_PATH_MAX];
     s_path_key(p, path, "field");
     const s_ynode_t *fn = s_get(n, "field");
@@ -1224,9 +1224,9 @@ static int s_escalate_to(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
                          const char *id, kh_rtarget_t *target)
 {
     static const char *const allowed[] = {"partner", "fields", NULL};
-    if (!s_want(ctx, n, S_YMAP, path, "escalate_to") ||
-        s_check_keys(ctx, n, path, allowed))
+    if (!s_want(ctx, n, S_YMAP, path, "escalate_to"))
         return -1;
+    int rc = s_check_keys(ctx, n, path, allowed) ? -1 : 0;
     const s_ynode_t *pn = s_get(n, "partner"), *fn = s_get(n, "fields");
     if (!pn || !fn) {
         s_error(ctx, KH_E_RULES_SYNTAX, path, n,
@@ -1237,7 +1237,7 @@ static int s_escalate_to(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
     char p[KH_ERROR_PATH_MAX];
     s_path_key(p, path, "fields");
     if (s_fields(ctx, fn, p, target->escalate_fields))
-        return -1;
+        rc = -1;
     s_path_key(p, path, "partner");
     path = p;
     n = pn;
@@ -1260,7 +1260,7 @@ static int s_escalate_to(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
                    "escalation partner %s is not registered; no copy on "
                    "escalation",
                    to);
-            return 0;
+            return rc;
         }
         if (!reg) {
             s_error(ctx, KH_E_RULES_UNKNOWN_PARTNER, path, n,
@@ -1284,7 +1284,7 @@ static int s_escalate_to(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
         s_error(ctx, KH_E_NOMEM, path, n, "out of memory");
         return -1;
     }
-    return 0;
+    return rc;
 }
 
 /* Parse the targets list n into *out. Returns -1 when anything was
@@ -1312,11 +1312,12 @@ static int s_targets(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
         target->escalate = -1;
         char tp[KH_ERROR_PATH_MAX], p[KH_ERROR_PATH_MAX];
         s_path_index(tp, path, i);
-        if (!s_want(ctx, t, S_YMAP, tp, "a target") ||
-            s_check_keys(ctx, t, tp, allowed)) {
+        if (!s_want(ctx, t, S_YMAP, tp, "a target")) {
             rc = -1;
             continue;
         }
+        if (s_check_keys(ctx, t, tp, allowed))
+            rc = -1;
         const s_ynode_t *pn = s_get(t, "partner"), *fn = s_get(t, "fields"),
                         *prn = s_get(t, "priority"), *on = s_get(t, "optional");
         if (!pn || !fn) {
@@ -1410,9 +1411,9 @@ static void s_rule(s_ctx_t *ctx, const s_ynode_t *n, size_t index)
     char path[KH_ERROR_PATH_MAX], p[KH_ERROR_PATH_MAX];
     snprintf(path, sizeof path, "rules");
     kh_path_append_index(path, sizeof path, index);
-    if (!s_want(ctx, n, S_YMAP, path, "a rule") ||
-        s_check_keys(ctx, n, path, allowed))
+    if (!s_want(ctx, n, S_YMAP, path, "a rule"))
         return;
+    (void) s_check_keys(ctx, n, path, allowed);
     /* Evaluation ends at a matched rule with continue: false; after one
      * whose condition always holds, no rule is ever reached. */
     for (size_t i = 0; i < ctx->rules->nrules; i++) {
@@ -1464,9 +1465,9 @@ static void s_rule(s_ctx_t *ctx, const s_ynode_t *n, size_t index)
                    "this condition can never hold, so the rule never fires");
     }
     s_path_key(p, path, "then");
-    if (!s_want(ctx, then, S_YMAP, p, "then") ||
-        s_check_keys(ctx, then, p, then_allowed))
+    if (!s_want(ctx, then, S_YMAP, p, "then"))
         return;
+    (void) s_check_keys(ctx, then, p, then_allowed);
     const s_ynode_t *targets = s_get(then, "targets"),
                     *cont = s_get(then, "continue");
     char q[KH_ERROR_PATH_MAX];
@@ -1498,8 +1499,7 @@ static void s_document(s_ctx_t *ctx, const s_ynode_t *root)
                 "unsupported rules format version; this hub reads version 1");
         return;
     }
-    if (s_check_keys(ctx, root, "", allowed))
-        return;
+    (void) s_check_keys(ctx, root, "", allowed);
     const s_ynode_t *req = s_get(root, "partners_required");
     if (req && s_want(ctx, req, S_YSEQ, "partners_required", "the list"))
         for (size_t i = 0; i < req->n; i++) {
@@ -1514,8 +1514,8 @@ static void s_document(s_ctx_t *ctx, const s_ynode_t *root)
     if (!fb)
         s_error(ctx, KH_E_RULES_SYNTAX, "", root,
                 "the file needs a fallback: where unmatched referrals go");
-    else if (s_want(ctx, fb, S_YMAP, "fallback", "fallback") &&
-             !s_check_keys(ctx, fb, "fallback", fb_allowed)) {
+    else if (s_want(ctx, fb, S_YMAP, "fallback", "fallback")) {
+        (void) s_check_keys(ctx, fb, "fallback", fb_allowed);
         const s_ynode_t *t = s_get(fb, "targets");
         if (!t)
             s_error(ctx, KH_E_RULES_SYNTAX, "fallback", fb,

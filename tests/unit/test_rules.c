@@ -600,6 +600,38 @@ START_TEST(test_all_errors_reported)
 }
 END_TEST
 
+/* A key the format does not have (a typo) is one error among the others:
+ * what is around it is still checked, so that one check shows them all. */
+START_TEST(test_unknown_key_hides_nothing)
+{
+    const char *yaml =
+        "version: 1\n"
+        "extra: 1\n"
+        "fallback:\n"
+        "  targets: [{partner: ketenregisseur, fields: [needs]}]\n"
+        "  extra: 2\n"
+        "rules:\n"
+        "- name: r1\n"
+        "  descripton: typo\n"
+        "  when: {field: nope, equals: 1, note: x}\n"
+        "  then:\n"
+        "    targets: [{partner: politie, fields: [risk], priorty: high}]\n"
+        "    continu: false\n";
+    kh_rules_options_t o = s_opts(s_demo, S_DEMO_COUNT);
+    s_count_t count = {0, 0};
+    o.report = s_count;
+    o.report_arg = &count;
+    kh_error_t err;
+    ck_assert_ptr_null(kh_rules_load_buffer(yaml, strlen(yaml), &o, &err));
+    /* extra, fallback.extra, the fallback's partner without cases,
+     * descripton, note, the unknown field nope, priorty, the unknown
+     * partner politie, continu */
+    ck_assert_int_eq(count.errors, 9);
+    ck_assert_int_eq(err.code, KH_E_RULES_UNKNOWN_KEY);
+    ck_assert_int_eq(err.line, 2);
+}
+END_TEST
+
 /* Conditions that look alike the never-matching ones of the corpus but can
  * hold are not refused, and do fire. */
 START_TEST(test_never_matches_only_when_impossible)
@@ -1059,6 +1091,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_escalation);
     tcase_add_test(tc, test_invalid_corpus);
     tcase_add_test(tc, test_all_errors_reported);
+    tcase_add_test(tc, test_unknown_key_hides_nothing);
     tcase_add_test(tc, test_never_matches_only_when_impossible);
     tcase_add_test(tc, test_alias_bomb_refused_fast);
     tcase_add_test(tc, test_size_depth_encoding);
