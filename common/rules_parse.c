@@ -7,10 +7,13 @@
  * column; loading fails if there was any error.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 #include <yaml.h>
 
 #include "ketenhub/partner.h"
@@ -141,7 +144,8 @@ static void s_path_index(char *out, const char *parent, size_t index)
 static int s_check_text(s_ctx_t *ctx, const unsigned char *data, size_t len)
 {
     int line = 1, column = 1;
-    size_t i = 0;
+    /* A leading byte order mark takes no column (see s_parse_yaml). */
+    size_t i = len >= 3 && memcmp(data, "\xEF\xBB\xBF", 3) == 0 ? 3 : 0;
     while (i < len) {
         unsigned char c = data[i];
         size_t n = 1;
@@ -186,6 +190,20 @@ bad:
 
 /* ---- YAML events into a tree ------------------------------------------ */
 
+/* Whether a scalar's value (escapes resolved) holds a control character
+ * other than tab and line breaks: a quoted "\0" or "\x01" is binary input
+ * as much as the raw byte that s_check_text refuses, and cut at a NUL the
+ * text would mean something else than it says. */
+static bool s_scalar_binary(const unsigned char *value, size_t len)
+{
+    for (size_t i = 0; i < len; i++)
+        if ((value[i] < 0x20 && value[i] != '\t' && value[i] != '\n' &&
+             value[i] != '\r') ||
+            value[i] == 0x7F)
+            return true;
+    return false;
+}
+
 static int s_refuse_anchor(s_ctx_t *ctx, const yaml_event_t *ev,
                            const yaml_char_t *anchor, const yaml_char_t *tag)
 {
@@ -213,6 +231,11 @@ static s_ynode_t *s_parse_yaml(s_ctx_t *ctx, const unsigned char *data,
         s_error_at(ctx, KH_E_NOMEM, "", 0, 0, "out of memory");
         return NULL;
     }
+    /* A byte order mark may open the stream (YAML 1.2, 5.2). With the
+     * encoding given, libyaml would take it for content; it is no part of
+     * the document, and the columns of line 1 count from after it. */
+    if (len >= 3 && memcmp(data, "\xEF\xBB\xBF", 3) == 0)
+        data += 3, len -= 3;
     yaml_parser_set_input_string(&parser, data, len);
     yaml_parser_set_encoding(&parser, YAML_UTF8_ENCODING);
 
@@ -255,6 +278,12 @@ static s_ynode_t *s_parse_yaml(s_ctx_t *ctx, const unsigned char *data,
         case YAML_SCALAR_EVENT:
             if (s_refuse_anchor(ctx, &ev, ev.data.scalar.anchor,
                                 ev.data.scalar.tag)) {
+                failed = true;
+                break;
+            }
+            if (s_scalar_binary(ev.data.scalar.value, ev.data.scalar.length)) {
+                s_error_at(ctx, KH_E_RULES_ENCODING, "", line, column,
+                           "control character or binary data in a value");
                 failed = true;
                 break;
             }
@@ -403,7 +432,9 @@ static const s_ynode_t *s_get(const s_ynode_t *map, const char *key)
 }
 
 /* Report keys of map that are not in allowed (NULL-terminated), and keys
- * given twice. Returns the number of problems. */
+ * given twice. Returns the number of problems. Callers go on checking the
+ * known keys (the first of a repeated one), so that one check reports
+ * every error, not only the first typo. */
 static int s_check_keys(s_ctx_t *ctx, const s_ynode_t *map, const char *path,
                         const char *const *allowed)
 {
@@ -789,58 +820,123 @@ static const char *const s_ops[] = {"equals", "in",  "contains", "lt",
 static kh_rcond_t *s_cond(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
                           bool *failed);
 
-/* Contradictions between the direct leaves of an `all`: two equals on one
- * field, an equals outside an in, numeric bounds that leave no value. */
-static bool s_all_contradicts(const kh_rules_t *rules, const kh_rcond_t *c)
+/* The leaves of an `all`, those of the `all`s nested in it included (they
+ * must hold together with the outer ones), into out when it is not NULL;
+ * returns how many there are. The nesting is bounded by the YAML depth. */
+static size_t s_all_leaves(const kh_rcond_t *c, const kh_rcond_t **out,
+                           size_t n)
 {
     for (size_t i = 0; i < c->nkids; i++) {
-        const kh_rcond_t *a = c->kids[i];
-        if (a->op > KH_RC_PRESENT)
-            continue;
-        const kh_rfield_t *f = &rules->fields[a->field];
-        double lo = f->has_min ? f->min : -INFINITY;
-        double hi = f->has_max ? f->max : INFINITY;
-        bool integer = f->kind == KH_RK_INTEGER;
-        bool ranged = false;
-        for (size_t k = 0; k < c->nkids; k++) {
-            const kh_rcond_t *b = c->kids[k];
-            if (b->op > KH_RC_PRESENT || b->field != a->field)
-                continue;
-            if (a->op == KH_RC_EQ && b->op == KH_RC_EQ &&
-                !s_val_same(&a->vals[0], &b->vals[0]))
-                return true;
-            if (a->op == KH_RC_EQ && b->op == KH_RC_IN) {
-                bool found = false;
-                for (size_t v = 0; v < b->nvals; v++)
-                    found = found || s_val_same(&a->vals[0], &b->vals[v]);
-                if (!found)
-                    return true;
-            }
-            if (a->op == KH_RC_EQ && b->op == KH_RC_PRESENT && !b->vals[0].b &&
-                a->vals[0].kind != KH_RV_NULL)
-                return true;
-            double v = b->nvals ? b->vals[0].d : 0;
-            switch (b->op) {
-            case KH_RC_LT:
-                hi = fmin(hi, integer ? ceil(v) - 1 : v), ranged = true;
-                break;
-            case KH_RC_LE:
-                hi = fmin(hi, v), ranged = true;
-                break;
-            case KH_RC_GT:
-                lo = fmax(lo, integer ? floor(v) + 1 : v), ranged = true;
-                break;
-            case KH_RC_GE:
-                lo = fmax(lo, v), ranged = true;
-                break;
-            default:
-                break;
-            }
+        const kh_rcond_t *k = c->kids[i];
+        if (k->op == KH_RC_ALL)
+            n = s_all_leaves(k, out, n);
+        else if (k->op <= KH_RC_PRESENT) {
+            if (out)
+                out[n] = k;
+            n++;
         }
-        if (ranged && lo > hi)
+    }
+    return n;
+}
+
+/* Whether the leaves on field leave no value that satisfies all of them:
+ * two different equals, numeric bounds that leave no number, an equals or
+ * every value of an in outside the others, a comparison or a contains with
+ * present: false (or with equals null: a null is no number and no list). */
+static bool s_field_contradicts(const kh_rules_t *rules,
+                                const kh_rcond_t *const *leaves, size_t n,
+                                int field)
+{
+    const kh_rfield_t *f = &rules->fields[field];
+    double lo = f->has_min ? f->min : -INFINITY;
+    double hi = f->has_max ? f->max : INFINITY;
+    bool integer = f->kind == KH_RK_INTEGER;
+    bool ranged = false, present = false, absent = false, contains = false;
+    const kh_rval_t *eq = NULL;
+    for (size_t i = 0; i < n; i++) {
+        const kh_rcond_t *b = leaves[i];
+        if (b->field != field)
+            continue;
+        double v = b->nvals ? b->vals[0].d : 0;
+        switch (b->op) {
+        case KH_RC_EQ:
+            if (eq && !s_val_same(eq, &b->vals[0]))
+                return true;
+            eq = &b->vals[0];
+            break;
+        case KH_RC_PRESENT:
+            *(b->vals[0].b ? &present : &absent) = true;
+            break;
+        case KH_RC_CONTAINS:
+            contains = true;
+            break;
+        case KH_RC_LT:
+            hi = fmin(hi, integer ? ceil(v) - 1 : v), ranged = true;
+            break;
+        case KH_RC_LE:
+            hi = fmin(hi, integer ? floor(v) : v), ranged = true;
+            break;
+        case KH_RC_GT:
+            lo = fmax(lo, integer ? floor(v) + 1 : v), ranged = true;
+            break;
+        case KH_RC_GE:
+            lo = fmax(lo, integer ? ceil(v) : v), ranged = true;
+            break;
+        default:
+            break;
+        }
+    }
+    if (ranged && lo > hi)
+        return true;
+    /* What holds only for a value that is there and not null. */
+    bool valued = ranged || contains || present;
+    if (absent && valued)
+        return true;
+    if (eq) {
+        if (eq->kind == KH_RV_NULL ? valued : absent)
+            return true;
+        if (eq->kind == KH_RV_NUM && ranged && (eq->d < lo || eq->d > hi))
+            return true;
+    }
+    for (size_t i = 0; i < n; i++) {
+        const kh_rcond_t *b = leaves[i];
+        if (b->field != field || b->op != KH_RC_IN)
+            continue;
+        bool possible = false;
+        for (size_t k = 0; k < b->nvals && !possible; k++) {
+            const kh_rval_t *v = &b->vals[k];
+            possible =
+                (!eq || s_val_same(eq, v)) &&
+                (v->kind == KH_RV_NULL ? !valued : !absent) &&
+                (v->kind != KH_RV_NUM || !ranged || (v->d >= lo && v->d <= hi));
+        }
+        if (!possible)
             return true;
     }
     return false;
+}
+
+/* Contradictions between the leaves of an `all` (see s_field_contradicts),
+ * field by field. */
+static bool s_all_contradicts(const kh_rules_t *rules, const kh_rcond_t *c)
+{
+    size_t n = s_all_leaves(c, NULL, 0);
+    if (n < 2)
+        return false;
+    const kh_rcond_t **leaves = malloc(n * sizeof *leaves);
+    if (!leaves)
+        return false; /* a check the less, never a wrong one */
+    s_all_leaves(c, leaves, 0);
+    bool never = false;
+    for (size_t i = 0; i < n && !never; i++) {
+        bool first = true; /* each field once */
+        for (size_t k = 0; k < i && first; k++)
+            first = leaves[k]->field != leaves[i]->field;
+        never =
+            first && s_field_contradicts(rules, leaves, n, leaves[i]->field);
+    }
+    free(leaves);
+    return never;
 }
 
 /* A leaf: {field: PATH, OP: VALUE}. */
@@ -850,10 +946,8 @@ static kh_rcond_t *s_leaf(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
     static const char *const allowed[] = {"field",   "equals", "in", "contains",
                                           "lt",      "le",     "gt", "ge",
                                           "present", NULL};
-    if (s_check_keys(ctx, n, path, allowed)) {
+    if (s_check_keys(ctx, n, path, allowed))
         *failed = true;
-        return c;
-    }
     char p[KH_ERROR_PATH_MAX];
     s_path_key(p, path, "field");
     const s_ynode_t *fn = s_get(n, "field");
@@ -1130,9 +1224,9 @@ static int s_escalate_to(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
                          const char *id, kh_rtarget_t *target)
 {
     static const char *const allowed[] = {"partner", "fields", NULL};
-    if (!s_want(ctx, n, S_YMAP, path, "escalate_to") ||
-        s_check_keys(ctx, n, path, allowed))
+    if (!s_want(ctx, n, S_YMAP, path, "escalate_to"))
         return -1;
+    int rc = s_check_keys(ctx, n, path, allowed) ? -1 : 0;
     const s_ynode_t *pn = s_get(n, "partner"), *fn = s_get(n, "fields");
     if (!pn || !fn) {
         s_error(ctx, KH_E_RULES_SYNTAX, path, n,
@@ -1143,7 +1237,7 @@ static int s_escalate_to(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
     char p[KH_ERROR_PATH_MAX];
     s_path_key(p, path, "fields");
     if (s_fields(ctx, fn, p, target->escalate_fields))
-        return -1;
+        rc = -1;
     s_path_key(p, path, "partner");
     path = p;
     n = pn;
@@ -1166,7 +1260,7 @@ static int s_escalate_to(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
                    "escalation partner %s is not registered; no copy on "
                    "escalation",
                    to);
-            return 0;
+            return rc;
         }
         if (!reg) {
             s_error(ctx, KH_E_RULES_UNKNOWN_PARTNER, path, n,
@@ -1190,7 +1284,7 @@ static int s_escalate_to(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
         s_error(ctx, KH_E_NOMEM, path, n, "out of memory");
         return -1;
     }
-    return 0;
+    return rc;
 }
 
 /* Parse the targets list n into *out. Returns -1 when anything was
@@ -1218,11 +1312,12 @@ static int s_targets(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
         target->escalate = -1;
         char tp[KH_ERROR_PATH_MAX], p[KH_ERROR_PATH_MAX];
         s_path_index(tp, path, i);
-        if (!s_want(ctx, t, S_YMAP, tp, "a target") ||
-            s_check_keys(ctx, t, tp, allowed)) {
+        if (!s_want(ctx, t, S_YMAP, tp, "a target")) {
             rc = -1;
             continue;
         }
+        if (s_check_keys(ctx, t, tp, allowed))
+            rc = -1;
         const s_ynode_t *pn = s_get(t, "partner"), *fn = s_get(t, "fields"),
                         *prn = s_get(t, "priority"), *on = s_get(t, "optional");
         if (!pn || !fn) {
@@ -1316,9 +1411,21 @@ static void s_rule(s_ctx_t *ctx, const s_ynode_t *n, size_t index)
     char path[KH_ERROR_PATH_MAX], p[KH_ERROR_PATH_MAX];
     snprintf(path, sizeof path, "rules");
     kh_path_append_index(path, sizeof path, index);
-    if (!s_want(ctx, n, S_YMAP, path, "a rule") ||
-        s_check_keys(ctx, n, path, allowed))
+    if (!s_want(ctx, n, S_YMAP, path, "a rule"))
         return;
+    (void) s_check_keys(ctx, n, path, allowed);
+    /* Evaluation ends at a matched rule with continue: false; after one
+     * whose condition always holds, no rule is ever reached. */
+    for (size_t i = 0; i < ctx->rules->nrules; i++) {
+        const kh_rrule_t *r = &ctx->rules->rules[i];
+        if (r->when && r->when->state == KH_RS_ALWAYS && !r->cont) {
+            s_error(ctx, KH_E_RULES_NEVER_MATCHES, path, n,
+                    "rule %s before this one always fires and stops the "
+                    "evaluation, so this rule is never reached",
+                    r->name ? r->name : "");
+            break;
+        }
+    }
     kh_rrule_t *rule = &ctx->rules->rules[ctx->rules->nrules++];
     rule->cont = true;
     const s_ynode_t *name = s_get(n, "name"), *when = s_get(n, "when"),
@@ -1358,9 +1465,9 @@ static void s_rule(s_ctx_t *ctx, const s_ynode_t *n, size_t index)
                    "this condition can never hold, so the rule never fires");
     }
     s_path_key(p, path, "then");
-    if (!s_want(ctx, then, S_YMAP, p, "then") ||
-        s_check_keys(ctx, then, p, then_allowed))
+    if (!s_want(ctx, then, S_YMAP, p, "then"))
         return;
+    (void) s_check_keys(ctx, then, p, then_allowed);
     const s_ynode_t *targets = s_get(then, "targets"),
                     *cont = s_get(then, "continue");
     char q[KH_ERROR_PATH_MAX];
@@ -1392,8 +1499,7 @@ static void s_document(s_ctx_t *ctx, const s_ynode_t *root)
                 "unsupported rules format version; this hub reads version 1");
         return;
     }
-    if (s_check_keys(ctx, root, "", allowed))
-        return;
+    (void) s_check_keys(ctx, root, "", allowed);
     const s_ynode_t *req = s_get(root, "partners_required");
     if (req && s_want(ctx, req, S_YSEQ, "partners_required", "the list"))
         for (size_t i = 0; i < req->n; i++) {
@@ -1408,8 +1514,8 @@ static void s_document(s_ctx_t *ctx, const s_ynode_t *root)
     if (!fb)
         s_error(ctx, KH_E_RULES_SYNTAX, "", root,
                 "the file needs a fallback: where unmatched referrals go");
-    else if (s_want(ctx, fb, S_YMAP, "fallback", "fallback") &&
-             !s_check_keys(ctx, fb, "fallback", fb_allowed)) {
+    else if (s_want(ctx, fb, S_YMAP, "fallback", "fallback")) {
+        (void) s_check_keys(ctx, fb, "fallback", fb_allowed);
         const s_ynode_t *t = s_get(fb, "targets");
         if (!t)
             s_error(ctx, KH_E_RULES_SYNTAX, "fallback", fb,
@@ -1526,10 +1632,28 @@ kh_rules_t *kh_rules_load_buffer(const void *data, size_t len,
 kh_rules_t *kh_rules_load(const char *path, const kh_rules_options_t *opts,
                           kh_error_t *err)
 {
-    FILE *f = fopen(path, "rb");
-    if (!f) {
+    /* Opened without blocking and checked before reading: a FIFO would
+     * otherwise hold the reader (a routing reload, the whole service) until
+     * some writer came, and a device could be read without end. A rules
+     * file is what an administrator edits, a regular file. */
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
+    if (fd < 0) {
         kh_error_set(err, KH_E_IO, "", "cannot open the rules file: %s",
                      strerror(errno));
+        return NULL;
+    }
+    struct stat st;
+    int rc = fstat(fd, &st);
+    if (rc != 0 || !S_ISREG(st.st_mode)) {
+        kh_error_set(err, KH_E_IO, "", "cannot read the rules file: %s",
+                     rc != 0 ? strerror(errno) : "not a regular file");
+        close(fd);
+        return NULL;
+    }
+    FILE *f = fdopen(fd, "rb");
+    if (!f) {
+        close(fd);
+        kh_error_set(err, KH_E_NOMEM, "", "out of memory");
         return NULL;
     }
     /* Read one byte more than allowed, to tell "too large" from "full". */

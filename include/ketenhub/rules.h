@@ -64,10 +64,12 @@ typedef struct {
 typedef struct _kh_rules_t kh_rules_t;
 
 /* Load, check and compile the rules file at path. Returns NULL when the
- * file cannot be read (KH_E_IO) or holds any error; err then holds the
- * first error and opts->report has seen all of them. Loading refuses
- * files over KH_RULES_FILE_MAX, non-UTF-8 or binary input, anchors and
- * aliases, tags, nesting deeper than KH_RULES_DEPTH_MAX. */
+ * file cannot be read or is not a regular file (KH_E_IO: a FIFO, a
+ * directory or a device is refused without waiting or reading) or holds
+ * any error; err then holds the first error and opts->report has seen all
+ * of them. Loading refuses files over KH_RULES_FILE_MAX, non-UTF-8 or
+ * binary input, anchors and aliases, tags, nesting deeper than
+ * KH_RULES_DEPTH_MAX. */
 kh_rules_t *kh_rules_load(const char *path, const kh_rules_options_t *opts,
                           kh_error_t *err);
 

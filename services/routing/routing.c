@@ -682,8 +682,16 @@ routing_t *routing_new(const routing_config_t *config, kh_error_t *err)
     if (s_connect(self, err))
         goto fail;
     self->rules = s_load_rules(self, err);
-    if (!self->rules)
+    if (!self->rules) {
+        /* A rules file that cannot be read at start is a bad setting, like
+         * a missing hub certificate: the service exits 2 naming it. (On a
+         * reload the old rules stay and the error is kept as it is.) */
+        if (err->code == KH_E_IO) {
+            err->code = KH_E_CONFIG;
+            snprintf(err->path, sizeof err->path, "KH_RULES_FILE");
+        }
         goto fail;
+    }
     self->result = kh_rules_result_new(self->rules);
     self->arena = kh_jarena_new(S_ARENA_KEEP);
     if (!self->result || !self->arena) {

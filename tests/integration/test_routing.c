@@ -8,6 +8,7 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -482,6 +483,34 @@ START_TEST(sighup_reload_keeps_old_rules_when_broken)
 }
 END_TEST
 
+/* A rules file replaced by a FIFO (or anything that is not a regular
+ * file): the reload is refused at once and audited, routing goes on by the
+ * old rules instead of waiting for a writer that never comes. */
+START_TEST(sighup_reload_refuses_a_fifo_without_hanging)
+{
+    char *rules = khtest_read_file(khtest_src("schemas/rules/default.yaml"));
+    ck_assert_ptr_nonnull(rules);
+    khtest_write_file(s_path("rules.yaml"), rules);
+    free(rules);
+    pid_t pid = s_start(s_endpoint(), s_path("rules.yaml"), 50, "routing.log");
+    ck_assert(s_log_has("routing.log", "event=ready", 10000));
+
+    ck_assert_int_eq(unlink(s_path("rules.yaml")), 0);
+    ck_assert_int_eq(mkfifo(s_path("rules.yaml"), 0600), 0);
+    ck_assert_int_eq(kill(pid, SIGHUP), 0);
+    ck_assert_msg(s_wait_count("SELECT count(*) FROM audit_events WHERE"
+                               " action = 'rules.reload_failed'",
+                               1, 5000),
+                  "reload not refused: see %s", s_path("routing.log"));
+    ck_assert(s_log_has("routing.log", "not a regular file", 1000));
+    long deliveries = s_insert_many(3);
+    ck_assert(s_wait_count(S_ROUTED, 3, 5000));
+    int status = khproc_stop(pid, SIGTERM, 5000);
+    ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    s_assert_routed_once(3, deliveries);
+}
+END_TEST
+
 /* More unreadable referrals than a batch, oldest first, then good ones:
  * the bad ones are set aside (audited) and the good ones routed. */
 START_TEST(unreadable_referrals_are_set_aside_not_retried)
@@ -587,6 +616,26 @@ START_TEST(invalid_rules_at_start_exit_2)
 }
 END_TEST
 
+/* A rules file that is missing or cannot be read at start is a bad
+ * setting, like a missing hub certificate: exit 2, naming the variable. */
+START_TEST(unreadable_rules_at_start_exit_2)
+{
+    char missing[512];
+    snprintf(missing, sizeof missing, "%s", s_path("missing.yaml"));
+    const char *files[] = {missing, s_dir};
+    for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) {
+        char log[32];
+        snprintf(log, sizeof log, "routing%zu.log", i);
+        pid_t pid = s_start(s_endpoint(), files[i], 50, log);
+        int status = khproc_stop(pid, 0, 10000);
+        ck_assert(WIFEXITED(status));
+        ck_assert_msg(WEXITSTATUS(status) == 2, "%s: exit %d", files[i],
+                      WEXITSTATUS(status));
+        ck_assert(s_log_has(log, "path=KH_RULES_FILE", 0));
+    }
+}
+END_TEST
+
 int main(void)
 {
     Suite *suite = suite_create("routing");
@@ -598,9 +647,11 @@ int main(void)
     tcase_add_test(tc, two_processes_route_each_once);
     tcase_add_test(tc, wakeup_from_the_hub_routes_before_the_poll);
     tcase_add_test(tc, sighup_reload_keeps_old_rules_when_broken);
+    tcase_add_test(tc, sighup_reload_refuses_a_fifo_without_hanging);
     tcase_add_test(tc, unreadable_referrals_are_set_aside_not_retried);
     tcase_add_test(tc, pass_statements_reach_referrals_by_key);
     tcase_add_test(tc, invalid_rules_at_start_exit_2);
+    tcase_add_test(tc, unreadable_rules_at_start_exit_2);
     suite_add_tcase(suite, tc);
     return khtest_run_suite(suite);
 }

@@ -16,7 +16,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 #define REFERRAL_SCHEMA "schemas/referral.v1.json"
 
@@ -598,6 +600,94 @@ START_TEST(test_all_errors_reported)
 }
 END_TEST
 
+/* A key the format does not have (a typo) is one error among the others:
+ * what is around it is still checked, so that one check shows them all. */
+START_TEST(test_unknown_key_hides_nothing)
+{
+    const char *yaml =
+        "version: 1\n"
+        "extra: 1\n"
+        "fallback:\n"
+        "  targets: [{partner: ketenregisseur, fields: [needs]}]\n"
+        "  extra: 2\n"
+        "rules:\n"
+        "- name: r1\n"
+        "  descripton: typo\n"
+        "  when: {field: nope, equals: 1, note: x}\n"
+        "  then:\n"
+        "    targets: [{partner: politie, fields: [risk], priorty: high}]\n"
+        "    continu: false\n";
+    kh_rules_options_t o = s_opts(s_demo, S_DEMO_COUNT);
+    s_count_t count = {0, 0};
+    o.report = s_count;
+    o.report_arg = &count;
+    kh_error_t err;
+    ck_assert_ptr_null(kh_rules_load_buffer(yaml, strlen(yaml), &o, &err));
+    /* extra, fallback.extra, the fallback's partner without cases,
+     * descripton, note, the unknown field nope, priorty, the unknown
+     * partner politie, continu */
+    ck_assert_int_eq(count.errors, 9);
+    ck_assert_int_eq(err.code, KH_E_RULES_UNKNOWN_KEY);
+    ck_assert_int_eq(err.line, 2);
+}
+END_TEST
+
+/* Conditions that look alike the never-matching ones of the corpus but can
+ * hold are not refused, and do fire. */
+START_TEST(test_never_matches_only_when_impossible)
+{
+    static const char *conds[] = {
+        "{all: [{field: subject.age, equals: 10}, {field: subject.age, lt: "
+        "18}]}",
+        "{all: [{field: subject.age, in: [12, 40]}, {field: subject.age, ge: "
+        "18}]}",
+        "{all: [{field: subject.age, ge: 17.5}, {field: subject.age, le: "
+        "18.5}]}",
+        "{all: [{field: subject.age, present: false}, {field: subject.age, "
+        "in: [null, 3]}]}",
+        "{all: [{field: subject.age, equals: null}, {field: subject.age, "
+        "present: false}]}",
+        "{all: [{field: subject.minor, equals: true}, {all: [{field: "
+        "subject.age, lt: 18}, {field: subject.minor, equals: true}]}]}",
+        "{all: [{field: subject.minor, equals: true}, {any: [{field: "
+        "subject.minor, equals: false}, {field: subject.age, lt: 18}]}]}",
+    };
+    static const char *referrals[] = {
+        "{'subject': {'age': 10, 'minor': true}}",
+        "{'subject': {'age': 40, 'minor': false}}",
+        "{'subject': {'age': 18, 'minor': false}}",
+        "{'subject': {'age': null, 'minor': false}}",
+        "{'subject': {'age': null, 'minor': false}}",
+        "{'subject': {'age': 9, 'minor': true}}",
+        "{'subject': {'age': 9, 'minor': true}}",
+    };
+    for (size_t i = 0; i < sizeof conds / sizeof conds[0]; i++) {
+        char yaml[1024];
+        snprintf(yaml, sizeof yaml,
+                 "version: 1\n"
+                 "fallback: {targets: [{partner: zorgcoordinator, fields: "
+                 "[needs]}]}\n"
+                 "rules:\n"
+                 "- name: r1\n"
+                 "  when: %s\n"
+                 "  then: {targets: [{partner: avim, fields: [risk]}],\n"
+                 "         continue: false}\n"
+                 "- name: r2\n"
+                 "  when: {field: risk.acute_danger, equals: true}\n"
+                 "  then: {targets: [{partner: px, fields: [risk]}]}\n",
+                 conds[i]);
+        kh_rules_t *rules = s_load_text(yaml, s_demo, S_DEMO_COUNT);
+        kh_rules_result_t *r = kh_rules_result_new(rules);
+        json_t *doc = khtest_json(referrals[i]);
+        kh_rules_eval(rules, doc, r);
+        ck_assert_msg(kh_rules_result_matched_count(r) == 1, "%s", conds[i]);
+        json_decref(doc);
+        kh_rules_result_destroy(&r);
+        kh_rules_destroy(&rules);
+    }
+}
+END_TEST
+
 /* ---- hostile input --------------------------------------------------- */
 
 START_TEST(test_alias_bomb_refused_fast)
@@ -663,6 +753,127 @@ START_TEST(test_size_depth_encoding)
     ck_assert_int_eq(err.code, KH_E_RULES_SYNTAX);
     ck_assert_ptr_null(kh_rules_load("/nonexistent/rules.yaml", &o, &err));
     ck_assert_int_eq(err.code, KH_E_IO);
+}
+END_TEST
+
+/* A NUL or another control character written as an escape in a quoted
+ * scalar ("\0", "\x01") is binary input as much as the raw byte: it is
+ * refused where it stands. Cut at the NUL, the text would mean something
+ * else than it says: a value that never equals a referral's, a partner id
+ * that is not the one written. */
+START_TEST(test_escaped_control_characters)
+{
+    static const struct {
+        const char *scalar;
+        int column;
+    } cases[] = {
+        {"when: {field: risk.urgency, equals: \"immediate\\0\"}", 39},
+        {"when: {\"field\\0x\": risk.urgency, equals: immediate}", 10},
+        {"when: {field: risk.urgency, equals: \"immediate\\x1b\"}", 39},
+        {"when: {field: risk.urgency, equals: \"\\u0000\"}", 39},
+    };
+    kh_rules_options_t o = s_opts(s_demo, S_DEMO_COUNT);
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char yaml[1024];
+        snprintf(yaml, sizeof yaml,
+                 "version: 1\n"
+                 "fallback: {targets: [{partner: zorgcoordinator, fields: "
+                 "[needs]}]}\n"
+                 "rules:\n"
+                 "- name: r1\n"
+                 "  %s\n"
+                 "  then: {targets: [{partner: avim, fields: [risk]}]}\n",
+                 cases[i].scalar);
+        kh_error_t err;
+        kh_rules_t *rules = kh_rules_load_buffer(yaml, strlen(yaml), &o, &err);
+        ck_assert_msg(rules == NULL, "%s loaded", cases[i].scalar);
+        ck_assert_msg(err.code == KH_E_RULES_ENCODING, "%s: %s",
+                      cases[i].scalar, kh_error_name(err.code));
+        ck_assert_int_eq(err.line, 5);
+        ck_assert_int_eq(err.column, cases[i].column);
+    }
+    const char *partner =
+        "version: 1\n"
+        "fallback: {targets: [{partner: \"zorgcoordinator\\0x\", fields: "
+        "[needs]}]}\n"
+        "rules: []\n";
+    kh_error_t err;
+    ck_assert_ptr_null(
+        kh_rules_load_buffer(partner, strlen(partner), &o, &err));
+    ck_assert_int_eq(err.code, KH_E_RULES_ENCODING);
+    /* Tab and line breaks stay allowed, escaped or not. */
+    const char *ok =
+        "version: 1\n"
+        "fallback: {targets: [{partner: zorgcoordinator, fields: [needs]}]}\n"
+        "rules:\n"
+        "- name: r1\n"
+        "  description: \"one\\ttwo\\nthree\\r\"\n"
+        "  when: {field: risk.urgency, equals: immediate}\n"
+        "  then: {targets: [{partner: avim, fields: [risk]}]}\n";
+    kh_rules_t *rules = kh_rules_load_buffer(ok, strlen(ok), &o, &err);
+    ck_assert_msg(rules != NULL, "%s", err.message);
+    kh_rules_destroy(&rules);
+}
+END_TEST
+
+/* A UTF-8 byte order mark, as some editors write it, is allowed (YAML
+ * allows it at the start of the stream): the rules load, problems keep
+ * their line and column, and the version is still the hash of the bytes. */
+START_TEST(test_byte_order_mark)
+{
+    const char *body =
+        "version: 1\n"
+        "fallback: {targets: [{partner: zorgcoordinator, fields: [needs]}]}\n"
+        "rules:\n"
+        "- {name: r1, when: {field: subject.minor, equals: true},\n"
+        "   then: {targets: [{partner: avim, fields: [risk]}]}}\n";
+    char text[1024];
+    snprintf(text, sizeof text, "\xEF\xBB\xBF%s", body);
+    kh_rules_options_t o = s_opts(s_demo, S_DEMO_COUNT);
+    kh_error_t err;
+    kh_rules_t *rules = kh_rules_load_buffer(text, strlen(text), &o, &err);
+    ck_assert_msg(rules != NULL, "%d:%d %s: %s", err.line, err.column,
+                  kh_error_name(err.code), err.message);
+    char hex[65];
+    kh_sha256_hex(text, strlen(text), hex);
+    ck_assert_str_eq(kh_rules_version(rules), hex);
+    ck_assert_uint_eq(kh_rules_count(rules), 1);
+    kh_rules_destroy(&rules);
+
+    snprintf(text, sizeof text, "\xEF\xBB\xBFversion: 1\nrules: [\n");
+    ck_assert_ptr_null(kh_rules_load_buffer(text, strlen(text), &o, &err));
+    ck_assert_int_eq(err.code, KH_E_RULES_SYNTAX);
+    ck_assert_int_eq(err.line, 3);
+    /* Only at the start: anywhere else it is not allowed. */
+    snprintf(text, sizeof text, "version: 1\n\xEF\xBB\xBF");
+    ck_assert_ptr_null(kh_rules_load_buffer(text, strlen(text), &o, &err));
+}
+END_TEST
+
+/* A rules file is a regular file: a FIFO (which would block the reader
+ * until some writer came, a routing reload included), a directory or a
+ * device is refused at once, saying why. */
+START_TEST(test_not_a_regular_file)
+{
+    kh_rules_options_t o = s_opts(NULL, 0);
+    kh_error_t err;
+    char *dir = khtest_tmpdir();
+    char fifo[4096];
+    snprintf(fifo, sizeof fifo, "%s/rules.yaml", dir);
+    ck_assert_int_eq(mkfifo(fifo, 0600), 0);
+    alarm(5); /* a blocked open ends the test instead of hanging it */
+    ck_assert_ptr_null(kh_rules_load(fifo, &o, &err));
+    alarm(0);
+    ck_assert_int_eq(err.code, KH_E_IO);
+    ck_assert_msg(strstr(err.message, "not a regular file"), "%s", err.message);
+    ck_assert_ptr_null(kh_rules_load(dir, &o, &err));
+    ck_assert_int_eq(err.code, KH_E_IO);
+    ck_assert_msg(strstr(err.message, "not a regular file"), "%s", err.message);
+    ck_assert_ptr_null(kh_rules_load("/dev/zero", &o, &err));
+    ck_assert_int_eq(err.code, KH_E_IO);
+    ck_assert_msg(strstr(err.message, "not a regular file"), "%s", err.message);
+    khtest_rmtree(dir);
+    free(dir);
 }
 END_TEST
 
@@ -880,8 +1091,13 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_escalation);
     tcase_add_test(tc, test_invalid_corpus);
     tcase_add_test(tc, test_all_errors_reported);
+    tcase_add_test(tc, test_unknown_key_hides_nothing);
+    tcase_add_test(tc, test_never_matches_only_when_impossible);
     tcase_add_test(tc, test_alias_bomb_refused_fast);
     tcase_add_test(tc, test_size_depth_encoding);
+    tcase_add_test(tc, test_not_a_regular_file);
+    tcase_add_test(tc, test_byte_order_mark);
+    tcase_add_test(tc, test_escaped_control_characters);
     tcase_add_test(tc, test_default_rules_route_examples);
     tcase_add_test(tc, test_ctl_exit_codes);
     suite_add_tcase(s, tc);
