@@ -45,6 +45,7 @@
 #define S_SILENT_MS 3500   /* no WELCOME for this long: say so in the log */
 #define S_DRAIN_MS 3000    /* at exit, wait this long for ACKED replies */
 #define S_EXIT_PERMANENT 3 /* --exec status that means NACK permanent */
+#define S_KILL_MS 2000     /* at a stop, CMD's time to end after SIGTERM */
 
 typedef struct {
     kh_client_t *client;
@@ -204,6 +205,10 @@ static char **s_child_env(const json_t *deliver, char vars[3][96])
 }
 
 /* Run `sh -c CMD` with text on its stdin; heartbeats go on while it runs.
+ * CMD runs in a process group of its own: when a stop signal comes while
+ * it runs, the whole group (the shell and what it started) gets SIGTERM,
+ * and SIGKILL S_KILL_MS later, so that a slow or hung command cannot hold
+ * the listener past the stop (the delivery is NACKed and comes again).
  * Returns its exit status (128 + signal when killed), or -1 when it could
  * not be started. */
 static int s_run(s_listener_t *self, const char *text, size_t len,
@@ -233,6 +238,7 @@ static int s_run(s_listener_t *self, const char *text, size_t len,
         memset(&dfl, 0, sizeof dfl);
         dfl.sa_handler = SIG_DFL;
         sigaction(SIGPIPE, &dfl, NULL);
+        setpgid(0, 0);
         if (dup2(pipefd[0], STDIN_FILENO) < 0)
             _exit(127);
         execve("/bin/sh", argv, env);
@@ -240,20 +246,32 @@ static int s_run(s_listener_t *self, const char *text, size_t len,
     }
     free(env);
     close(pipefd[0]);
+    setpgid(pid, pid); /* either side may be first; the other fails */
     /* SIGPIPE is ignored: a command that does not read all of its input
      * only ends the writing; its exit status decides. */
     (void) s_write_all(pipefd[1], text, len);
     close(pipefd[1]);
     int status;
+    int64_t kill_at = 0; /* when SIGKILL is due; 0: no stop yet */
     for (;;) {
         pid_t r = waitpid(pid, &status, WNOHANG);
         if (r == pid)
             break;
         if (r < 0 && errno != EINTR)
             return -1;
+        if (!kill_at && s_should_stop(self)) {
+            kh_log_warn("command_stopped", "pid=%d", (int) pid);
+            kill(-pid, SIGTERM);
+            kill_at = zclock_mono() + S_KILL_MS;
+        } else if (kill_at > 0 && zclock_mono() >= kill_at) {
+            kill(-pid, SIGKILL);
+            kill_at = -1;
+        }
         s_heartbeat(self);
         zclock_sleep(20);
     }
+    if (kill_at)
+        kill(-pid, SIGKILL); /* what CMD started and left behind */
     if (WIFEXITED(status))
         return WEXITSTATUS(status);
     return 128 + (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
