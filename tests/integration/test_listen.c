@@ -429,6 +429,44 @@ START_TEST(test_exec_reconnect_stop)
 }
 END_TEST
 
+/* A re-send is ACKed again only when what has its name in DIR is a file
+ * that could be made durable: something else there (here a directory) is
+ * not the delivery stored, so it is NACKed for a re-send, and stored once
+ * the name is free. */
+START_TEST(test_dir_name_taken)
+{
+    s_hub_t h;
+    s_hub_new(&h, true);
+    char *out = khtest_tmpdir();
+    char *log = s_path(h.dir, "listen.log");
+    char *taken = s_path(out, D1 ".json");
+    ck_assert_int_eq(mkdir(taken, 0700), 0);
+    char *mode[] = {"--dir", out, NULL};
+    pid_t pid = s_spawn(&h, log, mode, NULL);
+    s_hub_await_hello(&h, 5000);
+
+    s_hub_send(&h, s_deliver(D1, 1, "{\"summary\":\"x\"}", NULL, "high"));
+    s_expect(&h, D1, "retry");
+    ck_assert_int_eq(rmdir(taken), 0);
+    s_hub_send(&h, s_deliver(D1, 2, "{\"summary\":\"x\"}", NULL, "high"));
+    s_expect(&h, D1, NULL);
+    json_error_t jerr;
+    json_t *doc = json_load_file(taken, 0, &jerr);
+    ck_assert_ptr_nonnull(doc);
+    ck_assert_int_eq(json_integer_value(json_object_get(doc, "attempt")), 2);
+    json_decref(doc);
+
+    int status = khproc_stop(pid, SIGTERM, 5000);
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "status %d",
+                  status);
+    free(taken);
+    free(log);
+    khtest_rmtree(out);
+    free(out);
+    s_hub_destroy(&h);
+}
+END_TEST
+
 /* Whether pid runs (a zombie does not). */
 static bool s_alive(pid_t pid)
 {
@@ -535,6 +573,7 @@ static Suite *s_suite(void)
     tcase_set_timeout(tc, 120);
     tcase_add_test(tc, test_usage);
     tcase_add_test(tc, test_dir);
+    tcase_add_test(tc, test_dir_name_taken);
     tcase_add_test(tc, test_exec_reconnect_stop);
     tcase_add_test(tc, test_exec_stop_while_running);
     tcase_add_test(tc, test_key_refused);

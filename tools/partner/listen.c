@@ -6,7 +6,8 @@
  *   --dir DIR   writes DIR/<delivery_id>.json (temp file, fsync, rename,
  *               fsync of DIR) and ACKs once that succeeded. A delivery
  *               whose file is already there (a re-send) is ACKed again
- *               without rewriting it.
+ *               without rewriting it, once that file and DIR are synced;
+ *               a name taken by something that is not a file is NACKed.
  *   --exec CMD  pipes the same JSON to `sh -c CMD` and ACKs when it exits
  *               0; exit 3 NACKs it as permanent (a dead letter for the
  *               hub's administrator); any other status NACKs it for a
@@ -171,6 +172,36 @@ static int s_store(s_listener_t *self, const char *id, const char *text,
     return fsync(self->dirfd);
 }
 
+/* Whether DIR/<id>.json is already there (a re-send of a delivery stored
+ * before), made durable now: 1 when it is a regular file and it and DIR
+ * were synced, 0 when there is no such name, -1 (errno set) when the name
+ * is taken by something else or a sync failed. The sync matters: a run
+ * that was killed, or whose sync of DIR failed, after the rename left a
+ * file whose name a crash of the machine can still take away, and the
+ * ACK that follows must not come before it is durable. */
+static int s_existing(s_listener_t *self, const char *id)
+{
+    char final[48];
+    snprintf(final, sizeof final, "%s.json", id);
+    int fd = openat(self->dirfd, final, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0)
+        return errno == ENOENT ? 0 : -1;
+    struct stat st;
+    int rc = fstat(fd, &st);
+    if (rc == 0 && !S_ISREG(st.st_mode)) {
+        errno = S_ISDIR(st.st_mode) ? EISDIR : EINVAL;
+        rc = -1;
+    }
+    if (rc == 0)
+        rc = fsync(fd);
+    int saved = errno;
+    close(fd);
+    errno = saved;
+    if (rc == 0)
+        rc = fsync(self->dirfd);
+    return rc == 0 ? 1 : -1;
+}
+
 extern char **environ;
 
 /* The environment of CMD: ours plus KH_DELIVERY_ID, KH_REFERRAL_ID and
@@ -328,16 +359,15 @@ static void s_deliver(s_listener_t *self, const json_t *msg)
         s_answer(self, id, true, true);
         return;
     }
-    if (self->dir) {
-        char final[48];
-        snprintf(final, sizeof final, "%s.json", id);
-        struct stat st;
-        if (fstatat(self->dirfd, final, &st, 0) == 0) {
-            s_log_delivery(msg, "duplicate", NULL);
-            s_answer(self, id, false, false);
-            json_decref(payload);
-            return;
-        }
+    int there = self->dir ? s_existing(self, id) : 0;
+    if (there != 0) {
+        char reason[64];
+        snprintf(reason, sizeof reason, "existing_file errno=%d", errno);
+        s_log_delivery(msg, there > 0 ? "duplicate" : "nack_retry",
+                       there > 0 ? NULL : reason);
+        s_answer(self, id, there < 0, false);
+        json_decref(payload);
+        return;
     }
     json_t *doc =
         json_pack("{s:O, s:O, s:O, s:O, s:O, s:O, s:o}", "delivery_id",
