@@ -467,6 +467,36 @@ START_TEST(test_dir_name_taken)
 }
 END_TEST
 
+/* A command that takes longer than the listener waits for a WELCOME
+ * before it calls the hub silent: the hub answered every HELLO meanwhile
+ * (they wait unread while CMD runs), so the log must not say it fell
+ * silent. */
+START_TEST(test_exec_slow_hub_not_silent)
+{
+    s_hub_t h;
+    s_hub_new(&h, true);
+    char *log = s_path(h.dir, "listen.log");
+    char *mode[] = {"--exec", "cat > /dev/null; sleep 4", NULL};
+    pid_t pid = s_spawn(&h, log, mode, NULL);
+    s_hub_await_hello(&h, 5000);
+    s_hub_send(&h, s_deliver(D1, 1, "{\"summary\":\"slow\"}", NULL, "high"));
+    int before = h.hellos;
+    s_expect(&h, D1, NULL);
+    ck_assert_int_ge(h.hellos - before, 3); /* the heartbeat went on */
+    /* A little longer, for the WELCOMEs that waited to be read. */
+    ck_assert_ptr_null(s_hub_recv(&h, 1500));
+    int status = khproc_stop(pid, SIGTERM, 5000);
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "status %d",
+                  status);
+    char *text = khtest_read_file(log);
+    ck_assert_ptr_nonnull(strstr(text, "outcome=accepted"));
+    ck_assert_msg(strstr(text, "hub_silent") == NULL, "%s", text);
+    free(text);
+    free(log);
+    s_hub_destroy(&h);
+}
+END_TEST
+
 /* Whether pid runs (a zombie does not). */
 static bool s_alive(pid_t pid)
 {
@@ -576,6 +606,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_dir_name_taken);
     tcase_add_test(tc, test_exec_reconnect_stop);
     tcase_add_test(tc, test_exec_stop_while_running);
+    tcase_add_test(tc, test_exec_slow_hub_not_silent);
     tcase_add_test(tc, test_key_refused);
     suite_add_tcase(s, tc);
     return s;

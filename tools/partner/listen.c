@@ -111,7 +111,7 @@ static bool s_should_stop(s_listener_t *self)
     return self->stopping;
 }
 
-/* Send HELLO when due; say in the log when the hub stopped answering. */
+/* Send HELLO when due. */
 static void s_heartbeat(s_listener_t *self)
 {
     int64_t now = zclock_mono();
@@ -121,6 +121,15 @@ static void s_heartbeat(s_listener_t *self)
     if (kh_client_hello(self->client, self->window, &err))
         kh_log_debug("hello_not_sent", "code=%s", kh_error_name(err.code));
     self->next_hello = now + S_HELLO_MS;
+}
+
+/* Say in the log when the hub stopped answering. Called only when a wait
+ * for the hub's messages came back empty: while a delivery is handed
+ * over (a slow --exec command) the WELCOMEs wait unread, and the hub is
+ * not silent for that. */
+static void s_check_silence(s_listener_t *self)
+{
+    int64_t now = zclock_mono();
     if (self->connected && now - self->last_welcome > S_SILENT_MS) {
         kh_log_warn("hub_silent", "ms=%" PRId64, now - self->last_welcome);
         self->connected = false;
@@ -542,6 +551,8 @@ static int s_loop(s_listener_t *self)
             kh_log_error("key_refused", "code=%s", kh_error_name(err.code));
             return S_EXIT_UNREACHABLE;
         }
+        if (!msg)
+            s_check_silence(self);
         if (msg)
             s_handle(self, msg);
         json_decref(msg);
