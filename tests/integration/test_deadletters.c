@@ -247,6 +247,26 @@ START_TEST(test_list_and_show)
     ck_assert_int_eq(KHTEST_CTL(&out, "deadletters", "show", NOPE), 1);
     ck_assert_ptr_nonnull(strstr(out, "no delivery " NOPE));
     free(out);
+    /* show reads the delivery's trail: each look is recorded as
+     * trail.queried, naming the administrator and the delivery, like
+     * `audit query --delivery` (an id in upper case too). */
+    ck_assert_int_eq(KHTEST_CTL(&out, "deadletters", "show",
+                                "AAAAAAAA-0000-4000-8000-000000000003"),
+                     0);
+    free(out);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
+                             " = 'trail.queried' AND actor_kind = 'admin'"
+                             " AND origin_service = 'ketenhubctl'"
+                             " AND query_filter = 'delivery=" D1 "'"),
+                     2);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
+                             " = 'trail.queried' AND query_filter IN"
+                             " ('delivery=" D5 "', 'delivery=" D3 "')"),
+                     2);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
+                             " = 'trail.queried' AND query_filter ="
+                             " 'delivery=" NOPE "'"),
+                     0);
     PQfinish(s_conn);
 }
 END_TEST

@@ -429,6 +429,140 @@ START_TEST(test_exec_reconnect_stop)
 }
 END_TEST
 
+/* A re-send is ACKed again only when what has its name in DIR is a file
+ * that could be made durable: something else there (here a directory) is
+ * not the delivery stored, so it is NACKed for a re-send, and stored once
+ * the name is free. */
+START_TEST(test_dir_name_taken)
+{
+    s_hub_t h;
+    s_hub_new(&h, true);
+    char *out = khtest_tmpdir();
+    char *log = s_path(h.dir, "listen.log");
+    char *taken = s_path(out, D1 ".json");
+    ck_assert_int_eq(mkdir(taken, 0700), 0);
+    char *mode[] = {"--dir", out, NULL};
+    pid_t pid = s_spawn(&h, log, mode, NULL);
+    s_hub_await_hello(&h, 5000);
+
+    s_hub_send(&h, s_deliver(D1, 1, "{\"summary\":\"x\"}", NULL, "high"));
+    s_expect(&h, D1, "retry");
+    ck_assert_int_eq(rmdir(taken), 0);
+    s_hub_send(&h, s_deliver(D1, 2, "{\"summary\":\"x\"}", NULL, "high"));
+    s_expect(&h, D1, NULL);
+    json_error_t jerr;
+    json_t *doc = json_load_file(taken, 0, &jerr);
+    ck_assert_ptr_nonnull(doc);
+    ck_assert_int_eq(json_integer_value(json_object_get(doc, "attempt")), 2);
+    json_decref(doc);
+
+    int status = khproc_stop(pid, SIGTERM, 5000);
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "status %d",
+                  status);
+    free(taken);
+    free(log);
+    khtest_rmtree(out);
+    free(out);
+    s_hub_destroy(&h);
+}
+END_TEST
+
+/* A command that takes longer than the listener waits for a WELCOME
+ * before it calls the hub silent: the hub answered every HELLO meanwhile
+ * (they wait unread while CMD runs), so the log must not say it fell
+ * silent. */
+START_TEST(test_exec_slow_hub_not_silent)
+{
+    s_hub_t h;
+    s_hub_new(&h, true);
+    char *log = s_path(h.dir, "listen.log");
+    char *mode[] = {"--exec", "cat > /dev/null; sleep 4", NULL};
+    pid_t pid = s_spawn(&h, log, mode, NULL);
+    s_hub_await_hello(&h, 5000);
+    s_hub_send(&h, s_deliver(D1, 1, "{\"summary\":\"slow\"}", NULL, "high"));
+    int before = h.hellos;
+    s_expect(&h, D1, NULL);
+    ck_assert_int_ge(h.hellos - before, 3); /* the heartbeat went on */
+    /* A little longer, for the WELCOMEs that waited to be read. */
+    ck_assert_ptr_null(s_hub_recv(&h, 1500));
+    int status = khproc_stop(pid, SIGTERM, 5000);
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "status %d",
+                  status);
+    char *text = khtest_read_file(log);
+    ck_assert_ptr_nonnull(strstr(text, "outcome=accepted"));
+    ck_assert_msg(strstr(text, "hub_silent") == NULL, "%s", text);
+    free(text);
+    free(log);
+    s_hub_destroy(&h);
+}
+END_TEST
+
+/* Whether pid runs (a zombie does not). */
+static bool s_alive(pid_t pid)
+{
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/stat", (int) pid);
+    char *stat = khtest_read_file(path);
+    if (!stat)
+        return false;
+    const char *end = strrchr(stat, ')');
+    bool alive = end && end[1] == ' ' && end[2] != 'Z' && end[2] != 'X';
+    free(stat);
+    return alive;
+}
+
+/* A stop signal while CMD runs: the listener does not wait for a command
+ * that takes its time (a container's stop grants 10 s). It ends CMD, with
+ * everything CMD started, NACKs the delivery for a re-send and exits 0. */
+START_TEST(test_exec_stop_while_running)
+{
+    s_hub_t h;
+    s_hub_new(&h, true);
+    char *out = khtest_tmpdir();
+    char *log = s_path(h.dir, "listen.log");
+    char env_dir[4200];
+    snprintf(env_dir, sizeof env_dir, "T_DIR=%s", out);
+    char *env[] = {env_dir, NULL};
+    char *mode[] = {"--exec",
+                    "cat > /dev/null; sleep 60 & echo $! > \"$T_DIR/pid.tmp\";"
+                    " mv \"$T_DIR/pid.tmp\" \"$T_DIR/pid\"; wait; exit 0",
+                    NULL};
+    pid_t pid = s_spawn(&h, log, mode, env);
+    s_hub_await_hello(&h, 5000);
+    s_hub_send(&h, s_deliver(D1, 1, "{\"summary\":\"slow\"}", NULL, "high"));
+
+    /* CMD is running (it wrote its sleep's pid) when the listener is told to
+     * stop. */
+    char *pidfile = s_path(out, "pid");
+    int64_t deadline = zclock_mono() + 5000;
+    while (access(pidfile, F_OK) != 0 && zclock_mono() < deadline)
+        ck_assert_ptr_null(s_hub_recv(&h, 50));
+    char *text = khtest_read_file(pidfile);
+    ck_assert_ptr_nonnull(text);
+    pid_t cmd = (pid_t) atol(text);
+    ck_assert_int_gt(cmd, 1);
+    free(text);
+    ck_assert_int_eq(kill(pid, SIGTERM), 0);
+    int64_t started = zclock_mono();
+    s_expect(&h, D1, "retry");
+    int status = khproc_stop(pid, 0, 10000);
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "status %d",
+                  status);
+    ck_assert_int_lt(zclock_mono() - started, 6000);
+    /* Nothing of CMD is left: not even what it started. */
+    ck_assert_msg(!s_alive(cmd), "CMD's sleep %d still runs", (int) cmd);
+    text = khtest_read_file(log);
+    ck_assert_ptr_nonnull(strstr(text, "outcome=nack_retry"));
+    ck_assert_ptr_nonnull(strstr(text, "event=stopped"));
+    free(text);
+    free(pidfile);
+    free(log);
+    khtest_rmtree(out);
+    free(out);
+    s_hub_destroy(&h);
+}
+END_TEST
+
 START_TEST(test_key_refused)
 {
     s_hub_t h;
@@ -469,7 +603,10 @@ static Suite *s_suite(void)
     tcase_set_timeout(tc, 120);
     tcase_add_test(tc, test_usage);
     tcase_add_test(tc, test_dir);
+    tcase_add_test(tc, test_dir_name_taken);
     tcase_add_test(tc, test_exec_reconnect_stop);
+    tcase_add_test(tc, test_exec_stop_while_running);
+    tcase_add_test(tc, test_exec_slow_hub_not_silent);
     tcase_add_test(tc, test_key_refused);
     suite_add_tcase(s, tc);
     return s;

@@ -5,7 +5,9 @@
  * administrator who decides what happens next.
  *
  * Nothing here ever reads a delivery's payload: list and show select only
- * ids, states, counters, times and the payload's hash and size. retry puts
+ * ids, states, counters, times and the payload's hash and size. show also
+ * reads the delivery's audit events, and records that look at the trail
+ * as trail.queried (filter delivery=ID) in the same transaction. retry puts
  * dead deliveries back to pending (same delivery id, attempts from 0) in
  * one statement together with one delivery.retried audit event each, so
  * the change and its trail commit together (promise 2); the notification
@@ -22,6 +24,7 @@
 #include "ketenhub/audit.h"
 #include "ketenhub/db.h"
 #include "ketenhub/partner.h"
+#include "ketenhub/trail_db.h"
 
 /* Timestamps as RFC 3339 UTC with milliseconds, like the rest of the hub. */
 #define S_TS(col)                                                              \
@@ -69,7 +72,8 @@ static void s_usage_show(FILE *out)
                  "times,\n"
                  "escalation, the payload's hash and size, and its audit "
                  "events. Never\n"
-                 "the payload itself.\n"
+                 "the payload itself. Reading the events is recorded as "
+                 "trail.queried.\n"
                  "\n"
                  "  --json  one JSON object, for scripts\n"
                  "  --help  this text\n");
@@ -322,18 +326,38 @@ static int s_cmd_show(int argc, char **argv)
     const char *params[] = {id};
     PGresult *d =
         PQexecParams(conn, s_show_sql, 1, NULL, params, NULL, NULL, 0);
-    PGresult *e =
-        PQresultStatus(d) == PGRES_TUPLES_OK && PQntuples(d) == 1
-            ? PQexecParams(conn, s_events_sql, 1, NULL, params, NULL, NULL, 0)
-            : NULL;
+    PGresult *e = NULL;
+    kh_error_t err;
+    kh_error_clear(&err);
     int rc = CTL_OK;
-    if (PQresultStatus(d) != PGRES_TUPLES_OK ||
-        (e && PQresultStatus(e) != PGRES_TUPLES_OK)) {
-        kh_error_t err;
-        kh_db_error(&err, conn, e ? e : d, "cannot read the delivery");
-        ctl_print_error(&err);
+    if (PQresultStatus(d) != PGRES_TUPLES_OK) {
+        kh_db_error(&err, conn, d, "cannot read the delivery");
         rc = CTL_FAIL;
-    } else if (PQntuples(d) == 0) {
+    } else if (PQntuples(d) == 1) {
+        /* The events are the trail: reading them is recorded as
+         * trail.queried in the same transaction, as `audit query
+         * --delivery` records it, so that the trail says who looked. */
+        char filter[64];
+        snprintf(filter, sizeof filter, "delivery=%s", PQgetvalue(d, 0, 0));
+        if (kh_db_exec(conn, "BEGIN", &err) ||
+            kh_trail_db_record_access(conn, "trail.queried", "admin", "ok",
+                                      NULL, filter, "ketenhubctl", &err))
+            rc = CTL_FAIL;
+        else {
+            e = PQexecParams(conn, s_events_sql, 1, NULL, params, NULL, NULL,
+                             0);
+            if (PQresultStatus(e) != PGRES_TUPLES_OK) {
+                kh_db_error(&err, conn, e, "cannot read the delivery's trail");
+                rc = CTL_FAIL;
+            } else if (kh_db_exec(conn, "COMMIT", &err))
+                rc = CTL_FAIL;
+        }
+        if (rc != CTL_OK)
+            kh_db_rollback_quietly(conn);
+    }
+    if (rc != CTL_OK)
+        ctl_print_error(&err);
+    else if (PQntuples(d) == 0) {
         fprintf(stderr, "ketenhubctl: deadletters show: no delivery %s\n", id);
         rc = CTL_FAIL;
     } else if (as_json) {

@@ -6,7 +6,8 @@
  *   --dir DIR   writes DIR/<delivery_id>.json (temp file, fsync, rename,
  *               fsync of DIR) and ACKs once that succeeded. A delivery
  *               whose file is already there (a re-send) is ACKed again
- *               without rewriting it.
+ *               without rewriting it, once that file and DIR are synced;
+ *               a name taken by something that is not a file is NACKed.
  *   --exec CMD  pipes the same JSON to `sh -c CMD` and ACKs when it exits
  *               0; exit 3 NACKs it as permanent (a dead letter for the
  *               hub's administrator); any other status NACKs it for a
@@ -45,6 +46,7 @@
 #define S_SILENT_MS 3500   /* no WELCOME for this long: say so in the log */
 #define S_DRAIN_MS 3000    /* at exit, wait this long for ACKED replies */
 #define S_EXIT_PERMANENT 3 /* --exec status that means NACK permanent */
+#define S_KILL_MS 2000     /* at a stop, CMD's time to end after SIGTERM */
 
 typedef struct {
     kh_client_t *client;
@@ -109,7 +111,7 @@ static bool s_should_stop(s_listener_t *self)
     return self->stopping;
 }
 
-/* Send HELLO when due; say in the log when the hub stopped answering. */
+/* Send HELLO when due. */
 static void s_heartbeat(s_listener_t *self)
 {
     int64_t now = zclock_mono();
@@ -119,6 +121,15 @@ static void s_heartbeat(s_listener_t *self)
     if (kh_client_hello(self->client, self->window, &err))
         kh_log_debug("hello_not_sent", "code=%s", kh_error_name(err.code));
     self->next_hello = now + S_HELLO_MS;
+}
+
+/* Say in the log when the hub stopped answering. Called only when a wait
+ * for the hub's messages came back empty: while a delivery is handed
+ * over (a slow --exec command) the WELCOMEs wait unread, and the hub is
+ * not silent for that. */
+static void s_check_silence(s_listener_t *self)
+{
+    int64_t now = zclock_mono();
     if (self->connected && now - self->last_welcome > S_SILENT_MS) {
         kh_log_warn("hub_silent", "ms=%" PRId64, now - self->last_welcome);
         self->connected = false;
@@ -170,6 +181,36 @@ static int s_store(s_listener_t *self, const char *id, const char *text,
     return fsync(self->dirfd);
 }
 
+/* Whether DIR/<id>.json is already there (a re-send of a delivery stored
+ * before), made durable now: 1 when it is a regular file and it and DIR
+ * were synced, 0 when there is no such name, -1 (errno set) when the name
+ * is taken by something else or a sync failed. The sync matters: a run
+ * that was killed, or whose sync of DIR failed, after the rename left a
+ * file whose name a crash of the machine can still take away, and the
+ * ACK that follows must not come before it is durable. */
+static int s_existing(s_listener_t *self, const char *id)
+{
+    char final[48];
+    snprintf(final, sizeof final, "%s.json", id);
+    int fd = openat(self->dirfd, final, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0)
+        return errno == ENOENT ? 0 : -1;
+    struct stat st;
+    int rc = fstat(fd, &st);
+    if (rc == 0 && !S_ISREG(st.st_mode)) {
+        errno = S_ISDIR(st.st_mode) ? EISDIR : EINVAL;
+        rc = -1;
+    }
+    if (rc == 0)
+        rc = fsync(fd);
+    int saved = errno;
+    close(fd);
+    errno = saved;
+    if (rc == 0)
+        rc = fsync(self->dirfd);
+    return rc == 0 ? 1 : -1;
+}
+
 extern char **environ;
 
 /* The environment of CMD: ours plus KH_DELIVERY_ID, KH_REFERRAL_ID and
@@ -204,6 +245,10 @@ static char **s_child_env(const json_t *deliver, char vars[3][96])
 }
 
 /* Run `sh -c CMD` with text on its stdin; heartbeats go on while it runs.
+ * CMD runs in a process group of its own: when a stop signal comes while
+ * it runs, the whole group (the shell and what it started) gets SIGTERM,
+ * and SIGKILL S_KILL_MS later, so that a slow or hung command cannot hold
+ * the listener past the stop (the delivery is NACKed and comes again).
  * Returns its exit status (128 + signal when killed), or -1 when it could
  * not be started. */
 static int s_run(s_listener_t *self, const char *text, size_t len,
@@ -233,6 +278,7 @@ static int s_run(s_listener_t *self, const char *text, size_t len,
         memset(&dfl, 0, sizeof dfl);
         dfl.sa_handler = SIG_DFL;
         sigaction(SIGPIPE, &dfl, NULL);
+        setpgid(0, 0);
         if (dup2(pipefd[0], STDIN_FILENO) < 0)
             _exit(127);
         execve("/bin/sh", argv, env);
@@ -240,20 +286,32 @@ static int s_run(s_listener_t *self, const char *text, size_t len,
     }
     free(env);
     close(pipefd[0]);
+    setpgid(pid, pid); /* either side may be first; the other fails */
     /* SIGPIPE is ignored: a command that does not read all of its input
      * only ends the writing; its exit status decides. */
     (void) s_write_all(pipefd[1], text, len);
     close(pipefd[1]);
     int status;
+    int64_t kill_at = 0; /* when SIGKILL is due; 0: no stop yet */
     for (;;) {
         pid_t r = waitpid(pid, &status, WNOHANG);
         if (r == pid)
             break;
         if (r < 0 && errno != EINTR)
             return -1;
+        if (!kill_at && s_should_stop(self)) {
+            kh_log_warn("command_stopped", "pid=%d", (int) pid);
+            kill(-pid, SIGTERM);
+            kill_at = zclock_mono() + S_KILL_MS;
+        } else if (kill_at > 0 && zclock_mono() >= kill_at) {
+            kill(-pid, SIGKILL);
+            kill_at = -1;
+        }
         s_heartbeat(self);
         zclock_sleep(20);
     }
+    if (kill_at)
+        kill(-pid, SIGKILL); /* what CMD started and left behind */
     if (WIFEXITED(status))
         return WEXITSTATUS(status);
     return 128 + (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
@@ -310,16 +368,15 @@ static void s_deliver(s_listener_t *self, const json_t *msg)
         s_answer(self, id, true, true);
         return;
     }
-    if (self->dir) {
-        char final[48];
-        snprintf(final, sizeof final, "%s.json", id);
-        struct stat st;
-        if (fstatat(self->dirfd, final, &st, 0) == 0) {
-            s_log_delivery(msg, "duplicate", NULL);
-            s_answer(self, id, false, false);
-            json_decref(payload);
-            return;
-        }
+    int there = self->dir ? s_existing(self, id) : 0;
+    if (there != 0) {
+        char reason[64];
+        snprintf(reason, sizeof reason, "existing_file errno=%d", errno);
+        s_log_delivery(msg, there > 0 ? "duplicate" : "nack_retry",
+                       there > 0 ? NULL : reason);
+        s_answer(self, id, there < 0, false);
+        json_decref(payload);
+        return;
     }
     json_t *doc =
         json_pack("{s:O, s:O, s:O, s:O, s:O, s:O, s:o}", "delivery_id",
@@ -494,6 +551,8 @@ static int s_loop(s_listener_t *self)
             kh_log_error("key_refused", "code=%s", kh_error_name(err.code));
             return S_EXIT_UNREACHABLE;
         }
+        if (!msg)
+            s_check_silence(self);
         if (msg)
             s_handle(self, msg);
         json_decref(msg);
