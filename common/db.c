@@ -5,6 +5,7 @@
 #include "ketenhub/db.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -106,6 +107,118 @@ PGconn *kh_db_connect_app(const char *conninfo, const char *application_name,
 PGconn *kh_db_connect(const char *conninfo, kh_error_t *err)
 {
     return kh_db_connect_app(conninfo, NULL, err);
+}
+
+struct _kh_db_connecting_t {
+    pthread_mutex_t mutex;
+    int refs;  /* the caller's and the thread's */
+    bool done; /* the thread has set conn and err */
+    PGconn *conn;
+    kh_error_t err;
+    char *conninfo, *application_name;
+};
+
+/* Drop one reference, with the mutex held; frees on the last. */
+static void s_connecting_release(kh_db_connecting_t *self)
+{
+    bool last = --self->refs == 0;
+    pthread_mutex_unlock(&self->mutex);
+    if (!last)
+        return;
+    PQfinish(self->conn);
+    free(self->conninfo);
+    free(self->application_name);
+    pthread_mutex_destroy(&self->mutex);
+    free(self);
+}
+
+static void *s_connecting_main(void *arg)
+{
+    kh_db_connecting_t *self = arg;
+    kh_error_t err;
+    kh_error_clear(&err);
+    PGconn *conn =
+        kh_db_connect_app(self->conninfo, self->application_name, &err);
+    pthread_mutex_lock(&self->mutex);
+    self->conn = conn;
+    self->err = err;
+    self->done = true;
+    s_connecting_release(self);
+    return NULL;
+}
+
+static kh_db_connecting_t *s_connecting_start(const char *conninfo,
+                                              const char *application_name,
+                                              kh_error_t *err)
+{
+    kh_db_connecting_t *self = calloc(1, sizeof *self);
+    if (self) {
+        self->conninfo = strdup(conninfo ? conninfo : "");
+        self->application_name =
+            application_name ? strdup(application_name) : NULL;
+    }
+    if (!self || !self->conninfo ||
+        (application_name && !self->application_name)) {
+        if (self) {
+            free(self->conninfo);
+            free(self->application_name);
+        }
+        free(self);
+        kh_error_set(err, KH_E_NOMEM, NULL, "out of memory connecting");
+        return NULL;
+    }
+    pthread_mutex_init(&self->mutex, NULL);
+    self->refs = 2;
+    pthread_attr_t attr;
+    pthread_t thread;
+    int rc = pthread_attr_init(&attr);
+    if (rc == 0) {
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        rc = pthread_create(&thread, &attr, s_connecting_main, self);
+        pthread_attr_destroy(&attr);
+    }
+    if (rc != 0) {
+        self->refs = 1;
+        pthread_mutex_lock(&self->mutex);
+        s_connecting_release(self);
+        kh_error_set(err, KH_E_NOMEM, NULL,
+                     "cannot start a thread to connect: %s", strerror(rc));
+        return NULL;
+    }
+    return self;
+}
+
+PGconn *kh_db_connect_async(kh_db_connecting_t **pending, const char *conninfo,
+                            const char *application_name, kh_error_t *err)
+{
+    if (!*pending) {
+        *pending = s_connecting_start(conninfo, application_name, err);
+        if (!*pending)
+            return NULL;
+    }
+    kh_db_connecting_t *self = *pending;
+    pthread_mutex_lock(&self->mutex);
+    if (!self->done) {
+        pthread_mutex_unlock(&self->mutex);
+        kh_error_set(err, KH_E_UNAVAILABLE, NULL, "connecting to the database");
+        return NULL;
+    }
+    PGconn *conn = self->conn;
+    self->conn = NULL;
+    if (!conn && err)
+        *err = self->err;
+    s_connecting_release(self);
+    *pending = NULL;
+    return conn;
+}
+
+void kh_db_connect_abandon(kh_db_connecting_t **pending)
+{
+    if (!pending || !*pending)
+        return;
+    pthread_mutex_lock(&(*pending)->mutex);
+    s_connecting_release(*pending);
+    *pending = NULL;
 }
 
 const char *kh_db_env_conninfo(void)

@@ -48,6 +48,26 @@ int kh_db_password(char *buf, size_t size, kh_error_t *err);
 PGconn *kh_db_connect_app(const char *conninfo, const char *application_name,
                           kh_error_t *err);
 
+/* ---- connecting without blocking the caller ---------------------------- */
+
+/* An attempt to connect, made on a thread of its own. */
+typedef struct _kh_db_connecting_t kh_db_connecting_t;
+
+/* The connection of the attempt *pending, once it is made. The first call
+ * (*pending NULL) starts kh_db_connect_app on a thread of its own; while
+ * it runs, every call returns NULL with err KH_E_UNAVAILABLE and *pending
+ * stays set; then a call returns the connection (the caller owns it), or
+ * NULL with the attempt's error, and sets *pending to NULL. A database
+ * that takes its time to answer (packets dropped, a server that accepts
+ * and says nothing, a host name that takes its time to resolve) costs the
+ * caller's loop nothing: it goes on answering, and stops when told. */
+PGconn *kh_db_connect_async(kh_db_connecting_t **pending, const char *conninfo,
+                            const char *application_name, kh_error_t *err);
+
+/* Give up the attempt *pending (accepts NULL; nulls the pointer): its
+ * thread ends on its own and closes the connection it made, if any. */
+void kh_db_connect_abandon(kh_db_connecting_t **pending);
+
 /* The connection string the tools and services use: $KH_DATABASE_URL if
  * set and not empty, else "" (libpq's environment defaults). Never NULL. */
 const char *kh_db_env_conninfo(void);

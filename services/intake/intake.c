@@ -29,6 +29,8 @@
 
 #define S_BACKOFF_MIN_MS 100
 #define S_BACKOFF_MAX_MS 5000
+/* How often a connection being made is looked at. */
+#define S_CONNECTING_POLL_MS 10
 #define S_UNKNOWN_KEY_RELOAD_MS 1000
 #define S_LINGER_MS 2000
 #define S_RCVHWM 64
@@ -251,15 +253,21 @@ static void s_load_partners(intake_t *self)
     self->partners = partners;
 }
 
-/* Note that the database went away and arrange to reconnect. */
-static void s_schedule_reconnect(intake_t *self)
+/* Look again after ms at an attempt to (re)connect, or make the next. */
+static void s_reconnect_in(intake_t *self, int ms)
 {
     if (self->reconnect_timer)
         return;
-    self->reconnect_timer = zloop_timer(self->loop, (size_t) self->backoff_ms,
-                                        1, s_reconnect, self);
+    self->reconnect_timer =
+        zloop_timer(self->loop, (size_t) ms, 1, s_reconnect, self);
     if (self->reconnect_timer == -1)
         self->reconnect_timer = 0;
+}
+
+/* Note that the database went away and arrange to reconnect. */
+static void s_schedule_reconnect(intake_t *self)
+{
+    s_reconnect_in(self, self->backoff_ms);
 }
 
 static int s_reconnect(zloop_t *loop, int timer_id, void *arg)
@@ -283,6 +291,10 @@ static int s_reconnect(zloop_t *loop, int timer_id, void *arg)
             self->ready_logged = true;
         }
         self->backoff_ms = S_BACKOFF_MIN_MS;
+        return 0;
+    }
+    if (store_connecting(self->store)) { /* answering meanwhile */
+        s_reconnect_in(self, S_CONNECTING_POLL_MS);
         return 0;
     }
     self->backoff_ms = self->backoff_ms * 2 > S_BACKOFF_MAX_MS

@@ -22,6 +22,8 @@ struct _store_t {
     char *conninfo;
     PGconn *writer; /* batches, asynchronously */
     PGconn *reader; /* status, look-ups, registry */
+    /* Attempts to connect them under way (kh_db_connect_async). */
+    kh_db_connecting_t *writer_pending, *reader_pending;
     bool busy;      /* a batch is being committed on the writer */
     PGresult *rows; /* the batch's result rows, once they arrived */
 };
@@ -141,6 +143,8 @@ void store_destroy(store_t **self_p)
     PQclear(self->rows);
     PQfinish(self->writer);
     PQfinish(self->reader);
+    kh_db_connect_abandon(&self->writer_pending);
+    kh_db_connect_abandon(&self->reader_pending);
     free(self->conninfo);
     free(self);
     *self_p = NULL;
@@ -212,24 +216,45 @@ static int s_prepare(PGconn *conn, const char *const *names,
     return 0;
 }
 
+bool store_connecting(const store_t *self)
+{
+    return self->writer_pending || self->reader_pending;
+}
+
 int store_connect(store_t *self, kh_error_t *err)
 {
-    PQclear(self->rows);
-    self->rows = NULL;
-    self->busy = false;
-    PQfinish(self->writer);
-    PQfinish(self->reader);
-    self->reader = NULL;
-    self->writer = kh_db_connect_app(self->conninfo, "ketenhub-intake", err);
+    if (!store_connecting(self)) { /* a new attempt: both at once */
+        PQclear(self->rows);
+        self->rows = NULL;
+        self->busy = false;
+        PQfinish(self->writer);
+        PQfinish(self->reader);
+        self->writer = self->reader = NULL;
+    }
+    kh_error_t werr, rerr;
+    kh_error_clear(&werr);
+    kh_error_clear(&rerr);
     if (!self->writer)
+        self->writer = kh_db_connect_async(
+            &self->writer_pending, self->conninfo, "ketenhub-intake", &werr);
+    if (!self->reader)
+        self->reader = kh_db_connect_async(
+            &self->reader_pending, self->conninfo, "ketenhub-intake", &rerr);
+    if (store_connecting(self))
+        return kh_error_set(err, KH_E_UNAVAILABLE, "",
+                            "connecting to the database");
+    if (!self->writer || !self->reader) {
+        if (err)
+            *err = self->writer ? rerr : werr;
+        PQfinish(self->writer);
+        PQfinish(self->reader);
+        self->writer = self->reader = NULL;
         return -1;
+    }
     /* The batch statement's plan does not depend on its parameters;
      * planning it anew for every batch would cost more than running it. */
     if (kh_db_exec(self->writer, "SET plan_cache_mode = force_generic_plan",
                    err))
-        return -1;
-    self->reader = kh_db_connect_app(self->conninfo, "ketenhub-intake", err);
-    if (!self->reader)
         return -1;
     static const char *const writer_names[] = {"commit"};
     const char *const writer_sql[] = {s_commit_sql};

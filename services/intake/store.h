@@ -66,10 +66,17 @@ store_t *store_new(const char *conninfo);
 /* Destroy; accepts NULL; nulls the pointer. */
 void store_destroy(store_t **self_p);
 
-/* (Re)connect both connections and prepare statements. 0, or -1 with err:
- * KH_E_UNAVAILABLE when PostgreSQL cannot be reached, KH_E_DB when it
- * answers but the statements cannot be prepared (schema not migrated). */
+/* (Re)connect both connections and prepare statements, without blocking:
+ * the connections are made on threads of their own (kh_db_connect_async),
+ * and a call while they are being made returns -1 with KH_E_UNAVAILABLE
+ * (store_connecting is then true): call again later. 0 once connected and
+ * prepared, or -1 with err: KH_E_UNAVAILABLE when PostgreSQL cannot be
+ * reached, KH_E_DB when it answers but the statements cannot be prepared
+ * (schema not migrated). */
 int store_connect(store_t *self, kh_error_t *err);
+
+/* Whether an attempt to connect is under way. */
+bool store_connecting(const store_t *self);
 
 /* Whether both connections are usable. */
 bool store_up(store_t *self);

@@ -1163,6 +1163,64 @@ START_TEST(sigterm_with_a_stalled_commit_exits_in_time)
 }
 END_TEST
 
+/* A database that takes connections and never answers them (its
+ * postmaster stopped; a host whose packets are dropped looks the same):
+ * while intake's reconnection waits for it, partners still get their
+ * retryable refusal at once, and SIGTERM still ends intake at once. */
+START_TEST(a_silent_database_stalls_neither_answers_nor_stop)
+{
+    json_t *referral = s_example();
+    PGresult *res = PQexec(s_db, "SHOW data_directory");
+    ck_assert_int_eq(PQresultStatus(res), PGRES_TUPLES_OK);
+    char pidfile[1024];
+    snprintf(pidfile, sizeof pidfile, "%s/postmaster.pid",
+             PQgetvalue(res, 0, 0));
+    PQclear(res);
+    char *text = khtest_read_file(pidfile);
+    ck_assert_ptr_nonnull(text);
+    pid_t postmaster = (pid_t) atol(text);
+    free(text);
+    ck_assert_int_gt(postmaster, 1);
+
+    ck_assert_int_eq(kill(postmaster, SIGSTOP), 0);
+    /* The sessions that exist go on; intake's are ended, so that it must
+     * connect again. */
+    ck_assert_int_eq(
+        s_count("SELECT count(pg_terminate_backend(pid)) FROM "
+                "pg_stat_activity WHERE application_name = 'ketenhub-intake'"),
+        2);
+    kh_error_t err;
+    kh_client_t *client = s_client("vt");
+    json_t *reply = NULL;
+    int64_t slowest = 0;
+    for (int i = 0; i < 4; i++) { /* the loss found, then reconnecting */
+        json_decref(reply);
+        int64_t started = zclock_mono();
+        reply = kh_client_submit(client, referral, "silent-1", 3000, &err);
+        int64_t elapsed = zclock_mono() - started;
+        slowest = elapsed > slowest ? elapsed : slowest;
+        if (!reply)
+            break;
+        zclock_sleep(300);
+    }
+    int64_t started = zclock_mono();
+    int status = khproc_stop(s_intake, SIGTERM, 8000);
+    int64_t stopping = zclock_mono() - started;
+    s_intake = -1;
+    kill(postmaster, SIGCONT);
+    ck_assert_msg(reply != NULL, "no answer while the database was silent");
+    ck_assert_str_eq(kh_client_reply_cmd(reply), "REJECTED");
+    ck_assert_str_eq(s_str(reply, "code"), "unavailable");
+    ck_assert_int_lt(slowest, 1000);
+    ck_assert(status != -1 && WIFEXITED(status));
+    ck_assert_int_eq(WEXITSTATUS(status), 0);
+    ck_assert_int_lt(stopping, 1000);
+    json_decref(reply);
+    kh_client_destroy(&client);
+    json_decref(referral);
+}
+END_TEST
+
 #define S_BOMBS 40
 
 /* An encoded SUBMIT (cid cid) whose referral has, beside the example's
@@ -1390,6 +1448,7 @@ int main(void)
     tcase_add_test(tc, killed_before_commit_then_retry_succeeds_once);
     tcase_add_test(tc, database_down_gives_retryable_refusal_then_recovers);
     tcase_add_test(tc, sigterm_with_a_stalled_commit_exits_in_time);
+    tcase_add_test(tc, a_silent_database_stalls_neither_answers_nor_stop);
     tcase_add_test(tc,
                    a_stalled_commit_keeps_waiting_requests_in_bounded_memory);
     tcase_add_test(tc, a_stalled_reader_does_not_stop_intake);
