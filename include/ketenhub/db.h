@@ -64,6 +64,9 @@ typedef struct _kh_db_connecting_t kh_db_connecting_t;
 PGconn *kh_db_connect_async(kh_db_connecting_t **pending, const char *conninfo,
                             const char *application_name, kh_error_t *err);
 
+/* How often a service's loop looks at an attempt under way (ms). */
+#define KH_DB_CONNECT_POLL_MS 10
+
 /* Give up the attempt *pending (accepts NULL; nulls the pointer): its
  * thread ends on its own and closes the connection it made, if any. */
 void kh_db_connect_abandon(kh_db_connecting_t **pending);

@@ -103,16 +103,17 @@ int main(int argc, char **argv)
     int poll_ms = (int) s_cfg("KH_AUDIT_POLL_MS")->num;
     int64_t warn_ms = s_cfg("KH_AUDIT_DELAY_WARN_MS")->num, warned = 0;
     PGconn *conn = NULL;
+    kh_db_connecting_t *connecting = NULL; /* an attempt under way */
     bool ready = false, running = true, broken = false;
     int rc = 0;
     while (running) {
         kh_health_beat();
         if (!conn) {
-            conn =
-                kh_db_connect_app(s_cfg("KH_DATABASE_URL")->str, "audit", &err);
-            if (!conn)
+            conn = kh_db_connect_async(
+                &connecting, s_cfg("KH_DATABASE_URL")->str, "audit", &err);
+            if (!conn && !connecting)
                 kh_log_warn("db_unavailable", "msg=\"%s\"", err.message);
-            else if (!ready) {
+            else if (conn && !ready) {
                 kh_log_info("ready", NULL);
                 ready = true;
             }
@@ -166,7 +167,7 @@ int main(int argc, char **argv)
                 warned = 0;
         }
         struct pollfd pfd = {.fd = signal_fd, .events = POLLIN};
-        if (poll(&pfd, 1, poll_ms) > 0) {
+        if (poll(&pfd, 1, connecting ? KH_DB_CONNECT_POLL_MS : poll_ms) > 0) {
             int sig = kh_signals_read(signal_fd);
             if (sig == SIGTERM || sig == SIGINT) {
                 running = false;
@@ -183,6 +184,7 @@ int main(int argc, char **argv)
                         kh_error_name(err.code), err.message);
         PQfinish(conn);
     }
+    kh_db_connect_abandon(&connecting);
     kh_trail_sealer_destroy(&sealer);
     kh_health_destroy(&health);
     kh_metrics_reset();

@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "ketenhub/db.h"
 #include "ketenhub/health.h"
 #include "ketenhub/jarena.h"
 #include "ketenhub/log.h"
@@ -29,8 +30,6 @@
 
 #define S_BACKOFF_MIN_MS 100
 #define S_BACKOFF_MAX_MS 5000
-/* How often a connection being made is looked at. */
-#define S_CONNECTING_POLL_MS 10
 #define S_UNKNOWN_KEY_RELOAD_MS 1000
 #define S_LINGER_MS 2000
 #define S_RCVHWM 64
@@ -294,7 +293,7 @@ static int s_reconnect(zloop_t *loop, int timer_id, void *arg)
         return 0;
     }
     if (store_connecting(self->store)) { /* answering meanwhile */
-        s_reconnect_in(self, S_CONNECTING_POLL_MS);
+        s_reconnect_in(self, KH_DB_CONNECT_POLL_MS);
         return 0;
     }
     self->backoff_ms = self->backoff_ms * 2 > S_BACKOFF_MAX_MS

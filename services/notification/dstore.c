@@ -19,7 +19,9 @@ struct _dstore_t {
     char *conninfo;
     dstore_policy_t policy;
     PGconn *conn;
-    PGconn *ack_conn;       /* ACK batches only, each committing alone */
+    PGconn *ack_conn; /* ACK batches only, each committing alone */
+    /* Attempts to connect conn and ack_conn under way. */
+    kh_db_connecting_t *pending[2];
     kh_pgarray_t arrays[3]; /* the ACK statement's parameters */
     kh_pgarray_t ids[2];    /* re-send and due: ids, on conn */
     kh_pgarray_t claims[3]; /* the pending claim's parameters, on conn */
@@ -61,6 +63,8 @@ void dstore_destroy(dstore_t **self_p)
     dstore_t *self = *self_p;
     PQfinish(self->conn);
     PQfinish(self->ack_conn);
+    for (int k = 0; k < 2; k++)
+        kh_db_connect_abandon(&self->pending[k]);
     free(self->conninfo);
     for (int k = 0; k < 3; k++)
         kh_pgarray_free(&self->arrays[k]);
@@ -72,14 +76,17 @@ void dstore_destroy(dstore_t **self_p)
     *self_p = NULL;
 }
 
-/* Open *conn_p unless it works: settings and prepared statements. 0, or
- * -1 with err and *conn_p NULL. */
-static int s_open(dstore_t *self, PGconn **conn_p, kh_error_t *err)
+/* Open *conn_p unless it works, on a thread of its own (*pending), then
+ * its settings and prepared statements. 0, or -1 with err and *conn_p
+ * NULL, also while the attempt runs (*pending set). */
+static int s_open(dstore_t *self, PGconn **conn_p, kh_db_connecting_t **pending,
+                  kh_error_t *err)
 {
     if (*conn_p && PQstatus(*conn_p) == CONNECTION_OK)
         return 0;
     PQfinish(*conn_p);
-    *conn_p = kh_db_connect_app(self->conninfo, "ketenhub-notification", err);
+    *conn_p = kh_db_connect_async(pending, self->conninfo,
+                                  "ketenhub-notification", err);
     if (!*conn_p)
         return -1;
     /* Every statement finds its rows through an index, however large the
@@ -113,9 +120,17 @@ int dstore_connect(dstore_t *self, kh_error_t *err)
 {
     if (self->acks) /* a batch was in flight on a connection that broke */
         dstore_ack_wait(self, err);
-    return s_open(self, &self->conn, err) || s_open(self, &self->ack_conn, err)
-               ? -1
-               : 0;
+    /* Both attempts at once. */
+    kh_error_t other;
+    int rc = s_open(self, &self->conn, &self->pending[0], err);
+    if (s_open(self, &self->ack_conn, &self->pending[1], rc ? &other : err))
+        rc = -1;
+    return rc;
+}
+
+bool dstore_connecting(const dstore_t *self)
+{
+    return self->pending[0] || self->pending[1];
 }
 
 int dstore_begin(dstore_t *self, kh_error_t *err)

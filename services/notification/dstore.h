@@ -29,8 +29,14 @@ typedef struct _dstore_t dstore_t;
 dstore_t *dstore_new(const char *conninfo, const dstore_policy_t *policy);
 void dstore_destroy(dstore_t **self_p);
 
-/* Connect when there is no working connection; 0 or -1 with err. */
+/* Connect when there is no working connection, without blocking: the
+ * connections are made on threads of their own, and a call while they are
+ * being made returns -1 (dstore_connecting is then true): call again
+ * later. 0 or -1 with err. */
 int dstore_connect(dstore_t *self, kh_error_t *err);
+
+/* Whether an attempt to connect is under way. */
+bool dstore_connecting(const dstore_t *self);
 
 /* A transaction around several calls (one commit for a round's NACKs and
  * claims); without one each call commits on its own. ACK batches are not

@@ -18,6 +18,7 @@
 #include <string.h>
 
 #include "ketenhub/codec.h"
+#include "ketenhub/db.h"
 #include "ketenhub/health.h"
 #include "ketenhub/log.h"
 #include "ketenhub/proto.h"
@@ -82,6 +83,7 @@ struct _notify_t {
     zsock_t *wake;
     int port;
     dstore_t *store;
+    bool connect_poll;  /* a timer looks at the attempt to connect soon */
     zhashx_t *partners; /* Z85 key -> partner id */
     int64_t partners_loaded;
     zhashx_t *conns; /* identity (hex) -> s_conn_t */
@@ -1273,6 +1275,16 @@ static void s_on_sweep_event(const char *kind, const char *delivery_id,
     }
 }
 
+static int s_on_tick(zloop_t *loop, int timer_id, void *arg);
+
+/* A look at the attempt to connect, between two ticks. */
+static int s_on_connect_poll(zloop_t *loop, int timer_id, void *arg)
+{
+    notify_t *self = arg;
+    self->connect_poll = false;
+    return s_on_tick(loop, timer_id, arg);
+}
+
 /* The periodic round: reconnect, sweep, forget silent connections, and
  * look for due re-sends on every connection. */
 static int s_on_tick(zloop_t *loop, int timer_id, void *arg)
@@ -1283,8 +1295,13 @@ static int s_on_tick(zloop_t *loop, int timer_id, void *arg)
     kh_error_t err;
     if (!dstore_up(self->store)) {
         if (dstore_connect(self->store, &err)) {
-            kh_log_warn("db_connect_failed", "code=%s",
-                        kh_error_name(err.code));
+            if (!dstore_connecting(self->store))
+                kh_log_warn("db_connect_failed", "code=%s",
+                            kh_error_name(err.code));
+            else if (!self->connect_poll) /* look again soon */
+                self->connect_poll =
+                    zloop_timer(self->loop, KH_DB_CONNECT_POLL_MS, 1,
+                                s_on_connect_poll, self) != -1;
             return 0;
         }
         kh_log_info("db_connected", NULL);
@@ -1579,7 +1596,13 @@ int notify_run(notify_t *self, int signal_fd)
                 self->wake ? self->cfg.wake_endpoint : "none", self->cfg.window,
                 self->cfg.policy.ack_timeout_ms, self->cfg.policy.max_attempts,
                 self->cfg.policy.escalate_ms);
+    /* The first connection (and with it the registry) before the first
+     * partner is read, as long as it takes or until it fails. */
     s_on_tick(self->loop, 0, self);
+    while (dstore_connecting(self->store)) {
+        zclock_sleep(KH_DB_CONNECT_POLL_MS);
+        s_on_tick(self->loop, 0, self);
+    }
     zloop_start(self->loop);
     s_on_stats(self->loop, 0, self);
     kh_log_info("stopped", NULL);

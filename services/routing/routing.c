@@ -35,6 +35,8 @@
 struct _routing_t {
     routing_config_t config;
     PGconn *conn;
+    kh_db_connecting_t *connecting; /* an attempt to connect under way */
+    bool connect_poll;              /* a timer looks at it soon */
     kh_rules_t *rules;
     kh_rules_result_t *result;
     kh_jarena_t *arena; /* the referral being routed and its projections */
@@ -89,14 +91,15 @@ static int s_exec(PGconn *conn, int stmt, const char *const *params,
     return rc;
 }
 
-/* Connect (again) when there is no working connection. */
+/* Connect (again) when there is no working connection, on a thread of its
+ * own: -1 with err while the attempt runs (self->connecting set). */
 static int s_connect(routing_t *self, kh_error_t *err)
 {
     if (self->conn && PQstatus(self->conn) == CONNECTION_OK)
         return 0;
     PQfinish(self->conn);
-    self->conn =
-        kh_db_connect_app(self->config.conninfo, "ketenhub-routing", err);
+    self->conn = kh_db_connect_async(&self->connecting, self->config.conninfo,
+                                     "ketenhub-routing", err);
     if (!self->conn)
         return -1;
     /* The statements' plans do not depend on their parameters, and find
@@ -390,6 +393,16 @@ static void s_notify(routing_t *self)
     json_decref(msg);
 }
 
+static int s_on_timer(zloop_t *loop, int timer_id, void *arg);
+
+/* A look at the attempt to connect, before the next timer. */
+static int s_on_connect_poll(zloop_t *loop, int timer_id, void *arg)
+{
+    routing_t *self = arg;
+    self->connect_poll = false;
+    return s_on_timer(loop, timer_id, arg);
+}
+
 /* One pass: claim up to batch referrals and route them in one
  * transaction. Returns the number routed, or -1 (rolled back). */
 static int s_pass(routing_t *self)
@@ -398,8 +411,12 @@ static int s_pass(routing_t *self)
     int64_t started = zclock_mono();
     size_t deliveries = self->deliveries;
     if (s_connect(self, &err)) {
-        kh_log_warn("db_unavailable", "msg=\"%s\"", err.message);
-        self->failures++;
+        if (!self->connecting) {
+            kh_log_warn("db_unavailable", "msg=\"%s\"", err.message);
+            self->failures++;
+        } else if (!self->connect_poll) /* look again soon */
+            self->connect_poll = zloop_timer(self->loop, KH_DB_CONNECT_POLL_MS,
+                                             1, s_on_connect_poll, self) != -1;
         return -1;
     }
     char limit[24];
@@ -679,7 +696,11 @@ routing_t *routing_new(const routing_config_t *config, kh_error_t *err)
     }
     self->config = *config;
     self->signal_fd = -1;
-    if (s_connect(self, err))
+    /* The rules are checked against the registered partners: routing
+     * starts once it has the database. */
+    while (s_connect(self, err) && self->connecting)
+        zclock_sleep(KH_DB_CONNECT_POLL_MS);
+    if (!self->conn)
         goto fail;
     self->rules = s_load_rules(self, err);
     if (!self->rules) {
@@ -736,6 +757,7 @@ void routing_destroy(routing_t **self_p)
     if (!self_p || !*self_p)
         return;
     routing_t *self = *self_p;
+    kh_db_connect_abandon(&self->connecting);
     zloop_destroy(&self->loop);
     zsock_destroy(&self->pull);
     zsock_destroy(&self->notify);

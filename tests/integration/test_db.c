@@ -4,8 +4,12 @@
  * classes, binary array parameters as the server reads them, and BEGIN
  * sent with a statement in one round trip.
  */
+#include <arpa/inet.h>
+#include <czmq.h>
+#include <netinet/in.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include "ketenhub/db.h"
@@ -86,6 +90,70 @@ START_TEST(unreachable_database_is_unavailable)
     ck_assert(kh_db_retryable_sqlstate("57P01"));
     ck_assert(!kh_db_retryable_sqlstate("23505"));
     ck_assert(!kh_db_retryable_sqlstate("42P01"));
+}
+END_TEST
+
+/* A TCP port on 127.0.0.1 that takes connections and never answers them
+ * (bound and listening, never accepting): a database whose postmaster
+ * hangs, or a host whose answers are lost, looks the same to a client. */
+static int s_silent_port(int *fd)
+{
+    *fd = socket(AF_INET, SOCK_STREAM, 0);
+    ck_assert_int_ge(*fd, 0);
+    struct sockaddr_in addr = {.sin_family = AF_INET,
+                               .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t len = sizeof addr;
+    ck_assert_int_eq(bind(*fd, (struct sockaddr *) &addr, sizeof addr), 0);
+    ck_assert_int_eq(listen(*fd, 16), 0);
+    ck_assert_int_eq(getsockname(*fd, (struct sockaddr *) &addr, &len), 0);
+    return ntohs(addr.sin_port);
+}
+
+/* An attempt to connect runs on a thread of its own: the caller gets its
+ * answer at once while it runs, then the connection or the attempt's
+ * error; an attempt given up costs the caller nothing. */
+START_TEST(connecting_does_not_block_the_caller)
+{
+    int fd;
+    char silent[128];
+    snprintf(silent, sizeof silent,
+             "host=127.0.0.1 port=%d dbname=x user=x connect_timeout=2",
+             s_silent_port(&fd));
+    kh_db_connecting_t *pending = NULL;
+    kh_error_t err;
+    int64_t started = zclock_mono();
+    ck_assert_ptr_null(kh_db_connect_async(&pending, silent, "t", &err));
+    ck_assert_ptr_nonnull(pending);
+    ck_assert_int_eq(err.code, KH_E_UNAVAILABLE);
+    ck_assert_int_lt(zclock_mono() - started, 500);
+    PGconn *conn = NULL;
+    while (pending && zclock_mono() - started < 10000) {
+        conn = kh_db_connect_async(&pending, silent, "t", &err);
+        usleep(10000);
+    }
+    int64_t elapsed = zclock_mono() - started;
+    ck_assert_ptr_null(pending);
+    ck_assert_ptr_null(conn);
+    ck_assert_int_eq(err.code, KH_E_UNAVAILABLE);
+    ck_assert_int_ge(elapsed, 1500); /* the attempt's own timeout */
+
+    started = zclock_mono();
+    ck_assert_ptr_null(kh_db_connect_async(&pending, silent, "t", &err));
+    kh_db_connect_abandon(&pending);
+    ck_assert_ptr_null(pending);
+    kh_db_connect_abandon(&pending); /* NULL: nothing */
+    ck_assert_int_lt(zclock_mono() - started, 500);
+
+    while (!(conn = kh_db_connect_async(&pending, khtest_pg_conninfo(), "t",
+                                        &err)) &&
+           pending)
+        usleep(10000);
+    ck_assert_msg(conn != NULL, "%s", err.message);
+    ck_assert_ptr_null(pending);
+    s_show(conn, "jit", "off");
+    s_show(conn, "application_name", "t");
+    PQfinish(conn);
+    close(fd);
 }
 END_TEST
 
@@ -272,6 +340,7 @@ int main(void)
     tcase_add_test(tc, connections_have_bounded_timeouts);
     tcase_add_test(tc, sessions_have_no_jit);
     tcase_add_test(tc, unreachable_database_is_unavailable);
+    tcase_add_test(tc, connecting_does_not_block_the_caller);
     tcase_add_test(tc, password_comes_from_the_password_file);
     tcase_add_test(tc, binary_arrays_reach_the_server_intact);
     tcase_add_test(tc, begin_and_statement_go_in_one_round_trip);
