@@ -43,7 +43,8 @@ typedef struct {
     int port;
     zframe_t *peer;
     int hellos;
-    bool revoked; /* answer HELLO with REJECTED unknown_partner */
+    json_int_t hello_window; /* the last HELLO's window, 0 when absent */
+    bool revoked;            /* answer HELLO with REJECTED unknown_partner */
 } s_hub_t;
 
 static void s_hub_bind(s_hub_t *h)
@@ -126,6 +127,8 @@ static json_t *s_hub_recv(s_hub_t *h, int timeout_ms)
                       err.path, err.message);
         if (cmd == KH_CMD_HELLO) {
             h->hellos++;
+            h->hello_window =
+                json_integer_value(json_object_get(doc, "window"));
             json_t *w = h->revoked
                             ? json_pack("{s:i, s:s, s:s, s:s, s:s, s:s, s:b}",
                                         "v", 1, "cmd", "REJECTED", "cid", cid,
@@ -467,6 +470,58 @@ START_TEST(test_dir_name_taken)
 }
 END_TEST
 
+/* Temp files that a listener left when it died while writing hold a
+ * delivery's personal data: the next start removes them, not those of a
+ * live listener nor other files. A command runs one delivery at a time,
+ * so --exec asks for a window of 1 unless told otherwise. */
+START_TEST(test_dir_stale_and_exec_window)
+{
+    s_hub_t h;
+    s_hub_new(&h, true);
+    char *out = khtest_tmpdir();
+    char live[128];
+    snprintf(live, sizeof live, "." D2 ".%ld.tmp", (long) getpid());
+    const char *names[] = {"." D1 ".2147483646.tmp", live, ".keep.tmp",
+                           D3 ".json"};
+    for (size_t i = 0; i < 4; i++) {
+        char *path = s_path(out, names[i]);
+        FILE *f = fopen(path, "w");
+        ck_assert_ptr_nonnull(f);
+        fputs("{\"summary\":\"" CANARY "\"}", f);
+        fclose(f);
+        free(path);
+    }
+    char *log = s_path(h.dir, "listen.log");
+    char *dir_mode[] = {"--dir", out, NULL};
+    pid_t pid = s_spawn(&h, log, dir_mode, NULL);
+    s_hub_await_hello(&h, 5000);
+    ck_assert_int_eq(h.hello_window, 0); /* the hub's default */
+    int status = khproc_stop(pid, SIGTERM, 5000);
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "status %d",
+                  status);
+    for (size_t i = 0; i < 4; i++) {
+        char *path = s_path(out, names[i]);
+        ck_assert_msg((access(path, F_OK) == 0) == (i > 0), "%s", names[i]);
+        free(path);
+    }
+    char *text = khtest_read_file(log);
+    ck_assert_ptr_nonnull(strstr(text, "event=stale_removed files=1"));
+    free(text);
+
+    char *exec_mode[] = {"--exec", "cat >/dev/null", NULL};
+    pid = s_spawn(&h, log, exec_mode, NULL);
+    s_hub_await_hello(&h, 5000);
+    ck_assert_int_eq(h.hello_window, 1);
+    status = khproc_stop(pid, SIGTERM, 5000);
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "status %d",
+                  status);
+    free(log);
+    khtest_rmtree(out);
+    free(out);
+    s_hub_destroy(&h);
+}
+END_TEST
+
 /* A command that takes longer than the listener waits for a WELCOME
  * before it calls the hub silent: the hub answered every HELLO meanwhile
  * (they wait unread while CMD runs), so the log must not say it fell
@@ -604,6 +659,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_usage);
     tcase_add_test(tc, test_dir);
     tcase_add_test(tc, test_dir_name_taken);
+    tcase_add_test(tc, test_dir_stale_and_exec_window);
     tcase_add_test(tc, test_exec_reconnect_stop);
     tcase_add_test(tc, test_exec_stop_while_running);
     tcase_add_test(tc, test_exec_slow_hub_not_silent);

@@ -36,6 +36,7 @@
 #include <unistd.h>
 
 #include <czmq.h>
+#include <dirent.h>
 
 #include "ketenhub/client.h"
 #include "ketenhub/log.h"
@@ -91,7 +92,9 @@ static void s_usage(FILE *out)
             "               CMD also sees re-sends: drop duplicates by "
             "delivery_id\n"
             "  --window N   at most N unacknowledged deliveries at once "
-            "(1-1024)\n"
+            "(1-1024; the hub's\n"
+            "               default with --dir, 1 with --exec, which runs one "
+            "at a time)\n"
             "  --count N    exit after N deliveries stored\n"
             "endpoint: --endpoint, else KH_DELIVERY_ENDPOINT, else "
             "tcp://127.0.0.1:7703.\n"
@@ -179,6 +182,41 @@ static int s_store(s_listener_t *self, const char *id, const char *text,
         return -1;
     }
     return fsync(self->dirfd);
+}
+
+/* Remove the temp files (see s_store) that a listener on DIR left when it
+ * died while writing: each holds a delivery's personal data, which nothing
+ * else will ever remove, and the hub sends that delivery again. Those of a
+ * process still alive (a second listener on DIR) are left to it. Returns
+ * how many were removed. */
+static int s_remove_stale(s_listener_t *self)
+{
+    int fd = dup(self->dirfd);
+    DIR *dir = fd >= 0 ? fdopendir(fd) : NULL;
+    if (!dir) {
+        if (fd >= 0)
+            close(fd);
+        return 0;
+    }
+    int removed = 0;
+    struct dirent *e;
+    while ((e = readdir(dir)) != NULL) {
+        char id[40];
+        long pid = 0;
+        int end = 0;
+        if (sscanf(e->d_name, ".%36[0-9a-f-].%ld.tmp%n", id, &pid, &end) != 2 ||
+            e->d_name[end] != '\0' || strlen(id) != 36 || pid <= 0)
+            continue;
+        if (pid == (long) getpid() || kill((pid_t) pid, 0) == 0 ||
+            errno == EPERM)
+            continue; /* its writer is alive */
+        if (unlinkat(self->dirfd, e->d_name, 0) == 0)
+            removed++;
+    }
+    closedir(dir);
+    if (removed)
+        fsync(self->dirfd);
+    return removed;
 }
 
 /* Whether DIR/<id>.json is already there (a re-send of a delivery stored
@@ -681,6 +719,20 @@ int partner_listen(int argc, char **argv, const char *endpoint,
         return S_EXIT_USAGE;
     }
     zlistx_set_destructor(self.reacks, s_reack_free);
+    /* A command runs one delivery at a time: those sent beside it would
+     * wait their turn here while the hub's ACK timeout runs, and come
+     * again (and run the command again) when it is slow. */
+    if (!self.dir && self.window == 0)
+        self.window = 1;
+    if (self.dir) {
+        int stale = s_remove_stale(&self);
+        if (stale)
+            kh_log_warn("stale_removed",
+                        "files=%d reason=\"temp files of a listener that "
+                        "died while writing; the hub sends those deliveries "
+                        "again\"",
+                        stale);
+    }
     kh_log_info("listening", "endpoint=%s mode=%s window=%d count=%ld",
                 endpoint, self.dir ? "dir" : "exec", self.window, self.count);
     int rc = s_loop(&self);
