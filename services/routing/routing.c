@@ -259,17 +259,23 @@ static int s_add_deliveries(routing_t *self, const char *referral_id,
     return 0;
 }
 
-/* The matched rules' names, comma separated, into out. */
+/* The matched rules' names, comma separated, into out. When they do not
+ * all fit, the names that fit are followed by ",+N", N the number of
+ * matched rules left out ('+' is in no rule's name): the trail never
+ * passes a shortened list for the whole one. */
 static void s_matched(const kh_rules_result_t *result, char *out, size_t size)
 {
+    enum { S_MORE = 24 }; /* room kept for ",+N" */
     out[0] = '\0';
-    size_t used = 0;
-    for (size_t i = 0; i < kh_rules_result_matched_count(result); i++) {
-        int n = snprintf(out + used, size - used, "%s%s", i ? "," : "",
-                         kh_rules_result_matched(result, i));
-        if (n < 0 || (size_t) n >= size - used) {
-            out[used] = '\0'; /* names are whole or absent */
-            break;
+    size_t used = 0, count = kh_rules_result_matched_count(result);
+    for (size_t i = 0; i < count; i++) {
+        const char *name = kh_rules_result_matched(result, i);
+        size_t room = size - used - (i + 1 < count ? S_MORE : 0);
+        int n = snprintf(out + used, room, "%s%s", i ? "," : "", name);
+        if (n < 0 || (size_t) n >= room) {
+            snprintf(out + used, size - used, "%s+%zu", i ? "," : "",
+                     count - i);
+            return;
         }
         used += (size_t) n;
     }

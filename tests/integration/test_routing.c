@@ -603,6 +603,52 @@ START_TEST(pass_statements_reach_referrals_by_key)
 }
 END_TEST
 
+/* More matched rules than the trail's column holds names of: the names
+ * that fit, then ",+N" for the N left out, never a shortened list that
+ * passes for the whole one. */
+START_TEST(more_matched_rules_than_fit_are_counted)
+{
+    enum { S_RULES = 70 };
+    char *yaml = strdup("version: 1\nfallback:\n  targets:\n"
+                        "    - {partner: zorgcoordinator, fields: [summary]}\n"
+                        "rules:\n");
+    for (int i = 0; i < S_RULES; i++) {
+        char rule[512];
+        snprintf(
+            rule, sizeof rule,
+            "  - name: r%02d-%s\n"
+            "    when: {field: summary, present: true}\n"
+            "    then:\n      targets:\n"
+            "        - {partner: zorgcoordinator, fields: [summary]}\n",
+            i, "a-rule-name-as-long-as-names-go-in-this-hub-0123456789-abcde");
+        size_t len = strlen(yaml) + strlen(rule) + 1;
+        yaml = realloc(yaml, len);
+        strcat(yaml, rule);
+    }
+    khtest_write_file(s_path("many.yaml"), yaml);
+    free(yaml);
+    char id[37];
+    s_insert(s_examples[0], id);
+    pid_t pid = s_start(s_endpoint(), s_path("many.yaml"), 50, "routing.log");
+    ck_assert_msg(s_wait_count(S_ROUTED, 1, 10000), "not routed: see %s",
+                  s_path("routing.log"));
+    char *matched =
+        khtest_db_value(s_db, "SELECT rules_matched FROM audit_events"
+                              " WHERE action = 'referral.routed'");
+    ck_assert_uint_le(strlen(matched), 4096);
+    const char *more = strrchr(matched, ',');
+    ck_assert_msg(more && more[1] == '+', "%s", matched);
+    size_t names = 1;
+    for (const char *c = matched; c < more; c++)
+        names += *c == ',';
+    ck_assert_uint_gt(names, 10);
+    ck_assert_uint_eq(names + strtoul(more + 2, NULL, 10), S_RULES);
+    free(matched);
+    int status = khproc_stop(pid, SIGTERM, 5000);
+    ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+}
+END_TEST
+
 START_TEST(invalid_rules_at_start_exit_2)
 {
     khtest_write_file(s_path("rules.yaml"),
@@ -650,6 +696,7 @@ int main(void)
     tcase_add_test(tc, sighup_reload_refuses_a_fifo_without_hanging);
     tcase_add_test(tc, unreadable_referrals_are_set_aside_not_retried);
     tcase_add_test(tc, pass_statements_reach_referrals_by_key);
+    tcase_add_test(tc, more_matched_rules_than_fit_are_counted);
     tcase_add_test(tc, invalid_rules_at_start_exit_2);
     tcase_add_test(tc, unreadable_rules_at_start_exit_2);
     suite_add_tcase(suite, tc);
