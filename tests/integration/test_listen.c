@@ -243,6 +243,20 @@ static pid_t s_spawn(s_hub_t *h, const char *log, char **mode, char **env)
     return pid;
 }
 
+/* listen --exec cmd against h, $T_DIR in its environment naming out;
+ * returns once the hub has its HELLO. */
+static pid_t s_spawn_exec(s_hub_t *h, const char *log, const char *out,
+                          const char *cmd)
+{
+    char env_dir[4200];
+    snprintf(env_dir, sizeof env_dir, "T_DIR=%s", out);
+    char *env[] = {env_dir, NULL};
+    char *mode[] = {"--exec", (char *) cmd, NULL};
+    pid_t pid = s_spawn(h, log, mode, env);
+    s_hub_await_hello(h, 5000);
+    return pid;
+}
+
 START_TEST(test_usage)
 {
     char *out = NULL;
@@ -378,16 +392,11 @@ START_TEST(test_exec_reconnect_stop)
     s_hub_new(&h, true);
     char *out = khtest_tmpdir();
     char *log = s_path(h.dir, "listen.log");
-    char env_dir[4200];
-    snprintf(env_dir, sizeof env_dir, "T_DIR=%s", out);
-    char *env[] = {env_dir, NULL};
-    char *mode[] = {"--exec",
-                    "f=\"$T_DIR/$KH_DELIVERY_ID.in\"; cat > \"$f\";"
-                    " if grep -q perm \"$f\"; then exit 3; fi;"
-                    " if grep -q again \"$f\"; then exit 1; fi; exit 0",
-                    NULL};
-    pid_t pid = s_spawn(&h, log, mode, env);
-    s_hub_await_hello(&h, 5000);
+    pid_t pid =
+        s_spawn_exec(&h, log, out,
+                     "f=\"$T_DIR/$KH_DELIVERY_ID.in\"; cat > \"$f\";"
+                     " if grep -q perm \"$f\"; then exit 3; fi;"
+                     " if grep -q again \"$f\"; then exit 1; fi; exit 0");
 
     s_hub_send(&h, s_deliver(D1, 1, "{\"summary\":\"ok\"}", NULL, "high"));
     s_expect(&h, D1, NULL);
@@ -575,15 +584,10 @@ START_TEST(test_exec_stop_while_running)
     s_hub_new(&h, true);
     char *out = khtest_tmpdir();
     char *log = s_path(h.dir, "listen.log");
-    char env_dir[4200];
-    snprintf(env_dir, sizeof env_dir, "T_DIR=%s", out);
-    char *env[] = {env_dir, NULL};
-    char *mode[] = {"--exec",
-                    "cat > /dev/null; sleep 60 & echo $! > \"$T_DIR/pid.tmp\";"
-                    " mv \"$T_DIR/pid.tmp\" \"$T_DIR/pid\"; wait; exit 0",
-                    NULL};
-    pid_t pid = s_spawn(&h, log, mode, env);
-    s_hub_await_hello(&h, 5000);
+    pid_t pid =
+        s_spawn_exec(&h, log, out,
+                     "cat > /dev/null; sleep 60 & echo $! > \"$T_DIR/pid.tmp\";"
+                     " mv \"$T_DIR/pid.tmp\" \"$T_DIR/pid\"; wait; exit 0");
     s_hub_send(&h, s_deliver(D1, 1, "{\"summary\":\"slow\"}", NULL, "high"));
 
     /* CMD is running (it wrote its sleep's pid) when the listener is told to
