@@ -832,6 +832,81 @@ START_TEST(export_verifies_offline)
 }
 END_TEST
 
+/* An export read once, as it streams in: from a pipe (`--file
+ * /dev/stdin`, `--file <(...)`) or a FIFO, which cannot be read twice. */
+START_TEST(an_export_is_verified_from_a_pipe)
+{
+    s_events(s_db, 300);
+    kh_trail_sealer_t *sealer = s_sealer(50);
+    s_flush(sealer);
+    kh_trail_sealer_destroy(&sealer);
+    char *dir = khtest_tmpdir();
+    const char *path = khtest_path(dir, "all.jsonl");
+    kh_error_t err;
+    kh_error_clear(&err);
+    long count = 0;
+    FILE *f = fopen(path, "w");
+    ck_assert_int_eq(kh_trail_export(s_db, f, 1, 0, true, &count, &err), 0);
+    fclose(f);
+    char *text = khtest_read_file(path);
+    int fds[2];
+    ck_assert_int_eq(pipe(fds), 0);
+    pid_t pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0) {
+        close(fds[0]);
+        size_t len = strlen(text), o = 0;
+        while (o < len) {
+            ssize_t w = write(fds[1], text + o, len - o);
+            if (w <= 0)
+                _exit(1);
+            o += (size_t) w;
+        }
+        _exit(0);
+    }
+    close(fds[1]);
+    char fd_path[64];
+    snprintf(fd_path, sizeof fd_path, "/dev/fd/%d", fds[0]);
+    kh_trail_report_t report;
+    int rc = kh_trail_file_verify(fd_path, s_pk, NULL, 0, &report, &err);
+    close(fds[0]);
+    int status = 0;
+    ck_assert_int_eq(waitpid(pid, &status, 0), pid);
+    ck_assert_msg(rc == 0, "verify from a pipe: %d: %s", rc, err.message);
+    ck_assert_int_eq(report.events, count);
+
+    /* A directory is not read as an empty file. */
+    kh_error_clear(&err);
+    ck_assert_int_eq(kh_trail_file_verify(dir, s_pk, NULL, 0, &report, &err),
+                     -1);
+    ck_assert_msg(strstr(err.message, "cannot read") != NULL, "%s",
+                  err.message);
+
+    /* Two lines swapped: the message names the events, not only the
+     * line. */
+    char *first = strstr(text, "{\"seq\":");
+    char *second = first ? strchr(first, '\n') + 1 : NULL;
+    char *third = second ? strchr(second, '\n') + 1 : NULL;
+    ck_assert_ptr_nonnull(third);
+    size_t l1 = (size_t) (second - first), l2 = (size_t) (third - second);
+    char *tmp = malloc(l1);
+    memcpy(tmp, first, l1);
+    memmove(first, second, l2);
+    memcpy(first + l2, tmp, l1);
+    free(tmp);
+    const char *swapped = khtest_path(dir, "swapped.jsonl");
+    khtest_write_file(swapped, text);
+    kh_error_clear(&err);
+    ck_assert_int_eq(
+        kh_trail_file_verify(swapped, s_pk, NULL, 0, &report, &err), -1);
+    ck_assert_msg(strstr(err.message, "event at seq") != NULL, "%s",
+                  err.message);
+    free(text);
+    khtest_rmtree(dir);
+    free(dir);
+}
+END_TEST
+
 /* n events without a gap in seq (the tests below name exact seqs). */
 static void s_events_dense(int n)
 {
@@ -1514,5 +1589,11 @@ int main(void)
     tcase_add_test(tc, rare_events_are_found_through_small_indexes);
     tcase_add_test(tc, database_ids_sort_with_the_services_ids);
     suite_add_tcase(suite, tc);
+    /* What an auditor types and reads: options, files, pipes. */
+    TCase *tc_auditor = tcase_create("auditor");
+    tcase_add_checked_fixture(tc_auditor, s_setup, s_teardown);
+    tcase_set_timeout(tc_auditor, 120);
+    tcase_add_test(tc_auditor, an_export_is_verified_from_a_pipe);
+    suite_add_tcase(suite, tc_auditor);
     return khtest_run_suite(suite);
 }
