@@ -213,11 +213,24 @@ typedef struct {
 static json_t *s_next(s_reader_t *r, bool *eof, kh_error_t *err)
 {
     *eof = false;
+    errno = 0;
     if (!fgets(r->buf, S_LINE_MAX, r->f)) {
-        *eof = true;
+        /* A read error (a directory, an I/O error) is no end of file:
+         * taken for one, it would cut the file short unnoticed. */
+        if (ferror(r->f))
+            kh_error_set_at(err, KH_E_IO, r->path, r->line + 1, 0,
+                            "cannot read: %s", strerror(errno));
+        else
+            *eof = true;
         return NULL;
     }
     r->line++;
+    size_t len = strlen(r->buf);
+    if (len == S_LINE_MAX - 1 && r->buf[len - 1] != '\n' && !feof(r->f)) {
+        kh_error_set_at(err, KH_E_MALFORMED, r->path, r->line, 0,
+                        "line longer than %d bytes", S_LINE_MAX - 1);
+        return NULL;
+    }
     json_error_t jerr;
     json_t *o = json_loads(r->buf, JSON_REJECT_DUPLICATES, &jerr);
     if (!o || !json_is_object(o)) {
@@ -250,7 +263,9 @@ static int s_open(s_reader_t *r, const char *path,
     const char *format =
         h ? json_string_value(json_object_get(h, "format")) : NULL;
     int rc = 0;
-    if (!format || strcmp(format, S_FORMAT) != 0)
+    if (!h && !eof && err && err->code == KH_E_IO)
+        rc = -1; /* err says why: the file cannot be read */
+    else if (!format || strcmp(format, S_FORMAT) != 0)
         rc = kh_error_set_at(err, KH_E_MALFORMED, path, 1, 0,
                              "not a ketenhub trail export");
     json_t *a = h ? json_object_get(h, "anchor") : NULL;
@@ -363,30 +378,24 @@ int kh_trail_file_verify(const char *path, const unsigned char *public_key,
                          size_t npublished, kh_trail_report_t *report,
                          kh_error_t *err)
 {
-    kh_trail_checkpoint_t *cps = NULL;
-    size_t ncps = 0;
-    if (kh_trail_file_checkpoints(path, &cps, &ncps, err) != 0)
-        return -1;
+    /* One pass: the checkpoints come before the events (the format), so
+     * the file is read once, as it streams in, and can be a pipe or a
+     * FIFO, which a second pass would find empty or wait on forever. */
     s_reader_t r;
     kh_trail_checkpoint_t anchor;
     bool has_anchor;
-    if (s_open(&r, path, &anchor, &has_anchor, err) != 0) {
-        free(cps);
+    if (s_open(&r, path, &anchor, &has_anchor, err) != 0)
         return -1;
-    }
     int rc = 0;
     kh_trail_verifier_t *v =
         kh_trail_verifier_new(public_key, has_anchor ? &anchor : NULL);
     if (!v)
         rc = kh_error_set(err, KH_E_NOMEM, NULL, "out of memory");
-    for (size_t i = 0; rc == 0 && i < ncps; i++)
-        if (kh_trail_verifier_checkpoint(v, &cps[i], false) != 0)
-            rc = kh_error_set(err, KH_E_NOMEM, NULL, "out of memory");
     for (size_t i = 0; rc == 0 && i < npublished; i++)
         if (kh_trail_verifier_checkpoint(v, &published[i], true) != 0)
             rc = kh_error_set(err, KH_E_NOMEM, NULL, "out of memory");
     int64_t last = has_anchor ? anchor.seq : 0;
-    bool eof = false;
+    bool in_events = false, eof = false;
     while (rc == 0) {
         json_t *o = s_next(&r, &eof, err);
         if (!o) {
@@ -400,29 +409,48 @@ int kh_trail_file_verify(const char *path, const unsigned char *public_key,
         if (seal_hex && !has_seal)
             rc = kh_error_set_at(err, KH_E_MALFORMED, path, r.line, 0,
                                  "malformed seal");
-        if (rc == 0 && type && strcmp(type, "event") == 0) {
+        if (rc == 0 && type && strcmp(type, "checkpoint") == 0) {
+            kh_trail_checkpoint_t cp;
+            if (in_events)
+                rc = kh_error_set_at(err, KH_E_MALFORMED, path, r.line, 0,
+                                     "a checkpoint after the events");
+            else if (s_checkpoint_from(o, &cp) != 0)
+                rc = kh_error_set_at(err, KH_E_MALFORMED, path, r.line, 0,
+                                     "malformed checkpoint");
+            else if (kh_trail_verifier_checkpoint(v, &cp, false) != 0)
+                rc = kh_error_set(err, KH_E_NOMEM, NULL, "out of memory");
+        } else if (rc == 0 && type && strcmp(type, "event") == 0) {
             kh_trail_event_t ev;
             char raw[3][32];
+            in_events = true;
             if (s_event_from(o, &ev, raw) != 0)
                 rc = kh_error_set_at(err, KH_E_MALFORMED, path, r.line, 0,
                                      "malformed event");
             else if (ev.seq <= last)
                 rc = kh_error_set_at(err, KH_E_MALFORMED, path, r.line, 0,
-                                     "events out of seq order");
+                                     "the event at seq %lld follows seq %lld"
+                                     " (events out of seq order)",
+                                     (long long) ev.seq, (long long) last);
             else {
                 last = ev.seq;
                 kh_trail_verifier_feed(v, ev.seq, &ev, has_seal ? seal : NULL);
             }
         } else if (rc == 0 && type && strcmp(type, "seal") == 0) {
             json_int_t seq = json_integer_value(json_object_get(o, "seq"));
-            if (!has_seal || seq <= last)
+            in_events = true;
+            if (!has_seal || seq <= 0)
                 rc = kh_error_set_at(err, KH_E_MALFORMED, path, r.line, 0,
                                      "malformed seal line");
+            else if (seq <= last)
+                rc = kh_error_set_at(err, KH_E_MALFORMED, path, r.line, 0,
+                                     "the seal at seq %lld follows seq %lld"
+                                     " (events out of seq order)",
+                                     (long long) seq, (long long) last);
             else {
                 last = seq;
                 kh_trail_verifier_feed(v, seq, NULL, seal);
             }
-        } else if (rc == 0 && (!type || strcmp(type, "checkpoint") != 0))
+        } else if (rc == 0)
             rc = kh_error_set_at(err, KH_E_MALFORMED, path, r.line, 0,
                                  "unknown line type");
         json_decref(o);
@@ -431,6 +459,5 @@ int kh_trail_file_verify(const char *path, const unsigned char *public_key,
         rc = kh_trail_verifier_finish(v, report);
     kh_trail_verifier_destroy(&v);
     s_close(&r);
-    free(cps);
     return rc;
 }

@@ -832,12 +832,194 @@ START_TEST(export_verifies_offline)
 }
 END_TEST
 
+/* An export read once, as it streams in: from a pipe (`--file
+ * /dev/stdin`, `--file <(...)`) or a FIFO, which cannot be read twice. */
+START_TEST(an_export_is_verified_from_a_pipe)
+{
+    s_events(s_db, 300);
+    kh_trail_sealer_t *sealer = s_sealer(50);
+    s_flush(sealer);
+    kh_trail_sealer_destroy(&sealer);
+    char *dir = khtest_tmpdir();
+    const char *path = khtest_path(dir, "all.jsonl");
+    kh_error_t err;
+    kh_error_clear(&err);
+    long count = 0;
+    FILE *f = fopen(path, "w");
+    ck_assert_int_eq(kh_trail_export(s_db, f, 1, 0, true, &count, &err), 0);
+    fclose(f);
+    char *text = khtest_read_file(path);
+    int fds[2];
+    ck_assert_int_eq(pipe(fds), 0);
+    pid_t pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0) {
+        close(fds[0]);
+        size_t len = strlen(text), o = 0;
+        while (o < len) {
+            ssize_t w = write(fds[1], text + o, len - o);
+            if (w <= 0)
+                _exit(1);
+            o += (size_t) w;
+        }
+        _exit(0);
+    }
+    close(fds[1]);
+    char fd_path[64];
+    snprintf(fd_path, sizeof fd_path, "/dev/fd/%d", fds[0]);
+    kh_trail_report_t report;
+    int rc = kh_trail_file_verify(fd_path, s_pk, NULL, 0, &report, &err);
+    close(fds[0]);
+    int status = 0;
+    ck_assert_int_eq(waitpid(pid, &status, 0), pid);
+    ck_assert_msg(rc == 0, "verify from a pipe: %d: %s", rc, err.message);
+    ck_assert_int_eq(report.events, count);
+
+    /* A directory is not read as an empty file. */
+    kh_error_clear(&err);
+    ck_assert_int_eq(kh_trail_file_verify(dir, s_pk, NULL, 0, &report, &err),
+                     -1);
+    ck_assert_msg(strstr(err.message, "cannot read") != NULL, "%s",
+                  err.message);
+
+    /* Two lines swapped: the message names the events, not only the
+     * line. */
+    char *first = strstr(text, "{\"seq\":");
+    char *second = first ? strchr(first, '\n') + 1 : NULL;
+    char *third = second ? strchr(second, '\n') + 1 : NULL;
+    ck_assert_ptr_nonnull(third);
+    size_t l1 = (size_t) (second - first), l2 = (size_t) (third - second);
+    char *tmp = malloc(l1);
+    memcpy(tmp, first, l1);
+    memmove(first, second, l2);
+    memcpy(first + l2, tmp, l1);
+    free(tmp);
+    const char *swapped = khtest_path(dir, "swapped.jsonl");
+    khtest_write_file(swapped, text);
+    kh_error_clear(&err);
+    ck_assert_int_eq(
+        kh_trail_file_verify(swapped, s_pk, NULL, 0, &report, &err), -1);
+    ck_assert_msg(strstr(err.message, "event at seq") != NULL, "%s",
+                  err.message);
+    free(text);
+    khtest_rmtree(dir);
+    free(dir);
+}
+END_TEST
+
 /* n events without a gap in seq (the tests below name exact seqs). */
 static void s_events_dense(int n)
 {
     for (int i = 0; i < n; i++)
         khtest_db_exec(s_db, s_insert_sql, 0, NULL);
 }
+
+/* Run ketenhubctl audit with args against the test database; its exit
+ * status, its output in *out (caller frees). */
+#define S_AUDIT(out, ...) KHTEST_CTL(out, "audit", __VA_ARGS__)
+
+static long s_accesses(void)
+{
+    return khtest_db_count(s_db, "SELECT count(*) FROM audit_events WHERE"
+                                 " action LIKE 'trail.%'");
+}
+
+/* A refused option exits 2 naming it, and neither reads nor records. */
+static void s_refused_option(const char *option, const char *const *args)
+{
+    long before = s_accesses();
+    char *out = NULL;
+    int rc = khtest_ctl(&out, args);
+    ck_assert_msg(rc == 2, "%s %s %s: exit %d: %s", args[1], args[2],
+                  args[3] ? args[3] : "", rc, out);
+    ck_assert_msg(strstr(out, option) != NULL, "%s not named: %s", option, out);
+    ck_assert_int_eq(s_accesses(), before);
+    free(out);
+}
+
+#define S_REFUSED(option, ...)                                                 \
+    s_refused_option(option, (const char *const[]){"audit", __VA_ARGS__, NULL})
+
+/* The number of events `audit query` prints as JSON lines for args. */
+static int s_query_count(const char *const *args)
+{
+    char *out = NULL;
+    int rc = khtest_ctl(&out, args);
+    ck_assert_msg(rc == 0, "exit %d: %s", rc, out);
+    int n = 0;
+    for (const char *p = out; (p = strstr(p, "{\"seq\":")) != NULL; p++)
+        n++;
+    free(out);
+    return n;
+}
+
+#define S_QUERY_COUNT(...)                                                     \
+    s_query_count((const char *const[]){"audit", "query", "--format=json",     \
+                                        "--limit=1000", __VA_ARGS__, NULL})
+
+START_TEST(auditor_options_are_checked_before_anything_runs)
+{
+    char *conninfo = khtest_db_conninfo(S_DB);
+    setenv("KH_DATABASE_URL", conninfo, 1);
+    s_events_dense(20);
+
+    /* Times the pattern let through to the database, where they failed
+     * as a database error (exit 1) without naming the option. */
+    S_REFUSED("--since", "query", "--since", "2026-13-45");
+    S_REFUSED("--since", "query", "--since", "2026-11-01T25:99");
+    S_REFUSED("--until", "query", "--until", "2026-02-30");
+    S_REFUSED("--since", "query", "--since", "2026-11-01T00:00:00+99:99");
+    S_REFUSED("--since", "query", "--since", "0000-01-01");
+    S_REFUSED("--since", "query", "--since", "2026-11-01T0:0");
+    S_REFUSED("--since", "query", "--since", "");
+    S_REFUSED("--until", "query", "--until", "tomorrow");
+    /* A period that ends before it starts. */
+    S_REFUSED("--until", "query", "--since", "2027-01-01", "--until",
+              "2026-01-01");
+    S_REFUSED("--limit", "query", "--limit", "-1");
+    S_REFUSED("--referral", "query", "--referral", "not-a-uuid");
+    S_REFUSED("--to", "export", "--out", "/nonexistent/x", "--from", "200",
+              "--to", "100");
+    S_REFUSED("--out", "export", "--out", "");
+    S_REFUSED("--from-checkpoint", "verify", "--public-key", "/dev/null",
+              "--file", "/dev/null", "--from-checkpoint", "10");
+
+    /* A time without a zone is UTC, as the trail prints it, whatever the
+     * time zone of the session: event 10 and those after it are at or
+     * after its own time. */
+    char *at = khtest_db_value(
+        s_db, "SELECT to_char(at AT TIME ZONE 'UTC',"
+              " 'YYYY-MM-DD\"T\"HH24:MI:SS.US') FROM audit_events"
+              " WHERE seq = 10");
+    char *plus1 = khtest_db_value(
+        s_db, "SELECT to_char((at + interval '1 hour') AT TIME ZONE 'UTC',"
+              " 'YYYY-MM-DD\"T\"HH24:MI:SS.US') || '+01:00' FROM"
+              " audit_events WHERE seq = 10");
+    char *until = NULL;
+    ck_assert_int_gt(asprintf(&until, "%sZ", at), 0);
+    const char *zones[] = {"UTC", "Europe/Amsterdam", "America/New_York"};
+    for (int z = 0; z < 3; z++) {
+        setenv("PGTZ", zones[z], 1);
+        ck_assert_int_eq(S_QUERY_COUNT("--until", at), 9);
+        ck_assert_int_eq(S_QUERY_COUNT("--until", until), 9);
+        ck_assert_int_eq(S_QUERY_COUNT("--until", plus1), 9);
+        ck_assert_int_eq(
+            S_QUERY_COUNT("--since", at, "--action", "referral.accepted"), 11);
+    }
+    unsetenv("PGTZ");
+    /* The trail records the period asked for, in UTC. */
+    char *filter = khtest_db_value(
+        s_db, "SELECT query_filter FROM audit_events WHERE action ="
+              " 'trail.queried' ORDER BY seq DESC LIMIT 1");
+    ck_assert_ptr_nonnull(strstr(filter, until));
+    free(filter);
+    free(until);
+    free(plus1);
+    free(at);
+    unsetenv("KH_DATABASE_URL");
+    free(conninfo);
+}
+END_TEST
 
 /* As a superuser who bypasses the protections of migration 004: remove
  * the event at seq and, if seal, its seal. */
@@ -1514,5 +1696,13 @@ int main(void)
     tcase_add_test(tc, rare_events_are_found_through_small_indexes);
     tcase_add_test(tc, database_ids_sort_with_the_services_ids);
     suite_add_tcase(suite, tc);
+    /* What an auditor types and reads: options, files, pipes. */
+    TCase *tc_auditor = tcase_create("auditor");
+    tcase_add_checked_fixture(tc_auditor, s_setup, s_teardown);
+    tcase_set_timeout(tc_auditor, 120);
+    tcase_add_test(tc_auditor, an_export_is_verified_from_a_pipe);
+    tcase_add_test(tc_auditor,
+                   auditor_options_are_checked_before_anything_runs);
+    suite_add_tcase(suite, tc_auditor);
     return khtest_run_suite(suite);
 }

@@ -20,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 
 #include "ctl.h"
 #include "ketenhub/db.h"
@@ -52,15 +53,21 @@ static void s_usage(FILE *out)
         "SEQ is\n"
         "         printed on stderr); --limit defaults to 100 (at most "
         "100000);\n"
-        "         TIME is ISO 8601, e.g. 2026-11-28T21:00:00Z\n"
+        "         TIME is ISO 8601, e.g. 2026-11-28T21:00:00Z, or "
+        "2026-11-28 (a time\n"
+        "         without a zone is UTC, as the trail prints it)\n"
         "export   widens the range to whole checkpoint intervals; "
         "--checkpoints-only\n"
         "         writes just the checkpoints, to publish elsewhere\n"
         "verify   --public-key defaults to $KH_AUDIT_PUBLIC_KEY; --file "
         "verifies an\n"
-        "         export offline (no database); --published adds "
-        "checkpoints kept\n"
-        "         outside the database; exit 0 intact, 1 on a finding\n");
+        "         export offline (no database), also from a pipe; "
+        "--published adds\n"
+        "         checkpoints kept outside the database; exit 0 intact, "
+        "1 on a finding\n"
+        "\n"
+        "A bad option exits 2 naming it, before anything is read or "
+        "recorded.\n");
 }
 
 /* Whether text matches the extended regular expression re. */
@@ -82,6 +89,91 @@ static bool s_seq_arg(const char *text, int64_t *out)
     if (errno || end == text || *end || v < 0)
         return false;
     *out = v;
+    return true;
+}
+
+/* Read n digits at *p into *out, moving *p past them. */
+static bool s_digits(const char **p, int n, int *out)
+{
+    int v = 0;
+    for (int i = 0; i < n; i++) {
+        if ((*p)[i] < '0' || (*p)[i] > '9')
+            return false;
+        v = v * 10 + ((*p)[i] - '0');
+    }
+    *p += n;
+    *out = v;
+    return true;
+}
+
+/* A time as auditors give it, ISO 8601: YYYY-MM-DD, optionally followed
+ * by T (or a space) and HH:MM[:SS[.FFFFFF]] and then a zone (Z, +HH,
+ * +HH:MM, +HHMM; - likewise). A time without a zone is UTC, as the trail
+ * prints its times, so that the answer depends neither on the session's
+ * time zone nor on the server's. Every field is checked here, so that a
+ * bad time is a usage error that names its option rather than a
+ * database error. *at_us gets microseconds since 1970 (UTC). */
+static bool s_time_arg(const char *text, int64_t *at_us)
+{
+    static const int days[] = {31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
+    const char *p = text;
+    int y, mo, d, h = 0, mi = 0, s = 0, us = 0, zh = 0, zm = 0, sign = 0;
+    if (!s_digits(&p, 4, &y) || *p++ != '-' || !s_digits(&p, 2, &mo) ||
+        *p++ != '-' || !s_digits(&p, 2, &d))
+        return false;
+    if (*p == 'T' || *p == 't' || *p == ' ') {
+        p++;
+        if (!s_digits(&p, 2, &h) || *p++ != ':' || !s_digits(&p, 2, &mi))
+            return false;
+        if (*p == ':') {
+            p++;
+            if (!s_digits(&p, 2, &s))
+                return false;
+            if (*p == '.' || *p == ',') {
+                p++;
+                int n = 0;
+                for (; *p >= '0' && *p <= '9'; p++, n++)
+                    if (n < 6)
+                        us = us * 10 + (*p - '0');
+                    else
+                        return false; /* finer than the trail's µs */
+                if (n == 0)
+                    return false;
+                for (; n < 6; n++)
+                    us *= 10;
+            }
+        }
+        if (*p == 'Z' || *p == 'z')
+            p++;
+        else if (*p == '+' || *p == '-') {
+            sign = *p++ == '-' ? -1 : 1;
+            if (!s_digits(&p, 2, &zh))
+                return false;
+            if (*p == ':')
+                p++;
+            if ((*p || p[-1] == ':') && !s_digits(&p, 2, &zm))
+                return false;
+        }
+    }
+    if (*p)
+        return false;
+    bool leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    if (y < 1 || mo < 1 || mo > 12 || d < 1 ||
+        d > days[mo - 1] + (mo == 2 && leap) || h > 23 || mi > 59 || s > 59 ||
+        zh > 23 || zm > 59)
+        return false;
+    struct tm tm = {.tm_year = y - 1900,
+                    .tm_mon = mo - 1,
+                    .tm_mday = d,
+                    .tm_hour = h,
+                    .tm_min = mi,
+                    .tm_sec = s};
+    int64_t secs = (int64_t) timegm(&tm) - sign * (zh * 3600 + zm * 60);
+    /* In UTC too within 0001-01-01 .. 9999-12-31, as PostgreSQL and the
+     * trail's own form have it. */
+    if (secs < INT64_C(-62135596800) || secs >= INT64_C(253402300800))
+        return false;
+    *at_us = secs * 1000000 + us;
     return true;
 }
 
@@ -347,12 +439,12 @@ static int s_query(int argc, char **argv)
         {NULL, 0, NULL, 0}};
     static const char *uuid_re = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{"
                                  "4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$";
-    static const char *time_re = "^[0-9]{4}-[0-9]{2}-[0-9]{2}([T "
-                                 "][0-9:.]{2,15})?(Z|[+-][0-9:]{2,5})?$";
     s_query_t q = {0};
     s_format_t format = S_TABLE;
     int64_t after = 0, limit = 100;
-    char after_s[24] = "", limit_s[24];
+    char after_s[24] = "", limit_s[24], since_s[28], until_s[28];
+    int64_t since = 0, until = 0;
+    bool has_since = false, has_until = false;
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "r:d:p:a:A:o:s:u:S:l:f:h", options,
@@ -401,14 +493,23 @@ static int s_query(int argc, char **argv)
             s_cond(&q, "outcome", optarg, "outcome = $?");
             break;
         case 's':
-        case 'u':
-            if (!s_matches(optarg, time_re))
-                return ctl_usage_error("audit query: --%s takes an ISO 8601 "
-                                       "time",
-                                       c == 's' ? "since" : "until");
-            s_cond(&q, c == 's' ? "since" : "until", optarg,
+        case 'u': {
+            /* Passed on as UTC in the trail's own form (and recorded so,
+             * the period the auditor asked for without doubt). */
+            int64_t at;
+            if (!s_time_arg(optarg, &at) || (c == 's' ? has_since : has_until))
+                return ctl_usage_error(
+                    "audit query: --%s takes one ISO 8601 time, e.g. "
+                    "2026-11-28T21:00:00Z (UTC when no zone is given)",
+                    c == 's' ? "since" : "until");
+            *(c == 's' ? &since : &until) = at;
+            *(c == 's' ? &has_since : &has_until) = true;
+            char *text = c == 's' ? since_s : until_s;
+            kh_trail_format_time(at, text);
+            s_cond(&q, c == 's' ? "since" : "until", text,
                    c == 's' ? "at >= $?::timestamptz" : "at < $?::timestamptz");
             break;
+        }
         case 'S':
             if (!s_seq_arg(optarg, &after))
                 return ctl_usage_error("audit query: --after takes a seq");
@@ -436,6 +537,10 @@ static int s_query(int argc, char **argv)
     if (optind != argc)
         return ctl_usage_error("audit query: unexpected argument '%s'",
                                argv[optind]);
+    if (has_since && has_until && until <= since)
+        return ctl_usage_error("audit query: --until %s is not later than "
+                               "--since %s",
+                               until_s, since_s);
     if (after > 0) {
         snprintf(after_s, sizeof after_s, "%" PRId64, after);
         s_cond(&q, "after", after_s, "seq > $?::bigint");
@@ -515,8 +620,15 @@ static int s_export(int argc, char **argv)
             return c == 'h' ? CTL_OK : CTL_USAGE;
         }
     }
-    if (!out || optind != argc)
+    if (optind != argc)
+        return ctl_usage_error("audit export: unexpected argument '%s'",
+                               argv[optind]);
+    if (!out || !*out)
         return ctl_usage_error("audit export: --out FILE is required");
+    if (to > 0 && to < from)
+        return ctl_usage_error("audit export: --to %" PRId64
+                               " is below --from %" PRId64,
+                               to, from);
     PGconn *conn = ctl_connect();
     if (!conn)
         return CTL_FAIL;
@@ -598,9 +710,15 @@ static int s_verify(int argc, char **argv)
             return c == 'h' ? CTL_OK : CTL_USAGE;
         }
     }
-    if (!key || optind != argc)
+    if (optind != argc)
+        return ctl_usage_error("audit verify: unexpected argument '%s'",
+                               argv[optind]);
+    if (!key)
         return ctl_usage_error("audit verify: --public-key FILE (or "
                                "KH_AUDIT_PUBLIC_KEY) is required");
+    if (file && from_cp)
+        return ctl_usage_error("audit verify: --from-checkpoint is for the "
+                               "database; --file verifies the whole export");
     kh_error_t err;
     kh_error_clear(&err);
     unsigned char pk[KH_TRAIL_PUBLIC_KEY_SIZE];
