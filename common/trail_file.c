@@ -214,21 +214,37 @@ static json_t *s_next(s_reader_t *r, bool *eof, kh_error_t *err)
 {
     *eof = false;
     errno = 0;
-    if (!fgets(r->buf, S_LINE_MAX, r->f)) {
-        /* A read error (a directory, an I/O error) is no end of file:
-         * taken for one, it would cut the file short unnoticed. */
-        if (ferror(r->f))
-            kh_error_set_at(err, KH_E_IO, r->path, r->line + 1, 0,
-                            "cannot read: %s", strerror(errno));
-        else
-            *eof = true;
+    /* Byte by byte, not fgets: a NUL byte would end fgets' string where
+     * the line goes on, and one in place of a newline would drop the next
+     * line (a checkpoint) unseen. */
+    size_t len = 0;
+    int c = 0;
+    while (len < S_LINE_MAX - 1 && (c = getc_unlocked(r->f)) != EOF) {
+        r->buf[len++] = (char) c;
+        if (c == '\n')
+            break;
+    }
+    /* A read error (a directory, an I/O error) is no end of file: taken
+     * for one, it would cut the file short unnoticed. */
+    if (ferror(r->f)) {
+        kh_error_set_at(err, KH_E_IO, r->path, r->line + 1, 0,
+                        "cannot read: %s", strerror(errno));
         return NULL;
     }
+    if (len == 0) {
+        *eof = true;
+        return NULL;
+    }
+    r->buf[len] = '\0';
     r->line++;
-    size_t len = strlen(r->buf);
-    if (len == S_LINE_MAX - 1 && r->buf[len - 1] != '\n' && !feof(r->f)) {
+    if (c != '\n' && len == S_LINE_MAX - 1 && getc_unlocked(r->f) != EOF) {
         kh_error_set_at(err, KH_E_MALFORMED, r->path, r->line, 0,
                         "line longer than %d bytes", S_LINE_MAX - 1);
+        return NULL;
+    }
+    if (memchr(r->buf, '\0', len)) {
+        kh_error_set_at(err, KH_E_MALFORMED, r->path, r->line, 0,
+                        "a NUL byte in the line");
         return NULL;
     }
     json_error_t jerr;

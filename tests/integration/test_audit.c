@@ -882,6 +882,26 @@ START_TEST(an_export_is_verified_from_a_pipe)
     ck_assert_msg(strstr(err.message, "cannot read") != NULL, "%s",
                   err.message);
 
+    /* A NUL byte in place of the newline before a checkpoint: the line
+     * after it is not dropped unseen, the file is refused. */
+    char *cp = NULL; /* the last checkpoint line */
+    for (char *at = text; (at = strstr(at, "\n{\"type\":\"checkpoint\"")); at++)
+        cp = at + 1;
+    ck_assert_ptr_nonnull(cp);
+    ck_assert_int_eq(cp[-1], '\n');
+    const char *nul = khtest_path(dir, "nul.jsonl");
+    FILE *nf = fopen(nul, "w");
+    ck_assert_ptr_nonnull(nf);
+    size_t before = (size_t) (cp - 1 - text);
+    ck_assert_uint_eq(fwrite(text, 1, before, nf), before);
+    fputc('\0', nf);
+    fputs(cp, nf);
+    fclose(nf);
+    kh_error_clear(&err);
+    ck_assert_int_eq(kh_trail_file_verify(nul, s_pk, NULL, 0, &report, &err),
+                     -1);
+    ck_assert_msg(strstr(err.message, "NUL") != NULL, "%s", err.message);
+
     /* Two lines swapped: the message names the events, not only the
      * line. */
     char *first = strstr(text, "{\"seq\":");
