@@ -669,10 +669,12 @@ START_TEST(a_bad_path_or_endpoint_exits_2_before_the_database)
         {"intake", "KH_INTAKE_ENDPOINT", "tcp://127.0.0.1:99999"},
         {"intake", "KH_INTAKE_ENDPOINT", "tcp://127.0.0.1:7701 "},
         {"intake", "KH_ROUTING_ENDPOINT", "tcp://127.0.0.1:70000"},
+        {"intake", "KH_SCHEMA_DIR", "/nonexistent"},
         {"routing", "KH_ROUTING_ENDPOINT", "tcp://127.0.0.1:99999"},
         {"routing", "KH_NOTIFY_WAKE_ENDPOINT", "tcp://127.0.0.1:65536"},
         {"notification", "KH_NOTIFY_ENDPOINT", "tcp://*:99999"},
         {"notification", "KH_NOTIFY_WAKE_ENDPOINT", "tcp://127.0.0.1:x"},
+        {"audit", "KH_AUDIT_KEY", "/nonexistent/hub-audit.key"},
     };
     char *output = NULL;
     ck_assert_int_eq(
