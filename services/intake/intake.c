@@ -305,8 +305,9 @@ static int s_reconnect(zloop_t *loop, int timer_id, void *arg)
     self->backoff_ms = self->backoff_ms * 2 > S_BACKOFF_MAX_MS
                            ? S_BACKOFF_MAX_MS
                            : self->backoff_ms * 2;
-    kh_log_warn("db_connect_failed", "code=%s retry_ms=%d",
-                kh_error_name(err.code), self->backoff_ms);
+    kh_log_warn("db_connect_failed", "code=%s path=%s retry_ms=%d msg=\"%s\"",
+                kh_error_name(err.code), err.path[0] ? err.path : "none",
+                self->backoff_ms, err.message);
     s_schedule_reconnect(self);
     return 0;
 }

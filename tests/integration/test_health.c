@@ -670,11 +670,16 @@ START_TEST(a_bad_path_or_endpoint_exits_2_before_the_database)
         {"intake", "KH_INTAKE_ENDPOINT", "tcp://127.0.0.1:7701 "},
         {"intake", "KH_ROUTING_ENDPOINT", "tcp://127.0.0.1:70000"},
         {"intake", "KH_SCHEMA_DIR", "/nonexistent"},
+        {"intake", "KH_DATABASE_PASSWORD_FILE", "/nonexistent"},
+        {"intake", "KH_DATABASE_PASSWORD_FILE", "/tmp"},
         {"routing", "KH_ROUTING_ENDPOINT", "tcp://127.0.0.1:99999"},
         {"routing", "KH_NOTIFY_WAKE_ENDPOINT", "tcp://127.0.0.1:65536"},
+        {"routing", "KH_DATABASE_PASSWORD_FILE", "/nonexistent"},
         {"notification", "KH_NOTIFY_ENDPOINT", "tcp://*:99999"},
         {"notification", "KH_NOTIFY_WAKE_ENDPOINT", "tcp://127.0.0.1:x"},
+        {"notification", "KH_DATABASE_PASSWORD_FILE", "/nonexistent"},
         {"audit", "KH_AUDIT_KEY", "/nonexistent/hub-audit.key"},
+        {"audit", "KH_DATABASE_PASSWORD_FILE", "/nonexistent"},
     };
     char *output = NULL;
     ck_assert_int_eq(
