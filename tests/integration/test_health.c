@@ -21,6 +21,7 @@
 
 #define S_DB "kh_test_health"
 #define S_AWAY "kh_test_health_away"
+#define S_BARE "kh_test_health_bare"
 #define S_TIMEOUT 3000
 
 static char s_dir[256];     /* temp dir: certs, logs */
@@ -600,6 +601,49 @@ START_TEST(routing_and_notification_count_and_report_the_backlog)
 }
 END_TEST
 
+/* Against a database that was never migrated, status says so and shows
+ * none of the numbers it could not read; --json stays one document. */
+START_TEST(status_says_when_the_database_is_not_migrated)
+{
+    PGconn *bare = khtest_db_empty(S_BARE);
+    char *conninfo = khtest_db_conninfo(S_BARE);
+    setenv("KH_DATABASE_URL", conninfo, 1);
+    free(conninfo);
+    char ctl[512];
+    snprintf(ctl, sizeof ctl, "%s/tools/ctl/ketenhubctl", KH_TEST_BINARY_DIR);
+    char *argv[] = {
+        ctl,    "status",         "--intake", "none",    "--routing",
+        "none", "--notification", "none",     "--audit", "none",
+        NULL};
+    char *output = NULL;
+    ck_assert_int_eq(khtest_run(argv, &output), 1);
+    ck_assert_msg(strstr(output, "not migrated") &&
+                      !strstr(output, "dead letters") &&
+                      !strstr(output, "trail head"),
+                  "status said: %s", output);
+    free(output);
+    char *json_argv[] = {"/bin/sh", "-c",
+                         "exec \"$0\" status --json --intake none --routing "
+                         "none --notification none --audit none 2>/dev/null",
+                         ctl, NULL};
+    ck_assert_int_eq(khtest_run(json_argv, &output), 1);
+    json_error_t jerr;
+    json_t *doc = json_loads(output, 0, &jerr);
+    ck_assert_msg(doc != NULL, "not JSON: %s", output);
+    free(output);
+    const json_t *db = json_object_get(doc, "database");
+    ck_assert(json_is_true(json_object_get(db, "reachable")));
+    ck_assert(json_is_false(json_object_get(doc, "ok")));
+    const char *error = json_string_value(json_object_get(db, "error"));
+    ck_assert_msg(error && strstr(error, "ketenhubctl migrate"), "error: %s",
+                  error ? error : "(none)");
+    ck_assert_ptr_null(json_object_get(db, "dead_letters"));
+    json_decref(doc);
+    PQfinish(bare);
+    setenv("KH_DATABASE_URL", s_conninfo, 1);
+}
+END_TEST
+
 /* Each service binary with one bad setting: exit 2 naming it. */
 START_TEST(a_bad_setting_exits_2_naming_the_variable)
 {
@@ -802,6 +846,7 @@ int main(void)
     tcase_add_test(tc, readiness_follows_the_database);
     tcase_add_test(tc, status_shows_an_offline_partners_backlog_growing);
     tcase_add_test(tc, routing_and_notification_count_and_report_the_backlog);
+    tcase_add_test(tc, status_says_when_the_database_is_not_migrated);
     tcase_add_test(tc, a_bad_setting_exits_2_naming_the_variable);
     tcase_add_test(tc, a_bad_path_or_endpoint_exits_2_before_the_database);
     suite_add_tcase(suite, tc);
