@@ -4,11 +4,34 @@
 #include "ketenhub/config.h"
 
 #include <errno.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "ketenhub/log.h"
+
+/* Whether text is "none" or an endpoint whose tcp port, if any, is "*"
+ * or a number in 1..65535 (see kh_cfg_type_t). */
+static bool s_endpoint_valid(const char *text)
+{
+    if (strcmp(text, "none") == 0)
+        return true;
+    const char *sep = strstr(text, "://");
+    if (!sep || sep == text || !sep[3])
+        return false;
+    if (strncmp(text, "tcp://", 6) != 0)
+        return true;
+    const char *port = strrchr(text, ':');
+    if (port < sep + 3)
+        return false; /* no port at all */
+    port++;
+    if (strcmp(port, "*") == 0)
+        return true;
+    size_t digits = strspn(port, "0123456789");
+    long value = digits > 0 && digits <= 5 ? atol(port) : 0;
+    return port[digits] == '\0' && value >= 1 && value <= 65535;
+}
 
 static int s_parse(kh_cfg_t *entry, const char *text, kh_error_t *err)
 {
@@ -16,6 +39,14 @@ static int s_parse(kh_cfg_t *entry, const char *text, kh_error_t *err)
     entry->num = 0;
     if (entry->type == KH_CFG_STRING)
         return 0;
+    if (entry->type == KH_CFG_ENDPOINT) {
+        if (s_endpoint_valid(text))
+            return 0;
+        return kh_error_set(err, KH_E_CONFIG, entry->name,
+                            "%s must be a ZeroMQ endpoint such as "
+                            "tcp://HOST:PORT (port 1-65535 or *), or none",
+                            entry->name);
+    }
     if (entry->type == KH_CFG_BOOL) {
         if (strcmp(text, "1") == 0 || strcmp(text, "true") == 0 ||
             strcmp(text, "yes") == 0 || strcmp(text, "on") == 0)

@@ -394,9 +394,20 @@ int kh_partner_cert_remove(const char *id, const char *cert_dir,
     char path[PATH_MAX];
     if (s_cert_path(path, sizeof path, cert_dir, id, ".cert", err) != 0)
         return -1;
-    if (unlink(path) != 0 && errno != ENOENT)
-        return kh_error_set(err, KH_E_IO, path,
-                            "cannot remove public certificate: %s",
+    /* A directory that is not there is a mistyped one: the certificate is
+     * elsewhere, and zauth still admits the key. */
+    struct stat st;
+    if (stat(cert_dir, &st) != 0)
+        return kh_error_set(err, KH_E_CONFIG, cert_dir,
+                            "cannot use the certificate directory: %s",
                             strerror(errno));
-    return 0;
+    if (!S_ISDIR(st.st_mode))
+        return kh_error_set(err, KH_E_CONFIG, cert_dir, "not a directory");
+    if (unlink(path) == 0)
+        return 0;
+    if (errno == ENOENT)
+        return 1;
+    return kh_error_set(err, KH_E_IO, path,
+                        "cannot remove public certificate: %s",
+                        strerror(errno));
 }

@@ -16,6 +16,7 @@
  */
 #include "ketenhub/schema.h"
 
+#include <errno.h>
 #include <locale.h>
 #include <math.h>
 #include <regex.h>
@@ -1216,7 +1217,8 @@ static char *s_read_file(const char *path, size_t *len_p, kh_error_t *err)
 {
     FILE *f = fopen(path, "rb");
     if (!f) {
-        kh_error_set(err, KH_E_IO, "", "cannot open schema file");
+        kh_error_set(err, KH_E_IO, "", "cannot open schema file: %s",
+                     strerror(errno));
         return NULL;
     }
     char *buf = malloc(S_FILE_MAX + 1);

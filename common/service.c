@@ -3,6 +3,7 @@
  */
 #include "ketenhub/service.h"
 
+#include "ketenhub/db.h"
 #include "ketenhub/health.h"
 #include "ketenhub/log.h"
 
@@ -105,6 +106,20 @@ int kh_service_start(const char *name, int argc, char **argv, kh_cfg_t *config,
                 "or error\n",
                 name);
         return 2;
+    }
+    /* The password file is read again at each connection (a rotated
+     * secret needs no restart), but one that cannot be read at start is a
+     * bad setting, not a database that is away: the service would retry
+     * for ever. */
+    if (kh_config_get(config, count, "KH_DATABASE_PASSWORD_FILE")) {
+        char password[256];
+        int rc = kh_db_password(password, sizeof password, &err);
+        explicit_bzero(password, sizeof password);
+        if (rc < 0) {
+            kh_log_error("start_failed", "code=%s path=%s msg=\"%s\"",
+                         kh_error_name(err.code), err.path, err.message);
+            return 2;
+        }
     }
     if (sodium_init() < 0) {
         kh_log_error("start_failed", "reason=\"no random source\"");

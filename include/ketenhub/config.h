@@ -16,7 +16,17 @@
 extern "C" {
 #endif
 
-typedef enum { KH_CFG_STRING, KH_CFG_INT, KH_CFG_BOOL } kh_cfg_type_t;
+/* KH_CFG_ENDPOINT: a ZeroMQ endpoint, or "none". libzmq takes the port of
+ * a tcp:// endpoint modulo 65536 and ignores what follows its digits, so
+ * "tcp://HOST:99999" would bind port 34463 and report success: a tcp port
+ * must be "*" or 1..65535, digits only. Other transports are left to
+ * libzmq, which refuses what it cannot bind or connect. */
+typedef enum {
+    KH_CFG_STRING,
+    KH_CFG_INT,
+    KH_CFG_BOOL,
+    KH_CFG_ENDPOINT
+} kh_cfg_type_t;
 
 typedef struct {
     const char *name;   /* environment variable, KH_* */

@@ -122,7 +122,9 @@ int kh_partner_cert_export(zcert_t *cert, const char *id, const char *out_dir,
 
 /* Remove <cert_dir>/<id>.cert, so zauth refuses the key from now on (a
  * connection already open stays open: services also check revoked_at).
- * A file that is already gone is fine. Returns 0 or -1 with err. */
+ * Returns 0 when it was removed, 1 when there was no such file, -1 with
+ * err when it cannot be removed or cert_dir is not a directory
+ * (KH_E_CONFIG: a mistyped directory must not pass for a removal). */
 int kh_partner_cert_remove(const char *id, const char *cert_dir,
                            kh_error_t *err);
 

@@ -81,8 +81,11 @@ int main(int argc, char **argv)
     kh_health_set_sockets(health, true);
     unsigned char sk[KH_TRAIL_SECRET_KEY_SIZE];
     if (kh_trail_load_secret(s_cfg("KH_AUDIT_KEY")->str, sk, &err) != 0) {
-        kh_log_error("start_failed", "code=%s path=%s msg=\"%s\"",
-                     kh_error_name(err.code), err.path, err.message);
+        /* The setting, not the file, is what to correct: name it. */
+        kh_log_error("start_failed",
+                     "code=config path=KH_AUDIT_KEY "
+                     "file=%s msg=\"%s\"",
+                     s_cfg("KH_AUDIT_KEY")->str, err.message);
         kh_health_destroy(&health);
         close(signal_fd);
         return 2;

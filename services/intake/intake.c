@@ -129,6 +129,12 @@ intake_t *intake_new(const intake_config_t *config, kh_error_t *err)
     char path[4096];
     snprintf(path, sizeof path, "%s/referral.v1.json", config->schema_dir);
     self->schema = kh_schema_load(path, err);
+    if (!self->schema && err->code == KH_E_IO) {
+        /* A schema that cannot be read is a bad setting: name it. */
+        char why[sizeof err->message];
+        snprintf(why, sizeof why, "%s", err->message);
+        kh_error_set(err, KH_E_CONFIG, "KH_SCHEMA_DIR", "%s: %s", path, why);
+    }
     if (!self->schema)
         goto fail;
     if (!zsys_has_curve()) {
@@ -299,8 +305,9 @@ static int s_reconnect(zloop_t *loop, int timer_id, void *arg)
     self->backoff_ms = self->backoff_ms * 2 > S_BACKOFF_MAX_MS
                            ? S_BACKOFF_MAX_MS
                            : self->backoff_ms * 2;
-    kh_log_warn("db_connect_failed", "code=%s retry_ms=%d",
-                kh_error_name(err.code), self->backoff_ms);
+    kh_log_warn("db_connect_failed", "code=%s path=%s retry_ms=%d msg=\"%s\"",
+                kh_error_name(err.code), err.path[0] ? err.path : "none",
+                self->backoff_ms, err.message);
     s_schedule_reconnect(self);
     return 0;
 }

@@ -20,7 +20,7 @@
 #endif
 
 static kh_cfg_t s_config[] = {
-    KH_CFG("KH_INTAKE_ENDPOINT", KH_CFG_STRING, "tcp://*:7701", 0, 0, false,
+    KH_CFG("KH_INTAKE_ENDPOINT", KH_CFG_ENDPOINT, "tcp://*:7701", 0, 0, false,
            "ZeroMQ endpoint partners connect to"),
     KH_CFG("KH_HUB_CERT", KH_CFG_STRING, NULL, 0, 0, false,
            "hub certificate file (its _secret file beside it)"),
@@ -41,7 +41,7 @@ static kh_cfg_t s_config[] = {
            "how often the partner registry is re-read"),
     KH_CFG("KH_DB_COMMIT_TIMEOUT_MS", KH_CFG_INT, "5000", 100, 600000, false,
            "a commit taking longer is given up (retryable refusal)"),
-    KH_CFG("KH_ROUTING_ENDPOINT", KH_CFG_STRING, "tcp://127.0.0.1:7702", 0, 0,
+    KH_CFG("KH_ROUTING_ENDPOINT", KH_CFG_ENDPOINT, "tcp://127.0.0.1:7702", 0, 0,
            false, "routing's wake-up endpoint (\"none\" to send none)"),
     KH_CFG("KH_HEALTH_ENDPOINT", KH_CFG_STRING, "127.0.0.1:9701", 0, 0, false,
            "HOST:PORT of /livez, /readyz, /metrics (\"none\": off)"),

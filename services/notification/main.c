@@ -20,10 +20,11 @@
 
 static kh_cfg_t s_config[] = {
     KH_CFG_DATABASE,
-    KH_CFG("KH_NOTIFY_ENDPOINT", KH_CFG_STRING, "tcp://*:7703", 0, 0, false,
+    KH_CFG("KH_NOTIFY_ENDPOINT", KH_CFG_ENDPOINT, "tcp://*:7703", 0, 0, false,
            "ZeroMQ endpoint partners connect to for their deliveries"),
-    KH_CFG("KH_NOTIFY_WAKE_ENDPOINT", KH_CFG_STRING, "tcp://127.0.0.1:7704", 0,
-           0, false, "endpoint bound for routing's wake-ups (\"none\": none)"),
+    KH_CFG("KH_NOTIFY_WAKE_ENDPOINT", KH_CFG_ENDPOINT, "tcp://127.0.0.1:7704",
+           0, 0, false,
+           "endpoint bound for routing's wake-ups (\"none\": none)"),
     KH_CFG("KH_HUB_CERT", KH_CFG_STRING, NULL, 0, 0, false,
            "hub certificate file (its _secret file beside it)"),
     KH_CFG("KH_PARTNER_CERT_DIR", KH_CFG_STRING, NULL, 0, 0, false,

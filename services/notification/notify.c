@@ -1296,8 +1296,9 @@ static int s_on_tick(zloop_t *loop, int timer_id, void *arg)
     if (!dstore_up(self->store)) {
         if (dstore_connect(self->store, &err)) {
             if (!dstore_connecting(self->store))
-                kh_log_warn("db_connect_failed", "code=%s",
-                            kh_error_name(err.code));
+                kh_log_warn("db_connect_failed", "code=%s path=%s msg=\"%s\"",
+                            kh_error_name(err.code),
+                            err.path[0] ? err.path : "none", err.message);
             else if (!self->connect_poll) /* look again soon */
                 self->connect_poll =
                     zloop_timer(self->loop, KH_DB_CONNECT_POLL_MS, 1,

@@ -693,6 +693,47 @@ static int s_on_wakeup(zloop_t *loop, zsock_t *sock, void *arg)
     return s_drain(self);
 }
 
+/* A rules file or referral schema that cannot be read at start is a bad
+ * setting, like a missing hub certificate: the service exits 2 naming it.
+ * (On a reload the old rules stay and the error is kept as it is.) */
+static void s_rules_error_is_setting(const routing_t *self, kh_error_t *err)
+{
+    if (err->code == KH_E_IO) {
+        err->code = KH_E_CONFIG;
+        snprintf(err->path, sizeof err->path, "KH_RULES_FILE");
+    } else if (err->code == KH_E_CONFIG &&
+               strcmp(err->path, self->config.schema_path) == 0) {
+        char why[sizeof err->message];
+        snprintf(why, sizeof why, "%s", err->message);
+        kh_error_set(err, KH_E_CONFIG, "KH_SCHEMA_DIR", "%s: %s",
+                     self->config.schema_path, why);
+    }
+}
+
+/* Only the errors: the notes (an optional partner that is absent) make
+ * sense once the partners are known. */
+static void s_report_errors(const kh_error_t *err, bool is_error, void *arg)
+{
+    if (is_error)
+        s_report(err, is_error, arg);
+}
+
+/* Load the rules without the partners and drop them: 0, or -1 with err
+ * for a file or schema that cannot be read or rules that are wrong
+ * whoever is registered. */
+static int s_check_rules(const routing_t *self, kh_error_t *err)
+{
+    kh_rules_options_t opts = {.schema_path = self->config.schema_path,
+                               .report = s_report_errors};
+    kh_rules_t *rules = kh_rules_load(self->config.rules_file, &opts, err);
+    if (!rules) {
+        s_rules_error_is_setting(self, err);
+        return -1;
+    }
+    kh_rules_destroy(&rules);
+    return 0;
+}
+
 routing_t *routing_new(const routing_config_t *config, kh_error_t *err)
 {
     routing_t *self = calloc(1, sizeof *self);
@@ -702,29 +743,12 @@ routing_t *routing_new(const routing_config_t *config, kh_error_t *err)
     }
     self->config = *config;
     self->signal_fd = -1;
-    /* The rules are checked against the registered partners: routing
-     * starts once it has the database. */
-    while (s_connect(self, err) && self->connecting)
-        zclock_sleep(KH_DB_CONNECT_POLL_MS);
-    if (!self->conn)
+    /* Everything that needs no database first: a bad setting stops the
+     * service at once, not once PostgreSQL answers (it may be away for
+     * long). The rules are read here without the partners, so that an
+     * unreadable or malformed file, or schema, is named now. */
+    if (s_check_rules(self, err))
         goto fail;
-    self->rules = s_load_rules(self, err);
-    if (!self->rules) {
-        /* A rules file that cannot be read at start is a bad setting, like
-         * a missing hub certificate: the service exits 2 naming it. (On a
-         * reload the old rules stay and the error is kept as it is.) */
-        if (err->code == KH_E_IO) {
-            err->code = KH_E_CONFIG;
-            snprintf(err->path, sizeof err->path, "KH_RULES_FILE");
-        }
-        goto fail;
-    }
-    self->result = kh_rules_result_new(self->rules);
-    self->arena = kh_jarena_new(S_ARENA_KEEP);
-    if (!self->result || !self->arena) {
-        kh_error_set(err, KH_E_NOMEM, "", "out of memory");
-        goto fail;
-    }
     self->cert = kh_hub_cert_load(config->hub_cert, err);
     if (!self->cert)
         goto fail;
@@ -746,6 +770,23 @@ routing_t *routing_new(const routing_config_t *config, kh_error_t *err)
         !(self->notify = kh_wake_push_new(self->cert, config->notify_endpoint,
                                           "KH_NOTIFY_WAKE_ENDPOINT", err)))
         goto fail;
+    /* The rules are checked against the registered partners: routing
+     * starts once it has the database. */
+    while (s_connect(self, err) && self->connecting)
+        zclock_sleep(KH_DB_CONNECT_POLL_MS);
+    if (!self->conn)
+        goto fail;
+    self->rules = s_load_rules(self, err);
+    if (!self->rules) {
+        s_rules_error_is_setting(self, err);
+        goto fail;
+    }
+    self->result = kh_rules_result_new(self->rules);
+    self->arena = kh_jarena_new(S_ARENA_KEEP);
+    if (!self->result || !self->arena) {
+        kh_error_set(err, KH_E_NOMEM, "", "out of memory");
+        goto fail;
+    }
     self->targets = zhashx_new();
     self->loop = zloop_new();
     if (!self->targets || !self->loop) {

@@ -21,6 +21,7 @@
 
 #define S_DB "kh_test_health"
 #define S_AWAY "kh_test_health_away"
+#define S_BARE "kh_test_health_bare"
 #define S_TIMEOUT 3000
 
 static char s_dir[256];     /* temp dir: certs, logs */
@@ -600,6 +601,49 @@ START_TEST(routing_and_notification_count_and_report_the_backlog)
 }
 END_TEST
 
+/* Against a database that was never migrated, status says so and shows
+ * none of the numbers it could not read; --json stays one document. */
+START_TEST(status_says_when_the_database_is_not_migrated)
+{
+    PGconn *bare = khtest_db_empty(S_BARE);
+    char *conninfo = khtest_db_conninfo(S_BARE);
+    setenv("KH_DATABASE_URL", conninfo, 1);
+    free(conninfo);
+    char ctl[512];
+    snprintf(ctl, sizeof ctl, "%s/tools/ctl/ketenhubctl", KH_TEST_BINARY_DIR);
+    char *argv[] = {
+        ctl,    "status",         "--intake", "none",    "--routing",
+        "none", "--notification", "none",     "--audit", "none",
+        NULL};
+    char *output = NULL;
+    ck_assert_int_eq(khtest_run(argv, &output), 1);
+    ck_assert_msg(strstr(output, "not migrated") &&
+                      !strstr(output, "dead letters") &&
+                      !strstr(output, "trail head"),
+                  "status said: %s", output);
+    free(output);
+    char *json_argv[] = {"/bin/sh", "-c",
+                         "exec \"$0\" status --json --intake none --routing "
+                         "none --notification none --audit none 2>/dev/null",
+                         ctl, NULL};
+    ck_assert_int_eq(khtest_run(json_argv, &output), 1);
+    json_error_t jerr;
+    json_t *doc = json_loads(output, 0, &jerr);
+    ck_assert_msg(doc != NULL, "not JSON: %s", output);
+    free(output);
+    const json_t *db = json_object_get(doc, "database");
+    ck_assert(json_is_true(json_object_get(db, "reachable")));
+    ck_assert(json_is_false(json_object_get(doc, "ok")));
+    const char *error = json_string_value(json_object_get(db, "error"));
+    ck_assert_msg(error && strstr(error, "ketenhubctl migrate"), "error: %s",
+                  error ? error : "(none)");
+    ck_assert_ptr_null(json_object_get(db, "dead_letters"));
+    json_decref(doc);
+    PQfinish(bare);
+    setenv("KH_DATABASE_URL", s_conninfo, 1);
+}
+END_TEST
+
 /* Each service binary with one bad setting: exit 2 naming it. */
 START_TEST(a_bad_setting_exits_2_naming_the_variable)
 {
@@ -637,6 +681,97 @@ START_TEST(a_bad_setting_exits_2_naming_the_variable)
         free(output);
         unsetenv(cases[i].variable);
     }
+}
+END_TEST
+
+/* Whether a line of output other than the settings' own log lines
+ * (event=config names every variable) names variable. */
+static bool s_names(const char *output, const char *variable)
+{
+    for (const char *line = output; line && *line;) {
+        const char *end = strchr(line, '\n');
+        size_t len = end ? (size_t) (end - line) : strlen(line);
+        char *copy = strndup(line, len);
+        ck_assert_ptr_nonnull(copy);
+        bool named = strstr(copy, variable) && !strstr(copy, "event=config");
+        free(copy);
+        if (named)
+            return true;
+        line = end ? end + 1 : NULL;
+    }
+    return false;
+}
+
+/* Every other setting good and the database out of reach: a bad path,
+ * endpoint or password file still stops each service at once with exit
+ * 2, in a line that names the variable, and never waits for PostgreSQL. */
+START_TEST(a_bad_path_or_endpoint_exits_2_before_the_database)
+{
+    static const struct {
+        const char *service, *variable, *value;
+    } cases[] = {
+        {"intake", "KH_INTAKE_ENDPOINT", "tcp://127.0.0.1:99999"},
+        {"intake", "KH_INTAKE_ENDPOINT", "tcp://127.0.0.1:7701 "},
+        {"intake", "KH_ROUTING_ENDPOINT", "tcp://127.0.0.1:70000"},
+        {"intake", "KH_SCHEMA_DIR", "/nonexistent"},
+        {"intake", "KH_DATABASE_PASSWORD_FILE", "/nonexistent"},
+        {"intake", "KH_DATABASE_PASSWORD_FILE", "/tmp"},
+        {"routing", "KH_ROUTING_ENDPOINT", "tcp://127.0.0.1:99999"},
+        {"routing", "KH_ROUTING_ENDPOINT", "nowhere"},
+        {"routing", "KH_NOTIFY_WAKE_ENDPOINT", "tcp://127.0.0.1:65536"},
+        {"routing", "KH_HUB_CERT", "/nonexistent/hub.cert"},
+        {"routing", "KH_RULES_FILE", "/nonexistent/rules.yaml"},
+        {"routing", "KH_SCHEMA_DIR", "/nonexistent"},
+        {"routing", "KH_DATABASE_PASSWORD_FILE", "/nonexistent"},
+        {"notification", "KH_NOTIFY_ENDPOINT", "tcp://*:99999"},
+        {"notification", "KH_NOTIFY_WAKE_ENDPOINT", "tcp://127.0.0.1:x"},
+        {"notification", "KH_DATABASE_PASSWORD_FILE", "/nonexistent"},
+        {"audit", "KH_AUDIT_KEY", "/nonexistent/hub-audit.key"},
+        {"audit", "KH_DATABASE_PASSWORD_FILE", "/nonexistent"},
+    };
+    char *output = NULL;
+    ck_assert_int_eq(
+        KHTEST_CTL(&output, "audit", "keygen", "--out", s_path("audit")), 0);
+    free(output);
+    char port[4][32];
+    for (int i = 0; i < 4; i++)
+        snprintf(port[i], sizeof port[i], "tcp://127.0.0.1:%d",
+                 khproc_free_port());
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        /* Port 1 refuses at once; nothing may wait for it. */
+        setenv("KH_DATABASE_URL", "host=127.0.0.1 port=1", 1);
+        setenv("KH_HUB_CERT", s_path("hub.cert"), 1);
+        setenv("KH_PARTNER_CERT_DIR", s_path("partners"), 1);
+        setenv("KH_AUDIT_KEY", s_path("audit/hub-audit.key"), 1);
+        setenv("KH_SCHEMA_DIR", khtest_src("schemas"), 1);
+        setenv("KH_RULES_FILE", khtest_src("schemas/rules/default.yaml"), 1);
+        setenv("KH_HEALTH_ENDPOINT", "none", 1);
+        setenv("KH_INTAKE_ENDPOINT", port[0], 1);
+        setenv("KH_ROUTING_ENDPOINT", port[1], 1);
+        setenv("KH_NOTIFY_ENDPOINT", port[2], 1);
+        setenv("KH_NOTIFY_WAKE_ENDPOINT", port[3], 1);
+        setenv(cases[i].variable, cases[i].value, 1);
+        char path[512];
+        snprintf(path, sizeof path, "%s/services/%s/ketenhub-%s",
+                 KH_TEST_BINARY_DIR, cases[i].service, cases[i].service);
+        char *argv[] = {"/usr/bin/timeout", "-s", "KILL", "5", path, NULL};
+        int status = khtest_run(argv, &output);
+        ck_assert_msg(status == 2 && s_names(output, cases[i].variable),
+                      "%s with %s=%s: exit %d: %s", cases[i].service,
+                      cases[i].variable, cases[i].value, status, output);
+        free(output);
+        unsetenv(cases[i].variable);
+    }
+    unsetenv("KH_DATABASE_PASSWORD_FILE");
+    static const char *const set[] = {
+        "KH_HUB_CERT",        "KH_PARTNER_CERT_DIR",
+        "KH_AUDIT_KEY",       "KH_SCHEMA_DIR",
+        "KH_RULES_FILE",      "KH_HEALTH_ENDPOINT",
+        "KH_INTAKE_ENDPOINT", "KH_ROUTING_ENDPOINT",
+        "KH_NOTIFY_ENDPOINT", "KH_NOTIFY_WAKE_ENDPOINT"};
+    for (size_t i = 0; i < sizeof set / sizeof set[0]; i++)
+        unsetenv(set[i]);
+    setenv("KH_DATABASE_URL", s_conninfo, 1);
 }
 END_TEST
 
@@ -711,7 +846,9 @@ int main(void)
     tcase_add_test(tc, readiness_follows_the_database);
     tcase_add_test(tc, status_shows_an_offline_partners_backlog_growing);
     tcase_add_test(tc, routing_and_notification_count_and_report_the_backlog);
+    tcase_add_test(tc, status_says_when_the_database_is_not_migrated);
     tcase_add_test(tc, a_bad_setting_exits_2_naming_the_variable);
+    tcase_add_test(tc, a_bad_path_or_endpoint_exits_2_before_the_database);
     suite_add_tcase(suite, tc);
     TCase *reference = tcase_create("reference");
     tcase_add_test(reference, readme_names_every_setting_and_metric);

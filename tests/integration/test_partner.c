@@ -358,8 +358,10 @@ START_TEST(test_cert_files)
     /* zauth admits the partner's key, and refuses it once removed. */
     ck_assert(s_zauth_admits(cert_dir, full));
     ck_assert_int_eq(kh_partner_cert_remove("vt-gv", cert_dir, &err), 0);
-    ck_assert_int_eq(kh_partner_cert_remove("vt-gv", cert_dir, &err), 0);
+    ck_assert_int_eq(kh_partner_cert_remove("vt-gv", cert_dir, &err), 1);
     ck_assert(!s_zauth_admits(cert_dir, full));
+    ck_assert_int_eq(kh_partner_cert_remove("vt-gv", "/nonexistent", &err), -1);
+    ck_assert_int_eq(err.code, KH_E_CONFIG);
 
     /* No temporary files are left in the hub's directory. */
     char cmd[4096 + 32];
@@ -539,6 +541,32 @@ START_TEST(test_ctl_end_to_end)
     ck_assert(json_is_null(json_object_get(first, "revoked_at")));
     json_decref(list);
 
+    /* A --cert-dir that is not a directory revokes nothing: the key would
+     * stay in the real directory while the tool said it was removed. */
+    const char *nowhere = khtest_path(cert_dir, "typo");
+    rc = KHTEST_CTL(&text, "partner", "revoke", "vt-gv", "--cert-dir", nowhere);
+    ck_assert_msg(rc == 2, "revoke with a missing --cert-dir: %d: %s", rc,
+                  text);
+    ck_assert_ptr_null(strstr(text, "removed"));
+    free(text);
+    ck_assert_int_eq(kh_partner_get(conn, "vt-gv", &p, &err), 0);
+    ck_assert(!p.revoked);
+    ck_assert(s_file_exists(cert_dir, "vt-gv.cert"));
+    /* A directory without the partner's certificate: the key is revoked,
+     * and the tool says that it found no file to remove. */
+    char *elsewhere = khtest_tmpdir();
+    rc = KHTEST_CTL(&text, "partner", "revoke", "ketenregie", "--cert-dir",
+                    elsewhere);
+    ck_assert_msg(rc == 0, "revoke: %s", text);
+    ck_assert_msg(strstr(text, "removed") == NULL &&
+                      strstr(text, "no certificate") != NULL,
+                  "revoke said: %s", text);
+    free(text);
+    khtest_rmtree(elsewhere);
+    free(elsewhere);
+    ck_assert_int_eq(kh_partner_get(conn, "ketenregie", &p, &err), 0);
+    ck_assert(p.revoked);
+
     /* revoke removes the certificate and marks the row. */
     ck_assert_int_eq(
         KHTEST_CTL(&text, "partner", "revoke", "vt-gv", "--cert-dir", cert_dir),
@@ -559,6 +587,7 @@ START_TEST(test_ctl_end_to_end)
               "seq) FROM audit_events WHERE actor_kind = 'admin' AND "
               "origin_service = 'ketenhubctl' AND outcome = 'ok'");
     ck_assert_str_eq(events, "partner.added:vt-gv,partner.added:ketenregie,"
+                             "partner.revoked:ketenregie,"
                              "partner.revoked:vt-gv");
     free(events);
     ck_assert_int_eq(KHTEST_CTL(&text, "partner", "revoke", "nobody",
@@ -570,7 +599,7 @@ START_TEST(test_ctl_end_to_end)
     list = json_loads(text, 0, &jerr);
     free(text);
     ck_assert_ptr_nonnull(list);
-    ck_assert_int_eq((int) json_array_size(list), 1);
+    ck_assert_int_eq((int) json_array_size(list), 0);
     json_decref(list);
 
     /* Without a reachable database: runtime failure. */

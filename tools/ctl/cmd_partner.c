@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "ctl.h"
@@ -329,13 +330,20 @@ static int s_cmd_revoke(int argc, char **argv)
     if (!cert_dir || !*cert_dir)
         return ctl_usage_error("partner revoke: --cert-dir DIR is required "
                                "(or set KH_PARTNER_CERT_DIR)");
+    /* A mistyped directory would revoke the row and leave the certificate
+     * where zauth still finds it. */
+    struct stat st;
+    if (stat(cert_dir, &st) != 0 || !S_ISDIR(st.st_mode))
+        return ctl_usage_error("partner revoke: --cert-dir %s is not a "
+                               "directory",
+                               cert_dir);
 
     PGconn *conn = ctl_connect();
     if (!conn)
         return CTL_FAIL;
     kh_error_t err;
     kh_error_clear(&err);
-    int revoked = -1;
+    int revoked = -1, removed = -1;
     int rc = kh_db_exec(conn, "BEGIN", &err);
     if (rc == 0) {
         revoked = kh_partner_revoke(conn, id, &err);
@@ -345,18 +353,25 @@ static int s_cmd_revoke(int argc, char **argv)
         rc = kh_audit_admin(conn, "partner.revoked", id, "ketenhubctl", &err);
     /* Remove the certificate inside the transaction: if it cannot be
      * removed, the partner stays active, and the two agree. */
-    if (rc == 0)
-        rc = kh_partner_cert_remove(id, cert_dir, &err);
+    if (rc == 0) {
+        removed = kh_partner_cert_remove(id, cert_dir, &err);
+        rc = removed < 0 ? -1 : 0;
+    }
     if (rc == 0)
         rc = kh_db_exec(conn, "COMMIT", &err);
     if (rc != 0) {
         kh_db_rollback_quietly(conn);
         ctl_print_error(&err);
-    } else if (revoked == 1)
-        printf("partner %s was already revoked; %s/%s.cert is gone\n", id,
-               cert_dir, id);
-    else
-        printf("partner %s revoked; removed %s/%s.cert\n", id, cert_dir, id);
+    } else {
+        printf(revoked == 1 ? "partner %s was already revoked; "
+                            : "partner %s revoked; ",
+               id);
+        if (removed == 0)
+            printf("removed %s/%s.cert\n", cert_dir, id);
+        else
+            printf("no certificate %s/%s.cert was there to remove\n", cert_dir,
+                   id);
+    }
     PQfinish(conn);
     return rc == 0 ? CTL_OK : CTL_FAIL;
 }

@@ -128,14 +128,32 @@ static json_t *s_probe(const s_service_t *svc)
     return out;
 }
 
+/* A query of the database part failed: say why under "error" in db, in
+ * words an administrator can act on when the schema is not (all) there. */
+static void s_query_failed(json_t *db, const PGresult *res)
+{
+    fprintf(stderr, "ketenhubctl: status: %s", PQresultErrorMessage(res));
+    const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+    const char *primary = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
+    bool unmigrated = state && (strcmp(state, "42P01") == 0 || /* table */
+                                strcmp(state, "42703") == 0 || /* column */
+                                strcmp(state, "42883") == 0);  /* function */
+    json_object_set_new(
+        db, "error",
+        json_string(unmigrated ? "the schema is not migrated: run ketenhubctl "
+                                 "migrate"
+                    : primary  ? primary
+                               : "a query failed"));
+}
+
 /* The first row's values as strings into obj under keys (NULL values are
- * left out). 0, or -1 when the query failed. */
+ * left out). 0, or -1 with "error" set when the query failed. */
 static int s_row(PGconn *conn, const char *sql, json_t *obj,
                  const char *const *keys, const bool *numeric)
 {
     PGresult *res = PQexec(conn, sql);
     if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-        fprintf(stderr, "ketenhubctl: status: %s", PQresultErrorMessage(res));
+        s_query_failed(obj, res);
         PQclear(res);
         return -1;
     }
@@ -227,13 +245,11 @@ static json_t *s_database(json_t **partners)
             json_array_append_new(*partners, row);
         }
     } else if (res) {
-        fprintf(stderr, "ketenhubctl: status: %s", PQresultErrorMessage(res));
+        s_query_failed(db, res);
         rc = -1;
     }
     PQclear(res);
     PQfinish(conn);
-    if (rc)
-        json_object_set_new(db, "error", json_string("a query failed"));
     return db;
 }
 
@@ -281,8 +297,12 @@ static void s_print_text(const json_t *doc)
         printf("database          UNREACHABLE\n");
         return;
     }
-    printf("database          reachable%s\n",
-           json_object_get(db, "error") ? " (a query failed)" : "");
+    /* What was not read is not shown: zeros would pass for facts. */
+    if (json_object_get(db, "error")) {
+        printf("database          reachable, but %s\n", s_str(db, "error", ""));
+        return;
+    }
+    printf("database          reachable\n");
     printf("rules version     %s", s_str(db, "rules_version", "-"));
     if (json_object_get(db, "rules_version_at"))
         printf("\n                  last used %s",
