@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "ketenhub/config.h"
+#include "ketenhub/db.h"
 #include "ketenhub/health.h"
 #include "ketenhub/log.h"
 #include "ketenhub/service.h"
@@ -115,17 +116,24 @@ int main(int argc, char **argv)
     /* PostgreSQL may come up after routing (a host that restarts, a
      * database that is being restarted): wait for it, as the other
      * services do, until it answers or a SIGTERM comes. */
-    routing_t *routing = NULL;
+    routing_t *routing = routing_new(&config, &err);
     bool stopping = false;
-    for (int wait_ms = 200;; wait_ms = wait_ms < 2500 ? wait_ms * 2 : 5000) {
-        routing = routing_new(&config, &err);
-        if (routing || err.code != KH_E_UNAVAILABLE)
+    for (int wait_ms = 200; routing && routing_start(routing, &err);) {
+        if (err.code != KH_E_UNAVAILABLE) {
+            routing_destroy(&routing);
             break;
-        kh_log_warn("db_unavailable", "retry_ms=%d msg=\"%s\"", wait_ms,
-                    err.message);
+        }
+        int ms = KH_DB_CONNECT_POLL_MS; /* an attempt under way */
+        if (!routing_connecting(routing)) {
+            kh_log_warn("db_unavailable", "retry_ms=%d msg=\"%s\"", wait_ms,
+                        err.message);
+            ms = wait_ms;
+            wait_ms = wait_ms < 2500 ? wait_ms * 2 : 5000;
+        }
         struct pollfd pfd = {signal_fd, POLLIN, 0};
-        if (poll(&pfd, 1, wait_ms) > 0 &&
+        if (poll(&pfd, 1, ms) > 0 &&
             kh_signals_take(signal_fd, &stopping, NULL) < 0) {
+            routing_destroy(&routing);
             kh_health_destroy(&health);
             close(signal_fd);
             return 0;

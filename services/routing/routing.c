@@ -770,26 +770,10 @@ routing_t *routing_new(const routing_config_t *config, kh_error_t *err)
         !(self->notify = kh_wake_push_new(self->cert, config->notify_endpoint,
                                           "KH_NOTIFY_WAKE_ENDPOINT", err)))
         goto fail;
-    /* The rules are checked against the registered partners: routing
-     * starts once it has the database. */
-    while (s_connect(self, err) && self->connecting)
-        zclock_sleep(KH_DB_CONNECT_POLL_MS);
-    if (!self->conn)
-        goto fail;
-    self->rules = s_load_rules(self, err);
-    if (!self->rules) {
-        s_rules_error_is_setting(self, err);
-        goto fail;
-    }
-    self->result = kh_rules_result_new(self->rules);
     self->arena = kh_jarena_new(S_ARENA_KEEP);
-    if (!self->result || !self->arena) {
-        kh_error_set(err, KH_E_NOMEM, "", "out of memory");
-        goto fail;
-    }
     self->targets = zhashx_new();
     self->loop = zloop_new();
-    if (!self->targets || !self->loop) {
+    if (!self->arena || !self->targets || !self->loop) {
         kh_error_set(err, KH_E_NOMEM, "", "out of memory");
         goto fail;
     }
@@ -797,6 +781,28 @@ routing_t *routing_new(const routing_config_t *config, kh_error_t *err)
 fail:
     routing_destroy(&self);
     return NULL;
+}
+
+int routing_start(routing_t *self, kh_error_t *err)
+{
+    if (self->rules)
+        return 0;
+    if (s_connect(self, err))
+        return -1;
+    self->rules = s_load_rules(self, err);
+    if (!self->rules) {
+        s_rules_error_is_setting(self, err);
+        return -1;
+    }
+    self->result = kh_rules_result_new(self->rules);
+    if (!self->result)
+        return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
+    return 0;
+}
+
+bool routing_connecting(const routing_t *self)
+{
+    return self->connecting != NULL;
 }
 
 void routing_destroy(routing_t **self_p)

@@ -9,6 +9,7 @@
 #ifndef ROUTING_H_INCLUDED
 #define ROUTING_H_INCLUDED
 
+#include <stdbool.h>
 #include <stddef.h>
 
 #include "ketenhub/error.h"
@@ -26,11 +27,24 @@ typedef struct {
 
 typedef struct _routing_t routing_t;
 
-/* Connect to PostgreSQL, load the rules against the registered partners,
- * bind the wake-up socket. NULL with err on failure: a rules.* code for a
- * rules file that does not load (every problem is logged with its line
- * and column), KH_E_CONFIG for a bad setting. */
+/* Check the rules file (without the partners), load the hub certificate,
+ * bind the wake-up socket: everything that needs no database. NULL with
+ * err on failure: a rules.* code for a rules file that does not load
+ * (every problem is logged with its line and column), KH_E_CONFIG for a
+ * bad setting. */
 routing_t *routing_new(const routing_config_t *config, kh_error_t *err);
+
+/* Then connect to PostgreSQL and load the rules against the registered
+ * partners, without blocking: the connection is made on a thread of its
+ * own. 0 when done (and on every later call); -1 with err otherwise:
+ * KH_E_UNAVAILABLE while connecting (routing_connecting is then true: call
+ * again soon) or when PostgreSQL cannot be reached (call again later), a
+ * rules.* code or KH_E_CONFIG when the rules do not load against the
+ * partners. */
+int routing_start(routing_t *self, kh_error_t *err);
+
+/* Whether an attempt to connect is under way. */
+bool routing_connecting(const routing_t *self);
 
 /* Destroy; accepts NULL and a pointer to NULL. */
 void routing_destroy(routing_t **self_p);
