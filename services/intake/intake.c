@@ -378,9 +378,14 @@ static void s_take(intake_t *self, kh_jarena_t *arena, s_request_t *req,
                                &self->cfg.limits, &req->msg, &err);
         kh_jarena_enter(was);
     }
-    if (rc)
+    if (rc) {
+        /* The refusal still answers the request's cid where the frame
+         * holds one: a partner matches replies by it (protocol.md). */
+        if (body)
+            kh_msgpack_peek_str(zframe_data(body), zframe_size(body), "cid",
+                                req->cid, sizeof req->cid);
         s_refuse(req, &err);
-    else {
+    } else {
         const char *cid = NULL;
         rc = kh_proto_check(req->msg, &req->cmd, &cid, &err);
         snprintf(req->cid, sizeof req->cid, "%s", cid ? cid : "");

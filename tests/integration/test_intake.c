@@ -547,6 +547,83 @@ static json_t *s_send_frame(zframe_t *frame)
     return reply;
 }
 
+/* frame (destroyed) with its copy of marker (which must occur once)
+ * replaced by the len bytes at with: shapes the encoder will not make. */
+static zframe_t *s_splice(zframe_t *frame, const char *marker, const void *with,
+                          size_t len)
+{
+    size_t mlen = strlen(marker), size = zframe_size(frame);
+    const unsigned char *data = zframe_data(frame);
+    const unsigned char *at = memmem(data, size, marker, mlen);
+    ck_assert_ptr_nonnull(at);
+    size_t pre = (size_t) (at - data);
+    zframe_t *out = zframe_new(NULL, size - mlen + len);
+    memcpy(zframe_data(out), data, pre);
+    memcpy(zframe_data(out) + pre, with, len);
+    memcpy(zframe_data(out) + pre + len, at + mlen, size - pre - mlen);
+    zframe_destroy(&frame);
+    return out;
+}
+
+/* A refusal for a body that cannot be decoded still answers the request's
+ * cid when the envelope holds one, wherever it stands: a client that
+ * matches replies by cid (as the reference client does) would otherwise
+ * wait for an answer that came, and take the hub for unreachable. */
+START_TEST(a_body_that_does_not_decode_is_refused_with_its_cid)
+{
+    kh_client_t *client = s_client("vt");
+    kh_client_set_retries(client, 0);
+    kh_error_t err;
+    json_t *referral = s_example();
+    char *big = malloc(70001);
+    memset(big, 'a', 70000);
+    big[70000] = '\0';
+    json_object_set_new(referral, "summary", json_string(big));
+    free(big);
+    json_t *reply =
+        kh_client_submit(client, referral, "cid-big", S_TIMEOUT, &err);
+    ck_assert_msg(reply != NULL, "%s", err.message);
+    s_expect_rejected(reply, "string_too_long", "referral.summary");
+
+    json_object_set_new(referral, "summary", json_string("x"));
+    json_t *many = json_array();
+    for (int i = 0; i < 1100; i++)
+        json_array_append_new(many, json_integer(i));
+    json_object_set_new(referral, "extra", many);
+    reply = kh_client_submit(client, referral, "cid-many", S_TIMEOUT, &err);
+    ck_assert_msg(reply != NULL, "%s", err.message);
+    s_expect_rejected(reply, "too_many_elements", "referral.extra");
+    json_object_del(referral, "extra");
+    kh_client_destroy(&client);
+
+    /* bin where a string belongs, before and after the cid. */
+    json_object_set_new(referral, "summary", json_string("@@MARKER@@"));
+    zframe_t *frame =
+        s_frame(s_submit_envelope("cid-bin", referral), "c-after");
+    frame = s_splice(frame, "\xaa@@MARKER@@", "\xc4\x03xyz", 5);
+    reply = s_send_frame(frame);
+    ck_assert_ptr_nonnull(reply);
+    ck_assert_str_eq(s_str(reply, "cid"), "c-after");
+    s_expect_rejected(reply, "unsupported_type", "referral.summary");
+    json_t *envelope =
+        json_pack("{s:s, s:i, s:s, s:s, s:O}", "cid", "c-before", "v", 1, "cmd",
+                  "SUBMIT", "idempotency_key", "cid-nul", "referral", referral);
+    char *data;
+    size_t size;
+    ck_assert_int_eq(kh_msgpack_encode(envelope, &data, &size, &err), 0);
+    json_decref(envelope);
+    frame = zframe_new(data, size);
+    free(data);
+    frame = s_splice(frame, "\xaa@@MARKER@@", "\xa3x\0y", 4);
+    reply = s_send_frame(frame);
+    ck_assert_ptr_nonnull(reply);
+    ck_assert_str_eq(s_str(reply, "cid"), "c-before");
+    s_expect_rejected(reply, "invalid_utf8", "referral.summary");
+    json_decref(referral);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM referrals"), 0);
+}
+END_TEST
+
 /* An identifier-shaped field name is the partner's data (here a name and
  * a birth date): the reply names it, so the partner can fix its message,
  * but the trail and the logs hold only the contract's names. */
@@ -1436,6 +1513,7 @@ int main(void)
     tcase_add_test(tc, same_idempotency_key_returns_the_first_answer);
     tcase_add_test(tc, bad_input_is_rejected_and_changes_nothing);
     tcase_add_test(tc, made_up_keys_spoil_nothing_and_stay_out_of_the_trail);
+    tcase_add_test(tc, a_body_that_does_not_decode_is_refused_with_its_cid);
     tcase_add_test(tc, repeats_get_the_first_answer_and_conflicts_are_audited);
     tcase_add_test(tc, names_of_the_partner_stay_out_of_the_trail_and_logs);
     tcase_add_test(tc, a_conflict_within_a_batch_is_audited);
