@@ -624,6 +624,45 @@ START_TEST(a_body_that_does_not_decode_is_refused_with_its_cid)
 }
 END_TEST
 
+/* Exit status of ketenhub-partner submit FILE as partner vt (a retry and
+ * 1 s per attempt: the hub answers at once or is taken for gone). */
+static int s_partner_submit(const char *file)
+{
+    int rc = khproc_sh("%s/tools/partner/ketenhub-partner --endpoint %s "
+                       "--hub-cert %s --cert %s --timeout 1000 --retries 1 "
+                       "submit %s >>%s 2>&1",
+                       KH_TEST_BINARY_DIR, s_endpoint, s_path("hub.cert"),
+                       s_path("vt.cert"), s_path(file), s_path("partner.log"));
+    return rc;
+}
+
+/* The reference tool tells a referral that must be fixed (exit 1) from a
+ * hub it cannot reach (exit 3), whether the hub or the tool refused it. */
+START_TEST(the_partner_tool_reports_a_referral_it_cannot_send_as_refused)
+{
+    json_t *referral = s_example();
+    char *big = malloc(70001);
+    memset(big, 'a', 70000);
+    big[70000] = '\0';
+    json_object_set_new(referral, "summary", json_string(big));
+    free(big);
+    ck_assert_int_eq(json_dump_file(referral, s_path("big.json"), 0), 0);
+    ck_assert_int_eq(s_partner_submit("big.json"), 1);
+
+    json_t *deep = json_string("x");
+    for (int i = 0; i < 16; i++) {
+        json_t *level = json_object();
+        json_object_set_new(level, "a", deep);
+        deep = level;
+    }
+    json_object_set_new(referral, "summary", json_string("x"));
+    json_object_set_new(referral, "extra", deep);
+    ck_assert_int_eq(json_dump_file(referral, s_path("deep.json"), 0), 0);
+    ck_assert_int_eq(s_partner_submit("deep.json"), 1);
+    json_decref(referral);
+}
+END_TEST
+
 /* An identifier-shaped field name is the partner's data (here a name and
  * a birth date): the reply names it, so the partner can fix its message,
  * but the trail and the logs hold only the contract's names. */
@@ -1514,6 +1553,8 @@ int main(void)
     tcase_add_test(tc, bad_input_is_rejected_and_changes_nothing);
     tcase_add_test(tc, made_up_keys_spoil_nothing_and_stay_out_of_the_trail);
     tcase_add_test(tc, a_body_that_does_not_decode_is_refused_with_its_cid);
+    tcase_add_test(
+        tc, the_partner_tool_reports_a_referral_it_cannot_send_as_refused);
     tcase_add_test(tc, repeats_get_the_first_answer_and_conflicts_are_audited);
     tcase_add_test(tc, names_of_the_partner_stay_out_of_the_trail_and_logs);
     tcase_add_test(tc, a_conflict_within_a_batch_is_audited);
