@@ -76,14 +76,18 @@ static kh_client_t *s_client(const char *name)
     return client;
 }
 
-/* Wait until intake answers PING (it is bound and PostgreSQL answers). */
+/* Wait until intake answers PING (it is bound and PostgreSQL answers).
+ * Until its first connection is made, intake answers at once, with a
+ * retryable refusal: the attempts are spaced, or they would all be spent
+ * before the connection is. */
 static void s_wait_ready(void)
 {
     kh_client_t *client = s_client("vt");
     kh_error_t err;
     int rc = -1;
     for (int i = 0; i < 50 && rc; i++)
-        rc = kh_client_ping(client, 200, &err);
+        if ((rc = kh_client_ping(client, 200, &err)) != 0)
+            zclock_sleep(100);
     kh_client_destroy(&client);
     ck_assert_msg(rc == 0, "intake did not come up: see %s",
                   s_path("intake.log"));
