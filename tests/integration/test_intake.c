@@ -264,6 +264,58 @@ START_TEST(same_idempotency_key_returns_the_first_answer)
 }
 END_TEST
 
+/* A STATUS refused as not_found (another partner's referral, or none) is
+ * a refusal like any other: in the trail as request.rejected, committed
+ * before the answer, without the id asked for. */
+START_TEST(a_status_refused_as_not_found_is_audited)
+{
+    kh_client_t *client = s_client("vt");
+    json_t *referral = s_example();
+    kh_error_t err;
+    json_t *accepted =
+        kh_client_submit(client, referral, "status-1", S_TIMEOUT, &err);
+    ck_assert_msg(accepted != NULL, "%s", err.message);
+    const char *id = s_str(accepted, "referral_id");
+    kh_client_t *other = s_client("zc");
+    json_t *reply = kh_client_status(other, id, S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(reply);
+    ck_assert_str_eq(s_str(reply, "code"), "not_found");
+    ck_assert_str_eq(s_str(reply, "path"), "referral_id");
+    json_decref(reply);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE"
+                             " action = 'request.rejected' AND actor_id ="
+                             " 'zorgcoordinator' AND outcome = 'refused' AND"
+                             " reason_code = 'not_found' AND reason_path ="
+                             " 'referral_id' AND referral_id IS NULL"),
+                     1);
+    reply = kh_client_status(client, "01900000-0000-7000-8000-000000000000",
+                             S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(reply);
+    ck_assert_str_eq(s_str(reply, "code"), "not_found");
+    json_decref(reply);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE"
+                             " action = 'request.rejected' AND actor_id ="
+                             " 'veilig-thuis' AND reason_code = 'not_found'"),
+                     1);
+    /* The submitter's own STATUS is answered, and not audited. */
+    reply = kh_client_status(client, id, S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(reply);
+    ck_assert_str_eq(kh_client_reply_cmd(reply), "STATUS_REPLY");
+    ck_assert_str_eq(s_str(reply, "referral_id"), id);
+    ck_assert_str_eq(s_str(reply, "state"), "accepted");
+    ck_assert_str_eq(s_str(reply, "accepted_at"),
+                     s_str(accepted, "accepted_at"));
+    json_decref(reply);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE"
+                             " action = 'request.rejected'"),
+                     2);
+    kh_client_destroy(&other);
+    kh_client_destroy(&client);
+    json_decref(accepted);
+    json_decref(referral);
+}
+END_TEST
+
 /* The message in frame (destroyed), which must decode. */
 static json_t *s_decoded(zframe_t **frame)
 {
@@ -1554,6 +1606,7 @@ int main(void)
     tcase_add_checked_fixture(tc, s_setup, s_teardown);
     tcase_add_test(tc, accepted_referral_is_committed_with_its_audit_event);
     tcase_add_test(tc, same_idempotency_key_returns_the_first_answer);
+    tcase_add_test(tc, a_status_refused_as_not_found_is_audited);
     tcase_add_test(tc, bad_input_is_rejected_and_changes_nothing);
     tcase_add_test(tc, made_up_keys_spoil_nothing_and_stay_out_of_the_trail);
     tcase_add_test(tc, a_body_that_does_not_decode_is_refused_with_its_cid);
