@@ -521,6 +521,139 @@ int kh_msgpack_decode(const void *data, size_t size, const kh_limits_t *limits,
 }
 
 /* ---------------------------------------------------------------------- */
+/* Peeking                                                                 */
+
+/* Read an n-byte big-endian count at *p, if the bytes are there. */
+static bool s_peek_be(const unsigned char **p, const unsigned char *end,
+                      size_t n, uint64_t *v)
+{
+    if ((size_t) (end - *p) < n)
+        return false;
+    uint64_t r = 0;
+    for (size_t i = 0; i < n; i++)
+        r = (r << 8) | (*p)[i];
+    *p += n;
+    *v = r;
+    return true;
+}
+
+/* Step over one whole value at *p without building or checking it. No
+ * recursion: a count of values still to skip, each at least one byte, so
+ * a count beyond the bytes left fails at once and the loop ends with the
+ * bytes. */
+static bool s_skip(const unsigned char **p, const unsigned char *end)
+{
+    uint64_t pending = 1;
+    while (pending) {
+        if (*p >= end)
+            return false;
+        unsigned char b = *(*p)++;
+        pending--;
+        uint64_t bytes = 0, values = 0, n;
+        if (b <= 0x7f || b >= 0xe0 || b == 0xc0 || b == 0xc2 || b == 0xc3)
+            ;
+        else if (b <= 0x8f)
+            values = 2 * (uint64_t) (b & 0x0f);
+        else if (b <= 0x9f)
+            values = b & 0x0f;
+        else if (b <= 0xbf)
+            bytes = b & 0x1f;
+        else if (b >= 0xc4 && b <= 0xc6) { /* bin 8/16/32 */
+            if (!s_peek_be(p, end, (size_t) 1 << (b - 0xc4), &bytes))
+                return false;
+        } else if (b >= 0xc7 && b <= 0xc9) { /* ext 8/16/32: length, type */
+            if (!s_peek_be(p, end, (size_t) 1 << (b - 0xc7), &n))
+                return false;
+            bytes = n + 1;
+        } else if (b == 0xca || b == 0xcb)
+            bytes = b == 0xca ? 4 : 8;
+        else if (b >= 0xcc && b <= 0xd3)
+            bytes = (uint64_t) 1 << ((b - 0xcc) & 3);
+        else if (b >= 0xd4 && b <= 0xd8) /* fixext: type, data */
+            bytes = 1 + ((uint64_t) 1 << (b - 0xd4));
+        else if (b >= 0xd9 && b <= 0xdb) { /* str 8/16/32 */
+            if (!s_peek_be(p, end, (size_t) 1 << (b - 0xd9), &bytes))
+                return false;
+        } else if (b == 0xdc || b == 0xdd) {
+            if (!s_peek_be(p, end, b == 0xdc ? 2 : 4, &values))
+                return false;
+        } else if (b == 0xde || b == 0xdf) {
+            if (!s_peek_be(p, end, b == 0xde ? 2 : 4, &n))
+                return false;
+            values = 2 * n;
+        } else /* 0xc1 */
+            return false;
+        uint64_t left = (uint64_t) (end - *p);
+        if (bytes > left || values > left - bytes ||
+            pending > left - bytes - values)
+            return false;
+        *p += bytes;
+        pending += values;
+    }
+    return true;
+}
+
+/* Read a str header at *p (none there: false) and check that its len
+ * bytes follow; *p is left on the first of them. */
+static bool s_peek_str(const unsigned char **p, const unsigned char *end,
+                       uint64_t *len)
+{
+    if (*p >= end)
+        return false;
+    unsigned char b = **p;
+    if ((b & 0xe0) == 0xa0) {
+        (*p)++;
+        *len = b & 0x1f;
+    } else if (b >= 0xd9 && b <= 0xdb) {
+        (*p)++;
+        if (!s_peek_be(p, end, (size_t) 1 << (b - 0xd9), len))
+            return false;
+    } else
+        return false;
+    return *len <= (uint64_t) (end - *p);
+}
+
+bool kh_msgpack_peek_str(const void *data, size_t size, const char *key,
+                         char *out, size_t out_size)
+{
+    if (!data || !key || !out || out_size == 0)
+        return false;
+    out[0] = '\0';
+    const unsigned char *p = data, *end = p + size;
+    uint64_t n, len;
+    if (size == 0)
+        return false;
+    unsigned char b = *p++;
+    if (b >= 0x80 && b <= 0x8f)
+        n = b & 0x0f;
+    else if (b != 0xde && b != 0xdf)
+        return false;
+    else if (!s_peek_be(&p, end, b == 0xde ? 2 : 4, &n))
+        return false;
+    size_t key_len = strlen(key);
+    bool found = false;
+    for (uint64_t i = 0; i < n && !found; i++) {
+        const unsigned char *at = p;
+        if (s_peek_str(&p, end, &len)) {
+            found = len == key_len && memcmp(p, key, key_len) == 0;
+            p += len;
+        } else {
+            p = at; /* a key of another type: stepped over */
+            if (!s_skip(&p, end))
+                return false;
+        }
+        if (!found && !s_skip(&p, end)) /* the key's value */
+            return false;
+    }
+    if (!found || !s_peek_str(&p, end, &len) || len == 0 || len >= out_size ||
+        memchr(p, 0, (size_t) len) || !kh_utf8_valid((const char *) p, len))
+        return false;
+    memcpy(out, p, (size_t) len);
+    out[len] = '\0';
+    return true;
+}
+
+/* ---------------------------------------------------------------------- */
 /* Encoder                                                                 */
 
 typedef struct {

@@ -68,6 +68,18 @@ kh_limits_t kh_limits_default(void);
 int kh_msgpack_decode(const void *data, size_t size, const kh_limits_t *limits,
                       json_t **out, kh_error_t *err);
 
+/* Find the str value of key at the top of a map in data[0..size) without
+ * decoding it: for answering a frame that kh_msgpack_decode refused with
+ * the correlation id it may still hold. The other values are skipped, not
+ * checked, so a bad value before or after the key does not hide it. On
+ * success returns true and copies the value into out as a C string; the
+ * value must be 1 to out_size - 1 bytes of valid UTF-8 without NUL. False
+ * when data is no map, the key is not found before the bytes run out, or
+ * its value is not such a string. Reads each byte at most once, allocates
+ * nothing, and takes any input. */
+bool kh_msgpack_peek_str(const void *data, size_t size, const char *key,
+                         char *out, size_t out_size);
+
 /* Encode value as MessagePack into a new malloc'd buffer. On success returns
  * 0, *data (caller frees with free) and *size. Integers as the smallest
  * MessagePack int, reals as float64, strings as str. Fails with

@@ -59,6 +59,7 @@ typedef struct {
     int leader;     /* earlier request of this batch with the same key, or -1 */
     char hash[65];  /* a repeat of a key (leader set): its referral's hash */
     bool unaudited; /* a conflict whose audit event failed: err says why */
+    json_t *status; /* STATUS: its reply, read at receipt (in the arena) */
 } s_request_t;
 
 /* A refused handshake, to audit as auth.refused. */
@@ -378,9 +379,14 @@ static void s_take(intake_t *self, kh_jarena_t *arena, s_request_t *req,
                                &self->cfg.limits, &req->msg, &err);
         kh_jarena_enter(was);
     }
-    if (rc)
+    if (rc) {
+        /* The refusal still answers the request's cid where the frame
+         * holds one: a partner matches replies by it (protocol.md). */
+        if (body)
+            kh_msgpack_peek_str(zframe_data(body), zframe_size(body), "cid",
+                                req->cid, sizeof req->cid);
         s_refuse(req, &err);
-    else {
+    } else {
         const char *cid = NULL;
         rc = kh_proto_check(req->msg, &req->cmd, &cid, &err);
         snprintf(req->cid, sizeof req->cid, "%s", cid ? cid : "");
@@ -434,6 +440,26 @@ static void s_take(intake_t *self, kh_jarena_t *arena, s_request_t *req,
             err.path[len] = '\0';
             s_refuse(req, &err);
         }
+    }
+    /* A STATUS is read now, so that a refusal (not_found: another
+     * partner's referral, or none) goes into the trail with this batch,
+     * before it is answered, as every refusal does. */
+    if (!req->refused && req->cmd == KH_CMD_STATUS) {
+        kh_jarena_t *was = kh_jarena_enter(arena);
+        json_t *reply = kh_proto_new(KH_CMD_STATUS_REPLY, req->cid);
+        const char *id =
+            json_string_value(json_object_get(req->msg, "referral_id"));
+        if (!reply)
+            kh_error_set(&err, KH_E_NOMEM, "", "out of memory");
+        if (!reply ||
+            store_status(self->store, req->partner, id, reply, &err)) {
+            json_decref(reply);
+            s_refuse(req, &err);
+            if (err.code == KH_E_UNAVAILABLE)
+                s_schedule_reconnect(self);
+        } else
+            req->status = reply;
+        kh_jarena_enter(was);
     }
     zframe_destroy(&body);
 }
@@ -665,16 +691,8 @@ static void s_batch_reply(intake_t *self, s_batch_t *batch,
         else if (req->cmd == KH_CMD_SUBMIT)
             reply = s_submit_reply(self, batch, req, commit_err);
         else if (req->cmd == KH_CMD_STATUS) {
-            kh_error_t err;
-            reply = kh_proto_new(KH_CMD_STATUS_REPLY, req->cid);
-            const char *id =
-                json_string_value(json_object_get(req->msg, "referral_id"));
-            if (store_status(self->store, req->partner, id, reply, &err)) {
-                json_decref(reply);
-                reply = kh_proto_rejected(req->cid, &err, self->backoff_ms);
-                if (err.code == KH_E_UNAVAILABLE)
-                    s_schedule_reconnect(self);
-            }
+            reply = req->status;
+            req->status = NULL;
         } else
             reply = kh_proto_new(KH_CMD_PONG, req->cid);
         s_count_reply(self, req, reply);

@@ -7,12 +7,14 @@
  *    equal value (limits refuse, they never change a value);
  *  - a decoded value survives encode + decode unchanged, and its encoding
  *    is a fixed point;
- *  - kh_utf8_valid agrees with jansson's own UTF-8 check on the input.
+ *  - kh_utf8_valid agrees with jansson's own UTF-8 check on the input;
+ *  - kh_msgpack_peek_str finds the cid of a map that decodes, as decoded.
  * Seeds: corpus/decode (SUBMIT envelopes of the example referrals, odd
  * encodings, truncated and oversized headers).
  */
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "fuzz_util.h"
 #include "ketenhub/codec.h"
@@ -40,6 +42,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         KH_FUZZ_CHECK(value != NULL, "accepted but *out is NULL");
         kh_fuzz_roundtrip(value, "decode");
     }
+    char cid[65];
+    bool peeked = kh_msgpack_peek_str(data, size, "cid", cid, sizeof cid);
+    const json_t *want = rc ? NULL : json_object_get(value, "cid");
+    if (want && json_is_string(want) && json_string_length(want) >= 1 &&
+        json_string_length(want) < sizeof cid)
+        KH_FUZZ_CHECK(peeked && strcmp(cid, json_string_value(want)) == 0,
+                      "peek misses the cid of a decoded map");
+    else if (!rc)
+        KH_FUZZ_CHECK(!peeked, "peek finds a cid the decoded map lacks");
 
     /* Tight limits reach every limit branch with small inputs. */
     kh_limits_t tight = {

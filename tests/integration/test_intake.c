@@ -76,14 +76,18 @@ static kh_client_t *s_client(const char *name)
     return client;
 }
 
-/* Wait until intake answers PING (it is bound and PostgreSQL answers). */
+/* Wait until intake answers PING (it is bound and PostgreSQL answers).
+ * Until its first connection is made, intake answers at once, with a
+ * retryable refusal: the attempts are spaced, or they would all be spent
+ * before the connection is. */
 static void s_wait_ready(void)
 {
     kh_client_t *client = s_client("vt");
     kh_error_t err;
     int rc = -1;
     for (int i = 0; i < 50 && rc; i++)
-        rc = kh_client_ping(client, 200, &err);
+        if ((rc = kh_client_ping(client, 200, &err)) != 0)
+            zclock_sleep(100);
     kh_client_destroy(&client);
     ck_assert_msg(rc == 0, "intake did not come up: see %s",
                   s_path("intake.log"));
@@ -257,6 +261,58 @@ START_TEST(same_idempotency_key_returns_the_first_answer)
     json_decref(referral);
     kh_client_destroy(&other);
     kh_client_destroy(&client);
+}
+END_TEST
+
+/* A STATUS refused as not_found (another partner's referral, or none) is
+ * a refusal like any other: in the trail as request.rejected, committed
+ * before the answer, without the id asked for. */
+START_TEST(a_status_refused_as_not_found_is_audited)
+{
+    kh_client_t *client = s_client("vt");
+    json_t *referral = s_example();
+    kh_error_t err;
+    json_t *accepted =
+        kh_client_submit(client, referral, "status-1", S_TIMEOUT, &err);
+    ck_assert_msg(accepted != NULL, "%s", err.message);
+    const char *id = s_str(accepted, "referral_id");
+    kh_client_t *other = s_client("zc");
+    json_t *reply = kh_client_status(other, id, S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(reply);
+    ck_assert_str_eq(s_str(reply, "code"), "not_found");
+    ck_assert_str_eq(s_str(reply, "path"), "referral_id");
+    json_decref(reply);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE"
+                             " action = 'request.rejected' AND actor_id ="
+                             " 'zorgcoordinator' AND outcome = 'refused' AND"
+                             " reason_code = 'not_found' AND reason_path ="
+                             " 'referral_id' AND referral_id IS NULL"),
+                     1);
+    reply = kh_client_status(client, "01900000-0000-7000-8000-000000000000",
+                             S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(reply);
+    ck_assert_str_eq(s_str(reply, "code"), "not_found");
+    json_decref(reply);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE"
+                             " action = 'request.rejected' AND actor_id ="
+                             " 'veilig-thuis' AND reason_code = 'not_found'"),
+                     1);
+    /* The submitter's own STATUS is answered, and not audited. */
+    reply = kh_client_status(client, id, S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(reply);
+    ck_assert_str_eq(kh_client_reply_cmd(reply), "STATUS_REPLY");
+    ck_assert_str_eq(s_str(reply, "referral_id"), id);
+    ck_assert_str_eq(s_str(reply, "state"), "accepted");
+    ck_assert_str_eq(s_str(reply, "accepted_at"),
+                     s_str(accepted, "accepted_at"));
+    json_decref(reply);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE"
+                             " action = 'request.rejected'"),
+                     2);
+    kh_client_destroy(&other);
+    kh_client_destroy(&client);
+    json_decref(accepted);
+    json_decref(referral);
 }
 END_TEST
 
@@ -546,6 +602,122 @@ static json_t *s_send_frame(zframe_t *frame)
     zsock_destroy(&dealer);
     return reply;
 }
+
+/* frame (destroyed) with its copy of marker (which must occur once)
+ * replaced by the len bytes at with: shapes the encoder will not make. */
+static zframe_t *s_splice(zframe_t *frame, const char *marker, const void *with,
+                          size_t len)
+{
+    size_t mlen = strlen(marker), size = zframe_size(frame);
+    const unsigned char *data = zframe_data(frame);
+    const unsigned char *at = memmem(data, size, marker, mlen);
+    ck_assert_ptr_nonnull(at);
+    size_t pre = (size_t) (at - data);
+    zframe_t *out = zframe_new(NULL, size - mlen + len);
+    memcpy(zframe_data(out), data, pre);
+    memcpy(zframe_data(out) + pre, with, len);
+    memcpy(zframe_data(out) + pre + len, at + mlen, size - pre - mlen);
+    zframe_destroy(&frame);
+    return out;
+}
+
+/* A refusal for a body that cannot be decoded still answers the request's
+ * cid when the envelope holds one, wherever it stands: a client that
+ * matches replies by cid (as the reference client does) would otherwise
+ * wait for an answer that came, and take the hub for unreachable. */
+START_TEST(a_body_that_does_not_decode_is_refused_with_its_cid)
+{
+    kh_client_t *client = s_client("vt");
+    kh_client_set_retries(client, 0);
+    kh_error_t err;
+    json_t *referral = s_example();
+    char *big = malloc(70001);
+    memset(big, 'a', 70000);
+    big[70000] = '\0';
+    json_object_set_new(referral, "summary", json_string(big));
+    free(big);
+    json_t *reply =
+        kh_client_submit(client, referral, "cid-big", S_TIMEOUT, &err);
+    ck_assert_msg(reply != NULL, "%s", err.message);
+    s_expect_rejected(reply, "string_too_long", "referral.summary");
+
+    json_object_set_new(referral, "summary", json_string("x"));
+    json_t *many = json_array();
+    for (int i = 0; i < 1100; i++)
+        json_array_append_new(many, json_integer(i));
+    json_object_set_new(referral, "extra", many);
+    reply = kh_client_submit(client, referral, "cid-many", S_TIMEOUT, &err);
+    ck_assert_msg(reply != NULL, "%s", err.message);
+    s_expect_rejected(reply, "too_many_elements", "referral.extra");
+    json_object_del(referral, "extra");
+    kh_client_destroy(&client);
+
+    /* bin where a string belongs, before and after the cid. */
+    json_object_set_new(referral, "summary", json_string("@@MARKER@@"));
+    zframe_t *frame =
+        s_frame(s_submit_envelope("cid-bin", referral), "c-after");
+    frame = s_splice(frame, "\xaa@@MARKER@@", "\xc4\x03xyz", 5);
+    reply = s_send_frame(frame);
+    ck_assert_ptr_nonnull(reply);
+    ck_assert_str_eq(s_str(reply, "cid"), "c-after");
+    s_expect_rejected(reply, "unsupported_type", "referral.summary");
+    json_t *envelope =
+        json_pack("{s:s, s:i, s:s, s:s, s:O}", "cid", "c-before", "v", 1, "cmd",
+                  "SUBMIT", "idempotency_key", "cid-nul", "referral", referral);
+    char *data;
+    size_t size;
+    ck_assert_int_eq(kh_msgpack_encode(envelope, &data, &size, &err), 0);
+    json_decref(envelope);
+    frame = zframe_new(data, size);
+    free(data);
+    frame = s_splice(frame, "\xaa@@MARKER@@", "\xa3x\0y", 4);
+    reply = s_send_frame(frame);
+    ck_assert_ptr_nonnull(reply);
+    ck_assert_str_eq(s_str(reply, "cid"), "c-before");
+    s_expect_rejected(reply, "invalid_utf8", "referral.summary");
+    json_decref(referral);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM referrals"), 0);
+}
+END_TEST
+
+/* Exit status of ketenhub-partner submit FILE as partner vt (a retry and
+ * 1 s per attempt: the hub answers at once or is taken for gone). */
+static int s_partner_submit(const char *file)
+{
+    int rc = khproc_sh("%s/tools/partner/ketenhub-partner --endpoint %s "
+                       "--hub-cert %s --cert %s --timeout 1000 --retries 1 "
+                       "submit %s >>%s 2>&1",
+                       KH_TEST_BINARY_DIR, s_endpoint, s_path("hub.cert"),
+                       s_path("vt.cert"), s_path(file), s_path("partner.log"));
+    return rc;
+}
+
+/* The reference tool tells a referral that must be fixed (exit 1) from a
+ * hub it cannot reach (exit 3), whether the hub or the tool refused it. */
+START_TEST(the_partner_tool_reports_a_referral_it_cannot_send_as_refused)
+{
+    json_t *referral = s_example();
+    char *big = malloc(70001);
+    memset(big, 'a', 70000);
+    big[70000] = '\0';
+    json_object_set_new(referral, "summary", json_string(big));
+    free(big);
+    ck_assert_int_eq(json_dump_file(referral, s_path("big.json"), 0), 0);
+    ck_assert_int_eq(s_partner_submit("big.json"), 1);
+
+    json_t *deep = json_string("x");
+    for (int i = 0; i < 16; i++) {
+        json_t *level = json_object();
+        json_object_set_new(level, "a", deep);
+        deep = level;
+    }
+    json_object_set_new(referral, "summary", json_string("x"));
+    json_object_set_new(referral, "extra", deep);
+    ck_assert_int_eq(json_dump_file(referral, s_path("deep.json"), 0), 0);
+    ck_assert_int_eq(s_partner_submit("deep.json"), 1);
+    json_decref(referral);
+}
+END_TEST
 
 /* An identifier-shaped field name is the partner's data (here a name and
  * a birth date): the reply names it, so the partner can fix its message,
@@ -1434,8 +1606,12 @@ int main(void)
     tcase_add_checked_fixture(tc, s_setup, s_teardown);
     tcase_add_test(tc, accepted_referral_is_committed_with_its_audit_event);
     tcase_add_test(tc, same_idempotency_key_returns_the_first_answer);
+    tcase_add_test(tc, a_status_refused_as_not_found_is_audited);
     tcase_add_test(tc, bad_input_is_rejected_and_changes_nothing);
     tcase_add_test(tc, made_up_keys_spoil_nothing_and_stay_out_of_the_trail);
+    tcase_add_test(tc, a_body_that_does_not_decode_is_refused_with_its_cid);
+    tcase_add_test(
+        tc, the_partner_tool_reports_a_referral_it_cannot_send_as_refused);
     tcase_add_test(tc, repeats_get_the_first_answer_and_conflicts_are_audited);
     tcase_add_test(tc, names_of_the_partner_stay_out_of_the_trail_and_logs);
     tcase_add_test(tc, a_conflict_within_a_batch_is_audited);

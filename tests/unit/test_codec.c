@@ -914,6 +914,82 @@ START_TEST(test_encode)
 }
 END_TEST
 
+/* The correlation id of a frame the decoder refuses, wherever it stands
+ * and whatever bad value stands beside it; nothing from a frame that
+ * does not hold it whole. */
+START_TEST(test_peek_str)
+{
+    char cid[65];
+    /* {"referral": bin, "cid": "c-1"} and {"cid": "c-1", "x": ext} */
+    const char after[] = "\x82\xa8referral\xc4\x02\x00\x01\xa3"
+                         "cid\xa3"
+                         "c-1";
+    ck_assert(
+        kh_msgpack_peek_str(after, sizeof after - 1, "cid", cid, sizeof cid));
+    ck_assert_str_eq(cid, "c-1");
+    const char before[] = "\x82\xa3"
+                          "cid\xa3"
+                          "c-1\xa1x\xd4\x01\x00";
+    ck_assert(
+        kh_msgpack_peek_str(before, sizeof before - 1, "cid", cid, sizeof cid));
+    ck_assert_str_eq(cid, "c-1");
+    /* Over a string with a NUL, a non-str key, nested containers. */
+    const char mixed[] = "\x83\xa1s\xa3x\x00y\x01\x92\x81\xa1k\xc0\xdc\x00\x01"
+                         "\xcb\x00\x00\x00\x00\x00\x00\x00\x00\xa3"
+                         "cid\xd9\x02"
+                         "ab";
+    ck_assert(
+        kh_msgpack_peek_str(mixed, sizeof mixed - 1, "cid", cid, sizeof cid));
+    ck_assert_str_eq(cid, "ab");
+    /* The frame ends before, or in, the cid. */
+    for (size_t cut = 0; cut < sizeof after - 1; cut++)
+        ck_assert(!kh_msgpack_peek_str(after, cut, "cid", cid, sizeof cid));
+    /* A cid that is no str, empty, too long, not UTF-8 or holding NUL. */
+    const char *bad[] = {"\x81\xa3"
+                         "cid\x01",
+                         "\x81\xa3"
+                         "cid\xa0",
+                         "\x81\xa3"
+                         "cid\xa3\xff\xfe\xfd",
+                         "\x81\xa3"
+                         "cid\xa3x\x00y",
+                         "\x81\xa4"
+                         "cidx\xa1x",
+                         "\x91\xa3"
+                         "cid",
+                         "\xc1"};
+    size_t bad_len[] = {5, 5, 8, 8, 8, 5, 1};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
+        ck_assert_msg(
+            !kh_msgpack_peek_str(bad[i], bad_len[i], "cid", cid, sizeof cid),
+            "case %zu", i);
+    ck_assert(!kh_msgpack_peek_str(after, sizeof after - 1, "cid", cid, 3));
+    ck_assert_str_eq(cid, "");
+    /* Headers that claim far more than the frame holds. */
+    const char huge[] = "\xdf\xff\xff\xff\xff\xa1x\xdd\xff\xff\xff\xff";
+    ck_assert(
+        !kh_msgpack_peek_str(huge, sizeof huge - 1, "cid", cid, sizeof cid));
+    /* Deep nesting costs no stack: 200,000 levels before the cid. */
+    size_t depth = 200000;
+    char *deep = malloc(depth + 16);
+    size_t len = 0;
+    deep[len++] = '\x82';
+    deep[len++] = '\xa1';
+    deep[len++] = 'x';
+    memset(deep + len, 0x91, depth);
+    len += depth;
+    deep[len++] = '\xc0';
+    memcpy(deep + len,
+           "\xa3"
+           "cid\xa1z",
+           6);
+    len += 6;
+    ck_assert(kh_msgpack_peek_str(deep, len, "cid", cid, sizeof cid));
+    ck_assert_str_eq(cid, "z");
+    free(deep);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("codec");
@@ -935,6 +1011,7 @@ int main(void)
     tcase_add_test(tc, test_malformed);
     tcase_add_test(tc, test_unsupported);
     tcase_add_test(tc, test_encode);
+    tcase_add_test(tc, test_peek_str);
     suite_add_tcase(s, tc);
     return khtest_run_suite(s);
 }
