@@ -6,7 +6,10 @@
  * JSON_SORT_KEYS | JSON_ENSURE_ASCII | JSON_ENCODE_ANY, the form the hub
  * has always stored and hashed (schemas/protocol.md), written here without
  * jansson's general machinery: it is on the path of every referral and
- * every delivery. test_proto compares the two on many values.
+ * every delivery. test_proto compares the two on many values. One
+ * difference: a number with no fractional part is written as an integer
+ * (120.0 as 120, -0.0 as 0), so that a referral's hash does not depend on
+ * whether its client encoded a whole number as an integer or as a float.
  */
 #include "ketenhub/proto.h"
 
@@ -204,12 +207,18 @@ static void s_value(s_out_t *out, const json_t *v)
         break;
     }
     case JSON_REAL: {
-        /* Rare in referrals: jansson's own formatting, so the bytes stay
-         * the same (into a buffer of ours: nothing for jansson to
-         * allocate, whatever arena is entered). */
+        /* A whole number below 2^53 (exact in a double) as the integer it
+         * is; others rare in referrals: jansson's own formatting, so the
+         * bytes stay the same (into a buffer of ours: nothing for jansson
+         * to allocate, whatever arena is entered). */
         char num[64];
-        size_t n =
-            json_dumpb(v, num, sizeof num, JSON_ENCODE_ANY | JSON_COMPACT);
+        double d = json_real_value(v);
+        size_t n;
+        if (d > -9007199254740992.0 && d < 9007199254740992.0 &&
+            (double) (long long) d == d)
+            n = (size_t) snprintf(num, sizeof num, "%lld", (long long) d);
+        else
+            n = json_dumpb(v, num, sizeof num, JSON_ENCODE_ANY | JSON_COMPACT);
         if (n == 0 || n > sizeof num)
             out->failed = true;
         else

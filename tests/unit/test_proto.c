@@ -497,11 +497,43 @@ START_TEST(payload_hash_ignores_key_order_not_content)
 }
 END_TEST
 
-/* jansson's canonical form, the reference kh_payload_canonical keeps. */
+/* A copy of v with every whole number below 2^53 held as a real (120.0)
+ * held as the integer it is (built by hand: json_deep_copy cuts keys at a
+ * NUL). */
+static json_t *s_whole_reals_as_integers(const json_t *v)
+{
+    if (json_is_real(v)) {
+        double d = json_real_value(v);
+        if (d > -9007199254740992.0 && d < 9007199254740992.0 &&
+            (double) (long long) d == d)
+            return json_integer((json_int_t) d);
+    } else if (json_is_array(v)) {
+        json_t *a = json_array();
+        for (size_t i = 0; i < json_array_size(v); i++)
+            json_array_append_new(
+                a, s_whole_reals_as_integers(json_array_get(v, i)));
+        return a;
+    } else if (json_is_object(v)) {
+        json_t *o = json_object();
+        const char *key;
+        size_t len;
+        json_t *item;
+        json_object_keylen_foreach((json_t *) v, key, len, item)
+            json_object_setn_new(o, key, len, s_whole_reals_as_integers(item));
+        return o;
+    }
+    return json_incref((json_t *) v);
+}
+
+/* jansson's canonical form, the reference kh_payload_canonical keeps, but
+ * for whole numbers held as reals, which it writes as integers. */
 static char *s_jansson_canonical(const json_t *v)
 {
-    return json_dumps(v, JSON_COMPACT | JSON_SORT_KEYS | JSON_ENSURE_ASCII |
-                             JSON_ENCODE_ANY);
+    json_t *copy = s_whole_reals_as_integers(v);
+    char *text = json_dumps(copy, JSON_COMPACT | JSON_SORT_KEYS |
+                                      JSON_ENSURE_ASCII | JSON_ENCODE_ANY);
+    json_decref(copy);
+    return text;
 }
 
 static void s_same_as_jansson(const json_t *v, const char *what)
@@ -632,6 +664,26 @@ START_TEST(canonical_json_is_jansson_byte_for_byte)
         s_same_as_jansson(v, what);
         json_decref(v);
     }
+    /* A whole number is written as an integer however it was encoded, so
+     * that the hash does not depend on the client's encoder. */
+    json_t *as_int = json_pack("{s:I, s:f}", "age", (json_int_t) 120, "x", 0.5);
+    json_t *as_real = json_pack("{s:f, s:f}", "age", 120.0, "x", 0.5);
+    json_t *neg_zero = json_pack("[f, f, f]", -0.0, 1e300, -2.5);
+    char h1[65], h2[65];
+    ck_assert_int_eq(kh_payload_hash(as_int, h1), 0);
+    ck_assert_int_eq(kh_payload_hash(as_real, h2), 0);
+    ck_assert_str_eq(h1, h2);
+    size_t len;
+    char *text = kh_payload_canonical(as_real, &len);
+    ck_assert_str_eq(text, "{\"age\":120,\"x\":0.5}");
+    free(text);
+    text = kh_payload_canonical(neg_zero, &len);
+    ck_assert_str_eq(text, "[0,1.0000000000000001e300,-2.5]"); /* jansson */
+    free(text);
+    json_decref(as_int);
+    json_decref(as_real);
+    json_decref(neg_zero);
+
     /* Not well-formed UTF-8 (a string made without jansson's check) is
      * refused, not written. */
     json_t *bad = json_string_nocheck("a\xc3");
