@@ -1168,6 +1168,14 @@ static void s_take(notify_t *self, zframe_t *identity, zmq_msg_t *body,
         if (!conn)
             kh_error_set(&err, KH_E_NOMEM, "", "out of memory");
     }
+    char peeked[KH_CID_MAX + 1] = "";
+    if (err.code != KH_E_OK && !cid) {
+        /* The refusal still answers the request's cid where the frame
+         * holds one: a partner matches replies by it (protocol.md). */
+        kh_msgpack_peek_str(zmq_msg_data(body), zmq_msg_size(body), "cid",
+                            peeked, sizeof peeked);
+        cid = peeked;
+    }
     if (err.code != KH_E_OK) {
         /* The reply names the partner's keys; the log only the contract's
          * (no referral travels on this socket: no schema's names). */

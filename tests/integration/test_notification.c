@@ -1294,6 +1294,24 @@ START_TEST(unknown_key_and_bad_frames_are_refused)
     ck_assert_ptr_nonnull(msg);
     ck_assert_str_eq(s_str(msg, "code"), "malformed");
     json_decref(msg);
+    /* A frame that does not decode is still answered under its cid, which
+     * the partner's client matches replies by: an ACK whose delivery id is
+     * bin, not str. */
+    static const char ack_bin[] = "\x84\xa1"
+                                  "v\x01\xa3"
+                                  "cmd\xa3"
+                                  "ACK\xa3"
+                                  "cid\xa4"
+                                  "ab-1\xab"
+                                  "delivery_id\xc4\x02"
+                                  "xy";
+    zframe_t *frame = zframe_new(ack_bin, sizeof ack_bin - 1);
+    ck_assert_int_eq(zframe_send(&frame, avim, 0), 0);
+    msg = s_expect(avim, "REJECTED", 5000);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert_str_eq(s_str(msg, "code"), "unsupported_type");
+    ck_assert_str_eq(s_str(msg, "cid"), "ab-1");
+    json_decref(msg);
     /* A SUBMIT belongs to intake. */
     msg = kh_proto_new(KH_CMD_SUBMIT, "s");
     json_object_set_new(msg, "idempotency_key", json_string("k"));
