@@ -905,9 +905,13 @@ START_TEST(an_export_is_verified_from_a_pipe)
     /* Two lines swapped: the message names the events, not only the
      * line. */
     char *first = strstr(text, "{\"seq\":");
-    char *second = first ? strchr(first, '\n') + 1 : NULL;
-    char *third = second ? strchr(second, '\n') + 1 : NULL;
+    ck_assert_ptr_nonnull(first);
+    char *second = strchr(first, '\n');
+    ck_assert_ptr_nonnull(second);
+    second++;
+    char *third = strchr(second, '\n');
     ck_assert_ptr_nonnull(third);
+    third++;
     size_t l1 = (size_t) (second - first), l2 = (size_t) (third - second);
     char *tmp = malloc(l1);
     memcpy(tmp, first, l1);

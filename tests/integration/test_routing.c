@@ -622,7 +622,9 @@ START_TEST(more_matched_rules_than_fit_are_counted)
             "        - {partner: zorgcoordinator, fields: [summary]}\n",
             i, "a-rule-name-as-long-as-names-go-in-this-hub-0123456789-abcde");
         size_t len = strlen(yaml) + strlen(rule) + 1;
-        yaml = realloc(yaml, len);
+        char *grown = realloc(yaml, len);
+        ck_assert_ptr_nonnull(grown);
+        yaml = grown;
         strcat(yaml, rule);
     }
     khtest_write_file(s_path("many.yaml"), yaml);

@@ -518,8 +518,11 @@ static json_t *s_whole_reals_as_integers(const json_t *v)
         const char *key;
         size_t len;
         json_t *item;
-        json_object_keylen_foreach((json_t *) v, key, len, item)
+        json_t *object = (json_t *) v; /* the macro takes no const */
+        json_object_keylen_foreach(object, key, len, item)
+        {
             json_object_setn_new(o, key, len, s_whole_reals_as_integers(item));
+        }
         return o;
     }
     return json_incref((json_t *) v);
