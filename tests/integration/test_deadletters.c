@@ -347,6 +347,17 @@ START_TEST(test_retry)
     ck_assert_ptr_nonnull(strstr(out, "(1 dead delivery)"));
     free(out);
 
+    /* A password file that cannot be read is a bad setting, named, not a
+     * database that is away: exit 2 before anything is done. */
+    setenv("KH_DATABASE_PASSWORD_FILE", "/nonexistent/kh-password", 1);
+    ck_assert_int_eq(KHTEST_CTL(&out, "deadletters", "retry", D5), 2);
+    unsetenv("KH_DATABASE_PASSWORD_FILE");
+    ck_assert_msg(strstr(out, "KH_DATABASE_PASSWORD_FILE"), "%s", out);
+    free(out);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM deliveries WHERE id = '" D5
+                             "' AND state = 'dead'"),
+                     1);
+
     /* No database: a runtime failure. */
     setenv("KH_DATABASE_URL", "host=/nonexistent port=1", 1);
     ck_assert_int_eq(KHTEST_CTL(NULL, "deadletters", "list"), 1);

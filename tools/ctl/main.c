@@ -6,6 +6,7 @@
  */
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -117,6 +118,12 @@ PGconn *ctl_connect_wait(int wait_s)
             kh_db_connect_app(kh_db_env_conninfo(), "ketenhubctl", &err);
         if (conn)
             return conn;
+        if (err.code == KH_E_CONFIG) {
+            /* A bad setting (a password file that cannot be read), not a
+             * database that is away: a usage error, before anything. */
+            ctl_print_error(&err);
+            exit(CTL_USAGE);
+        }
         if (err.code != KH_E_UNAVAILABLE || waited >= wait_s) {
             ctl_print_error(&err);
             return NULL;
