@@ -645,6 +645,24 @@ START_TEST(status_says_when_the_database_is_not_migrated)
 END_TEST
 
 /* Each service binary with one bad setting: exit 2 naming it. */
+/* Whether a line of output other than the settings' own log lines
+ * (event=config names every variable) names variable. */
+static bool s_names(const char *output, const char *variable)
+{
+    for (const char *line = output; line && *line;) {
+        const char *end = strchr(line, '\n');
+        size_t len = end ? (size_t) (end - line) : strlen(line);
+        char *copy = strndup(line, len);
+        ck_assert_ptr_nonnull(copy);
+        bool named = strstr(copy, variable) && !strstr(copy, "event=config");
+        free(copy);
+        if (named)
+            return true;
+        line = end ? end + 1 : NULL;
+    }
+    return false;
+}
+
 START_TEST(a_bad_setting_exits_2_naming_the_variable)
 {
     static const struct {
@@ -675,7 +693,7 @@ START_TEST(a_bad_setting_exits_2_naming_the_variable)
         char *argv[] = {path, NULL};
         char *output = NULL;
         int status = khtest_run(argv, &output);
-        ck_assert_msg(status == 2 && strstr(output, cases[i].variable),
+        ck_assert_msg(status == 2 && s_names(output, cases[i].variable),
                       "%s with %s=%s: exit %d: %s", cases[i].binary,
                       cases[i].variable, cases[i].value, status, output);
         free(output);
@@ -683,24 +701,6 @@ START_TEST(a_bad_setting_exits_2_naming_the_variable)
     }
 }
 END_TEST
-
-/* Whether a line of output other than the settings' own log lines
- * (event=config names every variable) names variable. */
-static bool s_names(const char *output, const char *variable)
-{
-    for (const char *line = output; line && *line;) {
-        const char *end = strchr(line, '\n');
-        size_t len = end ? (size_t) (end - line) : strlen(line);
-        char *copy = strndup(line, len);
-        ck_assert_ptr_nonnull(copy);
-        bool named = strstr(copy, variable) && !strstr(copy, "event=config");
-        free(copy);
-        if (named)
-            return true;
-        line = end ? end + 1 : NULL;
-    }
-    return false;
-}
 
 /* Every other setting good and the database out of reach: a bad path,
  * endpoint or password file still stops each service at once with exit
