@@ -267,8 +267,12 @@ static const char *s_dead_sql =
 
 /* $1 escalation time ms. An escalation copy is a new urgent delivery to
  * the escalation partner of the payload routing projected for it (its own
- * fields, not the target's), unless that partner already has the referral
- * (or is revoked, or the payload was purged). */
+ * fields, not the target's), unless that partner is revoked or the payload
+ * was purged. When that partner already has the referral, waiting to be
+ * sent at a lower priority, that delivery is raised to urgent instead
+ * (its own fields stay): it goes out before the partner's backlog. One row
+ * per referral and escalation partner, however many of the referral's
+ * deliveries escalate at once (an upsert may touch a row only once). */
 static const char *s_escalate_sql =
     "WITH cand AS ("
     " SELECT id FROM deliveries"
@@ -285,13 +289,17 @@ static const char *s_escalate_sql =
     " copies AS ("
     " INSERT INTO deliveries (id, referral_id, partner_id, priority, payload,"
     "  payload_hash, rules_version)"
-    " SELECT kh_uuid_v7(), esc.referral_id, esc.escalate_to, 'urgent',"
-    "  esc.escalation_payload, esc.escalation_payload_hash,"
-    "  esc.rules_version FROM esc"
+    " SELECT DISTINCT ON (esc.referral_id, esc.escalate_to) kh_uuid_v7(),"
+    "  esc.referral_id, esc.escalate_to, 'urgent', esc.escalation_payload,"
+    "  esc.escalation_payload_hash, esc.rules_version FROM esc"
     "  JOIN partners p ON p.id = esc.escalate_to AND p.revoked_at IS NULL"
     "  AND p.handles_cases WHERE esc.escalation_payload IS NOT NULL"
-    " ON CONFLICT (referral_id, partner_id) DO NOTHING"
-    " RETURNING id, referral_id, partner_id, payload_hash),"
+    " ON CONFLICT (referral_id, partner_id) DO UPDATE"
+    "  SET priority = 'urgent', updated_at = now()"
+    "  WHERE deliveries.state = 'pending'"
+    "  AND deliveries.priority <> 'urgent'"
+    " RETURNING id, referral_id, partner_id, payload_hash,"
+    "  xmax = 0 AS made),"
     " audit AS ("
     " INSERT INTO audit_events (actor_kind, actor_id, action, referral_id,"
     "  delivery_id, partner_id, outcome, reason_code, payload_hash,"
@@ -300,9 +308,11 @@ static const char *s_escalate_sql =
     "  id, partner_id, 'ok', 'ack_overdue', payload_hash, 'notification'"
     "  FROM esc"
     " UNION ALL"
-    " SELECT 'service', 'notification', 'delivery.created', referral_id, id,"
-    "  partner_id, 'ok', 'escalation', payload_hash, 'notification'"
-    "  FROM copies)"
+    " SELECT 'service', 'notification',"
+    "  CASE WHEN made THEN 'delivery.created' ELSE 'delivery.escalated' END,"
+    "  referral_id, id, partner_id, 'ok',"
+    "  CASE WHEN made THEN 'escalation' ELSE 'raised_to_urgent' END,"
+    "  payload_hash, 'notification' FROM copies)"
     " SELECT esc.id, esc.referral_id, esc.partner_id, copies.partner_id"
     " FROM esc LEFT JOIN copies ON copies.referral_id = esc.referral_id"
     "  AND copies.partner_id = esc.escalate_to";

@@ -1272,7 +1272,7 @@ static void s_on_sweep_event(const char *kind, const char *delivery_id,
         kh_metric_add("deliveries_escalated_total", NULL, 1);
         kh_log_error("alert",
                      "kind=escalation delivery=%s referral=%s "
-                     "partner=%s copy_to=%s",
+                     "partner=%s escalated_to=%s",
                      delivery_id, referral_id, partner,
                      detail ? detail : "none");
         if (detail)

@@ -702,6 +702,57 @@ START_TEST(nack_retry_resends_and_nack_permanent_is_dead_at_once)
 }
 END_TEST
 
+/* The escalation partner already has the referral, waiting in its queue
+ * at normal priority: the escalation raises that delivery to urgent (its
+ * own fields stay) instead of making a copy, once however many of the
+ * referral's deliveries escalate to it at the same time. */
+START_TEST(an_escalation_raises_the_partners_own_waiting_delivery)
+{
+    char urgent[37], zc[37], vt[37];
+    s_delivery("avim", "urgent", 0, "zorgcoordinator", urgent);
+    kh_uuid_new(zc);
+    kh_uuid_new(vt);
+    const char *params[] = {urgent, zc, vt};
+    khtest_db_exec(
+        s_db,
+        "INSERT INTO deliveries (id, referral_id, partner_id, priority,"
+        " payload, payload_hash, rules_version, escalate_to,"
+        " escalation_payload, escalation_payload_hash)"
+        " SELECT $2::uuid, referral_id, 'zorgcoordinator', 'normal', payload,"
+        " payload_hash, 'test', NULL, NULL, NULL FROM deliveries WHERE id = $1"
+        " UNION ALL"
+        " SELECT $3::uuid, referral_id, 'veilig-thuis', 'urgent', payload,"
+        " payload_hash, 'test', escalate_to, escalation_payload,"
+        " escalation_payload_hash FROM deliveries WHERE id = $1",
+        3, params);
+    pid_t pid = s_start("notification.log", NULL, NULL);
+    ck_assert(s_wait_count("SELECT count(*) FROM deliveries WHERE"
+                           " escalated_at IS NOT NULL",
+                           2, 5000));
+    const char *zc_params[] = {zc};
+    PGresult *res = PQexecParams(
+        s_db,
+        "SELECT priority, payload = (SELECT payload FROM deliveries"
+        " WHERE partner_id = 'avim'), (SELECT count(*) FROM deliveries"
+        " WHERE partner_id = 'zorgcoordinator'), (SELECT count(*) FROM"
+        " audit_events WHERE action = 'delivery.escalated' AND reason_code ="
+        " 'raised_to_urgent' AND delivery_id = $1 AND partner_id ="
+        " 'zorgcoordinator'), (SELECT count(*) FROM audit_events WHERE"
+        " action = 'delivery.created') FROM deliveries WHERE id = $1",
+        1, NULL, zc_params, NULL, NULL, 0);
+    ck_assert_int_eq(PQresultStatus(res), PGRES_TUPLES_OK);
+    ck_assert_str_eq(PQgetvalue(res, 0, 0), "urgent");
+    ck_assert_str_eq(PQgetvalue(res, 0, 1), "t"); /* its own payload */
+    ck_assert_str_eq(PQgetvalue(res, 0, 2), "1"); /* no copy */
+    ck_assert_str_eq(PQgetvalue(res, 0, 3), "1"); /* audited once */
+    ck_assert_str_eq(PQgetvalue(res, 0, 4), "0");
+    PQclear(res);
+    ck_assert(
+        s_log_has("notification.log", "escalated_to=zorgcoordinator", 2000));
+    s_stop(pid);
+}
+END_TEST
+
 START_TEST(overdue_urgent_escalates_with_a_copy_normal_does_not)
 {
     char urgent[37], normal[37], plain[37];
@@ -1972,6 +2023,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, a_revoked_partners_deliveries_become_dead_letters);
     tcase_add_test(tc, a_revoked_partner_is_claimed_nothing);
     tcase_add_test(tc, overdue_urgent_escalates_with_a_copy_normal_does_not);
+    tcase_add_test(tc, an_escalation_raises_the_partners_own_waiting_delivery);
     tcase_add_test(tc, killed_mid_stream_loses_nothing);
     tcase_add_loop_test(
         tc, a_partner_that_reconnects_gets_its_deliveries_at_once, 0, 2);
