@@ -531,6 +531,79 @@ START_TEST(test_dir_stale_and_exec_window)
 }
 END_TEST
 
+static bool s_alive(pid_t pid);
+
+/* --exec-timeout: a command that runs too long is ended, with what it
+ * started, and its delivery NACKed for a re-send. The delivery goes to its
+ * stdin as it reads: one that never reads a delivery larger than a pipe
+ * holds does not hold the listener in the write either. */
+START_TEST(test_exec_timeout)
+{
+    s_hub_t h;
+    s_hub_new(&h, true);
+    char *out = khtest_tmpdir();
+    char *log = s_path(h.dir, "listen.log");
+    char env_dir[4200];
+    snprintf(env_dir, sizeof env_dir, "T_DIR=%s", out);
+    char *env[] = {env_dir, NULL};
+    char *mode[] = {"--exec",
+                    "sleep 60 & echo $! > \"$T_DIR/pid\"; wait; exit 0",
+                    "--exec-timeout", "1", NULL};
+    pid_t pid = s_spawn(&h, log, mode, env);
+    s_hub_await_hello(&h, 5000);
+    size_t big = 200 * 1024; /* more than a pipe holds */
+    char *payload = malloc(big + 32);
+    ck_assert_ptr_nonnull(payload);
+    strcpy(payload, "{\"summary\":\"");
+    size_t at = strlen(payload);
+    memset(payload + at, 'x', big);
+    strcpy(payload + at + big, "\"}");
+    int64_t started = zclock_mono();
+    s_hub_send(&h, s_deliver(D1, 1, payload, NULL, "high"));
+    s_expect(&h, D1, "retry");
+    int64_t took = zclock_mono() - started;
+    ck_assert_msg(took < 6000, "NACKed after %lld ms", (long long) took);
+    char *pidfile = s_path(out, "pid");
+    char *text = khtest_read_file(pidfile);
+    free(pidfile);
+    ck_assert_ptr_nonnull(text);
+    pid_t sleeper = (pid_t) atol(text);
+    free(text);
+    ck_assert_int_gt(sleeper, 1);
+    ck_assert(!s_alive(sleeper));
+    text = khtest_read_file(log);
+    ck_assert_ptr_nonnull(strstr(text, "event=command_timeout"));
+    free(text);
+    int status = khproc_stop(pid, SIGTERM, 5000);
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "status %d",
+                  status);
+
+    /* A command that reads slowly gets the whole delivery. */
+    char *mode2[] = {"--exec", "sleep 0.3; cat > \"$T_DIR/in\"", NULL};
+    pid = s_spawn(&h, log, mode2, env);
+    s_hub_await_hello(&h, 5000);
+    s_hub_send(&h, s_deliver(D2, 1, payload, NULL, "high"));
+    s_expect(&h, D2, NULL);
+    json_error_t jerr;
+    char *in = s_path(out, "in");
+    json_t *doc = json_load_file(in, 0, &jerr);
+    free(in);
+    ck_assert_msg(doc != NULL, "%s", jerr.text);
+    const json_t *summary =
+        json_object_get(json_object_get(doc, "payload"), "summary");
+    ck_assert_uint_eq(json_string_length(summary), big);
+    json_decref(doc);
+    status = khproc_stop(pid, SIGTERM, 5000);
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "status %d",
+                  status);
+    free(payload);
+    free(log);
+    khtest_rmtree(out);
+    free(out);
+    s_hub_destroy(&h);
+}
+END_TEST
+
 /* A command that takes longer than the listener waits for a WELCOME
  * before it calls the hub silent: the hub answered every HELLO meanwhile
  * (they wait unread while CMD runs), so the log must not say it fell
@@ -666,6 +739,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_dir_stale_and_exec_window);
     tcase_add_test(tc, test_exec_reconnect_stop);
     tcase_add_test(tc, test_exec_stop_while_running);
+    tcase_add_test(tc, test_exec_timeout);
     tcase_add_test(tc, test_exec_slow_hub_not_silent);
     tcase_add_test(tc, test_key_refused);
     suite_add_tcase(s, tc);

@@ -54,6 +54,7 @@ typedef struct {
     const char *dir;
     int dirfd;
     const char *exec;
+    int exec_timeout_ms; /* --exec-timeout; 0: none */
     int window;
     long count;      /* 0: no limit */
     long done;       /* deliveries stored (or accepted by CMD) */
@@ -77,7 +78,8 @@ static void s_usage(FILE *out)
     fprintf(out,
             "usage: ketenhub-partner [options] listen (--dir DIR | --exec "
             "CMD)\n"
-            "                        [--window N] [--count N]\n"
+            "                        [--window N] [--count N] [--exec-timeout "
+            "S]\n"
             "\n"
             "Receive this partner's deliveries and acknowledge each once it "
             "is stored.\n"
@@ -96,6 +98,11 @@ static void s_usage(FILE *out)
             "               default with --dir, 1 with --exec, which runs one "
             "at a time)\n"
             "  --count N    exit after N deliveries stored\n"
+            "  --exec-timeout S  end CMD (its process group) that runs longer "
+            "than S\n"
+            "               seconds (1-86400) and NACK its delivery for a "
+            "re-send; keep it\n"
+            "               below the hub's ACK timeout (default: no limit)\n"
             "endpoint: --endpoint, else KH_DELIVERY_ENDPOINT, else "
             "tcp://127.0.0.1:7703.\n"
             "exit: 0 stopped (SIGINT, SIGTERM or --count), 2 usage, 3 key "
@@ -284,11 +291,13 @@ static char **s_child_env(const json_t *deliver, char vars[3][96])
 
 /* Run `sh -c CMD` with text on its stdin; heartbeats go on while it runs.
  * CMD runs in a process group of its own: when a stop signal comes while
- * it runs, the whole group (the shell and what it started) gets SIGTERM,
- * and SIGKILL S_KILL_MS later, so that a slow or hung command cannot hold
- * the listener past the stop (the delivery is NACKed and comes again).
- * Returns its exit status (128 + signal when killed), or -1 when it could
- * not be started. */
+ * it runs, or it runs past --exec-timeout, the whole group (the shell and
+ * what it started) gets SIGTERM, and SIGKILL S_KILL_MS later, so that a
+ * slow or hung command cannot hold the listener (the delivery is NACKed
+ * and comes again). Its stdin is written as it reads, never blocking: a
+ * command that does not read a large delivery cannot hold the listener
+ * either. Returns its exit status (128 + signal when killed), or -1 when
+ * it could not be started. */
 static int s_run(s_listener_t *self, const char *text, size_t len,
                  const json_t *deliver)
 {
@@ -325,20 +334,41 @@ static int s_run(s_listener_t *self, const char *text, size_t len,
     free(env);
     close(pipefd[0]);
     setpgid(pid, pid); /* either side may be first; the other fails */
-    /* SIGPIPE is ignored: a command that does not read all of its input
-     * only ends the writing; its exit status decides. */
-    (void) s_write_all(pipefd[1], text, len);
-    close(pipefd[1]);
+    int in = pipefd[1];
+    fcntl(in, F_SETFL, O_NONBLOCK);
+    size_t sent = 0;
     int status;
+    int64_t started = zclock_mono();
     int64_t kill_at = 0; /* when SIGKILL is due; 0: no stop yet */
     for (;;) {
+        /* SIGPIPE is ignored: a command that does not read all of its
+         * input only ends the writing; its exit status decides. */
+        while (in >= 0 && sent < len) {
+            ssize_t n = write(in, text + sent, len - sent);
+            if (n > 0)
+                sent += (size_t) n;
+            else if (n < 0 && errno == EINTR)
+                continue;
+            else
+                break;
+        }
+        if (in >= 0 && (sent == len || (errno != EAGAIN && errno != EINTR))) {
+            close(in);
+            in = -1;
+        }
         pid_t r = waitpid(pid, &status, WNOHANG);
         if (r == pid)
             break;
-        if (r < 0 && errno != EINTR)
+        if (r < 0 && errno != EINTR) {
+            if (in >= 0)
+                close(in);
             return -1;
-        if (!kill_at && s_should_stop(self)) {
-            kh_log_warn("command_stopped", "pid=%d", (int) pid);
+        }
+        bool late = self->exec_timeout_ms > 0 &&
+                    zclock_mono() - started >= self->exec_timeout_ms;
+        if (!kill_at && (s_should_stop(self) || late)) {
+            kh_log_warn(late ? "command_timeout" : "command_stopped", "pid=%d",
+                        (int) pid);
             kill(-pid, SIGTERM);
             kill_at = zclock_mono() + S_KILL_MS;
         } else if (kill_at > 0 && zclock_mono() >= kill_at) {
@@ -348,6 +378,8 @@ static int s_run(s_listener_t *self, const char *text, size_t len,
         s_heartbeat(self);
         zclock_sleep(20);
     }
+    if (in >= 0)
+        close(in);
     if (kill_at)
         kill(-pid, SIGKILL); /* what CMD started and left behind */
     if (WIFEXITED(status))
@@ -622,6 +654,7 @@ int partner_listen(int argc, char **argv, const char *endpoint,
         {"exec", required_argument, NULL, 'x'},
         {"window", required_argument, NULL, 'w'},
         {"count", required_argument, NULL, 'n'},
+        {"exec-timeout", required_argument, NULL, 't'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0}};
     s_listener_t self = {.dirfd = -1};
@@ -651,6 +684,16 @@ int partner_listen(int argc, char **argv, const char *endpoint,
                 return S_EXIT_USAGE;
             }
             break;
+        case 't': {
+            long seconds = s_number(optarg, 1, 86400);
+            if (seconds < 0) {
+                fprintf(stderr, "ketenhub-partner: --exec-timeout is 1 to "
+                                "86400 seconds\n");
+                return S_EXIT_USAGE;
+            }
+            self.exec_timeout_ms = (int) seconds * 1000;
+            break;
+        }
         case 'h':
             s_usage(stdout);
             return S_EXIT_OK;
@@ -663,6 +706,10 @@ int partner_listen(int argc, char **argv, const char *endpoint,
         fprintf(stderr, "ketenhub-partner: listen takes one of --dir DIR or "
                         "--exec CMD\n");
         s_usage(stderr);
+        return S_EXIT_USAGE;
+    }
+    if (self.exec_timeout_ms && !self.exec) {
+        fprintf(stderr, "ketenhub-partner: --exec-timeout goes with --exec\n");
         return S_EXIT_USAGE;
     }
     if (!hub_cert || !cert) {
