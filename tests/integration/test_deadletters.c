@@ -213,6 +213,19 @@ START_TEST(test_list_and_show)
                      D2);
     json_decref(list);
     free(out);
+    /* A time without a zone is UTC, whatever the client's zone: an hour
+     * from now (UTC) lists nothing, also at UTC+14. */
+    ts = khtest_db_value(s_conn, "SELECT to_char(now() AT TIME ZONE 'UTC'"
+                                 " + interval '1 hour',"
+                                 " 'YYYY-MM-DD HH24:MI:SS')");
+    snprintf(since, sizeof since, "%s", ts);
+    free(ts);
+    setenv("PGTZ", "Pacific/Kiritimati", 1);
+    ck_assert_int_eq(
+        KHTEST_CTL(&out, "deadletters", "list", "--since", since, "--json"), 0);
+    unsetenv("PGTZ");
+    ck_assert_str_eq(out, "[]\n");
+    free(out);
     ck_assert_int_eq(KHTEST_CTL(&out, "deadletters", "list", "--partner",
                                 "veilig-thuis", "--since", "yesterday"),
                      0);

@@ -59,7 +59,8 @@ static void s_usage_list(FILE *out)
             "  --since TIME  only those that died at or after TIME (a "
             "PostgreSQL\n"
             "                timestamp: 2026-11-28, 2026-11-28T10:00:00Z, "
-            "today)\n"
+            "today;\n"
+            "                UTC when it names no zone)\n"
             "  --json        one JSON array, for scripts\n"
             "  --help        this text\n");
 }
@@ -207,6 +208,14 @@ static int s_cmd_list(int argc, char **argv)
     PGconn *conn = ctl_connect();
     if (!conn)
         return CTL_FAIL;
+    /* A time without a zone is UTC, as every time this prints (and as
+     * audit query and purge read theirs), whatever the session's zone. */
+    kh_error_t set_err;
+    if (kh_db_exec(conn, "SET TimeZone = 'UTC'", &set_err)) {
+        ctl_print_error(&set_err);
+        PQfinish(conn);
+        return CTL_FAIL;
+    }
     const char *params[] = {partner, since};
     PGresult *res = PQexecParams(
         conn,
