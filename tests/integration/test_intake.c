@@ -144,6 +144,15 @@ static json_t *s_example(void)
     return doc;
 }
 
+/* A copy of referral that is another referral (its summary differs): the
+ * same key with it is a conflict. */
+static json_t *s_another(const json_t *referral)
+{
+    json_t *other = json_deep_copy(referral);
+    json_object_set_new(other, "summary", json_string("another referral"));
+    return other;
+}
+
 static const char *s_str(const json_t *reply, const char *field)
 {
     const char *value = json_string_value(json_object_get(reply, field));
@@ -538,8 +547,7 @@ END_TEST
 START_TEST(repeats_get_the_first_answer_and_conflicts_are_audited)
 {
     json_t *first = s_example();
-    json_t *other = json_deep_copy(first);
-    json_object_set_new(other, "summary", json_string("another referral"));
+    json_t *other = s_another(first);
     kh_client_t *client = s_client("vt");
     kh_error_t err;
     json_t *accepted =
@@ -864,8 +872,7 @@ static void s_pair_replies(zsock_t **dealer, json_t *replies[3])
 START_TEST(a_conflict_within_a_batch_is_audited)
 {
     json_t *first = s_example();
-    json_t *other = json_deep_copy(first);
-    json_object_set_new(other, "summary", json_string("another referral"));
+    json_t *other = s_another(first);
 
     PGconn *holder;
     zsock_t *dealer = s_send_pair_in_one_batch("pair-1", first, other, &holder);
@@ -907,8 +914,7 @@ START_TEST(a_conflict_not_yet_audited_is_not_answered)
     s_wait_ready();
 
     json_t *first = s_example();
-    json_t *other = json_deep_copy(first);
-    json_object_set_new(other, "summary", json_string("another referral"));
+    json_t *other = s_another(first);
     PGconn *holder;
     zsock_t *dealer = s_send_pair_in_one_batch("late-1", first, other, &holder);
     /* The reader, which writes such events, is gone (intake finds out
@@ -952,8 +958,7 @@ END_TEST
 START_TEST(a_conflict_with_a_concurrent_commit_is_audited)
 {
     json_t *theirs = s_example();
-    json_t *ours = json_deep_copy(theirs);
-    json_object_set_new(ours, "summary", json_string("another referral"));
+    json_t *ours = s_another(theirs);
     PGconn *holder = s_hold_key("race-1", theirs);
     zsock_t *dealer = s_dealer(S_TIMEOUT);
     zframe_t *frame = s_frame(s_submit_envelope("race-1", ours), "race");

@@ -45,6 +45,8 @@ typedef struct {
     int hellos;
     json_int_t hello_window; /* the last HELLO's window, 0 when absent */
     bool revoked;            /* answer HELLO with REJECTED unknown_partner */
+    char *out;               /* a directory for the listener's output */
+    char *log;               /* the listener's log (in dir) */
 } s_hub_t;
 
 static void s_hub_bind(s_hub_t *h)
@@ -63,12 +65,16 @@ static void s_hub_bind(s_hub_t *h)
                          h->port);
 }
 
-/* Keys and a bound ROUTER; the partner's key is allowed when admit. */
+/* Keys and a bound ROUTER; the partner's key is allowed when admit. Also
+ * an output directory and a log path for the listener under test. */
 static void s_hub_new(s_hub_t *h, bool admit)
 {
     memset(h, 0, sizeof *h);
     h->dir = khtest_tmpdir();
+    h->out = khtest_tmpdir();
     char path[4096];
+    snprintf(path, sizeof path, "%s/listen.log", h->dir);
+    h->log = strdup(path);
     snprintf(path, sizeof path, "%s/certs", h->dir);
     ck_assert_int_eq(mkdir(path, 0700), 0);
     h->hub = zcert_new();
@@ -98,6 +104,9 @@ static void s_hub_destroy(s_hub_t *h)
     zcert_destroy(&h->hub);
     khtest_rmtree(h->dir);
     free(h->dir);
+    khtest_rmtree(h->out);
+    free(h->out);
+    free(h->log);
 }
 
 /* The next message from the partner other than HELLO (HELLOs are counted
@@ -287,8 +296,7 @@ START_TEST(test_dir)
 {
     s_hub_t h;
     s_hub_new(&h, true);
-    char *out = khtest_tmpdir();
-    char *log = s_path(h.dir, "listen.log");
+    char *out = h.out, *log = h.log;
     char *mode[] = {"--dir", out, "--window", "8", "--count", "3", NULL};
     pid_t pid = s_spawn(&h, log, mode, NULL);
 
@@ -379,9 +387,6 @@ START_TEST(test_dir)
     free(text);
     free(f1);
     free(f2);
-    free(log);
-    khtest_rmtree(out);
-    free(out);
     s_hub_destroy(&h);
 }
 END_TEST
@@ -390,8 +395,7 @@ START_TEST(test_exec_reconnect_stop)
 {
     s_hub_t h;
     s_hub_new(&h, true);
-    char *out = khtest_tmpdir();
-    char *log = s_path(h.dir, "listen.log");
+    char *out = h.out, *log = h.log;
     pid_t pid =
         s_spawn_exec(&h, log, out,
                      "f=\"$T_DIR/$KH_DELIVERY_ID.in\"; cat > \"$f\";"
@@ -434,9 +438,6 @@ START_TEST(test_exec_reconnect_stop)
     ck_assert_ptr_nonnull(strstr(text, "outcome=nack_permanent"));
     ck_assert_ptr_nonnull(strstr(text, "event=stopped"));
     free(text);
-    free(log);
-    khtest_rmtree(out);
-    free(out);
     s_hub_destroy(&h);
 }
 END_TEST
@@ -449,8 +450,7 @@ START_TEST(test_dir_name_taken)
 {
     s_hub_t h;
     s_hub_new(&h, true);
-    char *out = khtest_tmpdir();
-    char *log = s_path(h.dir, "listen.log");
+    char *out = h.out, *log = h.log;
     char *taken = s_path(out, D1 ".json");
     ck_assert_int_eq(mkdir(taken, 0700), 0);
     char *mode[] = {"--dir", out, NULL};
@@ -472,9 +472,6 @@ START_TEST(test_dir_name_taken)
     ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "status %d",
                   status);
     free(taken);
-    free(log);
-    khtest_rmtree(out);
-    free(out);
     s_hub_destroy(&h);
 }
 END_TEST
@@ -487,7 +484,7 @@ START_TEST(test_dir_stale_and_exec_window)
 {
     s_hub_t h;
     s_hub_new(&h, true);
-    char *out = khtest_tmpdir();
+    char *out = h.out;
     char live[128];
     snprintf(live, sizeof live, "." D2 ".%ld.tmp", (long) getpid());
     const char *names[] = {"." D1 ".2147483646.tmp", live, ".keep.tmp",
@@ -500,7 +497,7 @@ START_TEST(test_dir_stale_and_exec_window)
         fclose(f);
         free(path);
     }
-    char *log = s_path(h.dir, "listen.log");
+    char *log = h.log;
     char *dir_mode[] = {"--dir", out, NULL};
     pid_t pid = s_spawn(&h, log, dir_mode, NULL);
     s_hub_await_hello(&h, 5000);
@@ -524,9 +521,6 @@ START_TEST(test_dir_stale_and_exec_window)
     status = khproc_stop(pid, SIGTERM, 5000);
     ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "status %d",
                   status);
-    free(log);
-    khtest_rmtree(out);
-    free(out);
     s_hub_destroy(&h);
 }
 END_TEST
@@ -541,8 +535,7 @@ START_TEST(test_exec_timeout)
 {
     s_hub_t h;
     s_hub_new(&h, true);
-    char *out = khtest_tmpdir();
-    char *log = s_path(h.dir, "listen.log");
+    char *out = h.out, *log = h.log;
     char env_dir[4200];
     snprintf(env_dir, sizeof env_dir, "T_DIR=%s", out);
     char *env[] = {env_dir, NULL};
@@ -597,9 +590,6 @@ START_TEST(test_exec_timeout)
     ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "status %d",
                   status);
     free(payload);
-    free(log);
-    khtest_rmtree(out);
-    free(out);
     s_hub_destroy(&h);
 }
 END_TEST
@@ -612,7 +602,7 @@ START_TEST(test_exec_slow_hub_not_silent)
 {
     s_hub_t h;
     s_hub_new(&h, true);
-    char *log = s_path(h.dir, "listen.log");
+    char *log = h.log;
     char *mode[] = {"--exec", "cat > /dev/null; sleep 4", NULL};
     pid_t pid = s_spawn(&h, log, mode, NULL);
     s_hub_await_hello(&h, 5000);
@@ -629,7 +619,6 @@ START_TEST(test_exec_slow_hub_not_silent)
     ck_assert_ptr_nonnull(strstr(text, "outcome=accepted"));
     ck_assert_msg(strstr(text, "hub_silent") == NULL, "%s", text);
     free(text);
-    free(log);
     s_hub_destroy(&h);
 }
 END_TEST
@@ -655,8 +644,7 @@ START_TEST(test_exec_stop_while_running)
 {
     s_hub_t h;
     s_hub_new(&h, true);
-    char *out = khtest_tmpdir();
-    char *log = s_path(h.dir, "listen.log");
+    char *out = h.out, *log = h.log;
     pid_t pid =
         s_spawn_exec(&h, log, out,
                      "cat > /dev/null; sleep 60 & echo $! > \"$T_DIR/pid.tmp\";"
@@ -688,9 +676,6 @@ START_TEST(test_exec_stop_while_running)
     ck_assert_ptr_nonnull(strstr(text, "event=stopped"));
     free(text);
     free(pidfile);
-    free(log);
-    khtest_rmtree(out);
-    free(out);
     s_hub_destroy(&h);
 }
 END_TEST
@@ -699,7 +684,7 @@ START_TEST(test_key_refused)
 {
     s_hub_t h;
     s_hub_new(&h, false);
-    char *out = khtest_tmpdir();
+    char *out = h.out;
     char *mode[] = {"--dir", out, NULL};
     pid_t pid = s_spawn(&h, NULL, mode, NULL);
     /* Nothing gets through; the listener gives up with exit 3. */
@@ -707,23 +692,19 @@ START_TEST(test_key_refused)
     int status = khproc_stop(pid, 0, 10000);
     ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 3, "status %d",
                   status);
-    khtest_rmtree(out);
-    free(out);
     s_hub_destroy(&h);
 
     /* In the directory but revoked in the registry: the hub answers HELLO
      * with REJECTED unknown_partner, and the listener gives up too. */
     s_hub_new(&h, true);
     h.revoked = true;
-    out = khtest_tmpdir();
+    out = h.out;
     char *mode2[] = {"--dir", out, NULL};
     pid = s_spawn(&h, NULL, mode2, NULL);
     s_hub_await_hello(&h, 5000);
     status = khproc_stop(pid, 0, 10000);
     ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 3, "status %d",
                   status);
-    khtest_rmtree(out);
-    free(out);
     s_hub_destroy(&h);
 }
 END_TEST
