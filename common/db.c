@@ -221,6 +221,60 @@ void kh_db_connect_abandon(kh_db_connecting_t **pending)
     *pending = NULL;
 }
 
+bool kh_db_pair_connecting(const kh_db_pair_t *pair)
+{
+    return pair->pending[0] || pair->pending[1];
+}
+
+int kh_db_connect_pair(kh_db_pair_t *pair, const bool want[2],
+                       const char *conninfo, const char *application_name,
+                       PGconn *conns[2], kh_error_t *err)
+{
+    for (int k = 0; k < 2; k++) {
+        /* Each wanted one is tried once a round: one that failed waits
+         * for the other to end. */
+        if (!want[k] || pair->made[k] || (pair->tried[k] && !pair->pending[k]))
+            continue;
+        pair->tried[k] = true;
+        kh_error_t e;
+        kh_error_clear(&e);
+        pair->made[k] = kh_db_connect_async(&pair->pending[k], conninfo,
+                                            application_name, &e);
+        if (!pair->made[k] && !pair->pending[k] && !pair->failed) {
+            pair->failed = true;
+            pair->err = e;
+        }
+    }
+    if (kh_db_pair_connecting(pair)) {
+        kh_error_set(err, KH_E_UNAVAILABLE, NULL, "connecting to the database");
+        return 0;
+    }
+    bool failed = pair->failed;
+    if (failed && err)
+        *err = pair->err;
+    for (int k = 0; k < 2; k++) {
+        if (failed || !want[k])
+            PQfinish(pair->made[k]);
+        else
+            conns[k] = pair->made[k];
+        pair->made[k] = NULL;
+        pair->tried[k] = false;
+    }
+    pair->failed = false;
+    return failed ? -1 : 1;
+}
+
+void kh_db_pair_abandon(kh_db_pair_t *pair)
+{
+    for (int k = 0; k < 2; k++) {
+        kh_db_connect_abandon(&pair->pending[k]);
+        PQfinish(pair->made[k]);
+        pair->made[k] = NULL;
+        pair->tried[k] = false;
+    }
+    pair->failed = false;
+}
+
 const char *kh_db_env_conninfo(void)
 {
     const char *url = getenv("KH_DATABASE_URL");

@@ -71,6 +71,32 @@ PGconn *kh_db_connect_async(kh_db_connecting_t **pending, const char *conninfo,
  * thread ends on its own and closes the connection it made, if any. */
 void kh_db_connect_abandon(kh_db_connecting_t **pending);
 
+/* Two connections made side by side, each with kh_db_connect_async:
+ * neither is handed out before both attempts ended (a service must not use
+ * one half of a pair that is not ready), and a failed one is not tried
+ * again before the other ended. Zero-initialise. */
+typedef struct {
+    kh_db_connecting_t *pending[2];
+    PGconn *made[2];
+    bool tried[2];  /* attempted in this round */
+    kh_error_t err; /* the first failure of this round */
+    bool failed;
+} kh_db_pair_t;
+
+/* Make, or go on making, conns[k] for each k where want[k]. 1 when every
+ * one wanted is made (into conns[k]; the caller owns them); 0 while the
+ * attempts run (err KH_E_UNAVAILABLE: call again soon); -1 with err when
+ * one failed (what the other made is closed). */
+int kh_db_connect_pair(kh_db_pair_t *pair, const bool want[2],
+                       const char *conninfo, const char *application_name,
+                       PGconn *conns[2], kh_error_t *err);
+
+/* Whether attempts of the pair are under way. */
+bool kh_db_pair_connecting(const kh_db_pair_t *pair);
+
+/* Give up the pair's attempts and close what it made. */
+void kh_db_pair_abandon(kh_db_pair_t *pair);
+
 /* The connection string the tools and services use: $KH_DATABASE_URL if
  * set and not empty, else "" (libpq's environment defaults). Never NULL. */
 const char *kh_db_env_conninfo(void);

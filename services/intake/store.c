@@ -20,12 +20,11 @@
 
 struct _store_t {
     char *conninfo;
-    PGconn *writer; /* batches, asynchronously */
-    PGconn *reader; /* status, look-ups, registry */
-    /* Attempts to connect them under way (kh_db_connect_async). */
-    kh_db_connecting_t *writer_pending, *reader_pending;
-    bool busy;      /* a batch is being committed on the writer */
-    PGresult *rows; /* the batch's result rows, once they arrived */
+    PGconn *writer;          /* batches, asynchronously */
+    PGconn *reader;          /* status, look-ups, registry */
+    kh_db_pair_t connecting; /* attempts to make them, side by side */
+    bool busy;               /* a batch is being committed on the writer */
+    PGresult *rows;          /* the batch's result rows, once they arrived */
 };
 
 #define S_TS_FORMAT "'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'"
@@ -143,8 +142,7 @@ void store_destroy(store_t **self_p)
     PQclear(self->rows);
     PQfinish(self->writer);
     PQfinish(self->reader);
-    kh_db_connect_abandon(&self->writer_pending);
-    kh_db_connect_abandon(&self->reader_pending);
+    kh_db_pair_abandon(&self->connecting);
     free(self->conninfo);
     free(self);
     *self_p = NULL;
@@ -218,7 +216,7 @@ static int s_prepare(PGconn *conn, const char *const *names,
 
 bool store_connecting(const store_t *self)
 {
-    return self->writer_pending || self->reader_pending;
+    return kh_db_pair_connecting(&self->connecting);
 }
 
 int store_connect(store_t *self, kh_error_t *err)
@@ -231,31 +229,14 @@ int store_connect(store_t *self, kh_error_t *err)
         PQfinish(self->reader);
         self->writer = self->reader = NULL;
     }
-    kh_error_t werr, rerr;
-    kh_error_clear(&werr);
-    kh_error_clear(&rerr);
-    if (!self->writer)
-        self->writer = kh_db_connect_async(
-            &self->writer_pending, self->conninfo, "ketenhub-intake", &werr);
-    if (!self->reader)
-        self->reader = kh_db_connect_async(
-            &self->reader_pending, self->conninfo, "ketenhub-intake", &rerr);
-    if (store_connecting(self))
-        return kh_error_set(err, KH_E_UNAVAILABLE, "",
-                            "connecting to the database");
-    if (!self->writer || !self->reader) {
-        if (err)
-            *err = self->writer ? rerr : werr;
-        PQfinish(self->writer);
-        PQfinish(self->reader);
-        self->writer = self->reader = NULL;
+    static const bool both[2] = {true, true};
+    PGconn *conns[2] = {NULL, NULL};
+    if (kh_db_connect_pair(&self->connecting, both, self->conninfo,
+                           "ketenhub-intake", conns, err) <= 0)
         return -1;
-    }
-    /* The batch statement's plan does not depend on its parameters;
-     * planning it anew for every batch would cost more than running it. */
-    if (kh_db_exec(self->writer, "SET plan_cache_mode = force_generic_plan",
-                   err))
-        return -1;
+    /* Both are set up before either is used. The batch statement's plan
+     * does not depend on its parameters; planning it anew for every batch
+     * would cost more than running it. */
     static const char *const writer_names[] = {"commit"};
     const char *const writer_sql[] = {s_commit_sql};
     static const int writer_nparams[] = {S_COMMIT_PARAMS};
@@ -264,12 +245,16 @@ int store_connect(store_t *self, kh_error_t *err)
     const char *const reader_sql[] = {s_lookup_sql, s_status_sql,
                                       s_partners_sql, s_conflicts_sql};
     static const int reader_nparams[] = {2, 2, 0, 3};
-    return s_prepare(self->writer, writer_names, writer_sql, writer_nparams, 1,
-                     err) ||
-                   s_prepare(self->reader, reader_names, reader_sql,
-                             reader_nparams, 4, err)
-               ? -1
-               : 0;
+    if (kh_db_exec(conns[0], "SET plan_cache_mode = force_generic_plan", err) ||
+        s_prepare(conns[0], writer_names, writer_sql, writer_nparams, 1, err) ||
+        s_prepare(conns[1], reader_names, reader_sql, reader_nparams, 4, err)) {
+        PQfinish(conns[0]);
+        PQfinish(conns[1]);
+        return -1;
+    }
+    self->writer = conns[0];
+    self->reader = conns[1];
+    return 0;
 }
 
 /* Run a prepared statement on the reader (lengths and formats as libpq

@@ -19,13 +19,12 @@ struct _dstore_t {
     char *conninfo;
     dstore_policy_t policy;
     PGconn *conn;
-    PGconn *ack_conn; /* ACK batches only, each committing alone */
-    /* Attempts to connect conn and ack_conn under way. */
-    kh_db_connecting_t *pending[2];
-    kh_pgarray_t arrays[3]; /* the ACK statement's parameters */
-    kh_pgarray_t ids[2];    /* re-send and due: ids, on conn */
-    kh_pgarray_t claims[3]; /* the pending claim's parameters, on conn */
-    dstore_answer_t *acks;  /* the batch in flight on ack_conn, or NULL */
+    PGconn *ack_conn;        /* ACK batches only, each committing alone */
+    kh_db_pair_t connecting; /* attempts to make conn and ack_conn */
+    kh_pgarray_t arrays[3];  /* the ACK statement's parameters */
+    kh_pgarray_t ids[2];     /* re-send and due: ids, on conn */
+    kh_pgarray_t claims[3];  /* the pending claim's parameters, on conn */
+    dstore_answer_t *acks;   /* the batch in flight on ack_conn, or NULL */
     size_t nacks;
     bool begin_pending; /* a transaction begun that has sent no statement */
 };
@@ -63,8 +62,7 @@ void dstore_destroy(dstore_t **self_p)
     dstore_t *self = *self_p;
     PQfinish(self->conn);
     PQfinish(self->ack_conn);
-    for (int k = 0; k < 2; k++)
-        kh_db_connect_abandon(&self->pending[k]);
+    kh_db_pair_abandon(&self->connecting);
     free(self->conninfo);
     for (int k = 0; k < 3; k++)
         kh_pgarray_free(&self->arrays[k]);
@@ -76,19 +74,14 @@ void dstore_destroy(dstore_t **self_p)
     *self_p = NULL;
 }
 
-/* Open *conn_p unless it works, on a thread of its own (*pending), then
- * its settings and prepared statements. 0, or -1 with err and *conn_p
- * NULL, also while the attempt runs (*pending set). */
-static int s_open(dstore_t *self, PGconn **conn_p, kh_db_connecting_t **pending,
-                  kh_error_t *err)
+static bool s_conn_ok(const PGconn *conn)
 {
-    if (*conn_p && PQstatus(*conn_p) == CONNECTION_OK)
-        return 0;
-    PQfinish(*conn_p);
-    *conn_p = kh_db_connect_async(pending, self->conninfo,
-                                  "ketenhub-notification", err);
-    if (!*conn_p)
-        return -1;
+    return conn && PQstatus(conn) == CONNECTION_OK;
+}
+
+/* A new connection's settings and prepared statements. 0, or -1 with err. */
+static int s_setup(PGconn *conn, kh_error_t *err)
+{
     /* Every statement finds its rows through an index, however large the
      * table: a plan cached while the table was small (a new hub, the
      * statistics of its first minutes) kept scanning all deliveries for
@@ -96,22 +89,18 @@ static int s_open(dstore_t *self, PGconn **conn_p, kh_db_connecting_t **pending,
      * Their plans do not depend on their parameters, so each is planned
      * once: with custom plans, planning the claim at every execution was
      * a sixth of this session's CPU at 300 referrals/s. */
-    int rc = kh_db_exec(*conn_p,
+    int rc = kh_db_exec(conn,
                         "SET statement_timeout = '10s'; SET lock_timeout = "
                         "'5s'; SET idle_in_transaction_session_timeout = "
                         "'60s'; SET plan_cache_mode = force_generic_plan; "
                         "SET enable_seqscan = off",
                         err);
     for (int i = 0; rc == 0 && i < S_STATEMENTS; i++) {
-        PGresult *res = PQprepare(*conn_p, s_statements[i].name,
+        PGresult *res = PQprepare(conn, s_statements[i].name,
                                   *s_statements[i].sql, 0, NULL);
         if (PQresultStatus(res) != PGRES_COMMAND_OK)
-            rc = kh_db_error(err, *conn_p, res, s_statements[i].name);
+            rc = kh_db_error(err, conn, res, s_statements[i].name);
         PQclear(res);
-    }
-    if (rc) {
-        PQfinish(*conn_p);
-        *conn_p = NULL;
     }
     return rc;
 }
@@ -120,17 +109,37 @@ int dstore_connect(dstore_t *self, kh_error_t *err)
 {
     if (self->acks) /* a batch was in flight on a connection that broke */
         dstore_ack_wait(self, err);
-    /* Both attempts at once. */
-    kh_error_t other;
-    int rc = s_open(self, &self->conn, &self->pending[0], err);
-    if (s_open(self, &self->ack_conn, &self->pending[1], rc ? &other : err))
-        rc = -1;
+    PGconn **slots[2] = {&self->conn, &self->ack_conn};
+    bool want[2] = {!s_conn_ok(self->conn), !s_conn_ok(self->ack_conn)};
+    if (!want[0] && !want[1])
+        return 0;
+    if (!dstore_connecting(self)) /* a new attempt for the broken ones */
+        for (int k = 0; k < 2; k++)
+            if (want[k]) {
+                PQfinish(*slots[k]);
+                *slots[k] = NULL;
+            }
+    PGconn *made[2] = {NULL, NULL};
+    if (kh_db_connect_pair(&self->connecting, want, self->conninfo,
+                           "ketenhub-notification", made, err) <= 0)
+        return -1;
+    int rc = 0;
+    for (int k = 0; k < 2; k++)
+        if (want[k] && rc == 0 && s_setup(made[k], err))
+            rc = -1;
+    for (int k = 0; k < 2; k++)
+        if (want[k]) {
+            if (rc)
+                PQfinish(made[k]);
+            else
+                *slots[k] = made[k];
+        }
     return rc;
 }
 
 bool dstore_connecting(const dstore_t *self)
 {
-    return self->pending[0] || self->pending[1];
+    return kh_db_pair_connecting(&self->connecting);
 }
 
 int dstore_begin(dstore_t *self, kh_error_t *err)
