@@ -13,6 +13,7 @@
 
 #include <inttypes.h>
 #include <msgpack.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -1606,10 +1607,14 @@ int notify_run(notify_t *self, int signal_fd)
                 self->cfg.policy.ack_timeout_ms, self->cfg.policy.max_attempts,
                 self->cfg.policy.escalate_ms);
     /* The first connection (and with it the registry) before the first
-     * partner is read, as long as it takes or until it fails. */
+     * partner is read, as long as it takes or until it fails; a stop
+     * signal meanwhile goes to the loop at once. */
     s_on_tick(self->loop, 0, self);
     while (dstore_connecting(self->store)) {
-        zclock_sleep(KH_DB_CONNECT_POLL_MS);
+        kh_health_beat();
+        struct pollfd pfd = {signal_fd, POLLIN, 0};
+        if (poll(&pfd, 1, KH_DB_CONNECT_POLL_MS) > 0)
+            break;
         s_on_tick(self->loop, 0, self);
     }
     zloop_start(self->loop);
