@@ -208,14 +208,6 @@ static int s_cmd_list(int argc, char **argv)
     PGconn *conn = ctl_connect();
     if (!conn)
         return CTL_FAIL;
-    /* A time without a zone is UTC, as every time this prints (and as
-     * audit query and purge read theirs), whatever the session's zone. */
-    kh_error_t set_err;
-    if (kh_db_exec(conn, "SET TimeZone = 'UTC'", &set_err)) {
-        ctl_print_error(&set_err);
-        PQfinish(conn);
-        return CTL_FAIL;
-    }
     const char *params[] = {partner, since};
     PGresult *res = PQexecParams(
         conn,

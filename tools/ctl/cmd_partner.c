@@ -9,7 +9,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include "ctl.h"
@@ -330,13 +329,6 @@ static int s_cmd_revoke(int argc, char **argv)
     if (!cert_dir || !*cert_dir)
         return ctl_usage_error("partner revoke: --cert-dir DIR is required "
                                "(or set KH_PARTNER_CERT_DIR)");
-    /* A mistyped directory would revoke the row and leave the certificate
-     * where zauth still finds it. */
-    struct stat st;
-    if (stat(cert_dir, &st) != 0 || !S_ISDIR(st.st_mode))
-        return ctl_usage_error("partner revoke: --cert-dir %s is not a "
-                               "directory",
-                               cert_dir);
 
     PGconn *conn = ctl_connect();
     if (!conn)
@@ -373,7 +365,10 @@ static int s_cmd_revoke(int argc, char **argv)
                    id);
     }
     PQfinish(conn);
-    return rc == 0 ? CTL_OK : CTL_FAIL;
+    /* A --cert-dir that is not a directory (a mistyped one, which would
+     * leave the certificate where zauth still finds it) is a usage error:
+     * the revocation was rolled back. */
+    return rc == 0 ? CTL_OK : err.code == KH_E_CONFIG ? CTL_USAGE : CTL_FAIL;
 }
 
 int ctl_partner(int argc, char **argv)

@@ -302,10 +302,9 @@ static int s_purge(const char *value, bool days, bool dry_run, int batch,
     kh_error_t err;
     kh_error_clear(&err);
     int rc = CTL_OK;
-    /* Times are read and written in UTC; a lock held elsewhere (other than
-     * the rows it skips) must not stop the purge for long. */
-    if (kh_db_exec(conn, "SET TimeZone = 'UTC'; SET lock_timeout = '10s'",
-                   &err))
+    /* A lock held elsewhere (other than the rows it skips) must not stop
+     * the purge for long. */
+    if (kh_db_exec(conn, "SET lock_timeout = '10s'", &err))
         rc = CTL_FAIL;
     char cutoff[64] = "";
     if (rc == CTL_OK) {

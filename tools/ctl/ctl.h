@@ -46,8 +46,9 @@ int ctl_dispatch(const char *group, int argc, char **argv,
                  const ctl_sub_t *subs, void (*usage)(FILE *out));
 
 /* Connect using $KH_DATABASE_URL (and $KH_DATABASE_PASSWORD_FILE) or the
- * libpq environment. Prints the error and returns NULL on failure; exits
- * with CTL_USAGE on a bad setting (a password file that cannot be read). */
+ * libpq environment, the session's time zone set to UTC. Prints the error and
+ * returns NULL on failure; exits with CTL_USAGE on a bad setting (a password
+ * file that cannot be read). */
 PGconn *ctl_connect(void);
 
 /* As ctl_connect, trying again every second for up to wait_s seconds

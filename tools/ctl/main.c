@@ -116,6 +116,13 @@ PGconn *ctl_connect_wait(int wait_s)
         kh_error_clear(&err);
         PGconn *conn =
             kh_db_connect_app(kh_db_env_conninfo(), "ketenhubctl", &err);
+        /* Times are read and written in UTC, whatever the session's zone:
+         * a time given without a zone means the same in every command. */
+        if (conn && kh_db_exec(conn, "SET TimeZone = 'UTC'", &err) != 0) {
+            PQfinish(conn);
+            ctl_print_error(&err);
+            return NULL;
+        }
         if (conn)
             return conn;
         if (err.code == KH_E_CONFIG) {
