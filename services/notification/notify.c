@@ -153,20 +153,22 @@ static bool s_partner_connected(notify_t *self, const char *partner,
     return false;
 }
 
-/* The connection of identity, registered for partner (with its key and
- * socket fd) if new. NULL on OOM. A key that now belongs to another
- * partner (re-registered) starts over. */
-static s_conn_t *s_conn_get(notify_t *self, zframe_t *identity, const char *key,
-                            int fd, const char *partner, const char *peer)
+/* The connection of identity: conn, its record as s_conn_of found it
+ * (NULL: none), or a new one registered for partner (with its key and
+ * socket fd). NULL on OOM. A key that now belongs to another partner
+ * (re-registered) starts over. */
+static s_conn_t *s_conn_get(notify_t *self, s_conn_t *conn, zframe_t *identity,
+                            const char *key, int fd, const char *partner,
+                            const char *peer)
 {
     char hex[600];
-    s_identity_key(identity, hex, sizeof hex);
-    s_conn_t *conn = zhashx_lookup(self->conns, hex);
     if (conn && strcmp(conn->partner, partner) != 0) {
+        s_identity_key(identity, hex, sizeof hex);
         zhashx_delete(self->conns, hex);
         conn = NULL;
     }
     if (!conn) {
+        s_identity_key(identity, hex, sizeof hex);
         conn = calloc(1, sizeof *conn);
         if (!conn)
             return NULL;
@@ -1122,8 +1124,10 @@ static void s_take(notify_t *self, zframe_t *identity, zmq_msg_t *body,
     const char *chosen = zmq_msg_gets(body, "Identity");
     s_conn_t *known = s_conn_of(self, identity);
     if (known && ((chosen && *chosen) || !key || strcmp(key, known->key) != 0 ||
-                  fd != known->fd))
+                  fd != known->fd)) {
         s_conn_taken(self, known, key, peer);
+        known = NULL; /* gone */
+    }
     if (chosen && *chosen) {
         /* The hub tells its peers apart by routing ids it gives; a peer
          * that chooses one could take a gone connection's. */
@@ -1165,7 +1169,8 @@ static void s_take(notify_t *self, zframe_t *identity, zmq_msg_t *body,
                      "this key belongs to no active partner");
     s_conn_t *conn = NULL;
     if (err.code == KH_E_OK) {
-        conn = s_conn_get(self, identity, key, fd, partner, peer ? peer : "");
+        conn = s_conn_get(self, known, identity, key, fd, partner,
+                          peer ? peer : "");
         if (!conn)
             kh_error_set(&err, KH_E_NOMEM, "", "out of memory");
     }
