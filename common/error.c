@@ -65,6 +65,13 @@ int kh_error_set_at(kh_error_t *err, kh_errcode_t code, const char *path,
     return -1;
 }
 
+int kh_error_as_setting(kh_error_t *err, const char *setting, const char *file)
+{
+    char why[sizeof err->message];
+    snprintf(why, sizeof why, "%s", err->message);
+    return kh_error_set(err, KH_E_CONFIG, setting, "%s: %s", file, why);
+}
+
 const char *kh_error_name(kh_errcode_t code)
 {
     if ((int) code < 0 || code >= KH_E_COUNT_)

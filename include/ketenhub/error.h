@@ -113,6 +113,11 @@ int kh_error_set_at(kh_error_t *err, kh_errcode_t code, const char *path,
                     int line, int column, const char *fmt, ...)
     __attribute__((format(printf, 6, 7)));
 
+/* Make err a bad setting: a file named by setting (KH_SCHEMA_DIR, say)
+ * that could not be read. The code becomes KH_E_CONFIG, the path the
+ * setting, and the message is prefixed with file. Returns -1. */
+int kh_error_as_setting(kh_error_t *err, const char *setting, const char *file);
+
 /* Field paths ("subject.age", "indicators[2]") are built only from these
  * helpers. A map key that is not a plain identifier ([A-Za-z_][A-Za-z0-9_]*,
  * at most KH_PATH_KEY_MAX bytes) may carry data a partner put there, so it

@@ -130,12 +130,9 @@ intake_t *intake_new(const intake_config_t *config, kh_error_t *err)
     char path[4096];
     snprintf(path, sizeof path, "%s/referral.v1.json", config->schema_dir);
     self->schema = kh_schema_load(path, err);
-    if (!self->schema && err->code == KH_E_IO) {
+    if (!self->schema && err->code == KH_E_IO)
         /* A schema that cannot be read is a bad setting: name it. */
-        char why[sizeof err->message];
-        snprintf(why, sizeof why, "%s", err->message);
-        kh_error_set(err, KH_E_CONFIG, "KH_SCHEMA_DIR", "%s: %s", path, why);
-    }
+        kh_error_as_setting(err, "KH_SCHEMA_DIR", path);
     if (!self->schema)
         goto fail;
     if (!zsys_has_curve()) {

@@ -702,12 +702,8 @@ static void s_rules_error_is_setting(const routing_t *self, kh_error_t *err)
         err->code = KH_E_CONFIG;
         snprintf(err->path, sizeof err->path, "KH_RULES_FILE");
     } else if (err->code == KH_E_CONFIG &&
-               strcmp(err->path, self->config.schema_path) == 0) {
-        char why[sizeof err->message];
-        snprintf(why, sizeof why, "%s", err->message);
-        kh_error_set(err, KH_E_CONFIG, "KH_SCHEMA_DIR", "%s: %s",
-                     self->config.schema_path, why);
-    }
+               strcmp(err->path, self->config.schema_path) == 0)
+        kh_error_as_setting(err, "KH_SCHEMA_DIR", self->config.schema_path);
 }
 
 /* Only the errors: the notes (an optional partner that is absent) make

@@ -423,6 +423,27 @@ START_TEST(rejected_carries_code_and_retry_hint)
 }
 END_TEST
 
+START_TEST(an_unreadable_file_becomes_a_bad_setting)
+{
+    kh_error_t err;
+    kh_error_set(&err, KH_E_IO, "", "cannot open: No such file or directory");
+    ck_assert_int_eq(
+        kh_error_as_setting(&err, "KH_SCHEMA_DIR", "/etc/x/referral.v1.json"),
+        -1);
+    ck_assert_int_eq(err.code, KH_E_CONFIG);
+    ck_assert_str_eq(err.path, "KH_SCHEMA_DIR");
+    ck_assert_str_eq(err.message, "/etc/x/referral.v1.json: cannot open: No "
+                                  "such file or directory");
+    /* A message that no longer fits is cut, never overrun. */
+    char file[2 * KH_ERROR_MESSAGE_MAX];
+    memset(file, 'f', sizeof file - 1);
+    file[sizeof file - 1] = '\0';
+    kh_error_as_setting(&err, "KH_RULES_FILE", file);
+    ck_assert_uint_eq(strlen(err.message), KH_ERROR_MESSAGE_MAX - 1);
+    ck_assert_str_eq(err.path, "KH_RULES_FILE");
+}
+END_TEST
+
 START_TEST(uuids_are_v7_time_ordered_and_canonical)
 {
     char id[37], prev[37] = "";
@@ -756,6 +777,7 @@ int main(void)
     tcase_add_test(tc, paths_never_carry_made_up_keys);
     tcase_add_test(tc, trail_paths_keep_only_the_contracts_names);
     tcase_add_test(tc, rejected_carries_code_and_retry_hint);
+    tcase_add_test(tc, an_unreadable_file_becomes_a_bad_setting);
     tcase_add_test(tc, uuids_are_v7_time_ordered_and_canonical);
     tcase_add_test(tc, payload_hash_ignores_key_order_not_content);
     tcase_add_test(tc, canonical_json_is_jansson_byte_for_byte);
