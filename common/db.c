@@ -6,6 +6,7 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -132,6 +133,9 @@ static void s_connecting_release(kh_db_connecting_t *self)
     free(self);
 }
 
+/* The attempts' threads that have not yet left libpq. */
+static atomic_int s_attempts_running;
+
 static void *s_connecting_main(void *arg)
 {
     kh_db_connecting_t *self = arg;
@@ -143,8 +147,14 @@ static void *s_connecting_main(void *arg)
     self->conn = conn;
     self->err = err;
     self->done = true;
-    s_connecting_release(self);
+    s_connecting_release(self); /* an abandoned attempt's PQfinish */
+    atomic_fetch_sub(&s_attempts_running, 1);
     return NULL;
+}
+
+int kh_db_attempts_running(void)
+{
+    return atomic_load(&s_attempts_running);
 }
 
 static kh_db_connecting_t *s_connecting_start(const char *conninfo,
@@ -174,7 +184,10 @@ static kh_db_connecting_t *s_connecting_start(const char *conninfo,
     int rc = pthread_attr_init(&attr);
     if (rc == 0) {
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        atomic_fetch_add(&s_attempts_running, 1);
         rc = pthread_create(&thread, &attr, s_connecting_main, self);
+        if (rc != 0)
+            atomic_fetch_sub(&s_attempts_running, 1);
         pthread_attr_destroy(&attr);
     }
     if (rc != 0) {

@@ -128,3 +128,13 @@ int kh_service_start(const char *name, int argc, char **argv, kh_cfg_t *config,
     kh_config_log(config, count);
     return -1;
 }
+
+int kh_service_exit(int status)
+{
+    if (kh_db_attempts_running() > 0) {
+        zsys_shutdown();
+        fflush(NULL);
+        _exit(status);
+    }
+    return status;
+}

@@ -71,6 +71,10 @@ PGconn *kh_db_connect_async(kh_db_connecting_t **pending, const char *conninfo,
  * thread ends on its own and closes the connection it made, if any. */
 void kh_db_connect_abandon(kh_db_connecting_t **pending);
 
+/* How many attempts' threads are still in libpq: abandoned ones too,
+ * until they give up (kh_service_exit). */
+int kh_db_attempts_running(void);
+
 /* Two connections made side by side, each with kh_db_connect_async:
  * neither is handed out before both attempts ended (a service must not use
  * one half of a pair that is not ready), and a failed one is not tried

@@ -1,5 +1,6 @@
 /*
- * What every ketenhub service does the same way at start: signals.
+ * What every ketenhub service does the same way at start (signals) and
+ * at its end.
  *
  * zloop and zpoller return on any EINTR, so a SIGHUP meant to reload would
  * stop a naive loop. Services therefore block SIGINT, SIGTERM and SIGHUP
@@ -44,6 +45,14 @@ int kh_signals_read(int fd);
  * *hup, or, when hup is NULL, is logged and ignored. Returns -1 when a
  * stop was asked (now or before: the loop ends), else 0. */
 int kh_signals_take(int fd, bool *stopping, bool *hup);
+
+/* What a service's main returns: status. While an abandoned attempt to
+ * connect is still in libpq on its thread (a stop came while the database
+ * did not answer), the process ends here instead: ZeroMQ's context is
+ * ended (the last replies go out, within their linger), the streams are
+ * flushed, and _exit(status) skips the exit handlers, which would run
+ * OpenSSL's cleanup under that thread. */
+int kh_service_exit(int status);
 
 #ifdef __cplusplus
 }

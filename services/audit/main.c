@@ -56,7 +56,7 @@ static double s_ms_since(const struct timespec *t0)
            (double) (t1.tv_nsec - t0->tv_nsec) / 1e6;
 }
 
-int main(int argc, char **argv)
+static int s_main(int argc, char **argv)
 {
     int signal_fd = -1;
     int status = kh_service_start("audit", argc, argv, s_config, S_CONFIG_COUNT,
@@ -194,4 +194,11 @@ int main(int argc, char **argv)
     close(signal_fd);
     kh_log_info("stopped", NULL);
     return rc;
+}
+
+/* The status, or _exit(status) while an abandoned attempt to connect is
+ * still under way (kh_service_exit). */
+int main(int argc, char **argv)
+{
+    return kh_service_exit(s_main(argc, argv));
 }

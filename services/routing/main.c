@@ -72,7 +72,7 @@ static const char *s_path(const char *name, const char *relative, char *buf,
     return path;
 }
 
-int main(int argc, char **argv)
+static int s_main(int argc, char **argv)
 {
     int signal_fd = -1;
     int status = kh_service_start("routing", argc, argv, s_config,
@@ -160,4 +160,11 @@ int main(int argc, char **argv)
     kh_metrics_reset();
     close(signal_fd);
     return rc == 0 ? 0 : 1;
+}
+
+/* The status, or _exit(status) while an abandoned attempt to connect is
+ * still under way (kh_service_exit). */
+int main(int argc, char **argv)
+{
+    return kh_service_exit(s_main(argc, argv));
 }
