@@ -584,6 +584,8 @@ static void s_count_reply(intake_t *self, const s_request_t *req,
         self->stats.failed++;
     else
         self->stats.refused++;
+    if (!kh_log_enabled(KH_LOG_DEBUG))
+        return;
     const char *code = json_string_value(json_object_get(reply, "code"));
     int known = code ? kh_error_from_name(code) : -1;
     char path[KH_ERROR_PATH_MAX];
