@@ -319,7 +319,8 @@ const char *kh_trail_finding_name(kh_trail_finding_t kind)
 
 typedef struct {
     kh_trail_checkpoint_t cp;
-    bool valid; /* signature checked and good */
+    bool valid;  /* signature checked and good */
+    bool absent; /* published, but not among the checkpoints given before */
 } s_cp_t;
 
 /* A finding: its kind (KH_TRAIL_OK: none), seq and words. */
@@ -414,11 +415,13 @@ int kh_trail_verifier_checkpoint(kh_trail_verifier_t *self,
                                  const kh_trail_checkpoint_t *cp,
                                  bool published)
 {
-    (void) published; /* a published checkpoint is judged like any other */
     for (size_t i = 0; i < self->ncps; i++)
         if (self->cps[i].cp.seq == cp->seq &&
-            memcmp(&self->cps[i].cp, cp, sizeof *cp) == 0)
-            return 0; /* the same checkpoint from both sources */
+            memcmp(&self->cps[i].cp, cp, sizeof *cp) == 0) {
+            /* The same checkpoint from both sources. */
+            self->cps[i].absent = self->cps[i].absent && published;
+            return 0;
+        }
     if (self->ncps == self->cap) {
         size_t cap = self->cap ? self->cap * 2 : 64;
         s_cp_t *cps = realloc(self->cps, cap * sizeof *cps);
@@ -430,6 +433,9 @@ int kh_trail_verifier_checkpoint(kh_trail_verifier_t *self,
     s_cp_t *slot = &self->cps[self->ncps++];
     slot->cp = *cp;
     slot->valid = kh_trail_checkpoint_valid(cp, self->public_key);
+    /* Judged when the chain reaches its seq (s_checkpoint_at), so that a
+     * problem with an event below it is named first. */
+    slot->absent = published;
     if (!slot->valid)
         s_find(
             self, KH_TRAIL_BAD_SIGNATURE, cp->seq, 0,
@@ -528,6 +534,13 @@ static void s_checkpoint_at(kh_trail_verifier_t *self, int64_t seq,
                    (long long) seq);
             continue;
         }
+        if (c->absent) {
+            s_find(self, KH_TRAIL_MISSING, seq, 0,
+                   "seq %lld: the published checkpoint at seq %lld is gone "
+                   "from the trail's checkpoints",
+                   (long long) seq, (long long) seq);
+            continue;
+        }
         self->report.checkpoints++;
         self->report.signed_seq = seq;
     }
@@ -556,6 +569,17 @@ void kh_trail_verifier_feed(kh_trail_verifier_t *self, int64_t seq,
                             const unsigned char *seal)
 {
     s_sort(self);
+    if (seq <= 0) {
+        /* The sequence hands out 1 and up: an event at or below 0 was put
+         * there by hand (a reader that starts after seq 0 would never see
+         * it). It is judged before any other, whatever its seal. */
+        if (ev)
+            self->report.events++;
+        s_find(self, KH_TRAIL_INSERTED, seq, 0,
+               "seq %lld: %s at a seq the sequence never hands out",
+               (long long) seq, ev ? "an event" : "a seal");
+        return;
+    }
     int64_t before = self->last_row;
     self->last_row = seq;
     if (ev) {

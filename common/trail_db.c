@@ -26,6 +26,11 @@
     " partner_id, outcome, reason_code, reason_path, payload_hash,"            \
     " rules_version, origin_service, origin_peer, rules_matched,"              \
     " query_filter"
+#define S_EVENT_COLUMNS_E                                                      \
+    "e.seq, e.at, e.actor_kind, e.actor_id, e.action, e.referral_id,"          \
+    " e.delivery_id, e.partner_id, e.outcome, e.reason_code, e.reason_path,"   \
+    " e.payload_hash, e.rules_version, e.origin_service, e.origin_peer,"       \
+    " e.rules_matched, e.query_filter"
 
 static int64_t s_get64(const char *p)
 {
@@ -49,6 +54,17 @@ static void s_event_from(const PGresult *res, int r, kh_trail_event_t *ev)
             ev->f[i].len = PQgetlength(res, r, i + 2);
         }
     }
+}
+
+/* The lower bound of a range of seq (after, ...] as SQL: none for
+ * INT64_MIN, so that rows at or below 0 are read too (the literal of
+ * INT64_MIN would be numeric and keep PostgreSQL from the index). */
+static void s_lower(char *out, size_t size, const char *column, int64_t after)
+{
+    if (after == INT64_MIN)
+        snprintf(out, size, "true");
+    else
+        snprintf(out, size, "%s > %" PRId64, column, after);
 }
 
 static PGresult *s_query(PGconn *conn, const char *sql, int format,
@@ -131,19 +147,26 @@ int kh_trail_db_scan(PGconn *conn, int64_t after, int64_t upto,
         kh_db_exec(conn, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
                    err) != 0)
         return -1;
-    char sql[512];
-    snprintf(sql, sizeof sql,
-             "DECLARE kh_trail_ev NO SCROLL CURSOR FOR SELECT " S_EVENT_COLUMNS
-             " FROM audit_trail WHERE seq > %" PRId64 " AND seq <= %" PRId64
-             " ORDER BY seq",
-             after, upto);
-    int rc = kh_db_exec(conn, sql, err);
+    char sql[512], lower[64];
+    s_lower(lower, sizeof lower, "seq", after);
+    /* The canonical encoding is of UTF-8 text: a session in another
+     * client_encoding would get other bytes, and every event with a
+     * character outside ASCII would look altered. */
+    int rc = kh_db_exec(conn, "SET LOCAL client_encoding = 'UTF8'", err);
+    if (rc == 0) {
+        snprintf(
+            sql, sizeof sql,
+            "DECLARE kh_trail_ev NO SCROLL CURSOR FOR SELECT " S_EVENT_COLUMNS
+            " FROM audit_trail WHERE %s AND seq <= %" PRId64 " ORDER BY seq",
+            lower, upto);
+        rc = kh_db_exec(conn, sql, err);
+    }
     if (rc == 0) {
         snprintf(sql, sizeof sql,
                  "DECLARE kh_trail_se NO SCROLL CURSOR FOR SELECT seq, hash"
-                 " FROM audit_trail_seals WHERE seq > %" PRId64
-                 " AND seq <= %" PRId64 " ORDER BY seq",
-                 after, upto);
+                 " FROM audit_trail_seals WHERE %s AND seq <= %" PRId64
+                 " ORDER BY seq",
+                 lower, upto);
         rc = kh_db_exec(conn, sql, err);
     }
     if (rc == 0)
@@ -225,10 +248,11 @@ static int s_copy_field(const char **p, const char *e, const char **val,
     return 0;
 }
 
-/* Parse a binary COPY row of the 17 event columns into ev. -1 if it is
- * not one. */
+/* Parse a binary COPY row of the 17 event columns and the event's seal
+ * into ev and *seal (NULL when there is none, or it is not 32 bytes). -1
+ * if it is not one. */
 static int s_parse_row(const char *buf, int n, bool *header,
-                       kh_trail_event_t *ev)
+                       kh_trail_event_t *ev, const unsigned char **seal)
 {
     const char *p = buf, *e = buf + n;
     if (*header && n >= 19 && memcmp(p, "PGCOPY\n\377\r\n\0", 11) == 0) {
@@ -247,11 +271,11 @@ static int s_parse_row(const char *buf, int n, bool *header,
     p += 2;
     if (nf == -1)
         return 1; /* trailer */
-    if (nf != 17)
+    if (nf != 18)
         return -1;
-    const char *val[17];
-    int len[17];
-    for (int i = 0; i < 17; i++)
+    const char *val[18];
+    int len[18];
+    for (int i = 0; i < 18; i++)
         if (s_copy_field(&p, e, &val[i], &len[i]) != 0)
             return -1;
     if (len[0] != 8 || len[1] != 8)
@@ -262,6 +286,8 @@ static int s_parse_row(const char *buf, int n, bool *header,
         ev->f[i].ptr = val[i + 2];
         ev->f[i].len = len[i + 2];
     }
+    *seal =
+        len[17] == KH_TRAIL_HASH_SIZE ? (const unsigned char *) val[17] : NULL;
     return 0;
 }
 
@@ -275,7 +301,9 @@ static int s_parse_row(const char *buf, int n, bool *header,
 typedef struct {
     PGconn *conn;
     const char *relation; /* audit_events, or the auditors' audit_trail */
-    int64_t after, upto;  /* the range (after, upto]; upto 0: no bound */
+    const char *seals;    /* audit_seals, or the auditors' audit_trail_seals */
+    int64_t after, upto;  /* the range (after, upto]; after INT64_MIN: from
+                           * the first row; upto 0: no bound */
     unsigned char start[KH_TRAIL_HASH_SIZE];
     const kh_trail_checkpoint_t *cps; /* the checkpoints in the range */
     size_t ncps;
@@ -289,20 +317,24 @@ typedef struct {
     kh_error_t err;
 } s_stream_t;
 
-/* Read and chain one stream (see s_stream_t). */
+/* Read and chain one stream (see s_stream_t). Each event comes with its
+ * own seal, which must be the chain's hash there: a seal removed or
+ * rewritten below the head leaves the events as they were, but the full
+ * pass, an export and the sealer all find it, and so must this one. */
 static void s_stream_run(s_stream_t *st)
 {
     kh_trail_report_t *r = &st->report;
-    char sql[768];
+    char sql[1024], lower[64];
+    s_lower(lower, sizeof lower, "e.seq", st->after);
     int n = snprintf(sql, sizeof sql,
-                     "COPY (SELECT " S_EVENT_COLUMNS " FROM %s WHERE seq >"
-                     " %" PRId64,
-                     st->relation, st->after);
+                     "COPY (SELECT " S_EVENT_COLUMNS_E ", s.hash FROM %s e"
+                     " LEFT JOIN %s s ON s.seq = e.seq WHERE %s",
+                     st->relation, st->seals, lower);
     if (st->upto > 0)
-        n += snprintf(sql + n, sizeof sql - (size_t) n, " AND seq <= %" PRId64,
-                      st->upto);
+        n += snprintf(sql + n, sizeof sql - (size_t) n,
+                      " AND e.seq <= %" PRId64, st->upto);
     snprintf(sql + n, sizeof sql - (size_t) n,
-             " ORDER BY seq) TO STDOUT (FORMAT binary)");
+             " ORDER BY e.seq) TO STDOUT (FORMAT binary)");
     PGresult *res = PQexec(st->conn, sql);
     if (PQresultStatus(res) != PGRES_COPY_OUT) {
         st->rc = kh_db_error(&st->err, st->conn, res, "cannot read the trail");
@@ -320,12 +352,15 @@ static void s_stream_run(s_stream_t *st)
     int len;
     while ((len = PQgetCopyData(st->conn, &buf, 0)) > 0) {
         kh_trail_event_t ev;
-        int parsed = s_parse_row(buf, len, &header, &ev);
+        const unsigned char *seal = NULL;
+        int parsed = s_parse_row(buf, len, &header, &ev, &seal);
         if (parsed == 1 || st->doubt) { /* the trailer; or only draining */
             PQfreemem(buf);
             continue;
         }
-        if (parsed != 0 || ev.seq <= last) {
+        /* The sequence hands out 1 and up: a row at or below 0 was put
+         * there by hand. */
+        if (parsed != 0 || ev.seq <= last || ev.seq <= 0) {
             st->doubt = true;
             PQfreemem(buf);
             continue;
@@ -337,6 +372,8 @@ static void s_stream_run(s_stream_t *st)
         r->last_seq = ev.seq;
         if (ev.seq > st->head) {
             r->unsealed++;
+            if (seal) /* a seal above the sealed head: impossible */
+                st->doubt = true;
             PQfreemem(buf);
             continue;
         }
@@ -344,7 +381,8 @@ static void s_stream_run(s_stream_t *st)
         if (next < st->ncps && st->cps[next].seq < ev.seq)
             st->doubt = true;
         unsigned char chained[KH_TRAIL_HASH_SIZE];
-        if (kh_trail_chain(h, &ev, chained) != 0)
+        if (kh_trail_chain(h, &ev, chained) != 0 || !seal ||
+            sodium_memcmp(chained, seal, sizeof chained) != 0)
             st->doubt = true;
         PQfreemem(buf);
         memcpy(h, chained, sizeof h);
@@ -367,7 +405,8 @@ static void s_stream_run(s_stream_t *st)
     while ((res = PQgetResult(st->conn)) != NULL)
         PQclear(res);
     /* The chain must end exactly at the head, past every checkpoint. */
-    if (next < st->ncps || (st->head > st->after && st->chained != st->head))
+    if (next < st->ncps ||
+        (st->head > (st->after > 0 ? st->after : 0) && st->chained != st->head))
         st->doubt = true;
 }
 
@@ -413,7 +452,8 @@ static PGconn *s_stream_conn(PGconn *conn)
     snprintf(sql, sizeof sql,
              "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;"
              " SET TRANSACTION SNAPSHOT %s; SET LOCAL enable_seqscan = off;"
-             " SET LOCAL enable_bitmapscan = off",
+             " SET LOCAL enable_bitmapscan = off;"
+             " SET LOCAL client_encoding = 'UTF8'",
              snapshot ? snapshot : "''");
     PQfreemem(snapshot);
     if (!second || PQstatus(second) != CONNECTION_OK) {
@@ -451,7 +491,7 @@ static int s_fast_verify(PGconn *conn, const unsigned char *public_key,
                          kh_error_t *err)
 {
     memset(report, 0, sizeof *report);
-    int64_t after = anchor ? anchor->seq : 0;
+    int64_t after = anchor ? anchor->seq : INT64_MIN;
     /* Every checkpoint valid, the published ones among the database's. */
     for (size_t i = 0; i < npublished; i++) {
         bool found = false;
@@ -494,11 +534,13 @@ static int s_fast_verify(PGconn *conn, const unsigned char *public_key,
         memcpy(st[0].end, PQgetvalue(res, 0, 1), KH_TRAIL_HASH_SIZE);
     }
     PQclear(res);
+    int64_t head = st[0].head;
     /* The table when this role may read it (the audit role, superusers),
      * else the auditors' view; in seq order from the primary key. */
     res = kh_db_exec(conn,
                      "SET LOCAL enable_seqscan = off;"
-                     " SET LOCAL enable_bitmapscan = off",
+                     " SET LOCAL enable_bitmapscan = off;"
+                     " SET LOCAL client_encoding = 'UTF8'",
                      err) == 0
               ? s_query(conn,
                         "SELECT has_table_privilege('audit_events', 'SELECT')",
@@ -511,6 +553,7 @@ static int s_fast_verify(PGconn *conn, const unsigned char *public_key,
     bool table = strcmp(PQgetvalue(res, 0, 0), "t") == 0;
     PQclear(res);
     st[0].relation = table ? "audit_events" : "audit_trail";
+    st[0].seals = table ? "audit_seals" : "audit_trail_seals";
     /* Two streams when there is a checkpoint to split at: the first ends
      * at the middle checkpoint, the second starts from its signed head. */
     PGconn *second = n >= 2 ? s_stream_conn(conn) : NULL;
@@ -559,8 +602,23 @@ static int s_fast_verify(PGconn *conn, const unsigned char *public_key,
     }
     report->checkpoints += below;
     if (!report->signed_seq)
-        report->signed_seq = after;
+        report->signed_seq = anchor ? anchor->seq : 0;
     report->streams = streams;
+    /* Every seal up to the head belongs to an event that was read: one
+     * left behind by its event (or added where none was) is a finding. */
+    if (rc == 0) {
+        char sql[256], lower[64];
+        s_lower(lower, sizeof lower, "seq", after);
+        snprintf(sql, sizeof sql,
+                 "SELECT count(*) FROM %s WHERE %s AND seq <= %" PRId64,
+                 st[0].seals, lower, head);
+        res = s_query(conn, sql, 0, err);
+        if (!res)
+            return -1;
+        if (strtoll(PQgetvalue(res, 0, 0), NULL, 10) != report->sealed)
+            rc = 1;
+        PQclear(res);
+    }
     return rc;
 }
 
@@ -584,8 +642,8 @@ static int s_verify_pass(PGconn *conn, const unsigned char *public_key,
         if (kh_trail_verifier_checkpoint(v, &published[i], true) != 0)
             rc = kh_error_set(err, KH_E_NOMEM, NULL, "out of memory");
     if (rc == 0)
-        rc = kh_trail_db_scan(conn, anchor ? anchor->seq : 0, INT64_MAX, s_feed,
-                              v, err);
+        rc = kh_trail_db_scan(conn, anchor ? anchor->seq : INT64_MIN, INT64_MAX,
+                              s_feed, v, err);
     if (rc == 0)
         rc = kh_trail_verifier_finish(v, report);
     kh_trail_verifier_destroy(&v);
@@ -823,8 +881,12 @@ static int s_copy_seals(PGconn *conn, const char *data, size_t len,
 static long s_seal(kh_trail_sealer_t *self, PGconn *conn, int64_t bound,
                    long *checkpoints, kh_error_t *err)
 {
-    if (kh_db_exec(conn, "BEGIN", err) != 0)
+    /* The chain is over UTF-8 text, whatever the session's encoding. */
+    if (kh_db_exec(conn, "BEGIN; SET LOCAL client_encoding = 'UTF8'", err) !=
+        0) {
+        kh_db_rollback_quietly(conn);
         return -1;
+    }
     char sql[512];
     snprintf(sql, sizeof sql, "SELECT pg_try_advisory_xact_lock(%d)",
              S_LOCK_KEY);

@@ -173,7 +173,9 @@ int kh_trail_export(PGconn *conn, FILE *out, int64_t from, int64_t to,
             break;
         }
     }
-    int64_t start = anchor ? anchor->seq : 0;
+    /* Without an anchor, from the very first row: also one at or below seq
+     * 0, put there by hand, which verify then finds. */
+    int64_t start = anchor ? anchor->seq : INT64_MIN;
     json_t *header = json_pack(
         "{s:s, s:I, s:I, s:o}", "format", S_FORMAT, "from", (json_int_t) from,
         "to", (json_int_t) (end == INT64_MAX ? 0 : end), "anchor",
@@ -200,6 +202,36 @@ int kh_trail_export(PGconn *conn, FILE *out, int64_t from, int64_t to,
     if (own)
         kh_db_rollback_quietly(conn);
     return rc == 0 ? 0 : -1;
+}
+
+/* Whether o holds exactly the keys in names (n of them, plus "type" when
+ * typed): a key the format does not define, which no seal or signature
+ * covers, would stand in a verified export unnoticed (a comment beside an
+ * event, or a name); a key left out is read as no key at all. */
+static bool s_exactly(json_t *o, const char *const *names, size_t n, bool typed)
+{
+    if (json_object_size(o) != n + (typed ? 1 : 0))
+        return false;
+    if (typed && !json_object_get(o, "type"))
+        return false;
+    for (size_t i = 0; i < n; i++)
+        if (!json_object_get(o, names[i]))
+            return false;
+    return true;
+}
+
+static const char *const s_header_keys[] = {"format", "from", "to", "anchor"};
+static const char *const s_checkpoint_keys[] = {"seq", "at", "head",
+                                                "public_key", "signature"};
+static const char *const s_seal_keys[] = {"seq", "seal"};
+
+/* An event line: seq, at, the 15 fields and the seal. */
+static bool s_event_keys(json_t *o)
+{
+    const char *names[KH_TRAIL_FIELD_COUNT + 3] = {"seq", "at", "seal"};
+    for (int i = 0; i < KH_TRAIL_FIELD_COUNT; i++)
+        names[3 + i] = kh_trail_field_name((kh_trail_field_t) i);
+    return s_exactly(o, names, KH_TRAIL_FIELD_COUNT + 3, true);
 }
 
 /* Reading: one line at a time, each a JSON object. */
@@ -284,9 +316,14 @@ static int s_open(s_reader_t *r, const char *path,
     else if (!format || strcmp(format, S_FORMAT) != 0)
         rc = kh_error_set_at(err, KH_E_MALFORMED, path, 1, 0,
                              "not a ketenhub trail export");
+    else if (!s_exactly(h, s_header_keys, 4, false))
+        rc = kh_error_set_at(err, KH_E_MALFORMED, path, 1, 0,
+                             "the header holds other keys than format, from,"
+                             " to and anchor");
     json_t *a = h ? json_object_get(h, "anchor") : NULL;
     *has_anchor = rc == 0 && a && json_is_object(a);
-    if (*has_anchor && s_checkpoint_from(a, anchor) != 0)
+    if (*has_anchor && (!s_exactly(a, s_checkpoint_keys, 5, true) ||
+                        s_checkpoint_from(a, anchor) != 0))
         rc = kh_error_set_at(err, KH_E_MALFORMED, path, 1, 0,
                              "malformed anchor");
     json_decref(h);
@@ -410,7 +447,9 @@ int kh_trail_file_verify(const char *path, const unsigned char *public_key,
     for (size_t i = 0; rc == 0 && i < npublished; i++)
         if (kh_trail_verifier_checkpoint(v, &published[i], true) != 0)
             rc = kh_error_set(err, KH_E_NOMEM, NULL, "out of memory");
-    int64_t last = has_anchor ? anchor.seq : 0;
+    /* Without an anchor an event may stand at or below seq 0: the
+     * verifier finds it inserted. */
+    int64_t last = has_anchor ? anchor.seq : INT64_MIN;
     bool in_events = false, eof = false;
     while (rc == 0) {
         json_t *o = s_next(&r, &eof, err);
@@ -430,7 +469,8 @@ int kh_trail_file_verify(const char *path, const unsigned char *public_key,
             if (in_events)
                 rc = kh_error_set_at(err, KH_E_MALFORMED, path, r.line, 0,
                                      "a checkpoint after the events");
-            else if (s_checkpoint_from(o, &cp) != 0)
+            else if (!s_exactly(o, s_checkpoint_keys, 5, true) ||
+                     s_checkpoint_from(o, &cp) != 0)
                 rc = kh_error_set_at(err, KH_E_MALFORMED, path, r.line, 0,
                                      "malformed checkpoint");
             else if (kh_trail_verifier_checkpoint(v, &cp, false) != 0)
@@ -439,7 +479,7 @@ int kh_trail_file_verify(const char *path, const unsigned char *public_key,
             kh_trail_event_t ev;
             char raw[3][32];
             in_events = true;
-            if (s_event_from(o, &ev, raw) != 0)
+            if (!s_event_keys(o) || s_event_from(o, &ev, raw) != 0)
                 rc = kh_error_set_at(err, KH_E_MALFORMED, path, r.line, 0,
                                      "malformed event");
             else if (ev.seq <= last)
@@ -452,9 +492,11 @@ int kh_trail_file_verify(const char *path, const unsigned char *public_key,
                 kh_trail_verifier_feed(v, ev.seq, &ev, has_seal ? seal : NULL);
             }
         } else if (rc == 0 && type && strcmp(type, "seal") == 0) {
-            json_int_t seq = json_integer_value(json_object_get(o, "seq"));
+            json_t *seq_o = json_object_get(o, "seq");
+            json_int_t seq = json_integer_value(seq_o);
             in_events = true;
-            if (!has_seal || seq <= 0)
+            if (!has_seal || !json_is_integer(seq_o) ||
+                !s_exactly(o, s_seal_keys, 2, true))
                 rc = kh_error_set_at(err, KH_E_MALFORMED, path, r.line, 0,
                                      "malformed seal line");
             else if (seq <= last)

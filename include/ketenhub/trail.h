@@ -185,8 +185,10 @@ void kh_trail_verifier_destroy(kh_trail_verifier_t **self_p);
 
 /* Give every checkpoint before the first event, in any order. Published
  * checkpoints (from a file kept outside the database) are given with
- * published = true: each must also be present in the database's own
- * list, and events up to its seq must exist. */
+ * published = true: each must also be given without it (the database's
+ * or the export's own list), or the chain reaching its seq finds it
+ * missing; and events up to its seq must exist. An event at a seq at or
+ * below 0, which the sequence never hands out, is found inserted. */
 int kh_trail_verifier_checkpoint(kh_trail_verifier_t *self,
                                  const kh_trail_checkpoint_t *cp,
                                  bool published);

@@ -1695,6 +1695,186 @@ START_TEST(database_ids_sort_with_the_services_ids)
 }
 END_TEST
 
+/* 30 events sealed with a checkpoint every 10 (seqs 1..30, no gap); the
+ * checkpoints in *cps (caller frees). */
+static size_t s_sealed_thirty(kh_trail_checkpoint_t **cps)
+{
+    s_events_dense(30);
+    kh_trail_sealer_t *sealer = s_sealer(10);
+    s_flush(sealer);
+    kh_trail_sealer_destroy(&sealer);
+    size_t ncps = 0;
+    kh_error_t err;
+    ck_assert_int_eq(kh_trail_db_checkpoints(s_db, cps, &ncps, &err), 0);
+    ck_assert_uint_eq(ncps, 3);
+    kh_trail_report_t r;
+    ck_assert_int_eq(s_verify(*cps, ncps, &r), 0);
+    return ncps;
+}
+
+/* The sequence hands out 1 and up. An event a superuser puts at seq 0 or
+ * below, where a reader that starts after 0 never looks, shows in every
+ * query; every verification finds it. */
+START_TEST(an_event_below_the_sequence_is_found)
+{
+    kh_trail_checkpoint_t *cps = NULL;
+    size_t ncps = s_sealed_thirty(&cps);
+#define S_COPY_FIRST_AT                                                        \
+    "INSERT INTO audit_events SELECT %d, at, actor_kind, actor_id,"            \
+    " action, referral_id, delivery_id, partner_id, outcome,"                  \
+    " reason_code, reason_path, payload_hash, rules_version,"                  \
+    " origin_service, origin_peer, rules_matched, query_filter"                \
+    " FROM audit_events WHERE seq = 1"
+    s_sqlf(S_COPY_FIRST_AT, 0);
+    s_expect_everywhere(KH_TRAIL_INSERTED, 0, cps, ncps);
+    s_sqlf(S_COPY_FIRST_AT, -3);
+    s_expect_everywhere(KH_TRAIL_INSERTED, -3, cps, ncps);
+    free(cps);
+}
+END_TEST
+
+/* A seal removed or rewritten below the head leaves its event as it was.
+ * The full pass, an export and the sealer all see it; so must the fast
+ * pass that `ketenhubctl audit verify` runs first, or the same trail is
+ * intact in the database and not in its own export. */
+START_TEST(a_seal_removed_or_rewritten_is_found_by_every_pass)
+{
+    kh_trail_checkpoint_t *cps = NULL;
+    size_t ncps = s_sealed_thirty(&cps);
+    khtest_db_exec(s_db, "ALTER TABLE audit_seals DISABLE TRIGGER USER", 0,
+                   NULL);
+    s_sqlf("CREATE TABLE kept AS SELECT * FROM audit_seals WHERE seq IN "
+           "(15, 20)");
+    s_sqlf("DELETE FROM audit_seals WHERE seq = 15");
+    s_expect_everywhere(KH_TRAIL_INSERTED, 15, cps, ncps);
+    s_sqlf("INSERT INTO audit_seals SELECT * FROM kept WHERE seq = 15");
+    kh_trail_report_t r;
+    ck_assert_int_eq(s_verify(cps, ncps, &r), 0);
+    s_sqlf("UPDATE audit_seals SET hash = sha256(hash) WHERE seq = 15");
+    s_expect_everywhere(KH_TRAIL_ALTERED, 15, cps, ncps);
+    s_sqlf("DELETE FROM audit_seals WHERE seq = 15");
+    s_sqlf("INSERT INTO audit_seals SELECT * FROM kept WHERE seq = 15");
+    /* The seal a checkpoint signed (the sealer stops there too). */
+    s_sqlf("DELETE FROM audit_seals WHERE seq = 20");
+    s_expect_everywhere(KH_TRAIL_INSERTED, 20, cps, ncps);
+    s_sqlf("INSERT INTO audit_seals SELECT * FROM kept WHERE seq = 20");
+    free(cps);
+}
+END_TEST
+
+/* A checkpoint the auditor published, removed from the database: the
+ * events still match it, but the trail's own checkpoints were cut, and
+ * verification with the published ones says so. */
+START_TEST(a_published_checkpoint_gone_from_the_database_is_found)
+{
+    kh_trail_checkpoint_t *cps = NULL;
+    size_t ncps = s_sealed_thirty(&cps);
+    khtest_db_exec(s_db, "ALTER TABLE audit_checkpoints DISABLE TRIGGER USER",
+                   0, NULL);
+    s_sqlf("DELETE FROM audit_checkpoints WHERE seq = 20");
+    kh_trail_report_t r;
+    ck_assert_int_eq(s_verify(cps, ncps, &r), 1);
+    ck_assert_int_eq(r.kind, KH_TRAIL_MISSING);
+    ck_assert_int_eq(r.seq, 20);
+    /* Without them the database cannot know (README, Verify). */
+    ck_assert_int_eq(s_verify(NULL, 0, &r), 0);
+    /* An event altered below it is still named first. */
+    khtest_db_exec(s_db, "ALTER TABLE audit_events DISABLE TRIGGER USER", 0,
+                   NULL);
+    s_sqlf("UPDATE audit_events SET actor_id = 'avim' WHERE seq = 12");
+    ck_assert_int_eq(s_verify(cps, ncps, &r), 1);
+    ck_assert_int_eq(r.kind, KH_TRAIL_ALTERED);
+    ck_assert_int_eq(r.seq, 12);
+    free(cps);
+}
+END_TEST
+
+/* Export line i (1-based) of src to dst with text put before its closing
+ * brace. */
+static void s_edit_line(const char *src, const char *dst, int line,
+                        const char *text)
+{
+    FILE *in = fopen(src, "r"), *out = fopen(dst, "w");
+    ck_assert_ptr_nonnull(in);
+    ck_assert_ptr_nonnull(out);
+    char buf[8192];
+    for (int n = 1; fgets(buf, sizeof buf, in); n++) {
+        size_t len = strlen(buf);
+        if (n == line && len >= 2 && buf[len - 2] == '}') {
+            buf[len - 2] = '\0';
+            fprintf(out, "%s%s}\n", buf, text);
+        } else
+            fputs(buf, out);
+    }
+    fclose(in);
+    fclose(out);
+}
+
+/* A key the export format does not define is covered by no seal and no
+ * signature: a file that carries one (a name beside an event, a note on
+ * the header) is no well-formed export, and one that lacks a key neither. */
+START_TEST(an_export_with_keys_of_its_own_is_refused)
+{
+    kh_trail_checkpoint_t *cps = NULL;
+    s_sealed_thirty(&cps);
+    free(cps);
+    char *dir = khtest_tmpdir();
+    char path[512], edited[512];
+    snprintf(path, sizeof path, "%s/trail.jsonl", dir);
+    snprintf(edited, sizeof edited, "%s/edited.jsonl", dir);
+    FILE *f = fopen(path, "w");
+    ck_assert_ptr_nonnull(f);
+    kh_error_t err;
+    long count = 0;
+    ck_assert_int_eq(kh_trail_export(s_db, f, 1, 0, true, &count, &err), 0);
+    fclose(f);
+    kh_trail_report_t r;
+    ck_assert_int_eq(kh_trail_file_verify(path, s_pk, NULL, 0, &r, &err), 0);
+    /* Line 1 the header, 2-4 the checkpoints, 5 on the events. */
+    static const struct {
+        int line;
+        const char *text;
+    } edits[] = {{1, ",\"note\":\"x\""},
+                 {3, ",\"by\":\"x\""},
+                 {10, ",\"name\":\"Fatima Yilmaz\""},
+                 {10, ",\"Actor_id\":\"avim\""}};
+    for (size_t i = 0; i < sizeof edits / sizeof edits[0]; i++) {
+        s_edit_line(path, edited, edits[i].line, edits[i].text);
+        kh_error_clear(&err);
+        ck_assert_msg(
+            kh_trail_file_verify(edited, s_pk, NULL, 0, &r, &err) == -1,
+            "line %d with %s: verified", edits[i].line, edits[i].text);
+        ck_assert_int_eq(err.code, KH_E_MALFORMED);
+        ck_assert_int_eq(err.line, edits[i].line);
+    }
+    khtest_rmtree(dir);
+    free(dir);
+}
+END_TEST
+
+/* The canonical encoding is of UTF-8 text. A sealer or an auditor whose
+ * session speaks another client_encoding (PGCLIENTENCODING, a Latin-1
+ * locale) must chain the same bytes: else every event with a character
+ * outside ASCII (an OS user josé) looks altered, or is sealed so. */
+START_TEST(the_chain_is_over_utf8_whatever_the_session_encoding)
+{
+    s_events_dense(3);
+    s_sqlf("INSERT INTO audit_events (actor_kind, actor_id, action, outcome,"
+           " origin_service, query_filter) VALUES ('auditor', 'jos\xc3\xa9',"
+           " 'trail.queried', 'ok', 'ketenhubctl', 'actor=jos\xc3\xa9')");
+    s_events_dense(2);
+    kh_trail_sealer_t *sealer = s_sealer(3);
+    khtest_db_exec(s_db, "SET client_encoding = 'LATIN1'", 0, NULL);
+    s_flush(sealer);
+    kh_trail_sealer_destroy(&sealer);
+    kh_trail_report_t r;
+    ck_assert_int_eq(s_verify(NULL, 0, &r), 0);
+    khtest_db_exec(s_db, "SET client_encoding = 'UTF8'", 0, NULL);
+    ck_assert_int_eq(s_verify(NULL, 0, &r), 0);
+    ck_assert_int_eq(r.sealed, 6);
+}
+END_TEST
+
 int main(void)
 {
     Suite *suite = suite_create("audit");
@@ -1719,12 +1899,17 @@ int main(void)
     tcase_add_test(tc, delivery_state_changes_stay_on_their_page);
     tcase_add_test(tc, rare_events_are_found_through_small_indexes);
     tcase_add_test(tc, database_ids_sort_with_the_services_ids);
+    tcase_add_test(tc, an_event_below_the_sequence_is_found);
+    tcase_add_test(tc, a_seal_removed_or_rewritten_is_found_by_every_pass);
+    tcase_add_test(tc, a_published_checkpoint_gone_from_the_database_is_found);
+    tcase_add_test(tc, the_chain_is_over_utf8_whatever_the_session_encoding);
     suite_add_tcase(suite, tc);
     /* What an auditor types and reads: options, files, pipes. */
     TCase *tc_auditor = tcase_create("auditor");
     tcase_add_checked_fixture(tc_auditor, s_setup, s_teardown);
     tcase_set_timeout(tc_auditor, 120);
     tcase_add_test(tc_auditor, an_export_is_verified_from_a_pipe);
+    tcase_add_test(tc_auditor, an_export_with_keys_of_its_own_is_refused);
     tcase_add_test(tc_auditor,
                    auditor_options_are_checked_before_anything_runs);
     suite_add_tcase(suite, tc_auditor);
