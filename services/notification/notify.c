@@ -701,10 +701,27 @@ static int s_pump(notify_t *self, bool resend, kh_error_t *err)
     return rc;
 }
 
+/* The connection of p's partner that has p's delivery out: the one p
+ * came on, as a rule, but a partner may answer on any of its
+ * connections what came on another. NULL: none has it out. */
+static s_conn_t *s_conn_holding(notify_t *self, const s_pending_t *p)
+{
+    s_conn_t *conn = s_conn_of(self, p->identity);
+    if (conn && zhashx_lookup(conn->out, p->answer.id))
+        return conn;
+    for (conn = zhashx_first(self->conns); conn;
+         conn = zhashx_next(self->conns))
+        if (strcmp(conn->partner, p->answer.partner) == 0 &&
+            zhashx_lookup(conn->out, p->answer.id))
+            return conn;
+    return NULL;
+}
+
 /* Send the round's distinct ACKs to the store as one batch, to commit on
  * its own connection while the round claims; each connection counts the
- * ACKs of what it has out as answered (s_credit). Returns the batch size
- * (0: none sent), or -1 with err. */
+ * ACKs of what it has out as answered (s_credit), whichever of the
+ * partner's connections they came on. Returns the batch size (0: none
+ * sent), or -1 with err. */
 static int s_acks_send(notify_t *self, kh_error_t *err)
 {
     size_t nacks = 0;
@@ -717,8 +734,8 @@ static int s_acks_send(notify_t *self, kh_error_t *err)
         const s_pending_t *p = &self->pending[i];
         if (p->nack || p->leader >= 0)
             continue;
-        s_conn_t *conn = s_conn_of(self, p->identity);
-        if (conn && zhashx_lookup(conn->out, p->answer.id))
+        s_conn_t *conn = s_conn_holding(self, p);
+        if (conn)
             conn->acking++;
     }
     return (int) nacks;
@@ -756,8 +773,14 @@ static void s_answers_settle(notify_t *self, bool acked, bool nacked)
                 self->pending[p->leader].answer.outcome == DSTORE_NOT_FOUND
                     ? DSTORE_NOT_FOUND
                     : DSTORE_DUPLICATE;
-        s_conn_t *conn = s_conn_of(self, p->identity);
-        if (conn && p->answer.outcome != DSTORE_NOT_FOUND) {
+        /* The answer frees the window the delivery came in, which may
+         * be another connection's than the one it came on. */
+        s_conn_t *conn = p->answer.outcome != DSTORE_NOT_FOUND
+                             ? s_conn_holding(self, p)
+                             : NULL;
+        if (!conn && p->answer.outcome != DSTORE_NOT_FOUND)
+            conn = s_conn_of(self, p->identity);
+        if (conn) {
             zhashx_delete(conn->out, p->answer.id);
             /* An ACK is the cue to look again: always without wake-ups
              * from routing; with them, once the connection's last claim

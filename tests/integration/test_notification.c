@@ -1898,6 +1898,54 @@ START_TEST(a_gone_connections_deliveries_wait_for_room_on_another)
 }
 END_TEST
 
+/* A partner may acknowledge on any of its connections what came on
+ * another: the connection it came on gets its credit back, and the
+ * answered delivery is no longer counted out there. */
+START_TEST(an_ack_on_another_connection_frees_the_window_it_came_in)
+{
+    pid_t pid = s_start_slow(30000, 60000);
+    zsock_t *one = s_partner("avim");
+    s_hello(one, 1);
+    zsock_t *two = s_partner("avim");
+    s_hello(two, 1);
+    char ids[6][37], mine[6][37], theirs[6][37];
+    int nmine = 0, ntheirs = 0;
+    khtest_db_exec(s_db, "BEGIN", 0, NULL);
+    for (int i = 0; i < 6; i++)
+        s_delivery("avim", "normal", 1000 - i * 10, NULL, ids[i]);
+    khtest_db_exec(s_db, "COMMIT", 0, NULL);
+    int64_t until = zclock_mono() + 5000;
+    while ((nmine < 1 || ntheirs < 1) && zclock_mono() < until) {
+        json_decref(s_next_noting(one, 100, mine, 6, &nmine));
+        json_decref(s_next_noting(two, 100, theirs, 6, &ntheirs));
+    }
+    ck_assert_int_eq(nmine, 1);
+    ck_assert_int_eq(ntheirs, 1);
+    /* Both of them acknowledged on one: each connection has room again. */
+    s_answer(one, mine[0], NULL);
+    json_t *msg = s_expect(one, "ACKED", 3000);
+    ck_assert_ptr_nonnull(msg);
+    json_decref(msg);
+    s_answer(one, theirs[0], NULL);
+    msg = s_next_noting(one, 3000, mine, 6, &nmine);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert_str_eq(s_str(msg, "cmd"), "ACKED");
+    ck_assert(!json_is_true(json_object_get(msg, "duplicate")));
+    json_decref(msg);
+    /* two gets its next one, not only one. */
+    until = zclock_mono() + 3000;
+    while (ntheirs < 2 && zclock_mono() < until) {
+        khpartner_send(two, kh_proto_new(KH_CMD_PING, "p"));
+        json_decref(s_next_noting(two, 200, theirs, 6, &ntheirs));
+        json_decref(s_next_noting(one, 10, mine, 6, &nmine));
+    }
+    ck_assert_msg(ntheirs == 2, "the second connection got %d", ntheirs);
+    zsock_destroy(&one);
+    zsock_destroy(&two);
+    s_stop(pid);
+}
+END_TEST
+
 /* The next message on sock within timeout_ms, or NULL; never a DELIVER
  * (the caller's socket has none due). */
 static json_t *s_next_no_deliver(zsock_t *sock, int timeout_ms)
@@ -2050,6 +2098,13 @@ static Suite *s_suite(void)
         a_connection_on_a_gone_ones_routing_id_gets_none_of_its_deliveries);
     tcase_add_test(rid, a_connection_that_sets_its_own_routing_id_is_refused);
     suite_add_tcase(suite, rid);
+    /* What a partner may do that the reference client never does. */
+    TCase *odd = tcase_create("odd_partner");
+    tcase_add_checked_fixture(odd, s_setup, s_teardown);
+    tcase_set_timeout(odd, 60);
+    tcase_add_test(odd,
+                   an_ack_on_another_connection_frees_the_window_it_came_in);
+    suite_add_tcase(suite, odd);
     TCase *big = tcase_create("backlog");
     tcase_add_checked_fixture(big, s_setup, s_teardown);
     tcase_set_timeout(big, 280);
