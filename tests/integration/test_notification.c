@@ -1946,6 +1946,53 @@ START_TEST(an_ack_on_another_connection_frees_the_window_it_came_in)
 }
 END_TEST
 
+/* Only a connection that said HELLO is sent deliveries: a probe that
+ * PINGs the delivery socket (ketenhub-partner ping), or a connection that
+ * only answers, is answered and takes none, so that none waits for an ACK
+ * on a connection that never reads it, or spends its attempts there. */
+START_TEST(a_connection_without_hello_is_sent_no_deliveries)
+{
+    pid_t pid = s_start_slow(30000, 60000);
+    char ids[2][37];
+    s_delivery("avim", "normal", 100, NULL, ids[0]);
+    s_delivery("avim", "normal", 0, NULL, ids[1]);
+    zsock_t *probe = s_partner("avim");
+    khpartner_send(probe, kh_proto_new(KH_CMD_PING, "p"));
+    json_t *msg = khpartner_recv(probe, 3000);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert_str_eq(s_str(msg, "cmd"), "PONG");
+    json_decref(msg);
+    msg = khpartner_recv(probe, 1000);
+    ck_assert_msg(msg == NULL, "a PING got %s", s_str(msg, "cmd"));
+    char state[16];
+    ck_assert_str_eq(s_state(ids[0], state), "pending");
+    ck_assert_str_eq(s_state(ids[1], state), "pending");
+    /* A listener gets them; the probe may still answer for it. */
+    zsock_t *avim = s_partner("avim");
+    s_hello(avim, 1);
+    msg = s_expect(avim, "DELIVER", 3000);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert_str_eq(s_str(msg, "delivery_id"), ids[0]);
+    json_decref(msg);
+    s_answer(probe, ids[0], NULL);
+    msg = khpartner_recv(probe, 3000);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert_str_eq(s_str(msg, "cmd"), "ACKED");
+    json_decref(msg);
+    msg = s_expect(avim, "DELIVER", 3000);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert_str_eq(s_str(msg, "delivery_id"), ids[1]);
+    json_decref(msg);
+    ck_assert_ptr_null(khpartner_recv(probe, 500));
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
+                             " = 'delivery.sent'"),
+                     2);
+    zsock_destroy(&probe);
+    zsock_destroy(&avim);
+    s_stop(pid);
+}
+END_TEST
+
 /* The next message on sock within timeout_ms, or NULL; never a DELIVER
  * (the caller's socket has none due). */
 static json_t *s_next_no_deliver(zsock_t *sock, int timeout_ms)
@@ -2104,6 +2151,7 @@ static Suite *s_suite(void)
     tcase_set_timeout(odd, 60);
     tcase_add_test(odd,
                    an_ack_on_another_connection_frees_the_window_it_came_in);
+    tcase_add_test(odd, a_connection_without_hello_is_sent_no_deliveries);
     suite_add_tcase(suite, odd);
     TCase *big = tcase_create("backlog");
     tcase_add_checked_fixture(big, s_setup, s_teardown);
