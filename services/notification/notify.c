@@ -154,12 +154,13 @@ static bool s_partner_connected(notify_t *self, const char *partner,
 }
 
 /* The connection of identity: conn, its record as s_conn_of found it
- * (NULL: none), or a new one registered for partner (with its key and
- * socket fd). NULL on OOM. A key that now belongs to another partner
+ * (NULL: none), or, on_hello (its frame is a HELLO), a new one registered for
+ * partner (with its key and socket fd). NULL on OOM, or when there is
+ * none and on_hello is false. A key that now belongs to another partner
  * (re-registered) starts over. */
 static s_conn_t *s_conn_get(notify_t *self, s_conn_t *conn, zframe_t *identity,
                             const char *key, int fd, const char *partner,
-                            const char *peer)
+                            const char *peer, bool on_hello)
 {
     char hex[600];
     if (conn && strcmp(conn->partner, partner) != 0) {
@@ -167,6 +168,8 @@ static s_conn_t *s_conn_get(notify_t *self, s_conn_t *conn, zframe_t *identity,
         zhashx_delete(self->conns, hex);
         conn = NULL;
     }
+    if (!conn && !on_hello)
+        return NULL;
     if (!conn) {
         s_identity_key(identity, hex, sizeof hex);
         conn = calloc(1, sizeof *conn);
@@ -701,10 +704,27 @@ static int s_pump(notify_t *self, bool resend, kh_error_t *err)
     return rc;
 }
 
+/* The connection of p's partner that has p's delivery out: the one p
+ * came on, as a rule, but a partner may answer on any of its
+ * connections what came on another. NULL: none has it out. */
+static s_conn_t *s_conn_holding(notify_t *self, const s_pending_t *p)
+{
+    s_conn_t *conn = s_conn_of(self, p->identity);
+    if (conn && zhashx_lookup(conn->out, p->answer.id))
+        return conn;
+    for (conn = zhashx_first(self->conns); conn;
+         conn = zhashx_next(self->conns))
+        if (strcmp(conn->partner, p->answer.partner) == 0 &&
+            zhashx_lookup(conn->out, p->answer.id))
+            return conn;
+    return NULL;
+}
+
 /* Send the round's distinct ACKs to the store as one batch, to commit on
  * its own connection while the round claims; each connection counts the
- * ACKs of what it has out as answered (s_credit). Returns the batch size
- * (0: none sent), or -1 with err. */
+ * ACKs of what it has out as answered (s_credit), whichever of the
+ * partner's connections they came on. Returns the batch size (0: none
+ * sent), or -1 with err. */
 static int s_acks_send(notify_t *self, kh_error_t *err)
 {
     size_t nacks = 0;
@@ -717,8 +737,8 @@ static int s_acks_send(notify_t *self, kh_error_t *err)
         const s_pending_t *p = &self->pending[i];
         if (p->nack || p->leader >= 0)
             continue;
-        s_conn_t *conn = s_conn_of(self, p->identity);
-        if (conn && zhashx_lookup(conn->out, p->answer.id))
+        s_conn_t *conn = s_conn_holding(self, p);
+        if (conn)
             conn->acking++;
     }
     return (int) nacks;
@@ -756,8 +776,14 @@ static void s_answers_settle(notify_t *self, bool acked, bool nacked)
                 self->pending[p->leader].answer.outcome == DSTORE_NOT_FOUND
                     ? DSTORE_NOT_FOUND
                     : DSTORE_DUPLICATE;
-        s_conn_t *conn = s_conn_of(self, p->identity);
-        if (conn && p->answer.outcome != DSTORE_NOT_FOUND) {
+        /* The answer frees the window the delivery came in, which may
+         * be another connection's than the one it came on. */
+        s_conn_t *conn = p->answer.outcome != DSTORE_NOT_FOUND
+                             ? s_conn_holding(self, p)
+                             : NULL;
+        if (!conn && p->answer.outcome != DSTORE_NOT_FOUND)
+            conn = s_conn_of(self, p->identity);
+        if (conn) {
             zhashx_delete(conn->out, p->answer.id);
             /* An ACK is the cue to look again: always without wake-ups
              * from routing; with them, once the connection's last claim
@@ -1051,8 +1077,9 @@ static void s_round(notify_t *self, bool resend)
 
 /* --- the partners' socket ---------------------------------------------- */
 
-/* Queue an ACK or NACK of conn for the round's commit. */
-static void s_queue_answer(notify_t *self, s_conn_t *conn, zframe_t *identity,
+/* Queue an ACK or NACK of partner, from peer, for the round's commit. */
+static void s_queue_answer(notify_t *self, const char *partner,
+                           const char *peer, zframe_t *identity,
                            const json_t *msg, const char *cid, kh_cmd_t cmd)
 {
     s_pending_t *p = &self->pending[self->npending];
@@ -1064,8 +1091,8 @@ static void s_queue_answer(notify_t *self, s_conn_t *conn, zframe_t *identity,
     snprintf(p->cid, sizeof p->cid, "%s", cid);
     snprintf(p->answer.id, sizeof p->answer.id, "%s",
              json_string_value(json_object_get(msg, "delivery_id")));
-    snprintf(p->answer.partner, sizeof p->answer.partner, "%s", conn->partner);
-    snprintf(p->answer.peer, sizeof p->answer.peer, "%s", conn->peer);
+    snprintf(p->answer.partner, sizeof p->answer.partner, "%s", partner);
+    snprintf(p->answer.peer, sizeof p->answer.peer, "%s", peer);
     p->nack = cmd == KH_CMD_NACK;
     p->permanent =
         p->nack && strcmp(json_string_value(json_object_get(msg, "reason")),
@@ -1075,7 +1102,7 @@ static void s_queue_answer(notify_t *self, s_conn_t *conn, zframe_t *identity,
         /* The same id twice in one round: one commit, the rest are
          * duplicates of it. Keys are "partner id". */
         char key[80];
-        snprintf(key, sizeof key, "%s %s", conn->partner, p->answer.id);
+        snprintf(key, sizeof key, "%s %s", partner, p->answer.id);
         size_t index = (size_t) (uintptr_t) zhashx_lookup(self->batch_ids, key);
         if (index)
             p->leader = (int) index - 1;
@@ -1167,11 +1194,15 @@ static void s_take(notify_t *self, zframe_t *identity, zmq_msg_t *body,
     else if (err.code == KH_E_OK && !partner)
         kh_error_set(&err, KH_E_UNKNOWN_PARTNER, "",
                      "this key belongs to no active partner");
+    /* Only a HELLO registers a connection for deliveries: a connection
+     * that only PINGs (a probe) or answers is served without being sent
+     * any, since nothing says it reads them. A registered one is kept
+     * alive by any of its frames. */
     s_conn_t *conn = NULL;
     if (err.code == KH_E_OK) {
         conn = s_conn_get(self, known, identity, key, fd, partner,
-                          peer ? peer : "");
-        if (!conn)
+                          peer ? peer : "", cmd == KH_CMD_HELLO);
+        if (!conn && cmd == KH_CMD_HELLO)
             kh_error_set(&err, KH_E_NOMEM, "", "out of memory");
     }
     char peeked[KH_CID_MAX + 1] = "";
@@ -1208,7 +1239,8 @@ static void s_take(notify_t *self, zframe_t *identity, zmq_msg_t *body,
     } else if (cmd == KH_CMD_PING)
         s_send_json(self, identity, kh_proto_new(KH_CMD_PONG, cid));
     else
-        s_queue_answer(self, conn, identity, msg, cid, cmd);
+        s_queue_answer(self, partner, peer ? peer : "", identity, msg, cid,
+                       cmd);
     json_decref(msg);
 }
 

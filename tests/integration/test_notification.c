@@ -1898,6 +1898,101 @@ START_TEST(a_gone_connections_deliveries_wait_for_room_on_another)
 }
 END_TEST
 
+/* A partner may acknowledge on any of its connections what came on
+ * another: the connection it came on gets its credit back, and the
+ * answered delivery is no longer counted out there. */
+START_TEST(an_ack_on_another_connection_frees_the_window_it_came_in)
+{
+    pid_t pid = s_start_slow(30000, 60000);
+    zsock_t *one = s_partner("avim");
+    s_hello(one, 1);
+    zsock_t *two = s_partner("avim");
+    s_hello(two, 1);
+    char ids[6][37], mine[6][37], theirs[6][37];
+    int nmine = 0, ntheirs = 0;
+    khtest_db_exec(s_db, "BEGIN", 0, NULL);
+    for (int i = 0; i < 6; i++)
+        s_delivery("avim", "normal", 1000 - i * 10, NULL, ids[i]);
+    khtest_db_exec(s_db, "COMMIT", 0, NULL);
+    int64_t until = zclock_mono() + 5000;
+    while ((nmine < 1 || ntheirs < 1) && zclock_mono() < until) {
+        json_decref(s_next_noting(one, 100, mine, 6, &nmine));
+        json_decref(s_next_noting(two, 100, theirs, 6, &ntheirs));
+    }
+    ck_assert_int_eq(nmine, 1);
+    ck_assert_int_eq(ntheirs, 1);
+    /* Both of them acknowledged on one: each connection has room again. */
+    s_answer(one, mine[0], NULL);
+    json_t *msg = s_expect(one, "ACKED", 3000);
+    ck_assert_ptr_nonnull(msg);
+    json_decref(msg);
+    s_answer(one, theirs[0], NULL);
+    msg = s_next_noting(one, 3000, mine, 6, &nmine);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert_str_eq(s_str(msg, "cmd"), "ACKED");
+    ck_assert(!json_is_true(json_object_get(msg, "duplicate")));
+    json_decref(msg);
+    /* two gets its next one, not only one. */
+    until = zclock_mono() + 3000;
+    while (ntheirs < 2 && zclock_mono() < until) {
+        khpartner_send(two, kh_proto_new(KH_CMD_PING, "p"));
+        json_decref(s_next_noting(two, 200, theirs, 6, &ntheirs));
+        json_decref(s_next_noting(one, 10, mine, 6, &nmine));
+    }
+    ck_assert_msg(ntheirs == 2, "the second connection got %d", ntheirs);
+    zsock_destroy(&one);
+    zsock_destroy(&two);
+    s_stop(pid);
+}
+END_TEST
+
+/* Only a connection that said HELLO is sent deliveries: a probe that
+ * PINGs the delivery socket (ketenhub-partner ping), or a connection that
+ * only answers, is answered and takes none, so that none waits for an ACK
+ * on a connection that never reads it, or spends its attempts there. */
+START_TEST(a_connection_without_hello_is_sent_no_deliveries)
+{
+    pid_t pid = s_start_slow(30000, 60000);
+    char ids[2][37];
+    s_delivery("avim", "normal", 100, NULL, ids[0]);
+    s_delivery("avim", "normal", 0, NULL, ids[1]);
+    zsock_t *probe = s_partner("avim");
+    khpartner_send(probe, kh_proto_new(KH_CMD_PING, "p"));
+    json_t *msg = khpartner_recv(probe, 3000);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert_str_eq(s_str(msg, "cmd"), "PONG");
+    json_decref(msg);
+    msg = khpartner_recv(probe, 1000);
+    ck_assert_msg(msg == NULL, "a PING got %s", s_str(msg, "cmd"));
+    char state[16];
+    ck_assert_str_eq(s_state(ids[0], state), "pending");
+    ck_assert_str_eq(s_state(ids[1], state), "pending");
+    /* A listener gets them; the probe may still answer for it. */
+    zsock_t *avim = s_partner("avim");
+    s_hello(avim, 1);
+    msg = s_expect(avim, "DELIVER", 3000);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert_str_eq(s_str(msg, "delivery_id"), ids[0]);
+    json_decref(msg);
+    s_answer(probe, ids[0], NULL);
+    msg = khpartner_recv(probe, 3000);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert_str_eq(s_str(msg, "cmd"), "ACKED");
+    json_decref(msg);
+    msg = s_expect(avim, "DELIVER", 3000);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert_str_eq(s_str(msg, "delivery_id"), ids[1]);
+    json_decref(msg);
+    ck_assert_ptr_null(khpartner_recv(probe, 500));
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
+                             " = 'delivery.sent'"),
+                     2);
+    zsock_destroy(&probe);
+    zsock_destroy(&avim);
+    s_stop(pid);
+}
+END_TEST
+
 /* The next message on sock within timeout_ms, or NULL; never a DELIVER
  * (the caller's socket has none due). */
 static json_t *s_next_no_deliver(zsock_t *sock, int timeout_ms)
@@ -2050,6 +2145,14 @@ static Suite *s_suite(void)
         a_connection_on_a_gone_ones_routing_id_gets_none_of_its_deliveries);
     tcase_add_test(rid, a_connection_that_sets_its_own_routing_id_is_refused);
     suite_add_tcase(suite, rid);
+    /* What a partner may do that the reference client never does. */
+    TCase *odd = tcase_create("odd_partner");
+    tcase_add_checked_fixture(odd, s_setup, s_teardown);
+    tcase_set_timeout(odd, 60);
+    tcase_add_test(odd,
+                   an_ack_on_another_connection_frees_the_window_it_came_in);
+    tcase_add_test(odd, a_connection_without_hello_is_sent_no_deliveries);
+    suite_add_tcase(suite, odd);
     TCase *big = tcase_create("backlog");
     tcase_add_checked_fixture(big, s_setup, s_teardown);
     tcase_set_timeout(big, 280);
