@@ -142,15 +142,23 @@ static s_conn_t *s_conn_of(notify_t *self, zframe_t *identity)
     return zhashx_lookup(self->conns, key);
 }
 
+/* How many connections of partner, but skip, are registered. */
+static size_t s_partner_connections(notify_t *self, const char *partner,
+                                    const s_conn_t *skip)
+{
+    size_t n = 0;
+    for (s_conn_t *c = zhashx_first(self->conns); c;
+         c = zhashx_next(self->conns))
+        if (c != skip && strcmp(c->partner, partner) == 0)
+            n++;
+    return n;
+}
+
 /* Whether another connection of partner than skip is registered. */
 static bool s_partner_connected(notify_t *self, const char *partner,
                                 const s_conn_t *skip)
 {
-    for (s_conn_t *c = zhashx_first(self->conns); c;
-         c = zhashx_next(self->conns))
-        if (c != skip && strcmp(c->partner, partner) == 0)
-            return true;
-    return false;
+    return s_partner_connections(self, partner, skip) > 0;
 }
 
 /* The connection of identity: conn, its record as s_conn_of found it
@@ -291,9 +299,12 @@ static bool s_send_json(notify_t *self, zframe_t *identity, json_t *msg)
 static void s_reject(notify_t *self, zframe_t *identity, const char *cid,
                      const kh_error_t *err)
 {
-    s_send_json(
-        self, identity,
-        kh_proto_rejected(cid, err, err->code == KH_E_UNAVAILABLE ? 1000 : 0));
+    /* A partner over its connections waits for one of them to be
+     * forgotten. */
+    int retry_ms = err->code == KH_E_UNAVAILABLE ? 1000
+                   : err->code == KH_E_THROTTLED ? self->cfg.peer_timeout_ms
+                                                 : 0;
+    s_send_json(self, identity, kh_proto_rejected(cid, err, retry_ms));
 }
 
 /* ACKED or NACKED: hot enough to pack by hand. */
@@ -1198,6 +1209,16 @@ static void s_take(notify_t *self, zframe_t *identity, zmq_msg_t *body,
      * that only PINGs (a probe) or answers is served without being sent
      * any, since nothing says it reads them. A registered one is kept
      * alive by any of its frames. */
+    /* Each connection may hold a window of deliveries and, in its queue,
+     * up to the high-water mark of frames: a partner's connections are
+     * counted so that one that opens them without end cannot take the
+     * hub's memory. */
+    if (err.code == KH_E_OK && cmd == KH_CMD_HELLO && !known &&
+        s_partner_connections(self, partner, NULL) >= self->cfg.max_connections)
+        kh_error_set(&err, KH_E_THROTTLED, "",
+                     "this partner has %zu connections to the delivery "
+                     "socket already; close one",
+                     self->cfg.max_connections);
     s_conn_t *conn = NULL;
     if (err.code == KH_E_OK) {
         conn = s_conn_get(self, known, identity, key, fd, partner,

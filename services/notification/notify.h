@@ -25,6 +25,7 @@ typedef struct {
     const char *partner_certs; /* directory of partners' certificates */
     dstore_policy_t policy;    /* re-sends, dead letters, escalation */
     size_t window;             /* most unacknowledged per connection */
+    size_t max_connections;    /* registered connections per partner */
     int peer_timeout_ms;       /* a silent connection is forgotten */
     int sweep_ms;              /* re-sends and sweeps at least this often */
     int partner_refresh_ms;    /* the registry is re-read this often */

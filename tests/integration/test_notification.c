@@ -1993,6 +1993,71 @@ START_TEST(a_connection_without_hello_is_sent_no_deliveries)
 }
 END_TEST
 
+/* The reply to a HELLO on sock, or NULL. */
+static json_t *s_hello_reply(zsock_t *sock)
+{
+    khpartner_send(sock, kh_proto_new(KH_CMD_HELLO, "h2"));
+    return khpartner_recv(sock, 3000);
+}
+
+/* A partner's connections beyond KH_NOTIFY_MAX_CONNECTIONS are refused as
+ * throttled, retryable once a connection could have been forgotten; the
+ * ones it has go on, another partner's are not counted, and a connection
+ * that goes makes room. */
+START_TEST(a_partner_over_its_connections_is_throttled)
+{
+    pid_t pid = s_start3("notification.log", "KH_NOTIFY_MAX_CONNECTIONS=2",
+                         "KH_NOTIFY_PEER_TIMEOUT_MS=60000", NULL);
+    ck_assert(s_log_has("notification.log", "event=ready", 10000));
+    zsock_t *a = s_partner("avim"), *b = s_partner("avim");
+    zsock_t *c = s_partner("avim"), *vt = s_partner("veilig-thuis");
+    s_hello(a, 4);
+    s_hello(b, 4);
+    json_t *reply = s_hello_reply(c);
+    ck_assert_ptr_nonnull(reply);
+    ck_assert_str_eq(s_str(reply, "cmd"), "REJECTED");
+    ck_assert_str_eq(s_str(reply, "code"), "throttled");
+    ck_assert(json_is_true(json_object_get(reply, "retryable")));
+    ck_assert_int_eq(
+        json_integer_value(json_object_get(reply, "retry_after_ms")), 60000);
+    json_decref(reply);
+    /* No delivery goes to the refused connection. */
+    char id[37];
+    s_delivery("avim", "normal", 0, NULL, id);
+    json_t *msg = NULL;
+    for (int i = 0; i < 2 && !msg; i++) {
+        zpoller_t *poller = zpoller_new(a, b, NULL);
+        zsock_t *which = zpoller_wait(poller, 3000);
+        zpoller_destroy(&poller);
+        if (which)
+            msg = s_expect(which, "DELIVER", 1000);
+    }
+    ck_assert_ptr_nonnull(msg);
+    ck_assert_str_eq(s_str(msg, "delivery_id"), id);
+    json_decref(msg);
+    ck_assert_ptr_null(khpartner_recv(c, 500));
+    /* Heartbeats of the connections it has, and another partner's. */
+    s_hello(a, 4);
+    s_hello(vt, 4);
+    /* One goes: the next HELLO is welcome. */
+    zsock_destroy(&b);
+    bool welcome = false;
+    for (int i = 0; i < 50 && !welcome; i++) {
+        reply = s_hello_reply(c);
+        welcome = reply && strcmp(s_str(reply, "cmd"), "WELCOME") == 0;
+        json_decref(reply);
+        if (!welcome)
+            zclock_sleep(100);
+    }
+    ck_assert_msg(welcome, "a connection that went made no room");
+    ck_assert(s_log_has("notification.log", "code=throttled", 1000));
+    zsock_destroy(&a);
+    zsock_destroy(&c);
+    zsock_destroy(&vt);
+    s_stop(pid);
+}
+END_TEST
+
 /* The next message on sock within timeout_ms, or NULL; never a DELIVER
  * (the caller's socket has none due). */
 static json_t *s_next_no_deliver(zsock_t *sock, int timeout_ms)
@@ -2152,6 +2217,7 @@ static Suite *s_suite(void)
     tcase_add_test(odd,
                    an_ack_on_another_connection_frees_the_window_it_came_in);
     tcase_add_test(odd, a_connection_without_hello_is_sent_no_deliveries);
+    tcase_add_test(odd, a_partner_over_its_connections_is_throttled);
     suite_add_tcase(suite, odd);
     TCase *big = tcase_create("backlog");
     tcase_add_checked_fixture(big, s_setup, s_teardown);
