@@ -134,10 +134,24 @@ int main(int argc, char **argv)
     if (first < argc && strcmp(argv[first], "listen") == 0)
         return partner_listen(argc - first, argv + first, endpoint_opt,
                               hub_cert, cert);
-    /* Options may also follow the command (submit FILE --key K). */
+    /* Options may also follow the command and its argument (submit FILE
+     * --key K, as the usage writes it). getopt stops at the first word
+     * that is not an option (the "+"): that word is the command's one
+     * argument, and the scan goes on after it. A second such word is a
+     * usage error, not something to ignore. */
+    const char *arg = NULL;
     optind = first + 1;
-    while ((opt = getopt_long(argc, argv, "+h", options, NULL)) != -1)
-        if (opt == 'k')
+    while (first < argc) {
+        opt = getopt_long(argc, argv, "+h", options, NULL);
+        if (opt == -1) {
+            if (optind >= argc)
+                break;
+            if (arg) {
+                s_usage(stderr);
+                return S_EXIT_USAGE;
+            }
+            arg = argv[optind++];
+        } else if (opt == 'k')
             key = optarg;
         else if (opt == 't')
             timeout = atoi(optarg);
@@ -147,14 +161,14 @@ int main(int argc, char **argv)
             s_usage(stderr);
             return S_EXIT_USAGE;
         }
+    }
     if (first >= argc || timeout <= 0 || retries < 0) {
         s_usage(stderr);
         return S_EXIT_USAGE;
     }
     const char *command = argv[first];
-    const char *arg = optind < argc ? argv[optind] : NULL;
     bool needs_arg = strcmp(command, "ping") != 0;
-    if ((needs_arg && !arg) ||
+    if ((needs_arg && !arg) || (!needs_arg && arg) ||
         (strcmp(command, "submit") && strcmp(command, "status") &&
          strcmp(command, "ping"))) {
         s_usage(stderr);
