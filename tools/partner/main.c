@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "ketenhub/client.h"
+#include "ketenhub/health.h"
 #include "ketenhub/proto.h"
 #include "partner.h"
 
@@ -100,6 +101,7 @@ int main(int argc, char **argv)
         {"retries", required_argument, NULL, 'r'},
         {"key", required_argument, NULL, 'k'},
         {"help", no_argument, NULL, 'h'},
+        {"version", no_argument, NULL, 'V'},
         {NULL, 0, NULL, 0}};
     int opt;
     while ((opt = getopt_long(argc, argv, "+h", options, NULL)) != -1) {
@@ -124,6 +126,9 @@ int main(int argc, char **argv)
             break;
         case 'h':
             s_usage(stdout);
+            return S_EXIT_OK;
+        case 'V':
+            printf("ketenhub-partner %s\n", kh_version());
             return S_EXIT_OK;
         default:
             s_usage(stderr);
