@@ -752,6 +752,17 @@ START_TEST(the_partner_tool_reports_a_referral_it_cannot_send_as_refused)
     ck_assert_int_eq(json_dump_file(referral, s_path("big.json"), 0), 0);
     ck_assert_int_eq(s_partner_submit("big.json"), 1);
 
+    /* Over the frame limit the hub would drop the connection unanswered,
+     * which looks like a hub that is gone: the tool refuses it itself. */
+    char *huge = malloc(300001);
+    memset(huge, 'a', 300000);
+    huge[300000] = '\0';
+    json_object_set_new(referral, "summary", json_string(huge));
+    free(huge);
+    ck_assert_int_eq(json_dump_file(referral, s_path("huge.json"), 0), 0);
+    ck_assert_int_eq(s_partner_submit("huge.json"), 1);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM referrals"), 0);
+
     json_t *deep = json_string("x");
     for (int i = 0; i < 16; i++) {
         json_t *level = json_object();

@@ -57,9 +57,12 @@ static int s_outcome(const json_t *reply, const kh_error_t *err)
     if (!reply) {
         fprintf(stderr, "ketenhub-partner: %s%s%s (%s)\n", err->path,
                 *err->path ? ": " : "", err->message, kh_error_name(err->code));
-        /* A referral too deep to encode never left: the hub would refuse
-         * it just the same (too_deep), and no resend can help. */
-        return err->code == KH_E_TOO_DEEP ? S_EXIT_REFUSED : S_EXIT_UNREACHABLE;
+        /* A referral too deep to encode, or too large for a frame, never
+         * left: the hub would refuse or drop it just the same, and no
+         * resend can help. */
+        return err->code == KH_E_TOO_DEEP || err->code == KH_E_TOO_LARGE
+                   ? S_EXIT_REFUSED
+                   : S_EXIT_UNREACHABLE;
     }
     char *text = json_dumps(reply, JSON_COMPACT | JSON_SORT_KEYS);
     if (text)
