@@ -735,6 +735,13 @@ START_TEST(the_partner_tool_sends_the_key_given_after_the_file)
                      1);
     ck_assert_int_eq(s_partner_submit_with("one.json", s_path("other.json")),
                      2);
+    /* A file that cannot be opened has no line and column to name. */
+    ck_assert_int_eq(s_partner_submit("missing.json"), 2);
+    ck_assert_int_eq(khproc_sh("grep -q 'missing.json: unable to open' %s",
+                               s_path("partner.log")),
+                     0);
+    ck_assert_int_ne(khproc_sh("grep -q -- ':-1:-1' %s", s_path("partner.log")),
+                     0);
     ck_assert_int_eq(s_count("SELECT count(*) FROM referrals"), 1);
 }
 END_TEST

@@ -82,7 +82,9 @@ static json_t *s_read_referral(const char *file)
     json_t *doc = strcmp(file, "-") == 0
                       ? json_loadf(stdin, JSON_REJECT_DUPLICATES, &jerr)
                       : json_load_file(file, JSON_REJECT_DUPLICATES, &jerr);
-    if (!doc)
+    if (!doc && jerr.line < 1) /* not read at all: no line to name */
+        fprintf(stderr, "ketenhub-partner: %s: %s\n", file, jerr.text);
+    else if (!doc)
         fprintf(stderr, "ketenhub-partner: %s:%d:%d: %s\n", file, jerr.line,
                 jerr.column, jerr.text);
     return doc;
