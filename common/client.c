@@ -117,6 +117,19 @@ static json_t *s_exchange(kh_client_t *self, json_t *request, int timeout_ms,
     size_t size = 0;
     if (kh_msgpack_encode(request, &data, &size, err))
         return NULL;
+    /* The hub drops a frame over its limit with the connection and
+     * answers nothing, which would look like a hub that is gone (and be
+     * sent again). No valid request comes near the protocol's limit, so
+     * one over it is refused here, before it leaves. */
+    size_t max_frame = kh_limits_default().max_frame;
+    if (size > max_frame) {
+        free(data);
+        kh_error_set(err, KH_E_TOO_LARGE, "",
+                     "the request is %zu bytes, over the hub's frame limit "
+                     "of %zu: it was not sent",
+                     size, max_frame);
+        return NULL;
+    }
     zframe_t *frame = zframe_new(data, size);
     free(data);
     if (!frame || zframe_send(&frame, self->dealer, 0)) {

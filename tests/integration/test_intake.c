@@ -688,17 +688,63 @@ START_TEST(a_body_that_does_not_decode_is_refused_with_its_cid)
 }
 END_TEST
 
-/* Exit status of ketenhub-partner submit FILE as partner vt (a retry and
- * 1 s per attempt: the hub answers at once or is taken for gone). */
-static int s_partner_submit(const char *file)
+/* Exit status of ketenhub-partner submit FILE ARGS as partner vt (a retry
+ * and 1 s per attempt: the hub answers at once or is taken for gone). */
+static int s_partner_submit_with(const char *file, const char *args)
 {
-    int rc = khproc_sh("%s/tools/partner/ketenhub-partner --endpoint %s "
-                       "--hub-cert %s --cert %s --timeout 1000 --retries 1 "
-                       "submit %s >>%s 2>&1",
-                       KH_TEST_BINARY_DIR, s_endpoint, s_path("hub.cert"),
-                       s_path("vt.cert"), s_path(file), s_path("partner.log"));
+    int rc =
+        khproc_sh("%s/tools/partner/ketenhub-partner --endpoint %s "
+                  "--hub-cert %s --cert %s --timeout 1000 --retries 1 "
+                  "submit %s %s >>%s 2>&1",
+                  KH_TEST_BINARY_DIR, s_endpoint, s_path("hub.cert"),
+                  s_path("vt.cert"), s_path(file), args, s_path("partner.log"));
     return rc;
 }
+
+static int s_partner_submit(const char *file)
+{
+    return s_partner_submit_with(file, "");
+}
+
+/* The key given after the file, as the usage writes it (submit FILE --key
+ * KEY), is the one sent: another referral under it is a conflict, not a
+ * second referral. What the tool cannot place is a usage error. */
+START_TEST(the_partner_tool_sends_the_key_given_after_the_file)
+{
+    json_t *referral = s_example();
+    ck_assert_int_eq(json_dump_file(referral, s_path("one.json"), 0), 0);
+    json_t *other = s_another(referral);
+    ck_assert_int_eq(json_dump_file(other, s_path("other.json"), 0), 0);
+    json_decref(other);
+    json_decref(referral);
+
+    ck_assert_int_eq(s_partner_submit_with("one.json", "--key my-key-1"), 0);
+    ck_assert_int_eq(s_partner_submit_with("other.json", "--key my-key-1"), 1);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM referrals"), 1);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM referrals"
+                             " WHERE idempotency_key = 'my-key-1'"),
+                     1);
+    /* Options before the command still work, and a second file is not
+     * silently ignored. */
+    ck_assert_int_eq(khproc_sh("%s/tools/partner/ketenhub-partner --endpoint "
+                               "%s --hub-cert %s --cert %s --key my-key-1 "
+                               "--timeout 1000 submit %s >>%s 2>&1",
+                               KH_TEST_BINARY_DIR, s_endpoint,
+                               s_path("hub.cert"), s_path("vt.cert"),
+                               s_path("other.json"), s_path("partner.log")),
+                     1);
+    ck_assert_int_eq(s_partner_submit_with("one.json", s_path("other.json")),
+                     2);
+    /* A file that cannot be opened has no line and column to name. */
+    ck_assert_int_eq(s_partner_submit("missing.json"), 2);
+    ck_assert_int_eq(khproc_sh("grep -q 'missing.json: unable to open' %s",
+                               s_path("partner.log")),
+                     0);
+    ck_assert_int_ne(khproc_sh("grep -q -- ':-1:-1' %s", s_path("partner.log")),
+                     0);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM referrals"), 1);
+}
+END_TEST
 
 /* The reference tool tells a referral that must be fixed (exit 1) from a
  * hub it cannot reach (exit 3), whether the hub or the tool refused it. */
@@ -712,6 +758,17 @@ START_TEST(the_partner_tool_reports_a_referral_it_cannot_send_as_refused)
     free(big);
     ck_assert_int_eq(json_dump_file(referral, s_path("big.json"), 0), 0);
     ck_assert_int_eq(s_partner_submit("big.json"), 1);
+
+    /* Over the frame limit the hub would drop the connection unanswered,
+     * which looks like a hub that is gone: the tool refuses it itself. */
+    char *huge = malloc(300001);
+    memset(huge, 'a', 300000);
+    huge[300000] = '\0';
+    json_object_set_new(referral, "summary", json_string(huge));
+    free(huge);
+    ck_assert_int_eq(json_dump_file(referral, s_path("huge.json"), 0), 0);
+    ck_assert_int_eq(s_partner_submit("huge.json"), 1);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM referrals"), 0);
 
     json_t *deep = json_string("x");
     for (int i = 0; i < 16; i++) {
@@ -1618,6 +1675,7 @@ int main(void)
     tcase_add_test(
         tc, the_partner_tool_reports_a_referral_it_cannot_send_as_refused);
     tcase_add_test(tc, repeats_get_the_first_answer_and_conflicts_are_audited);
+    tcase_add_test(tc, the_partner_tool_sends_the_key_given_after_the_file);
     tcase_add_test(tc, names_of_the_partner_stay_out_of_the_trail_and_logs);
     tcase_add_test(tc, a_conflict_within_a_batch_is_audited);
     tcase_add_test(tc, a_conflict_not_yet_audited_is_not_answered);

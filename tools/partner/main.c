@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "ketenhub/client.h"
+#include "ketenhub/health.h"
 #include "ketenhub/proto.h"
 #include "partner.h"
 
@@ -56,9 +57,12 @@ static int s_outcome(const json_t *reply, const kh_error_t *err)
     if (!reply) {
         fprintf(stderr, "ketenhub-partner: %s%s%s (%s)\n", err->path,
                 *err->path ? ": " : "", err->message, kh_error_name(err->code));
-        /* A referral too deep to encode never left: the hub would refuse
-         * it just the same (too_deep), and no resend can help. */
-        return err->code == KH_E_TOO_DEEP ? S_EXIT_REFUSED : S_EXIT_UNREACHABLE;
+        /* A referral too deep to encode, or too large for a frame, never
+         * left: the hub would refuse or drop it just the same, and no
+         * resend can help. */
+        return err->code == KH_E_TOO_DEEP || err->code == KH_E_TOO_LARGE
+                   ? S_EXIT_REFUSED
+                   : S_EXIT_UNREACHABLE;
     }
     char *text = json_dumps(reply, JSON_COMPACT | JSON_SORT_KEYS);
     if (text)
@@ -78,7 +82,9 @@ static json_t *s_read_referral(const char *file)
     json_t *doc = strcmp(file, "-") == 0
                       ? json_loadf(stdin, JSON_REJECT_DUPLICATES, &jerr)
                       : json_load_file(file, JSON_REJECT_DUPLICATES, &jerr);
-    if (!doc)
+    if (!doc && jerr.line < 1) /* not read at all: no line to name */
+        fprintf(stderr, "ketenhub-partner: %s: %s\n", file, jerr.text);
+    else if (!doc)
         fprintf(stderr, "ketenhub-partner: %s:%d:%d: %s\n", file, jerr.line,
                 jerr.column, jerr.text);
     return doc;
@@ -100,6 +106,7 @@ int main(int argc, char **argv)
         {"retries", required_argument, NULL, 'r'},
         {"key", required_argument, NULL, 'k'},
         {"help", no_argument, NULL, 'h'},
+        {"version", no_argument, NULL, 'V'},
         {NULL, 0, NULL, 0}};
     int opt;
     while ((opt = getopt_long(argc, argv, "+h", options, NULL)) != -1) {
@@ -125,6 +132,9 @@ int main(int argc, char **argv)
         case 'h':
             s_usage(stdout);
             return S_EXIT_OK;
+        case 'V':
+            printf("ketenhub-partner %s\n", kh_version());
+            return S_EXIT_OK;
         default:
             s_usage(stderr);
             return S_EXIT_USAGE;
@@ -134,10 +144,24 @@ int main(int argc, char **argv)
     if (first < argc && strcmp(argv[first], "listen") == 0)
         return partner_listen(argc - first, argv + first, endpoint_opt,
                               hub_cert, cert);
-    /* Options may also follow the command (submit FILE --key K). */
+    /* Options may also follow the command and its argument (submit FILE
+     * --key K, as the usage writes it). getopt stops at the first word
+     * that is not an option (the "+"): that word is the command's one
+     * argument, and the scan goes on after it. A second such word is a
+     * usage error, not something to ignore. */
+    const char *arg = NULL;
     optind = first + 1;
-    while ((opt = getopt_long(argc, argv, "+h", options, NULL)) != -1)
-        if (opt == 'k')
+    while (first < argc) {
+        opt = getopt_long(argc, argv, "+h", options, NULL);
+        if (opt == -1) {
+            if (optind >= argc)
+                break;
+            if (arg) {
+                s_usage(stderr);
+                return S_EXIT_USAGE;
+            }
+            arg = argv[optind++];
+        } else if (opt == 'k')
             key = optarg;
         else if (opt == 't')
             timeout = atoi(optarg);
@@ -147,14 +171,14 @@ int main(int argc, char **argv)
             s_usage(stderr);
             return S_EXIT_USAGE;
         }
+    }
     if (first >= argc || timeout <= 0 || retries < 0) {
         s_usage(stderr);
         return S_EXIT_USAGE;
     }
     const char *command = argv[first];
-    const char *arg = optind < argc ? argv[optind] : NULL;
     bool needs_arg = strcmp(command, "ping") != 0;
-    if ((needs_arg && !arg) ||
+    if ((needs_arg && !arg) || (!needs_arg && arg) ||
         (strcmp(command, "submit") && strcmp(command, "status") &&
          strcmp(command, "ping"))) {
         s_usage(stderr);
