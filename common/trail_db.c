@@ -324,17 +324,24 @@ typedef struct {
 static void s_stream_run(s_stream_t *st)
 {
     kh_trail_report_t *r = &st->report;
-    char sql[1024], lower[64];
-    s_lower(lower, sizeof lower, "e.seq", st->after);
-    int n = snprintf(sql, sizeof sql,
-                     "COPY (SELECT " S_EVENT_COLUMNS_E ", s.hash FROM %s e"
-                     " LEFT JOIN %s s ON s.seq = e.seq WHERE %s",
-                     st->relation, st->seals, lower);
-    if (st->upto > 0)
-        n += snprintf(sql + n, sizeof sql - (size_t) n,
-                      " AND e.seq <= %" PRId64, st->upto);
-    snprintf(sql + n, sizeof sql - (size_t) n,
-             " ORDER BY e.seq) TO STDOUT (FORMAT binary)");
+    /* The range bounds both sides of the join: the seals' index scan
+     * would otherwise start at the first seal, and the stream of the
+     * second half would walk the first half's seals before its own. */
+    char sql[1024], events[96], seals[96];
+    s_lower(events, sizeof events, "e.seq", st->after);
+    s_lower(seals, sizeof seals, "s.seq", st->after);
+    if (st->upto > 0) {
+        size_t n = strlen(events), m = strlen(seals);
+        snprintf(events + n, sizeof events - n, " AND e.seq <= %" PRId64,
+                 st->upto);
+        snprintf(seals + m, sizeof seals - m, " AND s.seq <= %" PRId64,
+                 st->upto);
+    }
+    snprintf(sql, sizeof sql,
+             "COPY (SELECT " S_EVENT_COLUMNS_E ", s.hash FROM %s e"
+             " LEFT JOIN %s s ON s.seq = e.seq AND %s WHERE %s"
+             " ORDER BY e.seq) TO STDOUT (FORMAT binary)",
+             st->relation, st->seals, seals, events);
     PGresult *res = PQexec(st->conn, sql);
     if (PQresultStatus(res) != PGRES_COPY_OUT) {
         st->rc = kh_db_error(&st->err, st->conn, res, "cannot read the trail");
