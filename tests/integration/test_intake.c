@@ -742,6 +742,9 @@ START_TEST(the_partner_tool_sends_the_key_given_after_the_file)
                      0);
     ck_assert_int_ne(khproc_sh("grep -q -- ':-1:-1' %s", s_path("partner.log")),
                      0);
+    /* A number that is not one is a usage error, never 0 or a prefix. */
+    ck_assert_int_eq(s_partner_submit_with("other.json", "--retries abc"), 2);
+    ck_assert_int_eq(s_partner_submit_with("other.json", "--timeout 5s"), 2);
     ck_assert_int_eq(s_count("SELECT count(*) FROM referrals"), 1);
 }
 END_TEST

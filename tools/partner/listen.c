@@ -635,17 +635,6 @@ static int s_loop(s_listener_t *self)
     return S_EXIT_OK;
 }
 
-/* A whole number from min to max, or -1. */
-static long s_number(const char *text, long min, long max)
-{
-    char *end;
-    errno = 0;
-    long v = strtol(text, &end, 10);
-    if (errno || end == text || *end || v < min || v > max)
-        return -1;
-    return v;
-}
-
 int partner_listen(int argc, char **argv, const char *endpoint,
                    const char *hub_cert, const char *cert)
 {
@@ -669,7 +658,7 @@ int partner_listen(int argc, char **argv, const char *endpoint,
             self.exec = optarg;
             break;
         case 'w':
-            self.window = (int) s_number(optarg, 1, KH_WINDOW_MAX);
+            self.window = (int) partner_number(optarg, 1, KH_WINDOW_MAX);
             if (self.window < 0) {
                 fprintf(stderr, "ketenhub-partner: --window is 1 to %d\n",
                         KH_WINDOW_MAX);
@@ -677,7 +666,7 @@ int partner_listen(int argc, char **argv, const char *endpoint,
             }
             break;
         case 'n':
-            self.count = s_number(optarg, 1, 1000000000L);
+            self.count = partner_number(optarg, 1, 1000000000L);
             if (self.count < 0) {
                 fprintf(stderr, "ketenhub-partner: --count is a number from "
                                 "1\n");
@@ -685,7 +674,7 @@ int partner_listen(int argc, char **argv, const char *endpoint,
             }
             break;
         case 't': {
-            long seconds = s_number(optarg, 1, 86400);
+            long seconds = partner_number(optarg, 1, 86400);
             if (seconds < 0) {
                 fprintf(stderr, "ketenhub-partner: --exec-timeout is 1 to "
                                 "86400 seconds\n");

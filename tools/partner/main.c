@@ -8,8 +8,10 @@
  * input, 3 hub unreachable or this key refused, 4 refused for now (the
  * hub asked to retry later, and retries ran out).
  */
+#include <errno.h>
 #include <getopt.h>
 #include <jansson.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -90,6 +92,16 @@ static json_t *s_read_referral(const char *file)
     return doc;
 }
 
+long partner_number(const char *text, long min, long max)
+{
+    char *end;
+    errno = 0;
+    long v = strtol(text, &end, 10);
+    if (errno || end == text || *end || v < min || v > max)
+        return -1;
+    return v;
+}
+
 int main(int argc, char **argv)
 {
     const char *endpoint = s_env("KH_ENDPOINT", "tcp://127.0.0.1:7701");
@@ -121,10 +133,10 @@ int main(int argc, char **argv)
             cert = optarg;
             break;
         case 't':
-            timeout = atoi(optarg);
+            timeout = (int) partner_number(optarg, 1, INT_MAX);
             break;
         case 'r':
-            retries = atoi(optarg);
+            retries = (int) partner_number(optarg, 0, 1000);
             break;
         case 'k':
             key = optarg;
@@ -164,9 +176,9 @@ int main(int argc, char **argv)
         } else if (opt == 'k')
             key = optarg;
         else if (opt == 't')
-            timeout = atoi(optarg);
+            timeout = (int) partner_number(optarg, 1, INT_MAX);
         else if (opt == 'r')
-            retries = atoi(optarg);
+            retries = (int) partner_number(optarg, 0, 1000);
         else {
             s_usage(stderr);
             return S_EXIT_USAGE;

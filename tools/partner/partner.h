@@ -13,6 +13,10 @@ enum {
     S_EXIT_RETRY_LATER = 4
 };
 
+/* A whole number from min (at least 0) to max written as text, or -1
+ * (not a number, something after it, or out of range). */
+long partner_number(const char *text, long min, long max);
+
 /* `ketenhub-partner listen`: argv[0] is "listen", its options follow.
  * endpoint is the --endpoint given before the command, or NULL (then
  * KH_DELIVERY_ENDPOINT, else tcp://127.0.0.1:7703); hub_cert and cert as
