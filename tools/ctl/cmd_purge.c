@@ -79,10 +79,12 @@ static void s_usage(FILE *out)
 }
 
 /* The cutoff, from $1: a time (--before) or a number of days before now
- * (--older-than), as the exact text of the timestamp (the session's time
- * zone is UTC). No row: in the future, or not finite. */
+ * (--older-than), as the exact text of the timestamp in RFC 3339 UTC, to
+ * the microsecond (as the other commands write times; the statements
+ * below read it back as it is). No row: in the future, or not finite. */
 #define S_CUTOFF(expr)                                                         \
-    "SELECT c::text FROM (SELECT " expr " AS c) t"                             \
+    "SELECT to_char(c AT TIME ZONE 'UTC',"                                     \
+    " 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') FROM (SELECT " expr " AS c) t"      \
     " WHERE c <= now() AND isfinite(c)"
 static const char s_cutoff_before_sql[] = S_CUTOFF("$1::timestamptz");
 static const char s_cutoff_days_sql[] =
