@@ -1530,9 +1530,12 @@ notify_t *notify_new(const notify_config_t *config, kh_error_t *err)
      * vanishing, and the connection is forgotten at once. The window
      * bounds what is queued per peer (its DELIVERs, and the answers to
      * its ACKs); the high-water mark is twice above that, because a
-     * sender learns what its pipe has passed on only every half mark. */
+     * sender learns what its pipe has passed on only every half mark. It
+     * follows the configured window: a partner that does not read holds
+     * at most that many frames of the hub's memory per connection (its
+     * re-sends among them), so a smaller KH_NOTIFY_WINDOW bounds it. */
     zsock_set_router_mandatory(self->router, 1);
-    zsock_set_sndhwm(self->router, KH_WINDOW_MAX * 4 + 64);
+    zsock_set_sndhwm(self->router, (int) config->window * 4 + 64);
     zsock_set_sndtimeo(self->router, 0);
     zsock_set_rcvhwm(self->router, KH_WINDOW_MAX * 2 + 64);
     /* ZeroMQ's heartbeat closes a connection that sent nothing for the
