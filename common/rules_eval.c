@@ -430,8 +430,14 @@ void kh_rules_explain(const kh_rules_t *self, const json_t *referral, FILE *out)
                 const kh_rtarget_t *rt = &rule->targets[t];
                 fprintf(out, "    -> %s (%s)", self->partner_ids[rt->partner],
                         kh_priority_name(rt->priority));
-                if (rt->escalate >= 0)
+                /* Only urgent deliveries escalate (as in
+                 * kh_rules_result_escalate_to): say so rather than promise
+                 * a copy that routing never makes. */
+                if (rt->escalate >= 0 && rt->priority == KH_PRIORITY_URGENT)
                     fprintf(out, ", escalates to %s",
+                            self->partner_ids[rt->escalate]);
+                else if (rt->escalate >= 0)
+                    fprintf(out, ", escalate_to %s has no effect (not urgent)",
                             self->partner_ids[rt->escalate]);
                 fprintf(out, "%s\n",
                         rt->active

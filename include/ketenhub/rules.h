@@ -53,7 +53,8 @@ typedef struct {
      * enums and bounds are read from it. Required. */
     const char *schema_path;
     /* The registered partners. NULL: partner checks are skipped and every
-     * target, optional or not, is kept. */
+     * target, optional or not, is kept. An empty registry is not NULL:
+     * give a pointer to any entry with partner_count 0. */
     const kh_rules_partner_t *partners;
     size_t partner_count;
     /* Receives every error and note; may be NULL. */

@@ -189,9 +189,13 @@ static kh_rules_t *s_load_rules(routing_t *self, kh_error_t *err)
         kh_error_set(err, KH_E_NOMEM, "", "out of memory");
         goto done;
     }
+    /* An empty registry (a fresh hub, every partner revoked) is still a
+     * registry: a NULL list would load the rules unchecked, so that a
+     * ketenregisseur registered afterwards could be a target. */
+    static const kh_rules_partner_t none = {NULL, false};
     kh_rules_options_t opts = {
         .schema_path = self->config.schema_path,
-        .partners = list.items,
+        .partners = list.count ? list.items : &none,
         .partner_count = list.count,
         .report = s_report,
     };

@@ -664,6 +664,45 @@ START_TEST(invalid_rules_at_start_exit_2)
 }
 END_TEST
 
+/* With no partner registered (a fresh hub, or every partner revoked) the
+ * rules are still checked against the registry, an empty one: a rules file
+ * naming the ketenregisseur as a target, or partners nobody registered, is
+ * refused at start. Were it loaded unchecked, a ketenregisseur registered
+ * afterwards would receive case data (promise 5) until the next reload. */
+START_TEST(no_partners_registered_still_checks_the_rules)
+{
+    s_sql("UPDATE partners SET revoked_at = now()", 0, NULL);
+    khtest_write_file(s_path("rules.yaml"),
+                      "version: 1\n"
+                      "fallback: {targets: [{partner: zorgcoordinator,"
+                      " fields: [needs]}]}\n"
+                      "rules:\n"
+                      "  - name: everything\n"
+                      "    when: {all: []}\n"
+                      "    then: {targets: [{partner: ketenregisseur,"
+                      " fields: [subject, suspects, summary]}]}\n");
+    pid_t pid = s_start(s_endpoint(), s_path("rules.yaml"), 50, "routing.log");
+    int status = khproc_stop(pid, 0, 5000);
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 2,
+                  "routing started on unchecked rules: see %s",
+                  s_path("routing.log"));
+    ck_assert(s_log_has("routing.log", "code=rules.unknown_partner", 0));
+    ck_assert(s_log_has("routing.log", "line=6 column=", 0));
+
+    /* A reload is checked against the registry of the moment too, even
+     * when it has become empty: the old rules stay. */
+    s_sql("UPDATE partners SET revoked_at = NULL", 0, NULL);
+    pid = s_start(s_endpoint(), NULL, 50, "routing2.log");
+    ck_assert(s_log_has("routing2.log", "event=ready", 10000));
+    s_sql("UPDATE partners SET revoked_at = now()", 0, NULL);
+    ck_assert_int_eq(kill(pid, SIGHUP), 0);
+    ck_assert_msg(s_log_has("routing2.log", "event=rules_reload_failed", 10000),
+                  "reload with no partner registered was not checked");
+    status = khproc_stop(pid, SIGTERM, 5000);
+    ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+}
+END_TEST
+
 /* A rules file that is missing or cannot be read at start is a bad
  * setting, like a missing hub certificate: exit 2, naming the variable. */
 START_TEST(unreadable_rules_at_start_exit_2)
@@ -700,6 +739,7 @@ int main(void)
     tcase_add_test(tc, pass_statements_reach_referrals_by_key);
     tcase_add_test(tc, more_matched_rules_than_fit_are_counted);
     tcase_add_test(tc, invalid_rules_at_start_exit_2);
+    tcase_add_test(tc, no_partners_registered_still_checks_the_rules);
     tcase_add_test(tc, unreadable_rules_at_start_exit_2);
     suite_add_tcase(suite, tc);
     return khtest_run_suite(suite);

@@ -495,6 +495,20 @@ START_TEST(test_escalation)
     ck_assert_ptr_nonnull(strstr(text, "partner pz, priority urgent, fields:"));
     free(text);
     json_decref(doc);
+    /* A target that is not urgent never escalates: its rule's line must
+     * not promise a copy. */
+    doc = khtest_json(s_base);
+    s_apply(doc, "{'subject':{'minor':true,'age':16}}", NULL);
+    out = open_memstream(&text, &len);
+    ck_assert_ptr_nonnull(out);
+    kh_rules_explain(rules, doc, out);
+    fclose(out);
+    ck_assert_ptr_nonnull(
+        strstr(text, "-> px (high), escalate_to py has no effect (not "
+                     "urgent)\n"));
+    ck_assert_ptr_null(strstr(text, "escalates to"));
+    free(text);
+    json_decref(doc);
     kh_rules_result_destroy(&r);
     kh_rules_destroy(&rules);
 
@@ -1076,6 +1090,15 @@ START_TEST(test_ctl_exit_codes)
     ck_assert_ptr_nonnull(strstr(out, "rule minor: FIRED"));
     ck_assert_ptr_nonnull(strstr(out, "partner avim, priority urgent, "
                                       "escalates to zorgcoordinator"));
+    /* Without the registry explain says that it assumed every optional
+     * partner registered: an adult's labour exploitation goes to the
+     * Arbeidsinspectie only if it is, else to the fallback. */
+    ck_assert_ptr_nonnull(strstr(out, "partners not checked"));
+    free(out);
+    char *explain_checked[] = {ctl, "rules",      "explain", def,
+                               ex,  "--partners", partners,  NULL};
+    ck_assert_int_eq(khtest_run(explain_checked, &out), 0);
+    ck_assert_ptr_null(strstr(out, "partners not checked"));
     free(out);
     khtest_rmtree(dir);
     free(dir);

@@ -266,6 +266,14 @@ static int s_run(int argc, char **argv, bool explain)
             rc = CTL_FAIL;
         }
     } else {
+        if (explain && !have_partners)
+            /* Routing skips an optional target whose partner is not
+             * registered, and uses the fallback when no other partner is
+             * left: without the registry explain cannot tell. */
+            printf("partners not checked (no --partners): every optional "
+                   "target counts as registered; routing skips one whose "
+                   "partner is not, and uses the fallback when no other "
+                   "partner is left\n");
         if (explain)
             kh_rules_explain(rules, referral, stdout);
         else
