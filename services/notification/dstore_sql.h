@@ -265,7 +265,11 @@ static const char *s_dead_sql =
     "  partner_id, 'ok', dead_reason, payload_hash, 'notification' FROM dead)"
     " SELECT id, referral_id, partner_id, dead_reason FROM dead";
 
-/* $1 escalation time ms. An escalation copy is a new urgent delivery to
+/* $1 escalation time ms. An urgent delivery not acknowledged in that
+ * time since routing escalates, once: waiting, sent, or dead (a dead
+ * letter will not be acknowledged either; one that died first still
+ * escalates when its time comes, and its escalated_at stays through a
+ * retry). An escalation copy is a new urgent delivery to
  * the escalation partner of the payload routing projected for it (its own
  * fields, not the target's), unless that partner is revoked or the payload
  * was purged. When that partner already has the referral, waiting to be
@@ -280,7 +284,7 @@ static const char *s_escalate_sql =
     "WITH cand AS ("
     " SELECT id FROM deliveries"
     " WHERE priority = 'urgent' AND escalated_at IS NULL"
-    "  AND state IN ('pending', 'delivered')"
+    "  AND state IN ('pending', 'delivered', 'dead')"
     "  AND created_at <= now() - make_interval(secs => $1 / 1000.0)"
     " ORDER BY created_at LIMIT 1000 FOR UPDATE SKIP LOCKED),"
     " esc AS ("
