@@ -265,19 +265,26 @@ static const char *s_dead_sql =
     "  partner_id, 'ok', dead_reason, payload_hash, 'notification' FROM dead)"
     " SELECT id, referral_id, partner_id, dead_reason FROM dead";
 
-/* $1 escalation time ms. An escalation copy is a new urgent delivery to
+/* $1 escalation time ms. An urgent delivery not acknowledged in that
+ * time since routing escalates, once: waiting, sent, or dead (a dead
+ * letter will not be acknowledged either; one that died first still
+ * escalates when its time comes, and its escalated_at stays through a
+ * retry). An escalation copy is a new urgent delivery to
  * the escalation partner of the payload routing projected for it (its own
  * fields, not the target's), unless that partner is revoked or the payload
  * was purged. When that partner already has the referral, waiting to be
  * sent at a lower priority, that delivery is raised to urgent instead
  * (its own fields stay): it goes out before the partner's backlog. One row
  * per referral and escalation partner, however many of the referral's
- * deliveries escalate at once (an upsert may touch a row only once). */
+ * deliveries escalate at once (an upsert may touch a row only once, and
+ * none that esc changed: when the escalation partner's own delivery is
+ * urgent and escalates in the same sweep, as when two targets escalate to
+ * each other, it is left as it is). */
 static const char *s_escalate_sql =
     "WITH cand AS ("
     " SELECT id FROM deliveries"
     " WHERE priority = 'urgent' AND escalated_at IS NULL"
-    "  AND state IN ('pending', 'delivered')"
+    "  AND state IN ('pending', 'delivered', 'dead')"
     "  AND created_at <= now() - make_interval(secs => $1 / 1000.0)"
     " ORDER BY created_at LIMIT 1000 FOR UPDATE SKIP LOCKED),"
     " esc AS ("
@@ -294,6 +301,11 @@ static const char *s_escalate_sql =
     "  esc.escalation_payload_hash, esc.rules_version FROM esc"
     "  JOIN partners p ON p.id = esc.escalate_to AND p.revoked_at IS NULL"
     "  AND p.handles_cases WHERE esc.escalation_payload IS NOT NULL"
+    /* nor when that partner's delivery escalates in this statement too:
+     * it is urgent already, and an upsert on a row this statement has
+     * changed fails it, and every later sweep, for all escalations */
+    "  AND NOT EXISTS (SELECT 1 FROM esc o WHERE o.referral_id ="
+    "   esc.referral_id AND o.partner_id = esc.escalate_to)"
     " ON CONFLICT (referral_id, partner_id) DO UPDATE"
     "  SET priority = 'urgent', updated_at = now()"
     "  WHERE deliveries.state = 'pending'"

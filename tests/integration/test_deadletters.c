@@ -312,6 +312,21 @@ START_TEST(test_retry)
     ck_assert_int_eq(KHTEST_CTL(&out, "deadletters", "retry", D5), 1);
     ck_assert_ptr_nonnull(strstr(out, "purged"));
     free(out);
+    /* A revoked partner is sent nothing: its dead letters would only die
+     * again at the next sweep, so a retry of them is refused. */
+    s_sql("UPDATE partners SET revoked_at = now() WHERE id = 'avim'");
+    ck_assert_int_eq(KHTEST_CTL(&out, "deadletters", "retry", D1, D3), 1);
+    ck_assert_msg(strstr(out, "the partner avim of delivery " D1 " is revoked"),
+                  "%s", out);
+    ck_assert_ptr_nonnull(strstr(out, "nothing was retried"));
+    free(out);
+    ck_assert_int_eq(
+        KHTEST_CTL(&out, "deadletters", "retry", "--partner", "avim", "--all"),
+        1);
+    ck_assert_msg(strstr(out, "the partner avim of delivery " D2 " is revoked"),
+                  "%s", out);
+    free(out);
+    s_sql("UPDATE partners SET revoked_at = NULL WHERE id = 'avim'");
     ck_assert_int_eq(s_count(events), before);
     ck_assert_int_eq(
         s_count("SELECT count(*) FROM deliveries WHERE state = 'dead'"), 4);

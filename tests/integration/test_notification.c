@@ -753,6 +753,91 @@ START_TEST(an_escalation_raises_the_partners_own_waiting_delivery)
 }
 END_TEST
 
+/* Two urgent deliveries of one referral that escalate to each other (or
+ * one to a partner whose own delivery is urgent and overdue too) escalate
+ * in the same sweep: the escalation partner's delivery is already urgent,
+ * so it is left as it is, and neither they nor any other overdue urgent
+ * delivery are held up. */
+START_TEST(urgent_deliveries_escalating_to_each_other_escalate)
+{
+    char avim[37], zc[37], other[37];
+    s_delivery("avim", "urgent", 0, "zorgcoordinator", avim);
+    s_delivery("veilig-thuis", "urgent", 0, NULL, other);
+    kh_uuid_new(zc);
+    const char *params[] = {avim, zc};
+    khtest_db_exec(
+        s_db,
+        "INSERT INTO deliveries (id, referral_id, partner_id, priority,"
+        " payload, payload_hash, rules_version, escalate_to,"
+        " escalation_payload, escalation_payload_hash, created_at)"
+        " SELECT $2::uuid, referral_id, 'zorgcoordinator', 'urgent',"
+        " escalation_payload, escalation_payload_hash, 'test', 'avim',"
+        " payload, payload_hash, created_at FROM deliveries WHERE id = $1",
+        2, params);
+    pid_t pid = s_start("notification.log", NULL, NULL);
+    ck_assert_msg(s_wait_count("SELECT count(*) FROM deliveries WHERE"
+                               " escalated_at IS NOT NULL",
+                               3, 5000),
+                  "the escalations did not happen");
+    ck_assert_int_eq(s_count("SELECT count(*) FROM deliveries"), 3);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
+                             " = 'delivery.escalated'"),
+                     3);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
+                             " = 'delivery.created'"),
+                     0);
+    ck_assert(!s_log_has("notification.log", "event=db_failed", 0));
+    s_stop(pid);
+}
+END_TEST
+
+/* An urgent delivery that died before anyone acknowledged it (here: its
+ * partner was revoked, so it died at the first sweep; a NACK permanent or
+ * its last attempt does the same) is not acknowledged within
+ * KH_NOTIFY_ESCALATE_MS either: it escalates like one still waiting, and
+ * the escalation partner gets its copy. Once: a retry does not escalate
+ * it again. */
+START_TEST(an_urgent_dead_letter_escalates_too)
+{
+    char id[37], state[16];
+    s_delivery("avim", "urgent", 0, "zorgcoordinator", id);
+    khtest_db_exec(s_db,
+                   "UPDATE partners SET revoked_at = now() WHERE id = 'avim'",
+                   0, NULL);
+    pid_t pid = s_start("notification.log", NULL, NULL);
+    ck_assert(s_wait_count("SELECT count(*) FROM deliveries WHERE state ="
+                           " 'dead' AND dead_reason = 'partner_revoked'",
+                           1, 5000));
+    ck_assert_msg(s_wait_count("SELECT count(*) FROM deliveries WHERE"
+                               " escalated_at IS NOT NULL",
+                               1, 5000),
+                  "the dead urgent delivery was not escalated");
+    ck_assert_str_eq(s_state(id, state), "dead");
+    ck_assert(s_wait_count("SELECT count(*) FROM deliveries WHERE partner_id"
+                           " = 'zorgcoordinator' AND priority = 'urgent'",
+                           1, 2000));
+    ck_assert(s_log_has("notification.log", "kind=escalation", 2000));
+    /* Each change with its event: dead, escalated, the copy made. */
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
+                             " = 'delivery.dead' AND partner_id = 'avim'"),
+                     1);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
+                             " = 'delivery.escalated' AND partner_id ="
+                             " 'avim'"),
+                     1);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
+                             " = 'delivery.created' AND reason_code ="
+                             " 'escalation' AND partner_id ="
+                             " 'zorgcoordinator'"),
+                     1);
+    zclock_sleep(300);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
+                             " = 'delivery.escalated'"),
+                     1);
+    s_stop(pid);
+}
+END_TEST
+
 START_TEST(overdue_urgent_escalates_with_a_copy_normal_does_not)
 {
     char urgent[37], normal[37], plain[37];
@@ -2206,6 +2291,14 @@ static Suite *s_suite(void)
     tcase_add_test(tc, sent_deliveries_are_read_by_key_or_due_time);
     tcase_add_test(tc, batch_statements_join_no_ctes_row_by_row);
     suite_add_tcase(suite, tc);
+    /* Escalations and dead letters against each other. */
+    TCase *esc = tcase_create("escalation");
+    tcase_add_checked_fixture(esc, s_setup, s_teardown);
+    tcase_set_timeout(esc, 60);
+    tcase_add_test(esc, urgent_deliveries_escalating_to_each_other_escalate);
+    tcase_add_test(esc, an_urgent_dead_letter_escalates_too);
+    suite_add_tcase(suite, esc);
+
     TCase *rid = tcase_create("routing_id");
     tcase_add_checked_fixture(rid, s_setup, s_teardown);
     tcase_set_timeout(rid, 60);

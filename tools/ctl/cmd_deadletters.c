@@ -90,9 +90,10 @@ static void s_usage_retry(FILE *out)
             "becomes pending\n"
             "with its attempts reset, and gets a delivery.retried audit "
             "event. All or\n"
-            "nothing: when one ID is unknown, not dead, or its payload was "
-            "purged,\n"
-            "nothing changes and the exit status is 1.\n"
+            "nothing: when one ID is unknown, not dead, its payload was "
+            "purged, or\n"
+            "its partner is revoked, nothing changes and the exit status is "
+            "1.\n"
             "\n"
             "  --partner P --all  every dead delivery of partner P (but "
             "those whose\n"
@@ -402,17 +403,22 @@ static int s_cmd_show(int argc, char **argv)
 
 /* One statement does the whole retry: it locks the wanted deliveries,
  * changes them only when every one of them is dead with its payload still
- * there, writes one delivery.retried event per changed delivery, and
- * returns per wanted id its state, whether its payload is purged and
- * whether it was retried. %s is the set of wanted ids: an array parameter
- * or one partner's dead deliveries; $2.. are the actor, the service and
- * the host. */
+ * there and its partner not revoked (the notification service sends a
+ * revoked partner nothing: its next sweep would make them dead letters
+ * again), writes one delivery.retried event per changed delivery, and
+ * returns per wanted id its state, whether its payload is purged, whether
+ * it was retried, its partner and whether that partner is revoked. %s is the
+ * set of wanted ids: an array parameter or one partner's dead deliveries; $2..
+ * are the actor, the service and the host. */
 static const char s_retry_sql[] =
     "WITH want AS (%s),"
-    " cur AS (SELECT d.id, d.state, d.payload IS NULL AS purged"
-    "  FROM deliveries d JOIN want USING (id) FOR UPDATE OF d),"
+    " cur AS (SELECT d.id, d.state, d.payload IS NULL AS purged,"
+    "  d.partner_id, p.revoked_at IS NOT NULL AS revoked"
+    "  FROM deliveries d JOIN want USING (id)"
+    "  JOIN partners p ON p.id = d.partner_id FOR UPDATE OF d),"
     " gate AS (SELECT (SELECT count(*) FROM want) ="
-    "  (SELECT count(*) FROM cur WHERE state = 'dead' AND NOT purged) AS ok),"
+    "  (SELECT count(*) FROM cur WHERE state = 'dead' AND NOT purged"
+    "   AND NOT revoked) AS ok),"
     " upd AS (UPDATE deliveries d SET state = 'pending', attempts = 0,"
     "  next_attempt_at = now(), age_from = now(), dead_reason = NULL,"
     "  updated_at = now()"
@@ -428,7 +434,7 @@ static const char s_retry_sql[] =
     /* Retried: changed, with its event (ins runs whether read or not; it
      * returns nothing, as ketenhub_admin may not read the trail). */
     " SELECT w.id, c.state, coalesce(c.purged, false),"
-    "  (u.id IS NOT NULL)"
+    "  (u.id IS NOT NULL), c.partner_id, coalesce(c.revoked, false)"
     " FROM want w LEFT JOIN cur c USING (id)"
     " LEFT JOIN upd u ON u.id = w.id ORDER BY w.id";
 
@@ -490,6 +496,11 @@ static int s_retry(const char *ids, const char *partner)
                         "ketenhubctl: deadletters retry: the payload of "
                         "delivery %s was purged; it cannot be sent again\n",
                         id);
+            else if (strcmp(PQgetvalue(res, r, 5), "t") == 0)
+                fprintf(stderr,
+                        "ketenhubctl: deadletters retry: the partner %s of "
+                        "delivery %s is revoked; it is sent nothing\n",
+                        PQgetvalue(res, r, 4), id);
         }
         fprintf(stderr, "ketenhubctl: deadletters retry: nothing was "
                         "retried\n");
