@@ -181,6 +181,8 @@ cleanup() {
     # Volumes of an earlier, interrupted run of the same project too.
     podman volume ls -q --filter "label=io.podman.compose.project=$project" |
       xargs -r podman volume rm -f >/dev/null 2>&1 || true
+    # podman-compose 1.0.3's down leaves the project's network.
+    podman network rm -f "${project}_default" >/dev/null 2>&1 || true
   fi
   [ -z "$work" ] || rm -rf "$work"
 }
@@ -450,6 +452,11 @@ smoke_test() {
   [ -z "$left" ] || die "containers left: $left"
   left=$(podman volume ls -q --filter "label=io.podman.compose.project=$project")
   [ -z "$left" ] || die "volumes left: $left"
+  # podman-compose 1.0.3's down leaves the project's network.
+  podman network rm -f "${project}_default" >/dev/null 2>&1 || true
+  if podman network exists "${project}_default"; then
+    die "network left: ${project}_default"
+  fi
   echo "smoke test passed in $((($(now_ms) - started) / 1000)) s" \
     "(stack ready ${ready_ms} ms after compose up)"
 }
