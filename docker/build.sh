@@ -158,11 +158,12 @@ EOF
 
 build_image() {
   say "building $image from $base"
-  podman build --build-arg "BASE=$base" -f "$here/docker/Dockerfile" \
-    -t "$image" "$here"
+  # --format docker: an OCI image (podman's default) drops HEALTHCHECK.
+  podman build --format docker --build-arg "BASE=$base" \
+    -f "$here/docker/Dockerfile" -t "$image" "$here"
   say "building $pg_image from $base"
-  podman build --build-arg "BASE=$base" -f "$here/docker/postgres.Dockerfile" \
-    -t "$pg_image" "$here/docker"
+  podman build --format docker --build-arg "BASE=$base" \
+    -f "$here/docker/postgres.Dockerfile" -t "$pg_image" "$here/docker"
   podman image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' "$image"
   podman image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' "$pg_image"
 }
@@ -180,6 +181,8 @@ cleanup() {
     # Volumes of an earlier, interrupted run of the same project too.
     podman volume ls -q --filter "label=io.podman.compose.project=$project" |
       xargs -r podman volume rm -f >/dev/null 2>&1 || true
+    # podman-compose 1.0.3's down leaves the project's network.
+    podman network rm -f "${project}_default" >/dev/null 2>&1 || true
   fi
   [ -z "$work" ] || rm -rf "$work"
 }
@@ -271,11 +274,14 @@ smoke_test() {
     install -d -m 0700 -o "$kh_uid" -g "$kh_uid" "$work/$d"
   done
   install -d -m 0700 "$work/secrets"
+  install -d -m 0755 "$work/rules"
+  install -m 0644 "$here/schemas/rules/default.yaml" "$work/rules/rules.yaml"
   od -An -N24 -tx1 /dev/urandom | tr -d ' \n' >"$work/secrets/db-password"
   chmod 0444 "$work/secrets/db-password"
   export KH_SECRETS_DIR="$work/secrets" KH_HUB_DIR="$work/hub" \
     KH_PARTNERS_DIR="$work/partners" KH_AUDIT_DIR="$work/audit" \
-    KH_ISSUED_DIR="$work/issued" KH_POSTGRES_IMAGE="$pg_image" \
+    KH_ISSUED_DIR="$work/issued" KH_RULES_DIR="$work/rules" \
+    KH_POSTGRES_IMAGE="$pg_image" \
     KH_IMAGE="$image" \
     KH_PUBLISH_ADDRESS=127.0.0.1
   KH_INTAKE_PORT=$(free_port)
@@ -301,10 +307,7 @@ smoke_test() {
     fail "the database accepted a wrong password"
   fi
 
-  say "partners: a municipality that submits, three simulated receivers"
-  ctl partner add meldpunt-smoke --name "Meldpunt smoke test" \
-    --kind municipality --out /etc/ketenhub/issued >/dev/null ||
-    fail "partner add meldpunt-smoke failed"
+  say "partners: three simulated receivers"
   for p in veilig-thuis:veilig_thuis zorgcoordinator:zorgcoordinator \
     avim:police; do
     ctl partner add "${p%%:*}" --name "${p%%:*} (simulated)" \
@@ -322,6 +325,9 @@ smoke_test() {
     podman exec "${project}_${s}_1" sh -c 'touch /probe' 2>/dev/null &&
       fail "$s can write to its root filesystem"
   done
+  ro=$(podman inspect --format '{{.HostConfig.ReadonlyRootfs}}' \
+    "${project}_postgres_1")
+  [ "$ro" = true ] || fail "postgres has a writable root filesystem"
   tries=0
   until ctl health intake:9700 >/dev/null 2>&1 &&
     ctl health routing:9700 >/dev/null 2>&1 &&
@@ -333,7 +339,28 @@ smoke_test() {
   done
   ready_ms=$(($(now_ms) - up_at))
   echo "all four services ready ${ready_ms} ms after compose up"
+  # The container health checks (run here by hand: podman schedules them
+  # with systemd timers, and this machine has no systemd).
+  for s in intake routing notification audit; do
+    podman healthcheck run "${project}_${s}_1" >/dev/null ||
+      fail "the health check of $s fails"
+  done
+  # The database password is a mounted file: in no container's settings
+  # or log, nor in the image.
+  pw=$(cat "$work/secrets/db-password")
+  for s in postgres intake routing notification audit; do
+    if podman inspect "${project}_${s}_1" | grep -qF "$pw" ||
+      podman logs "${project}_${s}_1" 2>&1 | grep -qF "$pw"; then
+      fail "the database password shows in $s's inspect or log"
+    fi
+  done
+  podman image inspect "$image" | grep -qF "$pw" &&
+    fail "the database password is in the image"
 
+  say "a municipality added while the stack runs"
+  ctl partner add meldpunt-smoke --name "Meldpunt smoke test" \
+    --kind municipality --out /etc/ketenhub/issued >/dev/null ||
+    fail "partner add meldpunt-smoke failed"
   endpoint="tcp://127.0.0.1:$KH_INTAKE_PORT"
   set -- --endpoint "$endpoint" --hub-cert "$work/hub/hub.cert" \
     --cert "$work/issued/meldpunt-smoke.cert"
@@ -381,6 +408,32 @@ smoke_test() {
     --notification notification:9700 --audit audit:9700 ||
     fail "ketenhubctl status failed"
 
+  say "rules: an edited file checked, then read on SIGHUP"
+  # As an editor saves: a new file renamed over the old one.
+  { cat "$work/rules/rules.yaml" && echo "# edited"; } >"$work/rules/.new"
+  chmod 0644 "$work/rules/.new"
+  mv "$work/rules/.new" "$work/rules/rules.yaml"
+  ctl rules check /etc/ketenhub/rules/rules.yaml >/dev/null ||
+    fail "rules check of the edited file failed"
+  version=$(sha256sum "$work/rules/rules.yaml" | cut -d' ' -f1)
+  podman kill --signal HUP "${project}_routing_1" >/dev/null ||
+    fail "cannot send routing SIGHUP"
+  wait_sql "SELECT count(*) FROM audit_events WHERE action = 'rules.reloaded'
+    AND rules_version = '$version'" 1 ||
+    fail "routing did not reload the edited rules on SIGHUP"
+  echo "routing reloaded the edited rules (version ${version%"${version#????????????}"})"
+
+  say "a revoked partner is refused without a restart"
+  ctl partner revoke meldpunt-smoke >/dev/null ||
+    fail "partner revoke meldpunt-smoke failed"
+  tries=0
+  while "$partner" "$@" --timeout 1000 --retries 0 ping >/dev/null 2>&1; do
+    tries=$((tries + 1))
+    [ "$tries" -lt 20 ] || fail "intake still answers a revoked partner"
+    sleep 0.5
+  done
+  echo "meldpunt-smoke refused after its revocation"
+
   say "compose stop: every service exits 0 on SIGTERM"
   compose stop || fail "compose stop failed"
   for s in intake routing notification audit veilig-thuis zorgcoordinator \
@@ -399,6 +452,11 @@ smoke_test() {
   [ -z "$left" ] || die "containers left: $left"
   left=$(podman volume ls -q --filter "label=io.podman.compose.project=$project")
   [ -z "$left" ] || die "volumes left: $left"
+  # podman-compose 1.0.3's down leaves the project's network.
+  podman network rm -f "${project}_default" >/dev/null 2>&1 || true
+  if podman network exists "${project}_default"; then
+    die "network left: ${project}_default"
+  fi
   echo "smoke test passed in $((($(now_ms) - started) / 1000)) s" \
     "(stack ready ${ready_ms} ms after compose up)"
 }

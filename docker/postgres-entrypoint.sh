@@ -16,6 +16,11 @@ die() {
   exit 1
 }
 
+# The socket directory: on a read-only root filesystem /run is an empty
+# tmpfs under Docker (podman copies the image's directory into it).
+[ -d /var/run/postgresql ] || mkdir -p /var/run/postgresql ||
+  die "cannot make /var/run/postgresql (mount a tmpfs on /run)"
+
 if [ ! -s "$PGDATA/PG_VERSION" ]; then
   pwfile=${POSTGRES_PASSWORD_FILE:-}
   [ -n "$pwfile" ] || die "POSTGRES_PASSWORD_FILE is not set (first start)"

@@ -2,7 +2,7 @@
 # official postgres:15 image cannot be pulled (a machine with only a Debian
 # mirror). It takes the official image's settings, so compose.yaml works
 # with either: POSTGRES_USER, POSTGRES_DB, POSTGRES_PASSWORD_FILE, PGDATA.
-#   podman build --build-arg BASE=localhost/debian:bookworm \
+#   podman build --format docker --build-arg BASE=localhost/debian:bookworm \
 #       -f docker/postgres.Dockerfile -t localhost/ketenhub-postgres:15 docker
 #   KH_POSTGRES_IMAGE=localhost/ketenhub-postgres:15 podman-compose ...
 ARG BASE=debian:bookworm-slim
