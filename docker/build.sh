@@ -356,6 +356,23 @@ smoke_test() {
   done
   podman image inspect "$image" | grep -qF "$pw" &&
     fail "the database password is in the image"
+  # Each service is in the database as its own login, with its service's
+  # group role only: never the superuser, which the trail's grants and
+  # triggers would not bind. (This query's own session is the only other.)
+  logins=$(psql_stack "SELECT string_agg(DISTINCT a.usename ||
+      CASE WHEN r.rolsuper THEN '(superuser)' ELSE '' END, ' ')
+    FROM pg_stat_activity a JOIN pg_roles r ON r.rolname = a.usename
+    WHERE a.backend_type = 'client backend' AND a.pid <> pg_backend_pid()")
+  echo "database logins: $logins"
+  for s in intake routing notification audit; do
+    case " $logins " in
+    *" ketenhub_${s}_login "*) ;;
+    *) fail "$s is not in the database as ketenhub_${s}_login: $logins" ;;
+    esac
+  done
+  case "$logins" in
+  *superuser*) fail "a session of the stack is a superuser's: $logins" ;;
+  esac
 
   say "a municipality added while the stack runs"
   ctl partner add meldpunt-smoke --name "Meldpunt smoke test" \

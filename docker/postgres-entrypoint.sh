@@ -35,6 +35,18 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
     echo "CREATE DATABASE \"$db\" OWNER \"$user\"" |
       postgres --single -D "$PGDATA" postgres >/dev/null
   fi
+  # Then, as the official image does, the SQL files of
+  # /docker-entrypoint-initdb.d (compose.yaml mounts the services' logins
+  # there), by psql on a server that listens on its socket only.
+  if [ -n "$(ls /docker-entrypoint-initdb.d/*.sql 2>/dev/null)" ]; then
+    pg_ctl -D "$PGDATA" -o "-c listen_addresses=''" -s -w start ||
+      die "cannot start the server to set the cluster up"
+    for f in /docker-entrypoint-initdb.d/*.sql; do
+      psql -X -q -v ON_ERROR_STOP=1 -U "$user" -d "$db" -f "$f" ||
+        die "$f failed"
+    done
+    pg_ctl -D "$PGDATA" -m fast -s -w stop
+  fi
   echo "postgres-entrypoint: made the cluster in $PGDATA (user $user, database $db)"
 fi
 
