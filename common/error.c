@@ -67,6 +67,8 @@ int kh_error_set_at(kh_error_t *err, kh_errcode_t code, const char *path,
 
 int kh_error_as_setting(kh_error_t *err, const char *setting, const char *file)
 {
+    if (!err) /* as kh_error_set: nothing to fill */
+        return -1;
     char why[sizeof err->message];
     snprintf(why, sizeof why, "%s", err->message);
     return kh_error_set(err, KH_E_CONFIG, setting, "%s: %s", file, why);

@@ -115,7 +115,8 @@ int kh_error_set_at(kh_error_t *err, kh_errcode_t code, const char *path,
 
 /* Make err a bad setting: a file named by setting (KH_SCHEMA_DIR, say)
  * that could not be read. The code becomes KH_E_CONFIG, the path the
- * setting, and the message is prefixed with file. Returns -1. */
+ * setting, and the message is prefixed with file. err may be NULL, as
+ * for kh_error_set. Returns -1. */
 int kh_error_as_setting(kh_error_t *err, const char *setting, const char *file);
 
 /* Field paths ("subject.age", "indicators[2]") are built only from these

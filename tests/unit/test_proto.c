@@ -441,6 +441,7 @@ START_TEST(an_unreadable_file_becomes_a_bad_setting)
     kh_error_as_setting(&err, "KH_RULES_FILE", file);
     ck_assert_uint_eq(strlen(err.message), KH_ERROR_MESSAGE_MAX - 1);
     ck_assert_str_eq(err.path, "KH_RULES_FILE");
+    ck_assert_int_eq(kh_error_as_setting(NULL, "KH_RULES_FILE", "x"), -1);
 }
 END_TEST
 
