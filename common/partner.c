@@ -24,7 +24,11 @@ static const char *const s_kinds[KH_PARTNER_KIND_COUNT_] = {
     "to_char(created_at AT TIME ZONE 'UTC', "                                  \
     "'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), "                                      \
     "coalesce(to_char(revoked_at AT TIME ZONE 'UTC', "                         \
-    "'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), '')"
+    "'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), ''), "                                 \
+    "coalesce((SELECT to_char(max(k.expires_at) AT TIME ZONE 'UTC', "          \
+    "'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') FROM partner_keys k "                   \
+    "WHERE k.partner_id = partners.id AND k.expires_at > now() "               \
+    "AND partners.revoked_at IS NULL), '')"
 
 const char *kh_partner_kind_name(kh_partner_kind_t kind)
 {
@@ -110,6 +114,8 @@ static void s_fill(const PGresult *res, int row, kh_partner_t *out)
     snprintf(out->revoked_at, sizeof out->revoked_at, "%s",
              PQgetvalue(res, row, 6));
     out->revoked = out->revoked_at[0] != '\0';
+    snprintf(out->previous_key_until, sizeof out->previous_key_until, "%s",
+             PQgetvalue(res, row, 7));
 }
 
 int kh_partner_register(PGconn *conn, const char *id, const char *display_name,
@@ -218,6 +224,96 @@ int kh_partner_revoke(PGconn *conn, const char *id, kh_error_t *err)
     return revoked_now ? 0 : 1;
 }
 
+/* Run one statement of a rotation, with its parameters; the result, or
+ * NULL with err. */
+static PGresult *s_rotate_step(PGconn *conn, const char *sql, int n,
+                               const char *const *params, kh_error_t *err)
+{
+    PGresult *res = PQexecParams(conn, sql, n, NULL, params, NULL, NULL, 0);
+    ExecStatusType status = PQresultStatus(res);
+    if (status == PGRES_TUPLES_OK || status == PGRES_COMMAND_OK)
+        return res;
+    const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+    if (state && strcmp(state, "23505") == 0)
+        kh_error_set(err, KH_E_CONFIG, "public_key",
+                     "public key is already registered");
+    else
+        kh_db_error(err, conn, res, "cannot rotate the partner's key");
+    PQclear(res);
+    return NULL;
+}
+
+int kh_partner_rotate(PGconn *conn, const char *id, const char *public_key,
+                      int overlap_s, char previous[KH_PARTNER_KEY_LEN + 1],
+                      char expires_at[40], kh_error_t *err)
+{
+    previous[0] = expires_at[0] = '\0';
+    if (!kh_partner_id_valid(id))
+        return kh_error_set(err, KH_E_NOT_FOUND, "id", "no such partner");
+    if (!kh_partner_key_valid(public_key))
+        return kh_error_set(err, KH_E_CONFIG, "public_key",
+                            "public key must be 40 characters of Z85");
+    if (overlap_s < 0)
+        return kh_error_set(err, KH_E_CONFIG, "overlap",
+                            "the overlap cannot be negative");
+    char overlap[16];
+    snprintf(overlap, sizeof overlap, "%d", overlap_s);
+    const char *params[] = {id, public_key, overlap};
+    PGresult *res = s_rotate_step(
+        conn,
+        "SELECT curve_public_key, revoked_at IS NOT NULL FROM partners"
+        " WHERE id = $1 FOR UPDATE",
+        1, params, err);
+    if (!res)
+        return -1;
+    if (PQntuples(res) != 1) {
+        PQclear(res);
+        return kh_error_set(err, KH_E_NOT_FOUND, "id", "no such partner");
+    }
+    bool revoked = strcmp(PQgetvalue(res, 0, 1), "t") == 0;
+    snprintf(previous, KH_PARTNER_KEY_LEN + 1, "%s", PQgetvalue(res, 0, 0));
+    PQclear(res);
+    if (revoked)
+        return kh_error_set(err, KH_E_CONFIG, "id",
+                            "the partner is revoked; a revoked partner gets "
+                            "no new key");
+    if (strcmp(previous, public_key) == 0)
+        return kh_error_set(err, KH_E_CONFIG, "public_key",
+                            "this is the partner's current key");
+    /* One earlier key at a time: the overlap of an earlier rotation ends
+     * now, as its certificate file is replaced. Then the current key gets
+     * its end, and the new key becomes current (the trigger records it in
+     * partner_keys). */
+    res = s_rotate_step(conn,
+                        "UPDATE partner_keys SET expires_at = now()"
+                        " WHERE partner_id = $1 AND expires_at > now()",
+                        1, params, err);
+    bool ok = res != NULL;
+    PQclear(res);
+    if (ok) {
+        const char *ends[] = {id, overlap};
+        res = s_rotate_step(conn,
+                            "UPDATE partner_keys SET expires_at = now()"
+                            " + make_interval(secs => $2::integer)"
+                            " WHERE partner_id = $1 AND expires_at IS NULL"
+                            " RETURNING to_char(expires_at AT TIME ZONE 'UTC',"
+                            " 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')",
+                            2, ends, err);
+        ok = res != NULL;
+        if (ok && PQntuples(res) == 1)
+            snprintf(expires_at, 40, "%s", PQgetvalue(res, 0, 0));
+        PQclear(res);
+    }
+    if (ok) {
+        res = s_rotate_step(
+            conn, "UPDATE partners SET curve_public_key = $2 WHERE id = $1", 2,
+            params, err);
+        ok = res != NULL;
+        PQclear(res);
+    }
+    return ok ? 0 : -1;
+}
+
 static int s_lookup(PGconn *conn, const char *sql, const char *value,
                     kh_partner_t *out, kh_errcode_t missing, const char *path,
                     kh_error_t *err)
@@ -246,7 +342,8 @@ int kh_partner_lookup_key(PGconn *conn, const char *public_key,
                             "not a CURVE public key");
     return s_lookup(conn,
                     "SELECT " S_PARTNER_COLUMNS
-                    " FROM partners WHERE curve_public_key = $1",
+                    " FROM partners WHERE id = (SELECT partner_id"
+                    " FROM partner_keys WHERE curve_public_key = $1)",
                     public_key, out, KH_E_UNKNOWN_PARTNER, "public_key", err);
 }
 
@@ -403,6 +500,16 @@ int kh_partner_cert_remove(const char *id, const char *cert_dir,
                             strerror(errno));
     if (!S_ISDIR(st.st_mode))
         return kh_error_set(err, KH_E_CONFIG, cert_dir, "not a directory");
+    /* The key before the current one first: while a rotation's overlap
+     * lasts, it admits the partner too. */
+    char previous[PATH_MAX];
+    if (s_cert_path(previous, sizeof previous, cert_dir, id, ".previous.cert",
+                    err) != 0)
+        return -1;
+    if (unlink(previous) != 0 && errno != ENOENT)
+        return kh_error_set(err, KH_E_IO, previous,
+                            "cannot remove public certificate: %s",
+                            strerror(errno));
     if (unlink(path) == 0)
         return 0;
     if (errno == ENOENT)
@@ -410,4 +517,109 @@ int kh_partner_cert_remove(const char *id, const char *cert_dir,
     return kh_error_set(err, KH_E_IO, path,
                         "cannot remove public certificate: %s",
                         strerror(errno));
+}
+
+/* The file of a rotation in cert_dir: its name (id + suffix) and the
+ * hidden one that keeps what it replaced until the rotation ends. */
+typedef struct {
+    char path[PATH_MAX];
+    char kept[PATH_MAX];
+} s_rotated_t;
+
+static int s_rotated_paths(s_rotated_t *files, const char *id,
+                           const char *cert_dir, kh_error_t *err)
+{
+    static const char *const suffixes[2] = {".cert", ".previous.cert"};
+    for (int i = 0; i < 2; i++) {
+        char hidden[64];
+        snprintf(hidden, sizeof hidden, ".%s%s.kept", id, suffixes[i]);
+        if (s_cert_path(files[i].path, sizeof files[i].path, cert_dir, id,
+                        suffixes[i], err) != 0 ||
+            s_cert_path(files[i].kept, sizeof files[i].kept, cert_dir, hidden,
+                        "", err) != 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* Write cert's public half to path through a hidden temporary file
+ * renamed over it, so that the directory never lacks the file. */
+static int s_cert_replace(zcert_t *cert, const char *path, kh_error_t *err)
+{
+    char temp[PATH_MAX];
+    const char *slash = strrchr(path, '/');
+    int n = snprintf(temp, sizeof temp, "%.*s/.%s.%ld.tmp",
+                     (int) (slash - path), path, slash + 1, (long) getpid());
+    if (n < 0 || (size_t) n >= sizeof temp)
+        return kh_error_set(err, KH_E_CONFIG, path,
+                            "certificate directory path is too long");
+    unlink(temp);
+    if (zcert_save_public(cert, temp) != 0 || chmod(temp, 0644) != 0 ||
+        rename(temp, path) != 0) {
+        int e = errno;
+        unlink(temp);
+        return kh_error_set(err, KH_E_IO, path,
+                            "cannot write public certificate: %s", strerror(e));
+    }
+    return 0;
+}
+
+int kh_partner_cert_rotate(zcert_t *cert, const char *id,
+                           const char *previous_key, const char *expires_at,
+                           const char *cert_dir, kh_error_t *err)
+{
+    if (!kh_partner_id_valid(id))
+        return kh_error_set(err, KH_E_CONFIG, "id", "bad partner id");
+    s_rotated_t files[2];
+    if (s_rotated_paths(files, id, cert_dir, err) != 0)
+        return -1;
+    struct stat st;
+    if (stat(cert_dir, &st) != 0 || !S_ISDIR(st.st_mode))
+        return kh_error_set(err, KH_E_CONFIG, cert_dir,
+                            "not a certificate directory");
+    for (int i = 0; i < 2; i++) {
+        unlink(files[i].kept);
+        if (link(files[i].path, files[i].kept) != 0 && errno != ENOENT)
+            return kh_error_set(err, KH_E_IO, files[i].kept,
+                                "cannot keep the certificate it replaces: %s",
+                                strerror(errno));
+    }
+    int rc = s_cert_replace(cert, files[0].path, err);
+    if (rc == 0 && expires_at) {
+        uint8_t key[32];
+        zcert_t *old = kh_partner_key_valid(previous_key) &&
+                               zmq_z85_decode(key, previous_key)
+                           ? zcert_new_from(key, (const uint8_t[32]){0})
+                           : NULL;
+        if (old) {
+            zcert_set_meta(old, "partner-id", "%s", id);
+            zcert_set_meta(old, "expires-at", "%s", expires_at);
+            rc = s_cert_replace(old, files[1].path, err);
+        } else
+            rc = kh_error_set(err, KH_E_CONFIG, "previous_key",
+                              "not a CURVE public key");
+        zcert_destroy(&old);
+    } else if (rc == 0 && unlink(files[1].path) != 0 && errno != ENOENT)
+        rc = kh_error_set(err, KH_E_IO, files[1].path,
+                          "cannot remove the certificate of the key before: "
+                          "%s",
+                          strerror(errno));
+    if (rc != 0)
+        kh_partner_cert_rotate_end(id, cert_dir, false);
+    return rc;
+}
+
+void kh_partner_cert_rotate_end(const char *id, const char *cert_dir, bool keep)
+{
+    kh_error_t err;
+    s_rotated_t files[2];
+    if (!kh_partner_id_valid(id) ||
+        s_rotated_paths(files, id, cert_dir, &err) != 0)
+        return;
+    for (int i = 0; i < 2; i++) {
+        if (keep)
+            unlink(files[i].kept);
+        else if (rename(files[i].kept, files[i].path) != 0 && errno == ENOENT)
+            unlink(files[i].path); /* it was not there before */
+    }
 }

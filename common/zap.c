@@ -7,12 +7,12 @@
  */
 #include "ketenhub/zap.h"
 
+#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 
 #define S_ZAP_ENDPOINT "inproc://zeromq.zap.01"
-
-static char s_present; /* the value of every key in the hash */
 
 struct _kh_zap_t {
     zsock_t *rep;
@@ -20,10 +20,26 @@ struct _kh_zap_t {
     char *cert_dir;   /* or the directory of admitted certificates */
     char *domain;     /* a ZAP domain with its own single key, or NULL */
     char *domain_key; /* the one key admitted in that domain */
-    zhashx_t *keys;   /* Z85 public key -> &s_present */
+    zhashx_t *keys;   /* Z85 public key -> its expiry (time_t, 0: none) */
     time_t modified;  /* the directory as last read */
+    time_t read_at;   /* when it was read */
     size_t count, size;
 };
+
+/* When a certificate's key stops admitting its partner: its metadata
+ * expires-at (RFC 3339 UTC, written by a key rotation for the key it
+ * replaced), or 0 for never. An expiry that cannot be read counts as
+ * passed. */
+static time_t s_expiry(zcert_t *cert)
+{
+    const char *text = zcert_meta(cert, "expires-at");
+    if (!text)
+        return 0;
+    struct tm tm = {0};
+    const char *end = strptime(text, "%Y-%m-%dT%H:%M:%SZ", &tm);
+    time_t at = end && *end == '\0' ? timegm(&tm) : (time_t) -1;
+    return at > 0 ? at : 1;
+}
 
 /* Re-read the partner directory if it changed since the last look. */
 static void s_refresh(kh_zap_t *self)
@@ -36,9 +52,12 @@ static void s_refresh(kh_zap_t *self)
         self->count = 0;
         return;
     }
+    /* A change in the second the directory was last read in may not have
+     * moved its time: such a reading is done again. */
     if (zdir_modified(dir) != self->modified ||
         zdir_count(dir) != self->count ||
-        (size_t) zdir_cursize(dir) != self->size) {
+        (size_t) zdir_cursize(dir) != self->size ||
+        self->modified >= self->read_at) {
         zhashx_purge(self->keys);
         zfile_t **files = zdir_flatten(dir);
         for (size_t i = 0; files && files[i]; i++) {
@@ -48,16 +67,34 @@ static void s_refresh(kh_zap_t *self)
                 (len > 7 && strcmp(name + len - 7, "_secret") == 0))
                 continue;
             zcert_t *cert = zcert_load(name);
-            if (cert)
-                zhashx_insert(self->keys, zcert_public_txt(cert), &s_present);
+            time_t *expiry = cert ? malloc(sizeof *expiry) : NULL;
+            if (expiry) {
+                *expiry = s_expiry(cert);
+                /* Of two files with one key, the one without an end (the
+                 * current key) decides. */
+                time_t *other =
+                    zhashx_lookup(self->keys, zcert_public_txt(cert));
+                if (other && (*other == 0 || *expiry == 0))
+                    *other = 0;
+                if (other || zhashx_insert(self->keys, zcert_public_txt(cert),
+                                           expiry) != 0)
+                    free(expiry);
+            }
             zcert_destroy(&cert);
         }
         zdir_flatten_free(&files);
         self->modified = zdir_modified(dir);
+        self->read_at = time(NULL);
         self->count = zdir_count(dir);
         self->size = (size_t) zdir_cursize(dir);
     }
     zdir_destroy(&dir);
+}
+
+static void s_free_expiry(void **item)
+{
+    free(*item);
+    *item = NULL;
 }
 
 kh_zap_t *kh_zap_new(const char *cert_dir, const char *only_key,
@@ -80,6 +117,8 @@ kh_zap_t *kh_zap_new(const char *cert_dir, const char *only_key,
     else
         self->cert_dir = strdup(cert_dir);
     self->keys = zhashx_new();
+    if (self->keys)
+        zhashx_set_destructor(self->keys, s_free_expiry);
     self->rep = zsock_new(ZMQ_REP);
     if (!(self->only_key || self->cert_dir) || !self->keys || !self->rep ||
         zsock_bind(self->rep, S_ZAP_ENDPOINT) != 0) {
@@ -215,7 +254,8 @@ int kh_zap_handle(kh_zap_t *self, char key[41], char address[64])
             rc = strcmp(key, self->only_key) == 0 ? 0 : 1;
         else {
             s_refresh(self);
-            rc = zhashx_lookup(self->keys, key) ? 0 : 1;
+            const time_t *expiry = zhashx_lookup(self->keys, key);
+            rc = expiry && (*expiry == 0 || time(NULL) < *expiry) ? 0 : 1;
         }
     }
     zmsg_t *reply = zmsg_new();

@@ -440,6 +440,17 @@ smoke_test() {
     fail "routing did not reload the edited rules on SIGHUP"
   echo "routing reloaded the edited rules (version ${version%"${version#????????????}"})"
 
+  say "a rotated key: the new one and, for its overlap, the old one admitted"
+  ctl partner rotate meldpunt-smoke --out /etc/ketenhub/issued/rotated \
+    --overlap 1 >/dev/null || fail "partner rotate meldpunt-smoke failed"
+  "$partner" "$@" --timeout 2000 --retries 5 ping >/dev/null ||
+    fail "intake refused the key before the rotation within its overlap"
+  rotated="$work/issued/rotated/meldpunt-smoke.cert"
+  "$partner" --endpoint "$endpoint" --hub-cert "$work/hub/hub.cert" \
+    --cert "$rotated" --timeout 2000 --retries 5 ping >/dev/null ||
+    fail "intake refused the rotated key"
+  echo "meldpunt-smoke answered with its key before and after the rotation"
+
   say "a revoked partner is refused without a restart"
   ctl partner revoke meldpunt-smoke >/dev/null ||
     fail "partner revoke meldpunt-smoke failed"

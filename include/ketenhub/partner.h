@@ -1,9 +1,11 @@
 /*
  * Partner registry: the organisations whose systems may connect to the
- * hub, each identified by one CURVE key (promise 4: identity from keys).
- * The rows live in the partners table; the public certificates live as
- * files <id>.cert in the partner certificate directory, which zauth reads
- * (CURVE <dir>) to decide who may connect at all. The secret half of a
+ * hub, each identified by its CURVE key (promise 4: identity from keys).
+ * The rows live in the partners table and the keys, the current one and
+ * those it replaced, in partner_keys; the public certificates live as
+ * files <id>.cert (and, while a rotation's overlap lasts,
+ * <id>.previous.cert) in the partner certificate directory, which the ZAP
+ * handler reads to decide who may connect at all. The secret half of a
  * partner's certificate is written once, for the partner, and never kept
  * by the hub.
  *
@@ -50,7 +52,18 @@ typedef struct {
     char created_at[40]; /* UTC, "2026-11-28T21:09:27Z" */
     char revoked_at[40]; /* "" while active */
     bool revoked;
+    /* Until when the key before public_key still admits the partner (a
+     * rotation's overlap), UTC; "" when no other key does. */
+    char previous_key_until[40];
 } kh_partner_t;
+
+/* The keys that admit a partner now, each with its partner's id: the
+ * current and, while a rotation's overlap lasts, the previous key of
+ * every partner that is not revoked. The services' key maps. */
+#define KH_PARTNER_KEYS_SQL                                                    \
+    "SELECT k.curve_public_key, k.partner_id FROM partner_keys k"              \
+    " JOIN partners p ON p.id = k.partner_id WHERE p.revoked_at IS NULL"       \
+    " AND (k.expires_at IS NULL OR k.expires_at > now())"
 
 /* Wire/database name of a kind ("chain_director"); "unknown" if out of
  * range. */
@@ -89,10 +102,23 @@ int kh_partner_list(PGconn *conn, bool include_revoked, kh_partner_list_fn *fn,
  * for an unknown id). */
 int kh_partner_revoke(PGconn *conn, const char *id, kh_error_t *err);
 
+/* Give partner id a new current key, public_key, inside the caller's
+ * transaction. The key it replaces (copied to previous) still admits the
+ * partner for overlap_s seconds, until expires_at (RFC 3339 UTC); with 0
+ * it admits it no longer. A key that an earlier rotation left admitting
+ * the partner stops now: a partner has at most two keys at a time. Refuses
+ * an unknown id (KH_E_NOT_FOUND), a revoked partner (KH_E_CONFIG at "id")
+ * and a key that was ever registered (KH_E_CONFIG at "public_key").
+ * Returns 0 or -1 with err. */
+int kh_partner_rotate(PGconn *conn, const char *id, const char *public_key,
+                      int overlap_s, char previous[KH_PARTNER_KEY_LEN + 1],
+                      char expires_at[40], kh_error_t *err);
+
 /* Find the partner that owns a CURVE public key (Z85), e.g. the ZAP
- * User-Id of a frame. Returns 0 and fills *out, revoked or not (the
- * caller checks out->revoked and out->handles_cases); -1 with err:
- * KH_E_UNKNOWN_PARTNER when no partner has the key. */
+ * User-Id of a frame, whether the key is its current one or one it had.
+ * Returns 0 and fills *out, revoked or not (the caller checks out->revoked
+ * and out->handles_cases); -1 with err: KH_E_UNKNOWN_PARTNER when no
+ * partner has the key. */
 int kh_partner_lookup_key(PGconn *conn, const char *public_key,
                           kh_partner_t *out, kh_error_t *err);
 
@@ -120,7 +146,25 @@ int kh_partner_cert_install(zcert_t *cert, const char *id, const char *cert_dir,
 int kh_partner_cert_export(zcert_t *cert, const char *id, const char *out_dir,
                            kh_error_t *err);
 
-/* Remove <cert_dir>/<id>.cert, so zauth refuses the key from now on (a
+/* A rotation's files, written before its commit: <cert_dir>/<id>.cert
+ * becomes the public half of cert, and <id>.previous.cert the key it
+ * replaces, previous_key, with the metadata expires-at = expires_at after
+ * which the ZAP handler refuses it; with expires_at NULL (no overlap) that
+ * file is removed. Each is renamed into place, so the directory never
+ * lacks the partner's key. The files they replace are kept until
+ * kh_partner_cert_rotate_end. Returns 0, or -1 with err and the files as
+ * they were. */
+int kh_partner_cert_rotate(zcert_t *cert, const char *id,
+                           const char *previous_key, const char *expires_at,
+                           const char *cert_dir, kh_error_t *err);
+
+/* End a rotation's files: after its commit (keep) forget the files they
+ * replaced; after a rollback put those back. */
+void kh_partner_cert_rotate_end(const char *id, const char *cert_dir,
+                                bool keep);
+
+/* Remove <cert_dir>/<id>.cert and <id>.previous.cert, so the ZAP handler
+ * refuses the partner's keys from now on (a
  * connection already open stays open: services also check revoked_at).
  * Returns 0 when it was removed, 1 when there was no such file, -1 with
  * err when it cannot be removed or cert_dir is not a directory

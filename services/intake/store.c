@@ -16,6 +16,7 @@
 
 #include "ketenhub/db.h"
 #include "ketenhub/log.h"
+#include "ketenhub/partner.h"
 #include "ketenhub/pgarray.h"
 
 struct _store_t {
@@ -117,9 +118,6 @@ static const char *s_status_sql =
     "    ORDER BY d.partner_id) FROM deliveries d"
     "    WHERE d.referral_id = r.id), '[]')"
     " FROM referrals r WHERE r.id = $1::uuid AND r.partner_id = $2";
-
-static const char *s_partners_sql =
-    "SELECT curve_public_key, id FROM partners WHERE revoked_at IS NULL";
 
 store_t *store_new(const char *conninfo)
 {
@@ -243,7 +241,7 @@ int store_connect(store_t *self, kh_error_t *err)
     static const char *const reader_names[] = {"lookup", "status", "partners",
                                                "conflicts"};
     const char *const reader_sql[] = {s_lookup_sql, s_status_sql,
-                                      s_partners_sql, s_conflicts_sql};
+                                      KH_PARTNER_KEYS_SQL, s_conflicts_sql};
     static const int reader_nparams[] = {2, 2, 0, 3};
     if (kh_db_exec(conns[0], "SET plan_cache_mode = force_generic_plan", err) ||
         s_prepare(conns[0], writer_names, writer_sql, writer_nparams, 1, err) ||

@@ -13,6 +13,7 @@
 #include "dstore_sql.h"
 #include "ketenhub/db.h"
 #include "ketenhub/log.h"
+#include "ketenhub/partner.h"
 #include "ketenhub/pgarray.h"
 
 struct _dstore_t {
@@ -35,9 +36,6 @@ static const char *s_refused_sql =
     " reason_code, origin_service, origin_peer)"
     " VALUES ('partner', $1, 'auth.refused', 'refused', $3,"
     " 'notification', $2)";
-
-static const char *s_partners_sql =
-    "SELECT curve_public_key, id FROM partners WHERE revoked_at IS NULL";
 
 #define S_PARAMS_MAX 9 /* the most parameters of a statement (re-send) */
 
@@ -234,7 +232,7 @@ static PGresult *s_run(dstore_t *self, s_stmt_t stmt, const char *sql,
 zhashx_t *dstore_partners(dstore_t *self, kh_error_t *err)
 {
     PGresult *res =
-        s_run(self, S_STATEMENTS, s_partners_sql, 0, NULL, -1, 0, err);
+        s_run(self, S_STATEMENTS, KH_PARTNER_KEYS_SQL, 0, NULL, -1, 0, err);
     if (!res)
         return NULL;
     zhashx_t *partners = zhashx_new();

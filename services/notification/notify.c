@@ -506,6 +506,25 @@ static void s_load_partners(notify_t *self)
     self->partners = partners;
 }
 
+/* Forget the connections whose key no longer admits their partner
+ * (revoked, or the key before a rotation whose overlap ended): they are
+ * sent nothing more, and their frames are refused from now on. Not while
+ * a frame is being handled, which may hold a connection. */
+static void s_drop_unadmitted(notify_t *self)
+{
+    if (!self->partners)
+        return;
+    zlistx_t *keys = zhashx_keys(self->conns);
+    for (const char *key = keys ? zlistx_first(keys) : NULL; key;
+         key = zlistx_next(keys)) {
+        s_conn_t *conn = zhashx_lookup(self->conns, key);
+        const char *id = zhashx_lookup(self->partners, conn->key);
+        if (!id || strcmp(id, conn->partner) != 0)
+            s_conn_drop(self, conn, "key_not_admitted");
+    }
+    zlistx_destroy(&keys);
+}
+
 /* The partner of an authenticated key; an unknown key re-reads the
  * registry (at most once a second), so a partner added at run time is
  * known at its first frame. */
@@ -1397,8 +1416,10 @@ static int s_on_refresh(zloop_t *loop, int timer_id, void *arg)
     (void) loop;
     (void) timer_id;
     notify_t *self = arg;
-    if (dstore_up(self->store))
+    if (dstore_up(self->store)) {
         s_load_partners(self);
+        s_drop_unadmitted(self);
+    }
     return 0;
 }
 

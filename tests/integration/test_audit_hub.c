@@ -390,6 +390,10 @@ START_TEST(a_hub_trail_is_complete_sealed_and_free_of_personal_data)
                            1, 5000));
     khtest_write_file(s_path("rules.yaml"), rules);
     free(rules);
+    ck_assert_int_eq(s_run(NULL, S_CTL, "partner", "rotate", "oud-meldpunt",
+                           "--cert-dir", s_path("partners"), "--out",
+                           s_path("rotated"), S_END),
+                     0);
     ck_assert_int_eq(s_run(NULL, S_CTL, "partner", "revoke", "oud-meldpunt",
                            "--cert-dir", s_path("partners"), S_END),
                      0);
@@ -576,7 +580,8 @@ START_TEST(a_hub_trail_is_complete_sealed_and_free_of_personal_data)
               " 'delivery.nacked', 'delivery.dead', 'delivery.escalated',"
               " 'delivery.retried', 'rules.reloaded', 'rules.reload_failed',"
               " 'auth.refused', 'partner.added', 'partner.revoked',"
-              " 'trail.queried', 'trail.exported', 'trail.verified')");
+              " 'partner.key_rotated', 'trail.queried', 'trail.exported',"
+              " 'trail.verified')");
     ck_assert_int_eq(unknown, 0);
 
     /* Stop everything (the logs are complete then). */

@@ -1115,6 +1115,121 @@ START_TEST(partners_added_and_removed_while_running)
 }
 END_TEST
 
+/* Submit referral under key with the client of name; the referral's id,
+ * or NULL when the request got no ACCEPTED answer. */
+static char *s_accepted_by(const char *name, const json_t *referral,
+                           const char *key)
+{
+    kh_client_t *client = s_client(name);
+    kh_error_t err;
+    json_t *reply = kh_client_submit(client, referral, key, 2000, &err);
+    kh_client_destroy(&client);
+    char *id = reply && strcmp(kh_client_reply_cmd(reply), "ACCEPTED") == 0
+                   ? strdup(s_str(reply, "referral_id"))
+                   : NULL;
+    json_decref(reply);
+    return id;
+}
+
+/* A partner whose key an administrator rotates keeps its id: during the
+ * overlap the old and the new key both submit as that partner; once the
+ * overlap ends, the old key is refused at the handshake. The handshake
+ * also honours the end a certificate names while its file is there. */
+START_TEST(a_rotated_key_admits_its_partner_for_the_overlap_only)
+{
+    setenv("KH_DATABASE_URL", s_conninfo, 1);
+    unsetenv("KH_PARTNER_CERT_DIR");
+    char *text = NULL;
+    int rc = KHTEST_CTL(&text, "partner", "add", "rotating", "--name", "R",
+                        "--kind", "other", "--cert-dir", s_path("partners"),
+                        "--out", s_path("rot1"));
+    ck_assert_msg(rc == 0, "partner add: %s", text);
+    free(text);
+    json_t *referral = s_example();
+    char *id = s_accepted_by("rot1/rotating", referral, "rot-1");
+    ck_assert_ptr_nonnull(id);
+    free(id);
+
+    rc = KHTEST_CTL(&text, "partner", "rotate", "rotating", "--cert-dir",
+                    s_path("partners"), "--out", s_path("rot2"), "--overlap",
+                    "1");
+    ck_assert_msg(rc == 0, "partner rotate: %s", text);
+    free(text);
+    const char *keys[] = {"rot-2", "rot-3"};
+    const char *names[] = {"rot1/rotating", "rot2/rotating"};
+    for (int i = 0; i < 2; i++) {
+        json_t *another = s_another(referral);
+        id = s_accepted_by(names[i], another, keys[i]);
+        ck_assert_msg(id != NULL, "%s was not accepted", names[i]);
+        char sql[256];
+        snprintf(sql, sizeof sql,
+                 "SELECT count(*) FROM referrals WHERE id = '%s' AND "
+                 "partner_id = 'rotating'",
+                 id);
+        ck_assert_int_eq(s_count(sql), 1);
+        free(id);
+        json_decref(another);
+    }
+
+    /* The previous certificate names its end: past it, the handshake
+     * refuses the key although the registry still admits it. */
+    char *previous =
+        khtest_read_file(s_path("partners/rotating.previous.cert"));
+    ck_assert_ptr_nonnull(previous);
+    char *at = strstr(previous, "expires-at = \"");
+    ck_assert_ptr_nonnull(at);
+    memcpy(at + strlen("expires-at = \""), "2001", 4);
+    khtest_write_file(s_path("partners/rotating.previous.cert"), previous);
+    kh_client_t *client = s_client("rot1/rotating");
+    kh_error_t err;
+    ck_assert_int_eq(kh_client_ping(client, 2000, &err), -1);
+    ck_assert_int_eq(err.code, KH_E_UNKNOWN_PARTNER);
+    kh_client_destroy(&client);
+    memcpy(at + strlen("expires-at = \""), "2999", 4);
+    khtest_write_file(s_path("partners/rotating.previous.cert"), previous);
+    free(previous);
+    client = s_client("rot1/rotating");
+    ck_assert_int_eq(kh_client_ping(client, S_TIMEOUT, &err), 0);
+    kh_client_destroy(&client);
+    /* And past the registry's end, the request is refused although the
+     * handshake lets the key in. */
+    ck_assert_int_eq(s_count("WITH e AS (UPDATE partner_keys SET expires_at ="
+                             " now() WHERE partner_id = 'rotating' AND"
+                             " expires_at IS NOT NULL RETURNING 1)"
+                             " SELECT count(*) FROM e"),
+                     1);
+    zclock_sleep(400); /* KH_PARTNER_REFRESH_MS=200 */
+    json_t *another = s_another(referral);
+    client = s_client("rot1/rotating");
+    json_t *reply = kh_client_submit(client, another, "rot-4", S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(reply);
+    ck_assert_str_eq(s_str(reply, "code"), "unknown_partner");
+    json_decref(reply);
+    kh_client_destroy(&client);
+
+    /* A rotation without overlap: the new key only, at once. */
+    rc = KHTEST_CTL(&text, "partner", "rotate", "rotating", "--cert-dir",
+                    s_path("partners"), "--out", s_path("rot3"), "--overlap",
+                    "0");
+    ck_assert_msg(rc == 0, "partner rotate: %s", text);
+    free(text);
+    for (int i = 0; i < 2; i++) {
+        client = s_client(names[i]);
+        ck_assert_int_eq(kh_client_ping(client, 2000, &err), -1);
+        ck_assert_int_eq(err.code, KH_E_UNKNOWN_PARTNER);
+        kh_client_destroy(&client);
+    }
+    id = s_accepted_by("rot3/rotating", another, "rot-5");
+    ck_assert_ptr_nonnull(id);
+    free(id);
+    json_decref(another);
+    json_decref(referral);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM referrals WHERE "
+                             "partner_id = 'rotating'"),
+                     4);
+}
+END_TEST
+
 /* After the commit, intake tells routing (CURVE, the hub's own key) which
  * referrals are new; a resubmission is not news. */
 START_TEST(accepted_referrals_wake_routing)
@@ -1685,6 +1800,7 @@ int main(void)
     tcase_add_test(tc, a_conflict_with_a_concurrent_commit_is_audited);
     tcase_add_test(tc, unknown_keys_and_plain_clients_are_refused);
     tcase_add_test(tc, partners_added_and_removed_while_running);
+    tcase_add_test(tc, a_rotated_key_admits_its_partner_for_the_overlap_only);
     tcase_add_test(tc, accepted_referrals_wake_routing);
     tcase_add_test(tc, submitted_referrals_are_routed_with_their_projections);
     tcase_add_test(tc, killed_before_commit_then_retry_succeeds_once);

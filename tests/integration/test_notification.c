@@ -15,6 +15,7 @@
 
 #include "dstore_sql.h"
 #include "ketenhub/codec.h"
+#include "ketenhub/partner.h"
 #include "ketenhub/proto.h"
 #include "ketenhub/zap.h"
 #include "khpartner.h"
@@ -2031,6 +2032,76 @@ START_TEST(an_ack_on_another_connection_frees_the_window_it_came_in)
 }
 END_TEST
 
+/* A connection made with the key before a rotation is served during the
+ * overlap; once the overlap ends it is forgotten and sent nothing more,
+ * and what it held goes to the partner's connection with the new key. */
+START_TEST(a_connection_whose_key_overlap_ended_is_sent_nothing_more)
+{
+    /* avim's new key: avim-new.cert here, its public half in the partner
+     * directory; avim.cert is the key before, for an hour more. */
+    zcert_t *fresh = zcert_new();
+    ck_assert_int_eq(zcert_save(fresh, s_path("avim-new.cert")), 0);
+    ck_assert_int_eq(zcert_save_public(fresh, s_path("partners/avim-new.cert")),
+                     0);
+    char previous[KH_PARTNER_KEY_LEN + 1], until[40];
+    kh_error_t err;
+    khtest_db_exec(s_db, "BEGIN", 0, NULL);
+    ck_assert_int_eq(kh_partner_rotate(s_db, "avim", zcert_public_txt(fresh),
+                                       3600, previous, until, &err),
+                     0);
+    khtest_db_exec(s_db, "COMMIT", 0, NULL);
+    zcert_destroy(&fresh);
+    char first[37], second[37];
+    s_delivery("avim", "normal", 0, NULL, first);
+
+    pid_t pid = s_start3("notification.log", "KH_PARTNER_REFRESH_MS=200",
+                         "KH_NOTIFY_BACKOFF_MAX_MS=60000",
+                         "KH_NOTIFY_ACK_TIMEOUT_MS=30000");
+    zsock_t *old = s_partner("avim");
+    s_hello(old, 4);
+    json_t *msg = s_expect(old, "DELIVER", 5000);
+    ck_assert_msg(msg != NULL, "the key before was sent nothing");
+    ck_assert_str_eq(s_str(msg, "delivery_id"), first);
+    json_decref(msg);
+    zsock_t *now = s_partner("avim-new");
+    s_hello(now, 4);
+
+    khtest_db_exec(s_db,
+                   "UPDATE partner_keys SET expires_at = now() WHERE "
+                   "partner_id = 'avim' AND expires_at IS NOT NULL",
+                   0, NULL);
+    ck_assert(s_log_has("notification.log",
+                        "partner=avim peer=127.0.0.1 reason=key_not_admitted",
+                        5000));
+    s_delivery("avim", "normal", 0, NULL, second);
+    /* The new key's connection gets both: the one the old connection held
+     * (due again at once, as for any connection that goes) and the new. */
+    char got[2][37];
+    int ngot = 0;
+    int64_t until_ms = zclock_mono() + 5000;
+    while (ngot < 2 && zclock_mono() < until_ms) {
+        msg = s_expect(now, "DELIVER", 500);
+        if (msg)
+            snprintf(got[ngot++], 37, "%s", s_str(msg, "delivery_id"));
+        json_decref(msg);
+    }
+    ck_assert_int_eq(ngot, 2);
+    ck_assert(strcmp(got[0], first) == 0 || strcmp(got[1], first) == 0);
+    ck_assert(strcmp(got[0], second) == 0 || strcmp(got[1], second) == 0);
+    msg = s_expect(old, "DELIVER", 1000);
+    ck_assert_msg(msg == NULL, "a key past its overlap was sent a delivery");
+    /* Its frames are refused now. */
+    s_answer(old, first, NULL);
+    msg = s_expect(old, "REJECTED", 3000);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert_str_eq(s_str(msg, "code"), "unknown_partner");
+    json_decref(msg);
+    zsock_destroy(&old);
+    zsock_destroy(&now);
+    s_stop(pid);
+}
+END_TEST
+
 /* Only a connection that said HELLO is sent deliveries: a probe that
  * PINGs the delivery socket (ketenhub-partner ping), or a connection that
  * only answers, is answered and takes none, so that none waits for an ACK
@@ -2314,6 +2385,8 @@ static Suite *s_suite(void)
     tcase_add_test(odd,
                    an_ack_on_another_connection_frees_the_window_it_came_in);
     tcase_add_test(odd, a_connection_without_hello_is_sent_no_deliveries);
+    tcase_add_test(odd,
+                   a_connection_whose_key_overlap_ended_is_sent_nothing_more);
     tcase_add_test(odd, a_partner_over_its_connections_is_throttled);
     suite_add_tcase(suite, odd);
     TCase *big = tcase_create("backlog");

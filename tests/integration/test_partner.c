@@ -621,6 +621,223 @@ START_TEST(test_ctl_end_to_end)
 }
 END_TEST
 
+/* The public key in cert_dir/name, and its expires-at ("" if none). */
+static void s_cert_key(const char *cert_dir, const char *name,
+                       char key[KH_PARTNER_KEY_LEN + 1], char expires[40])
+{
+    char path[4096];
+    snprintf(path, sizeof path, "%s/%s", cert_dir, name);
+    zcert_t *cert = zcert_load(path);
+    ck_assert_msg(cert != NULL, "cannot load %s", path);
+    snprintf(key, KH_PARTNER_KEY_LEN + 1, "%s", zcert_public_txt(cert));
+    const char *meta = zcert_meta(cert, "expires-at");
+    snprintf(expires, 40, "%s", meta ? meta : "");
+    zcert_destroy(&cert);
+}
+
+/* The keys that admit partner id now (KH_PARTNER_KEYS_SQL, which the
+ * services read), sorted, comma-separated. */
+static char *s_admitted(PGconn *conn, const char *id)
+{
+    char sql[512];
+    snprintf(sql, sizeof sql,
+             "SELECT coalesce(string_agg(curve_public_key, ',' ORDER BY "
+             "curve_public_key), '') FROM (" KH_PARTNER_KEYS_SQL
+             ") k WHERE partner_id = '%s'",
+             id);
+    return khtest_db_value(conn, sql);
+}
+
+/* A key rotation gives the partner a new key under the same id; the key
+ * it replaces admits the partner during the overlap, and the files agree
+ * with the registry at every step, also when the rotation fails. */
+START_TEST(test_rotate)
+{
+    PGconn *conn = khtest_db_empty(DB);
+    char *conninfo = khtest_db_conninfo(DB);
+    setenv("KH_DATABASE_URL", conninfo, 1);
+    free(conninfo);
+    unsetenv("KH_PARTNER_CERT_DIR");
+    setenv("KH_MIGRATIONS_DIR", khtest_src("migrations"), 1);
+    char *cert_dir = khtest_tmpdir();
+    char *out[4];
+    for (int i = 0; i < 4; i++)
+        out[i] = khtest_tmpdir();
+    char *text = NULL;
+    ck_assert_int_eq(KHTEST_CTL(&text, "migrate"), 0);
+    free(text);
+    int rc =
+        KHTEST_CTL(&text, "partner", "add", "avim", "--name", "AVIM", "--kind",
+                   "police", "--cert-dir", cert_dir, "--out", out[0]);
+    ck_assert_msg(rc == 0, "partner add: %s", text);
+    free(text);
+    char first[KH_PARTNER_KEY_LEN + 1], second[KH_PARTNER_KEY_LEN + 1];
+    char key[KH_PARTNER_KEY_LEN + 1], expires[40];
+    s_cert_key(cert_dir, "avim.cert", first, expires);
+    ck_assert_str_eq(expires, "");
+    char *admitted = s_admitted(conn, "avim");
+    ck_assert_str_eq(admitted, first);
+    free(admitted);
+
+    /* Rotation with an overlap of 2 hours. */
+    ck_assert_int_eq(KHTEST_CTL(NULL, "partner", "rotate", "--help"), 0);
+    rc = KHTEST_CTL(&text, "partner", "rotate", "avim", "--cert-dir", cert_dir,
+                    "--out", out[1], "--overlap", "2");
+    ck_assert_msg(rc == 0, "partner rotate: %s", text);
+    free(text);
+    s_cert_key(out[1], "avim.cert", second, expires);
+    s_cert_key(cert_dir, "avim.cert", key, expires);
+    ck_assert_str_eq(key, second);
+    ck_assert_str_eq(expires, "");
+    ck_assert(s_file_exists(out[1], "avim.cert_secret"));
+    s_cert_key(cert_dir, "avim.previous.cert", key, expires);
+    ck_assert_str_eq(key, first);
+    char *until = khtest_db_value(
+        conn, "SELECT to_char(expires_at AT TIME ZONE 'UTC', "
+              "'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') FROM partner_keys WHERE "
+              "partner_id = 'avim' AND expires_at IS NOT NULL");
+    ck_assert_str_eq(expires, until);
+    ck_assert_int_eq(
+        khtest_db_count(conn, "SELECT count(*) FROM partner_keys WHERE "
+                              "partner_id = 'avim' AND expires_at BETWEEN "
+                              "now() + interval '119 minutes' AND now() + "
+                              "interval '2 hours'"),
+        1);
+    admitted = s_admitted(conn, "avim");
+    char both[2 * KH_PARTNER_KEY_LEN + 2];
+    snprintf(both, sizeof both, "%s,%s",
+             strcmp(first, second) < 0 ? first : second,
+             strcmp(first, second) < 0 ? second : first);
+    ck_assert_str_eq(admitted, both);
+    free(admitted);
+    kh_error_t err;
+    kh_partner_t p;
+    ck_assert_int_eq(kh_partner_get(conn, "avim", &p, &err), 0);
+    ck_assert_str_eq(p.public_key, second);
+    ck_assert_str_eq(p.previous_key_until, until);
+    free(until);
+    ck_assert_int_eq(kh_partner_lookup_key(conn, first, &p, &err), 0);
+    ck_assert_str_eq(p.id, "avim");
+    ck_assert_int_eq(KHTEST_CTL(&text, "partner", "list", "--json"), 0);
+    ck_assert_ptr_nonnull(strstr(text, "\"previous_key_until\": \"20"));
+    free(text);
+
+    /* Failures change nothing: secrets already in --out, an unknown or
+     * revoked partner, bad arguments. */
+    rc = KHTEST_CTL(&text, "partner", "rotate", "avim", "--cert-dir", cert_dir,
+                    "--out", out[1]);
+    ck_assert_msg(rc == 1, "rotate into a used --out: %d: %s", rc, text);
+    free(text);
+    ck_assert_int_eq(KHTEST_CTL(&text, "partner", "rotate", "nobody",
+                                "--cert-dir", cert_dir, "--out", out[2]),
+                     1);
+    free(text);
+    const char *usage[][8] = {
+        {"partner", "rotate", "avim", "--cert-dir", cert_dir, "--out", out[2],
+         "--overlap"},
+        {"partner", "rotate", "avim", "--cert-dir", cert_dir, "--overlap", "1"},
+        {"partner", "rotate", "avim", "--out", out[2]},
+        {"partner", "rotate", "avim", "--cert-dir", "/nonexistent", "--out",
+         out[2]},
+        {"partner", "rotate", "--cert-dir", cert_dir, "--out", out[2]},
+        {"partner", "rotate", "Bad", "--cert-dir", cert_dir, "--out", out[2]},
+    };
+    const char *overlaps[] = {"-1", "x", "2161", "1h", " 1"};
+    for (size_t i = 0; i < sizeof overlaps / sizeof *overlaps; i++) {
+        rc = KHTEST_CTL(&text, "partner", "rotate", "avim", "--cert-dir",
+                        cert_dir, "--out", out[2], "--overlap", overlaps[i]);
+        ck_assert_msg(rc == 2, "--overlap '%s': %d", overlaps[i], rc);
+        free(text);
+    }
+    for (size_t i = 0; i < sizeof usage / sizeof *usage; i++) {
+        const char *args[9] = {0};
+        for (int j = 0; j < 8 && usage[i][j]; j++)
+            args[j] = usage[i][j];
+        rc = khtest_ctl(&text, args);
+        ck_assert_msg(rc == 2, "usage case %zu: %d: %s", i, rc, text);
+        free(text);
+    }
+    ck_assert(!s_file_exists(out[2], "avim.cert"));
+    s_cert_key(cert_dir, "avim.cert", key, expires);
+    ck_assert_str_eq(key, second);
+    s_cert_key(cert_dir, "avim.previous.cert", key, expires);
+    ck_assert_str_eq(key, first);
+    admitted = s_admitted(conn, "avim");
+    ck_assert_str_eq(admitted, both);
+    free(admitted);
+    ck_assert_int_eq(khtest_db_count(conn, "SELECT count(*) FROM partner_keys"),
+                     2);
+
+    /* A key the registry ever had is never registered again, for any
+     * partner. */
+    ck_assert_int_eq(kh_partner_register(conn, "other-one", "Other",
+                                         KH_PARTNER_OTHER, true, first, &err),
+                     -1);
+    ck_assert_str_eq(err.path, "public_key");
+
+    /* A rotation without overlap: the key before admits nobody at once,
+     * and neither does the one before it, whose overlap it ends. */
+    rc = KHTEST_CTL(&text, "partner", "rotate", "avim", "--cert-dir", cert_dir,
+                    "--out", out[2], "--overlap", "0");
+    ck_assert_msg(rc == 0, "partner rotate: %s", text);
+    ck_assert_ptr_nonnull(strstr(text, "no longer admits"));
+    free(text);
+    ck_assert(!s_file_exists(cert_dir, "avim.previous.cert"));
+    char third[KH_PARTNER_KEY_LEN + 1];
+    s_cert_key(out[2], "avim.cert", third, expires);
+    admitted = s_admitted(conn, "avim");
+    ck_assert_str_eq(admitted, third);
+    free(admitted);
+    s_cert_key(cert_dir, "avim.cert", key, expires);
+    ck_assert_str_eq(key, third);
+    ck_assert_int_eq(kh_partner_get(conn, "avim", &p, &err), 0);
+    ck_assert_str_eq(p.previous_key_until, "");
+
+    /* Each rotation is in the trail; the failed ones left nothing. */
+    ck_assert_int_eq(
+        khtest_db_count(conn, "SELECT count(*) FROM audit_events WHERE "
+                              "action = 'partner.key_rotated' AND "
+                              "partner_id = 'avim' AND actor_kind = 'admin'"),
+        2);
+
+    /* revoke removes both files; a revoked partner gets no new key. */
+    rc = KHTEST_CTL(&text, "partner", "rotate", "avim", "--cert-dir", cert_dir,
+                    "--out", out[3]);
+    ck_assert_msg(rc == 0, "partner rotate: %s", text);
+    free(text);
+    ck_assert(s_file_exists(cert_dir, "avim.previous.cert"));
+    ck_assert_int_eq(
+        KHTEST_CTL(&text, "partner", "revoke", "avim", "--cert-dir", cert_dir),
+        0);
+    free(text);
+    ck_assert(!s_file_exists(cert_dir, "avim.cert"));
+    ck_assert(!s_file_exists(cert_dir, "avim.previous.cert"));
+    admitted = s_admitted(conn, "avim");
+    ck_assert_str_eq(admitted, "");
+    free(admitted);
+    khtest_rmtree(out[3]);
+    rc = KHTEST_CTL(&text, "partner", "rotate", "avim", "--cert-dir", cert_dir,
+                    "--out", out[3]);
+    ck_assert_msg(rc == 1 && strstr(text, "revoked"), "rotate revoked: %d: %s",
+                  rc, text);
+    free(text);
+    ck_assert(!s_file_exists(cert_dir, "avim.cert"));
+    ck_assert(!s_file_exists(out[3], "avim.cert"));
+    ck_assert_int_eq(khtest_db_count(conn,
+                                     "SELECT count(*) FROM audit_events WHERE "
+                                     "action = 'partner.key_rotated'"),
+                     3);
+
+    khtest_rmtree(cert_dir);
+    free(cert_dir);
+    for (int i = 0; i < 4; i++) {
+        khtest_rmtree(out[i]);
+        free(out[i]);
+    }
+    PQfinish(conn);
+}
+END_TEST
+
 static Suite *s_suite(void)
 {
     Suite *s = suite_create("partner");
@@ -632,6 +849,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_bad_input_refused);
     tcase_add_test(tc, test_cert_files);
     tcase_add_test(tc, test_ctl_end_to_end);
+    tcase_add_test(tc, test_rotate);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -1,14 +1,16 @@
 /*
- * ketenhubctl partner add / list / revoke: the partner registry for
- * administrators. add and revoke change the database and the certificate
- * directory together: the row is committed only when the files are in
- * place, and the files are removed again when the commit fails.
+ * ketenhubctl partner add / list / rotate / revoke: the partner registry
+ * for administrators. add, rotate and revoke change the database and the
+ * certificate directory together: the rows are committed only when the
+ * files are in place, and the files are put back as they were when the
+ * commit fails.
  */
 #include <getopt.h>
 #include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "ctl.h"
@@ -23,9 +25,12 @@ static void s_usage(FILE *out)
             "[--no-cases]\n"
             "                               --cert-dir DIR --out DIR\n"
             "       ketenhubctl partner list [--active] [--json]\n"
+            "       ketenhubctl partner rotate ID --cert-dir DIR --out DIR\n"
+            "                                  [--overlap HOURS]\n"
             "       ketenhubctl partner revoke ID --cert-dir DIR\n"
             "\n"
-            "Run `ketenhubctl partner add|list|revoke --help` for details.\n");
+            "Run `ketenhubctl partner add|list|rotate|revoke --help` for "
+            "details.\n");
 }
 
 static void s_usage_add(FILE *out)
@@ -63,8 +68,47 @@ static void s_usage_list(FILE *out)
     fprintf(out, "usage: ketenhubctl partner list [--active] [--json]\n"
                  "\n"
                  "  --active  leave out revoked partners\n"
-                 "  --json    one JSON array, for scripts\n"
+                 "  --json    one JSON array, for scripts (previous_key_until: "
+                 "until when\n"
+                 "            the key before a rotation still admits the "
+                 "partner)\n"
                  "  --help    this text\n");
+}
+
+#define S_OVERLAP_DEFAULT_H 24
+#define S_OVERLAP_MAX_H (24 * 90)
+
+static void s_usage_rotate(FILE *out)
+{
+    fprintf(out,
+            "usage: ketenhubctl partner rotate ID --cert-dir DIR --out DIR\n"
+            "                                  [--overlap HOURS]\n"
+            "\n"
+            "Give a partner a new CURVE key pair under the same id: its "
+            "deliveries,\n"
+            "referrals and the rules that name it stay as they are. The new "
+            "public\n"
+            "certificate replaces DIR/ID.cert; ID.cert and ID.cert_secret go "
+            "to the\n"
+            "--out directory, for the partner. The key it replaces still "
+            "admits the\n"
+            "partner for the overlap (DIR/ID.previous.cert, which says until "
+            "when), so\n"
+            "that the partner can switch without a gap; a rotation during "
+            "an overlap\n"
+            "ends the one before.\n"
+            "\n"
+            "  --cert-dir DIR   the hub's partner certificate directory "
+            "(default:\n"
+            "                   $KH_PARTNER_CERT_DIR)\n"
+            "  --out DIR        where to write the partner's new key pair "
+            "(created,\n"
+            "                   0700; files of the same name must not exist)\n"
+            "  --overlap HOURS  how long the key it replaces still admits the "
+            "partner,\n"
+            "                   0 to %d (default %d); 0 when the key leaked\n"
+            "  --help           this text\n",
+            S_OVERLAP_MAX_H, S_OVERLAP_DEFAULT_H);
 }
 
 static void s_usage_revoke(FILE *out)
@@ -72,9 +116,10 @@ static void s_usage_revoke(FILE *out)
     fprintf(out,
             "usage: ketenhubctl partner revoke ID --cert-dir DIR\n"
             "\n"
-            "Revoke a partner's key: sets revoked_at and removes DIR/ID.cert "
-            "so the hub\n"
-            "refuses new connections with it. The row stays for the trail.\n"
+            "Revoke a partner: sets revoked_at and removes DIR/ID.cert (and "
+            "DIR/ID.previous.cert)\n"
+            "so the hub refuses new connections with its keys. The row stays "
+            "for the trail.\n"
             "\n"
             "  --cert-dir DIR  the hub's partner certificate directory "
             "(default:\n"
@@ -227,10 +272,12 @@ static void s_json_partner(const kh_partner_t *p, void *arg)
 {
     json_t *array = arg;
     json_t *o = json_pack(
-        "{s:s, s:s, s:s, s:b, s:s, s:s, s:o}", "id", p->id, "display_name",
+        "{s:s, s:s, s:s, s:b, s:s, s:o, s:s, s:o}", "id", p->id, "display_name",
         p->display_name, "kind", kh_partner_kind_name(p->kind), "handles_cases",
-        p->handles_cases, "public_key", p->public_key, "created_at",
-        p->created_at, "revoked_at",
+        p->handles_cases, "public_key", p->public_key, "previous_key_until",
+        p->previous_key_until[0] ? json_string(p->previous_key_until)
+                                 : json_null(),
+        "created_at", p->created_at, "revoked_at",
         p->revoked ? json_string(p->revoked_at) : json_null());
     if (o)
         json_array_append_new(array, o);
@@ -296,6 +343,117 @@ static int s_cmd_list(int argc, char **argv)
         return CTL_FAIL;
     }
     return CTL_OK;
+}
+
+static int s_rotate(const char *id, const char *cert_dir, const char *out,
+                    int overlap_h)
+{
+    kh_error_t err;
+    kh_error_clear(&err);
+    PGconn *conn = ctl_connect();
+    if (!conn)
+        return CTL_FAIL;
+    zcert_t *cert = kh_partner_cert_new(id, &err);
+    char previous[KH_PARTNER_KEY_LEN + 1] = "", until[40] = "";
+    bool exported = false, staged = false;
+    int rc = cert ? kh_db_exec(conn, "BEGIN", &err) : -1;
+    if (rc == 0)
+        rc = kh_partner_rotate(conn, id, zcert_public_txt(cert),
+                               overlap_h * 3600, previous, until, &err);
+    if (rc == 0)
+        rc = kh_audit_admin(conn, "partner.key_rotated", id, "ketenhubctl",
+                            &err);
+    if (rc == 0) {
+        rc = kh_partner_cert_export(cert, id, out, &err);
+        exported = rc == 0;
+    }
+    if (rc == 0) {
+        rc = kh_partner_cert_rotate(
+            cert, id, previous, overlap_h > 0 ? until : NULL, cert_dir, &err);
+        staged = rc == 0;
+    }
+    if (rc == 0)
+        rc = kh_db_exec(conn, "COMMIT", &err);
+    if (staged)
+        kh_partner_cert_rotate_end(id, cert_dir, rc == 0);
+    if (rc != 0) {
+        kh_db_rollback_quietly(conn);
+        s_unlink_files(NULL, exported ? out : NULL, id);
+        ctl_print_error(&err);
+    } else {
+        printf("partner %s has a new key: %s\n", id, zcert_public_txt(cert));
+        printf("installed: %s/%s.cert\n", cert_dir, id);
+        if (overlap_h > 0)
+            printf("the key before (%s) admits %s until %s "
+                   "(%s/%s.previous.cert)\n",
+                   previous, id, until, cert_dir, id);
+        else
+            printf("the key before (%s) no longer admits %s\n", previous, id);
+        printf("for the partner (send the secret securely): %s/%s.cert, "
+               "%s/%s.cert_secret\n",
+               out, id, out, id);
+    }
+    zcert_destroy(&cert);
+    PQfinish(conn);
+    return rc == 0 ? CTL_OK : CTL_FAIL;
+}
+
+static int s_cmd_rotate(int argc, char **argv)
+{
+    static const struct option options[] = {
+        {"cert-dir", required_argument, NULL, 'd'},
+        {"out", required_argument, NULL, 'o'},
+        {"overlap", required_argument, NULL, 'v'},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0}};
+    const char *cert_dir = s_env_cert_dir(), *out = NULL;
+    int overlap_h = S_OVERLAP_DEFAULT_H;
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "d:o:v:h", options, NULL)) != -1) {
+        switch (c) {
+        case 'd':
+            cert_dir = optarg;
+            break;
+        case 'o':
+            out = optarg;
+            break;
+        case 'v': {
+            char *end;
+            long v = strtol(optarg, &end, 10);
+            if (!(*optarg >= '0' && *optarg <= '9') || *end || v < 0 ||
+                v > S_OVERLAP_MAX_H)
+                return ctl_usage_error("partner rotate: --overlap wants "
+                                       "whole hours, 0 to %d",
+                                       S_OVERLAP_MAX_H);
+            overlap_h = (int) v;
+            break;
+        }
+        case 'h':
+            s_usage_rotate(stdout);
+            return CTL_OK;
+        default:
+            s_usage_rotate(stderr);
+            return CTL_USAGE;
+        }
+    }
+    if (optind + 1 != argc)
+        return ctl_usage_error("partner rotate: give exactly one partner ID");
+    const char *id = argv[optind];
+    if (!kh_partner_id_valid(id))
+        return ctl_usage_error("partner rotate: ID must match "
+                               "^[a-z][a-z0-9-]{1,31}$");
+    if (!cert_dir || !*cert_dir)
+        return ctl_usage_error("partner rotate: --cert-dir DIR is required "
+                               "(or set KH_PARTNER_CERT_DIR)");
+    struct stat st;
+    if (stat(cert_dir, &st) != 0 || !S_ISDIR(st.st_mode))
+        return ctl_usage_error("partner rotate: --cert-dir %s is not a "
+                               "directory",
+                               cert_dir);
+    if (!out || !*out)
+        return ctl_usage_error("partner rotate: --out DIR is required");
+    return s_rotate(id, cert_dir, out, overlap_h);
 }
 
 static int s_cmd_revoke(int argc, char **argv)
@@ -375,6 +533,7 @@ int ctl_partner(int argc, char **argv)
 {
     static const ctl_sub_t subs[] = {{"add", s_cmd_add},
                                      {"list", s_cmd_list},
+                                     {"rotate", s_cmd_rotate},
                                      {"revoke", s_cmd_revoke},
                                      {NULL, NULL}};
     return ctl_dispatch("partner", argc, argv, subs, s_usage);
