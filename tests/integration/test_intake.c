@@ -1115,6 +1115,39 @@ START_TEST(partners_added_and_removed_while_running)
 }
 END_TEST
 
+/* Exit status of ketenhub-partner ARGS as partner vt, without retries. */
+static int s_partner_command(const char *args)
+{
+    return khproc_sh("%s/tools/partner/ketenhub-partner --endpoint %s "
+                     "--hub-cert %s --cert %s --timeout 1000 --retries 0 "
+                     "%s >>%s 2>&1",
+                     KH_TEST_BINARY_DIR, s_endpoint, s_path("hub.cert"),
+                     s_path("vt.cert"), args, s_path("partner.log"));
+}
+
+/* A key the hub refuses is exit 3 for every command of the partner tool
+ * (README), whether the handshake fails or the registry has revoked it:
+ * no referral the partner could fix would pass. */
+START_TEST(the_partner_tool_exits_3_for_a_revoked_key)
+{
+    json_t *referral = s_example();
+    ck_assert_int_eq(json_dump_file(referral, s_path("one.json"), 0), 0);
+    json_decref(referral);
+    khtest_db_exec(s_db,
+                   "UPDATE partners SET revoked_at = now()"
+                   " WHERE id = 'veilig-thuis'",
+                   0, NULL);
+    zclock_sleep(600); /* KH_PARTNER_REFRESH_MS is 200 */
+    ck_assert_int_eq(s_partner_submit("one.json"), 3);
+    ck_assert_int_eq(s_partner_command("ping"), 3);
+    ck_assert_int_eq(
+        s_partner_command("status 01900000-0000-7000-8000-000000000000"), 3);
+    ck_assert_int_eq(
+        khproc_sh("grep -q unknown_partner %s", s_path("partner.log")), 0);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM referrals"), 0);
+}
+END_TEST
+
 /* After the commit, intake tells routing (CURVE, the hub's own key) which
  * referrals are new; a resubmission is not news. */
 START_TEST(accepted_referrals_wake_routing)
@@ -1685,6 +1718,7 @@ int main(void)
     tcase_add_test(tc, a_conflict_with_a_concurrent_commit_is_audited);
     tcase_add_test(tc, unknown_keys_and_plain_clients_are_refused);
     tcase_add_test(tc, partners_added_and_removed_while_running);
+    tcase_add_test(tc, the_partner_tool_exits_3_for_a_revoked_key);
     tcase_add_test(tc, accepted_referrals_wake_routing);
     tcase_add_test(tc, submitted_referrals_are_routed_with_their_projections);
     tcase_add_test(tc, killed_before_commit_then_retry_succeeds_once);
