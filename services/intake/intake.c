@@ -59,7 +59,8 @@ typedef struct {
     int leader;     /* earlier request of this batch with the same key, or -1 */
     char hash[65];  /* a repeat of a key (leader set): its referral's hash */
     bool unaudited; /* a conflict whose audit event failed: err says why */
-    json_t *status; /* STATUS: its reply, read at receipt (in the arena) */
+    bool audit_first; /* a refusal answered only once its event commits */
+    json_t *status;   /* STATUS: its reply, read at receipt (in the arena) */
 } s_request_t;
 
 /* A refused handshake, to audit as auth.refused. */
@@ -76,10 +77,12 @@ typedef struct {
     store_refusal_t *refs;
     store_conflict_t *conflicts; /* found after the commit, to audit */
     size_t count, nsubs, nrefs;
-    size_t bytes;       /* frames of the requests kept, for the memory bound */
-    kh_jarena_t *arena; /* the requests' decoded envelopes */
-    zhashx_t *keys;     /* "partner\nkey" -> index + 1, to find repeats */
-    int64_t sent_at;    /* when the commit started, 0 if not sent */
+    size_t bytes;        /* frames of the requests kept, for the memory bound */
+    kh_jarena_t *arena;  /* the requests' decoded envelopes */
+    zhashx_t *keys;      /* "partner\nkey" -> index + 1, to find repeats */
+    int64_t sent_at;     /* when the commit started, 0 if not sent */
+    bool refs_dropped;   /* committed without its refusals' events */
+    kh_error_t refs_err; /* why, when refs_dropped */
 } s_batch_t;
 
 /* Counts since the last stats line. */
@@ -511,6 +514,10 @@ static void s_batch_refusal(intake_t *self, s_batch_t *batch, s_request_t *req)
                   : (req->cmd == KH_CMD_SUBMIT || req->cmd == KH_CMD_UNKNOWN_)
                       ? "referral.rejected"
                       : "request.rejected";
+    /* A STATUS refused as not_found is answered only once the trail holds
+     * it (protocol.md): someone asking for others' referrals is seen. */
+    req->audit_first =
+        req->cmd == KH_CMD_STATUS && req->err.code == KH_E_NOT_FOUND;
     ref->actor_id = req->actor;
     ref->code = kh_error_name(req->err.code);
     ref->path = req->trail_path;
@@ -683,7 +690,13 @@ static void s_batch_reply(intake_t *self, s_batch_t *batch,
     for (size_t i = 0; i < batch->count; i++) {
         s_request_t *req = &batch->requests[i];
         json_t *reply = NULL;
-        if (req->refused)
+        const kh_error_t *unaudited = !req->audit_first     ? NULL
+                                      : commit_err          ? commit_err
+                                      : batch->refs_dropped ? &batch->refs_err
+                                                            : NULL;
+        if (unaudited) /* its event did not commit: resend */
+            reply = kh_proto_rejected(req->cid, unaudited, self->backoff_ms);
+        else if (req->refused)
             reply = kh_proto_rejected(req->cid, &req->err,
                                       req->retry_after_ms ? req->retry_after_ms
                                                           : self->backoff_ms);
@@ -722,6 +735,7 @@ static void s_batch_reply(intake_t *self, s_batch_t *batch,
                      commit_err ? kh_error_name(commit_err->code) : "ok");
     batch->count = batch->nsubs = batch->nrefs = batch->bytes = 0;
     batch->sent_at = 0;
+    batch->refs_dropped = false;
     zhashx_purge(batch->keys);
 }
 
@@ -857,8 +871,11 @@ static void s_commit_done(intake_t *self, int rc, const kh_error_t *err)
                     kh_error_name(err->code));
     if (rc && err->code == KH_E_INTERNAL && batch->nrefs > 0) {
         /* An audit row of a refusal must never cost the others their
-         * commit (the refusals are answered anyway): once more without. */
+         * commit (the refusals are answered anyway, but for those that
+         * promise their event first): once more without. */
         batch->nrefs = 0;
+        batch->refs_dropped = true;
+        batch->refs_err = *err;
         if (batch->nsubs == 0)
             rc = 0;
         else if (s_commit_start(self, batch, &again) == 0)

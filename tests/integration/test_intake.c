@@ -963,6 +963,72 @@ END_TEST
 /* A conflict whose event cannot be written is not answered as a
  * conflict but with a retryable refusal; the same request again is
  * refused and audited once. */
+/* A STATUS refused as not_found is answered only once its refusal is in
+ * the trail (protocol.md): when the batch that holds that event cannot
+ * commit, the partner gets a retryable refusal instead, and its resend is
+ * audited and answered. */
+START_TEST(a_status_not_found_is_not_answered_before_its_audit_event)
+{
+    json_t *referral = s_example();
+    PGconn *holder = s_hold_key("status-hold", referral);
+    zsock_t *dealer = s_dealer(S_TIMEOUT);
+    zframe_t *frame =
+        s_frame(s_submit_envelope("status-hold", referral), "hold");
+    zframe_send(&frame, dealer, 0);
+    zclock_sleep(300); /* its commit waits for the holder */
+    frame = s_frame(json_pack("{s:s, s:s}", "cmd", "STATUS", "referral_id",
+                              "01900000-0000-7000-8000-000000000000"),
+                    "status");
+    zframe_send(&frame, dealer, 0);
+    zclock_sleep(300); /* read, refused, waiting for the next commit */
+    /* The writer goes: the waiting commit fails, and so does the next. */
+    ck_assert_int_eq(s_count("SELECT count(pg_terminate_backend(pid)) FROM "
+                             "pg_stat_activity WHERE application_name = "
+                             "'ketenhub-intake' AND query LIKE "
+                             "'WITH input%'"),
+                     1);
+    khtest_db_exec(holder, "ROLLBACK", 0, NULL);
+    PQfinish(holder);
+    json_t *status = NULL;
+    for (int i = 0; i < 2; i++) {
+        frame = zframe_recv(dealer);
+        ck_assert_ptr_nonnull(frame);
+        json_t *reply = s_decoded(&frame);
+        if (strcmp(s_str(reply, "cid"), "status") == 0)
+            status = reply;
+        else
+            json_decref(reply);
+    }
+    zsock_destroy(&dealer);
+    ck_assert_ptr_nonnull(status);
+    long events = s_count("SELECT count(*) FROM audit_events WHERE"
+                          " action = 'request.rejected' AND"
+                          " reason_code = 'not_found'");
+    if (strcmp(s_str(status, "code"), "not_found") == 0)
+        ck_assert_int_eq(events, 1);
+    else {
+        ck_assert_int_eq(events, 0);
+        ck_assert(json_is_true(json_object_get(status, "retryable")));
+    }
+    json_decref(status);
+
+    kh_client_t *client = s_client("vt");
+    kh_client_set_retries(client, 20);
+    kh_error_t err;
+    status = kh_client_status(client, "01900000-0000-7000-8000-000000000000",
+                              1000, &err);
+    ck_assert_msg(status != NULL, "%s", err.message);
+    ck_assert_str_eq(s_str(status, "code"), "not_found");
+    json_decref(status);
+    ck_assert_int_ge(s_count("SELECT count(*) FROM audit_events WHERE"
+                             " action = 'request.rejected' AND"
+                             " reason_code = 'not_found'"),
+                     1);
+    kh_client_destroy(&client);
+    json_decref(referral);
+}
+END_TEST
+
 START_TEST(a_conflict_not_yet_audited_is_not_answered)
 {
     /* No registry refresh: the reader is used only for the events. */
@@ -1227,6 +1293,39 @@ START_TEST(a_rotated_key_admits_its_partner_for_the_overlap_only)
     ck_assert_int_eq(s_count("SELECT count(*) FROM referrals WHERE "
                              "partner_id = 'rotating'"),
                      4);
+}
+END_TEST
+
+/* Exit status of ketenhub-partner ARGS as partner vt, without retries. */
+static int s_partner_command(const char *args)
+{
+    return khproc_sh("%s/tools/partner/ketenhub-partner --endpoint %s "
+                     "--hub-cert %s --cert %s --timeout 1000 --retries 0 "
+                     "%s >>%s 2>&1",
+                     KH_TEST_BINARY_DIR, s_endpoint, s_path("hub.cert"),
+                     s_path("vt.cert"), args, s_path("partner.log"));
+}
+
+/* A key the hub refuses is exit 3 for every command of the partner tool
+ * (README), whether the handshake fails or the registry has revoked it:
+ * no referral the partner could fix would pass. */
+START_TEST(the_partner_tool_exits_3_for_a_revoked_key)
+{
+    json_t *referral = s_example();
+    ck_assert_int_eq(json_dump_file(referral, s_path("one.json"), 0), 0);
+    json_decref(referral);
+    khtest_db_exec(s_db,
+                   "UPDATE partners SET revoked_at = now()"
+                   " WHERE id = 'veilig-thuis'",
+                   0, NULL);
+    zclock_sleep(600); /* KH_PARTNER_REFRESH_MS is 200 */
+    ck_assert_int_eq(s_partner_submit("one.json"), 3);
+    ck_assert_int_eq(s_partner_command("ping"), 3);
+    ck_assert_int_eq(
+        s_partner_command("status 01900000-0000-7000-8000-000000000000"), 3);
+    ck_assert_int_eq(
+        khproc_sh("grep -q unknown_partner %s", s_path("partner.log")), 0);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM referrals"), 0);
 }
 END_TEST
 
@@ -1797,10 +1896,13 @@ int main(void)
     tcase_add_test(tc, names_of_the_partner_stay_out_of_the_trail_and_logs);
     tcase_add_test(tc, a_conflict_within_a_batch_is_audited);
     tcase_add_test(tc, a_conflict_not_yet_audited_is_not_answered);
+    tcase_add_test(tc,
+                   a_status_not_found_is_not_answered_before_its_audit_event);
     tcase_add_test(tc, a_conflict_with_a_concurrent_commit_is_audited);
     tcase_add_test(tc, unknown_keys_and_plain_clients_are_refused);
     tcase_add_test(tc, partners_added_and_removed_while_running);
     tcase_add_test(tc, a_rotated_key_admits_its_partner_for_the_overlap_only);
+    tcase_add_test(tc, the_partner_tool_exits_3_for_a_revoked_key);
     tcase_add_test(tc, accepted_referrals_wake_routing);
     tcase_add_test(tc, submitted_referrals_are_routed_with_their_projections);
     tcase_add_test(tc, killed_before_commit_then_retry_succeeds_once);

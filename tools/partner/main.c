@@ -5,7 +5,8 @@
  * (listen.c).
  *
  * Exit codes: 0 accepted (or answered), 1 refused, 2 usage or unreadable
- * input, 3 hub unreachable or this key refused, 4 refused for now (the
+ * input, 3 hub unreachable or this key refused (at the handshake, or
+ * REJECTED unknown_partner), 4 refused for now (the
  * hub asked to retry later, and retries ran out).
  */
 #include <errno.h>
@@ -42,8 +43,8 @@ static void s_usage(FILE *out)
             "                 refusal (default 3)\n"
             "  --key KEY      idempotency key (default: derived from the\n"
             "                 referral's content, so a resend is safe)\n"
-            "exit: 0 accepted, 1 refused, 2 usage, 3 unreachable,\n"
-            "      4 refused for now (retry later)\n"
+            "exit: 0 accepted, 1 refused, 2 usage, 3 unreachable or key\n"
+            "      refused, 4 refused for now (retry later)\n"
             "Run `ketenhub-partner listen --help` for the delivery side.\n");
 }
 
@@ -73,6 +74,12 @@ static int s_outcome(const json_t *reply, const kh_error_t *err)
     const char *cmd = kh_client_reply_cmd(reply);
     if (strcmp(cmd, "REJECTED") != 0)
         return S_EXIT_OK;
+    /* A key in the hub's directory but revoked in its registry: refused
+     * as surely as at the handshake, and nothing in the request can fix
+     * it (listen exits 3 for it too). */
+    const char *code = json_string_value(json_object_get(reply, "code"));
+    if (code && strcmp(code, "unknown_partner") == 0)
+        return S_EXIT_UNREACHABLE;
     return json_is_true(json_object_get(reply, "retryable"))
                ? S_EXIT_RETRY_LATER
                : S_EXIT_REFUSED;
