@@ -378,6 +378,57 @@ zcert_t *kh_partner_cert_new(const char *id, kh_error_t *err)
     return cert;
 }
 
+zcert_t *kh_partner_cert_load_public(const char *path, const char *id,
+                                     kh_error_t *err)
+{
+    if (!kh_partner_id_valid(id)) {
+        kh_error_set(err, KH_E_CONFIG, "id",
+                     "partner id must match ^[a-z][a-z0-9-]{1,31}$");
+        return NULL;
+    }
+    struct stat st;
+    if (stat(path, &st) != 0) {
+        kh_error_set(err, KH_E_CONFIG, path, "cannot read the certificate: %s",
+                     strerror(errno));
+        return NULL;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        kh_error_set(err, KH_E_CONFIG, path, "not a file");
+        return NULL;
+    }
+    if (st.st_size > 64 * 1024) {
+        kh_error_set(err, KH_E_CONFIG, path,
+                     "too large for a certificate (over 64 KiB)");
+        return NULL;
+    }
+    /* Read as a ZPL file, not with zcert_load, which takes the secret key
+     * from a file beside it: only what this file holds counts. */
+    zconfig_t *given = zconfig_load(path);
+    const char *key =
+        given ? zconfig_get(given, "curve/public-key", NULL) : NULL;
+    const char *secret =
+        given ? zconfig_get(given, "curve/secret-key", NULL) : NULL;
+    zcert_t *cert = NULL;
+    uint8_t bytes[32];
+    if (!kh_partner_key_valid(key))
+        kh_error_set(err, KH_E_CONFIG, path,
+                     "not a CURVE public certificate (a ZPL file with "
+                     "curve/public-key)");
+    else if (secret)
+        /* The secret half stays with the partner: a file that holds it
+         * went through hands it should not have. */
+        kh_error_set(err, KH_E_CONFIG, path,
+                     "the file holds a secret key; take only the public "
+                     "certificate, and have the partner make a new pair");
+    else if (!zmq_z85_decode(bytes, key) ||
+             !(cert = zcert_new_from(bytes, (const uint8_t[32]){0})))
+        kh_error_set(err, KH_E_CURVE, path, "cannot use the key");
+    else
+        zcert_set_meta(cert, "partner-id", "%s", id);
+    zconfig_destroy(&given);
+    return cert;
+}
+
 /* Create dir (one level) with mode if it does not exist; it must then be
  * a directory. */
 static int s_ensure_dir(const char *dir, mode_t mode, kh_error_t *err)

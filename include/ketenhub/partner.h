@@ -131,6 +131,14 @@ int kh_partner_get(PGconn *conn, const char *id, kh_partner_t *out,
  * (KH_E_CONFIG for a bad id, KH_E_CURVE when no key can be made). */
 zcert_t *kh_partner_cert_new(const char *id, kh_error_t *err);
 
+/* The public certificate a partner made itself (ketenhub-partner keygen),
+ * from the file at path, for partner id (metadata partner-id = id), so
+ * that its secret key never leaves it. Refuses (KH_E_CONFIG at path) a
+ * file that cannot be read, is not a CURVE certificate, or holds a secret
+ * key too. Returns a certificate the caller owns, or NULL with err. */
+zcert_t *kh_partner_cert_load_public(const char *path, const char *id,
+                                     kh_error_t *err);
+
 /* Write the public half of cert as <cert_dir>/<id>.cert, atomically (a
  * hidden temporary file, which zauth ignores, linked into place), so the
  * hub accepts the key. Refuses to replace an existing file with another

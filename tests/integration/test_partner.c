@@ -828,6 +828,73 @@ START_TEST(test_rotate)
                                      "action = 'partner.key_rotated'"),
                      3);
 
+    /* A pair the partner made itself: only its public half comes to the
+     * hub, for add and for rotate; a file with a secret key in it, or one
+     * that is no certificate, is refused and changes nothing. */
+    char *own = khtest_tmpdir();
+    char keygen[4096];
+    snprintf(keygen, sizeof keygen,
+             "%s/tools/partner/ketenhub-partner keygen zelf --out %s/one "
+             ">/dev/null && %s/tools/partner/ketenhub-partner keygen zelf "
+             "--out %s/two >/dev/null",
+             KH_TEST_BINARY_DIR, own, KH_TEST_BINARY_DIR, own);
+    ck_assert_int_eq(system(keygen), 0);
+    char mine[4096], secret[4096], second_pub[4096];
+    snprintf(mine, sizeof mine, "%s/one/zelf.cert", own);
+    snprintf(secret, sizeof secret, "%s/one/zelf.cert_secret", own);
+    snprintf(second_pub, sizeof second_pub, "%s/two/zelf.cert", own);
+    const char *bad[] = {secret, "/etc/hostname", own, "/nonexistent"};
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        rc = KHTEST_CTL(&text, "partner", "add", "zelf", "--name", "Zelf",
+                        "--kind", "other", "--cert-dir", cert_dir,
+                        "--public-cert", bad[i]);
+        ck_assert_msg(rc == 2, "--public-cert %s: %d: %s", bad[i], rc, text);
+        free(text);
+    }
+    ck_assert_int_eq(KHTEST_CTL(&text, "partner", "add", "zelf", "--name",
+                                "Zelf", "--kind", "other", "--cert-dir",
+                                cert_dir, "--public-cert", mine, "--out",
+                                out[3]),
+                     2);
+    free(text);
+    ck_assert_int_eq(kh_partner_get(conn, "zelf", &p, &err), -1);
+    ck_assert(!s_file_exists(cert_dir, "zelf.cert"));
+    rc = KHTEST_CTL(&text, "partner", "add", "zelf", "--name", "Zelf", "--kind",
+                    "other", "--cert-dir", cert_dir, "--public-cert", mine);
+    ck_assert_msg(rc == 0, "add --public-cert: %s", text);
+    free(text);
+    s_cert_key(own, "one/zelf.cert", first, expires);
+    s_cert_key(cert_dir, "zelf.cert", key, expires);
+    ck_assert_str_eq(key, first);
+    ck_assert_int_eq(kh_partner_get(conn, "zelf", &p, &err), 0);
+    ck_assert_str_eq(p.public_key, first);
+    /* The hub's copy holds no secret. */
+    char installed[4096];
+    snprintf(installed, sizeof installed, "%s/zelf.cert", cert_dir);
+    char *content = khtest_read_file(installed);
+    ck_assert_ptr_nonnull(content);
+    ck_assert_ptr_null(strstr(content, "secret-key"));
+    free(content);
+    ck_assert(!s_file_exists(cert_dir, "zelf.cert_secret"));
+    rc = KHTEST_CTL(&text, "partner", "rotate", "zelf", "--cert-dir", cert_dir,
+                    "--public-cert", second_pub);
+    ck_assert_msg(rc == 0, "rotate --public-cert: %s", text);
+    free(text);
+    s_cert_key(own, "two/zelf.cert", second, expires);
+    s_cert_key(cert_dir, "zelf.cert", key, expires);
+    ck_assert_str_eq(key, second);
+    s_cert_key(cert_dir, "zelf.previous.cert", key, expires);
+    ck_assert_str_eq(key, first);
+    /* The same public certificate again: a key is registered once. */
+    rc = KHTEST_CTL(&text, "partner", "rotate", "zelf", "--cert-dir", cert_dir,
+                    "--public-cert", mine);
+    ck_assert_msg(rc == 1, "rotate back to an old key: %d: %s", rc, text);
+    free(text);
+    s_cert_key(cert_dir, "zelf.cert", key, expires);
+    ck_assert_str_eq(key, second);
+    khtest_rmtree(own);
+    free(own);
+
     khtest_rmtree(cert_dir);
     free(cert_dir);
     for (int i = 0; i < 4; i++) {

@@ -20,17 +20,20 @@
 
 static void s_usage(FILE *out)
 {
-    fprintf(out,
-            "usage: ketenhubctl partner add ID --name NAME --kind KIND "
-            "[--no-cases]\n"
-            "                               --cert-dir DIR --out DIR\n"
-            "       ketenhubctl partner list [--active] [--json]\n"
-            "       ketenhubctl partner rotate ID --cert-dir DIR --out DIR\n"
-            "                                  [--overlap HOURS]\n"
-            "       ketenhubctl partner revoke ID --cert-dir DIR\n"
-            "\n"
-            "Run `ketenhubctl partner add|list|rotate|revoke --help` for "
-            "details.\n");
+    fprintf(out, "usage: ketenhubctl partner add ID --name NAME --kind KIND "
+                 "[--no-cases]\n"
+                 "                               --cert-dir DIR\n"
+                 "                               (--out DIR | --public-cert "
+                 "FILE)\n"
+                 "       ketenhubctl partner list [--active] [--json]\n"
+                 "       ketenhubctl partner rotate ID --cert-dir DIR\n"
+                 "                                  (--out DIR | --public-cert "
+                 "FILE)\n"
+                 "                                  [--overlap HOURS]\n"
+                 "       ketenhubctl partner revoke ID --cert-dir DIR\n"
+                 "\n"
+                 "Run `ketenhubctl partner add|list|rotate|revoke --help` for "
+                 "details.\n");
 }
 
 static void s_usage_add(FILE *out)
@@ -38,29 +41,39 @@ static void s_usage_add(FILE *out)
     fprintf(out,
             "usage: ketenhubctl partner add ID --name NAME --kind KIND "
             "[--no-cases]\n"
-            "                               --cert-dir DIR --out DIR\n"
+            "                               --cert-dir DIR\n"
+            "                               (--out DIR | --public-cert "
+            "FILE)\n"
             "\n"
-            "Register a partner with a new CURVE key pair. The public "
-            "certificate goes\n"
-            "to the hub's partner certificate directory (DIR/ID.cert); "
-            "ID.cert and\n"
-            "ID.cert_secret go to the --out directory, for the partner.\n"
+            "Register a partner and its CURVE key. The public certificate "
+            "goes to the\n"
+            "hub's partner certificate directory (DIR/ID.cert). With --out "
+            "a new key\n"
+            "pair is made here, and ID.cert and ID.cert_secret go to the "
+            "--out\n"
+            "directory, for the partner; with --public-cert the partner "
+            "made its pair\n"
+            "itself (ketenhub-partner keygen) and its secret never leaves "
+            "it.\n"
             "\n"
-            "  ID              ^[a-z][a-z0-9-]{1,31}$, e.g. veilig-thuis-gv\n"
-            "  --name NAME     display name of the organisation\n"
-            "  --kind KIND     veilig_thuis, zorgcoordinator, police, "
+            "  ID                  ^[a-z][a-z0-9-]{1,31}$, e.g. "
+            "veilig-thuis-gv\n"
+            "  --name NAME         display name of the organisation\n"
+            "  --kind KIND         veilig_thuis, zorgcoordinator, police, "
             "municipality,\n"
-            "                  inspectorate, national_centre, "
+            "                      inspectorate, national_centre, "
             "chain_director, other\n"
-            "  --no-cases      the partner never receives referrals (always "
-            "so for\n"
-            "                  chain_director)\n"
-            "  --cert-dir DIR  the hub's partner certificate directory "
+            "  --no-cases          the partner never receives referrals "
+            "(always so for\n"
+            "                      chain_director)\n"
+            "  --cert-dir DIR      the hub's partner certificate directory "
             "(default:\n"
-            "                  $KH_PARTNER_CERT_DIR)\n"
-            "  --out DIR       where to write the partner's key pair "
+            "                      $KH_PARTNER_CERT_DIR)\n"
+            "  --out DIR           where to write the partner's key pair "
             "(created, 0700)\n"
-            "  --help          this text\n");
+            "  --public-cert FILE  the partner's public certificate (no "
+            "secret key in it)\n"
+            "  --help              this text\n");
 }
 
 static void s_usage_list(FILE *out)
@@ -81,33 +94,41 @@ static void s_usage_list(FILE *out)
 static void s_usage_rotate(FILE *out)
 {
     fprintf(out,
-            "usage: ketenhubctl partner rotate ID --cert-dir DIR --out DIR\n"
+            "usage: ketenhubctl partner rotate ID --cert-dir DIR\n"
+            "                                  (--out DIR | --public-cert "
+            "FILE)\n"
             "                                  [--overlap HOURS]\n"
             "\n"
-            "Give a partner a new CURVE key pair under the same id: its "
+            "Give a partner a new CURVE key under the same id: its "
             "deliveries,\n"
             "referrals and the rules that name it stay as they are. The new "
             "public\n"
-            "certificate replaces DIR/ID.cert; ID.cert and ID.cert_secret go "
-            "to the\n"
-            "--out directory, for the partner. The key it replaces still "
-            "admits the\n"
-            "partner for the overlap (DIR/ID.previous.cert, which says until "
-            "when), so\n"
-            "that the partner can switch without a gap; a rotation during "
-            "an overlap\n"
-            "ends the one before.\n"
+            "certificate replaces DIR/ID.cert; with --out a new pair is made "
+            "here and\n"
+            "goes to the --out directory, for the partner; with "
+            "--public-cert the\n"
+            "partner made it (ketenhub-partner keygen). The key it replaces "
+            "still\n"
+            "admits the partner for the overlap (DIR/ID.previous.cert, which "
+            "says until\n"
+            "when), so that the partner can switch without a gap; a rotation "
+            "during an\n"
+            "overlap ends the one before.\n"
             "\n"
-            "  --cert-dir DIR   the hub's partner certificate directory "
+            "  --cert-dir DIR      the hub's partner certificate directory "
             "(default:\n"
-            "                   $KH_PARTNER_CERT_DIR)\n"
-            "  --out DIR        where to write the partner's new key pair "
+            "                      $KH_PARTNER_CERT_DIR)\n"
+            "  --out DIR           where to write the partner's new key pair "
             "(created,\n"
-            "                   0700; files of the same name must not exist)\n"
-            "  --overlap HOURS  how long the key it replaces still admits the "
-            "partner,\n"
-            "                   0 to %d (default %d); 0 when the key leaked\n"
-            "  --help           this text\n",
+            "                      0700; files of the same name must not "
+            "exist)\n"
+            "  --public-cert FILE  the partner's new public certificate (no "
+            "secret key in it)\n"
+            "  --overlap HOURS     how long the key it replaces still admits "
+            "the partner,\n"
+            "                      0 to %d (default %d); 0 when the key "
+            "leaked\n"
+            "  --help              this text\n",
             S_OVERLAP_MAX_H, S_OVERLAP_DEFAULT_H);
 }
 
@@ -151,25 +172,63 @@ static void s_unlink_files(const char *cert_dir, const char *out,
     }
 }
 
+/* The partner's new key: the public certificate it made itself
+ * (public_cert: its secret never leaves it), or a pair made here, for
+ * --out. NULL after printing why. */
+static zcert_t *s_partner_cert(const char *id, const char *public_cert)
+{
+    kh_error_t err;
+    kh_error_clear(&err);
+    zcert_t *cert = public_cert
+                        ? kh_partner_cert_load_public(public_cert, id, &err)
+                        : kh_partner_cert_new(id, &err);
+    if (!cert)
+        ctl_print_error(&err);
+    return cert;
+}
+
+/* Exactly one of --out DIR and --public-cert FILE; false after saying so
+ * (a usage error). */
+static bool s_one_key_source(const char *command, const char *out,
+                             const char *public_cert)
+{
+    if ((out && *out) == (public_cert && *public_cert)) {
+        ctl_usage_error("%s: give one of --out DIR (a key pair made here) "
+                        "and --public-cert FILE (the partner's own)",
+                        command);
+        return false;
+    }
+    return true;
+}
+
+/* Where the partner's pair went (out), when it was made here. */
+static void s_print_handover(const char *id, const char *out)
+{
+    if (out)
+        printf("for the partner (send the secret securely): %s/%s.cert, "
+               "%s/%s.cert_secret\n",
+               out, id, out, id);
+    else
+        printf("the partner keeps its secret key; it needs hub.cert only\n");
+}
+
 static int s_add(const char *id, const char *name, kh_partner_kind_t kind,
-                 bool cases, const char *cert_dir, const char *out)
+                 bool cases, const char *cert_dir, const char *out,
+                 zcert_t *cert)
 {
     kh_error_t err;
     kh_error_clear(&err);
     PGconn *conn = ctl_connect();
     if (!conn)
         return CTL_FAIL;
-    zcert_t *cert = kh_partner_cert_new(id, &err);
     bool exported = false, installed = false;
-    int rc = cert ? 0 : -1;
-    if (rc == 0)
-        rc = kh_db_exec(conn, "BEGIN", &err);
+    int rc = kh_db_exec(conn, "BEGIN", &err);
     if (rc == 0)
         rc = kh_partner_register(conn, id, name, kind, cases,
                                  zcert_public_txt(cert), &err);
     if (rc == 0)
         rc = kh_audit_admin(conn, "partner.added", id, "ketenhubctl", &err);
-    if (rc == 0) {
+    if (rc == 0 && out) {
         rc = kh_partner_cert_export(cert, id, out, &err);
         exported = rc == 0;
     }
@@ -188,11 +247,8 @@ static int s_add(const char *id, const char *name, kh_partner_kind_t kind,
                kh_partner_kind_name(kind), cases ? "yes" : "no");
         printf("public key: %s\n", zcert_public_txt(cert));
         printf("installed: %s/%s.cert\n", cert_dir, id);
-        printf("for the partner (send the secret securely): %s/%s.cert, "
-               "%s/%s.cert_secret\n",
-               out, id, out, id);
+        s_print_handover(id, out);
     }
-    zcert_destroy(&cert);
     PQfinish(conn);
     return rc == 0 ? CTL_OK : CTL_FAIL;
 }
@@ -205,14 +261,16 @@ static int s_cmd_add(int argc, char **argv)
         {"no-cases", no_argument, NULL, 'c'},
         {"cert-dir", required_argument, NULL, 'd'},
         {"out", required_argument, NULL, 'o'},
+        {"public-cert", required_argument, NULL, 'p'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0}};
     const char *name = NULL, *kind_name = NULL, *out = NULL;
+    const char *public_cert = NULL;
     const char *cert_dir = s_env_cert_dir();
     bool no_cases = false;
     int c;
     optind = 1;
-    while ((c = getopt_long(argc, argv, "n:k:cd:o:h", options, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "n:k:cd:o:p:h", options, NULL)) != -1) {
         switch (c) {
         case 'n':
             name = optarg;
@@ -228,6 +286,9 @@ static int s_cmd_add(int argc, char **argv)
             break;
         case 'o':
             out = optarg;
+            break;
+        case 'p':
+            public_cert = optarg;
             break;
         case 'h':
             s_usage_add(stdout);
@@ -253,11 +314,17 @@ static int s_cmd_add(int argc, char **argv)
     if (!cert_dir || !*cert_dir)
         return ctl_usage_error("partner add: --cert-dir DIR is required "
                                "(or set KH_PARTNER_CERT_DIR)");
-    if (!out || !*out)
-        return ctl_usage_error("partner add: --out DIR is required");
+    if (!s_one_key_source("partner add", out, public_cert))
+        return CTL_USAGE;
     /* A chain director never handles cases, so it needs no --no-cases. */
     bool cases = !no_cases && kind != KH_PARTNER_CHAIN_DIRECTOR;
-    return s_add(id, name, (kh_partner_kind_t) kind, cases, cert_dir, out);
+    zcert_t *cert = s_partner_cert(id, public_cert);
+    if (!cert)
+        return public_cert ? CTL_USAGE : CTL_FAIL;
+    int rc =
+        s_add(id, name, (kh_partner_kind_t) kind, cases, cert_dir, out, cert);
+    zcert_destroy(&cert);
+    return rc;
 }
 
 static void s_print_partner(const kh_partner_t *p, void *arg)
@@ -346,24 +413,23 @@ static int s_cmd_list(int argc, char **argv)
 }
 
 static int s_rotate(const char *id, const char *cert_dir, const char *out,
-                    int overlap_h)
+                    int overlap_h, zcert_t *cert)
 {
     kh_error_t err;
     kh_error_clear(&err);
     PGconn *conn = ctl_connect();
     if (!conn)
         return CTL_FAIL;
-    zcert_t *cert = kh_partner_cert_new(id, &err);
     char previous[KH_PARTNER_KEY_LEN + 1] = "", until[40] = "";
     bool exported = false, staged = false;
-    int rc = cert ? kh_db_exec(conn, "BEGIN", &err) : -1;
+    int rc = kh_db_exec(conn, "BEGIN", &err);
     if (rc == 0)
         rc = kh_partner_rotate(conn, id, zcert_public_txt(cert),
                                overlap_h * 3600, previous, until, &err);
     if (rc == 0)
         rc = kh_audit_admin(conn, "partner.key_rotated", id, "ketenhubctl",
                             &err);
-    if (rc == 0) {
+    if (rc == 0 && out) {
         rc = kh_partner_cert_export(cert, id, out, &err);
         exported = rc == 0;
     }
@@ -389,11 +455,8 @@ static int s_rotate(const char *id, const char *cert_dir, const char *out,
                    previous, id, until, cert_dir, id);
         else
             printf("the key before (%s) no longer admits %s\n", previous, id);
-        printf("for the partner (send the secret securely): %s/%s.cert, "
-               "%s/%s.cert_secret\n",
-               out, id, out, id);
+        s_print_handover(id, out);
     }
-    zcert_destroy(&cert);
     PQfinish(conn);
     return rc == 0 ? CTL_OK : CTL_FAIL;
 }
@@ -403,20 +466,25 @@ static int s_cmd_rotate(int argc, char **argv)
     static const struct option options[] = {
         {"cert-dir", required_argument, NULL, 'd'},
         {"out", required_argument, NULL, 'o'},
+        {"public-cert", required_argument, NULL, 'p'},
         {"overlap", required_argument, NULL, 'v'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0}};
     const char *cert_dir = s_env_cert_dir(), *out = NULL;
+    const char *public_cert = NULL;
     int overlap_h = S_OVERLAP_DEFAULT_H;
     int c;
     optind = 1;
-    while ((c = getopt_long(argc, argv, "d:o:v:h", options, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "d:o:p:v:h", options, NULL)) != -1) {
         switch (c) {
         case 'd':
             cert_dir = optarg;
             break;
         case 'o':
             out = optarg;
+            break;
+        case 'p':
+            public_cert = optarg;
             break;
         case 'v': {
             char *end;
@@ -451,9 +519,14 @@ static int s_cmd_rotate(int argc, char **argv)
         return ctl_usage_error("partner rotate: --cert-dir %s is not a "
                                "directory",
                                cert_dir);
-    if (!out || !*out)
-        return ctl_usage_error("partner rotate: --out DIR is required");
-    return s_rotate(id, cert_dir, out, overlap_h);
+    if (!s_one_key_source("partner rotate", out, public_cert))
+        return CTL_USAGE;
+    zcert_t *cert = s_partner_cert(id, public_cert);
+    if (!cert)
+        return public_cert ? CTL_USAGE : CTL_FAIL;
+    int rc = s_rotate(id, cert_dir, out, overlap_h, cert);
+    zcert_destroy(&cert);
+    return rc;
 }
 
 static int s_cmd_revoke(int argc, char **argv)

@@ -2,7 +2,8 @@
  * ketenhub-partner: the reference partner tool. Submits referrals (JSON
  * files) to the hub, asks their status, pings. Prints the hub's answer as
  * one JSON line on stdout. `listen` receives the partner's deliveries
- * (listen.c).
+ * (listen.c); `keygen` makes the partner's own key pair, so that only its
+ * public half goes to the hub's administrator.
  *
  * Exit codes: 0 accepted (or answered), 1 refused, 2 usage or unreadable
  * input, 3 hub unreachable or this key refused (at the handshake, or
@@ -19,6 +20,7 @@
 
 #include "ketenhub/client.h"
 #include "ketenhub/health.h"
+#include "ketenhub/partner.h"
 #include "ketenhub/proto.h"
 #include "partner.h"
 
@@ -30,6 +32,7 @@ static void s_usage(FILE *out)
             "       ketenhub-partner [options] ping\n"
             "       ketenhub-partner [options] listen (--dir DIR | --exec "
             "CMD) ...\n"
+            "       ketenhub-partner keygen NAME --out DIR\n"
             "options (environment variable in brackets):\n"
             "  --endpoint E   hub intake endpoint [KH_ENDPOINT]\n"
             "                 (default tcp://127.0.0.1:7701); for listen the\n"
@@ -99,6 +102,62 @@ static json_t *s_read_referral(const char *file)
     return doc;
 }
 
+static void s_usage_keygen(FILE *out)
+{
+    fprintf(out,
+            "usage: ketenhub-partner keygen NAME --out DIR\n"
+            "\n"
+            "Make this partner's CURVE key pair: DIR/NAME.cert (public) and\n"
+            "DIR/NAME.cert_secret (0600; DIR is created 0700). Send only\n"
+            "NAME.cert to the hub's administrator, who registers it with\n"
+            "`ketenhubctl partner add|rotate ... --public-cert`; the secret\n"
+            "never leaves you. NAME is your partner id at the hub\n"
+            "(^[a-z][a-z0-9-]{1,31}$). Existing files are never replaced.\n"
+            "exit: 0 made, 1 could not write, 2 usage\n");
+}
+
+static int s_keygen(int argc, char **argv)
+{
+    static const struct option options[] = {
+        {"out", required_argument, NULL, 'o'},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0}};
+    const char *out = NULL;
+    int opt;
+    optind = 0; /* a new scan, in GNU order: NAME may come first */
+    while ((opt = getopt_long(argc, argv, "o:h", options, NULL)) != -1) {
+        if (opt == 'o')
+            out = optarg;
+        else {
+            s_usage_keygen(opt == 'h' ? stdout : stderr);
+            return opt == 'h' ? S_EXIT_OK : S_EXIT_USAGE;
+        }
+    }
+    if (optind + 1 != argc || !out || !*out) {
+        s_usage_keygen(stderr);
+        return S_EXIT_USAGE;
+    }
+    const char *name = argv[optind];
+    if (!kh_partner_id_valid(name)) {
+        fprintf(stderr, "ketenhub-partner: keygen: NAME must match "
+                        "^[a-z][a-z0-9-]{1,31}$\n");
+        return S_EXIT_USAGE;
+    }
+    kh_error_t err;
+    zcert_t *cert = kh_partner_cert_new(name, &err);
+    int rc = cert ? kh_partner_cert_export(cert, name, out, &err) : -1;
+    if (rc == 0)
+        printf("public key: %s\n"
+               "send %s/%s.cert to the hub's administrator; keep "
+               "%s/%s.cert_secret here\n",
+               zcert_public_txt(cert), out, name, out, name);
+    else
+        fprintf(stderr, "ketenhub-partner: %s%s%s (%s)\n", err.path,
+                *err.path ? ": " : "", err.message, kh_error_name(err.code));
+    zcert_destroy(&cert);
+    return rc == 0 ? S_EXIT_OK : S_EXIT_REFUSED;
+}
+
 long partner_number(const char *text, long min, long max)
 {
     char *end;
@@ -160,6 +219,8 @@ int main(int argc, char **argv)
         }
     }
     int first = optind;
+    if (first < argc && strcmp(argv[first], "keygen") == 0)
+        return s_keygen(argc - first, argv + first);
     if (first < argc && strcmp(argv[first], "listen") == 0)
         return partner_listen(argc - first, argv + first, endpoint_opt,
                               hub_cert, cert);
