@@ -1054,6 +1054,35 @@ START_TEST(auditor_options_are_checked_before_anything_runs)
 }
 END_TEST
 
+/* What an auditor redirects into a file must arrive whole: when it
+ * cannot be written (a full disk), the command says so and exits 1,
+ * never 0 with the file cut short. */
+START_TEST(output_that_cannot_be_written_is_a_failure)
+{
+    char *conninfo = khtest_db_conninfo(S_DB);
+    setenv("KH_DATABASE_URL", conninfo, 1);
+    s_events_dense(20);
+    static const char *const commands[] = {
+        "audit query --format csv", "audit query --format json", "audit query",
+        "deadletters list --json", "purge --older-than 1 --dry-run --json"};
+    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++) {
+        char cmd[512];
+        snprintf(cmd, sizeof cmd,
+                 "exec '%s/tools/ctl/ketenhubctl' %s >/dev/full",
+                 KH_TEST_BINARY_DIR, commands[i]);
+        char *argv[] = {"/bin/sh", "-c", cmd, NULL};
+        char *out = NULL;
+        int rc = khtest_run(argv, &out);
+        ck_assert_msg(rc == 1, "%s: exit %d: %s", commands[i], rc, out);
+        ck_assert_msg(strstr(out, "cannot write") != NULL, "%s: %s",
+                      commands[i], out);
+        free(out);
+    }
+    unsetenv("KH_DATABASE_URL");
+    free(conninfo);
+}
+END_TEST
+
 /* As a superuser who bypasses the protections of migration 004: remove
  * the event at seq and, if seal, its seal. */
 static void s_remove(int64_t seq, bool seal)
@@ -1921,6 +1950,7 @@ int main(void)
     tcase_add_test(tc_auditor, an_export_with_keys_of_its_own_is_refused);
     tcase_add_test(tc_auditor,
                    auditor_options_are_checked_before_anything_runs);
+    tcase_add_test(tc_auditor, output_that_cannot_be_written_is_a_failure);
     suite_add_tcase(suite, tc_auditor);
     return khtest_run_suite(suite);
 }

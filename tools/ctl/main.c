@@ -4,7 +4,9 @@
  * partners. The database comes from $KH_DATABASE_URL or the libpq
  * environment (PGHOST, PGPORT, PGUSER, PGDATABASE, ...).
  */
+#include <errno.h>
 #include <stdarg.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -149,7 +151,7 @@ PGconn *ctl_connect(void)
     return ctl_connect_wait(0);
 }
 
-int main(int argc, char **argv)
+static int s_run(int argc, char **argv)
 {
     if (argc < 2) {
         s_usage(stderr);
@@ -186,4 +188,29 @@ int main(int argc, char **argv)
     ctl_usage_error("unknown command '%s'", cmd);
     s_usage(stderr);
     return CTL_USAGE;
+}
+
+/* Whether all that went to stdout got there: an auditor's CSV or JSON
+ * redirected to a file on a full disk, or an administrator's report, is
+ * otherwise cut short while the command exits 0. rc is the command's
+ * exit status; returns it, or CTL_FAIL when the output was lost. */
+static int s_close_stdout(int rc)
+{
+    errno = 0;
+    bool failed = fflush(stdout) != 0 || ferror(stdout);
+    int saved = errno;
+    if (fclose(stdout) != 0 && !failed) {
+        failed = true;
+        saved = errno;
+    }
+    if (!failed)
+        return rc;
+    fprintf(stderr, "ketenhubctl: cannot write the output: %s\n",
+            saved ? strerror(saved) : "write error");
+    return rc == CTL_OK ? CTL_FAIL : rc;
+}
+
+int main(int argc, char **argv)
+{
+    return s_close_stdout(s_run(argc, argv));
 }
