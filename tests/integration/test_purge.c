@@ -164,6 +164,10 @@ START_TEST(test_bad_arguments_change_nothing)
         {"--before", "now + 1", NULL},
         {"--before", "infinity", NULL},
         {"--before", "-infinity", NULL},
+        /* December or November, as the server's or the client's DateStyle
+         * would have it: a cutoff a month apart, so neither. */
+        {"--before", "12/11/2025", NULL},
+        {"--before", "11-12-2025", NULL},
         {"--older-than=30", "--batch", "0"},
         {"--older-than=30", "--batch", "lots"},
         {"--older-than=30", "stray", NULL},
@@ -182,6 +186,22 @@ START_TEST(test_bad_arguments_change_nothing)
     ck_assert_int_eq(KHTEST_CTL(&out, "purge", "--before", "2999-01-01"), 2);
     ck_assert_ptr_nonnull(strstr(out, "is not a time in the past"));
     free(out);
+    const char *const styles[] = {"ISO, MDY", "ISO, DMY", "SQL, DMY"};
+    for (size_t i = 0; i < sizeof styles / sizeof styles[0]; i++) {
+        setenv("PGDATESTYLE", styles[i], 1);
+        int rc = KHTEST_CTL(&out, "purge", "--before", "12/11/2025");
+        ck_assert_msg(rc == 2, "%s: exit %d: %s", styles[i], rc, out);
+        free(out);
+        rc = KHTEST_CTL(&out, "deadletters", "list", "--since", "12/11/2025");
+        ck_assert_msg(rc == 2, "%s: exit %d: %s", styles[i], rc, out);
+        free(out);
+        /* Year first reads as itself whatever the style. */
+        rc = KHTEST_CTL(&out, "purge", "--before", "2025-11-12", "--dry-run");
+        ck_assert_msg(rc == 0 && strstr(out, "before 2025-11-12T00:00:00"),
+                      "%s: exit %d: %s", styles[i], rc, out);
+        free(out);
+    }
+    unsetenv("PGDATESTYLE");
     ck_assert_int_eq(s_count(s_all_payloads), payloads);
     ck_assert_int_eq(s_count(s_all_events), events);
 

@@ -58,9 +58,9 @@ static void s_usage_list(FILE *out)
             "  --partner P   only partner P's\n"
             "  --since TIME  only those that died at or after TIME (a "
             "PostgreSQL\n"
-            "                timestamp: 2026-11-28, 2026-11-28T10:00:00Z, "
-            "today;\n"
-            "                UTC when it names no zone)\n"
+            "                timestamp, year first: 2026-11-28, "
+            "2026-11-28T10:00:00Z,\n"
+            "                today; UTC when it names no zone)\n"
             "  --json        one JSON array, for scripts\n"
             "  --help        this text\n");
 }

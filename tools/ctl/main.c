@@ -119,8 +119,14 @@ PGconn *ctl_connect_wait(int wait_s)
         PGconn *conn =
             kh_db_connect_app(kh_db_env_conninfo(), "ketenhubctl", &err);
         /* Times are read and written in UTC, whatever the session's zone:
-         * a time given without a zone means the same in every command. */
-        if (conn && kh_db_exec(conn, "SET TimeZone = 'UTC'", &err) != 0) {
+         * a time given without a zone means the same in every command.
+         * Dates are read year first, whatever the server's or PGDATESTYLE's
+         * DateStyle: 12/11/2025 would be November to one and December to
+         * another (a purge's cutoff a month apart), so it is refused. */
+        if (conn && kh_db_exec(conn,
+                               "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, "
+                               "YMD'",
+                               &err) != 0) {
             PQfinish(conn);
             ctl_print_error(&err);
             return NULL;
