@@ -1017,6 +1017,19 @@ START_TEST(auditor_options_are_checked_before_anything_runs)
     S_REFUSED("--from-checkpoint", "verify", "--public-key", "/dev/null",
               "--file", "/dev/null", "--from-checkpoint", "10");
 
+    /* Every filter at once, the format and the page size after them: as
+     * good as in any other order. */
+    char *out = NULL;
+    int rc = KHTEST_CTL(&out, "audit", "query", "--referral",
+                        "6f1c2e1a-8a55-4b53-9c55-0a3f3f0f6f2b", "--delivery",
+                        "0b7d9b6e-3c0e-4a51-8f3e-2f9a3c1d7e55", "--partner",
+                        "avim", "--actor", "jdevries", "--action",
+                        "delivery.retried", "--outcome", "ok", "--since",
+                        "2026-01-01", "--until", "2027-01-01", "--after", "1",
+                        "--format", "json", "--limit", "10");
+    ck_assert_msg(rc == 0, "exit %d: %s", rc, out);
+    free(out);
+
     /* A time without a zone is UTC, as the trail prints it, whatever the
      * time zone of the session: event 10 and those after it are at or
      * after its own time. */

@@ -449,7 +449,9 @@ static int s_query(int argc, char **argv)
     optind = 1;
     while ((c = getopt_long(argc, argv, "r:d:p:a:A:o:s:u:S:l:f:h", options,
                             NULL)) != -1) {
-        if (q.nparams >= S_MAX_PARAMS - 2)
+        /* Room for one more filter, and for --after's after the loop;
+         * the format, the limit and the page are no filters. */
+        if (strchr("rdpaAosu", c) && q.nparams >= S_MAX_PARAMS - 1)
             return ctl_usage_error("audit query: too many filters");
         switch (c) {
         case 'r':
