@@ -1030,6 +1030,24 @@ START_TEST(auditor_options_are_checked_before_anything_runs)
     ck_assert_msg(rc == 0, "exit %d: %s", rc, out);
     free(out);
 
+    /* An unknown key's refusals carry "key:" and its Z85 text as the
+     * actor, Z85 being letters, digits and 23 signs (!#$%&()*+-./:<=>?@[]^{}):
+     * the auditor asks for that actor as the trail writes it. A space or a
+     * control character, which the trail refuses, is refused here. */
+    static const char z85[] = "key:rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7";
+    const char *const refusal[] = {z85};
+    khtest_db_exec(s_db,
+                   "INSERT INTO audit_events (actor_kind, actor_id, action,"
+                   " outcome, reason_code, origin_service, origin_peer)"
+                   " VALUES ('partner', $1, 'auth.refused', 'refused',"
+                   " 'unknown_partner', 'intake', '10.0.0.9')",
+                   1, refusal);
+    ck_assert_int_eq(S_QUERY_COUNT("--actor", z85), 1);
+    ck_assert_int_eq(S_QUERY_COUNT("--actor", "key:#$%&()*+"), 0);
+    S_REFUSED("--actor", "query", "--actor", "two words");
+    S_REFUSED("--actor", "query", "--actor", "tab\there");
+    S_REFUSED("--actor", "query", "--actor", "");
+
     /* A time without a zone is UTC, as the trail prints it, whatever the
      * time zone of the session: event 10 and those after it are at or
      * after its own time. */
