@@ -1114,6 +1114,50 @@ START_TEST(output_that_cannot_be_written_is_a_failure)
 }
 END_TEST
 
+/* An export that dies half-way (here at the file size limit; a kill, a
+ * closed terminal or a crash alike) leaves no file under the name asked
+ * for: a cut export would stand there looking whole, and its events after
+ * its last checkpoint would verify intact. The next run can have the
+ * name. */
+START_TEST(an_interrupted_export_leaves_no_file_under_its_name)
+{
+    char *conninfo = khtest_db_conninfo(S_DB);
+    setenv("KH_DATABASE_URL", conninfo, 1);
+    s_events_dense(3000);
+    char *dir = khtest_tmpdir();
+    const char *path = khtest_path(dir, "trail.jsonl");
+    char cmd[1024];
+    snprintf(cmd, sizeof cmd,
+             "ulimit -f 64; exec '%s/tools/ctl/ketenhubctl' audit export"
+             " --out '%s'",
+             KH_TEST_BINARY_DIR, path);
+    char *argv[] = {"/bin/sh", "-c", cmd, NULL};
+    char *out = NULL;
+    int rc = khtest_run(argv, &out);
+    ck_assert_msg(rc != 0, "exit %d: %s", rc, out);
+    free(out);
+    ck_assert_msg(access(path, F_OK) != 0, "%s is there after exit %d", path,
+                  rc);
+    rc = KHTEST_CTL(&out, "audit", "export", "--out", path);
+    ck_assert_msg(rc == 0, "exit %d: %s", rc, out);
+    /* The events, the cut run's trail.exported and this run's. */
+    ck_assert_msg(strstr(out, "exported 3002 events"), "%s", out);
+    free(out);
+    /* A name that is taken stays as it was. */
+    rc = KHTEST_CTL(&out, "audit", "export", "--out", path,
+                    "--checkpoints-only");
+    ck_assert_msg(rc == 1 && strstr(out, "exists"), "exit %d: %s", rc, out);
+    free(out);
+    char *text = khtest_read_file(path);
+    ck_assert_ptr_nonnull(strstr(text, "\"seq\":3000,"));
+    free(text);
+    khtest_rmtree(dir);
+    free(dir);
+    unsetenv("KH_DATABASE_URL");
+    free(conninfo);
+}
+END_TEST
+
 /* As a superuser who bypasses the protections of migration 004: remove
  * the event at seq and, if seal, its seal. */
 static void s_remove(int64_t seq, bool seal)
@@ -1982,6 +2026,8 @@ int main(void)
     tcase_add_test(tc_auditor,
                    auditor_options_are_checked_before_anything_runs);
     tcase_add_test(tc_auditor, output_that_cannot_be_written_is_a_failure);
+    tcase_add_test(tc_auditor,
+                   an_interrupted_export_leaves_no_file_under_its_name);
     suite_add_tcase(suite, tc_auditor);
     return khtest_run_suite(suite);
 }
