@@ -1017,6 +1017,37 @@ START_TEST(auditor_options_are_checked_before_anything_runs)
     S_REFUSED("--from-checkpoint", "verify", "--public-key", "/dev/null",
               "--file", "/dev/null", "--from-checkpoint", "10");
 
+    /* Every filter at once, the format and the page size after them: as
+     * good as in any other order. */
+    char *out = NULL;
+    int rc = KHTEST_CTL(&out, "audit", "query", "--referral",
+                        "6f1c2e1a-8a55-4b53-9c55-0a3f3f0f6f2b", "--delivery",
+                        "0b7d9b6e-3c0e-4a51-8f3e-2f9a3c1d7e55", "--partner",
+                        "avim", "--actor", "jdevries", "--action",
+                        "delivery.retried", "--outcome", "ok", "--since",
+                        "2026-01-01", "--until", "2027-01-01", "--after", "1",
+                        "--format", "json", "--limit", "10");
+    ck_assert_msg(rc == 0, "exit %d: %s", rc, out);
+    free(out);
+
+    /* An unknown key's refusals carry "key:" and its Z85 text as the
+     * actor, Z85 being letters, digits and 23 signs (!#$%&()*+-./:<=>?@[]^{}):
+     * the auditor asks for that actor as the trail writes it. A space or a
+     * control character, which the trail refuses, is refused here. */
+    static const char z85[] = "key:rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7";
+    const char *const refusal[] = {z85};
+    khtest_db_exec(s_db,
+                   "INSERT INTO audit_events (actor_kind, actor_id, action,"
+                   " outcome, reason_code, origin_service, origin_peer)"
+                   " VALUES ('partner', $1, 'auth.refused', 'refused',"
+                   " 'unknown_partner', 'intake', '10.0.0.9')",
+                   1, refusal);
+    ck_assert_int_eq(S_QUERY_COUNT("--actor", z85), 1);
+    ck_assert_int_eq(S_QUERY_COUNT("--actor", "key:#$%&()*+"), 0);
+    S_REFUSED("--actor", "query", "--actor", "two words");
+    S_REFUSED("--actor", "query", "--actor", "tab\there");
+    S_REFUSED("--actor", "query", "--actor", "");
+
     /* A time without a zone is UTC, as the trail prints it, whatever the
      * time zone of the session: event 10 and those after it are at or
      * after its own time. */
@@ -1049,6 +1080,79 @@ START_TEST(auditor_options_are_checked_before_anything_runs)
     free(until);
     free(plus1);
     free(at);
+    unsetenv("KH_DATABASE_URL");
+    free(conninfo);
+}
+END_TEST
+
+/* What an auditor redirects into a file must arrive whole: when it
+ * cannot be written (a full disk), the command says so and exits 1,
+ * never 0 with the file cut short. */
+START_TEST(output_that_cannot_be_written_is_a_failure)
+{
+    char *conninfo = khtest_db_conninfo(S_DB);
+    setenv("KH_DATABASE_URL", conninfo, 1);
+    s_events_dense(20);
+    static const char *const commands[] = {
+        "audit query --format csv", "audit query --format json", "audit query",
+        "deadletters list --json", "purge --older-than 1 --dry-run --json"};
+    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++) {
+        char cmd[512];
+        snprintf(cmd, sizeof cmd,
+                 "exec '%s/tools/ctl/ketenhubctl' %s >/dev/full",
+                 KH_TEST_BINARY_DIR, commands[i]);
+        char *argv[] = {"/bin/sh", "-c", cmd, NULL};
+        char *out = NULL;
+        int rc = khtest_run(argv, &out);
+        ck_assert_msg(rc == 1, "%s: exit %d: %s", commands[i], rc, out);
+        ck_assert_msg(strstr(out, "cannot write") != NULL, "%s: %s",
+                      commands[i], out);
+        free(out);
+    }
+    unsetenv("KH_DATABASE_URL");
+    free(conninfo);
+}
+END_TEST
+
+/* An export that dies half-way (here at the file size limit; a kill, a
+ * closed terminal or a crash alike) leaves no file under the name asked
+ * for: a cut export would stand there looking whole, and its events after
+ * its last checkpoint would verify intact. The next run can have the
+ * name. */
+START_TEST(an_interrupted_export_leaves_no_file_under_its_name)
+{
+    char *conninfo = khtest_db_conninfo(S_DB);
+    setenv("KH_DATABASE_URL", conninfo, 1);
+    s_events_dense(3000);
+    char *dir = khtest_tmpdir();
+    const char *path = khtest_path(dir, "trail.jsonl");
+    char cmd[1024];
+    snprintf(cmd, sizeof cmd,
+             "ulimit -f 64; exec '%s/tools/ctl/ketenhubctl' audit export"
+             " --out '%s'",
+             KH_TEST_BINARY_DIR, path);
+    char *argv[] = {"/bin/sh", "-c", cmd, NULL};
+    char *out = NULL;
+    int rc = khtest_run(argv, &out);
+    ck_assert_msg(rc != 0, "exit %d: %s", rc, out);
+    free(out);
+    ck_assert_msg(access(path, F_OK) != 0, "%s is there after exit %d", path,
+                  rc);
+    rc = KHTEST_CTL(&out, "audit", "export", "--out", path);
+    ck_assert_msg(rc == 0, "exit %d: %s", rc, out);
+    /* The events, the cut run's trail.exported and this run's. */
+    ck_assert_msg(strstr(out, "exported 3002 events"), "%s", out);
+    free(out);
+    /* A name that is taken stays as it was. */
+    rc = KHTEST_CTL(&out, "audit", "export", "--out", path,
+                    "--checkpoints-only");
+    ck_assert_msg(rc == 1 && strstr(out, "exists"), "exit %d: %s", rc, out);
+    free(out);
+    char *text = khtest_read_file(path);
+    ck_assert_ptr_nonnull(strstr(text, "\"seq\":3000,"));
+    free(text);
+    khtest_rmtree(dir);
+    free(dir);
     unsetenv("KH_DATABASE_URL");
     free(conninfo);
 }
@@ -1921,6 +2025,9 @@ int main(void)
     tcase_add_test(tc_auditor, an_export_with_keys_of_its_own_is_refused);
     tcase_add_test(tc_auditor,
                    auditor_options_are_checked_before_anything_runs);
+    tcase_add_test(tc_auditor, output_that_cannot_be_written_is_a_failure);
+    tcase_add_test(tc_auditor,
+                   an_interrupted_export_leaves_no_file_under_its_name);
     suite_add_tcase(suite, tc_auditor);
     return khtest_run_suite(suite);
 }

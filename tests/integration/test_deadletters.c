@@ -7,9 +7,13 @@
  * retried (state, attempts, next attempt, reason and one delivery.retried
  * audit event each, all in one transaction) and refused when not dead.
  */
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "khtest.h"
 
@@ -394,6 +398,76 @@ START_TEST(test_retry)
 }
 END_TEST
 
+/* The peak resident memory (KiB) of ketenhubctl deadletters list with
+ * extra (NULL or "--json"), its output thrown away; the output's byte
+ * count in *bytes. */
+static long s_list_rss(const char *extra, long *bytes)
+{
+    char path[] = "/tmp/kh-dl-list-XXXXXX";
+    int fd = mkstemp(path);
+    ck_assert_int_ge(fd, 0);
+    unlink(path);
+    pid_t pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0) {
+        dup2(fd, 1);
+        /* Under AddressSanitizer freed memory waits in a quarantine of
+         * 256 MiB, which would count as the streamed rows' peak. */
+        const char *asan = getenv("ASAN_OPTIONS");
+        char opts[1024];
+        snprintf(opts, sizeof opts, "%s%squarantine_size_mb=1",
+                 asan ? asan : "", asan && *asan ? ":" : "");
+        setenv("ASAN_OPTIONS", opts, 1);
+        execl(KH_TEST_BINARY_DIR "/tools/ctl/ketenhubctl", "ketenhubctl",
+              "deadletters", "list", extra, (char *) NULL);
+        _exit(127);
+    }
+    int status = 0;
+    struct rusage ru;
+    ck_assert_int_eq(wait4(pid, &status, 0, &ru), pid);
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+                  "deadletters list %s: status %d", extra ? extra : "", status);
+    *bytes = (long) lseek(fd, 0, SEEK_END);
+    close(fd);
+    return ru.ru_maxrss;
+}
+
+/* A revoked partner's backlog becomes dead letters all at once: a list of
+ * 100,000 of them as JSON costs about what the table costs, not the whole
+ * document built in memory first (several times the rows). */
+START_TEST(test_a_long_list_is_streamed)
+{
+    s_setup();
+    s_sql("INSERT INTO referrals (id, partner_id, idempotency_key,"
+          " schema_version, payload, payload_hash, state)"
+          " SELECT gen_random_uuid(), 'meldpunt', 'bulk-' || g,"
+          " 'referral.v1', '\\x7b7d', sha256('\\x7b7d'), 'routed'"
+          " FROM generate_series(1, 100000) g");
+    s_sql("INSERT INTO deliveries (id, referral_id, partner_id, priority,"
+          " payload, payload_hash, state, rules_version, attempts,"
+          " dead_reason) SELECT gen_random_uuid(), id, 'avim', 'normal',"
+          " payload, payload_hash, 'dead', 'r1', 10, 'partner_revoked'"
+          " FROM referrals WHERE idempotency_key LIKE 'bulk-%'");
+    long table_bytes = 0, json_bytes = 0;
+    long table = s_list_rss(NULL, &table_bytes);
+    long json = s_list_rss("--json", &json_bytes);
+    ck_assert_int_gt(table_bytes, 100000L * 150);
+    ck_assert_int_gt(json_bytes, 100000L * 250);
+    ck_assert_msg(json < table * 3 / 2,
+                  "--json peaked at %ld KiB, the table at %ld KiB", json,
+                  table);
+    char *out = NULL;
+    ck_assert_int_eq(KHTEST_CTL(&out, "deadletters", "list", "--json"), 0);
+    json_error_t jerr;
+    json_t *list = json_loads(out, 0, &jerr);
+    ck_assert_msg(list != NULL, "%s", jerr.text);
+    ck_assert_uint_eq(json_array_size(list), 100004);
+    json_decref(list);
+    free(out);
+    PQfinish(s_conn);
+}
+END_TEST
+
 static Suite *s_suite(void)
 {
     Suite *s = suite_create("deadletters");
@@ -401,6 +475,7 @@ static Suite *s_suite(void)
     tcase_set_timeout(tc, 120);
     tcase_add_test(tc, test_list_and_show);
     tcase_add_test(tc, test_retry);
+    tcase_add_test(tc, test_a_long_list_is_streamed);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -164,6 +164,10 @@ START_TEST(test_bad_arguments_change_nothing)
         {"--before", "now + 1", NULL},
         {"--before", "infinity", NULL},
         {"--before", "-infinity", NULL},
+        /* December or November, as the server's or the client's DateStyle
+         * would have it: a cutoff a month apart, so neither. */
+        {"--before", "12/11/2025", NULL},
+        {"--before", "11-12-2025", NULL},
         {"--older-than=30", "--batch", "0"},
         {"--older-than=30", "--batch", "lots"},
         {"--older-than=30", "stray", NULL},
@@ -182,6 +186,22 @@ START_TEST(test_bad_arguments_change_nothing)
     ck_assert_int_eq(KHTEST_CTL(&out, "purge", "--before", "2999-01-01"), 2);
     ck_assert_ptr_nonnull(strstr(out, "is not a time in the past"));
     free(out);
+    const char *const styles[] = {"ISO, MDY", "ISO, DMY", "SQL, DMY"};
+    for (size_t i = 0; i < sizeof styles / sizeof styles[0]; i++) {
+        setenv("PGDATESTYLE", styles[i], 1);
+        int rc = KHTEST_CTL(&out, "purge", "--before", "12/11/2025");
+        ck_assert_msg(rc == 2, "%s: exit %d: %s", styles[i], rc, out);
+        free(out);
+        rc = KHTEST_CTL(&out, "deadletters", "list", "--since", "12/11/2025");
+        ck_assert_msg(rc == 2, "%s: exit %d: %s", styles[i], rc, out);
+        free(out);
+        /* Year first reads as itself whatever the style. */
+        rc = KHTEST_CTL(&out, "purge", "--before", "2025-11-12", "--dry-run");
+        ck_assert_msg(rc == 0 && strstr(out, "before 2025-11-12T00:00:00"),
+                      "%s: exit %d: %s", styles[i], rc, out);
+        free(out);
+    }
+    unsetenv("PGDATESTYLE");
     ck_assert_int_eq(s_count(s_all_payloads), payloads);
     ck_assert_int_eq(s_count(s_all_events), events);
 
@@ -340,6 +360,39 @@ START_TEST(test_purge_done_referrals_only)
 }
 END_TEST
 
+/* An urgent delivery that died before it was acknowledged escalates when
+ * its time comes (migration 015), also one that died long ago under an
+ * older release and was never escalated: the escalation partner's copy is
+ * made from its escalation payload. Until then its referral is in work,
+ * and the purge keeps it; escalated, it is done. */
+#define R_ESC "10000000-0000-4000-8000-000000000009"
+
+START_TEST(test_urgent_dead_letter_kept_until_escalated)
+{
+    s_setup();
+    s_referral(R_ESC, "routed", 400);
+    s_delivery(R_ESC, "avim", "dead", true);
+    char *out = NULL;
+    ck_assert_int_eq(
+        KHTEST_CTL(&out, "purge", "--older-than", "365", "--dry-run"), 0);
+    ck_assert_msg(strstr(out, "kept 4 referrals"), "%s", out);
+    free(out);
+    ck_assert_int_eq(KHTEST_CTL(&out, "purge", "--older-than", "365"), 0);
+    free(out);
+    ck_assert_int_eq(s_payloads(R_ESC), 3);
+    ck_assert_int_eq(s_purge_events(R_ESC), 0);
+    /* Escalated (notification's sweep): nothing is left to send. */
+    s_sql(s_conn, "UPDATE deliveries SET escalated_at = now() WHERE"
+                  " referral_id = '" R_ESC "'");
+    ck_assert_int_eq(KHTEST_CTL(&out, "purge", "--older-than", "365"), 0);
+    ck_assert_msg(strstr(out, "purged 1 referral (1 delivery)"), "%s", out);
+    free(out);
+    ck_assert_int_eq(s_payloads(R_ESC), 0);
+    ck_assert_int_eq(s_purge_events(R_ESC), 1);
+    PQfinish(s_conn);
+}
+END_TEST
+
 static Suite *s_suite(void)
 {
     Suite *s = suite_create("purge");
@@ -347,6 +400,7 @@ static Suite *s_suite(void)
     tcase_set_timeout(tc, 120);
     tcase_add_test(tc, test_bad_arguments_change_nothing);
     tcase_add_test(tc, test_purge_done_referrals_only);
+    tcase_add_test(tc, test_urgent_dead_letter_kept_until_escalated);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -1100,6 +1100,23 @@ START_TEST(test_ctl_exit_codes)
     ck_assert_int_eq(khtest_run(explain_checked, &out), 0);
     ck_assert_ptr_null(strstr(out, "partners not checked"));
     free(out);
+    /* A document intake refuses is no referral routing could see: no
+     * explanation of it (where an age in quotes would not be a minor's),
+     * but the error intake would give, code and field path, exit 2. */
+    json_t *c =
+        json_load_file(khtest_src("schemas/invalid/age-string.json"), 0, NULL);
+    ck_assert_ptr_nonnull(c);
+    char wrong[4096];
+    snprintf(wrong, sizeof wrong, "%s/referral.json", dir);
+    ck_assert_int_eq(json_dump_file(json_object_get(c, "referral"), wrong, 0),
+                     0);
+    json_decref(c);
+    char *explain_wrong[] = {ctl, "rules", "explain", def, wrong, NULL};
+    ck_assert_int_eq(khtest_run(explain_wrong, &out), 2);
+    ck_assert_msg(strstr(out, "schema.") && strstr(out, "subject.age"), "%s",
+                  out);
+    ck_assert_ptr_null(strstr(out, "fallback"));
+    free(out);
     khtest_rmtree(dir);
     free(dir);
 }

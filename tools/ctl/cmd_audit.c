@@ -14,6 +14,7 @@
 #include <getopt.h>
 #include <inttypes.h>
 #include <jansson.h>
+#include <limits.h>
 #include <regex.h>
 #include <sodium.h>
 #include <stdio.h>
@@ -21,6 +22,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "ctl.h"
 #include "ketenhub/db.h"
@@ -449,7 +451,9 @@ static int s_query(int argc, char **argv)
     optind = 1;
     while ((c = getopt_long(argc, argv, "r:d:p:a:A:o:s:u:S:l:f:h", options,
                             NULL)) != -1) {
-        if (q.nparams >= S_MAX_PARAMS - 2)
+        /* Room for one more filter, and for --after's after the loop;
+         * the format, the limit and the page are no filters. */
+        if (strchr("rdpaAosu", c) && q.nparams >= S_MAX_PARAMS - 1)
             return ctl_usage_error("audit query: too many filters");
         switch (c) {
         case 'r':
@@ -474,9 +478,14 @@ static int s_query(int argc, char **argv)
                    "= $?))");
             break;
         case 'a':
-            if (!s_matches(optarg, "^[A-Za-z0-9_.:@-]{1,64}$"))
+            /* As the trail admits actors (migration 011): 1..64
+             * characters without a space or a control character, such as
+             * "key:" and an unknown key's Z85 text, which holds signs like
+             * + = / ? & < > { } [ ] % $ #. Printable ASCII here, as the
+             * services and the OS users write them. */
+            if (!s_matches(optarg, "^[!-~]{1,64}$"))
                 return ctl_usage_error("audit query: --actor takes an actor "
-                                       "id");
+                                       "id: 1 to 64 characters, no space");
             s_cond(&q, "actor", optarg, "actor_id = $?");
             break;
         case 'A':
@@ -590,6 +599,21 @@ static int s_query(int argc, char **argv)
 
 /* ---- export ---- */
 
+/* Give the finished export tmp its name out, never over a file that
+ * took that name meanwhile. 0, or -1 with errno. */
+static int s_publish(const char *tmp, const char *out)
+{
+    if (link(tmp, out) == 0) {
+        unlink(tmp); /* left behind at worst: out is whole */
+        return 0;
+    }
+    if (errno == EEXIST)
+        return -1;
+    /* A file system without hard links: renamed, the name having been
+     * free when the export began. */
+    return rename(tmp, out);
+}
+
 static int s_export(int argc, char **argv)
 {
     static const struct option options[] = {
@@ -632,13 +656,35 @@ static int s_export(int argc, char **argv)
     PGconn *conn = ctl_connect();
     if (!conn)
         return CTL_FAIL;
-    FILE *f = fopen(out, "wx");
+    /* Written under a name of its own and given the one asked for only
+     * when whole: an export cut short (killed, a full disk, a crash)
+     * must not stand under that name looking complete, since its events
+     * after its last checkpoint would verify intact. */
+    char tmp[PATH_MAX];
+    struct stat st;
+    int fd = -1;
+    if (stat(out, &st) == 0)
+        errno = EEXIST;
+    else if (snprintf(tmp, sizeof tmp, "%s.partial-XXXXXX", out) >=
+             (int) sizeof tmp)
+        errno = ENAMETOOLONG;
+    else
+        fd = mkstemp(tmp);
+    FILE *f = fd >= 0 ? fdopen(fd, "w") : NULL;
     if (!f) {
         fprintf(stderr, "ketenhubctl: %s: cannot create: %s\n", out,
                 strerror(errno));
+        if (fd >= 0) {
+            close(fd);
+            unlink(tmp);
+        }
         PQfinish(conn);
         return CTL_FAIL;
     }
+    /* The mode a new file gets, as before (mkstemp makes it 0600). */
+    mode_t mask = umask(0);
+    umask(mask);
+    fchmod(fd, 0666 & ~mask);
     char filter[128];
     snprintf(filter, sizeof filter, "from=%" PRId64 " to=%" PRId64 "%s", from,
              to, events ? "" : " checkpoints-only");
@@ -653,9 +699,12 @@ static int s_export(int argc, char **argv)
         rc = kh_trail_export(conn, f, from, to, events, &count, &err);
     if (fclose(f) != 0 && rc == 0)
         rc = kh_error_set(&err, KH_E_IO, out, "cannot write");
+    if (rc == 0 && s_publish(tmp, out) != 0)
+        rc = kh_error_set(&err, KH_E_IO, out, "cannot create: %s",
+                          strerror(errno));
     if (rc != 0) {
         ctl_print_error(&err);
-        remove(out);
+        unlink(tmp);
     } else
         printf("exported %ld events with their checkpoints to %s\n", count,
                out);

@@ -58,9 +58,9 @@ static void s_usage_list(FILE *out)
             "  --partner P   only partner P's\n"
             "  --since TIME  only those that died at or after TIME (a "
             "PostgreSQL\n"
-            "                timestamp: 2026-11-28, 2026-11-28T10:00:00Z, "
-            "today;\n"
-            "                UTC when it names no zone)\n"
+            "                timestamp, year first: 2026-11-28, "
+            "2026-11-28T10:00:00Z,\n"
+            "                today; UTC when it names no zone)\n"
             "  --json        one JSON array, for scripts\n"
             "  --help        this text\n");
 }
@@ -125,33 +125,69 @@ static bool s_bad_input(const PGresult *res)
     return state && strncmp(state, "22", 2) == 0;
 }
 
-/* The rows of res as a new JSON array of objects keyed by column name;
- * columns listed in ints are numbers, NULLs are null. NULL when out of
- * memory. */
+/* Row r of res as a new JSON object keyed by column name; columns listed
+ * in ints are numbers, NULLs are null. NULL when out of memory. */
+static json_t *s_row_json(const PGresult *res, int r, const char *const *ints)
+{
+    json_t *o = json_object();
+    for (int c = 0; o && c < PQnfields(res); c++) {
+        const char *name = PQfname(res, c);
+        bool is_int = false;
+        for (const char *const *i = ints; *i; i++)
+            is_int = is_int || strcmp(*i, name) == 0;
+        json_t *v = PQgetisnull(res, r, c) ? json_null()
+                    : is_int ? json_integer(atoll(PQgetvalue(res, r, c)))
+                             : json_string(PQgetvalue(res, r, c));
+        if (!v || json_object_set_new(o, name, v)) {
+            json_decref(o);
+            return NULL;
+        }
+    }
+    return o;
+}
+
+/* The rows of res as a new JSON array of s_row_json objects. NULL when
+ * out of memory. */
 static json_t *s_rows_json(const PGresult *res, const char *const *ints)
 {
     json_t *array = json_array();
     for (int r = 0; array && r < PQntuples(res); r++) {
-        json_t *o = json_object();
+        json_t *o = s_row_json(res, r, ints);
         if (!o || json_array_append_new(array, o)) {
             json_decref(array);
             return NULL;
         }
-        for (int c = 0; c < PQnfields(res); c++) {
-            const char *name = PQfname(res, c);
-            bool is_int = false;
-            for (const char *const *i = ints; *i; i++)
-                is_int = is_int || strcmp(*i, name) == 0;
-            json_t *v = PQgetisnull(res, r, c) ? json_null()
-                        : is_int ? json_integer(atoll(PQgetvalue(res, r, c)))
-                                 : json_string(PQgetvalue(res, r, c));
-            if (!v || json_object_set_new(o, name, v)) {
-                json_decref(array);
-                return NULL;
-            }
-        }
     }
     return array;
+}
+
+/* Print the rows of res as s_print_json would print s_rows_json's array,
+ * one row at a time: a list of a revoked partner's whole backlog is not
+ * built as one document first, which took several times the memory of
+ * the rows. 0, or -1 when out of memory. */
+static int s_print_rows_json(const PGresult *res, const char *const *ints)
+{
+    int rows = PQntuples(res);
+    fputs(rows ? "[\n" : "[]\n", stdout);
+    for (int r = 0; r < rows; r++) {
+        json_t *o = s_row_json(res, r, ints);
+        char *text = o ? json_dumps(o, JSON_INDENT(2)) : NULL;
+        json_decref(o);
+        if (!text) {
+            fprintf(stderr, "ketenhubctl: out of memory\n");
+            return -1;
+        }
+        /* Indented one level, as an element of the array. */
+        fputs("  ", stdout);
+        for (const char *p = text; *p; p++) {
+            putchar(*p);
+            if (*p == '\n')
+                fputs("  ", stdout);
+        }
+        fputs(r + 1 < rows ? ",\n" : "\n]\n", stdout);
+        free(text);
+    }
+    return 0;
 }
 
 /* Print value (stolen) indented; 0, or -1 when out of memory. */
@@ -239,7 +275,7 @@ static int s_cmd_list(int argc, char **argv)
         }
     } else if (as_json) {
         static const char *const ints[] = {"attempts", NULL};
-        if (s_print_json(s_rows_json(res, ints)))
+        if (s_print_rows_json(res, ints))
             rc = CTL_FAIL;
     } else {
         printf("%-36s %-36s %-20s %-8s %8s %-15s %-24s %s\n", "delivery_id",

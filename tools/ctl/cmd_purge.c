@@ -48,7 +48,7 @@ static void s_usage(FILE *out)
             "cutoff whose work\n"
             "is done (routed or unroutable, every delivery acknowledged or "
             "dead since\n"
-            "before the cutoff): the\n"
+            "before the cutoff, an urgent dead letter escalated too): the\n"
             "referral's payload and its deliveries' payloads become NULL. "
             "Ids, states,\n"
             "times and payload hashes stay, so the audit trail stays whole "
@@ -61,8 +61,8 @@ static void s_usage(FILE *out)
             "letter that is\n"
             "purged can no longer be retried.\n"
             "\n"
-            "  --before TIME      cutoff: a PostgreSQL timestamp "
-            "(2025-11-29,\n"
+            "  --before TIME      cutoff: a PostgreSQL timestamp, year "
+            "first (2025-11-29,\n"
             "                     2025-11-29T00:00:00Z), not in the future\n"
             "  --older-than DAYS  cutoff: DAYS (1..%d) days before now\n"
             "  --dry-run          count what would be purged; change nothing\n"
@@ -94,12 +94,18 @@ static const char s_cutoff_days_sql[] =
 /* Whether the referral r is done by the cutoff: routed or set aside as
  * unroutable, and no delivery of it pending or delivered, nor dead since
  * the cutoff: a dead letter is the administrator's to retry, and its
- * retention runs from when it died, not from when its referral came. */
+ * retention runs from when it died, not from when its referral came.
+ * Nor an urgent dead letter not escalated yet whose escalation partner
+ * is to get a copy (migration 015: it escalates when its time comes, and
+ * one that died under an older release at the next sweep): the copy is
+ * made from its escalation payload. */
 #define S_DONE(r, cutoff)                                                      \
     r ".state IN ('routed', 'unroutable') AND NOT EXISTS (SELECT 1"            \
     " FROM deliveries d WHERE d.referral_id = " r ".id"                        \
     " AND (d.state IN ('pending', 'delivered')"                                \
-    " OR (d.state = 'dead' AND d.updated_at >= " cutoff ")))"
+    " OR (d.state = 'dead' AND d.updated_at >= " cutoff ")"                    \
+    " OR (d.state = 'dead' AND d.priority = 'urgent'"                          \
+    " AND d.escalated_at IS NULL AND d.escalation_payload IS NOT NULL)))"
 
 /* $1 cutoff: the referrals to purge and their deliveries with a payload,
  * and the referrals before the cutoff kept because they are in work. */

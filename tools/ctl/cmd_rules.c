@@ -14,6 +14,7 @@
 #include "ctl.h"
 #include "ketenhub/partner.h"
 #include "ketenhub/rules.h"
+#include "ketenhub/schema.h"
 
 #ifndef KH_SOURCE_MIGRATIONS_DIR
 #define KH_SOURCE_MIGRATIONS_DIR ""
@@ -42,7 +43,10 @@ static void s_usage(FILE *out)
             "database;\n"
             "         partners are checked only with --partners. It prints "
             "the\n"
-            "         referral's values: keep its output local.\n"
+            "         referral's values: keep its output local. A "
+            "referral that intake\n"
+            "         would refuse is an error (code and field path), exit "
+            "2.\n"
             "\n"
             "  --schema FILE  the referral schema (default: "
             "$KH_SCHEMA_DIR/referral.v1.json,\n"
@@ -171,6 +175,33 @@ static void s_report(const kh_error_t *err, bool is_error, void *arg)
     fprintf(stderr, "\n");
 }
 
+/* Whether referral fails the referral schema at schema_path (said on
+ * stderr with the code and the field path, never the value): intake
+ * refuses such a document, so routing never sees it, and explaining it
+ * would show rules that fail on it (an age in quotes is no minor's) or a
+ * fallback for what is no referral at all. */
+static bool s_referral_invalid(const char *schema_path, const json_t *referral,
+                               const char *file)
+{
+    kh_error_t err;
+    kh_error_clear(&err);
+    kh_schema_t *schema = kh_schema_load(schema_path, &err);
+    if (schema)
+        kh_error_clear(&err);
+    bool invalid = !schema || kh_schema_validate(schema, referral, &err) != 0;
+    if (invalid)
+        fprintf(stderr, "ketenhubctl: %s: %s%s%s (%s)\n",
+                schema ? file : schema_path, err.path[0] ? err.path : "",
+                err.path[0] ? ": " : "", err.message, kh_error_name(err.code));
+    if (schema && invalid)
+        fprintf(stderr,
+                "ketenhubctl: %s: intake refuses it: not a referral "
+                "routing could see\n",
+                file);
+    kh_schema_destroy(&schema);
+    return invalid;
+}
+
 static int s_run(int argc, char **argv, bool explain)
 {
     static const struct option options[] = {
@@ -265,6 +296,9 @@ static int s_run(int argc, char **argv, bool explain)
                     rep.errors == 1 ? "" : "s");
             rc = CTL_FAIL;
         }
+    } else if (explain && s_referral_invalid(opts.schema_path, referral,
+                                             argv[optind + 1])) {
+        rc = CTL_USAGE;
     } else {
         if (explain && !have_partners)
             /* Routing skips an optional target whose partner is not

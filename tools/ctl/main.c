@@ -4,7 +4,9 @@
  * partners. The database comes from $KH_DATABASE_URL or the libpq
  * environment (PGHOST, PGPORT, PGUSER, PGDATABASE, ...).
  */
+#include <errno.h>
 #include <stdarg.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -117,8 +119,14 @@ PGconn *ctl_connect_wait(int wait_s)
         PGconn *conn =
             kh_db_connect_app(kh_db_env_conninfo(), "ketenhubctl", &err);
         /* Times are read and written in UTC, whatever the session's zone:
-         * a time given without a zone means the same in every command. */
-        if (conn && kh_db_exec(conn, "SET TimeZone = 'UTC'", &err) != 0) {
+         * a time given without a zone means the same in every command.
+         * Dates are read year first, whatever the server's or PGDATESTYLE's
+         * DateStyle: 12/11/2025 would be November to one and December to
+         * another (a purge's cutoff a month apart), so it is refused. */
+        if (conn && kh_db_exec(conn,
+                               "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, "
+                               "YMD'",
+                               &err) != 0) {
             PQfinish(conn);
             ctl_print_error(&err);
             return NULL;
@@ -149,7 +157,7 @@ PGconn *ctl_connect(void)
     return ctl_connect_wait(0);
 }
 
-int main(int argc, char **argv)
+static int s_run(int argc, char **argv)
 {
     if (argc < 2) {
         s_usage(stderr);
@@ -186,4 +194,29 @@ int main(int argc, char **argv)
     ctl_usage_error("unknown command '%s'", cmd);
     s_usage(stderr);
     return CTL_USAGE;
+}
+
+/* Whether all that went to stdout got there: an auditor's CSV or JSON
+ * redirected to a file on a full disk, or an administrator's report, is
+ * otherwise cut short while the command exits 0. rc is the command's
+ * exit status; returns it, or CTL_FAIL when the output was lost. */
+static int s_close_stdout(int rc)
+{
+    errno = 0;
+    bool failed = fflush(stdout) != 0 || ferror(stdout);
+    int saved = errno;
+    if (fclose(stdout) != 0 && !failed) {
+        failed = true;
+        saved = errno;
+    }
+    if (!failed)
+        return rc;
+    fprintf(stderr, "ketenhubctl: cannot write the output: %s\n",
+            saved ? strerror(saved) : "write error");
+    return rc == CTL_OK ? CTL_FAIL : rc;
+}
+
+int main(int argc, char **argv)
+{
+    return s_close_stdout(s_run(argc, argv));
 }
