@@ -210,6 +210,13 @@ bool kh_rules_result_fallback(const kh_rules_result_t *self)
     return self->fallback;
 }
 
+const char *kh_rules_result_fallback_reason(const kh_rules_result_t *self)
+{
+    if (!self->fallback)
+        return NULL;
+    return self->nmatched ? "no_registered_target" : "no_rule_matched";
+}
+
 size_t kh_rules_result_matched_count(const kh_rules_result_t *self)
 {
     return self->nmatched;

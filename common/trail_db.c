@@ -680,7 +680,7 @@ int kh_trail_db_verify(PGconn *conn, const unsigned char *public_key,
             if (published[i].seq == from_checkpoint)
                 anchor = &published[i];
         if (!anchor)
-            rc = kh_error_set(err, KH_E_NOT_FOUND, NULL,
+            rc = kh_error_set(err, KH_E_NOT_FOUND, "from_checkpoint",
                               "no checkpoint at seq %" PRId64, from_checkpoint);
     }
     /* In a transaction of its own the fast pass comes first (the usual

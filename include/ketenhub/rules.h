@@ -113,6 +113,11 @@ void kh_rules_eval(const kh_rules_t *self, const json_t *referral,
 /* Whether the targets come from the fallback. */
 bool kh_rules_result_fallback(const kh_rules_result_t *self);
 
+/* Why, as the trail's reason code: "no_rule_matched", or
+ * "no_registered_target" when rules matched but named only optional
+ * partners that are not registered; NULL when not the fallback. */
+const char *kh_rules_result_fallback_reason(const kh_rules_result_t *self);
+
 /* The matched rules, in file order (names valid as long as the rules). */
 size_t kh_rules_result_matched_count(const kh_rules_result_t *self);
 const char *kh_rules_result_matched(const kh_rules_result_t *self,

@@ -316,7 +316,7 @@ static int s_route(routing_t *self, const char *id, const char *payload,
     bool fallback = kh_rules_result_fallback(self->result);
     kh_pgarray_add_uuid(&self->routed_cols[0], id);
     kh_pgarray_add_str(&self->routed_cols[1],
-                       fallback ? "no_rule_matched" : NULL);
+                       kh_rules_result_fallback_reason(self->result));
     kh_pgarray_add_str(&self->routed_cols[2], hash);
     kh_pgarray_add_str(&self->routed_cols[3], matched[0] ? matched : NULL);
     size_t targets = kh_rules_result_target_count(self->result);

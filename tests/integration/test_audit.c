@@ -1016,6 +1016,18 @@ START_TEST(auditor_options_are_checked_before_anything_runs)
     S_REFUSED("--out", "export", "--out", "");
     S_REFUSED("--from-checkpoint", "verify", "--public-key", "/dev/null",
               "--file", "/dev/null", "--from-checkpoint", "10");
+    /* A seq that is no checkpoint is a bad option, not a finding (exit 1
+     * would say the trail was tampered with). */
+    char *keys = khtest_tmpdir();
+    char sk_path[512], pk_path[512];
+    snprintf(sk_path, sizeof sk_path, "%s/hub-audit.key", keys);
+    snprintf(pk_path, sizeof pk_path, "%s/hub-audit.pub", keys);
+    kh_error_t err;
+    ck_assert_int_eq(kh_trail_keygen(sk_path, pk_path, false, &err), 0);
+    S_REFUSED("from_checkpoint", "verify", "--public-key", pk_path,
+              "--from-checkpoint", "7");
+    khtest_rmtree(keys);
+    free(keys);
 
     /* Every filter at once, the format and the page size after them: as
      * good as in any other order. */

@@ -311,9 +311,11 @@ START_TEST(examples_get_exactly_the_projected_deliveries)
         s_matched(result, matched, sizeof matched);
         ck_assert_str_eq(PQgetvalue(res, 0, 0), kh_rules_version(s_rules));
         ck_assert_str_eq(PQgetvalue(res, 0, 1), matched);
-        ck_assert_str_eq(PQgetvalue(res, 0, 2), kh_rules_result_fallback(result)
-                                                    ? "no_rule_matched"
-                                                    : "");
+        ck_assert_str_eq(PQgetvalue(res, 0, 2),
+                         !kh_rules_result_fallback(result) ? ""
+                         : kh_rules_result_matched_count(result)
+                             ? "no_registered_target"
+                             : "no_rule_matched");
         ck_assert_str_eq(PQgetvalue(res, 0, 3), "t");
         ck_assert_str_eq(PQgetvalue(res, 0, 4), "service");
         ck_assert_str_eq(PQgetvalue(res, 0, 5), "routing");

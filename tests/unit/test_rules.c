@@ -316,6 +316,15 @@ START_TEST(test_eval_cases)
                       c->targets);
         ck_assert_msg(kh_rules_result_fallback(r) == c->fallback,
                       "case %zu: fallback", i);
+        /* The trail's reason: no rule matched at all, or rules matched
+         * that named only partners that are not registered. */
+        const char *reason = kh_rules_result_fallback_reason(r);
+        ck_assert_msg(
+            c->fallback
+                ? reason && strcmp(reason, *c->matched ? "no_registered_target"
+                                                       : "no_rule_matched") == 0
+                : reason == NULL,
+            "case %zu: fallback reason %s", i, reason ? reason : "none");
         if (c->project) {
             const char *eq = strchr(c->project, '=');
             char partner[64];

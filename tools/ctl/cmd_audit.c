@@ -815,7 +815,11 @@ static int s_verify(int argc, char **argv)
     free(pub);
     if (rc < 0) {
         ctl_print_error(&err);
-        return CTL_FAIL;
+        /* A seq that is no checkpoint is a bad option, not a finding. */
+        return err.code == KH_E_NOT_FOUND &&
+                       strcmp(err.path, "from_checkpoint") == 0
+                   ? CTL_USAGE
+                   : CTL_FAIL;
     }
     return rc == 0 ? CTL_OK : CTL_FAIL;
 }
