@@ -5,10 +5,12 @@
 #include "ketenhub/partner.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -615,9 +617,81 @@ static int s_cert_replace(zcert_t *cert, const char *path, kh_error_t *err)
     return 0;
 }
 
+/* Write previous_key as <id>.previous.cert, with expires-at when
+ * expires_at is not NULL. */
+static int s_previous_write(const char *path, const char *id,
+                            const char *previous_key, const char *expires_at,
+                            kh_error_t *err)
+{
+    uint8_t key[32];
+    zcert_t *old =
+        kh_partner_key_valid(previous_key) && zmq_z85_decode(key, previous_key)
+            ? zcert_new_from(key, (const uint8_t[32]){0})
+            : NULL;
+    if (!old)
+        return kh_error_set(err, KH_E_CONFIG, "previous_key",
+                            "not a CURVE public key");
+    zcert_set_meta(old, "partner-id", "%s", id);
+    if (expires_at)
+        zcert_set_meta(old, "expires-at", "%s", expires_at);
+    int rc = s_cert_replace(old, path, err);
+    zcert_destroy(&old);
+    return rc;
+}
+
+int kh_partner_cert_lock(const char *id, const char *cert_dir, kh_error_t *err)
+{
+    if (!kh_partner_id_valid(id))
+        return kh_error_set(err, KH_E_CONFIG, "id", "bad partner id");
+    char path[PATH_MAX], name[64];
+    snprintf(name, sizeof name, ".%s.lock", id);
+    if (s_cert_path(path, sizeof path, cert_dir, name, "", err) != 0)
+        return -1;
+    /* A directory that is not there is a mistyped one (see
+     * kh_partner_cert_remove). */
+    struct stat st;
+    if (stat(cert_dir, &st) != 0)
+        return kh_error_set(err, KH_E_CONFIG, cert_dir,
+                            "cannot use the certificate directory: %s",
+                            strerror(errno));
+    if (!S_ISDIR(st.st_mode))
+        return kh_error_set(err, KH_E_CONFIG, cert_dir, "not a directory");
+    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+    if (fd < 0)
+        return kh_error_set(err, KH_E_IO, path,
+                            "cannot open the partner's lock file: %s",
+                            strerror(errno));
+    while (flock(fd, LOCK_EX) != 0)
+        if (errno != EINTR) {
+            int e = errno;
+            close(fd);
+            return kh_error_set(err, KH_E_IO, path,
+                                "cannot lock the partner's files: %s",
+                                strerror(e));
+        }
+    return fd;
+}
+
+void kh_partner_cert_unlock(int *lock_p)
+{
+    if (lock_p && *lock_p >= 0) {
+        close(*lock_p); /* and the lock with it */
+        *lock_p = -1;
+    }
+}
+
+/* Put back what a rotation's files replaced (its kept copies), and
+ * remove those that were not there before. */
+static void s_rotate_restore(const s_rotated_t files[2])
+{
+    for (int i = 0; i < 2; i++)
+        if (rename(files[i].kept, files[i].path) != 0 && errno == ENOENT)
+            unlink(files[i].path); /* it was not there before */
+}
+
 int kh_partner_cert_rotate(zcert_t *cert, const char *id,
-                           const char *previous_key, const char *expires_at,
-                           const char *cert_dir, kh_error_t *err)
+                           const char *previous_key, const char *cert_dir,
+                           kh_error_t *err)
 {
     if (!kh_partner_id_valid(id))
         return kh_error_set(err, KH_E_CONFIG, "id", "bad partner id");
@@ -635,42 +709,39 @@ int kh_partner_cert_rotate(zcert_t *cert, const char *id,
                                 "cannot keep the certificate it replaces: %s",
                                 strerror(errno));
     }
+    /* Until the commit the registry's current key is previous_key: it
+     * admits the partner without an end, whatever happens to this
+     * process before the rotation ends. */
     int rc = s_cert_replace(cert, files[0].path, err);
-    if (rc == 0 && expires_at) {
-        uint8_t key[32];
-        zcert_t *old = kh_partner_key_valid(previous_key) &&
-                               zmq_z85_decode(key, previous_key)
-                           ? zcert_new_from(key, (const uint8_t[32]){0})
-                           : NULL;
-        if (old) {
-            zcert_set_meta(old, "partner-id", "%s", id);
-            zcert_set_meta(old, "expires-at", "%s", expires_at);
-            rc = s_cert_replace(old, files[1].path, err);
-        } else
-            rc = kh_error_set(err, KH_E_CONFIG, "previous_key",
-                              "not a CURVE public key");
-        zcert_destroy(&old);
-    } else if (rc == 0 && unlink(files[1].path) != 0 && errno != ENOENT)
+    if (rc == 0)
+        rc = s_previous_write(files[1].path, id, previous_key, NULL, err);
+    if (rc != 0)
+        s_rotate_restore(files);
+    return rc;
+}
+
+int kh_partner_cert_rotate_end(const char *id, const char *cert_dir,
+                               bool committed, const char *previous_key,
+                               const char *expires_at, kh_error_t *err)
+{
+    s_rotated_t files[2];
+    if (!kh_partner_id_valid(id))
+        return kh_error_set(err, KH_E_CONFIG, "id", "bad partner id");
+    if (s_rotated_paths(files, id, cert_dir, err) != 0)
+        return -1;
+    if (!committed) {
+        s_rotate_restore(files);
+        return 0;
+    }
+    int rc = 0;
+    if (expires_at)
+        rc = s_previous_write(files[1].path, id, previous_key, expires_at, err);
+    else if (unlink(files[1].path) != 0 && errno != ENOENT)
         rc = kh_error_set(err, KH_E_IO, files[1].path,
                           "cannot remove the certificate of the key before: "
                           "%s",
                           strerror(errno));
-    if (rc != 0)
-        kh_partner_cert_rotate_end(id, cert_dir, false);
+    for (int i = 0; i < 2; i++)
+        unlink(files[i].kept);
     return rc;
-}
-
-void kh_partner_cert_rotate_end(const char *id, const char *cert_dir, bool keep)
-{
-    kh_error_t err;
-    s_rotated_t files[2];
-    if (!kh_partner_id_valid(id) ||
-        s_rotated_paths(files, id, cert_dir, &err) != 0)
-        return;
-    for (int i = 0; i < 2; i++) {
-        if (keep)
-            unlink(files[i].kept);
-        else if (rename(files[i].kept, files[i].path) != 0 && errno == ENOENT)
-            unlink(files[i].path); /* it was not there before */
-    }
 }

@@ -154,22 +154,39 @@ int kh_partner_cert_install(zcert_t *cert, const char *id, const char *cert_dir,
 int kh_partner_cert_export(zcert_t *cert, const char *id, const char *out_dir,
                            kh_error_t *err);
 
+/* Lock partner id's files in cert_dir (<cert_dir>/.<id>.lock) against
+ * another rotation or revocation of the partner, waiting for it to end.
+ * A rotation holds it from before kh_partner_cert_rotate until after
+ * kh_partner_cert_rotate_end, a revocation while it removes the files:
+ * the partner's row lock alone ends at the commit, before the files of a
+ * rotation are done. Returns the lock (a file descriptor) or -1 with err;
+ * kh_partner_cert_unlock releases it and sets it to -1. */
+int kh_partner_cert_lock(const char *id, const char *cert_dir, kh_error_t *err);
+void kh_partner_cert_unlock(int *lock_p);
+
 /* A rotation's files, written before its commit: <cert_dir>/<id>.cert
  * becomes the public half of cert, and <id>.previous.cert the key it
- * replaces, previous_key, with the metadata expires-at = expires_at after
- * which the ZAP handler refuses it; with expires_at NULL (no overlap) that
- * file is removed. Each is renamed into place, so the directory never
- * lacks the partner's key. The files they replace are kept until
- * kh_partner_cert_rotate_end. Returns 0, or -1 with err and the files as
- * they were. */
+ * replaces, previous_key, still without an end: until the commit that key
+ * is the partner's current one, so that a rotation cut short at any point
+ * leaves the directory admitting every key the registry does (the
+ * services refuse the keys the registry does not). Each file is renamed
+ * into place, so the directory never lacks the partner's key. The files
+ * they replace are kept until kh_partner_cert_rotate_end. Returns 0, or -1
+ * with err and the files as they were. */
 int kh_partner_cert_rotate(zcert_t *cert, const char *id,
-                           const char *previous_key, const char *expires_at,
-                           const char *cert_dir, kh_error_t *err);
+                           const char *previous_key, const char *cert_dir,
+                           kh_error_t *err);
 
-/* End a rotation's files: after its commit (keep) forget the files they
- * replaced; after a rollback put those back. */
-void kh_partner_cert_rotate_end(const char *id, const char *cert_dir,
-                                bool keep);
+/* End a rotation's files. After its commit (committed): previous_key in
+ * <id>.previous.cert gets the metadata expires-at = expires_at (RFC 3339
+ * UTC, the registry's end of the overlap), after which the ZAP handler
+ * refuses it, or with expires_at NULL (no overlap) that file is removed;
+ * the kept files are forgotten. After a rollback the kept files are put
+ * back. Returns 0, or -1 with err when the end of the key before cannot
+ * be written (the registry has it; the services apply it). */
+int kh_partner_cert_rotate_end(const char *id, const char *cert_dir,
+                               bool committed, const char *previous_key,
+                               const char *expires_at, kh_error_t *err);
 
 /* Remove <cert_dir>/<id>.cert and <id>.previous.cert, so the ZAP handler
  * refuses the partner's keys from now on (a

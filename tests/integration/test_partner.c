@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "ketenhub/db.h"
@@ -905,6 +906,111 @@ START_TEST(test_rotate)
 }
 END_TEST
 
+/* Rotate partner id of conn's database to cert inside a transaction and
+ * stage its files, as ketenhubctl partner rotate does up to its COMMIT;
+ * previous gets the key it replaces. */
+static void s_rotate_staged(PGconn *conn, const char *id, zcert_t *cert,
+                            const char *cert_dir,
+                            char previous[KH_PARTNER_KEY_LEN + 1],
+                            char until[40])
+{
+    kh_error_t err;
+    ck_assert_int_eq(kh_db_exec(conn, "BEGIN", &err), 0);
+    ck_assert_int_eq(kh_partner_rotate(conn, id, zcert_public_txt(cert), 3600,
+                                       previous, until, &err),
+                     0);
+    ck_assert_int_eq(kh_partner_cert_rotate(cert, id, previous, cert_dir, &err),
+                     0);
+}
+
+/* A rotation cut short between its files and its commit (the tool killed,
+ * the machine down) leaves the directory admitting the key the registry
+ * still has, without an end; two rotations of one partner from two shells
+ * leave the files of the one committed last, also when the second fails
+ * after the first committed. */
+START_TEST(test_rotate_cut_short)
+{
+    PGconn *conn = khtest_db_fresh(DB);
+    char *conninfo = khtest_db_conninfo(DB);
+    char *cert_dir = khtest_tmpdir();
+    kh_error_t err;
+    zcert_t *first = kh_partner_cert_new("avim", &err);
+    ck_assert_int_eq(kh_partner_register(conn, "avim", "AVIM",
+                                         KH_PARTNER_POLICE, true,
+                                         zcert_public_txt(first), &err),
+                     0);
+    ck_assert_int_eq(kh_partner_cert_install(first, "avim", cert_dir, &err), 0);
+
+    /* Cut short: the connection ends without COMMIT and the files are
+     * left as staged. */
+    zcert_t *second = kh_partner_cert_new("avim", &err);
+    char previous[KH_PARTNER_KEY_LEN + 1], until[40];
+    char key[KH_PARTNER_KEY_LEN + 1], expires[40];
+    PGconn *cut = PQconnectdb(conninfo);
+    ck_assert_int_eq(PQstatus(cut), CONNECTION_OK);
+    s_rotate_staged(cut, "avim", second, cert_dir, previous, until);
+    PQfinish(cut);
+    kh_partner_t p;
+    ck_assert_int_eq(kh_partner_get(conn, "avim", &p, &err), 0);
+    ck_assert_str_eq(p.public_key, zcert_public_txt(first));
+    s_cert_key(cert_dir, "avim.previous.cert", key, expires);
+    ck_assert_str_eq(key, zcert_public_txt(first));
+    ck_assert_str_eq(expires, "");
+    zcert_destroy(&second);
+
+    /* Two shells: A commits and is slow to end its files; B, which waited
+     * for A's commit on the partner's row, fails after it. */
+    zcert_t *a = kh_partner_cert_new("avim", &err);
+    zcert_t *b = kh_partner_cert_new("avim", &err);
+    int lock = kh_partner_cert_lock("avim", cert_dir, &err);
+    ck_assert_int_ge(lock, 0);
+    s_rotate_staged(conn, "avim", a, cert_dir, previous, until);
+    ck_assert_int_eq(kh_db_exec(conn, "COMMIT", &err), 0);
+    pid_t child = fork();
+    ck_assert_int_ge(child, 0);
+    if (child == 0) {
+        close(lock); /* the parent's lock, not this process's */
+        PGconn *other = PQconnectdb(conninfo);
+        char prev_b[KH_PARTNER_KEY_LEN + 1], until_b[40];
+        int fd = kh_partner_cert_lock("avim", cert_dir, &err);
+        int ok = PQstatus(other) == CONNECTION_OK && fd >= 0 &&
+                 kh_db_exec(other, "BEGIN", &err) == 0 &&
+                 kh_partner_rotate(other, "avim", zcert_public_txt(b), 3600,
+                                   prev_b, until_b, &err) == 0 &&
+                 kh_partner_cert_rotate(b, "avim", prev_b, cert_dir, &err) == 0;
+        kh_db_rollback_quietly(other);
+        ok = ok && kh_partner_cert_rotate_end("avim", cert_dir, false, prev_b,
+                                              until_b, &err) == 0;
+        kh_partner_cert_unlock(&fd);
+        PQfinish(other);
+        _exit(ok ? 0 : 1);
+    }
+    usleep(300 * 1000);
+    ck_assert_int_eq(kh_partner_cert_rotate_end("avim", cert_dir, true,
+                                                previous, until, &err),
+                     0);
+    kh_partner_cert_unlock(&lock);
+    int status = 0;
+    ck_assert_int_eq(waitpid(child, &status, 0), child);
+    ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    s_cert_key(cert_dir, "avim.cert", key, expires);
+    ck_assert_str_eq(key, zcert_public_txt(a));
+    s_cert_key(cert_dir, "avim.previous.cert", key, expires);
+    ck_assert_str_eq(key, zcert_public_txt(first));
+    ck_assert_str_eq(expires, until);
+    ck_assert_int_eq(kh_partner_get(conn, "avim", &p, &err), 0);
+    ck_assert_str_eq(p.public_key, zcert_public_txt(a));
+
+    zcert_destroy(&a);
+    zcert_destroy(&b);
+    zcert_destroy(&first);
+    khtest_rmtree(cert_dir);
+    free(cert_dir);
+    free(conninfo);
+    PQfinish(conn);
+}
+END_TEST
+
 static Suite *s_suite(void)
 {
     Suite *s = suite_create("partner");
@@ -917,6 +1023,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_cert_files);
     tcase_add_test(tc, test_ctl_end_to_end);
     tcase_add_test(tc, test_rotate);
+    tcase_add_test(tc, test_rotate_cut_short);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -422,6 +422,7 @@ static int s_rotate(const char *id, const char *cert_dir, const char *out,
         return CTL_FAIL;
     char previous[KH_PARTNER_KEY_LEN + 1] = "", until[40] = "";
     bool exported = false, staged = false;
+    int lock = -1;
     int rc = kh_db_exec(conn, "BEGIN", &err);
     if (rc == 0)
         rc = kh_partner_rotate(conn, id, zcert_public_txt(cert),
@@ -434,14 +435,30 @@ static int s_rotate(const char *id, const char *cert_dir, const char *out,
         exported = rc == 0;
     }
     if (rc == 0) {
-        rc = kh_partner_cert_rotate(
-            cert, id, previous, overlap_h > 0 ? until : NULL, cert_dir, &err);
+        lock = kh_partner_cert_lock(id, cert_dir, &err);
+        rc = lock < 0 ? -1 : 0;
+    }
+    if (rc == 0) {
+        rc = kh_partner_cert_rotate(cert, id, previous, cert_dir, &err);
         staged = rc == 0;
     }
     if (rc == 0)
         rc = kh_db_exec(conn, "COMMIT", &err);
-    if (staged)
-        kh_partner_cert_rotate_end(id, cert_dir, rc == 0);
+    if (staged) {
+        kh_error_t end_err;
+        kh_error_clear(&end_err);
+        if (kh_partner_cert_rotate_end(id, cert_dir, rc == 0, previous,
+                                       overlap_h > 0 ? until : NULL,
+                                       &end_err) != 0) {
+            /* The rotation is committed: the services apply the end of
+             * the key before from the registry. */
+            fprintf(stderr,
+                    "ketenhubctl: warning: %s: %s (%s); the registry ends "
+                    "the key before, the handshake does not\n",
+                    end_err.path, end_err.message, kh_error_name(end_err.code));
+        }
+    }
+    kh_partner_cert_unlock(&lock);
     if (rc != 0) {
         kh_db_rollback_quietly(conn);
         s_unlink_files(NULL, exported ? out : NULL, id);
@@ -576,12 +593,19 @@ static int s_cmd_revoke(int argc, char **argv)
         rc = kh_audit_admin(conn, "partner.revoked", id, "ketenhubctl", &err);
     /* Remove the certificate inside the transaction: if it cannot be
      * removed, the partner stays active, and the two agree. */
+    int lock = -1;
+    if (rc == 0) {
+        /* Not while a rotation of the partner writes its files. */
+        lock = kh_partner_cert_lock(id, cert_dir, &err);
+        rc = lock < 0 ? -1 : 0;
+    }
     if (rc == 0) {
         removed = kh_partner_cert_remove(id, cert_dir, &err);
         rc = removed < 0 ? -1 : 0;
     }
     if (rc == 0)
         rc = kh_db_exec(conn, "COMMIT", &err);
+    kh_partner_cert_unlock(&lock);
     if (rc != 0) {
         kh_db_rollback_quietly(conn);
         ctl_print_error(&err);
