@@ -51,7 +51,9 @@ void kh_ratelimit_destroy(kh_ratelimit_t **self_p)
     *self_p = NULL;
 }
 
-int64_t kh_ratelimit_take(kh_ratelimit_t *self, const char *key, int64_t now_us)
+/* key's bucket, brought up to now_us; NULL when out of memory. */
+static s_bucket_t *s_bucket(kh_ratelimit_t *self, const char *key,
+                            int64_t now_us)
 {
     s_bucket_t *b = zhashx_lookup(self->buckets, key);
     if (!b) {
@@ -59,7 +61,7 @@ int64_t kh_ratelimit_take(kh_ratelimit_t *self, const char *key, int64_t now_us)
             zhashx_purge(self->buckets);
         b = malloc(sizeof *b);
         if (!b)
-            return 0;
+            return NULL;
         b->tokens = self->burst;
         b->at_us = now_us;
         zhashx_insert(self->buckets, key, b);
@@ -70,10 +72,38 @@ int64_t kh_ratelimit_take(kh_ratelimit_t *self, const char *key, int64_t now_us)
             b->tokens = self->burst;
         b->at_us = now_us;
     }
+    return b;
+}
+
+/* Rounded up: resending after this many ms finds a token. */
+static int64_t s_wait_ms(const kh_ratelimit_t *self, const s_bucket_t *b)
+{
+    return b->tokens >= 1
+               ? 0
+               : (int64_t) ((1 - b->tokens) / self->rate * 1000.0) + 1;
+}
+
+int64_t kh_ratelimit_take(kh_ratelimit_t *self, const char *key, int64_t now_us)
+{
+    s_bucket_t *b = s_bucket(self, key, now_us);
+    if (!b)
+        return 0;
     if (b->tokens >= 1) {
         b->tokens -= 1;
         return 0;
     }
-    /* Rounded up: resending after this many ms finds a token. */
-    return (int64_t) ((1 - b->tokens) / self->rate * 1000.0) + 1;
+    return s_wait_ms(self, b);
+}
+
+int64_t kh_ratelimit_wait(kh_ratelimit_t *self, const char *key, int64_t now_us)
+{
+    const s_bucket_t *b = s_bucket(self, key, now_us);
+    return b ? s_wait_ms(self, b) : 0;
+}
+
+void kh_ratelimit_charge(kh_ratelimit_t *self, const char *key, int64_t now_us)
+{
+    s_bucket_t *b = s_bucket(self, key, now_us);
+    if (b && b->tokens > -self->burst)
+        b->tokens -= 1;
 }

@@ -29,6 +29,14 @@ void kh_ratelimit_destroy(kh_ratelimit_t **self_p);
 int64_t kh_ratelimit_take(kh_ratelimit_t *self, const char *key,
                           int64_t now_us);
 
+/* For work counted once it is done (a refusal that went into the trail):
+ * wait gives the milliseconds until key has a token again (0: it has one;
+ * none is taken), charge takes one whatever is left, down to one burst
+ * below empty, so that a key that overspent waits that much longer. */
+int64_t kh_ratelimit_wait(kh_ratelimit_t *self, const char *key,
+                          int64_t now_us);
+void kh_ratelimit_charge(kh_ratelimit_t *self, const char *key, int64_t now_us);
+
 #ifdef __cplusplus
 }
 #endif

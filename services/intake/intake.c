@@ -116,6 +116,7 @@ struct _intake_t {
     size_t nauth_pending;
     kh_throttle_t *auth_seen;       /* "key peer": one audit event a minute */
     kh_ratelimit_t *ratelimit;      /* per partner SUBMITs, or NULL: no limit */
+    kh_ratelimit_t *refusals;       /* per partner refusals, or NULL */
     kh_throttle_t *throttle_logged; /* partner: one "throttled" line / 10 s */
     kh_throttle_t *unknown_keys;    /* key: one registry reload a second */
 };
@@ -178,10 +179,14 @@ intake_t *intake_new(const intake_config_t *config, kh_error_t *err)
                              config->partner_burst > 0 ? config->partner_burst
                                                        : config->partner_rate,
                              10000);
+    if (config->partner_refusals > 0)
+        self->refusals = kh_ratelimit_new(
+            config->partner_refusals, 10.0 * config->partner_refusals, 10000);
     self->unknown_keys = kh_throttle_new(S_UNKNOWN_KEY_RELOAD_MS, 1000);
     bool allocated = self->store && self->auth_seen && self->unknown_keys &&
                      self->throttle_logged &&
-                     (config->partner_rate <= 0 || self->ratelimit);
+                     (config->partner_rate <= 0 || self->ratelimit) &&
+                     (config->partner_refusals <= 0 || self->refusals);
     for (int i = 0; i < 2; i++) {
         s_batch_t *batch = &self->batches[i];
         batch->requests = calloc(config->batch_max, sizeof *batch->requests);
@@ -219,6 +224,7 @@ void intake_destroy(intake_t **self_p)
     kh_throttle_destroy(&self->auth_seen);
     kh_throttle_destroy(&self->throttle_logged);
     kh_ratelimit_destroy(&self->ratelimit);
+    kh_ratelimit_destroy(&self->refusals);
     kh_throttle_destroy(&self->unknown_keys);
     zcert_destroy(&self->cert);
     kh_schema_destroy(&self->schema);
@@ -411,21 +417,37 @@ static void s_take(intake_t *self, kh_jarena_t *arena, s_request_t *req,
     }
     /* Over its rate, a partner's SUBMIT costs nothing more: no schema
      * check, no database work, no audit event (a flood must not flood the
-     * trail); the log says so now and then. */
-    if (!req->refused && req->cmd == KH_CMD_SUBMIT && self->ratelimit) {
-        int64_t wait =
-            kh_ratelimit_take(self->ratelimit, partner, zclock_usecs());
-        if (wait > 0) {
-            kh_error_set(&err, KH_E_THROTTLED, "",
-                         "this partner sends faster than its rate; resend "
-                         "after retry_after_ms with the same idempotency key");
-            s_refuse(req, &err);
-            req->retry_after_ms = wait > INT32_MAX ? INT32_MAX : (int) wait;
-            self->stats.throttled++;
-            if (kh_throttle_pass(self->throttle_logged, partner, zclock_mono()))
-                kh_log_warn("throttled", "partner=%s peer=%s rate=%d/s",
-                            partner, req->peer, self->cfg.partner_rate);
-        }
+     * trail); the log says so now and then. So does any request but a
+     * PING of a partner (or a key the registry does not admit) whose
+     * refusals (each an audit event: malformed requests, rejected
+     * referrals, STATUS of referrals not its own) went over their rate,
+     * whatever it would have been refused for. */
+    int64_t wait = 0;
+    const char *over = NULL;
+    if (self->refusals && req->cmd != KH_CMD_PING &&
+        (wait = kh_ratelimit_wait(self->refusals, req->actor, zclock_usecs())) >
+            0) {
+        over = "refusals";
+        kh_error_set(&err, KH_E_THROTTLED, "",
+                     "this partner's requests were refused too often; resend "
+                     "after retry_after_ms");
+    } else if (!req->refused && req->cmd == KH_CMD_SUBMIT && self->ratelimit &&
+               (wait = kh_ratelimit_take(self->ratelimit, partner,
+                                         zclock_usecs())) > 0) {
+        over = "rate";
+        kh_error_set(&err, KH_E_THROTTLED, "",
+                     "this partner sends faster than its rate; resend "
+                     "after retry_after_ms with the same idempotency key");
+    }
+    if (over) {
+        s_refuse(req, &err);
+        req->retry_after_ms = wait > INT32_MAX ? INT32_MAX : (int) wait;
+        self->stats.throttled++;
+        if (kh_throttle_pass(self->throttle_logged, req->actor, zclock_mono()))
+            kh_log_warn("throttled", "actor=%s peer=%s over=%s rate=%d/s",
+                        req->actor, req->peer, over,
+                        strcmp(over, "rate") == 0 ? self->cfg.partner_rate
+                                                  : self->cfg.partner_refusals);
     }
     if (!req->refused && req->cmd == KH_CMD_SUBMIT) {
         const json_t *referral = json_object_get(req->msg, "referral");
@@ -518,6 +540,11 @@ static void s_batch_refusal(intake_t *self, s_batch_t *batch, s_request_t *req)
      * it (protocol.md): someone asking for others' referrals is seen. */
     req->audit_first =
         req->cmd == KH_CMD_STATUS && req->err.code == KH_E_NOT_FOUND;
+    /* Counted against the actor's refusals (its partner, or its key
+     * when the registry does not admit it) as it is queued: the rate
+     * bounds what one key can write into the trail. */
+    if (self->refusals)
+        kh_ratelimit_charge(self->refusals, req->actor, zclock_usecs());
     ref->actor_id = req->actor;
     ref->code = kh_error_name(req->err.code);
     ref->path = req->trail_path;
@@ -657,6 +684,8 @@ static void s_audit_conflicts(intake_t *self, s_batch_t *batch)
             (req->leader < 0 && !sub->late))
             continue; /* no conflict, or the statement wrote it */
         store_conflict_t *conflict = &batch->conflicts[n++];
+        if (self->refusals)
+            kh_ratelimit_charge(self->refusals, req->partner, zclock_usecs());
         conflict->partner_id = req->partner;
         conflict->hash = hash;
         conflict->peer = req->peer;

@@ -22,6 +22,10 @@ typedef struct {
     const char *routing_endpoint; /* where to send wake-ups; "" for none */
     int partner_rate;  /* SUBMITs a second per partner; 0: no limit */
     int partner_burst; /* saved up at most (0: one second's worth) */
+    /* Refusals a second per partner, each an audit event; 0: no limit.
+     * Over it (by more than 10 s worth), the partner's requests are
+     * refused throttled before any work. */
+    int partner_refusals;
 } intake_config_t;
 
 typedef struct _intake_t intake_t;

@@ -37,6 +37,8 @@ static kh_cfg_t s_config[] = {
            "SUBMITs a second one partner may send (0: no limit)"),
     KH_CFG("KH_PARTNER_BURST", KH_CFG_INT, "0", 0, 10000000, false,
            "SUBMITs a partner may send at once above its rate (0: a second's)"),
+    KH_CFG("KH_PARTNER_REFUSALS", KH_CFG_INT, "20", 0, 1000000, false,
+           "refused requests a second one partner may cause (0: no limit)"),
     KH_CFG("KH_PARTNER_REFRESH_MS", KH_CFG_INT, "5000", 100, 3600000, false,
            "how often the partner registry is re-read"),
     KH_CFG("KH_DB_COMMIT_TIMEOUT_MS", KH_CFG_INT, "5000", 100, 600000, false,
@@ -90,6 +92,9 @@ static int s_main(int argc, char **argv)
         (int) kh_config_get(s_config, S_CONFIG_COUNT, "KH_PARTNER_RATE")->num;
     config.partner_burst =
         (int) kh_config_get(s_config, S_CONFIG_COUNT, "KH_PARTNER_BURST")->num;
+    config.partner_refusals =
+        (int) kh_config_get(s_config, S_CONFIG_COUNT, "KH_PARTNER_REFUSALS")
+            ->num;
 
     /* First, so that a bad KH_HEALTH_ENDPOINT is named before anything
      * else; not ready until the sockets are bound. */

@@ -1868,6 +1868,82 @@ START_TEST(a_partner_over_its_rate_is_throttled)
 }
 END_TEST
 
+/* Each refusal is an audit event: a partner refused more often than
+ * KH_PARTNER_REFUSALS a second (past 10 s worth) is throttled, at once,
+ * for every request but PING, and the trail holds no more than that;
+ * another partner is not held up. */
+START_TEST(a_partner_refused_too_often_is_throttled_before_the_trail)
+{
+    int status = khproc_stop(s_intake, SIGTERM, 5000);
+    ck_assert(status != -1 && WIFEXITED(status));
+    setenv("KH_PARTNER_REFUSALS", "2", 1); /* 20 at once */
+    s_start_intake();
+    unsetenv("KH_PARTNER_REFUSALS");
+    s_wait_ready();
+
+    json_t *envelopes[S_FLOOD], *replies[S_FLOOD];
+    for (int i = 0; i < S_FLOOD; i++) {
+        char id[37];
+        kh_uuid_new(id);
+        envelopes[i] =
+            json_pack("{s:s, s:s}", "cmd", "STATUS", "referral_id", id);
+    }
+    s_pipeline(envelopes, S_FLOOD, replies, S_TIMEOUT);
+    int not_found = 0, throttled = 0;
+    for (int i = 0; i < S_FLOOD; i++) {
+        ck_assert_msg(replies[i] != NULL, "no reply to %d", i);
+        const char *code = s_str(replies[i], "code");
+        if (strcmp(code, "not_found") == 0)
+            not_found++;
+        else {
+            ck_assert_str_eq(code, "throttled");
+            ck_assert(json_is_true(json_object_get(replies[i], "retryable")));
+            ck_assert_int_ge(json_integer_value(
+                                 json_object_get(replies[i], "retry_after_ms")),
+                             1);
+            throttled++;
+        }
+        json_decref(replies[i]);
+    }
+    ck_assert_int_ge(not_found, 20);
+    ck_assert_int_lt(not_found, 25);
+    ck_assert_int_eq(not_found + throttled, S_FLOOD);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE"
+                             " reason_code = 'not_found'"),
+                     not_found);
+    ck_assert(khtest_log_has(s_path("intake.log"), "over=refusals", 1000));
+
+    /* While it is over, even a valid referral of that partner waits; a
+     * PING is answered, and another partner is served as always. */
+    json_t *referral = s_example();
+    kh_client_t *vt = s_client("vt");
+    kh_error_t err;
+    kh_client_set_retries(vt, 0);
+    json_t *reply = kh_client_submit(vt, referral, "over-1", S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(reply);
+    ck_assert_str_eq(s_str(reply, "code"), "throttled");
+    json_decref(reply);
+    ck_assert_int_eq(kh_client_ping(vt, S_TIMEOUT, &err), 0);
+    kh_client_t *zc = s_client("zc");
+    reply = kh_client_submit(zc, referral, "zc-over-1", S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(reply);
+    ck_assert_str_eq(kh_client_reply_cmd(reply), "ACCEPTED");
+    json_decref(reply);
+    kh_client_destroy(&zc);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM referrals WHERE"
+                             " partner_id = 'veilig-thuis'"),
+                     0);
+    /* Once under its rate again, the partner is served. */
+    kh_client_set_retries(vt, 30);
+    reply = kh_client_submit(vt, referral, "over-1", 20000, &err);
+    ck_assert_msg(reply != NULL, "%s", err.message);
+    ck_assert_str_eq(kh_client_reply_cmd(reply), "ACCEPTED");
+    json_decref(reply);
+    kh_client_destroy(&vt);
+    json_decref(referral);
+}
+END_TEST
+
 START_TEST(sighup_does_not_stop_and_sigterm_exits_zero)
 {
     kill(s_intake, SIGHUP);
@@ -1918,6 +1994,8 @@ int main(void)
                    a_stalled_commit_keeps_waiting_requests_in_bounded_memory);
     tcase_add_test(tc, a_stalled_reader_does_not_stop_intake);
     tcase_add_test(tc, a_partner_over_its_rate_is_throttled);
+    tcase_add_test(tc,
+                   a_partner_refused_too_often_is_throttled_before_the_trail);
     tcase_add_test(tc, sighup_does_not_stop_and_sigterm_exits_zero);
     suite_add_tcase(suite, tc);
     return khtest_run_suite(suite);

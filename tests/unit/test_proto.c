@@ -219,6 +219,31 @@ START_TEST(ratelimit_refills_at_its_rate_up_to_the_burst)
 }
 END_TEST
 
+/* Work counted after it was done: wait takes nothing; charge takes a
+ * token even from an empty bucket, down to one burst below empty. */
+START_TEST(ratelimit_charges_after_the_fact)
+{
+    kh_ratelimit_t *limit = kh_ratelimit_new(10, 3, 8); /* 10/s, burst 3 */
+    ck_assert_int_eq(kh_ratelimit_wait(limit, "a", 0), 0);
+    ck_assert_int_eq(kh_ratelimit_wait(limit, "a", 0), 0);
+    for (int i = 0; i < 3; i++)
+        kh_ratelimit_charge(limit, "a", 0);
+    ck_assert_int_eq(kh_ratelimit_wait(limit, "a", 0), 101);
+    /* Overspent by two: 300 ms until a token, not 100. */
+    kh_ratelimit_charge(limit, "a", 0);
+    kh_ratelimit_charge(limit, "a", 0);
+    ck_assert_int_eq(kh_ratelimit_wait(limit, "a", 0), 301);
+    /* Never deeper than one burst below empty: 400 ms at most. */
+    for (int i = 0; i < 100; i++)
+        kh_ratelimit_charge(limit, "a", 0);
+    ck_assert_int_eq(kh_ratelimit_wait(limit, "a", 0), 401);
+    ck_assert_int_gt(kh_ratelimit_wait(limit, "a", 390000), 0);
+    ck_assert_int_eq(kh_ratelimit_wait(limit, "a", 401000), 0);
+    ck_assert_int_eq(kh_ratelimit_wait(limit, "b", 0), 0);
+    kh_ratelimit_destroy(&limit);
+}
+END_TEST
+
 static uint32_t s_be32(const char *p)
 {
     return (uint32_t) (unsigned char) p[0] << 24 |
@@ -773,6 +798,7 @@ int main(void)
     tcase_add_test(tc, delivery_commands_are_checked);
     tcase_add_test(tc, throttle_passes_once_per_interval_per_key);
     tcase_add_test(tc, ratelimit_refills_at_its_rate_up_to_the_burst);
+    tcase_add_test(tc, ratelimit_charges_after_the_fact);
     tcase_add_test(tc, pgarray_lays_out_array_recv_format);
     tcase_add_test(tc, pgarray_refuses_malformed_uuids);
     tcase_add_test(tc, paths_never_carry_made_up_keys);
