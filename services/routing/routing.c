@@ -285,15 +285,27 @@ static void s_matched(const kh_rules_result_t *result, char *out, size_t size)
     }
 }
 
-/* Route one claimed referral: add its deliveries and its audit event to
- * the pass. Returns 1 when routed, 0 when it cannot be read (set aside as
+/* Route one claimed referral (payload: its stored bytes in bytea's text
+ * form, NULL once purged): add its deliveries and its audit event to the
+ * pass. Returns 1 when routed, 0 when it cannot be read (set aside as
  * unroutable: a referral.routed event with outcome failed), -1 when out of
  * memory. */
 static int s_route(routing_t *self, const char *id, const char *payload,
                    const char *hash, kh_error_t *err)
 {
     json_error_t jerr;
-    json_t *referral = payload ? json_loads(payload, 0, &jerr) : NULL;
+    json_t *referral = NULL;
+    if (payload) {
+        /* The bytea's text form; what is not UTF-8 JSON (a stray byte, a
+         * NUL) is unreadable like any other malformed payload. */
+        size_t len = 0;
+        unsigned char *bytes =
+            PQunescapeBytea((const unsigned char *) payload, &len);
+        if (!bytes)
+            return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
+        referral = json_loadb((const char *) bytes, len, 0, &jerr);
+        PQfreemem(bytes);
+    }
     if (!json_is_object(referral)) {
         /* Set aside, audited, so that it is not claimed again and again
          * (and cannot block the referrals behind it). */

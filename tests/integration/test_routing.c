@@ -556,6 +556,40 @@ START_TEST(unreadable_referrals_are_set_aside_not_retried)
 }
 END_TEST
 
+/* Stored payloads that are not UTF-8 text (a stray byte, a NUL) cannot
+ * be read either: they are set aside like the others, and never make the
+ * claim itself fail, which would hold up every referral behind them. */
+START_TEST(payloads_that_are_not_text_are_set_aside)
+{
+    static const char *const bad[] = {"\\xff7b7d", "\\x7b007d", "\\xc0af"};
+    for (int i = 0; i < 3; i++) {
+        char id[37], key[32];
+        kh_uuid_new(id);
+        snprintf(key, sizeof key, "binary-%d", i);
+        const char *params[] = {id, key, bad[i]};
+        s_sql("INSERT INTO referrals (id, partner_id, idempotency_key,"
+              " schema_version, payload, payload_hash, accepted_at)"
+              " VALUES ($1, 'veilig-thuis', $2, 'referral.v1', $3::bytea,"
+              " sha256(''::bytea), now() - interval '1 hour')",
+              3, params);
+    }
+    long deliveries = s_insert_many(5);
+    pid_t pid = s_start(s_endpoint(), NULL, 50, "routing.log");
+    ck_assert_msg(s_wait_count(S_ROUTED, 5, 10000), "not routed: see %s",
+                  s_path("routing.log"));
+    ck_assert(s_wait_count("SELECT count(*) FROM referrals"
+                           " WHERE state = 'unroutable'",
+                           3, 5000));
+    ck_assert_int_eq(s_count("SELECT count(*) FROM deliveries"), deliveries);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
+                             " = 'referral.routed' AND outcome = 'failed'"
+                             " AND reason_code = 'payload_unreadable'"),
+                     3);
+    int status = khproc_stop(pid, SIGTERM, 5000);
+    ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+}
+END_TEST
+
 /* The statements that write a pass, as PostgreSQL plans them for routing
  * (generic plans, no seq scans), reach the referrals they name by key:
  * never through the index of accepted ones. Planned on statistics that
@@ -738,6 +772,7 @@ int main(void)
     tcase_add_test(tc, sighup_reload_keeps_old_rules_when_broken);
     tcase_add_test(tc, sighup_reload_refuses_a_fifo_without_hanging);
     tcase_add_test(tc, unreadable_referrals_are_set_aside_not_retried);
+    tcase_add_test(tc, payloads_that_are_not_text_are_set_aside);
     tcase_add_test(tc, pass_statements_reach_referrals_by_key);
     tcase_add_test(tc, more_matched_rules_than_fit_are_counted);
     tcase_add_test(tc, invalid_rules_at_start_exit_2);
