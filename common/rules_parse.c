@@ -140,7 +140,14 @@ static void s_path_index(char *out, const char *parent, size_t index)
 /* ---- bytes: size, UTF-8, no control characters -------------------------- */
 
 /* Returns 0 when data is UTF-8 text without NUL or control characters
- * other than tab, newline and carriage return; otherwise reports where. */
+ * other than tab, newline and carriage return; otherwise reports where.
+ * The C1 controls (U+0080 to U+009F) are refused as much as the C0 ones,
+ * and so are the line and paragraph separators U+2028 and U+2029: the
+ * YAML parser takes NEL (U+0085) and those two for line breaks where an
+ * editor, a diff and YAML 1.2 see none, so that a "comment" holding one
+ * could hide a key (`# note<U+2028>  continue: false`) from whoever
+ * reviews the file. Lines are counted as the parser counts them (LF, CR
+ * LF or a lone CR), so that every problem has the same place. */
 static int s_check_text(s_ctx_t *ctx, const unsigned char *data, size_t len)
 {
     int line = 1, column = 1;
@@ -169,13 +176,25 @@ static int s_check_text(s_ctx_t *ctx, const unsigned char *data, size_t len)
             if ((n == 3 && cp < 0x800) || (n == 4 && cp < 0x10000) ||
                 cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))
                 goto bad;
+            if (cp <= 0x9F) {
+                s_error_at(ctx, KH_E_RULES_ENCODING, "", line, column,
+                           "control character or binary data in the file");
+                return -1;
+            }
+            if (cp == 0x2028 || cp == 0x2029) {
+                s_error_at(ctx, KH_E_RULES_ENCODING, "", line, column,
+                           "a Unicode line or paragraph separator (U+%04X):"
+                           " end the line with a new line instead",
+                           (unsigned) cp);
+                return -1;
+            }
         } else if ((c < 0x20 && c != '\t' && c != '\n' && c != '\r') ||
                    c == 0x7F) {
             s_error_at(ctx, KH_E_RULES_ENCODING, "", line, column,
                        "control character or binary data in the file");
             return -1;
         }
-        if (c == '\n')
+        if (c == '\n' || (c == '\r' && (i + 1 == len || data[i + 1] != '\n')))
             line++, column = 1;
         else
             column++;

@@ -285,15 +285,27 @@ static void s_matched(const kh_rules_result_t *result, char *out, size_t size)
     }
 }
 
-/* Route one claimed referral: add its deliveries and its audit event to
- * the pass. Returns 1 when routed, 0 when it cannot be read (set aside as
+/* Route one claimed referral (payload: its stored bytes in bytea's text
+ * form, NULL once purged): add its deliveries and its audit event to the
+ * pass. Returns 1 when routed, 0 when it cannot be read (set aside as
  * unroutable: a referral.routed event with outcome failed), -1 when out of
  * memory. */
 static int s_route(routing_t *self, const char *id, const char *payload,
                    const char *hash, kh_error_t *err)
 {
     json_error_t jerr;
-    json_t *referral = payload ? json_loads(payload, 0, &jerr) : NULL;
+    json_t *referral = NULL;
+    if (payload) {
+        /* The bytea's text form; what is not UTF-8 JSON (a stray byte, a
+         * NUL) is unreadable like any other malformed payload. */
+        size_t len = 0;
+        unsigned char *bytes =
+            PQunescapeBytea((const unsigned char *) payload, &len);
+        if (!bytes)
+            return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
+        referral = json_loadb((const char *) bytes, len, 0, &jerr);
+        PQfreemem(bytes);
+    }
     if (!json_is_object(referral)) {
         /* Set aside, audited, so that it is not claimed again and again
          * (and cannot block the referrals behind it). */
@@ -509,36 +521,40 @@ fail:
     return -1;
 }
 
-/* Write a rules.reloaded event (cause NULL) or a rules.reload_failed one
- * naming cause's code and path, in its own transaction. */
-static void s_audit_reload(routing_t *self, const kh_error_t *cause)
+/* Write a rules.reloaded event (cause NULL) for the rules of version, or
+ * a rules.reload_failed one naming cause's code and path, in its own
+ * transaction. 0, or -1 with err. */
+static int s_audit_reload(routing_t *self, const char *version,
+                          const kh_error_t *cause, kh_error_t *err)
 {
-    kh_error_t err;
-    const char *params[] = {"rules.reloaded", "ok", NULL, NULL,
-                            self->rules ? kh_rules_version(self->rules) : NULL};
+    const char *params[] = {"rules.reloaded", "ok", NULL, NULL, version};
     if (cause) {
         params[0] = "rules.reload_failed";
         params[1] = "failed";
         params[2] = kh_error_name(cause->code);
         params[3] = cause->path[0] ? cause->path : NULL;
     }
-    if (s_connect(self, &err) ||
-        s_exec(self->conn, S_RELOAD, params, NULL, NULL, &err))
-        kh_log_error("audit_failed", "action=%s msg=\"%s\"", params[0],
-                     err.message);
+    return s_connect(self, err) ||
+                   s_exec(self->conn, S_RELOAD, params, NULL, NULL, err)
+               ? -1
+               : 0;
 }
 
 /* SIGHUP: a valid file replaces the rules between two transactions, so
  * every referral is routed by exactly one version; an invalid one keeps
- * the old rules. */
+ * the old rules. The new rules take over only once their rules.reloaded
+ * event is committed: no referral is routed by a version that the trail
+ * does not say was loaded. */
 static void s_reload(routing_t *self)
 {
     kh_error_t err;
     kh_rules_t *rules = s_load_rules(self, &err);
     kh_rules_result_t *result = rules ? kh_rules_result_new(rules) : NULL;
+    if (rules && !result)
+        kh_error_set(&err, KH_E_NOMEM, "", "out of memory");
+    if (result && s_audit_reload(self, kh_rules_version(rules), NULL, &err))
+        kh_rules_result_destroy(&result);
     if (!result) {
-        if (rules)
-            kh_error_set(&err, KH_E_NOMEM, "", "out of memory");
         kh_rules_destroy(&rules);
         kh_log_error("rules_reload_failed",
                      "file=%s code=%s path=%s line=%d column=%d msg=\"%s\" "
@@ -547,7 +563,12 @@ static void s_reload(routing_t *self)
                      err.path[0] ? err.path : "none", err.line, err.column,
                      err.message, kh_rules_version(self->rules));
         kh_metric_add("rules_reloads_total", "failed", 1);
-        s_audit_reload(self, &err);
+        kh_error_t audit_err;
+        if (s_audit_reload(self, kh_rules_version(self->rules), &err,
+                           &audit_err))
+            kh_log_error("audit_failed",
+                         "action=rules.reload_failed msg=\"%s\"",
+                         audit_err.message);
         return;
     }
     kh_rules_result_destroy(&self->result);
@@ -558,7 +579,6 @@ static void s_reload(routing_t *self)
                 self->config.rules_file, kh_rules_version(rules),
                 kh_rules_count(rules));
     kh_metric_add("rules_reloads_total", "ok", 1);
-    s_audit_reload(self, NULL);
 }
 
 /* Handle one signal; returns -1 when the loop must end. */

@@ -12,9 +12,12 @@
 #define S_UNROUTABLE_COLUMNS 3
 
 /* Claim the oldest accepted referrals; rows another process holds are
- * skipped, so side-by-side processes never take the same referral. */
+ * skipped, so side-by-side processes never take the same referral. The
+ * payload comes as bytea (hex text), not as converted text: bytes that
+ * are not UTF-8 would make the claim fail in every pass, where routing
+ * must set the referral aside as unreadable. */
 static const char s_claim_sql[] =
-    "SELECT id, convert_from(payload, 'UTF8'), encode(payload_hash, 'hex')"
+    "SELECT id, payload, encode(payload_hash, 'hex')"
     " FROM referrals WHERE state = 'accepted' ORDER BY accepted_at"
     " LIMIT $1 FOR UPDATE SKIP LOCKED";
 

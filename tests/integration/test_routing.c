@@ -485,6 +485,56 @@ START_TEST(sighup_reload_keeps_old_rules_when_broken)
 }
 END_TEST
 
+/* A valid file whose rules.reloaded event cannot be committed does not
+ * take over: the referrals after it are routed by the old rules, which
+ * the trail says are in force, and a later SIGHUP loads it. */
+START_TEST(sighup_reload_that_cannot_be_audited_keeps_old_rules)
+{
+    char *rules = khtest_read_file(khtest_src("schemas/rules/default.yaml"));
+    ck_assert_ptr_nonnull(rules);
+    khtest_write_file(s_path("rules.yaml"), rules);
+    pid_t pid = s_start(s_endpoint(), s_path("rules.yaml"), 50, "routing.log");
+    ck_assert(s_log_has("routing.log", "event=ready", 10000));
+
+    s_sql("ALTER TABLE audit_events ADD CONSTRAINT test_no_reload"
+          " CHECK (action::text <> 'rules.reloaded')",
+          0, NULL);
+    khtest_append_file(s_path("rules.yaml"), "# reviewed\n");
+    char *changed = khtest_read_file(s_path("rules.yaml"));
+    char want[65];
+    kh_sha256_hex(changed, strlen(changed), want);
+    free(changed);
+    ck_assert_int_eq(kill(pid, SIGHUP), 0);
+    ck_assert(s_log_has("routing.log", "event=rules_reload_failed", 5000));
+    long deliveries = s_insert_many(5);
+    ck_assert(s_wait_count(S_ROUTED, 5, 5000));
+    char old_version[256];
+    snprintf(old_version, sizeof old_version,
+             "SELECT count(*) FROM audit_events WHERE action ="
+             " 'referral.routed' AND rules_version = '%s'",
+             kh_rules_version(s_rules));
+    ck_assert_int_eq(s_count(old_version), 5);
+
+    s_sql("ALTER TABLE audit_events DROP CONSTRAINT test_no_reload", 0, NULL);
+    ck_assert_int_eq(kill(pid, SIGHUP), 0);
+    ck_assert(s_wait_count("SELECT count(*) FROM audit_events WHERE"
+                           " action = 'rules.reloaded' AND outcome = 'ok'",
+                           1, 5000));
+    char *version =
+        khtest_db_value(s_db, "SELECT rules_version FROM audit_events"
+                              " WHERE action = 'rules.reloaded'");
+    ck_assert_str_eq(version, want);
+    free(version);
+    deliveries += s_insert_many(5);
+    ck_assert(s_wait_count(S_ROUTED, 10, 5000));
+    ck_assert_int_eq(s_count(old_version), 5);
+    free(rules);
+    int status = khproc_stop(pid, SIGTERM, 5000);
+    ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    s_assert_routed_once(10, deliveries);
+}
+END_TEST
+
 /* A rules file replaced by a FIFO (or anything that is not a regular
  * file): the reload is refused at once and audited, routing goes on by the
  * old rules instead of waiting for a writer that never comes. */
@@ -551,6 +601,40 @@ START_TEST(unreadable_referrals_are_set_aside_not_retried)
     ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE"
                              " outcome = 'failed'"),
                      10);
+    int status = khproc_stop(pid, SIGTERM, 5000);
+    ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+}
+END_TEST
+
+/* Stored payloads that are not UTF-8 text (a stray byte, a NUL) cannot
+ * be read either: they are set aside like the others, and never make the
+ * claim itself fail, which would hold up every referral behind them. */
+START_TEST(payloads_that_are_not_text_are_set_aside)
+{
+    static const char *const bad[] = {"\\xff7b7d", "\\x7b007d", "\\xc0af"};
+    for (int i = 0; i < 3; i++) {
+        char id[37], key[32];
+        kh_uuid_new(id);
+        snprintf(key, sizeof key, "binary-%d", i);
+        const char *params[] = {id, key, bad[i]};
+        s_sql("INSERT INTO referrals (id, partner_id, idempotency_key,"
+              " schema_version, payload, payload_hash, accepted_at)"
+              " VALUES ($1, 'veilig-thuis', $2, 'referral.v1', $3::bytea,"
+              " sha256(''::bytea), now() - interval '1 hour')",
+              3, params);
+    }
+    long deliveries = s_insert_many(5);
+    pid_t pid = s_start(s_endpoint(), NULL, 50, "routing.log");
+    ck_assert_msg(s_wait_count(S_ROUTED, 5, 10000), "not routed: see %s",
+                  s_path("routing.log"));
+    ck_assert(s_wait_count("SELECT count(*) FROM referrals"
+                           " WHERE state = 'unroutable'",
+                           3, 5000));
+    ck_assert_int_eq(s_count("SELECT count(*) FROM deliveries"), deliveries);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
+                             " = 'referral.routed' AND outcome = 'failed'"
+                             " AND reason_code = 'payload_unreadable'"),
+                     3);
     int status = khproc_stop(pid, SIGTERM, 5000);
     ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
 }
@@ -737,7 +821,9 @@ int main(void)
     tcase_add_test(tc, wakeup_from_the_hub_routes_before_the_poll);
     tcase_add_test(tc, sighup_reload_keeps_old_rules_when_broken);
     tcase_add_test(tc, sighup_reload_refuses_a_fifo_without_hanging);
+    tcase_add_test(tc, sighup_reload_that_cannot_be_audited_keeps_old_rules);
     tcase_add_test(tc, unreadable_referrals_are_set_aside_not_retried);
+    tcase_add_test(tc, payloads_that_are_not_text_are_set_aside);
     tcase_add_test(tc, pass_statements_reach_referrals_by_key);
     tcase_add_test(tc, more_matched_rules_than_fit_are_counted);
     tcase_add_test(tc, invalid_rules_at_start_exit_2);
