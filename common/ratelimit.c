@@ -107,3 +107,10 @@ void kh_ratelimit_charge(kh_ratelimit_t *self, const char *key, int64_t now_us)
     if (b && b->tokens > -self->burst)
         b->tokens -= 1;
 }
+
+void kh_ratelimit_refund(kh_ratelimit_t *self, const char *key, int64_t now_us)
+{
+    s_bucket_t *b = s_bucket(self, key, now_us);
+    if (b && b->tokens < self->burst)
+        b->tokens += 1;
+}

@@ -37,6 +37,9 @@ int64_t kh_ratelimit_wait(kh_ratelimit_t *self, const char *key,
                           int64_t now_us);
 void kh_ratelimit_charge(kh_ratelimit_t *self, const char *key, int64_t now_us);
 
+/* Give back a token charged for work that turned out not to count. */
+void kh_ratelimit_refund(kh_ratelimit_t *self, const char *key, int64_t now_us);
+
 #ifdef __cplusplus
 }
 #endif

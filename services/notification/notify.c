@@ -23,6 +23,7 @@
 #include "ketenhub/health.h"
 #include "ketenhub/log.h"
 #include "ketenhub/proto.h"
+#include "ketenhub/ratelimit.h"
 #include "ketenhub/service.h"
 #include "ketenhub/throttle.h"
 #include "ketenhub/zap.h"
@@ -65,12 +66,13 @@ typedef struct {
     zframe_t *identity;
     char cid[KH_CID_MAX + 1];
     bool nack, permanent;
-    int leader; /* index of an earlier ACK of the same id, or -1 */
+    int leader;   /* index of an earlier ACK of the same id, or -1 */
+    bool charged; /* counted as a refusal until it turns out not to be */
 } s_pending_t;
 
 typedef struct {
-    uint64_t sent, resent, moved, acked, duplicates, refused, nacked, dead,
-        escalated, rounds, failures;
+    uint64_t sent, resent, moved, acked, duplicates, refused, throttled, nacked,
+        dead, escalated, rounds, failures;
 } s_stats_t;
 
 static char s_present;
@@ -95,6 +97,8 @@ struct _notify_t {
     zlistx_t *held;           /* s_outgoing_t whose connection was gone */
     zhashx_t *batch_ids;      /* delivery id -> index + 1 in pending (ACKs) */
     kh_throttle_t *auth_seen; /* "key peer": one audit event a minute */
+    kh_ratelimit_t *refusals; /* per partner refused answers, or NULL */
+    kh_throttle_t *throttle_logged; /* partner: one "throttled" line / 10 s */
     zloop_t *loop;
     bool stopping;
     s_stats_t stats;
@@ -737,17 +741,24 @@ static int s_pump(notify_t *self, bool resend, kh_error_t *err)
 /* The connection of p's partner that has p's delivery out: the one p
  * came on, as a rule, but a partner may answer on any of its
  * connections what came on another. NULL: none has it out. */
-static s_conn_t *s_conn_holding(notify_t *self, const s_pending_t *p)
+/* The connection of partner that has delivery id out: mine when it
+ * does, else another of the partner's; NULL when none has. */
+static s_conn_t *s_holder(notify_t *self, const char *partner, const char *id,
+                          s_conn_t *mine)
 {
-    s_conn_t *conn = s_conn_of(self, p->identity);
-    if (conn && zhashx_lookup(conn->out, p->answer.id))
-        return conn;
-    for (conn = zhashx_first(self->conns); conn;
+    if (mine && zhashx_lookup(mine->out, id))
+        return mine;
+    for (s_conn_t *conn = zhashx_first(self->conns); conn;
          conn = zhashx_next(self->conns))
-        if (strcmp(conn->partner, p->answer.partner) == 0 &&
-            zhashx_lookup(conn->out, p->answer.id))
+        if (strcmp(conn->partner, partner) == 0 && zhashx_lookup(conn->out, id))
             return conn;
     return NULL;
+}
+
+static s_conn_t *s_conn_holding(notify_t *self, const s_pending_t *p)
+{
+    return s_holder(self, p->answer.partner, p->answer.id,
+                    s_conn_of(self, p->identity));
 }
 
 /* Send the round's distinct ACKs to the store as one batch, to commit on
@@ -838,6 +849,10 @@ static void s_answers_reply(notify_t *self, const kh_error_t *ack_fail,
     for (size_t i = 0; i < self->npending; i++) {
         s_pending_t *p = &self->pending[i];
         const kh_error_t *fail = p->nack ? nack_fail : ack_fail;
+        /* Not a refusal in the trail after all. */
+        if (p->charged && (fail || p->answer.outcome != DSTORE_NOT_FOUND))
+            kh_ratelimit_refund(self->refusals, p->answer.partner,
+                                zclock_usecs());
         if (fail) {
             s_reject(self, p->identity, p->cid, fail);
             continue;
@@ -1107,10 +1122,44 @@ static void s_round(notify_t *self, bool resend)
 
 /* --- the partners' socket ---------------------------------------------- */
 
+/* An ACK or NACK of partner for delivery id that none of its connections
+ * has out may well be refused (not_found: an audit event): while the
+ * partner's refusals are over KH_PARTNER_REFUSALS it is refused throttled
+ * at once, with no database work (returns true); else it counts as a
+ * refusal until its outcome says otherwise (*charged). */
+static bool s_over_refusals(notify_t *self, zframe_t *identity, const char *cid,
+                            const char *partner, const char *id, s_conn_t *mine,
+                            bool *charged)
+{
+    *charged = false;
+    if (!self->refusals || s_holder(self, partner, id, mine))
+        return false;
+    int64_t now = zclock_usecs();
+    int64_t wait = kh_ratelimit_wait(self->refusals, partner, now);
+    if (wait <= 0) {
+        kh_ratelimit_charge(self->refusals, partner, now);
+        *charged = true;
+        return false;
+    }
+    kh_error_t err;
+    kh_error_set(&err, KH_E_THROTTLED, "",
+                 "this partner's answers were refused too often; answer "
+                 "again after retry_after_ms");
+    s_send_json(self, identity,
+                kh_proto_rejected(cid, &err,
+                                  wait > INT32_MAX ? INT32_MAX : (int) wait));
+    self->stats.throttled++;
+    if (kh_throttle_pass(self->throttle_logged, partner, zclock_mono()))
+        kh_log_warn("throttled", "partner=%s over=refusals rate=%d/s", partner,
+                    self->cfg.partner_refusals);
+    return true;
+}
+
 /* Queue an ACK or NACK of partner, from peer, for the round's commit. */
 static void s_queue_answer(notify_t *self, const char *partner,
                            const char *peer, zframe_t *identity,
-                           const json_t *msg, const char *cid, kh_cmd_t cmd)
+                           const json_t *msg, const char *cid, kh_cmd_t cmd,
+                           bool charged)
 {
     s_pending_t *p = &self->pending[self->npending];
     memset(p, 0, sizeof *p);
@@ -1118,6 +1167,7 @@ static void s_queue_answer(notify_t *self, const char *partner,
     if (!p->identity)
         return;
     self->npending++;
+    p->charged = charged;
     snprintf(p->cid, sizeof p->cid, "%s", cid);
     snprintf(p->answer.id, sizeof p->answer.id, "%s",
              json_string_value(json_object_get(msg, "delivery_id")));
@@ -1278,9 +1328,15 @@ static void s_take(notify_t *self, zframe_t *identity, zmq_msg_t *body,
         s_send_json(self, identity, reply);
     } else if (cmd == KH_CMD_PING)
         s_send_json(self, identity, kh_proto_new(KH_CMD_PONG, cid));
-    else
-        s_queue_answer(self, partner, peer ? peer : "", identity, msg, cid,
-                       cmd);
+    else {
+        bool charged;
+        if (!s_over_refusals(
+                self, identity, cid, partner,
+                json_string_value(json_object_get(msg, "delivery_id")), conn,
+                &charged))
+            s_queue_answer(self, partner, peer ? peer : "", identity, msg, cid,
+                           cmd, charged);
+    }
     json_decref(msg);
 }
 
@@ -1430,16 +1486,18 @@ static int s_on_stats(zloop_t *loop, int timer_id, void *arg)
     notify_t *self = arg;
     s_stats_t *st = &self->stats;
     if (st->sent + st->resent + st->moved + st->acked + st->nacked +
-            st->refused + st->dead + st->escalated + st->failures >
+            st->refused + st->throttled + st->dead + st->escalated +
+            st->failures >
         0)
         kh_log_info("stats",
                     "sent=%" PRIu64 " resent=%" PRIu64 " moved=%" PRIu64
                     " acked=%" PRIu64 " duplicates=%" PRIu64 " refused=%" PRIu64
-                    " nacked=%" PRIu64 " dead=%" PRIu64 " escalated=%" PRIu64
-                    " db_failures=%" PRIu64 " connections=%zu db=%s",
+                    " throttled=%" PRIu64 " nacked=%" PRIu64 " dead=%" PRIu64
+                    " escalated=%" PRIu64 " db_failures=%" PRIu64
+                    " connections=%zu db=%s",
                     st->sent, st->resent, st->moved, st->acked, st->duplicates,
-                    st->refused, st->nacked, st->dead, st->escalated,
-                    st->failures, zhashx_size(self->conns),
+                    st->refused, st->throttled, st->nacked, st->dead,
+                    st->escalated, st->failures, zhashx_size(self->conns),
                     dstore_up(self->store) ? "up" : "down");
     memset(st, 0, sizeof *st);
     return 0;
@@ -1615,10 +1673,15 @@ notify_t *notify_new(const notify_config_t *config, kh_error_t *err)
     self->outbox = zlistx_new();
     self->held = zlistx_new();
     self->auth_seen = kh_throttle_new(S_AUTH_REPEAT_MS, 10000);
+    self->throttle_logged = kh_throttle_new(10000, 10000);
+    if (config->partner_refusals > 0)
+        self->refusals = kh_ratelimit_new(
+            config->partner_refusals, 10.0 * config->partner_refusals, 10000);
     self->loop = zloop_new();
     if (!self->store || !self->conns || !self->batch_ids || !self->pending ||
         !self->acks || !self->outbox || !self->held || !self->auth_seen ||
-        !self->loop) {
+        !self->throttle_logged ||
+        (config->partner_refusals > 0 && !self->refusals) || !self->loop) {
         kh_error_set(err, KH_E_NOMEM, "", "out of memory");
         goto fail;
     }
@@ -1654,6 +1717,8 @@ void notify_destroy(notify_t **self_p)
     zlistx_destroy(&self->outbox);
     zlistx_destroy(&self->held);
     kh_throttle_destroy(&self->auth_seen);
+    kh_throttle_destroy(&self->throttle_logged);
+    kh_ratelimit_destroy(&self->refusals);
     dstore_destroy(&self->store);
     free(self);
     *self_p = NULL;

@@ -446,6 +446,63 @@ START_TEST(ack_twice_changes_once_and_foreign_ack_is_refused)
 }
 END_TEST
 
+/* Each ACK refused as not_found is an audit event: a partner refused
+ * more often than KH_PARTNER_REFUSALS a second (past 10 s worth) gets
+ * throttled refusals without database work for the ids it does not hold,
+ * while its ACKs of what it was sent still count. */
+START_TEST(a_partner_refused_too_often_is_throttled_before_the_trail)
+{
+    char mine[37];
+    s_delivery("avim", "normal", 1000, NULL, mine);
+    pid_t pid = s_start3("notification.log", "KH_PARTNER_REFUSALS=2",
+                         "KH_NOTIFY_ACK_TIMEOUT_MS=30000",
+                         "KH_NOTIFY_BACKOFF_MAX_MS=60000");
+    zsock_t *avim = s_partner("avim");
+    s_hello(avim, 4);
+    json_t *msg = s_expect(avim, "DELIVER", 5000);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert_str_eq(s_str(msg, "delivery_id"), mine);
+    json_decref(msg);
+    enum { S_PROBES = 60 };
+    for (int i = 0; i < S_PROBES; i++) {
+        char id[37];
+        kh_uuid_new(id);
+        s_answer(avim, id, i % 2 ? "permanent" : NULL);
+    }
+    int not_found = 0, throttled = 0;
+    while (not_found + throttled < S_PROBES &&
+           (msg = s_expect(avim, "REJECTED", 5000)) != NULL) {
+        if (strcmp(s_str(msg, "code"), "not_found") == 0)
+            not_found++;
+        else {
+            ck_assert_str_eq(s_str(msg, "code"), "throttled");
+            ck_assert(json_is_true(json_object_get(msg, "retryable")));
+            ck_assert_int_ge(
+                json_integer_value(json_object_get(msg, "retry_after_ms")), 1);
+            throttled++;
+        }
+        json_decref(msg);
+    }
+    ck_assert_int_eq(not_found + throttled, S_PROBES);
+    ck_assert_int_ge(not_found, 20);
+    ck_assert_int_lt(not_found, 25);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE"
+                             " reason_code = 'not_found'"),
+                     not_found);
+    ck_assert(s_log_has("notification.log", "over=refusals", 1000));
+    /* What it was sent it acknowledges as ever. */
+    s_answer(avim, mine, NULL);
+    msg = s_expect(avim, "ACKED", 5000);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert(json_is_false(json_object_get(msg, "duplicate")));
+    json_decref(msg);
+    char state[16];
+    ck_assert_str_eq(s_state(mine, state), "acknowledged");
+    zsock_destroy(&avim);
+    s_stop(pid);
+}
+END_TEST
+
 /* A delivery for avim (its id in id), notification started (*pid) and
  * avim connected with a window of 1 and sent it: avim's socket. */
 static zsock_t *s_sent_to_avim(char *id, pid_t *pid)
@@ -2387,6 +2444,8 @@ static Suite *s_suite(void)
     tcase_add_test(odd, a_connection_without_hello_is_sent_no_deliveries);
     tcase_add_test(odd,
                    a_connection_whose_key_overlap_ended_is_sent_nothing_more);
+    tcase_add_test(odd,
+                   a_partner_refused_too_often_is_throttled_before_the_trail);
     tcase_add_test(odd, a_partner_over_its_connections_is_throttled);
     suite_add_tcase(suite, odd);
     TCase *big = tcase_create("backlog");

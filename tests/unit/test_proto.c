@@ -240,6 +240,17 @@ START_TEST(ratelimit_charges_after_the_fact)
     ck_assert_int_gt(kh_ratelimit_wait(limit, "a", 390000), 0);
     ck_assert_int_eq(kh_ratelimit_wait(limit, "a", 401000), 0);
     ck_assert_int_eq(kh_ratelimit_wait(limit, "b", 0), 0);
+    /* A refund gives a token back, never beyond the burst. */
+    for (int i = 0; i < 3; i++)
+        kh_ratelimit_charge(limit, "b", 0);
+    ck_assert_int_gt(kh_ratelimit_wait(limit, "b", 0), 0);
+    kh_ratelimit_refund(limit, "b", 0);
+    ck_assert_int_eq(kh_ratelimit_wait(limit, "b", 0), 0);
+    for (int i = 0; i < 10; i++)
+        kh_ratelimit_refund(limit, "b", 0);
+    for (int i = 0; i < 3; i++)
+        ck_assert_int_eq(kh_ratelimit_take(limit, "b", 0), 0);
+    ck_assert_int_gt(kh_ratelimit_take(limit, "b", 0), 0);
     kh_ratelimit_destroy(&limit);
 }
 END_TEST
