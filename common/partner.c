@@ -734,7 +734,9 @@ int kh_partner_cert_rotate_end(const char *id, const char *cert_dir,
         return 0;
     }
     int rc = 0;
-    if (expires_at)
+    if (!previous_key)
+        ; /* the outcome is unknown: both keys stay admitted */
+    else if (expires_at)
         rc = s_previous_write(files[1].path, id, previous_key, expires_at, err);
     else if (unlink(files[1].path) != 0 && errno != ENOENT)
         rc = kh_error_set(err, KH_E_IO, files[1].path,

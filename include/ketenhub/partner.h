@@ -181,9 +181,11 @@ int kh_partner_cert_rotate(zcert_t *cert, const char *id,
  * <id>.previous.cert gets the metadata expires-at = expires_at (RFC 3339
  * UTC, the registry's end of the overlap), after which the ZAP handler
  * refuses it, or with expires_at NULL (no overlap) that file is removed;
- * the kept files are forgotten. After a rollback the kept files are put
- * back. Returns 0, or -1 with err when the end of the key before cannot
- * be written (the registry has it; the services apply it). */
+ * the kept files are forgotten; with previous_key NULL (the commit's
+ * outcome is unknown) both keys stay as they are, admitted. After a
+ * rollback the kept files are put back. Returns 0, or -1 with err when the end
+ * of the key before cannot be written (the registry has it; the services apply
+ * it). */
 int kh_partner_cert_rotate_end(const char *id, const char *cert_dir,
                                bool committed, const char *previous_key,
                                const char *expires_at, kh_error_t *err);

@@ -923,6 +923,66 @@ static void s_rotate_staged(PGconn *conn, const char *id, zcert_t *cert,
                      0);
 }
 
+/* A connection lost during the COMMIT of a rotation: the tool reads on a
+ * new connection whether it went through, and here it did not, so the
+ * files are put back as they were and the new pair is removed. */
+START_TEST(test_rotate_commit_lost)
+{
+    PGconn *conn = khtest_db_empty(DB);
+    char *conninfo = khtest_db_conninfo(DB);
+    setenv("KH_DATABASE_URL", conninfo, 1);
+    free(conninfo);
+    unsetenv("KH_PARTNER_CERT_DIR");
+    setenv("KH_MIGRATIONS_DIR", khtest_src("migrations"), 1);
+    char *cert_dir = khtest_tmpdir();
+    char *out[2] = {khtest_tmpdir(), khtest_tmpdir()};
+    char *text = NULL;
+    ck_assert_int_eq(KHTEST_CTL(&text, "migrate"), 0);
+    free(text);
+    int rc =
+        KHTEST_CTL(&text, "partner", "add", "avim", "--name", "AVIM", "--kind",
+                   "police", "--cert-dir", cert_dir, "--out", out[0]);
+    ck_assert_msg(rc == 0, "partner add: %s", text);
+    free(text);
+    char before[KH_PARTNER_KEY_LEN + 1], key[KH_PARTNER_KEY_LEN + 1];
+    char expires[40];
+    s_cert_key(cert_dir, "avim.cert", before, expires);
+    /* The server process ends itself at the commit of a new key. */
+    khtest_db_exec(conn,
+                   "CREATE FUNCTION kh_test_cut() RETURNS trigger"
+                   " LANGUAGE plpgsql AS $$ BEGIN"
+                   " PERFORM pg_terminate_backend(pg_backend_pid());"
+                   " RETURN NULL; END $$",
+                   0, NULL);
+    khtest_db_exec(conn,
+                   "CREATE CONSTRAINT TRIGGER kh_test_cut AFTER UPDATE ON"
+                   " partners DEFERRABLE INITIALLY DEFERRED FOR EACH ROW"
+                   " EXECUTE FUNCTION kh_test_cut()",
+                   0, NULL);
+    rc = KHTEST_CTL(&text, "partner", "rotate", "avim", "--cert-dir", cert_dir,
+                    "--out", out[1], "--overlap", "0");
+    ck_assert_msg(rc == 1, "rotate with its commit cut: %d: %s", rc, text);
+    free(text);
+    s_cert_key(cert_dir, "avim.cert", key, expires);
+    ck_assert_str_eq(key, before);
+    ck_assert(!s_file_exists(cert_dir, "avim.previous.cert"));
+    ck_assert(!s_file_exists(out[1], "avim.cert_secret"));
+    kh_error_t err;
+    kh_partner_t p;
+    ck_assert_int_eq(kh_partner_get(conn, "avim", &p, &err), 0);
+    ck_assert_str_eq(p.public_key, before);
+    khtest_db_exec(conn, "DROP TRIGGER kh_test_cut ON partners", 0, NULL);
+    khtest_db_exec(conn, "DROP FUNCTION kh_test_cut()", 0, NULL);
+    khtest_rmtree(cert_dir);
+    free(cert_dir);
+    for (int i = 0; i < 2; i++) {
+        khtest_rmtree(out[i]);
+        free(out[i]);
+    }
+    PQfinish(conn);
+}
+END_TEST
+
 /* A rotation cut short between its files and its commit (the tool killed,
  * the machine down) leaves the directory admitting the key the registry
  * still has, without an end; two rotations of one partner from two shells
@@ -1023,6 +1083,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_cert_files);
     tcase_add_test(tc, test_ctl_end_to_end);
     tcase_add_test(tc, test_rotate);
+    tcase_add_test(tc, test_rotate_commit_lost);
     tcase_add_test(tc, test_rotate_cut_short);
     suite_add_tcase(s, tc);
     return s;

@@ -212,6 +212,37 @@ static void s_print_handover(const char *id, const char *out)
         printf("the partner keeps its secret key; it needs hub.cert only\n");
 }
 
+/* After a COMMIT that failed on conn: 0 when it did not go through (the
+ * server refused it, or partner id's current key is not key), 1 when it
+ * did after all (the connection was lost with the answer), -1 when that
+ * cannot be found out. */
+static int s_commit_outcome(PGconn *conn, const char *id, const char *key)
+{
+    if (PQstatus(conn) == CONNECTION_OK)
+        return 0;
+    PGconn *again = ctl_connect_wait(10);
+    if (!again)
+        return -1;
+    const char *params[] = {id, key};
+    PGresult *res = PQexecParams(again,
+                                 "SELECT curve_public_key = $2 FROM partners"
+                                 " WHERE id = $1",
+                                 2, NULL, params, NULL, NULL, 0);
+    int outcome =
+        PQresultStatus(res) != PGRES_TUPLES_OK                           ? -1
+        : PQntuples(res) == 1 && strcmp(PQgetvalue(res, 0, 0), "t") == 0 ? 1
+                                                                         : 0;
+    PQclear(res);
+    PQfinish(again);
+    return outcome;
+}
+
+static const char *const s_unknown_outcome =
+    "ketenhubctl: the connection was lost with the answer to the commit, "
+    "and whether it went through cannot be read now: the files were left "
+    "in place, so that the partner is admitted either way; see `partner "
+    "list --json` once the database answers\n";
+
 static int s_add(const char *id, const char *name, kh_partner_kind_t kind,
                  bool cases, const char *cert_dir, const char *out,
                  zcert_t *cert)
@@ -236,13 +267,24 @@ static int s_add(const char *id, const char *name, kh_partner_kind_t kind,
         rc = kh_partner_cert_install(cert, id, cert_dir, &err);
         installed = rc == 0;
     }
-    if (rc == 0)
-        rc = kh_db_exec(conn, "COMMIT", &err);
-    if (rc != 0) {
+    int outcome = 0;
+    if (rc == 0 && (rc = kh_db_exec(conn, "COMMIT", &err)) != 0 &&
+        (outcome = s_commit_outcome(conn, id, zcert_public_txt(cert))) != 0) {
+        ctl_print_error(&err);
+        if (outcome < 0)
+            fputs(s_unknown_outcome, stderr);
+        else {
+            fputs("ketenhubctl: the commit went through after all (its "
+                  "answer was lost with the connection)\n",
+                  stderr);
+            rc = 0;
+        }
+    }
+    if (rc != 0 && outcome == 0) {
         kh_db_rollback_quietly(conn);
         s_unlink_files(installed ? cert_dir : NULL, exported ? out : NULL, id);
         ctl_print_error(&err);
-    } else {
+    } else if (rc == 0) {
         printf("partner %s registered (kind %s, handles cases: %s)\n", id,
                kh_partner_kind_name(kind), cases ? "yes" : "no");
         printf("public key: %s\n", zcert_public_txt(cert));
@@ -442,12 +484,24 @@ static int s_rotate(const char *id, const char *cert_dir, const char *out,
         rc = kh_partner_cert_rotate(cert, id, previous, cert_dir, &err);
         staged = rc == 0;
     }
-    if (rc == 0)
-        rc = kh_db_exec(conn, "COMMIT", &err);
+    int outcome = 0;
+    if (rc == 0 && (rc = kh_db_exec(conn, "COMMIT", &err)) != 0 &&
+        (outcome = s_commit_outcome(conn, id, zcert_public_txt(cert))) != 0) {
+        ctl_print_error(&err);
+        if (outcome < 0)
+            fputs(s_unknown_outcome, stderr);
+        else {
+            fputs("ketenhubctl: the commit went through after all (its "
+                  "answer was lost with the connection)\n",
+                  stderr);
+            rc = 0;
+        }
+    }
     if (staged) {
         kh_error_t end_err;
         kh_error_clear(&end_err);
-        if (kh_partner_cert_rotate_end(id, cert_dir, rc == 0, previous,
+        if (kh_partner_cert_rotate_end(id, cert_dir, rc == 0 || outcome < 0,
+                                       outcome < 0 ? NULL : previous,
                                        overlap_h > 0 ? until : NULL,
                                        &end_err) != 0) {
             /* The rotation is committed: the services apply the end of
@@ -459,11 +513,11 @@ static int s_rotate(const char *id, const char *cert_dir, const char *out,
         }
     }
     kh_partner_cert_unlock(&lock);
-    if (rc != 0) {
+    if (rc != 0 && outcome == 0) {
         kh_db_rollback_quietly(conn);
         s_unlink_files(NULL, exported ? out : NULL, id);
         ctl_print_error(&err);
-    } else {
+    } else if (rc == 0) {
         printf("partner %s has a new key: %s\n", id, zcert_public_txt(cert));
         printf("installed: %s/%s.cert\n", cert_dir, id);
         if (overlap_h > 0)
