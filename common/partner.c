@@ -447,6 +447,21 @@ static int s_ensure_dir(const char *dir, mode_t mode, kh_error_t *err)
     return 0;
 }
 
+/* cert_dir must be a directory that is there (KH_E_CONFIG otherwise): a
+ * mistyped one would put files where the ZAP handler never looks, or
+ * remove none from where it does. */
+static int s_cert_dir_check(const char *cert_dir, kh_error_t *err)
+{
+    struct stat st;
+    if (stat(cert_dir, &st) != 0)
+        return kh_error_set(err, KH_E_CONFIG, cert_dir,
+                            "cannot use the certificate directory: %s",
+                            strerror(errno));
+    if (!S_ISDIR(st.st_mode))
+        return kh_error_set(err, KH_E_CONFIG, cert_dir, "not a directory");
+    return 0;
+}
+
 /* path = dir/id suffix; zcert truncates names at 255 bytes, so refuse
  * anything that long. */
 static int s_cert_path(char *path, size_t size, const char *dir, const char *id,
@@ -544,15 +559,8 @@ int kh_partner_cert_remove(const char *id, const char *cert_dir,
     char path[PATH_MAX];
     if (s_cert_path(path, sizeof path, cert_dir, id, ".cert", err) != 0)
         return -1;
-    /* A directory that is not there is a mistyped one: the certificate is
-     * elsewhere, and zauth still admits the key. */
-    struct stat st;
-    if (stat(cert_dir, &st) != 0)
-        return kh_error_set(err, KH_E_CONFIG, cert_dir,
-                            "cannot use the certificate directory: %s",
-                            strerror(errno));
-    if (!S_ISDIR(st.st_mode))
-        return kh_error_set(err, KH_E_CONFIG, cert_dir, "not a directory");
+    if (s_cert_dir_check(cert_dir, err) != 0)
+        return -1;
     /* The key before the current one first: while a rotation's overlap
      * lasts, it admits the partner too. */
     char previous[PATH_MAX];
@@ -647,15 +655,8 @@ int kh_partner_cert_lock(const char *id, const char *cert_dir, kh_error_t *err)
     snprintf(name, sizeof name, ".%s.lock", id);
     if (s_cert_path(path, sizeof path, cert_dir, name, "", err) != 0)
         return -1;
-    /* A directory that is not there is a mistyped one (see
-     * kh_partner_cert_remove). */
-    struct stat st;
-    if (stat(cert_dir, &st) != 0)
-        return kh_error_set(err, KH_E_CONFIG, cert_dir,
-                            "cannot use the certificate directory: %s",
-                            strerror(errno));
-    if (!S_ISDIR(st.st_mode))
-        return kh_error_set(err, KH_E_CONFIG, cert_dir, "not a directory");
+    if (s_cert_dir_check(cert_dir, err) != 0)
+        return -1;
     int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
     if (fd < 0)
         return kh_error_set(err, KH_E_IO, path,
@@ -698,10 +699,8 @@ int kh_partner_cert_rotate(zcert_t *cert, const char *id,
     s_rotated_t files[2];
     if (s_rotated_paths(files, id, cert_dir, err) != 0)
         return -1;
-    struct stat st;
-    if (stat(cert_dir, &st) != 0 || !S_ISDIR(st.st_mode))
-        return kh_error_set(err, KH_E_CONFIG, cert_dir,
-                            "not a certificate directory");
+    if (s_cert_dir_check(cert_dir, err) != 0)
+        return -1;
     for (int i = 0; i < 2; i++) {
         unlink(files[i].kept);
         if (link(files[i].path, files[i].kept) != 0 && errno != ENOENT)

@@ -187,6 +187,33 @@ static zcert_t *s_partner_cert(const char *id, const char *public_cert)
     return cert;
 }
 
+/* The one partner ID left in argv after the options, valid; NULL after
+ * saying what is wrong (a usage error). */
+static const char *s_one_id(const char *command, int argc, char **argv)
+{
+    if (optind + 1 != argc) {
+        ctl_usage_error("%s: give exactly one partner ID", command);
+        return NULL;
+    }
+    if (!kh_partner_id_valid(argv[optind])) {
+        ctl_usage_error("%s: ID must match ^[a-z][a-z0-9-]{1,31}$", command);
+        return NULL;
+    }
+    return argv[optind];
+}
+
+/* Whether a --cert-dir (or KH_PARTNER_CERT_DIR) was given; false after
+ * saying so. */
+static bool s_cert_dir_given(const char *command, const char *cert_dir)
+{
+    if (cert_dir && *cert_dir)
+        return true;
+    ctl_usage_error("%s: --cert-dir DIR is required (or set "
+                    "KH_PARTNER_CERT_DIR)",
+                    command);
+    return false;
+}
+
 /* Exactly one of --out DIR and --public-cert FILE; false after saying so
  * (a usage error). */
 static bool s_one_key_source(const char *command, const char *out,
@@ -340,12 +367,9 @@ static int s_cmd_add(int argc, char **argv)
             return CTL_USAGE;
         }
     }
-    if (optind + 1 != argc)
-        return ctl_usage_error("partner add: give exactly one partner ID");
-    const char *id = argv[optind];
-    if (!kh_partner_id_valid(id))
-        return ctl_usage_error("partner add: ID must match "
-                               "^[a-z][a-z0-9-]{1,31}$");
+    const char *id = s_one_id("partner add", argc, argv);
+    if (!id)
+        return CTL_USAGE;
     if (!name || !*name)
         return ctl_usage_error("partner add: --name NAME is required");
     if (!kind_name)
@@ -353,9 +377,8 @@ static int s_cmd_add(int argc, char **argv)
     int kind = kh_partner_kind_from_name(kind_name);
     if (kind < 0)
         return ctl_usage_error("partner add: unknown kind '%s'", kind_name);
-    if (!cert_dir || !*cert_dir)
-        return ctl_usage_error("partner add: --cert-dir DIR is required "
-                               "(or set KH_PARTNER_CERT_DIR)");
+    if (!s_cert_dir_given("partner add", cert_dir))
+        return CTL_USAGE;
     if (!s_one_key_source("partner add", out, public_cert))
         return CTL_USAGE;
     /* A chain director never handles cases, so it needs no --no-cases. */
@@ -576,15 +599,11 @@ static int s_cmd_rotate(int argc, char **argv)
             return CTL_USAGE;
         }
     }
-    if (optind + 1 != argc)
-        return ctl_usage_error("partner rotate: give exactly one partner ID");
-    const char *id = argv[optind];
-    if (!kh_partner_id_valid(id))
-        return ctl_usage_error("partner rotate: ID must match "
-                               "^[a-z][a-z0-9-]{1,31}$");
-    if (!cert_dir || !*cert_dir)
-        return ctl_usage_error("partner rotate: --cert-dir DIR is required "
-                               "(or set KH_PARTNER_CERT_DIR)");
+    const char *id = s_one_id("partner rotate", argc, argv);
+    if (!id)
+        return CTL_USAGE;
+    if (!s_cert_dir_given("partner rotate", cert_dir))
+        return CTL_USAGE;
     struct stat st;
     if (stat(cert_dir, &st) != 0 || !S_ISDIR(st.st_mode))
         return ctl_usage_error("partner rotate: --cert-dir %s is not a "
@@ -622,15 +641,11 @@ static int s_cmd_revoke(int argc, char **argv)
             return CTL_USAGE;
         }
     }
-    if (optind + 1 != argc)
-        return ctl_usage_error("partner revoke: give exactly one partner ID");
-    const char *id = argv[optind];
-    if (!kh_partner_id_valid(id))
-        return ctl_usage_error("partner revoke: ID must match "
-                               "^[a-z][a-z0-9-]{1,31}$");
-    if (!cert_dir || !*cert_dir)
-        return ctl_usage_error("partner revoke: --cert-dir DIR is required "
-                               "(or set KH_PARTNER_CERT_DIR)");
+    const char *id = s_one_id("partner revoke", argc, argv);
+    if (!id)
+        return CTL_USAGE;
+    if (!s_cert_dir_given("partner revoke", cert_dir))
+        return CTL_USAGE;
 
     PGconn *conn = ctl_connect();
     if (!conn)
