@@ -721,7 +721,24 @@ START_TEST(test_rotate)
     ck_assert_str_eq(p.id, "avim");
     ck_assert_int_eq(KHTEST_CTL(&text, "partner", "list", "--json"), 0);
     ck_assert_ptr_nonnull(strstr(text, "\"previous_key_until\": \"20"));
+    /* Every key it had, oldest first; whose a "key:..." actor was. */
+    json_error_t jerr;
+    json_t *listed = json_loads(text, 0, &jerr);
     free(text);
+    ck_assert_ptr_nonnull(listed);
+    json_t *keys = json_object_get(json_array_get(listed, 0), "keys");
+    ck_assert_int_eq((int) json_array_size(keys), 2);
+    ck_assert_str_eq(json_string_value(json_object_get(json_array_get(keys, 0),
+                                                       "public_key")),
+                     first);
+    ck_assert(
+        json_is_string(json_object_get(json_array_get(keys, 0), "expires_at")));
+    ck_assert_str_eq(json_string_value(json_object_get(json_array_get(keys, 1),
+                                                       "public_key")),
+                     second);
+    ck_assert(
+        json_is_null(json_object_get(json_array_get(keys, 1), "expires_at")));
+    json_decref(listed);
 
     /* Failures change nothing: secrets already in --out, an unknown or
      * revoked partner, bad arguments. */

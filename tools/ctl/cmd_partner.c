@@ -81,10 +81,12 @@ static void s_usage_list(FILE *out)
     fprintf(out, "usage: ketenhubctl partner list [--active] [--json]\n"
                  "\n"
                  "  --active  leave out revoked partners\n"
-                 "  --json    one JSON array, for scripts (previous_key_until: "
-                 "until when\n"
-                 "            the key before a rotation still admits the "
-                 "partner)\n"
+                 "  --json    one JSON array, for scripts; with each partner's "
+                 "keys\n"
+                 "            (added_at, expires_at: null for the current "
+                 "one) and\n"
+                 "            previous_key_until (the end of a rotation's "
+                 "overlap)\n"
                  "  --help    this text\n");
 }
 
@@ -415,6 +417,50 @@ static void s_json_partner(const kh_partner_t *p, void *arg)
         json_array_append_new(array, o);
 }
 
+/* Add to each partner object of array its "keys": every key it has had,
+ * oldest first, with when it was added and when it stopped (or stops)
+ * admitting it (null: its current key). So an auditor can tell whose key
+ * a trail's "key:..." actor was. 0, or -1 with err. */
+static int s_json_keys(PGconn *conn, json_t *array, kh_error_t *err)
+{
+    PGresult *res = PQexec(conn, "SELECT partner_id, curve_public_key,"
+                                 " to_char(added_at AT TIME ZONE 'UTC',"
+                                 " 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),"
+                                 " to_char(expires_at AT TIME ZONE 'UTC',"
+                                 " 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')"
+                                 " FROM partner_keys ORDER BY added_at,"
+                                 " expires_at NULLS LAST");
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        kh_db_error(err, conn, res, "cannot list the partners' keys");
+        PQclear(res);
+        return -1;
+    }
+    int rows = PQntuples(res);
+    size_t i;
+    json_t *partner;
+    json_array_foreach(array, i, partner)
+    {
+        const char *id = json_string_value(json_object_get(partner, "id"));
+        json_t *keys = json_array();
+        for (int row = 0; keys && row < rows; row++)
+            if (strcmp(PQgetvalue(res, row, 0), id) == 0)
+                json_array_append_new(
+                    keys,
+                    json_pack("{s:s, s:s, s:o}", "public_key",
+                              PQgetvalue(res, row, 1), "added_at",
+                              PQgetvalue(res, row, 2), "expires_at",
+                              PQgetisnull(res, row, 3)
+                                  ? json_null()
+                                  : json_string(PQgetvalue(res, row, 3))));
+        if (!keys || json_object_set_new(partner, "keys", keys) != 0) {
+            PQclear(res);
+            return kh_error_set(err, KH_E_NOMEM, NULL, "out of memory");
+        }
+    }
+    PQclear(res);
+    return 0;
+}
+
 static int s_cmd_list(int argc, char **argv)
 {
     static const struct option options[] = {{"active", no_argument, NULL, 'a'},
@@ -455,6 +501,8 @@ static int s_cmd_list(int argc, char **argv)
                   : kh_error_set(&err, KH_E_NOMEM, NULL, "out of memory");
         if (n >= 0 && (size_t) n != json_array_size(array))
             n = kh_error_set(&err, KH_E_NOMEM, NULL, "out of memory");
+        if (n >= 0 && s_json_keys(conn, array, &err) != 0)
+            n = -1;
         if (n >= 0) {
             char *text = json_dumps(array, JSON_INDENT(2));
             if (text)
