@@ -102,7 +102,7 @@ void kh_config_log(const kh_cfg_t *table, size_t count)
 {
     for (size_t i = 0; i < count; i++)
         kh_log_info("config", "name=%s value=\"%s\"", table[i].name,
-                    table[i].secret ? "***" : table[i].str);
+                    table[i].secret ? "***" : KH_LOG_Q(table[i].str));
 }
 
 void kh_config_usage(const kh_cfg_t *table, size_t count)

@@ -66,3 +66,20 @@ void kh_log(kh_log_level_t level, const char *event, const char *fmt, ...)
     ssize_t written = write(STDERR_FILENO, line, len);
     (void) written;
 }
+
+const char *kh_log_quote(const char *text, char *buf, size_t size)
+{
+    size_t o = 0;
+    for (const unsigned char *p = (const unsigned char *) (text ? text : "");
+         *p && o + 1 < size; p++) {
+        if (*p == '"' || *p == '\\') {
+            if (o + 2 >= size)
+                break;
+            buf[o++] = '\\';
+            buf[o++] = (char) *p;
+        } else
+            buf[o++] = *p < 0x20 || *p == 0x7f ? '?' : (char) *p;
+    }
+    buf[o] = '\0';
+    return buf;
+}

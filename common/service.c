@@ -117,7 +117,8 @@ int kh_service_start(const char *name, int argc, char **argv, kh_cfg_t *config,
         explicit_bzero(password, sizeof password);
         if (rc < 0) {
             kh_log_error("start_failed", "code=%s path=%s msg=\"%s\"",
-                         kh_error_name(err.code), err.path, err.message);
+                         kh_error_name(err.code), err.path,
+                         KH_LOG_Q(err.message));
             return 2;
         }
     }

@@ -8,6 +8,7 @@
 #define KH_LOG_H_INCLUDED
 
 #include <stdbool.h>
+#include <stddef.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -31,6 +32,15 @@ bool kh_log_enabled(kh_log_level_t level);
  * fmt (already in logfmt, e.g. "referral=%s ms=%.2f"); fmt may be NULL. */
 void kh_log(kh_log_level_t level, const char *event, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
+
+/* text as the inside of a quoted logfmt value (msg="%s"): '"' and '\\'
+ * escaped with '\\', control characters as '?', cut to fit size (at least
+ * 1). Returns buf. KH_LOG_Q(text) gives it a buffer of its own that lasts
+ * for the statement, for use as an argument of kh_log. */
+const char *kh_log_quote(const char *text, char *buf, size_t size);
+#define KH_LOG_QUOTE_MAX 600
+#define KH_LOG_Q(text)                                                         \
+    kh_log_quote((text), (char[KH_LOG_QUOTE_MAX]){0}, KH_LOG_QUOTE_MAX)
 
 #define kh_log_debug(...) kh_log(KH_LOG_DEBUG, __VA_ARGS__)
 #define kh_log_info(...) kh_log(KH_LOG_INFO, __VA_ARGS__)

@@ -74,7 +74,7 @@ static int s_main(int argc, char **argv)
     kh_health_t *health = kh_health_new(&hc, &err);
     if (!health) {
         kh_log_error("start_failed", "code=%s path=%s msg=\"%s\"",
-                     kh_error_name(err.code), err.path, err.message);
+                     kh_error_name(err.code), err.path, KH_LOG_Q(err.message));
         close(signal_fd);
         return err.code == KH_E_CONFIG ? 2 : 1;
     }
@@ -85,7 +85,7 @@ static int s_main(int argc, char **argv)
         kh_log_error("start_failed",
                      "code=config path=KH_AUDIT_KEY "
                      "file=%s msg=\"%s\"",
-                     s_cfg("KH_AUDIT_KEY")->str, err.message);
+                     s_cfg("KH_AUDIT_KEY")->str, KH_LOG_Q(err.message));
         kh_health_destroy(&health);
         close(signal_fd);
         return 2;
@@ -115,7 +115,8 @@ static int s_main(int argc, char **argv)
             conn = kh_db_connect_async(
                 &connecting, s_cfg("KH_DATABASE_URL")->str, "audit", &err);
             if (!conn && !connecting)
-                kh_log_warn("db_unavailable", "msg=\"%s\"", err.message);
+                kh_log_warn("db_unavailable", "msg=\"%s\"",
+                            KH_LOG_Q(err.message));
             else if (conn && !ready) {
                 kh_log_info("ready", NULL);
                 ready = true;
@@ -132,14 +133,14 @@ static int s_main(int argc, char **argv)
                  * One alert while it lasts, not one a round. */
                 if (!broken) {
                     kh_log_error("alert", "kind=trail_broken msg=\"%s\"",
-                                 err.message);
+                                 KH_LOG_Q(err.message));
                     kh_health_set_fault(health, "trail broken: run "
                                                 "ketenhubctl audit verify");
                 }
                 broken = true;
             } else if (n < 0) {
                 kh_log_warn("seal_failed", "code=%s msg=\"%s\"",
-                            kh_error_name(err.code), err.message);
+                            kh_error_name(err.code), KH_LOG_Q(err.message));
                 if (PQstatus(conn) != CONNECTION_OK) {
                     PQfinish(conn);
                     conn = NULL;
@@ -184,7 +185,7 @@ static int s_main(int argc, char **argv)
         long n = kh_trail_sealer_flush(sealer, conn, 2000, &err);
         if (n < 0)
             kh_log_warn("seal_failed", "code=%s msg=\"%s\"",
-                        kh_error_name(err.code), err.message);
+                        kh_error_name(err.code), KH_LOG_Q(err.message));
         PQfinish(conn);
     }
     kh_db_connect_abandon(&connecting);

@@ -314,7 +314,7 @@ static int s_reconnect(zloop_t *loop, int timer_id, void *arg)
                            : self->backoff_ms * 2;
     kh_log_warn("db_connect_failed", "code=%s path=%s retry_ms=%d msg=\"%s\"",
                 kh_error_name(err.code), err.path[0] ? err.path : "none",
-                self->backoff_ms, err.message);
+                self->backoff_ms, KH_LOG_Q(err.message));
     s_schedule_reconnect(self);
     return 0;
 }

@@ -105,14 +105,14 @@ static int s_main(int argc, char **argv)
     kh_health_t *health = kh_health_new(&hc, &err);
     if (!health) {
         kh_log_error("start_failed", "code=%s path=%s msg=\"%s\"",
-                     kh_error_name(err.code), err.path, err.message);
+                     kh_error_name(err.code), err.path, KH_LOG_Q(err.message));
         return err.code == KH_E_CONFIG ? 2 : 1;
     }
     intake_t *intake = intake_new(&config, &err);
     if (!intake) {
         kh_health_destroy(&health);
         kh_log_error("start_failed", "code=%s path=%s msg=\"%s\"",
-                     kh_error_name(err.code), err.path, err.message);
+                     kh_error_name(err.code), err.path, KH_LOG_Q(err.message));
         return err.code == KH_E_CONFIG || err.code == KH_E_SCHEMA_INVALID ? 2
                                                                           : 1;
     }

@@ -112,7 +112,7 @@ static int s_main(int argc, char **argv)
     kh_health_t *health = kh_health_new(&hc, &err);
     if (!health) {
         kh_log_error("start_failed", "code=%s path=%s msg=\"%s\"",
-                     kh_error_name(err.code), err.path, err.message);
+                     kh_error_name(err.code), err.path, KH_LOG_Q(err.message));
         close(signal_fd);
         return err.code == KH_E_CONFIG ? 2 : 1;
     }
@@ -121,7 +121,7 @@ static int s_main(int argc, char **argv)
         kh_health_destroy(&health);
         kh_log_error("start_failed", "code=%s path=%s msg=\"%s\"",
                      kh_error_name(err.code), err.path[0] ? err.path : "none",
-                     err.message);
+                     KH_LOG_Q(err.message));
         close(signal_fd);
         return err.code == KH_E_CONFIG ? 2 : 1;
     }

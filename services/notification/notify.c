@@ -546,7 +546,7 @@ static void s_db_failed(notify_t *self, const char *what, const kh_error_t *err)
 {
     self->stats.failures++;
     kh_log_warn("db_failed", "during=%s code=%s msg=\"%s\"", what,
-                kh_error_name(err->code), err->message);
+                kh_error_name(err->code), KH_LOG_Q(err->message));
 }
 
 /* An auth.refused event for key from peer, with reason: into the trail
@@ -1440,7 +1440,8 @@ static int s_on_tick(zloop_t *loop, int timer_id, void *arg)
             if (!dstore_connecting(self->store))
                 kh_log_warn("db_connect_failed", "code=%s path=%s msg=\"%s\"",
                             kh_error_name(err.code),
-                            err.path[0] ? err.path : "none", err.message);
+                            err.path[0] ? err.path : "none",
+                            KH_LOG_Q(err.message));
             else if (!self->connect_poll) /* look again soon */
                 self->connect_poll =
                     zloop_timer(self->loop, KH_DB_CONNECT_POLL_MS, 1,

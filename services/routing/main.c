@@ -109,7 +109,7 @@ static int s_main(int argc, char **argv)
     kh_health_t *health = kh_health_new(&hc, &err);
     if (!health) {
         kh_log_error("start_failed", "code=%s path=%s msg=\"%s\"",
-                     kh_error_name(err.code), err.path, err.message);
+                     kh_error_name(err.code), err.path, KH_LOG_Q(err.message));
         close(signal_fd);
         return err.code == KH_E_CONFIG ? 2 : 1;
     }
@@ -126,7 +126,7 @@ static int s_main(int argc, char **argv)
         int ms = KH_DB_CONNECT_POLL_MS; /* an attempt under way */
         if (!routing_connecting(routing)) {
             kh_log_warn("db_unavailable", "retry_ms=%d msg=\"%s\"", wait_ms,
-                        err.message);
+                        KH_LOG_Q(err.message));
             ms = wait_ms;
             wait_ms = wait_ms < 2500 ? wait_ms * 2 : 5000;
         }
@@ -144,7 +144,7 @@ static int s_main(int argc, char **argv)
         kh_log_error("start_failed",
                      "code=%s path=%s line=%d column=%d msg=\"%s\"",
                      kh_error_name(err.code), err.path[0] ? err.path : "none",
-                     err.line, err.column, err.message);
+                     err.line, err.column, KH_LOG_Q(err.message));
         bool usage = err.code == KH_E_CONFIG ||
                      strncmp(kh_error_name(err.code), "rules.", 6) == 0;
         close(signal_fd);

@@ -172,7 +172,7 @@ static void s_report(const kh_error_t *err, bool is_error, void *arg)
     kh_log(is_error ? KH_LOG_ERROR : KH_LOG_INFO, "rules_problem",
            "code=%s path=%s line=%d column=%d msg=\"%s\"",
            kh_error_name(err->code), err->path[0] ? err->path : "none",
-           err->line, err->column, err->message);
+           err->line, err->column, KH_LOG_Q(err->message));
 }
 
 /* Load the rules file against the partners registered now. Returns new
@@ -434,7 +434,7 @@ static int s_pass(routing_t *self)
     size_t deliveries = self->deliveries;
     if (s_connect(self, &err)) {
         if (!self->connecting) {
-            kh_log_warn("db_unavailable", "msg=\"%s\"", err.message);
+            kh_log_warn("db_unavailable", "msg=\"%s\"", KH_LOG_Q(err.message));
             self->failures++;
         } else if (!self->connect_poll) /* look again soon */
             self->connect_poll = zloop_timer(self->loop, KH_DB_CONNECT_POLL_MS,
@@ -509,7 +509,7 @@ fail:
     zhashx_purge(self->targets);
     self->failures++;
     kh_log_warn("pass_failed", "code=%s msg=\"%s\"", kh_error_name(err.code),
-                err.message);
+                KH_LOG_Q(err.message));
     kh_db_rollback_quietly(self->conn);
     /* A connection that could not leave its pipeline refuses every
      * statement after; the next pass opens a new one. */
@@ -561,14 +561,14 @@ static void s_reload(routing_t *self)
                      "kept=%s",
                      self->config.rules_file, kh_error_name(err.code),
                      err.path[0] ? err.path : "none", err.line, err.column,
-                     err.message, kh_rules_version(self->rules));
+                     KH_LOG_Q(err.message), kh_rules_version(self->rules));
         kh_metric_add("rules_reloads_total", "failed", 1);
         kh_error_t audit_err;
         if (s_audit_reload(self, kh_rules_version(self->rules), &err,
                            &audit_err))
             kh_log_error("audit_failed",
                          "action=rules.reload_failed msg=\"%s\"",
-                         audit_err.message);
+                         KH_LOG_Q(audit_err.message));
         return;
     }
     kh_rules_result_destroy(&self->result);

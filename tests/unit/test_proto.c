@@ -12,6 +12,7 @@
 
 #include "ketenhub/codec.h"
 #include "ketenhub/config.h"
+#include "ketenhub/log.h"
 #include "ketenhub/pgarray.h"
 #include "ketenhub/proto.h"
 #include "ketenhub/ratelimit.h"
@@ -252,6 +253,23 @@ START_TEST(ratelimit_charges_after_the_fact)
         ck_assert_int_eq(kh_ratelimit_take(limit, "b", 0), 0);
     ck_assert_int_gt(kh_ratelimit_take(limit, "b", 0), 0);
     kh_ratelimit_destroy(&limit);
+}
+END_TEST
+
+/* A message in a quoted logfmt value keeps the line one line, and its
+ * quotes and backslashes do not end the value. */
+START_TEST(log_quote_keeps_a_value_whole)
+{
+    char buf[32];
+    ck_assert_str_eq(
+        kh_log_quote("relation \"x\" does not exist", buf, sizeof buf),
+        "relation \\\"x\\\" does not exist");
+    ck_assert_str_eq(kh_log_quote("a\\b\nc\td", buf, sizeof buf), "a\\\\b?c?d");
+    ck_assert_str_eq(kh_log_quote(NULL, buf, sizeof buf), "");
+    /* Cut to fit, never half an escape. */
+    char small[4];
+    ck_assert_str_eq(kh_log_quote("ab\"c", small, sizeof small), "ab");
+    ck_assert_str_eq(KH_LOG_Q("\"q\""), "\\\"q\\\"");
 }
 END_TEST
 
@@ -810,6 +828,7 @@ int main(void)
     tcase_add_test(tc, throttle_passes_once_per_interval_per_key);
     tcase_add_test(tc, ratelimit_refills_at_its_rate_up_to_the_burst);
     tcase_add_test(tc, ratelimit_charges_after_the_fact);
+    tcase_add_test(tc, log_quote_keeps_a_value_whole);
     tcase_add_test(tc, pgarray_lays_out_array_recv_format);
     tcase_add_test(tc, pgarray_refuses_malformed_uuids);
     tcase_add_test(tc, paths_never_carry_made_up_keys);
