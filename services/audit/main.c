@@ -114,6 +114,17 @@ static int s_main(int argc, char **argv)
         if (!conn) {
             conn = kh_db_connect_async(
                 &connecting, s_cfg("KH_DATABASE_URL")->str, "audit", &err);
+            /* A stalled database ends a round rather than the service's
+             * loop (its liveness beat), as in routing and notification. */
+            if (conn && kh_db_exec(conn,
+                                   "SET statement_timeout = '300s'; SET"
+                                   " lock_timeout = '10s'; SET"
+                                   " idle_in_transaction_session_timeout ="
+                                   " '120s'",
+                                   &err) != 0) {
+                PQfinish(conn);
+                conn = NULL;
+            }
             if (!conn && !connecting)
                 kh_log_warn("db_unavailable", "msg=\"%s\"",
                             KH_LOG_Q(err.message));
