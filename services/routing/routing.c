@@ -53,6 +53,7 @@ struct _routing_t {
     zloop_t *loop;
     int signal_fd;
     bool stopping;
+    bool reload_again; /* a SIGHUP the database was away for: retried */
     /* Counters for the stats line. */
     size_t routed, deliveries, passes, failures, wakeups, malformed;
 };
@@ -556,12 +557,17 @@ static void s_reload(routing_t *self)
         kh_rules_result_destroy(&result);
     if (!result) {
         kh_rules_destroy(&rules);
+        /* Without the database the file cannot be checked against the
+         * registry, nor its loading recorded: it is tried again once the
+         * database is back, as if SIGHUP came then. */
+        self->reload_again = err.code == KH_E_UNAVAILABLE;
         kh_log_error("rules_reload_failed",
                      "file=%s code=%s path=%s line=%d column=%d msg=\"%s\" "
-                     "kept=%s",
+                     "kept=%s again=%s",
                      self->config.rules_file, kh_error_name(err.code),
                      err.path[0] ? err.path : "none", err.line, err.column,
-                     KH_LOG_Q(err.message), kh_rules_version(self->rules));
+                     KH_LOG_Q(err.message), kh_rules_version(self->rules),
+                     self->reload_again ? "when_database_is_back" : "no");
         kh_metric_add("rules_reloads_total", "failed", 1);
         kh_error_t audit_err;
         if (s_audit_reload(self, kh_rules_version(self->rules), &err,
@@ -571,6 +577,7 @@ static void s_reload(routing_t *self)
                          KH_LOG_Q(audit_err.message));
         return;
     }
+    self->reload_again = false;
     kh_rules_result_destroy(&self->result);
     kh_rules_destroy(&self->rules);
     self->rules = rules;
@@ -598,6 +605,9 @@ static int s_signal(routing_t *self, int sig)
  * meanwhile are handled between two transactions. */
 static int s_drain(routing_t *self)
 {
+    if (self->reload_again && self->conn &&
+        PQstatus(self->conn) == CONNECTION_OK)
+        s_reload(self);
     while (!self->stopping) {
         kh_health_beat(); /* a long backlog is progress, not a hang */
         int routed = s_pass(self);

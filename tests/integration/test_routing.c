@@ -535,6 +535,54 @@ START_TEST(sighup_reload_that_cannot_be_audited_keeps_old_rules)
 }
 END_TEST
 
+/* A SIGHUP while the database is away: the file cannot be checked
+ * against the registry nor its loading recorded, so it is refused, and
+ * tried again once the database is back, without another SIGHUP. */
+START_TEST(sighup_while_the_database_is_away_is_retried_when_it_is_back)
+{
+    char *rules = khtest_read_file(khtest_src("schemas/rules/default.yaml"));
+    ck_assert_ptr_nonnull(rules);
+    khtest_write_file(s_path("rules.yaml"), rules);
+    free(rules);
+    pid_t pid = s_start(s_endpoint(), s_path("rules.yaml"), 50, "routing.log");
+    ck_assert(s_log_has("routing.log", "event=ready", 10000));
+    khtest_append_file(s_path("rules.yaml"), "# reviewed\n");
+    char *changed = khtest_read_file(s_path("rules.yaml"));
+    char want[65];
+    kh_sha256_hex(changed, strlen(changed), want);
+    free(changed);
+
+    const char *pgdir = getenv("KH_TEST_PG_DIR");
+    ck_assert_ptr_nonnull(pgdir);
+    ck_assert_int_eq(khproc_sh("'%s/scripts/pgtmp.sh' down '%s' fast",
+                               KH_TEST_SOURCE_DIR, pgdir),
+                     0);
+    ck_assert_int_eq(kill(pid, SIGHUP), 0);
+    bool refused =
+        s_log_has("routing.log", "again=when_database_is_back", 5000);
+    ck_assert_int_eq(
+        khproc_sh("'%s/scripts/pgtmp.sh' up '%s'", KH_TEST_SOURCE_DIR, pgdir),
+        0);
+    ck_assert_msg(refused, "no retried reload: see %s", s_path("routing.log"));
+    PQreset(s_db);
+    ck_assert_msg(s_wait_count("SELECT count(*) FROM audit_events WHERE"
+                               " action = 'rules.reloaded' AND outcome = 'ok'",
+                               1, 15000),
+                  "not reloaded once the database was back: see %s",
+                  s_path("routing.log"));
+    char *version =
+        khtest_db_value(s_db, "SELECT rules_version FROM audit_events"
+                              " WHERE action = 'rules.reloaded'");
+    ck_assert_str_eq(version, want);
+    free(version);
+    long deliveries = s_insert_many(3);
+    ck_assert(s_wait_count(S_ROUTED, 3, 10000));
+    int status = khproc_stop(pid, SIGTERM, 5000);
+    ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    s_assert_routed_once(3, deliveries);
+}
+END_TEST
+
 /* A rules file replaced by a FIFO (or anything that is not a regular
  * file): the reload is refused at once and audited, routing goes on by the
  * old rules instead of waiting for a writer that never comes. */
@@ -822,6 +870,8 @@ int main(void)
     tcase_add_test(tc, sighup_reload_keeps_old_rules_when_broken);
     tcase_add_test(tc, sighup_reload_refuses_a_fifo_without_hanging);
     tcase_add_test(tc, sighup_reload_that_cannot_be_audited_keeps_old_rules);
+    tcase_add_test(
+        tc, sighup_while_the_database_is_away_is_retried_when_it_is_back);
     tcase_add_test(tc, unreadable_referrals_are_set_aside_not_retried);
     tcase_add_test(tc, payloads_that_are_not_text_are_set_aside);
     tcase_add_test(tc, pass_statements_reach_referrals_by_key);
