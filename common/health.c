@@ -340,6 +340,8 @@ static const s_def_t s_defs[] = {
     {"notification", "deliveries_acked_total", S_C, NULL,
      "Deliveries acknowledged by their partner."},
     {"notification", "deliveries_nacked_total", S_C, NULL, "NACKs received."},
+    {"notification", "delivery_requests_refused_total", S_C, "code",
+     "Frames on the delivery socket answered REJECTED, by error code."},
     {"notification", "deliveries_dead_total", S_C, NULL,
      "Deliveries that became dead letters."},
     {"notification", "deliveries_escalated_total", S_C, NULL,

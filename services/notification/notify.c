@@ -309,6 +309,8 @@ static void s_reject(notify_t *self, zframe_t *identity, const char *cid,
                    : err->code == KH_E_THROTTLED ? self->cfg.peer_timeout_ms
                                                  : 0;
     s_send_json(self, identity, kh_proto_rejected(cid, err, retry_ms));
+    kh_metric_add("delivery_requests_refused_total", kh_error_name(err->code),
+                  1);
 }
 
 /* ACKED or NACKED: hot enough to pack by hand. */
@@ -1148,6 +1150,8 @@ static bool s_over_refusals(notify_t *self, zframe_t *identity, const char *cid,
     s_send_json(self, identity,
                 kh_proto_rejected(cid, &err,
                                   wait > INT32_MAX ? INT32_MAX : (int) wait));
+    kh_metric_add("delivery_requests_refused_total", kh_error_name(err.code),
+                  1);
     self->stats.throttled++;
     if (kh_throttle_pass(self->throttle_logged, partner, zclock_mono()))
         kh_log_warn("throttled", "partner=%s over=refusals rate=%d/s", partner,
