@@ -709,6 +709,32 @@ START_TEST(test_key_refused)
 }
 END_TEST
 
+/* A command ended by the listener (--exec-timeout, or a stop) has not
+ * finished its work, whatever status it exits with: one that catches
+ * SIGTERM and exits 0 must not have its delivery ACKed. */
+START_TEST(test_exec_ended_exit_0)
+{
+    s_hub_t h;
+    s_hub_new(&h, true);
+    char *log = h.log;
+    char *mode[] = {"--exec",
+                    "trap 'exit 0' TERM; cat > /dev/null; sleep 60 & wait",
+                    "--exec-timeout", "1", NULL};
+    pid_t pid = s_spawn(&h, log, mode, NULL);
+    s_hub_await_hello(&h, 5000);
+    s_hub_send(&h, s_deliver(D1, 1, "{\"summary\":\"x\"}", NULL, "high"));
+    s_expect(&h, D1, "retry");
+    int status = khproc_stop(pid, SIGTERM, 5000);
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "status %d",
+                  status);
+    char *text = khtest_read_file(log);
+    ck_assert_ptr_nonnull(strstr(text, "event=command_timeout"));
+    ck_assert_ptr_null(strstr(text, "outcome=accepted"));
+    free(text);
+    s_hub_destroy(&h);
+}
+END_TEST
+
 static Suite *s_suite(void)
 {
     Suite *s = suite_create("listen");
@@ -723,6 +749,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_exec_timeout);
     tcase_add_test(tc, test_exec_slow_hub_not_silent);
     tcase_add_test(tc, test_key_refused);
+    tcase_add_test(tc, test_exec_ended_exit_0);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -296,8 +296,10 @@ static char **s_child_env(const json_t *deliver, char vars[3][96])
  * slow or hung command cannot hold the listener (the delivery is NACKed
  * and comes again). Its stdin is written as it reads, never blocking: a
  * command that does not read a large delivery cannot hold the listener
- * either. Returns its exit status (128 + signal when killed), or -1 when
- * it could not be started. */
+ * either. Returns its exit status (128 + signal when killed), -1 when it
+ * could not be started, or -2 when it was ended here: then it did not
+ * finish, whatever its status says (one that catches SIGTERM may well exit
+ * 0), and its delivery must not be ACKed. */
 static int s_run(s_listener_t *self, const char *text, size_t len,
                  const json_t *deliver)
 {
@@ -380,8 +382,10 @@ static int s_run(s_listener_t *self, const char *text, size_t len,
     }
     if (in >= 0)
         close(in);
-    if (kill_at)
+    if (kill_at) {
         kill(-pid, SIGKILL); /* what CMD started and left behind */
+        return -2;
+    }
     if (WIFEXITED(status))
         return WEXITSTATUS(status);
     return 128 + (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
@@ -490,7 +494,9 @@ static void s_deliver(s_listener_t *self, const json_t *msg)
             s_answer(self, id, true, true);
         } else {
             s_log_delivery(msg, "nack_retry",
-                           status < 0 ? "cannot_start_command" : reason);
+                           status == -2 ? "command_ended"
+                           : status < 0 ? "cannot_start_command"
+                                        : reason);
             s_answer(self, id, true, false);
         }
     }
