@@ -735,6 +735,45 @@ START_TEST(test_exec_ended_exit_0)
 }
 END_TEST
 
+/* A DELIVER larger than what a partner may send (the payload of a large
+ * referral, its non-ASCII text escaped in canonical JSON): the client
+ * takes frames and strings up to 1 MiB on this connection
+ * (schemas/protocol.md), so it is stored and ACKed, not dropped unread. */
+START_TEST(test_dir_large_delivery)
+{
+    s_hub_t h;
+    s_hub_new(&h, true);
+    char *out = h.out, *log = h.log;
+    char *mode[] = {"--dir", out, NULL};
+    pid_t pid = s_spawn(&h, log, mode, NULL);
+    s_hub_await_hello(&h, 5000);
+    size_t big = 1000 * 1024;
+    char *payload = malloc(big + 32);
+    ck_assert_ptr_nonnull(payload);
+    strcpy(payload, "{\"summary\":\"");
+    size_t at = strlen(payload);
+    memset(payload + at, 'x', big - at - 2);
+    strcpy(payload + big - 2, "\"}");
+    ck_assert_uint_eq(strlen(payload), big);
+    s_hub_send(&h, s_deliver(D1, 1, payload, NULL, "normal"));
+    s_expect(&h, D1, NULL);
+    char *f1 = s_path(out, D1 ".json");
+    json_error_t jerr;
+    json_t *doc = json_load_file(f1, 0, &jerr);
+    ck_assert_msg(doc != NULL, "%s", jerr.text);
+    ck_assert_uint_eq(json_string_length(json_object_get(
+                          json_object_get(doc, "payload"), "summary")),
+                      big - at - 2);
+    json_decref(doc);
+    int status = khproc_stop(pid, SIGTERM, 5000);
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "status %d",
+                  status);
+    free(f1);
+    free(payload);
+    s_hub_destroy(&h);
+}
+END_TEST
+
 static Suite *s_suite(void)
 {
     Suite *s = suite_create("listen");
@@ -750,6 +789,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_exec_slow_hub_not_silent);
     tcase_add_test(tc, test_key_refused);
     tcase_add_test(tc, test_exec_ended_exit_0);
+    tcase_add_test(tc, test_dir_large_delivery);
     suite_add_tcase(s, tc);
     return s;
 }
