@@ -774,6 +774,49 @@ START_TEST(test_dir_large_delivery)
 }
 END_TEST
 
+/* A listener in a container runs with the same pid after each restart: a
+ * temp file carrying its own pid at start is a dead run's all the same
+ * (this run has written nothing yet), and is removed. */
+START_TEST(test_dir_stale_same_pid)
+{
+    s_hub_t h;
+    s_hub_new(&h, true);
+    char *out = h.out;
+    char endpoint[64], hub_cert[4096], cert[4096];
+    snprintf(endpoint, sizeof endpoint, "tcp://127.0.0.1:%d", h.port);
+    snprintf(hub_cert, sizeof hub_cert, "%s/hub.cert", h.dir);
+    snprintf(cert, sizeof cert, "%s/px.cert", h.dir);
+    /* The shell writes the temp file with its pid, which exec keeps. */
+    char *argv[] = {"/bin/sh",
+                    "-c",
+                    "printf '%s' '" CANARY "' > \"$1/." D1 ".$$.tmp\"; "
+                    "exec \"$2\" --endpoint \"$3\" --hub-cert \"$4\" --cert "
+                    "\"$5\" listen --dir \"$1\"",
+                    "sh",
+                    out,
+                    PARTNER,
+                    endpoint,
+                    hub_cert,
+                    cert,
+                    NULL};
+    pid_t pid = khproc_spawn("/bin/sh", argv, NULL, h.log);
+    ck_assert_int_gt(pid, 0);
+    s_hub_await_hello(&h, 5000);
+    char name[128];
+    snprintf(name, sizeof name, "." D1 ".%ld.tmp", (long) pid);
+    char *path = s_path(out, name);
+    ck_assert_msg(access(path, F_OK) != 0, "%s is left", name);
+    free(path);
+    int status = khproc_stop(pid, SIGTERM, 5000);
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "status %d",
+                  status);
+    char *text = khtest_read_file(h.log);
+    ck_assert_ptr_nonnull(strstr(text, "event=stale_removed files=1"));
+    free(text);
+    s_hub_destroy(&h);
+}
+END_TEST
+
 static Suite *s_suite(void)
 {
     Suite *s = suite_create("listen");
@@ -790,6 +833,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_key_refused);
     tcase_add_test(tc, test_exec_ended_exit_0);
     tcase_add_test(tc, test_dir_large_delivery);
+    tcase_add_test(tc, test_dir_stale_same_pid);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -194,8 +194,10 @@ static int s_store(s_listener_t *self, const char *id, const char *text,
 /* Remove the temp files (see s_store) that a listener on DIR left when it
  * died while writing: each holds a delivery's personal data, which nothing
  * else will ever remove, and the hub sends that delivery again. Those of a
- * process still alive (a second listener on DIR) are left to it. Returns
- * how many were removed. */
+ * process still alive (a second listener on DIR) are left to it. Called
+ * before this run writes anything, so those with this process's own pid
+ * are a dead run's (a container's listener has the same pid after every
+ * restart). Returns how many were removed. */
 static int s_remove_stale(s_listener_t *self)
 {
     int fd = dup(self->dirfd);
@@ -214,8 +216,8 @@ static int s_remove_stale(s_listener_t *self)
         if (sscanf(e->d_name, ".%36[0-9a-f-].%ld.tmp%n", id, &pid, &end) != 2 ||
             e->d_name[end] != '\0' || strlen(id) != 36 || pid <= 0)
             continue;
-        if (pid == (long) getpid() || kill((pid_t) pid, 0) == 0 ||
-            errno == EPERM)
+        if (pid != (long) getpid() &&
+            (kill((pid_t) pid, 0) == 0 || errno == EPERM))
             continue; /* its writer is alive */
         if (unlinkat(self->dirfd, e->d_name, 0) == 0)
             removed++;
