@@ -817,6 +817,30 @@ START_TEST(test_dir_stale_same_pid)
 }
 END_TEST
 
+/* A listener that the hub never answers (here: a hub certificate that is
+ * not the hub's, which ZeroMQ retries quietly for ever) says so in its
+ * log instead of saying nothing after "listening". */
+START_TEST(test_hub_silent_from_start)
+{
+    s_hub_t h;
+    s_hub_new(&h, true);
+    char *out = h.out, *log = h.log;
+    zcert_t *other = zcert_new();
+    char *hub_cert = s_path(h.dir, "hub.cert");
+    ck_assert_int_eq(zcert_save_public(other, hub_cert), 0);
+    zcert_destroy(&other);
+    free(hub_cert);
+    char *mode[] = {"--dir", out, NULL};
+    pid_t pid = s_spawn(&h, log, mode, NULL);
+    ck_assert_msg(khtest_log_has(log, "event=hub_silent", 8000), "no warning");
+    ck_assert_int_eq(h.hellos, 0);
+    int status = khproc_stop(pid, SIGTERM, 5000);
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "status %d",
+                  status);
+    s_hub_destroy(&h);
+}
+END_TEST
+
 static Suite *s_suite(void)
 {
     Suite *s = suite_create("listen");
@@ -834,6 +858,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_exec_ended_exit_0);
     tcase_add_test(tc, test_dir_large_delivery);
     tcase_add_test(tc, test_dir_stale_same_pid);
+    tcase_add_test(tc, test_hub_silent_from_start);
     suite_add_tcase(s, tc);
     return s;
 }

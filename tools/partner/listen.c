@@ -59,8 +59,9 @@ typedef struct {
     long count;      /* 0: no limit */
     long done;       /* deliveries stored (or accepted by CMD) */
     int unconfirmed; /* ACKs and NACKs sent without a reply yet */
-    int64_t next_hello, last_welcome;
-    bool connected;
+    int64_t next_hello, last_welcome; /* last_welcome: or the start */
+    bool connected; /* a WELCOME came since the start or the last silence */
+    bool silent;    /* hub_silent logged, and no WELCOME since */
     sigset_t stop_signals;
     bool stopping;
     bool revoked;     /* REJECTED unknown_partner: this key is revoked */
@@ -133,17 +134,27 @@ static void s_heartbeat(s_listener_t *self)
     self->next_hello = now + S_HELLO_MS;
 }
 
-/* Say in the log when the hub stopped answering. Called only when a wait
- * for the hub's messages came back empty: while a delivery is handed
- * over (a slow --exec command) the WELCOMEs wait unread, and the hub is
- * not silent for that. */
+/* Say in the log when the hub stopped answering, or never answered since
+ * the start (nothing at the endpoint, a firewall, a hub certificate that
+ * is not the hub's: ZeroMQ retries those quietly for ever). Once per
+ * silence. Called only when a wait for the hub's messages came back
+ * empty: while a delivery is handed over (a slow --exec command) the
+ * WELCOMEs wait unread, and the hub is not silent for that. */
 static void s_check_silence(s_listener_t *self)
 {
     int64_t now = zclock_mono();
-    if (self->connected && now - self->last_welcome > S_SILENT_MS) {
+    if (self->silent || now - self->last_welcome <= S_SILENT_MS)
+        return;
+    if (self->connected)
         kh_log_warn("hub_silent", "ms=%" PRId64, now - self->last_welcome);
-        self->connected = false;
-    }
+    else
+        kh_log_warn("hub_silent",
+                    "ms=%" PRId64 " reason=\"no WELCOME since the start: "
+                    "check the endpoint, that the hub runs there and the "
+                    "hub certificate\"",
+                    now - self->last_welcome);
+    self->connected = false;
+    self->silent = true;
 }
 
 /* Write len bytes of text to fd; 0 or -1 (errno set). */
@@ -570,6 +581,7 @@ static void s_handle(s_listener_t *self, const json_t *msg)
                             : "",
                         json_integer_value(json_object_get(msg, "window")));
         self->connected = true;
+        self->silent = false;
     } else if (strcmp(cmd, "ACKED") == 0 || strcmp(cmd, "NACKED") == 0 ||
                strcmp(cmd, "REJECTED") == 0)
         s_reply(self, msg, cmd);
@@ -605,6 +617,7 @@ static void s_reack_due(s_listener_t *self)
 static int s_loop(s_listener_t *self)
 {
     int64_t drain_until = 0;
+    self->last_welcome = zclock_mono();
     for (;;) {
         bool limit = self->count > 0 && self->done >= self->count;
         if ((s_should_stop(self) || limit) && !drain_until) {
