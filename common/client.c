@@ -11,6 +11,9 @@
 #include "ketenhub/codec.h"
 #include "ketenhub/proto.h"
 
+#define S_MAX_PAYLOAD (1024 * 1024) /* a DELIVER's payload, in bytes */
+#define S_DELIVER_ENVELOPE 4096     /* the rest of a DELIVER's frame */
+
 struct _kh_client_t {
     zsock_t *dealer;
     zactor_t *monitor; /* reports refused handshakes */
@@ -317,9 +320,14 @@ json_t *kh_client_recv(kh_client_t *self, int timeout_ms, kh_error_t *err)
         zframe_t *frame = zframe_recv(self->dealer);
         if (!frame)
             break;
-        /* A DELIVER's payload is a string as long as the frame allows. */
+        /* A DELIVER's payload may be far longer than anything a partner
+         * sends (schemas/protocol.md: up to 1 MiB), and the frame holds
+         * the rest of the DELIVER beside it. A frame refused here would
+         * be dropped unanswered, and come again until it is a dead
+         * letter. */
         kh_limits_t limits = kh_limits_default();
-        limits.max_string = limits.max_frame;
+        limits.max_string = S_MAX_PAYLOAD;
+        limits.max_frame = S_MAX_PAYLOAD + S_DELIVER_ENVELOPE;
         json_t *msg = NULL;
         kh_error_t decode_err;
         int rc = kh_msgpack_decode(zframe_data(frame), zframe_size(frame),

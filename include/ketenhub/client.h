@@ -85,8 +85,9 @@ int kh_client_nack(kh_client_t *self, const char *delivery_id, bool permanent,
 /* The next message from the hub (caller owns it), waiting up to
  * timeout_ms. NULL with err: KH_E_TIMEOUT when nothing came (also when
  * interrupted by a signal), KH_E_UNKNOWN_PARTNER when the hub refused
- * this key in the handshake. Frames that are not a valid envelope are
- * dropped and waiting goes on. */
+ * this key in the handshake. A frame may hold a string of up to 1 MiB
+ * (a DELIVER's payload) and that string's envelope. Frames that are not
+ * a valid envelope are dropped and waiting goes on. */
 json_t *kh_client_recv(kh_client_t *self, int timeout_ms, kh_error_t *err);
 
 /* Check a DELIVER message: its fields and types (KH_E_BAD_ENVELOPE with

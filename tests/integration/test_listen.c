@@ -709,6 +709,138 @@ START_TEST(test_key_refused)
 }
 END_TEST
 
+/* A command ended by the listener (--exec-timeout, or a stop) has not
+ * finished its work, whatever status it exits with: one that catches
+ * SIGTERM and exits 0 must not have its delivery ACKed. */
+START_TEST(test_exec_ended_exit_0)
+{
+    s_hub_t h;
+    s_hub_new(&h, true);
+    char *log = h.log;
+    char *mode[] = {"--exec",
+                    "trap 'exit 0' TERM; cat > /dev/null; sleep 60 & wait",
+                    "--exec-timeout", "1", NULL};
+    pid_t pid = s_spawn(&h, log, mode, NULL);
+    s_hub_await_hello(&h, 5000);
+    s_hub_send(&h, s_deliver(D1, 1, "{\"summary\":\"x\"}", NULL, "high"));
+    s_expect(&h, D1, "retry");
+    int status = khproc_stop(pid, SIGTERM, 5000);
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "status %d",
+                  status);
+    char *text = khtest_read_file(log);
+    ck_assert_ptr_nonnull(strstr(text, "event=command_timeout"));
+    ck_assert_ptr_null(strstr(text, "outcome=accepted"));
+    free(text);
+    s_hub_destroy(&h);
+}
+END_TEST
+
+/* A DELIVER larger than what a partner may send (the payload of a large
+ * referral, its non-ASCII text escaped in canonical JSON): the client
+ * takes frames and strings up to 1 MiB on this connection
+ * (schemas/protocol.md), so it is stored and ACKed, not dropped unread. */
+START_TEST(test_dir_large_delivery)
+{
+    s_hub_t h;
+    s_hub_new(&h, true);
+    char *out = h.out, *log = h.log;
+    char *mode[] = {"--dir", out, NULL};
+    pid_t pid = s_spawn(&h, log, mode, NULL);
+    s_hub_await_hello(&h, 5000);
+    size_t big = 1000 * 1024;
+    char *payload = malloc(big + 32);
+    ck_assert_ptr_nonnull(payload);
+    strcpy(payload, "{\"summary\":\"");
+    size_t at = strlen(payload);
+    memset(payload + at, 'x', big - at - 2);
+    strcpy(payload + big - 2, "\"}");
+    ck_assert_uint_eq(strlen(payload), big);
+    s_hub_send(&h, s_deliver(D1, 1, payload, NULL, "normal"));
+    s_expect(&h, D1, NULL);
+    char *f1 = s_path(out, D1 ".json");
+    json_error_t jerr;
+    json_t *doc = json_load_file(f1, 0, &jerr);
+    ck_assert_msg(doc != NULL, "%s", jerr.text);
+    ck_assert_uint_eq(json_string_length(json_object_get(
+                          json_object_get(doc, "payload"), "summary")),
+                      big - at - 2);
+    json_decref(doc);
+    int status = khproc_stop(pid, SIGTERM, 5000);
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "status %d",
+                  status);
+    free(f1);
+    free(payload);
+    s_hub_destroy(&h);
+}
+END_TEST
+
+/* A listener in a container runs with the same pid after each restart: a
+ * temp file carrying its own pid at start is a dead run's all the same
+ * (this run has written nothing yet), and is removed. */
+START_TEST(test_dir_stale_same_pid)
+{
+    s_hub_t h;
+    s_hub_new(&h, true);
+    char *out = h.out;
+    char endpoint[64], hub_cert[4096], cert[4096];
+    snprintf(endpoint, sizeof endpoint, "tcp://127.0.0.1:%d", h.port);
+    snprintf(hub_cert, sizeof hub_cert, "%s/hub.cert", h.dir);
+    snprintf(cert, sizeof cert, "%s/px.cert", h.dir);
+    /* The shell writes the temp file with its pid, which exec keeps. */
+    char *argv[] = {"/bin/sh",
+                    "-c",
+                    "printf '%s' '" CANARY "' > \"$1/." D1 ".$$.tmp\"; "
+                    "exec \"$2\" --endpoint \"$3\" --hub-cert \"$4\" --cert "
+                    "\"$5\" listen --dir \"$1\"",
+                    "sh",
+                    out,
+                    PARTNER,
+                    endpoint,
+                    hub_cert,
+                    cert,
+                    NULL};
+    pid_t pid = khproc_spawn("/bin/sh", argv, NULL, h.log);
+    ck_assert_int_gt(pid, 0);
+    s_hub_await_hello(&h, 5000);
+    char name[128];
+    snprintf(name, sizeof name, "." D1 ".%ld.tmp", (long) pid);
+    char *path = s_path(out, name);
+    ck_assert_msg(access(path, F_OK) != 0, "%s is left", name);
+    free(path);
+    int status = khproc_stop(pid, SIGTERM, 5000);
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "status %d",
+                  status);
+    char *text = khtest_read_file(h.log);
+    ck_assert_ptr_nonnull(strstr(text, "event=stale_removed files=1"));
+    free(text);
+    s_hub_destroy(&h);
+}
+END_TEST
+
+/* A listener that the hub never answers (here: a hub certificate that is
+ * not the hub's, which ZeroMQ retries quietly for ever) says so in its
+ * log instead of saying nothing after "listening". */
+START_TEST(test_hub_silent_from_start)
+{
+    s_hub_t h;
+    s_hub_new(&h, true);
+    char *out = h.out, *log = h.log;
+    zcert_t *other = zcert_new();
+    char *hub_cert = s_path(h.dir, "hub.cert");
+    ck_assert_int_eq(zcert_save_public(other, hub_cert), 0);
+    zcert_destroy(&other);
+    free(hub_cert);
+    char *mode[] = {"--dir", out, NULL};
+    pid_t pid = s_spawn(&h, log, mode, NULL);
+    ck_assert_msg(khtest_log_has(log, "event=hub_silent", 8000), "no warning");
+    ck_assert_int_eq(h.hellos, 0);
+    int status = khproc_stop(pid, SIGTERM, 5000);
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "status %d",
+                  status);
+    s_hub_destroy(&h);
+}
+END_TEST
+
 static Suite *s_suite(void)
 {
     Suite *s = suite_create("listen");
@@ -723,6 +855,10 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_exec_timeout);
     tcase_add_test(tc, test_exec_slow_hub_not_silent);
     tcase_add_test(tc, test_key_refused);
+    tcase_add_test(tc, test_exec_ended_exit_0);
+    tcase_add_test(tc, test_dir_large_delivery);
+    tcase_add_test(tc, test_dir_stale_same_pid);
+    tcase_add_test(tc, test_hub_silent_from_start);
     suite_add_tcase(s, tc);
     return s;
 }

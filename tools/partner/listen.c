@@ -59,8 +59,9 @@ typedef struct {
     long count;      /* 0: no limit */
     long done;       /* deliveries stored (or accepted by CMD) */
     int unconfirmed; /* ACKs and NACKs sent without a reply yet */
-    int64_t next_hello, last_welcome;
-    bool connected;
+    int64_t next_hello, last_welcome; /* last_welcome: or the start */
+    bool connected; /* a WELCOME came since the start or the last silence */
+    bool silent;    /* hub_silent logged, and no WELCOME since */
     sigset_t stop_signals;
     bool stopping;
     bool revoked;     /* REJECTED unknown_partner: this key is revoked */
@@ -133,17 +134,27 @@ static void s_heartbeat(s_listener_t *self)
     self->next_hello = now + S_HELLO_MS;
 }
 
-/* Say in the log when the hub stopped answering. Called only when a wait
- * for the hub's messages came back empty: while a delivery is handed
- * over (a slow --exec command) the WELCOMEs wait unread, and the hub is
- * not silent for that. */
+/* Say in the log when the hub stopped answering, or never answered since
+ * the start (nothing at the endpoint, a firewall, a hub certificate that
+ * is not the hub's: ZeroMQ retries those quietly for ever). Once per
+ * silence. Called only when a wait for the hub's messages came back
+ * empty: while a delivery is handed over (a slow --exec command) the
+ * WELCOMEs wait unread, and the hub is not silent for that. */
 static void s_check_silence(s_listener_t *self)
 {
     int64_t now = zclock_mono();
-    if (self->connected && now - self->last_welcome > S_SILENT_MS) {
+    if (self->silent || now - self->last_welcome <= S_SILENT_MS)
+        return;
+    if (self->connected)
         kh_log_warn("hub_silent", "ms=%" PRId64, now - self->last_welcome);
-        self->connected = false;
-    }
+    else
+        kh_log_warn("hub_silent",
+                    "ms=%" PRId64 " reason=\"no WELCOME since the start: "
+                    "check the endpoint, that the hub runs there and the "
+                    "hub certificate\"",
+                    now - self->last_welcome);
+    self->connected = false;
+    self->silent = true;
 }
 
 /* Write len bytes of text to fd; 0 or -1 (errno set). */
@@ -194,8 +205,10 @@ static int s_store(s_listener_t *self, const char *id, const char *text,
 /* Remove the temp files (see s_store) that a listener on DIR left when it
  * died while writing: each holds a delivery's personal data, which nothing
  * else will ever remove, and the hub sends that delivery again. Those of a
- * process still alive (a second listener on DIR) are left to it. Returns
- * how many were removed. */
+ * process still alive (a second listener on DIR) are left to it. Called
+ * before this run writes anything, so those with this process's own pid
+ * are a dead run's (a container's listener has the same pid after every
+ * restart). Returns how many were removed. */
 static int s_remove_stale(s_listener_t *self)
 {
     int fd = dup(self->dirfd);
@@ -214,8 +227,8 @@ static int s_remove_stale(s_listener_t *self)
         if (sscanf(e->d_name, ".%36[0-9a-f-].%ld.tmp%n", id, &pid, &end) != 2 ||
             e->d_name[end] != '\0' || strlen(id) != 36 || pid <= 0)
             continue;
-        if (pid == (long) getpid() || kill((pid_t) pid, 0) == 0 ||
-            errno == EPERM)
+        if (pid != (long) getpid() &&
+            (kill((pid_t) pid, 0) == 0 || errno == EPERM))
             continue; /* its writer is alive */
         if (unlinkat(self->dirfd, e->d_name, 0) == 0)
             removed++;
@@ -296,8 +309,10 @@ static char **s_child_env(const json_t *deliver, char vars[3][96])
  * slow or hung command cannot hold the listener (the delivery is NACKed
  * and comes again). Its stdin is written as it reads, never blocking: a
  * command that does not read a large delivery cannot hold the listener
- * either. Returns its exit status (128 + signal when killed), or -1 when
- * it could not be started. */
+ * either. Returns its exit status (128 + signal when killed), -1 when it
+ * could not be started, or -2 when it was ended here: then it did not
+ * finish, whatever its status says (one that catches SIGTERM may well exit
+ * 0), and its delivery must not be ACKed. */
 static int s_run(s_listener_t *self, const char *text, size_t len,
                  const json_t *deliver)
 {
@@ -380,8 +395,10 @@ static int s_run(s_listener_t *self, const char *text, size_t len,
     }
     if (in >= 0)
         close(in);
-    if (kill_at)
+    if (kill_at) {
         kill(-pid, SIGKILL); /* what CMD started and left behind */
+        return -2;
+    }
     if (WIFEXITED(status))
         return WEXITSTATUS(status);
     return 128 + (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
@@ -490,7 +507,9 @@ static void s_deliver(s_listener_t *self, const json_t *msg)
             s_answer(self, id, true, true);
         } else {
             s_log_delivery(msg, "nack_retry",
-                           status < 0 ? "cannot_start_command" : reason);
+                           status == -2 ? "command_ended"
+                           : status < 0 ? "cannot_start_command"
+                                        : reason);
             s_answer(self, id, true, false);
         }
     }
@@ -562,6 +581,7 @@ static void s_handle(s_listener_t *self, const json_t *msg)
                             : "",
                         json_integer_value(json_object_get(msg, "window")));
         self->connected = true;
+        self->silent = false;
     } else if (strcmp(cmd, "ACKED") == 0 || strcmp(cmd, "NACKED") == 0 ||
                strcmp(cmd, "REJECTED") == 0)
         s_reply(self, msg, cmd);
@@ -597,6 +617,7 @@ static void s_reack_due(s_listener_t *self)
 static int s_loop(s_listener_t *self)
 {
     int64_t drain_until = 0;
+    self->last_welcome = zclock_mono();
     for (;;) {
         bool limit = self->count > 0 && self->done >= self->count;
         if ((s_should_stop(self) || limit) && !drain_until) {
