@@ -11,8 +11,7 @@
 #include "ketenhub/codec.h"
 #include "ketenhub/proto.h"
 
-#define S_MAX_PAYLOAD (1024 * 1024) /* a DELIVER's payload, in bytes */
-#define S_DELIVER_ENVELOPE 4096     /* the rest of a DELIVER's frame */
+#define S_DELIVER_ENVELOPE 4096 /* the rest of a DELIVER's frame */
 
 struct _kh_client_t {
     zsock_t *dealer;
@@ -326,8 +325,8 @@ json_t *kh_client_recv(kh_client_t *self, int timeout_ms, kh_error_t *err)
          * be dropped unanswered, and come again until it is a dead
          * letter. */
         kh_limits_t limits = kh_limits_default();
-        limits.max_string = S_MAX_PAYLOAD;
-        limits.max_frame = S_MAX_PAYLOAD + S_DELIVER_ENVELOPE;
+        limits.max_string = KH_PAYLOAD_MAX;
+        limits.max_frame = KH_PAYLOAD_MAX + S_DELIVER_ENVELOPE;
         json_t *msg = NULL;
         kh_error_t decode_err;
         int rc = kh_msgpack_decode(zframe_data(frame), zframe_size(frame),

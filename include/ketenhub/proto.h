@@ -19,6 +19,12 @@ extern "C" {
 #define KH_CID_MAX 64
 #define KH_WINDOW_MAX 1024 /* HELLO window */
 #define KH_IDEM_KEY_MAX 128
+/* The largest payload of a DELIVER in bytes (protocol.md): a projection
+ * of a referral's canonical JSON, which the referral schema bounds well
+ * below it (every string has a maxLength, every array a maxItems, and no
+ * object takes keys of its own: under 10,000 characters of text, 12 bytes
+ * each at most once escaped). */
+#define KH_PAYLOAD_MAX (1024 * 1024)
 
 typedef enum {
     KH_CMD_SUBMIT,
