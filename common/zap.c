@@ -7,6 +7,7 @@
  */
 #include "ketenhub/zap.h"
 
+#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -48,8 +49,16 @@ static void s_refresh(kh_zap_t *self)
         return;
     zdir_t *dir = zdir_new(self->cert_dir, NULL);
     if (!dir) {
-        zhashx_purge(self->keys);
-        self->count = 0;
+        /* A directory that is gone admits nobody; one that cannot be read
+         * now (no file descriptor left) keeps the keys last read, rather
+         * than refusing every partner, whose clients would stop for good
+         * at the refusal. */
+        struct stat st;
+        if (stat(self->cert_dir, &st) != 0 ? errno == ENOENT || errno == ENOTDIR
+                                           : !S_ISDIR(st.st_mode)) {
+            zhashx_purge(self->keys);
+            self->count = 0;
+        }
         return;
     }
     /* A change in the second the directory was last read in may not have
