@@ -295,8 +295,13 @@ int kh_partner_rotate(PGconn *conn, const char *id, const char *public_key,
     if (ok) {
         const char *ends[] = {id, overlap};
         res = s_rotate_step(conn,
-                            "UPDATE partner_keys SET expires_at = now()"
+                            /* An overlap ends on a whole second, as the
+                             * certificate's expires-at says it. */
+                            "UPDATE partner_keys SET expires_at ="
+                            " CASE WHEN $2::integer > 0"
+                            " THEN date_trunc('second', now())"
                             " + make_interval(secs => $2::integer)"
+                            " ELSE now() END"
                             " WHERE partner_id = $1 AND expires_at IS NULL"
                             " RETURNING to_char(expires_at AT TIME ZONE 'UTC',"
                             " 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')",
