@@ -266,11 +266,34 @@ static int s_commit_outcome(PGconn *conn, const char *id, const char *key)
     return outcome;
 }
 
-static const char *const s_unknown_outcome =
-    "ketenhubctl: the connection was lost with the answer to the commit, "
-    "and whether it went through cannot be read now: the files were left "
-    "in place, so that the partner is admitted either way; see `partner "
-    "list --json` once the database answers\n";
+/* COMMIT a change that makes key partner id's current one: 0 when it
+ * went through (also when only a new connection could tell: *outcome 1),
+ * else -1 with err, and *outcome -1 when whether it went through cannot be
+ * found out (the files are then left admitting both keys), 0 when not. */
+static int s_commit(PGconn *conn, const char *id, const char *key, int *outcome,
+                    kh_error_t *err)
+{
+    *outcome = 0;
+    if (kh_db_exec(conn, "COMMIT", err) == 0)
+        return 0;
+    *outcome = s_commit_outcome(conn, id, key);
+    if (*outcome == 0)
+        return -1;
+    ctl_print_error(err);
+    if (*outcome < 0) {
+        fputs("ketenhubctl: the connection was lost with the answer to the "
+              "commit, and whether it went through cannot be read now: the "
+              "files were left in place, so that the partner is admitted "
+              "either way; see `partner list --json` once the database "
+              "answers\n",
+              stderr);
+        return -1;
+    }
+    fputs("ketenhubctl: the commit went through after all (its answer was "
+          "lost with the connection)\n",
+          stderr);
+    return 0;
+}
 
 static int s_add(const char *id, const char *name, kh_partner_kind_t kind,
                  bool cases, const char *cert_dir, const char *out,
@@ -297,18 +320,8 @@ static int s_add(const char *id, const char *name, kh_partner_kind_t kind,
         installed = rc == 0;
     }
     int outcome = 0;
-    if (rc == 0 && (rc = kh_db_exec(conn, "COMMIT", &err)) != 0 &&
-        (outcome = s_commit_outcome(conn, id, zcert_public_txt(cert))) != 0) {
-        ctl_print_error(&err);
-        if (outcome < 0)
-            fputs(s_unknown_outcome, stderr);
-        else {
-            fputs("ketenhubctl: the commit went through after all (its "
-                  "answer was lost with the connection)\n",
-                  stderr);
-            rc = 0;
-        }
-    }
+    if (rc == 0)
+        rc = s_commit(conn, id, zcert_public_txt(cert), &outcome, &err);
     if (rc != 0 && outcome == 0) {
         kh_db_rollback_quietly(conn);
         s_unlink_files(installed ? cert_dir : NULL, exported ? out : NULL, id);
@@ -556,18 +569,8 @@ static int s_rotate(const char *id, const char *cert_dir, const char *out,
         staged = rc == 0;
     }
     int outcome = 0;
-    if (rc == 0 && (rc = kh_db_exec(conn, "COMMIT", &err)) != 0 &&
-        (outcome = s_commit_outcome(conn, id, zcert_public_txt(cert))) != 0) {
-        ctl_print_error(&err);
-        if (outcome < 0)
-            fputs(s_unknown_outcome, stderr);
-        else {
-            fputs("ketenhubctl: the commit went through after all (its "
-                  "answer was lost with the connection)\n",
-                  stderr);
-            rc = 0;
-        }
-    }
+    if (rc == 0)
+        rc = s_commit(conn, id, zcert_public_txt(cert), &outcome, &err);
     if (staged) {
         kh_error_t end_err;
         kh_error_clear(&end_err);
@@ -575,8 +578,8 @@ static int s_rotate(const char *id, const char *cert_dir, const char *out,
                                        outcome < 0 ? NULL : previous,
                                        overlap_h > 0 ? until : NULL,
                                        &end_err) != 0) {
-            /* The rotation is committed: the services apply the end of
-             * the key before from the registry. */
+            /* The rotation is committed (or may be): the services apply the end
+             * of the key before from the registry. */
             fprintf(stderr,
                     "ketenhubctl: warning: %s: %s (%s); the registry ends "
                     "the key before, the handshake does not\n",
