@@ -811,6 +811,51 @@ START_TEST(an_escalation_raises_the_partners_own_waiting_delivery)
 }
 END_TEST
 
+/* The escalation partner's own delivery, routed long ago at normal
+ * priority and raised to urgent by an escalation, has its own
+ * KH_NOTIFY_ESCALATE_MS from the raise to be acknowledged: it does not
+ * escalate (an alert that its partner did not answer in time) at the
+ * next sweep, before it could even be sent; once that time has passed
+ * unacknowledged, it does. */
+START_TEST(a_delivery_raised_to_urgent_escalates_after_its_own_time)
+{
+    char urgent[37], zc[37];
+    s_delivery("avim", "urgent", 0, "zorgcoordinator", urgent);
+    kh_uuid_new(zc);
+    const char *params[] = {urgent, zc};
+    khtest_db_exec(
+        s_db,
+        "INSERT INTO deliveries (id, referral_id, partner_id, priority,"
+        " payload, payload_hash, rules_version, created_at)"
+        " SELECT $2::uuid, referral_id, 'zorgcoordinator', 'normal', payload,"
+        " payload_hash, 'test', now() - interval '1 hour' FROM deliveries"
+        " WHERE id = $1",
+        2, params);
+    /* ESCALATE_MS 1000 (s_start), sweeps every 50 ms. */
+    pid_t pid = s_start("notification.log", NULL, NULL);
+    ck_assert(s_wait_count("SELECT count(*) FROM audit_events WHERE action ="
+                           " 'delivery.escalated' AND reason_code ="
+                           " 'raised_to_urgent'",
+                           1, 5000));
+    zclock_sleep(500);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM deliveries WHERE"
+                             " partner_id = 'zorgcoordinator' AND priority ="
+                             " 'urgent' AND escalated_at IS NULL"),
+                     1);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
+                             " = 'delivery.escalated' AND reason_code ="
+                             " 'ack_overdue'"),
+                     1);
+    /* Unacknowledged a whole ESCALATE_MS after the raise: it escalates. */
+    ck_assert(s_wait_count("SELECT count(*) FROM audit_events WHERE action ="
+                           " 'delivery.escalated' AND reason_code ="
+                           " 'ack_overdue' AND partner_id ="
+                           " 'zorgcoordinator'",
+                           1, 3000));
+    s_stop(pid);
+}
+END_TEST
+
 /* Two urgent deliveries of one referral that escalate to each other (or
  * one to a partner whose own delivery is urgent and overdue too) escalate
  * in the same sweep: the escalation partner's delivery is already urgent,
@@ -2425,6 +2470,8 @@ static Suite *s_suite(void)
     tcase_set_timeout(esc, 60);
     tcase_add_test(esc, urgent_deliveries_escalating_to_each_other_escalate);
     tcase_add_test(esc, an_urgent_dead_letter_escalates_too);
+    tcase_add_test(esc,
+                   a_delivery_raised_to_urgent_escalates_after_its_own_time);
     suite_add_tcase(suite, esc);
 
     TCase *rid = tcase_create("routing_id");
