@@ -182,7 +182,8 @@ static const char *s_ack_sql =
 /* $1 id, $2 partner, $3 peer, $4 permanent, $5 max attempts, $6 ACK
  * timeout ms, $7 backoff max ms. Only a delivery that is out (sent, not
  * acknowledged) changes. Returns one row: delivered (re-sent later), dead,
- * unchanged or not_found. */
+ * unchanged or not_found, and the referral id of one that changed (for
+ * the alert of a dead letter). */
 /* clang-format off */
 static const char *s_nack_sql =
     "WITH upd AS ("
@@ -215,7 +216,8 @@ static const char *s_nack_sql =
     "   WHERE id = $1 AND partner_id = $2 AND sent_at IS NOT NULL))"
     " SELECT coalesce((SELECT state FROM upd),"
     "  (SELECT 'unchanged' FROM deliveries"
-    "   WHERE id = $1 AND partner_id = $2 AND sent_at IS NOT NULL), 'not_found')";
+    "   WHERE id = $1 AND partner_id = $2 AND sent_at IS NOT NULL), 'not_found'),"
+    "  (SELECT referral_id FROM upd)";
 /* clang-format on */
 
 /* $1 max attempts, $2 max age s. At most 1000 of each kind per sweep.

@@ -882,8 +882,9 @@ static void s_answers_reply(notify_t *self, const kh_error_t *ack_fail,
             kh_metric_add("deliveries_nacked_total", NULL, 1);
             kh_metric_add("deliveries_dead_total", NULL, 1);
             kh_log_error("alert",
-                         "kind=dead_letter delivery=%s partner=%s reason=%s",
-                         p->answer.id, p->answer.partner,
+                         "kind=dead_letter delivery=%s referral=%s "
+                         "partner=%s reason=%s",
+                         p->answer.id, p->answer.referral, p->answer.partner,
                          p->permanent ? "nack_permanent" : "max_attempts");
             break;
         default:

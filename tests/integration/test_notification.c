@@ -742,6 +742,18 @@ START_TEST(nack_retry_resends_and_nack_permanent_is_dead_at_once)
     ck_assert_int_eq(s_count("SELECT count(*) FROM deliveries WHERE state ="
                              " 'dead' AND dead_reason = 'nack_permanent'"),
                      1);
+    /* The alert names the delivery, its referral, partner and reason, as
+     * the sweep's alerts do. */
+    char *referral = khtest_db_value(
+        s_db, "SELECT referral_id FROM deliveries WHERE state = 'dead'");
+    char alert[256];
+    snprintf(alert, sizeof alert,
+             "kind=dead_letter delivery=%s referral=%s partner=avim"
+             " reason=nack_permanent",
+             permanent, referral);
+    free(referral);
+    ck_assert_msg(s_log_has("notification.log", alert, 2000),
+                  "no alert line: %s", alert);
     /* The retried one comes again, same id, attempt 2. */
     msg = s_expect(avim, "DELIVER", 5000);
     ck_assert_ptr_nonnull(msg);
