@@ -823,6 +823,45 @@ START_TEST(an_escalation_raises_the_partners_own_waiting_delivery)
 }
 END_TEST
 
+/* A delivery out on a connection that another notification process makes
+ * a dead letter (its sweep got there first: each sweep takes what no
+ * other holds) is not answered on that connection, nor re-sent: it frees
+ * the window it took once its re-send would be overdue, and the partner
+ * gets its next delivery. Here the other process is an UPDATE. */
+START_TEST(a_delivery_another_process_gave_up_frees_its_window)
+{
+    char first[37], second[37];
+    s_delivery("avim", "normal", 2000, NULL, first);
+    s_delivery("avim", "normal", 1000, NULL, second);
+    pid_t pid = s_start("notification.log", NULL, NULL);
+    zsock_t *avim = s_partner("avim");
+    s_hello(avim, 1);
+    json_t *msg = s_expect(avim, "DELIVER", 5000);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert_str_eq(s_str(msg, "delivery_id"), first);
+    json_decref(msg);
+    const char *params[] = {first};
+    khtest_db_exec(s_db,
+                   "UPDATE deliveries SET state = 'dead', dead_reason ="
+                   " 'max_attempts' WHERE id = $1",
+                   1, params);
+    /* BACKOFF_MAX_MS 800 (s_start): its re-send, had it still been out,
+     * was due within 1 s. */
+    int64_t deadline = zclock_mono() + 6000;
+    bool got = false;
+    while (!got && zclock_mono() < deadline) {
+        khpartner_send(avim, kh_proto_new(KH_CMD_PING, "p"));
+        msg = khpartner_recv(avim, 500);
+        got = msg && strcmp(s_str(msg, "cmd"), "DELIVER") == 0 &&
+              strcmp(s_str(msg, "delivery_id"), second) == 0;
+        json_decref(msg);
+    }
+    ck_assert_msg(got, "the next delivery never came: the window stayed full");
+    zsock_destroy(&avim);
+    s_stop(pid);
+}
+END_TEST
+
 /* The escalation partner's own delivery, routed long ago at normal
  * priority and raised to urgent by an escalation, has its own
  * KH_NOTIFY_ESCALATE_MS from the raise to be acknowledged: it does not
@@ -2484,6 +2523,7 @@ static Suite *s_suite(void)
     tcase_add_test(esc, an_urgent_dead_letter_escalates_too);
     tcase_add_test(esc,
                    a_delivery_raised_to_urgent_escalates_after_its_own_time);
+    tcase_add_test(esc, a_delivery_another_process_gave_up_frees_its_window);
     suite_add_tcase(suite, esc);
 
     TCase *rid = tcase_create("routing_id");
