@@ -878,6 +878,10 @@ static void s_answers_reply(notify_t *self, const kh_error_t *ack_fail,
         case DSTORE_DUPLICATE:
             self->stats.duplicates++;
             break;
+        case DSTORE_UNCHANGED:
+            /* A NACK of what is no longer out: nothing changed, nothing
+             * was written, so nothing is counted as NACKed. */
+            break;
         case DSTORE_DEAD:
             self->stats.nacked++;
             self->stats.dead++;

@@ -862,6 +862,58 @@ START_TEST(a_delivery_another_process_gave_up_frees_its_window)
 }
 END_TEST
 
+/* The sum of the values of key (as "key=") over log's stats lines. */
+static long s_stats_sum(const char *log, const char *key)
+{
+    char *text = khtest_read_file(s_path(log));
+    ck_assert_ptr_nonnull(text);
+    long sum = 0;
+    size_t len = strlen(key);
+    for (const char *line = text; line && *line;) {
+        const char *end = strchr(line, '\n');
+        if (strstr(line, "event=stats")) {
+            for (const char *at = strstr(line, key); at && (!end || at < end);
+                 at = strstr(at + 1, key))
+                if (at[-1] == ' ' && at[len] == '=')
+                    sum += strtol(at + len + 1, NULL, 10);
+        }
+        line = end ? end + 1 : NULL;
+    }
+    free(text);
+    return sum;
+}
+
+/* A NACK of a delivery that is no longer out (a dead letter already)
+ * changes nothing and writes nothing: the stats do not count it as NACKed
+ * either. */
+START_TEST(a_nack_that_changes_nothing_is_not_counted)
+{
+    char id[37];
+    s_delivery("avim", "normal", 0, NULL, id);
+    pid_t pid = s_start("notification.log", NULL, NULL);
+    zsock_t *avim = s_partner("avim");
+    s_hello(avim, 4);
+    json_t *msg = s_expect(avim, "DELIVER", 5000);
+    ck_assert_ptr_nonnull(msg);
+    json_decref(msg);
+    for (int i = 0; i < 2; i++) {
+        s_answer(avim, id, "permanent");
+        msg = s_expect(avim, "NACKED", 5000);
+        ck_assert_ptr_nonnull(msg);
+        ck_assert(json_is_boolean(json_object_get(msg, "dead")));
+        ck_assert(json_boolean_value(json_object_get(msg, "dead")) == (i == 0));
+        json_decref(msg);
+    }
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
+                             " = 'delivery.nacked'"),
+                     1);
+    zsock_destroy(&avim);
+    s_stop(pid);
+    ck_assert_int_eq(s_stats_sum("notification.log", "nacked"), 1);
+    ck_assert_int_eq(s_stats_sum("notification.log", "dead"), 1);
+}
+END_TEST
+
 /* The escalation partner's own delivery, routed long ago at normal
  * priority and raised to urgent by an escalation, has its own
  * KH_NOTIFY_ESCALATE_MS from the raise to be acknowledged: it does not
@@ -2524,6 +2576,7 @@ static Suite *s_suite(void)
     tcase_add_test(esc,
                    a_delivery_raised_to_urgent_escalates_after_its_own_time);
     tcase_add_test(esc, a_delivery_another_process_gave_up_frees_its_window);
+    tcase_add_test(esc, a_nack_that_changes_nothing_is_not_counted);
     suite_add_tcase(suite, esc);
 
     TCase *rid = tcase_create("routing_id");
