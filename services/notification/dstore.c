@@ -452,6 +452,8 @@ int dstore_nack(dstore_t *self, dstore_answer_t *nack, bool permanent,
     if (!res)
         return -1;
     nack->outcome = s_outcome(PQntuples(res) ? PQgetvalue(res, 0, 0) : "");
+    snprintf(nack->referral, sizeof nack->referral, "%s",
+             PQntuples(res) && PQnfields(res) > 1 ? PQgetvalue(res, 0, 1) : "");
     PQclear(res);
     return 0;
 }

@@ -118,6 +118,7 @@ typedef struct {
     char partner[33];
     char peer[64];
     dstore_outcome_t outcome; /* filled by dstore_ack / dstore_nack */
+    char referral[37];        /* dstore_nack, DSTORE_DEAD: its referral's id */
     double wait_s; /* dstore_ack, DSTORE_DONE: seconds since the last send */
 } dstore_answer_t;
 

@@ -182,7 +182,8 @@ static const char *s_ack_sql =
 /* $1 id, $2 partner, $3 peer, $4 permanent, $5 max attempts, $6 ACK
  * timeout ms, $7 backoff max ms. Only a delivery that is out (sent, not
  * acknowledged) changes. Returns one row: delivered (re-sent later), dead,
- * unchanged or not_found. */
+ * unchanged or not_found, and the referral id of one that changed (for
+ * the alert of a dead letter). */
 /* clang-format off */
 static const char *s_nack_sql =
     "WITH upd AS ("
@@ -215,7 +216,8 @@ static const char *s_nack_sql =
     "   WHERE id = $1 AND partner_id = $2 AND sent_at IS NOT NULL))"
     " SELECT coalesce((SELECT state FROM upd),"
     "  (SELECT 'unchanged' FROM deliveries"
-    "   WHERE id = $1 AND partner_id = $2 AND sent_at IS NOT NULL), 'not_found')";
+    "   WHERE id = $1 AND partner_id = $2 AND sent_at IS NOT NULL), 'not_found'),"
+    "  (SELECT referral_id FROM upd)";
 /* clang-format on */
 
 /* $1 max attempts, $2 max age s. At most 1000 of each kind per sweep.
@@ -266,7 +268,8 @@ static const char *s_dead_sql =
     " SELECT id, referral_id, partner_id, dead_reason FROM dead";
 
 /* $1 escalation time ms. An urgent delivery not acknowledged in that
- * time since routing escalates, once: waiting, sent, or dead (a dead
+ * time since routing (or since an escalation raised it to urgent)
+ * escalates, once: waiting, sent, or dead (a dead
  * letter will not be acknowledged either; one that died first still
  * escalates when its time comes, and its escalated_at stays through a
  * retry). An escalation copy is a new urgent delivery to
@@ -274,7 +277,9 @@ static const char *s_dead_sql =
  * fields, not the target's), unless that partner is revoked or the payload
  * was purged. When that partner already has the referral, waiting to be
  * sent at a lower priority, that delivery is raised to urgent instead
- * (its own fields stay): it goes out before the partner's backlog. One row
+ * (its own fields stay): it goes out before the partner's backlog, and
+ * escalates in its turn $1 after the raise (urgent_since), not at once
+ * for having been routed long ago. One row
  * per referral and escalation partner, however many of the referral's
  * deliveries escalate at once (an upsert may touch a row only once, and
  * none that esc changed: when the escalation partner's own delivery is
@@ -285,8 +290,10 @@ static const char *s_escalate_sql =
     " SELECT id FROM deliveries"
     " WHERE priority = 'urgent' AND escalated_at IS NULL"
     "  AND state IN ('pending', 'delivered', 'dead')"
-    "  AND created_at <= now() - make_interval(secs => $1 / 1000.0)"
-    " ORDER BY created_at LIMIT 1000 FOR UPDATE SKIP LOCKED),"
+    "  AND coalesce(urgent_since, created_at)"
+    "   <= now() - make_interval(secs => $1 / 1000.0)"
+    " ORDER BY coalesce(urgent_since, created_at)"
+    " LIMIT 1000 FOR UPDATE SKIP LOCKED),"
     " esc AS ("
     " UPDATE deliveries d SET escalated_at = now()"
     " WHERE d.id IN (SELECT id FROM cand)"
@@ -307,7 +314,7 @@ static const char *s_escalate_sql =
     "  AND NOT EXISTS (SELECT 1 FROM esc o WHERE o.referral_id ="
     "   esc.referral_id AND o.partner_id = esc.escalate_to)"
     " ON CONFLICT (referral_id, partner_id) DO UPDATE"
-    "  SET priority = 'urgent', updated_at = now()"
+    "  SET priority = 'urgent', urgent_since = now(), updated_at = now()"
     "  WHERE deliveries.state = 'pending'"
     "  AND deliveries.priority <> 'urgent'"
     " RETURNING id, referral_id, partner_id, payload_hash,"

@@ -51,7 +51,7 @@ typedef struct {
     char partner[33];
     char peer[64];
     size_t window;
-    zhashx_t *out;     /* delivery id -> s_present: sent, not answered */
+    zhashx_t *out;     /* delivery id -> S_OUT_AT: sent, not answered */
     size_t acking;     /* of those, ACKed in the round's ACK batch */
     int64_t last_seen; /* zclock_mono of its last frame */
     bool reclaim;      /* next claim also takes earlier unacknowledged */
@@ -75,7 +75,9 @@ typedef struct {
         dead, escalated, rounds, failures;
 } s_stats_t;
 
-static char s_present;
+/* An entry of a connection's out: the zclock_mono time of its last
+ * send there (never 0). */
+#define S_OUT_AT(t) ((void *) (intptr_t) (t))
 
 struct _notify_t {
     notify_config_t cfg;
@@ -479,7 +481,7 @@ static void s_queue_delivery(const dstore_delivery_t *d, void *arg)
     /* What cannot be queued is re-sent after its ACK timeout. */
     if (out && out->identity && out->body &&
         zlistx_add_end(self->outbox, out)) {
-        zhashx_insert(ctx->conn->out, d->id, &s_present);
+        zhashx_update(ctx->conn->out, d->id, S_OUT_AT(zclock_mono()));
         if (d->attempt > 1)
             self->stats.resent++;
         else
@@ -876,14 +878,19 @@ static void s_answers_reply(notify_t *self, const kh_error_t *ack_fail,
         case DSTORE_DUPLICATE:
             self->stats.duplicates++;
             break;
+        case DSTORE_UNCHANGED:
+            /* A NACK of what is no longer out: nothing changed, nothing
+             * was written, so nothing is counted as NACKed. */
+            break;
         case DSTORE_DEAD:
             self->stats.nacked++;
             self->stats.dead++;
             kh_metric_add("deliveries_nacked_total", NULL, 1);
             kh_metric_add("deliveries_dead_total", NULL, 1);
             kh_log_error("alert",
-                         "kind=dead_letter delivery=%s partner=%s reason=%s",
-                         p->answer.id, p->answer.partner,
+                         "kind=dead_letter delivery=%s referral=%s "
+                         "partner=%s reason=%s",
+                         p->answer.id, p->answer.referral, p->answer.partner,
                          p->permanent ? "nack_permanent" : "max_attempts");
             break;
         default:
@@ -926,7 +933,7 @@ static bool s_place(notify_t *self, s_outgoing_t *out)
             s_send_t rc = s_send_to(self, c->identity, zframe_data(out->body),
                                     zframe_size(out->body));
             if (rc == S_SENT) {
-                zhashx_insert(c->out, out->id, &s_present);
+                zhashx_update(c->out, out->id, S_OUT_AT(zclock_mono()));
                 self->stats.moved++;
                 kh_log_debug("delivery_moved", "delivery=%s partner=%s peer=%s",
                              out->id, c->partner, c->peer);
@@ -1431,6 +1438,37 @@ static int s_on_connect_poll(zloop_t *loop, int timer_id, void *arg)
     return s_on_tick(loop, timer_id, arg);
 }
 
+/* Forget what conn has had out, unanswered and not re-sent, for longer
+ * than any re-send waits (S_OUT_AT): it is no longer out in the database.
+ * Another process made it a dead letter (each sweep takes what no other
+ * holds, and only the one that made it tells its connections), or sent it
+ * again on a connection of its own, or took its ACK: this connection will
+ * get no answer for it, and it took a place in the window for good. One
+ * still out (the database was away, say) is re-sent as an overdue one and
+ * counted again then. */
+static void s_out_expire(notify_t *self, s_conn_t *conn, int64_t now)
+{
+    const dstore_policy_t *p = &self->cfg.policy;
+    /* The longest wait is the back-off maximum plus its jitter (20 %);
+     * then a sweep and a round to re-send it. */
+    int64_t limit =
+        (int64_t) p->backoff_max_ms * 3 / 2 + 2 * (int64_t) self->cfg.sweep_ms;
+    size_t gone = 0;
+    zlistx_t *ids = zhashx_keys(conn->out);
+    for (const char *id = ids ? zlistx_first(ids) : NULL; id;
+         id = zlistx_next(ids))
+        if (now - (intptr_t) zhashx_lookup(conn->out, id) > limit) {
+            zhashx_delete(conn->out, id);
+            gone++;
+        }
+    zlistx_destroy(&ids);
+    if (gone) {
+        conn->more = true;
+        kh_log_info("out_forgotten", "partner=%s peer=%s deliveries=%zu",
+                    conn->partner, conn->peer, gone);
+    }
+}
+
 /* The periodic round: reconnect, sweep, forget silent connections, and
  * look for due re-sends on every connection. */
 static int s_on_tick(zloop_t *loop, int timer_id, void *arg)
@@ -1464,8 +1502,10 @@ static int s_on_tick(zloop_t *loop, int timer_id, void *arg)
         s_conn_t *conn = zhashx_lookup(self->conns, key);
         if (now - conn->last_seen > self->cfg.peer_timeout_ms)
             s_conn_drop(self, conn, "silent");
-        else
+        else {
             conn->more = true;
+            s_out_expire(self, conn, now);
+        }
     }
     zlistx_destroy(&keys);
     s_round(self, true);

@@ -742,6 +742,18 @@ START_TEST(nack_retry_resends_and_nack_permanent_is_dead_at_once)
     ck_assert_int_eq(s_count("SELECT count(*) FROM deliveries WHERE state ="
                              " 'dead' AND dead_reason = 'nack_permanent'"),
                      1);
+    /* The alert names the delivery, its referral, partner and reason, as
+     * the sweep's alerts do. */
+    char *referral = khtest_db_value(
+        s_db, "SELECT referral_id FROM deliveries WHERE state = 'dead'");
+    char alert[256];
+    snprintf(alert, sizeof alert,
+             "kind=dead_letter delivery=%s referral=%s partner=avim"
+             " reason=nack_permanent",
+             permanent, referral);
+    free(referral);
+    ck_assert_msg(s_log_has("notification.log", alert, 2000),
+                  "no alert line: %s", alert);
     /* The retried one comes again, same id, attempt 2. */
     msg = s_expect(avim, "DELIVER", 5000);
     ck_assert_ptr_nonnull(msg);
@@ -807,6 +819,142 @@ START_TEST(an_escalation_raises_the_partners_own_waiting_delivery)
     PQclear(res);
     ck_assert(
         s_log_has("notification.log", "escalated_to=zorgcoordinator", 2000));
+    s_stop(pid);
+}
+END_TEST
+
+/* A delivery out on a connection that another notification process makes
+ * a dead letter (its sweep got there first: each sweep takes what no
+ * other holds) is not answered on that connection, nor re-sent: it frees
+ * the window it took once its re-send would be overdue, and the partner
+ * gets its next delivery. Here the other process is an UPDATE. */
+START_TEST(a_delivery_another_process_gave_up_frees_its_window)
+{
+    char first[37], second[37];
+    s_delivery("avim", "normal", 2000, NULL, first);
+    s_delivery("avim", "normal", 1000, NULL, second);
+    pid_t pid = s_start("notification.log", NULL, NULL);
+    zsock_t *avim = s_partner("avim");
+    s_hello(avim, 1);
+    json_t *msg = s_expect(avim, "DELIVER", 5000);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert_str_eq(s_str(msg, "delivery_id"), first);
+    json_decref(msg);
+    const char *params[] = {first};
+    khtest_db_exec(s_db,
+                   "UPDATE deliveries SET state = 'dead', dead_reason ="
+                   " 'max_attempts' WHERE id = $1",
+                   1, params);
+    /* BACKOFF_MAX_MS 800 (s_start): its re-send, had it still been out,
+     * was due within 1 s. */
+    int64_t deadline = zclock_mono() + 6000;
+    bool got = false;
+    while (!got && zclock_mono() < deadline) {
+        khpartner_send(avim, kh_proto_new(KH_CMD_PING, "p"));
+        msg = khpartner_recv(avim, 500);
+        got = msg && strcmp(s_str(msg, "cmd"), "DELIVER") == 0 &&
+              strcmp(s_str(msg, "delivery_id"), second) == 0;
+        json_decref(msg);
+    }
+    ck_assert_msg(got, "the next delivery never came: the window stayed full");
+    zsock_destroy(&avim);
+    s_stop(pid);
+}
+END_TEST
+
+/* The sum of the values of key (as "key=") over log's stats lines. */
+static long s_stats_sum(const char *log, const char *key)
+{
+    char *text = khtest_read_file(s_path(log));
+    ck_assert_ptr_nonnull(text);
+    long sum = 0;
+    size_t len = strlen(key);
+    for (const char *line = text; line && *line;) {
+        const char *end = strchr(line, '\n');
+        if (strstr(line, "event=stats")) {
+            for (const char *at = strstr(line, key); at && (!end || at < end);
+                 at = strstr(at + 1, key))
+                if (at[-1] == ' ' && at[len] == '=')
+                    sum += strtol(at + len + 1, NULL, 10);
+        }
+        line = end ? end + 1 : NULL;
+    }
+    free(text);
+    return sum;
+}
+
+/* A NACK of a delivery that is no longer out (a dead letter already)
+ * changes nothing and writes nothing: the stats do not count it as NACKed
+ * either. */
+START_TEST(a_nack_that_changes_nothing_is_not_counted)
+{
+    char id[37];
+    s_delivery("avim", "normal", 0, NULL, id);
+    pid_t pid = s_start("notification.log", NULL, NULL);
+    zsock_t *avim = s_partner("avim");
+    s_hello(avim, 4);
+    json_t *msg = s_expect(avim, "DELIVER", 5000);
+    ck_assert_ptr_nonnull(msg);
+    json_decref(msg);
+    for (int i = 0; i < 2; i++) {
+        s_answer(avim, id, "permanent");
+        msg = s_expect(avim, "NACKED", 5000);
+        ck_assert_ptr_nonnull(msg);
+        ck_assert(json_is_boolean(json_object_get(msg, "dead")));
+        ck_assert(json_boolean_value(json_object_get(msg, "dead")) == (i == 0));
+        json_decref(msg);
+    }
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
+                             " = 'delivery.nacked'"),
+                     1);
+    zsock_destroy(&avim);
+    s_stop(pid);
+    ck_assert_int_eq(s_stats_sum("notification.log", "nacked"), 1);
+    ck_assert_int_eq(s_stats_sum("notification.log", "dead"), 1);
+}
+END_TEST
+
+/* The escalation partner's own delivery, routed long ago at normal
+ * priority and raised to urgent by an escalation, has its own
+ * KH_NOTIFY_ESCALATE_MS from the raise to be acknowledged: it does not
+ * escalate (an alert that its partner did not answer in time) at the
+ * next sweep, before it could even be sent; once that time has passed
+ * unacknowledged, it does. */
+START_TEST(a_delivery_raised_to_urgent_escalates_after_its_own_time)
+{
+    char urgent[37], zc[37];
+    s_delivery("avim", "urgent", 0, "zorgcoordinator", urgent);
+    kh_uuid_new(zc);
+    const char *params[] = {urgent, zc};
+    khtest_db_exec(
+        s_db,
+        "INSERT INTO deliveries (id, referral_id, partner_id, priority,"
+        " payload, payload_hash, rules_version, created_at)"
+        " SELECT $2::uuid, referral_id, 'zorgcoordinator', 'normal', payload,"
+        " payload_hash, 'test', now() - interval '1 hour' FROM deliveries"
+        " WHERE id = $1",
+        2, params);
+    /* ESCALATE_MS 1000 (s_start), sweeps every 50 ms. */
+    pid_t pid = s_start("notification.log", NULL, NULL);
+    ck_assert(s_wait_count("SELECT count(*) FROM audit_events WHERE action ="
+                           " 'delivery.escalated' AND reason_code ="
+                           " 'raised_to_urgent'",
+                           1, 5000));
+    zclock_sleep(500);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM deliveries WHERE"
+                             " partner_id = 'zorgcoordinator' AND priority ="
+                             " 'urgent' AND escalated_at IS NULL"),
+                     1);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
+                             " = 'delivery.escalated' AND reason_code ="
+                             " 'ack_overdue'"),
+                     1);
+    /* Unacknowledged a whole ESCALATE_MS after the raise: it escalates. */
+    ck_assert(s_wait_count("SELECT count(*) FROM audit_events WHERE action ="
+                           " 'delivery.escalated' AND reason_code ="
+                           " 'ack_overdue' AND partner_id ="
+                           " 'zorgcoordinator'",
+                           1, 3000));
     s_stop(pid);
 }
 END_TEST
@@ -2425,6 +2573,10 @@ static Suite *s_suite(void)
     tcase_set_timeout(esc, 60);
     tcase_add_test(esc, urgent_deliveries_escalating_to_each_other_escalate);
     tcase_add_test(esc, an_urgent_dead_letter_escalates_too);
+    tcase_add_test(esc,
+                   a_delivery_raised_to_urgent_escalates_after_its_own_time);
+    tcase_add_test(esc, a_delivery_another_process_gave_up_frees_its_window);
+    tcase_add_test(esc, a_nack_that_changes_nothing_is_not_counted);
     suite_add_tcase(suite, esc);
 
     TCase *rid = tcase_create("routing_id");
