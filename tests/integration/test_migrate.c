@@ -11,8 +11,10 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "ketenhub/audit.h"
 #include "ketenhub/db.h"
 #include "ketenhub/migrate.h"
+#include "ketenhub/partner.h"
 #include "khtest.h"
 
 #define DB "kh_test_migrate"
@@ -493,6 +495,160 @@ START_TEST(test_concurrent_migrators)
 }
 END_TEST
 
+/* Whether role has privilege on relation. */
+static bool s_may(PGconn *conn, const char *role, const char *relation,
+                  const char *privilege)
+{
+    char sql[256];
+    snprintf(sql, sizeof sql, "SELECT has_table_privilege('%s', '%s', '%s')",
+             role, relation, privilege);
+    char *v = khtest_db_value(conn, sql);
+    bool may = v && strcmp(v, "t") == 0;
+    free(v);
+    return may;
+}
+
+/* Run ketenhubctl with args; fails the test unless it exits 0. */
+static void s_ctl_ok(const char *const *args)
+{
+    char *out = NULL;
+    int rc = khtest_ctl(&out, args);
+    ck_assert_msg(rc == 0, "%s %s: exit %d: %s", args[0], args[1], rc, out);
+    free(out);
+}
+
+#define S_CTL_OK(...) s_ctl_ok((const char *const[]){__VA_ARGS__, NULL})
+
+/* A hub in service before migration 016 (partner_keys): partners, one of
+ * them revoked, and a sealed, signed trail. Upgrading it keeps every key,
+ * admits only the active partners' keys, gives the services' roles what
+ * they need of partner_keys and no more, and leaves the trail intact. */
+START_TEST(test_upgrade_to_partner_keys)
+{
+    PGconn *conn = khtest_db_empty(DB);
+    char *dir = s_copy_migrations();
+    DIR *d = opendir(dir);
+    ck_assert_ptr_nonnull(d);
+    struct dirent *e;
+    int before = 0;
+    while ((e = readdir(d)) != NULL)
+        if (e->d_name[0] != '.' && strcmp(e->d_name, "016") >= 0) {
+            char path[4096];
+            snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+            ck_assert_int_eq(unlink(path), 0);
+        } else if (e->d_name[0] != '.')
+            before++;
+    closedir(d);
+    kh_error_t err;
+    kh_error_clear(&err);
+    ck_assert_int_eq(kh_migrate_apply(conn, dir, NULL, NULL, &err), before);
+    ck_assert(!s_exists(conn, "partner_keys"));
+
+    khtest_db_exec(conn,
+                   "INSERT INTO partners (id, display_name, kind,"
+                   " curve_public_key, created_at, revoked_at) VALUES"
+                   " ('veilig-thuis', 'VT', 'veilig_thuis', repeat('a', 40),"
+                   "  now() - interval '2 days', NULL),"
+                   " ('oud-meldpunt', 'Oud', 'municipality', repeat('b', 40),"
+                   "  now() - interval '3 days', now() - interval '1 day')",
+                   0, NULL);
+    ck_assert_int_eq(kh_audit_admin(conn, "partner.added", "veilig-thuis",
+                                    "ketenhubctl", &err),
+                     0);
+    ck_assert_int_eq(kh_audit_admin(conn, "partner.revoked", "oud-meldpunt",
+                                    "ketenhubctl", &err),
+                     0);
+    char *keys = khtest_tmpdir();
+    char *conninfo = khtest_db_conninfo(DB);
+    setenv("KH_DATABASE_URL", conninfo, 1);
+    char *secret = strdup(khtest_path(keys, "hub-audit.key"));
+    char *public = strdup(khtest_path(keys, "hub-audit.pub"));
+    S_CTL_OK("audit", "keygen", "--out", keys);
+    S_CTL_OK("audit", "seal", "--key", secret, "--checkpoint");
+    char *trail = khtest_db_value(conn, "SELECT string_agg(s.hash::text, ','"
+                                        " ORDER BY s.seq) FROM audit_seals s");
+
+    /* The release's migrations: 016 and after, each once. */
+    s_seen_t seen = {0};
+    int rc =
+        kh_migrate_apply(conn, khtest_src("migrations"), s_count, &seen, &err);
+    ck_assert_msg(rc == s_source_count() - before, "applied %d: %s %s", rc,
+                  err.path, err.message);
+    ck_assert_int_eq(
+        kh_migrate_apply(conn, khtest_src("migrations"), NULL, NULL, &err), 0);
+
+    /* Every key, the revoked partner's too, as each partner's current. */
+    ck_assert_int_eq(s_int(conn,
+                           "SELECT count(*) FROM partner_keys k JOIN partners p"
+                           " ON p.id = k.partner_id AND p.curve_public_key ="
+                           " k.curve_public_key AND k.added_at = p.created_at"
+                           " AND k.expires_at IS NULL"),
+                     2);
+    /* Only the active partner's key admits anyone. */
+    char *admitted = khtest_db_value(
+        conn,
+        "SELECT string_agg(partner_id, ',') FROM (" KH_PARTNER_KEYS_SQL ") a");
+    ck_assert_str_eq(admitted, "veilig-thuis");
+    free(admitted);
+
+    /* The services read partner_keys and change nothing in it; the audit
+     * service and auditors do not see it; administrators rotate. */
+    const char *readers[] = {"ketenhub_intake", "ketenhub_routing",
+                             "ketenhub_notification"};
+    const char *changes[] = {"INSERT", "UPDATE", "DELETE", "TRUNCATE"};
+    for (size_t i = 0; i < 3; i++) {
+        ck_assert_msg(s_may(conn, readers[i], "partner_keys", "SELECT"), "%s",
+                      readers[i]);
+        for (size_t j = 0; j < 4; j++)
+            ck_assert_msg(!s_may(conn, readers[i], "partner_keys", changes[j]),
+                          "%s %s", readers[i], changes[j]);
+    }
+    ck_assert(!s_may(conn, "ketenhub_audit", "partner_keys", "SELECT"));
+    ck_assert(!s_may(conn, "ketenhub_auditor", "partner_keys", "SELECT"));
+    ck_assert(!s_may(conn, "public", "partner_keys", "SELECT"));
+    ck_assert(!s_may(conn, "ketenhub_admin", "partner_keys", "DELETE"));
+
+    khtest_db_exec(conn, "SET ROLE ketenhub_intake", 0, NULL);
+    ck_assert_int_eq(
+        s_int(conn, "SELECT count(*) FROM (" KH_PARTNER_KEYS_SQL ") a"), 1);
+    khtest_db_exec(conn, "RESET ROLE", 0, NULL);
+
+    khtest_db_exec(conn, "BEGIN", 0, NULL);
+    khtest_db_exec(conn, "SET LOCAL ROLE ketenhub_admin", 0, NULL);
+    char previous[KH_PARTNER_KEY_LEN + 1], until[40];
+    char fresh[KH_PARTNER_KEY_LEN + 1];
+    memset(fresh, 'c', KH_PARTNER_KEY_LEN);
+    fresh[KH_PARTNER_KEY_LEN] = '\0';
+    rc = kh_partner_rotate(conn, "veilig-thuis", fresh, 3600, previous, until,
+                           &err);
+    ck_assert_msg(rc == 0, "rotate: %s", err.message);
+    ck_assert_int_eq(kh_audit_admin(conn, "partner.key_rotated", "veilig-thuis",
+                                    "ketenhubctl", &err),
+                     0);
+    khtest_db_exec(conn, "COMMIT", 0, NULL);
+    ck_assert_int_eq(
+        s_int(conn, "SELECT count(*) FROM (" KH_PARTNER_KEYS_SQL ") a"), 2);
+
+    /* The old trail is as it was, and the new event seals and verifies. */
+    char *after = khtest_db_value(conn, "SELECT string_agg(s.hash::text, ','"
+                                        " ORDER BY s.seq) FROM audit_seals s");
+    ck_assert_str_eq(after, trail);
+    S_CTL_OK("audit", "seal", "--key", secret, "--checkpoint");
+    S_CTL_OK("audit", "verify", "--public-key", public);
+
+    free(after);
+    free(trail);
+    free(secret);
+    free(public);
+    free(conninfo);
+    khtest_rmtree(keys);
+    free(keys);
+    khtest_rmtree(dir);
+    free(dir);
+    PQfinish(conn);
+}
+END_TEST
+
 START_TEST(test_db_errors)
 {
     PGconn *conn = khtest_db_fresh(DB);
@@ -588,6 +744,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_out_of_order_refused);
     tcase_add_test(tc, test_concurrent_migrators);
     tcase_add_test(tc, test_db_errors);
+    tcase_add_test(tc, test_upgrade_to_partner_keys);
     suite_add_tcase(s, tc);
     return s;
 }
