@@ -34,6 +34,10 @@ COMMENT ON COLUMN partner_keys.expires_at IS
     'NULL: the partner''s current key (partners.curve_public_key). Else '
     'the moment it stopped, or stops, admitting the partner: a rotation '
     'gives the key it replaces the overlap the administrator chose.';
+COMMENT ON TABLE partners IS
+    'Partner systems that may connect to the hub, one row per partner; its '
+    'keys are in partner_keys. Rows are never deleted: a revoked partner '
+    'keeps its row so the trail can still name it.';
 COMMENT ON COLUMN partners.curve_public_key IS
     'The partner''s current CURVE public key (Z85). Earlier keys, and how '
     'long each still admits the partner, are in partner_keys.';
