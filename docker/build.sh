@@ -488,9 +488,11 @@ smoke_test() {
   podman volume ls -q --filter "label=io.podman.compose.project=$project" |
     xargs -r podman volume rm -f >/dev/null 2>&1 || true
   compose up -d postgres || fail "postgres did not start on a new volume"
+  # Over TCP: on a new volume the entry point first runs the init scripts
+  # on a server that listens on its socket only, then stops it.
   tries=0
-  until podman exec "${project}_postgres_1" pg_isready -U ketenhub \
-    -d ketenhub >/dev/null 2>&1; do
+  until podman exec "${project}_postgres_1" pg_isready -h 127.0.0.1 \
+    -U ketenhub -d ketenhub >/dev/null 2>&1; do
     tries=$((tries + 1))
     [ "$tries" -lt 120 ] || fail "postgres on the new volume is not ready"
     sleep 0.5
