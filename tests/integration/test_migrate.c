@@ -607,6 +607,20 @@ START_TEST(test_upgrade_to_partner_keys)
     ck_assert(!s_may(conn, "ketenhub_auditor", "partner_keys", "SELECT"));
     ck_assert(!s_may(conn, "public", "partner_keys", "SELECT"));
     ck_assert(!s_may(conn, "ketenhub_admin", "partner_keys", "DELETE"));
+    /* Of a key, an administrator changes only when it ends (018). */
+    const char *columns[] = {"curve_public_key", "partner_id", "added_at"};
+    for (size_t i = 0; i < 3; i++) {
+        char sql[256];
+        snprintf(sql, sizeof sql,
+                 "SELECT has_column_privilege('ketenhub_admin',"
+                 " 'partner_keys', '%s', 'UPDATE')::int",
+                 columns[i]);
+        ck_assert_msg(s_int(conn, sql) == 0, "admin may update %s", columns[i]);
+    }
+    ck_assert_int_eq(s_int(conn, "SELECT has_column_privilege("
+                                 "'ketenhub_admin', 'partner_keys',"
+                                 " 'expires_at', 'UPDATE')::int"),
+                     1);
 
     khtest_db_exec(conn, "SET ROLE ketenhub_intake", 0, NULL);
     ck_assert_int_eq(
