@@ -429,13 +429,52 @@ START_TEST(wakeup_from_the_hub_routes_before_the_poll)
 }
 END_TEST
 
-START_TEST(sighup_reload_keeps_old_rules_when_broken)
+/* rules.yaml: a copy of the default rules. */
+static void s_write_default_rules(void)
 {
     char *rules = khtest_read_file(khtest_src("schemas/rules/default.yaml"));
     ck_assert_ptr_nonnull(rules);
     khtest_write_file(s_path("rules.yaml"), rules);
+    free(rules);
+}
+
+/* routing with a copy of the default rules in rules.yaml, ready. */
+static pid_t s_start_editable(void)
+{
+    s_write_default_rules();
     pid_t pid = s_start(s_endpoint(), s_path("rules.yaml"), 50, "routing.log");
     ck_assert(s_log_has("routing.log", "event=ready", 10000));
+    return pid;
+}
+
+/* Edit rules.yaml as a reviewer would (a comment more); its version (the
+ * file's SHA-256) into want. */
+static void s_edit_rules(char want[65])
+{
+    khtest_append_file(s_path("rules.yaml"), "# reviewed\n");
+    char *changed = khtest_read_file(s_path("rules.yaml"));
+    kh_sha256_hex(changed, strlen(changed), want);
+    free(changed);
+}
+
+/* The trail records one rules.reloaded, of version want, within
+ * timeout_ms. */
+static void s_assert_reloaded(const char *want, int timeout_ms)
+{
+    ck_assert_msg(s_wait_count("SELECT count(*) FROM audit_events WHERE"
+                               " action = 'rules.reloaded' AND outcome = 'ok'",
+                               1, timeout_ms),
+                  "not reloaded: see %s", s_path("routing.log"));
+    char *version =
+        khtest_db_value(s_db, "SELECT rules_version FROM audit_events"
+                              " WHERE action = 'rules.reloaded'");
+    ck_assert_str_eq(version, want);
+    free(version);
+}
+
+START_TEST(sighup_reload_keeps_old_rules_when_broken)
+{
+    pid_t pid = s_start_editable();
 
     khtest_write_file(s_path("rules.yaml"), "version: 1\nrules: [\n");
     ck_assert_int_eq(kill(pid, SIGHUP), 0);
@@ -462,23 +501,13 @@ START_TEST(sighup_reload_keeps_old_rules_when_broken)
                      5);
 
     /* A valid file replaces them. */
-    khtest_write_file(s_path("rules.yaml"), rules);
-    khtest_append_file(s_path("rules.yaml"), "# reviewed\n");
-    char *changed = khtest_read_file(s_path("rules.yaml"));
+    s_write_default_rules();
     char want[65];
-    kh_sha256_hex(changed, strlen(changed), want);
-    free(changed);
+    s_edit_rules(want);
     ck_assert_int_eq(kill(pid, SIGHUP), 0);
-    ck_assert(s_wait_count("SELECT count(*) FROM audit_events WHERE"
-                           " action = 'rules.reloaded' AND outcome = 'ok'",
-                           1, 5000));
-    version = khtest_db_value(s_db, "SELECT rules_version FROM audit_events"
-                                    " WHERE action = 'rules.reloaded'");
-    ck_assert_str_eq(version, want);
-    free(version);
+    s_assert_reloaded(want, 5000);
     deliveries += s_insert_many(5);
     ck_assert(s_wait_count(S_ROUTED, 10, 5000));
-    free(rules);
     int status = khproc_stop(pid, SIGTERM, 5000);
     ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
     s_assert_routed_once(10, deliveries);
@@ -490,20 +519,13 @@ END_TEST
  * the trail says are in force, and a later SIGHUP loads it. */
 START_TEST(sighup_reload_that_cannot_be_audited_keeps_old_rules)
 {
-    char *rules = khtest_read_file(khtest_src("schemas/rules/default.yaml"));
-    ck_assert_ptr_nonnull(rules);
-    khtest_write_file(s_path("rules.yaml"), rules);
-    pid_t pid = s_start(s_endpoint(), s_path("rules.yaml"), 50, "routing.log");
-    ck_assert(s_log_has("routing.log", "event=ready", 10000));
+    pid_t pid = s_start_editable();
 
     s_sql("ALTER TABLE audit_events ADD CONSTRAINT test_no_reload"
           " CHECK (action::text <> 'rules.reloaded')",
           0, NULL);
-    khtest_append_file(s_path("rules.yaml"), "# reviewed\n");
-    char *changed = khtest_read_file(s_path("rules.yaml"));
     char want[65];
-    kh_sha256_hex(changed, strlen(changed), want);
-    free(changed);
+    s_edit_rules(want);
     ck_assert_int_eq(kill(pid, SIGHUP), 0);
     ck_assert(s_log_has("routing.log", "event=rules_reload_failed", 5000));
     long deliveries = s_insert_many(5);
@@ -517,18 +539,10 @@ START_TEST(sighup_reload_that_cannot_be_audited_keeps_old_rules)
 
     s_sql("ALTER TABLE audit_events DROP CONSTRAINT test_no_reload", 0, NULL);
     ck_assert_int_eq(kill(pid, SIGHUP), 0);
-    ck_assert(s_wait_count("SELECT count(*) FROM audit_events WHERE"
-                           " action = 'rules.reloaded' AND outcome = 'ok'",
-                           1, 5000));
-    char *version =
-        khtest_db_value(s_db, "SELECT rules_version FROM audit_events"
-                              " WHERE action = 'rules.reloaded'");
-    ck_assert_str_eq(version, want);
-    free(version);
+    s_assert_reloaded(want, 5000);
     deliveries += s_insert_many(5);
     ck_assert(s_wait_count(S_ROUTED, 10, 5000));
     ck_assert_int_eq(s_count(old_version), 5);
-    free(rules);
     int status = khproc_stop(pid, SIGTERM, 5000);
     ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
     s_assert_routed_once(10, deliveries);
@@ -540,17 +554,9 @@ END_TEST
  * tried again once the database is back, without another SIGHUP. */
 START_TEST(sighup_while_the_database_is_away_is_retried_when_it_is_back)
 {
-    char *rules = khtest_read_file(khtest_src("schemas/rules/default.yaml"));
-    ck_assert_ptr_nonnull(rules);
-    khtest_write_file(s_path("rules.yaml"), rules);
-    free(rules);
-    pid_t pid = s_start(s_endpoint(), s_path("rules.yaml"), 50, "routing.log");
-    ck_assert(s_log_has("routing.log", "event=ready", 10000));
-    khtest_append_file(s_path("rules.yaml"), "# reviewed\n");
-    char *changed = khtest_read_file(s_path("rules.yaml"));
+    pid_t pid = s_start_editable();
     char want[65];
-    kh_sha256_hex(changed, strlen(changed), want);
-    free(changed);
+    s_edit_rules(want);
 
     const char *pgdir = getenv("KH_TEST_PG_DIR");
     ck_assert_ptr_nonnull(pgdir);
@@ -565,16 +571,7 @@ START_TEST(sighup_while_the_database_is_away_is_retried_when_it_is_back)
         0);
     ck_assert_msg(refused, "no retried reload: see %s", s_path("routing.log"));
     PQreset(s_db);
-    ck_assert_msg(s_wait_count("SELECT count(*) FROM audit_events WHERE"
-                               " action = 'rules.reloaded' AND outcome = 'ok'",
-                               1, 15000),
-                  "not reloaded once the database was back: see %s",
-                  s_path("routing.log"));
-    char *version =
-        khtest_db_value(s_db, "SELECT rules_version FROM audit_events"
-                              " WHERE action = 'rules.reloaded'");
-    ck_assert_str_eq(version, want);
-    free(version);
+    s_assert_reloaded(want, 15000);
     long deliveries = s_insert_many(3);
     ck_assert(s_wait_count(S_ROUTED, 3, 10000));
     int status = khproc_stop(pid, SIGTERM, 5000);
@@ -588,12 +585,7 @@ END_TEST
  * old rules instead of waiting for a writer that never comes. */
 START_TEST(sighup_reload_refuses_a_fifo_without_hanging)
 {
-    char *rules = khtest_read_file(khtest_src("schemas/rules/default.yaml"));
-    ck_assert_ptr_nonnull(rules);
-    khtest_write_file(s_path("rules.yaml"), rules);
-    free(rules);
-    pid_t pid = s_start(s_endpoint(), s_path("rules.yaml"), 50, "routing.log");
-    ck_assert(s_log_has("routing.log", "event=ready", 10000));
+    pid_t pid = s_start_editable();
 
     ck_assert_int_eq(unlink(s_path("rules.yaml")), 0);
     ck_assert_int_eq(mkfifo(s_path("rules.yaml"), 0600), 0);
