@@ -400,7 +400,8 @@ static bool s_file_exists(const char *dir, const char *name)
     return access(path, F_OK) == 0;
 }
 
-START_TEST(test_ctl_end_to_end)
+/* An empty database that ketenhubctl, run by the test, works on. */
+static PGconn *s_ctl_db(void)
 {
     PGconn *conn = khtest_db_empty(DB);
     char *conninfo = khtest_db_conninfo(DB);
@@ -408,6 +409,25 @@ START_TEST(test_ctl_end_to_end)
     free(conninfo);
     unsetenv("KH_PARTNER_CERT_DIR");
     setenv("KH_MIGRATIONS_DIR", khtest_src("migrations"), 1);
+    return conn;
+}
+
+/* The schema, and partner avim added with its pair in out. */
+static void s_migrated_with_avim(const char *cert_dir, const char *out)
+{
+    char *text = NULL;
+    ck_assert_int_eq(KHTEST_CTL(&text, "migrate"), 0);
+    free(text);
+    int rc =
+        KHTEST_CTL(&text, "partner", "add", "avim", "--name", "AVIM", "--kind",
+                   "police", "--cert-dir", cert_dir, "--out", out);
+    ck_assert_msg(rc == 0, "partner add: %s", text);
+    free(text);
+}
+
+START_TEST(test_ctl_end_to_end)
+{
+    PGconn *conn = s_ctl_db();
     char *cert_dir = khtest_tmpdir();
     char *out = khtest_tmpdir();
     char *hub = khtest_tmpdir();
@@ -654,24 +674,14 @@ static char *s_admitted(PGconn *conn, const char *id)
  * with the registry at every step, also when the rotation fails. */
 START_TEST(test_rotate)
 {
-    PGconn *conn = khtest_db_empty(DB);
-    char *conninfo = khtest_db_conninfo(DB);
-    setenv("KH_DATABASE_URL", conninfo, 1);
-    free(conninfo);
-    unsetenv("KH_PARTNER_CERT_DIR");
-    setenv("KH_MIGRATIONS_DIR", khtest_src("migrations"), 1);
+    PGconn *conn = s_ctl_db();
     char *cert_dir = khtest_tmpdir();
     char *out[4];
     for (int i = 0; i < 4; i++)
         out[i] = khtest_tmpdir();
+    s_migrated_with_avim(cert_dir, out[0]);
     char *text = NULL;
-    ck_assert_int_eq(KHTEST_CTL(&text, "migrate"), 0);
-    free(text);
-    int rc =
-        KHTEST_CTL(&text, "partner", "add", "avim", "--name", "AVIM", "--kind",
-                   "police", "--cert-dir", cert_dir, "--out", out[0]);
-    ck_assert_msg(rc == 0, "partner add: %s", text);
-    free(text);
+    int rc;
     char first[KH_PARTNER_KEY_LEN + 1], second[KH_PARTNER_KEY_LEN + 1];
     char key[KH_PARTNER_KEY_LEN + 1], expires[40];
     s_cert_key(cert_dir, "avim.cert", first, expires);
@@ -946,22 +956,12 @@ static void s_rotate_staged(PGconn *conn, const char *id, zcert_t *cert,
  * files are put back as they were and the new pair is removed. */
 START_TEST(test_rotate_commit_lost)
 {
-    PGconn *conn = khtest_db_empty(DB);
-    char *conninfo = khtest_db_conninfo(DB);
-    setenv("KH_DATABASE_URL", conninfo, 1);
-    free(conninfo);
-    unsetenv("KH_PARTNER_CERT_DIR");
-    setenv("KH_MIGRATIONS_DIR", khtest_src("migrations"), 1);
+    PGconn *conn = s_ctl_db();
     char *cert_dir = khtest_tmpdir();
     char *out[2] = {khtest_tmpdir(), khtest_tmpdir()};
+    s_migrated_with_avim(cert_dir, out[0]);
     char *text = NULL;
-    ck_assert_int_eq(KHTEST_CTL(&text, "migrate"), 0);
-    free(text);
-    int rc =
-        KHTEST_CTL(&text, "partner", "add", "avim", "--name", "AVIM", "--kind",
-                   "police", "--cert-dir", cert_dir, "--out", out[0]);
-    ck_assert_msg(rc == 0, "partner add: %s", text);
-    free(text);
+    int rc;
     char before[KH_PARTNER_KEY_LEN + 1], key[KH_PARTNER_KEY_LEN + 1];
     char expires[40];
     s_cert_key(cert_dir, "avim.cert", before, expires);
