@@ -603,22 +603,28 @@ START_TEST(sighup_reload_refuses_a_fifo_without_hanging)
 }
 END_TEST
 
+/* An accepted referral of veilig-thuis stored an hour ago under key
+ * PREFIX-I with payload (bytea input: text, or \x and hex; NULL: purged),
+ * as no intake would store it. */
+static void s_stored_referral(const char *prefix, int i, const char *payload)
+{
+    char id[37], key[32];
+    kh_uuid_new(id);
+    snprintf(key, sizeof key, "%s-%d", prefix, i);
+    const char *params[] = {id, key, payload};
+    s_sql("INSERT INTO referrals (id, partner_id, idempotency_key,"
+          " schema_version, payload, payload_hash, accepted_at)"
+          " VALUES ($1, 'veilig-thuis', $2, 'referral.v1', $3::bytea,"
+          " sha256(''::bytea), now() - interval '1 hour')",
+          3, params);
+}
+
 /* More unreadable referrals than a batch, oldest first, then good ones:
  * the bad ones are set aside (audited) and the good ones routed. */
 START_TEST(unreadable_referrals_are_set_aside_not_retried)
 {
-    for (int i = 0; i < 10; i++) {
-        char id[37], key[32];
-        kh_uuid_new(id);
-        snprintf(key, sizeof key, "bad-%d", i);
-        const char *params[] = {id, key, i % 2 ? "not json" : NULL};
-        s_sql("INSERT INTO referrals (id, partner_id, idempotency_key,"
-              " schema_version, payload, payload_hash, accepted_at)"
-              " VALUES ($1, 'veilig-thuis', $2, 'referral.v1',"
-              " convert_to($3, 'UTF8'), sha256(''::bytea),"
-              " now() - interval '1 hour')",
-              3, params);
-    }
+    for (int i = 0; i < 10; i++)
+        s_stored_referral("bad", i, i % 2 ? "not json" : NULL);
     long deliveries = s_insert_many(5);
     pid_t pid = s_start(s_endpoint(), NULL, 50, "routing.log");
     ck_assert_msg(s_wait_count(S_ROUTED, 5, 10000), "not routed: see %s",
@@ -652,17 +658,8 @@ END_TEST
 START_TEST(payloads_that_are_not_text_are_set_aside)
 {
     static const char *const bad[] = {"\\xff7b7d", "\\x7b007d", "\\xc0af"};
-    for (int i = 0; i < 3; i++) {
-        char id[37], key[32];
-        kh_uuid_new(id);
-        snprintf(key, sizeof key, "binary-%d", i);
-        const char *params[] = {id, key, bad[i]};
-        s_sql("INSERT INTO referrals (id, partner_id, idempotency_key,"
-              " schema_version, payload, payload_hash, accepted_at)"
-              " VALUES ($1, 'veilig-thuis', $2, 'referral.v1', $3::bytea,"
-              " sha256(''::bytea), now() - interval '1 hour')",
-              3, params);
-    }
+    for (int i = 0; i < 3; i++)
+        s_stored_referral("binary", i, bad[i]);
     long deliveries = s_insert_many(5);
     pid_t pid = s_start(s_endpoint(), NULL, 50, "routing.log");
     ck_assert_msg(s_wait_count(S_ROUTED, 5, 10000), "not routed: see %s",
