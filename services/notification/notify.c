@@ -302,17 +302,27 @@ static bool s_send_json(notify_t *self, zframe_t *identity, json_t *msg)
     return ok;
 }
 
+/* REJECTED with err, to resend after retry_ms (0: not to). */
+static void s_reject_after(notify_t *self, zframe_t *identity, const char *cid,
+                           const kh_error_t *err, int64_t retry_ms)
+{
+    s_send_json(
+        self, identity,
+        kh_proto_rejected(cid, err,
+                          retry_ms > INT32_MAX ? INT32_MAX : (int) retry_ms));
+    kh_metric_add("delivery_requests_refused_total", kh_error_name(err->code),
+                  1);
+}
+
 static void s_reject(notify_t *self, zframe_t *identity, const char *cid,
                      const kh_error_t *err)
 {
     /* A partner over its connections waits for one of them to be
      * forgotten. */
-    int retry_ms = err->code == KH_E_UNAVAILABLE ? 1000
+    s_reject_after(self, identity, cid, err,
+                   err->code == KH_E_UNAVAILABLE ? 1000
                    : err->code == KH_E_THROTTLED ? self->cfg.peer_timeout_ms
-                                                 : 0;
-    s_send_json(self, identity, kh_proto_rejected(cid, err, retry_ms));
-    kh_metric_add("delivery_requests_refused_total", kh_error_name(err->code),
-                  1);
+                                                 : 0);
 }
 
 /* ACKED or NACKED: hot enough to pack by hand. */
@@ -742,9 +752,6 @@ static int s_pump(notify_t *self, bool resend, kh_error_t *err)
     return rc;
 }
 
-/* The connection of p's partner that has p's delivery out: the one p
- * came on, as a rule, but a partner may answer on any of its
- * connections what came on another. NULL: none has it out. */
 /* The connection of partner that has delivery id out: mine when it
  * does, else another of the partner's; NULL when none has. */
 static s_conn_t *s_holder(notify_t *self, const char *partner, const char *id,
@@ -759,6 +766,9 @@ static s_conn_t *s_holder(notify_t *self, const char *partner, const char *id,
     return NULL;
 }
 
+/* The connection of p's partner that has p's delivery out: the one p
+ * came on, as a rule, but a partner may answer on any of its
+ * connections what came on another. NULL: none has it out. */
 static s_conn_t *s_conn_holding(notify_t *self, const s_pending_t *p)
 {
     return s_holder(self, p->answer.partner, p->answer.id,
@@ -1154,11 +1164,7 @@ static bool s_over_refusals(notify_t *self, zframe_t *identity, const char *cid,
     kh_error_set(&err, KH_E_THROTTLED, "",
                  "this partner's answers were refused too often; answer "
                  "again after retry_after_ms");
-    s_send_json(self, identity,
-                kh_proto_rejected(cid, &err,
-                                  wait > INT32_MAX ? INT32_MAX : (int) wait));
-    kh_metric_add("delivery_requests_refused_total", kh_error_name(err.code),
-                  1);
+    s_reject_after(self, identity, cid, &err, wait);
     self->stats.throttled++;
     if (kh_throttle_pass(self->throttle_logged, partner, zclock_mono()))
         kh_log_warn("throttled", "partner=%s over=refusals rate=%d/s", partner,
@@ -1719,9 +1725,15 @@ notify_t *notify_new(const notify_config_t *config, kh_error_t *err)
     self->held = zlistx_new();
     self->auth_seen = kh_throttle_new(S_AUTH_REPEAT_MS, 10000);
     self->throttle_logged = kh_throttle_new(10000, 10000);
+    /* 10 s worth at once, and at least a window: after a restart a
+     * partner ACKs what the process before sent, which no connection of
+     * this one has out, and none of that is a refusal. */
+    double burst = 10.0 * config->partner_refusals;
+    if (burst < (double) config->window)
+        burst = (double) config->window;
     if (config->partner_refusals > 0)
-        self->refusals = kh_ratelimit_new(
-            config->partner_refusals, 10.0 * config->partner_refusals, 10000);
+        self->refusals =
+            kh_ratelimit_new(config->partner_refusals, burst, 10000);
     self->loop = zloop_new();
     if (!self->store || !self->conns || !self->batch_ids || !self->pending ||
         !self->acks || !self->outbox || !self->held || !self->auth_seen ||

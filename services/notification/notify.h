@@ -31,8 +31,8 @@ typedef struct {
     int partner_refresh_ms;    /* the registry is re-read this often */
     size_t max_frame;          /* largest frame a partner may send */
     /* ACKs and NACKs a second per partner refused as not_found, each an
-     * audit event; 0: no limit. Over it (by more than 10 s worth), those
-     * of its answers that none of its connections has out are refused
+     * audit event; 0: no limit. Over it (by more than 10 s worth, or a window),
+     * those of its answers that none of its connections has out are refused
      * throttled before any database work. */
     int partner_refusals;
 } notify_config_t;
