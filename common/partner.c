@@ -385,6 +385,19 @@ zcert_t *kh_partner_cert_new(const char *id, kh_error_t *err)
     return cert;
 }
 
+/* A certificate of public key alone (Z85; no secret), with metadata
+ * partner-id = id; NULL when key is not a CURVE public key. */
+static zcert_t *s_public_cert(const char *key, const char *id)
+{
+    uint8_t bytes[32];
+    zcert_t *cert = kh_partner_key_valid(key) && zmq_z85_decode(bytes, key)
+                        ? zcert_new_from(bytes, (const uint8_t[32]){0})
+                        : NULL;
+    if (cert)
+        zcert_set_meta(cert, "partner-id", "%s", id);
+    return cert;
+}
+
 zcert_t *kh_partner_cert_load_public(const char *path, const char *id,
                                      kh_error_t *err)
 {
@@ -416,7 +429,6 @@ zcert_t *kh_partner_cert_load_public(const char *path, const char *id,
     const char *secret =
         given ? zconfig_get(given, "curve/secret-key", NULL) : NULL;
     zcert_t *cert = NULL;
-    uint8_t bytes[32];
     if (!kh_partner_key_valid(key))
         kh_error_set(err, KH_E_CONFIG, path,
                      "not a CURVE public certificate (a ZPL file with "
@@ -427,11 +439,8 @@ zcert_t *kh_partner_cert_load_public(const char *path, const char *id,
         kh_error_set(err, KH_E_CONFIG, path,
                      "the file holds a secret key; take only the public "
                      "certificate, and have the partner make a new pair");
-    else if (!zmq_z85_decode(bytes, key) ||
-             !(cert = zcert_new_from(bytes, (const uint8_t[32]){0})))
+    else if (!(cert = s_public_cert(key, id)))
         kh_error_set(err, KH_E_CURVE, path, "cannot use the key");
-    else
-        zcert_set_meta(cert, "partner-id", "%s", id);
     zconfig_destroy(&given);
     return cert;
 }
@@ -636,15 +645,10 @@ static int s_previous_write(const char *path, const char *id,
                             const char *previous_key, const char *expires_at,
                             kh_error_t *err)
 {
-    uint8_t key[32];
-    zcert_t *old =
-        kh_partner_key_valid(previous_key) && zmq_z85_decode(key, previous_key)
-            ? zcert_new_from(key, (const uint8_t[32]){0})
-            : NULL;
+    zcert_t *old = s_public_cert(previous_key, id);
     if (!old)
         return kh_error_set(err, KH_E_CONFIG, "previous_key",
                             "not a CURVE public key");
-    zcert_set_meta(old, "partner-id", "%s", id);
     if (expires_at)
         zcert_set_meta(old, "expires-at", "%s", expires_at);
     int rc = s_cert_replace(old, path, err);
