@@ -167,6 +167,20 @@ START_TEST(test_apply_on_empty_database)
     PQclear(res);
     free(text);
 
+    /* ANALYZE samples 300 rows per unit of a table's largest statistics
+     * target: every column of the two queues has its own small one (or
+     * none), a column added without one would make each ANALYZE of the
+     * queue under load read ten times the rows. */
+    char *defaulted = khtest_db_value(
+        conn, "SELECT coalesce(string_agg(attrelid::regclass || '.' || "
+              "attname, ' '), '') FROM pg_attribute WHERE attrelid IN "
+              "('referrals'::regclass, 'deliveries'::regclass) AND attnum > 0 "
+              "AND NOT attisdropped AND (attstattarget < 0 OR "
+              "attstattarget > 10)");
+    ck_assert_msg(strcmp(defaulted, "") == 0,
+                  "columns with the default statistics target: %s", defaulted);
+    free(defaulted);
+
     /* Idempotent: a second run applies nothing and reports nothing. */
     memset(&seen, 0, sizeof seen);
     rc = kh_migrate_apply(conn, khtest_src("migrations"), s_count, &seen, &err);
