@@ -450,16 +450,16 @@ int kh_db_pipeline_end(PGconn *conn, int keep_index, PGresult **keep,
 PGresult *kh_db_begin_exec(PGconn *conn, const char *begin, const char *name,
                            int nparams, const char *const *params,
                            const int *lengths, const int *formats,
-                           kh_error_t *err)
+                           int result_format, kh_error_t *err)
 {
     if (!PQenterPipelineMode(conn)) {
         kh_db_error(err, conn, NULL, "cannot start a pipeline");
         return NULL;
     }
     kh_error_t send_err;
-    bool sent =
-        PQsendQueryParams(conn, begin, 0, NULL, NULL, NULL, NULL, 0) &&
-        PQsendQueryPrepared(conn, name, nparams, params, lengths, formats, 0);
+    bool sent = PQsendQueryParams(conn, begin, 0, NULL, NULL, NULL, NULL, 0) &&
+                PQsendQueryPrepared(conn, name, nparams, params, lengths,
+                                    formats, result_format);
     if (!sent)
         kh_db_error(&send_err, conn, NULL, "cannot send a statement");
     PGresult *res = NULL;

@@ -135,15 +135,15 @@ int kh_db_pipeline_end(PGconn *conn, int keep_index, PGresult **keep,
                        kh_error_t *err);
 
 /* Run begin (a parameterless command such as "BEGIN") and then the
- * prepared statement name (parameters as PQexecPrepared takes them) in one
- * round trip: a pipeline. Returns the statement's result (rows or a
- * command status) when both succeeded, else NULL with the first error in
- * err; the transaction begin opened is then open and failed, for the
+ * prepared statement name (parameters and result_format as PQexecPrepared
+ * takes them) in one round trip: a pipeline. Returns the statement's result
+ * (rows or a command status) when both succeeded, else NULL with the first
+ * error in err; the transaction begin opened is then open and failed, for the
  * caller to roll back. */
 PGresult *kh_db_begin_exec(PGconn *conn, const char *begin, const char *name,
                            int nparams, const char *const *params,
                            const int *lengths, const int *formats,
-                           kh_error_t *err);
+                           int result_format, kh_error_t *err);
 
 /* Roll back the connection's open transaction, if any, ignoring errors:
  * for cleanup paths that already carry an error. Safe on NULL. */

@@ -195,9 +195,9 @@ static PGresult *s_exec(dstore_t *self, s_stmt_t stmt, const char *sql,
         /* The transaction's BEGIN and its first statement in one round
          * trip (on failure it is open and failed: the caller rolls back). */
         if (stmt != S_STATEMENTS)
-            return kh_db_begin_exec(self->conn, "BEGIN",
-                                    s_statements[stmt].name, nparams, params,
-                                    lengths, formats, err);
+            return kh_db_begin_exec(
+                self->conn, "BEGIN", s_statements[stmt].name, nparams, params,
+                lengths, formats, s_statements[stmt].result_format, err);
         if (kh_db_exec(self->conn, "BEGIN", err))
             return NULL;
     }
@@ -205,7 +205,8 @@ static PGresult *s_exec(dstore_t *self, s_stmt_t stmt, const char *sql,
                         ? PQexecParams(self->conn, sql, nparams, NULL, params,
                                        lengths, formats, 0)
                         : PQexecPrepared(self->conn, s_statements[stmt].name,
-                                         nparams, params, lengths, formats, 0);
+                                         nparams, params, lengths, formats,
+                                         s_statements[stmt].result_format);
     ExecStatusType status = PQresultStatus(res);
     if (status == PGRES_TUPLES_OK || status == PGRES_COMMAND_OK)
         return res;

@@ -33,7 +33,11 @@
 /* What the two claims below (with $4 the ACK timeout ms and $5 the backoff
  * max ms) set on a delivery they send, return of it, audit (with peer as
  * the origin), and give the caller (the columns dstore.c reads, in that
- * order: id, referral id, priority, attempts, routed at, payload, hash). */
+ * order: id, referral id, priority, attempts, routed at, payload, hash).
+ * The claims' results are binary: the payload comes as the stored bytes,
+ * neither converted (bytes that are not UTF-8 would fail every claim of
+ * every partner) nor in bytea's hex text, twice its size; the other
+ * columns are text, whose binary form is their bytes. */
 /* clang-format off */
 #define S_SEND_SET                                                             \
     " attempts = d.attempts + 1, sent_at = now(), updated_at = now(),"         \
@@ -48,8 +52,8 @@
     " SELECT 'service', 'notification', 'delivery.sent', referral_id, id,"     \
     " partner_id, 'ok', payload_hash, 'notification', " peer
 #define S_SENT_COLUMNS                                                         \
-    " id, referral_id, priority, attempts, " S_UTC("created_at") ","           \
-    " convert_from(payload, 'UTF8'), encode(payload_hash, 'hex')"
+    " id::text, referral_id::text, priority, attempts::text,"                 \
+    " " S_UTC("created_at") ", payload, encode(payload_hash, 'hex')"
 /* clang-format on */
 
 /* The CTE name: the sent deliveries of partner $1 (not revoked) with
@@ -132,7 +136,7 @@ static const char *s_claim_pending_sql =
     " sent AS (SELECT req.n, req.peer, claimed.* FROM claimed"
     "  JOIN req ON req.partner = claimed.partner_id),"
     " audit AS (" S_SENT_AUDIT("peer") " FROM sent)"
-    " SELECT n," S_SENT_COLUMNS
+    " SELECT n::text," S_SENT_COLUMNS
     " FROM sent ORDER BY n, priority_rank DESC, created_at";
 /* clang-format on */
 
@@ -359,14 +363,16 @@ typedef enum {
     S_STATEMENTS
 } s_stmt_t;
 
+/* result_format: 1 for the claims' binary results (S_SENT_COLUMNS). */
 static const struct {
     const char *name;
     const char **sql;
+    int result_format;
 } s_statements[S_STATEMENTS] = {
-    {"resend", &s_resend_sql}, {"claim_pending", &s_claim_pending_sql},
-    {"ack", &s_ack_sql},       {"nack", &s_nack_sql},
-    {"dead", &s_dead_sql},     {"escalate", &s_escalate_sql},
-    {"due", &s_due_sql},
+    {"resend", &s_resend_sql, 1}, {"claim_pending", &s_claim_pending_sql, 1},
+    {"ack", &s_ack_sql, 0},       {"nack", &s_nack_sql, 0},
+    {"dead", &s_dead_sql, 0},     {"escalate", &s_escalate_sql, 0},
+    {"due", &s_due_sql, 0},
 };
 
 #endif

@@ -286,27 +286,18 @@ static void s_matched(const kh_rules_result_t *result, char *out, size_t size)
     }
 }
 
-/* Route one claimed referral (payload: its stored bytes in bytea's text
- * form, NULL once purged): add its deliveries and its audit event to the
- * pass. Returns 1 when routed, 0 when it cannot be read (set aside as
+/* Route one claimed referral (payload: its stored bytes, len of them,
+ * NULL once purged): add its deliveries and its audit event to the pass.
+ * Returns 1 when routed, 0 when it cannot be read (set aside as
  * unroutable: a referral.routed event with outcome failed), -1 when out of
  * memory. */
 static int s_route(routing_t *self, const char *id, const char *payload,
-                   const char *hash, kh_error_t *err)
+                   size_t len, const char *hash, kh_error_t *err)
 {
     json_error_t jerr;
-    json_t *referral = NULL;
-    if (payload) {
-        /* The bytea's text form; what is not UTF-8 JSON (a stray byte, a
-         * NUL) is unreadable like any other malformed payload. */
-        size_t len = 0;
-        unsigned char *bytes =
-            PQunescapeBytea((const unsigned char *) payload, &len);
-        if (!bytes)
-            return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
-        referral = json_loadb((const char *) bytes, len, 0, &jerr);
-        PQfreemem(bytes);
-    }
+    /* What is not UTF-8 JSON (a stray byte, a NUL) is unreadable like any
+     * other malformed payload. */
+    json_t *referral = payload ? json_loadb(payload, len, 0, &jerr) : NULL;
     if (!json_is_object(referral)) {
         /* Set aside, audited, so that it is not claimed again and again
          * (and cannot block the referrals behind it). */
@@ -343,10 +334,10 @@ static int s_route(routing_t *self, const char *id, const char *payload,
 /* s_route, with the referral's values and its projections in the arena,
  * which forgets them once it is done. */
 static int s_route_one(routing_t *self, const char *id, const char *payload,
-                       const char *hash, kh_error_t *err)
+                       size_t len, const char *hash, kh_error_t *err)
 {
     kh_jarena_t *was = kh_jarena_enter(self->arena);
-    int rc = s_route(self, id, payload, hash, err);
+    int rc = s_route(self, id, payload, len, hash, err);
     kh_jarena_enter(was);
     kh_jarena_reset(self->arena);
     return rc;
@@ -449,7 +440,7 @@ static int s_pass(routing_t *self)
     /* BEGIN and the claim in one round trip. */
     PGresult *res =
         kh_db_begin_exec(self->conn, "BEGIN", s_statements[S_CLAIM].name, 1,
-                         params, NULL, NULL, &err);
+                         params, NULL, NULL, 1, &err);
     if (!res)
         goto fail;
     /* The writes of the whole batch, and the COMMIT, in one round trip. */
@@ -463,6 +454,7 @@ static int s_pass(routing_t *self)
         const char *payload =
             PQgetisnull(res, row, 1) ? NULL : PQgetvalue(res, row, 1);
         int rc = s_route_one(self, PQgetvalue(res, row, 0), payload,
+                             (size_t) PQgetlength(res, row, 1),
                              PQgetvalue(res, row, 2), &err);
         if (rc < 0)
             sent = -1;

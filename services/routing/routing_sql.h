@@ -13,11 +13,13 @@
 
 /* Claim the oldest accepted referrals; rows another process holds are
  * skipped, so side-by-side processes never take the same referral. The
- * payload comes as bytea (hex text), not as converted text: bytes that
- * are not UTF-8 would make the claim fail in every pass, where routing
- * must set the referral aside as unreadable. */
+ * result is binary (the other columns text, whose binary form is their
+ * bytes): the payload comes as the stored bytes, not as converted text,
+ * since bytes that are not UTF-8 would make the claim fail in every pass,
+ * where routing must set the referral aside as unreadable; and not in
+ * bytea's hex text, twice its size, decoded again in routing. */
 static const char s_claim_sql[] =
-    "SELECT id, payload, encode(payload_hash, 'hex')"
+    "SELECT id::text, payload, encode(payload_hash, 'hex')"
     " FROM referrals WHERE state = 'accepted' ORDER BY accepted_at"
     " LIMIT $1 FOR UPDATE SKIP LOCKED";
 

@@ -333,7 +333,7 @@ START_TEST(begin_and_statement_go_in_one_round_trip)
 
     const char *one[] = {"1"};
     PGresult *res =
-        kh_db_begin_exec(conn, "BEGIN", "ins", 1, one, NULL, NULL, &err);
+        kh_db_begin_exec(conn, "BEGIN", "ins", 1, one, NULL, NULL, 0, &err);
     ck_assert_msg(res != NULL, "%s", err.message);
     ck_assert_int_eq(PQntuples(res), 1);
     ck_assert_str_eq(PQgetvalue(res, 0, 0), "10");
@@ -344,7 +344,7 @@ START_TEST(begin_and_statement_go_in_one_round_trip)
     ck_assert_int_eq(s_rows(table), 1);
 
     const char *zero[] = {"0"};
-    res = kh_db_begin_exec(conn, "BEGIN", "div", 1, zero, NULL, NULL, &err);
+    res = kh_db_begin_exec(conn, "BEGIN", "div", 1, zero, NULL, NULL, 0, &err);
     ck_assert_ptr_null(res);
     ck_assert_int_eq(err.code, KH_E_DB);
     ck_assert_msg(strstr(err.message, "22012"), "%s", err.message);
@@ -352,7 +352,7 @@ START_TEST(begin_and_statement_go_in_one_round_trip)
     kh_db_rollback_quietly(conn);
 
     res = kh_db_begin_exec(conn, "BEGIN ISOLATION LEVEL NONE", "ins", 1, one,
-                           NULL, NULL, &err);
+                           NULL, NULL, 0, &err);
     ck_assert_ptr_null(res);
     ck_assert_msg(strstr(err.message, "42601"), "%s", err.message);
     ck_assert_int_eq(PQtransactionStatus(conn), PQTRANS_IDLE);

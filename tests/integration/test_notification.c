@@ -1296,6 +1296,61 @@ START_TEST(partners_connected_together_each_get_their_own)
 }
 END_TEST
 
+/* A payload is sent as it is stored, with its hash: bytes that are not
+ * text (a NUL, a byte no UTF-8 has) make neither the claims of that
+ * partner nor those of the others fail, where converting the payloads to
+ * text failed every claim statement, for all partners, at every round. */
+START_TEST(a_payload_that_is_not_text_is_sent_as_stored)
+{
+    char odd[37], other[37];
+    s_delivery("avim", "normal", 1000, NULL, odd);
+    s_delivery("zorgcoordinator", "normal", 1000, NULL, other);
+    const char *params[] = {odd};
+    khtest_db_exec(s_db,
+                   "UPDATE deliveries SET payload = '\\xff007b7d'::bytea,"
+                   " payload_hash = sha256('\\xff007b7d'::bytea)"
+                   " WHERE id = $1",
+                   1, params);
+    pid_t pid = s_start("notification.log", "KH_NOTIFY_ACK_TIMEOUT_MS=10000",
+                        "KH_NOTIFY_BACKOFF_MAX_MS=20000");
+    zsock_t *avim = s_partner("avim");
+    zsock_t *zorg = s_partner("zorgcoordinator");
+    s_hello(avim, 4);
+    s_hello(zorg, 4);
+
+    json_t *msg = s_expect(zorg, "DELIVER", 5000);
+    ck_assert_msg(msg != NULL, "the other partner got nothing");
+    ck_assert_str_eq(s_str(msg, "delivery_id"), other);
+    json_decref(msg);
+
+    zsock_set_rcvtimeo(avim, 5000);
+    zframe_t *frame = zframe_recv(avim);
+    ck_assert_msg(frame != NULL, "the partner of the odd payload got nothing");
+    static const char stored[] = {
+        (char) 0xa7, 'p',         'a',         'y', 'l', 'o', 'a',
+        'd',         (char) 0xa4, (char) 0xff, 0,   '{', '}'};
+    ck_assert_ptr_nonnull(
+        memmem(zframe_data(frame), zframe_size(frame), stored, sizeof stored));
+    ck_assert_ptr_nonnull(
+        memmem(zframe_data(frame), zframe_size(frame), odd, strlen(odd)));
+    char *hash = khtest_db_value(
+        s_db, "SELECT encode(sha256('\\xff007b7d'::bytea), 'hex')");
+    ck_assert_ptr_nonnull(
+        memmem(zframe_data(frame), zframe_size(frame), hash, strlen(hash)));
+    free(hash);
+    zframe_destroy(&frame);
+
+    s_answer(avim, odd, NULL);
+    s_answer(zorg, other, NULL);
+    ck_assert(s_wait_count("SELECT count(*) FROM deliveries WHERE state ="
+                           " 'acknowledged'",
+                           2, 5000));
+    zsock_destroy(&avim);
+    zsock_destroy(&zorg);
+    s_stop(pid);
+}
+END_TEST
+
 /* Notification with wake-ups at a free port (into wake) and its health
  * endpoint (into health), no sweep within a test (sweep_ms, and re-sends
  * far later), the largest window, ready. */
@@ -2557,6 +2612,7 @@ static Suite *s_suite(void)
         tc, a_partner_that_reconnects_gets_its_deliveries_at_once, 0, 2);
     tcase_add_test(tc, two_connections_of_one_partner_both_keep_working);
     tcase_add_test(tc, partners_connected_together_each_get_their_own);
+    tcase_add_test(tc, a_payload_that_is_not_text_is_sent_as_stored);
     tcase_add_loop_test(tc, one_claim_serves_a_wake_up_for_three_partners, 0,
                         2);
     tcase_add_loop_test(tc, with_wake_ups_a_full_window_drains_through_acks, 0,
