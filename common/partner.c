@@ -719,10 +719,13 @@ int kh_partner_cert_rotate(zcert_t *cert, const char *id,
     }
     /* Until the commit the registry's current key is previous_key: it
      * admits the partner without an end, whatever happens to this
-     * process before the rotation ends. */
-    int rc = s_cert_replace(cert, files[0].path, err);
+     * process before the rotation ends. It goes into <id>.previous.cert
+     * before the new key replaces it in <id>.cert, so that a rotation cut
+     * short between the two leaves it in a file the handshake reads, not
+     * only in a kept copy, which it does not. */
+    int rc = s_previous_write(files[1].path, id, previous_key, NULL, err);
     if (rc == 0)
-        rc = s_previous_write(files[1].path, id, previous_key, NULL, err);
+        rc = s_cert_replace(cert, files[0].path, err);
     if (rc != 0)
         s_rotate_restore(files);
     return rc;
