@@ -585,13 +585,16 @@ int kh_partner_cert_remove(const char *id, const char *cert_dir,
         return kh_error_set(err, KH_E_IO, previous,
                             "cannot remove public certificate: %s",
                             strerror(errno));
-    if (unlink(path) == 0)
-        return 0;
-    if (errno == ENOENT)
-        return 1;
-    return kh_error_set(err, KH_E_IO, path,
-                        "cannot remove public certificate: %s",
-                        strerror(errno));
+    int rc = unlink(path) == 0 ? 0 : errno == ENOENT ? 1 : -1;
+    if (rc < 0)
+        return kh_error_set(err, KH_E_IO, path,
+                            "cannot remove public certificate: %s",
+                            strerror(errno));
+    /* No key admits the partner now: what a rotation cut short kept of
+     * its files can go too. */
+    if (kh_partner_cert_forget_kept(id, cert_dir, err) < 0)
+        return -1;
+    return rc;
 }
 
 /* The file of a rotation in cert_dir: its name (id + suffix) and the
@@ -697,6 +700,26 @@ static void s_rotate_restore(const s_rotated_t files[2])
     for (int i = 0; i < 2; i++)
         if (rename(files[i].kept, files[i].path) != 0 && errno == ENOENT)
             unlink(files[i].path); /* it was not there before */
+}
+
+int kh_partner_cert_forget_kept(const char *id, const char *cert_dir,
+                                kh_error_t *err)
+{
+    if (!kh_partner_id_valid(id))
+        return kh_error_set(err, KH_E_CONFIG, "id", "bad partner id");
+    s_rotated_t files[2];
+    if (s_rotated_paths(files, id, cert_dir, err) != 0)
+        return -1;
+    int removed = 0;
+    for (int i = 0; i < 2; i++) {
+        if (unlink(files[i].kept) == 0)
+            removed++;
+        else if (errno != ENOENT)
+            return kh_error_set(err, KH_E_IO, files[i].kept,
+                                "cannot remove the copy a rotation kept: %s",
+                                strerror(errno));
+    }
+    return removed;
 }
 
 int kh_partner_cert_rotate(zcert_t *cert, const char *id,
