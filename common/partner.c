@@ -585,13 +585,16 @@ int kh_partner_cert_remove(const char *id, const char *cert_dir,
         return kh_error_set(err, KH_E_IO, previous,
                             "cannot remove public certificate: %s",
                             strerror(errno));
-    if (unlink(path) == 0)
-        return 0;
-    if (errno == ENOENT)
-        return 1;
-    return kh_error_set(err, KH_E_IO, path,
-                        "cannot remove public certificate: %s",
-                        strerror(errno));
+    int rc = unlink(path) == 0 ? 0 : errno == ENOENT ? 1 : -1;
+    if (rc < 0)
+        return kh_error_set(err, KH_E_IO, path,
+                            "cannot remove public certificate: %s",
+                            strerror(errno));
+    /* No key admits the partner now: what a rotation cut short kept of
+     * its files can go too. */
+    if (kh_partner_cert_forget_kept(id, cert_dir, err) < 0)
+        return -1;
+    return rc;
 }
 
 /* The file of a rotation in cert_dir: its name (id + suffix) and the
@@ -699,6 +702,26 @@ static void s_rotate_restore(const s_rotated_t files[2])
             unlink(files[i].path); /* it was not there before */
 }
 
+int kh_partner_cert_forget_kept(const char *id, const char *cert_dir,
+                                kh_error_t *err)
+{
+    if (!kh_partner_id_valid(id))
+        return kh_error_set(err, KH_E_CONFIG, "id", "bad partner id");
+    s_rotated_t files[2];
+    if (s_rotated_paths(files, id, cert_dir, err) != 0)
+        return -1;
+    int removed = 0;
+    for (int i = 0; i < 2; i++) {
+        if (unlink(files[i].kept) == 0)
+            removed++;
+        else if (errno != ENOENT)
+            return kh_error_set(err, KH_E_IO, files[i].kept,
+                                "cannot remove the copy a rotation kept: %s",
+                                strerror(errno));
+    }
+    return removed;
+}
+
 int kh_partner_cert_rotate(zcert_t *cert, const char *id,
                            const char *previous_key, const char *cert_dir,
                            kh_error_t *err)
@@ -719,10 +742,13 @@ int kh_partner_cert_rotate(zcert_t *cert, const char *id,
     }
     /* Until the commit the registry's current key is previous_key: it
      * admits the partner without an end, whatever happens to this
-     * process before the rotation ends. */
-    int rc = s_cert_replace(cert, files[0].path, err);
+     * process before the rotation ends. It goes into <id>.previous.cert
+     * before the new key replaces it in <id>.cert, so that a rotation cut
+     * short between the two leaves it in a file the handshake reads, not
+     * only in a kept copy, which it does not. */
+    int rc = s_previous_write(files[1].path, id, previous_key, NULL, err);
     if (rc == 0)
-        rc = s_previous_write(files[1].path, id, previous_key, NULL, err);
+        rc = s_cert_replace(cert, files[0].path, err);
     if (rc != 0)
         s_rotate_restore(files);
     return rc;

@@ -170,9 +170,11 @@ void kh_partner_cert_unlock(int *lock_p);
  * is the partner's current one, so that a rotation cut short at any point
  * leaves the directory admitting every key the registry does (the
  * services refuse the keys the registry does not). Each file is renamed
- * into place, so the directory never lacks the partner's key. The files
- * they replace are kept until kh_partner_cert_rotate_end. Returns 0, or -1
- * with err and the files as they were. */
+ * into place, <id>.previous.cert first, so the directory never lacks the
+ * registry's key. The files they replace are kept (hidden copies, see
+ * kh_partner_cert_forget_kept, which replace those a rotation cut short
+ * left) until kh_partner_cert_rotate_end. Returns 0, or -1 with err and
+ * the files as they were. */
 int kh_partner_cert_rotate(zcert_t *cert, const char *id,
                            const char *previous_key, const char *cert_dir,
                            kh_error_t *err);
@@ -190,7 +192,22 @@ int kh_partner_cert_rotate_end(const char *id, const char *cert_dir,
                                bool committed, const char *previous_key,
                                const char *expires_at, kh_error_t *err);
 
-/* Remove <cert_dir>/<id>.cert and <id>.previous.cert, so the ZAP handler
+/* Remove the hidden copies <cert_dir>/.<id>.cert.kept and
+ * .<id>.previous.cert.kept of the files a rotation replaced, which
+ * kh_partner_cert_rotate makes and kh_partner_cert_rotate_end removes or
+ * puts back: a rotation cut short between the two (the tool killed, the
+ * machine down) leaves them behind. The handshake never reads them (they
+ * are hidden), and each key they hold is either in <id>.cert or
+ * <id>.previous.cert too, or one that the registry ends at the next
+ * rotation or revocation, so removing them changes no key's admission.
+ * Call with the partner's lock held (kh_partner_cert_lock), while the
+ * files of the partner are made anew from the registry: a rotation,
+ * revocation or addition. Returns how many were removed, or -1 with err. */
+int kh_partner_cert_forget_kept(const char *id, const char *cert_dir,
+                                kh_error_t *err);
+
+/* Remove <cert_dir>/<id>.cert and <id>.previous.cert, and what a rotation
+ * cut short kept of them (kh_partner_cert_forget_kept), so the ZAP handler
  * refuses the partner's keys from now on (a
  * connection already open stays open: services also check revoked_at).
  * Returns 0 when it was removed, 1 when there was no such file, -1 with

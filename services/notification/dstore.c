@@ -503,19 +503,32 @@ int dstore_sweep(dstore_t *self, dstore_event_fn *fn, void *arg,
     if (!res)
         return -1;
     int changes = PQntuples(res);
-    for (int i = 0; i < PQntuples(res); i++)
-        fn("dead", PQgetvalue(res, i, 0), PQgetvalue(res, i, 1),
-           PQgetvalue(res, i, 2), PQgetvalue(res, i, 3), arg);
+    for (int i = 0; i < PQntuples(res); i++) {
+        dstore_event_t event = {.kind = "dead",
+                                .delivery_id = PQgetvalue(res, i, 0),
+                                .referral_id = PQgetvalue(res, i, 1),
+                                .partner = PQgetvalue(res, i, 2),
+                                .reason = PQgetvalue(res, i, 3)};
+        fn(&event, arg);
+    }
     PQclear(res);
     const char *esc_params[] = {sesc};
     res = s_run(self, S_ESCALATE, NULL, 1, esc_params, -1, 0, err);
     if (!res)
         return -1;
     changes += PQntuples(res);
-    for (int i = 0; i < PQntuples(res); i++)
-        fn("escalated", PQgetvalue(res, i, 0), PQgetvalue(res, i, 1),
-           PQgetvalue(res, i, 2),
-           PQgetisnull(res, i, 3) ? NULL : PQgetvalue(res, i, 3), arg);
+    for (int i = 0; i < PQntuples(res); i++) {
+        dstore_event_t event = {
+            .kind = "escalated",
+            .delivery_id = PQgetvalue(res, i, 0),
+            .referral_id = PQgetvalue(res, i, 1),
+            .partner = PQgetvalue(res, i, 2),
+            .escalate_to =
+                PQgetisnull(res, i, 3) ? NULL : PQgetvalue(res, i, 3),
+            .copy = PQgetvalue(res, i, 4),
+            .reason = PQgetisnull(res, i, 5) ? NULL : PQgetvalue(res, i, 5)};
+        fn(&event, arg);
+    }
     PQclear(res);
     return changes;
 }

@@ -147,11 +147,25 @@ int dstore_nack(dstore_t *self, dstore_answer_t *nack, bool permanent,
 int dstore_audit_refused(dstore_t *self, const char *key, const char *peer,
                          const char *reason, kh_error_t *err);
 
-/* Something a sweep did: kind "dead" (detail: the reason) or "escalated"
- * (detail: the partner that got a copy, or NULL). */
-typedef void(dstore_event_fn)(const char *kind, const char *delivery_id,
-                              const char *referral_id, const char *partner,
-                              const char *detail, void *arg);
+/* Something a sweep did; strings valid during the callback only. */
+typedef struct {
+    const char *kind; /* "dead" or "escalated" */
+    const char *delivery_id, *referral_id, *partner;
+    /* dead: why it died (dead_reason). escalated: why no copy went out
+     * (copy "none"), else NULL: no_escalation_partner, partner_revoked,
+     * partner_not_handling_cases, payload_purged, or partner_has_delivery
+     * (the escalation partner's own delivery of the referral was already
+     * sent, acknowledged, dead or urgent, so it was neither copied to nor
+     * raised). These names go into the log: once released they stay. */
+    const char *reason;
+    /* escalated: "made" (an urgent copy, delivery.created), "raised" (the
+     * partner's own waiting delivery raised to urgent, delivery.escalated
+     * raised_to_urgent) or "none" (no event beyond the escalation's) */
+    const char *copy;
+    const char *escalate_to; /* escalated: the rules' partner, or NULL */
+} dstore_event_t;
+
+typedef void(dstore_event_fn)(const dstore_event_t *event, void *arg);
 
 /* Make dead letters of deliveries past their last attempt, too old, or
  * for a revoked partner, and escalate overdue urgent ones (with a copy to

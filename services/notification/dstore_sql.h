@@ -288,7 +288,9 @@ static const char *s_dead_sql =
  * deliveries escalate at once (an upsert may touch a row only once, and
  * none that esc changed: when the escalation partner's own delivery is
  * urgent and escalates in the same sweep, as when two targets escalate to
- * each other, it is left as it is). */
+ * each other, it is left as it is). Returns per escalated delivery its
+ * id, referral, partner, escalation partner, what came of the copy (made,
+ * raised or none) and, for none, why (see dstore_event_t). */
 static const char *s_escalate_sql =
     "WITH cand AS ("
     " SELECT id FROM deliveries"
@@ -336,9 +338,21 @@ static const char *s_escalate_sql =
     "  referral_id, id, partner_id, 'ok',"
     "  CASE WHEN made THEN 'escalation' ELSE 'raised_to_urgent' END,"
     "  payload_hash, 'notification' FROM copies)"
-    " SELECT esc.id, esc.referral_id, esc.partner_id, copies.partner_id"
+    /* per escalated delivery what came of its copy, from the rows that
+     * copies and audit wrote (made, raised) or, for none, why: read in
+     * the statement's snapshot, as copies read it */
+    " SELECT esc.id, esc.referral_id, esc.partner_id, esc.escalate_to,"
+    "  CASE WHEN copies.made THEN 'made'"
+    "   WHEN copies.id IS NOT NULL THEN 'raised' ELSE 'none' END,"
+    "  CASE WHEN copies.id IS NOT NULL THEN NULL"
+    "   WHEN esc.escalate_to IS NULL THEN 'no_escalation_partner'"
+    "   WHEN p.revoked_at IS NOT NULL THEN 'partner_revoked'"
+    "   WHEN NOT p.handles_cases THEN 'partner_not_handling_cases'"
+    "   WHEN esc.escalation_payload IS NULL THEN 'payload_purged'"
+    "   ELSE 'partner_has_delivery' END"
     " FROM esc LEFT JOIN copies ON copies.referral_id = esc.referral_id"
-    "  AND copies.partner_id = esc.escalate_to";
+    "  AND copies.partner_id = esc.escalate_to"
+    " LEFT JOIN partners p ON p.id = esc.escalate_to";
 
 /* $1 ids, $2 partner, $3 max attempts. Sent, unacknowledged deliveries
  * that are not at their last attempt become due now; nothing else changes

@@ -1397,39 +1397,56 @@ static int s_on_router(zloop_t *loop, zsock_t *sock, void *arg)
 
 /* --- timers, wake-ups, signals ------------------------------------------ */
 
-static void s_on_sweep_event(const char *kind, const char *delivery_id,
-                             const char *referral_id, const char *partner,
-                             const char *detail, void *arg)
+static void s_on_sweep_event(const dstore_event_t *event, void *arg)
 {
     notify_t *self = arg;
-    if (strcmp(kind, "dead") == 0) {
+    if (strcmp(event->kind, "dead") == 0) {
         self->stats.dead++;
         kh_metric_add("deliveries_dead_total", NULL, 1);
         kh_log_error("alert",
                      "kind=dead_letter delivery=%s referral=%s "
                      "partner=%s reason=%s",
-                     delivery_id, referral_id, partner, detail);
+                     event->delivery_id, event->referral_id, event->partner,
+                     event->reason);
         for (s_conn_t *c = zhashx_first(self->conns); c;
              c = zhashx_next(self->conns))
-            zhashx_delete(c->out, delivery_id);
+            zhashx_delete(c->out, event->delivery_id);
         for (s_outgoing_t *h = zlistx_first(self->held); h;
              h = zlistx_next(self->held))
-            if (strcmp(h->id, delivery_id) == 0) {
+            if (strcmp(h->id, event->delivery_id) == 0) {
                 zlistx_detach_cur(self->held);
                 s_outgoing_free((void **) &h);
             }
     } else {
         self->stats.escalated++;
         kh_metric_add("deliveries_escalated_total", NULL, 1);
-        kh_log_error("alert",
-                     "kind=escalation delivery=%s referral=%s "
-                     "partner=%s escalated_to=%s",
-                     delivery_id, referral_id, partner,
-                     detail ? detail : "none");
-        if (detail)
+        /* escalated_to names the partner that got something (a copy, or
+         * its own delivery raised); with copy=none, reason says why, and
+         * escalation_partner names the rules' partner when there is one. */
+        bool got = strcmp(event->copy, "none") != 0;
+        if (got)
+            kh_log_error("alert",
+                         "kind=escalation delivery=%s referral=%s "
+                         "partner=%s escalated_to=%s copy=%s",
+                         event->delivery_id, event->referral_id, event->partner,
+                         event->escalate_to, event->copy);
+        else if (event->escalate_to)
+            kh_log_error("alert",
+                         "kind=escalation delivery=%s referral=%s "
+                         "partner=%s escalated_to=none copy=none reason=%s "
+                         "escalation_partner=%s",
+                         event->delivery_id, event->referral_id, event->partner,
+                         event->reason, event->escalate_to);
+        else
+            kh_log_error("alert",
+                         "kind=escalation delivery=%s referral=%s "
+                         "partner=%s escalated_to=none copy=none reason=%s",
+                         event->delivery_id, event->referral_id, event->partner,
+                         event->reason);
+        if (got)
             for (s_conn_t *c = zhashx_first(self->conns); c;
                  c = zhashx_next(self->conns))
-                if (strcmp(c->partner, detail) == 0)
+                if (strcmp(c->partner, event->escalate_to) == 0)
                     c->more = true;
     }
 }

@@ -184,6 +184,27 @@ static bool s_log_has(const char *log, const char *text, int timeout_ms)
     return khtest_log_has(s_path(log), text, timeout_ms);
 }
 
+/* Whether log's escalation alert for delivery id says what (e.g.
+ * "copy=none reason=payload_purged"), within timeout_ms. */
+static bool s_alert_says(const char *log, const char *id, const char *what,
+                         int timeout_ms)
+{
+    char head[96];
+    snprintf(head, sizeof head, "kind=escalation delivery=%s ", id);
+    for (int waited = 0; waited <= timeout_ms; waited += 20) {
+        char *text = khtest_read_file(s_path(log));
+        const char *line = text ? strstr(text, head) : NULL;
+        const char *end = line ? strchr(line, '\n') : NULL;
+        const char *at = line ? strstr(line, what) : NULL;
+        bool found = at && (!end || at < end);
+        free(text);
+        if (found)
+            return true;
+        zclock_sleep(20);
+    }
+    return false;
+}
+
 /* Notification with a back-off far beyond a test's waits, the ACK timeout
  * and silence limit given, ready. */
 static pid_t s_start_slow(int ack_timeout_ms, int peer_timeout_ms)
@@ -820,8 +841,10 @@ START_TEST(an_escalation_raises_the_partners_own_waiting_delivery)
     ck_assert_str_eq(PQgetvalue(res, 0, 3), "1"); /* audited once */
     ck_assert_str_eq(PQgetvalue(res, 0, 4), "0");
     PQclear(res);
-    ck_assert(
-        s_log_has("notification.log", "escalated_to=zorgcoordinator", 2000));
+    ck_assert(s_alert_says("notification.log", urgent,
+                           "escalated_to=zorgcoordinator copy=raised", 2000));
+    ck_assert(s_alert_says("notification.log", vt,
+                           "escalated_to=zorgcoordinator copy=raised", 2000));
     s_stop(pid);
 }
 END_TEST
@@ -996,6 +1019,97 @@ START_TEST(urgent_deliveries_escalating_to_each_other_escalate)
                              " = 'delivery.created'"),
                      0);
     ck_assert(!s_log_has("notification.log", "event=db_failed", 0));
+    s_stop(pid);
+}
+END_TEST
+
+/* When an escalation makes no copy, its alert says why, one reason per
+ * cause, and the trail has the escalation's own event and no other: no
+ * escalation partner in the rules; the escalation partner revoked, or
+ * marked as not handling cases since; the escalation payload purged; the
+ * escalation partner's own delivery already sent. When it does, the alert
+ * says whether it made a copy or raised the partner's own delivery. */
+START_TEST(an_escalation_alert_says_why_no_copy_went_out)
+{
+    char none[37], revoked[37], purged[37], no_cases[37], sent[37], own[37];
+    char made[37];
+    s_register("adviseur", "other", true);
+    s_register("gemeente", "municipality", true);
+    s_delivery("veilig-thuis", "urgent", 0, NULL, none);
+    s_delivery("avim", "urgent", 0, "gemeente", revoked);
+    s_delivery("avim", "urgent", 0, "zorgcoordinator", purged);
+    s_delivery("avim", "urgent", 0, "adviseur", no_cases);
+    s_delivery("avim", "urgent", 0, "veilig-thuis", sent);
+    s_delivery("veilig-thuis", "urgent", 0, "zorgcoordinator", made);
+    /* The escalation partner's own delivery of sent's referral, sent
+     * already (out, not acknowledged). */
+    kh_uuid_new(own);
+    const char *own_params[] = {sent, own};
+    khtest_db_exec(
+        s_db,
+        "INSERT INTO deliveries (id, referral_id, partner_id, priority,"
+        " payload, payload_hash, rules_version, state, attempts, sent_at,"
+        " next_attempt_at)"
+        " SELECT $2::uuid, referral_id, 'veilig-thuis', 'normal', payload,"
+        " payload_hash, 'test', 'delivered', 1, now(), now() + interval"
+        " '1 hour' FROM deliveries WHERE id = $1",
+        2, own_params);
+    const char *purged_params[] = {purged};
+    khtest_db_exec(s_db,
+                   "UPDATE deliveries SET escalation_payload = NULL"
+                   " WHERE id = $1",
+                   1, purged_params);
+    khtest_db_exec(s_db,
+                   "UPDATE partners SET revoked_at = now() WHERE id ="
+                   " 'gemeente'",
+                   0, NULL);
+    khtest_db_exec(s_db,
+                   "UPDATE partners SET handles_cases = false WHERE id ="
+                   " 'adviseur'",
+                   0, NULL);
+    pid_t pid = s_start("notification.log", NULL, NULL);
+    ck_assert(s_wait_count("SELECT count(*) FROM deliveries WHERE"
+                           " escalated_at IS NOT NULL",
+                           6, 5000));
+    ck_assert(s_alert_says("notification.log", none,
+                           "escalated_to=none copy=none"
+                           " reason=no_escalation_partner",
+                           2000));
+    ck_assert(s_alert_says("notification.log", revoked,
+                           "escalated_to=none copy=none"
+                           " reason=partner_revoked"
+                           " escalation_partner=gemeente",
+                           2000));
+    ck_assert(s_alert_says("notification.log", purged,
+                           "escalated_to=none copy=none"
+                           " reason=payload_purged"
+                           " escalation_partner=zorgcoordinator",
+                           2000));
+    ck_assert(s_alert_says("notification.log", no_cases,
+                           "escalated_to=none copy=none"
+                           " reason=partner_not_handling_cases"
+                           " escalation_partner=adviseur",
+                           2000));
+    ck_assert(s_alert_says("notification.log", sent,
+                           "escalated_to=none copy=none"
+                           " reason=partner_has_delivery"
+                           " escalation_partner=veilig-thuis",
+                           2000));
+    ck_assert(s_alert_says("notification.log", made,
+                           "escalated_to=zorgcoordinator copy=made", 2000));
+    /* The trail: six escalations, one copy (made's), nothing raised. */
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
+                             " = 'delivery.escalated' AND reason_code ="
+                             " 'ack_overdue'"),
+                     6);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
+                             " = 'delivery.escalated' AND reason_code <>"
+                             " 'ack_overdue'"),
+                     0);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
+                             " = 'delivery.created'"),
+                     1);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM deliveries"), 8);
     s_stop(pid);
 }
 END_TEST
@@ -2632,6 +2746,7 @@ static Suite *s_suite(void)
     tcase_set_timeout(esc, 60);
     tcase_add_test(esc, urgent_deliveries_escalating_to_each_other_escalate);
     tcase_add_test(esc, an_urgent_dead_letter_escalates_too);
+    tcase_add_test(esc, an_escalation_alert_says_why_no_copy_went_out);
     tcase_add_test(esc,
                    a_delivery_raised_to_urgent_escalates_after_its_own_time);
     tcase_add_test(esc, a_delivery_another_process_gave_up_frees_its_window);

@@ -1089,6 +1089,112 @@ START_TEST(test_rotate_cut_short)
 }
 END_TEST
 
+/* Whether a hidden copy that a rotation keeps of partner id's files is in
+ * cert_dir. */
+static bool s_kept_any(const char *cert_dir, const char *id)
+{
+    char cert[128], previous[128];
+    snprintf(cert, sizeof cert, ".%s.cert.kept", id);
+    snprintf(previous, sizeof previous, ".%s.previous.cert.kept", id);
+    return s_file_exists(cert_dir, cert) || s_file_exists(cert_dir, previous);
+}
+
+/* Cut short a rotation of avim (files staged, no COMMIT, no end) on a
+ * connection of its own: it leaves the hidden copies of the files it
+ * replaced, and the directory admitting the registry's key. */
+static void s_rotate_killed(PGconn *conn, const char *cert_dir)
+{
+    kh_error_t err;
+    zcert_t *cert = kh_partner_cert_new("avim", &err);
+    ck_assert_ptr_nonnull(cert);
+    PGconn *cut = PQconnectdb(getenv("KH_DATABASE_URL"));
+    ck_assert_int_eq(PQstatus(cut), CONNECTION_OK);
+    char previous[KH_PARTNER_KEY_LEN + 1], until[40];
+    s_rotate_staged(cut, "avim", cert, cert_dir, previous, until);
+    PQfinish(cut);
+    zcert_destroy(&cert);
+    ck_assert(s_file_exists(cert_dir, ".avim.cert.kept"));
+    kh_partner_t p;
+    ck_assert_int_eq(kh_partner_get(conn, "avim", &p, &err), 0);
+    char key[KH_PARTNER_KEY_LEN + 1], expires[40];
+    s_cert_key(cert_dir, "avim.previous.cert", key, expires);
+    ck_assert_str_eq(key, p.public_key);
+}
+
+/* The hidden copies that a rotation cut short leaves in the partner
+ * directory go with the next rotation, revocation or addition of that
+ * partner, which make its files anew under its lock; what admits the
+ * partner is what the registry says. */
+START_TEST(test_kept_copies_of_a_rotation_cut_short_go)
+{
+    PGconn *conn = s_ctl_db();
+    char *cert_dir = khtest_tmpdir();
+    char *out[4];
+    for (int i = 0; i < 4; i++)
+        out[i] = khtest_tmpdir();
+    s_migrated_with_avim(cert_dir, out[0]);
+    char *text = NULL;
+    int rc = KHTEST_CTL(&text, "partner", "rotate", "avim", "--cert-dir",
+                        cert_dir, "--out", out[1], "--overlap", "2");
+    ck_assert_msg(rc == 0, "partner rotate: %s", text);
+    free(text);
+    ck_assert(!s_kept_any(cert_dir, "avim"));
+
+    /* Cut short during an overlap: both files were kept. */
+    s_rotate_killed(conn, cert_dir);
+    ck_assert(s_file_exists(cert_dir, ".avim.previous.cert.kept"));
+    rc = KHTEST_CTL(&text, "partner", "rotate", "avim", "--cert-dir", cert_dir,
+                    "--out", out[2], "--overlap", "2");
+    ck_assert_msg(rc == 0, "partner rotate: %s", text);
+    free(text);
+    ck_assert(!s_kept_any(cert_dir, "avim"));
+    char key[KH_PARTNER_KEY_LEN + 1], want[KH_PARTNER_KEY_LEN + 1];
+    char expires[40];
+    s_cert_key(out[2], "avim.cert", want, expires);
+    s_cert_key(cert_dir, "avim.cert", key, expires);
+    ck_assert_str_eq(key, want);
+    s_cert_key(out[1], "avim.cert", want, expires);
+    s_cert_key(cert_dir, "avim.previous.cert", key, expires);
+    ck_assert_str_eq(key, want); /* the registry's key before */
+    ck_assert_str_ne(expires, "");
+
+    /* Cut short, then revoked: nothing of the partner is left. */
+    s_rotate_killed(conn, cert_dir);
+    rc = KHTEST_CTL(&text, "partner", "revoke", "avim", "--cert-dir", cert_dir);
+    ck_assert_msg(rc == 0, "partner revoke: %s", text);
+    free(text);
+    ck_assert(!s_kept_any(cert_dir, "avim"));
+    ck_assert(!s_file_exists(cert_dir, "avim.cert"));
+    ck_assert(!s_file_exists(cert_dir, "avim.previous.cert"));
+
+    /* Copies of a partner the registry does not have (a database restored
+     * without it) go when a partner of that id is added. */
+    char from[4096], to[4096];
+    snprintf(from, sizeof from, "%s/avim.cert", out[1]);
+    snprintf(to, sizeof to, "%s/.gemeente.cert.kept", cert_dir);
+    ck_assert_int_eq(link(from, to), 0);
+    snprintf(to, sizeof to, "%s/.gemeente.previous.cert.kept", cert_dir);
+    ck_assert_int_eq(link(from, to), 0);
+    rc = KHTEST_CTL(&text, "partner", "add", "gemeente", "--name", "Gemeente",
+                    "--kind", "municipality", "--cert-dir", cert_dir, "--out",
+                    out[3]);
+    ck_assert_msg(rc == 0, "partner add: %s", text);
+    free(text);
+    ck_assert(!s_kept_any(cert_dir, "gemeente"));
+    s_cert_key(out[3], "gemeente.cert", want, expires);
+    s_cert_key(cert_dir, "gemeente.cert", key, expires);
+    ck_assert_str_eq(key, want);
+
+    khtest_rmtree(cert_dir);
+    free(cert_dir);
+    for (int i = 0; i < 4; i++) {
+        khtest_rmtree(out[i]);
+        free(out[i]);
+    }
+    PQfinish(conn);
+}
+END_TEST
+
 static Suite *s_suite(void)
 {
     Suite *s = suite_create("partner");
@@ -1103,6 +1209,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_rotate);
     tcase_add_test(tc, test_rotate_commit_lost);
     tcase_add_test(tc, test_rotate_cut_short);
+    tcase_add_test(tc, test_kept_copies_of_a_rotation_cut_short_go);
     suite_add_tcase(s, tc);
     return s;
 }

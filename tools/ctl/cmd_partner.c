@@ -319,9 +319,21 @@ static int s_add(const char *id, const char *name, kh_partner_kind_t kind,
         rc = kh_partner_cert_install(cert, id, cert_dir, &err);
         installed = rc == 0;
     }
+    /* The copies a rotation cut short kept of a partner of this id (the
+     * registry has none now: a database restored without it) admit
+     * nothing and go, under the partner's lock like a rotation's (taken
+     * once the install has made the directory). */
+    int lock = -1;
+    if (rc == 0) {
+        lock = kh_partner_cert_lock(id, cert_dir, &err);
+        rc = lock < 0 ? -1 : 0;
+    }
+    if (rc == 0)
+        rc = kh_partner_cert_forget_kept(id, cert_dir, &err) < 0 ? -1 : 0;
     int outcome = 0;
     if (rc == 0)
         rc = s_commit(conn, id, zcert_public_txt(cert), &outcome, &err);
+    kh_partner_cert_unlock(&lock);
     if (rc != 0 && outcome == 0) {
         kh_db_rollback_quietly(conn);
         s_unlink_files(installed ? cert_dir : NULL, exported ? out : NULL, id);
