@@ -368,6 +368,17 @@ START_TEST(test_retry)
         0);
     ck_assert_ptr_nonnull(strstr(out, "no dead deliveries for partner avim"));
     free(out);
+    /* A partner that is not registered (a typo) is an error, not "none
+     * dead": exit 1, nothing recorded. */
+    long events_now = s_count(events);
+    ck_assert_int_eq(
+        KHTEST_CTL(&out, "deadletters", "retry", "--partner", "avlm", "--all"),
+        1);
+    ck_assert_msg(strstr(out, "no partner avlm") &&
+                      !strstr(out, "no dead deliveries"),
+                  "%s", out);
+    free(out);
+    ck_assert_int_eq(s_count(events), events_now);
     /* The purged one stays dead; the acknowledged one untouched. */
     ck_assert_int_eq(s_count("SELECT count(*) FROM deliveries WHERE id = '" D5
                              "' AND state = 'dead'"),

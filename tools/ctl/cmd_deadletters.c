@@ -474,6 +474,23 @@ static const char s_retry_sql[] =
     " FROM want w LEFT JOIN cur c USING (id)"
     " LEFT JOIN upd u ON u.id = w.id ORDER BY w.id";
 
+/* Whether partner is registered (revoked or not): 1 yes, 0 no, -1 when
+ * the database could not say (err filled). A retry of every dead letter
+ * of a partner that does not exist (a typo) is an error, not "none". */
+static int s_partner_known(PGconn *conn, const char *partner, kh_error_t *err)
+{
+    const char *params[] = {partner};
+    PGresult *res = PQexecParams(conn, "SELECT 1 FROM partners WHERE id = $1",
+                                 1, NULL, params, NULL, NULL, 0);
+    int known = -1;
+    if (PQresultStatus(res) == PGRES_TUPLES_OK)
+        known = PQntuples(res) > 0;
+    else
+        kh_db_error(err, conn, res, "cannot read the partners");
+    PQclear(res);
+    return known;
+}
+
 /* Retry the deliveries: ids ("{a,b}", a uuid[] literal) or, when partner
  * is not NULL, every dead delivery of partner. Prints what happened. */
 static int s_retry(const char *ids, const char *partner)
@@ -496,7 +513,7 @@ static int s_retry(const char *ids, const char *partner)
     PGresult *res =
         rc == CTL_OK ? PQexecParams(conn, sql, 4, NULL, params, NULL, NULL, 0)
                      : NULL;
-    int n = 0, retried = 0;
+    int n = 0, retried = 0, known = 1;
     if (rc == CTL_OK && PQresultStatus(res) != PGRES_TUPLES_OK) {
         kh_db_error(&err, conn, res, "cannot retry");
         rc = CTL_FAIL;
@@ -540,6 +557,14 @@ static int s_retry(const char *ids, const char *partner)
         }
         fprintf(stderr, "ketenhubctl: deadletters retry: nothing was "
                         "retried\n");
+    } else if (n == 0 && partner &&
+               (known = s_partner_known(conn, partner, &err)) < 1) {
+        if (known < 0)
+            ctl_print_error(&err);
+        else
+            fprintf(stderr, "ketenhubctl: deadletters retry: no partner %s\n",
+                    partner);
+        rc = CTL_FAIL;
     } else if (n == 0)
         printf("no dead deliveries for partner %s\n", partner);
     else {
