@@ -542,6 +542,20 @@ START_TEST(test_ctl_end_to_end)
                                 "--kind", "other", "--out", out3),
                      2);
     free(text);
+    /* A --cert-dir that is not there (mistyped) is refused before
+     * anything is registered or written, as for rotate and revoke: made
+     * here, it would hold the certificate where zauth never looks. */
+    char typo[4096];
+    snprintf(typo, sizeof typo, "%s/partners-typo", cert_dir);
+    ck_assert_int_eq(KHTEST_CTL(&text, "partner", "add", "okid", "--name", "x",
+                                "--kind", "other", "--cert-dir", typo, "--out",
+                                out3),
+                     2);
+    ck_assert_msg(strstr(text, "is not a directory"), "%s", text);
+    free(text);
+    ck_assert_int_eq(access(typo, F_OK), -1);
+    ck_assert_int_eq(kh_partner_get(conn, "okid", &p, &err), -1);
+    ck_assert(!s_file_exists(out3, "okid.cert_secret"));
 
     /* list, for humans and as JSON. */
     ck_assert_int_eq(KHTEST_CTL(&text, "partner", "list"), 0);
