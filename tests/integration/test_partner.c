@@ -886,7 +886,14 @@ START_TEST(test_rotate)
     snprintf(mine, sizeof mine, "%s/one/zelf.cert", own);
     snprintf(secret, sizeof secret, "%s/one/zelf.cert_secret", own);
     snprintf(second_pub, sizeof second_pub, "%s/two/zelf.cert", own);
-    const char *bad[] = {secret, "/etc/hostname", own, "/nonexistent"};
+    /* The hub's own certificate is no partner's either. */
+    char hub_dir[4096], hub_cert[4200];
+    snprintf(hub_dir, sizeof hub_dir, "%s/hub", own);
+    snprintf(hub_cert, sizeof hub_cert, "%s/hub.cert", hub_dir);
+    ck_assert_int_eq(KHTEST_CTL(&text, "hub", "keygen", "--out", hub_dir), 0);
+    free(text);
+    const char *bad[] = {secret, "/etc/hostname", own, "/nonexistent",
+                         hub_cert};
     for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
         rc = KHTEST_CTL(&text, "partner", "add", "zelf", "--name", "Zelf",
                         "--kind", "other", "--cert-dir", cert_dir,
