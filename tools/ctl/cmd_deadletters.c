@@ -205,6 +205,24 @@ static int s_print_json(json_t *value)
 
 /* ---- list ------------------------------------------------------------- */
 
+/* Whether partner is registered (revoked or not): 1 yes, 0 no, -1 when
+ * the database could not say (err filled). A list or a retry of the
+ * dead letters of a partner that does not exist (a typo) is an error,
+ * not "none". */
+static int s_partner_known(PGconn *conn, const char *partner, kh_error_t *err)
+{
+    const char *params[] = {partner};
+    PGresult *res = PQexecParams(conn, "SELECT 1 FROM partners WHERE id = $1",
+                                 1, NULL, params, NULL, NULL, 0);
+    int known = -1;
+    if (PQresultStatus(res) == PGRES_TUPLES_OK)
+        known = PQntuples(res) > 0;
+    else
+        kh_db_error(err, conn, res, "cannot read the partners");
+    PQclear(res);
+    return known;
+}
+
 static int s_cmd_list(int argc, char **argv)
 {
     static const struct option options[] = {
@@ -261,18 +279,27 @@ static int s_cmd_list(int argc, char **argv)
                                             "updated_at >= $2::timestamptz)"
                                             " ORDER BY updated_at, id",
         2, NULL, params, NULL, NULL, 0);
-    int rc = CTL_OK;
+    int rc = CTL_OK, known = 1;
+    kh_error_t err;
+    kh_error_clear(&err);
     if (PQresultStatus(res) != PGRES_TUPLES_OK) {
         if (s_bad_input(res))
             rc = ctl_usage_error("deadletters list: --since '%s' is not a "
                                  "time PostgreSQL reads",
                                  since ? since : "");
         else {
-            kh_error_t err;
             kh_db_error(&err, conn, res, "cannot list dead deliveries");
             ctl_print_error(&err);
             rc = CTL_FAIL;
         }
+    } else if (partner && PQntuples(res) == 0 &&
+               (known = s_partner_known(conn, partner, &err)) < 1) {
+        if (known < 0)
+            ctl_print_error(&err);
+        else
+            fprintf(stderr, "ketenhubctl: deadletters list: no partner %s\n",
+                    partner);
+        rc = CTL_FAIL;
     } else if (as_json) {
         static const char *const ints[] = {"attempts", NULL};
         if (s_print_rows_json(res, ints))
@@ -473,23 +500,6 @@ static const char s_retry_sql[] =
     "  (u.id IS NOT NULL), c.partner_id, coalesce(c.revoked, false)"
     " FROM want w LEFT JOIN cur c USING (id)"
     " LEFT JOIN upd u ON u.id = w.id ORDER BY w.id";
-
-/* Whether partner is registered (revoked or not): 1 yes, 0 no, -1 when
- * the database could not say (err filled). A retry of every dead letter
- * of a partner that does not exist (a typo) is an error, not "none". */
-static int s_partner_known(PGconn *conn, const char *partner, kh_error_t *err)
-{
-    const char *params[] = {partner};
-    PGresult *res = PQexecParams(conn, "SELECT 1 FROM partners WHERE id = $1",
-                                 1, NULL, params, NULL, NULL, 0);
-    int known = -1;
-    if (PQresultStatus(res) == PGRES_TUPLES_OK)
-        known = PQntuples(res) > 0;
-    else
-        kh_db_error(err, conn, res, "cannot read the partners");
-    PQclear(res);
-    return known;
-}
 
 /* Retry the deliveries: ids ("{a,b}", a uuid[] literal) or, when partner
  * is not NULL, every dead delivery of partner. Prints what happened. */
