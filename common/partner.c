@@ -428,6 +428,7 @@ zcert_t *kh_partner_cert_load_public(const char *path, const char *id,
         given ? zconfig_get(given, "curve/public-key", NULL) : NULL;
     const char *secret =
         given ? zconfig_get(given, "curve/secret-key", NULL) : NULL;
+    const char *role = given ? zconfig_get(given, "metadata/role", NULL) : NULL;
     zcert_t *cert = NULL;
     if (!kh_partner_key_valid(key))
         kh_error_set(err, KH_E_CONFIG, path,
@@ -439,6 +440,13 @@ zcert_t *kh_partner_cert_load_public(const char *path, const char *id,
         kh_error_set(err, KH_E_CONFIG, path,
                      "the file holds a secret key; take only the public "
                      "certificate, and have the partner make a new pair");
+    else if (role && strcmp(role, "hub") == 0)
+        /* hub keygen marks hub.cert so: a partner registered with the
+         * hub's own key could never connect, and whoever holds the hub's
+         * secret would be that partner. */
+        kh_error_set(err, KH_E_CONFIG, path,
+                     "the file is the hub's certificate (hub.cert), not a "
+                     "partner's");
     else if (!(cert = s_public_cert(key, id)))
         kh_error_set(err, KH_E_CURVE, path, "cannot use the key");
     zconfig_destroy(&given);

@@ -686,6 +686,7 @@ static int s_setup(void)
     rc |= khproc_sh("%s hub keygen --out %s/hub >>%s 2>&1", s_ctl, s_run, log);
     rc |= khproc_sh("%s audit keygen --out %s/audit >>%s 2>&1", s_ctl, s_run,
                     log);
+    rc |= khproc_sh("mkdir -p %s/partners", s_run);
     for (size_t i = 0; i < sizeof partners / sizeof partners[0]; i++)
         rc |= khproc_sh("%s partner add %s --name 'E2E %s' --kind %s"
                         " --cert-dir %s/partners --out %s/keys >>%s 2>&1",

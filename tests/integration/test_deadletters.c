@@ -198,6 +198,19 @@ START_TEST(test_list_and_show)
     ck_assert_ptr_nonnull(json_object_get(first, "updated_at"));
     json_decref(list);
     free(out);
+    /* A registered partner with no dead letters has none; one that is not
+     * registered (a typo) is an error, exit 1. */
+    ck_assert_int_eq(KHTEST_CTL(&out, "deadletters", "list", "--partner",
+                                "meldpunt", "--json"),
+                     0);
+    ck_assert_str_eq(out, "[]\n");
+    free(out);
+    ck_assert_int_eq(
+        KHTEST_CTL(&out, "deadletters", "list", "--partner", "avlm"), 1);
+    ck_assert_msg(strstr(out, "no partner avlm") &&
+                      !strstr(out, "dead deliveries"),
+                  "%s", out);
+    free(out);
     ck_assert_int_eq(KHTEST_CTL(&out, "deadletters", "list", "--since",
                                 "now() - interval '3 hours'", "--json"),
                      2);
@@ -368,6 +381,17 @@ START_TEST(test_retry)
         0);
     ck_assert_ptr_nonnull(strstr(out, "no dead deliveries for partner avim"));
     free(out);
+    /* A partner that is not registered (a typo) is an error, not "none
+     * dead": exit 1, nothing recorded. */
+    long events_now = s_count(events);
+    ck_assert_int_eq(
+        KHTEST_CTL(&out, "deadletters", "retry", "--partner", "avlm", "--all"),
+        1);
+    ck_assert_msg(strstr(out, "no partner avlm") &&
+                      !strstr(out, "no dead deliveries"),
+                  "%s", out);
+    free(out);
+    ck_assert_int_eq(s_count(events), events_now);
     /* The purged one stays dead; the acknowledged one untouched. */
     ck_assert_int_eq(s_count("SELECT count(*) FROM deliveries WHERE id = '" D5
                              "' AND state = 'dead'"),

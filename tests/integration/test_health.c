@@ -835,6 +835,38 @@ START_TEST(readme_names_every_setting_and_metric)
 }
 END_TEST
 
+/* An endpoint for status or health that is no HOST:PORT is a usage
+ * error (exit 2, naming where it came from), not a service reported down
+ * (exit 1): a typo must not read as an outage. */
+START_TEST(status_and_health_refuse_an_endpoint_that_is_no_host_port)
+{
+    char *output = NULL;
+    ck_assert_int_eq(KHTEST_CTL(&output, "status", "--intake", "intake"), 2);
+    ck_assert_msg(strstr(output, "--intake 'intake' is not HOST:PORT"), "%s",
+                  output);
+    free(output);
+    ck_assert_int_eq(
+        KHTEST_CTL(&output, "status", "--audit", "127.0.0.1:99999"), 2);
+    free(output);
+    setenv("KH_NOTIFY_HEALTH", "9703", 1);
+    ck_assert_int_eq(KHTEST_CTL(&output, "status"), 2);
+    ck_assert_msg(strstr(output, "KH_NOTIFY_HEALTH '9703'"), "%s", output);
+    free(output);
+    unsetenv("KH_NOTIFY_HEALTH");
+    ck_assert_int_eq(KHTEST_CTL(&output, "health", "nonsense"), 2);
+    ck_assert_msg(strstr(output, "'nonsense' is not HOST:PORT"), "%s", output);
+    free(output);
+    ck_assert_int_eq(KHTEST_CTL(&output, "health", "127.0.0.1:"), 2);
+    free(output);
+    /* A well-formed endpoint where nothing listens is down: exit 1. */
+    char down[64];
+    snprintf(down, sizeof down, "http://127.0.0.1:%d/", khproc_free_port());
+    ck_assert_int_eq(KHTEST_CTL(&output, "health", down), 1);
+    ck_assert_ptr_nonnull(strstr(output, "cannot connect"));
+    free(output);
+}
+END_TEST
+
 int main(void)
 {
     Suite *suite = suite_create("health");
@@ -852,6 +884,8 @@ int main(void)
     suite_add_tcase(suite, tc);
     TCase *reference = tcase_create("reference");
     tcase_add_test(reference, readme_names_every_setting_and_metric);
+    tcase_add_test(reference,
+                   status_and_health_refuse_an_endpoint_that_is_no_host_port);
     suite_add_tcase(suite, reference);
     return khtest_run_suite(suite);
 }

@@ -542,6 +542,20 @@ START_TEST(test_ctl_end_to_end)
                                 "--kind", "other", "--out", out3),
                      2);
     free(text);
+    /* A --cert-dir that is not there (mistyped) is refused before
+     * anything is registered or written, as for rotate and revoke: made
+     * here, it would hold the certificate where zauth never looks. */
+    char typo[4096];
+    snprintf(typo, sizeof typo, "%s/partners-typo", cert_dir);
+    ck_assert_int_eq(KHTEST_CTL(&text, "partner", "add", "okid", "--name", "x",
+                                "--kind", "other", "--cert-dir", typo, "--out",
+                                out3),
+                     2);
+    ck_assert_msg(strstr(text, "is not a directory"), "%s", text);
+    free(text);
+    ck_assert_int_eq(access(typo, F_OK), -1);
+    ck_assert_int_eq(kh_partner_get(conn, "okid", &p, &err), -1);
+    ck_assert(!s_file_exists(out3, "okid.cert_secret"));
 
     /* list, for humans and as JSON. */
     ck_assert_int_eq(KHTEST_CTL(&text, "partner", "list"), 0);
@@ -872,7 +886,14 @@ START_TEST(test_rotate)
     snprintf(mine, sizeof mine, "%s/one/zelf.cert", own);
     snprintf(secret, sizeof secret, "%s/one/zelf.cert_secret", own);
     snprintf(second_pub, sizeof second_pub, "%s/two/zelf.cert", own);
-    const char *bad[] = {secret, "/etc/hostname", own, "/nonexistent"};
+    /* The hub's own certificate is no partner's either. */
+    char hub_dir[4096], hub_cert[4200];
+    snprintf(hub_dir, sizeof hub_dir, "%s/hub", own);
+    snprintf(hub_cert, sizeof hub_cert, "%s/hub.cert", hub_dir);
+    ck_assert_int_eq(KHTEST_CTL(&text, "hub", "keygen", "--out", hub_dir), 0);
+    free(text);
+    const char *bad[] = {secret, "/etc/hostname", own, "/nonexistent",
+                         hub_cert};
     for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
         rc = KHTEST_CTL(&text, "partner", "add", "zelf", "--name", "Zelf",
                         "--kind", "other", "--cert-dir", cert_dir,

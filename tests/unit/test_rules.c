@@ -1094,6 +1094,32 @@ START_TEST(test_ctl_exit_codes)
     char *usage[] = {ctl, "rules", "check", NULL};
     ck_assert_int_eq(khtest_run(usage, &out), 2);
     free(out);
+    /* A partners file or a referral that is not there is said to be not
+     * there: not "not a JSON array" and no line -1 of it. */
+    char *no_partners[] = {
+        ctl, "rules", "check", def, "--partners", "/nonexistent.json", NULL};
+    ck_assert_int_eq(khtest_run(no_partners, &out), 2);
+    ck_assert_msg(strstr(out, "/nonexistent.json: unable to open") &&
+                      !strstr(out, "-1") && !strstr(out, "JSON array"),
+                  "%s", out);
+    free(out);
+    char *no_referral[] = {ctl, "rules", "explain", def, "/nonexistent.json",
+                           NULL};
+    ck_assert_int_eq(khtest_run(no_referral, &out), 2);
+    ck_assert_msg(strstr(out, "/nonexistent.json: unable to open") &&
+                      !strstr(out, "-1"),
+                  "%s", out);
+    free(out);
+    char not_array[4096];
+    snprintf(not_array, sizeof not_array, "%s/object.json", dir);
+    khtest_write_file(not_array, "{\"id\": \"avim\"}");
+    char *object[] = {ctl,          "rules",   "check", def,
+                      "--partners", not_array, NULL};
+    ck_assert_int_eq(khtest_run(object, &out), 2);
+    ck_assert_msg(strstr(out, "object.json: not a JSON array of partners") &&
+                      !strstr(out, ":0:"),
+                  "%s", out);
+    free(out);
     char *explain[] = {ctl, "rules", "explain", def, ex, NULL};
     ck_assert_int_eq(khtest_run(explain, &out), 0);
     ck_assert_ptr_nonnull(strstr(out, "rule minor: FIRED"));

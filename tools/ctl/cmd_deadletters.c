@@ -205,6 +205,24 @@ static int s_print_json(json_t *value)
 
 /* ---- list ------------------------------------------------------------- */
 
+/* Whether partner is registered (revoked or not): 1 yes, 0 no, -1 when
+ * the database could not say (err filled). A list or a retry of the
+ * dead letters of a partner that does not exist (a typo) is an error,
+ * not "none". */
+static int s_partner_known(PGconn *conn, const char *partner, kh_error_t *err)
+{
+    const char *params[] = {partner};
+    PGresult *res = PQexecParams(conn, "SELECT 1 FROM partners WHERE id = $1",
+                                 1, NULL, params, NULL, NULL, 0);
+    int known = -1;
+    if (PQresultStatus(res) == PGRES_TUPLES_OK)
+        known = PQntuples(res) > 0;
+    else
+        kh_db_error(err, conn, res, "cannot read the partners");
+    PQclear(res);
+    return known;
+}
+
 static int s_cmd_list(int argc, char **argv)
 {
     static const struct option options[] = {
@@ -261,18 +279,27 @@ static int s_cmd_list(int argc, char **argv)
                                             "updated_at >= $2::timestamptz)"
                                             " ORDER BY updated_at, id",
         2, NULL, params, NULL, NULL, 0);
-    int rc = CTL_OK;
+    int rc = CTL_OK, known = 1;
+    kh_error_t err;
+    kh_error_clear(&err);
     if (PQresultStatus(res) != PGRES_TUPLES_OK) {
         if (s_bad_input(res))
             rc = ctl_usage_error("deadletters list: --since '%s' is not a "
                                  "time PostgreSQL reads",
                                  since ? since : "");
         else {
-            kh_error_t err;
             kh_db_error(&err, conn, res, "cannot list dead deliveries");
             ctl_print_error(&err);
             rc = CTL_FAIL;
         }
+    } else if (partner && PQntuples(res) == 0 &&
+               (known = s_partner_known(conn, partner, &err)) < 1) {
+        if (known < 0)
+            ctl_print_error(&err);
+        else
+            fprintf(stderr, "ketenhubctl: deadletters list: no partner %s\n",
+                    partner);
+        rc = CTL_FAIL;
     } else if (as_json) {
         static const char *const ints[] = {"attempts", NULL};
         if (s_print_rows_json(res, ints))
@@ -496,7 +523,7 @@ static int s_retry(const char *ids, const char *partner)
     PGresult *res =
         rc == CTL_OK ? PQexecParams(conn, sql, 4, NULL, params, NULL, NULL, 0)
                      : NULL;
-    int n = 0, retried = 0;
+    int n = 0, retried = 0, known = 1;
     if (rc == CTL_OK && PQresultStatus(res) != PGRES_TUPLES_OK) {
         kh_db_error(&err, conn, res, "cannot retry");
         rc = CTL_FAIL;
@@ -540,6 +567,14 @@ static int s_retry(const char *ids, const char *partner)
         }
         fprintf(stderr, "ketenhubctl: deadletters retry: nothing was "
                         "retried\n");
+    } else if (n == 0 && partner &&
+               (known = s_partner_known(conn, partner, &err)) < 1) {
+        if (known < 0)
+            ctl_print_error(&err);
+        else
+            fprintf(stderr, "ketenhubctl: deadletters retry: no partner %s\n",
+                    partner);
+        rc = CTL_FAIL;
     } else if (n == 0)
         printf("no dead deliveries for partner %s\n", partner);
     else {

@@ -406,6 +406,14 @@ static int s_cmd_add(int argc, char **argv)
         return ctl_usage_error("partner add: unknown kind '%s'", kind_name);
     if (!s_cert_dir_given("partner add", cert_dir))
         return CTL_USAGE;
+    /* As for rotate and revoke: a mistyped directory, made here, would
+     * hold the certificate where zauth never looks, and the partner
+     * registered but refused at every handshake. */
+    struct stat st;
+    if (stat(cert_dir, &st) != 0 || !S_ISDIR(st.st_mode))
+        return ctl_usage_error("partner add: --cert-dir %s is not a "
+                               "directory",
+                               cert_dir);
     if (!s_one_key_source("partner add", out, public_cert))
         return CTL_USAGE;
     /* A chain director never handles cases, so it needs no --no-cases. */

@@ -113,14 +113,33 @@ static int s_partners_add(s_partners_t *p, const char *id, bool cases)
     return 0;
 }
 
+/* Say on stderr why path could not be loaded as JSON: where jansson
+ * knows the place (a syntax error), as FILE:LINE:COLUMN; a file that
+ * cannot be opened or read has none (jansson gives -1), so that it does
+ * not read as an error inside the file. */
+static void s_json_error(const char *path, const json_error_t *jerr)
+{
+    if (jerr->line > 0)
+        fprintf(stderr, "ketenhubctl: %s:%d:%d: %s\n", path, jerr->line,
+                jerr->column, jerr->text);
+    else
+        fprintf(stderr, "ketenhubctl: %s: %s\n", path, jerr->text);
+}
+
 /* Active partners from a JSON array of {id, handles_cases, revoked_at}. */
 static int s_partners_file(s_partners_t *p, const char *path)
 {
     json_error_t jerr;
     json_t *doc = json_load_file(path, JSON_REJECT_DUPLICATES, &jerr);
+    if (!doc) {
+        s_json_error(path, &jerr);
+        return -1;
+    }
     if (!json_is_array(doc)) {
-        fprintf(stderr, "ketenhubctl: %s:%d: not a JSON array of partners\n",
-                path, doc ? 0 : jerr.line);
+        fprintf(stderr,
+                "ketenhubctl: %s: not a JSON array of partners (the output "
+                "of partner list --json)\n",
+                path);
         json_decref(doc);
         return -1;
     }
@@ -264,8 +283,7 @@ static int s_run(int argc, char **argv, bool explain)
         referral =
             json_load_file(argv[optind + 1], JSON_REJECT_DUPLICATES, &jerr);
         if (!referral) {
-            fprintf(stderr, "ketenhubctl: %s:%d:%d: %s\n", argv[optind + 1],
-                    jerr.line, jerr.column, jerr.text);
+            s_json_error(argv[optind + 1], &jerr);
             s_partners_free(&partners);
             return CTL_USAGE;
         }

@@ -43,6 +43,7 @@ typedef struct {
     const char *env;      /* variable with its health endpoint */
     const char *defval;   /* default endpoint */
     const char *endpoint; /* in force */
+    const char *from;     /* where it came from: option or variable */
 } s_service_t;
 
 static void s_usage(FILE *out)
@@ -83,6 +84,27 @@ static const char *s_hostport(const char *endpoint, char *buf, size_t size)
     while (len > 0 && buf[len - 1] == '/')
         buf[--len] = '\0';
     return buf;
+}
+
+/* Whether endpoint is one that s_hostport and kh_http_get can use:
+ * "none", or [http://]HOST:PORT[/] with a port of 1 to 65535 (HOST may be
+ * empty or "*": this machine). A word that is none of these ("intake",
+ * a port alone) is a usage error, not a service that is down. */
+static bool s_endpoint_valid(const char *endpoint)
+{
+    if (strcmp(endpoint, "none") == 0)
+        return true;
+    char buf[256];
+    const char *hp = s_hostport(endpoint, buf, sizeof buf);
+    const char *colon = strrchr(hp, ':');
+    if (!colon || strlen(endpoint) >= sizeof buf)
+        return false;
+    const char *port = colon + 1;
+    size_t digits = strspn(port, "0123456789");
+    if (digits == 0 || digits > 5 || port[digits] != '\0')
+        return false;
+    long n = strtol(port, NULL, 10);
+    return n >= 1 && n <= 65535;
 }
 
 /* {"name", "endpoint", "state": up|not_ready|down|skipped, "version",
@@ -338,15 +360,16 @@ static void s_print_text(const json_t *doc)
 int ctl_status(int argc, char **argv)
 {
     s_service_t services[] = {
-        {"intake", "KH_INTAKE_HEALTH", "127.0.0.1:9701", NULL},
-        {"routing", "KH_ROUTING_HEALTH", "127.0.0.1:9702", NULL},
-        {"notification", "KH_NOTIFY_HEALTH", "127.0.0.1:9703", NULL},
-        {"audit", "KH_AUDIT_HEALTH", "127.0.0.1:9704", NULL},
+        {"intake", "KH_INTAKE_HEALTH", "127.0.0.1:9701", NULL, NULL},
+        {"routing", "KH_ROUTING_HEALTH", "127.0.0.1:9702", NULL, NULL},
+        {"notification", "KH_NOTIFY_HEALTH", "127.0.0.1:9703", NULL, NULL},
+        {"audit", "KH_AUDIT_HEALTH", "127.0.0.1:9704", NULL, NULL},
     };
     const size_t nservices = sizeof services / sizeof services[0];
     for (size_t i = 0; i < nservices; i++) {
         const char *env = getenv(services[i].env);
         services[i].endpoint = env && *env ? env : services[i].defval;
+        services[i].from = services[i].env;
     }
     static const struct option options[] = {
         {"intake", required_argument, NULL, 'i'},
@@ -363,15 +386,19 @@ int ctl_status(int argc, char **argv)
         switch (c) {
         case 'i':
             services[0].endpoint = optarg;
+            services[0].from = "--intake";
             break;
         case 'r':
             services[1].endpoint = optarg;
+            services[1].from = "--routing";
             break;
         case 'n':
             services[2].endpoint = optarg;
+            services[2].from = "--notification";
             break;
         case 'a':
             services[3].endpoint = optarg;
+            services[3].from = "--audit";
             break;
         case 'j':
             as_json = true;
@@ -387,6 +414,11 @@ int ctl_status(int argc, char **argv)
     if (optind < argc)
         return ctl_usage_error("status: unexpected argument '%s'",
                                argv[optind]);
+    for (size_t i = 0; i < nservices; i++)
+        if (!s_endpoint_valid(services[i].endpoint))
+            return ctl_usage_error("status: %s '%s' is not HOST:PORT "
+                                   "(or none)",
+                                   services[i].from, services[i].endpoint);
 
     bool ok = true;
     json_t *list = json_array();
@@ -458,6 +490,9 @@ int ctl_health(int argc, char **argv)
     }
     if (argc - optind > 1)
         return ctl_usage_error("health: one endpoint at most");
+    if (optind < argc &&
+        (strcmp(argv[optind], "none") == 0 || !s_endpoint_valid(argv[optind])))
+        return ctl_usage_error("health: '%s' is not HOST:PORT", argv[optind]);
     char hostport[256];
     s_hostport(optind < argc ? argv[optind] : "127.0.0.1:9701", hostport,
                sizeof hostport);
