@@ -7,7 +7,7 @@
  * ACK, NACK).
  *
  * Replies are returned as the decoded envelope (a jansson object, owned by
- * the caller); kh_client_reply_code tells the outcome at a glance.
+ * the caller); kh_client_reply_cmd tells the outcome at a glance.
  */
 #ifndef KH_CLIENT_H_INCLUDED
 #define KH_CLIENT_H_INCLUDED
