@@ -13,6 +13,7 @@
 #include "ketenhub/codec.h"
 #include "ketenhub/proto.h"
 #include "ketenhub/rules.h"
+#include "ketenhub/zap.h"
 #include "khpartner.h"
 #include "khproc.h"
 #include "khtest.h"
@@ -1962,6 +1963,89 @@ START_TEST(sighup_does_not_stop_and_sigterm_exits_zero)
 }
 END_TEST
 
+/* A stand-in hub (a zactor): a CURVE ROUTER on args->endpoint that
+ * answers every request REJECTED throttled, retry_after_ms args->wait,
+ * and counts them. */
+typedef struct {
+    const char *endpoint;
+    int wait;
+    int requests;
+} s_throttler_t;
+
+static void s_throttler(zsock_t *pipe, void *arg)
+{
+    s_throttler_t *args = arg;
+    zcert_t *hub = zcert_load(s_path("hub.cert"));
+    kh_error_t err;
+    zsock_t *router = kh_curve_server_new(ZMQ_ROUTER, hub, 1 << 20, &err);
+    zcert_destroy(&hub);
+    int port = router ? zsock_bind(router, "%s", args->endpoint) : -1;
+    zsock_signal(pipe, port == -1 ? 1 : 0);
+    zpoller_t *poller = zpoller_new(pipe, router, NULL);
+    for (bool stop = port == -1; !stop;) {
+        void *which = zpoller_wait(poller, -1);
+        if (which == router) {
+            zmsg_t *msg = zmsg_recv(router);
+            zframe_t *identity = zmsg_pop(msg);
+            zframe_t *body = zmsg_pop(msg);
+            json_t *request = s_decoded(&body);
+            kh_error_set(&err, KH_E_THROTTLED, "", "slow down");
+            json_t *reply =
+                kh_proto_rejected(s_str(request, "cid"), &err, args->wait);
+            json_decref(request);
+            char *data;
+            size_t size;
+            ck_assert_int_eq(kh_msgpack_encode(reply, &data, &size, &err), 0);
+            json_decref(reply);
+            zmsg_t *out = zmsg_new();
+            zmsg_append(out, &identity);
+            zmsg_addmem(out, data, size);
+            free(data);
+            zmsg_send(&out, router);
+            zmsg_destroy(&msg);
+            args->requests++;
+        } else
+            stop = true; /* $TERM, or interrupted */
+    }
+    zpoller_destroy(&poller);
+    zsock_destroy(&router);
+}
+
+/* The reference client never resends before retry_after_ms: a wait it
+ * will not make within a request (a minute or more) ends the request with
+ * the refusal, for the caller to resend later with the same key. */
+START_TEST(the_client_never_resends_before_retry_after_ms)
+{
+    char endpoint[64];
+    snprintf(endpoint, sizeof endpoint, "tcp://127.0.0.1:%d",
+             khproc_free_port());
+    s_throttler_t args = {endpoint, 90000, 0};
+    zactor_t *hub = zactor_new(s_throttler, &args);
+    ck_assert_ptr_nonnull(hub);
+    char cert[512];
+    snprintf(cert, sizeof cert, "%s/vt.cert", s_dir);
+    kh_error_t err;
+    kh_client_t *client =
+        kh_client_new(endpoint, s_path("hub.cert"), cert, &err);
+    ck_assert_ptr_nonnull(client);
+    kh_client_set_retries(client, 3);
+    json_t *referral = s_example();
+    int64_t start = zclock_mono();
+    json_t *reply =
+        kh_client_submit(client, referral, "throttled-1", S_TIMEOUT, &err);
+    ck_assert_msg(reply != NULL, "%s", err.message);
+    ck_assert_str_eq(s_str(reply, "code"), "throttled");
+    ck_assert_int_eq(
+        json_integer_value(json_object_get(reply, "retry_after_ms")), 90000);
+    ck_assert_int_lt(zclock_mono() - start, 1000);
+    json_decref(reply);
+    json_decref(referral);
+    kh_client_destroy(&client);
+    zactor_destroy(&hub);
+    ck_assert_int_eq(args.requests, 1);
+}
+END_TEST
+
 int main(void)
 {
     Suite *suite = suite_create("intake");
@@ -2001,6 +2085,7 @@ int main(void)
     tcase_add_test(tc,
                    a_partner_refused_too_often_is_throttled_before_the_trail);
     tcase_add_test(tc, sighup_does_not_stop_and_sigterm_exits_zero);
+    tcase_add_test(tc, the_client_never_resends_before_retry_after_ms);
     suite_add_tcase(suite, tc);
     return khtest_run_suite(suite);
 }
