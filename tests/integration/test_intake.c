@@ -2046,6 +2046,66 @@ START_TEST(the_client_never_resends_before_retry_after_ms)
 }
 END_TEST
 
+/* A PING is answered however often its partner was refused, but a PING
+ * that is refused itself (a field it cannot have, a key the registry does
+ * not admit) is a refusal like any other: past KH_PARTNER_REFUSALS it is
+ * throttled too, so that it cannot fill the trail. */
+START_TEST(refused_pings_are_throttled_before_the_trail)
+{
+    int status = khproc_stop(s_intake, SIGTERM, 5000);
+    ck_assert(status != -1 && WIFEXITED(status));
+    setenv("KH_PARTNER_REFUSALS", "2", 1); /* 20 at once */
+    s_start_intake();
+    unsetenv("KH_PARTNER_REFUSALS");
+    s_wait_ready();
+
+    json_t *envelopes[S_FLOOD], *replies[S_FLOOD];
+    for (int i = 0; i < S_FLOOD; i++)
+        envelopes[i] = json_pack("{s:s, s:i}", "cmd", "PING", "junk", i);
+    s_pipeline(envelopes, S_FLOOD, replies, S_TIMEOUT);
+    int refused = 0, throttled = 0;
+    for (int i = 0; i < S_FLOOD; i++) {
+        ck_assert_msg(replies[i] != NULL, "no reply to %d", i);
+        const char *code = s_str(replies[i], "code");
+        if (strcmp(code, "bad_envelope") == 0)
+            refused++;
+        else {
+            ck_assert_str_eq(code, "throttled");
+            throttled++;
+        }
+        json_decref(replies[i]);
+    }
+    ck_assert_int_ge(refused, 20);
+    ck_assert_int_lt(refused, 25);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE"
+                             " reason_code = 'bad_envelope'"),
+                     refused);
+    /* A valid PING is still answered. */
+    kh_client_t *vt = s_client("vt");
+    kh_error_t err;
+    kh_client_set_retries(vt, 0);
+    ck_assert_int_eq(kh_client_ping(vt, S_TIMEOUT, &err), 0);
+    kh_client_destroy(&vt);
+
+    /* The same for the PINGs of a key in the directory that no partner
+     * has: each is an auth.refused event until the key is over. */
+    kh_client_t *nobody = s_client("unregistered");
+    kh_client_set_retries(nobody, 0);
+    for (int i = 0; i < S_FLOOD; i++) {
+        json_t *reply = NULL;
+        json_t *ping = json_pack("{s:s}", "cmd", "PING");
+        reply = kh_client_request(nobody, ping, S_TIMEOUT, &err);
+        json_decref(ping);
+        ck_assert_msg(reply != NULL, "%s", err.message);
+        json_decref(reply);
+    }
+    kh_client_destroy(&nobody);
+    ck_assert_int_lt(s_count("SELECT count(*) FROM audit_events WHERE"
+                             " action = 'auth.refused'"),
+                     25);
+}
+END_TEST
+
 int main(void)
 {
     Suite *suite = suite_create("intake");
@@ -2086,6 +2146,7 @@ int main(void)
                    a_partner_refused_too_often_is_throttled_before_the_trail);
     tcase_add_test(tc, sighup_does_not_stop_and_sigterm_exits_zero);
     tcase_add_test(tc, the_client_never_resends_before_retry_after_ms);
+    tcase_add_test(tc, refused_pings_are_throttled_before_the_trail);
     suite_add_tcase(suite, tc);
     return khtest_run_suite(suite);
 }
