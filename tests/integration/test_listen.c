@@ -234,6 +234,15 @@ static void s_expect(s_hub_t *h, const char *id, const char *reason)
     json_decref(m);
 }
 
+/* Answer the ACK of id with ACKED (the ACK itself already received). */
+static void s_expect_acked(s_hub_t *h, const char *id)
+{
+    char cid[64];
+    snprintf(cid, sizeof cid, "ack:%s", id);
+    s_hub_send(h, json_pack("{s:i, s:s, s:s, s:s, s:b}", "v", 1, "cmd", "ACKED",
+                            "cid", cid, "delivery_id", id, "duplicate", 0));
+}
+
 static char *s_path(const char *dir, const char *name)
 {
     char *p = malloc(4096);
@@ -872,6 +881,36 @@ START_TEST(test_hello_throttled_waits)
 }
 END_TEST
 
+/* An ACK the hub could not commit (REJECTED unavailable) is sent again
+ * after retry_after_ms, not sooner. */
+START_TEST(test_ack_unavailable_waits)
+{
+    s_hub_t h;
+    s_hub_new(&h, true);
+    char *mode[] = {"--dir", h.out, NULL};
+    pid_t pid = s_spawn(&h, h.log, mode, NULL);
+    s_hub_await_hello(&h, 5000);
+    s_hub_send(&h, s_deliver(D1, 1, "{\"summary\":\"x\"}", NULL, "normal"));
+    json_t *m = s_hub_recv(&h, 5000);
+    ck_assert_ptr_nonnull(m);
+    ck_assert_str_eq(json_string_value(json_object_get(m, "cmd")), "ACK");
+    json_decref(m);
+    s_hub_send(&h, json_pack("{s:i, s:s, s:s, s:s, s:s, s:s, s:b, s:i}", "v", 1,
+                             "cmd", "REJECTED", "cid", "ack:" D1, "code",
+                             "unavailable", "path", "", "message", "later",
+                             "retryable", 1, "retry_after_ms", 6500));
+    int64_t sent = zclock_mono();
+    m = s_hub_recv(&h, 8000);
+    ck_assert_ptr_nonnull(m);
+    ck_assert_str_eq(json_string_value(json_object_get(m, "cmd")), "ACK");
+    ck_assert_int_ge(zclock_mono() - sent, 6400);
+    json_decref(m);
+    s_expect_acked(&h, D1);
+    ck_assert_int_eq(khproc_stop(pid, SIGTERM, 5000), 0);
+    s_hub_destroy(&h);
+}
+END_TEST
+
 static Suite *s_suite(void)
 {
     Suite *s = suite_create("listen");
@@ -891,6 +930,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_dir_stale_same_pid);
     tcase_add_test(tc, test_hub_silent_from_start);
     tcase_add_test(tc, test_hello_throttled_waits);
+    tcase_add_test(tc, test_ack_unavailable_waits);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -562,9 +562,9 @@ static void s_reply(s_listener_t *self, const json_t *msg, const char *cmd)
                 json_integer_value(json_object_get(msg, "retry_after_ms"));
             if (again && strlen(id) < sizeof again->id) {
                 snprintf(again->id, sizeof again->id, "%s", id);
-                again->due = zclock_mono() + (after < 100    ? 100
-                                              : after > 5000 ? 5000
-                                                             : after);
+                /* Never sooner than the hub asks: retry_after_ms is the
+                 * least wait. */
+                again->due = zclock_mono() + (after < 100 ? 100 : after);
                 if (zlistx_add_end(self->reacks, again))
                     return; /* still unconfirmed */
             }
