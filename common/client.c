@@ -11,7 +11,8 @@
 #include "ketenhub/codec.h"
 #include "ketenhub/proto.h"
 
-#define S_DELIVER_ENVELOPE 4096 /* the rest of a DELIVER's frame */
+#define S_DELIVER_ENVELOPE 4096   /* the rest of a DELIVER's frame */
+#define S_RETRY_WAIT_MAX_MS 60000 /* longest wait within one request */
 
 struct _kh_client_t {
     zsock_t *dealer;
@@ -189,10 +190,15 @@ json_t *kh_client_request(kh_client_t *self, json_t *request, int timeout_ms,
         if (last || strcmp(kh_client_reply_cmd(reply), "REJECTED") != 0 ||
             !json_is_true(json_object_get(reply, "retryable")))
             return reply;
+        /* retry_after_ms is the least wait before resending: a wait too
+         * long to make inside one request ends it with the refusal, for
+         * the caller to resend later, never sooner than asked. */
         json_int_t wait =
             json_integer_value(json_object_get(reply, "retry_after_ms"));
+        if (wait >= S_RETRY_WAIT_MAX_MS)
+            return reply;
         json_decref(reply);
-        zclock_sleep((int) (wait > 0 && wait < 60000 ? wait : 1000));
+        zclock_sleep((int) (wait > 0 ? wait : 1000));
     }
 }
 

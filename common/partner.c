@@ -552,8 +552,13 @@ int kh_partner_cert_export(zcert_t *cert, const char *id, const char *out_dir,
         return -1;
     if (s_ensure_dir(out_dir, 0700, err) != 0)
         return -1;
-    if (access(secret, F_OK) == 0 || access(pub, F_OK) == 0)
-        return kh_error_set(err, KH_E_CONFIG, secret,
+    /* Named as it is there: a partner who finds only NAME.cert named
+     * must not go looking for a secret file. */
+    const char *existing = access(secret, F_OK) == 0 ? secret
+                           : access(pub, F_OK) == 0  ? pub
+                                                     : NULL;
+    if (existing)
+        return kh_error_set(err, KH_E_CONFIG, existing,
                             "refusing to overwrite an existing certificate");
     /* zcert_save writes pub, then secret with a private umask. */
     if (zcert_save(cert, pub) != 0 || access(pub, F_OK) != 0) {

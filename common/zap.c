@@ -14,6 +14,10 @@
 #include <time.h>
 
 #define S_ZAP_ENDPOINT "inproc://zeromq.zap.01"
+/* Bytes CURVE adds to a frame on the wire (libzmq 4.x): the command name
+ * "\x07MESSAGE" (8), the short nonce (8), the box's MAC (16) and the
+ * flags byte inside the box (1). */
+#define S_CURVE_MESSAGE_OVERHEAD 33
 
 struct _kh_zap_t {
     zsock_t *rep;
@@ -192,7 +196,12 @@ zsock_t *kh_curve_server_new(int type, zcert_t *cert, int64_t max_frame,
     }
     zcert_apply(cert, sock);
     zsock_set_curve_server(sock, 1);
-    zsock_set_maxmsgsize(sock, max_frame);
+    /* ZMQ_MAXMSGSIZE bounds a message as it comes off the wire, and CURVE
+     * wraps each frame in a MESSAGE command (its name, a nonce, a MAC and
+     * a flags byte): set to max_frame alone, it dropped frames a few bytes
+     * under the limit the protocol promises to read. The decoder checks
+     * max_frame itself. */
+    zsock_set_maxmsgsize(sock, max_frame + S_CURVE_MESSAGE_OVERHEAD);
     zsock_set_handshake_ivl(sock, KH_HANDSHAKE_MS);
     return sock;
 }

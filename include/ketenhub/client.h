@@ -7,7 +7,7 @@
  * ACK, NACK).
  *
  * Replies are returned as the decoded envelope (a jansson object, owned by
- * the caller); kh_client_reply_code tells the outcome at a glance.
+ * the caller); kh_client_reply_cmd tells the outcome at a glance.
  */
 #ifndef KH_CLIENT_H_INCLUDED
 #define KH_CLIENT_H_INCLUDED
@@ -35,7 +35,9 @@ void kh_client_destroy(kh_client_t **self_p);
 
 /* How often a request is sent again after a timeout or a retryable
  * refusal (default 0: once only). Resending is safe: a SUBMIT keeps its
- * idempotency key, so the hub answers it with the first answer. */
+ * idempotency key, so the hub answers it with the first answer. A
+ * refusal is resent only after its retry_after_ms; one that asks for a
+ * minute or more is returned instead, to be resent that much later. */
 void kh_client_set_retries(kh_client_t *self, int retries);
 
 /* Send one request envelope (the client sets v and cid) and wait up to

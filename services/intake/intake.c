@@ -421,10 +421,12 @@ static void s_take(intake_t *self, kh_jarena_t *arena, s_request_t *req,
      * PING of a partner (or a key the registry does not admit) whose
      * refusals (each an audit event: malformed requests, rejected
      * referrals, STATUS of referrals not its own) went over their rate,
-     * whatever it would have been refused for. */
+     * whatever it would have been refused for. A PING is answered all the
+     * same (a health probe), unless it is refused itself: that is one
+     * more refusal for the trail. */
     int64_t wait = 0;
     const char *over = NULL;
-    if (self->refusals && req->cmd != KH_CMD_PING &&
+    if (self->refusals && (req->cmd != KH_CMD_PING || req->refused) &&
         (wait = kh_ratelimit_wait(self->refusals, req->actor, zclock_usecs())) >
             0) {
         over = "refusals";

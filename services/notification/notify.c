@@ -1262,7 +1262,11 @@ static void s_take(notify_t *self, zframe_t *identity, zmq_msg_t *body,
         kh_error_set(&err, KH_E_BAD_ENVELOPE, "",
                      "the connection set its own routing id; a partner's "
                      "connection must leave it to the hub");
-        s_reject(self, identity, NULL, &err);
+        /* Under the frame's cid, as every refusal (protocol.md). */
+        char rid_cid[KH_CID_MAX + 1] = "";
+        kh_msgpack_peek_str(zmq_msg_data(body), zmq_msg_size(body), "cid",
+                            rid_cid, sizeof rid_cid);
+        s_reject(self, identity, rid_cid, &err);
         return;
     }
     json_t *msg = NULL;

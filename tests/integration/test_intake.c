@@ -13,6 +13,7 @@
 #include "ketenhub/codec.h"
 #include "ketenhub/proto.h"
 #include "ketenhub/rules.h"
+#include "ketenhub/zap.h"
 #include "khpartner.h"
 #include "khproc.h"
 #include "khtest.h"
@@ -492,12 +493,16 @@ START_TEST(bad_input_is_rejected_and_changes_nothing)
     size_t big = 300 * 1024;
     char *huge = calloc(1, big);
     ck_assert_ptr_null(s_raw(huge, big, 1, 1000));
+    /* One of exactly the limit (KH_MAX_FRAME, 256 KiB) is read and
+     * answered, although CURVE adds its own bytes to it on the wire. */
+    memset(huge, 0xc1, big);
+    s_expect_rejected(s_raw(huge, 256 * 1024, 1, S_TIMEOUT), "malformed", "");
     free(huge);
 
     ck_assert_int_eq(s_count("SELECT count(*) FROM referrals"), referrals);
     ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE "
                              "outcome = 'refused'"),
-                     refusals + 12);
+                     refusals + 13);
     ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE "
                              "action = 'referral.rejected' AND reason_code = "
                              "'schema.required' AND reason_path = "
@@ -1958,6 +1963,149 @@ START_TEST(sighup_does_not_stop_and_sigterm_exits_zero)
 }
 END_TEST
 
+/* A stand-in hub (a zactor): a CURVE ROUTER on args->endpoint that
+ * answers every request REJECTED throttled, retry_after_ms args->wait,
+ * and counts them. */
+typedef struct {
+    const char *endpoint;
+    int wait;
+    int requests;
+} s_throttler_t;
+
+static void s_throttler(zsock_t *pipe, void *arg)
+{
+    s_throttler_t *args = arg;
+    zcert_t *hub = zcert_load(s_path("hub.cert"));
+    kh_error_t err;
+    zsock_t *router = kh_curve_server_new(ZMQ_ROUTER, hub, 1 << 20, &err);
+    zcert_destroy(&hub);
+    int port = router ? zsock_bind(router, "%s", args->endpoint) : -1;
+    zsock_signal(pipe, port == -1 ? 1 : 0);
+    zpoller_t *poller = zpoller_new(pipe, router, NULL);
+    for (bool stop = port == -1; !stop;) {
+        void *which = zpoller_wait(poller, -1);
+        if (which == router) {
+            zmsg_t *msg = zmsg_recv(router);
+            zframe_t *identity = zmsg_pop(msg);
+            zframe_t *body = zmsg_pop(msg);
+            json_t *request = s_decoded(&body);
+            kh_error_set(&err, KH_E_THROTTLED, "", "slow down");
+            json_t *reply =
+                kh_proto_rejected(s_str(request, "cid"), &err, args->wait);
+            json_decref(request);
+            char *data;
+            size_t size;
+            ck_assert_int_eq(kh_msgpack_encode(reply, &data, &size, &err), 0);
+            json_decref(reply);
+            zmsg_t *out = zmsg_new();
+            zmsg_append(out, &identity);
+            zmsg_addmem(out, data, size);
+            free(data);
+            zmsg_send(&out, router);
+            zmsg_destroy(&msg);
+            args->requests++;
+        } else
+            stop = true; /* $TERM, or interrupted */
+    }
+    zpoller_destroy(&poller);
+    zsock_destroy(&router);
+}
+
+/* The reference client never resends before retry_after_ms: a wait it
+ * will not make within a request (a minute or more) ends the request with
+ * the refusal, for the caller to resend later with the same key. */
+START_TEST(the_client_never_resends_before_retry_after_ms)
+{
+    char endpoint[64];
+    snprintf(endpoint, sizeof endpoint, "tcp://127.0.0.1:%d",
+             khproc_free_port());
+    s_throttler_t args = {endpoint, 90000, 0};
+    zactor_t *hub = zactor_new(s_throttler, &args);
+    ck_assert_ptr_nonnull(hub);
+    char cert[512];
+    snprintf(cert, sizeof cert, "%s/vt.cert", s_dir);
+    kh_error_t err;
+    kh_client_t *client =
+        kh_client_new(endpoint, s_path("hub.cert"), cert, &err);
+    ck_assert_ptr_nonnull(client);
+    kh_client_set_retries(client, 3);
+    json_t *referral = s_example();
+    int64_t start = zclock_mono();
+    json_t *reply =
+        kh_client_submit(client, referral, "throttled-1", S_TIMEOUT, &err);
+    ck_assert_msg(reply != NULL, "%s", err.message);
+    ck_assert_str_eq(s_str(reply, "code"), "throttled");
+    ck_assert_int_eq(
+        json_integer_value(json_object_get(reply, "retry_after_ms")), 90000);
+    ck_assert_int_lt(zclock_mono() - start, 1000);
+    json_decref(reply);
+    json_decref(referral);
+    kh_client_destroy(&client);
+    zactor_destroy(&hub);
+    ck_assert_int_eq(args.requests, 1);
+}
+END_TEST
+
+/* A PING is answered however often its partner was refused, but a PING
+ * that is refused itself (a field it cannot have, a key the registry does
+ * not admit) is a refusal like any other: past KH_PARTNER_REFUSALS it is
+ * throttled too, so that it cannot fill the trail. */
+START_TEST(refused_pings_are_throttled_before_the_trail)
+{
+    int status = khproc_stop(s_intake, SIGTERM, 5000);
+    ck_assert(status != -1 && WIFEXITED(status));
+    setenv("KH_PARTNER_REFUSALS", "2", 1); /* 20 at once */
+    s_start_intake();
+    unsetenv("KH_PARTNER_REFUSALS");
+    s_wait_ready();
+
+    json_t *envelopes[S_FLOOD], *replies[S_FLOOD];
+    for (int i = 0; i < S_FLOOD; i++)
+        envelopes[i] = json_pack("{s:s, s:i}", "cmd", "PING", "junk", i);
+    s_pipeline(envelopes, S_FLOOD, replies, S_TIMEOUT);
+    int refused = 0, throttled = 0;
+    for (int i = 0; i < S_FLOOD; i++) {
+        ck_assert_msg(replies[i] != NULL, "no reply to %d", i);
+        const char *code = s_str(replies[i], "code");
+        if (strcmp(code, "bad_envelope") == 0)
+            refused++;
+        else {
+            ck_assert_str_eq(code, "throttled");
+            throttled++;
+        }
+        json_decref(replies[i]);
+    }
+    ck_assert_int_ge(refused, 20);
+    ck_assert_int_lt(refused, 25);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE"
+                             " reason_code = 'bad_envelope'"),
+                     refused);
+    /* A valid PING is still answered. */
+    kh_client_t *vt = s_client("vt");
+    kh_error_t err;
+    kh_client_set_retries(vt, 0);
+    ck_assert_int_eq(kh_client_ping(vt, S_TIMEOUT, &err), 0);
+    kh_client_destroy(&vt);
+
+    /* The same for the PINGs of a key in the directory that no partner
+     * has: each is an auth.refused event until the key is over. */
+    kh_client_t *nobody = s_client("unregistered");
+    kh_client_set_retries(nobody, 0);
+    for (int i = 0; i < S_FLOOD; i++) {
+        json_t *reply = NULL;
+        json_t *ping = json_pack("{s:s}", "cmd", "PING");
+        reply = kh_client_request(nobody, ping, S_TIMEOUT, &err);
+        json_decref(ping);
+        ck_assert_msg(reply != NULL, "%s", err.message);
+        json_decref(reply);
+    }
+    kh_client_destroy(&nobody);
+    ck_assert_int_lt(s_count("SELECT count(*) FROM audit_events WHERE"
+                             " action = 'auth.refused'"),
+                     25);
+}
+END_TEST
+
 int main(void)
 {
     Suite *suite = suite_create("intake");
@@ -1997,6 +2145,8 @@ int main(void)
     tcase_add_test(tc,
                    a_partner_refused_too_often_is_throttled_before_the_trail);
     tcase_add_test(tc, sighup_does_not_stop_and_sigterm_exits_zero);
+    tcase_add_test(tc, the_client_never_resends_before_retry_after_ms);
+    tcase_add_test(tc, refused_pings_are_throttled_before_the_trail);
     suite_add_tcase(suite, tc);
     return khtest_run_suite(suite);
 }

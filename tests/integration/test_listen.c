@@ -45,8 +45,9 @@ typedef struct {
     int hellos;
     json_int_t hello_window; /* the last HELLO's window, 0 when absent */
     bool revoked;            /* answer HELLO with REJECTED unknown_partner */
-    char *out;               /* a directory for the listener's output */
-    char *log;               /* the listener's log (in dir) */
+    int throttle_ms; /* > 0: answer HELLO with REJECTED throttled, this wait */
+    char *out;       /* a directory for the listener's output */
+    char *log;       /* the listener's log (in dir) */
 } s_hub_t;
 
 static void s_hub_bind(s_hub_t *h)
@@ -138,14 +139,20 @@ static json_t *s_hub_recv(s_hub_t *h, int timeout_ms)
             h->hellos++;
             h->hello_window =
                 json_integer_value(json_object_get(doc, "window"));
-            json_t *w = h->revoked
-                            ? json_pack("{s:i, s:s, s:s, s:s, s:s, s:s, s:b}",
-                                        "v", 1, "cmd", "REJECTED", "cid", cid,
-                                        "code", "unknown_partner", "path", "",
-                                        "message", "revoked", "retryable", 0)
-                            : json_pack("{s:i, s:s, s:s, s:s, s:i}", "v", 1,
-                                        "cmd", "WELCOME", "cid", cid, "partner",
-                                        "px", "window", 8);
+            json_t *w =
+                h->throttle_ms > 0
+                    ? json_pack("{s:i, s:s, s:s, s:s, s:s, s:s, s:b, s:i}", "v",
+                                1, "cmd", "REJECTED", "cid", cid, "code",
+                                "throttled", "path", "", "message",
+                                "too many connections", "retryable", 1,
+                                "retry_after_ms", h->throttle_ms)
+                : h->revoked ? json_pack("{s:i, s:s, s:s, s:s, s:s, s:s, s:b}",
+                                         "v", 1, "cmd", "REJECTED", "cid", cid,
+                                         "code", "unknown_partner", "path", "",
+                                         "message", "revoked", "retryable", 0)
+                             : json_pack("{s:i, s:s, s:s, s:s, s:i}", "v", 1,
+                                         "cmd", "WELCOME", "cid", cid,
+                                         "partner", "px", "window", 8);
             char *data;
             size_t size;
             ck_assert_int_eq(kh_msgpack_encode(w, &data, &size, &err), 0);
@@ -225,6 +232,15 @@ static void s_expect(s_hub_t *h, const char *id, const char *reason)
                            "cid", cid, "delivery_id", id, "duplicate", 0);
     s_hub_send(h, reply);
     json_decref(m);
+}
+
+/* Answer the ACK of id with ACKED (the ACK itself already received). */
+static void s_expect_acked(s_hub_t *h, const char *id)
+{
+    char cid[64];
+    snprintf(cid, sizeof cid, "ack:%s", id);
+    s_hub_send(h, json_pack("{s:i, s:s, s:s, s:s, s:b}", "v", 1, "cmd", "ACKED",
+                            "cid", cid, "delivery_id", id, "duplicate", 0));
 }
 
 static char *s_path(const char *dir, const char *name)
@@ -841,6 +857,60 @@ START_TEST(test_hub_silent_from_start)
 }
 END_TEST
 
+/* A HELLO refused throttled (the partner has as many connections as the
+ * hub serves) is sent again only after retry_after_ms, and the hub, which
+ * answered, is not taken for silent meanwhile. */
+START_TEST(test_hello_throttled_waits)
+{
+    s_hub_t h;
+    s_hub_new(&h, true);
+    h.throttle_ms = 4000;
+    char *mode[] = {"--dir", h.out, NULL};
+    pid_t pid = s_spawn(&h, h.log, mode, NULL);
+    s_hub_await_hello(&h, 5000);
+    int first = h.hellos;
+    ck_assert_ptr_null(s_hub_recv(&h, 3000));
+    ck_assert_int_eq(h.hellos, first);
+    h.throttle_ms = 0;
+    s_hub_await_hello(&h, 3000);
+    ck_assert_int_eq(khproc_stop(pid, SIGTERM, 5000), 0);
+    char *text = khtest_read_file(h.log);
+    ck_assert_ptr_null(strstr(text, "event=hub_silent"));
+    free(text);
+    s_hub_destroy(&h);
+}
+END_TEST
+
+/* An ACK the hub could not commit (REJECTED unavailable) is sent again
+ * after retry_after_ms, not sooner. */
+START_TEST(test_ack_unavailable_waits)
+{
+    s_hub_t h;
+    s_hub_new(&h, true);
+    char *mode[] = {"--dir", h.out, NULL};
+    pid_t pid = s_spawn(&h, h.log, mode, NULL);
+    s_hub_await_hello(&h, 5000);
+    s_hub_send(&h, s_deliver(D1, 1, "{\"summary\":\"x\"}", NULL, "normal"));
+    json_t *m = s_hub_recv(&h, 5000);
+    ck_assert_ptr_nonnull(m);
+    ck_assert_str_eq(json_string_value(json_object_get(m, "cmd")), "ACK");
+    json_decref(m);
+    s_hub_send(&h, json_pack("{s:i, s:s, s:s, s:s, s:s, s:s, s:b, s:i}", "v", 1,
+                             "cmd", "REJECTED", "cid", "ack:" D1, "code",
+                             "unavailable", "path", "", "message", "later",
+                             "retryable", 1, "retry_after_ms", 6500));
+    int64_t sent = zclock_mono();
+    m = s_hub_recv(&h, 8000);
+    ck_assert_ptr_nonnull(m);
+    ck_assert_str_eq(json_string_value(json_object_get(m, "cmd")), "ACK");
+    ck_assert_int_ge(zclock_mono() - sent, 6400);
+    json_decref(m);
+    s_expect_acked(&h, D1);
+    ck_assert_int_eq(khproc_stop(pid, SIGTERM, 5000), 0);
+    s_hub_destroy(&h);
+}
+END_TEST
+
 static Suite *s_suite(void)
 {
     Suite *s = suite_create("listen");
@@ -859,6 +929,8 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_dir_large_delivery);
     tcase_add_test(tc, test_dir_stale_same_pid);
     tcase_add_test(tc, test_hub_silent_from_start);
+    tcase_add_test(tc, test_hello_throttled_waits);
+    tcase_add_test(tc, test_ack_unavailable_waits);
     suite_add_tcase(s, tc);
     return s;
 }

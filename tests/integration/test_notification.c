@@ -2676,11 +2676,16 @@ START_TEST(a_connection_that_sets_its_own_routing_id_is_refused)
     s_delivery("avim", "normal", 0, NULL, id);
     zsock_t *named = s_partner_rid("avim", "avim1", 5);
     for (int i = 0; i < 2; i++) {
-        khpartner_send(named, kh_proto_new(KH_CMD_HELLO, "h"));
+        /* Answered under its cid, like any refusal: a partner matches
+         * replies by it (protocol.md). */
+        char cid[16];
+        snprintf(cid, sizeof cid, "rid-%d", i);
+        khpartner_send(named, kh_proto_new(KH_CMD_HELLO, cid));
         json_t *msg = s_next_no_deliver(named, 5000);
         ck_assert_ptr_nonnull(msg);
         ck_assert_str_eq(s_str(msg, "cmd"), "REJECTED");
         ck_assert_str_eq(s_str(msg, "code"), "bad_envelope");
+        ck_assert_str_eq(s_str(msg, "cid"), cid);
         json_decref(msg);
     }
     ck_assert_ptr_null(s_next_no_deliver(named, 1000));

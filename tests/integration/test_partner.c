@@ -355,6 +355,13 @@ START_TEST(test_cert_files)
     ck_assert_int_eq(kh_partner_cert_install(cert, "vt-gv", cert_dir, &err), 0);
     ck_assert_int_eq(kh_partner_cert_export(cert, "vt-gv", out_sub, &err), -1);
     ck_assert_int_eq(err.code, KH_E_CONFIG);
+    /* The refusal names the file that is there, not one that is not. */
+    snprintf(path, sizeof path, "%s/vt-gv.cert_secret", out_sub);
+    ck_assert_int_eq(unlink(path), 0);
+    ck_assert_int_eq(kh_partner_cert_export(cert, "vt-gv", out_sub, &err), -1);
+    ck_assert_int_eq(err.code, KH_E_CONFIG);
+    snprintf(path, sizeof path, "%s/vt-gv.cert", out_sub);
+    ck_assert_str_eq(err.path, path);
 
     /* zauth admits the partner's key, and refuses it once removed. */
     ck_assert(s_zauth_admits(cert_dir, full));

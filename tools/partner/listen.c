@@ -531,6 +531,17 @@ static void s_reply(s_listener_t *self, const json_t *msg, const char *cmd)
          * that will not pass by itself. */
         if (code && strcmp(code, "unknown_partner") == 0)
             self->revoked = true;
+        /* A HELLO over the hub's connections per partner: this connection
+         * gets nothing, and a HELLO before retry_after_ms would be refused
+         * again. The hub answered, so it is not silent meanwhile. */
+        if (code && strcmp(code, "throttled") == 0 && cid &&
+            strncmp(cid, "hello:", 6) == 0) {
+            json_int_t after =
+                json_integer_value(json_object_get(msg, "retry_after_ms"));
+            self->next_hello =
+                zclock_mono() + (after > S_HELLO_MS ? after : S_HELLO_MS);
+            self->last_welcome = self->next_hello;
+        }
         kh_log(self->revoked ? KH_LOG_ERROR : KH_LOG_WARN, "rejected",
                "cid=%s code=%s", cid ? cid : "", code ? code : "");
         return;
@@ -551,9 +562,9 @@ static void s_reply(s_listener_t *self, const json_t *msg, const char *cmd)
                 json_integer_value(json_object_get(msg, "retry_after_ms"));
             if (again && strlen(id) < sizeof again->id) {
                 snprintf(again->id, sizeof again->id, "%s", id);
-                again->due = zclock_mono() + (after < 100    ? 100
-                                              : after > 5000 ? 5000
-                                                             : after);
+                /* Never sooner than the hub asks: retry_after_ms is the
+                 * least wait. */
+                again->due = zclock_mono() + (after < 100 ? 100 : after);
                 if (zlistx_add_end(self->reacks, again))
                     return; /* still unconfirmed */
             }
