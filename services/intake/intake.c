@@ -375,10 +375,20 @@ static void s_take(intake_t *self, kh_jarena_t *arena, s_request_t *req,
     } else
         snprintf(req->actor, sizeof req->actor, "key:%s", key ? key : "none");
 
+    /* A DEALER's own routing id comes in its handshake as the Identity
+     * property, "" when it set none. The hub names each connection
+     * itself, so that an answer committed after its connection went can
+     * never reach another one that took the id (as on the delivery
+     * socket, notify.c). */
+    const char *chosen = body ? zframe_meta(body, "Identity") : NULL;
     int rc = 0;
     if (!body || zmsg_size(msg) != 0)
         rc = kh_error_set(&err, KH_E_BAD_ENVELOPE, "",
                           "a request is exactly one frame");
+    else if (chosen && *chosen)
+        rc = kh_error_set(&err, KH_E_BAD_ENVELOPE, "",
+                          "the connection set its own routing id; a "
+                          "partner's connection must leave it to the hub");
     else {
         kh_jarena_t *was = kh_jarena_enter(arena);
         rc = kh_msgpack_decode(zframe_data(body), zframe_size(body),

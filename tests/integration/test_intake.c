@@ -516,6 +516,33 @@ START_TEST(bad_input_is_rejected_and_changes_nothing)
 }
 END_TEST
 
+/* The hub names each connection itself: one that chose its routing id
+ * is refused (with the frame's cid), stores nothing and is audited. */
+START_TEST(a_connection_that_sets_its_own_routing_id_is_refused)
+{
+    long referrals = s_count("SELECT count(*) FROM referrals");
+    zsock_t *dealer = khpartner_connect_rid(
+        s_path("vt.cert"), s_path("hub.cert"), s_endpoint, "mine", 4);
+    zsock_set_rcvtimeo(dealer, S_TIMEOUT);
+    json_t *referral = s_example();
+    zframe_t *frame = s_frame(s_submit_envelope("rid-1", referral), "c1");
+    ck_assert_int_eq(zframe_send(&frame, dealer, 0), 0);
+    zframe_t *got = zframe_recv(dealer);
+    ck_assert_msg(got != NULL, "no reply");
+    json_t *reply = s_decoded(&got);
+    ck_assert_str_eq(s_str(reply, "cid"), "c1");
+    s_expect_rejected(reply, "bad_envelope", "");
+    zsock_destroy(&dealer);
+    json_decref(referral);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM referrals"), referrals);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE "
+                             "action = 'referral.rejected' AND actor_id = "
+                             "'veilig-thuis' AND reason_code = "
+                             "'bad_envelope' AND reason_path = ''"),
+                     1);
+}
+END_TEST
+
 /* A made-up key in one request changes nothing for the others in its
  * batch, and never reaches the trail. */
 START_TEST(made_up_keys_spoil_nothing_and_stay_out_of_the_trail)
@@ -2117,6 +2144,7 @@ int main(void)
     tcase_add_test(tc, a_status_refused_as_not_found_is_audited);
     tcase_add_test(tc, bad_input_is_rejected_and_changes_nothing);
     tcase_add_test(tc, made_up_keys_spoil_nothing_and_stay_out_of_the_trail);
+    tcase_add_test(tc, a_connection_that_sets_its_own_routing_id_is_refused);
     tcase_add_test(tc, a_body_that_does_not_decode_is_refused_with_its_cid);
     tcase_add_test(
         tc, the_partner_tool_reports_a_referral_it_cannot_send_as_refused);

@@ -242,27 +242,14 @@ static const char *s_str(const json_t *msg, const char *key)
     return value ? value : "";
 }
 
-/* A partner's DEALER that sets its own routing id (rid, len bytes), which
- * the reference client never does: a test's way to take another
- * connection's id, or to be refused for choosing one. */
+/* A partner's DEALER that sets its own routing id (rid, len bytes). */
 static zsock_t *s_partner_rid(const char *id, const char *rid, size_t len)
 {
     char name[128];
     snprintf(name, sizeof name, "%s.cert", id);
-    zcert_t *mine = zcert_load(s_path(name));
-    zcert_t *hub = zcert_load(s_path("hub.cert"));
-    ck_assert(mine && hub);
-    zsock_t *dealer = zsock_new(ZMQ_DEALER);
-    ck_assert_ptr_nonnull(dealer);
-    zcert_apply(mine, dealer);
-    zsock_set_curve_serverkey(dealer, zcert_public_txt(hub));
-    zsock_set_linger(dealer, 0);
+    zsock_t *dealer = khpartner_connect_rid(s_path(name), s_path("hub.cert"),
+                                            s_endpoint, rid, len);
     zsock_set_rcvtimeo(dealer, 3000);
-    ck_assert_int_eq(
-        zmq_setsockopt(zsock_resolve(dealer), ZMQ_ROUTING_ID, rid, len), 0);
-    ck_assert_int_eq(zsock_connect(dealer, "%s", s_endpoint), 0);
-    zcert_destroy(&mine);
-    zcert_destroy(&hub);
     return dealer;
 }
 

@@ -27,6 +27,13 @@ void khpartner_make(PGconn *db, const char *dir, const char *id,
 zsock_t *khpartner_connect(const char *cert, const char *hub_cert,
                            const char *endpoint)
 {
+    return khpartner_connect_rid(cert, hub_cert, endpoint, NULL, 0);
+}
+
+zsock_t *khpartner_connect_rid(const char *cert, const char *hub_cert,
+                               const char *endpoint, const void *rid,
+                               size_t len)
+{
     zcert_t *mine = zcert_load(cert);
     zcert_t *hub = zcert_load(hub_cert);
     ck_assert_msg(mine && hub, "cannot load %s or %s", cert, hub_cert);
@@ -35,6 +42,9 @@ zsock_t *khpartner_connect(const char *cert, const char *hub_cert,
     zcert_apply(mine, dealer);
     zsock_set_curve_serverkey(dealer, zcert_public_txt(hub));
     zsock_set_linger(dealer, 0);
+    if (rid)
+        ck_assert_int_eq(
+            zmq_setsockopt(zsock_resolve(dealer), ZMQ_ROUTING_ID, rid, len), 0);
     ck_assert_int_eq(zsock_connect(dealer, "%s", endpoint), 0);
     zcert_destroy(&mine);
     zcert_destroy(&hub);

@@ -22,6 +22,13 @@ void khpartner_make(PGconn *db, const char *dir, const char *id,
 zsock_t *khpartner_connect(const char *cert, const char *hub_cert,
                            const char *endpoint);
 
+/* As khpartner_connect, with a routing id of its own (rid, len bytes;
+ * NULL: none), which the reference client never sets: a test's way to
+ * take another connection's id, or to be refused for choosing one. */
+zsock_t *khpartner_connect_rid(const char *cert, const char *hub_cert,
+                               const char *endpoint, const void *rid,
+                               size_t len);
+
 /* Send msg (consumed) as one MessagePack frame. */
 void khpartner_send(zsock_t *sock, json_t *msg);
 
