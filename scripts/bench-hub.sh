@@ -152,6 +152,13 @@ run_load() {
     printf "%.0f %.0f", ($3 - $1) * 1e6 / n, ($4 - $2) * 1e6 / n }')
   services_us=${cpu% *}
   postgres_us=${cpu#* }
+  # The load programs' own CPU (the submitting partners, with their
+  # warm-up second, and the receiving ones), which they take from the
+  # same two cores.
+  receive_s=$(sed -n 's/^cpu_s=\([0-9.]*\).*/\1/p' "$run/$label-receive.txt")
+  submit_s=$(sed -n 's/.*"cpu_s": *\([0-9.]*\).*/\1/p' "$run/$label.json")
+  load_us=$(echo "${receive_s:-0} ${submit_s:-0} $done_n" | awk '{
+    n = $3 > 0 ? $3 : 1; printf "%.0f", ($1 + $2) * 1e6 / n }')
   routed=$(pct_json routed_ms "$d")
   sent=$(pct_json sent_ms "$d")
   acked=$(pct_json acked_ms "$d")
@@ -190,10 +197,10 @@ run_load() {
   echo "  trail: $events events, sealed_per_s=$4 (start of the load to all sealed); rows_written=$rows rows_per_s=$3"
   echo "  rows: row_writes=$writes row_writes_per_s=$5 (inserts and updates: each state change writes its row again)"
   echo "  wal: ${wal_mib} MiB, ${wal_per_referral} bytes per referral, $checkpoints checkpoints"
-  echo "  cpu per referral: services ${services_us} us, PostgreSQL ${postgres_us} us (from the first submit to the last ACK)"
-  printf '{"label":"%s","referrals":%s,"span_s":%s,"end_to_end_per_s":%s,"acked_per_s":%s,"events":%s,"sealed_per_s":%s,"rows_written":%s,"rows_per_s":%s,"row_writes":%s,"row_writes_per_s":%s,"wal_mib":%s,"wal_bytes_per_referral":%s,"checkpoints":%s,"services_cpu_us_per_referral":%s,"postgres_cpu_us_per_referral":%s,"accepted_to_routed_ms":%s,"accepted_to_first_sent_ms":%s,"accepted_to_all_acked_ms":%s,"deliveries_measured":%s,"submit_to_delivered_ms":%s,"submit_to_acknowledged_ms":%s,"intake":%s}\n' \
+  echo "  cpu per referral: services ${services_us} us, PostgreSQL ${postgres_us} us (from the first submit to the last ACK); the load programs ${load_us} us"
+  printf '{"label":"%s","referrals":%s,"span_s":%s,"end_to_end_per_s":%s,"acked_per_s":%s,"events":%s,"sealed_per_s":%s,"rows_written":%s,"rows_per_s":%s,"row_writes":%s,"row_writes_per_s":%s,"wal_mib":%s,"wal_bytes_per_referral":%s,"checkpoints":%s,"services_cpu_us_per_referral":%s,"postgres_cpu_us_per_referral":%s,"load_cpu_us_per_referral":%s,"accepted_to_routed_ms":%s,"accepted_to_first_sent_ms":%s,"accepted_to_all_acked_ms":%s,"deliveries_measured":%s,"submit_to_delivered_ms":%s,"submit_to_acknowledged_ms":%s,"intake":%s}\n' \
     "$label" "$done_n" "$span_s" "$1" "$2" "$events" "$4" "$rows" "$3" "$writes" "$5" \
-    "$wal_mib" "$wal_per_referral" "$checkpoints" "$services_us" "$postgres_us" \
+    "$wal_mib" "$wal_per_referral" "$checkpoints" "$services_us" "$postgres_us" "$load_us" \
     "$routed" "$sent" "$acked" "$measured" "$delivered" "$acknowledged" \
     "$(cat "$run/$label.json" 2>/dev/null || echo null)" \
     >"$run/$label.hub.json"

@@ -27,7 +27,7 @@ for loop in ("open", "closed"):
                 "row_writes", "row_writes_per_s",
                 "wal_mib", "wal_bytes_per_referral", "checkpoints",
                 "services_cpu_us_per_referral",
-                "postgres_cpu_us_per_referral"):
+                "postgres_cpu_us_per_referral", "load_cpu_us_per_referral"):
         number(run[key], loop + "." + key)
     assert run["referrals"] > 0, loop + ": no referral went through"
     # Every row is written once, and a delivery's claim and ACK again.

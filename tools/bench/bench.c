@@ -400,10 +400,12 @@ int main(int argc, char **argv)
            bench_pct_ms(all, total, 50), bench_pct_ms(all, total, 90),
            bench_pct_ms(all, total, 99), bench_pct_ms(all, total, 99.9),
            total ? (double) all[total - 1] / 1000 : 0);
+    double cpu_s = bench_cpu_s();
+    printf("cpu_s=%.2f (this program's own)\n", cpu_s);
     if (json_out) {
         json_t *doc = json_pack(
             "{s:s, s:i, s:i, s:i, s:f, s:I, s:f, s:I, s:I, s:I, s:I, "
-            "s:{s:f,s:f,s:f,s:f,s:f}}",
+            "s:{s:f,s:f,s:f,s:f,s:f}, s:f}",
             "mode", rate > 0 ? "open" : "closed", "clients", clients, "window",
             window, "seconds", seconds, "offered_per_s", rate, "accepted",
             (json_int_t) total, "accepted_per_s", per_second, "refused",
@@ -413,7 +415,7 @@ int main(int argc, char **argv)
             bench_pct_ms(all, total, 50), "p90", bench_pct_ms(all, total, 90),
             "p99", bench_pct_ms(all, total, 99), "p99.9",
             bench_pct_ms(all, total, 99.9), "max",
-            total ? (double) all[total - 1] / 1000 : 0.0);
+            total ? (double) all[total - 1] / 1000 : 0.0, "cpu_s", cpu_s);
         json_dump_file(doc, json_out, JSON_INDENT(2));
         json_decref(doc);
     }

@@ -314,6 +314,7 @@ int main(int argc, char **argv)
            all ? bench_pct_ms(all, total, 90) : 0,
            all ? bench_pct_ms(all, total, 99) : 0,
            all && total ? (double) all[total - 1] / 1000 : 0);
+    printf("cpu_s=%.2f (this program's own)\n", bench_cpu_s());
     free(all);
     return acked && written ? 0 : 1;
 }
