@@ -460,6 +460,14 @@ START_TEST(test_ctl_list_fails_with_nothing_on_stdout)
                   "%s", text);
     free(text);
 
+    /* Nor can rules check read the partners there: not checked, exit 1
+     * as any runtime failure (not 2: it was not called wrongly). */
+    ck_assert_int_eq(KHTEST_CTL(&text, "rules", "check",
+                                khtest_src("schemas/rules/default.yaml")),
+                     1);
+    ck_assert_msg(strstr(text, "not checked"), "%s", text);
+    free(text);
+
     ck_assert_int_eq(KHTEST_CTL(&text, "migrate"), 0);
     free(text);
     khtest_db_exec(conn,
