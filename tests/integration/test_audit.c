@@ -1006,6 +1006,9 @@ START_TEST(auditor_options_are_checked_before_anything_runs)
     S_REFUSED("--since", "query", "--since", "2026-11-01T0:0");
     S_REFUSED("--since", "query", "--since", "");
     S_REFUSED("--until", "query", "--until", "tomorrow");
+    S_REFUSED("--since", "query", "--since", "2026-11-28 BC");
+    S_REFUSED("--since", "query", "--since", "2026-11-01", "--since",
+              "2026-11-02");
     /* A period that ends before it starts. */
     S_REFUSED("--until", "query", "--since", "2027-01-01", "--until",
               "2026-01-01");

@@ -243,8 +243,23 @@ START_TEST(test_list_and_show)
     unsetenv("PGTZ");
     ck_assert_str_eq(out, "[]\n");
     free(out);
+    /* --since reads times as audit query does: PostgreSQL's own words
+     * and dates that are not ISO 8601 are refused, naming the option. */
+    const char *const words[] = {"yesterday", "today",    "epoch",        "now",
+                                 "infinity",  "J2461373", "2026-11-28 BC"};
+    for (size_t i = 0; i < sizeof words / sizeof words[0]; i++) {
+        int rc = KHTEST_CTL(&out, "deadletters", "list", "--since", words[i]);
+        ck_assert_msg(rc == 2 && strstr(out, "--since takes one ISO 8601") &&
+                          !strstr(out, "delivery_id"),
+                      "%s: exit %d: %s", words[i], rc, out);
+        free(out);
+    }
+    ts = khtest_db_value(s_conn, "SELECT to_char(now() AT TIME ZONE 'UTC'"
+                                 " - interval '1 day', 'YYYY-MM-DD')");
+    snprintf(since, sizeof since, "%s", ts);
+    free(ts);
     ck_assert_int_eq(KHTEST_CTL(&out, "deadletters", "list", "--partner",
-                                "veilig-thuis", "--since", "yesterday"),
+                                "veilig-thuis", "--since", since),
                      0);
     ck_assert_ptr_nonnull(strstr(out, D3));
     ck_assert_ptr_nonnull(strstr(out, "(1 dead delivery)"));

@@ -621,6 +621,18 @@ START_TEST(status_says_when_the_database_is_not_migrated)
                       !strstr(output, "dead letters") &&
                       !strstr(output, "trail head"),
                   "status said: %s", output);
+    /* Said once, in its own words: not the server's error as well. */
+    ck_assert_msg(!strstr(output, "ERROR") &&
+                      !strstr(output, "does not exist") &&
+                      !strstr(output, "LINE 1"),
+                  "status said: %s", output);
+    free(output);
+    char *json_all[] = {"/bin/sh", "-c",
+                        "exec \"$0\" status --json --intake none --routing "
+                        "none --notification none --audit none 2>&1 >/dev/null",
+                        ctl, NULL};
+    ck_assert_int_eq(khtest_run(json_all, &output), 1);
+    ck_assert_msg(!strstr(output, "does not exist"), "stderr: %s", output);
     free(output);
     char *json_argv[] = {"/bin/sh", "-c",
                          "exec \"$0\" status --json --intake none --routing "
@@ -640,6 +652,23 @@ START_TEST(status_says_when_the_database_is_not_migrated)
     ck_assert_ptr_null(json_object_get(db, "dead_letters"));
     json_decref(doc);
     PQfinish(bare);
+
+    /* A failure that is not a missing schema stays visible: a login that
+     * may not read the trail sees the server's reason on stderr. */
+    khtest_db_exec(s_db,
+                   "DO $$ BEGIN CREATE ROLE kh_test_health_nobody LOGIN;"
+                   " EXCEPTION WHEN duplicate_object OR unique_violation"
+                   " THEN NULL; END $$",
+                   0, NULL);
+    char nobody[1400];
+    snprintf(nobody, sizeof nobody, "%s user=kh_test_health_nobody",
+             s_conninfo);
+    setenv("KH_DATABASE_URL", nobody, 1);
+    ck_assert_int_eq(khtest_run(argv, &output), 1);
+    ck_assert_msg(strstr(output, "permission denied") &&
+                      !strstr(output, "not migrated"),
+                  "status said: %s", output);
+    free(output);
     setenv("KH_DATABASE_URL", s_conninfo, 1);
 }
 END_TEST

@@ -432,6 +432,81 @@ static void s_migrated_with_avim(const char *cert_dir, const char *out)
     free(text);
 }
 
+/* Run the built ketenhubctl with args (NULL-ended, at most 10); *output
+ * gets its stdout alone, what a script that reads it would see. */
+static int s_ctl_stdout(char **output, const char *const *args)
+{
+    char ctl[512];
+    snprintf(ctl, sizeof ctl, "%s/tools/ctl/ketenhubctl", KH_TEST_BINARY_DIR);
+    char *argv[16] = {"/bin/sh", "-c", "exec \"$0\" \"$@\" 2>/dev/null", ctl};
+    int i = 4;
+    for (; args[i - 4] && i < 15; i++)
+        argv[i] = (char *) args[i - 4];
+    argv[i] = NULL;
+    return khtest_run(argv, output);
+}
+
+/* partner list on a database that is not migrated, or as a login without
+ * the rights to read the partners: exit 1, why on stderr, and nothing on
+ * stdout (a header there reads as an empty list). */
+START_TEST(test_ctl_list_fails_with_nothing_on_stdout)
+{
+    PGconn *conn = s_ctl_db();
+    const char *const table[] = {"partner", "list", NULL};
+    const char *const json[] = {"partner", "list", "--json", NULL};
+    char *text = NULL;
+    ck_assert_int_eq(s_ctl_stdout(&text, table), 1);
+    ck_assert_str_eq(text, "");
+    free(text);
+    ck_assert_int_eq(s_ctl_stdout(&text, json), 1);
+    ck_assert_str_eq(text, "");
+    free(text);
+    ck_assert_int_eq(KHTEST_CTL(&text, "partner", "list"), 1);
+    ck_assert_msg(strstr(text, "ketenhubctl: cannot list partners") &&
+                      !strstr(text, "public_key"),
+                  "%s", text);
+    free(text);
+
+    /* Nor can rules check read the partners there: not checked, exit 1
+     * as any runtime failure (not 2: it was not called wrongly). */
+    ck_assert_int_eq(KHTEST_CTL(&text, "rules", "check",
+                                khtest_src("schemas/rules/default.yaml")),
+                     1);
+    ck_assert_msg(strstr(text, "not checked"), "%s", text);
+    free(text);
+
+    ck_assert_int_eq(KHTEST_CTL(&text, "migrate"), 0);
+    free(text);
+    khtest_db_exec(conn,
+                   "DO $$ BEGIN CREATE ROLE kh_test_partner_nobody LOGIN;"
+                   " EXCEPTION WHEN duplicate_object OR unique_violation"
+                   " THEN NULL; END $$",
+                   0, NULL);
+    char *conninfo = khtest_db_conninfo(DB);
+    char nobody[1400];
+    snprintf(nobody, sizeof nobody, "%s user=kh_test_partner_nobody", conninfo);
+    setenv("KH_DATABASE_URL", nobody, 1);
+    ck_assert_int_eq(s_ctl_stdout(&text, table), 1);
+    ck_assert_str_eq(text, "");
+    free(text);
+    ck_assert_int_eq(s_ctl_stdout(&text, json), 1);
+    ck_assert_str_eq(text, "");
+    free(text);
+    ck_assert_int_eq(KHTEST_CTL(&text, "partner", "list"), 1);
+    ck_assert_msg(strstr(text, "permission denied"), "%s", text);
+    free(text);
+
+    /* Migrated and allowed, an empty list still has its header. */
+    setenv("KH_DATABASE_URL", conninfo, 1);
+    free(conninfo);
+    ck_assert_int_eq(s_ctl_stdout(&text, table), 0);
+    ck_assert_msg(strncmp(text, "id ", 3) == 0 && !strchr(text, '\n')[1], "%s",
+                  text);
+    free(text);
+    PQfinish(conn);
+}
+END_TEST
+
 START_TEST(test_ctl_end_to_end)
 {
     PGconn *conn = s_ctl_db();
@@ -1233,6 +1308,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_chain_director_never_handles_cases);
     tcase_add_test(tc, test_bad_input_refused);
     tcase_add_test(tc, test_cert_files);
+    tcase_add_test(tc, test_ctl_list_fails_with_nothing_on_stdout);
     tcase_add_test(tc, test_ctl_end_to_end);
     tcase_add_test(tc, test_rotate);
     tcase_add_test(tc, test_rotate_commit_lost);

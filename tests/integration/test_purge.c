@@ -168,6 +168,16 @@ START_TEST(test_bad_arguments_change_nothing)
          * would have it: a cutoff a month apart, so neither. */
         {"--before", "12/11/2025", NULL},
         {"--before", "11-12-2025", NULL},
+        /* Only the ISO 8601 forms audit query reads: not BC (which was
+         * used while the report left it out), not PostgreSQL's words. */
+        {"--before", "2026-11-28 BC", NULL},
+        {"--before", "2026-11-28T00:00:00Z BC", NULL},
+        {"--before", "yesterday", NULL},
+        {"--before", "today", NULL},
+        {"--before", "epoch", NULL},
+        {"--before", "now", NULL},
+        {"--before", "J2461373", NULL},
+        {"--before", "allballs", NULL},
         {"--older-than=30", "--batch", "0"},
         {"--older-than=30", "--batch", "lots"},
         {"--older-than=30", "stray", NULL},
@@ -181,7 +191,16 @@ START_TEST(test_bad_arguments_change_nothing)
         free(out);
     }
     ck_assert_int_eq(KHTEST_CTL(&out, "purge", "--before", "garbage"), 2);
-    ck_assert_ptr_nonnull(strstr(out, "'garbage' is not a time"));
+    ck_assert_msg(strstr(out, "--before takes one ISO 8601 time") &&
+                      strstr(out, "'garbage'"),
+                  "%s", out);
+    free(out);
+    /* The cutoff printed is the one used, to the microsecond, in UTC. */
+    ck_assert_int_eq(KHTEST_CTL(&out, "purge", "--before",
+                                "2025-11-12T10:30:00.25+01:00", "--dry-run"),
+                     0);
+    ck_assert_msg(strstr(out, "before 2025-11-12T09:30:00.250000Z\n"), "%s",
+                  out);
     free(out);
     ck_assert_int_eq(KHTEST_CTL(&out, "purge", "--before", "2999-01-01"), 2);
     ck_assert_ptr_nonnull(strstr(out, "is not a time in the past"));
@@ -205,10 +224,14 @@ START_TEST(test_bad_arguments_change_nothing)
     ck_assert_int_eq(s_count(s_all_payloads), payloads);
     ck_assert_int_eq(s_count(s_all_events), events);
 
-    /* No database: a runtime failure, and still nothing changed. */
+    /* No database: a runtime failure, and still nothing changed; a time
+     * that is not one is refused before the database is asked. */
     char *conninfo = khtest_db_conninfo(DB);
     setenv("KH_DATABASE_URL", "host=/nonexistent port=1", 1);
     ck_assert_int_eq(KHTEST_CTL(NULL, "purge", "--older-than", "365"), 1);
+    ck_assert_int_eq(KHTEST_CTL(NULL, "purge", "--before", "yesterday"), 2);
+    ck_assert_int_eq(
+        KHTEST_CTL(NULL, "deadletters", "list", "--since", "epoch"), 2);
     setenv("KH_DATABASE_URL", conninfo, 1);
     free(conninfo);
     ck_assert_int_eq(s_count(s_all_payloads), payloads);
@@ -351,7 +374,11 @@ START_TEST(test_purge_done_referrals_only)
     free(out);
 
     /* A cutoff of now takes the new one too, once its work is done. */
-    ck_assert_int_eq(KHTEST_CTL(&out, "purge", "--before", "now"), 0);
+    char *now =
+        khtest_db_value(s_conn, "SELECT to_char(now() AT TIME ZONE 'UTC',"
+                                " 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')");
+    ck_assert_int_eq(KHTEST_CTL(&out, "purge", "--before", now), 0);
+    free(now);
     ck_assert_msg(strstr(out, "purged 1 referral (1 delivery)"), "%s", out);
     free(out);
     ck_assert_int_eq(s_payloads(R_NEW), 0);

@@ -1094,6 +1094,15 @@ START_TEST(test_ctl_exit_codes)
     char *usage[] = {ctl, "rules", "check", NULL};
     ck_assert_int_eq(khtest_run(usage, &out), 2);
     free(out);
+    /* The partners from a database that cannot be reached: a runtime
+     * failure (1), as in every other command, not a usage error, and
+     * said to be no finding in the file. */
+    setenv("KH_DATABASE_URL", "host=/nonexistent port=1", 1);
+    char *no_db[] = {ctl, "rules", "check", def, NULL};
+    ck_assert_int_eq(khtest_run(no_db, &out), 1);
+    ck_assert_msg(strstr(out, "not checked") && !strstr(out, ":9:"), "%s", out);
+    free(out);
+    unsetenv("KH_DATABASE_URL");
     /* A partners file or a referral that is not there is said to be not
      * there: not "not a JSON array" and no line -1 of it. */
     char *no_partners[] = {

@@ -21,7 +21,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "ctl.h"
@@ -91,91 +90,6 @@ static bool s_seq_arg(const char *text, int64_t *out)
     if (errno || end == text || *end || v < 0)
         return false;
     *out = v;
-    return true;
-}
-
-/* Read n digits at *p into *out, moving *p past them. */
-static bool s_digits(const char **p, int n, int *out)
-{
-    int v = 0;
-    for (int i = 0; i < n; i++) {
-        if ((*p)[i] < '0' || (*p)[i] > '9')
-            return false;
-        v = v * 10 + ((*p)[i] - '0');
-    }
-    *p += n;
-    *out = v;
-    return true;
-}
-
-/* A time as auditors give it, ISO 8601: YYYY-MM-DD, optionally followed
- * by T (or a space) and HH:MM[:SS[.FFFFFF]] and then a zone (Z, +HH,
- * +HH:MM, +HHMM; - likewise). A time without a zone is UTC, as the trail
- * prints its times, so that the answer depends neither on the session's
- * time zone nor on the server's. Every field is checked here, so that a
- * bad time is a usage error that names its option rather than a
- * database error. *at_us gets microseconds since 1970 (UTC). */
-static bool s_time_arg(const char *text, int64_t *at_us)
-{
-    static const int days[] = {31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
-    const char *p = text;
-    int y, mo, d, h = 0, mi = 0, s = 0, us = 0, zh = 0, zm = 0, sign = 0;
-    if (!s_digits(&p, 4, &y) || *p++ != '-' || !s_digits(&p, 2, &mo) ||
-        *p++ != '-' || !s_digits(&p, 2, &d))
-        return false;
-    if (*p == 'T' || *p == 't' || *p == ' ') {
-        p++;
-        if (!s_digits(&p, 2, &h) || *p++ != ':' || !s_digits(&p, 2, &mi))
-            return false;
-        if (*p == ':') {
-            p++;
-            if (!s_digits(&p, 2, &s))
-                return false;
-            if (*p == '.' || *p == ',') {
-                p++;
-                int n = 0;
-                for (; *p >= '0' && *p <= '9'; p++, n++)
-                    if (n < 6)
-                        us = us * 10 + (*p - '0');
-                    else
-                        return false; /* finer than the trail's µs */
-                if (n == 0)
-                    return false;
-                for (; n < 6; n++)
-                    us *= 10;
-            }
-        }
-        if (*p == 'Z' || *p == 'z')
-            p++;
-        else if (*p == '+' || *p == '-') {
-            sign = *p++ == '-' ? -1 : 1;
-            if (!s_digits(&p, 2, &zh))
-                return false;
-            if (*p == ':')
-                p++;
-            if ((*p || p[-1] == ':') && !s_digits(&p, 2, &zm))
-                return false;
-        }
-    }
-    if (*p)
-        return false;
-    bool leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
-    if (y < 1 || mo < 1 || mo > 12 || d < 1 ||
-        d > days[mo - 1] + (mo == 2 && leap) || h > 23 || mi > 59 || s > 59 ||
-        zh > 23 || zm > 59)
-        return false;
-    struct tm tm = {.tm_year = y - 1900,
-                    .tm_mon = mo - 1,
-                    .tm_mday = d,
-                    .tm_hour = h,
-                    .tm_min = mi,
-                    .tm_sec = s};
-    int64_t secs = (int64_t) timegm(&tm) - sign * (zh * 3600 + zm * 60);
-    /* In UTC too within 0001-01-01 .. 9999-12-31, as PostgreSQL and the
-     * trail's own form have it. */
-    if (secs < INT64_C(-62135596800) || secs >= INT64_C(253402300800))
-        return false;
-    *at_us = secs * 1000000 + us;
     return true;
 }
 
@@ -444,7 +358,8 @@ static int s_query(int argc, char **argv)
     s_query_t q = {0};
     s_format_t format = S_TABLE;
     int64_t after = 0, limit = 100;
-    char after_s[24] = "", limit_s[24], since_s[28], until_s[28];
+    char after_s[24] = "", limit_s[24], since_s[CTL_TIME_SIZE],
+         until_s[CTL_TIME_SIZE];
     int64_t since = 0, until = 0;
     bool has_since = false, has_until = false;
     int c;
@@ -505,16 +420,16 @@ static int s_query(int argc, char **argv)
         case 'u': {
             /* Passed on as UTC in the trail's own form (and recorded so,
              * the period the auditor asked for without doubt). */
-            int64_t at;
-            if (!s_time_arg(optarg, &at) || (c == 's' ? has_since : has_until))
-                return ctl_usage_error(
-                    "audit query: --%s takes one ISO 8601 time, e.g. "
-                    "2026-11-28T21:00:00Z (UTC when no zone is given)",
-                    c == 's' ? "since" : "until");
-            *(c == 's' ? &since : &until) = at;
-            *(c == 's' ? &has_since : &has_until) = true;
+            const char *option =
+                c == 's' ? "audit query: --since" : "audit query: --until";
+            if (c == 's' ? has_since : has_until)
+                return ctl_usage_error("%s takes one time, given twice",
+                                       option);
             char *text = c == 's' ? since_s : until_s;
-            kh_trail_format_time(at, text);
+            if (ctl_time_arg(option, optarg, c == 's' ? &since : &until,
+                             text) != CTL_OK)
+                return CTL_USAGE;
+            *(c == 's' ? &has_since : &has_until) = true;
             s_cond(&q, c == 's' ? "since" : "until", text,
                    c == 's' ? "at >= $?::timestamptz" : "at < $?::timestamptz");
             break;

@@ -56,11 +56,10 @@ static void s_usage_list(FILE *out)
             "(died) times.\n"
             "\n"
             "  --partner P   only partner P's\n"
-            "  --since TIME  only those that died at or after TIME (a "
-            "PostgreSQL\n"
-            "                timestamp, year first: 2026-11-28, "
-            "2026-11-28T10:00:00Z,\n"
-            "                today; UTC when it names no zone)\n"
+            "  --since TIME  only those that died at or after TIME (ISO "
+            "8601:\n"
+            "                2026-11-28, 2026-11-28T10:00:00Z; UTC when it "
+            "names no zone)\n"
             "  --json        one JSON array, for scripts\n"
             "  --help        this text\n");
 }
@@ -115,14 +114,6 @@ static bool s_uuid_ok(const char *s)
             return false;
     }
     return true;
-}
-
-/* Whether a failed result is the server refusing a malformed value (class
- * 22: data exception), i.e. the user's input, not the database. */
-static bool s_bad_input(const PGresult *res)
-{
-    const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
-    return state && strncmp(state, "22", 2) == 0;
 }
 
 /* Row r of res as a new JSON object keyed by column name; columns listed
@@ -232,6 +223,7 @@ static int s_cmd_list(int argc, char **argv)
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0}};
     const char *partner = NULL, *since = NULL;
+    char since_s[CTL_TIME_SIZE];
     bool as_json = false;
     int c;
     optind = 1;
@@ -241,7 +233,10 @@ static int s_cmd_list(int argc, char **argv)
             partner = optarg;
             break;
         case 's':
-            since = optarg;
+            if (ctl_time_arg("deadletters list: --since", optarg, NULL,
+                             since_s) != CTL_OK)
+                return CTL_USAGE;
+            since = since_s;
             break;
         case 'j':
             as_json = true;
@@ -283,15 +278,9 @@ static int s_cmd_list(int argc, char **argv)
     kh_error_t err;
     kh_error_clear(&err);
     if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-        if (s_bad_input(res))
-            rc = ctl_usage_error("deadletters list: --since '%s' is not a "
-                                 "time PostgreSQL reads",
-                                 since ? since : "");
-        else {
-            kh_db_error(&err, conn, res, "cannot list dead deliveries");
-            ctl_print_error(&err);
-            rc = CTL_FAIL;
-        }
+        kh_db_error(&err, conn, res, "cannot list dead deliveries");
+        ctl_print_error(&err);
+        rc = CTL_FAIL;
     } else if (partner && PQntuples(res) == 0 &&
                (known = s_partner_known(conn, partner, &err)) < 1) {
         if (known < 0)

@@ -427,9 +427,23 @@ static int s_cmd_add(int argc, char **argv)
     return rc;
 }
 
+/* The table's header, once: with the first row, or after a list that
+ * found none. Never before the list is read, so that a list that fails
+ * (a database not migrated, a login without the rights) prints nothing
+ * on stdout, where a script would take a header for an empty list. */
+static void s_print_header(bool *printed)
+{
+    if (*printed)
+        return;
+    printf("%-24s %-16s %-5s %-8s %-40s %s\n", "id", "kind", "cases", "status",
+           "public_key", "name");
+    *printed = true;
+}
+
+/* arg: the bool s_print_header keeps. */
 static void s_print_partner(const kh_partner_t *p, void *arg)
 {
-    (void) arg;
+    s_print_header(arg);
     printf("%-24s %-16s %-5s %-8s %-40s %s\n", p->id,
            kh_partner_kind_name(p->kind), p->handles_cases ? "yes" : "no",
            p->revoked ? "revoked" : "active", p->public_key, p->display_name);
@@ -546,9 +560,10 @@ static int s_cmd_list(int argc, char **argv)
         }
         json_decref(array);
     } else {
-        printf("%-24s %-16s %-5s %-8s %-40s %s\n", "id", "kind", "cases",
-               "status", "public_key", "name");
-        n = kh_partner_list(conn, !active, s_print_partner, NULL, &err);
+        bool header = false;
+        n = kh_partner_list(conn, !active, s_print_partner, &header, &err);
+        if (n >= 0)
+            s_print_header(&header);
     }
     PQfinish(conn);
     if (n < 0) {

@@ -52,7 +52,9 @@ static void s_usage(FILE *out)
             "$KH_SCHEMA_DIR/referral.v1.json,\n"
             "                 else the source tree's or the installed one)\n"
             "\n"
-            "exit status: 0 valid, 1 invalid, 2 usage or unreadable input\n");
+            "exit status: 0 valid, 1 invalid or not checked (the database "
+            "could not be\n"
+            "read), 2 usage or unreadable input\n");
 }
 
 /* Where referral.v1.json is: $KH_SCHEMA_DIR, the source tree (next to the
@@ -263,17 +265,26 @@ static int s_run(int argc, char **argv, bool explain)
         }
         have_partners = true;
     } else if (!explain) {
-        PGconn *conn = ctl_connect();
-        if (!conn)
-            return CTL_USAGE;
+        /* A database that cannot be reached or read is a runtime failure,
+         * exit 1 as in every other command: the file is not known to be
+         * valid, so a script must not reload it, but it was not called
+         * wrongly either (2). --partners checks without the database. */
         kh_error_t err;
         kh_error_clear(&err);
-        int n = kh_partner_list(conn, false, s_from_db, &partners, &err);
+        PGconn *conn = ctl_connect();
+        int n = conn ? kh_partner_list(conn, false, s_from_db, &partners, &err)
+                     : -1;
         PQfinish(conn);
         if (n < 0) {
-            ctl_print_error(&err);
+            if (conn)
+                ctl_print_error(&err);
+            fprintf(stderr,
+                    "ketenhubctl: rules check: %s not checked: "
+                    "cannot read the registered partners (--partners "
+                    "FILE checks without the database)\n",
+                    file);
             s_partners_free(&partners);
-            return CTL_USAGE;
+            return CTL_FAIL;
         }
         have_partners = true;
     }

@@ -151,15 +151,19 @@ static json_t *s_probe(const s_service_t *svc)
 }
 
 /* A query of the database part failed: say why under "error" in db, in
- * words an administrator can act on when the schema is not (all) there. */
+ * words an administrator can act on when the schema is not (all) there.
+ * That case is said once, in the report; the server's own text (the
+ * relation missing, the statement quoted) would only bury it. Any other
+ * failure is unexpected, and its text goes to stderr as it came. */
 static void s_query_failed(json_t *db, const PGresult *res)
 {
-    fprintf(stderr, "ketenhubctl: status: %s", PQresultErrorMessage(res));
     const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
     const char *primary = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
     bool unmigrated = state && (strcmp(state, "42P01") == 0 || /* table */
                                 strcmp(state, "42703") == 0 || /* column */
                                 strcmp(state, "42883") == 0);  /* function */
+    if (!unmigrated)
+        fprintf(stderr, "ketenhubctl: status: %s", PQresultErrorMessage(res));
     json_object_set_new(
         db, "error",
         json_string(unmigrated ? "the schema is not migrated: run ketenhubctl "

@@ -7,6 +7,7 @@
 #define KH_CTL_H_INCLUDED
 
 #include <libpq-fe.h>
+#include <stdint.h>
 #include <stdio.h>
 
 #include "ketenhub/error.h"
@@ -31,6 +32,28 @@ void ctl_print_error(const kh_error_t *err);
 
 /* Print "ketenhubctl: <message>" on stderr and return CTL_USAGE. */
 int ctl_usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* Bytes of a time in the trail's own form, the NUL included:
+ * 2026-11-28T21:00:00.000000Z. */
+#define CTL_TIME_SIZE 28
+
+/* Read a time option's text, the one way every command reads a time:
+ * ISO 8601, YYYY-MM-DD, optionally followed by T (or a space) and
+ * HH:MM[:SS[.FFFFFF]] and then a zone (Z, +HH, +HH:MM, +HHMM; - likewise),
+ * within 0001-01-01 .. 9999-12-31 UTC. A time without a zone is UTC, as
+ * the trail prints its times, whatever the session's or the server's zone.
+ * Nothing else is a time here: not PostgreSQL's words (now, today,
+ * yesterday, epoch, infinity, J2461373), nor BC, nor a date that is not
+ * year first. Every field is checked here, so that a bad time is a usage
+ * error naming its option before the database is asked anything.
+ *
+ * option names the option in the message ("purge: --before"). On success
+ * returns CTL_OK, *at_us (when not NULL) gets microseconds since 1970 UTC
+ * and out (when not NULL) the time in the trail's form, to pass to
+ * PostgreSQL and to print: what is printed is what is used. Otherwise
+ * prints why on stderr and returns CTL_USAGE. */
+int ctl_time_arg(const char *option, const char *text, int64_t *at_us,
+                 char out[CTL_TIME_SIZE]);
 
 /* A subcommand of a command group: its name and what runs it (argv[0] is
  * the subcommand's name). */

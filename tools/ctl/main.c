@@ -10,11 +10,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "ctl.h"
 #include "ketenhub/db.h"
 #include "ketenhub/health.h"
+#include "ketenhub/trail.h"
 
 static void s_usage(FILE *out)
 {
@@ -91,6 +93,101 @@ int ctl_usage_error(const char *fmt, ...)
     fprintf(stderr, "\n");
     va_end(ap);
     return CTL_USAGE;
+}
+
+/* Read n digits at *p into *out, moving *p past them. */
+static bool s_digits(const char **p, int n, int *out)
+{
+    int v = 0;
+    for (int i = 0; i < n; i++) {
+        if ((*p)[i] < '0' || (*p)[i] > '9')
+            return false;
+        v = v * 10 + ((*p)[i] - '0');
+    }
+    *p += n;
+    *out = v;
+    return true;
+}
+
+/* The time text as ctl_time_arg reads it; see there. */
+static bool s_time_parse(const char *text, int64_t *at_us)
+{
+    static const int days[] = {31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
+    const char *p = text;
+    int y, mo, d, h = 0, mi = 0, s = 0, us = 0, zh = 0, zm = 0, sign = 0;
+    if (!s_digits(&p, 4, &y) || *p++ != '-' || !s_digits(&p, 2, &mo) ||
+        *p++ != '-' || !s_digits(&p, 2, &d))
+        return false;
+    if (*p == 'T' || *p == 't' || *p == ' ') {
+        p++;
+        if (!s_digits(&p, 2, &h) || *p++ != ':' || !s_digits(&p, 2, &mi))
+            return false;
+        if (*p == ':') {
+            p++;
+            if (!s_digits(&p, 2, &s))
+                return false;
+            if (*p == '.' || *p == ',') {
+                p++;
+                int n = 0;
+                for (; *p >= '0' && *p <= '9'; p++, n++)
+                    if (n < 6)
+                        us = us * 10 + (*p - '0');
+                    else
+                        return false; /* finer than the trail's µs */
+                if (n == 0)
+                    return false;
+                for (; n < 6; n++)
+                    us *= 10;
+            }
+        }
+        if (*p == 'Z' || *p == 'z')
+            p++;
+        else if (*p == '+' || *p == '-') {
+            sign = *p++ == '-' ? -1 : 1;
+            if (!s_digits(&p, 2, &zh))
+                return false;
+            if (*p == ':')
+                p++;
+            if ((*p || p[-1] == ':') && !s_digits(&p, 2, &zm))
+                return false;
+        }
+    }
+    if (*p)
+        return false;
+    bool leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    if (y < 1 || mo < 1 || mo > 12 || d < 1 ||
+        d > days[mo - 1] + (mo == 2 && leap) || h > 23 || mi > 59 || s > 59 ||
+        zh > 23 || zm > 59)
+        return false;
+    struct tm tm = {.tm_year = y - 1900,
+                    .tm_mon = mo - 1,
+                    .tm_mday = d,
+                    .tm_hour = h,
+                    .tm_min = mi,
+                    .tm_sec = s};
+    int64_t secs = (int64_t) timegm(&tm) - sign * (zh * 3600 + zm * 60);
+    /* In UTC too within 0001-01-01 .. 9999-12-31, as PostgreSQL and the
+     * trail's own form have it. */
+    if (secs < INT64_C(-62135596800) || secs >= INT64_C(253402300800))
+        return false;
+    *at_us = secs * 1000000 + us;
+    return true;
+}
+
+int ctl_time_arg(const char *option, const char *text, int64_t *at_us,
+                 char out[CTL_TIME_SIZE])
+{
+    int64_t at;
+    if (!text || !s_time_parse(text, &at))
+        return ctl_usage_error("%s takes one ISO 8601 time, e.g. 2026-11-28 "
+                               "or 2026-11-28T21:00:00Z (UTC when no zone "
+                               "is given), not '%s'",
+                               option, text ? text : "");
+    if (at_us)
+        *at_us = at;
+    if (out)
+        kh_trail_format_time(at, out);
+    return CTL_OK;
 }
 
 int ctl_dispatch(const char *group, int argc, char **argv,
