@@ -1100,6 +1100,201 @@ START_TEST(auditor_options_are_checked_before_anything_runs)
 }
 END_TEST
 
+/* One event of the report's trail (at: its time, UTC). */
+static void s_report_event(const char *at, const char *kind, const char *actor,
+                           const char *action, const char *delivery,
+                           const char *partner, const char *outcome,
+                           const char *reason, const char *matched)
+{
+    const char *params[] = {at,      kind,    actor,  action, delivery,
+                            partner, outcome, reason, matched};
+    khtest_db_exec(s_db,
+                   "INSERT INTO audit_events (at, actor_kind, actor_id,"
+                   " action, referral_id, delivery_id, partner_id, outcome,"
+                   " reason_code, rules_matched, origin_service)"
+                   " VALUES ($1, $2, $3, $4, gen_random_uuid(), $5, $6, $7,"
+                   " $8, $9, 'test')",
+                   9, params);
+}
+
+/* The member of the report's array section whose key is value. */
+static json_t *s_report_row(json_t *doc, const char *section, const char *key,
+                            const char *value)
+{
+    size_t i;
+    json_t *row;
+    json_array_foreach(json_object_get(doc, section), i, row)
+    {
+        if (strcmp(json_string_value(json_object_get(row, key)), value) == 0)
+            return row;
+    }
+    ck_abort_msg("%s: no %s %s", section, key, value);
+    return NULL;
+}
+
+static long s_report_int(json_t *row, const char *key)
+{
+    json_t *v = json_object_get(row, key);
+    ck_assert_msg(json_is_integer(v), "%s is no integer", key);
+    return (long) json_integer_value(v);
+}
+
+/* The report counts what the trail says, in its period only, for an
+ * auditor's login, and is recorded in the trail like every read. */
+START_TEST(report_counts_what_the_trail_says)
+{
+    PGconn *auditor = s_login("kh_test_auditor", "ketenhub_auditor");
+    PQfinish(auditor);
+    char *base = khtest_db_conninfo(S_DB);
+    char conninfo[1400];
+    snprintf(conninfo, sizeof conninfo, "%s user=kh_test_auditor", base);
+    free(base);
+    setenv("KH_DATABASE_URL", conninfo, 1);
+
+    /* Before the period. */
+    s_report_event("2026-10-15T12:00:00Z", "partner", "meldpunt",
+                   "referral.accepted", NULL, NULL, "ok", NULL, NULL);
+    /* In it: three accepted, one rejected, three routed. */
+    s_report_event("2026-11-02T10:00:00Z", "partner", "meldpunt",
+                   "referral.accepted", NULL, NULL, "ok", NULL, NULL);
+    s_report_event("2026-11-02T10:00:01Z", "partner", "meldpunt",
+                   "referral.accepted", NULL, NULL, "ok", NULL, NULL);
+    s_report_event("2026-11-02T10:00:02Z", "partner", "veilig-thuis",
+                   "referral.accepted", NULL, NULL, "ok", NULL, NULL);
+    s_report_event("2026-11-02T10:00:03Z", "partner", "meldpunt",
+                   "referral.rejected", NULL, NULL, "refused",
+                   "schema.required", NULL);
+    s_report_event("2026-11-02T10:00:04Z", "service", "routing",
+                   "referral.routed", NULL, NULL, "ok", NULL,
+                   "minor,acute-danger");
+    s_report_event("2026-11-02T10:00:05Z", "service", "routing",
+                   "referral.routed", NULL, NULL, "ok", NULL, "minor");
+    s_report_event("2026-11-02T10:00:06Z", "service", "routing",
+                   "referral.routed", NULL, NULL, "ok", "no_rule_matched",
+                   NULL);
+    /* avim: sent, sent again, acknowledged 30 s after the first send. */
+    const char *d1 = "11111111-1111-7111-8111-111111111111";
+    s_report_event("2026-11-03T08:00:00Z", "service", "notification",
+                   "delivery.sent", d1, "avim", "ok", NULL, NULL);
+    s_report_event("2026-11-03T08:00:10Z", "service", "notification",
+                   "delivery.sent", d1, "avim", "ok", NULL, NULL);
+    s_report_event("2026-11-03T08:00:30Z", "partner", "avim", "delivery.acked",
+                   d1, "avim", "ok", NULL, NULL);
+    /* An ACK of no delivery of avim's: refused. */
+    s_report_event("2026-11-03T08:00:31Z", "partner", "avim", "delivery.acked",
+                   d1, NULL, "refused", "not_found", NULL);
+    /* veilig-thuis: one acknowledged after 2 s, one dead and escalated. */
+    const char *d2 = "22222222-2222-7222-8222-222222222222";
+    const char *d3 = "33333333-3333-7333-8333-333333333333";
+    s_report_event("2026-11-04T08:00:00Z", "service", "notification",
+                   "delivery.sent", d2, "veilig-thuis", "ok", NULL, NULL);
+    s_report_event("2026-11-04T08:00:02Z", "partner", "veilig-thuis",
+                   "delivery.acked", d2, "veilig-thuis", "ok", NULL, NULL);
+    s_report_event("2026-11-04T08:00:00Z", "service", "notification",
+                   "delivery.sent", d3, "veilig-thuis", "ok", NULL, NULL);
+    s_report_event("2026-11-04T09:00:00Z", "service", "notification",
+                   "delivery.escalated", d3, "veilig-thuis", "ok",
+                   "ack_overdue", NULL);
+    s_report_event("2026-11-05T09:00:00Z", "service", "notification",
+                   "delivery.dead", d3, "veilig-thuis", "ok", "max_attempts",
+                   NULL);
+    /* The escalation's copy, to avim. */
+    s_report_event("2026-11-04T09:00:00Z", "service", "notification",
+                   "delivery.created", "44444444-4444-7444-8444-444444444444",
+                   "avim", "ok", "escalation", NULL);
+    s_report_event("2026-11-06T09:00:00Z", "admin", "root", "partner.added",
+                   NULL, "avim", "ok", NULL, NULL);
+    /* After it. */
+    s_report_event("2026-12-01T00:00:00Z", "partner", "meldpunt",
+                   "referral.accepted", NULL, NULL, "ok", NULL, NULL);
+
+    char *out = NULL;
+    int rc = KHTEST_CTL(&out, "audit", "report", "--since", "2026-11-01",
+                        "--until", "2026-12-01", "--format", "json");
+    ck_assert_msg(rc == 0, "exit %d: %s", rc, out);
+    json_error_t jerr;
+    json_t *doc = json_loads(out, 0, &jerr);
+    ck_assert_msg(doc != NULL, "%s: %s", jerr.text, out);
+    free(out);
+
+    json_t *refs = json_object_get(doc, "referrals");
+    ck_assert_int_eq(s_report_int(refs, "accepted"), 3);
+    ck_assert_int_eq(s_report_int(refs, "rejected"), 1);
+    ck_assert_int_eq(s_report_int(refs, "routed"), 3);
+    ck_assert_int_eq(s_report_int(refs, "routed_no_rule_matched"), 1);
+    ck_assert_int_eq(s_report_int(json_object_get(doc, "events"), "events"),
+                     18);
+    ck_assert_int_eq(s_report_int(s_report_row(doc, "accepted_by_partner",
+                                               "partner", "meldpunt"),
+                                  "accepted"),
+                     2);
+    ck_assert_int_eq(
+        s_report_int(s_report_row(doc, "rules_matched", "rule", "minor"),
+                     "referrals"),
+        2);
+    ck_assert_int_eq(
+        s_report_int(s_report_row(doc, "rules_matched", "rule", "acute-danger"),
+                     "referrals"),
+        1);
+
+    json_t *avim = s_report_row(doc, "deliveries", "partner", "avim");
+    ck_assert_int_eq(s_report_int(avim, "sent"), 1);
+    ck_assert_int_eq(s_report_int(avim, "sent_again"), 1);
+    ck_assert_int_eq(s_report_int(avim, "acked"), 1);
+    ck_assert_int_eq(s_report_int(avim, "escalations_received"), 1);
+    ck_assert_int_eq(s_report_int(avim, "escalated"), 0);
+    ck_assert_double_eq_tol(json_real_value(json_object_get(avim, "ack_p50_s")),
+                            30.0, 1e-6);
+    json_t *vt = s_report_row(doc, "deliveries", "partner", "veilig-thuis");
+    ck_assert_int_eq(s_report_int(vt, "sent"), 2);
+    ck_assert_int_eq(s_report_int(vt, "acked"), 1);
+    ck_assert_int_eq(s_report_int(vt, "dead"), 1);
+    ck_assert_int_eq(s_report_int(vt, "escalated"), 1);
+    ck_assert_double_eq_tol(json_real_value(json_object_get(vt, "ack_max_s")),
+                            2.0, 1e-6);
+
+    json_t *refused = s_report_row(doc, "refusals", "reason", "not_found");
+    ck_assert_str_eq(json_string_value(json_object_get(refused, "action")),
+                     "delivery.acked");
+    ck_assert_int_eq(s_report_int(refused, "events"), 1);
+    ck_assert_int_eq(
+        s_report_int(s_report_row(doc, "refusals", "reason", "schema.required"),
+                     "events"),
+        1);
+    json_t *admin =
+        s_report_row(doc, "administration", "action", "partner.added");
+    ck_assert_str_eq(json_string_value(json_object_get(admin, "actor")),
+                     "admin:root");
+    json_decref(doc);
+
+    /* The read is in the trail, with the period asked for. */
+    ck_assert_int_eq(
+        khtest_db_count(s_db, "SELECT count(*) FROM audit_events WHERE action ="
+                              " 'trail.queried' AND actor_kind = 'auditor' AND"
+                              " query_filter ="
+                              " 'report since=2026-11-01T00:00:00.000000Z"
+                              " until=2026-12-01T00:00:00.000000Z'"),
+        1);
+    /* The whole trail by default; the table names every section. */
+    rc = KHTEST_CTL(&out, "audit", "report");
+    ck_assert_msg(rc == 0, "exit %d: %s", rc, out);
+    ck_assert_msg(strstr(out, "accepted 5, rejected 1, routed 3") != NULL, "%s",
+                  out);
+    ck_assert_ptr_nonnull(strstr(out, "DELIVERIES BY PARTNER"));
+    ck_assert_ptr_nonnull(strstr(out, "veilig-thuis"));
+    free(out);
+
+    /* Bad options exit 2, naming the option, and record nothing. */
+    S_REFUSED("--since", "report", "--since", "yesterday");
+    S_REFUSED("--format", "report", "--format", "xml");
+    S_REFUSED("--until", "report", "--since", "2026-11-02", "--until",
+              "2026-11-01");
+    S_REFUSED("--since", "report", "--since", "2026-11-02", "--since",
+              "2026-11-03");
+    unsetenv("KH_DATABASE_URL");
+}
+END_TEST
+
 /* What an auditor redirects into a file must arrive whole: when it
  * cannot be written (a full disk), the command says so and exits 1,
  * never 0 with the file cut short. */
@@ -1109,8 +1304,13 @@ START_TEST(output_that_cannot_be_written_is_a_failure)
     setenv("KH_DATABASE_URL", conninfo, 1);
     s_events_dense(20);
     static const char *const commands[] = {
-        "audit query --format csv", "audit query --format json", "audit query",
-        "deadletters list --json", "purge --older-than 1 --dry-run --json"};
+        "audit query --format csv",
+        "audit query --format json",
+        "audit query",
+        "deadletters list --json",
+        "purge --older-than 1 --dry-run --json",
+        "audit report",
+        "audit report --format json"};
     for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++) {
         char cmd[512];
         snprintf(cmd, sizeof cmd,
@@ -2041,6 +2241,7 @@ int main(void)
     tcase_add_test(tc_auditor,
                    auditor_options_are_checked_before_anything_runs);
     tcase_add_test(tc_auditor, output_that_cannot_be_written_is_a_failure);
+    tcase_add_test(tc_auditor, report_counts_what_the_trail_says);
     tcase_add_test(tc_auditor,
                    an_interrupted_export_leaves_no_file_under_its_name);
     suite_add_tcase(suite, tc_auditor);

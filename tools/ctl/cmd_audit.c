@@ -43,6 +43,8 @@ static void s_usage(FILE *out)
         "                 [--checkpoints-only]\n"
         "       ketenhubctl audit verify [--public-key FILE] [--file EXPORT]\n"
         "                 [--published FILE] [--from-checkpoint SEQ]\n"
+        "       ketenhubctl audit report [--since TIME] [--until TIME]\n"
+        "                 [--format table|json]\n"
         "\n"
         "keygen   writes DIR/hub-audit.key (secret, 0600, for the audit "
         "service)\n"
@@ -66,6 +68,9 @@ static void s_usage(FILE *out)
         "--published adds\n"
         "         checkpoints kept outside the database; exit 0 intact, "
         "1 on a finding\n"
+        "report   figures of the trail for the period: referrals, "
+        "deliveries per\n"
+        "         partner and their time to ACK, refusals, administration\n"
         "\n"
         "A bad option exits 2 naming it, before anything is read or "
         "recorded.\n");
@@ -741,8 +746,10 @@ static int s_verify(int argc, char **argv)
 
 int ctl_audit(int argc, char **argv)
 {
-    static const ctl_sub_t subs[] = {{"keygen", s_keygen}, {"seal", s_seal},
-                                     {"query", s_query},   {"export", s_export},
-                                     {"verify", s_verify}, {NULL, NULL}};
+    static const ctl_sub_t subs[] = {
+        {"keygen", s_keygen}, {"seal", s_seal},
+        {"query", s_query},   {"export", s_export},
+        {"verify", s_verify}, {"report", ctl_audit_report},
+        {NULL, NULL}};
     return ctl_dispatch("audit", argc, argv, subs, s_usage);
 }

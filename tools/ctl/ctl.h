@@ -24,6 +24,8 @@ int ctl_rules(int argc, char **argv);
 int ctl_deadletters(int argc, char **argv);
 int ctl_purge(int argc, char **argv);
 int ctl_audit(int argc, char **argv);
+/* audit report (cmd_report.c), a subcommand of ctl_audit. */
+int ctl_audit_report(int argc, char **argv);
 int ctl_status(int argc, char **argv);
 int ctl_health(int argc, char **argv);
 
