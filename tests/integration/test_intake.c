@@ -5,6 +5,7 @@
 #include <czmq.h>
 #include <libpq-fe.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -92,6 +93,28 @@ static void s_wait_ready(void)
     kh_client_destroy(&client);
     ck_assert_msg(rc == 0, "intake did not come up: see %s",
                   s_path("intake.log"));
+}
+
+/* Stop the fixture's intake (it must exit cleanly) and start it again
+ * with settings, a NULL-ended list of NAME, value pairs (not the ones
+ * s_start_intake sets itself, which win); wait until it answers. */
+static void s_restart_intake_with(const char *name, ...)
+{
+    int status = khproc_stop(s_intake, SIGTERM, 5000);
+    ck_assert(status != -1 && WIFEXITED(status));
+    va_list ap;
+    va_start(ap, name);
+    for (const char *n = name; n; n = va_arg(ap, const char *))
+        setenv(n, va_arg(ap, const char *), 1);
+    va_end(ap);
+    s_start_intake();
+    va_start(ap, name);
+    for (const char *n = name; n; n = va_arg(ap, const char *)) {
+        unsetenv(n);
+        (void) va_arg(ap, const char *);
+    }
+    va_end(ap);
+    s_wait_ready();
 }
 
 static void s_setup(void)
@@ -1831,14 +1854,8 @@ END_TEST
  * nothing written for them; another partner is not held up. */
 START_TEST(a_partner_over_its_rate_is_throttled)
 {
-    int status = khproc_stop(s_intake, SIGTERM, 5000);
-    ck_assert(status != -1 && WIFEXITED(status));
-    setenv("KH_PARTNER_RATE", "20", 1);
-    setenv("KH_PARTNER_BURST", "20", 1);
-    s_start_intake();
-    unsetenv("KH_PARTNER_RATE");
-    unsetenv("KH_PARTNER_BURST");
-    s_wait_ready();
+    s_restart_intake_with("KH_PARTNER_RATE", "20", "KH_PARTNER_BURST", "20",
+                          NULL);
 
     json_t *referral = s_example();
     json_t *envelopes[S_FLOOD], *replies[S_FLOOD];
@@ -1906,12 +1923,7 @@ END_TEST
  * another partner is not held up. */
 START_TEST(a_partner_refused_too_often_is_throttled_before_the_trail)
 {
-    int status = khproc_stop(s_intake, SIGTERM, 5000);
-    ck_assert(status != -1 && WIFEXITED(status));
-    setenv("KH_PARTNER_REFUSALS", "2", 1); /* 20 at once */
-    s_start_intake();
-    unsetenv("KH_PARTNER_REFUSALS");
-    s_wait_ready();
+    s_restart_intake_with("KH_PARTNER_REFUSALS", "2", NULL); /* 20 at once */
 
     json_t *envelopes[S_FLOOD], *replies[S_FLOOD];
     for (int i = 0; i < S_FLOOD; i++) {
@@ -2079,12 +2091,7 @@ END_TEST
  * throttled too, so that it cannot fill the trail. */
 START_TEST(refused_pings_are_throttled_before_the_trail)
 {
-    int status = khproc_stop(s_intake, SIGTERM, 5000);
-    ck_assert(status != -1 && WIFEXITED(status));
-    setenv("KH_PARTNER_REFUSALS", "2", 1); /* 20 at once */
-    s_start_intake();
-    unsetenv("KH_PARTNER_REFUSALS");
-    s_wait_ready();
+    s_restart_intake_with("KH_PARTNER_REFUSALS", "2", NULL); /* 20 at once */
 
     json_t *envelopes[S_FLOOD], *replies[S_FLOOD];
     for (int i = 0; i < S_FLOOD; i++)
