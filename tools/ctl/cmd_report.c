@@ -27,21 +27,22 @@
     " at >= coalesce($1::timestamptz, '-infinity')"                            \
     " AND at < coalesce($2::timestamptz, 'infinity')"
 
-/* One section of the report: its name in the JSON document, its query
- * over the period, and its columns' names and kinds ('s' text, 'i'
- * integer, 'f' a number of seconds). */
+/* One section of the report: its name in the JSON document, its title in
+ * the table (NULL: totals, one row, which s_print_table words itself),
+ * its query over the period, and its columns' names and kinds ('s' text,
+ * 'i' integer, 'f' a number of seconds). */
 typedef struct {
-    const char *name, *sql;
+    const char *name, *title, *sql;
     const char *columns[12];
     const char *kinds;
 } s_section_t;
 
 /* clang-format off */
 static const s_section_t s_sections[] = {
-    {"events",
+    {"events", NULL,
      "SELECT count(*), min(seq), max(seq) FROM audit_trail WHERE" S_PERIOD,
      {"events", "first_seq", "last_seq"}, "iii"},
-    {"referrals",
+    {"referrals", NULL,
      "SELECT"
      " count(*) FILTER (WHERE action = 'referral.accepted' AND outcome = 'ok'),"
      " count(*) FILTER (WHERE action = 'referral.rejected'),"
@@ -57,12 +58,12 @@ static const s_section_t s_sections[] = {
      {"accepted", "rejected", "routed", "routed_no_rule_matched",
       "routed_no_registered_target", "unroutable", "purged"},
      "iiiiiii"},
-    {"accepted_by_partner",
+    {"accepted_by_partner", "ACCEPTED BY SUBMITTING PARTNER",
      "SELECT actor_id, count(*) FROM audit_trail"
      " WHERE action = 'referral.accepted' AND outcome = 'ok' AND" S_PERIOD
      " GROUP BY actor_id ORDER BY count(*) DESC, actor_id",
      {"partner", "accepted"}, "si"},
-    {"rules_matched",
+    {"rules_matched", "RULES MATCHED",
      "SELECT rule, count(*) FROM audit_trail,"
      " unnest(string_to_array(rules_matched, ',')) AS rule"
      " WHERE action = 'referral.routed' AND outcome = 'ok' AND" S_PERIOD
@@ -71,6 +72,7 @@ static const s_section_t s_sections[] = {
     /* Time to acknowledge: from a delivery's first send to its ACK, for
      * the deliveries both sent and acknowledged in the period. */
     {"deliveries",
+     "DELIVERIES BY PARTNER (ack_*: seconds from first send to ACK)",
      "WITH e AS (SELECT action, outcome, reason_code, partner_id,"
      "  delivery_id, at"
      "  FROM audit_trail WHERE partner_id IS NOT NULL"
@@ -114,7 +116,7 @@ static const s_section_t s_sections[] = {
      {"partner", "sent", "sent_again", "acked", "nacked", "dead", "escalated",
       "escalations_received", "ack_p50_s", "ack_p90_s", "ack_max_s"},
      "siiiiiiifff"},
-    {"refusals",
+    {"refusals", "REFUSALS AND FAILURES",
      "SELECT outcome, action, coalesce(reason_code, ''), count(*)"
      " FROM audit_trail WHERE outcome <> 'ok' AND" S_PERIOD
      " GROUP BY outcome, action, reason_code"
@@ -122,7 +124,7 @@ static const s_section_t s_sections[] = {
      {"outcome", "action", "reason", "events"}, "sssi"},
     /* Who changed the hub's partners, rules or dead letters, purged, or
      * looked at the trail (the services' own rule reloads included). */
-    {"administration",
+    {"administration", "ADMINISTRATION AND READS OF THE TRAIL",
      "SELECT action, actor_kind || ':' || actor_id, count(*)"
      " FROM audit_trail WHERE (actor_kind IN ('admin', 'auditor')"
      "  OR action IN ('rules.reloaded', 'rules.reload_failed')) AND" S_PERIOD
@@ -188,7 +190,7 @@ static int s_read(PGconn *conn, const char *const params[2], json_t *doc,
             return rc;
         }
         json_t *value;
-        if (k < 2) /* events, referrals: one row of totals */
+        if (!section->title) /* one row of totals */
             value = s_row(section, res, 0);
         else {
             value = json_array();
@@ -217,10 +219,9 @@ static void s_cell(const json_t *v, char *buf, size_t size)
 /* A section's rows as a table under its title, each column as wide as
  * its widest cell, text to the left and figures to the right; "(none)"
  * when empty. */
-static void s_table(const char *title, const s_section_t *section,
-                    const json_t *rows)
+static void s_table(const s_section_t *section, const json_t *rows)
 {
-    printf("\n%s\n", title);
+    printf("\n%s\n", section->title);
     if (json_array_size(rows) == 0) {
         printf("  (none)\n");
         return;
@@ -279,17 +280,9 @@ static void s_print_table(const json_t *doc)
            s_int(refs, "routed"), s_int(refs, "routed_no_rule_matched"),
            s_int(refs, "routed_no_registered_target"),
            s_int(refs, "unroutable"), s_int(refs, "purged"));
-    static const char *const titles[] = {
-        NULL,
-        NULL,
-        "ACCEPTED BY SUBMITTING PARTNER",
-        "RULES MATCHED",
-        "DELIVERIES BY PARTNER (ack_*: seconds from first send to ACK)",
-        "REFUSALS AND FAILURES",
-        "ADMINISTRATION AND READS OF THE TRAIL"};
-    for (size_t k = 2; k < S_SECTIONS; k++)
-        s_table(titles[k], &s_sections[k],
-                json_object_get(doc, s_sections[k].name));
+    for (size_t k = 0; k < S_SECTIONS; k++)
+        if (s_sections[k].title)
+            s_table(&s_sections[k], json_object_get(doc, s_sections[k].name));
 }
 
 int ctl_audit_report(int argc, char **argv)
