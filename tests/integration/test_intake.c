@@ -5,7 +5,6 @@
 #include <czmq.h>
 #include <libpq-fe.h>
 #include <signal.h>
-#include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -96,24 +95,17 @@ static void s_wait_ready(void)
 }
 
 /* Stop the fixture's intake (it must exit cleanly) and start it again
- * with settings, a NULL-ended list of NAME, value pairs (not the ones
- * s_start_intake sets itself, which win); wait until it answers. */
-static void s_restart_intake_with(const char *name, ...)
+ * with settings, NAME and value after each other up to a NULL (not the
+ * ones s_start_intake sets itself, which win); wait until it answers. */
+static void s_restart_intake_with(const char *const settings[])
 {
     int status = khproc_stop(s_intake, SIGTERM, 5000);
     ck_assert(status != -1 && WIFEXITED(status));
-    va_list ap;
-    va_start(ap, name);
-    for (const char *n = name; n; n = va_arg(ap, const char *))
-        setenv(n, va_arg(ap, const char *), 1);
-    va_end(ap);
+    for (size_t i = 0; settings[i]; i += 2)
+        setenv(settings[i], settings[i + 1], 1);
     s_start_intake();
-    va_start(ap, name);
-    for (const char *n = name; n; n = va_arg(ap, const char *)) {
-        unsetenv(n);
-        (void) va_arg(ap, const char *);
-    }
-    va_end(ap);
+    for (size_t i = 0; settings[i]; i += 2)
+        unsetenv(settings[i]);
     s_wait_ready();
 }
 
@@ -1854,8 +1846,8 @@ END_TEST
  * nothing written for them; another partner is not held up. */
 START_TEST(a_partner_over_its_rate_is_throttled)
 {
-    s_restart_intake_with("KH_PARTNER_RATE", "20", "KH_PARTNER_BURST", "20",
-                          NULL);
+    s_restart_intake_with((const char *const[]){
+        "KH_PARTNER_RATE", "20", "KH_PARTNER_BURST", "20", NULL});
 
     json_t *referral = s_example();
     json_t *envelopes[S_FLOOD], *replies[S_FLOOD];
@@ -1923,7 +1915,9 @@ END_TEST
  * another partner is not held up. */
 START_TEST(a_partner_refused_too_often_is_throttled_before_the_trail)
 {
-    s_restart_intake_with("KH_PARTNER_REFUSALS", "2", NULL); /* 20 at once */
+    /* 20 at once */
+    s_restart_intake_with(
+        (const char *const[]){"KH_PARTNER_REFUSALS", "2", NULL});
 
     json_t *envelopes[S_FLOOD], *replies[S_FLOOD];
     for (int i = 0; i < S_FLOOD; i++) {
@@ -2091,7 +2085,9 @@ END_TEST
  * throttled too, so that it cannot fill the trail. */
 START_TEST(refused_pings_are_throttled_before_the_trail)
 {
-    s_restart_intake_with("KH_PARTNER_REFUSALS", "2", NULL); /* 20 at once */
+    /* 20 at once */
+    s_restart_intake_with(
+        (const char *const[]){"KH_PARTNER_REFUSALS", "2", NULL});
 
     json_t *envelopes[S_FLOOD], *replies[S_FLOOD];
     for (int i = 0; i < S_FLOOD; i++)
