@@ -465,6 +465,7 @@ START_TEST(test_ctl_list_fails_with_nothing_on_stdout)
     ck_assert_msg(strstr(text, "ketenhubctl: cannot list partners") &&
                       !strstr(text, "public_key"),
                   "%s", text);
+    ck_assert_msg(strstr(text, "run ketenhubctl migrate"), "%s", text);
     free(text);
 
     /* Nor can rules check read the partners there: not checked, exit 1

@@ -159,9 +159,7 @@ static void s_query_failed(json_t *db, const PGresult *res)
 {
     const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
     const char *primary = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
-    bool unmigrated = state && (strcmp(state, "42P01") == 0 || /* table */
-                                strcmp(state, "42703") == 0 || /* column */
-                                strcmp(state, "42883") == 0);  /* function */
+    bool unmigrated = ctl_sqlstate_unmigrated(state);
     if (!unmigrated)
         fprintf(stderr, "ketenhubctl: status: %s", PQresultErrorMessage(res));
     json_object_set_new(

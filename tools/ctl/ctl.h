@@ -32,6 +32,11 @@ int ctl_health(int argc, char **argv);
 /* Print "ketenhubctl: <path>:<line>: <message> (<code>)" on stderr. */
 void ctl_print_error(const kh_error_t *err);
 
+/* Whether sqlstate says that a table, a column or a function the command
+ * uses is not there: the database is not (fully) migrated for this
+ * ketenhubctl. */
+bool ctl_sqlstate_unmigrated(const char *sqlstate);
+
 /* Print "ketenhubctl: <message>" on stderr and return CTL_USAGE. */
 int ctl_usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 

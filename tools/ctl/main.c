@@ -71,6 +71,13 @@ static void s_usage(FILE *out)
             "error\n");
 }
 
+bool ctl_sqlstate_unmigrated(const char *sqlstate)
+{
+    return sqlstate && (strcmp(sqlstate, "42P01") == 0 || /* table */
+                        strcmp(sqlstate, "42703") == 0 || /* column */
+                        strcmp(sqlstate, "42883") == 0);  /* function */
+}
+
 void ctl_print_error(const kh_error_t *err)
 {
     fprintf(stderr, "ketenhubctl: ");
@@ -82,6 +89,13 @@ void ctl_print_error(const kh_error_t *err)
     }
     fprintf(stderr, "%s (%s)\n", err->message[0] ? err->message : "failed",
             kh_error_name(err->code));
+    /* kh_db_error ends a database's error with its SQLSTATE. */
+    const char *state = strstr(err->message, "(sqlstate ");
+    char code[6] = "";
+    if (state && sscanf(state, "(sqlstate %5[0-9A-Z])", code) == 1 &&
+        ctl_sqlstate_unmigrated(code))
+        fprintf(stderr, "ketenhubctl: hint: the database is not migrated for "
+                        "this ketenhubctl: run ketenhubctl migrate\n");
 }
 
 int ctl_usage_error(const char *fmt, ...)
