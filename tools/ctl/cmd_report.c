@@ -189,6 +189,12 @@ static int s_read(PGconn *conn, const char *const params[2], json_t *doc,
             PQclear(res);
             return rc;
         }
+        if (PQnfields(res) != (int) strlen(section->kinds)) {
+            PQclear(res);
+            return kh_error_set(err, KH_E_INTERNAL, section->name,
+                                "the section's query gives other columns "
+                                "than the report reads");
+        }
         json_t *value;
         if (!section->title) /* one row of totals */
             value = s_row(section, res, 0);
