@@ -421,6 +421,12 @@ smoke_test() {
   verified=$(ctl audit verify --public-key /etc/ketenhub/audit/hub-audit.pub) ||
     fail "audit verify failed: $verified"
   echo "$verified" | tail -n 2
+  # The auditor's summary counts what the trail holds.
+  report=$(ctl audit report --format json) ||
+    fail "audit report failed: $report"
+  echo "$report" | grep -q "\"accepted\": $stored," ||
+    fail "audit report does not count the $stored accepted referrals: $report"
+  echo "audit report: $stored referrals accepted"
   ctl status --intake intake:9700 --routing routing:9700 \
     --notification notification:9700 --audit audit:9700 ||
     fail "ketenhubctl status failed"
