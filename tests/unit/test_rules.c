@@ -502,6 +502,27 @@ START_TEST(test_escalation)
         strstr(text, "partner px, priority urgent, escalates to pz when not "
                      "acknowledged in time, fields:"));
     ck_assert_ptr_nonnull(strstr(text, "partner pz, priority urgent, fields:"));
+    /* ... and the copy's own fields and payload, as routing stores them
+     * beside the delivery; pz has a delivery of its own, so notification
+     * sends it no copy, and explain says so. */
+    ck_assert_ptr_nonnull(
+        strstr(text, "escalation copy for pz (not sent: pz has a delivery of "
+                     "its own), fields:\nrisk.urgency\npayload:\n{\n"
+                     "  \"risk\": {\n    \"urgency\": \"immediate\"\n"
+                     "  }\n}\n"));
+    free(text);
+    json_decref(doc);
+    /* The fallback: the reason the trail records, and a copy that is
+     * sent, since py has no delivery. */
+    doc = khtest_json(s_base);
+    out = open_memstream(&text, &len);
+    ck_assert_ptr_nonnull(out);
+    kh_rules_explain(rules, doc, out);
+    fclose(out);
+    ck_assert_ptr_nonnull(
+        strstr(text, "no rule named a partner: fallback (no_rule_matched)\n"));
+    ck_assert_ptr_nonnull(strstr(text, "escalation copy for py, fields:\n"
+                                       "needs\npayload:\n"));
     free(text);
     json_decref(doc);
     /* A target that is not urgent never escalates: its rule's line must
