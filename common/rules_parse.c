@@ -748,6 +748,63 @@ static bool s_enum_has(const json_t *enums, const char *s)
     return false;
 }
 
+/* ---- lists for messages ------------------------------------------------ */
+
+/* A list of names for a message ("a, b, c"), ended by "..." where the
+ * next name would not fit: a message stays within its error record. */
+typedef struct {
+    char text[150];
+    size_t used;
+    bool full;
+} s_list_t;
+
+static void s_list_add(s_list_t *l, const char *name, size_t len)
+{
+    if (l->full)
+        return;
+    const char *sep = l->used ? ", " : "";
+    if (l->used + strlen(sep) + len + sizeof ", ..." > sizeof l->text) {
+        snprintf(l->text + l->used, sizeof l->text - l->used, "%s...", sep);
+        l->full = true;
+        return;
+    }
+    l->used += (size_t) snprintf(l->text + l->used, sizeof l->text - l->used,
+                                 "%s%.*s", sep, (int) len, name);
+}
+
+/* Report that path names no field of the schema, with the fields of the
+ * nearest object above it that exists (the top level when none does),
+ * so that the administrator sees what may be written there. */
+static void s_no_field(s_ctx_t *ctx, kh_errcode_t code, const char *where,
+                       const s_ynode_t *at, const char *path)
+{
+    const kh_rules_t *rules = ctx->rules;
+    char parent[KH_ERROR_PATH_MAX];
+    snprintf(parent, sizeof parent, "%s", path);
+    int p = -1;
+    for (char *dot = strrchr(parent, '.'); dot; dot = strrchr(parent, '.')) {
+        *dot = '\0';
+        p = s_field_find(rules, parent);
+        if (p >= 0)
+            break;
+    }
+    if (p >= 0 && rules->fields[p].kind != KH_RK_OBJECT) {
+        s_error(ctx, code, where, at,
+                "no field %.64s in the referral schema: %s is %s and has no "
+                "fields inside it",
+                path, rules->fields[p].path,
+                s_kind_name(rules->fields[p].kind));
+        return;
+    }
+    s_list_t l = {0};
+    for (size_t i = 0; i < rules->nfields; i++)
+        if (rules->fields[i].parent == p)
+            s_list_add(&l, rules->fields[i].key, rules->fields[i].key_len);
+    s_error(ctx, code, where, at,
+            "no field %.64s in the referral schema; %s has: %s", path,
+            p >= 0 ? rules->fields[p].path : "the top level", l.text);
+}
+
 /* Convert scalar n to a constant for a field of kind (nullable, enums,
  * bounds from f when not items). Reports and returns -1 on a mismatch. */
 static int s_value(s_ctx_t *ctx, const kh_rfield_t *f, bool items,
@@ -780,8 +837,16 @@ static int s_value(s_ctx_t *ctx, const kh_rfield_t *f, bool items,
             out->d = d;
             if (!items &&
                 ((f->has_min && d < f->min) || (f->has_max && d > f->max))) {
+                char range[64] = "";
+                if (f->has_min && f->has_max)
+                    snprintf(range, sizeof range, "%g to %g", f->min, f->max);
+                else
+                    snprintf(range, sizeof range, "%s %g",
+                             f->has_min ? "at least" : "at most",
+                             f->has_min ? f->min : f->max);
                 s_error(ctx, KH_E_RULES_TYPE, path, n,
-                        "the value is outside the range of %s", f->path);
+                        "%.32s is outside the range of %s (%s)", n->str,
+                        f->path, range);
                 return -1;
             }
             return 0;
@@ -790,9 +855,18 @@ static int s_value(s_ctx_t *ctx, const kh_rfield_t *f, bool items,
     case KH_RK_STRING:
         if (t == S_TSTR) {
             if (enums && !s_enum_has(enums, n->str)) {
+                s_list_t l = {0};
+                size_t i;
+                const json_t *code;
+                json_array_foreach(enums, i, code)
+                {
+                    if (json_is_string(code))
+                        s_list_add(&l, json_string_value(code),
+                                   json_string_length(code));
+                }
                 s_error(ctx, KH_E_RULES_TYPE, path, n,
-                        "the value is not one of the codes of %s%s", f->path,
-                        items ? " items" : "");
+                        "%.40s is not one of the codes of %s%s: %s", n->str,
+                        f->path, items ? " items" : "", l.text);
                 return -1;
             }
             out->kind = KH_RV_STR;
@@ -991,8 +1065,7 @@ static kh_rcond_t *s_leaf(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
     }
     c->field = s_field_find(ctx->rules, fpath);
     if (c->field < 0) {
-        s_error(ctx, KH_E_RULES_UNKNOWN_FIELD, p, fn,
-                "no such field in the referral schema");
+        s_no_field(ctx, KH_E_RULES_UNKNOWN_FIELD, p, fn, fpath);
         *failed = true;
         return c;
     }
@@ -1219,8 +1292,7 @@ static int s_fields(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
         }
         int field = s_field_find(ctx->rules, fp);
         if (field < 0) {
-            s_error(ctx, KH_E_RULES_PROJECTION, q, n->items[k],
-                    "no such field in the referral schema");
+            s_no_field(ctx, KH_E_RULES_PROJECTION, q, n->items[k], fp);
             rc = -1;
             continue;
         }

@@ -644,6 +644,68 @@ START_TEST(test_all_errors_reported)
 }
 END_TEST
 
+/* A message says what to write instead: the fields that exist where an
+ * unknown one was named, the codes a field takes, the range of a number.
+ * Table-driven: one condition or projection per case, its message. */
+typedef struct {
+    const char *when;   /* the rule's condition */
+    const char *fields; /* the target's projection */
+    const char *message;
+} s_msg_case_t;
+
+static void s_first_message(const kh_error_t *err, bool is_error, void *arg)
+{
+    char *buf = arg;
+    if (is_error && !buf[0])
+        snprintf(buf, KH_ERROR_MESSAGE_MAX, "%s", err->message);
+}
+
+START_TEST(test_messages_say_what_fits)
+{
+    static const s_msg_case_t cases[] = {
+        {"{field: subject.gendr, equals: male}", "[risk]",
+         "no field subject.gendr in the referral schema; subject has: "
+         "reference, birth_date, age, minor, gender, nationality, "
+         "municipality, language, residence_status"},
+        {"{field: scope, equals: domestic}", "[subject.age.years]",
+         "no field subject.age.years in the referral schema: subject.age is "
+         "a whole number and has no fields inside it"},
+        {"{field: scope, equals: domestic}", "[suspect]",
+         "no field suspect in the referral schema; the top level has: "
+         "schema_version, submitted_by, subject, exploitation, scope, "
+         "indicators, indicators_other, risk, needs, needs_other, suspects, "
+         "client, summary"},
+        {"{field: scope, in: [domestic, abroad]}", "[risk]",
+         "abroad is not one of the codes of scope: domestic, cross_border, "
+         "unknown"},
+        {"{field: needs, contains: housing}", "[risk]",
+         "housing is not one of the codes of needs items: shelter, medical, "
+         "psychological, legal, other"},
+        {"{field: subject.age, equals: 200}", "[risk]",
+         "200 is outside the range of subject.age (0 to 120)"},
+    };
+    kh_rules_options_t o = s_opts(s_demo, S_DEMO_COUNT);
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char yaml[1024], got[KH_ERROR_MESSAGE_MAX] = "";
+        snprintf(yaml, sizeof yaml,
+                 "version: 1\n"
+                 "fallback: {targets: [{partner: zorgcoordinator, fields: "
+                 "[needs]}]}\n"
+                 "rules:\n"
+                 "- {name: r1, when: %s,\n"
+                 "   then: {targets: [{partner: avim, fields: %s}]}}\n",
+                 cases[i].when, cases[i].fields);
+        o.report = s_first_message;
+        o.report_arg = got;
+        kh_error_t err;
+        kh_rules_t *rules = kh_rules_load_buffer(yaml, strlen(yaml), &o, &err);
+        ck_assert_msg(rules == NULL, "case %zu: loaded", i);
+        ck_assert_msg(strcmp(got, cases[i].message) == 0, "case %zu: got '%s'",
+                      i, got);
+    }
+}
+END_TEST
+
 /* A key the format does not have (a typo) is one error among the others:
  * what is around it is still checked, so that one check shows them all. */
 START_TEST(test_unknown_key_hides_nothing)
@@ -1196,6 +1258,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_escalation);
     tcase_add_test(tc, test_invalid_corpus);
     tcase_add_test(tc, test_all_errors_reported);
+    tcase_add_test(tc, test_messages_say_what_fits);
     tcase_add_test(tc, test_unknown_key_hides_nothing);
     tcase_add_test(tc, test_never_matches_only_when_impossible);
     tcase_add_test(tc, test_alias_bomb_refused_fast);
