@@ -450,6 +450,30 @@ static const s_ynode_t *s_get(const s_ynode_t *map, const char *key)
     return NULL;
 }
 
+/* ---- lists for messages ------------------------------------------------ */
+
+/* A list of names for a message ("a, b, c"), ended by "..." where the
+ * next name would not fit: a message stays within its error record. */
+typedef struct {
+    char text[150];
+    size_t used;
+    bool full;
+} s_list_t;
+
+static void s_list_add(s_list_t *l, const char *name, size_t len)
+{
+    if (l->full)
+        return;
+    const char *sep = l->used ? ", " : "";
+    if (l->used + strlen(sep) + len + sizeof ", ..." > sizeof l->text) {
+        snprintf(l->text + l->used, sizeof l->text - l->used, "%s...", sep);
+        l->full = true;
+        return;
+    }
+    l->used += (size_t) snprintf(l->text + l->used, sizeof l->text - l->used,
+                                 "%s%.*s", sep, (int) len, name);
+}
+
 /* Report keys of map that are not in allowed (NULL-terminated), and keys
  * given twice. Returns the number of problems. Callers go on checking the
  * known keys (the first of a repeated one), so that one check reports
@@ -459,7 +483,10 @@ static int s_check_keys(s_ctx_t *ctx, const s_ynode_t *map, const char *path,
 {
     int problems = 0;
     if (map->n > 64) {
-        s_error(ctx, KH_E_RULES_SYNTAX, path, map, "too many keys");
+        s_error(ctx, KH_E_RULES_SYNTAX, path, map,
+                "too many keys (%zu; no mapping of the format has more than "
+                "64)",
+                map->n / 2);
         return 1;
     }
     for (size_t i = 0; i + 1 < map->n; i += 2) {
@@ -472,8 +499,13 @@ static int s_check_keys(s_ctx_t *ctx, const s_ynode_t *map, const char *path,
             if (strcmp(*a, key->str) == 0)
                 known = true;
         if (!known) {
+            s_list_t l = {0};
+            for (const char *const *a = allowed; *a; a++)
+                s_list_add(&l, *a, strlen(*a));
             s_error(ctx, KH_E_RULES_UNKNOWN_KEY, p, key,
-                    "this key is not part of the rules format");
+                    "%.40s is not a key of the rules format here; the keys "
+                    "are: %s",
+                    key->str, l.text);
             problems++;
             continue;
         }
@@ -746,30 +778,6 @@ static bool s_enum_has(const json_t *enums, const char *s)
             return true;
     }
     return false;
-}
-
-/* ---- lists for messages ------------------------------------------------ */
-
-/* A list of names for a message ("a, b, c"), ended by "..." where the
- * next name would not fit: a message stays within its error record. */
-typedef struct {
-    char text[150];
-    size_t used;
-    bool full;
-} s_list_t;
-
-static void s_list_add(s_list_t *l, const char *name, size_t len)
-{
-    if (l->full)
-        return;
-    const char *sep = l->used ? ", " : "";
-    if (l->used + strlen(sep) + len + sizeof ", ..." > sizeof l->text) {
-        snprintf(l->text + l->used, sizeof l->text - l->used, "%s...", sep);
-        l->full = true;
-        return;
-    }
-    l->used += (size_t) snprintf(l->text + l->used, sizeof l->text - l->used,
-                                 "%s%.*s", sep, (int) len, name);
 }
 
 /* Report that path names no field of the schema, with the fields of the

@@ -645,7 +645,8 @@ START_TEST(test_all_errors_reported)
 END_TEST
 
 /* A message says what to write instead: the fields that exist where an
- * unknown one was named, the codes a field takes, the range of a number.
+ * unknown one was named, the codes a field takes, the range of a number,
+ * the keys that a mapping may have.
  * Table-driven: one condition or projection per case, its message. */
 typedef struct {
     const char *when;   /* the rule's condition */
@@ -683,6 +684,9 @@ START_TEST(test_messages_say_what_fits)
          "psychological, legal, other"},
         {"{field: subject.age, equals: 200}", "[risk]",
          "200 is outside the range of subject.age (0 to 120)"},
+        {"{field: scope, equls: domestic}", "[risk]",
+         "equls is not a key of the rules format here; the keys are: field, "
+         "equals, in, contains, lt, le, gt, ge, present"},
     };
     kh_rules_options_t o = s_opts(s_demo, S_DEMO_COUNT);
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
