@@ -12,6 +12,7 @@
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <yaml.h>
@@ -432,6 +433,38 @@ static s_stype_t s_scalar_type(const s_ynode_t *n, bool *b, double *d)
         }
     }
     return S_TSTR;
+}
+
+/* Why scalar n (of type t) is not of kind, for a message: a value that
+ * is right but quoted, null where none is allowed, a fraction for a whole
+ * number, a number too large to hold; "" when the type says it all. */
+static const char *s_type_hint(const s_ynode_t *n, s_stype_t t, bool numeric,
+                               bool whole, bool boolean)
+{
+    bool b;
+    double d;
+    if (t == S_TNULL)
+        return " and may not be null";
+    if (!n->plain) {
+        s_ynode_t plain = *n;
+        plain.plain = true;
+        s_stype_t pt = s_scalar_type(&plain, &b, &d);
+        if ((boolean && pt == S_TBOOL) ||
+            (numeric && (pt == S_TINT || (pt == S_TFLOAT && !whole))))
+            return ": write the value without quotes";
+        return "";
+    }
+    if (boolean &&
+        (strcasecmp(n->str, "yes") == 0 || strcasecmp(n->str, "no") == 0 ||
+         strcasecmp(n->str, "on") == 0 || strcasecmp(n->str, "off") == 0))
+        return ": write true or false (yes, no, on and off are text)";
+    if (numeric && whole && t == S_TFLOAT)
+        return ", not a fraction";
+    if (numeric && t == S_TSTR && n->len > 0 &&
+        strchr("+-0123456789", n->str[0]) && strtod(n->str, NULL) != 0 &&
+        !isfinite(strtod(n->str, NULL)))
+        return ": the value is too large to be a number";
+    return "";
 }
 
 static const char *s_ykind_name(const s_ynode_t *n)
@@ -893,8 +926,11 @@ static int s_value(s_ctx_t *ctx, const kh_rfield_t *f, bool items,
                 s_kind_name(kind));
         return -1;
     }
-    s_error(ctx, KH_E_RULES_TYPE, path, n, "%s%s is %s", f->path,
-            items ? " holds items that are" : "", s_kind_name(kind));
+    bool numeric = kind == KH_RK_INTEGER || kind == KH_RK_NUMBER;
+    s_error(ctx, KH_E_RULES_TYPE, path, n, "%s%s is %s%s", f->path,
+            items ? " holds items that are" : "", s_kind_name(kind),
+            s_type_hint(n, t, numeric, kind == KH_RK_INTEGER,
+                        kind == KH_RK_BOOLEAN));
     return -1;
 }
 
@@ -1138,8 +1174,11 @@ static kh_rcond_t *s_leaf(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
         if (vn->kind == S_YSCALAR)
             t = s_scalar_type(vn, &b, &c->vals[0].d);
         if (t != S_TINT && t != S_TFLOAT) {
-            s_error(ctx, KH_E_RULES_TYPE, p, vn, "%s needs a number",
-                    s_ops[c->op]);
+            s_error(ctx, KH_E_RULES_TYPE, p, vn, "%s needs a number%s",
+                    s_ops[c->op],
+                    vn->kind == S_YSCALAR
+                        ? s_type_hint(vn, t, true, false, false)
+                        : "");
             *failed = true;
             break;
         }

@@ -646,7 +646,7 @@ END_TEST
 
 /* A message says what to write instead: the fields that exist where an
  * unknown one was named, the codes a field takes, the range of a number,
- * the keys that a mapping may have.
+ * the keys that a mapping may have, why a value is of the wrong type.
  * Table-driven: one condition or projection per case, its message. */
 typedef struct {
     const char *when;   /* the rule's condition */
@@ -684,6 +684,19 @@ START_TEST(test_messages_say_what_fits)
          "psychological, legal, other"},
         {"{field: subject.age, equals: 200}", "[risk]",
          "200 is outside the range of subject.age (0 to 120)"},
+        {"{field: subject.age, lt: '18'}", "[risk]",
+         "lt needs a number: write the value without quotes"},
+        {"{field: subject.age, equals: \"18\"}", "[risk]",
+         "subject.age is a whole number: write the value without quotes"},
+        {"{field: subject.age, equals: 17.5}", "[risk]",
+         "subject.age is a whole number, not a fraction"},
+        {"{field: subject.age, lt: 1e999}", "[risk]",
+         "lt needs a number: the value is too large to be a number"},
+        {"{field: subject.minor, equals: yes}", "[risk]",
+         "subject.minor is true/false: write true or false (yes, no, on and "
+         "off are text)"},
+        {"{field: scope, equals: null}", "[risk]",
+         "scope is text and may not be null"},
         {"{field: scope, equls: domestic}", "[risk]",
          "equls is not a key of the rules format here; the keys are: field, "
          "equals, in, contains, lt, le, gt, ge, present"},
