@@ -458,8 +458,12 @@ static const char *s_type_hint(const s_ynode_t *n, s_stype_t t, bool numeric,
         (strcasecmp(n->str, "yes") == 0 || strcasecmp(n->str, "no") == 0 ||
          strcasecmp(n->str, "on") == 0 || strcasecmp(n->str, "off") == 0))
         return ": write true or false (yes, no, on and off are text)";
+    /* 1e1, 18.0 and 0x12 are whole, but written as a fraction or in
+     * another base, which a whole-number field does not take. */
     if (numeric && whole && t == S_TFLOAT)
-        return ", not a fraction";
+        return strtod(n->str, NULL) == floor(strtod(n->str, NULL))
+                   ? ": write it in decimal digits only"
+                   : ", not a fraction";
     if (numeric && t == S_TSTR && n->len > 0 &&
         strchr("+-0123456789", n->str[0]) && strtod(n->str, NULL) != 0 &&
         !isfinite(strtod(n->str, NULL)))

@@ -690,6 +690,8 @@ START_TEST(test_messages_say_what_fits)
          "subject.age is a whole number: write the value without quotes"},
         {"{field: subject.age, equals: 17.5}", "[risk]",
          "subject.age is a whole number, not a fraction"},
+        {"{field: subject.age, equals: 1e1}", "[risk]",
+         "subject.age is a whole number: write it in decimal digits only"},
         {"{field: subject.age, lt: 1e999}", "[risk]",
          "lt needs a number: the value is too large to be a number"},
         {"{field: subject.minor, equals: yes}", "[risk]",
