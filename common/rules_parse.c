@@ -926,8 +926,12 @@ static int s_value(s_ctx_t *ctx, const kh_rfield_t *f, bool items,
         break;
     default:
         s_error(ctx, KH_E_RULES_TYPE, path, n,
-                "%s is %s and cannot be compared with a value", f->path,
-                s_kind_name(kind));
+                "%s is %s and cannot be compared with a value%s", f->path,
+                s_kind_name(kind),
+                kind == KH_RK_ARRAY ? ": contains tests for a value in it"
+                : kind == KH_RK_OBJECT
+                    ? "; name one of its fields, or test it with present"
+                    : "");
         return -1;
     }
     bool numeric = kind == KH_RK_INTEGER || kind == KH_RK_NUMBER;

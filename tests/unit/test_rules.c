@@ -699,6 +699,12 @@ START_TEST(test_messages_say_what_fits)
          "off are text)"},
         {"{field: scope, equals: null}", "[risk]",
          "scope is text and may not be null"},
+        {"{field: needs, equals: shelter}", "[risk]",
+         "needs is a list and cannot be compared with a value: contains "
+         "tests for a value in it"},
+        {"{field: risk, equals: true}", "[risk]",
+         "risk is an object and cannot be compared with a value; name one of "
+         "its fields, or test it with present"},
         {"{field: scope, equls: domestic}", "[risk]",
          "equls is not a key of the rules format here; the keys are: field, "
          "equals, in, contains, lt, le, gt, ge, present"},
