@@ -1061,18 +1061,58 @@ static bool s_field_contradicts(const kh_rules_t *rules,
     return false;
 }
 
+/* The leaves that are negated in an `all` ({not: LEAF}), the `all`s
+ * nested in it included, into out (when not NULL); returns how many. */
+static size_t s_all_negated(const kh_rcond_t *c, const kh_rcond_t **out,
+                            size_t n)
+{
+    for (size_t i = 0; i < c->nkids; i++) {
+        const kh_rcond_t *k = c->kids[i];
+        if (k->op == KH_RC_ALL)
+            n = s_all_negated(k, out, n);
+        else if (k->op == KH_RC_NOT && k->kids[0]->op <= KH_RC_PRESENT) {
+            if (out)
+                out[n] = k->kids[0];
+            n++;
+        }
+    }
+    return n;
+}
+
+/* Whether leaves a and b test the same thing. */
+static bool s_leaf_same(const kh_rcond_t *a, const kh_rcond_t *b)
+{
+    if (a->op != b->op || a->field != b->field || a->nvals != b->nvals)
+        return false;
+    for (size_t i = 0; i < a->nvals; i++)
+        if (!s_val_same(&a->vals[i], &b->vals[i]))
+            return false;
+    return true;
+}
+
+/* Pairs of a leaf and a negated leaf compared at most: beyond, a hostile
+ * file would make the check slow, and it is skipped. */
+#define S_NEGATED_PAIRS_MAX 1000000
+
 /* Contradictions between the leaves of an `all` (see s_field_contradicts),
- * field by field. */
+ * field by field, and a leaf that the same `all` also negates ({field:
+ * scope, equals: domestic} with {not: {field: scope, equals: domestic}}). */
 static bool s_all_contradicts(const kh_rules_t *rules, const kh_rcond_t *c)
 {
     size_t n = s_all_leaves(c, NULL, 0);
-    if (n < 2)
+    size_t nn = s_all_negated(c, NULL, 0);
+    if (n == 0 || n + nn < 2)
         return false;
-    const kh_rcond_t **leaves = malloc(n * sizeof *leaves);
+    const kh_rcond_t **leaves = malloc((n + nn) * sizeof *leaves);
     if (!leaves)
         return false; /* a check the less, never a wrong one */
     s_all_leaves(c, leaves, 0);
+    s_all_negated(c, leaves + n, 0);
     bool never = false;
+    if (nn && n <= S_NEGATED_PAIRS_MAX / nn)
+        for (size_t i = 0; i < n && !never; i++)
+            for (size_t k = n; k < n + nn && !never; k++)
+                never = s_leaf_same(leaves[i], leaves[k]);
     for (size_t i = 0; i < n && !never; i++) {
         bool first = true; /* each field once */
         for (size_t k = 0; k < i && first; k++)

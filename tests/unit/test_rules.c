@@ -782,6 +782,10 @@ START_TEST(test_never_matches_only_when_impossible)
         "subject.age, lt: 18}, {field: subject.minor, equals: true}]}]}",
         "{all: [{field: subject.minor, equals: true}, {any: [{field: "
         "subject.minor, equals: false}, {field: subject.age, lt: 18}]}]}",
+        "{all: [{field: subject.age, lt: 18}, {not: {field: subject.age, "
+        "lt: 12}}]}",
+        "{all: [{field: subject.age, in: [9, 10]}, {not: {field: "
+        "subject.age, in: [10]}}]}",
     };
     static const char *referrals[] = {
         "{'subject': {'age': 10, 'minor': true}}",
@@ -790,6 +794,8 @@ START_TEST(test_never_matches_only_when_impossible)
         "{'subject': {'age': null, 'minor': false}}",
         "{'subject': {'age': null, 'minor': false}}",
         "{'subject': {'age': 9, 'minor': true}}",
+        "{'subject': {'age': 9, 'minor': true}}",
+        "{'subject': {'age': 15, 'minor': true}}",
         "{'subject': {'age': 9, 'minor': true}}",
     };
     for (size_t i = 0; i < sizeof conds / sizeof conds[0]; i++) {
