@@ -381,11 +381,19 @@ static void s_print_val(FILE *out, const kh_rval_t *v)
         fprintf(out, "%s", v->b ? "true" : "false");
         break;
     case KH_RV_NUM:
-        fprintf(out, "%g", v->d);
+        /* Every digit the rules file can hold ("%g" wrote 1e+06). */
+        fprintf(out, "%.15g", v->d);
         break;
-    case KH_RV_STR:
-        fprintf(out, "\"%s\"", v->s);
+    case KH_RV_STR: {
+        /* As JSON, like the referral's value beside it: a quote or a
+         * backslash in the text does not end it. */
+        json_t *str = json_stringn(v->s, v->len);
+        char *text = str ? json_dumps(str, JSON_ENCODE_ANY) : NULL;
+        fprintf(out, "%s", text ? text : "?");
+        free(text);
+        json_decref(str);
         break;
+    }
     }
 }
 

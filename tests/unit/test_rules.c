@@ -559,6 +559,37 @@ START_TEST(test_escalation)
 }
 END_TEST
 
+/* explain writes a condition's values as the file means them: every digit
+ * of a number, a text as JSON (a quote in it does not end it). */
+START_TEST(test_explain_values)
+{
+    const char *yaml =
+        "version: 1\n"
+        "fallback: {targets: [{partner: zorgcoordinator, fields: [needs]}]}\n"
+        "rules:\n"
+        "- name: r1\n"
+        "  when: {any: [{field: subject.age, lt: 1000000},\n"
+        "               {field: suspects, equals: 'zegt \"baas\" \\ x'}]}\n"
+        "  then: {targets: [{partner: avim, fields: [risk]}]}\n";
+    kh_rules_t *rules = s_load_text(yaml, s_demo, S_DEMO_COUNT);
+    json_t *doc = khtest_json(s_base);
+    char *text = NULL;
+    size_t len = 0;
+    FILE *out = open_memstream(&text, &len);
+    ck_assert_ptr_nonnull(out);
+    kh_rules_explain(rules, doc, out);
+    fclose(out);
+    ck_assert_msg(strstr(text, "subject.age lt 1000000   (referral: 30)\n"),
+                  "%s", text);
+    ck_assert_msg(strstr(text, "suspects equals \"zegt \\\"baas\\\" \\\\ "
+                               "x\"   (referral: missing)\n"),
+                  "%s", text);
+    free(text);
+    json_decref(doc);
+    kh_rules_destroy(&rules);
+}
+END_TEST
+
 /* ---- the invalid corpus ---------------------------------------------- */
 
 typedef struct {
@@ -1287,6 +1318,7 @@ static Suite *s_suite(void)
     tcase_set_timeout(tc, 60);
     tcase_add_test(tc, test_eval_cases);
     tcase_add_test(tc, test_escalation);
+    tcase_add_test(tc, test_explain_values);
     tcase_add_test(tc, test_invalid_corpus);
     tcase_add_test(tc, test_all_errors_reported);
     tcase_add_test(tc, test_messages_say_what_fits);
