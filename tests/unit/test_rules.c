@@ -1232,6 +1232,21 @@ START_TEST(test_ctl_exit_codes)
     ck_assert_int_eq(khtest_run(invalid, &out), 1);
     ck_assert_ptr_nonnull(strstr(out, ":9:27: rules.unknown_partner:"));
     free(out);
+    /* A file too large has no line: said of the file, not of a line 0. */
+    char big[4096];
+    snprintf(big, sizeof big, "%s/big.yaml", dir);
+    FILE *f = fopen(big, "w");
+    ck_assert_ptr_nonnull(f);
+    for (int i = 0; i < 70000; i++)
+        fputs("# a long comment line\n", f);
+    fclose(f);
+    char *too_large[] = {ctl,          "rules",  "check", big,
+                         "--partners", partners, NULL};
+    ck_assert_int_eq(khtest_run(too_large, &out), 1);
+    ck_assert_msg(strstr(out, "big.yaml: rules.too_large: ") &&
+                      !strstr(out, ":0:0:"),
+                  "%s", out);
+    free(out);
     char *missing[] = {ctl,          "rules",  "check", "/nonexistent.yaml",
                        "--partners", partners, NULL};
     ck_assert_int_eq(khtest_run(missing, &out), 2);
