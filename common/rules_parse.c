@@ -1687,7 +1687,8 @@ static void s_document(s_ctx_t *ctx, const s_ynode_t *root)
     }
     (void) s_check_keys(ctx, root, "", allowed);
     const s_ynode_t *req = s_get(root, "partners_required");
-    if (req && s_want(ctx, req, S_YSEQ, "partners_required", "the list"))
+    if (req &&
+        s_want(ctx, req, S_YSEQ, "partners_required", "partners_required"))
         for (size_t i = 0; i < req->n; i++) {
             char p[KH_ERROR_PATH_MAX];
             s_path_index(p, "partners_required", i);

@@ -759,6 +759,19 @@ START_TEST(test_messages_say_what_fits)
         ck_assert_msg(strcmp(got, cases[i].message) == 0, "case %zu: got '%s'",
                       i, got);
     }
+    /* A key of the file that must hold a list names itself. */
+    const char *yaml =
+        "version: 1\n"
+        "partners_required: avim\n"
+        "fallback: {targets: [{partner: zorgcoordinator, fields: [needs]}]}\n"
+        "rules: [{name: r1, when: {all: []},\n"
+        "         then: {targets: [{partner: avim, fields: [risk]}]}}]\n";
+    char got[KH_ERROR_MESSAGE_MAX] = "";
+    o.report_arg = got;
+    kh_error_t err;
+    ck_assert_ptr_null(kh_rules_load_buffer(yaml, strlen(yaml), &o, &err));
+    ck_assert_str_eq(got, "partners_required must be a list, not a single "
+                          "value");
 }
 END_TEST
 
