@@ -85,6 +85,11 @@ static void s_vreport(s_ctx_t *ctx, bool is_error, kh_errcode_t code,
     e.line = line;
     e.column = column;
     vsnprintf(e.message, sizeof e.message, fmt, ap);
+    /* A message names what the file says (a key, a code, a field), and a
+     * quoted value may hold a line break: one problem stays one line. */
+    for (char *c = e.message; *c; c++)
+        if ((unsigned char) *c < 0x20 || *c == 0x7f)
+            *c = '?';
     if (is_error) {
         if (ctx->errors++ == 0 && ctx->err)
             *ctx->err = e;

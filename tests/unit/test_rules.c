@@ -736,6 +736,9 @@ START_TEST(test_messages_say_what_fits)
         {"{field: risk, equals: true}", "[risk]",
          "risk is an object and cannot be compared with a value; name one of "
          "its fields, or test it with present"},
+        {"{field: scope, \"a\\nb\": domestic}", "[risk]",
+         "a?b is not a key of the rules format here; the keys are: field, "
+         "equals, in, contains, lt, le, gt, ge, present"},
         {"{field: scope, equls: domestic}", "[risk]",
          "equls is not a key of the rules format here; the keys are: field, "
          "equals, in, contains, lt, le, gt, ge, present"},
