@@ -1812,6 +1812,16 @@ kh_rules_t *kh_rules_load_buffer(const void *data, size_t len,
         kh_rules_destroy(&self);
         return NULL;
     }
+    /* JSON without properties (another file given for the schema) would
+     * make every field of the rules unknown: the schema is wrong, not the
+     * rules, and the file is not checked against it. */
+    if (self->nfields == 0) {
+        kh_error_set(err, KH_E_CONFIG, opts->schema_path,
+                     "the referral schema has no fields: not a referral "
+                     "schema");
+        kh_rules_destroy(&self);
+        return NULL;
+    }
     s_ynode_t *root = s_parse_yaml(&ctx, data, len);
     if (root)
         s_document(&ctx, root);

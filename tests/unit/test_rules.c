@@ -1263,6 +1263,16 @@ START_TEST(test_ctl_exit_codes)
                       !strstr(out, ":0:0:"),
                   "%s", out);
     free(out);
+    /* A file given for the schema that is JSON but no referral schema is
+     * a wrong call (2), not a rules file whose every field is unknown. */
+    char *not_schema[] = {ctl,      "rules",    "check",  def, "--partners",
+                          partners, "--schema", partners, NULL};
+    ck_assert_int_eq(khtest_run(not_schema, &out), 2);
+    ck_assert_msg(strstr(out, "not a referral schema") &&
+                      !strstr(out, "rules.unknown_field") &&
+                      !strstr(out, "rules.projection"),
+                  "%s", out);
+    free(out);
     char *missing[] = {ctl,          "rules",  "check", "/nonexistent.yaml",
                        "--partners", partners, NULL};
     ck_assert_int_eq(khtest_run(missing, &out), 2);
