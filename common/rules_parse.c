@@ -547,7 +547,7 @@ static int s_check_keys(s_ctx_t *ctx, const s_ynode_t *map, const char *path,
             s_error(ctx, KH_E_RULES_UNKNOWN_KEY, p, key,
                     "%.40s is not a key of the rules format here; the keys "
                     "are: %s",
-                    key->str, l.text);
+                    key->len ? key->str : "an empty key", l.text);
             problems++;
             continue;
         }

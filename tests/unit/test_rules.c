@@ -739,6 +739,9 @@ START_TEST(test_messages_say_what_fits)
         {"{field: scope, \"a\\nb\": domestic}", "[risk]",
          "a?b is not a key of the rules format here; the keys are: field, "
          "equals, in, contains, lt, le, gt, ge, present"},
+        {"{field: scope, '': domestic}", "[risk]",
+         "an empty key is not a key of the rules format here; the keys are: "
+         "field, equals, in, contains, lt, le, gt, ge, present"},
         {"{field: scope, equls: domestic}", "[risk]",
          "equls is not a key of the rules format here; the keys are: field, "
          "equals, in, contains, lt, le, gt, ge, present"},
