@@ -1334,6 +1334,15 @@ static kh_rcond_t *s_cond(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
         c->state = any_always  ? KH_RS_ALWAYS
                    : all_never ? KH_RS_NEVER
                                : KH_RS_MAYBE;
+    /* The rule still fires through the other parts, but a part that can
+     * never hold is most likely a slip (lt: 0 for lt: 10): say so. */
+    if (c->op == KH_RC_ANY && any_never && !all_never)
+        for (size_t i = 0; i < c->nkids; i++)
+            if (c->kids[i]->state == KH_RS_NEVER)
+                s_note(ctx, KH_E_RULES_NEVER_MATCHES, c->kids[i]->path,
+                       list->items[i],
+                       "this part of the any can never hold; the any holds "
+                       "only through its other parts");
     return c;
 }
 

@@ -781,6 +781,30 @@ START_TEST(test_messages_say_what_fits)
 }
 END_TEST
 
+/* A part of an any that can never hold does not stop the rule from
+ * firing, so it is no error; but it is a slip to point out: a note. */
+START_TEST(test_dead_part_of_any_noted)
+{
+    const char *yaml =
+        "version: 1\n"
+        "fallback: {targets: [{partner: zorgcoordinator, fields: [needs]}]}\n"
+        "rules:\n"
+        "- {name: r1, when: {any: [{field: subject.age, lt: 0},\n"
+        "                          {field: scope, equals: domestic}]},\n"
+        "   then: {targets: [{partner: avim, fields: [risk]}]}}\n";
+    kh_rules_options_t o = s_opts(s_demo, S_DEMO_COUNT);
+    char reports[2048] = "";
+    o.report = s_collect;
+    o.report_arg = reports;
+    kh_error_t err;
+    kh_rules_t *rules = kh_rules_load_buffer(yaml, strlen(yaml), &o, &err);
+    ck_assert_msg(rules != NULL, "%s", err.message);
+    ck_assert_str_eq(reports,
+                     "note rules.never_matches 4:27 rules[0].when.any[0];");
+    kh_rules_destroy(&rules);
+}
+END_TEST
+
 /* A key the format does not have (a typo) is one error among the others:
  * what is around it is still checked, so that one check shows them all. */
 START_TEST(test_unknown_key_hides_nothing)
@@ -1365,6 +1389,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_explain_values);
     tcase_add_test(tc, test_invalid_corpus);
     tcase_add_test(tc, test_all_errors_reported);
+    tcase_add_test(tc, test_dead_part_of_any_noted);
     tcase_add_test(tc, test_messages_say_what_fits);
     tcase_add_test(tc, test_unknown_key_hides_nothing);
     tcase_add_test(tc, test_never_matches_only_when_impossible);
