@@ -343,19 +343,25 @@ json_t *kh_rules_result_project_escalation(const kh_rules_result_t *self,
                      referral);
 }
 
-void kh_rules_result_fields(const kh_rules_result_t *self, size_t index,
-                            FILE *out)
+/* Print the paths that bits select, one a line, a field whose parent is
+ * selected left out (its parent carries it). */
+static void s_print_fields(const kh_rules_t *rules, const uint64_t *bits,
+                           FILE *out)
 {
-    if (index >= self->ntargets)
-        return;
-    const kh_rules_t *rules = self->rules;
-    const uint64_t *bits = self->targets[index].fields;
     for (size_t i = 0; i < rules->nfields; i++) {
         const kh_rfield_t *f = &rules->fields[i];
         if (s_bit(bits, (int) i) &&
             !(f->parent >= 0 && s_covered(rules, bits, f->parent)))
             fprintf(out, "%s\n", f->path);
     }
+}
+
+void kh_rules_result_fields(const kh_rules_result_t *self, size_t index,
+                            FILE *out)
+{
+    if (index >= self->ntargets)
+        return;
+    s_print_fields(self->rules, self->targets[index].fields, out);
 }
 
 /* ---- explain --------------------------------------------------------------
@@ -375,11 +381,19 @@ static void s_print_val(FILE *out, const kh_rval_t *v)
         fprintf(out, "%s", v->b ? "true" : "false");
         break;
     case KH_RV_NUM:
-        fprintf(out, "%g", v->d);
+        /* Every digit the rules file can hold ("%g" wrote 1e+06). */
+        fprintf(out, "%.15g", v->d);
         break;
-    case KH_RV_STR:
-        fprintf(out, "\"%s\"", v->s);
+    case KH_RV_STR: {
+        /* As JSON, like the referral's value beside it: a quote or a
+         * backslash in the text does not end it. */
+        json_t *str = json_stringn(v->s, v->len);
+        char *text = str ? json_dumps(str, JSON_ENCODE_ANY) : NULL;
+        fprintf(out, "%s", text ? text : "?");
+        free(text);
+        json_decref(str);
         break;
+    }
     }
 }
 
@@ -454,8 +468,12 @@ void kh_rules_explain(const kh_rules_t *self, const json_t *referral, FILE *out)
         if (fired && !rule->cont)
             stopped = true;
     }
-    fprintf(out, "\n%s\n",
-            r->fallback ? "no rule named a partner: fallback" : "targets:");
+    /* The reason is the one that the referral.routed event records. */
+    if (r->fallback)
+        fprintf(out, "\nno rule named a partner: fallback (%s)\n",
+                kh_rules_result_fallback_reason(r));
+    else
+        fprintf(out, "\ntargets:\n");
     for (size_t t = 0; t < r->ntargets; t++) {
         const char *esc = kh_rules_result_escalate_to(r, t);
         fprintf(out, "\npartner %s, priority %s", kh_rules_result_partner(r, t),
@@ -468,6 +486,22 @@ void kh_rules_explain(const kh_rules_t *self, const json_t *referral, FILE *out)
         json_t *p = kh_rules_result_project(r, t, referral);
         char *text =
             p ? json_dumps(p, JSON_INDENT(2) | JSON_PRESERVE_ORDER) : NULL;
+        fprintf(out, "payload:\n%s\n", text ? text : "(out of memory)");
+        free(text);
+        json_decref(p);
+        if (!esc)
+            continue;
+        /* The copy's own projection, as routing stores it beside the
+         * delivery. Notification makes no copy for a partner that has a
+         * delivery of the referral already: say so rather than promise
+         * one. */
+        fprintf(out, "escalation copy for %s", esc);
+        if (kh_rules_result_find(r, esc) >= 0)
+            fprintf(out, " (not sent: %s has a delivery of its own)", esc);
+        fprintf(out, ", fields:\n");
+        s_print_fields(self, r->targets[t].escalate_fields, out);
+        p = kh_rules_result_project_escalation(r, t, referral);
+        text = p ? json_dumps(p, JSON_INDENT(2) | JSON_PRESERVE_ORDER) : NULL;
         fprintf(out, "payload:\n%s\n", text ? text : "(out of memory)");
         free(text);
         json_decref(p);

@@ -12,6 +12,7 @@
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <yaml.h>
@@ -84,6 +85,11 @@ static void s_vreport(s_ctx_t *ctx, bool is_error, kh_errcode_t code,
     e.line = line;
     e.column = column;
     vsnprintf(e.message, sizeof e.message, fmt, ap);
+    /* A message names what the file says (a key, a code, a field), and a
+     * quoted value may hold a line break: one problem stays one line. */
+    for (char *c = e.message; *c; c++)
+        if ((unsigned char) *c < 0x20 || *c == 0x7f)
+            *c = '?';
     if (is_error) {
         if (ctx->errors++ == 0 && ctx->err)
             *ctx->err = e;
@@ -434,6 +440,42 @@ static s_stype_t s_scalar_type(const s_ynode_t *n, bool *b, double *d)
     return S_TSTR;
 }
 
+/* Why scalar n (of type t) is not of kind, for a message: a value that
+ * is right but quoted, null where none is allowed, a fraction for a whole
+ * number, a number too large to hold; "" when the type says it all. */
+static const char *s_type_hint(const s_ynode_t *n, s_stype_t t, bool numeric,
+                               bool whole, bool boolean)
+{
+    bool b;
+    double d;
+    if (t == S_TNULL)
+        return " and may not be null";
+    if (!n->plain) {
+        s_ynode_t plain = *n;
+        plain.plain = true;
+        s_stype_t pt = s_scalar_type(&plain, &b, &d);
+        if ((boolean && pt == S_TBOOL) ||
+            (numeric && (pt == S_TINT || (pt == S_TFLOAT && !whole))))
+            return ": write the value without quotes";
+        return "";
+    }
+    if (boolean &&
+        (strcasecmp(n->str, "yes") == 0 || strcasecmp(n->str, "no") == 0 ||
+         strcasecmp(n->str, "on") == 0 || strcasecmp(n->str, "off") == 0))
+        return ": write true or false (yes, no, on and off are text)";
+    /* 1e1, 18.0 and 0x12 are whole, but written as a fraction or in
+     * another base, which a whole-number field does not take. */
+    if (numeric && whole && t == S_TFLOAT)
+        return strtod(n->str, NULL) == floor(strtod(n->str, NULL))
+                   ? ": write it in decimal digits only"
+                   : ", not a fraction";
+    if (numeric && t == S_TSTR && n->len > 0 &&
+        strchr("+-0123456789", n->str[0]) && strtod(n->str, NULL) != 0 &&
+        !isfinite(strtod(n->str, NULL)))
+        return ": the value is too large to be a number";
+    return "";
+}
+
 static const char *s_ykind_name(const s_ynode_t *n)
 {
     return n->kind == S_YMAP   ? "a mapping"
@@ -450,6 +492,30 @@ static const s_ynode_t *s_get(const s_ynode_t *map, const char *key)
     return NULL;
 }
 
+/* ---- lists for messages ------------------------------------------------ */
+
+/* A list of names for a message ("a, b, c"), ended by "..." where the
+ * next name would not fit: a message stays within its error record. */
+typedef struct {
+    char text[150];
+    size_t used;
+    bool full;
+} s_list_t;
+
+static void s_list_add(s_list_t *l, const char *name, size_t len)
+{
+    if (l->full)
+        return;
+    const char *sep = l->used ? ", " : "";
+    if (l->used + strlen(sep) + len + sizeof ", ..." > sizeof l->text) {
+        snprintf(l->text + l->used, sizeof l->text - l->used, "%s...", sep);
+        l->full = true;
+        return;
+    }
+    l->used += (size_t) snprintf(l->text + l->used, sizeof l->text - l->used,
+                                 "%s%.*s", sep, (int) len, name);
+}
+
 /* Report keys of map that are not in allowed (NULL-terminated), and keys
  * given twice. Returns the number of problems. Callers go on checking the
  * known keys (the first of a repeated one), so that one check reports
@@ -459,7 +525,10 @@ static int s_check_keys(s_ctx_t *ctx, const s_ynode_t *map, const char *path,
 {
     int problems = 0;
     if (map->n > 64) {
-        s_error(ctx, KH_E_RULES_SYNTAX, path, map, "too many keys");
+        s_error(ctx, KH_E_RULES_SYNTAX, path, map,
+                "too many keys (%zu; no mapping of the format has more than "
+                "64)",
+                map->n / 2);
         return 1;
     }
     for (size_t i = 0; i + 1 < map->n; i += 2) {
@@ -472,8 +541,13 @@ static int s_check_keys(s_ctx_t *ctx, const s_ynode_t *map, const char *path,
             if (strcmp(*a, key->str) == 0)
                 known = true;
         if (!known) {
+            s_list_t l = {0};
+            for (const char *const *a = allowed; *a; a++)
+                s_list_add(&l, *a, strlen(*a));
             s_error(ctx, KH_E_RULES_UNKNOWN_KEY, p, key,
-                    "this key is not part of the rules format");
+                    "%.40s is not a key of the rules format here; the keys "
+                    "are: %s",
+                    key->len ? key->str : "an empty key", l.text);
             problems++;
             continue;
         }
@@ -748,6 +822,39 @@ static bool s_enum_has(const json_t *enums, const char *s)
     return false;
 }
 
+/* Report that path names no field of the schema, with the fields of the
+ * nearest object above it that exists (the top level when none does),
+ * so that the administrator sees what may be written there. */
+static void s_no_field(s_ctx_t *ctx, kh_errcode_t code, const char *where,
+                       const s_ynode_t *at, const char *path)
+{
+    const kh_rules_t *rules = ctx->rules;
+    char parent[KH_ERROR_PATH_MAX];
+    snprintf(parent, sizeof parent, "%s", path);
+    int p = -1;
+    for (char *dot = strrchr(parent, '.'); dot; dot = strrchr(parent, '.')) {
+        *dot = '\0';
+        p = s_field_find(rules, parent);
+        if (p >= 0)
+            break;
+    }
+    if (p >= 0 && rules->fields[p].kind != KH_RK_OBJECT) {
+        s_error(ctx, code, where, at,
+                "no field %.64s in the referral schema: %s is %s and has no "
+                "fields inside it",
+                path, rules->fields[p].path,
+                s_kind_name(rules->fields[p].kind));
+        return;
+    }
+    s_list_t l = {0};
+    for (size_t i = 0; i < rules->nfields; i++)
+        if (rules->fields[i].parent == p)
+            s_list_add(&l, rules->fields[i].key, rules->fields[i].key_len);
+    s_error(ctx, code, where, at,
+            "no field %.64s in the referral schema; %s has: %s", path,
+            p >= 0 ? rules->fields[p].path : "the top level", l.text);
+}
+
 /* Convert scalar n to a constant for a field of kind (nullable, enums,
  * bounds from f when not items). Reports and returns -1 on a mismatch. */
 static int s_value(s_ctx_t *ctx, const kh_rfield_t *f, bool items,
@@ -780,8 +887,16 @@ static int s_value(s_ctx_t *ctx, const kh_rfield_t *f, bool items,
             out->d = d;
             if (!items &&
                 ((f->has_min && d < f->min) || (f->has_max && d > f->max))) {
+                char range[64] = "";
+                if (f->has_min && f->has_max)
+                    snprintf(range, sizeof range, "%g to %g", f->min, f->max);
+                else
+                    snprintf(range, sizeof range, "%s %g",
+                             f->has_min ? "at least" : "at most",
+                             f->has_min ? f->min : f->max);
                 s_error(ctx, KH_E_RULES_TYPE, path, n,
-                        "the value is outside the range of %s", f->path);
+                        "%.32s is outside the range of %s (%s)", n->str,
+                        f->path, range);
                 return -1;
             }
             return 0;
@@ -790,9 +905,18 @@ static int s_value(s_ctx_t *ctx, const kh_rfield_t *f, bool items,
     case KH_RK_STRING:
         if (t == S_TSTR) {
             if (enums && !s_enum_has(enums, n->str)) {
+                s_list_t l = {0};
+                size_t i;
+                const json_t *code;
+                json_array_foreach(enums, i, code)
+                {
+                    if (json_is_string(code))
+                        s_list_add(&l, json_string_value(code),
+                                   json_string_length(code));
+                }
                 s_error(ctx, KH_E_RULES_TYPE, path, n,
-                        "the value is not one of the codes of %s%s", f->path,
-                        items ? " items" : "");
+                        "%.40s is not one of the codes of %s%s: %s", n->str,
+                        f->path, items ? " items" : "", l.text);
                 return -1;
             }
             out->kind = KH_RV_STR;
@@ -807,12 +931,19 @@ static int s_value(s_ctx_t *ctx, const kh_rfield_t *f, bool items,
         break;
     default:
         s_error(ctx, KH_E_RULES_TYPE, path, n,
-                "%s is %s and cannot be compared with a value", f->path,
-                s_kind_name(kind));
+                "%s is %s and cannot be compared with a value%s", f->path,
+                s_kind_name(kind),
+                kind == KH_RK_ARRAY ? ": contains tests for a value in it"
+                : kind == KH_RK_OBJECT
+                    ? "; name one of its fields, or test it with present"
+                    : "");
         return -1;
     }
-    s_error(ctx, KH_E_RULES_TYPE, path, n, "%s%s is %s", f->path,
-            items ? " holds items that are" : "", s_kind_name(kind));
+    bool numeric = kind == KH_RK_INTEGER || kind == KH_RK_NUMBER;
+    s_error(ctx, KH_E_RULES_TYPE, path, n, "%s%s is %s%s", f->path,
+            items ? " holds items that are" : "", s_kind_name(kind),
+            s_type_hint(n, t, numeric, kind == KH_RK_INTEGER,
+                        kind == KH_RK_BOOLEAN));
     return -1;
 }
 
@@ -935,18 +1066,58 @@ static bool s_field_contradicts(const kh_rules_t *rules,
     return false;
 }
 
+/* The leaves that are negated in an `all` ({not: LEAF}), the `all`s
+ * nested in it included, into out (when not NULL); returns how many. */
+static size_t s_all_negated(const kh_rcond_t *c, const kh_rcond_t **out,
+                            size_t n)
+{
+    for (size_t i = 0; i < c->nkids; i++) {
+        const kh_rcond_t *k = c->kids[i];
+        if (k->op == KH_RC_ALL)
+            n = s_all_negated(k, out, n);
+        else if (k->op == KH_RC_NOT && k->kids[0]->op <= KH_RC_PRESENT) {
+            if (out)
+                out[n] = k->kids[0];
+            n++;
+        }
+    }
+    return n;
+}
+
+/* Whether leaves a and b test the same thing. */
+static bool s_leaf_same(const kh_rcond_t *a, const kh_rcond_t *b)
+{
+    if (a->op != b->op || a->field != b->field || a->nvals != b->nvals)
+        return false;
+    for (size_t i = 0; i < a->nvals; i++)
+        if (!s_val_same(&a->vals[i], &b->vals[i]))
+            return false;
+    return true;
+}
+
+/* Pairs of a leaf and a negated leaf compared at most: beyond, a hostile
+ * file would make the check slow, and it is skipped. */
+#define S_NEGATED_PAIRS_MAX 1000000
+
 /* Contradictions between the leaves of an `all` (see s_field_contradicts),
- * field by field. */
+ * field by field, and a leaf that the same `all` also negates ({field:
+ * scope, equals: domestic} with {not: {field: scope, equals: domestic}}). */
 static bool s_all_contradicts(const kh_rules_t *rules, const kh_rcond_t *c)
 {
     size_t n = s_all_leaves(c, NULL, 0);
-    if (n < 2)
+    size_t nn = s_all_negated(c, NULL, 0);
+    if (n == 0 || n + nn < 2)
         return false;
-    const kh_rcond_t **leaves = malloc(n * sizeof *leaves);
+    const kh_rcond_t **leaves = malloc((n + nn) * sizeof *leaves);
     if (!leaves)
         return false; /* a check the less, never a wrong one */
     s_all_leaves(c, leaves, 0);
+    s_all_negated(c, leaves + n, 0);
     bool never = false;
+    if (nn && n <= S_NEGATED_PAIRS_MAX / nn)
+        for (size_t i = 0; i < n && !never; i++)
+            for (size_t k = n; k < n + nn && !never; k++)
+                never = s_leaf_same(leaves[i], leaves[k]);
     for (size_t i = 0; i < n && !never; i++) {
         bool first = true; /* each field once */
         for (size_t k = 0; k < i && first; k++)
@@ -991,8 +1162,7 @@ static kh_rcond_t *s_leaf(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
     }
     c->field = s_field_find(ctx->rules, fpath);
     if (c->field < 0) {
-        s_error(ctx, KH_E_RULES_UNKNOWN_FIELD, p, fn,
-                "no such field in the referral schema");
+        s_no_field(ctx, KH_E_RULES_UNKNOWN_FIELD, p, fn, fpath);
         *failed = true;
         return c;
     }
@@ -1057,8 +1227,11 @@ static kh_rcond_t *s_leaf(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
         if (vn->kind == S_YSCALAR)
             t = s_scalar_type(vn, &b, &c->vals[0].d);
         if (t != S_TINT && t != S_TFLOAT) {
-            s_error(ctx, KH_E_RULES_TYPE, p, vn, "%s needs a number",
-                    s_ops[c->op]);
+            s_error(ctx, KH_E_RULES_TYPE, p, vn, "%s needs a number%s",
+                    s_ops[c->op],
+                    vn->kind == S_YSCALAR
+                        ? s_type_hint(vn, t, true, false, false)
+                        : "");
             *failed = true;
             break;
         }
@@ -1161,6 +1334,15 @@ static kh_rcond_t *s_cond(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
         c->state = any_always  ? KH_RS_ALWAYS
                    : all_never ? KH_RS_NEVER
                                : KH_RS_MAYBE;
+    /* The rule still fires through the other parts, but a part that can
+     * never hold is most likely a slip (lt: 0 for lt: 10): say so. */
+    if (c->op == KH_RC_ANY && any_never && !all_never)
+        for (size_t i = 0; i < c->nkids; i++)
+            if (c->kids[i]->state == KH_RS_NEVER)
+                s_note(ctx, KH_E_RULES_NEVER_MATCHES, c->kids[i]->path,
+                       list->items[i],
+                       "this part of the any can never hold; the any holds "
+                       "only through its other parts");
     return c;
 }
 
@@ -1219,8 +1401,7 @@ static int s_fields(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
         }
         int field = s_field_find(ctx->rules, fp);
         if (field < 0) {
-            s_error(ctx, KH_E_RULES_PROJECTION, q, n->items[k],
-                    "no such field in the referral schema");
+            s_no_field(ctx, KH_E_RULES_PROJECTION, q, n->items[k], fp);
             rc = -1;
             continue;
         }
@@ -1520,7 +1701,8 @@ static void s_document(s_ctx_t *ctx, const s_ynode_t *root)
     }
     (void) s_check_keys(ctx, root, "", allowed);
     const s_ynode_t *req = s_get(root, "partners_required");
-    if (req && s_want(ctx, req, S_YSEQ, "partners_required", "the list"))
+    if (req &&
+        s_want(ctx, req, S_YSEQ, "partners_required", "partners_required"))
         for (size_t i = 0; i < req->n; i++) {
             char p[KH_ERROR_PATH_MAX];
             s_path_index(p, "partners_required", i);
@@ -1636,6 +1818,16 @@ kh_rules_t *kh_rules_load_buffer(const void *data, size_t len,
         s_load_fields(self, self->schema, -1, "", true, 0)) {
         kh_error_set(err, KH_E_CONFIG, opts->schema_path,
                      "cannot read the referral schema's fields");
+        kh_rules_destroy(&self);
+        return NULL;
+    }
+    /* JSON without properties (another file given for the schema) would
+     * make every field of the rules unknown: the schema is wrong, not the
+     * rules, and the file is not checked against it. */
+    if (self->nfields == 0) {
+        kh_error_set(err, KH_E_CONFIG, opts->schema_path,
+                     "the referral schema has no fields: not a referral "
+                     "schema");
         kh_rules_destroy(&self);
         return NULL;
     }

@@ -165,8 +165,9 @@ void kh_rules_result_fields(const kh_rules_result_t *self, size_t index,
 
 /* Write to out, for an administrator: per rule whether it fired and, per
  * condition part, whether it held, with the value it compared; then the
- * targets with priority and projected payload. Shows referral values:
- * a local tool only, never for logs. */
+ * targets with priority and projected payload, each with its escalation
+ * copy's fields and payload, and the fallback's reason. Shows referral
+ * values: a local tool only, never for logs. */
 void kh_rules_explain(const kh_rules_t *self, const json_t *referral,
                       FILE *out);
 

@@ -603,6 +603,48 @@ START_TEST(sighup_reload_refuses_a_fifo_without_hanging)
 }
 END_TEST
 
+/* A reload naming a partner that does not handle cases (the
+ * ketenregisseur, registered) as a target: refused with its code, path and
+ * line, audited, and no referral ever reaches that partner (promise 5). */
+START_TEST(sighup_reload_refuses_a_partner_without_cases)
+{
+    pid_t pid = s_start_editable();
+
+    khtest_write_file(s_path("rules.yaml"),
+                      "version: 1\n"
+                      "fallback: {targets: [{partner: zorgcoordinator,"
+                      " fields: [needs]}]}\n"
+                      "rules:\n"
+                      "  - name: everything\n"
+                      "    when: {all: []}\n"
+                      "    then:\n"
+                      "      targets:\n"
+                      "        - partner: ketenregisseur\n"
+                      "          fields: [subject, suspects, summary]\n");
+    ck_assert_int_eq(kill(pid, SIGHUP), 0);
+    ck_assert_msg(
+        s_wait_count("SELECT count(*) FROM audit_events WHERE"
+                     " action = 'rules.reload_failed'"
+                     " AND reason_code = 'rules.no_cases_partner'"
+                     " AND reason_path = 'rules[0].then.targets[0].partner'",
+                     1, 5000),
+        "reload not refused: see %s", s_path("routing.log"));
+    ck_assert(s_log_has("routing.log",
+                        "event=rules_problem code=rules.no_cases_partner"
+                        " path=rules[0].then.targets[0].partner line=8"
+                        " column=20",
+                        1000));
+    long deliveries = s_insert_many(3);
+    ck_assert(s_wait_count(S_ROUTED, 3, 5000));
+    ck_assert_int_eq(s_count("SELECT count(*) FROM deliveries"
+                             " WHERE partner_id = 'ketenregisseur'"),
+                     0);
+    int status = khproc_stop(pid, SIGTERM, 5000);
+    ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    s_assert_routed_once(3, deliveries);
+}
+END_TEST
+
 /* An accepted referral of veilig-thuis stored an hour ago under key
  * PREFIX-I with payload (bytea input: text, or \x and hex; NULL: purged),
  * as no intake would store it. */
@@ -858,6 +900,7 @@ int main(void)
     tcase_add_test(tc, wakeup_from_the_hub_routes_before_the_poll);
     tcase_add_test(tc, sighup_reload_keeps_old_rules_when_broken);
     tcase_add_test(tc, sighup_reload_refuses_a_fifo_without_hanging);
+    tcase_add_test(tc, sighup_reload_refuses_a_partner_without_cases);
     tcase_add_test(tc, sighup_reload_that_cannot_be_audited_keeps_old_rules);
     tcase_add_test(
         tc, sighup_while_the_database_is_away_is_retried_when_it_is_back);

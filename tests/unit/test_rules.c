@@ -502,6 +502,27 @@ START_TEST(test_escalation)
         strstr(text, "partner px, priority urgent, escalates to pz when not "
                      "acknowledged in time, fields:"));
     ck_assert_ptr_nonnull(strstr(text, "partner pz, priority urgent, fields:"));
+    /* ... and the copy's own fields and payload, as routing stores them
+     * beside the delivery; pz has a delivery of its own, so notification
+     * sends it no copy, and explain says so. */
+    ck_assert_ptr_nonnull(
+        strstr(text, "escalation copy for pz (not sent: pz has a delivery of "
+                     "its own), fields:\nrisk.urgency\npayload:\n{\n"
+                     "  \"risk\": {\n    \"urgency\": \"immediate\"\n"
+                     "  }\n}\n"));
+    free(text);
+    json_decref(doc);
+    /* The fallback: the reason the trail records, and a copy that is
+     * sent, since py has no delivery. */
+    doc = khtest_json(s_base);
+    out = open_memstream(&text, &len);
+    ck_assert_ptr_nonnull(out);
+    kh_rules_explain(rules, doc, out);
+    fclose(out);
+    ck_assert_ptr_nonnull(
+        strstr(text, "no rule named a partner: fallback (no_rule_matched)\n"));
+    ck_assert_ptr_nonnull(strstr(text, "escalation copy for py, fields:\n"
+                                       "needs\npayload:\n"));
     free(text);
     json_decref(doc);
     /* A target that is not urgent never escalates: its rule's line must
@@ -534,6 +555,37 @@ START_TEST(test_escalation)
     ck_assert_str_eq(kh_rules_result_escalate_to(r, 0), "absent-one");
     json_decref(doc);
     kh_rules_result_destroy(&r);
+    kh_rules_destroy(&rules);
+}
+END_TEST
+
+/* explain writes a condition's values as the file means them: every digit
+ * of a number, a text as JSON (a quote in it does not end it). */
+START_TEST(test_explain_values)
+{
+    const char *yaml =
+        "version: 1\n"
+        "fallback: {targets: [{partner: zorgcoordinator, fields: [needs]}]}\n"
+        "rules:\n"
+        "- name: r1\n"
+        "  when: {any: [{field: subject.age, lt: 1000000},\n"
+        "               {field: suspects, equals: 'zegt \"baas\" \\ x'}]}\n"
+        "  then: {targets: [{partner: avim, fields: [risk]}]}\n";
+    kh_rules_t *rules = s_load_text(yaml, s_demo, S_DEMO_COUNT);
+    json_t *doc = khtest_json(s_base);
+    char *text = NULL;
+    size_t len = 0;
+    FILE *out = open_memstream(&text, &len);
+    ck_assert_ptr_nonnull(out);
+    kh_rules_explain(rules, doc, out);
+    fclose(out);
+    ck_assert_msg(strstr(text, "subject.age lt 1000000   (referral: 30)\n"),
+                  "%s", text);
+    ck_assert_msg(strstr(text, "suspects equals \"zegt \\\"baas\\\" \\\\ "
+                               "x\"   (referral: missing)\n"),
+                  "%s", text);
+    free(text);
+    json_decref(doc);
     kh_rules_destroy(&rules);
 }
 END_TEST
@@ -623,6 +675,136 @@ START_TEST(test_all_errors_reported)
 }
 END_TEST
 
+/* A message says what to write instead: the fields that exist where an
+ * unknown one was named, the codes a field takes, the range of a number,
+ * the keys that a mapping may have, why a value is of the wrong type.
+ * Table-driven: one condition or projection per case, its message. */
+typedef struct {
+    const char *when;   /* the rule's condition */
+    const char *fields; /* the target's projection */
+    const char *message;
+} s_msg_case_t;
+
+static void s_first_message(const kh_error_t *err, bool is_error, void *arg)
+{
+    char *buf = arg;
+    if (is_error && !buf[0])
+        snprintf(buf, KH_ERROR_MESSAGE_MAX, "%s", err->message);
+}
+
+START_TEST(test_messages_say_what_fits)
+{
+    static const s_msg_case_t cases[] = {
+        {"{field: subject.gendr, equals: male}", "[risk]",
+         "no field subject.gendr in the referral schema; subject has: "
+         "reference, birth_date, age, minor, gender, nationality, "
+         "municipality, language, residence_status"},
+        {"{field: scope, equals: domestic}", "[subject.age.years]",
+         "no field subject.age.years in the referral schema: subject.age is "
+         "a whole number and has no fields inside it"},
+        {"{field: scope, equals: domestic}", "[suspect]",
+         "no field suspect in the referral schema; the top level has: "
+         "schema_version, submitted_by, subject, exploitation, scope, "
+         "indicators, indicators_other, risk, needs, needs_other, suspects, "
+         "client, summary"},
+        {"{field: scope, in: [domestic, abroad]}", "[risk]",
+         "abroad is not one of the codes of scope: domestic, cross_border, "
+         "unknown"},
+        {"{field: needs, contains: housing}", "[risk]",
+         "housing is not one of the codes of needs items: shelter, medical, "
+         "psychological, legal, other"},
+        {"{field: subject.age, equals: 200}", "[risk]",
+         "200 is outside the range of subject.age (0 to 120)"},
+        {"{field: subject.age, lt: '18'}", "[risk]",
+         "lt needs a number: write the value without quotes"},
+        {"{field: subject.age, equals: \"18\"}", "[risk]",
+         "subject.age is a whole number: write the value without quotes"},
+        {"{field: subject.age, equals: 17.5}", "[risk]",
+         "subject.age is a whole number, not a fraction"},
+        {"{field: subject.age, equals: 1e1}", "[risk]",
+         "subject.age is a whole number: write it in decimal digits only"},
+        {"{field: subject.age, lt: 1e999}", "[risk]",
+         "lt needs a number: the value is too large to be a number"},
+        {"{field: subject.minor, equals: yes}", "[risk]",
+         "subject.minor is true/false: write true or false (yes, no, on and "
+         "off are text)"},
+        {"{field: scope, equals: null}", "[risk]",
+         "scope is text and may not be null"},
+        {"{field: needs, equals: shelter}", "[risk]",
+         "needs is a list and cannot be compared with a value: contains "
+         "tests for a value in it"},
+        {"{field: risk, equals: true}", "[risk]",
+         "risk is an object and cannot be compared with a value; name one of "
+         "its fields, or test it with present"},
+        {"{field: scope, \"a\\nb\": domestic}", "[risk]",
+         "a?b is not a key of the rules format here; the keys are: field, "
+         "equals, in, contains, lt, le, gt, ge, present"},
+        {"{field: scope, '': domestic}", "[risk]",
+         "an empty key is not a key of the rules format here; the keys are: "
+         "field, equals, in, contains, lt, le, gt, ge, present"},
+        {"{field: scope, equls: domestic}", "[risk]",
+         "equls is not a key of the rules format here; the keys are: field, "
+         "equals, in, contains, lt, le, gt, ge, present"},
+    };
+    kh_rules_options_t o = s_opts(s_demo, S_DEMO_COUNT);
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char yaml[1024], got[KH_ERROR_MESSAGE_MAX] = "";
+        snprintf(yaml, sizeof yaml,
+                 "version: 1\n"
+                 "fallback: {targets: [{partner: zorgcoordinator, fields: "
+                 "[needs]}]}\n"
+                 "rules:\n"
+                 "- {name: r1, when: %s,\n"
+                 "   then: {targets: [{partner: avim, fields: %s}]}}\n",
+                 cases[i].when, cases[i].fields);
+        o.report = s_first_message;
+        o.report_arg = got;
+        kh_error_t err;
+        kh_rules_t *rules = kh_rules_load_buffer(yaml, strlen(yaml), &o, &err);
+        ck_assert_msg(rules == NULL, "case %zu: loaded", i);
+        ck_assert_msg(strcmp(got, cases[i].message) == 0, "case %zu: got '%s'",
+                      i, got);
+    }
+    /* A key of the file that must hold a list names itself. */
+    const char *yaml =
+        "version: 1\n"
+        "partners_required: avim\n"
+        "fallback: {targets: [{partner: zorgcoordinator, fields: [needs]}]}\n"
+        "rules: [{name: r1, when: {all: []},\n"
+        "         then: {targets: [{partner: avim, fields: [risk]}]}}]\n";
+    char got[KH_ERROR_MESSAGE_MAX] = "";
+    o.report_arg = got;
+    kh_error_t err;
+    ck_assert_ptr_null(kh_rules_load_buffer(yaml, strlen(yaml), &o, &err));
+    ck_assert_str_eq(got, "partners_required must be a list, not a single "
+                          "value");
+}
+END_TEST
+
+/* A part of an any that can never hold does not stop the rule from
+ * firing, so it is no error; but it is a slip to point out: a note. */
+START_TEST(test_dead_part_of_any_noted)
+{
+    const char *yaml =
+        "version: 1\n"
+        "fallback: {targets: [{partner: zorgcoordinator, fields: [needs]}]}\n"
+        "rules:\n"
+        "- {name: r1, when: {any: [{field: subject.age, lt: 0},\n"
+        "                          {field: scope, equals: domestic}]},\n"
+        "   then: {targets: [{partner: avim, fields: [risk]}]}}\n";
+    kh_rules_options_t o = s_opts(s_demo, S_DEMO_COUNT);
+    char reports[2048] = "";
+    o.report = s_collect;
+    o.report_arg = reports;
+    kh_error_t err;
+    kh_rules_t *rules = kh_rules_load_buffer(yaml, strlen(yaml), &o, &err);
+    ck_assert_msg(rules != NULL, "%s", err.message);
+    ck_assert_str_eq(reports,
+                     "note rules.never_matches 4:27 rules[0].when.any[0];");
+    kh_rules_destroy(&rules);
+}
+END_TEST
+
 /* A key the format does not have (a typo) is one error among the others:
  * what is around it is still checked, so that one check shows them all. */
 START_TEST(test_unknown_key_hides_nothing)
@@ -674,6 +856,10 @@ START_TEST(test_never_matches_only_when_impossible)
         "subject.age, lt: 18}, {field: subject.minor, equals: true}]}]}",
         "{all: [{field: subject.minor, equals: true}, {any: [{field: "
         "subject.minor, equals: false}, {field: subject.age, lt: 18}]}]}",
+        "{all: [{field: subject.age, lt: 18}, {not: {field: subject.age, "
+        "lt: 12}}]}",
+        "{all: [{field: subject.age, in: [9, 10]}, {not: {field: "
+        "subject.age, in: [10]}}]}",
     };
     static const char *referrals[] = {
         "{'subject': {'age': 10, 'minor': true}}",
@@ -682,6 +868,8 @@ START_TEST(test_never_matches_only_when_impossible)
         "{'subject': {'age': null, 'minor': false}}",
         "{'subject': {'age': null, 'minor': false}}",
         "{'subject': {'age': 9, 'minor': true}}",
+        "{'subject': {'age': 9, 'minor': true}}",
+        "{'subject': {'age': 15, 'minor': true}}",
         "{'subject': {'age': 9, 'minor': true}}",
     };
     for (size_t i = 0; i < sizeof conds / sizeof conds[0]; i++) {
@@ -1087,6 +1275,31 @@ START_TEST(test_ctl_exit_codes)
     ck_assert_int_eq(khtest_run(invalid, &out), 1);
     ck_assert_ptr_nonnull(strstr(out, ":9:27: rules.unknown_partner:"));
     free(out);
+    /* A file too large has no line: said of the file, not of a line 0. */
+    char big[4096];
+    snprintf(big, sizeof big, "%s/big.yaml", dir);
+    FILE *f = fopen(big, "w");
+    ck_assert_ptr_nonnull(f);
+    for (int i = 0; i < 70000; i++)
+        fputs("# a long comment line\n", f);
+    fclose(f);
+    char *too_large[] = {ctl,          "rules",  "check", big,
+                         "--partners", partners, NULL};
+    ck_assert_int_eq(khtest_run(too_large, &out), 1);
+    ck_assert_msg(strstr(out, "big.yaml: rules.too_large: ") &&
+                      !strstr(out, ":0:0:"),
+                  "%s", out);
+    free(out);
+    /* A file given for the schema that is JSON but no referral schema is
+     * a wrong call (2), not a rules file whose every field is unknown. */
+    char *not_schema[] = {ctl,      "rules",    "check",  def, "--partners",
+                          partners, "--schema", partners, NULL};
+    ck_assert_int_eq(khtest_run(not_schema, &out), 2);
+    ck_assert_msg(strstr(out, "not a referral schema") &&
+                      !strstr(out, "rules.unknown_field") &&
+                      !strstr(out, "rules.projection"),
+                  "%s", out);
+    free(out);
     char *missing[] = {ctl,          "rules",  "check", "/nonexistent.yaml",
                        "--partners", partners, NULL};
     ck_assert_int_eq(khtest_run(missing, &out), 2);
@@ -1173,8 +1386,11 @@ static Suite *s_suite(void)
     tcase_set_timeout(tc, 60);
     tcase_add_test(tc, test_eval_cases);
     tcase_add_test(tc, test_escalation);
+    tcase_add_test(tc, test_explain_values);
     tcase_add_test(tc, test_invalid_corpus);
     tcase_add_test(tc, test_all_errors_reported);
+    tcase_add_test(tc, test_dead_part_of_any_noted);
+    tcase_add_test(tc, test_messages_say_what_fits);
     tcase_add_test(tc, test_unknown_key_hides_nothing);
     tcase_add_test(tc, test_never_matches_only_when_impossible);
     tcase_add_test(tc, test_alias_bomb_refused_fast);

@@ -189,7 +189,13 @@ static void s_report(const kh_error_t *err, bool is_error, void *arg)
     s_report_arg_t *r = arg;
     if (is_error)
         r->errors++;
-    fprintf(stderr, "%s:%d:%d: %s%s: %s", r->file, err->line, err->column,
+    /* A problem of the whole file (too large) has no place in it: no
+     * line 0 that an editor could not jump to. */
+    if (err->line > 0)
+        fprintf(stderr, "%s:%d:%d: ", r->file, err->line, err->column);
+    else
+        fprintf(stderr, "%s: ", r->file);
+    fprintf(stderr, "%s%s: %s",
             is_error ? "" : "note: ", kh_error_name(err->code), err->message);
     if (err->path[0])
         fprintf(stderr, " (at %s)", err->path);
