@@ -70,7 +70,9 @@ static const s_section_t s_sections[] = {
      " GROUP BY rule ORDER BY count(*) DESC, rule",
      {"rule", "referrals"}, "si"},
     /* Time to acknowledge: from a delivery's first send to its ACK, for
-     * the deliveries both sent and acknowledged in the period. */
+     * the deliveries both sent and acknowledged in the period. The first
+     * send is looked for in the whole trail: one before the period makes
+     * a send in it a send again, whose wait is not from the first. */
     {"deliveries",
      "DELIVERIES BY PARTNER (ack_*: seconds from first send to ACK)",
      "WITH e AS (SELECT action, outcome, reason_code, partner_id,"
@@ -84,9 +86,10 @@ static const s_section_t s_sections[] = {
      "  FROM (SELECT partner_id, delivery_id, min(at) AS at FROM e"
      "   WHERE action = 'delivery.acked' AND outcome = 'ok'"
      "   GROUP BY partner_id, delivery_id) a"
-     "  JOIN (SELECT delivery_id, min(at) AS at FROM e"
-     "   WHERE action = 'delivery.sent' AND outcome = 'ok'"
-     "   GROUP BY delivery_id) s USING (delivery_id)),"
+     "  CROSS JOIN LATERAL (SELECT min(t.at) AS at FROM audit_trail t"
+     "   WHERE t.delivery_id = a.delivery_id AND t.action = 'delivery.sent'"
+     "   AND t.outcome = 'ok') s"
+     "  WHERE s.at >= coalesce($1::timestamptz, '-infinity')),"
      " counts AS (SELECT partner_id,"
      "  count(DISTINCT delivery_id) FILTER (WHERE action = 'delivery.sent'"
      "   AND outcome = 'ok') AS sent,"
