@@ -1297,8 +1297,8 @@ END_TEST
 
 /* The seconds to ACK count from a delivery's first send, which may be
  * in the trail before the period: a delivery first sent before it and
- * sent again in it is not one first sent in it, and its wait is not the
- * one from the send again. */
+ * sent again in it is not one first sent in it (it is sent again), and
+ * its wait is not the one from the send again. */
 START_TEST(report_waits_count_from_the_first_send)
 {
     char *conninfo = khtest_db_conninfo(S_DB);
@@ -1331,6 +1331,9 @@ START_TEST(report_waits_count_from_the_first_send)
     json_t *zorg =
         s_report_row(doc, "deliveries", "partner", "zorgcoordinator");
     ck_assert_int_eq(s_report_int(zorg, "acked"), 2);
+    /* One delivery first sent in the period, one sent again in it. */
+    ck_assert_int_eq(s_report_int(zorg, "sent"), 1);
+    ck_assert_int_eq(s_report_int(zorg, "sent_again"), 1);
     /* Only the delivery first sent in the period has a wait here: 4 s
      * (the other's 10 s from its send again is no wait from a first
      * send). */
