@@ -1295,6 +1295,35 @@ START_TEST(report_counts_what_the_trail_says)
 }
 END_TEST
 
+/* A referral.routed event whose matched rules did not all fit names
+ * those that did and then "+N" (routing.c): N rules left out, no rule
+ * named "+N", which the report must not count as one. */
+START_TEST(report_counts_no_rule_for_the_rules_left_out)
+{
+    char *conninfo = khtest_db_conninfo(S_DB);
+    setenv("KH_DATABASE_URL", conninfo, 1);
+    free(conninfo);
+    s_report_event("2027-05-02T10:00:00Z", "service", "routing",
+                   "referral.routed", NULL, NULL, "ok", NULL, "minor,+2");
+    char *out = NULL;
+    int rc = KHTEST_CTL(&out, "audit", "report", "--since", "2027-05-01",
+                        "--until", "2027-06-01", "--format", "json");
+    ck_assert_msg(rc == 0, "exit %d: %s", rc, out);
+    json_error_t jerr;
+    json_t *doc = json_loads(out, 0, &jerr);
+    ck_assert_msg(doc != NULL, "%s: %s", jerr.text, out);
+    free(out);
+    json_t *rules = json_object_get(doc, "rules_matched");
+    ck_assert_int_eq(json_array_size(rules), 1);
+    ck_assert_int_eq(
+        s_report_int(s_report_row(doc, "rules_matched", "rule", "minor"),
+                     "referrals"),
+        1);
+    json_decref(doc);
+    unsetenv("KH_DATABASE_URL");
+}
+END_TEST
+
 /* The seconds to ACK count from a delivery's first send, which may be
  * in the trail before the period: a delivery first sent before it and
  * sent again in it is not one first sent in it (it is sent again), and
@@ -2306,6 +2335,7 @@ int main(void)
     tcase_add_test(tc_auditor, output_that_cannot_be_written_is_a_failure);
     tcase_add_test(tc_auditor, report_counts_what_the_trail_says);
     tcase_add_test(tc_auditor, report_waits_count_from_the_first_send);
+    tcase_add_test(tc_auditor, report_counts_no_rule_for_the_rules_left_out);
     tcase_add_test(tc_auditor,
                    an_interrupted_export_leaves_no_file_under_its_name);
     suite_add_tcase(suite, tc_auditor);
