@@ -1295,6 +1295,98 @@ START_TEST(report_counts_what_the_trail_says)
 }
 END_TEST
 
+/* A referral.routed event whose matched rules did not all fit names
+ * those that did and then "+N" (routing.c): N rules left out, no rule
+ * named "+N", which the report must not count as one. */
+START_TEST(report_counts_no_rule_for_the_rules_left_out)
+{
+    char *conninfo = khtest_db_conninfo(S_DB);
+    setenv("KH_DATABASE_URL", conninfo, 1);
+    free(conninfo);
+    s_report_event("2027-05-02T10:00:00Z", "service", "routing",
+                   "referral.routed", NULL, NULL, "ok", NULL, "minor,+2");
+    char *out = NULL;
+    int rc = KHTEST_CTL(&out, "audit", "report", "--since", "2027-05-01",
+                        "--until", "2027-06-01", "--format", "json");
+    ck_assert_msg(rc == 0, "exit %d: %s", rc, out);
+    json_error_t jerr;
+    json_t *doc = json_loads(out, 0, &jerr);
+    ck_assert_msg(doc != NULL, "%s: %s", jerr.text, out);
+    free(out);
+    json_t *rules = json_object_get(doc, "rules_matched");
+    ck_assert_int_eq(json_array_size(rules), 1);
+    ck_assert_int_eq(
+        s_report_int(s_report_row(doc, "rules_matched", "rule", "minor"),
+                     "referrals"),
+        1);
+    json_decref(doc);
+    unsetenv("KH_DATABASE_URL");
+}
+END_TEST
+
+/* The seconds to ACK count from a delivery's first send, which may be
+ * in the trail before the period: a delivery first sent before it and
+ * sent again in it is not one first sent in it (it is sent again), and
+ * its wait is not the one from the send again. */
+START_TEST(report_waits_count_from_the_first_send)
+{
+    char *conninfo = khtest_db_conninfo(S_DB);
+    setenv("KH_DATABASE_URL", conninfo, 1);
+    free(conninfo);
+    /* Sent first before the period, again in it, acknowledged in it. */
+    const char *early = "55555555-5555-7555-8555-555555555555";
+    s_report_event("2027-02-28T23:59:00Z", "service", "notification",
+                   "delivery.sent", early, "zorgcoordinator", "ok", NULL, NULL);
+    s_report_event("2027-03-01T00:00:50Z", "service", "notification",
+                   "delivery.sent", early, "zorgcoordinator", "ok", NULL, NULL);
+    s_report_event("2027-03-01T00:01:00Z", "partner", "zorgcoordinator",
+                   "delivery.acked", early, "zorgcoordinator", "ok", NULL,
+                   NULL);
+    /* Sent first in the period, acknowledged 4 s later. */
+    const char *late = "66666666-6666-7666-8666-666666666666";
+    s_report_event("2027-03-02T00:00:00Z", "service", "notification",
+                   "delivery.sent", late, "zorgcoordinator", "ok", NULL, NULL);
+    s_report_event("2027-03-02T00:00:04Z", "partner", "zorgcoordinator",
+                   "delivery.acked", late, "zorgcoordinator", "ok", NULL, NULL);
+
+    char *out = NULL;
+    int rc = KHTEST_CTL(&out, "audit", "report", "--since", "2027-03-01",
+                        "--until", "2027-04-01", "--format", "json");
+    ck_assert_msg(rc == 0, "exit %d: %s", rc, out);
+    json_error_t jerr;
+    json_t *doc = json_loads(out, 0, &jerr);
+    ck_assert_msg(doc != NULL, "%s: %s", jerr.text, out);
+    free(out);
+    json_t *zorg =
+        s_report_row(doc, "deliveries", "partner", "zorgcoordinator");
+    ck_assert_int_eq(s_report_int(zorg, "acked"), 2);
+    /* One delivery first sent in the period, one sent again in it. */
+    ck_assert_int_eq(s_report_int(zorg, "sent"), 1);
+    ck_assert_int_eq(s_report_int(zorg, "sent_again"), 1);
+    /* Only the delivery first sent in the period has a wait here: 4 s
+     * (the other's 10 s from its send again is no wait from a first
+     * send). */
+    ck_assert_double_eq_tol(json_real_value(json_object_get(zorg, "ack_max_s")),
+                            4.0, 1e-6);
+    ck_assert_double_eq_tol(json_real_value(json_object_get(zorg, "ack_p50_s")),
+                            4.0, 1e-6);
+    json_decref(doc);
+
+    /* Over both months, the first send is in the period: 120 s. */
+    rc = KHTEST_CTL(&out, "audit", "report", "--since", "2027-02-01", "--until",
+                    "2027-04-01", "--format", "json");
+    ck_assert_msg(rc == 0, "exit %d: %s", rc, out);
+    doc = json_loads(out, 0, &jerr);
+    ck_assert_msg(doc != NULL, "%s: %s", jerr.text, out);
+    free(out);
+    zorg = s_report_row(doc, "deliveries", "partner", "zorgcoordinator");
+    ck_assert_double_eq_tol(json_real_value(json_object_get(zorg, "ack_max_s")),
+                            120.0, 1e-6);
+    json_decref(doc);
+    unsetenv("KH_DATABASE_URL");
+}
+END_TEST
+
 /* What an auditor redirects into a file must arrive whole: when it
  * cannot be written (a full disk), the command says so and exits 1,
  * never 0 with the file cut short. */
@@ -2242,6 +2334,8 @@ int main(void)
                    auditor_options_are_checked_before_anything_runs);
     tcase_add_test(tc_auditor, output_that_cannot_be_written_is_a_failure);
     tcase_add_test(tc_auditor, report_counts_what_the_trail_says);
+    tcase_add_test(tc_auditor, report_waits_count_from_the_first_send);
+    tcase_add_test(tc_auditor, report_counts_no_rule_for_the_rules_left_out);
     tcase_add_test(tc_auditor,
                    an_interrupted_export_leaves_no_file_under_its_name);
     suite_add_tcase(suite, tc_auditor);

@@ -63,14 +63,21 @@ static const s_section_t s_sections[] = {
      " WHERE action = 'referral.accepted' AND outcome = 'ok' AND" S_PERIOD
      " GROUP BY actor_id ORDER BY count(*) DESC, actor_id",
      {"partner", "accepted"}, "si"},
+    /* A list too long for the trail ends in "+N", the number of rules
+     * left out (routing.c): no rule's name, and not counted as one. */
     {"rules_matched", "RULES MATCHED",
      "SELECT rule, count(*) FROM audit_trail,"
      " unnest(string_to_array(rules_matched, ',')) AS rule"
-     " WHERE action = 'referral.routed' AND outcome = 'ok' AND" S_PERIOD
+     " WHERE action = 'referral.routed' AND outcome = 'ok'"
+     " AND rule NOT LIKE '+%' AND" S_PERIOD
      " GROUP BY rule ORDER BY count(*) DESC, rule",
      {"rule", "referrals"}, "si"},
-    /* Time to acknowledge: from a delivery's first send to its ACK, for
-     * the deliveries both sent and acknowledged in the period. */
+    /* A delivery counts as sent in the period when its first send is in
+     * it, looked for in the whole trail (first.new): one sent before the
+     * period and again in it was sent again, and its wait is not from the
+     * send in the period. Time to acknowledge: from a delivery's first
+     * send to its ACK, for the deliveries both sent and acknowledged in
+     * the period. */
     {"deliveries",
      "DELIVERIES BY PARTNER (ack_*: seconds from first send to ACK)",
      "WITH e AS (SELECT action, outcome, reason_code, partner_id,"
@@ -79,20 +86,25 @@ static const s_section_t s_sections[] = {
      "  AND action IN ('delivery.created', 'delivery.sent', 'delivery.acked',"
      "   'delivery.nacked', 'delivery.dead', 'delivery.escalated')"
      "  AND" S_PERIOD "),"
+     " first AS (SELECT d.delivery_id, s.at,"
+     "  s.at >= coalesce($1::timestamptz, '-infinity') AS new"
+     "  FROM (SELECT DISTINCT delivery_id FROM e WHERE outcome = 'ok'"
+     "   AND action IN ('delivery.sent', 'delivery.acked')) d"
+     "  CROSS JOIN LATERAL (SELECT min(t.at) AS at FROM audit_trail t"
+     "   WHERE t.delivery_id = d.delivery_id AND t.action = 'delivery.sent'"
+     "   AND t.outcome = 'ok') s),"
      " waits AS (SELECT a.partner_id,"
-     "  extract(epoch FROM a.at - s.at)::float8 AS wait"
+     "  extract(epoch FROM a.at - f.at)::float8 AS wait"
      "  FROM (SELECT partner_id, delivery_id, min(at) AS at FROM e"
      "   WHERE action = 'delivery.acked' AND outcome = 'ok'"
      "   GROUP BY partner_id, delivery_id) a"
-     "  JOIN (SELECT delivery_id, min(at) AS at FROM e"
-     "   WHERE action = 'delivery.sent' AND outcome = 'ok'"
-     "   GROUP BY delivery_id) s USING (delivery_id)),"
+     "  JOIN first f USING (delivery_id) WHERE f.new),"
      " counts AS (SELECT partner_id,"
      "  count(DISTINCT delivery_id) FILTER (WHERE action = 'delivery.sent'"
-     "   AND outcome = 'ok') AS sent,"
+     "   AND outcome = 'ok' AND f.new) AS sent,"
      "  count(*) FILTER (WHERE action = 'delivery.sent' AND outcome = 'ok')"
      "  - count(DISTINCT delivery_id) FILTER (WHERE action = 'delivery.sent'"
-     "   AND outcome = 'ok') AS sent_again,"
+     "   AND outcome = 'ok' AND f.new) AS sent_again,"
      "  count(*) FILTER (WHERE action = 'delivery.acked' AND outcome = 'ok')"
      "   AS acked,"
      "  count(*) FILTER (WHERE action = 'delivery.nacked' AND outcome = 'ok')"
@@ -105,7 +117,7 @@ static const s_section_t s_sections[] = {
      "   'delivery.created' AND reason_code = 'escalation') OR (action ="
      "   'delivery.escalated' AND reason_code = 'raised_to_urgent')))"
      "   AS escalations_received"
-     "  FROM e GROUP BY partner_id)"
+     "  FROM e LEFT JOIN first f USING (delivery_id) GROUP BY partner_id)"
      " SELECT c.partner_id, sent, sent_again, acked, nacked, dead, escalated,"
      "  escalations_received, w.p50, w.p90, w.max"
      " FROM counts c LEFT JOIN (SELECT partner_id,"
