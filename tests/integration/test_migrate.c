@@ -175,7 +175,8 @@ START_TEST(test_apply_on_empty_database)
         conn, "SELECT coalesce(string_agg(attrelid::regclass || '.' || "
               "attname, ' '), '') FROM pg_attribute WHERE attrelid IN "
               "('referrals'::regclass, 'deliveries'::regclass) AND attnum > 0 "
-              "AND NOT attisdropped AND (attstattarget < 0 OR "
+              "AND NOT attisdropped AND (attstattarget IS NULL OR "
+              "attstattarget < 0 OR "
               "attstattarget > 10)");
     ck_assert_msg(strcmp(defaulted, "") == 0,
                   "columns with the default statistics target: %s", defaulted);

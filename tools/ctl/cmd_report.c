@@ -378,6 +378,10 @@ int ctl_audit_report(int argc, char **argv)
         char *text = json_dumps(doc, JSON_INDENT(2) | JSON_ENSURE_ASCII);
         if (text)
             puts(text);
+        else {
+            fprintf(stderr, "ketenhubctl: audit report: out of memory\n");
+            rc = -1;
+        }
         free(text);
     } else
         s_print_table(doc);
