@@ -603,6 +603,65 @@ END_TEST
 
 /* Against a database that was never migrated, status says so and shows
  * none of the numbers it could not read; --json stays one document. */
+/* One rules event of routing, minutes_ago minutes ago. */
+static void s_rules_event(const char *action, const char *outcome,
+                          const char *version, const char *code,
+                          const char *path, int minutes_ago)
+{
+    char ago[16];
+    snprintf(ago, sizeof ago, "%d", minutes_ago);
+    const char *params[] = {action, outcome, version, code, path, ago};
+    khtest_db_exec(s_db,
+                   "INSERT INTO audit_events (at, actor_kind, actor_id,"
+                   " action, outcome, rules_version, reason_code,"
+                   " reason_path, origin_service) VALUES (now() -"
+                   " make_interval(mins => $6::int), 'service', 'routing',"
+                   " $1, $2, $3, $4, $5, 'routing')",
+                   6, params);
+}
+
+/* A refused reload shows in status while the rules it kept are in
+ * force, and no longer once a reload succeeded. */
+START_TEST(status_shows_a_refused_reload_until_rules_load)
+{
+    s_rules_event("rules.reloaded", "ok", "v1", NULL, NULL, 3);
+    s_rules_event("rules.reload_failed", "failed", "v1", "rules.unknown_field",
+                  "rules[0].when.agee", 2);
+    json_t *doc = NULL;
+    ck_assert_int_eq(s_status("none", &doc), 0);
+    json_t *db = json_object_get(doc, "database");
+    ck_assert_str_eq(json_string_value(json_object_get(db, "rules_version")),
+                     "v1");
+    ck_assert_str_eq(
+        json_string_value(json_object_get(db, "rules_reload_refused_code")),
+        "rules.unknown_field");
+    ck_assert_str_eq(
+        json_string_value(json_object_get(db, "rules_reload_refused_path")),
+        "rules[0].when.agee");
+    json_decref(doc);
+
+    setenv("KH_DATABASE_URL", s_conninfo, 1);
+    char *output = NULL;
+    ck_assert_int_eq(KHTEST_CTL(&output, "status", "--intake", s_health,
+                                "--routing", "none", "--notification", "none",
+                                "--audit", "none"),
+                     0);
+    ck_assert_msg(strstr(output, "RULES REFUSED") &&
+                      strstr(output, "rules.unknown_field at "
+                                     "rules[0].when.agee"),
+                  "%s", output);
+    free(output);
+
+    s_rules_event("rules.reloaded", "ok", "v2", NULL, NULL, 1);
+    ck_assert_int_eq(s_status("none", &doc), 0);
+    db = json_object_get(doc, "database");
+    ck_assert_str_eq(json_string_value(json_object_get(db, "rules_version")),
+                     "v2");
+    ck_assert_ptr_null(json_object_get(db, "rules_reload_refused_at"));
+    json_decref(doc);
+}
+END_TEST
+
 START_TEST(status_says_when_the_database_is_not_migrated)
 {
     PGconn *bare = khtest_db_empty(S_BARE);
@@ -908,6 +967,7 @@ int main(void)
     tcase_add_test(tc, status_shows_an_offline_partners_backlog_growing);
     tcase_add_test(tc, routing_and_notification_count_and_report_the_backlog);
     tcase_add_test(tc, status_says_when_the_database_is_not_migrated);
+    tcase_add_test(tc, status_shows_a_refused_reload_until_rules_load);
     tcase_add_test(tc, a_bad_setting_exits_2_naming_the_variable);
     tcase_add_test(tc, a_bad_path_or_endpoint_exits_2_before_the_database);
     suite_add_tcase(suite, tc);

@@ -192,6 +192,18 @@ static int s_row(PGconn *conn, const char *sql, json_t *obj,
     return 0;
 }
 
+/* The rules version in force and since when it was last used: the last
+ * rules.reloaded, or the last referral.routed (an action that the
+ * index of actions leaves out, migration 013: read from the newest
+ * events back) when it is newer. */
+#define S_IN_FORCE                                                             \
+    "((SELECT rules_version, at FROM audit_trail"                              \
+    "  WHERE action = 'rules.reloaded' AND outcome = 'ok'"                     \
+    "  ORDER BY at DESC LIMIT 1) UNION ALL"                                    \
+    " (SELECT rules_version, at FROM audit_trail"                              \
+    "  WHERE action = 'referral.routed'"                                       \
+    "  ORDER BY seq DESC LIMIT 1) ORDER BY at DESC LIMIT 1) r"
+
 /* The database part: {"reachable", ...} and the partners' backlog. */
 static json_t *s_database(json_t **partners)
 {
@@ -205,27 +217,38 @@ static json_t *s_database(json_t **partners)
     json_object_set_new(db, "reachable", json_true());
     static const char *k_rules[] = {"rules_version", "rules_version_at", NULL};
     static const bool n_rules[] = {false, false};
+    static const char *k_refused[] = {"rules_reload_refused_at",
+                                      "rules_reload_refused_code",
+                                      "rules_reload_refused_path", NULL};
+    static const bool n_refused[] = {false, false, false};
     static const char *k_trail[] = {"trail_head", "trail_sealed", NULL};
     static const bool n_trail[] = {true, true};
     static const char *k_cp[] = {"checkpoint_seq", "checkpoint_at", NULL};
     static const bool n_cp[] = {true, false};
     static const char *k_dl[] = {"dead_letters", "escalations_open", NULL};
     static const bool n_dl[] = {true, true};
-    /* Through the views that ketenhub_admin may read: the last
-     * rules.reloaded from audit_events (action, at), the last
-     * referral.routed (an action that index leaves out, migration 013)
-     * from the newest events back. */
-    int rc = s_row(
-        conn,
-        "SELECT rules_version, " S_TS(
-            "at") " FROM ("
-                  " (SELECT rules_version, at FROM audit_trail"
-                  "  WHERE action = 'rules.reloaded' AND outcome = 'ok'"
-                  "  ORDER BY at DESC LIMIT 1) UNION ALL"
-                  " (SELECT rules_version, at FROM audit_trail"
-                  "  WHERE action = 'referral.routed'"
-                  "  ORDER BY seq DESC LIMIT 1)) r ORDER BY at DESC LIMIT 1",
-        db, k_rules, n_rules);
+    /* Through the views that ketenhub_admin may read. */
+    int rc =
+        s_row(conn, "SELECT rules_version, " S_TS("at") " FROM " S_IN_FORCE, db,
+              k_rules, n_rules);
+    /* A reload refused since the rules in force were loaded: routing kept
+     * them (the failure names the version it kept), and the file on disk
+     * is not what routes. Once a reload succeeds, or routing starts with
+     * a file that routes by another version, it is no longer news. */
+    rc =
+        rc ? rc
+           : s_row(conn,
+                   "SELECT " S_TS(
+                       "f.at") ", f.reason_code,"
+                               " coalesce(f.reason_path, '') FROM audit_trail f"
+                               " WHERE f.action = 'rules.reload_failed'"
+                               " AND f.rules_version = (SELECT rules_version "
+                               "FROM " S_IN_FORCE
+                               ") AND NOT EXISTS (SELECT 1 FROM audit_trail o"
+                               "  WHERE o.action = 'rules.reloaded' AND "
+                               "o.outcome = 'ok'"
+                               "  AND o.at > f.at) ORDER BY f.at DESC LIMIT 1",
+                   db, k_refused, n_refused);
     rc = rc ? rc
             : s_row(conn,
                     "SELECT (SELECT coalesce(max(seq), 0) FROM audit_trail),"
@@ -331,6 +354,14 @@ static void s_print_text(const json_t *doc)
     if (json_object_get(db, "rules_version_at"))
         printf("\n                  last used %s",
                s_str(db, "rules_version_at", ""));
+    if (json_object_get(db, "rules_reload_refused_at"))
+        printf("\nRULES REFUSED     a reload at %s was refused (%s%s%s);"
+               "\n                  the version above still routes (the "
+               "routing log has the line)",
+               s_str(db, "rules_reload_refused_at", ""),
+               s_str(db, "rules_reload_refused_code", ""),
+               *s_str(db, "rules_reload_refused_path", "") ? " at " : "",
+               s_str(db, "rules_reload_refused_path", ""));
     printf("\ntrail head        seq %lld (sealed up to %lld)\n",
            s_int(db, "trail_head"), s_int(db, "trail_sealed"));
     if (json_object_get(db, "checkpoint_seq"))
