@@ -181,6 +181,18 @@ START_TEST(test_apply_on_empty_database)
     ck_assert_msg(strcmp(defaulted, "") == 0,
                   "columns with the default statistics target: %s", defaulted);
     free(defaulted);
+    /* Nor any expression of their indexes, which ANALYZE samples for. */
+    defaulted = khtest_db_value(
+        conn, "SELECT coalesce(string_agg(i.indexrelid::regclass || '.' || "
+              "a.attname, ' '), '') FROM pg_index i JOIN pg_attribute a ON "
+              "a.attrelid = i.indexrelid WHERE i.indrelid IN "
+              "('referrals'::regclass, 'deliveries'::regclass) AND "
+              "i.indkey[a.attnum - 1] = 0 AND (a.attstattarget IS NULL OR "
+              "a.attstattarget < 0 OR a.attstattarget > 10)");
+    ck_assert_msg(strcmp(defaulted, "") == 0,
+                  "index expressions with the default statistics target: %s",
+                  defaulted);
+    free(defaulted);
 
     /* Idempotent: a second run applies nothing and reports nothing. */
     memset(&seen, 0, sizeof seen);
