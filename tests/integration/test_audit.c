@@ -1139,6 +1139,21 @@ static long s_report_int(json_t *row, const char *key)
     return (long) json_integer_value(v);
 }
 
+/* `audit report --format json` over [since, until), which must succeed:
+ * its document (the caller frees it). */
+static json_t *s_report_json(const char *since, const char *until)
+{
+    char *out = NULL;
+    int rc = KHTEST_CTL(&out, "audit", "report", "--since", since, "--until",
+                        until, "--format", "json");
+    ck_assert_msg(rc == 0, "exit %d: %s", rc, out);
+    json_error_t jerr;
+    json_t *doc = json_loads(out, 0, &jerr);
+    ck_assert_msg(doc != NULL, "%s: %s", jerr.text, out);
+    free(out);
+    return doc;
+}
+
 /* The report counts what the trail says, in its period only, for an
  * auditor's login, and is recorded in the trail like every read. */
 START_TEST(report_counts_what_the_trail_says)
@@ -1208,14 +1223,7 @@ START_TEST(report_counts_what_the_trail_says)
     s_report_event("2026-12-01T00:00:00Z", "partner", "meldpunt",
                    "referral.accepted", NULL, NULL, "ok", NULL, NULL);
 
-    char *out = NULL;
-    int rc = KHTEST_CTL(&out, "audit", "report", "--since", "2026-11-01",
-                        "--until", "2026-12-01", "--format", "json");
-    ck_assert_msg(rc == 0, "exit %d: %s", rc, out);
-    json_error_t jerr;
-    json_t *doc = json_loads(out, 0, &jerr);
-    ck_assert_msg(doc != NULL, "%s: %s", jerr.text, out);
-    free(out);
+    json_t *doc = s_report_json("2026-11-01", "2026-12-01");
 
     json_t *refs = json_object_get(doc, "referrals");
     ck_assert_int_eq(s_report_int(refs, "accepted"), 3);
@@ -1276,7 +1284,8 @@ START_TEST(report_counts_what_the_trail_says)
                               " until=2026-12-01T00:00:00.000000Z'"),
         1);
     /* The whole trail by default; the table names every section. */
-    rc = KHTEST_CTL(&out, "audit", "report");
+    char *out = NULL;
+    int rc = KHTEST_CTL(&out, "audit", "report");
     ck_assert_msg(rc == 0, "exit %d: %s", rc, out);
     ck_assert_msg(strstr(out, "accepted 5, rejected 1, routed 3") != NULL, "%s",
                   out);
@@ -1305,14 +1314,7 @@ START_TEST(report_counts_no_rule_for_the_rules_left_out)
     free(conninfo);
     s_report_event("2027-05-02T10:00:00Z", "service", "routing",
                    "referral.routed", NULL, NULL, "ok", NULL, "minor,+2");
-    char *out = NULL;
-    int rc = KHTEST_CTL(&out, "audit", "report", "--since", "2027-05-01",
-                        "--until", "2027-06-01", "--format", "json");
-    ck_assert_msg(rc == 0, "exit %d: %s", rc, out);
-    json_error_t jerr;
-    json_t *doc = json_loads(out, 0, &jerr);
-    ck_assert_msg(doc != NULL, "%s: %s", jerr.text, out);
-    free(out);
+    json_t *doc = s_report_json("2027-05-01", "2027-06-01");
     json_t *rules = json_object_get(doc, "rules_matched");
     ck_assert_int_eq(json_array_size(rules), 1);
     ck_assert_int_eq(
@@ -1349,14 +1351,7 @@ START_TEST(report_waits_count_from_the_first_send)
     s_report_event("2027-03-02T00:00:04Z", "partner", "zorgcoordinator",
                    "delivery.acked", late, "zorgcoordinator", "ok", NULL, NULL);
 
-    char *out = NULL;
-    int rc = KHTEST_CTL(&out, "audit", "report", "--since", "2027-03-01",
-                        "--until", "2027-04-01", "--format", "json");
-    ck_assert_msg(rc == 0, "exit %d: %s", rc, out);
-    json_error_t jerr;
-    json_t *doc = json_loads(out, 0, &jerr);
-    ck_assert_msg(doc != NULL, "%s: %s", jerr.text, out);
-    free(out);
+    json_t *doc = s_report_json("2027-03-01", "2027-04-01");
     json_t *zorg =
         s_report_row(doc, "deliveries", "partner", "zorgcoordinator");
     ck_assert_int_eq(s_report_int(zorg, "acked"), 2);
@@ -1373,12 +1368,7 @@ START_TEST(report_waits_count_from_the_first_send)
     json_decref(doc);
 
     /* Over both months, the first send is in the period: 120 s. */
-    rc = KHTEST_CTL(&out, "audit", "report", "--since", "2027-02-01", "--until",
-                    "2027-04-01", "--format", "json");
-    ck_assert_msg(rc == 0, "exit %d: %s", rc, out);
-    doc = json_loads(out, 0, &jerr);
-    ck_assert_msg(doc != NULL, "%s: %s", jerr.text, out);
-    free(out);
+    doc = s_report_json("2027-02-01", "2027-04-01");
     zorg = s_report_row(doc, "deliveries", "partner", "zorgcoordinator");
     ck_assert_double_eq_tol(json_real_value(json_object_get(zorg, "ack_max_s")),
                             120.0, 1e-6);
