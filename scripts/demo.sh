@@ -154,6 +154,8 @@ if [ -n "$last" ]; then
   "$ctl" audit query --referral "$last" | sed 's/^/  /'
 fi
 "$ctl" audit verify --public-key "$run/audit/hub-audit.pub" | sed 's/^/  /'
+echo "what the trail says of the demo, in figures (ketenhubctl audit report):"
+"$ctl" audit report | sed 's/^./  &/'
 
 if [ "$keep" = 1 ]; then
   step "The hub keeps running; stop it with: scripts/demo.sh --stop"
