@@ -1321,17 +1321,36 @@ START_TEST(test_ctl_exit_codes)
     char *no_partners[] = {
         ctl, "rules", "check", def, "--partners", "/nonexistent.json", NULL};
     ck_assert_int_eq(khtest_run(no_partners, &out), 2);
-    ck_assert_msg(strstr(out, "/nonexistent.json: unable to open") &&
+    ck_assert_msg(strstr(out, "/nonexistent.json: cannot open it: No such") &&
                       !strstr(out, "-1") && !strstr(out, "JSON array"),
                   "%s", out);
     free(out);
     char *no_referral[] = {ctl, "rules", "explain", def, "/nonexistent.json",
                            NULL};
     ck_assert_int_eq(khtest_run(no_referral, &out), 2);
-    ck_assert_msg(strstr(out, "/nonexistent.json: unable to open") &&
+    ck_assert_msg(strstr(out, "/nonexistent.json: cannot open it: No such") &&
                       !strstr(out, "-1"),
                   "%s", out);
     free(out);
+    /* A directory is no referral, and a FIFO (that nobody writes) neither:
+     * said at once, never read, never waited for. */
+    char fifo[4096];
+    snprintf(fifo, sizeof fifo, "%s/referral.fifo", dir);
+    ck_assert_int_eq(mkfifo(fifo, 0600), 0);
+    const char *odd[] = {dir, fifo};
+    for (int i = 0; i < 2; i++) {
+        char *odd_referral[] = {ctl, "rules",         "explain",
+                                def, (char *) odd[i], NULL};
+        ck_assert_int_eq(khtest_run(odd_referral, &out), 2);
+        ck_assert_msg(strstr(out, "not a regular file"), "%s", out);
+        free(out);
+        char *odd_partners[] = {ctl,          "rules",         "check", def,
+                                "--partners", (char *) odd[i], NULL};
+        ck_assert_int_eq(khtest_run(odd_partners, &out), 2);
+        ck_assert_msg(strstr(out, "not a regular file"), "%s", out);
+        free(out);
+    }
+    unlink(fifo);
     char not_array[4096];
     snprintf(not_array, sizeof not_array, "%s/object.json", dir);
     khtest_write_file(not_array, "{\"id\": \"avim\"}");

@@ -5,11 +5,15 @@
  * offline; explain needs no database and checks partners only when given
  * --partners.
  */
+#include <errno.h>
+#include <fcntl.h>
 #include <getopt.h>
 #include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "ctl.h"
 #include "ketenhub/partner.h"
@@ -128,15 +132,38 @@ static void s_json_error(const char *path, const json_error_t *jerr)
         fprintf(stderr, "ketenhubctl: %s: %s\n", path, jerr->text);
 }
 
+/* The JSON document in the regular file at path, or NULL after saying
+ * why on stderr. Opened without blocking and checked before reading, as
+ * the rules file is (kh_rules_load): a FIFO would hold the command until
+ * some writer came, and a directory or device is no document. */
+static json_t *s_json_file(const char *path)
+{
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
+    if (fd < 0) {
+        fprintf(stderr, "ketenhubctl: %s: cannot open it: %s\n", path,
+                strerror(errno));
+        return NULL;
+    }
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        fprintf(stderr, "ketenhubctl: %s: not a regular file\n", path);
+        close(fd);
+        return NULL;
+    }
+    json_error_t jerr;
+    json_t *doc = json_loadfd(fd, JSON_REJECT_DUPLICATES, &jerr);
+    close(fd);
+    if (!doc)
+        s_json_error(path, &jerr);
+    return doc;
+}
+
 /* Active partners from a JSON array of {id, handles_cases, revoked_at}. */
 static int s_partners_file(s_partners_t *p, const char *path)
 {
-    json_error_t jerr;
-    json_t *doc = json_load_file(path, JSON_REJECT_DUPLICATES, &jerr);
-    if (!doc) {
-        s_json_error(path, &jerr);
+    json_t *doc = s_json_file(path);
+    if (!doc)
         return -1;
-    }
     if (!json_is_array(doc)) {
         fprintf(stderr,
                 "ketenhubctl: %s: not a JSON array of partners (the output "
@@ -296,11 +323,8 @@ static int s_run(int argc, char **argv, bool explain)
     }
     json_t *referral = NULL;
     if (explain) {
-        json_error_t jerr;
-        referral =
-            json_load_file(argv[optind + 1], JSON_REJECT_DUPLICATES, &jerr);
+        referral = s_json_file(argv[optind + 1]);
         if (!referral) {
-            s_json_error(argv[optind + 1], &jerr);
             s_partners_free(&partners);
             return CTL_USAGE;
         }
