@@ -617,9 +617,13 @@ typedef struct {
     char kept[PATH_MAX];
 } s_rotated_t;
 
+/* The two files of partner id's rotation in cert_dir into files; a bad
+ * id is refused (KH_E_CONFIG) before any path is made of it. */
 static int s_rotated_paths(s_rotated_t *files, const char *id,
                            const char *cert_dir, kh_error_t *err)
 {
+    if (!kh_partner_id_valid(id))
+        return kh_error_set(err, KH_E_CONFIG, "id", "bad partner id");
     static const char *const suffixes[2] = {".cert", ".previous.cert"};
     for (int i = 0; i < 2; i++) {
         char hidden[64];
@@ -718,8 +722,6 @@ static void s_rotate_restore(const s_rotated_t files[2])
 int kh_partner_cert_forget_kept(const char *id, const char *cert_dir,
                                 kh_error_t *err)
 {
-    if (!kh_partner_id_valid(id))
-        return kh_error_set(err, KH_E_CONFIG, "id", "bad partner id");
     s_rotated_t files[2];
     if (s_rotated_paths(files, id, cert_dir, err) != 0)
         return -1;
@@ -739,8 +741,6 @@ int kh_partner_cert_rotate(zcert_t *cert, const char *id,
                            const char *previous_key, const char *cert_dir,
                            kh_error_t *err)
 {
-    if (!kh_partner_id_valid(id))
-        return kh_error_set(err, KH_E_CONFIG, "id", "bad partner id");
     s_rotated_t files[2];
     if (s_rotated_paths(files, id, cert_dir, err) != 0)
         return -1;
@@ -772,8 +772,6 @@ int kh_partner_cert_rotate_end(const char *id, const char *cert_dir,
                                const char *expires_at, kh_error_t *err)
 {
     s_rotated_t files[2];
-    if (!kh_partner_id_valid(id))
-        return kh_error_set(err, KH_E_CONFIG, "id", "bad partner id");
     if (s_rotated_paths(files, id, cert_dir, err) != 0)
         return -1;
     if (!committed) {
