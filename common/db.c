@@ -386,10 +386,11 @@ int kh_db_error(kh_error_t *err, PGconn *conn, const PGresult *res,
 
     const char *pre = context && *context ? context : "";
     const char *sep = context && *context ? ": " : "";
-    if (sqlstate)
+    if (sqlstate) {
         kh_error_set(err, code, NULL, "%s%s%s (sqlstate %s)", pre, sep, message,
                      sqlstate);
-    else
+        snprintf(err->sqlstate, sizeof err->sqlstate, "%s", sqlstate);
+    } else
         kh_error_set(err, code, NULL, "%s%s%s", pre, sep, message);
     return -1;
 }

@@ -25,6 +25,7 @@ void kh_error_clear(kh_error_t *err)
     err->line = 0;
     err->column = 0;
     err->message[0] = '\0';
+    err->sqlstate[0] = '\0';
 }
 
 static void s_fill(kh_error_t *err, kh_errcode_t code, const char *path,
@@ -39,6 +40,7 @@ static void s_fill(kh_error_t *err, kh_errcode_t code, const char *path,
     err->line = line;
     err->column = column;
     vsnprintf(err->message, sizeof err->message, fmt, ap);
+    err->sqlstate[0] = '\0';
 }
 
 int kh_error_set(kh_error_t *err, kh_errcode_t code, const char *path,

@@ -118,7 +118,8 @@ bool kh_db_retryable_sqlstate(const char *sqlstate);
  * res may be NULL (then the connection's error is used). The code is
  * KH_E_UNAVAILABLE when the connection is bad or the SQLSTATE is
  * retryable, else KH_E_DB. The message is "<context>: <primary message>
- * (sqlstate XXXXX)"; context may be NULL. Does not clear res. */
+ * (sqlstate XXXXX)", and err->sqlstate holds that SQLSTATE ("" when
+ * there is none); context may be NULL. Does not clear res. */
 int kh_db_error(kh_error_t *err, PGconn *conn, const PGresult *res,
                 const char *context);
 

@@ -97,6 +97,7 @@ typedef struct {
     int line;                           /* 1-based line in a text input, 0 */
     int column;                         /* 1-based column, 0 if unknown */
     char message[KH_ERROR_MESSAGE_MAX]; /* short, lower case, no data */
+    char sqlstate[6]; /* a database error's SQLSTATE (kh_db_error), or "" */
 } kh_error_t;
 
 /* Reset an error record to KH_E_OK with empty path and message. */

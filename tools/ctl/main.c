@@ -89,11 +89,7 @@ void ctl_print_error(const kh_error_t *err)
     }
     fprintf(stderr, "%s (%s)\n", err->message[0] ? err->message : "failed",
             kh_error_name(err->code));
-    /* kh_db_error ends a database's error with its SQLSTATE. */
-    const char *state = strstr(err->message, "(sqlstate ");
-    char code[6] = "";
-    if (state && sscanf(state, "(sqlstate %5[0-9A-Z])", code) == 1 &&
-        ctl_sqlstate_unmigrated(code))
+    if (ctl_sqlstate_unmigrated(err->sqlstate))
         fprintf(stderr, "ketenhubctl: hint: the database is not migrated for "
                         "this ketenhubctl: run ketenhubctl migrate\n");
 }
