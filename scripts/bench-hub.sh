@@ -43,8 +43,15 @@ KH_AUDIT_KEY="$run/audit/hub-audit.key" \
 echo $! >"$run/audit.pid"
 hub_wait_ready audit
 
-# A minor in acute danger: three target partners.
-referral="$here/schemas/examples/minor-sexual-acute.json"
+# The referrals submitted, in turn: by default the five examples, which
+# the default rules send to one, two, three, three and one of the
+# registered partners (the Arbeidsinspectie is not registered here): two
+# on average, the mix the targets are set for. KH_BENCH_REFERRALS (files,
+# separated by spaces) offers another mix.
+referral_args=""
+for f in ${KH_BENCH_REFERRALS:-"$here"/schemas/examples/*.json}; do
+  referral_args="$referral_args --referral $f"
+done
 
 ticks=$(getconf CLK_TCK)
 
@@ -102,9 +109,10 @@ run_load() {
   receiver=$!
   sleep 1
   started=$(date +%s.%N)
+  # shellcheck disable=SC2086 # the --referral options, split on purpose
   "$build/tools/bench/ketenhub-bench" --endpoint "$intake" \
     --hub-cert "$run/hub/hub.cert" --cert "$run/keys/bench.cert" \
-    --referral "$referral" --seconds "$seconds" --json "$run/$label.json" \
+    $referral_args --seconds "$seconds" --json "$run/$label.json" \
     --times "$run/$label-submitted.csv" "$@" | sed 's/^/  intake: /'
   wait "$receiver" || true
   cpu_after=$(cpu_now)
@@ -181,6 +189,12 @@ run_load() {
   delivered=$(pct_json delivered_ms "$p")
   acknowledged=$(pct_json acked_ms "$p")
   measured=$(q "SELECT count(*) FROM ($p) p")
+  # The deliveries the routing made of those referrals: all of them should
+  # have been measured.
+  expected=$(q "SELECT count(*) FROM deliveries d JOIN $times t
+    ON t.kind = 'S' AND t.referral_id = d.referral_id::text")
+  per_referral=$(q "SELECT round($expected::numeric / greatest(count(*), 1), 2)
+    FROM $times WHERE kind = 'S'")
   figures=$(echo "$done_n $span_s $acks $events $rows $started $sealed_at $writes" | awk '{
     span = $2 > 0 ? $2 : 0.001
     printf "%.0f %.0f %.0f %.0f %.0f", $1 / span, $3 / span, $5 / span,
@@ -191,17 +205,17 @@ run_load() {
   echo "  trail: accepted->routed_ms $routed"
   echo "  trail: accepted->first_sent_ms $sent"
   echo "  trail: accepted->all_acked_ms $acked"
-  echo "  partners: $measured deliveries of the referrals accepted in the measured window"
+  echo "  partners: $measured of the $expected deliveries of the referrals accepted in the measured window received (deliveries_per_referral=$per_referral)"
   echo "  partners: submit->delivered_ms $delivered"
   echo "  partners: submit->acknowledged_ms $acknowledged (the partner holds ACKED)"
   echo "  trail: $events events, sealed_per_s=$4 (start of the load to all sealed); rows_written=$rows rows_per_s=$3"
   echo "  rows: row_writes=$writes row_writes_per_s=$5 (inserts and updates: each state change writes its row again)"
   echo "  wal: ${wal_mib} MiB, ${wal_per_referral} bytes per referral, $checkpoints checkpoints"
   echo "  cpu per referral: services ${services_us} us, PostgreSQL ${postgres_us} us (from the first submit to the last ACK); the load programs ${load_us} us"
-  printf '{"label":"%s","referrals":%s,"span_s":%s,"end_to_end_per_s":%s,"acked_per_s":%s,"events":%s,"sealed_per_s":%s,"rows_written":%s,"rows_per_s":%s,"row_writes":%s,"row_writes_per_s":%s,"wal_mib":%s,"wal_bytes_per_referral":%s,"checkpoints":%s,"services_cpu_us_per_referral":%s,"postgres_cpu_us_per_referral":%s,"load_cpu_us_per_referral":%s,"accepted_to_routed_ms":%s,"accepted_to_first_sent_ms":%s,"accepted_to_all_acked_ms":%s,"deliveries_measured":%s,"submit_to_delivered_ms":%s,"submit_to_acknowledged_ms":%s,"intake":%s}\n' \
+  printf '{"label":"%s","referrals":%s,"span_s":%s,"end_to_end_per_s":%s,"acked_per_s":%s,"events":%s,"sealed_per_s":%s,"rows_written":%s,"rows_per_s":%s,"row_writes":%s,"row_writes_per_s":%s,"wal_mib":%s,"wal_bytes_per_referral":%s,"checkpoints":%s,"services_cpu_us_per_referral":%s,"postgres_cpu_us_per_referral":%s,"load_cpu_us_per_referral":%s,"accepted_to_routed_ms":%s,"accepted_to_first_sent_ms":%s,"accepted_to_all_acked_ms":%s,"deliveries_measured":%s,"deliveries_expected":%s,"deliveries_per_referral":%s,"submit_to_delivered_ms":%s,"submit_to_acknowledged_ms":%s,"intake":%s}\n' \
     "$label" "$done_n" "$span_s" "$1" "$2" "$events" "$4" "$rows" "$3" "$writes" "$5" \
     "$wal_mib" "$wal_per_referral" "$checkpoints" "$services_us" "$postgres_us" "$load_us" \
-    "$routed" "$sent" "$acked" "$measured" "$delivered" "$acknowledged" \
+    "$routed" "$sent" "$acked" "$measured" "$expected" "$per_referral" "$delivered" "$acknowledged" \
     "$(cat "$run/$label.json" 2>/dev/null || echo null)" \
     >"$run/$label.hub.json"
 }
@@ -308,7 +322,7 @@ statements() {
   psql -q -c "SELECT pg_stat_statements_reset()" >/dev/null
 }
 
-echo "== open loop: $rate referrals/s offered for ${seconds}s, 16 clients (3 deliveries each)"
+echo "== open loop: $rate referrals/s offered for ${seconds}s, 16 clients"
 statements start >/dev/null
 profile_start open
 run_load open --clients 16 --window 64 --rate "$rate"

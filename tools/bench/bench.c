@@ -3,6 +3,9 @@
  * N client threads, each its own CURVE connection with up to --window
  * requests in flight, SUBMIT a referral under fresh idempotency keys; it
  * prints accepted/s and the submit -> ACCEPTED latency percentiles.
+ * --referral may be given more than once (up to S_REFERRALS_MAX): each
+ * client then submits the referrals in turn, so that a mix of referrals
+ * (the examples, whose rules give one, two or three partners) is offered.
  *
  *   closed loop: a client sends its next referral as soon as an answer
  *                frees a place in its window (maximum throughput);
@@ -30,11 +33,19 @@
 #include "ketenhub/rules.h"
 #include "percentiles.h"
 
+#define S_REFERRALS_MAX 16
+
+/* A referral, encoded once as MessagePack for all the clients. */
+typedef struct {
+    char *bytes;
+    size_t size;
+} s_referral_t;
+
 typedef struct {
     int index;
     const char *endpoint, *hub_cert, *cert;
-    const char *referral; /* MessagePack, encoded once for all */
-    size_t referral_size;
+    const s_referral_t *referrals; /* submitted in turn */
+    size_t nreferrals;
     int window;               /* requests in flight at most */
     int64_t start_us, end_us; /* the measured window */
     double interval_us;       /* open loop: between this client's sends */
@@ -66,8 +77,9 @@ static void s_pack_str(msgpack_packer *pk, const char *s)
 }
 
 /* Encode one SUBMIT with a fresh idempotency key; cid is the sequence.
- * The referral's bytes were encoded once: the load costs the machine it
- * shares with the hub as little as it can. */
+ * The referrals' bytes were encoded once: the load costs the machine it
+ * shares with the hub as little as it can. The clients start at different
+ * referrals of the mix, so that each moment sees all of it. */
 static zframe_t *s_submit_frame(s_worker_t *w, uint64_t seq)
 {
     char key[64], cid[24];
@@ -87,7 +99,9 @@ static zframe_t *s_submit_frame(s_worker_t *w, uint64_t seq)
     s_pack_str(&pk, "idempotency_key");
     s_pack_str(&pk, key);
     s_pack_str(&pk, "referral");
-    msgpack_sbuffer_write(&buf, w->referral, w->referral_size);
+    const s_referral_t *referral =
+        &w->referrals[((uint64_t) w->index + seq) % w->nreferrals];
+    msgpack_sbuffer_write(&buf, referral->bytes, referral->size);
     zframe_t *frame = buf.data ? zframe_new(buf.data, buf.size) : NULL;
     msgpack_sbuffer_destroy(&buf);
     return frame;
@@ -198,19 +212,22 @@ done:
 static void s_usage(FILE *out)
 {
     fprintf(out, "usage: ketenhub-bench --hub-cert F --cert F --referral F\n"
+                 "         [--referral F]... (submitted in turn)\n"
                  "         [--endpoint E] [--clients N] [--seconds S]\n"
                  "         [--window W (requests in flight per client)]\n"
                  "         [--rate R (open loop, per second in all)]\n"
                  "         [--json FILE] [--times FILE]\n"
-                 "       ketenhub-bench --rules FILE --referral F [--seconds "
-                 "S]\n"
+                 "       ketenhub-bench --rules FILE --referral F [--referral "
+                 "F]...\n"
+                 "         [--seconds S]\n"
                  "         (rule evaluations per second on one core; the\n"
                  "         rules' partner checks are skipped)\n");
 }
 
-/* Evaluate the rules on one referral as often as one core allows. */
-static int s_bench_rules(const char *rules_file, const char *referral_file,
-                         int seconds)
+/* Evaluate the rules on the referrals, in turn, as often as one core
+ * allows. */
+static int s_bench_rules(const char *rules_file, const char *const *files,
+                         size_t nfiles, int seconds)
 {
     char schema[4096];
     const char *slash = strrchr(rules_file, '/');
@@ -220,38 +237,81 @@ static int s_bench_rules(const char *rules_file, const char *referral_file,
     kh_rules_options_t options = {.schema_path = schema};
     kh_error_t err;
     kh_rules_t *rules = kh_rules_load(rules_file, &options, &err);
-    json_error_t jerr;
-    json_t *referral = json_load_file(referral_file, 0, &jerr);
-    if (!rules || !referral) {
-        fprintf(stderr, "ketenhub-bench: %s\n",
-                rules ? jerr.text : err.message);
-        kh_rules_destroy(&rules);
-        json_decref(referral);
+    if (!rules) {
+        fprintf(stderr, "ketenhub-bench: %s\n", err.message);
         return 2;
+    }
+    json_t *referrals[S_REFERRALS_MAX] = {NULL};
+    int rc = 0;
+    for (size_t i = 0; i < nfiles && rc == 0; i++) {
+        json_error_t jerr;
+        referrals[i] = json_load_file(files[i], 0, &jerr);
+        if (!referrals[i]) {
+            fprintf(stderr, "ketenhub-bench: %s:%d: %s\n", files[i], jerr.line,
+                    jerr.text);
+            rc = 2;
+        }
     }
     kh_rules_result_t *result = kh_rules_result_new(rules);
     uint64_t count = 0;
+    size_t targets = 0;
     int64_t end = zclock_usecs() + (int64_t) seconds * 1000000;
     int64_t started = zclock_usecs();
-    while (zclock_usecs() < end)
-        for (int i = 0; i < 1000; i++, count++)
-            kh_rules_eval(rules, referral, result);
+    while (rc == 0 && zclock_usecs() < end)
+        for (int i = 0; i < 1000; i++, count++) {
+            kh_rules_eval(rules, referrals[count % nfiles], result);
+            targets += kh_rules_result_target_count(result);
+        }
     double elapsed = (double) (zclock_usecs() - started) / 1e6;
-    printf("rules=%zu targets=%zu evaluations=%" PRIu64
-           " evaluations_per_s=%.0f\n",
-           kh_rules_count(rules), kh_rules_result_target_count(result), count,
-           (double) count / elapsed);
+    if (rc == 0)
+        printf("rules=%zu referrals=%zu targets_per_referral=%.2f "
+               "evaluations=%" PRIu64 " evaluations_per_s=%.0f\n",
+               kh_rules_count(rules), nfiles,
+               count ? (double) targets / (double) count : 0.0, count,
+               (double) count / elapsed);
     kh_rules_result_destroy(&result);
     kh_rules_destroy(&rules);
-    json_decref(referral);
+    for (size_t i = 0; i < nfiles; i++)
+        json_decref(referrals[i]);
+    return rc;
+}
+
+static void s_free_referrals(s_referral_t *referrals, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        free(referrals[i].bytes);
+}
+
+/* Encode each referral file once; 0, or 2 with the reason on stderr. */
+static int s_encode_referrals(const char *const *files, size_t nfiles,
+                              s_referral_t *out)
+{
+    for (size_t i = 0; i < nfiles; i++) {
+        json_error_t jerr;
+        json_t *referral = json_load_file(files[i], 0, &jerr);
+        if (!referral) {
+            fprintf(stderr, "ketenhub-bench: %s:%d: %s\n", files[i], jerr.line,
+                    jerr.text);
+            return 2;
+        }
+        kh_error_t err;
+        int rc = kh_msgpack_encode(referral, &out[i].bytes, &out[i].size, &err);
+        json_decref(referral);
+        if (rc) {
+            fprintf(stderr, "ketenhub-bench: %s: %s\n", files[i], err.message);
+            return 2;
+        }
+    }
     return 0;
 }
 
 int main(int argc, char **argv)
 {
     const char *endpoint = "tcp://127.0.0.1:7701", *hub_cert = NULL,
-               *cert = NULL, *referral_file = NULL, *json_out = NULL,
-               *rules_file = NULL, *times_out = NULL;
+               *cert = NULL, *json_out = NULL, *rules_file = NULL,
+               *times_out = NULL;
+    const char *referral_files[S_REFERRALS_MAX];
+    size_t nreferrals = 0;
     int clients = 16, seconds = 10, window = 1;
     double rate = 0;
     static const struct option options[] = {
@@ -281,7 +341,12 @@ int main(int argc, char **argv)
             cert = optarg;
             break;
         case 'f':
-            referral_file = optarg;
+            if (nreferrals == S_REFERRALS_MAX) {
+                fprintf(stderr, "ketenhub-bench: at most %d --referral\n",
+                        S_REFERRALS_MAX);
+                return 2;
+            }
+            referral_files[nreferrals++] = optarg;
             break;
         case 'n':
             clients = atoi(optarg);
@@ -312,33 +377,22 @@ int main(int argc, char **argv)
             return 2;
         }
     }
-    if (rules_file && referral_file && seconds >= 1)
-        return s_bench_rules(rules_file, referral_file, seconds);
-    if (!hub_cert || !cert || !referral_file || clients < 1 || seconds < 1 ||
+    if (rules_file && nreferrals && seconds >= 1)
+        return s_bench_rules(rules_file, referral_files, nreferrals, seconds);
+    if (!hub_cert || !cert || !nreferrals || clients < 1 || seconds < 1 ||
         rate < 0 || window < 1) {
         s_usage(stderr);
         return 2;
     }
-    json_error_t jerr;
-    json_t *referral = json_load_file(referral_file, 0, &jerr);
-    if (!referral) {
-        fprintf(stderr, "ketenhub-bench: %s:%d: %s\n", referral_file, jerr.line,
-                jerr.text);
+    s_referral_t referrals[S_REFERRALS_MAX] = {{NULL, 0}};
+    if (s_encode_referrals(referral_files, nreferrals, referrals)) {
+        s_free_referrals(referrals, nreferrals);
         return 2;
     }
-    char *encoded = NULL;
-    size_t encoded_size = 0;
-    kh_error_t err;
-    if (kh_msgpack_encode(referral, &encoded, &encoded_size, &err)) {
-        fprintf(stderr, "ketenhub-bench: %s: %s\n", referral_file, err.message);
-        json_decref(referral);
-        return 2;
-    }
-    json_decref(referral);
     FILE *times = times_out ? fopen(times_out, "w") : NULL;
     if (times_out && !times) {
         fprintf(stderr, "ketenhub-bench: cannot write %s\n", times_out);
-        free(encoded);
+        s_free_referrals(referrals, nreferrals);
         return 2;
     }
     snprintf(s_run_id, sizeof s_run_id, "%" PRIx64,
@@ -356,8 +410,8 @@ int main(int argc, char **argv)
                          .endpoint = endpoint,
                          .hub_cert = hub_cert,
                          .cert = cert,
-                         .referral = encoded,
-                         .referral_size = encoded_size,
+                         .referrals = referrals,
+                         .nreferrals = nreferrals,
                          .window = window,
                          .start_us = start,
                          .end_us = end,
@@ -422,6 +476,6 @@ int main(int argc, char **argv)
     free(all);
     free(workers);
     free(threads);
-    free(encoded);
+    s_free_referrals(referrals, nreferrals);
     return failed ? 1 : 0;
 }
