@@ -388,6 +388,13 @@ int kh_client_delivery_check(const json_t *deliver, json_t **payload,
     if (!json_is_string(json_object_get(deliver, "routed_at")))
         return kh_error_set(err, KH_E_BAD_ENVELOPE, "routed_at",
                             "routed_at must be a string");
+    const json_t *of = json_object_get(deliver, "escalation_of");
+    if (of && !(json_is_object(of) &&
+                json_is_string(json_object_get(of, "partner")) &&
+                json_is_string(json_object_get(of, "waiting_since"))))
+        return kh_error_set(err, KH_E_BAD_ENVELOPE, "escalation_of",
+                            "escalation_of must be a map of partner and "
+                            "waiting_since (strings)");
     const json_t *text = json_object_get(deliver, "payload");
     const char *hash =
         json_string_value(json_object_get(deliver, "payload_sha256"));

@@ -45,8 +45,8 @@ static const char *s_status_reply_fields[] = {
 static const char *s_hello_fields[] = {"window", NULL};
 static const char *s_welcome_fields[] = {"partner", "window", NULL};
 static const char *s_deliver_fields[] = {
-    "delivery_id", "referral_id", "priority",       "attempt",
-    "routed_at",   "payload",     "payload_sha256", NULL};
+    "delivery_id", "referral_id",    "priority",      "attempt", "routed_at",
+    "payload",     "payload_sha256", "escalation_of", NULL};
 static const char *s_ack_fields[] = {"delivery_id", NULL};
 static const char *s_acked_fields[] = {"delivery_id", "duplicate", NULL};
 static const char *s_nack_fields[] = {"delivery_id", "reason", NULL};

@@ -492,12 +492,11 @@ void kh_rules_explain(const kh_rules_t *self, const json_t *referral, FILE *out)
         if (!esc)
             continue;
         /* The copy's own projection, as routing stores it beside the
-         * delivery. Notification makes no copy for a partner that has a
-         * delivery of the referral already: say so rather than promise
-         * one. */
+         * delivery; a partner that has a delivery of the referral of its
+         * own gets the copy beside it. */
         fprintf(out, "escalation copy for %s", esc);
         if (kh_rules_result_find(r, esc) >= 0)
-            fprintf(out, " (not sent: %s has a delivery of its own)", esc);
+            fprintf(out, " (beside its own delivery)");
         fprintf(out, ", fields:\n");
         s_print_fields(self, r->targets[t].escalate_fields, out);
         p = kh_rules_result_project_escalation(r, t, referral);

@@ -107,15 +107,19 @@ static const char *s_conflicts_sql =
     " FROM unnest($1::text[], $2::bytea[], $3::text[]) WITH ORDINALITY"
     "  AS t(partner_id, hash, peer, i) ORDER BY i";
 
-/* A referral's state and its deliveries (never their payloads). */
+/* A referral's state and its deliveries (never their payloads); an
+ * escalation copy names the partner whose delivery was overdue. */
 static const char *s_status_sql =
     "SELECT r.state, to_char(r.accepted_at AT TIME ZONE 'UTC', " S_TS_FORMAT
     "),"
-    "  coalesce((SELECT json_agg(json_build_object('delivery_id', d.id,"
-    "    'partner', d.partner_id, 'priority', d.priority, 'state', d.state,"
-    "    'updated_at', to_char(d.updated_at AT TIME ZONE 'UTC', " S_TS_FORMAT
-    "))"
-    "    ORDER BY d.partner_id) FROM deliveries d"
+    "  coalesce((SELECT json_agg(json_strip_nulls(json_build_object("
+    "    'delivery_id', d.id, 'partner', d.partner_id, 'priority',"
+    "    d.priority, 'state', d.state, 'updated_at',"
+    "    to_char(d.updated_at AT TIME ZONE 'UTC', " S_TS_FORMAT "),"
+    "    'escalation_of', (SELECT o.partner_id FROM deliveries o"
+    "     WHERE o.id = d.escalation_of)))"
+    "    ORDER BY d.partner_id, d.escalation_of NULLS FIRST)"
+    "    FROM deliveries d"
     "    WHERE d.referral_id = r.id), '[]')"
     " FROM referrals r WHERE r.id = $1::uuid AND r.partner_id = $2";
 

@@ -265,8 +265,15 @@ static const char *s_ids(dstore_t *self, int which, const char *const *ids,
     return data;
 }
 
+/* Column c of row i, or NULL when it is NULL. */
+static const char *s_value_or_null(const PGresult *res, int i, int c)
+{
+    return PQgetisnull(res, i, c) ? NULL : PQgetvalue(res, i, c);
+}
+
 /* Row i of a claim's result, its columns (S_SENT_COLUMNS) from first on:
- * id, referral id, priority, attempts, routed at, payload, payload hash. */
+ * id, referral id, priority, attempts, routed at, payload, payload hash,
+ * overdue partner and since. */
 static dstore_delivery_t s_claimed(const PGresult *res, int i, int first)
 {
     return (dstore_delivery_t){
@@ -278,6 +285,8 @@ static dstore_delivery_t s_claimed(const PGresult *res, int i, int first)
         .payload = PQgetvalue(res, i, first + 5),
         .payload_len = (size_t) PQgetlength(res, i, first + 5),
         .payload_sha256 = PQgetvalue(res, i, first + 6),
+        .overdue_partner = s_value_or_null(res, i, first + 7),
+        .overdue_since = s_value_or_null(res, i, first + 8),
     };
 }
 
@@ -518,15 +527,13 @@ int dstore_sweep(dstore_t *self, dstore_event_fn *fn, void *arg,
         return -1;
     changes += PQntuples(res);
     for (int i = 0; i < PQntuples(res); i++) {
-        dstore_event_t event = {
-            .kind = "escalated",
-            .delivery_id = PQgetvalue(res, i, 0),
-            .referral_id = PQgetvalue(res, i, 1),
-            .partner = PQgetvalue(res, i, 2),
-            .escalate_to =
-                PQgetisnull(res, i, 3) ? NULL : PQgetvalue(res, i, 3),
-            .copy = PQgetvalue(res, i, 4),
-            .reason = PQgetisnull(res, i, 5) ? NULL : PQgetvalue(res, i, 5)};
+        dstore_event_t event = {.kind = "escalated",
+                                .delivery_id = PQgetvalue(res, i, 0),
+                                .referral_id = PQgetvalue(res, i, 1),
+                                .partner = PQgetvalue(res, i, 2),
+                                .escalate_to = s_value_or_null(res, i, 3),
+                                .copy = PQgetvalue(res, i, 4),
+                                .reason = s_value_or_null(res, i, 5)};
         fn(&event, arg);
     }
     PQclear(res);

@@ -61,6 +61,10 @@ typedef struct {
     const char *payload, *payload_sha256;
     size_t payload_len;
     int attempt; /* 1 for the first send */
+    /* An escalation copy: the partner whose delivery of the referral was
+     * not acknowledged in time, and when that delivery's wait began (RFC
+     * 3339); NULL for any other delivery. */
+    const char *overdue_partner, *overdue_since;
 } dstore_delivery_t;
 
 typedef void(dstore_delivery_fn)(const dstore_delivery_t *delivery, void *arg);
@@ -153,14 +157,14 @@ typedef struct {
     const char *delivery_id, *referral_id, *partner;
     /* dead: why it died (dead_reason). escalated: why no copy went out
      * (copy "none"), else NULL: no_escalation_partner, partner_revoked,
-     * partner_not_handling_cases, payload_purged, or partner_has_delivery
-     * (the escalation partner's own delivery of the referral was already
-     * sent, acknowledged, dead or urgent, so it was neither copied to nor
-     * raised). These names go into the log: once released they stay. */
+     * partner_not_handling_cases, payload_purged, or copy_exists (a copy
+     * of this delivery was made before; a delivery escalates once, so
+     * only a database changed by hand gives it). These names go into the
+     * log: once released they stay (partner_has_delivery, and the copy
+     * "raised", were those of the releases before migration 020). */
     const char *reason;
-    /* escalated: "made" (an urgent copy, delivery.created), "raised" (the
-     * partner's own waiting delivery raised to urgent, delivery.escalated
-     * raised_to_urgent) or "none" (no event beyond the escalation's) */
+    /* escalated: "made" (an urgent copy, delivery.created) or "none" (no
+     * event beyond the escalation's) */
     const char *copy;
     const char *escalate_to; /* escalated: the rules' partner, or NULL */
 } dstore_event_t;

@@ -33,7 +33,10 @@
 /* What the two claims below (with $4 the ACK timeout ms and $5 the backoff
  * max ms) set on a delivery they send, return of it, audit (with peer as
  * the origin), and give the caller (the columns dstore.c reads, in that
- * order: id, referral id, priority, attempts, routed at, payload, hash).
+ * order: id, referral id, priority, attempts, routed at, payload, hash,
+ * and for an escalation copy the overdue delivery's partner and the time
+ * its wait counted from, else NULLs; that delivery is looked up only for
+ * a copy).
  * The claims' results are binary: the payload comes as the stored bytes,
  * neither converted (bytes that are not UTF-8 would fail every claim of
  * every partner) nor in bytea's hex text, twice its size; the other
@@ -44,16 +47,22 @@
     " next_attempt_at = " S_BACKOFF("d.attempts", "$4", "$5")
 #define S_SENT_RETURNING                                                       \
     " RETURNING d.id, d.referral_id, d.partner_id, d.priority,"                \
-    " d.priority_rank, d.attempts, d.created_at, d.payload, d.payload_hash"
+    " d.priority_rank, d.attempts, d.created_at, d.payload, d.payload_hash,"   \
+    " d.escalation_of"
 #define S_SENT_AUDIT(peer)                                                     \
     " INSERT INTO audit_events (actor_kind, actor_id, action, referral_id,"    \
     " delivery_id, partner_id, outcome, payload_hash, origin_service,"         \
     " origin_peer)"                                                            \
     " SELECT 'service', 'notification', 'delivery.sent', referral_id, id,"     \
     " partner_id, 'ok', payload_hash, 'notification', " peer
-#define S_SENT_COLUMNS                                                         \
+#define S_OVERDUE(rel, column)                                                 \
+    " CASE WHEN " rel ".escalation_of IS NOT NULL THEN (SELECT " column       \
+    " FROM deliveries o WHERE o.id = " rel ".escalation_of) END"
+#define S_SENT_COLUMNS(rel)                                                    \
     " id::text, referral_id::text, priority, attempts::text,"                 \
-    " " S_UTC("created_at") ", payload, encode(payload_hash, 'hex')"
+    " " S_UTC("created_at") ", payload, encode(payload_hash, 'hex'),"         \
+    S_OVERDUE(rel, "o.partner_id") ","                                         \
+    S_OVERDUE(rel, S_UTC("coalesce(o.urgent_since, o.created_at)"))
 /* clang-format on */
 
 /* The CTE name: the sent deliveries of partner $1 (not revoked) with
@@ -98,7 +107,7 @@ static const char *s_resend_sql =
     " UPDATE deliveries d SET" S_SEND_SET
     " WHERE d.id IN (SELECT id FROM resend)" S_SENT_RETURNING "),"
     " audit AS (" S_SENT_AUDIT("$7") " FROM claimed)"
-    " SELECT" S_SENT_COLUMNS
+    " SELECT" S_SENT_COLUMNS("claimed")
     " FROM claimed ORDER BY priority_rank DESC, created_at";
 /* clang-format on */
 
@@ -136,7 +145,7 @@ static const char *s_claim_pending_sql =
     " sent AS (SELECT req.n, req.peer, claimed.* FROM claimed"
     "  JOIN req ON req.partner = claimed.partner_id),"
     " audit AS (" S_SENT_AUDIT("peer") " FROM sent)"
-    " SELECT n::text," S_SENT_COLUMNS
+    " SELECT n::text," S_SENT_COLUMNS("sent")
     " FROM sent ORDER BY n, priority_rank DESC, created_at";
 /* clang-format on */
 
@@ -272,25 +281,20 @@ static const char *s_dead_sql =
     " SELECT id, referral_id, partner_id, dead_reason FROM dead";
 
 /* $1 escalation time ms. An urgent delivery not acknowledged in that
- * time since routing (or since an escalation raised it to urgent)
- * escalates, once: waiting, sent, or dead (a dead
+ * time since routing (or since an escalation of a release before 020
+ * raised it to urgent) escalates, once: waiting, sent, or dead (a dead
  * letter will not be acknowledged either; one that died first still
  * escalates when its time comes, and its escalated_at stays through a
- * retry). An escalation copy is a new urgent delivery to
- * the escalation partner of the payload routing projected for it (its own
- * fields, not the target's), unless that partner is revoked or the payload
- * was purged. When that partner already has the referral, waiting to be
- * sent at a lower priority, that delivery is raised to urgent instead
- * (its own fields stay): it goes out before the partner's backlog, and
- * escalates in its turn $1 after the raise (urgent_since), not at once
- * for having been routed long ago. One row
- * per referral and escalation partner, however many of the referral's
- * deliveries escalate at once (an upsert may touch a row only once, and
- * none that esc changed: when the escalation partner's own delivery is
- * urgent and escalates in the same sweep, as when two targets escalate to
- * each other, it is left as it is). Returns per escalated delivery its
- * id, referral, partner, escalation partner, what came of the copy (made,
- * raised or none) and, for none, why (see dstore_event_t). */
+ * retry). Its escalation copy is a new urgent delivery to the escalation
+ * partner of the payload routing projected for it (its own fields, not
+ * the target's), naming the overdue delivery (escalation_of), unless that
+ * partner is revoked or does not handle cases, or the payload was purged.
+ * It is made whatever that partner has of the referral already: its own
+ * delivery, acknowledged long ago, or the copy of another overdue
+ * delivery (each copy says whose acknowledgement is overdue). Returns per
+ * escalated delivery its id, referral, partner, escalation partner, what
+ * came of the copy (made or none) and, for none, why (see
+ * dstore_event_t). */
 static const char *s_escalate_sql =
     "WITH cand AS ("
     " SELECT id FROM deliveries"
@@ -308,23 +312,14 @@ static const char *s_escalate_sql =
     "  d.rules_version),"
     " copies AS ("
     " INSERT INTO deliveries (id, referral_id, partner_id, priority, payload,"
-    "  payload_hash, rules_version)"
-    " SELECT DISTINCT ON (esc.referral_id, esc.escalate_to) kh_uuid_v7(),"
-    "  esc.referral_id, esc.escalate_to, 'urgent', esc.escalation_payload,"
-    "  esc.escalation_payload_hash, esc.rules_version FROM esc"
+    "  payload_hash, rules_version, escalation_of)"
+    " SELECT kh_uuid_v7(), esc.referral_id, esc.escalate_to, 'urgent',"
+    "  esc.escalation_payload, esc.escalation_payload_hash,"
+    "  esc.rules_version, esc.id FROM esc"
     "  JOIN partners p ON p.id = esc.escalate_to AND p.revoked_at IS NULL"
     "  AND p.handles_cases WHERE esc.escalation_payload IS NOT NULL"
-    /* nor when that partner's delivery escalates in this statement too:
-     * it is urgent already, and an upsert on a row this statement has
-     * changed fails it, and every later sweep, for all escalations */
-    "  AND NOT EXISTS (SELECT 1 FROM esc o WHERE o.referral_id ="
-    "   esc.referral_id AND o.partner_id = esc.escalate_to)"
-    " ON CONFLICT (referral_id, partner_id) DO UPDATE"
-    "  SET priority = 'urgent', urgent_since = now(), updated_at = now()"
-    "  WHERE deliveries.state = 'pending'"
-    "  AND deliveries.priority <> 'urgent'"
-    " RETURNING id, referral_id, partner_id, payload_hash,"
-    "  xmax = 0 AS made),"
+    " ON CONFLICT (referral_id, partner_id, escalation_of) DO NOTHING"
+    " RETURNING id, referral_id, partner_id, payload_hash, escalation_of),"
     " audit AS ("
     " INSERT INTO audit_events (actor_kind, actor_id, action, referral_id,"
     "  delivery_id, partner_id, outcome, reason_code, payload_hash,"
@@ -333,25 +328,20 @@ static const char *s_escalate_sql =
     "  id, partner_id, 'ok', 'ack_overdue', payload_hash, 'notification'"
     "  FROM esc"
     " UNION ALL"
-    " SELECT 'service', 'notification',"
-    "  CASE WHEN made THEN 'delivery.created' ELSE 'delivery.escalated' END,"
-    "  referral_id, id, partner_id, 'ok',"
-    "  CASE WHEN made THEN 'escalation' ELSE 'raised_to_urgent' END,"
-    "  payload_hash, 'notification' FROM copies)"
-    /* per escalated delivery what came of its copy, from the rows that
-     * copies and audit wrote (made, raised) or, for none, why: read in
-     * the statement's snapshot, as copies read it */
+    " SELECT 'service', 'notification', 'delivery.created', referral_id, id,"
+    "  partner_id, 'ok', 'escalation', payload_hash, 'notification'"
+    "  FROM copies)"
+    /* per escalated delivery what came of its copy: made, or none and
+     * why, read in the statement's snapshot, as copies read it */
     " SELECT esc.id, esc.referral_id, esc.partner_id, esc.escalate_to,"
-    "  CASE WHEN copies.made THEN 'made'"
-    "   WHEN copies.id IS NOT NULL THEN 'raised' ELSE 'none' END,"
+    "  CASE WHEN copies.id IS NOT NULL THEN 'made' ELSE 'none' END,"
     "  CASE WHEN copies.id IS NOT NULL THEN NULL"
     "   WHEN esc.escalate_to IS NULL THEN 'no_escalation_partner'"
     "   WHEN p.revoked_at IS NOT NULL THEN 'partner_revoked'"
     "   WHEN NOT p.handles_cases THEN 'partner_not_handling_cases'"
     "   WHEN esc.escalation_payload IS NULL THEN 'payload_purged'"
-    "   ELSE 'partner_has_delivery' END"
-    " FROM esc LEFT JOIN copies ON copies.referral_id = esc.referral_id"
-    "  AND copies.partner_id = esc.escalate_to"
+    "   ELSE 'copy_exists' END"
+    " FROM esc LEFT JOIN copies ON copies.escalation_of = esc.id"
     " LEFT JOIN partners p ON p.id = esc.escalate_to";
 
 /* $1 ids, $2 partner, $3 max attempts. Sent, unacknowledged deliveries

@@ -458,7 +458,8 @@ static void s_queue_delivery(const dstore_delivery_t *d, void *arg)
     msgpack_sbuffer_init(&buf);
     msgpack_packer pk;
     msgpack_packer_init(&pk, &buf, msgpack_sbuffer_write);
-    msgpack_pack_map(&pk, 10);
+    bool copy = d->overdue_partner && d->overdue_since;
+    msgpack_pack_map(&pk, copy ? 11 : 10);
     s_pack_str(&pk, "v");
     msgpack_pack_int(&pk, KH_PROTO_VERSION);
     s_pack_str(&pk, "cmd");
@@ -480,6 +481,14 @@ static void s_queue_delivery(const dstore_delivery_t *d, void *arg)
     msgpack_pack_str_body(&pk, d->payload, d->payload_len);
     s_pack_str(&pk, "payload_sha256");
     s_pack_str(&pk, d->payload_sha256);
+    if (copy) {
+        s_pack_str(&pk, "escalation_of");
+        msgpack_pack_map(&pk, 2);
+        s_pack_str(&pk, "partner");
+        s_pack_str(&pk, d->overdue_partner);
+        s_pack_str(&pk, "waiting_since");
+        s_pack_str(&pk, d->overdue_since);
+    }
     s_outgoing_t *out = calloc(1, sizeof *out);
     if (out) {
         out->identity = zframe_dup(ctx->conn->identity);
@@ -1424,9 +1433,9 @@ static void s_on_sweep_event(const dstore_event_t *event, void *arg)
     } else {
         self->stats.escalated++;
         kh_metric_add("deliveries_escalated_total", NULL, 1);
-        /* escalated_to names the partner that got something (a copy, or
-         * its own delivery raised); with copy=none, reason says why, and
-         * escalation_partner names the rules' partner when there is one. */
+        /* escalated_to names the partner that got a copy; with
+         * copy=none, reason says why, and escalation_partner names the
+         * rules' partner when there is one. */
         bool got = strcmp(event->copy, "none") != 0;
         if (got)
             kh_log_error("alert",

@@ -35,7 +35,7 @@ static const char s_deliveries_sql[] =
     " $5::bytea[], $6::bytea[], $7::text[], $8::bytea[], $9::bytea[])"
     " AS d(id, referral_id, partner_id, priority, payload, hash, escalate_to,"
     " esc_payload, esc_hash)"
-    " ON CONFLICT (referral_id, partner_id) DO NOTHING";
+    " ON CONFLICT (referral_id, partner_id, escalation_of) DO NOTHING";
 
 /* The pass's referrals are locked, in state accepted, since its claim
  * (s_claim_sql), so the two statements below reach them by key alone and

@@ -225,6 +225,31 @@ START_TEST(accepted_referral_is_committed_with_its_audit_event)
     ck_assert_str_eq(s_str(delivery, "state"), "pending");
     ck_assert_str_eq(s_str(delivery, "priority"), "high");
     ck_assert_ptr_null(json_object_get(delivery, "payload"));
+    ck_assert_ptr_null(json_object_get(delivery, "escalation_of"));
+    json_decref(status);
+    /* An escalation copy comes after the partner's own delivery and says
+     * whose delivery was overdue. */
+    snprintf(sql, sizeof sql,
+             "INSERT INTO deliveries (id, referral_id, partner_id, priority,"
+             " payload, payload_hash, rules_version, escalation_of)"
+             " SELECT gen_random_uuid(), referral_id, partner_id, 'urgent',"
+             " 'y', payload_hash, 'v1', (SELECT id FROM deliveries"
+             " WHERE referral_id = '%s') FROM deliveries"
+             " WHERE referral_id = '%s'",
+             s_str(reply, "referral_id"), s_str(reply, "referral_id"));
+    PGresult *res = PQexec(s_db, sql);
+    ck_assert_int_eq(PQresultStatus(res), PGRES_COMMAND_OK);
+    PQclear(res);
+    status =
+        kh_client_status(client, s_str(reply, "referral_id"), S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(status);
+    deliveries = json_object_get(status, "deliveries");
+    ck_assert_int_eq((int) json_array_size(deliveries), 2);
+    ck_assert_ptr_null(
+        json_object_get(json_array_get(deliveries, 0), "escalation_of"));
+    delivery = json_array_get(deliveries, 1);
+    ck_assert_str_eq(s_str(delivery, "priority"), "urgent");
+    ck_assert_str_eq(s_str(delivery, "escalation_of"), "zorgcoordinator");
     json_decref(status);
     kh_client_t *other = s_client("zc");
     status =

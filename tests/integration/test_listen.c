@@ -32,6 +32,7 @@
 #define D3 "bbbbbbbb-0000-4000-8000-000000000003"
 #define D4 "bbbbbbbb-0000-4000-8000-000000000004"
 #define D5 "bbbbbbbb-0000-4000-8000-000000000005"
+#define D6 "bbbbbbbb-0000-4000-8000-000000000006"
 #define REF "cccccccc-0000-4000-8000-000000000001"
 
 /* The hub side: keys, zauth, the ROUTER and the partner's routing id. */
@@ -367,9 +368,16 @@ START_TEST(test_dir)
     ck_assert_str_eq(kept, "kept");
     free(kept);
 
-    /* Malformed (an unknown priority): NACK permanent. */
+    /* Malformed (an unknown priority; an escalation_of that is not a
+     * map of strings): NACK permanent. */
     s_hub_send(&h, s_deliver(D3, 1, payload, NULL, "bogus"));
     s_expect(&h, D3, "permanent");
+    json_t *bad = s_deliver(D6, 1, payload, NULL, "urgent");
+    json_object_set_new(bad, "escalation_of",
+                        json_pack("{s:i, s:s}", "partner", 7, "waiting_since",
+                                  "2026-11-28T21:09:27.125Z"));
+    s_hub_send(&h, bad);
+    s_expect(&h, D6, "permanent");
 
     /* The heartbeat goes on while nothing happens. */
     int before = h.hellos;
@@ -377,9 +385,24 @@ START_TEST(test_dir)
     ck_assert_int_ge(h.hellos - before, 2);
 
     /* Two more stored: with D1 that makes --count 3, and it exits 0 once
-     * its ACKs are answered. */
-    s_hub_send(&h, s_deliver(D4, 1, "{\"summary\":\"x\"}", NULL, "normal"));
+     * its ACKs are answered. D4 is an escalation copy: its file says whose
+     * delivery was overdue. */
+    json_t *copy = s_deliver(D4, 1, "{\"summary\":\"x\"}", NULL, "urgent");
+    json_object_set_new(copy, "escalation_of",
+                        json_pack("{s:s, s:s}", "partner", "avim",
+                                  "waiting_since",
+                                  "2026-11-28T21:09:27.125318Z"));
+    s_hub_send(&h, copy);
     s_expect(&h, D4, NULL);
+    char *f4 = s_path(out, D4 ".json");
+    doc = json_load_file(f4, 0, &jerr);
+    ck_assert_ptr_nonnull(doc);
+    json_t *of = json_object_get(doc, "escalation_of");
+    ck_assert_str_eq(json_string_value(json_object_get(of, "partner")), "avim");
+    ck_assert_str_eq(json_string_value(json_object_get(of, "waiting_since")),
+                     "2026-11-28T21:09:27.125318Z");
+    json_decref(doc);
+    free(f4);
     s_hub_send(&h, s_deliver(D5, 1, "{\"summary\":\"y\"}", NULL, "normal"));
     s_expect(&h, D5, NULL);
     int status = khproc_stop(pid, 0, 5000);

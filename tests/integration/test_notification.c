@@ -783,11 +783,12 @@ START_TEST(nack_retry_resends_and_nack_permanent_is_dead_at_once)
 }
 END_TEST
 
-/* The escalation partner already has the referral, waiting in its queue
- * at normal priority: the escalation raises that delivery to urgent (its
- * own fields stay) instead of making a copy, once however many of the
- * referral's deliveries escalate to it at the same time. */
-START_TEST(an_escalation_raises_the_partners_own_waiting_delivery)
+/* The escalation partner has the referral already, waiting in its queue
+ * at normal priority, and two of the referral's deliveries escalate to it
+ * at the same time: it gets a copy of each, urgent, before its own
+ * delivery, and each copy says whose acknowledgement is overdue; its own
+ * delivery stays as it was. */
+START_TEST(each_overdue_delivery_gives_its_escalation_partner_a_copy)
 {
     char urgent[37], zc[37], vt[37];
     s_delivery("avim", "urgent", 0, "zorgcoordinator", urgent);
@@ -813,25 +814,56 @@ START_TEST(an_escalation_raises_the_partners_own_waiting_delivery)
     const char *zc_params[] = {zc};
     PGresult *res = PQexecParams(
         s_db,
-        "SELECT priority, payload = (SELECT payload FROM deliveries"
-        " WHERE partner_id = 'avim'), (SELECT count(*) FROM deliveries"
-        " WHERE partner_id = 'zorgcoordinator'), (SELECT count(*) FROM"
-        " audit_events WHERE action = 'delivery.escalated' AND reason_code ="
-        " 'raised_to_urgent' AND delivery_id = $1 AND partner_id ="
+        "SELECT priority, escalated_at IS NULL, (SELECT count(*) FROM"
+        " deliveries c JOIN deliveries o ON o.id = c.escalation_of WHERE"
+        " c.partner_id = 'zorgcoordinator' AND c.priority = 'urgent' AND"
+        " c.payload = o.escalation_payload AND c.referral_id ="
+        " o.referral_id), (SELECT count(*) FROM audit_events WHERE action ="
+        " 'delivery.created' AND reason_code = 'escalation' AND partner_id ="
         " 'zorgcoordinator'), (SELECT count(*) FROM audit_events WHERE"
-        " action = 'delivery.created') FROM deliveries WHERE id = $1",
+        " delivery_id = $1) FROM deliveries WHERE id = $1",
         1, NULL, zc_params, NULL, NULL, 0);
     ck_assert_int_eq(PQresultStatus(res), PGRES_TUPLES_OK);
-    ck_assert_str_eq(PQgetvalue(res, 0, 0), "urgent");
-    ck_assert_str_eq(PQgetvalue(res, 0, 1), "t"); /* its own payload */
-    ck_assert_str_eq(PQgetvalue(res, 0, 2), "1"); /* no copy */
-    ck_assert_str_eq(PQgetvalue(res, 0, 3), "1"); /* audited once */
+    ck_assert_str_eq(PQgetvalue(res, 0, 0), "normal"); /* its own stays */
+    ck_assert_str_eq(PQgetvalue(res, 0, 1), "t");
+    ck_assert_str_eq(PQgetvalue(res, 0, 2), "2"); /* a copy of each */
+    ck_assert_str_eq(PQgetvalue(res, 0, 3), "2"); /* each audited */
     ck_assert_str_eq(PQgetvalue(res, 0, 4), "0");
     PQclear(res);
     ck_assert(s_alert_says("notification.log", urgent,
-                           "escalated_to=zorgcoordinator copy=raised", 2000));
+                           "escalated_to=zorgcoordinator copy=made", 2000));
     ck_assert(s_alert_says("notification.log", vt,
-                           "escalated_to=zorgcoordinator copy=raised", 2000));
+                           "escalated_to=zorgcoordinator copy=made", 2000));
+    /* The copies come first, each naming the partner that did not answer
+     * and when its wait began; then the partner's own delivery, which
+     * names nothing. */
+    zsock_t *sock = s_partner("zorgcoordinator");
+    s_hello(sock, 8);
+    bool named[2] = {false, false};
+    for (int i = 0; i < 3; i++) {
+        json_t *msg = s_expect(sock, "DELIVER", 5000);
+        ck_assert_ptr_nonnull(msg);
+        json_t *of = json_object_get(msg, "escalation_of");
+        if (i < 2) {
+            ck_assert_str_eq(s_str(msg, "priority"), "urgent");
+            ck_assert_ptr_nonnull(of);
+            const char *who = json_string_value(json_object_get(of, "partner"));
+            ck_assert_ptr_nonnull(who);
+            named[strcmp(who, "avim") == 0] = true;
+            const char *since =
+                json_string_value(json_object_get(of, "waiting_since"));
+            ck_assert_ptr_nonnull(since);
+            ck_assert_int_eq(strlen(since),
+                             27); /* ....-..-..T..:..:........Z */
+            ck_assert_int_eq(since[26], 'Z');
+        } else {
+            ck_assert_str_eq(s_str(msg, "delivery_id"), zc);
+            ck_assert_ptr_null(of);
+        }
+        json_decref(msg);
+    }
+    ck_assert(named[0] && named[1]); /* veilig-thuis and avim */
+    zsock_destroy(&sock);
     s_stop(pid);
 }
 END_TEST
@@ -927,40 +959,31 @@ START_TEST(a_nack_that_changes_nothing_is_not_counted)
 }
 END_TEST
 
-/* The escalation partner's own delivery, routed long ago at normal
- * priority and raised to urgent by an escalation, has its own
- * KH_NOTIFY_ESCALATE_MS from the raise to be acknowledged: it does not
- * escalate (an alert that its partner did not answer in time) at the
- * next sweep, before it could even be sent; once that time has passed
- * unacknowledged, it does. */
+/* A delivery that an escalation of a release before migration 020
+ * raised to urgent (routed long ago at normal priority) has its own
+ * KH_NOTIFY_ESCALATE_MS from the raise (urgent_since) to be acknowledged:
+ * it does not escalate at the first sweep, before it could even be sent;
+ * once that time has passed unacknowledged, it does. */
 START_TEST(a_delivery_raised_to_urgent_escalates_after_its_own_time)
 {
-    char urgent[37], zc[37];
-    s_delivery("avim", "urgent", 0, "zorgcoordinator", urgent);
+    char own[37], zc[37];
+    s_delivery("avim", "normal", 0, NULL, own);
     kh_uuid_new(zc);
-    const char *params[] = {urgent, zc};
+    const char *params[] = {own, zc};
     khtest_db_exec(
         s_db,
         "INSERT INTO deliveries (id, referral_id, partner_id, priority,"
-        " payload, payload_hash, rules_version, created_at)"
-        " SELECT $2::uuid, referral_id, 'zorgcoordinator', 'normal', payload,"
-        " payload_hash, 'test', now() - interval '1 hour' FROM deliveries"
-        " WHERE id = $1",
+        " payload, payload_hash, rules_version, created_at, urgent_since)"
+        " SELECT $2::uuid, referral_id, 'zorgcoordinator', 'urgent', payload,"
+        " payload_hash, 'test', now() - interval '1 hour', now() FROM"
+        " deliveries WHERE id = $1",
         2, params);
     /* ESCALATE_MS 1000 (s_start), sweeps every 50 ms. */
     pid_t pid = s_start("notification.log", NULL, NULL);
-    ck_assert(s_wait_count("SELECT count(*) FROM audit_events WHERE action ="
-                           " 'delivery.escalated' AND reason_code ="
-                           " 'raised_to_urgent'",
-                           1, 5000));
     zclock_sleep(500);
     ck_assert_int_eq(s_count("SELECT count(*) FROM deliveries WHERE"
                              " partner_id = 'zorgcoordinator' AND priority ="
                              " 'urgent' AND escalated_at IS NULL"),
-                     1);
-    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
-                             " = 'delivery.escalated' AND reason_code ="
-                             " 'ack_overdue'"),
                      1);
     /* Unacknowledged a whole ESCALATE_MS after the raise: it escalates. */
     ck_assert(s_wait_count("SELECT count(*) FROM audit_events WHERE action ="
@@ -972,11 +995,9 @@ START_TEST(a_delivery_raised_to_urgent_escalates_after_its_own_time)
 }
 END_TEST
 
-/* Two urgent deliveries of one referral that escalate to each other (or
- * one to a partner whose own delivery is urgent and overdue too) escalate
- * in the same sweep: the escalation partner's delivery is already urgent,
- * so it is left as it is, and neither they nor any other overdue urgent
- * delivery are held up. */
+/* Two urgent deliveries of one referral that escalate to each other
+ * escalate in the same sweep, each with a copy to the other's partner,
+ * and hold up no other overdue urgent delivery. */
 START_TEST(urgent_deliveries_escalating_to_each_other_escalate)
 {
     char avim[37], zc[37], other[37];
@@ -995,16 +1016,18 @@ START_TEST(urgent_deliveries_escalating_to_each_other_escalate)
         2, params);
     pid_t pid = s_start("notification.log", NULL, NULL);
     ck_assert_msg(s_wait_count("SELECT count(*) FROM deliveries WHERE"
-                               " escalated_at IS NOT NULL",
+                               " escalated_at IS NOT NULL AND escalation_of"
+                               " IS NULL",
                                3, 5000),
                   "the escalations did not happen");
-    ck_assert_int_eq(s_count("SELECT count(*) FROM deliveries"), 3);
-    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
-                             " = 'delivery.escalated'"),
-                     3);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM deliveries c JOIN"
+                             " deliveries o ON o.id = c.escalation_of AND"
+                             " o.escalate_to = c.partner_id AND"
+                             " c.referral_id = o.referral_id"),
+                     2);
     ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
                              " = 'delivery.created'"),
-                     0);
+                     2);
     ck_assert(!s_log_has("notification.log", "event=db_failed", 0));
     s_stop(pid);
 }
@@ -1013,9 +1036,9 @@ END_TEST
 /* When an escalation makes no copy, its alert says why, one reason per
  * cause, and the trail has the escalation's own event and no other: no
  * escalation partner in the rules; the escalation partner revoked, or
- * marked as not handling cases since; the escalation payload purged; the
- * escalation partner's own delivery already sent. When it does, the alert
- * says whether it made a copy or raised the partner's own delivery. */
+ * marked as not handling cases since; the escalation payload purged.
+ * When it makes one, the alert says so: also when the escalation
+ * partner's own delivery of the referral was sent already. */
 START_TEST(an_escalation_alert_says_why_no_copy_went_out)
 {
     char none[37], revoked[37], purged[37], no_cases[37], sent[37], own[37];
@@ -1078,13 +1101,10 @@ START_TEST(an_escalation_alert_says_why_no_copy_went_out)
                            " escalation_partner=adviseur",
                            2000));
     ck_assert(s_alert_says("notification.log", sent,
-                           "escalated_to=none copy=none"
-                           " reason=partner_has_delivery"
-                           " escalation_partner=veilig-thuis",
-                           2000));
+                           "escalated_to=veilig-thuis copy=made", 2000));
     ck_assert(s_alert_says("notification.log", made,
                            "escalated_to=zorgcoordinator copy=made", 2000));
-    /* The trail: six escalations, one copy (made's), nothing raised. */
+    /* The trail: six escalations, two copies (sent's and made's). */
     ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
                              " = 'delivery.escalated' AND reason_code ="
                              " 'ack_overdue'"),
@@ -1095,8 +1115,8 @@ START_TEST(an_escalation_alert_says_why_no_copy_went_out)
                      0);
     ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
                              " = 'delivery.created'"),
-                     1);
-    ck_assert_int_eq(s_count("SELECT count(*) FROM deliveries"), 8);
+                     2);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM deliveries"), 9);
     s_stop(pid);
 }
 END_TEST
@@ -1201,6 +1221,8 @@ START_TEST(overdue_urgent_escalates_with_a_copy_normal_does_not)
     json_t *msg = s_expect(zc, "DELIVER", 5000);
     ck_assert_ptr_nonnull(msg);
     ck_assert_str_eq(s_str(msg, "priority"), "urgent");
+    json_t *of = json_object_get(msg, "escalation_of");
+    ck_assert_str_eq(json_string_value(json_object_get(of, "partner")), "avim");
     json_decref(msg);
     zsock_destroy(&zc);
     s_stop(pid);
@@ -2712,7 +2734,8 @@ static Suite *s_suite(void)
     tcase_add_test(tc, a_revoked_partners_deliveries_become_dead_letters);
     tcase_add_test(tc, a_revoked_partner_is_claimed_nothing);
     tcase_add_test(tc, overdue_urgent_escalates_with_a_copy_normal_does_not);
-    tcase_add_test(tc, an_escalation_raises_the_partners_own_waiting_delivery);
+    tcase_add_test(tc,
+                   each_overdue_delivery_gives_its_escalation_partner_a_copy);
     tcase_add_test(tc, killed_mid_stream_loses_nothing);
     tcase_add_loop_test(
         tc, a_partner_that_reconnects_gets_its_deliveries_at_once, 0, 2);

@@ -503,11 +503,11 @@ START_TEST(test_escalation)
                      "acknowledged in time, fields:"));
     ck_assert_ptr_nonnull(strstr(text, "partner pz, priority urgent, fields:"));
     /* ... and the copy's own fields and payload, as routing stores them
-     * beside the delivery; pz has a delivery of its own, so notification
-     * sends it no copy, and explain says so. */
+     * beside the delivery; pz has a delivery of its own, and would get the
+     * copy beside it, which explain says. */
     ck_assert_ptr_nonnull(
-        strstr(text, "escalation copy for pz (not sent: pz has a delivery of "
-                     "its own), fields:\nrisk.urgency\npayload:\n{\n"
+        strstr(text, "escalation copy for pz (beside its own delivery), "
+                     "fields:\nrisk.urgency\npayload:\n{\n"
                      "  \"risk\": {\n    \"urgency\": \"immediate\"\n"
                      "  }\n}\n"));
     free(text);

@@ -15,7 +15,8 @@
  *               duplicates by delivery_id.
  *
  * The JSON is {"delivery_id", "referral_id", "priority", "attempt",
- * "routed_at", "payload_sha256", "payload": {...}}. The payload's SHA-256
+ * "routed_at", "payload_sha256", "payload": {...}}, and for an escalation
+ * copy "escalation_of": {"partner", "waiting_since"}. The payload's SHA-256
  * is checked first: a mismatch is NACKed for a re-send. HELLO goes out at
  * start and every second (the heartbeat; ZeroMQ reconnects by itself and
  * the next HELLO registers the new connection). One log line per delivery
@@ -473,6 +474,9 @@ static void s_deliver(s_listener_t *self, const json_t *msg)
                   json_object_get(msg, "attempt"), "routed_at",
                   json_object_get(msg, "routed_at"), "payload_sha256",
                   json_object_get(msg, "payload_sha256"), "payload", payload);
+    json_t *of = json_object_get(msg, "escalation_of");
+    if (doc && of)
+        json_object_set(doc, "escalation_of", of);
     char *text =
         doc ? json_dumps(doc, JSON_PRESERVE_ORDER | JSON_COMPACT) : NULL;
     json_decref(doc);
