@@ -2262,6 +2262,97 @@ START_TEST(an_export_with_keys_of_its_own_is_refused)
 }
 END_TEST
 
+/* Copy the export src to dst without the checkpoint at seq cp and the
+ * events and seals above seq last (0: keep them all). */
+static void s_cut_export(const char *src, const char *dst, int64_t cp,
+                         int64_t last)
+{
+    FILE *in = fopen(src, "r"), *out = fopen(dst, "w");
+    ck_assert_ptr_nonnull(in);
+    ck_assert_ptr_nonnull(out);
+    char buf[8192];
+    while (fgets(buf, sizeof buf, in)) {
+        json_t *o = json_loads(buf, 0, NULL);
+        ck_assert_ptr_nonnull(o);
+        const char *type = json_string_value(json_object_get(o, "type"));
+        int64_t seq = json_integer_value(json_object_get(o, "seq"));
+        bool cut =
+            type && (strcmp(type, "checkpoint") == 0 ? seq == cp
+                                                     : last > 0 && seq > last);
+        if (!cut)
+            fputs(buf, out);
+        json_decref(o);
+    }
+    fclose(in);
+    fclose(out);
+}
+
+/* An export with --to ends at the checkpoint its header names (`to`): cut
+ * together with that checkpoint but under the same header, it is found,
+ * as is an event added after its end. Only a header rewritten too needs
+ * the published checkpoints (README, What verify cannot see). */
+START_TEST(an_export_cut_before_the_end_its_header_names_is_found)
+{
+    kh_trail_checkpoint_t *cps = NULL;
+    s_sealed_thirty(&cps);
+    free(cps);
+    char *dir = khtest_tmpdir();
+    char path[512], cut[512];
+    snprintf(path, sizeof path, "%s/trail.jsonl", dir);
+    snprintf(cut, sizeof cut, "%s/cut.jsonl", dir);
+    FILE *f = fopen(path, "w");
+    ck_assert_ptr_nonnull(f);
+    kh_error_t err;
+    kh_error_clear(&err);
+    long count = 0;
+    ck_assert_int_eq(kh_trail_export(s_db, f, 1, 20, true, &count, &err), 0);
+    fclose(f);
+    ck_assert_int_eq(count, 20);
+    kh_trail_report_t r;
+    ck_assert_int_eq(kh_trail_file_verify(path, s_pk, NULL, 0, &r, &err), 0);
+
+    /* The events after checkpoint 10 cut with checkpoint 20. */
+    s_cut_export(path, cut, 20, 15);
+    ck_assert_int_eq(kh_trail_file_verify(cut, s_pk, NULL, 0, &r, &err), 1);
+    ck_assert_int_eq(r.kind, KH_TRAIL_TRUNCATED);
+    ck_assert_int_eq(r.seq, 16);
+    ck_assert_int_eq(r.other_seq, 10);
+    /* Nothing left but the header. */
+    char *text = khtest_read_file(path);
+    *strchr(text, '\n') = '\0';
+    khtest_write_file(cut, text);
+    ck_assert_int_eq(kh_trail_file_verify(cut, s_pk, NULL, 0, &r, &err), 1);
+    ck_assert_int_eq(r.kind, KH_TRAIL_TRUNCATED);
+    ck_assert_int_eq(r.seq, 1);
+    free(text);
+
+    /* Only the checkpoint gone: the events after 10 are signed by none. */
+    s_cut_export(path, cut, 20, 0);
+    ck_assert_int_eq(kh_trail_file_verify(cut, s_pk, NULL, 0, &r, &err), 1);
+    ck_assert_int_eq(r.kind, KH_TRAIL_MISSING);
+    ck_assert_int_eq(r.seq, 20);
+
+    /* An event after the end: no export writes one. */
+    text = khtest_read_file(path);
+    char *last = strstr(text, "{\"seq\":20,");
+    ck_assert_ptr_nonnull(last);
+    char *added = NULL;
+    ck_assert_int_gt(asprintf(&added, "%s%.*s21,%s", text,
+                              (int) strlen("{\"seq\":"), last,
+                              last + strlen("{\"seq\":20,")),
+                     0);
+    khtest_write_file(cut, added);
+    kh_error_clear(&err);
+    ck_assert_int_eq(kh_trail_file_verify(cut, s_pk, NULL, 0, &r, &err), -1);
+    ck_assert_int_eq(err.code, KH_E_MALFORMED);
+    ck_assert_int_eq(err.line, 24);
+    free(added);
+    free(text);
+    khtest_rmtree(dir);
+    free(dir);
+}
+END_TEST
+
 /* The canonical encoding is of UTF-8 text. A sealer or an auditor whose
  * session speaks another client_encoding (PGCLIENTENCODING, a Latin-1
  * locale) must chain the same bytes: else every event with a character
@@ -2320,6 +2411,8 @@ int main(void)
     tcase_set_timeout(tc_auditor, 120);
     tcase_add_test(tc_auditor, an_export_is_verified_from_a_pipe);
     tcase_add_test(tc_auditor, an_export_with_keys_of_its_own_is_refused);
+    tcase_add_test(tc_auditor,
+                   an_export_cut_before_the_end_its_header_names_is_found);
     tcase_add_test(tc_auditor,
                    auditor_options_are_checked_before_anything_runs);
     tcase_add_test(tc_auditor, output_that_cannot_be_written_is_a_failure);
