@@ -1411,6 +1411,48 @@ START_TEST(output_that_cannot_be_written_is_a_failure)
 }
 END_TEST
 
+/* Every read of the trail is recorded, or gives nothing: a role that
+ * reads the trail but may not record its access (the audit service's own,
+ * ketenhub_audit) gets no verdict from `audit verify` and exit 1, as it
+ * gets no page from `audit query`. */
+START_TEST(a_verify_that_cannot_be_recorded_is_a_failure)
+{
+    s_events_dense(20);
+    PQfinish(s_login("kh_sealer_reads", "ketenhub_audit"));
+    char *base = khtest_db_conninfo(S_DB);
+    char conninfo[1400];
+    snprintf(conninfo, sizeof conninfo, "%s user=kh_sealer_reads", base);
+    free(base);
+    setenv("KH_DATABASE_URL", conninfo, 1);
+    char *dir = khtest_tmpdir();
+    const char *pk_path = khtest_path(dir, "hub-audit.pub");
+    char hex[2 * KH_TRAIL_PUBLIC_KEY_SIZE + 2];
+    kh_trail_hex(s_pk, sizeof s_pk, hex);
+    strcat(hex, "\n");
+    khtest_write_file(pk_path, hex);
+    long before = s_accesses();
+    static const char *const commands[][2] = {{"query", "--limit=5"},
+                                              {"verify", "--public-key"}};
+    for (size_t i = 0; i < 2; i++) {
+        char *out = NULL;
+        int rc = i ? KHTEST_CTL(&out, "audit", commands[i][0], commands[i][1],
+                                pk_path)
+                   : KHTEST_CTL(&out, "audit", commands[i][0], commands[i][1]);
+        ck_assert_msg(rc == 1, "%s: exit %d: %s", commands[i][0], rc, out);
+        ck_assert_msg(strstr(out, "cannot record the access") != NULL, "%s: %s",
+                      commands[i][0], out);
+        ck_assert_msg(strstr(out, "intact") == NULL &&
+                          strstr(out, "veilig-thuis") == NULL,
+                      "%s: %s", commands[i][0], out);
+        free(out);
+    }
+    ck_assert_int_eq(s_accesses(), before);
+    unsetenv("KH_DATABASE_URL");
+    khtest_rmtree(dir);
+    free(dir);
+}
+END_TEST
+
 /* An export that dies half-way (here at the file size limit; a kill, a
  * closed terminal or a crash alike) leaves no file under the name asked
  * for: a cut export would stand there looking whole, and its events after
@@ -2416,6 +2458,7 @@ int main(void)
     tcase_add_test(tc_auditor,
                    auditor_options_are_checked_before_anything_runs);
     tcase_add_test(tc_auditor, output_that_cannot_be_written_is_a_failure);
+    tcase_add_test(tc_auditor, a_verify_that_cannot_be_recorded_is_a_failure);
     tcase_add_test(tc_auditor, report_counts_what_the_trail_says);
     tcase_add_test(tc_auditor, report_waits_count_from_the_first_send);
     tcase_add_test(tc_auditor, report_counts_no_rule_for_the_rules_left_out);
