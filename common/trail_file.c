@@ -176,10 +176,11 @@ int kh_trail_export(PGconn *conn, FILE *out, int64_t from, int64_t to,
     /* Without an anchor, from the very first row: also one at or below seq
      * 0, put there by hand, which verify then finds. */
     int64_t start = anchor ? anchor->seq : INT64_MIN;
-    json_t *header = json_pack(
-        "{s:s, s:I, s:I, s:o}", "format", S_FORMAT, "from", (json_int_t) from,
-        "to", (json_int_t) (end == INT64_MAX ? 0 : end), "anchor",
-        anchor ? s_checkpoint_json(anchor) : json_null());
+    json_t *header =
+        json_pack("{s:s, s:I, s:I, s:o}", "format", S_FORMAT, "from",
+                  (json_int_t) (anchor ? anchor->seq + 1 : 1), "to",
+                  (json_int_t) (end == INT64_MAX ? 0 : end), "anchor",
+                  anchor ? s_checkpoint_json(anchor) : json_null());
     rc = s_line(out, header);
     for (size_t i = 0; rc == 0 && i < n; i++)
         if (!events || (cps[i].seq >= start && cps[i].seq <= end))

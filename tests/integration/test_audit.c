@@ -813,6 +813,21 @@ START_TEST(export_verifies_offline)
                      0);
     ck_assert_int_le(report.first_seq, 120);
     ck_assert_int_ge(report.last_seq, 260);
+    /* Its header gives the range widened, both ends: from the seq after
+     * its anchor to the checkpoint it ends at. */
+    char *head = khtest_read_file(part);
+    *strchr(head, '\n') = '\0';
+    json_t *h = json_loads(head, 0, NULL);
+    ck_assert_ptr_nonnull(h);
+    json_t *anchor = json_object_get(h, "anchor");
+    ck_assert_int_eq(json_integer_value(json_object_get(h, "from")),
+                     json_integer_value(json_object_get(anchor, "seq")) + 1);
+    ck_assert_int_le(json_integer_value(json_object_get(h, "from")),
+                     report.first_seq);
+    ck_assert_int_eq(json_integer_value(json_object_get(h, "to")),
+                     report.last_seq);
+    json_decref(h);
+    free(head);
 
     /* The published checkpoints alone. */
     f = fopen(cps, "w");
