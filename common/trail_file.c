@@ -176,10 +176,11 @@ int kh_trail_export(PGconn *conn, FILE *out, int64_t from, int64_t to,
     /* Without an anchor, from the very first row: also one at or below seq
      * 0, put there by hand, which verify then finds. */
     int64_t start = anchor ? anchor->seq : INT64_MIN;
-    json_t *header = json_pack(
-        "{s:s, s:I, s:I, s:o}", "format", S_FORMAT, "from", (json_int_t) from,
-        "to", (json_int_t) (end == INT64_MAX ? 0 : end), "anchor",
-        anchor ? s_checkpoint_json(anchor) : json_null());
+    json_t *header =
+        json_pack("{s:s, s:I, s:I, s:o}", "format", S_FORMAT, "from",
+                  (json_int_t) (anchor ? anchor->seq + 1 : 1), "to",
+                  (json_int_t) (end == INT64_MAX ? 0 : end), "anchor",
+                  anchor ? s_checkpoint_json(anchor) : json_null());
     rc = s_line(out, header);
     for (size_t i = 0; rc == 0 && i < n; i++)
         if (!events || (cps[i].seq >= start && cps[i].seq <= end))
@@ -290,9 +291,10 @@ static json_t *s_next(s_reader_t *r, bool *eof, kh_error_t *err)
     return o;
 }
 
-/* Open path and check its header; *anchor (if the header has one). */
+/* Open path and check its header; *anchor (if the header has one) and
+ * *to, the checkpoint the export ends at (0: it goes on to the end). */
 static int s_open(s_reader_t *r, const char *path,
-                  kh_trail_checkpoint_t *anchor, bool *has_anchor,
+                  kh_trail_checkpoint_t *anchor, bool *has_anchor, int64_t *to,
                   kh_error_t *err)
 {
     memset(r, 0, sizeof *r);
@@ -320,6 +322,11 @@ static int s_open(s_reader_t *r, const char *path,
         rc = kh_error_set_at(err, KH_E_MALFORMED, path, 1, 0,
                              "the header holds other keys than format, from,"
                              " to and anchor");
+    json_t *to_o = h ? json_object_get(h, "to") : NULL;
+    if (rc == 0 && (!json_is_integer(to_o) || json_integer_value(to_o) < 0))
+        rc = kh_error_set_at(err, KH_E_MALFORMED, path, 1, 0,
+                             "the header's to is no seq");
+    *to = rc == 0 ? json_integer_value(to_o) : 0;
     json_t *a = h ? json_object_get(h, "anchor") : NULL;
     *has_anchor = rc == 0 && a && json_is_object(a);
     if (*has_anchor && (!s_exactly(a, s_checkpoint_keys, 5, true) ||
@@ -346,9 +353,10 @@ int kh_trail_file_checkpoints(const char *path, kh_trail_checkpoint_t **out,
     s_reader_t r;
     kh_trail_checkpoint_t anchor;
     bool has_anchor;
+    int64_t to;
     *out = NULL;
     *count = 0;
-    if (s_open(&r, path, &anchor, &has_anchor, err) != 0)
+    if (s_open(&r, path, &anchor, &has_anchor, &to, err) != 0)
         return -1;
     size_t cap = 0;
     int rc = 0;
@@ -426,6 +434,35 @@ static int s_event_from(json_t *o, kh_trail_event_t *ev, char raw[3][32])
     return 0;
 }
 
+/* An export with to > 0 ends at the checkpoint at seq to, and it is gone
+ * from the file: cut there (with its events, when the last row read, at
+ * seq last, lies below it), or the events after the checkpoint before it
+ * are signed by none. The export's events after its last checkpoint are
+ * what anyone can rewrite; its header names that checkpoint. Found unless
+ * the report names an earlier problem; returns 1. */
+static int s_end_gone(kh_trail_report_t *report, int64_t to, int64_t last)
+{
+    kh_trail_finding_t kind = last < to ? KH_TRAIL_TRUNCATED : KH_TRAIL_MISSING;
+    int64_t seq = last < to ? last + 1 : to;
+    if (report->kind != KH_TRAIL_OK && report->seq <= seq)
+        return 1;
+    report->kind = kind;
+    report->seq = seq;
+    report->other_seq = kind == KH_TRAIL_TRUNCATED ? report->signed_seq : 0;
+    if (kind == KH_TRAIL_TRUNCATED)
+        snprintf(report->detail, sizeof report->detail,
+                 "seq %lld: the export ends early (after checkpoint at seq "
+                 "%lld; its header names the checkpoint at seq %lld)",
+                 (long long) seq, (long long) report->signed_seq,
+                 (long long) to);
+    else
+        snprintf(report->detail, sizeof report->detail,
+                 "seq %lld: the checkpoint the export's header ends at is "
+                 "gone",
+                 (long long) to);
+    return 1;
+}
+
 int kh_trail_file_verify(const char *path, const unsigned char *public_key,
                          const kh_trail_checkpoint_t *published,
                          size_t npublished, kh_trail_report_t *report,
@@ -436,16 +473,21 @@ int kh_trail_file_verify(const char *path, const unsigned char *public_key,
      * FIFO, which a second pass would find empty or wait on forever. */
     s_reader_t r;
     kh_trail_checkpoint_t anchor;
-    bool has_anchor;
-    if (s_open(&r, path, &anchor, &has_anchor, err) != 0)
+    bool has_anchor, has_end = false;
+    int64_t to;
+    if (s_open(&r, path, &anchor, &has_anchor, &to, err) != 0)
         return -1;
     int rc = 0;
     kh_trail_verifier_t *v =
         kh_trail_verifier_new(public_key, has_anchor ? &anchor : NULL);
     if (!v)
         rc = kh_error_set(err, KH_E_NOMEM, NULL, "out of memory");
+    /* The checkpoints published after the end of a range (to > 0) are no
+     * part of it: the export of a month is verified with the checkpoints
+     * published since. */
     for (size_t i = 0; rc == 0 && i < npublished; i++)
-        if (kh_trail_verifier_checkpoint(v, &published[i], true) != 0)
+        if ((to == 0 || published[i].seq <= to) &&
+            kh_trail_verifier_checkpoint(v, &published[i], true) != 0)
             rc = kh_error_set(err, KH_E_NOMEM, NULL, "out of memory");
     /* Without an anchor an event may stand at or below seq 0: the
      * verifier finds it inserted. */
@@ -475,6 +517,8 @@ int kh_trail_file_verify(const char *path, const unsigned char *public_key,
                                      "malformed checkpoint");
             else if (kh_trail_verifier_checkpoint(v, &cp, false) != 0)
                 rc = kh_error_set(err, KH_E_NOMEM, NULL, "out of memory");
+            else if (cp.seq == to)
+                has_end = true;
         } else if (rc == 0 && type && strcmp(type, "event") == 0) {
             kh_trail_event_t ev;
             char raw[3][32];
@@ -482,6 +526,11 @@ int kh_trail_file_verify(const char *path, const unsigned char *public_key,
             if (!s_event_keys(o) || s_event_from(o, &ev, raw) != 0)
                 rc = kh_error_set_at(err, KH_E_MALFORMED, path, r.line, 0,
                                      "malformed event");
+            else if (to > 0 && ev.seq > to)
+                rc = kh_error_set_at(err, KH_E_MALFORMED, path, r.line, 0,
+                                     "the event at seq %lld lies after the "
+                                     "export's end (to %lld)",
+                                     (long long) ev.seq, (long long) to);
             else if (ev.seq <= last)
                 rc = kh_error_set_at(err, KH_E_MALFORMED, path, r.line, 0,
                                      "the event at seq %lld follows seq %lld"
@@ -499,6 +548,11 @@ int kh_trail_file_verify(const char *path, const unsigned char *public_key,
                 !s_exactly(o, s_seal_keys, 2, true))
                 rc = kh_error_set_at(err, KH_E_MALFORMED, path, r.line, 0,
                                      "malformed seal line");
+            else if (to > 0 && seq > to)
+                rc = kh_error_set_at(err, KH_E_MALFORMED, path, r.line, 0,
+                                     "the seal at seq %lld lies after the "
+                                     "export's end (to %lld)",
+                                     (long long) seq, (long long) to);
             else if (seq <= last)
                 rc = kh_error_set_at(err, KH_E_MALFORMED, path, r.line, 0,
                                      "the seal at seq %lld follows seq %lld"
@@ -515,6 +569,8 @@ int kh_trail_file_verify(const char *path, const unsigned char *public_key,
     }
     if (rc == 0)
         rc = kh_trail_verifier_finish(v, report);
+    if (rc >= 0 && to > 0 && !has_end)
+        rc = s_end_gone(report, to, last == INT64_MIN ? 0 : last);
     kh_trail_verifier_destroy(&v);
     s_close(&r);
     return rc;

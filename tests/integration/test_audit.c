@@ -813,6 +813,21 @@ START_TEST(export_verifies_offline)
                      0);
     ck_assert_int_le(report.first_seq, 120);
     ck_assert_int_ge(report.last_seq, 260);
+    /* Its header gives the range widened, both ends: from the seq after
+     * its anchor to the checkpoint it ends at. */
+    char *head = khtest_read_file(part);
+    *strchr(head, '\n') = '\0';
+    json_t *h = json_loads(head, 0, NULL);
+    ck_assert_ptr_nonnull(h);
+    json_t *anchor = json_object_get(h, "anchor");
+    ck_assert_int_eq(json_integer_value(json_object_get(h, "from")),
+                     json_integer_value(json_object_get(anchor, "seq")) + 1);
+    ck_assert_int_le(json_integer_value(json_object_get(h, "from")),
+                     report.first_seq);
+    ck_assert_int_eq(json_integer_value(json_object_get(h, "to")),
+                     report.last_seq);
+    json_decref(h);
+    free(head);
 
     /* The published checkpoints alone. */
     f = fopen(cps, "w");
@@ -824,6 +839,11 @@ START_TEST(export_verifies_offline)
     ck_assert_int_ge((int) npub, 7);
     ck_assert_int_eq(kh_trail_file_verify(path, s_pk, pub, npub, &report, &err),
                      0);
+    /* The checkpoints published after a range's end are no part of it:
+     * a month's export verifies with the checkpoints of later months. */
+    ck_assert_int_eq(kh_trail_file_verify(part, s_pk, pub, npub, &report, &err),
+                     0);
+    ck_assert_int_ge(report.signed_seq, 260);
 
     /* One byte changed in the file is found; so is a line removed. */
     char *text = khtest_read_file(path);
@@ -1408,6 +1428,48 @@ START_TEST(output_that_cannot_be_written_is_a_failure)
     }
     unsetenv("KH_DATABASE_URL");
     free(conninfo);
+}
+END_TEST
+
+/* Every read of the trail is recorded, or gives nothing: a role that
+ * reads the trail but may not record its access (the audit service's own,
+ * ketenhub_audit) gets no verdict from `audit verify` and exit 1, as it
+ * gets no page from `audit query`. */
+START_TEST(a_verify_that_cannot_be_recorded_is_a_failure)
+{
+    s_events_dense(20);
+    PQfinish(s_login("kh_sealer_reads", "ketenhub_audit"));
+    char *base = khtest_db_conninfo(S_DB);
+    char conninfo[1400];
+    snprintf(conninfo, sizeof conninfo, "%s user=kh_sealer_reads", base);
+    free(base);
+    setenv("KH_DATABASE_URL", conninfo, 1);
+    char *dir = khtest_tmpdir();
+    const char *pk_path = khtest_path(dir, "hub-audit.pub");
+    char hex[2 * KH_TRAIL_PUBLIC_KEY_SIZE + 2];
+    kh_trail_hex(s_pk, sizeof s_pk, hex);
+    strcat(hex, "\n");
+    khtest_write_file(pk_path, hex);
+    long before = s_accesses();
+    static const char *const commands[][2] = {{"query", "--limit=5"},
+                                              {"verify", "--public-key"}};
+    for (size_t i = 0; i < 2; i++) {
+        char *out = NULL;
+        int rc = i ? KHTEST_CTL(&out, "audit", commands[i][0], commands[i][1],
+                                pk_path)
+                   : KHTEST_CTL(&out, "audit", commands[i][0], commands[i][1]);
+        ck_assert_msg(rc == 1, "%s: exit %d: %s", commands[i][0], rc, out);
+        ck_assert_msg(strstr(out, "cannot record the access") != NULL, "%s: %s",
+                      commands[i][0], out);
+        ck_assert_msg(strstr(out, "intact") == NULL &&
+                          strstr(out, "veilig-thuis") == NULL,
+                      "%s: %s", commands[i][0], out);
+        free(out);
+    }
+    ck_assert_int_eq(s_accesses(), before);
+    unsetenv("KH_DATABASE_URL");
+    khtest_rmtree(dir);
+    free(dir);
 }
 END_TEST
 
@@ -2262,6 +2324,97 @@ START_TEST(an_export_with_keys_of_its_own_is_refused)
 }
 END_TEST
 
+/* Copy the export src to dst without the checkpoint at seq cp and the
+ * events and seals above seq last (0: keep them all). */
+static void s_cut_export(const char *src, const char *dst, int64_t cp,
+                         int64_t last)
+{
+    FILE *in = fopen(src, "r"), *out = fopen(dst, "w");
+    ck_assert_ptr_nonnull(in);
+    ck_assert_ptr_nonnull(out);
+    char buf[8192];
+    while (fgets(buf, sizeof buf, in)) {
+        json_t *o = json_loads(buf, 0, NULL);
+        ck_assert_ptr_nonnull(o);
+        const char *type = json_string_value(json_object_get(o, "type"));
+        int64_t seq = json_integer_value(json_object_get(o, "seq"));
+        bool cut =
+            type && (strcmp(type, "checkpoint") == 0 ? seq == cp
+                                                     : last > 0 && seq > last);
+        if (!cut)
+            fputs(buf, out);
+        json_decref(o);
+    }
+    fclose(in);
+    fclose(out);
+}
+
+/* An export with --to ends at the checkpoint its header names (`to`): cut
+ * together with that checkpoint but under the same header, it is found,
+ * as is an event added after its end. Only a header rewritten too needs
+ * the published checkpoints (README, What verify cannot see). */
+START_TEST(an_export_cut_before_the_end_its_header_names_is_found)
+{
+    kh_trail_checkpoint_t *cps = NULL;
+    s_sealed_thirty(&cps);
+    free(cps);
+    char *dir = khtest_tmpdir();
+    char path[512], cut[512];
+    snprintf(path, sizeof path, "%s/trail.jsonl", dir);
+    snprintf(cut, sizeof cut, "%s/cut.jsonl", dir);
+    FILE *f = fopen(path, "w");
+    ck_assert_ptr_nonnull(f);
+    kh_error_t err;
+    kh_error_clear(&err);
+    long count = 0;
+    ck_assert_int_eq(kh_trail_export(s_db, f, 1, 20, true, &count, &err), 0);
+    fclose(f);
+    ck_assert_int_eq(count, 20);
+    kh_trail_report_t r;
+    ck_assert_int_eq(kh_trail_file_verify(path, s_pk, NULL, 0, &r, &err), 0);
+
+    /* The events after checkpoint 10 cut with checkpoint 20. */
+    s_cut_export(path, cut, 20, 15);
+    ck_assert_int_eq(kh_trail_file_verify(cut, s_pk, NULL, 0, &r, &err), 1);
+    ck_assert_int_eq(r.kind, KH_TRAIL_TRUNCATED);
+    ck_assert_int_eq(r.seq, 16);
+    ck_assert_int_eq(r.other_seq, 10);
+    /* Nothing left but the header. */
+    char *text = khtest_read_file(path);
+    *strchr(text, '\n') = '\0';
+    khtest_write_file(cut, text);
+    ck_assert_int_eq(kh_trail_file_verify(cut, s_pk, NULL, 0, &r, &err), 1);
+    ck_assert_int_eq(r.kind, KH_TRAIL_TRUNCATED);
+    ck_assert_int_eq(r.seq, 1);
+    free(text);
+
+    /* Only the checkpoint gone: the events after 10 are signed by none. */
+    s_cut_export(path, cut, 20, 0);
+    ck_assert_int_eq(kh_trail_file_verify(cut, s_pk, NULL, 0, &r, &err), 1);
+    ck_assert_int_eq(r.kind, KH_TRAIL_MISSING);
+    ck_assert_int_eq(r.seq, 20);
+
+    /* An event after the end: no export writes one. */
+    text = khtest_read_file(path);
+    char *last = strstr(text, "{\"seq\":20,");
+    ck_assert_ptr_nonnull(last);
+    char *added = NULL;
+    ck_assert_int_gt(asprintf(&added, "%s%.*s21,%s", text,
+                              (int) strlen("{\"seq\":"), last,
+                              last + strlen("{\"seq\":20,")),
+                     0);
+    khtest_write_file(cut, added);
+    kh_error_clear(&err);
+    ck_assert_int_eq(kh_trail_file_verify(cut, s_pk, NULL, 0, &r, &err), -1);
+    ck_assert_int_eq(err.code, KH_E_MALFORMED);
+    ck_assert_int_eq(err.line, 24);
+    free(added);
+    free(text);
+    khtest_rmtree(dir);
+    free(dir);
+}
+END_TEST
+
 /* The canonical encoding is of UTF-8 text. A sealer or an auditor whose
  * session speaks another client_encoding (PGCLIENTENCODING, a Latin-1
  * locale) must chain the same bytes: else every event with a character
@@ -2321,8 +2474,11 @@ int main(void)
     tcase_add_test(tc_auditor, an_export_is_verified_from_a_pipe);
     tcase_add_test(tc_auditor, an_export_with_keys_of_its_own_is_refused);
     tcase_add_test(tc_auditor,
+                   an_export_cut_before_the_end_its_header_names_is_found);
+    tcase_add_test(tc_auditor,
                    auditor_options_are_checked_before_anything_runs);
     tcase_add_test(tc_auditor, output_that_cannot_be_written_is_a_failure);
+    tcase_add_test(tc_auditor, a_verify_that_cannot_be_recorded_is_a_failure);
     tcase_add_test(tc_auditor, report_counts_what_the_trail_says);
     tcase_add_test(tc_auditor, report_waits_count_from_the_first_send);
     tcase_add_test(tc_auditor, report_counts_no_rule_for_the_rules_left_out);

@@ -715,20 +715,22 @@ static int s_verify(int argc, char **argv)
             return CTL_FAIL;
         }
         rc = kh_trail_db_verify(conn, pk, from_cp, pub, npub, &report, &err);
+        /* The verdict is given only once the access is recorded, as a
+         * query's page is: a read of the trail that leaves no event in
+         * it gives nothing. */
         if (rc >= 0) {
-            s_report(&report, "the database");
             char filter[160];
             snprintf(filter, sizeof filter,
                      "from_checkpoint=%" PRId64 " published=%zu", from_cp,
                      npub);
-            kh_error_t aerr;
-            kh_error_clear(&aerr);
             if (kh_trail_db_record_access(
                     conn, "trail.verified", "auditor",
                     rc == 0 ? "ok" : "failed",
                     rc == 0 ? NULL : kh_trail_finding_name(report.kind), filter,
-                    "ketenhubctl", &aerr) != 0)
-                ctl_print_error(&aerr);
+                    "ketenhubctl", &err) != 0)
+                rc = -1;
+            else
+                s_report(&report, "the database");
         }
         PQfinish(conn);
     }
