@@ -1029,6 +1029,11 @@ START_TEST(auditor_options_are_checked_before_anything_runs)
     S_REFUSED("--since", "query", "--since", "2026-11-28 BC");
     S_REFUSED("--since", "query", "--since", "2026-11-01", "--since",
               "2026-11-02");
+    /* A filter given twice: both must hold, so it could only select
+     * nothing, and said nothing about why. */
+    S_REFUSED("--action", "query", "--action", "referral.accepted", "--action",
+              "referral.routed");
+    S_REFUSED("--partner", "query", "--partner", "avim", "--partner", "avim");
     /* A period that ends before it starts. */
     S_REFUSED("--until", "query", "--since", "2027-01-01", "--until",
               "2026-01-01");

@@ -360,6 +360,9 @@ static int s_query(int argc, char **argv)
         {NULL, 0, NULL, 0}};
     static const char *uuid_re = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{"
                                  "4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$";
+    /* The filters, in the order of options[]. */
+    static const char filters[] = "rdpaAosu";
+    bool filters_seen[sizeof filters - 1] = {false};
     s_query_t q = {0};
     s_format_t format = S_TABLE;
     int64_t after = 0, limit = 100;
@@ -371,10 +374,19 @@ static int s_query(int argc, char **argv)
     optind = 1;
     while ((c = getopt_long(argc, argv, "r:d:p:a:A:o:s:u:S:l:f:h", options,
                             NULL)) != -1) {
-        /* Room for one more filter, and for --after's after the loop;
-         * the format, the limit and the page are no filters. */
-        if (strchr("rdpaAosu", c) && q.nparams >= S_MAX_PARAMS - 1)
-            return ctl_usage_error("audit query: too many filters");
+        /* Each filter once: they must all hold, so a second value of one
+         * (--action a --action b) could only ever select nothing. With
+         * --after, that is at most S_MAX_PARAMS parameters. */
+        const char *flag = c > 0 ? strchr(filters, c) : NULL;
+        if (flag) {
+            size_t i = (size_t) (flag - filters);
+            if (filters_seen[i])
+                return ctl_usage_error(
+                    "audit query: --%s given twice: the filters must all "
+                    "hold, so each takes one value",
+                    options[i].name);
+            filters_seen[i] = true;
+        }
         switch (c) {
         case 'r':
             if (!s_matches(optarg, uuid_re))
@@ -427,9 +439,6 @@ static int s_query(int argc, char **argv)
              * the period the auditor asked for without doubt). */
             const char *option =
                 c == 's' ? "audit query: --since" : "audit query: --until";
-            if (c == 's' ? has_since : has_until)
-                return ctl_usage_error("%s takes one time, given twice",
-                                       option);
             char *text = c == 's' ? since_s : until_s;
             if (ctl_time_arg(option, optarg, c == 's' ? &since : &until,
                              text) != CTL_OK)
