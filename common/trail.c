@@ -338,6 +338,7 @@ struct kh_trail_verifier_t {
     unsigned char public_key[KH_TRAIL_PUBLIC_KEY_SIZE];
     unsigned char prev[KH_TRAIL_HASH_SIZE];
     int64_t start_seq; /* events at or below it are not judged */
+    unsigned char start_head[KH_TRAIL_HASH_SIZE]; /* the anchor's */
     s_cp_t *cps;
     size_t ncps, cap;
     bool sorted;
@@ -367,6 +368,7 @@ kh_trail_verifier_t *kh_trail_verifier_new(const unsigned char *public_key,
     self->found.kind = KH_TRAIL_OK;
     if (anchor) {
         memcpy(self->prev, anchor->head, KH_TRAIL_HASH_SIZE);
+        memcpy(self->start_head, anchor->head, KH_TRAIL_HASH_SIZE);
         self->start_seq = anchor->seq;
         self->last_event = anchor->seq;
         self->last_row = anchor->seq;
@@ -464,11 +466,24 @@ static void s_sort(kh_trail_verifier_t *self)
     qsort(self->cps, self->ncps, sizeof *self->cps, s_cp_cmp);
     self->sorted = true;
     self->next_cp = 0;
+    /* The checkpoints up to the anchor are not judged against events (none
+     * are read there), but one at the anchor's own seq must sign its head:
+     * a published checkpoint that differs says the chain was rewritten up
+     * to the anchor, and re-signed. */
     while (self->next_cp < self->ncps &&
            self->cps[self->next_cp].cp.seq <= self->start_seq) {
-        if (self->cps[self->next_cp].valid)
+        const s_cp_t *c = &self->cps[self->next_cp++];
+        if (!c->valid)
+            continue;
+        if (c->cp.seq == self->start_seq &&
+            sodium_memcmp(c->cp.head, self->start_head, KH_TRAIL_HASH_SIZE) !=
+                0)
+            s_find(self, KH_TRAIL_CHECKPOINT_MISMATCH, c->cp.seq, 0,
+                   "seq %lld: two signed heads for the starting checkpoint "
+                   "differ (the chain was rewritten up to here)",
+                   (long long) c->cp.seq);
+        else
             self->report.checkpoints++;
-        self->next_cp++;
     }
 }
 

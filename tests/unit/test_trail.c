@@ -361,6 +361,23 @@ START_TEST(verifier_starts_at_a_checkpoint)
     ck_assert_int_eq(r.first_seq, 31);
     ck_assert_int_eq(r.checkpoints, 6);
     kh_trail_verifier_destroy(&v);
+
+    /* The anchor is a checkpoint of a chain rewritten up to it and
+     * re-signed (with the real key): the published checkpoint at the same
+     * seq signs another head, and the chain after the anchor, which
+     * continues from the false head, is no evidence against it. */
+    kh_trail_checkpoint_t forged = s_cp[2];
+    forged.head[0] ^= 1;
+    kh_trail_checkpoint_sign(&forged, s_sk);
+    v = kh_trail_verifier_new(s_pk, &forged);
+    kh_trail_verifier_checkpoint(v, &s_cp[2], true);
+    for (int i = 30; i < S_N; i++)
+        if ((i + 1) % 7 != 0)
+            kh_trail_verifier_feed(v, i + 1, &s_ev[i], s_seal[i]);
+    ck_assert_int_ne(kh_trail_verifier_finish(v, &r), 0);
+    ck_assert_int_eq(r.kind, KH_TRAIL_CHECKPOINT_MISMATCH);
+    ck_assert_int_eq(r.seq, 30);
+    kh_trail_verifier_destroy(&v);
 }
 END_TEST
 
