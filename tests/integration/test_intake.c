@@ -789,6 +789,24 @@ START_TEST(the_partner_tool_sends_the_key_given_after_the_file)
                      0);
     ck_assert_int_ne(khproc_sh("grep -q -- ':-1:-1' %s", s_path("partner.log")),
                      0);
+    /* Nor has a directory, which is no referral, and a FIFO that nobody
+     * writes is refused at once rather than waited for (standard input is
+     * "-"). */
+    ck_assert_int_eq(khproc_sh("mkdir %s && mkfifo %s", s_path("dir.json"),
+                               s_path("fifo.json")),
+                     0);
+    ck_assert_int_eq(s_partner_submit("dir.json"), 2);
+    ck_assert_int_eq(khproc_sh("timeout 10 %s/tools/partner/ketenhub-partner "
+                               "--endpoint %s --hub-cert %s --cert %s "
+                               "--timeout 1000 submit %s >>%s 2>&1",
+                               KH_TEST_BINARY_DIR, s_endpoint,
+                               s_path("hub.cert"), s_path("vt.cert"),
+                               s_path("fifo.json"), s_path("partner.log")),
+                     2);
+    ck_assert_int_eq(khproc_sh("test $(grep -c 'json: not a regular file' "
+                               "%s) -eq 2",
+                               s_path("partner.log")),
+                     0);
     /* A number that is not one is a usage error, never 0 or a prefix. */
     ck_assert_int_eq(s_partner_submit_with("other.json", "--retries abc"), 2);
     ck_assert_int_eq(s_partner_submit_with("other.json", "--timeout 5s"), 2);
