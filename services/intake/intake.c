@@ -409,7 +409,8 @@ static void s_take(intake_t *self, kh_jarena_t *arena, s_request_t *req,
         if (rc == 0 && req->cmd != KH_CMD_SUBMIT && req->cmd != KH_CMD_STATUS &&
             req->cmd != KH_CMD_PING)
             rc = kh_error_set(&err, KH_E_UNKNOWN_COMMAND, "cmd",
-                              "%s is not a request a partner can send",
+                              "%s is not a request for intake, which "
+                              "takes SUBMIT, STATUS and PING",
                               kh_cmd_name(req->cmd));
         if (rc)
             s_refuse(req, &err);

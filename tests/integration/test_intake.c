@@ -483,6 +483,14 @@ START_TEST(bad_input_is_rejected_and_changes_nothing)
     s_expect_rejected(s_raw_json(json_pack("{s:i,s:s,s:s}", "v", 1, "cmd",
                                            "ACCEPTED", "cid", "x")),
                       "unknown_command", "cmd");
+    /* A partner does send HELLO, but to the delivery socket: the refusal
+     * says what intake takes. */
+    json_t *hello = s_raw_json(
+        json_pack("{s:i,s:s,s:s}", "v", 1, "cmd", "HELLO", "cid", "x"));
+    ck_assert_ptr_nonnull(hello);
+    ck_assert_msg(strstr(s_str(hello, "message"), "SUBMIT, STATUS and PING"),
+                  "%s", s_str(hello, "message"));
+    s_expect_rejected(hello, "unknown_command", "cmd");
     json_t *referral = s_example();
     s_expect_rejected(
         s_raw_json(json_pack("{s:i,s:s,s:s,s:s,s:O}", "v", 1, "cmd", "SUBMIT",
@@ -517,7 +525,7 @@ START_TEST(bad_input_is_rejected_and_changes_nothing)
     ck_assert_int_eq(s_count("SELECT count(*) FROM referrals"), referrals);
     ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE "
                              "outcome = 'refused'"),
-                     refusals + 13);
+                     refusals + 14);
     ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE "
                              "action = 'referral.rejected' AND reason_code = "
                              "'schema.required' AND reason_path = "
