@@ -738,6 +738,21 @@ START_TEST(a_body_that_does_not_decode_is_refused_with_its_cid)
     ck_assert_ptr_nonnull(reply);
     ck_assert_str_eq(s_str(reply, "cid"), "c-before");
     s_expect_rejected(reply, "invalid_utf8", "referral.summary");
+
+    /* v is checked before anything else: a frame of another version that
+     * this version's rules cannot decode is refused for its version. */
+    envelope =
+        json_pack("{s:s, s:i, s:s, s:s, s:O}", "cid", "c-v2", "v", 2, "cmd",
+                  "SUBMIT", "idempotency_key", "cid-v2", "referral", referral);
+    ck_assert_int_eq(kh_msgpack_encode(envelope, &data, &size, &err), 0);
+    json_decref(envelope);
+    frame = zframe_new(data, size);
+    free(data);
+    frame = s_splice(frame, "\xaa@@MARKER@@", "\xc4\x03xyz", 5);
+    reply = s_send_frame(frame);
+    ck_assert_ptr_nonnull(reply);
+    ck_assert_str_eq(s_str(reply, "cid"), "c-v2");
+    s_expect_rejected(reply, "unknown_version", "v");
     json_decref(referral);
     ck_assert_int_eq(s_count("SELECT count(*) FROM referrals"), 0);
 }
