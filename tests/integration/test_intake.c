@@ -1424,6 +1424,42 @@ END_TEST
 
 /* After the commit, intake tells routing (CURVE, the hub's own key) which
  * referrals are new; a resubmission is not news. */
+/* Ctrl-C stops the partner tool at once, whatever it waits for, and it
+ * says so: it neither sends the request again nor reports the hub silent
+ * for the whole timeout. */
+START_TEST(the_partner_tool_stops_at_once_when_interrupted)
+{
+    char silent[64], log[512];
+    snprintf(silent, sizeof silent, "tcp://127.0.0.1:%d", khproc_free_port());
+    snprintf(log, sizeof log, "%s", s_path("interrupted.log"));
+    char *argv[] = {"ketenhub-partner",
+                    "--endpoint",
+                    silent,
+                    "--hub-cert",
+                    s_path("hub.cert"),
+                    "--cert",
+                    s_path("vt.cert"),
+                    "--timeout",
+                    "20000",
+                    "--retries",
+                    "3",
+                    "ping",
+                    NULL};
+    pid_t pid = khproc_spawn(
+        KH_TEST_BINARY_DIR "/tools/partner/ketenhub-partner", argv, NULL, log);
+    ck_assert_int_gt(pid, 0);
+    zclock_sleep(500);
+    int status = khproc_stop(pid, SIGINT, 3000);
+    ck_assert_msg(status != -1, "still running 3 s after SIGINT");
+    ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 3);
+    ck_assert_int_eq(khproc_sh("grep -q 'interrupted before the hub replied' "
+                               "%s",
+                               log),
+                     0);
+    ck_assert_int_ne(khproc_sh("grep -q 'within' %s", log), 0);
+}
+END_TEST
+
 START_TEST(accepted_referrals_wake_routing)
 {
     zcert_t *hub = zcert_load(s_path("hub.cert"));
@@ -2204,6 +2240,7 @@ int main(void)
     tcase_add_test(tc, partners_added_and_removed_while_running);
     tcase_add_test(tc, a_rotated_key_admits_its_partner_for_the_overlap_only);
     tcase_add_test(tc, the_partner_tool_exits_3_for_a_revoked_key);
+    tcase_add_test(tc, the_partner_tool_stops_at_once_when_interrupted);
     tcase_add_test(tc, accepted_referrals_wake_routing);
     tcase_add_test(tc, submitted_referrals_are_routed_with_their_projections);
     tcase_add_test(tc, killed_before_commit_then_retry_succeeds_once);
