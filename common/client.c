@@ -20,6 +20,7 @@ struct _kh_client_t {
     zpoller_t *poller;
     uint64_t next_cid;
     int retries;
+    bool interrupted; /* a signal ended the last wait for a reply */
 };
 
 static zcert_t *s_load_cert(const char *path, bool need_secret, kh_error_t *err)
@@ -151,6 +152,15 @@ static json_t *s_exchange(kh_client_t *self, json_t *request, int timeout_ms,
                          "the hub refused this partner key");
             return NULL;
         }
+        if (which != self->dealer && zpoller_terminated(self->poller)) {
+            /* A signal (Ctrl-C) ended the wait: the caller decides, and
+             * the wait is not reported as the hub's silence. */
+            kh_error_set(err, KH_E_TIMEOUT, "",
+                         "interrupted before the hub replied (the request "
+                         "may have reached it: resend it unchanged)");
+            self->interrupted = true;
+            return NULL;
+        }
         if (which != self->dealer)
             break;
         zframe_t *reply_frame = zframe_recv(self->dealer);
@@ -180,10 +190,11 @@ json_t *kh_client_request(kh_client_t *self, json_t *request, int timeout_ms,
     if (!err)
         err = &local;
     for (int attempt = 0;; attempt++) {
+        self->interrupted = false;
         json_t *reply = s_exchange(self, request, timeout_ms, err);
         bool last = attempt >= self->retries;
         if (!reply) {
-            if (last || err->code != KH_E_TIMEOUT)
+            if (last || err->code != KH_E_TIMEOUT || self->interrupted)
                 return NULL;
             continue;
         }
@@ -197,8 +208,16 @@ json_t *kh_client_request(kh_client_t *self, json_t *request, int timeout_ms,
             json_integer_value(json_object_get(reply, "retry_after_ms"));
         if (wait >= S_RETRY_WAIT_MAX_MS)
             return reply;
+        /* Waited in steps, so that a signal (Ctrl-C) ends the request
+         * with the refusal at once rather than after the wait. */
+        int64_t until = zclock_mono() + (wait > 0 ? wait : 1000);
+        while (!zsys_interrupted && zclock_mono() < until)
+            zclock_sleep((int) (until - zclock_mono() < 100
+                                    ? until - zclock_mono()
+                                    : 100));
+        if (zsys_interrupted)
+            return reply;
         json_decref(reply);
-        zclock_sleep((int) (wait > 0 ? wait : 1000));
     }
 }
 

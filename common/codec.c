@@ -613,6 +613,41 @@ static bool s_peek_str(const unsigned char **p, const unsigned char *end,
     return *len <= (uint64_t) (end - *p);
 }
 
+/* Leave *p on the value of key at the top of the map that starts at *p
+ * (see kh_msgpack_peek_str); false when there is no map or no such key
+ * before the bytes run out. */
+static bool s_peek_key(const unsigned char **p, const unsigned char *end,
+                       const char *key)
+{
+    uint64_t n, len;
+    if (*p >= end)
+        return false;
+    unsigned char b = *(*p)++;
+    if (b >= 0x80 && b <= 0x8f)
+        n = b & 0x0f;
+    else if (b != 0xde && b != 0xdf)
+        return false;
+    else if (!s_peek_be(p, end, b == 0xde ? 2 : 4, &n))
+        return false;
+    size_t key_len = strlen(key);
+    for (uint64_t i = 0; i < n; i++) {
+        const unsigned char *at = *p;
+        if (s_peek_str(p, end, &len)) {
+            bool found = len == key_len && memcmp(*p, key, key_len) == 0;
+            *p += len;
+            if (found)
+                return true;
+        } else {
+            *p = at; /* a key of another type: stepped over */
+            if (!s_skip(p, end))
+                return false;
+        }
+        if (!s_skip(p, end)) /* the key's value */
+            return false;
+    }
+    return false;
+}
+
 bool kh_msgpack_peek_str(const void *data, size_t size, const char *key,
                          char *out, size_t out_size)
 {
@@ -620,36 +655,47 @@ bool kh_msgpack_peek_str(const void *data, size_t size, const char *key,
         return false;
     out[0] = '\0';
     const unsigned char *p = data, *end = p + size;
-    uint64_t n, len;
-    if (size == 0)
-        return false;
-    unsigned char b = *p++;
-    if (b >= 0x80 && b <= 0x8f)
-        n = b & 0x0f;
-    else if (b != 0xde && b != 0xdf)
-        return false;
-    else if (!s_peek_be(&p, end, b == 0xde ? 2 : 4, &n))
-        return false;
-    size_t key_len = strlen(key);
-    bool found = false;
-    for (uint64_t i = 0; i < n && !found; i++) {
-        const unsigned char *at = p;
-        if (s_peek_str(&p, end, &len)) {
-            found = len == key_len && memcmp(p, key, key_len) == 0;
-            p += len;
-        } else {
-            p = at; /* a key of another type: stepped over */
-            if (!s_skip(&p, end))
-                return false;
-        }
-        if (!found && !s_skip(&p, end)) /* the key's value */
-            return false;
-    }
-    if (!found || !s_peek_str(&p, end, &len) || len == 0 || len >= out_size ||
-        memchr(p, 0, (size_t) len) || !kh_utf8_valid((const char *) p, len))
+    uint64_t len;
+    if (!s_peek_key(&p, end, key) || !s_peek_str(&p, end, &len) || len == 0 ||
+        len >= out_size || memchr(p, 0, (size_t) len) ||
+        !kh_utf8_valid((const char *) p, len))
         return false;
     memcpy(out, p, (size_t) len);
     out[len] = '\0';
+    return true;
+}
+
+bool kh_msgpack_peek_int(const void *data, size_t size, const char *key,
+                         int64_t *out)
+{
+    if (!data || !key || !out)
+        return false;
+    const unsigned char *p = data, *end = p + size;
+    if (!s_peek_key(&p, end, key) || p >= end)
+        return false;
+    unsigned char b = *p++;
+    uint64_t v;
+    if (b <= 0x7f || b >= 0xe0) { /* positive and negative fixint */
+        *out = (int8_t) b;
+        return true;
+    }
+    if (b < 0xcc || b > 0xd3)
+        return false; /* not an integer */
+    size_t n = (size_t) 1 << ((b - 0xcc) & 3);
+    if (!s_peek_be(&p, end, n, &v))
+        return false;
+    if (b <= 0xcf) { /* uint 8/16/32/64 */
+        if (v > INT64_MAX)
+            return false;
+        *out = (int64_t) v;
+    } else if (n == 1)
+        *out = (int8_t) v;
+    else if (n == 2)
+        *out = (int16_t) v;
+    else if (n == 4)
+        *out = (int32_t) v;
+    else
+        *out = (int64_t) v;
     return true;
 }
 

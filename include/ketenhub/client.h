@@ -42,7 +42,9 @@ void kh_client_set_retries(kh_client_t *self, int retries);
 
 /* Send one request envelope (the client sets v and cid) and wait up to
  * timeout_ms for its reply. Returns the reply (caller owns it), or NULL
- * with err: KH_E_TIMEOUT (no reply: hub unreachable or busy),
+ * with err: KH_E_TIMEOUT (no reply: hub unreachable or busy, or a signal
+ * such as SIGINT ended the wait: then it is not resent, and a retryable
+ * refusal being waited out is returned at once),
  * KH_E_UNKNOWN_PARTNER (the hub refused this key during the handshake), or
  * KH_E_TOO_LARGE / KH_E_TOO_DEEP (the request was not sent: the hub would
  * drop or refuse it, and a resend cannot help). */

@@ -21,6 +21,7 @@
 
 #include <jansson.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include "ketenhub/error.h"
 
@@ -79,6 +80,14 @@ int kh_msgpack_decode(const void *data, size_t size, const kh_limits_t *limits,
  * nothing, and takes any input. */
 bool kh_msgpack_peek_str(const void *data, size_t size, const char *key,
                          char *out, size_t out_size);
+
+/* The same for an integer value of key (any MessagePack int that fits an
+ * int64_t), stored in *out: for telling a frame of another protocol
+ * version, which kh_msgpack_decode may refuse under this version's rules,
+ * by its v. False when data is no map, the key is not found, or its value
+ * is no such integer. */
+bool kh_msgpack_peek_int(const void *data, size_t size, const char *key,
+                         int64_t *out);
 
 /* Encode value as MessagePack into a new malloc'd buffer. On success returns
  * 0, *data (caller frees with free) and *size. Integers as the smallest

@@ -382,6 +382,7 @@ static void s_take(intake_t *self, kh_jarena_t *arena, s_request_t *req,
      * socket, notify.c). */
     const char *chosen = body ? zframe_meta(body, "Identity") : NULL;
     int rc = 0;
+    bool decoded = false; /* the body went to the decoder */
     if (!body || zmsg_size(msg) != 0)
         rc = kh_error_set(&err, KH_E_BAD_ENVELOPE, "",
                           "a request is exactly one frame");
@@ -390,6 +391,7 @@ static void s_take(intake_t *self, kh_jarena_t *arena, s_request_t *req,
                           "the connection set its own routing id; a "
                           "partner's connection must leave it to the hub");
     else {
+        decoded = true;
         kh_jarena_t *was = kh_jarena_enter(arena);
         rc = kh_msgpack_decode(zframe_data(body), zframe_size(body),
                                &self->cfg.limits, &req->msg, &err);
@@ -401,6 +403,17 @@ static void s_take(intake_t *self, kh_jarena_t *arena, s_request_t *req,
         if (body)
             kh_msgpack_peek_str(zframe_data(body), zframe_size(body), "cid",
                                 req->cid, sizeof req->cid);
+        /* v is checked before anything else: a frame of another version
+         * that this version's rules cannot decode (a type or a size it
+         * does not know) is refused for its version, not its content. */
+        int64_t version;
+        if (decoded &&
+            kh_msgpack_peek_int(zframe_data(body), zframe_size(body), "v",
+                                &version) &&
+            version != KH_PROTO_VERSION)
+            kh_error_set(&err, KH_E_UNKNOWN_VERSION, "v",
+                         "this hub speaks protocol version %d",
+                         KH_PROTO_VERSION);
         s_refuse(req, &err);
     } else {
         const char *cid = NULL;
@@ -409,7 +422,8 @@ static void s_take(intake_t *self, kh_jarena_t *arena, s_request_t *req,
         if (rc == 0 && req->cmd != KH_CMD_SUBMIT && req->cmd != KH_CMD_STATUS &&
             req->cmd != KH_CMD_PING)
             rc = kh_error_set(&err, KH_E_UNKNOWN_COMMAND, "cmd",
-                              "%s is not a request a partner can send",
+                              "%s is not a request for intake, which "
+                              "takes SUBMIT, STATUS and PING",
                               kh_cmd_name(req->cmd));
         if (rc)
             s_refuse(req, &err);

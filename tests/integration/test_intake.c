@@ -508,6 +508,14 @@ START_TEST(bad_input_is_rejected_and_changes_nothing)
     s_expect_rejected(s_raw_json(json_pack("{s:i,s:s,s:s}", "v", 1, "cmd",
                                            "ACCEPTED", "cid", "x")),
                       "unknown_command", "cmd");
+    /* A partner does send HELLO, but to the delivery socket: the refusal
+     * says what intake takes. */
+    json_t *hello = s_raw_json(
+        json_pack("{s:i,s:s,s:s}", "v", 1, "cmd", "HELLO", "cid", "x"));
+    ck_assert_ptr_nonnull(hello);
+    ck_assert_msg(strstr(s_str(hello, "message"), "SUBMIT, STATUS and PING"),
+                  "%s", s_str(hello, "message"));
+    s_expect_rejected(hello, "unknown_command", "cmd");
     json_t *referral = s_example();
     s_expect_rejected(
         s_raw_json(json_pack("{s:i,s:s,s:s,s:s,s:O}", "v", 1, "cmd", "SUBMIT",
@@ -542,7 +550,7 @@ START_TEST(bad_input_is_rejected_and_changes_nothing)
     ck_assert_int_eq(s_count("SELECT count(*) FROM referrals"), referrals);
     ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE "
                              "outcome = 'refused'"),
-                     refusals + 13);
+                     refusals + 14);
     ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE "
                              "action = 'referral.rejected' AND reason_code = "
                              "'schema.required' AND reason_path = "
@@ -755,6 +763,21 @@ START_TEST(a_body_that_does_not_decode_is_refused_with_its_cid)
     ck_assert_ptr_nonnull(reply);
     ck_assert_str_eq(s_str(reply, "cid"), "c-before");
     s_expect_rejected(reply, "invalid_utf8", "referral.summary");
+
+    /* v is checked before anything else: a frame of another version that
+     * this version's rules cannot decode is refused for its version. */
+    envelope =
+        json_pack("{s:s, s:i, s:s, s:s, s:O}", "cid", "c-v2", "v", 2, "cmd",
+                  "SUBMIT", "idempotency_key", "cid-v2", "referral", referral);
+    ck_assert_int_eq(kh_msgpack_encode(envelope, &data, &size, &err), 0);
+    json_decref(envelope);
+    frame = zframe_new(data, size);
+    free(data);
+    frame = s_splice(frame, "\xaa@@MARKER@@", "\xc4\x03xyz", 5);
+    reply = s_send_frame(frame);
+    ck_assert_ptr_nonnull(reply);
+    ck_assert_str_eq(s_str(reply, "cid"), "c-v2");
+    s_expect_rejected(reply, "unknown_version", "v");
     json_decref(referral);
     ck_assert_int_eq(s_count("SELECT count(*) FROM referrals"), 0);
 }
@@ -813,6 +836,24 @@ START_TEST(the_partner_tool_sends_the_key_given_after_the_file)
                                s_path("partner.log")),
                      0);
     ck_assert_int_ne(khproc_sh("grep -q -- ':-1:-1' %s", s_path("partner.log")),
+                     0);
+    /* Nor has a directory, which is no referral, and a FIFO that nobody
+     * writes is refused at once rather than waited for (standard input is
+     * "-"). */
+    ck_assert_int_eq(khproc_sh("mkdir %s && mkfifo %s", s_path("dir.json"),
+                               s_path("fifo.json")),
+                     0);
+    ck_assert_int_eq(s_partner_submit("dir.json"), 2);
+    ck_assert_int_eq(khproc_sh("timeout 10 %s/tools/partner/ketenhub-partner "
+                               "--endpoint %s --hub-cert %s --cert %s "
+                               "--timeout 1000 submit %s >>%s 2>&1",
+                               KH_TEST_BINARY_DIR, s_endpoint,
+                               s_path("hub.cert"), s_path("vt.cert"),
+                               s_path("fifo.json"), s_path("partner.log")),
+                     2);
+    ck_assert_int_eq(khproc_sh("test $(grep -c 'json: not a regular file' "
+                               "%s) -eq 2",
+                               s_path("partner.log")),
                      0);
     /* A number that is not one is a usage error, never 0 or a prefix. */
     ck_assert_int_eq(s_partner_submit_with("other.json", "--retries abc"), 2);
@@ -1408,6 +1449,42 @@ END_TEST
 
 /* After the commit, intake tells routing (CURVE, the hub's own key) which
  * referrals are new; a resubmission is not news. */
+/* Ctrl-C stops the partner tool at once, whatever it waits for, and it
+ * says so: it neither sends the request again nor reports the hub silent
+ * for the whole timeout. */
+START_TEST(the_partner_tool_stops_at_once_when_interrupted)
+{
+    char silent[64], log[512];
+    snprintf(silent, sizeof silent, "tcp://127.0.0.1:%d", khproc_free_port());
+    snprintf(log, sizeof log, "%s", s_path("interrupted.log"));
+    char *argv[] = {"ketenhub-partner",
+                    "--endpoint",
+                    silent,
+                    "--hub-cert",
+                    s_path("hub.cert"),
+                    "--cert",
+                    s_path("vt.cert"),
+                    "--timeout",
+                    "20000",
+                    "--retries",
+                    "3",
+                    "ping",
+                    NULL};
+    pid_t pid = khproc_spawn(
+        KH_TEST_BINARY_DIR "/tools/partner/ketenhub-partner", argv, NULL, log);
+    ck_assert_int_gt(pid, 0);
+    zclock_sleep(500);
+    int status = khproc_stop(pid, SIGINT, 3000);
+    ck_assert_msg(status != -1, "still running 3 s after SIGINT");
+    ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 3);
+    ck_assert_int_eq(khproc_sh("grep -q 'interrupted before the hub replied' "
+                               "%s",
+                               log),
+                     0);
+    ck_assert_int_ne(khproc_sh("grep -q 'within' %s", log), 0);
+}
+END_TEST
+
 START_TEST(accepted_referrals_wake_routing)
 {
     zcert_t *hub = zcert_load(s_path("hub.cert"));
@@ -2188,6 +2265,7 @@ int main(void)
     tcase_add_test(tc, partners_added_and_removed_while_running);
     tcase_add_test(tc, a_rotated_key_admits_its_partner_for_the_overlap_only);
     tcase_add_test(tc, the_partner_tool_exits_3_for_a_revoked_key);
+    tcase_add_test(tc, the_partner_tool_stops_at_once_when_interrupted);
     tcase_add_test(tc, accepted_referrals_wake_routing);
     tcase_add_test(tc, submitted_referrals_are_routed_with_their_projections);
     tcase_add_test(tc, killed_before_commit_then_retry_succeeds_once);

@@ -990,6 +990,52 @@ START_TEST(test_peek_str)
 }
 END_TEST
 
+/* The version of a frame the decoder refuses, in any integer encoding;
+ * nothing from a v that is no integer or does not fit an int64_t. */
+START_TEST(test_peek_int)
+{
+    int64_t v = 0;
+    /* {"x": bin, "v": 2} */
+    const char after[] = "\x82\xa1x\xc4\x02\x00\x01\xa1v\x02";
+    ck_assert(kh_msgpack_peek_int(after, sizeof after - 1, "v", &v));
+    ck_assert_int_eq(v, 2);
+    const struct {
+        const char *frame;
+        size_t len;
+        int64_t v;
+    } good[] = {
+        {"\x81\xa1v\xff", 4, -1},
+        {"\x81\xa1v\xcc\xc8", 5, 200},
+        {"\x81\xa1v\xcd\x01\x00", 6, 256},
+        {"\x81\xa1v\xce\x00\x01\x00\x00", 8, 65536},
+        {"\x81\xa1v\xcf\x7f\xff\xff\xff\xff\xff\xff\xff", 12, INT64_MAX},
+        {"\x81\xa1v\xd0\x80", 5, -128},
+        {"\x81\xa1v\xd1\xff\x00", 6, -256},
+        {"\x81\xa1v\xd2\xff\xff\xff\xfe", 8, -2},
+        {"\x81\xa1v\xd3\x80\x00\x00\x00\x00\x00\x00\x00", 12, INT64_MIN},
+    };
+    for (size_t i = 0; i < sizeof good / sizeof good[0]; i++) {
+        ck_assert_msg(kh_msgpack_peek_int(good[i].frame, good[i].len, "v", &v),
+                      "case %zu", i);
+        ck_assert_int_eq(v, good[i].v);
+    }
+    const struct {
+        const char *frame;
+        size_t len;
+    } bad[] = {
+        {"\x81\xa1v\xa1\x32", 5},                              /* a string */
+        {"\x81\xa1v\xca\x40\x00\x00\x00", 8},                  /* a float */
+        {"\x81\xa1v\xcf\x80\x00\x00\x00\x00\x00\x00\x00", 12}, /* > int64 */
+        {"\x81\xa1v\xcd\x01", 5},                              /* cut short */
+        {"\x81\xa1w\x01", 4},                                  /* no v */
+        {"\x91\xa1v", 3},                                      /* no map */
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
+        ck_assert_msg(!kh_msgpack_peek_int(bad[i].frame, bad[i].len, "v", &v),
+                      "case %zu", i);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("codec");
@@ -1012,6 +1058,7 @@ int main(void)
     tcase_add_test(tc, test_unsupported);
     tcase_add_test(tc, test_encode);
     tcase_add_test(tc, test_peek_str);
+    tcase_add_test(tc, test_peek_int);
     suite_add_tcase(s, tc);
     return khtest_run_suite(s);
 }

@@ -11,12 +11,15 @@
  * hub asked to retry later, and retries ran out).
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <getopt.h>
 #include <jansson.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "ketenhub/client.h"
 #include "ketenhub/health.h"
@@ -88,12 +91,36 @@ static int s_outcome(const json_t *reply, const kh_error_t *err)
                : S_EXIT_REFUSED;
 }
 
+/* The referral in file ("-": standard input), or NULL after saying why
+ * on stderr. A file is opened without blocking and checked before it is
+ * read: a directory is no referral (jansson would call it an empty
+ * document), and a FIFO would hold the tool until some writer came; pipe
+ * a referral to standard input instead. */
 static json_t *s_read_referral(const char *file)
 {
     json_error_t jerr;
-    json_t *doc = strcmp(file, "-") == 0
-                      ? json_loadf(stdin, JSON_REJECT_DUPLICATES, &jerr)
-                      : json_load_file(file, JSON_REJECT_DUPLICATES, &jerr);
+    json_t *doc = NULL;
+    if (strcmp(file, "-") == 0)
+        doc = json_loadf(stdin, JSON_REJECT_DUPLICATES, &jerr);
+    else {
+        int fd = open(file, O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
+        struct stat st;
+        if (fd < 0) {
+            fprintf(stderr, "ketenhub-partner: %s: unable to open %s: %s\n",
+                    file, file, strerror(errno));
+            return NULL;
+        }
+        if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+            fprintf(stderr,
+                    "ketenhub-partner: %s: not a regular file (give - to "
+                    "read the referral from standard input)\n",
+                    file);
+            close(fd);
+            return NULL;
+        }
+        doc = json_loadfd(fd, JSON_REJECT_DUPLICATES, &jerr);
+        close(fd);
+    }
     if (!doc && jerr.line < 1) /* not read at all: no line to name */
         fprintf(stderr, "ketenhub-partner: %s: %s\n", file, jerr.text);
     else if (!doc)
