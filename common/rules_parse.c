@@ -218,14 +218,24 @@ bad:
 /* Whether a scalar's value (escapes resolved) holds a control character
  * other than tab and line breaks: a quoted "\0" or "\x01" is binary input
  * as much as the raw byte that s_check_text refuses, and cut at a NUL the
- * text would mean something else than it says. */
+ * text would mean something else than it says. The C1 controls and U+2028
+ * and U+2029 ("\x85", "\N", "\L", "\P") are refused here as they are in
+ * the file: the parser hands over UTF-8, where they are C2 80 to C2 9F and
+ * E2 80 A8 or A9. */
 static bool s_scalar_binary(const unsigned char *value, size_t len)
 {
-    for (size_t i = 0; i < len; i++)
+    for (size_t i = 0; i < len; i++) {
         if ((value[i] < 0x20 && value[i] != '\t' && value[i] != '\n' &&
              value[i] != '\r') ||
             value[i] == 0x7F)
             return true;
+        if (value[i] == 0xC2 && i + 1 < len && value[i + 1] >= 0x80 &&
+            value[i + 1] <= 0x9F)
+            return true;
+        if (value[i] == 0xE2 && i + 2 < len && value[i + 1] == 0x80 &&
+            (value[i + 2] == 0xA8 || value[i + 2] == 0xA9))
+            return true;
+    }
     return false;
 }
 

@@ -982,6 +982,14 @@ START_TEST(test_escaped_control_characters)
         {"when: {\"field\\0x\": risk.urgency, equals: immediate}", 10},
         {"when: {field: risk.urgency, equals: \"immediate\\x1b\"}", 39},
         {"when: {field: risk.urgency, equals: \"\\u0000\"}", 39},
+        /* The C1 controls and the Unicode line and paragraph separators,
+         * refused as raw bytes, are refused as escapes too. */
+        {"description: \"one\\x85two\"", 16},
+        {"description: \"one\\Ntwo\"", 16},
+        {"description: \"one\\u009ftwo\"", 16},
+        {"description: \"one\\u2028two\"", 16},
+        {"description: \"one\\Ltwo\"", 16},
+        {"description: \"one\\Ptwo\"", 16},
     };
     kh_rules_options_t o = s_opts(s_demo, S_DEMO_COUNT);
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
