@@ -1139,6 +1139,44 @@ static bool s_all_contradicts(const kh_rules_t *rules, const kh_rcond_t *c)
     return never;
 }
 
+/* Whether equals or in with vals holds for every referral: the field is
+ * always there and not null, and vals hold each value it can take (true and
+ * false, or every code of its list). Such a leaf is always true: a rule
+ * made of it with continue: false hides the rules after it, and its `not`
+ * never holds. */
+static bool s_vals_cover_field(const kh_rfield_t *f, const kh_rval_t *vals,
+                               size_t nvals)
+{
+    if (!f->always)
+        return false;
+    if (f->kind == KH_RK_BOOLEAN) {
+        bool t = false, fl = false;
+        for (size_t i = 0; i < nvals; i++)
+            if (vals[i].kind == KH_RV_BOOL && vals[i].b)
+                t = true;
+            else if (vals[i].kind == KH_RV_BOOL)
+                fl = true;
+        return t && fl;
+    }
+    if (f->kind != KH_RK_STRING || !json_is_array(f->enums) ||
+        json_array_size(f->enums) == 0)
+        return false;
+    size_t i;
+    const json_t *code;
+    json_array_foreach(f->enums, i, code)
+    {
+        bool found = false;
+        for (size_t k = 0; k < nvals && !found; k++)
+            found =
+                json_is_string(code) && vals[k].kind == KH_RV_STR &&
+                vals[k].len == json_string_length(code) &&
+                memcmp(vals[k].s, json_string_value(code), vals[k].len) == 0;
+        if (!found)
+            return false;
+    }
+    return true;
+}
+
 /* A leaf: {field: PATH, OP: VALUE}. */
 static kh_rcond_t *s_leaf(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
                           kh_rcond_t *c, bool *failed)
@@ -1190,6 +1228,8 @@ static kh_rcond_t *s_leaf(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
         c->nvals = 1;
         if (s_value(ctx, f, false, vn, p, &c->vals[0]))
             *failed = true;
+        else if (s_vals_cover_field(f, c->vals, c->nvals))
+            c->state = KH_RS_ALWAYS;
         break;
     case KH_RC_CONTAINS:
         c->nvals = 1;
@@ -1214,6 +1254,8 @@ static kh_rcond_t *s_leaf(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
         }
         if (vn->n == 0)
             c->state = KH_RS_NEVER;
+        else if (!*failed && s_vals_cover_field(f, c->vals, c->nvals))
+            c->state = KH_RS_ALWAYS;
         break;
     case KH_RC_PRESENT:
         c->nvals = 1;

@@ -860,6 +860,8 @@ START_TEST(test_never_matches_only_when_impossible)
         "lt: 12}}]}",
         "{all: [{field: subject.age, in: [9, 10]}, {not: {field: "
         "subject.age, in: [10]}}]}",
+        "{not: {field: scope, in: [domestic, cross_border]}}",
+        "{not: {field: subject.age, in: [null, 9]}}",
     };
     static const char *referrals[] = {
         "{'subject': {'age': 10, 'minor': true}}",
@@ -871,6 +873,8 @@ START_TEST(test_never_matches_only_when_impossible)
         "{'subject': {'age': 9, 'minor': true}}",
         "{'subject': {'age': 15, 'minor': true}}",
         "{'subject': {'age': 9, 'minor': true}}",
+        "{'scope': 'unknown'}",
+        "{'subject': {'age': 10, 'minor': true}}",
     };
     for (size_t i = 0; i < sizeof conds / sizeof conds[0]; i++) {
         char yaml[1024];
