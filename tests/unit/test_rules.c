@@ -1327,6 +1327,23 @@ START_TEST(test_ctl_exit_codes)
     ck_assert_int_eq(khtest_run(no_db, &out), 1);
     ck_assert_msg(strstr(out, "not checked") && !strstr(out, ":9:"), "%s", out);
     free(out);
+    /* A rules file or schema that is not there is a wrong call (2), named
+     * before the database is asked: not "not checked". */
+    char *no_file_no_db[] = {ctl, "rules", "check", "/nonexistent.yaml", NULL};
+    ck_assert_int_eq(khtest_run(no_file_no_db, &out), 2);
+    ck_assert_msg(strstr(out, "/nonexistent.yaml: cannot read the rules "
+                              "file: No such") &&
+                      !strstr(out, "not checked"),
+                  "%s", out);
+    free(out);
+    char *no_schema_no_db[] = {
+        ctl, "rules", "check", def, "--schema", "/nonexistent.json", NULL};
+    ck_assert_int_eq(khtest_run(no_schema_no_db, &out), 2);
+    ck_assert_msg(strstr(out, "/nonexistent.json: cannot read the referral "
+                              "schema") &&
+                      !strstr(out, "not checked"),
+                  "%s", out);
+    free(out);
     unsetenv("KH_DATABASE_URL");
     /* A partners file or a referral that is not there is said to be not
      * there: not "not a JSON array" and no line -1 of it. */
