@@ -433,21 +433,56 @@ static s_stype_t s_scalar_type(const s_ynode_t *n, bool *b, double *d)
         *b = false;
         return S_TBOOL;
     }
-    size_t i = (s[0] == '-' || s[0] == '+') ? 1 : 0;
-    if (i < n->len && s[i] >= '0' && s[i] <= '9') {
-        bool digits = true;
-        for (size_t k = i; k < n->len; k++)
-            if (s[k] < '0' || s[k] > '9')
-                digits = false;
-        char *end;
-        errno = 0;
-        double v = strtod(s, &end);
-        if (*end == '\0' && errno == 0 && isfinite(v)) {
-            *d = v;
-            return digits && n->len - i <= 15 ? S_TINT : S_TFLOAT;
+    /* 0o17 and 0x1F: whole numbers in another base (no sign, as in the
+     * core schema). */
+    if (n->len > 2 && s[0] == '0' && (s[1] == 'o' || s[1] == 'x')) {
+        double v = 0;
+        for (size_t k = 2; k < n->len; k++) {
+            int digit = s[k] >= '0' && s[k] <= '9'   ? s[k] - '0'
+                        : s[k] >= 'a' && s[k] <= 'f' ? s[k] - 'a' + 10
+                        : s[k] >= 'A' && s[k] <= 'F' ? s[k] - 'A' + 10
+                                                     : 99;
+            int base = s[1] == 'o' ? 8 : 16;
+            if (digit >= base)
+                return S_TSTR;
+            v = v * base + digit;
         }
+        if (!isfinite(v))
+            return S_TSTR;
+        *d = v;
+        return S_TFLOAT;
     }
-    return S_TSTR;
+    /* [-+]? ( . [0-9]+ | [0-9]+ ( . [0-9]* )? ) ( [eE] [-+]? [0-9]+ )?:
+     * strtod alone would also take hexadecimal fractions (0x1p4), which
+     * the core schema leaves text. */
+    size_t i = (s[0] == '-' || s[0] == '+') ? 1 : 0;
+    size_t k = i, int_digits = 0, frac_digits = 0;
+    while (k < n->len && s[k] >= '0' && s[k] <= '9')
+        k++, int_digits++;
+    bool point = k < n->len && s[k] == '.';
+    if (point)
+        for (k++; k < n->len && s[k] >= '0' && s[k] <= '9'; k++)
+            frac_digits++;
+    if (int_digits == 0 && frac_digits == 0)
+        return S_TSTR;
+    bool exponent = k < n->len && (s[k] == 'e' || s[k] == 'E');
+    if (exponent) {
+        size_t e = ++k;
+        if (k < n->len && (s[k] == '-' || s[k] == '+'))
+            e = ++k;
+        while (k < n->len && s[k] >= '0' && s[k] <= '9')
+            k++;
+        if (k == e)
+            return S_TSTR;
+    }
+    if (k != n->len)
+        return S_TSTR;
+    errno = 0;
+    double v = strtod(s, NULL);
+    if (errno != 0 || !isfinite(v))
+        return S_TSTR;
+    *d = v;
+    return !point && !exponent && int_digits <= 15 ? S_TINT : S_TFLOAT;
 }
 
 /* Why scalar n (of type t) is not of kind, for a message: a value that

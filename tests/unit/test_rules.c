@@ -903,6 +903,55 @@ START_TEST(test_never_matches_only_when_impossible)
 }
 END_TEST
 
+/* Numbers are those of the YAML 1.2 core schema: 0o17, 0x10, .5e1 and 17.
+ * are numbers; a hexadecimal fraction (0x1p4), a signed hexadecimal or an
+ * underscore is text, which lt refuses. */
+START_TEST(test_core_schema_numbers)
+{
+    static const struct {
+        const char *value;
+        int below; /* the smallest age that lt does not hold for; 0: text */
+    } cases[] = {{"0o17", 15},   {"0x10", 16}, {"0X10", 0}, {".5e1", 5},
+                 {"17.", 17},    {"+18", 18},  {"1e1", 10}, {"0x1p4", 0},
+                 {"0x1.8p4", 0}, {"-0x10", 0}, {"1_0", 0},  {"0o18", 0},
+                 {"1e", 0},      {".", 0},     {"0x", 0}};
+    kh_rules_options_t o = s_opts(s_demo, S_DEMO_COUNT);
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char yaml[1024];
+        snprintf(yaml, sizeof yaml,
+                 "version: 1\n"
+                 "fallback: {targets: [{partner: zorgcoordinator, fields: "
+                 "[needs]}]}\n"
+                 "rules:\n"
+                 "- name: r1\n"
+                 "  when: {field: subject.age, lt: %s}\n"
+                 "  then: {targets: [{partner: avim, fields: [risk]}]}\n",
+                 cases[i].value);
+        kh_error_t err;
+        kh_rules_t *rules = kh_rules_load_buffer(yaml, strlen(yaml), &o, &err);
+        if (!cases[i].below) {
+            ck_assert_msg(rules == NULL && err.code == KH_E_RULES_TYPE,
+                          "%s taken for a number", cases[i].value);
+            continue;
+        }
+        ck_assert_msg(rules != NULL, "%s: %s", cases[i].value, err.message);
+        kh_rules_result_t *r = kh_rules_result_new(rules);
+        for (int age = cases[i].below - 1; age <= cases[i].below; age++) {
+            char text[128];
+            snprintf(text, sizeof text, "{'subject': {'age': %d}}", age);
+            json_t *doc = khtest_json(text);
+            kh_rules_eval(rules, doc, r);
+            ck_assert_msg(kh_rules_result_matched_count(r) ==
+                              (age < cases[i].below ? 1u : 0u),
+                          "%s at age %d", cases[i].value, age);
+            json_decref(doc);
+        }
+        kh_rules_result_destroy(&r);
+        kh_rules_destroy(&rules);
+    }
+}
+END_TEST
+
 /* ---- hostile input --------------------------------------------------- */
 
 START_TEST(test_alias_bomb_refused_fast)
@@ -1441,6 +1490,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_messages_say_what_fits);
     tcase_add_test(tc, test_unknown_key_hides_nothing);
     tcase_add_test(tc, test_never_matches_only_when_impossible);
+    tcase_add_test(tc, test_core_schema_numbers);
     tcase_add_test(tc, test_alias_bomb_refused_fast);
     tcase_add_test(tc, test_size_depth_encoding);
     tcase_add_test(tc, test_not_a_regular_file);
