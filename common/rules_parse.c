@@ -985,8 +985,8 @@ static int s_value(s_ctx_t *ctx, const kh_rfield_t *f, bool items,
         return -1;
     }
     bool numeric = kind == KH_RK_INTEGER || kind == KH_RK_NUMBER;
-    s_error(ctx, KH_E_RULES_TYPE, path, n, "%s%s is %s%s", f->path,
-            items ? " holds items that are" : "", s_kind_name(kind),
+    s_error(ctx, KH_E_RULES_TYPE, path, n, "%s %s %s%s", f->path,
+            items ? "holds items that are" : "is", s_kind_name(kind),
             s_type_hint(n, t, numeric, kind == KH_RK_INTEGER,
                         kind == KH_RK_BOOLEAN));
     return -1;

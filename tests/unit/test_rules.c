@@ -730,6 +730,10 @@ START_TEST(test_messages_say_what_fits)
          "off are text)"},
         {"{field: scope, equals: null}", "[risk]",
          "scope is text and may not be null"},
+        {"{field: needs, contains: null}", "[risk]",
+         "needs holds items that are text and may not be null"},
+        {"{field: needs, contains: 3}", "[risk]",
+         "needs holds items that are text"},
         {"{field: needs, equals: shelter}", "[risk]",
          "needs is a list and cannot be compared with a value: contains "
          "tests for a value in it"},
