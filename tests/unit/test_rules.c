@@ -585,6 +585,27 @@ START_TEST(test_explain_values)
                                "x\"   (referral: missing)\n"),
                   "%s", text);
     free(text);
+    kh_rules_destroy(&rules);
+    /* A rule fired, but named only a partner that is not registered: the
+     * fallback is not for want of a matching rule. */
+    const char *absent =
+        "version: 1\n"
+        "fallback: {targets: [{partner: zorgcoordinator, fields: [needs]}]}\n"
+        "rules:\n"
+        "- name: r1\n"
+        "  when: {field: subject.age, ge: 18}\n"
+        "  then: {targets: [{partner: absent-one, optional: true, fields: "
+        "[risk]}]}\n";
+    rules = s_load_text(absent, s_demo, S_DEMO_COUNT);
+    out = open_memstream(&text, &len);
+    ck_assert_ptr_nonnull(out);
+    kh_rules_explain(rules, doc, out);
+    fclose(out);
+    ck_assert_msg(strstr(text, "rule r1: FIRED\n") &&
+                      strstr(text, "\nno rule named a registered partner: "
+                                   "fallback (no_registered_target)\n"),
+                  "%s", text);
+    free(text);
     json_decref(doc);
     kh_rules_destroy(&rules);
 }
