@@ -470,7 +470,8 @@ void kh_rules_explain(const kh_rules_t *self, const json_t *referral, FILE *out)
     }
     /* The reason is the one that the referral.routed event records. */
     if (r->fallback)
-        fprintf(out, "\nno rule named a partner: fallback (%s)\n",
+        fprintf(out, "\nno rule named a %spartner: fallback (%s)\n",
+                r->nmatched ? "registered " : "",
                 kh_rules_result_fallback_reason(r));
     else
         fprintf(out, "\ntargets:\n");

@@ -218,14 +218,24 @@ bad:
 /* Whether a scalar's value (escapes resolved) holds a control character
  * other than tab and line breaks: a quoted "\0" or "\x01" is binary input
  * as much as the raw byte that s_check_text refuses, and cut at a NUL the
- * text would mean something else than it says. */
+ * text would mean something else than it says. The C1 controls and U+2028
+ * and U+2029 ("\x85", "\N", "\L", "\P") are refused here as they are in
+ * the file: the parser hands over UTF-8, where they are C2 80 to C2 9F and
+ * E2 80 A8 or A9. */
 static bool s_scalar_binary(const unsigned char *value, size_t len)
 {
-    for (size_t i = 0; i < len; i++)
+    for (size_t i = 0; i < len; i++) {
         if ((value[i] < 0x20 && value[i] != '\t' && value[i] != '\n' &&
              value[i] != '\r') ||
             value[i] == 0x7F)
             return true;
+        if (value[i] == 0xC2 && i + 1 < len && value[i + 1] >= 0x80 &&
+            value[i + 1] <= 0x9F)
+            return true;
+        if (value[i] == 0xE2 && i + 2 < len && value[i + 1] == 0x80 &&
+            (value[i + 2] == 0xA8 || value[i + 2] == 0xA9))
+            return true;
+    }
     return false;
 }
 
@@ -423,21 +433,56 @@ static s_stype_t s_scalar_type(const s_ynode_t *n, bool *b, double *d)
         *b = false;
         return S_TBOOL;
     }
-    size_t i = (s[0] == '-' || s[0] == '+') ? 1 : 0;
-    if (i < n->len && s[i] >= '0' && s[i] <= '9') {
-        bool digits = true;
-        for (size_t k = i; k < n->len; k++)
-            if (s[k] < '0' || s[k] > '9')
-                digits = false;
-        char *end;
-        errno = 0;
-        double v = strtod(s, &end);
-        if (*end == '\0' && errno == 0 && isfinite(v)) {
-            *d = v;
-            return digits && n->len - i <= 15 ? S_TINT : S_TFLOAT;
+    /* 0o17 and 0x1F: whole numbers in another base (no sign, as in the
+     * core schema). */
+    if (n->len > 2 && s[0] == '0' && (s[1] == 'o' || s[1] == 'x')) {
+        double v = 0;
+        for (size_t k = 2; k < n->len; k++) {
+            int digit = s[k] >= '0' && s[k] <= '9'   ? s[k] - '0'
+                        : s[k] >= 'a' && s[k] <= 'f' ? s[k] - 'a' + 10
+                        : s[k] >= 'A' && s[k] <= 'F' ? s[k] - 'A' + 10
+                                                     : 99;
+            int base = s[1] == 'o' ? 8 : 16;
+            if (digit >= base)
+                return S_TSTR;
+            v = v * base + digit;
         }
+        if (!isfinite(v))
+            return S_TSTR;
+        *d = v;
+        return S_TFLOAT;
     }
-    return S_TSTR;
+    /* [-+]? ( . [0-9]+ | [0-9]+ ( . [0-9]* )? ) ( [eE] [-+]? [0-9]+ )?:
+     * strtod alone would also take hexadecimal fractions (0x1p4), which
+     * the core schema leaves text. */
+    size_t i = (s[0] == '-' || s[0] == '+') ? 1 : 0;
+    size_t k = i, int_digits = 0, frac_digits = 0;
+    while (k < n->len && s[k] >= '0' && s[k] <= '9')
+        k++, int_digits++;
+    bool point = k < n->len && s[k] == '.';
+    if (point)
+        for (k++; k < n->len && s[k] >= '0' && s[k] <= '9'; k++)
+            frac_digits++;
+    if (int_digits == 0 && frac_digits == 0)
+        return S_TSTR;
+    bool exponent = k < n->len && (s[k] == 'e' || s[k] == 'E');
+    if (exponent) {
+        size_t e = ++k;
+        if (k < n->len && (s[k] == '-' || s[k] == '+'))
+            e = ++k;
+        while (k < n->len && s[k] >= '0' && s[k] <= '9')
+            k++;
+        if (k == e)
+            return S_TSTR;
+    }
+    if (k != n->len)
+        return S_TSTR;
+    errno = 0;
+    double v = strtod(s, NULL);
+    if (errno != 0 || !isfinite(v))
+        return S_TSTR;
+    *d = v;
+    return !point && !exponent && int_digits <= 15 ? S_TINT : S_TFLOAT;
 }
 
 /* Why scalar n (of type t) is not of kind, for a message: a value that
@@ -940,8 +985,8 @@ static int s_value(s_ctx_t *ctx, const kh_rfield_t *f, bool items,
         return -1;
     }
     bool numeric = kind == KH_RK_INTEGER || kind == KH_RK_NUMBER;
-    s_error(ctx, KH_E_RULES_TYPE, path, n, "%s%s is %s%s", f->path,
-            items ? " holds items that are" : "", s_kind_name(kind),
+    s_error(ctx, KH_E_RULES_TYPE, path, n, "%s %s %s%s", f->path,
+            items ? "holds items that are" : "is", s_kind_name(kind),
             s_type_hint(n, t, numeric, kind == KH_RK_INTEGER,
                         kind == KH_RK_BOOLEAN));
     return -1;
@@ -1129,6 +1174,44 @@ static bool s_all_contradicts(const kh_rules_t *rules, const kh_rcond_t *c)
     return never;
 }
 
+/* Whether equals or in with vals holds for every referral: the field is
+ * always there and not null, and vals hold each value it can take (true and
+ * false, or every code of its list). Such a leaf is always true: a rule
+ * made of it with continue: false hides the rules after it, and its `not`
+ * never holds. */
+static bool s_vals_cover_field(const kh_rfield_t *f, const kh_rval_t *vals,
+                               size_t nvals)
+{
+    if (!f->always)
+        return false;
+    if (f->kind == KH_RK_BOOLEAN) {
+        bool t = false, fl = false;
+        for (size_t i = 0; i < nvals; i++)
+            if (vals[i].kind == KH_RV_BOOL && vals[i].b)
+                t = true;
+            else if (vals[i].kind == KH_RV_BOOL)
+                fl = true;
+        return t && fl;
+    }
+    if (f->kind != KH_RK_STRING || !json_is_array(f->enums) ||
+        json_array_size(f->enums) == 0)
+        return false;
+    size_t i;
+    const json_t *code;
+    json_array_foreach(f->enums, i, code)
+    {
+        bool found = false;
+        for (size_t k = 0; k < nvals && !found; k++)
+            found =
+                json_is_string(code) && vals[k].kind == KH_RV_STR &&
+                vals[k].len == json_string_length(code) &&
+                memcmp(vals[k].s, json_string_value(code), vals[k].len) == 0;
+        if (!found)
+            return false;
+    }
+    return true;
+}
+
 /* A leaf: {field: PATH, OP: VALUE}. */
 static kh_rcond_t *s_leaf(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
                           kh_rcond_t *c, bool *failed)
@@ -1180,6 +1263,8 @@ static kh_rcond_t *s_leaf(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
         c->nvals = 1;
         if (s_value(ctx, f, false, vn, p, &c->vals[0]))
             *failed = true;
+        else if (s_vals_cover_field(f, c->vals, c->nvals))
+            c->state = KH_RS_ALWAYS;
         break;
     case KH_RC_CONTAINS:
         c->nvals = 1;
@@ -1204,6 +1289,8 @@ static kh_rcond_t *s_leaf(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
         }
         if (vn->n == 0)
             c->state = KH_RS_NEVER;
+        else if (!*failed && s_vals_cover_field(f, c->vals, c->nvals))
+            c->state = KH_RS_ALWAYS;
         break;
     case KH_RC_PRESENT:
         c->nvals = 1;

@@ -585,6 +585,27 @@ START_TEST(test_explain_values)
                                "x\"   (referral: missing)\n"),
                   "%s", text);
     free(text);
+    kh_rules_destroy(&rules);
+    /* A rule fired, but named only a partner that is not registered: the
+     * fallback is not for want of a matching rule. */
+    const char *absent =
+        "version: 1\n"
+        "fallback: {targets: [{partner: zorgcoordinator, fields: [needs]}]}\n"
+        "rules:\n"
+        "- name: r1\n"
+        "  when: {field: subject.age, ge: 18}\n"
+        "  then: {targets: [{partner: absent-one, optional: true, fields: "
+        "[risk]}]}\n";
+    rules = s_load_text(absent, s_demo, S_DEMO_COUNT);
+    out = open_memstream(&text, &len);
+    ck_assert_ptr_nonnull(out);
+    kh_rules_explain(rules, doc, out);
+    fclose(out);
+    ck_assert_msg(strstr(text, "rule r1: FIRED\n") &&
+                      strstr(text, "\nno rule named a registered partner: "
+                                   "fallback (no_registered_target)\n"),
+                  "%s", text);
+    free(text);
     json_decref(doc);
     kh_rules_destroy(&rules);
 }
@@ -730,6 +751,10 @@ START_TEST(test_messages_say_what_fits)
          "off are text)"},
         {"{field: scope, equals: null}", "[risk]",
          "scope is text and may not be null"},
+        {"{field: needs, contains: null}", "[risk]",
+         "needs holds items that are text and may not be null"},
+        {"{field: needs, contains: 3}", "[risk]",
+         "needs holds items that are text"},
         {"{field: needs, equals: shelter}", "[risk]",
          "needs is a list and cannot be compared with a value: contains "
          "tests for a value in it"},
@@ -860,6 +885,8 @@ START_TEST(test_never_matches_only_when_impossible)
         "lt: 12}}]}",
         "{all: [{field: subject.age, in: [9, 10]}, {not: {field: "
         "subject.age, in: [10]}}]}",
+        "{not: {field: scope, in: [domestic, cross_border]}}",
+        "{not: {field: subject.age, in: [null, 9]}}",
     };
     static const char *referrals[] = {
         "{'subject': {'age': 10, 'minor': true}}",
@@ -871,6 +898,8 @@ START_TEST(test_never_matches_only_when_impossible)
         "{'subject': {'age': 9, 'minor': true}}",
         "{'subject': {'age': 15, 'minor': true}}",
         "{'subject': {'age': 9, 'minor': true}}",
+        "{'scope': 'unknown'}",
+        "{'subject': {'age': 10, 'minor': true}}",
     };
     for (size_t i = 0; i < sizeof conds / sizeof conds[0]; i++) {
         char yaml[1024];
@@ -893,6 +922,55 @@ START_TEST(test_never_matches_only_when_impossible)
         kh_rules_eval(rules, doc, r);
         ck_assert_msg(kh_rules_result_matched_count(r) == 1, "%s", conds[i]);
         json_decref(doc);
+        kh_rules_result_destroy(&r);
+        kh_rules_destroy(&rules);
+    }
+}
+END_TEST
+
+/* Numbers are those of the YAML 1.2 core schema: 0o17, 0x10, .5e1 and 17.
+ * are numbers; a hexadecimal fraction (0x1p4), a signed hexadecimal or an
+ * underscore is text, which lt refuses. */
+START_TEST(test_core_schema_numbers)
+{
+    static const struct {
+        const char *value;
+        int below; /* the smallest age that lt does not hold for; 0: text */
+    } cases[] = {{"0o17", 15},   {"0x10", 16}, {"0X10", 0}, {".5e1", 5},
+                 {"17.", 17},    {"+18", 18},  {"1e1", 10}, {"0x1p4", 0},
+                 {"0x1.8p4", 0}, {"-0x10", 0}, {"1_0", 0},  {"0o18", 0},
+                 {"1e", 0},      {".", 0},     {"0x", 0}};
+    kh_rules_options_t o = s_opts(s_demo, S_DEMO_COUNT);
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char yaml[1024];
+        snprintf(yaml, sizeof yaml,
+                 "version: 1\n"
+                 "fallback: {targets: [{partner: zorgcoordinator, fields: "
+                 "[needs]}]}\n"
+                 "rules:\n"
+                 "- name: r1\n"
+                 "  when: {field: subject.age, lt: %s}\n"
+                 "  then: {targets: [{partner: avim, fields: [risk]}]}\n",
+                 cases[i].value);
+        kh_error_t err;
+        kh_rules_t *rules = kh_rules_load_buffer(yaml, strlen(yaml), &o, &err);
+        if (!cases[i].below) {
+            ck_assert_msg(rules == NULL && err.code == KH_E_RULES_TYPE,
+                          "%s taken for a number", cases[i].value);
+            continue;
+        }
+        ck_assert_msg(rules != NULL, "%s: %s", cases[i].value, err.message);
+        kh_rules_result_t *r = kh_rules_result_new(rules);
+        for (int age = cases[i].below - 1; age <= cases[i].below; age++) {
+            char text[128];
+            snprintf(text, sizeof text, "{'subject': {'age': %d}}", age);
+            json_t *doc = khtest_json(text);
+            kh_rules_eval(rules, doc, r);
+            ck_assert_msg(kh_rules_result_matched_count(r) ==
+                              (age < cases[i].below ? 1u : 0u),
+                          "%s at age %d", cases[i].value, age);
+            json_decref(doc);
+        }
         kh_rules_result_destroy(&r);
         kh_rules_destroy(&rules);
     }
@@ -982,6 +1060,14 @@ START_TEST(test_escaped_control_characters)
         {"when: {\"field\\0x\": risk.urgency, equals: immediate}", 10},
         {"when: {field: risk.urgency, equals: \"immediate\\x1b\"}", 39},
         {"when: {field: risk.urgency, equals: \"\\u0000\"}", 39},
+        /* The C1 controls and the Unicode line and paragraph separators,
+         * refused as raw bytes, are refused as escapes too. */
+        {"description: \"one\\x85two\"", 16},
+        {"description: \"one\\Ntwo\"", 16},
+        {"description: \"one\\u009ftwo\"", 16},
+        {"description: \"one\\u2028two\"", 16},
+        {"description: \"one\\Ltwo\"", 16},
+        {"description: \"one\\Ptwo\"", 16},
     };
     kh_rules_options_t o = s_opts(s_demo, S_DEMO_COUNT);
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
@@ -1315,6 +1401,23 @@ START_TEST(test_ctl_exit_codes)
     ck_assert_int_eq(khtest_run(no_db, &out), 1);
     ck_assert_msg(strstr(out, "not checked") && !strstr(out, ":9:"), "%s", out);
     free(out);
+    /* A rules file or schema that is not there is a wrong call (2), named
+     * before the database is asked: not "not checked". */
+    char *no_file_no_db[] = {ctl, "rules", "check", "/nonexistent.yaml", NULL};
+    ck_assert_int_eq(khtest_run(no_file_no_db, &out), 2);
+    ck_assert_msg(strstr(out, "/nonexistent.yaml: cannot read the rules "
+                              "file: No such") &&
+                      !strstr(out, "not checked"),
+                  "%s", out);
+    free(out);
+    char *no_schema_no_db[] = {
+        ctl, "rules", "check", def, "--schema", "/nonexistent.json", NULL};
+    ck_assert_int_eq(khtest_run(no_schema_no_db, &out), 2);
+    ck_assert_msg(strstr(out, "/nonexistent.json: cannot read the referral "
+                              "schema") &&
+                      !strstr(out, "not checked"),
+                  "%s", out);
+    free(out);
     unsetenv("KH_DATABASE_URL");
     /* A partners file or a referral that is not there is said to be not
      * there: not "not a JSON array" and no line -1 of it. */
@@ -1412,6 +1515,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_messages_say_what_fits);
     tcase_add_test(tc, test_unknown_key_hides_nothing);
     tcase_add_test(tc, test_never_matches_only_when_impossible);
+    tcase_add_test(tc, test_core_schema_numbers);
     tcase_add_test(tc, test_alias_bomb_refused_fast);
     tcase_add_test(tc, test_size_depth_encoding);
     tcase_add_test(tc, test_not_a_regular_file);

@@ -256,6 +256,29 @@ static bool s_referral_invalid(const char *schema_path, const json_t *referral,
     return invalid;
 }
 
+/* Whether path opens as a regular file, what (the rules file, the
+ * referral schema) naming it on stderr when not, as kh_rules_load would.
+ * Asked before the database: a file that is not there is a wrong call
+ * (exit 2), not a file left unchecked because the database is away. */
+static bool s_regular_file(const char *path, const char *what, const char *code)
+{
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
+    struct stat st;
+    const char *why = NULL;
+    if (fd < 0)
+        why = strerror(errno);
+    else if (fstat(fd, &st) != 0)
+        why = strerror(errno);
+    else if (!S_ISREG(st.st_mode))
+        why = "not a regular file";
+    if (fd >= 0)
+        close(fd);
+    if (why)
+        fprintf(stderr, "ketenhubctl: %s: cannot read the %s: %s (%s)\n", path,
+                what, why, code);
+    return why == NULL;
+}
+
 static int s_run(int argc, char **argv, bool explain)
 {
     static const struct option options[] = {
@@ -289,6 +312,11 @@ static int s_run(int argc, char **argv, bool explain)
     }
     const char *file = argv[optind];
     char schema_buf[4096];
+    const char *schema_path =
+        s_schema_path(schema, schema_buf, sizeof schema_buf);
+    if (!s_regular_file(file, "rules file", "io") ||
+        !s_regular_file(schema_path, "referral schema", "config"))
+        return CTL_USAGE;
     s_partners_t partners = {0};
     bool have_partners = false;
     if (partners_file) {
@@ -330,12 +358,11 @@ static int s_run(int argc, char **argv, bool explain)
         }
     }
     s_report_arg_t rep = {.file = file};
-    kh_rules_options_t opts = {
-        .schema_path = s_schema_path(schema, schema_buf, sizeof schema_buf),
-        .partners = have_partners ? partners.list : NULL,
-        .partner_count = partners.count,
-        .report = s_report,
-        .report_arg = &rep};
+    kh_rules_options_t opts = {.schema_path = schema_path,
+                               .partners = have_partners ? partners.list : NULL,
+                               .partner_count = partners.count,
+                               .report = s_report,
+                               .report_arg = &rep};
     /* A partner list that is empty but given still counts as given. */
     static const kh_rules_partner_t none = {NULL, false};
     if (have_partners && !opts.partners)
