@@ -89,6 +89,7 @@ typedef struct {
     /* escalate_to: index into kh_rules_t.partner_ids, -1 when none (or
      * when it names an optional partner that is not registered). */
     int escalate;
+    int escalate_named; /* escalate_to as the file names it, -1 when none */
     uint64_t fields[KH_RWORDS];
     uint64_t escalate_fields[KH_RWORDS]; /* what the escalation copy holds */
 } kh_rtarget_t;

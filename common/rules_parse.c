@@ -832,6 +832,60 @@ static const kh_rules_partner_t *s_registered(const kh_rules_options_t *opts,
     return NULL;
 }
 
+/* Whether id is among the count partners and handles cases. */
+static bool s_may_receive(const kh_rules_partner_t *partners, size_t count,
+                          const char *id)
+{
+    for (size_t i = 0; i < count; i++)
+        if (partners[i].id && strcmp(partners[i].id, id) == 0)
+            return partners[i].handles_cases;
+    return false;
+}
+
+/* The optional targets of n in targets, as the registry is now; returns
+ * how many changed. */
+static size_t s_set_optional(const kh_rules_t *self, kh_rtarget_t *targets,
+                             size_t n, const kh_rules_partner_t *partners,
+                             size_t count)
+{
+    size_t changed = 0;
+    for (size_t i = 0; i < n; i++) {
+        kh_rtarget_t *t = &targets[i];
+        if (!t->optional)
+            continue;
+        bool active =
+            s_may_receive(partners, count, self->partner_ids[t->partner]);
+        int escalate =
+            t->escalate_named >= 0 &&
+                    s_may_receive(partners, count,
+                                  self->partner_ids[t->escalate_named])
+                ? t->escalate_named
+                : -1;
+        changed += active != t->active || escalate != t->escalate;
+        t->active = active;
+        t->escalate = escalate;
+    }
+    return changed;
+}
+
+size_t kh_rules_set_partners(kh_rules_t *self,
+                             const kh_rules_partner_t *partners, size_t count)
+{
+    size_t changed = 0;
+    for (size_t r = 0; r < self->nrules; r++)
+        changed += s_set_optional(self, self->rules[r].targets,
+                                  self->rules[r].ntargets, partners, count);
+    bool left = false;
+    for (size_t i = 0; i < self->nfallback; i++)
+        left = left || !self->fallback[i].optional ||
+               s_may_receive(partners, count,
+                             self->partner_ids[self->fallback[i].partner]);
+    if (left)
+        changed += s_set_optional(self, self->fallback, self->nfallback,
+                                  partners, count);
+    return changed;
+}
+
 /* ---- conditions ---------------------------------------------------------- */
 
 void kh_rcond_free(kh_rcond_t *cond)
@@ -1540,6 +1594,11 @@ static int s_escalate_to(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
                 "a target cannot escalate to its own partner");
         return -1;
     }
+    target->escalate_named = s_partner_intern(ctx->rules, to);
+    if (target->escalate_named < 0) {
+        s_error(ctx, KH_E_NOMEM, path, n, "out of memory");
+        return -1;
+    }
     if (ctx->opts->partners) {
         const kh_rules_partner_t *reg = s_registered(ctx->opts, to);
         if (!reg && target->optional) {
@@ -1566,11 +1625,7 @@ static int s_escalate_to(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
         s_note(ctx, KH_E_RULES_ESCALATION, path, n,
                "only urgent deliveries are escalated; this target is %s",
                kh_priority_name(target->priority));
-    target->escalate = s_partner_intern(ctx->rules, to);
-    if (target->escalate < 0) {
-        s_error(ctx, KH_E_NOMEM, path, n, "out of memory");
-        return -1;
-    }
+    target->escalate = target->escalate_named;
     return rc;
 }
 
@@ -1596,7 +1651,7 @@ static int s_targets(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
     for (size_t i = 0; i < n->n; i++) {
         const s_ynode_t *t = n->items[i];
         kh_rtarget_t *target = &(*out)[*count];
-        target->escalate = -1;
+        target->escalate = target->escalate_named = -1;
         char tp[KH_ERROR_PATH_MAX], p[KH_ERROR_PATH_MAX];
         s_path_index(tp, path, i);
         if (!s_want(ctx, t, S_YMAP, tp, "a target")) {

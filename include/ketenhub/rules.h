@@ -88,6 +88,17 @@ const char *kh_rules_version(const kh_rules_t *self);
 
 /* Number of rules and the name of rule i (valid as long as self). */
 size_t kh_rules_count(const kh_rules_t *self);
+
+/* The registry has changed since the rules were loaded (with partners):
+ * take the count partners registered now. An optional target (and an
+ * optional target's escalation partner) takes part when its partner is
+ * registered and handles cases, and is skipped when it is not; the other
+ * targets were checked at load and stay as they are (a delivery to a
+ * partner revoked since becomes a dead letter, with its alert). The
+ * fallback keeps its optional targets when none of its partners would be
+ * left. Returns the number of targets that changed. */
+size_t kh_rules_set_partners(kh_rules_t *self,
+                             const kh_rules_partner_t *partners, size_t count);
 const char *kh_rules_name(const kh_rules_t *self, size_t index);
 
 /* The outcome of one evaluation. Made once per thread for a given

@@ -40,6 +40,8 @@ static kh_cfg_t s_config[] = {
            "most referrals routed in one transaction"),
     KH_CFG("KH_ROUTING_POLL_MS", KH_CFG_INT, "1000", 10, 3600000, false,
            "look for accepted referrals at least this often"),
+    KH_CFG("KH_PARTNER_REFRESH_MS", KH_CFG_INT, "5000", 100, 3600000, false,
+           "how often the partner registry is re-read (optional targets)"),
     KH_CFG("KH_HEALTH_ENDPOINT", KH_CFG_STRING, "127.0.0.1:9702", 0, 0, false,
            "HOST:PORT of /livez, /readyz, /metrics (\"none\": off)"),
     KH_CFG("KH_LOG_LEVEL", KH_CFG_STRING, "info", 0, 0, false,
@@ -96,6 +98,7 @@ static int s_main(int argc, char **argv)
         .notify_endpoint = s_cfg("KH_NOTIFY_WAKE_ENDPOINT")->str,
         .batch = (size_t) s_cfg("KH_ROUTING_BATCH")->num,
         .poll_ms = (int) s_cfg("KH_ROUTING_POLL_MS")->num,
+        .partner_refresh_ms = (int) s_cfg("KH_PARTNER_REFRESH_MS")->num,
     };
     kh_log_info("files", "rules=%s schema=%s", rules_file, schema);
 

@@ -53,7 +53,8 @@ struct _routing_t {
     zloop_t *loop;
     int signal_fd;
     bool stopping;
-    bool reload_again; /* a SIGHUP the database was away for: retried */
+    bool reload_again;     /* a SIGHUP the database was away for: retried */
+    int64_t partners_read; /* zclock_mono of the last read of the registry */
     /* Counters for the stats line. */
     size_t routed, deliveries, passes, failures, wakeups, malformed;
 };
@@ -176,34 +177,65 @@ static void s_report(const kh_error_t *err, bool is_error, void *arg)
            err->line, err->column, KH_LOG_Q(err->message));
 }
 
+/* The registered active partners into list (s_partners_free it, also
+ * on failure). 0, or -1 with err. */
+static int s_list_partners(routing_t *self, s_partners_t *list, kh_error_t *err)
+{
+    if (s_connect(self, err) ||
+        kh_partner_list(self->conn, false, s_partner_add, list, err) < 0)
+        return -1;
+    if (list->oom)
+        return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
+    self->partners_read = zclock_mono();
+    return 0;
+}
+
 /* Load the rules file against the partners registered now. Returns new
  * rules or NULL with err. */
 static kh_rules_t *s_load_rules(routing_t *self, kh_error_t *err)
 {
-    if (s_connect(self, err))
-        return NULL;
     s_partners_t list = {0};
     kh_rules_t *rules = NULL;
-    if (kh_partner_list(self->conn, false, s_partner_add, &list, err) < 0)
-        goto done;
-    if (list.oom) {
-        kh_error_set(err, KH_E_NOMEM, "", "out of memory");
-        goto done;
+    if (s_list_partners(self, &list, err) == 0) {
+        /* An empty registry (a fresh hub, every partner revoked) is still
+         * a registry: a NULL list would load the rules unchecked, so that
+         * a ketenregisseur registered afterwards could be a target. */
+        static const kh_rules_partner_t none = {NULL, false};
+        kh_rules_options_t opts = {
+            .schema_path = self->config.schema_path,
+            .partners = list.count ? list.items : &none,
+            .partner_count = list.count,
+            .report = s_report,
+        };
+        rules = kh_rules_load(self->config.rules_file, &opts, err);
     }
-    /* An empty registry (a fresh hub, every partner revoked) is still a
-     * registry: a NULL list would load the rules unchecked, so that a
-     * ketenregisseur registered afterwards could be a target. */
-    static const kh_rules_partner_t none = {NULL, false};
-    kh_rules_options_t opts = {
-        .schema_path = self->config.schema_path,
-        .partners = list.count ? list.items : &none,
-        .partner_count = list.count,
-        .report = s_report,
-    };
-    rules = kh_rules_load(self->config.rules_file, &opts, err);
-done:
     s_partners_free(&list);
     return rules;
+}
+
+/* Every partner_refresh_ms, between two passes: the optional targets of
+ * the rules in force follow the registry (a partner registered or revoked
+ * since), with no SIGHUP. A registry that cannot be read now is read at
+ * the next chance; the rules stay as they are meanwhile. */
+static void s_refresh_partners(routing_t *self)
+{
+    if (zclock_mono() - self->partners_read < self->config.partner_refresh_ms)
+        return;
+    s_partners_t list = {0};
+    kh_error_t err;
+    if (s_list_partners(self, &list, &err) == 0) {
+        size_t changed =
+            kh_rules_set_partners(self->rules, list.items, list.count);
+        if (changed)
+            kh_log_info("partners_changed",
+                        "targets=%zu registered=%zu rules_version=%s", changed,
+                        list.count, kh_rules_version(self->rules));
+    } else {
+        self->partners_read = zclock_mono();
+        kh_log_warn("partners_unread", "code=%s msg=\"%s\"",
+                    kh_error_name(err.code), KH_LOG_Q(err.message));
+    }
+    s_partners_free(&list);
 }
 
 static char s_present; /* the value of every entry of targets */
@@ -600,6 +632,8 @@ static int s_drain(routing_t *self)
     if (self->reload_again && self->conn &&
         PQstatus(self->conn) == CONNECTION_OK)
         s_reload(self);
+    if (self->conn && PQstatus(self->conn) == CONNECTION_OK)
+        s_refresh_partners(self);
     while (!self->stopping) {
         kh_health_beat(); /* a long backlog is progress, not a hang */
         int routed = s_pass(self);

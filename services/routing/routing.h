@@ -23,6 +23,7 @@ typedef struct {
     const char *notify_endpoint; /* notification's wake-ups; "none": none */
     size_t batch;                /* most referrals claimed per transaction */
     int poll_ms;                 /* a pass at least this often */
+    int partner_refresh_ms;      /* the registry is re-read this often */
 } routing_config_t;
 
 typedef struct _routing_t routing_t;

@@ -166,10 +166,16 @@ static pid_t s_start(const char *endpoint, const char *rules, int poll_ms,
     snprintf(env_schema, sizeof env_schema, "KH_SCHEMA_DIR=%s",
              khtest_src("schemas"));
     snprintf(env_poll, sizeof env_poll, "KH_ROUTING_POLL_MS=%d", poll_ms);
-    char *env[] = {
-        env_db,     env_cert, env_endpoint,         env_rules,
-        env_schema, env_poll, "KH_ROUTING_BATCH=7", "KH_LOG_LEVEL=debug",
-        NULL};
+    char *env[] = {env_db,
+                   env_cert,
+                   env_endpoint,
+                   env_rules,
+                   env_schema,
+                   env_poll,
+                   "KH_ROUTING_BATCH=7",
+                   "KH_LOG_LEVEL=debug",
+                   "KH_PARTNER_REFRESH_MS=200",
+                   NULL};
     char *argv[] = {"ketenhub-routing", NULL};
     pid_t pid =
         khproc_spawn(KH_TEST_BINARY_DIR "/services/routing/ketenhub-routing",
@@ -471,6 +477,55 @@ static void s_assert_reloaded(const char *want, int timeout_ms)
     ck_assert_str_eq(version, want);
     free(version);
 }
+
+/* The deliveries of referral id to partner. */
+static long s_deliveries_to(const char *id, const char *partner)
+{
+    char sql[256];
+    snprintf(sql, sizeof sql,
+             "SELECT count(*) FROM deliveries WHERE referral_id = '%s' AND"
+             " partner_id = '%s'",
+             id, partner);
+    return s_count(sql);
+}
+
+/* The default rules name the Arbeidsinspectie as an optional target of
+ * labour exploitation. Registered while routing runs, it gets the next
+ * such referral within KH_PARTNER_REFRESH_MS, without a SIGHUP (and
+ * without the rules file being read again); revoked, it is skipped again.
+ * The zorgcoordinator gets each one all the while. */
+START_TEST(an_optional_partner_follows_the_registry_without_sighup)
+{
+    const json_t *labour = s_examples[0]; /* adult-labour-agriculture-... */
+    ck_assert_str_eq(
+        json_string_value(json_array_get(
+            json_object_get(json_object_get(labour, "exploitation"), "forms"),
+            0)),
+        "labour");
+    pid_t pid = s_start(s_endpoint(), NULL, 50, "routing.log");
+    char before[37], registered[37], revoked[37];
+    s_insert(labour, before);
+    ck_assert(s_wait_count(S_ROUTED, 1, 5000));
+    ck_assert_int_eq(s_deliveries_to(before, "arbeidsinspectie"), 0);
+    s_register("arbeidsinspectie", "inspectorate", true);
+    ck_assert(s_log_has("routing.log", "event=partners_changed", 3000));
+    s_insert(labour, registered);
+    ck_assert(s_wait_count(S_ROUTED, 2, 5000));
+    ck_assert_int_eq(s_deliveries_to(registered, "arbeidsinspectie"), 1);
+    s_sql("UPDATE partners SET revoked_at = now() WHERE id ="
+          " 'arbeidsinspectie'",
+          0, NULL);
+    zclock_sleep(600); /* three refreshes */
+    s_insert(labour, revoked);
+    ck_assert(s_wait_count(S_ROUTED, 3, 5000));
+    ck_assert_int_eq(s_deliveries_to(revoked, "arbeidsinspectie"), 0);
+    ck_assert_int_eq(s_deliveries_to(before, "zorgcoordinator") +
+                         s_deliveries_to(registered, "zorgcoordinator") +
+                         s_deliveries_to(revoked, "zorgcoordinator"),
+                     3);
+    khproc_stop(pid, SIGTERM, 5000);
+}
+END_TEST
 
 START_TEST(sighup_reload_keeps_old_rules_when_broken)
 {
@@ -899,6 +954,7 @@ int main(void)
     tcase_add_test(tc, two_processes_route_each_once);
     tcase_add_test(tc, wakeup_from_the_hub_routes_before_the_poll);
     tcase_add_test(tc, sighup_reload_keeps_old_rules_when_broken);
+    tcase_add_test(tc, an_optional_partner_follows_the_registry_without_sighup);
     tcase_add_test(tc, sighup_reload_refuses_a_fifo_without_hanging);
     tcase_add_test(tc, sighup_reload_refuses_a_partner_without_cases);
     tcase_add_test(tc, sighup_reload_that_cannot_be_audited_keeps_old_rules);

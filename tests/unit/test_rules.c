@@ -1223,6 +1223,85 @@ static void s_sorted_targets(const kh_rules_result_t *r, char *out, size_t size)
     }
 }
 
+/* The sorted targets of the rules for the referral s_base with overlay. */
+static void s_targets_of(const kh_rules_t *rules, const char *overlay,
+                         char *out, size_t size)
+{
+    kh_rules_result_t *r = kh_rules_result_new(rules);
+    ck_assert_ptr_nonnull(r);
+    json_t *doc = khtest_json(s_base);
+    s_apply(doc, overlay, NULL);
+    kh_rules_eval(rules, doc, r);
+    s_sorted_targets(r, out, size);
+    json_decref(doc);
+    kh_rules_result_destroy(&r);
+}
+
+/* The registry changes after the rules were loaded: optional targets and
+ * an optional target's escalation partner follow it, a partner that does
+ * not handle cases never takes part, the required targets stay, and the
+ * fallback keeps a partner. */
+START_TEST(test_set_partners)
+{
+    static const kh_rules_partner_t at_load[] = {
+        {"px", true}, {"py", true}, {"pz", true}, {"zorgcoordinator", true}};
+    kh_rules_t *rules = s_load_text(s_escalation_rules, at_load, 4);
+    static const char *suspects = "{'suspects':'iemand'}";
+    static const char *immediate =
+        "{'risk':{'acute_danger':false,'urgency':'immediate'}}";
+    char got[1024];
+    s_targets_of(rules, suspects, got, sizeof got);
+    ck_assert_str_eq(got, "py:urgent");
+    s_targets_of(rules, immediate, got, sizeof got);
+    ck_assert_str_eq(got, "px:urgent>py pz:urgent");
+    /* Nothing changed: nothing to do. */
+    ck_assert_int_eq(kh_rules_set_partners(rules, at_load, 4), 0);
+
+    static const kh_rules_partner_t more[] = {
+        {"px", true},         {"py", true},
+        {"pz", true},         {"zorgcoordinator", true},
+        {"absent-one", true}, {"gone", true}};
+    ck_assert_int_eq(kh_rules_set_partners(rules, more, 6), 2);
+    s_targets_of(rules, suspects, got, sizeof got);
+    ck_assert_str_eq(got, "py:urgent>absent-one");
+    s_targets_of(rules, immediate, got, sizeof got);
+    ck_assert_str_eq(got, "gone:urgent>py px:urgent>py pz:urgent");
+
+    /* Registered without handling cases: skipped as if absent. px, a
+     * required target revoked since, stays (its deliveries die, with
+     * their alerts). */
+    static const kh_rules_partner_t fewer[] = {{"py", true},
+                                               {"pz", true},
+                                               {"zorgcoordinator", true},
+                                               {"absent-one", false},
+                                               {"gone", false}};
+    ck_assert_int_eq(kh_rules_set_partners(rules, fewer, 5), 2);
+    s_targets_of(rules, suspects, got, sizeof got);
+    ck_assert_str_eq(got, "py:urgent");
+    s_targets_of(rules, immediate, got, sizeof got);
+    ck_assert_str_eq(got, "px:urgent>py pz:urgent");
+    kh_rules_destroy(&rules);
+
+    /* A fallback of optional partners only keeps them when none would be
+     * left. */
+    static const char *optional_fallback =
+        "version: 1\n"
+        "fallback: {targets: [{partner: px, optional: true, fields: [needs]},"
+        " {partner: py, optional: true, fields: [needs]}]}\n"
+        "rules: []\n";
+    rules = s_load_text(optional_fallback, at_load, 4);
+    static const kh_rules_partner_t only_py[] = {{"py", true}};
+    ck_assert_int_eq(kh_rules_set_partners(rules, only_py, 1), 1);
+    s_targets_of(rules, NULL, got, sizeof got);
+    ck_assert_str_eq(got, "py:normal");
+    static const kh_rules_partner_t nobody[] = {{"pz", true}};
+    ck_assert_int_eq(kh_rules_set_partners(rules, nobody, 1), 0);
+    s_targets_of(rules, NULL, got, sizeof got);
+    ck_assert_str_eq(got, "py:normal");
+    kh_rules_destroy(&rules);
+}
+END_TEST
+
 static json_t *s_example(const char *name)
 {
     char rel[256];
@@ -1508,6 +1587,7 @@ static Suite *s_suite(void)
     tcase_set_timeout(tc, 60);
     tcase_add_test(tc, test_eval_cases);
     tcase_add_test(tc, test_escalation);
+    tcase_add_test(tc, test_set_partners);
     tcase_add_test(tc, test_explain_values);
     tcase_add_test(tc, test_invalid_corpus);
     tcase_add_test(tc, test_all_errors_reported);
