@@ -816,6 +816,10 @@ START_TEST(a_bad_path_or_endpoint_exits_2_before_the_database)
         {"notification", "KH_DATABASE_PASSWORD_FILE", "/nonexistent"},
         {"audit", "KH_AUDIT_KEY", "/nonexistent/hub-audit.key"},
         {"audit", "KH_DATABASE_PASSWORD_FILE", "/nonexistent"},
+        {"intake", "KH_DATABASE_URL", "host=127.0.0.1 prot=1"},
+        {"routing", "KH_DATABASE_URL", "host=127.0.0.1 port"},
+        {"notification", "KH_DATABASE_URL", "postgresql://h:1/d?bogus=1"},
+        {"audit", "KH_DATABASE_URL", "host='127.0.0.1"},
     };
     char *output = NULL;
     ck_assert_int_eq(
