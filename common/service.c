@@ -123,23 +123,12 @@ int kh_service_start(const char *name, int argc, char **argv, kh_cfg_t *config,
         }
     }
     /* A connection string that does not parse would be retried for ever
-     * as a database that is away. Its text is a secret (it may hold a
-     * password), so neither it nor libpq's message, which quotes it, is
-     * shown. */
+     * as a database that is away. */
     const kh_cfg_t *url = kh_config_get(config, count, "KH_DATABASE_URL");
-    if (url && *url->str) {
-        char *why = NULL;
-        PQconninfoOption *options = PQconninfoParse(url->str, &why);
-        PQfreemem(why);
-        if (!options) {
-            kh_log_error(
-                "start_failed",
-                "code=config path=KH_DATABASE_URL msg=\"KH_DATABASE_URL "
-                "is not a libpq connection string (key=value ...) "
-                "or URI (postgresql://...)\"");
-            return 2;
-        }
-        PQconninfoFree(options);
+    if (url && kh_db_conninfo_check(url->str, &err) < 0) {
+        kh_log_error("start_failed", "code=%s path=%s msg=\"%s\"",
+                     kh_error_name(err.code), err.path, KH_LOG_Q(err.message));
+        return 2;
     }
     if (sodium_init() < 0) {
         kh_log_error("start_failed", "reason=\"no random source\"");
