@@ -94,6 +94,12 @@ int kh_config_load(kh_cfg_t *table, size_t count, kh_error_t *err)
     return 0;
 }
 
+bool kh_config_is_set(const char *name)
+{
+    const char *text = getenv(name);
+    return text && *text;
+}
+
 const kh_cfg_t *kh_config_get(const kh_cfg_t *table, size_t count,
                               const char *name)
 {
