@@ -3,6 +3,7 @@
  */
 #include "ketenhub/config.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -59,10 +60,14 @@ static int s_parse(kh_cfg_t *entry, const char *text, kh_error_t *err)
                                 "%s must be true or false", entry->name);
         return 0;
     }
+    /* strtol would skip leading blanks and take a '+': a value is digits,
+     * a '-' before them at most, as a trailing blank is refused too. */
     char *end = NULL;
     errno = 0;
     long value = strtol(text, &end, 10);
-    if (errno || end == text || *end != '\0')
+    if (errno || end == text || *end != '\0' ||
+        !(isdigit((unsigned char) text[0]) ||
+          (text[0] == '-' && isdigit((unsigned char) text[1]))))
         return kh_error_set(err, KH_E_CONFIG, entry->name,
                             "%s must be an integer", entry->name);
     if (value < entry->min || value > entry->max)
@@ -87,6 +92,12 @@ int kh_config_load(kh_cfg_t *table, size_t count, kh_error_t *err)
             return -1;
     }
     return 0;
+}
+
+bool kh_config_is_set(const char *name)
+{
+    const char *text = getenv(name);
+    return text && *text;
 }
 
 const kh_cfg_t *kh_config_get(const kh_cfg_t *table, size_t count,

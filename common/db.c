@@ -50,9 +50,31 @@ int kh_db_password(char *buf, size_t size, kh_error_t *err)
     return 1;
 }
 
+int kh_db_conninfo_check(const char *conninfo, kh_error_t *err)
+{
+    /* libpq expands dbname only when it holds '=' or starts as a URI;
+     * anything else is a database name. */
+    if (!conninfo || (!strchr(conninfo, '=') &&
+                      strncmp(conninfo, "postgresql://", 13) != 0 &&
+                      strncmp(conninfo, "postgres://", 11) != 0))
+        return 0;
+    char *why = NULL;
+    PQconninfoOption *options = PQconninfoParse(conninfo, &why);
+    PQfreemem(why);
+    if (!options)
+        return kh_error_set(err, KH_E_CONFIG, "KH_DATABASE_URL",
+                            "not a libpq connection "
+                            "string (key=value ...) or URI "
+                            "(postgresql://...)");
+    PQconninfoFree(options);
+    return 0;
+}
+
 PGconn *kh_db_connect_app(const char *conninfo, const char *application_name,
                           kh_error_t *err)
 {
+    if (kh_db_conninfo_check(conninfo, err) < 0)
+        return NULL;
     char password[256];
     if (kh_db_password(password, sizeof password, err) < 0)
         return NULL;

@@ -136,6 +136,13 @@ int kh_metric_declare(const char *name, kh_metric_type_t type,
             f->tail = &f->series;
             *s_families_tail = f;
             s_families_tail = &f->next;
+            /* An unlabelled counter or histogram is 0 from the start, so
+             * that increase() sees its first step after a restart (an
+             * alert on the first dead letter). A gauge has no value until
+             * it is set: 0 would be a claim. */
+            if (!label && type != KH_METRIC_GAUGE &&
+                !s_series(name, NULL, type))
+                rc = -1;
         }
     }
     pthread_mutex_unlock(&s_lock);

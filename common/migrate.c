@@ -232,6 +232,11 @@ static int s_scan(const char *dir, s_files_t *files, kh_error_t *err)
         }
     }
     closedir(handle);
+    /* A directory without migrations is a mistyped --dir or
+     * KH_MIGRATIONS_DIR, not a database that is up to date. */
+    if (rc == 0 && files->count == 0)
+        rc = kh_error_set(err, KH_E_CONFIG, dir,
+                          "no migrations (NNN_name.sql) in this directory");
     if (rc == 0 && files->count > 1) {
         qsort(files->items, files->count, sizeof files->items[0],
               s_compare_files);

@@ -80,10 +80,8 @@ bool kh_partner_key_valid(const char *key)
     return !all_zero;
 }
 
-/* Display names: 1..KH_PARTNER_NAME_MAX characters, no control
- * characters, no leading or trailing space. UTF-8 validity is left to the
- * server (it refuses invalid bytes). */
-static bool s_display_name_valid(const char *name)
+/* UTF-8 validity is left to the server (it refuses invalid bytes). */
+bool kh_partner_display_name_valid(const char *name)
 {
     if (!name || !*name)
         return false;
@@ -127,7 +125,7 @@ int kh_partner_register(PGconn *conn, const char *id, const char *display_name,
     if (!kh_partner_id_valid(id))
         return kh_error_set(err, KH_E_CONFIG, "id",
                             "partner id must match ^[a-z][a-z0-9-]{1,31}$");
-    if (!s_display_name_valid(display_name))
+    if (!kh_partner_display_name_valid(display_name))
         return kh_error_set(err, KH_E_CONFIG, "display_name",
                             "display name must be 1 to %d characters, "
                             "without control characters or outer spaces",

@@ -122,6 +122,14 @@ int kh_service_start(const char *name, int argc, char **argv, kh_cfg_t *config,
             return 2;
         }
     }
+    /* A connection string that does not parse would be retried for ever
+     * as a database that is away. */
+    const kh_cfg_t *url = kh_config_get(config, count, "KH_DATABASE_URL");
+    if (url && kh_db_conninfo_check(url->str, &err) < 0) {
+        kh_log_error("start_failed", "code=%s path=%s msg=\"%s\"",
+                     kh_error_name(err.code), err.path, KH_LOG_Q(err.message));
+        return 2;
+    }
     if (sodium_init() < 0) {
         kh_log_error("start_failed", "reason=\"no random source\"");
         return 1;

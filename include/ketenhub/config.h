@@ -60,6 +60,10 @@ typedef struct {
  * missing required variable or malformed / out-of-bounds value. */
 int kh_config_load(kh_cfg_t *table, size_t count, kh_error_t *err);
 
+/* Whether the environment sets name, as kh_config_load reads it: unset
+ * and empty both mean the default. */
+bool kh_config_is_set(const char *name);
+
 /* The entry called name; NULL if the table has none. */
 const kh_cfg_t *kh_config_get(const kh_cfg_t *table, size_t count,
                               const char *name);

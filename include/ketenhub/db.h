@@ -43,6 +43,14 @@ PGconn *kh_db_connect(const char *conninfo, kh_error_t *err);
  * empty, or does not fit in size bytes. */
 int kh_db_password(char *buf, size_t size, kh_error_t *err);
 
+/* Whether conninfo is one that libpq can read: "", a database name, or a
+ * connection string (key=value ...) or URI (postgresql://...) that
+ * parses. Returns 0, or -1 with err (KH_E_CONFIG, path KH_DATABASE_URL)
+ * that neither quotes conninfo nor libpq's message, which may hold the
+ * password. kh_db_connect_app checks it first: a setting that does not
+ * parse is not a database that is away. */
+int kh_db_conninfo_check(const char *conninfo, kh_error_t *err);
+
 /* As kh_db_connect, with an application_name for pg_stat_activity (e.g.
  * the service's name); application_name NULL means "ketenhub". */
 PGconn *kh_db_connect_app(const char *conninfo, const char *application_name,

@@ -69,7 +69,8 @@ static int s_main(int argc, char **argv)
      * else. audit binds no socket; the probe reads the trail head. */
     kh_health_config_t hc = {.service = "audit",
                              .endpoint = s_cfg("KH_HEALTH_ENDPOINT")->str,
-                             .bind_optional = !getenv("KH_HEALTH_ENDPOINT"),
+                             .bind_optional =
+                                 !kh_config_is_set("KH_HEALTH_ENDPOINT"),
                              .conninfo = s_cfg("KH_DATABASE_URL")->str};
     kh_health_t *health = kh_health_new(&hc, &err);
     if (!health) {

@@ -100,7 +100,8 @@ static int s_main(int argc, char **argv)
      * else; not ready until the sockets are bound. */
     kh_health_config_t hc = {.service = "intake",
                              .endpoint = s_get("KH_HEALTH_ENDPOINT"),
-                             .bind_optional = !getenv("KH_HEALTH_ENDPOINT"),
+                             .bind_optional =
+                                 !kh_config_is_set("KH_HEALTH_ENDPOINT"),
                              .conninfo = config.conninfo};
     kh_health_t *health = kh_health_new(&hc, &err);
     if (!health) {

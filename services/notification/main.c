@@ -107,7 +107,8 @@ static int s_main(int argc, char **argv)
      * the backlog per partner for /metrics. */
     kh_health_config_t hc = {.service = "notification",
                              .endpoint = s_cfg("KH_HEALTH_ENDPOINT")->str,
-                             .bind_optional = !getenv("KH_HEALTH_ENDPOINT"),
+                             .bind_optional =
+                                 !kh_config_is_set("KH_HEALTH_ENDPOINT"),
                              .conninfo = config.conninfo};
     kh_health_t *health = kh_health_new(&hc, &err);
     if (!health) {

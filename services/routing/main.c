@@ -106,7 +106,8 @@ static int s_main(int argc, char **argv)
      * else; ready once the socket is bound and the rules are loaded. */
     kh_health_config_t hc = {.service = "routing",
                              .endpoint = s_cfg("KH_HEALTH_ENDPOINT")->str,
-                             .bind_optional = !getenv("KH_HEALTH_ENDPOINT"),
+                             .bind_optional =
+                                 !kh_config_is_set("KH_HEALTH_ENDPOINT"),
                              .conninfo = config.conninfo,
                              .needs_rules = true};
     kh_health_t *health = kh_health_new(&hc, &err);

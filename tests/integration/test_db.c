@@ -242,6 +242,44 @@ START_TEST(password_comes_from_the_password_file)
 }
 END_TEST
 
+/* A connection string that libpq cannot read is a setting to correct,
+ * named without quoting it (it may hold a password), not a database that
+ * is away; a database name alone is one libpq reads. */
+START_TEST(a_connection_string_that_does_not_parse_is_a_setting)
+{
+    const char *bad[] = {"host=127.0.0.1 prot=1 password=hunter2",
+                         "password=hunter2 port",
+                         "postgresql://u:hunter2@h/d?bogus=1",
+                         "host='127.0.0.1 password=hunter2"};
+    kh_error_t err;
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        kh_error_clear(&err);
+        ck_assert_ptr_null(kh_db_connect(bad[i], &err));
+        ck_assert_int_eq(err.code, KH_E_CONFIG);
+        ck_assert_str_eq(err.path, "KH_DATABASE_URL");
+        ck_assert_ptr_null(strstr(err.message, "hunter2"));
+    }
+    ck_assert_int_eq(kh_db_conninfo_check("ketenhub", &err), 0);
+    ck_assert_int_eq(kh_db_conninfo_check("", &err), 0);
+    ck_assert_int_eq(kh_db_conninfo_check(khtest_pg_conninfo(), &err), 0);
+
+    /* ketenhubctl: a usage error (exit 2) naming the variable. */
+    char *before =
+        getenv("KH_DATABASE_URL") ? strdup(getenv("KH_DATABASE_URL")) : NULL;
+    setenv("KH_DATABASE_URL", bad[0], 1);
+    char *out = NULL;
+    ck_assert_int_eq(KHTEST_CTL(&out, "partner", "list"), 2);
+    ck_assert_ptr_nonnull(strstr(out, "KH_DATABASE_URL"));
+    ck_assert_ptr_null(strstr(out, "hunter2"));
+    free(out);
+    if (before)
+        setenv("KH_DATABASE_URL", before, 1);
+    else
+        unsetenv("KH_DATABASE_URL");
+    free(before);
+}
+END_TEST
+
 /* Binary arrays of every element type the hub sends arrive as the same
  * values a text literal would give: NULLs, empty and non-ASCII strings,
  * bytes with a NUL, quotes and backslashes, uuids; an empty array. */
@@ -374,6 +412,7 @@ int main(void)
     tcase_add_test(tc, unreachable_database_is_unavailable);
     tcase_add_test(tc, connecting_does_not_block_the_caller);
     tcase_add_test(tc, password_comes_from_the_password_file);
+    tcase_add_test(tc, a_connection_string_that_does_not_parse_is_a_setting);
     tcase_add_test(tc, binary_arrays_reach_the_server_intact);
     tcase_add_test(tc, begin_and_statement_go_in_one_round_trip);
     suite_add_tcase(suite, tc);

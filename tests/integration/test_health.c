@@ -8,10 +8,13 @@
  * exit 2 by every service binary.
  */
 #include <czmq.h>
+#include <errno.h>
 #include <libpq-fe.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include "ketenhub/client.h"
@@ -816,6 +819,10 @@ START_TEST(a_bad_path_or_endpoint_exits_2_before_the_database)
         {"notification", "KH_DATABASE_PASSWORD_FILE", "/nonexistent"},
         {"audit", "KH_AUDIT_KEY", "/nonexistent/hub-audit.key"},
         {"audit", "KH_DATABASE_PASSWORD_FILE", "/nonexistent"},
+        {"intake", "KH_DATABASE_URL", "host=127.0.0.1 prot=1"},
+        {"routing", "KH_DATABASE_URL", "host=127.0.0.1 port"},
+        {"notification", "KH_DATABASE_URL", "postgresql://h:1/d?bogus=1"},
+        {"audit", "KH_DATABASE_URL", "host='127.0.0.1"},
     };
     char *output = NULL;
     ck_assert_int_eq(
@@ -860,6 +867,41 @@ START_TEST(a_bad_path_or_endpoint_exits_2_before_the_database)
     for (size_t i = 0; i < sizeof set / sizeof set[0]; i++)
         unsetenv(set[i]);
     setenv("KH_DATABASE_URL", s_conninfo, 1);
+}
+END_TEST
+
+/* KH_HEALTH_ENDPOINT set but empty means its default, as for every
+ * setting: one that cannot be bound is logged, and the service runs
+ * (two replicas on one host), instead of stopping as a value set would. */
+START_TEST(an_empty_health_endpoint_is_the_default)
+{
+    /* Audit's default, 127.0.0.1:9704, held here (or by someone else). */
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    ck_assert_int_ge(fd, 0);
+    struct sockaddr_in sa = {.sin_family = AF_INET,
+                             .sin_port = htons(9704),
+                             .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    if (bind(fd, (struct sockaddr *) &sa, sizeof sa) == 0)
+        ck_assert_int_eq(listen(fd, 1), 0);
+    else
+        ck_assert_int_eq(errno, EADDRINUSE);
+    char *output = NULL;
+    ck_assert_int_eq(
+        KHTEST_CTL(&output, "audit", "keygen", "--out", s_path("audit")), 0);
+    free(output);
+    setenv("KH_AUDIT_KEY", s_path("audit/hub-audit.key"), 1);
+    setenv("KH_HEALTH_ENDPOINT", "", 1);
+    char path[512];
+    snprintf(path, sizeof path, "%s/services/audit/ketenhub-audit",
+             KH_TEST_BINARY_DIR);
+    char *argv[] = {"/usr/bin/timeout", "2", path, NULL};
+    int status = khtest_run(argv, &output);
+    ck_assert_msg(status == 124 && strstr(output, "event=health_unbound"),
+                  "exit %d: %s", status, output);
+    free(output);
+    unsetenv("KH_HEALTH_ENDPOINT");
+    unsetenv("KH_AUDIT_KEY");
+    close(fd);
 }
 END_TEST
 
@@ -970,6 +1012,7 @@ int main(void)
     tcase_add_test(tc, status_shows_a_refused_reload_until_rules_load);
     tcase_add_test(tc, a_bad_setting_exits_2_naming_the_variable);
     tcase_add_test(tc, a_bad_path_or_endpoint_exits_2_before_the_database);
+    tcase_add_test(tc, an_empty_health_endpoint_is_the_default);
     suite_add_tcase(suite, tc);
     TCase *reference = tcase_create("reference");
     tcase_add_test(reference, readme_names_every_setting_and_metric);

@@ -392,6 +392,45 @@ START_TEST(test_bad_names_refused)
 }
 END_TEST
 
+/* A migrations directory that is missing or holds no migration is a
+ * usage error: never "up to date" on a database that has no schema. */
+START_TEST(test_empty_dir_refused)
+{
+    PGconn *conn = khtest_db_empty(DB);
+    char *dir = khtest_tmpdir();
+    s_write_in(dir, "README.md", "how migrations work\n");
+    kh_error_t err;
+    kh_error_clear(&err);
+    ck_assert_int_eq(kh_migrate_apply(conn, dir, NULL, NULL, &err), -1);
+    ck_assert_int_eq(err.code, KH_E_CONFIG);
+    ck_assert_str_eq(err.path, dir);
+    ck_assert_int_eq(kh_migrate_status(conn, dir, NULL, NULL, &err), -1);
+    ck_assert_int_eq(err.code, KH_E_CONFIG);
+
+    char *conninfo = khtest_db_conninfo(DB);
+    setenv("KH_DATABASE_URL", conninfo, 1);
+    char *out = NULL;
+    ck_assert_int_eq(KHTEST_CTL(&out, "migrate", "--dir", dir), 2);
+    ck_assert_ptr_nonnull(strstr(out, "no migrations"));
+    free(out);
+    ck_assert_int_eq(
+        KHTEST_CTL(&out, "migrate", "--dir", "/nonexistent/migrations"), 2);
+    ck_assert_ptr_nonnull(strstr(out, "--dir /nonexistent/migrations"));
+    free(out);
+    setenv("KH_MIGRATIONS_DIR", "/nonexistent/migrations", 1);
+    ck_assert_int_eq(KHTEST_CTL(&out, "migrate", "--status"), 2);
+    ck_assert_ptr_nonnull(strstr(out, "KH_MIGRATIONS_DIR"));
+    free(out);
+    unsetenv("KH_MIGRATIONS_DIR");
+    unsetenv("KH_DATABASE_URL");
+    free(conninfo);
+    ck_assert(!s_exists(conn, "kh_schema_migrations"));
+    khtest_rmtree(dir);
+    free(dir);
+    PQfinish(conn);
+}
+END_TEST
+
 START_TEST(test_broken_migration_rolls_back)
 {
     PGconn *conn = khtest_db_empty(DB);
@@ -780,6 +819,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_renamed_file_refused);
     tcase_add_test(tc, test_missing_file_refused);
     tcase_add_test(tc, test_bad_names_refused);
+    tcase_add_test(tc, test_empty_dir_refused);
     tcase_add_test(tc, test_broken_migration_rolls_back);
     tcase_add_test(tc, test_transaction_control_refused);
     tcase_add_test(tc, test_out_of_order_refused);

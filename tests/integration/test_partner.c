@@ -540,7 +540,8 @@ START_TEST(test_ctl_end_to_end)
     ck_assert_int_eq(KHTEST_CTL(&text, "migrate"), 0);
     ck_assert_ptr_nonnull(strstr(text, "(0 applied now)"));
     free(text);
-    ck_assert_int_eq(KHTEST_CTL(&text, "migrate", "--dir", "/nonexistent"), 1);
+    /* A directory that is not there is a usage error, as --cert-dir's. */
+    ck_assert_int_eq(KHTEST_CTL(&text, "migrate", "--dir", "/nonexistent"), 2);
     free(text);
 
     /* hub keygen, and no silent replacement. */
@@ -625,6 +626,21 @@ START_TEST(test_ctl_end_to_end)
                                 "--kind", "other", "--out", out3),
                      2);
     free(text);
+    /* So is a display name that is none (a line break, outer spaces),
+     * before anything is registered or written. */
+    ck_assert_int_eq(KHTEST_CTL(&text, "partner", "add", "okid", "--name",
+                                "a\nb", "--kind", "other", "--cert-dir",
+                                cert_dir, "--out", out3),
+                     2);
+    ck_assert_msg(strstr(text, "--name"), "%s", text);
+    free(text);
+    ck_assert_int_eq(KHTEST_CTL(&text, "partner", "add", "okid", "--name", " x",
+                                "--kind", "other", "--cert-dir", cert_dir,
+                                "--out", out3),
+                     2);
+    free(text);
+    ck_assert(!s_file_exists(out3, "okid.cert_secret"));
+    ck_assert(!s_file_exists(cert_dir, "okid.cert"));
     /* A --cert-dir that is not there (mistyped) is refused before
      * anything is registered or written, as for rotate and revoke: made
      * here, it would hold the certificate where zauth never looks. */

@@ -67,6 +67,28 @@ START_TEST(counters_and_gauges_in_the_text_format)
 }
 END_TEST
 
+/* Unlabelled counters and histograms are 0 from their declaration (so
+ * that increase() sees their first step after a restart); a gauge that
+ * was never set, or a labelled family without a value, shows nothing. */
+START_TEST(unlabelled_counters_start_at_0)
+{
+    kh_metric_declare("dead_total", KH_METRIC_COUNTER, NULL, "Dead.");
+    kh_metric_declare("wait_seconds", KH_METRIC_HISTOGRAM, NULL, "Waits.");
+    kh_metric_declare("refused_total", KH_METRIC_COUNTER, "code", "Refused.");
+    kh_metric_declare("dead_letters", KH_METRIC_GAUGE, NULL, "Dead now.");
+    char *text = s_render();
+    ck_assert_ptr_nonnull(strstr(text, "\nketenhub_dead_total 0\n"));
+    ck_assert_ptr_nonnull(
+        strstr(text, "ketenhub_wait_seconds_bucket{le=\"+Inf\"} 0\n"));
+    ck_assert_ptr_nonnull(strstr(text, "ketenhub_wait_seconds_count 0\n"));
+    ck_assert_ptr_null(strstr(text, "ketenhub_refused_total{"));
+    ck_assert_ptr_null(strstr(text, "\nketenhub_dead_letters "));
+    free(text);
+    kh_metric_add("dead_total", NULL, 1);
+    ck_assert_double_eq(kh_metric_value("dead_total", NULL), 1);
+}
+END_TEST
+
 START_TEST(histogram_buckets_are_cumulative)
 {
     kh_metric_declare("wait_seconds", KH_METRIC_HISTOGRAM, NULL, "Waits.");
@@ -170,6 +192,7 @@ int main(void)
     TCase *tc = tcase_create("registry");
     tcase_add_checked_fixture(tc, NULL, s_teardown);
     tcase_add_test(tc, counters_and_gauges_in_the_text_format);
+    tcase_add_test(tc, unlabelled_counters_start_at_0);
     tcase_add_test(tc, histogram_buckets_are_cumulative);
     tcase_add_test(tc, label_values_are_escaped);
     tcase_add_test(tc, each_service_declares_its_families);

@@ -810,6 +810,9 @@ START_TEST(config_is_validated_as_a_whole)
     s_config_expect("x", "0", "on", "KH_T_COUNT");
     s_config_expect("x", "101", "on", "KH_T_COUNT");
     s_config_expect("x", "12abc", "on", "KH_T_COUNT");
+    s_config_expect("x", " 12", "on", "KH_T_COUNT");
+    s_config_expect("x", "+12", "on", "KH_T_COUNT");
+    s_config_expect("x", "12 ", "on", "KH_T_COUNT");
     s_config_expect("x", "99999999999999999999999", "on", "KH_T_COUNT");
     s_config_expect("x", "10", "maybe", "KH_T_FLAG");
     ck_assert_ptr_null(kh_config_get(s_table, S_COUNT, "KH_T_NONE"));

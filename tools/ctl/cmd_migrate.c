@@ -99,8 +99,18 @@ int ctl_migrate(int argc, char **argv)
     if (optind != argc)
         return ctl_usage_error("migrate: unexpected argument '%s'",
                                argv[optind]);
-    if (!dir)
+    const char *from = "--dir";
+    if (!dir) {
         dir = s_default_dir();
+        from = getenv("KH_MIGRATIONS_DIR") && *getenv("KH_MIGRATIONS_DIR")
+                   ? "KH_MIGRATIONS_DIR"
+                   : "the default migrations directory";
+    }
+    /* A mistyped directory is a usage error, named before the database
+     * is asked anything. */
+    struct stat st;
+    if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode))
+        return ctl_usage_error("migrate: %s %s is not a directory", from, dir);
 
     PGconn *conn = ctl_connect_wait(wait_s);
     if (!conn)

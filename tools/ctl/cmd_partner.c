@@ -399,6 +399,11 @@ static int s_cmd_add(int argc, char **argv)
         return CTL_USAGE;
     if (!name || !*name)
         return ctl_usage_error("partner add: --name NAME is required");
+    if (!kh_partner_display_name_valid(name))
+        return ctl_usage_error("partner add: --name must be 1 to %d "
+                               "characters, without control characters or "
+                               "outer spaces",
+                               KH_PARTNER_NAME_MAX);
     if (!kind_name)
         return ctl_usage_error("partner add: --kind KIND is required");
     int kind = kh_partner_kind_from_name(kind_name);
