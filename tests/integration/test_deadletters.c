@@ -27,6 +27,7 @@
 #define D3 "aaaaaaaa-0000-4000-8000-000000000003" /* vt, dead */
 #define D4 "aaaaaaaa-0000-4000-8000-000000000004" /* vt, acknowledged */
 #define D5 "aaaaaaaa-0000-4000-8000-000000000005" /* zc, dead, purged */
+#define D6 "aaaaaaaa-0000-4000-8000-000000000006" /* meldpunt, copy of D1 */
 #define NOPE "aaaaaaaa-0000-4000-8000-0000000000ff"
 
 static PGconn *s_conn;
@@ -288,6 +289,20 @@ START_TEST(test_list_and_show)
     free(out);
     ck_assert_int_eq(KHTEST_CTL(&out, "deadletters", "show", D5), 0);
     ck_assert_ptr_nonnull(strstr(out, "purged"));
+    free(out);
+    /* An escalation copy says whose delivery it was made for. */
+    s_delivery(D6, REF, "meldpunt", "urgent", "acknowledged", NULL, 1, false);
+    s_sql("UPDATE deliveries SET escalation_of = '" D1 "' WHERE id = '" D6 "'");
+    ck_assert_int_eq(KHTEST_CTL(&out, "deadletters", "show", D6), 0);
+    ck_assert_msg(strstr(out, "escalation_of    " D1), "%s", out);
+    free(out);
+    ck_assert_int_eq(KHTEST_CTL(&out, "deadletters", "show", D6, "--json"), 0);
+    shown = json_loads(out, 0, &jerr);
+    ck_assert_msg(shown != NULL, "%s", out);
+    ck_assert_str_eq(json_string_value(json_object_get(
+                         json_object_get(shown, "delivery"), "escalation_of")),
+                     D1);
+    json_decref(shown);
     free(out);
     ck_assert_int_eq(KHTEST_CTL(&out, "deadletters", "show", NOPE), 1);
     ck_assert_ptr_nonnull(strstr(out, "no delivery " NOPE));

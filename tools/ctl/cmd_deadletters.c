@@ -314,10 +314,11 @@ static int s_cmd_list(int argc, char **argv)
 /* ---- show ------------------------------------------------------------- */
 
 /* The delivery's columns that show prints: never payload, only its hash
- * and size. */
+ * and size. escalation_of names, for an escalation copy, the delivery
+ * whose acknowledgement was overdue. */
 static const char s_show_sql[] =
     "SELECT id AS delivery_id, referral_id, partner_id AS partner, priority,"
-    " state, attempts, dead_reason, escalate_to,"
+    " state, attempts, dead_reason, escalate_to, escalation_of,"
     " " S_TS(
         "created_at") " AS created_at,"
                       " " S_TS(
