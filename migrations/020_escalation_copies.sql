@@ -34,6 +34,23 @@ COMMENT ON COLUMN deliveries.escalation_of IS
     '(another partner''s, of the same referral). NULL for the deliveries '
     'routing made.';
 
+-- The copies made before: each was made in the statement that escalated
+-- a delivery of the same referral naming its partner (escalate_to), so
+-- its created_at is that delivery's escalated_at (one now()). Before this
+-- migration a partner had one delivery of a referral, so a partner's own
+-- delivery (routed before any escalation of the referral) is taken
+-- for a copy only if its routing transaction began in the very
+-- microsecond of that statement. When two deliveries escalated to the partner
+-- at once, one copy stood for both: it names the first of them.
+UPDATE deliveries c SET escalation_of = (
+    SELECT min(o.id::text)::uuid FROM deliveries o
+    WHERE o.referral_id = c.referral_id AND o.escalate_to = c.partner_id
+      AND o.escalated_at = c.created_at)
+WHERE c.priority = 'urgent' AND EXISTS (
+    SELECT 1 FROM deliveries o
+    WHERE o.referral_id = c.referral_id AND o.escalate_to = c.partner_id
+      AND o.escalated_at = c.created_at);
+
 CREATE UNIQUE INDEX deliveries_referral_partner_escalation
     ON deliveries (referral_id, partner_id, escalation_of) NULLS NOT DISTINCT;
 COMMENT ON INDEX deliveries_referral_partner_escalation IS

@@ -589,16 +589,17 @@ static void s_ctl_ok(const char *const *args)
  * them revoked, and a sealed, signed trail. Upgrading it keeps every key,
  * admits only the active partners' keys, gives the services' roles what
  * they need of partner_keys and no more, and leaves the trail intact. */
-START_TEST(test_upgrade_to_partner_keys)
+/* Apply the migrations numbered below first (a copy of the directory
+ * without the others) to conn; returns how many. */
+static int s_apply_below(PGconn *conn, const char *first)
 {
-    PGconn *conn = khtest_db_empty(DB);
     char *dir = s_copy_migrations();
     DIR *d = opendir(dir);
     ck_assert_ptr_nonnull(d);
     struct dirent *e;
     int before = 0;
     while ((e = readdir(d)) != NULL)
-        if (e->d_name[0] != '.' && strcmp(e->d_name, "016") >= 0) {
+        if (e->d_name[0] != '.' && strcmp(e->d_name, first) >= 0) {
             char path[4096];
             snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
             ck_assert_int_eq(unlink(path), 0);
@@ -608,6 +609,17 @@ START_TEST(test_upgrade_to_partner_keys)
     kh_error_t err;
     kh_error_clear(&err);
     ck_assert_int_eq(kh_migrate_apply(conn, dir, NULL, NULL, &err), before);
+    khtest_rmtree(dir);
+    free(dir);
+    return before;
+}
+
+START_TEST(test_upgrade_to_partner_keys)
+{
+    PGconn *conn = khtest_db_empty(DB);
+    int before = s_apply_below(conn, "016");
+    kh_error_t err;
+    kh_error_clear(&err);
     ck_assert(!s_exists(conn, "partner_keys"));
 
     khtest_db_exec(conn,
@@ -723,8 +735,77 @@ START_TEST(test_upgrade_to_partner_keys)
     free(conninfo);
     khtest_rmtree(keys);
     free(keys);
-    khtest_rmtree(dir);
-    free(dir);
+    PQfinish(conn);
+}
+END_TEST
+
+/* A hub upgraded to migration 020 with escalation copies made before it:
+ * each copy names the delivery it was made for (the one whose
+ * escalated_at is the copy's created_at), the partner's own delivery of
+ * another referral names none, and after 020 a second copy beside the
+ * partner's own delivery is allowed, a second own delivery is not. */
+START_TEST(test_upgrade_to_escalation_copies)
+{
+    PGconn *conn = khtest_db_empty(DB);
+    s_apply_below(conn, "020");
+    khtest_db_exec(conn,
+                   "INSERT INTO partners (id, display_name, kind,"
+                   " curve_public_key) VALUES"
+                   " ('avim', 'AVIM', 'police', repeat('a', 40)),"
+                   " ('zorgcoordinator', 'ZC', 'zorgcoordinator',"
+                   "  repeat('b', 40)),"
+                   " ('veilig-thuis', 'VT', 'veilig_thuis', repeat('c', 40))",
+                   0, NULL);
+    char r1[37], r2[37], payload[128], hash[65];
+    khtest_routed_referral(conn, 1, r1, payload, hash);
+    khtest_routed_referral(conn, 2, r2, payload, hash);
+    const char *params[] = {r1, r2};
+    /* r1: avim's urgent delivery escalated at 10:00, the copy made then;
+     * r2: the zorgcoordinator's own delivery, routed at 10:00 too but of
+     * a referral nothing escalated. */
+    khtest_db_exec(
+        conn,
+        "INSERT INTO deliveries (id, referral_id, partner_id, priority,"
+        " payload, payload_hash, rules_version, escalate_to,"
+        " escalation_payload, escalation_payload_hash, escalated_at,"
+        " created_at) VALUES"
+        " ('00000000-0000-4000-8000-000000000001', $1, 'avim', 'urgent',"
+        "  'x', sha256('x'), 'v', 'zorgcoordinator', 'y', sha256('y'),"
+        "  '2026-11-30 10:00+00', '2026-11-30 09:45+00'),"
+        " ('00000000-0000-4000-8000-000000000002', $1, 'zorgcoordinator',"
+        "  'urgent', 'y', sha256('y'), 'v', NULL, NULL, NULL, NULL,"
+        "  '2026-11-30 10:00+00'),"
+        " ('00000000-0000-4000-8000-000000000003', $2, 'zorgcoordinator',"
+        "  'normal', 'z', sha256('z'), 'v', NULL, NULL, NULL, NULL,"
+        "  '2026-11-30 10:00+00')",
+        2, params);
+    kh_error_t err;
+    int rc = kh_migrate_apply(conn, khtest_src("migrations"), NULL, NULL, &err);
+    ck_assert_msg(rc >= 1, "%s %s", err.path, err.message);
+    char *named = khtest_db_value(
+        conn, "SELECT string_agg(right(id::text, 1) || '>' ||"
+              " coalesce(right(escalation_of::text, 1), '-'), ' ' ORDER BY id)"
+              " FROM deliveries");
+    ck_assert_str_eq(named, "1>- 2>1 3>-");
+    free(named);
+    /* Beside its copy of r1, the zorgcoordinator may get its own delivery
+     * of r1, once: a second one is refused. */
+    khtest_db_exec(
+        conn,
+        "INSERT INTO deliveries (id, referral_id, partner_id, priority,"
+        " payload, payload_hash, rules_version, escalation_of) VALUES"
+        " ('00000000-0000-4000-8000-000000000004', $1, 'zorgcoordinator',"
+        "  'normal', 'w', sha256('w'), 'v', NULL)",
+        1, params);
+    PGresult *res = PQexecParams(
+        conn,
+        "INSERT INTO deliveries (id, referral_id, partner_id, priority,"
+        " payload, payload_hash, rules_version) VALUES"
+        " ('00000000-0000-4000-8000-000000000005', $1, 'zorgcoordinator',"
+        "  'normal', 'w', sha256('w'), 'v')",
+        1, NULL, params, NULL, NULL, 0);
+    ck_assert_str_eq(PQresultErrorField(res, PG_DIAG_SQLSTATE), "23505");
+    PQclear(res);
     PQfinish(conn);
 }
 END_TEST
@@ -826,6 +907,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_concurrent_migrators);
     tcase_add_test(tc, test_db_errors);
     tcase_add_test(tc, test_upgrade_to_partner_keys);
+    tcase_add_test(tc, test_upgrade_to_escalation_copies);
     suite_add_tcase(s, tc);
     return s;
 }
