@@ -1835,6 +1835,25 @@ START_TEST(unknown_key_and_bad_frames_are_refused)
     ck_assert_str_eq(s_str(msg, "code"), "unsupported_type");
     ck_assert_str_eq(s_str(msg, "cid"), "ab-1");
     json_decref(msg);
+    /* v is checked before anything else: the same frame as version 2,
+     * which this version's rules cannot decode, is refused for its
+     * version. */
+    static const char ack_v2[] = "\x84\xa1"
+                                 "v\x02\xa3"
+                                 "cmd\xa3"
+                                 "ACK\xa3"
+                                 "cid\xa4"
+                                 "ab-2\xab"
+                                 "delivery_id\xc4\x02"
+                                 "xy";
+    frame = zframe_new(ack_v2, sizeof ack_v2 - 1);
+    ck_assert_int_eq(zframe_send(&frame, avim, 0), 0);
+    msg = s_expect(avim, "REJECTED", 5000);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert_str_eq(s_str(msg, "code"), "unknown_version");
+    ck_assert_str_eq(s_str(msg, "path"), "v");
+    ck_assert_str_eq(s_str(msg, "cid"), "ab-2");
+    json_decref(msg);
     /* A SUBMIT belongs to intake. */
     msg = kh_proto_new(KH_CMD_SUBMIT, "s");
     json_object_set_new(msg, "idempotency_key", json_string("k"));
