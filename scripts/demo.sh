@@ -54,7 +54,10 @@ echo "what the rules decide for the minor in acute danger (schemas/examples/mino
   sed -n -e '/^rule /p' -e '/^    ->/p' -e 's/, fields:$//p' | sed 's/^/  /'
 
 step "Services: notification (partners on tcp://127.0.0.1:7703), routing, intake on tcp://127.0.0.1:7701"
+# An urgent delivery unacknowledged for 3 s escalates (15 min in service).
+export KH_NOTIFY_ESCALATE_MS=3000
 hub_start_notification tcp://127.0.0.1:7703 tcp://127.0.0.1:7704
+unset KH_NOTIFY_ESCALATE_MS
 echo "notification is ready"
 hub_start_routing tcp://127.0.0.1:7702
 echo "routing is ready"
@@ -121,6 +124,23 @@ deliveries() {
 step "Routing and notification: one delivery per partner, each with only the fields its route projects; AVIM's wait"
 waitacked "'veilig-thuis', 'zorgcoordinator'"
 deliveries
+
+step "AVIM has not acknowledged the urgent delivery of the minor in acute danger: after KH_NOTIFY_ESCALATE_MS (3 s here) the hub escalates to the zorgcoordinator"
+tries=0
+until [ "$(psql -Atc "SELECT count(*) FROM deliveries WHERE escalation_of
+    IS NOT NULL AND state = 'acknowledged'")" != 0 ] || [ "$tries" -ge 100 ]; do
+  tries=$((tries + 1))
+  sleep 0.1
+done
+grep 'kind=escalation' "$run/notification.log" | sed 's/^/  /'
+copy=$(grep -l '"escalation_of"' "$run/inbox/zorgcoordinator"/*.json 2>/dev/null | head -n 1)
+if [ -n "$copy" ]; then
+  echo "the zorgcoordinator's system received an urgent copy, beside its own delivery of that referral:"
+  python3 -c 'import json, sys
+d = json.load(open(sys.argv[1]))
+print("  priority:", d["priority"], " escalation_of:", json.dumps(d["escalation_of"]))
+print("  payload fields (the escalation'"'"'s own projection):", ", ".join(sorted(d["payload"])))' "$copy"
+fi
 
 step "AVIM's system comes online: its backlog drains, urgent first"
 hub_start_listener avim tcp://127.0.0.1:7703
