@@ -1370,12 +1370,19 @@ static void s_take(notify_t *self, zframe_t *identity, zmq_msg_t *body,
     }
     if (err.code != KH_E_OK) {
         /* The reply names the partner's keys; the log only the contract's
-         * (no referral travels on this socket: no schema's names). */
-        char path[KH_ERROR_PATH_MAX];
+         * (no referral travels on this socket: no schema's names), and
+         * once every 10 s per partner or key: a peer that sends bad frames
+         * without end must not fill the log. */
+        char path[KH_ERROR_PATH_MAX], logged[64];
         kh_proto_trail_path(err.code, err.path, NULL, path, sizeof path);
-        kh_log_warn("request_refused", "partner=%s peer=%s code=%s path=%s",
-                    partner ? partner : "none", peer ? peer : "",
-                    kh_error_name(err.code), *path ? path : "none");
+        snprintf(logged, sizeof logged, "refused %s",
+                 partner ? partner
+                 : key   ? key
+                         : "");
+        if (kh_throttle_pass(self->throttle_logged, logged, zclock_mono()))
+            kh_log_warn("request_refused", "partner=%s peer=%s code=%s path=%s",
+                        partner ? partner : "none", peer ? peer : "",
+                        kh_error_name(err.code), *path ? path : "none");
         s_reject(self, identity, cid, &err);
         json_decref(msg);
         return;

@@ -1928,6 +1928,32 @@ START_TEST(made_up_keys_at_the_handshake_are_audited_within_a_bound)
 }
 END_TEST
 
+/* A partner that sends bad frames without end is answered each time but
+ * cannot fill the hub's log: one line per partner every 10 s. */
+START_TEST(bad_frames_without_end_do_not_fill_the_log)
+{
+    pid_t pid = s_start("notification.log", NULL, NULL);
+    zsock_t *avim = s_partner("avim");
+    for (int i = 0; i < 50; i++) {
+        zstr_send(avim, "not messagepack");
+        json_t *msg = s_expect(avim, "REJECTED", 5000);
+        ck_assert_ptr_nonnull(msg);
+        ck_assert_str_eq(s_str(msg, "code"), "malformed");
+        json_decref(msg);
+    }
+    zsock_destroy(&avim);
+    char *log = khtest_read_file(s_path("notification.log"));
+    ck_assert_ptr_nonnull(log);
+    int lines = 0;
+    for (const char *p = log; (p = strstr(p, "event=request_refused")); p++)
+        lines++;
+    free(log);
+    ck_assert_int_ge(lines, 1);
+    ck_assert_int_le(lines, 2);
+    s_stop(pid);
+}
+END_TEST
+
 /* VmRSS of pid in KiB. */
 static long s_rss_kib(pid_t pid)
 {
@@ -2840,6 +2866,7 @@ static Suite *s_suite(void)
     tcase_set_timeout(stranger, 60);
     tcase_add_test(stranger,
                    made_up_keys_at_the_handshake_are_audited_within_a_bound);
+    tcase_add_test(stranger, bad_frames_without_end_do_not_fill_the_log);
     suite_add_tcase(suite, stranger);
     /* What a partner may do that the reference client never does. */
     TCase *odd = tcase_create("odd_partner");
