@@ -39,6 +39,9 @@
 #define S_STATS_MS 10000
 #define S_AUTH_PENDING 64      /* refused handshakes waiting for audit */
 #define S_AUTH_REPEAT_MS 60000 /* one audit event per key and minute */
+#define S_AUTH_RATE 1.0        /* refused handshakes audited a second, */
+#define S_AUTH_BURST 60.0      /* in all keys and addresses together */
+#define S_AUTH_UNAUDITED_LOG_MS 10000
 
 /* One request of the batch being handled. */
 typedef struct {
@@ -115,6 +118,9 @@ struct _intake_t {
     s_auth_refusal_t auth_pending[S_AUTH_PENDING];
     size_t nauth_pending;
     kh_throttle_t *auth_seen;       /* "key peer": one audit event a minute */
+    kh_ratelimit_t *auth_audits;    /* refused handshakes audited, in all */
+    uint64_t auth_unaudited;        /* refused past it since the last line */
+    int64_t auth_unaudited_logged;  /* when that line was written */
     kh_ratelimit_t *ratelimit;      /* per partner SUBMITs, or NULL: no limit */
     kh_ratelimit_t *refusals;       /* per partner refusals, or NULL */
     kh_throttle_t *throttle_logged; /* partner: one "throttled" line / 10 s */
@@ -183,8 +189,9 @@ intake_t *intake_new(const intake_config_t *config, kh_error_t *err)
         self->refusals = kh_ratelimit_new(
             config->partner_refusals, 10.0 * config->partner_refusals, 10000);
     self->unknown_keys = kh_throttle_new(S_UNKNOWN_KEY_RELOAD_MS, 1000);
+    self->auth_audits = kh_ratelimit_new(S_AUTH_RATE, S_AUTH_BURST, 1);
     bool allocated = self->store && self->auth_seen && self->unknown_keys &&
-                     self->throttle_logged &&
+                     self->auth_audits && self->throttle_logged &&
                      (config->partner_rate <= 0 || self->ratelimit) &&
                      (config->partner_refusals <= 0 || self->refusals);
     for (int i = 0; i < 2; i++) {
@@ -226,6 +233,7 @@ void intake_destroy(intake_t **self_p)
     kh_ratelimit_destroy(&self->ratelimit);
     kh_ratelimit_destroy(&self->refusals);
     kh_throttle_destroy(&self->unknown_keys);
+    kh_ratelimit_destroy(&self->auth_audits);
     zcert_destroy(&self->cert);
     kh_schema_destroy(&self->schema);
     store_destroy(&self->store);
@@ -1043,15 +1051,27 @@ static int s_on_zap(zloop_t *loop, zsock_t *socket, void *arg)
     char key[41], peer[64];
     if (kh_zap_handle(self->zap, key, peer) == 0)
         return 0;
-    kh_log_warn("auth_refused", "key=%s peer=%s", *key ? key : "none", peer);
-    if (self->nauth_pending == S_AUTH_PENDING) {
-        kh_log_warn("auth_refusals_unaudited", "reason=too_many");
-        return 0;
-    }
     char seen[128];
     snprintf(seen, sizeof seen, "%s %s", key, peer);
     if (!kh_throttle_pass(self->auth_seen, seen, zclock_mono()))
         return 0;
+    /* Anyone who can reach the port can make up keys without end, each
+     * refused once: past a burst, their refusals are only counted, in a
+     * line every S_AUTH_UNAUDITED_LOG_MS, so that no stranger fills the
+     * trail, the log or the commits. */
+    if (self->nauth_pending == S_AUTH_PENDING ||
+        kh_ratelimit_take(self->auth_audits, "", zclock_usecs()) > 0) {
+        self->auth_unaudited++;
+        int64_t now = zclock_mono();
+        if (now - self->auth_unaudited_logged >= S_AUTH_UNAUDITED_LOG_MS) {
+            kh_log_warn("auth_refusals_unaudited", "count=%" PRIu64,
+                        self->auth_unaudited);
+            self->auth_unaudited = 0;
+            self->auth_unaudited_logged = now;
+        }
+        return 0;
+    }
+    kh_log_warn("auth_refused", "key=%s peer=%s", *key ? key : "none", peer);
     s_auth_refusal_t *refusal = &self->auth_pending[self->nauth_pending++];
     snprintf(refusal->actor, sizeof refusal->actor, "key:%s",
              *key ? key : "none");

@@ -34,6 +34,9 @@
 #define S_RELOAD_MIN_MS 1000 /* registry re-read for an unknown key */
 #define S_LINGER_MS 100
 #define S_AUTH_REPEAT_MS 60000 /* one auth.refused per key and minute */
+#define S_AUTH_RATE 1.0        /* auth.refused events a second, */
+#define S_AUTH_BURST 60.0      /* in all keys and addresses together */
+#define S_AUTH_UNAUDITED_LOG_MS 10000
 #define S_INTERNAL_DOMAIN "ketenhub-internal" /* ZAP domain of wake-ups */
 #define S_HELD_MAX (KH_WINDOW_MAX * 4) /* DELIVERs that lost their peer */
 #define S_CLAIM_ROWS 1024 /* deliveries one claim statement asks for */
@@ -99,7 +102,10 @@ struct _notify_t {
     zlistx_t *held;           /* s_outgoing_t whose connection was gone */
     zhashx_t *batch_ids;      /* delivery id -> index + 1 in pending (ACKs) */
     kh_throttle_t *auth_seen; /* "key peer": one audit event a minute */
-    kh_ratelimit_t *refusals; /* per partner refused answers, or NULL */
+    kh_ratelimit_t *auth_audits;    /* auth.refused events, in all */
+    uint64_t auth_unaudited;        /* refused past it since the last line */
+    int64_t auth_unaudited_logged;  /* when that line was written */
+    kh_ratelimit_t *refusals;       /* per partner refused answers, or NULL */
     kh_throttle_t *throttle_logged; /* partner: one "throttled" line / 10 s */
     zloop_t *loop;
     bool stopping;
@@ -575,15 +581,36 @@ static void s_db_failed(notify_t *self, const char *what, const kh_error_t *err)
 /* An auth.refused event for key from peer, with reason: into the trail
  * once a minute per reason, key and address, since a client that retries
  * must not flood it. */
+/* Audit a refused key, once a minute per reason, key and address, and
+ * log it as event (NULL: not at all). Anyone who can reach the port can
+ * make up keys without end, each refused once: past a burst, their
+ * refusals are only counted, in a line every S_AUTH_UNAUDITED_LOG_MS, so
+ * that no stranger fills the trail or the log, nor holds up the loop with
+ * a write each. */
 static void s_audit_refused(notify_t *self, const char *key, const char *peer,
-                            const char *reason)
+                            const char *reason, const char *event)
 {
     char seen[160];
     snprintf(seen, sizeof seen, "%s %s %s", reason, key, peer);
+    if (!dstore_up(self->store) ||
+        !kh_throttle_pass(self->auth_seen, seen, zclock_mono()))
+        return; /* the store's being down is logged */
+    if (kh_ratelimit_take(self->auth_audits, "", zclock_usecs()) > 0) {
+        self->auth_unaudited++;
+        int64_t now = zclock_mono();
+        if (now - self->auth_unaudited_logged >= S_AUTH_UNAUDITED_LOG_MS) {
+            kh_log_warn("auth_refusals_unaudited", "count=%" PRIu64,
+                        self->auth_unaudited);
+            self->auth_unaudited = 0;
+            self->auth_unaudited_logged = now;
+        }
+        return;
+    }
+    if (event)
+        kh_log_warn(event, "key=%s peer=%s reason=%s", *key ? key : "none",
+                    peer, reason);
     kh_error_t err;
-    if (dstore_up(self->store) &&
-        kh_throttle_pass(self->auth_seen, seen, zclock_mono()) &&
-        dstore_audit_refused(self->store, key, peer, reason, &err))
+    if (dstore_audit_refused(self->store, key, peer, reason, &err))
         s_db_failed(self, "audit", &err);
 }
 
@@ -1231,7 +1258,7 @@ static void s_conn_taken(notify_t *self, s_conn_t *conn, const char *key,
         kh_log_warn("routing_id_taken", "partner=%s key=%s peer=%s",
                     conn->partner, key ? key : "none", peer ? peer : "");
         s_audit_refused(self, key ? key : "", peer ? peer : "",
-                        "routing_id_taken");
+                        "routing_id_taken", NULL);
     }
     s_conn_gone(self, conn, foreign ? "taken" : "replaced");
 }
@@ -1264,10 +1291,8 @@ static void s_take(notify_t *self, zframe_t *identity, zmq_msg_t *body,
     if (chosen && *chosen) {
         /* The hub tells its peers apart by routing ids it gives; a peer
          * that chooses one could take a gone connection's. */
-        kh_log_warn("routing_id_refused", "key=%s peer=%s", key ? key : "none",
-                    peer ? peer : "");
         s_audit_refused(self, key ? key : "", peer ? peer : "",
-                        "routing_id_chosen");
+                        "routing_id_chosen", "routing_id_refused");
         kh_error_set(&err, KH_E_BAD_ENVELOPE, "",
                      "the connection set its own routing id; a partner's "
                      "connection must leave it to the hub");
@@ -1345,12 +1370,19 @@ static void s_take(notify_t *self, zframe_t *identity, zmq_msg_t *body,
     }
     if (err.code != KH_E_OK) {
         /* The reply names the partner's keys; the log only the contract's
-         * (no referral travels on this socket: no schema's names). */
-        char path[KH_ERROR_PATH_MAX];
+         * (no referral travels on this socket: no schema's names), and
+         * once every 10 s per partner or key: a peer that sends bad frames
+         * without end must not fill the log. */
+        char path[KH_ERROR_PATH_MAX], logged[64];
         kh_proto_trail_path(err.code, err.path, NULL, path, sizeof path);
-        kh_log_warn("request_refused", "partner=%s peer=%s code=%s path=%s",
-                    partner ? partner : "none", peer ? peer : "",
-                    kh_error_name(err.code), *path ? path : "none");
+        snprintf(logged, sizeof logged, "refused %s",
+                 partner ? partner
+                 : key   ? key
+                         : "");
+        if (kh_throttle_pass(self->throttle_logged, logged, zclock_mono()))
+            kh_log_warn("request_refused", "partner=%s peer=%s code=%s path=%s",
+                        partner ? partner : "none", peer ? peer : "",
+                        kh_error_name(err.code), *path ? path : "none");
         s_reject(self, identity, cid, &err);
         json_decref(msg);
         return;
@@ -1646,8 +1678,7 @@ static int s_on_zap(zloop_t *loop, zsock_t *sock, void *arg)
     char key[41], peer[64];
     if (kh_zap_handle(self->zap, key, peer) == 0)
         return 0;
-    kh_log_warn("auth_refused", "key=%s peer=%s", *key ? key : "none", peer);
-    s_audit_refused(self, key, peer, "unknown_partner");
+    s_audit_refused(self, key, peer, "unknown_partner", "auth_refused");
     return 0;
 }
 
@@ -1764,6 +1795,7 @@ notify_t *notify_new(const notify_config_t *config, kh_error_t *err)
     self->outbox = zlistx_new();
     self->held = zlistx_new();
     self->auth_seen = kh_throttle_new(S_AUTH_REPEAT_MS, 10000);
+    self->auth_audits = kh_ratelimit_new(S_AUTH_RATE, S_AUTH_BURST, 1);
     self->throttle_logged = kh_throttle_new(10000, 10000);
     /* 10 s worth at once, and at least a window: after a restart a
      * partner ACKs what the process before sent, which no connection of
@@ -1777,7 +1809,7 @@ notify_t *notify_new(const notify_config_t *config, kh_error_t *err)
     self->loop = zloop_new();
     if (!self->store || !self->conns || !self->batch_ids || !self->pending ||
         !self->acks || !self->outbox || !self->held || !self->auth_seen ||
-        !self->throttle_logged ||
+        !self->auth_audits || !self->throttle_logged ||
         (config->partner_refusals > 0 && !self->refusals) || !self->loop) {
         kh_error_set(err, KH_E_NOMEM, "", "out of memory");
         goto fail;
@@ -1814,6 +1846,7 @@ void notify_destroy(notify_t **self_p)
     zlistx_destroy(&self->outbox);
     zlistx_destroy(&self->held);
     kh_throttle_destroy(&self->auth_seen);
+    kh_ratelimit_destroy(&self->auth_audits);
     kh_throttle_destroy(&self->throttle_logged);
     kh_ratelimit_destroy(&self->refusals);
     dstore_destroy(&self->store);

@@ -28,6 +28,7 @@
 #include "routing_sql.h"
 
 #define S_STATS_MS 60000
+#define S_AUTH_LOG_MS 10000        /* one auth_refused line in this time */
 #define S_WAKEUP_MAX (1024 * 1024) /* bytes of a wake-up message */
 #define S_MATCHED_MAX 4096         /* bytes of audit_events.rules_matched */
 #define S_ARENA_KEEP (256 * 1024)
@@ -55,6 +56,8 @@ struct _routing_t {
     bool stopping;
     bool reload_again;     /* a SIGHUP the database was away for: retried */
     int64_t partners_read; /* zclock_mono of the last read of the registry */
+    int64_t auth_logged;   /* zclock_mono of the last auth_refused line */
+    size_t auth_refused;   /* refused handshakes not logged since */
     /* Counters for the stats line. */
     size_t routed, deliveries, passes, failures, wakeups, malformed;
 };
@@ -688,9 +691,18 @@ static int s_on_zap(zloop_t *loop, zsock_t *sock, void *arg)
     (void) sock;
     routing_t *self = arg;
     char key[41], peer[64];
-    if (kh_zap_handle(self->zap, key, peer) != 0)
-        kh_log_warn("auth_refused", "socket=wakeup key=%s peer=%s",
-                    *key ? key : "none", peer);
+    if (kh_zap_handle(self->zap, key, peer) == 0)
+        return 0;
+    /* Anyone who reaches the port can make up keys without end: one line
+     * every S_AUTH_LOG_MS, with the refusals left out before it. */
+    self->auth_refused++;
+    int64_t now = zclock_mono();
+    if (self->auth_logged && now - self->auth_logged < S_AUTH_LOG_MS)
+        return 0;
+    kh_log_warn("auth_refused", "socket=wakeup key=%s peer=%s refused=%zu",
+                *key ? key : "none", peer, self->auth_refused);
+    self->auth_refused = 0;
+    self->auth_logged = now;
     return 0;
 }
 

@@ -20,6 +20,7 @@
 
 #define S_DB "kh_test_intake"
 #define S_TIMEOUT 3000
+#define S_AUTH_AUDIT_BURST 60 /* refused handshakes audited at once */
 
 static char s_dir[256];     /* temp dir: certs, logs */
 static char s_endpoint[64]; /* where intake listens */
@@ -1272,6 +1273,44 @@ START_TEST(unknown_keys_and_plain_clients_are_refused)
 }
 END_TEST
 
+/* Made-up keys, each refused at its handshake, cannot fill the trail: past
+ * a burst, their refusals are counted in the log, not audited one by
+ * one. */
+#define S_MADE_UP_KEYS 150
+START_TEST(made_up_keys_at_the_handshake_are_audited_within_a_bound)
+{
+    zcert_t *hub = zcert_load(s_path("hub.cert"));
+    ck_assert_ptr_nonnull(hub);
+    zsock_t *socks[S_MADE_UP_KEYS];
+    for (int i = 0; i < S_MADE_UP_KEYS; i++) {
+        zcert_t *cert = zcert_new();
+        socks[i] = zsock_new(ZMQ_DEALER);
+        ck_assert_ptr_nonnull(socks[i]);
+        zcert_apply(cert, socks[i]);
+        zsock_set_curve_serverkey(socks[i], zcert_public_txt(hub));
+        zsock_set_linger(socks[i], 0);
+        ck_assert_int_eq(zsock_connect(socks[i], "%s", s_endpoint), 0);
+        zstr_sendm(socks[i], "");
+        zstr_send(socks[i], "x");
+        zcert_destroy(&cert);
+    }
+    zcert_destroy(&hub);
+    ck_assert(khtest_log_has(s_path("intake.log"),
+                             "event=auth_refusals_unaudited", 5000));
+    for (int i = 0; i < S_MADE_UP_KEYS; i++)
+        zsock_destroy(&socks[i]);
+    zclock_sleep(500);
+    ck_assert_int_le(s_count("SELECT count(*) FROM audit_events WHERE"
+                             " action = 'auth.refused'"),
+                     S_AUTH_AUDIT_BURST);
+    /* Partners are served all the same. */
+    kh_client_t *vt = s_client("vt");
+    kh_error_t err;
+    ck_assert_int_eq(kh_client_ping(vt, S_TIMEOUT, &err), 0);
+    kh_client_destroy(&vt);
+}
+END_TEST
+
 /* Keys added and removed while intake runs take effect without a restart:
  * the handshake reads the directory, the request reads the registry. */
 START_TEST(partners_added_and_removed_while_running)
@@ -2262,6 +2301,8 @@ int main(void)
                    a_status_not_found_is_not_answered_before_its_audit_event);
     tcase_add_test(tc, a_conflict_with_a_concurrent_commit_is_audited);
     tcase_add_test(tc, unknown_keys_and_plain_clients_are_refused);
+    tcase_add_test(tc,
+                   made_up_keys_at_the_handshake_are_audited_within_a_bound);
     tcase_add_test(tc, partners_added_and_removed_while_running);
     tcase_add_test(tc, a_rotated_key_admits_its_partner_for_the_overlap_only);
     tcase_add_test(tc, the_partner_tool_exits_3_for_a_revoked_key);

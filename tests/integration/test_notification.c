@@ -1888,6 +1888,72 @@ START_TEST(unknown_key_and_bad_frames_are_refused)
 }
 END_TEST
 
+/* Made-up keys, each refused at its handshake, cannot fill the trail nor
+ * hold up the loop with a write each: past a burst, their refusals are
+ * counted in the log, not audited one by one. */
+#define S_MADE_UP_KEYS 150
+#define S_AUTH_AUDIT_BURST 60 /* refused handshakes audited at once */
+START_TEST(made_up_keys_at_the_handshake_are_audited_within_a_bound)
+{
+    pid_t pid = s_start("notification.log", NULL, NULL);
+    zsock_t *avim = s_partner("avim");
+    s_hello(avim, 2);
+    zcert_t *hub = zcert_load(s_path("hub.cert"));
+    ck_assert_ptr_nonnull(hub);
+    zsock_t *socks[S_MADE_UP_KEYS];
+    for (int i = 0; i < S_MADE_UP_KEYS; i++) {
+        zcert_t *cert = zcert_new();
+        socks[i] = zsock_new(ZMQ_DEALER);
+        ck_assert_ptr_nonnull(socks[i]);
+        zcert_apply(cert, socks[i]);
+        zsock_set_curve_serverkey(socks[i], zcert_public_txt(hub));
+        zsock_set_linger(socks[i], 0);
+        ck_assert_int_eq(zsock_connect(socks[i], "%s", s_endpoint), 0);
+        zstr_send(socks[i], "x");
+        zcert_destroy(&cert);
+    }
+    zcert_destroy(&hub);
+    ck_assert(
+        s_log_has("notification.log", "event=auth_refusals_unaudited", 5000));
+    for (int i = 0; i < S_MADE_UP_KEYS; i++)
+        zsock_destroy(&socks[i]);
+    zclock_sleep(500);
+    ck_assert_int_le(s_count("SELECT count(*) FROM audit_events WHERE"
+                             " action = 'auth.refused'"),
+                     S_AUTH_AUDIT_BURST);
+    /* The partner is served all the same. */
+    s_hello(avim, 2);
+    zsock_destroy(&avim);
+    s_stop(pid);
+}
+END_TEST
+
+/* A partner that sends bad frames without end is answered each time but
+ * cannot fill the hub's log: one line per partner every 10 s. */
+START_TEST(bad_frames_without_end_do_not_fill_the_log)
+{
+    pid_t pid = s_start("notification.log", NULL, NULL);
+    zsock_t *avim = s_partner("avim");
+    for (int i = 0; i < 50; i++) {
+        zstr_send(avim, "not messagepack");
+        json_t *msg = s_expect(avim, "REJECTED", 5000);
+        ck_assert_ptr_nonnull(msg);
+        ck_assert_str_eq(s_str(msg, "code"), "malformed");
+        json_decref(msg);
+    }
+    zsock_destroy(&avim);
+    char *log = khtest_read_file(s_path("notification.log"));
+    ck_assert_ptr_nonnull(log);
+    int lines = 0;
+    for (const char *p = log; (p = strstr(p, "event=request_refused")); p++)
+        lines++;
+    free(log);
+    ck_assert_int_ge(lines, 1);
+    ck_assert_int_le(lines, 2);
+    s_stop(pid);
+}
+END_TEST
+
 /* VmRSS of pid in KiB. */
 static long s_rss_kib(pid_t pid)
 {
@@ -2795,6 +2861,13 @@ static Suite *s_suite(void)
         a_connection_on_a_gone_ones_routing_id_gets_none_of_its_deliveries);
     tcase_add_test(rid, a_connection_that_sets_its_own_routing_id_is_refused);
     suite_add_tcase(suite, rid);
+    TCase *stranger = tcase_create("stranger");
+    tcase_add_checked_fixture(stranger, s_setup, s_teardown);
+    tcase_set_timeout(stranger, 60);
+    tcase_add_test(stranger,
+                   made_up_keys_at_the_handshake_are_audited_within_a_bound);
+    tcase_add_test(stranger, bad_frames_without_end_do_not_fill_the_log);
+    suite_add_tcase(suite, stranger);
     /* What a partner may do that the reference client never does. */
     TCase *odd = tcase_create("odd_partner");
     tcase_add_checked_fixture(odd, s_setup, s_teardown);

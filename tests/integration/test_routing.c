@@ -424,6 +424,29 @@ START_TEST(wakeup_from_the_hub_routes_before_the_poll)
     ck_assert(s_log_has("routing.log", "event=wakeup_malformed", 5000));
     ck_assert(s_log_has("routing.log", "event=auth_refused", 5000));
     ck_assert_int_eq(s_count(S_ROUTED), 0);
+    /* Made-up keys without end cannot fill the log: one line every 10 s
+     * counts their refusals. */
+    zcert_t *hub = zcert_load(s_path("hub.cert"));
+    for (int i = 0; i < 30; i++) {
+        zcert_t *made_up = zcert_new();
+        zsock_t *sock = zsock_new(ZMQ_PUSH);
+        zcert_apply(made_up, sock);
+        zsock_set_curve_serverkey(sock, zcert_public_txt(hub));
+        zsock_set_linger(sock, 200);
+        ck_assert_int_eq(zsock_connect(sock, "%s", endpoint), 0);
+        zstr_send(sock, "x");
+        zsock_destroy(&sock);
+        zcert_destroy(&made_up);
+    }
+    zcert_destroy(&hub);
+    zclock_sleep(500);
+    char *log = khtest_read_file(s_path("routing.log"));
+    ck_assert_ptr_nonnull(log);
+    int lines = 0;
+    for (const char *p = log; (p = strstr(p, "event=auth_refused")); p++)
+        lines++;
+    free(log);
+    ck_assert_int_le(lines, 2);
 
     s_send_route(push, id);
     ck_assert_msg(s_wait_count(S_ROUTED, 1, 5000), "not woken: see %s",
