@@ -739,6 +739,64 @@ START_TEST(test_upgrade_to_partner_keys)
 }
 END_TEST
 
+/* sql as role (SET LOCAL ROLE, rolled back): its SQLSTATE, "" when it
+ * ran. */
+static char *s_as(PGconn *conn, const char *role, const char *sql)
+{
+    static char state[6];
+    char set[128];
+    snprintf(set, sizeof set, "SET LOCAL ROLE %s", role);
+    khtest_db_exec(conn, "BEGIN", 0, NULL);
+    khtest_db_exec(conn, set, 0, NULL);
+    PGresult *res = PQexec(conn, sql);
+    const char *code = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+    snprintf(state, sizeof state, "%s", code ? code : "");
+    PQclear(res);
+    PQclear(PQexec(conn, "ROLLBACK"));
+    return state;
+}
+
+/* Intake reads the state of deliveries, as STATUS does, and never a
+ * payload; routing claims referrals and sets their state, and changes
+ * nothing else of them (021). */
+START_TEST(test_services_hold_least_privilege)
+{
+    PGconn *conn = khtest_db_fresh(DB);
+    ck_assert_str_eq(
+        s_as(conn, "ketenhub_intake",
+             "SELECT r.state, coalesce((SELECT json_agg(json_strip_nulls("
+             "json_build_object('delivery_id', d.id, 'partner', d.partner_id,"
+             " 'priority', d.priority, 'state', d.state, 'updated_at',"
+             " d.updated_at, 'escalation_of', (SELECT o.partner_id FROM"
+             " deliveries o WHERE o.id = d.escalation_of))) ORDER BY"
+             " d.partner_id, d.escalation_of NULLS FIRST) FROM deliveries d"
+             " WHERE d.referral_id = r.id), '[]') FROM referrals r"),
+        "");
+    ck_assert_str_eq(
+        s_as(conn, "ketenhub_intake", "SELECT payload FROM deliveries"),
+        "42501");
+    ck_assert_str_eq(s_as(conn, "ketenhub_intake",
+                          "SELECT escalation_payload FROM deliveries"),
+                     "42501");
+    ck_assert_str_eq(s_as(conn, "ketenhub_routing",
+                          "SELECT id, payload FROM referrals WHERE state ="
+                          " 'accepted' FOR UPDATE SKIP LOCKED"),
+                     "");
+    ck_assert_str_eq(s_as(conn, "ketenhub_routing",
+                          "WITH r AS (SELECT gen_random_uuid() AS id) UPDATE"
+                          " referrals SET state = 'routed' FROM r WHERE"
+                          " referrals.id = r.id RETURNING r.*"),
+                     "");
+    ck_assert_str_eq(
+        s_as(conn, "ketenhub_routing", "UPDATE referrals SET payload = NULL"),
+        "42501");
+    ck_assert_str_eq(
+        s_as(conn, "ketenhub_routing", "UPDATE referrals SET partner_id = 'x'"),
+        "42501");
+    PQfinish(conn);
+}
+END_TEST
+
 /* A hub upgraded to migration 020 with escalation copies made before it:
  * each copy names the delivery it was made for (the one whose
  * escalated_at is the copy's created_at), the partner's own delivery of
@@ -908,6 +966,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_db_errors);
     tcase_add_test(tc, test_upgrade_to_partner_keys);
     tcase_add_test(tc, test_upgrade_to_escalation_copies);
+    tcase_add_test(tc, test_services_hold_least_privilege);
     suite_add_tcase(s, tc);
     return s;
 }

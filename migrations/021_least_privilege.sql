@@ -1,0 +1,21 @@
+-- 021_least_privilege: intake reads no delivery's payload, and routing
+-- changes nothing of a referral but its state.
+--
+-- Applied by kh_migrate_apply in one transaction with its row in
+-- kh_schema_migrations. Never edit once applied: add a new numbered file.
+--
+-- Migration 004 gave ketenhub_intake SELECT on all of deliveries, for
+-- STATUS, which reads the state of a referral's deliveries and never
+-- their payloads: an intake process taken over could read every
+-- partner's projected referrals. It gave ketenhub_routing UPDATE on all
+-- of referrals, which sets the state alone (routed, unroutable), and
+-- could rewrite a referral's payload or who submitted it. Column grants
+-- now hold each to what it does. (SELECT ... FOR UPDATE needs UPDATE on
+-- one column, which the state is.)
+REVOKE SELECT ON deliveries FROM ketenhub_intake;
+GRANT SELECT (id, referral_id, partner_id, priority, state, updated_at,
+              escalation_of)
+    ON deliveries TO ketenhub_intake;
+
+REVOKE UPDATE ON referrals FROM ketenhub_routing;
+GRANT UPDATE (state) ON referrals TO ketenhub_routing;
