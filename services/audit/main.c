@@ -46,6 +46,16 @@ static kh_cfg_t s_config[] = {
 #define S_RETRY_MIN_MS 200  /* the first wait after a failed attempt */
 #define S_RETRY_MAX_MS 5000 /* the longest */
 
+/* An attempt failed now: the next waits retry_ms, twice as long as the
+ * last wait when the one before failed too. */
+static void s_failed(int *retry_ms, struct timespec *failed_at)
+{
+    if (failed_at->tv_sec)
+        *retry_ms =
+            *retry_ms * 2 > S_RETRY_MAX_MS ? S_RETRY_MAX_MS : *retry_ms * 2;
+    clock_gettime(CLOCK_MONOTONIC, failed_at);
+}
+
 static const kh_cfg_t *s_cfg(const char *name)
 {
     return kh_config_get(s_config, S_CONFIG_COUNT, name);
@@ -112,14 +122,14 @@ static int s_main(int argc, char **argv)
     PGconn *conn = NULL;
     kh_db_connecting_t *connecting = NULL; /* an attempt under way */
     bool ready = false, running = true, broken = false;
-    /* Attempts to connect that fail come ever more slowly (and are logged
-     * one by one), as in intake and routing: not one a poll. */
+    /* Attempts to connect or to seal that fail come ever more slowly (and
+     * are logged one by one), as in intake and routing: not one a poll. */
     int retry_ms = S_RETRY_MIN_MS;
     struct timespec failed_at = {0, 0}; /* the last failed attempt */
     int rc = 0;
     while (running) {
         kh_health_beat();
-        bool held = !conn && !connecting && failed_at.tv_sec &&
+        bool held = !connecting && failed_at.tv_sec &&
                     s_ms_since(&failed_at) < retry_ms;
         if (!conn && !held) {
             conn = kh_db_connect_async(
@@ -136,10 +146,7 @@ static int s_main(int argc, char **argv)
                 conn = NULL;
             }
             if (!conn && !connecting) {
-                if (failed_at.tv_sec)
-                    retry_ms = retry_ms * 2 > S_RETRY_MAX_MS ? S_RETRY_MAX_MS
-                                                             : retry_ms * 2;
-                clock_gettime(CLOCK_MONOTONIC, &failed_at);
+                s_failed(&retry_ms, &failed_at);
                 kh_log_warn("db_unavailable", "retry_ms=%d msg=\"%s\"",
                             retry_ms, KH_LOG_Q(err.message));
             } else if (conn) {
@@ -153,7 +160,7 @@ static int s_main(int argc, char **argv)
                 failed_at.tv_sec = failed_at.tv_nsec = 0;
             }
         }
-        if (conn) {
+        if (conn && !held) {
             struct timespec t0;
             clock_gettime(CLOCK_MONOTONIC, &t0);
             long cps = 0;
@@ -170,8 +177,10 @@ static int s_main(int argc, char **argv)
                 }
                 broken = true;
             } else if (n < 0) {
-                kh_log_warn("seal_failed", "code=%s msg=\"%s\"",
-                            kh_error_name(err.code), KH_LOG_Q(err.message));
+                s_failed(&retry_ms, &failed_at);
+                kh_log_warn("seal_failed", "code=%s retry_ms=%d msg=\"%s\"",
+                            kh_error_name(err.code), retry_ms,
+                            KH_LOG_Q(err.message));
                 if (PQstatus(conn) != CONNECTION_OK) {
                     PQfinish(conn);
                     conn = NULL;
@@ -180,6 +189,8 @@ static int s_main(int argc, char **argv)
                 if (broken)
                     kh_health_set_fault(health, NULL);
                 broken = false;
+                retry_ms = S_RETRY_MIN_MS;
+                failed_at.tv_sec = failed_at.tv_nsec = 0;
                 if (n > 0 || cps > 0) {
                     kh_metric_add("trail_events_sealed_total", NULL,
                                   (uint64_t) n);
@@ -203,8 +214,9 @@ static int s_main(int argc, char **argv)
         }
         struct pollfd pfd = {.fd = signal_fd, .events = POLLIN};
         int wait_ms = connecting ? KH_DB_CONNECT_POLL_MS
-                      : conn     ? poll_ms
-                                 : retry_ms - (int) s_ms_since(&failed_at);
+                      : failed_at.tv_sec
+                          ? retry_ms - (int) s_ms_since(&failed_at)
+                          : poll_ms;
         if (poll(&pfd, 1, wait_ms > 0 ? wait_ms : 0) > 0) {
             int sig = kh_signals_read(signal_fd);
             if (sig == SIGTERM || sig == SIGINT) {
