@@ -43,6 +43,19 @@ static kh_cfg_t s_config[] = {
 };
 #define S_CONFIG_COUNT (sizeof s_config / sizeof s_config[0])
 
+#define S_RETRY_MIN_MS 200  /* the first wait after a failed attempt */
+#define S_RETRY_MAX_MS 5000 /* the longest */
+
+/* An attempt failed now: the next waits retry_ms, twice as long as the
+ * last wait when the one before failed too. */
+static void s_failed(int *retry_ms, struct timespec *failed_at)
+{
+    if (failed_at->tv_sec)
+        *retry_ms =
+            *retry_ms * 2 > S_RETRY_MAX_MS ? S_RETRY_MAX_MS : *retry_ms * 2;
+    clock_gettime(CLOCK_MONOTONIC, failed_at);
+}
+
 static const kh_cfg_t *s_cfg(const char *name)
 {
     return kh_config_get(s_config, S_CONFIG_COUNT, name);
@@ -109,10 +122,16 @@ static int s_main(int argc, char **argv)
     PGconn *conn = NULL;
     kh_db_connecting_t *connecting = NULL; /* an attempt under way */
     bool ready = false, running = true, broken = false;
+    /* Attempts to connect or to seal that fail come ever more slowly (and
+     * are logged one by one), as in intake and routing: not one a poll. */
+    int retry_ms = S_RETRY_MIN_MS;
+    struct timespec failed_at = {0, 0}; /* the last failed attempt */
     int rc = 0;
     while (running) {
         kh_health_beat();
-        if (!conn) {
+        bool held = !connecting && failed_at.tv_sec &&
+                    s_ms_since(&failed_at) < retry_ms;
+        if (!conn && !held) {
             conn = kh_db_connect_async(
                 &connecting, s_cfg("KH_DATABASE_URL")->str, "audit", &err);
             /* A stalled database ends a round rather than the service's
@@ -126,15 +145,22 @@ static int s_main(int argc, char **argv)
                 PQfinish(conn);
                 conn = NULL;
             }
-            if (!conn && !connecting)
-                kh_log_warn("db_unavailable", "msg=\"%s\"",
-                            KH_LOG_Q(err.message));
-            else if (conn && !ready) {
-                kh_log_info("ready", NULL);
+            if (!conn && !connecting) {
+                s_failed(&retry_ms, &failed_at);
+                kh_log_warn("db_unavailable", "retry_ms=%d msg=\"%s\"",
+                            retry_ms, KH_LOG_Q(err.message));
+            } else if (conn) {
+                /* The first time ready; after an outage, back. */
+                if (!ready)
+                    kh_log_info("ready", NULL);
+                else
+                    kh_log_info("db_connected", NULL);
                 ready = true;
+                retry_ms = S_RETRY_MIN_MS;
+                failed_at.tv_sec = failed_at.tv_nsec = 0;
             }
         }
-        if (conn) {
+        if (conn && !held) {
             struct timespec t0;
             clock_gettime(CLOCK_MONOTONIC, &t0);
             long cps = 0;
@@ -151,8 +177,10 @@ static int s_main(int argc, char **argv)
                 }
                 broken = true;
             } else if (n < 0) {
-                kh_log_warn("seal_failed", "code=%s msg=\"%s\"",
-                            kh_error_name(err.code), KH_LOG_Q(err.message));
+                s_failed(&retry_ms, &failed_at);
+                kh_log_warn("seal_failed", "code=%s retry_ms=%d msg=\"%s\"",
+                            kh_error_name(err.code), retry_ms,
+                            KH_LOG_Q(err.message));
                 if (PQstatus(conn) != CONNECTION_OK) {
                     PQfinish(conn);
                     conn = NULL;
@@ -161,6 +189,8 @@ static int s_main(int argc, char **argv)
                 if (broken)
                     kh_health_set_fault(health, NULL);
                 broken = false;
+                retry_ms = S_RETRY_MIN_MS;
+                failed_at.tv_sec = failed_at.tv_nsec = 0;
                 if (n > 0 || cps > 0) {
                     kh_metric_add("trail_events_sealed_total", NULL,
                                   (uint64_t) n);
@@ -183,7 +213,11 @@ static int s_main(int argc, char **argv)
                 warned = 0;
         }
         struct pollfd pfd = {.fd = signal_fd, .events = POLLIN};
-        if (poll(&pfd, 1, connecting ? KH_DB_CONNECT_POLL_MS : poll_ms) > 0) {
+        int wait_ms = connecting ? KH_DB_CONNECT_POLL_MS
+                      : failed_at.tv_sec
+                          ? retry_ms - (int) s_ms_since(&failed_at)
+                          : poll_ms;
+        if (poll(&pfd, 1, wait_ms > 0 ? wait_ms : 0) > 0) {
             int sig = kh_signals_read(signal_fd);
             if (sig == SIGTERM || sig == SIGINT) {
                 running = false;

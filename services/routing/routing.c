@@ -44,8 +44,10 @@ struct _routing_t {
     kh_zap_t *zap;
     zcert_t *cert;
     zsock_t *pull;
-    zsock_t *notify;   /* wake-ups for notification, or NULL */
-    zhashx_t *targets; /* partners with new deliveries in this pass */
+    zsock_t *notify;      /* wake-ups for notification, or NULL */
+    zhashx_t *targets;    /* partners with new deliveries in this pass */
+    zlistx_t *unroutable; /* "referral=ID reason=R" of the pass, alerted
+                             once it commits */
     /* The pass's writes as binary array parameters: deliveries, routed and
      * unroutable referrals (columns as the statements take them). */
     kh_pgarray_t deliveries_cols[S_DELIVERY_COLUMNS];
@@ -337,9 +339,14 @@ static int s_route(routing_t *self, const char *id, const char *payload,
         /* Set aside, audited, so that it is not claimed again and again
          * (and cannot block the referrals behind it). */
         const char *reason = payload ? "payload_unreadable" : "payload_purged";
-        kh_log_error("alert", "kind=referral_unroutable referral=%s reason=%s",
-                     id, reason);
         json_decref(referral);
+        /* The alert once the pass commits: a pass that rolls back set
+         * nothing aside. */
+        char *alert = zsys_sprintf("referral=%s reason=%s", id, reason);
+        if (!alert || !zlistx_add_end(self->unroutable, alert)) {
+            zstr_free(&alert);
+            return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
+        }
         kh_pgarray_add_uuid(&self->unroutable_cols[0], id);
         kh_pgarray_add_str(&self->unroutable_cols[1], reason);
         kh_pgarray_add_str(&self->unroutable_cols[2], hash);
@@ -411,6 +418,7 @@ static void s_writes_reset(routing_t *self)
         kh_pgarray_reset(&self->routed_cols[c], s_routed_types[c]);
     for (int c = 0; c < S_UNROUTABLE_COLUMNS; c++)
         kh_pgarray_reset(&self->unroutable_cols[c], s_unroutable_types[c]);
+    zlistx_purge(self->unroutable);
 }
 
 /* Tell notification which partners have new deliveries (services.md,
@@ -520,6 +528,10 @@ static int s_pass(routing_t *self)
     if (sent)
         goto fail;
     s_notify(self);
+    for (const char *alert = zlistx_first(self->unroutable); alert;
+         alert = zlistx_next(self->unroutable))
+        kh_log_error("alert", "kind=referral_unroutable %s", alert);
+    zlistx_purge(self->unroutable);
     kh_metric_add("referrals_routed_total", NULL, (uint64_t) routed);
     kh_metric_add("deliveries_created_total", NULL,
                   (uint64_t) (self->deliveries - deliveries));
@@ -535,6 +547,8 @@ static int s_pass(routing_t *self)
 fail:
     PQclear(res);
     zhashx_purge(self->targets);
+    zlistx_purge(self->unroutable);
+    self->deliveries = deliveries; /* rolled back: none was made */
     self->failures++;
     kh_log_warn("pass_failed", "code=%s msg=\"%s\"", kh_error_name(err.code),
                 KH_LOG_Q(err.message));
@@ -802,6 +816,11 @@ static int s_check_rules(const routing_t *self, kh_error_t *err)
     return 0;
 }
 
+static void s_free_string(void **item)
+{
+    zstr_free((char **) item);
+}
+
 routing_t *routing_new(const routing_config_t *config, kh_error_t *err)
 {
     routing_t *self = calloc(1, sizeof *self);
@@ -840,8 +859,11 @@ routing_t *routing_new(const routing_config_t *config, kh_error_t *err)
         goto fail;
     self->arena = kh_jarena_new(S_ARENA_KEEP);
     self->targets = zhashx_new();
+    self->unroutable = zlistx_new();
+    if (self->unroutable)
+        zlistx_set_destructor(self->unroutable, s_free_string);
     self->loop = zloop_new();
-    if (!self->arena || !self->targets || !self->loop) {
+    if (!self->arena || !self->targets || !self->unroutable || !self->loop) {
         kh_error_set(err, KH_E_NOMEM, "", "out of memory");
         goto fail;
     }
@@ -883,6 +905,7 @@ void routing_destroy(routing_t **self_p)
     zsock_destroy(&self->pull);
     zsock_destroy(&self->notify);
     zhashx_destroy(&self->targets);
+    zlistx_destroy(&self->unroutable);
     for (int c = 0; c < S_DELIVERY_COLUMNS; c++)
         kh_pgarray_free(&self->deliveries_cols[c]);
     for (int c = 0; c < S_ROUTED_COLUMNS; c++)

@@ -779,6 +779,132 @@ START_TEST(service_killed_while_sealing_loses_nothing)
 }
 END_TEST
 
+/* Whether the test database takes new connections (those made stay). */
+static void s_allow_connections(bool allow)
+{
+    PGconn *admin = PQconnectdb(khtest_pg_conninfo());
+    ck_assert_int_eq(PQstatus(admin), CONNECTION_OK);
+    khtest_db_exec(admin,
+                   allow ? "ALTER DATABASE " S_DB " ALLOW_CONNECTIONS true"
+                         : "ALTER DATABASE " S_DB " ALLOW_CONNECTIONS false",
+                   0, NULL);
+    PQfinish(admin);
+}
+
+/* The audit service started while its database refuses connections, then
+ * losing its connection: it tries again ever more slowly (a warning per
+ * attempt, not one per poll), and says when it has its database back. */
+START_TEST(service_waits_for_its_database_and_says_when_it_is_back)
+{
+    char *dir = khtest_tmpdir();
+    char sk_path[512], pk_path[512], log[512], env_db[1200], env_key[600];
+    snprintf(sk_path, sizeof sk_path, "%s/hub-audit.key", dir);
+    snprintf(pk_path, sizeof pk_path, "%s/hub-audit.pub", dir);
+    snprintf(log, sizeof log, "%s/audit.log", dir);
+    kh_error_t err;
+    ck_assert_int_eq(kh_trail_keygen(sk_path, pk_path, false, &err), 0);
+    char *conninfo = khtest_db_conninfo(S_DB);
+    snprintf(env_db, sizeof env_db, "KH_DATABASE_URL=%s", conninfo);
+    snprintf(env_key, sizeof env_key, "KH_AUDIT_KEY=%s", sk_path);
+    char *env[] = {env_db, env_key, "KH_AUDIT_POLL_MS=10",
+                   "KH_HEALTH_ENDPOINT=none", NULL};
+    char *argv[] = {"ketenhub-audit", NULL};
+    s_allow_connections(false);
+    pid_t pid = khproc_spawn(
+        KH_TEST_BINARY_DIR "/services/audit/ketenhub-audit", argv, env, log);
+    ck_assert_int_gt(pid, 0);
+    ck_assert(khtest_log_has(log, "event=db_unavailable", 10000));
+    usleep(1500 * 1000);
+    char *text = khtest_read_file(log);
+    int warnings = 0;
+    for (const char *p = text; p && (p = strstr(p, "event=db_unavailable"));
+         p++)
+        warnings++;
+    free(text);
+    ck_assert_msg(warnings <= 6, "%d warnings in 1.5 s", warnings);
+
+    s_allow_connections(true);
+    ck_assert(khtest_log_has(log, "event=ready", 10000));
+    /* Its connection is lost, and it cannot connect for a while. */
+    s_allow_connections(false);
+    khtest_db_exec(s_db,
+                   "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                   " WHERE application_name = 'audit'",
+                   0, NULL);
+    ck_assert(khtest_wait_count(s_db,
+                                "SELECT count(*) FROM pg_stat_activity"
+                                " WHERE application_name = 'audit'",
+                                0, 5000));
+    usleep(300 * 1000);
+    s_allow_connections(true);
+    ck_assert(khtest_log_has(log, "event=db_connected", 10000));
+    int status = khproc_stop(pid, SIGTERM, 5000);
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "status %d",
+                  status);
+    free(conninfo);
+    khtest_rmtree(dir);
+    free(dir);
+}
+END_TEST
+
+/* Seals that cannot be written (a full disk, say) while the database
+ * answers: the service tries again ever more slowly, a warning per
+ * attempt, not one a poll, and seals as soon as it can. */
+START_TEST(sealing_that_fails_is_tried_again_ever_more_slowly)
+{
+    char *dir = khtest_tmpdir();
+    char sk_path[512], pk_path[512], log[512], env_db[1200], env_key[600];
+    snprintf(sk_path, sizeof sk_path, "%s/hub-audit.key", dir);
+    snprintf(pk_path, sizeof pk_path, "%s/hub-audit.pub", dir);
+    snprintf(log, sizeof log, "%s/audit.log", dir);
+    kh_error_t err;
+    ck_assert_int_eq(kh_trail_keygen(sk_path, pk_path, false, &err), 0);
+    char *conninfo = khtest_db_conninfo(S_DB);
+    snprintf(env_db, sizeof env_db, "KH_DATABASE_URL=%s", conninfo);
+    snprintf(env_key, sizeof env_key, "KH_AUDIT_KEY=%s", sk_path);
+    char *env[] = {env_db, env_key, "KH_AUDIT_POLL_MS=10",
+                   "KH_HEALTH_ENDPOINT=none", NULL};
+    char *argv[] = {"ketenhub-audit", NULL};
+    khtest_db_exec(s_db, "CREATE TABLE test_full (x int)", 0, NULL);
+    khtest_db_exec(s_db, "INSERT INTO test_full VALUES (1)", 0, NULL);
+    khtest_db_exec(s_db,
+                   "CREATE FUNCTION test_full() RETURNS trigger LANGUAGE"
+                   " plpgsql AS $$BEGIN IF EXISTS (SELECT 1 FROM test_full)"
+                   " THEN RAISE EXCEPTION 'no space left' USING ERRCODE ="
+                   " '53100'; END IF; RETURN NEW; END$$",
+                   0, NULL);
+    khtest_db_exec(s_db,
+                   "CREATE TRIGGER test_full BEFORE INSERT ON audit_seals"
+                   " FOR EACH ROW EXECUTE FUNCTION test_full()",
+                   0, NULL);
+    s_events(s_db, 5);
+    pid_t pid = khproc_spawn(
+        KH_TEST_BINARY_DIR "/services/audit/ketenhub-audit", argv, env, log);
+    ck_assert_int_gt(pid, 0);
+    ck_assert(khtest_log_has(log, "event=seal_failed", 10000));
+    usleep(1500 * 1000);
+    char *text = khtest_read_file(log);
+    int warnings = 0;
+    for (const char *p = text; p && (p = strstr(p, "event=seal_failed")); p++)
+        warnings++;
+    free(text);
+    ck_assert_msg(warnings <= 6, "%d warnings in 1.5 s", warnings);
+
+    khtest_db_exec(s_db, "DELETE FROM test_full", 0, NULL);
+    ck_assert(khtest_wait_count(s_db,
+                                "SELECT count(*) FROM audit_events e WHERE"
+                                " NOT EXISTS (SELECT 1 FROM audit_seals s"
+                                " WHERE s.seq = e.seq)",
+                                0, 10000));
+    int status = khproc_stop(pid, SIGTERM, 5000);
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "status %d",
+                  status);
+    free(conninfo);
+    khtest_rmtree(dir);
+    free(dir);
+}
+END_TEST
+
 START_TEST(export_verifies_offline)
 {
     s_events(s_db, 400);
@@ -2490,5 +2616,14 @@ int main(void)
     tcase_add_test(tc_auditor,
                    an_interrupted_export_leaves_no_file_under_its_name);
     suite_add_tcase(suite, tc_auditor);
+    /* The service through its database's outages. */
+    TCase *tc_outage = tcase_create("outage");
+    tcase_add_checked_fixture(tc_outage, s_setup, s_teardown);
+    tcase_set_timeout(tc_outage, 60);
+    tcase_add_test(tc_outage,
+                   service_waits_for_its_database_and_says_when_it_is_back);
+    tcase_add_test(tc_outage,
+                   sealing_that_fails_is_tried_again_ever_more_slowly);
+    suite_add_tcase(suite, tc_outage);
     return khtest_run_suite(suite);
 }

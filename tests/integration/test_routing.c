@@ -772,6 +772,58 @@ START_TEST(unreadable_referrals_are_set_aside_not_retried)
 }
 END_TEST
 
+/* How many times text is in the log. */
+static int s_log_count(const char *log, const char *text)
+{
+    char *all = khtest_read_file(s_path(log));
+    int n = 0;
+    for (const char *p = all; p && (p = strstr(p, text)); p++)
+        n++;
+    free(all);
+    return n;
+}
+
+/* Passes that fail at their writes (a full disk, say) roll back: an
+ * unreadable referral in them is not set aside, so no alert says it was;
+ * the alert comes once, with the pass that commits, and the stats count
+ * only the deliveries that were committed. */
+START_TEST(a_failed_pass_neither_alerts_nor_counts)
+{
+    s_sql("CREATE TABLE test_full (x int)", 0, NULL);
+    s_sql("INSERT INTO test_full VALUES (1)", 0, NULL);
+    s_sql("CREATE FUNCTION test_full() RETURNS trigger LANGUAGE plpgsql AS"
+          " $$BEGIN IF EXISTS (SELECT 1 FROM test_full) THEN RAISE"
+          " EXCEPTION 'no space left' USING ERRCODE = '53100'; END IF;"
+          " RETURN NEW; END$$",
+          0, NULL);
+    s_sql("CREATE TRIGGER test_full BEFORE INSERT ON audit_events"
+          " FOR EACH ROW EXECUTE FUNCTION test_full()",
+          0, NULL);
+    s_stored_referral("bad", 0, "not json");
+    long deliveries = s_insert_many(2);
+    pid_t pid = s_start(s_endpoint(), NULL, 50, "routing.log");
+    for (int i = 0;
+         i < 100 && s_log_count("routing.log", "event=pass_failed") < 3; i++)
+        zclock_sleep(50);
+    ck_assert_int_ge(s_log_count("routing.log", "event=pass_failed"), 3);
+    ck_assert_int_eq(s_log_count("routing.log", "kind=referral_unroutable"), 0);
+
+    s_sql("DELETE FROM test_full", 0, NULL);
+    ck_assert(s_wait_count(S_ROUTED, 2, 10000));
+    ck_assert(s_wait_count("SELECT count(*) FROM referrals"
+                           " WHERE state = 'unroutable'",
+                           1, 5000));
+    int status = khproc_stop(pid, SIGTERM, 5000);
+    ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    ck_assert_int_eq(s_log_count("routing.log", "kind=referral_unroutable"), 1);
+    char stats[64];
+    snprintf(stats, sizeof stats, "event=stats routed=2 deliveries=%ld ",
+             deliveries);
+    ck_assert_msg(s_log_count("routing.log", stats) == 1, "no '%s' in %s",
+                  stats, s_path("routing.log"));
+}
+END_TEST
+
 /* Stored payloads that are not UTF-8 text (a stray byte, a NUL) cannot
  * be read either: they are set aside like the others, and never make the
  * claim itself fail, which would hold up every referral behind them. */
@@ -991,5 +1043,11 @@ int main(void)
     tcase_add_test(tc, no_partners_registered_still_checks_the_rules);
     tcase_add_test(tc, unreadable_rules_at_start_exit_2);
     suite_add_tcase(suite, tc);
+    /* Passes that fail at their writes. */
+    TCase *tc_failed = tcase_create("failed");
+    tcase_add_checked_fixture(tc_failed, s_setup, s_teardown);
+    tcase_set_timeout(tc_failed, 60);
+    tcase_add_test(tc_failed, a_failed_pass_neither_alerts_nor_counts);
+    suite_add_tcase(suite, tc_failed);
     return khtest_run_suite(suite);
 }
