@@ -220,17 +220,23 @@ int kh_trail_parse_time(const char *text, int64_t *at_us)
     return strcmp(back, text) == 0 ? 0 : -1;
 }
 
-/* Write text to path with mode, refusing to replace unless force. */
+/* Write text to path with mode, refusing to replace unless force. A file
+ * replaced takes mode before the key is written into it (it may have been
+ * readable by others), and a symbolic link is never followed (a link
+ * planted where the key goes would send the secret elsewhere). */
 static int s_write_key(const char *path, const char *text, mode_t mode,
                        bool force, kh_error_t *err)
 {
-    int flags = O_WRONLY | O_CREAT | O_CLOEXEC | (force ? O_TRUNC : O_EXCL);
+    int flags =
+        O_WRONLY | O_CREAT | O_CLOEXEC | O_NOFOLLOW | (force ? 0 : O_EXCL);
     int fd = open(path, flags, mode);
     if (fd < 0)
         return kh_error_set(err, KH_E_IO, path, "cannot create key file: %s",
-                            strerror(errno));
+                            errno == ELOOP ? "it is a symbolic link"
+                                           : strerror(errno));
     size_t len = strlen(text);
-    bool ok = write(fd, text, len) == (ssize_t) len && fchmod(fd, mode) == 0;
+    bool ok = fchmod(fd, mode) == 0 && ftruncate(fd, 0) == 0 &&
+              write(fd, text, len) == (ssize_t) len;
     ok = close(fd) == 0 && ok;
     return ok ? 0 : kh_error_set(err, KH_E_IO, path, "cannot write key file");
 }

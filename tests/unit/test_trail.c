@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "ketenhub/trail.h"
 #include "khtest.h"
@@ -141,6 +142,24 @@ START_TEST(key_files_and_times)
     ck_assert_int_eq(kh_trail_load_secret(pk_path, sk, &err), -1);
     khtest_write_file(sk_path, "zz\n");
     ck_assert_int_eq(kh_trail_load_secret(sk_path, sk, &err), -1);
+    /* --force over a file that others could read: the key is 0600. */
+    ck_assert_int_eq(chmod(sk_path, 0644), 0);
+    ck_assert_int_eq(kh_trail_keygen(sk_path, pk_path, true, &err), 0);
+    ck_assert_int_eq(stat(sk_path, &st), 0);
+    ck_assert_int_eq(st.st_mode & 0777, 0600);
+    ck_assert_int_eq(kh_trail_load_secret(sk_path, sk, &err), 0);
+    /* A symbolic link where the key goes is not followed, even with
+     * --force: the file it names keeps what it held. */
+    char elsewhere[512];
+    snprintf(elsewhere, sizeof elsewhere, "%s/elsewhere", dir);
+    khtest_write_file(elsewhere, "kept\n");
+    ck_assert_int_eq(unlink(sk_path), 0);
+    ck_assert_int_eq(symlink(elsewhere, sk_path), 0);
+    ck_assert_int_eq(kh_trail_keygen(sk_path, pk_path, true, &err), -1);
+    ck_assert_ptr_nonnull(strstr(err.message, "symbolic link"));
+    char *kept = khtest_read_file(elsewhere);
+    ck_assert_str_eq(kept, "kept\n");
+    free(kept);
     khtest_rmtree(dir);
     free(dir);
 
