@@ -129,7 +129,8 @@ static int s_connect(routing_t *self, kh_error_t *err)
     if (rc) {
         PQfinish(self->conn);
         self->conn = NULL;
-    }
+    } else
+        kh_log_info("db_connected", NULL); /* the outage, if any, is over */
     return rc;
 }
 

@@ -655,6 +655,15 @@ START_TEST(sighup_while_the_database_is_away_is_retried_when_it_is_back)
     int status = khproc_stop(pid, SIGTERM, 5000);
     ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
     s_assert_routed_once(3, deliveries);
+    /* The log says when the database was back, as it said it was gone:
+     * a db_connected at start and one after the outage. */
+    char *log = khtest_read_file(s_path("routing.log"));
+    ck_assert_ptr_nonnull(log);
+    int connected = 0;
+    for (const char *at = log; (at = strstr(at, "event=db_connected")); at++)
+        connected++;
+    free(log);
+    ck_assert_int_ge(connected, 2);
 }
 END_TEST
 
