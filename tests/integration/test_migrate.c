@@ -793,6 +793,21 @@ START_TEST(test_services_hold_least_privilege)
     ck_assert_str_eq(
         s_as(conn, "ketenhub_routing", "UPDATE referrals SET partner_id = 'x'"),
         "42501");
+    /* Notification: what its claims, ACKs, NACKs and sweeps set. */
+    ck_assert_str_eq(
+        s_as(conn, "ketenhub_notification",
+             "UPDATE deliveries SET state = 'delivered', attempts = 1,"
+             " sent_at = now(), next_attempt_at = now(), acked_at = now(),"
+             " dead_reason = NULL, escalated_at = now(), updated_at = now()"
+             " WHERE id IN (SELECT id FROM deliveries WHERE state = 'pending'"
+             " FOR UPDATE SKIP LOCKED)"),
+        "");
+    ck_assert_str_eq(s_as(conn, "ketenhub_notification",
+                          "UPDATE deliveries SET payload = NULL"),
+                     "42501");
+    ck_assert_str_eq(s_as(conn, "ketenhub_notification",
+                          "UPDATE deliveries SET partner_id = 'x'"),
+                     "42501");
     PQfinish(conn);
 }
 END_TEST
