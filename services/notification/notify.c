@@ -578,9 +578,6 @@ static void s_db_failed(notify_t *self, const char *what, const kh_error_t *err)
                 kh_error_name(err->code), KH_LOG_Q(err->message));
 }
 
-/* An auth.refused event for key from peer, with reason: into the trail
- * once a minute per reason, key and address, since a client that retries
- * must not flood it. */
 /* Audit a refused key, once a minute per reason, key and address, and
  * log it as event (NULL: not at all). Anyone who can reach the port can
  * make up keys without end, each refused once: past a burst, their
@@ -1336,9 +1333,15 @@ static void s_take(notify_t *self, zframe_t *identity, zmq_msg_t *body,
     if (err.code == KH_E_OK && !partner && !self->partners)
         kh_error_set(&err, KH_E_UNAVAILABLE, "",
                      "the partner registry cannot be read now");
-    else if (err.code == KH_E_OK && !partner)
+    else if (err.code == KH_E_OK && !partner) {
+        /* A key the directory still admits that the registry no longer
+         * does (revoked, or past its rotation's overlap): refused and
+         * audited, as intake does. */
         kh_error_set(&err, KH_E_UNKNOWN_PARTNER, "",
                      "this key belongs to no active partner");
+        s_audit_refused(self, key ? key : "", peer ? peer : "",
+                        "unknown_partner", NULL);
+    }
     /* Only a HELLO registers a connection for deliveries: a connection
      * that only PINGs (a probe) or answers is served without being sent
      * any, since nothing says it reads them. A registered one is kept

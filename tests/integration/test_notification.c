@@ -2567,6 +2567,12 @@ START_TEST(a_connection_whose_key_overlap_ended_is_sent_nothing_more)
     ck_assert_ptr_nonnull(msg);
     ck_assert_str_eq(s_str(msg, "code"), "unknown_partner");
     json_decref(msg);
+    /* ... and in the trail, under the key, as intake records it. */
+    ck_assert(s_wait_count("SELECT count(*) FROM audit_events WHERE action ="
+                           " 'auth.refused' AND origin_service ="
+                           " 'notification' AND reason_code ="
+                           " 'unknown_partner' AND actor_id LIKE 'key:%'",
+                           1, 3000));
     zsock_destroy(&old);
     zsock_destroy(&now);
     s_stop(pid);
