@@ -528,6 +528,26 @@ START_TEST(test_ctl_end_to_end)
     ck_assert_int_eq(khtest_ctl(NULL, (const char *const[]){NULL}), 2);
     ck_assert_int_eq(KHTEST_CTL(NULL, "frobnicate"), 2);
     ck_assert_int_eq(KHTEST_CTL(NULL, "migrate", "--bogus"), 2);
+    /* getopt's complaint names the whole command, not its last word. */
+    static const char *const bogus[][4] = {{"migrate", "--bogus", NULL},
+                                           {"hub", "keygen", "--bogus", NULL},
+                                           {"partner", "list", "--bogus", NULL},
+                                           {"deadletters", "retry", "-q", NULL},
+                                           {"audit", "report", "--bogus", NULL},
+                                           {"status", "--bogus", NULL}};
+    static const char *const named[] = {
+        "ketenhubctl migrate: unrecognized option '--bogus'",
+        "ketenhubctl hub keygen: unrecognized option '--bogus'",
+        "ketenhubctl partner list: unrecognized option '--bogus'",
+        "ketenhubctl deadletters retry: invalid option -- 'q'",
+        "ketenhubctl audit report: unrecognized option '--bogus'",
+        "ketenhubctl status: unrecognized option '--bogus'"};
+    for (size_t i = 0; i < sizeof named / sizeof named[0]; i++) {
+        ck_assert_int_eq(khtest_ctl(&text, bogus[i]), 2);
+        ck_assert_msg(strncmp(text, named[i], strlen(named[i])) == 0, "%s",
+                      text);
+        free(text);
+    }
 
     /* migrate, then status, then nothing left to do. */
     ck_assert_int_eq(KHTEST_CTL(&text, "migrate"), 0);

@@ -98,6 +98,7 @@ int ctl_hub(int argc, char **argv)
     const char *out = NULL;
     bool force = false;
     int c;
+    ctl_name_command(argv);
     optind = 1;
     while ((c = getopt_long(argc - 1, argv + 1, "o:fh", options, NULL)) != -1) {
         switch (c) {

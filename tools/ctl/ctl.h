@@ -69,6 +69,12 @@ typedef struct {
     int (*run)(int argc, char **argv);
 } ctl_sub_t;
 
+/* Make argv[1], a command's or subcommand's name, its whole name
+ * ("ketenhubctl partner", then "ketenhubctl partner list"), argv[0]
+ * being the whole name of what it is a part of: getopt's messages name
+ * the command after argv[0] of what it is given. */
+void ctl_name_command(char **argv);
+
 /* Run the subcommand named in argv[1] from subs (ended by a NULL name).
  * No subcommand, or an unknown one: usage on stderr, CTL_USAGE; --help or
  * -h: usage on stdout, CTL_OK. */

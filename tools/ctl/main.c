@@ -200,6 +200,20 @@ int ctl_time_arg(const char *option, const char *text, int64_t *at_us,
     return CTL_OK;
 }
 
+void ctl_name_command(char **argv)
+{
+    /* Two levels at most (ketenhubctl partner list), each name short and
+     * fixed, so one buffer per level lasts as long as the command runs. */
+    static char names[2][64];
+    static int level;
+    if (level >= 2)
+        return;
+    char *name = names[level++];
+    if ((size_t) snprintf(name, sizeof names[0], "%s %s", argv[0], argv[1]) <
+        sizeof names[0])
+        argv[1] = name;
+}
+
 int ctl_dispatch(const char *group, int argc, char **argv,
                  const ctl_sub_t *subs, void (*usage)(FILE *out))
 {
@@ -213,8 +227,10 @@ int ctl_dispatch(const char *group, int argc, char **argv,
         return CTL_OK;
     }
     for (const ctl_sub_t *s = subs; s->name; s++)
-        if (strcmp(sub, s->name) == 0)
+        if (strcmp(sub, s->name) == 0) {
+            ctl_name_command(argv);
             return s->run(argc - 1, argv + 1);
+        }
     ctl_usage_error("%s: unknown command '%s'", group, sub);
     usage(stderr);
     return CTL_USAGE;
@@ -278,6 +294,11 @@ static int s_run(int argc, char **argv)
         s_usage(stdout);
         return CTL_OK;
     }
+    /* getopt names what it complains about after argv[0]: the command's
+     * whole name, not its last word. */
+    static char program[] = "ketenhubctl";
+    argv[0] = program;
+    ctl_name_command(argv);
     if (strcmp(cmd, "migrate") == 0)
         return ctl_migrate(argc - 1, argv + 1);
     if (strcmp(cmd, "hub") == 0)
