@@ -247,23 +247,11 @@ static void s_print_handover(const char *id, const char *out)
  * cannot be found out. */
 static int s_commit_outcome(PGconn *conn, const char *id, const char *key)
 {
-    if (PQstatus(conn) == CONNECTION_OK)
-        return 0;
-    PGconn *again = ctl_connect_wait(10);
-    if (!again)
-        return -1;
     const char *params[] = {id, key};
-    PGresult *res = PQexecParams(again,
-                                 "SELECT curve_public_key = $2 FROM partners"
-                                 " WHERE id = $1",
-                                 2, NULL, params, NULL, NULL, 0);
-    int outcome =
-        PQresultStatus(res) != PGRES_TUPLES_OK                           ? -1
-        : PQntuples(res) == 1 && strcmp(PQgetvalue(res, 0, 0), "t") == 0 ? 1
-                                                                         : 0;
-    PQclear(res);
-    PQfinish(again);
-    return outcome;
+    return ctl_commit_outcome(conn,
+                              "SELECT curve_public_key = $2 FROM partners"
+                              " WHERE id = $1",
+                              2, params);
 }
 
 /* COMMIT a change that makes key partner id's current one: 0 when it

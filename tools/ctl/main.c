@@ -282,6 +282,35 @@ PGconn *ctl_connect(void)
     return ctl_connect_wait(0);
 }
 
+int ctl_commit_checked(ConnStatusType status, const PGresult *res)
+{
+    if (status == CONNECTION_OK)
+        return 0; /* the server answered: it refused the commit */
+    if (PQresultStatus(res) != PGRES_TUPLES_OK)
+        return -1;
+    if (PQntuples(res) == 0)
+        return 0;
+    if (PQgetisnull(res, 0, 0))
+        return -1;
+    return strcmp(PQgetvalue(res, 0, 0), "t") == 0 ? 1 : 0;
+}
+
+int ctl_commit_outcome(PGconn *conn, const char *check, int nparams,
+                       const char *const *params)
+{
+    if (PQstatus(conn) == CONNECTION_OK)
+        return ctl_commit_checked(CONNECTION_OK, NULL);
+    PGconn *again = ctl_connect_wait(10);
+    if (!again)
+        return -1;
+    PGresult *res =
+        PQexecParams(again, check, nparams, NULL, params, NULL, NULL, 0);
+    int outcome = ctl_commit_checked(CONNECTION_BAD, res);
+    PQclear(res);
+    PQfinish(again);
+    return outcome;
+}
+
 static int s_run(int argc, char **argv)
 {
     if (argc < 2) {
