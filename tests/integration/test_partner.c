@@ -755,6 +755,30 @@ START_TEST(test_ctl_end_to_end)
     ck_assert_ptr_nonnull(list);
     ck_assert_int_eq((int) json_array_size(list), 0);
     json_decref(list);
+    /* A revoked partner's key admits no one: its end is the revocation,
+     * not null (which reads as a current key, valid for ever). */
+    ck_assert_int_eq(KHTEST_CTL(&text, "partner", "list", "--json"), 0);
+    list = json_loads(text, 0, &jerr);
+    ck_assert_msg(list, "%s", text);
+    free(text);
+    size_t k;
+    json_t *item;
+    int seen = 0;
+    json_array_foreach(list, k, item)
+    {
+        const char *revoked =
+            json_string_value(json_object_get(item, "revoked_at"));
+        json_t *keys = json_object_get(item, "keys");
+        ck_assert_ptr_nonnull(revoked);
+        ck_assert_int_eq((int) json_array_size(keys), 1);
+        const char *end = json_string_value(
+            json_object_get(json_array_get(keys, 0), "expires_at"));
+        ck_assert_ptr_nonnull(end);
+        ck_assert_str_eq(end, revoked);
+        seen++;
+    }
+    ck_assert_int_eq(seen, 2);
+    json_decref(list);
 
     /* Without a reachable database: runtime failure. */
     setenv("KH_DATABASE_URL", "host=/nonexistent port=1", 1);

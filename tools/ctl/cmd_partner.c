@@ -459,17 +459,22 @@ static void s_json_partner(const kh_partner_t *p, void *arg)
 
 /* Add to each partner object of array its "keys": every key it has had,
  * oldest first, with when it was added and when it stopped (or stops)
- * admitting it (null: its current key). So an auditor can tell whose key
- * a trail's "key:..." actor was. 0, or -1 with err. */
+ * admitting it (null: its current key, while the partner is not revoked;
+ * a revoked partner's keys stopped at its revocation at the latest). So an
+ * auditor can tell whose key a trail's "key:..." actor was. 0, or -1 with
+ * err. */
 static int s_json_keys(PGconn *conn, json_t *array, kh_error_t *err)
 {
-    PGresult *res = PQexec(conn, "SELECT partner_id, curve_public_key,"
-                                 " to_char(added_at AT TIME ZONE 'UTC',"
+    PGresult *res = PQexec(conn, "SELECT k.partner_id, k.curve_public_key,"
+                                 " to_char(k.added_at AT TIME ZONE 'UTC',"
                                  " 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),"
-                                 " to_char(expires_at AT TIME ZONE 'UTC',"
+                                 " to_char(least(k.expires_at, p.revoked_at)"
+                                 " AT TIME ZONE 'UTC',"
                                  " 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')"
-                                 " FROM partner_keys ORDER BY added_at,"
-                                 " expires_at NULLS LAST");
+                                 " FROM partner_keys k JOIN partners p"
+                                 " ON p.id = k.partner_id"
+                                 " ORDER BY k.added_at,"
+                                 " k.expires_at NULLS LAST");
     if (PQresultStatus(res) != PGRES_TUPLES_OK) {
         kh_db_error(err, conn, res, "cannot list the partners' keys");
         PQclear(res);
