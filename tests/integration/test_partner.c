@@ -576,6 +576,31 @@ START_TEST(test_ctl_end_to_end)
     free(text);
     ck_assert_int_eq(KHTEST_CTL(&text, "hub", "keygen"), 2);
     free(text);
+    /* A mistyped --out (its parent is not there, or it is a file) is a
+     * usage error, as a mistyped --cert-dir, for every command that makes
+     * the last directory of one. */
+    ck_assert_int_eq(
+        KHTEST_CTL(&text, "hub", "keygen", "--out", "/nonexistent/a/b"), 2);
+    ck_assert_msg(strstr(text, "/nonexistent/a is not a directory"), "%s",
+                  text);
+    free(text);
+    ck_assert_int_eq(
+        KHTEST_CTL(&text, "audit", "keygen", "--out", "/nonexistent/a/b"), 2);
+    free(text);
+    ck_assert_int_eq(KHTEST_CTL(&text, "partner", "add", "nobody-here",
+                                "--name", "N", "--kind", "other", "--cert-dir",
+                                cert_dir, "--out", "/nonexistent/a/b"),
+                     2);
+    free(text);
+    ck_assert_int_eq(KHTEST_CTL(&text, "partner", "rotate", "nobody-here",
+                                "--cert-dir", cert_dir, "--out",
+                                "/nonexistent/a/b"),
+                     2);
+    free(text);
+    char hub_cert[4096];
+    snprintf(hub_cert, sizeof hub_cert, "%s/hub.cert", hub);
+    ck_assert_int_eq(KHTEST_CTL(&text, "hub", "keygen", "--out", hub_cert), 2);
+    free(text);
 
     /* partner add. */
     int rc = KHTEST_CTL(&text, "partner", "add", "vt-gv", "--name",

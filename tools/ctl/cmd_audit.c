@@ -129,6 +129,8 @@ static int s_keygen(int argc, char **argv)
     }
     if (!out || optind != argc)
         return ctl_usage_error("audit keygen: --out DIR is required");
+    if (ctl_out_dir_check("audit keygen", out) != CTL_OK)
+        return CTL_USAGE;
     if (mkdir(out, 0700) != 0 && errno != EEXIST) {
         fprintf(stderr, "ketenhubctl: %s: cannot create directory: %s\n", out,
                 strerror(errno));

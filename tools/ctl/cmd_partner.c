@@ -216,8 +216,8 @@ static bool s_cert_dir_given(const char *command, const char *cert_dir)
     return false;
 }
 
-/* Exactly one of --out DIR and --public-cert FILE; false after saying so
- * (a usage error). */
+/* Exactly one of --out DIR and --public-cert FILE, an --out that can be
+ * made; false after saying so (a usage error). */
 static bool s_one_key_source(const char *command, const char *out,
                              const char *public_cert)
 {
@@ -227,7 +227,7 @@ static bool s_one_key_source(const char *command, const char *out,
                         command);
         return false;
     }
-    return true;
+    return !out || ctl_out_dir_check(command, out) == CTL_OK;
 }
 
 /* Where the partner's pair went (out), when it was made here. */

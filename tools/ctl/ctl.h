@@ -40,6 +40,12 @@ bool ctl_sqlstate_unmigrated(const char *sqlstate);
 /* Print "ketenhubctl: <message>" on stderr and return CTL_USAGE. */
 int ctl_usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
+/* Whether out, an --out DIR that a command makes when it is missing (the
+ * last directory only), can be that: CTL_OK, or a usage error named after
+ * command when out is there but no directory, or its parent directory is
+ * not there (a mistyped path, as a mistyped --cert-dir). */
+int ctl_out_dir_check(const char *command, const char *out);
+
 /* Bytes of a time in the trail's own form, the NUL included:
  * 2026-11-28T21:00:00.000000Z. */
 #define CTL_TIME_SIZE 28

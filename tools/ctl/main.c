@@ -5,11 +5,13 @@
  * environment (PGHOST, PGPORT, PGUSER, PGDATABASE, ...).
  */
 #include <errno.h>
+#include <libgen.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -182,6 +184,27 @@ static bool s_time_parse(const char *text, int64_t *at_us)
         return false;
     *at_us = secs * 1000000 + us;
     return true;
+}
+
+int ctl_out_dir_check(const char *command, const char *out)
+{
+    struct stat st;
+    if (stat(out, &st) == 0)
+        return S_ISDIR(st.st_mode)
+                   ? CTL_OK
+                   : ctl_usage_error("%s: --out %s is not a directory", command,
+                                     out);
+    if (errno != ENOENT)
+        return CTL_OK; /* the command says why when it makes it */
+    char copy[4096];
+    if ((size_t) snprintf(copy, sizeof copy, "%s", out) >= sizeof copy)
+        return ctl_usage_error("%s: --out path is too long", command);
+    const char *parent = dirname(copy);
+    if (stat(parent, &st) != 0 || !S_ISDIR(st.st_mode))
+        return ctl_usage_error("%s: --out %s: %s is not a directory (only "
+                               "the last directory of --out is made)",
+                               command, out, parent);
+    return CTL_OK;
 }
 
 int ctl_time_arg(const char *option, const char *text, int64_t *at_us,
