@@ -84,7 +84,9 @@ static void s_usage_list(FILE *out)
                  "  --json    one JSON array, for scripts; with each partner's "
                  "keys\n"
                  "            (added_at, expires_at: null for the current "
-                 "one) and\n"
+                 "one; a revoked\n"
+                 "            partner's keys end at its revocation at the "
+                 "latest) and\n"
                  "            previous_key_until (the end of a rotation's "
                  "overlap)\n"
                  "  --help    this text\n");
