@@ -584,6 +584,8 @@ static int s_export(int argc, char **argv)
         return ctl_usage_error("audit export: --to %" PRId64
                                " is below --from %" PRId64,
                                to, from);
+    if (ctl_out_parent_check("audit export", out) != CTL_OK)
+        return CTL_USAGE;
     PGconn *conn = ctl_connect();
     if (!conn)
         return CTL_FAIL;

@@ -46,6 +46,10 @@ int ctl_usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
  * not there (a mistyped path, as a mistyped --cert-dir). */
 int ctl_out_dir_check(const char *command, const char *out);
 
+/* Whether the directory an --out FILE goes into is there: CTL_OK, or a
+ * usage error named after command. */
+int ctl_out_parent_check(const char *command, const char *out);
+
 /* Bytes of a time in the trail's own form, the NUL included:
  * 2026-11-28T21:00:00.000000Z. */
 #define CTL_TIME_SIZE 28

@@ -186,6 +186,19 @@ static bool s_time_parse(const char *text, int64_t *at_us)
     return true;
 }
 
+int ctl_out_parent_check(const char *command, const char *out)
+{
+    char copy[4096];
+    if ((size_t) snprintf(copy, sizeof copy, "%s", out) >= sizeof copy)
+        return ctl_usage_error("%s: --out path is too long", command);
+    const char *parent = dirname(copy);
+    struct stat st;
+    if (stat(parent, &st) != 0 || !S_ISDIR(st.st_mode))
+        return ctl_usage_error("%s: --out %s: %s is not a directory", command,
+                               out, parent);
+    return CTL_OK;
+}
+
 int ctl_out_dir_check(const char *command, const char *out)
 {
     struct stat st;
@@ -196,15 +209,7 @@ int ctl_out_dir_check(const char *command, const char *out)
                                      out);
     if (errno != ENOENT)
         return CTL_OK; /* the command says why when it makes it */
-    char copy[4096];
-    if ((size_t) snprintf(copy, sizeof copy, "%s", out) >= sizeof copy)
-        return ctl_usage_error("%s: --out path is too long", command);
-    const char *parent = dirname(copy);
-    if (stat(parent, &st) != 0 || !S_ISDIR(st.st_mode))
-        return ctl_usage_error("%s: --out %s: %s is not a directory (only "
-                               "the last directory of --out is made)",
-                               command, out, parent);
-    return CTL_OK;
+    return ctl_out_parent_check(command, out);
 }
 
 int ctl_time_arg(const char *option, const char *text, int64_t *at_us,
