@@ -1168,6 +1168,9 @@ START_TEST(auditor_options_are_checked_before_anything_runs)
     S_REFUSED("--to", "export", "--out", "/nonexistent/x", "--from", "200",
               "--to", "100");
     S_REFUSED("--out", "export", "--out", "");
+    /* A file whose directory is not there: a mistyped path, as for every
+     * --out and --cert-dir. */
+    S_REFUSED("--out", "export", "--out", "/nonexistent/a/trail.jsonl");
     S_REFUSED("--from-checkpoint", "verify", "--public-key", "/dev/null",
               "--file", "/dev/null", "--from-checkpoint", "10");
     /* A seq that is no checkpoint is a bad option, not a finding (exit 1

@@ -15,6 +15,7 @@
 #include "ketenhub/db.h"
 #include "ketenhub/migrate.h"
 #include "ketenhub/partner.h"
+#include "khproc.h"
 #include "khtest.h"
 
 #define DB "kh_test_migrate"
@@ -413,6 +414,16 @@ START_TEST(test_empty_dir_refused)
     ck_assert_int_eq(KHTEST_CTL(&out, "migrate", "--dir", dir), 2);
     ck_assert_ptr_nonnull(strstr(out, "no migrations"));
     free(out);
+    /* --status says why on stderr, and prints nothing on stdout: not the
+     * table's header, as if a table followed. */
+    ck_assert_int_eq(KHTEST_CTL(&out, "migrate", "--status", "--dir", dir), 2);
+    ck_assert_msg(strstr(out, "no migrations") && !strstr(out, "applied_at"),
+                  "%s", out);
+    free(out);
+    ck_assert_int_eq(khproc_sh("test -z \"$('%s/tools/ctl/ketenhubctl' migrate"
+                               " --status --dir '%s' 2>/dev/null)\"",
+                               KH_TEST_BINARY_DIR, dir),
+                     0);
     ck_assert_int_eq(
         KHTEST_CTL(&out, "migrate", "--dir", "/nonexistent/migrations"), 2);
     ck_assert_ptr_nonnull(strstr(out, "--dir /nonexistent/migrations"));

@@ -528,6 +528,26 @@ START_TEST(test_ctl_end_to_end)
     ck_assert_int_eq(khtest_ctl(NULL, (const char *const[]){NULL}), 2);
     ck_assert_int_eq(KHTEST_CTL(NULL, "frobnicate"), 2);
     ck_assert_int_eq(KHTEST_CTL(NULL, "migrate", "--bogus"), 2);
+    /* getopt's complaint names the whole command, not its last word. */
+    static const char *const bogus[][4] = {{"migrate", "--bogus", NULL},
+                                           {"hub", "keygen", "--bogus", NULL},
+                                           {"partner", "list", "--bogus", NULL},
+                                           {"deadletters", "retry", "-q", NULL},
+                                           {"audit", "report", "--bogus", NULL},
+                                           {"status", "--bogus", NULL}};
+    static const char *const named[] = {
+        "ketenhubctl migrate: unrecognized option '--bogus'",
+        "ketenhubctl hub keygen: unrecognized option '--bogus'",
+        "ketenhubctl partner list: unrecognized option '--bogus'",
+        "ketenhubctl deadletters retry: invalid option -- 'q'",
+        "ketenhubctl audit report: unrecognized option '--bogus'",
+        "ketenhubctl status: unrecognized option '--bogus'"};
+    for (size_t i = 0; i < sizeof named / sizeof named[0]; i++) {
+        ck_assert_int_eq(khtest_ctl(&text, bogus[i]), 2);
+        ck_assert_msg(strncmp(text, named[i], strlen(named[i])) == 0, "%s",
+                      text);
+        free(text);
+    }
 
     /* migrate, then status, then nothing left to do. */
     ck_assert_int_eq(KHTEST_CTL(&text, "migrate"), 0);
@@ -555,6 +575,31 @@ START_TEST(test_ctl_end_to_end)
         KHTEST_CTL(&text, "hub", "keygen", "--out", hub, "--force"), 0);
     free(text);
     ck_assert_int_eq(KHTEST_CTL(&text, "hub", "keygen"), 2);
+    free(text);
+    /* A mistyped --out (its parent is not there, or it is a file) is a
+     * usage error, as a mistyped --cert-dir, for every command that makes
+     * the last directory of one. */
+    ck_assert_int_eq(
+        KHTEST_CTL(&text, "hub", "keygen", "--out", "/nonexistent/a/b"), 2);
+    ck_assert_msg(strstr(text, "/nonexistent/a is not a directory"), "%s",
+                  text);
+    free(text);
+    ck_assert_int_eq(
+        KHTEST_CTL(&text, "audit", "keygen", "--out", "/nonexistent/a/b"), 2);
+    free(text);
+    ck_assert_int_eq(KHTEST_CTL(&text, "partner", "add", "nobody-here",
+                                "--name", "N", "--kind", "other", "--cert-dir",
+                                cert_dir, "--out", "/nonexistent/a/b"),
+                     2);
+    free(text);
+    ck_assert_int_eq(KHTEST_CTL(&text, "partner", "rotate", "nobody-here",
+                                "--cert-dir", cert_dir, "--out",
+                                "/nonexistent/a/b"),
+                     2);
+    free(text);
+    char hub_cert[4096];
+    snprintf(hub_cert, sizeof hub_cert, "%s/hub.cert", hub);
+    ck_assert_int_eq(KHTEST_CTL(&text, "hub", "keygen", "--out", hub_cert), 2);
     free(text);
 
     /* partner add. */
@@ -734,6 +779,30 @@ START_TEST(test_ctl_end_to_end)
     free(text);
     ck_assert_ptr_nonnull(list);
     ck_assert_int_eq((int) json_array_size(list), 0);
+    json_decref(list);
+    /* A revoked partner's key admits no one: its end is the revocation,
+     * not null (which reads as a current key, valid for ever). */
+    ck_assert_int_eq(KHTEST_CTL(&text, "partner", "list", "--json"), 0);
+    list = json_loads(text, 0, &jerr);
+    ck_assert_msg(list, "%s", text);
+    free(text);
+    size_t k;
+    json_t *item;
+    int seen = 0;
+    json_array_foreach(list, k, item)
+    {
+        const char *revoked =
+            json_string_value(json_object_get(item, "revoked_at"));
+        json_t *keys = json_object_get(item, "keys");
+        ck_assert_ptr_nonnull(revoked);
+        ck_assert_int_eq((int) json_array_size(keys), 1);
+        const char *end = json_string_value(
+            json_object_get(json_array_get(keys, 0), "expires_at"));
+        ck_assert_ptr_nonnull(end);
+        ck_assert_str_eq(end, revoked);
+        seen++;
+    }
+    ck_assert_int_eq(seen, 2);
     json_decref(list);
 
     /* Without a reachable database: runtime failure. */

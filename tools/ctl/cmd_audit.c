@@ -129,6 +129,8 @@ static int s_keygen(int argc, char **argv)
     }
     if (!out || optind != argc)
         return ctl_usage_error("audit keygen: --out DIR is required");
+    if (ctl_out_dir_check("audit keygen", out) != CTL_OK)
+        return CTL_USAGE;
     if (mkdir(out, 0700) != 0 && errno != EEXIST) {
         fprintf(stderr, "ketenhubctl: %s: cannot create directory: %s\n", out,
                 strerror(errno));
@@ -582,6 +584,8 @@ static int s_export(int argc, char **argv)
         return ctl_usage_error("audit export: --to %" PRId64
                                " is below --from %" PRId64,
                                to, from);
+    if (ctl_out_parent_check("audit export", out) != CTL_OK)
+        return CTL_USAGE;
     PGconn *conn = ctl_connect();
     if (!conn)
         return CTL_FAIL;

@@ -491,6 +491,50 @@ static const char s_retry_sql[] =
     " FROM want w LEFT JOIN cur c USING (id)"
     " LEFT JOIN upd u ON u.id = w.id ORDER BY w.id";
 
+/* COMMIT the retry on conn: CTL_OK when it went through, also when only
+ * a new connection could tell (the connection was lost with the answer:
+ * said on stderr), else CTL_FAIL with err, *said true when why was said on
+ * stderr here already (whether it went through cannot be told). */
+static int s_retry_commit(PGconn *conn, kh_error_t *err, bool *said)
+{
+    *said = false;
+    PGresult *res = PQexec(conn, "SELECT txid_current()::text");
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        kh_db_error(err, conn, res, "cannot retry");
+        PQclear(res);
+        return CTL_FAIL;
+    }
+    char xid[32];
+    snprintf(xid, sizeof xid, "%s", PQgetvalue(res, 0, 0));
+    PQclear(res);
+    if (kh_db_exec(conn, "COMMIT", err) == 0)
+        return CTL_OK;
+    /* Whether the transaction committed, as the server knows it: true,
+     * false, or NULL while that cannot be told. */
+    const char *params[] = {xid};
+    int outcome = ctl_commit_outcome(
+        conn,
+        "SELECT CASE txid_status($1::bigint) WHEN 'committed' THEN true"
+        " WHEN 'aborted' THEN false END",
+        1, params);
+    if (outcome == 0)
+        return CTL_FAIL;
+    ctl_print_error(err);
+    *said = true;
+    if (outcome < 0) {
+        fputs("ketenhubctl: deadletters retry: the connection was lost with "
+              "the answer to the commit, and whether it went through cannot "
+              "be read now; see `ketenhubctl deadletters show ID` once the "
+              "database answers\n",
+              stderr);
+        return CTL_FAIL;
+    }
+    fputs("ketenhubctl: deadletters retry: the commit went through after all "
+          "(its answer was lost with the connection)\n",
+          stderr);
+    return CTL_OK;
+}
+
 /* Retry the deliveries: ids ("{a,b}", a uuid[] literal) or, when partner
  * is not NULL, every dead delivery of partner. Prints what happened. */
 static int s_retry(const char *ids, const char *partner)
@@ -514,6 +558,7 @@ static int s_retry(const char *ids, const char *partner)
         rc == CTL_OK ? PQexecParams(conn, sql, 4, NULL, params, NULL, NULL, 0)
                      : NULL;
     int n = 0, retried = 0, known = 1;
+    bool said = false;
     if (rc == CTL_OK && PQresultStatus(res) != PGRES_TUPLES_OK) {
         kh_db_error(&err, conn, res, "cannot retry");
         rc = CTL_FAIL;
@@ -523,13 +568,15 @@ static int s_retry(const char *ids, const char *partner)
             retried += strcmp(PQgetvalue(res, r, 3), "t") == 0;
     }
     /* All or nothing: commit only when every wanted delivery changed. */
-    if (rc == CTL_OK && retried == n && kh_db_exec(conn, "COMMIT", &err))
+    if (rc == CTL_OK && retried != n)
         rc = CTL_FAIL;
-    else if (rc == CTL_OK && retried != n)
-        rc = CTL_FAIL;
-    if (rc != CTL_OK)
+    else if (rc == CTL_OK && n > 0)
+        rc = s_retry_commit(conn, &err, &said);
+    if (rc != CTL_OK || n == 0)
         kh_db_rollback_quietly(conn);
-    if (rc != CTL_OK && err.code != KH_E_OK)
+    if (rc != CTL_OK && said)
+        ; /* s_retry_commit said why */
+    else if (rc != CTL_OK && err.code != KH_E_OK)
         ctl_print_error(&err);
     else if (rc != CTL_OK) {
         for (int r = 0; r < n; r++) {

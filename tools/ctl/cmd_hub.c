@@ -98,6 +98,7 @@ int ctl_hub(int argc, char **argv)
     const char *out = NULL;
     bool force = false;
     int c;
+    ctl_name_command(argv);
     optind = 1;
     while ((c = getopt_long(argc - 1, argv + 1, "o:fh", options, NULL)) != -1) {
         switch (c) {
@@ -120,5 +121,7 @@ int ctl_hub(int argc, char **argv)
                                argv[optind + 1]);
     if (!out || !*out)
         return ctl_usage_error("hub keygen: --out DIR is required");
+    if (ctl_out_dir_check("hub keygen", out) != CTL_OK)
+        return CTL_USAGE;
     return s_keygen(out, force);
 }

@@ -53,9 +53,28 @@ static void s_report_applied(const kh_migration_t *m, void *arg)
 
 static void s_report_status(const kh_migration_t *m, void *arg)
 {
-    (void) arg;
-    printf("%-8s %-36s %s\n", kh_migration_state_name(m->state), m->file,
-           m->applied_at[0] ? m->applied_at : "-");
+    fprintf(arg, "%-8s %-36s %s\n", kh_migration_state_name(m->state), m->file,
+            m->applied_at[0] ? m->applied_at : "-");
+}
+
+/* migrate --status: the table goes to stdout only once the whole state is
+ * known, so that a failure leaves nothing there. Returns the number
+ * pending, or -1 with err. */
+static int s_status(PGconn *conn, const char *dir, kh_error_t *err)
+{
+    char *text = NULL;
+    size_t size = 0;
+    FILE *table = open_memstream(&text, &size);
+    if (!table)
+        return kh_error_set(err, KH_E_NOMEM, NULL, "out of memory");
+    fprintf(table, "%-8s %-36s %s\n", "state", "file", "applied_at");
+    int rc = kh_migrate_status(conn, dir, s_report_status, table, err);
+    if (fclose(table) != 0 && rc >= 0)
+        rc = kh_error_set(err, KH_E_NOMEM, NULL, "out of memory");
+    if (rc >= 0)
+        printf("%s%d pending\n", text, rc);
+    free(text);
+    return rc;
 }
 
 int ctl_migrate(int argc, char **argv)
@@ -119,10 +138,7 @@ int ctl_migrate(int argc, char **argv)
     kh_error_clear(&err);
     int rc;
     if (status) {
-        printf("%-8s %-36s %s\n", "state", "file", "applied_at");
-        rc = kh_migrate_status(conn, dir, s_report_status, NULL, &err);
-        if (rc >= 0)
-            printf("%d pending\n", rc);
+        rc = s_status(conn, dir, &err);
     } else {
         rc = kh_migrate_apply(conn, dir, s_report_applied, NULL, &err);
         if (rc >= 0)

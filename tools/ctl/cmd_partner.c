@@ -84,7 +84,9 @@ static void s_usage_list(FILE *out)
                  "  --json    one JSON array, for scripts; with each partner's "
                  "keys\n"
                  "            (added_at, expires_at: null for the current "
-                 "one) and\n"
+                 "one; a revoked\n"
+                 "            partner's keys end at its revocation at the "
+                 "latest) and\n"
                  "            previous_key_until (the end of a rotation's "
                  "overlap)\n"
                  "  --help    this text\n");
@@ -216,8 +218,8 @@ static bool s_cert_dir_given(const char *command, const char *cert_dir)
     return false;
 }
 
-/* Exactly one of --out DIR and --public-cert FILE; false after saying so
- * (a usage error). */
+/* Exactly one of --out DIR and --public-cert FILE, an --out that can be
+ * made; false after saying so (a usage error). */
 static bool s_one_key_source(const char *command, const char *out,
                              const char *public_cert)
 {
@@ -227,7 +229,7 @@ static bool s_one_key_source(const char *command, const char *out,
                         command);
         return false;
     }
-    return true;
+    return !out || ctl_out_dir_check(command, out) == CTL_OK;
 }
 
 /* Where the partner's pair went (out), when it was made here. */
@@ -247,23 +249,11 @@ static void s_print_handover(const char *id, const char *out)
  * cannot be found out. */
 static int s_commit_outcome(PGconn *conn, const char *id, const char *key)
 {
-    if (PQstatus(conn) == CONNECTION_OK)
-        return 0;
-    PGconn *again = ctl_connect_wait(10);
-    if (!again)
-        return -1;
     const char *params[] = {id, key};
-    PGresult *res = PQexecParams(again,
-                                 "SELECT curve_public_key = $2 FROM partners"
-                                 " WHERE id = $1",
-                                 2, NULL, params, NULL, NULL, 0);
-    int outcome =
-        PQresultStatus(res) != PGRES_TUPLES_OK                           ? -1
-        : PQntuples(res) == 1 && strcmp(PQgetvalue(res, 0, 0), "t") == 0 ? 1
-                                                                         : 0;
-    PQclear(res);
-    PQfinish(again);
-    return outcome;
+    return ctl_commit_outcome(conn,
+                              "SELECT curve_public_key = $2 FROM partners"
+                              " WHERE id = $1",
+                              2, params);
 }
 
 /* COMMIT a change that makes key partner id's current one: 0 when it
@@ -471,17 +461,22 @@ static void s_json_partner(const kh_partner_t *p, void *arg)
 
 /* Add to each partner object of array its "keys": every key it has had,
  * oldest first, with when it was added and when it stopped (or stops)
- * admitting it (null: its current key). So an auditor can tell whose key
- * a trail's "key:..." actor was. 0, or -1 with err. */
+ * admitting it (null: its current key, while the partner is not revoked;
+ * a revoked partner's keys stopped at its revocation at the latest). So an
+ * auditor can tell whose key a trail's "key:..." actor was. 0, or -1 with
+ * err. */
 static int s_json_keys(PGconn *conn, json_t *array, kh_error_t *err)
 {
-    PGresult *res = PQexec(conn, "SELECT partner_id, curve_public_key,"
-                                 " to_char(added_at AT TIME ZONE 'UTC',"
+    PGresult *res = PQexec(conn, "SELECT k.partner_id, k.curve_public_key,"
+                                 " to_char(k.added_at AT TIME ZONE 'UTC',"
                                  " 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),"
-                                 " to_char(expires_at AT TIME ZONE 'UTC',"
+                                 " to_char(least(k.expires_at, p.revoked_at)"
+                                 " AT TIME ZONE 'UTC',"
                                  " 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')"
-                                 " FROM partner_keys ORDER BY added_at,"
-                                 " expires_at NULLS LAST");
+                                 " FROM partner_keys k JOIN partners p"
+                                 " ON p.id = k.partner_id"
+                                 " ORDER BY k.added_at,"
+                                 " k.expires_at NULLS LAST");
     if (PQresultStatus(res) != PGRES_TUPLES_OK) {
         kh_db_error(err, conn, res, "cannot list the partners' keys");
         PQclear(res);

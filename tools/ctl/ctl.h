@@ -40,6 +40,16 @@ bool ctl_sqlstate_unmigrated(const char *sqlstate);
 /* Print "ketenhubctl: <message>" on stderr and return CTL_USAGE. */
 int ctl_usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
+/* Whether out, an --out DIR that a command makes when it is missing (the
+ * last directory only), can be that: CTL_OK, or a usage error named after
+ * command when out is there but no directory, or its parent directory is
+ * not there (a mistyped path, as a mistyped --cert-dir). */
+int ctl_out_dir_check(const char *command, const char *out);
+
+/* Whether the directory an --out FILE goes into is there: CTL_OK, or a
+ * usage error named after command. */
+int ctl_out_parent_check(const char *command, const char *out);
+
 /* Bytes of a time in the trail's own form, the NUL included:
  * 2026-11-28T21:00:00.000000Z. */
 #define CTL_TIME_SIZE 28
@@ -69,6 +79,12 @@ typedef struct {
     int (*run)(int argc, char **argv);
 } ctl_sub_t;
 
+/* Make argv[1], a command's or subcommand's name, its whole name
+ * ("ketenhubctl partner", then "ketenhubctl partner list"), argv[0]
+ * being the whole name of what it is a part of: getopt's messages name
+ * the command after argv[0] of what it is given. */
+void ctl_name_command(char **argv);
+
 /* Run the subcommand named in argv[1] from subs (ended by a NULL name).
  * No subcommand, or an unknown one: usage on stderr, CTL_USAGE; --help or
  * -h: usage on stdout, CTL_OK. */
@@ -84,5 +100,18 @@ PGconn *ctl_connect(void);
 /* As ctl_connect, trying again every second for up to wait_s seconds
  * while the server cannot be reached (a database container starting). */
 PGconn *ctl_connect_wait(int wait_s);
+
+/* After a COMMIT that failed on conn: 0 when it did not go through (the
+ * server answered, refusing it, or check says not), 1 when it did after all
+ * (the connection was lost with the answer, and check, a query with
+ * nparams params run on a new connection, answers true in the first column
+ * of its one row), -1 when that cannot be found out (no new connection,
+ * check failed or answered NULL). No row is "not". */
+int ctl_commit_outcome(PGconn *conn, const char *check, int nparams,
+                       const char *const *params);
+
+/* ctl_commit_outcome's decision from conn's status after the failed COMMIT
+ * and check's result (not read when status is CONNECTION_OK). */
+int ctl_commit_checked(ConnStatusType status, const PGresult *res);
 
 #endif

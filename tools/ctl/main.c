@@ -5,11 +5,13 @@
  * environment (PGHOST, PGPORT, PGUSER, PGDATABASE, ...).
  */
 #include <errno.h>
+#include <libgen.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -62,6 +64,9 @@ static void s_usage(FILE *out)
             "(a secret)\n"
             "  KH_MIGRATIONS_DIR    default for migrate --dir\n"
             "  KH_PARTNER_CERT_DIR  default for partner --cert-dir\n"
+            "  KH_SCHEMA_DIR        where rules --schema's default, "
+            "referral.v1.json, is\n"
+            "  KH_AUDIT_PUBLIC_KEY  default for audit verify --public-key\n"
             "  KH_INTAKE_HEALTH, KH_ROUTING_HEALTH, KH_NOTIFY_HEALTH, "
             "KH_AUDIT_HEALTH\n"
             "                       the services' health endpoints for "
@@ -184,6 +189,32 @@ static bool s_time_parse(const char *text, int64_t *at_us)
     return true;
 }
 
+int ctl_out_parent_check(const char *command, const char *out)
+{
+    char copy[4096];
+    if ((size_t) snprintf(copy, sizeof copy, "%s", out) >= sizeof copy)
+        return ctl_usage_error("%s: --out path is too long", command);
+    const char *parent = dirname(copy);
+    struct stat st;
+    if (stat(parent, &st) != 0 || !S_ISDIR(st.st_mode))
+        return ctl_usage_error("%s: --out %s: %s is not a directory", command,
+                               out, parent);
+    return CTL_OK;
+}
+
+int ctl_out_dir_check(const char *command, const char *out)
+{
+    struct stat st;
+    if (stat(out, &st) == 0)
+        return S_ISDIR(st.st_mode)
+                   ? CTL_OK
+                   : ctl_usage_error("%s: --out %s is not a directory", command,
+                                     out);
+    if (errno != ENOENT)
+        return CTL_OK; /* the command says why when it makes it */
+    return ctl_out_parent_check(command, out);
+}
+
 int ctl_time_arg(const char *option, const char *text, int64_t *at_us,
                  char out[CTL_TIME_SIZE])
 {
@@ -200,6 +231,20 @@ int ctl_time_arg(const char *option, const char *text, int64_t *at_us,
     return CTL_OK;
 }
 
+void ctl_name_command(char **argv)
+{
+    /* Two levels at most (ketenhubctl partner list), each name short and
+     * fixed, so one buffer per level lasts as long as the command runs. */
+    static char names[2][64];
+    static int level;
+    if (level >= 2)
+        return;
+    char *name = names[level++];
+    if ((size_t) snprintf(name, sizeof names[0], "%s %s", argv[0], argv[1]) <
+        sizeof names[0])
+        argv[1] = name;
+}
+
 int ctl_dispatch(const char *group, int argc, char **argv,
                  const ctl_sub_t *subs, void (*usage)(FILE *out))
 {
@@ -213,8 +258,10 @@ int ctl_dispatch(const char *group, int argc, char **argv,
         return CTL_OK;
     }
     for (const ctl_sub_t *s = subs; s->name; s++)
-        if (strcmp(sub, s->name) == 0)
+        if (strcmp(sub, s->name) == 0) {
+            ctl_name_command(argv);
             return s->run(argc - 1, argv + 1);
+        }
     ctl_usage_error("%s: unknown command '%s'", group, sub);
     usage(stderr);
     return CTL_USAGE;
@@ -266,6 +313,35 @@ PGconn *ctl_connect(void)
     return ctl_connect_wait(0);
 }
 
+int ctl_commit_checked(ConnStatusType status, const PGresult *res)
+{
+    if (status == CONNECTION_OK)
+        return 0; /* the server answered: it refused the commit */
+    if (PQresultStatus(res) != PGRES_TUPLES_OK)
+        return -1;
+    if (PQntuples(res) == 0)
+        return 0;
+    if (PQgetisnull(res, 0, 0))
+        return -1;
+    return strcmp(PQgetvalue(res, 0, 0), "t") == 0 ? 1 : 0;
+}
+
+int ctl_commit_outcome(PGconn *conn, const char *check, int nparams,
+                       const char *const *params)
+{
+    if (PQstatus(conn) == CONNECTION_OK)
+        return ctl_commit_checked(CONNECTION_OK, NULL);
+    PGconn *again = ctl_connect_wait(10);
+    if (!again)
+        return -1;
+    PGresult *res =
+        PQexecParams(again, check, nparams, NULL, params, NULL, NULL, 0);
+    int outcome = ctl_commit_checked(CONNECTION_BAD, res);
+    PQclear(res);
+    PQfinish(again);
+    return outcome;
+}
+
 static int s_run(int argc, char **argv)
 {
     if (argc < 2) {
@@ -278,6 +354,11 @@ static int s_run(int argc, char **argv)
         s_usage(stdout);
         return CTL_OK;
     }
+    /* getopt names what it complains about after argv[0]: the command's
+     * whole name, not its last word. */
+    static char program[] = "ketenhubctl";
+    argv[0] = program;
+    ctl_name_command(argv);
     if (strcmp(cmd, "migrate") == 0)
         return ctl_migrate(argc - 1, argv + 1);
     if (strcmp(cmd, "hub") == 0)
