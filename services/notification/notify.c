@@ -578,23 +578,20 @@ static void s_db_failed(notify_t *self, const char *what, const kh_error_t *err)
                 kh_error_name(err->code), KH_LOG_Q(err->message));
 }
 
-/* An auth.refused event for key from peer, with reason: into the trail
- * once a minute per reason, key and address, since a client that retries
- * must not flood it. */
-/* Audit a refused key, once a minute per reason, key and address, and
- * log it as event (NULL: not at all). Anyone who can reach the port can
- * make up keys without end, each refused once: past a burst, their
- * refusals are only counted, in a line every S_AUTH_UNAUDITED_LOG_MS, so
- * that no stranger fills the trail or the log, nor holds up the loop with
- * a write each. */
+/* Audit a refused key, once a minute per reason, key and address (a
+ * client that retries must not flood the trail), and log it as event
+ * (NULL: not at all), also while the database is away and nothing can be
+ * audited. Anyone who can reach the port can make up keys without end,
+ * each refused once: past a burst, their refusals are only counted, in a
+ * line every S_AUTH_UNAUDITED_LOG_MS, so that no stranger fills the trail
+ * or the log, nor holds up the loop with a write each. */
 static void s_audit_refused(notify_t *self, const char *key, const char *peer,
                             const char *reason, const char *event)
 {
     char seen[160];
     snprintf(seen, sizeof seen, "%s %s %s", reason, key, peer);
-    if (!dstore_up(self->store) ||
-        !kh_throttle_pass(self->auth_seen, seen, zclock_mono()))
-        return; /* the store's being down is logged */
+    if (!kh_throttle_pass(self->auth_seen, seen, zclock_mono()))
+        return;
     if (kh_ratelimit_take(self->auth_audits, "", zclock_usecs()) > 0) {
         self->auth_unaudited++;
         int64_t now = zclock_mono();
@@ -610,7 +607,8 @@ static void s_audit_refused(notify_t *self, const char *key, const char *peer,
         kh_log_warn(event, "key=%s peer=%s reason=%s", *key ? key : "none",
                     peer, reason);
     kh_error_t err;
-    if (dstore_audit_refused(self->store, key, peer, reason, &err))
+    if (dstore_up(self->store) && /* its being down is logged */
+        dstore_audit_refused(self->store, key, peer, reason, &err))
         s_db_failed(self, "audit", &err);
 }
 
