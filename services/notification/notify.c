@@ -103,8 +103,7 @@ struct _notify_t {
     zhashx_t *batch_ids;      /* delivery id -> index + 1 in pending (ACKs) */
     kh_throttle_t *auth_seen; /* "key peer": one audit event a minute */
     kh_ratelimit_t *auth_audits;    /* auth.refused events, in all */
-    uint64_t auth_unaudited;        /* refused past it since the last line */
-    int64_t auth_unaudited_logged;  /* when that line was written */
+    kh_tally_t auth_unaudited;      /* refused past it, in the log */
     kh_ratelimit_t *refusals;       /* per partner refused answers, or NULL */
     kh_throttle_t *throttle_logged; /* partner: one "throttled" line / 10 s */
     zloop_t *loop;
@@ -593,14 +592,10 @@ static void s_audit_refused(notify_t *self, const char *key, const char *peer,
     if (!kh_throttle_pass(self->auth_seen, seen, zclock_mono()))
         return;
     if (kh_ratelimit_take(self->auth_audits, "", zclock_usecs()) > 0) {
-        self->auth_unaudited++;
-        int64_t now = zclock_mono();
-        if (now - self->auth_unaudited_logged >= S_AUTH_UNAUDITED_LOG_MS) {
-            kh_log_warn("auth_refusals_unaudited", "count=%" PRIu64,
-                        self->auth_unaudited);
-            self->auth_unaudited = 0;
-            self->auth_unaudited_logged = now;
-        }
+        uint64_t count = kh_tally_add(&self->auth_unaudited,
+                                      S_AUTH_UNAUDITED_LOG_MS, zclock_mono());
+        if (count)
+            kh_log_warn("auth_refusals_unaudited", "count=%" PRIu64, count);
         return;
     }
     if (event)

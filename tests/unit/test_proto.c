@@ -197,6 +197,19 @@ START_TEST(throttle_passes_once_per_interval_per_key)
 }
 END_TEST
 
+START_TEST(tally_tells_its_count_once_per_interval)
+{
+    kh_tally_t tally = {0};
+    ck_assert_uint_eq(kh_tally_add(&tally, 1000, 5), 1); /* never told */
+    ck_assert_uint_eq(kh_tally_add(&tally, 1000, 6), 0);
+    ck_assert_uint_eq(kh_tally_add(&tally, 1000, 1004), 0);
+    /* The events since, this one included, and counting again. */
+    ck_assert_uint_eq(kh_tally_add(&tally, 1000, 1005), 3);
+    ck_assert_uint_eq(kh_tally_add(&tally, 1000, 1500), 0);
+    ck_assert_uint_eq(kh_tally_add(&tally, 1000, 9000), 2);
+}
+END_TEST
+
 START_TEST(ratelimit_refills_at_its_rate_up_to_the_burst)
 {
     ck_assert_ptr_null(kh_ratelimit_new(0, 1, 10));
@@ -829,6 +842,7 @@ int main(void)
     tcase_add_test(tc, fields_are_checked_per_command);
     tcase_add_test(tc, delivery_commands_are_checked);
     tcase_add_test(tc, throttle_passes_once_per_interval_per_key);
+    tcase_add_test(tc, tally_tells_its_count_once_per_interval);
     tcase_add_test(tc, ratelimit_refills_at_its_rate_up_to_the_burst);
     tcase_add_test(tc, ratelimit_charges_after_the_fact);
     tcase_add_test(tc, log_quote_keeps_a_value_whole);
