@@ -410,17 +410,9 @@ static void s_take(intake_t *self, kh_jarena_t *arena, s_request_t *req,
         if (body)
             kh_msgpack_peek_str(zframe_data(body), zframe_size(body), "cid",
                                 req->cid, sizeof req->cid);
-        /* v is checked before anything else: a frame of another version
-         * that this version's rules cannot decode (a type or a size it
-         * does not know) is refused for its version, not its content. */
-        int64_t version;
-        if (decoded &&
-            kh_msgpack_peek_int(zframe_data(body), zframe_size(body), "v",
-                                &version) &&
-            version != KH_PROTO_VERSION)
-            kh_error_set(&err, KH_E_UNKNOWN_VERSION, "v",
-                         "this hub speaks protocol version %d",
-                         KH_PROTO_VERSION);
+        /* v is checked before anything else. */
+        if (decoded)
+            kh_proto_other_version(zframe_data(body), zframe_size(body), &err);
         s_refuse(req, &err);
     } else {
         const char *cid = NULL;

@@ -1314,16 +1314,9 @@ static void s_take(notify_t *self, zframe_t *identity, zmq_msg_t *body,
         kh_error_set(&err, KH_E_UNKNOWN_COMMAND, "cmd",
                      "%s is not a command for the delivery socket",
                      kh_cmd_name(cmd));
-    /* v is checked before anything else: a frame of another version that
-     * this version's rules cannot decode (a type or a size it does not
-     * know) is refused for its version, not its content, as intake does. */
-    int64_t version;
-    if (!msg && !extra_frames &&
-        kh_msgpack_peek_int(zmq_msg_data(body), zmq_msg_size(body), "v",
-                            &version) &&
-        version != KH_PROTO_VERSION)
-        kh_error_set(&err, KH_E_UNKNOWN_VERSION, "v",
-                     "this hub speaks protocol version %d", KH_PROTO_VERSION);
+    /* v is checked before anything else, as intake does. */
+    if (!msg && !extra_frames)
+        kh_proto_other_version(zmq_msg_data(body), zmq_msg_size(body), &err);
     /* Until the registry has been read (the database is not up yet) no key
      * can be told it is revoked: that answer makes a partner stop. */
     if (err.code == KH_E_OK && !partner && !self->partners)
