@@ -10,6 +10,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "ketenhub/codec.h"
 #include "ketenhub/trail.h"
 
 static const char *s_cmd_names[] = {
@@ -147,6 +148,23 @@ static int s_check_command_fields(const json_t *msg, kh_cmd_t cmd,
     return 0;
 }
 
+static int s_unknown_version(kh_error_t *err)
+{
+    return kh_error_set(err, KH_E_UNKNOWN_VERSION, "v",
+                        "this hub speaks protocol version %d",
+                        KH_PROTO_VERSION);
+}
+
+bool kh_proto_other_version(const void *frame, size_t size, kh_error_t *err)
+{
+    int64_t version;
+    if (!kh_msgpack_peek_int(frame, size, "v", &version) ||
+        version == KH_PROTO_VERSION)
+        return false;
+    s_unknown_version(err);
+    return true;
+}
+
 int kh_proto_check(const json_t *msg, kh_cmd_t *cmd, const char **cid,
                    kh_error_t *err)
 {
@@ -165,9 +183,7 @@ int kh_proto_check(const json_t *msg, kh_cmd_t *cmd, const char **cid,
         return kh_error_set(err, KH_E_BAD_ENVELOPE, "v",
                             "v is required and must be an integer");
     if (json_integer_value(version) != KH_PROTO_VERSION)
-        return kh_error_set(err, KH_E_UNKNOWN_VERSION, "v",
-                            "this hub speaks protocol version %d",
-                            KH_PROTO_VERSION);
+        return s_unknown_version(err);
     const json_t *name = json_object_get(msg, "cmd");
     if (!json_is_string(name))
         return kh_error_set(err, KH_E_BAD_ENVELOPE, "cmd",

@@ -59,3 +59,14 @@ bool kh_throttle_pass(kh_throttle_t *self, const char *key, int64_t now_ms)
     *last = now_ms;
     return true;
 }
+
+uint64_t kh_tally_add(kh_tally_t *self, int64_t interval_ms, int64_t now_ms)
+{
+    self->count++;
+    if (self->told_ms && now_ms - self->told_ms < interval_ms)
+        return 0;
+    uint64_t count = self->count;
+    self->count = 0;
+    self->told_ms = now_ms;
+    return count;
+}

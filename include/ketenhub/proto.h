@@ -56,6 +56,14 @@ const char *kh_cmd_name(kh_cmd_t cmd);
 int kh_proto_check(const json_t *msg, kh_cmd_t *cmd, const char **cid,
                    kh_error_t *err);
 
+/* For a frame that kh_msgpack_decode refused: v is checked before
+ * anything else, so a map whose v is an integer other than this version's
+ * (a frame of another version, which version 1's rules may not decode) is
+ * refused for its version, not its content. Returns whether it is such a
+ * frame, and then sets err (unknown_version, path v) as kh_proto_check
+ * would. */
+bool kh_proto_other_version(const void *frame, size_t size, kh_error_t *err);
+
 /* The path of a refusal (code, path from the envelope's root, as in the
  * REJECTED reply) as the audit trail and the logs may hold it: the reply
  * names the partner's own keys, which are the partner's data to choose

@@ -88,6 +88,7 @@ const char *kh_rules_version(const kh_rules_t *self);
 
 /* Number of rules and the name of rule i (valid as long as self). */
 size_t kh_rules_count(const kh_rules_t *self);
+const char *kh_rules_name(const kh_rules_t *self, size_t index);
 
 /* The registry has changed since the rules were loaded (with partners):
  * take the count partners registered now. An optional target (and an
@@ -99,7 +100,6 @@ size_t kh_rules_count(const kh_rules_t *self);
  * left. Returns the number of targets that changed. */
 size_t kh_rules_set_partners(kh_rules_t *self,
                              const kh_rules_partner_t *partners, size_t count);
-const char *kh_rules_name(const kh_rules_t *self, size_t index);
 
 /* The outcome of one evaluation. Made once per thread for a given
  * kh_rules_t and reused: evaluation overwrites it. */

@@ -27,6 +27,19 @@ void kh_throttle_destroy(kh_throttle_t **self_p);
  * interval; false otherwise. Out of memory counts as passing, unrecorded. */
 bool kh_throttle_pass(kh_throttle_t *self, const char *key, int64_t now_ms);
 
+/* The events left out of the log (refused handshakes past a bound, say),
+ * counted and told in one line at most once per interval. Zeroed: none
+ * counted, never told. */
+typedef struct {
+    uint64_t count;  /* events since the count was last told */
+    int64_t told_ms; /* when it was, 0: never */
+} kh_tally_t;
+
+/* Count one event at now_ms. Returns the count to tell (this event
+ * included), counting again from 0, when the count was never told or
+ * interval_ms has passed since it was; 0 otherwise. */
+uint64_t kh_tally_add(kh_tally_t *self, int64_t interval_ms, int64_t now_ms);
+
 #ifdef __cplusplus
 }
 #endif

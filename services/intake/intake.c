@@ -119,8 +119,7 @@ struct _intake_t {
     size_t nauth_pending;
     kh_throttle_t *auth_seen;       /* "key peer": one audit event a minute */
     kh_ratelimit_t *auth_audits;    /* refused handshakes audited, in all */
-    uint64_t auth_unaudited;        /* refused past it since the last line */
-    int64_t auth_unaudited_logged;  /* when that line was written */
+    kh_tally_t auth_unaudited;      /* refused past it, in the log */
     kh_ratelimit_t *ratelimit;      /* per partner SUBMITs, or NULL: no limit */
     kh_ratelimit_t *refusals;       /* per partner refusals, or NULL */
     kh_throttle_t *throttle_logged; /* partner: one "throttled" line / 10 s */
@@ -411,17 +410,9 @@ static void s_take(intake_t *self, kh_jarena_t *arena, s_request_t *req,
         if (body)
             kh_msgpack_peek_str(zframe_data(body), zframe_size(body), "cid",
                                 req->cid, sizeof req->cid);
-        /* v is checked before anything else: a frame of another version
-         * that this version's rules cannot decode (a type or a size it
-         * does not know) is refused for its version, not its content. */
-        int64_t version;
-        if (decoded &&
-            kh_msgpack_peek_int(zframe_data(body), zframe_size(body), "v",
-                                &version) &&
-            version != KH_PROTO_VERSION)
-            kh_error_set(&err, KH_E_UNKNOWN_VERSION, "v",
-                         "this hub speaks protocol version %d",
-                         KH_PROTO_VERSION);
+        /* v is checked before anything else. */
+        if (decoded)
+            kh_proto_other_version(zframe_data(body), zframe_size(body), &err);
         s_refuse(req, &err);
     } else {
         const char *cid = NULL;
@@ -1061,14 +1052,10 @@ static int s_on_zap(zloop_t *loop, zsock_t *socket, void *arg)
      * trail, the log or the commits. */
     if (self->nauth_pending == S_AUTH_PENDING ||
         kh_ratelimit_take(self->auth_audits, "", zclock_usecs()) > 0) {
-        self->auth_unaudited++;
-        int64_t now = zclock_mono();
-        if (now - self->auth_unaudited_logged >= S_AUTH_UNAUDITED_LOG_MS) {
-            kh_log_warn("auth_refusals_unaudited", "count=%" PRIu64,
-                        self->auth_unaudited);
-            self->auth_unaudited = 0;
-            self->auth_unaudited_logged = now;
-        }
+        uint64_t count = kh_tally_add(&self->auth_unaudited,
+                                      S_AUTH_UNAUDITED_LOG_MS, zclock_mono());
+        if (count)
+            kh_log_warn("auth_refusals_unaudited", "count=%" PRIu64, count);
         return 0;
     }
     kh_log_warn("auth_refused", "key=%s peer=%s", *key ? key : "none", peer);

@@ -103,8 +103,7 @@ struct _notify_t {
     zhashx_t *batch_ids;      /* delivery id -> index + 1 in pending (ACKs) */
     kh_throttle_t *auth_seen; /* "key peer": one audit event a minute */
     kh_ratelimit_t *auth_audits;    /* auth.refused events, in all */
-    uint64_t auth_unaudited;        /* refused past it since the last line */
-    int64_t auth_unaudited_logged;  /* when that line was written */
+    kh_tally_t auth_unaudited;      /* refused past it, in the log */
     kh_ratelimit_t *refusals;       /* per partner refused answers, or NULL */
     kh_throttle_t *throttle_logged; /* partner: one "throttled" line / 10 s */
     zloop_t *loop;
@@ -578,36 +577,33 @@ static void s_db_failed(notify_t *self, const char *what, const kh_error_t *err)
                 kh_error_name(err->code), KH_LOG_Q(err->message));
 }
 
-/* Audit a refused key, once a minute per reason, key and address, and
- * log it as event (NULL: not at all). Anyone who can reach the port can
- * make up keys without end, each refused once: past a burst, their
- * refusals are only counted, in a line every S_AUTH_UNAUDITED_LOG_MS, so
- * that no stranger fills the trail or the log, nor holds up the loop with
- * a write each. */
+/* Audit a refused key, once a minute per reason, key and address (a
+ * client that retries must not flood the trail), and log it as event
+ * (NULL: not at all), also while the database is away and nothing can be
+ * audited. Anyone who can reach the port can make up keys without end,
+ * each refused once: past a burst, their refusals are only counted, in a
+ * line every S_AUTH_UNAUDITED_LOG_MS, so that no stranger fills the trail
+ * or the log, nor holds up the loop with a write each. */
 static void s_audit_refused(notify_t *self, const char *key, const char *peer,
                             const char *reason, const char *event)
 {
     char seen[160];
     snprintf(seen, sizeof seen, "%s %s %s", reason, key, peer);
-    if (!dstore_up(self->store) ||
-        !kh_throttle_pass(self->auth_seen, seen, zclock_mono()))
-        return; /* the store's being down is logged */
+    if (!kh_throttle_pass(self->auth_seen, seen, zclock_mono()))
+        return;
     if (kh_ratelimit_take(self->auth_audits, "", zclock_usecs()) > 0) {
-        self->auth_unaudited++;
-        int64_t now = zclock_mono();
-        if (now - self->auth_unaudited_logged >= S_AUTH_UNAUDITED_LOG_MS) {
-            kh_log_warn("auth_refusals_unaudited", "count=%" PRIu64,
-                        self->auth_unaudited);
-            self->auth_unaudited = 0;
-            self->auth_unaudited_logged = now;
-        }
+        uint64_t count = kh_tally_add(&self->auth_unaudited,
+                                      S_AUTH_UNAUDITED_LOG_MS, zclock_mono());
+        if (count)
+            kh_log_warn("auth_refusals_unaudited", "count=%" PRIu64, count);
         return;
     }
     if (event)
         kh_log_warn(event, "key=%s peer=%s reason=%s", *key ? key : "none",
                     peer, reason);
     kh_error_t err;
-    if (dstore_audit_refused(self->store, key, peer, reason, &err))
+    if (dstore_up(self->store) && /* its being down is logged */
+        dstore_audit_refused(self->store, key, peer, reason, &err))
         s_db_failed(self, "audit", &err);
 }
 
@@ -1318,16 +1314,9 @@ static void s_take(notify_t *self, zframe_t *identity, zmq_msg_t *body,
         kh_error_set(&err, KH_E_UNKNOWN_COMMAND, "cmd",
                      "%s is not a command for the delivery socket",
                      kh_cmd_name(cmd));
-    /* v is checked before anything else: a frame of another version that
-     * this version's rules cannot decode (a type or a size it does not
-     * know) is refused for its version, not its content, as intake does. */
-    int64_t version;
-    if (!msg && !extra_frames &&
-        kh_msgpack_peek_int(zmq_msg_data(body), zmq_msg_size(body), "v",
-                            &version) &&
-        version != KH_PROTO_VERSION)
-        kh_error_set(&err, KH_E_UNKNOWN_VERSION, "v",
-                     "this hub speaks protocol version %d", KH_PROTO_VERSION);
+    /* v is checked before anything else, as intake does. */
+    if (!msg && !extra_frames)
+        kh_proto_other_version(zmq_msg_data(body), zmq_msg_size(body), &err);
     /* Until the registry has been read (the database is not up yet) no key
      * can be told it is revoked: that answer makes a partner stop. */
     if (err.code == KH_E_OK && !partner && !self->partners)

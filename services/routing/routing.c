@@ -9,6 +9,7 @@
 #include "routing.h"
 
 #include <czmq.h>
+#include <inttypes.h>
 #include <libpq-fe.h>
 #include <signal.h>
 #include <stdlib.h>
@@ -24,6 +25,7 @@
 #include "ketenhub/proto.h"
 #include "ketenhub/rules.h"
 #include "ketenhub/service.h"
+#include "ketenhub/throttle.h"
 #include "ketenhub/zap.h"
 #include "routing_sql.h"
 
@@ -56,10 +58,9 @@ struct _routing_t {
     zloop_t *loop;
     int signal_fd;
     bool stopping;
-    bool reload_again;     /* a SIGHUP the database was away for: retried */
-    int64_t partners_read; /* zclock_mono of the last read of the registry */
-    int64_t auth_logged;   /* zclock_mono of the last auth_refused line */
-    size_t auth_refused;   /* refused handshakes not logged since */
+    bool reload_again;       /* a SIGHUP the database was away for: retried */
+    int64_t partners_read;   /* zclock_mono of the last read of the registry */
+    kh_tally_t auth_refused; /* refused handshakes, one line a while */
     /* Counters for the stats line. */
     size_t routed, deliveries, passes, failures, wakeups, malformed;
 };
@@ -710,14 +711,12 @@ static int s_on_zap(zloop_t *loop, zsock_t *sock, void *arg)
         return 0;
     /* Anyone who reaches the port can make up keys without end: one line
      * every S_AUTH_LOG_MS, with the refusals left out before it. */
-    self->auth_refused++;
-    int64_t now = zclock_mono();
-    if (self->auth_logged && now - self->auth_logged < S_AUTH_LOG_MS)
-        return 0;
-    kh_log_warn("auth_refused", "socket=wakeup key=%s peer=%s refused=%zu",
-                *key ? key : "none", peer, self->auth_refused);
-    self->auth_refused = 0;
-    self->auth_logged = now;
+    uint64_t refused =
+        kh_tally_add(&self->auth_refused, S_AUTH_LOG_MS, zclock_mono());
+    if (refused)
+        kh_log_warn("auth_refused",
+                    "socket=wakeup key=%s peer=%s refused=%" PRIu64,
+                    *key ? key : "none", peer, refused);
     return 0;
 }
 

@@ -1888,6 +1888,28 @@ START_TEST(unknown_key_and_bad_frames_are_refused)
 }
 END_TEST
 
+/* A key refused at its handshake while the database is away cannot be
+ * audited, but it is still logged: the log is then all that says someone
+ * knocked. */
+START_TEST(a_key_refused_while_the_database_is_away_is_logged)
+{
+    char *conninfo = s_conninfo;
+    s_conninfo = "host=127.0.0.1 port=1 connect_timeout=1";
+    pid_t pid = s_start("notification.log", NULL, NULL);
+    s_conninfo = conninfo;
+    zcert_t *stranger = zcert_new();
+    zcert_save(stranger, s_path("stranger.cert"));
+    zcert_destroy(&stranger);
+    zsock_t *sock = s_partner("stranger");
+    json_t *hello = kh_proto_new(KH_CMD_HELLO, "h");
+    khpartner_send(sock, hello);
+    ck_assert_ptr_null(khpartner_recv(sock, 1000));
+    ck_assert(s_log_has("notification.log", "event=auth_refused", 3000));
+    zsock_destroy(&sock);
+    s_stop(pid);
+}
+END_TEST
+
 /* Made-up keys, each refused at its handshake, cannot fill the trail nor
  * hold up the loop with a write each: past a burst, their refusals are
  * counted in the log, not audited one by one. */
@@ -2839,6 +2861,7 @@ static Suite *s_suite(void)
                         2);
     tcase_add_test(tc, with_wake_ups_an_ack_finds_what_no_wake_up_announced);
     tcase_add_test(tc, unknown_key_and_bad_frames_are_refused);
+    tcase_add_test(tc, a_key_refused_while_the_database_is_away_is_logged);
     tcase_add_test(tc, a_failed_ack_batch_never_overfills_the_window);
     tcase_add_test(tc, a_gone_connections_deliveries_wait_for_room_on_another);
     tcase_add_test(tc, claims_have_no_index_but_their_own);

@@ -179,6 +179,27 @@ START_TEST(delivery_commands_are_checked)
 }
 END_TEST
 
+/* A frame that does not decode under version 1's rules (a bin value) is
+ * refused for its version when its v is another integer, and left to the
+ * decoder's refusal when it is 1 or no integer. */
+START_TEST(other_version_is_told_by_the_frame_v)
+{
+    static const char v2[] = "\x82\xa1v\x02\xa2id\xc4\x01x";
+    static const char v1[] = "\x82\xa1v\x01\xa2id\xc4\x01x";
+    static const char vs[] = "\x82\xa1v\xa1\x32\xa2id\xc4\x01x";
+    kh_error_t err;
+    kh_error_clear(&err);
+    ck_assert(kh_proto_other_version(v2, sizeof v2 - 1, &err));
+    ck_assert_int_eq(err.code, KH_E_UNKNOWN_VERSION);
+    ck_assert_str_eq(err.path, "v");
+    kh_error_set(&err, KH_E_UNSUPPORTED_TYPE, "id", "bin");
+    ck_assert(!kh_proto_other_version(v1, sizeof v1 - 1, &err));
+    ck_assert(!kh_proto_other_version(vs, sizeof vs - 1, &err));
+    ck_assert(!kh_proto_other_version("\xc1", 1, &err));
+    ck_assert_int_eq(err.code, KH_E_UNSUPPORTED_TYPE);
+}
+END_TEST
+
 START_TEST(throttle_passes_once_per_interval_per_key)
 {
     kh_throttle_t *throttle = kh_throttle_new(1000, 2);
@@ -194,6 +215,19 @@ START_TEST(throttle_passes_once_per_interval_per_key)
     kh_throttle_destroy(&throttle);
     ck_assert_ptr_null(throttle);
     kh_throttle_destroy(&throttle);
+}
+END_TEST
+
+START_TEST(tally_tells_its_count_once_per_interval)
+{
+    kh_tally_t tally = {0};
+    ck_assert_uint_eq(kh_tally_add(&tally, 1000, 5), 1); /* never told */
+    ck_assert_uint_eq(kh_tally_add(&tally, 1000, 6), 0);
+    ck_assert_uint_eq(kh_tally_add(&tally, 1000, 1004), 0);
+    /* The events since, this one included, and counting again. */
+    ck_assert_uint_eq(kh_tally_add(&tally, 1000, 1005), 3);
+    ck_assert_uint_eq(kh_tally_add(&tally, 1000, 1500), 0);
+    ck_assert_uint_eq(kh_tally_add(&tally, 1000, 9000), 2);
 }
 END_TEST
 
@@ -828,7 +862,9 @@ int main(void)
     tcase_add_test(tc, cid_is_required_and_bounded);
     tcase_add_test(tc, fields_are_checked_per_command);
     tcase_add_test(tc, delivery_commands_are_checked);
+    tcase_add_test(tc, other_version_is_told_by_the_frame_v);
     tcase_add_test(tc, throttle_passes_once_per_interval_per_key);
+    tcase_add_test(tc, tally_tells_its_count_once_per_interval);
     tcase_add_test(tc, ratelimit_refills_at_its_rate_up_to_the_burst);
     tcase_add_test(tc, ratelimit_charges_after_the_fact);
     tcase_add_test(tc, log_quote_keeps_a_value_whole);

@@ -8,6 +8,7 @@
 #include <sys/stat.h>
 
 #include "ctl.h"
+#include "ketenhub/config.h"
 #include "ketenhub/migrate.h"
 
 static void s_usage(FILE *out)
@@ -121,7 +122,7 @@ int ctl_migrate(int argc, char **argv)
     const char *from = "--dir";
     if (!dir) {
         dir = s_default_dir();
-        from = getenv("KH_MIGRATIONS_DIR") && *getenv("KH_MIGRATIONS_DIR")
+        from = kh_config_is_set("KH_MIGRATIONS_DIR")
                    ? "KH_MIGRATIONS_DIR"
                    : "the default migrations directory";
     }
