@@ -469,7 +469,8 @@ static void s_sort(kh_trail_verifier_t *self)
 {
     if (self->sorted)
         return;
-    qsort(self->cps, self->ncps, sizeof *self->cps, s_cp_cmp);
+    if (self->ncps) /* none: no array at all, which qsort may not take */
+        qsort(self->cps, self->ncps, sizeof *self->cps, s_cp_cmp);
     self->sorted = true;
     self->next_cp = 0;
     /* The checkpoints up to the anchor are not judged against events (none
