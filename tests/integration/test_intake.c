@@ -265,6 +265,56 @@ START_TEST(accepted_referral_is_committed_with_its_audit_event)
 }
 END_TEST
 
+/* Intake logged in with its service role alone (as the containers run
+ * it, migration 021's column grants binding it): it reads the registry,
+ * accepts and audits a referral, and answers STATUS with the state of its
+ * deliveries, which it may read without their payloads. */
+START_TEST(intake_does_its_work_with_its_role_alone)
+{
+    khtest_db_exec(s_db,
+                   "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE"
+                   " rolname = 'kh_test_intake_login') THEN CREATE ROLE"
+                   " kh_test_intake_login LOGIN IN ROLE ketenhub_intake;"
+                   " END IF; END $$",
+                   0, NULL);
+    int status = khproc_stop(s_intake, SIGTERM, 5000);
+    ck_assert(status != -1 && WIFEXITED(status));
+    char conninfo[1400], routing[128];
+    snprintf(conninfo, sizeof conninfo, "%s user=kh_test_intake_login",
+             s_conninfo);
+    snprintf(routing, sizeof routing, "KH_ROUTING_ENDPOINT=%s", s_routing);
+    char *extra[] = {"KH_PARTNER_REFRESH_MS=200", routing, NULL};
+    s_intake = khtest_start_intake(s_dir, s_endpoint, conninfo, extra);
+    s_wait_ready();
+    kh_client_t *client = s_client("vt");
+    json_t *referral = s_example();
+    kh_error_t err;
+    json_t *reply =
+        kh_client_submit(client, referral, "role-1", S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(reply);
+    ck_assert_str_eq(kh_client_reply_cmd(reply), "ACCEPTED");
+    char sql[512];
+    snprintf(sql, sizeof sql,
+             "INSERT INTO deliveries (id, referral_id, partner_id, priority,"
+             " payload, payload_hash, rules_version) VALUES"
+             " (gen_random_uuid(), '%s', 'zorgcoordinator', 'high',"
+             " 'x', decode(repeat('ab', 32), 'hex'), 'v1')",
+             s_str(reply, "referral_id"));
+    PQclear(PQexec(s_db, sql));
+    json_t *answer =
+        kh_client_status(client, s_str(reply, "referral_id"), S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(answer);
+    ck_assert_str_eq(kh_client_reply_cmd(answer), "STATUS_REPLY");
+    json_t *deliveries = json_object_get(answer, "deliveries");
+    ck_assert_int_eq((int) json_array_size(deliveries), 1);
+    ck_assert_str_eq(s_str(json_array_get(deliveries, 0), "state"), "pending");
+    json_decref(answer);
+    json_decref(reply);
+    json_decref(referral);
+    kh_client_destroy(&client);
+}
+END_TEST
+
 START_TEST(same_idempotency_key_returns_the_first_answer)
 {
     kh_client_t *client = s_client("vt");
@@ -2285,6 +2335,7 @@ int main(void)
     tcase_add_checked_fixture(tc, s_setup, s_teardown);
     tcase_add_test(tc, accepted_referral_is_committed_with_its_audit_event);
     tcase_add_test(tc, same_idempotency_key_returns_the_first_answer);
+    tcase_add_test(tc, intake_does_its_work_with_its_role_alone);
     tcase_add_test(tc, a_status_refused_as_not_found_is_audited);
     tcase_add_test(tc, bad_input_is_rejected_and_changes_nothing);
     tcase_add_test(tc, made_up_keys_spoil_nothing_and_stay_out_of_the_trail);
