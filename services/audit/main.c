@@ -46,6 +46,11 @@ static kh_cfg_t s_config[] = {
 #define S_RETRY_MIN_MS 200  /* the first wait after a failed attempt */
 #define S_RETRY_MAX_MS 5000 /* the longest */
 
+/* What /readyz says while the service cannot seal (after "not ready: "). */
+#define S_FAULT_DB "database unreachable"
+#define S_FAULT_SEAL "sealing fails: see seal_failed in the log"
+#define S_FAULT_BROKEN "trail broken: run ketenhubctl audit verify"
+
 /* An attempt failed now: the next waits retry_ms, twice as long as the
  * last wait when the one before failed too. */
 static void s_failed(int *retry_ms, struct timespec *failed_at)
@@ -122,6 +127,12 @@ static int s_main(int argc, char **argv)
     PGconn *conn = NULL;
     kh_db_connecting_t *connecting = NULL; /* an attempt under way */
     bool ready = false, running = true, broken = false;
+    /* Why the service cannot seal, for /readyz: set by a connection or a
+     * step that failed, cleared by a step that succeeds. The trail found
+     * broken comes first (it lasts until someone repairs it). Until the
+     * first connection the service is not ready either, as its
+     * event=ready says. */
+    const char *fault = S_FAULT_DB;
     /* Attempts to connect or to seal that fail come ever more slowly (and
      * are logged one by one), as in intake and routing: not one a poll. */
     int retry_ms = S_RETRY_MIN_MS;
@@ -146,6 +157,7 @@ static int s_main(int argc, char **argv)
                 conn = NULL;
             }
             if (!conn && !connecting) {
+                fault = S_FAULT_DB;
                 s_failed(&retry_ms, &failed_at);
                 kh_log_warn("db_unavailable", "retry_ms=%d msg=\"%s\"",
                             retry_ms, KH_LOG_Q(err.message));
@@ -169,14 +181,12 @@ static int s_main(int argc, char **argv)
                 /* Seals were removed or rewritten: nothing is sealed or
                  * signed until someone looks (verify names the event).
                  * One alert while it lasts, not one a round. */
-                if (!broken) {
+                if (!broken)
                     kh_log_error("alert", "kind=trail_broken msg=\"%s\"",
                                  KH_LOG_Q(err.message));
-                    kh_health_set_fault(health, "trail broken: run "
-                                                "ketenhubctl audit verify");
-                }
                 broken = true;
             } else if (n < 0) {
+                fault = S_FAULT_SEAL;
                 s_failed(&retry_ms, &failed_at);
                 kh_log_warn("seal_failed", "code=%s retry_ms=%d msg=\"%s\"",
                             kh_error_name(err.code), retry_ms,
@@ -184,11 +194,11 @@ static int s_main(int argc, char **argv)
                 if (PQstatus(conn) != CONNECTION_OK) {
                     PQfinish(conn);
                     conn = NULL;
+                    fault = S_FAULT_DB;
                 }
             } else {
-                if (broken)
-                    kh_health_set_fault(health, NULL);
                 broken = false;
+                fault = NULL;
                 retry_ms = S_RETRY_MIN_MS;
                 failed_at.tv_sec = failed_at.tv_nsec = 0;
                 if (n > 0 || cps > 0) {
@@ -212,6 +222,7 @@ static int s_main(int argc, char **argv)
             } else if (waiting == 0)
                 warned = 0;
         }
+        kh_health_set_fault(health, broken ? S_FAULT_BROKEN : fault);
         struct pollfd pfd = {.fd = signal_fd, .events = POLLIN};
         int wait_ms = connecting ? KH_DB_CONNECT_POLL_MS
                       : failed_at.tv_sec

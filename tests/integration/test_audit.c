@@ -779,6 +779,24 @@ START_TEST(service_killed_while_sealing_loses_nothing)
 }
 END_TEST
 
+/* Wait until the service at health answers /readyz with code and a body
+ * holding text (NULL: any). */
+static bool s_readyz(const char *health, int code, const char *text,
+                     int timeout_ms)
+{
+    for (int waited = 0; waited <= timeout_ms; waited += 50) {
+        char *body = NULL;
+        kh_error_t err;
+        int got = kh_http_get(health, "/readyz", 2000, &body, &err);
+        bool ok = got == code && (!text || (body && strstr(body, text)));
+        free(body);
+        if (ok)
+            return true;
+        usleep(50 * 1000);
+    }
+    return false;
+}
+
 /* Whether the test database takes new connections (those made stay). */
 static void s_allow_connections(bool allow)
 {
@@ -793,11 +811,16 @@ static void s_allow_connections(bool allow)
 
 /* The audit service started while its database refuses connections, then
  * losing its connection: it tries again ever more slowly (a warning per
- * attempt, not one per poll), and says when it has its database back. */
+ * attempt, not one per poll), and says when it has its database back.
+ * Meanwhile /readyz answers 503, even while the health probe's own
+ * connection still answers. */
 START_TEST(service_waits_for_its_database_and_says_when_it_is_back)
 {
     char *dir = khtest_tmpdir();
     char sk_path[512], pk_path[512], log[512], env_db[1200], env_key[600];
+    char health[64], env_health[100];
+    snprintf(health, sizeof health, "127.0.0.1:%d", khproc_free_port());
+    snprintf(env_health, sizeof env_health, "KH_HEALTH_ENDPOINT=%s", health);
     snprintf(sk_path, sizeof sk_path, "%s/hub-audit.key", dir);
     snprintf(pk_path, sizeof pk_path, "%s/hub-audit.pub", dir);
     snprintf(log, sizeof log, "%s/audit.log", dir);
@@ -806,8 +829,7 @@ START_TEST(service_waits_for_its_database_and_says_when_it_is_back)
     char *conninfo = khtest_db_conninfo(S_DB);
     snprintf(env_db, sizeof env_db, "KH_DATABASE_URL=%s", conninfo);
     snprintf(env_key, sizeof env_key, "KH_AUDIT_KEY=%s", sk_path);
-    char *env[] = {env_db, env_key, "KH_AUDIT_POLL_MS=10",
-                   "KH_HEALTH_ENDPOINT=none", NULL};
+    char *env[] = {env_db, env_key, "KH_AUDIT_POLL_MS=10", env_health, NULL};
     char *argv[] = {"ketenhub-audit", NULL};
     s_allow_connections(false);
     pid_t pid = khproc_spawn(
@@ -823,9 +845,13 @@ START_TEST(service_waits_for_its_database_and_says_when_it_is_back)
     free(text);
     ck_assert_msg(warnings <= 6, "%d warnings in 1.5 s", warnings);
 
+    ck_assert(s_readyz(health, 503, "not ready: database unreachable", 5000));
+
     s_allow_connections(true);
     ck_assert(khtest_log_has(log, "event=ready", 10000));
-    /* Its connection is lost, and it cannot connect for a while. */
+    ck_assert(s_readyz(health, 200, "ready audit", 5000));
+    /* Its connection is lost, and it cannot connect for a while; the
+     * health probe keeps the connection it has. */
     s_allow_connections(false);
     khtest_db_exec(s_db,
                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
@@ -835,9 +861,16 @@ START_TEST(service_waits_for_its_database_and_says_when_it_is_back)
                                 "SELECT count(*) FROM pg_stat_activity"
                                 " WHERE application_name = 'audit'",
                                 0, 5000));
-    usleep(300 * 1000);
+    s_events(s_db, 1); /* a step to fail on the lost connection */
+    ck_assert(s_readyz(health, 503, "not ready: database unreachable", 5000));
+    ck_assert_int_eq(khtest_db_count(s_db, "SELECT count(*) FROM"
+                                           " pg_stat_activity WHERE"
+                                           " application_name ="
+                                           " 'ketenhub-health'"),
+                     1);
     s_allow_connections(true);
     ck_assert(khtest_log_has(log, "event=db_connected", 10000));
+    ck_assert(s_readyz(health, 200, "ready audit", 5000));
     int status = khproc_stop(pid, SIGTERM, 5000);
     ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "status %d",
                   status);
@@ -849,11 +882,15 @@ END_TEST
 
 /* Seals that cannot be written (a full disk, say) while the database
  * answers: the service tries again ever more slowly, a warning per
- * attempt, not one a poll, and seals as soon as it can. */
+ * attempt, not one a poll, is not ready meanwhile, and seals (and is
+ * ready) as soon as it can. */
 START_TEST(sealing_that_fails_is_tried_again_ever_more_slowly)
 {
     char *dir = khtest_tmpdir();
     char sk_path[512], pk_path[512], log[512], env_db[1200], env_key[600];
+    char health[64], env_health[100];
+    snprintf(health, sizeof health, "127.0.0.1:%d", khproc_free_port());
+    snprintf(env_health, sizeof env_health, "KH_HEALTH_ENDPOINT=%s", health);
     snprintf(sk_path, sizeof sk_path, "%s/hub-audit.key", dir);
     snprintf(pk_path, sizeof pk_path, "%s/hub-audit.pub", dir);
     snprintf(log, sizeof log, "%s/audit.log", dir);
@@ -862,8 +899,7 @@ START_TEST(sealing_that_fails_is_tried_again_ever_more_slowly)
     char *conninfo = khtest_db_conninfo(S_DB);
     snprintf(env_db, sizeof env_db, "KH_DATABASE_URL=%s", conninfo);
     snprintf(env_key, sizeof env_key, "KH_AUDIT_KEY=%s", sk_path);
-    char *env[] = {env_db, env_key, "KH_AUDIT_POLL_MS=10",
-                   "KH_HEALTH_ENDPOINT=none", NULL};
+    char *env[] = {env_db, env_key, "KH_AUDIT_POLL_MS=10", env_health, NULL};
     char *argv[] = {"ketenhub-audit", NULL};
     khtest_db_exec(s_db, "CREATE TABLE test_full (x int)", 0, NULL);
     khtest_db_exec(s_db, "INSERT INTO test_full VALUES (1)", 0, NULL);
@@ -889,6 +925,9 @@ START_TEST(sealing_that_fails_is_tried_again_ever_more_slowly)
         warnings++;
     free(text);
     ck_assert_msg(warnings <= 6, "%d warnings in 1.5 s", warnings);
+    /* The database answers (the probe says so), yet nothing is sealed. */
+    ck_assert(
+        s_readyz(health, 503, "not ready: sealing fails: see seal_failed", 0));
 
     khtest_db_exec(s_db, "DELETE FROM test_full", 0, NULL);
     ck_assert(khtest_wait_count(s_db,
@@ -896,6 +935,7 @@ START_TEST(sealing_that_fails_is_tried_again_ever_more_slowly)
                                 " NOT EXISTS (SELECT 1 FROM audit_seals s"
                                 " WHERE s.seq = e.seq)",
                                 0, 10000));
+    ck_assert(s_readyz(health, 200, "ready audit", 5000));
     int status = khproc_stop(pid, SIGTERM, 5000);
     ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "status %d",
                   status);
