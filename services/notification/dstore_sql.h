@@ -157,18 +157,31 @@ static const char *s_claim_pending_sql =
  * request, in order, done, duplicate or not_found. Every step joins on the
  * request's number: a batch costs the same per ACK whatever its size (no
  * request scans another's rows), and the deliveries are looked up again only
- * for the ACKs that changed nothing (duplicate or not_found). */
+ * for the ACKs that changed nothing (duplicate or not_found).
+ * The deliveries are locked first, in the order of their ids, and only
+ * then changed: updated straight from the requests, they were locked in
+ * the join's order, the requests' own, and two batches of the same
+ * deliveries in other orders (two replicas, a partner answering on a
+ * connection to each) could each hold one the other waited for: a
+ * deadlock, and one batch failed. Every statement that waits for several
+ * deliveries takes them by id (the claims and sweeps skip what is
+ * locked and wait for none). */
 static const char *s_ack_sql =
     "WITH req AS ("
     " SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[])"
     "  WITH ORDINALITY AS r(id, partner, peer, n)),"
+    " locked AS MATERIALIZED ("
+    " SELECT req.n, req.peer, d.id FROM req JOIN deliveries d"
+    "  ON d.id = req.id AND d.partner_id = req.partner"
+    "  AND d.sent_at IS NOT NULL AND d.state <> 'acknowledged'"
+    " ORDER BY d.id FOR UPDATE OF d),"
     " acked AS ("
     " UPDATE deliveries d SET state = 'acknowledged', acked_at = now(),"
     "  updated_at = now(), dead_reason = NULL"
-    " FROM req WHERE d.id = req.id AND d.partner_id = req.partner"
+    " FROM locked WHERE d.id = locked.id"
     "  AND d.sent_at IS NOT NULL AND d.state <> 'acknowledged'"
-    " RETURNING req.n, d.id, d.referral_id, d.partner_id, d.payload_hash,"
-    "  req.peer, extract(epoch FROM now() - d.sent_at) AS wait),"
+    " RETURNING locked.n, d.id, d.referral_id, d.partner_id, d.payload_hash,"
+    "  locked.peer, extract(epoch FROM now() - d.sent_at) AS wait),"
     " rest AS ("
     " SELECT * FROM req WHERE NOT EXISTS"
     "  (SELECT 1 FROM acked WHERE acked.n = req.n)),"
@@ -346,13 +359,20 @@ static const char *s_escalate_sql =
 
 /* $1 ids, $2 partner, $3 max attempts. Sent, unacknowledged deliveries
  * that are not at their last attempt become due now; nothing else changes
- * (no state, no attempt: no audit event is due). */
+ * (no state, no attempt: no audit event is due). They are locked first,
+ * in the order of their ids, as an ACK batch locks its deliveries (read
+ * from a bitmap of them, the UPDATE alone took them in the table's order,
+ * and could deadlock with an ACK batch of the same deliveries). */
 /* clang-format off */
+#define S_DUE_WHERE(p)                                                         \
+    S_OUT(p) " AND " p "attempts < $3 AND " p "next_attempt_at > now()"
 static const char *s_due_sql =
-    "UPDATE deliveries SET next_attempt_at = now()"
-    " WHERE id = ANY ($1::uuid[]) AND partner_id = $2"
-    "  AND" S_OUT("")
-    "  AND attempts < $3 AND next_attempt_at > now()";
+    "WITH due AS MATERIALIZED ("
+    " SELECT id FROM deliveries"
+    " WHERE id = ANY ($1::uuid[]) AND partner_id = $2 AND" S_DUE_WHERE("")
+    " ORDER BY id FOR UPDATE)"
+    " UPDATE deliveries d SET next_attempt_at = now() FROM due"
+    " WHERE d.id = due.id AND" S_DUE_WHERE("d.");
 /* clang-format on */
 
 /* The prepared statements, by index. */

@@ -2312,6 +2312,164 @@ START_TEST(batch_statements_join_no_ctes_row_by_row)
 }
 END_TEST
 
+/* A connection of its own to the test database, with stmt prepared,
+ * planned as over a table of many deliveries (no seq scans: a handful of
+ * rows would be read in the order they were written). */
+static PGconn *s_connect_prepared(s_stmt_t stmt)
+{
+    PGconn *conn = PQconnectdb(s_conninfo);
+    ck_assert_int_eq(PQstatus(conn), CONNECTION_OK);
+    khtest_db_exec(conn, "SET enable_seqscan = off", 0, NULL);
+    PGresult *res = PQprepare(conn, s_statements[stmt].name,
+                              *s_statements[stmt].sql, 0, NULL);
+    ck_assert_msg(PQresultStatus(res) == PGRES_COMMAND_OK, "%s",
+                  PQresultErrorMessage(res));
+    PQclear(res);
+    return conn;
+}
+
+/* Wait until conn's backend waits for a lock. */
+static void s_waits_for_lock(PGconn *conn)
+{
+    char sql[160];
+    snprintf(sql, sizeof sql,
+             "SELECT count(*) FROM pg_stat_activity WHERE pid = %d"
+             " AND wait_event_type = 'Lock'",
+             PQbackendPID(conn));
+    ck_assert_msg(khtest_wait_count(s_db, sql, 1, 10000),
+                  "backend %d never waited for a lock", PQbackendPID(conn));
+}
+
+/* The SQLSTATE of the statement sent on conn ("" when it succeeded), into
+ * state (6 bytes); its rows' first column, in order, into outcomes. */
+static void s_statement_end(PGconn *conn, char *state, char *outcomes,
+                            size_t size)
+{
+    *state = *outcomes = '\0';
+    PGresult *res;
+    while ((res = PQgetResult(conn)) != NULL) {
+        if (PQresultStatus(res) == PGRES_TUPLES_OK)
+            for (int i = 0; i < PQntuples(res); i++)
+                snprintf(outcomes + strlen(outcomes), size - strlen(outcomes),
+                         "%s ", PQgetvalue(res, i, 0));
+        else if (PQresultErrorField(res, PG_DIAG_SQLSTATE))
+            snprintf(state, 6, "%s", PQresultErrorField(res, PG_DIAG_SQLSTATE));
+        PQclear(res);
+    }
+}
+
+/* Statement a then statement b (each with its three parameters), sent on
+ * connections of their own while a third transaction holds delivery
+ * held: b is sent once a waits for a lock, the holder commits once b
+ * does. Their SQLSTATEs ("" for success) into state_a and state_b, their
+ * rows' first columns into out_a and out_b (100 bytes each). Taking their
+ * deliveries in different orders, the first to wait then holds one the
+ * other has taken before it and waits for one the other holds: the
+ * deadlock is certain, not a matter of timing. */
+static void s_race(const char *held, s_stmt_t a, const char *const *pa,
+                   s_stmt_t b, const char *const *pb, char *state_a,
+                   char *state_b, char *out_a, char *out_b)
+{
+    PGconn *holder = PQconnectdb(s_conninfo);
+    ck_assert_int_eq(PQstatus(holder), CONNECTION_OK);
+    khtest_db_exec(holder, "BEGIN", 0, NULL);
+    khtest_db_exec(holder, "SELECT 1 FROM deliveries WHERE id = $1 FOR UPDATE",
+                   1, &held);
+    PGconn *one = s_connect_prepared(a), *two = s_connect_prepared(b);
+    ck_assert(
+        PQsendQueryPrepared(one, s_statements[a].name, 3, pa, NULL, NULL, 0));
+    s_waits_for_lock(one);
+    ck_assert(
+        PQsendQueryPrepared(two, s_statements[b].name, 3, pb, NULL, NULL, 0));
+    s_waits_for_lock(two);
+    khtest_db_exec(holder, "COMMIT", 0, NULL);
+    s_statement_end(one, state_a, out_a, 100);
+    s_statement_end(two, state_b, out_b, 100);
+    PQfinish(one);
+    PQfinish(two);
+    PQfinish(holder);
+}
+
+/* Three deliveries to avim, sent, their ids in ascending order in ids;
+ * sent in the order of order (indexes into ids), so that they lie in
+ * the table in that order. */
+static void s_sent_three(char ids[3][37], const int order[3])
+{
+    for (int i = 0; i < 3; i++)
+        s_delivery("avim", "normal", 0, NULL, ids[i]);
+    qsort(ids, 3, sizeof ids[0], (int (*)(const void *, const void *)) strcmp);
+    for (int i = 0; i < 3; i++) {
+        const char *params[] = {ids[order[i]]};
+        /* A new version of the row (its indexed columns change), at the
+         * end of the table. */
+        khtest_db_exec(s_db,
+                       "UPDATE deliveries SET state = 'delivered',"
+                       " attempts = 1, sent_at = now(),"
+                       " next_attempt_at = now() + '1 hour' WHERE id = $1",
+                       1, params);
+    }
+}
+
+/* Two ACK batches of the same deliveries in opposite orders, side by side
+ * (two replicas, a partner answering on a connection to each, or a
+ * re-sent delivery ACKed twice): each takes its deliveries in the order of
+ * the deliveries' ids, whatever the order of its requests, so they never
+ * deadlock (SQLSTATE 40P01, which made the partner send its ACKs again).
+ * Taking them in the requests' order, the first batch held the smallest
+ * and waited for the middle one, which the second held. */
+START_TEST(ack_batches_in_opposite_orders_do_not_deadlock)
+{
+    char ids[3][37];
+    s_sent_three(ids, (const int[]){0, 1, 2});
+    /* The smallest, the largest, the middle id; and the other way. */
+    char first[200], second[200];
+    snprintf(first, sizeof first, "{%s,%s,%s}", ids[0], ids[2], ids[1]);
+    snprintf(second, sizeof second, "{%s,%s,%s}", ids[1], ids[2], ids[0]);
+    const char *p1[] = {first, "{avim,avim,avim}", "{a,a,a}"};
+    const char *p2[] = {second, "{avim,avim,avim}", "{b,b,b}"};
+    char state1[6], state2[6], out1[100], out2[100];
+    s_race(ids[2], S_ACK, p1, S_ACK, p2, state1, state2, out1, out2);
+    ck_assert_msg(!*state1 && !*state2, "SQLSTATE %s and %s", state1, state2);
+    /* One batch acknowledged all three, the other found them done. */
+    ck_assert_str_eq(out1, "done done done ");
+    ck_assert_str_eq(out2, "duplicate duplicate duplicate ");
+    ck_assert_int_eq(s_count("SELECT count(*) FROM deliveries"
+                             " WHERE state = 'acknowledged'"),
+                     3);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events"
+                             " WHERE action = 'delivery.acked'"
+                             " AND outcome = 'ok'"),
+                     3);
+}
+END_TEST
+
+/* The deliveries of a connection that went away made due at once, while
+ * an ACK batch of the same deliveries runs: both take them by id, so
+ * neither deadlocks. Read from a bitmap of them, in the table's order
+ * (here the reverse of the ids'), the deliveries made due were taken
+ * largest first. */
+START_TEST(an_ack_batch_and_deliveries_made_due_do_not_deadlock)
+{
+    char ids[3][37];
+    s_sent_three(ids, (const int[]){2, 1, 0});
+    char all[200];
+    snprintf(all, sizeof all, "{%s,%s,%s}", ids[0], ids[1], ids[2]);
+    const char *pack[] = {all, "{avim,avim,avim}", "{a,a,a}"};
+    const char *pdue[] = {all, "avim", "3"};
+    char state1[6], state2[6], out1[100], out2[100];
+    /* Bitmap scans (s_connect_prepared turns seq scans off), as for a
+     * batch among many deliveries. */
+    setenv("PGOPTIONS", "-c enable_indexscan=off", 1);
+    s_race(ids[1], S_ACK, pack, S_DUE, pdue, state1, state2, out1, out2);
+    unsetenv("PGOPTIONS");
+    ck_assert_msg(!*state1 && !*state2, "SQLSTATE %s and %s", state1, state2);
+    ck_assert_str_eq(out1, "done done done ");
+    ck_assert_int_eq(s_count("SELECT count(*) FROM deliveries"
+                             " WHERE state = 'acknowledged'"),
+                     3);
+}
+END_TEST
+
 /* The next message but DELIVERs, which go into got (up to max; their
  * count in *ngot); NULL after timeout_ms. */
 static json_t *s_next_noting(zsock_t *sock, int timeout_ms, char got[][37],
@@ -2915,6 +3073,13 @@ static Suite *s_suite(void)
     tcase_set_timeout(big, 280);
     tcase_add_test(big, a_large_backlog_drains_with_flat_memory);
     suite_add_tcase(suite, big);
+    /* Statements of processes side by side on the same deliveries. */
+    TCase *locks = tcase_create("locking");
+    tcase_add_checked_fixture(locks, s_setup, s_teardown);
+    tcase_set_timeout(locks, 60);
+    tcase_add_test(locks, ack_batches_in_opposite_orders_do_not_deadlock);
+    tcase_add_test(locks, an_ack_batch_and_deliveries_made_due_do_not_deadlock);
+    suite_add_tcase(suite, locks);
     return suite;
 }
 
