@@ -17,6 +17,7 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "ketenhub/codec.h"
 #include "ketenhub/db.h"
@@ -98,6 +99,7 @@ struct _notify_t {
     s_pending_t *pending;
     size_t npending;
     dstore_answer_t *acks;    /* the round's distinct ACKs, for the store */
+    s_pending_t **nacks;      /* the round's NACKs, in the order they run */
     zlistx_t *outbox;         /* s_outgoing_t: sent when the round commits */
     zlistx_t *held;           /* s_outgoing_t whose connection was gone */
     zhashx_t *batch_ids;      /* delivery id -> index + 1 in pending (ACKs) */
@@ -828,12 +830,29 @@ static int s_acks_send(notify_t *self, kh_error_t *err)
     return (int) nacks;
 }
 
-/* The round's NACKs, inside its transaction; each gets its outcome. */
+/* Two NACKs in the order of their deliveries' ids (uuids in text, whose
+ * hex digits sort as their bytes whatever their case). */
+static int s_nack_cmp(const void *a, const void *b)
+{
+    return strcasecmp((*(s_pending_t *const *) a)->answer.id,
+                      (*(s_pending_t *const *) b)->answer.id);
+}
+
+/* The round's NACKs, inside its transaction; each gets its outcome. They
+ * run in the order of their deliveries' ids, the order in which an ACK
+ * batch (here or in another process) and another round's NACKs lock
+ * theirs: the round waits for locks only here (its claims skip what is
+ * locked), so none of them can deadlock with it. */
 static int s_nacks_commit(notify_t *self, kh_error_t *err)
 {
-    for (size_t i = 0; i < self->npending; i++) {
-        s_pending_t *p = &self->pending[i];
-        if (p->nack && dstore_nack(self->store, &p->answer, p->permanent, err))
+    size_t n = 0;
+    for (size_t i = 0; i < self->npending; i++)
+        if (self->pending[i].nack)
+            self->nacks[n++] = &self->pending[i];
+    qsort(self->nacks, n, sizeof *self->nacks, s_nack_cmp);
+    for (size_t i = 0; i < n; i++) {
+        s_pending_t *p = self->nacks[i];
+        if (dstore_nack(self->store, &p->answer, p->permanent, err))
             return -1;
     }
     return 0;
@@ -1784,6 +1803,7 @@ notify_t *notify_new(const notify_config_t *config, kh_error_t *err)
     self->batch_ids = zhashx_new();
     self->pending = calloc(S_READ_MAX, sizeof *self->pending);
     self->acks = calloc(S_READ_MAX, sizeof *self->acks);
+    self->nacks = calloc(S_READ_MAX, sizeof *self->nacks);
     self->outbox = zlistx_new();
     self->held = zlistx_new();
     self->auth_seen = kh_throttle_new(S_AUTH_REPEAT_MS, 10000);
@@ -1800,8 +1820,8 @@ notify_t *notify_new(const notify_config_t *config, kh_error_t *err)
             kh_ratelimit_new(config->partner_refusals, burst, 10000);
     self->loop = zloop_new();
     if (!self->store || !self->conns || !self->batch_ids || !self->pending ||
-        !self->acks || !self->outbox || !self->held || !self->auth_seen ||
-        !self->auth_audits || !self->throttle_logged ||
+        !self->acks || !self->nacks || !self->outbox || !self->held ||
+        !self->auth_seen || !self->auth_audits || !self->throttle_logged ||
         (config->partner_refusals > 0 && !self->refusals) || !self->loop) {
         kh_error_set(err, KH_E_NOMEM, "", "out of memory");
         goto fail;
@@ -1835,6 +1855,7 @@ void notify_destroy(notify_t **self_p)
         zframe_destroy(&self->pending[i].identity);
     free(self->pending);
     free(self->acks);
+    free(self->nacks);
     zlistx_destroy(&self->outbox);
     zlistx_destroy(&self->held);
     kh_throttle_destroy(&self->auth_seen);

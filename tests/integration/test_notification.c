@@ -2470,6 +2470,78 @@ START_TEST(an_ack_batch_and_deliveries_made_due_do_not_deadlock)
 }
 END_TEST
 
+/* A transaction of its own that holds delivery id locked. */
+static PGconn *s_hold(const char *id)
+{
+    PGconn *holder = PQconnectdb(s_conninfo);
+    ck_assert_int_eq(PQstatus(holder), CONNECTION_OK);
+    khtest_db_exec(holder, "BEGIN", 0, NULL);
+    khtest_db_exec(holder, "SELECT 1 FROM deliveries WHERE id = $1 FOR UPDATE",
+                   1, &id);
+    return holder;
+}
+
+/* Wait until another backend waits for holder's lock. */
+static void s_blocked_by(PGconn *holder)
+{
+    char sql[200];
+    snprintf(sql, sizeof sql,
+             "SELECT count(*) FROM pg_stat_activity"
+             " WHERE %d = ANY (pg_blocking_pids(pid))",
+             PQbackendPID(holder));
+    ck_assert_msg(khtest_wait_count(s_db, sql, 1, 10000),
+                  "nothing waited for backend %d", PQbackendPID(holder));
+}
+
+/* A round's NACKs take their deliveries in the order of their ids, as
+ * ACK batches (and other replicas' rounds) do, whatever the order they
+ * came in: taken in that order, two replicas NACKing the same deliveries,
+ * or a round NACKing what an ACK batch acknowledges, could each hold one
+ * the other waits for. Deterministic: a first round waits for a delivery
+ * a test transaction holds while the partner NACKs two more, the larger
+ * id first; the next round reads both and waits for the smaller, which
+ * another test transaction holds. Meanwhile the larger is not locked. */
+START_TEST(a_rounds_nacks_take_their_deliveries_by_id)
+{
+    char ids[3][37];
+    s_sent_three(ids, (const int[]){0, 1, 2});
+    PGconn *first = s_hold(ids[2]), *second = s_hold(ids[0]);
+    pid_t pid = s_start("notification.log", NULL, NULL);
+    ck_assert(s_log_has("notification.log", "event=ready", 10000));
+    zsock_t *avim = s_partner("avim");
+    s_hello(avim, 4);
+    s_answer(avim, ids[2], "retry");
+    s_blocked_by(first);
+    s_answer(avim, ids[1], "retry");
+    s_answer(avim, ids[0], "retry");
+    zclock_sleep(300); /* both are there when the round ends */
+    khtest_db_exec(first, "COMMIT", 0, NULL);
+    s_blocked_by(second);
+    const char *larger[] = {ids[1]};
+    PGresult *res = PQexecParams(s_db,
+                                 "SELECT 1 FROM deliveries WHERE id = $1"
+                                 " FOR UPDATE NOWAIT",
+                                 1, NULL, larger, NULL, NULL, 0);
+    ck_assert_msg(PQresultStatus(res) == PGRES_TUPLES_OK,
+                  "the round holds the larger id: %s",
+                  PQresultErrorMessage(res));
+    PQclear(res);
+    khtest_db_exec(second, "COMMIT", 0, NULL);
+    for (int i = 0; i < 3; i++) {
+        json_t *msg = s_expect(avim, "NACKED", 5000);
+        ck_assert_ptr_nonnull(msg);
+        json_decref(msg);
+    }
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
+                             " = 'delivery.nacked' AND outcome = 'ok'"),
+                     3);
+    zsock_destroy(&avim);
+    s_stop(pid);
+    PQfinish(first);
+    PQfinish(second);
+}
+END_TEST
+
 /* The next message but DELIVERs, which go into got (up to max; their
  * count in *ngot); NULL after timeout_ms. */
 static json_t *s_next_noting(zsock_t *sock, int timeout_ms, char got[][37],
@@ -3079,6 +3151,7 @@ static Suite *s_suite(void)
     tcase_set_timeout(locks, 60);
     tcase_add_test(locks, ack_batches_in_opposite_orders_do_not_deadlock);
     tcase_add_test(locks, an_ack_batch_and_deliveries_made_due_do_not_deadlock);
+    tcase_add_test(locks, a_rounds_nacks_take_their_deliveries_by_id);
     suite_add_tcase(suite, locks);
     return suite;
 }
