@@ -117,9 +117,7 @@ struct _intake_t {
     s_stats_t stats;
     s_auth_refusal_t auth_pending[S_AUTH_PENDING];
     size_t nauth_pending;
-    kh_throttle_t *auth_seen;       /* "key peer": one audit event a minute */
-    kh_ratelimit_t *auth_audits;    /* refused handshakes audited, in all */
-    kh_tally_t auth_unaudited;      /* refused past it, in the log */
+    kh_refusal_gate_t *auth_gate;   /* which refused handshakes are audited */
     kh_ratelimit_t *ratelimit;      /* per partner SUBMITs, or NULL: no limit */
     kh_ratelimit_t *refusals;       /* per partner refusals, or NULL */
     kh_throttle_t *throttle_logged; /* partner: one "throttled" line / 10 s */
@@ -176,7 +174,8 @@ intake_t *intake_new(const intake_config_t *config, kh_error_t *err)
                                            "KH_ROUTING_ENDPOINT", err)))
         goto fail;
     self->store = store_new(config->conninfo);
-    self->auth_seen = kh_throttle_new(S_AUTH_REPEAT_MS, 10000);
+    self->auth_gate = kh_refusal_gate_new(
+        S_AUTH_REPEAT_MS, S_AUTH_RATE, S_AUTH_BURST, S_AUTH_UNAUDITED_LOG_MS);
     self->throttle_logged = kh_throttle_new(10000, 10000);
     if (config->partner_rate > 0)
         self->ratelimit =
@@ -188,9 +187,8 @@ intake_t *intake_new(const intake_config_t *config, kh_error_t *err)
         self->refusals = kh_ratelimit_new(
             config->partner_refusals, 10.0 * config->partner_refusals, 10000);
     self->unknown_keys = kh_throttle_new(S_UNKNOWN_KEY_RELOAD_MS, 1000);
-    self->auth_audits = kh_ratelimit_new(S_AUTH_RATE, S_AUTH_BURST, 1);
-    bool allocated = self->store && self->auth_seen && self->unknown_keys &&
-                     self->auth_audits && self->throttle_logged &&
+    bool allocated = self->store && self->auth_gate && self->unknown_keys &&
+                     self->throttle_logged &&
                      (config->partner_rate <= 0 || self->ratelimit) &&
                      (config->partner_refusals <= 0 || self->refusals);
     for (int i = 0; i < 2; i++) {
@@ -227,12 +225,11 @@ void intake_destroy(intake_t **self_p)
     zsock_destroy(&self->router);
     zsock_destroy(&self->routing);
     kh_zap_destroy(&self->zap);
-    kh_throttle_destroy(&self->auth_seen);
+    kh_refusal_gate_destroy(&self->auth_gate);
     kh_throttle_destroy(&self->throttle_logged);
     kh_ratelimit_destroy(&self->ratelimit);
     kh_ratelimit_destroy(&self->refusals);
     kh_throttle_destroy(&self->unknown_keys);
-    kh_ratelimit_destroy(&self->auth_audits);
     zcert_destroy(&self->cert);
     kh_schema_destroy(&self->schema);
     store_destroy(&self->store);
@@ -1044,16 +1041,15 @@ static int s_on_zap(zloop_t *loop, zsock_t *socket, void *arg)
         return 0;
     char seen[128];
     snprintf(seen, sizeof seen, "%s %s", key, peer);
-    if (!kh_throttle_pass(self->auth_seen, seen, zclock_mono()))
-        return 0;
     /* Anyone who can reach the port can make up keys without end, each
-     * refused once: past a burst, their refusals are only counted, in a
-     * line every S_AUTH_UNAUDITED_LOG_MS, so that no stranger fills the
-     * trail, the log or the commits. */
-    if (self->nauth_pending == S_AUTH_PENDING ||
-        kh_ratelimit_take(self->auth_audits, "", zclock_usecs()) > 0) {
-        uint64_t count = kh_tally_add(&self->auth_unaudited,
-                                      S_AUTH_UNAUDITED_LOG_MS, zclock_mono());
+     * refused once: past a burst (or with no room left for one more
+     * audit), their refusals are only counted, in a line every
+     * S_AUTH_UNAUDITED_LOG_MS, so that no stranger fills the trail, the
+     * log or the commits. */
+    uint64_t count;
+    if (!kh_refusal_gate_pass(self->auth_gate, seen,
+                              self->nauth_pending < S_AUTH_PENDING,
+                              zclock_usecs(), &count)) {
         if (count)
             kh_log_warn("auth_refusals_unaudited", "count=%" PRIu64, count);
         return 0;
@@ -1067,12 +1063,23 @@ static int s_on_zap(zloop_t *loop, zsock_t *socket, void *arg)
     return 0;
 }
 
+/* The refused handshakes counted but not told yet, once the flood that
+ * caused them has stopped (or at once when final, on the way out). */
+static void s_tell_unaudited(intake_t *self, bool final)
+{
+    uint64_t count =
+        kh_refusal_gate_flush(self->auth_gate, zclock_usecs(), final);
+    if (count)
+        kh_log_warn("auth_refusals_unaudited", "count=%" PRIu64, count);
+}
+
 /* One line of counts every S_STATS_MS when there was traffic. */
 static int s_log_stats(zloop_t *loop, int timer_id, void *arg)
 {
     (void) loop;
     (void) timer_id;
     intake_t *self = arg;
+    s_tell_unaudited(self, false);
     s_stats_t *st = &self->stats;
     if (st->accepted + st->duplicates + st->refused + st->failed +
             st->throttled ==
@@ -1148,6 +1155,7 @@ int intake_run(intake_t *self, int signal_fd)
     zloop_start(self->loop);
     s_drain(self);
     s_log_stats(self->loop, 0, self);
+    s_tell_unaudited(self, true);
     kh_log_info("stopped", NULL);
     return 0;
 }

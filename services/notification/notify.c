@@ -98,14 +98,12 @@ struct _notify_t {
     zhashx_t *conns; /* identity (hex) -> s_conn_t */
     s_pending_t *pending;
     size_t npending;
-    dstore_answer_t *acks;    /* the round's distinct ACKs, for the store */
-    s_pending_t **nacks;      /* the round's NACKs, in the order they run */
-    zlistx_t *outbox;         /* s_outgoing_t: sent when the round commits */
-    zlistx_t *held;           /* s_outgoing_t whose connection was gone */
-    zhashx_t *batch_ids;      /* delivery id -> index + 1 in pending (ACKs) */
-    kh_throttle_t *auth_seen; /* "key peer": one audit event a minute */
-    kh_ratelimit_t *auth_audits;    /* auth.refused events, in all */
-    kh_tally_t auth_unaudited;      /* refused past it, in the log */
+    dstore_answer_t *acks; /* the round's distinct ACKs, for the store */
+    s_pending_t **nacks;   /* the round's NACKs, in the order they run */
+    zlistx_t *outbox;      /* s_outgoing_t: sent when the round commits */
+    zlistx_t *held;        /* s_outgoing_t whose connection was gone */
+    zhashx_t *batch_ids;   /* delivery id -> index + 1 in pending (ACKs) */
+    kh_refusal_gate_t *auth_gate;   /* which refusals are audited */
     kh_ratelimit_t *refusals;       /* per partner refused answers, or NULL */
     kh_throttle_t *throttle_logged; /* partner: one "throttled" line / 10 s */
     zloop_t *loop;
@@ -591,11 +589,9 @@ static void s_audit_refused(notify_t *self, const char *key, const char *peer,
 {
     char seen[160];
     snprintf(seen, sizeof seen, "%s %s %s", reason, key, peer);
-    if (!kh_throttle_pass(self->auth_seen, seen, zclock_mono()))
-        return;
-    if (kh_ratelimit_take(self->auth_audits, "", zclock_usecs()) > 0) {
-        uint64_t count = kh_tally_add(&self->auth_unaudited,
-                                      S_AUTH_UNAUDITED_LOG_MS, zclock_mono());
+    uint64_t count;
+    if (!kh_refusal_gate_pass(self->auth_gate, seen, true, zclock_usecs(),
+                              &count)) {
         if (count)
             kh_log_warn("auth_refusals_unaudited", "count=%" PRIu64, count);
         return;
@@ -1613,11 +1609,22 @@ static int s_on_refresh(zloop_t *loop, int timer_id, void *arg)
     return 0;
 }
 
+/* The refusals counted but not told yet, once the flood that caused them
+ * has stopped (or at once when final, on the way out). */
+static void s_tell_unaudited(notify_t *self, bool final)
+{
+    uint64_t count =
+        kh_refusal_gate_flush(self->auth_gate, zclock_usecs(), final);
+    if (count)
+        kh_log_warn("auth_refusals_unaudited", "count=%" PRIu64, count);
+}
+
 static int s_on_stats(zloop_t *loop, int timer_id, void *arg)
 {
     (void) loop;
     (void) timer_id;
     notify_t *self = arg;
+    s_tell_unaudited(self, false);
     s_stats_t *st = &self->stats;
     if (st->sent + st->resent + st->moved + st->acked + st->nacked +
             st->refused + st->throttled + st->dead + st->escalated +
@@ -1806,8 +1813,8 @@ notify_t *notify_new(const notify_config_t *config, kh_error_t *err)
     self->nacks = calloc(S_READ_MAX, sizeof *self->nacks);
     self->outbox = zlistx_new();
     self->held = zlistx_new();
-    self->auth_seen = kh_throttle_new(S_AUTH_REPEAT_MS, 10000);
-    self->auth_audits = kh_ratelimit_new(S_AUTH_RATE, S_AUTH_BURST, 1);
+    self->auth_gate = kh_refusal_gate_new(
+        S_AUTH_REPEAT_MS, S_AUTH_RATE, S_AUTH_BURST, S_AUTH_UNAUDITED_LOG_MS);
     self->throttle_logged = kh_throttle_new(10000, 10000);
     /* 10 s worth at once, and at least a window: after a restart a
      * partner ACKs what the process before sent, which no connection of
@@ -1821,7 +1828,7 @@ notify_t *notify_new(const notify_config_t *config, kh_error_t *err)
     self->loop = zloop_new();
     if (!self->store || !self->conns || !self->batch_ids || !self->pending ||
         !self->acks || !self->nacks || !self->outbox || !self->held ||
-        !self->auth_seen || !self->auth_audits || !self->throttle_logged ||
+        !self->auth_gate || !self->throttle_logged ||
         (config->partner_refusals > 0 && !self->refusals) || !self->loop) {
         kh_error_set(err, KH_E_NOMEM, "", "out of memory");
         goto fail;
@@ -1858,8 +1865,7 @@ void notify_destroy(notify_t **self_p)
     free(self->nacks);
     zlistx_destroy(&self->outbox);
     zlistx_destroy(&self->held);
-    kh_throttle_destroy(&self->auth_seen);
-    kh_ratelimit_destroy(&self->auth_audits);
+    kh_refusal_gate_destroy(&self->auth_gate);
     kh_throttle_destroy(&self->throttle_logged);
     kh_ratelimit_destroy(&self->refusals);
     dstore_destroy(&self->store);
@@ -1909,6 +1915,7 @@ int notify_run(notify_t *self, int signal_fd)
     }
     zloop_start(self->loop);
     s_on_stats(self->loop, 0, self);
+    s_tell_unaudited(self, true);
     kh_log_info("stopped", NULL);
     return 0;
 }

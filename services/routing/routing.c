@@ -681,11 +681,24 @@ static int s_on_timer(zloop_t *loop, int timer_id, void *arg)
     return s_drain(arg);
 }
 
+/* The refused handshakes counted since the last auth_refused line, once
+ * the flood that caused them has stopped (or at once when final, on the
+ * way out): a line for each refusal would let strangers fill the log, a
+ * count that waits for the next refusal may never be told. */
+static void s_tell_refused(routing_t *self, bool final)
+{
+    uint64_t refused = kh_tally_flush(&self->auth_refused,
+                                      final ? 0 : S_AUTH_LOG_MS, zclock_mono());
+    if (refused)
+        kh_log_warn("auth_refused", "socket=wakeup refused=%" PRIu64, refused);
+}
+
 static int s_on_stats(zloop_t *loop, int timer_id, void *arg)
 {
     (void) loop;
     (void) timer_id;
     s_stats(arg);
+    s_tell_refused(arg, false);
     return 0;
 }
 
@@ -944,5 +957,6 @@ int routing_run(routing_t *self, int signal_fd)
     if (s_drain(self) == 0)
         zloop_start(self->loop);
     s_stats(self);
+    s_tell_refused(self, true);
     return self->stopping ? 0 : -1;
 }

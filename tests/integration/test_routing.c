@@ -455,6 +455,19 @@ START_TEST(wakeup_from_the_hub_routes_before_the_poll)
     int status = khproc_stop(pid, SIGTERM, 5000);
     ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
     s_assert_routed_once(1, s_count("SELECT count(*) FROM deliveries"));
+    /* Yet every refusal is told: the count left when they stopped, well
+     * within 10 s of the last line, at the stop. The stranger and each
+     * made-up key were refused at least once. */
+    log = khtest_read_file(s_path("routing.log"));
+    ck_assert_ptr_nonnull(log);
+    long refused = 0;
+    for (const char *p = log; (p = strstr(p, "event=auth_refused")); p++) {
+        const char *count = strstr(p, "refused=");
+        ck_assert_ptr_nonnull(count);
+        refused += strtol(count + 8, NULL, 10);
+    }
+    free(log);
+    ck_assert_int_ge(refused, 31);
 }
 END_TEST
 
