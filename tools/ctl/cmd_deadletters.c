@@ -4,8 +4,10 @@
  * refused for good by the partner, or the partner was revoked), for the
  * administrator who decides what happens next.
  *
- * Nothing here ever reads a delivery's payload: list and show select only
- * ids, states, counters, times and the payload's hash and size. show also
+ * Nothing here ever reads a delivery's payload, nor may ketenhub_admin
+ * (migration 022): list and show select only ids, states, counters, times
+ * and the payload's hash and size (payload_bytes, NULL once purged), and
+ * retry tells a purged delivery by its size. show also
  * reads the delivery's audit events, and records that look at the trail
  * as trail.queried (filter delivery=ID) in the same transaction. retry puts
  * dead deliveries back to pending (same delivery id, attempts from 0) in
@@ -328,7 +330,7 @@ static const char s_show_sql[] =
     " " S_TS("next_attempt_at") " AS next_attempt_at,"
     " " S_TS("escalated_at") " AS escalated_at,"
     " rules_version, encode(payload_hash, 'hex') AS payload_sha256,"
-    " octet_length(payload) AS payload_bytes"
+    " payload_bytes"
     " FROM deliveries WHERE id = $1::uuid";
 
 /* $1 the delivery: its audit events, oldest first. */
@@ -456,7 +458,7 @@ static int s_cmd_show(int argc, char **argv)
  * are the actor, the service and the host. */
 static const char s_retry_sql[] =
     "WITH want AS (%s),"
-    " cur AS (SELECT d.id, d.state, d.payload IS NULL AS purged,"
+    " cur AS (SELECT d.id, d.state, d.payload_bytes IS NULL AS purged,"
     "  d.partner_id, p.revoked_at IS NOT NULL AS revoked"
     "  FROM deliveries d JOIN want USING (id)"
     "  JOIN partners p ON p.id = d.partner_id FOR UPDATE OF d),"
@@ -533,7 +535,7 @@ static int s_retry(const char *ids, const char *partner)
     char sql[sizeof s_retry_sql + 128];
     snprintf(sql, sizeof sql, s_retry_sql,
              partner ? "SELECT id FROM deliveries WHERE partner_id = $1"
-                       " AND state = 'dead' AND payload IS NOT NULL"
+                       " AND state = 'dead' AND payload_bytes IS NOT NULL"
                      : "SELECT DISTINCT unnest($1::uuid[]) AS id");
     kh_audit_origin_t origin;
     kh_audit_origin(&origin);
