@@ -1,5 +1,5 @@
--- 022_admin_no_payloads: administrators read no payload, and nobody
--- reads one who does not deliver it.
+-- 022_admin_no_payloads: administrators read no payload, and no role
+-- reads one that its work does not need.
 --
 -- Applied by kh_migrate_apply in one transaction with its row in
 -- kh_schema_migrations. Never edit once applied: add a new numbered file.
@@ -30,9 +30,17 @@
 -- column it may not read, and SET payload = NULL reads nothing.
 -- (SELECT ... FOR UPDATE needs UPDATE on one column.)
 --
--- ketenhub_owner, which owns the auditors' views, held SELECT on all of
--- deliveries for audit_delivery_ids, which reads three ids of it. The
--- audit service's and the auditors' roles hold nothing on either table.
+-- Of the others: ketenhub_owner, which owns the auditors' views, held
+-- SELECT on all of deliveries for audit_delivery_ids, which reads three
+-- ids of it. ketenhub_intake held SELECT on all of referrals, and reads of
+-- a stored referral only its id, hash and time (a resubmitted key's first
+-- answer) and its state (STATUS): an intake process taken over could read
+-- every referral ever accepted, not only those it is handed. And
+-- ketenhub_notification held SELECT on referrals, which it never reads:
+-- it sends deliveries' payloads, and makes escalation copies from them.
+-- Routing reads referrals' payloads to route them, notification reads
+-- deliveries': they keep their grants. The audit service's and the
+-- auditors' roles hold nothing on either table.
 ALTER TABLE referrals
     ADD COLUMN payload_bytes integer
         GENERATED ALWAYS AS (octet_length(payload)) STORED;
@@ -81,3 +89,10 @@ GRANT UPDATE (state, attempts, next_attempt_at, age_from, dead_reason,
 
 REVOKE SELECT ON deliveries FROM ketenhub_owner;
 GRANT SELECT (id, referral_id, partner_id) ON deliveries TO ketenhub_owner;
+
+REVOKE SELECT ON referrals FROM ketenhub_intake;
+GRANT SELECT (id, partner_id, idempotency_key, schema_version, payload_hash,
+              state, accepted_at, payload_bytes)
+    ON referrals TO ketenhub_intake;
+
+REVOKE SELECT ON referrals FROM ketenhub_notification;

@@ -769,7 +769,7 @@ static char *s_as(PGconn *conn, const char *role, const char *sql)
 
 /* Intake reads the state of deliveries, as STATUS does, and never a
  * payload; routing claims referrals and sets their state, and changes
- * nothing else of them (021). */
+ * nothing else of them (021); notification reads no referral (022). */
 START_TEST(test_services_hold_least_privilege)
 {
     PGconn *conn = khtest_db_fresh(DB);
@@ -789,6 +789,16 @@ START_TEST(test_services_hold_least_privilege)
     ck_assert_str_eq(s_as(conn, "ketenhub_intake",
                           "SELECT escalation_payload FROM deliveries"),
                      "42501");
+    /* Of a stored referral intake reads what a resubmission's first
+     * answer and STATUS say, never its payload (022). */
+    ck_assert_str_eq(s_as(conn, "ketenhub_intake",
+                          "SELECT id, payload_hash, accepted_at, state"
+                          " FROM referrals WHERE partner_id = 'x'"
+                          " AND idempotency_key = 'k'"),
+                     "");
+    ck_assert_str_eq(
+        s_as(conn, "ketenhub_intake", "SELECT payload FROM referrals"),
+        "42501");
     ck_assert_str_eq(s_as(conn, "ketenhub_routing",
                           "SELECT id, payload FROM referrals WHERE state ="
                           " 'accepted' FOR UPDATE SKIP LOCKED"),
@@ -819,6 +829,10 @@ START_TEST(test_services_hold_least_privilege)
     ck_assert_str_eq(s_as(conn, "ketenhub_notification",
                           "UPDATE deliveries SET partner_id = 'x'"),
                      "42501");
+    /* Notification sends deliveries and reads no referral (022). */
+    ck_assert_str_eq(
+        s_as(conn, "ketenhub_notification", "SELECT id FROM referrals"),
+        "42501");
     PQfinish(conn);
 }
 END_TEST
