@@ -18,9 +18,10 @@
 -- purged) and, of a delivery, escalation_payload_bytes. As columns of the
 -- row they are read under the row's lock and rechecked with it: a retry
 -- that waited for a purge's lock sees the delivery purged, as it did when
--- it read payload IS NULL itself. (A view or a function owned by another
--- role would read the payload on the snapshot the statement began with,
--- before the purge committed, and retry a purged delivery.) Adding them
+-- it read payload IS NULL itself. (A view owned by another role, joined
+-- to the locked row, would read the payload on the statement's snapshot,
+-- from before the purge committed, and retry a purged delivery: see
+-- test_retry_waits_for_purge.) Adding them
 -- rewrites both tables once, under their ACCESS EXCLUSIVE lock: the
 -- services wait for this migration to commit.
 --
