@@ -530,6 +530,59 @@ START_TEST(test_retry_commit_answer_lost)
 }
 END_TEST
 
+/* A retry that waits for a purge's lock on the dead letter finds it
+ * purged once the purge commits, and changes nothing: retry reads the
+ * payload's size under the row's lock (payload_bytes, migration 022),
+ * not on the snapshot its statement began with, as a view or function
+ * reading the payload for ketenhub_admin would. */
+START_TEST(test_retry_waits_for_purge)
+{
+    s_setup();
+    char *conninfo = khtest_db_conninfo(DB);
+    PGconn *purger = PQconnectdb(conninfo);
+    free(conninfo);
+    ck_assert_int_eq(PQstatus(purger), CONNECTION_OK);
+    khtest_db_exec(purger, "BEGIN", 0, NULL);
+    khtest_db_exec(purger,
+                   "UPDATE deliveries SET payload = NULL,"
+                   " escalation_payload = NULL WHERE id = '" D1 "'",
+                   0, NULL);
+    char log[] = "/tmp/kh-dl-purged-XXXXXX";
+    int fd = mkstemp(log);
+    ck_assert_int_ge(fd, 0);
+    close(fd);
+    char *argv[] = {KH_TEST_BINARY_DIR "/tools/ctl/ketenhubctl", "deadletters",
+                    "retry", D1, NULL};
+    char *env[] = {NULL};
+    pid_t pid = khproc_spawn(argv[0], argv, env, log);
+    ck_assert_int_gt(pid, 0);
+    long waiting = 0;
+    for (int i = 0; i < 200 && waiting == 0; i++) {
+        waiting = s_count("SELECT count(*) FROM pg_stat_activity"
+                          " WHERE datname = '" DB "' AND wait_event_type ="
+                          " 'Lock' AND usename = 'kh_test_dl_admin'");
+        if (waiting == 0)
+            usleep(50 * 1000);
+    }
+    khtest_db_exec(purger, "COMMIT", 0, NULL);
+    PQfinish(purger);
+    int status = khproc_stop(pid, 0, 30000);
+    char *out = khtest_read_file(log);
+    unlink(log);
+    ck_assert_msg(waiting == 1, "the retry did not wait: %s", out);
+    ck_assert_msg(status >= 0 && WIFEXITED(status) && WEXITSTATUS(status) == 1,
+                  "retry: status %d: %s", status, out);
+    ck_assert_msg(strstr(out, "the payload of delivery " D1 " was purged"),
+                  "%s", out);
+    free(out);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM deliveries WHERE id = '" D1
+                             "' AND state = 'dead'"),
+                     1);
+    ck_assert_int_eq(s_retried_events(D1), 0);
+    PQfinish(s_conn);
+}
+END_TEST
+
 /* The connection lost during the commit of a retry that did not go
  * through: failure, and the delivery is still dead, to retry again. */
 START_TEST(test_retry_commit_lost)
@@ -636,6 +689,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_retry);
     tcase_add_test(tc, test_retry_commit_answer_lost);
     tcase_add_test(tc, test_retry_commit_lost);
+    tcase_add_test(tc, test_retry_waits_for_purge);
     tcase_add_test(tc, test_a_long_list_is_streamed);
     suite_add_tcase(s, tc);
     return s;

@@ -769,7 +769,7 @@ static char *s_as(PGconn *conn, const char *role, const char *sql)
 
 /* Intake reads the state of deliveries, as STATUS does, and never a
  * payload; routing claims referrals and sets their state, and changes
- * nothing else of them (021). */
+ * nothing else of them (021); notification reads no referral (022). */
 START_TEST(test_services_hold_least_privilege)
 {
     PGconn *conn = khtest_db_fresh(DB);
@@ -789,6 +789,16 @@ START_TEST(test_services_hold_least_privilege)
     ck_assert_str_eq(s_as(conn, "ketenhub_intake",
                           "SELECT escalation_payload FROM deliveries"),
                      "42501");
+    /* Of a stored referral intake reads what a resubmission's first
+     * answer and STATUS say, never its payload (022). */
+    ck_assert_str_eq(s_as(conn, "ketenhub_intake",
+                          "SELECT id, payload_hash, accepted_at, state"
+                          " FROM referrals WHERE partner_id = 'x'"
+                          " AND idempotency_key = 'k'"),
+                     "");
+    ck_assert_str_eq(
+        s_as(conn, "ketenhub_intake", "SELECT payload FROM referrals"),
+        "42501");
     ck_assert_str_eq(s_as(conn, "ketenhub_routing",
                           "SELECT id, payload FROM referrals WHERE state ="
                           " 'accepted' FOR UPDATE SKIP LOCKED"),
@@ -819,6 +829,164 @@ START_TEST(test_services_hold_least_privilege)
     ck_assert_str_eq(s_as(conn, "ketenhub_notification",
                           "UPDATE deliveries SET partner_id = 'x'"),
                      "42501");
+    /* Notification sends deliveries and reads no referral (022). */
+    ck_assert_str_eq(
+        s_as(conn, "ketenhub_notification", "SELECT id FROM referrals"),
+        "42501");
+    PQfinish(conn);
+}
+END_TEST
+
+/* Administrators read no payload (022): not a referral's, not a
+ * delivery's, not an escalation copy's, not even in a condition; they
+ * read each payload's size, and their commands' statements run: list,
+ * show and retry of dead letters, and purge, which writes NULL over
+ * payloads it may not read. Nor do the audit service, the auditors or
+ * the owner of their views read a payload. */
+START_TEST(test_admin_reads_no_payload)
+{
+    PGconn *conn = khtest_db_fresh(DB);
+    const char *payload_reads[] = {
+        "SELECT payload FROM referrals",
+        "SELECT payload FROM deliveries",
+        "SELECT escalation_payload FROM deliveries",
+        "SELECT id FROM referrals WHERE payload IS NOT NULL",
+        "SELECT octet_length(payload) FROM deliveries",
+        "SELECT id FROM deliveries WHERE escalation_payload IS NULL",
+        "SELECT * FROM deliveries",
+        "UPDATE referrals SET payload = NULL RETURNING payload",
+        "UPDATE deliveries SET payload = NULL WHERE payload IS NOT NULL"};
+    const char *roles[] = {"ketenhub_admin", "ketenhub_auditor",
+                           "ketenhub_audit", "ketenhub_owner"};
+    for (size_t r = 0; r < sizeof roles / sizeof *roles; r++)
+        for (size_t i = 0; i < sizeof payload_reads / sizeof *payload_reads;
+             i++)
+            ck_assert_msg(
+                strcmp(s_as(conn, roles[r], payload_reads[i]), "42501") == 0,
+                "%s may run %s", roles[r], payload_reads[i]);
+    /* What the auditors' views read of deliveries, the owner reads. */
+    ck_assert_str_eq(s_as(conn, "ketenhub_auditor",
+                          "SELECT id, referral_id, partner_id"
+                          " FROM audit_delivery_ids"),
+                     "");
+    /* Nor does an administrator change what a delivery is. */
+    ck_assert_str_eq(
+        s_as(conn, "ketenhub_admin", "UPDATE deliveries SET partner_id = 'x'"),
+        "42501");
+    ck_assert_str_eq(s_as(conn, "ketenhub_admin",
+                          "UPDATE deliveries SET payload_hash = sha256('x')"),
+                     "42501");
+    ck_assert_str_eq(
+        s_as(conn, "ketenhub_admin", "UPDATE referrals SET partner_id = 'x'"),
+        "42501");
+    /* What the commands read and write (tools/ctl: deadletters list,
+     * show and retry, purge, status). */
+    const char *admin_runs[] = {
+        "SELECT id, referral_id, partner_id, priority, state, attempts,"
+        " dead_reason, escalate_to, escalation_of, created_at, updated_at,"
+        " sent_at, acked_at, next_attempt_at, escalated_at, rules_version,"
+        " payload_hash, payload_bytes, escalation_payload_bytes"
+        " FROM deliveries WHERE state = 'dead'",
+        "SELECT d.id, d.payload_bytes IS NULL FROM deliveries d"
+        " JOIN partners p ON p.id = d.partner_id FOR UPDATE OF d",
+        "UPDATE deliveries SET state = 'pending', attempts = 0,"
+        " next_attempt_at = now(), age_from = now(), dead_reason = NULL,"
+        " updated_at = now() WHERE state = 'dead'"
+        " RETURNING id, referral_id, partner_id, payload_hash, rules_version",
+        "SELECT r.id, r.payload_hash FROM referrals r WHERE"
+        " r.payload_bytes IS NOT NULL AND r.state IN ('routed', 'unroutable')"
+        " AND r.accepted_at < now() FOR NO KEY UPDATE OF r SKIP LOCKED",
+        "SELECT referral_id FROM deliveries FOR NO KEY UPDATE SKIP LOCKED",
+        "UPDATE referrals SET payload = NULL WHERE payload_bytes IS NOT NULL"
+        " RETURNING id",
+        "UPDATE deliveries SET payload = NULL, escalation_payload = NULL"
+        " WHERE payload_bytes IS NOT NULL"
+        " OR escalation_payload_bytes IS NOT NULL RETURNING id",
+        "SELECT count(*) FROM deliveries WHERE escalated_at IS NOT NULL"
+        " AND acked_at IS NULL AND dead_reason IS NULL"};
+    for (size_t i = 0; i < sizeof admin_runs / sizeof *admin_runs; i++)
+        ck_assert_msg(strcmp(s_as(conn, "ketenhub_admin", admin_runs[i]), "") ==
+                          0,
+                      "ketenhub_admin may not run %s", admin_runs[i]);
+    PQfinish(conn);
+}
+END_TEST
+
+/* A hub upgraded to migration 022 with payloads, a purged referral and an
+ * escalation payload: each payload's size is there, NULL for what was
+ * purged or never was, and it follows the payload when purge writes NULL
+ * over it as the administrator. */
+START_TEST(test_upgrade_to_admin_no_payloads)
+{
+    PGconn *conn = khtest_db_empty(DB);
+    s_apply_below(conn, "022");
+    khtest_db_exec(conn,
+                   "INSERT INTO partners (id, display_name, kind,"
+                   " curve_public_key) VALUES"
+                   " ('avim', 'AVIM', 'police', repeat('a', 40)),"
+                   " ('zorgcoordinator', 'ZC', 'zorgcoordinator',"
+                   "  repeat('b', 40)),"
+                   " ('veilig-thuis', 'VT', 'veilig_thuis', repeat('c', 40))",
+                   0, NULL);
+    char r1[37], r2[37], payload[128], hash[65];
+    khtest_routed_referral(conn, 1, r1, payload, hash);
+    khtest_routed_referral(conn, 2, r2, payload, hash);
+    const char *params[] = {r1, r2};
+    khtest_db_exec(conn, "UPDATE referrals SET payload = NULL WHERE id = $1", 1,
+                   params + 1);
+    khtest_db_exec(
+        conn,
+        "INSERT INTO deliveries (id, referral_id, partner_id, priority,"
+        " payload, payload_hash, rules_version, escalate_to,"
+        " escalation_payload, escalation_payload_hash) VALUES"
+        " ('00000000-0000-4000-8000-000000000001', $1, 'avim', 'urgent',"
+        "  'xxx', sha256('xxx'), 'v', 'zorgcoordinator', 'yyyyy',"
+        "  sha256('yyyyy')),"
+        " ('00000000-0000-4000-8000-000000000002', $1, 'zorgcoordinator',"
+        "  'normal', 'zz', sha256('zz'), 'v', NULL, NULL, NULL),"
+        " ('00000000-0000-4000-8000-000000000003', $2, 'veilig-thuis',"
+        "  'normal', NULL, sha256('w'), 'v', NULL, NULL, NULL)",
+        2, params);
+    kh_error_t err;
+    int rc = kh_migrate_apply(conn, khtest_src("migrations"), NULL, NULL, &err);
+    ck_assert_msg(rc >= 1, "%s %s", err.path, err.message);
+    PGresult *res =
+        PQexecParams(conn,
+                     "SELECT string_agg(coalesce(payload_bytes::text, '-'), ' '"
+                     " ORDER BY id = $1 DESC) FROM referrals",
+                     1, NULL, params, NULL, NULL, 0);
+    ck_assert_int_eq(PQresultStatus(res), PGRES_TUPLES_OK);
+    char *refs = strdup(PQgetvalue(res, 0, 0));
+    PQclear(res);
+    ck_assert_str_eq(refs, "24 -");
+    free(refs);
+    char *dels = khtest_db_value(
+        conn, "SELECT string_agg(coalesce(payload_bytes::text, '-') || '/' ||"
+              " coalesce(escalation_payload_bytes::text, '-'), ' '"
+              " ORDER BY id) FROM deliveries");
+    ck_assert_str_eq(dels, "3/5 2/- -/-");
+    free(dels);
+    /* The administrator purges r1, reading no payload. */
+    khtest_db_exec(conn, "BEGIN", 0, NULL);
+    khtest_db_exec(conn, "SET LOCAL ROLE ketenhub_admin", 0, NULL);
+    khtest_db_exec(conn,
+                   "WITH refs AS (UPDATE referrals SET payload = NULL"
+                   " WHERE id = $1 AND payload_bytes IS NOT NULL RETURNING id)"
+                   " UPDATE deliveries d SET payload = NULL,"
+                   " escalation_payload = NULL FROM refs"
+                   " WHERE d.referral_id = refs.id",
+                   1, params);
+    khtest_db_exec(conn, "COMMIT", 0, NULL);
+    ck_assert_int_eq(s_int(conn, "SELECT count(*) FROM referrals"
+                                 " WHERE payload IS NOT NULL"
+                                 " OR payload_bytes IS NOT NULL"),
+                     0);
+    ck_assert_int_eq(s_int(conn, "SELECT count(*) FROM deliveries"
+                                 " WHERE payload_bytes IS NOT NULL"
+                                 " OR escalation_payload_bytes IS NOT NULL"
+                                 " OR payload IS NOT NULL"
+                                 " OR escalation_payload IS NOT NULL"),
+                     0);
     PQfinish(conn);
 }
 END_TEST
@@ -993,6 +1161,8 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_upgrade_to_partner_keys);
     tcase_add_test(tc, test_upgrade_to_escalation_copies);
     tcase_add_test(tc, test_services_hold_least_privilege);
+    tcase_add_test(tc, test_admin_reads_no_payload);
+    tcase_add_test(tc, test_upgrade_to_admin_no_payloads);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -787,9 +787,21 @@ END_TEST
  * at normal priority, and two of the referral's deliveries escalate to it
  * at the same time: it gets a copy of each, urgent, before its own
  * delivery, and each copy says whose acknowledgement is overdue; its own
- * delivery stays as it was. */
+ * delivery stays as it was. Notification logs in with its service role
+ * alone, as the containers run it: it claims, sends, escalates and makes
+ * copies with the grants of migrations 021 and 022, reading no referral. */
 START_TEST(each_overdue_delivery_gives_its_escalation_partner_a_copy)
 {
+    khtest_db_exec(s_db,
+                   "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE"
+                   " rolname = 'kh_test_notification_login') THEN CREATE ROLE"
+                   " kh_test_notification_login LOGIN IN ROLE"
+                   " ketenhub_notification; END IF; END $$",
+                   0, NULL);
+    char *conninfo = s_conninfo;
+    char login[1400];
+    snprintf(login, sizeof login, "%s user=kh_test_notification_login",
+             conninfo);
     char urgent[37], zc[37], vt[37];
     s_delivery("avim", "urgent", 0, "zorgcoordinator", urgent);
     kh_uuid_new(zc);
@@ -807,7 +819,9 @@ START_TEST(each_overdue_delivery_gives_its_escalation_partner_a_copy)
         " payload_hash, 'test', escalate_to, escalation_payload,"
         " escalation_payload_hash FROM deliveries WHERE id = $1",
         3, params);
+    s_conninfo = login;
     pid_t pid = s_start("notification.log", NULL, NULL);
+    s_conninfo = conninfo;
     ck_assert(s_wait_count("SELECT count(*) FROM deliveries WHERE"
                            " escalated_at IS NOT NULL",
                            2, 5000));

@@ -4,8 +4,10 @@
  * refused for good by the partner, or the partner was revoked), for the
  * administrator who decides what happens next.
  *
- * Nothing here ever reads a delivery's payload: list and show select only
- * ids, states, counters, times and the payload's hash and size. show also
+ * Nothing here ever reads a delivery's payload, nor may ketenhub_admin
+ * (migration 022): list and show select only ids, states, counters, times
+ * and the payload's hash and size (payload_bytes, NULL once purged), and
+ * retry tells a purged delivery by its size. show also
  * reads the delivery's audit events, and records that look at the trail
  * as trail.queried (filter delivery=ID) in the same transaction. retry puts
  * dead deliveries back to pending (same delivery id, attempts from 0) in
@@ -214,6 +216,20 @@ static int s_partner_known(PGconn *conn, const char *partner, kh_error_t *err)
     return known;
 }
 
+/* $1 a partner or NULL, $2 a time or NULL: the dead deliveries, oldest
+ * death first. */
+/* clang-format off */
+static const char s_list_sql[] =
+    "SELECT id AS delivery_id, referral_id, partner_id AS partner,"
+    " priority, attempts, dead_reason,"
+    " " S_TS("created_at") " AS created_at,"
+    " " S_TS("updated_at") " AS updated_at"
+    " FROM deliveries WHERE state = 'dead'"
+    " AND ($1::text IS NULL OR partner_id = $1)"
+    " AND ($2::timestamptz IS NULL OR updated_at >= $2::timestamptz)"
+    " ORDER BY updated_at, id";
+/* clang-format on */
+
 static int s_cmd_list(int argc, char **argv)
 {
     static const struct option options[] = {
@@ -259,21 +275,8 @@ static int s_cmd_list(int argc, char **argv)
     if (!conn)
         return CTL_FAIL;
     const char *params[] = {partner, since};
-    PGresult *res = PQexecParams(
-        conn,
-        "SELECT id AS delivery_id, referral_id, partner_id AS partner,"
-        " priority, attempts, dead_reason, " S_TS(
-            "created_at") " AS created_at,"
-                          " " S_TS(
-                              "updated_at") " AS updated_at"
-                                            " FROM deliveries WHERE state = "
-                                            "'dead'"
-                                            " AND ($1::text IS NULL OR "
-                                            "partner_id = $1)"
-                                            " AND ($2::timestamptz IS NULL OR "
-                                            "updated_at >= $2::timestamptz)"
-                                            " ORDER BY updated_at, id",
-        2, NULL, params, NULL, NULL, 0);
+    PGresult *res =
+        PQexecParams(conn, s_list_sql, 2, NULL, params, NULL, NULL, 0);
     int rc = CTL_OK, known = 1;
     kh_error_t err;
     kh_error_clear(&err);
@@ -316,36 +319,26 @@ static int s_cmd_list(int argc, char **argv)
 /* The delivery's columns that show prints: never payload, only its hash
  * and size. escalation_of names, for an escalation copy, the delivery
  * whose acknowledgement was overdue. */
+/* clang-format off */
 static const char s_show_sql[] =
     "SELECT id AS delivery_id, referral_id, partner_id AS partner, priority,"
     " state, attempts, dead_reason, escalate_to, escalation_of,"
-    " " S_TS(
-        "created_at") " AS created_at,"
-                      " " S_TS(
-                          "updated_at") " AS updated_at,"
-                                        " " S_TS(
-                                            "sent_at") " AS sent_at,"
-                                                       " " S_TS(
-                                                           "acked_at") " AS "
-                                                                       "acked_"
-                                                                       "at,"
-                                                                       " " S_TS(
-                                                                           "nex"
-                                                                           "t_"
-                                                                           "att"
-                                                                           "emp"
-                                                                           "t_"
-                                                                           "at") " AS next_attempt_at,"
-                                                                                 " " S_TS(
-                                                                                     "escalated_at") " AS escalated_at,"
-                                                                                                     " rules_version, encode(payload_hash, 'hex') AS payload_sha256,"
-                                                                                                     " octet_length(payload) AS payload_bytes"
-                                                                                                     " FROM deliveries WHERE id = $1::uuid";
+    " " S_TS("created_at") " AS created_at,"
+    " " S_TS("updated_at") " AS updated_at,"
+    " " S_TS("sent_at") " AS sent_at,"
+    " " S_TS("acked_at") " AS acked_at,"
+    " " S_TS("next_attempt_at") " AS next_attempt_at,"
+    " " S_TS("escalated_at") " AS escalated_at,"
+    " rules_version, encode(payload_hash, 'hex') AS payload_sha256,"
+    " payload_bytes"
+    " FROM deliveries WHERE id = $1::uuid";
 
-static const char s_events_sql[] = "SELECT seq, " S_TS(
-    "at") " AS at, actor_kind, actor_id, action,"
-          " outcome, reason_code, partner_id AS partner, origin_service"
-          " FROM audit_trail WHERE delivery_id = $1::uuid ORDER BY seq";
+/* $1 the delivery: its audit events, oldest first. */
+static const char s_events_sql[] =
+    "SELECT seq, " S_TS("at") " AS at, actor_kind, actor_id, action,"
+    " outcome, reason_code, partner_id AS partner, origin_service"
+    " FROM audit_trail WHERE delivery_id = $1::uuid ORDER BY seq";
+/* clang-format on */
 
 static int s_cmd_show(int argc, char **argv)
 {
@@ -465,7 +458,7 @@ static int s_cmd_show(int argc, char **argv)
  * are the actor, the service and the host. */
 static const char s_retry_sql[] =
     "WITH want AS (%s),"
-    " cur AS (SELECT d.id, d.state, d.payload IS NULL AS purged,"
+    " cur AS (SELECT d.id, d.state, d.payload_bytes IS NULL AS purged,"
     "  d.partner_id, p.revoked_at IS NOT NULL AS revoked"
     "  FROM deliveries d JOIN want USING (id)"
     "  JOIN partners p ON p.id = d.partner_id FOR UPDATE OF d),"
@@ -542,7 +535,7 @@ static int s_retry(const char *ids, const char *partner)
     char sql[sizeof s_retry_sql + 128];
     snprintf(sql, sizeof sql, s_retry_sql,
              partner ? "SELECT id FROM deliveries WHERE partner_id = $1"
-                       " AND state = 'dead' AND payload IS NOT NULL"
+                       " AND state = 'dead' AND payload_bytes IS NOT NULL"
                      : "SELECT DISTINCT unnest($1::uuid[]) AS id");
     kh_audit_origin_t origin;
     kh_audit_origin(&origin);

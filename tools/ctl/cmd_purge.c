@@ -7,7 +7,10 @@
  * referral's payload and its deliveries' payloads and escalation payloads
  * to NULL and writes one referral.purged audit event with the payload's
  * hash, in one transaction (promise 2). Ids, states, times and hashes stay,
- * so the trail stays whole and verifiable. A referral still in work is
+ * so the trail stays whole and verifiable. The purge never reads a payload
+ * (ketenhub_admin may not, migration 022): what is left to purge it tells
+ * by the payloads' sizes (payload_bytes, NULL once purged), and it writes
+ * NULL over them. A referral still in work is
  * never touched, however old: its partners would lose what they have not
  * received yet.
  *
@@ -107,7 +110,8 @@ static const char s_cutoff_days_sql[] =
     " AND (d.state IN ('pending', 'delivered')"                                \
     " OR (d.state = 'dead' AND d.updated_at >= " cutoff ")"                    \
     " OR (d.state = 'dead' AND d.priority = 'urgent'"                          \
-    " AND d.escalated_at IS NULL AND d.escalation_payload IS NOT NULL)))"
+    " AND d.escalated_at IS NULL"                                              \
+    " AND d.escalation_payload_bytes IS NOT NULL)))"
 
 /* $1 cutoff: the referrals to purge and their deliveries with a payload,
  * and the referrals before the cutoff kept because they are in work. */
@@ -117,16 +121,17 @@ static const char s_count_sql[] =
     " count(*) FILTER (WHERE NOT done)"
     " FROM (SELECT " S_DONE("r", "$1::timestamptz") " AS done,"
     "  (SELECT count(*) FROM deliveries d WHERE d.referral_id = r.id"
-    "   AND (d.payload IS NOT NULL OR d.escalation_payload IS NOT NULL))"
+    "   AND (d.payload_bytes IS NOT NULL"
+    "   OR d.escalation_payload_bytes IS NOT NULL))"
     "  AS dlv"
     "  FROM referrals r WHERE r.accepted_at < $1::timestamptz"
-    "  AND r.payload IS NOT NULL) t";
+    "  AND r.payload_bytes IS NOT NULL) t";
 
 /* $1 the referrals this run left already, $2 cutoff, $3 batch size: lock
  * a batch of done referrals, oldest first. */
 static const char s_lock_sql[] =
     "SELECT r.id FROM referrals r WHERE r.accepted_at < $2::timestamptz"
-    " AND r.payload IS NOT NULL AND r.id <> ALL ($1::uuid[])"
+    " AND r.payload_bytes IS NOT NULL AND r.id <> ALL ($1::uuid[])"
     " AND " S_DONE("r", "$2::timestamptz")
     " ORDER BY r.accepted_at LIMIT $3::int"
     " FOR NO KEY UPDATE OF r SKIP LOCKED";
@@ -152,13 +157,14 @@ static const char s_lock_deliveries_sql[] =
  * deliveries purged. */
 static const char s_purge_sql[] =
     "WITH done AS (SELECT r.id, r.payload_hash FROM referrals r"
-    "  WHERE r.id = ANY ($1::uuid[]) AND r.payload IS NOT NULL"
+    "  WHERE r.id = ANY ($1::uuid[]) AND r.payload_bytes IS NOT NULL"
     "  AND " S_DONE("r", "$4::timestamptz") "),"
     " refs AS (UPDATE referrals r SET payload = NULL FROM done"
     "  WHERE r.id = done.id RETURNING r.id),"
     " dels AS (UPDATE deliveries d SET payload = NULL,"
     "  escalation_payload = NULL FROM done WHERE d.referral_id = done.id"
-    "  AND (d.payload IS NOT NULL OR d.escalation_payload IS NOT NULL)"
+    "  AND (d.payload_bytes IS NOT NULL"
+    "  OR d.escalation_payload_bytes IS NOT NULL)"
     "  RETURNING d.id),"
     " events AS (INSERT INTO audit_events (actor_kind, actor_id, action,"
     "  referral_id, outcome, payload_hash, origin_service, origin_peer)"
