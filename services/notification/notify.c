@@ -39,6 +39,11 @@
 #define S_AUTH_BURST 60.0      /* in all keys and addresses together */
 #define S_AUTH_UNAUDITED_LOG_MS 10000
 #define S_INTERNAL_DOMAIN "ketenhub-internal" /* ZAP domain of wake-ups */
+/* While the database is away, the ticks try to connect again after
+ * 200 ms, then ever more slowly up to every 5 s: a warning per attempt,
+ * not one per sweep (4 a second by default) for as long as it lasts. */
+#define S_RETRY_MIN_MS 200
+#define S_RETRY_MAX_MS 5000
 #define S_HELD_MAX (KH_WINDOW_MAX * 4) /* DELIVERs that lost their peer */
 #define S_CLAIM_ROWS 1024 /* deliveries one claim statement asks for */
 
@@ -92,8 +97,10 @@ struct _notify_t {
     zsock_t *wake;
     int port;
     dstore_t *store;
-    bool connect_poll;  /* a timer looks at the attempt to connect soon */
-    zhashx_t *partners; /* Z85 key -> partner id */
+    bool connect_poll;     /* a timer looks at the attempt to connect soon */
+    int retry_ms;          /* the wait after the last failed attempt, or 0 */
+    int64_t connect_after; /* zclock_mono before which no tick tries */
+    zhashx_t *partners;    /* Z85 key -> partner id */
     int64_t partners_loaded;
     zhashx_t *conns; /* identity (hex) -> s_conn_t */
     s_pending_t *pending;
@@ -1563,19 +1570,29 @@ static int s_on_tick(zloop_t *loop, int timer_id, void *arg)
     notify_t *self = arg;
     kh_error_t err;
     if (!dstore_up(self->store)) {
+        if (!dstore_connecting(self->store) &&
+            zclock_mono() < self->connect_after)
+            return 0; /* the database is away: not yet again */
         if (dstore_connect(self->store, &err)) {
-            if (!dstore_connecting(self->store))
-                kh_log_warn("db_connect_failed", "code=%s path=%s msg=\"%s\"",
+            if (!dstore_connecting(self->store)) {
+                self->retry_ms = self->retry_ms == 0 ? S_RETRY_MIN_MS
+                                 : self->retry_ms * 2 > S_RETRY_MAX_MS
+                                     ? S_RETRY_MAX_MS
+                                     : self->retry_ms * 2;
+                self->connect_after = zclock_mono() + self->retry_ms;
+                kh_log_warn("db_connect_failed",
+                            "code=%s path=%s retry_ms=%d msg=\"%s\"",
                             kh_error_name(err.code),
-                            err.path[0] ? err.path : "none",
+                            err.path[0] ? err.path : "none", self->retry_ms,
                             KH_LOG_Q(err.message));
-            else if (!self->connect_poll) /* look again soon */
+            } else if (!self->connect_poll) /* look again soon */
                 self->connect_poll =
                     zloop_timer(self->loop, KH_DB_CONNECT_POLL_MS, 1,
                                 s_on_connect_poll, self) != -1;
             return 0;
         }
         kh_log_info("db_connected", NULL);
+        self->retry_ms = 0;
         s_load_partners(self);
     }
     if (dstore_sweep(self->store, s_on_sweep_event, self, &err) < 0)

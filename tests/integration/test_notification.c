@@ -1888,6 +1888,51 @@ START_TEST(unknown_key_and_bad_frames_are_refused)
 }
 END_TEST
 
+/* How often text occurs in the log file named log. */
+static int s_log_count(const char *log, const char *text)
+{
+    char *body = khtest_read_file(s_path(log));
+    int n = 0;
+    for (const char *at = body; at && (at = strstr(at, text)); at++)
+        n++;
+    free(body);
+    return n;
+}
+
+/* Whether the test database takes new connections (those made stay). */
+static void s_allow_connections(bool allow)
+{
+    PGconn *admin = PQconnectdb(khtest_pg_conninfo());
+    ck_assert_int_eq(PQstatus(admin), CONNECTION_OK);
+    khtest_db_exec(admin,
+                   allow ? "ALTER DATABASE " S_DB " ALLOW_CONNECTIONS true"
+                         : "ALTER DATABASE " S_DB " ALLOW_CONNECTIONS false",
+                   0, NULL);
+    PQfinish(admin);
+}
+
+/* A database that refuses connections for a while: notification tries
+ * again ever more slowly, a warning per attempt that says when the next
+ * one comes, not one per sweep (20 a second here, 4 by default: a log
+ * flooded for as long as the outage lasts), and connects by itself once
+ * it may. */
+START_TEST(a_database_away_is_tried_ever_more_slowly)
+{
+    s_allow_connections(false);
+    pid_t pid = s_start("away.log", NULL, NULL);
+    bool failed = s_log_has("away.log", "event=db_connect_failed", 10000);
+    usleep(2000 * 1000);
+    int warnings = s_log_count("away.log", "event=db_connect_failed");
+    s_allow_connections(true);
+    ck_assert(failed);
+    ck_assert_msg(warnings <= 6, "%d warnings in 2 s: see %s", warnings,
+                  s_path("away.log"));
+    ck_assert(s_log_has("away.log", "retry_ms=", 0));
+    ck_assert(s_log_has("away.log", "event=db_connected", 10000));
+    s_stop(pid);
+}
+END_TEST
+
 /* A key refused at its handshake while the database is away cannot be
  * audited, but it is still logged: the log is then all that says someone
  * knocked. */
@@ -3166,6 +3211,12 @@ static Suite *s_suite(void)
     tcase_add_test(locks, an_ack_batch_and_deliveries_made_due_do_not_deadlock);
     tcase_add_test(locks, a_rounds_nacks_take_their_deliveries_by_id);
     suite_add_tcase(suite, locks);
+    /* A database that refuses connections for a while. */
+    TCase *away = tcase_create("database_away");
+    tcase_add_checked_fixture(away, s_setup, s_teardown);
+    tcase_set_timeout(away, 60);
+    tcase_add_test(away, a_database_away_is_tried_ever_more_slowly);
+    suite_add_tcase(suite, away);
     return suite;
 }
 
