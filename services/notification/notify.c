@@ -65,6 +65,7 @@ typedef struct {
     int64_t last_seen; /* zclock_mono of its last frame */
     bool reclaim;      /* next claim also takes earlier unacknowledged */
     bool more;         /* there may be due deliveries for it */
+    bool untold;       /* partner_connected not logged yet (its HELLO's) */
     int64_t looked;    /* zclock_mono of its last claim */
     bool overdue;      /* re-sends became due (another connection went) */
 } s_conn_t;
@@ -213,9 +214,8 @@ static s_conn_t *s_conn_get(notify_t *self, s_conn_t *conn, zframe_t *identity,
         conn->window = self->cfg.window;
         conn->reclaim = !s_partner_connected(self, partner, NULL);
         conn->more = true;
+        conn->untold = true; /* with the window its HELLO asks for */
         zhashx_insert(self->conns, hex, conn);
-        kh_log_info("partner_connected", "partner=%s peer=%s window=%zu",
-                    partner, peer, conn->window);
     }
     snprintf(conn->peer, sizeof conn->peer, "%s", peer);
     conn->last_seen = zclock_mono();
@@ -1407,6 +1407,10 @@ static void s_take(notify_t *self, zframe_t *identity, zmq_msg_t *body,
             window ? (size_t) json_integer_value(window) : self->cfg.window;
         conn->window = want < self->cfg.window ? want : self->cfg.window;
         conn->more = true;
+        if (conn->untold) /* the window it is sent within */
+            kh_log_info("partner_connected", "partner=%s peer=%s window=%zu",
+                        conn->partner, conn->peer, conn->window);
+        conn->untold = false;
         json_t *reply = kh_proto_new(KH_CMD_WELCOME, cid);
         json_object_set_new(reply, "partner", json_string(conn->partner));
         json_object_set_new(reply, "window",

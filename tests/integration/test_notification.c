@@ -2889,6 +2889,28 @@ START_TEST(a_connection_whose_key_overlap_ended_is_sent_nothing_more)
 }
 END_TEST
 
+/* The log's partner_connected line gives the window the connection is
+ * sent within, the one its HELLO asked for, not the hub's largest: it is
+ * what an administrator reads to see why a partner gets one delivery at a
+ * time. Its HELLOs every second add no line. */
+START_TEST(partner_connected_tells_the_window_its_hello_asked_for)
+{
+    pid_t pid = s_start_slow(30000, 60000);
+    zsock_t *avim = s_partner("avim");
+    s_hello(avim, 1);
+    s_hello(avim, 1);
+    ck_assert_msg(s_log_has("notification.log",
+                            "event=partner_connected partner=avim"
+                            " peer=127.0.0.1 window=1\n",
+                            3000),
+                  "see %s", s_path("notification.log"));
+    ck_assert_int_eq(s_log_count("notification.log", "event=partner_connected"),
+                     1);
+    zsock_destroy(&avim);
+    s_stop(pid);
+}
+END_TEST
+
 /* Only a connection that said HELLO is sent deliveries: a probe that
  * PINGs the delivery socket (ketenhub-partner ping), or a connection that
  * only answers, is answered and takes none, so that none waits for an ACK
@@ -3192,6 +3214,7 @@ static Suite *s_suite(void)
     tcase_add_test(odd,
                    an_ack_on_another_connection_frees_the_window_it_came_in);
     tcase_add_test(odd, a_connection_without_hello_is_sent_no_deliveries);
+    tcase_add_test(odd, partner_connected_tells_the_window_its_hello_asked_for);
     tcase_add_test(odd,
                    a_connection_whose_key_overlap_ended_is_sent_nothing_more);
     tcase_add_test(odd,
