@@ -975,5 +975,8 @@ int routing_run(routing_t *self, int signal_fd)
         zloop_start(self->loop);
     s_stats(self);
     s_tell_refused(self, true);
-    return self->stopping ? 0 : -1;
+    if (!self->stopping)
+        return -1;
+    kh_log_info("stopped", NULL);
+    return 0;
 }

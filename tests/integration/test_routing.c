@@ -338,6 +338,10 @@ START_TEST(examples_get_exactly_the_projected_deliveries)
                      0);
     int status = khproc_stop(pid, SIGTERM, 5000);
     ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    /* It says it stopped, as the other services do: a log that ends
+     * without it is a service that died. */
+    ck_assert(s_log_has("routing.log", "event=stopping signal=15", 0));
+    ck_assert(s_log_has("routing.log", "event=stopped", 0));
 }
 END_TEST
 
