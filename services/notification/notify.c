@@ -1805,8 +1805,9 @@ notify_t *notify_new(const notify_config_t *config, kh_error_t *err)
     }
     self->port = zsock_bind(self->router, "%s", config->endpoint);
     if (self->port == -1) {
-        kh_error_set(err, KH_E_CONFIG, "KH_NOTIFY_ENDPOINT", "cannot bind %s",
-                     config->endpoint);
+        kh_error_set(err, KH_E_CONFIG, "KH_NOTIFY_ENDPOINT",
+                     "cannot bind %s: %s", config->endpoint,
+                     zmq_strerror(zmq_errno()));
         goto fail;
     }
     if (config->wake_endpoint && *config->wake_endpoint &&
@@ -1822,7 +1823,8 @@ notify_t *notify_new(const notify_config_t *config, kh_error_t *err)
         zsock_set_linger(self->wake, 0);
         if (zsock_bind(self->wake, "%s", config->wake_endpoint) == -1) {
             kh_error_set(err, KH_E_CONFIG, "KH_NOTIFY_WAKE_ENDPOINT",
-                         "cannot bind %s", config->wake_endpoint);
+                         "cannot bind %s: %s", config->wake_endpoint,
+                         zmq_strerror(zmq_errno()));
             goto fail;
         }
     }

@@ -878,8 +878,9 @@ routing_t *routing_new(const routing_config_t *config, kh_error_t *err)
         goto fail;
     zsock_set_linger(self->pull, 0);
     if (zsock_bind(self->pull, "%s", config->endpoint) == -1) {
-        kh_error_set(err, KH_E_CONFIG, "KH_ROUTING_ENDPOINT", "cannot bind %s",
-                     config->endpoint);
+        kh_error_set(err, KH_E_CONFIG, "KH_ROUTING_ENDPOINT",
+                     "cannot bind %s: %s", config->endpoint,
+                     zmq_strerror(zmq_errno()));
         goto fail;
     }
     if (config->notify_endpoint && *config->notify_endpoint &&

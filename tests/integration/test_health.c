@@ -956,6 +956,73 @@ START_TEST(an_unreadable_key_directory_or_secret_exits_2)
 }
 END_TEST
 
+/* An endpoint that another process holds: exit 2 naming the variable,
+ * and saying why, so that the administrator looks for that process
+ * rather than at the value. */
+START_TEST(an_endpoint_in_use_exits_2_saying_so)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    ck_assert_int_ge(fd, 0);
+    struct sockaddr_in sa = {.sin_family = AF_INET,
+                             .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    ck_assert_int_eq(bind(fd, (struct sockaddr *) &sa, sizeof sa), 0);
+    ck_assert_int_eq(listen(fd, 1), 0);
+    socklen_t len = sizeof sa;
+    ck_assert_int_eq(getsockname(fd, (struct sockaddr *) &sa, &len), 0);
+    char held[64];
+    snprintf(held, sizeof held, "tcp://127.0.0.1:%d", ntohs(sa.sin_port));
+    static const struct {
+        const char *service, *variable;
+    } cases[] = {
+        {"intake", "KH_INTAKE_ENDPOINT"},
+        {"routing", "KH_ROUTING_ENDPOINT"},
+        {"notification", "KH_NOTIFY_ENDPOINT"},
+        {"notification", "KH_NOTIFY_WAKE_ENDPOINT"},
+    };
+    char port[4][32];
+    for (int i = 0; i < 4; i++)
+        snprintf(port[i], sizeof port[i], "tcp://127.0.0.1:%d",
+                 khproc_free_port());
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        setenv("KH_DATABASE_URL", "host=127.0.0.1 port=1", 1);
+        setenv("KH_HUB_CERT", s_path("hub.cert"), 1);
+        setenv("KH_PARTNER_CERT_DIR", s_path("partners"), 1);
+        setenv("KH_SCHEMA_DIR", khtest_src("schemas"), 1);
+        setenv("KH_RULES_FILE", khtest_src("schemas/rules/default.yaml"), 1);
+        setenv("KH_HEALTH_ENDPOINT", "none", 1);
+        setenv("KH_INTAKE_ENDPOINT", port[0], 1);
+        setenv("KH_ROUTING_ENDPOINT", port[1], 1);
+        setenv("KH_NOTIFY_ENDPOINT", port[2], 1);
+        setenv("KH_NOTIFY_WAKE_ENDPOINT", port[3], 1);
+        setenv(cases[i].variable, held, 1);
+        char path[512];
+        snprintf(path, sizeof path, "%s/services/%s/ketenhub-%s",
+                 KH_TEST_BINARY_DIR, cases[i].service, cases[i].service);
+        char *argv[] = {"/usr/bin/timeout", "-s", "KILL", "5", path, NULL};
+        char *output = NULL;
+        int status = khtest_run(argv, &output);
+        ck_assert_msg(status == 2 && s_names(output, cases[i].variable) &&
+                          strstr(output, "Address already in use"),
+                      "%s with %s=%s held: exit %d: %s", cases[i].service,
+                      cases[i].variable, held, status, output);
+        free(output);
+    }
+    close(fd);
+    static const char *const set[] = {"KH_HUB_CERT",
+                                      "KH_PARTNER_CERT_DIR",
+                                      "KH_SCHEMA_DIR",
+                                      "KH_RULES_FILE",
+                                      "KH_HEALTH_ENDPOINT",
+                                      "KH_INTAKE_ENDPOINT",
+                                      "KH_ROUTING_ENDPOINT",
+                                      "KH_NOTIFY_ENDPOINT",
+                                      "KH_NOTIFY_WAKE_ENDPOINT"};
+    for (size_t i = 0; i < sizeof set / sizeof set[0]; i++)
+        unsetenv(set[i]);
+    setenv("KH_DATABASE_URL", s_conninfo, 1);
+}
+END_TEST
+
 /* KH_HEALTH_ENDPOINT set but empty means its default, as for every
  * setting: one that cannot be bound is logged, and the service runs
  * (two replicas on one host), instead of stopping as a value set would. */
@@ -1100,6 +1167,7 @@ int main(void)
     tcase_add_test(tc, a_bad_path_or_endpoint_exits_2_before_the_database);
     tcase_add_test(tc, an_empty_health_endpoint_is_the_default);
     tcase_add_test(tc, an_unreadable_key_directory_or_secret_exits_2);
+    tcase_add_test(tc, an_endpoint_in_use_exits_2_saying_so);
     suite_add_tcase(suite, tc);
     TCase *reference = tcase_create("reference");
     tcase_add_test(reference, readme_names_every_setting_and_metric);
