@@ -156,7 +156,9 @@ int kh_partner_register(PGconn *conn, const char *id, const char *display_name,
     if (state && strcmp(state, "23505") == 0 && constraint &&
         strcmp(constraint, "partners_pkey") == 0)
         rc = kh_error_set(err, KH_E_CONFIG, "id",
-                          "partner id is already registered");
+                          "partner %s is already registered (a revoked"
+                          " partner keeps its id: choose another)",
+                          id);
     else if (state && strcmp(state, "23505") == 0)
         rc = kh_error_set(err, KH_E_CONFIG, "public_key",
                           "public key is already registered");
@@ -199,7 +201,8 @@ int kh_partner_list(PGconn *conn, bool include_revoked, kh_partner_list_fn *fn,
 int kh_partner_revoke(PGconn *conn, const char *id, kh_error_t *err)
 {
     if (!kh_partner_id_valid(id))
-        return kh_error_set(err, KH_E_NOT_FOUND, "id", "no such partner");
+        return kh_error_set(err, KH_E_NOT_FOUND, "id",
+                            "no such partner (not a partner id)");
     const char *params[] = {id};
     PGresult *res =
         PQexecParams(conn,
@@ -220,7 +223,8 @@ int kh_partner_revoke(PGconn *conn, const char *id, kh_error_t *err)
     bool revoked_now = strcmp(PQgetvalue(res, 0, 1), "0") != 0;
     PQclear(res);
     if (!found)
-        return kh_error_set(err, KH_E_NOT_FOUND, "id", "no such partner");
+        return kh_error_set(err, KH_E_NOT_FOUND, "id",
+                            "no partner %s is registered", id);
     return revoked_now ? 0 : 1;
 }
 
@@ -249,7 +253,8 @@ int kh_partner_rotate(PGconn *conn, const char *id, const char *public_key,
 {
     previous[0] = expires_at[0] = '\0';
     if (!kh_partner_id_valid(id))
-        return kh_error_set(err, KH_E_NOT_FOUND, "id", "no such partner");
+        return kh_error_set(err, KH_E_NOT_FOUND, "id",
+                            "no such partner (not a partner id)");
     if (!kh_partner_key_valid(public_key))
         return kh_error_set(err, KH_E_CONFIG, "public_key",
                             "public key must be 40 characters of Z85");
@@ -268,7 +273,8 @@ int kh_partner_rotate(PGconn *conn, const char *id, const char *public_key,
         return -1;
     if (PQntuples(res) != 1) {
         PQclear(res);
-        return kh_error_set(err, KH_E_NOT_FOUND, "id", "no such partner");
+        return kh_error_set(err, KH_E_NOT_FOUND, "id",
+                            "no partner %s is registered", id);
     }
     bool revoked = strcmp(PQgetvalue(res, 0, 1), "t") == 0;
     snprintf(previous, KH_PARTNER_KEY_LEN + 1, "%s", PQgetvalue(res, 0, 0));
@@ -356,7 +362,8 @@ int kh_partner_get(PGconn *conn, const char *id, kh_partner_t *out,
                    kh_error_t *err)
 {
     if (!kh_partner_id_valid(id))
-        return kh_error_set(err, KH_E_NOT_FOUND, "id", "no such partner");
+        return kh_error_set(err, KH_E_NOT_FOUND, "id",
+                            "no such partner (not a partner id)");
     return s_lookup(conn,
                     "SELECT " S_PARTNER_COLUMNS " FROM partners WHERE id = $1",
                     id, out, KH_E_NOT_FOUND, "id", err);

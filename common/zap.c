@@ -7,11 +7,13 @@
  */
 #include "ketenhub/zap.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 #define S_ZAP_ENDPOINT "inproc://zeromq.zap.01"
 /* Bytes CURVE adds to a frame on the wire (libzmq 4.x): the command name
@@ -120,6 +122,18 @@ kh_zap_t *kh_zap_new(const char *cert_dir, const char *only_key,
                      "%s is not a directory", cert_dir ? cert_dir : "");
         return NULL;
     }
+    /* A directory the service may not read (a mount owned by another
+     * user, say) would admit no partner at all, with every handshake
+     * refused and the service ready: a bad setting, said at start. */
+    DIR *readable = only_key ? NULL : opendir(cert_dir);
+    if (!only_key && !readable) {
+        kh_error_set(err, KH_E_CONFIG, "KH_PARTNER_CERT_DIR",
+                     "cannot read the directory %s: %s", cert_dir,
+                     strerror(errno));
+        return NULL;
+    }
+    if (readable)
+        closedir(readable);
     kh_zap_t *self = calloc(1, sizeof *self);
     if (!self) {
         kh_error_set(err, KH_E_NOMEM, "", "out of memory");
@@ -177,10 +191,23 @@ zcert_t *kh_hub_cert_load(const char *path, kh_error_t *err)
         strcmp(zcert_secret_txt(cert),
                "0000000000000000000000000000000000000000") == 0) {
         zcert_destroy(&cert);
-        kh_error_set(err, KH_E_CONFIG, "KH_HUB_CERT",
-                     "cannot load the hub certificate and its secret key "
-                     "from %s",
-                     path);
+        /* Why, when it is a file that cannot be read (its permissions, a
+         * mount owned by another user): the administrator's next step. */
+        char secret[4096];
+        snprintf(secret, sizeof secret, "%s_secret", path);
+        const char *unreadable = access(path, R_OK)     ? path
+                                 : access(secret, R_OK) ? secret
+                                                        : NULL;
+        if (unreadable)
+            kh_error_set(err, KH_E_CONFIG, "KH_HUB_CERT",
+                         "cannot load the hub certificate and its secret key "
+                         "from %s: cannot read %s: %s",
+                         path, unreadable, strerror(errno));
+        else
+            kh_error_set(err, KH_E_CONFIG, "KH_HUB_CERT",
+                         "cannot load the hub certificate and its secret key "
+                         "from %s",
+                         path);
         return NULL;
     }
     return cert;

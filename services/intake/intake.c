@@ -165,8 +165,9 @@ intake_t *intake_new(const intake_config_t *config, kh_error_t *err)
     zsock_set_router_mandatory(self->router, 0);
     self->port = zsock_bind(self->router, "%s", config->endpoint);
     if (self->port == -1) {
-        kh_error_set(err, KH_E_CONFIG, "KH_INTAKE_ENDPOINT", "cannot bind %s",
-                     config->endpoint);
+        kh_error_set(err, KH_E_CONFIG, "KH_INTAKE_ENDPOINT",
+                     "cannot bind %s: %s", config->endpoint,
+                     zmq_strerror(zmq_errno()));
         goto fail;
     }
     if (config->routing_endpoint && *config->routing_endpoint &&

@@ -39,6 +39,11 @@
 #define S_AUTH_BURST 60.0      /* in all keys and addresses together */
 #define S_AUTH_UNAUDITED_LOG_MS 10000
 #define S_INTERNAL_DOMAIN "ketenhub-internal" /* ZAP domain of wake-ups */
+/* While the database is away, the ticks try to connect again after
+ * 200 ms, then ever more slowly up to every 5 s: a warning per attempt,
+ * not one per sweep (4 a second by default) for as long as it lasts. */
+#define S_RETRY_MIN_MS 200
+#define S_RETRY_MAX_MS 5000
 #define S_HELD_MAX (KH_WINDOW_MAX * 4) /* DELIVERs that lost their peer */
 #define S_CLAIM_ROWS 1024 /* deliveries one claim statement asks for */
 
@@ -60,6 +65,7 @@ typedef struct {
     int64_t last_seen; /* zclock_mono of its last frame */
     bool reclaim;      /* next claim also takes earlier unacknowledged */
     bool more;         /* there may be due deliveries for it */
+    bool untold;       /* partner_connected not logged yet (its HELLO's) */
     int64_t looked;    /* zclock_mono of its last claim */
     bool overdue;      /* re-sends became due (another connection went) */
 } s_conn_t;
@@ -92,8 +98,10 @@ struct _notify_t {
     zsock_t *wake;
     int port;
     dstore_t *store;
-    bool connect_poll;  /* a timer looks at the attempt to connect soon */
-    zhashx_t *partners; /* Z85 key -> partner id */
+    bool connect_poll;     /* a timer looks at the attempt to connect soon */
+    int retry_ms;          /* the wait after the last failed attempt, or 0 */
+    int64_t connect_after; /* zclock_mono before which no tick tries */
+    zhashx_t *partners;    /* Z85 key -> partner id */
     int64_t partners_loaded;
     zhashx_t *conns; /* identity (hex) -> s_conn_t */
     s_pending_t *pending;
@@ -206,9 +214,8 @@ static s_conn_t *s_conn_get(notify_t *self, s_conn_t *conn, zframe_t *identity,
         conn->window = self->cfg.window;
         conn->reclaim = !s_partner_connected(self, partner, NULL);
         conn->more = true;
+        conn->untold = true; /* with the window its HELLO asks for */
         zhashx_insert(self->conns, hex, conn);
-        kh_log_info("partner_connected", "partner=%s peer=%s window=%zu",
-                    partner, peer, conn->window);
     }
     snprintf(conn->peer, sizeof conn->peer, "%s", peer);
     conn->last_seen = zclock_mono();
@@ -1400,6 +1407,10 @@ static void s_take(notify_t *self, zframe_t *identity, zmq_msg_t *body,
             window ? (size_t) json_integer_value(window) : self->cfg.window;
         conn->window = want < self->cfg.window ? want : self->cfg.window;
         conn->more = true;
+        if (conn->untold) /* the window it is sent within */
+            kh_log_info("partner_connected", "partner=%s peer=%s window=%zu",
+                        conn->partner, conn->peer, conn->window);
+        conn->untold = false;
         json_t *reply = kh_proto_new(KH_CMD_WELCOME, cid);
         json_object_set_new(reply, "partner", json_string(conn->partner));
         json_object_set_new(reply, "window",
@@ -1563,19 +1574,29 @@ static int s_on_tick(zloop_t *loop, int timer_id, void *arg)
     notify_t *self = arg;
     kh_error_t err;
     if (!dstore_up(self->store)) {
+        if (!dstore_connecting(self->store) &&
+            zclock_mono() < self->connect_after)
+            return 0; /* the database is away: not yet again */
         if (dstore_connect(self->store, &err)) {
-            if (!dstore_connecting(self->store))
-                kh_log_warn("db_connect_failed", "code=%s path=%s msg=\"%s\"",
+            if (!dstore_connecting(self->store)) {
+                self->retry_ms = self->retry_ms == 0 ? S_RETRY_MIN_MS
+                                 : self->retry_ms * 2 > S_RETRY_MAX_MS
+                                     ? S_RETRY_MAX_MS
+                                     : self->retry_ms * 2;
+                self->connect_after = zclock_mono() + self->retry_ms;
+                kh_log_warn("db_connect_failed",
+                            "code=%s path=%s retry_ms=%d msg=\"%s\"",
                             kh_error_name(err.code),
-                            err.path[0] ? err.path : "none",
+                            err.path[0] ? err.path : "none", self->retry_ms,
                             KH_LOG_Q(err.message));
-            else if (!self->connect_poll) /* look again soon */
+            } else if (!self->connect_poll) /* look again soon */
                 self->connect_poll =
                     zloop_timer(self->loop, KH_DB_CONNECT_POLL_MS, 1,
                                 s_on_connect_poll, self) != -1;
             return 0;
         }
         kh_log_info("db_connected", NULL);
+        self->retry_ms = 0;
         s_load_partners(self);
     }
     if (dstore_sweep(self->store, s_on_sweep_event, self, &err) < 0)
@@ -1784,8 +1805,9 @@ notify_t *notify_new(const notify_config_t *config, kh_error_t *err)
     }
     self->port = zsock_bind(self->router, "%s", config->endpoint);
     if (self->port == -1) {
-        kh_error_set(err, KH_E_CONFIG, "KH_NOTIFY_ENDPOINT", "cannot bind %s",
-                     config->endpoint);
+        kh_error_set(err, KH_E_CONFIG, "KH_NOTIFY_ENDPOINT",
+                     "cannot bind %s: %s", config->endpoint,
+                     zmq_strerror(zmq_errno()));
         goto fail;
     }
     if (config->wake_endpoint && *config->wake_endpoint &&
@@ -1801,7 +1823,8 @@ notify_t *notify_new(const notify_config_t *config, kh_error_t *err)
         zsock_set_linger(self->wake, 0);
         if (zsock_bind(self->wake, "%s", config->wake_endpoint) == -1) {
             kh_error_set(err, KH_E_CONFIG, "KH_NOTIFY_WAKE_ENDPOINT",
-                         "cannot bind %s", config->wake_endpoint);
+                         "cannot bind %s: %s", config->wake_endpoint,
+                         zmq_strerror(zmq_errno()));
             goto fail;
         }
     }

@@ -34,12 +34,19 @@
 #define S_WAKEUP_MAX (1024 * 1024) /* bytes of a wake-up message */
 #define S_MATCHED_MAX 4096         /* bytes of audit_events.rules_matched */
 #define S_ARENA_KEEP (256 * 1024)
+/* While the database is away, passes try to connect again after 200 ms,
+ * then ever more slowly up to every 5 s, as at start: a warning per
+ * attempt, not one per poll or wake-up for as long as the outage lasts. */
+#define S_RETRY_MIN_MS 200
+#define S_RETRY_MAX_MS 5000
 
 struct _routing_t {
     routing_config_t config;
     PGconn *conn;
     kh_db_connecting_t *connecting; /* an attempt to connect under way */
     bool connect_poll;              /* a timer looks at it soon */
+    int retry_ms;          /* the wait after the last failed attempt, or 0 */
+    int64_t connect_after; /* zclock_mono before which no pass tries */
     kh_rules_t *rules;
     kh_rules_result_t *result;
     kh_jarena_t *arena; /* the referral being routed and its projections */
@@ -469,15 +476,25 @@ static int s_pass(routing_t *self)
     kh_error_t err;
     int64_t started = zclock_mono();
     size_t deliveries = self->deliveries;
+    if ((!self->conn || PQstatus(self->conn) != CONNECTION_OK) &&
+        !self->connecting && started < self->connect_after)
+        return -1; /* the database is away: not yet again */
     if (s_connect(self, &err)) {
         if (!self->connecting) {
-            kh_log_warn("db_unavailable", "msg=\"%s\"", KH_LOG_Q(err.message));
+            self->retry_ms = self->retry_ms == 0 ? S_RETRY_MIN_MS
+                             : self->retry_ms * 2 > S_RETRY_MAX_MS
+                                 ? S_RETRY_MAX_MS
+                                 : self->retry_ms * 2;
+            self->connect_after = zclock_mono() + self->retry_ms;
+            kh_log_warn("db_unavailable", "retry_ms=%d msg=\"%s\"",
+                        self->retry_ms, KH_LOG_Q(err.message));
             self->failures++;
         } else if (!self->connect_poll) /* look again soon */
             self->connect_poll = zloop_timer(self->loop, KH_DB_CONNECT_POLL_MS,
                                              1, s_on_connect_poll, self) != -1;
         return -1;
     }
+    self->retry_ms = 0;
     char limit[24];
     snprintf(limit, sizeof limit, "%zu", self->config.batch);
     const char *params[] = {limit};
@@ -861,8 +878,9 @@ routing_t *routing_new(const routing_config_t *config, kh_error_t *err)
         goto fail;
     zsock_set_linger(self->pull, 0);
     if (zsock_bind(self->pull, "%s", config->endpoint) == -1) {
-        kh_error_set(err, KH_E_CONFIG, "KH_ROUTING_ENDPOINT", "cannot bind %s",
-                     config->endpoint);
+        kh_error_set(err, KH_E_CONFIG, "KH_ROUTING_ENDPOINT",
+                     "cannot bind %s: %s", config->endpoint,
+                     zmq_strerror(zmq_errno()));
         goto fail;
     }
     if (config->notify_endpoint && *config->notify_endpoint &&
@@ -958,5 +976,8 @@ int routing_run(routing_t *self, int signal_fd)
         zloop_start(self->loop);
     s_stats(self);
     s_tell_refused(self, true);
-    return self->stopping ? 0 : -1;
+    if (!self->stopping)
+        return -1;
+    kh_log_info("stopped", NULL);
+    return 0;
 }

@@ -15,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "ketenhub/client.h"
@@ -870,6 +871,158 @@ START_TEST(a_bad_path_or_endpoint_exits_2_before_the_database)
 }
 END_TEST
 
+/* Key files and directories that the service's user may not read (a
+ * mount owned by another uid, a secret made 0600 by root): exit 2 at
+ * start, naming the variable and why, instead of a service that says it
+ * is ready and refuses every partner's handshake. Root reads everything,
+ * so as root the services run as nobody here. */
+START_TEST(an_unreadable_key_directory_or_secret_exits_2)
+{
+    char *dir = khtest_tmpdir();
+    ck_assert_int_eq(chmod(dir, 0755), 0);
+    ck_assert_int_eq(khproc_sh("cp '%s' '%s_secret' '%s/' && mkdir '%s/closed'"
+                               " && cp '%s' '%s/hub2.cert'"
+                               " && cp '%s_secret' '%s/hub2.cert_secret'"
+                               " && chmod 0644 '%s/hub.cert' "
+                               "'%s/hub.cert_secret' '%s/hub2.cert'"
+                               " && chmod 0 '%s/closed' '%s/hub2.cert_secret'",
+                               s_path("hub.cert"), s_path("hub.cert"), dir, dir,
+                               s_path("hub.cert"), dir, s_path("hub.cert"), dir,
+                               dir, dir, dir, dir, dir),
+                     0);
+    char readable_hub[512], closed[512], closed_hub[512], open_dir[512];
+    snprintf(readable_hub, sizeof readable_hub, "%s/hub.cert", dir);
+    snprintf(closed, sizeof closed, "%s/closed", dir);
+    snprintf(closed_hub, sizeof closed_hub, "%s/hub2.cert", dir);
+    snprintf(open_dir, sizeof open_dir, "%s", dir);
+    const struct {
+        const char *service, *variable, *hub, *partners, *says;
+    } cases[] = {
+        {"intake", "KH_PARTNER_CERT_DIR", readable_hub, closed,
+         "cannot read the directory"},
+        {"notification", "KH_PARTNER_CERT_DIR", readable_hub, closed,
+         "cannot read the directory"},
+        {"intake", "KH_HUB_CERT", closed_hub, open_dir,
+         "hub2.cert_secret: Permission denied"},
+    };
+    char port[3][32];
+    for (int i = 0; i < 3; i++)
+        snprintf(port[i], sizeof port[i], "tcp://127.0.0.1:%d",
+                 khproc_free_port());
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        setenv("KH_DATABASE_URL", "host=127.0.0.1 port=1", 1);
+        setenv("KH_HUB_CERT", cases[i].hub, 1);
+        setenv("KH_PARTNER_CERT_DIR", cases[i].partners, 1);
+        setenv("KH_SCHEMA_DIR", khtest_src("schemas"), 1);
+        setenv("KH_HEALTH_ENDPOINT", "none", 1);
+        setenv("KH_INTAKE_ENDPOINT", port[0], 1);
+        setenv("KH_ROUTING_ENDPOINT", "none", 1);
+        setenv("KH_NOTIFY_ENDPOINT", port[1], 1);
+        setenv("KH_NOTIFY_WAKE_ENDPOINT", port[2], 1);
+        char path[512];
+        snprintf(path, sizeof path, "%s/services/%s/ketenhub-%s",
+                 KH_TEST_BINARY_DIR, cases[i].service, cases[i].service);
+        char *as_root[] = {"/usr/bin/setpriv",
+                           "--reuid=65534",
+                           "--regid=65534",
+                           "--clear-groups",
+                           "/usr/bin/timeout",
+                           "-s",
+                           "KILL",
+                           "5",
+                           path,
+                           NULL};
+        char *output = NULL;
+        int status =
+            khtest_run(geteuid() == 0 ? as_root : as_root + 4, &output);
+        ck_assert_msg(
+            status == 2 && s_names(output, cases[i].variable) &&
+                strstr(output, cases[i].says),
+            "%s with %s=%s: exit %d: %s", cases[i].service, cases[i].variable,
+            strcmp(cases[i].variable, "KH_HUB_CERT") == 0 ? cases[i].hub
+                                                          : cases[i].partners,
+            status, output);
+        free(output);
+    }
+    static const char *const set[] = {
+        "KH_HUB_CERT",        "KH_PARTNER_CERT_DIR",    "KH_SCHEMA_DIR",
+        "KH_HEALTH_ENDPOINT", "KH_INTAKE_ENDPOINT",     "KH_ROUTING_ENDPOINT",
+        "KH_NOTIFY_ENDPOINT", "KH_NOTIFY_WAKE_ENDPOINT"};
+    for (size_t i = 0; i < sizeof set / sizeof set[0]; i++)
+        unsetenv(set[i]);
+    setenv("KH_DATABASE_URL", s_conninfo, 1);
+    khtest_rmtree(dir);
+    free(dir);
+}
+END_TEST
+
+/* An endpoint that another process holds: exit 2 naming the variable,
+ * and saying why, so that the administrator looks for that process
+ * rather than at the value. */
+START_TEST(an_endpoint_in_use_exits_2_saying_so)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    ck_assert_int_ge(fd, 0);
+    struct sockaddr_in sa = {.sin_family = AF_INET,
+                             .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    ck_assert_int_eq(bind(fd, (struct sockaddr *) &sa, sizeof sa), 0);
+    ck_assert_int_eq(listen(fd, 1), 0);
+    socklen_t len = sizeof sa;
+    ck_assert_int_eq(getsockname(fd, (struct sockaddr *) &sa, &len), 0);
+    char held[64];
+    snprintf(held, sizeof held, "tcp://127.0.0.1:%d", ntohs(sa.sin_port));
+    static const struct {
+        const char *service, *variable;
+    } cases[] = {
+        {"intake", "KH_INTAKE_ENDPOINT"},
+        {"routing", "KH_ROUTING_ENDPOINT"},
+        {"notification", "KH_NOTIFY_ENDPOINT"},
+        {"notification", "KH_NOTIFY_WAKE_ENDPOINT"},
+    };
+    char port[4][32];
+    for (int i = 0; i < 4; i++)
+        snprintf(port[i], sizeof port[i], "tcp://127.0.0.1:%d",
+                 khproc_free_port());
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        setenv("KH_DATABASE_URL", "host=127.0.0.1 port=1", 1);
+        setenv("KH_HUB_CERT", s_path("hub.cert"), 1);
+        setenv("KH_PARTNER_CERT_DIR", s_path("partners"), 1);
+        setenv("KH_SCHEMA_DIR", khtest_src("schemas"), 1);
+        setenv("KH_RULES_FILE", khtest_src("schemas/rules/default.yaml"), 1);
+        setenv("KH_HEALTH_ENDPOINT", "none", 1);
+        setenv("KH_INTAKE_ENDPOINT", port[0], 1);
+        setenv("KH_ROUTING_ENDPOINT", port[1], 1);
+        setenv("KH_NOTIFY_ENDPOINT", port[2], 1);
+        setenv("KH_NOTIFY_WAKE_ENDPOINT", port[3], 1);
+        setenv(cases[i].variable, held, 1);
+        char path[512];
+        snprintf(path, sizeof path, "%s/services/%s/ketenhub-%s",
+                 KH_TEST_BINARY_DIR, cases[i].service, cases[i].service);
+        char *argv[] = {"/usr/bin/timeout", "-s", "KILL", "5", path, NULL};
+        char *output = NULL;
+        int status = khtest_run(argv, &output);
+        ck_assert_msg(status == 2 && s_names(output, cases[i].variable) &&
+                          strstr(output, "Address already in use"),
+                      "%s with %s=%s held: exit %d: %s", cases[i].service,
+                      cases[i].variable, held, status, output);
+        free(output);
+    }
+    close(fd);
+    static const char *const set[] = {"KH_HUB_CERT",
+                                      "KH_PARTNER_CERT_DIR",
+                                      "KH_SCHEMA_DIR",
+                                      "KH_RULES_FILE",
+                                      "KH_HEALTH_ENDPOINT",
+                                      "KH_INTAKE_ENDPOINT",
+                                      "KH_ROUTING_ENDPOINT",
+                                      "KH_NOTIFY_ENDPOINT",
+                                      "KH_NOTIFY_WAKE_ENDPOINT"};
+    for (size_t i = 0; i < sizeof set / sizeof set[0]; i++)
+        unsetenv(set[i]);
+    setenv("KH_DATABASE_URL", s_conninfo, 1);
+}
+END_TEST
+
 /* KH_HEALTH_ENDPOINT set but empty means its default, as for every
  * setting: one that cannot be bound is logged, and the service runs
  * (two replicas on one host), instead of stopping as a value set would. */
@@ -1013,6 +1166,8 @@ int main(void)
     tcase_add_test(tc, a_bad_setting_exits_2_naming_the_variable);
     tcase_add_test(tc, a_bad_path_or_endpoint_exits_2_before_the_database);
     tcase_add_test(tc, an_empty_health_endpoint_is_the_default);
+    tcase_add_test(tc, an_unreadable_key_directory_or_secret_exits_2);
+    tcase_add_test(tc, an_endpoint_in_use_exits_2_saying_so);
     suite_add_tcase(suite, tc);
     TCase *reference = tcase_create("reference");
     tcase_add_test(reference, readme_names_every_setting_and_metric);

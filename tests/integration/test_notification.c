@@ -1902,6 +1902,51 @@ START_TEST(unknown_key_and_bad_frames_are_refused)
 }
 END_TEST
 
+/* How often text occurs in the log file named log. */
+static int s_log_count(const char *log, const char *text)
+{
+    char *body = khtest_read_file(s_path(log));
+    int n = 0;
+    for (const char *at = body; at && (at = strstr(at, text)); at++)
+        n++;
+    free(body);
+    return n;
+}
+
+/* Whether the test database takes new connections (those made stay). */
+static void s_allow_connections(bool allow)
+{
+    PGconn *admin = PQconnectdb(khtest_pg_conninfo());
+    ck_assert_int_eq(PQstatus(admin), CONNECTION_OK);
+    khtest_db_exec(admin,
+                   allow ? "ALTER DATABASE " S_DB " ALLOW_CONNECTIONS true"
+                         : "ALTER DATABASE " S_DB " ALLOW_CONNECTIONS false",
+                   0, NULL);
+    PQfinish(admin);
+}
+
+/* A database that refuses connections for a while: notification tries
+ * again ever more slowly, a warning per attempt that says when the next
+ * one comes, not one per sweep (20 a second here, 4 by default: a log
+ * flooded for as long as the outage lasts), and connects by itself once
+ * it may. */
+START_TEST(a_database_away_is_tried_ever_more_slowly)
+{
+    s_allow_connections(false);
+    pid_t pid = s_start("away.log", NULL, NULL);
+    bool failed = s_log_has("away.log", "event=db_connect_failed", 10000);
+    usleep(2000 * 1000);
+    int warnings = s_log_count("away.log", "event=db_connect_failed");
+    s_allow_connections(true);
+    ck_assert(failed);
+    ck_assert_msg(warnings <= 6, "%d warnings in 2 s: see %s", warnings,
+                  s_path("away.log"));
+    ck_assert(s_log_has("away.log", "retry_ms=", 0));
+    ck_assert(s_log_has("away.log", "event=db_connected", 10000));
+    s_stop(pid);
+}
+END_TEST
+
 /* A key refused at its handshake while the database is away cannot be
  * audited, but it is still logged: the log is then all that says someone
  * knocked. */
@@ -2858,6 +2903,28 @@ START_TEST(a_connection_whose_key_overlap_ended_is_sent_nothing_more)
 }
 END_TEST
 
+/* The log's partner_connected line gives the window the connection is
+ * sent within, the one its HELLO asked for, not the hub's largest: it is
+ * what an administrator reads to see why a partner gets one delivery at a
+ * time. Its HELLOs every second add no line. */
+START_TEST(partner_connected_tells_the_window_its_hello_asked_for)
+{
+    pid_t pid = s_start_slow(30000, 60000);
+    zsock_t *avim = s_partner("avim");
+    s_hello(avim, 1);
+    s_hello(avim, 1);
+    ck_assert_msg(s_log_has("notification.log",
+                            "event=partner_connected partner=avim"
+                            " peer=127.0.0.1 window=1\n",
+                            3000),
+                  "see %s", s_path("notification.log"));
+    ck_assert_int_eq(s_log_count("notification.log", "event=partner_connected"),
+                     1);
+    zsock_destroy(&avim);
+    s_stop(pid);
+}
+END_TEST
+
 /* Only a connection that said HELLO is sent deliveries: a probe that
  * PINGs the delivery socket (ketenhub-partner ping), or a connection that
  * only answers, is answered and takes none, so that none waits for an ACK
@@ -3161,6 +3228,7 @@ static Suite *s_suite(void)
     tcase_add_test(odd,
                    an_ack_on_another_connection_frees_the_window_it_came_in);
     tcase_add_test(odd, a_connection_without_hello_is_sent_no_deliveries);
+    tcase_add_test(odd, partner_connected_tells_the_window_its_hello_asked_for);
     tcase_add_test(odd,
                    a_connection_whose_key_overlap_ended_is_sent_nothing_more);
     tcase_add_test(odd,
@@ -3180,6 +3248,12 @@ static Suite *s_suite(void)
     tcase_add_test(locks, an_ack_batch_and_deliveries_made_due_do_not_deadlock);
     tcase_add_test(locks, a_rounds_nacks_take_their_deliveries_by_id);
     suite_add_tcase(suite, locks);
+    /* A database that refuses connections for a while. */
+    TCase *away = tcase_create("database_away");
+    tcase_add_checked_fixture(away, s_setup, s_teardown);
+    tcase_set_timeout(away, 60);
+    tcase_add_test(away, a_database_away_is_tried_ever_more_slowly);
+    suite_add_tcase(suite, away);
     return suite;
 }
 

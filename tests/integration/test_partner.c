@@ -772,6 +772,17 @@ START_TEST(test_ctl_end_to_end)
     ck_assert_int_eq(KHTEST_CTL(&text, "partner", "revoke", "nobody",
                                 "--cert-dir", cert_dir),
                      1);
+    /* The error names the partner it did not find. */
+    ck_assert_msg(strstr(text, "no partner nobody is registered"), "%s", text);
+    free(text);
+    /* A revoked partner keeps its id: adding it again is refused, and
+     * says why. */
+    rc = KHTEST_CTL(&text, "partner", "add", "vt-gv", "--name", "Again",
+                    "--kind", "other", "--cert-dir", cert_dir, "--out", out3);
+    ck_assert_int_eq(rc, 1);
+    ck_assert_msg(strstr(text, "partner vt-gv is already registered (a revoked"
+                               " partner keeps its id"),
+                  "%s", text);
     free(text);
     ck_assert_int_eq(KHTEST_CTL(&text, "partner", "list", "--active", "--json"),
                      0);
@@ -942,6 +953,7 @@ START_TEST(test_rotate)
     ck_assert_int_eq(KHTEST_CTL(&text, "partner", "rotate", "nobody",
                                 "--cert-dir", cert_dir, "--out", out[2]),
                      1);
+    ck_assert_msg(strstr(text, "no partner nobody is registered"), "%s", text);
     free(text);
     const char *usage[][8] = {
         {"partner", "rotate", "avim", "--cert-dir", cert_dir, "--out", out[2],

@@ -338,6 +338,10 @@ START_TEST(examples_get_exactly_the_projected_deliveries)
                      0);
     int status = khproc_stop(pid, SIGTERM, 5000);
     ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    /* It says it stopped, as the other services do: a log that ends
+     * without it is a service that died. */
+    ck_assert(s_log_has("routing.log", "event=stopping signal=15", 0));
+    ck_assert(s_log_has("routing.log", "event=stopped", 0));
 }
 END_TEST
 
@@ -680,6 +684,58 @@ START_TEST(sighup_while_the_database_is_away_is_retried_when_it_is_back)
 }
 END_TEST
 
+/* How many times text is in the log. */
+static int s_log_count(const char *log, const char *text)
+{
+    char *all = khtest_read_file(s_path(log));
+    int n = 0;
+    for (const char *p = all; p && (p = strstr(p, text)); p++)
+        n++;
+    free(all);
+    return n;
+}
+
+/* Whether the test database takes new connections (those made stay). */
+static void s_allow_connections(bool allow)
+{
+    PGconn *admin = PQconnectdb(khtest_pg_conninfo());
+    ck_assert_int_eq(PQstatus(admin), CONNECTION_OK);
+    khtest_db_exec(admin,
+                   allow ? "ALTER DATABASE " S_DB " ALLOW_CONNECTIONS true"
+                         : "ALTER DATABASE " S_DB " ALLOW_CONNECTIONS false",
+                   0, NULL);
+    PQfinish(admin);
+}
+
+/* Routing loses its connection and the database refuses new ones for a
+ * while: it tries again ever more slowly, a warning per attempt that says
+ * when the next one comes, not one per poll (50 a second here), and
+ * routes again by itself once it may connect. */
+START_TEST(a_database_away_is_tried_ever_more_slowly)
+{
+    pid_t pid = s_start(s_endpoint(), NULL, 20, "routing.log");
+    ck_assert(s_log_has("routing.log", "event=ready", 10000));
+    s_allow_connections(false);
+    khtest_db_exec(s_db,
+                   "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                   " WHERE application_name = 'ketenhub-routing'",
+                   0, NULL);
+    bool failed = s_log_has("routing.log", "event=db_unavailable", 10000);
+    usleep(2000 * 1000);
+    int warnings = s_log_count("routing.log", "event=db_unavailable");
+    s_allow_connections(true);
+    ck_assert_msg(failed, "no db_unavailable: see %s", s_path("routing.log"));
+    ck_assert_msg(warnings <= 6, "%d warnings in 2 s: see %s", warnings,
+                  s_path("routing.log"));
+    ck_assert(s_log_has("routing.log", "retry_ms=", 0));
+    long deliveries = s_insert_many(3);
+    ck_assert(s_wait_count(S_ROUTED, 3, 15000));
+    int status = khproc_stop(pid, SIGTERM, 5000);
+    ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    s_assert_routed_once(3, deliveries);
+}
+END_TEST
+
 /* A rules file replaced by a FIFO (or anything that is not a regular
  * file): the reload is refused at once and audited, routing goes on by the
  * old rules instead of waiting for a writer that never comes. */
@@ -793,17 +849,6 @@ START_TEST(unreadable_referrals_are_set_aside_not_retried)
     ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
 }
 END_TEST
-
-/* How many times text is in the log. */
-static int s_log_count(const char *log, const char *text)
-{
-    char *all = khtest_read_file(s_path(log));
-    int n = 0;
-    for (const char *p = all; p && (p = strstr(p, text)); p++)
-        n++;
-    free(all);
-    return n;
-}
 
 /* Passes that fail at their writes (a full disk, say) roll back: an
  * unreadable referral in them is not set aside, so no alert says it was;
@@ -1071,5 +1116,11 @@ int main(void)
     tcase_set_timeout(tc_failed, 60);
     tcase_add_test(tc_failed, a_failed_pass_neither_alerts_nor_counts);
     suite_add_tcase(suite, tc_failed);
+    /* A database that refuses connections for a while. */
+    TCase *away = tcase_create("database_away");
+    tcase_add_checked_fixture(away, s_setup, s_teardown);
+    tcase_set_timeout(away, 60);
+    tcase_add_test(away, a_database_away_is_tried_ever_more_slowly);
+    suite_add_tcase(suite, away);
     return khtest_run_suite(suite);
 }
