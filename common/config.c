@@ -12,12 +12,10 @@
 
 #include "ketenhub/log.h"
 
-/* Whether text is "none" or an endpoint whose tcp port, if any, is "*"
- * or a number in 1..65535 (see kh_cfg_type_t). */
+/* Whether text is an endpoint whose tcp port, if any, is "*" or a number
+ * in 1..65535 (see kh_cfg_type_t). */
 static bool s_endpoint_valid(const char *text)
 {
-    if (strcmp(text, "none") == 0)
-        return true;
     const char *sep = strstr(text, "://");
     if (!sep || sep == text || !sep[3])
         return false;
@@ -40,13 +38,15 @@ static int s_parse(kh_cfg_t *entry, const char *text, kh_error_t *err)
     entry->num = 0;
     if (entry->type == KH_CFG_STRING)
         return 0;
-    if (entry->type == KH_CFG_ENDPOINT) {
-        if (s_endpoint_valid(text))
+    if (entry->type == KH_CFG_ENDPOINT ||
+        entry->type == KH_CFG_ENDPOINT_OR_NONE) {
+        bool none = entry->type == KH_CFG_ENDPOINT_OR_NONE;
+        if (s_endpoint_valid(text) || (none && strcmp(text, "none") == 0))
             return 0;
         return kh_error_set(err, KH_E_CONFIG, entry->name,
                             "%s must be a ZeroMQ endpoint such as "
-                            "tcp://HOST:PORT (port 1-65535 or *), or none",
-                            entry->name);
+                            "tcp://HOST:PORT (port 1-65535 or *)%s",
+                            entry->name, none ? ", or none" : "");
     }
     if (entry->type == KH_CFG_BOOL) {
         if (strcmp(text, "1") == 0 || strcmp(text, "true") == 0 ||

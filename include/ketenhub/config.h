@@ -16,7 +16,8 @@
 extern "C" {
 #endif
 
-/* KH_CFG_ENDPOINT: a ZeroMQ endpoint, or "none". libzmq takes the port of
+/* KH_CFG_ENDPOINT: a ZeroMQ endpoint; KH_CFG_ENDPOINT_OR_NONE: one, or
+ * "none" (a wake-up that is not sent). libzmq takes the port of
  * a tcp:// endpoint modulo 65536 and ignores what follows its digits, so
  * "tcp://HOST:99999" would bind port 34463 and report success: a tcp port
  * must be "*" or 1..65535, digits only. Other transports are left to
@@ -25,7 +26,8 @@ typedef enum {
     KH_CFG_STRING,
     KH_CFG_INT,
     KH_CFG_BOOL,
-    KH_CFG_ENDPOINT
+    KH_CFG_ENDPOINT,
+    KH_CFG_ENDPOINT_OR_NONE
 } kh_cfg_type_t;
 
 typedef struct {

@@ -824,6 +824,11 @@ START_TEST(a_bad_path_or_endpoint_exits_2_before_the_database)
         {"routing", "KH_DATABASE_URL", "host=127.0.0.1 port"},
         {"notification", "KH_DATABASE_URL", "postgresql://h:1/d?bogus=1"},
         {"audit", "KH_DATABASE_URL", "host='127.0.0.1"},
+        /* A socket partners connect to cannot be none (as a wake-up
+         * can): the error offers no "none" either. */
+        {"intake", "KH_INTAKE_ENDPOINT", "none"},
+        {"routing", "KH_ROUTING_ENDPOINT", "none"},
+        {"notification", "KH_NOTIFY_ENDPOINT", "none"},
     };
     char *output = NULL;
     ck_assert_int_eq(
@@ -855,6 +860,10 @@ START_TEST(a_bad_path_or_endpoint_exits_2_before_the_database)
         ck_assert_msg(status == 2 && s_names(output, cases[i].variable),
                       "%s with %s=%s: exit %d: %s", cases[i].service,
                       cases[i].variable, cases[i].value, status, output);
+        if (strcmp(cases[i].value, "none") == 0)
+            ck_assert_msg(strstr(output, "must be a ZeroMQ endpoint") &&
+                              !strstr(output, "or none"),
+                          "%s=none: %s", cases[i].variable, output);
         free(output);
         unsetenv(cases[i].variable);
     }
