@@ -282,6 +282,8 @@ START_TEST(test_list_and_show)
     ck_assert_msg(shown != NULL, "%s", out);
     json_t *d = json_object_get(shown, "delivery");
     ck_assert_str_eq(json_string_value(json_object_get(d, "state")), "dead");
+    /* A dead letter is not sent again until retried: no next attempt. */
+    ck_assert(json_is_null(json_object_get(d, "next_attempt_at")));
     ck_assert_int_eq(json_integer_value(json_object_get(d, "payload_bytes")),
                      (json_int_t) strlen("{\"summary\":\"" CANARY "\"}"));
     ck_assert_ptr_null(json_object_get(d, "payload"));

@@ -327,7 +327,9 @@ static const char s_show_sql[] =
     " " S_TS("updated_at") " AS updated_at,"
     " " S_TS("sent_at") " AS sent_at,"
     " " S_TS("acked_at") " AS acked_at,"
-    " " S_TS("next_attempt_at") " AS next_attempt_at,"
+    /* when it goes out again: not at all, dead or acknowledged */
+    " " S_TS("CASE WHEN state IN ('pending', 'delivered')"
+             " THEN next_attempt_at END") " AS next_attempt_at,"
     " " S_TS("escalated_at") " AS escalated_at,"
     " rules_version, encode(payload_hash, 'hex') AS payload_sha256,"
     " payload_bytes"
