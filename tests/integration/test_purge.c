@@ -403,6 +403,8 @@ START_TEST(test_urgent_dead_letter_kept_until_escalated)
     ck_assert_int_eq(
         KHTEST_CTL(&out, "purge", "--older-than", "365", "--dry-run"), 0);
     ck_assert_msg(strstr(out, "kept 4 referrals"), "%s", out);
+    ck_assert_msg(strstr(out, "dead letter to retry or to escalate"), "%s",
+                  out);
     free(out);
     ck_assert_int_eq(KHTEST_CTL(&out, "purge", "--older-than", "365"), 0);
     free(out);

@@ -301,8 +301,10 @@ static void s_report(const char *cutoff, bool dry_run, bool json,
            counts->deliveries,
            counts->deliveries == 1 ? "delivery" : "deliveries", cutoff);
     if (counts->kept)
-        printf("kept %ld %s accepted before %s: still in work\n", counts->kept,
-               counts->kept == 1 ? "referral" : "referrals", cutoff);
+        printf("kept %ld %s accepted before %s: still in work, or holding a "
+               "dead letter to retry or to escalate\n",
+               counts->kept, counts->kept == 1 ? "referral" : "referrals",
+               cutoff);
     if (counts->busy)
         printf("left %ld done %s: held by another transaction, or done "
                "only since the purge began; run it again\n",
