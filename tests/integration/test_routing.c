@@ -736,6 +736,30 @@ START_TEST(a_database_away_is_tried_ever_more_slowly)
 }
 END_TEST
 
+/* Routing started before the migrations (a fresh deployment whose
+ * migrate job is still running): it waits for its tables as it waits for
+ * the database, instead of exiting, and starts once they are there. */
+START_TEST(started_before_the_migrations_it_waits_for_them)
+{
+    khtest_db_exec(s_db, "ALTER TABLE referrals RENAME TO referrals_later", 0,
+                   NULL);
+    pid_t pid = s_start(s_endpoint(), NULL, 20, "routing.log");
+    bool waited = s_log_has("routing.log", "sqlstate 42P01", 10000);
+    usleep(500 * 1000);
+    bool alive =
+        kill(pid, 0) == 0 && !s_log_has("routing.log", "event=start_failed", 0);
+    khtest_db_exec(s_db, "ALTER TABLE referrals_later RENAME TO referrals", 0,
+                   NULL);
+    ck_assert_msg(waited && alive, "see %s", s_path("routing.log"));
+    ck_assert(s_log_has("routing.log", "event=ready", 15000));
+    long deliveries = s_insert_many(2);
+    ck_assert(s_wait_count(S_ROUTED, 2, 15000));
+    int status = khproc_stop(pid, SIGTERM, 5000);
+    ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    s_assert_routed_once(2, deliveries);
+}
+END_TEST
+
 /* A rules file replaced by a FIFO (or anything that is not a regular
  * file): the reload is refused at once and audited, routing goes on by the
  * old rules instead of waiting for a writer that never comes. */
@@ -1121,6 +1145,7 @@ int main(void)
     tcase_add_checked_fixture(away, s_setup, s_teardown);
     tcase_set_timeout(away, 60);
     tcase_add_test(away, a_database_away_is_tried_ever_more_slowly);
+    tcase_add_test(away, started_before_the_migrations_it_waits_for_them);
     suite_add_tcase(suite, away);
     return khtest_run_suite(suite);
 }
