@@ -204,6 +204,22 @@ static int s_row(PGconn *conn, const char *sql, json_t *obj,
     "  WHERE action = 'referral.routed'"                                       \
     "  ORDER BY seq DESC LIMIT 1) ORDER BY at DESC LIMIT 1) r"
 
+/* A reload refused since the rules in force were loaded: routing kept
+ * them (the failure names the version it kept), and the file on disk is
+ * not what routes. Once a reload succeeds, or routing starts with a file
+ * that routes by another version, it is no longer news. */
+/* clang-format off */
+static const char s_refused_sql[] =
+    "SELECT " S_TS("f.at") ", f.reason_code, coalesce(f.reason_path, '')"
+    " FROM audit_trail f"
+    " WHERE f.action = 'rules.reload_failed'"
+    "  AND f.rules_version = (SELECT rules_version FROM " S_IN_FORCE ")"
+    "  AND NOT EXISTS (SELECT 1 FROM audit_trail o"
+    "   WHERE o.action = 'rules.reloaded' AND o.outcome = 'ok'"
+    "    AND o.at > f.at)"
+    " ORDER BY f.at DESC LIMIT 1";
+/* clang-format on */
+
 /* The database part: {"reachable", ...} and the partners' backlog. */
 static json_t *s_database(json_t **partners)
 {
@@ -231,24 +247,7 @@ static json_t *s_database(json_t **partners)
     int rc =
         s_row(conn, "SELECT rules_version, " S_TS("at") " FROM " S_IN_FORCE, db,
               k_rules, n_rules);
-    /* A reload refused since the rules in force were loaded: routing kept
-     * them (the failure names the version it kept), and the file on disk
-     * is not what routes. Once a reload succeeds, or routing starts with
-     * a file that routes by another version, it is no longer news. */
-    rc =
-        rc ? rc
-           : s_row(conn,
-                   "SELECT " S_TS(
-                       "f.at") ", f.reason_code,"
-                               " coalesce(f.reason_path, '') FROM audit_trail f"
-                               " WHERE f.action = 'rules.reload_failed'"
-                               " AND f.rules_version = (SELECT rules_version "
-                               "FROM " S_IN_FORCE
-                               ") AND NOT EXISTS (SELECT 1 FROM audit_trail o"
-                               "  WHERE o.action = 'rules.reloaded' AND "
-                               "o.outcome = 'ok'"
-                               "  AND o.at > f.at) ORDER BY f.at DESC LIMIT 1",
-                   db, k_refused, n_refused);
+    rc = rc ? rc : s_row(conn, s_refused_sql, db, k_refused, n_refused);
     rc = rc ? rc
             : s_row(conn,
                     "SELECT (SELECT coalesce(max(seq), 0) FROM audit_trail),"
