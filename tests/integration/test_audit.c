@@ -1221,7 +1221,7 @@ START_TEST(auditor_options_are_checked_before_anything_runs)
     snprintf(pk_path, sizeof pk_path, "%s/hub-audit.pub", keys);
     kh_error_t err;
     ck_assert_int_eq(kh_trail_keygen(sk_path, pk_path, false, &err), 0);
-    S_REFUSED("from_checkpoint", "verify", "--public-key", pk_path,
+    S_REFUSED("--from-checkpoint 7", "verify", "--public-key", pk_path,
               "--from-checkpoint", "7");
     khtest_rmtree(keys);
     free(keys);

@@ -749,12 +749,15 @@ static int s_verify(int argc, char **argv)
     }
     free(pub);
     if (rc < 0) {
+        /* A seq that is no checkpoint is a bad option, not a finding: named
+         * as the option the auditor typed, like every other bad option. */
+        if (err.code == KH_E_NOT_FOUND &&
+            strcmp(err.path, "from_checkpoint") == 0)
+            return ctl_usage_error("audit verify: --from-checkpoint %" PRId64
+                                   " is no checkpoint of the trail",
+                                   from_cp);
         ctl_print_error(&err);
-        /* A seq that is no checkpoint is a bad option, not a finding. */
-        return err.code == KH_E_NOT_FOUND &&
-                       strcmp(err.path, "from_checkpoint") == 0
-                   ? CTL_USAGE
-                   : CTL_FAIL;
+        return CTL_FAIL;
     }
     return rc == 0 ? CTL_OK : CTL_FAIL;
 }
