@@ -598,9 +598,10 @@ void kh_trail_verifier_feed(kh_trail_verifier_t *self, int64_t seq,
     if (seq <= 0) {
         /* The sequence hands out 1 and up: an event at or below 0 was put
          * there by hand (a reader that starts after seq 0 would never see
-         * it). It is judged before any other, whatever its seal. */
-        if (ev)
-            self->report.events++;
+         * it). It is judged before any other, whatever its seal, and
+         * counted in the summary's range as in its count. */
+        if (ev && self->report.events++ == 0)
+            self->report.first_seq = seq;
         s_find(self, KH_TRAIL_INSERTED, seq, 0,
                "seq %lld: %s at a seq the sequence never hands out",
                (long long) seq, ev ? "an event" : "a seal");
@@ -609,8 +610,9 @@ void kh_trail_verifier_feed(kh_trail_verifier_t *self, int64_t seq,
     int64_t before = self->last_row;
     self->last_row = seq;
     if (ev) {
-        self->report.events++;
-        if (!self->report.first_seq)
+        /* Count, not the seq, tells the first: an event inserted at seq 0
+         * may have come before. */
+        if (self->report.events++ == 0)
             self->report.first_seq = seq;
         self->report.last_seq = seq;
         self->last_event = seq;
@@ -632,7 +634,8 @@ void kh_trail_verifier_feed(kh_trail_verifier_t *self, int64_t seq,
     }
     if (seal && self->unsealed_at) {
         s_find(self, KH_TRAIL_INSERTED, self->unsealed_at, 0,
-               "seq %lld: an event without a seal below sealed ones",
+               "seq %lld: an event without a seal below sealed ones (an "
+               "event inserted, or its seal removed)",
                (long long) self->unsealed_at);
         return;
     }
@@ -706,10 +709,18 @@ int kh_trail_verifier_finish(kh_trail_verifier_t *self,
                                               self->cps[self->ncps - 1].cp.seq >
                                                   self->last_event))) {
         int64_t after = s_cp_at_or_below(self, self->last_event);
-        s_find(self, KH_TRAIL_TRUNCATED, self->last_event + 1, after,
-               "seq %lld: the trail ends early (after checkpoint at seq "
-               "%lld, sealed or signed events follow)",
-               (long long) self->last_event + 1, (long long) after);
+        /* No checkpoint at or below the last event: there is none to
+         * name (seq 0 is no checkpoint). */
+        if (after > 0)
+            s_find(self, KH_TRAIL_TRUNCATED, self->last_event + 1, after,
+                   "seq %lld: the trail ends early (after checkpoint at seq "
+                   "%lld, sealed or signed events follow)",
+                   (long long) self->last_event + 1, (long long) after);
+        else
+            s_find(self, KH_TRAIL_TRUNCATED, self->last_event + 1, after,
+                   "seq %lld: the trail ends early (before its first "
+                   "checkpoint, sealed or signed events follow)",
+                   (long long) self->last_event + 1);
     }
     const s_finding_t *f = &self->found;
     *report = self->report;

@@ -449,12 +449,17 @@ static int s_end_gone(kh_trail_report_t *report, int64_t to, int64_t last)
     report->kind = kind;
     report->seq = seq;
     report->other_seq = kind == KH_TRAIL_TRUNCATED ? report->signed_seq : 0;
-    if (kind == KH_TRAIL_TRUNCATED)
+    if (kind == KH_TRAIL_TRUNCATED && report->signed_seq > 0)
         snprintf(report->detail, sizeof report->detail,
                  "seq %lld: the export ends early (after checkpoint at seq "
                  "%lld; its header names the checkpoint at seq %lld)",
                  (long long) seq, (long long) report->signed_seq,
                  (long long) to);
+    else if (kind == KH_TRAIL_TRUNCATED)
+        snprintf(report->detail, sizeof report->detail,
+                 "seq %lld: the export ends early (before its first "
+                 "checkpoint; its header names the checkpoint at seq %lld)",
+                 (long long) seq, (long long) to);
     else
         snprintf(report->detail, sizeof report->detail,
                  "seq %lld: the checkpoint the export's header ends at is "
@@ -492,7 +497,8 @@ int kh_trail_file_verify(const char *path, const unsigned char *public_key,
     /* Without an anchor an event may stand at or below seq 0: the
      * verifier finds it inserted. */
     int64_t last = has_anchor ? anchor.seq : INT64_MIN;
-    bool in_events = false, eof = false;
+    bool in_events = false, eof = false, rows = false;
+    size_t checkpoints = 0;
     while (rc == 0) {
         json_t *o = s_next(&r, &eof, err);
         if (!o) {
@@ -517,8 +523,11 @@ int kh_trail_file_verify(const char *path, const unsigned char *public_key,
                                      "malformed checkpoint");
             else if (kh_trail_verifier_checkpoint(v, &cp, false) != 0)
                 rc = kh_error_set(err, KH_E_NOMEM, NULL, "out of memory");
-            else if (cp.seq == to)
-                has_end = true;
+            else {
+                checkpoints++;
+                if (cp.seq == to)
+                    has_end = true;
+            }
         } else if (rc == 0 && type && strcmp(type, "event") == 0) {
             kh_trail_event_t ev;
             char raw[3][32];
@@ -538,6 +547,7 @@ int kh_trail_file_verify(const char *path, const unsigned char *public_key,
                                      (long long) ev.seq, (long long) last);
             else {
                 last = ev.seq;
+                rows = true;
                 kh_trail_verifier_feed(v, ev.seq, &ev, has_seal ? seal : NULL);
             }
         } else if (rc == 0 && type && strcmp(type, "seal") == 0) {
@@ -560,6 +570,7 @@ int kh_trail_file_verify(const char *path, const unsigned char *public_key,
                                      (long long) seq, (long long) last);
             else {
                 last = seq;
+                rows = true;
                 kh_trail_verifier_feed(v, seq, NULL, seal);
             }
         } else if (rc == 0)
@@ -571,6 +582,17 @@ int kh_trail_file_verify(const char *path, const unsigned char *public_key,
         rc = kh_trail_verifier_finish(v, report);
     if (rc >= 0 && to > 0 && !has_end)
         rc = s_end_gone(report, to, last == INT64_MIN ? 0 : last);
+    /* Checkpoints and not one event or seal: most likely the checkpoints
+     * an auditor publishes (export --checkpoints-only), which are not a
+     * trail and verify nothing on their own. The finding stands (a trail
+     * cut to its checkpoints reads the same); the detail says what to do. */
+    if (rc == 1 && !rows && checkpoints > 0 &&
+        report->kind == KH_TRAIL_TRUNCATED) {
+        size_t used = strlen(report->detail);
+        snprintf(report->detail + used, sizeof report->detail - used,
+                 "; the file holds checkpoints only: give it to --published "
+                 "when verifying the database or an export");
+    }
     kh_trail_verifier_destroy(&v);
     s_close(&r);
     return rc;

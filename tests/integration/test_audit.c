@@ -2373,8 +2373,16 @@ START_TEST(an_event_below_the_sequence_is_found)
     " FROM audit_events WHERE seq = 1"
     s_sqlf(S_COPY_FIRST_AT, 0);
     s_expect_everywhere(KH_TRAIL_INSERTED, 0, cps, ncps);
+    /* The summary's range starts at it, as its count includes it (it
+     * said "31 events (seq 1..30)"). */
+    kh_trail_report_t r;
+    ck_assert_int_eq(s_verify(NULL, 0, &r), 1);
+    ck_assert_int_eq(r.events, 31);
+    ck_assert_int_eq(r.first_seq, 0);
     s_sqlf(S_COPY_FIRST_AT, -3);
     s_expect_everywhere(KH_TRAIL_INSERTED, -3, cps, ncps);
+    ck_assert_int_eq(s_verify(NULL, 0, &r), 1);
+    ck_assert_int_eq(r.first_seq, -3);
     free(cps);
 }
 END_TEST
@@ -2393,8 +2401,13 @@ START_TEST(a_seal_removed_or_rewritten_is_found_by_every_pass)
            "(15, 20)");
     s_sqlf("DELETE FROM audit_seals WHERE seq = 15");
     s_expect_everywhere(KH_TRAIL_INSERTED, 15, cps, ncps);
-    s_sqlf("INSERT INTO audit_seals SELECT * FROM kept WHERE seq = 15");
+    /* An event without a seal is an event inserted or a seal removed:
+     * the detail gives both readings, as for an event removed with its
+     * seal. */
     kh_trail_report_t r;
+    ck_assert_int_eq(s_verify(NULL, 0, &r), 1);
+    ck_assert_msg(strstr(r.detail, "seal removed") != NULL, "%s", r.detail);
+    s_sqlf("INSERT INTO audit_seals SELECT * FROM kept WHERE seq = 15");
     ck_assert_int_eq(s_verify(cps, ncps, &r), 0);
     s_sqlf("UPDATE audit_seals SET hash = sha256(hash) WHERE seq = 15");
     s_expect_everywhere(KH_TRAIL_ALTERED, 15, cps, ncps);
@@ -2405,6 +2418,37 @@ START_TEST(a_seal_removed_or_rewritten_is_found_by_every_pass)
     s_expect_everywhere(KH_TRAIL_INSERTED, 20, cps, ncps);
     s_sqlf("INSERT INTO audit_seals SELECT * FROM kept WHERE seq = 20");
     free(cps);
+}
+END_TEST
+
+/* The checkpoints an auditor publishes (export --checkpoints-only) hold
+ * no event: verified as an export they read as a trail cut before its
+ * first event. The finding stays (a trail cut to its checkpoints looks
+ * the same), but it named "checkpoint at seq 0", which does not exist,
+ * and did not say the file is for --published. */
+START_TEST(a_checkpoints_only_export_verified_says_what_it_is)
+{
+    kh_trail_checkpoint_t *cps = NULL;
+    s_sealed_thirty(&cps);
+    free(cps);
+    char *dir = khtest_tmpdir();
+    const char *path = khtest_path(dir, "checkpoints.jsonl");
+    FILE *f = fopen(path, "w");
+    ck_assert_ptr_nonnull(f);
+    kh_error_t err;
+    long count = 0;
+    ck_assert_int_eq(kh_trail_export(s_db, f, 1, 0, false, &count, &err), 0);
+    fclose(f);
+    kh_trail_report_t r;
+    ck_assert_int_eq(kh_trail_file_verify(path, s_pk, NULL, 0, &r, &err), 1);
+    ck_assert_int_eq(r.kind, KH_TRAIL_TRUNCATED);
+    ck_assert_int_eq(r.seq, 1);
+    ck_assert_msg(strstr(r.detail, "seq 0") == NULL, "%s", r.detail);
+    ck_assert_msg(strstr(r.detail, "before its first checkpoint") != NULL, "%s",
+                  r.detail);
+    ck_assert_msg(strstr(r.detail, "--published") != NULL, "%s", r.detail);
+    khtest_rmtree(dir);
+    free(dir);
 }
 END_TEST
 
@@ -2638,6 +2682,7 @@ int main(void)
     tcase_add_test(tc, database_ids_sort_with_the_services_ids);
     tcase_add_test(tc, an_event_below_the_sequence_is_found);
     tcase_add_test(tc, a_seal_removed_or_rewritten_is_found_by_every_pass);
+    tcase_add_test(tc, a_checkpoints_only_export_verified_says_what_it_is);
     tcase_add_test(tc, a_published_checkpoint_gone_from_the_database_is_found);
     tcase_add_test(tc, the_chain_is_over_utf8_whatever_the_session_encoding);
     suite_add_tcase(suite, tc);
