@@ -1176,6 +1176,50 @@ static int s_query_count(const char *const *args)
     s_query_count((const char *const[]){"audit", "query", "--format=json",     \
                                         "--limit=1000", __VA_ARGS__, NULL})
 
+/* `audit seal` says every checkpoint it wrote. Its round writes one by
+ * itself when none was made in the last minute (the first seal of a
+ * trail, or a hub whose audit service is down), and it said "sealed 25
+ * events" for that, also with --checkpoint, as if none had been signed. */
+START_TEST(audit_seal_says_each_checkpoint_it_wrote)
+{
+    char *conninfo = khtest_db_conninfo(S_DB);
+    setenv("KH_DATABASE_URL", conninfo, 1);
+    char *keys = khtest_tmpdir();
+    char sk_path[512];
+    snprintf(sk_path, sizeof sk_path, "%s/hub-audit.key", keys);
+    char pk_path[512];
+    snprintf(pk_path, sizeof pk_path, "%s/hub-audit.pub", keys);
+    kh_error_t err;
+    ck_assert_int_eq(kh_trail_keygen(sk_path, pk_path, false, &err), 0);
+    s_events_dense(25);
+    char *out = NULL;
+    int rc = S_AUDIT(&out, "seal", "--key", sk_path);
+    ck_assert_msg(rc == 0, "exit %d: %s", rc, out);
+    ck_assert_int_eq(
+        khtest_db_count(s_db, "SELECT count(*) FROM audit_checkpoints"), 1);
+    ck_assert_msg(strstr(out, "sealed 25 events, 1 checkpoint written") != NULL,
+                  "%s", out);
+    free(out);
+    /* Within the minute: the round writes none, --checkpoint does. */
+    s_events_dense(5);
+    rc = S_AUDIT(&out, "seal", "--key", sk_path);
+    ck_assert_msg(rc == 0, "exit %d: %s", rc, out);
+    ck_assert_msg(strstr(out, "sealed 5 events\n") != NULL, "%s", out);
+    free(out);
+    s_events_dense(5);
+    rc = S_AUDIT(&out, "seal", "--key", sk_path, "--checkpoint");
+    ck_assert_msg(rc == 0, "exit %d: %s", rc, out);
+    ck_assert_msg(strstr(out, "sealed 5 events, 1 checkpoint written") != NULL,
+                  "%s", out);
+    free(out);
+    ck_assert_int_eq(
+        khtest_db_count(s_db, "SELECT count(*) FROM audit_checkpoints"), 2);
+    khtest_rmtree(keys);
+    free(keys);
+    free(conninfo);
+}
+END_TEST
+
 START_TEST(auditor_options_are_checked_before_anything_runs)
 {
     char *conninfo = khtest_db_conninfo(S_DB);
@@ -2697,6 +2741,7 @@ int main(void)
     tcase_add_test(tc_auditor,
                    auditor_options_are_checked_before_anything_runs);
     tcase_add_test(tc_auditor, output_that_cannot_be_written_is_a_failure);
+    tcase_add_test(tc_auditor, audit_seal_says_each_checkpoint_it_wrote);
     tcase_add_test(tc_auditor, a_verify_that_cannot_be_recorded_is_a_failure);
     tcase_add_test(tc_auditor, report_counts_what_the_trail_says);
     tcase_add_test(tc_auditor, report_waits_count_from_the_first_send);

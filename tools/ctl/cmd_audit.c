@@ -202,10 +202,17 @@ static int s_seal(int argc, char **argv)
     int wrote = 0;
     if (n >= 0 && checkpoint)
         wrote = kh_trail_sealer_checkpoint(sealer, conn, &err);
+    /* The round writes a checkpoint by itself too (every 1000 events, and
+     * on its first seal since none was made in the last minute): say so
+     * whether or not --checkpoint asked for one. */
+    long cps = kh_trail_sealer_checkpoints_written(sealer);
     if (n < 0 || wrote < 0)
         ctl_print_error(&err);
+    else if (cps == 0)
+        printf("sealed %ld events\n", n);
     else
-        printf("sealed %ld events%s\n", n, wrote ? ", checkpoint written" : "");
+        printf("sealed %ld events, %ld checkpoint%s written\n", n, cps,
+               cps == 1 ? "" : "s");
     kh_trail_sealer_destroy(&sealer);
     PQfinish(conn);
     return n < 0 || wrote < 0 ? CTL_FAIL : CTL_OK;
