@@ -329,10 +329,24 @@ static int s_open(s_reader_t *r, const char *path,
     *to = rc == 0 ? json_integer_value(to_o) : 0;
     json_t *a = h ? json_object_get(h, "anchor") : NULL;
     *has_anchor = rc == 0 && a && json_is_object(a);
+    if (rc == 0 && !*has_anchor && !json_is_null(a))
+        rc = kh_error_set_at(err, KH_E_MALFORMED, path, 1, 0,
+                             "the header's anchor is neither a checkpoint "
+                             "nor null");
     if (*has_anchor && (!s_exactly(a, s_checkpoint_keys, 5, true) ||
                         s_checkpoint_from(a, anchor) != 0))
         rc = kh_error_set_at(err, KH_E_MALFORMED, path, 1, 0,
                              "malformed anchor");
+    /* from is the seq after the anchor, or 1: a file that said it starts
+     * at 5 and held events 1..4 verified intact. */
+    json_t *from_o = h ? json_object_get(h, "from") : NULL;
+    int64_t from = *has_anchor ? anchor->seq + 1 : 1;
+    if (rc == 0 &&
+        (!json_is_integer(from_o) || json_integer_value(from_o) != from))
+        rc = kh_error_set_at(err, KH_E_MALFORMED, path, 1, 0,
+                             "the header's from is not the seq after its "
+                             "anchor (%lld)",
+                             (long long) from);
     json_decref(h);
     if (rc != 0) {
         free(r->buf);

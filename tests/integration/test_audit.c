@@ -2586,6 +2586,70 @@ START_TEST(an_export_with_keys_of_its_own_is_refused)
 }
 END_TEST
 
+/* Copy the export src to dst with its header replaced by header. */
+static void s_replace_header(const char *src, const char *dst,
+                             const char *header)
+{
+    FILE *in = fopen(src, "r"), *out = fopen(dst, "w");
+    ck_assert_ptr_nonnull(in);
+    ck_assert_ptr_nonnull(out);
+    char buf[8192];
+    for (int n = 1; fgets(buf, sizeof buf, in); n++)
+        fputs(n == 1 ? header : buf, out);
+    fclose(in);
+    fclose(out);
+}
+
+/* The header's from is the seq after its anchor, or 1 (schemas/audit.md):
+ * a header that says the export starts at seq 5 while it holds events 1
+ * to 4 verified intact, and an anchor that is a number was read as none. */
+START_TEST(an_export_header_that_does_not_fit_its_anchor_is_refused)
+{
+    kh_trail_checkpoint_t *cps = NULL;
+    s_sealed_thirty(&cps);
+    free(cps);
+    char *dir = khtest_tmpdir();
+    char path[512], edited[512];
+    snprintf(path, sizeof path, "%s/trail.jsonl", dir);
+    snprintf(edited, sizeof edited, "%s/edited.jsonl", dir);
+    FILE *f = fopen(path, "w");
+    ck_assert_ptr_nonnull(f);
+    kh_error_t err;
+    long count = 0;
+    ck_assert_int_eq(kh_trail_export(s_db, f, 1, 0, true, &count, &err), 0);
+    fclose(f);
+    kh_trail_report_t r;
+    ck_assert_int_eq(kh_trail_file_verify(path, s_pk, NULL, 0, &r, &err), 0);
+    static const char *const headers[] = {
+        "{\"format\":\"ketenhub.trail.export.v1\",\"from\":5,\"to\":0,"
+        "\"anchor\":null}\n",
+        "{\"format\":\"ketenhub.trail.export.v1\",\"from\":1,\"to\":0,"
+        "\"anchor\":5}\n",
+        "{\"format\":\"ketenhub.trail.export.v1\",\"from\":\"1\",\"to\":0,"
+        "\"anchor\":null}\n",
+    };
+    for (size_t i = 0; i < sizeof headers / sizeof *headers; i++) {
+        s_replace_header(path, edited, headers[i]);
+        kh_error_clear(&err);
+        ck_assert_msg(kh_trail_file_verify(edited, s_pk, NULL, 0, &r, &err) ==
+                          -1,
+                      "verified with %s", headers[i]);
+        ck_assert_int_eq(err.code, KH_E_MALFORMED);
+        ck_assert_int_eq(err.line, 1);
+    }
+    /* An export from the checkpoint at seq 10 on starts at 11. */
+    unlink(path);
+    f = fopen(path, "w");
+    ck_assert_ptr_nonnull(f);
+    ck_assert_int_eq(kh_trail_export(s_db, f, 15, 0, true, &count, &err), 0);
+    fclose(f);
+    ck_assert_int_eq(kh_trail_file_verify(path, s_pk, NULL, 0, &r, &err), 0);
+    ck_assert_int_eq(r.first_seq, 11);
+    khtest_rmtree(dir);
+    free(dir);
+}
+END_TEST
+
 /* Copy the export src to dst without the checkpoint at seq cp and the
  * events and seals above seq last (0: keep them all). */
 static void s_cut_export(const char *src, const char *dst, int64_t cp,
@@ -2736,6 +2800,8 @@ int main(void)
     tcase_set_timeout(tc_auditor, 120);
     tcase_add_test(tc_auditor, an_export_is_verified_from_a_pipe);
     tcase_add_test(tc_auditor, an_export_with_keys_of_its_own_is_refused);
+    tcase_add_test(tc_auditor,
+                   an_export_header_that_does_not_fit_its_anchor_is_refused);
     tcase_add_test(tc_auditor,
                    an_export_cut_before_the_end_its_header_names_is_found);
     tcase_add_test(tc_auditor,
