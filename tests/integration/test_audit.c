@@ -1178,9 +1178,9 @@ static int s_query_count(const char *const *args)
 
 /* `audit seal` says every checkpoint it wrote. Its round writes one by
  * itself when none was made in the last minute (the first seal of a
- * trail, or a hub whose audit service is down), and it said "sealed 25
+ * trail, or a hub whose audit service is down), and it said "sealed 26
  * events" for that, also with --checkpoint, as if none had been signed. */
-START_TEST(audit_seal_says_each_checkpoint_it_wrote)
+START_TEST(audit_seal_verify_export_say_what_they_did)
 {
     char *conninfo = khtest_db_conninfo(S_DB);
     setenv("KH_DATABASE_URL", conninfo, 1);
@@ -1191,13 +1191,21 @@ START_TEST(audit_seal_says_each_checkpoint_it_wrote)
     snprintf(pk_path, sizeof pk_path, "%s/hub-audit.pub", keys);
     kh_error_t err;
     ck_assert_int_eq(kh_trail_keygen(sk_path, pk_path, false, &err), 0);
-    s_events_dense(25);
+    /* An empty trail has no range to print ("0 events (seq 0..0)" read
+     * as an event at seq 0). */
     char *out = NULL;
-    int rc = S_AUDIT(&out, "seal", "--key", sk_path);
+    int rc = S_AUDIT(&out, "verify", "--public-key", pk_path);
+    ck_assert_msg(rc == 0, "exit %d: %s", rc, out);
+    ck_assert_msg(strstr(out, "the database: 0 events, 0 sealed") != NULL, "%s",
+                  out);
+    free(out);
+    s_events_dense(25);
+    rc = S_AUDIT(&out, "seal", "--key", sk_path);
     ck_assert_msg(rc == 0, "exit %d: %s", rc, out);
     ck_assert_int_eq(
         khtest_db_count(s_db, "SELECT count(*) FROM audit_checkpoints"), 1);
-    ck_assert_msg(strstr(out, "sealed 25 events, 1 checkpoint written") != NULL,
+    /* The 25 and the verification's own trail.verified. */
+    ck_assert_msg(strstr(out, "sealed 26 events, 1 checkpoint written") != NULL,
                   "%s", out);
     free(out);
     /* Within the minute: the round writes none, --checkpoint does. */
@@ -1214,6 +1222,15 @@ START_TEST(audit_seal_says_each_checkpoint_it_wrote)
     free(out);
     ck_assert_int_eq(
         khtest_db_count(s_db, "SELECT count(*) FROM audit_checkpoints"), 2);
+    /* The checkpoints to publish: it said "exported 0 events with their
+     * checkpoints", as if the trail were empty. */
+    char cps_path[600];
+    snprintf(cps_path, sizeof cps_path, "%s/checkpoints.jsonl", keys);
+    rc = S_AUDIT(&out, "export", "--out", cps_path, "--checkpoints-only");
+    ck_assert_msg(rc == 0, "exit %d: %s", rc, out);
+    ck_assert_msg(strstr(out, "exported the checkpoints (no events)") != NULL,
+                  "%s", out);
+    free(out);
     khtest_rmtree(keys);
     free(keys);
     free(conninfo);
@@ -2807,7 +2824,7 @@ int main(void)
     tcase_add_test(tc_auditor,
                    auditor_options_are_checked_before_anything_runs);
     tcase_add_test(tc_auditor, output_that_cannot_be_written_is_a_failure);
-    tcase_add_test(tc_auditor, audit_seal_says_each_checkpoint_it_wrote);
+    tcase_add_test(tc_auditor, audit_seal_verify_export_say_what_they_did);
     tcase_add_test(tc_auditor, a_verify_that_cannot_be_recorded_is_a_failure);
     tcase_add_test(tc_auditor, report_counts_what_the_trail_says);
     tcase_add_test(tc_auditor, report_waits_count_from_the_first_send);

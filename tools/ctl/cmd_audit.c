@@ -645,7 +645,9 @@ static int s_export(int argc, char **argv)
     if (rc != 0) {
         ctl_print_error(&err);
         unlink(tmp);
-    } else
+    } else if (!events)
+        printf("exported the checkpoints (no events) to %s\n", out);
+    else
         printf("exported %ld events with their checkpoints to %s\n", count,
                out);
     PQfinish(conn);
@@ -656,11 +658,16 @@ static int s_export(int argc, char **argv)
 
 static void s_report(const kh_trail_report_t *r, const char *where)
 {
-    printf("verified %s: %" PRId64 " events (seq %" PRId64 "..%" PRId64
-           "), %" PRId64 " sealed, %" PRId64 " not yet sealed, %" PRId64
-           " checkpoints valid, signed up to seq %" PRId64 "\n",
-           where, r->events, r->first_seq, r->last_seq, r->sealed, r->unsealed,
-           r->checkpoints, r->signed_seq);
+    /* No events, no range: "(seq 0..0)" read as an event at seq 0. */
+    char range[64] = "";
+    if (r->events > 0)
+        snprintf(range, sizeof range, " (seq %" PRId64 "..%" PRId64 ")",
+                 r->first_seq, r->last_seq);
+    printf("verified %s: %" PRId64 " events%s, %" PRId64 " sealed, %" PRId64
+           " not yet sealed, %" PRId64 " checkpoints valid, signed up to seq "
+           "%" PRId64 "\n",
+           where, r->events, range, r->sealed, r->unsealed, r->checkpoints,
+           r->signed_seq);
     if (r->kind == KH_TRAIL_OK)
         printf("intact\n");
     else
