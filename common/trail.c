@@ -634,8 +634,8 @@ void kh_trail_verifier_feed(kh_trail_verifier_t *self, int64_t seq,
     }
     if (seal && self->unsealed_at) {
         s_find(self, KH_TRAIL_INSERTED, self->unsealed_at, 0,
-               "seq %lld: an event without a seal below sealed ones (an "
-               "event inserted, or its seal removed)",
+               "seq %lld: an event without a seal below sealed ones: an "
+               "event inserted, or its seal removed",
                (long long) self->unsealed_at);
         return;
     }
