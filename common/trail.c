@@ -423,6 +423,21 @@ static bool s_judging(const kh_trail_verifier_t *self)
            self->found.kind == KH_TRAIL_BAD_SIGNATURE;
 }
 
+/* The detail of a bad signature on cp: a published checkpoint only (an
+ * auditor's copy altered or forged, the trail's own may be sound) is
+ * named so. */
+static void s_bad_signature_detail(kh_trail_verifier_t *self,
+                                   const kh_trail_checkpoint_t *cp,
+                                   bool published)
+{
+    snprintf(self->found.detail, sizeof self->found.detail,
+             "%scheckpoint at seq %lld: %s", published ? "published " : "",
+             (long long) cp->seq,
+             memcmp(cp->public_key, self->public_key, KH_TRAIL_PUBLIC_KEY_SIZE)
+                 ? "signed by another key"
+                 : "signature does not verify");
+}
+
 int kh_trail_verifier_checkpoint(kh_trail_verifier_t *self,
                                  const kh_trail_checkpoint_t *cp,
                                  bool published)
@@ -430,7 +445,12 @@ int kh_trail_verifier_checkpoint(kh_trail_verifier_t *self,
     for (size_t i = 0; i < self->ncps; i++)
         if (self->cps[i].cp.seq == cp->seq &&
             memcmp(&self->cps[i].cp, cp, sizeof *cp) == 0) {
-            /* The same checkpoint from both sources. */
+            /* The same checkpoint from both sources. A bad signature
+             * found on the published copy is the trail's too. */
+            if (!published && self->cps[i].absent && !self->cps[i].valid &&
+                self->found.kind == KH_TRAIL_BAD_SIGNATURE &&
+                self->found.seq == cp->seq)
+                s_bad_signature_detail(self, cp, false);
             self->cps[i].absent = self->cps[i].absent && published;
             return 0;
         }
@@ -448,13 +468,13 @@ int kh_trail_verifier_checkpoint(kh_trail_verifier_t *self,
     /* Judged when the chain reaches its seq (s_checkpoint_at), so that a
      * problem with an event below it is named first. */
     slot->absent = published;
-    if (!slot->valid)
-        s_find(
-            self, KH_TRAIL_BAD_SIGNATURE, cp->seq, 0,
-            "checkpoint at seq %lld: %s", (long long) cp->seq,
-            memcmp(cp->public_key, self->public_key, KH_TRAIL_PUBLIC_KEY_SIZE)
-                ? "signed by another key"
-                : "signature does not verify");
+    if (!slot->valid) {
+        /* s_find keeps an earlier finding; an empty detail says it took
+         * this one (every finding has words). */
+        s_find(self, KH_TRAIL_BAD_SIGNATURE, cp->seq, 0, "%s", "");
+        if (self->found.detail[0] == '\0')
+            s_bad_signature_detail(self, cp, published);
+    }
     self->sorted = false;
     return 0;
 }

@@ -2513,6 +2513,36 @@ START_TEST(a_checkpoints_only_export_verified_says_what_it_is)
 }
 END_TEST
 
+/* A published checkpoint whose signature fails, while the trail's own
+ * copy is sound: the auditor's copy was altered (or forged), not the
+ * trail, and the detail says which. A checkpoint the trail holds as
+ * published and that fails is the trail's. */
+START_TEST(a_bad_published_checkpoint_is_named_as_published)
+{
+    kh_trail_checkpoint_t *cps = NULL;
+    size_t ncps = s_sealed_thirty(&cps);
+    cps[0].signature[0] ^= 1;
+    kh_trail_report_t r;
+    ck_assert_int_eq(s_verify(cps, ncps, &r), 1);
+    ck_assert_int_eq(r.kind, KH_TRAIL_BAD_SIGNATURE);
+    ck_assert_int_eq(r.seq, 10);
+    ck_assert_msg(strncmp(r.detail, "published checkpoint at seq 10", 30) == 0,
+                  "%s", r.detail);
+    cps[0].signature[0] ^= 1;
+    khtest_db_exec(s_db, "ALTER TABLE audit_checkpoints DISABLE TRIGGER USER",
+                   0, NULL);
+    s_sqlf("UPDATE audit_checkpoints SET signature = set_byte(signature, 0,"
+           " get_byte(signature, 0) # 1) WHERE seq = 10");
+    for (int with = 0; with < 2; with++) {
+        ck_assert_int_eq(s_verify(with ? cps : NULL, with ? ncps : 0, &r), 1);
+        ck_assert_int_eq(r.kind, KH_TRAIL_BAD_SIGNATURE);
+        ck_assert_msg(strncmp(r.detail, "checkpoint at seq 10", 20) == 0, "%s",
+                      r.detail);
+    }
+    free(cps);
+}
+END_TEST
+
 /* A checkpoint the auditor published, removed from the database: the
  * events still match it, but the trail's own checkpoints were cut, and
  * verification with the published ones says so. */
@@ -2808,6 +2838,7 @@ int main(void)
     tcase_add_test(tc, an_event_below_the_sequence_is_found);
     tcase_add_test(tc, a_seal_removed_or_rewritten_is_found_by_every_pass);
     tcase_add_test(tc, a_checkpoints_only_export_verified_says_what_it_is);
+    tcase_add_test(tc, a_bad_published_checkpoint_is_named_as_published);
     tcase_add_test(tc, a_published_checkpoint_gone_from_the_database_is_found);
     tcase_add_test(tc, the_chain_is_over_utf8_whatever_the_session_encoding);
     suite_add_tcase(suite, tc);
