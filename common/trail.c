@@ -423,6 +423,21 @@ static bool s_judging(const kh_trail_verifier_t *self)
            self->found.kind == KH_TRAIL_BAD_SIGNATURE;
 }
 
+/* The detail of a bad signature on cp: a published checkpoint only (an
+ * auditor's copy altered or forged, the trail's own may be sound) is
+ * named so. */
+static void s_bad_signature_detail(kh_trail_verifier_t *self,
+                                   const kh_trail_checkpoint_t *cp,
+                                   bool published)
+{
+    snprintf(self->found.detail, sizeof self->found.detail,
+             "%scheckpoint at seq %lld: %s", published ? "published " : "",
+             (long long) cp->seq,
+             memcmp(cp->public_key, self->public_key, KH_TRAIL_PUBLIC_KEY_SIZE)
+                 ? "signed by another key"
+                 : "signature does not verify");
+}
+
 int kh_trail_verifier_checkpoint(kh_trail_verifier_t *self,
                                  const kh_trail_checkpoint_t *cp,
                                  bool published)
@@ -430,7 +445,12 @@ int kh_trail_verifier_checkpoint(kh_trail_verifier_t *self,
     for (size_t i = 0; i < self->ncps; i++)
         if (self->cps[i].cp.seq == cp->seq &&
             memcmp(&self->cps[i].cp, cp, sizeof *cp) == 0) {
-            /* The same checkpoint from both sources. */
+            /* The same checkpoint from both sources. A bad signature
+             * found on the published copy is the trail's too. */
+            if (!published && self->cps[i].absent && !self->cps[i].valid &&
+                self->found.kind == KH_TRAIL_BAD_SIGNATURE &&
+                self->found.seq == cp->seq)
+                s_bad_signature_detail(self, cp, false);
             self->cps[i].absent = self->cps[i].absent && published;
             return 0;
         }
@@ -448,13 +468,13 @@ int kh_trail_verifier_checkpoint(kh_trail_verifier_t *self,
     /* Judged when the chain reaches its seq (s_checkpoint_at), so that a
      * problem with an event below it is named first. */
     slot->absent = published;
-    if (!slot->valid)
-        s_find(
-            self, KH_TRAIL_BAD_SIGNATURE, cp->seq, 0,
-            "checkpoint at seq %lld: %s", (long long) cp->seq,
-            memcmp(cp->public_key, self->public_key, KH_TRAIL_PUBLIC_KEY_SIZE)
-                ? "signed by another key"
-                : "signature does not verify");
+    if (!slot->valid) {
+        /* s_find keeps an earlier finding; an empty detail says it took
+         * this one (every finding has words). */
+        s_find(self, KH_TRAIL_BAD_SIGNATURE, cp->seq, 0, "%s", "");
+        if (self->found.detail[0] == '\0')
+            s_bad_signature_detail(self, cp, published);
+    }
     self->sorted = false;
     return 0;
 }
@@ -598,9 +618,10 @@ void kh_trail_verifier_feed(kh_trail_verifier_t *self, int64_t seq,
     if (seq <= 0) {
         /* The sequence hands out 1 and up: an event at or below 0 was put
          * there by hand (a reader that starts after seq 0 would never see
-         * it). It is judged before any other, whatever its seal. */
-        if (ev)
-            self->report.events++;
+         * it). It is judged before any other, whatever its seal, and
+         * counted in the summary's range as in its count. */
+        if (ev && self->report.events++ == 0)
+            self->report.first_seq = seq;
         s_find(self, KH_TRAIL_INSERTED, seq, 0,
                "seq %lld: %s at a seq the sequence never hands out",
                (long long) seq, ev ? "an event" : "a seal");
@@ -609,8 +630,9 @@ void kh_trail_verifier_feed(kh_trail_verifier_t *self, int64_t seq,
     int64_t before = self->last_row;
     self->last_row = seq;
     if (ev) {
-        self->report.events++;
-        if (!self->report.first_seq)
+        /* Count, not the seq, tells the first: an event inserted at seq 0
+         * may have come before. */
+        if (self->report.events++ == 0)
             self->report.first_seq = seq;
         self->report.last_seq = seq;
         self->last_event = seq;
@@ -632,7 +654,8 @@ void kh_trail_verifier_feed(kh_trail_verifier_t *self, int64_t seq,
     }
     if (seal && self->unsealed_at) {
         s_find(self, KH_TRAIL_INSERTED, self->unsealed_at, 0,
-               "seq %lld: an event without a seal below sealed ones",
+               "seq %lld: an event without a seal below sealed ones: an "
+               "event inserted, or its seal removed",
                (long long) self->unsealed_at);
         return;
     }
@@ -706,10 +729,18 @@ int kh_trail_verifier_finish(kh_trail_verifier_t *self,
                                               self->cps[self->ncps - 1].cp.seq >
                                                   self->last_event))) {
         int64_t after = s_cp_at_or_below(self, self->last_event);
-        s_find(self, KH_TRAIL_TRUNCATED, self->last_event + 1, after,
-               "seq %lld: the trail ends early (after checkpoint at seq "
-               "%lld, sealed or signed events follow)",
-               (long long) self->last_event + 1, (long long) after);
+        /* No checkpoint at or below the last event: there is none to
+         * name (seq 0 is no checkpoint). */
+        if (after > 0)
+            s_find(self, KH_TRAIL_TRUNCATED, self->last_event + 1, after,
+                   "seq %lld: the trail ends early (after checkpoint at seq "
+                   "%lld, sealed or signed events follow)",
+                   (long long) self->last_event + 1, (long long) after);
+        else
+            s_find(self, KH_TRAIL_TRUNCATED, self->last_event + 1, after,
+                   "seq %lld: the trail ends early (before its first "
+                   "checkpoint, sealed or signed events follow)",
+                   (long long) self->last_event + 1);
     }
     const s_finding_t *f = &self->found;
     *report = self->report;

@@ -734,6 +734,7 @@ struct kh_trail_sealer_t {
     int64_t pending_since; /* when the pending bound was taken (µs) */
     int64_t cp_seq;        /* last checkpoint */
     int64_t cp_at_us;      /* when it was made (0: none) */
+    long written;          /* checkpoints this sealer wrote and committed */
 };
 
 kh_trail_sealer_t *kh_trail_sealer_new(const unsigned char *secret_key,
@@ -1048,6 +1049,9 @@ long kh_trail_sealer_step(kh_trail_sealer_t *self, PGconn *conn,
                           long *checkpoints, kh_error_t *err)
 {
     long sealed = 0;
+    /* Counted per round and added once committed: a round that fails
+     * rolls its checkpoints back. */
+    long cps = 0;
     if (checkpoints)
         *checkpoints = 0;
     if (self->pending) {
@@ -1055,25 +1059,37 @@ long kh_trail_sealer_step(kh_trail_sealer_t *self, PGconn *conn,
         if (final < 0)
             return -1;
         if (final) {
-            sealed = s_seal(self, conn, self->bound, checkpoints, err);
+            long round = 0;
+            sealed = s_seal(self, conn, self->bound, &round, err);
             if (sealed < 0)
                 return -1;
+            cps += round;
+            self->written += round;
             self->pending = false;
         }
     }
     if (!self->pending) {
         if (s_take_bound(self, conn, err) != 0)
-            return -1;
+            goto out;
         /* Nothing running: the bound is final at once. */
         if (strcmp(self->vxids, "{}") == 0) {
-            long more = s_seal(self, conn, self->bound, checkpoints, err);
+            long round = 0;
+            long more = s_seal(self, conn, self->bound, &round, err);
             if (more < 0)
-                return -1;
+                goto out;
+            cps += round;
+            self->written += round;
             sealed += more;
             self->pending = false;
         }
     }
+    if (checkpoints)
+        *checkpoints = cps;
     return sealed;
+out:
+    if (checkpoints)
+        *checkpoints = cps;
+    return -1;
 }
 
 long kh_trail_sealer_flush(kh_trail_sealer_t *self, PGconn *conn,
@@ -1136,5 +1152,11 @@ int kh_trail_sealer_checkpoint(kh_trail_sealer_t *self, PGconn *conn,
         kh_db_rollback_quietly(conn);
         return -1;
     }
+    self->written += wrote;
     return wrote;
+}
+
+long kh_trail_sealer_checkpoints_written(const kh_trail_sealer_t *self)
+{
+    return self->written;
 }

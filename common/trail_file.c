@@ -329,10 +329,24 @@ static int s_open(s_reader_t *r, const char *path,
     *to = rc == 0 ? json_integer_value(to_o) : 0;
     json_t *a = h ? json_object_get(h, "anchor") : NULL;
     *has_anchor = rc == 0 && a && json_is_object(a);
+    if (rc == 0 && !*has_anchor && !json_is_null(a))
+        rc = kh_error_set_at(err, KH_E_MALFORMED, path, 1, 0,
+                             "the header's anchor is neither a checkpoint "
+                             "nor null");
     if (*has_anchor && (!s_exactly(a, s_checkpoint_keys, 5, true) ||
                         s_checkpoint_from(a, anchor) != 0))
         rc = kh_error_set_at(err, KH_E_MALFORMED, path, 1, 0,
                              "malformed anchor");
+    /* from is the seq after the anchor, or 1: a file that said it starts
+     * at 5 and held events 1..4 verified intact. */
+    json_t *from_o = h ? json_object_get(h, "from") : NULL;
+    int64_t from = *has_anchor ? anchor->seq + 1 : 1;
+    if (rc == 0 &&
+        (!json_is_integer(from_o) || json_integer_value(from_o) != from))
+        rc = kh_error_set_at(err, KH_E_MALFORMED, path, 1, 0,
+                             "the header's from is not the seq after its "
+                             "anchor (%lld)",
+                             (long long) from);
     json_decref(h);
     if (rc != 0) {
         free(r->buf);
@@ -449,12 +463,17 @@ static int s_end_gone(kh_trail_report_t *report, int64_t to, int64_t last)
     report->kind = kind;
     report->seq = seq;
     report->other_seq = kind == KH_TRAIL_TRUNCATED ? report->signed_seq : 0;
-    if (kind == KH_TRAIL_TRUNCATED)
+    if (kind == KH_TRAIL_TRUNCATED && report->signed_seq > 0)
         snprintf(report->detail, sizeof report->detail,
                  "seq %lld: the export ends early (after checkpoint at seq "
                  "%lld; its header names the checkpoint at seq %lld)",
                  (long long) seq, (long long) report->signed_seq,
                  (long long) to);
+    else if (kind == KH_TRAIL_TRUNCATED)
+        snprintf(report->detail, sizeof report->detail,
+                 "seq %lld: the export ends early (before its first "
+                 "checkpoint; its header names the checkpoint at seq %lld)",
+                 (long long) seq, (long long) to);
     else
         snprintf(report->detail, sizeof report->detail,
                  "seq %lld: the checkpoint the export's header ends at is "
@@ -492,7 +511,8 @@ int kh_trail_file_verify(const char *path, const unsigned char *public_key,
     /* Without an anchor an event may stand at or below seq 0: the
      * verifier finds it inserted. */
     int64_t last = has_anchor ? anchor.seq : INT64_MIN;
-    bool in_events = false, eof = false;
+    bool in_events = false, eof = false, rows = false;
+    size_t checkpoints = 0;
     while (rc == 0) {
         json_t *o = s_next(&r, &eof, err);
         if (!o) {
@@ -517,8 +537,11 @@ int kh_trail_file_verify(const char *path, const unsigned char *public_key,
                                      "malformed checkpoint");
             else if (kh_trail_verifier_checkpoint(v, &cp, false) != 0)
                 rc = kh_error_set(err, KH_E_NOMEM, NULL, "out of memory");
-            else if (cp.seq == to)
-                has_end = true;
+            else {
+                checkpoints++;
+                if (cp.seq == to)
+                    has_end = true;
+            }
         } else if (rc == 0 && type && strcmp(type, "event") == 0) {
             kh_trail_event_t ev;
             char raw[3][32];
@@ -538,6 +561,7 @@ int kh_trail_file_verify(const char *path, const unsigned char *public_key,
                                      (long long) ev.seq, (long long) last);
             else {
                 last = ev.seq;
+                rows = true;
                 kh_trail_verifier_feed(v, ev.seq, &ev, has_seal ? seal : NULL);
             }
         } else if (rc == 0 && type && strcmp(type, "seal") == 0) {
@@ -560,6 +584,7 @@ int kh_trail_file_verify(const char *path, const unsigned char *public_key,
                                      (long long) seq, (long long) last);
             else {
                 last = seq;
+                rows = true;
                 kh_trail_verifier_feed(v, seq, NULL, seal);
             }
         } else if (rc == 0)
@@ -571,6 +596,17 @@ int kh_trail_file_verify(const char *path, const unsigned char *public_key,
         rc = kh_trail_verifier_finish(v, report);
     if (rc >= 0 && to > 0 && !has_end)
         rc = s_end_gone(report, to, last == INT64_MIN ? 0 : last);
+    /* Checkpoints and not one event or seal: most likely the checkpoints
+     * an auditor publishes (export --checkpoints-only), which are not a
+     * trail and verify nothing on their own. The finding stands (a trail
+     * cut to its checkpoints reads the same); the detail says what to do. */
+    if (rc == 1 && !rows && checkpoints > 0 &&
+        report->kind == KH_TRAIL_TRUNCATED) {
+        size_t used = strlen(report->detail);
+        snprintf(report->detail + used, sizeof report->detail - used,
+                 "; the file holds checkpoints only: give it to --published "
+                 "when verifying the database or an export");
+    }
     kh_trail_verifier_destroy(&v);
     s_close(&r);
     return rc;

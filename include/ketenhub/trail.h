@@ -162,7 +162,7 @@ typedef struct {
                         * an event gone with its seal, may be) wrong */
     int64_t other_seq; /* reordered: where the event is now; truncated:
                         * the checkpoint it follows (0: none) */
-    char detail[160];  /* one line for people */
+    char detail[384];  /* one line for people */
     /* Counts of what was checked. */
     int64_t events;      /* events read */
     int64_t sealed;      /* events whose seal matched */

@@ -87,6 +87,11 @@ long kh_trail_sealer_step(kh_trail_sealer_t *self, PGconn *conn,
 long kh_trail_sealer_flush(kh_trail_sealer_t *self, PGconn *conn,
                            int timeout_ms, kh_error_t *err);
 
+/* The checkpoints this sealer has written and committed since it was
+ * made, by its rounds (every checkpoint_every events, every
+ * checkpoint_ms) and by kh_trail_sealer_checkpoint. */
+long kh_trail_sealer_checkpoints_written(const kh_trail_sealer_t *self);
+
 /* How long (ms) the sealer has been waiting for transactions that were
  * running when it took its bound (0: not waiting). A long wait means a
  * long transaction holds events back from the seal: worth a warning. */

@@ -1176,6 +1176,67 @@ static int s_query_count(const char *const *args)
     s_query_count((const char *const[]){"audit", "query", "--format=json",     \
                                         "--limit=1000", __VA_ARGS__, NULL})
 
+/* `audit seal` says every checkpoint it wrote. Its round writes one by
+ * itself when none was made in the last minute (the first seal of a
+ * trail, or a hub whose audit service is down), and it said "sealed 26
+ * events" for that, also with --checkpoint, as if none had been signed. */
+START_TEST(audit_seal_verify_export_say_what_they_did)
+{
+    char *conninfo = khtest_db_conninfo(S_DB);
+    setenv("KH_DATABASE_URL", conninfo, 1);
+    char *keys = khtest_tmpdir();
+    char sk_path[512];
+    snprintf(sk_path, sizeof sk_path, "%s/hub-audit.key", keys);
+    char pk_path[512];
+    snprintf(pk_path, sizeof pk_path, "%s/hub-audit.pub", keys);
+    kh_error_t err;
+    ck_assert_int_eq(kh_trail_keygen(sk_path, pk_path, false, &err), 0);
+    /* An empty trail has no range to print ("0 events (seq 0..0)" read
+     * as an event at seq 0). */
+    char *out = NULL;
+    int rc = S_AUDIT(&out, "verify", "--public-key", pk_path);
+    ck_assert_msg(rc == 0, "exit %d: %s", rc, out);
+    ck_assert_msg(strstr(out, "the database: 0 events, 0 sealed") != NULL, "%s",
+                  out);
+    free(out);
+    s_events_dense(25);
+    rc = S_AUDIT(&out, "seal", "--key", sk_path);
+    ck_assert_msg(rc == 0, "exit %d: %s", rc, out);
+    ck_assert_int_eq(
+        khtest_db_count(s_db, "SELECT count(*) FROM audit_checkpoints"), 1);
+    /* The 25 and the verification's own trail.verified. */
+    ck_assert_msg(strstr(out, "sealed 26 events, 1 checkpoint written") != NULL,
+                  "%s", out);
+    free(out);
+    /* Within the minute: the round writes none, --checkpoint does. */
+    s_events_dense(5);
+    rc = S_AUDIT(&out, "seal", "--key", sk_path);
+    ck_assert_msg(rc == 0, "exit %d: %s", rc, out);
+    ck_assert_msg(strstr(out, "sealed 5 events\n") != NULL, "%s", out);
+    free(out);
+    s_events_dense(5);
+    rc = S_AUDIT(&out, "seal", "--key", sk_path, "--checkpoint");
+    ck_assert_msg(rc == 0, "exit %d: %s", rc, out);
+    ck_assert_msg(strstr(out, "sealed 5 events, 1 checkpoint written") != NULL,
+                  "%s", out);
+    free(out);
+    ck_assert_int_eq(
+        khtest_db_count(s_db, "SELECT count(*) FROM audit_checkpoints"), 2);
+    /* The checkpoints to publish: it said "exported 0 events with their
+     * checkpoints", as if the trail were empty. */
+    char cps_path[600];
+    snprintf(cps_path, sizeof cps_path, "%s/checkpoints.jsonl", keys);
+    rc = S_AUDIT(&out, "export", "--out", cps_path, "--checkpoints-only");
+    ck_assert_msg(rc == 0, "exit %d: %s", rc, out);
+    ck_assert_msg(strstr(out, "exported the checkpoints (no events)") != NULL,
+                  "%s", out);
+    free(out);
+    khtest_rmtree(keys);
+    free(keys);
+    free(conninfo);
+}
+END_TEST
+
 START_TEST(auditor_options_are_checked_before_anything_runs)
 {
     char *conninfo = khtest_db_conninfo(S_DB);
@@ -1221,7 +1282,7 @@ START_TEST(auditor_options_are_checked_before_anything_runs)
     snprintf(pk_path, sizeof pk_path, "%s/hub-audit.pub", keys);
     kh_error_t err;
     ck_assert_int_eq(kh_trail_keygen(sk_path, pk_path, false, &err), 0);
-    S_REFUSED("from_checkpoint", "verify", "--public-key", pk_path,
+    S_REFUSED("--from-checkpoint 7", "verify", "--public-key", pk_path,
               "--from-checkpoint", "7");
     khtest_rmtree(keys);
     free(keys);
@@ -2373,8 +2434,16 @@ START_TEST(an_event_below_the_sequence_is_found)
     " FROM audit_events WHERE seq = 1"
     s_sqlf(S_COPY_FIRST_AT, 0);
     s_expect_everywhere(KH_TRAIL_INSERTED, 0, cps, ncps);
+    /* The summary's range starts at it, as its count includes it (it
+     * said "31 events (seq 1..30)"). */
+    kh_trail_report_t r;
+    ck_assert_int_eq(s_verify(NULL, 0, &r), 1);
+    ck_assert_int_eq(r.events, 31);
+    ck_assert_int_eq(r.first_seq, 0);
     s_sqlf(S_COPY_FIRST_AT, -3);
     s_expect_everywhere(KH_TRAIL_INSERTED, -3, cps, ncps);
+    ck_assert_int_eq(s_verify(NULL, 0, &r), 1);
+    ck_assert_int_eq(r.first_seq, -3);
     free(cps);
 }
 END_TEST
@@ -2393,8 +2462,13 @@ START_TEST(a_seal_removed_or_rewritten_is_found_by_every_pass)
            "(15, 20)");
     s_sqlf("DELETE FROM audit_seals WHERE seq = 15");
     s_expect_everywhere(KH_TRAIL_INSERTED, 15, cps, ncps);
-    s_sqlf("INSERT INTO audit_seals SELECT * FROM kept WHERE seq = 15");
+    /* An event without a seal is an event inserted or a seal removed:
+     * the detail gives both readings, as for an event removed with its
+     * seal. */
     kh_trail_report_t r;
+    ck_assert_int_eq(s_verify(NULL, 0, &r), 1);
+    ck_assert_msg(strstr(r.detail, "seal removed") != NULL, "%s", r.detail);
+    s_sqlf("INSERT INTO audit_seals SELECT * FROM kept WHERE seq = 15");
     ck_assert_int_eq(s_verify(cps, ncps, &r), 0);
     s_sqlf("UPDATE audit_seals SET hash = sha256(hash) WHERE seq = 15");
     s_expect_everywhere(KH_TRAIL_ALTERED, 15, cps, ncps);
@@ -2404,6 +2478,67 @@ START_TEST(a_seal_removed_or_rewritten_is_found_by_every_pass)
     s_sqlf("DELETE FROM audit_seals WHERE seq = 20");
     s_expect_everywhere(KH_TRAIL_INSERTED, 20, cps, ncps);
     s_sqlf("INSERT INTO audit_seals SELECT * FROM kept WHERE seq = 20");
+    free(cps);
+}
+END_TEST
+
+/* The checkpoints an auditor publishes (export --checkpoints-only) hold
+ * no event: verified as an export they read as a trail cut before its
+ * first event. The finding stays (a trail cut to its checkpoints looks
+ * the same), but it named "checkpoint at seq 0", which does not exist,
+ * and did not say the file is for --published. */
+START_TEST(a_checkpoints_only_export_verified_says_what_it_is)
+{
+    kh_trail_checkpoint_t *cps = NULL;
+    s_sealed_thirty(&cps);
+    free(cps);
+    char *dir = khtest_tmpdir();
+    const char *path = khtest_path(dir, "checkpoints.jsonl");
+    FILE *f = fopen(path, "w");
+    ck_assert_ptr_nonnull(f);
+    kh_error_t err;
+    long count = 0;
+    ck_assert_int_eq(kh_trail_export(s_db, f, 1, 0, false, &count, &err), 0);
+    fclose(f);
+    kh_trail_report_t r;
+    ck_assert_int_eq(kh_trail_file_verify(path, s_pk, NULL, 0, &r, &err), 1);
+    ck_assert_int_eq(r.kind, KH_TRAIL_TRUNCATED);
+    ck_assert_int_eq(r.seq, 1);
+    ck_assert_msg(strstr(r.detail, "seq 0") == NULL, "%s", r.detail);
+    ck_assert_msg(strstr(r.detail, "before its first checkpoint") != NULL, "%s",
+                  r.detail);
+    ck_assert_msg(strstr(r.detail, "--published") != NULL, "%s", r.detail);
+    khtest_rmtree(dir);
+    free(dir);
+}
+END_TEST
+
+/* A published checkpoint whose signature fails, while the trail's own
+ * copy is sound: the auditor's copy was altered (or forged), not the
+ * trail, and the detail says which. A checkpoint the trail holds as
+ * published and that fails is the trail's. */
+START_TEST(a_bad_published_checkpoint_is_named_as_published)
+{
+    kh_trail_checkpoint_t *cps = NULL;
+    size_t ncps = s_sealed_thirty(&cps);
+    cps[0].signature[0] ^= 1;
+    kh_trail_report_t r;
+    ck_assert_int_eq(s_verify(cps, ncps, &r), 1);
+    ck_assert_int_eq(r.kind, KH_TRAIL_BAD_SIGNATURE);
+    ck_assert_int_eq(r.seq, 10);
+    ck_assert_msg(strncmp(r.detail, "published checkpoint at seq 10", 30) == 0,
+                  "%s", r.detail);
+    cps[0].signature[0] ^= 1;
+    khtest_db_exec(s_db, "ALTER TABLE audit_checkpoints DISABLE TRIGGER USER",
+                   0, NULL);
+    s_sqlf("UPDATE audit_checkpoints SET signature = set_byte(signature, 0,"
+           " get_byte(signature, 0) # 1) WHERE seq = 10");
+    for (int with = 0; with < 2; with++) {
+        ck_assert_int_eq(s_verify(with ? cps : NULL, with ? ncps : 0, &r), 1);
+        ck_assert_int_eq(r.kind, KH_TRAIL_BAD_SIGNATURE);
+        ck_assert_msg(strncmp(r.detail, "checkpoint at seq 10", 20) == 0, "%s",
+                      r.detail);
+    }
     free(cps);
 }
 END_TEST
@@ -2493,6 +2628,70 @@ START_TEST(an_export_with_keys_of_its_own_is_refused)
         ck_assert_int_eq(err.code, KH_E_MALFORMED);
         ck_assert_int_eq(err.line, edits[i].line);
     }
+    khtest_rmtree(dir);
+    free(dir);
+}
+END_TEST
+
+/* Copy the export src to dst with its header replaced by header. */
+static void s_replace_header(const char *src, const char *dst,
+                             const char *header)
+{
+    FILE *in = fopen(src, "r"), *out = fopen(dst, "w");
+    ck_assert_ptr_nonnull(in);
+    ck_assert_ptr_nonnull(out);
+    char buf[8192];
+    for (int n = 1; fgets(buf, sizeof buf, in); n++)
+        fputs(n == 1 ? header : buf, out);
+    fclose(in);
+    fclose(out);
+}
+
+/* The header's from is the seq after its anchor, or 1 (schemas/audit.md):
+ * a header that says the export starts at seq 5 while it holds events 1
+ * to 4 verified intact, and an anchor that is a number was read as none. */
+START_TEST(an_export_header_that_does_not_fit_its_anchor_is_refused)
+{
+    kh_trail_checkpoint_t *cps = NULL;
+    s_sealed_thirty(&cps);
+    free(cps);
+    char *dir = khtest_tmpdir();
+    char path[512], edited[512];
+    snprintf(path, sizeof path, "%s/trail.jsonl", dir);
+    snprintf(edited, sizeof edited, "%s/edited.jsonl", dir);
+    FILE *f = fopen(path, "w");
+    ck_assert_ptr_nonnull(f);
+    kh_error_t err;
+    long count = 0;
+    ck_assert_int_eq(kh_trail_export(s_db, f, 1, 0, true, &count, &err), 0);
+    fclose(f);
+    kh_trail_report_t r;
+    ck_assert_int_eq(kh_trail_file_verify(path, s_pk, NULL, 0, &r, &err), 0);
+    static const char *const headers[] = {
+        "{\"format\":\"ketenhub.trail.export.v1\",\"from\":5,\"to\":0,"
+        "\"anchor\":null}\n",
+        "{\"format\":\"ketenhub.trail.export.v1\",\"from\":1,\"to\":0,"
+        "\"anchor\":5}\n",
+        "{\"format\":\"ketenhub.trail.export.v1\",\"from\":\"1\",\"to\":0,"
+        "\"anchor\":null}\n",
+    };
+    for (size_t i = 0; i < sizeof headers / sizeof *headers; i++) {
+        s_replace_header(path, edited, headers[i]);
+        kh_error_clear(&err);
+        ck_assert_msg(kh_trail_file_verify(edited, s_pk, NULL, 0, &r, &err) ==
+                          -1,
+                      "verified with %s", headers[i]);
+        ck_assert_int_eq(err.code, KH_E_MALFORMED);
+        ck_assert_int_eq(err.line, 1);
+    }
+    /* An export from the checkpoint at seq 10 on starts at 11. */
+    unlink(path);
+    f = fopen(path, "w");
+    ck_assert_ptr_nonnull(f);
+    ck_assert_int_eq(kh_trail_export(s_db, f, 15, 0, true, &count, &err), 0);
+    fclose(f);
+    ck_assert_int_eq(kh_trail_file_verify(path, s_pk, NULL, 0, &r, &err), 0);
+    ck_assert_int_eq(r.first_seq, 11);
     khtest_rmtree(dir);
     free(dir);
 }
@@ -2638,6 +2837,8 @@ int main(void)
     tcase_add_test(tc, database_ids_sort_with_the_services_ids);
     tcase_add_test(tc, an_event_below_the_sequence_is_found);
     tcase_add_test(tc, a_seal_removed_or_rewritten_is_found_by_every_pass);
+    tcase_add_test(tc, a_checkpoints_only_export_verified_says_what_it_is);
+    tcase_add_test(tc, a_bad_published_checkpoint_is_named_as_published);
     tcase_add_test(tc, a_published_checkpoint_gone_from_the_database_is_found);
     tcase_add_test(tc, the_chain_is_over_utf8_whatever_the_session_encoding);
     suite_add_tcase(suite, tc);
@@ -2648,10 +2849,13 @@ int main(void)
     tcase_add_test(tc_auditor, an_export_is_verified_from_a_pipe);
     tcase_add_test(tc_auditor, an_export_with_keys_of_its_own_is_refused);
     tcase_add_test(tc_auditor,
+                   an_export_header_that_does_not_fit_its_anchor_is_refused);
+    tcase_add_test(tc_auditor,
                    an_export_cut_before_the_end_its_header_names_is_found);
     tcase_add_test(tc_auditor,
                    auditor_options_are_checked_before_anything_runs);
     tcase_add_test(tc_auditor, output_that_cannot_be_written_is_a_failure);
+    tcase_add_test(tc_auditor, audit_seal_verify_export_say_what_they_did);
     tcase_add_test(tc_auditor, a_verify_that_cannot_be_recorded_is_a_failure);
     tcase_add_test(tc_auditor, report_counts_what_the_trail_says);
     tcase_add_test(tc_auditor, report_waits_count_from_the_first_send);

@@ -202,10 +202,17 @@ static int s_seal(int argc, char **argv)
     int wrote = 0;
     if (n >= 0 && checkpoint)
         wrote = kh_trail_sealer_checkpoint(sealer, conn, &err);
+    /* The round writes a checkpoint by itself too (every 1000 events, and
+     * on its first seal since none was made in the last minute): say so
+     * whether or not --checkpoint asked for one. */
+    long cps = kh_trail_sealer_checkpoints_written(sealer);
     if (n < 0 || wrote < 0)
         ctl_print_error(&err);
+    else if (cps == 0)
+        printf("sealed %ld events\n", n);
     else
-        printf("sealed %ld events%s\n", n, wrote ? ", checkpoint written" : "");
+        printf("sealed %ld events, %ld checkpoint%s written\n", n, cps,
+               cps == 1 ? "" : "s");
     kh_trail_sealer_destroy(&sealer);
     PQfinish(conn);
     return n < 0 || wrote < 0 ? CTL_FAIL : CTL_OK;
@@ -638,7 +645,9 @@ static int s_export(int argc, char **argv)
     if (rc != 0) {
         ctl_print_error(&err);
         unlink(tmp);
-    } else
+    } else if (!events)
+        printf("exported the checkpoints (no events) to %s\n", out);
+    else
         printf("exported %ld events with their checkpoints to %s\n", count,
                out);
     PQfinish(conn);
@@ -649,11 +658,16 @@ static int s_export(int argc, char **argv)
 
 static void s_report(const kh_trail_report_t *r, const char *where)
 {
-    printf("verified %s: %" PRId64 " events (seq %" PRId64 "..%" PRId64
-           "), %" PRId64 " sealed, %" PRId64 " not yet sealed, %" PRId64
-           " checkpoints valid, signed up to seq %" PRId64 "\n",
-           where, r->events, r->first_seq, r->last_seq, r->sealed, r->unsealed,
-           r->checkpoints, r->signed_seq);
+    /* No events, no range: "(seq 0..0)" read as an event at seq 0. */
+    char range[64] = "";
+    if (r->events > 0)
+        snprintf(range, sizeof range, " (seq %" PRId64 "..%" PRId64 ")",
+                 r->first_seq, r->last_seq);
+    printf("verified %s: %" PRId64 " events%s, %" PRId64 " sealed, %" PRId64
+           " not yet sealed, %" PRId64 " checkpoints valid, signed up to seq "
+           "%" PRId64 "\n",
+           where, r->events, range, r->sealed, r->unsealed, r->checkpoints,
+           r->signed_seq);
     if (r->kind == KH_TRAIL_OK)
         printf("intact\n");
     else
@@ -749,12 +763,15 @@ static int s_verify(int argc, char **argv)
     }
     free(pub);
     if (rc < 0) {
+        /* A seq that is no checkpoint is a bad option, not a finding: named
+         * as the option the auditor typed, like every other bad option. */
+        if (err.code == KH_E_NOT_FOUND &&
+            strcmp(err.path, "from_checkpoint") == 0)
+            return ctl_usage_error("audit verify: --from-checkpoint %" PRId64
+                                   " is no checkpoint of the trail",
+                                   from_cp);
         ctl_print_error(&err);
-        /* A seq that is no checkpoint is a bad option, not a finding. */
-        return err.code == KH_E_NOT_FOUND &&
-                       strcmp(err.path, "from_checkpoint") == 0
-                   ? CTL_USAGE
-                   : CTL_FAIL;
+        return CTL_FAIL;
     }
     return rc == 0 ? CTL_OK : CTL_FAIL;
 }
