@@ -503,3 +503,10 @@ void kh_db_rollback_quietly(PGconn *conn)
     if (ts == PQTRANS_INTRANS || ts == PQTRANS_INERROR)
         PQclear(PQexec(conn, "ROLLBACK"));
 }
+
+int kh_db_retry_next(int last_ms)
+{
+    if (last_ms <= 0)
+        return KH_DB_RETRY_MIN_MS;
+    return last_ms >= KH_DB_RETRY_MAX_MS / 2 ? KH_DB_RETRY_MAX_MS : last_ms * 2;
+}

@@ -75,6 +75,15 @@ PGconn *kh_db_connect_async(kh_db_connecting_t **pending, const char *conninfo,
 /* How often a service's loop looks at an attempt under way (ms). */
 #define KH_DB_CONNECT_POLL_MS 10
 
+/* The wait before the next attempt to reach a database that is away,
+ * given the wait after the last failed one (0: this is the first):
+ * KH_DB_RETRY_MIN_MS, then twice the last, up to KH_DB_RETRY_MAX_MS. Each
+ * service waits so, with one warning per attempt, not one per poll, for
+ * as long as an outage lasts. */
+#define KH_DB_RETRY_MIN_MS 200
+#define KH_DB_RETRY_MAX_MS 5000
+int kh_db_retry_next(int last_ms);
+
 /* Give up the attempt *pending (accepts NULL; nulls the pointer): its
  * thread ends on its own and closes the connection it made, if any. */
 void kh_db_connect_abandon(kh_db_connecting_t **pending);

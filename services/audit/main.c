@@ -43,9 +43,6 @@ static kh_cfg_t s_config[] = {
 };
 #define S_CONFIG_COUNT (sizeof s_config / sizeof s_config[0])
 
-#define S_RETRY_MIN_MS 200  /* the first wait after a failed attempt */
-#define S_RETRY_MAX_MS 5000 /* the longest */
-
 /* What /readyz says while the service cannot seal (after "not ready: "). */
 #define S_FAULT_DB "database unreachable"
 #define S_FAULT_SEAL "sealing fails: see seal_failed in the log"
@@ -56,8 +53,7 @@ static kh_cfg_t s_config[] = {
 static void s_failed(int *retry_ms, struct timespec *failed_at)
 {
     if (failed_at->tv_sec)
-        *retry_ms =
-            *retry_ms * 2 > S_RETRY_MAX_MS ? S_RETRY_MAX_MS : *retry_ms * 2;
+        *retry_ms = kh_db_retry_next(*retry_ms);
     clock_gettime(CLOCK_MONOTONIC, failed_at);
 }
 
@@ -135,7 +131,7 @@ static int s_main(int argc, char **argv)
     const char *fault = S_FAULT_DB;
     /* Attempts to connect or to seal that fail come ever more slowly (and
      * are logged one by one), as in intake and routing: not one a poll. */
-    int retry_ms = S_RETRY_MIN_MS;
+    int retry_ms = KH_DB_RETRY_MIN_MS;
     struct timespec failed_at = {0, 0}; /* the last failed attempt */
     int rc = 0;
     while (running) {
@@ -168,7 +164,7 @@ static int s_main(int argc, char **argv)
                 else
                     kh_log_info("db_connected", NULL);
                 ready = true;
-                retry_ms = S_RETRY_MIN_MS;
+                retry_ms = KH_DB_RETRY_MIN_MS;
                 failed_at.tv_sec = failed_at.tv_nsec = 0;
             }
         }
@@ -199,7 +195,7 @@ static int s_main(int argc, char **argv)
             } else {
                 broken = false;
                 fault = NULL;
-                retry_ms = S_RETRY_MIN_MS;
+                retry_ms = KH_DB_RETRY_MIN_MS;
                 failed_at.tv_sec = failed_at.tv_nsec = 0;
                 if (n > 0 || cps > 0) {
                     kh_metric_add("trail_events_sealed_total", NULL,

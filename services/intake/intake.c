@@ -28,8 +28,9 @@
 #include "ketenhub/zap.h"
 #include "store.h"
 
+/* The first reconnect after the database went away comes sooner than
+ * kh_db_retry_next's first wait: partners are waiting for answers. */
 #define S_BACKOFF_MIN_MS 100
-#define S_BACKOFF_MAX_MS 5000
 #define S_UNKNOWN_KEY_RELOAD_MS 1000
 #define S_LINGER_MS 2000
 #define S_RCVHWM 64
@@ -314,9 +315,7 @@ static int s_reconnect(zloop_t *loop, int timer_id, void *arg)
         s_reconnect_in(self, KH_DB_CONNECT_POLL_MS);
         return 0;
     }
-    self->backoff_ms = self->backoff_ms * 2 > S_BACKOFF_MAX_MS
-                           ? S_BACKOFF_MAX_MS
-                           : self->backoff_ms * 2;
+    self->backoff_ms = kh_db_retry_next(self->backoff_ms);
     kh_log_warn("db_connect_failed", "code=%s path=%s retry_ms=%d msg=\"%s\"",
                 kh_error_name(err.code), err.path[0] ? err.path : "none",
                 self->backoff_ms, KH_LOG_Q(err.message));

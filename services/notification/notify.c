@@ -39,11 +39,6 @@
 #define S_AUTH_BURST 60.0      /* in all keys and addresses together */
 #define S_AUTH_UNAUDITED_LOG_MS 10000
 #define S_INTERNAL_DOMAIN "ketenhub-internal" /* ZAP domain of wake-ups */
-/* While the database is away, the ticks try to connect again after
- * 200 ms, then ever more slowly up to every 5 s: a warning per attempt,
- * not one per sweep (4 a second by default) for as long as it lasts. */
-#define S_RETRY_MIN_MS 200
-#define S_RETRY_MAX_MS 5000
 #define S_HELD_MAX (KH_WINDOW_MAX * 4) /* DELIVERs that lost their peer */
 #define S_CLAIM_ROWS 1024 /* deliveries one claim statement asks for */
 
@@ -1579,10 +1574,7 @@ static int s_on_tick(zloop_t *loop, int timer_id, void *arg)
             return 0; /* the database is away: not yet again */
         if (dstore_connect(self->store, &err)) {
             if (!dstore_connecting(self->store)) {
-                self->retry_ms = self->retry_ms == 0 ? S_RETRY_MIN_MS
-                                 : self->retry_ms * 2 > S_RETRY_MAX_MS
-                                     ? S_RETRY_MAX_MS
-                                     : self->retry_ms * 2;
+                self->retry_ms = kh_db_retry_next(self->retry_ms);
                 self->connect_after = zclock_mono() + self->retry_ms;
                 kh_log_warn("db_connect_failed",
                             "code=%s path=%s retry_ms=%d msg=\"%s\"",

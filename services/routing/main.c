@@ -123,7 +123,7 @@ static int s_main(int argc, char **argv)
      * until it answers or a SIGTERM comes. */
     routing_t *routing = routing_new(&config, &err);
     bool stopping = false;
-    for (int wait_ms = 200; routing && routing_start(routing, &err);) {
+    for (int wait_ms = 0; routing && routing_start(routing, &err);) {
         if (err.code != KH_E_UNAVAILABLE &&
             strcmp(err.sqlstate, "42P01") != 0) {
             routing_destroy(&routing);
@@ -131,10 +131,9 @@ static int s_main(int argc, char **argv)
         }
         int ms = KH_DB_CONNECT_POLL_MS; /* an attempt under way */
         if (!routing_connecting(routing)) {
+            ms = wait_ms = kh_db_retry_next(wait_ms);
             kh_log_warn("db_unavailable", "retry_ms=%d msg=\"%s\"", wait_ms,
                         KH_LOG_Q(err.message));
-            ms = wait_ms;
-            wait_ms = wait_ms < 2500 ? wait_ms * 2 : 5000;
         }
         struct pollfd pfd = {signal_fd, POLLIN, 0};
         if (poll(&pfd, 1, ms) > 0 &&

@@ -34,11 +34,6 @@
 #define S_WAKEUP_MAX (1024 * 1024) /* bytes of a wake-up message */
 #define S_MATCHED_MAX 4096         /* bytes of audit_events.rules_matched */
 #define S_ARENA_KEEP (256 * 1024)
-/* While the database is away, passes try to connect again after 200 ms,
- * then ever more slowly up to every 5 s, as at start: a warning per
- * attempt, not one per poll or wake-up for as long as the outage lasts. */
-#define S_RETRY_MIN_MS 200
-#define S_RETRY_MAX_MS 5000
 
 struct _routing_t {
     routing_config_t config;
@@ -481,10 +476,7 @@ static int s_pass(routing_t *self)
         return -1; /* the database is away: not yet again */
     if (s_connect(self, &err)) {
         if (!self->connecting) {
-            self->retry_ms = self->retry_ms == 0 ? S_RETRY_MIN_MS
-                             : self->retry_ms * 2 > S_RETRY_MAX_MS
-                                 ? S_RETRY_MAX_MS
-                                 : self->retry_ms * 2;
+            self->retry_ms = kh_db_retry_next(self->retry_ms);
             self->connect_after = zclock_mono() + self->retry_ms;
             kh_log_warn("db_unavailable", "retry_ms=%d msg=\"%s\"",
                         self->retry_ms, KH_LOG_Q(err.message));

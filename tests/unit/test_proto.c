@@ -12,6 +12,7 @@
 
 #include "ketenhub/codec.h"
 #include "ketenhub/config.h"
+#include "ketenhub/db.h"
 #include "ketenhub/log.h"
 #include "ketenhub/pgarray.h"
 #include "ketenhub/proto.h"
@@ -853,6 +854,46 @@ START_TEST(config_is_validated_as_a_whole)
 }
 END_TEST
 
+/* An endpoint that is bound must be one; one that a wake-up is sent to
+ * may be none. Only the second's error offers none. */
+START_TEST(only_a_wakeup_endpoint_may_be_none)
+{
+    kh_cfg_t table[] = {
+        KH_CFG("KH_T_BOUND", KH_CFG_ENDPOINT, "tcp://*:1", 0, 0, false, "b"),
+        KH_CFG("KH_T_WAKE", KH_CFG_ENDPOINT_OR_NONE, "none", 0, 0, false, "w"),
+    };
+    kh_error_t err;
+    setenv("KH_T_BOUND", "tcp://127.0.0.1:7701", 1);
+    setenv("KH_T_WAKE", "none", 1);
+    ck_assert_int_eq(kh_config_load(table, 2, &err), 0);
+    setenv("KH_T_WAKE", "tcp://127.0.0.1:0", 1);
+    ck_assert_int_eq(kh_config_load(table, 2, &err), -1);
+    ck_assert_str_eq(err.path, "KH_T_WAKE");
+    ck_assert_ptr_nonnull(strstr(err.message, ", or none"));
+    setenv("KH_T_WAKE", "none", 1);
+    setenv("KH_T_BOUND", "none", 1);
+    ck_assert_int_eq(kh_config_load(table, 2, &err), -1);
+    ck_assert_str_eq(err.path, "KH_T_BOUND");
+    ck_assert_ptr_null(strstr(err.message, "none"));
+    unsetenv("KH_T_BOUND");
+    unsetenv("KH_T_WAKE");
+}
+END_TEST
+
+/* The waits while the database is away: 200 ms, doubling, at most 5 s. */
+START_TEST(database_retries_wait_ever_longer_up_to_a_bound)
+{
+    int want[] = {200, 400, 800, 1600, 3200, 5000, 5000};
+    int wait = 0;
+    for (size_t i = 0; i < sizeof want / sizeof want[0]; i++) {
+        wait = kh_db_retry_next(wait);
+        ck_assert_int_eq(wait, want[i]);
+    }
+    ck_assert_int_eq(kh_db_retry_next(100), 200); /* intake's first */
+    ck_assert_int_eq(kh_db_retry_next(4999), 5000);
+}
+END_TEST
+
 int main(void)
 {
     Suite *suite = suite_create("proto");
@@ -878,6 +919,8 @@ int main(void)
     tcase_add_test(tc, payload_hash_ignores_key_order_not_content);
     tcase_add_test(tc, canonical_json_is_jansson_byte_for_byte);
     tcase_add_test(tc, config_is_validated_as_a_whole);
+    tcase_add_test(tc, only_a_wakeup_endpoint_may_be_none);
+    tcase_add_test(tc, database_retries_wait_ever_longer_up_to_a_bound);
     suite_add_tcase(suite, tc);
     return khtest_run_suite(suite);
 }
