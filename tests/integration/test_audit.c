@@ -800,13 +800,7 @@ static bool s_readyz(const char *health, int code, const char *text,
 /* Whether the test database takes new connections (those made stay). */
 static void s_allow_connections(bool allow)
 {
-    PGconn *admin = PQconnectdb(khtest_pg_conninfo());
-    ck_assert_int_eq(PQstatus(admin), CONNECTION_OK);
-    khtest_db_exec(admin,
-                   allow ? "ALTER DATABASE " S_DB " ALLOW_CONNECTIONS true"
-                         : "ALTER DATABASE " S_DB " ALLOW_CONNECTIONS false",
-                   0, NULL);
-    PQfinish(admin);
+    khtest_db_allow_connections(S_DB, allow);
 }
 
 /* The audit service started while its database refuses connections, then

@@ -1916,13 +1916,7 @@ static int s_log_count(const char *log, const char *text)
 /* Whether the test database takes new connections (those made stay). */
 static void s_allow_connections(bool allow)
 {
-    PGconn *admin = PQconnectdb(khtest_pg_conninfo());
-    ck_assert_int_eq(PQstatus(admin), CONNECTION_OK);
-    khtest_db_exec(admin,
-                   allow ? "ALTER DATABASE " S_DB " ALLOW_CONNECTIONS true"
-                         : "ALTER DATABASE " S_DB " ALLOW_CONNECTIONS false",
-                   0, NULL);
-    PQfinish(admin);
+    khtest_db_allow_connections(S_DB, allow);
 }
 
 /* A database that refuses connections for a while: notification tries

@@ -224,6 +224,17 @@ void khtest_db_exec(PGconn *conn, const char *sql, int nparams,
     PQclear(res);
 }
 
+void khtest_db_allow_connections(const char *name, bool allow)
+{
+    PGconn *admin = PQconnectdb(khtest_pg_conninfo());
+    ck_assert_int_eq(PQstatus(admin), CONNECTION_OK);
+    char sql[256];
+    snprintf(sql, sizeof sql, "ALTER DATABASE %s ALLOW_CONNECTIONS %s", name,
+             allow ? "true" : "false");
+    khtest_db_exec(admin, sql, 0, NULL);
+    PQfinish(admin);
+}
+
 void khtest_routed_referral(PGconn *conn, int n, char referral[37],
                             char payload[128], char hash[65])
 {

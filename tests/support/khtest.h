@@ -56,6 +56,10 @@ json_t *khtest_json(const char *text);
 void khtest_db_exec(PGconn *conn, const char *sql, int nparams,
                     const char *const *params);
 
+/* Whether database name takes new connections (those made stay): a
+ * database that is away, for the services' outage tests. */
+void khtest_db_allow_connections(const char *name, bool allow);
+
 /* A routed referral of veilig-thuis, number n (its idempotency key
  * "key-n"), as routing leaves it: a new id in referral, its payload
  * {"summary":"delivery n"} in payload and the payload's SHA-256 (hex) in
