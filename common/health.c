@@ -466,6 +466,11 @@ struct _kh_health_t {
 /* Monotonic ms of the loop's last beat: one service per process. */
 static atomic_llong s_beat_ms;
 
+/* The rules version the service routes by (kh_health_note_rules), read by
+ * the endpoint's thread. */
+static pthread_mutex_t s_rules_mutex = PTHREAD_MUTEX_INITIALIZER;
+static char s_rules_version[65];
+
 static long long s_now_ms(void)
 {
     struct timespec ts;
@@ -680,9 +685,15 @@ static enum MHD_Result s_handler(void *cls, struct MHD_Connection *connection,
         if (*why)
             return s_respond(connection, MHD_HTTP_SERVICE_UNAVAILABLE,
                              s_printf("not ready: %s\n", why), plain);
-        return s_respond(connection, MHD_HTTP_OK,
-                         s_printf("ready %s %s\n", self->service, KH_VERSION),
-                         plain);
+        char rules[72] = "";
+        pthread_mutex_lock(&s_rules_mutex);
+        if (*s_rules_version)
+            snprintf(rules, sizeof rules, " rules=%s", s_rules_version);
+        pthread_mutex_unlock(&s_rules_mutex);
+        return s_respond(
+            connection, MHD_HTTP_OK,
+            s_printf("ready %s %s%s\n", self->service, KH_VERSION, rules),
+            plain);
     }
     if (strcmp(url, "/metrics") == 0) {
         atomic_store(&self->scraped, true);
@@ -873,6 +884,14 @@ bool kh_health_db_up(const kh_health_t *self)
 void kh_health_beat(void)
 {
     atomic_store(&s_beat_ms, s_now_ms());
+}
+
+void kh_health_note_rules(const char *version)
+{
+    pthread_mutex_lock(&s_rules_mutex);
+    snprintf(s_rules_version, sizeof s_rules_version, "%s",
+             version ? version : "");
+    pthread_mutex_unlock(&s_rules_mutex);
 }
 
 static int s_on_beat(zloop_t *loop, int timer_id, void *arg)

@@ -134,6 +134,13 @@ bool kh_health_db_up(const kh_health_t *self);
  * without knowing whether an endpoint runs. */
 void kh_health_beat(void);
 
+/* The version of the rules the service routes by (routing, at start and
+ * at each reload), which /readyz then tells after the service's version:
+ * "ready routing VERSION rules=RULES_VERSION". One service per process,
+ * as for the beat; version is copied (at most 64 characters). NULL: none.
+ * Thread-safe. */
+void kh_health_note_rules(const char *version);
+
 /* Add a 1 s timer to loop that beats for it. 0, or -1. */
 int kh_health_attach(zloop_t *loop);
 

@@ -634,6 +634,7 @@ static void s_reload(routing_t *self)
     kh_rules_destroy(&self->rules);
     self->rules = rules;
     self->result = result;
+    kh_health_note_rules(kh_rules_version(rules));
     kh_log_info("rules_reloaded", "file=%s version=%s rules=%zu",
                 self->config.rules_file, kh_rules_version(rules),
                 kh_rules_count(rules));
@@ -910,6 +911,7 @@ int routing_start(routing_t *self, kh_error_t *err)
     self->result = kh_rules_result_new(self->rules);
     if (!self->result)
         return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
+    kh_health_note_rules(kh_rules_version(self->rules));
     return 0;
 }
 

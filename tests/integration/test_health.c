@@ -525,7 +525,48 @@ START_TEST(routing_and_notification_count_and_report_the_backlog)
     char *body = NULL;
     ck_assert_int_eq(s_get_at(routing_health, "/readyz", &body), 200);
     ck_assert_ptr_nonnull(strstr(body, "ready routing "));
+    /* It tells the rules version it routes by, and status shows it, also
+     * before the trail records any (nothing routed, nothing reloaded). */
+    const char *told = strstr(body, " rules=");
+    ck_assert_msg(told && strspn(told + 7, "0123456789abcdef") == 64, "%s",
+                  body);
+    char rules[65];
+    snprintf(rules, sizeof rules, "%.64s", told + 7);
     free(body);
+    json_t *doc = NULL;
+    s_status(routing_health, &doc);
+    json_t *svc;
+    size_t at;
+    const char *shown = NULL;
+    json_array_foreach(json_object_get(doc, "services"), at, svc)
+    {
+        if (strcmp(json_string_value(json_object_get(svc, "name")),
+                   "routing") == 0)
+            shown = json_string_value(json_object_get(svc, "rules_version"));
+    }
+    ck_assert_msg(shown && strcmp(shown, rules) == 0, "routing told %s",
+                  shown ? shown : "nothing");
+    json_decref(doc);
+    char *argv[] = {KH_TEST_BINARY_DIR "/tools/ctl/ketenhubctl",
+                    "status",
+                    "--intake",
+                    s_health,
+                    "--routing",
+                    routing_health,
+                    "--notification",
+                    "none",
+                    "--audit",
+                    "none",
+                    NULL};
+    char *text = NULL;
+    khtest_run(argv, &text);
+    char want[160];
+    snprintf(want, sizeof want,
+             "rules version     %s (loaded by routing, nothing routed by it "
+             "yet)",
+             rules);
+    ck_assert_msg(strstr(text, want), "%s", text);
+    free(text);
 
     kh_client_t *client = s_client();
     enum { N = 3 };

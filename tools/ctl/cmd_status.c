@@ -136,6 +136,11 @@ static json_t *s_probe(const s_service_t *svc)
         sscanf(body, "ready %63s %63s", service, version) == 2) {
         json_object_set_new(out, "state", json_string("up"));
         json_object_set_new(out, "version", json_string(version));
+        /* routing tells the rules version it routes by */
+        char rules[65];
+        const char *at = strstr(body, " rules=");
+        if (at && sscanf(at, " rules=%64s", rules) == 1)
+            json_object_set_new(out, "rules_version", json_string(rules));
         if (strcmp(service, svc->name) != 0)
             json_object_set_new(out, "detail",
                                 json_sprintf("answered as %s", service));
@@ -328,15 +333,23 @@ static void s_print_text(const json_t *doc)
     printf("services\n");
     size_t i;
     json_t *svc;
+    const char *loaded = NULL; /* the rules version routing tells */
     json_array_foreach(json_object_get(doc, "services"), i, svc)
     {
         const char *state = s_str(svc, "state", "down");
-        printf("  %-13s %-9s %-7s %-21s %s\n", s_str(svc, "name", ""),
+        const char *rules = s_str(svc, "rules_version", NULL);
+        if (rules && !loaded)
+            loaded = rules;
+        printf("  %-13s %-9s %-7s %-21s %s%s%s\n", s_str(svc, "name", ""),
                strcmp(state, "not_ready") == 0 ? "NOT READY"
                : strcmp(state, "down") == 0    ? "DOWN"
                                                : state,
                s_str(svc, "version", "-"), s_str(svc, "endpoint", ""),
-               s_str(svc, "detail", ""));
+               s_str(svc, "detail", ""),
+               !rules                      ? ""
+               : *s_str(svc, "detail", "") ? " rules "
+                                           : "rules ",
+               rules ? rules : "");
     }
     const json_t *db = json_object_get(doc, "database");
     if (!json_is_true(json_object_get(db, "reachable"))) {
@@ -349,7 +362,12 @@ static void s_print_text(const json_t *doc)
         return;
     }
     printf("database          reachable\n");
-    printf("rules version     %s", s_str(db, "rules_version", "-"));
+    if (json_object_get(db, "rules_version") || !loaded)
+        printf("rules version     %s", s_str(db, "rules_version", "-"));
+    else /* loaded at start, and nothing routed by it yet */
+        printf("rules version     %s (loaded by routing, nothing routed by it "
+               "yet)",
+               loaded);
     if (json_object_get(db, "rules_version_at"))
         printf("\n                  last used %s",
                s_str(db, "rules_version_at", ""));
