@@ -40,8 +40,11 @@
 -- ketenhub_notification held SELECT on referrals, which it never reads:
 -- it sends deliveries' payloads, and makes escalation copies from them.
 -- Routing reads referrals' payloads to route them, notification reads
--- deliveries': they keep their grants. The audit service's and the
--- auditors' roles hold nothing on either table.
+-- deliveries': they keep those grants. Routing held SELECT on all of
+-- deliveries too, and reads of them only the columns its insert's
+-- ON CONFLICT names (PostgreSQL asks SELECT on those): it keeps those.
+-- The audit service's and the auditors' roles hold nothing on either
+-- table.
 ALTER TABLE referrals
     ADD COLUMN payload_bytes integer
         GENERATED ALWAYS AS (octet_length(payload)) STORED;
@@ -97,3 +100,7 @@ GRANT SELECT (id, partner_id, idempotency_key, schema_version, payload_hash,
     ON referrals TO ketenhub_intake;
 
 REVOKE SELECT ON referrals FROM ketenhub_notification;
+
+REVOKE SELECT ON deliveries FROM ketenhub_routing;
+GRANT SELECT (referral_id, partner_id, escalation_of)
+    ON deliveries TO ketenhub_routing;

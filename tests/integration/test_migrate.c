@@ -811,6 +811,25 @@ START_TEST(test_services_hold_least_privilege)
     ck_assert_str_eq(
         s_as(conn, "ketenhub_routing", "UPDATE referrals SET payload = NULL"),
         "42501");
+    /* Routing writes deliveries, with the ON CONFLICT of its insert, and
+     * reads none of their payloads (022). */
+    ck_assert_str_eq(
+        s_as(
+            conn, "ketenhub_routing",
+            "INSERT INTO deliveries (id, referral_id, partner_id, priority,"
+            " payload, payload_hash, rules_version, escalate_to,"
+            " escalation_payload, escalation_payload_hash)"
+            " SELECT * FROM (VALUES (NULL::uuid, NULL::uuid, NULL::text,"
+            " NULL::text, NULL::bytea, NULL::bytea, NULL::text, NULL::text,"
+            " NULL::bytea, NULL::bytea)) v WHERE false"
+            " ON CONFLICT (referral_id, partner_id, escalation_of) DO NOTHING"),
+        "");
+    ck_assert_str_eq(
+        s_as(conn, "ketenhub_routing", "SELECT payload FROM deliveries"),
+        "42501");
+    ck_assert_str_eq(s_as(conn, "ketenhub_routing",
+                          "SELECT escalation_payload FROM deliveries"),
+                     "42501");
     ck_assert_str_eq(
         s_as(conn, "ketenhub_routing", "UPDATE referrals SET partner_id = 'x'"),
         "42501");
