@@ -339,20 +339,20 @@ static int s_open(s_reader_t *r, const char *path,
         rc = kh_error_set_at(err, KH_E_MALFORMED, path, 1, 0,
                              "malformed anchor");
     /* from is the seq after the anchor, or 1, as export writes it; the
-     * releases before wrote the first seq asked for, whose anchor was the
-     * last checkpoint below it, and their exports still verify. So from
-     * is at least the seq after the anchor (or 1), and no checkpoint of
-     * the file lies between the two (kh_trail_file_verify): a file that
-     * said it starts after a checkpoint it holds the events before of
-     * verified intact. */
+     * releases before wrote the first seq asked for (0 or more), whose
+     * anchor was the last checkpoint below it, and their exports still
+     * verify. So from is above the anchor (0 or more without one), and no
+     * checkpoint of the file lies between the two (kh_trail_file_verify):
+     * a file that said it starts after a checkpoint it holds the events
+     * before of verified intact. */
     json_t *from_o = h ? json_object_get(h, "from") : NULL;
-    int64_t from = *has_anchor ? anchor->seq + 1 : 1;
+    int64_t from = *has_anchor ? anchor->seq + 1 : 0;
     if (rc == 0 &&
         (!json_is_integer(from_o) || json_integer_value(from_o) < from))
         rc = kh_error_set_at(err, KH_E_MALFORMED, path, 1, 0,
-                             "the header's from is below the seq after its "
-                             "anchor (%lld)",
-                             (long long) from);
+                             "the header's from is below %lld%s",
+                             (long long) from,
+                             *has_anchor ? ", the seq after its anchor" : "");
     r->from = rc == 0 ? json_integer_value(from_o) : from;
     json_decref(h);
     if (rc != 0) {

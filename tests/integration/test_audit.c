@@ -2668,12 +2668,15 @@ START_TEST(an_export_header_that_does_not_fit_its_anchor_is_refused)
         const char *header;
         int line; /* where it is refused, 0: it verifies */
     } cases[] = {
-        /* What export --from 5 of a release before wrote: no checkpoint
-         * below 5, so no anchor, and the events from seq 1. */
+        /* What export --from 5 (or --from 0) of a release before wrote:
+         * no checkpoint below 5, so no anchor, and the events from seq 1. */
         {"{\"format\":\"ketenhub.trail.export.v1\",\"from\":5,\"to\":0,"
          "\"anchor\":null}\n",
          0},
         {"{\"format\":\"ketenhub.trail.export.v1\",\"from\":0,\"to\":0,"
+         "\"anchor\":null}\n",
+         0},
+        {"{\"format\":\"ketenhub.trail.export.v1\",\"from\":-1,\"to\":0,"
          "\"anchor\":null}\n",
          1},
         {"{\"format\":\"ketenhub.trail.export.v1\",\"from\":1,\"to\":0,"
@@ -2723,6 +2726,13 @@ START_TEST(an_export_header_that_does_not_fit_its_anchor_is_refused)
     ck_assert_msg(kh_trail_file_verify(edited, s_pk, NULL, 0, &r, &err) == 0,
                   "%s", err.message);
     ck_assert_int_eq(r.first_seq, 11);
+    /* From at the anchor's own seq is no export's. */
+    memcpy(at, "\"from\":10,", strlen("\"from\":10,"));
+    s_replace_header(path, edited, header);
+    kh_error_clear(&err);
+    ck_assert_int_eq(kh_trail_file_verify(edited, s_pk, NULL, 0, &r, &err), -1);
+    ck_assert_int_eq(err.code, KH_E_MALFORMED);
+    ck_assert_int_eq(err.line, 1);
     khtest_rmtree(dir);
     free(dir);
 }
