@@ -346,14 +346,18 @@ static int s_open(s_reader_t *r, const char *path,
      * a file that said it starts after a checkpoint it holds the events
      * before of verified intact. */
     json_t *from_o = h ? json_object_get(h, "from") : NULL;
-    int64_t from = *has_anchor ? anchor->seq + 1 : 0;
+    /* Above the anchor, compared as it is: the seq after an anchor at
+     * the largest seq a file can hold would not fit in an int64_t. */
+    int64_t below = rc == 0 && *has_anchor ? anchor->seq : -1;
     if (rc == 0 &&
-        (!json_is_integer(from_o) || json_integer_value(from_o) < from))
-        rc = kh_error_set_at(err, KH_E_MALFORMED, path, 1, 0,
-                             "the header's from is below %lld%s",
-                             (long long) from,
-                             *has_anchor ? ", the seq after its anchor" : "");
-    r->from = rc == 0 ? json_integer_value(from_o) : from;
+        (!json_is_integer(from_o) || json_integer_value(from_o) <= below))
+        rc = *has_anchor ? kh_error_set_at(err, KH_E_MALFORMED, path, 1, 0,
+                                           "the header's from is not above its "
+                                           "anchor (seq %lld)",
+                                           (long long) below)
+                         : kh_error_set_at(err, KH_E_MALFORMED, path, 1, 0,
+                                           "the header's from is no seq");
+    r->from = rc == 0 ? json_integer_value(from_o) : 0;
     json_decref(h);
     if (rc != 0) {
         free(r->buf);

@@ -2733,6 +2733,24 @@ START_TEST(an_export_header_that_does_not_fit_its_anchor_is_refused)
     ck_assert_int_eq(kh_trail_file_verify(edited, s_pk, NULL, 0, &r, &err), -1);
     ck_assert_int_eq(err.code, KH_E_MALFORMED);
     ck_assert_int_eq(err.line, 1);
+    /* Nor is one at the largest seq, with an anchor there too: the seq
+     * after it does not exist (and computing it overflowed). */
+    char *seq = strstr(header, "\"seq\":10,");
+    ck_assert_ptr_nonnull(seq);
+    char huge[4200];
+    snprintf(huge, sizeof huge, "%.*s\"seq\":9223372036854775807,%s",
+             (int) (seq - header), header, seq + strlen("\"seq\":10,"));
+    at = strstr(huge, "\"from\":10,");
+    ck_assert_ptr_nonnull(at);
+    char last[4300];
+    snprintf(last, sizeof last, "%.*s\"from\":9223372036854775807,%s",
+             (int) (at - huge), huge, at + strlen("\"from\":10,"));
+    s_replace_header(path, edited, last);
+    kh_error_clear(&err);
+    ck_assert_msg(kh_trail_file_verify(edited, s_pk, NULL, 0, &r, &err) == -1,
+                  "not refused: %s", last);
+    ck_assert_int_eq(err.code, KH_E_MALFORMED);
+    ck_assert_int_eq(err.line, 1);
     khtest_rmtree(dir);
     free(dir);
 }
