@@ -241,6 +241,7 @@ typedef struct {
     const char *path;
     int line;
     char *buf;
+    int64_t from; /* the header's from */
 } s_reader_t;
 
 static json_t *s_next(s_reader_t *r, bool *eof, kh_error_t *err)
@@ -337,16 +338,26 @@ static int s_open(s_reader_t *r, const char *path,
                         s_checkpoint_from(a, anchor) != 0))
         rc = kh_error_set_at(err, KH_E_MALFORMED, path, 1, 0,
                              "malformed anchor");
-    /* from is the seq after the anchor, or 1: a file that said it starts
-     * at 5 and held events 1..4 verified intact. */
+    /* from is the seq after the anchor, or 1, as export writes it; the
+     * releases before wrote the first seq asked for (0 or more), whose
+     * anchor was the last checkpoint below it, and their exports still
+     * verify. So from is above the anchor (0 or more without one), and no
+     * checkpoint of the file lies between the two (kh_trail_file_verify):
+     * a file that said it starts after a checkpoint it holds the events
+     * before of verified intact. */
     json_t *from_o = h ? json_object_get(h, "from") : NULL;
-    int64_t from = *has_anchor ? anchor->seq + 1 : 1;
+    /* Above the anchor, compared as it is: the seq after an anchor at
+     * the largest seq a file can hold would not fit in an int64_t. */
+    int64_t below = rc == 0 && *has_anchor ? anchor->seq : -1;
     if (rc == 0 &&
-        (!json_is_integer(from_o) || json_integer_value(from_o) != from))
-        rc = kh_error_set_at(err, KH_E_MALFORMED, path, 1, 0,
-                             "the header's from is not the seq after its "
-                             "anchor (%lld)",
-                             (long long) from);
+        (!json_is_integer(from_o) || json_integer_value(from_o) <= below))
+        rc = *has_anchor ? kh_error_set_at(err, KH_E_MALFORMED, path, 1, 0,
+                                           "the header's from is not above its "
+                                           "anchor (seq %lld)",
+                                           (long long) below)
+                         : kh_error_set_at(err, KH_E_MALFORMED, path, 1, 0,
+                                           "the header's from is no seq");
+    r->from = rc == 0 ? json_integer_value(from_o) : 0;
     json_decref(h);
     if (rc != 0) {
         free(r->buf);
@@ -535,6 +546,12 @@ int kh_trail_file_verify(const char *path, const unsigned char *public_key,
                      s_checkpoint_from(o, &cp) != 0)
                 rc = kh_error_set_at(err, KH_E_MALFORMED, path, r.line, 0,
                                      "malformed checkpoint");
+            else if (cp.seq < r.from && (!has_anchor || cp.seq > anchor.seq))
+                rc = kh_error_set_at(err, KH_E_MALFORMED, path, r.line, 0,
+                                     "a checkpoint at seq %lld below the "
+                                     "header's from (%lld) that is not its "
+                                     "anchor",
+                                     (long long) cp.seq, (long long) r.from);
             else if (kh_trail_verifier_checkpoint(v, &cp, false) != 0)
                 rc = kh_error_set(err, KH_E_NOMEM, NULL, "out of memory");
             else {

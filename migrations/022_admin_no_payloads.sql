@@ -71,8 +71,10 @@ COMMENT ON COLUMN deliveries.escalation_payload_bytes IS
     'Size of escalation_payload in bytes, NULL when there is none or once '
     'purged.';
 
--- A REVOKE of a table's privilege revokes it on each column too (and
--- with it 008's UPDATE (payload)), so the column grants come after.
+-- A REVOKE of a table's privilege revokes it on each column too, so the
+-- column grants come after. (REVOKE SELECT leaves 008's UPDATE (payload)
+-- on referrals, a privilege of another type: it is granted again only so
+-- that this file says all that ketenhub_admin holds.)
 REVOKE SELECT ON referrals FROM ketenhub_admin;
 GRANT SELECT (id, partner_id, idempotency_key, schema_version, payload_hash,
               state, accepted_at, payload_bytes)

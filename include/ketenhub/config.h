@@ -17,7 +17,9 @@ extern "C" {
 #endif
 
 /* KH_CFG_ENDPOINT: a ZeroMQ endpoint; KH_CFG_ENDPOINT_OR_NONE: one, or
- * "none" (a wake-up that is not sent). libzmq takes the port of
+ * "none" for a wake-up socket the service may go without (intake and
+ * routing then send no wake-ups, notification binds none and waits for
+ * its timers). libzmq takes the port of
  * a tcp:// endpoint modulo 65536 and ignores what follows its digits, so
  * "tcp://HOST:99999" would bind port 34463 and report success: a tcp port
  * must be "*" or 1..65535, digits only. Other transports are left to

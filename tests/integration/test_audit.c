@@ -2641,9 +2641,12 @@ static void s_replace_header(const char *src, const char *dst,
     fclose(out);
 }
 
-/* The header's from is the seq after its anchor, or 1 (schemas/audit.md):
- * a header that says the export starts at seq 5 while it holds events 1
- * to 4 verified intact, and an anchor that is a number was read as none. */
+/* The header's from is the seq after its anchor, or 1 (schemas/audit.md);
+ * the releases before wrote the first seq asked for, after the last
+ * checkpoint below it, and their exports verify still. A from below the
+ * seq after the anchor, an anchor that is a number, or a checkpoint in
+ * the file between the anchor and from (it would have been the anchor:
+ * the header says the export starts after events it holds) is refused. */
 START_TEST(an_export_header_that_does_not_fit_its_anchor_is_refused)
 {
     kh_trail_checkpoint_t *cps = NULL;
@@ -2661,22 +2664,45 @@ START_TEST(an_export_header_that_does_not_fit_its_anchor_is_refused)
     fclose(f);
     kh_trail_report_t r;
     ck_assert_int_eq(kh_trail_file_verify(path, s_pk, NULL, 0, &r, &err), 0);
-    static const char *const headers[] = {
-        "{\"format\":\"ketenhub.trail.export.v1\",\"from\":5,\"to\":0,"
-        "\"anchor\":null}\n",
-        "{\"format\":\"ketenhub.trail.export.v1\",\"from\":1,\"to\":0,"
-        "\"anchor\":5}\n",
-        "{\"format\":\"ketenhub.trail.export.v1\",\"from\":\"1\",\"to\":0,"
-        "\"anchor\":null}\n",
+    static const struct {
+        const char *header;
+        int line; /* where it is refused, 0: it verifies */
+    } cases[] = {
+        /* What export --from 5 (or --from 0) of a release before wrote:
+         * no checkpoint below 5, so no anchor, and the events from seq 1. */
+        {"{\"format\":\"ketenhub.trail.export.v1\",\"from\":5,\"to\":0,"
+         "\"anchor\":null}\n",
+         0},
+        {"{\"format\":\"ketenhub.trail.export.v1\",\"from\":0,\"to\":0,"
+         "\"anchor\":null}\n",
+         0},
+        {"{\"format\":\"ketenhub.trail.export.v1\",\"from\":-1,\"to\":0,"
+         "\"anchor\":null}\n",
+         1},
+        {"{\"format\":\"ketenhub.trail.export.v1\",\"from\":1,\"to\":0,"
+         "\"anchor\":5}\n",
+         1},
+        {"{\"format\":\"ketenhub.trail.export.v1\",\"from\":\"1\",\"to\":0,"
+         "\"anchor\":null}\n",
+         1},
+        /* The checkpoint at seq 10 (line 2) lies below from 15: the
+         * header says the export starts after the events 1 to 14. */
+        {"{\"format\":\"ketenhub.trail.export.v1\",\"from\":15,\"to\":0,"
+         "\"anchor\":null}\n",
+         2},
     };
-    for (size_t i = 0; i < sizeof headers / sizeof *headers; i++) {
-        s_replace_header(path, edited, headers[i]);
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        s_replace_header(path, edited, cases[i].header);
         kh_error_clear(&err);
-        ck_assert_msg(kh_trail_file_verify(edited, s_pk, NULL, 0, &r, &err) ==
-                          -1,
-                      "verified with %s", headers[i]);
+        int rc = kh_trail_file_verify(edited, s_pk, NULL, 0, &r, &err);
+        if (cases[i].line == 0) {
+            ck_assert_msg(rc == 0, "not intact with %s: %s", cases[i].header,
+                          err.message);
+            continue;
+        }
+        ck_assert_msg(rc == -1, "verified with %s", cases[i].header);
         ck_assert_int_eq(err.code, KH_E_MALFORMED);
-        ck_assert_int_eq(err.line, 1);
+        ck_assert_int_eq(err.line, cases[i].line);
     }
     /* An export from the checkpoint at seq 10 on starts at 11. */
     unlink(path);
@@ -2686,6 +2712,45 @@ START_TEST(an_export_header_that_does_not_fit_its_anchor_is_refused)
     fclose(f);
     ck_assert_int_eq(kh_trail_file_verify(path, s_pk, NULL, 0, &r, &err), 0);
     ck_assert_int_eq(r.first_seq, 11);
+    /* As a release before wrote it, from 15 after the same anchor. */
+    FILE *in = fopen(path, "r");
+    ck_assert_ptr_nonnull(in);
+    char header[4096];
+    ck_assert_ptr_nonnull(fgets(header, sizeof header, in));
+    fclose(in);
+    char *at = strstr(header, "\"from\":11,");
+    ck_assert_ptr_nonnull(at);
+    memcpy(at, "\"from\":15,", strlen("\"from\":15,"));
+    s_replace_header(path, edited, header);
+    kh_error_clear(&err);
+    ck_assert_msg(kh_trail_file_verify(edited, s_pk, NULL, 0, &r, &err) == 0,
+                  "%s", err.message);
+    ck_assert_int_eq(r.first_seq, 11);
+    /* From at the anchor's own seq is no export's. */
+    memcpy(at, "\"from\":10,", strlen("\"from\":10,"));
+    s_replace_header(path, edited, header);
+    kh_error_clear(&err);
+    ck_assert_int_eq(kh_trail_file_verify(edited, s_pk, NULL, 0, &r, &err), -1);
+    ck_assert_int_eq(err.code, KH_E_MALFORMED);
+    ck_assert_int_eq(err.line, 1);
+    /* Nor is one at the largest seq, with an anchor there too: the seq
+     * after it does not exist (and computing it overflowed). */
+    char *seq = strstr(header, "\"seq\":10,");
+    ck_assert_ptr_nonnull(seq);
+    char huge[4200];
+    snprintf(huge, sizeof huge, "%.*s\"seq\":9223372036854775807,%s",
+             (int) (seq - header), header, seq + strlen("\"seq\":10,"));
+    at = strstr(huge, "\"from\":10,");
+    ck_assert_ptr_nonnull(at);
+    char last[4300];
+    snprintf(last, sizeof last, "%.*s\"from\":9223372036854775807,%s",
+             (int) (at - huge), huge, at + strlen("\"from\":10,"));
+    s_replace_header(path, edited, last);
+    kh_error_clear(&err);
+    ck_assert_msg(kh_trail_file_verify(edited, s_pk, NULL, 0, &r, &err) == -1,
+                  "not refused: %s", last);
+    ck_assert_int_eq(err.code, KH_E_MALFORMED);
+    ck_assert_int_eq(err.line, 1);
     khtest_rmtree(dir);
     free(dir);
 }

@@ -29,6 +29,7 @@
 #define D4 "aaaaaaaa-0000-4000-8000-000000000004" /* vt, acknowledged */
 #define D5 "aaaaaaaa-0000-4000-8000-000000000005" /* zc, dead, purged */
 #define D6 "aaaaaaaa-0000-4000-8000-000000000006" /* meldpunt, copy of D1 */
+#define D7 "aaaaaaaa-0000-4000-8000-000000000007" /* meldpunt, dead */
 #define NOPE "aaaaaaaa-0000-4000-8000-0000000000ff"
 
 static PGconn *s_conn;
@@ -585,6 +586,76 @@ START_TEST(test_retry_waits_for_purge)
 }
 END_TEST
 
+/* A retry locks its dead letters in the order of their ids, as the
+ * notification service's ACK batches lock theirs (a dead letter the
+ * partner did take is acknowledged after all): while an ACK batch holds
+ * the first of two, the retry waits for it holding neither, and the batch
+ * takes the second without waiting, so the two never deadlock. The
+ * dead letters are stored in the reverse order of their ids, the order
+ * in which the retry of a partner's dead letters finds them. */
+START_TEST(test_retry_locks_in_id_order)
+{
+    s_setup();
+    s_delivery(D7, REF2, "meldpunt", "normal", "dead", "'max_age'", 3, false);
+    s_delivery(D6, REF, "meldpunt", "normal", "dead", "'max_age'", 3, false);
+    char *conninfo = khtest_db_conninfo(DB);
+    PGconn *acker = PQconnectdb(conninfo);
+    free(conninfo);
+    ck_assert_int_eq(PQstatus(acker), CONNECTION_OK);
+    khtest_db_exec(acker, "BEGIN", 0, NULL);
+    khtest_db_exec(acker,
+                   "SELECT 1 FROM deliveries WHERE id = '" D6 "' FOR UPDATE", 0,
+                   NULL);
+    char log[] = "/tmp/kh-dl-order-XXXXXX";
+    int fd = mkstemp(log);
+    ck_assert_int_ge(fd, 0);
+    close(fd);
+    char *argv[] = {KH_TEST_BINARY_DIR "/tools/ctl/ketenhubctl",
+                    "deadletters",
+                    "retry",
+                    "--partner",
+                    "meldpunt",
+                    "--all",
+                    NULL};
+    char *env[] = {NULL};
+    pid_t pid = khproc_spawn(argv[0], argv, env, log);
+    ck_assert_int_gt(pid, 0);
+    long waiting = 0;
+    for (int i = 0; i < 200 && waiting == 0; i++) {
+        waiting = s_count("SELECT count(*) FROM pg_stat_activity"
+                          " WHERE datname = '" DB "' AND wait_event_type ="
+                          " 'Lock' AND usename = 'kh_test_dl_admin'");
+        if (waiting == 0)
+            usleep(50 * 1000);
+    }
+    /* The batch's next delivery: the retry must not hold it. */
+    PGresult *res = PQexec(acker, "SELECT 1 FROM deliveries WHERE id = '" D7
+                                  "' FOR UPDATE NOWAIT");
+    ExecStatusType second = PQresultStatus(res);
+    char *why = strdup(PQerrorMessage(acker));
+    PQclear(res);
+    khtest_db_exec(acker, second == PGRES_TUPLES_OK ? "COMMIT" : "ROLLBACK", 0,
+                   NULL);
+    PQfinish(acker);
+    int status = khproc_stop(pid, 0, 30000);
+    char *out = khtest_read_file(log);
+    unlink(log);
+    ck_assert_msg(waiting == 1, "the retry did not wait: %s", out);
+    ck_assert_msg(second == PGRES_TUPLES_OK,
+                  "the retry held the second dead letter while it waited for"
+                  " the first: %s",
+                  why);
+    free(why);
+    ck_assert_msg(status >= 0 && WIFEXITED(status) && WEXITSTATUS(status) == 0,
+                  "retry: status %d: %s", status, out);
+    ck_assert_msg(strstr(out, "2 deliveries retried"), "%s", out);
+    free(out);
+    ck_assert(s_is_pending_again(D6));
+    ck_assert(s_is_pending_again(D7));
+    PQfinish(s_conn);
+}
+END_TEST
+
 /* The connection lost during the commit of a retry that did not go
  * through: failure, and the delivery is still dead, to retry again. */
 START_TEST(test_retry_commit_lost)
@@ -692,6 +763,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_retry_commit_answer_lost);
     tcase_add_test(tc, test_retry_commit_lost);
     tcase_add_test(tc, test_retry_waits_for_purge);
+    tcase_add_test(tc, test_retry_locks_in_id_order);
     tcase_add_test(tc, test_a_long_list_is_streamed);
     suite_add_tcase(s, tc);
     return s;

@@ -455,15 +455,20 @@ static int s_cmd_show(int argc, char **argv)
  * revoked partner nothing: its next sweep would make them dead letters
  * again), writes one delivery.retried event per changed delivery, and
  * returns per wanted id its state, whether its payload is purged, whether
- * it was retried, its partner and whether that partner is revoked. %s is the
- * set of wanted ids: an array parameter or one partner's dead deliveries; $2..
- * are the actor, the service and the host. */
+ * it was retried, its partner and whether that partner is revoked. It
+ * locks them in the order of their ids, as the notification service's ACK
+ * batches lock theirs (a dead letter the partner did take is acknowledged
+ * after all): in the order it found them, a retry waiting for a batch
+ * could hold what the batch waited for, and one of them failed
+ * (deadlock). %s is the set of wanted ids: an array parameter or one
+ * partner's dead deliveries; $2.. are the actor, the service and the
+ * host. */
 static const char s_retry_sql[] =
     "WITH want AS (%s),"
     " cur AS (SELECT d.id, d.state, d.payload_bytes IS NULL AS purged,"
     "  d.partner_id, p.revoked_at IS NOT NULL AS revoked"
     "  FROM deliveries d JOIN want USING (id)"
-    "  JOIN partners p ON p.id = d.partner_id FOR UPDATE OF d),"
+    "  JOIN partners p ON p.id = d.partner_id ORDER BY d.id FOR UPDATE OF d),"
     " gate AS (SELECT (SELECT count(*) FROM want) ="
     "  (SELECT count(*) FROM cur WHERE state = 'dead' AND NOT purged"
     "   AND NOT revoked) AS ok),"
