@@ -58,6 +58,14 @@ uint64_t kh_tally_flush(kh_tally_t *self, int64_t interval_ms, int64_t now_ms);
  * throttle, rate limit and tally; the caller logs and audits. */
 typedef struct _kh_refusal_gate_t kh_refusal_gate_t;
 
+/* The bounds the hub's partner-facing services (intake, notification)
+ * give their gates: one audit per identity a minute; 1 a second and 60 at
+ * once over all identities; the count of the rest told every 10 s. */
+#define KH_REFUSAL_REPEAT_MS 60000
+#define KH_REFUSAL_RATE 1.0
+#define KH_REFUSAL_BURST 60.0
+#define KH_REFUSAL_LOG_MS 10000
+
 /* repeat_ms > 0, rate > 0, burst >= 1, log_ms > 0. NULL on OOM or bad
  * arguments. */
 kh_refusal_gate_t *kh_refusal_gate_new(int64_t repeat_ms, double rate,

@@ -38,11 +38,7 @@
 #define S_ARENA_KEEP (2 * 1024 * 1024) /* of a batch's arena across batches */
 #define S_DRAIN_MS 3000
 #define S_STATS_MS 10000
-#define S_AUTH_PENDING 64      /* refused handshakes waiting for audit */
-#define S_AUTH_REPEAT_MS 60000 /* one audit event per key and minute */
-#define S_AUTH_RATE 1.0        /* refused handshakes audited a second, */
-#define S_AUTH_BURST 60.0      /* in all keys and addresses together */
-#define S_AUTH_UNAUDITED_LOG_MS 10000
+#define S_AUTH_PENDING 64 /* refused handshakes waiting for audit */
 
 /* One request of the batch being handled. */
 typedef struct {
@@ -176,8 +172,8 @@ intake_t *intake_new(const intake_config_t *config, kh_error_t *err)
                                            "KH_ROUTING_ENDPOINT", err)))
         goto fail;
     self->store = store_new(config->conninfo);
-    self->auth_gate = kh_refusal_gate_new(
-        S_AUTH_REPEAT_MS, S_AUTH_RATE, S_AUTH_BURST, S_AUTH_UNAUDITED_LOG_MS);
+    self->auth_gate = kh_refusal_gate_new(KH_REFUSAL_REPEAT_MS, KH_REFUSAL_RATE,
+                                          KH_REFUSAL_BURST, KH_REFUSAL_LOG_MS);
     self->throttle_logged = kh_throttle_new(10000, 10000);
     if (config->partner_rate > 0)
         self->ratelimit =
@@ -1044,7 +1040,7 @@ static int s_on_zap(zloop_t *loop, zsock_t *socket, void *arg)
     /* Anyone who can reach the port can make up keys without end, each
      * refused once: past a burst (or with no room left for one more
      * audit), their refusals are only counted, in a line every
-     * S_AUTH_UNAUDITED_LOG_MS, so that no stranger fills the trail, the
+     * KH_REFUSAL_LOG_MS, so that no stranger fills the trail, the
      * log or the commits. */
     uint64_t count;
     if (!kh_refusal_gate_pass(self->auth_gate, seen,

@@ -34,10 +34,6 @@
 #define S_WAKE_MAX 65536     /* bytes of a wake-up */
 #define S_RELOAD_MIN_MS 1000 /* registry re-read for an unknown key */
 #define S_LINGER_MS 100
-#define S_AUTH_REPEAT_MS 60000 /* one auth.refused per key and minute */
-#define S_AUTH_RATE 1.0        /* auth.refused events a second, */
-#define S_AUTH_BURST 60.0      /* in all keys and addresses together */
-#define S_AUTH_UNAUDITED_LOG_MS 10000
 #define S_INTERNAL_DOMAIN "ketenhub-internal" /* ZAP domain of wake-ups */
 #define S_HELD_MAX (KH_WINDOW_MAX * 4) /* DELIVERs that lost their peer */
 #define S_CLAIM_ROWS 1024 /* deliveries one claim statement asks for */
@@ -584,7 +580,7 @@ static void s_db_failed(notify_t *self, const char *what, const kh_error_t *err)
  * (NULL: not at all), also while the database is away and nothing can be
  * audited. Anyone who can reach the port can make up keys without end,
  * each refused once: past a burst, their refusals are only counted, in a
- * line every S_AUTH_UNAUDITED_LOG_MS, so that no stranger fills the trail
+ * line every KH_REFUSAL_LOG_MS, so that no stranger fills the trail
  * or the log, nor holds up the loop with a write each. */
 static void s_audit_refused(notify_t *self, const char *key, const char *peer,
                             const char *reason, const char *event)
@@ -1828,8 +1824,8 @@ notify_t *notify_new(const notify_config_t *config, kh_error_t *err)
     self->nacks = calloc(S_READ_MAX, sizeof *self->nacks);
     self->outbox = zlistx_new();
     self->held = zlistx_new();
-    self->auth_gate = kh_refusal_gate_new(
-        S_AUTH_REPEAT_MS, S_AUTH_RATE, S_AUTH_BURST, S_AUTH_UNAUDITED_LOG_MS);
+    self->auth_gate = kh_refusal_gate_new(KH_REFUSAL_REPEAT_MS, KH_REFUSAL_RATE,
+                                          KH_REFUSAL_BURST, KH_REFUSAL_LOG_MS);
     self->throttle_logged = kh_throttle_new(10000, 10000);
     /* 10 s worth at once, and at least a window: after a restart a
      * partner ACKs what the process before sent, which no connection of
