@@ -947,6 +947,18 @@ START_TEST(the_partner_tool_sends_the_key_given_after_the_file)
                      1);
     ck_assert_int_eq(s_partner_submit_with("one.json", s_path("other.json")),
                      2);
+    /* A key the hub would refuse is a usage error, found before sending
+     * (it was sent and refused, exit 1, or timed out, exit 3, with the
+     * hub away). */
+    ck_assert_int_eq(s_partner_submit_with("one.json", "--key 'my key'"), 2);
+    ck_assert_int_eq(s_partner_submit_with("one.json", "--key ''"), 2);
+    char long_key[KH_IDEM_KEY_MAX + 16] = "--key ";
+    memset(long_key + 6, 'k', KH_IDEM_KEY_MAX + 1); /* one too many */
+    ck_assert_int_eq(s_partner_submit_with("one.json", long_key), 2);
+    ck_assert_int_eq(khproc_sh("grep -q -- '--key must be 1 to 128' %s",
+                               s_path("partner.log")),
+                     0);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM referrals"), 1);
     /* A file that cannot be opened has no line and column to name. */
     ck_assert_int_eq(s_partner_submit("missing.json"), 2);
     ck_assert_int_eq(khproc_sh("grep -q 'missing.json: unable to open' %s",
