@@ -85,7 +85,7 @@ static const char **s_fields_of(kh_cmd_t cmd)
     }
 }
 
-static bool s_idem_key_valid(const char *key)
+bool kh_proto_idem_key_valid(const char *key)
 {
     size_t len = strlen(key);
     if (len == 0 || len > KH_IDEM_KEY_MAX)
@@ -118,7 +118,7 @@ static int s_check_command_fields(const json_t *msg, kh_cmd_t cmd,
             return kh_error_set(err, KH_E_BAD_ENVELOPE, "idempotency_key",
                                 "idempotency_key is required and must be a "
                                 "string");
-        if (!s_idem_key_valid(json_string_value(key)))
+        if (!kh_proto_idem_key_valid(json_string_value(key)))
             return kh_error_set(err, KH_E_BAD_ENVELOPE, "idempotency_key",
                                 "idempotency_key must be 1 to %d characters "
                                 "of A-Z a-z 0-9 . _ : -",

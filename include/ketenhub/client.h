@@ -30,7 +30,10 @@ typedef struct _kh_client_t kh_client_t;
 kh_client_t *kh_client_new(const char *endpoint, const char *hub_cert,
                            const char *partner_cert, kh_error_t *err);
 
-/* Close and free; accepts NULL; nulls the pointer. */
+/* Close and free; accepts NULL; nulls the pointer. What was sent but has
+ * not left yet is dropped (the socket does not linger): an ACK or NACK
+ * counts only once its ACKED or NACKED has come through kh_client_recv,
+ * so wait for those before destroying a delivery client. */
 void kh_client_destroy(kh_client_t **self_p);
 
 /* How often a request is sent again after a timeout or a retryable
@@ -81,7 +84,8 @@ int kh_client_hello(kh_client_t *self, int window, kh_error_t *err);
 /* Send ACK / NACK for delivery_id. The cid is "ack:ID" / "nack:ID", so
  * the ACKED, NACKED or REJECTED reply names the delivery even when it
  * carries no delivery_id. permanent: NACK "permanent" (make it a dead
- * letter now) instead of "retry". 0, or -1 with err. */
+ * letter now) instead of "retry". 0 (queued for sending, not yet
+ * committed: that is its ACKED or NACKED reply), or -1 with err. */
 int kh_client_ack(kh_client_t *self, const char *delivery_id, kh_error_t *err);
 int kh_client_nack(kh_client_t *self, const char *delivery_id, bool permanent,
                    kh_error_t *err);

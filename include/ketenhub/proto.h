@@ -48,6 +48,10 @@ typedef enum {
 /* The wire name of a command ("SUBMIT"). */
 const char *kh_cmd_name(kh_cmd_t cmd);
 
+/* Whether key is a valid idempotency key: 1 to KH_IDEM_KEY_MAX bytes of
+ * A-Z a-z 0-9 . _ : - (a client checks it before sending). */
+bool kh_proto_idem_key_valid(const char *key);
+
 /* Check the common fields of an envelope and the fields of its command.
  * On success returns 0, *cmd and *cid (borrowed from msg). On failure
  * returns -1 with err (unknown_version, unknown_command, bad_envelope and

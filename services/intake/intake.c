@@ -411,8 +411,11 @@ static void s_take(intake_t *self, kh_jarena_t *arena, s_request_t *req,
         const char *cid = NULL;
         rc = kh_proto_check(req->msg, &req->cmd, &cid, &err);
         snprintf(req->cid, sizeof req->cid, "%s", cid ? cid : "");
-        if (rc == 0 && req->cmd != KH_CMD_SUBMIT && req->cmd != KH_CMD_STATUS &&
-            req->cmd != KH_CMD_PING)
+        /* A command of another socket is refused as such even when its
+         * fields are wrong too: naming a field of it would send the
+         * partner to fix a request that intake never takes. */
+        if (req->cmd != KH_CMD_UNKNOWN_ && req->cmd != KH_CMD_SUBMIT &&
+            req->cmd != KH_CMD_STATUS && req->cmd != KH_CMD_PING)
             rc = kh_error_set(&err, KH_E_UNKNOWN_COMMAND, "cmd",
                               "%s is not a request for intake, which "
                               "takes SUBMIT, STATUS and PING",

@@ -1320,13 +1320,18 @@ static void s_take(notify_t *self, zframe_t *identity, zmq_msg_t *body,
         kh_error_set(&err, KH_E_BAD_ENVELOPE, "",
                      "a message is exactly one frame");
     else if (kh_msgpack_decode(zmq_msg_data(body), zmq_msg_size(body), &limits,
-                               &msg, &err) == 0 &&
-             kh_proto_check(msg, &cmd, &cid, &err) == 0 &&
-             cmd != KH_CMD_HELLO && cmd != KH_CMD_ACK && cmd != KH_CMD_NACK &&
-             cmd != KH_CMD_PING)
-        kh_error_set(&err, KH_E_UNKNOWN_COMMAND, "cmd",
-                     "%s is not a command for the delivery socket",
-                     kh_cmd_name(cmd));
+                               &msg, &err) == 0) {
+        kh_proto_check(msg, &cmd, &cid, &err);
+        /* A command of another socket is refused as such even when its
+         * fields are wrong too (a SUBMIT without its idempotency key):
+         * naming a field would send the partner to fix a request that
+         * this socket never takes. */
+        if (cmd != KH_CMD_UNKNOWN_ && cmd != KH_CMD_HELLO &&
+            cmd != KH_CMD_ACK && cmd != KH_CMD_NACK && cmd != KH_CMD_PING)
+            kh_error_set(&err, KH_E_UNKNOWN_COMMAND, "cmd",
+                         "%s is not a command for the delivery socket",
+                         kh_cmd_name(cmd));
+    }
     /* v is checked before anything else, as intake does. */
     if (!msg && !extra_frames)
         kh_proto_other_version(zmq_msg_data(body), zmq_msg_size(body), &err);

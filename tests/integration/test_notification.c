@@ -1877,6 +1877,23 @@ START_TEST(unknown_key_and_bad_frames_are_refused)
     ck_assert_ptr_nonnull(msg);
     ck_assert_str_eq(s_str(msg, "code"), "unknown_command");
     json_decref(msg);
+    /* So does one without its fields, and a STATUS without its id: the
+     * refusal is for the command, not for a field of it. */
+    msg = kh_proto_new(KH_CMD_SUBMIT, "s2");
+    khpartner_send(avim, msg);
+    msg = s_expect(avim, "REJECTED", 5000);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert_str_eq(s_str(msg, "code"), "unknown_command");
+    ck_assert_str_eq(s_str(msg, "path"), "cmd");
+    ck_assert_str_eq(s_str(msg, "cid"), "s2");
+    json_decref(msg);
+    msg = kh_proto_new(KH_CMD_STATUS, "s3");
+    khpartner_send(avim, msg);
+    msg = s_expect(avim, "REJECTED", 5000);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert_str_eq(s_str(msg, "code"), "unknown_command");
+    ck_assert_str_eq(s_str(msg, "cid"), "s3");
+    json_decref(msg);
     /* A NACK without a valid reason, an ACK with a bad id. */
     msg = kh_proto_new(KH_CMD_NACK, "n");
     json_object_set_new(msg, "delivery_id",

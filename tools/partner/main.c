@@ -291,6 +291,16 @@ int main(int argc, char **argv)
         s_usage(stderr);
         return S_EXIT_USAGE;
     }
+    /* A key the hub would refuse is the command line's mistake: said
+     * now, as a usage error, rather than sent to come back as a refused
+     * referral (exit 1) or, with the hub away, as a timeout (exit 3). */
+    if (key && !kh_proto_idem_key_valid(key)) {
+        fprintf(stderr,
+                "ketenhub-partner: --key must be 1 to %d characters "
+                "of A-Z a-z 0-9 . _ : -\n",
+                KH_IDEM_KEY_MAX);
+        return S_EXIT_USAGE;
+    }
     if (!hub_cert || !cert) {
         fprintf(stderr, "ketenhub-partner: --hub-cert and --cert (or "
                         "KH_HUB_PUBLIC_CERT and KH_PARTNER_CERT) are "
