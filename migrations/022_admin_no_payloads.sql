@@ -106,3 +106,36 @@ REVOKE SELECT ON referrals FROM ketenhub_notification;
 REVOKE SELECT ON deliveries FROM ketenhub_routing;
 GRANT SELECT (referral_id, partner_id, escalation_of)
     ON deliveries TO ketenhub_routing;
+
+-- A stored payload is never changed, only purged. ketenhub_admin may write
+-- the payload columns for purge (above), and nothing but NULL may be
+-- written there: no role rewrites what a partner was sent or will be
+-- sent (its hash, which partners check, no role but the owner may change
+-- either). The triggers fire only for a statement that sets a payload.
+CREATE FUNCTION payload_purge_only() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'a stored payload is never changed, only purged'
+        USING ERRCODE = 'insufficient_privilege',
+              HINT = 'set it to NULL (ketenhubctl purge)';
+END;
+$$;
+
+COMMENT ON FUNCTION payload_purge_only() IS
+    'Refuses an UPDATE that writes a payload other than NULL.';
+
+CREATE TRIGGER referrals_payload_purge_only
+    BEFORE UPDATE OF payload ON referrals
+    FOR EACH ROW
+    WHEN (NEW.payload IS NOT NULL
+          AND NEW.payload IS DISTINCT FROM OLD.payload)
+    EXECUTE FUNCTION payload_purge_only();
+CREATE TRIGGER deliveries_payload_purge_only
+    BEFORE UPDATE OF payload, escalation_payload ON deliveries
+    FOR EACH ROW
+    WHEN ((NEW.payload IS NOT NULL
+           AND NEW.payload IS DISTINCT FROM OLD.payload)
+          OR (NEW.escalation_payload IS NOT NULL
+              AND NEW.escalation_payload IS DISTINCT FROM
+                  OLD.escalation_payload))
+    EXECUTE FUNCTION payload_purge_only();

@@ -15,6 +15,7 @@
 #include "ketenhub/db.h"
 #include "ketenhub/migrate.h"
 #include "ketenhub/partner.h"
+#include "ketenhub/proto.h"
 #include "khproc.h"
 #include "khtest.h"
 
@@ -862,6 +863,55 @@ END_TEST
  * show and retry of dead letters, and purge, which writes NULL over
  * payloads it may not read. Nor do the audit service, the auditors or
  * the owner of their views read a payload. */
+/* A stored payload is only ever purged: no role, the owner's included,
+ * writes other bytes over it (022); NULL it may write. */
+START_TEST(test_payloads_are_only_purged)
+{
+    PGconn *conn = khtest_db_fresh(DB);
+    zcert_t *cert = zcert_new();
+    khtest_register_partner(conn, "veilig-thuis", "veilig_thuis", true,
+                            zcert_public_txt(cert));
+    zcert_destroy(&cert);
+    char referral[37], payload[128], hash[65], delivery[37];
+    khtest_routed_referral(conn, 1, referral, payload, hash);
+    kh_uuid_new(delivery);
+    const char *params[] = {delivery, referral, hash};
+    khtest_db_exec(conn,
+                   "INSERT INTO deliveries (id, referral_id, partner_id,"
+                   " priority, payload, payload_hash, rules_version,"
+                   " escalate_to, escalation_payload, escalation_payload_hash)"
+                   " VALUES ($1, $2, 'veilig-thuis', 'urgent', '\\x7b7d',"
+                   " decode($3, 'hex'), 'v1', 'veilig-thuis', '\\x7b7d',"
+                   " decode($3, 'hex'))",
+                   3, params);
+    static const char *const rewrites[] = {
+        "UPDATE referrals SET payload = '\\x7b7d'",
+        "UPDATE deliveries SET payload = '\\x7b2278223a317d'",
+        "UPDATE deliveries SET escalation_payload = '\\x00'"};
+    for (size_t i = 0; i < sizeof rewrites / sizeof rewrites[0]; i++) {
+        PGresult *res = PQexec(conn, rewrites[i]);
+        const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+        ck_assert_msg(state && strcmp(state, "42501") == 0, "%s: %s",
+                      rewrites[i], PQresultErrorMessage(res));
+        PQclear(res);
+    }
+    ck_assert_str_eq(
+        s_as(conn, "ketenhub_admin", "UPDATE referrals SET payload = '\\x00'"),
+        "42501");
+    /* The same bytes again change nothing, and a purge goes through. */
+    khtest_db_exec(conn, "UPDATE deliveries SET payload = payload", 0, NULL);
+    khtest_db_exec(conn,
+                   "UPDATE deliveries SET payload = NULL,"
+                   " escalation_payload = NULL",
+                   0, NULL);
+    khtest_db_exec(conn, "UPDATE referrals SET payload = NULL", 0, NULL);
+    ck_assert_int_eq(khtest_db_count(conn, "SELECT count(*) FROM referrals"
+                                           " WHERE payload_bytes IS NULL"),
+                     1);
+    PQfinish(conn);
+}
+END_TEST
+
 START_TEST(test_admin_reads_no_payload)
 {
     PGconn *conn = khtest_db_fresh(DB);
@@ -1181,6 +1231,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_upgrade_to_escalation_copies);
     tcase_add_test(tc, test_services_hold_least_privilege);
     tcase_add_test(tc, test_admin_reads_no_payload);
+    tcase_add_test(tc, test_payloads_are_only_purged);
     tcase_add_test(tc, test_upgrade_to_admin_no_payloads);
     suite_add_tcase(s, tc);
     return s;
