@@ -224,6 +224,39 @@ void khtest_db_exec(PGconn *conn, const char *sql, int nparams,
     PQclear(res);
 }
 
+zsock_t *khtest_stranger(const char *hub_cert, const char *endpoint)
+{
+    zcert_t *hub = zcert_load(hub_cert);
+    ck_assert_ptr_nonnull(hub);
+    zcert_t *cert = zcert_new();
+    zsock_t *sock = zsock_new(ZMQ_DEALER);
+    ck_assert_ptr_nonnull(sock);
+    zcert_apply(cert, sock);
+    zsock_set_curve_serverkey(sock, zcert_public_txt(hub));
+    zsock_set_linger(sock, 0);
+    ck_assert_int_eq(zsock_connect(sock, "%s", endpoint), 0);
+    zcert_destroy(&cert);
+    zcert_destroy(&hub);
+    return sock;
+}
+
+long khtest_refusals_told(const char *path)
+{
+    char *text = khtest_read_file(path);
+    ck_assert_ptr_nonnull(text);
+    long told = 0;
+    for (const char *p = text; (p = strstr(p, "event=auth_refused ")); p++)
+        told++;
+    for (const char *p = text;
+         (p = strstr(p, "event=auth_refusals_unaudited ")); p++) {
+        const char *count = strstr(p, "count=");
+        ck_assert_ptr_nonnull(count);
+        told += strtol(count + 6, NULL, 10);
+    }
+    free(text);
+    return told;
+}
+
 void khtest_db_allow_connections(const char *name, bool allow)
 {
     PGconn *admin = PQconnectdb(khtest_pg_conninfo());

@@ -11,6 +11,7 @@
 #define KHTEST_H_INCLUDED
 
 #include <check.h>
+#include <czmq.h>
 #include <jansson.h>
 #include <libpq-fe.h>
 #include <stdbool.h>
@@ -55,6 +56,16 @@ json_t *khtest_json(const char *text);
  * hold several statements); fails the test unless it succeeds. */
 void khtest_db_exec(PGconn *conn, const char *sql, int nparams,
                     const char *const *params);
+
+/* A DEALER with a made-up CURVE key (never registered), connected to
+ * endpoint for the hub of the certificate at hub_cert: the hub refuses it
+ * at the handshake. The caller sends on it and destroys it. */
+zsock_t *khtest_stranger(const char *hub_cert, const char *endpoint);
+
+/* The refused handshakes a service's log at path tells: one for each
+ * event=auth_refused line, plus the count=N of each
+ * event=auth_refusals_unaudited line. */
+long khtest_refusals_told(const char *path);
 
 /* Whether database name takes new connections (those made stay): a
  * database that is away, for the services' outage tests. */
