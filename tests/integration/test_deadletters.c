@@ -533,6 +533,21 @@ START_TEST(test_retry_commit_answer_lost)
 }
 END_TEST
 
+/* Whether the administrator's ketenhubctl comes to wait for a lock
+ * within 10 s: how many of its sessions wait (0: none came to). */
+static long s_admin_waits_for_a_lock(void)
+{
+    long waiting = 0;
+    for (int i = 0; i < 200 && waiting == 0; i++) {
+        waiting = s_count("SELECT count(*) FROM pg_stat_activity"
+                          " WHERE datname = '" DB "' AND wait_event_type ="
+                          " 'Lock' AND usename = 'kh_test_dl_admin'");
+        if (waiting == 0)
+            usleep(50 * 1000);
+    }
+    return waiting;
+}
+
 /* A retry that waits for a purge's lock on the dead letter finds it
  * purged once the purge commits, and changes nothing: retry reads the
  * payload's size under the row's lock (payload_bytes, migration 022),
@@ -559,14 +574,7 @@ START_TEST(test_retry_waits_for_purge)
     char *env[] = {NULL};
     pid_t pid = khproc_spawn(argv[0], argv, env, log);
     ck_assert_int_gt(pid, 0);
-    long waiting = 0;
-    for (int i = 0; i < 200 && waiting == 0; i++) {
-        waiting = s_count("SELECT count(*) FROM pg_stat_activity"
-                          " WHERE datname = '" DB "' AND wait_event_type ="
-                          " 'Lock' AND usename = 'kh_test_dl_admin'");
-        if (waiting == 0)
-            usleep(50 * 1000);
-    }
+    long waiting = s_admin_waits_for_a_lock();
     khtest_db_exec(purger, "COMMIT", 0, NULL);
     PQfinish(purger);
     int status = khproc_stop(pid, 0, 30000);
@@ -620,14 +628,7 @@ START_TEST(test_retry_locks_in_id_order)
     char *env[] = {NULL};
     pid_t pid = khproc_spawn(argv[0], argv, env, log);
     ck_assert_int_gt(pid, 0);
-    long waiting = 0;
-    for (int i = 0; i < 200 && waiting == 0; i++) {
-        waiting = s_count("SELECT count(*) FROM pg_stat_activity"
-                          " WHERE datname = '" DB "' AND wait_event_type ="
-                          " 'Lock' AND usename = 'kh_test_dl_admin'");
-        if (waiting == 0)
-            usleep(50 * 1000);
-    }
+    long waiting = s_admin_waits_for_a_lock();
     /* The batch's next delivery: the retry must not hold it. */
     PGresult *res = PQexec(acker, "SELECT 1 FROM deliveries WHERE id = '" D7
                                   "' FOR UPDATE NOWAIT");
