@@ -458,8 +458,11 @@ struct _kh_health_t {
     atomic_bool scraped;
     pthread_t probe;
     bool probing; /* the probe thread runs */
+    pthread_t watchdog;
+    bool watching;   /* the watchdog thread runs */
+    int watchdog_ms; /* 0: no watchdog */
     pthread_mutex_t mutex;
-    pthread_cond_t wake;
+    pthread_cond_t wake; /* the probe's and the watchdog's: stop */
     bool stop;
 };
 
@@ -562,6 +565,24 @@ static bool s_probe_once(kh_health_t *self, PGconn **conn_p, bool gauges)
     return true;
 }
 
+/* Wait until the next whole period of ms, or until stopped; with the
+ * mutex held. Returns whether to go on. */
+static bool s_nap(kh_health_t *self, int ms)
+{
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += ms / 1000;
+    until.tv_nsec += (long) (ms % 1000) * 1000000L;
+    if (until.tv_nsec >= 1000000000L) {
+        until.tv_sec++;
+        until.tv_nsec -= 1000000000L;
+    }
+    while (!self->stop &&
+           pthread_cond_timedwait(&self->wake, &self->mutex, &until) == 0)
+        ;
+    return !self->stop;
+}
+
 static void *s_probe_main(void *arg)
 {
     kh_health_t *self = arg;
@@ -580,15 +601,35 @@ static void *s_probe_main(void *arg)
                 kh_log_warn("health_db", "state=down");
         }
         pthread_mutex_lock(&self->mutex);
-        struct timespec until;
-        clock_gettime(CLOCK_REALTIME, &until);
-        until.tv_sec += S_PROBE_MS / 1000;
-        while (!self->stop &&
-               pthread_cond_timedwait(&self->wake, &self->mutex, &until) == 0)
-            ;
+        s_nap(self, S_PROBE_MS);
     }
     pthread_mutex_unlock(&self->mutex);
     PQfinish(conn);
+    return NULL;
+}
+
+/* The watchdog: a loop silent for watchdog_ms is taken to be hung, and
+ * the process exits 1 so that its supervisor (a container's restart
+ * policy, systemd) starts it again, which costs nothing that is committed
+ * (promise 3: a service may die at any moment). A thread of its own: the
+ * probe can wait on a host name's lookup for longer than a beat. */
+static void *s_watchdog_main(void *arg)
+{
+    kh_health_t *self = arg;
+    int period = self->watchdog_ms < 4000 ? self->watchdog_ms / 4 : 1000;
+    pthread_mutex_lock(&self->mutex);
+    while (s_nap(self, period)) {
+        long long silent = s_now_ms() - atomic_load(&s_beat_ms);
+        if (silent < self->watchdog_ms)
+            continue;
+        kh_log_error("alert",
+                     "kind=hung silent_ms=%lld watchdog_ms=%d "
+                     "msg=\"the service's loop has not run for too long; "
+                     "exiting so that it is restarted\"",
+                     silent, self->watchdog_ms);
+        _exit(1);
+    }
+    pthread_mutex_unlock(&self->mutex);
     return NULL;
 }
 
@@ -811,6 +852,14 @@ kh_health_t *kh_health_new(const kh_health_config_t *config, kh_error_t *err)
         }
         self->probing = true;
     }
+    self->watchdog_ms = config->watchdog_ms;
+    if (self->watchdog_ms > 0) {
+        if (pthread_create(&self->watchdog, NULL, s_watchdog_main, self) != 0) {
+            kh_error_set(err, KH_E_INTERNAL, "", "cannot start the watchdog");
+            goto fail;
+        }
+        self->watching = true;
+    }
     return self;
 fail:
     kh_health_destroy(&self);
@@ -824,11 +873,13 @@ void kh_health_destroy(kh_health_t **self_p)
     kh_health_t *self = *self_p;
     if (self->daemon)
         MHD_stop_daemon(self->daemon);
+    pthread_mutex_lock(&self->mutex);
+    self->stop = true;
+    pthread_cond_broadcast(&self->wake);
+    pthread_mutex_unlock(&self->mutex);
+    if (self->watching)
+        pthread_join(self->watchdog, NULL);
     if (self->probing) {
-        pthread_mutex_lock(&self->mutex);
-        self->stop = true;
-        pthread_cond_signal(&self->wake);
-        pthread_mutex_unlock(&self->mutex);
         /* A probe can hang in the host name's lookup, which no libpq
          * timeout bounds (with the database's container gone, a lookup
          * waits for the resolver's timeouts, 10 s and more): the service

@@ -59,6 +59,14 @@ typedef struct {
         KH_CFG("KH_DATABASE_PASSWORD_FILE", KH_CFG_STRING, "", 0, 0, false,    \
                "file holding the database password, e.g. a mounted secret")
 
+/* Every service's watchdog (kh_health_config_t.watchdog_ms): longer than
+ * any statement a loop may wait for (audit's statement_timeout is 300 s),
+ * and at least twice the longest wait between two beats of a loop (5 s,
+ * KH_DB_RETRY_MAX_MS, while a service waits for PostgreSQL). */
+#define KH_CFG_WATCHDOG                                                        \
+    KH_CFG("KH_WATCHDOG_S", KH_CFG_INT, "600", 10, 86400, false,               \
+           "exit 1 (to be restarted) when the loop is silent this long")
+
 /* Read every entry of table[0..count) from the environment. Returns 0, or
  * -1 with err (KH_E_CONFIG, path = the variable's name) for the first
  * missing required variable or malformed / out-of-bounds value. */

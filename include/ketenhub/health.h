@@ -19,7 +19,10 @@
  * by the service; the database check by the probe. Liveness: the service's
  * loop beats (kh_health_beat, or a zloop timer from kh_health_attach); a
  * loop that has not beaten for 60 s makes /livez answer 503 (generous: a
- * first seal of a long trail or a large routing backlog takes a while).
+ * first seal of a long trail or a large routing backlog takes a while),
+ * and one silent for the watchdog's time (config.watchdog_ms) ends the
+ * process, for orchestrators that do not act on /livez (a compose file's
+ * restart policy acts only on an exit).
  */
 #ifndef KH_HEALTH_H_INCLUDED
 #define KH_HEALTH_H_INCLUDED
@@ -102,6 +105,9 @@ typedef struct {
      * gauges. NULL: the service's own (backlog per partner for
      * notification, trail head for audit). Families must be declared. */
     const char *gauge_sql;
+    /* The loop silent this long (ms) is hung: the process logs an alert
+     * and exits 1, for its supervisor to restart it. 0: never. */
+    int watchdog_ms;
 } kh_health_config_t;
 
 /* Start the HTTP endpoint and the database probe. Returns the object, or

@@ -38,6 +38,7 @@ static kh_cfg_t s_config[] = {
            "warn when a running transaction holds sealing back this long"),
     KH_CFG("KH_HEALTH_ENDPOINT", KH_CFG_STRING, "127.0.0.1:9704", 0, 0, false,
            "HOST:PORT of /livez, /readyz, /metrics (\"none\": off)"),
+    KH_CFG_WATCHDOG,
     KH_CFG("KH_LOG_LEVEL", KH_CFG_STRING, "info", 0, 0, false,
            "debug, info, warn or error"),
 };
@@ -81,11 +82,12 @@ static int s_main(int argc, char **argv)
     kh_error_clear(&err);
     /* First, so that a bad KH_HEALTH_ENDPOINT is named before anything
      * else. audit binds no socket; the probe reads the trail head. */
-    kh_health_config_t hc = {.service = "audit",
-                             .endpoint = s_cfg("KH_HEALTH_ENDPOINT")->str,
-                             .bind_optional =
-                                 !kh_config_is_set("KH_HEALTH_ENDPOINT"),
-                             .conninfo = s_cfg("KH_DATABASE_URL")->str};
+    kh_health_config_t hc = {
+        .service = "audit",
+        .endpoint = s_cfg("KH_HEALTH_ENDPOINT")->str,
+        .bind_optional = !kh_config_is_set("KH_HEALTH_ENDPOINT"),
+        .conninfo = s_cfg("KH_DATABASE_URL")->str,
+        .watchdog_ms = (int) s_cfg("KH_WATCHDOG_S")->num * 1000};
     kh_health_t *health = kh_health_new(&hc, &err);
     if (!health) {
         kh_log_error("start_failed", "code=%s path=%s msg=\"%s\"",

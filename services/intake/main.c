@@ -48,6 +48,7 @@ static kh_cfg_t s_config[] = {
            "routing's wake-up endpoint (\"none\" to send none)"),
     KH_CFG("KH_HEALTH_ENDPOINT", KH_CFG_STRING, "127.0.0.1:9701", 0, 0, false,
            "HOST:PORT of /livez, /readyz, /metrics (\"none\": off)"),
+    KH_CFG_WATCHDOG,
     KH_CFG("KH_LOG_LEVEL", KH_CFG_STRING, "info", 0, 0, false,
            "debug, info, warn or error"),
 };
@@ -99,11 +100,15 @@ static int s_main(int argc, char **argv)
 
     /* First, so that a bad KH_HEALTH_ENDPOINT is named before anything
      * else; not ready until the sockets are bound. */
-    kh_health_config_t hc = {.service = "intake",
-                             .endpoint = s_get("KH_HEALTH_ENDPOINT"),
-                             .bind_optional =
-                                 !kh_config_is_set("KH_HEALTH_ENDPOINT"),
-                             .conninfo = config.conninfo};
+    kh_health_config_t hc = {
+        .service = "intake",
+        .endpoint = s_get("KH_HEALTH_ENDPOINT"),
+        .bind_optional = !kh_config_is_set("KH_HEALTH_ENDPOINT"),
+        .conninfo = config.conninfo,
+        .watchdog_ms =
+            (int) kh_config_get(s_config, S_CONFIG_COUNT, "KH_WATCHDOG_S")
+                ->num *
+            1000};
     kh_health_t *health = kh_health_new(&hc, &err);
     if (!health) {
         kh_log_error("start_failed", "code=%s path=%s msg=\"%s\"",

@@ -55,6 +55,7 @@ static kh_cfg_t s_config[] = {
            "largest frame a partner may send on this socket"),
     KH_CFG("KH_HEALTH_ENDPOINT", KH_CFG_STRING, "127.0.0.1:9703", 0, 0, false,
            "HOST:PORT of /livez, /readyz, /metrics (\"none\": off)"),
+    KH_CFG_WATCHDOG,
     KH_CFG("KH_LOG_LEVEL", KH_CFG_STRING, "info", 0, 0, false,
            "debug, info, warn or error"),
 };
@@ -105,11 +106,12 @@ static int s_main(int argc, char **argv)
     /* First, so that a bad KH_HEALTH_ENDPOINT is named before anything
      * else; not ready until the sockets are bound. The probe also reads
      * the backlog per partner for /metrics. */
-    kh_health_config_t hc = {.service = "notification",
-                             .endpoint = s_cfg("KH_HEALTH_ENDPOINT")->str,
-                             .bind_optional =
-                                 !kh_config_is_set("KH_HEALTH_ENDPOINT"),
-                             .conninfo = config.conninfo};
+    kh_health_config_t hc = {
+        .service = "notification",
+        .endpoint = s_cfg("KH_HEALTH_ENDPOINT")->str,
+        .bind_optional = !kh_config_is_set("KH_HEALTH_ENDPOINT"),
+        .conninfo = config.conninfo,
+        .watchdog_ms = (int) s_cfg("KH_WATCHDOG_S")->num * 1000};
     kh_health_t *health = kh_health_new(&hc, &err);
     if (!health) {
         kh_log_error("start_failed", "code=%s path=%s msg=\"%s\"",

@@ -44,6 +44,7 @@ static kh_cfg_t s_config[] = {
            "how often the partner registry is re-read (optional targets)"),
     KH_CFG("KH_HEALTH_ENDPOINT", KH_CFG_STRING, "127.0.0.1:9702", 0, 0, false,
            "HOST:PORT of /livez, /readyz, /metrics (\"none\": off)"),
+    KH_CFG_WATCHDOG,
     KH_CFG("KH_LOG_LEVEL", KH_CFG_STRING, "info", 0, 0, false,
            "debug, info, warn or error"),
 };
@@ -104,12 +105,13 @@ static int s_main(int argc, char **argv)
 
     /* First, so that a bad KH_HEALTH_ENDPOINT is named before anything
      * else; ready once the socket is bound and the rules are loaded. */
-    kh_health_config_t hc = {.service = "routing",
-                             .endpoint = s_cfg("KH_HEALTH_ENDPOINT")->str,
-                             .bind_optional =
-                                 !kh_config_is_set("KH_HEALTH_ENDPOINT"),
-                             .conninfo = config.conninfo,
-                             .needs_rules = true};
+    kh_health_config_t hc = {
+        .service = "routing",
+        .endpoint = s_cfg("KH_HEALTH_ENDPOINT")->str,
+        .bind_optional = !kh_config_is_set("KH_HEALTH_ENDPOINT"),
+        .conninfo = config.conninfo,
+        .needs_rules = true,
+        .watchdog_ms = (int) s_cfg("KH_WATCHDOG_S")->num * 1000};
     kh_health_t *health = kh_health_new(&hc, &err);
     if (!health) {
         kh_log_error("start_failed", "code=%s path=%s msg=\"%s\"",
@@ -129,6 +131,7 @@ static int s_main(int argc, char **argv)
             routing_destroy(&routing);
             break;
         }
+        kh_health_beat(); /* waiting is not hanging (/livez, watchdog) */
         int ms = KH_DB_CONNECT_POLL_MS; /* an attempt under way */
         if (!routing_connecting(routing)) {
             ms = wait_ms = kh_db_retry_next(wait_ms);

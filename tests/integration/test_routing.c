@@ -732,16 +732,21 @@ END_TEST
 
 /* Routing started before the migrations (a fresh deployment whose
  * migrate job is still running): it waits for its tables as it waits for
- * the database, instead of exiting, and starts once they are there. */
+ * the database, instead of exiting, beating all the while (its watchdog
+ * would end it), and starts once they are there. */
 START_TEST(started_before_the_migrations_it_waits_for_them)
 {
     khtest_db_exec(s_db, "ALTER TABLE referrals RENAME TO referrals_later", 0,
                    NULL);
+    /* Waiting longer than its watchdog's time: waiting is not hanging. */
+    setenv("KH_WATCHDOG_S", "10", 1);
     pid_t pid = s_start(s_endpoint(), NULL, 20, "routing.log");
+    unsetenv("KH_WATCHDOG_S");
     bool waited = s_log_has("routing.log", "sqlstate 42P01", 10000);
-    usleep(500 * 1000);
-    bool alive =
-        kill(pid, 0) == 0 && !s_log_has("routing.log", "event=start_failed", 0);
+    usleep(12 * 1000 * 1000);
+    bool alive = kill(pid, 0) == 0 &&
+                 !s_log_has("routing.log", "event=start_failed", 0) &&
+                 !s_log_has("routing.log", "kind=hung", 0);
     khtest_db_exec(s_db, "ALTER TABLE referrals_later RENAME TO referrals", 0,
                    NULL);
     ck_assert_msg(waited && alive, "see %s", s_path("routing.log"));

@@ -2,11 +2,13 @@
  * The metrics registry and its Prometheus text format (common/health.c),
  * without network or database: families in declaration order, counters
  * and gauges with and without a label, cumulative histogram buckets,
- * escaped label values, undeclared names ignored, the service tables.
+ * escaped label values, undeclared names ignored, the service tables;
+ * and the watchdog that ends a process whose loop fell silent.
  */
 #include <check.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "ketenhub/health.h"
 #include "khtest.h"
@@ -186,6 +188,37 @@ START_TEST(no_endpoint_and_bad_endpoints)
 }
 END_TEST
 
+/* A loop that beats keeps its process; one that falls silent for the
+ * watchdog's time ends it with status 1 (an exit test). */
+START_TEST(a_beating_loop_is_left_alone)
+{
+    kh_error_t err;
+    kh_health_config_t cfg = {
+        .service = "routing", .endpoint = "none", .watchdog_ms = 300};
+    kh_health_t *health = kh_health_new(&cfg, &err);
+    ck_assert_ptr_nonnull(health);
+    for (int i = 0; i < 15; i++) {
+        kh_health_beat();
+        usleep(100 * 1000);
+    }
+    kh_health_destroy(&health);
+    usleep(500 * 1000); /* a watchdog left running would end us here */
+}
+END_TEST
+
+START_TEST(a_silent_loop_ends_the_process)
+{
+    kh_error_t err;
+    kh_health_config_t cfg = {
+        .service = "routing", .endpoint = "none", .watchdog_ms = 300};
+    kh_health_t *health = kh_health_new(&cfg, &err);
+    ck_assert_ptr_nonnull(health);
+    usleep(2500 * 1000);
+    kh_health_destroy(&health);
+    ck_abort_msg("the watchdog let a loop silent for 2.5 s live on");
+}
+END_TEST
+
 int main(void)
 {
     Suite *suite = suite_create("health");
@@ -197,6 +230,10 @@ int main(void)
     tcase_add_test(tc, label_values_are_escaped);
     tcase_add_test(tc, each_service_declares_its_families);
     tcase_add_test(tc, no_endpoint_and_bad_endpoints);
+    suite_add_tcase(suite, tc);
+    tc = tcase_create("watchdog");
+    tcase_add_test(tc, a_beating_loop_is_left_alone);
+    tcase_add_exit_test(tc, a_silent_loop_ends_the_process, 1);
     suite_add_tcase(suite, tc);
     return khtest_run_suite(suite);
 }
