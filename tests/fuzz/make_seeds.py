@@ -107,7 +107,7 @@ EDGES = {
     "key-not-identifier": b"\x81\xa3a b\x81\xa3x.y\x90",
 }
 
-for f in ("decode", "intake", "schema"):
+for f in ("decode", "intake", "schema", "rules"):
     shutil.rmtree(os.path.join(HERE, "corpus", f), ignore_errors=True)
 
 for i, name in enumerate(EXAMPLES):
@@ -143,6 +143,16 @@ write("intake", "reply-as-request.mp",
 write("intake", "unknown-field.mp",
       pack({"v": 1, "cmd": "PING", "cid": "p-3", "e-mail adres": "x"}))
 
+# The rules: the default file and every malformed one of the tests.
+with open(os.path.join(ROOT, "schemas", "rules", "default.yaml"), "rb") as f:
+    write("rules", "default.yaml", f.read())
+INVALID_RULES = os.path.join(ROOT, "schemas", "rules", "invalid")
+for name in sorted(os.listdir(INVALID_RULES)):
+    if name.endswith(".yaml"):
+        with open(os.path.join(INVALID_RULES, name), "rb") as f:
+            write("rules", "invalid-" + name, f.read())
+
+
 def words(node, out):
     """Property names and string enum/const values of a schema."""
     if isinstance(node, dict):
@@ -172,4 +182,18 @@ with open(os.path.join(HERE, "schema.dict"), "w", encoding="ascii") as f:
               '"2024-02-29T12:00:00Z"'):
         f.write("%s\n" % json.dumps(w))
 write("schema", "deep.json", "[" * 40 + "]" * 40)
+
+# The rules' own words: keys, operators, priorities, partners.
+with open(os.path.join(HERE, "rules.dict"), "w", encoding="ascii") as f:
+    f.write("# Keys, operators and values of the rules format\n"
+            "# (schemas/rules.md), written by make_seeds.py.\n")
+    for w in ("version:", "fallback:", "rules:", "name:", "when:", "then:",
+              "targets:", "partner:", "fields:", "priority:", "continue:",
+              "optional:", "escalate_to:", "description:", "all:", "any:", "not:",
+              "field:", "equals:", "in:", "contains:", "lt:", "le:", "gt:",
+              "ge:", "present:", "normal", "high", "urgent", "true",
+              "false", "veilig-thuis", "zorgcoordinator", "avim",
+              "ketenregisseur", "arbeidsinspectie", "- ", "{", "}", "[",
+              "]", "&a", "*a", "!!str", "---", "...", "|", ">", "#"):
+        f.write("%s\n" % json.dumps(w))
 write("schema", "nul-in-string.json", '{"schema_version":"referral\\u0000v1"}')
