@@ -1,7 +1,7 @@
 #!/bin/sh
 # Build the libFuzzer harnesses (tests/fuzz) with clang, ASan and UBSan in
 # build-fuzz/, then run each for SECONDS (default 30), one after another.
-#   scripts/fuzz.sh [SECONDS] [HARNESS...]   harnesses: decode schema intake rules
+#   scripts/fuzz.sh [SECONDS] [HARNESS...]   harnesses: decode schema intake rules export
 # Seeds are read from tests/fuzz/corpus/<harness>/; what the fuzzer finds
 # goes to build-fuzz/corpus/<harness>/ (kept between runs, never committed)
 # and a failing input to build-fuzz/artifacts/<harness>/. A harness fails on
@@ -14,7 +14,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 build="$here/build-fuzz"
 seconds=${1:-30}
 [ $# -gt 0 ] && shift
-harnesses=${*:-decode schema intake rules}
+harnesses=${*:-decode schema intake rules export}
 
 case $seconds in
 '' | *[!0-9]*)
