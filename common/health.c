@@ -565,8 +565,8 @@ static bool s_probe_once(kh_health_t *self, PGconn **conn_p, bool gauges)
     return true;
 }
 
-/* Wait until the next whole period of ms, or until stopped; with the
- * mutex held. Returns whether to go on. */
+/* Wait ms, or until stopped; with the mutex held. Returns whether to go
+ * on. */
 static bool s_nap(kh_health_t *self, int ms)
 {
     struct timespec until;
@@ -612,15 +612,22 @@ static void *s_probe_main(void *arg)
  * the process exits 1 so that its supervisor (a container's restart
  * policy, systemd) starts it again, which costs nothing that is committed
  * (promise 3: a service may die at any moment). A thread of its own: the
- * probe can wait on a host name's lookup for longer than a beat. */
+ * probe can wait on a host name's lookup for longer than a beat. When the
+ * watchdog itself slept far past its period, the whole process was
+ * stopped (SIGSTOP, a paused container): the loop gets a period to beat
+ * before it is judged. */
 static void *s_watchdog_main(void *arg)
 {
     kh_health_t *self = arg;
     int period = self->watchdog_ms < 4000 ? self->watchdog_ms / 4 : 1000;
+    long long checked = s_now_ms();
     pthread_mutex_lock(&self->mutex);
     while (s_nap(self, period)) {
-        long long silent = s_now_ms() - atomic_load(&s_beat_ms);
-        if (silent < self->watchdog_ms)
+        long long now = s_now_ms();
+        bool stopped = now - checked > 2LL * period + 1000;
+        checked = now;
+        long long silent = now - atomic_load(&s_beat_ms);
+        if (stopped || silent < self->watchdog_ms)
             continue;
         kh_log_error("alert",
                      "kind=hung silent_ms=%lld watchdog_ms=%d "

@@ -6,8 +6,10 @@
  * and the watchdog that ends a process whose loop fell silent.
  */
 #include <check.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "ketenhub/health.h"
@@ -206,6 +208,34 @@ START_TEST(a_beating_loop_is_left_alone)
 }
 END_TEST
 
+/* A process stopped as a whole (SIGSTOP, a paused container) for longer
+ * than the watchdog's time is not hung: once it runs again its loop gets
+ * the time to beat before the watchdog judges it. */
+START_TEST(a_process_stopped_and_continued_is_left_alone)
+{
+    kh_error_t err;
+    kh_health_config_t cfg = {
+        .service = "routing", .endpoint = "none", .watchdog_ms = 300};
+    kh_health_t *health = kh_health_new(&cfg, &err);
+    ck_assert_ptr_nonnull(health);
+    pid_t self = getpid();
+    pid_t waker = fork();
+    ck_assert_int_ge(waker, 0);
+    if (waker == 0) {
+        usleep(1500 * 1000);
+        kill(self, SIGCONT);
+        _exit(0);
+    }
+    raise(SIGSTOP);
+    for (int i = 0; i < 20; i++) {
+        kh_health_beat();
+        usleep(50 * 1000);
+    }
+    kh_health_destroy(&health);
+    waitpid(waker, NULL, 0);
+}
+END_TEST
+
 START_TEST(a_silent_loop_ends_the_process)
 {
     kh_error_t err;
@@ -233,6 +263,7 @@ int main(void)
     suite_add_tcase(suite, tc);
     tc = tcase_create("watchdog");
     tcase_add_test(tc, a_beating_loop_is_left_alone);
+    tcase_add_test(tc, a_process_stopped_and_continued_is_left_alone);
     tcase_add_exit_test(tc, a_silent_loop_ends_the_process, 1);
     suite_add_tcase(suite, tc);
     return khtest_run_suite(suite);
