@@ -1311,6 +1311,33 @@ static kh_rcond_t *s_leaf(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
             c->op = (kh_rcop_t) op;
             vn = s_get(n, s_ops[op]);
         }
+    if (fn && ops == 0) {
+        s_error(ctx, KH_E_RULES_SYNTAX, path, n,
+                "the condition has no operator: add one of equals, in, "
+                "contains, lt, le, gt, ge or present");
+        *failed = true;
+        return c;
+    }
+    if (fn && ops > 1) {
+        /* Two bounds in one mapping is the usual way to write a range. */
+        char names[96] = "";
+        for (int op = KH_RC_EQ, seen = 0; op <= KH_RC_PRESENT; op++)
+            if (s_get(n, s_ops[op])) {
+                seen++;
+                snprintf(names + strlen(names), sizeof names - strlen(names),
+                         "%s%s",
+                         seen == 1     ? ""
+                         : seen == ops ? " and "
+                                       : ", ",
+                         s_ops[op]);
+            }
+        s_error(ctx, KH_E_RULES_SYNTAX, path, n,
+                "the condition has %d operators (%s) and takes one: give "
+                "each its own condition under all: [...]",
+                ops, names);
+        *failed = true;
+        return c;
+    }
     if (!fn || ops != 1) {
         s_error(ctx, KH_E_RULES_SYNTAX, path, n,
                 "a condition is {field, one operator} or all, any, not");
@@ -1531,9 +1558,13 @@ static const kh_rcond_t *s_never_origin(const kh_rcond_t *c)
 static int s_priority(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
                       kh_priority_t *out)
 {
-    const char *s = s_want_string(ctx, n, path, "priority");
-    if (!s)
+    /* A number (priority: 1) gets the three names, not "must be text":
+     * they are what to write. */
+    if (!s_want(ctx, n, S_YSCALAR, path, "priority"))
         return -1;
+    bool b;
+    double d;
+    const char *s = s_scalar_type(n, &b, &d) == S_TSTR ? n->str : "";
     for (int p = KH_PRIORITY_NORMAL; p <= KH_PRIORITY_URGENT; p++)
         if (strcmp(s, kh_priority_name((kh_priority_t) p)) == 0) {
             *out = (kh_priority_t) p;

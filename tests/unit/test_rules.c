@@ -892,6 +892,27 @@ START_TEST(test_messages_say_what_to_do)
          "indentation of this line against the lines above it (the same "
          "depth lines up exactly, with spaces)"},
         {"version: 1\n"
+         "fallback: {targets: [{partner: zorgcoordinator, fields: [needs]}]}\n"
+         "rules:\n"
+         "- {name: r1, when: {field: subject.age, gt: 11, lt: 18},\n"
+         "   then: {targets: [{partner: avim, fields: [risk]}]}}\n",
+         4, 20,
+         "the condition has 2 operators (lt and gt) and takes one: give each "
+         "its own condition under all: [...]"},
+        {"version: 1\n"
+         "fallback: {targets: [{partner: zorgcoordinator, fields: [needs]}]}\n"
+         "rules:\n"
+         "- {name: r1, when: {field: suspects},\n"
+         "   then: {targets: [{partner: avim, fields: [risk]}]}}\n",
+         4, 20,
+         "the condition has no operator: add one of equals, in, contains, lt, "
+         "le, gt, ge or present"},
+        {"version: 1\n"
+         "fallback: {targets: [{partner: zorgcoordinator, priority: 1,\n"
+         "                      fields: [needs]}]}\n"
+         "rules: []\n",
+         2, 59, "priority is normal, high or urgent"},
+        {"version: 1\n"
          "fallback: {targets: [{partner: zorgcoordinator, fields: &f "
          "[needs]}]}\n"
          "rules: []\n",
