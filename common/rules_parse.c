@@ -21,6 +21,11 @@
 #include "ketenhub/proto.h"
 #include "rules_internal.h"
 
+/* What a partner id is, for a target that names none (%s: the value). */
+#define S_NOT_PARTNER_ID                                                       \
+    "%s is not a partner id: 2 to 32 of a-z, 0-9 and -, starting with a "      \
+    "letter, as ketenhubctl partner list shows them"
+
 /* ---- a small YAML tree ------------------------------------------------ */
 
 typedef enum { S_YSCALAR, S_YSEQ, S_YMAP } s_ykind_t;
@@ -246,15 +251,33 @@ static int s_refuse_anchor(s_ctx_t *ctx, const yaml_event_t *ev,
     int column = (int) ev->start_mark.column + 1;
     if (anchor) {
         s_error_at(ctx, KH_E_RULES_ALIAS, "", line, column,
-                   "anchors and aliases are not allowed");
+                   "anchors and aliases are not allowed: write the "
+                   "value out in full at each place it is used");
         return -1;
     }
     if (tag) {
         s_error_at(ctx, KH_E_RULES_SYNTAX, "", line, column,
-                   "tags are not allowed");
+                   "tags are not allowed: remove the !tag; quote a value "
+                   "that must be text");
         return -1;
     }
     return 0;
+}
+
+/* What to do about a problem libyaml found, or "": its messages say what
+ * the parser expected, and an administrator's usual cause is a tab or a
+ * line indented more or less than its neighbours. */
+static const char *s_yaml_hint(const yaml_parser_t *parser)
+{
+    const char *problem = parser->problem ? parser->problem : "";
+    const char *context = parser->context ? parser->context : "";
+    if (strstr(problem, "tab"))
+        return "; indent with spaces, not tabs";
+    if (strstr(context, "block") || strstr(problem, "indentation") ||
+        strstr(problem, "mapping values are not allowed"))
+        return "; check the indentation of this line against the lines "
+               "above it (the same depth lines up exactly, with spaces)";
+    return "";
 }
 
 /* Parse len bytes into a tree. NULL after reporting the first problem. */
@@ -284,10 +307,11 @@ static s_ynode_t *s_parse_yaml(s_ctx_t *ctx, const unsigned char *data,
         if (!yaml_parser_parse(&parser, &ev)) {
             s_error_at(ctx, KH_E_RULES_SYNTAX, "",
                        (int) parser.problem_mark.line + 1,
-                       (int) parser.problem_mark.column + 1, "%s%s%s",
+                       (int) parser.problem_mark.column + 1, "%s%s%s%s",
                        parser.context ? parser.context : "",
                        parser.context ? ": " : "",
-                       parser.problem ? parser.problem : "invalid YAML");
+                       parser.problem ? parser.problem : "invalid YAML",
+                       s_yaml_hint(&parser));
             failed = true;
             break;
         }
@@ -307,7 +331,8 @@ static s_ynode_t *s_parse_yaml(s_ctx_t *ctx, const unsigned char *data,
             break;
         case YAML_ALIAS_EVENT:
             s_error_at(ctx, KH_E_RULES_ALIAS, "", line, column,
-                       "anchors and aliases are not allowed");
+                       "anchors and aliases are not allowed: write the "
+                       "value out in full at each place it is used");
             failed = true;
             break;
         case YAML_SCALAR_EVENT:
@@ -1286,6 +1311,33 @@ static kh_rcond_t *s_leaf(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
             c->op = (kh_rcop_t) op;
             vn = s_get(n, s_ops[op]);
         }
+    if (fn && ops == 0) {
+        s_error(ctx, KH_E_RULES_SYNTAX, path, n,
+                "the condition has no operator: add one of equals, in, "
+                "contains, lt, le, gt, ge or present");
+        *failed = true;
+        return c;
+    }
+    if (fn && ops > 1) {
+        /* Two bounds in one mapping is the usual way to write a range. */
+        char names[96] = "";
+        for (int op = KH_RC_EQ, seen = 0; op <= KH_RC_PRESENT; op++)
+            if (s_get(n, s_ops[op])) {
+                seen++;
+                snprintf(names + strlen(names), sizeof names - strlen(names),
+                         "%s%s",
+                         seen == 1     ? ""
+                         : seen == ops ? " and "
+                                       : ", ",
+                         s_ops[op]);
+            }
+        s_error(ctx, KH_E_RULES_SYNTAX, path, n,
+                "the condition has %d operators (%s) and takes one: give "
+                "each its own condition under all: [...]",
+                ops, names);
+        *failed = true;
+        return c;
+    }
     if (!fn || ops != 1) {
         s_error(ctx, KH_E_RULES_SYNTAX, path, n,
                 "a condition is {field, one operator} or all, any, not");
@@ -1506,9 +1558,13 @@ static const kh_rcond_t *s_never_origin(const kh_rcond_t *c)
 static int s_priority(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
                       kh_priority_t *out)
 {
-    const char *s = s_want_string(ctx, n, path, "priority");
-    if (!s)
+    /* A number (priority: 1) gets the three names, not "must be text":
+     * they are what to write. */
+    if (!s_want(ctx, n, S_YSCALAR, path, "priority"))
         return -1;
+    bool b;
+    double d;
+    const char *s = s_scalar_type(n, &b, &d) == S_TSTR ? n->str : "";
     for (int p = KH_PRIORITY_NORMAL; p <= KH_PRIORITY_URGENT; p++)
         if (strcmp(s, kh_priority_name((kh_priority_t) p)) == 0) {
             *out = (kh_priority_t) p;
@@ -1586,7 +1642,7 @@ static int s_escalate_to(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
     if (!to)
         return -1;
     if (!kh_partner_id_valid(to)) {
-        s_error(ctx, KH_E_RULES_UNKNOWN_PARTNER, path, n, "not a partner id");
+        s_error(ctx, KH_E_RULES_UNKNOWN_PARTNER, path, n, S_NOT_PARTNER_ID, to);
         return -1;
     }
     if (strcmp(to, id) == 0) {
@@ -1610,13 +1666,16 @@ static int s_escalate_to(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
         }
         if (!reg) {
             s_error(ctx, KH_E_RULES_UNKNOWN_PARTNER, path, n,
-                    "escalation partner %s is not registered", to);
+                    "escalation partner %s is not registered (or was "
+                    "revoked): correct the id, or register the partner "
+                    "first (ketenhubctl partner add)",
+                    to);
             return -1;
         }
         if (!reg->handles_cases) {
             s_error(ctx, KH_E_RULES_NO_CASES_PARTNER, path, n,
                     "partner %s does not handle cases and may not receive "
-                    "a copy of case data",
+                    "a copy of case data: name a partner that handles cases",
                     to);
             return -1;
         }
@@ -1684,7 +1743,8 @@ static int s_targets(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
             continue;
         }
         if (!kh_partner_id_valid(id)) {
-            s_error(ctx, KH_E_RULES_UNKNOWN_PARTNER, p, pn, "not a partner id");
+            s_error(ctx, KH_E_RULES_UNKNOWN_PARTNER, p, pn, S_NOT_PARTNER_ID,
+                    id);
             rc = -1;
             continue;
         }
@@ -1698,12 +1758,16 @@ static int s_targets(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
                 target->active = false;
             } else if (!reg) {
                 s_error(ctx, KH_E_RULES_UNKNOWN_PARTNER, p, pn,
-                        "partner %s is not registered", id);
+                        "partner %s is not registered (or was revoked): "
+                        "correct the id, register the partner first "
+                        "(ketenhubctl partner add), or mark this target "
+                        "optional: true",
+                        id);
                 rc = -1;
             } else if (!reg->handles_cases) {
                 s_error(ctx, KH_E_RULES_NO_CASES_PARTNER, p, pn,
                         "partner %s does not handle cases and may not "
-                        "receive case data",
+                        "receive case data: remove this target",
                         id);
                 rc = -1;
             }
@@ -1851,7 +1915,10 @@ static void s_document(s_ctx_t *ctx, const s_ynode_t *root)
             const char *id = s_want_string(ctx, req->items[i], p, "partner");
             if (id && ctx->opts->partners && !s_registered(ctx->opts, id))
                 s_error(ctx, KH_E_RULES_UNKNOWN_PARTNER, p, req->items[i],
-                        "required partner %s is not registered", id);
+                        "required partner %s is not registered (or was "
+                        "revoked): register it first (ketenhubctl partner "
+                        "add), or take it out of partners_required",
+                        id);
         }
     const s_ynode_t *fb = s_get(root, "fallback");
     if (!fb)

@@ -32,7 +32,7 @@
 #define S_READ_MAX 4096      /* frames read in one round */
 #define S_STATS_MS 10000     /* stats line */
 #define S_WAKE_MAX 65536     /* bytes of a wake-up */
-#define S_RELOAD_MIN_MS 1000 /* registry re-read for an unknown key */
+#define S_RELOAD_MIN_MS 1000 /* registry re-read per unknown key */
 #define S_LINGER_MS 100
 #define S_INTERNAL_DOMAIN "ketenhub-internal" /* ZAP domain of wake-ups */
 #define S_HELD_MAX (KH_WINDOW_MAX * 4) /* DELIVERs that lost their peer */
@@ -93,8 +93,8 @@ struct _notify_t {
     int retry_ms;          /* the wait after the last failed attempt, or 0 */
     int64_t connect_after; /* zclock_mono before which no tick tries */
     zhashx_t *partners;    /* Z85 key -> partner id */
-    int64_t partners_loaded;
-    zhashx_t *conns; /* identity (hex) -> s_conn_t */
+    kh_throttle_t *unknown_keys; /* key: one registry re-read a second */
+    zhashx_t *conns;             /* identity (hex) -> s_conn_t */
     s_pending_t *pending;
     size_t npending;
     dstore_answer_t *acks; /* the round's distinct ACKs, for the store */
@@ -527,7 +527,6 @@ static void s_load_partners(notify_t *self)
 {
     kh_error_t err;
     zhashx_t *partners = dstore_partners(self->store, &err);
-    self->partners_loaded = zclock_mono();
     if (!partners) {
         kh_log_warn("partners_unread", "code=%s", kh_error_name(err.code));
         return;
@@ -556,13 +555,16 @@ static void s_drop_unadmitted(notify_t *self)
 }
 
 /* The partner of an authenticated key; an unknown key re-reads the
- * registry (at most once a second), so a partner added at run time is
- * known at its first frame. */
+ * registry (at most once a second per key, as intake does), so a partner
+ * added at run time is known at its first frame, however recently the
+ * registry was read for the refresh or for another key: a partner's
+ * client stops for good at an unknown_partner. Only keys that passed the
+ * handshake, i.e. are in the partner directory, get this far. */
 static const char *s_partner_of(notify_t *self, const char *key)
 {
     const char *id = self->partners ? zhashx_lookup(self->partners, key) : NULL;
     if (id || !dstore_up(self->store) ||
-        zclock_mono() - self->partners_loaded < S_RELOAD_MIN_MS)
+        !kh_throttle_pass(self->unknown_keys, key, zclock_mono()))
         return id;
     s_load_partners(self);
     return self->partners ? zhashx_lookup(self->partners, key) : NULL;
@@ -1832,6 +1834,7 @@ notify_t *notify_new(const notify_config_t *config, kh_error_t *err)
     self->auth_gate = kh_refusal_gate_new(KH_REFUSAL_REPEAT_MS, KH_REFUSAL_RATE,
                                           KH_REFUSAL_BURST, KH_REFUSAL_LOG_MS);
     self->throttle_logged = kh_throttle_new(10000, 10000);
+    self->unknown_keys = kh_throttle_new(S_RELOAD_MIN_MS, 1000);
     /* 10 s worth at once, and at least a window: after a restart a
      * partner ACKs what the process before sent, which no connection of
      * this one has out, and none of that is a refusal. */
@@ -1844,7 +1847,7 @@ notify_t *notify_new(const notify_config_t *config, kh_error_t *err)
     self->loop = zloop_new();
     if (!self->store || !self->conns || !self->batch_ids || !self->pending ||
         !self->acks || !self->nacks || !self->outbox || !self->held ||
-        !self->auth_gate || !self->throttle_logged ||
+        !self->auth_gate || !self->throttle_logged || !self->unknown_keys ||
         (config->partner_refusals > 0 && !self->refusals) || !self->loop) {
         kh_error_set(err, KH_E_NOMEM, "", "out of memory");
         goto fail;
@@ -1883,6 +1886,7 @@ void notify_destroy(notify_t **self_p)
     zlistx_destroy(&self->held);
     kh_refusal_gate_destroy(&self->auth_gate);
     kh_throttle_destroy(&self->throttle_logged);
+    kh_throttle_destroy(&self->unknown_keys);
     kh_ratelimit_destroy(&self->refusals);
     dstore_destroy(&self->store);
     free(self);

@@ -2906,6 +2906,35 @@ START_TEST(a_connection_whose_key_overlap_ended_is_sent_nothing_more)
 }
 END_TEST
 
+/* A partner registered while notification runs is known at its first
+ * HELLO, also when the registry was read less than a second before (the
+ * periodic refresh, or another new partner's first frame): its client
+ * (ketenhub-partner listen) stops for good at an unknown_partner. Two
+ * partners added one after the other are each welcomed at once. */
+START_TEST(partners_added_at_run_time_are_each_known_at_their_first_hello)
+{
+    pid_t pid =
+        s_start("notification.log", "KH_PARTNER_REFRESH_MS=3600000", NULL);
+    ck_assert(s_log_has("notification.log", "event=db_connected", 10000));
+    const char *added[] = {"meldpunt-hilversum", "arbeidsinspectie"};
+    const char *kinds[] = {"municipality", "inspectorate"};
+    for (size_t i = 0; i < 2; i++) {
+        s_register(added[i], kinds[i], true);
+        zsock_t *sock = s_partner(added[i]);
+        json_t *hello = kh_proto_new(KH_CMD_HELLO, "h1");
+        khpartner_send(sock, hello);
+        json_t *reply = khpartner_recv(sock, 5000);
+        ck_assert_msg(reply != NULL, "no answer to %s's HELLO", added[i]);
+        ck_assert_msg(strcmp(s_str(reply, "cmd"), "WELCOME") == 0,
+                      "%s's HELLO: %s %s", added[i], s_str(reply, "cmd"),
+                      s_str(reply, "code"));
+        json_decref(reply);
+        zsock_destroy(&sock);
+    }
+    s_stop(pid);
+}
+END_TEST
+
 /* The log's partner_connected line gives the window the connection is
  * sent within, the one its HELLO asked for, not the hub's largest: it is
  * what an administrator reads to see why a partner gets one delivery at a
@@ -3224,6 +3253,12 @@ static Suite *s_suite(void)
                    made_up_keys_at_the_handshake_are_audited_within_a_bound);
     tcase_add_test(stranger, bad_frames_without_end_do_not_fill_the_log);
     suite_add_tcase(suite, stranger);
+    TCase *added = tcase_create("partner_added");
+    tcase_add_checked_fixture(added, s_setup, s_teardown);
+    tcase_set_timeout(added, 60);
+    tcase_add_test(
+        added, partners_added_at_run_time_are_each_known_at_their_first_hello);
+    suite_add_tcase(suite, added);
     /* What a partner may do that the reference client never does. */
     TCase *odd = tcase_create("odd_partner");
     tcase_add_checked_fixture(odd, s_setup, s_teardown);

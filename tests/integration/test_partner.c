@@ -666,6 +666,12 @@ START_TEST(test_ctl_end_to_end)
                                 "--kind", "ketenregisseur", "--cert-dir",
                                 cert_dir, "--out", out3),
                      2);
+    /* The refusal gives the kinds to choose from. */
+    ck_assert_msg(strstr(text, "the kinds are: veilig_thuis, zorgcoordinator, "
+                               "police, municipality, inspectorate, "
+                               "national_centre, chain_director, other (the "
+                               "ketenregisseur is chain_director)"),
+                  "%s", text);
     free(text);
     ck_assert_int_eq(KHTEST_CTL(&text, "partner", "add", "okid", "--name", "x",
                                 "--kind", "other", "--out", out3),

@@ -806,6 +806,135 @@ START_TEST(test_messages_say_what_fits)
 }
 END_TEST
 
+/* A message about a partner or the file's layout says what to do about
+ * it, not only what the parser or the registry found: an administrator
+ * who reads "not registered" for a typo, a partner not yet added or one
+ * revoked, or libyaml's "did not find expected '-' indicator" for a line
+ * indented one space too far, is told where to look. One whole file per
+ * case (the partners are the demo's), the first error's message and
+ * place. */
+START_TEST(test_messages_say_what_to_do)
+{
+    static const struct {
+        const char *yaml;
+        int line, column;
+        const char *message;
+    } cases[] = {
+        {"version: 1\n"
+         "fallback: {targets: [{partner: zorgcoordinator, fields: [needs]}]}\n"
+         "rules:\n"
+         "- {name: r1, when: {field: scope, equals: domestic},\n"
+         "   then: {targets: [{partner: meldpunt-hilversem, fields: "
+         "[risk]}]}}\n",
+         5, 31,
+         "partner meldpunt-hilversem is not registered (or was revoked): "
+         "correct the id, register the partner first (ketenhubctl partner "
+         "add), or mark this target optional: true"},
+        {"version: 1\n"
+         "fallback: {targets: [{partner: zorgcoordinator, fields: [needs]}]}\n"
+         "rules:\n"
+         "- {name: r1, when: {field: scope, equals: domestic},\n"
+         "   then: {targets: [{partner: avim, priority: urgent, fields: "
+         "[risk],\n"
+         "                     escalate_to: {partner: zorg, fields: "
+         "[risk]}}]}}\n",
+         6, 45,
+         "escalation partner zorg is not registered (or was revoked): "
+         "correct the id, or register the partner first (ketenhubctl partner "
+         "add)"},
+        {"version: 1\n"
+         "partners_required: [avim, arbeidsinspectie]\n"
+         "fallback: {targets: [{partner: zorgcoordinator, fields: [needs]}]}\n"
+         "rules: []\n",
+         2, 27,
+         "required partner arbeidsinspectie is not registered (or was "
+         "revoked): register it first (ketenhubctl partner add), or take it "
+         "out of partners_required"},
+        {"version: 1\n"
+         "fallback: {targets: [{partner: ketenregisseur, fields: [needs]}]}\n"
+         "rules: []\n",
+         2, 32,
+         "partner ketenregisseur does not handle cases and may not receive "
+         "case data: remove this target"},
+        {"version: 1\n"
+         "fallback: {targets: [{partner: Zorgcoordinator, fields: [needs]}]}\n"
+         "rules: []\n",
+         2, 32,
+         "Zorgcoordinator is not a partner id: 2 to 32 of a-z, 0-9 and -, "
+         "starting with a letter, as ketenhubctl partner list shows them"},
+        {"version: 1\n"
+         "fallback:\n"
+         "  targets:\n"
+         "    - partner: zorgcoordinator\n"
+         "\t  fields: [needs]\n"
+         "rules: []\n",
+         5, 1,
+         "while scanning a plain scalar: found a tab character that violates "
+         "indentation; indent with spaces, not tabs"},
+        {"version: 1\n"
+         "fallback:\n"
+         "  targets:\n"
+         "    - partner: zorgcoordinator\n"
+         "     fields: [needs]\n"
+         "rules: []\n",
+         5, 6,
+         "while parsing a block collection: did not find expected '-' "
+         "indicator; check the indentation of this line against the lines "
+         "above it (the same depth lines up exactly, with spaces)"},
+        {"version: 1\n"
+         "fallback:\n"
+         "  targets:\n"
+         "    - partner: zorgcoordinator\n"
+         "      fields: [needs]\n"
+         " rules: []\n",
+         6, 2,
+         "while parsing a block mapping: did not find expected key; check the "
+         "indentation of this line against the lines above it (the same "
+         "depth lines up exactly, with spaces)"},
+        {"version: 1\n"
+         "fallback: {targets: [{partner: zorgcoordinator, fields: [needs]}]}\n"
+         "rules:\n"
+         "- {name: r1, when: {field: subject.age, gt: 11, lt: 18},\n"
+         "   then: {targets: [{partner: avim, fields: [risk]}]}}\n",
+         4, 20,
+         "the condition has 2 operators (lt and gt) and takes one: give each "
+         "its own condition under all: [...]"},
+        {"version: 1\n"
+         "fallback: {targets: [{partner: zorgcoordinator, fields: [needs]}]}\n"
+         "rules:\n"
+         "- {name: r1, when: {field: suspects},\n"
+         "   then: {targets: [{partner: avim, fields: [risk]}]}}\n",
+         4, 20,
+         "the condition has no operator: add one of equals, in, contains, lt, "
+         "le, gt, ge or present"},
+        {"version: 1\n"
+         "fallback: {targets: [{partner: zorgcoordinator, priority: 1,\n"
+         "                      fields: [needs]}]}\n"
+         "rules: []\n",
+         2, 59, "priority is normal, high or urgent"},
+        {"version: 1\n"
+         "fallback: {targets: [{partner: zorgcoordinator, fields: &f "
+         "[needs]}]}\n"
+         "rules: []\n",
+         2, 57,
+         "anchors and aliases are not allowed: write the value out in full "
+         "at each place it is used"},
+    };
+    kh_rules_options_t o = s_opts(s_demo, S_DEMO_COUNT);
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        kh_error_t err;
+        kh_rules_t *rules = kh_rules_load_buffer(
+            cases[i].yaml, strlen(cases[i].yaml), &o, &err);
+        ck_assert_msg(rules == NULL, "case %zu: loaded", i);
+        ck_assert_msg(strcmp(err.message, cases[i].message) == 0,
+                      "case %zu: got '%s'", i, err.message);
+        ck_assert_msg(err.line == cases[i].line &&
+                          err.column == cases[i].column,
+                      "case %zu: at %d:%d", i, err.line, err.column);
+    }
+}
+END_TEST
+
 /* A part of an any that can never hold does not stop the rule from
  * firing, so it is no error; but it is a slip to point out: a note. */
 START_TEST(test_dead_part_of_any_noted)
@@ -1593,6 +1722,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_all_errors_reported);
     tcase_add_test(tc, test_dead_part_of_any_noted);
     tcase_add_test(tc, test_messages_say_what_fits);
+    tcase_add_test(tc, test_messages_say_what_to_do);
     tcase_add_test(tc, test_unknown_key_hides_nothing);
     tcase_add_test(tc, test_never_matches_only_when_impossible);
     tcase_add_test(tc, test_core_schema_numbers);

@@ -397,8 +397,17 @@ static int s_cmd_add(int argc, char **argv)
     if (!kind_name)
         return ctl_usage_error("partner add: --kind KIND is required");
     int kind = kh_partner_kind_from_name(kind_name);
-    if (kind < 0)
-        return ctl_usage_error("partner add: unknown kind '%s'", kind_name);
+    if (kind < 0) {
+        char kinds[256] = "";
+        for (int k = 0; k < KH_PARTNER_KIND_COUNT_; k++)
+            snprintf(kinds + strlen(kinds), sizeof kinds - strlen(kinds),
+                     "%s%s", k ? ", " : "",
+                     kh_partner_kind_name((kh_partner_kind_t) k));
+        return ctl_usage_error("partner add: unknown kind '%s'; the kinds "
+                               "are: %s (the ketenregisseur is "
+                               "chain_director)",
+                               kind_name, kinds);
+    }
     if (!s_cert_dir_given("partner add", cert_dir))
         return CTL_USAGE;
     /* As for rotate and revoke: a mistyped directory, made here, would
