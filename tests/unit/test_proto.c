@@ -74,6 +74,10 @@ START_TEST(version_and_command_come_first)
     s_expect("{\"cmd\":\"PING\",\"cid\":\"a\"}", KH_E_BAD_ENVELOPE, "v", "a");
     s_expect("{\"v\":\"1\",\"cmd\":\"PING\",\"cid\":\"a\"}", KH_E_BAD_ENVELOPE,
              "v", "a");
+    /* The envelope's integers are integers: a whole float is not one
+     * (protocol.md, MessagePack types), unlike inside the referral. */
+    s_expect("{\"v\":1.0,\"cmd\":\"PING\",\"cid\":\"a\"}", KH_E_BAD_ENVELOPE,
+             "v", "a");
     s_expect("{\"v\":2,\"cmd\":\"PING\",\"cid\":\"a\",\"new\":1}",
              KH_E_UNKNOWN_VERSION, "v", "a");
     s_expect("{\"v\":1,\"cmd\":\"ping\",\"cid\":\"a\"}", KH_E_UNKNOWN_COMMAND,
@@ -154,6 +158,11 @@ START_TEST(delivery_commands_are_checked)
              KH_E_BAD_ENVELOPE, "window", "h");
     s_expect("{\"v\":1,\"cmd\":\"HELLO\",\"cid\":\"h\",\"window\":\"8\"}",
              KH_E_BAD_ENVELOPE, "window", "h");
+    s_expect("{\"v\":1,\"cmd\":\"HELLO\",\"cid\":\"h\",\"window\":8.0}",
+             KH_E_BAD_ENVELOPE, "window", "h");
+    s_expect("{\"v\":1,\"cmd\":\"ACK\",\"cid\":\"a\",\"delivery_id\":"
+             "\"6F1C2E1A-8A55-4B53-9C55-0A3F3F0F6F2B\"}",
+             KH_E_BAD_ENVELOPE, "delivery_id", "a");
     s_expect("{\"v\":1,\"cmd\":\"ACK\",\"cid\":\"a\",\"delivery_id\":\"" S_UUID
              "\"}",
              KH_E_OK, "", "a");
