@@ -593,6 +593,14 @@ START_TEST(payload_hash_ignores_key_order_not_content)
     /* jansson writes \\u escapes with upper-case hex digits. */
     ck_assert_str_eq(text, "{\"a\":\"\\u00E9\",\"b\":1}");
     ck_assert_uint_eq(len, strlen(text));
+    free(text);
+    /* protocol.md's example of the canonical form (Canonical JSON). */
+    json_t *d = s_envelope("{\"b\":1.0,\"a\":\"\\u00e9\\ud83d\\ude00/\"}");
+    text = kh_payload_canonical(d, &len);
+    ck_assert_str_eq(text, "{\"a\":\"\\u00E9\\uD83D\\uDE00/\",\"b\":1}");
+    free(text);
+    json_decref(d);
+    text = kh_payload_canonical(b, &len);
     /* The hash is the SHA-256 of exactly the canonical bytes. */
     char again[65];
     kh_sha256_hex(text, len, again);
