@@ -1124,7 +1124,8 @@ static void s_drain(intake_t *self)
     }
     kh_error_t err;
     kh_error_set(&err, KH_E_UNAVAILABLE, "",
-                 "the hub is stopping; resend with the same idempotency key");
+                 "the hub is stopping; send the same request again (a "
+                 "SUBMIT with the same idempotency key)");
     if (self->committing) {
         kh_log_warn("commit_abandoned", "reason=stopping");
         store_abandon(self->store);

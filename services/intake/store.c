@@ -188,11 +188,13 @@ static int s_fail(PGconn *conn, PGresult *res, const char *what,
     PQclear(res);
     if (retry)
         return kh_error_set(err, KH_E_UNAVAILABLE, "",
-                            "the hub's database is unavailable; resend with "
-                            "the same idempotency key");
+                            "the hub's database is unavailable; send the "
+                            "same request again (a SUBMIT with the same "
+                            "idempotency key)");
     return kh_error_set(err, KH_E_INTERNAL, "",
-                        "the hub could not store the request; resend with "
-                        "the same idempotency key");
+                        "the hub could not handle the request; send the same "
+                        "request again (a SUBMIT with the same idempotency "
+                        "key)");
 }
 
 /* Prepare count statements on conn. */

@@ -1841,9 +1841,19 @@ START_TEST(database_down_gives_retryable_refusal_then_recovers)
     json_t *reply =
         kh_client_submit(client, referral, "down-1", S_TIMEOUT, &err);
     int64_t elapsed = zclock_mono() - started;
+    /* A STATUS has no idempotency key: its refusal asks only for the same
+     * request again. */
+    json_t *status = kh_client_status(
+        client, "01a223fd-d3d3-7c41-9c55-0a3f3f0f6f2b", S_TIMEOUT, &err);
     ck_assert_int_eq(
         khproc_sh("'%s/scripts/pgtmp.sh' up '%s'", KH_TEST_SOURCE_DIR, pgdir),
         0);
+    ck_assert_msg(status != NULL, "no answer to STATUS while it was down");
+    ck_assert_str_eq(s_str(status, "code"), "unavailable");
+    ck_assert(json_is_true(json_object_get(status, "retryable")));
+    ck_assert_msg(strstr(s_str(status, "message"), "same request again"), "%s",
+                  s_str(status, "message"));
+    json_decref(status);
     ck_assert_msg(reply != NULL, "no answer while the database was down");
     ck_assert_str_eq(kh_client_reply_cmd(reply), "REJECTED");
     ck_assert_str_eq(s_str(reply, "code"), "unavailable");

@@ -74,6 +74,10 @@ START_TEST(version_and_command_come_first)
     s_expect("{\"cmd\":\"PING\",\"cid\":\"a\"}", KH_E_BAD_ENVELOPE, "v", "a");
     s_expect("{\"v\":\"1\",\"cmd\":\"PING\",\"cid\":\"a\"}", KH_E_BAD_ENVELOPE,
              "v", "a");
+    /* The envelope's integers are integers: a whole float is not one
+     * (protocol.md, MessagePack types), unlike inside the referral. */
+    s_expect("{\"v\":1.0,\"cmd\":\"PING\",\"cid\":\"a\"}", KH_E_BAD_ENVELOPE,
+             "v", "a");
     s_expect("{\"v\":2,\"cmd\":\"PING\",\"cid\":\"a\",\"new\":1}",
              KH_E_UNKNOWN_VERSION, "v", "a");
     s_expect("{\"v\":1,\"cmd\":\"ping\",\"cid\":\"a\"}", KH_E_UNKNOWN_COMMAND,
@@ -154,6 +158,11 @@ START_TEST(delivery_commands_are_checked)
              KH_E_BAD_ENVELOPE, "window", "h");
     s_expect("{\"v\":1,\"cmd\":\"HELLO\",\"cid\":\"h\",\"window\":\"8\"}",
              KH_E_BAD_ENVELOPE, "window", "h");
+    s_expect("{\"v\":1,\"cmd\":\"HELLO\",\"cid\":\"h\",\"window\":8.0}",
+             KH_E_BAD_ENVELOPE, "window", "h");
+    s_expect("{\"v\":1,\"cmd\":\"ACK\",\"cid\":\"a\",\"delivery_id\":"
+             "\"6F1C2E1A-8A55-4B53-9C55-0A3F3F0F6F2B\"}",
+             KH_E_BAD_ENVELOPE, "delivery_id", "a");
     s_expect("{\"v\":1,\"cmd\":\"ACK\",\"cid\":\"a\",\"delivery_id\":\"" S_UUID
              "\"}",
              KH_E_OK, "", "a");
@@ -584,6 +593,14 @@ START_TEST(payload_hash_ignores_key_order_not_content)
     /* jansson writes \\u escapes with upper-case hex digits. */
     ck_assert_str_eq(text, "{\"a\":\"\\u00E9\",\"b\":1}");
     ck_assert_uint_eq(len, strlen(text));
+    free(text);
+    /* protocol.md's example of the canonical form (Canonical JSON). */
+    json_t *d = s_envelope("{\"b\":1.0,\"a\":\"\\u00e9\\ud83d\\ude00/\"}");
+    text = kh_payload_canonical(d, &len);
+    ck_assert_str_eq(text, "{\"a\":\"\\u00E9\\uD83D\\uDE00/\",\"b\":1}");
+    free(text);
+    json_decref(d);
+    text = kh_payload_canonical(b, &len);
     /* The hash is the SHA-256 of exactly the canonical bytes. */
     char again[65];
     kh_sha256_hex(text, len, again);
