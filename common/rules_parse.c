@@ -911,6 +911,45 @@ size_t kh_rules_set_partners(kh_rules_t *self,
     return changed;
 }
 
+/* Mark in missing[] the partners that targets[0..n) name without being
+ * optional (and their escalation partners) that the registry does not
+ * hold as receiving cases. */
+static void s_mark_missing(const kh_rules_t *self, const kh_rtarget_t *targets,
+                           size_t n, const kh_rules_partner_t *partners,
+                           size_t count, bool *missing)
+{
+    for (size_t i = 0; i < n; i++) {
+        const kh_rtarget_t *t = &targets[i];
+        if (t->optional)
+            continue;
+        int named[2] = {t->partner, t->escalate_named};
+        for (size_t k = 0; k < 2; k++)
+            if (named[k] >= 0 &&
+                !s_may_receive(partners, count, self->partner_ids[named[k]]))
+                missing[named[k]] = true;
+    }
+}
+
+size_t kh_rules_missing_partners(const kh_rules_t *self,
+                                 const kh_rules_partner_t *partners,
+                                 size_t count, const char **out, size_t max)
+{
+    bool *missing = calloc(self->npartners ? self->npartners : 1, 1);
+    if (!missing)
+        return 0;
+    for (size_t r = 0; r < self->nrules; r++)
+        s_mark_missing(self, self->rules[r].targets, self->rules[r].ntargets,
+                       partners, count, missing);
+    s_mark_missing(self, self->fallback, self->nfallback, partners, count,
+                   missing);
+    size_t n = 0;
+    for (size_t i = 0; i < self->npartners; i++)
+        if (missing[i] && n++ < max)
+            out[n - 1] = self->partner_ids[i];
+    free(missing);
+    return n;
+}
+
 /* ---- conditions ---------------------------------------------------------- */
 
 void kh_rcond_free(kh_rcond_t *cond)

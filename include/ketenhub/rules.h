@@ -101,6 +101,17 @@ const char *kh_rules_name(const kh_rules_t *self, size_t index);
 size_t kh_rules_set_partners(kh_rules_t *self,
                              const kh_rules_partner_t *partners, size_t count);
 
+/* The partners that the rules name as targets that are not optional (or
+ * as such a target's escalation partner) and that partners (the registry
+ * now) does not hold as handling cases: revoked, or never registered,
+ * since the rules were loaded. Each is named once, in the file's order,
+ * into out[0..max) (valid as long as self). Returns how many there are
+ * (0 also when out of memory). Routing warns of them: their deliveries
+ * become dead letters, and these rules would be refused at a reload. */
+size_t kh_rules_missing_partners(const kh_rules_t *self,
+                                 const kh_rules_partner_t *partners,
+                                 size_t count, const char **out, size_t max);
+
 /* The outcome of one evaluation. Made once per thread for a given
  * kh_rules_t and reused: evaluation overwrites it. */
 typedef struct _kh_rules_result_t kh_rules_result_t;

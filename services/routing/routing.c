@@ -62,6 +62,8 @@ struct _routing_t {
     bool stopping;
     bool reload_again;       /* a SIGHUP the database was away for: retried */
     int64_t partners_read;   /* zclock_mono of the last read of the registry */
+    char missing[512];       /* partners the rules need and the registry
+                                lacks, as last told ("a,b"; "": none) */
     kh_tally_t auth_refused; /* refused handshakes, one line a while */
     /* Counters for the stats line. */
     size_t routed, deliveries, passes, failures, wakeups, malformed;
@@ -222,6 +224,39 @@ static kh_rules_t *s_load_rules(routing_t *self, kh_error_t *err)
     return rules;
 }
 
+/* Tell when the partners that the rules in force need (targets that are
+ * not optional) and the registry lacks change: revoked since the rules
+ * were loaded, their deliveries become dead letters, and a reload or a
+ * restart with these rules is refused (rules.unknown_partner). Said once
+ * per change, and as a gauge. */
+static void s_tell_missing(routing_t *self, const s_partners_t *list)
+{
+    const char *ids[16];
+    size_t n = kh_rules_missing_partners(self->rules, list->items, list->count,
+                                         ids, sizeof ids / sizeof ids[0]);
+    char missing[sizeof self->missing] = "";
+    size_t len = 0;
+    for (size_t i = 0;
+         i < n && i < sizeof ids / sizeof ids[0] && len < sizeof missing; i++)
+        len += (size_t) snprintf(missing + len, sizeof missing - len, "%s%s",
+                                 i ? "," : "", ids[i]);
+    kh_metric_set("rules_partners_missing", NULL, (double) n);
+    if (strcmp(missing, self->missing) == 0)
+        return;
+    if (n)
+        kh_log_warn("rules_partners_missing",
+                    "partners=%s rules_version=%s msg=\"the rules name these "
+                    "partners, not as optional, and they are revoked or not "
+                    "registered: their deliveries become dead letters and "
+                    "these rules are refused at a reload; register them "
+                    "again, or make their targets optional and reload\"",
+                    missing, kh_rules_version(self->rules));
+    else
+        kh_log_info("rules_partners_back", "partners=%s rules_version=%s",
+                    self->missing, kh_rules_version(self->rules));
+    snprintf(self->missing, sizeof self->missing, "%s", missing);
+}
+
 /* Every partner_refresh_ms, between two passes: the optional targets of
  * the rules in force follow the registry (a partner registered or revoked
  * since), with no SIGHUP. A registry that cannot be read now is read at
@@ -239,6 +274,7 @@ static void s_refresh_partners(routing_t *self)
             kh_log_info("partners_changed",
                         "targets=%zu registered=%zu rules_version=%s", changed,
                         list.count, kh_rules_version(self->rules));
+        s_tell_missing(self, &list);
     } else {
         self->partners_read = zclock_mono();
         kh_log_warn("partners_unread", "code=%s msg=\"%s\"",

@@ -567,6 +567,42 @@ START_TEST(an_optional_partner_follows_the_registry_without_sighup)
 }
 END_TEST
 
+/* How often text stands in the log file name. */
+static int s_log_count(const char *name, const char *text)
+{
+    char *log = khtest_read_file(s_path(name));
+    int n = 0;
+    for (const char *p = log; p && (p = strstr(p, text)); p += strlen(text))
+        n++;
+    free(log);
+    return n;
+}
+
+/* AVIM, a target the default rules name without optional, revoked while
+ * routing runs: routing says so once (its deliveries will be dead
+ * letters, and a reload with these rules would be refused), not at every
+ * read of the registry, and says when it is back. The Arbeidsinspectie,
+ * optional and never registered, is not named. */
+START_TEST(a_required_partner_revoked_is_told_once)
+{
+    pid_t pid = s_start(s_endpoint(), NULL, 50, "routing.log");
+    ck_assert(s_log_has("routing.log", "event=ready", 5000));
+    s_sql("UPDATE partners SET revoked_at = now() WHERE id = 'avim'", 0, NULL);
+    ck_assert_msg(s_log_has("routing.log",
+                            "event=rules_partners_missing partners=avim ",
+                            3000),
+                  "see %s", s_path("routing.log"));
+    zclock_sleep(400); /* several reads of the registry */
+    ck_assert_int_eq(s_log_count("routing.log", "rules_partners_missing"), 1);
+    s_sql("UPDATE partners SET revoked_at = NULL WHERE id = 'avim'", 0, NULL);
+    ck_assert(s_log_has("routing.log",
+                        "event=rules_partners_back partners=avim ", 3000));
+    ck_assert_int_eq(s_log_count("routing.log", "arbeidsinspectie"), 0);
+    int status = khproc_stop(pid, SIGTERM, 5000);
+    ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+}
+END_TEST
+
 START_TEST(sighup_reload_keeps_old_rules_when_broken)
 {
     pid_t pid = s_start_editable();
@@ -1120,6 +1156,7 @@ int main(void)
     tcase_add_test(tc, wakeup_from_the_hub_routes_before_the_poll);
     tcase_add_test(tc, sighup_reload_keeps_old_rules_when_broken);
     tcase_add_test(tc, an_optional_partner_follows_the_registry_without_sighup);
+    tcase_add_test(tc, a_required_partner_revoked_is_told_once);
     tcase_add_test(tc, sighup_reload_refuses_a_fifo_without_hanging);
     tcase_add_test(tc, sighup_reload_refuses_a_partner_without_cases);
     tcase_add_test(tc, sighup_reload_that_cannot_be_audited_keeps_old_rules);
