@@ -304,6 +304,38 @@ START_TEST(readiness_follows_the_database)
 }
 END_TEST
 
+/* PostgreSQL stopped at once (immediate shutdown) and started again:
+ * every line the service wrote meanwhile is one of its logfmt lines. The
+ * health probe's idle connection got the server's parting WARNING, which
+ * libpq printed raw on stderr. */
+START_TEST(a_database_stopped_at_once_leaves_only_logfmt_lines)
+{
+    ck_assert(s_wait_status("/readyz", 200, 8000));
+    PQfinish(s_db);
+    s_db = NULL;
+    const char *pgdir = getenv("KH_TEST_PG_DIR");
+    ck_assert_ptr_nonnull(pgdir);
+    int down = khproc_sh("'%s/scripts/pgtmp.sh' down '%s' immediate",
+                         KH_TEST_SOURCE_DIR, pgdir);
+    bool unready = s_wait_status("/readyz", 503, 8000);
+    int up =
+        khproc_sh("'%s/scripts/pgtmp.sh' up '%s'", KH_TEST_SOURCE_DIR, pgdir);
+    ck_assert_int_eq(down, 0);
+    ck_assert_int_eq(up, 0);
+    ck_assert(unready);
+    ck_assert_msg(s_wait_status("/readyz", 200, 15000),
+                  "not ready again after the database came back");
+    s_db = PQconnectdb(s_conninfo);
+    ck_assert_int_eq(PQstatus(s_db), CONNECTION_OK);
+    char *text = khtest_read_file(s_path("intake.log"));
+    ck_assert_ptr_nonnull(text);
+    for (char *line = strtok(text, "\n"); line; line = strtok(NULL, "\n"))
+        ck_assert_msg(strncmp(line, "ts=", 3) == 0, "not a logfmt line: \"%s\"",
+                      line);
+    free(text);
+}
+END_TEST
+
 /* Run ketenhubctl status --json with intake's health endpoint and the
  * given routing endpoint ("none" skips it); the exit status, the
  * document in *doc. */
@@ -1209,6 +1241,7 @@ int main(void)
     tcase_add_test(tc, live_ready_and_metrics_in_the_text_format);
     tcase_add_test(tc, counters_move_by_exactly_what_was_submitted);
     tcase_add_test(tc, readiness_follows_the_database);
+    tcase_add_test(tc, a_database_stopped_at_once_leaves_only_logfmt_lines);
     tcase_add_test(tc, status_shows_an_offline_partners_backlog_growing);
     tcase_add_test(tc, routing_and_notification_count_and_report_the_backlog);
     tcase_add_test(tc, status_says_when_the_database_is_not_migrated);
