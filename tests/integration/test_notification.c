@@ -1959,12 +1959,18 @@ START_TEST(a_database_away_is_tried_ever_more_slowly)
     bool failed = s_log_has("away.log", "event=db_connect_failed", 10000);
     usleep(2000 * 1000);
     int warnings = s_log_count("away.log", "event=db_connect_failed");
+    bool early = s_log_has("away.log", "event=ready", 0);
     s_allow_connections(true);
     ck_assert(failed);
     ck_assert_msg(warnings <= 6, "%d warnings in 2 s: see %s", warnings,
                   s_path("away.log"));
     ck_assert(s_log_has("away.log", "retry_ms=", 0));
+    /* Not ready while the database is away (a start script waits for
+     * event=ready), ready once it answers. */
+    ck_assert_msg(!early, "ready without a database: see %s",
+                  s_path("away.log"));
     ck_assert(s_log_has("away.log", "event=db_connected", 10000));
+    ck_assert(s_log_has("away.log", "event=ready", 5000));
     s_stop(pid);
 }
 END_TEST
