@@ -739,6 +739,53 @@ START_TEST(status_shows_a_refused_reload_until_rules_load)
 }
 END_TEST
 
+/* status says when PostgreSQL does not keep what it commits (fsync or
+ * synchronous_commit off, as on the test cluster): a crash of the database
+ * then loses referrals answered ACCEPTED and deliveries a partner already
+ * stored, and only this says so. It reads the settings the hub's own
+ * sessions get (a database's setting counts). */
+START_TEST(status_says_when_the_database_is_not_durable)
+{
+    setenv("KH_DATABASE_URL", s_conninfo, 1);
+    char ctl[512];
+    snprintf(ctl, sizeof ctl, "%s/tools/ctl/ketenhubctl", KH_TEST_BINARY_DIR);
+    char *argv[] = {
+        ctl,    "status",         "--intake", "none",    "--routing",
+        "none", "--notification", "none",     "--audit", "none",
+        NULL};
+    char *output = NULL;
+    khtest_run(argv, &output);
+    ck_assert_msg(strstr(output, "NOT DURABLE") &&
+                      strstr(output, "synchronous_commit=off") &&
+                      strstr(output, "fsync=off"),
+                  "status said: %s", output);
+    free(output);
+    khtest_db_exec(s_db, "ALTER DATABASE " S_DB " SET synchronous_commit = on",
+                   0, NULL);
+    khtest_run(argv, &output);
+    khtest_db_exec(s_db, "ALTER DATABASE " S_DB " RESET synchronous_commit", 0,
+                   NULL);
+    ck_assert_msg(!strstr(output, "synchronous_commit=off") &&
+                      strstr(output, "NOT DURABLE: fsync=off"),
+                  "status said: %s", output);
+    free(output);
+    char *json_argv[] = {"/bin/sh", "-c",
+                         "exec \"$0\" status --json --intake none --routing "
+                         "none --notification none --audit none 2>/dev/null",
+                         ctl, NULL};
+    khtest_run(json_argv, &output);
+    json_t *doc = json_loads(output, 0, NULL);
+    ck_assert_msg(doc != NULL, "not JSON: %s", output);
+    free(output);
+    const char *why = json_string_value(
+        json_object_get(json_object_get(doc, "database"), "not_durable"));
+    ck_assert_ptr_nonnull(why);
+    ck_assert_ptr_nonnull(strstr(why, "fsync=off"));
+    json_decref(doc);
+    unsetenv("KH_DATABASE_URL");
+}
+END_TEST
+
 START_TEST(status_says_when_the_database_is_not_migrated)
 {
     PGconn *bare = khtest_db_empty(S_BARE);
@@ -1245,6 +1292,7 @@ int main(void)
     tcase_add_test(tc, status_shows_an_offline_partners_backlog_growing);
     tcase_add_test(tc, routing_and_notification_count_and_report_the_backlog);
     tcase_add_test(tc, status_says_when_the_database_is_not_migrated);
+    tcase_add_test(tc, status_says_when_the_database_is_not_durable);
     tcase_add_test(tc, status_shows_a_refused_reload_until_rules_load);
     tcase_add_test(tc, a_bad_setting_exits_2_naming_the_variable);
     tcase_add_test(tc, a_bad_path_or_endpoint_exits_2_before_the_database);
