@@ -402,8 +402,15 @@ int kh_db_error(kh_error_t *err, PGconn *conn, const PGresult *res,
             snprintf(message, sizeof message, "unknown database error");
     }
 
+    /* The server sends a SQLSTATE with every error: a failure without one
+     * is libpq's own, a connection that broke. In pipeline mode libpq
+     * reports a server that went away (PostgreSQL's immediate shutdown,
+     * a crash) as "server closed the connection unexpectedly" while
+     * PQstatus still says CONNECTION_OK; taken for a database error, it
+     * made routing give up a rules reload instead of trying again. */
+    bool lost = !sqlstate && (!res || PQresultStatus(res) == PGRES_FATAL_ERROR);
     kh_errcode_t code = KH_E_DB;
-    if (bad_conn || kh_db_retryable_sqlstate(sqlstate))
+    if (bad_conn || lost || kh_db_retryable_sqlstate(sqlstate))
         code = KH_E_UNAVAILABLE;
 
     const char *pre = context && *context ? context : "";

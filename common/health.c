@@ -527,6 +527,17 @@ static PGresult *s_query(PGconn *conn, const char *sql)
     return res;
 }
 
+/* libpq prints a server's notices on stderr, raw: a probe connection
+ * idle when PostgreSQL stops at once got "WARNING:  terminating connection
+ * due to immediate shutdown command" into a log of logfmt lines. As the
+ * services' own connections (kh_db_connect), the probe drops them; what
+ * the probe finds is told by event=health_db. */
+static void s_drop_notice(void *arg, const PGresult *res)
+{
+    (void) arg;
+    (void) res;
+}
+
 /* One probe: (re)connect when needed, SELECT 1, and the gauges when asked.
  * Returns whether the database answered. */
 static bool s_probe_once(kh_health_t *self, PGconn **conn_p, bool gauges)
@@ -549,6 +560,7 @@ static bool s_probe_once(kh_health_t *self, PGconn **conn_p, bool gauges)
             *conn_p = NULL;
             return false;
         }
+        PQsetNoticeReceiver(*conn_p, s_drop_notice, NULL);
     }
     PGresult *res = s_query(*conn_p, "SELECT 1");
     if (!res) {

@@ -11,6 +11,7 @@
 #include <libpq-fe.h>
 #include <poll.h>
 #include <sodium.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -165,6 +166,19 @@ int store_socket(store_t *self)
     return self->writer ? PQsocket(self->writer) : -1;
 }
 
+/* The answer while there is no connection to try: its loss was logged
+ * when a statement found it, and each attempt to connect again logs
+ * event=db_connect_failed; a line per request besides would flood the log
+ * for as long as the outage lasts (intake's stats line counts them as
+ * unavailable). */
+static int s_unavailable(kh_error_t *err)
+{
+    return kh_error_set(err, KH_E_UNAVAILABLE, "",
+                        "the hub's database is unavailable; send the "
+                        "same request again (a SUBMIT with the same "
+                        "idempotency key)");
+}
+
 /* Turn a failure on conn into err and clear res. Connection-level
  * failures and the SQLSTATEs that mean "try again" become
  * KH_E_UNAVAILABLE; anything else is KH_E_INTERNAL (a bug or a schema
@@ -180,17 +194,23 @@ static int s_fail(PGconn *conn, PGresult *res, const char *what,
     const char *table =
         res ? PQresultErrorField(res, PG_DIAG_TABLE_NAME) : NULL;
     bool retry = !s_conn_up(conn) || !state || kh_db_retryable_sqlstate(state);
+    /* Without a SQLSTATE the failure is libpq's own (the connection was
+     * lost, say): its message quotes nothing of the request, and says
+     * what happened where "sqlstate=none" would not. */
+    char msg[160] = "";
+    if (!state && conn) {
+        snprintf(msg, sizeof msg, "%s", PQerrorMessage(conn));
+        msg[strcspn(msg, "\n")] = '\0';
+    }
     kh_log_warn("db_error",
                 "op=%s sqlstate=%s retryable=%d table=%s "
-                "constraint=%s",
+                "constraint=%s msg=\"%s\"",
                 what, state ? state : "none", retry, table ? table : "none",
-                constraint ? constraint : "none");
+                constraint ? constraint : "none",
+                KH_LOG_Q(msg[0] ? msg : "none"));
     PQclear(res);
     if (retry)
-        return kh_error_set(err, KH_E_UNAVAILABLE, "",
-                            "the hub's database is unavailable; send the "
-                            "same request again (a SUBMIT with the same "
-                            "idempotency key)");
+        return s_unavailable(err);
     return kh_error_set(err, KH_E_INTERNAL, "",
                         "the hub could not handle the request; send the same "
                         "request again (a SUBMIT with the same idempotency "
@@ -379,7 +399,9 @@ int store_commit_send(store_t *self, store_submit_t *subs, size_t nsubs,
                       const store_refusal_t *refs, size_t nrefs,
                       kh_error_t *err)
 {
-    if (!store_up(self) || self->busy)
+    if (!store_up(self))
+        return s_unavailable(err);
+    if (self->busy)
         return s_fail(self->writer, NULL, "commit", err);
     s_params_t params;
     memset(&params, 0, sizeof params);
@@ -478,7 +500,7 @@ int store_audit_conflicts(store_t *self, const store_conflict_t *conflicts,
                           size_t n, kh_error_t *err)
 {
     if (!s_conn_up(self->reader))
-        return s_fail(self->reader, NULL, "conflicts", err);
+        return s_unavailable(err);
     kh_pgarray_t cols[3];
     memset(cols, 0, sizeof cols);
     kh_pgarray_reset(&cols[0], KH_PG_TEXT);
@@ -523,7 +545,7 @@ int store_status(store_t *self, const char *partner_id, const char *referral_id,
                  json_t *reply, kh_error_t *err)
 {
     if (!s_conn_up(self->reader))
-        return s_fail(self->reader, NULL, "status", err);
+        return s_unavailable(err);
     const char *params[] = {referral_id, partner_id};
     PGresult *res = s_read(self, "status", 2, params);
     if (PQresultStatus(res) != PGRES_TUPLES_OK)
@@ -553,7 +575,7 @@ static void s_free_string(void **item)
 zhashx_t *store_partners(store_t *self, kh_error_t *err)
 {
     if (!s_conn_up(self->reader)) {
-        s_fail(self->reader, NULL, "partners", err);
+        s_unavailable(err);
         return NULL;
     }
     PGresult *res = s_read(self, "partners", 0, NULL);

@@ -111,12 +111,17 @@ int dstore_connect(dstore_t *self, kh_error_t *err)
     bool want[2] = {!s_conn_ok(self->conn), !s_conn_ok(self->ack_conn)};
     if (!want[0] && !want[1])
         return 0;
-    if (!dstore_connecting(self)) /* a new attempt for the broken ones */
-        for (int k = 0; k < 2; k++)
-            if (want[k]) {
-                PQfinish(*slots[k]);
-                *slots[k] = NULL;
-            }
+    /* A new attempt makes both anew. When one was found broken the other
+     * is most likely gone as well (a restarted or failed-over server), but
+     * libpq cannot tell until it is used: an idle ACK connection kept
+     * would fail the first ACKs after every outage (the partners told
+     * unavailable, a warning each) and only then be made again. */
+    if (!dstore_connecting(self))
+        for (int k = 0; k < 2; k++) {
+            PQfinish(*slots[k]);
+            *slots[k] = NULL;
+            want[k] = true;
+        }
     PGconn *made[2] = {NULL, NULL};
     if (kh_db_connect_pair(&self->connecting, want, self->conninfo,
                            "ketenhub-notification", made, err) <= 0)

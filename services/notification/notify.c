@@ -90,6 +90,7 @@ struct _notify_t {
     int port;
     dstore_t *store;
     bool connect_poll;     /* a timer looks at the attempt to connect soon */
+    bool ready_logged;     /* event=ready said: bound and database answers */
     int retry_ms;          /* the wait after the last failed attempt, or 0 */
     int64_t connect_after; /* zclock_mono before which no tick tries */
     zhashx_t *partners;    /* Z85 key -> partner id */
@@ -1563,6 +1564,22 @@ static void s_out_expire(notify_t *self, s_conn_t *conn, int64_t now)
     }
 }
 
+/* event=ready, once: the sockets are bound and PostgreSQL answers, as the
+ * other services and the README say (it used to come before the first
+ * attempt to connect, so a start script took a hub whose database was
+ * away for ready). */
+static void s_log_ready(notify_t *self)
+{
+    kh_log_info("ready",
+                "endpoint=%s port=%d wake=%s window=%zu ack_timeout_ms=%d "
+                "max_attempts=%d escalate_ms=%d",
+                self->cfg.endpoint, self->port,
+                self->wake ? self->cfg.wake_endpoint : "none", self->cfg.window,
+                self->cfg.policy.ack_timeout_ms, self->cfg.policy.max_attempts,
+                self->cfg.policy.escalate_ms);
+    self->ready_logged = true;
+}
+
 /* The periodic round: reconnect, sweep, forget silent connections, and
  * look for due re-sends on every connection. */
 static int s_on_tick(zloop_t *loop, int timer_id, void *arg)
@@ -1591,6 +1608,8 @@ static int s_on_tick(zloop_t *loop, int timer_id, void *arg)
             return 0;
         }
         kh_log_info("db_connected", NULL);
+        if (!self->ready_logged)
+            s_log_ready(self);
         self->retry_ms = 0;
         s_load_partners(self);
     }
@@ -1915,13 +1934,6 @@ int notify_run(notify_t *self, int signal_fd)
         kh_log_error("start_failed", "reason=\"cannot set up the loop\"");
         return -1;
     }
-    kh_log_info("ready",
-                "endpoint=%s port=%d wake=%s window=%zu ack_timeout_ms=%d "
-                "max_attempts=%d escalate_ms=%d",
-                self->cfg.endpoint, self->port,
-                self->wake ? self->cfg.wake_endpoint : "none", self->cfg.window,
-                self->cfg.policy.ack_timeout_ms, self->cfg.policy.max_attempts,
-                self->cfg.policy.escalate_ms);
     /* The first connection (and with it the registry) before the first
      * partner is read, as long as it takes or until it fails; a stop
      * signal meanwhile goes to the loop at once. */

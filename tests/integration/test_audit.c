@@ -729,6 +729,7 @@ START_TEST(service_killed_while_sealing_loses_nothing)
     char *env[] = {env_db,
                    env_key,
                    "KH_AUDIT_POLL_MS=10",
+                   "KH_LOG_LEVEL=debug", /* a line per sealing step */
                    "KH_AUDIT_CHECKPOINT_EVERY=50",
                    "KH_AUDIT_CHECKPOINT_MS=20",
                    "KH_AUDIT_BATCH=100",
@@ -773,6 +774,67 @@ START_TEST(service_killed_while_sealing_loses_nothing)
               strstr(text_last ? text_last : "", "event=sealed"));
     free(text);
     free(text_last);
+    free(conninfo);
+    khtest_rmtree(dir);
+    free(dir);
+}
+END_TEST
+
+/* Sealing steps come every KH_AUDIT_POLL_MS while events keep coming in:
+ * at info level the service sums them up (event=stats, at most every
+ * 10 s and at its stop) rather than a line a step, which flooded the log
+ * at 5 lines a second under steady load. */
+START_TEST(steady_sealing_is_summed_up_not_logged_step_by_step)
+{
+    char *dir = khtest_tmpdir();
+    char sk_path[512], pk_path[512], log[512], env_db[1200], env_key[600];
+    snprintf(sk_path, sizeof sk_path, "%s/hub-audit.key", dir);
+    snprintf(pk_path, sizeof pk_path, "%s/hub-audit.pub", dir);
+    snprintf(log, sizeof log, "%s/audit.log", dir);
+    kh_error_t err;
+    ck_assert_int_eq(kh_trail_keygen(sk_path, pk_path, false, &err), 0);
+    char *conninfo = khtest_db_conninfo(S_DB);
+    snprintf(env_db, sizeof env_db, "KH_DATABASE_URL=%s", conninfo);
+    snprintf(env_key, sizeof env_key, "KH_AUDIT_KEY=%s", sk_path);
+    char *env[] = {env_db, env_key, "KH_AUDIT_POLL_MS=10",
+                   "KH_HEALTH_ENDPOINT=none", NULL};
+    char *argv[] = {"ketenhub-audit", NULL};
+    pid_t pid = khproc_spawn(
+        KH_TEST_BINARY_DIR "/services/audit/ketenhub-audit", argv, env, log);
+    ck_assert_int_gt(pid, 0);
+    ck_assert(khtest_log_has(log, "event=ready", 10000));
+    long before = khtest_db_count(s_db, "SELECT count(*) FROM audit_events");
+    for (int i = 0; i < 20; i++) { /* 20 steps or more, 2 events each */
+        s_events(s_db, 2);
+        usleep(50 * 1000);
+    }
+    long total = khtest_db_count(s_db, "SELECT count(*) FROM audit_events");
+    ck_assert(khtest_wait_count(s_db,
+                                "SELECT count(*) FROM audit_events e WHERE"
+                                " NOT EXISTS (SELECT 1 FROM audit_seals s"
+                                " WHERE s.seq = e.seq)",
+                                0, 10000));
+    int status = khproc_stop(pid, SIGTERM, 5000);
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "status %d",
+                  status);
+    char *text = khtest_read_file(log);
+    int steps = 0;
+    for (const char *p = text; p && (p = strstr(p, "event=sealed")); p++)
+        steps++;
+    ck_assert_msg(steps == 0, "%d lines event=sealed at info level: see %s",
+                  steps, log);
+    /* The sum says what was sealed: all of it, in one or two lines. */
+    long sealed = 0;
+    int lines = 0;
+    for (const char *p = text; p && (p = strstr(p, "event=stats")); p++) {
+        const char *n = strstr(p, "sealed=");
+        ck_assert_ptr_nonnull(n);
+        sealed += strtol(n + 7, NULL, 10);
+        lines++;
+    }
+    free(text);
+    ck_assert_int_le(lines, 2);
+    ck_assert_int_eq(sealed, total - before);
     free(conninfo);
     khtest_rmtree(dir);
     free(dir);
@@ -2930,6 +2992,8 @@ int main(void)
                    service_waits_for_its_database_and_says_when_it_is_back);
     tcase_add_test(tc_outage,
                    sealing_that_fails_is_tried_again_ever_more_slowly);
+    tcase_add_test(tc_outage,
+                   steady_sealing_is_summed_up_not_logged_step_by_step);
     suite_add_tcase(suite, tc_outage);
     return khtest_run_suite(suite);
 }

@@ -93,6 +93,37 @@ START_TEST(unreachable_database_is_unavailable)
 }
 END_TEST
 
+/* A failure without a SQLSTATE is libpq's own: the connection broke, even
+ * when PQstatus has not noticed yet, as in pipeline mode after PostgreSQL's
+ * immediate shutdown (a result "server closed the connection unexpectedly"
+ * on a connection still CONNECTION_OK). It is retryable, as a server's
+ * error with a SQLSTATE is not. */
+START_TEST(a_failure_without_sqlstate_is_unavailable)
+{
+    PGconn *conn = PQconnectdb(khtest_pg_conninfo());
+    ck_assert_int_eq(PQstatus(conn), CONNECTION_OK);
+    kh_error_t err;
+    PGresult *res = PQmakeEmptyPGresult(conn, PGRES_FATAL_ERROR);
+    ck_assert_ptr_null(PQresultErrorField(res, PG_DIAG_SQLSTATE));
+    ck_assert_int_eq(kh_db_error(&err, conn, res, "claim"), -1);
+    PQclear(res);
+    ck_assert_int_eq(err.code, KH_E_UNAVAILABLE);
+    ck_assert_int_eq(kh_db_error(&err, conn, NULL, "cannot send"), -1);
+    ck_assert_int_eq(err.code, KH_E_UNAVAILABLE);
+
+    /* A server's error keeps its SQLSTATE's class. */
+    res = PQexec(conn, "SELECT 1/0");
+    ck_assert_int_eq(kh_db_error(&err, conn, res, NULL), -1);
+    PQclear(res);
+    ck_assert_int_eq(err.code, KH_E_DB);
+    res = PQexec(conn, "SELECT 1");
+    kh_db_error(&err, conn, res, NULL); /* a result it did not expect */
+    PQclear(res);
+    ck_assert_int_eq(err.code, KH_E_DB);
+    PQfinish(conn);
+}
+END_TEST
+
 /* A TCP port on 127.0.0.1 that takes connections and never answers them
  * (bound and listening, never accepting): a database whose postmaster
  * hangs, or a host whose answers are lost, looks the same to a client. */
@@ -410,6 +441,7 @@ int main(void)
     tcase_add_test(tc, connections_have_bounded_timeouts);
     tcase_add_test(tc, sessions_have_no_jit);
     tcase_add_test(tc, unreachable_database_is_unavailable);
+    tcase_add_test(tc, a_failure_without_sqlstate_is_unavailable);
     tcase_add_test(tc, connecting_does_not_block_the_caller);
     tcase_add_test(tc, password_comes_from_the_password_file);
     tcase_add_test(tc, a_connection_string_that_does_not_parse_is_a_setting);

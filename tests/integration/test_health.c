@@ -304,6 +304,38 @@ START_TEST(readiness_follows_the_database)
 }
 END_TEST
 
+/* PostgreSQL stopped at once (immediate shutdown) and started again:
+ * every line the service wrote meanwhile is one of its logfmt lines. The
+ * health probe's idle connection got the server's parting WARNING, which
+ * libpq printed raw on stderr. */
+START_TEST(a_database_stopped_at_once_leaves_only_logfmt_lines)
+{
+    ck_assert(s_wait_status("/readyz", 200, 8000));
+    PQfinish(s_db);
+    s_db = NULL;
+    const char *pgdir = getenv("KH_TEST_PG_DIR");
+    ck_assert_ptr_nonnull(pgdir);
+    int down = khproc_sh("'%s/scripts/pgtmp.sh' down '%s' immediate",
+                         KH_TEST_SOURCE_DIR, pgdir);
+    bool unready = s_wait_status("/readyz", 503, 8000);
+    int up =
+        khproc_sh("'%s/scripts/pgtmp.sh' up '%s'", KH_TEST_SOURCE_DIR, pgdir);
+    ck_assert_int_eq(down, 0);
+    ck_assert_int_eq(up, 0);
+    ck_assert(unready);
+    ck_assert_msg(s_wait_status("/readyz", 200, 15000),
+                  "not ready again after the database came back");
+    s_db = PQconnectdb(s_conninfo);
+    ck_assert_int_eq(PQstatus(s_db), CONNECTION_OK);
+    char *text = khtest_read_file(s_path("intake.log"));
+    ck_assert_ptr_nonnull(text);
+    for (char *line = strtok(text, "\n"); line; line = strtok(NULL, "\n"))
+        ck_assert_msg(strncmp(line, "ts=", 3) == 0, "not a logfmt line: \"%s\"",
+                      line);
+    free(text);
+}
+END_TEST
+
 /* Run ketenhubctl status --json with intake's health endpoint and the
  * given routing endpoint ("none" skips it); the exit status, the
  * document in *doc. */
@@ -704,6 +736,53 @@ START_TEST(status_shows_a_refused_reload_until_rules_load)
                      "v2");
     ck_assert_ptr_null(json_object_get(db, "rules_reload_refused_at"));
     json_decref(doc);
+}
+END_TEST
+
+/* status says when PostgreSQL does not keep what it commits (fsync or
+ * synchronous_commit off, as on the test cluster): a crash of the database
+ * then loses referrals answered ACCEPTED and deliveries a partner already
+ * stored, and only this says so. It reads the settings the hub's own
+ * sessions get (a database's setting counts). */
+START_TEST(status_says_when_the_database_is_not_durable)
+{
+    setenv("KH_DATABASE_URL", s_conninfo, 1);
+    char ctl[512];
+    snprintf(ctl, sizeof ctl, "%s/tools/ctl/ketenhubctl", KH_TEST_BINARY_DIR);
+    char *argv[] = {
+        ctl,    "status",         "--intake", "none",    "--routing",
+        "none", "--notification", "none",     "--audit", "none",
+        NULL};
+    char *output = NULL;
+    khtest_run(argv, &output);
+    ck_assert_msg(strstr(output, "NOT DURABLE") &&
+                      strstr(output, "synchronous_commit=off") &&
+                      strstr(output, "fsync=off"),
+                  "status said: %s", output);
+    free(output);
+    khtest_db_exec(s_db, "ALTER DATABASE " S_DB " SET synchronous_commit = on",
+                   0, NULL);
+    khtest_run(argv, &output);
+    khtest_db_exec(s_db, "ALTER DATABASE " S_DB " RESET synchronous_commit", 0,
+                   NULL);
+    ck_assert_msg(!strstr(output, "synchronous_commit=off") &&
+                      strstr(output, "NOT DURABLE: fsync=off"),
+                  "status said: %s", output);
+    free(output);
+    char *json_argv[] = {"/bin/sh", "-c",
+                         "exec \"$0\" status --json --intake none --routing "
+                         "none --notification none --audit none 2>/dev/null",
+                         ctl, NULL};
+    khtest_run(json_argv, &output);
+    json_t *doc = json_loads(output, 0, NULL);
+    ck_assert_msg(doc != NULL, "not JSON: %s", output);
+    free(output);
+    const char *why = json_string_value(
+        json_object_get(json_object_get(doc, "database"), "not_durable"));
+    ck_assert_ptr_nonnull(why);
+    ck_assert_ptr_nonnull(strstr(why, "fsync=off"));
+    json_decref(doc);
+    unsetenv("KH_DATABASE_URL");
 }
 END_TEST
 
@@ -1209,9 +1288,11 @@ int main(void)
     tcase_add_test(tc, live_ready_and_metrics_in_the_text_format);
     tcase_add_test(tc, counters_move_by_exactly_what_was_submitted);
     tcase_add_test(tc, readiness_follows_the_database);
+    tcase_add_test(tc, a_database_stopped_at_once_leaves_only_logfmt_lines);
     tcase_add_test(tc, status_shows_an_offline_partners_backlog_growing);
     tcase_add_test(tc, routing_and_notification_count_and_report_the_backlog);
     tcase_add_test(tc, status_says_when_the_database_is_not_migrated);
+    tcase_add_test(tc, status_says_when_the_database_is_not_durable);
     tcase_add_test(tc, status_shows_a_refused_reload_until_rules_load);
     tcase_add_test(tc, a_bad_setting_exits_2_naming_the_variable);
     tcase_add_test(tc, a_bad_path_or_endpoint_exits_2_before_the_database);

@@ -1876,6 +1876,71 @@ START_TEST(database_down_gives_retryable_refusal_then_recovers)
 }
 END_TEST
 
+/* How many times text occurs in intake's log. */
+static int s_log_count(const char *text)
+{
+    char *all = khtest_read_file(s_path("intake.log"));
+    int n = 0;
+    for (const char *p = all; p && (p = strstr(p, text)); p++)
+        n++;
+    free(all);
+    return n;
+}
+
+/* The database away while partners keep submitting: each SUBMIT is
+ * refused as unavailable at once, but the log tells the loss once and
+ * each attempt to connect again, not a warning per request (a line per
+ * SUBMIT flooded the log for as long as the outage lasted). */
+START_TEST(a_database_away_is_not_logged_once_per_request)
+{
+    kh_client_t *client = s_client("vt");
+    kh_client_set_retries(client, 0);
+    json_t *referral = s_example();
+    kh_error_t err;
+    khtest_db_allow_connections(S_DB, false);
+    khtest_db_exec(s_db,
+                   "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                   " WHERE application_name = 'ketenhub-intake'",
+                   0, NULL);
+    int before = s_log_count("event=db_error");
+    int refused = 0;
+    for (int i = 0; i < 40; i++) {
+        char key[32];
+        snprintf(key, sizeof key, "away-%d", i);
+        json_t *reply =
+            kh_client_submit(client, referral, key, S_TIMEOUT, &err);
+        if (reply && strcmp(kh_client_reply_cmd(reply), "REJECTED") == 0 &&
+            strcmp(s_str(reply, "code"), "unavailable") == 0)
+            refused++;
+        json_decref(reply);
+        zclock_sleep(10);
+    }
+    int told = s_log_count("event=db_error") - before;
+    bool retrying =
+        khtest_log_has(s_path("intake.log"), "event=db_connect_failed", 5000);
+    khtest_db_allow_connections(S_DB, true);
+    ck_assert_int_eq(refused, 40);
+    ck_assert_msg(told <= 3, "%d db_error lines for 40 requests: see %s", told,
+                  s_path("intake.log"));
+    ck_assert_msg(retrying, "no db_connect_failed: see %s",
+                  s_path("intake.log"));
+    /* The loss is told with libpq's words, not only "sqlstate=none". */
+    ck_assert(!khtest_log_has(s_path("intake.log"), "msg=\"none\"", 0));
+
+    kh_client_set_retries(client, 20);
+    json_t *reply =
+        kh_client_submit(client, referral, "away-0", S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(reply);
+    ck_assert_str_eq(kh_client_reply_cmd(reply), "ACCEPTED");
+    json_decref(reply);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM referrals WHERE "
+                             "idempotency_key LIKE 'away-%'"),
+                     1);
+    json_decref(referral);
+    kh_client_destroy(&client);
+}
+END_TEST
+
 /* A database that stops answering mid-commit: SIGTERM still ends intake
  * in time, the waiting partner gets a retryable refusal (never a false
  * ACCEPTED), and the same key afterwards gets exactly one referral. */
@@ -2450,6 +2515,7 @@ int main(void)
     tcase_add_test(tc, submitted_referrals_are_routed_with_their_projections);
     tcase_add_test(tc, killed_before_commit_then_retry_succeeds_once);
     tcase_add_test(tc, database_down_gives_retryable_refusal_then_recovers);
+    tcase_add_test(tc, a_database_away_is_not_logged_once_per_request);
     tcase_add_test(tc, sigterm_with_a_stalled_commit_exits_in_time);
     tcase_add_test(tc, a_silent_database_stalls_neither_answers_nor_stop);
     tcase_add_test(tc,

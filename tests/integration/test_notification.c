@@ -1959,12 +1959,51 @@ START_TEST(a_database_away_is_tried_ever_more_slowly)
     bool failed = s_log_has("away.log", "event=db_connect_failed", 10000);
     usleep(2000 * 1000);
     int warnings = s_log_count("away.log", "event=db_connect_failed");
+    bool early = s_log_has("away.log", "event=ready", 0);
     s_allow_connections(true);
     ck_assert(failed);
     ck_assert_msg(warnings <= 6, "%d warnings in 2 s: see %s", warnings,
                   s_path("away.log"));
     ck_assert(s_log_has("away.log", "retry_ms=", 0));
+    /* Not ready while the database is away (a start script waits for
+     * event=ready), ready once it answers. */
+    ck_assert_msg(!early, "ready without a database: see %s",
+                  s_path("away.log"));
     ck_assert(s_log_has("away.log", "event=db_connected", 10000));
+    ck_assert(s_log_has("away.log", "event=ready", 5000));
+    s_stop(pid);
+}
+END_TEST
+
+/* The database goes away and comes back while a partner holds a delivery
+ * it has not acknowledged yet: its first ACK afterwards is acknowledged.
+ * (Only the connection that found the loss used to be made anew; the idle
+ * ACK connection, as lost, refused the first ACKs as unavailable.) */
+START_TEST(the_first_ack_after_the_database_was_away_is_acked)
+{
+    char id[37];
+    pid_t pid;
+    zsock_t *avim = s_sent_to_avim(id, &pid);
+    s_allow_connections(false);
+    khtest_db_exec(s_db,
+                   "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                   " WHERE application_name = 'ketenhub-notification'",
+                   0, NULL);
+    bool lost = s_log_has("notification.log", "event=db_connect_failed", 10000);
+    s_allow_connections(true);
+    ck_assert_msg(lost, "the loss went unnoticed: see %s",
+                  s_path("notification.log"));
+    /* Connected again: a second db_connected after the first one. */
+    for (int i = 0; i < 100; i++) {
+        if (s_log_count("notification.log", "event=db_connected") >= 2)
+            break;
+        zclock_sleep(100);
+    }
+    ck_assert_int_ge(s_log_count("notification.log", "event=db_connected"), 2);
+    s_acked(avim, id, "the first ACK after the outage was refused");
+    ck_assert_msg(!s_log_has("notification.log", "during=ack", 0),
+                  "an ACK failed: see %s", s_path("notification.log"));
+    zsock_destroy(&avim);
     s_stop(pid);
 }
 END_TEST
@@ -3291,6 +3330,7 @@ static Suite *s_suite(void)
     tcase_add_checked_fixture(away, s_setup, s_teardown);
     tcase_set_timeout(away, 60);
     tcase_add_test(away, a_database_away_is_tried_ever_more_slowly);
+    tcase_add_test(away, the_first_ack_after_the_database_was_away_is_acked);
     suite_add_tcase(suite, away);
     return suite;
 }

@@ -236,6 +236,26 @@ static json_t *s_database(json_t **partners)
         return db;
     }
     json_object_set_new(db, "reachable", json_true());
+    /* Promises 1 and 3 hold only while a commit is on disk when PostgreSQL
+     * says so: with fsync or synchronous_commit off (a benchmark's or a
+     * test cluster's setting, or a tuning), a crash of the database loses
+     * the last commits: referrals answered ACCEPTED, deliveries a partner
+     * already stored (it gets the referral again under a new delivery
+     * id). Said here, where an administrator looks; readable by any
+     * role. */
+    PGresult *dur = PQexec(
+        conn,
+        "SELECT concat_ws(', ',"
+        " CASE WHEN current_setting('fsync') = 'off' THEN 'fsync=off' END,"
+        " CASE WHEN current_setting('synchronous_commit') = 'off'"
+        "  THEN 'synchronous_commit=off' END,"
+        " CASE WHEN current_setting('full_page_writes') = 'off'"
+        "  THEN 'full_page_writes=off' END)");
+    if (PQresultStatus(dur) == PGRES_TUPLES_OK && PQntuples(dur) == 1 &&
+        *PQgetvalue(dur, 0, 0))
+        json_object_set_new(db, "not_durable",
+                            json_string(PQgetvalue(dur, 0, 0)));
+    PQclear(dur);
     static const char *k_rules[] = {"rules_version", "rules_version_at", NULL};
     static const bool n_rules[] = {false, false};
     static const char *k_refused[] = {"rules_reload_refused_at",
@@ -361,7 +381,13 @@ static void s_print_text(const json_t *doc)
         printf("database          reachable, but %s\n", s_str(db, "error", ""));
         return;
     }
-    printf("database          reachable\n");
+    if (json_object_get(db, "not_durable"))
+        printf("database          reachable, NOT DURABLE: %s\n"
+               "                  (a crash of PostgreSQL can lose referrals "
+               "it ACCEPTED)\n",
+               s_str(db, "not_durable", ""));
+    else
+        printf("database          reachable\n");
     if (json_object_get(db, "rules_version") || !loaded)
         printf("rules version     %s", s_str(db, "rules_version", "-"));
     else /* loaded at start, and nothing routed by it yet */
