@@ -248,8 +248,9 @@ static void s_tell_missing(routing_t *self, const s_partners_t *list)
                     "partners=%s rules_version=%s msg=\"the rules name these "
                     "partners, not as optional, and they are revoked or not "
                     "registered: their deliveries become dead letters and "
-                    "these rules are refused at a reload; register them "
-                    "again, or make their targets optional and reload\"",
+                    "these rules are refused at a reload; name their "
+                    "successors, or make their targets optional, and "
+                    "reload\"",
                     missing, kh_rules_version(self->rules));
     else
         kh_log_info("rules_partners_back", "partners=%s rules_version=%s",

@@ -1409,6 +1409,17 @@ START_TEST(test_set_partners)
     ck_assert_str_eq(got, "py:urgent");
     s_targets_of(rules, immediate, got, sizeof got);
     ck_assert_str_eq(got, "px:urgent>py pz:urgent");
+
+    /* What the rules need and the registry lacks: px, a required target
+     * revoked since; not absent-one, an optional target's escalation
+     * partner, nor gone, an optional target. With no registry: every
+     * required target and the escalation partner of one (py), each once. */
+    const char *missing[4];
+    ck_assert_int_eq(kh_rules_missing_partners(rules, fewer, 5, missing, 4), 1);
+    ck_assert_str_eq(missing[0], "px");
+    ck_assert_int_eq(kh_rules_missing_partners(rules, at_load, 4, missing, 4),
+                     0);
+    ck_assert_int_eq(kh_rules_missing_partners(rules, NULL, 0, missing, 4), 4);
     kh_rules_destroy(&rules);
 
     /* A fallback of optional partners only keeps them when none would be
