@@ -256,13 +256,20 @@ int intake_port(const intake_t *self)
 
 static int s_reconnect(zloop_t *loop, int timer_id, void *arg);
 
-/* Re-read the partner registry; keeps the old one on failure. */
+static void s_schedule_reconnect(intake_t *self);
+
+/* Re-read the partner registry; keeps the old one on failure. A read that
+ * timed out closed the reader: reconnect now, not when the next SUBMIT
+ * finds the store down and is refused for it. */
 static void s_load_partners(intake_t *self)
 {
     kh_error_t err;
     zhashx_t *partners = store_partners(self->store, &err);
-    if (!partners)
+    if (!partners) {
+        if (err.code == KH_E_UNAVAILABLE || !store_up(self->store))
+            s_schedule_reconnect(self);
         return;
+    }
     zhashx_destroy(&self->partners);
     self->partners = partners;
 }

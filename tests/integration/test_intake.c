@@ -2118,6 +2118,33 @@ START_TEST(a_stalled_reader_does_not_stop_intake)
 }
 END_TEST
 
+/* A registry refresh that times out closes the reader: intake reconnects
+ * by itself, rather than at the next SUBMIT, which that would refuse. */
+START_TEST(a_timed_out_registry_refresh_reconnects_at_once)
+{
+    long reader = s_count("SELECT pid FROM pg_stat_activity WHERE "
+                          "application_name = 'ketenhub-intake' AND query "
+                          "NOT LIKE 'WITH input%' ORDER BY pid LIMIT 1");
+    ck_assert_int_gt(reader, 0);
+    kill((pid_t) reader, SIGSTOP);
+    zclock_sleep(1700); /* a refresh (every 200 ms) times out after 1 s */
+    kill((pid_t) reader, SIGCONT);
+    zclock_sleep(1000); /* a reconnection takes far less */
+
+    kh_client_t *client = s_client("vt");
+    kh_error_t err;
+    json_t *referral = s_example();
+    json_t *reply =
+        kh_client_submit(client, referral, "refresh-1", S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(reply);
+    ck_assert_msg(strcmp(kh_client_reply_cmd(reply), "ACCEPTED") == 0, "%s %s",
+                  kh_client_reply_cmd(reply), s_str(reply, "code"));
+    json_decref(reply);
+    json_decref(referral);
+    kh_client_destroy(&client);
+}
+END_TEST
+
 #define S_FLOOD 60
 
 /* A partner over its rate gets retryable throttled refusals at once, with
@@ -2455,6 +2482,7 @@ int main(void)
     tcase_add_test(tc,
                    a_stalled_commit_keeps_waiting_requests_in_bounded_memory);
     tcase_add_test(tc, a_stalled_reader_does_not_stop_intake);
+    tcase_add_test(tc, a_timed_out_registry_refresh_reconnects_at_once);
     tcase_add_test(tc, a_partner_over_its_rate_is_throttled);
     tcase_add_test(tc,
                    a_partner_refused_too_often_is_throttled_before_the_trail);
