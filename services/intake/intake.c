@@ -111,6 +111,7 @@ struct _intake_t {
     s_batch_t *committing; /* being committed, or NULL */
     bool reading;          /* the ROUTER reader is registered */
     int db_fd;             /* the writer socket polled by the loop, or -1 */
+    bool db_sending;       /* it is polled for writing too */
     s_stats_t stats;
     s_auth_refusal_t auth_pending[S_AUTH_PENDING];
     size_t nauth_pending;
@@ -812,7 +813,8 @@ static void s_set_reading(intake_t *self, bool reading)
 }
 
 /* Poll the writer's socket while a commit is in flight (the socket
- * changes with every reconnection, and may be closed between). */
+ * changes with every reconnection, and may be closed between): for
+ * writing too while the batch is still being sent. */
 static void s_watch_db(intake_t *self, bool watch)
 {
     if (self->db_fd >= 0) {
@@ -822,7 +824,9 @@ static void s_watch_db(intake_t *self, bool watch)
     }
     int fd = watch ? store_socket(self->store) : -1;
     if (fd >= 0) {
-        zmq_pollitem_t item = {NULL, fd, ZMQ_POLLIN, 0};
+        self->db_sending = store_sending(self->store);
+        zmq_pollitem_t item = {
+            NULL, fd, ZMQ_POLLIN | (self->db_sending ? ZMQ_POLLOUT : 0), 0};
         if (zloop_poller(self->loop, &item, s_on_db, self) == 0) {
             /* An error on the socket must reach s_on_db, not unlist it. */
             zloop_poller_set_tolerant(self->loop, &item);
@@ -964,6 +968,8 @@ static int s_on_db(zloop_t *loop, zmq_pollitem_t *item, void *arg)
                                self->committing->nsubs, &err);
     if (rc != 1)
         s_commit_done(self, rc, &err);
+    else if (self->db_sending && !store_sending(self->store))
+        s_watch_db(self, true); /* sent: a writable socket means nothing */
     return 0;
 }
 
@@ -1119,7 +1125,10 @@ static void s_drain(intake_t *self)
     int64_t deadline = zclock_mono() + S_DRAIN_MS;
     while (zclock_mono() < deadline) {
         if (self->committing) {
-            struct pollfd pfd = {store_socket(self->store), POLLIN, 0};
+            struct pollfd pfd = {
+                store_socket(self->store),
+                (short) (POLLIN | (store_sending(self->store) ? POLLOUT : 0)),
+                0};
             if (pfd.fd >= 0)
                 poll(&pfd, 1, 100);
             s_on_db(self->loop, NULL, self);

@@ -2087,6 +2087,68 @@ START_TEST(a_stalled_commit_keeps_waiting_requests_in_bounded_memory)
 }
 END_TEST
 
+#define S_BIG 40
+
+/* A batch larger than the socket to PostgreSQL holds, sent to a backend
+ * that has stopped reading: intake's loop goes on (libpq sends the batch
+ * as the socket takes it), the commit is given up in time, every request
+ * is answered, and SIGTERM ends intake at once. */
+START_TEST(a_large_batch_to_a_stalled_database_blocks_nothing)
+{
+    const char *settings[] = {"KH_DB_COMMIT_TIMEOUT_MS", "1000", NULL};
+    s_restart_intake_with(settings);
+    json_t *referral = s_example();
+    pid_t writer = s_writer(referral);
+    /* 4000 characters beyond the BMP, each 12 bytes in the canonical
+     * JSON: some 48 KB a referral, megabytes a batch. */
+    char *summary = malloc(4000 * 4 + 1);
+    ck_assert_ptr_nonnull(summary);
+    for (int i = 0; i < 4000; i++)
+        memcpy(summary + 4 * i, "\xF0\x9F\x98\x80", 4);
+    summary[4000 * 4] = '\0';
+    json_object_set_new(referral, "summary", json_string(summary));
+    free(summary);
+
+    zsock_t *dealer = s_dealer(S_TIMEOUT);
+    zframe_t *frame = s_frame(json_pack("{s:s}", "cmd", "PING"), "ping");
+    zframe_send(&frame, dealer, 0);
+    frame = zframe_recv(dealer); /* connected */
+    ck_assert_ptr_nonnull(frame);
+    zframe_destroy(&frame);
+    /* They all wait for intake together, so that one batch takes them. */
+    kill(s_intake, SIGSTOP);
+    kill(writer, SIGSTOP);
+    for (int i = 0; i < S_BIG; i++) {
+        char key[32];
+        snprintf(key, sizeof key, "big-%d", i);
+        frame = s_frame(s_submit_envelope(key, referral), key);
+        zframe_send(&frame, dealer, 0);
+    }
+    zclock_sleep(300);
+    kill(s_intake, SIGCONT);
+
+    int answered = 0;
+    while (answered < S_BIG && (frame = zframe_recv(dealer))) {
+        json_t *reply = s_decoded(&frame);
+        ck_assert_str_eq(kh_client_reply_cmd(reply), "REJECTED");
+        ck_assert_str_eq(s_str(reply, "code"), "unavailable");
+        json_decref(reply);
+        answered++;
+    }
+    int64_t started = zclock_mono();
+    int status = khproc_stop(s_intake, SIGTERM, 8000);
+    int64_t stopping = zclock_mono() - started;
+    s_intake = -1;
+    kill(writer, SIGCONT);
+    ck_assert_int_eq(answered, S_BIG);
+    ck_assert(status != -1 && WIFEXITED(status));
+    ck_assert_int_eq(WEXITSTATUS(status), 0);
+    ck_assert_int_lt(stopping, 4000);
+    zsock_destroy(&dealer);
+    json_decref(referral);
+}
+END_TEST
+
 /* The reader connection's backend stops answering: intake keeps
  * serving, gives up on that connection after a moment, reconnects, and
  * accepts again. */
@@ -2481,6 +2543,7 @@ int main(void)
     tcase_add_test(tc, a_silent_database_stalls_neither_answers_nor_stop);
     tcase_add_test(tc,
                    a_stalled_commit_keeps_waiting_requests_in_bounded_memory);
+    tcase_add_test(tc, a_large_batch_to_a_stalled_database_blocks_nothing);
     tcase_add_test(tc, a_stalled_reader_does_not_stop_intake);
     tcase_add_test(tc, a_timed_out_registry_refresh_reconnects_at_once);
     tcase_add_test(tc, a_partner_over_its_rate_is_throttled);
