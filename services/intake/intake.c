@@ -358,6 +358,88 @@ static void s_refuse(s_request_t *req, const kh_error_t *err)
     req->err = *err;
 }
 
+/* Refuse req as throttled when its actor is over a rate. Over its rate, a
+ * partner's SUBMIT costs nothing more: no schema check, no database work,
+ * no audit event (a flood must not flood the trail); the log says so now
+ * and then. So does any request but a PING of a partner (or a key the
+ * registry does not admit) whose refusals (each an audit event: malformed
+ * requests, rejected referrals, STATUS of referrals not its own) went over
+ * their rate, whatever it would have been refused for. A PING is answered
+ * all the same (a health probe), unless it is refused itself: that is one
+ * more refusal for the trail. */
+static void s_check_rates(intake_t *self, s_request_t *req)
+{
+    kh_error_t err;
+    int64_t wait = 0;
+    const char *over = NULL;
+    if (self->refusals && (req->cmd != KH_CMD_PING || req->refused) &&
+        (wait = kh_ratelimit_wait(self->refusals, req->actor, zclock_usecs())) >
+            0) {
+        over = "refusals";
+        kh_error_set(&err, KH_E_THROTTLED, "",
+                     "this partner's requests were refused too often; resend "
+                     "after retry_after_ms");
+    } else if (!req->refused && req->cmd == KH_CMD_SUBMIT && self->ratelimit &&
+               (wait = kh_ratelimit_take(self->ratelimit, req->partner,
+                                         zclock_usecs())) > 0) {
+        over = "rate";
+        kh_error_set(&err, KH_E_THROTTLED, "",
+                     "this partner sends faster than its rate; resend "
+                     "after retry_after_ms with the same idempotency key");
+    }
+    if (over) {
+        s_refuse(req, &err);
+        req->retry_after_ms = wait > INT32_MAX ? INT32_MAX : (int) wait;
+        self->stats.throttled++;
+        if (kh_throttle_pass(self->throttle_logged, req->actor, zclock_mono()))
+            kh_log_warn("throttled", "actor=%s peer=%s over=%s rate=%d/s",
+                        req->actor, req->peer, over,
+                        strcmp(over, "rate") == 0 ? self->cfg.partner_rate
+                                                  : self->cfg.partner_refusals);
+    }
+}
+
+/* Refuse a SUBMIT whose referral breaks the schema. */
+static void s_check_referral(const intake_t *self, s_request_t *req)
+{
+    kh_error_t err;
+    const json_t *referral = json_object_get(req->msg, "referral");
+    if (kh_schema_validate(self->schema, referral, &err)) {
+        /* Paths in replies start at the envelope's root. */
+        char path[KH_ERROR_PATH_MAX + 16];
+        int len = snprintf(path, sizeof path, "referral%s%s",
+                           *err.path ? "." : "", err.path);
+        if (len >= KH_ERROR_PATH_MAX)
+            len = KH_ERROR_PATH_MAX - 1;
+        memcpy(err.path, path, (size_t) len);
+        err.path[len] = '\0';
+        s_refuse(req, &err);
+    }
+}
+
+/* Read a STATUS's reply into arena, or refuse it. A STATUS is read at
+ * receipt, so that a refusal (not_found: another partner's referral, or
+ * none) goes into the trail with this batch, before it is answered, as
+ * every refusal does. */
+static void s_read_status(intake_t *self, kh_jarena_t *arena, s_request_t *req)
+{
+    kh_error_t err;
+    kh_jarena_t *was = kh_jarena_enter(arena);
+    json_t *reply = kh_proto_new(KH_CMD_STATUS_REPLY, req->cid);
+    const char *id =
+        json_string_value(json_object_get(req->msg, "referral_id"));
+    if (!reply)
+        kh_error_set(&err, KH_E_NOMEM, "", "out of memory");
+    if (!reply || store_status(self->store, req->partner, id, reply, &err)) {
+        json_decref(reply);
+        s_refuse(req, &err);
+        if (err.code == KH_E_UNAVAILABLE)
+            s_schedule_reconnect(self);
+    } else
+        req->status = reply;
+    kh_jarena_enter(was);
+}
+
 /* Receive one request and check everything that needs no database; its
  * envelope is decoded into arena. */
 static void s_take(intake_t *self, kh_jarena_t *arena, s_request_t *req,
@@ -442,76 +524,11 @@ static void s_take(intake_t *self, kh_jarena_t *arena, s_request_t *req,
                      "this key belongs to no active partner");
         s_refuse(req, &err);
     }
-    /* Over its rate, a partner's SUBMIT costs nothing more: no schema
-     * check, no database work, no audit event (a flood must not flood the
-     * trail); the log says so now and then. So does any request but a
-     * PING of a partner (or a key the registry does not admit) whose
-     * refusals (each an audit event: malformed requests, rejected
-     * referrals, STATUS of referrals not its own) went over their rate,
-     * whatever it would have been refused for. A PING is answered all the
-     * same (a health probe), unless it is refused itself: that is one
-     * more refusal for the trail. */
-    int64_t wait = 0;
-    const char *over = NULL;
-    if (self->refusals && (req->cmd != KH_CMD_PING || req->refused) &&
-        (wait = kh_ratelimit_wait(self->refusals, req->actor, zclock_usecs())) >
-            0) {
-        over = "refusals";
-        kh_error_set(&err, KH_E_THROTTLED, "",
-                     "this partner's requests were refused too often; resend "
-                     "after retry_after_ms");
-    } else if (!req->refused && req->cmd == KH_CMD_SUBMIT && self->ratelimit &&
-               (wait = kh_ratelimit_take(self->ratelimit, partner,
-                                         zclock_usecs())) > 0) {
-        over = "rate";
-        kh_error_set(&err, KH_E_THROTTLED, "",
-                     "this partner sends faster than its rate; resend "
-                     "after retry_after_ms with the same idempotency key");
-    }
-    if (over) {
-        s_refuse(req, &err);
-        req->retry_after_ms = wait > INT32_MAX ? INT32_MAX : (int) wait;
-        self->stats.throttled++;
-        if (kh_throttle_pass(self->throttle_logged, req->actor, zclock_mono()))
-            kh_log_warn("throttled", "actor=%s peer=%s over=%s rate=%d/s",
-                        req->actor, req->peer, over,
-                        strcmp(over, "rate") == 0 ? self->cfg.partner_rate
-                                                  : self->cfg.partner_refusals);
-    }
-    if (!req->refused && req->cmd == KH_CMD_SUBMIT) {
-        const json_t *referral = json_object_get(req->msg, "referral");
-        if (kh_schema_validate(self->schema, referral, &err)) {
-            /* Paths in replies start at the envelope's root. */
-            char path[KH_ERROR_PATH_MAX + 16];
-            int len = snprintf(path, sizeof path, "referral%s%s",
-                               *err.path ? "." : "", err.path);
-            if (len >= KH_ERROR_PATH_MAX)
-                len = KH_ERROR_PATH_MAX - 1;
-            memcpy(err.path, path, (size_t) len);
-            err.path[len] = '\0';
-            s_refuse(req, &err);
-        }
-    }
-    /* A STATUS is read now, so that a refusal (not_found: another
-     * partner's referral, or none) goes into the trail with this batch,
-     * before it is answered, as every refusal does. */
-    if (!req->refused && req->cmd == KH_CMD_STATUS) {
-        kh_jarena_t *was = kh_jarena_enter(arena);
-        json_t *reply = kh_proto_new(KH_CMD_STATUS_REPLY, req->cid);
-        const char *id =
-            json_string_value(json_object_get(req->msg, "referral_id"));
-        if (!reply)
-            kh_error_set(&err, KH_E_NOMEM, "", "out of memory");
-        if (!reply ||
-            store_status(self->store, req->partner, id, reply, &err)) {
-            json_decref(reply);
-            s_refuse(req, &err);
-            if (err.code == KH_E_UNAVAILABLE)
-                s_schedule_reconnect(self);
-        } else
-            req->status = reply;
-        kh_jarena_enter(was);
-    }
+    s_check_rates(self, req);
+    if (!req->refused && req->cmd == KH_CMD_SUBMIT)
+        s_check_referral(self, req);
+    if (!req->refused && req->cmd == KH_CMD_STATUS)
+        s_read_status(self, arena, req);
     zframe_destroy(&body);
 }
 
