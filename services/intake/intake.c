@@ -759,6 +759,10 @@ static void s_audit_conflicts(intake_t *self, s_batch_t *batch)
 static void s_batch_reply(intake_t *self, s_batch_t *batch,
                           const kh_error_t *commit_err)
 {
+    /* How long its commit took, before the replies add their time. */
+    double commit_ms = batch->sent_at
+                           ? (double) (zclock_usecs() - batch->sent_at) / 1000.0
+                           : 0.0;
     /* The replies are made in the batch's arena too, and forgotten with
      * the requests. */
     kh_jarena_t *was = kh_jarena_enter(batch->arena);
@@ -792,21 +796,19 @@ static void s_batch_reply(intake_t *self, s_batch_t *batch,
     kh_jarena_enter(was);
     kh_jarena_reset(batch->arena);
     if (batch->sent_at) {
-        double ms = (double) (zclock_usecs() - batch->sent_at) / 1000.0;
         self->stats.batches++;
-        kh_metric_observe("intake_commit_seconds", NULL, ms / 1000.0);
-        self->stats.commit_ms_total += ms;
-        if (ms > self->stats.commit_ms_max)
-            self->stats.commit_ms_max = ms;
+        kh_metric_observe("intake_commit_seconds", NULL, commit_ms / 1000.0);
+        self->stats.commit_ms_total += commit_ms;
+        if (commit_ms > self->stats.commit_ms_max)
+            self->stats.commit_ms_max = commit_ms;
     }
+    /* submissions: the distinct keys committed (new, repeated or in
+     * conflict); refusals: the refusal events among them. */
     if (batch->count)
         kh_log_debug("batch",
-                     "requests=%zu accepted=%zu refused=%zu commit_ms=%.3f "
-                     "outcome=%s",
-                     batch->count, batch->nsubs, batch->nrefs,
-                     batch->sent_at
-                         ? (double) (zclock_usecs() - batch->sent_at) / 1000.0
-                         : 0.0,
+                     "requests=%zu submissions=%zu refusals=%zu "
+                     "commit_ms=%.3f outcome=%s",
+                     batch->count, batch->nsubs, batch->nrefs, commit_ms,
                      commit_err ? kh_error_name(commit_err->code) : "ok");
     batch->count = batch->nsubs = batch->nrefs = batch->bytes = 0;
     batch->sent_at = 0;
