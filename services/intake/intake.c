@@ -101,6 +101,7 @@ struct _intake_t {
     int port;
     store_t *store;
     zhashx_t *partners; /* Z85 key -> partner id */
+    bool partners_read; /* the last attempt to re-read them succeeded */
     zloop_t *loop;
     int reconnect_timer; /* zloop timer id, 0 if none */
     int backoff_ms;
@@ -266,6 +267,7 @@ static void s_load_partners(intake_t *self)
 {
     kh_error_t err;
     zhashx_t *partners = store_partners(self->store, &err);
+    self->partners_read = partners != NULL;
     if (!partners) {
         if (err.code == KH_E_UNAVAILABLE || !store_up(self->store))
             s_schedule_reconnect(self);
@@ -337,19 +339,23 @@ static int s_refresh_partners(zloop_t *loop, int timer_id, void *arg)
     return 0;
 }
 
-/* The partner id for an authenticated key. An unknown key reloads the
- * registry (at most once a second per key), so a partner added while
- * intake runs is recognised at its first request; only keys that passed
- * the handshake, i.e. are in the partner directory, get this far. */
-static const char *s_partner_of(intake_t *self, const char *key)
+/* The partner id for an authenticated key, or NULL. An unknown key
+ * reloads the registry (at most once a second per key), so a partner added
+ * while intake runs is recognised at its first request; only keys that
+ * passed the handshake, i.e. are in the partner directory, get this far.
+ * *unsure is set when NULL may be wrong: the registry could not be read
+ * (never yet, or not now), and the key may be a partner's added since. */
+static const char *s_partner_of(intake_t *self, const char *key, bool *unsure)
 {
     const char *id = self->partners ? zhashx_lookup(self->partners, key) : NULL;
-    if (id || !store_up(self->store))
-        return id;
-    if (!kh_throttle_pass(self->unknown_keys, key, zclock_mono()))
-        return NULL;
-    s_load_partners(self);
-    return self->partners ? zhashx_lookup(self->partners, key) : NULL;
+    if (!id && store_up(self->store) &&
+        kh_throttle_pass(self->unknown_keys, key, zclock_mono())) {
+        s_load_partners(self);
+        id = self->partners ? zhashx_lookup(self->partners, key) : NULL;
+    }
+    *unsure = !id && (!self->partners || !self->partners_read ||
+                      !store_up(self->store));
+    return id;
 }
 
 static void s_refuse(s_request_t *req, const kh_error_t *err)
@@ -458,7 +464,8 @@ static void s_take(intake_t *self, kh_jarena_t *arena, s_request_t *req,
     const char *key = body ? zframe_meta(body, "User-Id") : NULL;
     const char *peer = body ? zframe_meta(body, "Peer-Address") : NULL;
     snprintf(req->peer, sizeof req->peer, "%s", peer ? peer : "");
-    const char *partner = key ? s_partner_of(self, key) : NULL;
+    bool unsure = false;
+    const char *partner = key ? s_partner_of(self, key, &unsure) : NULL;
     if (partner) {
         snprintf(req->partner, sizeof req->partner, "%s", partner);
         snprintf(req->actor, sizeof req->actor, "%s", partner);
@@ -513,9 +520,11 @@ static void s_take(intake_t *self, kh_jarena_t *arena, s_request_t *req,
         if (rc)
             s_refuse(req, &err);
     }
-    /* Until the registry has been read (the database is not up yet) no key
-     * can be told it is unknown: that answer is final for a partner. */
-    if (!req->refused && !partner && !self->partners) {
+    /* While the registry cannot be read (the database is not up yet, or
+     * away) no key can be told it is unknown: that answer is final for a
+     * partner, and the key may be that of a partner added since the
+     * registry was read last. */
+    if (!req->refused && !partner && unsure) {
         kh_error_set(&err, KH_E_UNAVAILABLE, "",
                      "the partner registry cannot be read now");
         s_refuse(req, &err);

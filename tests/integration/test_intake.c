@@ -1460,6 +1460,49 @@ START_TEST(partners_added_and_removed_while_running)
 }
 END_TEST
 
+/* A partner added while the database is away is not told it is unknown
+ * (a final answer): intake cannot read the registry to know. */
+START_TEST(a_partner_added_while_the_database_is_away_is_not_refused_for_good)
+{
+    const char *pgdir = getenv("KH_TEST_PG_DIR");
+    ck_assert_ptr_nonnull(pgdir);
+    /* No refresh of the registry finds the partner before the database
+     * goes away. */
+    khproc_stop(s_intake, SIGTERM, 5000);
+    char routing[128];
+    snprintf(routing, sizeof routing, "KH_ROUTING_ENDPOINT=%s", s_routing);
+    char *extra[] = {"KH_PARTNER_REFRESH_MS=3600000", routing, NULL};
+    s_intake = khtest_start_intake(s_dir, s_endpoint, s_conninfo, extra);
+    s_wait_ready();
+    zcert_t *late = s_make_cert("late", true);
+    s_register("late-partner", late);
+    zcert_destroy(&late);
+    ck_assert_int_eq(khproc_sh("'%s/scripts/pgtmp.sh' down '%s' fast",
+                               KH_TEST_SOURCE_DIR, pgdir),
+                     0);
+    kh_client_t *client = s_client("late");
+    kh_error_t err;
+    json_t *referral = s_example();
+    json_t *reply =
+        kh_client_submit(client, referral, "late-1", S_TIMEOUT, &err);
+    ck_assert_int_eq(
+        khproc_sh("'%s/scripts/pgtmp.sh' up '%s'", KH_TEST_SOURCE_DIR, pgdir),
+        0);
+    ck_assert_ptr_nonnull(reply);
+    ck_assert_str_eq(kh_client_reply_cmd(reply), "REJECTED");
+    ck_assert_str_eq(s_str(reply, "code"), "unavailable");
+    json_decref(reply);
+    kh_client_set_retries(client, 20);
+    reply = kh_client_submit(client, referral, "late-1", S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(reply);
+    ck_assert_str_eq(kh_client_reply_cmd(reply), "ACCEPTED");
+    json_decref(reply);
+    json_decref(referral);
+    kh_client_destroy(&client);
+    PQreset(s_db);
+}
+END_TEST
+
 /* Submit referral under key with the client of name; the referral's id,
  * or NULL when the request got no ACCEPTED answer. */
 static char *s_accepted_by(const char *name, const json_t *referral,
@@ -2532,6 +2575,8 @@ int main(void)
     tcase_add_test(tc,
                    made_up_keys_at_the_handshake_are_audited_within_a_bound);
     tcase_add_test(tc, partners_added_and_removed_while_running);
+    tcase_add_test(
+        tc, a_partner_added_while_the_database_is_away_is_not_refused_for_good);
     tcase_add_test(tc, a_rotated_key_admits_its_partner_for_the_overlap_only);
     tcase_add_test(tc, the_partner_tool_exits_3_for_a_revoked_key);
     tcase_add_test(tc, the_partner_tool_stops_at_once_when_interrupted);
