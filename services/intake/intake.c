@@ -258,25 +258,6 @@ int intake_port(const intake_t *self)
 
 static int s_reconnect(zloop_t *loop, int timer_id, void *arg);
 
-static void s_schedule_reconnect(intake_t *self);
-
-/* Re-read the partner registry; keeps the old one on failure. A read that
- * timed out closed the reader: reconnect now, not when the next SUBMIT
- * finds the store down and is refused for it. */
-static void s_load_partners(intake_t *self)
-{
-    kh_error_t err;
-    zhashx_t *partners = store_partners(self->store, &err);
-    self->partners_read = partners != NULL;
-    if (!partners) {
-        if (err.code == KH_E_UNAVAILABLE || !store_up(self->store))
-            s_schedule_reconnect(self);
-        return;
-    }
-    zhashx_destroy(&self->partners);
-    self->partners = partners;
-}
-
 /* Look again after ms at an attempt to (re)connect, or make the next. */
 static void s_reconnect_in(intake_t *self, int ms)
 {
@@ -292,6 +273,30 @@ static void s_reconnect_in(intake_t *self, int ms)
 static void s_schedule_reconnect(intake_t *self)
 {
     s_reconnect_in(self, self->backoff_ms);
+}
+
+/* After err from the store: reconnect when the database went away, or
+ * when a connection was closed on the way (a read that timed out). */
+static void s_db_failed(intake_t *self, const kh_error_t *err)
+{
+    if (err->code == KH_E_UNAVAILABLE || !store_up(self->store))
+        s_schedule_reconnect(self);
+}
+
+/* Re-read the partner registry; keeps the old one on failure. A read that
+ * timed out closed the reader: reconnect now, not when the next SUBMIT
+ * finds the store down and is refused for it. */
+static void s_load_partners(intake_t *self)
+{
+    kh_error_t err;
+    zhashx_t *partners = store_partners(self->store, &err);
+    self->partners_read = partners != NULL;
+    if (!partners) {
+        s_db_failed(self, &err);
+        return;
+    }
+    zhashx_destroy(&self->partners);
+    self->partners = partners;
 }
 
 static int s_reconnect(zloop_t *loop, int timer_id, void *arg)
@@ -439,8 +444,7 @@ static void s_read_status(intake_t *self, kh_jarena_t *arena, s_request_t *req)
     if (!reply || store_status(self->store, req->partner, id, reply, &err)) {
         json_decref(reply);
         s_refuse(req, &err);
-        if (err.code == KH_E_UNAVAILABLE)
-            s_schedule_reconnect(self);
+        s_db_failed(self, &err);
     } else
         req->status = reply;
     kh_jarena_enter(was);
@@ -760,8 +764,7 @@ static void s_audit_conflicts(intake_t *self, s_batch_t *batch)
     for (size_t i = 0; i < batch->count; i++)
         if (batch->requests[i].unaudited)
             batch->requests[i].err = err;
-    if (err.code == KH_E_UNAVAILABLE || !store_up(self->store))
-        s_schedule_reconnect(self);
+    s_db_failed(self, &err);
 }
 
 /* Answer every request of the batch and empty it. */
@@ -861,12 +864,6 @@ static void s_watch_db(intake_t *self, bool watch)
             self->db_fd = fd;
         }
     }
-}
-
-static void s_db_failed(intake_t *self, const kh_error_t *err)
-{
-    if (err->code == KH_E_UNAVAILABLE || !store_up(self->store))
-        s_schedule_reconnect(self);
 }
 
 /* Start committing batch. 0, or -1 with err (nothing was sent). */
