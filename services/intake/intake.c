@@ -101,6 +101,7 @@ struct _intake_t {
     int port;
     store_t *store;
     zhashx_t *partners; /* Z85 key -> partner id */
+    bool partners_read; /* the last attempt to re-read them succeeded */
     zloop_t *loop;
     int reconnect_timer; /* zloop timer id, 0 if none */
     int backoff_ms;
@@ -111,6 +112,7 @@ struct _intake_t {
     s_batch_t *committing; /* being committed, or NULL */
     bool reading;          /* the ROUTER reader is registered */
     int db_fd;             /* the writer socket polled by the loop, or -1 */
+    bool db_sending;       /* it is polled for writing too */
     s_stats_t stats;
     s_auth_refusal_t auth_pending[S_AUTH_PENDING];
     size_t nauth_pending;
@@ -256,17 +258,6 @@ int intake_port(const intake_t *self)
 
 static int s_reconnect(zloop_t *loop, int timer_id, void *arg);
 
-/* Re-read the partner registry; keeps the old one on failure. */
-static void s_load_partners(intake_t *self)
-{
-    kh_error_t err;
-    zhashx_t *partners = store_partners(self->store, &err);
-    if (!partners)
-        return;
-    zhashx_destroy(&self->partners);
-    self->partners = partners;
-}
-
 /* Look again after ms at an attempt to (re)connect, or make the next. */
 static void s_reconnect_in(intake_t *self, int ms)
 {
@@ -282,6 +273,30 @@ static void s_reconnect_in(intake_t *self, int ms)
 static void s_schedule_reconnect(intake_t *self)
 {
     s_reconnect_in(self, self->backoff_ms);
+}
+
+/* After err from the store: reconnect when the database went away, or
+ * when a connection was closed on the way (a read that timed out). */
+static void s_db_failed(intake_t *self, const kh_error_t *err)
+{
+    if (err->code == KH_E_UNAVAILABLE || !store_up(self->store))
+        s_schedule_reconnect(self);
+}
+
+/* Re-read the partner registry; keeps the old one on failure. A read that
+ * timed out closed the reader: reconnect now, not when the next SUBMIT
+ * finds the store down and is refused for it. */
+static void s_load_partners(intake_t *self)
+{
+    kh_error_t err;
+    zhashx_t *partners = store_partners(self->store, &err);
+    self->partners_read = partners != NULL;
+    if (!partners) {
+        s_db_failed(self, &err);
+        return;
+    }
+    zhashx_destroy(&self->partners);
+    self->partners = partners;
 }
 
 static int s_reconnect(zloop_t *loop, int timer_id, void *arg)
@@ -329,25 +344,110 @@ static int s_refresh_partners(zloop_t *loop, int timer_id, void *arg)
     return 0;
 }
 
-/* The partner id for an authenticated key. An unknown key reloads the
- * registry (at most once a second per key), so a partner added while
- * intake runs is recognised at its first request; only keys that passed
- * the handshake, i.e. are in the partner directory, get this far. */
-static const char *s_partner_of(intake_t *self, const char *key)
+/* The partner id for an authenticated key, or NULL. An unknown key
+ * reloads the registry (at most once a second per key), so a partner added
+ * while intake runs is recognised at its first request; only keys that
+ * passed the handshake, i.e. are in the partner directory, get this far.
+ * *unsure is set when NULL may be wrong: the registry could not be read
+ * (never yet, or not now), and the key may be a partner's added since. */
+static const char *s_partner_of(intake_t *self, const char *key, bool *unsure)
 {
     const char *id = self->partners ? zhashx_lookup(self->partners, key) : NULL;
-    if (id || !store_up(self->store))
-        return id;
-    if (!kh_throttle_pass(self->unknown_keys, key, zclock_mono()))
-        return NULL;
-    s_load_partners(self);
-    return self->partners ? zhashx_lookup(self->partners, key) : NULL;
+    if (!id && store_up(self->store) &&
+        kh_throttle_pass(self->unknown_keys, key, zclock_mono())) {
+        s_load_partners(self);
+        id = self->partners ? zhashx_lookup(self->partners, key) : NULL;
+    }
+    *unsure = !id && (!self->partners || !self->partners_read ||
+                      !store_up(self->store));
+    return id;
 }
 
 static void s_refuse(s_request_t *req, const kh_error_t *err)
 {
     req->refused = true;
     req->err = *err;
+}
+
+/* Refuse req as throttled when its actor is over a rate. Over its rate, a
+ * partner's SUBMIT costs nothing more: no schema check, no database work,
+ * no audit event (a flood must not flood the trail); the log says so now
+ * and then. So does any request but a PING of a partner (or a key the
+ * registry does not admit) whose refusals (each an audit event: malformed
+ * requests, rejected referrals, STATUS of referrals not its own) went over
+ * their rate, whatever it would have been refused for. A PING is answered
+ * all the same (a health probe), unless it is refused itself: that is one
+ * more refusal for the trail. */
+static void s_check_rates(intake_t *self, s_request_t *req)
+{
+    kh_error_t err;
+    int64_t wait = 0;
+    const char *over = NULL;
+    if (self->refusals && (req->cmd != KH_CMD_PING || req->refused) &&
+        (wait = kh_ratelimit_wait(self->refusals, req->actor, zclock_usecs())) >
+            0) {
+        over = "refusals";
+        kh_error_set(&err, KH_E_THROTTLED, "",
+                     "this partner's requests were refused too often; resend "
+                     "after retry_after_ms");
+    } else if (!req->refused && req->cmd == KH_CMD_SUBMIT && self->ratelimit &&
+               (wait = kh_ratelimit_take(self->ratelimit, req->partner,
+                                         zclock_usecs())) > 0) {
+        over = "rate";
+        kh_error_set(&err, KH_E_THROTTLED, "",
+                     "this partner sends faster than its rate; resend "
+                     "after retry_after_ms with the same idempotency key");
+    }
+    if (over) {
+        s_refuse(req, &err);
+        req->retry_after_ms = wait > INT32_MAX ? INT32_MAX : (int) wait;
+        self->stats.throttled++;
+        if (kh_throttle_pass(self->throttle_logged, req->actor, zclock_mono()))
+            kh_log_warn("throttled", "actor=%s peer=%s over=%s rate=%d/s",
+                        req->actor, req->peer, over,
+                        strcmp(over, "rate") == 0 ? self->cfg.partner_rate
+                                                  : self->cfg.partner_refusals);
+    }
+}
+
+/* Refuse a SUBMIT whose referral breaks the schema. */
+static void s_check_referral(const intake_t *self, s_request_t *req)
+{
+    kh_error_t err;
+    const json_t *referral = json_object_get(req->msg, "referral");
+    if (kh_schema_validate(self->schema, referral, &err)) {
+        /* Paths in replies start at the envelope's root. */
+        char path[KH_ERROR_PATH_MAX + 16];
+        int len = snprintf(path, sizeof path, "referral%s%s",
+                           *err.path ? "." : "", err.path);
+        if (len >= KH_ERROR_PATH_MAX)
+            len = KH_ERROR_PATH_MAX - 1;
+        memcpy(err.path, path, (size_t) len);
+        err.path[len] = '\0';
+        s_refuse(req, &err);
+    }
+}
+
+/* Read a STATUS's reply into arena, or refuse it. A STATUS is read at
+ * receipt, so that a refusal (not_found: another partner's referral, or
+ * none) goes into the trail with this batch, before it is answered, as
+ * every refusal does. */
+static void s_read_status(intake_t *self, kh_jarena_t *arena, s_request_t *req)
+{
+    kh_error_t err;
+    kh_jarena_t *was = kh_jarena_enter(arena);
+    json_t *reply = kh_proto_new(KH_CMD_STATUS_REPLY, req->cid);
+    const char *id =
+        json_string_value(json_object_get(req->msg, "referral_id"));
+    if (!reply)
+        kh_error_set(&err, KH_E_NOMEM, "", "out of memory");
+    if (!reply || store_status(self->store, req->partner, id, reply, &err)) {
+        json_decref(reply);
+        s_refuse(req, &err);
+        s_db_failed(self, &err);
+    } else
+        req->status = reply;
+    kh_jarena_enter(was);
 }
 
 /* Receive one request and check everything that needs no database; its
@@ -368,7 +468,8 @@ static void s_take(intake_t *self, kh_jarena_t *arena, s_request_t *req,
     const char *key = body ? zframe_meta(body, "User-Id") : NULL;
     const char *peer = body ? zframe_meta(body, "Peer-Address") : NULL;
     snprintf(req->peer, sizeof req->peer, "%s", peer ? peer : "");
-    const char *partner = key ? s_partner_of(self, key) : NULL;
+    bool unsure = false;
+    const char *partner = key ? s_partner_of(self, key, &unsure) : NULL;
     if (partner) {
         snprintf(req->partner, sizeof req->partner, "%s", partner);
         snprintf(req->actor, sizeof req->actor, "%s", partner);
@@ -423,9 +524,11 @@ static void s_take(intake_t *self, kh_jarena_t *arena, s_request_t *req,
         if (rc)
             s_refuse(req, &err);
     }
-    /* Until the registry has been read (the database is not up yet) no key
-     * can be told it is unknown: that answer is final for a partner. */
-    if (!req->refused && !partner && !self->partners) {
+    /* While the registry cannot be read (the database is not up yet, or
+     * away) no key can be told it is unknown: that answer is final for a
+     * partner, and the key may be that of a partner added since the
+     * registry was read last. */
+    if (!req->refused && !partner && unsure) {
         kh_error_set(&err, KH_E_UNAVAILABLE, "",
                      "the partner registry cannot be read now");
         s_refuse(req, &err);
@@ -434,76 +537,11 @@ static void s_take(intake_t *self, kh_jarena_t *arena, s_request_t *req,
                      "this key belongs to no active partner");
         s_refuse(req, &err);
     }
-    /* Over its rate, a partner's SUBMIT costs nothing more: no schema
-     * check, no database work, no audit event (a flood must not flood the
-     * trail); the log says so now and then. So does any request but a
-     * PING of a partner (or a key the registry does not admit) whose
-     * refusals (each an audit event: malformed requests, rejected
-     * referrals, STATUS of referrals not its own) went over their rate,
-     * whatever it would have been refused for. A PING is answered all the
-     * same (a health probe), unless it is refused itself: that is one
-     * more refusal for the trail. */
-    int64_t wait = 0;
-    const char *over = NULL;
-    if (self->refusals && (req->cmd != KH_CMD_PING || req->refused) &&
-        (wait = kh_ratelimit_wait(self->refusals, req->actor, zclock_usecs())) >
-            0) {
-        over = "refusals";
-        kh_error_set(&err, KH_E_THROTTLED, "",
-                     "this partner's requests were refused too often; resend "
-                     "after retry_after_ms");
-    } else if (!req->refused && req->cmd == KH_CMD_SUBMIT && self->ratelimit &&
-               (wait = kh_ratelimit_take(self->ratelimit, partner,
-                                         zclock_usecs())) > 0) {
-        over = "rate";
-        kh_error_set(&err, KH_E_THROTTLED, "",
-                     "this partner sends faster than its rate; resend "
-                     "after retry_after_ms with the same idempotency key");
-    }
-    if (over) {
-        s_refuse(req, &err);
-        req->retry_after_ms = wait > INT32_MAX ? INT32_MAX : (int) wait;
-        self->stats.throttled++;
-        if (kh_throttle_pass(self->throttle_logged, req->actor, zclock_mono()))
-            kh_log_warn("throttled", "actor=%s peer=%s over=%s rate=%d/s",
-                        req->actor, req->peer, over,
-                        strcmp(over, "rate") == 0 ? self->cfg.partner_rate
-                                                  : self->cfg.partner_refusals);
-    }
-    if (!req->refused && req->cmd == KH_CMD_SUBMIT) {
-        const json_t *referral = json_object_get(req->msg, "referral");
-        if (kh_schema_validate(self->schema, referral, &err)) {
-            /* Paths in replies start at the envelope's root. */
-            char path[KH_ERROR_PATH_MAX + 16];
-            int len = snprintf(path, sizeof path, "referral%s%s",
-                               *err.path ? "." : "", err.path);
-            if (len >= KH_ERROR_PATH_MAX)
-                len = KH_ERROR_PATH_MAX - 1;
-            memcpy(err.path, path, (size_t) len);
-            err.path[len] = '\0';
-            s_refuse(req, &err);
-        }
-    }
-    /* A STATUS is read now, so that a refusal (not_found: another
-     * partner's referral, or none) goes into the trail with this batch,
-     * before it is answered, as every refusal does. */
-    if (!req->refused && req->cmd == KH_CMD_STATUS) {
-        kh_jarena_t *was = kh_jarena_enter(arena);
-        json_t *reply = kh_proto_new(KH_CMD_STATUS_REPLY, req->cid);
-        const char *id =
-            json_string_value(json_object_get(req->msg, "referral_id"));
-        if (!reply)
-            kh_error_set(&err, KH_E_NOMEM, "", "out of memory");
-        if (!reply ||
-            store_status(self->store, req->partner, id, reply, &err)) {
-            json_decref(reply);
-            s_refuse(req, &err);
-            if (err.code == KH_E_UNAVAILABLE)
-                s_schedule_reconnect(self);
-        } else
-            req->status = reply;
-        kh_jarena_enter(was);
-    }
+    s_check_rates(self, req);
+    if (!req->refused && req->cmd == KH_CMD_SUBMIT)
+        s_check_referral(self, req);
+    if (!req->refused && req->cmd == KH_CMD_STATUS)
+        s_read_status(self, arena, req);
     zframe_destroy(&body);
 }
 
@@ -726,14 +764,17 @@ static void s_audit_conflicts(intake_t *self, s_batch_t *batch)
     for (size_t i = 0; i < batch->count; i++)
         if (batch->requests[i].unaudited)
             batch->requests[i].err = err;
-    if (err.code == KH_E_UNAVAILABLE || !store_up(self->store))
-        s_schedule_reconnect(self);
+    s_db_failed(self, &err);
 }
 
 /* Answer every request of the batch and empty it. */
 static void s_batch_reply(intake_t *self, s_batch_t *batch,
                           const kh_error_t *commit_err)
 {
+    /* How long its commit took, before the replies add their time. */
+    double commit_ms = batch->sent_at
+                           ? (double) (zclock_usecs() - batch->sent_at) / 1000.0
+                           : 0.0;
     /* The replies are made in the batch's arena too, and forgotten with
      * the requests. */
     kh_jarena_t *was = kh_jarena_enter(batch->arena);
@@ -767,21 +808,19 @@ static void s_batch_reply(intake_t *self, s_batch_t *batch,
     kh_jarena_enter(was);
     kh_jarena_reset(batch->arena);
     if (batch->sent_at) {
-        double ms = (double) (zclock_usecs() - batch->sent_at) / 1000.0;
         self->stats.batches++;
-        kh_metric_observe("intake_commit_seconds", NULL, ms / 1000.0);
-        self->stats.commit_ms_total += ms;
-        if (ms > self->stats.commit_ms_max)
-            self->stats.commit_ms_max = ms;
+        kh_metric_observe("intake_commit_seconds", NULL, commit_ms / 1000.0);
+        self->stats.commit_ms_total += commit_ms;
+        if (commit_ms > self->stats.commit_ms_max)
+            self->stats.commit_ms_max = commit_ms;
     }
+    /* submissions: the distinct keys committed (new, repeated or in
+     * conflict); refusals: the refusal events among them. */
     if (batch->count)
         kh_log_debug("batch",
-                     "requests=%zu accepted=%zu refused=%zu commit_ms=%.3f "
-                     "outcome=%s",
-                     batch->count, batch->nsubs, batch->nrefs,
-                     batch->sent_at
-                         ? (double) (zclock_usecs() - batch->sent_at) / 1000.0
-                         : 0.0,
+                     "requests=%zu submissions=%zu refusals=%zu "
+                     "commit_ms=%.3f outcome=%s",
+                     batch->count, batch->nsubs, batch->nrefs, commit_ms,
                      commit_err ? kh_error_name(commit_err->code) : "ok");
     batch->count = batch->nsubs = batch->nrefs = batch->bytes = 0;
     batch->sent_at = 0;
@@ -805,7 +844,8 @@ static void s_set_reading(intake_t *self, bool reading)
 }
 
 /* Poll the writer's socket while a commit is in flight (the socket
- * changes with every reconnection, and may be closed between). */
+ * changes with every reconnection, and may be closed between): for
+ * writing too while the batch is still being sent. */
 static void s_watch_db(intake_t *self, bool watch)
 {
     if (self->db_fd >= 0) {
@@ -815,19 +855,15 @@ static void s_watch_db(intake_t *self, bool watch)
     }
     int fd = watch ? store_socket(self->store) : -1;
     if (fd >= 0) {
-        zmq_pollitem_t item = {NULL, fd, ZMQ_POLLIN, 0};
+        self->db_sending = store_sending(self->store);
+        zmq_pollitem_t item = {
+            NULL, fd, ZMQ_POLLIN | (self->db_sending ? ZMQ_POLLOUT : 0), 0};
         if (zloop_poller(self->loop, &item, s_on_db, self) == 0) {
             /* An error on the socket must reach s_on_db, not unlist it. */
             zloop_poller_set_tolerant(self->loop, &item);
             self->db_fd = fd;
         }
     }
-}
-
-static void s_db_failed(intake_t *self, const kh_error_t *err)
-{
-    if (err->code == KH_E_UNAVAILABLE || !store_up(self->store))
-        s_schedule_reconnect(self);
 }
 
 /* Start committing batch. 0, or -1 with err (nothing was sent). */
@@ -957,6 +993,8 @@ static int s_on_db(zloop_t *loop, zmq_pollitem_t *item, void *arg)
                                self->committing->nsubs, &err);
     if (rc != 1)
         s_commit_done(self, rc, &err);
+    else if (self->db_sending && !store_sending(self->store))
+        s_watch_db(self, true); /* sent: a writable socket means nothing */
     return 0;
 }
 
@@ -1112,7 +1150,10 @@ static void s_drain(intake_t *self)
     int64_t deadline = zclock_mono() + S_DRAIN_MS;
     while (zclock_mono() < deadline) {
         if (self->committing) {
-            struct pollfd pfd = {store_socket(self->store), POLLIN, 0};
+            struct pollfd pfd = {
+                store_socket(self->store),
+                (short) (POLLIN | (store_sending(self->store) ? POLLOUT : 0)),
+                0};
             if (pfd.fd >= 0)
                 poll(&pfd, 1, 100);
             s_on_db(self->loop, NULL, self);

@@ -26,6 +26,7 @@ struct _store_t {
     PGconn *reader;          /* status, look-ups, registry */
     kh_db_pair_t connecting; /* attempts to make them, side by side */
     bool busy;               /* a batch is being committed on the writer */
+    bool sending;            /* part of it is still in libpq's buffer */
     PGresult *rows;          /* the batch's result rows, once they arrived */
 };
 
@@ -248,7 +249,7 @@ int store_connect(store_t *self, kh_error_t *err)
     if (!store_connecting(self)) { /* a new attempt: both at once */
         PQclear(self->rows);
         self->rows = NULL;
-        self->busy = false;
+        self->busy = self->sending = false;
         PQfinish(self->writer);
         PQfinish(self->reader);
         self->writer = self->reader = NULL;
@@ -275,6 +276,16 @@ int store_connect(store_t *self, kh_error_t *err)
         PQfinish(conns[0]);
         PQfinish(conns[1]);
         return -1;
+    }
+    /* A batch can be larger than the socket holds: sent in blocking mode
+     * to a backend that stops reading, it would stop intake's loop with
+     * it (no stall check, no answers, no SIGTERM). */
+    if (PQsetnonblocking(conns[0], 1)) {
+        PQfinish(conns[0]);
+        PQfinish(conns[1]);
+        return kh_error_set(err, KH_E_UNAVAILABLE, "",
+                            "cannot make the database connection "
+                            "nonblocking");
     }
     self->writer = conns[0];
     self->reader = conns[1];
@@ -420,10 +431,18 @@ int store_commit_send(store_t *self, store_submit_t *subs, size_t nsubs,
     int sent = PQsendQueryPrepared(self->writer, "commit", S_COMMIT_PARAMS,
                                    values, lengths, formats, 0);
     s_params_free(&params);
-    if (!sent)
+    /* What the socket does not take now, store_commit_poll sends. */
+    int flushed = sent ? PQflush(self->writer) : -1;
+    if (flushed == -1)
         return s_fail(self->writer, NULL, "commit", err);
     self->busy = true;
+    self->sending = flushed == 1;
     return 0;
+}
+
+bool store_sending(const store_t *self)
+{
+    return self->sending;
 }
 
 /* Fill the outputs of subs from the batch's result rows; every
@@ -463,12 +482,15 @@ int store_commit_poll(store_t *self, store_submit_t *subs, size_t nsubs,
 {
     if (!self->busy)
         return kh_error_set(err, KH_E_INTERNAL, "", "no batch to wait for");
-    if (!PQconsumeInput(self->writer)) {
-        self->busy = false;
+    int flushed = 0;
+    if (!PQconsumeInput(self->writer) ||
+        (self->sending && (flushed = PQflush(self->writer)) == -1)) {
+        self->busy = self->sending = false;
         PQclear(self->rows);
         self->rows = NULL;
         return s_fail(self->writer, NULL, "commit", err);
     }
+    self->sending = flushed == 1;
     /* Collect results until libpq says the command is over. */
     while (!PQisBusy(self->writer)) {
         PGresult *res = PQgetResult(self->writer);
@@ -536,7 +558,7 @@ void store_abandon(store_t *self)
 {
     PQclear(self->rows);
     self->rows = NULL;
-    self->busy = false;
+    self->busy = self->sending = false;
     PQfinish(self->writer);
     self->writer = NULL;
 }

@@ -84,18 +84,25 @@ bool store_up(store_t *self);
 /* The writer's socket, to poll for the end of a commit; -1 when down. */
 int store_socket(store_t *self);
 
+/* Whether the batch being committed is still being sent: poll the writer's
+ * socket for writing too, and call store_commit_poll when it is. */
+bool store_sending(const store_t *self);
+
 /* Start committing subs[0..nsubs) and refs[0..nrefs) (they must stay put
  * until the batch ends). Within a batch every (partner, key) appears at
- * most once. 0, or -1 with err (nothing was sent). */
+ * most once. Never blocks: what the socket does not take at once is sent
+ * by store_commit_poll (see store_sending). 0, or -1 with err (nothing was
+ * committed). */
 int store_commit_send(store_t *self, store_submit_t *subs, size_t nsubs,
                       const store_refusal_t *refs, size_t nrefs,
                       kh_error_t *err);
 
-/* Read what the writer has received, without blocking. Returns 1 while
- * the commit is still running, 0 when it committed (each submit's outputs
- * filled), or -1 with err: KH_E_UNAVAILABLE when the database went away
- * (the outcome may be unknown: a resubmission with the same key tells),
- * KH_E_INTERNAL for anything else. */
+/* Send what is left of the batch and read what the writer has received,
+ * without blocking. Returns 1 while the commit is still running, 0 when it
+ * committed (each submit's outputs filled), or -1 with err:
+ * KH_E_UNAVAILABLE when the database went away (the outcome may be
+ * unknown: a resubmission with the same key tells), KH_E_INTERNAL for
+ * anything else. */
 int store_commit_poll(store_t *self, store_submit_t *subs, size_t nsubs,
                       kh_error_t *err);
 

@@ -1460,6 +1460,49 @@ START_TEST(partners_added_and_removed_while_running)
 }
 END_TEST
 
+/* A partner added while the database is away is not told it is unknown
+ * (a final answer): intake cannot read the registry to know. */
+START_TEST(a_partner_added_while_the_database_is_away_is_not_refused_for_good)
+{
+    const char *pgdir = getenv("KH_TEST_PG_DIR");
+    ck_assert_ptr_nonnull(pgdir);
+    /* No refresh of the registry finds the partner before the database
+     * goes away. */
+    khproc_stop(s_intake, SIGTERM, 5000);
+    char routing[128];
+    snprintf(routing, sizeof routing, "KH_ROUTING_ENDPOINT=%s", s_routing);
+    char *extra[] = {"KH_PARTNER_REFRESH_MS=3600000", routing, NULL};
+    s_intake = khtest_start_intake(s_dir, s_endpoint, s_conninfo, extra);
+    s_wait_ready();
+    zcert_t *late = s_make_cert("late", true);
+    s_register("late-partner", late);
+    zcert_destroy(&late);
+    ck_assert_int_eq(khproc_sh("'%s/scripts/pgtmp.sh' down '%s' fast",
+                               KH_TEST_SOURCE_DIR, pgdir),
+                     0);
+    kh_client_t *client = s_client("late");
+    kh_error_t err;
+    json_t *referral = s_example();
+    json_t *reply =
+        kh_client_submit(client, referral, "late-1", S_TIMEOUT, &err);
+    ck_assert_int_eq(
+        khproc_sh("'%s/scripts/pgtmp.sh' up '%s'", KH_TEST_SOURCE_DIR, pgdir),
+        0);
+    ck_assert_ptr_nonnull(reply);
+    ck_assert_str_eq(kh_client_reply_cmd(reply), "REJECTED");
+    ck_assert_str_eq(s_str(reply, "code"), "unavailable");
+    json_decref(reply);
+    kh_client_set_retries(client, 20);
+    reply = kh_client_submit(client, referral, "late-1", S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(reply);
+    ck_assert_str_eq(kh_client_reply_cmd(reply), "ACCEPTED");
+    json_decref(reply);
+    json_decref(referral);
+    kh_client_destroy(&client);
+    PQreset(s_db);
+}
+END_TEST
+
 /* Submit referral under key with the client of name; the referral's id,
  * or NULL when the request got no ACCEPTED answer. */
 static char *s_accepted_by(const char *name, const json_t *referral,
@@ -2152,6 +2195,68 @@ START_TEST(a_stalled_commit_keeps_waiting_requests_in_bounded_memory)
 }
 END_TEST
 
+#define S_BIG 40
+
+/* A batch larger than the socket to PostgreSQL holds, sent to a backend
+ * that has stopped reading: intake's loop goes on (libpq sends the batch
+ * as the socket takes it), the commit is given up in time, every request
+ * is answered, and SIGTERM ends intake at once. */
+START_TEST(a_large_batch_to_a_stalled_database_blocks_nothing)
+{
+    const char *settings[] = {"KH_DB_COMMIT_TIMEOUT_MS", "1000", NULL};
+    s_restart_intake_with(settings);
+    json_t *referral = s_example();
+    pid_t writer = s_writer(referral);
+    /* 4000 characters beyond the BMP, each 12 bytes in the canonical
+     * JSON: some 48 KB a referral, megabytes a batch. */
+    char *summary = malloc(4000 * 4 + 1);
+    ck_assert_ptr_nonnull(summary);
+    for (int i = 0; i < 4000; i++)
+        memcpy(summary + 4 * i, "\xF0\x9F\x98\x80", 4);
+    summary[4000 * 4] = '\0';
+    json_object_set_new(referral, "summary", json_string(summary));
+    free(summary);
+
+    zsock_t *dealer = s_dealer(S_TIMEOUT);
+    zframe_t *frame = s_frame(json_pack("{s:s}", "cmd", "PING"), "ping");
+    zframe_send(&frame, dealer, 0);
+    frame = zframe_recv(dealer); /* connected */
+    ck_assert_ptr_nonnull(frame);
+    zframe_destroy(&frame);
+    /* They all wait for intake together, so that one batch takes them. */
+    kill(s_intake, SIGSTOP);
+    kill(writer, SIGSTOP);
+    for (int i = 0; i < S_BIG; i++) {
+        char key[32];
+        snprintf(key, sizeof key, "big-%d", i);
+        frame = s_frame(s_submit_envelope(key, referral), key);
+        zframe_send(&frame, dealer, 0);
+    }
+    zclock_sleep(300);
+    kill(s_intake, SIGCONT);
+
+    int answered = 0;
+    while (answered < S_BIG && (frame = zframe_recv(dealer))) {
+        json_t *reply = s_decoded(&frame);
+        ck_assert_str_eq(kh_client_reply_cmd(reply), "REJECTED");
+        ck_assert_str_eq(s_str(reply, "code"), "unavailable");
+        json_decref(reply);
+        answered++;
+    }
+    int64_t started = zclock_mono();
+    int status = khproc_stop(s_intake, SIGTERM, 8000);
+    int64_t stopping = zclock_mono() - started;
+    s_intake = -1;
+    kill(writer, SIGCONT);
+    ck_assert_int_eq(answered, S_BIG);
+    ck_assert(status != -1 && WIFEXITED(status));
+    ck_assert_int_eq(WEXITSTATUS(status), 0);
+    ck_assert_int_lt(stopping, 4000);
+    zsock_destroy(&dealer);
+    json_decref(referral);
+}
+END_TEST
+
 /* The reader connection's backend stops answering: intake keeps
  * serving, gives up on that connection after a moment, reconnects, and
  * accepts again. */
@@ -2177,6 +2282,33 @@ START_TEST(a_stalled_reader_does_not_stop_intake)
     ck_assert_msg(rc == 0, "intake stopped answering");
     ck_assert_ptr_nonnull(reply);
     ck_assert_str_eq(kh_client_reply_cmd(reply), "ACCEPTED");
+    json_decref(reply);
+    json_decref(referral);
+    kh_client_destroy(&client);
+}
+END_TEST
+
+/* A registry refresh that times out closes the reader: intake reconnects
+ * by itself, rather than at the next SUBMIT, which that would refuse. */
+START_TEST(a_timed_out_registry_refresh_reconnects_at_once)
+{
+    long reader = s_count("SELECT pid FROM pg_stat_activity WHERE "
+                          "application_name = 'ketenhub-intake' AND query "
+                          "NOT LIKE 'WITH input%' ORDER BY pid LIMIT 1");
+    ck_assert_int_gt(reader, 0);
+    kill((pid_t) reader, SIGSTOP);
+    zclock_sleep(1700); /* a refresh (every 200 ms) times out after 1 s */
+    kill((pid_t) reader, SIGCONT);
+    zclock_sleep(1000); /* a reconnection takes far less */
+
+    kh_client_t *client = s_client("vt");
+    kh_error_t err;
+    json_t *referral = s_example();
+    json_t *reply =
+        kh_client_submit(client, referral, "refresh-1", S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(reply);
+    ck_assert_msg(strcmp(kh_client_reply_cmd(reply), "ACCEPTED") == 0, "%s %s",
+                  kh_client_reply_cmd(reply), s_str(reply, "code"));
     json_decref(reply);
     json_decref(referral);
     kh_client_destroy(&client);
@@ -2508,6 +2640,8 @@ int main(void)
     tcase_add_test(tc,
                    made_up_keys_at_the_handshake_are_audited_within_a_bound);
     tcase_add_test(tc, partners_added_and_removed_while_running);
+    tcase_add_test(
+        tc, a_partner_added_while_the_database_is_away_is_not_refused_for_good);
     tcase_add_test(tc, a_rotated_key_admits_its_partner_for_the_overlap_only);
     tcase_add_test(tc, the_partner_tool_exits_3_for_a_revoked_key);
     tcase_add_test(tc, the_partner_tool_stops_at_once_when_interrupted);
@@ -2520,7 +2654,9 @@ int main(void)
     tcase_add_test(tc, a_silent_database_stalls_neither_answers_nor_stop);
     tcase_add_test(tc,
                    a_stalled_commit_keeps_waiting_requests_in_bounded_memory);
+    tcase_add_test(tc, a_large_batch_to_a_stalled_database_blocks_nothing);
     tcase_add_test(tc, a_stalled_reader_does_not_stop_intake);
+    tcase_add_test(tc, a_timed_out_registry_refresh_reconnects_at_once);
     tcase_add_test(tc, a_partner_over_its_rate_is_throttled);
     tcase_add_test(tc,
                    a_partner_refused_too_often_is_throttled_before_the_trail);
