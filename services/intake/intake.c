@@ -955,10 +955,11 @@ static void s_commit_done(intake_t *self, int rc, const kh_error_t *err)
     if (rc && batch->nrefs)
         kh_log_warn("refusals_unaudited", "count=%zu code=%s", batch->nrefs,
                     kh_error_name(err->code));
-    if (rc && err->code == KH_E_INTERNAL && batch->nrefs > 0) {
+    if (rc == -1 && err->code == KH_E_INTERNAL && batch->nrefs > 0) {
         /* An audit row of a refusal must never cost the others their
          * commit (the refusals are answered anyway, but for those that
-         * promise their event first): once more without. */
+         * promise their event first): once more without. Not a batch that
+         * committed (STORE_COMMITTED_UNREAD): its rows are in. */
         batch->nrefs = 0;
         batch->refs_dropped = true;
         batch->refs_err = *err;
@@ -969,7 +970,7 @@ static void s_commit_done(intake_t *self, int rc, const kh_error_t *err)
         else
             err = &again;
     }
-    if (rc == 0)
+    if (rc == 0 || rc == STORE_COMMITTED_UNREAD)
         s_wake_routing(self, batch);
     /* Keep PostgreSQL busy with the next batch while this one is
      * answered (the batches swap roles only after this one is empty). */

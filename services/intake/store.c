@@ -515,7 +515,7 @@ int store_commit_poll(store_t *self, store_submit_t *subs, size_t nsubs,
         return s_fail(self->writer, res, "commit", err);
     int rc = s_answer(self, res, subs, nsubs, err);
     PQclear(res);
-    return rc;
+    return rc == 0 ? 0 : STORE_COMMITTED_UNREAD;
 }
 
 int store_audit_conflicts(store_t *self, const store_conflict_t *conflicts,

@@ -99,10 +99,13 @@ int store_commit_send(store_t *self, store_submit_t *subs, size_t nsubs,
 
 /* Send what is left of the batch and read what the writer has received,
  * without blocking. Returns 1 while the commit is still running, 0 when it
- * committed (each submit's outputs filled), or -1 with err:
+ * committed (each submit's outputs filled), -1 with err when it did not:
  * KH_E_UNAVAILABLE when the database went away (the outcome may be
  * unknown: a resubmission with the same key tells), KH_E_INTERNAL for
- * anything else. */
+ * anything else; or STORE_COMMITTED_UNREAD with err when the batch
+ * committed but its answers could not all be read (a resubmission with
+ * the same key gets them): it must not be committed again. */
+#define STORE_COMMITTED_UNREAD (-2)
 int store_commit_poll(store_t *self, store_submit_t *subs, size_t nsubs,
                       kh_error_t *err);
 
