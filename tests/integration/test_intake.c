@@ -19,6 +19,7 @@
 #include "khpartner.h"
 #include "khproc.h"
 #include "khtest.h"
+#include "store_sql.h"
 
 #define S_DB "kh_test_intake"
 #define S_TIMEOUT 3000
@@ -2611,6 +2612,103 @@ START_TEST(refused_pings_are_throttled_before_the_trail)
 }
 END_TEST
 
+/* Run intake's batch statement on conn (async when wait is false) for
+ * veilig-thuis's keys (comma-separated, in that order), each with its own
+ * payload. */
+static void s_batch_on(PGconn *conn, const char *keys, bool wait)
+{
+    char ids[512] = "{", partners[512] = "{", idems[512] = "{",
+         versions[512] = "{", payloads[1024] = "{", hashes[2048] = "{",
+         peers[512] = "{";
+    char copy[256];
+    snprintf(copy, sizeof copy, "%s", keys);
+    int n = 0;
+    for (char *save = NULL, *k = strtok_r(copy, ",", &save); k;
+         k = strtok_r(NULL, ",", &save), n++) {
+        const char *sep = n ? "," : "";
+        char id[37];
+        kh_uuid_new(id);
+        char hash[65];
+        kh_sha256_hex(k, strlen(k), hash);
+        snprintf(ids + strlen(ids), sizeof ids - strlen(ids), "%s%s", sep, id);
+        snprintf(partners + strlen(partners),
+                 sizeof partners - strlen(partners), "%sveilig-thuis", sep);
+        snprintf(idems + strlen(idems), sizeof idems - strlen(idems), "%s%s",
+                 sep, k);
+        snprintf(versions + strlen(versions),
+                 sizeof versions - strlen(versions), "%sreferral.v1", sep);
+        snprintf(payloads + strlen(payloads),
+                 sizeof payloads - strlen(payloads), "%s\"\\\\x7b7d\"", sep);
+        snprintf(hashes + strlen(hashes), sizeof hashes - strlen(hashes),
+                 "%s\"\\\\x%s\"", sep, hash);
+        snprintf(peers + strlen(peers), sizeof peers - strlen(peers),
+                 "%s127.0.0.1", sep);
+    }
+    strcat(ids, "}");
+    strcat(partners, "}");
+    strcat(idems, "}");
+    strcat(versions, "}");
+    strcat(payloads, "}");
+    strcat(hashes, "}");
+    strcat(peers, "}");
+    const char *params[S_COMMIT_PARAMS] = {ids,      partners, idems, versions,
+                                           payloads, hashes,   peers, "{}",
+                                           "{}",     "{}",     "{}",  "{}"};
+    if (wait) {
+        PGresult *res = PQexecParams(conn, s_commit_sql, S_COMMIT_PARAMS, NULL,
+                                     params, NULL, NULL, 0);
+        ck_assert_msg(PQresultStatus(res) == PGRES_TUPLES_OK, "%s",
+                      PQresultErrorMessage(res));
+        PQclear(res);
+    } else
+        ck_assert_int_eq(PQsendQueryParams(conn, s_commit_sql, S_COMMIT_PARAMS,
+                                           NULL, params, NULL, NULL, 0),
+                         1);
+}
+
+/* Two intake processes committing batches that share keys take the keys
+ * in one order, the keys' own, whatever order their requests came in:
+ * taken in arrival order, each could hold a key the other waits for (a
+ * deadlock: one batch refused as unavailable). Deterministic: a batch
+ * holds k1; a second batch of k2 then k1 waits for it, and must not hold
+ * k2 meanwhile, which the first batch then takes. */
+START_TEST(batches_take_their_keys_in_one_order)
+{
+    PGconn *first = PQconnectdb(s_conninfo), *second = PQconnectdb(s_conninfo);
+    ck_assert_int_eq(PQstatus(first), CONNECTION_OK);
+    ck_assert_int_eq(PQstatus(second), CONNECTION_OK);
+    khtest_db_exec(first, "SET deadlock_timeout = '100ms'", 0, NULL);
+    khtest_db_exec(second, "SET deadlock_timeout = '100ms'", 0, NULL);
+    khtest_db_exec(first, "BEGIN", 0, NULL);
+    s_batch_on(first, "lock-k1", true);
+    s_batch_on(second, "lock-k2,lock-k1", false);
+    char sql[200];
+    snprintf(sql, sizeof sql,
+             "SELECT count(*) FROM pg_stat_activity"
+             " WHERE %d = ANY (pg_blocking_pids(pid))",
+             PQbackendPID(first));
+    ck_assert(khtest_wait_count(s_db, sql, 1, 10000));
+    /* With lock-k2 held by the second batch, this waits for it, and the
+     * second waits for lock-k1: a deadlock. */
+    s_batch_on(first, "lock-k2", true);
+    khtest_db_exec(first, "COMMIT", 0, NULL);
+    PGresult *res;
+    bool ok = true;
+    while ((res = PQgetResult(second))) {
+        ok = ok && PQresultStatus(res) == PGRES_TUPLES_OK;
+        if (PQresultStatus(res) != PGRES_TUPLES_OK)
+            fprintf(stderr, "second batch: %s", PQresultErrorMessage(res));
+        PQclear(res);
+    }
+    ck_assert(ok);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM referrals"
+                             " WHERE idempotency_key LIKE 'lock-%'"),
+                     2);
+    PQfinish(first);
+    PQfinish(second);
+}
+END_TEST
+
 int main(void)
 {
     Suite *suite = suite_create("intake");
@@ -2618,6 +2716,7 @@ int main(void)
     tcase_set_timeout(tc, 60);
     tcase_add_checked_fixture(tc, s_setup, s_teardown);
     tcase_add_test(tc, accepted_referral_is_committed_with_its_audit_event);
+    tcase_add_test(tc, batches_take_their_keys_in_one_order);
     tcase_add_test(tc, same_idempotency_key_returns_the_first_answer);
     tcase_add_test(tc, intake_does_its_work_with_its_role_alone);
     tcase_add_test(tc, a_status_refused_as_not_found_is_audited);
