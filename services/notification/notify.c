@@ -359,6 +359,10 @@ typedef struct {
     char id[37];
     char partner[33];
     int64_t claimed; /* zclock_mono when it was claimed */
+    /* The connection's S_OUT_AT for it before the claim (a re-send of
+     * what it has out), 0 when it had none: after a rollback it is out
+     * there as before, since the partner still holds the earlier send. */
+    int64_t was_out;
 } s_outgoing_t;
 
 static void s_outgoing_free(void **item)
@@ -500,6 +504,7 @@ static void s_queue_delivery(const dstore_delivery_t *d, void *arg)
         snprintf(out->id, sizeof out->id, "%s", d->id);
         snprintf(out->partner, sizeof out->partner, "%s", ctx->conn->partner);
         out->claimed = zclock_mono();
+        out->was_out = (intptr_t) zhashx_lookup(ctx->conn->out, d->id);
     }
     /* What cannot be queued is re-sent after its ACK timeout. */
     if (out && out->identity && out->body &&
@@ -1069,17 +1074,22 @@ static void s_outbox_trim(notify_t *self)
 }
 
 /* Send the committed DELIVERs (sent: true) or forget them after a
- * rollback (their credit is returned; they are still pending or overdue
- * in the database). A DELIVER whose connection turns out to be gone never
- * left: it goes on another connection of the partner as the same attempt
- * (s_orphan), and so do the connection's DELIVERs after it. */
+ * rollback (they are still pending or overdue in the database): a new
+ * one's credit is returned, and a re-send of what the connection had out
+ * stays out there, as it was (the partner holds the earlier send until it
+ * answers, so its place in the window is still taken). A DELIVER whose
+ * connection turns out to be gone never left: it goes on another connection of
+ * the partner as the same attempt (s_orphan), and so do the connection's
+ * DELIVERs after it. */
 static void s_outbox_flush(notify_t *self, bool sent)
 {
     for (s_outgoing_t *out = zlistx_first(self->outbox); out;
          out = zlistx_next(self->outbox)) {
         s_conn_t *conn = s_conn_of(self, out->identity);
         if (!sent) {
-            if (conn)
+            if (conn && out->was_out)
+                zhashx_update(conn->out, out->id, S_OUT_AT(out->was_out));
+            else if (conn)
                 zhashx_delete(conn->out, out->id);
             continue;
         }
