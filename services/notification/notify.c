@@ -358,6 +358,9 @@ typedef struct {
     zframe_t *body;
     char id[37];
     char partner[33];
+    char referral[37];
+    char priority[16];
+    int attempt;
     int64_t claimed; /* zclock_mono when it was claimed */
     /* The connection's S_OUT_AT for it before the claim (a re-send of
      * what it has out), 0 when it had none: after a rollback it is out
@@ -503,26 +506,16 @@ static void s_queue_delivery(const dstore_delivery_t *d, void *arg)
         out->body = buf.data ? zframe_new(buf.data, buf.size) : NULL;
         snprintf(out->id, sizeof out->id, "%s", d->id);
         snprintf(out->partner, sizeof out->partner, "%s", ctx->conn->partner);
+        snprintf(out->referral, sizeof out->referral, "%s", d->referral_id);
+        snprintf(out->priority, sizeof out->priority, "%s", d->priority);
+        out->attempt = d->attempt;
         out->claimed = zclock_mono();
         out->was_out = (intptr_t) zhashx_lookup(ctx->conn->out, d->id);
     }
     /* What cannot be queued is re-sent after its ACK timeout. */
-    if (out && out->identity && out->body &&
-        zlistx_add_end(self->outbox, out)) {
+    if (out && out->identity && out->body && zlistx_add_end(self->outbox, out))
         zhashx_update(ctx->conn->out, d->id, S_OUT_AT(zclock_mono()));
-        if (d->attempt > 1)
-            self->stats.resent++;
-        else
-            self->stats.sent++;
-        kh_metric_add(d->attempt > 1 ? "deliveries_retried_total"
-                                     : "deliveries_sent_total",
-                      NULL, 1);
-        kh_log_debug("delivery_sent",
-                     "delivery=%s referral=%s partner=%s priority=%s "
-                     "attempt=%d",
-                     d->id, d->referral_id, ctx->conn->partner, d->priority,
-                     d->attempt);
-    } else
+    else
         s_outgoing_free((void **) &out);
     msgpack_sbuffer_destroy(&buf);
 }
@@ -976,6 +969,23 @@ static void s_answers_reply(notify_t *self, const kh_error_t *ack_fail,
     zhashx_purge(self->batch_ids);
 }
 
+/* Count and log a committed DELIVER that left on its connection: only
+ * then, since a claim that did not commit sent nothing. */
+static void s_sent(notify_t *self, const s_outgoing_t *out)
+{
+    if (out->attempt > 1)
+        self->stats.resent++;
+    else
+        self->stats.sent++;
+    kh_metric_add(out->attempt > 1 ? "deliveries_retried_total"
+                                   : "deliveries_sent_total",
+                  NULL, 1);
+    kh_log_debug("delivery_sent",
+                 "delivery=%s referral=%s partner=%s priority=%s attempt=%d",
+                 out->id, out->referral, out->partner, out->priority,
+                 out->attempt);
+}
+
 /* Send a committed DELIVER whose connection is gone on another
  * connection of its partner with free credit: the same attempt, which
  * now leaves. Connections found gone on the way are dropped. Whether it
@@ -994,6 +1004,7 @@ static bool s_place(notify_t *self, s_outgoing_t *out)
                                     zframe_size(out->body));
             if (rc == S_SENT) {
                 zhashx_update(c->out, out->id, S_OUT_AT(zclock_mono()));
+                s_sent(self, out);
                 self->stats.moved++;
                 kh_log_debug("delivery_moved", "delivery=%s partner=%s peer=%s",
                              out->id, c->partner, c->peer);
@@ -1097,8 +1108,10 @@ static void s_outbox_flush(notify_t *self, bool sent)
             conn ? s_send_to(self, out->identity, zframe_data(out->body),
                              zframe_size(out->body))
                  : S_GONE;
-        if (rc == S_SENT)
+        if (rc == S_SENT) {
+            s_sent(self, out);
             continue;
+        }
         if (rc == S_FULL) {
             /* The connection is alive but does not read: this one did not
              * leave and is held (or goes on another connection). */

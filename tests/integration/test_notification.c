@@ -2801,6 +2801,8 @@ START_TEST(a_resend_rolled_back_still_takes_its_place_in_the_window)
                    " WHEN (NEW.attempts >= 2) EXECUTE FUNCTION s_refuse()",
                    0, NULL);
     ck_assert(s_log_has("notification.log", "during=commit", 5000));
+    /* What did not commit was not sent, and is not logged as sent. */
+    ck_assert_int_eq(s_log_count("notification.log", "attempt=2"), 0);
     khtest_db_exec(s_db, "DROP TRIGGER s_refuse ON deliveries", 0, NULL);
     s_delivery("avim", "normal", 1000, NULL, y);
     /* A frame's round, well before the next sweep: x is still out. */
