@@ -263,8 +263,6 @@ static void s_pack_str(msgpack_packer *pk, const char *s)
     msgpack_pack_str_body(pk, s, len);
 }
 
-/* Send body to identity; false when the peer is gone (the caller drops
- * its connection) or the frame could not be made. */
 /* What became of a send to one connection. */
 typedef enum {
     S_SENT,
@@ -272,6 +270,7 @@ typedef enum {
     S_GONE  /* no such peer any more (or out of memory) */
 } s_send_t;
 
+/* Send data (size bytes) to identity as one frame, without waiting. */
 static s_send_t s_send_to(notify_t *self, zframe_t *identity, const void *data,
                           size_t size)
 {
