@@ -445,14 +445,6 @@ int dstore_ack_wait(dstore_t *self, kh_error_t *err)
     return rc;
 }
 
-int dstore_ack(dstore_t *self, dstore_answer_t *acks, size_t count,
-               kh_error_t *err)
-{
-    if (dstore_ack_send(self, acks, count, err))
-        return -1;
-    return dstore_ack_wait(self, err);
-}
-
 int dstore_nack(dstore_t *self, dstore_answer_t *nack, bool permanent,
                 kh_error_t *err)
 {

@@ -121,20 +121,16 @@ typedef struct {
     char id[37];
     char partner[33];
     char peer[64];
-    dstore_outcome_t outcome; /* filled by dstore_ack / dstore_nack */
+    dstore_outcome_t outcome; /* filled by dstore_ack_wait, dstore_nack */
     char referral[37];        /* dstore_nack, DSTORE_DEAD: its referral's id */
-    double wait_s; /* dstore_ack, DSTORE_DONE: seconds since the last send */
+    double wait_s; /* ACKs, DSTORE_DONE: seconds since the last send */
 } dstore_answer_t;
 
 /* Commit a batch of ACKs (distinct ids) with their audit events in one
- * statement and fill each outcome. 0, or -1 with err (nothing changed). */
-int dstore_ack(dstore_t *self, dstore_answer_t *acks, size_t count,
-               kh_error_t *err);
-
-/* dstore_ack in two halves, so that the batch commits (in a transaction
+ * statement, in two halves, so that the batch commits (in a transaction
  * of its own, on a connection of its own) while the caller claims:
  * dstore_ack_send starts it (acks must stay valid until dstore_ack_wait
- * returns), dstore_ack_wait waits for it and fills the outcomes. One
+ * returns), dstore_ack_wait waits for it and fills each outcome. One
  * batch at a time. Each returns 0, or -1 with err (nothing changed). */
 int dstore_ack_send(dstore_t *self, dstore_answer_t *acks, size_t count,
                     kh_error_t *err);

@@ -263,8 +263,6 @@ static void s_pack_str(msgpack_packer *pk, const char *s)
     msgpack_pack_str_body(pk, s, len);
 }
 
-/* Send body to identity; false when the peer is gone (the caller drops
- * its connection) or the frame could not be made. */
 /* What became of a send to one connection. */
 typedef enum {
     S_SENT,
@@ -272,6 +270,7 @@ typedef enum {
     S_GONE  /* no such peer any more (or out of memory) */
 } s_send_t;
 
+/* Send data (size bytes) to identity as one frame, without waiting. */
 static s_send_t s_send_to(notify_t *self, zframe_t *identity, const void *data,
                           size_t size)
 {
@@ -358,7 +357,14 @@ typedef struct {
     zframe_t *body;
     char id[37];
     char partner[33];
+    char referral[37];
+    char priority[16];
+    int attempt;
     int64_t claimed; /* zclock_mono when it was claimed */
+    /* The connection's S_OUT_AT for it before the claim (a re-send of
+     * what it has out), 0 when it had none: after a rollback it is out
+     * there as before, since the partner still holds the earlier send. */
+    int64_t was_out;
 } s_outgoing_t;
 
 static void s_outgoing_free(void **item)
@@ -499,25 +505,16 @@ static void s_queue_delivery(const dstore_delivery_t *d, void *arg)
         out->body = buf.data ? zframe_new(buf.data, buf.size) : NULL;
         snprintf(out->id, sizeof out->id, "%s", d->id);
         snprintf(out->partner, sizeof out->partner, "%s", ctx->conn->partner);
+        snprintf(out->referral, sizeof out->referral, "%s", d->referral_id);
+        snprintf(out->priority, sizeof out->priority, "%s", d->priority);
+        out->attempt = d->attempt;
         out->claimed = zclock_mono();
+        out->was_out = (intptr_t) zhashx_lookup(ctx->conn->out, d->id);
     }
     /* What cannot be queued is re-sent after its ACK timeout. */
-    if (out && out->identity && out->body &&
-        zlistx_add_end(self->outbox, out)) {
+    if (out && out->identity && out->body && zlistx_add_end(self->outbox, out))
         zhashx_update(ctx->conn->out, d->id, S_OUT_AT(zclock_mono()));
-        if (d->attempt > 1)
-            self->stats.resent++;
-        else
-            self->stats.sent++;
-        kh_metric_add(d->attempt > 1 ? "deliveries_retried_total"
-                                     : "deliveries_sent_total",
-                      NULL, 1);
-        kh_log_debug("delivery_sent",
-                     "delivery=%s referral=%s partner=%s priority=%s "
-                     "attempt=%d",
-                     d->id, d->referral_id, ctx->conn->partner, d->priority,
-                     d->attempt);
-    } else
+    else
         s_outgoing_free((void **) &out);
     msgpack_sbuffer_destroy(&buf);
 }
@@ -971,6 +968,23 @@ static void s_answers_reply(notify_t *self, const kh_error_t *ack_fail,
     zhashx_purge(self->batch_ids);
 }
 
+/* Count and log a committed DELIVER that left on its connection: only
+ * then, since a claim that did not commit sent nothing. */
+static void s_sent(notify_t *self, const s_outgoing_t *out)
+{
+    if (out->attempt > 1)
+        self->stats.resent++;
+    else
+        self->stats.sent++;
+    kh_metric_add(out->attempt > 1 ? "deliveries_retried_total"
+                                   : "deliveries_sent_total",
+                  NULL, 1);
+    kh_log_debug("delivery_sent",
+                 "delivery=%s referral=%s partner=%s priority=%s attempt=%d",
+                 out->id, out->referral, out->partner, out->priority,
+                 out->attempt);
+}
+
 /* Send a committed DELIVER whose connection is gone on another
  * connection of its partner with free credit: the same attempt, which
  * now leaves. Connections found gone on the way are dropped. Whether it
@@ -989,6 +1003,7 @@ static bool s_place(notify_t *self, s_outgoing_t *out)
                                     zframe_size(out->body));
             if (rc == S_SENT) {
                 zhashx_update(c->out, out->id, S_OUT_AT(zclock_mono()));
+                s_sent(self, out);
                 self->stats.moved++;
                 kh_log_debug("delivery_moved", "delivery=%s partner=%s peer=%s",
                              out->id, c->partner, c->peer);
@@ -1069,17 +1084,22 @@ static void s_outbox_trim(notify_t *self)
 }
 
 /* Send the committed DELIVERs (sent: true) or forget them after a
- * rollback (their credit is returned; they are still pending or overdue
- * in the database). A DELIVER whose connection turns out to be gone never
- * left: it goes on another connection of the partner as the same attempt
- * (s_orphan), and so do the connection's DELIVERs after it. */
+ * rollback (they are still pending or overdue in the database): a new
+ * one's credit is returned, and a re-send of what the connection had out
+ * stays out there, as it was (the partner holds the earlier send until it
+ * answers, so its place in the window is still taken). A DELIVER whose
+ * connection turns out to be gone never left: it goes on another connection of
+ * the partner as the same attempt (s_orphan), and so do the connection's
+ * DELIVERs after it. */
 static void s_outbox_flush(notify_t *self, bool sent)
 {
     for (s_outgoing_t *out = zlistx_first(self->outbox); out;
          out = zlistx_next(self->outbox)) {
         s_conn_t *conn = s_conn_of(self, out->identity);
         if (!sent) {
-            if (conn)
+            if (conn && out->was_out)
+                zhashx_update(conn->out, out->id, S_OUT_AT(out->was_out));
+            else if (conn)
                 zhashx_delete(conn->out, out->id);
             continue;
         }
@@ -1087,8 +1107,10 @@ static void s_outbox_flush(notify_t *self, bool sent)
             conn ? s_send_to(self, out->identity, zframe_data(out->body),
                              zframe_size(out->body))
                  : S_GONE;
-        if (rc == S_SENT)
+        if (rc == S_SENT) {
+            s_sent(self, out);
             continue;
+        }
         if (rc == S_FULL) {
             /* The connection is alive but does not read: this one did not
              * leave and is held (or goes on another connection). */

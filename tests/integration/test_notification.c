@@ -2773,6 +2773,65 @@ START_TEST(a_failed_ack_batch_never_overfills_the_window)
 }
 END_TEST
 
+/* A round whose re-send of what a connection has out does not commit
+ * leaves it out there: the partner still holds the earlier send, so its
+ * place in the window stays taken, and a round before the next sweep
+ * claims nothing new on top of it. */
+START_TEST(a_resend_rolled_back_still_takes_its_place_in_the_window)
+{
+    char x[37], y[37], got[8][37];
+    int ngot = 0;
+    s_delivery("avim", "normal", 1000, NULL, x);
+    /* Sweeps (and with them re-sends) 2 s apart; x is overdue at once. */
+    pid_t pid = s_start3("notification.log", "KH_NOTIFY_SWEEP_MS=2000",
+                         "KH_NOTIFY_ACK_TIMEOUT_MS=100",
+                         "KH_NOTIFY_PEER_TIMEOUT_MS=60000");
+    ck_assert(s_log_has("notification.log", "event=ready", 10000));
+    zsock_t *sock = s_partner("avim");
+    s_hello(sock, 1);
+    ck_assert_ptr_null(s_next_noting(sock, 500, got, 8, &ngot));
+    ck_assert_int_eq(ngot, 1);
+    ck_assert_str_eq(got[0], x);
+    /* The next sweep re-sends x, and its round fails to commit. */
+    khtest_db_exec(s_db,
+                   "CREATE FUNCTION s_refuse() RETURNS trigger LANGUAGE plpgsql"
+                   " AS $$BEGIN RAISE EXCEPTION 'refused at commit'; END$$;"
+                   " CREATE CONSTRAINT TRIGGER s_refuse AFTER UPDATE ON"
+                   " deliveries DEFERRABLE INITIALLY DEFERRED FOR EACH ROW"
+                   " WHEN (NEW.attempts >= 2) EXECUTE FUNCTION s_refuse()",
+                   0, NULL);
+    ck_assert(s_log_has("notification.log", "during=commit", 5000));
+    /* What did not commit was not sent, and is not logged as sent. */
+    ck_assert_int_eq(s_log_count("notification.log", "attempt=2"), 0);
+    khtest_db_exec(s_db, "DROP TRIGGER s_refuse ON deliveries", 0, NULL);
+    s_delivery("avim", "normal", 1000, NULL, y);
+    /* A frame's round, well before the next sweep: x is still out. */
+    khpartner_send(sock, kh_proto_new(KH_CMD_PING, "p"));
+    json_t *msg = s_next_noting(sock, 1000, got, 8, &ngot);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert_str_eq(s_str(msg, "cmd"), "PONG");
+    json_decref(msg);
+    ck_assert_ptr_null(s_next_noting(sock, 500, got, 8, &ngot));
+    ck_assert_msg(ngot == 1, "%s came while %s was out in a window of 1",
+                  got[ngot - 1], x);
+    /* The next sweep sends x again; its ACK makes room for y. */
+    for (int64_t until = zclock_mono() + 3000;
+         ngot < 2 && zclock_mono() < until;)
+        json_decref(s_next_noting(sock, 100, got, 8, &ngot));
+    ck_assert_int_eq(ngot, 2);
+    ck_assert_str_eq(got[1], x);
+    s_answer(sock, x, NULL);
+    for (int64_t until = zclock_mono() + 3000;
+         zclock_mono() < until && strcmp(got[ngot - 1], y) != 0;)
+        json_decref(s_next_noting(sock, 100, got, 8, &ngot));
+    ck_assert_str_eq(got[ngot - 1], y);
+    for (int i = 0; i < ngot - 1; i++)
+        ck_assert_str_eq(got[i], x);
+    zsock_destroy(&sock);
+    s_stop(pid);
+}
+END_TEST
+
 /* A connection that goes leaves its DELIVERs due at once on another
  * connection of the partner; they come there only as its window has
  * room, never on top of what it has out. */
@@ -3258,6 +3317,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, unknown_key_and_bad_frames_are_refused);
     tcase_add_test(tc, a_key_refused_while_the_database_is_away_is_logged);
     tcase_add_test(tc, a_failed_ack_batch_never_overfills_the_window);
+
     tcase_add_test(tc, a_gone_connections_deliveries_wait_for_room_on_another);
     tcase_add_test(tc, claims_have_no_index_but_their_own);
     tcase_add_test(tc, statements_never_walk_all_deliveries);
@@ -3276,6 +3336,13 @@ static Suite *s_suite(void)
     tcase_add_test(esc, a_delivery_another_process_gave_up_frees_its_window);
     tcase_add_test(esc, a_nack_that_changes_nothing_is_not_counted);
     suite_add_tcase(suite, esc);
+
+    TCase *window = tcase_create("window");
+    tcase_add_checked_fixture(window, s_setup, s_teardown);
+    tcase_set_timeout(window, 60);
+    tcase_add_test(window,
+                   a_resend_rolled_back_still_takes_its_place_in_the_window);
+    suite_add_tcase(suite, window);
 
     TCase *rid = tcase_create("routing_id");
     tcase_add_checked_fixture(rid, s_setup, s_teardown);
