@@ -745,6 +745,14 @@ START_TEST(service_killed_while_sealing_loses_nothing)
          * there, and the default action would end the process). */
         if (round == 5)
             ck_assert(khtest_log_has(last, "event=config", 10000));
+        /* The ready line names the public key that signs (after a
+         * rotation of the audit key: the new one). */
+        if (round == 5) {
+            char ready[128], hex[65];
+            kh_trail_hex(pk, sizeof pk, hex);
+            snprintf(ready, sizeof ready, "event=ready public_key=%s", hex);
+            ck_assert(khtest_log_has(last, ready, 10000));
+        }
         khtest_db_exec(s_db,
                        "INSERT INTO audit_events (actor_kind, actor_id, action,"
                        " outcome, origin_service) SELECT 'service', 'routing',"
