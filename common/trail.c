@@ -315,6 +315,60 @@ int kh_trail_load_public(const char *path,
     return s_load_key(path, out, KH_TRAIL_PUBLIC_KEY_SIZE, err);
 }
 
+int kh_trail_load_public_keys(const char *path, kh_trail_keys_t *keys,
+                              kh_error_t *err)
+{
+    FILE *f = fopen(path, "re");
+    if (!f)
+        return kh_error_set(err, KH_E_IO, path, "cannot open key file: %s",
+                            strerror(errno));
+    char line[256];
+    int rc = 0, lineno = 0, found = 0;
+    while (rc == 0 && fgets(line, sizeof line, f)) {
+        lineno++;
+        line[strcspn(line, "\r\n")] = '\0';
+        if (line[0] == '\0')
+            continue;
+        unsigned char key[KH_TRAIL_PUBLIC_KEY_SIZE];
+        if (kh_trail_unhex(line, key, sizeof key) != 0) {
+            rc = kh_error_set(err, KH_E_CONFIG, path,
+                              "line %d: not an audit public key (64 hex "
+                              "digits)",
+                              lineno);
+            break;
+        }
+        for (size_t i = 0; i < keys->count; i++)
+            if (memcmp(keys->key[i], key, sizeof key) == 0)
+                rc = kh_error_set(err, KH_E_CONFIG, path,
+                                  "line %d: the key %s is given twice", lineno,
+                                  line);
+        if (rc == 0 && keys->count == KH_TRAIL_MAX_KEYS)
+            rc = kh_error_set(err, KH_E_CONFIG, path,
+                              "line %d: more than %d audit keys", lineno,
+                              KH_TRAIL_MAX_KEYS);
+        if (rc == 0) {
+            memcpy(keys->key[keys->count++], key, sizeof key);
+            found++;
+        }
+    }
+    if (rc == 0 && ferror(f))
+        rc = kh_error_set(err, KH_E_IO, path, "cannot read key file");
+    fclose(f);
+    if (rc == 0 && found == 0)
+        rc = kh_error_set(err, KH_E_CONFIG, path,
+                          "not an audit key file (no key of 64 hex digits)");
+    return rc == 0 ? 0 : -1;
+}
+
+int kh_trail_keys_signer(const kh_trail_keys_t *keys,
+                         const kh_trail_checkpoint_t *cp)
+{
+    for (size_t i = 0; i < keys->count; i++)
+        if (kh_trail_checkpoint_valid(cp, keys->key[i]))
+            return (int) i;
+    return -1;
+}
+
 /* ------------------------------------------------------------------ */
 /* Verifier */
 
@@ -330,6 +384,7 @@ const char *kh_trail_finding_name(kh_trail_finding_t kind)
 typedef struct {
     kh_trail_checkpoint_t cp;
     bool valid;  /* signature checked and good */
+    int signer;  /* index of its key among the verifier's (-1: none) */
     bool absent; /* published, but not among the checkpoints given before */
 } s_cp_t;
 
@@ -341,7 +396,7 @@ typedef struct {
 } s_finding_t;
 
 struct kh_trail_verifier_t {
-    unsigned char public_key[KH_TRAIL_PUBLIC_KEY_SIZE];
+    kh_trail_keys_t keys;
     unsigned char prev[KH_TRAIL_HASH_SIZE];
     int64_t start_seq; /* events at or below it are not judged */
     unsigned char start_head[KH_TRAIL_HASH_SIZE]; /* the anchor's */
@@ -367,10 +422,19 @@ struct kh_trail_verifier_t {
 kh_trail_verifier_t *kh_trail_verifier_new(const unsigned char *public_key,
                                            const kh_trail_checkpoint_t *anchor)
 {
+    kh_trail_keys_t keys = {.count = 1};
+    memcpy(keys.key[0], public_key, KH_TRAIL_PUBLIC_KEY_SIZE);
+    return kh_trail_verifier_new_keys(&keys, anchor);
+}
+
+kh_trail_verifier_t *
+kh_trail_verifier_new_keys(const kh_trail_keys_t *keys,
+                           const kh_trail_checkpoint_t *anchor)
+{
     kh_trail_verifier_t *self = calloc(1, sizeof *self);
     if (!self)
         return NULL;
-    memcpy(self->public_key, public_key, KH_TRAIL_PUBLIC_KEY_SIZE);
+    self->keys = *keys;
     self->found.kind = KH_TRAIL_OK;
     if (anchor) {
         memcpy(self->prev, anchor->head, KH_TRAIL_HASH_SIZE);
@@ -430,12 +494,14 @@ static void s_bad_signature_detail(kh_trail_verifier_t *self,
                                    const kh_trail_checkpoint_t *cp,
                                    bool published)
 {
+    bool known = false;
+    for (size_t i = 0; i < self->keys.count && !known; i++)
+        known = memcmp(cp->public_key, self->keys.key[i],
+                       KH_TRAIL_PUBLIC_KEY_SIZE) == 0;
     snprintf(self->found.detail, sizeof self->found.detail,
              "%scheckpoint at seq %lld: %s", published ? "published " : "",
              (long long) cp->seq,
-             memcmp(cp->public_key, self->public_key, KH_TRAIL_PUBLIC_KEY_SIZE)
-                 ? "signed by another key"
-                 : "signature does not verify");
+             known ? "signature does not verify" : "signed by another key");
 }
 
 int kh_trail_verifier_checkpoint(kh_trail_verifier_t *self,
@@ -464,7 +530,8 @@ int kh_trail_verifier_checkpoint(kh_trail_verifier_t *self,
     }
     s_cp_t *slot = &self->cps[self->ncps++];
     slot->cp = *cp;
-    slot->valid = kh_trail_checkpoint_valid(cp, self->public_key);
+    slot->signer = kh_trail_keys_signer(&self->keys, cp);
+    slot->valid = slot->signer >= 0;
     /* Judged when the chain reaches its seq (s_checkpoint_at), so that a
      * problem with an event below it is named first. */
     slot->absent = published;
@@ -492,6 +559,26 @@ static void s_sort(kh_trail_verifier_t *self)
     if (self->ncps) /* none: no array at all, which qsort may not take */
         qsort(self->cps, self->ncps, sizeof *self->cps, s_cp_cmp);
     self->sorted = true;
+    /* The keys signed in turn: once a key has signed, the keys it
+     * replaced sign nothing after it (a replaced key may have leaked). */
+    int newest = -1;
+    for (size_t i = 0; i < self->ncps; i++) {
+        s_cp_t *c = &self->cps[i];
+        if (!c->valid)
+            continue;
+        if (c->signer < newest) {
+            c->valid = false;
+            s_find(self, KH_TRAIL_BAD_SIGNATURE, c->cp.seq, 0, "%s", "");
+            if (self->found.detail[0] == '\0')
+                snprintf(self->found.detail, sizeof self->found.detail,
+                         "%scheckpoint at seq %lld: signed by key %d after "
+                         "key %d signed (keys oldest first: a replaced key "
+                         "signs nothing later)",
+                         c->absent ? "published " : "", (long long) c->cp.seq,
+                         c->signer + 1, newest + 1);
+        } else
+            newest = c->signer;
+    }
     self->next_cp = 0;
     /* The checkpoints up to the anchor are not judged against events (none
      * are read there), but one at the anchor's own seq must sign its head:

@@ -491,7 +491,7 @@ static int s_cp_seq_cmp(const void *a, const void *b)
  * difference lies: on any doubt it returns 1 and the full pass (events
  * and seals merged) names the first problem. 0 intact (report filled),
  * 1 doubt, -1 error. */
-static int s_fast_verify(PGconn *conn, const unsigned char *public_key,
+static int s_fast_verify(PGconn *conn, const kh_trail_keys_t *keys,
                          const kh_trail_checkpoint_t *anchor,
                          const kh_trail_checkpoint_t *cps, size_t ncps,
                          const kh_trail_checkpoint_t *published,
@@ -508,18 +508,22 @@ static int s_fast_verify(PGconn *conn, const unsigned char *public_key,
         if (!found)
             return 1;
     }
-    if (anchor && !kh_trail_checkpoint_valid(anchor, public_key))
+    if (anchor && kh_trail_keys_signer(keys, anchor) < 0)
         return 1;
     kh_trail_checkpoint_t *mine = calloc(ncps + 1, sizeof *mine);
     if (!mine)
         return kh_error_set(err, KH_E_NOMEM, NULL, "out of memory");
     size_t n = 0;
     int64_t below = 0; /* checkpoints at or before the anchor */
+    int newest = -1;   /* the keys in turn, as the full pass checks them */
     for (size_t i = 0; i < ncps; i++) {
-        if (!kh_trail_checkpoint_valid(&cps[i], public_key)) {
+        int signer = kh_trail_keys_signer(keys, &cps[i]);
+        if (signer < 0 || signer < newest ||
+            (i > 0 && cps[i].seq <= cps[i - 1].seq)) {
             free(mine);
             return 1;
         }
+        newest = signer;
         if (cps[i].seq > after)
             mine[n++] = cps[i];
         else
@@ -632,7 +636,7 @@ static int s_fast_verify(PGconn *conn, const unsigned char *public_key,
 
 /* The full verification pass: events and seals merged in seq order and
  * judged one by one (names the first problem). */
-static int s_verify_pass(PGconn *conn, const unsigned char *public_key,
+static int s_verify_pass(PGconn *conn, const kh_trail_keys_t *keys,
                          const kh_trail_checkpoint_t *anchor,
                          const kh_trail_checkpoint_t *cps, size_t ncps,
                          const kh_trail_checkpoint_t *published,
@@ -640,7 +644,7 @@ static int s_verify_pass(PGconn *conn, const unsigned char *public_key,
                          kh_error_t *err)
 {
     int rc = 0;
-    kh_trail_verifier_t *v = kh_trail_verifier_new(public_key, anchor);
+    kh_trail_verifier_t *v = kh_trail_verifier_new_keys(keys, anchor);
     if (!v)
         rc = kh_error_set(err, KH_E_NOMEM, NULL, "out of memory");
     for (size_t i = 0; rc == 0 && i < ncps; i++)
@@ -663,6 +667,18 @@ int kh_trail_db_verify(PGconn *conn, const unsigned char *public_key,
                        const kh_trail_checkpoint_t *published,
                        size_t npublished, kh_trail_report_t *report,
                        kh_error_t *err)
+{
+    kh_trail_keys_t keys = {.count = 1};
+    memcpy(keys.key[0], public_key, KH_TRAIL_PUBLIC_KEY_SIZE);
+    return kh_trail_db_verify_keys(conn, &keys, from_checkpoint, published,
+                                   npublished, report, err);
+}
+
+int kh_trail_db_verify_keys(PGconn *conn, const kh_trail_keys_t *keys,
+                            int64_t from_checkpoint,
+                            const kh_trail_checkpoint_t *published,
+                            size_t npublished, kh_trail_report_t *report,
+                            kh_error_t *err)
 {
     bool own = PQtransactionStatus(conn) == PQTRANS_IDLE;
     if (own &&
@@ -688,14 +704,14 @@ int kh_trail_db_verify(PGconn *conn, const unsigned char *public_key,
      * intact trail); any doubt, and verification in the caller's
      * transaction, take the full pass, from the same snapshot. */
     if (rc == 0 && own) {
-        rc = s_fast_verify(conn, public_key, anchor, cps, ncps, published,
-                           npublished, report, err);
+        rc = s_fast_verify(conn, keys, anchor, cps, ncps, published, npublished,
+                           report, err);
         if (rc == 1)
-            rc = s_verify_pass(conn, public_key, anchor, cps, ncps, published,
+            rc = s_verify_pass(conn, keys, anchor, cps, ncps, published,
                                npublished, report, err);
     } else if (rc == 0)
-        rc = s_verify_pass(conn, public_key, anchor, cps, ncps, published,
-                           npublished, report, err);
+        rc = s_verify_pass(conn, keys, anchor, cps, ncps, published, npublished,
+                           report, err);
     free(cps);
     if (own)
         kh_db_rollback_quietly(conn);

@@ -498,6 +498,17 @@ int kh_trail_file_verify(const char *path, const unsigned char *public_key,
                          size_t npublished, kh_trail_report_t *report,
                          kh_error_t *err)
 {
+    kh_trail_keys_t keys = {.count = 1};
+    memcpy(keys.key[0], public_key, KH_TRAIL_PUBLIC_KEY_SIZE);
+    return kh_trail_file_verify_keys(path, &keys, published, npublished, report,
+                                     err);
+}
+
+int kh_trail_file_verify_keys(const char *path, const kh_trail_keys_t *keys,
+                              const kh_trail_checkpoint_t *published,
+                              size_t npublished, kh_trail_report_t *report,
+                              kh_error_t *err)
+{
     /* One pass: the checkpoints come before the events (the format), so
      * the file is read once, as it streams in, and can be a pipe or a
      * FIFO, which a second pass would find empty or wait on forever. */
@@ -509,7 +520,7 @@ int kh_trail_file_verify(const char *path, const unsigned char *public_key,
         return -1;
     int rc = 0;
     kh_trail_verifier_t *v =
-        kh_trail_verifier_new(public_key, has_anchor ? &anchor : NULL);
+        kh_trail_verifier_new_keys(keys, has_anchor ? &anchor : NULL);
     if (!v)
         rc = kh_error_set(err, KH_E_NOMEM, NULL, "out of memory");
     /* The checkpoints published after the end of a range (to > 0) are no

@@ -125,6 +125,30 @@ int kh_trail_load_public(const char *path,
                          unsigned char out[KH_TRAIL_PUBLIC_KEY_SIZE],
                          kh_error_t *err);
 
+/* The audit public keys an auditor trusts, in the order the audit service
+ * used them: oldest first, the current one last. After `audit keygen
+ * --force` the trail holds checkpoints signed by each key in turn; a
+ * checkpoint signed by a key that an earlier checkpoint's key replaced is
+ * refused, so that a replaced (perhaps leaked) key cannot sign the
+ * trail's future. */
+#define KH_TRAIL_MAX_KEYS 64
+typedef struct {
+    size_t count;
+    unsigned char key[KH_TRAIL_MAX_KEYS][KH_TRAIL_PUBLIC_KEY_SIZE];
+} kh_trail_keys_t;
+
+/* Append the keys of a public key file (one key of 64 hex digits a line,
+ * oldest first; blank lines are skipped) to keys. A file without a key,
+ * a line that is no key, a key given twice or more than KH_TRAIL_MAX_KEYS
+ * keys in all: -1 with err (KH_E_CONFIG, path the file). */
+int kh_trail_load_public_keys(const char *path, kh_trail_keys_t *keys,
+                              kh_error_t *err);
+
+/* The index in keys of the key that validly signed cp, or -1 when none
+ * did. */
+int kh_trail_keys_signer(const kh_trail_keys_t *keys,
+                         const kh_trail_checkpoint_t *cp);
+
 /* Lower-case hex of n bytes into out (2n + 1 bytes). */
 void kh_trail_hex(const unsigned char *bytes, size_t n, char *out);
 /* Parse exactly 2n hex digits; 0 or -1. */
@@ -181,6 +205,13 @@ typedef struct kh_trail_verifier_t kh_trail_verifier_t;
  * signature is checked like any other). Returns NULL when out of memory. */
 kh_trail_verifier_t *kh_trail_verifier_new(const unsigned char *public_key,
                                            const kh_trail_checkpoint_t *anchor);
+/* The same for checkpoints signed by any of keys, in their order (see
+ * kh_trail_keys_t): in seq order, a checkpoint signed by a key earlier in
+ * the list than an earlier checkpoint's is a bad signature. keys is
+ * copied. */
+kh_trail_verifier_t *
+kh_trail_verifier_new_keys(const kh_trail_keys_t *keys,
+                           const kh_trail_checkpoint_t *anchor);
 void kh_trail_verifier_destroy(kh_trail_verifier_t **self_p);
 
 /* Give every checkpoint before the first event, in any order. Published

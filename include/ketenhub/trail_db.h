@@ -46,6 +46,12 @@ int kh_trail_db_verify(PGconn *conn, const unsigned char *public_key,
                        const kh_trail_checkpoint_t *published,
                        size_t npublished, kh_trail_report_t *report,
                        kh_error_t *err);
+/* The same against a set of keys used in turn (kh_trail_keys_t). */
+int kh_trail_db_verify_keys(PGconn *conn, const kh_trail_keys_t *keys,
+                            int64_t from_checkpoint,
+                            const kh_trail_checkpoint_t *published,
+                            size_t npublished, kh_trail_report_t *report,
+                            kh_error_t *err);
 
 /* Write an access event (trail.queried, trail.exported, trail.verified)
  * through audit_record_access, in the caller's transaction if any. actor

@@ -38,6 +38,11 @@ int kh_trail_file_verify(const char *path, const unsigned char *public_key,
                          const kh_trail_checkpoint_t *published,
                          size_t npublished, kh_trail_report_t *report,
                          kh_error_t *err);
+/* The same against a set of keys used in turn (kh_trail_keys_t). */
+int kh_trail_file_verify_keys(const char *path, const kh_trail_keys_t *keys,
+                              const kh_trail_checkpoint_t *published,
+                              size_t npublished, kh_trail_report_t *report,
+                              kh_error_t *err);
 
 /* An event as a JSON object (the export's and `audit query --json`'s
  * form): the fields by name, NULLs as null, at in UTC with µs, ids as

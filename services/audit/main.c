@@ -136,6 +136,12 @@ static int s_main(int argc, char **argv)
         .batch = s_cfg("KH_AUDIT_BATCH")->num,
     };
     kh_trail_sealer_t *sealer = kh_trail_sealer_new(sk, &cfg);
+    /* The public half, for the ready line: after a rotation of the audit
+     * key it shows which key signs (the last line of hub-audit.pub). */
+    unsigned char pk[KH_TRAIL_PUBLIC_KEY_SIZE];
+    char pk_hex[2 * KH_TRAIL_PUBLIC_KEY_SIZE + 1];
+    crypto_sign_ed25519_sk_to_pk(pk, sk);
+    kh_trail_hex(pk, sizeof pk, pk_hex);
     sodium_memzero(sk, sizeof sk);
     if (!sealer) {
         kh_log_error("start_failed", "reason=\"out of memory\"");
@@ -187,7 +193,7 @@ static int s_main(int argc, char **argv)
             } else if (conn) {
                 /* The first time ready; after an outage, back. */
                 if (!ready)
-                    kh_log_info("ready", NULL);
+                    kh_log_info("ready", "public_key=%s", pk_hex);
                 else
                     kh_log_info("db_connected", NULL);
                 ready = true;

@@ -746,6 +746,14 @@ START_TEST(service_killed_while_sealing_loses_nothing)
          * there, and the default action would end the process). */
         if (round == 5)
             ck_assert(khtest_log_has(last, "event=config", 10000));
+        /* The ready line names the public key that signs (after a
+         * rotation of the audit key: the new one). */
+        if (round == 5) {
+            char ready[128], hex[65];
+            kh_trail_hex(pk, sizeof pk, hex);
+            snprintf(ready, sizeof ready, "event=ready public_key=%s", hex);
+            ck_assert(khtest_log_has(last, ready, 10000));
+        }
         khtest_db_exec(s_db,
                        "INSERT INTO audit_events (actor_kind, actor_id, action,"
                        " outcome, origin_service) SELECT 'service', 'routing',"
@@ -1289,6 +1297,96 @@ START_TEST(audit_seal_verify_export_say_what_they_did)
     free(out);
     khtest_rmtree(keys);
     free(keys);
+    free(conninfo);
+}
+END_TEST
+
+/* The audit key replaced as the README says (`audit keygen --force`, the
+ * sealer started again with the new key): the administrator's
+ * hub-audit.pub keeps the replaced key before the new one, and with it an
+ * auditor verifies the whole trail, in the database, from an export and
+ * with published checkpoints. Before, verify took one key and found the
+ * first checkpoint of the other a bad signature, whichever key it was
+ * given, and keygen --force threw the old public key away. */
+START_TEST(the_trail_verifies_across_an_audit_key_rotation)
+{
+    char *conninfo = khtest_db_conninfo(S_DB);
+    setenv("KH_DATABASE_URL", conninfo, 1);
+    char *dir = khtest_tmpdir();
+    char keys[600], sk_path[700], pk_path[700], old_pk[700], trail[700],
+        cps[700];
+    snprintf(keys, sizeof keys, "%s/audit", dir);
+    snprintf(sk_path, sizeof sk_path, "%s/hub-audit.key", keys);
+    snprintf(pk_path, sizeof pk_path, "%s/hub-audit.pub", keys);
+    snprintf(old_pk, sizeof old_pk, "%s/old.pub", dir);
+    snprintf(trail, sizeof trail, "%s/trail.jsonl", dir);
+    snprintf(cps, sizeof cps, "%s/checkpoints.jsonl", dir);
+    char *out = NULL;
+    int rc = S_AUDIT(&out, "keygen", "--out", keys);
+    ck_assert_msg(rc == 0, "exit %d: %s", rc, out);
+    free(out);
+    char *first = khtest_read_file(pk_path);
+    khtest_write_file(old_pk, first);
+    s_events_dense(20);
+    rc = S_AUDIT(&out, "seal", "--key", sk_path, "--checkpoint");
+    ck_assert_msg(rc == 0, "exit %d: %s", rc, out);
+    free(out);
+
+    rc = S_AUDIT(&out, "keygen", "--out", keys, "--force");
+    ck_assert_msg(rc == 0, "exit %d: %s", rc, out);
+    ck_assert_msg(strstr(out, "replaced public key(s) kept before it"), "%s",
+                  out);
+    free(out);
+    char *both = khtest_read_file(pk_path);
+    ck_assert_uint_eq(strlen(both), 2 * 65);
+    ck_assert(strncmp(both, first, 65) == 0);
+    s_events_dense(20);
+    rc = S_AUDIT(&out, "seal", "--key", sk_path, "--checkpoint");
+    ck_assert_msg(rc == 0, "exit %d: %s", rc, out);
+    free(out);
+    s_events_dense(3); /* not yet sealed */
+
+    rc = S_AUDIT(&out, "verify", "--public-key", pk_path);
+    ck_assert_msg(rc == 0 && strstr(out, "intact"), "exit %d: %s", rc, out);
+    ck_assert_msg(strstr(out, "2 checkpoints valid"), "%s", out);
+    free(out);
+    /* One key alone: the other's checkpoints are not its. */
+    rc = S_AUDIT(&out, "verify", "--public-key", old_pk);
+    ck_assert_msg(rc == 1 && strstr(out, "bad_signature"), "exit %d: %s", rc,
+                  out);
+    free(out);
+    /* The keys as two files, oldest first, do as well as one. */
+    char new_pk[700];
+    snprintf(new_pk, sizeof new_pk, "%s/new.pub", dir);
+    khtest_write_file(new_pk, both + 65);
+    rc =
+        S_AUDIT(&out, "verify", "--public-key", old_pk, "--public-key", new_pk);
+    ck_assert_msg(rc == 0 && strstr(out, "intact"), "exit %d: %s", rc, out);
+    free(out);
+    rc =
+        S_AUDIT(&out, "verify", "--public-key", new_pk, "--public-key", old_pk);
+    ck_assert_msg(rc == 1 && strstr(out, "after key 2 signed"), "exit %d: %s",
+                  rc, out);
+    free(out);
+
+    /* Offline, with the checkpoints published. */
+    rc = S_AUDIT(&out, "export", "--out", trail);
+    ck_assert_msg(rc == 0, "exit %d: %s", rc, out);
+    free(out);
+    rc = S_AUDIT(&out, "export", "--out", cps, "--checkpoints-only");
+    ck_assert_msg(rc == 0, "exit %d: %s", rc, out);
+    free(out);
+    rc = S_AUDIT(&out, "verify", "--public-key", pk_path, "--file", trail,
+                 "--published", cps);
+    ck_assert_msg(rc == 0 && strstr(out, "intact"), "exit %d: %s", rc, out);
+    free(out);
+    rc = S_AUDIT(&out, "verify", "--public-key", pk_path, "--published", cps);
+    ck_assert_msg(rc == 0 && strstr(out, "intact"), "exit %d: %s", rc, out);
+    free(out);
+    free(first);
+    free(both);
+    khtest_rmtree(dir);
+    free(dir);
     free(conninfo);
 }
 END_TEST
@@ -2977,6 +3075,7 @@ int main(void)
                    auditor_options_are_checked_before_anything_runs);
     tcase_add_test(tc_auditor, output_that_cannot_be_written_is_a_failure);
     tcase_add_test(tc_auditor, audit_seal_verify_export_say_what_they_did);
+    tcase_add_test(tc_auditor, the_trail_verifies_across_an_audit_key_rotation);
     tcase_add_test(tc_auditor, a_verify_that_cannot_be_recorded_is_a_failure);
     tcase_add_test(tc_auditor, report_counts_what_the_trail_says);
     tcase_add_test(tc_auditor, report_waits_count_from_the_first_send);

@@ -367,6 +367,59 @@ START_TEST(same_idempotency_key_returns_the_first_answer)
 }
 END_TEST
 
+/* A referral whose payload was purged at the end of its retention
+ * (purge writes NULL over it): its submitter's STATUS answers as before,
+ * a resubmission of its idempotency key gets the first answer, and the
+ * same key for another referral is still a conflict (the hash stays). */
+START_TEST(a_purged_referral_answers_status_and_resubmission)
+{
+    kh_client_t *client = s_client("vt");
+    json_t *referral = s_example();
+    kh_error_t err;
+    json_t *first =
+        kh_client_submit(client, referral, "purged-1", S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(first);
+    ck_assert_str_eq(kh_client_reply_cmd(first), "ACCEPTED");
+    char sql[512];
+    snprintf(sql, sizeof sql,
+             "UPDATE referrals SET payload = NULL WHERE id = '%s'",
+             s_str(first, "referral_id"));
+    PQclear(PQexec(s_db, sql));
+    snprintf(sql, sizeof sql,
+             "SELECT count(*) FROM referrals WHERE id = '%s' AND payload IS"
+             " NULL",
+             s_str(first, "referral_id"));
+    ck_assert_int_eq(s_count(sql), 1);
+
+    json_t *status =
+        kh_client_status(client, s_str(first, "referral_id"), S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(status);
+    ck_assert_str_eq(kh_client_reply_cmd(status), "STATUS_REPLY");
+    ck_assert_str_eq(s_str(status, "state"), "accepted");
+    ck_assert_str_eq(s_str(status, "accepted_at"), s_str(first, "accepted_at"));
+    json_t *again =
+        kh_client_submit(client, referral, "purged-1", S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(again);
+    ck_assert_str_eq(kh_client_reply_cmd(again), "ACCEPTED");
+    ck_assert_str_eq(s_str(again, "referral_id"), s_str(first, "referral_id"));
+    ck_assert(json_is_true(json_object_get(again, "duplicate")));
+    json_object_set_new(referral, "summary", json_string("changed text"));
+    json_t *conflict =
+        kh_client_submit(client, referral, "purged-1", S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(conflict);
+    ck_assert_str_eq(s_str(conflict, "code"), "idempotency_conflict");
+    ck_assert_int_eq(s_count("SELECT count(*) FROM referrals WHERE "
+                             "idempotency_key = 'purged-1'"),
+                     1);
+    json_decref(first);
+    json_decref(status);
+    json_decref(again);
+    json_decref(conflict);
+    json_decref(referral);
+    kh_client_destroy(&client);
+}
+END_TEST
+
 /* A STATUS refused as not_found (another partner's referral, or none) is
  * a refusal like any other: in the trail as request.rejected, committed
  * before the answer, without the id asked for. */
@@ -2718,6 +2771,7 @@ int main(void)
     tcase_add_test(tc, accepted_referral_is_committed_with_its_audit_event);
     tcase_add_test(tc, batches_take_their_keys_in_one_order);
     tcase_add_test(tc, same_idempotency_key_returns_the_first_answer);
+    tcase_add_test(tc, a_purged_referral_answers_status_and_resubmission);
     tcase_add_test(tc, intake_does_its_work_with_its_role_alone);
     tcase_add_test(tc, a_status_refused_as_not_found_is_audited);
     tcase_add_test(tc, bad_input_is_rejected_and_changes_nothing);

@@ -400,6 +400,113 @@ START_TEST(verifier_starts_at_a_checkpoint)
 }
 END_TEST
 
+/* Feed the in-memory trail with checkpoints c and on re-signed by sk2
+ * (a rotation of the audit key before checkpoint c; with back, the
+ * checkpoint after them signed by the first key again), against keys. */
+static kh_trail_report_t s_run_rotated(const kh_trail_keys_t *keys, int c,
+                                       const unsigned char *sk2, int back)
+{
+    kh_trail_verifier_t *v = kh_trail_verifier_new_keys(keys, NULL);
+    ck_assert_ptr_nonnull(v);
+    for (int k = 0; k < 6; k++) {
+        kh_trail_checkpoint_t cp = s_cp[k];
+        if (k >= c && k != back)
+            kh_trail_checkpoint_sign(&cp, sk2);
+        kh_trail_verifier_checkpoint(v, &cp, false);
+    }
+    for (int i = 0; i < S_N; i++)
+        if ((i + 1) % 7 != 0)
+            kh_trail_verifier_feed(v, i + 1, &s_ev[i], s_seal[i]);
+    kh_trail_report_t r;
+    kh_trail_verifier_finish(v, &r);
+    kh_trail_verifier_destroy(&v);
+    return r;
+}
+
+/* The audit key replaced (audit keygen --force) after the third
+ * checkpoint: the trail verifies with both public keys, oldest first,
+ * and with neither alone; the old key signs nothing after the new one
+ * has signed. */
+START_TEST(verifier_accepts_the_keys_of_a_rotation_in_turn)
+{
+    s_build();
+    unsigned char pk2[32], sk2[64];
+    crypto_sign_keypair(pk2, sk2);
+    kh_trail_keys_t both = {.count = 2}, reversed = {.count = 2},
+                    old = {.count = 1}, new = {.count = 1};
+    memcpy(both.key[0], s_pk, 32);
+    memcpy(both.key[1], pk2, 32);
+    memcpy(reversed.key[0], pk2, 32);
+    memcpy(reversed.key[1], s_pk, 32);
+    memcpy(old.key[0], s_pk, 32);
+    memcpy(new.key[0], pk2, 32);
+
+    kh_trail_report_t r = s_run_rotated(&both, 3, sk2, -1);
+    ck_assert_msg(r.kind == KH_TRAIL_OK, "%s", r.detail);
+    ck_assert_int_eq(r.checkpoints, 6);
+    ck_assert_int_eq(r.signed_seq, s_cp[5].seq);
+
+    r = s_run_rotated(&old, 3, sk2, -1);
+    ck_assert_int_eq(r.kind, KH_TRAIL_BAD_SIGNATURE);
+    ck_assert_int_eq(r.seq, s_cp[3].seq);
+    r = s_run_rotated(&new, 3, sk2, -1);
+    ck_assert_int_eq(r.kind, KH_TRAIL_BAD_SIGNATURE);
+    ck_assert_int_eq(r.seq, s_cp[0].seq);
+
+    /* Given newest first, the first checkpoint of the new key comes after
+     * the old key's: refused there, and the detail says why. */
+    r = s_run_rotated(&reversed, 3, sk2, -1);
+    ck_assert_int_eq(r.kind, KH_TRAIL_BAD_SIGNATURE);
+    ck_assert_int_eq(r.seq, s_cp[3].seq);
+    ck_assert_msg(strstr(r.detail, "after key 2 signed"), "%s", r.detail);
+
+    /* The replaced key (perhaps leaked) signs a checkpoint after the new
+     * one did: a bad signature at that checkpoint. */
+    r = s_run_rotated(&both, 3, sk2, 4);
+    ck_assert_int_eq(r.kind, KH_TRAIL_BAD_SIGNATURE);
+    ck_assert_int_eq(r.seq, s_cp[4].seq);
+
+    /* Key files: several keys a file, oldest first; twice the same key,
+     * a line that is no key or a file without a key are refused. */
+    char dir[] = "/tmp/kh-trail-keys-XXXXXX";
+    ck_assert_ptr_nonnull(mkdtemp(dir));
+    char path[128], hex1[65], hex2[65];
+    snprintf(path, sizeof path, "%s/keys.pub", dir);
+    kh_trail_hex(s_pk, 32, hex1);
+    kh_trail_hex(pk2, 32, hex2);
+    for (int b = 0; b < 5; b++) {
+        FILE *f = fopen(path, "w");
+        ck_assert_ptr_nonnull(f);
+        if (b == 0)
+            fprintf(f, "%s\n%s\n", hex1, hex2);
+        else if (b == 1)
+            fprintf(f, "%s\n\n%s", hex1, hex2); /* no last newline */
+        else if (b == 2)
+            fprintf(f, "%s\n%s\n%s\n", hex1, hex2, hex1);
+        else if (b == 3)
+            fprintf(f, "%s\nnot a key %s\n", hex1, hex2);
+        else
+            fprintf(f, "\n\n");
+        fclose(f);
+        kh_trail_keys_t keys = {.count = 0};
+        kh_error_t err;
+        kh_error_clear(&err);
+        int rc = kh_trail_load_public_keys(path, &keys, &err);
+        if (b < 2) {
+            ck_assert_int_eq(rc, 0);
+            ck_assert_uint_eq(keys.count, 2);
+            ck_assert_mem_eq(keys.key[0], s_pk, 32);
+            ck_assert_mem_eq(keys.key[1], pk2, 32);
+        } else {
+            ck_assert_int_eq(rc, -1);
+            ck_assert_int_eq(err.code, KH_E_CONFIG);
+        }
+    }
+    unlink(path);
+    rmdir(dir);
+}
+END_TEST
+
 int main(void)
 {
     if (sodium_init() < 0)
@@ -414,6 +521,7 @@ int main(void)
     tcase_add_test(tc, verifier_finds_a_removal_below_unsealed_events);
     tcase_add_test(tc, verifier_names_a_gap_where_the_chain_breaks);
     tcase_add_test(tc, verifier_starts_at_a_checkpoint);
+    tcase_add_test(tc, verifier_accepts_the_keys_of_a_rotation_in_turn);
     suite_add_tcase(suite, tc);
     return khtest_run_suite(suite);
 }

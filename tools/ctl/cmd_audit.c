@@ -48,7 +48,10 @@ static void s_usage(FILE *out)
         "\n"
         "keygen   writes DIR/hub-audit.key (secret, 0600, for the audit "
         "service)\n"
-        "         and DIR/hub-audit.pub (for auditors)\n"
+        "         and DIR/hub-audit.pub (for auditors); --force makes a new "
+        "pair and\n"
+        "         keeps the public keys it replaces in hub-audit.pub, oldest "
+        "first\n"
         "seal     --key defaults to $KH_AUDIT_KEY\n"
         "query    --referral gives the referral's whole history, its "
         "deliveries'\n"
@@ -62,10 +65,15 @@ static void s_usage(FILE *out)
         "export   widens the range to whole checkpoint intervals; "
         "--checkpoints-only\n"
         "         writes just the checkpoints, to publish elsewhere\n"
-        "verify   --public-key defaults to $KH_AUDIT_PUBLIC_KEY; --file "
-        "verifies an\n"
-        "         export offline (no database), also from a pipe; "
-        "--published adds\n"
+        "verify   --public-key defaults to $KH_AUDIT_PUBLIC_KEY; a file "
+        "may hold\n"
+        "         several keys, one a line, and --public-key may be given "
+        "again:\n"
+        "         the audit keys in the order they were used, oldest "
+        "first\n"
+        "         --file verifies an export offline (no database), also "
+        "from a pipe;\n"
+        "         --published adds\n"
         "         checkpoints kept outside the database; exit 0 intact, "
         "1 on a finding\n"
         "report   figures of the trail for the period: referrals, "
@@ -106,6 +114,41 @@ static const char *s_env(const char *name)
 
 /* ---- keygen ---- */
 
+/* Write keys, then the new key (hex), one a line, to path: into a new
+ * file renamed over it, so that a failure leaves the file as it was.
+ * 0, or -1 with errno. */
+static int s_write_keys(const char *path, const kh_trail_keys_t *keys,
+                        const char *new_hex)
+{
+    char tmp[4200];
+    snprintf(tmp, sizeof tmp, "%s.new-XXXXXX", path);
+    int fd = mkstemp(tmp);
+    if (fd < 0)
+        return -1;
+    FILE *f = fdopen(fd, "w");
+    if (!f) {
+        close(fd);
+        unlink(tmp);
+        return -1;
+    }
+    bool ok = fchmod(fd, 0644) == 0;
+    for (size_t i = 0; ok && i < keys->count; i++) {
+        char hex[2 * KH_TRAIL_PUBLIC_KEY_SIZE + 1];
+        kh_trail_hex(keys->key[i], KH_TRAIL_PUBLIC_KEY_SIZE, hex);
+        ok = fprintf(f, "%s\n", hex) > 0;
+    }
+    ok = ok && fprintf(f, "%s\n", new_hex) > 0;
+    ok = fflush(f) == 0 && ok && fsync(fd) == 0;
+    int saved = errno;
+    ok = fclose(f) == 0 && ok;
+    if (ok && rename(tmp, path) == 0)
+        return 0;
+    saved = errno ? errno : saved;
+    unlink(tmp);
+    errno = saved;
+    return -1;
+}
+
 static int s_keygen(int argc, char **argv)
 {
     static const struct option options[] = {
@@ -141,19 +184,59 @@ static int s_keygen(int argc, char **argv)
     snprintf(pk, sizeof pk, "%s/hub-audit.pub", out);
     kh_error_t err;
     kh_error_clear(&err);
+    /* The keys a new pair replaces still verify every checkpoint signed
+     * before it: they stay in hub-audit.pub, oldest first, so that the
+     * file verifies the whole trail across the rotation. */
+    kh_trail_keys_t *keys = calloc(1, sizeof *keys);
+    if (!keys) {
+        fprintf(stderr, "ketenhubctl: out of memory\n");
+        return CTL_FAIL;
+    }
+    bool kept = force && access(pk, F_OK) == 0 &&
+                kh_trail_load_public_keys(pk, keys, &err) == 0;
+    if (force && !kept && access(pk, F_OK) == 0) {
+        ctl_print_error(&err);
+        fprintf(stderr,
+                "ketenhubctl: %s: the public key(s) it held cannot "
+                "be kept; nothing changed\n",
+                pk);
+        free(keys);
+        return CTL_FAIL;
+    }
+    if (kept && keys->count == KH_TRAIL_MAX_KEYS) {
+        fprintf(stderr,
+                "ketenhubctl: %s: holds %d keys already, the most "
+                "a file may hold; nothing changed\n",
+                pk, KH_TRAIL_MAX_KEYS);
+        free(keys);
+        return CTL_FAIL;
+    }
+    kh_error_clear(&err);
     if (kh_trail_keygen(sk, pk, force, &err) != 0) {
         ctl_print_error(&err);
+        free(keys);
         return CTL_FAIL;
     }
     unsigned char pub[32];
     char hex[65];
+    int rc = CTL_OK;
     if (kh_trail_load_public(pk, pub, &err) == 0) {
         kh_trail_hex(pub, sizeof pub, hex);
         printf("audit public key: %s\n", hex);
+        if (kept && s_write_keys(pk, keys, hex) != 0) {
+            fprintf(stderr,
+                    "ketenhubctl: %s: cannot add the replaced public key(s) "
+                    "before the new one: %s; keep the old hub-audit.pub\n",
+                    pk, strerror(errno));
+            rc = CTL_FAIL;
+        } else if (kept)
+            printf("replaced public key(s) kept before it in %s: %zu\n", pk,
+                   keys->count);
     }
+    free(keys);
     printf("secret key (audit service only, KH_AUDIT_KEY): %s\n", sk);
     printf("public key (for auditors, KH_AUDIT_PUBLIC_KEY): %s\n", pk);
-    return CTL_OK;
+    return rc;
 }
 
 /* ---- seal ---- */
@@ -686,12 +769,19 @@ static int s_verify(int argc, char **argv)
         {NULL, 0, NULL, 0}};
     const char *key = s_env("KH_AUDIT_PUBLIC_KEY"), *file = NULL,
                *published = NULL;
+    /* --public-key may be given again: the keys in the order used. */
+    const char *key_files[KH_TRAIL_MAX_KEYS];
+    size_t nkey_files = 0;
     int64_t from_cp = 0;
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "k:f:p:c:h", options, NULL)) != -1) {
-        if (c == 'k')
-            key = optarg;
+        if (c == 'k' && nkey_files == KH_TRAIL_MAX_KEYS)
+            return ctl_usage_error("audit verify: more than %d --public-key "
+                                   "options",
+                                   KH_TRAIL_MAX_KEYS);
+        else if (c == 'k')
+            key_files[nkey_files++] = optarg;
         else if (c == 'f')
             file = optarg;
         else if (c == 'p')
@@ -709,7 +799,9 @@ static int s_verify(int argc, char **argv)
     if (optind != argc)
         return ctl_usage_error("audit verify: unexpected argument '%s'",
                                argv[optind]);
-    if (!key)
+    if (nkey_files == 0 && key)
+        key_files[nkey_files++] = key;
+    if (nkey_files == 0)
         return ctl_usage_error("audit verify: --public-key FILE (or "
                                "KH_AUDIT_PUBLIC_KEY) is required");
     if (file && from_cp)
@@ -717,11 +809,15 @@ static int s_verify(int argc, char **argv)
                                "database; --file verifies the whole export");
     kh_error_t err;
     kh_error_clear(&err);
-    unsigned char pk[KH_TRAIL_PUBLIC_KEY_SIZE];
-    if (sodium_init() < 0 || kh_trail_load_public(key, pk, &err) != 0) {
-        ctl_print_error(&err);
-        return CTL_USAGE;
-    }
+    static kh_trail_keys_t keys; /* 2 KiB: not on the stack */
+    keys.count = 0;
+    if (sodium_init() < 0)
+        return ctl_usage_error("audit verify: no random source");
+    for (size_t i = 0; i < nkey_files; i++)
+        if (kh_trail_load_public_keys(key_files[i], &keys, &err) != 0) {
+            ctl_print_error(&err);
+            return CTL_USAGE;
+        }
     kh_trail_checkpoint_t *pub = NULL;
     size_t npub = 0;
     if (published &&
@@ -732,7 +828,7 @@ static int s_verify(int argc, char **argv)
     kh_trail_report_t report;
     int rc;
     if (file) {
-        rc = kh_trail_file_verify(file, pk, pub, npub, &report, &err);
+        rc = kh_trail_file_verify_keys(file, &keys, pub, npub, &report, &err);
         if (rc >= 0)
             s_report(&report, file);
     } else {
@@ -741,7 +837,8 @@ static int s_verify(int argc, char **argv)
             free(pub);
             return CTL_FAIL;
         }
-        rc = kh_trail_db_verify(conn, pk, from_cp, pub, npub, &report, &err);
+        rc = kh_trail_db_verify_keys(conn, &keys, from_cp, pub, npub, &report,
+                                     &err);
         /* The verdict is given only once the access is recorded, as a
          * query's page is: a read of the trail that leaves no event in
          * it gives nothing. */
