@@ -768,6 +768,40 @@ static char *s_as(PGconn *conn, const char *role, const char *sql)
     return state;
 }
 
+/* Auditors tie a key the trail names (actor "key:KEY" of a refused
+ * handshake) to its partner, and see when each key admitted it, through
+ * a view (023); the tables stay closed to them. */
+START_TEST(test_auditor_reads_partner_keys)
+{
+    PGconn *conn = khtest_db_fresh(DB);
+    khtest_db_exec(conn,
+                   "INSERT INTO partners (id, display_name, kind,"
+                   " curve_public_key) VALUES ('avim', 'AVIM', 'police',"
+                   " repeat('a', 39) || '1')",
+                   0, NULL);
+    khtest_db_exec(conn,
+                   "UPDATE partners SET curve_public_key = repeat('b', 39)"
+                   " || '1' WHERE id = 'avim'",
+                   0, NULL);
+    const char *view = "SELECT partner_id, curve_public_key, added_at,"
+                       " expires_at, revoked_at FROM audit_partner_keys";
+    ck_assert_str_eq(s_as(conn, "ketenhub_auditor", view), "");
+    ck_assert_str_eq(s_as(conn, "ketenhub_admin", view), "");
+    ck_assert_str_eq(
+        s_as(conn, "ketenhub_auditor", "SELECT 1 FROM partner_keys"), "42501");
+    ck_assert_str_eq(s_as(conn, "ketenhub_auditor", "SELECT 1 FROM partners"),
+                     "42501");
+    char *keys = khtest_db_value(
+        conn, "SELECT string_agg(left(curve_public_key, 1) || ':' ||"
+              " (expires_at IS NULL)::text, ',' ORDER BY added_at,"
+              " expires_at NULLS LAST) FROM audit_partner_keys"
+              " WHERE partner_id = 'avim'");
+    ck_assert_str_eq(keys, "a:false,b:true");
+    free(keys);
+    PQfinish(conn);
+}
+END_TEST
+
 /* Intake reads the state of deliveries, as STATUS does, and never a
  * payload; routing claims referrals and sets their state, and changes
  * nothing else of them (021); notification reads no referral (022). */
@@ -1231,6 +1265,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_upgrade_to_escalation_copies);
     tcase_add_test(tc, test_services_hold_least_privilege);
     tcase_add_test(tc, test_admin_reads_no_payload);
+    tcase_add_test(tc, test_auditor_reads_partner_keys);
     tcase_add_test(tc, test_payloads_are_only_purged);
     tcase_add_test(tc, test_upgrade_to_admin_no_payloads);
     suite_add_tcase(s, tc);
