@@ -41,11 +41,23 @@ static int64_t s_get64(const char *p)
     return (int64_t) v;
 }
 
+/* A binary timestamptz (µs since 2000-01-01) as µs since 1970-01-01.
+ * Added modulo 2^64, as the canonical encoding writes it: PostgreSQL's
+ * infinities (INT64_MAX, INT64_MIN), and finite times near its largest,
+ * do not fit once moved to 1970, and a signed addition would overflow.
+ * The addition of a constant modulo 2^64 is one to one, so two times
+ * that differ still encode differently: an event whose time was set to
+ * infinity is found altered. */
+static int64_t s_get_time(const char *p)
+{
+    return (int64_t) ((uint64_t) s_get64(p) + (uint64_t) S_PG_EPOCH_US);
+}
+
 /* Row r of a binary result with S_EVENT_COLUMNS into ev (borrowed). */
 static void s_event_from(const PGresult *res, int r, kh_trail_event_t *ev)
 {
     ev->seq = s_get64(PQgetvalue(res, r, 0));
-    ev->at_us = s_get64(PQgetvalue(res, r, 1)) + S_PG_EPOCH_US;
+    ev->at_us = s_get_time(PQgetvalue(res, r, 1));
     for (int i = 0; i < KH_TRAIL_FIELD_COUNT; i++) {
         if (PQgetisnull(res, r, i + 2)) {
             ev->f[i].ptr = NULL;
@@ -206,7 +218,7 @@ int kh_trail_db_checkpoints(PGconn *conn, kh_trail_checkpoint_t **out,
             continue; /* the table's constraints make this impossible */
         kh_trail_checkpoint_t *cp = &cps[k++];
         cp->seq = s_get64(PQgetvalue(res, r, 0));
-        cp->at_us = s_get64(PQgetvalue(res, r, 1)) + S_PG_EPOCH_US;
+        cp->at_us = s_get_time(PQgetvalue(res, r, 1));
         memcpy(cp->head, PQgetvalue(res, r, 2), KH_TRAIL_HASH_SIZE);
         memcpy(cp->public_key, PQgetvalue(res, r, 3), KH_TRAIL_PUBLIC_KEY_SIZE);
         memcpy(cp->signature, PQgetvalue(res, r, 4), KH_TRAIL_SIGNATURE_SIZE);
@@ -282,7 +294,7 @@ static int s_parse_row(const char *buf, int n, bool *header,
     if (len[0] != 8 || len[1] != 8)
         return -1;
     ev->seq = s_get64(val[0]);
-    ev->at_us = s_get64(val[1]) + S_PG_EPOCH_US;
+    ev->at_us = s_get_time(val[1]);
     for (int i = 0; i < KH_TRAIL_FIELD_COUNT; i++) {
         ev->f[i].ptr = val[i + 2];
         ev->f[i].len = len[i + 2];
@@ -840,7 +852,7 @@ static int s_read_head(kh_trail_sealer_t *self, PGconn *conn, int64_t *seq,
     int rc = 0;
     if (PQntuples(res) == 1) {
         self->cp_seq = s_get64(PQgetvalue(res, 0, 0));
-        self->cp_at_us = s_get64(PQgetvalue(res, 0, 1)) + S_PG_EPOCH_US;
+        self->cp_at_us = s_get_time(PQgetvalue(res, 0, 1));
         if (*seq < self->cp_seq)
             rc = kh_error_set(err, KH_E_TRAIL_BROKEN, NULL,
                               "the sealed head is at seq %" PRId64
@@ -979,9 +991,10 @@ static long s_seal(kh_trail_sealer_t *self, PGconn *conn, int64_t bound,
             break;
     }
     /* A checkpoint at least every checkpoint_ms when something new was
-     * sealed. */
+     * sealed (compared so that no time read from the table, which may be
+     * far off, takes part in a subtraction). */
     if (rc == 0 && head > last_cp && head > 0 &&
-        s_now_us() - self->cp_at_us >= self->cfg.checkpoint_ms * 1000) {
+        self->cp_at_us <= s_now_us() - self->cfg.checkpoint_ms * 1000) {
         rc = s_write_checkpoint(self, conn, head, prev, err);
         if (rc == 0 && checkpoints)
             (*checkpoints)++;

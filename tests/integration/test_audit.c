@@ -2932,6 +2932,52 @@ START_TEST(the_chain_is_over_utf8_whatever_the_session_encoding)
 }
 END_TEST
 
+/* A time PostgreSQL holds and C cannot add to: an event's at set to
+ * infinity (or -infinity) by whoever bypasses the trail's protections is
+ * an alteration that every verification names, not an overflow that
+ * stops it (the sanitizers abort on it; without them it is undefined). */
+START_TEST(an_event_at_an_infinite_time_is_found_altered)
+{
+    kh_trail_checkpoint_t *cps = NULL;
+    size_t ncps = s_sealed_thirty(&cps);
+    khtest_db_exec(s_db, "ALTER TABLE audit_events DISABLE TRIGGER USER", 0,
+                   NULL);
+    const char *const times[] = {"infinity", "-infinity"};
+    for (size_t i = 0; i < 2; i++) {
+        s_sqlf("CREATE TABLE kept AS SELECT at FROM audit_events"
+               " WHERE seq = 14");
+        s_sqlf("UPDATE audit_events SET at = '%s' WHERE seq = 14", times[i]);
+        kh_trail_report_t r;
+        for (int with = 0; with < 2; with++) {
+            int rc = s_verify(with ? cps : NULL, with ? ncps : 0, &r);
+            ck_assert_msg(rc == 1 && r.kind == KH_TRAIL_ALTERED && r.seq == 14,
+                          "%s: %s at %lld: %s", times[i],
+                          kh_trail_finding_name(r.kind), (long long) r.seq,
+                          r.detail);
+        }
+        s_sqlf("UPDATE audit_events SET at = (SELECT at FROM kept)"
+               " WHERE seq = 14");
+        s_sqlf("DROP TABLE kept");
+        ck_assert_int_eq(s_verify(cps, ncps, &r), 0);
+    }
+    /* The last checkpoint's time, which its signature covers; the sealer
+     * goes on from it all the same. */
+    khtest_db_exec(s_db, "ALTER TABLE audit_checkpoints DISABLE TRIGGER USER",
+                   0, NULL);
+    s_sqlf("UPDATE audit_checkpoints SET at = 'infinity' WHERE seq = 30");
+    s_events_dense(3);
+    kh_trail_sealer_t *sealer = s_sealer(10);
+    ck_assert_int_eq(s_flush(sealer), 3);
+    kh_trail_sealer_destroy(&sealer);
+    kh_trail_report_t r;
+    ck_assert_int_eq(s_verify(NULL, 0, &r), 1);
+    ck_assert_msg(r.kind == KH_TRAIL_BAD_SIGNATURE && r.seq == 30,
+                  "%s at %lld: %s", kh_trail_finding_name(r.kind),
+                  (long long) r.seq, r.detail);
+    free(cps);
+}
+END_TEST
+
 int main(void)
 {
     Suite *suite = suite_create("audit");
@@ -2963,6 +3009,12 @@ int main(void)
     tcase_add_test(tc, a_published_checkpoint_gone_from_the_database_is_found);
     tcase_add_test(tc, the_chain_is_over_utf8_whatever_the_session_encoding);
     suite_add_tcase(suite, tc);
+    /* Times C cannot compute with (CK_RUN_CASE=times). */
+    TCase *tc_times = tcase_create("times");
+    tcase_add_checked_fixture(tc_times, s_setup, s_teardown);
+    tcase_set_timeout(tc_times, 120);
+    tcase_add_test(tc_times, an_event_at_an_infinite_time_is_found_altered);
+    suite_add_tcase(suite, tc_times);
     /* What an auditor types and reads: options, files, pipes. */
     TCase *tc_auditor = tcase_create("auditor");
     tcase_add_checked_fixture(tc_auditor, s_setup, s_teardown);
