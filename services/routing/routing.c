@@ -502,7 +502,8 @@ static int s_on_connect_poll(zloop_t *loop, int timer_id, void *arg)
 }
 
 /* One pass: claim up to batch referrals and route them in one
- * transaction. Returns the number routed, or -1 (rolled back). */
+ * transaction (those that cannot be read are set aside). Returns the
+ * number claimed, routed or set aside, or -1 (rolled back). */
 static int s_pass(routing_t *self)
 {
     kh_error_t err;
@@ -588,10 +589,11 @@ static int s_pass(routing_t *self)
                           (double) (zclock_mono() - started) / 1000.0);
     self->routed += (size_t) routed;
     self->passes++;
-    kh_log_debug("pass", "claimed=%d routed=%d ms=%lld", PQntuples(res), routed,
+    int claimed = PQntuples(res);
+    kh_log_debug("pass", "claimed=%d routed=%d ms=%lld", claimed, routed,
                  (long long) (zclock_mono() - started));
     PQclear(res);
-    return routed;
+    return claimed;
 fail:
     PQclear(res);
     zhashx_purge(self->targets);
@@ -691,8 +693,9 @@ static int s_signal(routing_t *self, int sig)
     return 0;
 }
 
-/* Passes until the backlog is shorter than a batch; signals that arrive
- * meanwhile are handled between two transactions. */
+/* Passes until one claims less than a batch (the backlog is gone; a
+ * batch that was all set aside says nothing of the referrals behind it);
+ * signals that arrive meanwhile are handled between two transactions. */
 static int s_drain(routing_t *self)
 {
     if (self->reload_again && self->conn &&
@@ -702,8 +705,8 @@ static int s_drain(routing_t *self)
         s_refresh_partners(self);
     while (!self->stopping) {
         kh_health_beat(); /* a long backlog is progress, not a hang */
-        int routed = s_pass(self);
-        if (routed < (int) self->config.batch)
+        int claimed = s_pass(self);
+        if (claimed < (int) self->config.batch)
             break;
         int sig = kh_signals_read(self->signal_fd);
         if (sig && s_signal(self, sig))
