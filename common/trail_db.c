@@ -1062,51 +1062,49 @@ static int s_bound_final(kh_trail_sealer_t *self, PGconn *conn, kh_error_t *err)
     return final;
 }
 
+/* Seal up to the pending bound, which is final, and let it go. Returns
+ * the events sealed, or -1 with err; *cps gets the checkpoints written,
+ * counted once committed (a round that fails rolls them back). */
+static long s_seal_bound(kh_trail_sealer_t *self, PGconn *conn, long *cps,
+                         kh_error_t *err)
+{
+    long round = 0;
+    long sealed = s_seal(self, conn, self->bound, &round, err);
+    if (sealed < 0)
+        return -1;
+    *cps += round;
+    self->written += round;
+    self->pending = false;
+    return sealed;
+}
+
 long kh_trail_sealer_step(kh_trail_sealer_t *self, PGconn *conn,
                           long *checkpoints, kh_error_t *err)
 {
-    long sealed = 0;
-    /* Counted per round and added once committed: a round that fails
-     * rolls its checkpoints back. */
-    long cps = 0;
-    if (checkpoints)
-        *checkpoints = 0;
+    long sealed = 0, cps = 0;
+    int rc = 0;
     if (self->pending) {
         int final = s_bound_final(self, conn, err);
-        if (final < 0)
-            return -1;
-        if (final) {
-            long round = 0;
-            sealed = s_seal(self, conn, self->bound, &round, err);
-            if (sealed < 0)
-                return -1;
-            cps += round;
-            self->written += round;
-            self->pending = false;
-        }
+        if (final < 0 ||
+            (final && (sealed = s_seal_bound(self, conn, &cps, err)) < 0))
+            rc = -1;
     }
-    if (!self->pending) {
+    /* A new bound once the last one is sealed; with nothing running, it
+     * is final at once. */
+    if (rc == 0 && !self->pending) {
         if (s_take_bound(self, conn, err) != 0)
-            goto out;
-        /* Nothing running: the bound is final at once. */
-        if (strcmp(self->vxids, "{}") == 0) {
-            long round = 0;
-            long more = s_seal(self, conn, self->bound, &round, err);
+            rc = -1;
+        else if (strcmp(self->vxids, "{}") == 0) {
+            long more = s_seal_bound(self, conn, &cps, err);
             if (more < 0)
-                goto out;
-            cps += round;
-            self->written += round;
-            sealed += more;
-            self->pending = false;
+                rc = -1;
+            else
+                sealed += more;
         }
     }
     if (checkpoints)
         *checkpoints = cps;
-    return sealed;
-out:
-    if (checkpoints)
-        *checkpoints = cps;
-    return -1;
+    return rc ? -1 : sealed;
 }
 
 long kh_trail_sealer_flush(kh_trail_sealer_t *self, PGconn *conn,
