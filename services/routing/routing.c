@@ -501,16 +501,14 @@ static int s_on_connect_poll(zloop_t *loop, int timer_id, void *arg)
     return s_on_timer(loop, timer_id, arg);
 }
 
-/* One pass: claim up to batch referrals and route them in one
- * transaction (those that cannot be read are set aside). Returns the
- * number claimed, routed or set aside, or -1 (rolled back). */
-static int s_pass(routing_t *self)
+/* A working connection for a pass: 0, or -1 when there is none yet (an
+ * attempt is under way, and a timer looks at it soon; or the database is
+ * away, and it is tried again ever more slowly). */
+static int s_pass_connect(routing_t *self)
 {
     kh_error_t err;
-    int64_t started = zclock_mono();
-    size_t deliveries = self->deliveries;
     if ((!self->conn || PQstatus(self->conn) != CONNECTION_OK) &&
-        !self->connecting && started < self->connect_after)
+        !self->connecting && zclock_mono() < self->connect_after)
         return -1; /* the database is away: not yet again */
     if (s_connect(self, &err)) {
         if (!self->connecting) {
@@ -525,6 +523,20 @@ static int s_pass(routing_t *self)
         return -1;
     }
     self->retry_ms = 0;
+    return 0;
+}
+
+/* One pass: claim up to batch referrals and route them in one
+ * transaction (those that cannot be read are set aside). Returns the
+ * number claimed, routed or set aside, or -1 (rolled back, or no
+ * connection). */
+static int s_pass(routing_t *self)
+{
+    if (s_pass_connect(self))
+        return -1;
+    kh_error_t err;
+    int64_t started = zclock_mono();
+    size_t deliveries = self->deliveries;
     char limit[24];
     snprintf(limit, sizeof limit, "%zu", self->config.batch);
     const char *params[] = {limit};
