@@ -1153,6 +1153,19 @@ int kh_trail_sealer_checkpoint(kh_trail_sealer_t *self, PGconn *conn,
 {
     if (kh_db_exec(conn, "BEGIN", err) != 0)
         return -1;
+    /* After a sealing round in progress (the audit service's, while an
+     * administrator asks for a checkpoint): the head and the last
+     * checkpoint are then read as one state. Read while a round commits,
+     * the head from before it and its checkpoint from after it said that
+     * seals were removed; and both could sign the same seq. */
+    char sql[64];
+    snprintf(sql, sizeof sql, "SELECT pg_advisory_xact_lock(%d)", S_LOCK_KEY);
+    PGresult *res = s_query(conn, sql, 0, err);
+    if (!res) {
+        kh_db_rollback_quietly(conn);
+        return -1;
+    }
+    PQclear(res);
     int64_t head;
     unsigned char prev[KH_TRAIL_HASH_SIZE];
     int rc = s_read_head(self, conn, &head, prev, err);

@@ -98,8 +98,9 @@ long kh_trail_sealer_checkpoints_written(const kh_trail_sealer_t *self);
 int64_t kh_trail_sealer_waiting_ms(const kh_trail_sealer_t *self);
 
 /* Write a checkpoint at the sealed head now (if there is one that has
- * no checkpoint yet). Returns 1 written, 0 nothing to do, -1 error
- * (KH_E_TRAIL_BROKEN as for kh_trail_sealer_step). */
+ * no checkpoint yet), once a sealing round in progress elsewhere has
+ * ended (it waits for the sealers' lock). Returns 1 written, 0 nothing
+ * to do, -1 error (KH_E_TRAIL_BROKEN as for kh_trail_sealer_step). */
 int kh_trail_sealer_checkpoint(kh_trail_sealer_t *self, PGconn *conn,
                                kh_error_t *err);
 
