@@ -41,11 +41,23 @@ static int64_t s_get64(const char *p)
     return (int64_t) v;
 }
 
+/* A binary timestamptz (µs since 2000-01-01) as µs since 1970-01-01.
+ * Added modulo 2^64, as the canonical encoding writes it: PostgreSQL's
+ * infinities (INT64_MAX, INT64_MIN), and finite times near its largest,
+ * do not fit once moved to 1970, and a signed addition would overflow.
+ * The addition of a constant modulo 2^64 is one to one, so two times
+ * that differ still encode differently: an event whose time was set to
+ * infinity is found altered. */
+static int64_t s_get_time(const char *p)
+{
+    return (int64_t) ((uint64_t) s_get64(p) + (uint64_t) S_PG_EPOCH_US);
+}
+
 /* Row r of a binary result with S_EVENT_COLUMNS into ev (borrowed). */
 static void s_event_from(const PGresult *res, int r, kh_trail_event_t *ev)
 {
     ev->seq = s_get64(PQgetvalue(res, r, 0));
-    ev->at_us = s_get64(PQgetvalue(res, r, 1)) + S_PG_EPOCH_US;
+    ev->at_us = s_get_time(PQgetvalue(res, r, 1));
     for (int i = 0; i < KH_TRAIL_FIELD_COUNT; i++) {
         if (PQgetisnull(res, r, i + 2)) {
             ev->f[i].ptr = NULL;
@@ -206,7 +218,7 @@ int kh_trail_db_checkpoints(PGconn *conn, kh_trail_checkpoint_t **out,
             continue; /* the table's constraints make this impossible */
         kh_trail_checkpoint_t *cp = &cps[k++];
         cp->seq = s_get64(PQgetvalue(res, r, 0));
-        cp->at_us = s_get64(PQgetvalue(res, r, 1)) + S_PG_EPOCH_US;
+        cp->at_us = s_get_time(PQgetvalue(res, r, 1));
         memcpy(cp->head, PQgetvalue(res, r, 2), KH_TRAIL_HASH_SIZE);
         memcpy(cp->public_key, PQgetvalue(res, r, 3), KH_TRAIL_PUBLIC_KEY_SIZE);
         memcpy(cp->signature, PQgetvalue(res, r, 4), KH_TRAIL_SIGNATURE_SIZE);
@@ -282,7 +294,7 @@ static int s_parse_row(const char *buf, int n, bool *header,
     if (len[0] != 8 || len[1] != 8)
         return -1;
     ev->seq = s_get64(val[0]);
-    ev->at_us = s_get64(val[1]) + S_PG_EPOCH_US;
+    ev->at_us = s_get_time(val[1]);
     for (int i = 0; i < KH_TRAIL_FIELD_COUNT; i++) {
         ev->f[i].ptr = val[i + 2];
         ev->f[i].len = len[i + 2];
@@ -856,7 +868,7 @@ static int s_read_head(kh_trail_sealer_t *self, PGconn *conn, int64_t *seq,
     int rc = 0;
     if (PQntuples(res) == 1) {
         self->cp_seq = s_get64(PQgetvalue(res, 0, 0));
-        self->cp_at_us = s_get64(PQgetvalue(res, 0, 1)) + S_PG_EPOCH_US;
+        self->cp_at_us = s_get_time(PQgetvalue(res, 0, 1));
         if (*seq < self->cp_seq)
             rc = kh_error_set(err, KH_E_TRAIL_BROKEN, NULL,
                               "the sealed head is at seq %" PRId64
@@ -995,9 +1007,10 @@ static long s_seal(kh_trail_sealer_t *self, PGconn *conn, int64_t bound,
             break;
     }
     /* A checkpoint at least every checkpoint_ms when something new was
-     * sealed. */
+     * sealed (compared so that no time read from the table, which may be
+     * far off, takes part in a subtraction). */
     if (rc == 0 && head > last_cp && head > 0 &&
-        s_now_us() - self->cp_at_us >= self->cfg.checkpoint_ms * 1000) {
+        self->cp_at_us <= s_now_us() - self->cfg.checkpoint_ms * 1000) {
         rc = s_write_checkpoint(self, conn, head, prev, err);
         if (rc == 0 && checkpoints)
             (*checkpoints)++;
@@ -1065,51 +1078,49 @@ static int s_bound_final(kh_trail_sealer_t *self, PGconn *conn, kh_error_t *err)
     return final;
 }
 
+/* Seal up to the pending bound, which is final, and let it go. Returns
+ * the events sealed, or -1 with err; *cps gets the checkpoints written,
+ * counted once committed (a round that fails rolls them back). */
+static long s_seal_bound(kh_trail_sealer_t *self, PGconn *conn, long *cps,
+                         kh_error_t *err)
+{
+    long round = 0;
+    long sealed = s_seal(self, conn, self->bound, &round, err);
+    if (sealed < 0)
+        return -1;
+    *cps += round;
+    self->written += round;
+    self->pending = false;
+    return sealed;
+}
+
 long kh_trail_sealer_step(kh_trail_sealer_t *self, PGconn *conn,
                           long *checkpoints, kh_error_t *err)
 {
-    long sealed = 0;
-    /* Counted per round and added once committed: a round that fails
-     * rolls its checkpoints back. */
-    long cps = 0;
-    if (checkpoints)
-        *checkpoints = 0;
+    long sealed = 0, cps = 0;
+    int rc = 0;
     if (self->pending) {
         int final = s_bound_final(self, conn, err);
-        if (final < 0)
-            return -1;
-        if (final) {
-            long round = 0;
-            sealed = s_seal(self, conn, self->bound, &round, err);
-            if (sealed < 0)
-                return -1;
-            cps += round;
-            self->written += round;
-            self->pending = false;
-        }
+        if (final < 0 ||
+            (final && (sealed = s_seal_bound(self, conn, &cps, err)) < 0))
+            rc = -1;
     }
-    if (!self->pending) {
+    /* A new bound once the last one is sealed; with nothing running, it
+     * is final at once. */
+    if (rc == 0 && !self->pending) {
         if (s_take_bound(self, conn, err) != 0)
-            goto out;
-        /* Nothing running: the bound is final at once. */
-        if (strcmp(self->vxids, "{}") == 0) {
-            long round = 0;
-            long more = s_seal(self, conn, self->bound, &round, err);
+            rc = -1;
+        else if (strcmp(self->vxids, "{}") == 0) {
+            long more = s_seal_bound(self, conn, &cps, err);
             if (more < 0)
-                goto out;
-            cps += round;
-            self->written += round;
-            sealed += more;
-            self->pending = false;
+                rc = -1;
+            else
+                sealed += more;
         }
     }
     if (checkpoints)
         *checkpoints = cps;
-    return sealed;
-out:
-    if (checkpoints)
-        *checkpoints = cps;
-    return -1;
+    return rc ? -1 : sealed;
 }
 
 long kh_trail_sealer_flush(kh_trail_sealer_t *self, PGconn *conn,
@@ -1158,6 +1169,19 @@ int kh_trail_sealer_checkpoint(kh_trail_sealer_t *self, PGconn *conn,
 {
     if (kh_db_exec(conn, "BEGIN", err) != 0)
         return -1;
+    /* After a sealing round in progress (the audit service's, while an
+     * administrator asks for a checkpoint): the head and the last
+     * checkpoint are then read as one state. Read while a round commits,
+     * the head from before it and its checkpoint from after it said that
+     * seals were removed; and both could sign the same seq. */
+    char sql[64];
+    snprintf(sql, sizeof sql, "SELECT pg_advisory_xact_lock(%d)", S_LOCK_KEY);
+    PGresult *res = s_query(conn, sql, 0, err);
+    if (!res) {
+        kh_db_rollback_quietly(conn);
+        return -1;
+    }
+    PQclear(res);
     int64_t head;
     unsigned char prev[KH_TRAIL_HASH_SIZE];
     int rc = s_read_head(self, conn, &head, prev, err);

@@ -24,7 +24,9 @@ typedef int(kh_trail_scan_fn)(void *arg, int64_t seq,
 /* Read events and seals with after < seq <= upto in seq order from the
  * views audit_trail and audit_trail_seals, in the caller's transaction
  * when one is open (else in a REPEATABLE READ one of its own, so that
- * both are read from one snapshot). after INT64_MIN: from the very first
+ * both are read from one snapshot; a caller's transaction must be
+ * REPEATABLE READ too, or a sealing round that commits between the two
+ * reads shows seals without their events). after INT64_MIN: from the very first
  * row, also one at a seq at or below 0 that the sequence never hands out
  * (put there by hand). Text comes as UTF-8 whatever the session's
  * client_encoding (the canonical encoding's bytes). Returns 0, the
@@ -104,8 +106,9 @@ long kh_trail_sealer_checkpoints_written(const kh_trail_sealer_t *self);
 int64_t kh_trail_sealer_waiting_ms(const kh_trail_sealer_t *self);
 
 /* Write a checkpoint at the sealed head now (if there is one that has
- * no checkpoint yet). Returns 1 written, 0 nothing to do, -1 error
- * (KH_E_TRAIL_BROKEN as for kh_trail_sealer_step). */
+ * no checkpoint yet), once a sealing round in progress elsewhere has
+ * ended (it waits for the sealers' lock). Returns 1 written, 0 nothing
+ * to do, -1 error (KH_E_TRAIL_BROKEN as for kh_trail_sealer_step). */
 int kh_trail_sealer_checkpoint(kh_trail_sealer_t *self, PGconn *conn,
                                kh_error_t *err);
 

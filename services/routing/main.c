@@ -158,8 +158,8 @@ static int s_main(int argc, char **argv)
         close(signal_fd);
         return usage ? 2 : 1;
     }
-    /* routing_new bound the socket and loaded the rules; a failed reload
-     * keeps them. */
+    /* routing_new bound the socket, routing_start loaded the rules; a
+     * failed reload keeps them. */
     kh_health_set_sockets(health, true);
     kh_health_set_rules(health, true);
     int rc = routing_run(routing, signal_fd);

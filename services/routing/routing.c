@@ -501,15 +501,14 @@ static int s_on_connect_poll(zloop_t *loop, int timer_id, void *arg)
     return s_on_timer(loop, timer_id, arg);
 }
 
-/* One pass: claim up to batch referrals and route them in one
- * transaction. Returns the number routed, or -1 (rolled back). */
-static int s_pass(routing_t *self)
+/* A working connection for a pass: 0, or -1 when there is none yet (an
+ * attempt is under way, and a timer looks at it soon; or the database is
+ * away, and it is tried again ever more slowly). */
+static int s_pass_connect(routing_t *self)
 {
     kh_error_t err;
-    int64_t started = zclock_mono();
-    size_t deliveries = self->deliveries;
     if ((!self->conn || PQstatus(self->conn) != CONNECTION_OK) &&
-        !self->connecting && started < self->connect_after)
+        !self->connecting && zclock_mono() < self->connect_after)
         return -1; /* the database is away: not yet again */
     if (s_connect(self, &err)) {
         if (!self->connecting) {
@@ -524,6 +523,20 @@ static int s_pass(routing_t *self)
         return -1;
     }
     self->retry_ms = 0;
+    return 0;
+}
+
+/* One pass: claim up to batch referrals and route them in one
+ * transaction (those that cannot be read are set aside). Returns the
+ * number claimed, routed or set aside, or -1 (rolled back, or no
+ * connection). */
+static int s_pass(routing_t *self)
+{
+    if (s_pass_connect(self))
+        return -1;
+    kh_error_t err;
+    int64_t started = zclock_mono();
+    size_t deliveries = self->deliveries;
     char limit[24];
     snprintf(limit, sizeof limit, "%zu", self->config.batch);
     const char *params[] = {limit};
@@ -588,10 +601,11 @@ static int s_pass(routing_t *self)
                           (double) (zclock_mono() - started) / 1000.0);
     self->routed += (size_t) routed;
     self->passes++;
-    kh_log_debug("pass", "claimed=%d routed=%d ms=%lld", PQntuples(res), routed,
+    int claimed = PQntuples(res);
+    kh_log_debug("pass", "claimed=%d routed=%d ms=%lld", claimed, routed,
                  (long long) (zclock_mono() - started));
     PQclear(res);
-    return routed;
+    return claimed;
 fail:
     PQclear(res);
     zhashx_purge(self->targets);
@@ -691,8 +705,9 @@ static int s_signal(routing_t *self, int sig)
     return 0;
 }
 
-/* Passes until the backlog is shorter than a batch; signals that arrive
- * meanwhile are handled between two transactions. */
+/* Passes until one claims less than a batch (the backlog is gone; a
+ * batch that was all set aside says nothing of the referrals behind it);
+ * signals that arrive meanwhile are handled between two transactions. */
 static int s_drain(routing_t *self)
 {
     if (self->reload_again && self->conn &&
@@ -702,8 +717,8 @@ static int s_drain(routing_t *self)
         s_refresh_partners(self);
     while (!self->stopping) {
         kh_health_beat(); /* a long backlog is progress, not a hang */
-        int routed = s_pass(self);
-        if (routed < (int) self->config.batch)
+        int claimed = s_pass(self);
+        if (claimed < (int) self->config.batch)
             break;
         int sig = kh_signals_read(self->signal_fd);
         if (sig && s_signal(self, sig))

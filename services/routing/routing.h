@@ -1,10 +1,10 @@
 /*
- * The routing service's core: claims accepted referrals from PostgreSQL,
- * evaluates the rules, and commits per referral its deliveries (one per
- * target partner, with that partner's projection), its audit event and its
- * new state in one transaction. Runs on a timer and whenever a wake-up
- * arrives on its CURVE PULL socket; PostgreSQL is the truth, the wake-up
- * only hastens the next pass.
+ * The routing service's core: claims accepted referrals from PostgreSQL
+ * in batches, evaluates the rules, and commits each referral's deliveries
+ * (one per target partner, with that partner's projection), its audit
+ * event and its new state in the one transaction of its batch. Runs on a
+ * timer and whenever a wake-up arrives on its CURVE PULL socket;
+ * PostgreSQL is the truth, the wake-up only hastens the next pass.
  */
 #ifndef ROUTING_H_INCLUDED
 #define ROUTING_H_INCLUDED

@@ -6,6 +6,7 @@
  * export file verified offline.
  */
 #include <libpq-fe.h>
+#include <pthread.h>
 #include <signal.h>
 #include <sodium.h>
 #include <stdarg.h>
@@ -3030,6 +3031,106 @@ START_TEST(the_chain_is_over_utf8_whatever_the_session_encoding)
 }
 END_TEST
 
+/* A time PostgreSQL holds and C cannot add to: an event's at set to
+ * infinity (or -infinity) by whoever bypasses the trail's protections is
+ * an alteration that every verification names, not an overflow that
+ * stops it (the sanitizers abort on it; without them it is undefined). */
+START_TEST(an_event_at_an_infinite_time_is_found_altered)
+{
+    kh_trail_checkpoint_t *cps = NULL;
+    size_t ncps = s_sealed_thirty(&cps);
+    khtest_db_exec(s_db, "ALTER TABLE audit_events DISABLE TRIGGER USER", 0,
+                   NULL);
+    const char *const times[] = {"infinity", "-infinity"};
+    for (size_t i = 0; i < 2; i++) {
+        s_sqlf("CREATE TABLE kept AS SELECT at FROM audit_events"
+               " WHERE seq = 14");
+        s_sqlf("UPDATE audit_events SET at = '%s' WHERE seq = 14", times[i]);
+        kh_trail_report_t r;
+        for (int with = 0; with < 2; with++) {
+            int rc = s_verify(with ? cps : NULL, with ? ncps : 0, &r);
+            ck_assert_msg(rc == 1 && r.kind == KH_TRAIL_ALTERED && r.seq == 14,
+                          "%s: %s at %lld: %s", times[i],
+                          kh_trail_finding_name(r.kind), (long long) r.seq,
+                          r.detail);
+        }
+        s_sqlf("UPDATE audit_events SET at = (SELECT at FROM kept)"
+               " WHERE seq = 14");
+        s_sqlf("DROP TABLE kept");
+        ck_assert_int_eq(s_verify(cps, ncps, &r), 0);
+    }
+    /* The last checkpoint's time, which its signature covers; the sealer
+     * goes on from it all the same. */
+    khtest_db_exec(s_db, "ALTER TABLE audit_checkpoints DISABLE TRIGGER USER",
+                   0, NULL);
+    s_sqlf("UPDATE audit_checkpoints SET at = 'infinity' WHERE seq = 30");
+    s_events_dense(3);
+    kh_trail_sealer_t *sealer = s_sealer(10);
+    ck_assert_int_eq(s_flush(sealer), 3);
+    kh_trail_sealer_destroy(&sealer);
+    kh_trail_report_t r;
+    ck_assert_int_eq(s_verify(NULL, 0, &r), 1);
+    ck_assert_msg(r.kind == KH_TRAIL_BAD_SIGNATURE && r.seq == 30,
+                  "%s at %lld: %s", kh_trail_finding_name(r.kind),
+                  (long long) r.seq, r.detail);
+    free(cps);
+}
+END_TEST
+
+/* kh_trail_sealer_checkpoint on a thread of its own. */
+typedef struct {
+    kh_trail_sealer_t *sealer;
+    int rc;
+    bool done;
+    kh_error_t err;
+} s_checkpoint_call_t;
+
+static void *s_checkpoint_thread(void *arg)
+{
+    s_checkpoint_call_t *call = arg;
+    call->rc = kh_trail_sealer_checkpoint(call->sealer, s_db, &call->err);
+    __atomic_store_n(&call->done, true, __ATOMIC_SEQ_CST);
+    return NULL;
+}
+
+/* A checkpoint asked for (ketenhubctl audit seal --checkpoint) while the
+ * audit service is in a sealing round waits for the round to end: read
+ * halfway through its commit, the head and the last checkpoint disagree
+ * (a false "seals were removed"), and both could sign the same seq. */
+START_TEST(a_checkpoint_asked_for_waits_for_a_sealing_round)
+{
+    s_events_dense(5);
+    kh_trail_sealer_t *sealer = s_sealer(1000);
+    s_flush(sealer);
+    s_events_dense(3);
+    s_flush(sealer);
+    char *conninfo = khtest_db_conninfo(S_DB);
+    PGconn *round = PQconnectdb(conninfo);
+    ck_assert_int_eq(PQstatus(round), CONNECTION_OK);
+    /* The lock a sealing round holds (S_LOCK_KEY in trail_db.c). */
+    khtest_db_exec(round, "BEGIN", 0, NULL);
+    khtest_db_exec(round, "SELECT pg_advisory_xact_lock(7513815)", 0, NULL);
+    s_checkpoint_call_t call = {.sealer = sealer};
+    pthread_t thread;
+    ck_assert_int_eq(pthread_create(&thread, NULL, s_checkpoint_thread, &call),
+                     0);
+    usleep(300000);
+    bool early = __atomic_load_n(&call.done, __ATOMIC_SEQ_CST);
+    khtest_db_exec(round, "COMMIT", 0, NULL);
+    pthread_join(thread, NULL);
+    ck_assert_msg(!early, "the checkpoint did not wait for the round");
+    ck_assert_msg(call.rc == 1, "checkpoint: %d %s", call.rc, call.err.message);
+    ck_assert_int_eq(khtest_db_count(s_db, "SELECT max(seq) FROM"
+                                           " audit_checkpoints"),
+                     8);
+    kh_trail_report_t r;
+    ck_assert_int_eq(s_verify(NULL, 0, &r), 0);
+    kh_trail_sealer_destroy(&sealer);
+    PQfinish(round);
+    free(conninfo);
+}
+END_TEST
+
 int main(void)
 {
     Suite *suite = suite_create("audit");
@@ -3061,6 +3162,14 @@ int main(void)
     tcase_add_test(tc, a_published_checkpoint_gone_from_the_database_is_found);
     tcase_add_test(tc, the_chain_is_over_utf8_whatever_the_session_encoding);
     suite_add_tcase(suite, tc);
+    /* Times C cannot compute with, and the sealer beside others
+     * (CK_RUN_CASE=sealer). */
+    TCase *tc_sealer = tcase_create("sealer");
+    tcase_add_checked_fixture(tc_sealer, s_setup, s_teardown);
+    tcase_set_timeout(tc_sealer, 120);
+    tcase_add_test(tc_sealer, an_event_at_an_infinite_time_is_found_altered);
+    tcase_add_test(tc_sealer, a_checkpoint_asked_for_waits_for_a_sealing_round);
+    suite_add_tcase(suite, tc_sealer);
     /* What an auditor types and reads: options, files, pipes. */
     TCase *tc_auditor = tcase_create("auditor");
     tcase_add_checked_fixture(tc_auditor, s_setup, s_teardown);

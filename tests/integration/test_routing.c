@@ -897,6 +897,27 @@ START_TEST(unreadable_referrals_are_set_aside_not_retried)
 }
 END_TEST
 
+/* A backlog is drained in passes until one claims less than a batch: a
+ * pass whose batch was all set aside is no sign that the backlog is
+ * gone. The referrals behind a batch of unreadable ones are routed at
+ * once, not at the next poll (a minute here). */
+START_TEST(a_batch_all_set_aside_does_not_end_the_drain)
+{
+    for (int i = 0; i < 7; i++) /* KH_ROUTING_BATCH */
+        s_stored_referral("bad", i, "not json");
+    long deliveries = s_insert_many(3);
+    pid_t pid = s_start(s_endpoint(), NULL, 60000, "routing.log");
+    ck_assert_msg(s_wait_count(S_ROUTED, 3, 10000), "not routed: see %s",
+                  s_path("routing.log"));
+    ck_assert_int_eq(s_count("SELECT count(*) FROM referrals"
+                             " WHERE state = 'unroutable'"),
+                     7);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM deliveries"), deliveries);
+    int status = khproc_stop(pid, SIGTERM, 5000);
+    ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+}
+END_TEST
+
 /* Passes that fail at their writes (a full disk, say) roll back: an
  * unreadable referral in them is not set aside, so no alert says it was;
  * the alert comes once, with the pass that commits, and the stats count
@@ -1158,6 +1179,12 @@ int main(void)
     tcase_add_test(tc, no_partners_registered_still_checks_the_rules);
     tcase_add_test(tc, unreadable_rules_at_start_exit_2);
     suite_add_tcase(suite, tc);
+    /* A backlog drained pass after pass. */
+    TCase *tc_drain = tcase_create("drain");
+    tcase_add_checked_fixture(tc_drain, s_setup, s_teardown);
+    tcase_set_timeout(tc_drain, 60);
+    tcase_add_test(tc_drain, a_batch_all_set_aside_does_not_end_the_drain);
+    suite_add_tcase(suite, tc_drain);
     /* Passes that fail at their writes. */
     TCase *tc_failed = tcase_create("failed");
     tcase_add_checked_fixture(tc_failed, s_setup, s_teardown);
