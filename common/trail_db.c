@@ -1030,12 +1030,27 @@ static long s_seal(kh_trail_sealer_t *self, PGconn *conn, int64_t bound,
  * below it that is not yet committed). */
 static int s_take_bound(kh_trail_sealer_t *self, PGconn *conn, kh_error_t *err)
 {
+    /* A sequence that hands each session a cache of values lets a session
+     * use one below last_value long after the bound was taken: an event
+     * would land below the sealed head, unsealed for good, and verify
+     * would call it inserted. Sealing needs CACHE 1 (bigserial's). */
     PGresult *res = s_query(conn,
                             "SELECT CASE WHEN is_called THEN last_value ELSE 0"
-                            " END FROM audit_events_seq_seq",
+                            " END, (SELECT seqcache FROM pg_sequence WHERE"
+                            " seqrelid = 'audit_events_seq_seq'::regclass)"
+                            " FROM audit_events_seq_seq",
                             0, err);
     if (!res)
         return -1;
+    if (strcmp(PQgetvalue(res, 0, 1), "1") != 0) {
+        kh_error_set(err, KH_E_CONFIG, NULL,
+                     "audit_events_seq_seq caches %s values a session, so a "
+                     "session may write an event below what is sealed: run "
+                     "ALTER SEQUENCE audit_events_seq_seq CACHE 1",
+                     PQgetvalue(res, 0, 1));
+        PQclear(res);
+        return -1;
+    }
     self->bound = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
     PQclear(res);
     res = s_query(conn,
@@ -1120,7 +1135,9 @@ long kh_trail_sealer_step(kh_trail_sealer_t *self, PGconn *conn,
     }
     if (checkpoints)
         *checkpoints = cps;
-    return rc ? -1 : sealed;
+    /* What a first round committed before a later part failed is told:
+     * the failure comes again at the next step. */
+    return rc && sealed == 0 && cps == 0 ? -1 : sealed;
 }
 
 long kh_trail_sealer_flush(kh_trail_sealer_t *self, PGconn *conn,

@@ -81,8 +81,12 @@ void kh_trail_sealer_destroy(kh_trail_sealer_t **self_p);
 
 /* One round on conn (autocommit): seal what has become final since the
  * last round, then note the bound for the next. Returns the number of
- * events sealed (>= 0), or -1 with err. *checkpoints (may be NULL) gets
- * the number of checkpoints written. The code KH_E_TRAIL_BROKEN says the
+ * events sealed (>= 0), or -1 with err when nothing was. A round that
+ * sealed and then failed (noting the next bound, or sealing up to it)
+ * returns what it sealed, with err set: the failure comes again at the
+ * next round. *checkpoints (may be NULL) gets the number of checkpoints
+ * written and committed. A sequence that caches values per session
+ * (CACHE above 1) is refused: KH_E_CONFIG. The code KH_E_TRAIL_BROKEN says the
  * seals no longer reach the last checkpoint, or differ from its head
  * there (seals were removed or rewritten): nothing was sealed or signed,
  * and nothing will be while that lasts. */

@@ -3131,6 +3131,66 @@ START_TEST(a_checkpoint_asked_for_waits_for_a_sealing_round)
 }
 END_TEST
 
+/* A sequence that caches values per session (ALTER SEQUENCE ... CACHE
+ * n, by a database administrator) would let a session write an event
+ * below the sealed head, unsealed for good: the sealer refuses to seal,
+ * saying what to run, and seals again once the cache is 1. */
+START_TEST(a_cached_sequence_is_refused_for_sealing)
+{
+    s_events_dense(3);
+    khtest_db_exec(s_db, "ALTER SEQUENCE audit_events_seq_seq CACHE 10", 0,
+                   NULL);
+    kh_trail_sealer_t *sealer = s_sealer(1000);
+    kh_error_t err;
+    ck_assert_int_eq(kh_trail_sealer_step(sealer, s_db, NULL, &err), -1);
+    ck_assert_int_eq(err.code, KH_E_CONFIG);
+    ck_assert_ptr_nonnull(strstr(err.message, "CACHE 1"));
+    ck_assert_int_eq(khtest_db_count(s_db, "SELECT count(*) FROM audit_seals"),
+                     0);
+    khtest_db_exec(s_db, "ALTER SEQUENCE audit_events_seq_seq CACHE 1", 0,
+                   NULL);
+    s_flush(sealer);
+    ck_assert_int_eq(khtest_db_count(s_db, "SELECT count(*) FROM audit_seals"),
+                     3);
+    kh_trail_sealer_destroy(&sealer);
+}
+END_TEST
+
+/* A round that seals and then fails to note the next bound (here: the
+ * sequence altered to cache values meanwhile) reports what it sealed, so
+ * that the service counts it; the failure comes again at the next round. */
+START_TEST(a_round_that_fails_after_sealing_reports_what_it_sealed)
+{
+    char *conninfo = khtest_db_conninfo(S_DB);
+    PGconn *slow = PQconnectdb(conninfo);
+    ck_assert_int_eq(PQstatus(slow), CONNECTION_OK);
+    s_events_dense(2);
+    khtest_db_exec(slow, "BEGIN", 0, NULL);
+    khtest_db_exec(slow, s_insert_sql, 0, NULL);
+    s_events_dense(1);
+    kh_trail_sealer_t *sealer = s_sealer(1000);
+    kh_error_t err;
+    /* The bound is taken with slow running: nothing final yet. */
+    ck_assert_int_eq(kh_trail_sealer_step(sealer, s_db, NULL, &err), 0);
+    khtest_db_exec(slow, "COMMIT", 0, NULL);
+    khtest_db_exec(s_db, "ALTER SEQUENCE audit_events_seq_seq CACHE 10", 0,
+                   NULL);
+    long cps = -1;
+    kh_error_clear(&err);
+    ck_assert_int_eq(kh_trail_sealer_step(sealer, s_db, &cps, &err), 4);
+    ck_assert_int_eq(err.code, KH_E_CONFIG);
+    ck_assert_int_eq(khtest_db_count(s_db, "SELECT count(*) FROM audit_seals"),
+                     4);
+    ck_assert_int_eq(kh_trail_sealer_step(sealer, s_db, NULL, &err), -1);
+    ck_assert_int_eq(err.code, KH_E_CONFIG);
+    khtest_db_exec(s_db, "ALTER SEQUENCE audit_events_seq_seq CACHE 1", 0,
+                   NULL);
+    kh_trail_sealer_destroy(&sealer);
+    PQfinish(slow);
+    free(conninfo);
+}
+END_TEST
+
 int main(void)
 {
     Suite *suite = suite_create("audit");
@@ -3169,6 +3229,9 @@ int main(void)
     tcase_set_timeout(tc_sealer, 120);
     tcase_add_test(tc_sealer, an_event_at_an_infinite_time_is_found_altered);
     tcase_add_test(tc_sealer, a_checkpoint_asked_for_waits_for_a_sealing_round);
+    tcase_add_test(tc_sealer, a_cached_sequence_is_refused_for_sealing);
+    tcase_add_test(tc_sealer,
+                   a_round_that_fails_after_sealing_reports_what_it_sealed);
     suite_add_tcase(suite, tc_sealer);
     /* What an auditor types and reads: options, files, pipes. */
     TCase *tc_auditor = tcase_create("auditor");
