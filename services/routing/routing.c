@@ -62,7 +62,7 @@ struct _routing_t {
     bool stopping;
     bool reload_again;       /* a SIGHUP the database was away for: retried */
     int64_t partners_read;   /* zclock_mono of the last read of the registry */
-    char missing[512];       /* partners the rules need and the registry
+    char missing[640];       /* partners the rules need and the registry
                                 lacks, as last told ("a,b"; "": none) */
     kh_tally_t auth_refused; /* refused handshakes, one line a while */
     /* Counters for the stats line. */
@@ -240,6 +240,9 @@ static void s_tell_missing(routing_t *self, const s_partners_t *list)
          i < n && i < sizeof ids / sizeof ids[0] && len < sizeof missing; i++)
         len += (size_t) snprintf(missing + len, sizeof missing - len, "%s%s",
                                  i ? "," : "", ids[i]);
+    if (n > sizeof ids / sizeof ids[0] && len < sizeof missing)
+        snprintf(missing + len, sizeof missing - len, ",and_%zu_more",
+                 n - sizeof ids / sizeof ids[0]);
     kh_metric_set("rules_partners_missing", NULL, (double) n);
     if (strcmp(missing, self->missing) == 0)
         return;
