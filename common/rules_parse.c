@@ -1641,7 +1641,13 @@ static int s_fields(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
             rc = -1;
             continue;
         }
-        bits[field / 64] |= UINT64_C(1) << (field % 64);
+        uint64_t bit = UINT64_C(1) << (field % 64);
+        if (bits[field / 64] & bit)
+            s_note(ctx, KH_E_RULES_PROJECTION, q, n->items[k],
+                   "%s is listed twice: once is enough (or was another "
+                   "field meant?)",
+                   fp);
+        bits[field / 64] |= bit;
     }
     return rc;
 }

@@ -813,6 +813,27 @@ END_TEST
  * indented one space too far, is told where to look. One whole file per
  * case (the partners are the demo's), the first error's message and
  * place. */
+/* A field listed twice in one projection is a note (the second mention
+ * may have been meant as another field), never an error. */
+START_TEST(test_a_field_listed_twice_is_a_note)
+{
+    static const char *yaml = "version: 1\n"
+                              "fallback: {targets: [{partner: zorgcoordinator,"
+                              " fields: [needs, subject.age, needs]}]}\n"
+                              "rules: []\n";
+    char reports[2048] = "";
+    kh_rules_options_t o = s_opts(s_demo, S_DEMO_COUNT);
+    o.report = s_collect;
+    o.report_arg = reports;
+    kh_error_t err;
+    kh_rules_t *rules = kh_rules_load_buffer(yaml, strlen(yaml), &o, &err);
+    ck_assert_msg(rules != NULL, "%s", err.message);
+    ck_assert_str_eq(reports, "note rules.projection 2:78 "
+                              "fallback.targets[0].fields[2];");
+    kh_rules_destroy(&rules);
+}
+END_TEST
+
 START_TEST(test_messages_say_what_to_do)
 {
     static const struct {
@@ -1734,6 +1755,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_dead_part_of_any_noted);
     tcase_add_test(tc, test_messages_say_what_fits);
     tcase_add_test(tc, test_messages_say_what_to_do);
+    tcase_add_test(tc, test_a_field_listed_twice_is_a_note);
     tcase_add_test(tc, test_unknown_key_hides_nothing);
     tcase_add_test(tc, test_never_matches_only_when_impossible);
     tcase_add_test(tc, test_core_schema_numbers);
