@@ -137,11 +137,18 @@ static int s_fail(PGconn *conn, PGresult *res, const char *what,
         res ? PQresultErrorField(res, PG_DIAG_TABLE_NAME) : NULL;
     bool retry = !s_conn_up(conn) || !state || kh_db_retryable_sqlstate(state);
     /* Without a SQLSTATE the failure is libpq's own (the connection was
-     * lost, say): its message quotes nothing of the request, and says
-     * what happened where "sqlstate=none" would not. */
+     * lost, say), and the SQLSTATEs that mean "try again" (a terminated
+     * session, a server shutting down, a deadlock) have fixed messages:
+     * neither quotes anything of the request, and both say what happened
+     * where "msg=none" would not. */
     char msg[160] = "";
-    if (!state && conn) {
-        snprintf(msg, sizeof msg, "%s", PQerrorMessage(conn));
+    const char *words = NULL;
+    if (!state && conn)
+        words = PQerrorMessage(conn);
+    else if (state && kh_db_retryable_sqlstate(state))
+        words = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
+    if (words) {
+        snprintf(msg, sizeof msg, "%s", words);
         msg[strcspn(msg, "\n")] = '\0';
     }
     kh_log_warn("db_error",
