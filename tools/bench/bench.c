@@ -136,6 +136,13 @@ static void *s_work(void *arg)
     for (;;) {
         int64_t now = zclock_usecs();
         bool open = w->interval_us > 0;
+        /* Ctrl-C (CZMQ's handler only sets zsys_interrupted): stop
+         * offering, and give what is in flight two seconds to come back,
+         * so that the figures cover what was measured until then. */
+        if (zsys_interrupted && now < w->end_us) {
+            w->end_us = now > w->start_us ? now : w->start_us;
+            deadline = w->end_us - 8000000;
+        }
         /* Send what the window (and, open loop, the schedule) allows. */
         while (now < w->end_us && next_seq - answered < slots &&
                (!open || (double) now >= next_send)) {
@@ -441,7 +448,14 @@ int main(int argc, char **argv)
         failed++;
     }
     qsort(all, total, sizeof(int64_t), bench_cmp_us);
-    double per_second = (double) total / seconds;
+    /* An interrupted run measured until the Ctrl-C. */
+    double measured = seconds;
+    for (int i = 0; i < clients; i++)
+        if (workers[i].end_us < end)
+            measured = (double) (workers[i].end_us - start) / 1e6;
+    if (measured < seconds)
+        fprintf(stderr, "ketenhub-bench: interrupted after %.1f s\n", measured);
+    double per_second = measured > 0 ? (double) total / measured : 0;
     printf("mode=%s clients=%d window=%d seconds=%d\n",
            rate > 0 ? "open" : "closed", clients, window, seconds);
     if (rate > 0)

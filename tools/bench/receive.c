@@ -132,7 +132,7 @@ static void *s_receive(void *arg)
     kh_limits_t limits = kh_limits_default();
     limits.max_frame = 16 * 1024 * 1024;
     zpoller_t *poller = zpoller_new(sock, NULL);
-    while (s_now_us() < r->deadline_us &&
+    while (!zsys_interrupted && s_now_us() < r->deadline_us &&
            (s_want == 0 || atomic_load(&s_acked) < s_want)) {
         if (r->last_us && s_now_us() - r->last_us > r->idle_ms * 1000LL)
             break;
