@@ -224,20 +224,60 @@ void khtest_db_exec(PGconn *conn, const char *sql, int nparams,
     PQclear(res);
 }
 
-zsock_t *khtest_stranger(const char *hub_cert, const char *endpoint)
+int khtest_strangers_refused(const char *hub_cert, const char *endpoint, int n,
+                             int timeout_ms, int64_t *elapsed_ms)
 {
     zcert_t *hub = zcert_load(hub_cert);
     ck_assert_ptr_nonnull(hub);
-    zcert_t *cert = zcert_new();
-    zsock_t *sock = zsock_new(ZMQ_DEALER);
-    ck_assert_ptr_nonnull(sock);
-    zcert_apply(cert, sock);
-    zsock_set_curve_serverkey(sock, zcert_public_txt(hub));
-    zsock_set_linger(sock, 0);
-    ck_assert_int_eq(zsock_connect(sock, "%s", endpoint), 0);
-    zcert_destroy(&cert);
+    zsock_t **socks = calloc((size_t) n, sizeof *socks);
+    zsock_t **monitors = calloc((size_t) n, sizeof *monitors);
+    bool *refused = calloc((size_t) n, sizeof *refused);
+    ck_assert(socks && monitors && refused);
+    int64_t start = zclock_mono(), last = start;
+    for (int i = 0; i < n; i++) {
+        zcert_t *cert = zcert_new();
+        socks[i] = zsock_new(ZMQ_DEALER);
+        ck_assert_ptr_nonnull(socks[i]);
+        zcert_apply(cert, socks[i]);
+        zcert_destroy(&cert);
+        zsock_set_curve_serverkey(socks[i], zcert_public_txt(hub));
+        zsock_set_linger(socks[i], 0);
+        char monitor[64];
+        snprintf(monitor, sizeof monitor, "inproc://khtest-stranger-%d", i);
+        ck_assert_int_eq(zmq_socket_monitor(zsock_resolve(socks[i]), monitor,
+                                            ZMQ_EVENT_HANDSHAKE_FAILED_AUTH),
+                         0);
+        monitors[i] = zsock_new_pair(monitor);
+        ck_assert_ptr_nonnull(monitors[i]);
+        ck_assert_int_eq(zsock_connect(socks[i], "%s", endpoint), 0);
+        zstr_send(socks[i], "x");
+    }
     zcert_destroy(&hub);
-    return sock;
+    int count = 0;
+    while (count < n && zclock_mono() - start < timeout_ms) {
+        bool seen = false;
+        for (int i = 0; i < n; i++) {
+            if (refused[i] || !(zsock_events(monitors[i]) & ZMQ_POLLIN))
+                continue;
+            zmsg_t *event = zmsg_recv(monitors[i]);
+            zmsg_destroy(&event);
+            refused[i] = seen = true;
+            count++;
+            last = zclock_mono();
+        }
+        if (!seen)
+            zclock_sleep(10);
+    }
+    for (int i = 0; i < n; i++) {
+        zmq_socket_monitor(zsock_resolve(socks[i]), NULL, 0);
+        zsock_destroy(&monitors[i]);
+        zsock_destroy(&socks[i]);
+    }
+    free(socks);
+    free(monitors);
+    free(refused);
+    *elapsed_ms = last - start;
+    return count;
 }
 
 long khtest_refusals_told(const char *path)

@@ -57,10 +57,23 @@ json_t *khtest_json(const char *text);
 void khtest_db_exec(PGconn *conn, const char *sql, int nparams,
                     const char *const *params);
 
-/* A DEALER with a made-up CURVE key (never registered), connected to
- * endpoint for the hub of the certificate at hub_cert: the hub refuses it
- * at the handshake. The caller sends on it and destroys it. */
-zsock_t *khtest_stranger(const char *hub_cert, const char *endpoint);
+/* Make n strangers (DEALERs with made-up CURVE keys, never registered,
+ * connected to endpoint for the hub of the certificate at hub_cert), each
+ * sending one frame, and wait until the hub has refused every one's
+ * handshake, seen by each stranger's ZMQ_EVENT_HANDSHAKE_FAILED_AUTH, or
+ * timeout_ms have passed; then destroy them. Returns how many were refused;
+ * *elapsed_ms is the time from the first connection to the last refusal. */
+int khtest_strangers_refused(const char *hub_cert, const char *endpoint, int n,
+                             int timeout_ms, int64_t *elapsed_ms);
+
+/* The most a token bucket of burst tokens that refills at rate a second
+ * can let through in elapsed_ms (one more for the rounding): what a
+ * limit's test may count, however slowly the machine served the flood. */
+static inline long khtest_bucket_max(double burst, double rate,
+                                     int64_t elapsed_ms)
+{
+    return (long) (burst + rate * (double) elapsed_ms / 1000.0) + 1;
+}
 
 /* The refused handshakes a service's log at path tells: one for each
  * event=auth_refused line, plus the count=N of each
