@@ -515,6 +515,76 @@ START_TEST(a_partner_refused_too_often_is_throttled_before_the_trail)
 }
 END_TEST
 
+/* A partner that ACKs again what it acknowledged (its own retry, after an
+ * ACKED it missed) is answered ACKED with duplicate true, and that is no
+ * refusal: not even while its refusals are over KH_PARTNER_REFUSALS, when
+ * its answers for ids none of its connections holds are refused
+ * throttled, does a repeated ACK get anything but its idempotent answer. */
+START_TEST(a_repeated_ack_is_no_refusal_even_when_throttled)
+{
+    char mine[37];
+    s_delivery("avim", "normal", 1000, NULL, mine);
+    /* 1 a second, 10 at once (a window is less). */
+    char *const env[] = {"KH_PARTNER_REFUSALS=1", "KH_NOTIFY_WINDOW=1",
+                         "KH_NOTIFY_ACK_TIMEOUT_MS=30000",
+                         "KH_NOTIFY_BACKOFF_MAX_MS=60000", NULL};
+    pid_t pid = s_start_env("notification.log", env);
+    zsock_t *avim = s_partner("avim");
+    s_hello(avim, 1);
+    json_t *msg = s_expect(avim, "DELIVER", 5000);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert_str_eq(s_str(msg, "delivery_id"), mine);
+    json_decref(msg);
+    s_answer(avim, mine, NULL);
+    msg = s_expect(avim, "ACKED", 5000);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert(json_is_false(json_object_get(msg, "duplicate")));
+    json_decref(msg);
+
+    /* Its refusals used up: 10 not_found, the rest throttled. */
+    enum { S_PROBES = 30 };
+    for (int i = 0; i < S_PROBES; i++) {
+        char id[37];
+        kh_uuid_new(id);
+        s_answer(avim, id, NULL);
+    }
+    int throttled = 0;
+    for (int i = 0; i < S_PROBES; i++) {
+        msg = s_expect(avim, "REJECTED", 5000);
+        ck_assert_ptr_nonnull(msg);
+        throttled += strcmp(s_str(msg, "code"), "throttled") == 0;
+        json_decref(msg);
+    }
+    ck_assert_int_ge(throttled, 1);
+    int refused = s_count("SELECT count(*) FROM audit_events WHERE"
+                          " reason_code = 'not_found'");
+
+    /* Its ACK, again and again: each answered as the duplicate it is. */
+    enum { S_AGAIN = 12 };
+    for (int i = 0; i < S_AGAIN; i++)
+        s_answer(avim, mine, NULL);
+    for (int i = 0; i < S_AGAIN; i++) {
+        msg = khpartner_recv(avim, 5000);
+        ck_assert_ptr_nonnull(msg);
+        ck_assert_str_eq(s_str(msg, "cmd"), "ACKED");
+        ck_assert_str_eq(s_str(msg, "delivery_id"), mine);
+        ck_assert(json_is_true(json_object_get(msg, "duplicate")));
+        json_decref(msg);
+    }
+    /* Nothing more in the trail: one acknowledgement, no refusal. */
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE"
+                             " reason_code = 'not_found'"),
+                     refused);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE"
+                             " action = 'delivery.acked' AND outcome = 'ok'"),
+                     1);
+    char state[16];
+    ck_assert_str_eq(s_state(mine, state), "acknowledged");
+    zsock_destroy(&avim);
+    s_stop(pid);
+}
+END_TEST
+
 /* A delivery for avim (its id in id), notification started (*pid) and
  * avim connected with a window of 1 and sent it: avim's socket. */
 static zsock_t *s_sent_to_avim(char *id, pid_t *pid)
@@ -3336,6 +3406,12 @@ static Suite *s_suite(void)
     tcase_add_test(esc, a_delivery_another_process_gave_up_frees_its_window);
     tcase_add_test(esc, a_nack_that_changes_nothing_is_not_counted);
     suite_add_tcase(suite, esc);
+
+    TCase *refusals = tcase_create("refusals");
+    tcase_add_checked_fixture(refusals, s_setup, s_teardown);
+    tcase_set_timeout(refusals, 60);
+    tcase_add_test(refusals, a_repeated_ack_is_no_refusal_even_when_throttled);
+    suite_add_tcase(suite, refusals);
 
     TCase *window = tcase_create("window");
     tcase_add_checked_fixture(window, s_setup, s_teardown);
