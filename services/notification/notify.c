@@ -96,6 +96,7 @@ struct _notify_t {
     int retry_ms;          /* the wait after the last failed attempt, or 0 */
     int64_t connect_after; /* zclock_mono before which no tick tries */
     zhashx_t *partners;    /* Z85 key -> partner id */
+    bool partners_read;    /* re-read since s_drop_unadmitted last ran */
     kh_throttle_t *unknown_keys; /* key: one registry re-read a second */
     zhashx_t *conns;             /* identity (hex) -> s_conn_t */
     s_pending_t *pending;
@@ -180,19 +181,23 @@ static bool s_partner_connected(notify_t *self, const char *partner,
     return s_partner_connections(self, partner, skip) > 0;
 }
 
+static void s_conn_drop(notify_t *self, s_conn_t *conn, const char *why);
+
 /* The connection of identity: conn, its record as s_conn_of found it
  * (NULL: none), or, on_hello (its frame is a HELLO), a new one registered for
  * partner (with its key and socket fd). NULL on OOM, or when there is
  * none and on_hello is false. A key that now belongs to another partner
- * (re-registered) starts over. */
+ * (re-registered) starts over: the connection is dropped as one its key
+ * no longer admits (s_drop_unadmitted), so that what it had out of its
+ * old partner's goes again at once on another connection of that
+ * partner, as for any connection that goes. */
 static s_conn_t *s_conn_get(notify_t *self, s_conn_t *conn, zframe_t *identity,
                             const char *key, int fd, const char *partner,
                             const char *peer, bool on_hello)
 {
     char hex[600];
     if (conn && strcmp(conn->partner, partner) != 0) {
-        s_identity_key(identity, hex, sizeof hex);
-        zhashx_delete(self->conns, hex);
+        s_conn_drop(self, conn, "key_not_admitted");
         conn = NULL;
     }
     if (!conn && !on_hello)
@@ -539,6 +544,7 @@ static void s_load_partners(notify_t *self)
     }
     zhashx_destroy(&self->partners);
     self->partners = partners;
+    self->partners_read = true;
 }
 
 /* Forget the connections whose key no longer admits their partner
@@ -547,6 +553,7 @@ static void s_load_partners(notify_t *self)
  * a frame is being handled, which may hold a connection. */
 static void s_drop_unadmitted(notify_t *self)
 {
+    self->partners_read = false;
     if (!self->partners)
         return;
     zlistx_t *keys = zhashx_keys(self->conns);
@@ -1188,6 +1195,11 @@ static bool s_has_work(notify_t *self)
 static void s_round(notify_t *self, bool resend)
 {
     s_monitor_drain(self);
+    /* The registry was read for a key it did not know (or on a
+     * reconnect): a key moved to another partner, or revoked, is noticed
+     * now rather than at the next refresh. */
+    if (self->partners_read)
+        s_drop_unadmitted(self);
     if (zlistx_size(self->held))
         s_held_flush(self);
     if (self->npending == 0 &&

@@ -3074,6 +3074,68 @@ START_TEST(a_connection_whose_key_overlap_ended_is_sent_nothing_more)
 }
 END_TEST
 
+/* A key an administrator moved to another partner: once the registry is
+ * read again (here for a partner added at run time, whose first frame
+ * re-reads it at once), the connection made with that key is its old
+ * partner's no more, and what that connection had out goes again at once
+ * on the partner's other connection, not after the ACK timeout. */
+START_TEST(a_moved_keys_deliveries_go_again_once_the_registry_says_so)
+{
+    /* avim's second key (a rotation's overlap): avim-new.cert. */
+    zcert_t *fresh = zcert_new();
+    ck_assert_int_eq(zcert_save(fresh, s_path("avim-new.cert")), 0);
+    ck_assert_int_eq(zcert_save_public(fresh, s_path("partners/avim-new.cert")),
+                     0);
+    char previous[KH_PARTNER_KEY_LEN + 1], until[40];
+    kh_error_t err;
+    khtest_db_exec(s_db, "BEGIN", 0, NULL);
+    ck_assert_int_eq(kh_partner_rotate(s_db, "avim", zcert_public_txt(fresh),
+                                       3600, previous, until, &err),
+                     0);
+    khtest_db_exec(s_db, "COMMIT", 0, NULL);
+    zcert_destroy(&fresh);
+    char first[37];
+    s_delivery("avim", "normal", 0, NULL, first);
+
+    pid_t pid = s_start3("notification.log", "KH_PARTNER_REFRESH_MS=3600000",
+                         "KH_NOTIFY_BACKOFF_MAX_MS=60000",
+                         "KH_NOTIFY_ACK_TIMEOUT_MS=30000");
+    zsock_t *old = s_partner("avim");
+    s_hello(old, 1);
+    json_t *msg = s_expect(old, "DELIVER", 5000);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert_str_eq(s_str(msg, "delivery_id"), first);
+    json_decref(msg);
+    zsock_t *now = s_partner("avim-new");
+    s_hello(now, 1);
+
+    /* The key before goes to the zorgcoordinator; a partner added now
+     * makes the registry be read again. */
+    const char *params[] = {previous};
+    khtest_db_exec(s_db,
+                   "UPDATE partner_keys SET partner_id = 'zorgcoordinator'"
+                   " WHERE curve_public_key = $1",
+                   1, params);
+    s_register("meldpunt-hilversum", "municipality", true);
+    zsock_t *added = s_partner("meldpunt-hilversum");
+    s_hello(added, 1);
+    /* The moved key's connection speaks (its HELLO every second). */
+    khpartner_send(old, kh_proto_new(KH_CMD_PING, "p"));
+
+    ck_assert(s_log_has("notification.log",
+                        "partner=avim peer=127.0.0.1 reason=key_not_admitted",
+                        3000));
+    msg = s_expect(now, "DELIVER", 3000);
+    ck_assert_msg(msg != NULL, "the moved key's delivery waits");
+    ck_assert_str_eq(s_str(msg, "delivery_id"), first);
+    json_decref(msg);
+    zsock_destroy(&added);
+    zsock_destroy(&old);
+    zsock_destroy(&now);
+    s_stop(pid);
+}
+END_TEST
+
 /* A partner registered while notification runs is known at its first
  * HELLO, also when the registry was read less than a second before (the
  * periodic refresh, or another new partner's first frame): its client
@@ -3412,6 +3474,13 @@ static Suite *s_suite(void)
     tcase_set_timeout(refusals, 60);
     tcase_add_test(refusals, a_repeated_ack_is_no_refusal_even_when_throttled);
     suite_add_tcase(suite, refusals);
+
+    TCase *moved = tcase_create("key_moved");
+    tcase_add_checked_fixture(moved, s_setup, s_teardown);
+    tcase_set_timeout(moved, 60);
+    tcase_add_test(moved,
+                   a_moved_keys_deliveries_go_again_once_the_registry_says_so);
+    suite_add_tcase(suite, moved);
 
     TCase *window = tcase_create("window");
     tcase_add_checked_fixture(window, s_setup, s_teardown);
