@@ -627,7 +627,8 @@ static bool s_reclaims(notify_t *self, const s_conn_t *conn)
 
 /* Re-send to one connection the sent deliveries whose ACK is overdue:
  * those it has out, in their place in its window, and others up to its
- * credit (the pending ones get the credit that is left). A reclaim
+ * credit, less what pending deliveries that outrank them take (they are
+ * claimed next, with the credit that is left). A reclaim
  * leaves alone the held DELIVERs of the partner and what is out on any of
  * its count connections in conns (this round's re-sends included): they
  * were claimed and go out as they are, each on one connection. */

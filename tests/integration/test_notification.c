@@ -2790,6 +2790,48 @@ START_TEST(overdue_resends_take_credit_like_new_deliveries)
 }
 END_TEST
 
+/* An overdue re-send shares the window with the pending deliveries by
+ * the same rule as they do among themselves: an urgent delivery routed
+ * while a normal one waits for its re-send goes first, and the re-send
+ * follows in the room its ACK makes. */
+START_TEST(an_urgent_delivery_goes_before_an_overdue_normal_resend)
+{
+    char normal[37], urgent[37], got[8][37];
+    int ngot = 0;
+    s_delivery("avim", "normal", 60000, NULL, normal);
+    khtest_db_exec(s_db,
+                   "UPDATE deliveries SET state = 'delivered', attempts = 1,"
+                   " sent_at = now() - interval '1 hour',"
+                   " next_attempt_at = now() - interval '1 minute'",
+                   0, NULL);
+    s_delivery("avim", "urgent", 0, NULL, urgent);
+    pid_t pid = s_start_slow(60000, 60000);
+    zsock_t *avim = s_partner("avim");
+    s_hello(avim, 1);
+    ck_assert_ptr_null(s_next_noting(avim, 1000, got, 8, &ngot));
+    ck_assert_int_eq(ngot, 1);
+    ck_assert_str_eq(got[0], urgent);
+    char state[16];
+    ck_assert_str_eq(s_state(normal, state), "delivered");
+    ck_assert_int_eq(s_count("SELECT attempts FROM deliveries WHERE"
+                             " priority = 'normal'"),
+                     1);
+    s_answer(avim, urgent, NULL);
+    json_t *msg = s_next_noting(avim, 1500, got, 8, &ngot);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert_str_eq(s_str(msg, "cmd"), "ACKED");
+    json_decref(msg);
+    ck_assert_ptr_null(s_next_noting(avim, 1000, got, 8, &ngot));
+    ck_assert_int_eq(ngot, 2);
+    ck_assert_str_eq(got[1], normal);
+    ck_assert_int_eq(s_count("SELECT attempts FROM deliveries WHERE"
+                             " priority = 'normal'"),
+                     2);
+    zsock_destroy(&avim);
+    s_stop(pid);
+}
+END_TEST
+
 /* A round claims with the credit its ACK batch frees. When that batch
  * fails (a row it changes is locked past lock_timeout), what the claim
  * took waits until an ACK commits: the window holds throughout. */
@@ -3481,6 +3523,13 @@ static Suite *s_suite(void)
     tcase_add_test(moved,
                    a_moved_keys_deliveries_go_again_once_the_registry_says_so);
     suite_add_tcase(suite, moved);
+
+    TCase *priority = tcase_create("resend_priority");
+    tcase_add_checked_fixture(priority, s_setup, s_teardown);
+    tcase_set_timeout(priority, 60);
+    tcase_add_test(priority,
+                   an_urgent_delivery_goes_before_an_overdue_normal_resend);
+    suite_add_tcase(suite, priority);
 
     TCase *window = tcase_create("window");
     tcase_add_checked_fixture(window, s_setup, s_teardown);
