@@ -74,9 +74,11 @@ typedef void(dstore_delivery_fn)(const dstore_delivery_t *delivery, void *arg);
  * the connection: they take no more of its window), and up to credit
  * others (reclaim: also sent, unacknowledged ones not yet overdue, but
  * the nkeep ids in keep, for a partner that reconnected), most urgent then
- * oldest first; fn is called for each, in that order (inside the caller's
- * transaction, if any: send nothing before it commits). Returns the number
- * claimed, -1 with err. */
+ * oldest first; those others share credit with partner's pending
+ * deliveries in that order, leaving what a pending one outranks to
+ * dstore_claim_pending. fn is called for each, in that order (inside the
+ * caller's transaction, if any: send nothing before it commits). Returns the
+ * number claimed, -1 with err. */
 int dstore_resend(dstore_t *self, const char *partner, const char *peer,
                   size_t credit, bool reclaim, const char *const *keep,
                   size_t nkeep, const char *const *out, size_t nout,

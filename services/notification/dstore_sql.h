@@ -68,9 +68,9 @@
 /* The CTE name: the sent deliveries of partner $1 (not revoked) with
  * attempts left (fewer than $6) for which where holds, from the index of
  * sent ones by due time; up to limit of them, the first due first,
- * locked. */
+ * locked; with their rank and age, the order they are sent in. */
 #define S_SENT(name, where, limit)                                             \
-    " " name " AS (SELECT id FROM deliveries"                                  \
+    " " name " AS (SELECT id, priority_rank, created_at FROM deliveries"       \
     " WHERE state = 'delivered' AND " where " AND partner_id = $1"             \
     "  AND attempts < $6 AND EXISTS (SELECT 1 FROM partners"                   \
     "   WHERE id = $1 AND revoked_at IS NULL)"                                 \
@@ -84,11 +84,17 @@
  * their own place in its window; the others take credit, up to $2 of
  * them: claimed beyond the window, they would wait in memory, sent in the
  * trail but not yet on the wire, and be given up when they waited too
- * long. Nothing goes to a revoked partner (the sweep makes its
- * deliveries dead letters), and a delivery past its last attempt is left
- * to the sweep too. The overdue ones are a range of that index, which a
- * re-send reads alone unless it reclaims (every connection re-sends at
- * every sweep: when a re-send read all that was in flight for every
+ * long. They share the credit with the partner's pending deliveries by
+ * the claims' own order (most urgent, then oldest; a re-send before a
+ * new one of the same rank and age): a re-send that a pending one
+ * outranks leaves its credit to the claim of pending deliveries that
+ * follows in the same transaction, so an urgent delivery never waits
+ * behind the re-sends of normal ones (what is left out stays locked
+ * until the commit and goes at a later round). Nothing goes to a revoked
+ * partner (the sweep makes its deliveries dead letters), and a delivery past
+ * its last attempt is left to the sweep too. The overdue ones are a range of
+ * that index, which a re-send reads alone unless it reclaims (every connection
+ * re-sends at every sweep: when a re-send read all that was in flight for every
  * partner, the sweeps cost the square of the partners). */
 /* clang-format off */
 static const char *s_resend_sql =
@@ -101,8 +107,18 @@ static const char *s_resend_sql =
     S_SENT("reclaimed", "$3 AND next_attempt_at > now()"
            " AND id <> ALL ($8::uuid[])",
            "greatest($2 - (SELECT count(*) FROM due), 0)")
-    " resend AS (SELECT id FROM again UNION ALL SELECT id FROM due"
-    "  UNION ALL SELECT id FROM reclaimed),"
+    /* the pending ones that would take the credit first (read from
+     * the claims' index, not locked: the claim locks what it takes) */
+    " pend AS (SELECT priority_rank, created_at FROM deliveries"
+    "  WHERE partner_id = $1 AND state = 'pending' AND payload IS NOT NULL"
+    "  AND next_attempt_at <= now()"
+    "  ORDER BY priority_rank DESC, created_at LIMIT $2),"
+    " credit AS (SELECT id FROM"
+    "  (SELECT * FROM due UNION ALL SELECT * FROM reclaimed"
+    "   UNION ALL SELECT NULL::uuid, priority_rank, created_at FROM pend) c"
+    "  ORDER BY priority_rank DESC, created_at, id NULLS LAST LIMIT $2),"
+    " resend AS (SELECT id FROM again"
+    "  UNION ALL SELECT id FROM credit WHERE id IS NOT NULL),"
     " claimed AS ("
     " UPDATE deliveries d SET" S_SEND_SET
     " WHERE d.id IN (SELECT id FROM resend)" S_SENT_RETURNING "),"

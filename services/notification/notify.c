@@ -37,6 +37,8 @@
 #define S_INTERNAL_DOMAIN "ketenhub-internal" /* ZAP domain of wake-ups */
 #define S_HELD_MAX (KH_WINDOW_MAX * 4) /* DELIVERs that lost their peer */
 #define S_CLAIM_ROWS 1024 /* deliveries one claim statement asks for */
+#define S_ACKED_MAX (KH_WINDOW_MAX * 4) /* acknowledged ids remembered */
+#define S_ACKED_KEY 80                  /* "partner id" */
 
 /* One partner connection (a ROUTER peer that said something). Its routing
  * id names it to the ROUTER only while the connection lasts: once it is
@@ -94,6 +96,7 @@ struct _notify_t {
     int retry_ms;          /* the wait after the last failed attempt, or 0 */
     int64_t connect_after; /* zclock_mono before which no tick tries */
     zhashx_t *partners;    /* Z85 key -> partner id */
+    bool partners_read;    /* re-read since s_drop_unadmitted last ran */
     kh_throttle_t *unknown_keys; /* key: one registry re-read a second */
     zhashx_t *conns;             /* identity (hex) -> s_conn_t */
     s_pending_t *pending;
@@ -106,6 +109,12 @@ struct _notify_t {
     kh_refusal_gate_t *auth_gate;   /* which refusals are audited */
     kh_ratelimit_t *refusals;       /* per partner refused answers, or NULL */
     kh_throttle_t *throttle_logged; /* partner: one "throttled" line / 10 s */
+    /* The last S_ACKED_MAX deliveries whose ACK committed, "partner id"
+     * (s_acked_add): an answer for one of them again is no refusal, since
+     * an acknowledged delivery stays so and its row stays. */
+    zhashx_t *acked;
+    char (*acked_ring)[S_ACKED_KEY]; /* the same keys, oldest at acked_next */
+    size_t acked_next;
     zloop_t *loop;
     bool stopping;
     s_stats_t stats;
@@ -172,19 +181,23 @@ static bool s_partner_connected(notify_t *self, const char *partner,
     return s_partner_connections(self, partner, skip) > 0;
 }
 
+static void s_conn_drop(notify_t *self, s_conn_t *conn, const char *why);
+
 /* The connection of identity: conn, its record as s_conn_of found it
  * (NULL: none), or, on_hello (its frame is a HELLO), a new one registered for
  * partner (with its key and socket fd). NULL on OOM, or when there is
  * none and on_hello is false. A key that now belongs to another partner
- * (re-registered) starts over. */
+ * (re-registered) starts over: the connection is dropped as one its key
+ * no longer admits (s_drop_unadmitted), so that what it had out of its
+ * old partner's goes again at once on another connection of that
+ * partner, as for any connection that goes. */
 static s_conn_t *s_conn_get(notify_t *self, s_conn_t *conn, zframe_t *identity,
                             const char *key, int fd, const char *partner,
                             const char *peer, bool on_hello)
 {
     char hex[600];
     if (conn && strcmp(conn->partner, partner) != 0) {
-        s_identity_key(identity, hex, sizeof hex);
-        zhashx_delete(self->conns, hex);
+        s_conn_drop(self, conn, "key_not_admitted");
         conn = NULL;
     }
     if (!conn && !on_hello)
@@ -531,6 +544,7 @@ static void s_load_partners(notify_t *self)
     }
     zhashx_destroy(&self->partners);
     self->partners = partners;
+    self->partners_read = true;
 }
 
 /* Forget the connections whose key no longer admits their partner
@@ -539,6 +553,7 @@ static void s_load_partners(notify_t *self)
  * a frame is being handled, which may hold a connection. */
 static void s_drop_unadmitted(notify_t *self)
 {
+    self->partners_read = false;
     if (!self->partners)
         return;
     zlistx_t *keys = zhashx_keys(self->conns);
@@ -612,7 +627,8 @@ static bool s_reclaims(notify_t *self, const s_conn_t *conn)
 
 /* Re-send to one connection the sent deliveries whose ACK is overdue:
  * those it has out, in their place in its window, and others up to its
- * credit (the pending ones get the credit that is left). A reclaim
+ * credit, less what pending deliveries that outrank them take (they are
+ * claimed next, with the credit that is left). A reclaim
  * leaves alone the held DELIVERs of the partner and what is out on any of
  * its count connections in conns (this round's re-sends included): they
  * were claimed and go out as they are, each on one connection. */
@@ -791,6 +807,30 @@ static s_conn_t *s_holder(notify_t *self, const char *partner, const char *id,
     return NULL;
 }
 
+/* Remember that partner's delivery id is acknowledged (its ACK
+ * committed, now or before), forgetting the oldest past S_ACKED_MAX. */
+static void s_acked_add(notify_t *self, const char *partner, const char *id)
+{
+    char key[S_ACKED_KEY];
+    snprintf(key, sizeof key, "%s %s", partner, id);
+    if (zhashx_lookup(self->acked, key))
+        return;
+    char *slot = self->acked_ring[self->acked_next];
+    if (*slot)
+        zhashx_delete(self->acked, slot);
+    snprintf(slot, S_ACKED_KEY, "%s", key);
+    zhashx_insert(self->acked, slot, (void *) 1);
+    self->acked_next = (self->acked_next + 1) % S_ACKED_MAX;
+}
+
+/* Whether partner's delivery id is one s_acked_add remembers. */
+static bool s_acked_has(notify_t *self, const char *partner, const char *id)
+{
+    char key[S_ACKED_KEY];
+    snprintf(key, sizeof key, "%s %s", partner, id);
+    return zhashx_lookup(self->acked, key) != NULL;
+}
+
 /* The connection of p's partner that has p's delivery out: the one p
  * came on, as a rule, but a partner may answer on any of its
  * connections what came on another. NULL: none has it out. */
@@ -873,6 +913,8 @@ static void s_answers_settle(notify_t *self, bool acked, bool nacked)
                 self->pending[p->leader].answer.outcome == DSTORE_NOT_FOUND
                     ? DSTORE_NOT_FOUND
                     : DSTORE_DUPLICATE;
+        if (!p->nack && p->answer.outcome != DSTORE_NOT_FOUND)
+            s_acked_add(self, p->answer.partner, p->answer.id);
         /* The answer frees the window the delivery came in, which may
          * be another connection's than the one it came on. */
         s_conn_t *conn = p->answer.outcome != DSTORE_NOT_FOUND
@@ -1154,6 +1196,11 @@ static bool s_has_work(notify_t *self)
 static void s_round(notify_t *self, bool resend)
 {
     s_monitor_drain(self);
+    /* The registry was read for a key it did not know (or on a
+     * reconnect): a key moved to another partner, or revoked, is noticed
+     * now rather than at the next refresh. */
+    if (self->partners_read)
+        s_drop_unadmitted(self);
     if (zlistx_size(self->held))
         s_held_flush(self);
     if (self->npending == 0 &&
@@ -1212,13 +1259,18 @@ static void s_round(notify_t *self, bool resend)
  * has out may well be refused (not_found: an audit event): while the
  * partner's refusals are over KH_PARTNER_REFUSALS it is refused throttled
  * at once, with no database work (returns true); else it counts as a
- * refusal until its outcome says otherwise (*charged). */
+ * refusal until its outcome says otherwise (*charged). One for a delivery
+ * lately acknowledged is neither: it is a partner's retry of its ACK (or
+ * a NACK too late), which the database answers as a duplicate (or
+ * unchanged) without an audit event, so it is never refused for refusals
+ * it did not cause, nor takes a refusal's place while its round runs. */
 static bool s_over_refusals(notify_t *self, zframe_t *identity, const char *cid,
                             const char *partner, const char *id, s_conn_t *mine,
                             bool *charged)
 {
     *charged = false;
-    if (!self->refusals || s_holder(self, partner, id, mine))
+    if (!self->refusals || s_holder(self, partner, id, mine) ||
+        s_acked_has(self, partner, id))
         return false;
     int64_t now = zclock_usecs();
     int64_t wait = kh_ratelimit_wait(self->refusals, partner, now);
@@ -1867,6 +1919,8 @@ notify_t *notify_new(const notify_config_t *config, kh_error_t *err)
     self->store = dstore_new(config->conninfo, &config->policy);
     self->conns = zhashx_new();
     self->batch_ids = zhashx_new();
+    self->acked = zhashx_new();
+    self->acked_ring = calloc(S_ACKED_MAX, sizeof *self->acked_ring);
     self->pending = calloc(S_READ_MAX, sizeof *self->pending);
     self->acks = calloc(S_READ_MAX, sizeof *self->acks);
     self->nacks = calloc(S_READ_MAX, sizeof *self->nacks);
@@ -1886,9 +1940,10 @@ notify_t *notify_new(const notify_config_t *config, kh_error_t *err)
         self->refusals =
             kh_ratelimit_new(config->partner_refusals, burst, 10000);
     self->loop = zloop_new();
-    if (!self->store || !self->conns || !self->batch_ids || !self->pending ||
-        !self->acks || !self->nacks || !self->outbox || !self->held ||
-        !self->auth_gate || !self->throttle_logged || !self->unknown_keys ||
+    if (!self->store || !self->conns || !self->batch_ids || !self->acked ||
+        !self->acked_ring || !self->pending || !self->acks || !self->nacks ||
+        !self->outbox || !self->held || !self->auth_gate ||
+        !self->throttle_logged || !self->unknown_keys ||
         (config->partner_refusals > 0 && !self->refusals) || !self->loop) {
         kh_error_set(err, KH_E_NOMEM, "", "out of memory");
         goto fail;
@@ -1917,6 +1972,8 @@ void notify_destroy(notify_t **self_p)
     zcert_destroy(&self->cert);
     zhashx_destroy(&self->conns);
     zhashx_destroy(&self->batch_ids);
+    zhashx_destroy(&self->acked);
+    free(self->acked_ring);
     zhashx_destroy(&self->partners);
     for (size_t i = 0; self->pending && i < self->npending; i++)
         zframe_destroy(&self->pending[i].identity);

@@ -517,6 +517,76 @@ START_TEST(a_partner_refused_too_often_is_throttled_before_the_trail)
 }
 END_TEST
 
+/* A partner that ACKs again what it acknowledged (its own retry, after an
+ * ACKED it missed) is answered ACKED with duplicate true, and that is no
+ * refusal: not even while its refusals are over KH_PARTNER_REFUSALS, when
+ * its answers for ids none of its connections holds are refused
+ * throttled, does a repeated ACK get anything but its idempotent answer. */
+START_TEST(a_repeated_ack_is_no_refusal_even_when_throttled)
+{
+    char mine[37];
+    s_delivery("avim", "normal", 1000, NULL, mine);
+    /* 1 a second, 10 at once (a window is less). */
+    char *const env[] = {"KH_PARTNER_REFUSALS=1", "KH_NOTIFY_WINDOW=1",
+                         "KH_NOTIFY_ACK_TIMEOUT_MS=30000",
+                         "KH_NOTIFY_BACKOFF_MAX_MS=60000", NULL};
+    pid_t pid = s_start_env("notification.log", env);
+    zsock_t *avim = s_partner("avim");
+    s_hello(avim, 1);
+    json_t *msg = s_expect(avim, "DELIVER", 5000);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert_str_eq(s_str(msg, "delivery_id"), mine);
+    json_decref(msg);
+    s_answer(avim, mine, NULL);
+    msg = s_expect(avim, "ACKED", 5000);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert(json_is_false(json_object_get(msg, "duplicate")));
+    json_decref(msg);
+
+    /* Its refusals used up: 10 not_found, the rest throttled. */
+    enum { S_PROBES = 30 };
+    for (int i = 0; i < S_PROBES; i++) {
+        char id[37];
+        kh_uuid_new(id);
+        s_answer(avim, id, NULL);
+    }
+    int throttled = 0;
+    for (int i = 0; i < S_PROBES; i++) {
+        msg = s_expect(avim, "REJECTED", 5000);
+        ck_assert_ptr_nonnull(msg);
+        throttled += strcmp(s_str(msg, "code"), "throttled") == 0;
+        json_decref(msg);
+    }
+    ck_assert_int_ge(throttled, 1);
+    int refused = s_count("SELECT count(*) FROM audit_events WHERE"
+                          " reason_code = 'not_found'");
+
+    /* Its ACK, again and again: each answered as the duplicate it is. */
+    enum { S_AGAIN = 12 };
+    for (int i = 0; i < S_AGAIN; i++)
+        s_answer(avim, mine, NULL);
+    for (int i = 0; i < S_AGAIN; i++) {
+        msg = khpartner_recv(avim, 5000);
+        ck_assert_ptr_nonnull(msg);
+        ck_assert_str_eq(s_str(msg, "cmd"), "ACKED");
+        ck_assert_str_eq(s_str(msg, "delivery_id"), mine);
+        ck_assert(json_is_true(json_object_get(msg, "duplicate")));
+        json_decref(msg);
+    }
+    /* Nothing more in the trail: one acknowledgement, no refusal. */
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE"
+                             " reason_code = 'not_found'"),
+                     refused);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE"
+                             " action = 'delivery.acked' AND outcome = 'ok'"),
+                     1);
+    char state[16];
+    ck_assert_str_eq(s_state(mine, state), "acknowledged");
+    zsock_destroy(&avim);
+    s_stop(pid);
+}
+END_TEST
+
 /* A delivery for avim (its id in id), notification started (*pid) and
  * avim connected with a window of 1 and sent it: avim's socket. */
 static zsock_t *s_sent_to_avim(char *id, pid_t *pid)
@@ -2722,6 +2792,48 @@ START_TEST(overdue_resends_take_credit_like_new_deliveries)
 }
 END_TEST
 
+/* An overdue re-send shares the window with the pending deliveries by
+ * the same rule as they do among themselves: an urgent delivery routed
+ * while a normal one waits for its re-send goes first, and the re-send
+ * follows in the room its ACK makes. */
+START_TEST(an_urgent_delivery_goes_before_an_overdue_normal_resend)
+{
+    char normal[37], urgent[37], got[8][37];
+    int ngot = 0;
+    s_delivery("avim", "normal", 60000, NULL, normal);
+    khtest_db_exec(s_db,
+                   "UPDATE deliveries SET state = 'delivered', attempts = 1,"
+                   " sent_at = now() - interval '1 hour',"
+                   " next_attempt_at = now() - interval '1 minute'",
+                   0, NULL);
+    s_delivery("avim", "urgent", 0, NULL, urgent);
+    pid_t pid = s_start_slow(60000, 60000);
+    zsock_t *avim = s_partner("avim");
+    s_hello(avim, 1);
+    ck_assert_ptr_null(s_next_noting(avim, 1000, got, 8, &ngot));
+    ck_assert_int_eq(ngot, 1);
+    ck_assert_str_eq(got[0], urgent);
+    char state[16];
+    ck_assert_str_eq(s_state(normal, state), "delivered");
+    ck_assert_int_eq(s_count("SELECT attempts FROM deliveries WHERE"
+                             " priority = 'normal'"),
+                     1);
+    s_answer(avim, urgent, NULL);
+    json_t *msg = s_next_noting(avim, 1500, got, 8, &ngot);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert_str_eq(s_str(msg, "cmd"), "ACKED");
+    json_decref(msg);
+    ck_assert_ptr_null(s_next_noting(avim, 1000, got, 8, &ngot));
+    ck_assert_int_eq(ngot, 2);
+    ck_assert_str_eq(got[1], normal);
+    ck_assert_int_eq(s_count("SELECT attempts FROM deliveries WHERE"
+                             " priority = 'normal'"),
+                     2);
+    zsock_destroy(&avim);
+    s_stop(pid);
+}
+END_TEST
+
 /* A round claims with the credit its ACK batch frees. When that batch
  * fails (a row it changes is locked past lock_timeout), what the claim
  * took waits until an ACK commits: the window holds throughout. */
@@ -3000,6 +3112,68 @@ START_TEST(a_connection_whose_key_overlap_ended_is_sent_nothing_more)
                            " 'notification' AND reason_code ="
                            " 'unknown_partner' AND actor_id LIKE 'key:%'",
                            1, 3000));
+    zsock_destroy(&old);
+    zsock_destroy(&now);
+    s_stop(pid);
+}
+END_TEST
+
+/* A key an administrator moved to another partner: once the registry is
+ * read again (here for a partner added at run time, whose first frame
+ * re-reads it at once), the connection made with that key is its old
+ * partner's no more, and what that connection had out goes again at once
+ * on the partner's other connection, not after the ACK timeout. */
+START_TEST(a_moved_keys_deliveries_go_again_once_the_registry_says_so)
+{
+    /* avim's second key (a rotation's overlap): avim-new.cert. */
+    zcert_t *fresh = zcert_new();
+    ck_assert_int_eq(zcert_save(fresh, s_path("avim-new.cert")), 0);
+    ck_assert_int_eq(zcert_save_public(fresh, s_path("partners/avim-new.cert")),
+                     0);
+    char previous[KH_PARTNER_KEY_LEN + 1], until[40];
+    kh_error_t err;
+    khtest_db_exec(s_db, "BEGIN", 0, NULL);
+    ck_assert_int_eq(kh_partner_rotate(s_db, "avim", zcert_public_txt(fresh),
+                                       3600, previous, until, &err),
+                     0);
+    khtest_db_exec(s_db, "COMMIT", 0, NULL);
+    zcert_destroy(&fresh);
+    char first[37];
+    s_delivery("avim", "normal", 0, NULL, first);
+
+    pid_t pid = s_start3("notification.log", "KH_PARTNER_REFRESH_MS=3600000",
+                         "KH_NOTIFY_BACKOFF_MAX_MS=60000",
+                         "KH_NOTIFY_ACK_TIMEOUT_MS=30000");
+    zsock_t *old = s_partner("avim");
+    s_hello(old, 1);
+    json_t *msg = s_expect(old, "DELIVER", 5000);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert_str_eq(s_str(msg, "delivery_id"), first);
+    json_decref(msg);
+    zsock_t *now = s_partner("avim-new");
+    s_hello(now, 1);
+
+    /* The key before goes to the zorgcoordinator; a partner added now
+     * makes the registry be read again. */
+    const char *params[] = {previous};
+    khtest_db_exec(s_db,
+                   "UPDATE partner_keys SET partner_id = 'zorgcoordinator'"
+                   " WHERE curve_public_key = $1",
+                   1, params);
+    s_register("meldpunt-hilversum", "municipality", true);
+    zsock_t *added = s_partner("meldpunt-hilversum");
+    s_hello(added, 1);
+    /* The moved key's connection speaks (its HELLO every second). */
+    khpartner_send(old, kh_proto_new(KH_CMD_PING, "p"));
+
+    ck_assert(s_log_has("notification.log",
+                        "partner=avim peer=127.0.0.1 reason=key_not_admitted",
+                        3000));
+    msg = s_expect(now, "DELIVER", 3000);
+    ck_assert_msg(msg != NULL, "the moved key's delivery waits");
+    ck_assert_str_eq(s_str(msg, "delivery_id"), first);
+    json_decref(msg);
+    zsock_destroy(&added);
     zsock_destroy(&old);
     zsock_destroy(&now);
     s_stop(pid);
@@ -3338,6 +3512,26 @@ static Suite *s_suite(void)
     tcase_add_test(esc, a_delivery_another_process_gave_up_frees_its_window);
     tcase_add_test(esc, a_nack_that_changes_nothing_is_not_counted);
     suite_add_tcase(suite, esc);
+
+    TCase *refusals = tcase_create("refusals");
+    tcase_add_checked_fixture(refusals, s_setup, s_teardown);
+    tcase_set_timeout(refusals, 60);
+    tcase_add_test(refusals, a_repeated_ack_is_no_refusal_even_when_throttled);
+    suite_add_tcase(suite, refusals);
+
+    TCase *moved = tcase_create("key_moved");
+    tcase_add_checked_fixture(moved, s_setup, s_teardown);
+    tcase_set_timeout(moved, 60);
+    tcase_add_test(moved,
+                   a_moved_keys_deliveries_go_again_once_the_registry_says_so);
+    suite_add_tcase(suite, moved);
+
+    TCase *priority = tcase_create("resend_priority");
+    tcase_add_checked_fixture(priority, s_setup, s_teardown);
+    tcase_set_timeout(priority, 60);
+    tcase_add_test(priority,
+                   an_urgent_delivery_goes_before_an_overdue_normal_resend);
+    suite_add_tcase(suite, priority);
 
     TCase *window = tcase_create("window");
     tcase_add_checked_fixture(window, s_setup, s_teardown);
