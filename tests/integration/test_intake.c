@@ -1828,7 +1828,8 @@ START_TEST(submitted_referrals_are_routed_with_their_projections)
         khproc_spawn(KH_TEST_BINARY_DIR "/services/routing/ketenhub-routing",
                      argv, env, s_path("routing.log"));
     ck_assert_int_gt(routing, 0);
-    zclock_sleep(1000); /* bound, and intake's wake-up socket connected */
+    /* bound (intake's wake-up socket connects to it on its own time) */
+    ck_assert(khtest_log_has(s_path("routing.log"), "event=ready", 15000));
 
     kh_rules_partner_t partners[] = {
         {"veilig-thuis", true}, {"zorgcoordinator", true}, {"avim", true}};
@@ -1864,9 +1865,8 @@ START_TEST(submitted_referrals_are_routed_with_their_projections)
                  "SELECT count(*) FROM referrals WHERE id = '%s' AND state = "
                  "'routed'",
                  s_str(reply, "referral_id"));
-        for (int i = 0; i < 100 && s_count(sql) == 0; i++)
-            zclock_sleep(20);
-        ck_assert_msg(s_count(sql) == 1, "example %zu was not routed", e);
+        ck_assert_msg(khtest_wait_count(s_db, sql, 1, 10000),
+                      "example %zu was not routed", e);
 
         kh_rules_eval(rules, referral, result);
         size_t targets = kh_rules_result_target_count(result);
@@ -2376,9 +2376,17 @@ START_TEST(a_timed_out_registry_refresh_reconnects_at_once)
                           "NOT LIKE 'WITH input%' ORDER BY pid LIMIT 1");
     ck_assert_int_gt(reader, 0);
     kill((pid_t) reader, SIGSTOP);
-    zclock_sleep(1700); /* a refresh (every 200 ms) times out after 1 s */
+    /* A refresh (every 200 ms) times out after 1 s, and intake connects
+     * again at once, before any request asks it to. */
+    char sql[256];
+    snprintf(sql, sizeof sql,
+             "SELECT count(*) FROM pg_stat_activity WHERE application_name ="
+             " 'ketenhub-intake' AND query NOT LIKE 'WITH input%%' AND pid <>"
+             " %ld",
+             reader);
+    bool renewed = khtest_wait_count(s_db, sql, 1, 10000);
     kill((pid_t) reader, SIGCONT);
-    zclock_sleep(1000); /* a reconnection takes far less */
+    ck_assert_msg(renewed, "no new reader connection within 10 s");
 
     kh_client_t *client = s_client("vt");
     kh_error_t err;
