@@ -275,11 +275,14 @@ static void s_schedule_reconnect(intake_t *self)
     s_reconnect_in(self, self->backoff_ms);
 }
 
-/* After err from the store: reconnect when the database went away, or
- * when a connection was closed on the way (a read that timed out). */
-static void s_db_failed(intake_t *self, const kh_error_t *err)
+/* After a failure of the store: reconnect when a connection was lost or
+ * closed on the way (a read that timed out). A statement that failed with
+ * "try again" (a deadlock, a serialization failure, a lock timeout) is
+ * answered unavailable, and the connections, which are fine, stay: the
+ * store closes only a connection that is lost. */
+static void s_db_failed(intake_t *self)
 {
-    if (err->code == KH_E_UNAVAILABLE || !store_up(self->store))
+    if (!store_up(self->store))
         s_schedule_reconnect(self);
 }
 
@@ -292,7 +295,7 @@ static void s_load_partners(intake_t *self)
     zhashx_t *partners = store_partners(self->store, &err);
     self->partners_read = partners != NULL;
     if (!partners) {
-        s_db_failed(self, &err);
+        s_db_failed(self);
         return;
     }
     zhashx_destroy(&self->partners);
@@ -444,7 +447,7 @@ static void s_read_status(intake_t *self, kh_jarena_t *arena, s_request_t *req)
     if (!reply || store_status(self->store, req->partner, id, reply, &err)) {
         json_decref(reply);
         s_refuse(req, &err);
-        s_db_failed(self, &err);
+        s_db_failed(self);
     } else
         req->status = reply;
     kh_jarena_enter(was);
@@ -764,7 +767,7 @@ static void s_audit_conflicts(intake_t *self, s_batch_t *batch)
     for (size_t i = 0; i < batch->count; i++)
         if (batch->requests[i].unaudited)
             batch->requests[i].err = err;
-    s_db_failed(self, &err);
+    s_db_failed(self);
 }
 
 /* Answer every request of the batch and empty it. */
@@ -904,7 +907,7 @@ static void s_dispatch(intake_t *self)
             kh_log_warn("refusals_unaudited", "count=%zu code=%s", batch->nrefs,
                         kh_error_name(err.code));
         s_batch_reply(self, batch, &err);
-        s_db_failed(self, &err);
+        s_db_failed(self);
     } else
         self->filling =
             batch == &self->batches[0] ? &self->batches[1] : &self->batches[0];
@@ -979,7 +982,7 @@ static void s_commit_done(intake_t *self, int rc, const kh_error_t *err)
         s_audit_conflicts(self, batch);
     s_batch_reply(self, batch, rc ? err : NULL);
     if (rc)
-        s_db_failed(self, err);
+        s_db_failed(self);
 }
 
 static int s_on_db(zloop_t *loop, zmq_pollitem_t *item, void *arg)

@@ -166,6 +166,36 @@ static int s_fail(PGconn *conn, PGresult *res, const char *what,
                         "key)");
 }
 
+/* Whether a failure on conn means the connection is gone (or of no more
+ * use), rather than that one statement failed on a connection that goes
+ * on: libpq's own failures (no SQLSTATE), connection exceptions (class
+ * 08), the server ending the session (57P01 admin_shutdown, 57P02, 57P03,
+ * and the rest of 57P), and a server that became a standby (25006: only
+ * a new connection finds the primary). A deadlock, a serialization
+ * failure or a lock timeout leaves the connection as good as it was. */
+static bool s_lost(PGconn *conn, const char *state)
+{
+    return !s_conn_up(conn) || !state || strncmp(state, "08", 2) == 0 ||
+           strncmp(state, "57P", 3) == 0 || strcmp(state, "25006") == 0;
+}
+
+/* s_fail for a statement on one of the store's connections, *conn_p: a
+ * connection that is lost (s_lost) is closed, so that store_up turns
+ * false and intake connects again; one that only failed a statement is
+ * kept, and so is the other connection. */
+static int s_fail_on(PGconn **conn_p, PGresult *res, const char *what,
+                     kh_error_t *err)
+{
+    const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+    bool lost = s_lost(*conn_p, state);
+    int rc = s_fail(*conn_p, res, what, err);
+    if (lost) {
+        PQfinish(*conn_p);
+        *conn_p = NULL;
+    }
+    return rc;
+}
+
 /* Prepare count statements on conn. */
 static int s_prepare(PGconn *conn, const char *const *names,
                      const char *const *sql, const int *nparams, size_t count,
@@ -342,7 +372,7 @@ static int s_lookup(store_t *self, store_submit_t *sub, kh_error_t *err)
     const char *params[] = {sub->partner_id, sub->idem_key};
     PGresult *res = s_read(self, "lookup", 2, params);
     if (PQresultStatus(res) != PGRES_TUPLES_OK)
-        return s_fail(self->reader, res, "lookup", err);
+        return s_fail_on(&self->reader, res, "lookup", err);
     if (PQntuples(res) != 1) {
         PQclear(res);
         return kh_error_set(err, KH_E_INTERNAL, "",
@@ -382,7 +412,7 @@ int store_commit_send(store_t *self, store_submit_t *subs, size_t nsubs,
     /* What the socket does not take now, store_commit_poll sends. */
     int flushed = sent ? PQflush(self->writer) : -1;
     if (flushed == -1)
-        return s_fail(self->writer, NULL, "commit", err);
+        return s_fail_on(&self->writer, NULL, "commit", err);
     self->busy = true;
     self->sending = flushed == 1;
     return 0;
@@ -436,7 +466,7 @@ int store_commit_poll(store_t *self, store_submit_t *subs, size_t nsubs,
         self->busy = self->sending = false;
         PQclear(self->rows);
         self->rows = NULL;
-        return s_fail(self->writer, NULL, "commit", err);
+        return s_fail_on(&self->writer, NULL, "commit", err);
     }
     self->sending = flushed == 1;
     /* Collect results until libpq says the command is over. */
@@ -460,7 +490,7 @@ int store_commit_poll(store_t *self, store_submit_t *subs, size_t nsubs,
     PGresult *res = self->rows;
     self->rows = NULL;
     if (PQresultStatus(res) != PGRES_TUPLES_OK)
-        return s_fail(self->writer, res, "commit", err);
+        return s_fail_on(&self->writer, res, "commit", err);
     int rc = s_answer(self, res, subs, nsubs, err);
     PQclear(res);
     return rc == 0 ? 0 : STORE_COMMITTED_UNREAD;
@@ -497,7 +527,7 @@ int store_audit_conflicts(store_t *self, const store_conflict_t *conflicts,
     if (!built)
         return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
     if (PQresultStatus(res) != PGRES_COMMAND_OK)
-        return s_fail(self->reader, res, "conflicts", err);
+        return s_fail_on(&self->reader, res, "conflicts", err);
     PQclear(res);
     return 0;
 }
@@ -519,7 +549,7 @@ int store_status(store_t *self, const char *partner_id, const char *referral_id,
     const char *params[] = {referral_id, partner_id};
     PGresult *res = s_read(self, "status", 2, params);
     if (PQresultStatus(res) != PGRES_TUPLES_OK)
-        return s_fail(self->reader, res, "status", err);
+        return s_fail_on(&self->reader, res, "status", err);
     if (PQntuples(res) != 1) {
         PQclear(res);
         return kh_error_set(err, KH_E_NOT_FOUND, "referral_id",
@@ -550,7 +580,7 @@ zhashx_t *store_partners(store_t *self, kh_error_t *err)
     }
     PGresult *res = s_read(self, "partners", 0, NULL);
     if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-        s_fail(self->reader, res, "partners", err);
+        s_fail_on(&self->reader, res, "partners", err);
         return NULL;
     }
     zhashx_t *partners = zhashx_new();

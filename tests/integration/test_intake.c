@@ -2762,6 +2762,55 @@ START_TEST(batches_take_their_keys_in_one_order)
 }
 END_TEST
 
+/* The sum of the pids of intake's backends, and that there are two. */
+static long s_intake_backends(void)
+{
+    ck_assert_int_eq(s_count("SELECT count(*) FROM pg_stat_activity WHERE "
+                             "application_name = 'ketenhub-intake'"),
+                     2);
+    return s_count("SELECT sum(pid) FROM pg_stat_activity WHERE "
+                   "application_name = 'ketenhub-intake'");
+}
+
+/* A statement that fails with "try again" on a connection that is fine
+ * (here a lock timeout, 55P03; a deadlock or a serialization failure
+ * goes the same way) is answered unavailable, and intake keeps both its
+ * connections: it neither drops nor remakes them. */
+START_TEST(a_lock_timeout_keeps_both_connections)
+{
+    const char *const settings[] = {"PGOPTIONS", "-c lock_timeout=300", NULL};
+    s_restart_intake_with(settings);
+    json_t *referral = s_example();
+    long backends = s_intake_backends();
+    int connected = s_log_count("event=db_connected");
+    PGconn *holder = s_hold_key("timeout-1", referral);
+
+    kh_client_t *client = s_client("vt");
+    kh_client_set_retries(client, 0);
+    kh_error_t err;
+    json_t *reply =
+        kh_client_submit(client, referral, "timeout-1", S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(reply);
+    ck_assert_str_eq(kh_client_reply_cmd(reply), "REJECTED");
+    ck_assert_str_eq(s_str(reply, "code"), "unavailable");
+    ck_assert(json_is_true(json_object_get(reply, "retryable")));
+    json_decref(reply);
+    ck_assert(khtest_log_has(s_path("intake.log"), "sqlstate=55P03", 0));
+    khtest_db_exec(holder, "ROLLBACK", 0, NULL);
+    PQfinish(holder);
+
+    zclock_sleep(300); /* a reconnection, were there one, is under way */
+    reply = kh_client_submit(client, referral, "timeout-1", S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(reply);
+    ck_assert_str_eq(kh_client_reply_cmd(reply), "ACCEPTED");
+    json_decref(reply);
+    ck_assert_int_eq(s_intake_backends(), backends);
+    ck_assert_int_eq(s_log_count("event=db_connected"), connected);
+    json_decref(referral);
+    kh_client_destroy(&client);
+}
+END_TEST
+
 int main(void)
 {
     Suite *suite = suite_create("intake");
@@ -2816,6 +2865,12 @@ int main(void)
     tcase_add_test(tc, sighup_does_not_stop_and_sigterm_exits_zero);
     tcase_add_test(tc, the_client_never_resends_before_retry_after_ms);
     tcase_add_test(tc, refused_pings_are_throttled_before_the_trail);
+    suite_add_tcase(suite, tc);
+    /* The database's failures. */
+    tc = tcase_create("intake_db");
+    tcase_set_timeout(tc, 60);
+    tcase_add_checked_fixture(tc, s_setup, s_teardown);
+    tcase_add_test(tc, a_lock_timeout_keeps_both_connections);
     suite_add_tcase(suite, tc);
     return khtest_run_suite(suite);
 }
