@@ -11,7 +11,9 @@
 
 #include <libpq-fe.h>
 #include <poll.h>
+#include <pthread.h>
 #include <sodium.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -66,6 +68,52 @@ static const char *s_status_sql =
     "    WHERE d.referral_id = r.id), '[]')"
     " FROM referrals r WHERE r.id = $1::uuid AND r.partner_id = $2";
 
+/* Cancel requests still being sent (s_give_up), by all stores. */
+static atomic_int s_cancels;
+
+#define S_CANCEL_WAIT_MS 500
+
+static void *s_cancel_run(void *arg)
+{
+    PGcancel *cancel = arg;
+    char why[256];
+    if (!PQcancel(cancel, why, sizeof why)) {
+        why[strcspn(why, "\n")] = '\0';
+        kh_log_warn("db_cancel_failed", "msg=\"%s\"", KH_LOG_Q(why));
+    }
+    PQfreeCancel(cancel);
+    atomic_fetch_sub(&s_cancels, 1);
+    return NULL;
+}
+
+/* Give up on what *conn_p is running and close it. Closing alone does not
+ * stop the statement: a backend waiting for a lock, or working, notices
+ * its client is gone only when it next talks to it, and meanwhile holds
+ * its locks (a resubmission of the same key would wait behind them) and
+ * may still commit. So the server is asked to cancel it first. libpq's
+ * cancel request opens a connection of its own and may block on a
+ * network that is gone: it is sent from a thread, and intake's loop goes
+ * on. Whatever the statement's fate, a resubmission with the same
+ * idempotency key gets the one true answer. */
+static void s_give_up(PGconn **conn_p)
+{
+    PGconn *conn = *conn_p;
+    if (!conn)
+        return;
+    PGcancel *cancel =
+        PQtransactionStatus(conn) == PQTRANS_ACTIVE ? PQgetCancel(conn) : NULL;
+    if (cancel) {
+        atomic_fetch_add(&s_cancels, 1);
+        pthread_t thread;
+        if (pthread_create(&thread, NULL, s_cancel_run, cancel) == 0)
+            pthread_detach(thread);
+        else /* no thread: send it here and now */
+            s_cancel_run(cancel);
+    }
+    PQfinish(conn);
+    *conn_p = NULL;
+}
+
 store_t *store_new(const char *conninfo)
 {
     store_t *self = calloc(1, sizeof *self);
@@ -85,8 +133,15 @@ void store_destroy(store_t **self_p)
         return;
     store_t *self = *self_p;
     PQclear(self->rows);
+    if (self->busy)
+        s_give_up(&self->writer);
     PQfinish(self->writer);
     PQfinish(self->reader);
+    /* A cancel request still on its way is let through (briefly): an
+     * abandoned statement must not hold its locks after intake is gone. */
+    for (int waited = 0;
+         atomic_load(&s_cancels) > 0 && waited < S_CANCEL_WAIT_MS; waited += 10)
+        zclock_sleep(10);
     kh_db_pair_abandon(&self->connecting);
     free(self->conninfo);
     free(self);
@@ -189,10 +244,8 @@ static int s_fail_on(PGconn **conn_p, PGresult *res, const char *what,
     const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
     bool lost = s_lost(*conn_p, state);
     int rc = s_fail(*conn_p, res, what, err);
-    if (lost) {
-        PQfinish(*conn_p);
-        *conn_p = NULL;
-    }
+    if (lost && *conn_p)
+        s_give_up(conn_p);
     return rc;
 }
 
@@ -290,8 +343,7 @@ static PGresult *s_read_binary(store_t *self, const char *name, int nparams,
         if (left <= 0 || poll(&pfd, 1, (int) left) == 0) {
             kh_log_warn("db_read_timeout", "op=%s ms=%d", name,
                         S_READ_TIMEOUT_MS);
-            PQfinish(self->reader);
-            self->reader = NULL;
+            s_give_up(&self->reader);
             return NULL;
         }
         if (!PQconsumeInput(self->reader))
@@ -537,8 +589,7 @@ void store_abandon(store_t *self)
     PQclear(self->rows);
     self->rows = NULL;
     self->busy = self->sending = false;
-    PQfinish(self->writer);
-    self->writer = NULL;
+    s_give_up(&self->writer);
 }
 
 int store_status(store_t *self, const char *partner_id, const char *referral_id,

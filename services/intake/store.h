@@ -117,8 +117,13 @@ int store_commit_poll(store_t *self, store_submit_t *subs, size_t nsubs,
 int store_audit_conflicts(store_t *self, const store_conflict_t *conflicts,
                           size_t n, kh_error_t *err);
 
-/* Give up on a commit that takes too long: the writer is closed (the
- * outcome is unknown) and store_up becomes false. */
+/* Give up on a commit that takes too long: PostgreSQL is asked to cancel
+ * it (from a thread: the request may block on a network that is gone),
+ * so that it holds no locks a resubmission would wait for; the writer is
+ * closed and store_up becomes false. The outcome is unknown (the commit
+ * may have ended before the cancel came): a resubmission with the same
+ * idempotency key tells. A read that times out is given up the same
+ * way. */
 void store_abandon(store_t *self);
 
 /* The STATUS of a referral submitted by partner_id: sets the state and

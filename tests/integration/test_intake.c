@@ -2811,6 +2811,62 @@ START_TEST(a_lock_timeout_keeps_both_connections)
 }
 END_TEST
 
+/* A commit that intake gives up on (it waited longer than
+ * KH_DB_COMMIT_TIMEOUT_MS) is cancelled on the server, not only left:
+ * nothing of intake's still waits there, holding the key, once the
+ * partner is told unavailable. The same key sent again is then accepted
+ * once, with the id of the one row that holds it. */
+START_TEST(an_abandoned_commit_is_cancelled_on_the_server)
+{
+    const char *const settings[] = {"KH_DB_COMMIT_TIMEOUT_MS", "500", NULL};
+    s_restart_intake_with(settings);
+    json_t *referral = s_example();
+    PGconn *holder = s_hold_key("abandon-1", referral);
+
+    kh_client_t *client = s_client("vt");
+    kh_client_set_retries(client, 0);
+    kh_error_t err;
+    json_t *reply =
+        kh_client_submit(client, referral, "abandon-1", S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(reply);
+    ck_assert_str_eq(kh_client_reply_cmd(reply), "REJECTED");
+    ck_assert_str_eq(s_str(reply, "code"), "unavailable");
+    json_decref(reply);
+    ck_assert(khtest_log_has(s_path("intake.log"), "event=commit_stalled", 0));
+
+    long waiting = -1;
+    for (int i = 0; i < 100 && waiting != 0; i++) {
+        waiting = s_count("SELECT count(*) FROM pg_stat_activity WHERE "
+                          "wait_event_type = 'Lock' AND query LIKE "
+                          "'WITH input%'");
+        if (waiting)
+            zclock_sleep(20);
+    }
+    khtest_db_exec(holder, "ROLLBACK", 0, NULL);
+    PQfinish(holder);
+    ck_assert_msg(waiting == 0,
+                  "the abandoned commit still waits on the server");
+
+    kh_client_set_retries(client, 20);
+    reply = kh_client_submit(client, referral, "abandon-1", S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(reply);
+    ck_assert_str_eq(kh_client_reply_cmd(reply), "ACCEPTED");
+    char sql[256];
+    snprintf(sql, sizeof sql,
+             "SELECT count(*) FROM referrals r JOIN audit_events a ON "
+             "a.referral_id = r.id AND a.action = 'referral.accepted' WHERE "
+             "r.idempotency_key = 'abandon-1' AND r.id = '%s'",
+             s_str(reply, "referral_id"));
+    json_decref(reply);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM referrals WHERE "
+                             "idempotency_key = 'abandon-1'"),
+                     1);
+    ck_assert_int_eq(s_count(sql), 1);
+    json_decref(referral);
+    kh_client_destroy(&client);
+}
+END_TEST
+
 int main(void)
 {
     Suite *suite = suite_create("intake");
@@ -2871,6 +2927,7 @@ int main(void)
     tcase_set_timeout(tc, 60);
     tcase_add_checked_fixture(tc, s_setup, s_teardown);
     tcase_add_test(tc, a_lock_timeout_keeps_both_connections);
+    tcase_add_test(tc, an_abandoned_commit_is_cancelled_on_the_server);
     suite_add_tcase(suite, tc);
     return khtest_run_suite(suite);
 }
