@@ -31,6 +31,9 @@ struct _store_t {
     bool busy;               /* a batch is being committed on the writer */
     bool sending;            /* part of it is still in libpq's buffer */
     PGresult *rows;          /* the batch's result rows, once they arrived */
+    int stop_fd;             /* readable when a stop may be asked, or -1 */
+    bool (*stop)(void *arg); /* whether one is: see store_watch_stop */
+    void *stop_arg;
 };
 
 #define S_READ_TIMEOUT_MS 1000
@@ -119,6 +122,7 @@ store_t *store_new(const char *conninfo)
     store_t *self = calloc(1, sizeof *self);
     if (!self)
         return NULL;
+    self->stop_fd = -1;
     self->conninfo = strdup(conninfo ? conninfo : "");
     if (!self->conninfo) {
         free(self);
@@ -270,6 +274,13 @@ static int s_prepare(PGconn *conn, const char *const *names,
     return 0;
 }
 
+void store_watch_stop(store_t *self, int fd, bool (*stop)(void *arg), void *arg)
+{
+    self->stop_fd = stop ? fd : -1;
+    self->stop = stop;
+    self->stop_arg = arg;
+}
+
 bool store_connecting(const store_t *self)
 {
     return kh_db_pair_connecting(&self->connecting);
@@ -326,9 +337,10 @@ int store_connect(store_t *self, kh_error_t *err)
 /* Run a prepared statement on the reader (lengths and formats as libpq
  * takes them; NULL: text) and wait at most S_READ_TIMEOUT_MS for its
  * result: a database that stops answering must not stop intake's
- * loop. On a timeout the reader is closed (store_up turns false, so intake
- * reconnects) and NULL is returned, which the callers treat as a lost
- * connection. */
+ * loop. On a timeout, or when a stop is asked meanwhile (store_watch_stop:
+ * a stop must not wait for a read), the read is given up and the reader
+ * closed (store_up turns false, so intake reconnects) and NULL is
+ * returned, which the callers treat as a lost connection. */
 static PGresult *s_read_binary(store_t *self, const char *name, int nparams,
                                const char *const *params, const int *lengths,
                                const int *formats)
@@ -339,13 +351,24 @@ static PGresult *s_read_binary(store_t *self, const char *name, int nparams,
     int64_t deadline = zclock_mono() + S_READ_TIMEOUT_MS;
     while (PQisBusy(self->reader)) {
         int64_t left = deadline - zclock_mono();
-        struct pollfd pfd = {PQsocket(self->reader), POLLIN, 0};
-        if (left <= 0 || poll(&pfd, 1, (int) left) == 0) {
+        struct pollfd pfd[2] = {{PQsocket(self->reader), POLLIN, 0},
+                                {self->stop_fd, POLLIN, 0}};
+        int ready =
+            left > 0 ? poll(pfd, self->stop_fd >= 0 ? 2 : 1, (int) left) : 0;
+        if (ready == 0) {
             kh_log_warn("db_read_timeout", "op=%s ms=%d", name,
                         S_READ_TIMEOUT_MS);
             s_give_up(&self->reader);
             return NULL;
         }
+        if (ready > 0 && (pfd[1].revents & POLLIN) &&
+            self->stop(self->stop_arg)) {
+            kh_log_info("db_read_abandoned", "op=%s reason=stopping", name);
+            s_give_up(&self->reader);
+            return NULL;
+        }
+        if (ready > 0 && !pfd[0].revents)
+            continue; /* a signal that asks no stop (SIGHUP) */
         if (!PQconsumeInput(self->reader))
             break;
     }

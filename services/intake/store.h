@@ -75,6 +75,13 @@ void store_destroy(store_t **self_p);
  * (schema not migrated). */
 int store_connect(store_t *self, kh_error_t *err);
 
+/* While a read waits for PostgreSQL, also watch fd: when it is readable,
+ * stop(arg) is called, and a read is given up (the reader is closed, as
+ * on a timeout) when it returns true. Intake passes its signal fd, so
+ * that SIGTERM does not wait for a read. stop NULL: watch nothing. */
+void store_watch_stop(store_t *self, int fd, bool (*stop)(void *arg),
+                      void *arg);
+
 /* Whether an attempt to connect is under way. */
 bool store_connecting(const store_t *self);
 

@@ -2762,6 +2762,21 @@ START_TEST(batches_take_their_keys_in_one_order)
 }
 END_TEST
 
+/* An idle intake stops at once on SIGTERM: nothing it waits for (a
+ * read, a drain, a linger) holds it for seconds. */
+START_TEST(an_idle_intake_stops_at_once)
+{
+    zclock_sleep(500); /* a registry refresh or two have run */
+    int64_t started = zclock_mono();
+    int status = khproc_stop(s_intake, SIGTERM, 5000);
+    int64_t elapsed = zclock_mono() - started;
+    s_intake = -1;
+    ck_assert(status != -1 && WIFEXITED(status));
+    ck_assert_int_eq(WEXITSTATUS(status), 0);
+    ck_assert_msg(elapsed < 500, "intake took %d ms to stop", (int) elapsed);
+}
+END_TEST
+
 /* The sum of the pids of intake's backends, and that there are two. */
 static long s_intake_backends(void)
 {
@@ -2867,6 +2882,51 @@ START_TEST(an_abandoned_commit_is_cancelled_on_the_server)
 }
 END_TEST
 
+/* SIGTERM while a read of intake's waits on a database that stopped
+ * answering: intake stops at once, not when the read times out. */
+START_TEST(a_stalled_read_does_not_delay_stopping)
+{
+    long reader = s_count("SELECT pid FROM pg_stat_activity WHERE "
+                          "application_name = 'ketenhub-intake' AND query "
+                          "NOT LIKE 'WITH input%' ORDER BY pid LIMIT 1");
+    ck_assert_int_gt(reader, 0);
+    kill((pid_t) reader, SIGSTOP);
+    zclock_sleep(250); /* a registry refresh (every 200 ms) is stuck */
+    int64_t started = zclock_mono();
+    int status = khproc_stop(s_intake, SIGTERM, 5000);
+    int64_t elapsed = zclock_mono() - started;
+    s_intake = -1;
+    kill((pid_t) reader, SIGCONT);
+    ck_assert(status != -1 && WIFEXITED(status));
+    ck_assert_int_eq(WEXITSTATUS(status), 0);
+    ck_assert_msg(elapsed < 300, "intake took %d ms to stop", (int) elapsed);
+}
+END_TEST
+
+/* SIGHUP while a read waits does not give the read up: it ends when the
+ * database answers, and intake neither stops nor connects again. */
+START_TEST(sighup_during_a_read_gives_it_not_up)
+{
+    long reader = s_count("SELECT pid FROM pg_stat_activity WHERE "
+                          "application_name = 'ketenhub-intake' AND query "
+                          "NOT LIKE 'WITH input%' ORDER BY pid LIMIT 1");
+    ck_assert_int_gt(reader, 0);
+    int connected = s_log_count("event=db_connected");
+    kill((pid_t) reader, SIGSTOP);
+    zclock_sleep(250); /* a registry refresh (every 200 ms) is stuck */
+    kill(s_intake, SIGHUP);
+    zclock_sleep(200);
+    kill((pid_t) reader, SIGCONT);
+    zclock_sleep(300);
+    kh_client_t *client = s_client("vt");
+    kh_error_t err;
+    ck_assert_int_eq(kh_client_ping(client, S_TIMEOUT, &err), 0);
+    kh_client_destroy(&client);
+    ck_assert(!khtest_log_has(s_path("intake.log"), "db_read_abandoned", 0));
+    ck_assert_int_eq(s_log_count("event=db_connected"), connected);
+}
+END_TEST
+
 int main(void)
 {
     Suite *suite = suite_create("intake");
@@ -2922,12 +2982,15 @@ int main(void)
     tcase_add_test(tc, the_client_never_resends_before_retry_after_ms);
     tcase_add_test(tc, refused_pings_are_throttled_before_the_trail);
     suite_add_tcase(suite, tc);
-    /* The database's failures. */
+    /* The database's failures and intake's stop. */
     tc = tcase_create("intake_db");
     tcase_set_timeout(tc, 60);
     tcase_add_checked_fixture(tc, s_setup, s_teardown);
     tcase_add_test(tc, a_lock_timeout_keeps_both_connections);
     tcase_add_test(tc, an_abandoned_commit_is_cancelled_on_the_server);
+    tcase_add_test(tc, an_idle_intake_stops_at_once);
+    tcase_add_test(tc, a_stalled_read_does_not_delay_stopping);
+    tcase_add_test(tc, sighup_during_a_read_gives_it_not_up);
     suite_add_tcase(suite, tc);
     return khtest_run_suite(suite);
 }
