@@ -288,22 +288,31 @@ bool store_connecting(const store_t *self)
 
 int store_connect(store_t *self, kh_error_t *err)
 {
-    if (!store_connecting(self)) { /* a new attempt: both at once */
+    if (!store_connecting(self)) {
+        if (store_up(self))
+            return 0;
+        /* A new attempt, for what is not up (both at once when neither
+         * is): a connection that is fine stays, with its session. */
         PQclear(self->rows);
         self->rows = NULL;
+        if (self->busy || !s_conn_up(self->writer)) {
+            PQfinish(self->writer);
+            self->writer = NULL;
+        }
         self->busy = self->sending = false;
-        PQfinish(self->writer);
-        PQfinish(self->reader);
-        self->writer = self->reader = NULL;
+        if (!s_conn_up(self->reader)) {
+            PQfinish(self->reader);
+            self->reader = NULL;
+        }
     }
-    static const bool both[2] = {true, true};
+    const bool want[2] = {!self->writer, !self->reader};
     PGconn *conns[2] = {NULL, NULL};
-    if (kh_db_connect_pair(&self->connecting, both, self->conninfo,
+    if (kh_db_connect_pair(&self->connecting, want, self->conninfo,
                            "ketenhub-intake", conns, err) <= 0)
         return -1;
-    /* Both are set up before either is used. The batch statement's plan
-     * does not depend on its parameters; planning it anew for every batch
-     * would cost more than running it. */
+    /* The new ones are set up before either is used. The batch
+     * statement's plan does not depend on its parameters; planning it
+     * anew for every batch would cost more than running it. */
     static const char *const writer_names[] = {"commit"};
     const char *const writer_sql[] = {s_commit_sql};
     static const int writer_nparams[] = {S_COMMIT_PARAMS};
@@ -312,9 +321,13 @@ int store_connect(store_t *self, kh_error_t *err)
     const char *const reader_sql[] = {s_lookup_sql, s_status_sql,
                                       KH_PARTNER_KEYS_SQL, s_conflicts_sql};
     static const int reader_nparams[] = {2, 2, 0, 3};
-    if (kh_db_exec(conns[0], "SET plan_cache_mode = force_generic_plan", err) ||
-        s_prepare(conns[0], writer_names, writer_sql, writer_nparams, 1, err) ||
-        s_prepare(conns[1], reader_names, reader_sql, reader_nparams, 4, err)) {
+    if ((conns[0] &&
+         (kh_db_exec(conns[0], "SET plan_cache_mode = force_generic_plan",
+                     err) ||
+          s_prepare(conns[0], writer_names, writer_sql, writer_nparams, 1,
+                    err))) ||
+        (conns[1] && s_prepare(conns[1], reader_names, reader_sql,
+                               reader_nparams, 4, err))) {
         PQfinish(conns[0]);
         PQfinish(conns[1]);
         return -1;
@@ -322,15 +335,17 @@ int store_connect(store_t *self, kh_error_t *err)
     /* A batch can be larger than the socket holds: sent in blocking mode
      * to a backend that stops reading, it would stop intake's loop with
      * it (no stall check, no answers, no SIGTERM). */
-    if (PQsetnonblocking(conns[0], 1)) {
+    if (conns[0] && PQsetnonblocking(conns[0], 1)) {
         PQfinish(conns[0]);
         PQfinish(conns[1]);
         return kh_error_set(err, KH_E_UNAVAILABLE, "",
                             "cannot make the database connection "
                             "nonblocking");
     }
-    self->writer = conns[0];
-    self->reader = conns[1];
+    if (conns[0])
+        self->writer = conns[0];
+    if (conns[1])
+        self->reader = conns[1];
     return 0;
 }
 

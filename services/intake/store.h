@@ -66,7 +66,8 @@ store_t *store_new(const char *conninfo);
 /* Destroy; accepts NULL; nulls the pointer. */
 void store_destroy(store_t **self_p);
 
-/* (Re)connect both connections and prepare statements, without blocking:
+/* (Re)connect the connections that are not up (a connection that is
+ * fine is kept) and prepare their statements, without blocking:
  * the connections are made on threads of their own (kh_db_connect_async),
  * and a call while they are being made returns -1 with KH_E_UNAVAILABLE
  * (store_connecting is then true): call again later. 0 once connected and

@@ -2826,6 +2826,51 @@ START_TEST(a_lock_timeout_keeps_both_connections)
 }
 END_TEST
 
+/* A read that timed out closes the reader, which intake makes again; the
+ * writer, which is fine, stays. */
+START_TEST(a_lost_reader_keeps_the_writer)
+{
+    json_t *referral = s_example();
+    pid_t writer = s_writer(referral);
+    long reader = s_count("SELECT pid FROM pg_stat_activity WHERE "
+                          "application_name = 'ketenhub-intake' AND query "
+                          "NOT LIKE 'WITH input%' ORDER BY pid LIMIT 1");
+    ck_assert_int_gt(reader, 0);
+    int connected = s_log_count("event=db_connected");
+    kill((pid_t) reader, SIGSTOP);
+    zclock_sleep(1700); /* a refresh (every 200 ms) times out after 1 s */
+    kill((pid_t) reader, SIGCONT);
+    ck_assert(khtest_log_has(s_path("intake.log"), "event=db_read_timeout", 0));
+
+    kh_client_t *client = s_client("vt");
+    kh_client_set_retries(client, 20);
+    kh_error_t err;
+    json_t *reply =
+        kh_client_submit(client, referral, "keep-1", S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(reply);
+    ck_assert_str_eq(kh_client_reply_cmd(reply), "ACCEPTED");
+    json_decref(reply);
+    ck_assert_int_gt(s_log_count("event=db_connected"), connected);
+    char sql[256];
+    snprintf(sql, sizeof sql,
+             "SELECT count(*) FROM pg_stat_activity WHERE application_name = "
+             "'ketenhub-intake' AND pid = %d",
+             (int) writer);
+    ck_assert_int_eq(s_count(sql), 1);
+    /* The old reader's backend, stopped when it was closed, goes soon. */
+    long backends = 0;
+    for (int i = 0; i < 50 && backends != 2; i++) {
+        backends = s_count("SELECT count(*) FROM pg_stat_activity WHERE "
+                           "application_name = 'ketenhub-intake'");
+        if (backends != 2)
+            zclock_sleep(20);
+    }
+    ck_assert_int_eq(backends, 2);
+    json_decref(referral);
+    kh_client_destroy(&client);
+}
+END_TEST
+
 /* A commit that intake gives up on (it waited longer than
  * KH_DB_COMMIT_TIMEOUT_MS) is cancelled on the server, not only left:
  * nothing of intake's still waits there, holding the key, once the
@@ -2988,6 +3033,7 @@ int main(void)
     tcase_add_checked_fixture(tc, s_setup, s_teardown);
     tcase_add_test(tc, a_lock_timeout_keeps_both_connections);
     tcase_add_test(tc, an_abandoned_commit_is_cancelled_on_the_server);
+    tcase_add_test(tc, a_lost_reader_keeps_the_writer);
     tcase_add_test(tc, an_idle_intake_stops_at_once);
     tcase_add_test(tc, a_stalled_read_does_not_delay_stopping);
     tcase_add_test(tc, sighup_during_a_read_gives_it_not_up);
