@@ -107,6 +107,7 @@ struct _intake_t {
     int backoff_ms;
     bool ready_logged;
     bool stopping;
+    int signal_fd; /* SIGTERM, SIGINT, SIGHUP */
     s_batch_t batches[2];
     s_batch_t *filling;    /* receives new requests */
     s_batch_t *committing; /* being committed, or NULL */
@@ -256,6 +257,23 @@ int intake_port(const intake_t *self)
     return self->port;
 }
 
+/* What a handler of the loop returns: -1 ends the loop. A stop asked
+ * while the handler waited for a read (s_stop_asked) took the signal
+ * that would have ended it. */
+static int s_go_on(const intake_t *self)
+{
+    return self->stopping ? -1 : 0;
+}
+
+/* Whether a stop is asked, for the store while it waits for a read (see
+ * store_watch_stop): takes the signals as s_on_signal does. */
+static bool s_stop_asked(void *arg)
+{
+    intake_t *self = arg;
+    kh_signals_take(self->signal_fd, &self->stopping, NULL);
+    return self->stopping;
+}
+
 static int s_reconnect(zloop_t *loop, int timer_id, void *arg);
 
 /* Look again after ms at an attempt to (re)connect, or make the next. */
@@ -275,11 +293,14 @@ static void s_schedule_reconnect(intake_t *self)
     s_reconnect_in(self, self->backoff_ms);
 }
 
-/* After err from the store: reconnect when the database went away, or
- * when a connection was closed on the way (a read that timed out). */
-static void s_db_failed(intake_t *self, const kh_error_t *err)
+/* After a failure of the store: reconnect when a connection was lost or
+ * closed on the way (a read that timed out). A statement that failed with
+ * "try again" (a deadlock, a serialization failure, a lock timeout) is
+ * answered unavailable, and the connections, which are fine, stay: the
+ * store closes only a connection that is lost. */
+static void s_db_failed(intake_t *self)
 {
-    if (err->code == KH_E_UNAVAILABLE || !store_up(self->store))
+    if (!store_up(self->store))
         s_schedule_reconnect(self);
 }
 
@@ -292,7 +313,7 @@ static void s_load_partners(intake_t *self)
     zhashx_t *partners = store_partners(self->store, &err);
     self->partners_read = partners != NULL;
     if (!partners) {
-        s_db_failed(self, &err);
+        s_db_failed(self);
         return;
     }
     zhashx_destroy(&self->partners);
@@ -307,7 +328,7 @@ static int s_reconnect(zloop_t *loop, int timer_id, void *arg)
     self->reconnect_timer = 0;
     if (self->committing) { /* reconnecting would drop it: later */
         s_schedule_reconnect(self);
-        return 0;
+        return s_go_on(self);
     }
     kh_error_t err;
     if (store_connect(self->store, &err) == 0) {
@@ -320,18 +341,18 @@ static int s_reconnect(zloop_t *loop, int timer_id, void *arg)
             self->ready_logged = true;
         }
         self->backoff_ms = S_BACKOFF_MIN_MS;
-        return 0;
+        return s_go_on(self);
     }
     if (store_connecting(self->store)) { /* answering meanwhile */
         s_reconnect_in(self, KH_DB_CONNECT_POLL_MS);
-        return 0;
+        return s_go_on(self);
     }
     self->backoff_ms = kh_db_retry_next(self->backoff_ms);
     kh_log_warn("db_connect_failed", "code=%s path=%s retry_ms=%d msg=\"%s\"",
                 kh_error_name(err.code), err.path[0] ? err.path : "none",
                 self->backoff_ms, KH_LOG_Q(err.message));
     s_schedule_reconnect(self);
-    return 0;
+    return s_go_on(self);
 }
 
 static int s_refresh_partners(zloop_t *loop, int timer_id, void *arg)
@@ -341,7 +362,7 @@ static int s_refresh_partners(zloop_t *loop, int timer_id, void *arg)
     intake_t *self = arg;
     if (store_up(self->store))
         s_load_partners(self);
-    return 0;
+    return s_go_on(self);
 }
 
 /* The partner id for an authenticated key, or NULL. An unknown key
@@ -444,7 +465,7 @@ static void s_read_status(intake_t *self, kh_jarena_t *arena, s_request_t *req)
     if (!reply || store_status(self->store, req->partner, id, reply, &err)) {
         json_decref(reply);
         s_refuse(req, &err);
-        s_db_failed(self, &err);
+        s_db_failed(self);
     } else
         req->status = reply;
     kh_jarena_enter(was);
@@ -764,7 +785,7 @@ static void s_audit_conflicts(intake_t *self, s_batch_t *batch)
     for (size_t i = 0; i < batch->count; i++)
         if (batch->requests[i].unaudited)
             batch->requests[i].err = err;
-    s_db_failed(self, &err);
+    s_db_failed(self);
 }
 
 /* Answer every request of the batch and empty it. */
@@ -904,7 +925,7 @@ static void s_dispatch(intake_t *self)
             kh_log_warn("refusals_unaudited", "count=%zu code=%s", batch->nrefs,
                         kh_error_name(err.code));
         s_batch_reply(self, batch, &err);
-        s_db_failed(self, &err);
+        s_db_failed(self);
     } else
         self->filling =
             batch == &self->batches[0] ? &self->batches[1] : &self->batches[0];
@@ -979,7 +1000,7 @@ static void s_commit_done(intake_t *self, int rc, const kh_error_t *err)
         s_audit_conflicts(self, batch);
     s_batch_reply(self, batch, rc ? err : NULL);
     if (rc)
-        s_db_failed(self, err);
+        s_db_failed(self);
 }
 
 static int s_on_db(zloop_t *loop, zmq_pollitem_t *item, void *arg)
@@ -988,7 +1009,7 @@ static int s_on_db(zloop_t *loop, zmq_pollitem_t *item, void *arg)
     (void) item;
     intake_t *self = arg;
     if (!self->committing)
-        return 0;
+        return s_go_on(self);
     kh_error_t err;
     int rc = store_commit_poll(self->store, self->committing->subs,
                                self->committing->nsubs, &err);
@@ -996,7 +1017,7 @@ static int s_on_db(zloop_t *loop, zmq_pollitem_t *item, void *arg)
         s_commit_done(self, rc, &err);
     else if (self->db_sending && !store_sending(self->store))
         s_watch_db(self, true); /* sent: a writable socket means nothing */
-    return 0;
+    return s_go_on(self);
 }
 
 /* Whether batch holds all the requests, or all the memory, it may: its
@@ -1035,7 +1056,7 @@ static int s_on_router(zloop_t *loop, zsock_t *router, void *arg)
     if (self->committing && s_batch_full(self, batch))
         s_set_reading(self, false);
     s_dispatch(self);
-    return 0;
+    return s_go_on(self);
 }
 
 /* A commit that hangs (PostgreSQL stopped, network gone) is given up: its
@@ -1054,7 +1075,7 @@ static int s_check_stall(zloop_t *loop, int timer_id, void *arg)
                                    self->committing->nsubs, &err);
         if (rc != 1) {
             s_commit_done(self, rc, &err);
-            return 0;
+            return s_go_on(self);
         }
         kh_log_warn("commit_stalled", "ms=%d", self->cfg.commit_timeout_ms);
         store_abandon(self->store);
@@ -1063,7 +1084,7 @@ static int s_check_stall(zloop_t *loop, int timer_id, void *arg)
                      "the same idempotency key");
         s_commit_done(self, -1, &err);
     }
-    return 0;
+    return s_go_on(self);
 }
 
 /* Answer a ZAP request; a refused key is logged and, once a minute per key
@@ -1182,6 +1203,8 @@ int intake_run(intake_t *self, int signal_fd)
     self->loop = zloop_new();
     if (!self->loop)
         return -1;
+    self->signal_fd = signal_fd;
+    store_watch_stop(self->store, signal_fd, s_stop_asked, self);
     s_set_reading(self, true);
     if (zloop_reader(self->loop, kh_zap_socket(self->zap), s_on_zap, self) ||
         kh_health_attach(self->loop))
@@ -1194,7 +1217,8 @@ int intake_run(intake_t *self, int signal_fd)
     zloop_timer(self->loop, 100, 0, s_check_stall, self);
     zloop_timer(self->loop, S_STATS_MS, 0, s_log_stats, self);
     s_reconnect(self->loop, 0, self);
-    zloop_start(self->loop);
+    if (!self->stopping) /* not asked while the first registry was read */
+        zloop_start(self->loop);
     s_drain(self);
     s_log_stats(self->loop, 0, self);
     s_tell_unaudited(self, true);

@@ -11,7 +11,9 @@
 
 #include <libpq-fe.h>
 #include <poll.h>
+#include <pthread.h>
 #include <sodium.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -29,6 +31,9 @@ struct _store_t {
     bool busy;               /* a batch is being committed on the writer */
     bool sending;            /* part of it is still in libpq's buffer */
     PGresult *rows;          /* the batch's result rows, once they arrived */
+    int stop_fd;             /* readable when a stop may be asked, or -1 */
+    bool (*stop)(void *arg); /* whether one is: see store_watch_stop */
+    void *stop_arg;
 };
 
 #define S_READ_TIMEOUT_MS 1000
@@ -66,11 +71,58 @@ static const char *s_status_sql =
     "    WHERE d.referral_id = r.id), '[]')"
     " FROM referrals r WHERE r.id = $1::uuid AND r.partner_id = $2";
 
+/* Cancel requests still being sent (s_give_up), by all stores. */
+static atomic_int s_cancels;
+
+#define S_CANCEL_WAIT_MS 500
+
+static void *s_cancel_run(void *arg)
+{
+    PGcancel *cancel = arg;
+    char why[256];
+    if (!PQcancel(cancel, why, sizeof why)) {
+        why[strcspn(why, "\n")] = '\0';
+        kh_log_warn("db_cancel_failed", "msg=\"%s\"", KH_LOG_Q(why));
+    }
+    PQfreeCancel(cancel);
+    atomic_fetch_sub(&s_cancels, 1);
+    return NULL;
+}
+
+/* Give up on what *conn_p is running and close it. Closing alone does not
+ * stop the statement: a backend waiting for a lock, or working, notices
+ * its client is gone only when it next talks to it, and meanwhile holds
+ * its locks (a resubmission of the same key would wait behind them) and
+ * may still commit. So the server is asked to cancel it first. libpq's
+ * cancel request opens a connection of its own and may block on a
+ * network that is gone: it is sent from a thread, and intake's loop goes
+ * on. Whatever the statement's fate, a resubmission with the same
+ * idempotency key gets the one true answer. */
+static void s_give_up(PGconn **conn_p)
+{
+    PGconn *conn = *conn_p;
+    if (!conn)
+        return;
+    PGcancel *cancel =
+        PQtransactionStatus(conn) == PQTRANS_ACTIVE ? PQgetCancel(conn) : NULL;
+    if (cancel) {
+        atomic_fetch_add(&s_cancels, 1);
+        pthread_t thread;
+        if (pthread_create(&thread, NULL, s_cancel_run, cancel) == 0)
+            pthread_detach(thread);
+        else /* no thread: send it here and now */
+            s_cancel_run(cancel);
+    }
+    PQfinish(conn);
+    *conn_p = NULL;
+}
+
 store_t *store_new(const char *conninfo)
 {
     store_t *self = calloc(1, sizeof *self);
     if (!self)
         return NULL;
+    self->stop_fd = -1;
     self->conninfo = strdup(conninfo ? conninfo : "");
     if (!self->conninfo) {
         free(self);
@@ -85,8 +137,15 @@ void store_destroy(store_t **self_p)
         return;
     store_t *self = *self_p;
     PQclear(self->rows);
+    if (self->busy)
+        s_give_up(&self->writer);
     PQfinish(self->writer);
     PQfinish(self->reader);
+    /* A cancel request still on its way is let through (briefly): an
+     * abandoned statement must not hold its locks after intake is gone. */
+    for (int waited = 0;
+         atomic_load(&s_cancels) > 0 && waited < S_CANCEL_WAIT_MS; waited += 10)
+        zclock_sleep(10);
     kh_db_pair_abandon(&self->connecting);
     free(self->conninfo);
     free(self);
@@ -166,6 +225,34 @@ static int s_fail(PGconn *conn, PGresult *res, const char *what,
                         "key)");
 }
 
+/* Whether a failure on conn means the connection is gone (or of no more
+ * use), rather than that one statement failed on a connection that goes
+ * on: libpq's own failures (no SQLSTATE), connection exceptions (class
+ * 08), the server ending the session (57P01 admin_shutdown, 57P02, 57P03,
+ * and the rest of 57P), and a server that became a standby (25006: only
+ * a new connection finds the primary). A deadlock, a serialization
+ * failure or a lock timeout leaves the connection as good as it was. */
+static bool s_lost(PGconn *conn, const char *state)
+{
+    return !s_conn_up(conn) || !state || strncmp(state, "08", 2) == 0 ||
+           strncmp(state, "57P", 3) == 0 || strcmp(state, "25006") == 0;
+}
+
+/* s_fail for a statement on one of the store's connections, *conn_p: a
+ * connection that is lost (s_lost) is closed, so that store_up turns
+ * false and intake connects again; one that only failed a statement is
+ * kept, and so is the other connection. */
+static int s_fail_on(PGconn **conn_p, PGresult *res, const char *what,
+                     kh_error_t *err)
+{
+    const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+    bool lost = s_lost(*conn_p, state);
+    int rc = s_fail(*conn_p, res, what, err);
+    if (lost && *conn_p)
+        s_give_up(conn_p);
+    return rc;
+}
+
 /* Prepare count statements on conn. */
 static int s_prepare(PGconn *conn, const char *const *names,
                      const char *const *sql, const int *nparams, size_t count,
@@ -187,6 +274,13 @@ static int s_prepare(PGconn *conn, const char *const *names,
     return 0;
 }
 
+void store_watch_stop(store_t *self, int fd, bool (*stop)(void *arg), void *arg)
+{
+    self->stop_fd = stop ? fd : -1;
+    self->stop = stop;
+    self->stop_arg = arg;
+}
+
 bool store_connecting(const store_t *self)
 {
     return kh_db_pair_connecting(&self->connecting);
@@ -194,22 +288,31 @@ bool store_connecting(const store_t *self)
 
 int store_connect(store_t *self, kh_error_t *err)
 {
-    if (!store_connecting(self)) { /* a new attempt: both at once */
+    if (!store_connecting(self)) {
+        if (store_up(self))
+            return 0;
+        /* A new attempt, for what is not up (both at once when neither
+         * is): a connection that is fine stays, with its session. */
         PQclear(self->rows);
         self->rows = NULL;
+        if (self->busy || !s_conn_up(self->writer)) {
+            PQfinish(self->writer);
+            self->writer = NULL;
+        }
         self->busy = self->sending = false;
-        PQfinish(self->writer);
-        PQfinish(self->reader);
-        self->writer = self->reader = NULL;
+        if (!s_conn_up(self->reader)) {
+            PQfinish(self->reader);
+            self->reader = NULL;
+        }
     }
-    static const bool both[2] = {true, true};
+    const bool want[2] = {!self->writer, !self->reader};
     PGconn *conns[2] = {NULL, NULL};
-    if (kh_db_connect_pair(&self->connecting, both, self->conninfo,
+    if (kh_db_connect_pair(&self->connecting, want, self->conninfo,
                            "ketenhub-intake", conns, err) <= 0)
         return -1;
-    /* Both are set up before either is used. The batch statement's plan
-     * does not depend on its parameters; planning it anew for every batch
-     * would cost more than running it. */
+    /* The new ones are set up before either is used. The batch
+     * statement's plan does not depend on its parameters; planning it
+     * anew for every batch would cost more than running it. */
     static const char *const writer_names[] = {"commit"};
     const char *const writer_sql[] = {s_commit_sql};
     static const int writer_nparams[] = {S_COMMIT_PARAMS};
@@ -218,9 +321,13 @@ int store_connect(store_t *self, kh_error_t *err)
     const char *const reader_sql[] = {s_lookup_sql, s_status_sql,
                                       KH_PARTNER_KEYS_SQL, s_conflicts_sql};
     static const int reader_nparams[] = {2, 2, 0, 3};
-    if (kh_db_exec(conns[0], "SET plan_cache_mode = force_generic_plan", err) ||
-        s_prepare(conns[0], writer_names, writer_sql, writer_nparams, 1, err) ||
-        s_prepare(conns[1], reader_names, reader_sql, reader_nparams, 4, err)) {
+    if ((conns[0] &&
+         (kh_db_exec(conns[0], "SET plan_cache_mode = force_generic_plan",
+                     err) ||
+          s_prepare(conns[0], writer_names, writer_sql, writer_nparams, 1,
+                    err))) ||
+        (conns[1] && s_prepare(conns[1], reader_names, reader_sql,
+                               reader_nparams, 4, err))) {
         PQfinish(conns[0]);
         PQfinish(conns[1]);
         return -1;
@@ -228,24 +335,27 @@ int store_connect(store_t *self, kh_error_t *err)
     /* A batch can be larger than the socket holds: sent in blocking mode
      * to a backend that stops reading, it would stop intake's loop with
      * it (no stall check, no answers, no SIGTERM). */
-    if (PQsetnonblocking(conns[0], 1)) {
+    if (conns[0] && PQsetnonblocking(conns[0], 1)) {
         PQfinish(conns[0]);
         PQfinish(conns[1]);
         return kh_error_set(err, KH_E_UNAVAILABLE, "",
                             "cannot make the database connection "
                             "nonblocking");
     }
-    self->writer = conns[0];
-    self->reader = conns[1];
+    if (conns[0])
+        self->writer = conns[0];
+    if (conns[1])
+        self->reader = conns[1];
     return 0;
 }
 
 /* Run a prepared statement on the reader (lengths and formats as libpq
  * takes them; NULL: text) and wait at most S_READ_TIMEOUT_MS for its
  * result: a database that stops answering must not stop intake's
- * loop. On a timeout the reader is closed (store_up turns false, so intake
- * reconnects) and NULL is returned, which the callers treat as a lost
- * connection. */
+ * loop. On a timeout, or when a stop is asked meanwhile (store_watch_stop:
+ * a stop must not wait for a read), the read is given up and the reader
+ * closed (store_up turns false, so intake reconnects) and NULL is
+ * returned, which the callers treat as a lost connection. */
 static PGresult *s_read_binary(store_t *self, const char *name, int nparams,
                                const char *const *params, const int *lengths,
                                const int *formats)
@@ -256,14 +366,24 @@ static PGresult *s_read_binary(store_t *self, const char *name, int nparams,
     int64_t deadline = zclock_mono() + S_READ_TIMEOUT_MS;
     while (PQisBusy(self->reader)) {
         int64_t left = deadline - zclock_mono();
-        struct pollfd pfd = {PQsocket(self->reader), POLLIN, 0};
-        if (left <= 0 || poll(&pfd, 1, (int) left) == 0) {
+        struct pollfd pfd[2] = {{PQsocket(self->reader), POLLIN, 0},
+                                {self->stop_fd, POLLIN, 0}};
+        int ready =
+            left > 0 ? poll(pfd, self->stop_fd >= 0 ? 2 : 1, (int) left) : 0;
+        if (ready == 0) {
             kh_log_warn("db_read_timeout", "op=%s ms=%d", name,
                         S_READ_TIMEOUT_MS);
-            PQfinish(self->reader);
-            self->reader = NULL;
+            s_give_up(&self->reader);
             return NULL;
         }
+        if (ready > 0 && (pfd[1].revents & POLLIN) &&
+            self->stop(self->stop_arg)) {
+            kh_log_info("db_read_abandoned", "op=%s reason=stopping", name);
+            s_give_up(&self->reader);
+            return NULL;
+        }
+        if (ready > 0 && !pfd[0].revents)
+            continue; /* a signal that asks no stop (SIGHUP) */
         if (!PQconsumeInput(self->reader))
             break;
     }
@@ -342,7 +462,7 @@ static int s_lookup(store_t *self, store_submit_t *sub, kh_error_t *err)
     const char *params[] = {sub->partner_id, sub->idem_key};
     PGresult *res = s_read(self, "lookup", 2, params);
     if (PQresultStatus(res) != PGRES_TUPLES_OK)
-        return s_fail(self->reader, res, "lookup", err);
+        return s_fail_on(&self->reader, res, "lookup", err);
     if (PQntuples(res) != 1) {
         PQclear(res);
         return kh_error_set(err, KH_E_INTERNAL, "",
@@ -382,7 +502,7 @@ int store_commit_send(store_t *self, store_submit_t *subs, size_t nsubs,
     /* What the socket does not take now, store_commit_poll sends. */
     int flushed = sent ? PQflush(self->writer) : -1;
     if (flushed == -1)
-        return s_fail(self->writer, NULL, "commit", err);
+        return s_fail_on(&self->writer, NULL, "commit", err);
     self->busy = true;
     self->sending = flushed == 1;
     return 0;
@@ -436,7 +556,7 @@ int store_commit_poll(store_t *self, store_submit_t *subs, size_t nsubs,
         self->busy = self->sending = false;
         PQclear(self->rows);
         self->rows = NULL;
-        return s_fail(self->writer, NULL, "commit", err);
+        return s_fail_on(&self->writer, NULL, "commit", err);
     }
     self->sending = flushed == 1;
     /* Collect results until libpq says the command is over. */
@@ -460,7 +580,7 @@ int store_commit_poll(store_t *self, store_submit_t *subs, size_t nsubs,
     PGresult *res = self->rows;
     self->rows = NULL;
     if (PQresultStatus(res) != PGRES_TUPLES_OK)
-        return s_fail(self->writer, res, "commit", err);
+        return s_fail_on(&self->writer, res, "commit", err);
     int rc = s_answer(self, res, subs, nsubs, err);
     PQclear(res);
     return rc == 0 ? 0 : STORE_COMMITTED_UNREAD;
@@ -497,7 +617,7 @@ int store_audit_conflicts(store_t *self, const store_conflict_t *conflicts,
     if (!built)
         return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
     if (PQresultStatus(res) != PGRES_COMMAND_OK)
-        return s_fail(self->reader, res, "conflicts", err);
+        return s_fail_on(&self->reader, res, "conflicts", err);
     PQclear(res);
     return 0;
 }
@@ -507,8 +627,7 @@ void store_abandon(store_t *self)
     PQclear(self->rows);
     self->rows = NULL;
     self->busy = self->sending = false;
-    PQfinish(self->writer);
-    self->writer = NULL;
+    s_give_up(&self->writer);
 }
 
 int store_status(store_t *self, const char *partner_id, const char *referral_id,
@@ -519,7 +638,7 @@ int store_status(store_t *self, const char *partner_id, const char *referral_id,
     const char *params[] = {referral_id, partner_id};
     PGresult *res = s_read(self, "status", 2, params);
     if (PQresultStatus(res) != PGRES_TUPLES_OK)
-        return s_fail(self->reader, res, "status", err);
+        return s_fail_on(&self->reader, res, "status", err);
     if (PQntuples(res) != 1) {
         PQclear(res);
         return kh_error_set(err, KH_E_NOT_FOUND, "referral_id",
@@ -550,7 +669,7 @@ zhashx_t *store_partners(store_t *self, kh_error_t *err)
     }
     PGresult *res = s_read(self, "partners", 0, NULL);
     if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-        s_fail(self->reader, res, "partners", err);
+        s_fail_on(&self->reader, res, "partners", err);
         return NULL;
     }
     zhashx_t *partners = zhashx_new();

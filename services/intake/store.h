@@ -66,7 +66,8 @@ store_t *store_new(const char *conninfo);
 /* Destroy; accepts NULL; nulls the pointer. */
 void store_destroy(store_t **self_p);
 
-/* (Re)connect both connections and prepare statements, without blocking:
+/* (Re)connect the connections that are not up (a connection that is
+ * fine is kept) and prepare their statements, without blocking:
  * the connections are made on threads of their own (kh_db_connect_async),
  * and a call while they are being made returns -1 with KH_E_UNAVAILABLE
  * (store_connecting is then true): call again later. 0 once connected and
@@ -74,6 +75,13 @@ void store_destroy(store_t **self_p);
  * reached, KH_E_DB when it answers but the statements cannot be prepared
  * (schema not migrated). */
 int store_connect(store_t *self, kh_error_t *err);
+
+/* While a read waits for PostgreSQL, also watch fd: when it is readable,
+ * stop(arg) is called, and a read is given up (the reader is closed, as
+ * on a timeout) when it returns true. Intake passes its signal fd, so
+ * that SIGTERM does not wait for a read. stop NULL: watch nothing. */
+void store_watch_stop(store_t *self, int fd, bool (*stop)(void *arg),
+                      void *arg);
 
 /* Whether an attempt to connect is under way. */
 bool store_connecting(const store_t *self);
@@ -117,8 +125,13 @@ int store_commit_poll(store_t *self, store_submit_t *subs, size_t nsubs,
 int store_audit_conflicts(store_t *self, const store_conflict_t *conflicts,
                           size_t n, kh_error_t *err);
 
-/* Give up on a commit that takes too long: the writer is closed (the
- * outcome is unknown) and store_up becomes false. */
+/* Give up on a commit that takes too long: PostgreSQL is asked to cancel
+ * it (from a thread: the request may block on a network that is gone),
+ * so that it holds no locks a resubmission would wait for; the writer is
+ * closed and store_up becomes false. The outcome is unknown (the commit
+ * may have ended before the cancel came): a resubmission with the same
+ * idempotency key tells. A read that times out is given up the same
+ * way. */
 void store_abandon(store_t *self);
 
 /* The STATUS of a referral submitted by partner_id: sets the state and

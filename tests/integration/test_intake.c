@@ -2803,6 +2803,216 @@ START_TEST(batches_take_their_keys_in_one_order)
 }
 END_TEST
 
+/* An idle intake stops at once on SIGTERM: nothing it waits for (a
+ * read, a drain, a linger) holds it for seconds. */
+START_TEST(an_idle_intake_stops_at_once)
+{
+    zclock_sleep(500); /* a registry refresh or two have run */
+    int64_t started = zclock_mono();
+    int status = khproc_stop(s_intake, SIGTERM, 5000);
+    int64_t elapsed = zclock_mono() - started;
+    s_intake = -1;
+    ck_assert(status != -1 && WIFEXITED(status));
+    ck_assert_int_eq(WEXITSTATUS(status), 0);
+    ck_assert_msg(elapsed < 500, "intake took %d ms to stop", (int) elapsed);
+}
+END_TEST
+
+/* The sum of the pids of intake's backends, and that there are two. */
+static long s_intake_backends(void)
+{
+    ck_assert_int_eq(s_count("SELECT count(*) FROM pg_stat_activity WHERE "
+                             "application_name = 'ketenhub-intake'"),
+                     2);
+    return s_count("SELECT sum(pid) FROM pg_stat_activity WHERE "
+                   "application_name = 'ketenhub-intake'");
+}
+
+/* A statement that fails with "try again" on a connection that is fine
+ * (here a lock timeout, 55P03; a deadlock or a serialization failure
+ * goes the same way) is answered unavailable, and intake keeps both its
+ * connections: it neither drops nor remakes them. */
+START_TEST(a_lock_timeout_keeps_both_connections)
+{
+    const char *const settings[] = {"PGOPTIONS", "-c lock_timeout=300", NULL};
+    s_restart_intake_with(settings);
+    json_t *referral = s_example();
+    long backends = s_intake_backends();
+    int connected = s_log_count("event=db_connected");
+    PGconn *holder = s_hold_key("timeout-1", referral);
+
+    kh_client_t *client = s_client("vt");
+    kh_client_set_retries(client, 0);
+    kh_error_t err;
+    json_t *reply =
+        kh_client_submit(client, referral, "timeout-1", S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(reply);
+    ck_assert_str_eq(kh_client_reply_cmd(reply), "REJECTED");
+    ck_assert_str_eq(s_str(reply, "code"), "unavailable");
+    ck_assert(json_is_true(json_object_get(reply, "retryable")));
+    json_decref(reply);
+    ck_assert(khtest_log_has(s_path("intake.log"), "sqlstate=55P03", 0));
+    khtest_db_exec(holder, "ROLLBACK", 0, NULL);
+    PQfinish(holder);
+
+    zclock_sleep(300); /* a reconnection, were there one, is under way */
+    reply = kh_client_submit(client, referral, "timeout-1", S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(reply);
+    ck_assert_str_eq(kh_client_reply_cmd(reply), "ACCEPTED");
+    json_decref(reply);
+    ck_assert_int_eq(s_intake_backends(), backends);
+    ck_assert_int_eq(s_log_count("event=db_connected"), connected);
+    json_decref(referral);
+    kh_client_destroy(&client);
+}
+END_TEST
+
+/* A read that timed out closes the reader, which intake makes again; the
+ * writer, which is fine, stays. */
+START_TEST(a_lost_reader_keeps_the_writer)
+{
+    json_t *referral = s_example();
+    pid_t writer = s_writer(referral);
+    long reader = s_count("SELECT pid FROM pg_stat_activity WHERE "
+                          "application_name = 'ketenhub-intake' AND query "
+                          "NOT LIKE 'WITH input%' ORDER BY pid LIMIT 1");
+    ck_assert_int_gt(reader, 0);
+    int connected = s_log_count("event=db_connected");
+    kill((pid_t) reader, SIGSTOP);
+    zclock_sleep(1700); /* a refresh (every 200 ms) times out after 1 s */
+    kill((pid_t) reader, SIGCONT);
+    ck_assert(khtest_log_has(s_path("intake.log"), "event=db_read_timeout", 0));
+
+    kh_client_t *client = s_client("vt");
+    kh_client_set_retries(client, 20);
+    kh_error_t err;
+    json_t *reply =
+        kh_client_submit(client, referral, "keep-1", S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(reply);
+    ck_assert_str_eq(kh_client_reply_cmd(reply), "ACCEPTED");
+    json_decref(reply);
+    ck_assert_int_gt(s_log_count("event=db_connected"), connected);
+    char sql[256];
+    snprintf(sql, sizeof sql,
+             "SELECT count(*) FROM pg_stat_activity WHERE application_name = "
+             "'ketenhub-intake' AND pid = %d",
+             (int) writer);
+    ck_assert_int_eq(s_count(sql), 1);
+    /* The old reader's backend, stopped when it was closed, goes soon. */
+    long backends = 0;
+    for (int i = 0; i < 50 && backends != 2; i++) {
+        backends = s_count("SELECT count(*) FROM pg_stat_activity WHERE "
+                           "application_name = 'ketenhub-intake'");
+        if (backends != 2)
+            zclock_sleep(20);
+    }
+    ck_assert_int_eq(backends, 2);
+    json_decref(referral);
+    kh_client_destroy(&client);
+}
+END_TEST
+
+/* A commit that intake gives up on (it waited longer than
+ * KH_DB_COMMIT_TIMEOUT_MS) is cancelled on the server, not only left:
+ * nothing of intake's still waits there, holding the key, once the
+ * partner is told unavailable. The same key sent again is then accepted
+ * once, with the id of the one row that holds it. */
+START_TEST(an_abandoned_commit_is_cancelled_on_the_server)
+{
+    const char *const settings[] = {"KH_DB_COMMIT_TIMEOUT_MS", "500", NULL};
+    s_restart_intake_with(settings);
+    json_t *referral = s_example();
+    PGconn *holder = s_hold_key("abandon-1", referral);
+
+    kh_client_t *client = s_client("vt");
+    kh_client_set_retries(client, 0);
+    kh_error_t err;
+    json_t *reply =
+        kh_client_submit(client, referral, "abandon-1", S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(reply);
+    ck_assert_str_eq(kh_client_reply_cmd(reply), "REJECTED");
+    ck_assert_str_eq(s_str(reply, "code"), "unavailable");
+    json_decref(reply);
+    ck_assert(khtest_log_has(s_path("intake.log"), "event=commit_stalled", 0));
+
+    long waiting = -1;
+    for (int i = 0; i < 100 && waiting != 0; i++) {
+        waiting = s_count("SELECT count(*) FROM pg_stat_activity WHERE "
+                          "wait_event_type = 'Lock' AND query LIKE "
+                          "'WITH input%'");
+        if (waiting)
+            zclock_sleep(20);
+    }
+    khtest_db_exec(holder, "ROLLBACK", 0, NULL);
+    PQfinish(holder);
+    ck_assert_msg(waiting == 0,
+                  "the abandoned commit still waits on the server");
+
+    kh_client_set_retries(client, 20);
+    reply = kh_client_submit(client, referral, "abandon-1", S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(reply);
+    ck_assert_str_eq(kh_client_reply_cmd(reply), "ACCEPTED");
+    char sql[256];
+    snprintf(sql, sizeof sql,
+             "SELECT count(*) FROM referrals r JOIN audit_events a ON "
+             "a.referral_id = r.id AND a.action = 'referral.accepted' WHERE "
+             "r.idempotency_key = 'abandon-1' AND r.id = '%s'",
+             s_str(reply, "referral_id"));
+    json_decref(reply);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM referrals WHERE "
+                             "idempotency_key = 'abandon-1'"),
+                     1);
+    ck_assert_int_eq(s_count(sql), 1);
+    json_decref(referral);
+    kh_client_destroy(&client);
+}
+END_TEST
+
+/* SIGTERM while a read of intake's waits on a database that stopped
+ * answering: intake stops at once, not when the read times out. */
+START_TEST(a_stalled_read_does_not_delay_stopping)
+{
+    long reader = s_count("SELECT pid FROM pg_stat_activity WHERE "
+                          "application_name = 'ketenhub-intake' AND query "
+                          "NOT LIKE 'WITH input%' ORDER BY pid LIMIT 1");
+    ck_assert_int_gt(reader, 0);
+    kill((pid_t) reader, SIGSTOP);
+    zclock_sleep(250); /* a registry refresh (every 200 ms) is stuck */
+    int64_t started = zclock_mono();
+    int status = khproc_stop(s_intake, SIGTERM, 5000);
+    int64_t elapsed = zclock_mono() - started;
+    s_intake = -1;
+    kill((pid_t) reader, SIGCONT);
+    ck_assert(status != -1 && WIFEXITED(status));
+    ck_assert_int_eq(WEXITSTATUS(status), 0);
+    ck_assert_msg(elapsed < 300, "intake took %d ms to stop", (int) elapsed);
+}
+END_TEST
+
+/* SIGHUP while a read waits does not give the read up: it ends when the
+ * database answers, and intake neither stops nor connects again. */
+START_TEST(sighup_during_a_read_gives_it_not_up)
+{
+    long reader = s_count("SELECT pid FROM pg_stat_activity WHERE "
+                          "application_name = 'ketenhub-intake' AND query "
+                          "NOT LIKE 'WITH input%' ORDER BY pid LIMIT 1");
+    ck_assert_int_gt(reader, 0);
+    int connected = s_log_count("event=db_connected");
+    kill((pid_t) reader, SIGSTOP);
+    zclock_sleep(250); /* a registry refresh (every 200 ms) is stuck */
+    kill(s_intake, SIGHUP);
+    zclock_sleep(200);
+    kill((pid_t) reader, SIGCONT);
+    zclock_sleep(300);
+    kh_client_t *client = s_client("vt");
+    kh_error_t err;
+    ck_assert_int_eq(kh_client_ping(client, S_TIMEOUT, &err), 0);
+    kh_client_destroy(&client);
+    ck_assert(!khtest_log_has(s_path("intake.log"), "db_read_abandoned", 0));
+    ck_assert_int_eq(s_log_count("event=db_connected"), connected);
+}
+END_TEST
+
 int main(void)
 {
     Suite *suite = suite_create("intake");
@@ -2857,6 +3067,17 @@ int main(void)
     tcase_add_test(tc, sighup_does_not_stop_and_sigterm_exits_zero);
     tcase_add_test(tc, the_client_never_resends_before_retry_after_ms);
     tcase_add_test(tc, refused_pings_are_throttled_before_the_trail);
+    suite_add_tcase(suite, tc);
+    /* The database's failures and intake's stop. */
+    tc = tcase_create("intake_db");
+    tcase_set_timeout(tc, 60);
+    tcase_add_checked_fixture(tc, s_setup, s_teardown);
+    tcase_add_test(tc, a_lock_timeout_keeps_both_connections);
+    tcase_add_test(tc, an_abandoned_commit_is_cancelled_on_the_server);
+    tcase_add_test(tc, a_lost_reader_keeps_the_writer);
+    tcase_add_test(tc, an_idle_intake_stops_at_once);
+    tcase_add_test(tc, a_stalled_read_does_not_delay_stopping);
+    tcase_add_test(tc, sighup_during_a_read_gives_it_not_up);
     suite_add_tcase(suite, tc);
     return khtest_run_suite(suite);
 }
