@@ -2045,6 +2045,8 @@ kh_rules_t *kh_rules_load_buffer(const void *data, size_t len,
                                  kh_error_t *err)
 {
     kh_error_clear(err);
+    if (opts && opts->sha256_out)
+        opts->sha256_out[0] = '\0';
     if (!opts || !opts->schema_path) {
         kh_error_set(err, KH_E_CONFIG, "", "no referral schema given");
         return NULL;
@@ -2055,6 +2057,8 @@ kh_rules_t *kh_rules_load_buffer(const void *data, size_t len,
                    "the file is larger than %d bytes", KH_RULES_FILE_MAX);
         return NULL;
     }
+    if (opts->sha256_out)
+        kh_sha256_hex(data, len, opts->sha256_out);
     if (s_check_text(&ctx, data, len))
         return NULL;
     kh_rules_t *self = calloc(1, sizeof *self);
@@ -2101,6 +2105,8 @@ kh_rules_t *kh_rules_load(const char *path, const kh_rules_options_t *opts,
      * otherwise hold the reader (a routing reload, the whole service) until
      * some writer came, and a device could be read without end. A rules
      * file is what an administrator edits, a regular file. */
+    if (opts && opts->sha256_out)
+        opts->sha256_out[0] = '\0';
     int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
     if (fd < 0) {
         kh_error_set(err, KH_E_IO, "", "cannot open the rules file: %s",

@@ -60,6 +60,11 @@ typedef struct {
     /* Receives every error and note; may be NULL. */
     kh_rules_report_fn *report;
     void *report_arg;
+    /* When not NULL, receives (65 bytes) the lower-case hex SHA-256 of the
+     * file's bytes, whether the file loads or not, so that a refused file
+     * can be named; "" when its bytes could not all be read (unreadable,
+     * not a regular file, larger than KH_RULES_FILE_MAX). */
+    char *sha256_out;
 } kh_rules_options_t;
 
 typedef struct _kh_rules_t kh_rules_t;

@@ -202,11 +202,15 @@ static int s_list_partners(routing_t *self, s_partners_t *list, kh_error_t *err)
 }
 
 /* Load the rules file against the partners registered now. Returns new
- * rules or NULL with err. */
-static kh_rules_t *s_load_rules(routing_t *self, kh_error_t *err)
+ * rules or NULL with err; file_sha256 (65 bytes, may be NULL) gets the
+ * hex SHA-256 of the bytes read, loaded or refused ("" when none were). */
+static kh_rules_t *s_load_rules(routing_t *self, char *file_sha256,
+                                kh_error_t *err)
 {
     s_partners_t list = {0};
     kh_rules_t *rules = NULL;
+    if (file_sha256)
+        file_sha256[0] = '\0';
     if (s_list_partners(self, &list, err) == 0) {
         /* An empty registry (a fresh hub, every partner revoked) is still
          * a registry: a NULL list would load the rules unchecked, so that
@@ -217,6 +221,7 @@ static kh_rules_t *s_load_rules(routing_t *self, kh_error_t *err)
             .partners = list.count ? list.items : &none,
             .partner_count = list.count,
             .report = s_report,
+            .sha256_out = file_sha256,
         };
         rules = kh_rules_load(self->config.rules_file, &opts, err);
     }
@@ -629,12 +634,20 @@ fail:
 }
 
 /* Write a rules.reloaded event (cause NULL) for the rules of version, or
- * a rules.reload_failed one naming cause's code and path, in its own
- * transaction. 0, or -1 with err. */
+ * a rules.reload_failed one naming cause's code and path (version is
+ * then the one kept), in its own transaction. Either way its payload_hash
+ * is file_sha256, the file loaded or refused ("": none, when its bytes
+ * could not be read). 0, or -1 with err. */
 static int s_audit_reload(routing_t *self, const char *version,
-                          const kh_error_t *cause, kh_error_t *err)
+                          const char *file_sha256, const kh_error_t *cause,
+                          kh_error_t *err)
 {
-    const char *params[] = {"rules.reloaded", "ok", NULL, NULL, version};
+    const char *params[] = {"rules.reloaded",
+                            "ok",
+                            NULL,
+                            NULL,
+                            version,
+                            file_sha256[0] ? file_sha256 : NULL};
     if (cause) {
         params[0] = "rules.reload_failed";
         params[1] = "failed";
@@ -655,11 +668,13 @@ static int s_audit_reload(routing_t *self, const char *version,
 static void s_reload(routing_t *self)
 {
     kh_error_t err;
-    kh_rules_t *rules = s_load_rules(self, &err);
+    char file_sha256[65];
+    kh_rules_t *rules = s_load_rules(self, file_sha256, &err);
     kh_rules_result_t *result = rules ? kh_rules_result_new(rules) : NULL;
     if (rules && !result)
         kh_error_set(&err, KH_E_NOMEM, "", "out of memory");
-    if (result && s_audit_reload(self, kh_rules_version(rules), NULL, &err))
+    if (result &&
+        s_audit_reload(self, kh_rules_version(rules), file_sha256, NULL, &err))
         kh_rules_result_destroy(&result);
     if (!result) {
         kh_rules_destroy(&rules);
@@ -667,17 +682,18 @@ static void s_reload(routing_t *self)
          * registry, nor its loading recorded: it is tried again once the
          * database is back, as if SIGHUP came then. */
         self->reload_again = err.code == KH_E_UNAVAILABLE;
-        kh_log_error("rules_reload_failed",
-                     "file=%s code=%s path=%s line=%d column=%d msg=\"%s\" "
-                     "kept=%s again=%s",
-                     self->config.rules_file, kh_error_name(err.code),
-                     err.path[0] ? err.path : "none", err.line, err.column,
-                     KH_LOG_Q(err.message), kh_rules_version(self->rules),
-                     self->reload_again ? "when_database_is_back" : "no");
+        kh_log_error(
+            "rules_reload_failed",
+            "file=%s refused_sha256=%s code=%s path=%s line=%d "
+            "column=%d msg=\"%s\" kept=%s again=%s",
+            self->config.rules_file, file_sha256[0] ? file_sha256 : "none",
+            kh_error_name(err.code), err.path[0] ? err.path : "none", err.line,
+            err.column, KH_LOG_Q(err.message), kh_rules_version(self->rules),
+            self->reload_again ? "when_database_is_back" : "no");
         kh_metric_add("rules_reloads_total", "failed", 1);
         kh_error_t audit_err;
-        if (s_audit_reload(self, kh_rules_version(self->rules), &err,
-                           &audit_err))
+        if (s_audit_reload(self, kh_rules_version(self->rules), file_sha256,
+                           &err, &audit_err))
             kh_log_error("audit_failed",
                          "action=rules.reload_failed msg=\"%s\"",
                          KH_LOG_Q(audit_err.message));
@@ -958,7 +974,7 @@ int routing_start(routing_t *self, kh_error_t *err)
         return 0;
     if (s_connect(self, err))
         return -1;
-    self->rules = s_load_rules(self, err);
+    self->rules = s_load_rules(self, NULL, err);
     if (!self->rules) {
         s_rules_error_is_setting(self, err);
         return -1;

@@ -516,6 +516,11 @@ static void s_assert_reloaded(const char *want, int timeout_ms)
                               " WHERE action = 'rules.reloaded'");
     ck_assert_str_eq(version, want);
     free(version);
+    char *hash = khtest_db_value(
+        s_db, "SELECT encode(payload_hash, 'hex') FROM audit_events"
+              " WHERE action = 'rules.reloaded'");
+    ck_assert_str_eq(hash, want);
+    free(hash);
 }
 
 /* The deliveries of referral id to partner. */
@@ -619,6 +624,19 @@ START_TEST(sighup_reload_keeps_old_rules_when_broken)
                               " WHERE action = 'rules.reload_failed'");
     ck_assert_str_eq(version, kh_rules_version(s_rules));
     free(version);
+    /* The refused file is named too, by its own hash: an auditor must
+     * know which file was refused, not only which rules stayed. */
+    char refused[65];
+    kh_sha256_hex("version: 1\nrules: [\n", strlen("version: 1\nrules: [\n"),
+                  refused);
+    char *hash = khtest_db_value(
+        s_db, "SELECT encode(payload_hash, 'hex') FROM audit_events"
+              " WHERE action = 'rules.reload_failed'");
+    ck_assert_str_eq(hash, refused);
+    free(hash);
+    char line[128];
+    snprintf(line, sizeof line, "refused_sha256=%s ", refused);
+    ck_assert(s_log_has("routing.log", line, 1000));
 
     /* Still routing, by the old rules. */
     long deliveries = s_insert_many(5);
