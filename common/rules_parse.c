@@ -135,6 +135,16 @@ s_error_at(s_ctx_t *ctx, kh_errcode_t code, const char *path, int line,
     va_end(ap);
 }
 
+__attribute__((format(printf, 6, 7))) static void
+s_note_at(s_ctx_t *ctx, kh_errcode_t code, const char *path, int line,
+          int column, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    s_vreport(ctx, false, code, path, line, column, fmt, ap);
+    va_end(ap);
+}
+
 /* Child path: parent + key or parent + [index]. */
 static void s_path_key(char *out, const char *parent, const char *key)
 {
@@ -1592,6 +1602,159 @@ static const kh_rcond_t *s_never_origin(const kh_rcond_t *c)
     return c;
 }
 
+/* ---- never-matching values: notes --------------------------------------- */
+
+/* The checks above refuse a rule that can never fire. Those below find
+ * more such rules (a value that one part requires and another excludes,
+ * `in`s that share no value, `not` of every value written as several
+ * parts) and only note them: files that loaded before they existed must
+ * still load, at a reload and at a start. */
+
+/* The equals and in leaves that condition c requires (negated false) or
+ * excludes (negated true) of every referral it holds for: those of an
+ * `all`, of the `all`s in it, and, by De Morgan, each part of a negated
+ * `any` ({not: {any: [A, B]}} excludes A and B). Other parts are left
+ * out, which can only widen what seems possible. Into pos and neg when
+ * not NULL; counts in *npos and *nneg. */
+static void s_value_parts(const kh_rcond_t *c, bool negated,
+                          const kh_rcond_t **pos, size_t *npos,
+                          const kh_rcond_t **neg, size_t *nneg)
+{
+    if (c->op == KH_RC_EQ || c->op == KH_RC_IN) {
+        if (negated && neg)
+            neg[*nneg] = c;
+        else if (!negated && pos)
+            pos[*npos] = c;
+        (*(negated ? nneg : npos))++;
+    } else if (c->op == KH_RC_NOT)
+        s_value_parts(c->kids[0], !negated, pos, npos, neg, nneg);
+    else if ((c->op == KH_RC_ALL && !negated) ||
+             (c->op == KH_RC_ANY && negated))
+        for (size_t i = 0; i < c->nkids; i++)
+            s_value_parts(c->kids[i], negated, pos, npos, neg, nneg);
+}
+
+static bool s_leaf_has(const kh_rcond_t *leaf, const kh_rval_t *v)
+{
+    for (size_t i = 0; i < leaf->nvals; i++)
+        if (s_val_same(&leaf->vals[i], v))
+            return true;
+    return false;
+}
+
+/* Whether value v of field passes every part in pos (it is one of their
+ * values) and in neg (it is none of theirs). A negated part that names
+ * null is left out: whether an absent field counts as null is not this
+ * check's to decide. */
+static bool s_value_passes(const kh_rval_t *v, int field,
+                           const kh_rcond_t *const *pos, size_t npos,
+                           const kh_rcond_t *const *neg, size_t nneg)
+{
+    for (size_t i = 0; i < npos; i++)
+        if (pos[i]->field == field && !s_leaf_has(pos[i], v))
+            return false;
+    kh_rval_t null = {.kind = KH_RV_NULL};
+    for (size_t i = 0; i < nneg; i++)
+        if (neg[i]->field == field && !s_leaf_has(neg[i], &null) &&
+            s_leaf_has(neg[i], v))
+            return false;
+    return true;
+}
+
+/* Whether no value of field passes pos and neg: the values to try are
+ * those of the first part in pos on field, or, when none is, every value
+ * the field can take (true and false, or its codes) when it is in every
+ * referral; a field of other values is not judged. */
+static bool s_no_value_passes(const kh_rules_t *rules, int field,
+                              const kh_rcond_t *const *pos, size_t npos,
+                              const kh_rcond_t *const *neg, size_t nneg)
+{
+    for (size_t i = 0; i < npos; i++)
+        if (pos[i]->field == field) {
+            for (size_t k = 0; k < pos[i]->nvals; k++)
+                if (s_value_passes(&pos[i]->vals[k], field, pos, npos, neg,
+                                   nneg))
+                    return false;
+            return true;
+        }
+    const kh_rfield_t *f = &rules->fields[field];
+    if (!f->always)
+        return false;
+    if (f->kind == KH_RK_BOOLEAN) {
+        kh_rval_t t = {.kind = KH_RV_BOOL, .b = true};
+        kh_rval_t fl = {.kind = KH_RV_BOOL, .b = false};
+        return !s_value_passes(&t, field, pos, npos, neg, nneg) &&
+               !s_value_passes(&fl, field, pos, npos, neg, nneg);
+    }
+    if (f->kind != KH_RK_STRING || !json_is_array(f->enums) ||
+        json_array_size(f->enums) == 0)
+        return false;
+    size_t i;
+    const json_t *code;
+    json_array_foreach(f->enums, i, code)
+    {
+        if (!json_is_string(code))
+            return false;
+        kh_rval_t v = {.kind = KH_RV_STR,
+                       .s = (char *) json_string_value(code),
+                       .len = json_string_length(code)};
+        if (s_value_passes(&v, field, pos, npos, neg, nneg))
+            return false;
+    }
+    return true;
+}
+
+/* The field of which condition c leaves no value (see s_value_parts), or
+ * -1 when it leaves one for every field, or is too large to judge. */
+static int s_field_left_empty(const kh_rules_t *rules, const kh_rcond_t *c)
+{
+    size_t npos = 0, nneg = 0;
+    s_value_parts(c, false, NULL, &npos, NULL, &nneg);
+    if (npos + nneg == 0 || npos + nneg > S_NEGATED_PAIRS_MAX / (npos + nneg))
+        return -1;
+    const kh_rcond_t **parts = malloc((npos + nneg) * sizeof *parts);
+    if (!parts)
+        return -1; /* a note the less, never a wrong one */
+    size_t p = 0, q = 0;
+    s_value_parts(c, false, parts, &p, parts + npos, &q);
+    int empty = -1;
+    for (size_t i = 0; i < npos + nneg && empty < 0; i++) {
+        int field = parts[i]->field;
+        bool first = true; /* each field once */
+        for (size_t k = 0; k < i && first; k++)
+            first = parts[k]->field != field;
+        if (first &&
+            s_no_value_passes(rules, field, parts, npos, parts + npos, nneg))
+            empty = field;
+    }
+    free(parts);
+    return empty;
+}
+
+/* Note each part of condition c (c itself, or the parts of the `any`s in
+ * it) that leaves no value of a field, unless the checks above found it
+ * already. */
+static void s_note_no_value(s_ctx_t *ctx, const kh_rcond_t *c)
+{
+    if (c->state == KH_RS_NEVER)
+        return;
+    if (c->op == KH_RC_ALL || c->op == KH_RC_NOT) {
+        int field = s_field_left_empty(ctx->rules, c);
+        if (field >= 0) {
+            s_note_at(ctx, KH_E_RULES_NEVER_MATCHES, c->path, c->line,
+                      c->column,
+                      "no value of %s meets every part of this condition, "
+                      "so it can never hold and the rule never fires "
+                      "through it",
+                      ctx->rules->fields[field].path);
+            return;
+        }
+    }
+    if (c->op == KH_RC_ALL || c->op == KH_RC_ANY)
+        for (size_t i = 0; i < c->nkids; i++)
+            s_note_no_value(ctx, c->kids[i]);
+}
+
 /* ---- targets ------------------------------------------------------------- */
 
 static int s_priority(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
@@ -1914,7 +2077,8 @@ static void s_rule(s_ctx_t *ctx, const s_ynode_t *n, size_t index)
         const kh_rcond_t *o = s_never_origin(rule->when);
         s_error_at(ctx, KH_E_RULES_NEVER_MATCHES, o->path, o->line, o->column,
                    "this condition can never hold, so the rule never fires");
-    }
+    } else if (rule->when && !failed)
+        s_note_no_value(ctx, rule->when);
     s_path_key(p, path, "then");
     if (!s_want(ctx, then, S_YMAP, p, "then"))
         return;

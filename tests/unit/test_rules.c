@@ -980,6 +980,69 @@ START_TEST(test_dead_part_of_any_noted)
 }
 END_TEST
 
+/* Conditions that leave no value of a field, which the checks that refuse
+ * a never-matching rule do not find (files using them loaded before), are
+ * a note with the condition's path and place; the rule still loads. */
+START_TEST(test_no_value_left_is_a_note)
+{
+    static const struct {
+        const char *cond, *note;
+    } cases[] = {
+        /* not over all three scopes, as three parts of an all */
+        {"{all: [{not: {field: scope, equals: domestic}}, {not: {field: "
+         "scope, equals: cross_border}}, {not: {field: scope, equals: "
+         "unknown}}]}",
+         "note rules.never_matches 5:9 rules[0].when;"},
+        /* ... and as the not of an any */
+        {"{not: {any: [{field: scope, equals: domestic}, {field: scope, "
+         "equals: cross_border}, {field: scope, equals: unknown}]}}",
+         "note rules.never_matches 5:9 rules[0].when;"},
+        /* a value that another part excludes */
+        {"{all: [{field: scope, equals: domestic}, {not: {field: scope, in: "
+         "[domestic, unknown]}}]}",
+         "note rules.never_matches 5:9 rules[0].when;"},
+        /* two ins that share no value */
+        {"{all: [{field: scope, in: [domestic, unknown]}, {field: scope, in: "
+         "[cross_border]}]}",
+         "note rules.never_matches 5:9 rules[0].when;"},
+        /* booleans, on a nested all */
+        {"{all: [{not: {field: subject.minor, equals: true}}, {all: [{not: "
+         "{field: subject.minor, equals: false}}]}]}",
+         "note rules.never_matches 5:9 rules[0].when;"},
+        /* a field not in every referral, with a value required */
+        {"{all: [{field: subject.age, in: [9, 10]}, {not: {field: "
+         "subject.age, in: [10, 9]}}]}",
+         "note rules.never_matches 5:9 rules[0].when;"},
+        /* one part of an any: the rule still fires through the other */
+        {"{any: [{field: risk.acute_danger, equals: true}, {all: [{field: "
+         "scope, in: [domestic]}, {field: scope, in: [unknown]}]}]}",
+         "note rules.never_matches 5:58 rules[0].when.any[1];"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char yaml[1024];
+        snprintf(yaml, sizeof yaml,
+                 "version: 1\n"
+                 "fallback: {targets: [{partner: zorgcoordinator, fields: "
+                 "[needs]}]}\n"
+                 "rules:\n"
+                 "- name: r1\n"
+                 "  when: %s\n"
+                 "  then: {targets: [{partner: avim, fields: [risk]}]}\n",
+                 cases[i].cond);
+        char reports[2048] = "";
+        kh_rules_options_t o = s_opts(s_demo, S_DEMO_COUNT);
+        o.report = s_collect;
+        o.report_arg = reports;
+        kh_error_t err;
+        kh_rules_t *rules = kh_rules_load_buffer(yaml, strlen(yaml), &o, &err);
+        ck_assert_msg(rules != NULL, "%s: %s", cases[i].cond, err.message);
+        ck_assert_msg(strcmp(reports, cases[i].note) == 0, "%s: %s",
+                      cases[i].cond, reports);
+        kh_rules_destroy(&rules);
+    }
+}
+END_TEST
+
 /* A key the format does not have (a typo) is one error among the others:
  * what is around it is still checked, so that one check shows them all. */
 START_TEST(test_unknown_key_hides_nothing)
@@ -1066,7 +1129,14 @@ START_TEST(test_never_matches_only_when_impossible)
                  "  when: {field: risk.acute_danger, equals: true}\n"
                  "  then: {targets: [{partner: px, fields: [risk]}]}\n",
                  conds[i]);
-        kh_rules_t *rules = s_load_text(yaml, s_demo, S_DEMO_COUNT);
+        char reports[2048] = "";
+        kh_rules_options_t o = s_opts(s_demo, S_DEMO_COUNT);
+        o.report = s_collect;
+        o.report_arg = reports;
+        kh_error_t err;
+        kh_rules_t *rules = kh_rules_load_buffer(yaml, strlen(yaml), &o, &err);
+        ck_assert_msg(rules != NULL, "%s: %s", conds[i], err.message);
+        ck_assert_msg(reports[0] == '\0', "%s: %s", conds[i], reports);
         kh_rules_result_t *r = kh_rules_result_new(rules);
         json_t *doc = khtest_json(referrals[i]);
         kh_rules_eval(rules, doc, r);
@@ -1758,6 +1828,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_a_field_listed_twice_is_a_note);
     tcase_add_test(tc, test_unknown_key_hides_nothing);
     tcase_add_test(tc, test_never_matches_only_when_impossible);
+    tcase_add_test(tc, test_no_value_left_is_a_note);
     tcase_add_test(tc, test_core_schema_numbers);
     tcase_add_test(tc, test_alias_bomb_refused_fast);
     tcase_add_test(tc, test_size_depth_encoding);
