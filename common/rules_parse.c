@@ -2204,6 +2204,48 @@ void kh_rules_destroy(kh_rules_t **self_p)
     *self_p = NULL;
 }
 
+/* The referral schema at path, parsed, and the SHA-256 of its bytes into
+ * sha256 (what a routing decision depends on besides the rules: the
+ * fields a projection holds, the codes a field can take); NULL when it
+ * cannot be read or is not JSON. */
+static json_t *s_load_schema(const char *path, char sha256[65])
+{
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return NULL;
+    /* The schema comes with the hub, not from a partner: the bound only
+     * keeps a wrong path (a device) from being read without end. */
+    size_t cap = 16 * 1024 * 1024, len = 0, size = 0;
+    char *buf = NULL;
+    bool bad = false;
+    while (!bad) {
+        if (len == size) {
+            size = size ? size * 2 : 64 * 1024;
+            char *more = size <= cap ? realloc(buf, size) : NULL;
+            if (!more) {
+                bad = true;
+                break;
+            }
+            buf = more;
+        }
+        size_t n = fread(buf + len, 1, size - len, f);
+        len += n;
+        if (n == 0) {
+            bad = ferror(f) != 0;
+            break;
+        }
+    }
+    fclose(f);
+    json_t *schema = NULL;
+    if (!bad) {
+        kh_sha256_hex(buf, len, sha256);
+        json_error_t jerr;
+        schema = json_loadb(buf, len, JSON_REJECT_DUPLICATES, &jerr);
+    }
+    free(buf);
+    return schema;
+}
+
 kh_rules_t *kh_rules_load_buffer(const void *data, size_t len,
                                  const kh_rules_options_t *opts,
                                  kh_error_t *err)
@@ -2232,9 +2274,7 @@ kh_rules_t *kh_rules_load_buffer(const void *data, size_t len,
     }
     ctx.rules = self;
     kh_sha256_hex(data, len, self->version);
-    json_error_t jerr;
-    self->schema =
-        json_load_file(opts->schema_path, JSON_REJECT_DUPLICATES, &jerr);
+    self->schema = s_load_schema(opts->schema_path, self->schema_version);
     self->fields = calloc(KH_RFIELDS_MAX, sizeof *self->fields);
     if (!self->schema || !self->fields ||
         s_load_fields(self, self->schema, -1, "", true, 0)) {
@@ -2309,6 +2349,55 @@ kh_rules_t *kh_rules_load(const char *path, const kh_rules_options_t *opts,
 const char *kh_rules_version(const kh_rules_t *self)
 {
     return self->version;
+}
+
+const char *kh_rules_schema_version(const kh_rules_t *self)
+{
+    return self->schema_version;
+}
+
+static int s_strptr_cmp(const void *a, const void *b)
+{
+    return strcmp(*(const char *const *) a, *(const char *const *) b);
+}
+
+int kh_rules_decision_version(const kh_rules_t *self,
+                              const kh_rules_partner_t *partners, size_t count,
+                              char out[KH_RULES_DECISION_VERSION_MAX + 1])
+{
+    /* The partners that the file names and that take part: registered,
+     * handling cases. Sorted, so that the order of the registry and of the
+     * file make no difference. */
+    const char **ids =
+        calloc(self->npartners ? self->npartners : 1, sizeof *ids);
+    if (!ids)
+        return -1;
+    size_t n = 0, len = 0;
+    for (size_t i = 0; partners && i < self->npartners; i++)
+        if (s_may_receive(partners, count, self->partner_ids[i])) {
+            ids[n++] = self->partner_ids[i];
+            len += strlen(self->partner_ids[i]) + 9;
+        }
+    qsort(ids, n, sizeof *ids, s_strptr_cmp);
+    static const char head[] = "ketenhub rules context 1\nschema ";
+    len += sizeof head + 64 + 1;
+    char *text = malloc(len + 1);
+    if (!text) {
+        free(ids);
+        return -1;
+    }
+    size_t used =
+        (size_t) snprintf(text, len + 1, "%s%s\n", head, self->schema_version);
+    for (size_t i = 0; i < n; i++)
+        used += (size_t) snprintf(text + used, len + 1 - used, "partner %s\n",
+                                  ids[i]);
+    char context[65];
+    kh_sha256_hex(text, used, context);
+    free(text);
+    free(ids);
+    snprintf(out, KH_RULES_DECISION_VERSION_MAX + 1, "%s.%.32s", self->version,
+             context);
+    return 0;
 }
 
 size_t kh_rules_count(const kh_rules_t *self)

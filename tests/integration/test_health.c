@@ -560,10 +560,13 @@ START_TEST(routing_and_notification_count_and_report_the_backlog)
     /* It tells the rules version it routes by, and status shows it, also
      * before the trail records any (nothing routed, nothing reloaded). */
     const char *told = strstr(body, " rules=");
-    ck_assert_msg(told && strspn(told + 7, "0123456789abcdef") == 64, "%s",
-                  body);
-    char rules[65];
-    snprintf(rules, sizeof rules, "%.64s", told + 7);
+    /* The rules file's hash, a dot, the context's (schema, partners). */
+    ck_assert_msg(told && strspn(told + 7, "0123456789abcdef") == 64 &&
+                      told[7 + 64] == '.' &&
+                      strspn(told + 7 + 65, "0123456789abcdef") == 32,
+                  "%s", body);
+    char rules[98];
+    snprintf(rules, sizeof rules, "%.97s", told + 7);
     free(body);
     json_t *doc = NULL;
     s_status(routing_health, &doc);
@@ -592,7 +595,7 @@ START_TEST(routing_and_notification_count_and_report_the_backlog)
                     NULL};
     char *text = NULL;
     khtest_run(argv, &text);
-    char want[160];
+    char want[256];
     snprintf(want, sizeof want,
              "rules version     %s (loaded by routing, nothing routed by it "
              "yet)",

@@ -1043,6 +1043,68 @@ START_TEST(test_no_value_left_is_a_note)
 }
 END_TEST
 
+/* The decision version is the rules version and the context, computed as
+ * schemas/rules.md says: the schema's bytes and the named partners that
+ * take part, whatever the registry's order; partners the file does not
+ * name, or that handle no cases, make no difference. */
+START_TEST(test_decision_version_follows_the_recipe)
+{
+    static const char *yaml =
+        "version: 1\n"
+        "fallback: {targets: [{partner: zorgcoordinator, fields: [needs]}]}\n"
+        "rules:\n"
+        "- {name: r1, when: {field: subject.minor, equals: true},\n"
+        "   then: {targets: [{partner: veilig-thuis, fields: [subject]},\n"
+        "                    {partner: px, optional: true, fields: "
+        "[risk]}]}}\n";
+    kh_rules_t *rules = s_load_text(yaml, s_demo, S_DEMO_COUNT);
+    /* The schema's own bytes. */
+    char *schema = khtest_read_file(s_schema);
+    ck_assert_ptr_nonnull(schema);
+    char schema_hash[65];
+    kh_sha256_hex(schema, strlen(schema), schema_hash);
+    free(schema);
+    ck_assert_str_eq(kh_rules_schema_version(rules), schema_hash);
+
+    static const struct {
+        kh_rules_partner_t partners[4];
+        size_t count;
+        const char *named; /* the partner lines of the recipe */
+    } cases[] = {
+        {{{"zorgcoordinator", true}, {"veilig-thuis", true}, {"px", true}},
+         3,
+         "partner px\npartner veilig-thuis\npartner zorgcoordinator\n"},
+        {{{"px", true},
+          {"avim", true},
+          {"zorgcoordinator", true},
+          {"veilig-thuis", true}},
+         4,
+         "partner px\npartner veilig-thuis\npartner zorgcoordinator\n"},
+        {{{"zorgcoordinator", true}, {"veilig-thuis", true}, {"px", false}},
+         3,
+         "partner veilig-thuis\npartner zorgcoordinator\n"},
+        {{{"zorgcoordinator", true}, {"veilig-thuis", true}},
+         2,
+         "partner veilig-thuis\npartner zorgcoordinator\n"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char text[512], context[65], want[KH_RULES_DECISION_VERSION_MAX + 1];
+        int len = snprintf(text, sizeof text,
+                           "ketenhub rules context 1\nschema %s\n%s",
+                           schema_hash, cases[i].named);
+        kh_sha256_hex(text, (size_t) len, context);
+        snprintf(want, sizeof want, "%s.%.32s", kh_rules_version(rules),
+                 context);
+        char got[KH_RULES_DECISION_VERSION_MAX + 1];
+        ck_assert_int_eq(kh_rules_decision_version(rules, cases[i].partners,
+                                                   cases[i].count, got),
+                         0);
+        ck_assert_str_eq(got, want);
+    }
+    kh_rules_destroy(&rules);
+}
+END_TEST
+
 /* A key the format does not have (a typo) is one error among the others:
  * what is around it is still checked, so that one check shows them all. */
 START_TEST(test_unknown_key_hides_nothing)
@@ -1829,6 +1891,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_unknown_key_hides_nothing);
     tcase_add_test(tc, test_never_matches_only_when_impossible);
     tcase_add_test(tc, test_no_value_left_is_a_note);
+    tcase_add_test(tc, test_decision_version_follows_the_recipe);
     tcase_add_test(tc, test_core_schema_numbers);
     tcase_add_test(tc, test_alias_bomb_refused_fast);
     tcase_add_test(tc, test_size_depth_encoding);

@@ -137,9 +137,9 @@ static json_t *s_probe(const s_service_t *svc)
         json_object_set_new(out, "state", json_string("up"));
         json_object_set_new(out, "version", json_string(version));
         /* routing tells the rules version it routes by */
-        char rules[65];
+        char rules[129]; /* as audit_events.rules_version */
         const char *at = strstr(body, " rules=");
-        if (at && sscanf(at, " rules=%64s", rules) == 1)
+        if (at && sscanf(at, " rules=%128s", rules) == 1)
             json_object_set_new(out, "rules_version", json_string(rules));
         if (strcmp(service, svc->name) != 0)
             json_object_set_new(out, "detail",
