@@ -475,7 +475,7 @@ static atomic_llong s_beat_ms;
 /* The rules version the service routes by (kh_health_note_rules), read by
  * the endpoint's thread. */
 static pthread_mutex_t s_rules_mutex = PTHREAD_MUTEX_INITIALIZER;
-static char s_rules_version[65];
+static char s_rules_version[129]; /* as audit_events.rules_version */
 
 static long long s_now_ms(void)
 {
@@ -748,7 +748,7 @@ static enum MHD_Result s_handler(void *cls, struct MHD_Connection *connection,
         if (*why)
             return s_respond(connection, MHD_HTTP_SERVICE_UNAVAILABLE,
                              s_printf("not ready: %s\n", why), plain);
-        char rules[72] = "";
+        char rules[sizeof s_rules_version + 8] = "";
         pthread_mutex_lock(&s_rules_mutex);
         if (*s_rules_version)
             snprintf(rules, sizeof rules, " rules=%s", s_rules_version);

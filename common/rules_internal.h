@@ -104,7 +104,8 @@ typedef struct {
 
 struct _kh_rules_t {
     char version[65];
-    json_t *schema; /* kept: fields borrow its enums */
+    char schema_version[65]; /* SHA-256 of the referral schema's bytes */
+    json_t *schema;          /* kept: fields borrow its enums */
     kh_rfield_t *fields;
     size_t nfields;
     kh_rrule_t *rules;

@@ -135,6 +135,16 @@ s_error_at(s_ctx_t *ctx, kh_errcode_t code, const char *path, int line,
     va_end(ap);
 }
 
+__attribute__((format(printf, 6, 7))) static void
+s_note_at(s_ctx_t *ctx, kh_errcode_t code, const char *path, int line,
+          int column, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    s_vreport(ctx, false, code, path, line, column, fmt, ap);
+    va_end(ap);
+}
+
 /* Child path: parent + key or parent + [index]. */
 static void s_path_key(char *out, const char *parent, const char *key)
 {
@@ -1592,6 +1602,159 @@ static const kh_rcond_t *s_never_origin(const kh_rcond_t *c)
     return c;
 }
 
+/* ---- never-matching values: notes --------------------------------------- */
+
+/* The checks above refuse a rule that can never fire. Those below find
+ * more such rules (a value that one part requires and another excludes,
+ * `in`s that share no value, `not` of every value written as several
+ * parts) and only note them: files that loaded before they existed must
+ * still load, at a reload and at a start. */
+
+/* The equals and in leaves that condition c requires (negated false) or
+ * excludes (negated true) of every referral it holds for: those of an
+ * `all`, of the `all`s in it, and, by De Morgan, each part of a negated
+ * `any` ({not: {any: [A, B]}} excludes A and B). Other parts are left
+ * out, which can only widen what seems possible. Into pos and neg when
+ * not NULL; counts in *npos and *nneg. */
+static void s_value_parts(const kh_rcond_t *c, bool negated,
+                          const kh_rcond_t **pos, size_t *npos,
+                          const kh_rcond_t **neg, size_t *nneg)
+{
+    if (c->op == KH_RC_EQ || c->op == KH_RC_IN) {
+        if (negated && neg)
+            neg[*nneg] = c;
+        else if (!negated && pos)
+            pos[*npos] = c;
+        (*(negated ? nneg : npos))++;
+    } else if (c->op == KH_RC_NOT)
+        s_value_parts(c->kids[0], !negated, pos, npos, neg, nneg);
+    else if ((c->op == KH_RC_ALL && !negated) ||
+             (c->op == KH_RC_ANY && negated))
+        for (size_t i = 0; i < c->nkids; i++)
+            s_value_parts(c->kids[i], negated, pos, npos, neg, nneg);
+}
+
+static bool s_leaf_has(const kh_rcond_t *leaf, const kh_rval_t *v)
+{
+    for (size_t i = 0; i < leaf->nvals; i++)
+        if (s_val_same(&leaf->vals[i], v))
+            return true;
+    return false;
+}
+
+/* Whether value v of field passes every part in pos (it is one of their
+ * values) and in neg (it is none of theirs). A negated part that names
+ * null is left out: whether an absent field counts as null is not this
+ * check's to decide. */
+static bool s_value_passes(const kh_rval_t *v, int field,
+                           const kh_rcond_t *const *pos, size_t npos,
+                           const kh_rcond_t *const *neg, size_t nneg)
+{
+    for (size_t i = 0; i < npos; i++)
+        if (pos[i]->field == field && !s_leaf_has(pos[i], v))
+            return false;
+    kh_rval_t null = {.kind = KH_RV_NULL};
+    for (size_t i = 0; i < nneg; i++)
+        if (neg[i]->field == field && !s_leaf_has(neg[i], &null) &&
+            s_leaf_has(neg[i], v))
+            return false;
+    return true;
+}
+
+/* Whether no value of field passes pos and neg: the values to try are
+ * those of the first part in pos on field, or, when none is, every value
+ * the field can take (true and false, or its codes) when it is in every
+ * referral; a field of other values is not judged. */
+static bool s_no_value_passes(const kh_rules_t *rules, int field,
+                              const kh_rcond_t *const *pos, size_t npos,
+                              const kh_rcond_t *const *neg, size_t nneg)
+{
+    for (size_t i = 0; i < npos; i++)
+        if (pos[i]->field == field) {
+            for (size_t k = 0; k < pos[i]->nvals; k++)
+                if (s_value_passes(&pos[i]->vals[k], field, pos, npos, neg,
+                                   nneg))
+                    return false;
+            return true;
+        }
+    const kh_rfield_t *f = &rules->fields[field];
+    if (!f->always)
+        return false;
+    if (f->kind == KH_RK_BOOLEAN) {
+        kh_rval_t t = {.kind = KH_RV_BOOL, .b = true};
+        kh_rval_t fl = {.kind = KH_RV_BOOL, .b = false};
+        return !s_value_passes(&t, field, pos, npos, neg, nneg) &&
+               !s_value_passes(&fl, field, pos, npos, neg, nneg);
+    }
+    if (f->kind != KH_RK_STRING || !json_is_array(f->enums) ||
+        json_array_size(f->enums) == 0)
+        return false;
+    size_t i;
+    const json_t *code;
+    json_array_foreach(f->enums, i, code)
+    {
+        if (!json_is_string(code))
+            return false;
+        kh_rval_t v = {.kind = KH_RV_STR,
+                       .s = (char *) json_string_value(code),
+                       .len = json_string_length(code)};
+        if (s_value_passes(&v, field, pos, npos, neg, nneg))
+            return false;
+    }
+    return true;
+}
+
+/* The field of which condition c leaves no value (see s_value_parts), or
+ * -1 when it leaves one for every field, or is too large to judge. */
+static int s_field_left_empty(const kh_rules_t *rules, const kh_rcond_t *c)
+{
+    size_t npos = 0, nneg = 0;
+    s_value_parts(c, false, NULL, &npos, NULL, &nneg);
+    if (npos + nneg == 0 || npos + nneg > S_NEGATED_PAIRS_MAX / (npos + nneg))
+        return -1;
+    const kh_rcond_t **parts = malloc((npos + nneg) * sizeof *parts);
+    if (!parts)
+        return -1; /* a note the less, never a wrong one */
+    size_t p = 0, q = 0;
+    s_value_parts(c, false, parts, &p, parts + npos, &q);
+    int empty = -1;
+    for (size_t i = 0; i < npos + nneg && empty < 0; i++) {
+        int field = parts[i]->field;
+        bool first = true; /* each field once */
+        for (size_t k = 0; k < i && first; k++)
+            first = parts[k]->field != field;
+        if (first &&
+            s_no_value_passes(rules, field, parts, npos, parts + npos, nneg))
+            empty = field;
+    }
+    free(parts);
+    return empty;
+}
+
+/* Note each part of condition c (c itself, or the parts of the `any`s in
+ * it) that leaves no value of a field, unless the checks above found it
+ * already. */
+static void s_note_no_value(s_ctx_t *ctx, const kh_rcond_t *c)
+{
+    if (c->state == KH_RS_NEVER)
+        return;
+    if (c->op == KH_RC_ALL || c->op == KH_RC_NOT) {
+        int field = s_field_left_empty(ctx->rules, c);
+        if (field >= 0) {
+            s_note_at(ctx, KH_E_RULES_NEVER_MATCHES, c->path, c->line,
+                      c->column,
+                      "no value of %s meets every part of this condition, "
+                      "so it can never hold and the rule never fires "
+                      "through it",
+                      ctx->rules->fields[field].path);
+            return;
+        }
+    }
+    if (c->op == KH_RC_ALL || c->op == KH_RC_ANY)
+        for (size_t i = 0; i < c->nkids; i++)
+            s_note_no_value(ctx, c->kids[i]);
+}
+
 /* ---- targets ------------------------------------------------------------- */
 
 static int s_priority(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
@@ -1914,7 +2077,8 @@ static void s_rule(s_ctx_t *ctx, const s_ynode_t *n, size_t index)
         const kh_rcond_t *o = s_never_origin(rule->when);
         s_error_at(ctx, KH_E_RULES_NEVER_MATCHES, o->path, o->line, o->column,
                    "this condition can never hold, so the rule never fires");
-    }
+    } else if (rule->when && !failed)
+        s_note_no_value(ctx, rule->when);
     s_path_key(p, path, "then");
     if (!s_want(ctx, then, S_YMAP, p, "then"))
         return;
@@ -2040,11 +2204,55 @@ void kh_rules_destroy(kh_rules_t **self_p)
     *self_p = NULL;
 }
 
+/* The referral schema at path, parsed, and the SHA-256 of its bytes into
+ * sha256 (what a routing decision depends on besides the rules: the
+ * fields a projection holds, the codes a field can take); NULL when it
+ * cannot be read or is not JSON. */
+static json_t *s_load_schema(const char *path, char sha256[65])
+{
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return NULL;
+    /* The schema comes with the hub, not from a partner: the bound only
+     * keeps a wrong path (a device) from being read without end. */
+    size_t cap = 16 * 1024 * 1024, len = 0, size = 0;
+    char *buf = NULL;
+    bool bad = false;
+    while (!bad) {
+        if (len == size) {
+            size = size ? size * 2 : 64 * 1024;
+            char *more = size <= cap ? realloc(buf, size) : NULL;
+            if (!more) {
+                bad = true;
+                break;
+            }
+            buf = more;
+        }
+        size_t n = fread(buf + len, 1, size - len, f);
+        len += n;
+        if (n == 0) {
+            bad = ferror(f) != 0;
+            break;
+        }
+    }
+    fclose(f);
+    json_t *schema = NULL;
+    if (!bad) {
+        kh_sha256_hex(buf, len, sha256);
+        json_error_t jerr;
+        schema = json_loadb(buf, len, JSON_REJECT_DUPLICATES, &jerr);
+    }
+    free(buf);
+    return schema;
+}
+
 kh_rules_t *kh_rules_load_buffer(const void *data, size_t len,
                                  const kh_rules_options_t *opts,
                                  kh_error_t *err)
 {
     kh_error_clear(err);
+    if (opts && opts->sha256_out)
+        opts->sha256_out[0] = '\0';
     if (!opts || !opts->schema_path) {
         kh_error_set(err, KH_E_CONFIG, "", "no referral schema given");
         return NULL;
@@ -2055,6 +2263,8 @@ kh_rules_t *kh_rules_load_buffer(const void *data, size_t len,
                    "the file is larger than %d bytes", KH_RULES_FILE_MAX);
         return NULL;
     }
+    if (opts->sha256_out)
+        kh_sha256_hex(data, len, opts->sha256_out);
     if (s_check_text(&ctx, data, len))
         return NULL;
     kh_rules_t *self = calloc(1, sizeof *self);
@@ -2064,9 +2274,7 @@ kh_rules_t *kh_rules_load_buffer(const void *data, size_t len,
     }
     ctx.rules = self;
     kh_sha256_hex(data, len, self->version);
-    json_error_t jerr;
-    self->schema =
-        json_load_file(opts->schema_path, JSON_REJECT_DUPLICATES, &jerr);
+    self->schema = s_load_schema(opts->schema_path, self->schema_version);
     self->fields = calloc(KH_RFIELDS_MAX, sizeof *self->fields);
     if (!self->schema || !self->fields ||
         s_load_fields(self, self->schema, -1, "", true, 0)) {
@@ -2101,6 +2309,8 @@ kh_rules_t *kh_rules_load(const char *path, const kh_rules_options_t *opts,
      * otherwise hold the reader (a routing reload, the whole service) until
      * some writer came, and a device could be read without end. A rules
      * file is what an administrator edits, a regular file. */
+    if (opts && opts->sha256_out)
+        opts->sha256_out[0] = '\0';
     int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
     if (fd < 0) {
         kh_error_set(err, KH_E_IO, "", "cannot open the rules file: %s",
@@ -2139,6 +2349,55 @@ kh_rules_t *kh_rules_load(const char *path, const kh_rules_options_t *opts,
 const char *kh_rules_version(const kh_rules_t *self)
 {
     return self->version;
+}
+
+const char *kh_rules_schema_version(const kh_rules_t *self)
+{
+    return self->schema_version;
+}
+
+static int s_strptr_cmp(const void *a, const void *b)
+{
+    return strcmp(*(const char *const *) a, *(const char *const *) b);
+}
+
+int kh_rules_decision_version(const kh_rules_t *self,
+                              const kh_rules_partner_t *partners, size_t count,
+                              char out[KH_RULES_DECISION_VERSION_MAX + 1])
+{
+    /* The partners that the file names and that take part: registered,
+     * handling cases. Sorted, so that the order of the registry and of the
+     * file make no difference. */
+    const char **ids =
+        calloc(self->npartners ? self->npartners : 1, sizeof *ids);
+    if (!ids)
+        return -1;
+    size_t n = 0, len = 0;
+    for (size_t i = 0; partners && i < self->npartners; i++)
+        if (s_may_receive(partners, count, self->partner_ids[i])) {
+            ids[n++] = self->partner_ids[i];
+            len += strlen(self->partner_ids[i]) + 9;
+        }
+    qsort(ids, n, sizeof *ids, s_strptr_cmp);
+    static const char head[] = "ketenhub rules context 1\nschema ";
+    len += sizeof head + 64 + 1;
+    char *text = malloc(len + 1);
+    if (!text) {
+        free(ids);
+        return -1;
+    }
+    size_t used =
+        (size_t) snprintf(text, len + 1, "%s%s\n", head, self->schema_version);
+    for (size_t i = 0; i < n; i++)
+        used += (size_t) snprintf(text + used, len + 1 - used, "partner %s\n",
+                                  ids[i]);
+    char context[65];
+    kh_sha256_hex(text, used, context);
+    free(text);
+    free(ids);
+    snprintf(out, KH_RULES_DECISION_VERSION_MAX + 1, "%s.%.32s", self->version,
+             context);
+    return 0;
 }
 
 size_t kh_rules_count(const kh_rules_t *self)

@@ -143,7 +143,7 @@ void kh_health_beat(void);
 /* The version of the rules the service routes by (routing, at start and
  * at each reload), which /readyz then tells after the service's version:
  * "ready routing VERSION rules=RULES_VERSION". One service per process,
- * as for the beat; version is copied (at most 64 characters). NULL: none.
+ * as for the beat; version is copied (at most 128 characters). NULL: none.
  * Thread-safe. */
 void kh_health_note_rules(const char *version);
 

@@ -60,6 +60,11 @@ typedef struct {
     /* Receives every error and note; may be NULL. */
     kh_rules_report_fn *report;
     void *report_arg;
+    /* When not NULL, receives (65 bytes) the lower-case hex SHA-256 of the
+     * file's bytes, whether the file loads or not, so that a refused file
+     * can be named; "" when its bytes could not all be read (unreadable,
+     * not a regular file, larger than KH_RULES_FILE_MAX). */
+    char *sha256_out;
 } kh_rules_options_t;
 
 typedef struct _kh_rules_t kh_rules_t;
@@ -85,6 +90,28 @@ void kh_rules_destroy(kh_rules_t **self_p);
 /* The rules version: lower-case hex SHA-256 of the file's bytes. Valid as
  * long as self. */
 const char *kh_rules_version(const kh_rules_t *self);
+
+/* The lower-case hex SHA-256 of the referral schema's bytes that the rules
+ * were checked and compiled against. Valid as long as self. */
+const char *kh_rules_schema_version(const kh_rules_t *self);
+
+/* The decision version: what a routing decision depends on besides the
+ * referral, which the trail records with it (schemas/rules.md): the rules
+ * version, a dot, and the first 32 hex digits of the SHA-256 of the text
+ *
+ *     ketenhub rules context 1\n
+ *     schema <kh_rules_schema_version>\n
+ *     partner <id>\n          (one line per partner)
+ *
+ * where the partners are those the file names as targets (of its rules
+ * and its fallback) or in escalate_to that partners (the registry, count
+ * entries; NULL when none) holds as handling cases, sorted bytewise. At
+ * most KH_RULES_DECISION_VERSION_MAX characters. 0, or -1 when out of
+ * memory. */
+#define KH_RULES_DECISION_VERSION_MAX (64 + 1 + 32)
+int kh_rules_decision_version(const kh_rules_t *self,
+                              const kh_rules_partner_t *partners, size_t count,
+                              char out[KH_RULES_DECISION_VERSION_MAX + 1]);
 
 /* Number of rules and the name of rule i (valid as long as self). */
 size_t kh_rules_count(const kh_rules_t *self);

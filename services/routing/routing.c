@@ -44,6 +44,9 @@ struct _routing_t {
     int64_t connect_after; /* zclock_mono before which no pass tries */
     kh_rules_t *rules;
     kh_rules_result_t *result;
+    /* What the trail records with each decision: the rules version, and
+     * the schema and partners they route with (kh_rules_decision_version). */
+    char version[KH_RULES_DECISION_VERSION_MAX + 1];
     kh_jarena_t *arena; /* the referral being routed and its projections */
     kh_zap_t *zap;
     zcert_t *cert;
@@ -202,11 +205,17 @@ static int s_list_partners(routing_t *self, s_partners_t *list, kh_error_t *err)
 }
 
 /* Load the rules file against the partners registered now. Returns new
- * rules or NULL with err. */
-static kh_rules_t *s_load_rules(routing_t *self, kh_error_t *err)
+ * rules, their decision version in version, or NULL with err; file_sha256
+ * (65 bytes, may be NULL) gets the hex SHA-256 of the bytes read, loaded
+ * or refused ("" when none were). */
+static kh_rules_t *s_load_rules(routing_t *self, char *file_sha256,
+                                char version[KH_RULES_DECISION_VERSION_MAX + 1],
+                                kh_error_t *err)
 {
     s_partners_t list = {0};
     kh_rules_t *rules = NULL;
+    if (file_sha256)
+        file_sha256[0] = '\0';
     if (s_list_partners(self, &list, err) == 0) {
         /* An empty registry (a fresh hub, every partner revoked) is still
          * a registry: a NULL list would load the rules unchecked, so that
@@ -217,8 +226,14 @@ static kh_rules_t *s_load_rules(routing_t *self, kh_error_t *err)
             .partners = list.count ? list.items : &none,
             .partner_count = list.count,
             .report = s_report,
+            .sha256_out = file_sha256,
         };
         rules = kh_rules_load(self->config.rules_file, &opts, err);
+        if (rules &&
+            kh_rules_decision_version(rules, list.items, list.count, version)) {
+            kh_rules_destroy(&rules);
+            kh_error_set(err, KH_E_NOMEM, "", "out of memory");
+        }
     }
     s_partners_free(&list);
     return rules;
@@ -254,11 +269,37 @@ static void s_tell_missing(routing_t *self, const s_partners_t *list)
                     "these rules are refused at a reload; name their "
                     "successors, or make their targets optional, and "
                     "reload\"",
-                    missing, kh_rules_version(self->rules));
+                    missing, self->version);
     else
         kh_log_info("rules_partners_back", "partners=%s rules_version=%s",
-                    self->missing, kh_rules_version(self->rules));
+                    self->missing, self->version);
     snprintf(self->missing, sizeof self->missing, "%s", missing);
+}
+
+/* Write a rules.reloaded event (cause NULL) for the rules of decision
+ * version version, with reason (NULL: none), or a rules.reload_failed one
+ * naming cause's code and path (version is then the one kept), in its own
+ * transaction. Either way its payload_hash is file_sha256, the file
+ * loaded or refused ("": none, when its bytes could not be read). 0, or
+ * -1 with err. */
+static int s_audit_reload(routing_t *self, const char *version,
+                          const char *file_sha256, const char *reason,
+                          const kh_error_t *cause, kh_error_t *err)
+{
+    const char *params[] = {
+        "rules.reloaded", "ok",
+        reason,           NULL,
+        version,          file_sha256[0] ? file_sha256 : NULL};
+    if (cause) {
+        params[0] = "rules.reload_failed";
+        params[1] = "failed";
+        params[2] = kh_error_name(cause->code);
+        params[3] = cause->path[0] ? cause->path : NULL;
+    }
+    return s_connect(self, err) ||
+                   s_exec(self->conn, S_RELOAD, params, NULL, NULL, err)
+               ? -1
+               : 0;
 }
 
 /* Every partner_refresh_ms, between two passes: the optional targets of
@@ -271,18 +312,34 @@ static void s_refresh_partners(routing_t *self)
         return;
     s_partners_t list = {0};
     kh_error_t err;
-    if (s_list_partners(self, &list, &err) == 0) {
-        size_t changed =
-            kh_rules_set_partners(self->rules, list.items, list.count);
-        if (changed)
-            kh_log_info("partners_changed",
-                        "targets=%zu registered=%zu rules_version=%s", changed,
-                        list.count, kh_rules_version(self->rules));
-        s_tell_missing(self, &list);
-    } else {
+    char version[sizeof self->version];
+    if (s_list_partners(self, &list, &err) ||
+        (kh_rules_decision_version(self->rules, list.items, list.count,
+                                   version) &&
+         kh_error_set(&err, KH_E_NOMEM, "", "out of memory"))) {
         self->partners_read = zclock_mono();
         kh_log_warn("partners_unread", "code=%s msg=\"%s\"",
                     kh_error_name(err.code), KH_LOG_Q(err.message));
+    } else if (strcmp(version, self->version) != 0 &&
+               s_audit_reload(self, version, kh_rules_version(self->rules),
+                              "partners_changed", NULL, &err)) {
+        /* The partners stay as they were until the trail records the
+         * version they make: tried again at the next read. */
+        kh_log_warn("audit_failed",
+                    "action=rules.reloaded reason=partners_changed "
+                    "msg=\"%s\"",
+                    KH_LOG_Q(err.message));
+    } else {
+        size_t changed =
+            kh_rules_set_partners(self->rules, list.items, list.count);
+        if (strcmp(version, self->version) != 0) {
+            snprintf(self->version, sizeof self->version, "%s", version);
+            kh_health_note_rules(self->version);
+            kh_log_info("partners_changed",
+                        "targets=%zu registered=%zu rules_version=%s", changed,
+                        list.count, self->version);
+        }
+        s_tell_missing(self, &list);
     }
     s_partners_free(&list);
 }
@@ -447,7 +504,7 @@ static int s_send_arrays(routing_t *self, int stmt, kh_pgarray_t *cols,
             return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
         formats[c] = 1;
     }
-    params[ncols] = kh_rules_version(self->rules);
+    params[ncols] = self->version;
     lengths[ncols] = 0;
     formats[ncols] = 0;
     return s_exec(self->conn, stmt, params, lengths, formats, err);
@@ -628,25 +685,6 @@ fail:
     return -1;
 }
 
-/* Write a rules.reloaded event (cause NULL) for the rules of version, or
- * a rules.reload_failed one naming cause's code and path, in its own
- * transaction. 0, or -1 with err. */
-static int s_audit_reload(routing_t *self, const char *version,
-                          const kh_error_t *cause, kh_error_t *err)
-{
-    const char *params[] = {"rules.reloaded", "ok", NULL, NULL, version};
-    if (cause) {
-        params[0] = "rules.reload_failed";
-        params[1] = "failed";
-        params[2] = kh_error_name(cause->code);
-        params[3] = cause->path[0] ? cause->path : NULL;
-    }
-    return s_connect(self, err) ||
-                   s_exec(self->conn, S_RELOAD, params, NULL, NULL, err)
-               ? -1
-               : 0;
-}
-
 /* SIGHUP: a valid file replaces the rules between two transactions, so
  * every referral is routed by exactly one version; an invalid one keeps
  * the old rules. The new rules take over only once their rules.reloaded
@@ -655,11 +693,12 @@ static int s_audit_reload(routing_t *self, const char *version,
 static void s_reload(routing_t *self)
 {
     kh_error_t err;
-    kh_rules_t *rules = s_load_rules(self, &err);
+    char file_sha256[65], version[sizeof self->version];
+    kh_rules_t *rules = s_load_rules(self, file_sha256, version, &err);
     kh_rules_result_t *result = rules ? kh_rules_result_new(rules) : NULL;
     if (rules && !result)
         kh_error_set(&err, KH_E_NOMEM, "", "out of memory");
-    if (result && s_audit_reload(self, kh_rules_version(rules), NULL, &err))
+    if (result && s_audit_reload(self, version, file_sha256, NULL, NULL, &err))
         kh_rules_result_destroy(&result);
     if (!result) {
         kh_rules_destroy(&rules);
@@ -668,15 +707,16 @@ static void s_reload(routing_t *self)
          * database is back, as if SIGHUP came then. */
         self->reload_again = err.code == KH_E_UNAVAILABLE;
         kh_log_error("rules_reload_failed",
-                     "file=%s code=%s path=%s line=%d column=%d msg=\"%s\" "
-                     "kept=%s again=%s",
-                     self->config.rules_file, kh_error_name(err.code),
-                     err.path[0] ? err.path : "none", err.line, err.column,
-                     KH_LOG_Q(err.message), kh_rules_version(self->rules),
+                     "file=%s refused_sha256=%s code=%s path=%s line=%d "
+                     "column=%d msg=\"%s\" kept=%s again=%s",
+                     self->config.rules_file,
+                     file_sha256[0] ? file_sha256 : "none",
+                     kh_error_name(err.code), err.path[0] ? err.path : "none",
+                     err.line, err.column, KH_LOG_Q(err.message), self->version,
                      self->reload_again ? "when_database_is_back" : "no");
         kh_metric_add("rules_reloads_total", "failed", 1);
         kh_error_t audit_err;
-        if (s_audit_reload(self, kh_rules_version(self->rules), &err,
+        if (s_audit_reload(self, self->version, file_sha256, NULL, &err,
                            &audit_err))
             kh_log_error("audit_failed",
                          "action=rules.reload_failed msg=\"%s\"",
@@ -688,9 +728,10 @@ static void s_reload(routing_t *self)
     kh_rules_destroy(&self->rules);
     self->rules = rules;
     self->result = result;
-    kh_health_note_rules(kh_rules_version(rules));
-    kh_log_info("rules_reloaded", "file=%s version=%s rules=%zu",
-                self->config.rules_file, kh_rules_version(rules),
+    snprintf(self->version, sizeof self->version, "%s", version);
+    kh_health_note_rules(self->version);
+    kh_log_info("rules_reloaded", "file=%s file_sha256=%s version=%s rules=%zu",
+                self->config.rules_file, kh_rules_version(rules), self->version,
                 kh_rules_count(rules));
     kh_metric_add("rules_reloads_total", "ok", 1);
 }
@@ -736,7 +777,7 @@ static void s_stats(routing_t *self)
                 "routed=%zu deliveries=%zu passes=%zu failures=%zu "
                 "wakeups=%zu malformed=%zu rules_version=%s",
                 self->routed, self->deliveries, self->passes, self->failures,
-                self->wakeups, self->malformed, kh_rules_version(self->rules));
+                self->wakeups, self->malformed, self->version);
 }
 
 static int s_on_timer(zloop_t *loop, int timer_id, void *arg)
@@ -958,7 +999,7 @@ int routing_start(routing_t *self, kh_error_t *err)
         return 0;
     if (s_connect(self, err))
         return -1;
-    self->rules = s_load_rules(self, err);
+    self->rules = s_load_rules(self, NULL, self->version, err);
     if (!self->rules) {
         s_rules_error_is_setting(self, err);
         return -1;
@@ -966,7 +1007,7 @@ int routing_start(routing_t *self, kh_error_t *err)
     self->result = kh_rules_result_new(self->rules);
     if (!self->result)
         return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
-    kh_health_note_rules(kh_rules_version(self->rules));
+    kh_health_note_rules(self->version);
     return 0;
 }
 
@@ -1018,8 +1059,8 @@ int routing_run(routing_t *self, int signal_fd)
     }
     kh_log_info(
         "ready", "endpoint=%s rules_version=%s rules=%zu batch=%zu poll_ms=%d",
-        self->config.endpoint, kh_rules_version(self->rules),
-        kh_rules_count(self->rules), self->config.batch, self->config.poll_ms);
+        self->config.endpoint, self->version, kh_rules_count(self->rules),
+        self->config.batch, self->config.poll_ms);
     /* Referrals accepted while routing was down are routed at once. */
     if (s_drain(self) == 0)
         zloop_start(self->loop);

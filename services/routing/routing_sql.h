@@ -72,10 +72,14 @@ static const char s_unroutable_sql[] =
     " decode(hash, 'hex'), 'routing' FROM s";
 /* clang-format on */
 
+/* A reload, loaded or refused: $5 is the rules version in force after it
+ * (the new one, or the one kept), $6 the hex SHA-256 of the file it read
+ * (NULL when its bytes could not be read). */
 static const char s_reload_sql[] =
     "INSERT INTO audit_events (actor_kind, actor_id, action, outcome,"
-    " reason_code, reason_path, rules_version, origin_service)"
-    " VALUES ('service', 'routing', $1, $2, $3, $4, $5, 'routing')";
+    " reason_code, reason_path, rules_version, payload_hash, origin_service)"
+    " VALUES ('service', 'routing', $1, $2, $3, $4, $5, decode($6, 'hex'),"
+    " 'routing')";
 
 /* The statements, prepared on each new connection (by their index as
  * name): a pass no longer parses and plans its statements. */
@@ -89,7 +93,7 @@ static const struct {
     [S_DELIVERIES] = {"deliveries", s_deliveries_sql, S_DELIVERY_COLUMNS + 1},
     [S_ROUTED] = {"routed", s_routed_sql, S_ROUTED_COLUMNS + 1},
     [S_UNROUTABLE] = {"unroutable", s_unroutable_sql, S_UNROUTABLE_COLUMNS},
-    [S_RELOAD] = {"reload", s_reload_sql, 5},
+    [S_RELOAD] = {"reload", s_reload_sql, 6},
 };
 
 #endif

@@ -560,10 +560,13 @@ START_TEST(routing_and_notification_count_and_report_the_backlog)
     /* It tells the rules version it routes by, and status shows it, also
      * before the trail records any (nothing routed, nothing reloaded). */
     const char *told = strstr(body, " rules=");
-    ck_assert_msg(told && strspn(told + 7, "0123456789abcdef") == 64, "%s",
-                  body);
-    char rules[65];
-    snprintf(rules, sizeof rules, "%.64s", told + 7);
+    /* The rules file's hash, a dot, the context's (schema, partners). */
+    ck_assert_msg(told && strspn(told + 7, "0123456789abcdef") == 64 &&
+                      told[7 + 64] == '.' &&
+                      strspn(told + 7 + 65, "0123456789abcdef") == 32,
+                  "%s", body);
+    char rules[98];
+    snprintf(rules, sizeof rules, "%.97s", told + 7);
     free(body);
     json_t *doc = NULL;
     s_status(routing_health, &doc);
@@ -592,7 +595,7 @@ START_TEST(routing_and_notification_count_and_report_the_backlog)
                     NULL};
     char *text = NULL;
     khtest_run(argv, &text);
-    char want[160];
+    char want[256];
     snprintf(want, sizeof want,
              "rules version     %s (loaded by routing, nothing routed by it "
              "yet)",
@@ -698,17 +701,19 @@ static void s_rules_event(const char *action, const char *outcome,
 }
 
 /* A refused reload shows in status while the rules it kept are in
- * force, and no longer once a reload succeeded. */
+ * force, also once the partners they route with changed, and no longer
+ * once a reload succeeded. */
 START_TEST(status_shows_a_refused_reload_until_rules_load)
 {
-    s_rules_event("rules.reloaded", "ok", "v1", NULL, NULL, 3);
-    s_rules_event("rules.reload_failed", "failed", "v1", "rules.unknown_field",
-                  "rules[0].when.agee", 2);
+    s_rules_event("rules.reloaded", "ok", "v1.c1", NULL, NULL, 4);
+    s_rules_event("rules.reload_failed", "failed", "v1.c1",
+                  "rules.unknown_field", "rules[0].when.agee", 3);
+    s_rules_event("rules.reloaded", "ok", "v1.c2", "partners_changed", NULL, 2);
     json_t *doc = NULL;
     ck_assert_int_eq(s_status("none", &doc), 0);
     json_t *db = json_object_get(doc, "database");
     ck_assert_str_eq(json_string_value(json_object_get(db, "rules_version")),
-                     "v1");
+                     "v1.c2");
     ck_assert_str_eq(
         json_string_value(json_object_get(db, "rules_reload_refused_code")),
         "rules.unknown_field");
@@ -729,11 +734,11 @@ START_TEST(status_shows_a_refused_reload_until_rules_load)
                   "%s", output);
     free(output);
 
-    s_rules_event("rules.reloaded", "ok", "v2", NULL, NULL, 1);
+    s_rules_event("rules.reloaded", "ok", "v2.c2", NULL, NULL, 1);
     ck_assert_int_eq(s_status("none", &doc), 0);
     db = json_object_get(doc, "database");
     ck_assert_str_eq(json_string_value(json_object_get(db, "rules_version")),
-                     "v2");
+                     "v2.c2");
     ck_assert_ptr_null(json_object_get(db, "rules_reload_refused_at"));
     json_decref(doc);
 }

@@ -29,7 +29,9 @@ static PGconn *s_db;     /* for inserts and checks */
 static json_t *s_examples[S_EXAMPLES_MAX];
 static size_t s_example_count;
 static kh_rules_t *s_rules; /* the default rules, as routing loads them */
-static int s_seq;           /* idempotency keys */
+/* The decision version that routing records with them and s_partners. */
+static char s_version[KH_RULES_DECISION_VERSION_MAX + 1];
+static int s_seq; /* idempotency keys */
 
 static const kh_rules_partner_t s_partners[] = {
     {"avim", true},
@@ -98,6 +100,10 @@ static void s_setup(void)
     s_rules =
         kh_rules_load(khtest_src("schemas/rules/default.yaml"), &opts, &err);
     ck_assert_msg(s_rules != NULL, "%s", err.message);
+    ck_assert_int_eq(kh_rules_decision_version(
+                         s_rules, s_partners,
+                         sizeof s_partners / sizeof s_partners[0], s_version),
+                     0);
 }
 
 static void s_teardown(void)
@@ -282,8 +288,7 @@ START_TEST(examples_get_exactly_the_projected_deliveries)
             free(want);
             json_decref(projected);
             ck_assert_str_eq(PQgetvalue(res, row, 4), "pending");
-            ck_assert_str_eq(PQgetvalue(res, row, 5),
-                             kh_rules_version(s_rules));
+            ck_assert_str_eq(PQgetvalue(res, row, 5), s_version);
             const char *escalate =
                 kh_rules_result_escalate_to(result, (size_t) t);
             ck_assert_str_eq(PQgetvalue(res, row, 6), escalate ? escalate : "");
@@ -315,7 +320,7 @@ START_TEST(examples_get_exactly_the_projected_deliveries)
         ck_assert_int_eq(PQntuples(res), 1);
         char matched[1024];
         s_matched(result, matched, sizeof matched);
-        ck_assert_str_eq(PQgetvalue(res, 0, 0), kh_rules_version(s_rules));
+        ck_assert_str_eq(PQgetvalue(res, 0, 0), s_version);
         ck_assert_str_eq(PQgetvalue(res, 0, 1), matched);
         ck_assert_str_eq(PQgetvalue(res, 0, 2),
                          !kh_rules_result_fallback(result) ? ""
@@ -504,8 +509,8 @@ static void s_edit_rules(char want[65])
     free(changed);
 }
 
-/* The trail records one rules.reloaded, of version want, within
- * timeout_ms. */
+/* The trail records one rules.reloaded, of the file whose hash is want
+ * (with the schema and partners of s_version), within timeout_ms. */
 static void s_assert_reloaded(const char *want, int timeout_ms)
 {
     ck_assert_msg(s_wait_count("SELECT count(*) FROM audit_events WHERE"
@@ -515,8 +520,15 @@ static void s_assert_reloaded(const char *want, int timeout_ms)
     char *version =
         khtest_db_value(s_db, "SELECT rules_version FROM audit_events"
                               " WHERE action = 'rules.reloaded'");
-    ck_assert_str_eq(version, want);
+    char decision[KH_RULES_DECISION_VERSION_MAX + 1];
+    snprintf(decision, sizeof decision, "%s%s", want, s_version + 64);
+    ck_assert_str_eq(version, decision);
     free(version);
+    char *hash = khtest_db_value(
+        s_db, "SELECT encode(payload_hash, 'hex') FROM audit_events"
+              " WHERE action = 'rules.reloaded'");
+    ck_assert_str_eq(hash, want);
+    free(hash);
 }
 
 /* The deliveries of referral id to partner. */
@@ -565,6 +577,51 @@ START_TEST(an_optional_partner_follows_the_registry_without_sighup)
                          s_deliveries_to(revoked, "zorgcoordinator"),
                      3);
     khproc_stop(pid, SIGTERM, 5000);
+
+    /* The same rules file routed the three differently: the version in
+     * the trail says with which partners, and each change of them was
+     * recorded before a referral was routed by it. */
+    static const kh_rules_partner_t with[] = {
+        {"arbeidsinspectie", true}, {"avim", true},
+        {"ketenregisseur", false},  {"veilig-thuis", true},
+        {"zorgcoordinator", true},
+    };
+    char version_with[KH_RULES_DECISION_VERSION_MAX + 1];
+    ck_assert_int_eq(kh_rules_decision_version(s_rules, with,
+                                               sizeof with / sizeof with[0],
+                                               version_with),
+                     0);
+    ck_assert_str_ne(version_with, s_version);
+    ck_assert_int_eq(strncmp(version_with, s_version, 65), 0);
+    const char *ids[] = {before, registered, revoked};
+    const char *want[] = {s_version, version_with, s_version};
+    for (size_t i = 0; i < 3; i++) {
+        char sql[256];
+        snprintf(sql, sizeof sql,
+                 "SELECT rules_version FROM audit_events WHERE"
+                 " action = 'referral.routed' AND referral_id = '%s'",
+                 ids[i]);
+        char *got = khtest_db_value(s_db, sql);
+        ck_assert_str_eq(got, want[i]);
+        free(got);
+    }
+    PGresult *res =
+        PQexec(s_db, "SELECT rules_version, encode(payload_hash, 'hex'),"
+                     " seq < (SELECT seq FROM audit_events WHERE action ="
+                     "  'referral.routed' AND rules_version = e.rules_version"
+                     "  AND seq > e.seq ORDER BY seq LIMIT 1)"
+                     " FROM audit_events e WHERE action = 'rules.reloaded'"
+                     " AND outcome = 'ok' AND reason_code = 'partners_changed'"
+                     " ORDER BY seq");
+    ck_assert_int_eq(PQresultStatus(res), PGRES_TUPLES_OK);
+    ck_assert_int_eq(PQntuples(res), 2);
+    for (int row = 0; row < 2; row++) {
+        ck_assert_str_eq(PQgetvalue(res, row, 0),
+                         row ? s_version : version_with);
+        ck_assert_str_eq(PQgetvalue(res, row, 1), kh_rules_version(s_rules));
+        ck_assert_str_eq(PQgetvalue(res, row, 2), "t");
+    }
+    PQclear(res);
 }
 END_TEST
 
@@ -618,8 +675,21 @@ START_TEST(sighup_reload_keeps_old_rules_when_broken)
     char *version =
         khtest_db_value(s_db, "SELECT rules_version FROM audit_events"
                               " WHERE action = 'rules.reload_failed'");
-    ck_assert_str_eq(version, kh_rules_version(s_rules));
+    ck_assert_str_eq(version, s_version);
     free(version);
+    /* The refused file is named too, by its own hash: an auditor must
+     * know which file was refused, not only which rules stayed. */
+    char refused[65];
+    kh_sha256_hex("version: 1\nrules: [\n", strlen("version: 1\nrules: [\n"),
+                  refused);
+    char *hash = khtest_db_value(
+        s_db, "SELECT encode(payload_hash, 'hex') FROM audit_events"
+              " WHERE action = 'rules.reload_failed'");
+    ck_assert_str_eq(hash, refused);
+    free(hash);
+    char line[128];
+    snprintf(line, sizeof line, "refused_sha256=%s ", refused);
+    ck_assert(s_log_has("routing.log", line, 1000));
 
     /* Still routing, by the old rules. */
     long deliveries = s_insert_many(5);
@@ -665,7 +735,7 @@ START_TEST(sighup_reload_that_cannot_be_audited_keeps_old_rules)
     snprintf(old_version, sizeof old_version,
              "SELECT count(*) FROM audit_events WHERE action ="
              " 'referral.routed' AND rules_version = '%s'",
-             kh_rules_version(s_rules));
+             s_version);
     ck_assert_int_eq(s_count(old_version), 5);
 
     s_sql("ALTER TABLE audit_events DROP CONSTRAINT test_no_reload", 0, NULL);

@@ -980,6 +980,131 @@ START_TEST(test_dead_part_of_any_noted)
 }
 END_TEST
 
+/* Conditions that leave no value of a field, which the checks that refuse
+ * a never-matching rule do not find (files using them loaded before), are
+ * a note with the condition's path and place; the rule still loads. */
+START_TEST(test_no_value_left_is_a_note)
+{
+    static const struct {
+        const char *cond, *note;
+    } cases[] = {
+        /* not over all three scopes, as three parts of an all */
+        {"{all: [{not: {field: scope, equals: domestic}}, {not: {field: "
+         "scope, equals: cross_border}}, {not: {field: scope, equals: "
+         "unknown}}]}",
+         "note rules.never_matches 5:9 rules[0].when;"},
+        /* ... and as the not of an any */
+        {"{not: {any: [{field: scope, equals: domestic}, {field: scope, "
+         "equals: cross_border}, {field: scope, equals: unknown}]}}",
+         "note rules.never_matches 5:9 rules[0].when;"},
+        /* a value that another part excludes */
+        {"{all: [{field: scope, equals: domestic}, {not: {field: scope, in: "
+         "[domestic, unknown]}}]}",
+         "note rules.never_matches 5:9 rules[0].when;"},
+        /* two ins that share no value */
+        {"{all: [{field: scope, in: [domestic, unknown]}, {field: scope, in: "
+         "[cross_border]}]}",
+         "note rules.never_matches 5:9 rules[0].when;"},
+        /* booleans, on a nested all */
+        {"{all: [{not: {field: subject.minor, equals: true}}, {all: [{not: "
+         "{field: subject.minor, equals: false}}]}]}",
+         "note rules.never_matches 5:9 rules[0].when;"},
+        /* a field not in every referral, with a value required */
+        {"{all: [{field: subject.age, in: [9, 10]}, {not: {field: "
+         "subject.age, in: [10, 9]}}]}",
+         "note rules.never_matches 5:9 rules[0].when;"},
+        /* one part of an any: the rule still fires through the other */
+        {"{any: [{field: risk.acute_danger, equals: true}, {all: [{field: "
+         "scope, in: [domestic]}, {field: scope, in: [unknown]}]}]}",
+         "note rules.never_matches 5:58 rules[0].when.any[1];"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char yaml[1024];
+        snprintf(yaml, sizeof yaml,
+                 "version: 1\n"
+                 "fallback: {targets: [{partner: zorgcoordinator, fields: "
+                 "[needs]}]}\n"
+                 "rules:\n"
+                 "- name: r1\n"
+                 "  when: %s\n"
+                 "  then: {targets: [{partner: avim, fields: [risk]}]}\n",
+                 cases[i].cond);
+        char reports[2048] = "";
+        kh_rules_options_t o = s_opts(s_demo, S_DEMO_COUNT);
+        o.report = s_collect;
+        o.report_arg = reports;
+        kh_error_t err;
+        kh_rules_t *rules = kh_rules_load_buffer(yaml, strlen(yaml), &o, &err);
+        ck_assert_msg(rules != NULL, "%s: %s", cases[i].cond, err.message);
+        ck_assert_msg(strcmp(reports, cases[i].note) == 0, "%s: %s",
+                      cases[i].cond, reports);
+        kh_rules_destroy(&rules);
+    }
+}
+END_TEST
+
+/* The decision version is the rules version and the context, computed as
+ * schemas/rules.md says: the schema's bytes and the named partners that
+ * take part, whatever the registry's order; partners the file does not
+ * name, or that handle no cases, make no difference. */
+START_TEST(test_decision_version_follows_the_recipe)
+{
+    static const char *yaml =
+        "version: 1\n"
+        "fallback: {targets: [{partner: zorgcoordinator, fields: [needs]}]}\n"
+        "rules:\n"
+        "- {name: r1, when: {field: subject.minor, equals: true},\n"
+        "   then: {targets: [{partner: veilig-thuis, fields: [subject]},\n"
+        "                    {partner: px, optional: true, fields: "
+        "[risk]}]}}\n";
+    kh_rules_t *rules = s_load_text(yaml, s_demo, S_DEMO_COUNT);
+    /* The schema's own bytes. */
+    char *schema = khtest_read_file(s_schema);
+    ck_assert_ptr_nonnull(schema);
+    char schema_hash[65];
+    kh_sha256_hex(schema, strlen(schema), schema_hash);
+    free(schema);
+    ck_assert_str_eq(kh_rules_schema_version(rules), schema_hash);
+
+    static const struct {
+        kh_rules_partner_t partners[4];
+        size_t count;
+        const char *named; /* the partner lines of the recipe */
+    } cases[] = {
+        {{{"zorgcoordinator", true}, {"veilig-thuis", true}, {"px", true}},
+         3,
+         "partner px\npartner veilig-thuis\npartner zorgcoordinator\n"},
+        {{{"px", true},
+          {"avim", true},
+          {"zorgcoordinator", true},
+          {"veilig-thuis", true}},
+         4,
+         "partner px\npartner veilig-thuis\npartner zorgcoordinator\n"},
+        {{{"zorgcoordinator", true}, {"veilig-thuis", true}, {"px", false}},
+         3,
+         "partner veilig-thuis\npartner zorgcoordinator\n"},
+        {{{"zorgcoordinator", true}, {"veilig-thuis", true}},
+         2,
+         "partner veilig-thuis\npartner zorgcoordinator\n"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char text[512], context[65], want[KH_RULES_DECISION_VERSION_MAX + 1];
+        int len = snprintf(text, sizeof text,
+                           "ketenhub rules context 1\nschema %s\n%s",
+                           schema_hash, cases[i].named);
+        kh_sha256_hex(text, (size_t) len, context);
+        snprintf(want, sizeof want, "%s.%.32s", kh_rules_version(rules),
+                 context);
+        char got[KH_RULES_DECISION_VERSION_MAX + 1];
+        ck_assert_int_eq(kh_rules_decision_version(rules, cases[i].partners,
+                                                   cases[i].count, got),
+                         0);
+        ck_assert_str_eq(got, want);
+    }
+    kh_rules_destroy(&rules);
+}
+END_TEST
+
 /* A key the format does not have (a typo) is one error among the others:
  * what is around it is still checked, so that one check shows them all. */
 START_TEST(test_unknown_key_hides_nothing)
@@ -1066,7 +1191,14 @@ START_TEST(test_never_matches_only_when_impossible)
                  "  when: {field: risk.acute_danger, equals: true}\n"
                  "  then: {targets: [{partner: px, fields: [risk]}]}\n",
                  conds[i]);
-        kh_rules_t *rules = s_load_text(yaml, s_demo, S_DEMO_COUNT);
+        char reports[2048] = "";
+        kh_rules_options_t o = s_opts(s_demo, S_DEMO_COUNT);
+        o.report = s_collect;
+        o.report_arg = reports;
+        kh_error_t err;
+        kh_rules_t *rules = kh_rules_load_buffer(yaml, strlen(yaml), &o, &err);
+        ck_assert_msg(rules != NULL, "%s: %s", conds[i], err.message);
+        ck_assert_msg(reports[0] == '\0', "%s: %s", conds[i], reports);
         kh_rules_result_t *r = kh_rules_result_new(rules);
         json_t *doc = khtest_json(referrals[i]);
         kh_rules_eval(rules, doc, r);
@@ -1758,6 +1890,8 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_a_field_listed_twice_is_a_note);
     tcase_add_test(tc, test_unknown_key_hides_nothing);
     tcase_add_test(tc, test_never_matches_only_when_impossible);
+    tcase_add_test(tc, test_no_value_left_is_a_note);
+    tcase_add_test(tc, test_decision_version_follows_the_recipe);
     tcase_add_test(tc, test_core_schema_numbers);
     tcase_add_test(tc, test_alias_bomb_refused_fast);
     tcase_add_test(tc, test_size_depth_encoding);

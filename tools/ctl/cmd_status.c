@@ -137,9 +137,9 @@ static json_t *s_probe(const s_service_t *svc)
         json_object_set_new(out, "state", json_string("up"));
         json_object_set_new(out, "version", json_string(version));
         /* routing tells the rules version it routes by */
-        char rules[65];
+        char rules[129]; /* as audit_events.rules_version */
         const char *at = strstr(body, " rules=");
-        if (at && sscanf(at, " rules=%64s", rules) == 1)
+        if (at && sscanf(at, " rules=%128s", rules) == 1)
             json_object_set_new(out, "rules_version", json_string(rules));
         if (strcmp(service, svc->name) != 0)
             json_object_set_new(out, "detail",
@@ -212,15 +212,20 @@ static int s_row(PGconn *conn, const char *sql, json_t *obj,
 /* A reload refused since the rules in force were loaded: routing kept
  * them (the failure names the version it kept), and the file on disk is
  * not what routes. Once a reload succeeds, or routing starts with a file
- * that routes by another version, it is no longer news. */
+ * that routes by another version, it is no longer news. A change of the
+ * partners (rules.reloaded, partners_changed) keeps the same file: the
+ * versions are compared by their file part (before the dot, schemas/
+ * rules.md), and such a change is no successful reload. */
 /* clang-format off */
 static const char s_refused_sql[] =
     "SELECT " S_TS("f.at") ", f.reason_code, coalesce(f.reason_path, '')"
     " FROM audit_trail f"
     " WHERE f.action = 'rules.reload_failed'"
-    "  AND f.rules_version = (SELECT rules_version FROM " S_IN_FORCE ")"
+    "  AND split_part(f.rules_version, '.', 1) ="
+    "   (SELECT split_part(rules_version, '.', 1) FROM " S_IN_FORCE ")"
     "  AND NOT EXISTS (SELECT 1 FROM audit_trail o"
     "   WHERE o.action = 'rules.reloaded' AND o.outcome = 'ok'"
+    "    AND o.reason_code IS DISTINCT FROM 'partners_changed'"
     "    AND o.at > f.at)"
     " ORDER BY f.at DESC LIMIT 1";
 /* clang-format on */
