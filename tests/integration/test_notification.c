@@ -455,6 +455,28 @@ START_TEST(ack_twice_changes_once_and_foreign_ack_is_refused)
 }
 END_TEST
 
+/* A delivery for avim (its id in id), notification started (*pid, with
+ * the settings of env, or none: NULL) and avim connected with window and
+ * sent it: avim's socket. */
+static zsock_t *s_sent_to_avim_env(char *id, pid_t *pid, char *const env[],
+                                   int window)
+{
+    s_delivery("avim", "normal", 1000, NULL, id);
+    *pid = s_start_env("notification.log", env ? env : (char *const[]){NULL});
+    zsock_t *avim = s_partner("avim");
+    s_hello(avim, window);
+    json_t *msg = s_expect(avim, "DELIVER", 5000);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert_str_eq(s_str(msg, "delivery_id"), id);
+    json_decref(msg);
+    return avim;
+}
+
+static zsock_t *s_sent_to_avim(char *id, pid_t *pid)
+{
+    return s_sent_to_avim_env(id, pid, NULL, 1);
+}
+
 /* Each ACK refused as not_found is an audit event: a partner refused
  * more often than KH_PARTNER_REFUSALS a second (past 10 s worth) gets
  * throttled refusals without database work for the ids it does not hold,
@@ -462,19 +484,14 @@ END_TEST
 START_TEST(a_partner_refused_too_often_is_throttled_before_the_trail)
 {
     char mine[37];
-    s_delivery("avim", "normal", 1000, NULL, mine);
+    pid_t pid;
     /* A window below the 20 refusals at once (the limit is never less
      * than a window). */
     char *const env[] = {"KH_PARTNER_REFUSALS=2", "KH_NOTIFY_WINDOW=4",
                          "KH_NOTIFY_ACK_TIMEOUT_MS=30000",
                          "KH_NOTIFY_BACKOFF_MAX_MS=60000", NULL};
-    pid_t pid = s_start_env("notification.log", env);
-    zsock_t *avim = s_partner("avim");
-    s_hello(avim, 4);
-    json_t *msg = s_expect(avim, "DELIVER", 5000);
-    ck_assert_ptr_nonnull(msg);
-    ck_assert_str_eq(s_str(msg, "delivery_id"), mine);
-    json_decref(msg);
+    zsock_t *avim = s_sent_to_avim_env(mine, &pid, env, 4);
+    json_t *msg;
     enum { S_PROBES = 60 };
     int64_t start = zclock_mono();
     for (int i = 0; i < S_PROBES; i++) {
@@ -525,20 +542,14 @@ END_TEST
 START_TEST(a_repeated_ack_is_no_refusal_even_when_throttled)
 {
     char mine[37];
-    s_delivery("avim", "normal", 1000, NULL, mine);
+    pid_t pid;
     /* 1 a second, 10 at once (a window is less). */
     char *const env[] = {"KH_PARTNER_REFUSALS=1", "KH_NOTIFY_WINDOW=1",
                          "KH_NOTIFY_ACK_TIMEOUT_MS=30000",
                          "KH_NOTIFY_BACKOFF_MAX_MS=60000", NULL};
-    pid_t pid = s_start_env("notification.log", env);
-    zsock_t *avim = s_partner("avim");
-    s_hello(avim, 1);
-    json_t *msg = s_expect(avim, "DELIVER", 5000);
-    ck_assert_ptr_nonnull(msg);
-    ck_assert_str_eq(s_str(msg, "delivery_id"), mine);
-    json_decref(msg);
+    zsock_t *avim = s_sent_to_avim_env(mine, &pid, env, 1);
     s_answer(avim, mine, NULL);
-    msg = s_expect(avim, "ACKED", 5000);
+    json_t *msg = s_expect(avim, "ACKED", 5000);
     ck_assert_ptr_nonnull(msg);
     ck_assert(json_is_false(json_object_get(msg, "duplicate")));
     json_decref(msg);
@@ -586,21 +597,6 @@ START_TEST(a_repeated_ack_is_no_refusal_even_when_throttled)
     s_stop(pid);
 }
 END_TEST
-
-/* A delivery for avim (its id in id), notification started (*pid) and
- * avim connected with a window of 1 and sent it: avim's socket. */
-static zsock_t *s_sent_to_avim(char *id, pid_t *pid)
-{
-    s_delivery("avim", "normal", 1000, NULL, id);
-    *pid = s_start("notification.log", NULL, NULL);
-    zsock_t *avim = s_partner("avim");
-    s_hello(avim, 1);
-    json_t *msg = s_expect(avim, "DELIVER", 5000);
-    ck_assert_ptr_nonnull(msg);
-    ck_assert_str_eq(s_str(msg, "delivery_id"), id);
-    json_decref(msg);
-    return avim;
-}
 
 /* avim ACKs id and gets ACKED (why: the failure message), and id is
  * acknowledged. */
@@ -3046,18 +3042,16 @@ START_TEST(an_ack_on_another_connection_frees_the_window_it_came_in)
 }
 END_TEST
 
-/* A connection made with the key before a rotation is served during the
- * overlap; once the overlap ends it is forgotten and sent nothing more,
- * and what it held goes to the partner's connection with the new key. */
-START_TEST(a_connection_whose_key_overlap_ended_is_sent_nothing_more)
+/* Give avim a new key (a rotation): avim-new.cert here, its public half
+ * in the partner directory; avim.cert is the key before (its public key
+ * in previous), admitted for an hour more. */
+static void s_rotate_avim(char previous[KH_PARTNER_KEY_LEN + 1])
 {
-    /* avim's new key: avim-new.cert here, its public half in the partner
-     * directory; avim.cert is the key before, for an hour more. */
     zcert_t *fresh = zcert_new();
     ck_assert_int_eq(zcert_save(fresh, s_path("avim-new.cert")), 0);
     ck_assert_int_eq(zcert_save_public(fresh, s_path("partners/avim-new.cert")),
                      0);
-    char previous[KH_PARTNER_KEY_LEN + 1], until[40];
+    char until[40];
     kh_error_t err;
     khtest_db_exec(s_db, "BEGIN", 0, NULL);
     ck_assert_int_eq(kh_partner_rotate(s_db, "avim", zcert_public_txt(fresh),
@@ -3065,6 +3059,15 @@ START_TEST(a_connection_whose_key_overlap_ended_is_sent_nothing_more)
                      0);
     khtest_db_exec(s_db, "COMMIT", 0, NULL);
     zcert_destroy(&fresh);
+}
+
+/* A connection made with the key before a rotation is served during the
+ * overlap; once the overlap ends it is forgotten and sent nothing more,
+ * and what it held goes to the partner's connection with the new key. */
+START_TEST(a_connection_whose_key_overlap_ended_is_sent_nothing_more)
+{
+    char previous[KH_PARTNER_KEY_LEN + 1];
+    s_rotate_avim(previous);
     char first[37], second[37];
     s_delivery("avim", "normal", 0, NULL, first);
 
@@ -3129,19 +3132,8 @@ END_TEST
  * on the partner's other connection, not after the ACK timeout. */
 START_TEST(a_moved_keys_deliveries_go_again_once_the_registry_says_so)
 {
-    /* avim's second key (a rotation's overlap): avim-new.cert. */
-    zcert_t *fresh = zcert_new();
-    ck_assert_int_eq(zcert_save(fresh, s_path("avim-new.cert")), 0);
-    ck_assert_int_eq(zcert_save_public(fresh, s_path("partners/avim-new.cert")),
-                     0);
-    char previous[KH_PARTNER_KEY_LEN + 1], until[40];
-    kh_error_t err;
-    khtest_db_exec(s_db, "BEGIN", 0, NULL);
-    ck_assert_int_eq(kh_partner_rotate(s_db, "avim", zcert_public_txt(fresh),
-                                       3600, previous, until, &err),
-                     0);
-    khtest_db_exec(s_db, "COMMIT", 0, NULL);
-    zcert_destroy(&fresh);
+    char previous[KH_PARTNER_KEY_LEN + 1];
+    s_rotate_avim(previous); /* its second key, in the overlap */
     char first[37];
     s_delivery("avim", "normal", 0, NULL, first);
 
