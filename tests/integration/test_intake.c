@@ -2827,6 +2827,21 @@ static long s_intake_backends(void)
                    "application_name = 'ketenhub-intake'");
 }
 
+/* SUBMIT referral under key on client, once (its retries set to none):
+ * the answer is a retryable refusal, unavailable. */
+static void s_refused_unavailable(kh_client_t *client, json_t *referral,
+                                  const char *key)
+{
+    kh_client_set_retries(client, 0);
+    kh_error_t err;
+    json_t *reply = kh_client_submit(client, referral, key, S_TIMEOUT, &err);
+    ck_assert_msg(reply != NULL, "%s", err.message);
+    ck_assert_str_eq(kh_client_reply_cmd(reply), "REJECTED");
+    ck_assert_str_eq(s_str(reply, "code"), "unavailable");
+    ck_assert(json_is_true(json_object_get(reply, "retryable")));
+    json_decref(reply);
+}
+
 /* A statement that fails with "try again" on a connection that is fine
  * (here a lock timeout, 55P03; a deadlock or a serialization failure
  * goes the same way) is answered unavailable, and intake keeps both its
@@ -2841,21 +2856,15 @@ START_TEST(a_lock_timeout_keeps_both_connections)
     PGconn *holder = s_hold_key("timeout-1", referral);
 
     kh_client_t *client = s_client("vt");
-    kh_client_set_retries(client, 0);
-    kh_error_t err;
-    json_t *reply =
-        kh_client_submit(client, referral, "timeout-1", S_TIMEOUT, &err);
-    ck_assert_ptr_nonnull(reply);
-    ck_assert_str_eq(kh_client_reply_cmd(reply), "REJECTED");
-    ck_assert_str_eq(s_str(reply, "code"), "unavailable");
-    ck_assert(json_is_true(json_object_get(reply, "retryable")));
-    json_decref(reply);
+    s_refused_unavailable(client, referral, "timeout-1");
     ck_assert(khtest_log_has(s_path("intake.log"), "sqlstate=55P03", 0));
     khtest_db_exec(holder, "ROLLBACK", 0, NULL);
     PQfinish(holder);
 
     zclock_sleep(300); /* a reconnection, were there one, is under way */
-    reply = kh_client_submit(client, referral, "timeout-1", S_TIMEOUT, &err);
+    kh_error_t err;
+    json_t *reply =
+        kh_client_submit(client, referral, "timeout-1", S_TIMEOUT, &err);
     ck_assert_ptr_nonnull(reply);
     ck_assert_str_eq(kh_client_reply_cmd(reply), "ACCEPTED");
     json_decref(reply);
@@ -2924,14 +2933,7 @@ START_TEST(an_abandoned_commit_is_cancelled_on_the_server)
     PGconn *holder = s_hold_key("abandon-1", referral);
 
     kh_client_t *client = s_client("vt");
-    kh_client_set_retries(client, 0);
-    kh_error_t err;
-    json_t *reply =
-        kh_client_submit(client, referral, "abandon-1", S_TIMEOUT, &err);
-    ck_assert_ptr_nonnull(reply);
-    ck_assert_str_eq(kh_client_reply_cmd(reply), "REJECTED");
-    ck_assert_str_eq(s_str(reply, "code"), "unavailable");
-    json_decref(reply);
+    s_refused_unavailable(client, referral, "abandon-1");
     ck_assert(khtest_log_has(s_path("intake.log"), "event=commit_stalled", 0));
 
     long waiting = -1;
@@ -2948,7 +2950,9 @@ START_TEST(an_abandoned_commit_is_cancelled_on_the_server)
                   "the abandoned commit still waits on the server");
 
     kh_client_set_retries(client, 20);
-    reply = kh_client_submit(client, referral, "abandon-1", S_TIMEOUT, &err);
+    kh_error_t err;
+    json_t *reply =
+        kh_client_submit(client, referral, "abandon-1", S_TIMEOUT, &err);
     ck_assert_ptr_nonnull(reply);
     ck_assert_str_eq(kh_client_reply_cmd(reply), "ACCEPTED");
     char sql[256];
