@@ -61,7 +61,10 @@ static void s_usage(FILE *out)
         "100000);\n"
         "         TIME is ISO 8601, e.g. 2026-11-28T21:00:00Z, or "
         "2026-11-28 (a time\n"
-        "         without a zone is UTC, as the trail prints it)\n"
+        "         without a zone is UTC, as the trail prints it); --actor "
+        "takes an\n"
+        "         id (jdevries: any kind) or KIND:ID as the table prints it\n"
+        "         (admin:jdevries, partner:avim)\n"
         "export   widens the range to whole checkpoint intervals; "
         "--checkpoints-only\n"
         "         writes just the checkpoints, to publish elsewhere\n"
@@ -507,10 +510,24 @@ static int s_query(int argc, char **argv)
              * "key:" and an unknown key's Z85 text, which holds signs like
              * + = / ? & < > { } [ ] % $ #. Printable ASCII here, as the
              * services and the OS users write them. */
-            if (!s_matches(optarg, "^[!-~]{1,64}$"))
+            if (!s_matches(optarg, "^[!-~]{1,64}$") &&
+                !s_matches(optarg, "^(partner|service|admin|auditor):"
+                                   "[!-~]{1,64}$"))
                 return ctl_usage_error("audit query: --actor takes an actor "
-                                       "id: 1 to 64 characters, no space");
-            s_cond(&q, "actor", optarg, "actor_id = $?");
+                                       "id (1 to 64 characters, no space), "
+                                       "or KIND:ID as the table prints it");
+            /* The table prints an actor as KIND:ID (admin:jdevries,
+             * partner:avim, partner:key:...); an auditor who copies that
+             * must find the actor's events, not an empty page. KIND:ID
+             * selects that kind's id, and an id that is itself written
+             * so (the trail admits a colon in an id) still matches. */
+            if (s_matches(optarg, "^(partner|service|admin|auditor):"))
+                s_cond(&q, "actor", optarg,
+                       "((actor_kind = split_part($?::text, ':', 1) AND "
+                       "actor_id = substr($?::text, strpos($?::text, ':') + "
+                       "1)) OR actor_id = $?)");
+            else
+                s_cond(&q, "actor", optarg, "actor_id = $?");
             break;
         case 'A':
             if (!kh_trail_action_known(optarg))
