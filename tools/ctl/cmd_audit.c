@@ -772,10 +772,11 @@ static void s_report(const kh_trail_report_t *r, const char *where)
         printf("intact\n");
         return;
     }
-    /* The seals and checkpoints are judged up to the first problem only:
-     * said as counts of the whole trail ("24 sealed, 0 not yet sealed"
-     * of 58 events all sealed), they would misstate it. */
-    printf("checked %s: %" PRId64 " events%s; before the first problem %" PRId64
+    /* A break in the chain stops the judging of seals and checkpoints
+     * (a bad signature does not): said as counts of the whole trail ("24
+     * sealed, 0 not yet sealed" of 58 events all sealed), they would
+     * misstate it. */
+    printf("checked %s: %" PRId64 " events%s; of those judged %" PRId64
            " matched their seals, %" PRId64 " checkpoints held, signed up to "
            "seq %" PRId64 "\n",
            where, r->events, range, r->sealed, r->checkpoints, r->signed_seq);
