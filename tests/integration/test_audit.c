@@ -2008,6 +2008,93 @@ START_TEST(a_removal_with_its_seal_is_named)
 }
 END_TEST
 
+/* An auditor copies an actor from the table, which prints KIND:ID
+ * (admin:jan, partner:avim): that finds the actor's events, of that kind
+ * only. Before, --actor admin:jan matched no actor_id and printed an
+ * empty page, as if jan had done nothing. */
+START_TEST(query_takes_the_actor_as_the_table_prints_it)
+{
+    char *conninfo = khtest_db_conninfo(S_DB);
+    setenv("KH_DATABASE_URL", conninfo, 1);
+    khtest_db_exec(s_db,
+                   "INSERT INTO audit_events (actor_kind, actor_id, action,"
+                   " partner_id, outcome, origin_service) VALUES"
+                   " ('admin', 'jan', 'partner.revoked', 'avim', 'ok',"
+                   "  'ketenhubctl'),"
+                   " ('auditor', 'jan', 'trail.queried', NULL, 'ok',"
+                   "  'ketenhubctl'),"
+                   " ('partner', 'avim', 'delivery.acked', 'avim', 'ok',"
+                   "  'notification')",
+                   0, NULL);
+    char *out = NULL;
+    int rc = S_AUDIT(&out, "query", "--actor", "jan");
+    ck_assert_msg(rc == 0, "exit %d: %s", rc, out);
+    ck_assert_msg(strstr(out, "admin:jan") && strstr(out, "auditor:jan"), "%s",
+                  out);
+    free(out);
+    rc = S_AUDIT(&out, "query", "--actor", "admin:jan", "--format", "csv");
+    ck_assert_msg(rc == 0, "exit %d: %s", rc, out);
+    ck_assert_msg(strstr(out, ",admin,jan,partner.revoked,"), "%s", out);
+    ck_assert_msg(!strstr(out, ",auditor,jan,"), "%s", out);
+    free(out);
+    rc = S_AUDIT(&out, "query", "--actor", "partner:avim", "--format", "csv");
+    ck_assert_msg(rc == 0 && strstr(out, ",partner,avim,delivery.acked,"),
+                  "exit %d: %s", rc, out);
+    free(out);
+    /* A kind that is not the actor's finds nothing; the filter is
+     * recorded as typed. */
+    rc = S_AUDIT(&out, "query", "--actor", "service:jan", "--format", "csv");
+    ck_assert_msg(rc == 0 && !strstr(out, ",jan,"), "exit %d: %s", rc, out);
+    free(out);
+    ck_assert_int_eq(khtest_db_count(s_db, "SELECT count(*) FROM audit_events"
+                                           " WHERE query_filter ="
+                                           " 'actor=admin:jan limit=100'"),
+                     1);
+    unsetenv("KH_DATABASE_URL");
+    free(conninfo);
+}
+END_TEST
+
+/* On a finding, the summary line counts what was judged before it: it
+ * said "verified the database: 40 events (seq 1..40), 12 sealed, 0 not
+ * yet sealed", of a trail whose 40 events were all sealed. */
+START_TEST(a_finding_says_how_far_the_trail_held)
+{
+    char *conninfo = khtest_db_conninfo(S_DB);
+    setenv("KH_DATABASE_URL", conninfo, 1);
+    char *keys = khtest_tmpdir();
+    char sk_path[512], pk_path[512];
+    snprintf(sk_path, sizeof sk_path, "%s/hub-audit.key", keys);
+    snprintf(pk_path, sizeof pk_path, "%s/hub-audit.pub", keys);
+    kh_error_t err;
+    ck_assert_int_eq(kh_trail_keygen(sk_path, pk_path, false, &err), 0);
+    s_events_dense(40);
+    char *out = NULL;
+    int rc = S_AUDIT(&out, "seal", "--key", sk_path, "--checkpoint");
+    ck_assert_msg(rc == 0, "exit %d: %s", rc, out);
+    free(out);
+    khtest_db_exec(s_db, "ALTER TABLE audit_events DISABLE TRIGGER USER", 0,
+                   NULL);
+    khtest_db_exec(s_db,
+                   "UPDATE audit_events SET actor_id = 'avim' WHERE seq = 13",
+                   0, NULL);
+    rc = S_AUDIT(&out, "verify", "--public-key", pk_path);
+    ck_assert_msg(rc == 1, "exit %d: %s", rc, out);
+    ck_assert_msg(strstr(out, "checked the database: 40 events (seq 1..40); "
+                              "of those judged 12 matched their "
+                              "seals, 0 checkpoints held"),
+                  "%s", out);
+    ck_assert_msg(!strstr(out, "not yet sealed") && !strstr(out, "verified"),
+                  "%s", out);
+    ck_assert_msg(strstr(out, "FIRST PROBLEM at seq 13: altered"), "%s", out);
+    free(out);
+    khtest_rmtree(keys);
+    free(keys);
+    unsetenv("KH_DATABASE_URL");
+    free(conninfo);
+}
+END_TEST
+
 /* Seals removed down below the last checkpoint: a sealer that went on
  * from what is left would chain the later events over the gap and sign
  * the result. It refuses, says why, and writes nothing; the audit service
@@ -3254,6 +3341,8 @@ int main(void)
     tcase_add_test(tc_auditor, report_counts_no_rule_for_the_rules_left_out);
     tcase_add_test(tc_auditor,
                    an_interrupted_export_leaves_no_file_under_its_name);
+    tcase_add_test(tc_auditor, query_takes_the_actor_as_the_table_prints_it);
+    tcase_add_test(tc_auditor, a_finding_says_how_far_the_trail_held);
     suite_add_tcase(suite, tc_auditor);
     /* The service through its database's outages. */
     TCase *tc_outage = tcase_create("outage");
