@@ -627,7 +627,9 @@ static void s_batch_refusal(intake_t *self, s_batch_t *batch, s_request_t *req)
         kh_ratelimit_charge(self->refusals, req->actor, zclock_usecs());
     ref->actor_id = req->actor;
     ref->code = kh_error_name(req->err.code);
-    ref->path = req->trail_path;
+    /* A key refused has no field at fault: no path, as notification
+     * records it. */
+    ref->path = *req->partner ? req->trail_path : NULL;
     ref->peer = req->peer;
 }
 
@@ -913,7 +915,7 @@ static void s_dispatch(intake_t *self)
         ref->action = "auth.refused";
         ref->actor_id = batch->auth[i].actor;
         ref->code = kh_error_name(KH_E_UNKNOWN_PARTNER);
-        ref->path = "";
+        ref->path = NULL;
         ref->peer = batch->auth[i].peer;
     }
     self->nauth_pending = 0;

@@ -1436,7 +1436,7 @@ START_TEST(unknown_keys_and_plain_clients_are_refused)
     snprintf(sql, sizeof sql,
              "SELECT count(*) FROM audit_events WHERE action = "
              "'auth.refused' AND actor_id = 'key:%s' AND origin_peer = "
-             "'127.0.0.1'",
+             "'127.0.0.1' AND reason_path IS NULL",
              zcert_public_txt(stranger_cert));
     zcert_destroy(&stranger_cert);
     ck_assert_int_eq(s_count(sql), 1);

@@ -711,9 +711,15 @@ static int s_export(int argc, char **argv)
     else
         fd = mkstemp(tmp);
     FILE *f = fd >= 0 ? fdopen(fd, "w") : NULL;
-    if (!f) {
+    if (!f && errno == EEXIST)
+        fprintf(stderr,
+                "ketenhubctl: %s: exists: an export never replaces a "
+                "file; name a new one\n",
+                out);
+    else if (!f)
         fprintf(stderr, "ketenhubctl: %s: cannot create: %s\n", out,
                 strerror(errno));
+    if (!f) {
         if (fd >= 0) {
             close(fd);
             unlink(tmp);
@@ -812,11 +818,11 @@ static int s_verify(int argc, char **argv)
             file = optarg;
         else if (c == 'p')
             published = optarg;
-        else if (c == 'c' && s_seq_arg(optarg, &from_cp))
+        else if (c == 'c' && s_seq_arg(optarg, &from_cp) && from_cp > 0)
             continue;
-        else if (c == 'c')
-            return ctl_usage_error("audit verify: --from-checkpoint takes a "
-                                   "seq");
+        else if (c == 'c') /* 0 would mean "from the start" unasked */
+            return ctl_usage_error("audit verify: --from-checkpoint takes the "
+                                   "seq of a checkpoint (1 or more)");
         else {
             s_usage(c == 'h' ? stdout : stderr);
             return c == 'h' ? CTL_OK : CTL_USAGE;
