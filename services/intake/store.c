@@ -157,6 +157,21 @@ static bool s_conn_up(PGconn *conn)
     return conn && PQstatus(conn) == CONNECTION_OK;
 }
 
+/* Whether an idle conn is still fine, as far as can be told without a
+ * statement or a wait. libpq learns that the server ended a session (a
+ * restart of PostgreSQL ends them all) only when it reads from it: an
+ * idle connection that has anything to read has been told its end (an
+ * error, then the end of the stream), which is read here. A network that
+ * is gone tells nothing: the next read's timeout finds it. */
+static bool s_conn_alive(PGconn *conn)
+{
+    struct pollfd pfd = {conn ? PQsocket(conn) : -1, POLLIN, 0};
+    for (int i = 0; i < 8 && s_conn_up(conn) && poll(&pfd, 1, 0) > 0; i++)
+        if (!PQconsumeInput(conn))
+            return false;
+    return s_conn_up(conn);
+}
+
 bool store_up(store_t *self)
 {
     return s_conn_up(self->writer) && s_conn_up(self->reader);
@@ -292,15 +307,16 @@ int store_connect(store_t *self, kh_error_t *err)
         if (store_up(self))
             return 0;
         /* A new attempt, for what is not up (both at once when neither
-         * is): a connection that is fine stays, with its session. */
+         * is): a connection that is fine stays, with its session; one
+         * that the server ended meanwhile (s_conn_alive) does not. */
         PQclear(self->rows);
         self->rows = NULL;
-        if (self->busy || !s_conn_up(self->writer)) {
+        if (self->busy || !s_conn_alive(self->writer)) {
             PQfinish(self->writer);
             self->writer = NULL;
         }
         self->busy = self->sending = false;
-        if (!s_conn_up(self->reader)) {
+        if (!s_conn_alive(self->reader)) {
             PQfinish(self->reader);
             self->reader = NULL;
         }

@@ -2920,6 +2920,45 @@ START_TEST(a_lost_reader_keeps_the_writer)
 }
 END_TEST
 
+/* A restart of PostgreSQL ends both of intake's sessions, but intake
+ * finds out about one only when it uses it: here the registry refresh
+ * finds the reader gone. The writer, idle, looks connected to libpq
+ * until its next statement fails; it is not kept as "fine" when the
+ * reader is made anew, so that the first SUBMIT after the restart is
+ * accepted rather than refused unavailable. */
+START_TEST(a_database_restart_renews_the_idle_writer_too)
+{
+    const char *pgdir = getenv("KH_TEST_PG_DIR");
+    ck_assert_ptr_nonnull(pgdir);
+    int connected = s_log_count("event=db_connected");
+    ck_assert_int_eq(khproc_sh("'%s/scripts/pgtmp.sh' down '%s' fast",
+                               KH_TEST_SOURCE_DIR, pgdir),
+                     0);
+    zclock_sleep(600); /* a refresh (every 200 ms) finds the reader gone */
+    ck_assert_int_eq(
+        khproc_sh("'%s/scripts/pgtmp.sh' up '%s'", KH_TEST_SOURCE_DIR, pgdir),
+        0);
+    PQreset(s_db);
+    for (int i = 0; i < 100 && s_log_count("event=db_connected") == connected;
+         i++)
+        zclock_sleep(100);
+    ck_assert_int_gt(s_log_count("event=db_connected"), connected);
+
+    json_t *referral = s_example();
+    kh_client_t *client = s_client("vt");
+    kh_client_set_retries(client, 0);
+    kh_error_t err;
+    json_t *reply =
+        kh_client_submit(client, referral, "restart-1", S_TIMEOUT, &err);
+    ck_assert_msg(reply != NULL, "%s", err.message);
+    ck_assert_msg(strcmp(kh_client_reply_cmd(reply), "ACCEPTED") == 0, "%s %s",
+                  kh_client_reply_cmd(reply), s_str(reply, "code"));
+    json_decref(reply);
+    json_decref(referral);
+    kh_client_destroy(&client);
+}
+END_TEST
+
 /* A commit that intake gives up on (it waited longer than
  * KH_DB_COMMIT_TIMEOUT_MS) is cancelled on the server, not only left:
  * nothing of intake's still waits there, holding the key, once the
@@ -3078,6 +3117,7 @@ int main(void)
     tcase_add_test(tc, a_lock_timeout_keeps_both_connections);
     tcase_add_test(tc, an_abandoned_commit_is_cancelled_on_the_server);
     tcase_add_test(tc, a_lost_reader_keeps_the_writer);
+    tcase_add_test(tc, a_database_restart_renews_the_idle_writer_too);
     tcase_add_test(tc, an_idle_intake_stops_at_once);
     tcase_add_test(tc, a_stalled_read_does_not_delay_stopping);
     tcase_add_test(tc, sighup_during_a_read_gives_it_not_up);
