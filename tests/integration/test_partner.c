@@ -363,6 +363,18 @@ START_TEST(test_cert_files)
     ck_assert_int_eq(err.code, KH_E_CONFIG);
     snprintf(path, sizeof path, "%s/vt-gv.cert", out_sub);
     ck_assert_str_eq(err.path, path);
+    /* A symbolic link is a file there too, even one to nothing: the
+     * secret is never written through it to where it points. */
+    ck_assert_int_eq(unlink(path), 0);
+    char target[4096], secret_path[4096];
+    snprintf(target, sizeof target, "%s/elsewhere", out);
+    snprintf(secret_path, sizeof secret_path, "%s/vt-gv.cert_secret", out_sub);
+    ck_assert_int_eq(symlink(target, secret_path), 0);
+    ck_assert_int_eq(kh_partner_cert_export(cert, "vt-gv", out_sub, &err), -1);
+    ck_assert_int_eq(err.code, KH_E_CONFIG);
+    ck_assert_str_eq(err.path, secret_path);
+    ck_assert_msg(access(target, F_OK) != 0, "the secret went through a link");
+    ck_assert_int_eq(unlink(secret_path), 0);
 
     /* zauth admits the partner's key, and refuses it once removed. */
     ck_assert(s_zauth_admits(cert_dir, full));
