@@ -37,6 +37,8 @@
 #define S_PROBE_WAIT_MS 2000 /* longest wait for one probe's answer */
 #define S_GAUGE_EVERY 5      /* gauges refreshed every this many probes */
 #define S_HTTP_MAX (1024 * 1024)
+#define S_HTTP_CONNECTIONS 32 /* open connections to the endpoint */
+#define S_HTTP_PER_ADDRESS 8  /* of those, from one address */
 
 const char *kh_version(void)
 {
@@ -846,11 +848,19 @@ kh_health_t *kh_health_new(const kh_health_config_t *config, kh_error_t *err)
         }
         unsigned int flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_POLL |
                              (v6 ? MHD_USE_IPv6 : 0);
+        /* The timeout is one of silence: a client that sends its request
+         * a byte every few seconds keeps its connection. One address may
+         * hold only a few of them, so that one peer reaching the port
+         * cannot leave the probes and the scraper without an answer
+         * (while 32 such connections stopped /livez for as long as they
+         * lasted). */
         self->daemon = MHD_start_daemon(
             flags, 0, NULL, NULL, s_handler, self, MHD_OPTION_SOCK_ADDR,
             (const struct sockaddr *) &addr, MHD_OPTION_CONNECTION_LIMIT,
-            (unsigned int) 32, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int) 10,
-            MHD_OPTION_END);
+            (unsigned int) S_HTTP_CONNECTIONS,
+            MHD_OPTION_PER_IP_CONNECTION_LIMIT,
+            (unsigned int) S_HTTP_PER_ADDRESS, MHD_OPTION_CONNECTION_TIMEOUT,
+            (unsigned int) 10, MHD_OPTION_END);
         if (!self->daemon && !config->bind_optional) {
             kh_error_set(err, KH_E_CONFIG, "KH_HEALTH_ENDPOINT",
                          "cannot bind KH_HEALTH_ENDPOINT %s", endpoint);

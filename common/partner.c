@@ -558,10 +558,13 @@ int kh_partner_cert_export(zcert_t *cert, const char *id, const char *out_dir,
     if (s_ensure_dir(out_dir, 0700, err) != 0)
         return -1;
     /* Named as it is there: a partner who finds only NAME.cert named
-     * must not go looking for a secret file. */
-    const char *existing = access(secret, F_OK) == 0 ? secret
-                           : access(pub, F_OK) == 0  ? pub
-                                                     : NULL;
+     * must not go looking for a secret file. lstat, since zcert_save
+     * writes through a symbolic link: one planted there, even to nothing,
+     * would have the secret written where it points. */
+    struct stat st;
+    const char *existing = lstat(secret, &st) == 0 ? secret
+                           : lstat(pub, &st) == 0  ? pub
+                                                   : NULL;
     if (existing)
         return kh_error_set(err, KH_E_CONFIG, existing,
                             "refusing to overwrite an existing certificate");

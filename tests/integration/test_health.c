@@ -7,6 +7,7 @@
  * partner's backlog growing while it is offline; bad settings refused with
  * exit 2 by every service binary.
  */
+#include <arpa/inet.h>
 #include <czmq.h>
 #include <errno.h>
 #include <libpq-fe.h>
@@ -1289,6 +1290,47 @@ START_TEST(status_and_health_refuse_an_endpoint_that_is_no_host_port)
 }
 END_TEST
 
+/* Connections from one address that send their request a byte at a time
+ * (each byte within the idle timeout) hold the endpoint's connections:
+ * they may take only a few, and /livez still answers another address.
+ * (127.0.0.2 is the loopback too.) */
+START_TEST(slow_clients_of_one_address_leave_livez_answering)
+{
+    kh_error_t err;
+    kh_health_config_t cfg = {.service = "intake", .endpoint = "127.0.0.1:0"};
+    kh_health_t *health = kh_health_new(&cfg, &err);
+    ck_assert_msg(health != NULL, "%s", err.message);
+    struct sockaddr_in to = {.sin_family = AF_INET,
+                             .sin_port =
+                                 htons((uint16_t) kh_health_port(health)),
+                             .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    struct sockaddr_in from = {.sin_family = AF_INET,
+                               .sin_addr.s_addr = htonl(0x7f000002)};
+    enum { S_SLOW = 40 };
+    int slow[S_SLOW];
+    for (int i = 0; i < S_SLOW; i++) {
+        slow[i] = socket(AF_INET, SOCK_STREAM, 0);
+        ck_assert_int_ge(slow[i], 0);
+        ck_assert_int_eq(bind(slow[i], (struct sockaddr *) &from, sizeof from),
+                         0);
+        ck_assert_int_eq(connect(slow[i], (struct sockaddr *) &to, sizeof to),
+                         0);
+        ck_assert_int_gt(send(slow[i], "GET /livez HTTP/1.1\r\n", 21, 0), 0);
+    }
+    zclock_sleep(300);
+    char hostport[64];
+    snprintf(hostport, sizeof hostport, "127.0.0.1:%d", kh_health_port(health));
+    char *body = NULL;
+    int status = kh_http_get(hostport, "/livez", 2000, &body, &err);
+    ck_assert_msg(status == 200, "/livez: %d %s", status,
+                  status < 0 ? err.message : "");
+    free(body);
+    for (int i = 0; i < S_SLOW; i++)
+        close(slow[i]);
+    kh_health_destroy(&health);
+}
+END_TEST
+
 int main(void)
 {
     Suite *suite = suite_create("health");
@@ -1315,5 +1357,8 @@ int main(void)
     tcase_add_test(reference,
                    status_and_health_refuse_an_endpoint_that_is_no_host_port);
     suite_add_tcase(suite, reference);
+    TCase *http = tcase_create("http");
+    tcase_add_test(http, slow_clients_of_one_address_leave_livez_answering);
+    suite_add_tcase(suite, http);
     return khtest_run_suite(suite);
 }

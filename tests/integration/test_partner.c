@@ -6,6 +6,7 @@
  * certificate is in the directory and refuses it once revoked.
  */
 #include <czmq.h>
+#include <dirent.h>
 #include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -362,6 +363,18 @@ START_TEST(test_cert_files)
     ck_assert_int_eq(err.code, KH_E_CONFIG);
     snprintf(path, sizeof path, "%s/vt-gv.cert", out_sub);
     ck_assert_str_eq(err.path, path);
+    /* A symbolic link is a file there too, even one to nothing: the
+     * secret is never written through it to where it points. */
+    ck_assert_int_eq(unlink(path), 0);
+    char target[4096], secret_path[4096];
+    snprintf(target, sizeof target, "%s/elsewhere", out);
+    snprintf(secret_path, sizeof secret_path, "%s/vt-gv.cert_secret", out_sub);
+    ck_assert_int_eq(symlink(target, secret_path), 0);
+    ck_assert_int_eq(kh_partner_cert_export(cert, "vt-gv", out_sub, &err), -1);
+    ck_assert_int_eq(err.code, KH_E_CONFIG);
+    ck_assert_str_eq(err.path, secret_path);
+    ck_assert_msg(access(target, F_OK) != 0, "the secret went through a link");
+    ck_assert_int_eq(unlink(secret_path), 0);
 
     /* zauth admits the partner's key, and refuses it once removed. */
     ck_assert(s_zauth_admits(cert_dir, full));
@@ -1402,6 +1415,70 @@ START_TEST(test_kept_copies_of_a_rotation_cut_short_go)
 }
 END_TEST
 
+/* hub keygen writes its secret into a file of its own: not through a
+ * symbolic link at DIR/hub.cert_secret (to a file of someone else's
+ * choosing), with or without --force. */
+START_TEST(test_hub_keygen_never_writes_through_a_link)
+{
+    char *hub = khtest_tmpdir();
+    char *elsewhere = khtest_tmpdir();
+    char secret[4096], target[4096], text_path[4096];
+    snprintf(secret, sizeof secret, "%s/hub.cert_secret", hub);
+    snprintf(target, sizeof target, "%s/taken", elsewhere);
+    snprintf(text_path, sizeof text_path, "%s/kept", elsewhere);
+    char *text = NULL;
+
+    /* A link to nothing is a file there: refused without --force. */
+    ck_assert_int_eq(symlink(target, secret), 0);
+    ck_assert_int_eq(KHTEST_CTL(&text, "hub", "keygen", "--out", hub), 1);
+    free(text);
+    ck_assert_msg(access(target, F_OK) != 0, "the secret went through a link");
+
+    /* --force replaces the link, and the file it named stays as it was. */
+    ck_assert_int_eq(
+        KHTEST_CTL(&text, "hub", "keygen", "--out", hub, "--force"), 0);
+    free(text);
+    ck_assert_msg(access(target, F_OK) != 0, "the secret went through a link");
+    unlink(secret);
+    FILE *f = fopen(text_path, "w");
+    ck_assert_ptr_nonnull(f);
+    fputs("not a key\n", f);
+    fclose(f);
+    ck_assert_int_eq(chmod(text_path, 0644), 0);
+    ck_assert_int_eq(symlink(text_path, secret), 0);
+    ck_assert_int_eq(
+        KHTEST_CTL(&text, "hub", "keygen", "--out", hub, "--force"), 0);
+    free(text);
+    char line[64] = "";
+    f = fopen(text_path, "r");
+    ck_assert_ptr_nonnull(f);
+    ck_assert_ptr_nonnull(fgets(line, sizeof line, f));
+    fclose(f);
+    ck_assert_str_eq(line, "not a key\n");
+
+    /* What is there now is the secret, a file of mode 0600, and the
+     * directory holds nothing else. */
+    struct stat st;
+    ck_assert_int_eq(lstat(secret, &st), 0);
+    ck_assert(S_ISREG(st.st_mode));
+    ck_assert_int_eq(st.st_mode & 0777, 0600);
+    zcert_t *cert = zcert_load(secret);
+    ck_assert_ptr_nonnull(cert);
+    zcert_destroy(&cert);
+    DIR *dir = opendir(hub);
+    ck_assert_ptr_nonnull(dir);
+    size_t entries = 0;
+    for (struct dirent *e; (e = readdir(dir));)
+        entries += strcmp(e->d_name, ".") != 0 && strcmp(e->d_name, "..") != 0;
+    closedir(dir);
+    ck_assert_uint_eq(entries, 2);
+    khtest_rmtree(hub);
+    khtest_rmtree(elsewhere);
+    free(hub);
+    free(elsewhere);
+}
+END_TEST
+
 static Suite *s_suite(void)
 {
     Suite *s = suite_create("partner");
@@ -1418,6 +1495,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_rotate_commit_lost);
     tcase_add_test(tc, test_rotate_cut_short);
     tcase_add_test(tc, test_kept_copies_of_a_rotation_cut_short_go);
+    tcase_add_test(tc, test_hub_keygen_never_writes_through_a_link);
     suite_add_tcase(s, tc);
     return s;
 }

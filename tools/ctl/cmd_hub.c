@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <getopt.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -28,6 +29,35 @@ static void s_usage(FILE *out)
                  "  --help      this text\n");
 }
 
+/* Save cert as pub and secret: written into a new private directory in
+ * out, then renamed into place. zcert_save opens the names it is given
+ * as they are: it wrote the new secret through a symbolic link planted
+ * at DIR/hub.cert_secret, and into a file replaced under --force with
+ * that file's mode (0644, say) until the chmod after. A rename replaces
+ * a link rather than following it, and the new file has the mode it was
+ * made with. 0, or -1. */
+static int s_save(zcert_t *cert, const char *out, const char *pub,
+                  const char *secret)
+{
+    char dir[4096], tpub[4200], tsecret[4200];
+    snprintf(dir, sizeof dir, "%s/.hub-keygen-XXXXXX", out);
+    if (!mkdtemp(dir))
+        return -1;
+    snprintf(tpub, sizeof tpub, "%s/hub.cert", dir);
+    snprintf(tsecret, sizeof tsecret, "%s/hub.cert_secret", dir);
+    int rc = zcert_save(cert, tpub);
+    if (rc == 0)
+        rc = chmod(tsecret, 0600);
+    if (rc == 0)
+        rc = rename(tsecret, secret);
+    if (rc == 0)
+        rc = rename(tpub, pub);
+    unlink(tpub);
+    unlink(tsecret);
+    rmdir(dir);
+    return rc;
+}
+
 static int s_keygen(const char *out, bool force)
 {
     char pub[4096], secret[4096];
@@ -46,7 +76,9 @@ static int s_keygen(const char *out, bool force)
         fprintf(stderr, "ketenhubctl: %s: not a directory\n", out);
         return CTL_FAIL;
     }
-    if (!force && (access(secret, F_OK) == 0 || access(pub, F_OK) == 0)) {
+    /* lstat: a symbolic link there, even one to nothing, is a file
+     * there. */
+    if (!force && (lstat(secret, &st) == 0 || lstat(pub, &st) == 0)) {
         fprintf(stderr,
                 "ketenhubctl: %s: a hub key pair exists already (use --force "
                 "to replace it; partners then need the new hub.cert)\n",
@@ -64,10 +96,7 @@ static int s_keygen(const char *out, bool force)
     }
     zcert_set_meta(cert, "name", "ketenhub");
     zcert_set_meta(cert, "role", "hub");
-    int rc = zcert_save(cert, pub);
-    if (rc == 0)
-        rc = chmod(secret, 0600);
-    if (rc != 0 || access(pub, F_OK) != 0) {
+    if (s_save(cert, out, pub, secret) != 0) {
         fprintf(stderr, "ketenhubctl: %s: cannot write the hub key pair\n",
                 out);
         zcert_destroy(&cert);
