@@ -891,6 +891,39 @@ START_TEST(test_services_hold_least_privilege)
 }
 END_TEST
 
+/* The roles that write audit events choose what an event says, never
+ * its seq or its time (024): an event dated in the past, or a seq taken
+ * ahead of the sequence (on which every later insert failed), is refused
+ * them; an event as they write it passes. */
+START_TEST(test_writers_choose_no_seq_nor_time_of_events)
+{
+    PGconn *conn = khtest_db_fresh(DB);
+    const char *writers[] = {"ketenhub_intake", "ketenhub_routing",
+                             "ketenhub_notification", "ketenhub_admin"};
+    for (size_t r = 0; r < sizeof writers / sizeof writers[0]; r++) {
+        ck_assert_str_eq(
+            s_as(conn, writers[r],
+                 "INSERT INTO audit_events (actor_kind, actor_id, action,"
+                 " outcome, origin_service) VALUES ('service', 'x',"
+                 " 'rules.reloaded', 'ok', 'test')"),
+            "");
+        ck_assert_str_eq(
+            s_as(conn, writers[r],
+                 "INSERT INTO audit_events (seq, actor_kind, actor_id,"
+                 " action, outcome, origin_service) VALUES (1000000,"
+                 " 'service', 'x', 'rules.reloaded', 'ok', 'test')"),
+            "42501");
+        ck_assert_str_eq(
+            s_as(conn, writers[r],
+                 "INSERT INTO audit_events (at, actor_kind, actor_id,"
+                 " action, outcome, origin_service) VALUES ('2020-01-01',"
+                 " 'service', 'x', 'rules.reloaded', 'ok', 'test')"),
+            "42501");
+    }
+    PQfinish(conn);
+}
+END_TEST
+
 /* Administrators read no payload (022): not a referral's, not a
  * delivery's, not an escalation copy's, not even in a condition; they
  * read each payload's size, and their commands' statements run: list,
@@ -1264,6 +1297,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_upgrade_to_partner_keys);
     tcase_add_test(tc, test_upgrade_to_escalation_copies);
     tcase_add_test(tc, test_services_hold_least_privilege);
+    tcase_add_test(tc, test_writers_choose_no_seq_nor_time_of_events);
     tcase_add_test(tc, test_admin_reads_no_payload);
     tcase_add_test(tc, test_auditor_reads_partner_keys);
     tcase_add_test(tc, test_payloads_are_only_purged);
