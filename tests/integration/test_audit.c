@@ -1632,6 +1632,12 @@ START_TEST(report_counts_what_the_trail_says)
                    "avim", "ok", "escalation", NULL);
     s_report_event("2026-11-06T09:00:00Z", "admin", "root", "partner.added",
                    NULL, "avim", "ok", NULL, NULL);
+    /* A reload asked for, and routing's own when the partners changed. */
+    s_report_event("2026-11-07T09:00:00Z", "service", "routing",
+                   "rules.reloaded", NULL, NULL, "ok", NULL, NULL);
+    s_report_event("2026-11-07T10:00:00Z", "service", "routing",
+                   "rules.reloaded", NULL, NULL, "ok", "partners_changed",
+                   NULL);
     /* After it. */
     s_report_event("2026-12-01T00:00:00Z", "partner", "meldpunt",
                    "referral.accepted", NULL, NULL, "ok", NULL, NULL);
@@ -1644,7 +1650,7 @@ START_TEST(report_counts_what_the_trail_says)
     ck_assert_int_eq(s_report_int(refs, "routed"), 3);
     ck_assert_int_eq(s_report_int(refs, "routed_no_rule_matched"), 1);
     ck_assert_int_eq(s_report_int(json_object_get(doc, "events"), "events"),
-                     18);
+                     20);
     ck_assert_int_eq(s_report_int(s_report_row(doc, "accepted_by_partner",
                                                "partner", "meldpunt"),
                                   "accepted"),
@@ -1686,6 +1692,20 @@ START_TEST(report_counts_what_the_trail_says)
         s_report_row(doc, "administration", "action", "partner.added");
     ck_assert_str_eq(json_string_value(json_object_get(admin, "actor")),
                      "admin:root");
+    /* The two reloads apart, by reason. */
+    json_t *reload =
+        s_report_row(doc, "administration", "reason", "partners_changed");
+    ck_assert_str_eq(json_string_value(json_object_get(reload, "action")),
+                     "rules.reloaded");
+    ck_assert_int_eq(s_report_int(reload, "events"), 1);
+    size_t i, reloads = 0;
+    json_t *row;
+    json_array_foreach(json_object_get(doc, "administration"), i, row)
+    {
+        reloads += strcmp(json_string_value(json_object_get(row, "action")),
+                          "rules.reloaded") == 0;
+    }
+    ck_assert_uint_eq(reloads, 2);
     json_decref(doc);
 
     /* The read is in the trail, with the period asked for. */

@@ -135,14 +135,19 @@ static const s_section_t s_sections[] = {
      " ORDER BY count(*) DESC, outcome, action, reason_code",
      {"outcome", "action", "reason", "events"}, "sssi"},
     /* Who changed the hub's partners, rules or dead letters, purged, or
-     * looked at the trail (the services' own rule reloads included). */
+     * looked at the trail (the services' own rule reloads included, by
+     * reason: a reload asked for has none, partners_changed is routing's
+     * own when the registry changed the partners it routes with, and a
+     * refusal names its error). */
     {"administration", "ADMINISTRATION AND READS OF THE TRAIL",
-     "SELECT action, actor_kind || ':' || actor_id, count(*)"
+     "SELECT action, coalesce(reason_code, ''),"
+     "  actor_kind || ':' || actor_id, count(*)"
      " FROM audit_trail WHERE (actor_kind IN ('admin', 'auditor')"
      "  OR action IN ('rules.reloaded', 'rules.reload_failed')) AND" S_PERIOD
-     " GROUP BY action, actor_kind, actor_id"
-     " ORDER BY action, count(*) DESC, actor_kind, actor_id",
-     {"action", "actor", "events"}, "ssi"},
+     " GROUP BY action, reason_code, actor_kind, actor_id"
+     " ORDER BY action, reason_code NULLS FIRST, count(*) DESC, actor_kind,"
+     "  actor_id",
+     {"action", "reason", "actor", "events"}, "sssi"},
 };
 /* clang-format on */
 
