@@ -448,11 +448,13 @@ int main(int argc, char **argv)
         failed++;
     }
     qsort(all, total, sizeof(int64_t), bench_cmp_us);
-    /* An interrupted run measured until the Ctrl-C. */
-    double measured = seconds;
+    /* An interrupted run measured until the Ctrl-C (as the last of the
+     * workers to see it saw it). */
+    int64_t stopped = start;
     for (int i = 0; i < clients; i++)
-        if (workers[i].end_us < end)
-            measured = (double) (workers[i].end_us - start) / 1e6;
+        if (workers[i].end_us > stopped)
+            stopped = workers[i].end_us;
+    double measured = (double) (stopped - start) / 1e6;
     if (measured < seconds)
         fprintf(stderr, "ketenhub-bench: interrupted after %.1f s\n", measured);
     double per_second = measured > 0 ? (double) total / measured : 0;
