@@ -763,7 +763,10 @@ struct kh_trail_sealer_t {
     int64_t pending_since; /* when the pending bound was taken (µs) */
     int64_t cp_seq;        /* last checkpoint */
     int64_t cp_at_us;      /* when it was made (0: none) */
-    long written;          /* checkpoints this sealer wrote and committed */
+    /* The highest sealed head and checkpoint this sealer has seen or
+     * written: neither ever goes down while it runs. */
+    int64_t seen_head, seen_cp;
+    long written; /* checkpoints this sealer wrote and committed */
 };
 
 kh_trail_sealer_t *kh_trail_sealer_new(const unsigned char *secret_key,
@@ -887,6 +890,24 @@ static int s_read_head(kh_trail_sealer_t *self, PGconn *conn, int64_t *seq,
                               self->cp_seq);
     }
     PQclear(res);
+    /* The end of the trail removed whole (events, their seals and their
+     * checkpoints) leaves a head that agrees with its last checkpoint:
+     * only what this sealer saw before tells. Sealing on would chain the
+     * next events over the gap and sign them (verify then finds it only
+     * against published checkpoints). */
+    if (rc == 0 && (*seq < self->seen_head || self->cp_seq < self->seen_cp))
+        rc = kh_error_set(err, KH_E_TRAIL_BROKEN, NULL,
+                          "the sealed head is at seq %" PRId64
+                          " and the last checkpoint at seq %" PRId64
+                          ", below seq %" PRId64 " and %" PRId64
+                          " that this sealer saw: the end of the trail was"
+                          " removed; sealing stops",
+                          *seq, self->cp_seq, self->seen_head, self->seen_cp);
+    if (rc == 0) {
+        self->seen_head = *seq > self->seen_head ? *seq : self->seen_head;
+        self->seen_cp =
+            self->cp_seq > self->seen_cp ? self->cp_seq : self->seen_cp;
+    }
     return rc;
 }
 
@@ -1022,6 +1043,8 @@ static long s_seal(kh_trail_sealer_t *self, PGconn *conn, int64_t bound,
         kh_db_rollback_quietly(conn);
         return -1;
     }
+    self->seen_head = head > self->seen_head ? head : self->seen_head;
+    self->seen_cp = self->cp_seq > self->seen_cp ? self->cp_seq : self->seen_cp;
     return sealed;
 }
 

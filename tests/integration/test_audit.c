@@ -2252,6 +2252,39 @@ START_TEST(sealer_refuses_a_head_below_its_checkpoint)
 }
 END_TEST
 
+/* The end of the trail removed whole, its events with their seals and
+ * checkpoints: what is left agrees with itself (its head is its last
+ * checkpoint's), so only what the sealer saw before tells. A sealer that
+ * went on would chain the next events over the gap and sign them, which
+ * verify then finds only against published checkpoints. It refuses, and
+ * writes nothing. */
+START_TEST(sealer_refuses_a_trail_whose_end_was_removed)
+{
+    s_events_dense(20);
+    kh_trail_sealer_t *sealer = s_sealer(10);
+    s_flush(sealer);
+    ck_assert_int_eq(
+        khtest_db_count(s_db, "SELECT max(seq) FROM audit_checkpoints"), 20);
+    const char *tables[] = {"audit_events", "audit_seals", "audit_checkpoints"};
+    for (size_t i = 0; i < 3; i++) {
+        s_sqlf("ALTER TABLE %s DISABLE TRIGGER USER", tables[i]);
+        s_sqlf("DELETE FROM %s WHERE seq > 10", tables[i]);
+    }
+    s_events_dense(5);
+    const char *count_sql = "SELECT (SELECT count(*) FROM audit_seals) * 1000"
+                            " + (SELECT count(*) FROM audit_checkpoints)";
+    long before = khtest_db_count(s_db, count_sql);
+
+    kh_error_t err;
+    kh_error_clear(&err);
+    ck_assert_int_eq(kh_trail_sealer_flush(sealer, s_db, 1000, &err), -1);
+    ck_assert_int_eq(err.code, KH_E_TRAIL_BROKEN);
+    ck_assert_msg(strstr(err.message, "removed"), "%s", err.message);
+    ck_assert_int_eq(khtest_db_count(s_db, count_sql), before);
+    kh_trail_sealer_destroy(&sealer);
+}
+END_TEST
+
 /* The columns of an event in s_try_event, with values the services write. */
 enum {
     S_COL_ACTOR_KIND,
@@ -3321,6 +3354,7 @@ int main(void)
     tcase_add_test(tc, a_removal_below_unsealed_events_is_found);
     tcase_add_test(tc, a_removal_with_its_seal_is_named);
     tcase_add_test(tc, sealer_refuses_a_head_below_its_checkpoint);
+    tcase_add_test(tc, sealer_refuses_a_trail_whose_end_was_removed);
     tcase_add_test(tc, checks_refuse_what_they_refused);
     tcase_add_test(tc, referral_checks_decide_as_before);
     tcase_add_test(tc, delivery_state_changes_stay_on_their_page);
