@@ -750,6 +750,14 @@ START_TEST(status_shows_a_refused_reload_until_rules_load)
 }
 END_TEST
 
+/* ketenhubctl status of the database alone (no service asked): its exit
+ * status, its output in *output (the caller frees it). */
+static int s_status_db_only(char **output)
+{
+    return KHTEST_CTL(output, "status", "--intake", "none", "--routing", "none",
+                      "--notification", "none", "--audit", "none");
+}
+
 /* status says when PostgreSQL does not keep what it commits (fsync or
  * synchronous_commit off, as on the test cluster): a crash of the database
  * then loses referrals answered ACCEPTED and deliveries a partner already
@@ -760,12 +768,8 @@ START_TEST(status_says_when_the_database_is_not_durable)
     setenv("KH_DATABASE_URL", s_conninfo, 1);
     char ctl[512];
     snprintf(ctl, sizeof ctl, "%s/tools/ctl/ketenhubctl", KH_TEST_BINARY_DIR);
-    char *argv[] = {
-        ctl,    "status",         "--intake", "none",    "--routing",
-        "none", "--notification", "none",     "--audit", "none",
-        NULL};
     char *output = NULL;
-    khtest_run(argv, &output);
+    s_status_db_only(&output);
     ck_assert_msg(strstr(output, "NOT DURABLE") &&
                       strstr(output, "synchronous_commit=off") &&
                       strstr(output, "fsync=off"),
@@ -773,7 +777,7 @@ START_TEST(status_says_when_the_database_is_not_durable)
     free(output);
     khtest_db_exec(s_db, "ALTER DATABASE " S_DB " SET synchronous_commit = on",
                    0, NULL);
-    khtest_run(argv, &output);
+    s_status_db_only(&output);
     khtest_db_exec(s_db, "ALTER DATABASE " S_DB " RESET synchronous_commit", 0,
                    NULL);
     ck_assert_msg(!strstr(output, "synchronous_commit=off") &&
@@ -805,12 +809,8 @@ START_TEST(status_says_when_the_database_is_not_migrated)
     free(conninfo);
     char ctl[512];
     snprintf(ctl, sizeof ctl, "%s/tools/ctl/ketenhubctl", KH_TEST_BINARY_DIR);
-    char *argv[] = {
-        ctl,    "status",         "--intake", "none",    "--routing",
-        "none", "--notification", "none",     "--audit", "none",
-        NULL};
     char *output = NULL;
-    ck_assert_int_eq(khtest_run(argv, &output), 1);
+    ck_assert_int_eq(s_status_db_only(&output), 1);
     ck_assert_msg(strstr(output, "not migrated") &&
                       !strstr(output, "dead letters") &&
                       !strstr(output, "trail head"),
@@ -858,7 +858,7 @@ START_TEST(status_says_when_the_database_is_not_migrated)
     snprintf(nobody, sizeof nobody, "%s user=kh_test_health_nobody",
              s_conninfo);
     setenv("KH_DATABASE_URL", nobody, 1);
-    ck_assert_int_eq(khtest_run(argv, &output), 1);
+    ck_assert_int_eq(s_status_db_only(&output), 1);
     ck_assert_msg(strstr(output, "permission denied") &&
                       !strstr(output, "not migrated"),
                   "status said: %s", output);
