@@ -735,12 +735,12 @@ int kh_trail_db_record_access(PGconn *conn, const char *action,
                               const char *reason_code, const char *filter,
                               const char *origin_service, kh_error_t *err)
 {
-    kh_audit_origin_t origin;
-    kh_audit_origin(&origin);
+    /* The actor is the login (025); NULL: origin.peer says USER@HOST. */
+    kh_audit_origin_t origin = kh_audit_origin();
     const char *params[] = {action,         actor_kind,
-                            origin.actor,   outcome,
+                            NULL,           outcome,
                             reason_code,    filter && *filter ? filter : NULL,
-                            origin_service, origin.host};
+                            origin_service, origin.peer};
     PGresult *res = PQexecParams(
         conn, "SELECT audit_record_access($1, $2, $3, $4, $5, $6, $7, $8)", 8,
         NULL, params, NULL, NULL, 0);

@@ -15,20 +15,21 @@
 extern "C" {
 #endif
 
-/* Who runs this command, as the events of administrators and auditors
- * name them: the OS user (actor_id; "uid:N" when it has no name) and this
- * host (origin_peer; "unknown" when it has no name). */
+/* What this command says of itself in the events of administrators and
+ * auditors (origin_peer): "USER@HOST", its OS user ("uid:N" when it has
+ * no name) and this host ("unknown" when it has no name), at most 128
+ * characters. The actor of such an event is the database login that
+ * wrote it (actor_id, from the server: migration 025), not this. */
 typedef struct {
-    char actor[64];
-    char host[128];
+    char peer[129];
 } kh_audit_origin_t;
 
-void kh_audit_origin(kh_audit_origin_t *origin);
+kh_audit_origin_t kh_audit_origin(void);
 
-/* Record that the administrator running this process (its OS user, from
- * this host) did action ("partner.added", "partner.revoked") to partner_id
- * (may be NULL), on behalf of origin_service ("ketenhubctl"). 0, or -1
- * with err as kh_db_error. */
+/* Record that the administrator running this process (its database
+ * login; its OS user and host as origin_peer) did action ("partner.added",
+ * "partner.revoked") to partner_id (may be NULL), on behalf of origin_service
+ * ("ketenhubctl"). 0, or -1 with err as kh_db_error. */
 int kh_audit_admin(PGconn *conn, const char *action, const char *partner_id,
                    const char *origin_service, kh_error_t *err);
 

@@ -306,6 +306,14 @@ START_TEST(least_privilege_roles_do_their_work)
         kh_trail_db_record_access(auditor, "trail.verified", "auditor", "ok",
                                   NULL, "from_checkpoint=0", "test", &err),
         0);
+    /* The access names the login, whatever the client says of itself
+     * (025): that goes to origin_peer as USER@HOST. */
+    ck_assert_int_eq(
+        khtest_db_count(s_db, "SELECT count(*) FROM audit_events WHERE action"
+                              " = 'trail.verified' AND actor_kind = 'auditor'"
+                              " AND actor_id = 'kh_test_auditor'"
+                              " AND origin_peer LIKE '_%@_%'"),
+        1);
     char *dir = khtest_tmpdir();
     char path[512];
     snprintf(path, sizeof path, "%s/x.jsonl", dir);

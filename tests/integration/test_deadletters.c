@@ -121,11 +121,12 @@ static long s_count(const char *sql)
 
 static long s_retried_events(const char *id)
 {
-    char sql[512];
+    char sql[768];
     snprintf(sql, sizeof sql,
              "SELECT count(*) FROM audit_events WHERE action ="
              " 'delivery.retried' AND delivery_id = '%s' AND actor_kind ="
              " 'admin' AND outcome = 'ok' AND origin_service = 'ketenhubctl'"
+             " AND actor_id = 'kh_test_dl_admin' AND origin_peer LIKE '_%%@_%%'"
              " AND (referral_id, partner_id, payload_hash) = (SELECT"
              " referral_id, partner_id, payload_hash FROM deliveries"
              " WHERE id = '%s')",
@@ -320,6 +321,7 @@ START_TEST(test_list_and_show)
     free(out);
     ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
                              " = 'trail.queried' AND actor_kind = 'admin'"
+                             " AND actor_id = 'kh_test_dl_admin'"
                              " AND origin_service = 'ketenhubctl'"
                              " AND query_filter = 'delivery=" D1 "'"),
                      2);

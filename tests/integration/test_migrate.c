@@ -642,12 +642,16 @@ START_TEST(test_upgrade_to_partner_keys)
                    " ('oud-meldpunt', 'Oud', 'municipality', repeat('b', 40),"
                    "  now() - interval '3 days', now() - interval '1 day')",
                    0, NULL);
-    ck_assert_int_eq(kh_audit_admin(conn, "partner.added", "veilig-thuis",
-                                    "ketenhubctl", &err),
-                     0);
-    ck_assert_int_eq(kh_audit_admin(conn, "partner.revoked", "oud-meldpunt",
-                                    "ketenhubctl", &err),
-                     0);
+    /* Their events, as the ketenhubctl of that release wrote them (the
+     * actor named by the client: before 025). */
+    khtest_db_exec(conn,
+                   "INSERT INTO audit_events (actor_kind, actor_id, action,"
+                   " partner_id, outcome, origin_service, origin_peer) VALUES"
+                   " ('admin', 'root', 'partner.added', 'veilig-thuis', 'ok',"
+                   "  'ketenhubctl', 'hub-1'),"
+                   " ('admin', 'root', 'partner.revoked', 'oud-meldpunt', 'ok',"
+                   "  'ketenhubctl', 'hub-1')",
+                   0, NULL);
     char *keys = khtest_tmpdir();
     char *conninfo = khtest_db_conninfo(DB);
     setenv("KH_DATABASE_URL", conninfo, 1);
@@ -901,11 +905,16 @@ START_TEST(test_writers_choose_no_seq_nor_time_of_events)
     const char *writers[] = {"ketenhub_intake", "ketenhub_routing",
                              "ketenhub_notification", "ketenhub_admin"};
     for (size_t r = 0; r < sizeof writers / sizeof writers[0]; r++) {
+        /* The administrators' actor is their login (025). */
         ck_assert_str_eq(
             s_as(conn, writers[r],
-                 "INSERT INTO audit_events (actor_kind, actor_id, action,"
-                 " outcome, origin_service) VALUES ('service', 'x',"
-                 " 'rules.reloaded', 'ok', 'test')"),
+                 strcmp(writers[r], "ketenhub_admin") == 0
+                     ? "INSERT INTO audit_events (actor_kind, action,"
+                       " outcome, origin_service) VALUES ('admin',"
+                       " 'rules.reloaded', 'ok', 'test')"
+                     : "INSERT INTO audit_events (actor_kind, actor_id,"
+                       " action, outcome, origin_service) VALUES"
+                       " ('service', 'x', 'rules.reloaded', 'ok', 'test')"),
             "");
         ck_assert_str_eq(
             s_as(conn, writers[r],
@@ -920,6 +929,68 @@ START_TEST(test_writers_choose_no_seq_nor_time_of_events)
                  " 'service', 'x', 'rules.reloaded', 'ok', 'test')"),
             "42501");
     }
+    PQfinish(conn);
+}
+END_TEST
+
+/* A login of its own, in group (made once: roles are cluster-wide). */
+static PGconn *s_login(PGconn *conn, const char *user, const char *group)
+{
+    char sql[512];
+    snprintf(sql, sizeof sql,
+             "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname"
+             " = '%s') THEN CREATE ROLE \"%s\" LOGIN IN ROLE %s; END IF;"
+             " END $$",
+             user, user, group);
+    khtest_db_exec(conn, sql, 0, NULL);
+    char *base = khtest_db_conninfo(DB);
+    char conninfo[1400];
+    snprintf(conninfo, sizeof conninfo, "%s user='%s'", base, user);
+    free(base);
+    PGconn *login = PQconnectdb(conninfo);
+    ck_assert_msg(PQstatus(login) == CONNECTION_OK, "%s: %s", user,
+                  PQerrorMessage(login));
+    return login;
+}
+
+/* An administrator's or an auditor's event names the login that wrote
+ * it, never a name the client gives (025): an administrator may not
+ * write actor_id and gets the login by its default; audit_record_access
+ * records the login and puts the name it was given before the host in
+ * origin_peer. A login with white space in its name is named with '_'. */
+START_TEST(test_admin_and_auditor_events_name_their_login)
+{
+    PGconn *conn = khtest_db_fresh(DB);
+    PGconn *admin = s_login(conn, "kh_test_m_admin", "ketenhub_admin");
+    PGconn *auditor = s_login(conn, "kh test m auditor", "ketenhub_auditor");
+    PGresult *res = PQexec(admin, "INSERT INTO audit_events (actor_kind,"
+                                  " actor_id, action, outcome, origin_service)"
+                                  " VALUES ('admin', 'mallory',"
+                                  " 'partner.added', 'ok', 'test')");
+    const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+    ck_assert_str_eq(state ? state : "", "42501");
+    PQclear(res);
+    res = PQexec(admin, "INSERT INTO audit_events (actor_kind, action,"
+                        " outcome, origin_service, origin_peer) VALUES"
+                        " ('admin', 'partner.added', 'ok', 'test', 'x@y')");
+    ck_assert_int_eq(PQresultStatus(res), PGRES_COMMAND_OK);
+    PQclear(res);
+    res = PQexec(auditor, "SELECT audit_record_access('trail.queried',"
+                          " 'auditor', 'mallory', 'ok', NULL, NULL, 'test',"
+                          " 'host-a'), audit_record_access('trail.exported',"
+                          " 'auditor', NULL, 'ok', NULL, NULL, 'test',"
+                          " 'jan@host-b')");
+    ck_assert_int_eq(PQresultStatus(res), PGRES_TUPLES_OK);
+    PQclear(res);
+    char *got = khtest_db_value(
+        conn, "SELECT string_agg(action || ' ' || actor_id || ' ' ||"
+              " origin_peer, ', ' ORDER BY seq) FROM audit_events");
+    ck_assert_str_eq(got, "partner.added kh_test_m_admin x@y, trail.queried "
+                          "kh_test_m_auditor mallory@host-a, trail.exported "
+                          "kh_test_m_auditor jan@host-b");
+    free(got);
+    PQfinish(admin);
+    PQfinish(auditor);
     PQfinish(conn);
 }
 END_TEST
@@ -1298,6 +1369,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_upgrade_to_escalation_copies);
     tcase_add_test(tc, test_services_hold_least_privilege);
     tcase_add_test(tc, test_writers_choose_no_seq_nor_time_of_events);
+    tcase_add_test(tc, test_admin_and_auditor_events_name_their_login);
     tcase_add_test(tc, test_admin_reads_no_payload);
     tcase_add_test(tc, test_auditor_reads_partner_keys);
     tcase_add_test(tc, test_payloads_are_only_purged);

@@ -293,6 +293,11 @@ START_TEST(test_purge_done_referrals_only)
         ck_assert_int_eq(s_payloads(purged[i]), 0);
         ck_assert_int_eq(s_purge_events(purged[i]), 1);
     }
+    /* Each names the administrator's login (025). */
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
+                             " = 'referral.purged' AND actor_id <>"
+                             " 'kh_test_purger'"),
+                     0);
     /* In work, not routed, too new or held: untouched. */
     ck_assert_int_eq(s_payloads(R_DEAD), 3);
     ck_assert_int_eq(s_payloads(R_OPEN), 3);

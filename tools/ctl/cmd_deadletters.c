@@ -461,8 +461,8 @@ static int s_cmd_show(int argc, char **argv)
  * after all): in the order it found them, a retry waiting for a batch
  * could hold what the batch waited for, and one of them failed
  * (deadlock). %s is the set of wanted ids: an array parameter or one
- * partner's dead deliveries; $2.. are the actor, the service and the
- * host. */
+ * partner's dead deliveries; $2 and $3 are the service and the command's
+ * origin (USER@HOST); the actor is the login (actor_id's default, 025). */
 static const char s_retry_sql[] =
     "WITH want AS (%s),"
     " cur AS (SELECT d.id, d.state, d.payload_bytes IS NULL AS purged,"
@@ -479,11 +479,11 @@ static const char s_retry_sql[] =
     "  AND d.id IN (SELECT id FROM cur)"
     "  RETURNING d.id, d.referral_id, d.partner_id, d.payload_hash,"
     "  d.rules_version),"
-    " ins AS (INSERT INTO audit_events (actor_kind, actor_id, action,"
+    " ins AS (INSERT INTO audit_events (actor_kind, action,"
     "  referral_id, delivery_id, partner_id, outcome, payload_hash,"
     "  rules_version, origin_service, origin_peer)"
-    "  SELECT 'admin', $2, 'delivery.retried', referral_id, id, partner_id,"
-    "  'ok', payload_hash, rules_version, $3, $4 FROM upd)"
+    "  SELECT 'admin', 'delivery.retried', referral_id, id, partner_id,"
+    "  'ok', payload_hash, rules_version, $2, $3 FROM upd)"
     /* Retried: changed, with its event (ins runs whether read or not; it
      * returns nothing, as ketenhub_admin may not read the trail). */
     " SELECT w.id, c.state, coalesce(c.purged, false),"
@@ -544,18 +544,17 @@ static int s_retry(const char *ids, const char *partner)
              partner ? "SELECT id FROM deliveries WHERE partner_id = $1"
                        " AND state = 'dead' AND payload_bytes IS NOT NULL"
                      : "SELECT DISTINCT unnest($1::uuid[]) AS id");
-    kh_audit_origin_t origin;
-    kh_audit_origin(&origin);
+    kh_audit_origin_t origin = kh_audit_origin();
     PGconn *conn = ctl_connect();
     if (!conn)
         return CTL_FAIL;
     kh_error_t err;
     kh_error_clear(&err);
-    const char *params[] = {partner ? partner : ids, origin.actor,
-                            "ketenhubctl", origin.host};
+    const char *params[] = {partner ? partner : ids, "ketenhubctl",
+                            origin.peer};
     int rc = kh_db_exec(conn, "BEGIN", &err) ? CTL_FAIL : CTL_OK;
     PGresult *res =
-        rc == CTL_OK ? PQexecParams(conn, sql, 4, NULL, params, NULL, NULL, 0)
+        rc == CTL_OK ? PQexecParams(conn, sql, 3, NULL, params, NULL, NULL, 0)
                      : NULL;
     int n = 0, retried = 0, known = 1;
     bool said = false;

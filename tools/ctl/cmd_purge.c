@@ -150,7 +150,8 @@ static const char s_lock_deliveries_sql[] =
     " FROM unnest($1::uuid[]) r(id)"
     " LEFT JOIN counted c ON c.referral_id = r.id";
 
-/* $1 the batch's ids, $2 the administrator, $3 the host, $4 the cutoff.
+/* $1 the batch's ids, $2 the command's origin (USER@HOST), $3 the cutoff;
+ * the event's actor is the login (actor_id's default, 025).
  * Checks once more
  * (on a snapshot taken after the locks) that each referral is done, erases
  * the payloads and writes the events. Returns the referrals and
@@ -158,7 +159,7 @@ static const char s_lock_deliveries_sql[] =
 static const char s_purge_sql[] =
     "WITH done AS (SELECT r.id, r.payload_hash FROM referrals r"
     "  WHERE r.id = ANY ($1::uuid[]) AND r.payload_bytes IS NOT NULL"
-    "  AND " S_DONE("r", "$4::timestamptz") "),"
+    "  AND " S_DONE("r", "$3::timestamptz") "),"
     " refs AS (UPDATE referrals r SET payload = NULL FROM done"
     "  WHERE r.id = done.id RETURNING r.id),"
     " dels AS (UPDATE deliveries d SET payload = NULL,"
@@ -166,10 +167,10 @@ static const char s_purge_sql[] =
     "  AND (d.payload_bytes IS NOT NULL"
     "  OR d.escalation_payload_bytes IS NOT NULL)"
     "  RETURNING d.id),"
-    " events AS (INSERT INTO audit_events (actor_kind, actor_id, action,"
+    " events AS (INSERT INTO audit_events (actor_kind, action,"
     "  referral_id, outcome, payload_hash, origin_service, origin_peer)"
-    "  SELECT 'admin', $2, 'referral.purged', id, 'ok', payload_hash,"
-    "  'ketenhubctl', $3 FROM done ORDER BY id RETURNING 1)"
+    "  SELECT 'admin', 'referral.purged', id, 'ok', payload_hash,"
+    "  'ketenhubctl', $2 FROM done ORDER BY id RETURNING 1)"
     " SELECT (SELECT count(*) FROM refs), (SELECT count(*) FROM dels),"
     " (SELECT count(*) FROM events)";
 /* clang-format on */
@@ -260,8 +261,8 @@ static int s_batch(PGconn *conn, const char *cutoff, const char *batch,
     }
     long referrals = 0, deliveries = 0;
     if (locked > 0) {
-        const char *params[] = {NULL, origin->actor, origin->host, cutoff};
-        res = s_query(conn, s_purge_sql, 4, &a->whole, params, "cannot purge",
+        const char *params[] = {NULL, origin->peer, cutoff};
+        res = s_query(conn, s_purge_sql, 3, &a->whole, params, "cannot purge",
                       err);
         if (res) {
             referrals = atol(PQgetvalue(res, 0, 0));
@@ -346,8 +347,7 @@ static int s_purge(const char *value, bool days, bool dry_run, int batch,
         if (s_count(conn, cutoff, &counts, &err))
             rc = CTL_FAIL;
     } else if (rc == CTL_OK) {
-        kh_audit_origin_t origin;
-        kh_audit_origin(&origin);
+        kh_audit_origin_t origin = kh_audit_origin();
         char size[16];
         snprintf(size, sizeof size, "%d", batch);
         s_arrays_t arrays;
