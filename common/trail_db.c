@@ -735,8 +735,8 @@ int kh_trail_db_record_access(PGconn *conn, const char *action,
                               const char *reason_code, const char *filter,
                               const char *origin_service, kh_error_t *err)
 {
-    /* The actor is the login (025); NULL: origin.peer says USER@HOST. */
     kh_audit_origin_t origin = kh_audit_origin();
+    /* The actor is the login (025); NULL: origin.peer says USER@HOST. */
     const char *params[] = {action,         actor_kind,
                             NULL,           outcome,
                             reason_code,    filter && *filter ? filter : NULL,
@@ -766,6 +766,10 @@ struct kh_trail_sealer_t {
     /* The highest sealed head and checkpoint this sealer has seen or
      * written: neither ever goes down while it runs. */
     int64_t seen_head, seen_cp;
+    /* The last seal this sealer wrote, or checked against its event (0:
+     * none yet), and its hash: it chains on and signs only from there. */
+    int64_t own_seq;
+    unsigned char own_hash[KH_TRAIL_HASH_SIZE];
     long written; /* checkpoints this sealer wrote and committed */
 };
 
@@ -836,6 +840,90 @@ static int s_write_checkpoint(kh_trail_sealer_t *self, PGconn *conn,
     return rc;
 }
 
+/* The recheck of seals this sealer did not write (s_check_foreign). */
+typedef struct {
+    int64_t from; /* its seal must be from_hash; the chain goes on after */
+    unsigned char prev[KH_TRAIL_HASH_SIZE];
+    int64_t last; /* the last seq checked */
+    kh_error_t *err;
+} s_recheck_t;
+
+static int s_recheck_one(void *arg, int64_t seq, const kh_trail_event_t *ev,
+                         const unsigned char *seal)
+{
+    s_recheck_t *rc = arg;
+    unsigned char h[KH_TRAIL_HASH_SIZE];
+    const char *why = NULL;
+    if (seq == rc->from)
+        memcpy(h, rc->prev, sizeof h);
+    else if (!ev)
+        why = "a seal without its event";
+    else if (!seal)
+        why = "an event without its seal";
+    else if (kh_trail_chain(rc->prev, ev, h) != 0)
+        why = "the event cannot be encoded";
+    if (!why && (!seal || memcmp(seal, h, sizeof h) != 0))
+        why = "the event does not match its seal";
+    if (why) {
+        kh_error_set(rc->err, KH_E_TRAIL_BROKEN, NULL,
+                     "seq %" PRId64 ": %s, below the sealed head and after "
+                     "what this sealer last wrote or checked (seq %" PRId64
+                     "): the trail was altered; sealing stops",
+                     seq, why, rc->from);
+        return 1;
+    }
+    memcpy(rc->prev, h, sizeof h);
+    rc->last = seq;
+    if (seq % 10000 == 0)
+        kh_health_beat(); /* a long stretch is progress, not a hang */
+    return 0;
+}
+
+/* Before it chains on from the sealed head (seq, hash) and signs, the
+ * sealer checks what it did not compute itself: the seals after the last
+ * one it wrote or checked (or after the last checkpoint, whichever is
+ * later), written by another replica or before it started, against their
+ * events. A seal it wrote must still be as it wrote it: a head rewritten
+ * since, with the events it covers, agrees with itself, and only this
+ * sealer can tell. cp_head is the last checkpoint's (self->cp_seq) head,
+ * which s_read_head found equal to its seal. */
+static int s_check_foreign(kh_trail_sealer_t *self, PGconn *conn, int64_t seq,
+                           const unsigned char *hash,
+                           const unsigned char *cp_head, kh_error_t *err)
+{
+    s_recheck_t rc = {.from = 0, .last = 0, .err = err};
+    if (self->own_seq > 0 && self->own_seq >= self->cp_seq) {
+        rc.from = self->own_seq;
+        memcpy(rc.prev, self->own_hash, sizeof rc.prev);
+        if (seq == self->own_seq && memcmp(hash, rc.prev, sizeof rc.prev) != 0)
+            return kh_error_set(err, KH_E_TRAIL_BROKEN, NULL,
+                                "the seal at seq %" PRId64
+                                ", which this sealer wrote, was rewritten:"
+                                " sealing stops",
+                                seq);
+    } else if (self->cp_seq > 0) {
+        rc.from = self->cp_seq;
+        memcpy(rc.prev, cp_head, sizeof rc.prev);
+    } else
+        memset(rc.prev, 0, sizeof rc.prev);
+    if (seq > rc.from) {
+        /* From the seal at rc.from itself (it must be as known), unless
+         * that is the start of the trail. */
+        int64_t after = rc.from > 0 ? rc.from - 1 : INT64_MIN;
+        int r = kh_trail_db_scan(conn, after, seq, s_recheck_one, &rc, err);
+        if (r != 0)
+            return -1;
+        if (rc.last != seq)
+            return kh_error_set(err, KH_E_TRAIL_BROKEN, NULL,
+                                "the seal at seq %" PRId64
+                                " was not found again: sealing stops",
+                                seq);
+    }
+    self->own_seq = seq;
+    memcpy(self->own_hash, hash, sizeof self->own_hash);
+    return 0;
+}
+
 /* The sealed head (seq 0 and zero hash when nothing is sealed) and the
  * last checkpoint, read inside the sealing transaction. The head must
  * still be where the last checkpoint signed it, or above: the sealer only
@@ -869,8 +957,11 @@ static int s_read_head(kh_trail_sealer_t *self, PGconn *conn, int64_t *seq,
     self->cp_seq = 0;
     self->cp_at_us = 0;
     int rc = 0;
+    unsigned char cp_head[KH_TRAIL_HASH_SIZE] = {0};
     if (PQntuples(res) == 1) {
         self->cp_seq = s_get64(PQgetvalue(res, 0, 0));
+        if (PQgetlength(res, 0, 2) == KH_TRAIL_HASH_SIZE)
+            memcpy(cp_head, PQgetvalue(res, 0, 2), sizeof cp_head);
         self->cp_at_us = s_get_time(PQgetvalue(res, 0, 1));
         if (*seq < self->cp_seq)
             rc = kh_error_set(err, KH_E_TRAIL_BROKEN, NULL,
@@ -903,6 +994,8 @@ static int s_read_head(kh_trail_sealer_t *self, PGconn *conn, int64_t *seq,
                           " that this sealer saw: the end of the trail was"
                           " removed; sealing stops",
                           *seq, self->cp_seq, self->seen_head, self->seen_cp);
+    if (rc == 0)
+        rc = s_check_foreign(self, conn, *seq, hash, cp_head, err);
     if (rc == 0) {
         self->seen_head = *seq > self->seen_head ? *seq : self->seen_head;
         self->seen_cp =
@@ -1045,6 +1138,8 @@ static long s_seal(kh_trail_sealer_t *self, PGconn *conn, int64_t bound,
     }
     self->seen_head = head > self->seen_head ? head : self->seen_head;
     self->seen_cp = self->cp_seq > self->seen_cp ? self->cp_seq : self->seen_cp;
+    self->own_seq = head;
+    memcpy(self->own_hash, prev, sizeof self->own_hash);
     return sealed;
 }
 

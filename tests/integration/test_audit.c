@@ -2293,6 +2293,65 @@ START_TEST(sealer_refuses_a_trail_whose_end_was_removed)
 }
 END_TEST
 
+/* A sealer signs only what it computed itself or checked: the seals
+ * after the last checkpoint that another sealer wrote (a replica, a run
+ * before) it checks against their events before it chains on from them;
+ * a seal it wrote must still be as it wrote it. Either found altered, it
+ * refuses and writes nothing. */
+START_TEST(sealer_signs_only_seals_it_computed_or_checked)
+{
+    const char *count_sql = "SELECT (SELECT count(*) FROM audit_seals) * 1000"
+                            " + (SELECT count(*) FROM audit_checkpoints)";
+    s_events_dense(20);
+    kh_trail_sealer_t *sealer = s_sealer(10);
+    s_flush(sealer);
+    s_events_dense(5);
+    s_flush(sealer); /* seals 21..25, after the checkpoint at 20 */
+    kh_trail_sealer_destroy(&sealer);
+    /* Another sealer checks 21..25 and goes on. */
+    s_events_dense(3);
+    sealer = s_sealer(10);
+    ck_assert_int_eq(s_flush(sealer), 3);
+    kh_trail_sealer_destroy(&sealer);
+
+    /* An event among them altered: the next sealer finds it. */
+    s_sqlf("ALTER TABLE audit_events DISABLE TRIGGER USER");
+    s_sqlf("UPDATE audit_events SET actor_id = 'avim' WHERE seq = 23");
+    s_sqlf("ALTER TABLE audit_events ENABLE TRIGGER USER");
+    s_events_dense(10);
+    long before = khtest_db_count(s_db, count_sql);
+    sealer = s_sealer(10);
+    kh_error_t err;
+    kh_error_clear(&err);
+    ck_assert_int_eq(kh_trail_sealer_flush(sealer, s_db, 1000, &err), -1);
+    ck_assert_int_eq(err.code, KH_E_TRAIL_BROKEN);
+    ck_assert_msg(strstr(err.message, "seq 23: the event does not match"), "%s",
+                  err.message);
+    ck_assert_int_eq(khtest_db_count(s_db, count_sql), before);
+    kh_trail_sealer_destroy(&sealer);
+
+    /* The head this sealer wrote, rewritten: it refuses to chain on. */
+    PQfinish(s_db);
+    s_db = khtest_db_fresh(S_DB);
+    s_events_dense(20);
+    sealer = s_sealer(10);
+    s_flush(sealer);
+    s_events_dense(5);
+    s_flush(sealer);
+    s_sqlf("ALTER TABLE audit_seals DISABLE TRIGGER USER");
+    s_sqlf("UPDATE audit_seals SET hash = sha256(hash) WHERE seq = 25");
+    s_events_dense(1);
+    before = khtest_db_count(s_db, count_sql);
+    kh_error_clear(&err);
+    ck_assert_int_eq(kh_trail_sealer_flush(sealer, s_db, 1000, &err), -1);
+    ck_assert_int_eq(err.code, KH_E_TRAIL_BROKEN);
+    ck_assert_msg(strstr(err.message, "seq 25, which this sealer wrote"), "%s",
+                  err.message);
+    ck_assert_int_eq(khtest_db_count(s_db, count_sql), before);
+    kh_trail_sealer_destroy(&sealer);
+}
+END_TEST
+
 /* The columns of an event in s_try_event, with values the services write. */
 enum {
     S_COL_ACTOR_KIND,
@@ -3363,6 +3422,7 @@ int main(void)
     tcase_add_test(tc, a_removal_with_its_seal_is_named);
     tcase_add_test(tc, sealer_refuses_a_head_below_its_checkpoint);
     tcase_add_test(tc, sealer_refuses_a_trail_whose_end_was_removed);
+    tcase_add_test(tc, sealer_signs_only_seals_it_computed_or_checked);
     tcase_add_test(tc, checks_refuse_what_they_refused);
     tcase_add_test(tc, referral_checks_decide_as_before);
     tcase_add_test(tc, delivery_state_changes_stay_on_their_page);
