@@ -64,6 +64,7 @@ struct _routing_t {
     int signal_fd;
     bool stopping;
     bool reload_again;       /* a SIGHUP the database was away for: retried */
+    bool start_recorded;     /* the trail has the version it started with */
     int64_t partners_read;   /* zclock_mono of the last read of the registry */
     char missing[640];       /* partners the rules need and the registry
                                 lacks, as last told ("a,b"; "": none) */
@@ -995,19 +996,27 @@ fail:
 
 int routing_start(routing_t *self, kh_error_t *err)
 {
-    if (self->rules)
-        return 0;
-    if (s_connect(self, err))
-        return -1;
-    self->rules = s_load_rules(self, NULL, self->version, err);
     if (!self->rules) {
-        s_rules_error_is_setting(self, err);
-        return -1;
+        if (s_connect(self, err))
+            return -1;
+        self->rules = s_load_rules(self, NULL, self->version, err);
+        if (!self->rules) {
+            s_rules_error_is_setting(self, err);
+            return -1;
+        }
+        self->result = kh_rules_result_new(self->rules);
+        if (!self->result)
+            return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
+        kh_health_note_rules(self->version);
     }
-    self->result = kh_rules_result_new(self->rules);
-    if (!self->result)
-        return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
-    kh_health_note_rules(self->version);
+    /* The version it starts with is in the trail before a referral is
+     * routed by it, as a reload's is: a rules.reloaded event with reason
+     * started (tried again, with the connection, until it commits). */
+    if (!self->start_recorded &&
+        s_audit_reload(self, self->version, kh_rules_version(self->rules),
+                       "started", NULL, err))
+        return -1;
+    self->start_recorded = true;
     return 0;
 }
 

@@ -563,8 +563,9 @@ START_TEST(routing_and_notification_count_and_report_the_backlog)
     char *body = NULL;
     ck_assert_int_eq(s_get_at(routing_health, "/readyz", &body), 200);
     ck_assert_ptr_nonnull(strstr(body, "ready routing "));
-    /* It tells the rules version it routes by, and status shows it, also
-     * before the trail records any (nothing routed, nothing reloaded). */
+    /* It tells the rules version it routes by, and status shows it: the
+     * trail has it from routing's start (nothing routed, nothing
+     * reloaded). */
     const char *told = strstr(body, " rules=");
     /* The rules file's hash, a dot, the context's (schema, partners). */
     ck_assert_msg(told && strspn(told + 7, "0123456789abcdef") == 64 &&
@@ -602,10 +603,7 @@ START_TEST(routing_and_notification_count_and_report_the_backlog)
     char *text = NULL;
     khtest_run(argv, &text);
     char want[256];
-    snprintf(want, sizeof want,
-             "rules version     %s (loaded by routing, nothing routed by it "
-             "yet)",
-             rules);
+    snprintf(want, sizeof want, "rules version     %s\n", rules);
     ck_assert_msg(strstr(text, want), "%s", text);
     free(text);
 

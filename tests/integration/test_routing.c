@@ -370,6 +370,22 @@ START_TEST(killed_then_restarted_routes_each_once)
     int status = khproc_stop(pid, SIGTERM, 5000);
     ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
     s_assert_routed_once(450, deliveries);
+    /* Each start put the version it routes by in the trail before the
+     * first referral it routed: a rules.reloaded with reason started and
+     * the file's hash. */
+    char sql[768];
+    snprintf(sql, sizeof sql,
+             "SELECT count(*) FROM audit_events WHERE action ="
+             " 'rules.reloaded' AND reason_code = 'started' AND outcome ="
+             " 'ok' AND rules_version = '%s' AND encode(payload_hash, 'hex')"
+             " = left(rules_version, 64) AND seq < (SELECT min(seq) FROM"
+             " audit_events WHERE action = 'referral.routed')",
+             s_version);
+    ck_assert_int_eq(s_count(sql), 1);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE"
+                             " action = 'rules.reloaded' AND reason_code ="
+                             " 'started'"),
+                     2);
 }
 END_TEST
 
@@ -514,19 +530,20 @@ static void s_edit_rules(char want[65])
 static void s_assert_reloaded(const char *want, int timeout_ms)
 {
     ck_assert_msg(s_wait_count("SELECT count(*) FROM audit_events WHERE"
-                               " action = 'rules.reloaded' AND outcome = 'ok'",
+                               " action = 'rules.reloaded' AND outcome = 'ok'"
+                               " AND reason_code IS NULL",
                                1, timeout_ms),
                   "not reloaded: see %s", s_path("routing.log"));
-    char *version =
-        khtest_db_value(s_db, "SELECT rules_version FROM audit_events"
-                              " WHERE action = 'rules.reloaded'");
+    char *version = khtest_db_value(
+        s_db, "SELECT rules_version FROM audit_events"
+              " WHERE action = 'rules.reloaded' AND reason_code IS NULL");
     char decision[KH_RULES_DECISION_VERSION_MAX + 1];
     snprintf(decision, sizeof decision, "%s%s", want, s_version + 64);
     ck_assert_str_eq(version, decision);
     free(version);
     char *hash = khtest_db_value(
         s_db, "SELECT encode(payload_hash, 'hex') FROM audit_events"
-              " WHERE action = 'rules.reloaded'");
+              " WHERE action = 'rules.reloaded' AND reason_code IS NULL");
     ck_assert_str_eq(hash, want);
     free(hash);
 }
@@ -723,7 +740,7 @@ START_TEST(sighup_reload_that_cannot_be_audited_keeps_old_rules)
     pid_t pid = s_start_editable();
 
     s_sql("ALTER TABLE audit_events ADD CONSTRAINT test_no_reload"
-          " CHECK (action::text <> 'rules.reloaded')",
+          " CHECK (action::text <> 'rules.reloaded') NOT VALID",
           0, NULL);
     char want[65];
     s_edit_rules(want);
@@ -998,7 +1015,8 @@ START_TEST(a_failed_pass_neither_alerts_nor_counts)
     s_sql("CREATE TABLE test_full (x int)", 0, NULL);
     s_sql("INSERT INTO test_full VALUES (1)", 0, NULL);
     s_sql("CREATE FUNCTION test_full() RETURNS trigger LANGUAGE plpgsql AS"
-          " $$BEGIN IF EXISTS (SELECT 1 FROM test_full) THEN RAISE"
+          " $$BEGIN IF NEW.action <> 'rules.reloaded' AND EXISTS"
+          " (SELECT 1 FROM test_full) THEN RAISE"
           " EXCEPTION 'no space left' USING ERRCODE = '53100'; END IF;"
           " RETURN NEW; END$$",
           0, NULL);

@@ -395,7 +395,8 @@ static void s_print_text(const json_t *doc)
         printf("database          reachable\n");
     if (json_object_get(db, "rules_version") || !loaded)
         printf("rules version     %s", s_str(db, "rules_version", "-"));
-    else /* loaded at start, and nothing routed by it yet */
+    else /* a routing of a release before the start event (it writes a
+          * rules.reloaded, reason started), nothing routed by it yet */
         printf("rules version     %s (loaded by routing, nothing routed by it "
                "yet)",
                loaded);
