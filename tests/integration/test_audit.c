@@ -256,33 +256,17 @@ START_TEST(roles_cannot_change_the_trail)
 }
 END_TEST
 
-/* A login in each group role (cluster-wide, so made once). */
-static PGconn *s_login(const char *user, const char *group)
-{
-    char sql[512];
-    snprintf(sql, sizeof sql,
-             "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname"
-             " = '%s') THEN CREATE ROLE %s LOGIN IN ROLE %s; END IF; END $$",
-             user, user, group);
-    khtest_db_exec(s_db, sql, 0, NULL);
-    char *base = khtest_db_conninfo(S_DB);
-    char conninfo[1400];
-    snprintf(conninfo, sizeof conninfo, "%s user=%s", base, user);
-    free(base);
-    PGconn *conn = PQconnectdb(conninfo);
-    ck_assert_msg(PQstatus(conn) == CONNECTION_OK, "%s: %s", user,
-                  PQerrorMessage(conn));
-    return conn;
-}
-
 /* Each role does its work with its grants alone: a service writes events,
  * the audit service seals, the auditor verifies, exports and has its
  * access recorded, through the views. */
 START_TEST(least_privilege_roles_do_their_work)
 {
-    PGconn *intake = s_login("kh_test_intake", "ketenhub_intake");
-    PGconn *sealer_db = s_login("kh_test_sealer", "ketenhub_audit");
-    PGconn *auditor = s_login("kh_test_auditor", "ketenhub_auditor");
+    PGconn *intake =
+        khtest_db_login(s_db, S_DB, "kh_test_intake", "ketenhub_intake");
+    PGconn *sealer_db =
+        khtest_db_login(s_db, S_DB, "kh_test_sealer", "ketenhub_audit");
+    PGconn *auditor =
+        khtest_db_login(s_db, S_DB, "kh_test_auditor", "ketenhub_auditor");
     s_events(intake, 50);
     PGresult *res = PQexec(intake, "SELECT count(*) FROM audit_events");
     ck_assert_int_ne(PQresultStatus(res), PGRES_TUPLES_OK);
@@ -1579,7 +1563,8 @@ static json_t *s_report_json(const char *since, const char *until)
  * auditor's login, and is recorded in the trail like every read. */
 START_TEST(report_counts_what_the_trail_says)
 {
-    PGconn *auditor = s_login("kh_test_auditor", "ketenhub_auditor");
+    PGconn *auditor =
+        khtest_db_login(s_db, S_DB, "kh_test_auditor", "ketenhub_auditor");
     PQfinish(auditor);
     char *base = khtest_db_conninfo(S_DB);
     char conninfo[1400];
@@ -1859,7 +1844,7 @@ END_TEST
 START_TEST(a_verify_that_cannot_be_recorded_is_a_failure)
 {
     s_events_dense(20);
-    PQfinish(s_login("kh_sealer_reads", "ketenhub_audit"));
+    PQfinish(khtest_db_login(s_db, S_DB, "kh_sealer_reads", "ketenhub_audit"));
     char *base = khtest_db_conninfo(S_DB);
     char conninfo[1400];
     snprintf(conninfo, sizeof conninfo, "%s user=kh_sealer_reads", base);
@@ -2260,6 +2245,21 @@ START_TEST(sealer_refuses_a_head_below_its_checkpoint)
 }
 END_TEST
 
+/* The sealer's next flush refuses the trail as broken, saying says, and
+ * writes no seal and no checkpoint. */
+static void s_flush_refused(kh_trail_sealer_t *sealer, const char *says)
+{
+    const char *count_sql = "SELECT (SELECT count(*) FROM audit_seals) * 1000"
+                            " + (SELECT count(*) FROM audit_checkpoints)";
+    long before = khtest_db_count(s_db, count_sql);
+    kh_error_t err;
+    kh_error_clear(&err);
+    ck_assert_int_eq(kh_trail_sealer_flush(sealer, s_db, 1000, &err), -1);
+    ck_assert_int_eq(err.code, KH_E_TRAIL_BROKEN);
+    ck_assert_msg(strstr(err.message, says), "%s", err.message);
+    ck_assert_int_eq(khtest_db_count(s_db, count_sql), before);
+}
+
 /* The end of the trail removed whole, its events with their seals and
  * checkpoints: what is left agrees with itself (its head is its last
  * checkpoint's), so only what the sealer saw before tells. A sealer that
@@ -2279,16 +2279,7 @@ START_TEST(sealer_refuses_a_trail_whose_end_was_removed)
         s_sqlf("DELETE FROM %s WHERE seq > 10", tables[i]);
     }
     s_events_dense(5);
-    const char *count_sql = "SELECT (SELECT count(*) FROM audit_seals) * 1000"
-                            " + (SELECT count(*) FROM audit_checkpoints)";
-    long before = khtest_db_count(s_db, count_sql);
-
-    kh_error_t err;
-    kh_error_clear(&err);
-    ck_assert_int_eq(kh_trail_sealer_flush(sealer, s_db, 1000, &err), -1);
-    ck_assert_int_eq(err.code, KH_E_TRAIL_BROKEN);
-    ck_assert_msg(strstr(err.message, "removed"), "%s", err.message);
-    ck_assert_int_eq(khtest_db_count(s_db, count_sql), before);
+    s_flush_refused(sealer, "removed");
     kh_trail_sealer_destroy(&sealer);
 }
 END_TEST
@@ -2300,8 +2291,6 @@ END_TEST
  * refuses and writes nothing. */
 START_TEST(sealer_signs_only_seals_it_computed_or_checked)
 {
-    const char *count_sql = "SELECT (SELECT count(*) FROM audit_seals) * 1000"
-                            " + (SELECT count(*) FROM audit_checkpoints)";
     s_events_dense(20);
     kh_trail_sealer_t *sealer = s_sealer(10);
     s_flush(sealer);
@@ -2319,15 +2308,8 @@ START_TEST(sealer_signs_only_seals_it_computed_or_checked)
     s_sqlf("UPDATE audit_events SET actor_id = 'avim' WHERE seq = 23");
     s_sqlf("ALTER TABLE audit_events ENABLE TRIGGER USER");
     s_events_dense(10);
-    long before = khtest_db_count(s_db, count_sql);
     sealer = s_sealer(10);
-    kh_error_t err;
-    kh_error_clear(&err);
-    ck_assert_int_eq(kh_trail_sealer_flush(sealer, s_db, 1000, &err), -1);
-    ck_assert_int_eq(err.code, KH_E_TRAIL_BROKEN);
-    ck_assert_msg(strstr(err.message, "seq 23: the event does not match"), "%s",
-                  err.message);
-    ck_assert_int_eq(khtest_db_count(s_db, count_sql), before);
+    s_flush_refused(sealer, "seq 23: the event does not match");
     kh_trail_sealer_destroy(&sealer);
 
     /* The head this sealer wrote, rewritten: it refuses to chain on. */
@@ -2341,13 +2323,7 @@ START_TEST(sealer_signs_only_seals_it_computed_or_checked)
     s_sqlf("ALTER TABLE audit_seals DISABLE TRIGGER USER");
     s_sqlf("UPDATE audit_seals SET hash = sha256(hash) WHERE seq = 25");
     s_events_dense(1);
-    before = khtest_db_count(s_db, count_sql);
-    kh_error_clear(&err);
-    ck_assert_int_eq(kh_trail_sealer_flush(sealer, s_db, 1000, &err), -1);
-    ck_assert_int_eq(err.code, KH_E_TRAIL_BROKEN);
-    ck_assert_msg(strstr(err.message, "seq 25, which this sealer wrote"), "%s",
-                  err.message);
-    ck_assert_int_eq(khtest_db_count(s_db, count_sql), before);
+    s_flush_refused(sealer, "seq 25, which this sealer wrote");
     kh_trail_sealer_destroy(&sealer);
 }
 END_TEST

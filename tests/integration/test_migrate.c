@@ -933,26 +933,6 @@ START_TEST(test_writers_choose_no_seq_nor_time_of_events)
 }
 END_TEST
 
-/* A login of its own, in group (made once: roles are cluster-wide). */
-static PGconn *s_login(PGconn *conn, const char *user, const char *group)
-{
-    char sql[512];
-    snprintf(sql, sizeof sql,
-             "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname"
-             " = '%s') THEN CREATE ROLE \"%s\" LOGIN IN ROLE %s; END IF;"
-             " END $$",
-             user, user, group);
-    khtest_db_exec(conn, sql, 0, NULL);
-    char *base = khtest_db_conninfo(DB);
-    char conninfo[1400];
-    snprintf(conninfo, sizeof conninfo, "%s user='%s'", base, user);
-    free(base);
-    PGconn *login = PQconnectdb(conninfo);
-    ck_assert_msg(PQstatus(login) == CONNECTION_OK, "%s: %s", user,
-                  PQerrorMessage(login));
-    return login;
-}
-
 /* An administrator's or an auditor's event names the login that wrote
  * it, never a name the client gives (025): an administrator may not
  * write actor_id and gets the login by its default; audit_record_access
@@ -961,8 +941,10 @@ static PGconn *s_login(PGconn *conn, const char *user, const char *group)
 START_TEST(test_admin_and_auditor_events_name_their_login)
 {
     PGconn *conn = khtest_db_fresh(DB);
-    PGconn *admin = s_login(conn, "kh_test_m_admin", "ketenhub_admin");
-    PGconn *auditor = s_login(conn, "kh test m auditor", "ketenhub_auditor");
+    PGconn *admin =
+        khtest_db_login(conn, DB, "kh_test_m_admin", "ketenhub_admin");
+    PGconn *auditor =
+        khtest_db_login(conn, DB, "kh test m auditor", "ketenhub_auditor");
     PGresult *res = PQexec(admin, "INSERT INTO audit_events (actor_kind,"
                                   " actor_id, action, outcome, origin_service)"
                                   " VALUES ('admin', 'mallory',"

@@ -138,6 +138,23 @@ static PGconn *s_connect(const char *conninfo)
     return conn;
 }
 
+PGconn *khtest_db_login(PGconn *conn, const char *dbname, const char *user,
+                        const char *group)
+{
+    char sql[512];
+    snprintf(sql, sizeof sql,
+             "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname"
+             " = '%s') THEN CREATE ROLE \"%s\" LOGIN IN ROLE %s; END IF;"
+             " END $$",
+             user, user, group);
+    khtest_db_exec(conn, sql, 0, NULL);
+    char conninfo[1200];
+    snprintf(conninfo, sizeof conninfo, "%s", s_pg_base());
+    s_conninfo_add(conninfo, sizeof conninfo, "dbname", dbname);
+    s_conninfo_add(conninfo, sizeof conninfo, "user", user);
+    return s_connect(conninfo);
+}
+
 static void s_exec(PGconn *conn, const char *sql)
 {
     PGresult *res = PQexec(conn, sql);

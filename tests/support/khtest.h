@@ -36,6 +36,13 @@ const char *khtest_pg_conninfo(void);
  * frees it. */
 char *khtest_db_conninfo(const char *dbname);
 
+/* A connection to database dbname as login user, made on conn (a
+ * superuser's) as a member of group unless it exists: roles are
+ * cluster-wide, so each test file uses its own names. user may hold white
+ * space, never a quote. Caller PQfinish-es. */
+PGconn *khtest_db_login(PGconn *conn, const char *dbname, const char *user,
+                        const char *group);
+
 /* Drop (with FORCE) and create database dbname ([a-z0-9_]), and return a
  * connection to it without any migration applied. Caller PQfinish-es. */
 PGconn *khtest_db_empty(const char *dbname);
