@@ -2112,6 +2112,19 @@ START_TEST(a_finding_says_how_far_the_trail_held)
 }
 END_TEST
 
+/* A new trail of 25 events sealed, signed at 20 (every 10): its sealer. */
+static kh_trail_sealer_t *s_sealed_past_checkpoint(void)
+{
+    PQfinish(s_db);
+    s_db = khtest_db_fresh(S_DB);
+    s_events_dense(20);
+    kh_trail_sealer_t *sealer = s_sealer(10);
+    s_flush(sealer);
+    s_events_dense(5);
+    s_flush(sealer);
+    return sealer;
+}
+
 /* Seals removed down below the last checkpoint: a sealer that went on
  * from what is left would chain the later events over the gap and sign
  * the result. It refuses, says why, and writes nothing; the audit service
@@ -2224,13 +2237,7 @@ START_TEST(sealer_refuses_a_head_below_its_checkpoint)
     free(dir);
 
     /* The seal at the last checkpoint rewritten, the head above it. */
-    PQfinish(s_db);
-    s_db = khtest_db_fresh(S_DB);
-    s_events_dense(20);
-    sealer = s_sealer(10);
-    s_flush(sealer);
-    s_events_dense(5);
-    s_flush(sealer);
+    sealer = s_sealed_past_checkpoint();
     khtest_db_exec(s_db, "ALTER TABLE audit_seals DISABLE TRIGGER USER", 0,
                    NULL);
     khtest_db_exec(s_db,
@@ -2291,11 +2298,7 @@ END_TEST
  * refuses and writes nothing. */
 START_TEST(sealer_signs_only_seals_it_computed_or_checked)
 {
-    s_events_dense(20);
-    kh_trail_sealer_t *sealer = s_sealer(10);
-    s_flush(sealer);
-    s_events_dense(5);
-    s_flush(sealer); /* seals 21..25, after the checkpoint at 20 */
+    kh_trail_sealer_t *sealer = s_sealed_past_checkpoint();
     kh_trail_sealer_destroy(&sealer);
     /* Another sealer checks 21..25 and goes on. */
     s_events_dense(3);
@@ -2313,13 +2316,7 @@ START_TEST(sealer_signs_only_seals_it_computed_or_checked)
     kh_trail_sealer_destroy(&sealer);
 
     /* The head this sealer wrote, rewritten: it refuses to chain on. */
-    PQfinish(s_db);
-    s_db = khtest_db_fresh(S_DB);
-    s_events_dense(20);
-    sealer = s_sealer(10);
-    s_flush(sealer);
-    s_events_dense(5);
-    s_flush(sealer);
+    sealer = s_sealed_past_checkpoint();
     s_sqlf("ALTER TABLE audit_seals DISABLE TRIGGER USER");
     s_sqlf("UPDATE audit_seals SET hash = sha256(hash) WHERE seq = 25");
     s_events_dense(1);
