@@ -15,6 +15,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "ketenhub/log.h"
+
 #define S_ZAP_ENDPOINT "inproc://zeromq.zap.01"
 /* Bytes CURVE adds to a frame on the wire (libzmq 4.x): the command name
  * "\x07MESSAGE" (8), the short nonce (8), the box's MAC (16) and the
@@ -28,6 +30,8 @@ struct _kh_zap_t {
     char *domain;     /* a ZAP domain with its own single key, or NULL */
     char *domain_key; /* the one key admitted in that domain */
     zhashx_t *keys;   /* Z85 public key -> its expiry (time_t, 0: none) */
+    bool next_bound;  /* a socket serves the next hub key too */
+    zhashx_t *told;   /* "current KEY" / "next KEY": said in the log */
     time_t modified;  /* the directory as last read */
     time_t read_at;   /* when it was read */
     size_t count, size;
@@ -164,6 +168,7 @@ void kh_zap_destroy(kh_zap_t **self_p)
     kh_zap_t *self = *self_p;
     zsock_destroy(&self->rep);
     zhashx_destroy(&self->keys);
+    zhashx_destroy(&self->told);
     free(self->cert_dir);
     free(self->only_key);
     free(self->domain);
@@ -211,6 +216,39 @@ zcert_t *kh_hub_cert_load(const char *path, kh_error_t *err)
         return NULL;
     }
     return cert;
+}
+
+int kh_zap_bind_next(kh_zap_t *self, zsock_t *sock, const char *cert_path,
+                     const char *endpoint, const char *setting, kh_error_t *err)
+{
+    cert_path = cert_path ? cert_path : "";
+    endpoint = endpoint ? endpoint : "";
+    if (!*cert_path)
+        return 0; /* the endpoint alone: where a next key would be */
+    if (!*endpoint)
+        return kh_error_set(err, KH_E_CONFIG, setting,
+                            "KH_HUB_CERT_NEXT needs %s: the next key is "
+                            "served on an endpoint of its own",
+                            setting);
+    zcert_t *next = kh_hub_cert_load(cert_path, err);
+    if (!next) {
+        snprintf(err->path, sizeof err->path, "KH_HUB_CERT_NEXT");
+        return -1;
+    }
+    if (!self->told && !(self->told = zhashx_new())) {
+        zcert_destroy(&next);
+        return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
+    }
+    /* Security options apply to the binds after them: the endpoints bound
+     * before keep the key they were bound with. */
+    zcert_apply(next, sock);
+    zcert_destroy(&next);
+    zsock_set_zap_domain(sock, KH_ZAP_DOMAIN_NEXT);
+    if (zsock_bind(sock, "%s", endpoint) == -1)
+        return kh_error_set(err, KH_E_CONFIG, setting, "cannot bind %s: %s",
+                            endpoint, zmq_strerror(zmq_errno()));
+    self->next_bound = true;
+    return 0;
 }
 
 zsock_t *kh_curve_server_new(int type, zcert_t *cert, int64_t max_frame,
@@ -302,6 +340,18 @@ int kh_zap_handle(kh_zap_t *self, char key[41], char address[64])
             const time_t *expiry = zhashx_lookup(self->keys, key);
             rc = expiry && (*expiry == 0 || time(NULL) < *expiry) ? 0 : 1;
         }
+    }
+    /* While the next hub key is served beside the current one, which of
+     * them each partner key uses, said once (the administrator's view of
+     * who has moved). */
+    if (rc == 0 && self->next_bound) {
+        bool next = domain && zframe_streq(domain, KH_ZAP_DOMAIN_NEXT);
+        char told[64];
+        snprintf(told, sizeof told, "%s %s", next ? "next" : "current", key);
+        if (!zhashx_lookup(self->told, told) &&
+            zhashx_insert(self->told, told, self) == 0)
+            kh_log_info("hub_key", "key=%s peer=%s hub_key=%s", key, address,
+                        next ? "next" : "current");
     }
     zmsg_t *reply = zmsg_new();
     zmsg_addstr(reply, "1.0");

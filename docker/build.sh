@@ -304,7 +304,10 @@ smoke_test() {
     KH_PUBLISH_ADDRESS=127.0.0.1
   KH_INTAKE_PORT=$(free_port)
   KH_DELIVERY_PORT=$(free_port)
-  export KH_INTAKE_PORT KH_DELIVERY_PORT
+  KH_INTAKE_NEXT_PORT=$(free_port)
+  KH_DELIVERY_NEXT_PORT=$(free_port)
+  export KH_INTAKE_PORT KH_DELIVERY_PORT KH_INTAKE_NEXT_PORT \
+    KH_DELIVERY_NEXT_PORT
   : >"$work/compose.log"
   compose_ready=1
 

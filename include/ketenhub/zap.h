@@ -40,6 +40,22 @@ int kh_zap_domain_key(kh_zap_t *self, const char *domain, const char *key,
  * needs it). NULL with err (KH_E_CONFIG at KH_HUB_CERT). */
 zcert_t *kh_hub_cert_load(const char *path, kh_error_t *err);
 
+/* The ZAP domain of the endpoint that serves the next hub key. */
+#define KH_ZAP_DOMAIN_NEXT "ketenhub-next"
+
+/* Serve the next hub key (the certificate at cert_path, with its secret:
+ * KH_HUB_CERT_NEXT) beside the current one, on endpoint of its own (the
+ * setting that names it goes into err) of sock, a CURVE server socket
+ * already bound with the current key; partners move to it, each at its
+ * own moment. No certificate ("" or NULL): nothing is bound, 0 (an
+ * endpoint alone is where a next key would be served). A certificate
+ * without an endpoint, one that cannot be loaded or an endpoint that
+ * cannot be bound: -1 with err (KH_E_CONFIG). From then on the handler says in
+ * the log, once a key, which hub key each partner key connects with. */
+int kh_zap_bind_next(kh_zap_t *self, zsock_t *sock, const char *cert_path,
+                     const char *endpoint, const char *setting,
+                     kh_error_t *err);
+
 /* How long a connection may take over its ZMTP greeting and CURVE
  * handshake before the hub drops it (ZMQ_HANDSHAKE_IVL; libzmq's default
  * is 30 s). A silent or half-open connection costs a file descriptor for

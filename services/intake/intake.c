@@ -170,6 +170,9 @@ intake_t *intake_new(const intake_config_t *config, kh_error_t *err)
                      zmq_strerror(zmq_errno()));
         goto fail;
     }
+    if (kh_zap_bind_next(self->zap, self->router, config->hub_cert_next,
+                         config->endpoint_next, "KH_INTAKE_ENDPOINT_NEXT", err))
+        goto fail;
     if (config->routing_endpoint && *config->routing_endpoint &&
         !(self->routing = kh_wake_push_new(self->cert, config->routing_endpoint,
                                            "KH_ROUTING_ENDPOINT", err)))

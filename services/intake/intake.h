@@ -12,6 +12,8 @@
 typedef struct {
     const char *endpoint;         /* ZeroMQ endpoint to bind */
     const char *hub_cert;         /* hub's certificate (with _secret file) */
+    const char *hub_cert_next;    /* the next one, "" for none */
+    const char *endpoint_next;    /* where it is served, "" for none */
     const char *partner_certs;    /* directory of partners' public certs */
     const char *conninfo;         /* libpq connection string */
     const char *schema_dir;       /* directory with referral.v1.json */

@@ -24,6 +24,10 @@ static kh_cfg_t s_config[] = {
            "ZeroMQ endpoint partners connect to"),
     KH_CFG("KH_HUB_CERT", KH_CFG_STRING, NULL, 0, 0, false,
            "hub certificate file (its _secret file beside it)"),
+    KH_CFG("KH_HUB_CERT_NEXT", KH_CFG_STRING, "", 0, 0, false,
+           "the next hub certificate, served beside it (\"\": none)"),
+    KH_CFG("KH_INTAKE_ENDPOINT_NEXT", KH_CFG_ENDPOINT_OR_NONE, "none", 0, 0,
+           false, "endpoint of KH_HUB_CERT_NEXT (\"none\": none)"),
     KH_CFG("KH_PARTNER_CERT_DIR", KH_CFG_STRING, NULL, 0, 0, false,
            "directory of partners' public certificates"),
     KH_CFG_DATABASE,
@@ -71,6 +75,7 @@ static int s_main(int argc, char **argv)
     intake_config_t config = {
         .endpoint = s_get("KH_INTAKE_ENDPOINT"),
         .hub_cert = s_get("KH_HUB_CERT"),
+        .hub_cert_next = s_get("KH_HUB_CERT_NEXT"),
         .partner_certs = s_get("KH_PARTNER_CERT_DIR"),
         .conninfo = s_get("KH_DATABASE_URL"),
         .schema_dir = s_get("KH_SCHEMA_DIR"),
@@ -82,6 +87,9 @@ static int s_main(int argc, char **argv)
                                                   "KH_PARTNER_REFRESH_MS")
                                   ->num,
     };
+    config.endpoint_next = strcmp(s_get("KH_INTAKE_ENDPOINT_NEXT"), "none")
+                               ? s_get("KH_INTAKE_ENDPOINT_NEXT")
+                               : "";
     config.routing_endpoint = strcmp(s_get("KH_ROUTING_ENDPOINT"), "none")
                                   ? s_get("KH_ROUTING_ENDPOINT")
                                   : "";

@@ -27,6 +27,10 @@ static kh_cfg_t s_config[] = {
            "endpoint bound for routing's wake-ups (\"none\": none)"),
     KH_CFG("KH_HUB_CERT", KH_CFG_STRING, NULL, 0, 0, false,
            "hub certificate file (its _secret file beside it)"),
+    KH_CFG("KH_HUB_CERT_NEXT", KH_CFG_STRING, "", 0, 0, false,
+           "the next hub certificate, served beside it (\"\": none)"),
+    KH_CFG("KH_NOTIFY_ENDPOINT_NEXT", KH_CFG_ENDPOINT_OR_NONE, "none", 0, 0,
+           false, "endpoint of KH_HUB_CERT_NEXT (\"none\": none)"),
     KH_CFG("KH_PARTNER_CERT_DIR", KH_CFG_STRING, NULL, 0, 0, false,
            "directory of partners' public certificates"),
     KH_CFG("KH_NOTIFY_WINDOW", KH_CFG_INT, "1024", 1, KH_WINDOW_MAX, false,
@@ -78,6 +82,10 @@ static int s_main(int argc, char **argv)
         .endpoint = s_cfg("KH_NOTIFY_ENDPOINT")->str,
         .wake_endpoint = s_cfg("KH_NOTIFY_WAKE_ENDPOINT")->str,
         .hub_cert = s_cfg("KH_HUB_CERT")->str,
+        .hub_cert_next = s_cfg("KH_HUB_CERT_NEXT")->str,
+        .endpoint_next = strcmp(s_cfg("KH_NOTIFY_ENDPOINT_NEXT")->str, "none")
+                             ? s_cfg("KH_NOTIFY_ENDPOINT_NEXT")->str
+                             : "",
         .partner_certs = s_cfg("KH_PARTNER_CERT_DIR")->str,
         .policy =
             {

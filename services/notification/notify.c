@@ -1898,6 +1898,9 @@ notify_t *notify_new(const notify_config_t *config, kh_error_t *err)
                      zmq_strerror(zmq_errno()));
         goto fail;
     }
+    if (kh_zap_bind_next(self->zap, self->router, config->hub_cert_next,
+                         config->endpoint_next, "KH_NOTIFY_ENDPOINT_NEXT", err))
+        goto fail;
     if (config->wake_endpoint && *config->wake_endpoint &&
         strcmp(config->wake_endpoint, "none") != 0) {
         /* Services speak to each other with the hub's key only. */

@@ -22,6 +22,8 @@ typedef struct {
     const char *endpoint;      /* partners' ROUTER endpoint, bound */
     const char *wake_endpoint; /* routing's wake-ups (PULL), bound; "" none */
     const char *hub_cert;      /* hub certificate (its _secret beside it) */
+    const char *hub_cert_next; /* the next one, "" for none */
+    const char *endpoint_next; /* where it is served, "" for none */
     const char *partner_certs; /* directory of partners' certificates */
     dstore_policy_t policy;    /* re-sends, dead letters, escalation */
     size_t window;             /* most unacknowledged per connection */

@@ -1679,6 +1679,80 @@ START_TEST(a_rotated_key_admits_its_partner_for_the_overlap_only)
 }
 END_TEST
 
+/* The next hub key served beside the current one (KH_HUB_CERT_NEXT on
+ * KH_INTAKE_ENDPOINT_NEXT): a partner that has the current hub
+ * certificate submits where it always did, one that has the next one on
+ * the next endpoint, where the current certificate gets no answer, nor
+ * the next one on the current endpoint. The log says once per partner key
+ * which hub key it used. One setting without the other stops intake at
+ * its start, naming the one missing. */
+START_TEST(the_next_hub_key_is_served_beside_the_current_one)
+{
+    zcert_t *next = zcert_new();
+    zcert_save(next, s_path("hub-next.cert"));
+    zcert_destroy(&next);
+    char next_cert[512], next_endpoint[64];
+    snprintf(next_cert, sizeof next_cert, "%s", s_path("hub-next.cert"));
+    snprintf(next_endpoint, sizeof next_endpoint, "tcp://127.0.0.1:%d",
+             khproc_free_port());
+    const char *settings[] = {"KH_HUB_CERT_NEXT", next_cert,
+                              "KH_INTAKE_ENDPOINT_NEXT", next_endpoint, NULL};
+    s_restart_intake_with(settings);
+
+    json_t *referral = s_example();
+    char *id = s_accepted_by("vt", referral, "hub-key-current");
+    ck_assert_ptr_nonnull(id);
+    free(id);
+    /* endpoint, hub certificate: answered? */
+    const struct {
+        const char *endpoint, *hub;
+        bool answered;
+    } tries[] = {{next_endpoint, next_cert, true},
+                 {next_endpoint, s_path("hub.cert"), false},
+                 {s_endpoint, next_cert, false}};
+    for (size_t i = 0; i < sizeof tries / sizeof tries[0]; i++) {
+        char hub[512], key[64];
+        snprintf(hub, sizeof hub, "%s", tries[i].hub);
+        snprintf(key, sizeof key, "hub-key-%zu", i);
+        kh_error_t err;
+        kh_client_t *client =
+            kh_client_new(tries[i].endpoint, hub, s_path("vt.cert"), &err);
+        ck_assert_msg(client != NULL, "%s", err.message);
+        kh_client_set_retries(client, 0);
+        json_t *reply = kh_client_submit(client, referral, key, 1500, &err);
+        ck_assert_msg((reply && strcmp(kh_client_reply_cmd(reply),
+                                       "ACCEPTED") == 0) == tries[i].answered,
+                      "try %zu: %s", i, reply ? "answered" : err.message);
+        json_decref(reply);
+        kh_client_destroy(&client);
+    }
+    json_decref(referral);
+    zcert_t *vt = zcert_load(s_path("vt.cert"));
+    char told[160];
+    for (int n = 0; n < 2; n++) {
+        snprintf(told, sizeof told,
+                 "event=hub_key key=%s peer=127.0.0.1 "
+                 "hub_key=%s",
+                 zcert_public_txt(vt), n ? "next" : "current");
+        ck_assert_msg(khtest_log_has(s_path("intake.log"), told, 2000),
+                      "no '%s' in %s", told, s_path("intake.log"));
+    }
+    zcert_destroy(&vt);
+
+    /* A next key without its endpoint. */
+    ck_assert(WIFEXITED(khproc_stop(s_intake, SIGTERM, 5000)));
+    setenv("KH_HUB_CERT_NEXT", next_cert, 1);
+    s_start_intake();
+    unsetenv("KH_HUB_CERT_NEXT");
+    int status = khproc_stop(s_intake, 0, 10000);
+    s_intake = -1;
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 2, "status %d",
+                  status);
+    ck_assert(khtest_log_has(s_path("intake.log"),
+                             "path=KH_INTAKE_ENDPOINT_NEXT", 0));
+}
+END_TEST
+
 /* Exit status of ketenhub-partner ARGS as partner vt, without retries. */
 static int s_partner_command(const char *args)
 {
@@ -3089,6 +3163,7 @@ int main(void)
     tcase_add_test(
         tc, a_partner_added_while_the_database_is_away_is_not_refused_for_good);
     tcase_add_test(tc, a_rotated_key_admits_its_partner_for_the_overlap_only);
+    tcase_add_test(tc, the_next_hub_key_is_served_beside_the_current_one);
     tcase_add_test(tc, the_partner_tool_exits_3_for_a_revoked_key);
     tcase_add_test(tc, the_partner_tool_stops_at_once_when_interrupted);
     tcase_add_test(tc, accepted_referrals_wake_routing);

@@ -1504,6 +1504,46 @@ START_TEST(partners_connected_together_each_get_their_own)
 }
 END_TEST
 
+/* The next hub key served beside the current one (KH_HUB_CERT_NEXT on
+ * KH_NOTIFY_ENDPOINT_NEXT): a partner that has moved to it gets its
+ * deliveries there and its ACKs count, while another one stays with the
+ * current key where it always was. */
+START_TEST(the_next_hub_key_is_served_beside_the_current_one)
+{
+    zcert_t *next = zcert_new();
+    zcert_save(next, s_path("hub-next.cert"));
+    zcert_destroy(&next);
+    char cert[600], endpoint[128], next_endpoint[64];
+    snprintf(next_endpoint, sizeof next_endpoint, "tcp://127.0.0.1:%d",
+             khproc_free_port());
+    snprintf(cert, sizeof cert, "KH_HUB_CERT_NEXT=%s", s_path("hub-next.cert"));
+    snprintf(endpoint, sizeof endpoint, "KH_NOTIFY_ENDPOINT_NEXT=%s",
+             next_endpoint);
+    pid_t pid = s_start("notification.log", cert, endpoint);
+    zsock_t *moved = khpartner_connect(s_path("avim.cert"),
+                                       s_path("hub-next.cert"), next_endpoint);
+    zsock_set_rcvtimeo(moved, 3000);
+    zsock_t *stayed = s_partner("veilig-thuis");
+    s_hello(moved, 4);
+    s_hello(stayed, 4);
+    char ids[2][1][37];
+    s_delivery("avim", "normal", 0, NULL, ids[0][0]);
+    s_delivery("veilig-thuis", "normal", 0, NULL, ids[1][0]);
+    bool came[1] = {false};
+    ck_assert_int_eq(s_collect(moved, ids[0], 1, came, 5000), 1);
+    came[0] = false;
+    ck_assert_int_eq(s_collect(stayed, ids[1], 1, came, 5000), 1);
+    ck_assert(s_wait_count("SELECT count(*) FROM deliveries WHERE state ="
+                           " 'acknowledged'",
+                           2, 5000));
+    ck_assert(s_log_has("notification.log", "hub_key=next", 0));
+    ck_assert(s_log_has("notification.log", "hub_key=current", 0));
+    zsock_destroy(&moved);
+    zsock_destroy(&stayed);
+    s_stop(pid);
+}
+END_TEST
+
 /* A payload is sent as it is stored, with its hash: bytes that are not
  * text (a NUL, a byte no UTF-8 has) make neither the claims of that
  * partner nor those of the others fail, where converting the payloads to
@@ -3483,6 +3523,7 @@ static Suite *s_suite(void)
         tc, a_partner_that_reconnects_gets_its_deliveries_at_once, 0, 2);
     tcase_add_test(tc, two_connections_of_one_partner_both_keep_working);
     tcase_add_test(tc, partners_connected_together_each_get_their_own);
+    tcase_add_test(tc, the_next_hub_key_is_served_beside_the_current_one);
     tcase_add_test(tc, a_payload_that_is_not_text_is_sent_as_stored);
     tcase_add_loop_test(tc, one_claim_serves_a_wake_up_for_three_partners, 0,
                         2);
