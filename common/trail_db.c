@@ -842,9 +842,9 @@ static int s_write_checkpoint(kh_trail_sealer_t *self, PGconn *conn,
 
 /* The recheck of seals this sealer did not write (s_check_foreign). */
 typedef struct {
-    int64_t from; /* its seal must be from_hash; the chain goes on after */
+    int64_t from; /* its seal must be prev (0: the trail's start) */
     unsigned char prev[KH_TRAIL_HASH_SIZE];
-    int64_t last; /* the last seq checked */
+    int64_t last; /* the last seq checked (0: none yet) */
     kh_error_t *err;
 } s_recheck_t;
 
@@ -854,7 +854,10 @@ static int s_recheck_one(void *arg, int64_t seq, const kh_trail_event_t *ev,
     s_recheck_t *rc = arg;
     unsigned char h[KH_TRAIL_HASH_SIZE];
     const char *why = NULL;
-    if (seq == rc->from)
+    /* The seal it chains on from: there, and as known. */
+    if (rc->from > 0 && rc->last == 0 && (seq != rc->from || !seal))
+        why = "the seal it chains on from is gone";
+    else if (seq == rc->from)
         memcpy(h, rc->prev, sizeof h);
     else if (!ev)
         why = "a seal without its event";

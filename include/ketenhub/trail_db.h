@@ -56,8 +56,10 @@ int kh_trail_db_verify_keys(PGconn *conn, const kh_trail_keys_t *keys,
                             kh_error_t *err);
 
 /* Write an access event (trail.queried, trail.exported, trail.verified)
- * through audit_record_access, in the caller's transaction if any. actor
- * is the OS user of this process. Returns 0 or -1 with err. */
+ * through audit_record_access, in the caller's transaction if any. The
+ * actor is the database login (audit_login(), migration 025); this
+ * process's OS user and host go to origin_peer as USER@HOST. Returns 0 or
+ * -1 with err. */
 int kh_trail_db_record_access(PGconn *conn, const char *action,
                               const char *actor_kind, const char *outcome,
                               const char *reason_code, const char *filter,

@@ -1464,6 +1464,13 @@ START_TEST(auditor_options_are_checked_before_anything_runs)
                    1, refusal);
     ck_assert_int_eq(S_QUERY_COUNT("--actor", z85), 1);
     ck_assert_int_eq(S_QUERY_COUNT("--actor", "key:#$%&()*+"), 0);
+    /* A login's name outside ASCII, as audit_login() records it (025). */
+    khtest_db_exec(s_db,
+                   "INSERT INTO audit_events (actor_kind, actor_id, action,"
+                   " outcome, origin_service) VALUES ('auditor',"
+                   " 'm\xc3\xbcller', 'trail.queried', 'ok', 'ketenhubctl')",
+                   0, NULL);
+    ck_assert_int_eq(S_QUERY_COUNT("--actor", "auditor:m\xc3\xbcller"), 1);
     S_REFUSED("--actor", "query", "--actor", "two words");
     S_REFUSED("--actor", "query", "--actor", "tab\there");
     S_REFUSED("--actor", "query", "--actor", "");
@@ -2321,6 +2328,21 @@ START_TEST(sealer_signs_only_seals_it_computed_or_checked)
     s_sqlf("UPDATE audit_seals SET hash = sha256(hash) WHERE seq = 25");
     s_events_dense(1);
     s_flush_refused(sealer, "seq 25, which this sealer wrote");
+    kh_trail_sealer_destroy(&sealer);
+
+    /* Its last seal removed with its event, another replica's seals
+     * after it: there is nothing it chains on from. */
+    sealer = s_sealed_past_checkpoint();
+    s_events_dense(3);
+    kh_trail_sealer_t *other = s_sealer(10);
+    ck_assert_int_eq(s_flush(other), 3);
+    kh_trail_sealer_destroy(&other);
+    s_sqlf("ALTER TABLE audit_events DISABLE TRIGGER USER");
+    s_sqlf("ALTER TABLE audit_seals DISABLE TRIGGER USER");
+    s_sqlf("DELETE FROM audit_events WHERE seq = 25");
+    s_sqlf("DELETE FROM audit_seals WHERE seq = 25");
+    s_events_dense(1);
+    s_flush_refused(sealer, "the seal it chains on from is gone");
     kh_trail_sealer_destroy(&sealer);
 }
 END_TEST

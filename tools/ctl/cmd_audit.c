@@ -8,7 +8,7 @@
  *   verify   the chain and the signatures, in the database or a file
  * query, export and verify in the database are themselves recorded in the
  * trail (trail.queried / trail.exported / trail.verified) with the
- * auditor's OS user and the filter, never the results.
+ * auditor's database login and the filter, never the results.
  */
 #include <errno.h>
 #include <getopt.h>
@@ -508,11 +508,11 @@ static int s_query(int argc, char **argv)
             /* As the trail admits actors (migration 011): 1..64
              * characters without a space or a control character, such as
              * "key:" and an unknown key's Z85 text, which holds signs like
-             * + = / ? & < > { } [ ] % $ #. Printable ASCII here, as the
-             * services and the OS users write them. */
-            if (!s_matches(optarg, "^[!-~]{1,64}$") &&
+             * + = / ? & < > { } [ ] % $ #, or a login's name outside
+             * ASCII (migration 025): up to 4 bytes a character. */
+            if (!s_matches(optarg, "^[^[:space:][:cntrl:]]{1,255}$") &&
                 !s_matches(optarg, "^(partner|service|admin|auditor):"
-                                   "[!-~]{1,64}$"))
+                                   "[^[:space:][:cntrl:]]{1,255}$"))
                 return ctl_usage_error("audit query: --actor takes an actor "
                                        "id (1 to 64 characters, no space), "
                                        "or KIND:ID as the table prints it");
