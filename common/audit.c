@@ -32,12 +32,12 @@ int kh_audit_admin(PGconn *conn, const char *action, const char *partner_id,
 {
     kh_audit_origin_t origin = kh_audit_origin();
     const char *params[] = {action, partner_id, origin_service, origin.peer};
-    /* actor_id: the login, by its default (025). */
+    /* The actor, admin and the login, by their defaults (025). */
     PGresult *res =
         PQexecParams(conn,
-                     "INSERT INTO audit_events (actor_kind, action, partner_id,"
-                     " outcome, origin_service, origin_peer)"
-                     " VALUES ('admin', $1, $2, 'ok', $3, $4)",
+                     "INSERT INTO audit_events (action, partner_id, outcome,"
+                     " origin_service, origin_peer)"
+                     " VALUES ($1, $2, 'ok', $3, $4)",
                      4, NULL, params, NULL, NULL, 0);
     int rc = PQresultStatus(res) == PGRES_COMMAND_OK
                  ? 0

@@ -905,13 +905,13 @@ START_TEST(test_writers_choose_no_seq_nor_time_of_events)
     const char *writers[] = {"ketenhub_intake", "ketenhub_routing",
                              "ketenhub_notification", "ketenhub_admin"};
     for (size_t r = 0; r < sizeof writers / sizeof writers[0]; r++) {
-        /* The administrators' actor is their login (025). */
+        /* The administrators' actor is theirs by default (025). */
         ck_assert_str_eq(
             s_as(conn, writers[r],
                  strcmp(writers[r], "ketenhub_admin") == 0
-                     ? "INSERT INTO audit_events (actor_kind, action,"
-                       " outcome, origin_service) VALUES ('admin',"
-                       " 'rules.reloaded', 'ok', 'test')"
+                     ? "INSERT INTO audit_events (action, outcome,"
+                       " origin_service) VALUES ('rules.reloaded', 'ok',"
+                       " 'test')"
                      : "INSERT INTO audit_events (actor_kind, actor_id,"
                        " action, outcome, origin_service) VALUES"
                        " ('service', 'x', 'rules.reloaded', 'ok', 'test')"),
@@ -934,9 +934,10 @@ START_TEST(test_writers_choose_no_seq_nor_time_of_events)
 END_TEST
 
 /* An administrator's or an auditor's event names the login that wrote
- * it, never a name the client gives (025): an administrator may not
- * write actor_id and gets the login by its default; audit_record_access
- * records the login and puts the name it was given before the host in
+ * it, never a name or kind the client gives (025): an administrator may
+ * write neither actor_kind nor actor_id and gets admin and the login by
+ * their defaults; audit_record_access records the login, of the kind its
+ * group role makes it, and puts the name it was given before the host in
  * origin_peer. A login with white space in its name is named with '_'. */
 START_TEST(test_admin_and_auditor_events_name_their_login)
 {
@@ -945,31 +946,42 @@ START_TEST(test_admin_and_auditor_events_name_their_login)
         khtest_db_login(conn, DB, "kh_test_m_admin", "ketenhub_admin");
     PGconn *auditor =
         khtest_db_login(conn, DB, "kh test m auditor", "ketenhub_auditor");
-    PGresult *res = PQexec(admin, "INSERT INTO audit_events (actor_kind,"
-                                  " actor_id, action, outcome, origin_service)"
-                                  " VALUES ('admin', 'mallory',"
-                                  " 'partner.added', 'ok', 'test')");
-    const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
-    ck_assert_str_eq(state ? state : "", "42501");
-    PQclear(res);
-    res = PQexec(admin, "INSERT INTO audit_events (actor_kind, action,"
-                        " outcome, origin_service, origin_peer) VALUES"
-                        " ('admin', 'partner.added', 'ok', 'test', 'x@y')");
-    ck_assert_int_eq(PQresultStatus(res), PGRES_COMMAND_OK);
+    const char *const forged[] = {
+        "INSERT INTO audit_events (actor_id, action, outcome,"
+        " origin_service) VALUES ('mallory', 'partner.added', 'ok', 'test')",
+        "INSERT INTO audit_events (actor_kind, action, outcome,"
+        " origin_service) VALUES ('partner', 'delivery.acked', 'ok', 'test')"};
+    for (size_t i = 0; i < sizeof forged / sizeof forged[0]; i++) {
+        PGresult *res = PQexec(admin, forged[i]);
+        const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+        ck_assert_msg(state && strcmp(state, "42501") == 0, "%s: %s", forged[i],
+                      PQresultErrorMessage(res));
+        PQclear(res);
+    }
+    PGresult *res =
+        PQexec(admin, "INSERT INTO audit_events (action, outcome,"
+                      " origin_service, origin_peer) VALUES"
+                      " ('partner.added', 'ok', 'test', 'x@y');"
+                      " SELECT audit_record_access('trail.queried', 'auditor',"
+                      " NULL, 'ok', NULL, NULL, 'test', 'x@y')");
+    ck_assert_int_eq(PQresultStatus(res), PGRES_TUPLES_OK);
     PQclear(res);
     res = PQexec(auditor, "SELECT audit_record_access('trail.queried',"
-                          " 'auditor', 'mallory', 'ok', NULL, NULL, 'test',"
+                          " 'admin', 'mallory', 'ok', NULL, NULL, 'test',"
                           " 'host-a'), audit_record_access('trail.exported',"
                           " 'auditor', NULL, 'ok', NULL, NULL, 'test',"
                           " 'jan@host-b')");
     ck_assert_int_eq(PQresultStatus(res), PGRES_TUPLES_OK);
     PQclear(res);
     char *got = khtest_db_value(
-        conn, "SELECT string_agg(action || ' ' || actor_id || ' ' ||"
-              " origin_peer, ', ' ORDER BY seq) FROM audit_events");
-    ck_assert_str_eq(got, "partner.added kh_test_m_admin x@y, trail.queried "
-                          "kh_test_m_auditor mallory@host-a, trail.exported "
-                          "kh_test_m_auditor jan@host-b");
+        conn, "SELECT string_agg(action || ' ' || actor_kind || ':' ||"
+              " actor_id || ' ' || origin_peer, ', ' ORDER BY seq)"
+              " FROM audit_events");
+    ck_assert_str_eq(got, "partner.added admin:kh_test_m_admin x@y, "
+                          "trail.queried admin:kh_test_m_admin x@y, "
+                          "trail.queried auditor:kh_test_m_auditor "
+                          "mallory@host-a, trail.exported "
+                          "auditor:kh_test_m_auditor jan@host-b");
     free(got);
     PQfinish(admin);
     PQfinish(auditor);

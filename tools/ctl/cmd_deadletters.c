@@ -462,7 +462,8 @@ static int s_cmd_show(int argc, char **argv)
  * could hold what the batch waited for, and one of them failed
  * (deadlock). %s is the set of wanted ids: an array parameter or one
  * partner's dead deliveries; $2 and $3 are the service and the command's
- * origin (USER@HOST); the actor is the login (actor_id's default, 025). */
+ * origin (USER@HOST); the actor is admin and the login (the defaults,
+ * 025). */
 static const char s_retry_sql[] =
     "WITH want AS (%s),"
     " cur AS (SELECT d.id, d.state, d.payload_bytes IS NULL AS purged,"
@@ -479,10 +480,10 @@ static const char s_retry_sql[] =
     "  AND d.id IN (SELECT id FROM cur)"
     "  RETURNING d.id, d.referral_id, d.partner_id, d.payload_hash,"
     "  d.rules_version),"
-    " ins AS (INSERT INTO audit_events (actor_kind, action,"
+    " ins AS (INSERT INTO audit_events (action,"
     "  referral_id, delivery_id, partner_id, outcome, payload_hash,"
     "  rules_version, origin_service, origin_peer)"
-    "  SELECT 'admin', 'delivery.retried', referral_id, id, partner_id,"
+    "  SELECT 'delivery.retried', referral_id, id, partner_id,"
     "  'ok', payload_hash, rules_version, $2, $3 FROM upd)"
     /* Retried: changed, with its event (ins runs whether read or not; it
      * returns nothing, as ketenhub_admin may not read the trail). */

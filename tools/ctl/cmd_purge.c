@@ -151,7 +151,7 @@ static const char s_lock_deliveries_sql[] =
     " LEFT JOIN counted c ON c.referral_id = r.id";
 
 /* $1 the batch's ids, $2 the command's origin (USER@HOST), $3 the cutoff;
- * the event's actor is the login (actor_id's default, 025).
+ * the event's actor is admin and the login (the defaults, 025).
  * Checks once more
  * (on a snapshot taken after the locks) that each referral is done, erases
  * the payloads and writes the events. Returns the referrals and
@@ -167,9 +167,9 @@ static const char s_purge_sql[] =
     "  AND (d.payload_bytes IS NOT NULL"
     "  OR d.escalation_payload_bytes IS NOT NULL)"
     "  RETURNING d.id),"
-    " events AS (INSERT INTO audit_events (actor_kind, action,"
+    " events AS (INSERT INTO audit_events (action,"
     "  referral_id, outcome, payload_hash, origin_service, origin_peer)"
-    "  SELECT 'admin', 'referral.purged', id, 'ok', payload_hash,"
+    "  SELECT 'referral.purged', id, 'ok', payload_hash,"
     "  'ketenhubctl', $2 FROM done ORDER BY id RETURNING 1)"
     " SELECT (SELECT count(*) FROM refs), (SELECT count(*) FROM dels),"
     " (SELECT count(*) FROM events)";
