@@ -1433,9 +1433,12 @@ static void s_take(notify_t *self, zframe_t *identity, zmq_msg_t *body,
     /* Each connection may hold a window of deliveries and, in its queue,
      * up to the high-water mark of frames: a partner's connections are
      * counted so that one that opens them without end cannot take the
-     * hub's memory. */
-    if (err.code == KH_E_OK && cmd == KH_CMD_HELLO && !known &&
-        s_partner_connections(self, partner, NULL) >= self->cfg.max_connections)
+     * hub's memory. A connection whose key was moved to this partner
+     * since is a new one of it (s_conn_get starts it over). */
+    if (err.code == KH_E_OK && cmd == KH_CMD_HELLO &&
+        (!known || strcmp(known->partner, partner) != 0) &&
+        s_partner_connections(self, partner, known) >=
+            self->cfg.max_connections)
         kh_error_set(&err, KH_E_THROTTLED, "",
                      "this partner has %zu connections to the delivery "
                      "socket already; close one",

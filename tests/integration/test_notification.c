@@ -3386,6 +3386,44 @@ START_TEST(a_partner_over_its_connections_is_throttled)
 }
 END_TEST
 
+/* A key moved to a partner that has all the connections it may have
+ * already: the moved key's connection, registered for its partner before,
+ * is that partner's one too many at its next HELLO, refused as throttled
+ * like any other (also when that HELLO comes in the drain that read the
+ * registry again, before the round drops the connection as its old
+ * partner's: a window this test does not reach). */
+START_TEST(a_moved_key_counts_among_its_new_partners_connections)
+{
+    char previous[KH_PARTNER_KEY_LEN + 1];
+    s_rotate_avim(previous); /* its second key, in the overlap */
+    char *const env[] = {"KH_NOTIFY_MAX_CONNECTIONS=1",
+                         "KH_PARTNER_REFRESH_MS=3600000",
+                         "KH_NOTIFY_PEER_TIMEOUT_MS=60000", NULL};
+    pid_t pid = s_start_env("notification.log", env);
+    zsock_t *old = s_partner("avim");
+    s_hello(old, 1);
+    zsock_t *zc = s_partner("zorgcoordinator");
+    s_hello(zc, 1);
+    const char *params[] = {previous};
+    khtest_db_exec(s_db,
+                   "UPDATE partner_keys SET partner_id = 'zorgcoordinator'"
+                   " WHERE curve_public_key = $1",
+                   1, params);
+    s_register("meldpunt-hilversum", "municipality", true);
+    zsock_t *added = s_partner("meldpunt-hilversum");
+    s_hello(added, 1); /* the registry is read again */
+    json_t *reply = s_hello_reply(old);
+    ck_assert_ptr_nonnull(reply);
+    ck_assert_str_eq(s_str(reply, "cmd"), "REJECTED");
+    ck_assert_str_eq(s_str(reply, "code"), "throttled");
+    json_decref(reply);
+    zsock_destroy(&added);
+    zsock_destroy(&zc);
+    zsock_destroy(&old);
+    s_stop(pid);
+}
+END_TEST
+
 /* The next message on sock within timeout_ms, or NULL; never a DELIVER
  * (the caller's socket has none due). */
 static json_t *s_next_no_deliver(zsock_t *sock, int timeout_ms)
@@ -3564,6 +3602,8 @@ static Suite *s_suite(void)
     tcase_set_timeout(moved, 60);
     tcase_add_test(moved,
                    a_moved_keys_deliveries_go_again_once_the_registry_says_so);
+    tcase_add_test(moved,
+                   a_moved_key_counts_among_its_new_partners_connections);
     suite_add_tcase(suite, moved);
 
     TCase *priority = tcase_create("resend_priority");
