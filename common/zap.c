@@ -223,7 +223,7 @@ int kh_zap_bind_next(kh_zap_t *self, zsock_t *sock, const char *cert_path,
 {
     cert_path = cert_path ? cert_path : "";
     endpoint = endpoint ? endpoint : "";
-    if (!*cert_path)
+    if (!*cert_path || strcmp(cert_path, "none") == 0)
         return 0; /* the endpoint alone: where a next key would be */
     if (!*endpoint)
         return kh_error_set(err, KH_E_CONFIG, setting,

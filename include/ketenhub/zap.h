@@ -47,7 +47,7 @@ zcert_t *kh_hub_cert_load(const char *path, kh_error_t *err);
  * KH_HUB_CERT_NEXT) beside the current one, on endpoint of its own (the
  * setting that names it goes into err) of sock, a CURVE server socket
  * already bound with the current key; partners move to it, each at its
- * own moment. No certificate ("" or NULL): nothing is bound, 0 (an
+ * own moment. No certificate ("", "none" or NULL): nothing is bound, 0 (an
  * endpoint alone is where a next key would be served). A certificate
  * without an endpoint, one that cannot be loaded or an endpoint that
  * cannot be bound: -1 with err (KH_E_CONFIG). From then on the handler says in
