@@ -506,6 +506,23 @@ smoke_test() {
     fail "intake refused the rotated key"
   echo "meldpunt-smoke answered with its key before and after the rotation"
 
+  say "the next hub key, served beside the current one (README, Rotating keys)"
+  ctl hub keygen --out /etc/ketenhub/hub/next >/dev/null ||
+    fail "hub keygen of the next key failed"
+  KH_HUB_CERT_NEXT=/etc/ketenhub/hub/next/hub.cert \
+    compose up -d --no-deps --force-recreate intake ||
+    fail "intake did not start again with the next key"
+  next="tcp://127.0.0.1:$KH_INTAKE_NEXT_PORT"
+  "$partner" --endpoint "$next" --hub-cert "$work/hub/next/hub.cert" \
+    --cert "$rotated" --timeout 2000 --retries 20 ping >/dev/null ||
+    fail "intake did not answer the next hub key on $next"
+  "$partner" --endpoint "$endpoint" --hub-cert "$work/hub/hub.cert" \
+    --cert "$rotated" --timeout 2000 --retries 5 ping >/dev/null ||
+    fail "intake did not answer the current hub key beside the next one"
+  podman logs "${project}_intake_1" 2>&1 | grep -q "event=hub_key .*hub_key=next" ||
+    fail "intake did not log the partner key on the next hub key"
+  echo "intake answered on both hub keys, each on its own port"
+
   say "a revoked partner is refused without a restart"
   ctl_as admin partner revoke meldpunt-smoke >/dev/null ||
     fail "partner revoke meldpunt-smoke failed"
