@@ -3168,6 +3168,23 @@ START_TEST(a_connection_whose_key_overlap_ended_is_sent_nothing_more)
 }
 END_TEST
 
+/* An administrator moves key (avim's before its rotation) to the
+ * zorgcoordinator; a partner added now, whose first frame makes the
+ * registry be read again, is welcomed: its connection, for the caller to
+ * close. */
+static zsock_t *s_move_key_to_zorgcoordinator(const char *key)
+{
+    const char *params[] = {key};
+    khtest_db_exec(s_db,
+                   "UPDATE partner_keys SET partner_id = 'zorgcoordinator'"
+                   " WHERE curve_public_key = $1",
+                   1, params);
+    s_register("meldpunt-hilversum", "municipality", true);
+    zsock_t *added = s_partner("meldpunt-hilversum");
+    s_hello(added, 1);
+    return added;
+}
+
 /* A key an administrator moved to another partner: once the registry is
  * read again (here for a partner added at run time, whose first frame
  * re-reads it at once), the connection made with that key is its old
@@ -3192,16 +3209,7 @@ START_TEST(a_moved_keys_deliveries_go_again_once_the_registry_says_so)
     zsock_t *now = s_partner("avim-new");
     s_hello(now, 1);
 
-    /* The key before goes to the zorgcoordinator; a partner added now
-     * makes the registry be read again. */
-    const char *params[] = {previous};
-    khtest_db_exec(s_db,
-                   "UPDATE partner_keys SET partner_id = 'zorgcoordinator'"
-                   " WHERE curve_public_key = $1",
-                   1, params);
-    s_register("meldpunt-hilversum", "municipality", true);
-    zsock_t *added = s_partner("meldpunt-hilversum");
-    s_hello(added, 1);
+    zsock_t *added = s_move_key_to_zorgcoordinator(previous);
     /* The moved key's connection speaks (its HELLO every second). */
     khpartner_send(old, kh_proto_new(KH_CMD_PING, "p"));
 
@@ -3404,14 +3412,7 @@ START_TEST(a_moved_key_counts_among_its_new_partners_connections)
     s_hello(old, 1);
     zsock_t *zc = s_partner("zorgcoordinator");
     s_hello(zc, 1);
-    const char *params[] = {previous};
-    khtest_db_exec(s_db,
-                   "UPDATE partner_keys SET partner_id = 'zorgcoordinator'"
-                   " WHERE curve_public_key = $1",
-                   1, params);
-    s_register("meldpunt-hilversum", "municipality", true);
-    zsock_t *added = s_partner("meldpunt-hilversum");
-    s_hello(added, 1); /* the registry is read again */
+    zsock_t *added = s_move_key_to_zorgcoordinator(previous);
     json_t *reply = s_hello_reply(old);
     ck_assert_ptr_nonnull(reply);
     ck_assert_str_eq(s_str(reply, "cmd"), "REJECTED");
