@@ -121,6 +121,27 @@ for i, name in enumerate(EXAMPLES):
 ref = load("schemas/examples/" + EXAMPLES[0])
 write("decode", "submit-float32.mp", pack(submit(ref, 9), float32=True))
 
+
+def whole_floats(v):
+    """v with every integer a float of the same value (120 as 120.0)."""
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, int):
+        return float(v)
+    if isinstance(v, list):
+        return [whole_floats(x) for x in v]
+    if isinstance(v, dict):
+        return {k: whole_floats(x) for k, x in v.items()}
+    return v
+
+
+# Whole numbers sent as floats, and a negative zero: the canonical JSON
+# writes them as integers.
+write("intake", "submit-whole-floats.mp",
+      pack(submit(whole_floats(ref), 10)))
+write("intake", "submit-negative-zero.mp",
+      pack(submit(dict(ref, x=[-0.0, 1e300]), 11)))
+
 for i, name in enumerate(INVALID):
     ref = load("schemas/invalid/" + name)
     base = "invalid-" + name[:-len(".json")]

@@ -18,6 +18,7 @@
 #include "ketenhub/proto.h"
 #include "ketenhub/ratelimit.h"
 #include "ketenhub/throttle.h"
+#include "khcanon.h"
 #include "khtest.h"
 
 static json_t *s_envelope(const char *json)
@@ -625,53 +626,11 @@ START_TEST(payload_hash_ignores_key_order_not_content)
 }
 END_TEST
 
-/* A copy of v with every whole number below 2^53 held as a real (120.0)
- * held as the integer it is (built by hand: json_deep_copy cuts keys at a
- * NUL). */
-static json_t *s_whole_reals_as_integers(const json_t *v)
-{
-    if (json_is_real(v)) {
-        double d = json_real_value(v);
-        if (d > -9007199254740992.0 && d < 9007199254740992.0 &&
-            (double) (long long) d == d)
-            return json_integer((json_int_t) d);
-    } else if (json_is_array(v)) {
-        json_t *a = json_array();
-        for (size_t i = 0; i < json_array_size(v); i++)
-            json_array_append_new(
-                a, s_whole_reals_as_integers(json_array_get(v, i)));
-        return a;
-    } else if (json_is_object(v)) {
-        json_t *o = json_object();
-        const char *key;
-        size_t len;
-        json_t *item;
-        json_t *object = (json_t *) v; /* the macro takes no const */
-        json_object_keylen_foreach(object, key, len, item)
-        {
-            json_object_setn_new(o, key, len, s_whole_reals_as_integers(item));
-        }
-        return o;
-    }
-    return json_incref((json_t *) v);
-}
-
-/* jansson's canonical form, the reference kh_payload_canonical keeps, but
- * for whole numbers held as reals, which it writes as integers. */
-static char *s_jansson_canonical(const json_t *v)
-{
-    json_t *copy = s_whole_reals_as_integers(v);
-    char *text = json_dumps(copy, JSON_COMPACT | JSON_SORT_KEYS |
-                                      JSON_ENSURE_ASCII | JSON_ENCODE_ANY);
-    json_decref(copy);
-    return text;
-}
-
 static void s_same_as_jansson(const json_t *v, const char *what)
 {
     size_t len = 0;
     char *mine = kh_payload_canonical(v, &len);
-    char *ref = s_jansson_canonical(v);
+    char *ref = khcanon_reference(v);
     ck_assert_msg(mine && ref, "%s: encoding failed", what);
     ck_assert_msg(strcmp(mine, ref) == 0, "%s:\n  mine %s\n  ref  %s", what,
                   mine, ref);
