@@ -474,10 +474,14 @@ struct _kh_health_t {
 /* Monotonic ms of the loop's last beat: one service per process. */
 static atomic_llong s_beat_ms;
 
-/* The rules version the service routes by (kh_health_note_rules), read by
- * the endpoint's thread. */
-static pthread_mutex_t s_rules_mutex = PTHREAD_MUTEX_INITIALIZER;
-static char s_rules_version[129]; /* as audit_events.rules_version */
+/* What the service tells on /readyz after its version (kh_health_note),
+ * read by the endpoint's thread: names in the order first noted. */
+#define S_NOTES 4
+static pthread_mutex_t s_notes_mutex = PTHREAD_MUTEX_INITIALIZER;
+static struct {
+    char name[16];
+    char value[KH_HEALTH_NOTE_MAX + 1];
+} s_notes[S_NOTES];
 
 static long long s_now_ms(void)
 {
@@ -750,14 +754,18 @@ static enum MHD_Result s_handler(void *cls, struct MHD_Connection *connection,
         if (*why)
             return s_respond(connection, MHD_HTTP_SERVICE_UNAVAILABLE,
                              s_printf("not ready: %s\n", why), plain);
-        char rules[sizeof s_rules_version + 8] = "";
-        pthread_mutex_lock(&s_rules_mutex);
-        if (*s_rules_version)
-            snprintf(rules, sizeof rules, " rules=%s", s_rules_version);
-        pthread_mutex_unlock(&s_rules_mutex);
+        char notes[S_NOTES * sizeof *s_notes + 1] = "";
+        size_t len = 0;
+        pthread_mutex_lock(&s_notes_mutex);
+        for (size_t i = 0; i < S_NOTES && *s_notes[i].name; i++)
+            if (*s_notes[i].value)
+                len +=
+                    (size_t) snprintf(notes + len, sizeof notes - len, " %s=%s",
+                                      s_notes[i].name, s_notes[i].value);
+        pthread_mutex_unlock(&s_notes_mutex);
         return s_respond(
             connection, MHD_HTTP_OK,
-            s_printf("ready %s %s%s\n", self->service, KH_VERSION, rules),
+            s_printf("ready %s %s%s\n", self->service, KH_VERSION, notes),
             plain);
     }
     if (strcmp(url, "/metrics") == 0) {
@@ -969,12 +977,19 @@ void kh_health_beat(void)
     atomic_store(&s_beat_ms, s_now_ms());
 }
 
-void kh_health_note_rules(const char *version)
+void kh_health_note(const char *name, const char *value)
 {
-    pthread_mutex_lock(&s_rules_mutex);
-    snprintf(s_rules_version, sizeof s_rules_version, "%s",
-             version ? version : "");
-    pthread_mutex_unlock(&s_rules_mutex);
+    pthread_mutex_lock(&s_notes_mutex);
+    for (size_t i = 0; i < S_NOTES; i++) {
+        if (*s_notes[i].name && strcmp(s_notes[i].name, name) != 0)
+            continue;
+        if (!*s_notes[i].name)
+            snprintf(s_notes[i].name, sizeof s_notes[i].name, "%s", name);
+        snprintf(s_notes[i].value, sizeof s_notes[i].value, "%s",
+                 value ? value : "");
+        break;
+    }
+    pthread_mutex_unlock(&s_notes_mutex);
 }
 
 static int s_on_beat(zloop_t *loop, int timer_id, void *arg)

@@ -15,6 +15,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "ketenhub/health.h"
 #include "ketenhub/log.h"
 
 #define S_ZAP_ENDPOINT "inproc://zeromq.zap.01"
@@ -242,11 +243,14 @@ int kh_zap_bind_next(kh_zap_t *self, zsock_t *sock, const char *cert_path,
     /* Security options apply to the binds after them: the endpoints bound
      * before keep the key they were bound with. */
     zcert_apply(next, sock);
-    zcert_destroy(&next);
     zsock_set_zap_domain(sock, KH_ZAP_DOMAIN_NEXT);
-    if (zsock_bind(sock, "%s", endpoint) == -1)
+    if (zsock_bind(sock, "%s", endpoint) == -1) {
+        zcert_destroy(&next);
         return kh_error_set(err, KH_E_CONFIG, setting, "cannot bind %s: %s",
                             endpoint, zmq_strerror(zmq_errno()));
+    }
+    kh_health_note("hub_key_next", zcert_public_txt(next));
+    zcert_destroy(&next);
     self->next_bound = true;
     return 0;
 }

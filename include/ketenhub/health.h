@@ -140,12 +140,18 @@ bool kh_health_db_up(const kh_health_t *self);
  * without knowing whether an endpoint runs. */
 void kh_health_beat(void);
 
-/* The version of the rules the service routes by (routing, at start and
- * at each reload), which /readyz then tells after the service's version:
- * "ready routing VERSION rules=RULES_VERSION". One service per process,
- * as for the beat; version is copied (at most 128 characters). NULL: none.
- * Thread-safe. */
-void kh_health_note_rules(const char *version);
+/* The longest value kh_health_note keeps. */
+#define KH_HEALTH_NOTE_MAX 128
+
+/* A fact /readyz tells after the service's version, as " name=value":
+ * routing's rules version (at start and at each reload), "ready routing
+ * VERSION rules=RULES_VERSION"; intake's and notification's hub keys,
+ * hub_key and, while it is served, hub_key_next (CURVE public keys, Z85).
+ * A name noted again changes its value, in its place; NULL or "" leaves
+ * the name out. name is a word of at most 15 characters, value has no
+ * white space (at most KH_HEALTH_NOTE_MAX characters are kept); up to
+ * four names, one service per process, as for the beat. Thread-safe. */
+void kh_health_note(const char *name, const char *value);
 
 /* Add a 1 s timer to loop that beats for it. 0, or -1. */
 int kh_health_attach(zloop_t *loop);

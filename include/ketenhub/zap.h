@@ -51,7 +51,8 @@ zcert_t *kh_hub_cert_load(const char *path, kh_error_t *err);
  * endpoint alone is where a next key would be served). A certificate
  * without an endpoint, one that cannot be loaded or an endpoint that
  * cannot be bound: -1 with err (KH_E_CONFIG). From then on the handler says in
- * the log, once a key, which hub key each partner key connects with. */
+ * the log, once a key, which hub key each partner key connects with, and
+ * /readyz tells the next key's public half (kh_health_note, hub_key_next). */
 int kh_zap_bind_next(kh_zap_t *self, zsock_t *sock, const char *cert_path,
                      const char *endpoint, const char *setting,
                      kh_error_t *err);

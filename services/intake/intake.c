@@ -170,6 +170,7 @@ intake_t *intake_new(const intake_config_t *config, kh_error_t *err)
                      zmq_strerror(zmq_errno()));
         goto fail;
     }
+    kh_health_note("hub_key", zcert_public_txt(self->cert));
     if (kh_zap_bind_next(self->zap, self->router, config->hub_cert_next,
                          config->endpoint_next, "KH_INTAKE_ENDPOINT_NEXT", err))
         goto fail;

@@ -335,7 +335,7 @@ static void s_refresh_partners(routing_t *self)
             kh_rules_set_partners(self->rules, list.items, list.count);
         if (strcmp(version, self->version) != 0) {
             snprintf(self->version, sizeof self->version, "%s", version);
-            kh_health_note_rules(self->version);
+            kh_health_note("rules", self->version);
             kh_log_info("partners_changed",
                         "targets=%zu registered=%zu rules_version=%s", changed,
                         list.count, self->version);
@@ -730,7 +730,7 @@ static void s_reload(routing_t *self)
     self->rules = rules;
     self->result = result;
     snprintf(self->version, sizeof self->version, "%s", version);
-    kh_health_note_rules(self->version);
+    kh_health_note("rules", self->version);
     kh_log_info("rules_reloaded", "file=%s file_sha256=%s version=%s rules=%zu",
                 self->config.rules_file, kh_rules_version(rules), self->version,
                 kh_rules_count(rules));
@@ -1007,7 +1007,7 @@ int routing_start(routing_t *self, kh_error_t *err)
         self->result = kh_rules_result_new(self->rules);
         if (!self->result)
             return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
-        kh_health_note_rules(self->version);
+        kh_health_note("rules", self->version);
     }
     /* The version it starts with is in the trail before a referral is
      * routed by it, as a reload's is: a rules.reloaded event with reason

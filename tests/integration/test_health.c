@@ -182,8 +182,8 @@ START_TEST(live_ready_and_metrics_in_the_text_format)
     free(body);
     ck_assert_int_eq(s_get("/readyz", &body), 200);
     char want[64];
-    snprintf(want, sizeof want, "ready intake %s\n", kh_version());
-    ck_assert_str_eq(body, want);
+    snprintf(want, sizeof want, "ready intake %s hub_key=", kh_version());
+    ck_assert_msg(strncmp(body, want, strlen(want)) == 0, "%s", body);
     free(body);
     ck_assert_int_eq(s_get("/nothing-here", NULL), 404);
 
@@ -685,8 +685,129 @@ START_TEST(routing_and_notification_count_and_report_the_backlog)
 }
 END_TEST
 
-/* Against a database that was never migrated, status says so and shows
- * none of the numbers it could not read; --json stays one document. */
+/* status with intake's and notify's health endpoints (routing and audit
+ * skipped): its JSON document into *doc, its text into *text. */
+static void s_status_keys(const char *notify, json_t **doc, char **text)
+{
+    setenv("KH_DATABASE_URL", s_conninfo, 1);
+    char *json_out = NULL;
+    KHTEST_CTL(&json_out, "status", "--json", "--intake", s_health, "--routing",
+               "none", "--notification", notify, "--audit", "none");
+    json_error_t jerr;
+    *doc = json_loads(json_out, 0, &jerr);
+    ck_assert_msg(*doc != NULL, "not JSON: %s", json_out);
+    free(json_out);
+    KHTEST_CTL(text, "status", "--intake", s_health, "--routing", "none",
+               "--notification", notify, "--audit", "none");
+}
+
+/* notification on free ports with the hub key at hub.cert and, when
+ * next is not NULL, the next one served on an endpoint of its own; ready
+ * within 10 s. Its health endpoint goes to health. */
+static pid_t s_start_notification_keys(const char *next, char *health,
+                                       size_t size)
+{
+    snprintf(health, size, "127.0.0.1:%d", khproc_free_port());
+    static char env_health[128], env_endpoint[128], env_next[600],
+        env_next_endpoint[128];
+    snprintf(env_health, sizeof env_health, "KH_HEALTH_ENDPOINT=%s", health);
+    snprintf(env_endpoint, sizeof env_endpoint,
+             "KH_NOTIFY_ENDPOINT=tcp://127.0.0.1:%d", khproc_free_port());
+    snprintf(env_next, sizeof env_next, "KH_HUB_CERT_NEXT=%s",
+             next ? next : "none");
+    snprintf(env_next_endpoint, sizeof env_next_endpoint,
+             "KH_NOTIFY_ENDPOINT_NEXT=tcp://127.0.0.1:%d", khproc_free_port());
+    char *env[] = {env_health, env_endpoint, env_next, env_next_endpoint, NULL};
+    pid_t pid = s_start_service("notification", env);
+    ck_assert_msg(s_wait_status_at(health, "/readyz", 200, 10000),
+                  "notification not ready: see %s", s_path("notification.log"));
+    return pid;
+}
+
+/* The hub keys each service serves: /readyz tells them (the public
+ * halves), status groups them by key, shows the next key while one is
+ * served, and says so when intake and notification serve different
+ * current keys (partners of one connect with a key the other refuses). */
+START_TEST(status_shows_the_hub_keys_served)
+{
+    zcert_t *hub = zcert_load(s_path("hub.cert"));
+    ck_assert_ptr_nonnull(hub);
+    char current[41];
+    snprintf(current, sizeof current, "%s", zcert_public_txt(hub));
+    zcert_destroy(&hub);
+    zcert_t *next = zcert_new();
+    zcert_save(next, s_path("next.cert"));
+    char upcoming[41];
+    snprintf(upcoming, sizeof upcoming, "%s", zcert_public_txt(next));
+    zcert_destroy(&next);
+
+    char *body = NULL, want[256];
+    ck_assert_int_eq(s_get("/readyz", &body), 200);
+    snprintf(want, sizeof want, "ready intake %s hub_key=%s\n", kh_version(),
+             current);
+    ck_assert_str_eq(body, want);
+    free(body);
+
+    char notify_health[64];
+    pid_t notify = s_start_notification_keys(s_path("next.cert"), notify_health,
+                                             sizeof notify_health);
+    ck_assert_int_eq(s_get_at(notify_health, "/readyz", &body), 200);
+    snprintf(want, sizeof want,
+             "ready notification %s hub_key=%s hub_key_next=%s\n", kh_version(),
+             current, upcoming);
+    ck_assert_str_eq(body, want);
+    free(body);
+
+    json_t *doc = NULL;
+    char *text = NULL;
+    s_status_keys(notify_health, &doc, &text);
+    json_t *expect =
+        json_pack("{s:[{s:s, s:[s, s]}], s:[{s:s, s:[s]}], s:b}", "current",
+                  "key", current, "services", "intake", "notification", "next",
+                  "key", upcoming, "services", "notification", "differ", false);
+    ck_assert_msg(json_equal(json_object_get(doc, "hub_keys"), expect), "%s",
+                  text);
+    json_decref(expect);
+    json_decref(doc);
+    snprintf(want, sizeof want,
+             "\nhub key           %s (intake, notification)\n"
+             "next hub key      %s (notification)\n",
+             current, upcoming);
+    ck_assert_msg(strstr(text, want), "%s", text);
+    ck_assert_msg(!strstr(text, "DIFFER"), "%s", text);
+    free(text);
+    int status = khproc_stop(notify, SIGTERM, 5000);
+    ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+
+    /* notification restarted with another key than intake's, and no next
+     * one. */
+    zcert_t *other = zcert_new();
+    zcert_save(other, s_path("hub.cert"));
+    char elsewhere[41];
+    snprintf(elsewhere, sizeof elsewhere, "%s", zcert_public_txt(other));
+    zcert_destroy(&other);
+    notify =
+        s_start_notification_keys(NULL, notify_health, sizeof notify_health);
+    s_status_keys(notify_health, &doc, &text);
+    expect = json_pack("{s:[{s:s, s:[s]}, {s:s, s:[s]}], s:[], s:b}", "current",
+                       "key", current, "services", "intake", "key", elsewhere,
+                       "services", "notification", "next", "differ", true);
+    ck_assert_msg(json_equal(json_object_get(doc, "hub_keys"), expect), "%s",
+                  text);
+    json_decref(expect);
+    json_decref(doc);
+    snprintf(want, sizeof want,
+             "\nhub key           %s (intake)\n                  %s "
+             "(notification)\nHUB KEYS DIFFER ",
+             current, elsewhere);
+    ck_assert_msg(strstr(text, want), "%s", text);
+    ck_assert_msg(strstr(text, "\nnext hub key      none\n"), "%s", text);
+    free(text);
+    status = khproc_stop(notify, SIGTERM, 5000);
+    ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+}
+END_TEST
+
 /* One rules event of routing, minutes_ago minutes ago. */
 static void s_rules_event(const char *action, const char *outcome,
                           const char *version, const char *code,
@@ -799,6 +920,8 @@ START_TEST(status_says_when_the_database_is_not_durable)
 }
 END_TEST
 
+/* Against a database that was never migrated, status says so and shows
+ * none of the numbers it could not read; --json stays one document. */
 START_TEST(status_says_when_the_database_is_not_migrated)
 {
     PGconn *bare = khtest_db_empty(S_BARE);
@@ -1344,6 +1467,7 @@ int main(void)
     tcase_add_test(tc, status_says_when_the_database_is_not_migrated);
     tcase_add_test(tc, status_says_when_the_database_is_not_durable);
     tcase_add_test(tc, status_shows_a_refused_reload_until_rules_load);
+    tcase_add_test(tc, status_shows_the_hub_keys_served);
     tcase_add_test(tc, a_bad_setting_exits_2_naming_the_variable);
     tcase_add_test(tc, a_bad_path_or_endpoint_exits_2_before_the_database);
     tcase_add_test(tc, an_empty_health_endpoint_is_the_default);

@@ -1,6 +1,7 @@
 /*
  * ketenhubctl status: one screen for an administrator. Each service's
- * /readyz (up, not ready and why, or down) with its version; from
+ * /readyz (up, not ready and why, or down) with its version, and the hub
+ * keys (current and next) intake and notification say they serve; from
  * PostgreSQL the rules version in force, the trail head and the last
  * signed checkpoint, dead letters, open escalations, and per partner the
  * backlog of unacknowledged deliveries and the oldest of them.
@@ -55,6 +56,8 @@ static void s_usage(FILE *out)
             "\n"
             "One screen: each service up or down (its /readyz) with its "
             "version;\n"
+            "the hub keys served (current and next, by intake and "
+            "notification);\n"
             "rules version, trail head and last checkpoint, dead letters, "
             "open\n"
             "escalations, and per partner the backlog of unacknowledged "
@@ -107,8 +110,25 @@ static bool s_endpoint_valid(const char *endpoint)
     return n >= 1 && n <= 65535;
 }
 
+/* The value a /readyz body tells after " name=" (kh_health_note) into
+ * out under key; nothing when it tells none. */
+static void s_told(const char *body, const char *name, json_t *out,
+                   const char *key)
+{
+    char word[24];
+    snprintf(word, sizeof word, " %s=", name);
+    const char *at = strstr(body, word);
+    if (!at)
+        return;
+    at += strlen(word);
+    size_t len = strcspn(at, " \t\r\n");
+    if (len > 0 && len <= KH_HEALTH_NOTE_MAX)
+        json_object_set_new(out, key, json_stringn(at, len));
+}
+
 /* {"name", "endpoint", "state": up|not_ready|down|skipped, "version",
- * "detail"} for one service. */
+ * "detail", and what the service tells: "rules_version", "hub_key",
+ * "hub_key_next"} for one service. */
 static json_t *s_probe(const s_service_t *svc)
 {
     json_t *out =
@@ -136,11 +156,11 @@ static json_t *s_probe(const s_service_t *svc)
         sscanf(body, "ready %63s %63s", service, version) == 2) {
         json_object_set_new(out, "state", json_string("up"));
         json_object_set_new(out, "version", json_string(version));
-        /* routing tells the rules version it routes by */
-        char rules[129]; /* as audit_events.rules_version */
-        const char *at = strstr(body, " rules=");
-        if (at && sscanf(at, " rules=%128s", rules) == 1)
-            json_object_set_new(out, "rules_version", json_string(rules));
+        /* routing tells the rules version it routes by; intake and
+         * notification the hub keys they serve */
+        s_told(body, "rules", out, "rules_version");
+        s_told(body, "hub_key", out, "hub_key");
+        s_told(body, "hub_key_next", out, "hub_key_next");
         if (strcmp(service, svc->name) != 0)
             json_object_set_new(out, "detail",
                                 json_sprintf("answered as %s", service));
@@ -353,6 +373,74 @@ static long long s_int(const json_t *obj, const char *key)
     return (long long) json_integer_value(json_object_get(obj, key));
 }
 
+/* The hub keys the services serve, as {"current": [{"key", "services":
+ * [names]}], "next": [...]}, one entry per key, in the services' order;
+ * "differ": true when the services that tell a current key do not tell
+ * the same one (partners of one connect with a key the other does not
+ * serve). NULL when no service tells a key (none up, or of a release
+ * before). */
+static json_t *s_hub_keys(const json_t *services)
+{
+    static const char *const told[] = {"hub_key", "hub_key_next"};
+    static const char *const named[] = {"current", "next"};
+    json_t *keys = json_object();
+    bool any = false;
+    for (size_t k = 0; k < 2; k++) {
+        json_t *list = json_array();
+        size_t i;
+        const json_t *svc;
+        json_array_foreach(services, i, svc)
+        {
+            const char *key = s_str(svc, told[k], NULL);
+            if (!key)
+                continue;
+            any = true;
+            json_t *entry = NULL;
+            size_t j;
+            json_t *e;
+            json_array_foreach(list, j, e)
+            {
+                if (strcmp(s_str(e, "key", ""), key) == 0)
+                    entry = e;
+            }
+            if (!entry) {
+                entry = json_pack("{s:s, s:[]}", "key", key, "services");
+                json_array_append_new(list, entry);
+            }
+            json_array_append_new(json_object_get(entry, "services"),
+                                  json_string(s_str(svc, "name", "")));
+        }
+        json_object_set_new(keys, named[k], list);
+    }
+    json_object_set_new(
+        keys, "differ",
+        json_boolean(json_array_size(json_object_get(keys, "current")) > 1));
+    if (!any)
+        json_decref(keys);
+    return any ? keys : NULL;
+}
+
+/* One line per key of list (an array of s_hub_keys): the key and the
+ * services that serve it; "none" for none. */
+static void s_print_keys(const char *label, const json_t *list)
+{
+    if (json_array_size(list) == 0)
+        printf("%-17s none\n", label);
+    size_t i;
+    const json_t *entry;
+    json_array_foreach(list, i, entry)
+    {
+        printf("%-17s %s (", i == 0 ? label : "", s_str(entry, "key", ""));
+        size_t j;
+        const json_t *name;
+        json_array_foreach(json_object_get(entry, "services"), j, name)
+        {
+            printf("%s%s", j ? ", " : "", json_string_value(name));
+        }
+        printf(")\n");
+    }
+}
+
 static void s_print_text(const json_t *doc)
 {
     printf("services\n");
@@ -375,6 +463,15 @@ static void s_print_text(const json_t *doc)
                : *s_str(svc, "detail", "") ? " rules "
                                            : "rules ",
                rules ? rules : "");
+    }
+    const json_t *keys = json_object_get(doc, "hub_keys");
+    if (keys) {
+        s_print_keys("hub key", json_object_get(keys, "current"));
+        if (json_is_true(json_object_get(keys, "differ")))
+            printf("HUB KEYS DIFFER   partners of one service connect with a "
+                   "key the other\n                  does not serve: give "
+                   "both the same KH_HUB_CERT\n");
+        s_print_keys("next hub key", json_object_get(keys, "next"));
     }
     const json_t *db = json_object_get(doc, "database");
     if (!json_is_true(json_object_get(db, "reachable"))) {
@@ -514,9 +611,11 @@ int ctl_status(int argc, char **argv)
     json_t *db = s_database(&partners);
     ok = ok && json_is_true(json_object_get(db, "reachable")) &&
          !json_object_get(db, "error") && !json_object_get(db, "trail_broken");
+    json_t *keys = s_hub_keys(list);
     json_t *doc =
-        json_pack("{s:s, s:b, s:o, s:o, s:o}", "version", kh_version(), "ok",
-                  ok, "services", list, "database", db, "partners", partners);
+        json_pack("{s:s, s:b, s:o, s:o*, s:o, s:o}", "version", kh_version(),
+                  "ok", ok, "services", list, "hub_keys", keys, "database", db,
+                  "partners", partners);
     if (!doc) {
         fprintf(stderr, "ketenhubctl: out of memory\n");
         return CTL_FAIL;
