@@ -757,9 +757,10 @@ int kh_trail_db_record_access(PGconn *conn, const char *action,
 struct kh_trail_sealer_t {
     unsigned char secret_key[KH_TRAIL_SECRET_KEY_SIZE];
     kh_trail_sealer_config_t cfg;
-    bool pending;          /* a bound is waiting for its transactions */
-    int64_t bound;         /* the sequence's last value when it was taken */
-    char *vxids;           /* array literal of the transactions to wait for */
+    bool pending;  /* a bound is waiting for its transactions */
+    int64_t bound; /* the sequence's last value when it was taken */
+    char *vxids;   /* array literal of the transactions to wait for */
+    bool prepared; /* and prepared ones were there (pg_prepared_xacts) */
     int64_t pending_since; /* when the pending bound was taken (µs) */
     int64_t cp_seq;        /* last checkpoint */
     int64_t cp_at_us;      /* when it was made (0: none) */
@@ -1146,9 +1147,27 @@ static long s_seal(kh_trail_sealer_t *self, PGconn *conn, int64_t bound,
     return sealed;
 }
 
+/* The prepared transactions of this database (PREPARE TRANSACTION): each
+ * may hold a seq not yet committed, and holds no virtualxid lock. A
+ * transaction that was running when the bound was taken and prepares
+ * later is one of them, and tells nothing that links it to its virtualxid:
+ * while any is there, no bound is final. The hub prepares none (and
+ * max_prepared_transactions is 0 by default); one an administrator leaves
+ * open holds sealing back, as a long transaction does, until it is
+ * committed or rolled back (COMMIT PREPARED, ROLLBACK PREPARED). */
+#define S_PREPARED                                                             \
+    "(SELECT count(*) FROM pg_prepared_xacts"                                  \
+    " WHERE database = current_database())"
+
+/* Whether the pending bound waits for transactions. */
+static bool s_waits(const kh_trail_sealer_t *self)
+{
+    return self->prepared || strcmp(self->vxids, "{}") != 0;
+}
+
 /* Take a new bound: the sequence's last value, then the transactions of
  * this database that are running now (any of them may hold a value at or
- * below it that is not yet committed). */
+ * below it that is not yet committed), and whether any is prepared. */
 static int s_take_bound(kh_trail_sealer_t *self, PGconn *conn, kh_error_t *err)
 {
     /* A sequence that hands each session a cache of values lets a session
@@ -1175,16 +1194,17 @@ static int s_take_bound(kh_trail_sealer_t *self, PGconn *conn, kh_error_t *err)
     self->bound = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
     PQclear(res);
     res = s_query(conn,
-                  "SELECT coalesce(array_agg(l.virtualxid), '{}') FROM pg_locks"
-                  " l JOIN pg_stat_activity a ON a.pid = l.pid"
+                  "SELECT (SELECT coalesce(array_agg(l.virtualxid), '{}')"
+                  " FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
                   " WHERE l.locktype = 'virtualxid' AND l.granted"
                   " AND a.datname = current_database()"
-                  " AND l.pid <> pg_backend_pid()",
+                  " AND l.pid <> pg_backend_pid()), " S_PREPARED,
                   0, err);
     if (!res)
         return -1;
     free(self->vxids);
     self->vxids = strdup(PQgetvalue(res, 0, 0));
+    self->prepared = strcmp(PQgetvalue(res, 0, 1), "0") != 0;
     PQclear(res);
     if (!self->vxids)
         return kh_error_set(err, KH_E_NOMEM, NULL, "out of memory");
@@ -1193,16 +1213,17 @@ static int s_take_bound(kh_trail_sealer_t *self, PGconn *conn, kh_error_t *err)
     return 0;
 }
 
-/* Whether every transaction of the pending bound has ended. */
+/* Whether every transaction of the pending bound has ended, and no
+ * transaction is prepared. */
 static int s_bound_final(kh_trail_sealer_t *self, PGconn *conn, kh_error_t *err)
 {
-    if (strcmp(self->vxids, "{}") == 0)
+    if (!s_waits(self))
         return 1;
     const char *params[] = {self->vxids};
     PGresult *res = PQexecParams(conn,
-                                 "SELECT count(*) FROM pg_locks WHERE locktype"
-                                 " = 'virtualxid' AND virtualxid ="
-                                 " ANY($1::text[])",
+                                 "SELECT (SELECT count(*) FROM pg_locks WHERE"
+                                 " locktype = 'virtualxid' AND virtualxid ="
+                                 " ANY($1::text[])) + " S_PREPARED,
                                  1, NULL, params, NULL, NULL, 0);
     if (PQresultStatus(res) != PGRES_TUPLES_OK) {
         kh_db_error(err, conn, res, "cannot read running transactions");
@@ -1246,7 +1267,7 @@ long kh_trail_sealer_step(kh_trail_sealer_t *self, PGconn *conn,
     if (rc == 0 && !self->pending) {
         if (s_take_bound(self, conn, err) != 0)
             rc = -1;
-        else if (strcmp(self->vxids, "{}") == 0) {
+        else if (!s_waits(self)) {
             long more = s_seal_bound(self, conn, &cps, err);
             if (more < 0)
                 rc = -1;
@@ -1297,7 +1318,7 @@ long kh_trail_sealer_flush(kh_trail_sealer_t *self, PGconn *conn,
 
 int64_t kh_trail_sealer_waiting_ms(const kh_trail_sealer_t *self)
 {
-    if (!self->pending || strcmp(self->vxids, "{}") == 0)
+    if (!self->pending || !s_waits(self))
         return 0;
     return (s_now_us() - self->pending_since) / 1000;
 }

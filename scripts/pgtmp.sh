@@ -198,6 +198,8 @@ cmd_start() {
             echo "full_page_writes = $fsync"
             echo "max_connections = 200"
             echo "shared_buffers = 128MB"
+            # The sealer's test of a prepared transaction prepares one.
+            echo "max_prepared_transactions = 4"
             # The hub's queue tables want their dead entries gone soon
             # (see migrations/003): look for vacuum work every 5 s.
             echo "autovacuum_naptime = 5s"

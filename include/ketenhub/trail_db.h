@@ -107,8 +107,9 @@ long kh_trail_sealer_flush(kh_trail_sealer_t *self, PGconn *conn,
 long kh_trail_sealer_checkpoints_written(const kh_trail_sealer_t *self);
 
 /* How long (ms) the sealer has been waiting for transactions that were
- * running when it took its bound (0: not waiting). A long wait means a
- * long transaction holds events back from the seal: worth a warning. */
+ * running when it took its bound, or for prepared ones (0: not waiting).
+ * A long wait means a long transaction, or one prepared and left open,
+ * holds events back from the seal: worth a warning. */
 int64_t kh_trail_sealer_waiting_ms(const kh_trail_sealer_t *self);
 
 /* Write a checkpoint at the sealed head now (if there is one that has

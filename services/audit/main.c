@@ -254,7 +254,8 @@ static int s_main(int argc, char **argv)
             if (waiting >= warn_ms * (warned + 1)) {
                 kh_log_warn("seal_delayed",
                             "waiting_ms=%lld reason=\"a transaction that "
-                            "may hold a lower seq is still running\"",
+                            "may hold a lower seq is still running, or "
+                            "prepared (pg_prepared_xacts)\"",
                             (long long) waiting);
                 warned++;
             } else if (waiting == 0)

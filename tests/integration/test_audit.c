@@ -203,6 +203,72 @@ START_TEST(seals_wait_for_a_lower_seq_still_in_flight)
 }
 END_TEST
 
+/* Nothing at or above seq held is sealed. */
+static void s_nothing_sealed_from(const char *held)
+{
+    char sql[256];
+    snprintf(sql, sizeof sql,
+             "SELECT count(*) FROM audit_seals WHERE seq >= %s", held);
+    ck_assert_int_eq(khtest_db_count(s_db, sql), 0);
+}
+
+/* A prepared transaction (PREPARE TRANSACTION) holds no virtualxid lock:
+ * one that holds a seq is waited for like a running one, whether it was
+ * prepared before the sealer took its bound or while the bound waited for
+ * it. Both then commit, and the trail verifies. */
+START_TEST(seals_wait_for_a_prepared_transaction)
+{
+    char *conninfo = khtest_db_conninfo(S_DB);
+    PGconn *slow = PQconnectdb(conninfo);
+    ck_assert_int_eq(PQstatus(slow), CONNECTION_OK);
+    s_events(s_db, 3);
+    long before = khtest_db_count(s_db, "SELECT count(*) FROM audit_events");
+    kh_trail_sealer_t *sealer = s_sealer(1000);
+    s_flush(sealer);
+
+    /* Prepared before the bound. */
+    khtest_db_exec(slow, "BEGIN", 0, NULL);
+    khtest_db_exec(slow, s_insert_sql, 0, NULL);
+    char *held = khtest_db_value(slow, "SELECT max(seq) FROM audit_events");
+    khtest_db_exec(slow, "PREPARE TRANSACTION 'kh-test-before'", 0, NULL);
+    khtest_db_exec(s_db, s_insert_sql, 0, NULL);
+    kh_error_t err;
+    for (int i = 0; i < 5; i++)
+        ck_assert_int_ge(kh_trail_sealer_step(sealer, s_db, NULL, &err), 0);
+    s_nothing_sealed_from(held);
+    usleep(20000);
+    ck_assert_int_ge(kh_trail_sealer_waiting_ms(sealer), 20);
+    khtest_db_exec(s_db, "COMMIT PREPARED 'kh-test-before'", 0, NULL);
+    s_flush(sealer);
+    free(held);
+
+    /* Running when the bound is taken, prepared while it waits. */
+    khtest_db_exec(slow, "BEGIN", 0, NULL);
+    khtest_db_exec(slow, s_insert_sql, 0, NULL);
+    held = khtest_db_value(slow, "SELECT max(seq) FROM audit_events");
+    khtest_db_exec(s_db, s_insert_sql, 0, NULL);
+    ck_assert_int_ge(kh_trail_sealer_step(sealer, s_db, NULL, &err), 0);
+    khtest_db_exec(slow, "PREPARE TRANSACTION 'kh-test-while'", 0, NULL);
+    for (int i = 0; i < 5; i++)
+        ck_assert_int_ge(kh_trail_sealer_step(sealer, s_db, NULL, &err), 0);
+    s_nothing_sealed_from(held);
+    khtest_db_exec(s_db, "COMMIT PREPARED 'kh-test-while'", 0, NULL);
+    s_flush(sealer);
+
+    long events = khtest_db_count(s_db, "SELECT count(*) FROM audit_events");
+    ck_assert_int_eq(events, before + 4);
+    ck_assert_int_eq(khtest_db_count(s_db, "SELECT count(*) FROM audit_seals"),
+                     events);
+    kh_trail_report_t report;
+    ck_assert_int_eq(s_verify(NULL, 0, &report), 0);
+    ck_assert_int_eq(report.sealed, events);
+    kh_trail_sealer_destroy(&sealer);
+    free(held);
+    free(conninfo);
+    PQfinish(slow);
+}
+END_TEST
+
 START_TEST(roles_cannot_change_the_trail)
 {
     static const char *roles[] = {"ketenhub_intake",       "ketenhub_routing",
@@ -3417,6 +3483,7 @@ int main(void)
     tcase_set_timeout(tc, 280);
     tcase_add_test(tc, sealed_trail_verifies);
     tcase_add_test(tc, seals_wait_for_a_lower_seq_still_in_flight);
+    tcase_add_test(tc, seals_wait_for_a_prepared_transaction);
     tcase_add_test(tc, roles_cannot_change_the_trail);
     tcase_add_test(tc, least_privilege_roles_do_their_work);
     tcase_add_test(tc, every_tampering_is_found_with_its_seq);

@@ -164,6 +164,27 @@ static void s_exec(PGconn *conn, const char *sql)
     PQclear(res);
 }
 
+/* Roll back what a test that failed left prepared in dbname (PREPARE
+ * TRANSACTION): DROP DATABASE refuses a database with a prepared
+ * transaction, and it can be rolled back only from that database. */
+static void s_rollback_prepared(PGconn *admin, const char *dbname)
+{
+    const char *params[] = {dbname};
+    PGresult *res = PQexecParams(admin,
+                                 "SELECT format('ROLLBACK PREPARED %L', gid)"
+                                 " FROM pg_prepared_xacts WHERE database = $1",
+                                 1, NULL, params, NULL, NULL, 0);
+    if (PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) > 0) {
+        char *conninfo = khtest_db_conninfo(dbname);
+        PGconn *conn = s_connect(conninfo);
+        free(conninfo);
+        for (int i = 0; i < PQntuples(res); i++)
+            s_exec(conn, PQgetvalue(res, i, 0));
+        PQfinish(conn);
+    }
+    PQclear(res);
+}
+
 PGconn *khtest_db_empty(const char *dbname)
 {
     size_t len = strlen(dbname);
@@ -173,6 +194,7 @@ PGconn *khtest_db_empty(const char *dbname)
         ck_abort_msg("khtest: bad database name '%s'", dbname);
     PGconn *admin = s_connect(khtest_pg_conninfo());
     s_exec(admin, "SET client_min_messages = warning");
+    s_rollback_prepared(admin, dbname);
     char sql[256];
     snprintf(sql, sizeof sql, "DROP DATABASE IF EXISTS %s WITH (FORCE)",
              dbname);
