@@ -378,6 +378,7 @@ typedef struct {
      * what it has out), 0 when it had none: after a rollback it is out
      * there as before, since the partner still holds the earlier send. */
     int64_t was_out;
+    bool left; /* sent on its connection (s_outbox_flush) */
 } s_outgoing_t;
 
 static void s_outgoing_free(void **item)
@@ -391,16 +392,22 @@ static void s_outgoing_free(void **item)
     *item = NULL;
 }
 
-/* Drop conn (s_conn_drop), also between a round's commit and its sends:
- * what the round queued for conn never left, so it is not conn's to
- * re-send; s_outbox_flush sends it on another connection of the partner
- * or holds it, as the same attempt. */
+/* Drop conn (s_conn_drop), also while a round's sends are under way:
+ * what the round queued for conn and did not send never left, so it is
+ * not conn's to re-send; s_outbox_flush sends it on another connection of
+ * the partner or holds it, as the same attempt. What did leave is conn's,
+ * to go again. The outbox's cursor stays where it was: the sends that
+ * find a connection gone (s_place, from s_outbox_flush and
+ * s_outbox_trim) walk the outbox with it. */
 static void s_conn_gone(notify_t *self, s_conn_t *conn, const char *why)
 {
+    s_outgoing_t *at = zlistx_item(self->outbox);
     for (s_outgoing_t *o = zlistx_first(self->outbox); o;
          o = zlistx_next(self->outbox))
-        if (zframe_eq(o->identity, conn->identity))
+        if (!o->left && zframe_eq(o->identity, conn->identity))
             zhashx_delete(conn->out, o->id);
+    if (at)
+        zlistx_find(self->outbox, at);
     s_conn_drop(self, conn, why);
 }
 
@@ -1053,7 +1060,7 @@ static bool s_place(notify_t *self, s_outgoing_t *out)
             }
             if (rc == S_FULL)
                 continue; /* alive, only slow: another, or held */
-            s_conn_drop(self, c, "unreachable");
+            s_conn_gone(self, c, "unreachable");
             retry = true; /* the table changed under the iteration */
             break;
         }
@@ -1139,7 +1146,10 @@ static void s_outbox_flush(notify_t *self, bool sent)
          out = zlistx_next(self->outbox)) {
         s_conn_t *conn = s_conn_of(self, out->identity);
         if (!sent) {
-            if (conn && out->was_out)
+            /* unless the partner's ACK of it committed meanwhile (the
+             * round's re-send had it locked, and the ACK batch waited) */
+            if (conn && out->was_out &&
+                !s_acked_has(self, out->partner, out->id))
                 zhashx_update(conn->out, out->id, S_OUT_AT(out->was_out));
             else if (conn)
                 zhashx_delete(conn->out, out->id);
@@ -1150,6 +1160,7 @@ static void s_outbox_flush(notify_t *self, bool sent)
                              zframe_size(out->body))
                  : S_GONE;
         if (rc == S_SENT) {
+            out->left = true;
             s_sent(self, out);
             continue;
         }
@@ -1159,15 +1170,8 @@ static void s_outbox_flush(notify_t *self, bool sent)
             zhashx_delete(conn->out, out->id);
             kh_log_debug("send_queue_full", "delivery=%s partner=%s peer=%s",
                          out->id, conn->partner, conn->peer);
-        } else if (conn) {
-            /* What did not leave is not the dropped connection's to
-             * re-send: this one and its later ones in the outbox. */
-            for (s_outgoing_t *o = out; o; o = zlistx_next(self->outbox))
-                if (zframe_eq(o->identity, out->identity))
-                    zhashx_delete(conn->out, o->id);
-            zlistx_find(self->outbox, out); /* the cursor back to out */
-            s_conn_drop(self, conn, "unreachable");
-        }
+        } else if (conn)
+            s_conn_gone(self, conn, "unreachable");
         zlistx_detach_cur(self->outbox);
         s_orphan(self, out);
     }
@@ -1366,6 +1370,12 @@ static void s_take(notify_t *self, zframe_t *identity, zmq_msg_t *body,
      * the key and socket checks below cover that one. */
     const char *chosen = zmq_msg_gets(body, "Identity");
     s_conn_t *known = s_conn_of(self, identity);
+    /* A connection not registered yet may have the descriptor of one that
+     * went: that one's disconnect event, queued before its socket closed,
+     * is read first, or the next drain would take it for this one's
+     * (s_monitor_drain drops every connection on the descriptor). */
+    if (!known && fd >= 0)
+        s_monitor_drain(self);
     if (known && ((chosen && *chosen) || !key || strcmp(key, known->key) != 0 ||
                   fd != known->fd)) {
         s_conn_taken(self, known, key, peer);
