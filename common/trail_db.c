@@ -885,18 +885,23 @@ static int s_recheck_one(void *arg, int64_t seq, const kh_trail_event_t *ev,
 
 /* Before it chains on from the sealed head (seq, hash) and signs, the
  * sealer checks what it did not compute itself: the seals after the last
- * one it wrote or checked (or after the last checkpoint, whichever is
- * later), written by another replica or before it started, against their
- * events. A seal it wrote must still be as it wrote it: a head rewritten
- * since, with the events it covers, agrees with itself, and only this
- * sealer can tell. cp_head is the last checkpoint's (self->cp_seq) head,
- * which s_read_head found equal to its seal. */
+ * one it wrote or checked (or after the last checkpoint, when that is
+ * later and signed with this sealer's key: another replica's), written by
+ * another replica or before it started, against their events. A seal it
+ * wrote must still be as it wrote it: a head rewritten since, with the
+ * events it covers, agrees with itself, and only this sealer can tell; a
+ * checkpoint row added above it, whose signature nobody checks here
+ * otherwise, does not hide that. cp is the last checkpoint (self->cp_seq),
+ * whose head s_read_head found equal to its seal. */
 static int s_check_foreign(kh_trail_sealer_t *self, PGconn *conn, int64_t seq,
                            const unsigned char *hash,
-                           const unsigned char *cp_head, kh_error_t *err)
+                           const kh_trail_checkpoint_t *cp, kh_error_t *err)
 {
     s_recheck_t rc = {.from = 0, .last = 0, .err = err};
-    if (self->own_seq > 0 && self->own_seq >= self->cp_seq) {
+    const unsigned char *own_key =
+        self->secret_key + KH_TRAIL_SECRET_KEY_SIZE - KH_TRAIL_PUBLIC_KEY_SIZE;
+    if (self->own_seq > 0 && (self->own_seq >= self->cp_seq ||
+                              !kh_trail_checkpoint_valid(cp, own_key))) {
         rc.from = self->own_seq;
         memcpy(rc.prev, self->own_hash, sizeof rc.prev);
         if (seq == self->own_seq && memcmp(hash, rc.prev, sizeof rc.prev) != 0)
@@ -907,7 +912,7 @@ static int s_check_foreign(kh_trail_sealer_t *self, PGconn *conn, int64_t seq,
                                 seq);
     } else if (self->cp_seq > 0) {
         rc.from = self->cp_seq;
-        memcpy(rc.prev, cp_head, sizeof rc.prev);
+        memcpy(rc.prev, cp->head, sizeof rc.prev);
     } else
         memset(rc.prev, 0, sizeof rc.prev);
     if (seq > rc.from) {
@@ -952,7 +957,8 @@ static int s_read_head(kh_trail_sealer_t *self, PGconn *conn, int64_t *seq,
     }
     PQclear(res);
     res = s_query(conn,
-                  "SELECT c.seq, c.at, c.head, s.hash FROM audit_checkpoints c"
+                  "SELECT c.seq, c.at, c.head, s.hash, c.public_key,"
+                  " c.signature FROM audit_checkpoints c"
                   " LEFT JOIN audit_seals s ON s.seq = c.seq"
                   " ORDER BY c.seq DESC LIMIT 1",
                   1, err);
@@ -961,12 +967,16 @@ static int s_read_head(kh_trail_sealer_t *self, PGconn *conn, int64_t *seq,
     self->cp_seq = 0;
     self->cp_at_us = 0;
     int rc = 0;
-    unsigned char cp_head[KH_TRAIL_HASH_SIZE] = {0};
+    kh_trail_checkpoint_t cp = {0};
     if (PQntuples(res) == 1) {
-        self->cp_seq = s_get64(PQgetvalue(res, 0, 0));
+        self->cp_seq = cp.seq = s_get64(PQgetvalue(res, 0, 0));
         if (PQgetlength(res, 0, 2) == KH_TRAIL_HASH_SIZE)
-            memcpy(cp_head, PQgetvalue(res, 0, 2), sizeof cp_head);
-        self->cp_at_us = s_get_time(PQgetvalue(res, 0, 1));
+            memcpy(cp.head, PQgetvalue(res, 0, 2), sizeof cp.head);
+        if (PQgetlength(res, 0, 4) == KH_TRAIL_PUBLIC_KEY_SIZE)
+            memcpy(cp.public_key, PQgetvalue(res, 0, 4), sizeof cp.public_key);
+        if (PQgetlength(res, 0, 5) == KH_TRAIL_SIGNATURE_SIZE)
+            memcpy(cp.signature, PQgetvalue(res, 0, 5), sizeof cp.signature);
+        self->cp_at_us = cp.at_us = s_get_time(PQgetvalue(res, 0, 1));
         if (*seq < self->cp_seq)
             rc = kh_error_set(err, KH_E_TRAIL_BROKEN, NULL,
                               "the sealed head is at seq %" PRId64
@@ -999,7 +1009,7 @@ static int s_read_head(kh_trail_sealer_t *self, PGconn *conn, int64_t *seq,
                           " removed; sealing stops",
                           *seq, self->cp_seq, self->seen_head, self->seen_cp);
     if (rc == 0)
-        rc = s_check_foreign(self, conn, *seq, hash, cp_head, err);
+        rc = s_check_foreign(self, conn, *seq, hash, &cp, err);
     if (rc == 0) {
         self->seen_head = *seq > self->seen_head ? *seq : self->seen_head;
         self->seen_cp =

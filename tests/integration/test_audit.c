@@ -2408,6 +2408,21 @@ START_TEST(sealer_signs_only_seals_it_computed_or_checked)
     s_flush_refused(sealer, "seq 25, which this sealer wrote");
     kh_trail_sealer_destroy(&sealer);
 
+    /* The same with a seal and a checkpoint row added above it, signed by
+     * no key of this sealer's: it checks from its own seal all the same,
+     * not from that checkpoint. */
+    sealer = s_sealed_past_checkpoint();
+    s_sqlf("ALTER TABLE audit_seals DISABLE TRIGGER USER");
+    s_sqlf("UPDATE audit_seals SET hash = sha256(hash) WHERE seq = 25");
+    s_events_dense(1);
+    s_sqlf("INSERT INTO audit_seals (seq, hash) VALUES (26, sha256('x'))");
+    s_sqlf("INSERT INTO audit_checkpoints (seq, head, at, public_key,"
+           " signature) VALUES (26, sha256('x'), now(), sha256('k'),"
+           " sha256('s') || sha256('t'))");
+    s_events_dense(1);
+    s_flush_refused(sealer, "seq 25: the event does not match its seal");
+    kh_trail_sealer_destroy(&sealer);
+
     /* Its last seal removed with its event, another replica's seals
      * after it: there is nothing it chains on from. */
     sealer = s_sealed_past_checkpoint();
