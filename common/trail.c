@@ -403,6 +403,12 @@ struct kh_trail_verifier_t {
     s_cp_t *cps;
     size_t ncps, cap;
     bool sorted;
+    /* The checkpoints by seq (s_index_find), so that one given twice is
+     * found at once however many there are: open addressing, a slot holds
+     * an index into cps + 1 (0: empty). Built anew when it fills up or
+     * once cps was sorted (indexed false). */
+    size_t *slots, nslots;
+    bool indexed;
     size_t next_cp; /* first checkpoint not yet passed */
     /* The first finding of the stream (kind OK: none yet). */
     s_finding_t found;
@@ -456,6 +462,7 @@ void kh_trail_verifier_destroy(kh_trail_verifier_t **self_p)
     if (!self_p || !*self_p)
         return;
     free((*self_p)->cps);
+    free((*self_p)->slots);
     free(*self_p);
     *self_p = NULL;
 }
@@ -504,22 +511,74 @@ static void s_bad_signature_detail(kh_trail_verifier_t *self,
              known ? "signature does not verify" : "signed by another key");
 }
 
+static size_t s_seq_slot(int64_t seq, size_t mask)
+{
+    uint64_t x = (uint64_t) seq + 0x9E3779B97F4A7C15u; /* splitmix64 */
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9u;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBu;
+    return (size_t) (x ^ (x >> 31)) & mask;
+}
+
+static void s_index_put(kh_trail_verifier_t *self, size_t i)
+{
+    size_t mask = self->nslots - 1;
+    size_t h = s_seq_slot(self->cps[i].cp.seq, mask);
+    while (self->slots[h])
+        h = (h + 1) & mask;
+    self->slots[h] = i + 1;
+}
+
+/* The index of cps with room for one more (at most half full). */
+static int s_index_ready(kh_trail_verifier_t *self)
+{
+    if (self->indexed && self->nslots >= 2 * (self->ncps + 1))
+        return 0;
+    size_t nslots = 64;
+    while (nslots < 4 * (self->ncps + 1))
+        nslots *= 2;
+    size_t *slots = calloc(nslots, sizeof *slots);
+    if (!slots)
+        return -1;
+    free(self->slots);
+    self->slots = slots;
+    self->nslots = nslots;
+    for (size_t i = 0; i < self->ncps; i++)
+        s_index_put(self, i);
+    self->indexed = true;
+    return 0;
+}
+
+/* The checkpoint given before that is cp, byte for byte; NULL. */
+static s_cp_t *s_index_find(kh_trail_verifier_t *self,
+                            const kh_trail_checkpoint_t *cp)
+{
+    size_t mask = self->nslots - 1;
+    for (size_t h = s_seq_slot(cp->seq, mask); self->slots[h];
+         h = (h + 1) & mask) {
+        s_cp_t *c = &self->cps[self->slots[h] - 1];
+        if (c->cp.seq == cp->seq && memcmp(&c->cp, cp, sizeof *cp) == 0)
+            return c;
+    }
+    return NULL;
+}
+
 int kh_trail_verifier_checkpoint(kh_trail_verifier_t *self,
                                  const kh_trail_checkpoint_t *cp,
                                  bool published)
 {
-    for (size_t i = 0; i < self->ncps; i++)
-        if (self->cps[i].cp.seq == cp->seq &&
-            memcmp(&self->cps[i].cp, cp, sizeof *cp) == 0) {
-            /* The same checkpoint from both sources. A bad signature
-             * found on the published copy is the trail's too. */
-            if (!published && self->cps[i].absent && !self->cps[i].valid &&
-                self->found.kind == KH_TRAIL_BAD_SIGNATURE &&
-                self->found.seq == cp->seq)
-                s_bad_signature_detail(self, cp, false);
-            self->cps[i].absent = self->cps[i].absent && published;
-            return 0;
-        }
+    if (s_index_ready(self) != 0)
+        return -1;
+    s_cp_t *same = s_index_find(self, cp);
+    if (same) {
+        /* The same checkpoint from both sources. A bad signature found on
+         * the published copy is the trail's too. */
+        if (!published && same->absent && !same->valid &&
+            self->found.kind == KH_TRAIL_BAD_SIGNATURE &&
+            self->found.seq == cp->seq)
+            s_bad_signature_detail(self, cp, false);
+        same->absent = same->absent && published;
+        return 0;
+    }
     if (self->ncps == self->cap) {
         size_t cap = self->cap ? self->cap * 2 : 64;
         s_cp_t *cps = realloc(self->cps, cap * sizeof *cps);
@@ -542,6 +601,7 @@ int kh_trail_verifier_checkpoint(kh_trail_verifier_t *self,
         if (self->found.detail[0] == '\0')
             s_bad_signature_detail(self, cp, published);
     }
+    s_index_put(self, self->ncps - 1);
     self->sorted = false;
     return 0;
 }
@@ -559,6 +619,7 @@ static void s_sort(kh_trail_verifier_t *self)
     if (self->ncps) /* none: no array at all, which qsort may not take */
         qsort(self->cps, self->ncps, sizeof *self->cps, s_cp_cmp);
     self->sorted = true;
+    self->indexed = false; /* the indexes moved */
     /* The keys signed in turn: once a key has signed, the keys it
      * replaced sign nothing after it (a replaced key may have leaked). */
     int newest = -1;
@@ -807,14 +868,18 @@ int kh_trail_verifier_finish(kh_trail_verifier_t *self,
     /* Every row passed the checkpoints below it (s_pass_checkpoints_below):
      * those still waiting stand at or above the last row. */
     bool judging = s_judging(self);
-    if (judging && self->unsealed_at && self->next_cp < self->ncps &&
-        self->cps[self->ncps - 1].cp.seq >= self->unsealed_at)
+    /* The highest of them that vouches for anything: one with a bad
+     * signature is a finding of its own, and says nothing of the events
+     * (0: none). */
+    int64_t top = 0;
+    for (size_t i = self->next_cp; i < self->ncps; i++)
+        if (self->cps[i].valid)
+            top = self->cps[i].cp.seq;
+    if (judging && self->unsealed_at && top >= self->unsealed_at)
         s_find(self, KH_TRAIL_INSERTED, self->unsealed_at, 0,
                "seq %lld: an event without a seal below a checkpoint",
                (long long) self->unsealed_at);
-    else if (judging && (self->missing_at || (self->next_cp < self->ncps &&
-                                              self->cps[self->ncps - 1].cp.seq >
-                                                  self->last_event))) {
+    else if (judging && (self->missing_at || top > self->last_event)) {
         int64_t after = s_cp_at_or_below(self, self->last_event);
         /* No checkpoint at or below the last event: there is none to
          * name (seq 0 is no checkpoint). */

@@ -230,6 +230,9 @@ typedef enum {
  * with their checkpoints, those after it committed but not sealed yet
  * (the sealer has not come round, or the audit service is down); return
  * the report. */
+/* A checkpoint s_run gives besides the trail's own (NULL: none). */
+static const kh_trail_checkpoint_t *s_extra;
+
 static kh_trail_report_t s_run(s_op_t op, int at, int other, int head)
 {
     kh_trail_verifier_t *v = kh_trail_verifier_new(s_pk, NULL);
@@ -239,6 +242,8 @@ static kh_trail_report_t s_run(s_op_t op, int at, int other, int head)
             cp.signature[5] ^= 1;
         kh_trail_verifier_checkpoint(v, &cp, false);
     }
+    if (s_extra)
+        kh_trail_verifier_checkpoint(v, s_extra, false);
     for (int i = 0; i < S_N; i++) {
         bool exists = (i + 1) % 7 != 0;
         kh_trail_event_t ev = s_ev[i];
@@ -333,6 +338,74 @@ START_TEST(verifier_finds_a_removal_below_unsealed_events)
     ck_assert_int_eq(r.kind, KH_TRAIL_TRUNCATED);
     ck_assert_int_eq(r.seq, 40);
     ck_assert_int_eq(r.other_seq, 30);
+}
+END_TEST
+
+/* A checkpoint row above the trail's end: with a bad signature it is the
+ * finding (it vouches for nothing), whether events wait for their seals
+ * or not; a valid one says the end was cut. */
+START_TEST(verifier_names_a_bad_checkpoint_above_the_end)
+{
+    s_build();
+    kh_trail_checkpoint_t forged = s_cp[5];
+    forged.seq = 1000;
+    kh_trail_checkpoint_sign(&forged, s_sk);
+    forged.signature[7] ^= 1;
+    s_extra = &forged;
+    kh_trail_report_t r = s_run(S_INTACT, 0, 0, 40); /* 41..60 unsealed */
+    ck_assert_msg(r.kind == KH_TRAIL_BAD_SIGNATURE && r.seq == 1000,
+                  "%s at %lld: %s", kh_trail_finding_name(r.kind),
+                  (long long) r.seq, r.detail);
+    r = s_run_op(S_INTACT, 0, 0);
+    ck_assert_msg(r.kind == KH_TRAIL_BAD_SIGNATURE && r.seq == 1000,
+                  "%s at %lld: %s", kh_trail_finding_name(r.kind),
+                  (long long) r.seq, r.detail);
+    forged.signature[7] ^= 1; /* signed as it is: events after 60 went */
+    r = s_run_op(S_INTACT, 0, 0);
+    ck_assert_int_eq(r.kind, KH_TRAIL_TRUNCATED);
+    ck_assert_int_eq(r.seq, 61);
+    s_extra = NULL;
+}
+END_TEST
+
+/* The checkpoints of a long trail, given twice (published, then from the
+ * database) in opposite orders: each is known once, none left absent,
+ * whatever the order (the index by seq grows and is built anew). */
+START_TEST(verifier_takes_many_checkpoints_given_twice)
+{
+    enum { N = 3000 };
+    unsigned char pk[32], sk[64];
+    crypto_sign_keypair(pk, sk);
+    kh_trail_checkpoint_t *cps = calloc(N, sizeof *cps);
+    ck_assert_ptr_nonnull(cps);
+    unsigned char prev[32] = {0};
+    kh_trail_event_t *evs = calloc(N, sizeof *evs);
+    ck_assert_ptr_nonnull(evs);
+    static unsigned char seals[N][32];
+    for (int i = 0; i < N; i++) {
+        s_event(&evs[i], i + 1, 1764364800000000 + i, "partner", "avim",
+                "referral.accepted");
+        kh_trail_chain(prev, &evs[i], seals[i]);
+        memcpy(prev, seals[i], 32);
+        cps[i].seq = i + 1;
+        cps[i].at_us = 1764364900000000;
+        memcpy(cps[i].head, prev, 32);
+        kh_trail_checkpoint_sign(&cps[i], sk);
+    }
+    kh_trail_verifier_t *v = kh_trail_verifier_new(pk, NULL);
+    for (int i = N - 1; i >= 0; i--)
+        ck_assert_int_eq(kh_trail_verifier_checkpoint(v, &cps[i], true), 0);
+    for (int i = 0; i < N; i++)
+        ck_assert_int_eq(kh_trail_verifier_checkpoint(v, &cps[i], false), 0);
+    for (int i = 0; i < N; i++)
+        kh_trail_verifier_feed(v, i + 1, &evs[i], seals[i]);
+    kh_trail_report_t r;
+    ck_assert_int_eq(kh_trail_verifier_finish(v, &r), 0);
+    ck_assert_int_eq(r.checkpoints, N);
+    ck_assert_int_eq(r.signed_seq, N);
+    kh_trail_verifier_destroy(&v);
+    free(evs);
+    free(cps);
 }
 END_TEST
 
@@ -519,6 +592,8 @@ int main(void)
     tcase_add_test(tc, key_files_and_times);
     tcase_add_test(tc, verifier_names_each_kind_of_tampering);
     tcase_add_test(tc, verifier_finds_a_removal_below_unsealed_events);
+    tcase_add_test(tc, verifier_names_a_bad_checkpoint_above_the_end);
+    tcase_add_test(tc, verifier_takes_many_checkpoints_given_twice);
     tcase_add_test(tc, verifier_names_a_gap_where_the_chain_breaks);
     tcase_add_test(tc, verifier_starts_at_a_checkpoint);
     tcase_add_test(tc, verifier_accepts_the_keys_of_a_rotation_in_turn);
