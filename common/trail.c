@@ -422,6 +422,10 @@ struct kh_trail_verifier_t {
     s_finding_t before_look; /* the finding before the break at look_seq */
     int64_t last_event;      /* seq of the last event read */
     int64_t last_row;        /* seq of the last event or seal read */
+    /* The last event the chain went through (0: none since the start) and
+     * the chain's value before it. */
+    int64_t chained;
+    unsigned char prev_before[KH_TRAIL_HASH_SIZE];
     kh_trail_report_t report;
 };
 
@@ -827,6 +831,18 @@ void kh_trail_verifier_feed(kh_trail_verifier_t *self, int64_t seq,
     unsigned char h[KH_TRAIL_HASH_SIZE];
     if (kh_trail_chain(self->prev, ev, h) != 0 ||
         sodium_memcmp(h, seal, KH_TRAIL_HASH_SIZE) != 0) {
+        /* It follows the event before the one read before it: that one
+         * was put in between (where a rollback left a gap), with a seal
+         * computed for it. */
+        if (self->chained > 0 && self->chained == before &&
+            kh_trail_chain(self->prev_before, ev, h) == 0 &&
+            sodium_memcmp(h, seal, KH_TRAIL_HASH_SIZE) == 0) {
+            s_find(self, KH_TRAIL_INSERTED, before, 0,
+                   "seq %lld: an event inserted with a seal of its own "
+                   "(event %lld follows the event before it)",
+                   (long long) before, (long long) seq);
+            return;
+        }
         /* Altered, unless the sealed event moved elsewhere. When seq does
          * not follow the event before it at once, an event between them
          * removed with its seal breaks the chain here just the same, and
@@ -855,7 +871,9 @@ void kh_trail_verifier_feed(kh_trail_verifier_t *self, int64_t seq,
         memcpy(self->look_seal, seal, KH_TRAIL_HASH_SIZE);
         return;
     }
+    memcpy(self->prev_before, self->prev, KH_TRAIL_HASH_SIZE);
     memcpy(self->prev, h, KH_TRAIL_HASH_SIZE);
+    self->chained = seq;
     self->report.sealed++;
     s_checkpoint_at(self, seq, h);
 }

@@ -223,7 +223,8 @@ typedef enum {
     S_ADD,
     S_SWAP,
     S_CUT,
-    S_SIG
+    S_SIG,
+    S_INSERT
 } s_op_t;
 
 /* Feed the trail with one tampering, the events up to seq head sealed
@@ -250,6 +251,13 @@ static kh_trail_report_t s_run(s_op_t op, int at, int other, int head)
         const unsigned char *seal = exists && i < head ? s_seal[i] : NULL;
         if (op == S_ADD && i == at)
             exists = true; /* an event where a rollback left a gap */
+        unsigned char inserted[32];
+        if (op == S_INSERT && i == at) {
+            /* the same, with a seal chained from the event before it */
+            exists = true;
+            kh_trail_chain(s_seal[at - 1], &ev, inserted);
+            seal = inserted;
+        }
         if (op == S_CUT && i >= at)
             exists = false;
         if ((op == S_DROP || op == S_REMOVE) && i == at)
@@ -292,6 +300,9 @@ START_TEST(verifier_names_each_kind_of_tampering)
     r = s_run_op(S_ADD, 13, 0); /* seq 14 never existed */
     ck_assert_int_eq(r.kind, KH_TRAIL_INSERTED);
     ck_assert_int_eq(r.seq, 14);
+    r = s_run_op(S_INSERT, 13, 0); /* with a seal: 15 is intact */
+    ck_assert_msg(r.kind == KH_TRAIL_INSERTED && r.seq == 14, "%s at %lld: %s",
+                  kh_trail_finding_name(r.kind), (long long) r.seq, r.detail);
     r = s_run_op(S_SWAP, 10, 40);
     ck_assert_int_eq(r.kind, KH_TRAIL_REORDERED);
     ck_assert_int_eq(r.seq, 11);
