@@ -419,6 +419,160 @@ static void s_position(const char *sql, long pos, int *line, int *column)
     *column = c;
 }
 
+/* ---- transaction control, found before anything runs ------------------ */
+
+static bool s_ident_char(char c)
+{
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+           (c >= '0' && c <= '9') || c == '_' || c == '$' ||
+           (unsigned char) c >= 0x80;
+}
+
+/* The end of the token that starts at p and is skipped whole (a comment, a
+ * string, a quoted name, a dollar-quoted body), with the lines it spans
+ * added to *line; p itself when none starts there. An unterminated one
+ * ends with the text (the server then says what is wrong). */
+static const char *s_skip_quoted(const char *p, const char *start, int *line)
+{
+    const char *q = p;
+    if (p[0] == '-' && p[1] == '-') {
+        while (*q && *q != '\n')
+            q++;
+        return q;
+    }
+    if (p[0] == '/' && p[1] == '*') {
+        int depth = 0; /* comments nest */
+        while (*q) {
+            if (q[0] == '/' && q[1] == '*') {
+                depth++;
+                q += 2;
+            } else if (q[0] == '*' && q[1] == '/') {
+                q += 2;
+                if (--depth == 0)
+                    break;
+            } else
+                *line += *q++ == '\n';
+        }
+        return q;
+    }
+    if (*p == '\'' || *p == '"') {
+        /* E'...' takes backslash escapes */
+        bool escapes = *p == '\'' && p > start &&
+                       (p[-1] == 'E' || p[-1] == 'e') &&
+                       (p - 1 == start || !s_ident_char(p[-2]));
+        char quote = *q++;
+        while (*q) {
+            if (escapes && *q == '\\' && q[1]) {
+                *line += q[1] == '\n';
+                q += 2;
+            } else if (*q == quote && q[1] == quote)
+                q += 2;
+            else if (*q == quote)
+                return q + 1;
+            else
+                *line += *q++ == '\n';
+        }
+        return q;
+    }
+    if (*p == '$' && (p == start || !s_ident_char(p[-1]))) {
+        /* $tag$ ... $tag$, the tag empty or a name (not $1) */
+        const char *t = p + 1;
+        if (*t >= '0' && *t <= '9')
+            return p;
+        while (s_ident_char(*t) && *t != '$')
+            t++;
+        if (*t != '$')
+            return p;
+        size_t taglen = (size_t) (t - p) + 1;
+        for (q = t + 1; *q; q++) {
+            if (*q == '$' && strncmp(q, p, taglen) == 0)
+                return q + taglen;
+            *line += *q == '\n';
+        }
+        return q;
+    }
+    return p;
+}
+
+/* Whether the word at w (len characters) is kw, in any case. */
+static bool s_word_is(const char *w, size_t len, const char *kw)
+{
+    return len == strlen(kw) && strncasecmp(w, kw, len) == 0;
+}
+
+/* The first statement of sql that starts or ends a transaction at the top
+ * level (BEGIN, START TRANSACTION, COMMIT, END, ROLLBACK but ROLLBACK TO,
+ * ABORT, PREPARE TRANSACTION): its line, and its first word into word;
+ * 0 when there is none. A migration runs in a transaction of its own with
+ * its record, and one of these would commit a part of it, or run the rest
+ * outside it: found before anything runs, not after. Comments, strings,
+ * quoted names and dollar-quoted bodies (a DO block's, a function's) are
+ * skipped, and a function body of BEGIN ATOMIC ... END is one statement. */
+static int s_transaction_control(const char *sql, char *word, size_t size)
+{
+    int line = 1, stmt_line = 1;
+    int atomic = 0;                         /* BEGIN ATOMIC bodies open */
+    size_t nwords = 0;                      /* words of the statement so far */
+    const char *first = NULL, *prev = NULL; /* its first and last word */
+    size_t first_len = 0, prev_len = 0;
+    for (const char *p = sql; *p;) {
+        const char *q = s_skip_quoted(p, sql, &line);
+        if (q != p) {
+            p = q;
+            continue;
+        }
+        if (*p == '\n') {
+            line++;
+            p++;
+        } else if (*p == ';') {
+            if (atomic == 0 && nwords == 1 &&
+                s_word_is(first, first_len, "ROLLBACK"))
+                break; /* ROLLBACK alone */
+            nwords = 0;
+            p++;
+        } else if (s_ident_char(*p) && *p != '$') {
+            const char *w = p;
+            while (s_ident_char(*p) && *p != '$')
+                p++;
+            size_t len = (size_t) (p - w);
+            if (nwords == 0) {
+                first = w;
+                first_len = len;
+                stmt_line = line;
+                if (atomic > 0 && s_word_is(w, len, "END"))
+                    atomic--; /* the body's end, not a transaction's */
+                else if (atomic == 0 && (s_word_is(w, len, "BEGIN") ||
+                                         s_word_is(w, len, "START") ||
+                                         s_word_is(w, len, "COMMIT") ||
+                                         s_word_is(w, len, "END") ||
+                                         s_word_is(w, len, "ABORT"))) {
+                    snprintf(word, size, "%.*s", (int) len, w);
+                    return stmt_line;
+                }
+            } else if (atomic == 0 && nwords == 1 &&
+                       ((s_word_is(first, first_len, "ROLLBACK") &&
+                         !s_word_is(w, len, "TO")) ||
+                        (s_word_is(first, first_len, "PREPARE") &&
+                         s_word_is(w, len, "TRANSACTION")))) {
+                snprintf(word, size, "%.*s", (int) first_len, first);
+                return stmt_line;
+            } else if (s_word_is(prev, prev_len, "BEGIN") &&
+                       s_word_is(w, len, "ATOMIC"))
+                atomic++;
+            prev = w;
+            prev_len = len;
+            nwords++;
+        } else
+            p++;
+    }
+    /* ROLLBACK alone, ended by ";" or the text */
+    if (atomic == 0 && nwords == 1 && s_word_is(first, first_len, "ROLLBACK")) {
+        snprintf(word, size, "%.*s", (int) first_len, first);
+        return stmt_line;
+    }
+    return 0;
+}
+
 static int s_lock(PGconn *conn, bool lock, kh_error_t *err)
 {
     char sql[96];
@@ -504,6 +658,21 @@ static int s_apply_locked(PGconn *conn, const char *dir, const s_files_t *files,
     if (s_load_applied(conn, &applied, err) != 0)
         return -1;
     int rc = s_verify(dir, files, &applied, err);
+    /* Every pending file is checked before the first one runs. */
+    for (size_t i = 0; rc == 0 && i < files->count; i++) {
+        const s_file_t *f = &files->items[i];
+        char word[16];
+        int line = s_find_applied(&applied, f->version)
+                       ? 0
+                       : s_transaction_control(f->sql, word, sizeof word);
+        if (line > 0)
+            rc = kh_error_set_at(err, KH_E_CONFIG, f->path, line, 1,
+                                 "%s: a migration must not contain "
+                                 "transaction control (BEGIN, COMMIT, "
+                                 "ROLLBACK, ...): each runs in a "
+                                 "transaction of its own with its record",
+                                 word);
+    }
     int count = 0;
     for (size_t i = 0; rc == 0 && i < files->count; i++) {
         const s_file_t *f = &files->items[i];

@@ -503,9 +503,52 @@ START_TEST(test_transaction_control_refused)
     ck_assert_int_eq(kh_migrate_apply(conn, dir, NULL, NULL, &err), -1);
     ck_assert_int_eq(err.code, KH_E_CONFIG);
     ck_assert(s_ends_with(err.path, "/900_commit.sql"));
-    ck_assert_int_eq(s_int(conn, "SELECT count(*) FROM kh_schema_migrations "
-                                 "WHERE version = 900"),
-                     0);
+    ck_assert_int_eq(err.line, 2);
+    ck_assert_msg(strncmp(err.message, "COMMIT: ", 8) == 0, "%s", err.message);
+    /* Found before anything ran: neither the migrations before it nor
+     * its own first statement (which the COMMIT would have kept). */
+    ck_assert_int_eq(s_recorded(conn), 0);
+    ck_assert(!s_exists(conn, "committed_alone"));
+
+    /* Every statement that starts or ends a transaction, in any case. */
+    static const char *const refused[] = {
+        "begin;\nCREATE TABLE t (x int);\n",
+        "START TRANSACTION;\n",
+        "CREATE TABLE t (x int);\nROLLBACK",
+        "CREATE TABLE t (x int); End;\n",
+        "ABORT;\n",
+        "PREPARE TRANSACTION 'x';\n",
+        "COMMIT PREPARED 'x';\n",
+        "CREATE TABLE t (x int); /* a comment */ rollback;\n",
+    };
+    for (size_t i = 0; i < sizeof refused / sizeof *refused; i++) {
+        s_write_in(dir, "900_commit.sql", refused[i]);
+        kh_error_clear(&err);
+        ck_assert_int_eq(kh_migrate_apply(conn, dir, NULL, NULL, &err), -1);
+        ck_assert_msg(err.code == KH_E_CONFIG &&
+                          strstr(err.message, "transaction control"),
+                      "%s: %s", refused[i], err.message);
+    }
+    ck_assert_int_eq(s_recorded(conn), 0);
+
+    /* The same words where they control no transaction: in comments,
+     * strings, quoted names, a DO block, a function body of BEGIN ATOMIC
+     * ... END, and ROLLBACK TO a savepoint. */
+    s_write_in(dir, "900_commit.sql",
+               "-- COMMIT; here is a comment\n"
+               "/* BEGIN; /* nested */ COMMIT; */\n"
+               "CREATE TABLE \"commit\" (\"begin\" text DEFAULT 'COMMIT;');\n"
+               "INSERT INTO \"commit\" VALUES (E'it\\'s; COMMIT;');\n"
+               "DO $$ BEGIN PERFORM 1; END $$;\n"
+               "DO $body$ BEGIN RAISE NOTICE 'x'; END $body$;\n"
+               "CREATE FUNCTION kh_atomic() RETURNS int LANGUAGE sql\n"
+               "BEGIN ATOMIC SELECT CASE WHEN true THEN 1 END; END;\n"
+               "SAVEPOINT s; ROLLBACK TO s; RELEASE s;\n");
+    kh_error_clear(&err);
+    ck_assert_msg(kh_migrate_apply(conn, dir, NULL, NULL, &err) ==
+                      s_source_count() + 1,
+                  "%s at line %d", err.message, err.line);
+    ck_assert(s_exists(conn, "\"commit\""));
     khtest_rmtree(dir);
     free(dir);
     PQfinish(conn);
