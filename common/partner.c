@@ -586,38 +586,6 @@ int kh_partner_cert_export(zcert_t *cert, const char *id, const char *out_dir,
     return 0;
 }
 
-int kh_partner_cert_remove(const char *id, const char *cert_dir,
-                           kh_error_t *err)
-{
-    if (!kh_partner_id_valid(id))
-        return kh_error_set(err, KH_E_CONFIG, "id", "bad partner id");
-    char path[PATH_MAX];
-    if (s_cert_path(path, sizeof path, cert_dir, id, ".cert", err) != 0)
-        return -1;
-    if (s_cert_dir_check(cert_dir, err) != 0)
-        return -1;
-    /* The key before the current one first: while a rotation's overlap
-     * lasts, it admits the partner too. */
-    char previous[PATH_MAX];
-    if (s_cert_path(previous, sizeof previous, cert_dir, id, ".previous.cert",
-                    err) != 0)
-        return -1;
-    if (unlink(previous) != 0 && errno != ENOENT)
-        return kh_error_set(err, KH_E_IO, previous,
-                            "cannot remove public certificate: %s",
-                            strerror(errno));
-    int rc = unlink(path) == 0 ? 0 : errno == ENOENT ? 1 : -1;
-    if (rc < 0)
-        return kh_error_set(err, KH_E_IO, path,
-                            "cannot remove public certificate: %s",
-                            strerror(errno));
-    /* No key admits the partner now: what a rotation cut short kept of
-     * its files can go too. */
-    if (kh_partner_cert_forget_kept(id, cert_dir, err) < 0)
-        return -1;
-    return rc;
-}
-
 /* The file of a rotation in cert_dir: its name (id + suffix) and the
  * hidden one that keeps what it replaced until the rotation ends. */
 typedef struct {
@@ -725,6 +693,57 @@ static void s_rotate_restore(const s_rotated_t files[2])
     for (int i = 0; i < 2; i++)
         if (rename(files[i].kept, files[i].path) != 0 && errno == ENOENT)
             unlink(files[i].path); /* it was not there before */
+}
+
+int kh_partner_cert_remove(const char *id, const char *cert_dir,
+                           kh_error_t *err)
+{
+    s_rotated_t files[2];
+    if (s_rotated_paths(files, id, cert_dir, err) != 0)
+        return -1;
+    if (s_cert_dir_check(cert_dir, err) != 0)
+        return -1;
+    /* Hidden copies first, as a rotation keeps them (what a rotation cut
+     * short kept goes: no key admits the partner after this), then the key
+     * before the current one: while a rotation's overlap lasts, it admits
+     * the partner too. */
+    for (int i = 0; i < 2; i++) {
+        unlink(files[i].kept);
+        if (link(files[i].path, files[i].kept) != 0 && errno != ENOENT)
+            return kh_error_set(err, KH_E_IO, files[i].kept,
+                                "cannot keep the certificate it removes: %s",
+                                strerror(errno));
+    }
+    if (unlink(files[1].path) != 0 && errno != ENOENT) {
+        int e = errno;
+        s_rotate_restore(files);
+        return kh_error_set(err, KH_E_IO, files[1].path,
+                            "cannot remove public certificate: %s",
+                            strerror(e));
+    }
+    int rc = unlink(files[0].path) == 0 ? 0 : errno == ENOENT ? 1 : -1;
+    if (rc < 0) {
+        int e = errno;
+        s_rotate_restore(files);
+        return kh_error_set(err, KH_E_IO, files[0].path,
+                            "cannot remove public certificate: %s",
+                            strerror(e));
+    }
+    return rc;
+}
+
+void kh_partner_cert_remove_end(const char *id, const char *cert_dir,
+                                bool put_back)
+{
+    s_rotated_t files[2];
+    kh_error_t err;
+    if (s_rotated_paths(files, id, cert_dir, &err) != 0)
+        return;
+    if (put_back)
+        s_rotate_restore(files);
+    else
+        for (int i = 0; i < 2; i++)
+            unlink(files[i].kept);
 }
 
 int kh_partner_cert_forget_kept(const char *id, const char *cert_dir,

@@ -210,15 +210,21 @@ int kh_partner_cert_rotate_end(const char *id, const char *cert_dir,
 int kh_partner_cert_forget_kept(const char *id, const char *cert_dir,
                                 kh_error_t *err);
 
-/* Remove <cert_dir>/<id>.cert and <id>.previous.cert, and what a rotation
- * cut short kept of them (kh_partner_cert_forget_kept), so the ZAP handler
- * refuses the partner's keys from now on (a
- * connection already open stays open: services also check revoked_at).
- * Returns 0 when it was removed, 1 when there was no such file, -1 with
- * err when it cannot be removed or cert_dir is not a directory
+/* Remove <cert_dir>/<id>.cert and <id>.previous.cert, so the ZAP handler
+ * refuses the partner's keys from now on (a connection already open stays
+ * open: services also check revoked_at), keeping hidden copies of them (in
+ * place of what a rotation cut short kept) until kh_partner_cert_remove_end.
+ * Call with the partner's lock held (kh_partner_cert_lock). Returns 0 when
+ * it was removed, 1 when there was no such file, -1 with err and the files
+ * as they were when it cannot be removed or cert_dir is not a directory
  * (KH_E_CONFIG: a mistyped directory must not pass for a removal). */
 int kh_partner_cert_remove(const char *id, const char *cert_dir,
                            kh_error_t *err);
+
+/* End a removal: the files are put back from their copies (put_back: the
+ * revocation was not committed) or the copies go. */
+void kh_partner_cert_remove_end(const char *id, const char *cert_dir,
+                                bool put_back);
 
 #ifdef __cplusplus
 }

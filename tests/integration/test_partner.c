@@ -1221,6 +1221,66 @@ START_TEST(test_rotate_commit_lost)
 }
 END_TEST
 
+/* A revocation whose commit the server refuses, or whose connection is
+ * lost at the commit (and which did not go through): the certificate is
+ * put back, so that the files and the registry agree (the partner still
+ * active), and no hidden copy is left; without those triggers it goes. */
+START_TEST(test_revoke_commit_refused)
+{
+    PGconn *conn = s_ctl_db();
+    char *cert_dir = khtest_tmpdir();
+    char *out = khtest_tmpdir();
+    s_migrated_with_avim(cert_dir, out);
+    char before[KH_PARTNER_KEY_LEN + 1], key[KH_PARTNER_KEY_LEN + 1];
+    char expires[40];
+    s_cert_key(cert_dir, "avim.cert", before, expires);
+    static const char *const bodies[] = {
+        "RAISE EXCEPTION 'refused at commit'",
+        "PERFORM pg_terminate_backend(pg_backend_pid())"};
+    for (size_t i = 0; i < 2; i++) {
+        char sql[512];
+        snprintf(sql, sizeof sql,
+                 "CREATE FUNCTION kh_test_cut() RETURNS trigger"
+                 " LANGUAGE plpgsql AS $$ BEGIN %s; RETURN NULL; END $$",
+                 bodies[i]);
+        khtest_db_exec(conn, sql, 0, NULL);
+        khtest_db_exec(conn,
+                       "CREATE CONSTRAINT TRIGGER kh_test_cut AFTER UPDATE ON"
+                       " partners DEFERRABLE INITIALLY DEFERRED FOR EACH ROW"
+                       " EXECUTE FUNCTION kh_test_cut()",
+                       0, NULL);
+        char *text = NULL;
+        int rc = KHTEST_CTL(&text, "partner", "revoke", "avim", "--cert-dir",
+                            cert_dir);
+        ck_assert_msg(rc == 1, "revoke with its commit cut: %d: %s", rc, text);
+        free(text);
+        ck_assert_msg(s_file_exists(cert_dir, "avim.cert"),
+                      "the certificate was not put back (%s)", bodies[i]);
+        s_cert_key(cert_dir, "avim.cert", key, expires);
+        ck_assert_str_eq(key, before);
+        ck_assert(!s_file_exists(cert_dir, ".avim.cert.kept"));
+        kh_error_t err;
+        kh_partner_t p;
+        ck_assert_int_eq(kh_partner_get(conn, "avim", &p, &err), 0);
+        ck_assert(!p.revoked);
+        khtest_db_exec(conn, "DROP TRIGGER kh_test_cut ON partners", 0, NULL);
+        khtest_db_exec(conn, "DROP FUNCTION kh_test_cut()", 0, NULL);
+    }
+    char *text = NULL;
+    ck_assert_int_eq(
+        KHTEST_CTL(&text, "partner", "revoke", "avim", "--cert-dir", cert_dir),
+        0);
+    free(text);
+    ck_assert(!s_file_exists(cert_dir, "avim.cert"));
+    ck_assert(!s_file_exists(cert_dir, ".avim.cert.kept"));
+    khtest_rmtree(cert_dir);
+    free(cert_dir);
+    khtest_rmtree(out);
+    free(out);
+    PQfinish(conn);
+}
+END_TEST
+
 /* A rotation cut short between its files and its commit (the tool killed,
  * the machine down) leaves the directory admitting the key the registry
  * still has, without an end; two rotations of one partner from two shells
@@ -1493,6 +1553,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_ctl_end_to_end);
     tcase_add_test(tc, test_rotate);
     tcase_add_test(tc, test_rotate_commit_lost);
+    tcase_add_test(tc, test_revoke_commit_refused);
     tcase_add_test(tc, test_rotate_cut_short);
     tcase_add_test(tc, test_kept_copies_of_a_rotation_cut_short_go);
     tcase_add_test(tc, test_hub_keygen_never_writes_through_a_link);

@@ -756,7 +756,8 @@ static int s_cmd_revoke(int argc, char **argv)
     if (rc == 0 && revoked == 0)
         rc = kh_audit_admin(conn, "partner.revoked", id, "ketenhubctl", &err);
     /* Remove the certificate inside the transaction: if it cannot be
-     * removed, the partner stays active, and the two agree. */
+     * removed, the partner stays active, and the two agree; if the
+     * revocation does not commit, the certificate is put back. */
     int lock = -1;
     if (rc == 0) {
         /* Not while a rotation of the partner writes its files. */
@@ -767,8 +768,29 @@ static int s_cmd_revoke(int argc, char **argv)
         removed = kh_partner_cert_remove(id, cert_dir, &err);
         rc = removed < 0 ? -1 : 0;
     }
-    if (rc == 0)
+    int committed = 0;
+    if (rc == 0) {
         rc = kh_db_exec(conn, "COMMIT", &err);
+        const char *params[] = {id};
+        committed = rc == 0 ? 1
+                            : ctl_commit_outcome(conn,
+                                                 "SELECT revoked_at IS NOT NULL"
+                                                 " FROM partners WHERE id = $1",
+                                                 1, params);
+        if (committed == 1)
+            rc = 0; /* it went through; only the answer was lost */
+    }
+    if (removed >= 0) {
+        /* Whether it committed unknown: the files stay removed (revoke
+         * again to be sure), never admitting a revoked key. */
+        kh_partner_cert_remove_end(id, cert_dir, committed == 0);
+        if (committed < 0)
+            fprintf(stderr,
+                    "ketenhubctl: partner revoke: whether the revocation was "
+                    "committed is unknown; the certificate stays removed: run "
+                    "partner revoke %s again\n",
+                    id);
+    }
     kh_partner_cert_unlock(&lock);
     if (rc != 0) {
         kh_db_rollback_quietly(conn);
