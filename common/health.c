@@ -375,7 +375,8 @@ static const s_def_t s_defs[] = {
     {"audit", "trail_checkpoint_sequence", S_G, NULL,
      "seq of the last signed checkpoint."},
     {"audit", "trail_checkpoint_age_seconds", S_G, NULL,
-     "Age of the last signed checkpoint."},
+     "Age of the last signed checkpoint (with none yet, of the first "
+     "event: how long the trail has gone unsigned)."},
     {"audit", "trail_events_sealed_total", S_C, NULL,
      "Events sealed by this process."},
     {"audit", "trail_checkpoints_total", S_C, NULL,
@@ -414,8 +415,9 @@ static const char *s_gauge_sql(const char *service)
                " UNION ALL SELECT 'trail_checkpoint_sequence', NULL,"
                " coalesce((SELECT max(seq) FROM audit_checkpoints), 0)"
                " UNION ALL SELECT 'trail_checkpoint_age_seconds', NULL,"
-               " coalesce(extract(epoch FROM now() -"
-               " (SELECT max(at) FROM audit_checkpoints)), 0)";
+               " coalesce(extract(epoch FROM now() - coalesce("
+               " (SELECT at FROM audit_checkpoints ORDER BY seq DESC LIMIT 1),"
+               " (SELECT at FROM audit_events ORDER BY seq LIMIT 1))), 0)";
     return NULL;
 }
 
@@ -456,6 +458,7 @@ struct _kh_health_t {
     struct MHD_Daemon *daemon;
     int port;
     atomic_bool sockets, rules, db;
+    bool gauges_failed; /* the last gauge query failed (probe thread) */
     _Atomic(const char *) fault; /* kh_health_set_fault; NULL: none */
     /* /metrics was asked for since the probe last read the gauges: they
      * are read only for someone who looks (a backlog count over a large
@@ -508,25 +511,36 @@ static bool s_wait(PGconn *conn, long long deadline)
 }
 
 /* Run sql on conn, waiting at most S_PROBE_WAIT_MS. The result when it
- * succeeded with rows (caller clears), else NULL. */
+ * succeeded with rows (caller clears), else NULL. A query not answered in
+ * time is cancelled (the server would go on with it, and the connection
+ * could take no other): when even that is not answered, the connection is
+ * left busy, and the caller closes it. */
 static PGresult *s_query(PGconn *conn, const char *sql)
 {
     long long deadline = s_now_ms() + S_PROBE_WAIT_MS;
-    if (!PQsendQuery(conn, sql) || !s_wait(conn, deadline))
+    if (!PQsendQuery(conn, sql))
         return NULL;
-    PGresult *res = PQgetResult(conn);
-    bool ok = res && PQresultStatus(res) == PGRES_TUPLES_OK;
-    for (;;) {
-        if (!s_wait(conn, deadline)) {
-            ok = false;
-            break;
-        }
-        PGresult *extra = PQgetResult(conn);
-        if (!extra)
-            break;
-        PQclear(extra);
+    bool answered = s_wait(conn, deadline);
+    if (!answered && PQstatus(conn) == CONNECTION_OK) {
+        PGcancel *cancel = PQgetCancel(conn);
+        char why[256];
+        if (cancel && PQcancel(cancel, why, sizeof why))
+            s_wait(conn, s_now_ms() + S_PROBE_WAIT_MS);
+        PQfreeCancel(cancel);
     }
-    if (!ok) {
+    PGresult *res = NULL;
+    while (!PQisBusy(conn)) {
+        PGresult *next = PQgetResult(conn);
+        if (!next)
+            break;
+        if (res)
+            PQclear(next);
+        else
+            res = next;
+        if (!s_wait(conn, deadline + S_PROBE_WAIT_MS))
+            break;
+    }
+    if (!answered || !res || PQresultStatus(res) != PGRES_TUPLES_OK) {
         PQclear(res);
         return NULL;
     }
@@ -553,10 +567,15 @@ static bool s_probe_once(kh_health_t *self, PGconn **conn_p, bool gauges)
         kh_error_t err;
         if (kh_db_password(password, sizeof password, &err) < 0)
             return false;
-        const char *keys[] = {"password", "dbname", "connect_timeout",
-                              "application_name", NULL};
-        const char *values[] = {password, self->conninfo, "2",
-                                "ketenhub-health", NULL};
+        /* The server ends a query of the probe's before the probe gives
+         * up on it (s_query), so that none runs on unwatched. */
+        char options[64];
+        snprintf(options, sizeof options, "-c statement_timeout=%d",
+                 S_PROBE_WAIT_MS * 3 / 4);
+        const char *keys[] = {"password",         "dbname",  "connect_timeout",
+                              "application_name", "options", NULL};
+        const char *values[] = {password,          self->conninfo, "2",
+                                "ketenhub-health", options,        NULL};
         *conn_p = PQconnectdbParams(keys, values, 1);
         explicit_bzero(password, sizeof password);
         if (!*conn_p)
@@ -581,7 +600,25 @@ static bool s_probe_once(kh_health_t *self, PGconn **conn_p, bool gauges)
             kh_metric_set(PQgetvalue(res, i, 0),
                           PQgetisnull(res, i, 1) ? NULL : PQgetvalue(res, i, 1),
                           strtod(PQgetvalue(res, i, 2), NULL));
+        /* The database answered SELECT 1: a gauge query that failed or
+         * took too long says nothing of it. Its gauges keep their values;
+         * the log says so once, until one is read again. */
+        if (!res && !self->gauges_failed)
+            kh_log_warn("health_gauges",
+                        "state=failed limit_ms=%d msg=\"%s; the gauges keep "
+                        "their last values\"",
+                        S_PROBE_WAIT_MS * 3 / 4,
+                        PQstatus(*conn_p) == CONNECTION_OK && !PQisBusy(*conn_p)
+                            ? "the query failed or ran past its limit"
+                            : "the connection was lost");
+        else if (res && self->gauges_failed)
+            kh_log_info("health_gauges", "state=read");
+        self->gauges_failed = !res;
         PQclear(res);
+        if (PQstatus(*conn_p) != CONNECTION_OK || PQisBusy(*conn_p)) {
+            PQfinish(*conn_p); /* a new one at the next probe */
+            *conn_p = NULL;
+        }
     }
     return true;
 }
@@ -591,7 +628,7 @@ static bool s_probe_once(kh_health_t *self, PGconn **conn_p, bool gauges)
 static bool s_nap(kh_health_t *self, int ms)
 {
     struct timespec until;
-    clock_gettime(CLOCK_REALTIME, &until);
+    clock_gettime(CLOCK_MONOTONIC, &until); /* the wake's clock */
     until.tv_sec += ms / 1000;
     until.tv_nsec += (long) (ms % 1000) * 1000000L;
     if (until.tv_nsec >= 1000000000L) {
@@ -835,7 +872,14 @@ kh_health_t *kh_health_new(const kh_health_config_t *config, kh_error_t *err)
     atomic_init(&self->scraped, false);
     kh_health_beat(); /* alive while the service starts */
     pthread_mutex_init(&self->mutex, NULL);
-    pthread_cond_init(&self->wake, NULL);
+    /* Naps on the monotonic clock: the wall clock set back (NTP, a
+     * restored machine) would have the probe and the watchdog sleep that
+     * much longer. */
+    pthread_condattr_t attr;
+    pthread_condattr_init(&attr);
+    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    pthread_cond_init(&self->wake, &attr);
+    pthread_condattr_destroy(&attr);
     const char *gauge_sql =
         config->gauge_sql ? config->gauge_sql : s_gauge_sql(self->service);
     if ((config->conninfo && !(self->conninfo = strdup(config->conninfo))) ||

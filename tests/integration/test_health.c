@@ -1452,6 +1452,49 @@ START_TEST(slow_clients_of_one_address_leave_livez_answering)
 }
 END_TEST
 
+/* A gauge query slower than the probe waits (a backlog count over a large
+ * table, say): the server ends it, the probe's SELECT 1 still answers, so
+ * the service stays ready and the database up, and no abandoned queries
+ * pile up on PostgreSQL; the log says once that the gauges were not read. */
+START_TEST(a_slow_gauge_query_leaves_the_database_up)
+{
+    PGconn *db = khtest_db_fresh("kh_test_health_probe");
+    char *conninfo = khtest_db_conninfo("kh_test_health_probe");
+    kh_metrics_reset();
+    kh_health_config_t cfg = {.service = "notification",
+                              .endpoint = "127.0.0.1:0",
+                              .conninfo = conninfo,
+                              .gauge_sql =
+                                  "SELECT 'deliveries_backlog', 'slow', 1"
+                                  " FROM pg_sleep(3)"};
+    kh_error_t err;
+    kh_health_t *health = kh_health_new(&cfg, &err);
+    ck_assert_msg(health != NULL, "%s", err.message);
+    kh_health_set_sockets(health, true);
+    char at[64];
+    snprintf(at, sizeof at, "127.0.0.1:%d", kh_health_port(health));
+    ck_assert(s_wait_status_at(at, "/readyz", 200, 5000));
+    for (int second = 0; second < 12; second++) {
+        kh_health_beat();
+        char *body = NULL;
+        ck_assert_int_eq(s_get_at(at, "/metrics", &body), 200);
+        ck_assert_msg(strstr(body, "ketenhub_database_up 1\n"),
+                      "database down after %d s", second);
+        free(body);
+        ck_assert_msg(s_get_at(at, "/readyz", NULL) == 200,
+                      "not ready after %d s", second);
+        long running = khtest_db_count(
+            db, "SELECT count(*) FROM pg_stat_activity WHERE application_name"
+                " = 'ketenhub-health' AND state = 'active'");
+        ck_assert_msg(running <= 1, "%ld probe queries running", running);
+        usleep(1000 * 1000);
+    }
+    kh_health_destroy(&health);
+    free(conninfo);
+    PQfinish(db);
+}
+END_TEST
+
 int main(void)
 {
     Suite *suite = suite_create("health");
@@ -1481,6 +1524,8 @@ int main(void)
     suite_add_tcase(suite, reference);
     TCase *http = tcase_create("http");
     tcase_add_test(http, slow_clients_of_one_address_leave_livez_answering);
+    tcase_add_test(http, a_slow_gauge_query_leaves_the_database_up);
+    tcase_set_timeout(http, 60);
     suite_add_tcase(suite, http);
     return khtest_run_suite(suite);
 }
