@@ -94,6 +94,29 @@ static double s_ms_since(const struct timespec *t0)
            (double) (t1.tv_nsec - t0->tv_nsec) / 1e6;
 }
 
+/* Wait wait_ms for a stop (SIGTERM, SIGINT on signal_fd), in slices of a
+ * second that each beat: a long KH_AUDIT_POLL_MS is no silence for /livez
+ * and the watchdog. Returns false once a stop came. */
+static bool s_wait_stop(int signal_fd, int wait_ms)
+{
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (;;) {
+        int left = wait_ms - (int) s_ms_since(&t0);
+        struct pollfd pfd = {.fd = signal_fd, .events = POLLIN};
+        if (poll(&pfd, 1, left > 1000 ? 1000 : left > 0 ? left : 0) > 0) {
+            int sig = kh_signals_read(signal_fd);
+            if (sig == SIGTERM || sig == SIGINT) {
+                kh_log_info("stopping", "signal=%d", sig);
+                return false;
+            }
+        }
+        kh_health_beat();
+        if (left <= 1000)
+            return true;
+    }
+}
+
 static int s_main(int argc, char **argv)
 {
     int signal_fd = -1;
@@ -262,18 +285,11 @@ static int s_main(int argc, char **argv)
                 warned = 0;
         }
         kh_health_set_fault(health, broken ? S_FAULT_BROKEN : fault);
-        struct pollfd pfd = {.fd = signal_fd, .events = POLLIN};
         int wait_ms = connecting ? KH_DB_CONNECT_POLL_MS
                       : failed_at.tv_sec
                           ? retry_ms - (int) s_ms_since(&failed_at)
                           : poll_ms;
-        if (poll(&pfd, 1, wait_ms > 0 ? wait_ms : 0) > 0) {
-            int sig = kh_signals_read(signal_fd);
-            if (sig == SIGTERM || sig == SIGINT) {
-                running = false;
-                kh_log_info("stopping", "signal=%d", sig);
-            }
-        }
+        running = s_wait_stop(signal_fd, wait_ms);
     }
     /* Seal what is final before leaving; a failure only means the next
      * start does it. */

@@ -946,6 +946,48 @@ static void s_allow_connections(bool allow)
     khtest_db_allow_connections(S_DB, allow);
 }
 
+/* A poll longer than the watchdog's limit (KH_AUDIT_POLL_MS 30 s,
+ * KH_WATCHDOG_S 10): the service waits in slices that beat, so it is not
+ * taken for hung, and a SIGTERM during the wait ends it at once. */
+START_TEST(a_long_poll_is_no_silence)
+{
+    char *dir = khtest_tmpdir();
+    char sk_path[512], pk_path[512], log[512], env_db[1200], env_key[600];
+    char health[64], env_health[100];
+    snprintf(health, sizeof health, "127.0.0.1:%d", khproc_free_port());
+    snprintf(env_health, sizeof env_health, "KH_HEALTH_ENDPOINT=%s", health);
+    snprintf(sk_path, sizeof sk_path, "%s/hub-audit.key", dir);
+    snprintf(pk_path, sizeof pk_path, "%s/hub-audit.pub", dir);
+    snprintf(log, sizeof log, "%s/audit.log", dir);
+    kh_error_t err;
+    ck_assert_int_eq(kh_trail_keygen(sk_path, pk_path, false, &err), 0);
+    char *conninfo = khtest_db_conninfo(S_DB);
+    snprintf(env_db, sizeof env_db, "KH_DATABASE_URL=%s", conninfo);
+    snprintf(env_key, sizeof env_key, "KH_AUDIT_KEY=%s", sk_path);
+    char *env[] = {
+        env_db,     env_key, "KH_AUDIT_POLL_MS=30000", "KH_WATCHDOG_S=10",
+        env_health, NULL};
+    char *argv[] = {"ketenhub-audit", NULL};
+    pid_t pid = khproc_spawn(
+        KH_TEST_BINARY_DIR "/services/audit/ketenhub-audit", argv, env, log);
+    ck_assert_int_gt(pid, 0);
+    ck_assert(s_readyz(health, 200, "ready audit", 10000));
+    sleep(12);
+    ck_assert_msg(waitpid(pid, NULL, WNOHANG) == 0, "audit ended: see %s", log);
+    char *body = NULL;
+    ck_assert_int_eq(kh_http_get(health, "/livez", 2000, &body, &err), 200);
+    free(body);
+    int64_t t0 = zclock_mono();
+    int status = khproc_stop(pid, SIGTERM, 5000);
+    ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    ck_assert_int_lt(zclock_mono() - t0, 3000);
+    ck_assert(!khtest_log_has(log, "kind=hung", 0));
+    free(conninfo);
+    khtest_rmtree(dir);
+    free(dir);
+}
+END_TEST
+
 /* The audit service started while its database refuses connections, then
  * losing its connection: it tries again ever more slowly (a warning per
  * attempt, not one per poll), and says when it has its database back.
@@ -3569,6 +3611,7 @@ int main(void)
                    sealing_that_fails_is_tried_again_ever_more_slowly);
     tcase_add_test(tc_outage,
                    steady_sealing_is_summed_up_not_logged_step_by_step);
+    tcase_add_test(tc_outage, a_long_poll_is_no_silence);
     suite_add_tcase(suite, tc_outage);
     return khtest_run_suite(suite);
 }
