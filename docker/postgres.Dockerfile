@@ -40,5 +40,5 @@ EXPOSE 5432
 # checkpoints and stops, instead of waiting for every client to leave.
 STOPSIGNAL SIGINT
 HEALTHCHECK --interval=2s --timeout=5s --retries=30 \
-    CMD ["pg_isready", "-h", "/var/run/postgresql"]
+    CMD ["pg_isready", "-h", "127.0.0.1"]
 ENTRYPOINT ["/usr/local/bin/postgres-entrypoint.sh"]

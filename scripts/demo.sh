@@ -31,6 +31,10 @@ partner="$build/tools/partner/ketenhub-partner"
 
 hub_stop
 rm -rf "$run"
+# What it starts goes again when a step fails or Ctrl-C comes (with
+# --keep it stays only once the demo ran to its end).
+trap hub_stop EXIT
+trap 'exit 130' INT TERM
 
 step() { printf '\n== %s\n' "$*"; }
 
@@ -178,6 +182,7 @@ echo "what the trail says of the demo, in figures (ketenhubctl audit report):"
 "$ctl" audit report | sed 's/^./  &/'
 
 if [ "$keep" = 1 ]; then
+  trap - EXIT
   step "The hub keeps running; stop it with: scripts/demo.sh --stop"
   echo "environment: . $run/pg/env; PGDATABASE=ketenhub; logs in $run"
 else

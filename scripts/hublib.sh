@@ -67,7 +67,7 @@ hub_add_partner() {
 hub_start_intake() {
   KH_INTAKE_ENDPOINT=$1 KH_HUB_CERT="$run/hub/hub.cert" \
   KH_PARTNER_CERT_DIR="$run/partners" KH_SCHEMA_DIR="$here/schemas" \
-    "$build/services/intake/ketenhub-intake" 2>"$run/intake.log" &
+    "$build/services/intake/ketenhub-intake" >"$run/intake.log" 2>&1 &
   echo $! >"$run/intake.pid"
   tries=0
   until "$build/tools/partner/ketenhub-partner" --endpoint "$1" \
@@ -104,7 +104,7 @@ hub_wait_ready() {
 hub_start_routing() {
   KH_ROUTING_ENDPOINT=$1 KH_HUB_CERT="$run/hub/hub.cert" \
   KH_SCHEMA_DIR="$here/schemas" KH_RULES_FILE="$here/schemas/rules/default.yaml" \
-    "$build/services/routing/ketenhub-routing" 2>"$run/routing.log" &
+    "$build/services/routing/ketenhub-routing" >"$run/routing.log" 2>&1 &
   echo $! >"$run/routing.pid"
   hub_wait_ready routing
 }
@@ -116,7 +116,7 @@ hub_start_notification() {
   KH_NOTIFY_ENDPOINT=$1 KH_NOTIFY_WAKE_ENDPOINT=$2 \
   KH_HUB_CERT="$run/hub/hub.cert" KH_PARTNER_CERT_DIR="$run/partners" \
     "$build/services/notification/ketenhub-notification" \
-    2>"$run/notification.log" &
+    >"$run/notification.log" 2>&1 &
   echo $! >"$run/notification.pid"
   hub_wait_ready notification
 }
@@ -141,6 +141,6 @@ hub_start_listener() {
   KH_DELIVERY_ENDPOINT=$2 KH_HUB_PUBLIC_CERT="$run/hub/hub.cert" \
   KH_PARTNER_CERT="$run/keys/$1.cert" \
     "$build/tools/partner/ketenhub-partner" listen --dir "$run/inbox/$1" \
-    2>"$run/listen-$1.log" &
+    >"$run/listen-$1.log" 2>&1 &
   echo $! >"$run/listen-$1.pid"
 }
