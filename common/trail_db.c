@@ -761,6 +761,7 @@ struct kh_trail_sealer_t {
     unsigned char secret_key[KH_TRAIL_SECRET_KEY_SIZE];
     kh_trail_sealer_config_t cfg;
     bool pending;  /* a bound is waiting for its transactions */
+    bool partial;  /* the final bound is sealed in part: more at once */
     int64_t bound; /* the sequence's last value when it was taken */
     char *vxids;   /* array literal of the transactions to wait for */
     bool prepared; /* and prepared ones were there (pg_prepared_xacts) */
@@ -1045,10 +1046,20 @@ static int s_copy_seals(PGconn *conn, const char *data, size_t len,
     return rc;
 }
 
-/* Seal the events up to bound in one transaction. Returns the count. */
+/* The most events one transaction seals (S_CHUNK_BATCHES batches): a
+ * backlog of millions (the first start on a long trail, the service back
+ * after days) goes in transactions of a second or so, between which the
+ * service sees a stop, instead of one of minutes that a stop's SIGKILL
+ * would roll back, and the next start begin again. */
+#define S_CHUNK_BATCHES 5
+
+/* Seal the events up to bound in one transaction, at most
+ * S_CHUNK_BATCHES batches of them; *complete says whether it reached
+ * bound. Returns the count. */
 static long s_seal(kh_trail_sealer_t *self, PGconn *conn, int64_t bound,
-                   long *checkpoints, kh_error_t *err)
+                   long *checkpoints, bool *complete, kh_error_t *err)
 {
+    *complete = false;
     /* The chain is over UTF-8 text, whatever the session's encoding. */
     if (kh_db_exec(conn, "BEGIN; SET LOCAL client_encoding = 'UTF8'", err) !=
         0) {
@@ -1084,7 +1095,11 @@ static long s_seal(kh_trail_sealer_t *self, PGconn *conn, int64_t bound,
     }
     int rc = 0;
     int64_t last_cp = self->cp_seq;
+    int batches = 0;
+    bool exhausted = false;
     while (rc == 0 && head < bound) {
+        if (batches++ == S_CHUNK_BATCHES)
+            break; /* the rest in the next transaction */
         /* A long trail's first seal is progress, not a hang (/livez and
          * the watchdog of the audit service). */
         kh_health_beat();
@@ -1134,9 +1149,12 @@ static long s_seal(kh_trail_sealer_t *self, PGconn *conn, int64_t bound,
         if (rc == 0 && len)
             rc = s_copy_seals(conn, buf, len, err);
         PQclear(res);
-        if (n < self->cfg.batch)
+        if (n < self->cfg.batch) {
+            exhausted = true; /* nothing more up to bound */
             break;
+        }
     }
+    bool reached = exhausted || head >= bound;
     /* A checkpoint at least every checkpoint_ms when something new was
      * sealed (compared so that no time read from the table, which may be
      * far off, takes part in a subtraction). */
@@ -1157,6 +1175,7 @@ static long s_seal(kh_trail_sealer_t *self, PGconn *conn, int64_t bound,
     self->seen_cp = self->cp_seq > self->seen_cp ? self->cp_seq : self->seen_cp;
     self->own_seq = head;
     memcpy(self->own_hash, prev, sizeof self->own_hash);
+    *complete = reached;
     return sealed;
 }
 
@@ -1255,12 +1274,14 @@ static long s_seal_bound(kh_trail_sealer_t *self, PGconn *conn, long *cps,
                          kh_error_t *err)
 {
     long round = 0;
-    long sealed = s_seal(self, conn, self->bound, &round, err);
+    bool complete = false;
+    long sealed = s_seal(self, conn, self->bound, &round, &complete, err);
     if (sealed < 0)
         return -1;
     *cps += round;
     self->written += round;
-    self->pending = false;
+    /* Sealed in part: the bound stays, final, for the next round. */
+    self->pending = self->partial = !complete;
     return sealed;
 }
 
@@ -1270,7 +1291,8 @@ long kh_trail_sealer_step(kh_trail_sealer_t *self, PGconn *conn,
     long sealed = 0, cps = 0;
     int rc = 0;
     if (self->pending) {
-        int final = s_bound_final(self, conn, err);
+        /* sealed in part: final already */
+        int final = self->partial ? 1 : s_bound_final(self, conn, err);
         if (final < 0 ||
             (final && (sealed = s_seal_bound(self, conn, &cps, err)) < 0))
             rc = -1;
@@ -1309,6 +1331,8 @@ long kh_trail_sealer_flush(kh_trail_sealer_t *self, PGconn *conn,
         if (n < 0)
             return -1;
         total += n;
+        if (n > 0) /* the time is for waiting, not for sealing */
+            deadline = s_now_us() + (int64_t) timeout_ms * 1000;
         /* Done when the seals reach every event at or below target. */
         char sql[256];
         snprintf(sql, sizeof sql,
@@ -1329,9 +1353,14 @@ long kh_trail_sealer_flush(kh_trail_sealer_t *self, PGconn *conn,
     }
 }
 
+bool kh_trail_sealer_behind(const kh_trail_sealer_t *self)
+{
+    return self->pending && self->partial;
+}
+
 int64_t kh_trail_sealer_waiting_ms(const kh_trail_sealer_t *self)
 {
-    if (!self->pending || !s_waits(self))
+    if (!self->pending || self->partial || !s_waits(self))
         return 0;
     return (s_now_us() - self->pending_since) / 1000;
 }

@@ -82,7 +82,9 @@ kh_trail_sealer_t *kh_trail_sealer_new(const unsigned char *secret_key,
 void kh_trail_sealer_destroy(kh_trail_sealer_t **self_p);
 
 /* One round on conn (autocommit): seal what has become final since the
- * last round, then note the bound for the next. Returns the number of
+ * last round, then note the bound for the next; a transaction seals at
+ * most 5 batches (cfg.batch events each), the rest in the rounds after
+ * (kh_trail_sealer_behind). Returns the number of
  * events sealed (>= 0), or -1 with err when nothing was. A round that
  * sealed and then failed (noting the next bound, or sealing up to it)
  * returns what it sealed, with err set: the failure comes again at the
@@ -95,9 +97,14 @@ void kh_trail_sealer_destroy(kh_trail_sealer_t **self_p);
 long kh_trail_sealer_step(kh_trail_sealer_t *self, PGconn *conn,
                           long *checkpoints, kh_error_t *err);
 
+/* Whether the last round sealed only part of what is final: the next
+ * round goes on with it (a caller that loops goes on at once). */
+bool kh_trail_sealer_behind(const kh_trail_sealer_t *self);
+
 /* Seal until everything committed before the call is sealed (rounds
  * until the bound taken at the start is final); for tools and tests.
- * Gives up after timeout_ms (KH_E_TIMEOUT). Returns events sealed. */
+ * Gives up after timeout_ms without a round that sealed something
+ * (KH_E_TIMEOUT). Returns events sealed. */
 long kh_trail_sealer_flush(kh_trail_sealer_t *self, PGconn *conn,
                            int timeout_ms, kh_error_t *err);
 

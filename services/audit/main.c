@@ -288,12 +288,14 @@ static int s_main(int argc, char **argv)
         int wait_ms = connecting ? KH_DB_CONNECT_POLL_MS
                       : failed_at.tv_sec
                           ? retry_ms - (int) s_ms_since(&failed_at)
+                      : conn && kh_trail_sealer_behind(sealer)
+                          ? 0 /* a backlog: on at once, a stop seen */
                           : poll_ms;
         running = s_wait_stop(signal_fd, wait_ms);
     }
     /* Seal what is final before leaving; a failure only means the next
-     * start does it. */
-    if (conn) {
+     * start does it, as it does a backlog being sealed. */
+    if (conn && !kh_trail_sealer_behind(sealer)) {
         long n = kh_trail_sealer_flush(sealer, conn, 2000, &err);
         if (n < 0)
             kh_log_warn("seal_failed", "code=%s msg=\"%s\"",
@@ -302,8 +304,8 @@ static int s_main(int argc, char **argv)
             stats.steps++;
             stats.events += n;
         }
-        PQfinish(conn);
     }
+    PQfinish(conn);
     kh_db_connect_abandon(&connecting);
     kh_trail_sealer_destroy(&sealer);
     kh_health_destroy(&health);

@@ -946,6 +946,42 @@ static void s_allow_connections(bool allow)
     khtest_db_allow_connections(S_DB, allow);
 }
 
+/* A backlog is sealed a few batches a transaction (five), each round
+ * going on from the last, which the service sees between them (a stop
+ * among them); the trail is whole at the end. */
+START_TEST(a_backlog_is_sealed_a_few_batches_a_transaction)
+{
+    khtest_db_exec(s_db,
+                   "INSERT INTO audit_events (actor_kind, actor_id, action,"
+                   " outcome, origin_service) SELECT 'service', 'routing',"
+                   " 'rules.reloaded', 'ok', 'routing'"
+                   " FROM generate_series(1, 1234)",
+                   0, NULL);
+    kh_trail_sealer_config_t cfg = {
+        .checkpoint_every = 100000, .checkpoint_ms = 3600000, .batch = 100};
+    kh_trail_sealer_t *sealer = kh_trail_sealer_new(s_sk, &cfg);
+    ck_assert_ptr_nonnull(sealer);
+    kh_error_t err;
+    long total = 0;
+    int rounds = 0;
+    for (long n = 0; rounds == 0 || kh_trail_sealer_behind(sealer); rounds++) {
+        n = s_step_refused(sealer, &err);
+        ck_assert_msg(n >= 0, "%s", err.message);
+        ck_assert_int_le(n, 500);
+        ck_assert_int_eq(kh_trail_sealer_waiting_ms(sealer), 0);
+        total += n;
+        ck_assert_int_lt(rounds, 10);
+    }
+    ck_assert_int_eq(total, 1234);
+    ck_assert_int_eq(rounds, 3);
+    ck_assert_int_eq(khtest_db_count(s_db, "SELECT count(*) FROM audit_seals"),
+                     1234);
+    kh_trail_report_t report;
+    ck_assert_int_eq(s_verify(NULL, 0, &report), 0);
+    kh_trail_sealer_destroy(&sealer);
+}
+END_TEST
+
 /* A poll longer than the watchdog's limit (KH_AUDIT_POLL_MS 30 s,
  * KH_WATCHDOG_S 10): the service waits in slices that beat, so it is not
  * taken for hung, and a SIGTERM during the wait ends it at once. */
@@ -3574,6 +3610,7 @@ int main(void)
     tcase_add_test(tc_sealer, an_event_at_an_infinite_time_is_found_altered);
     tcase_add_test(tc_sealer, a_checkpoint_asked_for_waits_for_a_sealing_round);
     tcase_add_test(tc_sealer, a_cached_sequence_is_refused_for_sealing);
+    tcase_add_test(tc_sealer, a_backlog_is_sealed_a_few_batches_a_transaction);
     tcase_add_test(tc_sealer,
                    a_round_that_fails_after_sealing_reports_what_it_sealed);
     suite_add_tcase(suite, tc_sealer);
