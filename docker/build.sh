@@ -120,6 +120,9 @@ make_base() {
   mirror=$(debian_mirror)
   say "making $base with debootstrap from $mirror"
   root=$(mktemp -d /tmp/kh-rootfs.XXXXXX)
+  # Gone also when the import fails or the run is interrupted.
+  trap 'rm -rf "$root" "$root.log"' EXIT
+  trap 'exit 1' INT TERM
   if ! debootstrap --variant=minbase bookworm "$root" "$mirror" \
     >"$root.log" 2>&1; then
     tail -n 20 "$root.log" >&2
@@ -154,6 +157,7 @@ EOF
   tar -C "$root" -c . |
     podman import --change 'CMD ["/bin/bash"]' - "$base" >/dev/null
   rm -rf "$root" "$root.log"
+  trap - EXIT INT TERM
 }
 
 build_image() {
@@ -281,6 +285,12 @@ smoke_test() {
   trap 'exit 1' INT TERM
 
   say "host build of ketenhub-partner in build-docker/"
+  # The compiler and libraries come with scripts/setup.sh, on a machine
+  # that has run nothing else of the project yet too.
+  if ! command -v cmake >/dev/null ||
+    ! pkg-config --exists libczmq msgpack jansson libpq 2>/dev/null; then
+    "$here/scripts/setup.sh" "$here/build-docker" >/dev/null
+  fi
   cmake -S "$here" -B "$here/build-docker" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
     >/dev/null
   cmake --build "$here/build-docker" -j "$(nproc)" \
