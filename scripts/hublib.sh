@@ -121,13 +121,24 @@ hub_start_notification() {
   hub_wait_ready notification
 }
 
-# Stop what hub_start_* started.
+# Stop what hub_start_* started, and wait (up to 5 s each) until it has
+# gone. A pid file's process is stopped only while it is still one of the
+# hub's programs: a pid left from an earlier run may be another's by now.
 hub_stop() {
   for pidfile in "$run"/*.pid; do
-    if [ -f "$pidfile" ]; then
-      kill -TERM "$(cat "$pidfile")" 2>/dev/null || true
-      rm -f "$pidfile"
-    fi
+    [ -f "$pidfile" ] || continue
+    pid=$(cat "$pidfile")
+    rm -f "$pidfile"
+    case $(tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" || true) in
+    *ketenhub*) ;;
+    *) continue ;;
+    esac
+    kill -TERM "$pid" 2>/dev/null || continue
+    tries=0
+    while kill -0 "$pid" 2>/dev/null && [ "$tries" -lt 50 ]; do
+      sleep 0.1
+      tries=$((tries + 1))
+    done
   done
   "$here/scripts/pgtmp.sh" stop "$run/pg" >/dev/null 2>&1 || true
 }
