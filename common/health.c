@@ -832,10 +832,11 @@ static int s_parse_endpoint(const char *endpoint, struct sockaddr_storage *addr,
         memmove(host, host + 1, hlen - 2);
         host[hlen - 2] = '\0';
     }
-    char *end = NULL;
-    errno = 0;
-    long port = strtol(colon + 1, &end, 10);
-    if (errno || *end || port < 0 || port > 65535)
+    size_t digits = strspn(colon + 1, "0123456789");
+    if (digits == 0 || digits > 5 || colon[1 + digits] != '\0')
+        return -1; /* digits only: no sign, no space */
+    long port = strtol(colon + 1, NULL, 10);
+    if (port > 65535)
         return -1;
     struct addrinfo hints = {0}, *found = NULL;
     hints.ai_family = AF_UNSPEC;

@@ -1076,6 +1076,10 @@ START_TEST(a_bad_path_or_endpoint_exits_2_before_the_database)
         {"routing", "KH_DATABASE_URL", "host=127.0.0.1 port"},
         {"notification", "KH_DATABASE_URL", "postgresql://h:1/d?bogus=1"},
         {"audit", "KH_DATABASE_URL", "host='127.0.0.1"},
+        /* The health endpoint's port in digits only. */
+        {"intake", "KH_HEALTH_ENDPOINT", "127.0.0.1: 9701"},
+        {"routing", "KH_HEALTH_ENDPOINT", "127.0.0.1:+9702"},
+        {"audit", "KH_HEALTH_ENDPOINT", "127.0.0.1:97040"},
         /* A socket partners connect to cannot be none (as a wake-up
          * can): the error offers no "none" either. */
         {"intake", "KH_INTAKE_ENDPOINT", "none"},
