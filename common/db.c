@@ -179,6 +179,11 @@ int kh_db_attempts_running(void)
     return atomic_load(&s_attempts_running);
 }
 
+void kh_db_thread_left(void)
+{
+    atomic_fetch_add(&s_attempts_running, 1);
+}
+
 static kh_db_connecting_t *s_connecting_start(const char *conninfo,
                                               const char *application_name,
                                               kh_error_t *err)

@@ -977,6 +977,7 @@ void kh_health_destroy(kh_health_t **self_p)
             kh_log_warn("health_probe_left", "msg=\"the database probe did "
                                              "not end in time\"");
             pthread_detach(self->probe);
+            kh_db_thread_left();
             *self_p = NULL;
             return;
         }

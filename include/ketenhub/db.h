@@ -92,6 +92,11 @@ void kh_db_connect_abandon(kh_db_connecting_t **pending);
  * until they give up (kh_service_exit). */
 int kh_db_attempts_running(void);
 
+/* Count a thread of libpq's left running for good (the health probe given
+ * up at a stop, in a host name's lookup) as an attempt: kh_service_exit
+ * then ends the process with _exit, not under that thread. */
+void kh_db_thread_left(void);
+
 /* Two connections made side by side, each with kh_db_connect_async:
  * neither is handed out before both attempts ended (a service must not use
  * one half of a pair that is not ready), and a failed one is not tried
