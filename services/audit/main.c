@@ -147,8 +147,9 @@ static int s_main(int argc, char **argv)
         /* The setting, not the file, is what to correct: name it. */
         kh_log_error("start_failed",
                      "code=config path=KH_AUDIT_KEY "
-                     "file=%s msg=\"%s\"",
-                     s_cfg("KH_AUDIT_KEY")->str, KH_LOG_Q(err.message));
+                     "file=\"%s\" msg=\"%s\"",
+                     KH_LOG_Q(s_cfg("KH_AUDIT_KEY")->str),
+                     KH_LOG_Q(err.message));
         kh_health_destroy(&health);
         close(signal_fd);
         return 2;
