@@ -836,7 +836,7 @@ static int s_parse_endpoint(const char *endpoint, struct sockaddr_storage *addr,
     if (digits == 0 || digits > 5 || colon[1 + digits] != '\0')
         return -1; /* digits only: no sign, no space */
     long port = strtol(colon + 1, NULL, 10);
-    if (port > 65535)
+    if (port < 0 || port > 65535)
         return -1;
     struct addrinfo hints = {0}, *found = NULL;
     hints.ai_family = AF_UNSPEC;
