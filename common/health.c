@@ -567,15 +567,10 @@ static bool s_probe_once(kh_health_t *self, PGconn **conn_p, bool gauges)
         kh_error_t err;
         if (kh_db_password(password, sizeof password, &err) < 0)
             return false;
-        /* The server ends a query of the probe's before the probe gives
-         * up on it (s_query), so that none runs on unwatched. */
-        char options[64];
-        snprintf(options, sizeof options, "-c statement_timeout=%d",
-                 S_PROBE_WAIT_MS * 3 / 4);
-        const char *keys[] = {"password",         "dbname",  "connect_timeout",
-                              "application_name", "options", NULL};
-        const char *values[] = {password,          self->conninfo, "2",
-                                "ketenhub-health", options,        NULL};
+        const char *keys[] = {"password", "dbname", "connect_timeout",
+                              "application_name", NULL};
+        const char *values[] = {password, self->conninfo, "2",
+                                "ketenhub-health", NULL};
         *conn_p = PQconnectdbParams(keys, values, 1);
         explicit_bzero(password, sizeof password);
         if (!*conn_p)
@@ -586,6 +581,15 @@ static bool s_probe_once(kh_health_t *self, PGconn **conn_p, bool gauges)
             return false;
         }
         PQsetNoticeReceiver(*conn_p, s_drop_notice, NULL);
+        /* The server ends a query of the probe's before the probe gives
+         * up on it (s_query), so that none runs on unwatched; set here,
+         * not in the connection's options, which KH_DATABASE_URL may
+         * give. */
+        char sql[64];
+        snprintf(sql, sizeof sql, "SET statement_timeout = %d",
+                 S_PROBE_WAIT_MS * 3 / 4);
+        PGresult *set = s_query(*conn_p, sql);
+        PQclear(set);
     }
     PGresult *res = s_query(*conn_p, "SELECT 1");
     if (!res) {

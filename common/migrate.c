@@ -559,6 +559,9 @@ static int s_transaction_control(const char *sql, char *word, size_t size)
             } else if (s_word_is(prev, prev_len, "BEGIN") &&
                        s_word_is(w, len, "ATOMIC"))
                 atomic++;
+            else if (atomic > 0 && s_word_is(prev, prev_len, "ATOMIC") &&
+                     s_word_is(w, len, "END"))
+                atomic--; /* an empty body: BEGIN ATOMIC END */
             prev = w;
             prev_len = len;
             nwords++;

@@ -1076,8 +1076,9 @@ static long s_seal(kh_trail_sealer_t *self, PGconn *conn, int64_t bound,
     }
     bool locked = strcmp(PQgetvalue(res, 0, 0), "t") == 0;
     PQclear(res);
-    if (!locked) { /* another sealer is at work */
+    if (!locked) { /* another sealer is at work: its turn, not ours */
         kh_db_rollback_quietly(conn);
+        *complete = true;
         return 0;
     }
     int64_t head;
@@ -1276,8 +1277,10 @@ static long s_seal_bound(kh_trail_sealer_t *self, PGconn *conn, long *cps,
     long round = 0;
     bool complete = false;
     long sealed = s_seal(self, conn, self->bound, &round, &complete, err);
-    if (sealed < 0)
+    if (sealed < 0) {
+        self->partial = false; /* a failure waits its turn, not at once */
         return -1;
+    }
     *cps += round;
     self->written += round;
     /* Sealed in part: the bound stays, final, for the next round. */
@@ -1320,7 +1323,7 @@ long kh_trail_sealer_step(kh_trail_sealer_t *self, PGconn *conn,
 long kh_trail_sealer_flush(kh_trail_sealer_t *self, PGconn *conn,
                            int timeout_ms, kh_error_t *err)
 {
-    self->pending = false; /* start from a bound taken now */
+    self->pending = self->partial = false; /* from a bound taken now */
     long total = 0;
     int64_t deadline = s_now_us() + (int64_t) timeout_ms * 1000;
     if (s_take_bound(self, conn, err) != 0)

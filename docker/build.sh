@@ -288,7 +288,8 @@ smoke_test() {
   # The compiler and libraries come with scripts/setup.sh, on a machine
   # that has run nothing else of the project yet too.
   if ! command -v cmake >/dev/null ||
-    ! pkg-config --exists libczmq msgpack jansson libpq 2>/dev/null; then
+    ! pkg-config --exists libzmq libczmq msgpack libpq libsodium jansson \
+      check yaml-0.1 libmicrohttpd 2>/dev/null; then
     "$here/scripts/setup.sh" "$here/build-docker" >/dev/null
   fi
   cmake -S "$here" -B "$here/build-docker" -DCMAKE_BUILD_TYPE=RelWithDebInfo \

@@ -974,6 +974,19 @@ START_TEST(a_backlog_is_sealed_a_few_batches_a_transaction)
     }
     ck_assert_int_eq(total, 1234);
     ck_assert_int_eq(rounds, 3);
+    /* While another sealer holds the lock, a round seals nothing and is
+     * not behind: the service waits its poll, it does not spin. */
+    char *conninfo = khtest_db_conninfo(S_DB);
+    PGconn *other = PQconnectdb(conninfo);
+    ck_assert_int_eq(PQstatus(other), CONNECTION_OK);
+    khtest_db_exec(other, "SELECT pg_advisory_lock(7513815)", 0, NULL);
+    s_events(s_db, 3);
+    for (int i = 0; i < 3; i++) {
+        ck_assert_int_eq(kh_trail_sealer_step(sealer, s_db, NULL, &err), 0);
+        ck_assert(!kh_trail_sealer_behind(sealer));
+    }
+    PQfinish(other);
+    free(conninfo);
     ck_assert_int_eq(khtest_db_count(s_db, "SELECT count(*) FROM audit_seals"),
                      1234);
     kh_trail_report_t report;

@@ -520,6 +520,8 @@ START_TEST(test_transaction_control_refused)
         "PREPARE TRANSACTION 'x';\n",
         "COMMIT PREPARED 'x';\n",
         "CREATE TABLE t (x int); /* a comment */ rollback;\n",
+        "CREATE FUNCTION f() RETURNS void LANGUAGE sql BEGIN ATOMIC END;\n"
+        "COMMIT;\n",
     };
     for (size_t i = 0; i < sizeof refused / sizeof *refused; i++) {
         s_write_in(dir, "900_commit.sql", refused[i]);
@@ -543,6 +545,8 @@ START_TEST(test_transaction_control_refused)
                "DO $body$ BEGIN RAISE NOTICE 'x'; END $body$;\n"
                "CREATE FUNCTION kh_atomic() RETURNS int LANGUAGE sql\n"
                "BEGIN ATOMIC SELECT CASE WHEN true THEN 1 END; END;\n"
+               "CREATE FUNCTION kh_empty() RETURNS void LANGUAGE sql\n"
+               "BEGIN ATOMIC END;\n"
                "SAVEPOINT s; ROLLBACK TO s; RELEASE s;\n");
     kh_error_clear(&err);
     ck_assert_msg(kh_migrate_apply(conn, dir, NULL, NULL, &err) ==
