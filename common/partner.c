@@ -695,25 +695,35 @@ static void s_rotate_restore(const s_rotated_t files[2])
             unlink(files[i].path); /* it was not there before */
 }
 
-int kh_partner_cert_remove(const char *id, const char *cert_dir,
-                           kh_error_t *err)
+/* The paths of partner id's files in cert_dir (a directory) into files,
+ * and a hidden copy of each that is there (in place of an older copy),
+ * which s_rotate_restore puts back. */
+static int s_keep_copies(s_rotated_t files[2], const char *id,
+                         const char *cert_dir, kh_error_t *err)
 {
-    s_rotated_t files[2];
-    if (s_rotated_paths(files, id, cert_dir, err) != 0)
+    if (s_rotated_paths(files, id, cert_dir, err) != 0 ||
+        s_cert_dir_check(cert_dir, err) != 0)
         return -1;
-    if (s_cert_dir_check(cert_dir, err) != 0)
-        return -1;
-    /* Hidden copies first, as a rotation keeps them (what a rotation cut
-     * short kept goes: no key admits the partner after this), then the key
-     * before the current one: while a rotation's overlap lasts, it admits
-     * the partner too. */
     for (int i = 0; i < 2; i++) {
         unlink(files[i].kept);
         if (link(files[i].path, files[i].kept) != 0 && errno != ENOENT)
             return kh_error_set(err, KH_E_IO, files[i].kept,
-                                "cannot keep the certificate it removes: %s",
+                                "cannot keep a copy of the certificate: %s",
                                 strerror(errno));
     }
+    return 0;
+}
+
+int kh_partner_cert_remove(const char *id, const char *cert_dir,
+                           kh_error_t *err)
+{
+    /* Hidden copies first, as a rotation keeps them (what a rotation cut
+     * short kept goes: no key admits the partner after this), then the key
+     * before the current one: while a rotation's overlap lasts, it admits
+     * the partner too. */
+    s_rotated_t files[2];
+    if (s_keep_copies(files, id, cert_dir, err) != 0)
+        return -1;
     if (unlink(files[1].path) != 0 && errno != ENOENT) {
         int e = errno;
         s_rotate_restore(files);
@@ -769,17 +779,8 @@ int kh_partner_cert_rotate(zcert_t *cert, const char *id,
                            kh_error_t *err)
 {
     s_rotated_t files[2];
-    if (s_rotated_paths(files, id, cert_dir, err) != 0)
+    if (s_keep_copies(files, id, cert_dir, err) != 0)
         return -1;
-    if (s_cert_dir_check(cert_dir, err) != 0)
-        return -1;
-    for (int i = 0; i < 2; i++) {
-        unlink(files[i].kept);
-        if (link(files[i].path, files[i].kept) != 0 && errno != ENOENT)
-            return kh_error_set(err, KH_E_IO, files[i].kept,
-                                "cannot keep the certificate it replaces: %s",
-                                strerror(errno));
-    }
     /* Until the commit the registry's current key is previous_key: it
      * admits the partner without an end, whatever happens to this
      * process before the rotation ends. It goes into <id>.previous.cert

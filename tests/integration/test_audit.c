@@ -995,24 +995,53 @@ START_TEST(a_backlog_is_sealed_a_few_batches_a_transaction)
 }
 END_TEST
 
+/* A run of the audit service in a test: a key pair and its log in a new
+ * directory, a health endpoint on a free port, and the settings for them
+ * and the test database. */
+typedef struct {
+    char *dir, *conninfo;
+    char sk_path[512], pk_path[512], log[512], health[64];
+    char env_db[1200], env_key[600], env_health[100];
+} s_svc_t;
+
+static void s_svc_new(s_svc_t *svc)
+{
+    svc->dir = khtest_tmpdir();
+    snprintf(svc->health, sizeof svc->health, "127.0.0.1:%d",
+             khproc_free_port());
+    snprintf(svc->env_health, sizeof svc->env_health, "KH_HEALTH_ENDPOINT=%s",
+             svc->health);
+    snprintf(svc->sk_path, sizeof svc->sk_path, "%s/hub-audit.key", svc->dir);
+    snprintf(svc->pk_path, sizeof svc->pk_path, "%s/hub-audit.pub", svc->dir);
+    snprintf(svc->log, sizeof svc->log, "%s/audit.log", svc->dir);
+    kh_error_t err;
+    ck_assert_int_eq(kh_trail_keygen(svc->sk_path, svc->pk_path, false, &err),
+                     0);
+    svc->conninfo = khtest_db_conninfo(S_DB);
+    snprintf(svc->env_db, sizeof svc->env_db, "KH_DATABASE_URL=%s",
+             svc->conninfo);
+    snprintf(svc->env_key, sizeof svc->env_key, "KH_AUDIT_KEY=%s",
+             svc->sk_path);
+}
+
+static void s_svc_free(s_svc_t *svc)
+{
+    free(svc->conninfo);
+    khtest_rmtree(svc->dir);
+    free(svc->dir);
+}
+
 /* A poll longer than the watchdog's limit (KH_AUDIT_POLL_MS 30 s,
  * KH_WATCHDOG_S 10): the service waits in slices that beat, so it is not
  * taken for hung, and a SIGTERM during the wait ends it at once. */
 START_TEST(a_long_poll_is_no_silence)
 {
-    char *dir = khtest_tmpdir();
-    char sk_path[512], pk_path[512], log[512], env_db[1200], env_key[600];
-    char health[64], env_health[100];
-    snprintf(health, sizeof health, "127.0.0.1:%d", khproc_free_port());
-    snprintf(env_health, sizeof env_health, "KH_HEALTH_ENDPOINT=%s", health);
-    snprintf(sk_path, sizeof sk_path, "%s/hub-audit.key", dir);
-    snprintf(pk_path, sizeof pk_path, "%s/hub-audit.pub", dir);
-    snprintf(log, sizeof log, "%s/audit.log", dir);
+    s_svc_t svc;
+    s_svc_new(&svc);
+    const char *log = svc.log, *health = svc.health;
+    char *env_db = svc.env_db, *env_key = svc.env_key;
+    char *env_health = svc.env_health;
     kh_error_t err;
-    ck_assert_int_eq(kh_trail_keygen(sk_path, pk_path, false, &err), 0);
-    char *conninfo = khtest_db_conninfo(S_DB);
-    snprintf(env_db, sizeof env_db, "KH_DATABASE_URL=%s", conninfo);
-    snprintf(env_key, sizeof env_key, "KH_AUDIT_KEY=%s", sk_path);
     char *env[] = {
         env_db,     env_key, "KH_AUDIT_POLL_MS=30000", "KH_WATCHDOG_S=10",
         env_health, NULL};
@@ -1031,9 +1060,7 @@ START_TEST(a_long_poll_is_no_silence)
     ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
     ck_assert_int_lt(zclock_mono() - t0, 3000);
     ck_assert(!khtest_log_has(log, "kind=hung", 0));
-    free(conninfo);
-    khtest_rmtree(dir);
-    free(dir);
+    s_svc_free(&svc);
 }
 END_TEST
 
@@ -1044,19 +1071,11 @@ END_TEST
  * connection still answers. */
 START_TEST(service_waits_for_its_database_and_says_when_it_is_back)
 {
-    char *dir = khtest_tmpdir();
-    char sk_path[512], pk_path[512], log[512], env_db[1200], env_key[600];
-    char health[64], env_health[100];
-    snprintf(health, sizeof health, "127.0.0.1:%d", khproc_free_port());
-    snprintf(env_health, sizeof env_health, "KH_HEALTH_ENDPOINT=%s", health);
-    snprintf(sk_path, sizeof sk_path, "%s/hub-audit.key", dir);
-    snprintf(pk_path, sizeof pk_path, "%s/hub-audit.pub", dir);
-    snprintf(log, sizeof log, "%s/audit.log", dir);
-    kh_error_t err;
-    ck_assert_int_eq(kh_trail_keygen(sk_path, pk_path, false, &err), 0);
-    char *conninfo = khtest_db_conninfo(S_DB);
-    snprintf(env_db, sizeof env_db, "KH_DATABASE_URL=%s", conninfo);
-    snprintf(env_key, sizeof env_key, "KH_AUDIT_KEY=%s", sk_path);
+    s_svc_t svc;
+    s_svc_new(&svc);
+    const char *log = svc.log, *health = svc.health;
+    char *env_db = svc.env_db, *env_key = svc.env_key;
+    char *env_health = svc.env_health;
     char *env[] = {env_db, env_key, "KH_AUDIT_POLL_MS=10", env_health, NULL};
     char *argv[] = {"ketenhub-audit", NULL};
     s_allow_connections(false);
@@ -1102,9 +1121,7 @@ START_TEST(service_waits_for_its_database_and_says_when_it_is_back)
     int status = khproc_stop(pid, SIGTERM, 5000);
     ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "status %d",
                   status);
-    free(conninfo);
-    khtest_rmtree(dir);
-    free(dir);
+    s_svc_free(&svc);
 }
 END_TEST
 
@@ -1114,19 +1131,11 @@ END_TEST
  * ready) as soon as it can. */
 START_TEST(sealing_that_fails_is_tried_again_ever_more_slowly)
 {
-    char *dir = khtest_tmpdir();
-    char sk_path[512], pk_path[512], log[512], env_db[1200], env_key[600];
-    char health[64], env_health[100];
-    snprintf(health, sizeof health, "127.0.0.1:%d", khproc_free_port());
-    snprintf(env_health, sizeof env_health, "KH_HEALTH_ENDPOINT=%s", health);
-    snprintf(sk_path, sizeof sk_path, "%s/hub-audit.key", dir);
-    snprintf(pk_path, sizeof pk_path, "%s/hub-audit.pub", dir);
-    snprintf(log, sizeof log, "%s/audit.log", dir);
-    kh_error_t err;
-    ck_assert_int_eq(kh_trail_keygen(sk_path, pk_path, false, &err), 0);
-    char *conninfo = khtest_db_conninfo(S_DB);
-    snprintf(env_db, sizeof env_db, "KH_DATABASE_URL=%s", conninfo);
-    snprintf(env_key, sizeof env_key, "KH_AUDIT_KEY=%s", sk_path);
+    s_svc_t svc;
+    s_svc_new(&svc);
+    const char *log = svc.log, *health = svc.health;
+    char *env_db = svc.env_db, *env_key = svc.env_key;
+    char *env_health = svc.env_health;
     char *env[] = {env_db, env_key, "KH_AUDIT_POLL_MS=10", env_health, NULL};
     char *argv[] = {"ketenhub-audit", NULL};
     khtest_db_exec(s_db, "CREATE TABLE test_full (x int)", 0, NULL);
@@ -1167,9 +1176,7 @@ START_TEST(sealing_that_fails_is_tried_again_ever_more_slowly)
     int status = khproc_stop(pid, SIGTERM, 5000);
     ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "status %d",
                   status);
-    free(conninfo);
-    khtest_rmtree(dir);
-    free(dir);
+    s_svc_free(&svc);
 }
 END_TEST
 
