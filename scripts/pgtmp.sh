@@ -11,9 +11,12 @@
 #   pgtmp.sh up DIR                   start a cluster that is down
 #   pgtmp.sh status DIR               exit 0 if the server is running
 #
-# The cluster listens on its own short unix socket directory under /tmp and
-# on 127.0.0.1 at a free port (never 5432). Clients use PGHOST, PGPORT,
-# PGUSER and PGDATABASE from DIR/env. fsync and synchronous_commit are off
+# The cluster listens on its own short unix socket directory under /tmp
+# (mode 0700, its owner's alone), under a free port number (never 5432),
+# and on no TCP address: its logins need no password, which over TCP any
+# user of the machine could use, as a superuser who may run programs as
+# the postgres OS user. Clients use PGHOST, PGPORT, PGUSER and PGDATABASE
+# from DIR/env. fsync and synchronous_commit are off
 # unless --fsync is given (benchmarks need it). As root the server runs as
 # the postgres OS user, because initdb refuses root.
 #
@@ -111,7 +114,6 @@ write_env() {
         echo "export PGUSER='postgres'"
         echo "export PGDATABASE='postgres'"
         echo "export PGDATA='$sock/data'"
-        echo "export KH_PG_TCP_HOST='127.0.0.1'"
     } >"$dir/env.tmp"
     mv "$dir/env.tmp" "$dir/env"
 }
@@ -180,7 +182,7 @@ cmd_start() {
     fi
 
     if ! as_owner "$bindir/initdb" -D "$(datadir "$dir")" --no-sync --encoding=UTF8 \
-        --locale=C.UTF-8 --auth=trust -U postgres >"$dir/initdb.log" 2>&1; then
+        --locale=C.UTF-8 --auth-local=trust --auth-host=reject -U postgres >"$dir/initdb.log" 2>&1; then
         cat "$dir/initdb.log" >&2
         die "initdb failed in $dir/data"
     fi
@@ -191,7 +193,7 @@ cmd_start() {
         {
             echo "# pgtmp.sh settings"
             echo "port = $port"
-            echo "listen_addresses = '127.0.0.1'"
+            echo "listen_addresses = ''"
             echo "unix_socket_directories = '$sock'"
             echo "fsync = $fsync"
             echo "synchronous_commit = $fsync"
