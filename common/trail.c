@@ -220,33 +220,74 @@ int kh_trail_parse_time(const char *text, int64_t *at_us)
     return strcmp(back, text) == 0 ? 0 : -1;
 }
 
-/* Write text to path with mode, refusing to replace unless force. A file
- * replaced takes mode before the key is written into it (it may have been
- * readable by others), and a symbolic link is never followed (a link
- * planted where the key goes would send the secret elsewhere). */
-static int s_write_key(const char *path, const char *text, mode_t mode,
-                       bool force, kh_error_t *err)
+/* Sync the directory that holds path, so that a rename or link in it
+ * lasts. */
+static void s_sync_dir_of(const char *path)
 {
-    int flags =
-        O_WRONLY | O_CREAT | O_CLOEXEC | O_NOFOLLOW | (force ? 0 : O_EXCL);
-    int fd = open(path, flags, mode);
+    char dir[4096];
+    snprintf(dir, sizeof dir, "%s", path);
+    char *slash = strrchr(dir, '/');
+    if (slash == dir)
+        dir[1] = '\0';
+    else if (slash)
+        *slash = '\0';
+    else
+        snprintf(dir, sizeof dir, ".");
+    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd >= 0) {
+        fsync(fd);
+        close(fd);
+    }
+}
+
+/* Write text to path whole or not at all: into a new file beside it with
+ * mode, synced, then renamed over path (replace) or linked to it, which
+ * leaves a path that exists as it is (EEXIST). A symbolic link at path is
+ * refused, never followed (a link planted where the key goes would send
+ * the secret elsewhere), and a file replaced never holds the new key with
+ * its old mode (it may have been readable by others). */
+static int s_write_key(const char *path, const char *text, mode_t mode,
+                       bool replace, kh_error_t *err)
+{
+    char tmp[4200];
+    if ((size_t) snprintf(tmp, sizeof tmp, "%s.new-XXXXXX", path) >= sizeof tmp)
+        return kh_error_set(err, KH_E_IO, path, "path too long");
+    struct stat st;
+    if (replace && lstat(path, &st) == 0 && S_ISLNK(st.st_mode))
+        return kh_error_set(err, KH_E_IO, path,
+                            "cannot write key file: it is a symbolic link");
+    int fd = mkstemp(tmp);
     if (fd < 0)
         return kh_error_set(err, KH_E_IO, path, "cannot create key file: %s",
-                            errno == ELOOP ? "it is a symbolic link"
-                                           : strerror(errno));
+                            strerror(errno));
     size_t len = strlen(text);
-    bool ok = fchmod(fd, mode) == 0 && ftruncate(fd, 0) == 0 &&
-              write(fd, text, len) == (ssize_t) len;
+    bool ok = fchmod(fd, mode) == 0 && write(fd, text, len) == (ssize_t) len &&
+              fsync(fd) == 0;
     ok = close(fd) == 0 && ok;
-    return ok ? 0 : kh_error_set(err, KH_E_IO, path, "cannot write key file");
+    int saved = errno;
+    if (ok)
+        ok = replace ? rename(tmp, path) == 0 : link(tmp, path) == 0;
+    saved = ok ? 0 : errno ? errno : saved;
+    unlink(tmp);
+    if (!ok)
+        return kh_error_set(err, KH_E_IO, path, "cannot write key file: %s",
+                            saved == EEXIST ? "it exists already"
+                                            : strerror(saved));
+    s_sync_dir_of(path);
+    return 0;
 }
 
 int kh_trail_keygen(const char *secret_path, const char *public_path,
-                    bool force, kh_error_t *err)
+                    const kh_trail_keys_t *kept, bool force, kh_error_t *err)
 {
     unsigned char pk[KH_TRAIL_PUBLIC_KEY_SIZE], sk[KH_TRAIL_SECRET_KEY_SIZE];
     char sk_hex[2 * KH_TRAIL_SECRET_KEY_SIZE + 2];
     char pk_hex[2 * KH_TRAIL_PUBLIC_KEY_SIZE + 2];
+    size_t nkept = kept ? kept->count : 0;
+    if (nkept >= KH_TRAIL_MAX_KEYS)
+        return kh_error_set(err, KH_E_CONFIG, public_path,
+                            "holds %d keys already, the most a file may hold",
+                            KH_TRAIL_MAX_KEYS);
     if (sodium_init() < 0)
         return kh_error_set(err, KH_E_INTERNAL, NULL, "no random source");
     if (!force &&
@@ -256,11 +297,29 @@ int kh_trail_keygen(const char *secret_path, const char *public_path,
     crypto_sign_keypair(pk, sk);
     kh_trail_hex(sk, sizeof sk, sk_hex);
     strcat(sk_hex, "\n");
-    kh_trail_hex(pk, sizeof pk, pk_hex);
-    strcat(pk_hex, "\n");
-    int rc = s_write_key(secret_path, sk_hex, 0600, force, err);
-    if (rc == 0)
-        rc = s_write_key(public_path, pk_hex, 0644, force, err);
+    /* The keys replaced, oldest first, then the new one. */
+    char *pub = malloc((nkept + 1) * sizeof pk_hex + 1);
+    if (!pub) {
+        sodium_memzero(sk, sizeof sk);
+        sodium_memzero(sk_hex, sizeof sk_hex);
+        return kh_error_set(err, KH_E_NOMEM, NULL, "out of memory");
+    }
+    pub[0] = '\0';
+    for (size_t i = 0; i <= nkept; i++) {
+        kh_trail_hex(i < nkept ? kept->key[i] : pk, sizeof pk, pk_hex);
+        strcat(pk_hex, "\n");
+        strcat(pub, pk_hex);
+    }
+    /* The public file first: should the secret one fail, the public file
+     * lists a key nothing signs with yet, beside the one that still
+     * signs, and every checkpoint verifies with it. */
+    int rc = s_write_key(public_path, pub, 0644, force, err);
+    if (rc == 0 && s_write_key(secret_path, sk_hex, 0600, force, err) != 0) {
+        rc = -1;
+        if (!force) /* made here, with no secret beside it */
+            unlink(public_path);
+    }
+    free(pub);
     sodium_memzero(sk, sizeof sk);
     sodium_memzero(sk_hex, sizeof sk_hex);
     return rc;

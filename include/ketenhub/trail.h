@@ -114,10 +114,6 @@ void kh_trail_checkpoint_sign(kh_trail_checkpoint_t *cp,
 bool kh_trail_checkpoint_valid(const kh_trail_checkpoint_t *cp,
                                const unsigned char *public_key);
 
-/* The audit key pair. The secret file holds 128 hex digits (mode 0600),
- * the public file 64; each ends with a newline. */
-int kh_trail_keygen(const char *secret_path, const char *public_path,
-                    bool force, kh_error_t *err);
 int kh_trail_load_secret(const char *path,
                          unsigned char out[KH_TRAIL_SECRET_KEY_SIZE],
                          kh_error_t *err);
@@ -136,6 +132,16 @@ typedef struct {
     size_t count;
     unsigned char key[KH_TRAIL_MAX_KEYS][KH_TRAIL_PUBLIC_KEY_SIZE];
 } kh_trail_keys_t;
+
+/* Make an audit key pair. The secret file holds 128 hex digits (mode
+ * 0600); the public file (0644) the keys of kept (NULL: none), oldest
+ * first, then the new one, 64 hex digits a line; each line ends with a
+ * newline. Existing files are replaced only when force. Each file is
+ * written whole or not at all, the public one first: a failure leaves
+ * both as they were, or (the secret file failed) the public one listing
+ * the new key after the ones that still sign. 0, or -1 with err. */
+int kh_trail_keygen(const char *secret_path, const char *public_path,
+                    const kh_trail_keys_t *kept, bool force, kh_error_t *err);
 
 /* Append the keys of a public key file (one key of 64 hex digits a line,
  * oldest first; blank lines are skipped) to keys. A file without a key,

@@ -792,7 +792,7 @@ START_TEST(service_killed_while_sealing_loses_nothing)
     snprintf(pk_path, sizeof pk_path, "%s/hub-audit.pub", dir);
     snprintf(log, sizeof log, "%s/audit.log", dir);
     kh_error_t err;
-    ck_assert_int_eq(kh_trail_keygen(sk_path, pk_path, false, &err), 0);
+    ck_assert_int_eq(kh_trail_keygen(sk_path, pk_path, NULL, false, &err), 0);
     unsigned char pk[32], sk[64];
     ck_assert_int_eq(kh_trail_load_public(pk_path, pk, &err), 0);
     ck_assert_int_eq(kh_trail_load_secret(sk_path, sk, &err), 0);
@@ -873,7 +873,7 @@ START_TEST(steady_sealing_is_summed_up_not_logged_step_by_step)
     snprintf(pk_path, sizeof pk_path, "%s/hub-audit.pub", dir);
     snprintf(log, sizeof log, "%s/audit.log", dir);
     kh_error_t err;
-    ck_assert_int_eq(kh_trail_keygen(sk_path, pk_path, false, &err), 0);
+    ck_assert_int_eq(kh_trail_keygen(sk_path, pk_path, NULL, false, &err), 0);
     char *conninfo = khtest_db_conninfo(S_DB);
     snprintf(env_db, sizeof env_db, "KH_DATABASE_URL=%s", conninfo);
     snprintf(env_key, sizeof env_key, "KH_AUDIT_KEY=%s", sk_path);
@@ -1015,8 +1015,8 @@ static void s_svc_new(s_svc_t *svc)
     snprintf(svc->pk_path, sizeof svc->pk_path, "%s/hub-audit.pub", svc->dir);
     snprintf(svc->log, sizeof svc->log, "%s/audit.log", svc->dir);
     kh_error_t err;
-    ck_assert_int_eq(kh_trail_keygen(svc->sk_path, svc->pk_path, false, &err),
-                     0);
+    ck_assert_int_eq(
+        kh_trail_keygen(svc->sk_path, svc->pk_path, NULL, false, &err), 0);
     svc->conninfo = khtest_db_conninfo(S_DB);
     snprintf(svc->env_db, sizeof svc->env_db, "KH_DATABASE_URL=%s",
              svc->conninfo);
@@ -1425,7 +1425,7 @@ START_TEST(audit_seal_verify_export_say_what_they_did)
     char pk_path[512];
     snprintf(pk_path, sizeof pk_path, "%s/hub-audit.pub", keys);
     kh_error_t err;
-    ck_assert_int_eq(kh_trail_keygen(sk_path, pk_path, false, &err), 0);
+    ck_assert_int_eq(kh_trail_keygen(sk_path, pk_path, NULL, false, &err), 0);
     /* An empty trail has no range to print ("0 events (seq 0..0)" read
      * as an event at seq 0). */
     char *out = NULL;
@@ -1511,6 +1511,27 @@ START_TEST(the_trail_verifies_across_an_audit_key_rotation)
     char *both = khtest_read_file(pk_path);
     ck_assert_uint_eq(strlen(both), 2 * 65);
     ck_assert(strncmp(both, first, 65) == 0);
+    /* A keygen --force that cannot write (a full disk: here no file may
+     * grow) changes neither file: the old public keys and the secret key
+     * stay. It rewrote both in place, and lost the keys before. */
+    char *secret = khtest_read_file(sk_path);
+    char *const full[] = {"/bin/sh",
+                          "-c",
+                          "trap '' XFSZ; ulimit -f 0; "
+                          "exec \"$0\" audit keygen --out \"$1\" --force",
+                          KH_TEST_BINARY_DIR "/tools/ctl/ketenhubctl",
+                          keys,
+                          NULL};
+    rc = khtest_run(full, &out);
+    ck_assert_msg(rc == 1, "exit %d: %s", rc, out);
+    free(out);
+    char *after = khtest_read_file(pk_path);
+    ck_assert_str_eq(after, both);
+    free(after);
+    after = khtest_read_file(sk_path);
+    ck_assert_str_eq(after, secret);
+    free(after);
+    free(secret);
     s_events_dense(20);
     rc = S_AUDIT(&out, "seal", "--key", sk_path, "--checkpoint");
     ck_assert_msg(rc == 0, "exit %d: %s", rc, out);
@@ -1606,7 +1627,7 @@ START_TEST(auditor_options_are_checked_before_anything_runs)
     snprintf(sk_path, sizeof sk_path, "%s/hub-audit.key", keys);
     snprintf(pk_path, sizeof pk_path, "%s/hub-audit.pub", keys);
     kh_error_t err;
-    ck_assert_int_eq(kh_trail_keygen(sk_path, pk_path, false, &err), 0);
+    ck_assert_int_eq(kh_trail_keygen(sk_path, pk_path, NULL, false, &err), 0);
     S_REFUSED("--from-checkpoint 7", "verify", "--public-key", pk_path,
               "--from-checkpoint", "7");
     /* 0 is no checkpoint either (it verified from the start, unasked). */
@@ -2269,7 +2290,7 @@ START_TEST(a_finding_says_how_far_the_trail_held)
     snprintf(sk_path, sizeof sk_path, "%s/hub-audit.key", keys);
     snprintf(pk_path, sizeof pk_path, "%s/hub-audit.pub", keys);
     kh_error_t err;
-    ck_assert_int_eq(kh_trail_keygen(sk_path, pk_path, false, &err), 0);
+    ck_assert_int_eq(kh_trail_keygen(sk_path, pk_path, NULL, false, &err), 0);
     s_events_dense(40);
     char *out = NULL;
     int rc = S_AUDIT(&out, "seal", "--key", sk_path, "--checkpoint");
@@ -2370,7 +2391,7 @@ START_TEST(sealer_refuses_a_head_below_its_checkpoint)
     snprintf(sk_path, sizeof sk_path, "%s/hub-audit.key", dir);
     snprintf(pk_path, sizeof pk_path, "%s/hub-audit.pub", dir);
     snprintf(log, sizeof log, "%s/audit.log", dir);
-    ck_assert_int_eq(kh_trail_keygen(sk_path, pk_path, false, &err), 0);
+    ck_assert_int_eq(kh_trail_keygen(sk_path, pk_path, NULL, false, &err), 0);
     snprintf(env_db, sizeof env_db, "KH_DATABASE_URL=%s", conninfo);
     snprintf(env_key, sizeof env_key, "KH_AUDIT_KEY=%s", sk_path);
     char *env[] = {env_db,

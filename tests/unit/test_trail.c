@@ -130,8 +130,8 @@ START_TEST(key_files_and_times)
     snprintf(sk_path, sizeof sk_path, "%s/a.key", dir);
     snprintf(pk_path, sizeof pk_path, "%s/a.pub", dir);
     kh_error_t err;
-    ck_assert_int_eq(kh_trail_keygen(sk_path, pk_path, false, &err), 0);
-    ck_assert_int_eq(kh_trail_keygen(sk_path, pk_path, false, &err), -1);
+    ck_assert_int_eq(kh_trail_keygen(sk_path, pk_path, NULL, false, &err), 0);
+    ck_assert_int_eq(kh_trail_keygen(sk_path, pk_path, NULL, false, &err), -1);
     struct stat st;
     ck_assert_int_eq(stat(sk_path, &st), 0);
     ck_assert_int_eq(st.st_mode & 0777, 0600);
@@ -144,7 +144,7 @@ START_TEST(key_files_and_times)
     ck_assert_int_eq(kh_trail_load_secret(sk_path, sk, &err), -1);
     /* --force over a file that others could read: the key is 0600. */
     ck_assert_int_eq(chmod(sk_path, 0644), 0);
-    ck_assert_int_eq(kh_trail_keygen(sk_path, pk_path, true, &err), 0);
+    ck_assert_int_eq(kh_trail_keygen(sk_path, pk_path, NULL, true, &err), 0);
     ck_assert_int_eq(stat(sk_path, &st), 0);
     ck_assert_int_eq(st.st_mode & 0777, 0600);
     ck_assert_int_eq(kh_trail_load_secret(sk_path, sk, &err), 0);
@@ -155,7 +155,7 @@ START_TEST(key_files_and_times)
     khtest_write_file(elsewhere, "kept\n");
     ck_assert_int_eq(unlink(sk_path), 0);
     ck_assert_int_eq(symlink(elsewhere, sk_path), 0);
-    ck_assert_int_eq(kh_trail_keygen(sk_path, pk_path, true, &err), -1);
+    ck_assert_int_eq(kh_trail_keygen(sk_path, pk_path, NULL, true, &err), -1);
     ck_assert_ptr_nonnull(strstr(err.message, "symbolic link"));
     char *kept = khtest_read_file(elsewhere);
     ck_assert_str_eq(kept, "kept\n");

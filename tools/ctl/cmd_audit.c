@@ -117,41 +117,6 @@ static const char *s_env(const char *name)
 
 /* ---- keygen ---- */
 
-/* Write keys, then the new key (hex), one a line, to path: into a new
- * file renamed over it, so that a failure leaves the file as it was.
- * 0, or -1 with errno. */
-static int s_write_keys(const char *path, const kh_trail_keys_t *keys,
-                        const char *new_hex)
-{
-    char tmp[4200];
-    snprintf(tmp, sizeof tmp, "%s.new-XXXXXX", path);
-    int fd = mkstemp(tmp);
-    if (fd < 0)
-        return -1;
-    FILE *f = fdopen(fd, "w");
-    if (!f) {
-        close(fd);
-        unlink(tmp);
-        return -1;
-    }
-    bool ok = fchmod(fd, 0644) == 0;
-    for (size_t i = 0; ok && i < keys->count; i++) {
-        char hex[2 * KH_TRAIL_PUBLIC_KEY_SIZE + 1];
-        kh_trail_hex(keys->key[i], KH_TRAIL_PUBLIC_KEY_SIZE, hex);
-        ok = fprintf(f, "%s\n", hex) > 0;
-    }
-    ok = ok && fprintf(f, "%s\n", new_hex) > 0;
-    ok = fflush(f) == 0 && ok && fsync(fd) == 0;
-    int saved = errno;
-    ok = fclose(f) == 0 && ok;
-    if (ok && rename(tmp, path) == 0)
-        return 0;
-    saved = errno ? errno : saved;
-    unlink(tmp);
-    errno = saved;
-    return -1;
-}
-
 static int s_keygen(int argc, char **argv)
 {
     static const struct option options[] = {
@@ -206,40 +171,31 @@ static int s_keygen(int argc, char **argv)
         free(keys);
         return CTL_FAIL;
     }
-    if (kept && keys->count == KH_TRAIL_MAX_KEYS) {
-        fprintf(stderr,
-                "ketenhubctl: %s: holds %d keys already, the most "
-                "a file may hold; nothing changed\n",
-                pk, KH_TRAIL_MAX_KEYS);
-        free(keys);
-        return CTL_FAIL;
-    }
     kh_error_clear(&err);
-    if (kh_trail_keygen(sk, pk, force, &err) != 0) {
+    if (kh_trail_keygen(sk, pk, kept ? keys : NULL, force, &err) != 0) {
         ctl_print_error(&err);
+        fprintf(stderr, "ketenhubctl: %s\n",
+                force ? "the key files are as they were, or hub-audit.pub "
+                        "lists the new key after the ones before while the "
+                        "secret key is the one before: run it again"
+                      : "nothing made");
         free(keys);
         return CTL_FAIL;
     }
-    unsigned char pub[32];
-    char hex[65];
-    int rc = CTL_OK;
-    if (kh_trail_load_public(pk, pub, &err) == 0) {
-        kh_trail_hex(pub, sizeof pub, hex);
+    size_t replaced = kept ? keys->count : 0;
+    keys->count = 0;
+    if (kh_trail_load_public_keys(pk, keys, &err) == 0) {
+        char hex[2 * KH_TRAIL_PUBLIC_KEY_SIZE + 1];
+        kh_trail_hex(keys->key[keys->count - 1], KH_TRAIL_PUBLIC_KEY_SIZE, hex);
         printf("audit public key: %s\n", hex);
-        if (kept && s_write_keys(pk, keys, hex) != 0) {
-            fprintf(stderr,
-                    "ketenhubctl: %s: cannot add the replaced public key(s) "
-                    "before the new one: %s; keep the old hub-audit.pub\n",
-                    pk, strerror(errno));
-            rc = CTL_FAIL;
-        } else if (kept)
-            printf("replaced public key(s) kept before it in %s: %zu\n", pk,
-                   keys->count);
     }
+    if (replaced)
+        printf("replaced public key(s) kept before it in %s: %zu\n", pk,
+               replaced);
     free(keys);
     printf("secret key (audit service only, KH_AUDIT_KEY): %s\n", sk);
     printf("public key (for auditors, KH_AUDIT_PUBLIC_KEY): %s\n", pk);
-    return rc;
+    return CTL_OK;
 }
 
 /* ---- seal ---- */
