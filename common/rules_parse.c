@@ -398,10 +398,15 @@ static s_ynode_t *s_parse_yaml(s_ctx_t *ctx, const unsigned char *data,
         default:
             break;
         }
+        bool wanted = ev.type == YAML_SCALAR_EVENT ||
+                      ev.type == YAML_SEQUENCE_START_EVENT ||
+                      ev.type == YAML_MAPPING_START_EVENT;
         yaml_event_delete(&ev);
-        if (failed || !node)
+        if (failed || (!node && !wanted))
             continue;
-        if ((node->kind == S_YSCALAR && !node->str)) {
+        /* A node left out would shift the keys and values of its mapping,
+         * and its end would close its parent. */
+        if (!node || (node->kind == S_YSCALAR && !node->str)) {
             s_ynode_free(node);
             s_error_at(ctx, KH_E_NOMEM, "", line, column, "out of memory");
             failed = true;
@@ -1272,6 +1277,12 @@ static bool s_leaf_same(const kh_rcond_t *a, const kh_rcond_t *b)
  * file would make the check slow, and it is skipped. */
 #define S_NEGATED_PAIRS_MAX 1000000
 
+/* Values compared at most by the check that no value of a field is left
+ * (s_field_left_empty), counting as many for the codes of a field as
+ * S_CODES_MAX. */
+#define S_VALUE_PAIRS_MAX 4000000
+#define S_CODES_MAX 256
+
 /* Contradictions between the leaves of an `all` (see s_field_contradicts),
  * field by field, and a leaf that the same `all` also negates ({field:
  * scope, equals: domestic} with {not: {field: scope, equals: domestic}}). */
@@ -1717,6 +1728,18 @@ static int s_field_left_empty(const kh_rules_t *rules, const kh_rcond_t *c)
         return -1; /* a note the less, never a wrong one */
     size_t p = 0, q = 0;
     s_value_parts(c, false, parts, &p, parts + npos, &q);
+    /* Each value tried (one of a part's, or of a field's codes) is looked
+     * for among the values of every part: two long `in`s on one field
+     * would cost the square of their length (minutes for a file of a
+     * few hundred KiB, at every load and reload), so past a bound the
+     * note is left out. */
+    size_t values = S_CODES_MAX;
+    for (size_t i = 0; i < npos + nneg; i++)
+        values += parts[i]->nvals;
+    if (values > S_VALUE_PAIRS_MAX / values) {
+        free(parts);
+        return -1;
+    }
     int empty = -1;
     for (size_t i = 0; i < npos + nneg && empty < 0; i++) {
         int field = parts[i]->field;

@@ -1043,6 +1043,47 @@ START_TEST(test_no_value_left_is_a_note)
 }
 END_TEST
 
+/* Two long `in`s on one field: the check that some value is left would
+ * compare every value of one with every value of the other (10^10
+ * comparisons here, minutes at each load of the file, during which
+ * routing routes nothing). Past a bound it is left out: the file loads
+ * without the note, within the test's timeout. */
+START_TEST(test_long_ins_load_without_the_note)
+{
+    enum { N = 100000 };
+    size_t size = 512 + 4 * (size_t) N;
+    char *yaml = malloc(size);
+    ck_assert_ptr_nonnull(yaml);
+    size_t used = (size_t) snprintf(
+        yaml, size,
+        "version: 1\n"
+        "fallback: {targets: [{partner: zorgcoordinator, fields: [needs]}]}\n"
+        "rules:\n"
+        "- name: r1\n"
+        "  when: {all: [{field: subject.age, in: [");
+    for (int list = 0; list < 2; list++) {
+        for (int i = 0; i < N; i++)
+            used += (size_t) snprintf(yaml + used, size - used, "%s%d",
+                                      i ? "," : "", list + 1);
+        used += (size_t) snprintf(yaml + used, size - used, "%s",
+                                  list ? "]}]}\n"
+                                       : "]}, {field: subject.age, in: [");
+    }
+    snprintf(yaml + used, size - used,
+             "  then: {targets: [{partner: avim, fields: [risk]}]}\n");
+    char reports[2048] = "";
+    kh_rules_options_t o = s_opts(s_demo, S_DEMO_COUNT);
+    o.report = s_collect;
+    o.report_arg = reports;
+    kh_error_t err;
+    kh_rules_t *rules = kh_rules_load_buffer(yaml, strlen(yaml), &o, &err);
+    ck_assert_msg(rules != NULL, "%s", err.message);
+    ck_assert_str_eq(reports, "");
+    kh_rules_destroy(&rules);
+    free(yaml);
+}
+END_TEST
+
 /* The decision version is the rules version and the context, computed as
  * schemas/rules.md says: the schema's bytes and the named partners that
  * take part, whatever the registry's order; partners the file does not
@@ -1891,6 +1932,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_unknown_key_hides_nothing);
     tcase_add_test(tc, test_never_matches_only_when_impossible);
     tcase_add_test(tc, test_no_value_left_is_a_note);
+    tcase_add_test(tc, test_long_ins_load_without_the_note);
     tcase_add_test(tc, test_decision_version_follows_the_recipe);
     tcase_add_test(tc, test_core_schema_numbers);
     tcase_add_test(tc, test_alias_bomb_refused_fast);
