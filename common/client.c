@@ -11,16 +11,19 @@
 #include "ketenhub/codec.h"
 #include "ketenhub/proto.h"
 
-#define S_DELIVER_ENVELOPE 4096   /* the rest of a DELIVER's frame */
-#define S_RETRY_WAIT_MAX_MS 60000 /* longest wait within one request */
+#define S_DELIVER_ENVELOPE 4096    /* the rest of a DELIVER's frame */
+#define S_RETRY_WAIT_MAX_MS 60000  /* longest wait within one request */
+#define S_CONNECTIONS_WAIT_MS 1000 /* after a handshake refused for now */
 
 struct _kh_client_t {
+    char *endpoint;
     zsock_t *dealer;
     zactor_t *monitor; /* reports refused handshakes */
     zpoller_t *poller;
     uint64_t next_cid;
     int retries;
     bool interrupted; /* a signal ended the last wait for a reply */
+    bool unconnected; /* refused for now: connect again before a send */
 };
 
 static zcert_t *s_load_cert(const char *path, bool need_secret, kh_error_t *err)
@@ -68,7 +71,8 @@ kh_client_t *kh_client_new(const char *endpoint, const char *hub_cert,
         zstr_sendx(self->monitor, "START", NULL);
         zsock_wait(self->monitor);
     }
-    if (zsock_connect(self->dealer, "%s", endpoint)) {
+    self->endpoint = strdup(endpoint);
+    if (!self->endpoint || zsock_connect(self->dealer, "%s", endpoint)) {
         kh_error_set(err, KH_E_CONFIG, "", "cannot connect to %s", endpoint);
         goto fail;
     }
@@ -94,6 +98,7 @@ void kh_client_destroy(kh_client_t **self_p)
     zpoller_destroy(&self->poller);
     zactor_destroy(&self->monitor);
     zsock_destroy(&self->dealer);
+    free(self->endpoint);
     free(self);
     *self_p = NULL;
 }
@@ -107,6 +112,44 @@ const char *kh_client_reply_cmd(const json_t *reply)
 {
     const char *cmd = json_string_value(json_object_get(reply, "cmd"));
     return cmd ? cmd : "";
+}
+
+/* The monitor reported a refused handshake: err says why. Status 500
+ * (kh_zap_set_gate: the hub takes no more connections of this partner
+ * for now) is a refusal for now; ZeroMQ does not connect again after a
+ * refused handshake, so the next send begins a new connection (not this
+ * function: were the hub still full, that one's refusal would be taken
+ * for the next request's). Any other status means the key is refused. */
+static void s_handshake_refused(kh_client_t *self, kh_error_t *err)
+{
+    zmsg_t *event = zmsg_recv(self->monitor);
+    char *name = event ? zmsg_popstr(event) : NULL;
+    char *value = event ? zmsg_popstr(event) : NULL;
+    bool for_now = value && strcmp(value, "500") == 0;
+    free(name);
+    free(value);
+    zmsg_destroy(&event);
+    if (!for_now) {
+        kh_error_set(err, KH_E_UNKNOWN_PARTNER, "",
+                     "the hub refused this partner key");
+        return;
+    }
+    zsock_disconnect(self->dealer, "%s", self->endpoint);
+    self->unconnected = true;
+    kh_error_set(err, KH_E_THROTTLED, "",
+                 "the hub takes no more connections of this partner now; "
+                 "close one, or try again later");
+}
+
+/* Send frame (destroyed), on a new connection after a refusal for now. */
+static int s_send_frame(kh_client_t *self, zframe_t **frame, int flags)
+{
+    if (self->unconnected &&
+        zsock_connect(self->dealer, "%s", self->endpoint) == 0)
+        self->unconnected = false;
+    int rc = *frame ? zframe_send(frame, self->dealer, flags) : -1;
+    zframe_destroy(frame);
+    return rc;
 }
 
 /* Send request once and wait for the reply with its cid. */
@@ -136,8 +179,7 @@ static json_t *s_exchange(kh_client_t *self, json_t *request, int timeout_ms,
     }
     zframe_t *frame = zframe_new(data, size);
     free(data);
-    if (!frame || zframe_send(&frame, self->dealer, 0)) {
-        zframe_destroy(&frame);
+    if (s_send_frame(self, &frame, 0)) {
         kh_error_set(err, KH_E_INTERNAL, "", "cannot send the request");
         return NULL;
     }
@@ -146,10 +188,7 @@ static json_t *s_exchange(kh_client_t *self, json_t *request, int timeout_ms,
     while ((left = deadline - zclock_mono()) > 0) {
         void *which = zpoller_wait(self->poller, (int) left);
         if (which == self->monitor) {
-            zmsg_t *event = zmsg_recv(self->monitor);
-            zmsg_destroy(&event);
-            kh_error_set(err, KH_E_UNKNOWN_PARTNER, "",
-                         "the hub refused this partner key");
+            s_handshake_refused(self, err);
             return NULL;
         }
         if (which != self->dealer && zpoller_terminated(self->poller)) {
@@ -183,6 +222,17 @@ static json_t *s_exchange(kh_client_t *self, json_t *request, int timeout_ms,
     return NULL;
 }
 
+/* Wait ms in steps, so that a signal (Ctrl-C) ends the wait at once (the
+ * request then ends with what it has): false when one did. */
+static bool s_nap(int64_t ms)
+{
+    int64_t until = zclock_mono() + ms;
+    while (!zsys_interrupted && zclock_mono() < until)
+        zclock_sleep(
+            (int) (until - zclock_mono() < 100 ? until - zclock_mono() : 100));
+    return !zsys_interrupted;
+}
+
 json_t *kh_client_request(kh_client_t *self, json_t *request, int timeout_ms,
                           kh_error_t *err)
 {
@@ -194,7 +244,10 @@ json_t *kh_client_request(kh_client_t *self, json_t *request, int timeout_ms,
         json_t *reply = s_exchange(self, request, timeout_ms, err);
         bool last = attempt >= self->retries;
         if (!reply) {
-            if (last || err->code != KH_E_TIMEOUT || self->interrupted)
+            bool again =
+                err->code == KH_E_TIMEOUT ||
+                (err->code == KH_E_THROTTLED && s_nap(S_CONNECTIONS_WAIT_MS));
+            if (last || !again || self->interrupted)
                 return NULL;
             continue;
         }
@@ -208,14 +261,7 @@ json_t *kh_client_request(kh_client_t *self, json_t *request, int timeout_ms,
             json_integer_value(json_object_get(reply, "retry_after_ms"));
         if (wait >= S_RETRY_WAIT_MAX_MS)
             return reply;
-        /* Waited in steps, so that a signal (Ctrl-C) ends the request
-         * with the refusal at once rather than after the wait. */
-        int64_t until = zclock_mono() + (wait > 0 ? wait : 1000);
-        while (!zsys_interrupted && zclock_mono() < until)
-            zclock_sleep((int) (until - zclock_mono() < 100
-                                    ? until - zclock_mono()
-                                    : 100));
-        if (zsys_interrupted)
+        if (!s_nap(wait > 0 ? wait : 1000))
             return reply;
         json_decref(reply);
     }
@@ -276,8 +322,7 @@ static int s_send(kh_client_t *self, json_t *msg, kh_error_t *err)
         return -1;
     zframe_t *frame = zframe_new(data, size);
     free(data);
-    if (!frame || zframe_send(&frame, self->dealer, ZFRAME_DONTWAIT)) {
-        zframe_destroy(&frame);
+    if (s_send_frame(self, &frame, ZFRAME_DONTWAIT)) {
         return kh_error_set(err, KH_E_UNAVAILABLE, "",
                             "cannot send now (not connected, or the send "
                             "queue is full)");
@@ -333,10 +378,7 @@ json_t *kh_client_recv(kh_client_t *self, int timeout_ms, kh_error_t *err)
     do {
         void *which = zpoller_wait(self->poller, (int) left);
         if (which && which == self->monitor) {
-            zmsg_t *event = zmsg_recv(self->monitor);
-            zmsg_destroy(&event);
-            kh_error_set(err, KH_E_UNKNOWN_PARTNER, "",
-                         "the hub refused this partner key");
+            s_handshake_refused(self, err);
             return NULL;
         }
         if (which != self->dealer)

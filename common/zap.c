@@ -36,6 +36,9 @@ struct _kh_zap_t {
     time_t modified;  /* the directory as last read */
     time_t read_at;   /* when it was read */
     size_t count, size;
+    /* May refuse a partner key the directory admits, or NULL. */
+    kh_zap_gate_fn gate;
+    void *gate_arg;
 };
 
 /* When a certificate's key stops admitting its partner: its metadata
@@ -297,6 +300,12 @@ zsock_t *kh_wake_push_new(zcert_t *hub, const char *endpoint,
     return push;
 }
 
+void kh_zap_set_gate(kh_zap_t *self, kh_zap_gate_fn gate, void *arg)
+{
+    self->gate = gate;
+    self->gate_arg = arg;
+}
+
 zsock_t *kh_zap_socket(kh_zap_t *self)
 {
     return self->rep;
@@ -343,6 +352,8 @@ int kh_zap_handle(kh_zap_t *self, char key[41], char address[64])
             s_refresh(self);
             const time_t *expiry = zhashx_lookup(self->keys, key);
             rc = expiry && (*expiry == 0 || time(NULL) < *expiry) ? 0 : 1;
+            if (rc == 0 && self->gate && !self->gate(self->gate_arg, key))
+                rc = 2;
         }
     }
     /* While the next hub key is served beside the current one, which of
@@ -363,8 +374,16 @@ int kh_zap_handle(kh_zap_t *self, char key[41], char address[64])
         zmsg_addmem(reply, zframe_data(request_id), zframe_size(request_id));
     else
         zmsg_addstr(reply, "");
-    zmsg_addstr(reply, rc == 0 ? "200" : "400");
-    zmsg_addstr(reply, rc == 0 ? "OK" : "no access");
+    /* A gate's refusal is told as status 500, which CURVE sends the
+     * client in its ERROR command before closing (a client sees it in its
+     * handshake-failed event, kh_client as KH_E_THROTTLED), where 400 says
+     * the key is refused. 300, the status meant for temporary failures,
+     * is sent no ERROR: the connection would wait out the handshake's
+     * timeout, and then come again. */
+    zmsg_addstr(reply, rc == 0 ? "200" : rc == 2 ? "500" : "400");
+    zmsg_addstr(reply, rc == 0   ? "OK"
+                       : rc == 2 ? "too many connections"
+                                 : "no access");
     zmsg_addstr(reply, rc == 0 ? key : ""); /* the User-Id of its frames */
     zmsg_addmem(reply, NULL, 0);            /* no metadata */
     zmsg_send(&reply, self->rep);

@@ -79,10 +79,17 @@ zsock_t *kh_wake_push_new(zcert_t *hub, const char *endpoint,
 /* The socket to read ZAP requests from in the loop. */
 zsock_t *kh_zap_socket(kh_zap_t *self);
 
+/* Consulted for each partner key the directory admits: false refuses the
+ * handshake (a partner with its most connections, kh_peers_full). */
+typedef bool (*kh_zap_gate_fn)(void *arg, const char *key);
+
+/* Set the gate (NULL: none). */
+void kh_zap_set_gate(kh_zap_t *self, kh_zap_gate_fn gate, void *arg);
+
 /* Read and answer one ZAP request. Returns 0 when the key was let in, 1
- * when it was refused, -1 when the request was not a CURVE request we
- * understand (refused too). key gets the client key's Z85 text ("" if
- * none), address the peer's address. */
+ * when it was refused, 2 when the gate refused it, -1 when the request
+ * was not a CURVE request we understand (refused too). key gets the
+ * client key's Z85 text ("" if none), address the peer's address. */
 int kh_zap_handle(kh_zap_t *self, char key[41], char address[64]);
 
 #ifdef __cplusplus

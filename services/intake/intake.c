@@ -20,6 +20,7 @@
 #include "ketenhub/health.h"
 #include "ketenhub/jarena.h"
 #include "ketenhub/log.h"
+#include "ketenhub/peers.h"
 #include "ketenhub/proto.h"
 #include "ketenhub/ratelimit.h"
 #include "ketenhub/schema.h"
@@ -38,7 +39,8 @@
 #define S_ARENA_KEEP (2 * 1024 * 1024) /* of a batch's arena across batches */
 #define S_DRAIN_MS 3000
 #define S_STATS_MS 10000
-#define S_AUTH_PENDING 64 /* refused handshakes waiting for audit */
+#define S_AUTH_PENDING 64           /* refused handshakes waiting for audit */
+#define S_CONNECTIONS_RETRY_MS 1000 /* throttled for too many connections */
 
 /* One request of the batch being handled. */
 typedef struct {
@@ -97,7 +99,8 @@ struct _intake_t {
     zcert_t *cert;
     kh_zap_t *zap;
     zsock_t *router;
-    zsock_t *routing; /* wake-ups for routing, or NULL */
+    kh_peers_t *peers; /* the router's connections per partner */
+    zsock_t *routing;  /* wake-ups for routing, or NULL */
     int port;
     store_t *store;
     zhashx_t *partners; /* Z85 key -> partner id */
@@ -163,6 +166,15 @@ intake_t *intake_new(const intake_config_t *config, kh_error_t *err)
      * connection cannot make intake hold more than S_RCVHWM frames. */
     zsock_set_rcvhwm(self->router, S_RCVHWM);
     zsock_set_router_mandatory(self->router, 0);
+    /* A connection whose peer vanished without a word (power lost, a
+     * firewall's state dropped) would be counted against its partner
+     * until the kernel gave up on it; the heartbeat closes it within
+     * 30 s. */
+    zsock_set_heartbeat_ivl(self->router, 1000);
+    zsock_set_heartbeat_timeout(self->router, 30000);
+    self->peers = kh_peers_new(self->router, config->max_connections, err);
+    if (!self->peers)
+        goto fail;
     self->port = zsock_bind(self->router, "%s", config->endpoint);
     if (self->port == -1) {
         kh_error_set(err, KH_E_CONFIG, "KH_INTAKE_ENDPOINT",
@@ -227,6 +239,7 @@ void intake_destroy(intake_t **self_p)
         return;
     intake_t *self = *self_p;
     zloop_destroy(&self->loop);
+    kh_peers_destroy(&self->peers);
     zsock_destroy(&self->router);
     zsock_destroy(&self->routing);
     kh_zap_destroy(&self->zap);
@@ -435,6 +448,22 @@ static void s_check_rates(intake_t *self, s_request_t *req)
     }
 }
 
+/* Refuse req as throttled: its partner has its most connections counted
+ * and req came on one more (its handshake got through before they were).
+ * Not audited, as no throttled request is. Returns -1 with err set. */
+static int s_over_connections(intake_t *self, s_request_t *req, kh_error_t *err)
+{
+    req->retry_after_ms = S_CONNECTIONS_RETRY_MS;
+    self->stats.throttled++;
+    if (kh_throttle_pass(self->throttle_logged, req->actor, zclock_mono()))
+        kh_log_warn("throttled", "actor=%s peer=%s over=connections max=%zu",
+                    req->actor, req->peer, kh_peers_max(self->peers));
+    return kh_error_set(err, KH_E_THROTTLED, "",
+                        "this partner has %zu connections to intake open "
+                        "already; send on one of them, or close one",
+                        kh_peers_max(self->peers));
+}
+
 /* Refuse a SUBMIT whose referral breaks the schema. */
 static void s_check_referral(const intake_t *self, s_request_t *req)
 {
@@ -476,22 +505,22 @@ static void s_read_status(intake_t *self, kh_jarena_t *arena, s_request_t *req)
 }
 
 /* Receive one request and check everything that needs no database; its
- * envelope is decoded into arena. */
+ * envelope is decoded into arena. body is its first frame, extra tells
+ * that more followed; identity goes to req. */
 static void s_take(intake_t *self, kh_jarena_t *arena, s_request_t *req,
-                   zmsg_t *msg)
+                   zframe_t *identity, zmq_msg_t *body, bool extra)
 {
     memset(req, 0, sizeof *req);
     req->sub = -1;
     req->leader = -1;
     req->cmd = KH_CMD_UNKNOWN_;
-    req->identity = zmsg_pop(msg);
-    zframe_t *body = zmsg_pop(msg);
+    req->identity = identity;
     kh_error_t err;
     kh_error_clear(&err);
 
-    req->size = body ? zframe_size(body) : 0;
-    const char *key = body ? zframe_meta(body, "User-Id") : NULL;
-    const char *peer = body ? zframe_meta(body, "Peer-Address") : NULL;
+    req->size = zmq_msg_size(body);
+    const char *key = zmq_msg_gets(body, "User-Id");
+    const char *peer = zmq_msg_gets(body, "Peer-Address");
     snprintf(req->peer, sizeof req->peer, "%s", peer ? peer : "");
     bool unsure = false;
     const char *partner = key ? s_partner_of(self, key, &unsure) : NULL;
@@ -506,32 +535,35 @@ static void s_take(intake_t *self, kh_jarena_t *arena, s_request_t *req,
      * itself, so that an answer committed after its connection went can
      * never reach another one that took the id (as on the delivery
      * socket, notify.c). */
-    const char *chosen = body ? zframe_meta(body, "Identity") : NULL;
+    const char *chosen = zmq_msg_gets(body, "Identity");
     int rc = 0;
     bool decoded = false; /* the body went to the decoder */
-    if (!body || zmsg_size(msg) != 0)
+    if (extra)
         rc = kh_error_set(&err, KH_E_BAD_ENVELOPE, "",
                           "a request is exactly one frame");
     else if (chosen && *chosen)
         rc = kh_error_set(&err, KH_E_BAD_ENVELOPE, "",
                           "the connection set its own routing id; a "
                           "partner's connection must leave it to the hub");
+    else if (partner &&
+             !kh_peers_take(self->peers, zmq_msg_get(body, ZMQ_SRCFD), partner))
+        rc = s_over_connections(self, req, &err);
     else {
         decoded = true;
         kh_jarena_t *was = kh_jarena_enter(arena);
-        rc = kh_msgpack_decode(zframe_data(body), zframe_size(body),
+        rc = kh_msgpack_decode(zmq_msg_data(body), zmq_msg_size(body),
                                &self->cfg.limits, &req->msg, &err);
         kh_jarena_enter(was);
     }
     if (rc) {
         /* The refusal still answers the request's cid where the frame
          * holds one: a partner matches replies by it (protocol.md). */
-        if (body)
-            kh_msgpack_peek_str(zframe_data(body), zframe_size(body), "cid",
-                                req->cid, sizeof req->cid);
+        kh_msgpack_peek_str(zmq_msg_data(body), zmq_msg_size(body), "cid",
+                            req->cid, sizeof req->cid);
         /* v is checked before anything else. */
         if (decoded)
-            kh_proto_other_version(zframe_data(body), zframe_size(body), &err);
+            kh_proto_other_version(zmq_msg_data(body), zmq_msg_size(body),
+                                   &err);
         s_refuse(req, &err);
     } else {
         const char *cid = NULL;
@@ -567,7 +599,6 @@ static void s_take(intake_t *self, kh_jarena_t *arena, s_request_t *req,
         s_check_referral(self, req);
     if (!req->refused && req->cmd == KH_CMD_STATUS)
         s_read_status(self, arena, req);
-    zframe_destroy(&body);
 }
 
 /* Place a valid SUBMIT in the batch, or make it follow an earlier request
@@ -1037,18 +1068,49 @@ static bool s_batch_full(const intake_t *self, const s_batch_t *batch)
 
 /* Take the waiting requests into the filling batch; commit it if nothing
  * else is being committed. */
+/* Read one request off router: the connection's routing id, the first
+ * frame of its body (with the metadata that names its key and socket)
+ * and whether more frames followed, which are read and dropped. 0, or -1
+ * when none could be read. */
+static int s_recv(zsock_t *router, zframe_t **identity, zmq_msg_t *body,
+                  bool *extra)
+{
+    *identity = zframe_recv(router);
+    if (!*identity)
+        return -1;
+    void *handle = zsock_resolve(router);
+    zmq_msg_init(body);
+    /* A ROUTER puts a body frame behind every routing id, if empty. */
+    if (zmq_msg_recv(body, handle, 0) < 0) {
+        zmq_msg_close(body);
+        zframe_destroy(identity);
+        return -1;
+    }
+    *extra = false;
+    for (bool more = zmq_msg_more(body); more;) {
+        zmq_msg_t frame;
+        zmq_msg_init(&frame);
+        more = zmq_msg_recv(&frame, handle, 0) >= 0 && zmq_msg_more(&frame);
+        zmq_msg_close(&frame);
+        *extra = true;
+    }
+    return 0;
+}
+
 static int s_on_router(zloop_t *loop, zsock_t *router, void *arg)
 {
     (void) loop;
     intake_t *self = arg;
     s_batch_t *batch = self->filling;
     while (!s_batch_full(self, batch) && (zsock_events(router) & ZMQ_POLLIN)) {
-        zmsg_t *msg = zmsg_recv(router);
-        if (!msg)
+        zframe_t *identity;
+        zmq_msg_t body;
+        bool extra;
+        if (s_recv(router, &identity, &body, &extra))
             break;
         s_request_t *req = &batch->requests[batch->count++];
-        s_take(self, batch->arena, req, msg);
-        zmsg_destroy(&msg);
+        s_take(self, batch->arena, req, identity, &body, extra);
+        zmq_msg_close(&body);
         if (!req->refused && req->cmd == KH_CMD_SUBMIT)
             s_batch_submit(batch, req);
         if (!req->refused)
@@ -1093,6 +1155,27 @@ static int s_check_stall(zloop_t *loop, int timer_id, void *arg)
     return s_go_on(self);
 }
 
+/* The ZAP gate: a handshake of a partner with its most connections is
+ * refused (a key the registry does not know yet is let through, to be
+ * answered as such). */
+static bool s_gate(void *arg, const char *key)
+{
+    intake_t *self = arg;
+    const char *partner =
+        self->partners ? zhashx_lookup(self->partners, key) : NULL;
+    return !partner || !kh_peers_full(self->peers, partner);
+}
+
+/* Closed connections, read as they come so that none is counted on. */
+static int s_on_peers(zloop_t *loop, zsock_t *socket, void *arg)
+{
+    (void) loop;
+    (void) socket;
+    intake_t *self = arg;
+    kh_peers_drain(self->peers);
+    return 0;
+}
+
 /* Answer a ZAP request; a refused key is logged and, once a minute per key
  * and peer, audited (a client retrying its handshake must not flood the
  * trail). */
@@ -1102,8 +1185,19 @@ static int s_on_zap(zloop_t *loop, zsock_t *socket, void *arg)
     (void) socket;
     intake_t *self = arg;
     char key[41], peer[64];
-    if (kh_zap_handle(self->zap, key, peer) == 0)
+    int rc = kh_zap_handle(self->zap, key, peer);
+    if (rc == 0)
         return 0;
+    if (rc == 2) { /* a partner with its most connections: throttled */
+        const char *partner = zhashx_lookup(self->partners, key);
+        self->stats.throttled++;
+        if (partner &&
+            kh_throttle_pass(self->throttle_logged, partner, zclock_mono()))
+            kh_log_warn("throttled",
+                        "actor=%s peer=%s over=connections max=%zu", partner,
+                        peer, kh_peers_max(self->peers));
+        return 0;
+    }
     char seen[128];
     snprintf(seen, sizeof seen, "%s %s", key, peer);
     /* Anyone who can reach the port can make up keys without end, each
@@ -1212,7 +1306,10 @@ int intake_run(intake_t *self, int signal_fd)
     self->signal_fd = signal_fd;
     store_watch_stop(self->store, signal_fd, s_stop_asked, self);
     s_set_reading(self, true);
+    kh_zap_set_gate(self->zap, s_gate, self);
     if (zloop_reader(self->loop, kh_zap_socket(self->zap), s_on_zap, self) ||
+        zloop_reader(self->loop, kh_peers_monitor(self->peers), s_on_peers,
+                     self) ||
         kh_health_attach(self->loop))
         return -1;
     zmq_pollitem_t signals = {NULL, signal_fd, ZMQ_POLLIN, 0};

@@ -28,6 +28,9 @@ typedef struct {
      * Over it (by more than 10 s worth), the partner's requests are
      * refused throttled before any work. */
     int partner_refusals;
+    /* Most open connections of one partner that send requests; a
+     * handshake for one more is refused (peers.h). */
+    size_t max_connections;
 } intake_config_t;
 
 typedef struct _intake_t intake_t;

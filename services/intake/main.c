@@ -43,6 +43,8 @@ static kh_cfg_t s_config[] = {
            "SUBMITs a partner may send at once above its rate (0: a second's)"),
     KH_CFG("KH_PARTNER_REFUSALS", KH_CFG_INT, "20", 0, 1000000, false,
            "refused requests a second one partner may cause (0: no limit)"),
+    KH_CFG("KH_INTAKE_MAX_CONNECTIONS", KH_CFG_INT, "16", 1, 1024, false,
+           "most open connections of one partner"),
     KH_CFG("KH_PARTNER_REFRESH_MS", KH_CFG_INT, "5000", 100, 3600000, false,
            "how often the partner registry is re-read"),
     KH_CFG("KH_DB_COMMIT_TIMEOUT_MS", KH_CFG_INT, "5000", 100, 600000, false,
@@ -105,6 +107,9 @@ static int s_main(int argc, char **argv)
     config.partner_refusals =
         (int) kh_config_get(s_config, S_CONFIG_COUNT, "KH_PARTNER_REFUSALS")
             ->num;
+    config.max_connections = (size_t) kh_config_get(s_config, S_CONFIG_COUNT,
+                                                    "KH_INTAKE_MAX_CONNECTIONS")
+                                 ->num;
 
     /* First, so that a bad KH_HEALTH_ENDPOINT is named before anything
      * else; not ready until the sockets are bound. */

@@ -2779,6 +2779,104 @@ START_TEST(refused_pings_are_throttled_before_the_trail)
 }
 END_TEST
 
+/* A PING on dealer as version 1 with cid; its reply, or NULL when none
+ * came within timeout_ms. */
+static json_t *s_ping_on(zsock_t *dealer, const char *cid, int timeout_ms)
+{
+    zframe_t *frame = s_frame(json_pack("{s:s}", "cmd", "PING"), cid);
+    zframe_send(&frame, dealer, 0);
+    zsock_set_rcvtimeo(dealer, timeout_ms);
+    frame = zframe_recv(dealer);
+    return frame ? s_decoded(&frame) : NULL;
+}
+
+/* A DEALER of partner vt whose CURVE handshake with intake is over. */
+static zsock_t *s_dealer_shaken(void)
+{
+    zsock_t *dealer = zsock_new(ZMQ_DEALER);
+    ck_assert_ptr_nonnull(dealer);
+    zcert_t *mine = zcert_load(s_path("vt.cert"));
+    zcert_t *hub = zcert_load(s_path("hub.cert"));
+    ck_assert(mine && hub);
+    zcert_apply(mine, dealer);
+    zsock_set_curve_serverkey(dealer, zcert_public_txt(hub));
+    zsock_set_linger(dealer, 0);
+    zcert_destroy(&mine);
+    zcert_destroy(&hub);
+    char endpoint[64];
+    snprintf(endpoint, sizeof endpoint, "inproc://shaken-%p", (void *) dealer);
+    ck_assert_int_eq(zmq_socket_monitor(zsock_resolve(dealer), endpoint,
+                                        ZMQ_EVENT_HANDSHAKE_SUCCEEDED),
+                     0);
+    zsock_t *monitor = zsock_new(ZMQ_PAIR);
+    ck_assert_int_eq(zsock_connect(monitor, "%s", endpoint), 0);
+    ck_assert_int_eq(zsock_connect(dealer, "%s", s_endpoint), 0);
+    zsock_set_rcvtimeo(monitor, S_TIMEOUT);
+    zmsg_t *event = zmsg_recv(monitor);
+    ck_assert_msg(event != NULL, "no handshake within %d ms", S_TIMEOUT);
+    zmsg_destroy(&event);
+    zmq_socket_monitor(zsock_resolve(dealer), NULL, 0);
+    zsock_destroy(&monitor);
+    return dealer;
+}
+
+static void s_expect_pong(json_t *reply)
+{
+    ck_assert_ptr_nonnull(reply);
+    ck_assert_str_eq(kh_client_reply_cmd(reply), "PONG");
+    json_decref(reply);
+}
+
+/* A partner whose client opens connections without end cannot take
+ * intake's descriptors: past KH_INTAKE_MAX_CONNECTIONS open ones, its
+ * handshakes are refused, and a connection that got through before the
+ * others were counted is answered throttled; a closed one makes room.
+ * None of it goes into the trail. */
+START_TEST(a_partner_has_at_most_its_connections)
+{
+    s_restart_intake_with(
+        (const char *const[]){"KH_INTAKE_MAX_CONNECTIONS", "2", NULL});
+    zsock_t *early = s_dealer_shaken();
+    zsock_t *first = s_dealer(S_TIMEOUT);
+    s_expect_pong(s_ping_on(first, "first", S_TIMEOUT));
+    zsock_t *second = s_dealer(S_TIMEOUT);
+    s_expect_pong(s_ping_on(second, "second", S_TIMEOUT));
+
+    json_t *reply = s_ping_on(early, "early", S_TIMEOUT);
+    ck_assert_ptr_nonnull(reply);
+    ck_assert_str_eq(kh_client_reply_cmd(reply), "REJECTED");
+    ck_assert_str_eq(s_str(reply, "code"), "throttled");
+    ck_assert_str_eq(s_str(reply, "cid"), "early");
+    ck_assert(json_is_true(json_object_get(reply, "retryable")));
+    ck_assert_int_gt(
+        json_integer_value(json_object_get(reply, "retry_after_ms")), 0);
+    json_decref(reply);
+
+    /* One more is refused at its handshake, for now: the client is told
+     * so (ZAP status 500), not that its key is refused. */
+    kh_client_t *more = s_client("vt");
+    kh_client_set_retries(more, 0);
+    kh_error_t err;
+    ck_assert_int_ne(kh_client_ping(more, S_TIMEOUT, &err), 0);
+    ck_assert_msg(err.code == KH_E_THROTTLED, "%s (%s)", err.message,
+                  kh_error_name(err.code));
+    ck_assert(khtest_log_has(s_path("intake.log"), "over=connections", 3000));
+    /* The counted ones are served all the same. */
+    s_expect_pong(s_ping_on(first, "again", S_TIMEOUT));
+
+    /* A closed one makes room: the client's next attempt, on a new
+     * connection, gets through. */
+    zsock_destroy(&second);
+    ck_assert_msg(kh_client_ping(more, S_TIMEOUT, &err) == 0, "%s (%s)",
+                  err.message, kh_error_name(err.code));
+    kh_client_destroy(&more);
+
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events"), 0);
+    zsock_destroy(&early);
+    zsock_destroy(&first);
+}
+END_TEST
+
 /* Run intake's batch statement on conn (async when wait is false) for
  * veilig-thuis's keys (comma-separated, in that order), each with its own
  * payload. */
@@ -3186,6 +3284,12 @@ int main(void)
     tcase_add_test(tc, refused_pings_are_throttled_before_the_trail);
     suite_add_tcase(suite, tc);
     /* The database's failures and intake's stop. */
+    tc = tcase_create("connections");
+    tcase_set_timeout(tc, 60);
+    tcase_add_checked_fixture(tc, s_setup, s_teardown);
+    tcase_add_test(tc, a_partner_has_at_most_its_connections);
+    suite_add_tcase(suite, tc);
+
     tc = tcase_create("intake_db");
     tcase_set_timeout(tc, 60);
     tcase_add_checked_fixture(tc, s_setup, s_teardown);

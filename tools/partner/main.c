@@ -7,8 +7,9 @@
  *
  * Exit codes: 0 accepted (or answered), 1 refused, 2 usage or unreadable
  * input, 3 hub unreachable or this key refused (at the handshake, or
- * REJECTED unknown_partner), 4 refused for now (the
- * hub asked to retry later, and retries ran out).
+ * REJECTED unknown_partner), 4 refused for now (the hub asked to retry
+ * later, or took no more connections of this partner, and retries ran
+ * out).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -69,9 +70,11 @@ static int s_outcome(const json_t *reply, const kh_error_t *err)
         /* A referral too deep to encode, or too large for a frame, never
          * left: the hub would refuse or drop it just the same, and no
          * resend can help. */
-        return err->code == KH_E_TOO_DEEP || err->code == KH_E_TOO_LARGE
-                   ? S_EXIT_REFUSED
-                   : S_EXIT_UNREACHABLE;
+        if (err->code == KH_E_TOO_DEEP || err->code == KH_E_TOO_LARGE)
+            return S_EXIT_REFUSED;
+        /* The hub took no more connections of this partner for now. */
+        return err->code == KH_E_THROTTLED ? S_EXIT_RETRY_LATER
+                                           : S_EXIT_UNREACHABLE;
     }
     char *text = json_dumps(reply, JSON_COMPACT | JSON_SORT_KEYS);
     if (text)

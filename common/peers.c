@@ -1,0 +1,176 @@
+/*
+ * Open connections counted per partner (see peers.h).
+ */
+#include "ketenhub/peers.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct _kh_peers_t {
+    zsock_t *router;
+    zsock_t *monitor;
+    size_t max;
+    zhashx_t *partner_of; /* descriptor ("%d") -> partner id (owned text) */
+    zhashx_t *counts;     /* partner id -> size_t of its counted ones */
+};
+
+static void s_free(void **item)
+{
+    free(*item);
+    *item = NULL;
+}
+
+kh_peers_t *kh_peers_new(zsock_t *router, size_t max, kh_error_t *err)
+{
+    kh_peers_t *self = calloc(1, sizeof *self);
+    if (!self) {
+        kh_error_set(err, KH_E_NOMEM, "", "out of memory");
+        return NULL;
+    }
+    self->max = max;
+    self->partner_of = zhashx_new();
+    self->counts = zhashx_new();
+    if (!self->partner_of || !self->counts) {
+        kh_peers_destroy(&self);
+        kh_error_set(err, KH_E_NOMEM, "", "out of memory");
+        return NULL;
+    }
+    zhashx_set_destructor(self->partner_of, s_free);
+    zhashx_set_destructor(self->counts, s_free);
+    /* Only disconnects, which are few and read at once, on an inproc
+     * PAIR. */
+    char endpoint[64];
+    snprintf(endpoint, sizeof endpoint, "inproc://kh-peers-%p", (void *) self);
+    if (zmq_socket_monitor(zsock_resolve(router), endpoint,
+                           ZMQ_EVENT_DISCONNECTED)) {
+        kh_peers_destroy(&self);
+        kh_error_set(err, KH_E_INTERNAL, "",
+                     "cannot watch the partners' socket");
+        return NULL;
+    }
+    self->router = router;
+    self->monitor = zsock_new(ZMQ_PAIR);
+    if (!self->monitor || zsock_connect(self->monitor, "%s", endpoint)) {
+        kh_peers_destroy(&self);
+        kh_error_set(err, KH_E_INTERNAL, "",
+                     "cannot watch the partners' socket");
+        return NULL;
+    }
+    return self;
+}
+
+void kh_peers_destroy(kh_peers_t **self_p)
+{
+    if (!self_p || !*self_p)
+        return;
+    kh_peers_t *self = *self_p;
+    if (self->router)
+        zmq_socket_monitor(zsock_resolve(self->router), NULL, 0);
+    zsock_destroy(&self->monitor);
+    zhashx_destroy(&self->partner_of);
+    zhashx_destroy(&self->counts);
+    free(self);
+    *self_p = NULL;
+}
+
+zsock_t *kh_peers_monitor(kh_peers_t *self)
+{
+    return self->monitor;
+}
+
+size_t kh_peers_max(const kh_peers_t *self)
+{
+    return self->max;
+}
+
+int kh_monitor_event(zsock_t *monitor, uint16_t *event, uint32_t *value)
+{
+    if (!(zsock_events(monitor) & ZMQ_POLLIN))
+        return -1;
+    zmsg_t *msg = zmsg_recv(monitor);
+    if (!msg)
+        return -1;
+    /* the event (16 bits) and its value (32), then the endpoint */
+    zframe_t *head = zmsg_first(msg);
+    *event = 0;
+    *value = 0;
+    if (head && zframe_size(head) == sizeof *event + sizeof *value) {
+        memcpy(event, zframe_data(head), sizeof *event);
+        memcpy(value, zframe_data(head) + sizeof *event, sizeof *value);
+    }
+    zmsg_destroy(&msg);
+    return 0;
+}
+
+static size_t *s_count(kh_peers_t *self, const char *partner)
+{
+    return zhashx_lookup(self->counts, partner);
+}
+
+/* Forget the connection on fd, if one was counted. */
+static void s_forget(kh_peers_t *self, const char *fd)
+{
+    const char *partner = zhashx_lookup(self->partner_of, fd);
+    if (!partner)
+        return;
+    size_t *count = s_count(self, partner);
+    if (count && --*count == 0)
+        zhashx_delete(self->counts, partner);
+    zhashx_delete(self->partner_of, fd);
+}
+
+void kh_peers_drain(kh_peers_t *self)
+{
+    uint16_t event;
+    uint32_t value;
+    while (kh_monitor_event(self->monitor, &event, &value) == 0)
+        if (event == ZMQ_EVENT_DISCONNECTED) {
+            char fd[16];
+            snprintf(fd, sizeof fd, "%u", value);
+            s_forget(self, fd);
+        }
+}
+
+bool kh_peers_take(kh_peers_t *self, int fd, const char *partner)
+{
+    if (fd < 0)
+        return true;
+    char key[16];
+    snprintf(key, sizeof key, "%d", fd);
+    const char *known = zhashx_lookup(self->partner_of, key);
+    if (known && strcmp(known, partner) == 0)
+        return true;
+    /* A descriptor not counted, or counted for another partner, is a new
+     * connection: a closed one's disconnect event is queued before its
+     * descriptor can be reused, so it is read first. */
+    kh_peers_drain(self);
+    s_forget(self, key);
+    size_t *count = s_count(self, partner);
+    if (count && *count >= self->max)
+        return false;
+    char *copy = strdup(partner);
+    if (!count) {
+        count = calloc(1, sizeof *count);
+        if (count && zhashx_insert(self->counts, partner, count)) {
+            free(count);
+            count = NULL;
+        }
+    }
+    if (!copy || !count || zhashx_insert(self->partner_of, key, copy)) {
+        /* Out of memory: served uncounted rather than refused. */
+        free(copy);
+        if (count && *count == 0)
+            zhashx_delete(self->counts, partner);
+        return true;
+    }
+    ++*count;
+    return true;
+}
+
+bool kh_peers_full(kh_peers_t *self, const char *partner)
+{
+    kh_peers_drain(self);
+    const size_t *count = s_count(self, partner);
+    return count && *count >= self->max;
+}

@@ -1,0 +1,63 @@
+/*
+ * The open connections of a partner-facing ROUTER, counted per partner: a
+ * partner whose client opens connections without end (one per request,
+ * never closed) must not take the hub's file descriptors and memory from
+ * the others. A connection is counted from its first frame, which names
+ * its key (ZAP's User-Id) and its socket (ZMQ_SRCFD), until ZeroMQ's socket
+ * monitor reports that socket closed. Once a partner has its most, its
+ * next handshakes are refused (kh_zap_set_gate), and a frame on one more
+ * connection that got through before is refused.
+ */
+#ifndef KH_PEERS_H_INCLUDED
+#define KH_PEERS_H_INCLUDED
+
+#include <czmq.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "ketenhub/error.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct _kh_peers_t kh_peers_t;
+
+/* Watch router's disconnects and allow each partner max connections.
+ * Call before router binds, so that no disconnect is missed. NULL with
+ * err. */
+kh_peers_t *kh_peers_new(zsock_t *router, size_t max, kh_error_t *err);
+
+/* Stop watching; accepts NULL; nulls the pointer. The router must still
+ * exist. */
+void kh_peers_destroy(kh_peers_t **self_p);
+
+/* The socket that disconnect events arrive on, for the loop to read with
+ * kh_peers_drain. */
+zsock_t *kh_peers_monitor(kh_peers_t *self);
+
+/* Forget the connections reported closed so far. */
+void kh_peers_drain(kh_peers_t *self);
+
+/* A frame came on the connection with socket fd (-1: unknown, never
+ * counted) from partner: true when it may be served (the connection is
+ * counted now or was), false when partner has its most connections
+ * counted already. */
+bool kh_peers_take(kh_peers_t *self, int fd, const char *partner);
+
+/* True when partner has its most connections (closed ones are read first):
+ * a handshake for one more is refused. */
+bool kh_peers_full(kh_peers_t *self, const char *partner);
+
+/* The most connections a partner may have. */
+size_t kh_peers_max(const kh_peers_t *self);
+
+/* Read one event of a ZeroMQ socket monitor: 0 with the event and its
+ * value (for connects and disconnects, the socket's descriptor), -1 when
+ * none is waiting or it cannot be read. */
+int kh_monitor_event(zsock_t *monitor, uint16_t *event, uint32_t *value);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
