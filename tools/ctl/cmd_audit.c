@@ -699,8 +699,14 @@ static int s_export(int argc, char **argv)
                                        NULL, filter, "ketenhubctl", &err);
     if (rc == 0)
         rc = kh_trail_export(conn, f, from, to, events, &count, &err);
+    /* On the disk before it has its name: after a power cut the name
+     * holds the whole export or is not there. */
+    if (rc == 0 && (fflush(f) != 0 || fsync(fd) != 0))
+        rc = kh_error_set(&err, KH_E_IO, out, "cannot write: %s",
+                          strerror(errno));
     if (fclose(f) != 0 && rc == 0)
-        rc = kh_error_set(&err, KH_E_IO, out, "cannot write");
+        rc = kh_error_set(&err, KH_E_IO, out, "cannot write: %s",
+                          strerror(errno));
     if (rc == 0 && s_publish(tmp, out) != 0)
         rc = kh_error_set(&err, KH_E_IO, out, "cannot create: %s",
                           strerror(errno));
