@@ -882,11 +882,11 @@ static bool s_may_receive(const kh_rules_partner_t *partners, size_t count,
     return false;
 }
 
-/* The optional targets of n in targets, as the registry is now; returns
- * how many changed. */
+/* The optional targets of n in targets, as the registry is now (all
+ * taking part when all_active); returns how many changed. */
 static size_t s_set_optional(const kh_rules_t *self, kh_rtarget_t *targets,
                              size_t n, const kh_rules_partner_t *partners,
-                             size_t count)
+                             size_t count, bool all_active)
 {
     size_t changed = 0;
     for (size_t i = 0; i < n; i++) {
@@ -894,6 +894,7 @@ static size_t s_set_optional(const kh_rules_t *self, kh_rtarget_t *targets,
         if (!t->optional)
             continue;
         bool active =
+            all_active ||
             s_may_receive(partners, count, self->partner_ids[t->partner]);
         int escalate =
             t->escalate_named >= 0 &&
@@ -913,16 +914,21 @@ size_t kh_rules_set_partners(kh_rules_t *self,
 {
     size_t changed = 0;
     for (size_t r = 0; r < self->nrules; r++)
-        changed += s_set_optional(self, self->rules[r].targets,
-                                  self->rules[r].ntargets, partners, count);
+        changed +=
+            s_set_optional(self, self->rules[r].targets,
+                           self->rules[r].ntargets, partners, count, false);
     bool left = false;
     for (size_t i = 0; i < self->nfallback; i++)
         left = left || !self->fallback[i].optional ||
                s_may_receive(partners, count,
                              self->partner_ids[self->fallback[i].partner]);
-    if (left)
-        changed += s_set_optional(self, self->fallback, self->nfallback,
-                                  partners, count);
+    /* With none of its partners left, every target of the fallback takes
+     * part (its deliveries die, with their alerts, as a required target's
+     * revoked since): what the referral gets follows from the registry
+     * now, as the decision version says, not from which partner was left
+     * last. */
+    changed += s_set_optional(self, self->fallback, self->nfallback, partners,
+                              count, !left);
     return changed;
 }
 

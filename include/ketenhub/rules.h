@@ -122,9 +122,10 @@ const char *kh_rules_name(const kh_rules_t *self, size_t index);
  * optional target's escalation partner) takes part when its partner is
  * registered and handles cases, and is skipped when it is not; the other
  * targets were checked at load and stay as they are (a delivery to a
- * partner revoked since becomes a dead letter, with its alert). The
- * fallback keeps its optional targets when none of its partners would be
- * left. Returns the number of targets that changed. */
+ * partner revoked since becomes a dead letter, with its alert). When none
+ * of the fallback's partners is left, all its targets take part (their
+ * deliveries die likewise), whatever was left before. Returns the number
+ * of targets that changed. */
 size_t kh_rules_set_partners(kh_rules_t *self,
                              const kh_rules_partner_t *partners, size_t count);
 

@@ -1616,8 +1616,9 @@ START_TEST(test_set_partners)
     ck_assert_int_eq(kh_rules_missing_partners(rules, NULL, 0, missing, 4), 4);
     kh_rules_destroy(&rules);
 
-    /* A fallback of optional partners only keeps them when none would be
-     * left. */
+    /* A fallback of optional partners: with none of them left, all take
+     * part (their deliveries die, with their alerts), whichever was left
+     * before: the registry alone decides. */
     static const char *optional_fallback =
         "version: 1\n"
         "fallback: {targets: [{partner: px, optional: true, fields: [needs]},"
@@ -1629,9 +1630,17 @@ START_TEST(test_set_partners)
     s_targets_of(rules, NULL, got, sizeof got);
     ck_assert_str_eq(got, "py:normal");
     static const kh_rules_partner_t nobody[] = {{"pz", true}};
-    ck_assert_int_eq(kh_rules_set_partners(rules, nobody, 1), 0);
+    ck_assert_int_eq(kh_rules_set_partners(rules, nobody, 1), 1);
     s_targets_of(rules, NULL, got, sizeof got);
-    ck_assert_str_eq(got, "py:normal");
+    ck_assert_str_eq(got, "px:normal py:normal");
+    kh_rules_destroy(&rules);
+    static const kh_rules_partner_t only_px[] = {{"px", true}};
+    rules = s_load_text(optional_fallback, only_px, 1);
+    s_targets_of(rules, NULL, got, sizeof got);
+    ck_assert_str_eq(got, "px:normal");
+    ck_assert_int_eq(kh_rules_set_partners(rules, nobody, 1), 1);
+    s_targets_of(rules, NULL, got, sizeof got);
+    ck_assert_str_eq(got, "px:normal py:normal");
     kh_rules_destroy(&rules);
 }
 END_TEST
