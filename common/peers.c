@@ -51,6 +51,11 @@ kh_peers_t *kh_peers_new(zsock_t *router, size_t max, kh_error_t *err)
     }
     self->router = router;
     self->monitor = zsock_new(ZMQ_PAIR);
+    /* No bound on the events waiting: one dropped while the loop is busy
+     * (a storm of connections that never authenticate, say) would leave
+     * its connection counted for good. */
+    if (self->monitor)
+        zsock_set_rcvhwm(self->monitor, 0);
     if (!self->monitor || zsock_connect(self->monitor, "%s", endpoint)) {
         kh_peers_destroy(&self);
         kh_error_set(err, KH_E_INTERNAL, "",
