@@ -14,6 +14,7 @@
 #define S_DELIVER_ENVELOPE 4096    /* the rest of a DELIVER's frame */
 #define S_RETRY_WAIT_MAX_MS 60000  /* longest wait within one request */
 #define S_CONNECTIONS_WAIT_MS 1000 /* after a handshake refused for now */
+#define S_SEND_WAIT_MS 1000        /* for a connection to take a request */
 
 struct _kh_client_t {
     char *endpoint;
@@ -65,6 +66,7 @@ kh_client_t *kh_client_new(const char *endpoint, const char *hub_cert,
     zcert_apply(mine, self->dealer);
     zsock_set_curve_serverkey(self->dealer, zcert_public_txt(hub));
     zsock_set_linger(self->dealer, 0);
+    zsock_set_sndtimeo(self->dealer, S_SEND_WAIT_MS);
     self->monitor = zactor_new(zmonitor, self->dealer);
     if (self->monitor) {
         zstr_sendx(self->monitor, "LISTEN", "HANDSHAKE_FAILED_AUTH", NULL);
@@ -141,14 +143,31 @@ static void s_handshake_refused(kh_client_t *self, kh_error_t *err)
                  "close one, or try again later");
 }
 
-/* Send frame (destroyed), on a new connection after a refusal for now. */
-static int s_send_frame(kh_client_t *self, zframe_t **frame, int flags)
+/* Send frame (destroyed). A handshake refused since the last look (its
+ * event waits on the monitor) ended its connection for good, and a send
+ * would wait for it without end: refused for now, a new connection is
+ * begun; the key refused, err says so and nothing is sent. A send waits
+ * at most S_SEND_WAIT_MS for a connection to take it. 0, or -1 with err
+ * (KH_E_UNAVAILABLE: not sent, try again). */
+static int s_send_frame(kh_client_t *self, zframe_t **frame, int flags,
+                        kh_error_t *err)
 {
+    while (self->monitor && (zsock_events(self->monitor) & ZMQ_POLLIN)) {
+        s_handshake_refused(self, err);
+        if (err->code == KH_E_UNKNOWN_PARTNER) {
+            zframe_destroy(frame);
+            return -1;
+        }
+    }
     if (self->unconnected &&
         zsock_connect(self->dealer, "%s", self->endpoint) == 0)
         self->unconnected = false;
     int rc = *frame ? zframe_send(frame, self->dealer, flags) : -1;
     zframe_destroy(frame);
+    if (rc)
+        kh_error_set(err, KH_E_UNAVAILABLE, "",
+                     "cannot send now (no connection to the hub, or the "
+                     "send queue is full)");
     return rc;
 }
 
@@ -179,10 +198,8 @@ static json_t *s_exchange(kh_client_t *self, json_t *request, int timeout_ms,
     }
     zframe_t *frame = zframe_new(data, size);
     free(data);
-    if (s_send_frame(self, &frame, 0)) {
-        kh_error_set(err, KH_E_INTERNAL, "", "cannot send the request");
+    if (s_send_frame(self, &frame, 0, err))
         return NULL;
-    }
     int64_t deadline = zclock_mono() + timeout_ms;
     int64_t left;
     while ((left = deadline - zclock_mono()) > 0) {
@@ -244,8 +261,10 @@ json_t *kh_client_request(kh_client_t *self, json_t *request, int timeout_ms,
         json_t *reply = s_exchange(self, request, timeout_ms, err);
         bool last = attempt >= self->retries;
         if (!reply) {
+            /* Unsent (no connection took it within S_SEND_WAIT_MS) is
+             * tried again at once, as a request that got no reply. */
             bool again =
-                err->code == KH_E_TIMEOUT ||
+                err->code == KH_E_TIMEOUT || err->code == KH_E_UNAVAILABLE ||
                 (err->code == KH_E_THROTTLED && s_nap(S_CONNECTIONS_WAIT_MS));
             if (last || !again || self->interrupted)
                 return NULL;
@@ -322,12 +341,7 @@ static int s_send(kh_client_t *self, json_t *msg, kh_error_t *err)
         return -1;
     zframe_t *frame = zframe_new(data, size);
     free(data);
-    if (s_send_frame(self, &frame, ZFRAME_DONTWAIT)) {
-        return kh_error_set(err, KH_E_UNAVAILABLE, "",
-                            "cannot send now (not connected, or the send "
-                            "queue is full)");
-    }
-    return 0;
+    return s_send_frame(self, &frame, ZFRAME_DONTWAIT, err);
 }
 
 int kh_client_hello(kh_client_t *self, int window, kh_error_t *err)

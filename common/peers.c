@@ -11,7 +11,8 @@ struct _kh_peers_t {
     zsock_t *router;
     zsock_t *monitor;
     size_t max;
-    zhashx_t *partner_of; /* descriptor ("%d") -> partner id (owned text) */
+    zhashx_t *open;       /* descriptors ("%d") accepted and not closed */
+    zhashx_t *partner_of; /* descriptor -> partner id (owned text) */
     zhashx_t *counts;     /* partner id -> size_t of its counted ones */
 };
 
@@ -29,21 +30,24 @@ kh_peers_t *kh_peers_new(zsock_t *router, size_t max, kh_error_t *err)
         return NULL;
     }
     self->max = max;
+    self->open = zhashx_new();
     self->partner_of = zhashx_new();
     self->counts = zhashx_new();
-    if (!self->partner_of || !self->counts) {
+    if (!self->open || !self->partner_of || !self->counts) {
         kh_peers_destroy(&self);
         kh_error_set(err, KH_E_NOMEM, "", "out of memory");
         return NULL;
     }
     zhashx_set_destructor(self->partner_of, s_free);
     zhashx_set_destructor(self->counts, s_free);
-    /* Only disconnects, which are few and read at once, on an inproc
-     * PAIR. */
+    /* Connections accepted and closed, on an inproc PAIR: a frame read
+     * after its connection closed (intake had stopped reading, say)
+     * names a descriptor that is no longer open, and counting it would
+     * count a connection that no disconnect will ever end. */
     char endpoint[64];
     snprintf(endpoint, sizeof endpoint, "inproc://kh-peers-%p", (void *) self);
     if (zmq_socket_monitor(zsock_resolve(router), endpoint,
-                           ZMQ_EVENT_DISCONNECTED)) {
+                           ZMQ_EVENT_ACCEPTED | ZMQ_EVENT_DISCONNECTED)) {
         kh_peers_destroy(&self);
         kh_error_set(err, KH_E_INTERNAL, "",
                      "cannot watch the partners' socket");
@@ -73,6 +77,7 @@ void kh_peers_destroy(kh_peers_t **self_p)
     if (self->router)
         zmq_socket_monitor(zsock_resolve(self->router), NULL, 0);
     zsock_destroy(&self->monitor);
+    zhashx_destroy(&self->open);
     zhashx_destroy(&self->partner_of);
     zhashx_destroy(&self->counts);
     free(self);
@@ -129,12 +134,16 @@ void kh_peers_drain(kh_peers_t *self)
 {
     uint16_t event;
     uint32_t value;
-    while (kh_monitor_event(self->monitor, &event, &value) == 0)
-        if (event == ZMQ_EVENT_DISCONNECTED) {
-            char fd[16];
-            snprintf(fd, sizeof fd, "%u", value);
+    while (kh_monitor_event(self->monitor, &event, &value) == 0) {
+        char fd[16];
+        snprintf(fd, sizeof fd, "%u", value);
+        if (event == ZMQ_EVENT_ACCEPTED)
+            zhashx_update(self->open, fd, self);
+        else if (event == ZMQ_EVENT_DISCONNECTED) {
             s_forget(self, fd);
+            zhashx_delete(self->open, fd);
         }
+    }
 }
 
 bool kh_peers_take(kh_peers_t *self, int fd, const char *partner)
@@ -143,14 +152,19 @@ bool kh_peers_take(kh_peers_t *self, int fd, const char *partner)
         return true;
     char key[16];
     snprintf(key, sizeof key, "%d", fd);
+    /* What happened to the connections up to now: a connection's accept
+     * is told before its first frame can be read, and its close before
+     * its descriptor can be reused. */
+    kh_peers_drain(self);
     const char *known = zhashx_lookup(self->partner_of, key);
     if (known && strcmp(known, partner) == 0)
         return true;
-    /* A descriptor not counted, or counted for another partner, is a new
-     * connection: a closed one's disconnect event is queued before its
-     * descriptor can be reused, so it is read first. */
-    kh_peers_drain(self);
+    /* Counted for another partner: its key was given to this one since
+     * (registered again). */
     s_forget(self, key);
+    /* A frame of a connection closed since is served, uncounted. */
+    if (!zhashx_lookup(self->open, key))
+        return true;
     size_t *count = s_count(self, partner);
     if (count && *count >= self->max)
         return false;

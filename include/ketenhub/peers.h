@@ -4,9 +4,12 @@
  * never closed) must not take the hub's file descriptors and memory from
  * the others. A connection is counted from its first frame, which names
  * its key (ZAP's User-Id) and its socket (ZMQ_SRCFD), until ZeroMQ's socket
- * monitor reports that socket closed. Once a partner has its most, its
- * next handshakes are refused (kh_zap_set_gate), and a frame on one more
- * connection that got through before is refused.
+ * monitor reports that socket closed (a frame read after that is served
+ * uncounted). Once a partner has its most, its next handshakes are
+ * refused (kh_zap_set_gate), and a frame on one more connection that got
+ * through before is refused. Connections that never send a frame are not
+ * counted: this bounds a client that opens a connection per request, not
+ * one that opens many at once and sends nothing.
  */
 #ifndef KH_PEERS_H_INCLUDED
 #define KH_PEERS_H_INCLUDED

@@ -2865,14 +2865,94 @@ START_TEST(a_partner_has_at_most_its_connections)
     s_expect_pong(s_ping_on(first, "again", S_TIMEOUT));
 
     /* A closed one makes room: the client's next attempt, on a new
-     * connection, gets through. */
+     * connection, gets through (or the one a second later, should its
+     * handshake come before the hub has seen the close). */
     zsock_destroy(&second);
+    kh_client_set_retries(more, 2);
     ck_assert_msg(kh_client_ping(more, S_TIMEOUT, &err) == 0, "%s (%s)",
                   err.message, kh_error_name(err.code));
     kh_client_destroy(&more);
 
     ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events"), 0);
     zsock_destroy(&early);
+    zsock_destroy(&first);
+}
+END_TEST
+
+/* A connection that sent a request and closed before intake read it
+ * (intake stops reading while a full batch waits for its commit) is not
+ * counted: no disconnect would ever end its count, and a partner with
+ * its most such counts was refused for good. */
+START_TEST(a_connection_closed_before_its_frame_is_read_is_not_counted)
+{
+    s_restart_intake_with((const char *const[]){
+        "KH_INTAKE_MAX_CONNECTIONS", "2", "KH_INTAKE_BATCH", "1", NULL});
+    PGconn *lock = PQconnectdb(s_conninfo);
+    ck_assert_int_eq(PQstatus(lock), CONNECTION_OK);
+    khtest_db_exec(lock, "BEGIN", 0, NULL);
+    khtest_db_exec(lock, "LOCK TABLE referrals IN ACCESS EXCLUSIVE MODE", 0,
+                   NULL);
+    /* Two SUBMITs of another partner: one commits (and waits for the
+     * lock), one fills the next batch, and intake reads no more. */
+    zsock_t *zc =
+        khpartner_connect(s_path("zc.cert"), s_path("hub.cert"), s_endpoint);
+    zsock_set_rcvtimeo(zc, S_TIMEOUT);
+    json_t *referral = s_example();
+    zframe_t *frame = s_frame(s_submit_envelope("held-1", referral), "s1");
+    zframe_send(&frame, zc, 0);
+    frame = s_frame(s_submit_envelope("held-2", referral), "s2");
+    zframe_send(&frame, zc, 0);
+    json_decref(referral);
+    zclock_sleep(800);
+    for (int i = 0; i < 2; i++) {
+        zsock_t *gone = s_dealer(S_TIMEOUT);
+        frame = s_frame(json_pack("{s:s}", "cmd", "PING"), "gone");
+        zsock_set_linger(gone, 2000);
+        zframe_send(&frame, gone, 0);
+        zsock_destroy(&gone);
+    }
+    zclock_sleep(1500);
+    khtest_db_exec(lock, "ROLLBACK", 0, NULL);
+    PQfinish(lock);
+    for (int i = 0; i < 2; i++) {
+        frame = zframe_recv(zc);
+        ck_assert_ptr_nonnull(frame);
+        json_t *reply = s_decoded(&frame);
+        ck_assert_str_eq(kh_client_reply_cmd(reply), "ACCEPTED");
+        json_decref(reply);
+    }
+    zsock_destroy(&zc);
+    zclock_sleep(500);
+    /* No connection of vt is open: it is served. */
+    kh_client_t *vt = s_client("vt");
+    kh_client_set_retries(vt, 0);
+    kh_error_t err;
+    ck_assert_msg(kh_client_ping(vt, S_TIMEOUT, &err) == 0, "%s (%s)",
+                  err.message, kh_error_name(err.code));
+    kh_client_destroy(&vt);
+}
+END_TEST
+
+/* A client whose handshake was refused for now while it sent nothing
+ * has no connection left (ZeroMQ does not try again): its next request
+ * goes on a new one rather than wait for that one without end. */
+START_TEST(a_client_refused_while_idle_sends_on_a_new_connection)
+{
+    s_restart_intake_with(
+        (const char *const[]){"KH_INTAKE_MAX_CONNECTIONS", "2", NULL});
+    zsock_t *first = s_dealer(S_TIMEOUT);
+    s_expect_pong(s_ping_on(first, "first", S_TIMEOUT));
+    zsock_t *second = s_dealer(S_TIMEOUT);
+    s_expect_pong(s_ping_on(second, "second", S_TIMEOUT));
+    kh_client_t *idle = s_client("vt");
+    kh_client_set_retries(idle, 2);
+    zclock_sleep(1500); /* its handshake is refused meanwhile */
+    zsock_destroy(&second);
+    zclock_sleep(500);
+    kh_error_t err;
+    ck_assert_msg(kh_client_ping(idle, S_TIMEOUT, &err) == 0, "%s (%s)",
+                  err.message, kh_error_name(err.code));
+    kh_client_destroy(&idle);
     zsock_destroy(&first);
 }
 END_TEST
@@ -3288,6 +3368,9 @@ int main(void)
     tcase_set_timeout(tc, 60);
     tcase_add_checked_fixture(tc, s_setup, s_teardown);
     tcase_add_test(tc, a_partner_has_at_most_its_connections);
+    tcase_add_test(tc,
+                   a_connection_closed_before_its_frame_is_read_is_not_counted);
+    tcase_add_test(tc, a_client_refused_while_idle_sends_on_a_new_connection);
     suite_add_tcase(suite, tc);
 
     tc = tcase_create("intake_db");
