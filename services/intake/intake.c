@@ -1066,8 +1066,6 @@ static bool s_batch_full(const intake_t *self, const s_batch_t *batch)
            batch->bytes + kh_jarena_used(batch->arena) >= S_BATCH_BYTES;
 }
 
-/* Take the waiting requests into the filling batch; commit it if nothing
- * else is being committed. */
 /* Read one request off router: the connection's routing id, the first
  * frame of its body (with the metadata that names its key and socket)
  * and whether more frames followed, which are read and dropped. 0, or -1
@@ -1097,6 +1095,8 @@ static int s_recv(zsock_t *router, zframe_t **identity, zmq_msg_t *body,
     return 0;
 }
 
+/* Take the waiting requests into the filling batch; commit it if nothing
+ * else is being committed. */
 static int s_on_router(zloop_t *loop, zsock_t *router, void *arg)
 {
     (void) loop;
