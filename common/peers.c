@@ -3,6 +3,9 @@
  */
 #include "ketenhub/peers.h"
 
+#include "ketenhub/log.h"
+#include "ketenhub/throttle.h"
+
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -11,9 +14,13 @@ struct _kh_peers_t {
     zsock_t *router;
     zsock_t *monitor;
     size_t max;
-    zhashx_t *open;       /* descriptors ("%d") accepted and not closed */
-    zhashx_t *partner_of; /* descriptor -> partner id (owned text) */
-    zhashx_t *counts;     /* partner id -> size_t of its counted ones */
+    kh_peers_close_fn on_close; /* told each closed descriptor, or NULL */
+    void *close_arg;
+    zhashx_t *const *partners; /* the service's key -> partner id */
+    kh_throttle_t *told;       /* partner: one refusal logged / 10 s */
+    zhashx_t *open;            /* descriptors ("%d") accepted and not closed */
+    zhashx_t *partner_of;      /* descriptor -> partner id (owned text) */
+    zhashx_t *counts;          /* partner id -> size_t of its counted ones */
 };
 
 static void s_free(void **item)
@@ -80,6 +87,7 @@ void kh_peers_destroy(kh_peers_t **self_p)
     zhashx_destroy(&self->open);
     zhashx_destroy(&self->partner_of);
     zhashx_destroy(&self->counts);
+    kh_throttle_destroy(&self->told);
     free(self);
     *self_p = NULL;
 }
@@ -142,20 +150,33 @@ void kh_peers_drain(kh_peers_t *self)
         else if (event == ZMQ_EVENT_DISCONNECTED) {
             s_forget(self, fd);
             zhashx_delete(self->open, fd);
+            if (self->on_close)
+                self->on_close(self->close_arg, (int) value);
         }
     }
 }
 
+void kh_peers_on_close(kh_peers_t *self, kh_peers_close_fn fn, void *arg)
+{
+    self->on_close = fn;
+    self->close_arg = arg;
+}
+
 bool kh_peers_take(kh_peers_t *self, int fd, const char *partner)
+{
+    /* What happened to the connections up to now: a connection's accept
+     * is told before its first frame can be read, and its close before
+     * its descriptor can be reused. */
+    kh_peers_drain(self);
+    return kh_peers_count(self, fd, partner);
+}
+
+bool kh_peers_count(kh_peers_t *self, int fd, const char *partner)
 {
     if (fd < 0)
         return true;
     char key[16];
     snprintf(key, sizeof key, "%d", fd);
-    /* What happened to the connections up to now: a connection's accept
-     * is told before its first frame can be read, and its close before
-     * its descriptor can be reused. */
-    kh_peers_drain(self);
     const char *known = zhashx_lookup(self->partner_of, key);
     if (known && strcmp(known, partner) == 0)
         return true;
@@ -192,4 +213,28 @@ bool kh_peers_full(kh_peers_t *self, const char *partner)
     kh_peers_drain(self);
     const size_t *count = s_count(self, partner);
     return count && *count >= self->max;
+}
+
+/* A refusal is no audit event (a client at its limit tries again and
+ * again): the log says so, once every 10 s per partner. */
+static bool s_gate(void *arg, const char *key, const char *address)
+{
+    kh_peers_t *self = arg;
+    const char *partner =
+        *self->partners ? zhashx_lookup(*self->partners, key) : NULL;
+    if (!partner || !kh_peers_full(self, partner))
+        return true;
+    if (kh_throttle_pass(self->told, partner, zclock_mono()))
+        kh_log_warn("throttled", "actor=%s peer=%s over=connections max=%zu",
+                    partner, address, self->max);
+    return false;
+}
+
+int kh_peers_guard(kh_peers_t *self, kh_zap_t *zap, zhashx_t *const *partners)
+{
+    if (!self->told && !(self->told = kh_throttle_new(10000, 10000)))
+        return -1;
+    self->partners = partners;
+    kh_zap_set_gate(zap, s_gate, self);
+    return 0;
 }

@@ -352,7 +352,8 @@ int kh_zap_handle(kh_zap_t *self, char key[41], char address[64])
             s_refresh(self);
             const time_t *expiry = zhashx_lookup(self->keys, key);
             rc = expiry && (*expiry == 0 || time(NULL) < *expiry) ? 0 : 1;
-            if (rc == 0 && self->gate && !self->gate(self->gate_arg, key))
+            if (rc == 0 && self->gate &&
+                !self->gate(self->gate_arg, key, address))
                 rc = 2;
         }
     }

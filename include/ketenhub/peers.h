@@ -19,6 +19,7 @@
 #include <stdint.h>
 
 #include "ketenhub/error.h"
+#include "ketenhub/zap.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -39,18 +40,38 @@ void kh_peers_destroy(kh_peers_t **self_p);
  * kh_peers_drain. */
 zsock_t *kh_peers_monitor(kh_peers_t *self);
 
-/* Forget the connections reported closed so far. */
+/* Read the events waiting: forget the connections reported closed so
+ * far (each told to the on_close function). */
 void kh_peers_drain(kh_peers_t *self);
 
+/* Tell fn each descriptor reported closed, as it is read (a service that
+ * keeps records of its connections). */
+typedef void (*kh_peers_close_fn)(void *arg, int fd);
+void kh_peers_on_close(kh_peers_t *self, kh_peers_close_fn fn, void *arg);
+
 /* A frame came on the connection with socket fd (-1: unknown, never
- * counted) from partner: true when it may be served (the connection is
- * counted now or was), false when partner has its most connections
- * counted already. */
+ * counted) from partner: the events waiting are read, then true when it
+ * may be served (the connection is counted now or was, or is closed
+ * already), false when partner has its most connections counted. */
 bool kh_peers_take(kh_peers_t *self, int fd, const char *partner);
+
+/* kh_peers_take without reading the events first, for a caller that read
+ * them since the frame came (and must not have a connection it holds
+ * forgotten meanwhile). */
+bool kh_peers_count(kh_peers_t *self, int fd, const char *partner);
 
 /* True when partner has its most connections (closed ones are read first):
  * a handshake for one more is refused. */
 bool kh_peers_full(kh_peers_t *self, const char *partner);
+
+/* Make zap's gate refuse a handshake of a partner with its most
+ * connections (kh_peers_full; kh_zap_handle returns 2), logged as
+ * event=throttled ... over=connections at most every 10 s per partner.
+ * *partners (Z85 key -> partner id, or NULL before the registry is read)
+ * is the service's own, looked up at each handshake: a key it does not
+ * hold is let through, to be answered as the service answers it. 0, or
+ * -1 out of memory. */
+int kh_peers_guard(kh_peers_t *self, kh_zap_t *zap, zhashx_t *const *partners);
 
 /* The most connections a partner may have. */
 size_t kh_peers_max(const kh_peers_t *self);

@@ -81,7 +81,7 @@ zsock_t *kh_zap_socket(kh_zap_t *self);
 
 /* Consulted for each partner key the directory admits: false refuses the
  * handshake (a partner with its most connections, kh_peers_full). */
-typedef bool (*kh_zap_gate_fn)(void *arg, const char *key);
+typedef bool (*kh_zap_gate_fn)(void *arg, const char *key, const char *address);
 
 /* Set the gate (NULL: none). */
 void kh_zap_set_gate(kh_zap_t *self, kh_zap_gate_fn gate, void *arg);

@@ -1155,17 +1155,6 @@ static int s_check_stall(zloop_t *loop, int timer_id, void *arg)
     return s_go_on(self);
 }
 
-/* The ZAP gate: a handshake of a partner with its most connections is
- * refused (a key the registry does not know yet is let through, to be
- * answered as such). */
-static bool s_gate(void *arg, const char *key)
-{
-    intake_t *self = arg;
-    const char *partner =
-        self->partners ? zhashx_lookup(self->partners, key) : NULL;
-    return !partner || !kh_peers_full(self->peers, partner);
-}
-
 /* Closed connections, read as they come so that none is counted on. */
 static int s_on_peers(zloop_t *loop, zsock_t *socket, void *arg)
 {
@@ -1188,14 +1177,8 @@ static int s_on_zap(zloop_t *loop, zsock_t *socket, void *arg)
     int rc = kh_zap_handle(self->zap, key, peer);
     if (rc == 0)
         return 0;
-    if (rc == 2) { /* a partner with its most connections: throttled */
-        const char *partner = zhashx_lookup(self->partners, key);
+    if (rc == 2) { /* a partner with its most connections (peers.h) */
         self->stats.throttled++;
-        if (partner &&
-            kh_throttle_pass(self->throttle_logged, partner, zclock_mono()))
-            kh_log_warn("throttled",
-                        "actor=%s peer=%s over=connections max=%zu", partner,
-                        peer, kh_peers_max(self->peers));
         return 0;
     }
     char seen[128];
@@ -1306,8 +1289,8 @@ int intake_run(intake_t *self, int signal_fd)
     self->signal_fd = signal_fd;
     store_watch_stop(self->store, signal_fd, s_stop_asked, self);
     s_set_reading(self, true);
-    kh_zap_set_gate(self->zap, s_gate, self);
-    if (zloop_reader(self->loop, kh_zap_socket(self->zap), s_on_zap, self) ||
+    if (kh_peers_guard(self->peers, self->zap, &self->partners) ||
+        zloop_reader(self->loop, kh_zap_socket(self->zap), s_on_zap, self) ||
         zloop_reader(self->loop, kh_peers_monitor(self->peers), s_on_peers,
                      self) ||
         kh_health_attach(self->loop))

@@ -23,6 +23,7 @@
 #include "ketenhub/db.h"
 #include "ketenhub/health.h"
 #include "ketenhub/log.h"
+#include "ketenhub/peers.h"
 #include "ketenhub/proto.h"
 #include "ketenhub/ratelimit.h"
 #include "ketenhub/service.h"
@@ -87,7 +88,9 @@ struct _notify_t {
     zcert_t *cert;
     kh_zap_t *zap; /* handshakes: partners, and the hub's key for wake-ups */
     zsock_t *router;
-    zsock_t *monitor; /* the router's disconnects (ZeroMQ's socket monitor) */
+    kh_peers_t *peers; /* the router's connections (ZeroMQ's socket monitor) */
+    bool dropped;      /* a connection was dropped as closed since the last
+                          s_monitor_drain */
     zsock_t *wake;
     int port;
     dstore_t *store;
@@ -421,8 +424,9 @@ static s_conn_t *s_conn_on(notify_t *self, int fd)
     return NULL;
 }
 
-/* Drop the connections whose sockets ZeroMQ reports closed; whether any
- * went. Until then their routing ids still lead to them, and once the
+/* Drop the connections whose sockets ZeroMQ reports closed (s_on_close);
+ * whether any went, here or since the last call (the ZAP gate reads the
+ * events too). Until then their routing ids still lead to them, and once the
  * ROUTER has let go of a gone connection the next peer may take its id:
  * whatever went to the id would go to that peer. A disconnect event is
  * queued before its socket is closed, and so before another connection
@@ -432,30 +436,21 @@ static s_conn_t *s_conn_on(notify_t *self, int fd)
  * monitor socket. */
 static bool s_monitor_drain(notify_t *self)
 {
-    bool dropped = false;
-    while (zsock_events(self->monitor) & ZMQ_POLLIN) {
-        zmsg_t *msg = zmsg_recv(self->monitor);
-        if (!msg)
-            break;
-        /* event (16 bits) and value (32: the descriptor), then the
-         * endpoint */
-        zframe_t *head = zmsg_first(msg);
-        uint16_t event = 0;
-        uint32_t fd = 0;
-        if (head && zframe_size(head) == sizeof event + sizeof fd) {
-            memcpy(&event, zframe_data(head), sizeof event);
-            memcpy(&fd, zframe_data(head) + sizeof event, sizeof fd);
-        }
-        zmsg_destroy(&msg);
-        if (event != ZMQ_EVENT_DISCONNECTED)
-            continue;
-        for (s_conn_t *c = s_conn_on(self, (int) fd); c;
-             c = s_conn_on(self, (int) fd)) {
-            s_conn_gone(self, c, "disconnected");
-            dropped = true;
-        }
-    }
+    kh_peers_drain(self->peers);
+    bool dropped = self->dropped;
+    self->dropped = false;
     return dropped;
+}
+
+/* A connection's socket closed (kh_peers_drain, wherever it is called):
+ * every connection on the descriptor goes. */
+static void s_on_close(void *arg, int fd)
+{
+    notify_t *self = arg;
+    for (s_conn_t *c = s_conn_on(self, fd); c; c = s_conn_on(self, fd)) {
+        s_conn_gone(self, c, "disconnected");
+        self->dropped = true;
+    }
 }
 
 /* How many more deliveries conn may be claimed: its window less what it
@@ -1445,6 +1440,14 @@ static void s_take(notify_t *self, zframe_t *identity, zmq_msg_t *body,
      * counted so that one that opens them without end cannot take the
      * hub's memory. A connection whose key was moved to this partner
      * since is a new one of it (s_conn_get starts it over). */
+    /* All its connections (probes, answers) are counted too: a client that
+     * opens them without end cannot take the hub's descriptors (peers.h).
+     * The events were read above for a connection not known yet. */
+    if (err.code == KH_E_OK && !kh_peers_count(self->peers, fd, partner))
+        kh_error_set(&err, KH_E_THROTTLED, "",
+                     "this partner has %zu connections to the delivery "
+                     "socket open already; close one",
+                     kh_peers_max(self->peers));
     if (err.code == KH_E_OK && cmd == KH_CMD_HELLO &&
         (!known || strcmp(known->partner, partner) != 0) &&
         s_partner_connections(self, partner, known) >=
@@ -1816,9 +1819,15 @@ static int s_on_zap(zloop_t *loop, zsock_t *sock, void *arg)
     (void) sock;
     notify_t *self = arg;
     char key[41], peer[64];
-    if (kh_zap_handle(self->zap, key, peer) == 0)
-        return 0;
-    s_audit_refused(self, key, peer, "unknown_partner", "auth_refused");
+    int rc = kh_zap_handle(self->zap, key, peer);
+    if (rc == 2) /* a partner with its most connections (peers.h) */
+        self->stats.throttled++;
+    else if (rc != 0)
+        s_audit_refused(self, key, peer, "unknown_partner", "auth_refused");
+    /* The gate read the closed connections: what they had out may be due
+     * on others now. */
+    if (s_monitor_drain(self))
+        s_round(self, false);
     return 0;
 }
 
@@ -1890,20 +1899,15 @@ notify_t *notify_new(const notify_config_t *config, kh_error_t *err)
      * TCP connection died without a word. */
     zsock_set_heartbeat_ivl(self->router, 1000);
     zsock_set_heartbeat_timeout(self->router, 30000);
-    /* ZeroMQ reports each closed connection with its socket's descriptor
-     * on an inproc PAIR (s_monitor_drain); only disconnects, which are
-     * few and read at once. Set before the bind: none is missed. */
-    char monitor[64];
-    snprintf(monitor, sizeof monitor, "inproc://notify-monitor-%p",
-             (void *) self);
-    if (zmq_socket_monitor(zsock_resolve(self->router), monitor,
-                           ZMQ_EVENT_DISCONNECTED) ||
-        !(self->monitor = zsock_new(ZMQ_PAIR)) ||
-        zsock_connect(self->monitor, "%s", monitor)) {
-        kh_error_set(err, KH_E_INTERNAL, "",
-                     "cannot watch the partners' socket");
+    /* ZeroMQ reports each connection accepted and closed with its
+     * socket's descriptor (s_monitor_drain); set before the bind: none is
+     * missed. A partner may have twice KH_NOTIFY_MAX_CONNECTIONS open:
+     * the ones it is sent deliveries on, and as many for probes and
+     * answers. */
+    self->peers = kh_peers_new(self->router, 2 * config->max_connections, err);
+    if (!self->peers)
         goto fail;
-    }
+    kh_peers_on_close(self->peers, s_on_close, self);
     self->port = zsock_bind(self->router, "%s", config->endpoint);
     if (self->port == -1) {
         kh_error_set(err, KH_E_CONFIG, "KH_NOTIFY_ENDPOINT",
@@ -1980,9 +1984,7 @@ void notify_destroy(notify_t **self_p)
         return;
     notify_t *self = *self_p;
     zloop_destroy(&self->loop);
-    if (self->router && self->monitor)
-        zmq_socket_monitor(zsock_resolve(self->router), NULL, 0);
-    zsock_destroy(&self->monitor);
+    kh_peers_destroy(&self->peers);
     zsock_destroy(&self->router);
     zsock_destroy(&self->wake);
     kh_zap_destroy(&self->zap);
@@ -2016,9 +2018,11 @@ int notify_port(const notify_t *self)
 int notify_run(notify_t *self, int signal_fd)
 {
     zmq_pollitem_t signals = {NULL, signal_fd, ZMQ_POLLIN, 0};
-    if (zloop_reader(self->loop, kh_zap_socket(self->zap), s_on_zap, self) ||
+    if (kh_peers_guard(self->peers, self->zap, &self->partners) ||
+        zloop_reader(self->loop, kh_zap_socket(self->zap), s_on_zap, self) ||
         zloop_reader(self->loop, self->router, s_on_router, self) ||
-        zloop_reader(self->loop, self->monitor, s_on_monitor, self) ||
+        zloop_reader(self->loop, kh_peers_monitor(self->peers), s_on_monitor,
+                     self) ||
         (self->wake && zloop_reader(self->loop, self->wake, s_on_wake, self)) ||
         zloop_poller(self->loop, &signals, s_on_signal, self) ||
         zloop_timer(self->loop, (size_t) self->cfg.sweep_ms, 0, s_on_tick,

@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "dstore_sql.h"
+#include "ketenhub/client.h"
 #include "ketenhub/codec.h"
 #include "ketenhub/partner.h"
 #include "ketenhub/proto.h"
@@ -3412,6 +3413,49 @@ START_TEST(a_partner_over_its_connections_is_throttled)
 }
 END_TEST
 
+/* All of a partner's open connections count, whatever they send: past
+ * twice KH_NOTIFY_MAX_CONNECTIONS its handshakes are refused for now (the
+ * client is told so, not that its key is refused), nothing of it goes
+ * into the trail, and a connection closed makes room. */
+START_TEST(a_partner_opens_at_most_twice_its_connections)
+{
+    char *const env[] = {"KH_NOTIFY_MAX_CONNECTIONS=1", NULL};
+    pid_t pid = s_start_env("notification.log", env);
+    ck_assert(s_log_has("notification.log", "event=ready", 10000));
+    zsock_t *probes[2];
+    for (int i = 0; i < 2; i++) {
+        probes[i] = s_partner("avim");
+        khpartner_send(probes[i], kh_proto_new(KH_CMD_PING, "probe"));
+        json_t *pong = s_expect(probes[i], "PONG", 3000);
+        ck_assert_ptr_nonnull(pong);
+        json_decref(pong);
+    }
+    kh_error_t err;
+    kh_client_t *more = kh_client_new(s_endpoint, s_path("hub.cert"),
+                                      s_path("avim.cert"), &err);
+    ck_assert_msg(more != NULL, "%s", err.message);
+    kh_client_set_retries(more, 0);
+    ck_assert_int_ne(kh_client_ping(more, 3000, &err), 0);
+    ck_assert_msg(err.code == KH_E_THROTTLED, "%s (%s)", err.message,
+                  kh_error_name(err.code));
+    ck_assert(s_log_has("notification.log", "over=connections", 3000));
+    /* Another partner is not counted with it. */
+    zsock_t *vt = s_partner("veilig-thuis");
+    s_hello(vt, 4);
+    zsock_destroy(&probes[1]);
+    kh_client_set_retries(more, 2);
+    ck_assert_msg(kh_client_ping(more, 3000, &err) == 0, "%s (%s)", err.message,
+                  kh_error_name(err.code));
+    kh_client_destroy(&more);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE"
+                             " action = 'auth.refused'"),
+                     0);
+    zsock_destroy(&vt);
+    zsock_destroy(&probes[0]);
+    s_stop(pid);
+}
+END_TEST
+
 /* A key moved to a partner that has all the connections it may have
  * already: the moved key's connection, registered for its partner before,
  * is that partner's one too many at its next HELLO, refused as throttled
@@ -3673,6 +3717,7 @@ static Suite *s_suite(void)
     tcase_add_test(odd,
                    a_partner_refused_too_often_is_throttled_before_the_trail);
     tcase_add_test(odd, a_partner_over_its_connections_is_throttled);
+    tcase_add_test(odd, a_partner_opens_at_most_twice_its_connections);
     suite_add_tcase(suite, odd);
     TCase *big = tcase_create("backlog");
     tcase_add_checked_fixture(big, s_setup, s_teardown);
