@@ -117,11 +117,12 @@ const char *kh_client_reply_cmd(const json_t *reply)
 }
 
 /* The monitor reported a refused handshake: err says why. Status 500
- * (kh_zap_set_gate: the hub takes no more connections of this partner
- * for now) is a refusal for now; ZeroMQ does not connect again after a
- * refused handshake, so the next send begins a new connection (not this
- * function: were the hub still full, that one's refusal would be taken
- * for the next request's). Any other status means the key is refused. */
+ * (kh_peers_guard: the hub takes no more connections of this partner for
+ * now) is a refusal for now; any other means the key is refused. Either
+ * way ZeroMQ does not connect again after a refused handshake, so the
+ * next send begins a new connection (not this function: were it refused
+ * again, that refusal would be taken for the next request's), and a key
+ * the hub admits since is served. */
 static void s_handshake_refused(kh_client_t *self, kh_error_t *err)
 {
     zmsg_t *event = zmsg_recv(self->monitor);
@@ -131,16 +132,15 @@ static void s_handshake_refused(kh_client_t *self, kh_error_t *err)
     free(name);
     free(value);
     zmsg_destroy(&event);
-    if (!for_now) {
-        kh_error_set(err, KH_E_UNKNOWN_PARTNER, "",
-                     "the hub refused this partner key");
-        return;
-    }
     zsock_disconnect(self->dealer, "%s", self->endpoint);
     self->unconnected = true;
-    kh_error_set(err, KH_E_THROTTLED, "",
-                 "the hub takes no more connections of this partner now; "
-                 "close one, or try again later");
+    if (for_now)
+        kh_error_set(err, KH_E_THROTTLED, "",
+                     "the hub takes no more connections of this partner "
+                     "now; close one, or try again later");
+    else
+        kh_error_set(err, KH_E_UNKNOWN_PARTNER, "",
+                     "the hub refused this partner key");
 }
 
 /* Send frame (destroyed). A handshake refused since the last look (its

@@ -2957,6 +2957,38 @@ START_TEST(a_client_refused_while_idle_sends_on_a_new_connection)
 }
 END_TEST
 
+/* A key the hub refuses at the handshake is told as such at each request
+ * of a client that lives on, never as a hub that cannot be reached: each
+ * request tries a new connection (ZeroMQ does not try a refused one
+ * again), so a key admitted since is served. */
+START_TEST(a_refused_key_is_told_so_at_each_request)
+{
+    zcert_t *outsider = s_make_cert("outsider", false);
+    kh_client_t *client = s_client("outsider");
+    kh_client_set_retries(client, 2);
+    kh_error_t err;
+    for (int i = 0; i < 2; i++) {
+        int64_t start = zclock_mono();
+        ck_assert_int_ne(kh_client_ping(client, S_TIMEOUT, &err), 0);
+        ck_assert_msg(err.code == KH_E_UNKNOWN_PARTNER, "%d: %s (%s)", i,
+                      err.message, kh_error_name(err.code));
+        ck_assert_int_lt(zclock_mono() - start, S_TIMEOUT);
+    }
+    /* Admitted now: the next request is served. */
+    char file[600];
+    snprintf(file, sizeof file, "%s/partners/outsider.cert", s_dir);
+    zcert_save_public(outsider, file);
+    s_register("outsider", outsider);
+    int rc = -1;
+    for (int i = 0; i < 20 && rc; i++)
+        if ((rc = kh_client_ping(client, S_TIMEOUT, &err)) != 0)
+            zclock_sleep(300);
+    ck_assert_msg(rc == 0, "%s (%s)", err.message, kh_error_name(err.code));
+    kh_client_destroy(&client);
+    zcert_destroy(&outsider);
+}
+END_TEST
+
 /* Run intake's batch statement on conn (async when wait is false) for
  * veilig-thuis's keys (comma-separated, in that order), each with its own
  * payload. */
@@ -3371,6 +3403,7 @@ int main(void)
     tcase_add_test(tc,
                    a_connection_closed_before_its_frame_is_read_is_not_counted);
     tcase_add_test(tc, a_client_refused_while_idle_sends_on_a_new_connection);
+    tcase_add_test(tc, a_refused_key_is_told_so_at_each_request);
     suite_add_tcase(suite, tc);
 
     tc = tcase_create("intake_db");
