@@ -19,9 +19,16 @@ struct _kh_peers_t {
     zhashx_t *const *partners; /* the service's key -> partner id */
     kh_throttle_t *told;       /* partner: one refusal logged / 10 s */
     zhashx_t *open;            /* descriptors ("%d") accepted and not closed */
-    zhashx_t *partner_of;      /* descriptor -> partner id (owned text) */
+    zhashx_t *counted;         /* descriptor -> s_counted_t */
     zhashx_t *counts;          /* partner id -> size_t of its counted ones */
 };
+
+/* The connection counted on a descriptor. */
+typedef struct {
+    char partner[64];
+    unsigned char rid[KH_PEERS_RID_MAX]; /* its routing id */
+    size_t rid_len;
+} s_counted_t;
 
 static void s_free(void **item)
 {
@@ -38,14 +45,14 @@ kh_peers_t *kh_peers_new(zsock_t *router, size_t max, kh_error_t *err)
     }
     self->max = max;
     self->open = zhashx_new();
-    self->partner_of = zhashx_new();
+    self->counted = zhashx_new();
     self->counts = zhashx_new();
-    if (!self->open || !self->partner_of || !self->counts) {
+    if (!self->open || !self->counted || !self->counts) {
         kh_peers_destroy(&self);
         kh_error_set(err, KH_E_NOMEM, "", "out of memory");
         return NULL;
     }
-    zhashx_set_destructor(self->partner_of, s_free);
+    zhashx_set_destructor(self->counted, s_free);
     zhashx_set_destructor(self->counts, s_free);
     /* Connections accepted and closed, on an inproc PAIR: a frame read
      * after its connection closed (intake had stopped reading, say)
@@ -85,7 +92,7 @@ void kh_peers_destroy(kh_peers_t **self_p)
         zmq_socket_monitor(zsock_resolve(self->router), NULL, 0);
     zsock_destroy(&self->monitor);
     zhashx_destroy(&self->open);
-    zhashx_destroy(&self->partner_of);
+    zhashx_destroy(&self->counted);
     zhashx_destroy(&self->counts);
     kh_throttle_destroy(&self->told);
     free(self);
@@ -129,13 +136,13 @@ static size_t *s_count(kh_peers_t *self, const char *partner)
 /* Forget the connection on fd, if one was counted. */
 static void s_forget(kh_peers_t *self, const char *fd)
 {
-    const char *partner = zhashx_lookup(self->partner_of, fd);
-    if (!partner)
+    const s_counted_t *counted = zhashx_lookup(self->counted, fd);
+    if (!counted)
         return;
-    size_t *count = s_count(self, partner);
+    size_t *count = s_count(self, counted->partner);
     if (count && --*count == 0)
-        zhashx_delete(self->counts, partner);
-    zhashx_delete(self->partner_of, fd);
+        zhashx_delete(self->counts, counted->partner);
+    zhashx_delete(self->counted, fd);
 }
 
 void kh_peers_drain(kh_peers_t *self)
@@ -162,26 +169,45 @@ void kh_peers_on_close(kh_peers_t *self, kh_peers_close_fn fn, void *arg)
     self->close_arg = arg;
 }
 
-bool kh_peers_take(kh_peers_t *self, int fd, const char *partner)
+bool kh_peers_take(kh_peers_t *self, int fd, const void *rid, size_t rid_len,
+                   const char *partner)
 {
     /* What happened to the connections up to now: a connection's accept
      * is told before its first frame can be read, and its close before
      * its descriptor can be reused. */
     kh_peers_drain(self);
-    return kh_peers_count(self, fd, partner);
+    return kh_peers_count(self, fd, rid, rid_len, partner);
 }
 
-bool kh_peers_count(kh_peers_t *self, int fd, const char *partner)
+/* The order of two routing ids that the ROUTER gave (a zero byte, then a
+ * number it counts up, big-endian): < 0 when a came first. */
+static int s_rid_order(const void *a, size_t alen, const void *b, size_t blen)
 {
-    if (fd < 0)
+    if (alen != blen)
+        return alen < blen ? -1 : 1;
+    return memcmp(a, b, alen);
+}
+
+bool kh_peers_count(kh_peers_t *self, int fd, const void *rid, size_t rid_len,
+                    const char *partner)
+{
+    if (fd < 0 || rid_len > KH_PEERS_RID_MAX)
         return true;
     char key[16];
     snprintf(key, sizeof key, "%d", fd);
-    const char *known = zhashx_lookup(self->partner_of, key);
-    if (known && strcmp(known, partner) == 0)
+    const s_counted_t *known = zhashx_lookup(self->counted, key);
+    int order =
+        known ? s_rid_order(rid, rid_len, known->rid, known->rid_len) : 1;
+    if (order == 0 && strcmp(known->partner, partner) == 0)
         return true;
-    /* Counted for another partner: its key was given to this one since
-     * (registered again). */
+    /* A frame of a connection older than the one counted on its
+     * descriptor: that connection closed, and its frame was read late.
+     * Served, uncounted. */
+    if (order < 0)
+        return true;
+    /* Counted for another partner (its key was given to this one since),
+     * or a connection older than this one, counted for a frame of its
+     * that was read after it closed and this one took its descriptor. */
     s_forget(self, key);
     /* A frame of a connection closed since is served, uncounted. */
     if (!zhashx_lookup(self->open, key))
@@ -189,7 +215,12 @@ bool kh_peers_count(kh_peers_t *self, int fd, const char *partner)
     size_t *count = s_count(self, partner);
     if (count && *count >= self->max)
         return false;
-    char *copy = strdup(partner);
+    s_counted_t *entry = calloc(1, sizeof *entry);
+    if (entry) {
+        snprintf(entry->partner, sizeof entry->partner, "%s", partner);
+        memcpy(entry->rid, rid, rid_len);
+        entry->rid_len = rid_len;
+    }
     if (!count) {
         count = calloc(1, sizeof *count);
         if (count && zhashx_insert(self->counts, partner, count)) {
@@ -197,15 +228,24 @@ bool kh_peers_count(kh_peers_t *self, int fd, const char *partner)
             count = NULL;
         }
     }
-    if (!copy || !count || zhashx_insert(self->partner_of, key, copy)) {
+    if (!entry || !count || zhashx_insert(self->counted, key, entry)) {
         /* Out of memory: served uncounted rather than refused. */
-        free(copy);
+        free(entry);
         if (count && *count == 0)
             zhashx_delete(self->counts, partner);
         return true;
     }
     ++*count;
     return true;
+}
+
+void kh_peers_gone(kh_peers_t *self, int fd, const void *rid, size_t rid_len)
+{
+    char key[16];
+    snprintf(key, sizeof key, "%d", fd);
+    const s_counted_t *known = zhashx_lookup(self->counted, key);
+    if (known && s_rid_order(rid, rid_len, known->rid, known->rid_len) == 0)
+        s_forget(self, key);
 }
 
 bool kh_peers_full(kh_peers_t *self, const char *partner)

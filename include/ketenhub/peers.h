@@ -49,16 +49,28 @@ void kh_peers_drain(kh_peers_t *self);
 typedef void (*kh_peers_close_fn)(void *arg, int fd);
 void kh_peers_on_close(kh_peers_t *self, kh_peers_close_fn fn, void *arg);
 
+/* Longest routing id counted (the ROUTER's own are 5 bytes). */
+#define KH_PEERS_RID_MAX 16
+
 /* A frame came on the connection with socket fd (-1: unknown, never
- * counted) from partner: the events waiting are read, then true when it
- * may be served (the connection is counted now or was, or is closed
- * already), false when partner has its most connections counted. */
-bool kh_peers_take(kh_peers_t *self, int fd, const char *partner);
+ * counted) and routing id rid from partner: the events waiting are read,
+ * then true when it may be served (the connection is counted now or was,
+ * or is closed already), false when partner has its most connections
+ * counted. A frame read after its connection closed and another took the
+ * descriptor is counted for that one until a frame of the newer
+ * connection (a later routing id) comes, it closes, or kh_peers_gone. */
+bool kh_peers_take(kh_peers_t *self, int fd, const void *rid, size_t rid_len,
+                   const char *partner);
 
 /* kh_peers_take without reading the events first, for a caller that read
  * them since the frame came (and must not have a connection it holds
  * forgotten meanwhile). */
-bool kh_peers_count(kh_peers_t *self, int fd, const char *partner);
+bool kh_peers_count(kh_peers_t *self, int fd, const void *rid, size_t rid_len,
+                    const char *partner);
+
+/* A send to routing id rid failed as unroutable (ZMQ_ROUTER_MANDATORY's
+ * EHOSTUNREACH): its connection is gone, and is not counted on fd. */
+void kh_peers_gone(kh_peers_t *self, int fd, const void *rid, size_t rid_len);
 
 /* True when partner has its most connections (closed ones are read first):
  * a handshake for one more is refused. */

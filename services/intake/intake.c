@@ -12,6 +12,7 @@
 #include "intake.h"
 
 #include <czmq.h>
+#include <errno.h>
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>
@@ -45,6 +46,7 @@
 /* One request of the batch being handled. */
 typedef struct {
     zframe_t *identity; /* the ROUTER's routing id of the connection */
+    int fd;             /* its socket's descriptor, -1: unknown (peers.h) */
     json_t *msg;        /* decoded envelope (in the batch's arena), or NULL */
     kh_cmd_t cmd;       /* KH_CMD_UNKNOWN_ when not understood */
     char cid[KH_CID_MAX + 1];
@@ -165,7 +167,7 @@ intake_t *intake_new(const intake_config_t *config, kh_error_t *err)
     /* Unread requests wait in ZeroMQ, per connection: bound them, so one
      * connection cannot make intake hold more than S_RCVHWM frames. */
     zsock_set_rcvhwm(self->router, S_RCVHWM);
-    zsock_set_router_mandatory(self->router, 0);
+    zsock_set_router_mandatory(self->router, 1); /* s_send */
     /* A connection whose peer vanished without a word (power lost, a
      * firewall's state dropped) would be counted against its partner
      * until the kernel gave up on it; the heartbeat closes it within
@@ -515,6 +517,7 @@ static void s_take(intake_t *self, kh_jarena_t *arena, s_request_t *req,
     req->leader = -1;
     req->cmd = KH_CMD_UNKNOWN_;
     req->identity = identity;
+    req->fd = zmq_msg_get(body, ZMQ_SRCFD);
     kh_error_t err;
     kh_error_clear(&err);
 
@@ -546,7 +549,8 @@ static void s_take(intake_t *self, kh_jarena_t *arena, s_request_t *req,
                           "the connection set its own routing id; a "
                           "partner's connection must leave it to the hub");
     else if (partner &&
-             !kh_peers_take(self->peers, zmq_msg_get(body, ZMQ_SRCFD), partner))
+             !kh_peers_take(self->peers, req->fd, zframe_data(identity),
+                            zframe_size(identity), partner))
         rc = s_over_connections(self, req, &err);
     else {
         decoded = true;
@@ -699,11 +703,21 @@ static void s_send(intake_t *self, s_request_t *req, json_t *reply)
         return;
     }
     json_decref(reply);
-    zmsg_t *msg = zmsg_new();
-    zmsg_append(msg, &req->identity);
-    zmsg_addmem(msg, data, size);
+    /* A reply waits for no one: one that finds its partner's queue full
+     * is dropped (EAGAIN), as one that finds its connection gone
+     * (EHOSTUNREACH, ZMQ_ROUTER_MANDATORY), which is then not counted
+     * among its partner's (a request read after its connection closed
+     * may have been counted for the one that took its descriptor). */
+    zframe_t *body = zframe_new(data, size);
     free(data);
-    zmsg_send(&msg, self->router);
+    if (zframe_send(&req->identity, self->router,
+                    ZFRAME_MORE | ZFRAME_DONTWAIT) == 0)
+        zframe_send(&body, self->router, ZFRAME_DONTWAIT);
+    else if (zmq_errno() == EHOSTUNREACH)
+        kh_peers_gone(self->peers, req->fd, zframe_data(req->identity),
+                      zframe_size(req->identity));
+    zframe_destroy(&body);
+    zframe_destroy(&req->identity);
 }
 
 /* Count an answer for the stats line; log a refusal (its code and its

@@ -1443,7 +1443,9 @@ static void s_take(notify_t *self, zframe_t *identity, zmq_msg_t *body,
     /* All its connections (probes, answers) are counted too: a client that
      * opens them without end cannot take the hub's descriptors (peers.h).
      * The events were read above for a connection not known yet. */
-    if (err.code == KH_E_OK && !kh_peers_count(self->peers, fd, partner))
+    if (err.code == KH_E_OK &&
+        !kh_peers_count(self->peers, fd, zframe_data(identity),
+                        zframe_size(identity), partner))
         kh_error_set(&err, KH_E_THROTTLED, "",
                      "this partner has %zu connections to the delivery "
                      "socket open already; close one",
