@@ -24,7 +24,7 @@ struct _kh_client_t {
     uint64_t next_cid;
     int retries;
     bool interrupted; /* a signal ended the last wait for a reply */
-    bool unconnected; /* refused for now: connect again before a send */
+    bool unconnected; /* refused at the handshake: connect before a send */
 };
 
 static zcert_t *s_load_cert(const char *path, bool need_secret, kh_error_t *err)

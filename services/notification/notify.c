@@ -1431,15 +1431,6 @@ static void s_take(notify_t *self, zframe_t *identity, zmq_msg_t *body,
         s_audit_refused(self, key ? key : "", peer ? peer : "",
                         "unknown_partner", NULL);
     }
-    /* Only a HELLO registers a connection for deliveries: a connection
-     * that only PINGs (a probe) or answers is served without being sent
-     * any, since nothing says it reads them. A registered one is kept
-     * alive by any of its frames. */
-    /* Each connection may hold a window of deliveries and, in its queue,
-     * up to the high-water mark of frames: a partner's connections are
-     * counted so that one that opens them without end cannot take the
-     * hub's memory. A connection whose key was moved to this partner
-     * since is a new one of it (s_conn_get starts it over). */
     /* All its connections (probes, answers) are counted too: a client that
      * opens them without end cannot take the hub's descriptors (peers.h).
      * The events were read above for a connection not known yet. */
@@ -1450,6 +1441,15 @@ static void s_take(notify_t *self, zframe_t *identity, zmq_msg_t *body,
                      "this partner has %zu connections to the delivery "
                      "socket open already; close one",
                      kh_peers_max(self->peers));
+    /* Only a HELLO registers a connection for deliveries: a connection
+     * that only PINGs (a probe) or answers is served without being sent
+     * any, since nothing says it reads them. A registered one is kept
+     * alive by any of its frames. */
+    /* Each connection may hold a window of deliveries and, in its queue,
+     * up to the high-water mark of frames: a partner's connections are
+     * counted so that one that opens them without end cannot take the
+     * hub's memory. A connection whose key was moved to this partner
+     * since is a new one of it (s_conn_get starts it over). */
     if (err.code == KH_E_OK && cmd == KH_CMD_HELLO &&
         (!known || strcmp(known->partner, partner) != 0) &&
         s_partner_connections(self, partner, known) >=
