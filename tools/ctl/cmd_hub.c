@@ -5,6 +5,7 @@
  */
 #include <czmq.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -29,31 +30,54 @@ static void s_usage(FILE *out)
                  "  --help      this text\n");
 }
 
+/* Sync the file or directory at path; 0, or -1. */
+static int s_sync(const char *path)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    int rc = fsync(fd);
+    close(fd);
+    return rc;
+}
+
 /* Save cert as pub and secret: written into a new private directory in
- * out, then renamed into place. zcert_save opens the names it is given
- * as they are: it wrote the new secret through a symbolic link planted
- * at DIR/hub.cert_secret, and into a file replaced under --force with
- * that file's mode (0644, say) until the chmod after. A rename replaces
- * a link rather than following it, and the new file has the mode it was
- * made with. 0, or -1. */
+ * out, synced, then renamed into place. zcert_save opens the names it is
+ * given as they are: it wrote the new secret through a symbolic link
+ * planted at DIR/hub.cert_secret, and into a file replaced under --force
+ * with that file's mode (0644, say) until the chmod after. A rename
+ * replaces a link rather than following it, and the new file has the mode
+ * it was made with. Should the second rename fail, the secret it replaced
+ * is put back: the two files stay a pair. 0, or -1. */
 static int s_save(zcert_t *cert, const char *out, const char *pub,
                   const char *secret)
 {
-    char dir[4096], tpub[4200], tsecret[4200];
+    char dir[4096], tpub[4200], tsecret[4200], old[4200];
     snprintf(dir, sizeof dir, "%s/.hub-keygen-XXXXXX", out);
     if (!mkdtemp(dir))
         return -1;
     snprintf(tpub, sizeof tpub, "%s/hub.cert", dir);
     snprintf(tsecret, sizeof tsecret, "%s/hub.cert_secret", dir);
+    snprintf(old, sizeof old, "%s/old.cert_secret", dir);
     int rc = zcert_save(cert, tpub);
     if (rc == 0)
         rc = chmod(tsecret, 0600);
     if (rc == 0)
-        rc = rename(tsecret, secret);
+        rc = s_sync(tpub) || s_sync(tsecret) ? -1 : 0;
+    bool kept = rc == 0 && link(secret, old) == 0;
     if (rc == 0)
-        rc = rename(tpub, pub);
+        rc = rename(tsecret, secret);
+    if (rc == 0 && rename(tpub, pub) != 0) {
+        rc = -1;
+        if (kept)
+            rename(old, secret);
+        else
+            unlink(secret);
+    }
+    s_sync(out);
     unlink(tpub);
     unlink(tsecret);
+    unlink(old);
     rmdir(dir);
     return rc;
 }
