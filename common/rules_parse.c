@@ -522,7 +522,12 @@ static s_stype_t s_scalar_type(const s_ynode_t *n, bool *b, double *d)
     if (errno != 0 || !isfinite(v))
         return S_TSTR;
     *d = v;
-    return !point && !exponent && int_digits <= 15 ? S_TINT : S_TFLOAT;
+    /* Whole numbers of up to 15 significant digits are exact in a double
+     * (leading zeros count for none). */
+    size_t zeros = 0;
+    while (zeros + 1 < int_digits && s[i + zeros] == '0')
+        zeros++;
+    return !point && !exponent && int_digits - zeros <= 15 ? S_TINT : S_TFLOAT;
 }
 
 /* Why scalar n (of type t) is not of kind, for a message: a value that

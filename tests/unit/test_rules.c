@@ -1297,6 +1297,18 @@ START_TEST(test_core_schema_numbers)
         kh_rules_result_destroy(&r);
         kh_rules_destroy(&rules);
     }
+    /* Leading zeros are no significant digits: a whole number still. */
+    static const char *zeros =
+        "version: 1\n"
+        "fallback: {targets: [{partner: zorgcoordinator, fields: [needs]}]}\n"
+        "rules:\n"
+        "- name: r1\n"
+        "  when: {field: subject.age, equals: 0000000000000018}\n"
+        "  then: {targets: [{partner: avim, fields: [risk]}]}\n";
+    kh_error_t err;
+    kh_rules_t *rules = kh_rules_load_buffer(zeros, strlen(zeros), &o, &err);
+    ck_assert_msg(rules != NULL, "%s", err.message);
+    kh_rules_destroy(&rules);
 }
 END_TEST
 
