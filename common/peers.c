@@ -20,14 +20,17 @@ struct _kh_peers_t {
     kh_throttle_t *told;       /* partner: one refusal logged / 10 s */
     zhashx_t *open;            /* descriptors ("%d") accepted and not closed */
     zhashx_t *counted;         /* descriptor -> s_counted_t */
+    zhashx_t *by_rid;          /* routing id (hex) -> its descriptor */
     zhashx_t *counts;          /* partner id -> size_t of its counted ones */
 };
 
 /* The connection counted on a descriptor. */
 typedef struct {
     char partner[64];
-    unsigned char rid[KH_PEERS_RID_MAX]; /* its routing id */
-    size_t rid_len;
+    unsigned char rid[KH_PEERS_RID_MAX]; /* its routing id (the first
+                                            KH_PEERS_RID_MAX bytes) */
+    size_t rid_len;                      /* and its length */
+    char fd[16];
 } s_counted_t;
 
 static void s_free(void **item)
@@ -46,13 +49,15 @@ kh_peers_t *kh_peers_new(zsock_t *router, size_t max, kh_error_t *err)
     self->max = max;
     self->open = zhashx_new();
     self->counted = zhashx_new();
+    self->by_rid = zhashx_new();
     self->counts = zhashx_new();
-    if (!self->open || !self->counted || !self->counts) {
+    if (!self->open || !self->counted || !self->by_rid || !self->counts) {
         kh_peers_destroy(&self);
         kh_error_set(err, KH_E_NOMEM, "", "out of memory");
         return NULL;
     }
     zhashx_set_destructor(self->counted, s_free);
+    zhashx_set_destructor(self->by_rid, s_free);
     zhashx_set_destructor(self->counts, s_free);
     /* Connections accepted and closed, on an inproc PAIR: a frame read
      * after its connection closed (intake had stopped reading, say)
@@ -93,6 +98,7 @@ void kh_peers_destroy(kh_peers_t **self_p)
     zsock_destroy(&self->monitor);
     zhashx_destroy(&self->open);
     zhashx_destroy(&self->counted);
+    zhashx_destroy(&self->by_rid);
     zhashx_destroy(&self->counts);
     kh_throttle_destroy(&self->told);
     free(self);
@@ -134,6 +140,18 @@ static size_t *s_count(kh_peers_t *self, const char *partner)
 }
 
 /* Forget the connection on fd, if one was counted. */
+/* The key of routing id rid in by_rid: its hex digits (of the first
+ * KH_PEERS_RID_MAX bytes) and its length. */
+static void s_rid_key(const void *rid, size_t len,
+                      char out[2 * KH_PEERS_RID_MAX + 8])
+{
+    const unsigned char *b = rid;
+    size_t n = len < KH_PEERS_RID_MAX ? len : KH_PEERS_RID_MAX;
+    for (size_t i = 0; i < n; i++)
+        snprintf(out + 2 * i, 3, "%02x", b[i]);
+    snprintf(out + 2 * n, 8, "/%zu", len);
+}
+
 static void s_forget(kh_peers_t *self, const char *fd)
 {
     const s_counted_t *counted = zhashx_lookup(self->counted, fd);
@@ -142,6 +160,11 @@ static void s_forget(kh_peers_t *self, const char *fd)
     size_t *count = s_count(self, counted->partner);
     if (count && --*count == 0)
         zhashx_delete(self->counts, counted->partner);
+    char key[2 * KH_PEERS_RID_MAX + 8];
+    s_rid_key(counted->rid, counted->rid_len, key);
+    const char *indexed = zhashx_lookup(self->by_rid, key);
+    if (indexed && strcmp(indexed, fd) == 0)
+        zhashx_delete(self->by_rid, key);
     zhashx_delete(self->counted, fd);
 }
 
@@ -179,19 +202,30 @@ bool kh_peers_take(kh_peers_t *self, int fd, const void *rid, size_t rid_len,
     return kh_peers_count(self, fd, rid, rid_len, partner);
 }
 
-/* The order of two routing ids that the ROUTER gave (a zero byte, then a
- * number it counts up, big-endian): < 0 when a came first. */
+/* The order of two routing ids: < 0 when a came first. The ROUTER's own
+ * are a zero byte and a 32-bit number it counts up from a random start,
+ * big-endian: compared as serial numbers (RFC 1982), they stay in order
+ * when the count wraps. Others (a peer's own, which the services refuse)
+ * by their bytes. */
 static int s_rid_order(const void *a, size_t alen, const void *b, size_t blen)
 {
+    const unsigned char *x = a, *y = b;
+    if (alen == 5 && blen == 5 && x[0] == 0 && y[0] == 0) {
+        uint32_t m = (uint32_t) x[1] << 24 | (uint32_t) x[2] << 16 |
+                     (uint32_t) x[3] << 8 | x[4];
+        uint32_t n = (uint32_t) y[1] << 24 | (uint32_t) y[2] << 16 |
+                     (uint32_t) y[3] << 8 | y[4];
+        return m == n ? 0 : (int32_t) (m - n) < 0 ? -1 : 1;
+    }
     if (alen != blen)
         return alen < blen ? -1 : 1;
-    return memcmp(a, b, alen);
+    return memcmp(a, b, alen < KH_PEERS_RID_MAX ? alen : KH_PEERS_RID_MAX);
 }
 
 bool kh_peers_count(kh_peers_t *self, int fd, const void *rid, size_t rid_len,
                     const char *partner)
 {
-    if (fd < 0 || rid_len > KH_PEERS_RID_MAX)
+    if (fd < 0)
         return true;
     char key[16];
     snprintf(key, sizeof key, "%d", fd);
@@ -216,10 +250,15 @@ bool kh_peers_count(kh_peers_t *self, int fd, const void *rid, size_t rid_len,
     if (count && *count >= self->max)
         return false;
     s_counted_t *entry = calloc(1, sizeof *entry);
+    char rid_key[2 * KH_PEERS_RID_MAX + 8];
+    s_rid_key(rid, rid_len, rid_key);
+    char *indexed = strdup(key);
     if (entry) {
         snprintf(entry->partner, sizeof entry->partner, "%s", partner);
-        memcpy(entry->rid, rid, rid_len);
+        memcpy(entry->rid, rid,
+               rid_len < KH_PEERS_RID_MAX ? rid_len : KH_PEERS_RID_MAX);
         entry->rid_len = rid_len;
+        snprintf(entry->fd, sizeof entry->fd, "%s", key);
     }
     if (!count) {
         count = calloc(1, sizeof *count);
@@ -228,24 +267,35 @@ bool kh_peers_count(kh_peers_t *self, int fd, const void *rid, size_t rid_len,
             count = NULL;
         }
     }
-    if (!entry || !count || zhashx_insert(self->counted, key, entry)) {
+    if (!entry || !count || !indexed ||
+        zhashx_insert(self->counted, key, entry)) {
         /* Out of memory: served uncounted rather than refused. */
         free(entry);
+        free(indexed);
         if (count && *count == 0)
             zhashx_delete(self->counts, partner);
         return true;
     }
+    /* Another descriptor's entry under the same id (a peer's own id,
+     * given twice) stays counted; this one is found by its descriptor. */
+    if (zhashx_insert(self->by_rid, rid_key, indexed))
+        free(indexed);
     ++*count;
     return true;
 }
 
-void kh_peers_gone(kh_peers_t *self, int fd, const void *rid, size_t rid_len)
+void kh_peers_gone(kh_peers_t *self, const void *rid, size_t rid_len)
 {
-    char key[16];
-    snprintf(key, sizeof key, "%d", fd);
-    const s_counted_t *known = zhashx_lookup(self->counted, key);
+    char key[2 * KH_PEERS_RID_MAX + 8];
+    s_rid_key(rid, rid_len, key);
+    const char *fd = zhashx_lookup(self->by_rid, key);
+    if (!fd)
+        return;
+    char copy[16];
+    snprintf(copy, sizeof copy, "%s", fd);
+    const s_counted_t *known = zhashx_lookup(self->counted, copy);
     if (known && s_rid_order(rid, rid_len, known->rid, known->rid_len) == 0)
-        s_forget(self, key);
+        s_forget(self, copy);
 }
 
 bool kh_peers_full(kh_peers_t *self, const char *partner)

@@ -49,7 +49,8 @@ void kh_peers_drain(kh_peers_t *self);
 typedef void (*kh_peers_close_fn)(void *arg, int fd);
 void kh_peers_on_close(kh_peers_t *self, kh_peers_close_fn fn, void *arg);
 
-/* Longest routing id counted (the ROUTER's own are 5 bytes). */
+/* Bytes of a routing id kept (the ROUTER's own are 5; a longer one is
+ * told apart by these and its length). */
 #define KH_PEERS_RID_MAX 16
 
 /* A frame came on the connection with socket fd (-1: unknown, never
@@ -69,8 +70,8 @@ bool kh_peers_count(kh_peers_t *self, int fd, const void *rid, size_t rid_len,
                     const char *partner);
 
 /* A send to routing id rid failed as unroutable (ZMQ_ROUTER_MANDATORY's
- * EHOSTUNREACH): its connection is gone, and is not counted on fd. */
-void kh_peers_gone(kh_peers_t *self, int fd, const void *rid, size_t rid_len);
+ * EHOSTUNREACH): its connection is gone, and is counted no more. */
+void kh_peers_gone(kh_peers_t *self, const void *rid, size_t rid_len);
 
 /* True when partner has its most connections (closed ones are read first):
  * a handshake for one more is refused. */

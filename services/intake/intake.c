@@ -714,7 +714,7 @@ static void s_send(intake_t *self, s_request_t *req, json_t *reply)
                     ZFRAME_MORE | ZFRAME_DONTWAIT) == 0)
         zframe_send(&body, self->router, ZFRAME_DONTWAIT);
     else if (zmq_errno() == EHOSTUNREACH)
-        kh_peers_gone(self->peers, req->fd, zframe_data(req->identity),
+        kh_peers_gone(self->peers, zframe_data(req->identity),
                       zframe_size(req->identity));
     zframe_destroy(&body);
     zframe_destroy(&req->identity);

@@ -40,6 +40,7 @@
 #define S_CLAIM_ROWS 1024 /* deliveries one claim statement asks for */
 #define S_ACKED_MAX (KH_WINDOW_MAX * 4) /* acknowledged ids remembered */
 #define S_ACKED_KEY 80                  /* "partner id" */
+#define S_CONNECTIONS_RETRY_MS 1000     /* over the partner's connections */
 
 /* One partner connection (a ROUTER peer that said something). Its routing
  * id names it to the ROUTER only while the connection lasts: once it is
@@ -295,6 +296,11 @@ static s_send_t s_send_to(notify_t *self, zframe_t *identity, const void *data,
     if (!to || !body || zframe_send(&to, self->router, ZFRAME_MORE) ||
         zframe_send(&body, self->router, 0)) {
         bool full = to && body && zmq_errno() == EAGAIN;
+        /* Gone: a frame of it read late may have been counted for the
+         * connection that took its descriptor (peers.h). */
+        if (to && body && zmq_errno() == EHOSTUNREACH)
+            kh_peers_gone(self->peers, zframe_data(identity),
+                          zframe_size(identity));
         zframe_destroy(&to);
         zframe_destroy(&body);
         return full ? S_FULL : S_GONE;
@@ -1397,10 +1403,23 @@ static void s_take(notify_t *self, zframe_t *identity, zmq_msg_t *body,
     kh_limits_t limits = kh_limits_default();
     limits.max_frame = self->cfg.max_frame;
     const char *partner = key ? s_partner_of(self, key) : NULL;
+    /* Each of its partner's connections counts, whatever it sends (probes,
+     * answers, frames refused): one that opens them without end cannot
+     * take the hub's descriptors (peers.h). The events were read above
+     * for a connection not known yet. */
+    bool over =
+        partner && !kh_peers_count(self->peers, fd, zframe_data(identity),
+                                   zframe_size(identity), partner);
 
     if (extra_frames)
         kh_error_set(&err, KH_E_BAD_ENVELOPE, "",
                      "a message is exactly one frame");
+    else if (over)
+        kh_error_set(&err, KH_E_THROTTLED, "",
+                     "this partner has %zu connections to the delivery "
+                     "socket open already; send on one of them, or close "
+                     "one",
+                     kh_peers_max(self->peers));
     else if (kh_msgpack_decode(zmq_msg_data(body), zmq_msg_size(body), &limits,
                                &msg, &err) == 0) {
         kh_proto_check(msg, &cmd, &cid, &err);
@@ -1415,7 +1434,7 @@ static void s_take(notify_t *self, zframe_t *identity, zmq_msg_t *body,
                          kh_cmd_name(cmd));
     }
     /* v is checked before anything else, as intake does. */
-    if (!msg && !extra_frames)
+    if (!msg && !extra_frames && !over)
         kh_proto_other_version(zmq_msg_data(body), zmq_msg_size(body), &err);
     /* Until the registry has been read (the database is not up yet) no key
      * can be told it is revoked: that answer makes a partner stop. */
@@ -1431,16 +1450,6 @@ static void s_take(notify_t *self, zframe_t *identity, zmq_msg_t *body,
         s_audit_refused(self, key ? key : "", peer ? peer : "",
                         "unknown_partner", NULL);
     }
-    /* All its connections (probes, answers) are counted too: a client that
-     * opens them without end cannot take the hub's descriptors (peers.h).
-     * The events were read above for a connection not known yet. */
-    if (err.code == KH_E_OK &&
-        !kh_peers_count(self->peers, fd, zframe_data(identity),
-                        zframe_size(identity), partner))
-        kh_error_set(&err, KH_E_THROTTLED, "",
-                     "this partner has %zu connections to the delivery "
-                     "socket open already; close one",
-                     kh_peers_max(self->peers));
     /* Only a HELLO registers a connection for deliveries: a connection
      * that only PINGs (a probe) or answers is served without being sent
      * any, since nothing says it reads them. A registered one is kept
@@ -1488,7 +1497,10 @@ static void s_take(notify_t *self, zframe_t *identity, zmq_msg_t *body,
             kh_log_warn("request_refused", "partner=%s peer=%s code=%s path=%s",
                         partner ? partner : "none", peer ? peer : "",
                         kh_error_name(err.code), *path ? path : "none");
-        s_reject(self, identity, cid, &err);
+        if (over) /* a connection of it may close any moment */
+            s_reject_after(self, identity, cid, &err, S_CONNECTIONS_RETRY_MS);
+        else
+            s_reject(self, identity, cid, &err);
         json_decref(msg);
         return;
     }

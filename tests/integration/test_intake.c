@@ -2971,6 +2971,30 @@ START_TEST(a_client_refused_while_idle_sends_on_a_new_connection)
 }
 END_TEST
 
+/* A routing id the client chose, long and beginning with a zero byte (as
+ * the hub's own do, so that it is not seen as chosen), counts like any
+ * other: it escaped the count. */
+START_TEST(a_long_routing_id_of_its_own_counts_too)
+{
+    s_restart_intake_with(
+        (const char *const[]){"KH_INTAKE_MAX_CONNECTIONS", "2", NULL});
+    zsock_t *dealers[3];
+    for (int i = 0; i < 3; i++) {
+        char rid[17] = {0};
+        memset(rid + 1, 'a' + i, sizeof rid - 1);
+        dealers[i] = khpartner_connect_rid(
+            s_path("vt.cert"), s_path("hub.cert"), s_endpoint, rid, sizeof rid);
+        json_t *reply = s_ping_on(dealers[i], "long", i < 2 ? S_TIMEOUT : 1500);
+        if (i < 2)
+            s_expect_pong(reply);
+        else
+            ck_assert_msg(reply == NULL, "a third connection was served");
+    }
+    for (int i = 0; i < 3; i++)
+        zsock_destroy(&dealers[i]);
+}
+END_TEST
+
 /* A key the hub refuses at the handshake is told as such at each request
  * of a client that lives on, never as a hub that cannot be reached: each
  * request tries a new connection (ZeroMQ does not try a refused one
@@ -3418,6 +3442,7 @@ int main(void)
                    a_connection_closed_before_its_frame_is_read_is_not_counted);
     tcase_add_test(tc, a_client_refused_while_idle_sends_on_a_new_connection);
     tcase_add_test(tc, a_refused_key_is_told_so_at_each_request);
+    tcase_add_test(tc, a_long_routing_id_of_its_own_counts_too);
     suite_add_tcase(suite, tc);
 
     tc = tcase_create("intake_db");
