@@ -30,7 +30,6 @@ typedef struct {
     unsigned char rid[KH_PEERS_RID_MAX]; /* its routing id (the first
                                             KH_PEERS_RID_MAX bytes) */
     size_t rid_len;                      /* and its length */
-    char fd[16];
 } s_counted_t;
 
 static void s_free(void **item)
@@ -115,7 +114,10 @@ size_t kh_peers_max(const kh_peers_t *self)
     return self->max;
 }
 
-int kh_monitor_event(zsock_t *monitor, uint16_t *event, uint32_t *value)
+/* Read one event of the socket monitor: 0 with the event and its value
+ * (for accepts and closes, the socket's descriptor), -1 when none is
+ * waiting or it cannot be read. */
+static int s_monitor_event(zsock_t *monitor, uint16_t *event, uint32_t *value)
 {
     if (!(zsock_events(monitor) & ZMQ_POLLIN))
         return -1;
@@ -139,7 +141,6 @@ static size_t *s_count(kh_peers_t *self, const char *partner)
     return zhashx_lookup(self->counts, partner);
 }
 
-/* Forget the connection on fd, if one was counted. */
 /* The key of routing id rid in by_rid: its hex digits (of the first
  * KH_PEERS_RID_MAX bytes) and its length. */
 static void s_rid_key(const void *rid, size_t len,
@@ -152,6 +153,7 @@ static void s_rid_key(const void *rid, size_t len,
     snprintf(out + 2 * n, 8, "/%zu", len);
 }
 
+/* Forget the connection on fd, if one was counted. */
 static void s_forget(kh_peers_t *self, const char *fd)
 {
     const s_counted_t *counted = zhashx_lookup(self->counted, fd);
@@ -172,7 +174,7 @@ void kh_peers_drain(kh_peers_t *self)
 {
     uint16_t event;
     uint32_t value;
-    while (kh_monitor_event(self->monitor, &event, &value) == 0) {
+    while (s_monitor_event(self->monitor, &event, &value) == 0) {
         char fd[16];
         snprintf(fd, sizeof fd, "%u", value);
         if (event == ZMQ_EVENT_ACCEPTED)
@@ -258,7 +260,6 @@ bool kh_peers_count(kh_peers_t *self, int fd, const void *rid, size_t rid_len,
         memcpy(entry->rid, rid,
                rid_len < KH_PEERS_RID_MAX ? rid_len : KH_PEERS_RID_MAX);
         entry->rid_len = rid_len;
-        snprintf(entry->fd, sizeof entry->fd, "%s", key);
     }
     if (!count) {
         count = calloc(1, sizeof *count);

@@ -89,11 +89,6 @@ int kh_peers_guard(kh_peers_t *self, kh_zap_t *zap, zhashx_t *const *partners);
 /* The most connections a partner may have. */
 size_t kh_peers_max(const kh_peers_t *self);
 
-/* Read one event of a ZeroMQ socket monitor: 0 with the event and its
- * value (for connects and disconnects, the socket's descriptor), -1 when
- * none is waiting or it cannot be read. */
-int kh_monitor_event(zsock_t *monitor, uint16_t *event, uint32_t *value);
-
 #ifdef __cplusplus
 }
 #endif
