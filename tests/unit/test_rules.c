@@ -416,6 +416,20 @@ static void s_collect(const kh_error_t *err, bool is_error, void *arg)
              err->column, err->path);
 }
 
+/* Load yaml with the demo registry, its notes and warnings into reports
+ * (2048 bytes, "" when none); it must load. */
+static kh_rules_t *s_load_noting(const char *yaml, char *reports)
+{
+    reports[0] = '\0';
+    kh_rules_options_t o = s_opts(s_demo, S_DEMO_COUNT);
+    o.report = s_collect;
+    o.report_arg = reports;
+    kh_error_t err;
+    kh_rules_t *rules = kh_rules_load_buffer(yaml, strlen(yaml), &o, &err);
+    ck_assert_msg(rules != NULL, "%d:%d %s", err.line, err.column, err.message);
+    return rules;
+}
+
 static void s_sorted_targets(const kh_rules_result_t *r, char *out,
                              size_t size);
 
@@ -821,13 +835,8 @@ START_TEST(test_a_field_listed_twice_is_a_note)
                               "fallback: {targets: [{partner: zorgcoordinator,"
                               " fields: [needs, subject.age, needs]}]}\n"
                               "rules: []\n";
-    char reports[2048] = "";
-    kh_rules_options_t o = s_opts(s_demo, S_DEMO_COUNT);
-    o.report = s_collect;
-    o.report_arg = reports;
-    kh_error_t err;
-    kh_rules_t *rules = kh_rules_load_buffer(yaml, strlen(yaml), &o, &err);
-    ck_assert_msg(rules != NULL, "%s", err.message);
+    char reports[2048];
+    kh_rules_t *rules = s_load_noting(yaml, reports);
     ck_assert_str_eq(reports, "note rules.projection 2:78 "
                               "fallback.targets[0].fields[2];");
     kh_rules_destroy(&rules);
@@ -967,13 +976,8 @@ START_TEST(test_dead_part_of_any_noted)
         "- {name: r1, when: {any: [{field: subject.age, lt: 0},\n"
         "                          {field: scope, equals: domestic}]},\n"
         "   then: {targets: [{partner: avim, fields: [risk]}]}}\n";
-    kh_rules_options_t o = s_opts(s_demo, S_DEMO_COUNT);
-    char reports[2048] = "";
-    o.report = s_collect;
-    o.report_arg = reports;
-    kh_error_t err;
-    kh_rules_t *rules = kh_rules_load_buffer(yaml, strlen(yaml), &o, &err);
-    ck_assert_msg(rules != NULL, "%s", err.message);
+    char reports[2048];
+    kh_rules_t *rules = s_load_noting(yaml, reports);
     ck_assert_str_eq(reports,
                      "note rules.never_matches 4:27 rules[0].when.any[0];");
     kh_rules_destroy(&rules);
@@ -1071,13 +1075,8 @@ START_TEST(test_long_ins_load_without_the_note)
     }
     snprintf(yaml + used, size - used,
              "  then: {targets: [{partner: avim, fields: [risk]}]}\n");
-    char reports[2048] = "";
-    kh_rules_options_t o = s_opts(s_demo, S_DEMO_COUNT);
-    o.report = s_collect;
-    o.report_arg = reports;
-    kh_error_t err;
-    kh_rules_t *rules = kh_rules_load_buffer(yaml, strlen(yaml), &o, &err);
-    ck_assert_msg(rules != NULL, "%s", err.message);
+    char reports[2048];
+    kh_rules_t *rules = s_load_noting(yaml, reports);
     ck_assert_str_eq(reports, "");
     kh_rules_destroy(&rules);
     free(yaml);
