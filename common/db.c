@@ -440,6 +440,18 @@ int kh_db_exec(PGconn *conn, const char *sql, kh_error_t *err)
     return rc;
 }
 
+bool kh_db_notified(PGconn *conn)
+{
+    if (!conn)
+        return false;
+    bool told = !PQconsumeInput(conn);
+    for (PGnotify *note; (note = PQnotifies(conn)) != NULL;) {
+        PQfreemem(note);
+        told = true;
+    }
+    return told;
+}
+
 int kh_db_pipeline_end(PGconn *conn, int keep_index, PGresult **keep,
                        kh_error_t *err)
 {

@@ -168,6 +168,14 @@ PGresult *kh_db_begin_exec(PGconn *conn, const char *begin, const char *name,
                            const int *lengths, const int *formats,
                            int result_format, kh_error_t *err);
 
+/* Whether conn got a notification (of a channel it LISTENs on) since
+ * this was last asked: what the server sent meanwhile is read without
+ * waiting, and every notification is taken. A connection that cannot be
+ * read (it broke) counts as told: what its caller reads again on it then
+ * fails, and says so, rather than a change going unnoticed. false for
+ * NULL. */
+bool kh_db_notified(PGconn *conn);
+
 /* Roll back the connection's open transaction, if any, ignoring errors:
  * for cleanup paths that already carry an error. Safe on NULL. */
 void kh_db_rollback_quietly(PGconn *conn);

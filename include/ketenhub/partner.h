@@ -65,6 +65,11 @@ typedef struct {
     " JOIN partners p ON p.id = k.partner_id WHERE p.revoked_at IS NULL"       \
     " AND (k.expires_at IS NULL OR k.expires_at > now())"
 
+/* The channel that a change to the registry (partners, partner_keys) is
+ * NOTIFYed on as it commits (migration 026): a service that keeps the
+ * keys above LISTENs on it and reads them again when told. */
+#define KH_PARTNER_CHANNEL "ketenhub_registry"
+
 /* Wire/database name of a kind ("chain_director"); "unknown" if out of
  * range. */
 const char *kh_partner_kind_name(kh_partner_kind_t kind);

@@ -1115,6 +1115,10 @@ static int s_on_router(zloop_t *loop, zsock_t *router, void *arg)
 {
     (void) loop;
     intake_t *self = arg;
+    /* A partner revoked, or a key ended, is refused from its next request
+     * on: the registry told its change as it committed. */
+    if (store_registry_changed(self->store))
+        s_load_partners(self);
     s_batch_t *batch = self->filling;
     while (!s_batch_full(self, batch) && (zsock_events(router) & ZMQ_POLLIN)) {
         zframe_t *identity;

@@ -46,7 +46,8 @@ static kh_cfg_t s_config[] = {
     KH_CFG("KH_INTAKE_MAX_CONNECTIONS", KH_CFG_INT, "16", 1, 1024, false,
            "most open connections of one partner"),
     KH_CFG("KH_PARTNER_REFRESH_MS", KH_CFG_INT, "5000", 100, 3600000, false,
-           "how often the partner registry is re-read"),
+           "how often the partner registry is re-read besides when it "
+           "changes"),
     KH_CFG("KH_DB_COMMIT_TIMEOUT_MS", KH_CFG_INT, "5000", 100, 600000, false,
            "a commit taking longer is given up (retryable refusal)"),
     KH_CFG("KH_ROUTING_ENDPOINT", KH_CFG_ENDPOINT_OR_NONE,

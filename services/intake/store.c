@@ -342,8 +342,10 @@ int store_connect(store_t *self, kh_error_t *err)
                      err) ||
           s_prepare(conns[0], writer_names, writer_sql, writer_nparams, 1,
                     err))) ||
-        (conns[1] && s_prepare(conns[1], reader_names, reader_sql,
-                               reader_nparams, 4, err))) {
+        (conns[1] &&
+         (s_prepare(conns[1], reader_names, reader_sql, reader_nparams, 4,
+                    err) ||
+          kh_db_exec(conns[1], "LISTEN " KH_PARTNER_CHANNEL, err)))) {
         PQfinish(conns[0]);
         PQfinish(conns[1]);
         return -1;
@@ -669,6 +671,11 @@ int store_status(store_t *self, const char *partner_id, const char *referral_id,
                         deliveries ? deliveries : json_array());
     PQclear(res);
     return 0;
+}
+
+bool store_registry_changed(store_t *self)
+{
+    return s_conn_up(self->reader) && kh_db_notified(self->reader);
 }
 
 static void s_free_string(void **item)

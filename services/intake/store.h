@@ -140,6 +140,11 @@ void store_abandon(store_t *self);
 int store_status(store_t *self, const char *partner_id, const char *referral_id,
                  json_t *reply, kh_error_t *err);
 
+/* Whether the registry changed since this was last asked (the reader
+ * LISTENs on KH_PARTNER_CHANNEL): read it again then. A reader that
+ * broke counts as changed, so that the read fails and says so. */
+bool store_registry_changed(store_t *self);
+
 /* Load active partners into a new hash: Z85 key -> partner id (strings,
  * owned by the hash). NULL with err on failure. */
 zhashx_t *store_partners(store_t *self, kh_error_t *err);

@@ -126,9 +126,13 @@ int dstore_connect(dstore_t *self, kh_error_t *err)
     if (kh_db_connect_pair(&self->connecting, want, self->conninfo,
                            "ketenhub-notification", made, err) <= 0)
         return -1;
+    /* conn hears of registry changes (dstore_registry_changed). */
     int rc = 0;
     for (int k = 0; k < 2; k++)
-        if (want[k] && rc == 0 && s_setup(made[k], err))
+        if (want[k] && rc == 0 &&
+            (s_setup(made[k], err) ||
+             (k == 0 &&
+              kh_db_exec(made[k], "LISTEN " KH_PARTNER_CHANNEL, err))))
             rc = -1;
     for (int k = 0; k < 2; k++)
         if (want[k]) {
@@ -182,6 +186,11 @@ bool dstore_up(const dstore_t *self)
 {
     return self->conn && PQstatus(self->conn) == CONNECTION_OK &&
            self->ack_conn && PQstatus(self->ack_conn) == CONNECTION_OK;
+}
+
+bool dstore_registry_changed(dstore_t *self)
+{
+    return s_conn_ok(self->conn) && kh_db_notified(self->conn);
 }
 
 /* Run a prepared statement (or, for S_STATEMENTS, the plain sql) with

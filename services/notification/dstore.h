@@ -51,6 +51,11 @@ void dstore_rollback(dstore_t *self);
 /* Whether the last call found the connection working. */
 bool dstore_up(const dstore_t *self);
 
+/* Whether the registry changed since this was last asked (the connection
+ * LISTENs on KH_PARTNER_CHANNEL): read it again then. A connection that
+ * broke counts as changed, so that the read fails and says so. */
+bool dstore_registry_changed(dstore_t *self);
+
 /* The active partners: Z85 public key -> partner id (hash owns both);
  * NULL with err. */
 zhashx_t *dstore_partners(dstore_t *self, kh_error_t *err);

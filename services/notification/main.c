@@ -54,7 +54,8 @@ static kh_cfg_t s_config[] = {
     KH_CFG("KH_NOTIFY_SWEEP_MS", KH_CFG_INT, "250", 10, 60000, false,
            "re-sends, dead letters and escalations are looked for this often"),
     KH_CFG("KH_PARTNER_REFRESH_MS", KH_CFG_INT, "5000", 100, 3600000, false,
-           "how often the partner registry is re-read"),
+           "how often the partner registry is re-read besides when it "
+           "changes"),
     KH_CFG("KH_MAX_FRAME", KH_CFG_INT, "65536", 1024, 16777216, false,
            "largest frame a partner may send on this socket"),
     KH_CFG("KH_HEALTH_ENDPOINT", KH_CFG_STRING, "127.0.0.1:9703", 0, 0, false,

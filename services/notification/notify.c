@@ -555,6 +555,15 @@ static void s_load_partners(notify_t *self)
     self->partners_read = true;
 }
 
+/* Read the registry again when it changed (a partner revoked, a key
+ * ended or moved, a partner added): PostgreSQL told as the change
+ * committed. Before the frames and the round that would use it. */
+static void s_registry_check(notify_t *self)
+{
+    if (dstore_registry_changed(self->store))
+        s_load_partners(self);
+}
+
 /* Forget the connections whose key no longer admits their partner
  * (revoked, or the key before a rotation whose overlap ended): they are
  * sent nothing more, and their frames are refused from now on. Not while
@@ -1201,9 +1210,10 @@ static bool s_has_work(notify_t *self)
 static void s_round(notify_t *self, bool resend)
 {
     s_monitor_drain(self);
-    /* The registry was read for a key it did not know (or on a
-     * reconnect): a key moved to another partner, or revoked, is noticed
-     * now rather than at the next refresh. */
+    s_registry_check(self);
+    /* The registry was read for a key it did not know, or on a reconnect,
+     * or because it changed: a key moved to another partner, or revoked,
+     * is noticed now rather than at the next refresh. */
     if (self->partners_read)
         s_drop_unadmitted(self);
     if (zlistx_size(self->held))
@@ -1537,6 +1547,7 @@ static int s_on_router(zloop_t *loop, zsock_t *sock, void *arg)
 {
     (void) loop;
     notify_t *self = arg;
+    s_registry_check(self); /* no frame of a key revoked is taken */
     void *handle = zsock_resolve(sock);
     for (int i = 0; i < S_READ_MAX && (zsock_events(sock) & ZMQ_POLLIN); i++) {
         /* libzmq's own messages: a CZMQ frame does not give its socket's

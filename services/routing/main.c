@@ -41,7 +41,8 @@ static kh_cfg_t s_config[] = {
     KH_CFG("KH_ROUTING_POLL_MS", KH_CFG_INT, "1000", 10, 3600000, false,
            "look for accepted referrals at least this often"),
     KH_CFG("KH_PARTNER_REFRESH_MS", KH_CFG_INT, "5000", 100, 3600000, false,
-           "how often the partner registry is re-read (optional targets)"),
+           "how often the partner registry is re-read besides when it "
+           "changes (optional targets)"),
     KH_CFG("KH_HEALTH_ENDPOINT", KH_CFG_STRING, "127.0.0.1:9702", 0, 0, false,
            "HOST:PORT of /livez, /readyz, /metrics (\"none\": off)"),
     KH_CFG_WATCHDOG,

@@ -66,6 +66,7 @@ struct _routing_t {
     bool reload_again;       /* a SIGHUP the database was away for: retried */
     bool start_recorded;     /* the trail has the version it started with */
     int64_t partners_read;   /* zclock_mono of the last read of the registry */
+    bool registry_unheard;   /* connected since: changes may have gone by */
     char missing[640];       /* partners the rules need and the registry
                                 lacks, as last told ("a,b"; "": none) */
     kh_tally_t auth_refused; /* refused handshakes, one line a while */
@@ -125,7 +126,7 @@ static int s_connect(routing_t *self, kh_error_t *err)
                         "SET statement_timeout = '30s'; SET lock_timeout ="
                         " '10s'; SET idle_in_transaction_session_timeout ="
                         " '60s'; SET plan_cache_mode = force_generic_plan;"
-                        " SET enable_seqscan = off",
+                        " SET enable_seqscan = off; LISTEN " KH_PARTNER_CHANNEL,
                         err);
     for (int i = 0; rc == 0 && i < S_STATEMENTS; i++) {
         PGresult *res =
@@ -138,8 +139,12 @@ static int s_connect(routing_t *self, kh_error_t *err)
     if (rc) {
         PQfinish(self->conn);
         self->conn = NULL;
-    } else
+    } else {
         kh_log_info("db_connected", NULL); /* the outage, if any, is over */
+        /* What the registry told while no connection listened is lost:
+         * it is read again at the next chance. */
+        self->registry_unheard = true;
+    }
     return rc;
 }
 
@@ -303,14 +308,19 @@ static int s_audit_reload(routing_t *self, const char *version,
                : 0;
 }
 
-/* Every partner_refresh_ms, between two passes: the optional targets of
- * the rules in force follow the registry (a partner registered or revoked
- * since), with no SIGHUP. A registry that cannot be read now is read at
- * the next chance; the rules stay as they are meanwhile. */
+/* Between two passes, when the registry changed (PostgreSQL tells as the
+ * change commits), after a reconnection, and every partner_refresh_ms: the
+ * optional targets of the rules in force follow the registry (a partner
+ * registered or revoked since), with no SIGHUP. A registry that cannot be
+ * read now is read at the next chance; the rules stay as they are
+ * meanwhile. */
 static void s_refresh_partners(routing_t *self)
 {
-    if (zclock_mono() - self->partners_read < self->config.partner_refresh_ms)
+    bool told = kh_db_notified(self->conn) || self->registry_unheard;
+    if (!told &&
+        zclock_mono() - self->partners_read < self->config.partner_refresh_ms)
         return;
+    self->registry_unheard = false;
     s_partners_t list = {0};
     kh_error_t err;
     char version[sizeof self->version];

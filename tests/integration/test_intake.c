@@ -64,12 +64,19 @@ static long s_count(const char *sql)
     return khtest_db_count(s_db, sql);
 }
 
+/* Start intake, reading the registry every refresh_ms besides. */
+static void s_start_intake_refreshing(const char *refresh_ms)
+{
+    char routing[128], refresh[64];
+    snprintf(routing, sizeof routing, "KH_ROUTING_ENDPOINT=%s", s_routing);
+    snprintf(refresh, sizeof refresh, "KH_PARTNER_REFRESH_MS=%s", refresh_ms);
+    char *extra[] = {refresh, routing, NULL};
+    s_intake = khtest_start_intake(s_dir, s_endpoint, s_conninfo, extra);
+}
+
 static void s_start_intake(void)
 {
-    char routing[128];
-    snprintf(routing, sizeof routing, "KH_ROUTING_ENDPOINT=%s", s_routing);
-    char *extra[] = {"KH_PARTNER_REFRESH_MS=200", routing, NULL};
-    s_intake = khtest_start_intake(s_dir, s_endpoint, s_conninfo, extra);
+    s_start_intake_refreshing("200");
 }
 
 static kh_client_t *s_client(const char *name)
@@ -1525,10 +1532,7 @@ START_TEST(a_partner_added_while_the_database_is_away_is_not_refused_for_good)
     /* No refresh of the registry finds the partner before the database
      * goes away. */
     khproc_stop(s_intake, SIGTERM, 5000);
-    char routing[128];
-    snprintf(routing, sizeof routing, "KH_ROUTING_ENDPOINT=%s", s_routing);
-    char *extra[] = {"KH_PARTNER_REFRESH_MS=3600000", routing, NULL};
-    s_intake = khtest_start_intake(s_dir, s_endpoint, s_conninfo, extra);
+    s_start_intake_refreshing("3600000");
     s_wait_ready();
     zcert_t *late = s_make_cert("late", true);
     s_register("late-partner", late);
@@ -1556,6 +1560,54 @@ START_TEST(a_partner_added_while_the_database_is_away_is_not_refused_for_good)
     json_decref(referral);
     kh_client_destroy(&client);
     PQreset(s_db);
+}
+END_TEST
+
+/* A partner revoked while intake runs is refused at its next request, on
+ * the connection it already had, and so is a key that a rotation without
+ * overlap ended: PostgreSQL tells intake of the change as it commits, long
+ * before the refresh of the registry (an hour here) would find it. */
+START_TEST(a_revocation_applies_from_the_next_request)
+{
+    khproc_stop(s_intake, SIGTERM, 5000);
+    s_start_intake_refreshing("3600000");
+    s_wait_ready();
+    const char *ids[] = {"revoked-partner", "ended-key"};
+    const char *sql[] = {
+        "UPDATE partners SET revoked_at = now() WHERE id = 'revoked-partner'",
+        "UPDATE partner_keys SET expires_at = now() WHERE partner_id ="
+        " 'ended-key'"};
+    json_t *referral = s_example();
+    for (size_t i = 0; i < 2; i++) {
+        zcert_t *cert = s_make_cert(ids[i], true);
+        s_register(ids[i], cert);
+        zcert_destroy(&cert);
+        kh_client_t *client = s_client(ids[i]);
+        kh_error_t err;
+        char key[32];
+        snprintf(key, sizeof key, "%s-1", ids[i]);
+        json_t *reply =
+            kh_client_submit(client, referral, key, S_TIMEOUT, &err);
+        ck_assert_ptr_nonnull(reply);
+        ck_assert_str_eq(kh_client_reply_cmd(reply), "ACCEPTED");
+        json_decref(reply);
+
+        khtest_db_exec(s_db, sql[i], 0, NULL);
+        zclock_sleep(300); /* the notification's way, not an hour */
+        snprintf(key, sizeof key, "%s-2", ids[i]);
+        reply = kh_client_submit(client, referral, key, S_TIMEOUT, &err);
+        ck_assert_msg(reply != NULL, "%s: no answer", ids[i]);
+        ck_assert_str_eq(kh_client_reply_cmd(reply), "REJECTED");
+        ck_assert_str_eq(s_str(reply, "code"), "unknown_partner");
+        json_decref(reply);
+        kh_client_destroy(&client);
+        char count[160];
+        snprintf(count, sizeof count,
+                 "SELECT count(*) FROM referrals WHERE partner_id = '%s'",
+                 ids[i]);
+        ck_assert_int_eq(s_count(count), 1);
+    }
+    json_decref(referral);
 }
 END_TEST
 
@@ -3411,6 +3463,7 @@ int main(void)
     tcase_add_test(
         tc, a_partner_added_while_the_database_is_away_is_not_refused_for_good);
     tcase_add_test(tc, a_rotated_key_admits_its_partner_for_the_overlap_only);
+    tcase_add_test(tc, a_revocation_applies_from_the_next_request);
     tcase_add_test(tc, the_next_hub_key_is_served_beside_the_current_one);
     tcase_add_test(tc, the_partner_tool_exits_3_for_a_revoked_key);
     tcase_add_test(tc, the_partner_tool_stops_at_once_when_interrupted);

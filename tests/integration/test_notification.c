@@ -767,8 +767,10 @@ START_TEST(a_revoked_partners_deliveries_become_dead_letters)
 END_TEST
 
 /* A partner revoked after notification read the registry is sent
- * nothing, even before a sweep has made its deliveries dead letters or a
- * refresh has forgotten its key: the claims themselves leave it out. */
+ * nothing, even before a sweep has made its deliveries dead letters or
+ * notification has read the registry again: the claims themselves leave it
+ * out. The registry's notification of the change is lost here (as one is
+ * while notification's connection is down); no refresh comes either. */
 START_TEST(a_revoked_partner_is_claimed_nothing)
 {
     char id[37], state[16];
@@ -780,7 +782,10 @@ START_TEST(a_revoked_partner_is_claimed_nothing)
     ck_assert(s_log_has("notification.log", "event=db_connected", 10000));
     zclock_sleep(300);
     khtest_db_exec(s_db,
-                   "UPDATE partners SET revoked_at = now() WHERE id = 'avim'",
+                   "BEGIN; ALTER TABLE partners DISABLE TRIGGER"
+                   " partners_changed; UPDATE partners SET revoked_at = now()"
+                   " WHERE id = 'avim'; ALTER TABLE partners ENABLE TRIGGER"
+                   " partners_changed; COMMIT",
                    0, NULL);
     zsock_t *avim = s_partner("avim");
     s_hello(avim, 4);
@@ -790,6 +795,53 @@ START_TEST(a_revoked_partner_is_claimed_nothing)
     ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
                              " = 'delivery.sent'"),
                      0);
+    zsock_destroy(&avim);
+    s_stop(pid);
+}
+END_TEST
+
+/* Notification with no refresh of the registry and no re-send within a
+ * test: only what the registry notifies changes what it knows. */
+static pid_t s_start_unhurried(void)
+{
+    return s_start3("notification.log", "KH_PARTNER_REFRESH_MS=3600000",
+                    "KH_NOTIFY_BACKOFF_MAX_MS=60000",
+                    "KH_NOTIFY_ACK_TIMEOUT_MS=30000");
+}
+
+/* A connection of name (its certificate) with window, once it has been
+ * sent the delivery id first: for the caller to close. */
+static zsock_t *s_sent_first(const char *name, int window, const char *first)
+{
+    zsock_t *sock = s_partner(name);
+    s_hello(sock, window);
+    json_t *msg = s_expect(sock, "DELIVER", 5000);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert_str_eq(s_str(msg, "delivery_id"), first);
+    json_decref(msg);
+    return sock;
+}
+
+/* A partner revoked while its connection is open is sent nothing more
+ * from the next tick, frame or wake-up on: PostgreSQL tells notification
+ * of the change as it commits, long before the refresh of the registry
+ * (an hour here) would find it. */
+START_TEST(a_revoked_partners_connection_is_forgotten_at_once)
+{
+    char first[37], second[37];
+    s_delivery("avim", "normal", 0, NULL, first);
+    pid_t pid = s_start_unhurried();
+    zsock_t *avim = s_sent_first("avim", 4, first);
+
+    khtest_db_exec(s_db,
+                   "UPDATE partners SET revoked_at = now() WHERE id = 'avim'",
+                   0, NULL);
+    ck_assert(s_log_has("notification.log",
+                        "partner=avim peer=127.0.0.1 reason=key_not_admitted",
+                        3000));
+    s_delivery("avim", "normal", 0, NULL, second);
+    json_t *msg = s_expect(avim, "DELIVER", 1000);
+    ck_assert_msg(msg == NULL, "a revoked partner was sent a delivery");
     zsock_destroy(&avim);
     s_stop(pid);
 }
@@ -3216,15 +3268,8 @@ START_TEST(a_moved_keys_deliveries_go_again_once_the_registry_says_so)
     char first[37];
     s_delivery("avim", "normal", 0, NULL, first);
 
-    pid_t pid = s_start3("notification.log", "KH_PARTNER_REFRESH_MS=3600000",
-                         "KH_NOTIFY_BACKOFF_MAX_MS=60000",
-                         "KH_NOTIFY_ACK_TIMEOUT_MS=30000");
-    zsock_t *old = s_partner("avim");
-    s_hello(old, 1);
-    json_t *msg = s_expect(old, "DELIVER", 5000);
-    ck_assert_ptr_nonnull(msg);
-    ck_assert_str_eq(s_str(msg, "delivery_id"), first);
-    json_decref(msg);
+    pid_t pid = s_start_unhurried();
+    zsock_t *old = s_sent_first("avim", 1, first);
     zsock_t *now = s_partner("avim-new");
     s_hello(now, 1);
 
@@ -3235,7 +3280,7 @@ START_TEST(a_moved_keys_deliveries_go_again_once_the_registry_says_so)
     ck_assert(s_log_has("notification.log",
                         "partner=avim peer=127.0.0.1 reason=key_not_admitted",
                         3000));
-    msg = s_expect(now, "DELIVER", 3000);
+    json_t *msg = s_expect(now, "DELIVER", 3000);
     ck_assert_msg(msg != NULL, "the moved key's delivery waits");
     ck_assert_str_eq(s_str(msg, "delivery_id"), first);
     json_decref(msg);
@@ -3667,6 +3712,7 @@ static Suite *s_suite(void)
                    a_moved_keys_deliveries_go_again_once_the_registry_says_so);
     tcase_add_test(moved,
                    a_moved_key_counts_among_its_new_partners_connections);
+    tcase_add_test(moved, a_revoked_partners_connection_is_forgotten_at_once);
     suite_add_tcase(suite, moved);
 
     TCase *priority = tcase_create("resend_priority");
