@@ -317,7 +317,9 @@ statements() {
   echo "== statements of the $1 loop by total time"
   psql -At -F ' ' -c "SELECT round(total_exec_time)::bigint || 'ms',
       calls || 'calls', round((1000 * total_exec_time / calls)::numeric, 1) || 'us/call',
-      rows || 'rows', left(regexp_replace(query, '\s+', ' ', 'g'), 90)
+      rows || 'rows',
+      round((shared_blks_hit + shared_blks_read)::numeric / calls, 1) || 'blocks/call',
+      left(regexp_replace(query, '\s+', ' ', 'g'), 90)
     FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 15" | sed 's/^/  /'
   psql -q -c "SELECT pg_stat_statements_reset()" >/dev/null
 }
