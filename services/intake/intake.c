@@ -63,7 +63,8 @@ typedef struct {
     int leader;     /* earlier request of this batch with the same key, or -1 */
     char hash[65];  /* a repeat of a key (leader set): its referral's hash */
     bool unaudited; /* a conflict whose audit event failed: err says why */
-    bool audit_first; /* a refusal answered only once its event commits */
+    bool in_trail;  /* a refusal whose event goes in with its batch */
+    bool audit_first; /* ... answered only once that event commits */
     json_t *status;   /* STATUS: its reply, read at receipt (in the arena) */
 } s_request_t;
 
@@ -107,6 +108,10 @@ struct _intake_t {
     store_t *store;
     zhashx_t *partners; /* Z85 key -> partner id */
     bool partners_read; /* the last attempt to re-read them succeeded */
+    /* The registry changed (its notice came, or may have gone by while
+     * the reader was away) and has not been read since: partners may
+     * admit a key that is revoked now, so it admits none until then. */
+    bool partners_stale;
     zloop_t *loop;
     int reconnect_timer; /* zloop timer id, 0 if none */
     int backoff_ms;
@@ -337,6 +342,18 @@ static void s_load_partners(intake_t *self)
     }
     zhashx_destroy(&self->partners);
     self->partners = partners;
+    self->partners_stale = false;
+}
+
+/* Re-read the registry now if it changed since it was read: before a
+ * request is taken, so that a partner revoked, or a key ended, is refused
+ * from the first request read after the change's notice came. */
+static void s_follow_registry(intake_t *self)
+{
+    if (store_registry_changed(self->store)) {
+        self->partners_stale = true;
+        s_load_partners(self);
+    }
 }
 
 static int s_reconnect(zloop_t *loop, int timer_id, void *arg)
@@ -351,6 +368,8 @@ static int s_reconnect(zloop_t *loop, int timer_id, void *arg)
     }
     kh_error_t err;
     if (store_connect(self->store, &err) == 0) {
+        /* What the registry told while the reader was away is lost. */
+        self->partners_stale = self->partners != NULL;
         s_load_partners(self);
         kh_log_info("db_connected", "partners=%zu",
                     self->partners ? zhashx_size(self->partners) : 0);
@@ -384,22 +403,33 @@ static int s_refresh_partners(zloop_t *loop, int timer_id, void *arg)
     return s_go_on(self);
 }
 
+/* The id of the partner that key admits in the registry as last read
+ * (none while it is stale), or NULL. */
+static const char *s_admitted(const intake_t *self, const char *key)
+{
+    return self->partners && !self->partners_stale
+               ? zhashx_lookup(self->partners, key)
+               : NULL;
+}
+
 /* The partner id for an authenticated key, or NULL. An unknown key
  * reloads the registry (at most once a second per key), so a partner added
- * while intake runs is recognised at its first request; only keys that
+ * while intake runs is recognised at its first request; so does every key
+ * while a change to the registry could not be read yet. Only keys that
  * passed the handshake, i.e. are in the partner directory, get this far.
  * *unsure is set when NULL may be wrong: the registry could not be read
- * (never yet, or not now), and the key may be a partner's added since. */
+ * (never yet, not now, or not since it changed), and the key may be a
+ * partner's added since, or one that is still admitted. */
 static const char *s_partner_of(intake_t *self, const char *key, bool *unsure)
 {
-    const char *id = self->partners ? zhashx_lookup(self->partners, key) : NULL;
+    const char *id = s_admitted(self, key);
     if (!id && store_up(self->store) &&
         kh_throttle_pass(self->unknown_keys, key, zclock_mono())) {
         s_load_partners(self);
-        id = self->partners ? zhashx_lookup(self->partners, key) : NULL;
+        id = s_admitted(self, key);
     }
     *unsure = !id && (!self->partners || !self->partners_read ||
-                      !store_up(self->store));
+                      self->partners_stale || !store_up(self->store));
     return id;
 }
 
@@ -651,6 +681,7 @@ static void s_batch_refusal(intake_t *self, s_batch_t *batch, s_request_t *req)
     kh_proto_trail_path(req->err.code, req->err.path, self->schema,
                         req->trail_path, sizeof req->trail_path);
     store_refusal_t *ref = &batch->refs[batch->nrefs++];
+    req->in_trail = true;
     ref->action = !*req->partner ? "auth.refused"
                   : (req->cmd == KH_CMD_SUBMIT || req->cmd == KH_CMD_UNKNOWN_)
                       ? "referral.rejected"
@@ -811,12 +842,14 @@ static void s_audit_conflicts(intake_t *self, s_batch_t *batch)
             continue;
         const store_submit_t *sub = &batch->subs[owner->sub];
         const char *hash = req->leader >= 0 ? req->hash : sub->hash;
-        if (strcmp(hash, sub->stored_hash) == 0 ||
-            (req->leader < 0 && !sub->late))
-            continue; /* no conflict, or the statement wrote it */
-        store_conflict_t *conflict = &batch->conflicts[n++];
+        if (strcmp(hash, sub->stored_hash) == 0)
+            continue; /* no conflict */
+        /* Each conflict is a refusal in the trail, whoever writes it. */
         if (self->refusals)
             kh_ratelimit_charge(self->refusals, req->partner, zclock_usecs());
+        if (req->leader < 0 && !sub->late)
+            continue; /* the statement wrote it */
+        store_conflict_t *conflict = &batch->conflicts[n++];
         conflict->partner_id = req->partner;
         conflict->hash = hash;
         conflict->peer = req->peer;
@@ -853,10 +886,17 @@ static void s_batch_reply(intake_t *self, s_batch_t *batch,
     for (size_t i = 0; i < batch->count; i++) {
         s_request_t *req = &batch->requests[i];
         json_t *reply = NULL;
-        const kh_error_t *unaudited = !req->audit_first     ? NULL
-                                      : commit_err          ? commit_err
-                                      : batch->refs_dropped ? &batch->refs_err
-                                                            : NULL;
+        /* A refusal is final only with its event in the trail: when its
+         * batch did not commit, the partner is told to send again (the
+         * batch's retryable error), and the refusal comes again with its
+         * event. An event refused itself (refs_dropped) would be refused
+         * again: the refusal is answered as it is, unless it promises its
+         * event first. */
+        const kh_error_t *unaudited = !req->in_trail ? NULL
+                                      : commit_err   ? commit_err
+                                      : req->audit_first && batch->refs_dropped
+                                          ? &batch->refs_err
+                                          : NULL;
         if (unaudited) /* its event did not commit: resend */
             reply = kh_proto_rejected(req->cid, unaudited, self->backoff_ms);
         else if (req->refused)
@@ -1115,10 +1155,6 @@ static int s_on_router(zloop_t *loop, zsock_t *router, void *arg)
 {
     (void) loop;
     intake_t *self = arg;
-    /* A partner revoked, or a key ended, is refused from its next request
-     * on: the registry told its change as it committed. */
-    if (store_registry_changed(self->store))
-        s_load_partners(self);
     s_batch_t *batch = self->filling;
     while (!s_batch_full(self, batch) && (zsock_events(router) & ZMQ_POLLIN)) {
         zframe_t *identity;
@@ -1126,6 +1162,7 @@ static int s_on_router(zloop_t *loop, zsock_t *router, void *arg)
         bool extra;
         if (s_recv(router, &identity, &body, &extra))
             break;
+        s_follow_registry(self);
         s_request_t *req = &batch->requests[batch->count++];
         s_take(self, batch->arena, req, identity, &body, extra);
         zmq_msg_close(&body);

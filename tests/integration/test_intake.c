@@ -1611,6 +1611,58 @@ START_TEST(a_revocation_applies_from_the_next_request)
 }
 END_TEST
 
+/* A change to the registry that intake cannot read (its keys locked here
+ * past intake's read timeout) leaves it admitting no key until it has read
+ * them: a partner revoked meanwhile is not served from the registry as it
+ * was before, but told to come again, and refused once it is read. */
+START_TEST(a_registry_change_not_yet_read_admits_no_key)
+{
+    khproc_stop(s_intake, SIGTERM, 5000);
+    s_start_intake_refreshing("3600000");
+    s_wait_ready();
+    zcert_t *cert = s_make_cert("stale", true);
+    s_register("stale-partner", cert);
+    zcert_destroy(&cert);
+    kh_client_t *client = s_client("stale");
+    kh_client_set_retries(client, 0);
+    json_t *referral = s_example();
+    kh_error_t err;
+    json_t *reply =
+        kh_client_submit(client, referral, "stale-1", S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(reply);
+    ck_assert_str_eq(kh_client_reply_cmd(reply), "ACCEPTED");
+    json_decref(reply);
+
+    PGconn *locker = PQconnectdb(s_conninfo);
+    ck_assert_int_eq(PQstatus(locker), CONNECTION_OK);
+    khtest_db_exec(locker,
+                   "BEGIN; LOCK TABLE partner_keys IN ACCESS EXCLUSIVE MODE", 0,
+                   NULL);
+    khtest_db_exec(s_db,
+                   "UPDATE partners SET revoked_at = now() WHERE id ="
+                   " 'stale-partner'",
+                   0, NULL);
+    zclock_sleep(300); /* the notification's way */
+    reply = kh_client_submit(client, referral, "stale-2", S_TIMEOUT, &err);
+    khtest_db_exec(locker, "COMMIT", 0, NULL);
+    PQfinish(locker);
+    ck_assert_msg(reply != NULL, "no answer: %s", err.message);
+    ck_assert_str_eq(s_str(reply, "code"), "unavailable");
+    json_decref(reply);
+
+    kh_client_set_retries(client, 20);
+    reply = kh_client_submit(client, referral, "stale-3", S_TIMEOUT, &err);
+    ck_assert_msg(reply != NULL, "no answer: %s", err.message);
+    ck_assert_str_eq(s_str(reply, "code"), "unknown_partner");
+    json_decref(reply);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM referrals WHERE"
+                             " partner_id = 'stale-partner'"),
+                     1);
+    json_decref(referral);
+    kh_client_destroy(&client);
+}
+END_TEST
+
 /* Submit referral under key with the client of name; the referral's id,
  * or NULL when the request got no ACCEPTED answer. */
 static char *s_accepted_by(const char *name, const json_t *referral,
@@ -2081,9 +2133,18 @@ START_TEST(database_down_gives_retryable_refusal_then_recovers)
      * request again. */
     json_t *status = kh_client_status(
         client, "01a223fd-d3d3-7c41-9c55-0a3f3f0f6f2b", S_TIMEOUT, &err);
+    /* Nor is a referral refused for good while its refusal cannot go in
+     * the trail. */
+    json_t *bad = json_deep_copy(referral);
+    json_object_del(bad, "subject");
+    json_t *refused = kh_client_submit(client, bad, "down-2", S_TIMEOUT, &err);
     ck_assert_int_eq(
         khproc_sh("'%s/scripts/pgtmp.sh' up '%s'", KH_TEST_SOURCE_DIR, pgdir),
         0);
+    ck_assert_msg(refused != NULL, "no answer to the bad referral");
+    ck_assert_str_eq(s_str(refused, "code"), "unavailable");
+    ck_assert(json_is_true(json_object_get(refused, "retryable")));
+    json_decref(refused);
     ck_assert_msg(status != NULL, "no answer to STATUS while it was down");
     ck_assert_str_eq(s_str(status, "code"), "unavailable");
     ck_assert(json_is_true(json_object_get(status, "retryable")));
@@ -2106,6 +2167,16 @@ START_TEST(database_down_gives_retryable_refusal_then_recovers)
     PQreset(s_db);
     ck_assert_int_eq(s_count("SELECT count(*) FROM referrals WHERE "
                              "idempotency_key = 'down-1'"),
+                     1);
+    /* Sent again, the bad referral is refused, and the trail says so. */
+    refused = kh_client_submit(client, bad, "down-2", S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(refused);
+    ck_assert_str_eq(s_str(refused, "code"), "schema.required");
+    json_decref(refused);
+    json_decref(bad);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE"
+                             " action = 'referral.rejected' AND reason_code"
+                             " = 'schema.required'"),
                      1);
     json_decref(referral);
     kh_client_destroy(&client);
@@ -2670,6 +2741,50 @@ START_TEST(a_partner_refused_too_often_is_throttled_before_the_trail)
     json_decref(reply);
     kh_client_destroy(&vt);
     json_decref(referral);
+}
+END_TEST
+
+/* An idempotency conflict is a refusal in the trail like any other: a
+ * partner that sends one key with other referrals again and again is
+ * throttled past KH_PARTNER_REFUSALS, whichever statement would write the
+ * conflict's event. */
+START_TEST(idempotency_conflicts_count_among_the_refusals)
+{
+    s_restart_intake_with(
+        (const char *const[]){"KH_PARTNER_REFUSALS", "2", NULL});
+    json_t *referral = s_example();
+    kh_client_t *vt = s_client("vt");
+    kh_client_set_retries(vt, 0);
+    kh_error_t err;
+    json_t *reply = kh_client_submit(vt, referral, "same", S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(reply);
+    ck_assert_str_eq(kh_client_reply_cmd(reply), "ACCEPTED");
+    json_decref(reply);
+
+    json_t *other = s_another(referral);
+    int conflicts = 0, throttled = 0;
+    int64_t start = zclock_mono();
+    for (int i = 0; i < S_FLOOD; i++) { /* one at a time: each its batch */
+        reply = kh_client_submit(vt, other, "same", S_TIMEOUT, &err);
+        ck_assert_msg(reply != NULL, "no reply to %d: %s", i, err.message);
+        const char *code = s_str(reply, "code");
+        if (strcmp(code, "idempotency_conflict") == 0)
+            conflicts++;
+        else {
+            ck_assert_str_eq(code, "throttled");
+            throttled++;
+        }
+        json_decref(reply);
+    }
+    int64_t elapsed = zclock_mono() - start;
+    ck_assert_int_gt(throttled, 0);
+    ck_assert_int_le(conflicts, khtest_bucket_max(20, 2, elapsed));
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE"
+                             " reason_code = 'idempotency_conflict'"),
+                     conflicts);
+    json_decref(other);
+    json_decref(referral);
+    kh_client_destroy(&vt);
 }
 END_TEST
 
@@ -3464,6 +3579,7 @@ int main(void)
         tc, a_partner_added_while_the_database_is_away_is_not_refused_for_good);
     tcase_add_test(tc, a_rotated_key_admits_its_partner_for_the_overlap_only);
     tcase_add_test(tc, a_revocation_applies_from_the_next_request);
+    tcase_add_test(tc, a_registry_change_not_yet_read_admits_no_key);
     tcase_add_test(tc, the_next_hub_key_is_served_beside_the_current_one);
     tcase_add_test(tc, the_partner_tool_exits_3_for_a_revoked_key);
     tcase_add_test(tc, the_partner_tool_stops_at_once_when_interrupted);
@@ -3482,6 +3598,7 @@ int main(void)
     tcase_add_test(tc, a_partner_over_its_rate_is_throttled);
     tcase_add_test(tc,
                    a_partner_refused_too_often_is_throttled_before_the_trail);
+    tcase_add_test(tc, idempotency_conflicts_count_among_the_refusals);
     tcase_add_test(tc, sighup_does_not_stop_and_sigterm_exits_zero);
     tcase_add_test(tc, the_client_never_resends_before_retry_after_ms);
     tcase_add_test(tc, refused_pings_are_throttled_before_the_trail);
