@@ -42,7 +42,9 @@ static kh_cfg_t s_config[] = {
     KH_CFG("KH_NOTIFY_ACK_TIMEOUT_MS", KH_CFG_INT, "30000", 100, 86400000,
            false, "re-send when no ACK came this long after a send"),
     KH_CFG("KH_NOTIFY_BACKOFF_MAX_MS", KH_CFG_INT, "600000", 100, 86400000,
-           false, "longest wait between sends (the wait doubles)"),
+           false,
+           "longest wait between sends (the wait doubles), before its "
+           "jitter of up to 20 %"),
     KH_CFG("KH_NOTIFY_MAX_ATTEMPTS", KH_CFG_INT, "10", 1, 1000, false,
            "sends before a delivery becomes a dead letter"),
     KH_CFG("KH_NOTIFY_MAX_AGE_S", KH_CFG_INT, "259200", 1, 31536000, false,

@@ -477,6 +477,8 @@ static size_t s_credit(notify_t *self, const s_conn_t *conn)
 typedef struct {
     notify_t *self;
     s_conn_t *conn;
+    s_conn_t **others; /* a re-send: this process's connections, or NULL */
+    size_t nothers;
 } s_claim_ctx_t;
 
 /* Pack one claimed delivery for the connection that claimed it; it is
@@ -533,9 +535,18 @@ static void s_queue_delivery(const dstore_delivery_t *d, void *arg)
         out->was_out = (intptr_t) zhashx_lookup(ctx->conn->out, d->id);
     }
     /* What cannot be queued is re-sent after its ACK timeout. */
-    if (out && out->identity && out->body && zlistx_add_end(self->outbox, out))
+    if (out && out->identity && out->body &&
+        zlistx_add_end(self->outbox, out)) {
         zhashx_update(ctx->conn->out, d->id, S_OUT_AT(zclock_mono()));
-    else
+        /* A re-send (an overdue one) may be taken from another
+         * connection of the partner in this process: out there no more,
+         * it holds no place in that connection's window (its ACK frees
+         * this one's). */
+        for (size_t k = 0; k < ctx->nothers; k++)
+            if (ctx->others[k] != ctx->conn &&
+                strcmp(ctx->others[k]->partner, ctx->conn->partner) == 0)
+                zhashx_delete(ctx->others[k]->out, d->id);
+    } else
         s_outgoing_free((void **) &out);
     msgpack_sbuffer_destroy(&buf);
 }
@@ -652,7 +663,7 @@ static bool s_reclaims(notify_t *self, const s_conn_t *conn)
 static int s_resend(notify_t *self, s_conn_t *conn, s_conn_t **conns,
                     size_t count, kh_error_t *err)
 {
-    s_claim_ctx_t ctx = {self, conn};
+    s_claim_ctx_t ctx = {self, conn, conns, count};
     size_t nkeep = 0;
     const char **keep = NULL;
     bool reclaim = s_reclaims(self, conn);
@@ -705,7 +716,7 @@ typedef struct {
 static void s_queue_pending(size_t which, const dstore_delivery_t *d, void *arg)
 {
     s_pending_ctx_t *ctx = arg;
-    s_claim_ctx_t one = {ctx->self, ctx->conns[which]};
+    s_claim_ctx_t one = {ctx->self, ctx->conns[which], NULL, 0};
     s_queue_delivery(d, &one);
     ctx->got[which]++;
 }
