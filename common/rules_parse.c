@@ -868,39 +868,73 @@ static int s_partner_intern(kh_rules_t *rules, const char *id)
     return (int) rules->npartners++;
 }
 
-static const kh_rules_partner_t *s_registered(const kh_rules_options_t *opts,
-                                              const char *id)
-{
-    for (size_t i = 0; i < opts->partner_count; i++)
-        if (opts->partners[i].id && strcmp(opts->partners[i].id, id) == 0)
-            return &opts->partners[i];
-    return NULL;
-}
-
-/* Whether id is among the count partners and handles cases. */
-static bool s_may_receive(const kh_rules_partner_t *partners, size_t count,
-                          const char *id)
+/* The entry of id among the count partners, revoked or not, or NULL. */
+static const kh_rules_partner_t *s_find(const kh_rules_partner_t *partners,
+                                        size_t count, const char *id)
 {
     for (size_t i = 0; i < count; i++)
         if (partners[i].id && strcmp(partners[i].id, id) == 0)
-            return partners[i].handles_cases;
+            return &partners[i];
+    return NULL;
+}
+
+static const kh_rules_partner_t *s_registered(const kh_rules_options_t *opts,
+                                              const char *id)
+{
+    const kh_rules_partner_t *p =
+        s_find(opts->partners, opts->partner_count, id);
+    return p && !p->revoked ? p : NULL;
+}
+
+/* Whether id is among the count partners, not revoked, and handles cases. */
+static bool s_may_receive(const kh_rules_partner_t *partners, size_t count,
+                          const char *id)
+{
+    const kh_rules_partner_t *p = s_find(partners, count, id);
+    return p && !p->revoked && p->handles_cases;
+}
+
+/* Whether a target of the fallback is left: one not optional, or an
+ * optional one whose partner may receive. */
+static bool s_fallback_left(const kh_rules_t *self,
+                            const kh_rules_partner_t *partners, size_t count)
+{
+    for (size_t i = 0; i < self->nfallback; i++)
+        if (!self->fallback[i].optional ||
+            s_may_receive(partners, count,
+                          self->partner_ids[self->fallback[i].partner]))
+            return true;
     return false;
 }
 
-/* The optional targets of n in targets, as the registry is now (all
- * taking part when all_active); returns how many changed. */
+/* Whether optional target t takes part: its partner may receive or, for
+ * a fallback none of whose partners is left, the registry holds it,
+ * revoked, as handling cases (never a partner not registered, nor one
+ * that may not receive case data: promise 5). */
+static bool s_takes_part(const kh_rules_t *self, const kh_rtarget_t *t,
+                         const kh_rules_partner_t *partners, size_t count,
+                         bool none_left)
+{
+    const char *id = self->partner_ids[t->partner];
+    if (s_may_receive(partners, count, id))
+        return true;
+    const kh_rules_partner_t *p = s_find(partners, count, id);
+    return none_left && p && p->revoked && p->handles_cases;
+}
+
+/* The optional targets of n in targets, as the registry is now (for a
+ * fallback with none of its partners left when none_left); returns how
+ * many changed. */
 static size_t s_set_optional(const kh_rules_t *self, kh_rtarget_t *targets,
                              size_t n, const kh_rules_partner_t *partners,
-                             size_t count, bool all_active)
+                             size_t count, bool none_left)
 {
     size_t changed = 0;
     for (size_t i = 0; i < n; i++) {
         kh_rtarget_t *t = &targets[i];
         if (!t->optional)
             continue;
-        bool active =
-            all_active ||
-            s_may_receive(partners, count, self->partner_ids[t->partner]);
+        bool active = s_takes_part(self, t, partners, count, none_left);
         int escalate =
             t->escalate_named >= 0 &&
                     s_may_receive(partners, count,
@@ -922,18 +956,13 @@ size_t kh_rules_set_partners(kh_rules_t *self,
         changed +=
             s_set_optional(self, self->rules[r].targets,
                            self->rules[r].ntargets, partners, count, false);
-    bool left = false;
-    for (size_t i = 0; i < self->nfallback; i++)
-        left = left || !self->fallback[i].optional ||
-               s_may_receive(partners, count,
-                             self->partner_ids[self->fallback[i].partner]);
-    /* With none of its partners left, every target of the fallback takes
-     * part (its deliveries die, with their alerts, as a required target's
-     * revoked since): what the referral gets follows from the registry
-     * now, as the decision version says, not from which partner was left
-     * last. */
+    /* With none of its partners left, the fallback's revoked partners take
+     * part (their deliveries die, with their alerts, as a required
+     * target's revoked since): what the referral gets follows from the
+     * registry now, as the decision version says, not from which partner
+     * was left last. */
     changed += s_set_optional(self, self->fallback, self->nfallback, partners,
-                              count, !left);
+                              count, !s_fallback_left(self, partners, count));
     return changed;
 }
 
@@ -968,6 +997,12 @@ size_t kh_rules_missing_partners(const kh_rules_t *self,
                        partners, count, missing);
     s_mark_missing(self, self->fallback, self->nfallback, partners, count,
                    missing);
+    /* A fallback none of whose partners is left sends to its revoked ones
+     * as if they were required. */
+    bool none_left = !s_fallback_left(self, partners, count);
+    for (size_t i = 0; none_left && i < self->nfallback; i++)
+        if (s_takes_part(self, &self->fallback[i], partners, count, true))
+            missing[self->fallback[i].partner] = true;
     size_t n = 0;
     for (size_t i = 0; i < self->npartners; i++)
         if (missing[i] && n++ < max)
@@ -2413,6 +2448,15 @@ int kh_rules_decision_version(const kh_rules_t *self,
             len += strlen(self->partner_ids[i]) + 9;
         }
     qsort(ids, n, sizeof *ids, s_strptr_cmp);
+    /* Then the fallback's targets that take part revoked. */
+    size_t active = n;
+    bool none_left = partners && !s_fallback_left(self, partners, count);
+    for (size_t i = 0; none_left && i < self->nfallback; i++)
+        if (s_takes_part(self, &self->fallback[i], partners, count, true)) {
+            ids[n++] = self->partner_ids[self->fallback[i].partner];
+            len += strlen(ids[n - 1]) + 9;
+        }
+    qsort(ids + active, n - active, sizeof *ids, s_strptr_cmp);
     static const char head[] = "ketenhub rules context 1\nschema ";
     len += sizeof head + 64 + 1;
     char *text = malloc(len + 1);
@@ -2423,8 +2467,8 @@ int kh_rules_decision_version(const kh_rules_t *self,
     size_t used =
         (size_t) snprintf(text, len + 1, "%s%s\n", head, self->schema_version);
     for (size_t i = 0; i < n; i++)
-        used += (size_t) snprintf(text + used, len + 1 - used, "partner %s\n",
-                                  ids[i]);
+        used += (size_t) snprintf(text + used, len + 1 - used, "%s %s\n",
+                                  i < active ? "partner" : "revoked", ids[i]);
     char context[65];
     kh_sha256_hex(text, used, context);
     free(text);

@@ -35,10 +35,13 @@ typedef enum {
 /* "normal", "high", "urgent"; "unknown" out of range. */
 const char *kh_priority_name(kh_priority_t priority);
 
-/* A partner the rules may name, as the registry knows it. */
+/* A partner the rules may name, as the registry knows it. A revoked one
+ * counts as not registered, but for a fallback none of whose partners is
+ * left (kh_rules_set_partners). */
 typedef struct {
     const char *id;
     bool handles_cases;
+    bool revoked;
 } kh_rules_partner_t;
 
 /* Called for every problem found while loading: is_error false for a
@@ -102,12 +105,15 @@ const char *kh_rules_schema_version(const kh_rules_t *self);
  *     ketenhub rules context 1\n
  *     schema <kh_rules_schema_version>\n
  *     partner <id>\n          (one line per partner)
+ *     revoked <id>\n          (one line per partner)
  *
  * where the partners are those the file names as targets (of its rules
  * and its fallback) or in escalate_to that partners (the registry, count
- * entries; NULL when none) holds as handling cases, sorted bytewise. At
- * most KH_RULES_DECISION_VERSION_MAX characters. 0, or -1 when out of
- * memory. */
+ * entries; NULL when none) holds, not revoked, as handling cases, sorted
+ * bytewise; the revoked lines, when none of the fallback's partners is
+ * left, name its targets that take part revoked (kh_rules_set_partners),
+ * sorted likewise. At most KH_RULES_DECISION_VERSION_MAX characters. 0,
+ * or -1 when out of memory. */
 #define KH_RULES_DECISION_VERSION_MAX (64 + 1 + 32)
 int kh_rules_decision_version(const kh_rules_t *self,
                               const kh_rules_partner_t *partners, size_t count,
@@ -123,16 +129,21 @@ const char *kh_rules_name(const kh_rules_t *self, size_t index);
  * registered and handles cases, and is skipped when it is not; the other
  * targets were checked at load and stay as they are (a delivery to a
  * partner revoked since becomes a dead letter, with its alert). When none
- * of the fallback's partners is left, all its targets take part (their
- * deliveries die likewise), whatever was left before. Returns the number
- * of targets that changed. */
+ * of the fallback's partners is left, its targets whose partners partners
+ * holds revoked, as handling cases, take part (their deliveries die
+ * likewise), whatever was left before; one never registered, or not
+ * handling cases, never does (at load the fallback had a partner
+ * handling cases: it is still there, revoked). Give the revoked partners
+ * too. Returns the number of targets that changed. */
 size_t kh_rules_set_partners(kh_rules_t *self,
                              const kh_rules_partner_t *partners, size_t count);
 
 /* The partners that the rules name as targets that are not optional (or
  * as such a target's escalation partner) and that partners (the registry
  * now) does not hold as handling cases: revoked, or never registered,
- * since the rules were loaded. Each is named once, in the file's order,
+ * since the rules were loaded; and the revoked partners that a fallback
+ * none of whose partners is left sends to (kh_rules_set_partners). Each
+ * is named once, in the order of the first mention in the file,
  * into out[0..max) (valid as long as self). Returns how many there are
  * (0 also when out of memory). Routing warns of them: their deliveries
  * become dead letters, and these rules would be refused at a reload. */

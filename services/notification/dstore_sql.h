@@ -65,7 +65,8 @@
     S_OVERDUE(rel, S_UTC("coalesce(o.urgent_since, o.created_at)"))
 /* clang-format on */
 
-/* The CTE name: the sent deliveries of partner $1 (not revoked) with
+/* The CTE name: the sent deliveries of partner $1 (not revoked, handling
+ * cases: see s_claim_pending_sql) with
  * attempts left (fewer than $6) for which where holds, from the index of
  * sent ones by due time; up to limit of them, the first due first,
  * locked; with their rank and age, the order they are sent in. */
@@ -73,7 +74,7 @@
     " " name " AS (SELECT id, priority_rank, created_at FROM deliveries"       \
     " WHERE state = 'delivered' AND " where " AND partner_id = $1"             \
     "  AND attempts < $6 AND EXISTS (SELECT 1 FROM partners"                   \
-    "   WHERE id = $1 AND revoked_at IS NULL)"                                 \
+    "   WHERE id = $1 AND revoked_at IS NULL AND handles_cases)"               \
     " ORDER BY next_attempt_at LIMIT " limit " FOR UPDATE SKIP LOCKED),"
 
 /* $1 partner, $2 credit, $3 reclaim, $4 ACK timeout ms, $5 backoff max
@@ -133,7 +134,10 @@ static const char *s_resend_sql =
  * statement for all the connections that have credit, so that a round
  * costs one execution however many partners it serves. A partner is
  * served once per statement (its first request: SKIP LOCKED does not skip
- * the rows the statement itself locked), and a revoked one not at all.
+ * the rows the statement itself locked), and a revoked one not at all,
+ * nor one that does not handle cases (the ketenregisseur: routing never
+ * addresses one, and should a delivery to one be there, it stays unsent,
+ * waiting in the status of that partner).
  * Rows come by request number, then as the partner is to get them.
  * The claimed rows find their request by partner, among the few requests:
  * matched by id against the pending rows, a CTE the planner cannot index
@@ -147,7 +151,7 @@ static const char *s_claim_pending_sql =
     " SELECT DISTINCT ON (r.partner) r.* FROM unnest($1::text[], $2::text[],"
     "  $3::text[]) WITH ORDINALITY AS r(partner, lim, peer, n)"
     "  JOIN partners p ON p.id = r.partner AND p.revoked_at IS NULL"
-    "  ORDER BY r.partner, r.n),"
+    "  AND p.handles_cases ORDER BY r.partner, r.n),"
     " pending AS ("
     " SELECT p.id FROM req CROSS JOIN LATERAL"
     "  (SELECT id FROM deliveries"

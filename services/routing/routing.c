@@ -148,10 +148,12 @@ static int s_connect(routing_t *self, kh_error_t *err)
     return rc;
 }
 
-/* A growing list of the registered active partners, for the rules. */
+/* A growing list of the registered partners, revoked ones too (a
+ * fallback none of whose partners is left sends to those), for the rules. */
 typedef struct {
     kh_rules_partner_t *items;
     size_t count, cap;
+    size_t active; /* of count, those not revoked */
     bool oom;
 } s_partners_t;
 
@@ -177,7 +179,9 @@ static void s_partner_add(const kh_partner_t *partner, void *arg)
     }
     list->items[list->count].id = id;
     list->items[list->count].handles_cases = partner->handles_cases;
+    list->items[list->count].revoked = partner->revoked;
     list->count++;
+    list->active += !partner->revoked;
 }
 
 static void s_partners_free(s_partners_t *list)
@@ -197,12 +201,12 @@ static void s_report(const kh_error_t *err, bool is_error, void *arg)
            err->line, err->column, KH_LOG_Q(err->message));
 }
 
-/* The registered active partners into list (s_partners_free it, also
- * on failure). 0, or -1 with err. */
+/* The registered partners, revoked ones too, into list (s_partners_free it,
+ * also on failure). 0, or -1 with err. */
 static int s_list_partners(routing_t *self, s_partners_t *list, kh_error_t *err)
 {
     if (s_connect(self, err) ||
-        kh_partner_list(self->conn, false, s_partner_add, list, err) < 0)
+        kh_partner_list(self->conn, true, s_partner_add, list, err) < 0)
         return -1;
     if (list->oom)
         return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
@@ -226,7 +230,7 @@ static kh_rules_t *s_load_rules(routing_t *self, char *file_sha256,
         /* An empty registry (a fresh hub, every partner revoked) is still
          * a registry: a NULL list would load the rules unchecked, so that
          * a ketenregisseur registered afterwards could be a target. */
-        static const kh_rules_partner_t none = {NULL, false};
+        static const kh_rules_partner_t none = {0};
         kh_rules_options_t opts = {
             .schema_path = self->config.schema_path,
             .partners = list.count ? list.items : &none,
@@ -348,7 +352,7 @@ static void s_refresh_partners(routing_t *self)
             kh_health_note("rules", self->version);
             kh_log_info("partners_changed",
                         "targets=%zu registered=%zu rules_version=%s", changed,
-                        list.count, self->version);
+                        list.active, self->version);
         }
         s_tell_missing(self, &list);
     }
@@ -762,16 +766,20 @@ static int s_signal(routing_t *self, int sig)
 
 /* Passes until one claims less than a batch (the backlog is gone; a
  * batch that was all set aside says nothing of the referrals behind it);
- * signals that arrive meanwhile are handled between two transactions. */
+ * signals that arrive meanwhile are handled between two transactions.
+ * Before each pass, once connected, a SIGHUP that waited for the database
+ * is handled and the registry followed (a change, or a reconnection that
+ * may have missed one): through a long backlog too, each referral is
+ * routed by the rules and the registry as they are when its pass starts. */
 static int s_drain(routing_t *self)
 {
-    if (self->reload_again && self->conn &&
-        PQstatus(self->conn) == CONNECTION_OK)
-        s_reload(self);
-    if (self->conn && PQstatus(self->conn) == CONNECTION_OK)
-        s_refresh_partners(self);
     while (!self->stopping) {
         kh_health_beat(); /* a long backlog is progress, not a hang */
+        if (s_pass_connect(self))
+            break;
+        if (self->reload_again)
+            s_reload(self);
+        s_refresh_partners(self);
         int claimed = s_pass(self);
         if (claimed < (int) self->config.batch)
             break;

@@ -184,10 +184,11 @@ static void s_check_accepted(PGconn *conn, const e2e_run_t *run)
 
 static void s_check_routes(PGconn *conn, const e2e_run_t *run)
 {
-    static const kh_rules_partner_t partners[] = {{E2E_SUBMITTER, true},
-                                                  {"veilig-thuis", true},
-                                                  {"zorgcoordinator", true},
-                                                  {"avim", true}};
+    static const kh_rules_partner_t partners[] = {
+        {E2E_SUBMITTER, true, false},
+        {"veilig-thuis", true, false},
+        {"zorgcoordinator", true, false},
+        {"avim", true, false}};
     char rules_path[512], schema_path[512];
     snprintf(rules_path, sizeof rules_path, "%s/schemas/rules/default.yaml",
              run->source_dir);

@@ -28,12 +28,12 @@ int LLVMFuzzerInitialize(int *argc, char ***argv);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 static const kh_rules_partner_t s_partners[] = {
-    {"veilig-thuis", true},
-    {"zorgcoordinator", true},
-    {"avim", true},
-    {"arbeidsinspectie", true},
-    {"meldpunt-hilversum", true},
-    {"ketenregisseur", false},
+    {"veilig-thuis", true, false},
+    {"zorgcoordinator", true, false},
+    {"avim", true, false},
+    {"arbeidsinspectie", true, false},
+    {"meldpunt-hilversum", true, false},
+    {"ketenregisseur", false, false},
 };
 #define S_PARTNERS (sizeof s_partners / sizeof s_partners[0])
 

@@ -2009,8 +2009,9 @@ START_TEST(submitted_referrals_are_routed_with_their_projections)
     /* bound (intake's wake-up socket connects to it on its own time) */
     ck_assert(khtest_log_has(s_path("routing.log"), "event=ready", 15000));
 
-    kh_rules_partner_t partners[] = {
-        {"veilig-thuis", true}, {"zorgcoordinator", true}, {"avim", true}};
+    kh_rules_partner_t partners[] = {{"veilig-thuis", true, false},
+                                     {"zorgcoordinator", true, false},
+                                     {"avim", true, false}};
     /* khtest_src reuses one buffer: keep each path apart. */
     char schema_path[600], rules_path[600];
     snprintf(schema_path, sizeof schema_path, "%s",

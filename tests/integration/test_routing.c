@@ -34,10 +34,10 @@ static char s_version[KH_RULES_DECISION_VERSION_MAX + 1];
 static int s_seq; /* idempotency keys */
 
 static const kh_rules_partner_t s_partners[] = {
-    {"avim", true},
-    {"ketenregisseur", false},
-    {"veilig-thuis", true},
-    {"zorgcoordinator", true},
+    {"avim", true, false},
+    {"ketenregisseur", false, false},
+    {"veilig-thuis", true, false},
+    {"zorgcoordinator", true, false},
 };
 
 static char *s_path(const char *name)
@@ -601,9 +601,9 @@ START_TEST(an_optional_partner_follows_the_registry_without_sighup)
      * the trail says with which partners, and each change of them was
      * recorded before a referral was routed by it. */
     static const kh_rules_partner_t with[] = {
-        {"arbeidsinspectie", true}, {"avim", true},
-        {"ketenregisseur", false},  {"veilig-thuis", true},
-        {"zorgcoordinator", true},
+        {"arbeidsinspectie", true, false}, {"avim", true, false},
+        {"ketenregisseur", false, false},  {"veilig-thuis", true, false},
+        {"zorgcoordinator", true, false},
     };
     char version_with[KH_RULES_DECISION_VERSION_MAX + 1];
     ck_assert_int_eq(kh_rules_decision_version(s_rules, with,
@@ -676,6 +676,90 @@ START_TEST(a_required_partner_revoked_is_told_once)
                         "event=rules_partners_back partners=avim ", 3000));
     int status = khproc_stop(pid, SIGTERM, 5000);
     ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+}
+END_TEST
+
+/* A fallback of two optional partners: the zorgcoordinator and the
+ * ketenregisseur's "regie", not registered when the rules load. */
+static const char s_optional_fallback[] =
+    "version: 1\n"
+    "fallback:\n"
+    "  targets:\n"
+    "    - {partner: zorgcoordinator, optional: true, fields: [subject]}\n"
+    "    - {partner: regie, optional: true, fields: [subject]}\n"
+    "rules:\n"
+    "  - name: acute\n"
+    "    when: {field: risk.acute_danger, equals: true}\n"
+    "    then: {targets: [{partner: avim, fields: [summary]}]}\n";
+
+/* With none of the fallback's partners left (the zorgcoordinator revoked,
+ * regie registered since as a ketenregisseur, who may not receive case
+ * data), a referral no rule matches goes to the revoked zorgcoordinator
+ * (a dead letter, with its alert, and routing warns as of a required
+ * partner revoked): never to regie, nor does a delivery to a partner
+ * that was never registered fail every pass, and the referrals behind it
+ * with it. */
+START_TEST(a_fallback_with_none_left_sends_to_its_revoked_partners_alone)
+{
+    khtest_write_file(s_path("rules.yaml"), s_optional_fallback);
+    pid_t pid = s_start(s_endpoint(), s_path("rules.yaml"), 50, "routing.log");
+    ck_assert(s_log_has("routing.log", "event=ready", 5000));
+    char unmatched[37], acute[37];
+    s_insert(s_examples[0], unmatched); /* adult-labour-...: no rule */
+    ck_assert(s_wait_count(S_ROUTED, 1, 5000));
+    ck_assert_int_eq(s_deliveries_to(unmatched, "zorgcoordinator"), 1);
+
+    s_register("regie", "chain_director", false);
+    s_sql("UPDATE partners SET revoked_at = now() WHERE id ="
+          " 'zorgcoordinator'",
+          0, NULL);
+    ck_assert_msg(s_log_has("routing.log",
+                            "event=rules_partners_missing"
+                            " partners=zorgcoordinator ",
+                            3000),
+                  "see %s", s_path("routing.log"));
+    s_insert(s_examples[0], unmatched);
+    s_insert(s_examples[3], acute); /* minor-sexual-acute: avim */
+    ck_assert(s_wait_count(S_ROUTED, 3, 5000));
+    ck_assert_int_eq(s_deliveries_to(unmatched, "zorgcoordinator"), 1);
+    ck_assert_int_eq(s_deliveries_to(acute, "avim"), 1);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM deliveries"
+                             " WHERE partner_id = 'regie'"),
+                     0);
+    ck_assert_int_eq(s_log_count("routing.log", "event=pass_failed"), 0);
+    khproc_stop(pid, SIGTERM, 5000);
+}
+END_TEST
+
+/* A registry change while routing drains a backlog counts from the next
+ * pass: the referrals behind it go by the new decision version (the
+ * Arbeidsinspectie, registered meanwhile, gets each labour one of them),
+ * not by the one the drain started with. */
+START_TEST(a_registry_change_applies_within_a_backlog)
+{
+    s_insert_many(3000);
+    s_refresh_ms = "3600000";
+    pid_t pid = s_start(s_endpoint(), NULL, 50, "routing.log");
+    s_refresh_ms = "200";
+    ck_assert(s_wait_count("SELECT ((" S_ROUTED ") >= 50 AND (" S_ROUTED
+                           ") < 2000)::int",
+                           1, 10000));
+    s_register("arbeidsinspectie", "inspectorate", true);
+    ck_assert(s_wait_count(S_ROUTED, 3000, 60000));
+    khproc_stop(pid, SIGTERM, 5000);
+    long later = s_count("SELECT count(*) FROM audit_events e"
+                         " WHERE action = 'referral.routed' AND seq >"
+                         " (SELECT min(seq) FROM audit_events WHERE"
+                         "  reason_code = 'partners_changed')"
+                         " AND rules_matched LIKE '%labour-exploitation%'");
+    ck_assert_int_gt(s_count(S_ROUTED " AND id IN (SELECT referral_id FROM"
+                                      " deliveries WHERE partner_id ="
+                                      " 'arbeidsinspectie')"),
+                     0);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM deliveries WHERE"
+                             " partner_id = 'arbeidsinspectie'"),
+                     later);
+    ck_assert_int_lt(later, 3000);
 }
 END_TEST
 
@@ -1257,6 +1341,8 @@ int main(void)
     tcase_add_test(tc, sighup_reload_keeps_old_rules_when_broken);
     tcase_add_test(tc, an_optional_partner_follows_the_registry_without_sighup);
     tcase_add_test(tc, a_required_partner_revoked_is_told_once);
+    tcase_add_test(
+        tc, a_fallback_with_none_left_sends_to_its_revoked_partners_alone);
     tcase_add_test(tc, sighup_reload_refuses_a_fifo_without_hanging);
     tcase_add_test(tc, sighup_reload_refuses_a_partner_without_cases);
     tcase_add_test(tc, sighup_reload_that_cannot_be_audited_keeps_old_rules);
@@ -1275,6 +1361,7 @@ int main(void)
     tcase_add_checked_fixture(tc_drain, s_setup, s_teardown);
     tcase_set_timeout(tc_drain, 60);
     tcase_add_test(tc_drain, a_batch_all_set_aside_does_not_end_the_drain);
+    tcase_add_test(tc_drain, a_registry_change_applies_within_a_backlog);
     suite_add_tcase(suite, tc_drain);
     /* Passes that fail at their writes. */
     TCase *tc_failed = tcase_create("failed");

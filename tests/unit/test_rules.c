@@ -23,14 +23,14 @@
 #define REFERRAL_SCHEMA "schemas/referral.v1.json"
 
 /* The partners of the demo (scripts/demo.sh) plus the test's own. */
-static const kh_rules_partner_t s_demo[] = {{"meldpunt-hilversum", true},
-                                            {"veilig-thuis", true},
-                                            {"zorgcoordinator", true},
-                                            {"avim", true},
-                                            {"ketenregisseur", false},
-                                            {"px", true},
-                                            {"py", true},
-                                            {"pz", true}};
+static const kh_rules_partner_t s_demo[] = {{"meldpunt-hilversum", true, false},
+                                            {"veilig-thuis", true, false},
+                                            {"zorgcoordinator", true, false},
+                                            {"avim", true, false},
+                                            {"ketenregisseur", false, false},
+                                            {"px", true, false},
+                                            {"py", true, false},
+                                            {"pz", true, false}};
 #define S_DEMO_COUNT (sizeof s_demo / sizeof s_demo[0])
 
 static char s_schema[4096];
@@ -293,7 +293,10 @@ START_TEST(test_eval_cases)
 {
     ck_assert_int_ge(sizeof s_cases / sizeof s_cases[0], 40);
     static const kh_rules_partner_t merge_partners[] = {
-        {"px", true}, {"py", true}, {"pz", true}, {"zorgcoordinator", true}};
+        {"px", true, false},
+        {"py", true, false},
+        {"pz", true, false},
+        {"zorgcoordinator", true, false}};
     kh_rules_t *sets[2] = {s_load_text(s_ops_rules, NULL, 0),
                            s_load_text(s_merge_rules, merge_partners, 4)};
     kh_rules_result_t *results[2] = {kh_rules_result_new(sets[0]),
@@ -436,7 +439,10 @@ static void s_sorted_targets(const kh_rules_result_t *r, char *out,
 START_TEST(test_escalation)
 {
     static const kh_rules_partner_t partners[] = {
-        {"px", true}, {"py", true}, {"pz", true}, {"zorgcoordinator", true}};
+        {"px", true, false},
+        {"py", true, false},
+        {"pz", true, false},
+        {"zorgcoordinator", true, false}};
     kh_rules_options_t o = s_opts(partners, 4);
     char reports[2048] = "";
     o.report = s_collect;
@@ -1111,19 +1117,23 @@ START_TEST(test_decision_version_follows_the_recipe)
         size_t count;
         const char *named; /* the partner lines of the recipe */
     } cases[] = {
-        {{{"zorgcoordinator", true}, {"veilig-thuis", true}, {"px", true}},
+        {{{"zorgcoordinator", true, false},
+          {"veilig-thuis", true, false},
+          {"px", true, false}},
          3,
          "partner px\npartner veilig-thuis\npartner zorgcoordinator\n"},
-        {{{"px", true},
-          {"avim", true},
-          {"zorgcoordinator", true},
-          {"veilig-thuis", true}},
+        {{{"px", true, false},
+          {"avim", true, false},
+          {"zorgcoordinator", true, false},
+          {"veilig-thuis", true, false}},
          4,
          "partner px\npartner veilig-thuis\npartner zorgcoordinator\n"},
-        {{{"zorgcoordinator", true}, {"veilig-thuis", true}, {"px", false}},
+        {{{"zorgcoordinator", true, false},
+          {"veilig-thuis", true, false},
+          {"px", false, false}},
          3,
          "partner veilig-thuis\npartner zorgcoordinator\n"},
-        {{{"zorgcoordinator", true}, {"veilig-thuis", true}},
+        {{{"zorgcoordinator", true, false}, {"veilig-thuis", true, false}},
          2,
          "partner veilig-thuis\npartner zorgcoordinator\n"},
     };
@@ -1578,7 +1588,10 @@ static void s_targets_of(const kh_rules_t *rules, const char *overlay,
 START_TEST(test_set_partners)
 {
     static const kh_rules_partner_t at_load[] = {
-        {"px", true}, {"py", true}, {"pz", true}, {"zorgcoordinator", true}};
+        {"px", true, false},
+        {"py", true, false},
+        {"pz", true, false},
+        {"zorgcoordinator", true, false}};
     kh_rules_t *rules = s_load_text(s_escalation_rules, at_load, 4);
     static const char *suspects = "{'suspects':'iemand'}";
     static const char *immediate =
@@ -1592,9 +1605,9 @@ START_TEST(test_set_partners)
     ck_assert_int_eq(kh_rules_set_partners(rules, at_load, 4), 0);
 
     static const kh_rules_partner_t more[] = {
-        {"px", true},         {"py", true},
-        {"pz", true},         {"zorgcoordinator", true},
-        {"absent-one", true}, {"gone", true}};
+        {"px", true, false},         {"py", true, false},
+        {"pz", true, false},         {"zorgcoordinator", true, false},
+        {"absent-one", true, false}, {"gone", true, false}};
     ck_assert_int_eq(kh_rules_set_partners(rules, more, 6), 2);
     s_targets_of(rules, suspects, got, sizeof got);
     ck_assert_str_eq(got, "py:urgent>absent-one");
@@ -1604,11 +1617,11 @@ START_TEST(test_set_partners)
     /* Registered without handling cases: skipped as if absent. px, a
      * required target revoked since, stays (its deliveries die, with
      * their alerts). */
-    static const kh_rules_partner_t fewer[] = {{"py", true},
-                                               {"pz", true},
-                                               {"zorgcoordinator", true},
-                                               {"absent-one", false},
-                                               {"gone", false}};
+    static const kh_rules_partner_t fewer[] = {{"py", true, false},
+                                               {"pz", true, false},
+                                               {"zorgcoordinator", true, false},
+                                               {"absent-one", false, false},
+                                               {"gone", false, false}};
     ck_assert_int_eq(kh_rules_set_partners(rules, fewer, 5), 2);
     s_targets_of(rules, suspects, got, sizeof got);
     ck_assert_str_eq(got, "py:urgent");
@@ -1627,31 +1640,65 @@ START_TEST(test_set_partners)
     ck_assert_int_eq(kh_rules_missing_partners(rules, NULL, 0, missing, 4), 4);
     kh_rules_destroy(&rules);
 
-    /* A fallback of optional partners: with none of them left, all take
-     * part (their deliveries die, with their alerts), whichever was left
-     * before: the registry alone decides. */
+    /* A fallback of optional partners: with none of them left, those the
+     * registry holds revoked, as handling cases, take part (their
+     * deliveries die, with their alerts), whichever was left before: the
+     * registry alone decides. Never one that was not registered, nor one
+     * that does not handle cases (the ketenregisseur, registered since):
+     * no delivery to a partner that does not exist, and no case data to
+     * one that may not receive it. */
     static const char *optional_fallback =
         "version: 1\n"
         "fallback: {targets: [{partner: px, optional: true, fields: [needs]},"
-        " {partner: py, optional: true, fields: [needs]}]}\n"
+        " {partner: py, optional: true, fields: [needs]},"
+        " {partner: regie, optional: true, fields: [needs]},"
+        " {partner: never, optional: true, fields: [needs]}]}\n"
         "rules: []\n";
     rules = s_load_text(optional_fallback, at_load, 4);
-    static const kh_rules_partner_t only_py[] = {{"py", true}};
-    ck_assert_int_eq(kh_rules_set_partners(rules, only_py, 1), 1);
+    static const kh_rules_partner_t only_py[] = {{"px", true, true},
+                                                 {"py", true, false}};
+    ck_assert_int_eq(kh_rules_set_partners(rules, only_py, 2), 1);
     s_targets_of(rules, NULL, got, sizeof got);
     ck_assert_str_eq(got, "py:normal");
-    static const kh_rules_partner_t nobody[] = {{"pz", true}};
-    ck_assert_int_eq(kh_rules_set_partners(rules, nobody, 1), 1);
+    const char *missing_now[4];
+    ck_assert_int_eq(
+        kh_rules_missing_partners(rules, only_py, 2, missing_now, 4), 0);
+    static const kh_rules_partner_t nobody[] = {{"px", true, true},
+                                                {"py", true, true},
+                                                {"pz", true, false},
+                                                {"regie", false, false}};
+    ck_assert_int_eq(kh_rules_set_partners(rules, nobody, 4), 1);
     s_targets_of(rules, NULL, got, sizeof got);
     ck_assert_str_eq(got, "px:normal py:normal");
+    /* ... which routing warns of as of required partners revoked. */
+    ck_assert_int_eq(
+        kh_rules_missing_partners(rules, nobody, 4, missing_now, 4), 2);
+    ck_assert_str_eq(missing_now[0], "px");
+    ck_assert_str_eq(missing_now[1], "py");
+    /* The decision version names them, apart from the partners that take
+     * part registered. */
+    char version[KH_RULES_DECISION_VERSION_MAX + 1];
+    ck_assert_int_eq(kh_rules_decision_version(rules, nobody, 4, version), 0);
+    char text[512], context[65];
+    int len = snprintf(text, sizeof text,
+                       "ketenhub rules context 1\nschema %s\n"
+                       "revoked px\nrevoked py\n",
+                       kh_rules_schema_version(rules));
+    kh_sha256_hex(text, (size_t) len, context);
+    char want[KH_RULES_DECISION_VERSION_MAX + 1];
+    snprintf(want, sizeof want, "%s.%.32s", kh_rules_version(rules), context);
+    ck_assert_str_eq(version, want);
     kh_rules_destroy(&rules);
-    static const kh_rules_partner_t only_px[] = {{"px", true}};
+    /* Loaded with px alone registered: px alone, revoked, is left. */
+    static const kh_rules_partner_t only_px[] = {{"px", true, false}};
     rules = s_load_text(optional_fallback, only_px, 1);
     s_targets_of(rules, NULL, got, sizeof got);
     ck_assert_str_eq(got, "px:normal");
-    ck_assert_int_eq(kh_rules_set_partners(rules, nobody, 1), 1);
+    static const kh_rules_partner_t px_revoked[] = {{"px", true, true},
+                                                    {"regie", false, false}};
+    ck_assert_int_eq(kh_rules_set_partners(rules, px_revoked, 2), 0);
     s_targets_of(rules, NULL, got, sizeof got);
-    ck_assert_str_eq(got, "px:normal py:normal");
+    ck_assert_str_eq(got, "px:normal");
     kh_rules_destroy(&rules);
 }
 END_TEST
@@ -1670,7 +1717,7 @@ START_TEST(test_default_rules_route_examples)
 {
     kh_rules_partner_t with[S_DEMO_COUNT + 1];
     memcpy(with, s_demo, sizeof s_demo);
-    with[S_DEMO_COUNT] = (kh_rules_partner_t){"arbeidsinspectie", true};
+    with[S_DEMO_COUNT] = (kh_rules_partner_t){"arbeidsinspectie", true, false};
     kh_rules_options_t o = s_opts(with, S_DEMO_COUNT + 1);
     kh_error_t err;
     kh_rules_t *rules =
@@ -1755,8 +1802,8 @@ START_TEST(test_default_rules_route_examples)
     kh_rules_destroy(&rules);
 
     /* Without AVIM registered, the default rules are refused. */
-    static const kh_rules_partner_t few[] = {{"veilig-thuis", true},
-                                             {"zorgcoordinator", true}};
+    static const kh_rules_partner_t few[] = {{"veilig-thuis", true, false},
+                                             {"zorgcoordinator", true, false}};
     o = s_opts(few, 2);
     ck_assert_ptr_null(
         kh_rules_load(khtest_src("schemas/rules/default.yaml"), &o, &err));

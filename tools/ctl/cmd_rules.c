@@ -113,8 +113,7 @@ static int s_partners_add(s_partners_t *p, const char *id, bool cases)
     p->ids = ids;
     if (!(ids[p->count] = strdup(id)))
         return -1;
-    list[p->count].id = ids[p->count];
-    list[p->count].handles_cases = cases;
+    list[p->count] = (kh_rules_partner_t){ids[p->count], cases, false};
     p->count++;
     return 0;
 }
@@ -364,7 +363,7 @@ static int s_run(int argc, char **argv, bool explain)
                                .report = s_report,
                                .report_arg = &rep};
     /* A partner list that is empty but given still counts as given. */
-    static const kh_rules_partner_t none = {NULL, false};
+    static const kh_rules_partner_t none = {0};
     if (have_partners && !opts.partners)
         opts.partners = &none;
     kh_error_t err;
