@@ -338,6 +338,9 @@ static const s_def_t s_defs[] = {
      "Referrals routed (deliveries and audit event committed)."},
     {"routing", "deliveries_created_total", S_C, NULL,
      "Deliveries created by routing."},
+    {"routing", "referrals_held_total", S_C, NULL,
+     "Referrals held back for a minute because their writes failed alone "
+     "(`kind=referral_failing`)."},
     {"routing", "rules_reloads_total", S_C, "outcome",
      "Rules reloads on SIGHUP, ok or failed (the old rules stay)."},
     {"routing", "rules_partners_missing", S_G, NULL,

@@ -34,6 +34,13 @@
 #define S_WAKEUP_MAX (1024 * 1024) /* bytes of a wake-up message */
 #define S_MATCHED_MAX 4096         /* bytes of audit_events.rules_matched */
 #define S_ARENA_KEEP (256 * 1024)
+/* Referrals whose writes fail on their own (a constraint, a limit) are
+ * held back from the claims, up to S_HELD_MAX of them, for S_HELD_MS,
+ * while the others are routed; then tried again. */
+#define S_HELD_MAX 64
+#define S_HELD_MS 60000
+/* s_pass: it failed, and the next one is to come at once (isolating). */
+#define S_PASS_AGAIN (-2)
 
 struct _routing_t {
     routing_config_t config;
@@ -63,10 +70,17 @@ struct _routing_t {
     zloop_t *loop;
     int signal_fd;
     bool stopping;
-    bool reload_again;       /* a SIGHUP the database was away for: retried */
-    bool start_recorded;     /* the trail has the version it started with */
-    int64_t partners_read;   /* zclock_mono of the last read of the registry */
-    bool registry_unheard;   /* connected since: changes may have gone by */
+    bool reload_again;     /* a SIGHUP the database was away for: retried */
+    bool start_recorded;   /* the trail has the version it started with */
+    int64_t partners_read; /* zclock_mono of the last read of the registry */
+    bool registry_unheard; /* connected since: changes may have gone by */
+    /* After a pass that failed on its data: passes of one referral left,
+     * to find which fails, and the referrals held back (held_at: when the
+     * first of them was). */
+    size_t isolate;
+    char held[S_HELD_MAX][37];
+    size_t nheld;
+    int64_t held_at;
     char missing[640];       /* partners the rules need and the registry
                                 lacks, as last told ("a,b"; "": none) */
     kh_tally_t auth_refused; /* refused handshakes, one line a while */
@@ -601,10 +615,77 @@ static int s_pass_connect(routing_t *self)
     return 0;
 }
 
+/* How many referrals the next pass claims: one at a time while the
+ * referrals of a pass that failed on its data are tried alone. */
+static size_t s_limit(const routing_t *self)
+{
+    return self->isolate ? 1 : self->config.batch;
+}
+
+/* Whether err is a failure that the referrals of a pass may cause: a value
+ * or a constraint refused, a limit passed, no memory for its arrays. The
+ * others (the database away, a lock, a full disk) fail any pass alike. */
+static bool s_data_failure(const kh_error_t *err)
+{
+    static const char *const classes[] = {"22", "23", "54"};
+    for (size_t i = 0; err->code == KH_E_DB && i < 3; i++)
+        if (strncmp(err->sqlstate, classes[i], 2) == 0)
+            return true;
+    return err->code == KH_E_NOMEM;
+}
+
+/* The referrals held back, as the claim's uuid[] literal; those held for
+ * S_HELD_MS are tried again. */
+static void s_held_param(routing_t *self, char *out, size_t size)
+{
+    if (self->nheld && zclock_mono() - self->held_at >= S_HELD_MS) {
+        kh_log_info("held_retried", "referrals=%zu", self->nheld);
+        self->nheld = 0;
+    }
+    size_t used = (size_t) snprintf(out, size, "{");
+    for (size_t i = 0; i < self->nheld; i++)
+        used += (size_t) snprintf(out + used, size - used, "%s%s", i ? "," : "",
+                                  self->held[i]);
+    snprintf(out + used, size - used, "}");
+}
+
+/* A pass that failed on its data (claim: its claimed referrals), so that
+ * one referral does not hold up the others for good: several are routed
+ * one at a time from now on, to find which fails; a single one is held
+ * back from the claims, with an alert (it stays accepted, and is tried
+ * again after S_HELD_MS, or by another process, or after a restart).
+ * Returns true when the next pass is to come at once. */
+static bool s_isolate(routing_t *self, const PGresult *claim,
+                      const kh_error_t *err)
+{
+    int n = PQntuples(claim);
+    if (n > 1) {
+        self->isolate = (size_t) n;
+        kh_log_warn("pass_isolating", "referrals=%d", n);
+        return true;
+    }
+    if (n != 1 || self->nheld == S_HELD_MAX)
+        return false;
+    if (self->nheld == 0)
+        self->held_at = zclock_mono();
+    const char *id = PQgetvalue(claim, 0, 0);
+    snprintf(self->held[self->nheld++], sizeof self->held[0], "%s", id);
+    if (self->isolate)
+        self->isolate--;
+    kh_log_error("alert",
+                 "kind=referral_failing referral=%s code=%s retry_ms=%d "
+                 "msg=\"%s\"",
+                 id, kh_error_name(err->code), S_HELD_MS,
+                 KH_LOG_Q(err->message));
+    kh_metric_add("referrals_held_total", NULL, 1);
+    return true;
+}
+
 /* One pass: claim up to batch referrals and route them in one
  * transaction (those that cannot be read are set aside). Returns the
- * number claimed, routed or set aside, or -1 (rolled back, or no
- * connection). */
+ * number claimed, routed or set aside, -1 (rolled back, or no
+ * connection), or S_PASS_AGAIN (rolled back, and the next pass is to come
+ * at once: s_isolate). */
 static int s_pass(routing_t *self)
 {
     if (s_pass_connect(self))
@@ -612,13 +693,14 @@ static int s_pass(routing_t *self)
     kh_error_t err;
     int64_t started = zclock_mono();
     size_t deliveries = self->deliveries;
-    char limit[24];
-    snprintf(limit, sizeof limit, "%zu", self->config.batch);
-    const char *params[] = {limit};
+    char limit[24], held[S_HELD_MAX * 37 + 3];
+    snprintf(limit, sizeof limit, "%zu", s_limit(self));
+    s_held_param(self, held, sizeof held);
+    const char *params[] = {limit, held};
     int routed = 0;
     /* BEGIN and the claim in one round trip. */
     PGresult *res =
-        kh_db_begin_exec(self->conn, "BEGIN", s_statements[S_CLAIM].name, 1,
+        kh_db_begin_exec(self->conn, "BEGIN", s_statements[S_CLAIM].name, 2,
                          params, NULL, NULL, 1, &err);
     if (!res)
         goto fail;
@@ -677,11 +759,14 @@ static int s_pass(routing_t *self)
     self->routed += (size_t) routed;
     self->passes++;
     int claimed = PQntuples(res);
+    if (self->isolate)
+        self->isolate = claimed ? self->isolate - 1 : 0;
     kh_log_debug("pass", "claimed=%d routed=%d ms=%lld", claimed, routed,
                  (long long) (zclock_mono() - started));
     PQclear(res);
     return claimed;
-fail:
+fail:;
+    bool again = res && s_data_failure(&err) && s_isolate(self, res, &err);
     PQclear(res);
     zhashx_purge(self->targets);
     zlistx_purge(self->unroutable);
@@ -697,7 +782,7 @@ fail:
         PQfinish(self->conn);
         self->conn = NULL;
     }
-    return -1;
+    return again ? S_PASS_AGAIN : -1;
 }
 
 /* SIGHUP: a valid file replaces the rules between two transactions, so
@@ -780,8 +865,11 @@ static int s_drain(routing_t *self)
         if (self->reload_again)
             s_reload(self);
         s_refresh_partners(self);
+        size_t limit = s_limit(self);
         int claimed = s_pass(self);
-        if (claimed < (int) self->config.batch)
+        if (claimed == S_PASS_AGAIN)
+            continue;
+        if (claimed < (int) limit)
             break;
         int sig = kh_signals_read(self->signal_fd);
         if (sig && s_signal(self, sig))

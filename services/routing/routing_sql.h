@@ -11,7 +11,8 @@
 #define S_ROUTED_COLUMNS 4
 #define S_UNROUTABLE_COLUMNS 3
 
-/* Claim the oldest accepted referrals; rows another process holds are
+/* Claim the oldest accepted referrals but those in $2 (held back: their
+ * writes failed); rows another process holds are
  * skipped, so side-by-side processes never take the same referral. The
  * result is binary (the other columns text, whose binary form is their
  * bytes): the payload comes as the stored bytes, not as converted text,
@@ -20,8 +21,8 @@
  * bytea's hex text, twice its size, decoded again in routing. */
 static const char s_claim_sql[] =
     "SELECT id::text, payload, encode(payload_hash, 'hex')"
-    " FROM referrals WHERE state = 'accepted' ORDER BY accepted_at"
-    " LIMIT $1 FOR UPDATE SKIP LOCKED";
+    " FROM referrals WHERE state = 'accepted' AND id <> ALL ($2::uuid[])"
+    " ORDER BY accepted_at LIMIT $1 FOR UPDATE SKIP LOCKED";
 
 /* The pass's deliveries, one row per element of the arrays (binary, of
  * the element types in s_delivery_types); $10 is the rules version. */
@@ -89,7 +90,7 @@ static const struct {
     const char *name, *sql;
     int nparams;
 } s_statements[S_STATEMENTS] = {
-    [S_CLAIM] = {"claim", s_claim_sql, 1},
+    [S_CLAIM] = {"claim", s_claim_sql, 2},
     [S_DELIVERIES] = {"deliveries", s_deliveries_sql, S_DELIVERY_COLUMNS + 1},
     [S_ROUTED] = {"routed", s_routed_sql, S_ROUTED_COLUMNS + 1},
     [S_UNROUTABLE] = {"unroutable", s_unroutable_sql, S_UNROUTABLE_COLUMNS},

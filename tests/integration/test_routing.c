@@ -1134,6 +1134,59 @@ START_TEST(a_failed_pass_neither_alerts_nor_counts)
 }
 END_TEST
 
+/* A referral whose writes fail on their own (here a trigger refuses its
+ * deliveries as a constraint would) does not hold up the others of its
+ * pass, nor the ones behind it: they are routed one at a time until it is
+ * found, and it is held back with an alert, still accepted, nothing
+ * written for it. A later routing process tries it again, and routes it
+ * once what refused it is gone. */
+START_TEST(a_referral_that_fails_alone_holds_up_no_other)
+{
+    long deliveries = s_insert_many(3);
+    char poison[37];
+    s_insert(s_examples[3], poison);
+    deliveries += s_insert_many(10);
+    char sql[512];
+    snprintf(sql, sizeof sql,
+             "CREATE FUNCTION test_refuse() RETURNS trigger LANGUAGE plpgsql"
+             " AS $$BEGIN IF NEW.referral_id = '%s' THEN RAISE EXCEPTION"
+             " 'refused' USING ERRCODE = '23514'; END IF; RETURN NEW; END$$",
+             poison);
+    s_sql(sql, 0, NULL);
+    s_sql("CREATE TRIGGER test_refuse BEFORE INSERT ON deliveries"
+          " FOR EACH ROW EXECUTE FUNCTION test_refuse()",
+          0, NULL);
+
+    pid_t pid = s_start(s_endpoint(), NULL, 50, "routing.log");
+    ck_assert(s_wait_count(S_ROUTED, 13, 10000));
+    char alert[128];
+    snprintf(alert, sizeof alert, "kind=referral_failing referral=%s ", poison);
+    ck_assert_msg(s_log_has("routing.log", alert, 5000), "see %s",
+                  s_path("routing.log"));
+    ck_assert(s_log_has("routing.log", "event=pass_isolating", 100));
+    zclock_sleep(300); /* several polls: it is not tried again meanwhile */
+    ck_assert_int_eq(s_log_count("routing.log", "kind=referral_failing"), 1);
+    char state[160];
+    snprintf(state, sizeof state,
+             "SELECT count(*) FROM referrals WHERE id = '%s' AND"
+             " state = 'accepted'",
+             poison);
+    ck_assert_int_eq(s_count(state), 1);
+    snprintf(state, sizeof state,
+             "SELECT count(*) FROM audit_events WHERE referral_id = '%s'",
+             poison);
+    ck_assert_int_eq(s_count(state), 0);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM deliveries"), deliveries);
+    khproc_stop(pid, SIGTERM, 5000);
+
+    s_sql("DROP TRIGGER test_refuse ON deliveries", 0, NULL);
+    pid = s_start(s_endpoint(), NULL, 50, "routing2.log");
+    ck_assert(s_wait_count(S_ROUTED, 14, 10000));
+    khproc_stop(pid, SIGTERM, 5000);
+    ck_assert_int_gt(s_count("SELECT count(*) FROM deliveries"), deliveries);
+}
+END_TEST
+
 /* Stored payloads that are not UTF-8 text (a stray byte, a NUL) cannot
  * be read either: they are set aside like the others, and never make the
  * claim itself fail, which would hold up every referral behind them. */
@@ -1368,6 +1421,7 @@ int main(void)
     tcase_add_checked_fixture(tc_failed, s_setup, s_teardown);
     tcase_set_timeout(tc_failed, 60);
     tcase_add_test(tc_failed, a_failed_pass_neither_alerts_nor_counts);
+    tcase_add_test(tc_failed, a_referral_that_fails_alone_holds_up_no_other);
     suite_add_tcase(suite, tc_failed);
     /* A database that refuses connections for a while. */
     TCase *away = tcase_create("database_away");
