@@ -3389,6 +3389,37 @@ START_TEST(a_connection_without_hello_is_sent_no_deliveries)
 }
 END_TEST
 
+/* A partner that does not handle cases (the ketenregisseur) is sent no
+ * delivery, even one addressed to it (routing never makes one: this is
+ * the second line), while the others are sent theirs. */
+START_TEST(a_partner_without_cases_is_sent_nothing)
+{
+    s_register("regie", "chain_director", false);
+    pid_t pid = s_start_slow(30000, 60000);
+    char to_regie[37], to_avim[37];
+    s_delivery("regie", "urgent", 100, NULL, to_regie);
+    s_delivery("avim", "normal", 0, NULL, to_avim);
+    zsock_t *regie = s_partner("regie");
+    s_hello(regie, 4);
+    zsock_t *avim = s_partner("avim");
+    s_hello(avim, 4);
+    json_t *msg = s_expect(avim, "DELIVER", 3000);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert_str_eq(s_str(msg, "delivery_id"), to_avim);
+    json_decref(msg);
+    msg = khpartner_recv(regie, 1500);
+    ck_assert_msg(msg == NULL, "the ketenregisseur got %s", s_str(msg, "cmd"));
+    char state[16];
+    ck_assert_str_eq(s_state(to_regie, state), "pending");
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
+                             " = 'delivery.sent' AND partner_id = 'regie'"),
+                     0);
+    zsock_destroy(&regie);
+    zsock_destroy(&avim);
+    s_stop(pid);
+}
+END_TEST
+
 /* The reply to a HELLO on sock, or NULL. */
 static json_t *s_hello_reply(zsock_t *sock)
 {
@@ -3757,6 +3788,7 @@ static Suite *s_suite(void)
     tcase_add_test(odd,
                    an_ack_on_another_connection_frees_the_window_it_came_in);
     tcase_add_test(odd, a_connection_without_hello_is_sent_no_deliveries);
+    tcase_add_test(odd, a_partner_without_cases_is_sent_nothing);
     tcase_add_test(odd, partner_connected_tells_the_window_its_hello_asked_for);
     tcase_add_test(odd,
                    a_connection_whose_key_overlap_ended_is_sent_nothing_more);
