@@ -704,13 +704,16 @@ int kh_trail_db_verify_keys(PGconn *conn, const kh_trail_keys_t *keys,
     size_t ncps = 0;
     int rc = kh_trail_db_checkpoints(conn, &cps, &ncps, err);
     const kh_trail_checkpoint_t *anchor = NULL;
+    bool anchor_published = false; /* and gone from the database */
     if (rc == 0 && from_checkpoint > 0) {
         for (size_t i = 0; i < ncps; i++)
             if (cps[i].seq == from_checkpoint)
                 anchor = &cps[i];
         for (size_t i = 0; !anchor && i < npublished; i++)
-            if (published[i].seq == from_checkpoint)
+            if (published[i].seq == from_checkpoint) {
                 anchor = &published[i];
+                anchor_published = true;
+            }
         if (!anchor)
             rc = kh_error_set(err, KH_E_NOT_FOUND, "from_checkpoint",
                               "no checkpoint at seq %" PRId64, from_checkpoint);
@@ -718,7 +721,25 @@ int kh_trail_db_verify_keys(PGconn *conn, const kh_trail_keys_t *keys,
     /* In a transaction of its own the fast pass comes first (the usual
      * intact trail); any doubt, and verification in the caller's
      * transaction, take the full pass, from the same snapshot. */
-    if (rc == 0 && own) {
+    if (rc == 0 && anchor_published) {
+        /* The chain from a published checkpoint that the database no
+         * longer holds: what follows it is judged all the same, but the
+         * first finding is the checkpoint itself, missing at its seq (the
+         * events read all come after it). */
+        rc = s_verify_pass(conn, keys, anchor, cps, ncps, published, npublished,
+                           report, err);
+        if (rc >= 0) {
+            report->kind = KH_TRAIL_MISSING;
+            report->seq = anchor->seq;
+            report->other_seq = 0;
+            snprintf(report->detail, sizeof report->detail,
+                     "seq %" PRId64 ": the published checkpoint at seq %" PRId64
+                     ", where verification starts, is gone from the trail's "
+                     "checkpoints",
+                     anchor->seq, anchor->seq);
+            rc = 1;
+        }
+    } else if (rc == 0 && own) {
         rc = s_fast_verify(conn, keys, anchor, cps, ncps, published, npublished,
                            report, err);
         if (rc == 1)

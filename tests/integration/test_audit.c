@@ -3130,6 +3130,18 @@ START_TEST(a_published_checkpoint_gone_from_the_database_is_found)
     ck_assert_int_eq(s_verify(cps, ncps, &r), 1);
     ck_assert_int_eq(r.kind, KH_TRAIL_MISSING);
     ck_assert_int_eq(r.seq, 20);
+    /* Also when verification starts at it (--from-checkpoint 20), which
+     * only the published list still holds; from one after it, the events
+     * after 20 and the checkpoint at 30 hold. */
+    kh_error_t err;
+    ck_assert_int_eq(kh_trail_db_verify(s_db, s_pk, 20, cps, ncps, &r, &err),
+                     1);
+    ck_assert_int_eq(r.kind, KH_TRAIL_MISSING);
+    ck_assert_int_eq(r.seq, 20);
+    ck_assert_msg(strstr(r.detail, "where verification starts"), "%s",
+                  r.detail);
+    ck_assert_int_eq(kh_trail_db_verify(s_db, s_pk, 30, cps, ncps, &r, &err),
+                     0);
     /* Without them the database cannot know (README, Verify). */
     ck_assert_int_eq(s_verify(NULL, 0, &r), 0);
     /* An event altered below it is still named first. */
