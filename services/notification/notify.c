@@ -63,6 +63,8 @@ typedef struct {
     bool untold;       /* partner_connected not logged yet (its HELLO's) */
     int64_t looked;    /* zclock_mono of its last claim */
     bool overdue;      /* re-sends became due (another connection went) */
+    bool starved;      /* a re-send found no credit left: once some is
+                          freed, the next claim re-sends first */
 } s_conn_t;
 
 /* An ACK or NACK waiting for its commit. */
@@ -703,7 +705,20 @@ static int s_resend(notify_t *self, s_conn_t *conn, s_conn_t **conns,
         return -1;
     conn->reclaim = conn->reclaim && !reclaim;
     conn->overdue = false;
+    /* A full window (the claims after each ACK refill it with pending
+     * deliveries while a backlog lasts) may have left overdue ones out, a
+     * NACKed urgent one among them: they take the next credit freed, by
+     * the statement's rank, rather than wait for the backlog to drain. */
+    conn->starved = s_credit(self, conn) == 0;
     return 0;
+}
+
+/* Whether conn is to re-send before it claims: the sweep came, it
+ * reclaims, re-sends became due, or they waited for credit it has now. */
+static bool s_resends_now(notify_t *self, const s_conn_t *conn)
+{
+    return s_reclaims(self, conn) || conn->overdue ||
+           (conn->starved && s_credit(self, conn) > 0);
 }
 
 /* The connections of one pending claim, and what each got. */
@@ -807,7 +822,7 @@ static int s_pump(notify_t *self, bool resend, kh_error_t *err)
     int rc = 0;
     for (size_t i = 0; rc == 0 && i < n; i++) {
         s_conn_t *conn = all[i];
-        bool again = resend || s_reclaims(self, conn) || conn->overdue;
+        bool again = resend || s_resends_now(self, conn);
         if (!again && !conn->more)
             continue;
         if (again && s_resend(self, conn, all, n, err))
@@ -1204,7 +1219,7 @@ static bool s_has_work(notify_t *self)
 {
     for (s_conn_t *conn = zhashx_first(self->conns); conn;
          conn = zhashx_next(self->conns))
-        if (s_reclaims(self, conn) || conn->overdue ||
+        if (s_resends_now(self, conn) ||
             (conn->more && s_credit(self, conn) > 0))
             return true;
     return false;

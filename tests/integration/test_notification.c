@@ -298,6 +298,49 @@ static json_t *s_expect(zsock_t *sock, const char *cmd, int timeout_ms)
 
 /* --- tests ------------------------------------------------------------ */
 
+/* An urgent delivery NACKed for a retry, on a partner with a backlog of
+ * normal ones that keeps its window full (each ACK frees a place that
+ * the next claim fills): once its backoff is over it takes the next place
+ * an ACK frees, as the most urgent, rather than wait for the backlog to
+ * drain. */
+START_TEST(an_urgent_retry_goes_before_a_backlog_that_fills_the_window)
+{
+    enum { N = 300 };
+    char urgent[37], id[37];
+    for (int i = 0; i < N; i++)
+        s_delivery("avim", "normal", 100000 - i, NULL, id);
+    s_delivery("avim", "urgent", 0, NULL, urgent);
+    pid_t pid = s_start3("notification.log", "KH_NOTIFY_MAX_ATTEMPTS=10",
+                         "KH_NOTIFY_ESCALATE_MS=600000", NULL);
+    zsock_t *avim = s_partner("avim");
+    s_hello(avim, 1);
+    json_t *msg = s_expect(avim, "DELIVER", 5000);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert_str_eq(s_str(msg, "delivery_id"), urgent);
+    json_decref(msg);
+    s_answer(avim, urgent, "retry");
+    int normals = 0;
+    bool again = false;
+    while (!again && (msg = s_expect(avim, "DELIVER", 5000)) != NULL) {
+        char did[37];
+        snprintf(did, sizeof did, "%s", s_str(msg, "delivery_id"));
+        json_decref(msg);
+        again = strcmp(did, urgent) == 0;
+        if (!again) {
+            normals++;
+            zclock_sleep(10); /* the partner stores it */
+            s_answer(avim, did, NULL);
+        }
+    }
+    ck_assert_msg(again, "the urgent delivery never came again");
+    /* Its backoff (about 400 ms) is some tens of normal deliveries. */
+    ck_assert_msg(normals < N / 2, "it came after %d of the %d normal ones",
+                  normals, N);
+    zsock_destroy(&avim);
+    s_stop(pid);
+}
+END_TEST
+
 #define S_BACKLOG 40
 
 START_TEST(offline_backlog_drains_in_order_within_the_window)
@@ -3751,6 +3794,8 @@ static Suite *s_suite(void)
     tcase_set_timeout(priority, 60);
     tcase_add_test(priority,
                    an_urgent_delivery_goes_before_an_overdue_normal_resend);
+    tcase_add_test(priority,
+                   an_urgent_retry_goes_before_a_backlog_that_fills_the_window);
     suite_add_tcase(suite, priority);
 
     TCase *window = tcase_create("window");
