@@ -473,8 +473,13 @@ struct kh_trail_verifier_t {
     s_finding_t found;
     /* Pending judgements. */
     int64_t unsealed_at; /* first event without a seal (0: none) */
-    int64_t missing_at;  /* first seal without an event (0: none) */
-    bool looking;        /* looking ahead for a moved event */
+    /* A copy of that event (its bytes in unsealed_bytes; NULL: none, out
+     * of memory), to tell a sealed event moved down into a seq a rollback
+     * left free from one inserted there. */
+    kh_trail_event_t unsealed;
+    char *unsealed_bytes;
+    int64_t missing_at; /* first seal without an event (0: none) */
+    bool looking;       /* looking ahead for a moved event */
     int64_t look_seq;
     unsigned char look_prev[KH_TRAIL_HASH_SIZE];
     unsigned char look_seal[KH_TRAIL_HASH_SIZE];
@@ -526,6 +531,7 @@ void kh_trail_verifier_destroy(kh_trail_verifier_t **self_p)
         return;
     free((*self_p)->cps);
     free((*self_p)->slots);
+    free((*self_p)->unsealed_bytes);
     free(*self_p);
     *self_p = NULL;
 }
@@ -803,6 +809,41 @@ static void s_checkpoint_at(kh_trail_verifier_t *self, int64_t seq,
     }
 }
 
+/* Keep a copy of ev, the first event without a seal. */
+static void s_keep_unsealed(kh_trail_verifier_t *self,
+                            const kh_trail_event_t *ev)
+{
+    size_t len = 0;
+    for (int i = 0; i < KH_TRAIL_FIELD_COUNT; i++)
+        len += ev->f[i].ptr ? (size_t) ev->f[i].len : 0;
+    free(self->unsealed_bytes);
+    self->unsealed_bytes = malloc(len + 1);
+    if (!self->unsealed_bytes)
+        return;
+    self->unsealed = *ev;
+    char *at = self->unsealed_bytes;
+    for (int i = 0; i < KH_TRAIL_FIELD_COUNT; i++)
+        if (ev->f[i].ptr) {
+            memcpy(at, ev->f[i].ptr, (size_t) ev->f[i].len);
+            self->unsealed.f[i].ptr = at;
+            at += ev->f[i].len;
+        }
+}
+
+/* A seal at seq without its event: is it the seal of the first event
+ * without one, moved down from seq (into a seq a rollback left free)? */
+static bool s_moved_down(const kh_trail_verifier_t *self, int64_t seq,
+                         const unsigned char *seal)
+{
+    if (!self->unsealed_bytes)
+        return false;
+    kh_trail_event_t moved = self->unsealed;
+    moved.seq = seq;
+    unsigned char h[KH_TRAIL_HASH_SIZE];
+    return kh_trail_chain(self->prev, &moved, h) == 0 &&
+           sodium_memcmp(h, seal, KH_TRAIL_HASH_SIZE) == 0;
+}
+
 /* While looking ahead: is ev the event that belonged at look_seq? */
 static void s_look(kh_trail_verifier_t *self, const kh_trail_event_t *ev)
 {
@@ -863,6 +904,12 @@ void kh_trail_verifier_feed(kh_trail_verifier_t *self, int64_t seq,
                self->cps[self->next_cp].cp.seq == seq)
             self->next_cp++;
     }
+    if (!ev && seal && self->unsealed_at && s_moved_down(self, seq, seal)) {
+        s_find(self, KH_TRAIL_REORDERED, seq, self->unsealed_at,
+               "seq %lld: the event sealed here now stands at seq %lld",
+               (long long) seq, (long long) self->unsealed_at);
+        return;
+    }
     if (seal && self->unsealed_at) {
         s_find(self, KH_TRAIL_INSERTED, self->unsealed_at, 0,
                "seq %lld: an event without a seal below sealed ones: an "
@@ -883,8 +930,10 @@ void kh_trail_verifier_feed(kh_trail_verifier_t *self, int64_t seq,
     }
     if (!seal) {
         self->report.unsealed++;
-        if (!self->unsealed_at)
+        if (!self->unsealed_at) {
             self->unsealed_at = seq;
+            s_keep_unsealed(self, ev);
+        }
         return;
     }
     unsigned char h[KH_TRAIL_HASH_SIZE];

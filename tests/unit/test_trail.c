@@ -224,7 +224,8 @@ typedef enum {
     S_SWAP,
     S_CUT,
     S_SIG,
-    S_INSERT
+    S_INSERT,
+    S_DOWN
 } s_op_t;
 
 /* Feed the trail with one tampering, the events up to seq head sealed
@@ -266,6 +267,15 @@ static kh_trail_report_t s_run(s_op_t op, int at, int other, int head)
             seal = NULL;
         if (op == S_ALTER && i == at)
             ev.at_us++;
+        if (op == S_DOWN && i == at) {
+            /* event other moved down to at, where a rollback left a gap,
+             * its seal left where it was */
+            exists = true;
+            ev = s_ev[other];
+            ev.seq = i + 1;
+        }
+        if (op == S_DOWN && i == other)
+            exists = false;
         if (op == S_SWAP && (i == at || i == other)) {
             ev = s_ev[i == at ? other : at];
             ev.seq = i + 1;
@@ -447,6 +457,16 @@ START_TEST(verifier_names_a_gap_where_the_chain_breaks)
     ck_assert_int_eq(r.kind, KH_TRAIL_REORDERED);
     ck_assert_int_eq(r.seq, 15);
     ck_assert_int_eq(r.other_seq, 41);
+    /* So is one moved down into the gap (15 to 14), its seal left at 15;
+     * another event put there is inserted. */
+    r = s_run_op(S_DOWN, 13, 14);
+    ck_assert_msg(r.kind == KH_TRAIL_REORDERED && r.seq == 15 &&
+                      r.other_seq == 14,
+                  "%s at %lld (%lld): %s", kh_trail_finding_name(r.kind),
+                  (long long) r.seq, (long long) r.other_seq, r.detail);
+    r = s_run_op(S_DOWN, 13, 30);
+    ck_assert_msg(r.kind == KH_TRAIL_INSERTED && r.seq == 14, "%s at %lld: %s",
+                  kh_trail_finding_name(r.kind), (long long) r.seq, r.detail);
 }
 END_TEST
 
