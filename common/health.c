@@ -344,8 +344,9 @@ static const s_def_t s_defs[] = {
     {"routing", "rules_reloads_total", S_C, "outcome",
      "Rules reloads on SIGHUP, ok or failed (the old rules stay)."},
     {"routing", "rules_partners_missing", S_G, NULL,
-     "Partners the rules need (not optional) that are revoked or not "
-     "registered: their deliveries become dead letters."},
+     "Partners the rules need (targets not optional, or the last a "
+     "fallback has) that are revoked or not registered: their deliveries "
+     "become dead letters."},
     {"routing", "routing_pass_seconds", S_H, NULL,
      "One routing pass (claim, evaluate, commit) that routed something."},
     {"notification", "deliveries_sent_total", S_C, NULL,

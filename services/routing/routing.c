@@ -35,10 +35,15 @@
 #define S_MATCHED_MAX 4096         /* bytes of audit_events.rules_matched */
 #define S_ARENA_KEEP (256 * 1024)
 /* Referrals whose writes fail on their own (a constraint, a limit) are
- * held back from the claims, up to S_HELD_MAX of them, for S_HELD_MS,
- * while the others are routed; then tried again. */
+ * held back from the claims, each for S_HELD_MS (up to S_HELD_MAX of
+ * them: one more takes the place of the one held longest), while the
+ * others are routed; then tried again. S_HELD_IN_A_ROW held with no pass
+ * routed between them say the failure may well be the database's (a
+ * constraint added by hand, say), not each referral's: routing says so
+ * (holding them costs nothing: they could not be routed either). */
 #define S_HELD_MAX 64
 #define S_HELD_MS 60000
+#define S_HELD_IN_A_ROW 3
 /* s_pass: it failed, and the next one is to come at once (isolating). */
 #define S_PASS_AGAIN (-2)
 
@@ -75,12 +80,14 @@ struct _routing_t {
     int64_t partners_read; /* zclock_mono of the last read of the registry */
     bool registry_unheard; /* connected since: changes may have gone by */
     /* After a pass that failed on its data: passes of one referral left,
-     * to find which fails, and the referrals held back (held_at: when the
-     * first of them was). */
+     * to find which fails, and the referrals held back (since when), the
+     * last ones with no pass routed since (in_a_row). */
     size_t isolate;
-    char held[S_HELD_MAX][37];
-    size_t nheld;
-    int64_t held_at;
+    struct {
+        char id[37];
+        int64_t at;
+    } held[S_HELD_MAX];
+    size_t nheld, in_a_row;
     char missing[640];       /* partners the rules need and the registry
                                 lacks, as last told ("a,b"; "": none) */
     kh_tally_t auth_refused; /* refused handshakes, one line a while */
@@ -287,12 +294,12 @@ static void s_tell_missing(routing_t *self, const s_partners_t *list)
         return;
     if (n)
         kh_log_warn("rules_partners_missing",
-                    "partners=%s rules_version=%s msg=\"the rules name these "
-                    "partners, not as optional, and they are revoked or not "
-                    "registered: their deliveries become dead letters and "
-                    "these rules are refused at a reload; name their "
-                    "successors, or make their targets optional, and "
-                    "reload\"",
+                    "partners=%s rules_version=%s msg=\"the rules need "
+                    "these partners (targets not optional, or the last a "
+                    "fallback has), and they are revoked or not registered: "
+                    "their deliveries become dead letters and these rules "
+                    "are refused at a reload; name their successors, or "
+                    "make their targets optional, and reload\"",
                     missing, self->version);
     else
         kh_log_info("rules_partners_back", "partners=%s rules_version=%s",
@@ -634,18 +641,22 @@ static bool s_data_failure(const kh_error_t *err)
     return err->code == KH_E_NOMEM;
 }
 
-/* The referrals held back, as the claim's uuid[] literal; those held for
- * S_HELD_MS are tried again. */
+/* The referrals held back, as the claim's uuid[] literal; each held for
+ * S_HELD_MS is tried again (the list stays in the order they were held). */
 static void s_held_param(routing_t *self, char *out, size_t size)
 {
-    if (self->nheld && zclock_mono() - self->held_at >= S_HELD_MS) {
-        kh_log_info("held_retried", "referrals=%zu", self->nheld);
-        self->nheld = 0;
-    }
+    int64_t now = zclock_mono();
+    size_t kept = 0;
+    for (size_t i = 0; i < self->nheld; i++)
+        if (now - self->held[i].at < S_HELD_MS)
+            self->held[kept++] = self->held[i];
+        else
+            kh_log_info("held_retried", "referral=%s", self->held[i].id);
+    self->nheld = kept;
     size_t used = (size_t) snprintf(out, size, "{");
     for (size_t i = 0; i < self->nheld; i++)
         used += (size_t) snprintf(out + used, size - used, "%s%s", i ? "," : "",
-                                  self->held[i]);
+                                  self->held[i].id);
     snprintf(out + used, size - used, "}");
 }
 
@@ -653,8 +664,9 @@ static void s_held_param(routing_t *self, char *out, size_t size)
  * one referral does not hold up the others for good: several are routed
  * one at a time from now on, to find which fails; a single one is held
  * back from the claims, with an alert (it stays accepted, and is tried
- * again after S_HELD_MS, or by another process, or after a restart).
- * Returns true when the next pass is to come at once. */
+ * again after S_HELD_MS, or by another process, or after a restart), and
+ * the others go in batches again. Returns true when the next pass is to
+ * come at once. */
 static bool s_isolate(routing_t *self, const PGresult *claim,
                       const kh_error_t *err)
 {
@@ -664,14 +676,22 @@ static bool s_isolate(routing_t *self, const PGresult *claim,
         kh_log_warn("pass_isolating", "referrals=%d", n);
         return true;
     }
-    if (n != 1 || self->nheld == S_HELD_MAX)
+    if (n != 1)
         return false;
-    if (self->nheld == 0)
-        self->held_at = zclock_mono();
+    if (self->nheld == S_HELD_MAX) /* the one held longest goes */
+        memmove(self->held, self->held + 1,
+                --self->nheld * sizeof self->held[0]);
     const char *id = PQgetvalue(claim, 0, 0);
-    snprintf(self->held[self->nheld++], sizeof self->held[0], "%s", id);
-    if (self->isolate)
-        self->isolate--;
+    snprintf(self->held[self->nheld].id, sizeof self->held[0].id, "%s", id);
+    self->held[self->nheld++].at = zclock_mono();
+    /* Found: the others go in batches again. */
+    self->isolate = 0;
+    if (++self->in_a_row == S_HELD_IN_A_ROW)
+        kh_log_warn("held_in_a_row",
+                    "referrals=%d msg=\"each failed alone, with no referral "
+                    "routed between them: the failure may be the "
+                    "database's, not theirs\"",
+                    S_HELD_IN_A_ROW);
     kh_log_error("alert",
                  "kind=referral_failing referral=%s code=%s retry_ms=%d "
                  "msg=\"%s\"",
@@ -761,6 +781,8 @@ static int s_pass(routing_t *self)
     int claimed = PQntuples(res);
     if (self->isolate)
         self->isolate = claimed ? self->isolate - 1 : 0;
+    if (routed)
+        self->in_a_row = 0;
     kh_log_debug("pass", "claimed=%d routed=%d ms=%lld", claimed, routed,
                  (long long) (zclock_mono() - started));
     PQclear(res);

@@ -738,14 +738,20 @@ END_TEST
 START_TEST(a_registry_change_applies_within_a_backlog)
 {
     s_insert_many(3000);
+    /* Each pass takes 20 ms at least (430 passes of 7): the change comes
+     * well before the backlog is gone, however slow the machine. */
+    s_sql("CREATE FUNCTION test_slow() RETURNS trigger LANGUAGE plpgsql AS"
+          " $$BEGIN PERFORM pg_sleep(0.02); RETURN NULL; END$$",
+          0, NULL);
+    s_sql("CREATE TRIGGER test_slow AFTER INSERT ON audit_events"
+          " FOR EACH STATEMENT EXECUTE FUNCTION test_slow()",
+          0, NULL);
     s_refresh_ms = "3600000";
     pid_t pid = s_start(s_endpoint(), NULL, 50, "routing.log");
     s_refresh_ms = "200";
-    ck_assert(s_wait_count("SELECT ((" S_ROUTED ") >= 50 AND (" S_ROUTED
-                           ") < 2000)::int",
-                           1, 10000));
+    ck_assert(s_wait_count("SELECT ((" S_ROUTED ") >= 50)::int", 1, 10000));
     s_register("arbeidsinspectie", "inspectorate", true);
-    ck_assert(s_wait_count(S_ROUTED, 3000, 60000));
+    ck_assert(s_wait_count(S_ROUTED, 3000, 120000));
     khproc_stop(pid, SIGTERM, 5000);
     long later = s_count("SELECT count(*) FROM audit_events e"
                          " WHERE action = 'referral.routed' AND seq >"
@@ -1412,7 +1418,7 @@ int main(void)
     /* A backlog drained pass after pass. */
     TCase *tc_drain = tcase_create("drain");
     tcase_add_checked_fixture(tc_drain, s_setup, s_teardown);
-    tcase_set_timeout(tc_drain, 60);
+    tcase_set_timeout(tc_drain, 180);
     tcase_add_test(tc_drain, a_batch_all_set_aside_does_not_end_the_drain);
     tcase_add_test(tc_drain, a_registry_change_applies_within_a_backlog);
     suite_add_tcase(suite, tc_drain);
