@@ -37,13 +37,13 @@
 /* Referrals whose writes fail on their own (a constraint, a limit) are
  * held back from the claims, each for S_HELD_MS (up to S_HELD_MAX of
  * them: one more takes the place of the one held longest), while the
- * others are routed; then tried again. S_HELD_IN_A_ROW held with no pass
- * routed between them say the failure may well be the database's (a
- * constraint added by hand, say), not each referral's: routing says so
- * (holding them costs nothing: they could not be routed either). */
+ * others are routed; then tried again. S_HELD_IN_A_ROW found with no pass
+ * routed between them say the failure is the database's (a constraint
+ * added by hand, say), not each referral's: those held since go free, and
+ * until a pass routes, passes fail whole, as when the database is away. */
 #define S_HELD_MAX 64
 #define S_HELD_MS 60000
-#define S_HELD_IN_A_ROW 3
+#define S_HELD_IN_A_ROW 8
 /* s_pass: it failed, and the next one is to come at once (isolating). */
 #define S_PASS_AGAIN (-2)
 
@@ -665,12 +665,14 @@ static void s_held_param(routing_t *self, char *out, size_t size)
  * one at a time from now on, to find which fails; a single one is held
  * back from the claims, with an alert (it stays accepted, and is tried
  * again after S_HELD_MS, or by another process, or after a restart), and
- * the others go in batches again. Returns true when the next pass is to
- * come at once. */
+ * the others go in batches again; not after S_HELD_IN_A_ROW. Returns true
+ * when the next pass is to come at once. */
 static bool s_isolate(routing_t *self, const PGresult *claim,
                       const kh_error_t *err)
 {
     int n = PQntuples(claim);
+    if (self->in_a_row == S_HELD_IN_A_ROW)
+        return false;
     if (n > 1) {
         self->isolate = (size_t) n;
         kh_log_warn("pass_isolating", "referrals=%d", n);
@@ -678,20 +680,28 @@ static bool s_isolate(routing_t *self, const PGresult *claim,
     }
     if (n != 1)
         return false;
+    if (self->in_a_row + 1 == S_HELD_IN_A_ROW) {
+        /* Not theirs: those held since a pass last routed go free. */
+        self->nheld -=
+            self->in_a_row < self->nheld ? self->in_a_row : self->nheld;
+        self->in_a_row = S_HELD_IN_A_ROW;
+        self->isolate = 0;
+        kh_log_warn("held_in_a_row",
+                    "referrals=%d msg=\"each failed alone, with no referral "
+                    "routed between them: taken as the database's failure, "
+                    "not theirs; passes are tried whole until one routes\"",
+                    S_HELD_IN_A_ROW);
+        return false;
+    }
     if (self->nheld == S_HELD_MAX) /* the one held longest goes */
         memmove(self->held, self->held + 1,
                 --self->nheld * sizeof self->held[0]);
     const char *id = PQgetvalue(claim, 0, 0);
     snprintf(self->held[self->nheld].id, sizeof self->held[0].id, "%s", id);
     self->held[self->nheld++].at = zclock_mono();
+    self->in_a_row++;
     /* Found: the others go in batches again. */
     self->isolate = 0;
-    if (++self->in_a_row == S_HELD_IN_A_ROW)
-        kh_log_warn("held_in_a_row",
-                    "referrals=%d msg=\"each failed alone, with no referral "
-                    "routed between them: the failure may be the "
-                    "database's, not theirs\"",
-                    S_HELD_IN_A_ROW);
     kh_log_error("alert",
                  "kind=referral_failing referral=%s code=%s retry_ms=%d "
                  "msg=\"%s\"",

@@ -1193,6 +1193,34 @@ START_TEST(a_referral_that_fails_alone_holds_up_no_other)
 }
 END_TEST
 
+/* A failure of that kind for every referral (a constraint added by
+ * hand, say) is the database's: after eight referrals found failing alone
+ * in a row, those held go free and passes fail whole, with no alert for
+ * each referral, until the cause is gone; then all are routed at once. */
+START_TEST(referrals_failing_alone_in_a_row_are_the_databases_failure)
+{
+    long deliveries = s_insert_many(20);
+    s_sql("CREATE FUNCTION test_refuse() RETURNS trigger LANGUAGE plpgsql AS"
+          " $$BEGIN RAISE EXCEPTION 'refused' USING ERRCODE = '23514';"
+          " END$$",
+          0, NULL);
+    s_sql("CREATE TRIGGER test_refuse BEFORE INSERT ON deliveries"
+          " FOR EACH ROW EXECUTE FUNCTION test_refuse()",
+          0, NULL);
+    pid_t pid = s_start(s_endpoint(), NULL, 50, "routing.log");
+    ck_assert_msg(s_log_has("routing.log", "event=held_in_a_row", 10000),
+                  "see %s", s_path("routing.log"));
+    zclock_sleep(500); /* ten polls */
+    ck_assert_int_eq(s_log_count("routing.log", "kind=referral_failing"), 7);
+    ck_assert_int_eq(s_log_count("routing.log", "event=held_in_a_row"), 1);
+    ck_assert_int_eq(s_count(S_ROUTED), 0);
+    s_sql("DROP TRIGGER test_refuse ON deliveries", 0, NULL);
+    ck_assert(s_wait_count(S_ROUTED, 20, 5000));
+    ck_assert_int_eq(s_count("SELECT count(*) FROM deliveries"), deliveries);
+    khproc_stop(pid, SIGTERM, 5000);
+}
+END_TEST
+
 /* Stored payloads that are not UTF-8 text (a stray byte, a NUL) cannot
  * be read either: they are set aside like the others, and never make the
  * claim itself fail, which would hold up every referral behind them. */
@@ -1428,6 +1456,8 @@ int main(void)
     tcase_set_timeout(tc_failed, 60);
     tcase_add_test(tc_failed, a_failed_pass_neither_alerts_nor_counts);
     tcase_add_test(tc_failed, a_referral_that_fails_alone_holds_up_no_other);
+    tcase_add_test(tc_failed,
+                   referrals_failing_alone_in_a_row_are_the_databases_failure);
     suite_add_tcase(suite, tc_failed);
     /* A database that refuses connections for a while. */
     TCase *away = tcase_create("database_away");
