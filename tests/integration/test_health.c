@@ -427,6 +427,21 @@ START_TEST(status_shows_an_offline_partners_backlog_growing)
     ck_assert_str_eq(json_string_value(json_object_get(intake, "version")),
                      kh_version());
     ck_assert_int_eq(s_backlog(doc, "zorgcoordinator"), 0);
+    /* No routing runs here: the three wait to be routed. */
+    ck_assert_int_eq(json_integer_value(
+                         json_object_get(s_db_doc(doc), "referrals_unrouted")),
+                     3);
+    ck_assert_ptr_nonnull(
+        json_object_get(s_db_doc(doc), "referrals_unrouted_oldest"));
+    json_decref(doc);
+    khtest_db_exec(s_db,
+                   "UPDATE referrals SET state = 'routed'"
+                   " WHERE idempotency_key = 'status-0'",
+                   0, NULL);
+    ck_assert_int_eq(s_status("none", &doc), 0);
+    ck_assert_int_eq(json_integer_value(
+                         json_object_get(s_db_doc(doc), "referrals_unrouted")),
+                     2);
     json_decref(doc);
 
     /* Nobody of the zorgcoordinator is connected: its deliveries wait. */

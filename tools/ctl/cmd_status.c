@@ -60,9 +60,9 @@ static void s_usage(FILE *out)
             "notification);\n"
             "rules version, trail head and last checkpoint, dead letters, "
             "open\n"
-            "escalations, and per partner the backlog of unacknowledged "
-            "deliveries\n"
-            "with the oldest one's time.\n"
+            "escalations, referrals not yet routed, and per partner the "
+            "backlog of\n"
+            "unacknowledged deliveries with the oldest one's time.\n"
             "\n"
             "  --intake H:P        intake's KH_HEALTH_ENDPOINT (default "
             "$KH_INTAKE_HEALTH,\n"
@@ -291,8 +291,13 @@ static json_t *s_database(json_t **partners)
     static const bool n_trail[] = {true, true};
     static const char *k_cp[] = {"checkpoint_seq", "checkpoint_at", NULL};
     static const bool n_cp[] = {true, false};
-    static const char *k_dl[] = {"dead_letters", "escalations_open", NULL};
-    static const bool n_dl[] = {true, true};
+    static const char *k_dl[] = {"dead_letters",
+                                 "escalations_open",
+                                 "referrals_unrouted",
+                                 "referrals_unrouted_oldest",
+                                 "referrals_unrouted_age_s",
+                                 NULL};
+    static const bool n_dl[] = {true, true, true, false, true};
     /* Through the views that ketenhub_admin may read. */
     int rc =
         s_row(conn, "SELECT rules_version, " S_TS("at") " FROM " S_IN_FORCE, db,
@@ -315,15 +320,25 @@ static json_t *s_database(json_t **partners)
         json_integer_value(json_object_get(db, "trail_sealed")) <
             json_integer_value(cp))
         json_object_set_new(db, "trail_broken", json_true());
-    rc = rc ? rc
-            : s_row(conn,
-                    /* As their indexes name them (migrations/003, 006). */
-                    "SELECT (SELECT count(*) FROM deliveries"
-                    "  WHERE state = 'dead'),"
-                    " (SELECT count(*) FROM deliveries"
-                    "  WHERE escalated_at IS NOT NULL AND acked_at IS NULL"
-                    "  AND dead_reason IS NULL)",
-                    db, k_dl, n_dl);
+    rc =
+        rc ? rc
+           : s_row(
+                 conn,
+                 /* As their indexes name them (migrations/003, 006). */
+                 "SELECT (SELECT count(*) FROM deliveries"
+                 "  WHERE state = 'dead'),"
+                 " (SELECT count(*) FROM deliveries"
+                 "  WHERE escalated_at IS NOT NULL AND acked_at IS NULL"
+                 "  AND dead_reason IS NULL),"
+                 /* Accepted, not routed yet (routing's queue, by the
+                  * index routing claims from). */
+                 " u.n, " S_TS(
+                     "u.oldest") ","
+                                 " extract(epoch FROM now() - u.oldest)::bigint"
+                                 " FROM (SELECT count(*) AS n, "
+                                 "min(accepted_at) AS oldest"
+                                 "  FROM referrals WHERE state = 'accepted') u",
+                 db, k_dl, n_dl);
     PGresult *res = rc ? NULL : PQexec(conn, s_backlog_sql);
     if (res && PQresultStatus(res) == PGRES_TUPLES_OK) {
         for (int i = 0; i < PQntuples(res); i++) {
@@ -521,6 +536,15 @@ static void s_print_text(const json_t *doc)
                "until that is repaired (ketenhubctl audit verify)\n");
     printf("dead letters      %lld\nescalations open  %lld\n",
            s_int(db, "dead_letters"), s_int(db, "escalations_open"));
+    char unrouted_age[32] = "";
+    if (json_object_get(db, "referrals_unrouted_oldest"))
+        s_age(s_int(db, "referrals_unrouted_age_s"), unrouted_age,
+              sizeof unrouted_age);
+    printf("not yet routed    %lld%s%s%s%s%s\n",
+           s_int(db, "referrals_unrouted"), *unrouted_age ? " (oldest " : "",
+           s_str(db, "referrals_unrouted_oldest", ""),
+           *unrouted_age ? ", " : "", unrouted_age,
+           *unrouted_age ? " ago)" : "");
     printf("backlog (unacknowledged deliveries per partner)\n");
     printf("  %-24s %8s  %s\n", "partner", "backlog", "oldest");
     json_t *p;
