@@ -713,8 +713,8 @@ static int s_resend(notify_t *self, s_conn_t *conn, s_conn_t **conns,
     return 0;
 }
 
-/* Whether conn is to re-send before it claims: the sweep came, it
- * reclaims, re-sends became due, or they waited for credit it has now. */
+/* Whether conn is to re-send before it claims: it reclaims, re-sends
+ * became due, or they waited for credit that it has now. */
 static bool s_resends_now(notify_t *self, const s_conn_t *conn)
 {
     return s_reclaims(self, conn) || conn->overdue ||

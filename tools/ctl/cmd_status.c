@@ -37,6 +37,19 @@ static const char s_backlog_sql[] =
     " FROM partners p LEFT JOIN deliveries d ON d.partner_id = p.id"
     " AND d.acked_at IS NULL AND d.dead_reason IS NULL"
     " GROUP BY p.id, p.revoked_at ORDER BY p.id";
+
+/* Dead letters and open escalations, as their indexes name them
+ * (migrations/003, 006); the referrals accepted and not yet routed, with
+ * the oldest one's time and age, from the index routing claims them by. */
+static const char s_counts_sql[] =
+    "SELECT (SELECT count(*) FROM deliveries WHERE state = 'dead'),"
+    " (SELECT count(*) FROM deliveries"
+    "  WHERE escalated_at IS NOT NULL AND acked_at IS NULL"
+    "  AND dead_reason IS NULL),"
+    " u.n, " S_TS("u.oldest") ","
+    " extract(epoch FROM now() - u.oldest)::bigint"
+    " FROM (SELECT count(*) AS n, min(accepted_at) AS oldest"
+    "  FROM referrals WHERE state = 'accepted') u";
 /* clang-format on */
 
 typedef struct {
@@ -291,13 +304,13 @@ static json_t *s_database(json_t **partners)
     static const bool n_trail[] = {true, true};
     static const char *k_cp[] = {"checkpoint_seq", "checkpoint_at", NULL};
     static const bool n_cp[] = {true, false};
-    static const char *k_dl[] = {"dead_letters",
-                                 "escalations_open",
-                                 "referrals_unrouted",
-                                 "referrals_unrouted_oldest",
-                                 "referrals_unrouted_age_s",
-                                 NULL};
-    static const bool n_dl[] = {true, true, true, false, true};
+    static const char *k_counts[] = {"dead_letters",
+                                     "escalations_open",
+                                     "referrals_unrouted",
+                                     "referrals_unrouted_oldest",
+                                     "referrals_unrouted_oldest_age_s",
+                                     NULL};
+    static const bool n_counts[] = {true, true, true, false, true};
     /* Through the views that ketenhub_admin may read. */
     int rc =
         s_row(conn, "SELECT rules_version, " S_TS("at") " FROM " S_IN_FORCE, db,
@@ -320,25 +333,7 @@ static json_t *s_database(json_t **partners)
         json_integer_value(json_object_get(db, "trail_sealed")) <
             json_integer_value(cp))
         json_object_set_new(db, "trail_broken", json_true());
-    rc =
-        rc ? rc
-           : s_row(
-                 conn,
-                 /* As their indexes name them (migrations/003, 006). */
-                 "SELECT (SELECT count(*) FROM deliveries"
-                 "  WHERE state = 'dead'),"
-                 " (SELECT count(*) FROM deliveries"
-                 "  WHERE escalated_at IS NOT NULL AND acked_at IS NULL"
-                 "  AND dead_reason IS NULL),"
-                 /* Accepted, not routed yet (routing's queue, by the
-                  * index routing claims from). */
-                 " u.n, " S_TS(
-                     "u.oldest") ","
-                                 " extract(epoch FROM now() - u.oldest)::bigint"
-                                 " FROM (SELECT count(*) AS n, "
-                                 "min(accepted_at) AS oldest"
-                                 "  FROM referrals WHERE state = 'accepted') u",
-                 db, k_dl, n_dl);
+    rc = rc ? rc : s_row(conn, s_counts_sql, db, k_counts, n_counts);
     PGresult *res = rc ? NULL : PQexec(conn, s_backlog_sql);
     if (res && PQresultStatus(res) == PGRES_TUPLES_OK) {
         for (int i = 0; i < PQntuples(res); i++) {
@@ -538,7 +533,7 @@ static void s_print_text(const json_t *doc)
            s_int(db, "dead_letters"), s_int(db, "escalations_open"));
     char unrouted_age[32] = "";
     if (json_object_get(db, "referrals_unrouted_oldest"))
-        s_age(s_int(db, "referrals_unrouted_age_s"), unrouted_age,
+        s_age(s_int(db, "referrals_unrouted_oldest_age_s"), unrouted_age,
               sizeof unrouted_age);
     printf("not yet routed    %lld%s%s%s%s%s\n",
            s_int(db, "referrals_unrouted"), *unrouted_age ? " (oldest " : "",
