@@ -481,6 +481,10 @@ struct _kh_health_t {
 /* Monotonic ms of the loop's last beat: one service per process. */
 static atomic_llong s_beat_ms;
 
+/* kh_health_connected(false) told last: the service's own connection to
+ * the database is not up. */
+static atomic_bool s_unconnected;
+
 /* What the service tells on /readyz after its version (kh_health_note),
  * read by the endpoint's thread: names in the order first noted. */
 #define S_NOTES 4
@@ -715,6 +719,8 @@ static const char *s_not_ready(const kh_health_t *self)
         return "rules not loaded";
     if (self->conninfo && !atomic_load(&self->db))
         return "database unreachable";
+    if (atomic_load(&s_unconnected))
+        return "database not connected";
     const char *fault = atomic_load(&self->fault);
     return fault ? fault : "";
 }
@@ -1029,6 +1035,11 @@ bool kh_health_db_up(const kh_health_t *self)
 void kh_health_beat(void)
 {
     atomic_store(&s_beat_ms, s_now_ms());
+}
+
+void kh_health_connected(bool up)
+{
+    atomic_store(&s_unconnected, !up);
 }
 
 void kh_health_note(const char *name, const char *value)

@@ -140,6 +140,14 @@ bool kh_health_db_up(const kh_health_t *self);
  * without knowing whether an endpoint runs. */
 void kh_health_beat(void);
 
+/* The service's own connection to the database is up (true), or not yet,
+ * or lost (false): from a false until a true, /readyz answers 503 "not
+ * ready: database not connected" even while the probe reaches the
+ * database (the service is still connecting, or reconnecting). A service
+ * that never tells is not held by it. One service per process, as for
+ * the beat; thread-safe. */
+void kh_health_connected(bool up);
+
 /* The longest value kh_health_note keeps. */
 #define KH_HEALTH_NOTE_MAX 128
 

@@ -198,6 +198,7 @@ intake_t *intake_new(const intake_config_t *config, kh_error_t *err)
                                            "KH_ROUTING_ENDPOINT", err)))
         goto fail;
     self->store = store_new(config->conninfo);
+    kh_health_connected(false); /* ready once the store is */
     self->auth_gate = kh_refusal_gate_new(KH_REFUSAL_REPEAT_MS, KH_REFUSAL_RATE,
                                           KH_REFUSAL_BURST, KH_REFUSAL_LOG_MS);
     self->throttle_logged = kh_throttle_new(10000, 10000);
@@ -314,6 +315,7 @@ static void s_reconnect_in(intake_t *self, int ms)
 /* Note that the database went away and arrange to reconnect. */
 static void s_schedule_reconnect(intake_t *self)
 {
+    kh_health_connected(false);
     s_reconnect_in(self, self->backoff_ms);
 }
 
@@ -371,6 +373,7 @@ static int s_reconnect(zloop_t *loop, int timer_id, void *arg)
         /* What the registry told while the reader was away is lost. */
         self->partners_stale = self->partners != NULL;
         s_load_partners(self);
+        kh_health_connected(store_up(self->store));
         kh_log_info("db_connected", "partners=%zu",
                     self->partners ? zhashx_size(self->partners) : 0);
         if (!self->ready_logged) {

@@ -1730,6 +1730,7 @@ static int s_on_tick(zloop_t *loop, int timer_id, void *arg)
     notify_t *self = arg;
     kh_error_t err;
     if (!dstore_up(self->store)) {
+        kh_health_connected(false);
         if (!dstore_connecting(self->store) &&
             zclock_mono() < self->connect_after)
             return 0; /* the database is away: not yet again */
@@ -1749,6 +1750,7 @@ static int s_on_tick(zloop_t *loop, int timer_id, void *arg)
             return 0;
         }
         kh_log_info("db_connected", NULL);
+        kh_health_connected(true);
         if (!self->ready_logged)
             s_log_ready(self);
         self->retry_ms = 0;
@@ -1989,6 +1991,7 @@ notify_t *notify_new(const notify_config_t *config, kh_error_t *err)
         }
     }
     self->store = dstore_new(config->conninfo, &config->policy);
+    kh_health_connected(false); /* ready once the store is */
     self->conns = zhashx_new();
     self->batch_ids = zhashx_new();
     self->acked = zhashx_new();
