@@ -59,6 +59,7 @@ typedef struct {
     size_t acking;     /* of those, ACKed in the round's ACK batch */
     int64_t last_seen; /* zclock_mono of its last frame */
     bool reclaim;      /* next claim also takes earlier unacknowledged */
+    bool reclaiming;   /* the round made its reclaim: undone by a rollback */
     bool more;         /* there may be due deliveries for it */
     bool untold;       /* partner_connected not logged yet (its HELLO's) */
     int64_t looked;    /* zclock_mono of its last claim */
@@ -703,7 +704,10 @@ static int s_resend(notify_t *self, s_conn_t *conn, s_conn_t **conns,
     free(out);
     if (claimed < 0)
         return -1;
-    conn->reclaim = conn->reclaim && !reclaim;
+    if (reclaim) {
+        conn->reclaim = false;
+        conn->reclaiming = true;
+    }
     conn->overdue = false;
     /* A full window (the claims after each ACK refill it with pending
      * deliveries while a backlog lasts) may have left overdue ones out, a
@@ -1259,13 +1263,20 @@ static void s_round(notify_t *self, bool resend)
         during = "commit";
     if (rc) {
         dstore_rollback(self->store);
-        /* What the claims found is undone with them. */
-        for (s_conn_t *conn = zhashx_first(self->conns); conn;
-             conn = zhashx_next(self->conns))
-            conn->more = true;
         s_db_failed(self, during, &err);
         kh_error_set(&err, KH_E_UNAVAILABLE, "",
                      "the hub could not commit this now; send it again");
+    }
+    /* What the claims found, and the reclaims they made, are undone with
+     * them: a reclaim rolled back is made again at the next round, not left
+     * to the ACK timeout of what it would have re-sent. */
+    for (s_conn_t *conn = zhashx_first(self->conns); conn;
+         conn = zhashx_next(self->conns)) {
+        if (rc) {
+            conn->more = true;
+            conn->reclaim = conn->reclaim || conn->reclaiming;
+        }
+        conn->reclaiming = false;
     }
     if (acks > 0 && dstore_ack_wait(self->store, &ack_err))
         acks = -1;

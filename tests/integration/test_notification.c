@@ -654,20 +654,29 @@ static void s_acked(zsock_t *avim, const char *id, const char *why)
     ck_assert_str_eq(s_state(id, state), "acknowledged");
 }
 
+/* Make a commit fail when it updated a delivery for which when (over NEW)
+ * holds: a deferred constraint trigger, s_refuse, until DROP TRIGGER
+ * s_refuse ON deliveries. */
+static void s_refuse_commits(const char *when)
+{
+    char sql[512];
+    snprintf(sql, sizeof sql,
+             "CREATE OR REPLACE FUNCTION s_refuse() RETURNS trigger LANGUAGE"
+             " plpgsql AS $$BEGIN RAISE EXCEPTION 'refused at commit'; END$$;"
+             " CREATE CONSTRAINT TRIGGER s_refuse AFTER UPDATE ON deliveries"
+             " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (%s) EXECUTE"
+             " FUNCTION s_refuse()",
+             when);
+    khtest_db_exec(s_db, sql, 0, NULL);
+}
+
 /* An ACK batch commits after PostgreSQL has sent its rows: when that
  * commit fails, nothing was acknowledged, and the partner hears so (to
  * send the ACK again) rather than ACKED. */
 START_TEST(an_ack_whose_commit_fails_is_not_acked)
 {
     char id[37];
-    khtest_db_exec(s_db,
-                   "CREATE FUNCTION s_refuse() RETURNS trigger LANGUAGE plpgsql"
-                   " AS $$BEGIN RAISE EXCEPTION 'refused at commit'; END$$;"
-                   " CREATE CONSTRAINT TRIGGER s_refuse AFTER UPDATE ON"
-                   " deliveries DEFERRABLE INITIALLY DEFERRED FOR EACH ROW"
-                   " WHEN (NEW.state = 'acknowledged') EXECUTE FUNCTION"
-                   " s_refuse()",
-                   0, NULL);
+    s_refuse_commits("NEW.state = 'acknowledged'");
     pid_t pid;
     zsock_t *avim = s_sent_to_avim(id, &pid);
     s_answer(avim, id, NULL);
@@ -3064,13 +3073,7 @@ START_TEST(a_resend_rolled_back_still_takes_its_place_in_the_window)
     ck_assert_int_eq(ngot, 1);
     ck_assert_str_eq(got[0], x);
     /* The next sweep re-sends x, and its round fails to commit. */
-    khtest_db_exec(s_db,
-                   "CREATE FUNCTION s_refuse() RETURNS trigger LANGUAGE plpgsql"
-                   " AS $$BEGIN RAISE EXCEPTION 'refused at commit'; END$$;"
-                   " CREATE CONSTRAINT TRIGGER s_refuse AFTER UPDATE ON"
-                   " deliveries DEFERRABLE INITIALLY DEFERRED FOR EACH ROW"
-                   " WHEN (NEW.attempts >= 2) EXECUTE FUNCTION s_refuse()",
-                   0, NULL);
+    s_refuse_commits("NEW.attempts >= 2");
     ck_assert(s_log_has("notification.log", "during=commit", 10000));
     /* What did not commit was not sent, and is not logged as sent. */
     ck_assert_int_eq(s_log_count("notification.log", "attempt=2"), 0);
@@ -3098,6 +3101,38 @@ START_TEST(a_resend_rolled_back_still_takes_its_place_in_the_window)
     ck_assert_str_eq(got[ngot - 1], y);
     for (int i = 0; i < ngot - 1; i++)
         ck_assert_str_eq(got[i], x);
+    zsock_destroy(&sock);
+    s_stop(pid);
+}
+END_TEST
+
+/* A partner's reconnection whose reclaim does not commit makes it again
+ * at the next round: what its old connection had out comes at once, not
+ * after its ACK timeout. */
+START_TEST(a_reclaim_rolled_back_is_made_again)
+{
+    char x[37];
+    s_delivery("avim", "normal", 1000, NULL, x);
+    pid_t pid = s_start_slow(60000, 60000);
+    zsock_t *sock = s_partner("avim");
+    s_hello(sock, 1);
+    json_t *msg = s_expect(sock, "DELIVER", 5000);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert_str_eq(s_str(msg, "delivery_id"), x);
+    json_decref(msg);
+    /* Gone unanswered; the reconnection's reclaim fails to commit. */
+    zsock_destroy(&sock);
+    ck_assert(s_log_has("notification.log", "reason=disconnected", 5000));
+    s_refuse_commits("NEW.attempts >= 2");
+    sock = s_partner("avim");
+    s_hello(sock, 1);
+    ck_assert(s_log_has("notification.log", "during=commit", 5000));
+    khtest_db_exec(s_db, "DROP TRIGGER s_refuse ON deliveries", 0, NULL);
+    msg = s_expect(sock, "DELIVER", 3000);
+    ck_assert_msg(msg != NULL, "the reclaim was not made again");
+    ck_assert_str_eq(s_str(msg, "delivery_id"), x);
+    ck_assert_int_eq(json_integer_value(json_object_get(msg, "attempt")), 2);
+    json_decref(msg);
     zsock_destroy(&sock);
     s_stop(pid);
 }
@@ -3803,6 +3838,7 @@ static Suite *s_suite(void)
     tcase_set_timeout(window, 60);
     tcase_add_test(window,
                    a_resend_rolled_back_still_takes_its_place_in_the_window);
+    tcase_add_test(window, a_reclaim_rolled_back_is_made_again);
     suite_add_tcase(suite, window);
 
     TCase *rid = tcase_create("routing_id");
