@@ -10,11 +10,13 @@
  * stops, and that the log holds no payload value. No database.
  */
 #include <czmq.h>
+#include <fcntl.h>
 #include <jansson.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -516,24 +518,33 @@ START_TEST(test_dir_name_taken)
 END_TEST
 
 /* Temp files that a listener left when it died while writing hold a
- * delivery's personal data: the next start removes them, not those of a
- * live listener nor other files. A command runs one delivery at a time,
- * so --exec asks for a window of 1 unless told otherwise. */
+ * delivery's personal data: the next start removes them (those of
+ * earlier versions' names too), not one that a live listener holds
+ * locked while it writes it, nor other files. A command runs one
+ * delivery at a time, so --exec asks for a window of 1 unless told
+ * otherwise. */
 START_TEST(test_dir_stale_and_exec_window)
 {
     s_hub_t h;
     s_hub_new(&h, true);
     char *out = h.out;
-    char live[128];
-    snprintf(live, sizeof live, "." D2 ".%ld.tmp", (long) getpid());
-    const char *names[] = {"." D1 ".2147483646.tmp", live, ".keep.tmp",
-                           D3 ".json"};
-    for (size_t i = 0; i < 4; i++) {
+    const char *names[] = {
+        "." D1 ".0123456789abcdef.tmp", "." D2 ".2147483646.tmp",
+        "." D2 ".fedcba9876543210.tmp", ".keep.tmp", D3 ".json"};
+    enum { S_DEAD = 2, S_LIVE = 2, S_NAMES = 5 };
+    int live = -1;
+    for (size_t i = 0; i < S_NAMES; i++) {
         char *path = s_path(out, names[i]);
-        FILE *f = fopen(path, "w");
-        ck_assert_ptr_nonnull(f);
-        fputs("{\"summary\":\"" CANARY "\"}", f);
-        fclose(f);
+        int fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
+        ck_assert_int_ge(fd, 0);
+        static const char text[] = "{\"summary\":\"" CANARY "\"}";
+        ck_assert_int_eq(write(fd, text, sizeof text - 1),
+                         (ssize_t) sizeof text - 1);
+        if (i == S_LIVE) {
+            ck_assert_int_eq(flock(fd, LOCK_EX), 0);
+            live = fd;
+        } else
+            close(fd);
         free(path);
     }
     char *log = h.log;
@@ -544,13 +555,15 @@ START_TEST(test_dir_stale_and_exec_window)
     int status = khproc_stop(pid, SIGTERM, 5000);
     ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "status %d",
                   status);
-    for (size_t i = 0; i < 4; i++) {
+    close(live);
+    for (size_t i = 0; i < S_NAMES; i++) {
         char *path = s_path(out, names[i]);
-        ck_assert_msg((access(path, F_OK) == 0) == (i > 0), "%s", names[i]);
+        ck_assert_msg((access(path, F_OK) == 0) == (i >= S_DEAD), "%s",
+                      names[i]);
         free(path);
     }
     char *text = khtest_read_file(log);
-    ck_assert_ptr_nonnull(strstr(text, "event=stale_removed files=1"));
+    ck_assert_ptr_nonnull(strstr(text, "event=stale_removed files=2"));
     free(text);
 
     char *exec_mode[] = {"--exec", "cat >/dev/null", NULL};
@@ -814,8 +827,8 @@ START_TEST(test_dir_large_delivery)
 END_TEST
 
 /* A listener in a container runs with the same pid after each restart: a
- * temp file carrying its own pid at start is a dead run's all the same
- * (this run has written nothing yet), and is removed. */
+ * temp file of an earlier version, named with the pid of this run, is a
+ * dead run's all the same (no writer holds it locked), and is removed. */
 START_TEST(test_dir_stale_same_pid)
 {
     s_hub_t h;

@@ -31,6 +31,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -173,43 +175,59 @@ static int s_write_all(int fd, const char *text, size_t len)
     return 0;
 }
 
-/* Store text as DIR/<id>.json durably: a temp file written and synced,
- * renamed into place, and the directory synced, so the file is either
- * whole or absent after a crash. 0, or -1 with nothing left behind but
- * possibly the temp file of a crash. */
+/* The temp file of a delivery being stored: ".<id>.<16 hex>.tmp", the
+ * suffix random, so that listeners on one DIR (two containers' listeners
+ * may have the same pid) never write one file. Its writer holds an flock
+ * on it from its creation until it is renamed into place: one that can be
+ * locked is a dead writer's (s_remove_stale). */
+#define S_TMP_FORMAT ".%s.%016" PRIx64 ".tmp"
+#define S_TMP_SCAN ".%36[0-9a-f-].%16[0-9a-f].tmp%n"
+#define S_TMP_MAX 64
+
+/* Store text as DIR/<id>.json durably: a temp file created afresh (never
+ * through a link), locked, written and synced, renamed into place, and
+ * the directory synced, so the file is either whole or absent after a
+ * crash. 0, or -1 with nothing left behind but possibly the temp file of
+ * a crash. */
 static int s_store(s_listener_t *self, const char *id, const char *text,
                    size_t len)
 {
-    char tmp[64], final[48];
-    snprintf(tmp, sizeof tmp, ".%s.%ld.tmp", id, (long) getpid());
+    uint64_t suffix;
+    if (getrandom(&suffix, sizeof suffix, 0) != (ssize_t) sizeof suffix)
+        return -1;
+    char tmp[S_TMP_MAX], final[48];
+    snprintf(tmp, sizeof tmp, S_TMP_FORMAT, id, suffix);
     snprintf(final, sizeof final, "%s.json", id);
-    int fd = openat(self->dirfd, tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC,
-                    0600);
+    int fd = openat(self->dirfd, tmp,
+                    O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
     if (fd < 0)
         return -1;
-    int rc = s_write_all(fd, text, len);
+    int rc = flock(fd, LOCK_EX | LOCK_NB);
+    if (rc == 0)
+        rc = s_write_all(fd, text, len);
     if (rc == 0)
         rc = fsync(fd);
-    if (close(fd) != 0)
-        rc = -1;
+    /* Renamed while still locked: a listener starting meanwhile must not
+     * take it for a dead writer's. */
     if (rc == 0)
         rc = renameat(self->dirfd, tmp, self->dirfd, final);
-    if (rc != 0) {
-        int saved = errno;
+    int saved = errno;
+    if (rc != 0)
         unlinkat(self->dirfd, tmp, 0);
-        errno = saved;
-        return -1;
+    if (close(fd) != 0 && rc == 0) {
+        rc = -1;
+        saved = errno;
     }
-    return fsync(self->dirfd);
+    errno = saved;
+    return rc == 0 ? fsync(self->dirfd) : -1;
 }
 
-/* Remove the temp files (see s_store) that a listener on DIR left when it
- * died while writing: each holds a delivery's personal data, which nothing
- * else will ever remove, and the hub sends that delivery again. Those of a
- * process still alive (a second listener on DIR) are left to it. Called
- * before this run writes anything, so those with this process's own pid
- * are a dead run's (a container's listener has the same pid after every
- * restart). Returns how many were removed. */
+/* Remove the temp files (see S_TMP_FORMAT; and ".<id>.<pid>.tmp", as
+ * earlier versions named them) that a listener on DIR left when it died
+ * while writing: each holds a delivery's personal data, which nothing
+ * else will ever remove, and the hub sends that delivery again. Those
+ * still locked by their writer (a second listener on DIR) are left to
+ * it. Returns how many were removed. */
 static int s_remove_stale(s_listener_t *self)
 {
     int fd = dup(self->dirfd);
@@ -222,17 +240,20 @@ static int s_remove_stale(s_listener_t *self)
     int removed = 0;
     struct dirent *e;
     while ((e = readdir(dir)) != NULL) {
-        char id[40];
-        long pid = 0;
+        char id[40], suffix[20];
         int end = 0;
-        if (sscanf(e->d_name, ".%36[0-9a-f-].%ld.tmp%n", id, &pid, &end) != 2 ||
-            e->d_name[end] != '\0' || strlen(id) != 36 || pid <= 0)
+        if (sscanf(e->d_name, S_TMP_SCAN, id, suffix, &end) != 2 ||
+            e->d_name[end] != '\0' || strlen(id) != 36)
             continue;
-        if (pid != (long) getpid() &&
-            (kill((pid_t) pid, 0) == 0 || errno == EPERM))
-            continue; /* its writer is alive */
-        if (unlinkat(self->dirfd, e->d_name, 0) == 0)
+        int tmp = openat(self->dirfd, e->d_name,
+                         O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+        if (tmp < 0)
+            continue;
+        /* Locked: its writer is alive. */
+        if (flock(tmp, LOCK_EX | LOCK_NB) == 0 &&
+            unlinkat(self->dirfd, e->d_name, 0) == 0)
             removed++;
+        close(tmp);
     }
     closedir(dir);
     if (removed)
@@ -403,6 +424,18 @@ static int s_run(s_listener_t *self, const char *text, size_t len,
     if (WIFEXITED(status))
         return WEXITSTATUS(status);
     return 128 + (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
+}
+
+/* As PID 1 (a container's entrypoint with no init) the listener is the
+ * parent of whatever a command left running when it ended: reap those
+ * that have ended since, so that they do not fill the process table. Not
+ * while a command runs (s_run waits for it by its pid). */
+static void s_reap_orphans(void)
+{
+    if (getpid() != 1)
+        return;
+    while (waitpid(-1, NULL, WNOHANG) > 0) {
+    }
 }
 
 static void s_log_delivery(const json_t *deliver, const char *outcome,
@@ -644,6 +677,7 @@ static int s_loop(s_listener_t *self)
             break;
         s_heartbeat(self);
         s_reack_due(self);
+        s_reap_orphans();
         int64_t wait = self->next_hello - zclock_mono();
         if (zlistx_size(self->reacks) > 0 && wait > 50)
             wait = 50;
