@@ -296,6 +296,20 @@ static json_t *s_expect(zsock_t *sock, const char *cmd, int timeout_ms)
     return NULL;
 }
 
+/* Wait up to timeout_ms for the DELIVER of id on sock, of attempt
+ * attempt unless that is 0; fail the test when another comes, or none. */
+static void s_expect_delivery(zsock_t *sock, const char *id, int attempt,
+                              int timeout_ms)
+{
+    json_t *msg = s_expect(sock, "DELIVER", timeout_ms);
+    ck_assert_msg(msg != NULL, "the DELIVER of %s did not come", id);
+    ck_assert_str_eq(s_str(msg, "delivery_id"), id);
+    if (attempt)
+        ck_assert_int_eq(json_integer_value(json_object_get(msg, "attempt")),
+                         attempt);
+    json_decref(msg);
+}
+
 /* --- tests ------------------------------------------------------------ */
 
 /* An urgent delivery NACKed for a retry, on a partner with a backlog of
@@ -314,10 +328,8 @@ START_TEST(an_urgent_retry_goes_before_a_backlog_that_fills_the_window)
                          "KH_NOTIFY_ESCALATE_MS=600000", NULL);
     zsock_t *avim = s_partner("avim");
     s_hello(avim, 1);
-    json_t *msg = s_expect(avim, "DELIVER", 5000);
-    ck_assert_ptr_nonnull(msg);
-    ck_assert_str_eq(s_str(msg, "delivery_id"), urgent);
-    json_decref(msg);
+    s_expect_delivery(avim, urgent, 0, 5000);
+    json_t *msg;
     s_answer(avim, urgent, "retry");
     int normals = 0;
     bool again = false;
@@ -509,10 +521,7 @@ static zsock_t *s_sent_to_avim_env(char *id, pid_t *pid, char *const env[],
     *pid = s_start_env("notification.log", env ? env : (char *const[]){NULL});
     zsock_t *avim = s_partner("avim");
     s_hello(avim, window);
-    json_t *msg = s_expect(avim, "DELIVER", 5000);
-    ck_assert_ptr_nonnull(msg);
-    ck_assert_str_eq(s_str(msg, "delivery_id"), id);
-    json_decref(msg);
+    s_expect_delivery(avim, id, 0, 5000);
     return avim;
 }
 
@@ -727,12 +736,7 @@ START_TEST(unacknowledged_is_resent_with_its_id_then_dead)
     s_hello(avim, 4);
     /* Three attempts (KH_NOTIFY_MAX_ATTEMPTS=3), the same id each time. */
     for (int attempt = 1; attempt <= 3; attempt++) {
-        json_t *msg = s_expect(avim, "DELIVER", 5000);
-        ck_assert_msg(msg != NULL, "attempt %d did not come", attempt);
-        ck_assert_str_eq(s_str(msg, "delivery_id"), id);
-        ck_assert_int_eq(json_integer_value(json_object_get(msg, "attempt")),
-                         attempt);
-        json_decref(msg);
+        s_expect_delivery(avim, id, attempt, 5000);
         /* Keep the connection alive while waiting. */
         khpartner_send(avim, kh_proto_new(KH_CMD_PING, "p"));
     }
@@ -761,11 +765,7 @@ START_TEST(unacknowledged_is_resent_with_its_id_then_dead)
     free(out);
     unsetenv("KH_DATABASE_URL");
     khpartner_send(avim, kh_proto_new(KH_CMD_PING, "p"));
-    msg = s_expect(avim, "DELIVER", 5000);
-    ck_assert_ptr_nonnull(msg);
-    ck_assert_str_eq(s_str(msg, "delivery_id"), id);
-    ck_assert_int_eq(json_integer_value(json_object_get(msg, "attempt")), 1);
-    json_decref(msg);
+    s_expect_delivery(avim, id, 1, 5000);
     s_answer(avim, id, NULL);
     msg = s_expect(avim, "ACKED", 5000);
     ck_assert_ptr_nonnull(msg);
@@ -867,10 +867,7 @@ static zsock_t *s_sent_first(const char *name, int window, const char *first)
 {
     zsock_t *sock = s_partner(name);
     s_hello(sock, window);
-    json_t *msg = s_expect(sock, "DELIVER", 5000);
-    ck_assert_ptr_nonnull(msg);
-    ck_assert_str_eq(s_str(msg, "delivery_id"), first);
-    json_decref(msg);
+    s_expect_delivery(sock, first, 0, 5000);
     return sock;
 }
 
@@ -940,11 +937,7 @@ START_TEST(nack_retry_resends_and_nack_permanent_is_dead_at_once)
     ck_assert_msg(s_log_has("notification.log", alert, 2000),
                   "no alert line: %s", alert);
     /* The retried one comes again, same id, attempt 2. */
-    msg = s_expect(avim, "DELIVER", 5000);
-    ck_assert_ptr_nonnull(msg);
-    ck_assert_str_eq(s_str(msg, "delivery_id"), retry);
-    ck_assert_int_eq(json_integer_value(json_object_get(msg, "attempt")), 2);
-    json_decref(msg);
+    s_expect_delivery(avim, retry, 2, 5000);
     ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
                              " = 'delivery.nacked' AND outcome = 'ok'"),
                      2);
@@ -1069,10 +1062,8 @@ START_TEST(a_delivery_another_process_gave_up_frees_its_window)
     pid_t pid = s_start("notification.log", NULL, NULL);
     zsock_t *avim = s_partner("avim");
     s_hello(avim, 1);
-    json_t *msg = s_expect(avim, "DELIVER", 5000);
-    ck_assert_ptr_nonnull(msg);
-    ck_assert_str_eq(s_str(msg, "delivery_id"), first);
-    json_decref(msg);
+    s_expect_delivery(avim, first, 0, 5000);
+    json_t *msg;
     const char *params[] = {first};
     khtest_db_exec(s_db,
                    "UPDATE deliveries SET state = 'dead', dead_reason ="
@@ -1681,10 +1672,7 @@ START_TEST(a_payload_that_is_not_text_is_sent_as_stored)
     s_hello(avim, 4);
     s_hello(zorg, 4);
 
-    json_t *msg = s_expect(zorg, "DELIVER", 5000);
-    ck_assert_msg(msg != NULL, "the other partner got nothing");
-    ck_assert_str_eq(s_str(msg, "delivery_id"), other);
-    json_decref(msg);
+    s_expect_delivery(zorg, other, 0, 5000);
 
     zsock_set_rcvtimeo(avim, 5000);
     zframe_t *frame = zframe_recv(avim);
@@ -1891,10 +1879,7 @@ START_TEST(with_wake_ups_an_ack_finds_what_no_wake_up_announced)
     s_delivery("avim", "normal", 0, NULL, first);
     zsock_t *push = s_waker(wake);
     s_wake(push, (const char *const[]){"avim"}, 1);
-    json_t *msg = s_expect(sock, "DELIVER", 3000);
-    ck_assert_ptr_nonnull(msg);
-    ck_assert_str_eq(s_str(msg, "delivery_id"), first);
-    json_decref(msg);
+    s_expect_delivery(sock, first, 0, 3000);
     s_delivery("avim", "normal", 0, NULL, second); /* no wake-up */
     zclock_sleep(2200);                            /* > 8000 / 4 ms */
     int64_t acked = zclock_mono();
@@ -3116,10 +3101,7 @@ START_TEST(a_reclaim_rolled_back_is_made_again)
     pid_t pid = s_start_slow(60000, 60000);
     zsock_t *sock = s_partner("avim");
     s_hello(sock, 1);
-    json_t *msg = s_expect(sock, "DELIVER", 5000);
-    ck_assert_ptr_nonnull(msg);
-    ck_assert_str_eq(s_str(msg, "delivery_id"), x);
-    json_decref(msg);
+    s_expect_delivery(sock, x, 0, 5000);
     /* Gone unanswered; the reconnection's reclaim fails to commit. */
     zsock_destroy(&sock);
     ck_assert(s_log_has("notification.log", "reason=disconnected", 5000));
@@ -3128,11 +3110,7 @@ START_TEST(a_reclaim_rolled_back_is_made_again)
     s_hello(sock, 1);
     ck_assert(s_log_has("notification.log", "during=commit", 5000));
     khtest_db_exec(s_db, "DROP TRIGGER s_refuse ON deliveries", 0, NULL);
-    msg = s_expect(sock, "DELIVER", 3000);
-    ck_assert_msg(msg != NULL, "the reclaim was not made again");
-    ck_assert_str_eq(s_str(msg, "delivery_id"), x);
-    ck_assert_int_eq(json_integer_value(json_object_get(msg, "attempt")), 2);
-    json_decref(msg);
+    s_expect_delivery(sock, x, 2, 3000);
     zsock_destroy(&sock);
     s_stop(pid);
 }
@@ -3268,10 +3246,8 @@ START_TEST(a_connection_whose_key_overlap_ended_is_sent_nothing_more)
                          "KH_NOTIFY_ACK_TIMEOUT_MS=30000");
     zsock_t *old = s_partner("avim");
     s_hello(old, 4);
-    json_t *msg = s_expect(old, "DELIVER", 5000);
-    ck_assert_msg(msg != NULL, "the key before was sent nothing");
-    ck_assert_str_eq(s_str(msg, "delivery_id"), first);
-    json_decref(msg);
+    s_expect_delivery(old, first, 0, 5000);
+    json_t *msg;
     zsock_t *now = s_partner("avim-new");
     s_hello(now, 4);
 
@@ -3358,10 +3334,7 @@ START_TEST(a_moved_keys_deliveries_go_again_once_the_registry_says_so)
     ck_assert(s_log_has("notification.log",
                         "partner=avim peer=127.0.0.1 reason=key_not_admitted",
                         3000));
-    json_t *msg = s_expect(now, "DELIVER", 3000);
-    ck_assert_msg(msg != NULL, "the moved key's delivery waits");
-    ck_assert_str_eq(s_str(msg, "delivery_id"), first);
-    json_decref(msg);
+    s_expect_delivery(now, first, 0, 3000);
     zsock_destroy(&added);
     zsock_destroy(&old);
     zsock_destroy(&now);
@@ -3444,19 +3417,13 @@ START_TEST(a_connection_without_hello_is_sent_no_deliveries)
     /* A listener gets them; the probe may still answer for it. */
     zsock_t *avim = s_partner("avim");
     s_hello(avim, 1);
-    msg = s_expect(avim, "DELIVER", 3000);
-    ck_assert_ptr_nonnull(msg);
-    ck_assert_str_eq(s_str(msg, "delivery_id"), ids[0]);
-    json_decref(msg);
+    s_expect_delivery(avim, ids[0], 0, 3000);
     s_answer(probe, ids[0], NULL);
     msg = khpartner_recv(probe, 3000);
     ck_assert_ptr_nonnull(msg);
     ck_assert_str_eq(s_str(msg, "cmd"), "ACKED");
     json_decref(msg);
-    msg = s_expect(avim, "DELIVER", 3000);
-    ck_assert_ptr_nonnull(msg);
-    ck_assert_str_eq(s_str(msg, "delivery_id"), ids[1]);
-    json_decref(msg);
+    s_expect_delivery(avim, ids[1], 0, 3000);
     ck_assert_ptr_null(khpartner_recv(probe, 500));
     ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
                              " = 'delivery.sent'"),
@@ -3481,11 +3448,8 @@ START_TEST(a_partner_without_cases_is_sent_nothing)
     s_hello(regie, 4);
     zsock_t *avim = s_partner("avim");
     s_hello(avim, 4);
-    json_t *msg = s_expect(avim, "DELIVER", 3000);
-    ck_assert_ptr_nonnull(msg);
-    ck_assert_str_eq(s_str(msg, "delivery_id"), to_avim);
-    json_decref(msg);
-    msg = khpartner_recv(regie, 1500);
+    s_expect_delivery(avim, to_avim, 0, 3000);
+    json_t *msg = khpartner_recv(regie, 1500);
     ck_assert_msg(msg == NULL, "the ketenregisseur got %s", s_str(msg, "cmd"));
     char state[16];
     ck_assert_str_eq(s_state(to_regie, state), "pending");
@@ -3695,11 +3659,7 @@ START_TEST(a_connection_on_a_gone_ones_routing_id_gets_none_of_its_deliveries)
     /* avim's next connection gets it, as its first attempt. */
     avim = s_partner("avim");
     s_hello(avim, 8);
-    msg = s_expect(avim, "DELIVER", 5000);
-    ck_assert_msg(msg != NULL, "the delivery did not come to avim");
-    ck_assert_str_eq(s_str(msg, "delivery_id"), id);
-    ck_assert_int_eq(json_integer_value(json_object_get(msg, "attempt")), 1);
-    json_decref(msg);
+    s_expect_delivery(avim, id, 1, 5000);
     ck_assert_ptr_null(s_next_no_deliver(zc, 200));
     char state[16];
     ck_assert_str_eq(s_state(id, state), "delivered");
@@ -3744,10 +3704,7 @@ START_TEST(a_connection_that_sets_its_own_routing_id_is_refused)
     /* The same key without a chosen id is served. */
     zsock_t *avim = s_partner("avim");
     s_hello(avim, 8);
-    json_t *msg = s_expect(avim, "DELIVER", 5000);
-    ck_assert_ptr_nonnull(msg);
-    ck_assert_str_eq(s_str(msg, "delivery_id"), id);
-    json_decref(msg);
+    s_expect_delivery(avim, id, 0, 5000);
     ck_assert_ptr_null(s_next_no_deliver(named, 200));
     zsock_destroy(&named);
     zsock_destroy(&avim);
