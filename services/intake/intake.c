@@ -345,6 +345,7 @@ static void s_load_partners(intake_t *self)
     zhashx_destroy(&self->partners);
     self->partners = partners;
     self->partners_stale = false;
+    kh_health_connected(store_up(self->store));
 }
 
 /* Re-read the registry now if it changed since it was read: before a
@@ -373,7 +374,9 @@ static int s_reconnect(zloop_t *loop, int timer_id, void *arg)
         /* What the registry told while the reader was away is lost. */
         self->partners_stale = self->partners != NULL;
         s_load_partners(self);
-        kh_health_connected(store_up(self->store));
+        /* Ready with a registry to admit partners by (s_load_partners
+         * tells it once one is read). */
+        kh_health_connected(store_up(self->store) && self->partners);
         kh_log_info("db_connected", "partners=%zu",
                     self->partners ? zhashx_size(self->partners) : 0);
         if (!self->ready_logged) {
@@ -1059,6 +1062,16 @@ static void s_wake_routing(intake_t *self, const s_batch_t *batch)
     json_decref(msg);
 }
 
+/* Whether the database refused a batch's statement for its data (SQLSTATE
+ * classes 22 data exception and 23 integrity constraint violation), which
+ * rows of its own may have caused. */
+static bool s_rows_refused(const kh_error_t *err)
+{
+    return err->code == KH_E_INTERNAL &&
+           (strncmp(err->sqlstate, "22", 2) == 0 ||
+            strncmp(err->sqlstate, "23", 2) == 0);
+}
+
 /* The commit in flight ended (rc 0) or failed (rc -1, err): answer it,
  * send the next. */
 static void s_commit_done(intake_t *self, int rc, const kh_error_t *err)
@@ -1070,11 +1083,15 @@ static void s_commit_done(intake_t *self, int rc, const kh_error_t *err)
     if (rc && batch->nrefs)
         kh_log_warn("refusals_unaudited", "count=%zu code=%s", batch->nrefs,
                     kh_error_name(err->code));
-    if (rc == -1 && err->code == KH_E_INTERNAL && batch->nrefs > 0) {
-        /* An audit row of a refusal must never cost the others their
-         * commit (the refusals are answered anyway, but for those that
-         * promise their event first): once more without. Not a batch that
-         * committed (STORE_COMMITTED_UNREAD): its rows are in. */
+    if (rc == -1 && s_rows_refused(err) && batch->nrefs > 0) {
+        /* An audit row of a refusal that the database refuses must never
+         * cost the others their commit (the refusals are answered anyway,
+         * but for those that promise their event first): once more
+         * without. Not a batch that committed (STORE_COMMITTED_UNREAD):
+         * its rows are in. Any other failure (a statement cancelled, a
+         * privilege gone) is no fault of the rows: the refusals are
+         * answered retryable with the rest, to come again with their
+         * events. */
         batch->nrefs = 0;
         batch->refs_dropped = true;
         batch->refs_err = *err;

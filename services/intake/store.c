@@ -37,6 +37,9 @@ struct _store_t {
 };
 
 #define S_READ_TIMEOUT_MS 1000
+/* How long preparing the statements of a new connection waits for a lock
+ * (see store_connect). */
+#define S_SETUP_LOCK_TIMEOUT "'1s'"
 
 /* For a key that another intake process committed while our statement
  * waited on it: a new statement sees that commit. */
@@ -231,13 +234,17 @@ static int s_fail(PGconn *conn, PGresult *res, const char *what,
                 what, state ? state : "none", retry, table ? table : "none",
                 constraint ? constraint : "none",
                 KH_LOG_Q(msg[0] ? msg : "none"));
+    char sqlstate[sizeof err->sqlstate] = "";
+    if (state)
+        snprintf(sqlstate, sizeof sqlstate, "%s", state);
     PQclear(res);
     if (retry)
         return s_unavailable(err);
-    return kh_error_set(err, KH_E_INTERNAL, "",
-                        "the hub could not handle the request; send the same "
-                        "request again (a SUBMIT with the same idempotency "
-                        "key)");
+    kh_error_set(err, KH_E_INTERNAL, "",
+                 "the hub could not handle the request; send the same "
+                 "request again (a SUBMIT with the same idempotency key)");
+    memcpy(err->sqlstate, sqlstate, sizeof sqlstate);
+    return -1;
 }
 
 /* Whether a failure on conn means the connection is gone (or of no more
@@ -337,15 +344,25 @@ int store_connect(store_t *self, kh_error_t *err)
     const char *const reader_sql[] = {s_lookup_sql, s_status_sql,
                                       KH_PARTNER_KEYS_SQL, s_conflicts_sql};
     static const int reader_nparams[] = {2, 2, 0, 3};
-    if ((conns[0] &&
-         (kh_db_exec(conns[0], "SET plan_cache_mode = force_generic_plan",
-                     err) ||
-          s_prepare(conns[0], writer_names, writer_sql, writer_nparams, 1,
-                    err))) ||
+    /* Preparing takes the tables' locks, on intake's loop: a migration
+     * or an administrator's LOCK TABLE that holds them must not stop the
+     * loop (no answers, no stop) for as long as it lasts. A lock not had
+     * within S_SETUP_LOCK_TIMEOUT fails the attempt, made again later. */
+    if ((conns[0] && (kh_db_exec(conns[0],
+                                 "SET plan_cache_mode = force_generic_plan; "
+                                 "SET lock_timeout = " S_SETUP_LOCK_TIMEOUT,
+                                 err) ||
+                      s_prepare(conns[0], writer_names, writer_sql,
+                                writer_nparams, 1, err) ||
+                      kh_db_exec(conns[0], "RESET lock_timeout", err))) ||
         (conns[1] &&
-         (s_prepare(conns[1], reader_names, reader_sql, reader_nparams, 4,
+         (kh_db_exec(conns[1], "SET lock_timeout = " S_SETUP_LOCK_TIMEOUT,
+                     err) ||
+          s_prepare(conns[1], reader_names, reader_sql, reader_nparams, 4,
                     err) ||
-          kh_db_exec(conns[1], "LISTEN " KH_PARTNER_CHANNEL, err)))) {
+          kh_db_exec(conns[1],
+                     "LISTEN " KH_PARTNER_CHANNEL "; RESET lock_timeout",
+                     err)))) {
         PQfinish(conns[0]);
         PQfinish(conns[1]);
         return -1;

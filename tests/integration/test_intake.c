@@ -1266,6 +1266,89 @@ START_TEST(a_conflict_within_a_batch_is_audited)
 }
 END_TEST
 
+/* The batch statement (cids "sub", a SUBMIT, and "bad", a referral the
+ * schema refuses) waits on holder, is cancelled, and holder ends: the
+ * replies by cid, "bad" in replies[1]. */
+static void s_cancelled_batch(json_t *replies[2])
+{
+    json_t *referral = s_example();
+    PGconn *holder = s_hold_key("cancel-hold", referral);
+    char *text = kh_payload_canonical(referral, NULL);
+    ck_assert_ptr_nonnull(text);
+    const char *params[] = {text};
+    khtest_db_exec(holder,
+                   "INSERT INTO referrals (id, partner_id, idempotency_key,"
+                   " schema_version, payload, payload_hash) VALUES"
+                   " (gen_random_uuid(), 'veilig-thuis', 'cancel-sub',"
+                   " 'referral.v1', convert_to($1, 'UTF8'),"
+                   " sha256(convert_to($1, 'UTF8')))",
+                   1, params);
+    free(text);
+    zsock_t *dealer = s_dealer(S_TIMEOUT);
+    zframe_t *frame = s_frame(s_submit_envelope("cancel-hold", referral), "h");
+    zframe_send(&frame, dealer, 0);
+    static const char *const waiting =
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name ="
+        " 'ketenhub-intake' AND query LIKE 'WITH input%' AND state = 'active'"
+        " AND wait_event_type = 'Lock'";
+    static const char *const cancel =
+        "SELECT count(pg_cancel_backend(pid)) FROM pg_stat_activity WHERE"
+        " application_name = 'ketenhub-intake' AND query LIKE 'WITH input%'"
+        " AND state = 'active'";
+    ck_assert(khtest_wait_count(s_db, waiting, 1, 5000));
+    frame = s_frame(s_submit_envelope("cancel-sub", referral), "sub");
+    zframe_send(&frame, dealer, 0);
+    json_t *bad = khtest_json("{'not_a_referral': true}");
+    frame = s_frame(s_submit_envelope("cancel-bad", bad), "bad");
+    zframe_send(&frame, dealer, 0);
+    json_decref(bad);
+    zclock_sleep(300);                    /* both read, in the next batch */
+    ck_assert_int_eq(s_count(cancel), 1); /* the first batch */
+    ck_assert(khtest_wait_count(s_db, waiting, 1, 5000));
+    ck_assert_int_eq(s_count(cancel), 1); /* the one with the refusal */
+    zclock_sleep(300);
+    khtest_db_exec(holder, "ROLLBACK", 0, NULL);
+    PQfinish(holder);
+    replies[0] = replies[1] = NULL;
+    for (int i = 0; i < 3; i++) {
+        frame = zframe_recv(dealer);
+        ck_assert_ptr_nonnull(frame);
+        json_t *reply = s_decoded(&frame);
+        const char *cid = s_str(reply, "cid");
+        if (strcmp(cid, "h") == 0)
+            json_decref(reply);
+        else
+            replies[strcmp(cid, "bad") == 0] = reply;
+    }
+    zsock_destroy(&dealer);
+    json_decref(referral);
+    ck_assert(replies[0] && replies[1]);
+}
+
+/* A refusal is final only with its event in the trail (protocol.md): a
+ * batch statement that fails for no fault of its rows (here an
+ * administrator cancels it) answers its refusals retryable with the rest,
+ * rather than committing the batch again without their events. */
+START_TEST(a_cancelled_batch_answers_its_refusals_retryable)
+{
+    json_t *replies[2];
+    s_cancelled_batch(replies);
+    for (int i = 0; i < 2; i++) {
+        ck_assert_str_eq(kh_client_reply_cmd(replies[i]), "REJECTED");
+        ck_assert_msg(json_is_true(json_object_get(replies[i], "retryable")),
+                      "%s answered %s, final", i ? "bad" : "sub",
+                      s_str(replies[i], "code"));
+        json_decref(replies[i]);
+    }
+    ck_assert_int_eq(s_count("SELECT count(*) FROM referrals WHERE"
+                             " idempotency_key LIKE 'cancel-%'"),
+                     0);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
+                             " = 'referral.rejected'"),
+                     0);
+}
+END_TEST
+
 /* A conflict whose event cannot be written is not answered as a
  * conflict but with a retryable refusal; the same request again is
  * refused and audited once. */
@@ -2194,6 +2277,19 @@ static void s_wait_sessions_gone(void)
                                 0, 10000));
 }
 
+/* The backend of intake's reader connection: not the writer's, whose
+ * last statement is a batch or, before the first, the end of its set-up
+ * (store_connect). */
+static long s_reader_pid(void)
+{
+    long pid = s_count("SELECT pid FROM pg_stat_activity WHERE"
+                       " application_name = 'ketenhub-intake' AND query"
+                       " NOT LIKE 'WITH input%' AND query <> 'RESET"
+                       " lock_timeout'");
+    ck_assert_int_gt(pid, 0);
+    return pid;
+}
+
 /* How many times text occurs in intake's log. */
 static int s_log_count(const char *text)
 {
@@ -2204,6 +2300,48 @@ static int s_log_count(const char *text)
     free(all);
     return n;
 }
+
+/* A lock held on intake's tables (a migration, a LOCK TABLE) while intake
+ * connects again does not stop its loop: PINGs are answered all along,
+ * and once the lock goes intake connects and accepts again. */
+START_TEST(a_locked_table_does_not_hold_up_a_reconnection)
+{
+    PGconn *holder = PQconnectdb(s_conninfo);
+    ck_assert_int_eq(PQstatus(holder), CONNECTION_OK);
+    khtest_db_exec(holder, "BEGIN", 0, NULL);
+    khtest_db_exec(holder, "LOCK TABLE referrals IN ACCESS EXCLUSIVE MODE", 0,
+                   NULL);
+    khtest_db_exec(s_db,
+                   "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                   " WHERE application_name = 'ketenhub-intake'",
+                   0, NULL);
+    kh_client_t *client = s_client("vt");
+    kh_client_set_retries(client, 0);
+    kh_error_t err;
+    /* Its attempts to connect meet the lock meanwhile. */
+    for (int64_t until = zclock_mono() + 4000; zclock_mono() < until;) {
+        ck_assert_msg(kh_client_ping(client, 1500, &err) == 0,
+                      "no PONG while a table was locked: %s", err.message);
+        zclock_sleep(200);
+    }
+    ck_assert_int_gt(s_log_count("lock timeout"), 0);
+    khtest_db_exec(holder, "ROLLBACK", 0, NULL);
+    PQfinish(holder);
+    json_t *referral = s_example();
+    bool accepted = false;
+    for (int i = 0; i < 50 && !accepted; i++) {
+        json_t *reply =
+            kh_client_submit(client, referral, "after-lock", S_TIMEOUT, &err);
+        accepted = reply && strcmp(kh_client_reply_cmd(reply), "ACCEPTED") == 0;
+        json_decref(reply);
+        if (!accepted)
+            zclock_sleep(200);
+    }
+    json_decref(referral);
+    kh_client_destroy(&client);
+    ck_assert_msg(accepted, "not accepted once the lock was gone");
+}
+END_TEST
 
 /* The database away while partners keep submitting: each SUBMIT is
  * refused as unavailable at once, but the log tells the loss once and
@@ -2542,10 +2680,7 @@ START_TEST(a_stalled_reader_does_not_stop_intake)
     ck_assert_int_eq(s_count("SELECT count(*) FROM pg_stat_activity WHERE "
                              "application_name = 'ketenhub-intake'"),
                      2);
-    long reader = s_count("SELECT pid FROM pg_stat_activity WHERE "
-                          "application_name = 'ketenhub-intake' AND query "
-                          "NOT LIKE 'WITH input%' ORDER BY pid LIMIT 1");
-    ck_assert_int_gt(reader, 0);
+    long reader = s_reader_pid();
     kill((pid_t) reader, SIGSTOP);
     zclock_sleep(300); /* a registry refresh is now stuck */
 
@@ -2569,10 +2704,7 @@ END_TEST
  * by itself, rather than at the next SUBMIT, which that would refuse. */
 START_TEST(a_timed_out_registry_refresh_reconnects_at_once)
 {
-    long reader = s_count("SELECT pid FROM pg_stat_activity WHERE "
-                          "application_name = 'ketenhub-intake' AND query "
-                          "NOT LIKE 'WITH input%' ORDER BY pid LIMIT 1");
-    ck_assert_int_gt(reader, 0);
+    long reader = s_reader_pid();
     int connected = s_log_count("event=db_connected");
     kill((pid_t) reader, SIGSTOP);
     /* A refresh (every 200 ms) times out after 1 s, and intake connects
@@ -3371,10 +3503,7 @@ START_TEST(a_lost_reader_keeps_the_writer)
 {
     json_t *referral = s_example();
     pid_t writer = s_writer(referral);
-    long reader = s_count("SELECT pid FROM pg_stat_activity WHERE "
-                          "application_name = 'ketenhub-intake' AND query "
-                          "NOT LIKE 'WITH input%' ORDER BY pid LIMIT 1");
-    ck_assert_int_gt(reader, 0);
+    long reader = s_reader_pid();
     int connected = s_log_count("event=db_connected");
     kill((pid_t) reader, SIGSTOP);
     zclock_sleep(1700); /* a refresh (every 200 ms) times out after 1 s */
@@ -3504,10 +3633,7 @@ END_TEST
  * answering: intake stops at once, not when the read times out. */
 START_TEST(a_stalled_read_does_not_delay_stopping)
 {
-    long reader = s_count("SELECT pid FROM pg_stat_activity WHERE "
-                          "application_name = 'ketenhub-intake' AND query "
-                          "NOT LIKE 'WITH input%' ORDER BY pid LIMIT 1");
-    ck_assert_int_gt(reader, 0);
+    long reader = s_reader_pid();
     kill((pid_t) reader, SIGSTOP);
     zclock_sleep(250); /* a registry refresh (every 200 ms) is stuck */
     int64_t started = zclock_mono();
@@ -3525,10 +3651,7 @@ END_TEST
  * database answers, and intake neither stops nor connects again. */
 START_TEST(sighup_during_a_read_gives_it_not_up)
 {
-    long reader = s_count("SELECT pid FROM pg_stat_activity WHERE "
-                          "application_name = 'ketenhub-intake' AND query "
-                          "NOT LIKE 'WITH input%' ORDER BY pid LIMIT 1");
-    ck_assert_int_gt(reader, 0);
+    long reader = s_reader_pid();
     int connected = s_log_count("event=db_connected");
     kill((pid_t) reader, SIGSTOP);
     zclock_sleep(250); /* a registry refresh (every 200 ms) is stuck */
@@ -3589,6 +3712,8 @@ int main(void)
     tcase_add_test(tc, killed_before_commit_then_retry_succeeds_once);
     tcase_add_test(tc, database_down_gives_retryable_refusal_then_recovers);
     tcase_add_test(tc, a_database_away_is_not_logged_once_per_request);
+    tcase_add_test(tc, a_locked_table_does_not_hold_up_a_reconnection);
+    tcase_add_test(tc, a_cancelled_batch_answers_its_refusals_retryable);
     tcase_add_test(tc, sigterm_with_a_stalled_commit_exits_in_time);
     tcase_add_test(tc, a_silent_database_stalls_neither_answers_nor_stop);
     tcase_add_test(tc,
