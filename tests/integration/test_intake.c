@@ -64,6 +64,17 @@ static long s_count(const char *sql)
     return khtest_db_count(s_db, sql);
 }
 
+/* How many times text occurs in intake's log. */
+static int s_log_count(const char *text)
+{
+    char *all = khtest_read_file(s_path("intake.log"));
+    int n = 0;
+    for (const char *p = all; p && (p = strstr(p, text)); p++)
+        n++;
+    free(all);
+    return n;
+}
+
 /* Start intake, reading the registry every refresh_ms besides. */
 static void s_start_intake_refreshing(const char *refresh_ms)
 {
@@ -1349,6 +1360,56 @@ START_TEST(a_cancelled_batch_answers_its_refusals_retryable)
 }
 END_TEST
 
+/* A refusal's event that the database refuses itself (a data error in
+ * its row: here a trigger) would be refused at every resend: the batch
+ * commits without it, its submissions accepted, and the refusal is
+ * answered as it is, logged as unaudited (protocol.md). */
+START_TEST(a_refusal_event_refused_itself_costs_the_batch_nothing)
+{
+    khtest_db_exec(s_db,
+                   "CREATE FUNCTION s_poison() RETURNS trigger LANGUAGE"
+                   " plpgsql AS $$BEGIN RAISE EXCEPTION 'poison' USING"
+                   " ERRCODE = 'check_violation'; END$$;"
+                   " CREATE TRIGGER s_poison BEFORE INSERT ON audit_events"
+                   " FOR EACH ROW WHEN (NEW.action = 'referral.rejected')"
+                   " EXECUTE FUNCTION s_poison()",
+                   0, NULL);
+    json_t *referral = s_example();
+    PGconn *holder = s_hold_key("poison-hold", referral);
+    zsock_t *dealer = s_dealer(S_TIMEOUT);
+    zframe_t *frame = s_frame(s_submit_envelope("poison-hold", referral), "h");
+    zframe_send(&frame, dealer, 0);
+    zclock_sleep(300); /* its commit waits for the holder */
+    frame = s_frame(s_submit_envelope("poison-sub", referral), "sub");
+    zframe_send(&frame, dealer, 0);
+    json_t *bad = khtest_json("{'not_a_referral': true}");
+    frame = s_frame(s_submit_envelope("poison-bad", bad), "bad");
+    zframe_send(&frame, dealer, 0);
+    json_decref(bad);
+    zclock_sleep(300); /* both read, in the next batch */
+    khtest_db_exec(holder, "ROLLBACK", 0, NULL);
+    PQfinish(holder);
+    for (int i = 0; i < 3; i++) {
+        frame = zframe_recv(dealer);
+        ck_assert_ptr_nonnull(frame);
+        json_t *reply = s_decoded(&frame);
+        const char *cid = s_str(reply, "cid");
+        if (strcmp(cid, "bad") == 0) {
+            ck_assert_str_eq(kh_client_reply_cmd(reply), "REJECTED");
+            ck_assert(!json_is_true(json_object_get(reply, "retryable")));
+        } else
+            ck_assert_str_eq(kh_client_reply_cmd(reply), "ACCEPTED");
+        json_decref(reply);
+    }
+    zsock_destroy(&dealer);
+    json_decref(referral);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM referrals WHERE"
+                             " idempotency_key LIKE 'poison-%'"),
+                     2);
+    ck_assert_int_gt(s_log_count("event=refusals_unaudited"), 0);
+}
+END_TEST
+
 /* A conflict whose event cannot be written is not answered as a
  * conflict but with a retryable refusal; the same request again is
  * refused and audited once. */
@@ -2288,17 +2349,6 @@ static long s_reader_pid(void)
                        " lock_timeout'");
     ck_assert_int_gt(pid, 0);
     return pid;
-}
-
-/* How many times text occurs in intake's log. */
-static int s_log_count(const char *text)
-{
-    char *all = khtest_read_file(s_path("intake.log"));
-    int n = 0;
-    for (const char *p = all; p && (p = strstr(p, text)); p++)
-        n++;
-    free(all);
-    return n;
 }
 
 /* A lock held on intake's tables (a migration, a LOCK TABLE) while intake
@@ -3714,6 +3764,7 @@ int main(void)
     tcase_add_test(tc, a_database_away_is_not_logged_once_per_request);
     tcase_add_test(tc, a_locked_table_does_not_hold_up_a_reconnection);
     tcase_add_test(tc, a_cancelled_batch_answers_its_refusals_retryable);
+    tcase_add_test(tc, a_refusal_event_refused_itself_costs_the_batch_nothing);
     tcase_add_test(tc, sigterm_with_a_stalled_commit_exits_in_time);
     tcase_add_test(tc, a_silent_database_stalls_neither_answers_nor_stop);
     tcase_add_test(tc,
