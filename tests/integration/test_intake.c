@@ -1277,13 +1277,68 @@ START_TEST(a_conflict_within_a_batch_is_audited)
 }
 END_TEST
 
-/* The batch statement (cids "sub", a SUBMIT, and "bad", a referral the
- * schema refuses) waits on holder, is cancelled, and holder ends: the
- * replies by cid, "bad" in replies[1]. */
-static void s_cancelled_batch(json_t *replies[2])
+/* Intake's batch statements waiting on a lock. */
+static const char *const s_batch_waiting =
+    "SELECT count(*) FROM pg_stat_activity WHERE application_name ="
+    " 'ketenhub-intake' AND query LIKE 'WITH input%' AND state = 'active'"
+    " AND wait_event_type = 'Lock'";
+
+/* A SUBMIT of referral under "<prefix>-hold" (cid "h"), whose commit waits
+ * on holder; then, for the next batch, a SUBMIT under "<prefix>-sub"
+ * (cid "sub") and one that the schema refuses under "<prefix>-bad" (cid
+ * "bad"). Returns the DEALER they went on. */
+static zsock_t *s_send_behind_hold(const char *prefix, json_t *referral,
+                                   PGconn **holder)
+{
+    char key[64];
+    snprintf(key, sizeof key, "%s-hold", prefix);
+    *holder = s_hold_key(key, referral);
+    zsock_t *dealer = s_dealer(S_TIMEOUT);
+    zframe_t *frame = s_frame(s_submit_envelope(key, referral), "h");
+    zframe_send(&frame, dealer, 0);
+    ck_assert(khtest_wait_count(s_db, s_batch_waiting, 1, 5000));
+    snprintf(key, sizeof key, "%s-sub", prefix);
+    frame = s_frame(s_submit_envelope(key, referral), "sub");
+    zframe_send(&frame, dealer, 0);
+    json_t *bad = khtest_json("{'not_a_referral': true}");
+    snprintf(key, sizeof key, "%s-bad", prefix);
+    frame = s_frame(s_submit_envelope(key, bad), "bad");
+    zframe_send(&frame, dealer, 0);
+    json_decref(bad);
+    zclock_sleep(300); /* both read, in the next batch */
+    return dealer;
+}
+
+/* The replies to s_send_behind_hold's "sub" and "bad", in that order
+ * (the one to "h" dropped); then the DEALER is closed. */
+static void s_replies_behind_hold(zsock_t **dealer, json_t *replies[2])
+{
+    replies[0] = replies[1] = NULL;
+    for (int i = 0; i < 3; i++) {
+        zframe_t *frame = zframe_recv(*dealer);
+        ck_assert_msg(frame != NULL, "not all answered");
+        json_t *reply = s_decoded(&frame);
+        const char *cid = s_str(reply, "cid");
+        if (strcmp(cid, "h") == 0)
+            json_decref(reply);
+        else
+            replies[strcmp(cid, "bad") == 0] = reply;
+    }
+    zsock_destroy(dealer);
+    ck_assert(replies[0] && replies[1]);
+}
+
+/* A refusal is final only with its event in the trail (protocol.md): a
+ * batch statement that fails for no fault of its rows (here an
+ * administrator cancels it while it waits) answers its refusals retryable
+ * with the rest, rather than committing the batch again without their
+ * events. */
+START_TEST(a_cancelled_batch_answers_its_refusals_retryable)
 {
     json_t *referral = s_example();
-    PGconn *holder = s_hold_key("cancel-hold", referral);
+    PGconn *holder;
+    zsock_t *dealer = s_send_behind_hold("cancel", referral, &holder);
+    /* The holder has the next batch's key too: it waits as well. */
     char *text = kh_payload_canonical(referral, NULL);
     ck_assert_ptr_nonnull(text);
     const char *params[] = {text};
@@ -1295,55 +1350,18 @@ static void s_cancelled_batch(json_t *replies[2])
                    " sha256(convert_to($1, 'UTF8')))",
                    1, params);
     free(text);
-    zsock_t *dealer = s_dealer(S_TIMEOUT);
-    zframe_t *frame = s_frame(s_submit_envelope("cancel-hold", referral), "h");
-    zframe_send(&frame, dealer, 0);
-    static const char *const waiting =
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name ="
-        " 'ketenhub-intake' AND query LIKE 'WITH input%' AND state = 'active'"
-        " AND wait_event_type = 'Lock'";
     static const char *const cancel =
         "SELECT count(pg_cancel_backend(pid)) FROM pg_stat_activity WHERE"
         " application_name = 'ketenhub-intake' AND query LIKE 'WITH input%'"
         " AND state = 'active'";
-    ck_assert(khtest_wait_count(s_db, waiting, 1, 5000));
-    frame = s_frame(s_submit_envelope("cancel-sub", referral), "sub");
-    zframe_send(&frame, dealer, 0);
-    json_t *bad = khtest_json("{'not_a_referral': true}");
-    frame = s_frame(s_submit_envelope("cancel-bad", bad), "bad");
-    zframe_send(&frame, dealer, 0);
-    json_decref(bad);
-    zclock_sleep(300);                    /* both read, in the next batch */
     ck_assert_int_eq(s_count(cancel), 1); /* the first batch */
-    ck_assert(khtest_wait_count(s_db, waiting, 1, 5000));
+    ck_assert(khtest_wait_count(s_db, s_batch_waiting, 1, 5000));
     ck_assert_int_eq(s_count(cancel), 1); /* the one with the refusal */
     zclock_sleep(300);
     khtest_db_exec(holder, "ROLLBACK", 0, NULL);
     PQfinish(holder);
-    replies[0] = replies[1] = NULL;
-    for (int i = 0; i < 3; i++) {
-        frame = zframe_recv(dealer);
-        ck_assert_ptr_nonnull(frame);
-        json_t *reply = s_decoded(&frame);
-        const char *cid = s_str(reply, "cid");
-        if (strcmp(cid, "h") == 0)
-            json_decref(reply);
-        else
-            replies[strcmp(cid, "bad") == 0] = reply;
-    }
-    zsock_destroy(&dealer);
-    json_decref(referral);
-    ck_assert(replies[0] && replies[1]);
-}
-
-/* A refusal is final only with its event in the trail (protocol.md): a
- * batch statement that fails for no fault of its rows (here an
- * administrator cancels it) answers its refusals retryable with the rest,
- * rather than committing the batch again without their events. */
-START_TEST(a_cancelled_batch_answers_its_refusals_retryable)
-{
     json_t *replies[2];
-    s_cancelled_batch(replies);
+    s_replies_behind_hold(&dealer, replies);
     for (int i = 0; i < 2; i++) {
         ck_assert_str_eq(kh_client_reply_cmd(replies[i]), "REJECTED");
         ck_assert_msg(json_is_true(json_object_get(replies[i], "retryable")),
@@ -1351,6 +1369,7 @@ START_TEST(a_cancelled_batch_answers_its_refusals_retryable)
                       s_str(replies[i], "code"));
         json_decref(replies[i]);
     }
+    json_decref(referral);
     ck_assert_int_eq(s_count("SELECT count(*) FROM referrals WHERE"
                              " idempotency_key LIKE 'cancel-%'"),
                      0);
@@ -1375,33 +1394,17 @@ START_TEST(a_refusal_event_refused_itself_costs_the_batch_nothing)
                    " EXECUTE FUNCTION s_poison()",
                    0, NULL);
     json_t *referral = s_example();
-    PGconn *holder = s_hold_key("poison-hold", referral);
-    zsock_t *dealer = s_dealer(S_TIMEOUT);
-    zframe_t *frame = s_frame(s_submit_envelope("poison-hold", referral), "h");
-    zframe_send(&frame, dealer, 0);
-    zclock_sleep(300); /* its commit waits for the holder */
-    frame = s_frame(s_submit_envelope("poison-sub", referral), "sub");
-    zframe_send(&frame, dealer, 0);
-    json_t *bad = khtest_json("{'not_a_referral': true}");
-    frame = s_frame(s_submit_envelope("poison-bad", bad), "bad");
-    zframe_send(&frame, dealer, 0);
-    json_decref(bad);
-    zclock_sleep(300); /* both read, in the next batch */
+    PGconn *holder;
+    zsock_t *dealer = s_send_behind_hold("poison", referral, &holder);
     khtest_db_exec(holder, "ROLLBACK", 0, NULL);
     PQfinish(holder);
-    for (int i = 0; i < 3; i++) {
-        frame = zframe_recv(dealer);
-        ck_assert_ptr_nonnull(frame);
-        json_t *reply = s_decoded(&frame);
-        const char *cid = s_str(reply, "cid");
-        if (strcmp(cid, "bad") == 0) {
-            ck_assert_str_eq(kh_client_reply_cmd(reply), "REJECTED");
-            ck_assert(!json_is_true(json_object_get(reply, "retryable")));
-        } else
-            ck_assert_str_eq(kh_client_reply_cmd(reply), "ACCEPTED");
-        json_decref(reply);
-    }
-    zsock_destroy(&dealer);
+    json_t *replies[2];
+    s_replies_behind_hold(&dealer, replies);
+    ck_assert_str_eq(kh_client_reply_cmd(replies[0]), "ACCEPTED");
+    ck_assert_str_eq(kh_client_reply_cmd(replies[1]), "REJECTED");
+    ck_assert(!json_is_true(json_object_get(replies[1], "retryable")));
+    json_decref(replies[0]);
+    json_decref(replies[1]);
     json_decref(referral);
     ck_assert_int_eq(s_count("SELECT count(*) FROM referrals WHERE"
                              " idempotency_key LIKE 'poison-%'"),
