@@ -119,9 +119,11 @@ static kh_client_t *s_client(void)
     return client;
 }
 
-/* SUBMIT the first example with key; the reply's cmd ("" on no reply). */
+/* SUBMIT the first example with key; the reply's cmd ("" on no reply),
+ * its code in code when that is not NULL, whether it may be sent again
+ * in *retry when that is not NULL. */
 static char *s_submit(kh_client_t *client, const char *key, char *code,
-                      size_t size)
+                      size_t size, bool *retry)
 {
     static char cmd[32];
     json_t *referral;
@@ -135,6 +137,8 @@ static char *s_submit(kh_client_t *client, const char *key, char *code,
                  reply && json_string_value(json_object_get(reply, "code"))
                      ? json_string_value(json_object_get(reply, "code"))
                      : "");
+    if (retry)
+        *retry = reply && json_is_true(json_object_get(reply, "retryable"));
     json_decref(reply);
     return cmd;
 }
@@ -145,32 +149,20 @@ static char *s_submit(kh_client_t *client, const char *key, char *code,
  * intake's log. Each refusal shows in the test's output. */
 static void s_accept(kh_client_t *client, const char *key)
 {
-    char cmd[32] = "", code[KH_ERROR_MESSAGE_MAX];
-    for (int i = 0; i < 10; i++) {
-        json_t *referral;
-        khtest_examples(&referral, 1);
-        kh_error_t err;
-        json_t *reply =
-            kh_client_submit(client, referral, key, S_TIMEOUT, &err);
-        json_decref(referral);
-        const char *text =
-            reply ? json_string_value(json_object_get(reply, "code"))
-                  : err.message;
-        snprintf(cmd, sizeof cmd, "%s",
-                 reply ? kh_client_reply_cmd(reply) : "no reply");
-        snprintf(code, sizeof code, "%s", text ? text : "");
-        bool retry = reply && json_is_true(json_object_get(reply, "retryable"));
-        json_decref(reply);
+    char code[64];
+    const char *cmd = "";
+    bool retry = true;
+    for (int i = 0; i < 10 && retry; i++) {
+        if (i)
+            usleep(200 * 1000);
+        cmd = s_submit(client, key, code, sizeof code, &retry);
         if (strcmp(cmd, "ACCEPTED") == 0)
             return;
-        fprintf(stderr, "%s: %s %s\n", key, cmd, code);
+        fprintf(stderr, "%s: %s %s\n", key, *cmd ? cmd : "no reply", code);
         khproc_sh("grep -v level=info '%s' | tail -20 >&2",
                   s_path("intake.log"));
-        if (!retry)
-            break;
-        usleep(200 * 1000);
     }
-    ck_abort_msg("%s: %s %s", key, cmd, code);
+    ck_abort_msg("%s: %s %s", key, *cmd ? cmd : "no reply", code);
 }
 
 static void s_setup(void)
@@ -327,8 +319,8 @@ START_TEST(readiness_follows_the_database)
     kh_client_t *client = s_client();
     bool accepted = false;
     for (int i = 0; i < 50 && !accepted; i++) {
-        accepted =
-            strcmp(s_submit(client, "after-outage", NULL, 0), "ACCEPTED") == 0;
+        accepted = strcmp(s_submit(client, "after-outage", NULL, 0, NULL),
+                          "ACCEPTED") == 0;
         if (!accepted)
             usleep(200 * 1000);
     }

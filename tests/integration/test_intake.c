@@ -1277,57 +1277,6 @@ START_TEST(a_conflict_within_a_batch_is_audited)
 }
 END_TEST
 
-/* Intake's batch statements waiting on a lock. */
-static const char *const s_batch_waiting =
-    "SELECT count(*) FROM pg_stat_activity WHERE application_name ="
-    " 'ketenhub-intake' AND query LIKE 'WITH input%' AND state = 'active'"
-    " AND wait_event_type = 'Lock'";
-
-/* A SUBMIT of referral under "<prefix>-hold" (cid "h"), whose commit waits
- * on holder; then, for the next batch, a SUBMIT under "<prefix>-sub"
- * (cid "sub") and one that the schema refuses under "<prefix>-bad" (cid
- * "bad"). Returns the DEALER they went on. */
-static zsock_t *s_send_behind_hold(const char *prefix, json_t *referral,
-                                   PGconn **holder)
-{
-    char key[64];
-    snprintf(key, sizeof key, "%s-hold", prefix);
-    *holder = s_hold_key(key, referral);
-    zsock_t *dealer = s_dealer(S_TIMEOUT);
-    zframe_t *frame = s_frame(s_submit_envelope(key, referral), "h");
-    zframe_send(&frame, dealer, 0);
-    ck_assert(khtest_wait_count(s_db, s_batch_waiting, 1, 5000));
-    snprintf(key, sizeof key, "%s-sub", prefix);
-    frame = s_frame(s_submit_envelope(key, referral), "sub");
-    zframe_send(&frame, dealer, 0);
-    json_t *bad = khtest_json("{'not_a_referral': true}");
-    snprintf(key, sizeof key, "%s-bad", prefix);
-    frame = s_frame(s_submit_envelope(key, bad), "bad");
-    zframe_send(&frame, dealer, 0);
-    json_decref(bad);
-    zclock_sleep(300); /* both read, in the next batch */
-    return dealer;
-}
-
-/* The replies to s_send_behind_hold's "sub" and "bad", in that order
- * (the one to "h" dropped); then the DEALER is closed. */
-static void s_replies_behind_hold(zsock_t **dealer, json_t *replies[2])
-{
-    replies[0] = replies[1] = NULL;
-    for (int i = 0; i < 3; i++) {
-        zframe_t *frame = zframe_recv(*dealer);
-        ck_assert_msg(frame != NULL, "not all answered");
-        json_t *reply = s_decoded(&frame);
-        const char *cid = s_str(reply, "cid");
-        if (strcmp(cid, "h") == 0)
-            json_decref(reply);
-        else
-            replies[strcmp(cid, "bad") == 0] = reply;
-    }
-    zsock_destroy(dealer);
-    ck_assert(replies[0] && replies[1]);
-}
-
 /* A refusal is final only with its event in the trail (protocol.md): a
  * batch statement that fails for no fault of its rows (here an
  * administrator cancels it while it waits) answers its refusals retryable
@@ -1336,8 +1285,10 @@ static void s_replies_behind_hold(zsock_t **dealer, json_t *replies[2])
 START_TEST(a_cancelled_batch_answers_its_refusals_retryable)
 {
     json_t *referral = s_example();
+    json_t *bad = khtest_json("{'not_a_referral': true}");
     PGconn *holder;
-    zsock_t *dealer = s_send_behind_hold("cancel", referral, &holder);
+    zsock_t *dealer =
+        s_send_pair_in_one_batch("cancel", referral, bad, &holder);
     /* The holder has the next batch's key too: it waits as well. */
     char *text = kh_payload_canonical(referral, NULL);
     ck_assert_ptr_nonnull(text);
@@ -1345,33 +1296,40 @@ START_TEST(a_cancelled_batch_answers_its_refusals_retryable)
     khtest_db_exec(holder,
                    "INSERT INTO referrals (id, partner_id, idempotency_key,"
                    " schema_version, payload, payload_hash) VALUES"
-                   " (gen_random_uuid(), 'veilig-thuis', 'cancel-sub',"
+                   " (gen_random_uuid(), 'veilig-thuis', 'cancel',"
                    " 'referral.v1', convert_to($1, 'UTF8'),"
                    " sha256(convert_to($1, 'UTF8')))",
                    1, params);
     free(text);
+    static const char *const waiting =
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name ="
+        " 'ketenhub-intake' AND query LIKE 'WITH input%' AND state = 'active'"
+        " AND wait_event_type = 'Lock'";
     static const char *const cancel =
         "SELECT count(pg_cancel_backend(pid)) FROM pg_stat_activity WHERE"
         " application_name = 'ketenhub-intake' AND query LIKE 'WITH input%'"
         " AND state = 'active'";
+    ck_assert(khtest_wait_count(s_db, waiting, 1, 5000));
+    zclock_sleep(300); /* first and other read, in the next batch */
     ck_assert_int_eq(s_count(cancel), 1); /* the first batch */
-    ck_assert(khtest_wait_count(s_db, s_batch_waiting, 1, 5000));
+    ck_assert(khtest_wait_count(s_db, waiting, 1, 5000));
     ck_assert_int_eq(s_count(cancel), 1); /* the one with the refusal */
     zclock_sleep(300);
     khtest_db_exec(holder, "ROLLBACK", 0, NULL);
     PQfinish(holder);
-    json_t *replies[2];
-    s_replies_behind_hold(&dealer, replies);
-    for (int i = 0; i < 2; i++) {
-        ck_assert_str_eq(kh_client_reply_cmd(replies[i]), "REJECTED");
+    json_t *replies[3];
+    s_pair_replies(&dealer, replies);
+    for (int i = 1; i < 3; i++)
         ck_assert_msg(json_is_true(json_object_get(replies[i], "retryable")),
-                      "%s answered %s, final", i ? "bad" : "sub",
+                      "%s answered %s %s, final", i == 1 ? "first" : "other",
+                      kh_client_reply_cmd(replies[i]),
                       s_str(replies[i], "code"));
+    for (int i = 0; i < 3; i++)
         json_decref(replies[i]);
-    }
     json_decref(referral);
+    json_decref(bad);
     ck_assert_int_eq(s_count("SELECT count(*) FROM referrals WHERE"
-                             " idempotency_key LIKE 'cancel-%'"),
+                             " idempotency_key LIKE 'cancel%'"),
                      0);
     ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
                              " = 'referral.rejected'"),
@@ -1394,20 +1352,24 @@ START_TEST(a_refusal_event_refused_itself_costs_the_batch_nothing)
                    " EXECUTE FUNCTION s_poison()",
                    0, NULL);
     json_t *referral = s_example();
+    json_t *bad = khtest_json("{'not_a_referral': true}");
     PGconn *holder;
-    zsock_t *dealer = s_send_behind_hold("poison", referral, &holder);
+    zsock_t *dealer =
+        s_send_pair_in_one_batch("poison", referral, bad, &holder);
+    zclock_sleep(300);
     khtest_db_exec(holder, "ROLLBACK", 0, NULL);
     PQfinish(holder);
-    json_t *replies[2];
-    s_replies_behind_hold(&dealer, replies);
-    ck_assert_str_eq(kh_client_reply_cmd(replies[0]), "ACCEPTED");
-    ck_assert_str_eq(kh_client_reply_cmd(replies[1]), "REJECTED");
-    ck_assert(!json_is_true(json_object_get(replies[1], "retryable")));
-    json_decref(replies[0]);
-    json_decref(replies[1]);
+    json_t *replies[3];
+    s_pair_replies(&dealer, replies);
+    ck_assert_str_eq(kh_client_reply_cmd(replies[1]), "ACCEPTED");
+    ck_assert_str_eq(kh_client_reply_cmd(replies[2]), "REJECTED");
+    ck_assert(!json_is_true(json_object_get(replies[2], "retryable")));
+    for (int k = 0; k < 3; k++)
+        json_decref(replies[k]);
     json_decref(referral);
+    json_decref(bad);
     ck_assert_int_eq(s_count("SELECT count(*) FROM referrals WHERE"
-                             " idempotency_key LIKE 'poison-%'"),
+                             " idempotency_key LIKE 'poison%'"),
                      2);
     ck_assert_int_gt(s_log_count("event=refusals_unaudited"), 0);
 }
