@@ -40,6 +40,9 @@ static kh_cfg_t s_config[] = {
            "most referrals routed in one transaction"),
     KH_CFG("KH_ROUTING_POLL_MS", KH_CFG_INT, "1000", 10, 3600000, false,
            "look for accepted referrals at least this often"),
+    KH_CFG("KH_ROUTING_HOLD_MS", KH_CFG_INT, "60000", 100, 86400000, false,
+           "how long a referral whose writes fail on their own is held "
+           "back before it is tried again"),
     KH_CFG("KH_PARTNER_REFRESH_MS", KH_CFG_INT, "5000", 100, 3600000, false,
            "how often the partner registry is re-read besides when it "
            "changes (optional targets)"),
@@ -101,6 +104,7 @@ static int s_main(int argc, char **argv)
         .batch = (size_t) s_cfg("KH_ROUTING_BATCH")->num,
         .poll_ms = (int) s_cfg("KH_ROUTING_POLL_MS")->num,
         .partner_refresh_ms = (int) s_cfg("KH_PARTNER_REFRESH_MS")->num,
+        .hold_ms = (int) s_cfg("KH_ROUTING_HOLD_MS")->num,
     };
     kh_log_info("files", "rules=%s schema=%s", rules_file, schema);
 

@@ -35,14 +35,16 @@
 #define S_MATCHED_MAX 4096         /* bytes of audit_events.rules_matched */
 #define S_ARENA_KEEP (256 * 1024)
 /* Referrals whose writes fail on their own (a constraint, a limit) are
- * held back from the claims, each for S_HELD_MS (up to S_HELD_MAX of
- * them: one more takes the place of the one held longest), while the
- * others are routed; then tried again. S_HELD_IN_A_ROW found with no pass
- * routed between them say the failure is the database's (a constraint
- * added by hand, say), not each referral's: those held since go free, and
- * until a pass routes, passes fail whole, as when the database is away. */
+ * held back from the claims, each for the configured hold (up to
+ * S_HELD_MAX of them: one more takes the place of one whose hold is over,
+ * or else of the one held first), while the others are routed; then tried
+ * again. One that fails again is held again, and counted once.
+ * S_HELD_IN_A_ROW different ones held with no pass routed between them
+ * may say the failure is the database's (a constraint added by hand,
+ * say), not each referral's: for one hold, passes are tried whole, with
+ * no more held; when a whole pass fails and a later one routes, the
+ * S_HELD_IN_A_ROW go free. */
 #define S_HELD_MAX 64
-#define S_HELD_MS 60000
 #define S_HELD_IN_A_ROW 8
 /* s_pass: it failed, and the next one is to come at once (isolating). */
 #define S_PASS_AGAIN (-2)
@@ -80,14 +82,19 @@ struct _routing_t {
     int64_t partners_read; /* zclock_mono of the last read of the registry */
     bool registry_unheard; /* connected since: changes may have gone by */
     /* After a pass that failed on its data: passes of one referral left,
-     * to find which fails, and the referrals held back (since when), the
-     * last ones with no pass routed since (in_a_row). */
+     * to find which fails, and the referrals held back (since when; kept
+     * after their hold, to know them again). The last streak of them were
+     * held with no pass routed since; until whole_until (zclock_mono)
+     * passes are tried whole, and whole_failed says one of them failed. */
     size_t isolate;
     struct {
         char id[37];
         int64_t at;
+        bool retried; /* its hold is over */
     } held[S_HELD_MAX];
-    size_t nheld, in_a_row;
+    size_t nheld, streak;
+    int64_t whole_until;
+    bool whole_failed;
     char missing[640];       /* partners the rules need and the registry
                                 lacks, as last told ("a,b"; "": none) */
     kh_tally_t auth_refused; /* refused handshakes, one line a while */
@@ -641,38 +648,72 @@ static bool s_data_failure(const kh_error_t *err)
     return err->code == KH_E_NOMEM;
 }
 
-/* The referrals held back, as the claim's uuid[] literal; each held for
- * S_HELD_MS is tried again (the list stays in the order they were held). */
+/* The referrals held back, as the claim's uuid[] literal; one whose hold
+ * is over is tried again. */
 static void s_held_param(routing_t *self, char *out, size_t size)
 {
     int64_t now = zclock_mono();
-    size_t kept = 0;
-    for (size_t i = 0; i < self->nheld; i++)
-        if (now - self->held[i].at < S_HELD_MS)
-            self->held[kept++] = self->held[i];
-        else
-            kh_log_info("held_retried", "referral=%s", self->held[i].id);
-    self->nheld = kept;
     size_t used = (size_t) snprintf(out, size, "{");
     for (size_t i = 0; i < self->nheld; i++)
-        used += (size_t) snprintf(out + used, size - used, "%s%s", i ? "," : "",
-                                  self->held[i].id);
+        if (now - self->held[i].at < self->config.hold_ms)
+            used += (size_t) snprintf(out + used, size - used, "%s%s",
+                                      used > 1 ? "," : "", self->held[i].id);
+        else if (!self->held[i].retried) {
+            self->held[i].retried = true;
+            kh_log_info("held_retried", "referral=%s", self->held[i].id);
+        }
     snprintf(out + used, size - used, "}");
+}
+
+/* Hold id back (again), for one hold from now; returns whether it was
+ * held before. */
+static bool s_hold(routing_t *self, const char *id)
+{
+    int64_t now = zclock_mono();
+    for (size_t i = 0; i < self->nheld; i++)
+        if (strcmp(self->held[i].id, id) == 0) {
+            self->held[i].at = now;
+            self->held[i].retried = false;
+            return true;
+        }
+    if (self->nheld == S_HELD_MAX) {
+        /* Full: one whose hold is over goes, or else the one held first. */
+        size_t gone = 0;
+        while (gone + 1 < self->nheld && !self->held[gone].retried)
+            gone++;
+        if (!self->held[gone].retried)
+            gone = 0;
+        memmove(self->held + gone, self->held + gone + 1,
+                (--self->nheld - gone) * sizeof self->held[0]);
+    }
+    snprintf(self->held[self->nheld].id, sizeof self->held[0].id, "%s", id);
+    self->held[self->nheld].retried = false;
+    self->held[self->nheld++].at = now;
+    return false;
 }
 
 /* A pass that failed on its data (claim: its claimed referrals), so that
  * one referral does not hold up the others for good: several are routed
  * one at a time from now on, to find which fails; a single one is held
  * back from the claims, with an alert (it stays accepted, and is tried
- * again after S_HELD_MS, or by another process, or after a restart), and
- * the others go in batches again; not after S_HELD_IN_A_ROW. Returns true
- * when the next pass is to come at once. */
+ * again after its hold, or by another process, or after a restart), and
+ * the others go in batches again. After S_HELD_IN_A_ROW, passes are tried
+ * whole for one hold. Returns true when the next pass is to come at once. */
 static bool s_isolate(routing_t *self, const PGresult *claim,
                       const kh_error_t *err)
 {
     int n = PQntuples(claim);
-    if (self->in_a_row == S_HELD_IN_A_ROW)
-        return false;
+    if (self->whole_until) {
+        if (zclock_mono() < self->whole_until) {
+            self->whole_failed = true;
+            return false;
+        }
+        /* A hold on: each alone again, in case some referrals are the
+         * cause after all. */
+        self->whole_until = 0;
+        self->whole_failed = false;
+        self->streak = 0;
+    }
     if (n > 1) {
         self->isolate = (size_t) n;
         kh_log_warn("pass_isolating", "referrals=%d", n);
@@ -680,35 +721,43 @@ static bool s_isolate(routing_t *self, const PGresult *claim,
     }
     if (n != 1)
         return false;
-    if (self->in_a_row + 1 == S_HELD_IN_A_ROW) {
-        /* Not theirs: those held since a pass last routed go free. */
-        self->nheld -=
-            self->in_a_row < self->nheld ? self->in_a_row : self->nheld;
-        self->in_a_row = S_HELD_IN_A_ROW;
-        self->isolate = 0;
-        kh_log_warn("held_in_a_row",
-                    "referrals=%d msg=\"each failed alone, with no referral "
-                    "routed between them: taken as the database's failure, "
-                    "not theirs; passes are tried whole until one routes\"",
-                    S_HELD_IN_A_ROW);
-        return false;
-    }
-    if (self->nheld == S_HELD_MAX) /* the one held longest goes */
-        memmove(self->held, self->held + 1,
-                --self->nheld * sizeof self->held[0]);
     const char *id = PQgetvalue(claim, 0, 0);
-    snprintf(self->held[self->nheld].id, sizeof self->held[0].id, "%s", id);
-    self->held[self->nheld++].at = zclock_mono();
-    self->in_a_row++;
+    bool again = s_hold(self, id);
     /* Found: the others go in batches again. */
     self->isolate = 0;
     kh_log_error("alert",
                  "kind=referral_failing referral=%s code=%s retry_ms=%d "
-                 "msg=\"%s\"",
-                 id, kh_error_name(err->code), S_HELD_MS,
-                 KH_LOG_Q(err->message));
+                 "again=%s msg=\"%s\"",
+                 id, kh_error_name(err->code), self->config.hold_ms,
+                 again ? "yes" : "no", KH_LOG_Q(err->message));
     kh_metric_add("referrals_held_total", NULL, 1);
+    if (!again && ++self->streak == S_HELD_IN_A_ROW) {
+        self->whole_until = zclock_mono() + self->config.hold_ms;
+        kh_log_warn("held_in_a_row",
+                    "referrals=%d retry_ms=%d msg=\"each failed alone, with "
+                    "no referral routed between them: passes are tried "
+                    "whole for a while, and if they fail too, those held go "
+                    "free once one routes\"",
+                    S_HELD_IN_A_ROW, self->config.hold_ms);
+    }
     return true;
+}
+
+/* A pass routed: a streak of referrals held ends; when passes tried whole
+ * without them failed too, the cause was the database's, and they go
+ * free. */
+static void s_routed_again(routing_t *self)
+{
+    if (self->whole_failed) {
+        size_t freed = self->streak < self->nheld ? self->streak : self->nheld;
+        self->nheld -= freed;
+        kh_log_info("held_released",
+                    "referrals=%zu msg=\"passes failed without them too\"",
+                    freed);
+    }
+    self->streak = 0;
+    self->whole_until = 0;
+    self->whole_failed = false;
 }
 
 /* One pass: claim up to batch referrals and route them in one
@@ -792,7 +841,7 @@ static int s_pass(routing_t *self)
     if (self->isolate)
         self->isolate = claimed ? self->isolate - 1 : 0;
     if (routed)
-        self->in_a_row = 0;
+        s_routed_again(self);
     kh_log_debug("pass", "claimed=%d routed=%d ms=%lld", claimed, routed,
                  (long long) (zclock_mono() - started));
     PQclear(res);

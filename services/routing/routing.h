@@ -24,6 +24,7 @@ typedef struct {
     size_t batch;                /* most referrals claimed per transaction */
     int poll_ms;                 /* a pass at least this often */
     int partner_refresh_ms;      /* the registry is re-read this often */
+    int hold_ms; /* a referral whose writes fail alone waits this long */
 } routing_config_t;
 
 typedef struct _routing_t routing_t;

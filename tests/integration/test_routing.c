@@ -160,12 +160,14 @@ static long s_insert_many(int count)
 
 /* KH_PARTNER_REFRESH_MS of the routing that s_start starts. */
 static const char *s_refresh_ms = "200";
+/* KH_ROUTING_HOLD_MS of the routing that s_start starts. */
+static const char *s_hold_ms = "60000";
 
 static pid_t s_start(const char *endpoint, const char *rules, int poll_ms,
                      const char *log)
 {
     char env_db[1024], env_cert[600], env_endpoint[128], env_rules[600],
-        env_schema[600], env_poll[64], env_refresh[64];
+        env_schema[600], env_poll[64], env_refresh[64], env_hold[64];
     snprintf(env_db, sizeof env_db, "KH_DATABASE_URL=%s", s_conninfo);
     snprintf(env_cert, sizeof env_cert, "KH_HUB_CERT=%s", s_path("hub.cert"));
     snprintf(env_endpoint, sizeof env_endpoint, "KH_ROUTING_ENDPOINT=%s",
@@ -177,10 +179,18 @@ static pid_t s_start(const char *endpoint, const char *rules, int poll_ms,
     snprintf(env_poll, sizeof env_poll, "KH_ROUTING_POLL_MS=%d", poll_ms);
     snprintf(env_refresh, sizeof env_refresh, "KH_PARTNER_REFRESH_MS=%s",
              s_refresh_ms);
-    char *env[] = {
-        env_db,      env_cert, env_endpoint,         env_rules,
-        env_schema,  env_poll, "KH_ROUTING_BATCH=7", "KH_LOG_LEVEL=debug",
-        env_refresh, NULL};
+    snprintf(env_hold, sizeof env_hold, "KH_ROUTING_HOLD_MS=%s", s_hold_ms);
+    char *env[] = {env_db,
+                   env_cert,
+                   env_endpoint,
+                   env_rules,
+                   env_schema,
+                   env_poll,
+                   "KH_ROUTING_BATCH=7",
+                   "KH_LOG_LEVEL=debug",
+                   env_refresh,
+                   env_hold,
+                   NULL};
     char *argv[] = {"ketenhub-routing", NULL};
     pid_t pid =
         khproc_spawn(KH_TEST_BINARY_DIR "/services/routing/ketenhub-routing",
@@ -1140,6 +1150,22 @@ START_TEST(a_failed_pass_neither_alerts_nor_counts)
 }
 END_TEST
 
+/* A trigger that refuses the deliveries for which cond holds, as a
+ * constraint would. */
+static void s_refuse_deliveries(const char *cond)
+{
+    char sql[512];
+    snprintf(sql, sizeof sql,
+             "CREATE FUNCTION test_refuse() RETURNS trigger LANGUAGE plpgsql"
+             " AS $$BEGIN IF %s THEN RAISE EXCEPTION 'refused' USING"
+             " ERRCODE = '23514'; END IF; RETURN NEW; END$$",
+             cond);
+    s_sql(sql, 0, NULL);
+    s_sql("CREATE TRIGGER test_refuse BEFORE INSERT ON deliveries"
+          " FOR EACH ROW EXECUTE FUNCTION test_refuse()",
+          0, NULL);
+}
+
 /* A referral whose writes fail on their own (here a trigger refuses its
  * deliveries as a constraint would) does not hold up the others of its
  * pass, nor the ones behind it: they are routed one at a time until it is
@@ -1152,16 +1178,9 @@ START_TEST(a_referral_that_fails_alone_holds_up_no_other)
     char poison[37];
     s_insert(s_examples[3], poison);
     deliveries += s_insert_many(10);
-    char sql[512];
-    snprintf(sql, sizeof sql,
-             "CREATE FUNCTION test_refuse() RETURNS trigger LANGUAGE plpgsql"
-             " AS $$BEGIN IF NEW.referral_id = '%s' THEN RAISE EXCEPTION"
-             " 'refused' USING ERRCODE = '23514'; END IF; RETURN NEW; END$$",
-             poison);
-    s_sql(sql, 0, NULL);
-    s_sql("CREATE TRIGGER test_refuse BEFORE INSERT ON deliveries"
-          " FOR EACH ROW EXECUTE FUNCTION test_refuse()",
-          0, NULL);
+    char cond[64];
+    snprintf(cond, sizeof cond, "NEW.referral_id = '%s'", poison);
+    s_refuse_deliveries(cond);
 
     pid_t pid = s_start(s_endpoint(), NULL, 50, "routing.log");
     ck_assert(s_wait_count(S_ROUTED, 13, 10000));
@@ -1195,27 +1214,82 @@ END_TEST
 
 /* A failure of that kind for every referral (a constraint added by
  * hand, say) is the database's: after eight referrals found failing alone
- * in a row, those held go free and passes fail whole, with no alert for
- * each referral, until the cause is gone; then all are routed at once. */
+ * in a row, passes are tried whole, with no alert for each referral,
+ * until the cause is gone; then all are routed at once, the eight held
+ * too, since passes without them failed as well. */
 START_TEST(referrals_failing_alone_in_a_row_are_the_databases_failure)
 {
     long deliveries = s_insert_many(20);
-    s_sql("CREATE FUNCTION test_refuse() RETURNS trigger LANGUAGE plpgsql AS"
-          " $$BEGIN RAISE EXCEPTION 'refused' USING ERRCODE = '23514';"
-          " END$$",
-          0, NULL);
-    s_sql("CREATE TRIGGER test_refuse BEFORE INSERT ON deliveries"
-          " FOR EACH ROW EXECUTE FUNCTION test_refuse()",
-          0, NULL);
+    s_refuse_deliveries("true");
     pid_t pid = s_start(s_endpoint(), NULL, 50, "routing.log");
     ck_assert_msg(s_log_has("routing.log", "event=held_in_a_row", 10000),
                   "see %s", s_path("routing.log"));
     zclock_sleep(500); /* ten polls */
-    ck_assert_int_eq(s_log_count("routing.log", "kind=referral_failing"), 7);
+    ck_assert_int_eq(s_log_count("routing.log", "kind=referral_failing"), 8);
     ck_assert_int_eq(s_log_count("routing.log", "event=held_in_a_row"), 1);
     ck_assert_int_eq(s_count(S_ROUTED), 0);
     s_sql("DROP TRIGGER test_refuse ON deliveries", 0, NULL);
     ck_assert(s_wait_count(S_ROUTED, 20, 5000));
+    ck_assert(s_log_has("routing.log", "event=held_released referrals=8", 100));
+    ck_assert_int_eq(s_count("SELECT count(*) FROM deliveries"), deliveries);
+    khproc_stop(pid, SIGTERM, 5000);
+}
+END_TEST
+
+/* One referral that keeps failing, with nothing else to route, is held
+ * again after each hold, and counted once: it never makes the others
+ * that come later wait for passes tried whole. */
+START_TEST(a_referral_failing_again_and_again_is_counted_once)
+{
+    char poison[37];
+    s_insert(s_examples[3], poison);
+    char cond[64];
+    snprintf(cond, sizeof cond, "NEW.referral_id = '%s'", poison);
+    s_refuse_deliveries(cond);
+    s_hold_ms = "100";
+    pid_t pid = s_start(s_endpoint(), NULL, 20, "routing.log");
+    s_hold_ms = "60000";
+    for (int i = 0;
+         i < 150 && s_log_count("routing.log", "kind=referral_failing") < 12;
+         i++)
+        zclock_sleep(100);
+    ck_assert_msg(s_log_count("routing.log", "kind=referral_failing") >= 12,
+                  "see %s", s_path("routing.log"));
+    ck_assert_int_eq(s_log_count("routing.log", "again=no"), 1);
+    ck_assert_int_eq(s_log_count("routing.log", "event=held_in_a_row"), 0);
+    long deliveries = s_insert_many(10);
+    ck_assert(s_wait_count(S_ROUTED, 10, 5000));
+    ck_assert_int_eq(s_count("SELECT count(*) FROM deliveries"), deliveries);
+    khproc_stop(pid, SIGTERM, 5000);
+}
+END_TEST
+
+/* Nine referrals that fail, oldest first: after eight, passes tried
+ * whole fail on the ninth, but only for one hold; then each goes alone
+ * again, the ninth is found, and the referrals behind them are routed.
+ * The nine stay accepted, nothing written for them. */
+START_TEST(more_failing_referrals_than_a_streak_hold_up_no_other_for_good)
+{
+    s_sql("CREATE TABLE test_poison (id uuid PRIMARY KEY)", 0, NULL);
+    for (int i = 0; i < 9; i++) {
+        char id[37];
+        s_insert(s_examples[(size_t) i % s_example_count], id);
+        const char *params[] = {id};
+        s_sql("INSERT INTO test_poison VALUES ($1)", 1, params);
+    }
+    s_refuse_deliveries("EXISTS (SELECT FROM test_poison p"
+                        " WHERE p.id = NEW.referral_id)");
+    long deliveries = s_insert_many(20);
+    s_hold_ms = "1000";
+    pid_t pid = s_start(s_endpoint(), NULL, 50, "routing.log");
+    s_hold_ms = "60000";
+    ck_assert_msg(s_wait_count(S_ROUTED, 20, 15000), "see %s",
+                  s_path("routing.log"));
+    ck_assert(s_log_has("routing.log", "event=held_in_a_row", 100));
+    ck_assert_int_eq(s_count("SELECT count(*) FROM referrals r JOIN"
+                             " test_poison p USING (id)"
+                             " WHERE r.state = 'accepted'"),
+                     9);
     ck_assert_int_eq(s_count("SELECT count(*) FROM deliveries"), deliveries);
     khproc_stop(pid, SIGTERM, 5000);
 }
@@ -1458,6 +1532,11 @@ int main(void)
     tcase_add_test(tc_failed, a_referral_that_fails_alone_holds_up_no_other);
     tcase_add_test(tc_failed,
                    referrals_failing_alone_in_a_row_are_the_databases_failure);
+    tcase_add_test(tc_failed,
+                   a_referral_failing_again_and_again_is_counted_once);
+    tcase_add_test(
+        tc_failed,
+        more_failing_referrals_than_a_streak_hold_up_no_other_for_good);
     suite_add_tcase(suite, tc_failed);
     /* A database that refuses connections for a while. */
     TCase *away = tcase_create("database_away");
