@@ -521,6 +521,136 @@ START_TEST(test_ctl_list_fails_with_nothing_on_stdout)
 }
 END_TEST
 
+/* An option that takes one value, given twice, is refused (exit 2,
+ * named) before anything is read, in every command: the second never
+ * silently replaces the first (verify --file a --file b checked b
+ * alone). verify's --public-key alone may be given again. */
+START_TEST(test_ctl_options_given_twice_are_refused)
+{
+    PGconn *conn = s_ctl_db();
+    static const char *const cases[][12] = {
+        {"--file", "audit", "verify", "--public-key", "k", "--file", "a",
+         "--file", "b", NULL},
+        {"--published", "audit", "verify", "--public-key", "k", "--published",
+         "a", "--published", "b", NULL},
+        {"--out", "audit", "export", "--out", "/tmp/a", "--out", "/tmp/b",
+         NULL},
+        {"--since", "audit", "report", "--since", "2026-01-01", "--since",
+         "2026-02-01", NULL},
+        {"--before", "purge", "--before", "2026-01-01", "--before",
+         "2025-01-01", NULL},
+        {"--older-than", "purge", "--older-than", "30", "--older-than", "40",
+         NULL},
+        {"--partner", "deadletters", "list", "--partner", "avim", "--partner",
+         "veilig-thuis", NULL},
+        {"--since", "deadletters", "list", "--since", "2026-01-01", "--since",
+         "2026-02-01", NULL},
+        {"--partner", "deadletters", "retry", "--partner", "avim", "--partner",
+         "veilig-thuis", "--all", NULL},
+        {"--intake", "status", "--intake", "127.0.0.1:1", "--intake",
+         "127.0.0.1:2", NULL},
+        {"--name", "partner", "add", "avim", "--name", "A", "--name", "B",
+         "--kind", "police", NULL},
+        {"--schema", "rules", "check", "--schema", "a", "--schema", "b", "f",
+         NULL},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char *text = NULL;
+        int rc = khtest_ctl(&text, cases[i] + 1);
+        char named[64];
+        snprintf(named, sizeof named, "option '%s' given twice", cases[i][0]);
+        ck_assert_msg(rc == 2 && strstr(text, named), "%s %s: exit %d: %s",
+                      cases[i][1], cases[i][2], rc, text);
+        free(text);
+    }
+    /* Nothing ran: no table was made. */
+    ck_assert_int_eq(khtest_db_count(conn, "SELECT count(*) FROM"
+                                           " pg_tables WHERE schemaname ="
+                                           " 'public'"),
+                     0);
+    /* --public-key again: the keys in the order used, read as such. */
+    char *text = NULL;
+    ck_assert_int_eq(KHTEST_CTL(&text, "audit", "verify", "--public-key",
+                                "/dev/null", "--public-key", "/dev/null",
+                                "--file", "/dev/null"),
+                     2);
+    ck_assert_msg(!strstr(text, "given twice") &&
+                      strstr(text, "not an audit key file"),
+                  "%s", text);
+    free(text);
+    /* --checkpoints-only exports them all: a range with it is refused,
+     * not ignored. */
+    ck_assert_int_eq(KHTEST_CTL(&text, "audit", "export", "--out", "/tmp/x",
+                                "--checkpoints-only", "--from", "5"),
+                     2);
+    ck_assert_msg(strstr(text, "--from/--to are for events"), "%s", text);
+    free(text);
+    PQfinish(conn);
+}
+END_TEST
+
+/* partner add and rotate never put the partner's secret key among the
+ * certificates the hub admits (--out equal to --cert-dir, or in it, by
+ * any path): exit 2, nothing written. An --out DIR that a failed add made
+ * is gone with the files in it. */
+START_TEST(test_ctl_out_apart_from_cert_dir)
+{
+    PGconn *conn = s_ctl_db();
+    char *cert_dir = khtest_tmpdir();
+    char *out = khtest_tmpdir();
+    char *text = NULL;
+    char inside[600], dotted[600], made[600];
+    snprintf(inside, sizeof inside, "%s/keys", cert_dir);
+    /* Both in the same directory: the other way to the same one. */
+    snprintf(dotted, sizeof dotted, "%s/../%s", out,
+             strrchr(cert_dir, '/') + 1);
+    snprintf(made, sizeof made, "%s/new", out);
+    ck_assert_int_eq(KHTEST_CTL(&text, "migrate"), 0);
+    free(text);
+    const char *const outs[] = {cert_dir, inside, dotted};
+    for (size_t i = 0; i < 3; i++) {
+        int rc = KHTEST_CTL(&text, "partner", "add", "avim", "--name", "AVIM",
+                            "--kind", "police", "--cert-dir", cert_dir, "--out",
+                            outs[i]);
+        ck_assert_msg(rc == 2 && strstr(text, "is in --cert-dir"),
+                      "%s: exit %d: %s", outs[i], rc, text);
+        free(text);
+    }
+    ck_assert(!s_file_exists(cert_dir, "avim.cert_secret"));
+    ck_assert(!s_file_exists(cert_dir, "avim.cert"));
+    ck_assert(!s_file_exists(cert_dir, "keys"));
+    ck_assert_int_eq(khtest_db_count(conn, "SELECT count(*) FROM partners"), 0);
+
+    s_migrated_with_avim(cert_dir, out);
+    ck_assert_int_eq(KHTEST_CTL(&text, "partner", "rotate", "avim",
+                                "--cert-dir", cert_dir, "--out", cert_dir),
+                     2);
+    free(text);
+    /* A second avim fails at its commit's insert: the --out DIR made for
+     * it goes with its files. */
+    ck_assert_int_eq(KHTEST_CTL(&text, "partner", "add", "avim", "--name",
+                                "AVIM", "--kind", "police", "--cert-dir",
+                                cert_dir, "--out", made),
+                     1);
+    free(text);
+    ck_assert(access(made, F_OK) != 0);
+    /* One that was there stays. */
+    ck_assert_int_eq(mkdir(made, 0700), 0);
+    ck_assert_int_eq(KHTEST_CTL(&text, "partner", "add", "avim", "--name",
+                                "AVIM", "--kind", "police", "--cert-dir",
+                                cert_dir, "--out", made),
+                     1);
+    free(text);
+    ck_assert(access(made, F_OK) == 0);
+    ck_assert(!s_file_exists(made, "avim.cert_secret"));
+    khtest_rmtree(cert_dir);
+    khtest_rmtree(out);
+    free(cert_dir);
+    free(out);
+    PQfinish(conn);
+}
+END_TEST
+
 START_TEST(test_ctl_end_to_end)
 {
     PGconn *conn = s_ctl_db();
@@ -1551,6 +1681,8 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_cert_files);
     tcase_add_test(tc, test_ctl_list_fails_with_nothing_on_stdout);
     tcase_add_test(tc, test_ctl_end_to_end);
+    tcase_add_test(tc, test_ctl_options_given_twice_are_refused);
+    tcase_add_test(tc, test_ctl_out_apart_from_cert_dir);
     tcase_add_test(tc, test_rotate);
     tcase_add_test(tc, test_rotate_commit_lost);
     tcase_add_test(tc, test_revoke_commit_refused);

@@ -127,8 +127,9 @@ static int s_keygen(int argc, char **argv)
     const char *out = NULL;
     bool force = false;
     int c;
+    ctl_opts_t cli = {.repeatable = ""};
     optind = 1;
-    while ((c = getopt_long(argc, argv, "o:fh", options, NULL)) != -1) {
+    while ((c = ctl_getopt(argc, argv, "o:fh", options, &cli)) != -1) {
         if (c == 'o')
             out = optarg;
         else if (c == 'f')
@@ -210,8 +211,9 @@ static int s_seal(int argc, char **argv)
     const char *key = s_env("KH_AUDIT_KEY");
     bool checkpoint = false;
     int c;
+    ctl_opts_t cli = {.repeatable = ""};
     optind = 1;
-    while ((c = getopt_long(argc, argv, "k:ch", options, NULL)) != -1) {
+    while ((c = ctl_getopt(argc, argv, "k:ch", options, &cli)) != -1) {
         if (c == 'k')
             key = optarg;
         else if (c == 'c')
@@ -411,9 +413,6 @@ static int s_query(int argc, char **argv)
         {NULL, 0, NULL, 0}};
     static const char *uuid_re = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{"
                                  "4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$";
-    /* The filters, in the order of options[]. */
-    static const char filters[] = "rdpaAosu";
-    bool filters_seen[sizeof filters - 1] = {false};
     s_query_t q = {0};
     s_format_t format = S_TABLE;
     int64_t after = 0, limit = 100;
@@ -422,22 +421,13 @@ static int s_query(int argc, char **argv)
     int64_t since = 0, until = 0;
     bool has_since = false, has_until = false;
     int c;
+    /* Each option once: the filters must all hold, so a second value of
+     * one (--action a --action b) could only ever select nothing. With
+     * --after, that is at most S_MAX_PARAMS parameters. */
+    ctl_opts_t cli = {.repeatable = ""};
     optind = 1;
-    while ((c = getopt_long(argc, argv, "r:d:p:a:A:o:s:u:S:l:f:h", options,
-                            NULL)) != -1) {
-        /* Each filter once: they must all hold, so a second value of one
-         * (--action a --action b) could only ever select nothing. With
-         * --after, that is at most S_MAX_PARAMS parameters. */
-        const char *flag = c > 0 ? strchr(filters, c) : NULL;
-        if (flag) {
-            size_t i = (size_t) (flag - filters);
-            if (filters_seen[i])
-                return ctl_usage_error(
-                    "audit query: --%s given twice: the filters must all "
-                    "hold, so each takes one value",
-                    options[i].name);
-            filters_seen[i] = true;
-        }
+    while ((c = ctl_getopt(argc, argv, "r:d:p:a:A:o:s:u:S:l:f:h", options,
+                           &cli)) != -1) {
         switch (c) {
         case 'r':
             if (!s_matches(optarg, uuid_re))
@@ -621,8 +611,9 @@ static int s_export(int argc, char **argv)
     int64_t from = 1, to = 0;
     bool events = true;
     int c;
+    ctl_opts_t cli = {.repeatable = ""};
     optind = 1;
-    while ((c = getopt_long(argc, argv, "o:f:t:ch", options, NULL)) != -1) {
+    while ((c = ctl_getopt(argc, argv, "o:f:t:ch", options, &cli)) != -1) {
         if (c == 'o')
             out = optarg;
         else if (c == 'f' && s_seq_arg(optarg, &from))
@@ -643,6 +634,10 @@ static int s_export(int argc, char **argv)
                                argv[optind]);
     if (!out || !*out)
         return ctl_usage_error("audit export: --out FILE is required");
+    if (!events && (cli.seen['f'] || cli.seen['t']))
+        return ctl_usage_error("audit export: --checkpoints-only exports "
+                               "every checkpoint: --from/--to are for "
+                               "events");
     if (to > 0 && to < from)
         return ctl_usage_error("audit export: --to %" PRId64
                                " is below --from %" PRId64,
@@ -768,8 +763,9 @@ static int s_verify(int argc, char **argv)
     size_t nkey_files = 0;
     int64_t from_cp = 0;
     int c;
+    ctl_opts_t cli = {.repeatable = "k"};
     optind = 1;
-    while ((c = getopt_long(argc, argv, "k:f:p:c:h", options, NULL)) != -1) {
+    while ((c = ctl_getopt(argc, argv, "k:f:p:c:h", options, &cli)) != -1) {
         if (c == 'k' && nkey_files == KH_TRAIL_MAX_KEYS)
             return ctl_usage_error("audit verify: more than %d --public-key "
                                    "options",

@@ -242,8 +242,9 @@ static int s_cmd_list(int argc, char **argv)
     char since_s[CTL_TIME_SIZE];
     bool as_json = false;
     int c;
+    ctl_opts_t cli = {.repeatable = ""};
     optind = 1;
-    while ((c = getopt_long(argc, argv, "p:s:jh", options, NULL)) != -1) {
+    while ((c = ctl_getopt(argc, argv, "p:s:jh", options, &cli)) != -1) {
         switch (c) {
         case 'p':
             partner = optarg;
@@ -349,8 +350,9 @@ static int s_cmd_show(int argc, char **argv)
                                             {NULL, 0, NULL, 0}};
     bool as_json = false;
     int c;
+    ctl_opts_t cli = {.repeatable = ""};
     optind = 1;
-    while ((c = getopt_long(argc, argv, "jh", options, NULL)) != -1) {
+    while ((c = ctl_getopt(argc, argv, "jh", options, &cli)) != -1) {
         switch (c) {
         case 'j':
             as_json = true;
@@ -635,8 +637,9 @@ static int s_cmd_retry(int argc, char **argv)
     const char *partner = NULL;
     bool all = false;
     int c;
+    ctl_opts_t cli = {.repeatable = ""};
     optind = 1;
-    while ((c = getopt_long(argc, argv, "p:ah", options, NULL)) != -1) {
+    while ((c = ctl_getopt(argc, argv, "p:ah", options, &cli)) != -1) {
         switch (c) {
         case 'p':
             partner = optarg;

@@ -152,8 +152,9 @@ int ctl_hub(int argc, char **argv)
     bool force = false;
     int c;
     ctl_name_command(argv);
+    ctl_opts_t cli = {.repeatable = ""};
     optind = 1;
-    while ((c = getopt_long(argc - 1, argv + 1, "o:fh", options, NULL)) != -1) {
+    while ((c = ctl_getopt(argc - 1, argv + 1, "o:fh", options, &cli)) != -1) {
         switch (c) {
         case 'o':
             out = optarg;

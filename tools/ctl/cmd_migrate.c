@@ -90,8 +90,9 @@ int ctl_migrate(int argc, char **argv)
     int status = 0;
     int wait_s = 0;
     int c;
+    ctl_opts_t cli = {.repeatable = ""};
     optind = 1;
-    while ((c = getopt_long(argc, argv, "d:sw:h", options, NULL)) != -1) {
+    while ((c = ctl_getopt(argc, argv, "d:sw:h", options, &cli)) != -1) {
         switch (c) {
         case 'd':
             dir = optarg;

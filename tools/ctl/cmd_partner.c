@@ -7,6 +7,8 @@
  */
 #include <getopt.h>
 #include <jansson.h>
+#include <libgen.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -159,9 +161,10 @@ static const char *s_env_cert_dir(void)
 }
 
 /* Undo the files s_add wrote: the installed public certificate when
- * cert_dir is not NULL, the partner's pair when out is not NULL. */
+ * cert_dir is not NULL, the partner's pair when out is not NULL, and
+ * made_dir (the --out DIR it made) when not NULL. */
 static void s_unlink_files(const char *cert_dir, const char *out,
-                           const char *id)
+                           const char *made_dir, const char *id)
 {
     char path[4096];
     if (cert_dir) {
@@ -174,6 +177,8 @@ static void s_unlink_files(const char *cert_dir, const char *out,
         snprintf(path, sizeof path, "%s/%s.cert_secret", out, id);
         unlink(path);
     }
+    if (made_dir)
+        rmdir(made_dir);
 }
 
 /* The partner's new key: the public certificate it made itself
@@ -218,10 +223,28 @@ static bool s_cert_dir_given(const char *command, const char *cert_dir)
     return false;
 }
 
+/* path made absolute, its links resolved, also when its last part is not
+ * there yet; false when its directory is not there. */
+static bool s_resolved(const char *path, char resolved[PATH_MAX])
+{
+    if (realpath(path, resolved))
+        return true;
+    char dir[PATH_MAX], base[PATH_MAX], parent[PATH_MAX];
+    snprintf(dir, sizeof dir, "%s", path);
+    snprintf(base, sizeof base, "%s", path);
+    if (!realpath(dirname(dir), parent))
+        return false;
+    return snprintf(resolved, PATH_MAX, "%s/%s",
+                    strcmp(parent, "/") == 0 ? "" : parent,
+                    basename(base)) < PATH_MAX;
+}
+
 /* Exactly one of --out DIR and --public-cert FILE, an --out that can be
- * made; false after saying so (a usage error). */
+ * made and is outside cert_dir (the partner's secret key has no place
+ * among the certificates the hub admits, which the services read); false
+ * after saying so (a usage error). */
 static bool s_one_key_source(const char *command, const char *out,
-                             const char *public_cert)
+                             const char *public_cert, const char *cert_dir)
 {
     if ((out && *out) == (public_cert && *public_cert)) {
         ctl_usage_error("%s: give one of --out DIR (a key pair made here) "
@@ -229,7 +252,22 @@ static bool s_one_key_source(const char *command, const char *out,
                         command);
         return false;
     }
-    return !out || ctl_out_dir_check(command, out) == CTL_OK;
+    if (!out)
+        return true;
+    if (ctl_out_dir_check(command, out) != CTL_OK)
+        return false;
+    char o[PATH_MAX], c[PATH_MAX];
+    if (!s_resolved(out, o) || !s_resolved(cert_dir, c))
+        return true;
+    size_t n = strlen(c);
+    if (strncmp(o, c, n) == 0 && (o[n] == '\0' || o[n] == '/' || n == 1)) {
+        ctl_usage_error("%s: --out %s is in --cert-dir %s: the partner's "
+                        "secret key must not be among the certificates the "
+                        "hub admits; give a directory outside it",
+                        command, out, cert_dir);
+        return false;
+    }
+    return true;
 }
 
 /* Where the partner's pair went (out), when it was made here. */
@@ -295,6 +333,7 @@ static int s_add(const char *id, const char *name, kh_partner_kind_t kind,
     if (!conn)
         return CTL_FAIL;
     bool exported = false, installed = false;
+    const char *made_dir = out && access(out, F_OK) != 0 ? out : NULL;
     int rc = kh_db_exec(conn, "BEGIN", &err);
     if (rc == 0)
         rc = kh_partner_register(conn, id, name, kind, cases,
@@ -326,7 +365,8 @@ static int s_add(const char *id, const char *name, kh_partner_kind_t kind,
     kh_partner_cert_unlock(&lock);
     if (rc != 0 && outcome == 0) {
         kh_db_rollback_quietly(conn);
-        s_unlink_files(installed ? cert_dir : NULL, exported ? out : NULL, id);
+        s_unlink_files(installed ? cert_dir : NULL, exported ? out : NULL,
+                       made_dir, id);
         ctl_print_error(&err);
     } else if (rc == 0) {
         printf("partner %s registered (kind %s, handles cases: %s)\n", id,
@@ -355,8 +395,9 @@ static int s_cmd_add(int argc, char **argv)
     const char *cert_dir = s_env_cert_dir();
     bool no_cases = false;
     int c;
+    ctl_opts_t cli = {.repeatable = ""};
     optind = 1;
-    while ((c = getopt_long(argc, argv, "n:k:cd:o:p:h", options, NULL)) != -1) {
+    while ((c = ctl_getopt(argc, argv, "n:k:cd:o:p:h", options, &cli)) != -1) {
         switch (c) {
         case 'n':
             name = optarg;
@@ -418,7 +459,7 @@ static int s_cmd_add(int argc, char **argv)
         return ctl_usage_error("partner add: --cert-dir %s is not a "
                                "directory",
                                cert_dir);
-    if (!s_one_key_source("partner add", out, public_cert))
+    if (!s_one_key_source("partner add", out, public_cert, cert_dir))
         return CTL_USAGE;
     /* A chain director never handles cases, so it needs no --no-cases. */
     bool cases = !no_cases && kind != KH_PARTNER_CHAIN_DIRECTOR;
@@ -525,8 +566,9 @@ static int s_cmd_list(int argc, char **argv)
                                             {NULL, 0, NULL, 0}};
     bool active = false, as_json = false;
     int c;
+    ctl_opts_t cli = {.repeatable = ""};
     optind = 1;
-    while ((c = getopt_long(argc, argv, "ajh", options, NULL)) != -1) {
+    while ((c = ctl_getopt(argc, argv, "ajh", options, &cli)) != -1) {
         switch (c) {
         case 'a':
             active = true;
@@ -592,6 +634,7 @@ static int s_rotate(const char *id, const char *cert_dir, const char *out,
         return CTL_FAIL;
     char previous[KH_PARTNER_KEY_LEN + 1] = "", until[40] = "";
     bool exported = false, staged = false;
+    const char *made_dir = out && access(out, F_OK) != 0 ? out : NULL;
     int lock = -1;
     int rc = kh_db_exec(conn, "BEGIN", &err);
     if (rc == 0)
@@ -633,7 +676,7 @@ static int s_rotate(const char *id, const char *cert_dir, const char *out,
     kh_partner_cert_unlock(&lock);
     if (rc != 0 && outcome == 0) {
         kh_db_rollback_quietly(conn);
-        s_unlink_files(NULL, exported ? out : NULL, id);
+        s_unlink_files(NULL, exported ? out : NULL, made_dir, id);
         ctl_print_error(&err);
     } else if (rc == 0) {
         printf("partner %s has a new key: %s\n", id, zcert_public_txt(cert));
@@ -663,8 +706,9 @@ static int s_cmd_rotate(int argc, char **argv)
     const char *public_cert = NULL;
     int overlap_h = S_OVERLAP_DEFAULT_H;
     int c;
+    ctl_opts_t cli = {.repeatable = ""};
     optind = 1;
-    while ((c = getopt_long(argc, argv, "d:o:p:v:h", options, NULL)) != -1) {
+    while ((c = ctl_getopt(argc, argv, "d:o:p:v:h", options, &cli)) != -1) {
         switch (c) {
         case 'd':
             cert_dir = optarg;
@@ -704,7 +748,7 @@ static int s_cmd_rotate(int argc, char **argv)
         return ctl_usage_error("partner rotate: --cert-dir %s is not a "
                                "directory",
                                cert_dir);
-    if (!s_one_key_source("partner rotate", out, public_cert))
+    if (!s_one_key_source("partner rotate", out, public_cert, cert_dir))
         return CTL_USAGE;
     zcert_t *cert = s_partner_cert(id, public_cert);
     if (!cert)
@@ -722,8 +766,9 @@ static int s_cmd_revoke(int argc, char **argv)
         {NULL, 0, NULL, 0}};
     const char *cert_dir = s_env_cert_dir();
     int c;
+    ctl_opts_t cli = {.repeatable = ""};
     optind = 1;
-    while ((c = getopt_long(argc, argv, "d:h", options, NULL)) != -1) {
+    while ((c = ctl_getopt(argc, argv, "d:h", options, &cli)) != -1) {
         switch (c) {
         case 'd':
             cert_dir = optarg;

@@ -396,8 +396,9 @@ int ctl_purge(int argc, char **argv)
     long batch = S_BATCH_DEFAULT;
     char *end;
     int c;
+    ctl_opts_t cli = {.repeatable = ""};
     optind = 1;
-    while ((c = getopt_long(argc, argv, "b:o:nB:jh", options, NULL)) != -1) {
+    while ((c = ctl_getopt(argc, argv, "b:o:nB:jh", options, &cli)) != -1) {
         switch (c) {
         case 'b':
             before = optarg;

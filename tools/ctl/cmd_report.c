@@ -320,16 +320,15 @@ int ctl_audit_report(int argc, char **argv)
     int64_t since_us = 0, until_us = 0;
     bool json = false;
     int c;
+    ctl_opts_t cli = {.repeatable = ""};
     optind = 1;
-    while ((c = getopt_long(argc, argv, "s:u:f:h", options, NULL)) != -1) {
+    while ((c = ctl_getopt(argc, argv, "s:u:f:h", options, &cli)) != -1) {
         switch (c) {
         case 's':
         case 'u': {
             char *text = c == 's' ? since : until;
             const char *option =
                 c == 's' ? "audit report: --since" : "audit report: --until";
-            if (*text)
-                return ctl_usage_error("%s is given twice", option);
             if (ctl_time_arg(option, optarg, c == 's' ? &since_us : &until_us,
                              text) != CTL_OK)
                 return CTL_USAGE;

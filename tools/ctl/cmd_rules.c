@@ -287,8 +287,9 @@ static int s_run(int argc, char **argv, bool explain)
         {NULL, 0, NULL, 0}};
     const char *partners_file = NULL, *schema = NULL;
     int c;
+    ctl_opts_t cli = {.repeatable = ""};
     optind = 1;
-    while ((c = getopt_long(argc, argv, "p:s:h", options, NULL)) != -1) {
+    while ((c = ctl_getopt(argc, argv, "p:s:h", options, &cli)) != -1) {
         switch (c) {
         case 'p':
             partners_file = optarg;

@@ -579,8 +579,9 @@ int ctl_status(int argc, char **argv)
         {NULL, 0, NULL, 0}};
     bool as_json = false;
     int c;
+    ctl_opts_t cli = {.repeatable = ""};
     optind = 1;
-    while ((c = getopt_long(argc, argv, "jh", options, NULL)) != -1) {
+    while ((c = ctl_getopt(argc, argv, "jh", options, &cli)) != -1) {
         switch (c) {
         case 'i':
             services[0].endpoint = optarg;
@@ -676,8 +677,9 @@ int ctl_health(int argc, char **argv)
                                             {NULL, 0, NULL, 0}};
     bool live = false;
     int c;
+    ctl_opts_t cli = {.repeatable = ""};
     optind = 1;
-    while ((c = getopt_long(argc, argv, "lh", options, NULL)) != -1) {
+    while ((c = ctl_getopt(argc, argv, "lh", options, &cli)) != -1) {
         if (c == 'l')
             live = true;
         else if (c == 'h') {

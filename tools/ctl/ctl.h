@@ -6,7 +6,9 @@
 #ifndef KH_CTL_H_INCLUDED
 #define KH_CTL_H_INCLUDED
 
+#include <getopt.h>
 #include <libpq-fe.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 
@@ -39,6 +41,22 @@ bool ctl_sqlstate_unmigrated(const char *sqlstate);
 
 /* Print "ketenhubctl: <message>" on stderr and return CTL_USAGE. */
 int ctl_usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* What ctl_getopt keeps of one command's options: start it as
+ * {.repeatable = "k"} (the short names of the options that may be given
+ * again, "" for none). */
+typedef struct {
+    const char *repeatable;
+    bool seen[256];
+} ctl_opts_t;
+
+/* getopt_long, for a command whose options each take one value: an
+ * option with an argument given a second time (not one of
+ * opts->repeatable) is refused like getopt_long's own errors, with
+ * "COMMAND: option '--NAME' given twice" on stderr and '?' returned, and
+ * never silently overrides the first. */
+int ctl_getopt(int argc, char **argv, const char *shortopts,
+               const struct option *longopts, ctl_opts_t *opts);
 
 /* Whether out, an --out DIR that a command makes when it is missing (the
  * last directory only), can be that: CTL_OK, or a usage error named after

@@ -110,6 +110,33 @@ int ctl_usage_error(const char *fmt, ...)
     return CTL_USAGE;
 }
 
+int ctl_getopt(int argc, char **argv, const char *shortopts,
+               const struct option *longopts, ctl_opts_t *opts)
+{
+    int c = getopt_long(argc, argv, shortopts, longopts, NULL);
+    if (c <= 0 || c == '?' || c == ':' || strchr(opts->repeatable, c))
+        return c;
+    const struct option *o = longopts;
+    while (o->name && o->val != c)
+        o++;
+    const char *spec = strchr(shortopts, c);
+    bool value =
+        o->name ? o->has_arg == required_argument : spec && spec[1] == ':';
+    if (!value) /* a flag: once or twice says the same */
+        return c;
+    if (!opts->seen[(unsigned char) c]) {
+        opts->seen[(unsigned char) c] = true;
+        return c;
+    }
+    if (o->name)
+        fprintf(stderr, "%s: option '--%s' given twice: it takes one value\n",
+                argv[0], o->name);
+    else
+        fprintf(stderr, "%s: option '-%c' given twice: it takes one value\n",
+                argv[0], c);
+    return '?';
+}
+
 /* Read n digits at *p into *out, moving *p past them. */
 static bool s_digits(const char **p, int n, int *out)
 {
