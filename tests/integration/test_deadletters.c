@@ -659,6 +659,63 @@ START_TEST(test_retry_locks_in_id_order)
 }
 END_TEST
 
+/* A partner's dead letter that its partner acknowledges after all while
+ * a retry of all of them waits for its lock is left acknowledged, and the
+ * others are retried: the retry neither fails whole nor undoes the ACK. */
+START_TEST(test_retry_of_a_partner_skips_one_acknowledged_meanwhile)
+{
+    s_setup();
+    s_delivery(D7, REF2, "meldpunt", "normal", "dead", "'max_age'", 3, false);
+    s_delivery(D6, REF, "meldpunt", "normal", "dead", "'max_age'", 3, false);
+    char *conninfo = khtest_db_conninfo(DB);
+    PGconn *acker = PQconnectdb(conninfo);
+    free(conninfo);
+    ck_assert_int_eq(PQstatus(acker), CONNECTION_OK);
+    khtest_db_exec(acker, "BEGIN", 0, NULL);
+    khtest_db_exec(acker,
+                   "SELECT 1 FROM deliveries WHERE id = '" D6 "' FOR UPDATE", 0,
+                   NULL);
+    char log[] = "/tmp/kh-dl-acked-XXXXXX";
+    int fd = mkstemp(log);
+    ck_assert_int_ge(fd, 0);
+    close(fd);
+    char *argv[] = {KH_TEST_BINARY_DIR "/tools/ctl/ketenhubctl",
+                    "deadletters",
+                    "retry",
+                    "--partner",
+                    "meldpunt",
+                    "--all",
+                    NULL};
+    char *env[] = {NULL};
+    pid_t pid = khproc_spawn(argv[0], argv, env, log);
+    ck_assert_int_gt(pid, 0);
+    ck_assert_int_eq(s_admin_waits_for_a_lock(), 1);
+    khtest_db_exec(
+        acker,
+        "UPDATE deliveries SET state = 'acknowledged', acked_at = now(),"
+        " dead_reason = NULL WHERE id = '" D6 "'",
+        0, NULL);
+    khtest_db_exec(acker, "COMMIT", 0, NULL);
+    PQfinish(acker);
+    int status = khproc_stop(pid, 0, 30000);
+    char *out = khtest_read_file(log);
+    unlink(log);
+    ck_assert_msg(status >= 0 && WIFEXITED(status) && WEXITSTATUS(status) == 0,
+                  "retry: status %d: %s", status, out);
+    ck_assert_msg(strstr(out, "1 delivery retried") &&
+                      strstr(out, "delivery " D6 ": acknowledged now, left"),
+                  "%s", out);
+    free(out);
+    ck_assert(s_is_pending_again(D7));
+    ck_assert_int_eq(s_retried_events(D7), 1);
+    ck_assert_int_eq(s_retried_events(D6), 0);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM deliveries WHERE id = '" D6
+                             "' AND state = 'acknowledged'"),
+                     1);
+    PQfinish(s_conn);
+}
+END_TEST
+
 /* The connection lost during the commit of a retry that did not go
  * through: failure, and the delivery is still dead, to retry again. */
 START_TEST(test_retry_commit_lost)
@@ -767,6 +824,8 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_retry_commit_lost);
     tcase_add_test(tc, test_retry_waits_for_purge);
     tcase_add_test(tc, test_retry_locks_in_id_order);
+    tcase_add_test(tc,
+                   test_retry_of_a_partner_skips_one_acknowledged_meanwhile);
     tcase_add_test(tc, test_a_long_list_is_streamed);
     suite_add_tcase(s, tc);
     return s;

@@ -462,24 +462,25 @@ static int s_cmd_show(int argc, char **argv)
  * batches lock theirs (a dead letter the partner did take is acknowledged
  * after all): in the order it found them, a retry waiting for a batch
  * could hold what the batch waited for, and one of them failed
- * (deadlock). %s is the set of wanted ids: an array parameter or one
- * partner's dead deliveries; $2 and $3 are the service and the command's
- * origin (USER@HOST); the actor is admin and the login (the defaults,
- * 025). */
+ * (deadlock). The first %s is the set of wanted ids: an array parameter
+ * or one partner's dead deliveries; the second the gate: for ids, all of
+ * them retriable; for a partner, that it is not revoked (one of its
+ * dead letters that changed while the statement waited for its lock, an
+ * ACK that came after all, is left as it is now). $2 and $3 are the
+ * service and the command's origin (USER@HOST); the actor is admin and
+ * the login (the defaults, 025). */
 static const char s_retry_sql[] =
     "WITH want AS (%s),"
     " cur AS (SELECT d.id, d.state, d.payload_bytes IS NULL AS purged,"
     "  d.partner_id, p.revoked_at IS NOT NULL AS revoked"
     "  FROM deliveries d JOIN want USING (id)"
     "  JOIN partners p ON p.id = d.partner_id ORDER BY d.id FOR UPDATE OF d),"
-    " gate AS (SELECT (SELECT count(*) FROM want) ="
-    "  (SELECT count(*) FROM cur WHERE state = 'dead' AND NOT purged"
-    "   AND NOT revoked) AS ok),"
+    " gate AS (SELECT %s AS ok),"
     " upd AS (UPDATE deliveries d SET state = 'pending', attempts = 0,"
     "  next_attempt_at = now(), age_from = now(), dead_reason = NULL,"
     "  updated_at = now()"
     "  FROM gate WHERE gate.ok AND d.state = 'dead'"
-    "  AND d.id IN (SELECT id FROM cur)"
+    "  AND d.id IN (SELECT id FROM cur WHERE NOT purged)"
     "  RETURNING d.id, d.referral_id, d.partner_id, d.payload_hash,"
     "  d.rules_version),"
     " ins AS (INSERT INTO audit_events (action,"
@@ -542,11 +543,17 @@ static int s_retry_commit(PGconn *conn, kh_error_t *err, bool *said)
  * is not NULL, every dead delivery of partner. Prints what happened. */
 static int s_retry(const char *ids, const char *partner)
 {
-    char sql[sizeof s_retry_sql + 128];
-    snprintf(sql, sizeof sql, s_retry_sql,
-             partner ? "SELECT id FROM deliveries WHERE partner_id = $1"
-                       " AND state = 'dead' AND payload_bytes IS NOT NULL"
-                     : "SELECT DISTINCT unnest($1::uuid[]) AS id");
+    char sql[sizeof s_retry_sql + 256];
+    if (partner)
+        snprintf(sql, sizeof sql, s_retry_sql,
+                 "SELECT id FROM deliveries WHERE partner_id = $1"
+                 " AND state = 'dead' AND payload_bytes IS NOT NULL",
+                 "NOT EXISTS (SELECT FROM cur WHERE revoked)");
+    else
+        snprintf(sql, sizeof sql, s_retry_sql,
+                 "SELECT DISTINCT unnest($1::uuid[]) AS id",
+                 "(SELECT count(*) FROM want) = (SELECT count(*) FROM cur"
+                 " WHERE state = 'dead' AND NOT purged AND NOT revoked)");
     kh_audit_origin_t origin = kh_audit_origin();
     PGconn *conn = ctl_connect();
     if (!conn)
@@ -559,22 +566,26 @@ static int s_retry(const char *ids, const char *partner)
     PGresult *res =
         rc == CTL_OK ? PQexecParams(conn, sql, 3, NULL, params, NULL, NULL, 0)
                      : NULL;
-    int n = 0, retried = 0, known = 1;
+    int n = 0, retried = 0, revoked = 0, known = 1;
     bool said = false;
     if (rc == CTL_OK && PQresultStatus(res) != PGRES_TUPLES_OK) {
         kh_db_error(&err, conn, res, "cannot retry");
         rc = CTL_FAIL;
     } else if (rc == CTL_OK) {
         n = PQntuples(res);
-        for (int r = 0; r < n; r++)
+        for (int r = 0; r < n; r++) {
             retried += strcmp(PQgetvalue(res, r, 3), "t") == 0;
+            revoked += strcmp(PQgetvalue(res, r, 5), "t") == 0;
+        }
     }
-    /* All or nothing: commit only when every wanted delivery changed. */
-    if (rc == CTL_OK && retried != n)
+    /* Named ids: all or nothing, commit only when every one changed. A
+     * partner's: those that are still dead letters, unless it is
+     * revoked. */
+    if (rc == CTL_OK && retried != n && (!partner || revoked))
         rc = CTL_FAIL;
-    else if (rc == CTL_OK && n > 0)
+    else if (rc == CTL_OK && retried > 0)
         rc = s_retry_commit(conn, &err, &said);
-    if (rc != CTL_OK || n == 0)
+    if (rc != CTL_OK || retried == 0)
         kh_db_rollback_quietly(conn);
     if (rc != CTL_OK && said)
         ; /* s_retry_commit said why */
@@ -614,13 +625,23 @@ static int s_retry(const char *ids, const char *partner)
             fprintf(stderr, "ketenhubctl: deadletters retry: no partner %s\n",
                     partner);
         rc = CTL_FAIL;
-    } else if (n == 0)
-        printf("no dead deliveries for partner %s\n", partner);
-    else {
+    } else {
         for (int r = 0; r < n; r++)
-            printf("delivery %s: pending again, attempts reset\n",
-                   PQgetvalue(res, r, 0));
-        printf("%d %s retried\n", n, n == 1 ? "delivery" : "deliveries");
+            if (strcmp(PQgetvalue(res, r, 3), "t") == 0)
+                printf("delivery %s: pending again, attempts reset\n",
+                       PQgetvalue(res, r, 0));
+            else
+                printf("delivery %s: %s now, left as it is (it changed "
+                       "while the retry waited for it)\n",
+                       PQgetvalue(res, r, 0),
+                       strcmp(PQgetvalue(res, r, 2), "t") == 0
+                           ? "purged"
+                           : PQgetvalue(res, r, 1));
+        if (retried == 0)
+            printf("no dead deliveries for partner %s\n", partner);
+        else
+            printf("%d %s retried\n", retried,
+                   retried == 1 ? "delivery" : "deliveries");
     }
     PQclear(res);
     PQfinish(conn);
