@@ -112,6 +112,19 @@ bool kh_utf8_valid(const char *s, size_t len)
     return s_utf8_scan((const unsigned char *) s, len, true, &bad) == S_UTF8_OK;
 }
 
+bool kh_text_plain(const char *s)
+{
+    const unsigned char *p = (const unsigned char *) s;
+    size_t len = strlen(s);
+    if (!kh_utf8_valid(s, len))
+        return false;
+    for (size_t i = 0; i < len; i++)
+        if (p[i] < 0x20 || p[i] == 0x7F ||
+            (p[i] == 0xC2 && p[i + 1] >= 0x80 && p[i + 1] <= 0x9F))
+            return false;
+    return true;
+}
+
 /* ---------------------------------------------------------------------- */
 /* Paths                                                                   */
 

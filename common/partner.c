@@ -14,6 +14,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "ketenhub/codec.h"
 #include "ketenhub/db.h"
 
 static const char *const s_kinds[KH_PARTNER_KIND_COUNT_] = {
@@ -80,21 +81,17 @@ bool kh_partner_key_valid(const char *key)
     return !all_zero;
 }
 
-/* UTF-8 validity is left to the server (it refuses invalid bytes). */
 bool kh_partner_display_name_valid(const char *name)
 {
-    if (!name || !*name)
+    if (!name || !*name || !kh_text_plain(name))
         return false;
     size_t len = strlen(name);
     if (len > 4 * KH_PARTNER_NAME_MAX || name[0] == ' ' || name[len - 1] == ' ')
         return false;
     size_t chars = 0;
-    for (const unsigned char *p = (const unsigned char *) name; *p; p++) {
-        if (*p < 0x20 || *p == 0x7f)
-            return false;
+    for (const unsigned char *p = (const unsigned char *) name; *p; p++)
         if ((*p & 0xC0) != 0x80)
             chars++;
-    }
     return chars <= KH_PARTNER_NAME_MAX;
 }
 

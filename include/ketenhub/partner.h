@@ -80,8 +80,9 @@ int kh_partner_kind_from_name(const char *name);
 /* Whether id matches ^[a-z][a-z0-9-]{1,31}$. */
 bool kh_partner_id_valid(const char *id);
 
-/* Whether name is a display name: 1..KH_PARTNER_NAME_MAX characters, no
- * control characters, no leading or trailing space. */
+/* Whether name is a display name: 1..KH_PARTNER_NAME_MAX characters of
+ * valid UTF-8, no control characters (kh_text_plain), no leading or
+ * trailing space. */
 bool kh_partner_display_name_valid(const char *name);
 
 /* Whether key is the Z85 text of a CURVE public key (40 characters of

@@ -1673,6 +1673,9 @@ START_TEST(auditor_options_are_checked_before_anything_runs)
     S_REFUSED("--actor", "query", "--actor", "two words");
     S_REFUSED("--actor", "query", "--actor", "tab\there");
     S_REFUSED("--actor", "query", "--actor", "");
+    /* No UTF-8, or a C1 control: refused here, not by the database. */
+    S_REFUSED("--actor", "query", "--actor", "jan\xff");
+    S_REFUSED("--actor", "query", "--actor", "jan\xc2\x85");
 
     /* A time without a zone is UTC, as the trail prints it, whatever the
      * time zone of the session: event 10 and those after it are at or

@@ -1478,6 +1478,19 @@ START_TEST(status_and_health_refuse_an_endpoint_that_is_no_host_port)
     ck_assert_int_eq(
         KHTEST_CTL(&output, "status", "--audit", "127.0.0.1:99999"), 2);
     free(output);
+    /* A byte that is no printable ASCII (no UTF-8 at all, here): refused,
+     * never a service missing from the report. */
+    ck_assert_int_eq(KHTEST_CTL(&output, "status", "--routing",
+                                "127.0.0.\xff"
+                                "1:9702"),
+                     2);
+    ck_assert_msg(strstr(output, "--routing '"), "%s", output);
+    free(output);
+    ck_assert_int_eq(KHTEST_CTL(&output, "health",
+                                "127.0.0.1\x01"
+                                ":9701"),
+                     2);
+    free(output);
     setenv("KH_NOTIFY_HEALTH", "9703", 1);
     ck_assert_int_eq(KHTEST_CTL(&output, "status"), 2);
     ck_assert_msg(strstr(output, "KH_NOTIFY_HEALTH '9703'"), "%s", output);

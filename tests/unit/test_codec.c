@@ -715,6 +715,16 @@ START_TEST(test_utf8_valid)
     ck_assert(kh_utf8_valid("01234567\0abcdefgh", 17));
     ck_assert(kh_utf8_valid(NULL, 0));
     ck_assert(!kh_utf8_valid(NULL, 1));
+    /* Plain text: UTF-8 without C0, DEL or C1 controls. */
+    ck_assert(kh_text_plain("co\xc3\xb6rdinatie \xe2\x82\xac"));
+    ck_assert(kh_text_plain("\xc2\xa0 after C1: U+00A0"));
+    ck_assert(kh_text_plain(""));
+    ck_assert(!kh_text_plain("tab\there"));
+    ck_assert(!kh_text_plain("del\x7f"));
+    ck_assert(!kh_text_plain("c1 \xc2\x80"));
+    ck_assert(!kh_text_plain("c1 \xc2\x9f"));
+    ck_assert(!kh_text_plain("bad \xff"));
+    ck_assert(!kh_text_plain("cut \xc2"));
 }
 END_TEST
 

@@ -24,6 +24,7 @@
 #include <unistd.h>
 
 #include "ctl.h"
+#include "ketenhub/codec.h"
 #include "ketenhub/db.h"
 #include "ketenhub/trail_db.h"
 #include "ketenhub/trail_file.h"
@@ -456,12 +457,15 @@ static int s_query(int argc, char **argv)
              * "key:" and an unknown key's Z85 text, which holds signs like
              * + = / ? & < > { } [ ] % $ #, or a login's name outside
              * ASCII (migration 025): up to 4 bytes a character. */
-            if (!s_matches(optarg, "^[^[:space:][:cntrl:]]{1,255}$") &&
-                !s_matches(optarg, "^(partner|service|admin|auditor):"
-                                   "[^[:space:][:cntrl:]]{1,255}$"))
-                return ctl_usage_error("audit query: --actor takes an actor "
-                                       "id (1 to 64 characters, no space), "
-                                       "or KIND:ID as the table prints it");
+            if (!kh_text_plain(optarg) ||
+                (!s_matches(optarg, "^[^[:space:][:cntrl:]]{1,255}$") &&
+                 !s_matches(optarg, "^(partner|service|admin|auditor):"
+                                    "[^[:space:][:cntrl:]]{1,255}$")))
+                return ctl_usage_error(
+                    "audit query: --actor takes an actor "
+                    "id (1 to 64 characters of UTF-8, no space or "
+                    "control character), "
+                    "or KIND:ID as the table prints it");
             /* The table prints an actor as KIND:ID (admin:jdevries,
              * partner:avim, partner:key:...); an auditor who copies that
              * must find the actor's events, not an empty page. KIND:ID

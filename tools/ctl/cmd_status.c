@@ -110,6 +110,11 @@ static bool s_endpoint_valid(const char *endpoint)
 {
     if (strcmp(endpoint, "none") == 0)
         return true;
+    /* Printable ASCII, as a HOST:PORT is: the report holds it as JSON
+     * text (which a byte that is no UTF-8 cannot be). */
+    for (const char *p = endpoint; *p; p++)
+        if (*p < 0x21 || *p > 0x7e)
+            return false;
     char buf[256];
     const char *hp = s_hostport(endpoint, buf, sizeof buf);
     const char *colon = strrchr(hp, ':');
