@@ -38,6 +38,10 @@ static kh_cfg_t s_config[] = {
            "hub certificate file (its _secret file beside it)"),
     KH_CFG("KH_ROUTING_BATCH", KH_CFG_INT, "100", 1, 10000, false,
            "most referrals routed in one transaction"),
+    KH_CFG("KH_ROUTING_BATCH_BYTES", KH_CFG_INT, "8388608", 65536, 1073741824,
+           false,
+           "most bytes of stored referrals routed in one transaction (the "
+           "first of a pass whatever its size)"),
     KH_CFG("KH_ROUTING_POLL_MS", KH_CFG_INT, "1000", 10, 3600000, false,
            "look for accepted referrals at least this often"),
     KH_CFG("KH_ROUTING_HOLD_MS", KH_CFG_INT, "60000", 100, 86400000, false,
@@ -102,6 +106,7 @@ static int s_main(int argc, char **argv)
         .hub_cert = s_cfg("KH_HUB_CERT")->str,
         .notify_endpoint = s_cfg("KH_NOTIFY_WAKE_ENDPOINT")->str,
         .batch = (size_t) s_cfg("KH_ROUTING_BATCH")->num,
+        .batch_bytes = (size_t) s_cfg("KH_ROUTING_BATCH_BYTES")->num,
         .poll_ms = (int) s_cfg("KH_ROUTING_POLL_MS")->num,
         .partner_refresh_ms = (int) s_cfg("KH_PARTNER_REFRESH_MS")->num,
         .hold_ms = (int) s_cfg("KH_ROUTING_HOLD_MS")->num,

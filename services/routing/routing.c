@@ -760,9 +760,10 @@ static void s_routed_again(routing_t *self)
     self->whole_failed = false;
 }
 
-/* One pass: claim up to batch referrals and route them in one
- * transaction (those that cannot be read are set aside). Returns the
- * number claimed, routed or set aside, -1 (rolled back, or no
+/* One pass: claim up to batch referrals (and batch_bytes of them) and
+ * route them in one transaction (those that cannot be read are set
+ * aside). Returns the number claimed (the batch when some were left to
+ * the next pass, past the bytes), -1 (rolled back, or no
  * connection), or S_PASS_AGAIN (rolled back, and the next pass is to come
  * at once: s_isolate). */
 static int s_pass(routing_t *self)
@@ -772,14 +773,15 @@ static int s_pass(routing_t *self)
     kh_error_t err;
     int64_t started = zclock_mono();
     size_t deliveries = self->deliveries;
-    char limit[24], held[S_HELD_MAX * 37 + 3];
+    char limit[24], bytes[24], held[S_HELD_MAX * 37 + 3];
     snprintf(limit, sizeof limit, "%zu", s_limit(self));
+    snprintf(bytes, sizeof bytes, "%zu", self->config.batch_bytes);
     s_held_param(self, held, sizeof held);
-    const char *params[] = {limit, held};
+    const char *params[] = {limit, held, bytes};
     int routed = 0;
     /* BEGIN and the claim in one round trip. */
     PGresult *res =
-        kh_db_begin_exec(self->conn, "BEGIN", s_statements[S_CLAIM].name, 2,
+        kh_db_begin_exec(self->conn, "BEGIN", s_statements[S_CLAIM].name, 3,
                          params, NULL, NULL, 1, &err);
     if (!res)
         goto fail;
@@ -837,15 +839,18 @@ static int s_pass(routing_t *self)
                           (double) (zclock_mono() - started) / 1000.0);
     self->routed += (size_t) routed;
     self->passes++;
+    /* Claimed: those read; those past the bytes were locked alone, and
+     * the next pass is due at once, as after a full batch. */
     int claimed = PQntuples(res);
+    int locked = claimed ? atoi(PQgetvalue(res, 0, 3)) : 0;
     if (self->isolate)
         self->isolate = claimed ? self->isolate - 1 : 0;
     if (routed)
         s_routed_again(self);
-    kh_log_debug("pass", "claimed=%d routed=%d ms=%lld", claimed, routed,
-                 (long long) (zclock_mono() - started));
+    kh_log_debug("pass", "claimed=%d routed=%d locked=%d ms=%lld", claimed,
+                 routed, locked, (long long) (zclock_mono() - started));
     PQclear(res);
-    return claimed;
+    return locked > claimed ? (int) self->config.batch : claimed;
 fail:;
     bool again = res && s_data_failure(&err) && s_isolate(self, res, &err);
     PQclear(res);

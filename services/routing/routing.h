@@ -22,6 +22,7 @@ typedef struct {
     const char *hub_cert;        /* hub certificate (its _secret beside it) */
     const char *notify_endpoint; /* notification's wake-ups; "none": none */
     size_t batch;                /* most referrals claimed per transaction */
+    size_t batch_bytes;          /* and most bytes of their stored payloads */
     int poll_ms;                 /* a pass at least this often */
     int partner_refresh_ms;      /* the registry is re-read this often */
     int hold_ms; /* a referral whose writes fail alone waits this long */

@@ -12,17 +12,27 @@
 #define S_UNROUTABLE_COLUMNS 3
 
 /* Claim the oldest accepted referrals but those in $2 (held back: their
- * writes failed); rows another process holds are
- * skipped, so side-by-side processes never take the same referral. The
- * result is binary (the other columns text, whose binary form is their
- * bytes): the payload comes as the stored bytes, not as converted text,
- * since bytes that are not UTF-8 would make the claim fail in every pass,
- * where routing must set the referral aside as unreadable; and not in
- * bytea's hex text, twice its size, decoded again in routing. */
+ * writes failed), up to $1 of them and up to $3 bytes of stored payload
+ * (the first whatever its size): the rows of the ones past $3 are locked
+ * till the pass ends, and not read, and the next pass claims them. Rows
+ * another process holds are skipped, so side-by-side processes never take
+ * the same referral. The result is binary (the other columns text, whose
+ * binary form is their bytes): the payload comes as the stored bytes, not
+ * as converted text, since bytes that are not UTF-8 would make the claim
+ * fail in every pass, where routing must set the referral aside as
+ * unreadable; and not in bytea's hex text, twice its size, decoded again
+ * in routing. The fourth column is the number locked. */
 static const char s_claim_sql[] =
-    "SELECT id::text, payload, encode(payload_hash, 'hex')"
-    " FROM referrals WHERE state = 'accepted' AND id <> ALL ($2::uuid[])"
-    " ORDER BY accepted_at LIMIT $1 FOR UPDATE SKIP LOCKED";
+    "WITH c AS (SELECT id, accepted_at, coalesce(octet_length(payload), 0)"
+    "  AS len FROM referrals WHERE state = 'accepted'"
+    "  AND id <> ALL ($2::uuid[])"
+    "  ORDER BY accepted_at LIMIT $1 FOR UPDATE SKIP LOCKED),"
+    " w AS (SELECT id, accepted_at, count(*) OVER () AS locked,"
+    "  sum(len) OVER (ORDER BY accepted_at, id ROWS UNBOUNDED PRECEDING)"
+    "  - len AS before FROM c)"
+    " SELECT r.id::text, r.payload, encode(r.payload_hash, 'hex'),"
+    " w.locked::text FROM w JOIN referrals r ON r.id = w.id"
+    " WHERE w.before < $3::bigint ORDER BY w.accepted_at, w.id";
 
 /* The pass's deliveries, one row per element of the arrays (binary, of
  * the element types in s_delivery_types); $10 is the rules version. */
@@ -90,7 +100,7 @@ static const struct {
     const char *name, *sql;
     int nparams;
 } s_statements[S_STATEMENTS] = {
-    [S_CLAIM] = {"claim", s_claim_sql, 2},
+    [S_CLAIM] = {"claim", s_claim_sql, 3},
     [S_DELIVERIES] = {"deliveries", s_deliveries_sql, S_DELIVERY_COLUMNS + 1},
     [S_ROUTED] = {"routed", s_routed_sql, S_ROUTED_COLUMNS + 1},
     [S_UNROUTABLE] = {"unroutable", s_unroutable_sql, S_UNROUTABLE_COLUMNS},

@@ -162,12 +162,15 @@ static long s_insert_many(int count)
 static const char *s_refresh_ms = "200";
 /* KH_ROUTING_HOLD_MS of the routing that s_start starts. */
 static const char *s_hold_ms = "60000";
+/* KH_ROUTING_BATCH_BYTES of the routing that s_start starts. */
+static const char *s_batch_bytes = "8388608";
 
 static pid_t s_start(const char *endpoint, const char *rules, int poll_ms,
                      const char *log)
 {
     char env_db[1024], env_cert[600], env_endpoint[128], env_rules[600],
-        env_schema[600], env_poll[64], env_refresh[64], env_hold[64];
+        env_schema[600], env_poll[64], env_refresh[64], env_hold[64],
+        env_bytes[64];
     snprintf(env_db, sizeof env_db, "KH_DATABASE_URL=%s", s_conninfo);
     snprintf(env_cert, sizeof env_cert, "KH_HUB_CERT=%s", s_path("hub.cert"));
     snprintf(env_endpoint, sizeof env_endpoint, "KH_ROUTING_ENDPOINT=%s",
@@ -180,6 +183,8 @@ static pid_t s_start(const char *endpoint, const char *rules, int poll_ms,
     snprintf(env_refresh, sizeof env_refresh, "KH_PARTNER_REFRESH_MS=%s",
              s_refresh_ms);
     snprintf(env_hold, sizeof env_hold, "KH_ROUTING_HOLD_MS=%s", s_hold_ms);
+    snprintf(env_bytes, sizeof env_bytes, "KH_ROUTING_BATCH_BYTES=%s",
+             s_batch_bytes);
     char *env[] = {env_db,
                    env_cert,
                    env_endpoint,
@@ -190,6 +195,7 @@ static pid_t s_start(const char *endpoint, const char *rules, int poll_ms,
                    "KH_LOG_LEVEL=debug",
                    env_refresh,
                    env_hold,
+                   env_bytes,
                    NULL};
     char *argv[] = {"ketenhub-routing", NULL};
     pid_t pid =
@@ -1295,6 +1301,41 @@ START_TEST(more_failing_referrals_than_a_streak_hold_up_no_other_for_good)
 }
 END_TEST
 
+/* A pass reads up to KH_ROUTING_BATCH_BYTES of stored referrals, not a
+ * batch whatever their size: of large ones it claims fewer, and the next
+ * pass goes on at once with the rest. */
+START_TEST(a_pass_reads_at_most_its_bytes)
+{
+    json_t *big = json_deep_copy(s_examples[0]);
+    char *filler = malloc(20001);
+    ck_assert_ptr_nonnull(filler);
+    memset(filler, 'x', 20000);
+    filler[20000] = '\0';
+    json_object_set_new(big, "filler", json_string(filler));
+    free(filler);
+    for (int i = 0; i < 30; i++) {
+        char id[37];
+        s_insert(big, id);
+    }
+    json_decref(big);
+    s_batch_bytes = "65536";
+    pid_t pid = s_start(s_endpoint(), NULL, 60000, "routing.log");
+    s_batch_bytes = "8388608";
+    ck_assert_msg(s_wait_count(S_ROUTED, 30, 10000), "see %s",
+                  s_path("routing.log"));
+    khproc_stop(pid, SIGTERM, 5000);
+    /* About 20 kB each: four a pass (the fourth starts below 64 KiB),
+     * though the batch is seven; every pass past the first came at once,
+     * not after the minute of KH_ROUTING_POLL_MS. */
+    ck_assert_int_ge(s_log_count("routing.log", "claimed=4 routed=4 "), 7);
+    for (int n = 5; n <= 7; n++) {
+        char pass[32];
+        snprintf(pass, sizeof pass, "claimed=%d ", n);
+        ck_assert_int_eq(s_log_count("routing.log", pass), 0);
+    }
+}
+END_TEST
+
 /* Stored payloads that are not UTF-8 text (a stray byte, a NUL) cannot
  * be read either: they are set aside like the others, and never make the
  * claim itself fail, which would hold up every referral behind them. */
@@ -1522,6 +1563,7 @@ int main(void)
     tcase_add_checked_fixture(tc_drain, s_setup, s_teardown);
     tcase_set_timeout(tc_drain, 180);
     tcase_add_test(tc_drain, a_batch_all_set_aside_does_not_end_the_drain);
+    tcase_add_test(tc_drain, a_pass_reads_at_most_its_bytes);
     tcase_add_test(tc_drain, a_registry_change_applies_within_a_backlog);
     suite_add_tcase(suite, tc_drain);
     /* Passes that fail at their writes. */
