@@ -832,6 +832,10 @@ static int s_load_fields(kh_rules_t *rules, const json_t *schema, int parent,
                 return -1;
             f->item_enum = json_object_get(items, "enum");
         }
+        /* Deeper objects than a projection builds (rules_eval.c) would
+         * be cut from the deliveries unseen: the schema is refused. */
+        if (f->kind == KH_RK_OBJECT && depth >= KH_RULES_DEPTH_MAX)
+            return -1;
         if (f->kind == KH_RK_OBJECT) {
             int self = (int) rules->nfields - 1;
             if (s_load_fields(rules, prop, self, rules->fields[self].path,

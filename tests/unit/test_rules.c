@@ -1389,6 +1389,44 @@ START_TEST(test_size_depth_encoding)
 }
 END_TEST
 
+/* A schema whose objects nest deeper than a projection builds them
+ * (KH_RULES_DEPTH_MAX) is refused as a bad schema, rather than its
+ * deepest fields cut from every delivery unseen; one as deep as that is
+ * read (the rules then fail on their own fields, unknown to it). */
+static int s_load_nested(int depth, kh_error_t *err)
+{
+    char *dir = khtest_tmpdir();
+    char path[4096];
+    snprintf(path, sizeof path, "%s/schema.json", dir);
+    char *text = calloc(1, (size_t) depth * 64 + 256);
+    ck_assert_ptr_nonnull(text);
+    strcat(text, "{\"type\":\"object\",\"properties\":{");
+    for (int i = 0; i < depth; i++)
+        strcat(text, "\"a\":{\"type\":\"object\",\"properties\":{");
+    strcat(text, "\"leaf\":{\"type\":\"string\"}");
+    for (int i = 0; i <= depth; i++)
+        strcat(text, "}}");
+    khtest_write_file(path, text);
+    free(text);
+    kh_rules_options_t o = s_opts(s_demo, S_DEMO_COUNT);
+    o.schema_path = path;
+    kh_rules_t *rules =
+        kh_rules_load(khtest_src("schemas/rules/default.yaml"), &o, err);
+    ck_assert_ptr_null(rules);
+    khtest_rmtree(dir);
+    free(dir);
+    return err->code;
+}
+
+START_TEST(test_schema_deeper_than_a_projection_is_refused)
+{
+    kh_error_t err;
+    ck_assert_int_eq(s_load_nested(KH_RULES_DEPTH_MAX + 1, &err), KH_E_CONFIG);
+    ck_assert_msg(strstr(err.message, "schema"), "%s", err.message);
+    ck_assert_int_ne(s_load_nested(KH_RULES_DEPTH_MAX, &err), KH_E_CONFIG);
+}
+END_TEST
+
 /* A NUL or another control character written as an escape in a quoted
  * scalar ("\0", "\x01") is binary input as much as the raw byte: it is
  * refused where it stands. Cut at the NUL, the text would mean something
@@ -2009,6 +2047,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_escaped_control_characters);
     tcase_add_test(tc, test_default_rules_route_examples);
     tcase_add_test(tc, test_ctl_exit_codes);
+    tcase_add_test(tc, test_schema_deeper_than_a_projection_is_refused);
     suite_add_tcase(s, tc);
     return s;
 }
