@@ -910,6 +910,9 @@ static void s_reload(routing_t *self)
         return;
     }
     self->reload_again = false;
+    /* What the new rules lack of the registry is told at once (the next
+     * pass reads it), not at its next read. */
+    self->registry_unheard = true;
     kh_rules_result_destroy(&self->result);
     kh_rules_destroy(&self->rules);
     self->rules = rules;

@@ -695,6 +695,39 @@ START_TEST(a_required_partner_revoked_is_told_once)
 }
 END_TEST
 
+/* Rules that a revoked partner left wanting, reloaded without it: the
+ * warning is taken back at once, not at the next read of the registry. */
+START_TEST(a_reload_without_a_missing_partner_tells_it_back)
+{
+    s_refresh_ms = "3600000";
+    char *rules = khtest_read_file(khtest_src("schemas/rules/default.yaml"));
+    ck_assert_ptr_nonnull(rules);
+    khtest_write_file(s_path("rules.yaml"), rules);
+    free(rules);
+    pid_t pid = s_start(s_endpoint(), s_path("rules.yaml"), 50, "routing.log");
+    s_refresh_ms = "200";
+    ck_assert(s_log_has("routing.log", "event=ready", 5000));
+    s_sql("UPDATE partners SET revoked_at = now() WHERE id = 'avim'", 0, NULL);
+    ck_assert_msg(s_log_has("routing.log",
+                            "event=rules_partners_missing partners=avim ",
+                            3000),
+                  "see %s", s_path("routing.log"));
+    khtest_write_file(s_path("rules.yaml"),
+                      "version: 1\n"
+                      "fallback:\n"
+                      "  targets: [{partner: zorgcoordinator, fields: "
+                      "[subject]}]\n"
+                      "rules: []\n");
+    ck_assert_int_eq(kill(pid, SIGHUP), 0);
+    ck_assert(s_log_has("routing.log", "event=rules_reloaded", 3000));
+    ck_assert_msg(s_log_has("routing.log",
+                            "event=rules_partners_back partners=avim ", 2000),
+                  "see %s", s_path("routing.log"));
+    int status = khproc_stop(pid, SIGTERM, 5000);
+    ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+}
+END_TEST
+
 /* A fallback of two optional partners: the zorgcoordinator and the
  * ketenregisseur's "regie", not registered when the rules load. */
 static const char s_optional_fallback[] =
@@ -1543,6 +1576,7 @@ int main(void)
     tcase_add_test(tc, sighup_reload_keeps_old_rules_when_broken);
     tcase_add_test(tc, an_optional_partner_follows_the_registry_without_sighup);
     tcase_add_test(tc, a_required_partner_revoked_is_told_once);
+    tcase_add_test(tc, a_reload_without_a_missing_partner_tells_it_back);
     tcase_add_test(
         tc, a_fallback_with_none_left_sends_to_its_revoked_partners_alone);
     tcase_add_test(tc, sighup_reload_refuses_a_fifo_without_hanging);
