@@ -339,7 +339,8 @@ static const s_def_t s_defs[] = {
     {"routing", "deliveries_created_total", S_C, NULL,
      "Deliveries created by routing."},
     {"routing", "referrals_held_total", S_C, NULL,
-     "Referrals held back for a minute because their writes failed alone "
+     "Referrals held back (KH_ROUTING_HOLD_MS) because their writes failed "
+     "alone "
      "(`kind=referral_failing`)."},
     {"routing", "rules_reloads_total", S_C, "outcome",
      "Rules reloads on SIGHUP, ok or failed (the old rules stay)."},

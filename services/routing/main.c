@@ -131,13 +131,14 @@ static int s_main(int argc, char **argv)
     }
     /* PostgreSQL may come up after routing (a host that restarts, a
      * database that is being restarted), or be migrated after it starts
-     * (its tables missing: 42P01): wait for it, as the other services do,
-     * until it answers or a SIGTERM comes. */
+     * (its tables or columns missing: 42P01, 42703): wait for it, as the
+     * other services do, until it answers or a SIGTERM comes. */
     routing_t *routing = routing_new(&config, &err);
     bool stopping = false;
     for (int wait_ms = 0; routing && routing_start(routing, &err);) {
         if (err.code != KH_E_UNAVAILABLE &&
-            strcmp(err.sqlstate, "42P01") != 0) {
+            strcmp(err.sqlstate, "42P01") != 0 &&
+            strcmp(err.sqlstate, "42703") != 0) {
             routing_destroy(&routing);
             break;
         }

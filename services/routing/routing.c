@@ -34,17 +34,15 @@
 #define S_WAKEUP_MAX (1024 * 1024) /* bytes of a wake-up message */
 #define S_MATCHED_MAX 4096         /* bytes of audit_events.rules_matched */
 #define S_ARENA_KEEP (256 * 1024)
-/* Referrals whose writes fail on their own (a constraint, a limit) are
- * held back from the claims, each for the configured hold (up to
- * S_HELD_MAX of them: one more takes the place of one whose hold is over,
- * or else of the one held first), while the others are routed; then tried
- * again. One that fails again is held again, and counted once.
- * S_HELD_IN_A_ROW different ones held with no pass routed between them
- * may say the failure is the database's (a constraint added by hand,
- * say), not each referral's: for one hold, passes are tried whole, with
- * no more held; when a whole pass fails and a later one routes, the
- * S_HELD_IN_A_ROW go free. */
-#define S_HELD_MAX 64
+/* A referral whose writes fail on its own (a constraint, a limit) is held
+ * back from the claims of every routing process for the configured hold
+ * (referrals.held_until), while the others are routed; then tried again.
+ * One that fails again is held again, and counted once. S_HELD_IN_A_ROW
+ * different ones held with no pass routed between them may say the
+ * failure is the database's (a constraint added by hand, say), not each
+ * referral's: for one hold they stay held, and passes are tried whole,
+ * with no more held; when a whole pass fails without them and a later
+ * one routes, they go free. */
 #define S_HELD_IN_A_ROW 8
 /* s_pass: it failed, and the next one is to come at once (isolating). */
 #define S_PASS_AGAIN (-2)
@@ -82,17 +80,16 @@ struct _routing_t {
     int64_t partners_read; /* zclock_mono of the last read of the registry */
     bool registry_unheard; /* connected since: changes may have gone by */
     /* After a pass that failed on its data: passes of one referral left,
-     * to find which fails, and the referrals held back (since when; kept
-     * after their hold, to know them again). The last streak of them were
-     * held with no pass routed since; until whole_until (zclock_mono)
-     * passes are tried whole, and whole_failed says one of them failed. */
+     * to find which fails; the one found, to hold at the start of the
+     * next pass (once the failed one is rolled back), and why it failed.
+     * The streak: those newly held with no pass routed since; until
+     * whole_until (zclock_mono) passes are tried whole, and whole_failed
+     * says one of them failed. */
     size_t isolate;
-    struct {
-        char id[37];
-        int64_t at;
-        bool retried; /* its hold is over */
-    } held[S_HELD_MAX];
-    size_t nheld, streak;
+    char to_hold[37];
+    kh_error_t hold_why;
+    char streak_ids[S_HELD_IN_A_ROW][37];
+    size_t streak;
     int64_t whole_until;
     bool whole_failed;
     char missing[640];       /* partners the rules need and the registry
@@ -648,57 +645,97 @@ static bool s_data_failure(const kh_error_t *err)
     return err->code == KH_E_NOMEM;
 }
 
-/* The referrals held back, as the claim's uuid[] literal; one whose hold
- * is over is tried again. */
-static void s_held_param(routing_t *self, char *out, size_t size)
+/* The streak's referrals as a uuid[] literal, into out. */
+static void s_streak_param(const routing_t *self, char *out, size_t size)
 {
-    int64_t now = zclock_mono();
     size_t used = (size_t) snprintf(out, size, "{");
-    for (size_t i = 0; i < self->nheld; i++)
-        if (now - self->held[i].at < self->config.hold_ms)
-            used += (size_t) snprintf(out + used, size - used, "%s%s",
-                                      used > 1 ? "," : "", self->held[i].id);
-        else if (!self->held[i].retried) {
-            self->held[i].retried = true;
-            kh_log_info("held_retried", "referral=%s", self->held[i].id);
-        }
+    for (size_t i = 0; i < self->streak; i++)
+        used += (size_t) snprintf(out + used, size - used, "%s%s", i ? "," : "",
+                                  self->streak_ids[i]);
     snprintf(out + used, size - used, "}");
 }
 
-/* Hold id back (again), for one hold from now; returns whether it was
- * held before. */
-static bool s_hold(routing_t *self, const char *id)
+/* Hold the referrals of ids (a uuid[] literal) back for one hold: the
+ * number held, of them *again held before, or -1 with err. */
+static int s_hold_ids(routing_t *self, const char *ids, int *again,
+                      kh_error_t *err)
 {
-    int64_t now = zclock_mono();
-    for (size_t i = 0; i < self->nheld; i++)
-        if (strcmp(self->held[i].id, id) == 0) {
-            self->held[i].at = now;
-            self->held[i].retried = false;
-            return true;
-        }
-    if (self->nheld == S_HELD_MAX) {
-        /* Full: one whose hold is over goes, or else the one held first. */
-        size_t gone = 0;
-        while (gone + 1 < self->nheld && !self->held[gone].retried)
-            gone++;
-        if (!self->held[gone].retried)
-            gone = 0;
-        memmove(self->held + gone, self->held + gone + 1,
-                (--self->nheld - gone) * sizeof self->held[0]);
+    char ms[24];
+    snprintf(ms, sizeof ms, "%d", self->config.hold_ms);
+    const char *params[] = {ids, ms};
+    PGresult *res = PQexecPrepared(self->conn, s_statements[S_HOLD].name, 2,
+                                   params, NULL, NULL, 0);
+    int n = -1;
+    if (PQresultStatus(res) != PGRES_TUPLES_OK)
+        kh_db_error(err, self->conn, res, "cannot hold a referral back");
+    else {
+        n = PQntuples(res);
+        *again = 0;
+        for (int i = 0; i < n; i++)
+            *again += strcmp(PQgetvalue(res, i, 0), "t") == 0;
     }
-    snprintf(self->held[self->nheld].id, sizeof self->held[0].id, "%s", id);
-    self->held[self->nheld].retried = false;
-    self->held[self->nheld++].at = now;
-    return false;
+    PQclear(res);
+    return n;
+}
+
+/* At the start of a pass: hold back the referral that the last one found
+ * failing alone, with an alert, and count it in the streak when it was
+ * never held before; after S_HELD_IN_A_ROW, the streak is held for one
+ * more hold from now, while passes are tried whole. 0, or -1 with err
+ * (it is held at the next pass). */
+static int s_hold_found(routing_t *self, kh_error_t *err)
+{
+    if (!self->to_hold[0])
+        return 0;
+    char ids[40];
+    snprintf(ids, sizeof ids, "{%s}", self->to_hold);
+    int again = 0;
+    int held = s_hold_ids(self, ids, &again, err);
+    if (held < 0)
+        return -1;
+    if (held == 1) {
+        kh_log_error("alert",
+                     "kind=referral_failing referral=%s code=%s retry_ms=%d "
+                     "again=%s msg=\"%s\"",
+                     self->to_hold, kh_error_name(self->hold_why.code),
+                     self->config.hold_ms, again ? "yes" : "no",
+                     KH_LOG_Q(self->hold_why.message));
+        kh_metric_add("referrals_held_total", NULL, 1);
+    }
+    if (held == 1 && !again) {
+        snprintf(self->streak_ids[self->streak], sizeof self->streak_ids[0],
+                 "%s", self->to_hold);
+        self->streak++;
+    }
+    self->to_hold[0] = '\0';
+    if (self->streak < S_HELD_IN_A_ROW)
+        return 0;
+    /* Each held for one hold from now: passes tried whole meanwhile are
+     * tried without them. */
+    char streak[S_HELD_IN_A_ROW * 37 + 3];
+    s_streak_param(self, streak, sizeof streak);
+    kh_error_t extend_err;
+    if (s_hold_ids(self, streak, &again, &extend_err) < 0)
+        kh_log_warn("held_extend_failed",
+                    "msg=\"%s\" (each is held until its own hold ends)",
+                    KH_LOG_Q(extend_err.message));
+    self->whole_until = zclock_mono() + self->config.hold_ms;
+    kh_log_warn("held_in_a_row",
+                "referrals=%d retry_ms=%d msg=\"each failed alone, with no "
+                "referral routed between them: passes are tried whole "
+                "without them for a while, and if those fail too, they go "
+                "free once one routes\"",
+                S_HELD_IN_A_ROW, self->config.hold_ms);
+    return 0;
 }
 
 /* A pass that failed on its data (claim: its claimed referrals), so that
  * one referral does not hold up the others for good: several are routed
  * one at a time from now on, to find which fails; a single one is held
- * back from the claims, with an alert (it stays accepted, and is tried
- * again after its hold, or by another process, or after a restart), and
- * the others go in batches again. After S_HELD_IN_A_ROW, passes are tried
- * whole for one hold. Returns true when the next pass is to come at once. */
+ * back at the next pass (s_hold_found: it stays accepted, and is tried
+ * again after its hold), and the others go in batches again. While passes
+ * are tried whole, none. Returns true when the next pass is to come at
+ * once. */
 static bool s_isolate(routing_t *self, const PGresult *claim,
                       const kh_error_t *err)
 {
@@ -721,25 +758,11 @@ static bool s_isolate(routing_t *self, const PGresult *claim,
     }
     if (n != 1)
         return false;
-    const char *id = PQgetvalue(claim, 0, 0);
-    bool again = s_hold(self, id);
+    snprintf(self->to_hold, sizeof self->to_hold, "%s",
+             PQgetvalue(claim, 0, 0));
+    self->hold_why = *err;
     /* Found: the others go in batches again. */
     self->isolate = 0;
-    kh_log_error("alert",
-                 "kind=referral_failing referral=%s code=%s retry_ms=%d "
-                 "again=%s msg=\"%s\"",
-                 id, kh_error_name(err->code), self->config.hold_ms,
-                 again ? "yes" : "no", KH_LOG_Q(err->message));
-    kh_metric_add("referrals_held_total", NULL, 1);
-    if (!again && ++self->streak == S_HELD_IN_A_ROW) {
-        self->whole_until = zclock_mono() + self->config.hold_ms;
-        kh_log_warn("held_in_a_row",
-                    "referrals=%d retry_ms=%d msg=\"each failed alone, with "
-                    "no referral routed between them: passes are tried "
-                    "whole for a while, and if they fail too, those held go "
-                    "free once one routes\"",
-                    S_HELD_IN_A_ROW, self->config.hold_ms);
-    }
     return true;
 }
 
@@ -749,11 +772,19 @@ static bool s_isolate(routing_t *self, const PGresult *claim,
 static void s_routed_again(routing_t *self)
 {
     if (self->whole_failed) {
-        size_t freed = self->streak < self->nheld ? self->streak : self->nheld;
-        self->nheld -= freed;
-        kh_log_info("held_released",
-                    "referrals=%zu msg=\"passes failed without them too\"",
-                    freed);
+        char streak[S_HELD_IN_A_ROW * 37 + 3];
+        s_streak_param(self, streak, sizeof streak);
+        const char *params[] = {streak};
+        kh_error_t err;
+        if (s_exec(self->conn, S_RELEASE, params, NULL, NULL, &err))
+            kh_log_warn("held_release_failed",
+                        "msg=\"%s\" (they are tried after their hold)",
+                        KH_LOG_Q(err.message));
+        else
+            kh_log_info("held_released",
+                        "referrals=%zu msg=\"passes failed without them "
+                        "too\"",
+                        self->streak);
     }
     self->streak = 0;
     self->whole_until = 0;
@@ -773,16 +804,17 @@ static int s_pass(routing_t *self)
     kh_error_t err;
     int64_t started = zclock_mono();
     size_t deliveries = self->deliveries;
-    char limit[24], bytes[24], held[S_HELD_MAX * 37 + 3];
+    char limit[24], bytes[24];
     snprintf(limit, sizeof limit, "%zu", s_limit(self));
     snprintf(bytes, sizeof bytes, "%zu", self->config.batch_bytes);
-    s_held_param(self, held, sizeof held);
-    const char *params[] = {limit, held, bytes};
+    const char *params[] = {limit, bytes};
     int routed = 0;
+    PGresult *res = NULL;
+    if (s_hold_found(self, &err))
+        goto fail;
     /* BEGIN and the claim in one round trip. */
-    PGresult *res =
-        kh_db_begin_exec(self->conn, "BEGIN", s_statements[S_CLAIM].name, 3,
-                         params, NULL, NULL, 1, &err);
+    res = kh_db_begin_exec(self->conn, "BEGIN", s_statements[S_CLAIM].name, 2,
+                           params, NULL, NULL, 1, &err);
     if (!res)
         goto fail;
     /* The writes of the whole batch, and the COMMIT, in one round trip. */

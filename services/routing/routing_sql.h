@@ -11,28 +11,44 @@
 #define S_ROUTED_COLUMNS 4
 #define S_UNROUTABLE_COLUMNS 3
 
-/* Claim the oldest accepted referrals but those in $2 (held back: their
- * writes failed), up to $1 of them and up to $3 bytes of stored payload
- * (the first whatever its size): the rows of the ones past $3 are locked
- * till the pass ends, and not read, and the next pass claims them. Rows
- * another process holds are skipped, so side-by-side processes never take
- * the same referral. The result is binary (the other columns text, whose
- * binary form is their bytes): the payload comes as the stored bytes, not
- * as converted text, since bytes that are not UTF-8 would make the claim
- * fail in every pass, where routing must set the referral aside as
- * unreadable; and not in bytea's hex text, twice its size, decoded again
- * in routing. The fourth column is the number locked. */
+/* Claim the oldest accepted referrals but those held back (their writes
+ * failed: held_until, s_hold_sql), up to $1 of them and up to $2 bytes of
+ * stored payload, the first whatever its size: the rows of those past $2
+ * are locked till the pass ends, and not read, and the next pass claims
+ * them. Rows another process holds are skipped, so side-by-side processes
+ * never take the same referral. The result is binary (the other columns
+ * text, whose binary form is their bytes): the payload comes as the
+ * stored bytes, not as converted text, since bytes that are not UTF-8
+ * would make the claim fail in every pass, where routing must set the
+ * referral aside as unreadable; and not in bytea's hex text, twice its
+ * size, decoded again in routing. The fourth column is the number
+ * locked. */
 static const char s_claim_sql[] =
     "WITH c AS (SELECT id, accepted_at, coalesce(octet_length(payload), 0)"
     "  AS len FROM referrals WHERE state = 'accepted'"
-    "  AND id <> ALL ($2::uuid[])"
+    "  AND (held_until IS NULL OR held_until <= now())"
     "  ORDER BY accepted_at LIMIT $1 FOR UPDATE SKIP LOCKED),"
-    " w AS (SELECT id, accepted_at, count(*) OVER () AS locked,"
+    " w AS (SELECT id, accepted_at, len, count(*) OVER () AS locked,"
     "  sum(len) OVER (ORDER BY accepted_at, id ROWS UNBOUNDED PRECEDING)"
     "  - len AS before FROM c)"
     " SELECT r.id::text, r.payload, encode(r.payload_hash, 'hex'),"
     " w.locked::text FROM w JOIN referrals r ON r.id = w.id"
-    " WHERE w.before < $3::bigint ORDER BY w.accepted_at, w.id";
+    " WHERE w.before = 0 OR w.before + w.len <= $2::bigint"
+    " ORDER BY w.accepted_at, w.id";
+
+/* Hold the accepted referrals $1 back from the claims for $2 ms from now;
+ * per referral, whether it was held before. */
+static const char s_hold_sql[] =
+    "UPDATE referrals r SET held_until = now() + $2::bigint"
+    " * interval '1 millisecond'"
+    " FROM (SELECT id, held_until IS NOT NULL AS again FROM referrals"
+    "  WHERE id = ANY ($1::uuid[]) AND state = 'accepted' FOR UPDATE) o"
+    " WHERE r.id = o.id RETURNING o.again";
+
+/* Let the referrals $1 be claimed again at once. */
+static const char s_release_sql[] =
+    "UPDATE referrals SET held_until = NULL"
+    " WHERE id = ANY ($1::uuid[]) AND state = 'accepted'";
 
 /* The pass's deliveries, one row per element of the arrays (binary, of
  * the element types in s_delivery_types); $10 is the rules version. */
@@ -94,17 +110,28 @@ static const char s_reload_sql[] =
 
 /* The statements, prepared on each new connection (by their index as
  * name): a pass no longer parses and plans its statements. */
-enum { S_CLAIM, S_DELIVERIES, S_ROUTED, S_UNROUTABLE, S_RELOAD, S_STATEMENTS };
+enum {
+    S_CLAIM,
+    S_DELIVERIES,
+    S_ROUTED,
+    S_UNROUTABLE,
+    S_RELOAD,
+    S_HOLD,
+    S_RELEASE,
+    S_STATEMENTS
+};
 
 static const struct {
     const char *name, *sql;
     int nparams;
 } s_statements[S_STATEMENTS] = {
-    [S_CLAIM] = {"claim", s_claim_sql, 3},
+    [S_CLAIM] = {"claim", s_claim_sql, 2},
     [S_DELIVERIES] = {"deliveries", s_deliveries_sql, S_DELIVERY_COLUMNS + 1},
     [S_ROUTED] = {"routed", s_routed_sql, S_ROUTED_COLUMNS + 1},
     [S_UNROUTABLE] = {"unroutable", s_unroutable_sql, S_UNROUTABLE_COLUMNS},
     [S_RELOAD] = {"reload", s_reload_sql, 6},
+    [S_HOLD] = {"hold", s_hold_sql, 2},
+    [S_RELEASE] = {"release", s_release_sql, 1},
 };
 
 #endif

@@ -509,6 +509,19 @@ START_TEST(status_shows_an_offline_partners_backlog_growing)
     ck_assert_int_eq(json_integer_value(
                          json_object_get(s_db_doc(doc), "referrals_unrouted")),
                      2);
+    ck_assert_int_eq(
+        json_integer_value(json_object_get(s_db_doc(doc), "referrals_held")),
+        0);
+    json_decref(doc);
+    /* One held back by routing (its writes failed), counted apart. */
+    khtest_db_exec(s_db,
+                   "UPDATE referrals SET held_until = now() + interval '1 hour'"
+                   " WHERE idempotency_key = 'status-1'",
+                   0, NULL);
+    ck_assert_int_eq(s_status("none", &doc), 0);
+    ck_assert_int_eq(
+        json_integer_value(json_object_get(s_db_doc(doc), "referrals_held")),
+        1);
     json_decref(doc);
 
     /* Nobody of the zorgcoordinator is connected: its deliveries wait. */

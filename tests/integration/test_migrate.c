@@ -897,6 +897,22 @@ START_TEST(test_services_hold_least_privilege)
     ck_assert_str_eq(
         s_as(conn, "ketenhub_routing", "UPDATE referrals SET payload = NULL"),
         "42501");
+    /* It holds a referral back, and lets it go (027); an administrator
+     * counts those held (status). */
+    ck_assert_str_eq(
+        s_as(conn, "ketenhub_routing",
+             "UPDATE referrals r SET held_until = now() FROM (SELECT id,"
+             " held_until IS NOT NULL AS again FROM referrals WHERE state ="
+             " 'accepted' FOR UPDATE) o WHERE r.id = o.id RETURNING o.again"),
+        "");
+    ck_assert_str_eq(s_as(conn, "ketenhub_routing",
+                          "UPDATE referrals SET held_until = NULL"
+                          " WHERE state = 'accepted'"),
+                     "");
+    ck_assert_str_eq(s_as(conn, "ketenhub_admin",
+                          "SELECT count(*) FILTER (WHERE held_until > now())"
+                          " FROM referrals WHERE state = 'accepted'"),
+                     "");
     /* Routing writes deliveries, with the ON CONFLICT of its insert, and
      * reads none of their payloads (022). */
     ck_assert_str_eq(

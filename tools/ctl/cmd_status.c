@@ -40,15 +40,17 @@ static const char s_backlog_sql[] =
 
 /* Dead letters and open escalations, as their indexes name them
  * (migrations/003, 006); the referrals accepted and not yet routed, with
- * the oldest one's time and age, from the index routing claims them by. */
+ * the oldest one's time and age, from the index routing claims them by,
+ * and how many of them routing holds back (their writes failed, 027). */
 static const char s_counts_sql[] =
     "SELECT (SELECT count(*) FROM deliveries WHERE state = 'dead'),"
     " (SELECT count(*) FROM deliveries"
     "  WHERE escalated_at IS NOT NULL AND acked_at IS NULL"
     "  AND dead_reason IS NULL),"
     " u.n, " S_TS("u.oldest") ","
-    " extract(epoch FROM now() - u.oldest)::bigint"
-    " FROM (SELECT count(*) AS n, min(accepted_at) AS oldest"
+    " extract(epoch FROM now() - u.oldest)::bigint, u.held"
+    " FROM (SELECT count(*) AS n, min(accepted_at) AS oldest,"
+    "  count(*) FILTER (WHERE held_until > now()) AS held"
     "  FROM referrals WHERE state = 'accepted') u";
 /* clang-format on */
 
@@ -314,8 +316,9 @@ static json_t *s_database(json_t **partners)
                                      "referrals_unrouted",
                                      "referrals_unrouted_oldest",
                                      "referrals_unrouted_oldest_age_s",
+                                     "referrals_held",
                                      NULL};
-    static const bool n_counts[] = {true, true, true, false, true};
+    static const bool n_counts[] = {true, true, true, false, true, true};
     /* Through the views that ketenhub_admin may read. */
     int rc =
         s_row(conn, "SELECT rules_version, " S_TS("at") " FROM " S_IN_FORCE, db,
@@ -545,6 +548,10 @@ static void s_print_text(const json_t *doc)
            s_str(db, "referrals_unrouted_oldest", ""),
            *unrouted_age ? ", " : "", unrouted_age,
            *unrouted_age ? " ago)" : "");
+    if (s_int(db, "referrals_held") > 0)
+        printf("  held back       %lld (their writes failed: see the "
+               "routing log, kind=referral_failing)\n",
+               s_int(db, "referrals_held"));
     printf("backlog (unacknowledged deliveries per partner)\n");
     printf("  %-24s %8s  %s\n", "partner", "backlog", "oldest");
     json_t *p;
