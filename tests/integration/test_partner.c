@@ -603,8 +603,13 @@ START_TEST(test_ctl_out_apart_from_cert_dir)
     snprintf(made, sizeof made, "%s/new", out);
     ck_assert_int_eq(KHTEST_CTL(&text, "migrate"), 0);
     free(text);
-    const char *const outs[] = {cert_dir, inside, dotted};
-    for (size_t i = 0; i < 3; i++) {
+    /* And through a link to it. */
+    char link[600], linked[640];
+    snprintf(link, sizeof link, "%s/link", out);
+    ck_assert_int_eq(symlink(cert_dir, link), 0);
+    snprintf(linked, sizeof linked, "%s/keys", link);
+    const char *const outs[] = {cert_dir, inside, dotted, linked};
+    for (size_t i = 0; i < 4; i++) {
         int rc = KHTEST_CTL(&text, "partner", "add", "avim", "--name", "AVIM",
                             "--kind", "police", "--cert-dir", cert_dir, "--out",
                             outs[i]);

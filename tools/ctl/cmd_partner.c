@@ -239,6 +239,27 @@ static bool s_resolved(const char *path, char resolved[PATH_MAX])
                     basename(base)) < PATH_MAX;
 }
 
+/* Whether path (which need not be there yet) is dir or lies in it: one
+ * of its directories is dir itself, by device and inode, so that another
+ * way to the same directory (a second mount of it) is found too. */
+static bool s_within(const char *path, const char *dir)
+{
+    struct stat d, st;
+    char p[PATH_MAX];
+    if (stat(dir, &d) != 0 || !s_resolved(path, p))
+        return false;
+    for (;;) {
+        if (stat(p, &st) == 0 && st.st_dev == d.st_dev && st.st_ino == d.st_ino)
+            return true;
+        char *slash = strrchr(p, '/');
+        if (!slash || slash == p) /* "/" itself: looked at below */
+            break;
+        *slash = '\0';
+    }
+    return stat("/", &st) == 0 && st.st_dev == d.st_dev &&
+           st.st_ino == d.st_ino;
+}
+
 /* Exactly one of --out DIR and --public-cert FILE, an --out that can be
  * made and is outside cert_dir (the partner's secret key has no place
  * among the certificates the hub admits, which the services read); false
@@ -256,11 +277,7 @@ static bool s_one_key_source(const char *command, const char *out,
         return true;
     if (ctl_out_dir_check(command, out) != CTL_OK)
         return false;
-    char o[PATH_MAX], c[PATH_MAX];
-    if (!s_resolved(out, o) || !s_resolved(cert_dir, c))
-        return true;
-    size_t n = strlen(c);
-    if (strncmp(o, c, n) == 0 && (o[n] == '\0' || o[n] == '/' || n == 1)) {
+    if (s_within(out, cert_dir)) {
         ctl_usage_error("%s: --out %s is in --cert-dir %s: the partner's "
                         "secret key must not be among the certificates the "
                         "hub admits; give a directory outside it",

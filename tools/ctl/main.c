@@ -6,6 +6,7 @@
  */
 #include <errno.h>
 #include <libgen.h>
+#include <limits.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -114,8 +115,9 @@ int ctl_getopt(int argc, char **argv, const char *shortopts,
                const struct option *longopts, ctl_opts_t *opts)
 {
     int c = getopt_long(argc, argv, shortopts, longopts, NULL);
-    if (c <= 0 || c == '?' || c == ':' || strchr(opts->repeatable, c))
-        return c;
+    if (c <= 0 || c > UCHAR_MAX || c == '?' || c == ':' ||
+        strchr(opts->repeatable, c))
+        return c; /* (an option of a value past a char is not checked) */
     const struct option *o = longopts;
     while (o->name && o->val != c)
         o++;
