@@ -596,14 +596,12 @@ START_TEST(test_retry_waits_for_purge)
 }
 END_TEST
 
-/* A retry locks its dead letters in the order of their ids, as the
- * notification service's ACK batches lock theirs (a dead letter the
- * partner did take is acknowledged after all): while an ACK batch holds
- * the first of two, the retry waits for it holding neither, and the batch
- * takes the second without waiting, so the two never deadlock. The
- * dead letters are stored in the reverse order of their ids, the order
- * in which the retry of a partner's dead letters finds them. */
-START_TEST(test_retry_locks_in_id_order)
+/* Two dead letters of meldpunt, D6 and D7, stored in the reverse order of
+ * their ids (the order in which the retry of a partner's dead letters
+ * finds them), and `deadletters retry --partner meldpunt --all` started
+ * (*pid, its output in log, a mkstemp template) while the returned
+ * connection, an ACK batch, holds D6 locked in its transaction. */
+static PGconn *s_retry_behind_a_lock(char *log, pid_t *pid)
 {
     s_setup();
     s_delivery(D7, REF2, "meldpunt", "normal", "dead", "'max_age'", 3, false);
@@ -616,7 +614,6 @@ START_TEST(test_retry_locks_in_id_order)
     khtest_db_exec(acker,
                    "SELECT 1 FROM deliveries WHERE id = '" D6 "' FOR UPDATE", 0,
                    NULL);
-    char log[] = "/tmp/kh-dl-order-XXXXXX";
     int fd = mkstemp(log);
     ck_assert_int_ge(fd, 0);
     close(fd);
@@ -628,8 +625,21 @@ START_TEST(test_retry_locks_in_id_order)
                     "--all",
                     NULL};
     char *env[] = {NULL};
-    pid_t pid = khproc_spawn(argv[0], argv, env, log);
-    ck_assert_int_gt(pid, 0);
+    *pid = khproc_spawn(argv[0], argv, env, log);
+    ck_assert_int_gt(*pid, 0);
+    return acker;
+}
+
+/* A retry locks its dead letters in the order of their ids, as the
+ * notification service's ACK batches lock theirs (a dead letter the
+ * partner did take is acknowledged after all): while an ACK batch holds
+ * the first of two, the retry waits for it holding neither, and the batch
+ * takes the second without waiting, so the two never deadlock. */
+START_TEST(test_retry_locks_in_id_order)
+{
+    char log[] = "/tmp/kh-dl-order-XXXXXX";
+    pid_t pid;
+    PGconn *acker = s_retry_behind_a_lock(log, &pid);
     long waiting = s_admin_waits_for_a_lock();
     /* The batch's next delivery: the retry must not hold it. */
     PGresult *res = PQexec(acker, "SELECT 1 FROM deliveries WHERE id = '" D7
@@ -664,31 +674,9 @@ END_TEST
  * others are retried: the retry neither fails whole nor undoes the ACK. */
 START_TEST(test_retry_of_a_partner_skips_one_acknowledged_meanwhile)
 {
-    s_setup();
-    s_delivery(D7, REF2, "meldpunt", "normal", "dead", "'max_age'", 3, false);
-    s_delivery(D6, REF, "meldpunt", "normal", "dead", "'max_age'", 3, false);
-    char *conninfo = khtest_db_conninfo(DB);
-    PGconn *acker = PQconnectdb(conninfo);
-    free(conninfo);
-    ck_assert_int_eq(PQstatus(acker), CONNECTION_OK);
-    khtest_db_exec(acker, "BEGIN", 0, NULL);
-    khtest_db_exec(acker,
-                   "SELECT 1 FROM deliveries WHERE id = '" D6 "' FOR UPDATE", 0,
-                   NULL);
     char log[] = "/tmp/kh-dl-acked-XXXXXX";
-    int fd = mkstemp(log);
-    ck_assert_int_ge(fd, 0);
-    close(fd);
-    char *argv[] = {KH_TEST_BINARY_DIR "/tools/ctl/ketenhubctl",
-                    "deadletters",
-                    "retry",
-                    "--partner",
-                    "meldpunt",
-                    "--all",
-                    NULL};
-    char *env[] = {NULL};
-    pid_t pid = khproc_spawn(argv[0], argv, env, log);
-    ck_assert_int_gt(pid, 0);
+    pid_t pid;
+    PGconn *acker = s_retry_behind_a_lock(log, &pid);
     ck_assert_int_eq(s_admin_waits_for_a_lock(), 1);
     khtest_db_exec(
         acker,
