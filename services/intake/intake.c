@@ -627,7 +627,9 @@ static void s_take(intake_t *self, kh_jarena_t *arena, s_request_t *req,
      * registry was read last. */
     if (!req->refused && !partner && unsure) {
         kh_error_set(&err, KH_E_UNAVAILABLE, "",
-                     "the partner registry cannot be read now");
+                     "the partner registry cannot be read now; send the "
+                     "same request again (a SUBMIT with the same "
+                     "idempotency key)");
         s_refuse(req, &err);
     } else if (!req->refused && !partner) {
         kh_error_set(&err, KH_E_UNKNOWN_PARTNER, "",

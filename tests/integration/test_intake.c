@@ -2293,6 +2293,56 @@ START_TEST(database_down_gives_retryable_refusal_then_recovers)
 }
 END_TEST
 
+/* When the database goes, intake's registry connection tells it so, and
+ * a change to the registry may go by unseen: partners are refused until
+ * it is read again, and the refusal asks for the same request again. No
+ * refresh runs in between here, so that this is what answers. */
+START_TEST(a_lost_registry_connection_refuses_retryably)
+{
+    khproc_stop(s_intake, SIGTERM, 5000);
+    s_start_intake_refreshing("600000");
+    s_wait_ready();
+    kh_client_t *client = s_client("vt");
+    json_t *referral = s_example();
+    kh_error_t err;
+    const char *pgdir = getenv("KH_TEST_PG_DIR");
+    ck_assert_ptr_nonnull(pgdir);
+    ck_assert_int_eq(khproc_sh("'%s/scripts/pgtmp.sh' down '%s' fast",
+                               KH_TEST_SOURCE_DIR, pgdir),
+                     0);
+    json_t *replies[3] = {
+        kh_client_submit(client, referral, "lost-1", S_TIMEOUT, &err),
+        kh_client_status(client, "01a223fd-d3d3-7c41-9c55-0a3f3f0f6f2b",
+                         S_TIMEOUT, &err),
+        kh_client_submit(client, referral, "lost-1", S_TIMEOUT, &err)};
+    ck_assert_int_eq(
+        khproc_sh("'%s/scripts/pgtmp.sh' up '%s'", KH_TEST_SOURCE_DIR, pgdir),
+        0);
+    for (size_t i = 0; i < 3; i++) {
+        ck_assert_msg(replies[i] != NULL, "no answer to request %zu", i);
+        ck_assert_str_eq(s_str(replies[i], "code"), "unavailable");
+        ck_assert(json_is_true(json_object_get(replies[i], "retryable")));
+        ck_assert_msg(
+            strstr(s_str(replies[i], "message"), "same request again"),
+            "%zu: %s", i, s_str(replies[i], "message"));
+        json_decref(replies[i]);
+    }
+    /* Connected again, intake reads the registry and admits the partner. */
+    kh_client_set_retries(client, 20);
+    json_t *reply =
+        kh_client_submit(client, referral, "lost-1", S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(reply);
+    ck_assert_str_eq(kh_client_reply_cmd(reply), "ACCEPTED");
+    json_decref(reply);
+    PQreset(s_db);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM referrals WHERE "
+                             "idempotency_key = 'lost-1'"),
+                     1);
+    json_decref(referral);
+    kh_client_destroy(&client);
+}
+END_TEST
+
 /* Wait until intake's terminated sessions are gone (a backend ends after
  * pg_terminate_backend returns, and may commit one more request). */
 static void s_wait_sessions_gone(void)
@@ -3726,6 +3776,7 @@ int main(void)
     tcase_add_test(tc, submitted_referrals_are_routed_with_their_projections);
     tcase_add_test(tc, killed_before_commit_then_retry_succeeds_once);
     tcase_add_test(tc, database_down_gives_retryable_refusal_then_recovers);
+    tcase_add_test(tc, a_lost_registry_connection_refuses_retryably);
     tcase_add_test(tc, a_database_away_is_not_logged_once_per_request);
     tcase_add_test(tc, a_locked_table_does_not_hold_up_a_reconnection);
     tcase_add_test(tc, a_cancelled_batch_answers_its_refusals_retryable);
