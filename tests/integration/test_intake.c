@@ -3500,7 +3500,8 @@ START_TEST(an_idle_intake_stops_at_once)
     s_intake = -1;
     ck_assert(status != -1 && WIFEXITED(status));
     ck_assert_int_eq(WEXITSTATUS(status), 0);
-    ck_assert_msg(elapsed < 500, "intake took %d ms to stop", (int) elapsed);
+    /* Well below the router's linger (2 s), which would hold it. */
+    ck_assert_msg(elapsed < 1000, "intake took %d ms to stop", (int) elapsed);
 }
 END_TEST
 
@@ -3708,7 +3709,8 @@ START_TEST(a_stalled_read_does_not_delay_stopping)
     kill((pid_t) reader, SIGCONT);
     ck_assert(status != -1 && WIFEXITED(status));
     ck_assert_int_eq(WEXITSTATUS(status), 0);
-    ck_assert_msg(elapsed < 300, "intake took %d ms to stop", (int) elapsed);
+    /* Before the read would time out (1 s here). */
+    ck_assert_msg(elapsed < 700, "intake took %d ms to stop", (int) elapsed);
 }
 END_TEST
 
