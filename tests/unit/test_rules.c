@@ -13,6 +13,7 @@
 #include "ketenhub/rules.h"
 
 #include <dirent.h>
+#include <glob.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -2019,6 +2020,184 @@ START_TEST(test_ctl_exit_codes)
 }
 END_TEST
 
+/* rules test: the shipped cases hold for the shipped rules; an expectation
+ * that does not hold is named by its path with what came instead (never a
+ * referral value), exit 1; a file that is no case is named with the path
+ * inside it, exit 2, and the other cases are run all the same. */
+START_TEST(test_ctl_rules_test)
+{
+    char ctl[4096], def[4096];
+    snprintf(ctl, sizeof ctl, "%s/tools/ctl/ketenhubctl", KH_TEST_BINARY_DIR);
+    snprintf(def, sizeof def, "%s", khtest_src("schemas/rules/default.yaml"));
+    char *dir = khtest_tmpdir();
+    char all[4096], without[4096];
+    snprintf(all, sizeof all, "%s/all.json", dir);
+    khtest_write_file(all,
+                      "[{\"id\":\"veilig-thuis\",\"handles_cases\":true},"
+                      "{\"id\":\"zorgcoordinator\",\"handles_cases\":true},"
+                      "{\"id\":\"avim\",\"handles_cases\":true},"
+                      "{\"id\":\"arbeidsinspectie\",\"handles_cases\":"
+                      "true}]");
+    snprintf(without, sizeof without, "%s/without.json", dir);
+    khtest_write_file(without,
+                      "[{\"id\":\"veilig-thuis\",\"handles_cases\":true},"
+                      "{\"id\":\"zorgcoordinator\",\"handles_cases\":true},"
+                      "{\"id\":\"avim\",\"handles_cases\":true}]");
+    glob_t cases;
+    char pattern[4096];
+    snprintf(pattern, sizeof pattern, "%s",
+             khtest_src("schemas/rules/tests/*.json"));
+    ck_assert_int_eq(glob(pattern, 0, NULL, &cases), 0);
+    ck_assert_uint_ge(cases.gl_pathc, 7);
+    char *argv[64] = {ctl, "rules", "test", def};
+    size_t argc = 4;
+    for (size_t i = 0; i < cases.gl_pathc && argc < 60; i++)
+        argv[argc++] = cases.gl_pathv[i];
+    char want[64];
+    snprintf(want, sizeof want, "%zu cases: %zu as expected, 0 not\n",
+             cases.gl_pathc, cases.gl_pathc);
+    char *out = NULL;
+    ck_assert_int_eq(khtest_run(argv, &out), 0);
+    ck_assert_msg(strstr(out, want) && strstr(out, "partners not checked"),
+                  "%s", out);
+    free(out);
+    argv[argc] = "--partners";
+    argv[argc + 1] = all;
+    ck_assert_int_eq(khtest_run(argv, &out), 0);
+    ck_assert_msg(strstr(out, want) && !strstr(out, "partners not checked"),
+                  "%s", out);
+    free(out);
+    /* Without the Arbeidsinspectie registered, labour exploitation does
+     * not reach it: the cases that say it does fail. */
+    argv[argc + 1] = without;
+    ck_assert_int_eq(khtest_run(argv, &out), 1);
+    ck_assert_msg(strstr(out, "adult-labour-agriculture-shelter.json: FAIL\n"
+                              "  expect.targets.arbeidsinspectie: gets "
+                              "nothing\n") &&
+                      strstr(out, "minor-sexual-acute.json: ok\n"),
+                  "%s", out);
+    free(out);
+    globfree(&cases);
+
+    /* An adult in labour exploitation with no other need goes to the
+     * fallback when the Arbeidsinspectie is not registered. */
+    json_t *referral = json_load_file(
+        khtest_src("schemas/examples/adult-labour-agriculture-shelter.json"), 0,
+        NULL);
+    ck_assert_ptr_nonnull(referral);
+    json_object_set_new(referral, "needs", json_array());
+    json_t *doc = json_pack("{s:O, s:{s:[s], s:s, s:{s:{s:s}}}}", "referral",
+                            referral, "expect", "rules", "labour-exploitation",
+                            "fallback", "no_registered_target", "targets",
+                            "zorgcoordinator", "priority", "normal");
+    ck_assert_ptr_nonnull(doc);
+    char labour[4096];
+    snprintf(labour, sizeof labour, "%s/labour.json", dir);
+    ck_assert_int_eq(json_dump_file(doc, labour, 0), 0);
+    char *registry[] = {ctl,    "rules",      "test",  def,
+                        labour, "--partners", without, NULL};
+    ck_assert_int_eq(khtest_run(registry, &out), 0);
+    ck_assert_msg(strstr(out, "labour.json: ok\n"), "%s", out);
+    free(out);
+
+    /* Every expectation wrong at once: each said, none of the values. */
+    json_object_set_new(json_object_get(doc, "expect"), "fallback",
+                        json_false());
+    json_object_set_new(json_object_get(doc, "expect"), "targets",
+                        json_pack("{s:{s:s, s:[s], s:s}, s:{}}",
+                                  "zorgcoordinator", "priority", "urgent",
+                                  "fields", "suspects", "escalate_to", "avim",
+                                  "avim", ""));
+    json_object_set_new(json_object_get(doc, "expect"), "rules",
+                        json_pack("[s]", "minor"));
+    ck_assert_int_eq(json_dump_file(doc, labour, 0), 0);
+    ck_assert_int_eq(khtest_run(registry, &out), 1);
+    static const char *const said[] = {
+        "labour.json: FAIL\n",
+        "  expect.rules: want minor, got labour-exploitation\n",
+        "  expect.fallback: want none, got no_registered_target\n",
+        "  expect.targets.zorgcoordinator.priority: want urgent, got normal\n",
+        "  expect.targets.zorgcoordinator.fields: not sent: suspects; sent "
+        "besides: submitted_by, subject,",
+        "  expect.targets.zorgcoordinator.escalate_to: want avim, got none\n",
+        "  expect.targets.avim: gets nothing\n",
+        "1 case: 0 as expected, 1 not\n"};
+    for (size_t i = 0; i < sizeof said / sizeof *said; i++)
+        ck_assert_msg(strstr(out, said[i]), "no '%s' in: %s", said[i], out);
+    ck_assert_msg(!strstr(out, "SWT-7781-B") && !strstr(out, "Fictief"), "%s",
+                  out);
+    free(out);
+    /* A partner that gets it and is not expected to is said too. */
+    json_object_set_new(json_object_get(doc, "expect"), "targets",
+                        json_object());
+    ck_assert_int_eq(json_dump_file(doc, labour, 0), 0);
+    ck_assert_int_eq(khtest_run(registry, &out), 1);
+    ck_assert_msg(strstr(out, "  expect.targets: zorgcoordinator gets it too "
+                              "(priority normal)\n"),
+                  "%s", out);
+    free(out);
+
+    /* Files that are no case: each named with the place in it, exit 2,
+     * and the good case beside them still run. */
+    static const struct {
+        const char *text;
+        const char *said;
+    } bad[] = {
+        {"[]", ": $: a case is a JSON object (rules.test)"},
+        {"{\"referral\": {}, \"expect\": {\"targets\": {}}, \"expected\": 1}",
+         ": expected: unknown key"},
+        {"{\"referral\": 1, \"expect\": {\"targets\": {}}}",
+         ": referral: must"},
+        {"{\"referral\": {}, \"expect\": {}}", ": expect.targets: must"},
+        {"{\"referral\": {}, \"expect\": {\"targets\": {\"avim\": "
+         "{\"priorty\": \"urgent\"}}}}",
+         ": expect.targets.avim.priorty: unknown key"},
+        {"{\"referral\": {}, \"expect\": {\"targets\": {\"avim\": "
+         "{\"priority\": \"asap\"}}}}",
+         ": expect.targets.avim.priority: must be"},
+        {"{\"referral\": {}, \"expect\": {\"rules\": [\"a\", \"a\"], "
+         "\"targets\": {}}}",
+         ": expect.rules: must be"},
+        {"{\"referral\": {}, \"expect\": {\"fallback\": true, \"targets\": "
+         "{}}}",
+         ": expect.fallback: must be"},
+        {"{\"referral\": \"missing.json\", \"expect\": {\"targets\": {}}}",
+         "missing.json: cannot open it"},
+        /* What intake refuses is no referral routing could see. */
+        {"{\"referral\": {\"schema_version\": \"referral.v1\"}, \"expect\": "
+         "{\"targets\": {}}}",
+         "intake refuses it"},
+        {"{\"referral\": \n  \"x.json\",,}", "case.json:2:12: "},
+    };
+    char bad_case[4096];
+    snprintf(bad_case, sizeof bad_case, "%s/case.json", dir);
+    char *mixed[] = {ctl,      "rules",      "test",  def, labour,
+                     bad_case, "--partners", without, NULL};
+    json_object_set_new(json_object_get(doc, "expect"), "targets",
+                        json_pack("{s:{}}", "zorgcoordinator"));
+    json_object_del(json_object_get(doc, "expect"), "rules");
+    json_object_del(json_object_get(doc, "expect"), "fallback");
+    ck_assert_int_eq(json_dump_file(doc, labour, 0), 0);
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        khtest_write_file(bad_case, bad[i].text);
+        ck_assert_int_eq(khtest_run(mixed, &out), 2);
+        ck_assert_msg(strstr(out, bad[i].said) &&
+                          strstr(out, "labour.json: ok\n") &&
+                          strstr(out, "2 cases: 1 as expected, 0 not, 1 no "
+                                      "case"),
+                      "%zu: no '%s' in: %s", i, bad[i].said, out);
+        free(out);
+    }
+    char *no_case[] = {ctl, "rules", "test", def, NULL};
+    ck_assert_int_eq(khtest_run(no_case, &out), 2);
+    free(out);
+    json_decref(doc);
+    json_decref(referral);
+    khtest_rmtree(dir);
+    free(dir);
+}
+END_TEST
+
 static Suite *s_suite(void)
 {
     Suite *s = suite_create("rules");
@@ -2047,6 +2226,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_escaped_control_characters);
     tcase_add_test(tc, test_default_rules_route_examples);
     tcase_add_test(tc, test_ctl_exit_codes);
+    tcase_add_test(tc, test_ctl_rules_test);
     tcase_add_test(tc, test_schema_deeper_than_a_projection_is_refused);
     suite_add_tcase(s, tc);
     return s;

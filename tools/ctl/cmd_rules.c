@@ -1,14 +1,17 @@
 /*
- * ketenhubctl rules check / explain: validate a routing rules file and show
- * what it does to one referral. check takes the registered partners from
- * the database, or from a file (`partner list --json` output) to work
- * offline; explain needs no database and checks partners only when given
+ * ketenhubctl rules check / explain / test: validate a routing rules file,
+ * show what it does to one referral, and hold it to cases that say where
+ * referrals must go. check takes the registered partners from the
+ * database, or from a file (`partner list --json` output) to work offline;
+ * explain and test need no database and check partners only when given
  * --partners.
  */
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
 #include <jansson.h>
+#include <libgen.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -35,6 +38,9 @@ static void s_usage(FILE *out)
             "       ketenhubctl rules explain FILE REFERRAL.json "
             "[--partners FILE.json]\n"
             "                                 [--schema FILE]\n"
+            "       ketenhubctl rules test FILE CASE.json... "
+            "[--partners FILE.json]\n"
+            "                              [--schema FILE]\n"
             "\n"
             "check    validate a rules file: every error as "
             "FILE:LINE:COL: code: message.\n"
@@ -51,14 +57,25 @@ static void s_usage(FILE *out)
             "referral that intake\n"
             "         would refuse is an error (code and field path), exit "
             "2.\n"
+            "test     route the referral of each case file and compare "
+            "with what it\n"
+            "         expects: the matched rules, the fallback, each "
+            "partner with its\n"
+            "         priority, fields and escalation (schemas/rules.md). "
+            "No database.\n"
+            "         Prints each case's differences, never the "
+            "referral's values.\n"
             "\n"
             "  --schema FILE  the referral schema (default: "
             "$KH_SCHEMA_DIR/referral.v1.json,\n"
             "                 else the source tree's or the installed one)\n"
             "\n"
-            "exit status: 0 valid, 1 invalid or not checked (the database "
-            "could not be\n"
-            "read), 2 usage or unreadable input\n");
+            "exit status: 0 valid (test: every case as expected), 1 "
+            "invalid, not\n"
+            "checked (the database could not be read) or a case not as "
+            "expected,\n"
+            "2 usage or unreadable input (test: a case file that is no "
+            "case)\n");
 }
 
 /* Where referral.v1.json is: $KH_SCHEMA_DIR, the source tree (next to the
@@ -278,7 +295,377 @@ static bool s_regular_file(const char *path, const char *what, const char *code)
     return why == NULL;
 }
 
-static int s_run(int argc, char **argv, bool explain)
+/* ---- rules test ------------------------------------------------------ */
+
+/* One case file being run: its name, and how many of its expectations
+ * failed so far. */
+typedef struct {
+    const char *file;
+    int failed;
+} s_case_t;
+
+/* Say that the expectation at path did not hold (the case's first one
+ * heads its list). */
+static void s_differs(s_case_t *c, const char *path, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void s_differs(s_case_t *c, const char *path, const char *fmt, ...)
+{
+    if (c->failed++ == 0)
+        printf("%s: FAIL\n", c->file);
+    printf("  %s: ", path);
+    va_list ap;
+    va_start(ap, fmt);
+    vprintf(fmt, ap);
+    va_end(ap);
+    putchar('\n');
+}
+
+/* Say why the case file is no case (exit 2): the path inside it. */
+static bool s_bad_case(const char *file, const char *path, const char *what)
+{
+    fprintf(stderr, "ketenhubctl: %s: %s: %s (rules.test)\n", file, path, what);
+    return false;
+}
+
+/* Whether the object at path holds only the keys in allowed (a key
+ * misspelt would make an expectation that is never checked). */
+static bool s_keys_only(const char *file, const char *path, const json_t *obj,
+                        const char *const *allowed)
+{
+    const char *key;
+    const json_t *value;
+    json_object_foreach((json_t *) obj, key, value)
+    {
+        (void) value;
+        size_t i = 0;
+        while (allowed[i] && strcmp(allowed[i], key) != 0)
+            i++;
+        if (!allowed[i]) {
+            char where[512];
+            snprintf(where, sizeof where, "%s%s%s", path, *path ? "." : "",
+                     key);
+            return s_bad_case(file, where, "unknown key");
+        }
+    }
+    return true;
+}
+
+/* Whether v is an array of distinct strings. */
+static bool s_string_set(const json_t *v)
+{
+    if (!json_is_array(v))
+        return false;
+    for (size_t i = 0; i < json_array_size(v); i++) {
+        if (!json_is_string(json_array_get(v, i)))
+            return false;
+        for (size_t j = 0; j < i; j++)
+            if (json_equal(json_array_get(v, i), json_array_get(v, j)))
+                return false;
+    }
+    return true;
+}
+
+static bool s_priority_known(const char *name)
+{
+    for (int p = KH_PRIORITY_NORMAL; p <= KH_PRIORITY_URGENT; p++)
+        if (strcmp(name, kh_priority_name((kh_priority_t) p)) == 0)
+            return true;
+    return false;
+}
+
+/* Whether doc has the shape of a case (schemas/rules.md), said on stderr
+ * with the path inside it when not. */
+static bool s_case_valid(const char *file, const json_t *doc)
+{
+    static const char *const top[] = {"about", "referral", "expect", NULL};
+    static const char *const expect_keys[] = {"rules", "fallback", "targets",
+                                              NULL};
+    static const char *const target_keys[] = {"priority", "fields",
+                                              "escalate_to", NULL};
+    if (!json_is_object(doc))
+        return s_bad_case(file, "$", "a case is a JSON object");
+    if (!s_keys_only(file, "", doc, top))
+        return false;
+    const json_t *about = json_object_get(doc, "about");
+    if (about && !json_is_string(about))
+        return s_bad_case(file, "about", "must be a string");
+    const json_t *referral = json_object_get(doc, "referral");
+    if (!json_is_object(referral) && !json_is_string(referral))
+        return s_bad_case(file, "referral",
+                          "must be the referral (an object) or the name of "
+                          "its file, relative to the case's directory");
+    const json_t *expect = json_object_get(doc, "expect");
+    if (!json_is_object(expect))
+        return s_bad_case(file, "expect", "must be an object");
+    if (!s_keys_only(file, "expect", expect, expect_keys))
+        return false;
+    const json_t *rules = json_object_get(expect, "rules");
+    if (rules && !s_string_set(rules))
+        return s_bad_case(file, "expect.rules",
+                          "must be an array of distinct rule names");
+    const json_t *fallback = json_object_get(expect, "fallback");
+    const char *reason = json_string_value(fallback);
+    if (fallback && !json_is_false(fallback) &&
+        !(reason && (strcmp(reason, "no_rule_matched") == 0 ||
+                     strcmp(reason, "no_registered_target") == 0)))
+        return s_bad_case(file, "expect.fallback",
+                          "must be false, \"no_rule_matched\" or "
+                          "\"no_registered_target\"");
+    const json_t *targets = json_object_get(expect, "targets");
+    if (!json_is_object(targets))
+        return s_bad_case(file, "expect.targets",
+                          "must be an object: partner id -> what it gets");
+    const char *id;
+    const json_t *t;
+    json_object_foreach((json_t *) targets, id, t)
+    {
+        char path[512];
+        snprintf(path, sizeof path, "expect.targets.%s", id);
+        if (!json_is_object(t))
+            return s_bad_case(file, path, "must be an object");
+        if (!s_keys_only(file, path, t, target_keys))
+            return false;
+        const json_t *priority = json_object_get(t, "priority");
+        if (priority && !(json_is_string(priority) &&
+                          s_priority_known(json_string_value(priority)))) {
+            snprintf(path, sizeof path, "expect.targets.%s.priority", id);
+            return s_bad_case(file, path,
+                              "must be \"normal\", \"high\" or \"urgent\"");
+        }
+        const json_t *fields = json_object_get(t, "fields");
+        if (fields && !s_string_set(fields)) {
+            snprintf(path, sizeof path, "expect.targets.%s.fields", id);
+            return s_bad_case(file, path,
+                              "must be an array of distinct field paths");
+        }
+        const json_t *escalate = json_object_get(t, "escalate_to");
+        if (escalate && !json_is_string(escalate) && !json_is_null(escalate)) {
+            snprintf(path, sizeof path, "expect.targets.%s.escalate_to", id);
+            return s_bad_case(file, path, "must be a partner id or null");
+        }
+    }
+    return true;
+}
+
+/* The referral of a valid case: inline, or read from the file it names
+ * (relative to the case's directory); NULL after saying why. */
+static json_t *s_case_referral(const char *file, const json_t *doc)
+{
+    const json_t *referral = json_object_get(doc, "referral");
+    if (json_is_object(referral))
+        return json_incref((json_t *) referral);
+    const char *name = json_string_value(referral);
+    char path[4096];
+    if (name[0] == '/')
+        snprintf(path, sizeof path, "%s", name);
+    else {
+        char dir[4096];
+        snprintf(dir, sizeof dir, "%s", file);
+        snprintf(path, sizeof path, "%s/%s", dirname(dir), name);
+    }
+    return s_json_file(path);
+}
+
+/* "a, b, c" of the strings of set, or "none". */
+static void s_list(const json_t *set, char *out, size_t size)
+{
+    size_t used = 0;
+    out[0] = '\0';
+    for (size_t i = 0; i < json_array_size(set) && used < size; i++)
+        used +=
+            (size_t) snprintf(out + used, size - used, "%s%s", i ? ", " : "",
+                              json_string_value(json_array_get(set, i)));
+    if (!out[0])
+        snprintf(out, size, "none");
+}
+
+/* The projected field paths of target index, as an array; NULL when out
+ * of memory. */
+static json_t *s_result_fields(const kh_rules_result_t *result, size_t index)
+{
+    char *text = NULL;
+    size_t len = 0;
+    FILE *mem = open_memstream(&text, &len);
+    if (!mem)
+        return NULL;
+    kh_rules_result_fields(result, index, mem);
+    json_t *fields = fclose(mem) == 0 ? json_array() : NULL;
+    for (char *line = text, *end; fields && line && *line; line = end + 1) {
+        if (!(end = strchr(line, '\n')))
+            break;
+        *end = '\0';
+        json_array_append_new(fields, json_string(line));
+    }
+    free(text);
+    return fields;
+}
+
+/* The strings of a that b lacks. */
+static json_t *s_minus(const json_t *a, const json_t *b)
+{
+    json_t *out = json_array();
+    for (size_t i = 0; out && i < json_array_size(a); i++) {
+        const json_t *v = json_array_get(a, i);
+        bool found = false;
+        for (size_t j = 0; j < json_array_size(b) && !found; j++)
+            found = json_equal(v, json_array_get(b, j));
+        if (!found)
+            json_array_append(out, (json_t *) v);
+    }
+    return out;
+}
+
+static void s_compare_fields(s_case_t *c, const char *id, const json_t *want,
+                             const json_t *got)
+{
+    char path[512], missing_s[2048], extra_s[2048];
+    json_t *missing = s_minus(want, got), *extra = s_minus(got, want);
+    snprintf(path, sizeof path, "expect.targets.%s.fields", id);
+    if (!missing || !extra)
+        s_differs(c, path, "out of memory");
+    else if (json_array_size(missing) || json_array_size(extra)) {
+        s_list(missing, missing_s, sizeof missing_s);
+        s_list(extra, extra_s, sizeof extra_s);
+        s_differs(c, path, "not sent: %s; sent besides: %s", missing_s,
+                  extra_s);
+    }
+    json_decref(missing);
+    json_decref(extra);
+}
+
+/* Compare what one partner is expected to get with the result. */
+static void s_compare_target(s_case_t *c, const kh_rules_result_t *result,
+                             const char *id, const json_t *want)
+{
+    char path[512];
+    int index = kh_rules_result_find(result, id);
+    if (index < 0) {
+        snprintf(path, sizeof path, "expect.targets.%s", id);
+        s_differs(c, path, "gets nothing");
+        return;
+    }
+    const char *priority = json_string_value(json_object_get(want, "priority"));
+    const char *got_priority =
+        kh_priority_name(kh_rules_result_priority(result, (size_t) index));
+    if (priority && strcmp(priority, got_priority) != 0) {
+        snprintf(path, sizeof path, "expect.targets.%s.priority", id);
+        s_differs(c, path, "want %s, got %s", priority, got_priority);
+    }
+    const json_t *fields = json_object_get(want, "fields");
+    if (fields) {
+        json_t *got = s_result_fields(result, (size_t) index);
+        if (got)
+            s_compare_fields(c, id, fields, got);
+        else
+            s_differs(c, "expect", "out of memory");
+        json_decref(got);
+    }
+    const json_t *escalate = json_object_get(want, "escalate_to");
+    const char *got_escalate =
+        kh_rules_result_escalate_to(result, (size_t) index);
+    if (escalate && (json_is_null(escalate)
+                         ? got_escalate != NULL
+                         : !got_escalate || strcmp(json_string_value(escalate),
+                                                   got_escalate) != 0)) {
+        snprintf(path, sizeof path, "expect.targets.%s.escalate_to", id);
+        s_differs(c, path, "want %s, got %s",
+                  json_is_null(escalate) ? "none" : json_string_value(escalate),
+                  got_escalate ? got_escalate : "none");
+    }
+}
+
+/* Compare the expectations of a valid case with the result. */
+static void s_compare(s_case_t *c, const json_t *expect,
+                      const kh_rules_result_t *result)
+{
+    const json_t *rules = json_object_get(expect, "rules");
+    json_t *matched = json_array();
+    for (size_t i = 0; matched && i < kh_rules_result_matched_count(result);
+         i++)
+        json_array_append_new(matched,
+                              json_string(kh_rules_result_matched(result, i)));
+    if (!matched)
+        s_differs(c, "expect", "out of memory");
+    else if (rules && !json_equal(rules, matched)) {
+        char want_s[2048], got_s[2048];
+        s_list(rules, want_s, sizeof want_s);
+        s_list(matched, got_s, sizeof got_s);
+        s_differs(c, "expect.rules", "want %s, got %s", want_s, got_s);
+    }
+    json_decref(matched);
+
+    const json_t *fallback = json_object_get(expect, "fallback");
+    const char *reason = kh_rules_result_fallback_reason(result);
+    if (fallback &&
+        (json_is_false(fallback)
+             ? reason != NULL
+             : !reason || strcmp(json_string_value(fallback), reason) != 0))
+        s_differs(c, "expect.fallback", "want %s, got %s",
+                  json_is_false(fallback) ? "none"
+                                          : json_string_value(fallback),
+                  reason ? reason : "none");
+
+    const json_t *targets = json_object_get(expect, "targets");
+    const char *id;
+    const json_t *want;
+    json_object_foreach((json_t *) targets, id, want)
+    {
+        s_compare_target(c, result, id, want);
+    }
+    for (size_t i = 0; i < kh_rules_result_target_count(result); i++) {
+        const char *partner = kh_rules_result_partner(result, i);
+        if (!json_object_get(targets, partner))
+            s_differs(c, "expect.targets", "%s gets it too (priority %s)",
+                      partner,
+                      kh_priority_name(kh_rules_result_priority(result, i)));
+    }
+}
+
+/* Run the case files against rules. CTL_OK when every case held,
+ * CTL_FAIL when one did not, CTL_USAGE when a file was no case (the
+ * others are run all the same). */
+static int s_test_cases(const kh_rules_t *rules, const char *schema_path,
+                        char **files, int count)
+{
+    kh_rules_result_t *result = kh_rules_result_new(rules);
+    if (!result) {
+        fprintf(stderr, "ketenhubctl: out of memory\n");
+        return CTL_FAIL;
+    }
+    int passed = 0, failed = 0, bad = 0;
+    for (int i = 0; i < count; i++) {
+        json_t *doc = s_json_file(files[i]);
+        json_t *referral = doc && s_case_valid(files[i], doc)
+                               ? s_case_referral(files[i], doc)
+                               : NULL;
+        if (!referral || s_referral_invalid(schema_path, referral, files[i])) {
+            bad++;
+        } else {
+            s_case_t c = {.file = files[i]};
+            kh_rules_eval(rules, referral, result);
+            s_compare(&c, json_object_get(doc, "expect"), result);
+            if (c.failed)
+                failed++;
+            else {
+                printf("%s: ok\n", files[i]);
+                passed++;
+            }
+        }
+        json_decref(referral);
+        json_decref(doc);
+    }
+    kh_rules_result_destroy(&result);
+    printf("%d case%s: %d as expected, %d not", count, count == 1 ? "" : "s",
+           passed, failed);
+    if (bad)
+        printf(", %d no case (see stderr)", bad);
+    printf("\n");
+    return bad ? CTL_USAGE : failed ? CTL_FAIL : CTL_OK;
+}
+
+typedef enum { S_CHECK, S_EXPLAIN, S_TEST } s_mode_t;
+
+static int s_run(int argc, char **argv, s_mode_t mode)
 {
     static const struct option options[] = {
         {"partners", required_argument, NULL, 'p'},
@@ -305,8 +692,9 @@ static int s_run(int argc, char **argv, bool explain)
             return CTL_USAGE;
         }
     }
-    int want = explain ? 2 : 1;
-    if (argc - optind != want) {
+    bool explain = mode == S_EXPLAIN;
+    int given = argc - optind;
+    if (mode == S_TEST ? given < 2 : given != (explain ? 2 : 1)) {
         s_usage(stderr);
         return CTL_USAGE;
     }
@@ -325,7 +713,7 @@ static int s_run(int argc, char **argv, bool explain)
             return CTL_USAGE;
         }
         have_partners = true;
-    } else if (!explain) {
+    } else if (mode == S_CHECK) {
         /* A database that cannot be reached or read is a runtime failure,
          * exit 1 as in every other command: the file is not known to be
          * valid, so a script must not reload it, but it was not called
@@ -385,6 +773,12 @@ static int s_run(int argc, char **argv, bool explain)
     } else if (explain && s_referral_invalid(opts.schema_path, referral,
                                              argv[optind + 1])) {
         rc = CTL_USAGE;
+    } else if (mode == S_TEST) {
+        if (!have_partners)
+            printf("partners not checked (no --partners): every optional "
+                   "target counts as registered\n");
+        rc =
+            s_test_cases(rules, opts.schema_path, argv + optind + 1, given - 1);
     } else {
         if (explain && !have_partners)
             /* Routing skips an optional target whose partner is not
@@ -410,17 +804,24 @@ static int s_run(int argc, char **argv, bool explain)
 
 static int s_check(int argc, char **argv)
 {
-    return s_run(argc, argv, false);
+    return s_run(argc, argv, S_CHECK);
 }
 
 static int s_explain(int argc, char **argv)
 {
-    return s_run(argc, argv, true);
+    return s_run(argc, argv, S_EXPLAIN);
+}
+
+static int s_test(int argc, char **argv)
+{
+    return s_run(argc, argv, S_TEST);
 }
 
 int ctl_rules(int argc, char **argv)
 {
-    static const ctl_sub_t subs[] = {
-        {"check", s_check}, {"explain", s_explain}, {NULL, NULL}};
+    static const ctl_sub_t subs[] = {{"check", s_check},
+                                     {"explain", s_explain},
+                                     {"test", s_test},
+                                     {NULL, NULL}};
     return ctl_dispatch("rules", argc, argv, subs, s_usage);
 }
