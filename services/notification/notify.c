@@ -1487,7 +1487,8 @@ static void s_take(notify_t *self, zframe_t *identity, zmq_msg_t *body,
      * can be told it is revoked: that answer makes a partner stop. */
     if (err.code == KH_E_OK && !partner && !self->partners)
         kh_error_set(&err, KH_E_UNAVAILABLE, "",
-                     "the partner registry cannot be read now");
+                     "the partner registry cannot be read now; send the "
+                     "same request again");
     else if (err.code == KH_E_OK && !partner) {
         /* A key the directory still admits that the registry no longer
          * does (revoked, or past its rotation's overlap): refused and

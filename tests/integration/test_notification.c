@@ -279,6 +279,13 @@ static void s_answer(zsock_t *sock, const char *delivery_id, const char *nack)
     khpartner_send(sock, msg);
 }
 
+/* The reply to a HELLO on sock, or NULL. */
+static json_t *s_hello_reply(zsock_t *sock)
+{
+    khpartner_send(sock, kh_proto_new(KH_CMD_HELLO, "h2"));
+    return khpartner_recv(sock, 3000);
+}
+
 /* Receive until a message with cmd arrives (DELIVERs on the way are
  * dropped and counted); NULL after timeout_ms. */
 static json_t *s_expect(zsock_t *sock, const char *cmd, int timeout_ms)
@@ -2158,11 +2165,22 @@ START_TEST(a_database_away_is_tried_ever_more_slowly)
     s_allow_connections(false);
     pid_t pid = s_start("away.log", NULL, NULL);
     bool failed = s_log_has("away.log", "event=db_connect_failed", 10000);
+    /* A partner that comes meanwhile cannot be told whether its key is
+     * still admitted: it is asked to send its HELLO again. */
+    zsock_t *avim = s_partner("avim");
+    json_t *refused = s_hello_reply(avim);
     usleep(2000 * 1000);
     int warnings = s_log_count("away.log", "event=db_connect_failed");
     bool early = s_log_has("away.log", "event=ready", 0);
     s_allow_connections(true);
     ck_assert(failed);
+    ck_assert_msg(refused != NULL, "no answer to HELLO while away");
+    ck_assert_str_eq(s_str(refused, "cmd"), "REJECTED");
+    ck_assert_str_eq(s_str(refused, "code"), "unavailable");
+    ck_assert(json_is_true(json_object_get(refused, "retryable")));
+    ck_assert_msg(strstr(s_str(refused, "message"), "same request again"), "%s",
+                  s_str(refused, "message"));
+    json_decref(refused);
     ck_assert_msg(warnings <= 6, "%d warnings in 2 s: see %s", warnings,
                   s_path("away.log"));
     ck_assert(s_log_has("away.log", "retry_ms=", 0));
@@ -2172,6 +2190,8 @@ START_TEST(a_database_away_is_tried_ever_more_slowly)
                   s_path("away.log"));
     ck_assert(s_log_has("away.log", "event=db_connected", 10000));
     ck_assert(s_log_has("away.log", "event=ready", 5000));
+    s_hello(avim, 4);
+    zsock_destroy(&avim);
     s_stop(pid);
 }
 END_TEST
@@ -3461,13 +3481,6 @@ START_TEST(a_partner_without_cases_is_sent_nothing)
     s_stop(pid);
 }
 END_TEST
-
-/* The reply to a HELLO on sock, or NULL. */
-static json_t *s_hello_reply(zsock_t *sock)
-{
-    khpartner_send(sock, kh_proto_new(KH_CMD_HELLO, "h2"));
-    return khpartner_recv(sock, 3000);
-}
 
 /* A partner's connections beyond KH_NOTIFY_MAX_CONNECTIONS are refused as
  * throttled, retryable once a connection could have been forgotten; the
