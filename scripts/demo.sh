@@ -56,6 +56,9 @@ echo "what the rules decide for the minor in acute danger (schemas/examples/mino
 "$ctl" rules explain "$here/schemas/rules/default.yaml" \
   "$here/schemas/examples/minor-sexual-acute.json" |
   sed -n -e '/^rule /p' -e '/^    ->/p' -e 's/, fields:$//p' | sed 's/^/  /'
+echo "the policy written down as cases (schemas/rules/tests/):"
+"$ctl" rules test "$here/schemas/rules/default.yaml" \
+  "$here"/schemas/rules/tests/*.json | sed "s|^$here/||; s/^/  /"
 
 step "Services: notification (partners on tcp://127.0.0.1:7703), routing, intake on tcp://127.0.0.1:7701"
 # An urgent delivery unacknowledged for 3 s escalates (15 min in service).
