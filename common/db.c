@@ -80,13 +80,15 @@ PGconn *kh_db_connect_app(const char *conninfo, const char *application_name,
         return NULL;
     /* A database that stops answering must not hang a service: bounded
      * connection attempts, and dead TCP peers noticed within seconds. These
-     * come first, so that the same settings in conninfo win. */
+     * come first, so that the same settings in conninfo win. No GSSAPI
+     * encryption unless conninfo asks for it (KH_DB_GSSENCMODE). */
     const char *keywords[] = {"connect_timeout",
                               "keepalives",
                               "keepalives_idle",
                               "keepalives_interval",
                               "keepalives_count",
                               "tcp_user_timeout",
+                              "gssencmode",
                               "password",
                               "dbname",
                               "fallback_application_name",
@@ -97,6 +99,7 @@ PGconn *kh_db_connect_app(const char *conninfo, const char *application_name,
                             "5",
                             "3",
                             "10000",
+                            KH_DB_GSSENCMODE,
                             password, /* "" is ignored by libpq */
                             conninfo ? conninfo : "",
                             application_name ? application_name : "ketenhub",

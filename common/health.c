@@ -576,9 +576,10 @@ static bool s_probe_once(kh_health_t *self, PGconn **conn_p, bool gauges)
         kh_error_t err;
         if (kh_db_password(password, sizeof password, &err) < 0)
             return false;
-        const char *keys[] = {"password", "dbname", "connect_timeout",
-                              "application_name", NULL};
-        const char *values[] = {password, self->conninfo, "2",
+        const char *keys[] = {"gssencmode",      "password",         "dbname",
+                              "connect_timeout", "application_name", NULL};
+        const char *values[] = {KH_DB_GSSENCMODE,  password,
+                                self->conninfo,    "2",
                                 "ketenhub-health", NULL};
         *conn_p = PQconnectdbParams(keys, values, 1);
         explicit_bzero(password, sizeof password);

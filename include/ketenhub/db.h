@@ -51,6 +51,14 @@ int kh_db_password(char *buf, size_t size, kh_error_t *err);
  * parse is not a database that is away. */
 int kh_db_conninfo_check(const char *conninfo, kh_error_t *err);
 
+/* The hub's connections ask for no GSSAPI encryption unless their
+ * connection string does (gssencmode=prefer or require): with libpq's
+ * default, every TCP connection first looks for Kerberos credentials,
+ * which costs a little each time and, with connections made on several
+ * threads at once (kh_db_connect_async, the health probe), runs into
+ * libkrb5's thread-key setup, which aborts the process now and then. */
+#define KH_DB_GSSENCMODE "disable"
+
 /* As kh_db_connect, with an application_name for pg_stat_activity (e.g.
  * the service's name); application_name NULL means "ketenhub". */
 PGconn *kh_db_connect_app(const char *conninfo, const char *application_name,

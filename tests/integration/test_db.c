@@ -53,6 +53,30 @@ START_TEST(connections_have_bounded_timeouts)
 }
 END_TEST
 
+/* No GSSAPI encryption (nor libkrb5 on the connecting threads) unless the
+ * connection string asks for it. */
+START_TEST(connections_ask_for_no_gssapi_unless_told)
+{
+    kh_error_t err;
+    PGconn *conn = kh_db_connect(khtest_pg_conninfo(), &err);
+    ck_assert_msg(conn != NULL, "%s", err.message);
+    char *mode = s_setting(conn, "gssencmode");
+    ck_assert_str_eq(mode, "disable");
+    free(mode);
+    PQfinish(conn);
+
+    char conninfo[2048];
+    snprintf(conninfo, sizeof conninfo, "%s gssencmode=prefer",
+             khtest_pg_conninfo());
+    conn = kh_db_connect(conninfo, &err);
+    ck_assert_msg(conn != NULL, "%s", err.message);
+    mode = s_setting(conn, "gssencmode");
+    ck_assert_str_eq(mode, "prefer");
+    free(mode);
+    PQfinish(conn);
+}
+END_TEST
+
 /* The value of setting name in conn's session. */
 static void s_show(PGconn *conn, const char *name, const char *want)
 {
@@ -439,6 +463,7 @@ int main(void)
     TCase *tc = tcase_create("db");
     tcase_set_timeout(tc, 60);
     tcase_add_test(tc, connections_have_bounded_timeouts);
+    tcase_add_test(tc, connections_ask_for_no_gssapi_unless_told);
     tcase_add_test(tc, sessions_have_no_jit);
     tcase_add_test(tc, unreachable_database_is_unavailable);
     tcase_add_test(tc, a_failure_without_sqlstate_is_unavailable);
