@@ -386,13 +386,9 @@ START_TEST(a_database_stopped_at_once_leaves_only_logfmt_lines)
     ck_assert(s_wait_status("/readyz", 200, 8000));
     PQfinish(s_db);
     s_db = NULL;
-    const char *pgdir = getenv("KH_TEST_PG_DIR");
-    ck_assert_ptr_nonnull(pgdir);
-    int down = khproc_sh("'%s/scripts/pgtmp.sh' down '%s' immediate",
-                         KH_TEST_SOURCE_DIR, pgdir);
+    int down = khtest_pgtmp("down", "immediate");
     bool unready = s_wait_status("/readyz", 503, 8000);
-    int up =
-        khproc_sh("'%s/scripts/pgtmp.sh' up '%s'", KH_TEST_SOURCE_DIR, pgdir);
+    int up = khtest_pgtmp("up", NULL);
     ck_assert_int_eq(down, 0);
     ck_assert_int_eq(up, 0);
     ck_assert(unready);

@@ -1636,8 +1636,6 @@ END_TEST
  * (a final answer): intake cannot read the registry to know. */
 START_TEST(a_partner_added_while_the_database_is_away_is_not_refused_for_good)
 {
-    const char *pgdir = getenv("KH_TEST_PG_DIR");
-    ck_assert_ptr_nonnull(pgdir);
     /* No refresh of the registry finds the partner before the database
      * goes away. */
     khproc_stop(s_intake, SIGTERM, 5000);
@@ -1646,17 +1644,13 @@ START_TEST(a_partner_added_while_the_database_is_away_is_not_refused_for_good)
     zcert_t *late = s_make_cert("late", true);
     s_register("late-partner", late);
     zcert_destroy(&late);
-    ck_assert_int_eq(khproc_sh("'%s/scripts/pgtmp.sh' down '%s' fast",
-                               KH_TEST_SOURCE_DIR, pgdir),
-                     0);
+    ck_assert_int_eq(khtest_pgtmp("down", "fast"), 0);
     kh_client_t *client = s_client("late");
     kh_error_t err;
     json_t *referral = s_example();
     json_t *reply =
         kh_client_submit(client, referral, "late-1", S_TIMEOUT, &err);
-    ck_assert_int_eq(
-        khproc_sh("'%s/scripts/pgtmp.sh' up '%s'", KH_TEST_SOURCE_DIR, pgdir),
-        0);
+    ck_assert_int_eq(khtest_pgtmp("up", NULL), 0);
     ck_assert_ptr_nonnull(reply);
     ck_assert_str_eq(kh_client_reply_cmd(reply), "REJECTED");
     ck_assert_str_eq(s_str(reply, "code"), "unavailable");
@@ -2230,11 +2224,7 @@ START_TEST(database_down_gives_retryable_refusal_then_recovers)
     kh_client_t *client = s_client("vt");
     json_t *referral = s_example();
     kh_error_t err;
-    const char *pgdir = getenv("KH_TEST_PG_DIR");
-    ck_assert_ptr_nonnull(pgdir);
-    ck_assert_int_eq(khproc_sh("'%s/scripts/pgtmp.sh' down '%s' fast",
-                               KH_TEST_SOURCE_DIR, pgdir),
-                     0);
+    ck_assert_int_eq(khtest_pgtmp("down", "fast"), 0);
     int64_t started = zclock_mono();
     json_t *reply =
         kh_client_submit(client, referral, "down-1", S_TIMEOUT, &err);
@@ -2248,9 +2238,7 @@ START_TEST(database_down_gives_retryable_refusal_then_recovers)
     json_t *bad = json_deep_copy(referral);
     json_object_del(bad, "subject");
     json_t *refused = kh_client_submit(client, bad, "down-2", S_TIMEOUT, &err);
-    ck_assert_int_eq(
-        khproc_sh("'%s/scripts/pgtmp.sh' up '%s'", KH_TEST_SOURCE_DIR, pgdir),
-        0);
+    ck_assert_int_eq(khtest_pgtmp("up", NULL), 0);
     ck_assert_msg(refused != NULL, "no answer to the bad referral");
     ck_assert_str_eq(s_str(refused, "code"), "unavailable");
     ck_assert(json_is_true(json_object_get(refused, "retryable")));
@@ -2305,19 +2293,13 @@ START_TEST(a_lost_registry_connection_refuses_retryably)
     kh_client_t *client = s_client("vt");
     json_t *referral = s_example();
     kh_error_t err;
-    const char *pgdir = getenv("KH_TEST_PG_DIR");
-    ck_assert_ptr_nonnull(pgdir);
-    ck_assert_int_eq(khproc_sh("'%s/scripts/pgtmp.sh' down '%s' fast",
-                               KH_TEST_SOURCE_DIR, pgdir),
-                     0);
+    ck_assert_int_eq(khtest_pgtmp("down", "fast"), 0);
     json_t *replies[3] = {
         kh_client_submit(client, referral, "lost-1", S_TIMEOUT, &err),
         kh_client_status(client, "01a223fd-d3d3-7c41-9c55-0a3f3f0f6f2b",
                          S_TIMEOUT, &err),
         kh_client_submit(client, referral, "lost-1", S_TIMEOUT, &err)};
-    ck_assert_int_eq(
-        khproc_sh("'%s/scripts/pgtmp.sh' up '%s'", KH_TEST_SOURCE_DIR, pgdir),
-        0);
+    ck_assert_int_eq(khtest_pgtmp("up", NULL), 0);
     for (size_t i = 0; i < 3; i++) {
         ck_assert_msg(replies[i] != NULL, "no answer to request %zu", i);
         ck_assert_str_eq(s_str(replies[i], "code"), "unavailable");
@@ -3613,16 +3595,10 @@ END_TEST
  * accepted rather than refused unavailable. */
 START_TEST(a_database_restart_renews_the_idle_writer_too)
 {
-    const char *pgdir = getenv("KH_TEST_PG_DIR");
-    ck_assert_ptr_nonnull(pgdir);
     int connected = s_log_count("event=db_connected");
-    ck_assert_int_eq(khproc_sh("'%s/scripts/pgtmp.sh' down '%s' fast",
-                               KH_TEST_SOURCE_DIR, pgdir),
-                     0);
+    ck_assert_int_eq(khtest_pgtmp("down", "fast"), 0);
     zclock_sleep(600); /* a refresh (every 200 ms) finds the reader gone */
-    ck_assert_int_eq(
-        khproc_sh("'%s/scripts/pgtmp.sh' up '%s'", KH_TEST_SOURCE_DIR, pgdir),
-        0);
+    ck_assert_int_eq(khtest_pgtmp("up", NULL), 0);
     PQreset(s_db);
     for (int i = 0; i < 100 && s_log_count("event=db_connected") == connected;
          i++)

@@ -917,17 +917,11 @@ START_TEST(sighup_while_the_database_is_away_is_retried_when_it_is_back)
     char want[65];
     s_edit_rules(want);
 
-    const char *pgdir = getenv("KH_TEST_PG_DIR");
-    ck_assert_ptr_nonnull(pgdir);
-    ck_assert_int_eq(khproc_sh("'%s/scripts/pgtmp.sh' down '%s' fast",
-                               KH_TEST_SOURCE_DIR, pgdir),
-                     0);
+    ck_assert_int_eq(khtest_pgtmp("down", "fast"), 0);
     ck_assert_int_eq(kill(pid, SIGHUP), 0);
     bool refused =
         s_log_has("routing.log", "again=when_database_is_back", 5000);
-    ck_assert_int_eq(
-        khproc_sh("'%s/scripts/pgtmp.sh' up '%s'", KH_TEST_SOURCE_DIR, pgdir),
-        0);
+    ck_assert_int_eq(khtest_pgtmp("up", NULL), 0);
     ck_assert_msg(refused, "no retried reload: see %s", s_path("routing.log"));
     PQreset(s_db);
     s_assert_reloaded(want, 15000);

@@ -75,6 +75,15 @@ static void s_conninfo_add(char *buf, size_t size, const char *key,
     buf[o] = '\0';
 }
 
+int khtest_pgtmp(const char *command, const char *mode)
+{
+    const char *dir = getenv("KH_TEST_PG_DIR");
+    if (!dir || !*dir)
+        ck_abort_msg("KH_TEST_PG_DIR is not set");
+    return khproc_sh("'%s/scripts/pgtmp.sh' %s '%s' %s", KH_TEST_SOURCE_DIR,
+                     command, dir, mode ? mode : "");
+}
+
 /* host/port/user of the test cluster, without a dbname. */
 static const char *s_pg_base(void)
 {
@@ -84,7 +93,7 @@ static const char *s_pg_base(void)
     const char *dir = getenv("KH_TEST_PG_DIR");
     if (!dir || !*dir)
         ck_abort_msg("KH_TEST_PG_DIR is not set: run the integration tests "
-                     "through ctest (the pg fixture starts PostgreSQL with "
+                     "through ctest (its pg fixture starts PostgreSQL with "
                      "scripts/pgtmp.sh), or set it to a pgtmp.sh directory");
     char path[4096];
     snprintf(path, sizeof path, "%s/env", dir);

@@ -32,6 +32,12 @@ const char *khtest_src(const char *relative);
  * file is missing. */
 const char *khtest_pg_conninfo(void);
 
+/* Run scripts/pgtmp.sh COMMAND on the test cluster ($KH_TEST_PG_DIR),
+ * with mode after it unless NULL: khtest_pgtmp("down", "fast"),
+ * khtest_pgtmp("up", NULL). Returns its exit status (-1 when it could
+ * not run); aborts the test when the variable is missing. */
+int khtest_pgtmp(const char *command, const char *mode);
+
 /* Connection string for database dbname of the test cluster. The caller
  * frees it. */
 char *khtest_db_conninfo(const char *dbname);
