@@ -494,6 +494,17 @@ smoke_test() {
   mv "$work/rules/.new" "$work/rules/rules.yaml"
   ctl rules check /etc/ketenhub/rules/rules.yaml >/dev/null ||
     fail "rules check of the edited file failed"
+  # The policy's cases, as the image installs them (their referrals are
+  # the installed examples, named relative to the cases).
+  cases="" ncases=0
+  for case in "$here"/schemas/rules/tests/*.json; do
+    cases="$cases /usr/local/share/ketenhub/schemas/rules/tests/${case##*/}"
+    ncases=$((ncases + 1))
+  done
+  # shellcheck disable=SC2086 # the names hold no blanks
+  ctl rules test /etc/ketenhub/rules/rules.yaml $cases >/dev/null ||
+    fail "the default rules' cases do not hold for the edited file"
+  echo "the edited rules pass the $ncases cases of schemas/rules/tests"
   version=$(sha256sum "$work/rules/rules.yaml" | cut -d' ' -f1)
   podman kill --signal HUP "${project}_routing_1" >/dev/null ||
     fail "cannot send routing SIGHUP"
