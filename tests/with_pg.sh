@@ -1,0 +1,22 @@
+#!/bin/sh
+# Run one integration test on a throwaway PostgreSQL cluster of its own,
+# started just before it and removed right after (so that ctest -j runs
+# two side by side, and no idle cluster waits for the others):
+#   with_pg.sh PGTMP DIR COMMAND [ARGS...]
+# PGTMP is scripts/pgtmp.sh, DIR the cluster's directory; COMMAND runs
+# with KH_TEST_PG_DIR=DIR. Exits with COMMAND's status, or 1 when the
+# cluster cannot be started (said on stderr: the test fails, never skips)
+# or stopped.
+set -u
+pgtmp=$1
+dir=$2
+shift 2
+"$pgtmp" start "$dir" || {
+    echo "with_pg.sh: cannot start PostgreSQL in $dir" >&2
+    exit 1
+}
+trap '"$pgtmp" stop "$dir"; exit 1' INT TERM
+KH_TEST_PG_DIR=$dir "$@"
+rc=$?
+"$pgtmp" stop "$dir" || rc=1
+exit "$rc"
