@@ -70,6 +70,26 @@ int kh_db_conninfo_check(const char *conninfo, kh_error_t *err)
     return 0;
 }
 
+const char *kh_db_gssencmode(const char *conninfo)
+{
+    const char *env[] = {"PGGSSENCMODE", "PGSERVICE"};
+    for (size_t i = 0; i < 2; i++) {
+        const char *value = getenv(env[i]);
+        if (value && *value)
+            return "";
+    }
+    PQconninfoOption *options =
+        conninfo && *conninfo ? PQconninfoParse(conninfo, NULL) : NULL;
+    bool told = false;
+    for (PQconninfoOption *o = options; o && o->keyword; o++)
+        if (o->val && *o->val &&
+            (strcmp(o->keyword, "gssencmode") == 0 ||
+             strcmp(o->keyword, "service") == 0))
+            told = true;
+    PQconninfoFree(options);
+    return told ? "" : "disable";
+}
+
 PGconn *kh_db_connect_app(const char *conninfo, const char *application_name,
                           kh_error_t *err)
 {
@@ -81,7 +101,7 @@ PGconn *kh_db_connect_app(const char *conninfo, const char *application_name,
     /* A database that stops answering must not hang a service: bounded
      * connection attempts, and dead TCP peers noticed within seconds. These
      * come first, so that the same settings in conninfo win. No GSSAPI
-     * encryption unless conninfo asks for it (KH_DB_GSSENCMODE). */
+     * encryption unless asked for (kh_db_gssencmode). */
     const char *keywords[] = {"connect_timeout",
                               "keepalives",
                               "keepalives_idle",
@@ -99,7 +119,7 @@ PGconn *kh_db_connect_app(const char *conninfo, const char *application_name,
                             "5",
                             "3",
                             "10000",
-                            KH_DB_GSSENCMODE,
+                            kh_db_gssencmode(conninfo),
                             password, /* "" is ignored by libpq */
                             conninfo ? conninfo : "",
                             application_name ? application_name : "ketenhub",

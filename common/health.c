@@ -578,9 +578,12 @@ static bool s_probe_once(kh_health_t *self, PGconn **conn_p, bool gauges)
             return false;
         const char *keys[] = {"gssencmode",      "password",         "dbname",
                               "connect_timeout", "application_name", NULL};
-        const char *values[] = {KH_DB_GSSENCMODE,  password,
-                                self->conninfo,    "2",
-                                "ketenhub-health", NULL};
+        const char *values[] = {kh_db_gssencmode(self->conninfo),
+                                password,
+                                self->conninfo,
+                                "2",
+                                "ketenhub-health",
+                                NULL};
         *conn_p = PQconnectdbParams(keys, values, 1);
         explicit_bzero(password, sizeof password);
         if (!*conn_p)

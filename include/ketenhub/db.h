@@ -51,13 +51,15 @@ int kh_db_password(char *buf, size_t size, kh_error_t *err);
  * parse is not a database that is away. */
 int kh_db_conninfo_check(const char *conninfo, kh_error_t *err);
 
-/* The hub's connections ask for no GSSAPI encryption unless their
- * connection string does (gssencmode=prefer or require): with libpq's
- * default, every TCP connection first looks for Kerberos credentials,
- * which costs a little each time and, with connections made on several
- * threads at once (kh_db_connect_async, the health probe), runs into
- * libkrb5's thread-key setup, which aborts the process now and then. */
-#define KH_DB_GSSENCMODE "disable"
+/* The gssencmode the hub's connections give libpq: "disable", unless the
+ * connection string sets gssencmode or names a service, or PGGSSENCMODE
+ * or PGSERVICE is set: then "" (libpq takes it from there). With libpq's
+ * default, prefer, every TCP connection first looks for Kerberos
+ * credentials, which costs a little each time and, with connections made
+ * on several threads at once (kh_db_connect_async, the health probe),
+ * runs into libkrb5's thread-key setup, which aborts the process now and
+ * then. */
+const char *kh_db_gssencmode(const char *conninfo);
 
 /* As kh_db_connect, with an application_name for pg_stat_activity (e.g.
  * the service's name); application_name NULL means "ketenhub". */

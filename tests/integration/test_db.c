@@ -54,7 +54,7 @@ START_TEST(connections_have_bounded_timeouts)
 END_TEST
 
 /* No GSSAPI encryption (nor libkrb5 on the connecting threads) unless the
- * connection string asks for it. */
+ * connection string or PGGSSENCMODE asks for it. */
 START_TEST(connections_ask_for_no_gssapi_unless_told)
 {
     kh_error_t err;
@@ -69,6 +69,16 @@ START_TEST(connections_ask_for_no_gssapi_unless_told)
     snprintf(conninfo, sizeof conninfo, "%s gssencmode=prefer",
              khtest_pg_conninfo());
     conn = kh_db_connect(conninfo, &err);
+    ck_assert_msg(conn != NULL, "%s", err.message);
+    mode = s_setting(conn, "gssencmode");
+    ck_assert_str_eq(mode, "prefer");
+    free(mode);
+    PQfinish(conn);
+
+    /* Nor does it override PGGSSENCMODE. */
+    setenv("PGGSSENCMODE", "prefer", 1);
+    conn = kh_db_connect(khtest_pg_conninfo(), &err);
+    unsetenv("PGGSSENCMODE");
     ck_assert_msg(conn != NULL, "%s", err.message);
     mode = s_setting(conn, "gssencmode");
     ck_assert_str_eq(mode, "prefer");
