@@ -2051,7 +2051,8 @@ START_TEST(test_ctl_rules_test)
     ck_assert_uint_ge(cases.gl_pathc, 7);
     char *argv[64] = {ctl, "rules", "test", def};
     size_t argc = 4;
-    for (size_t i = 0; i < cases.gl_pathc && argc < 60; i++)
+    ck_assert_uint_le(cases.gl_pathc, 58);
+    for (size_t i = 0; i < cases.gl_pathc; i++)
         argv[argc++] = cases.gl_pathv[i];
     char want[64];
     snprintf(want, sizeof want, "%zu cases: %zu as expected, 0 not\n",
@@ -2107,7 +2108,7 @@ START_TEST(test_ctl_rules_test)
                         json_pack("{s:{s:s, s:[s], s:s}, s:{}}",
                                   "zorgcoordinator", "priority", "urgent",
                                   "fields", "suspects", "escalate_to", "avim",
-                                  "avim", ""));
+                                  "avim"));
     json_object_set_new(json_object_get(doc, "expect"), "rules",
                         json_pack("[s]", "minor"));
     ck_assert_int_eq(json_dump_file(doc, labour, 0), 0);
@@ -2126,6 +2127,23 @@ START_TEST(test_ctl_rules_test)
         ck_assert_msg(strstr(out, said[i]), "no '%s' in: %s", said[i], out);
     ck_assert_msg(!strstr(out, "SWT-7781-B") && !strstr(out, "Fictief"), "%s",
                   out);
+    free(out);
+    /* The right rules in another order: said to be the order. */
+    json_t *two = json_load_file(labour, 0, NULL);
+    ck_assert_ptr_nonnull(two);
+    json_object_set_new(json_object_get(two, "referral"), "needs",
+                        json_pack("[s]", "shelter"));
+    json_object_set_new(
+        json_object_get(two, "expect"), "rules",
+        json_pack("[s, s]", "labour-exploitation", "care-or-shelter-needs"));
+    ck_assert_int_eq(json_dump_file(two, labour, 0), 0);
+    json_decref(two);
+    ck_assert_int_eq(khtest_run(registry, &out), 1);
+    ck_assert_msg(strstr(out, "  expect.rules: want labour-exploitation, "
+                              "care-or-shelter-needs, got "
+                              "care-or-shelter-needs, labour-exploitation "
+                              "(the rules fire in file order)\n"),
+                  "%s", out);
     free(out);
     /* A partner that gets it and is not expected to is said too. */
     json_object_set_new(json_object_get(doc, "expect"), "targets",
@@ -2167,6 +2185,11 @@ START_TEST(test_ctl_rules_test)
         {"{\"referral\": {\"schema_version\": \"referral.v1\"}, \"expect\": "
          "{\"targets\": {}}}",
          "intake refuses it"},
+        {"{\"referral\": {}, \"expect\": {\"targets\": {\"avim\": "
+         "{\"fields\": [\"\"]}}}}",
+         ": expect.targets.avim.fields: must be"},
+        {"{\"referral\": {}, \"expect\": {\"targets\": {\"\": {}}}}",
+         ": expect.targets: a partner id is never empty"},
         {"{\"referral\": \n  \"x.json\",,}", "case.json:2:12: "},
     };
     char bad_case[4096];

@@ -350,13 +350,14 @@ static bool s_keys_only(const char *file, const char *path, const json_t *obj,
     return true;
 }
 
-/* Whether v is an array of distinct strings. */
+/* Whether v is an array of distinct strings, none empty. */
 static bool s_string_set(const json_t *v)
 {
     if (!json_is_array(v))
         return false;
     for (size_t i = 0; i < json_array_size(v); i++) {
-        if (!json_is_string(json_array_get(v, i)))
+        const char *text = json_string_value(json_array_get(v, i));
+        if (!text || !*text)
             return false;
         for (size_t j = 0; j < i; j++)
             if (json_equal(json_array_get(v, i), json_array_get(v, j)))
@@ -402,7 +403,8 @@ static bool s_case_valid(const char *file, const json_t *doc)
     const json_t *rules = json_object_get(expect, "rules");
     if (rules && !s_string_set(rules))
         return s_bad_case(file, "expect.rules",
-                          "must be an array of distinct rule names");
+                          "must be an array of distinct rule names, none "
+                          "empty");
     const json_t *fallback = json_object_get(expect, "fallback");
     const char *reason = json_string_value(fallback);
     if (fallback && !json_is_false(fallback) &&
@@ -421,6 +423,9 @@ static bool s_case_valid(const char *file, const json_t *doc)
     {
         char path[512];
         snprintf(path, sizeof path, "expect.targets.%s", id);
+        if (!*id)
+            return s_bad_case(file, "expect.targets",
+                              "a partner id is never empty");
         if (!json_is_object(t))
             return s_bad_case(file, path, "must be an object");
         if (!s_keys_only(file, path, t, target_keys))
@@ -436,10 +441,12 @@ static bool s_case_valid(const char *file, const json_t *doc)
         if (fields && !s_string_set(fields)) {
             snprintf(path, sizeof path, "expect.targets.%s.fields", id);
             return s_bad_case(file, path,
-                              "must be an array of distinct field paths");
+                              "must be an array of distinct field paths, "
+                              "none empty");
         }
         const json_t *escalate = json_object_get(t, "escalate_to");
-        if (escalate && !json_is_string(escalate) && !json_is_null(escalate)) {
+        if (escalate && !json_is_null(escalate) &&
+            !(json_is_string(escalate) && *json_string_value(escalate))) {
             snprintf(path, sizeof path, "expect.targets.%s.escalate_to", id);
             return s_bad_case(file, path, "must be a partner id or null");
         }
@@ -466,7 +473,8 @@ static json_t *s_case_referral(const char *file, const json_t *doc)
     return s_json_file(path);
 }
 
-/* "a, b, c" of the strings of set, or "none". */
+/* "a, b, c" of the strings of set, or "none"; ending in "..." when out
+ * (at least 4 bytes) cannot hold them all. */
 static void s_list(const json_t *set, char *out, size_t size)
 {
     size_t used = 0;
@@ -475,7 +483,9 @@ static void s_list(const json_t *set, char *out, size_t size)
         used +=
             (size_t) snprintf(out + used, size - used, "%s%s", i ? ", " : "",
                               json_string_value(json_array_get(set, i)));
-    if (!out[0])
+    if (used >= size)
+        memcpy(out + size - 4, "...", 4);
+    else if (!out[0])
         snprintf(out, size, "none");
 }
 
@@ -590,7 +600,12 @@ static void s_compare(s_case_t *c, const json_t *expect,
         char want_s[2048], got_s[2048];
         s_list(rules, want_s, sizeof want_s);
         s_list(matched, got_s, sizeof got_s);
-        s_differs(c, "expect.rules", "want %s, got %s", want_s, got_s);
+        json_t *missing = s_minus(rules, matched);
+        bool reordered = missing && json_array_size(missing) == 0 &&
+                         json_array_size(rules) == json_array_size(matched);
+        json_decref(missing);
+        s_differs(c, "expect.rules", "want %s, got %s%s", want_s, got_s,
+                  reordered ? " (the rules fire in file order)" : "");
     }
     json_decref(matched);
 
