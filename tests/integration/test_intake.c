@@ -1301,19 +1301,34 @@ START_TEST(a_cancelled_batch_answers_its_refusals_retryable)
                    " sha256(convert_to($1, 'UTF8')))",
                    1, params);
     free(text);
+    /* A batch waiting for the lock that started after since; cancel it.
+     * Both batches run on intake's one writer session: the second is told
+     * from the first by its start, not by the first being gone (a
+     * cancelled statement still shows as waiting for a moment). */
     static const char *const waiting =
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name ="
-        " 'ketenhub-intake' AND query LIKE 'WITH input%' AND state = 'active'"
-        " AND wait_event_type = 'Lock'";
-    static const char *const cancel =
-        "SELECT count(pg_cancel_backend(pid)) FROM pg_stat_activity WHERE"
-        " application_name = 'ketenhub-intake' AND query LIKE 'WITH input%'"
-        " AND state = 'active'";
-    ck_assert(khtest_wait_count(s_db, waiting, 1, 5000));
-    zclock_sleep(300); /* first and other read, in the next batch */
-    ck_assert_int_eq(s_count(cancel), 1); /* the first batch */
-    ck_assert(khtest_wait_count(s_db, waiting, 1, 5000));
-    ck_assert_int_eq(s_count(cancel), 1); /* the one with the refusal */
+        "FROM pg_stat_activity WHERE application_name = 'ketenhub-intake'"
+        " AND query LIKE 'WITH input%%' AND state = 'active' AND"
+        " wait_event_type = 'Lock' AND query_start > '%s'";
+    char sql[512];
+    char *since = khtest_db_value(s_db, "SELECT '-infinity'::timestamptz");
+    for (int batch = 0; batch < 2; batch++) {
+        char where[384];
+        snprintf(where, sizeof where, waiting, since);
+        snprintf(sql, sizeof sql, "SELECT count(*) %s", where);
+        ck_assert_msg(khtest_wait_count(s_db, sql, 1, 5000),
+                      "batch %d does not wait", batch);
+        if (batch == 0)
+            zclock_sleep(300); /* first and other read, in the next batch */
+        snprintf(sql, sizeof sql, "SELECT max(query_start) %s", where);
+        free(since);
+        since = khtest_db_value(s_db, sql);
+        snprintf(sql, sizeof sql,
+                 "SELECT count(pg_cancel_backend(pid)) %s AND query_start ="
+                 " '%s'",
+                 where, since);
+        ck_assert_int_eq(s_count(sql), 1);
+    }
+    free(since);
     zclock_sleep(300);
     khtest_db_exec(holder, "ROLLBACK", 0, NULL);
     PQfinish(holder);
@@ -2307,8 +2322,12 @@ START_TEST(a_lost_registry_connection_refuses_retryably)
         ck_assert_msg(
             strstr(s_str(replies[i], "message"), "same request again"),
             "%zu: %s", i, s_str(replies[i], "message"));
-        json_decref(replies[i]);
     }
+    /* The STATUS came after the loss was seen: the registry's refusal. */
+    ck_assert_msg(strstr(s_str(replies[1], "message"), "partner registry"),
+                  "%s", s_str(replies[1], "message"));
+    for (size_t i = 0; i < 3; i++)
+        json_decref(replies[i]);
     /* Connected again, intake reads the registry and admits the partner. */
     kh_client_set_retries(client, 20);
     json_t *reply =
