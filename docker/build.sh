@@ -502,8 +502,8 @@ smoke_test() {
     ncases=$((ncases + 1))
   done
   # shellcheck disable=SC2086 # the names hold no blanks
-  ctl rules test /etc/ketenhub/rules/rules.yaml $cases >/dev/null ||
-    fail "the default rules' cases do not hold for the edited file"
+  out=$(ctl rules test /etc/ketenhub/rules/rules.yaml $cases 2>&1) ||
+    fail "the default rules' cases do not hold for the edited file: $out"
   echo "the edited rules pass the $ncases cases of schemas/rules/tests"
   version=$(sha256sum "$work/rules/rules.yaml" | cut -d' ' -f1)
   podman kill --signal HUP "${project}_routing_1" >/dev/null ||
