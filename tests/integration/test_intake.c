@@ -1305,15 +1305,15 @@ START_TEST(a_cancelled_batch_answers_its_refusals_retryable)
      * Both batches run on intake's one writer session: the second is told
      * from the first by its start, not by the first being gone (a
      * cancelled statement still shows as waiting for a moment). */
-    static const char *const waiting =
-        "FROM pg_stat_activity WHERE application_name = 'ketenhub-intake'"
-        " AND query LIKE 'WITH input%%' AND state = 'active' AND"
-        " wait_event_type = 'Lock' AND query_start > '%s'";
+#define S_WAITING                                                              \
+    "FROM pg_stat_activity WHERE application_name = 'ketenhub-intake'"         \
+    " AND query LIKE 'WITH input%%' AND state = 'active' AND"                  \
+    " wait_event_type = 'Lock' AND query_start > '%s'"
     char sql[512];
     char *since = khtest_db_value(s_db, "SELECT '-infinity'::timestamptz");
     for (int batch = 0; batch < 2; batch++) {
         char where[384];
-        snprintf(where, sizeof where, waiting, since);
+        snprintf(where, sizeof where, S_WAITING, since);
         snprintf(sql, sizeof sql, "SELECT count(*) %s", where);
         ck_assert_msg(khtest_wait_count(s_db, sql, 1, 5000),
                       "batch %d does not wait", batch);
@@ -1329,6 +1329,7 @@ START_TEST(a_cancelled_batch_answers_its_refusals_retryable)
         ck_assert_int_eq(s_count(sql), 1);
     }
     free(since);
+#undef S_WAITING
     zclock_sleep(300);
     khtest_db_exec(holder, "ROLLBACK", 0, NULL);
     PQfinish(holder);
