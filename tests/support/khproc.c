@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -62,7 +63,11 @@ int khproc_stop(pid_t pid, int sig, int timeout_ms)
  * default): a port that bind(0) hands out is in that range, and the
  * outgoing connection of some process (a database client) could take it
  * between this call and the bind of the service it is for. A process is
- * never given the same port twice. */
+ * never given the same port twice. Each process draws from a seed of its
+ * own from the kernel: ctest starts two tests at once, and seeds made of
+ * their pids and the second they started in gave both much the same ports
+ * in much the same order, one service then finding its port taken by the
+ * other test's. */
 #define S_PORT_FIRST 20000
 #define S_PORT_COUNT 12000
 #define S_PORTS_GIVEN_MAX 1024
@@ -72,7 +77,7 @@ int khproc_free_port(void)
     static int given[S_PORTS_GIVEN_MAX];
     static size_t ngiven;
     static unsigned seed;
-    if (!seed)
+    if (!seed && getrandom(&seed, sizeof seed, 0) != (ssize_t) sizeof seed)
         seed = (unsigned) getpid() ^ (unsigned) time(NULL);
     for (int tries = 0; tries < 1000 && ngiven < S_PORTS_GIVEN_MAX; tries++) {
         int port = S_PORT_FIRST + rand_r(&seed) % S_PORT_COUNT;
