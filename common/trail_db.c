@@ -908,6 +908,13 @@ static int s_recheck_one(void *arg, int64_t seq, const kh_trail_event_t *ev,
     return 0;
 }
 
+/* The public half of the sealer's key. */
+static const unsigned char *s_own_key(const kh_trail_sealer_t *self)
+{
+    return self->secret_key + KH_TRAIL_SECRET_KEY_SIZE -
+           KH_TRAIL_PUBLIC_KEY_SIZE;
+}
+
 /* Before it chains on from the sealed head (seq, hash) and signs, the
  * sealer checks what it did not compute itself: the seals after the last
  * one it wrote or checked (or after the last checkpoint, when that is
@@ -923,8 +930,7 @@ static int s_check_foreign(kh_trail_sealer_t *self, PGconn *conn, int64_t seq,
                            const kh_trail_checkpoint_t *cp, kh_error_t *err)
 {
     s_recheck_t rc = {.from = 0, .last = 0, .err = err};
-    const unsigned char *own_key =
-        self->secret_key + KH_TRAIL_SECRET_KEY_SIZE - KH_TRAIL_PUBLIC_KEY_SIZE;
+    const unsigned char *own_key = s_own_key(self);
     if (self->own_seq > 0 && (self->own_seq >= self->cp_seq ||
                               !kh_trail_checkpoint_valid(cp, own_key))) {
         rc.from = self->own_seq;
@@ -956,6 +962,50 @@ static int s_check_foreign(kh_trail_sealer_t *self, PGconn *conn, int64_t seq,
     self->own_seq = seq;
     memcpy(self->own_hash, hash, sizeof self->own_hash);
     return 0;
+}
+
+/* Whether this sealer's key may sign after the last checkpoint, cp. Keys
+ * sign in turn: once another key has signed after this one, this one was
+ * replaced (audit keygen --force), and verify refuses whatever it signs
+ * from then on (bad_signature, "signed by key 1 after key 2 signed"), as
+ * it would a replaced key that leaked. A replica that still runs with the
+ * replaced key, or one started again with it, therefore seals and signs
+ * nothing (KH_E_TRAIL_KEY_REPLACED) and leaves the trail to the sealers
+ * with the new key. A key that never signed is a new one: it signs on
+ * from the checkpoints of the keys before it. */
+static int s_check_key(kh_trail_sealer_t *self, PGconn *conn,
+                       const kh_trail_checkpoint_t *cp, kh_error_t *err)
+{
+    const unsigned char *own = s_own_key(self);
+    if (memcmp(cp->public_key, own, KH_TRAIL_PUBLIC_KEY_SIZE) == 0)
+        return 0;
+    bool signed_before = self->written > 0;
+    if (!signed_before) {
+        const char *params[] = {(const char *) own};
+        const int lengths[] = {KH_TRAIL_PUBLIC_KEY_SIZE}, formats[] = {1};
+        PGresult *res =
+            PQexecParams(conn,
+                         "SELECT 1 FROM audit_checkpoints WHERE public_key = $1"
+                         " LIMIT 1",
+                         1, NULL, params, lengths, formats, 0);
+        if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+            kh_db_error(err, conn, res, "cannot read the checkpoints");
+            PQclear(res);
+            return -1;
+        }
+        signed_before = PQntuples(res) > 0;
+        PQclear(res);
+    }
+    if (!signed_before)
+        return 0;
+    char hex[2 * KH_TRAIL_PUBLIC_KEY_SIZE + 1];
+    kh_trail_hex(cp->public_key, KH_TRAIL_PUBLIC_KEY_SIZE, hex);
+    return kh_error_set(err, KH_E_TRAIL_KEY_REPLACED, NULL,
+                        "the checkpoint at seq %" PRId64
+                        " is signed by key %.16s..., after this sealer's"
+                        " key signed: its key was replaced; it seals"
+                        " nothing (start it with the current key)",
+                        cp->seq, hex);
 }
 
 /* The sealed head (seq 0 and zero hash when nothing is sealed) and the
@@ -1033,6 +1083,8 @@ static int s_read_head(kh_trail_sealer_t *self, PGconn *conn, int64_t *seq,
                           " that this sealer saw: the end of the trail was"
                           " removed; sealing stops",
                           *seq, self->cp_seq, self->seen_head, self->seen_cp);
+    if (rc == 0 && self->cp_seq > 0)
+        rc = s_check_key(self, conn, &cp, err);
     if (rc == 0)
         rc = s_check_foreign(self, conn, *seq, hash, &cp, err);
     if (rc == 0) {

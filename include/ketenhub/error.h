@@ -78,6 +78,7 @@ extern "C" {
     X(MIGRATION_CHANGED, "migration_changed", false)                           \
     X(CURVE, "curve", false)                                                   \
     X(TRAIL_BROKEN, "trail_broken", false)                                     \
+    X(TRAIL_KEY_REPLACED, "trail_key_replaced", false)                         \
     X(NOMEM, "out_of_memory", true)                                            \
     X(INTERNAL, "internal", true)
 

@@ -48,6 +48,7 @@ static kh_cfg_t s_config[] = {
 #define S_FAULT_DB "database unreachable"
 #define S_FAULT_SEAL "sealing fails: see seal_failed in the log"
 #define S_FAULT_BROKEN "trail broken: run ketenhubctl audit verify"
+#define S_FAULT_REPLACED "signing key replaced: start with the current key"
 
 /* Sealing runs every KH_AUDIT_POLL_MS (5 times a second by default): a
  * line per step at info level flooded the log (some 400,000 lines a day
@@ -177,7 +178,8 @@ static int s_main(int argc, char **argv)
     int64_t warn_ms = s_cfg("KH_AUDIT_DELAY_WARN_MS")->num, warned = 0;
     PGconn *conn = NULL;
     kh_db_connecting_t *connecting = NULL; /* an attempt under way */
-    bool ready = false, running = true, broken = false;
+    bool ready = false, running = true;
+    const char *broken = NULL; /* why nothing is sealed: S_FAULT_BROKEN... */
     /* Why the service cannot seal, for /readyz: set by a connection or a
      * step that failed, cleared by a step that succeeds. The trail found
      * broken comes first (it lasts until someone repairs it). Until the
@@ -230,14 +232,20 @@ static int s_main(int argc, char **argv)
             clock_gettime(CLOCK_MONOTONIC, &t0);
             long cps = 0;
             long n = kh_trail_sealer_step(sealer, conn, &cps, &err);
-            if (n < 0 && err.code == KH_E_TRAIL_BROKEN) {
-                /* Seals were removed or rewritten: nothing is sealed or
-                 * signed until someone looks (verify names the event).
-                 * One alert while it lasts, not one a round. */
-                if (!broken)
-                    kh_log_error("alert", "kind=trail_broken msg=\"%s\"",
+            if (n < 0 && (err.code == KH_E_TRAIL_BROKEN ||
+                          err.code == KH_E_TRAIL_KEY_REPLACED)) {
+                /* Seals were removed or rewritten (verify names the
+                 * event), or another key signs now: nothing is sealed or
+                 * signed until someone acts. One alert while it lasts,
+                 * not one a round. */
+                const char *why = err.code == KH_E_TRAIL_BROKEN
+                                      ? S_FAULT_BROKEN
+                                      : S_FAULT_REPLACED;
+                if (broken != why)
+                    kh_log_error("alert", "kind=%s msg=\"%s\"",
+                                 kh_error_name(err.code),
                                  KH_LOG_Q(err.message));
-                broken = true;
+                broken = why;
             } else if (n < 0) {
                 fault = S_FAULT_SEAL;
                 s_failed(&retry_ms, &failed_at);
@@ -250,7 +258,7 @@ static int s_main(int argc, char **argv)
                     fault = S_FAULT_DB;
                 }
             } else {
-                broken = false;
+                broken = NULL;
                 fault = NULL;
                 retry_ms = KH_DB_RETRY_MIN_MS;
                 failed_at.tv_sec = failed_at.tv_nsec = 0;
@@ -285,7 +293,7 @@ static int s_main(int argc, char **argv)
             } else if (waiting == 0)
                 warned = 0;
         }
-        kh_health_set_fault(health, broken ? S_FAULT_BROKEN : fault);
+        kh_health_set_fault(health, broken ? broken : fault);
         int wait_ms = connecting ? KH_DB_CONNECT_POLL_MS
                       : failed_at.tv_sec
                           ? retry_ms - (int) s_ms_since(&failed_at)

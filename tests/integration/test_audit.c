@@ -1583,6 +1583,93 @@ START_TEST(the_trail_verifies_across_an_audit_key_rotation)
 }
 END_TEST
 
+/* An audit replica left running with the key that keygen --force
+ * replaced (or started again with a copy of it) signs nothing after the
+ * new key signed: verify would refuse all it signs ("signed by key 1
+ * after key 2 signed"). It seals nothing either, says why (exit 1; the
+ * service: one alert, not ready) and leaves the trail to the new key. */
+START_TEST(a_replaced_audit_key_signs_nothing_more)
+{
+    char *conninfo = khtest_db_conninfo(S_DB);
+    setenv("KH_DATABASE_URL", conninfo, 1);
+    char *dir = khtest_tmpdir();
+    char old_sk[600], old_pk[600], new_sk[600], new_pk[600], log[600];
+    snprintf(old_sk, sizeof old_sk, "%s/old.key", dir);
+    snprintf(old_pk, sizeof old_pk, "%s/old.pub", dir);
+    snprintf(new_sk, sizeof new_sk, "%s/new.key", dir);
+    snprintf(new_pk, sizeof new_pk, "%s/new.pub", dir);
+    snprintf(log, sizeof log, "%s/audit.log", dir);
+    kh_error_t err;
+    ck_assert_int_eq(kh_trail_keygen(old_sk, old_pk, NULL, false, &err), 0);
+    ck_assert_int_eq(kh_trail_keygen(new_sk, new_pk, NULL, false, &err), 0);
+    char *out = NULL;
+    s_events_dense(20);
+    int rc = S_AUDIT(&out, "seal", "--key", old_sk, "--checkpoint");
+    ck_assert_msg(rc == 0, "exit %d: %s", rc, out);
+    free(out);
+    /* The new key signs on from the old one's checkpoints. */
+    s_events_dense(20);
+    rc = S_AUDIT(&out, "seal", "--key", new_sk, "--checkpoint");
+    ck_assert_msg(rc == 0 && strstr(out, "checkpoint"), "exit %d: %s", rc, out);
+    free(out);
+    s_events_dense(3);
+    const char *count_sql = "SELECT (SELECT count(*) FROM audit_seals) * 1000"
+                            " + (SELECT count(*) FROM audit_checkpoints)";
+    long before = khtest_db_count(s_db, count_sql);
+    ck_assert_int_eq(before, 40 * 1000 + 2);
+
+    rc = S_AUDIT(&out, "seal", "--key", old_sk, "--checkpoint");
+    ck_assert_msg(rc == 1 && strstr(out, "trail_key_replaced") &&
+                      strstr(out, "seq 40"),
+                  "exit %d: %s", rc, out);
+    free(out);
+    ck_assert_int_eq(khtest_db_count(s_db, count_sql), before);
+
+    /* The service with the old key: one alert, up, not ready, and still
+     * nothing sealed or signed. */
+    char health[64], env_health[100], env_db[1200], env_key[700];
+    snprintf(health, sizeof health, "127.0.0.1:%d", khproc_free_port());
+    snprintf(env_health, sizeof env_health, "KH_HEALTH_ENDPOINT=%s", health);
+    snprintf(env_db, sizeof env_db, "KH_DATABASE_URL=%s", conninfo);
+    snprintf(env_key, sizeof env_key, "KH_AUDIT_KEY=%s", old_sk);
+    char *env[] = {env_db,
+                   env_key,
+                   env_health,
+                   "KH_AUDIT_POLL_MS=10",
+                   "KH_AUDIT_CHECKPOINT_MS=20",
+                   NULL};
+    char *argv[] = {"ketenhub-audit", NULL};
+    pid_t pid = khproc_spawn(
+        KH_TEST_BINARY_DIR "/services/audit/ketenhub-audit", argv, env, log);
+    ck_assert_int_gt(pid, 0);
+    ck_assert(s_readyz(health, 503, "not ready: signing key replaced", 5000));
+    usleep(100000); /* several more rounds */
+    ck_assert_int_eq(kill(pid, 0), 0);
+    ck_assert_int_eq(khtest_db_count(s_db, count_sql), before);
+    int status = khproc_stop(pid, SIGTERM, 5000);
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "status %d",
+                  status);
+    char *text = khtest_read_file(log);
+    const char *alert = strstr(text, "event=alert kind=trail_key_replaced");
+    ck_assert_msg(alert, "%s", text);
+    ck_assert_ptr_null(strstr(alert + 1, "event=alert"));
+    free(text);
+
+    /* The trail is whole, and the new key seals what waited. */
+    rc = S_AUDIT(&out, "seal", "--key", new_sk);
+    ck_assert_msg(rc == 0 && strstr(out, "sealed 3 events"), "exit %d: %s", rc,
+                  out);
+    free(out);
+    rc =
+        S_AUDIT(&out, "verify", "--public-key", old_pk, "--public-key", new_pk);
+    ck_assert_msg(rc == 0 && strstr(out, "intact"), "exit %d: %s", rc, out);
+    free(out);
+    khtest_rmtree(dir);
+    free(dir);
+    free(conninfo);
+}
+END_TEST
+
 START_TEST(auditor_options_are_checked_before_anything_runs)
 {
     char *conninfo = khtest_db_conninfo(S_DB);
@@ -3685,6 +3772,7 @@ int main(void)
     tcase_add_test(tc_auditor, output_that_cannot_be_written_is_a_failure);
     tcase_add_test(tc_auditor, audit_seal_verify_export_say_what_they_did);
     tcase_add_test(tc_auditor, the_trail_verifies_across_an_audit_key_rotation);
+    tcase_add_test(tc_auditor, a_replaced_audit_key_signs_nothing_more);
     tcase_add_test(tc_auditor, a_verify_that_cannot_be_recorded_is_a_failure);
     tcase_add_test(tc_auditor, report_counts_what_the_trail_says);
     tcase_add_test(tc_auditor, report_waits_count_from_the_first_send);
