@@ -2101,6 +2101,28 @@ START_TEST(test_ctl_rules_test)
     ck_assert_msg(strstr(out, "labour.json: ok\n"), "%s", out);
     free(out);
 
+    /* A case that names its own registry is routed with it, whatever
+     * --partners says: the same case with the Arbeidsinspectie in it
+     * reaches the Arbeidsinspectie and not the fallback. */
+    json_object_set_new(doc, "partners",
+                        json_pack("[s, s]", "zorgcoordinator", "avim"));
+    ck_assert_int_eq(json_dump_file(doc, labour, 0), 0);
+    char *no_registry[] = {ctl, "rules", "test", def, labour, NULL};
+    ck_assert_int_eq(khtest_run(no_registry, &out), 0);
+    ck_assert_msg(strstr(out, "labour.json: ok\n"), "%s", out);
+    free(out);
+    json_array_append_new(json_object_get(doc, "partners"),
+                          json_string("arbeidsinspectie"));
+    ck_assert_int_eq(json_dump_file(doc, labour, 0), 0);
+    ck_assert_int_eq(khtest_run(registry, &out), 1);
+    ck_assert_msg(strstr(out, "  expect.fallback: want no_registered_target, "
+                              "got none\n") &&
+                      strstr(out, "  expect.targets: arbeidsinspectie gets it "
+                                  "too (priority normal)\n"),
+                  "%s", out);
+    free(out);
+    json_object_del(doc, "partners");
+
     /* Every expectation wrong at once: each said, none of the values. */
     json_object_set_new(json_object_get(doc, "expect"), "fallback",
                         json_false());
@@ -2190,6 +2212,15 @@ START_TEST(test_ctl_rules_test)
          ": expect.targets.avim.fields: must be"},
         {"{\"referral\": {}, \"expect\": {\"targets\": {\"\": {}}}}",
          ": expect.targets: a partner id is never empty"},
+        {"{\"referral\": {}, \"partners\": \"avim\", \"expect\": "
+         "{\"targets\": {}}}",
+         ": partners: must be an array of distinct partner ids"},
+        {"{\"referral\": {}, \"partners\": [\"avim\", \"avim\"], "
+         "\"expect\": {\"targets\": {}}}",
+         ": partners: must be"},
+        {"{\"referral\": {}, \"partners\": [\"\"], \"expect\": "
+         "{\"targets\": {}}}",
+         ": partners: must be"},
         {"{\"referral\": \n  \"x.json\",,}", "case.json:2:12: "},
     };
     char bad_case[4096];

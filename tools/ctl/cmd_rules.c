@@ -62,7 +62,9 @@ static void s_usage(FILE *out)
             "         expects: the matched rules, the fallback, each "
             "partner with its\n"
             "         priority, fields and escalation (schemas/rules.md). "
-            "No database.\n"
+            "No database;\n"
+            "         a case's own \"partners\" replace --partners for "
+            "it.\n"
             "         Prints each case's differences, never the "
             "referral's values.\n"
             "\n"
@@ -378,7 +380,8 @@ static bool s_priority_known(const char *name)
  * with the path inside it when not. */
 static bool s_case_valid(const char *file, const json_t *doc)
 {
-    static const char *const top[] = {"about", "referral", "expect", NULL};
+    static const char *const top[] = {"about", "referral", "partners", "expect",
+                                      NULL};
     static const char *const expect_keys[] = {"rules", "fallback", "targets",
                                               NULL};
     static const char *const target_keys[] = {"priority", "fields",
@@ -395,6 +398,11 @@ static bool s_case_valid(const char *file, const json_t *doc)
         return s_bad_case(file, "referral",
                           "must be the referral (an object) or the name of "
                           "its file, relative to the case's directory");
+    const json_t *partners = json_object_get(doc, "partners");
+    if (partners && !s_string_set(partners))
+        return s_bad_case(file, "partners",
+                          "must be an array of distinct partner ids, none "
+                          "empty: the partners registered for this case");
     const json_t *expect = json_object_get(doc, "expect");
     if (!json_is_object(expect))
         return s_bad_case(file, "expect", "must be an object");
@@ -636,28 +644,67 @@ static void s_compare(s_case_t *c, const json_t *expect,
     }
 }
 
-/* Run the case files against rules. CTL_OK when every case held,
- * CTL_FAIL when one did not, CTL_USAGE when a file was no case (the
- * others are run all the same). */
-static int s_test_cases(const kh_rules_t *rules, const char *schema_path,
-                        char **files, int count)
+/* The rules in rules_file (loaded with opts) with the registry that the
+ * case file names, ids: each one registered and handling cases, every
+ * other partner not. Set as routing sets them when the registry changes.
+ * NULL after saying why on stderr. */
+static kh_rules_t *s_case_rules(const kh_rules_options_t *opts,
+                                const char *rules_file, const char *file,
+                                const json_t *ids)
 {
-    kh_rules_result_t *result = kh_rules_result_new(rules);
-    if (!result) {
-        fprintf(stderr, "ketenhubctl: out of memory\n");
-        return CTL_FAIL;
-    }
+    s_partners_t partners = {0};
+    bool ok = true;
+    for (size_t i = 0; ok && i < json_array_size(ids); i++)
+        ok =
+            s_partners_add(&partners, json_string_value(json_array_get(ids, i)),
+                           true) == 0;
+    kh_rules_options_t o = *opts;
+    o.report = NULL;
+    kh_error_t err;
+    kh_error_clear(&err);
+    kh_rules_t *rules = ok ? kh_rules_load(rules_file, &o, &err) : NULL;
+    if (rules)
+        kh_rules_set_partners(rules, partners.list, partners.count);
+    else if (!ok)
+        fprintf(stderr, "ketenhubctl: %s: out of memory\n", file);
+    else
+        fprintf(stderr,
+                "ketenhubctl: %s: cannot load %s again for its partners:"
+                " %s (%s)\n",
+                file, rules_file, err.message, kh_error_name(err.code));
+    s_partners_free(&partners);
+    return rules;
+}
+
+/* Run the case files against rules (loaded from rules_file with opts).
+ * CTL_OK when every case held, CTL_FAIL when one did not, CTL_USAGE when
+ * a file was no case (the others are run all the same). */
+static int s_test_cases(const kh_rules_t *rules, const kh_rules_options_t *opts,
+                        const char *rules_file, char **files, int count)
+{
     int passed = 0, failed = 0, bad = 0;
     for (int i = 0; i < count; i++) {
         json_t *doc = s_json_file(files[i]);
         json_t *referral = doc && s_case_valid(files[i], doc)
                                ? s_case_referral(files[i], doc)
                                : NULL;
-        if (!referral || s_referral_invalid(schema_path, referral, files[i])) {
+        kh_rules_t *own = NULL; /* with the case's own registry */
+        kh_rules_result_t *result = NULL;
+        const json_t *ids = referral ? json_object_get(doc, "partners") : NULL;
+        if (ids)
+            own = s_case_rules(opts, rules_file, files[i], ids);
+        const kh_rules_t *use = own ? own : rules;
+        if (!referral ||
+            s_referral_invalid(opts->schema_path, referral, files[i])) {
+            bad++;
+        } else if (ids && !own) {
+            bad++; /* said by s_case_rules */
+        } else if (!(result = kh_rules_result_new(use))) {
+            fprintf(stderr, "ketenhubctl: %s: out of memory\n", files[i]);
             bad++;
         } else {
             s_case_t c = {.file = files[i]};
-            kh_rules_eval(rules, referral, result);
+            kh_rules_eval(use, referral, result);
             s_compare(&c, json_object_get(doc, "expect"), result);
             if (c.failed)
                 failed++;
@@ -666,10 +713,11 @@ static int s_test_cases(const kh_rules_t *rules, const char *schema_path,
                 passed++;
             }
         }
+        kh_rules_result_destroy(&result);
+        kh_rules_destroy(&own);
         json_decref(referral);
         json_decref(doc);
     }
-    kh_rules_result_destroy(&result);
     printf("%d case%s: %d as expected, %d not", count, count == 1 ? "" : "s",
            passed, failed);
     if (bad)
@@ -792,8 +840,7 @@ static int s_run(int argc, char **argv, s_mode_t mode)
         if (!have_partners)
             printf("partners not checked (no --partners): every optional "
                    "target counts as registered\n");
-        rc =
-            s_test_cases(rules, opts.schema_path, argv + optind + 1, given - 1);
+        rc = s_test_cases(rules, &opts, file, argv + optind + 1, given - 1);
     } else {
         if (explain && !have_partners)
             /* Routing skips an optional target whose partner is not
