@@ -1083,10 +1083,11 @@ static int s_read_head(kh_trail_sealer_t *self, PGconn *conn, int64_t *seq,
                           " that this sealer saw: the end of the trail was"
                           " removed; sealing stops",
                           *seq, self->cp_seq, self->seen_head, self->seen_cp);
-    if (rc == 0 && self->cp_seq > 0)
-        rc = s_check_key(self, conn, &cp, err);
+    /* A trail found broken is named before a replaced key. */
     if (rc == 0)
         rc = s_check_foreign(self, conn, *seq, hash, &cp, err);
+    if (rc == 0 && self->cp_seq > 0)
+        rc = s_check_key(self, conn, &cp, err);
     if (rc == 0) {
         self->seen_head = *seq > self->seen_head ? *seq : self->seen_head;
         self->seen_cp =
