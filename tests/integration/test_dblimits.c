@@ -96,8 +96,9 @@ static void s_wait_ready(void)
     for (int i = 0; i < 100 && rc; i++)
         rc = kh_client_ping(client, 200, &err);
     kh_client_destroy(&client);
-    ck_assert_msg(rc == 0, "intake did not come up: see %s",
-                  s_path("intake.log"));
+    if (rc != 0)
+        khtest_show_log(s_path("intake.log"), 40);
+    ck_assert_msg(rc == 0, "intake did not come up: %s", err.message);
 }
 
 static void s_setup(void)
@@ -227,8 +228,10 @@ static int64_t s_expect_recovery(const json_t *referral, const char *key)
         zclock_sleep(wait < 50 ? 50 : wait > 1000 ? 1000 : (int) wait);
     }
     int64_t recovered = zclock_mono() - started;
-    ck_assert_msg(reply != NULL, "intake did not recover in %d ms: see %s",
-                  S_RECOVER_MS, s_path("intake.log"));
+    if (!reply)
+        khtest_show_log(s_path("intake.log"), 40);
+    ck_assert_msg(reply != NULL, "intake did not recover in %d ms",
+                  S_RECOVER_MS);
     ck_assert(json_is_false(json_object_get(reply, "duplicate")));
     int64_t elapsed;
     json_t *again = s_submit(client, referral, key, &elapsed);

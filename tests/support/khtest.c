@@ -568,6 +568,13 @@ void khtest_append_file(const char *path, const char *text)
     s_write(path, text, "a");
 }
 
+void khtest_show_log(const char *path, int lines)
+{
+    fprintf(stderr, "--- the last %d lines of %s:\n", lines, path);
+    fflush(stderr);
+    khproc_sh("grep -v ' event=config ' '%s' | tail -n %d >&2", path, lines);
+}
+
 char *khtest_read_file(const char *path)
 {
     FILE *fp = fopen(path, "rb");

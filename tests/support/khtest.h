@@ -133,6 +133,11 @@ double khtest_metric(const char *health, const char *series);
  * (false): a service's log line. */
 bool khtest_log_has(const char *path, const char *text, int timeout_ms);
 
+/* Print the last lines of the log at path (but its config lines) to
+ * stderr, for a failure to show why: the test's directory, and the log
+ * with it, is gone by the time the output is read. */
+void khtest_show_log(const char *path, int lines);
+
 /* Register partner id (kind, handles_cases) with public_key (Z85) by SQL,
  * aborting the test on failure. */
 void khtest_register_partner(PGconn *conn, const char *id, const char *kind,
