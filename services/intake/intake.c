@@ -339,6 +339,9 @@ static void s_load_partners(intake_t *self)
     zhashx_t *partners = store_partners(self->store, &err);
     self->partners_read = partners != NULL;
     if (!partners) {
+        kh_log_warn("partners_unread", "code=%s stale=%s",
+                    kh_error_name(err.code),
+                    self->partners_stale ? "true" : "false");
         s_db_failed(self);
         return;
     }

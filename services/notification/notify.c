@@ -104,6 +104,8 @@ struct _notify_t {
     int64_t connect_after; /* zclock_mono before which no tick tries */
     zhashx_t *partners;    /* Z85 key -> partner id */
     bool partners_read;    /* re-read since s_drop_unadmitted last ran */
+    bool partners_stale;   /* changed since it was read: admits no key */
+    int64_t reread_at;     /* zclock_mono before which a stale one waits */
     kh_throttle_t *unknown_keys; /* key: one registry re-read a second */
     zhashx_t *conns;             /* identity (hex) -> s_conn_t */
     s_pending_t *pending;
@@ -561,21 +563,43 @@ static void s_load_partners(notify_t *self)
     kh_error_t err;
     zhashx_t *partners = dstore_partners(self->store, &err);
     if (!partners) {
-        kh_log_warn("partners_unread", "code=%s", kh_error_name(err.code));
+        kh_log_warn("partners_unread", "code=%s stale=%s",
+                    kh_error_name(err.code),
+                    self->partners_stale ? "true" : "false");
+        self->reread_at = zclock_mono() + S_RELOAD_MIN_MS;
         return;
     }
     zhashx_destroy(&self->partners);
     self->partners = partners;
     self->partners_read = true;
+    self->partners_stale = false;
 }
 
 /* Read the registry again when it changed (a partner revoked, a key
  * ended or moved, a partner added): PostgreSQL told as the change
- * committed. Before the frames and the round that would use it. */
+ * committed. Before the frames and the round that would use it. Until a
+ * change is read (the read failed: a lock, a timeout), the registry as
+ * read before is stale: it admits no key and nothing is sent, as a key
+ * it admits may be revoked by now. The read is tried again here a second
+ * after it failed (not for each key, as an unknown one is: a read that
+ * waits out the lock_timeout holds up the loop). */
 static void s_registry_check(notify_t *self)
 {
-    if (dstore_registry_changed(self->store))
+    if (dstore_registry_changed(self->store)) {
+        self->partners_stale = self->partners != NULL;
         s_load_partners(self);
+    } else if (self->partners_stale && dstore_up(self->store) &&
+               zclock_mono() >= self->reread_at)
+        s_load_partners(self);
+}
+
+/* The id of the partner that key admits in the registry as last read
+ * (none while it is stale), or NULL. */
+static const char *s_admitted(const notify_t *self, const char *key)
+{
+    return self->partners && !self->partners_stale
+               ? zhashx_lookup(self->partners, key)
+               : NULL;
 }
 
 /* Forget the connections whose key no longer admits their partner
@@ -606,12 +630,12 @@ static void s_drop_unadmitted(notify_t *self)
  * handshake, i.e. are in the partner directory, get this far. */
 static const char *s_partner_of(notify_t *self, const char *key)
 {
-    const char *id = self->partners ? zhashx_lookup(self->partners, key) : NULL;
-    if (id || !dstore_up(self->store) ||
+    const char *id = s_admitted(self, key);
+    if (id || self->partners_stale || !dstore_up(self->store) ||
         !kh_throttle_pass(self->unknown_keys, key, zclock_mono()))
         return id;
     s_load_partners(self);
-    return self->partners ? zhashx_lookup(self->partners, key) : NULL;
+    return s_admitted(self, key);
 }
 
 static void s_db_failed(notify_t *self, const char *what, const kh_error_t *err)
@@ -1076,11 +1100,12 @@ static void s_sent(notify_t *self, const s_outgoing_t *out)
 
 /* Send a committed DELIVER whose connection is gone on another
  * connection of its partner with free credit: the same attempt, which
- * now leaves. Connections found gone on the way are dropped. Whether it
- * was sent (it is still the caller's). */
+ * now leaves. Connections found gone on the way are dropped. Not while
+ * the registry is stale (s_registry_check). Whether it was sent (it is
+ * still the caller's). */
 static bool s_place(notify_t *self, s_outgoing_t *out)
 {
-    bool retry = true;
+    bool retry = !self->partners_stale;
     while (retry) {
         retry = false;
         for (s_conn_t *c = zhashx_first(self->conns); c;
@@ -1248,8 +1273,10 @@ static void s_round(notify_t *self, bool resend)
         s_drop_unadmitted(self);
     if (zlistx_size(self->held))
         s_held_flush(self);
+    /* Nothing is claimed or re-sent while the registry is stale. */
+    bool send = !self->partners_stale;
     if (self->npending == 0 &&
-        (!dstore_up(self->store) || (!resend && !s_has_work(self))))
+        (!dstore_up(self->store) || !send || (!resend && !s_has_work(self))))
         return;
     kh_error_t err, ack_err;
     int acks = s_acks_send(self, &ack_err);
@@ -1257,7 +1284,7 @@ static void s_round(notify_t *self, bool resend)
     const char *during = "begin";
     if (rc == 0 && (rc = s_nacks_commit(self, &err)) != 0)
         during = "answers";
-    if (rc == 0 && (rc = s_pump(self, resend, &err)) != 0)
+    if (rc == 0 && send && (rc = s_pump(self, resend, &err)) != 0)
         during = "claim";
     if (rc == 0 && (rc = dstore_commit(self->store, &err)) != 0)
         during = "commit";
@@ -1483,9 +1510,11 @@ static void s_take(notify_t *self, zframe_t *identity, zmq_msg_t *body,
     /* v is checked before anything else, as intake does. */
     if (!msg && !extra_frames && !over)
         kh_proto_other_version(zmq_msg_data(body), zmq_msg_size(body), &err);
-    /* Until the registry has been read (the database is not up yet) no key
-     * can be told it is revoked: that answer makes a partner stop. */
-    if (err.code == KH_E_OK && !partner && !self->partners)
+    /* Until the registry has been read (the database is not up yet), or
+     * read again since it changed, no key can be told it is revoked: that
+     * answer makes a partner stop. */
+    if (err.code == KH_E_OK && !partner &&
+        (!self->partners || self->partners_stale))
         kh_error_set(&err, KH_E_UNAVAILABLE, "",
                      "the partner registry cannot be read now; send the "
                      "same request again");
@@ -1766,6 +1795,8 @@ static int s_on_tick(zloop_t *loop, int timer_id, void *arg)
         if (!self->ready_logged)
             s_log_ready(self);
         self->retry_ms = 0;
+        /* What the registry told while the database was away is lost. */
+        self->partners_stale = self->partners != NULL;
         s_load_partners(self);
     }
     if (dstore_sweep(self->store, s_on_sweep_event, self, &err) < 0)

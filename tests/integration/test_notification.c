@@ -903,6 +903,60 @@ START_TEST(a_revoked_partners_connection_is_forgotten_at_once)
 }
 END_TEST
 
+/* A change to the registry that notification cannot read yet (the read
+ * waits on a lock past its lock_timeout) leaves the registry as read
+ * before stale: until the read succeeds it admits no key, since any may
+ * be revoked by now. A frame is refused retryably (the partner sends it
+ * again) and not taken: an ACK of a partner revoked meanwhile acknowledges
+ * nothing. Once the read succeeds, the revoked partner is refused for
+ * good. */
+START_TEST(a_registry_change_not_yet_read_admits_no_key)
+{
+    char first[37], state[16];
+    s_delivery("avim", "normal", 0, NULL, first);
+    pid_t pid = s_start_unhurried();
+    zsock_t *avim = s_sent_first("avim", 4, first);
+
+    PGconn *locker = PQconnectdb(s_conninfo);
+    ck_assert_int_eq(PQstatus(locker), CONNECTION_OK);
+    khtest_db_exec(locker,
+                   "BEGIN; LOCK TABLE partner_keys IN ACCESS EXCLUSIVE MODE", 0,
+                   NULL);
+    khtest_db_exec(s_db,
+                   "UPDATE partners SET revoked_at = now() WHERE id = 'avim'",
+                   0, NULL);
+    /* Told of the change, notification waits for the lock in vain. */
+    ck_assert(s_log_has("notification.log", "event=partners_unread", 10000));
+    s_answer(avim, first, NULL);
+    json_t *msg = s_expect(avim, "REJECTED", 15000);
+    khtest_db_exec(locker, "COMMIT", 0, NULL);
+    PQfinish(locker);
+    ck_assert_msg(msg != NULL, "the ACK was not refused");
+    ck_assert_str_eq(s_str(msg, "code"), "unavailable");
+    json_decref(msg);
+    ck_assert_str_eq(s_state(first, state), "delivered");
+
+    /* Sent again, as a partner does, until the registry is read. */
+    int64_t until_ms = zclock_mono() + 10000;
+    do {
+        zclock_sleep(200);
+        s_answer(avim, first, NULL);
+        msg = s_expect(avim, "REJECTED", 5000);
+        ck_assert_msg(msg != NULL, "the ACK was not refused once read");
+        if (strcmp(s_str(msg, "code"), "unavailable") == 0 &&
+            zclock_mono() < until_ms) {
+            json_decref(msg);
+            msg = NULL;
+        }
+    } while (!msg);
+    ck_assert_str_eq(s_str(msg, "code"), "unknown_partner");
+    json_decref(msg);
+    ck_assert_str_ne(s_state(first, state), "acknowledged");
+    zsock_destroy(&avim);
+    s_stop(pid);
+}
+END_TEST
+
 START_TEST(nack_retry_resends_and_nack_permanent_is_dead_at_once)
 {
     char retry[37], permanent[37];
@@ -3792,6 +3846,7 @@ static Suite *s_suite(void)
     tcase_add_test(moved,
                    a_moved_key_counts_among_its_new_partners_connections);
     tcase_add_test(moved, a_revoked_partners_connection_is_forgotten_at_once);
+    tcase_add_test(moved, a_registry_change_not_yet_read_admits_no_key);
     suite_add_tcase(suite, moved);
 
     TCase *priority = tcase_create("resend_priority");
