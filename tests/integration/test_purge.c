@@ -284,6 +284,9 @@ START_TEST(test_purge_done_referrals_only)
     ck_assert_msg(strstr(out, "kept 3 referrals"), "%s", out);
     ck_assert_msg(strstr(out, "left 2 done referrals: held by another"), "%s",
                   out);
+    /* The tables are not its login's to vacuum: it says so. */
+    ck_assert_msg(strstr(out, "not vacuumed: this login does not own"), "%s",
+                  out);
     ck_assert_ptr_null(strstr(out, CANARY));
     free(out);
 
@@ -427,6 +430,56 @@ START_TEST(test_urgent_dead_letter_kept_until_escalated)
 }
 END_TEST
 
+/* Row versions of referrals and deliveries, live or dead, whose bytes
+ * hold the canary: what the tables' files hold (pageinspect), which a
+ * SELECT does not show. */
+static long s_versions_with_canary(void)
+{
+    return s_count(
+        "SELECT count(*) FROM (VALUES ('referrals'), ('deliveries')) r(t),"
+        " generate_series(0, pg_relation_size(r.t) /"
+        " current_setting('block_size')::int - 1) b,"
+        " heap_page_items(get_raw_page(r.t, b::int)) i"
+        " WHERE position(convert_to('" CANARY "', 'UTF8') IN i.t_data) > 0");
+}
+
+/* The live rows that hold a payload. */
+static const char s_rows_with_payloads[] =
+    "SELECT (SELECT count(*) FROM referrals WHERE payload IS NOT NULL) +"
+    " (SELECT count(*) FROM deliveries WHERE payload IS NOT NULL OR"
+    " escalation_payload IS NOT NULL)";
+
+/* An UPDATE leaves the row version before it, payload and all, in the
+ * table's file until VACUUM removes it. A purge run by the tables' owner
+ * vacuums them, so that no row version holds a purged payload any more:
+ * those that hold the canary afterwards are the live rows kept. */
+START_TEST(test_purge_by_the_owner_vacuums)
+{
+    s_setup();
+    khtest_db_exec(s_conn, "CREATE EXTENSION IF NOT EXISTS pageinspect", 0,
+                   NULL);
+    long before = s_count(s_rows_with_payloads);
+    ck_assert_int_eq(s_versions_with_canary(), before);
+    char *out = NULL;
+    ck_assert_int_eq(KHTEST_CTL(&out, "purge", "--older-than", "365"), 0);
+    ck_assert_msg(strstr(out, "purged 4 referrals (5 deliveries)") &&
+                      strstr(out, "vacuumed referrals and deliveries"),
+                  "%s", out);
+    free(out);
+    long kept = s_count(s_rows_with_payloads);
+    ck_assert_int_lt(kept, before);
+    ck_assert_int_eq(s_versions_with_canary(), kept);
+    /* Nothing purged: nothing to vacuum. */
+    ck_assert_int_eq(KHTEST_CTL(&out, "purge", "--older-than", "365", "--json"),
+                     0);
+    ck_assert_msg(strstr(out, "\"referrals\":0,") &&
+                      strstr(out, "\"vacuumed\":false"),
+                  "%s", out);
+    free(out);
+    PQfinish(s_conn);
+}
+END_TEST
+
 static Suite *s_suite(void)
 {
     Suite *s = suite_create("purge");
@@ -435,6 +488,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_bad_arguments_change_nothing);
     tcase_add_test(tc, test_purge_done_referrals_only);
     tcase_add_test(tc, test_urgent_dead_letter_kept_until_escalated);
+    tcase_add_test(tc, test_purge_by_the_owner_vacuums);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -502,25 +502,10 @@ static const char s_retry_sql[] =
 static int s_retry_commit(PGconn *conn, kh_error_t *err, bool *said)
 {
     *said = false;
-    PGresult *res = PQexec(conn, "SELECT txid_current()::text");
-    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-        kh_db_error(err, conn, res, "cannot retry");
-        PQclear(res);
-        return CTL_FAIL;
-    }
-    char xid[32];
-    snprintf(xid, sizeof xid, "%s", PQgetvalue(res, 0, 0));
-    PQclear(res);
-    if (kh_db_exec(conn, "COMMIT", err) == 0)
+    bool lost;
+    int outcome = ctl_commit_xact(conn, &lost, err);
+    if (outcome == 1 && !lost)
         return CTL_OK;
-    /* Whether the transaction committed, as the server knows it: true,
-     * false, or NULL while that cannot be told. */
-    const char *params[] = {xid};
-    int outcome = ctl_commit_outcome(
-        conn,
-        "SELECT CASE txid_status($1::bigint) WHEN 'committed' THEN true"
-        " WHEN 'aborted' THEN false END",
-        1, params);
     if (outcome == 0)
         return CTL_FAIL;
     ctl_print_error(err);

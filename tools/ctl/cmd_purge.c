@@ -62,7 +62,11 @@ static void s_usage(FILE *out)
             "old, and so are\n"
             "those with a dead letter that died after the cutoff. A dead "
             "letter that is\n"
-            "purged can no longer be retried.\n"
+            "purged can no longer be retried. When this login owns the "
+            "tables, it then\n"
+            "runs VACUUM on referrals and deliveries, which removes the row "
+            "versions that\n"
+            "held the purged payloads; otherwise autovacuum does, later.\n"
             "\n"
             "  --before TIME      cutoff: an ISO 8601 time (2025-11-29,\n"
             "                     2025-11-29T00:00:00Z; UTC when no zone is "
@@ -175,11 +179,21 @@ static const char s_purge_sql[] =
     " (SELECT count(*) FROM events)";
 /* clang-format on */
 
+/* Whether this login may VACUUM referrals and deliveries: it owns them
+ * (is a member of their owner's role), owns the database, or is a
+ * superuser. */
+static const char s_may_vacuum_sql[] =
+    "SELECT bool_and(pg_has_role(relowner, 'USAGE')) OR pg_has_role("
+    " (SELECT datdba FROM pg_database WHERE datname = current_database()),"
+    " 'USAGE') FROM pg_class"
+    " WHERE oid IN ('referrals'::regclass, 'deliveries'::regclass)";
+
 /* Referrals (and their deliveries) purged or to purge, referrals kept
  * because still in work, and done ones that another transaction held (a
- * next run takes them). */
+ * next run takes them); whether the tables were vacuumed after. */
 typedef struct {
     long referrals, deliveries, kept, busy;
+    bool vacuumed;
 } s_counts_t;
 
 /* The arrays of one run: the batch locked, the part of it to purge, and the
@@ -229,8 +243,10 @@ static int s_count(PGconn *conn, const char *cutoff, s_counts_t *counts,
 
 /* One batch in its own transaction; adds what it purged to done once it
  * committed, and to a->held the referrals it left. Returns the number of
- * referrals it locked (0: nothing left), or -1 with err (the batch rolled
- * back). */
+ * referrals it locked (0: nothing left), or -1 with err: the batch rolled
+ * back, or the connection was lost with its commit's answer (said on
+ * stderr, and counted in done when a new connection tells it went
+ * through). */
 static int s_batch(PGconn *conn, const char *cutoff, const char *batch,
                    s_arrays_t *a, const kh_audit_origin_t *origin,
                    s_counts_t *done, kh_error_t *err)
@@ -271,13 +287,44 @@ static int s_batch(PGconn *conn, const char *cutoff, const char *batch,
             locked = -1;
         PQclear(res);
     }
-    if (locked >= 0 && kh_db_exec(conn, "COMMIT", err) == 0) {
+    bool lost = false;
+    int committed = locked >= 0 ? ctl_commit_xact(conn, &lost, err) : 0;
+    if (committed == 1) {
         done->referrals += referrals;
         done->deliveries += deliveries;
-        return locked;
     }
-    kh_db_rollback_quietly(conn);
+    if (committed == 1 && !lost)
+        return locked;
+    if (committed == 0)
+        kh_db_rollback_quietly(conn);
+    else
+        fprintf(stderr,
+                "ketenhubctl: purge: the connection was lost with the answer "
+                "to a batch's commit, which %s\n",
+                lost ? "went through after all"
+                     : "may or may not have gone through (purge --dry-run "
+                       "counts what is left)");
     return -1;
+}
+
+/* After a purge that erased payloads: the row versions that held them
+ * stay in the tables' files until VACUUM removes them, which autovacuum
+ * does only after thousands of changes (migration 003), so a quiet hub
+ * could keep them for days. Run it now when this login may: 1 done, 0
+ * it may not (said on stdout: the tables' owner's to run), -1 failed with
+ * err (the purge itself is committed). */
+static int s_vacuum(PGconn *conn, kh_error_t *err)
+{
+    PGresult *res = PQexec(conn, s_may_vacuum_sql);
+    int may = PQresultStatus(res) == PGRES_TUPLES_OK
+                  ? strcmp(PQgetvalue(res, 0, 0), "t") == 0
+                  : -1;
+    if (may < 0)
+        kh_db_error(err, conn, res, "cannot read who owns the tables");
+    PQclear(res);
+    if (may != 1)
+        return may;
+    return kh_db_exec(conn, "VACUUM referrals, deliveries", err) ? -1 : 1;
 }
 
 static void s_report(const char *cutoff, bool dry_run, bool json,
@@ -285,10 +332,11 @@ static void s_report(const char *cutoff, bool dry_run, bool json,
 {
     if (json) {
         json_t *o = json_pack(
-            "{s:s, s:b, s:I, s:I, s:I, s:I}", "cutoff", cutoff, "dry_run",
+            "{s:s, s:b, s:I, s:I, s:I, s:I, s:b}", "cutoff", cutoff, "dry_run",
             dry_run, "referrals", (json_int_t) counts->referrals, "deliveries",
             (json_int_t) counts->deliveries, "kept_in_work",
-            (json_int_t) counts->kept, "busy", (json_int_t) counts->busy);
+            (json_int_t) counts->kept, "busy", (json_int_t) counts->busy,
+            "vacuumed", counts->vacuumed);
         char *text = o ? json_dumps(o, JSON_COMPACT) : NULL;
         if (text)
             printf("%s\n", text);
@@ -310,6 +358,15 @@ static void s_report(const char *cutoff, bool dry_run, bool json,
         printf("left %ld done %s: held by another transaction, or done "
                "only since the purge began; run it again\n",
                counts->busy, counts->busy == 1 ? "referral" : "referrals");
+    if (counts->vacuumed)
+        printf("vacuumed referrals and deliveries: the row versions that "
+               "held the purged payloads are removed\n");
+    else if (!dry_run && counts->referrals)
+        printf("not vacuumed: this login does not own referrals and "
+               "deliveries; the row versions\n"
+               "that held the purged payloads stay in their files until "
+               "autovacuum removes\n"
+               "them, or the owner runs VACUUM referrals, deliveries\n");
 }
 
 static int s_purge(const char *value, bool days, bool dry_run, int batch,
@@ -342,7 +399,8 @@ static int s_purge(const char *value, bool days, bool dry_run, int batch,
         }
         PQclear(res);
     }
-    s_counts_t counts = {0, 0, 0, 0};
+    s_counts_t counts = {0, 0, 0, 0, false};
+    int vacuumed = 0;
     if (rc == CTL_OK && dry_run) {
         if (s_count(conn, cutoff, &counts, &err))
             rc = CTL_FAIL;
@@ -367,6 +425,8 @@ static int s_purge(const char *value, bool days, bool dry_run, int batch,
             counts.kept = after.kept;
             counts.busy = after.referrals;
         }
+        vacuumed = rc == CTL_OK && counts.referrals ? s_vacuum(conn, &err) : 0;
+        counts.vacuumed = vacuumed == 1;
     }
     if (rc == CTL_FAIL) {
         ctl_print_error(&err);
@@ -377,6 +437,14 @@ static int s_purge(const char *value, bool days, bool dry_run, int batch,
                     counts.referrals);
     } else if (rc == CTL_OK)
         s_report(cutoff, dry_run, json, &counts);
+    if (vacuumed < 0) {
+        ctl_print_error(&err);
+        fprintf(stderr, "ketenhubctl: purge: the purge is committed, but the "
+                        "tables were not vacuumed: VACUUM referrals, "
+                        "deliveries as their owner, or leave it to "
+                        "autovacuum\n");
+        rc = CTL_FAIL;
+    }
     PQfinish(conn);
     return rc;
 }

@@ -128,6 +128,13 @@ PGconn *ctl_connect_wait(int wait_s);
 int ctl_commit_outcome(PGconn *conn, const char *check, int nparams,
                        const char *const *params);
 
+/* COMMIT the transaction open on conn, having read its id first: 1 when
+ * it went through, also when only a new connection could tell
+ * (txid_status: the connection was lost with the answer, *lost set), 0
+ * when it did not, -1 when whether it did cannot be found out; err is set
+ * unless it went through and nothing was lost. */
+int ctl_commit_xact(PGconn *conn, bool *lost, kh_error_t *err);
+
 /* ctl_commit_outcome's decision from conn's status after the failed COMMIT
  * and check's result (not read when status is CONNECTION_OK). */
 int ctl_commit_checked(ConnStatusType status, const PGresult *res);

@@ -373,6 +373,32 @@ int ctl_commit_outcome(PGconn *conn, const char *check, int nparams,
     return outcome;
 }
 
+int ctl_commit_xact(PGconn *conn, bool *lost, kh_error_t *err)
+{
+    *lost = false;
+    PGresult *res = PQexec(conn, "SELECT txid_current()::text");
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        kh_db_error(err, conn, res, "cannot read the transaction's id");
+        PQclear(res);
+        return 0;
+    }
+    char xid[32];
+    snprintf(xid, sizeof xid, "%s", PQgetvalue(res, 0, 0));
+    PQclear(res);
+    if (kh_db_exec(conn, "COMMIT", err) == 0)
+        return 1;
+    /* Whether the transaction committed, as the server knows it: true,
+     * false, or NULL while that cannot be told. */
+    const char *params[] = {xid};
+    int outcome = ctl_commit_outcome(
+        conn,
+        "SELECT CASE txid_status($1::bigint) WHEN 'committed' THEN true"
+        " WHEN 'aborted' THEN false END",
+        1, params);
+    *lost = outcome == 1;
+    return outcome;
+}
+
 static int s_run(int argc, char **argv)
 {
     if (argc < 2) {
