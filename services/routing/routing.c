@@ -95,6 +95,15 @@ struct _routing_t {
     char missing[640];       /* partners the rules need and the registry
                                 lacks, as last told ("a,b"; "": none) */
     kh_tally_t auth_refused; /* refused handshakes, one line a while */
+    /* A pass whose COMMIT's answer was lost with the connection: its
+     * transaction's id ("": none), the referrals it routed and the
+     * deliveries it made, and when it started; its targets and alerts
+     * wait in targets and unroutable. s_settle tells them once
+     * txid_status on the next connection says it committed. */
+    char unsure_xid[24];
+    int unsure_routed;
+    size_t unsure_made;
+    int64_t unsure_started;
     /* Counters for the stats line. */
     size_t routed, deliveries, passes, failures, wakeups, malformed;
 };
@@ -797,9 +806,78 @@ static void s_routed_again(routing_t *self)
  * the next pass, past the bytes), -1 (rolled back, or no
  * connection), or S_PASS_AGAIN (rolled back, and the next pass is to come
  * at once: s_isolate). */
+/* What follows a pass's commit (routed referrals, made deliveries, begun
+ * at started): notification woken for its targets, the alerts of the
+ * referrals it set aside, the counters. */
+static void s_committed(routing_t *self, int routed, size_t made,
+                        int64_t started)
+{
+    s_notify(self);
+    for (const char *alert = zlistx_first(self->unroutable); alert;
+         alert = zlistx_next(self->unroutable))
+        kh_log_error("alert", "kind=referral_unroutable %s", alert);
+    zlistx_purge(self->unroutable);
+    kh_metric_add("referrals_routed_total", NULL, (uint64_t) routed);
+    kh_metric_add("deliveries_created_total", NULL, (uint64_t) made);
+    if (routed)
+        kh_metric_observe("routing_pass_seconds", NULL,
+                          (double) (zclock_mono() - started) / 1000.0);
+    self->routed += (size_t) routed;
+    self->passes++;
+    if (routed)
+        s_routed_again(self);
+}
+
+/* The pass whose COMMIT's answer was lost: on the new connection,
+ * txid_status tells whether it committed (then it is told as any pass
+ * that committed), or was rolled back (its referrals are claimed again).
+ * When that cannot be told (the transaction is still in progress on a
+ * server that lost its client, or too old to know), its alerts are told
+ * all the same: an alert twice beats one missed. 0, or -1 when the
+ * question could not be asked (the next pass asks again). */
+static int s_settle(routing_t *self)
+{
+    if (!*self->unsure_xid)
+        return 0;
+    const char *params[] = {self->unsure_xid};
+    PGresult *res = PQexecParams(self->conn, "SELECT txid_status($1::bigint)",
+                                 1, NULL, params, NULL, NULL, 0);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        kh_error_t err;
+        kh_db_error(&err, self->conn, res, "txid_status");
+        kh_log_warn("pass_unsettled", "xid=%s msg=\"%s\"", self->unsure_xid,
+                    KH_LOG_Q(err.message));
+        PQclear(res);
+        return -1;
+    }
+    const char *status =
+        PQgetisnull(res, 0, 0) ? "unknown" : PQgetvalue(res, 0, 0);
+    kh_log_warn("pass_settled", "xid=%s status=%s routed=%d", self->unsure_xid,
+                status, self->unsure_routed);
+    if (strcmp(status, "committed") == 0) {
+        self->deliveries += self->unsure_made;
+        s_committed(self, self->unsure_routed, self->unsure_made,
+                    self->unsure_started);
+    } else if (strcmp(status, "aborted") == 0) {
+        zhashx_purge(self->targets);
+        zlistx_purge(self->unroutable);
+    } else {
+        zhashx_purge(self->targets);
+        for (const char *alert = zlistx_first(self->unroutable); alert;
+             alert = zlistx_next(self->unroutable))
+            kh_log_error("alert",
+                         "kind=referral_unroutable %s committed=unknown",
+                         alert);
+        zlistx_purge(self->unroutable);
+    }
+    PQclear(res);
+    *self->unsure_xid = '\0';
+    return 0;
+}
+
 static int s_pass(routing_t *self)
 {
-    if (s_pass_connect(self))
+    if (s_pass_connect(self) || s_settle(self))
         return -1;
     kh_error_t err;
     int64_t started = zclock_mono();
@@ -809,6 +887,7 @@ static int s_pass(routing_t *self)
     snprintf(bytes, sizeof bytes, "%zu", self->config.batch_bytes);
     const char *params[] = {limit, bytes};
     int routed = 0;
+    bool committing = false; /* the COMMIT is on its way */
     PGresult *res = NULL;
     if (s_hold_found(self, &err))
         goto fail;
@@ -851,6 +930,7 @@ static int s_pass(routing_t *self)
                    ? 0
                    : kh_db_error(&err, self->conn, NULL,
                                  "cannot send a statement");
+    committing = sent == 0;
     kh_error_t end_err;
     if (kh_db_pipeline_end(self->conn, -1, NULL, &end_err) && sent == 0) {
         err = end_err;
@@ -858,37 +938,34 @@ static int s_pass(routing_t *self)
     }
     if (sent)
         goto fail;
-    s_notify(self);
-    for (const char *alert = zlistx_first(self->unroutable); alert;
-         alert = zlistx_next(self->unroutable))
-        kh_log_error("alert", "kind=referral_unroutable %s", alert);
-    zlistx_purge(self->unroutable);
-    kh_metric_add("referrals_routed_total", NULL, (uint64_t) routed);
-    kh_metric_add("deliveries_created_total", NULL,
-                  (uint64_t) (self->deliveries - deliveries));
-    if (routed)
-        kh_metric_observe("routing_pass_seconds", NULL,
-                          (double) (zclock_mono() - started) / 1000.0);
-    self->routed += (size_t) routed;
-    self->passes++;
+    s_committed(self, routed, self->deliveries - deliveries, started);
     /* Claimed: those read; those past the bytes were locked alone, and
      * the next pass is due at once, as after a full batch. */
     int claimed = PQntuples(res);
     int locked = claimed ? atoi(PQgetvalue(res, 0, 3)) : 0;
     if (self->isolate)
         self->isolate = claimed ? self->isolate - 1 : 0;
-    if (routed)
-        s_routed_again(self);
     kh_log_debug("pass", "claimed=%d routed=%d locked=%d ms=%lld", claimed,
                  routed, locked, (long long) (zclock_mono() - started));
     PQclear(res);
     return locked > claimed ? (int) self->config.batch : claimed;
 fail:;
     bool again = res && s_data_failure(&err) && s_isolate(self, res, &err);
+    /* The connection lost with the COMMIT's answer: whether the pass
+     * committed is asked on the next one (s_settle). */
+    if (committing && PQstatus(self->conn) != CONNECTION_OK &&
+        PQntuples(res) > 0) {
+        snprintf(self->unsure_xid, sizeof self->unsure_xid, "%s",
+                 PQgetvalue(res, 0, 4));
+        self->unsure_routed = routed;
+        self->unsure_made = self->deliveries - deliveries;
+        self->unsure_started = started;
+    } else {
+        zhashx_purge(self->targets);
+        zlistx_purge(self->unroutable);
+    }
     PQclear(res);
-    zhashx_purge(self->targets);
-    zlistx_purge(self->unroutable);
-    self->deliveries = deliveries; /* rolled back: none was made */
+    self->deliveries = deliveries; /* rolled back, or not known yet */
     self->failures++;
     kh_log_warn("pass_failed", "code=%s msg=\"%s\"", kh_error_name(err.code),
                 KH_LOG_Q(err.message));

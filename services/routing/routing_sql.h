@@ -22,7 +22,8 @@
  * would make the claim fail in every pass, where routing must set the
  * referral aside as unreadable; and not in bytea's hex text, twice its
  * size, decoded again in routing. The fourth column is the number
- * locked. */
+ * locked, the fifth the transaction's id (for txid_status, should the
+ * answer to its COMMIT be lost with the connection). */
 static const char s_claim_sql[] =
     "WITH c AS (SELECT id, accepted_at, coalesce(octet_length(payload), 0)"
     "  AS len FROM referrals WHERE state = 'accepted'"
@@ -32,7 +33,8 @@ static const char s_claim_sql[] =
     "  sum(len) OVER (ORDER BY accepted_at, id ROWS UNBOUNDED PRECEDING)"
     "  - len AS before FROM c)"
     " SELECT r.id::text, r.payload, encode(r.payload_hash, 'hex'),"
-    " w.locked::text FROM w JOIN referrals r ON r.id = w.id"
+    " w.locked::text, txid_current()::text FROM w JOIN referrals r"
+    " ON r.id = w.id"
     " WHERE w.before = 0 OR w.before + w.len <= $2::bigint"
     " ORDER BY w.accepted_at, w.id";
 

@@ -458,33 +458,6 @@ START_TEST(test_retry)
 }
 END_TEST
 
-/* Set the cluster's synchronous_standby_names (NULL: reset it) and wait
- * until s_conn's session has it: with a standby that never comes, every
- * commit is written here and then waits for it. */
-static void s_sync_standby(const char *name)
-{
-    char sql[256];
-    if (name)
-        snprintf(sql, sizeof sql,
-                 "ALTER SYSTEM SET synchronous_standby_names = '%s'", name);
-    else
-        snprintf(sql, sizeof sql,
-                 "ALTER SYSTEM RESET synchronous_standby_names");
-    s_sql(sql);
-    khtest_db_exec(s_conn, "SELECT pg_reload_conf()", 0, NULL);
-    for (int i = 0; i < 100; i++) {
-        char *v = khtest_db_value(
-            s_conn, "SELECT current_setting('synchronous_standby_names')");
-        bool set = v && strcmp(v, name ? name : "") == 0;
-        free(v);
-        if (set)
-            return;
-        usleep(50 * 1000);
-    }
-    ck_abort_msg("synchronous_standby_names did not become '%s'",
-                 name ? name : "");
-}
-
 /* The connection lost with the answer to the commit of a retry that went
  * through: the tool reads on a new connection that it did, says so and
  * exits 0, rather than reporting a failure (after which another retry is
@@ -498,31 +471,19 @@ START_TEST(test_retry_commit_answer_lost)
     int fd = mkstemp(log);
     ck_assert_int_ge(fd, 0);
     close(fd);
-    s_sync_standby("kh_test_nobody");
+    khtest_sync_standby(s_conn, "kh_test_nobody");
     char *argv[] = {KH_TEST_BINARY_DIR "/tools/ctl/ketenhubctl", "deadletters",
                     "retry", D1, NULL};
     /* The test cluster commits without waiting; this commit waits. */
     char *env[] = {"PGOPTIONS=-c synchronous_commit=on", NULL};
     pid_t pid = khproc_spawn(argv[0], argv, env, log);
     ck_assert_int_gt(pid, 0);
-    long waiting = 0;
-    for (int i = 0; i < 200 && waiting == 0; i++) {
-        waiting = s_count("SELECT coalesce(max(pid), 0) FROM pg_stat_activity"
-                          " WHERE datname = '" DB "' AND wait_event ="
-                          " 'SyncRep'");
-        if (waiting == 0)
-            usleep(50 * 1000);
-    }
-    char sql[128];
-    snprintf(sql, sizeof sql,
-             "SELECT count(*) FROM pg_terminate_backend(%ld) AS t WHERE t",
-             waiting);
-    long ended = waiting ? s_count(sql) : 0;
-    s_sync_standby(NULL);
+    bool ended = khtest_end_commit_waiter(s_conn, DB);
+    khtest_sync_standby(s_conn, NULL);
     int status = khproc_stop(pid, 0, 30000);
     char *out = khtest_read_file(log);
     unlink(log);
-    ck_assert_msg(waiting > 0 && ended == 1, "no commit waited: %s", out);
+    ck_assert_msg(ended, "no commit waited: %s", out);
     ck_assert_msg(status >= 0 && WIFEXITED(status) && WEXITSTATUS(status) == 0,
                   "retry: status %d: %s", status, out);
     ck_assert_msg(strstr(out, "went through after all") &&

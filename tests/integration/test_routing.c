@@ -1183,6 +1183,36 @@ START_TEST(a_failed_pass_neither_alerts_nor_counts)
 }
 END_TEST
 
+/* The connection lost with the answer to the COMMIT of a pass that went
+ * through: routing asks txid_status on its next connection and, told it
+ * committed, alerts the referral the pass set aside, as after any
+ * commit; the referral is set aside once. The answer is lost by holding
+ * the commit, written, in a wait for a synchronous standby that never
+ * comes and ending the server process while it waits. */
+START_TEST(a_pass_whose_commit_answer_was_lost_alerts_once_it_is_known)
+{
+    setenv("PGOPTIONS", "-c synchronous_commit=on", 1);
+    pid_t pid = s_start(s_endpoint(), NULL, 50, "routing.log");
+    unsetenv("PGOPTIONS");
+    ck_assert(s_log_has("routing.log", "event=ready", 10000));
+    zclock_sleep(200); /* its first pass done */
+    khtest_sync_standby(s_db, "kh_test_nobody");
+    s_stored_referral("lost", 0, "not json");
+    bool ended = khtest_end_commit_waiter(s_db, S_DB);
+    khtest_sync_standby(s_db, NULL);
+    ck_assert_msg(ended, "no commit waited: see %s", s_path("routing.log"));
+    ck_assert_msg(s_log_has("routing.log", "status=committed", 10000),
+                  "not settled: see %s", s_path("routing.log"));
+    ck_assert(s_log_has("routing.log", "kind=referral_unroutable", 2000));
+    int status = khproc_stop(pid, SIGTERM, 5000);
+    ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    ck_assert_int_eq(s_log_count("routing.log", "kind=referral_unroutable"), 1);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE action"
+                             " = 'referral.routed' AND outcome = 'failed'"),
+                     1);
+}
+END_TEST
+
 /* A trigger that refuses the deliveries for which cond holds, as a
  * constraint would. */
 static void s_refuse_deliveries(const char *cond)
@@ -1605,6 +1635,8 @@ int main(void)
     tcase_add_checked_fixture(tc_failed, s_setup, s_teardown);
     tcase_set_timeout(tc_failed, 60);
     tcase_add_test(tc_failed, a_failed_pass_neither_alerts_nor_counts);
+    tcase_add_test(tc_failed,
+                   a_pass_whose_commit_answer_was_lost_alerts_once_it_is_known);
     tcase_add_test(tc_failed, a_referral_that_fails_alone_holds_up_no_other);
     tcase_add_test(tc_failed,
                    referrals_failing_alone_in_a_row_are_the_databases_failure);

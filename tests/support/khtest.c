@@ -568,6 +568,46 @@ void khtest_append_file(const char *path, const char *text)
     s_write(path, text, "a");
 }
 
+void khtest_sync_standby(PGconn *conn, const char *name)
+{
+    char sql[256];
+    if (name)
+        snprintf(sql, sizeof sql,
+                 "ALTER SYSTEM SET synchronous_standby_names = '%s'", name);
+    else
+        snprintf(sql, sizeof sql,
+                 "ALTER SYSTEM RESET synchronous_standby_names");
+    khtest_db_exec(conn, sql, 0, NULL);
+    khtest_db_exec(conn, "SELECT pg_reload_conf()", 0, NULL);
+    for (int i = 0; i < 100; i++) {
+        char *v = khtest_db_value(
+            conn, "SELECT current_setting('synchronous_standby_names')");
+        bool set = v && strcmp(v, name ? name : "") == 0;
+        free(v);
+        if (set)
+            return;
+        usleep(50 * 1000);
+    }
+    ck_abort_msg("synchronous_standby_names did not become '%s'",
+                 name ? name : "");
+}
+
+bool khtest_end_commit_waiter(PGconn *conn, const char *db)
+{
+    char sql[256];
+    snprintf(sql, sizeof sql,
+             "SELECT coalesce(max(pid), 0) FROM pg_stat_activity"
+             " WHERE datname = '%s' AND wait_event = 'SyncRep'",
+             db);
+    long pid = 0;
+    for (int i = 0; i < 200 && !(pid = khtest_db_count(conn, sql)); i++)
+        usleep(50 * 1000);
+    snprintf(sql, sizeof sql,
+             "SELECT count(*) FROM pg_terminate_backend(%ld) AS t WHERE t",
+             pid);
+    return pid && khtest_db_count(conn, sql) == 1;
+}
+
 void khtest_show_log(const char *path, int lines)
 {
     fprintf(stderr, "--- the last %d lines of %s:\n", lines, path);

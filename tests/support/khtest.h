@@ -133,6 +133,19 @@ double khtest_metric(const char *health, const char *series);
  * (false): a service's log line. */
 bool khtest_log_has(const char *path, const char *text, int timeout_ms);
 
+/* Set the cluster's synchronous_standby_names (NULL: reset it) and wait
+ * until conn's session has it: with a standby that never comes, every
+ * commit of a session with synchronous_commit on (PGOPTIONS="-c
+ * synchronous_commit=on": the test cluster has it off) is written here
+ * and then waits for it, and ending that server process loses the
+ * answer to a commit that went through. */
+void khtest_sync_standby(PGconn *conn, const char *name);
+
+/* End the server process of database db whose commit waits for the
+ * synchronous standby, once one does (within 10 s): whether one did and
+ * was ended. */
+bool khtest_end_commit_waiter(PGconn *conn, const char *db);
+
 /* Print the last lines of the log at path (but its config lines) to
  * stderr, for a failure to show why: the test's directory, and the log
  * with it, is gone by the time the output is read. */
