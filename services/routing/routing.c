@@ -96,14 +96,13 @@ struct _routing_t {
                                 lacks, as last told ("a,b"; "": none) */
     kh_tally_t auth_refused; /* refused handshakes, one line a while */
     /* A pass whose COMMIT's answer was lost with the connection: its
-     * transaction's id ("": none), the referrals it routed and the
-     * deliveries it made, and when it started; its targets and alerts
-     * wait in targets and unroutable. s_settle tells them once
-     * txid_status on the next connection says it committed. */
+     * transaction's id ("": none), the referrals it routed, the
+     * deliveries it made and its alerts. s_settle tells them once
+     * txid_status on a later connection says it committed. */
     char unsure_xid[24];
     int unsure_routed;
     size_t unsure_made;
-    int64_t unsure_started;
+    zlistx_t *unsure_alerts;
     /* Counters for the stats line. */
     size_t routed, deliveries, passes, failures, wakeups, malformed;
 };
@@ -800,84 +799,89 @@ static void s_routed_again(routing_t *self)
     self->whole_failed = false;
 }
 
+/* Log the alerts of the referrals a pass set aside (each with suffix)
+ * and forget them. */
+static void s_alert_unroutable(zlistx_t *alerts, const char *suffix)
+{
+    for (const char *alert = zlistx_first(alerts); alert;
+         alert = zlistx_next(alerts))
+        kh_log_error("alert", "kind=referral_unroutable %s%s", alert, suffix);
+    zlistx_purge(alerts);
+}
+
+/* What follows a pass's commit (routed referrals, made deliveries, with
+ * alerts): the alerts, the counters, the held referrals let go. */
+static void s_committed(routing_t *self, int routed, size_t made,
+                        zlistx_t *alerts)
+{
+    s_alert_unroutable(alerts, "");
+    kh_metric_add("referrals_routed_total", NULL, (uint64_t) routed);
+    kh_metric_add("deliveries_created_total", NULL, (uint64_t) made);
+    self->routed += (size_t) routed;
+    if (routed)
+        s_routed_again(self);
+}
+
+/* The pass whose COMMIT's answer was lost: on a later connection,
+ * txid_status tells whether it committed (its alerts and counts are told
+ * then), or was rolled back (its referrals are claimed again, and alerted
+ * by the pass that sets them aside). While its server process still runs
+ * (it lost its client, not its transaction) it is "in progress": asked
+ * again at the next pass, while passes go on (the claims skip what it
+ * holds). When it cannot be told (final: the server no longer knows it,
+ * or routing stops first), its alerts are told with committed=unknown:
+ * an alert twice beats one missed. Returns -1 when the connection failed
+ * (the next pass asks again). */
+static int s_settle(routing_t *self, bool final)
+{
+    if (!*self->unsure_xid)
+        return 0;
+    const char *status = "unknown";
+    PGresult *res = NULL;
+    bool up = self->conn && PQstatus(self->conn) == CONNECTION_OK;
+    if (!up && !final)
+        return -1;
+    if (up) {
+        const char *params[] = {self->unsure_xid};
+        res = PQexecParams(self->conn,
+                           "SELECT coalesce(replace(txid_status($1::bigint),"
+                           " ' ', '_'), 'unknown')",
+                           1, NULL, params, NULL, NULL, 0);
+        if (PQresultStatus(res) == PGRES_TUPLES_OK)
+            status = PQgetvalue(res, 0, 0);
+        else if (PQstatus(self->conn) != CONNECTION_OK && !final) {
+            PQclear(res);
+            return -1;
+        }
+    }
+    bool committed = strcmp(status, "committed") == 0;
+    bool open = strcmp(status, "in_progress") == 0;
+    if (!open || final)
+        kh_log_warn("pass_settled", "xid=%s status=%s routed=%d",
+                    self->unsure_xid, status, self->unsure_routed);
+    if (committed) {
+        self->deliveries += self->unsure_made;
+        s_committed(self, self->unsure_routed, self->unsure_made,
+                    self->unsure_alerts);
+    } else if (strcmp(status, "aborted") == 0)
+        zlistx_purge(self->unsure_alerts);
+    else if (!open || final)
+        s_alert_unroutable(self->unsure_alerts, " committed=unknown");
+    PQclear(res);
+    if (!open || final)
+        *self->unsure_xid = '\0';
+    return 0;
+}
+
 /* One pass: claim up to batch referrals (and batch_bytes of them) and
  * route them in one transaction (those that cannot be read are set
  * aside). Returns the number claimed (the batch when some were left to
  * the next pass, past the bytes), -1 (rolled back, or no
  * connection), or S_PASS_AGAIN (rolled back, and the next pass is to come
  * at once: s_isolate). */
-/* What follows a pass's commit (routed referrals, made deliveries, begun
- * at started): notification woken for its targets, the alerts of the
- * referrals it set aside, the counters. */
-static void s_committed(routing_t *self, int routed, size_t made,
-                        int64_t started)
-{
-    s_notify(self);
-    for (const char *alert = zlistx_first(self->unroutable); alert;
-         alert = zlistx_next(self->unroutable))
-        kh_log_error("alert", "kind=referral_unroutable %s", alert);
-    zlistx_purge(self->unroutable);
-    kh_metric_add("referrals_routed_total", NULL, (uint64_t) routed);
-    kh_metric_add("deliveries_created_total", NULL, (uint64_t) made);
-    if (routed)
-        kh_metric_observe("routing_pass_seconds", NULL,
-                          (double) (zclock_mono() - started) / 1000.0);
-    self->routed += (size_t) routed;
-    self->passes++;
-    if (routed)
-        s_routed_again(self);
-}
-
-/* The pass whose COMMIT's answer was lost: on the new connection,
- * txid_status tells whether it committed (then it is told as any pass
- * that committed), or was rolled back (its referrals are claimed again).
- * When that cannot be told (the transaction is still in progress on a
- * server that lost its client, or too old to know), its alerts are told
- * all the same: an alert twice beats one missed. 0, or -1 when the
- * question could not be asked (the next pass asks again). */
-static int s_settle(routing_t *self)
-{
-    if (!*self->unsure_xid)
-        return 0;
-    const char *params[] = {self->unsure_xid};
-    PGresult *res = PQexecParams(self->conn, "SELECT txid_status($1::bigint)",
-                                 1, NULL, params, NULL, NULL, 0);
-    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-        kh_error_t err;
-        kh_db_error(&err, self->conn, res, "txid_status");
-        kh_log_warn("pass_unsettled", "xid=%s msg=\"%s\"", self->unsure_xid,
-                    KH_LOG_Q(err.message));
-        PQclear(res);
-        return -1;
-    }
-    const char *status =
-        PQgetisnull(res, 0, 0) ? "unknown" : PQgetvalue(res, 0, 0);
-    kh_log_warn("pass_settled", "xid=%s status=%s routed=%d", self->unsure_xid,
-                status, self->unsure_routed);
-    if (strcmp(status, "committed") == 0) {
-        self->deliveries += self->unsure_made;
-        s_committed(self, self->unsure_routed, self->unsure_made,
-                    self->unsure_started);
-    } else if (strcmp(status, "aborted") == 0) {
-        zhashx_purge(self->targets);
-        zlistx_purge(self->unroutable);
-    } else {
-        zhashx_purge(self->targets);
-        for (const char *alert = zlistx_first(self->unroutable); alert;
-             alert = zlistx_next(self->unroutable))
-            kh_log_error("alert",
-                         "kind=referral_unroutable %s committed=unknown",
-                         alert);
-        zlistx_purge(self->unroutable);
-    }
-    PQclear(res);
-    *self->unsure_xid = '\0';
-    return 0;
-}
-
 static int s_pass(routing_t *self)
 {
-    if (s_pass_connect(self) || s_settle(self))
+    if (s_pass_connect(self) || s_settle(self, false))
         return -1;
     kh_error_t err;
     int64_t started = zclock_mono();
@@ -938,7 +942,12 @@ static int s_pass(routing_t *self)
     }
     if (sent)
         goto fail;
-    s_committed(self, routed, self->deliveries - deliveries, started);
+    s_notify(self);
+    s_committed(self, routed, self->deliveries - deliveries, self->unroutable);
+    if (routed)
+        kh_metric_observe("routing_pass_seconds", NULL,
+                          (double) (zclock_mono() - started) / 1000.0);
+    self->passes++;
     /* Claimed: those read; those past the bytes were locked alone, and
      * the next pass is due at once, as after a full batch. */
     int claimed = PQntuples(res);
@@ -952,18 +961,21 @@ static int s_pass(routing_t *self)
 fail:;
     bool again = res && s_data_failure(&err) && s_isolate(self, res, &err);
     /* The connection lost with the COMMIT's answer: whether the pass
-     * committed is asked on the next one (s_settle). */
+     * committed is asked on the next one (s_settle). Notification finds
+     * its deliveries at its next sweep. */
+    zhashx_purge(self->targets);
     if (committing && PQstatus(self->conn) != CONNECTION_OK &&
         PQntuples(res) > 0) {
+        s_settle(self, true); /* one before it still in progress */
         snprintf(self->unsure_xid, sizeof self->unsure_xid, "%s",
                  PQgetvalue(res, 0, 4));
         self->unsure_routed = routed;
         self->unsure_made = self->deliveries - deliveries;
-        self->unsure_started = started;
-    } else {
-        zhashx_purge(self->targets);
-        zlistx_purge(self->unroutable);
+        zlistx_t *alerts = self->unsure_alerts;
+        self->unsure_alerts = self->unroutable;
+        self->unroutable = alerts;
     }
+    zlistx_purge(self->unroutable);
     PQclear(res);
     self->deliveries = deliveries; /* rolled back, or not known yet */
     self->failures++;
@@ -1287,8 +1299,12 @@ routing_t *routing_new(const routing_config_t *config, kh_error_t *err)
     self->unroutable = zlistx_new();
     if (self->unroutable)
         zlistx_set_destructor(self->unroutable, s_free_string);
+    self->unsure_alerts = zlistx_new();
+    if (self->unsure_alerts)
+        zlistx_set_destructor(self->unsure_alerts, s_free_string);
     self->loop = zloop_new();
-    if (!self->arena || !self->targets || !self->unroutable || !self->loop) {
+    if (!self->arena || !self->targets || !self->unroutable ||
+        !self->unsure_alerts || !self->loop) {
         kh_error_set(err, KH_E_NOMEM, "", "out of memory");
         goto fail;
     }
@@ -1338,8 +1354,10 @@ void routing_destroy(routing_t **self_p)
     zloop_destroy(&self->loop);
     zsock_destroy(&self->pull);
     zsock_destroy(&self->notify);
+    s_settle(self, true); /* a pass still unsure is told as it stands */
     zhashx_destroy(&self->targets);
     zlistx_destroy(&self->unroutable);
+    zlistx_destroy(&self->unsure_alerts);
     for (int c = 0; c < S_DELIVERY_COLUMNS; c++)
         kh_pgarray_free(&self->deliveries_cols[c]);
     for (int c = 0; c < S_ROUTED_COLUMNS; c++)
