@@ -190,10 +190,11 @@ static const char s_may_vacuum_sql[] =
 
 /* Referrals (and their deliveries) purged or to purge, referrals kept
  * because still in work, and done ones that another transaction held (a
- * next run takes them); whether the tables were vacuumed after. */
+ * next run takes them); the tables vacuumed after (s_vacuum: 1 done, 0
+ * not this login's to do, -1 failed; 0 too when nothing was purged). */
 typedef struct {
     long referrals, deliveries, kept, busy;
-    bool vacuumed;
+    int vacuumed;
 } s_counts_t;
 
 /* The arrays of one run: the batch locked, the part of it to purge, and the
@@ -336,7 +337,7 @@ static void s_report(const char *cutoff, bool dry_run, bool json,
             dry_run, "referrals", (json_int_t) counts->referrals, "deliveries",
             (json_int_t) counts->deliveries, "kept_in_work",
             (json_int_t) counts->kept, "busy", (json_int_t) counts->busy,
-            "vacuumed", counts->vacuumed);
+            "vacuumed", counts->vacuumed == 1);
         char *text = o ? json_dumps(o, JSON_COMPACT) : NULL;
         if (text)
             printf("%s\n", text);
@@ -358,10 +359,12 @@ static void s_report(const char *cutoff, bool dry_run, bool json,
         printf("left %ld done %s: held by another transaction, or done "
                "only since the purge began; run it again\n",
                counts->busy, counts->busy == 1 ? "referral" : "referrals");
-    if (counts->vacuumed)
+    if (counts->vacuumed == 1)
         printf("vacuumed referrals and deliveries: the row versions that "
-               "held the purged payloads are removed\n");
-    else if (!dry_run && counts->referrals)
+               "held the purged payloads are gone\n"
+               "(but for those a transaction older than the purge may still "
+               "read)\n");
+    else if (counts->vacuumed == 0 && !dry_run && counts->referrals)
         printf("not vacuumed: this login does not own referrals and "
                "deliveries; the row versions\n"
                "that held the purged payloads stay in their files until "
@@ -399,8 +402,7 @@ static int s_purge(const char *value, bool days, bool dry_run, int batch,
         }
         PQclear(res);
     }
-    s_counts_t counts = {0, 0, 0, 0, false};
-    int vacuumed = 0;
+    s_counts_t counts = {0, 0, 0, 0, 0};
     if (rc == CTL_OK && dry_run) {
         if (s_count(conn, cutoff, &counts, &err))
             rc = CTL_FAIL;
@@ -425,8 +427,8 @@ static int s_purge(const char *value, bool days, bool dry_run, int batch,
             counts.kept = after.kept;
             counts.busy = after.referrals;
         }
-        vacuumed = rc == CTL_OK && counts.referrals ? s_vacuum(conn, &err) : 0;
-        counts.vacuumed = vacuumed == 1;
+        if (rc == CTL_OK && counts.referrals)
+            counts.vacuumed = s_vacuum(conn, &err);
     }
     if (rc == CTL_FAIL) {
         ctl_print_error(&err);
@@ -437,7 +439,7 @@ static int s_purge(const char *value, bool days, bool dry_run, int batch,
                     counts.referrals);
     } else if (rc == CTL_OK)
         s_report(cutoff, dry_run, json, &counts);
-    if (vacuumed < 0) {
+    if (counts.vacuumed < 0) {
         ctl_print_error(&err);
         fprintf(stderr, "ketenhubctl: purge: the purge is committed, but the "
                         "tables were not vacuumed: VACUUM referrals, "
