@@ -908,14 +908,21 @@ END_TEST
  * before stale: until the read succeeds it admits no key, since any may
  * be revoked by now. A frame is refused retryably (the partner sends it
  * again) and not taken: an ACK of a partner revoked meanwhile acknowledges
- * nothing. Once the read succeeds, the revoked partner is refused for
- * good. */
+ * nothing; and no partner is sent anything. Once the read succeeds, the
+ * revoked partner is refused for good, and the others are served. */
 START_TEST(a_registry_change_not_yet_read_admits_no_key)
 {
-    char first[37], state[16];
+    char first[37], theirs[37], state[16];
     s_delivery("avim", "normal", 0, NULL, first);
-    pid_t pid = s_start_unhurried();
+    /* The loop waits for the lock: connections are not silent for it. */
+    char *env[] = {"KH_PARTNER_REFRESH_MS=3600000",
+                   "KH_NOTIFY_PEER_TIMEOUT_MS=120000",
+                   "KH_NOTIFY_BACKOFF_MAX_MS=60000",
+                   "KH_NOTIFY_ACK_TIMEOUT_MS=30000", NULL};
+    pid_t pid = s_start_env("notification.log", env);
     zsock_t *avim = s_sent_first("avim", 4, first);
+    zsock_t *zc = s_partner("zorgcoordinator");
+    s_hello(zc, 4);
 
     PGconn *locker = PQconnectdb(s_conninfo);
     ck_assert_int_eq(PQstatus(locker), CONNECTION_OK);
@@ -927,14 +934,19 @@ START_TEST(a_registry_change_not_yet_read_admits_no_key)
                    0, NULL);
     /* Told of the change, notification waits for the lock in vain. */
     ck_assert(s_log_has("notification.log", "event=partners_unread", 10000));
+    s_delivery("zorgcoordinator", "normal", 0, NULL, theirs);
     s_answer(avim, first, NULL);
     json_t *msg = s_expect(avim, "REJECTED", 15000);
+    json_t *sent = s_expect(zc, "DELIVER", 1000);
     khtest_db_exec(locker, "COMMIT", 0, NULL);
     PQfinish(locker);
     ck_assert_msg(msg != NULL, "the ACK was not refused");
     ck_assert_str_eq(s_str(msg, "code"), "unavailable");
     json_decref(msg);
     ck_assert_str_eq(s_state(first, state), "delivered");
+    ck_assert_msg(sent == NULL, "a delivery went out while stale");
+    /* Read at last: the zorgcoordinator's goes. */
+    s_expect_delivery(zc, theirs, 1, 10000);
 
     /* Sent again, as a partner does, until the registry is read. */
     int64_t until_ms = zclock_mono() + 10000;
@@ -953,6 +965,7 @@ START_TEST(a_registry_change_not_yet_read_admits_no_key)
     json_decref(msg);
     ck_assert_str_ne(s_state(first, state), "acknowledged");
     zsock_destroy(&avim);
+    zsock_destroy(&zc);
     s_stop(pid);
 }
 END_TEST
