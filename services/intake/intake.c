@@ -112,6 +112,7 @@ struct _intake_t {
      * the reader was away) and has not been read since: partners may
      * admit a key that is revoked now, so it admits none until then. */
     bool partners_stale;
+    int64_t unread_told; /* zclock_mono of the last partners_unread line */
     zloop_t *loop;
     int reconnect_timer; /* zloop timer id, 0 if none */
     int backoff_ms;
@@ -339,9 +340,13 @@ static void s_load_partners(intake_t *self)
     zhashx_t *partners = store_partners(self->store, &err);
     self->partners_read = partners != NULL;
     if (!partners) {
-        kh_log_warn("partners_unread", "code=%s stale=%s",
-                    kh_error_name(err.code),
-                    self->partners_stale ? "true" : "false");
+        /* Each key may try a read a second: one line every 10 s. */
+        if (zclock_mono() - self->unread_told >= 10000) {
+            kh_log_warn("partners_unread", "code=%s stale=%s",
+                        kh_error_name(err.code),
+                        self->partners_stale ? "true" : "false");
+            self->unread_told = zclock_mono();
+        }
         s_db_failed(self);
         return;
     }
