@@ -189,22 +189,52 @@ static int s_write_all(int fd, const char *text, size_t len)
  * the directory synced, so the file is either whole or absent after a
  * crash. 0, or -1 with nothing left behind but possibly the temp file of
  * a crash. */
+/* Create the temp file of delivery id, its name in tmp, and lock it: its
+ * descriptor, or -1 (errno set). A listener that starts on DIR meanwhile
+ * removes the temp files that nobody holds a lock on (s_remove_stale),
+ * and may come between the creation and the lock: a file it removed has
+ * no link left once locked, and is made again under a new name (else the
+ * rename into place would fail, and the delivery be refused). */
+static int s_create_locked(s_listener_t *self, const char *id,
+                           char tmp[S_TMP_MAX])
+{
+    for (int tries = 0; tries < 8; tries++) {
+        uint64_t suffix;
+        if (getrandom(&suffix, sizeof suffix, 0) != (ssize_t) sizeof suffix)
+            return -1;
+        snprintf(tmp, S_TMP_MAX, S_TMP_FORMAT, id, suffix);
+        int fd =
+            openat(self->dirfd, tmp,
+                   O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+        if (fd < 0)
+            return -1;
+        int rc;
+        while ((rc = flock(fd, LOCK_EX)) != 0 && errno == EINTR)
+            ; /* the remover holds it only to unlink it */
+        struct stat st;
+        if (rc == 0 && (rc = fstat(fd, &st)) == 0 && st.st_nlink > 0)
+            return fd;
+        int saved = errno;
+        close(fd);
+        if (rc != 0) {
+            unlinkat(self->dirfd, tmp, 0);
+            errno = saved;
+            return -1;
+        }
+    }
+    errno = EAGAIN;
+    return -1;
+}
+
 static int s_store(s_listener_t *self, const char *id, const char *text,
                    size_t len)
 {
-    uint64_t suffix;
-    if (getrandom(&suffix, sizeof suffix, 0) != (ssize_t) sizeof suffix)
-        return -1;
     char tmp[S_TMP_MAX], final[48];
-    snprintf(tmp, sizeof tmp, S_TMP_FORMAT, id, suffix);
     snprintf(final, sizeof final, "%s.json", id);
-    int fd = openat(self->dirfd, tmp,
-                    O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+    int fd = s_create_locked(self, id, tmp);
     if (fd < 0)
         return -1;
-    int rc = flock(fd, LOCK_EX | LOCK_NB);
-    if (rc == 0)
-        rc = s_write_all(fd, text, len);
+    int rc = s_write_all(fd, text, len);
     if (rc == 0)
         rc = fsync(fd);
     /* Renamed while still locked: a listener starting meanwhile must not
