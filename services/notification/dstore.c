@@ -38,6 +38,8 @@ static const char *s_refused_sql =
     " 'notification', $2)";
 
 #define S_PARAMS_MAX 9 /* the most parameters of a statement (re-send) */
+/* The longest wait for a lock of a read of the partner registry. */
+#define S_REGISTRY_LOCK_TIMEOUT "'500ms'"
 
 dstore_t *dstore_new(const char *conninfo, const dstore_policy_t *policy)
 {
@@ -246,10 +248,32 @@ static PGresult *s_run(dstore_t *self, s_stmt_t stmt, const char *sql,
 
 zhashx_t *dstore_partners(dstore_t *self, kh_error_t *err)
 {
+    /* In a transaction of its own that waits S_REGISTRY_LOCK_TIMEOUT for
+     * a lock, not the session's 5 s: the service's loop waits with it, and
+     * a registry locked by an administrator's DDL must not keep partners'
+     * frames unanswered for long (they are refused as unavailable while
+     * the registry cannot be read, and the read is tried again a second
+     * later: notify.c, s_registry_check). Never inside a round's
+     * transaction, which dstore_begin leaves pending. */
+    if (self->begin_pending) {
+        kh_error_set(err, KH_E_INTERNAL, "", "registry read in a transaction");
+        return NULL;
+    }
+    if (!dstore_up(self)) {
+        kh_error_set(err, KH_E_UNAVAILABLE, "", "no database connection");
+        return NULL;
+    }
+    if (kh_db_exec(self->conn,
+                   "BEGIN; SET LOCAL lock_timeout = " S_REGISTRY_LOCK_TIMEOUT,
+                   err))
+        return NULL;
     PGresult *res =
         s_run(self, S_STATEMENTS, KH_PARTNER_KEYS_SQL, 0, NULL, -1, 0, err);
-    if (!res)
+    if (!res || kh_db_exec(self->conn, "COMMIT", err)) {
+        PQclear(res);
+        kh_db_rollback_quietly(self->conn);
         return NULL;
+    }
     zhashx_t *partners = zhashx_new();
     if (!partners) {
         PQclear(res);

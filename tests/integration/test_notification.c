@@ -286,6 +286,17 @@ static json_t *s_hello_reply(zsock_t *sock)
     return khpartner_recv(sock, 3000);
 }
 
+/* How often text occurs in the log file named log. */
+static int s_log_count(const char *log, const char *text)
+{
+    char *body = khtest_read_file(s_path(log));
+    int n = 0;
+    for (const char *at = body; at && (at = strstr(at, text)); at++)
+        n++;
+    free(body);
+    return n;
+}
+
 /* Receive until a message with cmd arrives (DELIVERs on the way are
  * dropped and counted); NULL after timeout_ms. */
 static json_t *s_expect(zsock_t *sock, const char *cmd, int timeout_ms)
@@ -932,8 +943,13 @@ START_TEST(a_registry_change_not_yet_read_admits_no_key)
     khtest_db_exec(s_db,
                    "UPDATE partners SET revoked_at = now() WHERE id = 'avim'",
                    0, NULL);
-    /* Told of the change, notification waits for the lock in vain. */
+    /* Told of the change, notification waits for the lock in vain, half
+     * a second a read (a read a second), not holding up its loop for
+     * the session's lock_timeout of 5 s a read. */
     ck_assert(s_log_has("notification.log", "event=partners_unread", 10000));
+    zclock_sleep(5000);
+    int reads = s_log_count("notification.log", "event=partners_unread");
+    ck_assert_msg(reads >= 3, "%d reads in 5 s", reads);
     s_delivery("zorgcoordinator", "normal", 0, NULL, theirs);
     s_answer(avim, first, NULL);
     json_t *msg = s_expect(avim, "REJECTED", 15000);
@@ -2204,17 +2220,6 @@ START_TEST(unknown_key_and_bad_frames_are_refused)
     s_stop(pid);
 }
 END_TEST
-
-/* How often text occurs in the log file named log. */
-static int s_log_count(const char *log, const char *text)
-{
-    char *body = khtest_read_file(s_path(log));
-    int n = 0;
-    for (const char *at = body; at && (at = strstr(at, text)); at++)
-        n++;
-    free(body);
-    return n;
-}
 
 /* Whether the test database takes new connections (those made stay). */
 static void s_allow_connections(bool allow)
