@@ -67,12 +67,7 @@ static long s_count(const char *sql)
 /* How many times text occurs in intake's log. */
 static int s_log_count(const char *text)
 {
-    char *all = khtest_read_file(s_path("intake.log"));
-    int n = 0;
-    for (const char *p = all; p && (p = strstr(p, text)); p++)
-        n++;
-    free(all);
-    return n;
+    return khtest_log_count(s_path("intake.log"), text);
 }
 
 /* Start intake, reading the registry every refresh_ms besides. */

@@ -289,12 +289,7 @@ static json_t *s_hello_reply(zsock_t *sock)
 /* How often text occurs in the log file named log. */
 static int s_log_count(const char *log, const char *text)
 {
-    char *body = khtest_read_file(s_path(log));
-    int n = 0;
-    for (const char *at = body; at && (at = strstr(at, text)); at++)
-        n++;
-    free(body);
-    return n;
+    return khtest_log_count(s_path(log), text);
 }
 
 /* Receive until a message with cmd arrives (DELIVERs on the way are

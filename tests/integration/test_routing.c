@@ -663,12 +663,7 @@ END_TEST
 /* How many times text is in the log. */
 static int s_log_count(const char *log, const char *text)
 {
-    char *all = khtest_read_file(s_path(log));
-    int n = 0;
-    for (const char *p = all; p && (p = strstr(p, text)); p++)
-        n++;
-    free(all);
-    return n;
+    return khtest_log_count(s_path(log), text);
 }
 
 /* AVIM, a target the default rules name without optional, revoked while

@@ -608,6 +608,16 @@ bool khtest_end_commit_waiter(PGconn *conn, const char *db)
     return pid && khtest_db_count(conn, sql) == 1;
 }
 
+int khtest_log_count(const char *path, const char *text)
+{
+    char *all = khtest_read_file(path);
+    int n = 0;
+    for (const char *p = all; p && (p = strstr(p, text)); p++)
+        n++;
+    free(all);
+    return n;
+}
+
 void khtest_show_log(const char *path, int lines)
 {
     fprintf(stderr, "--- the last %d lines of %s:\n", lines, path);

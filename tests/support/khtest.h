@@ -146,6 +146,9 @@ void khtest_sync_standby(PGconn *conn, const char *name);
  * was ended. */
 bool khtest_end_commit_waiter(PGconn *conn, const char *db);
 
+/* How often text occurs in the file at path (0 when it cannot be read). */
+int khtest_log_count(const char *path, const char *text);
+
 /* Print the last lines of the log at path (but its config lines) to
  * stderr, for a failure to show why: the test's directory, and the log
  * with it, is gone by the time the output is read. */
