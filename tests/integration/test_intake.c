@@ -1751,15 +1751,8 @@ START_TEST(a_registry_change_not_yet_read_admits_no_key)
     ck_assert_str_eq(kh_client_reply_cmd(reply), "ACCEPTED");
     json_decref(reply);
 
-    PGconn *locker = PQconnectdb(s_conninfo);
-    ck_assert_int_eq(PQstatus(locker), CONNECTION_OK);
-    khtest_db_exec(locker,
-                   "BEGIN; LOCK TABLE partner_keys IN ACCESS EXCLUSIVE MODE", 0,
-                   NULL);
-    khtest_db_exec(s_db,
-                   "UPDATE partners SET revoked_at = now() WHERE id ="
-                   " 'stale-partner'",
-                   0, NULL);
+    PGconn *locker =
+        khtest_revoke_unreadably(s_db, s_conninfo, "stale-partner");
     zclock_sleep(300); /* the notification's way */
     reply = kh_client_submit(client, referral, "stale-2", S_TIMEOUT, &err);
     khtest_db_exec(locker, "COMMIT", 0, NULL);

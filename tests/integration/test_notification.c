@@ -930,14 +930,7 @@ START_TEST(a_registry_change_not_yet_read_admits_no_key)
     zsock_t *zc = s_partner("zorgcoordinator");
     s_hello(zc, 4);
 
-    PGconn *locker = PQconnectdb(s_conninfo);
-    ck_assert_int_eq(PQstatus(locker), CONNECTION_OK);
-    khtest_db_exec(locker,
-                   "BEGIN; LOCK TABLE partner_keys IN ACCESS EXCLUSIVE MODE", 0,
-                   NULL);
-    khtest_db_exec(s_db,
-                   "UPDATE partners SET revoked_at = now() WHERE id = 'avim'",
-                   0, NULL);
+    PGconn *locker = khtest_revoke_unreadably(s_db, s_conninfo, "avim");
     /* Told of the change, notification waits for the lock in vain, half
      * a second a read (a read a second), not holding up its loop for
      * the session's lock_timeout of 5 s a read. */

@@ -608,6 +608,20 @@ bool khtest_end_commit_waiter(PGconn *conn, const char *db)
     return pid && khtest_db_count(conn, sql) == 1;
 }
 
+PGconn *khtest_revoke_unreadably(PGconn *db, const char *conninfo,
+                                 const char *id)
+{
+    PGconn *locker = PQconnectdb(conninfo);
+    ck_assert_int_eq(PQstatus(locker), CONNECTION_OK);
+    khtest_db_exec(locker,
+                   "BEGIN; LOCK TABLE partner_keys IN ACCESS EXCLUSIVE MODE", 0,
+                   NULL);
+    const char *params[] = {id};
+    khtest_db_exec(db, "UPDATE partners SET revoked_at = now() WHERE id = $1",
+                   1, params);
+    return locker;
+}
+
 int khtest_log_count(const char *path, const char *text)
 {
     char *all = khtest_read_file(path);

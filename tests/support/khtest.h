@@ -146,6 +146,13 @@ void khtest_sync_standby(PGconn *conn, const char *name);
  * was ended. */
 bool khtest_end_commit_waiter(PGconn *conn, const char *db);
 
+/* Revoke partner id through db while a connection of its own (returned,
+ * for the caller to COMMIT and PQfinish) holds the registry's keys
+ * locked: the services are told of the change, and cannot read it until
+ * the lock goes. */
+PGconn *khtest_revoke_unreadably(PGconn *db, const char *conninfo,
+                                 const char *id);
+
 /* How often text occurs in the file at path (0 when it cannot be read). */
 int khtest_log_count(const char *path, const char *text);
 
