@@ -57,13 +57,26 @@ typedef struct {
     char previous_key_until[40];
 } kh_partner_t;
 
-/* The keys that admit a partner now, each with its partner's id: the
- * current and, while a rotation's overlap lasts, the previous key of
- * every partner that is not revoked. The services' key maps. */
+/* Whether a row k of partner_keys, joined with its partner p, admits the
+ * partner now: the current key and, while a rotation's overlap lasts, the
+ * previous one, of a partner that is not revoked. */
+#define KH_PARTNER_KEY_ADMITS                                                  \
+    " p.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > now())"
+
+/* The keys that admit a partner now, each with its partner's id. The
+ * services' key maps. */
 #define KH_PARTNER_KEYS_SQL                                                    \
     "SELECT k.curve_public_key, k.partner_id FROM partner_keys k"              \
-    " JOIN partners p ON p.id = k.partner_id WHERE p.revoked_at IS NULL"       \
-    " AND (k.expires_at IS NULL OR k.expires_at > now())"
+    " JOIN partners p ON p.id = k.partner_id WHERE" KH_PARTNER_KEY_ADMITS
+
+/* Whether the key (Z85 text, an SQL expression) admits partner (its id,
+ * an SQL expression) now: what a statement that acts for a partner's
+ * connection checks itself, as a service's key map may not have heard
+ * yet of a revocation or a rotation's overlap that ended. */
+#define KH_PARTNER_ADMITTED(key, partner)                                      \
+    " EXISTS (SELECT 1 FROM partner_keys k JOIN partners p"                    \
+    " ON p.id = k.partner_id WHERE k.curve_public_key = " key                  \
+    " AND k.partner_id = " partner " AND" KH_PARTNER_KEY_ADMITS ")"
 
 /* The channel that a change to the registry (partners, partner_keys) is
  * NOTIFYed on as it commits (migration 026): a service that keeps the

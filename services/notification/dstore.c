@@ -22,9 +22,9 @@ struct _dstore_t {
     PGconn *conn;
     PGconn *ack_conn;        /* ACK batches only, each committing alone */
     kh_db_pair_t connecting; /* attempts to make conn and ack_conn */
-    kh_pgarray_t arrays[3];  /* the ACK statement's parameters */
+    kh_pgarray_t arrays[4];  /* the ACK statement's parameters */
     kh_pgarray_t ids[2];     /* re-send and due: ids, on conn */
-    kh_pgarray_t claims[3];  /* the pending claim's parameters, on conn */
+    kh_pgarray_t claims[4];  /* the pending claim's parameters, on conn */
     dstore_answer_t *acks;   /* the batch in flight on ack_conn, or NULL */
     size_t nacks;
     bool begin_pending; /* a transaction begun that has sent no statement */
@@ -37,7 +37,7 @@ static const char *s_refused_sql =
     " VALUES ('partner', $1, 'auth.refused', 'refused', $3,"
     " 'notification', $2)";
 
-#define S_PARAMS_MAX 9 /* the most parameters of a statement (re-send) */
+#define S_PARAMS_MAX 10 /* the most parameters of a statement (re-send) */
 /* The longest wait for a lock of a read of the partner registry. */
 #define S_REGISTRY_LOCK_TIMEOUT "'500ms'"
 
@@ -64,9 +64,9 @@ void dstore_destroy(dstore_t **self_p)
     PQfinish(self->ack_conn);
     kh_db_pair_abandon(&self->connecting);
     free(self->conninfo);
-    for (int k = 0; k < 3; k++)
+    for (int k = 0; k < 4; k++)
         kh_pgarray_free(&self->arrays[k]);
-    for (int k = 0; k < 3; k++)
+    for (int k = 0; k < 4; k++)
         kh_pgarray_free(&self->claims[k]);
     for (int k = 0; k < 2; k++)
         kh_pgarray_free(&self->ids[k]);
@@ -328,13 +328,14 @@ static dstore_delivery_t s_claimed(const PGresult *res, int i, int first)
     };
 }
 
-int dstore_resend(dstore_t *self, const char *partner, const char *peer,
-                  size_t credit, bool reclaim, const char *const *keep,
-                  size_t nkeep, const char *const *out, size_t nout,
-                  dstore_delivery_fn *fn, void *arg, kh_error_t *err)
+int dstore_resend(dstore_t *self, const char *partner, const char *key,
+                  const char *peer, size_t credit, bool reclaim,
+                  const char *const *keep, size_t nkeep, const char *const *out,
+                  size_t nout, dstore_delivery_fn *fn, void *arg,
+                  kh_error_t *err)
 {
-    int lengths[9] = {0};
-    static const int formats[9] = {0, 0, 0, 0, 0, 0, 0, 1, 1};
+    int lengths[10] = {0};
+    static const int formats[10] = {0, 0, 0, 0, 0, 0, 0, 1, 1, 0};
     const char *skeep = s_ids(self, 0, keep, nkeep, &lengths[7], err);
     const char *sout =
         skeep ? s_ids(self, 1, out, nout, &lengths[8], err) : NULL;
@@ -347,9 +348,10 @@ int dstore_resend(dstore_t *self, const char *partner, const char *peer,
     snprintf(sattempts, sizeof sattempts, "%d", self->policy.max_attempts);
     const char *params[] = {partner,  scredit, reclaim ? "t" : "f",
                             stimeout, smax,    sattempts,
-                            peer,     skeep,   sout};
+                            peer,     skeep,   sout,
+                            key};
     PGresult *res =
-        s_exec(self, S_RESEND, NULL, 9, params, lengths, formats, err);
+        s_exec(self, S_RESEND, NULL, 10, params, lengths, formats, err);
     if (!res)
         return -1;
     int rows = PQntuples(res);
@@ -366,7 +368,7 @@ int dstore_claim_pending(dstore_t *self, const dstore_claim_t *claims,
                          kh_error_t *err)
 {
     kh_pgarray_t *array = self->claims;
-    for (int k = 0; k < 3; k++)
+    for (int k = 0; k < 4; k++)
         kh_pgarray_reset(&array[k], KH_PG_TEXT);
     for (size_t i = 0; i < count; i++) {
         char limit[24];
@@ -374,18 +376,21 @@ int dstore_claim_pending(dstore_t *self, const dstore_claim_t *claims,
         kh_pgarray_add_str(&array[0], claims[i].partner);
         kh_pgarray_add_str(&array[1], limit);
         kh_pgarray_add_str(&array[2], claims[i].peer);
+        kh_pgarray_add_str(&array[3], claims[i].key);
     }
     char stimeout[24], smax[24];
     snprintf(stimeout, sizeof stimeout, "%d", self->policy.ack_timeout_ms);
     snprintf(smax, sizeof smax, "%d", self->policy.backoff_max_ms);
-    const char *params[5] = {NULL, NULL, NULL, stimeout, smax};
-    int lengths[5] = {0};
-    static const int formats[5] = {1, 1, 1, 0, 0};
-    for (int k = 0; k < 3; k++)
-        if (!(params[k] = kh_pgarray_data(&array[k], &lengths[k])))
+    const char *params[6] = {NULL, NULL, NULL, stimeout, smax, NULL};
+    int lengths[6] = {0};
+    static const int formats[6] = {1, 1, 1, 0, 0, 1};
+    for (int k = 0; k < 4; k++) {
+        int at = k < 3 ? k : 5; /* $1-$3, $6 */
+        if (!(params[at] = kh_pgarray_data(&array[k], &lengths[at])))
             return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
+    }
     PGresult *res =
-        s_exec(self, S_CLAIM_PENDING, NULL, 5, params, lengths, formats, err);
+        s_exec(self, S_CLAIM_PENDING, NULL, 6, params, lengths, formats, err);
     if (!res)
         return -1;
     int rows = PQntuples(res);
@@ -409,6 +414,8 @@ static dstore_outcome_t s_outcome(const char *text)
         return DSTORE_DEAD;
     if (strcmp(text, "unchanged") == 0)
         return DSTORE_UNCHANGED;
+    if (strcmp(text, "not_admitted") == 0)
+        return DSTORE_NOT_ADMITTED;
     return DSTORE_NOT_FOUND;
 }
 
@@ -424,18 +431,20 @@ int dstore_ack_send(dstore_t *self, dstore_answer_t *acks, size_t count,
     kh_pgarray_reset(&array[0], KH_PG_UUID);
     kh_pgarray_reset(&array[1], KH_PG_TEXT);
     kh_pgarray_reset(&array[2], KH_PG_TEXT);
+    kh_pgarray_reset(&array[3], KH_PG_TEXT);
     for (size_t i = 0; i < count; i++) {
         kh_pgarray_add_uuid(&array[0], acks[i].id);
         kh_pgarray_add_str(&array[1], acks[i].partner);
         kh_pgarray_add_str(&array[2], acks[i].peer);
+        kh_pgarray_add_str(&array[3], acks[i].key);
     }
-    const char *params[3];
-    int lengths[3];
-    static const int formats[3] = {1, 1, 1};
-    for (int k = 0; k < 3; k++)
+    const char *params[4];
+    int lengths[4];
+    static const int formats[4] = {1, 1, 1, 1};
+    for (int k = 0; k < 4; k++)
         if (!(params[k] = kh_pgarray_data(&array[k], &lengths[k])))
             return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
-    if (!PQsendQueryPrepared(self->ack_conn, s_statements[S_ACK].name, 3,
+    if (!PQsendQueryPrepared(self->ack_conn, s_statements[S_ACK].name, 4,
                              params, lengths, formats, 0))
         return kh_db_error(err, self->ack_conn, NULL, "ack");
     self->acks = acks;
@@ -487,8 +496,8 @@ int dstore_nack(dstore_t *self, dstore_answer_t *nack, bool permanent,
     snprintf(smax, sizeof smax, "%d", self->policy.backoff_max_ms);
     const char *params[] = {
         nack->id,  nack->partner, nack->peer, permanent ? "t" : "f",
-        sattempts, stimeout,      smax};
-    PGresult *res = s_run(self, S_NACK, NULL, 7, params, -1, 0, err);
+        sattempts, stimeout,      smax,       nack->key};
+    PGresult *res = s_run(self, S_NACK, NULL, 8, params, -1, 0, err);
     if (!res)
         return -1;
     nack->outcome = s_outcome(PQntuples(res) ? PQgetvalue(res, 0, 0) : "");

@@ -81,18 +81,20 @@ typedef void(dstore_delivery_fn)(const dstore_delivery_t *delivery, void *arg);
  * the nkeep ids in keep, for a partner that reconnected), most urgent then
  * oldest first; those others share credit with partner's pending
  * deliveries in that order, leaving what a pending one outranks to
- * dstore_claim_pending. fn is called for each, in that order (inside the
+ * dstore_claim_pending. None when key (the connection's, Z85) no longer
+ * admits partner. fn is called for each, in that order (inside the
  * caller's transaction, if any: send nothing before it commits). Returns the
  * number claimed, -1 with err. */
-int dstore_resend(dstore_t *self, const char *partner, const char *peer,
-                  size_t credit, bool reclaim, const char *const *keep,
-                  size_t nkeep, const char *const *out, size_t nout,
-                  dstore_delivery_fn *fn, void *arg, kh_error_t *err);
+int dstore_resend(dstore_t *self, const char *partner, const char *key,
+                  const char *peer, size_t credit, bool reclaim,
+                  const char *const *keep, size_t nkeep, const char *const *out,
+                  size_t nout, dstore_delivery_fn *fn, void *arg,
+                  kh_error_t *err);
 
 /* One connection's part of a claim of pending deliveries. */
 typedef struct {
-    const char *partner, *peer;
-    size_t limit; /* at least 1 */
+    const char *partner, *key, *peer; /* key: the connection's (Z85) */
+    size_t limit;                     /* at least 1 */
 } dstore_claim_t;
 
 typedef void(dstore_claimed_fn)(size_t which, const dstore_delivery_t *delivery,
@@ -100,7 +102,8 @@ typedef void(dstore_claimed_fn)(size_t which, const dstore_delivery_t *delivery,
 
 /* Claim, mark as sent and audit (delivery.sent) up to claims[i].limit
  * pending deliveries of claims[i].partner for each of the count claims
- * (a partner's first claim only; none for a revoked partner), most urgent
+ * (a partner's first claim whose key admits it: none for a revoked
+ * partner, nor on a key past its rotation's overlap), most urgent
  * then oldest first, in one statement; fn is called with i for each, in
  * that order (inside the
  * caller's transaction, if any: send nothing before it commits). Returns
@@ -120,13 +123,17 @@ typedef enum {
     DSTORE_DUPLICATE, /* ACK of an acknowledged delivery: nothing changed */
     DSTORE_NOT_FOUND, /* unknown id, or another partner's: refusal audited */
     DSTORE_DEAD,      /* NACK: it is a dead letter now */
-    DSTORE_UNCHANGED  /* NACK of a delivery that is not out: nothing done */
+    DSTORE_UNCHANGED, /* NACK of a delivery that is not out: nothing done */
+    /* The key it came with no longer admits its partner (the key map
+     * has not heard of it yet): nothing changed, nothing written. */
+    DSTORE_NOT_ADMITTED
 } dstore_outcome_t;
 
 /* One ACK or NACK of a batch. */
 typedef struct {
     char id[37];
     char partner[33];
+    char key[41]; /* the connection's (Z85) */
     char peer[64];
     dstore_outcome_t outcome; /* filled by dstore_ack_wait, dstore_nack */
     char referral[37];        /* dstore_nack, DSTORE_DEAD: its referral's id */

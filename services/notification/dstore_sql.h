@@ -9,6 +9,8 @@
 #ifndef KH_DSTORE_SQL_H_INCLUDED
 #define KH_DSTORE_SQL_H_INCLUDED
 
+#include "ketenhub/partner.h"
+
 /* The wait before attempt `attempts + 1` of a delivery sent `attempts`
  * times: the ACK timeout doubled per attempt, capped, with ±20 % jitter
  * so that partners coming back together do not get their re-sends in
@@ -65,36 +67,38 @@
     S_OVERDUE(rel, S_UTC("coalesce(o.urgent_since, o.created_at)"))
 /* clang-format on */
 
-/* The CTE name: the sent deliveries of partner $1 (not revoked, handling
- * cases: see s_claim_pending_sql) with
+/* The CTE name: the sent deliveries of partner $1 (handling cases, and
+ * admitted by the connection's key $10: see s_claim_pending_sql) with
  * attempts left (fewer than $6) for which where holds, from the index of
  * sent ones by due time; up to limit of them, the first due first,
  * locked; with their rank and age, the order they are sent in. */
 #define S_SENT(name, where, limit)                                             \
     " " name " AS (SELECT id, priority_rank, created_at FROM deliveries"       \
     " WHERE state = 'delivered' AND " where " AND partner_id = $1"             \
-    "  AND attempts < $6 AND EXISTS (SELECT 1 FROM partners"                   \
-    "   WHERE id = $1 AND revoked_at IS NULL AND handles_cases)"               \
+    "  AND attempts < $6 AND EXISTS (SELECT 1 FROM partners p"                 \
+    "   JOIN partner_keys k ON k.partner_id = p.id WHERE p.id = $1"            \
+    "   AND p.handles_cases AND k.curve_public_key = $10"                      \
+    "   AND" KH_PARTNER_KEY_ADMITS ")"                                         \
     " ORDER BY next_attempt_at LIMIT " limit " FOR UPDATE SKIP LOCKED),"
 
 /* $1 partner, $2 credit, $3 reclaim, $4 ACK timeout ms, $5 backoff max
  * ms, $6 max attempts, $7 peer, $8 ids a reclaim leaves alone, $9 ids out
- * on the connection. Sent deliveries whose ACK is overdue (or all sent
- * ones but $8, on reclaim), from the index of sent ones; they go out most
- * urgent, then oldest first. Those out on the connection go again in
- * their own place in its window; the others take credit, up to $2 of
- * them: claimed beyond the window, they would wait in memory, sent in the
- * trail but not yet on the wire, and be given up when they waited too
- * long. They share the credit with the partner's pending deliveries by
- * the claims' own order (most urgent, then oldest; a re-send before a
- * new one of the same rank and age): a re-send that a pending one
- * outranks leaves its credit to the claim of pending deliveries that
- * follows in the same transaction, so an urgent delivery never waits
- * behind the re-sends of normal ones (what is left out stays locked
- * until the commit and goes at a later round). Nothing goes to a revoked
- * partner (the sweep makes its deliveries dead letters), and a delivery past
- * its last attempt is left to the sweep too. The overdue ones are a range of
- * that index, which a re-send reads alone unless it reclaims (every connection
+ * on the connection, $10 the connection's key. Sent deliveries whose
+ * ACK is overdue (or all sent ones but $8, on reclaim), from the index of
+ * sent ones; they go out most urgent, then oldest first. Those out on the
+ * connection go again in their own place in its window; the others take
+ * credit, up to $2 of them: claimed beyond the window, they would wait in
+ * memory, sent in the trail but not yet on the wire, and be given up when they
+ * waited too long. They share the credit with the partner's pending deliveries
+ * by the claims' own order (most urgent, then oldest; a re-send before a new
+ * one of the same rank and age): a re-send that a pending one outranks leaves
+ * its credit to the claim of pending deliveries that follows in the same
+ * transaction, so an urgent delivery never waits behind the re-sends of normal
+ * ones (what is left out stays locked until the commit and goes at a later
+ * round). Nothing goes to a revoked partner (the sweep makes its deliveries
+ * dead letters) or on a key that no longer admits it, and a delivery past its
+ * last attempt is left to the sweep too. The overdue ones are a range of that
+ * index, which a re-send reads alone unless it reclaims (every connection
  * re-sends at every sweep: when a re-send read all that was in flight for every
  * partner, the sweeps cost the square of the partners). */
 /* clang-format off */
@@ -128,14 +132,17 @@ static const char *s_resend_sql =
     " FROM claimed ORDER BY priority_rank DESC, created_at";
 /* clang-format on */
 
-/* $1 partners, $2 limits, $3 peers (text arrays of the same length), $4
- * ACK timeout ms, $5 backoff max ms. The pending deliveries of each
- * partner, up to its limit, from the claims' index by rank and age; one
- * statement for all the connections that have credit, so that a round
- * costs one execution however many partners it serves. A partner is
- * served once per statement (its first request: SKIP LOCKED does not skip
- * the rows the statement itself locked), and a revoked one not at all,
- * nor one that does not handle cases (the ketenregisseur: routing never
+/* $1 partners, $2 limits, $3 peers, $6 the connections' keys (text
+ * arrays of the same length), $4 ACK timeout ms, $5 backoff max ms. The
+ * pending deliveries of each partner, up to its limit, from the claims' index
+ * by rank and age; one statement for all the connections that have credit, so
+ * that a round costs one execution however many partners it serves. A partner
+ * is served once per statement (its first request whose key admits it: SKIP
+ * LOCKED does not skip the rows the statement itself locked). Nothing goes
+ * on a key that no longer admits its partner (revoked, or past a
+ * rotation's overlap), which the statement checks itself: the service's
+ * key map hears of a change only after it committed. Nor to a partner
+ * that does not handle cases (the ketenregisseur: routing never
  * addresses one, and should a delivery to one be there, it stays unsent,
  * waiting in the status of that partner).
  * Rows come by request number, then as the partner is to get them.
@@ -149,9 +156,11 @@ static const char *s_resend_sql =
 static const char *s_claim_pending_sql =
     "WITH req AS ("
     " SELECT DISTINCT ON (r.partner) r.* FROM unnest($1::text[], $2::text[],"
-    "  $3::text[]) WITH ORDINALITY AS r(partner, lim, peer, n)"
-    "  JOIN partners p ON p.id = r.partner AND p.revoked_at IS NULL"
-    "  AND p.handles_cases ORDER BY r.partner, r.n),"
+    "  $3::text[], $6::text[]) WITH ORDINALITY AS r(partner, lim, peer, key, n)"
+    "  JOIN partners p ON p.id = r.partner AND p.handles_cases"
+    "  JOIN partner_keys k ON k.curve_public_key = r.key"
+    "  AND k.partner_id = r.partner AND" KH_PARTNER_KEY_ADMITS
+    " ORDER BY r.partner, r.n),"
     " pending AS ("
     " SELECT p.id FROM req CROSS JOIN LATERAL"
     "  (SELECT id FROM deliveries"
@@ -169,8 +178,13 @@ static const char *s_claim_pending_sql =
     " FROM sent ORDER BY n, priority_rank DESC, created_at";
 /* clang-format on */
 
-/* $1 ids, $2 partners, $3 peers (arrays of the same length). An ACK
- * counts for a delivery of that partner that was sent at least once (ever:
+/* $1 ids, $2 partners, $3 peers, $4 the keys they came with (arrays of
+ * the same length). An ACK on a key that no longer admits its partner
+ * (revoked, or past a rotation's overlap: the service's key map hears of
+ * that only after it committed) changes nothing and writes nothing:
+ * not_admitted (the service reads the registry again, whose refusal of
+ * the key is audited as the frame comes again). Else it counts for a
+ * delivery of that partner that was sent at least once (ever:
  * sent_at, since an administrator's retry of a dead letter starts its
  * attempts again) and is not acknowledged yet (a dead letter that the
  * partner did take, retried or not, is acknowledged after all). Returns per
@@ -186,13 +200,15 @@ static const char *s_claim_pending_sql =
  * deadlock, and one batch failed. Every statement that waits for several
  * deliveries takes them by id (the claims and sweeps skip what is
  * locked and wait for none). */
+/* clang-format off */
 static const char *s_ack_sql =
     "WITH req AS ("
-    " SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[])"
-    "  WITH ORDINALITY AS r(id, partner, peer, n)),"
+    " SELECT r.*," KH_PARTNER_ADMITTED("r.key", "r.partner") " AS admitted"
+    " FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[])"
+    "  WITH ORDINALITY AS r(id, partner, peer, key, n)),"
     " locked AS MATERIALIZED ("
     " SELECT req.n, req.peer, d.id FROM req JOIN deliveries d"
-    "  ON d.id = req.id AND d.partner_id = req.partner"
+    "  ON d.id = req.id AND d.partner_id = req.partner AND req.admitted"
     "  AND d.sent_at IS NOT NULL AND d.state <> 'acknowledged'"
     " ORDER BY d.id FOR UPDATE OF d),"
     " acked AS ("
@@ -203,7 +219,7 @@ static const char *s_ack_sql =
     " RETURNING locked.n, d.id, d.referral_id, d.partner_id, d.payload_hash,"
     "  locked.peer, extract(epoch FROM now() - d.sent_at) AS wait),"
     " rest AS ("
-    " SELECT * FROM req WHERE NOT EXISTS"
+    " SELECT * FROM req WHERE req.admitted AND NOT EXISTS"
     "  (SELECT 1 FROM acked WHERE acked.n = req.n)),"
     " known AS ("
     " SELECT rest.n FROM rest JOIN deliveries d"
@@ -219,20 +235,24 @@ static const char *s_ack_sql =
     " SELECT 'partner', partner, 'delivery.acked', NULL, id, NULL,"
     "  'refused', 'not_found', NULL, 'notification', peer FROM rest"
     "  WHERE NOT EXISTS (SELECT 1 FROM known WHERE known.n = rest.n))"
-    " SELECT CASE WHEN acked.n IS NOT NULL THEN 'done'"
+    " SELECT CASE WHEN NOT req.admitted THEN 'not_admitted'"
+    "  WHEN acked.n IS NOT NULL THEN 'done'"
     "  WHEN known.n IS NOT NULL THEN 'duplicate' ELSE 'not_found' END,"
     " acked.wait"
     " FROM req LEFT JOIN acked ON acked.n = req.n"
     "  LEFT JOIN known ON known.n = req.n ORDER BY req.n";
+/* clang-format on */
 
 /* $1 id, $2 partner, $3 peer, $4 permanent, $5 max attempts, $6 ACK
- * timeout ms, $7 backoff max ms. Only a delivery that is out (sent, not
- * acknowledged) changes. Returns one row: delivered (re-sent later), dead,
- * unchanged or not_found, and the referral id of one that changed (for
- * the alert of a dead letter). */
+ * timeout ms, $7 backoff max ms, $8 the key it came with. Only a delivery
+ * that is out (sent, not acknowledged) changes, and only on a key that
+ * admits its partner (as for an ACK). Returns one row: delivered (re-sent
+ * later), dead, unchanged, not_found or not_admitted, and the referral id
+ * of one that changed (for the alert of a dead letter). */
 /* clang-format off */
 static const char *s_nack_sql =
-    "WITH upd AS ("
+    "WITH req AS (SELECT" KH_PARTNER_ADMITTED("$8", "$2") " AS admitted),"
+    " upd AS ("
     " UPDATE deliveries d SET"
     "  state = CASE WHEN $4 OR d.attempts >= $5 THEN 'dead'"
     "   ELSE 'delivered' END,"
@@ -241,7 +261,7 @@ static const char *s_nack_sql =
     "  next_attempt_at = " S_BACKOFF("d.attempts - 1", "$6", "$7") ","
     "  updated_at = now()"
     " WHERE d.id = $1 AND d.partner_id = $2"
-    "  AND" S_OUT("d.")
+    "  AND" S_OUT("d.") " AND (SELECT admitted FROM req)"
     " RETURNING d.id, d.referral_id, d.partner_id, d.payload_hash, d.state,"
     "  d.dead_reason),"
     " audit AS ("
@@ -258,12 +278,14 @@ static const char *s_nack_sql =
     " UNION ALL"
     " SELECT 'partner', $2, 'delivery.nacked', NULL, $1, NULL, 'refused',"
     "  'not_found', NULL, 'notification', $3"
-    "  WHERE NOT EXISTS (SELECT 1 FROM deliveries"
-    "   WHERE id = $1 AND partner_id = $2 AND sent_at IS NOT NULL))"
-    " SELECT coalesce((SELECT state FROM upd),"
+    "  WHERE (SELECT admitted FROM req) AND NOT EXISTS (SELECT 1"
+    "   FROM deliveries WHERE id = $1 AND partner_id = $2"
+    "   AND sent_at IS NOT NULL))"
+    " SELECT CASE WHEN NOT (SELECT admitted FROM req) THEN 'not_admitted'"
+    "  ELSE coalesce((SELECT state FROM upd),"
     "  (SELECT 'unchanged' FROM deliveries"
-    "   WHERE id = $1 AND partner_id = $2 AND sent_at IS NOT NULL), 'not_found'),"
-    "  (SELECT referral_id FROM upd)";
+    "   WHERE id = $1 AND partner_id = $2 AND sent_at IS NOT NULL), 'not_found')"
+    "  END, (SELECT referral_id FROM upd)";
 /* clang-format on */
 
 /* $1 max attempts, $2 max age s. At most 1000 of each kind per sweep.

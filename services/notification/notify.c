@@ -721,9 +721,9 @@ static int s_resend(notify_t *self, s_conn_t *conn, s_conn_t **conns,
     }
     for (void *v = zhashx_first(conn->out); v; v = zhashx_next(conn->out))
         out[nout++] = zhashx_cursor(conn->out);
-    int claimed = dstore_resend(self->store, conn->partner, conn->peer,
-                                s_credit(self, conn), reclaim, keep, nkeep, out,
-                                nout, s_queue_delivery, &ctx, err);
+    int claimed = dstore_resend(self->store, conn->partner, conn->key,
+                                conn->peer, s_credit(self, conn), reclaim, keep,
+                                nkeep, out, nout, s_queue_delivery, &ctx, err);
     free(keep);
     free(out);
     if (claimed < 0)
@@ -799,8 +799,8 @@ static int s_claim_pending(notify_t *self, s_conn_t **conns, size_t count,
             had[i] = s_credit(self, conns[i]);
             size_t limit =
                 had[i] < S_CLAIM_ROWS / n ? had[i] : S_CLAIM_ROWS / n;
-            claims[i] =
-                (dstore_claim_t){conns[i]->partner, conns[i]->peer, limit};
+            claims[i] = (dstore_claim_t){conns[i]->partner, conns[i]->key,
+                                         conns[i]->peer, limit};
             got[i] = 0;
         }
         s_pending_ctx_t ctx = {self, conns, got};
@@ -963,6 +963,21 @@ static int s_nacks_commit(notify_t *self, kh_error_t *err)
     return 0;
 }
 
+/* The refusal of a frame while the registry is not read (yet, or again
+ * since it changed): retryable. */
+static void s_registry_unread(kh_error_t *err)
+{
+    kh_error_set(err, KH_E_UNAVAILABLE, "",
+                 "the partner registry cannot be read now; send the same "
+                 "request again");
+}
+
+/* Whether an answer's outcome is a refusal: nothing changed for it. */
+static bool s_refused(dstore_outcome_t outcome)
+{
+    return outcome == DSTORE_NOT_FOUND || outcome == DSTORE_NOT_ADMITTED;
+}
+
 /* After the commits: the ACKs get their batch's outcomes, and every
  * committed answer (acked: the ACK batch, nacked: the round's
  * transaction) leaves its connection's credit. */
@@ -979,19 +994,18 @@ static void s_answers_settle(notify_t *self, bool acked, bool nacked)
         if (!p->nack && p->leader < 0) {
             p->answer.outcome = self->acks[a].outcome;
             p->answer.wait_s = self->acks[a++].wait_s;
-        } else if (!p->nack)
-            p->answer.outcome =
-                self->pending[p->leader].answer.outcome == DSTORE_NOT_FOUND
-                    ? DSTORE_NOT_FOUND
-                    : DSTORE_DUPLICATE;
-        if (!p->nack && p->answer.outcome != DSTORE_NOT_FOUND)
+        } else if (!p->nack) {
+            dstore_outcome_t leader = self->pending[p->leader].answer.outcome;
+            p->answer.outcome = s_refused(leader) ? leader : DSTORE_DUPLICATE;
+        }
+        if (s_refused(p->answer.outcome))
+            continue;
+        if (!p->nack)
             s_acked_add(self, p->answer.partner, p->answer.id);
         /* The answer frees the window the delivery came in, which may
          * be another connection's than the one it came on. */
-        s_conn_t *conn = p->answer.outcome != DSTORE_NOT_FOUND
-                             ? s_conn_holding(self, p)
-                             : NULL;
-        if (!conn && p->answer.outcome != DSTORE_NOT_FOUND)
+        s_conn_t *conn = s_conn_holding(self, p);
+        if (!conn)
             conn = s_conn_of(self, p->identity);
         if (conn) {
             zhashx_delete(conn->out, p->answer.id);
@@ -1009,6 +1023,34 @@ static void s_answers_settle(notify_t *self, bool acked, bool nacked)
     }
 }
 
+/* Refuse an ACK or NACK that changed nothing (s_refused). */
+static void s_answer_refused(notify_t *self, const s_pending_t *p)
+{
+    bool admitted = p->answer.outcome != DSTORE_NOT_ADMITTED;
+    self->stats.refused++;
+    kh_log_warn(
+        "answer_refused", "partner=%s peer=%s delivery=%s cmd=%s reason=%s",
+        p->answer.partner, p->answer.peer, p->answer.id,
+        p->nack ? "NACK" : "ACK", admitted ? "not_found" : "key_not_admitted");
+    kh_error_t err;
+    if (admitted)
+        kh_error_set(&err, KH_E_NOT_FOUND, "delivery_id",
+                     "no delivery with this id was sent to you");
+    else {
+        /* Its key was revoked, or its rotation's overlap ended, by a
+         * change the registry as read has not heard of yet: the registry
+         * is stale (s_registry_check reads it again before the next
+         * frame), and the frame is refused as any is while it is. Sent
+         * again, it is refused for good (unknown_partner, audited) or, on
+         * a key that still admits its partner (the same id ACKed in the
+         * round on another key), taken. */
+        self->partners_stale = self->partners != NULL;
+        self->reread_at = 0;
+        s_registry_unread(&err);
+    }
+    s_reject(self, p->identity, p->cid, &err);
+}
+
 /* Answer the round's ACKs and NACKs: with their outcomes, or with
  * ack_fail (nack_fail) when the ACK batch (the round's transaction) did
  * not commit. */
@@ -1019,7 +1061,7 @@ static void s_answers_reply(notify_t *self, const kh_error_t *ack_fail,
         s_pending_t *p = &self->pending[i];
         const kh_error_t *fail = p->nack ? nack_fail : ack_fail;
         /* Not a refusal in the trail after all. */
-        if (p->charged && (fail || p->answer.outcome != DSTORE_NOT_FOUND))
+        if (p->charged && (fail || !s_refused(p->answer.outcome)))
             kh_ratelimit_refund(self->refusals, p->answer.partner,
                                 zclock_usecs());
         if (fail) {
@@ -1027,19 +1069,10 @@ static void s_answers_reply(notify_t *self, const kh_error_t *ack_fail,
             continue;
         }
         switch (p->answer.outcome) {
-        case DSTORE_NOT_FOUND: {
-            self->stats.refused++;
-            kh_log_warn("answer_refused",
-                        "partner=%s peer=%s delivery=%s cmd=%s "
-                        "reason=not_found",
-                        p->answer.partner, p->answer.peer, p->answer.id,
-                        p->nack ? "NACK" : "ACK");
-            kh_error_t nf;
-            kh_error_set(&nf, KH_E_NOT_FOUND, "delivery_id",
-                         "no delivery with this id was sent to you");
-            s_reject(self, p->identity, p->cid, &nf);
+        case DSTORE_NOT_FOUND:
+        case DSTORE_NOT_ADMITTED:
+            s_answer_refused(self, p);
             continue;
-        }
         case DSTORE_DUPLICATE:
             self->stats.duplicates++;
             break;
@@ -1370,8 +1403,9 @@ static bool s_over_refusals(notify_t *self, zframe_t *identity, const char *cid,
     return true;
 }
 
-/* Queue an ACK or NACK of partner, from peer, for the round's commit. */
-static void s_queue_answer(notify_t *self, const char *partner,
+/* Queue an ACK or NACK of partner, from peer on key, for the round's
+ * commit. */
+static void s_queue_answer(notify_t *self, const char *partner, const char *key,
                            const char *peer, zframe_t *identity,
                            const json_t *msg, const char *cid, kh_cmd_t cmd,
                            bool charged)
@@ -1387,6 +1421,7 @@ static void s_queue_answer(notify_t *self, const char *partner,
     snprintf(p->answer.id, sizeof p->answer.id, "%s",
              json_string_value(json_object_get(msg, "delivery_id")));
     snprintf(p->answer.partner, sizeof p->answer.partner, "%s", partner);
+    snprintf(p->answer.key, sizeof p->answer.key, "%s", key);
     snprintf(p->answer.peer, sizeof p->answer.peer, "%s", peer);
     p->nack = cmd == KH_CMD_NACK;
     p->permanent =
@@ -1396,13 +1431,14 @@ static void s_queue_answer(notify_t *self, const char *partner,
     if (!p->nack) {
         /* The same id twice in one round: one commit, the rest are
          * duplicates of it. Keys are "partner id". */
-        char key[80];
-        snprintf(key, sizeof key, "%s %s", partner, p->answer.id);
-        size_t index = (size_t) (uintptr_t) zhashx_lookup(self->batch_ids, key);
+        char same[80];
+        snprintf(same, sizeof same, "%s %s", partner, p->answer.id);
+        size_t index =
+            (size_t) (uintptr_t) zhashx_lookup(self->batch_ids, same);
         if (index)
             p->leader = (int) index - 1;
         else
-            zhashx_insert(self->batch_ids, key,
+            zhashx_insert(self->batch_ids, same,
                           (void *) (uintptr_t) self->npending);
     }
 }
@@ -1515,9 +1551,7 @@ static void s_take(notify_t *self, zframe_t *identity, zmq_msg_t *body,
      * answer makes a partner stop. */
     if (err.code == KH_E_OK && !partner &&
         (!self->partners || self->partners_stale))
-        kh_error_set(&err, KH_E_UNAVAILABLE, "",
-                     "the partner registry cannot be read now; send the "
-                     "same request again");
+        s_registry_unread(&err);
     else if (err.code == KH_E_OK && !partner) {
         /* A key the directory still admits that the registry no longer
          * does (revoked, or past its rotation's overlap): refused and
@@ -1604,8 +1638,8 @@ static void s_take(notify_t *self, zframe_t *identity, zmq_msg_t *body,
                 self, identity, cid, partner,
                 json_string_value(json_object_get(msg, "delivery_id")), conn,
                 &charged))
-            s_queue_answer(self, partner, peer ? peer : "", identity, msg, cid,
-                           cmd, charged);
+            s_queue_answer(self, partner, key, peer ? peer : "", identity, msg,
+                           cid, cmd, charged);
     }
     json_decref(msg);
 }

@@ -2612,13 +2612,13 @@ START_TEST(statements_never_walk_all_deliveries)
                    " SET enable_seqscan = off",
                    0, NULL);
     static const char *const args[S_STATEMENTS] = {
-        [S_RESEND] = "'avim', 1024, true, 400, 800, 3, 'x', '{}', '{}'",
+        [S_RESEND] = "'avim', 1024, true, 400, 800, 3, 'x', '{}', '{}', 'k'",
         [S_CLAIM_PENDING] = "'{avim,zorgcoordinator}', '{1024,1024}',"
-                            " '{x,y}', 400, 800",
+                            " '{x,y}', 400, 800, '{k,l}'",
         [S_ACK] = "'{00000000-0000-7000-8000-000000000000}', '{avim}',"
-                  " '{x}'",
+                  " '{x}', '{k}'",
         [S_NACK] = "'00000000-0000-7000-8000-000000000000', 'avim', 'x',"
-                   " false, 3, 400, 800",
+                   " false, 3, 400, 800, 'k'",
         [S_DEAD] = "3, 259200",
         [S_ESCALATE] = "1000",
         [S_DUE] = "'{00000000-0000-7000-8000-000000000000}', 'avim', 3",
@@ -2662,11 +2662,11 @@ START_TEST(sent_deliveries_are_read_by_key_or_due_time)
     } runs[] = {
         {S_NACK,
          "'00000000-0000-7000-8000-000000000000', 'avim', 'x', false, 3,"
-         " 400, 800",
+         " 400, 800, 'k'",
          "deliveries_pkey", "deliveries_delivered_next_attempt"},
         {S_DUE, "'{00000000-0000-7000-8000-000000000000}', 'avim', 3",
          "deliveries_pkey", "deliveries_delivered_next_attempt"},
-        {S_RESEND, "'avim', 1024, false, 400, 800, 3, 'x', '{}', '{}'",
+        {S_RESEND, "'avim', 1024, false, 400, 800, 3, 'x', '{}', '{}', 'k'",
          "Index Cond: (next_attempt_at <= now())", "Seq Scan"},
     };
     for (size_t i = 0; i < sizeof runs / sizeof runs[0]; i++) {
@@ -2704,15 +2704,23 @@ START_TEST(batch_statements_join_no_ctes_row_by_row)
     khtest_db_exec(s_db, "SET plan_cache_mode = force_generic_plan", 0, NULL);
     char *plan = khtest_db_plan_prepared(
         s_db, s_statements[S_ACK].name, *s_statements[S_ACK].sql,
-        "'{00000000-0000-7000-8000-000000000000}', '{avim}', '{x}'");
+        "'{00000000-0000-7000-8000-000000000000}', '{avim}', '{x}', '{k}'");
     ck_assert_msg(!strstr(plan, "Join Filter"), "ack:\n%s", plan);
     free(plan);
     free(khtest_db_plan_prepared(s_db, s_statements[S_CLAIM_PENDING].name,
                                  *s_statements[S_CLAIM_PENDING].sql,
-                                 "'{avim}', '{1024}', '{x}', 400, 800"));
+                                 "'{avim}', '{1024}', '{x}', 400, 800,"
+                                 " '{k}'"));
+    char *key = khtest_db_value(
+        s_db, "SELECT curve_public_key FROM partners WHERE id = 'avim'");
+    char execute[256];
+    snprintf(execute, sizeof execute,
+             "(ANALYZE, TIMING OFF) EXECUTE claim_pending('{avim}', '{1024}',"
+             " '{x}', 400, 800, '{\"%s\"}')",
+             key);
+    free(key);
     khtest_db_exec(s_db, "BEGIN", 0, NULL);
-    plan = khtest_db_plan(s_db, "(ANALYZE, TIMING OFF) EXECUTE claim_pending("
-                                "'{avim}', '{1024}', '{x}', 400, 800)");
+    plan = khtest_db_plan(s_db, execute);
     khtest_db_exec(s_db, "ROLLBACK", 0, NULL);
     /* The whole batch is claimed, and the rows a join compared in vain
      * are fewer than the rows. */
@@ -2773,7 +2781,8 @@ static void s_statement_end(PGconn *conn, char *state, char *outcomes,
     }
 }
 
-/* Statement a then statement b (each with its three parameters), sent on
+/* Statement a then statement b (each with its parameters, up to a NULL),
+ * sent on
  * connections of their own while a third transaction holds delivery
  * held: b is sent once a waits for a lock, the holder commits once b
  * does. Their SQLSTATEs ("" for success) into state_a and state_b, their
@@ -2791,11 +2800,16 @@ static void s_race(const char *held, s_stmt_t a, const char *const *pa,
     khtest_db_exec(holder, "SELECT 1 FROM deliveries WHERE id = $1 FOR UPDATE",
                    1, &held);
     PGconn *one = s_connect_prepared(a), *two = s_connect_prepared(b);
+    int na = 0, nb = 0;
+    while (pa[na])
+        na++;
+    while (pb[nb])
+        nb++;
     ck_assert(
-        PQsendQueryPrepared(one, s_statements[a].name, 3, pa, NULL, NULL, 0));
+        PQsendQueryPrepared(one, s_statements[a].name, na, pa, NULL, NULL, 0));
     s_waits_for_lock(one);
     ck_assert(
-        PQsendQueryPrepared(two, s_statements[b].name, 3, pb, NULL, NULL, 0));
+        PQsendQueryPrepared(two, s_statements[b].name, nb, pb, NULL, NULL, 0));
     s_waits_for_lock(two);
     khtest_db_exec(holder, "COMMIT", 0, NULL);
     s_statement_end(one, state_a, out_a, 100);
@@ -2803,6 +2817,15 @@ static void s_race(const char *held, s_stmt_t a, const char *const *pa,
     PQfinish(one);
     PQfinish(two);
     PQfinish(holder);
+}
+
+/* avim's key three times, an array's text for an ACK batch of three. */
+static void s_avim_keys(char *keys, size_t size)
+{
+    char *key = khtest_db_value(
+        s_db, "SELECT curve_public_key FROM partners WHERE id = 'avim'");
+    snprintf(keys, size, "{\"%s\",\"%s\",\"%s\"}", key, key, key);
+    free(key);
 }
 
 /* Three deliveries to avim, sent, their ids in ascending order in ids;
@@ -2840,8 +2863,10 @@ START_TEST(ack_batches_in_opposite_orders_do_not_deadlock)
     char first[200], second[200];
     snprintf(first, sizeof first, "{%s,%s,%s}", ids[0], ids[2], ids[1]);
     snprintf(second, sizeof second, "{%s,%s,%s}", ids[1], ids[2], ids[0]);
-    const char *p1[] = {first, "{avim,avim,avim}", "{a,a,a}"};
-    const char *p2[] = {second, "{avim,avim,avim}", "{b,b,b}"};
+    char keys[160];
+    s_avim_keys(keys, sizeof keys);
+    const char *p1[] = {first, "{avim,avim,avim}", "{a,a,a}", keys, NULL};
+    const char *p2[] = {second, "{avim,avim,avim}", "{b,b,b}", keys, NULL};
     char state1[6], state2[6], out1[100], out2[100];
     s_race(ids[2], S_ACK, p1, S_ACK, p2, state1, state2, out1, out2);
     ck_assert_msg(!*state1 && !*state2, "SQLSTATE %s and %s", state1, state2);
@@ -2869,8 +2894,10 @@ START_TEST(an_ack_batch_and_deliveries_made_due_do_not_deadlock)
     s_sent_three(ids, (const int[]){2, 1, 0});
     char all[200];
     snprintf(all, sizeof all, "{%s,%s,%s}", ids[0], ids[1], ids[2]);
-    const char *pack[] = {all, "{avim,avim,avim}", "{a,a,a}"};
-    const char *pdue[] = {all, "avim", "3"};
+    char keys[160];
+    s_avim_keys(keys, sizeof keys);
+    const char *pack[] = {all, "{avim,avim,avim}", "{a,a,a}", keys, NULL};
+    const char *pdue[] = {all, "avim", "3", NULL};
     char state1[6], state2[6], out1[100], out2[100];
     /* Bitmap scans (s_connect_prepared turns seq scans off), as for a
      * batch among many deliveries. */
@@ -3311,6 +3338,23 @@ static void s_rotate_avim(char previous[KH_PARTNER_KEY_LEN + 1])
     zcert_destroy(&fresh);
 }
 
+/* Within 5 s, sock is sent the deliveries a and b, in either order. */
+static void s_expect_both(zsock_t *sock, const char *a, const char *b)
+{
+    char got[2][37];
+    int ngot = 0;
+    int64_t until_ms = zclock_mono() + 5000;
+    while (ngot < 2 && zclock_mono() < until_ms) {
+        json_t *msg = s_expect(sock, "DELIVER", 500);
+        if (msg)
+            snprintf(got[ngot++], 37, "%s", s_str(msg, "delivery_id"));
+        json_decref(msg);
+    }
+    ck_assert_int_eq(ngot, 2);
+    ck_assert(strcmp(got[0], a) == 0 || strcmp(got[1], a) == 0);
+    ck_assert(strcmp(got[0], b) == 0 || strcmp(got[1], b) == 0);
+}
+
 /* A connection made with the key before a rotation is served during the
  * overlap; once the overlap ends it is forgotten and sent nothing more,
  * and what it held goes to the partner's connection with the new key. */
@@ -3341,18 +3385,7 @@ START_TEST(a_connection_whose_key_overlap_ended_is_sent_nothing_more)
     s_delivery("avim", "normal", 0, NULL, second);
     /* The new key's connection gets both: the one the old connection held
      * (due again at once, as for any connection that goes) and the new. */
-    char got[2][37];
-    int ngot = 0;
-    int64_t until_ms = zclock_mono() + 5000;
-    while (ngot < 2 && zclock_mono() < until_ms) {
-        msg = s_expect(now, "DELIVER", 500);
-        if (msg)
-            snprintf(got[ngot++], 37, "%s", s_str(msg, "delivery_id"));
-        json_decref(msg);
-    }
-    ck_assert_int_eq(ngot, 2);
-    ck_assert(strcmp(got[0], first) == 0 || strcmp(got[1], first) == 0);
-    ck_assert(strcmp(got[0], second) == 0 || strcmp(got[1], second) == 0);
+    s_expect_both(now, first, second);
     msg = s_expect(old, "DELIVER", 1000);
     ck_assert_msg(msg == NULL, "a key past its overlap was sent a delivery");
     /* Its frames are refused now. */
@@ -3369,6 +3402,112 @@ START_TEST(a_connection_whose_key_overlap_ended_is_sent_nothing_more)
                            1, 3000));
     zsock_destroy(&old);
     zsock_destroy(&now);
+    s_stop(pid);
+}
+END_TEST
+
+/* sock answers delivery id (ACK, or NACK with reason nack) and is refused
+ * with code. */
+static void s_answer_refused(zsock_t *sock, const char *id, const char *nack,
+                             const char *code)
+{
+    s_answer(sock, id, nack);
+    json_t *msg = s_expect(sock, "REJECTED", 3000);
+    ck_assert_msg(msg != NULL, "no refusal, %s expected", code);
+    ck_assert_str_eq(s_str(msg, "code"), code);
+    json_decref(msg);
+}
+
+/* Change the registry by sql without telling the services: triggers off
+ * for the statement (session_replication_role), so no NOTIFY goes out.
+ * As if the notice came late: notification's key map still admits what
+ * the change ended, and only the statements' own check stands. */
+static void s_change_untold(const char *sql)
+{
+    khtest_db_exec(s_db, "SET session_replication_role = replica", 0, NULL);
+    khtest_db_exec(s_db, sql, 0, NULL);
+    khtest_db_exec(s_db, "RESET session_replication_role", 0, NULL);
+}
+
+/* What notification does for a connection checks in the same statement
+ * that its key still admits its partner: a key whose overlap ended, by a
+ * change notification has not heard of yet, is sent nothing, neither new
+ * deliveries nor re-sends, and its ACK changes nothing. Refused as while
+ * the registry is stale, the ACK makes notification read the registry;
+ * sent again, it is refused for good. The partner's new key gets it
+ * all. */
+START_TEST(a_key_whose_overlap_ended_untold_is_served_nothing)
+{
+    char previous[KH_PARTNER_KEY_LEN + 1];
+    s_rotate_avim(previous);
+    char first[37], second[37], state[16];
+    s_delivery("avim", "normal", 0, NULL, first);
+    /* No refresh but the notices; re-sends due 0.4 s after a send,
+     * and a claim every sweep (50 ms). */
+    char *env[] = {"KH_PARTNER_REFRESH_MS=3600000",
+                   "KH_NOTIFY_PEER_TIMEOUT_MS=120000", NULL};
+    pid_t pid = s_start_env("notification.log", env);
+    zsock_t *old = s_partner("avim");
+    s_hello(old, 4);
+    s_expect_delivery(old, first, 0, 5000);
+
+    s_change_untold("UPDATE partner_keys SET expires_at = now() WHERE"
+                    " partner_id = 'avim' AND expires_at IS NOT NULL");
+    s_delivery("avim", "normal", 0, NULL, second);
+    json_t *msg = s_expect(old, "DELIVER", 2000);
+    ck_assert_msg(msg == NULL, "a key past its overlap was sent %s",
+                  msg ? s_str(msg, "delivery_id") : "");
+    ck_assert_str_eq(s_state(second, state), "pending");
+    char sql[128];
+    snprintf(sql, sizeof sql, "SELECT attempts FROM deliveries WHERE id = '%s'",
+             first);
+    ck_assert_int_eq(s_count(sql), 1); /* not re-sent */
+    s_answer_refused(old, first, NULL, "unavailable");
+    ck_assert_str_eq(s_state(first, state), "delivered");
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events"
+                             " WHERE action = 'delivery.acked'"),
+                     0);
+    ck_assert(s_log_has("notification.log", "reason=key_not_admitted", 3000));
+    /* Read again: refused for good, and in the trail. */
+    s_answer_refused(old, first, NULL, "unknown_partner");
+    ck_assert(s_wait_count("SELECT count(*) FROM audit_events WHERE action ="
+                           " 'auth.refused' AND origin_service ="
+                           " 'notification' AND reason_code ="
+                           " 'unknown_partner'",
+                           1, 3000));
+    /* Both were there to claim all along: the new key gets them. */
+    zsock_t *now = s_partner("avim-new");
+    s_hello(now, 4);
+    s_expect_both(now, first, second);
+    zsock_destroy(&old);
+    zsock_destroy(&now);
+    s_stop(pid);
+}
+END_TEST
+
+/* A NACK on the key of a partner revoked by a change notification has not
+ * heard of yet changes nothing: a permanent one makes no dead letter. */
+START_TEST(a_nack_of_a_partner_revoked_untold_changes_nothing)
+{
+    char first[37], state[16];
+    s_delivery("avim", "normal", 0, NULL, first);
+    char *env[] = {"KH_PARTNER_REFRESH_MS=3600000",
+                   "KH_NOTIFY_PEER_TIMEOUT_MS=120000",
+                   "KH_NOTIFY_ACK_TIMEOUT_MS=30000",
+                   "KH_NOTIFY_BACKOFF_MAX_MS=60000", NULL};
+    pid_t pid = s_start_env("notification.log", env);
+    zsock_t *avim = s_partner("avim");
+    s_hello(avim, 4);
+    s_expect_delivery(avim, first, 0, 5000);
+
+    s_change_untold("UPDATE partners SET revoked_at = now() WHERE id = 'avim'");
+    s_answer_refused(avim, first, "permanent", "unavailable");
+    ck_assert_str_eq(s_state(first, state), "delivered");
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events"
+                             " WHERE action = 'delivery.nacked'"),
+                     0);
+    s_answer_refused(avim, first, "permanent", "unknown_partner");
+    zsock_destroy(&avim);
     s_stop(pid);
 }
 END_TEST
@@ -3904,6 +4043,8 @@ static Suite *s_suite(void)
     tcase_add_test(odd, partner_connected_tells_the_window_its_hello_asked_for);
     tcase_add_test(odd,
                    a_connection_whose_key_overlap_ended_is_sent_nothing_more);
+    tcase_add_test(odd, a_key_whose_overlap_ended_untold_is_served_nothing);
+    tcase_add_test(odd, a_nack_of_a_partner_revoked_untold_changes_nothing);
     tcase_add_test(odd,
                    a_partner_refused_too_often_is_throttled_before_the_trail);
     tcase_add_test(odd, a_partner_over_its_connections_is_throttled);
