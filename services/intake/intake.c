@@ -21,6 +21,7 @@
 #include "ketenhub/health.h"
 #include "ketenhub/jarena.h"
 #include "ketenhub/log.h"
+#include "ketenhub/partner.h"
 #include "ketenhub/peers.h"
 #include "ketenhub/proto.h"
 #include "ketenhub/ratelimit.h"
@@ -50,10 +51,11 @@ typedef struct {
     json_t *msg;        /* decoded envelope (in the batch's arena), or NULL */
     kh_cmd_t cmd;       /* KH_CMD_UNKNOWN_ when not understood */
     char cid[KH_CID_MAX + 1];
-    char partner[64];   /* partner id, "" when the key is unknown */
-    char actor[64];     /* partner id, or "key:<Z85>" */
-    char peer[64];      /* peer address */
-    bool refused;       /* err holds why */
+    char partner[64]; /* partner id, "" when the key is unknown */
+    char key[KH_PARTNER_KEY_LEN + 1]; /* its authenticated key (Z85) */
+    char actor[64];                   /* partner id, or "key:<Z85>" */
+    char peer[64];                    /* peer address */
+    bool refused;                     /* err holds why */
     int retry_after_ms; /* throttled: the least wait before resending */
     size_t size;        /* bytes of the frame */
     kh_error_t err;
@@ -447,6 +449,15 @@ static const char *s_partner_of(intake_t *self, const char *key, bool *unsure)
     return id;
 }
 
+/* The refusal of a request while the registry is not read (yet, or
+ * again since it changed): retryable. */
+static void s_registry_unread(kh_error_t *err)
+{
+    kh_error_set(err, KH_E_UNAVAILABLE, "",
+                 "the partner registry cannot be read now; send the same "
+                 "request again (a SUBMIT with the same idempotency key)");
+}
+
 static void s_refuse(s_request_t *req, const kh_error_t *err)
 {
     req->refused = true;
@@ -569,6 +580,7 @@ static void s_take(intake_t *self, kh_jarena_t *arena, s_request_t *req,
     const char *key = zmq_msg_gets(body, "User-Id");
     const char *peer = zmq_msg_gets(body, "Peer-Address");
     snprintf(req->peer, sizeof req->peer, "%s", peer ? peer : "");
+    snprintf(req->key, sizeof req->key, "%s", key ? key : "");
     bool unsure = false;
     const char *partner = key ? s_partner_of(self, key, &unsure) : NULL;
     if (partner) {
@@ -634,10 +646,7 @@ static void s_take(intake_t *self, kh_jarena_t *arena, s_request_t *req,
      * partner, and the key may be that of a partner added since the
      * registry was read last. */
     if (!req->refused && !partner && unsure) {
-        kh_error_set(&err, KH_E_UNAVAILABLE, "",
-                     "the partner registry cannot be read now; send the "
-                     "same request again (a SUBMIT with the same "
-                     "idempotency key)");
+        s_registry_unread(&err);
         s_refuse(req, &err);
     } else if (!req->refused && !partner) {
         kh_error_set(&err, KH_E_UNKNOWN_PARTNER, "",
@@ -672,6 +681,7 @@ static void s_batch_submit(s_batch_t *batch, s_request_t *req)
     store_submit_t *sub = &batch->subs[batch->nsubs];
     memset(sub, 0, sizeof *sub);
     sub->partner_id = req->partner;
+    sub->key = req->key;
     sub->idem_key = idem;
     sub->referral = json_object_get(req->msg, "referral");
     sub->peer = req->peer;
@@ -823,11 +833,33 @@ static json_t *s_submit_reply(intake_t *self, const s_batch_t *batch,
     if (req->unaudited)
         return kh_proto_rejected(req->cid, &req->err, self->backoff_ms);
     const store_submit_t *sub = &batch->subs[owner->sub];
+    if (!sub->admitted) {
+        kh_error_t unread;
+        s_registry_unread(&unread);
+        return kh_proto_rejected(req->cid, &unread, self->backoff_ms);
+    }
     /* The first answer for the key, whichever submission gave it; new
      * only for the submission whose row it is. */
     if (strcmp(req->leader >= 0 ? req->hash : sub->hash, sub->stored_hash))
         return s_conflict(req);
     return s_accepted(req, sub, !(sub->inserted && req->leader < 0));
+}
+
+/* A submission of a committed batch whose key no longer admitted its
+ * partner (revoked, or past its rotation's overlap, by a change whose
+ * notice has not come yet): the batch's statement took nothing of it,
+ * and it is refused as while the registry is stale, which it is: read
+ * again at the next request (s_partner_of), it refuses the key for good
+ * (unknown_partner, audited) or admits it again. */
+static void s_follow_unadmitted(intake_t *self, const s_batch_t *batch)
+{
+    for (size_t i = 0; i < batch->nsubs; i++)
+        if (!batch->subs[i].admitted) {
+            kh_log_warn("request_refused",
+                        "partner=%s peer=%s reason=key_not_admitted",
+                        batch->subs[i].partner_id, batch->subs[i].peer);
+            self->partners_stale = true;
+        }
 }
 
 /*
@@ -858,8 +890,8 @@ static void s_audit_conflicts(intake_t *self, s_batch_t *batch)
             continue;
         const store_submit_t *sub = &batch->subs[owner->sub];
         const char *hash = req->leader >= 0 ? req->hash : sub->hash;
-        if (strcmp(hash, sub->stored_hash) == 0)
-            continue; /* no conflict */
+        if (!sub->admitted || strcmp(hash, sub->stored_hash) == 0)
+            continue; /* nothing stored for it, or no conflict */
         /* Each conflict is a refusal in the trail, whoever writes it. */
         if (self->refusals)
             kh_ratelimit_charge(self->refusals, req->partner, zclock_usecs());
@@ -1117,8 +1149,10 @@ static void s_commit_done(intake_t *self, int rc, const kh_error_t *err)
     /* Keep PostgreSQL busy with the next batch while this one is
      * answered (the batches swap roles only after this one is empty). */
     s_dispatch(self);
-    if (rc == 0)
+    if (rc == 0) {
+        s_follow_unadmitted(self, batch);
         s_audit_conflicts(self, batch);
+    }
     s_batch_reply(self, batch, rc ? err : NULL);
     if (rc)
         s_db_failed(self);

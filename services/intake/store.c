@@ -439,8 +439,9 @@ static PGresult *s_read(store_t *self, const char *name, int nparams,
 
 /* The element types of the commit statement's binary arrays. */
 static const unsigned s_commit_types[S_COMMIT_PARAMS] = {
-    KH_PG_UUID, KH_PG_TEXT, KH_PG_TEXT, KH_PG_TEXT, KH_PG_BYTEA, KH_PG_BYTEA,
-    KH_PG_TEXT, KH_PG_TEXT, KH_PG_TEXT, KH_PG_TEXT, KH_PG_TEXT,  KH_PG_TEXT};
+    KH_PG_UUID,  KH_PG_TEXT, KH_PG_TEXT, KH_PG_TEXT, KH_PG_BYTEA,
+    KH_PG_BYTEA, KH_PG_TEXT, KH_PG_TEXT, KH_PG_TEXT, KH_PG_TEXT,
+    KH_PG_TEXT,  KH_PG_TEXT, KH_PG_TEXT};
 
 typedef struct {
     kh_pgarray_t columns[S_COMMIT_PARAMS];
@@ -465,6 +466,7 @@ static void s_build_params(s_params_t *params, const store_submit_t *subs,
         kh_pgarray_add(&col[4], subs[i].payload, subs[i].payload_len);
         kh_pgarray_add(&col[5], hash, sizeof hash);
         kh_pgarray_add_str(&col[6], subs[i].peer);
+        kh_pgarray_add_str(&col[12], subs[i].key);
     }
     for (size_t i = 0; i < nrefs; i++) {
         kh_pgarray_add_str(&col[7], refs[i].action);
@@ -560,7 +562,11 @@ static int s_answer(store_t *self, PGresult *res, store_submit_t *subs,
         if (i < 0 || (size_t) i >= nsubs || subs[i].stored_id[0])
             continue;
         store_submit_t *sub = &subs[i];
+        sub->admitted = PQgetvalue(res, row, 5)[0] == 't';
         sub->inserted = PQgetvalue(res, row, 1)[0] == 't';
+        answered++;
+        if (!sub->admitted)
+            continue; /* nothing was done for it */
         if (sub->inserted)
             s_answer_stored(sub, sub->referral_id, sub->hash,
                             PQgetvalue(res, row, 4));
@@ -571,7 +577,6 @@ static int s_answer(store_t *self, PGresult *res, store_submit_t *subs,
         } else
             s_answer_stored(sub, PQgetvalue(res, row, 2),
                             PQgetvalue(res, row, 3), PQgetvalue(res, row, 4));
-        answered++;
     }
     if (answered != nsubs)
         return kh_error_set(err, KH_E_INTERNAL, "",

@@ -24,6 +24,7 @@ typedef struct _store_t store_t;
  * outputs when the batch has committed. */
 typedef struct {
     const char *partner_id; /* from the authenticated key */
+    const char *key;        /* that key (Z85) */
     const char *idem_key;
     const json_t *referral;
     const char *payload; /* its canonical JSON, payload_len bytes */
@@ -31,6 +32,10 @@ typedef struct {
     const char *peer;     /* peer address, may be NULL */
     char hash[65];        /* SHA-256 of payload (hex) */
     char referral_id[37]; /* the id to give it if it is new */
+    /* outputs: whether key still admitted partner_id (the key map may
+     * not have heard yet of a revocation or an overlap that ended): if
+     * not, nothing was done for it and nothing else is filled */
+    bool admitted;
     /* outputs: the row that holds (partner, key) after the commit */
     bool inserted;        /* it is this submission's row */
     bool late;            /* found by a look-up after the statement (another

@@ -1729,27 +1729,61 @@ START_TEST(a_revocation_applies_from_the_next_request)
 }
 END_TEST
 
+/* Restart intake reading the registry by its notices only (and each
+ * hour); register partner with the certificate of name, whose client
+ * (without retries, returned) then submits referral under "name-1",
+ * ACCEPTED. */
+static kh_client_t *s_registry_refreshed_hourly(const char *name,
+                                                const char *partner,
+                                                const json_t *referral)
+{
+    khproc_stop(s_intake, SIGTERM, 5000);
+    s_start_intake_refreshing("3600000");
+    s_wait_ready();
+    zcert_t *cert = s_make_cert(name, true);
+    s_register(partner, cert);
+    zcert_destroy(&cert);
+    kh_client_t *client = s_client(name);
+    kh_client_set_retries(client, 0);
+    char idem[64];
+    snprintf(idem, sizeof idem, "%s-1", name);
+    kh_error_t err;
+    json_t *reply = kh_client_submit(client, referral, idem, S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(reply);
+    ck_assert_str_eq(kh_client_reply_cmd(reply), "ACCEPTED");
+    json_decref(reply);
+    return client;
+}
+
+/* client, retrying while it is told to, submits referral under idem and
+ * is refused as unknown_partner at last; partner has one referral, the
+ * first s_registry_refreshed_hourly gave it. */
+static void s_refused_for_good(kh_client_t *client, const json_t *referral,
+                               const char *idem, const char *partner)
+{
+    kh_client_set_retries(client, 20);
+    kh_error_t err;
+    json_t *reply = kh_client_submit(client, referral, idem, S_TIMEOUT, &err);
+    ck_assert_msg(reply != NULL, "no answer: %s", err.message);
+    ck_assert_str_eq(s_str(reply, "code"), "unknown_partner");
+    json_decref(reply);
+    char sql[128];
+    snprintf(sql, sizeof sql,
+             "SELECT count(*) FROM referrals WHERE partner_id = '%s'", partner);
+    ck_assert_int_eq(s_count(sql), 1);
+}
+
 /* A change to the registry that intake cannot read (its keys locked here
  * past intake's read timeout) leaves it admitting no key until it has read
  * them: a partner revoked meanwhile is not served from the registry as it
  * was before, but told to come again, and refused once it is read. */
 START_TEST(a_registry_change_not_yet_read_admits_no_key)
 {
-    khproc_stop(s_intake, SIGTERM, 5000);
-    s_start_intake_refreshing("3600000");
-    s_wait_ready();
-    zcert_t *cert = s_make_cert("stale", true);
-    s_register("stale-partner", cert);
-    zcert_destroy(&cert);
-    kh_client_t *client = s_client("stale");
-    kh_client_set_retries(client, 0);
     json_t *referral = s_example();
+    kh_client_t *client =
+        s_registry_refreshed_hourly("stale", "stale-partner", referral);
     kh_error_t err;
-    json_t *reply =
-        kh_client_submit(client, referral, "stale-1", S_TIMEOUT, &err);
-    ck_assert_ptr_nonnull(reply);
-    ck_assert_str_eq(kh_client_reply_cmd(reply), "ACCEPTED");
-    json_decref(reply);
+    json_t *reply;
 
     PGconn *locker =
         khtest_revoke_unreadably(s_db, s_conninfo, "stale-partner");
@@ -1761,13 +1795,39 @@ START_TEST(a_registry_change_not_yet_read_admits_no_key)
     ck_assert_str_eq(s_str(reply, "code"), "unavailable");
     json_decref(reply);
 
-    kh_client_set_retries(client, 20);
-    reply = kh_client_submit(client, referral, "stale-3", S_TIMEOUT, &err);
+    s_refused_for_good(client, referral, "stale-3", "stale-partner");
+    json_decref(referral);
+    kh_client_destroy(&client);
+}
+END_TEST
+
+/* A key revoked by a change intake has not heard of yet submits nothing:
+ * the batch's statement checks the key itself, and the submission is
+ * refused as while the registry is stale, which makes intake read it;
+ * the next request is refused for good. */
+START_TEST(a_submission_on_a_key_revoked_untold_is_not_taken)
+{
+    json_t *referral = s_example();
+    kh_client_t *client =
+        s_registry_refreshed_hourly("untold", "untold-partner", referral);
+    kh_error_t err;
+    json_t *reply;
+
+    khtest_change_untold(s_db, "UPDATE partners SET revoked_at = now()"
+                               " WHERE id = 'untold-partner'");
+    reply = kh_client_submit(client, referral, "untold-2", S_TIMEOUT, &err);
     ck_assert_msg(reply != NULL, "no answer: %s", err.message);
-    ck_assert_str_eq(s_str(reply, "code"), "unknown_partner");
+    ck_assert_str_eq(kh_client_reply_cmd(reply), "REJECTED");
+    ck_assert_str_eq(s_str(reply, "code"), "unavailable");
     json_decref(reply);
     ck_assert_int_eq(s_count("SELECT count(*) FROM referrals WHERE"
-                             " partner_id = 'stale-partner'"),
+                             " partner_id = 'untold-partner'"),
+                     1);
+
+    s_refused_for_good(client, referral, "untold-3", "untold-partner");
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE"
+                             " action = 'referral.accepted'"
+                             " AND actor_id = 'untold-partner'"),
                      1);
     json_decref(referral);
     kh_client_destroy(&client);
@@ -3393,7 +3453,10 @@ static void s_batch_on(PGconn *conn, const char *keys, bool wait)
 {
     char ids[512] = "{", partners[512] = "{", idems[512] = "{",
          versions[512] = "{", payloads[1024] = "{", hashes[2048] = "{",
-         peers[512] = "{";
+         peers[512] = "{", curve_keys[1024] = "{";
+    char *key = khtest_db_value(
+        s_db,
+        "SELECT curve_public_key FROM partners WHERE id = 'veilig-thuis'");
     char copy[256];
     snprintf(copy, sizeof copy, "%s", keys);
     int n = 0;
@@ -3417,7 +3480,10 @@ static void s_batch_on(PGconn *conn, const char *keys, bool wait)
                  "%s\"\\\\x%s\"", sep, hash);
         snprintf(peers + strlen(peers), sizeof peers - strlen(peers),
                  "%s127.0.0.1", sep);
+        snprintf(curve_keys + strlen(curve_keys),
+                 sizeof curve_keys - strlen(curve_keys), "%s\"%s\"", sep, key);
     }
+    free(key);
     strcat(ids, "}");
     strcat(partners, "}");
     strcat(idems, "}");
@@ -3425,9 +3491,10 @@ static void s_batch_on(PGconn *conn, const char *keys, bool wait)
     strcat(payloads, "}");
     strcat(hashes, "}");
     strcat(peers, "}");
-    const char *params[S_COMMIT_PARAMS] = {ids,      partners, idems, versions,
-                                           payloads, hashes,   peers, "{}",
-                                           "{}",     "{}",     "{}",  "{}"};
+    strcat(curve_keys, "}");
+    const char *params[S_COMMIT_PARAMS] = {
+        ids,  partners, idems, versions, payloads, hashes,    peers,
+        "{}", "{}",     "{}",  "{}",     "{}",     curve_keys};
     if (wait) {
         PGresult *res = PQexecParams(conn, s_commit_sql, S_COMMIT_PARAMS, NULL,
                                      params, NULL, NULL, 0);
@@ -3759,6 +3826,7 @@ int main(void)
     tcase_add_test(tc, a_rotated_key_admits_its_partner_for_the_overlap_only);
     tcase_add_test(tc, a_revocation_applies_from_the_next_request);
     tcase_add_test(tc, a_registry_change_not_yet_read_admits_no_key);
+    tcase_add_test(tc, a_submission_on_a_key_revoked_untold_is_not_taken);
     tcase_add_test(tc, the_next_hub_key_is_served_beside_the_current_one);
     tcase_add_test(tc, the_partner_tool_exits_3_for_a_revoked_key);
     tcase_add_test(tc, the_partner_tool_stops_at_once_when_interrupted);

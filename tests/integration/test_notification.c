@@ -3418,17 +3418,6 @@ static void s_answer_refused(zsock_t *sock, const char *id, const char *nack,
     json_decref(msg);
 }
 
-/* Change the registry by sql without telling the services: triggers off
- * for the statement (session_replication_role), so no NOTIFY goes out.
- * As if the notice came late: notification's key map still admits what
- * the change ended, and only the statements' own check stands. */
-static void s_change_untold(const char *sql)
-{
-    khtest_db_exec(s_db, "SET session_replication_role = replica", 0, NULL);
-    khtest_db_exec(s_db, sql, 0, NULL);
-    khtest_db_exec(s_db, "RESET session_replication_role", 0, NULL);
-}
-
 /* What notification does for a connection checks in the same statement
  * that its key still admits its partner: a key whose overlap ended, by a
  * change notification has not heard of yet, is sent nothing, neither new
@@ -3451,8 +3440,9 @@ START_TEST(a_key_whose_overlap_ended_untold_is_served_nothing)
     s_hello(old, 4);
     s_expect_delivery(old, first, 0, 5000);
 
-    s_change_untold("UPDATE partner_keys SET expires_at = now() WHERE"
-                    " partner_id = 'avim' AND expires_at IS NOT NULL");
+    khtest_change_untold(s_db,
+                         "UPDATE partner_keys SET expires_at = now() WHERE"
+                         " partner_id = 'avim' AND expires_at IS NOT NULL");
     s_delivery("avim", "normal", 0, NULL, second);
     json_t *msg = s_expect(old, "DELIVER", 2000);
     ck_assert_msg(msg == NULL, "a key past its overlap was sent %s",
@@ -3500,7 +3490,8 @@ START_TEST(a_nack_of_a_partner_revoked_untold_changes_nothing)
     s_hello(avim, 4);
     s_expect_delivery(avim, first, 0, 5000);
 
-    s_change_untold("UPDATE partners SET revoked_at = now() WHERE id = 'avim'");
+    khtest_change_untold(
+        s_db, "UPDATE partners SET revoked_at = now() WHERE id = 'avim'");
     s_answer_refused(avim, first, "permanent", "unavailable");
     ck_assert_str_eq(s_state(first, state), "delivered");
     ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events"

@@ -622,6 +622,13 @@ PGconn *khtest_revoke_unreadably(PGconn *db, const char *conninfo,
     return locker;
 }
 
+void khtest_change_untold(PGconn *db, const char *sql)
+{
+    khtest_db_exec(db, "SET session_replication_role = replica", 0, NULL);
+    khtest_db_exec(db, sql, 0, NULL);
+    khtest_db_exec(db, "RESET session_replication_role", 0, NULL);
+}
+
 int khtest_log_count(const char *path, const char *text)
 {
     char *all = khtest_read_file(path);

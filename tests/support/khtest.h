@@ -153,6 +153,12 @@ bool khtest_end_commit_waiter(PGconn *conn, const char *db);
 PGconn *khtest_revoke_unreadably(PGconn *db, const char *conninfo,
                                  const char *id);
 
+/* Run sql (a change to the registry) on db, a superuser's connection,
+ * without telling the services: triggers off for it
+ * (session_replication_role), so no NOTIFY goes out. As if the notice
+ * came late: a service's key map still admits what the change ended. */
+void khtest_change_untold(PGconn *db, const char *sql);
+
 /* How often text occurs in the file at path (0 when it cannot be read). */
 int khtest_log_count(const char *path, const char *text);
 
