@@ -51,11 +51,10 @@ typedef struct {
     json_t *msg;        /* decoded envelope (in the batch's arena), or NULL */
     kh_cmd_t cmd;       /* KH_CMD_UNKNOWN_ when not understood */
     char cid[KH_CID_MAX + 1];
-    char partner[64]; /* partner id, "" when the key is unknown */
-    char key[KH_PARTNER_KEY_LEN + 1]; /* its authenticated key (Z85) */
-    char actor[64];                   /* partner id, or "key:<Z85>" */
-    char peer[64];                    /* peer address */
-    bool refused;                     /* err holds why */
+    char partner[64];   /* partner id, "" when the key is unknown */
+    char actor[64];     /* partner id, or "key:<Z85>" */
+    char peer[64];      /* peer address */
+    bool refused;       /* err holds why */
     int retry_after_ms; /* throttled: the least wait before resending */
     size_t size;        /* bytes of the frame */
     kh_error_t err;
@@ -68,6 +67,8 @@ typedef struct {
     bool in_trail;  /* a refusal whose event goes in with its batch */
     bool audit_first; /* ... answered only once that event commits */
     json_t *status;   /* STATUS: its reply, read at receipt (in the arena) */
+    /* The key it came with (Z85), "" if none. */
+    char key[KH_PARTNER_KEY_LEN + 1];
 } s_request_t;
 
 /* A refused handshake, to audit as auth.refused. */

@@ -1060,8 +1060,9 @@ static void s_answers_reply(notify_t *self, const kh_error_t *ack_fail,
     for (size_t i = 0; i < self->npending; i++) {
         s_pending_t *p = &self->pending[i];
         const kh_error_t *fail = p->nack ? nack_fail : ack_fail;
-        /* Not a refusal in the trail after all. */
-        if (p->charged && (fail || !s_refused(p->answer.outcome)))
+        /* Not a refusal in the trail after all (a key not admitted
+         * writes none: its refusal is the frame's when it comes again). */
+        if (p->charged && (fail || p->answer.outcome != DSTORE_NOT_FOUND))
             kh_ratelimit_refund(self->refusals, p->answer.partner,
                                 zclock_usecs());
         if (fail) {
