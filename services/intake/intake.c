@@ -90,6 +90,8 @@ typedef struct {
     zhashx_t *keys;      /* "partner\nkey" -> index + 1, to find repeats */
     int64_t sent_at;     /* when the commit started, 0 if not sent */
     bool refs_dropped;   /* committed without its refusals' events */
+    bool committed;      /* its statement committed, though its answers
+                          * may not all have been read */
     kh_error_t refs_err; /* why, when refs_dropped */
 } s_batch_t;
 
@@ -938,14 +940,16 @@ static void s_batch_reply(intake_t *self, s_batch_t *batch,
         /* A refusal is final only with its event in the trail: when its
          * batch did not commit, the partner is told to send again (the
          * batch's retryable error), and the refusal comes again with its
-         * event. An event refused itself (refs_dropped) would be refused
-         * again: the refusal is answered as it is, unless it promises its
-         * event first. */
-        const kh_error_t *unaudited = !req->in_trail ? NULL
-                                      : commit_err   ? commit_err
-                                      : req->audit_first && batch->refs_dropped
-                                          ? &batch->refs_err
-                                          : NULL;
+         * event. A batch that committed but whose answers could not all
+         * be read holds the events: its refusals are answered as they are
+         * (sent again, each would be a second event). An event refused
+         * itself (refs_dropped) would be refused again: the refusal is
+         * answered as it is, unless it promises its event first. */
+        const kh_error_t *unaudited =
+            !req->in_trail                            ? NULL
+            : commit_err && !batch->committed         ? commit_err
+            : req->audit_first && batch->refs_dropped ? &batch->refs_err
+                                                      : NULL;
         if (unaudited) /* its event did not commit: resend */
             reply = kh_proto_rejected(req->cid, unaudited, self->backoff_ms);
         else if (req->refused)
@@ -985,7 +989,7 @@ static void s_batch_reply(intake_t *self, s_batch_t *batch,
                      commit_err ? kh_error_name(commit_err->code) : "ok");
     batch->count = batch->nsubs = batch->nrefs = batch->bytes = 0;
     batch->sent_at = 0;
-    batch->refs_dropped = false;
+    batch->refs_dropped = batch->committed = false;
     zhashx_purge(batch->keys);
 }
 
@@ -1123,7 +1127,7 @@ static void s_commit_done(intake_t *self, int rc, const kh_error_t *err)
     self->committing = NULL;
     s_watch_db(self, false);
     kh_error_t again;
-    if (rc && batch->nrefs)
+    if (rc == -1 && batch->nrefs)
         kh_log_warn("refusals_unaudited", "count=%zu code=%s", batch->nrefs,
                     kh_error_name(err->code));
     if (rc == -1 && s_rows_refused(err) && batch->nrefs > 0) {
@@ -1145,7 +1149,8 @@ static void s_commit_done(intake_t *self, int rc, const kh_error_t *err)
         else
             err = &again;
     }
-    if (rc == 0 || rc == STORE_COMMITTED_UNREAD)
+    batch->committed = rc == 0 || rc == STORE_COMMITTED_UNREAD;
+    if (batch->committed)
         s_wake_routing(self, batch);
     /* Keep PostgreSQL busy with the next batch while this one is
      * answered (the batches swap roles only after this one is empty). */

@@ -1539,6 +1539,66 @@ START_TEST(a_conflict_with_a_concurrent_commit_is_audited)
 }
 END_TEST
 
+/* A batch that committed but whose answers could not all be read (a key
+ * another process committed meanwhile, whose look-up needs the reader,
+ * which is gone) answers its submissions retryably, but its refusals as
+ * they are: their events are in the trail, and each resend would add
+ * another. */
+START_TEST(a_refusal_in_a_batch_committed_unread_is_final)
+{
+    json_t *first = s_example();
+    json_t *ours = s_another(first);
+    json_t *bad = json_deep_copy(first);
+    json_object_set_new(bad, "summary", json_integer(7));
+    /* A batch held at its commit, so that the next two wait together;
+     * and the key of one of those, held by "another process". */
+    PGconn *held = s_hold_key("unread-hold", first);
+    PGconn *theirs = s_hold_key("unread-1", first);
+    zsock_t *dealer = s_dealer(S_TIMEOUT);
+    zframe_t *frame = s_frame(s_submit_envelope("unread-hold", first), "hold");
+    zframe_send(&frame, dealer, 0);
+    zclock_sleep(300);
+    frame = s_frame(s_submit_envelope("unread-1", ours), "first");
+    zframe_send(&frame, dealer, 0);
+    frame = s_frame(s_submit_envelope("unread-bad", bad), "other");
+    zframe_send(&frame, dealer, 0);
+    zclock_sleep(300); /* both read: a reader gone makes the registry stale */
+    ck_assert_int_eq(s_count("SELECT count(pg_terminate_backend(pid)) FROM "
+                             "pg_stat_activity WHERE application_name = "
+                             "'ketenhub-intake' AND query NOT LIKE "
+                             "'WITH input%'"),
+                     1);
+    khtest_db_exec(held, "ROLLBACK", 0, NULL);
+    PQfinish(held);
+    /* The pair's statement waits for the other process's key. */
+    ck_assert(khtest_wait_count(s_db,
+                                "SELECT count(*) FROM pg_stat_activity WHERE "
+                                "application_name = 'ketenhub-intake' AND "
+                                "wait_event_type = 'Lock'",
+                                1, 10000));
+    khtest_db_exec(theirs, "COMMIT", 0, NULL);
+    PQfinish(theirs);
+    json_t *replies[3];
+    s_pair_replies(&dealer, replies);
+    ck_assert_str_eq(kh_client_reply_cmd(replies[0]), "ACCEPTED");
+    ck_assert_str_eq(s_str(replies[1], "code"), "unavailable");
+    ck_assert_str_eq(kh_client_reply_cmd(replies[2]), "REJECTED");
+    ck_assert_msg(!json_is_true(json_object_get(replies[2], "retryable")),
+                  "the refusal was answered %s", s_str(replies[2], "code"));
+    char sql[256];
+    snprintf(sql, sizeof sql,
+             "SELECT count(*) FROM audit_events WHERE action ="
+             " 'referral.rejected' AND reason_code = '%s'",
+             s_str(replies[2], "code"));
+    ck_assert_int_eq(s_count(sql), 1);
+    for (int i = 0; i < 3; i++)
+        json_decref(replies[i]);
+    json_decref(first);
+    json_decref(ours);
+    json_decref(bad);
+}
+END_TEST
+
 START_TEST(unknown_keys_and_plain_clients_are_refused)
 {
     long referrals = s_count("SELECT count(*) FROM referrals");
@@ -3817,6 +3877,7 @@ int main(void)
     tcase_add_test(tc,
                    a_status_not_found_is_not_answered_before_its_audit_event);
     tcase_add_test(tc, a_conflict_with_a_concurrent_commit_is_audited);
+    tcase_add_test(tc, a_refusal_in_a_batch_committed_unread_is_final);
     tcase_add_test(tc, unknown_keys_and_plain_clients_are_refused);
     tcase_add_test(tc,
                    made_up_keys_at_the_handshake_are_audited_within_a_bound);
