@@ -461,6 +461,19 @@ static void s_registry_unread(kh_error_t *err)
                  "request again (a SUBMIT with the same idempotency key)");
 }
 
+/* A request from peer whose key, the database found, no longer admits
+ * partner (revoked, or past its rotation's overlap, by a change whose
+ * notice has not come yet): it is refused as while the registry is
+ * stale (s_registry_unread), which it is: read again at the next request
+ * (s_partner_of), the registry refuses the key for good (unknown_partner,
+ * audited) or admits it again. */
+static void s_unadmitted(intake_t *self, const char *partner, const char *peer)
+{
+    kh_log_warn("request_refused", "partner=%s peer=%s reason=key_not_admitted",
+                partner, peer);
+    self->partners_stale = true;
+}
+
 static void s_refuse(s_request_t *req, const kh_error_t *err)
 {
     req->refused = true;
@@ -555,8 +568,14 @@ static void s_read_status(intake_t *self, kh_jarena_t *arena, s_request_t *req)
         json_string_value(json_object_get(req->msg, "referral_id"));
     if (!reply)
         kh_error_set(&err, KH_E_NOMEM, "", "out of memory");
-    if (!reply || store_status(self->store, req->partner, id, reply, &err)) {
+    bool admitted = true;
+    if (!reply || store_status(self->store, req->partner, req->key, id,
+                               &admitted, reply, &err)) {
         json_decref(reply);
+        if (!admitted) {
+            s_unadmitted(self, req->partner, req->peer);
+            s_registry_unread(&err);
+        }
         s_refuse(req, &err);
         s_db_failed(self);
     } else
@@ -848,21 +867,14 @@ static json_t *s_submit_reply(intake_t *self, const s_batch_t *batch,
     return s_accepted(req, sub, !(sub->inserted && req->leader < 0));
 }
 
-/* A submission of a committed batch whose key no longer admitted its
- * partner (revoked, or past its rotation's overlap, by a change whose
- * notice has not come yet): the batch's statement took nothing of it,
- * and it is refused as while the registry is stale, which it is: read
- * again at the next request (s_partner_of), it refuses the key for good
- * (unknown_partner, audited) or admits it again. */
+/* The submissions of a committed batch whose key no longer admitted
+ * their partner: the batch's statement took nothing of them (s_unadmitted
+ * tells the rest). */
 static void s_follow_unadmitted(intake_t *self, const s_batch_t *batch)
 {
     for (size_t i = 0; i < batch->nsubs; i++)
-        if (!batch->subs[i].admitted) {
-            kh_log_warn("request_refused",
-                        "partner=%s peer=%s reason=key_not_admitted",
-                        batch->subs[i].partner_id, batch->subs[i].peer);
-            self->partners_stale = true;
-        }
+        if (!batch->subs[i].admitted)
+            s_unadmitted(self, batch->subs[i].partner_id, batch->subs[i].peer);
 }
 
 /*

@@ -58,11 +58,16 @@ static const char *s_conflicts_sql =
     " FROM unnest($1::text[], $2::bytea[], $3::text[]) WITH ORDINALITY"
     "  AS t(partner_id, hash, peer, i) ORDER BY i";
 
-/* A referral's state and its deliveries (never their payloads); an
- * escalation copy names the partner whose delivery was overdue. */
+/* $1 referral, $2 partner, $3 the key asking. Whether the key still
+ * admits the partner (the key map may not have heard yet of a revocation
+ * or an overlap that ended), and only then the referral's state and its
+ * deliveries (never their payloads), no row when there is no such
+ * referral of the partner; an escalation copy names the partner whose
+ * delivery was overdue. */
+/* clang-format off */
 static const char *s_status_sql =
-    "SELECT r.state, to_char(r.accepted_at AT TIME ZONE 'UTC', " S_TS_FORMAT
-    "),"
+    "SELECT a.admitted, r.state,"
+    "  to_char(r.accepted_at AT TIME ZONE 'UTC', " S_TS_FORMAT "),"
     "  coalesce((SELECT json_agg(json_strip_nulls(json_build_object("
     "    'delivery_id', d.id, 'partner', d.partner_id, 'priority',"
     "    d.priority, 'state', d.state, 'updated_at',"
@@ -72,7 +77,11 @@ static const char *s_status_sql =
     "    ORDER BY d.partner_id, d.escalation_of NULLS FIRST)"
     "    FROM deliveries d"
     "    WHERE d.referral_id = r.id), '[]')"
-    " FROM referrals r WHERE r.id = $1::uuid AND r.partner_id = $2";
+    " FROM (SELECT" KH_PARTNER_ADMITTED("$3", "$2") " AS admitted) a"
+    " LEFT JOIN referrals r"
+    "  ON a.admitted AND r.id = $1::uuid AND r.partner_id = $2"
+    " WHERE r.id IS NOT NULL OR NOT a.admitted";
+/* clang-format on */
 
 /* Cancel requests still being sent (s_give_up), by all stores. */
 static atomic_int s_cancels;
@@ -343,7 +352,7 @@ int store_connect(store_t *self, kh_error_t *err)
                                                "conflicts"};
     const char *const reader_sql[] = {s_lookup_sql, s_status_sql,
                                       KH_PARTNER_KEYS_SQL, s_conflicts_sql};
-    static const int reader_nparams[] = {2, 2, 0, 3};
+    static const int reader_nparams[] = {2, 3, 0, 3};
     /* Preparing takes the tables' locks, on intake's loop: a migration
      * or an administrator's LOCK TABLE that holds them must not stop the
      * loop (no answers, no stop) for as long as it lasts. A lock not had
@@ -670,13 +679,15 @@ void store_abandon(store_t *self)
     s_give_up(&self->writer);
 }
 
-int store_status(store_t *self, const char *partner_id, const char *referral_id,
-                 json_t *reply, kh_error_t *err)
+int store_status(store_t *self, const char *partner_id, const char *key,
+                 const char *referral_id, bool *admitted, json_t *reply,
+                 kh_error_t *err)
 {
+    *admitted = true;
     if (!s_conn_up(self->reader))
         return s_unavailable(err);
-    const char *params[] = {referral_id, partner_id};
-    PGresult *res = s_read(self, "status", 2, params);
+    const char *params[] = {referral_id, partner_id, key};
+    PGresult *res = s_read(self, "status", 3, params);
     if (PQresultStatus(res) != PGRES_TUPLES_OK)
         return s_fail_on(&self->reader, res, "status", err);
     if (PQntuples(res) != 1) {
@@ -684,11 +695,17 @@ int store_status(store_t *self, const char *partner_id, const char *referral_id,
         return kh_error_set(err, KH_E_NOT_FOUND, "referral_id",
                             "no referral with this id was submitted by you");
     }
+    if (PQgetvalue(res, 0, 0)[0] != 't') {
+        PQclear(res);
+        *admitted = false;
+        return kh_error_set(err, KH_E_UNAVAILABLE, "",
+                            "this key no longer admits its partner");
+    }
     json_object_set_new(reply, "referral_id", json_string(referral_id));
-    json_object_set_new(reply, "state", json_string(PQgetvalue(res, 0, 0)));
+    json_object_set_new(reply, "state", json_string(PQgetvalue(res, 0, 1)));
     json_object_set_new(reply, "accepted_at",
-                        json_string(PQgetvalue(res, 0, 1)));
-    json_t *deliveries = json_loads(PQgetvalue(res, 0, 2), 0, NULL);
+                        json_string(PQgetvalue(res, 0, 2)));
+    json_t *deliveries = json_loads(PQgetvalue(res, 0, 3), 0, NULL);
     json_object_set_new(reply, "deliveries",
                         deliveries ? deliveries : json_array());
     PQclear(res);

@@ -139,11 +139,14 @@ int store_audit_conflicts(store_t *self, const store_conflict_t *conflicts,
  * way. */
 void store_abandon(store_t *self);
 
-/* The STATUS of a referral submitted by partner_id: sets the state and
- * accepted_at fields on reply. -1 with KH_E_NOT_FOUND when there is no
- * such referral of this partner, or KH_E_UNAVAILABLE / KH_E_INTERNAL. */
-int store_status(store_t *self, const char *partner_id, const char *referral_id,
-                 json_t *reply, kh_error_t *err);
+/* The STATUS of a referral submitted by partner_id, asked with key (Z85):
+ * sets the state and accepted_at fields on reply. -1 with KH_E_NOT_FOUND
+ * when there is no such referral of this partner, or KH_E_UNAVAILABLE /
+ * KH_E_INTERNAL; *admitted false (KH_E_UNAVAILABLE) when key no longer
+ * admits partner_id (the key map has not heard of that yet). */
+int store_status(store_t *self, const char *partner_id, const char *key,
+                 const char *referral_id, bool *admitted, json_t *reply,
+                 kh_error_t *err);
 
 /* Whether the registry changed since this was last asked (the reader
  * LISTENs on KH_PARTNER_CHANNEL): read it again then. A reader that

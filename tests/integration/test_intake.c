@@ -1894,6 +1894,36 @@ START_TEST(a_submission_on_a_key_revoked_untold_is_not_taken)
 }
 END_TEST
 
+/* A STATUS on a key revoked by a change intake has not heard of yet
+ * tells nothing of the partner's referral: refused as while the registry
+ * is stale, then for good. */
+START_TEST(a_status_on_a_key_revoked_untold_tells_nothing)
+{
+    json_t *referral = s_example();
+    kh_client_t *client =
+        s_registry_refreshed_hourly("asker", "asker-partner", referral);
+    char *id = khtest_db_value(
+        s_db, "SELECT id FROM referrals WHERE partner_id = 'asker-partner'");
+    khtest_change_untold(s_db, "UPDATE partners SET revoked_at = now()"
+                               " WHERE id = 'asker-partner'");
+    kh_error_t err;
+    json_t *reply = kh_client_status(client, id, S_TIMEOUT, &err);
+    ck_assert_msg(reply != NULL, "no answer: %s", err.message);
+    ck_assert_str_eq(kh_client_reply_cmd(reply), "REJECTED");
+    ck_assert_str_eq(s_str(reply, "code"), "unavailable");
+    ck_assert_ptr_null(json_object_get(reply, "deliveries"));
+    json_decref(reply);
+    kh_client_set_retries(client, 20);
+    reply = kh_client_status(client, id, S_TIMEOUT, &err);
+    ck_assert_msg(reply != NULL, "no answer: %s", err.message);
+    ck_assert_str_eq(s_str(reply, "code"), "unknown_partner");
+    json_decref(reply);
+    free(id);
+    json_decref(referral);
+    kh_client_destroy(&client);
+}
+END_TEST
+
 /* Submit referral under key with the client of name; the referral's id,
  * or NULL when the request got no ACCEPTED answer. */
 static char *s_accepted_by(const char *name, const json_t *referral,
@@ -3888,6 +3918,7 @@ int main(void)
     tcase_add_test(tc, a_revocation_applies_from_the_next_request);
     tcase_add_test(tc, a_registry_change_not_yet_read_admits_no_key);
     tcase_add_test(tc, a_submission_on_a_key_revoked_untold_is_not_taken);
+    tcase_add_test(tc, a_status_on_a_key_revoked_untold_tells_nothing);
     tcase_add_test(tc, the_next_hub_key_is_served_beside_the_current_one);
     tcase_add_test(tc, the_partner_tool_exits_3_for_a_revoked_key);
     tcase_add_test(tc, the_partner_tool_stops_at_once_when_interrupted);
