@@ -103,6 +103,11 @@ struct _routing_t {
     int unsure_routed;
     size_t unsure_made;
     zlistx_t *unsure_alerts;
+    /* A reload event (s_audit_reload) whose COMMIT's answer was lost: its
+     * transaction's id ("": none) and what it recorded, so that the same
+     * event, written again, is not written twice. */
+    char reload_xid[24];
+    char reload_event[1024];
     /* Counters for the stats line. */
     size_t routed, deliveries, passes, failures, wakeups, malformed;
 };
@@ -319,6 +324,26 @@ static void s_tell_missing(routing_t *self, const s_partners_t *list)
     snprintf(self->missing, sizeof self->missing, "%s", missing);
 }
 
+/* Whether transaction xid committed, as conn's server tells (txid_status):
+ * committed, aborted, in_progress, or unknown (too old for it to know),
+ * into status (24 bytes). 0, or -1 with err (status left as it was). */
+static int s_txid_status(PGconn *conn, const char *xid, char *status,
+                         kh_error_t *err)
+{
+    const char *params[] = {xid};
+    PGresult *res = PQexecParams(conn,
+                                 "SELECT coalesce(replace(txid_status("
+                                 "$1::bigint), ' ', '_'), 'unknown')",
+                                 1, NULL, params, NULL, NULL, 0);
+    int rc = PQresultStatus(res) == PGRES_TUPLES_OK
+                 ? 0
+                 : kh_db_error(err, conn, res, "txid_status");
+    if (rc == 0)
+        snprintf(status, 24, "%s", PQgetvalue(res, 0, 0));
+    PQclear(res);
+    return rc;
+}
+
 /* Write a rules.reloaded event (cause NULL) for the rules of decision
  * version version, with reason (NULL: none), or a rules.reload_failed one
  * naming cause's code and path (version is then the one kept), in its own
@@ -339,10 +364,52 @@ static int s_audit_reload(routing_t *self, const char *version,
         params[2] = kh_error_name(cause->code);
         params[3] = cause->path[0] ? cause->path : NULL;
     }
-    return s_connect(self, err) ||
-                   s_exec(self->conn, S_RELOAD, params, NULL, NULL, err)
-               ? -1
-               : 0;
+    char event[sizeof self->reload_event];
+    snprintf(event, sizeof event, "%s %s %s %s %s %s", params[0], params[1],
+             params[2] ? params[2] : "-", params[3] ? params[3] : "-", version,
+             file_sha256);
+    if (s_connect(self, err))
+        return -1;
+    /* The same event as the one whose COMMIT's answer was lost, and that
+     * one committed after all: it is in the trail once already. */
+    if (*self->reload_xid) {
+        char status[24];
+        if (s_txid_status(self->conn, self->reload_xid, status, err))
+            return -1;
+        if (strcmp(status, "in_progress") == 0)
+            return kh_error_set(err, KH_E_UNAVAILABLE, "",
+                                "the last reload's event is still being "
+                                "committed");
+        bool written = strcmp(status, "committed") == 0 &&
+                       strcmp(event, self->reload_event) == 0;
+        kh_log_warn("reload_settled", "xid=%s status=%s written=%s",
+                    self->reload_xid, status, written ? "true" : "false");
+        *self->reload_xid = '\0';
+        if (written)
+            return 0;
+    }
+    PGresult *res =
+        kh_db_begin_exec(self->conn, "BEGIN", s_statements[S_RELOAD].name, 6,
+                         params, NULL, NULL, 0, err);
+    if (!res) {
+        kh_db_rollback_quietly(self->conn);
+        return -1;
+    }
+    char xid[sizeof self->reload_xid];
+    snprintf(xid, sizeof xid, "%s", PQgetvalue(res, 0, 0));
+    PQclear(res);
+    res = PQexec(self->conn, "COMMIT");
+    int rc = PQresultStatus(res) == PGRES_COMMAND_OK
+                 ? 0
+                 : kh_db_error(err, self->conn, res, "reload");
+    PQclear(res);
+    if (rc && PQstatus(self->conn) != CONNECTION_OK) {
+        /* Committed or not: txid_status tells, before the next event. */
+        snprintf(self->reload_xid, sizeof self->reload_xid, "%s", xid);
+        snprintf(self->reload_event, sizeof self->reload_event, "%s", event);
+    } else if (rc)
+        kh_db_rollback_quietly(self->conn);
+    return rc;
 }
 
 /* Between two passes, when the registry changed (PostgreSQL tells as the
@@ -836,24 +903,14 @@ static int s_settle(routing_t *self, bool final)
 {
     if (!*self->unsure_xid)
         return 0;
-    const char *status = "unknown";
-    PGresult *res = NULL;
+    char status[24] = "unknown";
     bool up = self->conn && PQstatus(self->conn) == CONNECTION_OK;
     if (!up && !final)
         return -1;
-    if (up) {
-        const char *params[] = {self->unsure_xid};
-        res = PQexecParams(self->conn,
-                           "SELECT coalesce(replace(txid_status($1::bigint),"
-                           " ' ', '_'), 'unknown')",
-                           1, NULL, params, NULL, NULL, 0);
-        if (PQresultStatus(res) == PGRES_TUPLES_OK)
-            status = PQgetvalue(res, 0, 0);
-        else if (PQstatus(self->conn) != CONNECTION_OK && !final) {
-            PQclear(res);
-            return -1;
-        }
-    }
+    kh_error_t err;
+    if (up && s_txid_status(self->conn, self->unsure_xid, status, &err) &&
+        PQstatus(self->conn) != CONNECTION_OK && !final)
+        return -1;
     bool committed = strcmp(status, "committed") == 0;
     bool open = strcmp(status, "in_progress") == 0;
     if (!open || final)
@@ -867,7 +924,6 @@ static int s_settle(routing_t *self, bool final)
         zlistx_purge(self->unsure_alerts);
     else if (!open || final)
         s_alert_unroutable(self->unsure_alerts, " committed=unknown");
-    PQclear(res);
     if (!open || final)
         *self->unsure_xid = '\0';
     return 0;
@@ -1022,8 +1078,11 @@ static void s_reload(routing_t *self)
                      err.line, err.column, KH_LOG_Q(err.message), self->version,
                      self->reload_again ? "when_database_is_back" : "no");
         kh_metric_add("rules_reloads_total", "failed", 1);
+        /* One tried again is recorded as it ends then (its event, whose
+         * COMMIT's answer was lost, may be in already: s_audit_reload). */
         kh_error_t audit_err;
-        if (s_audit_reload(self, self->version, file_sha256, NULL, &err,
+        if (!self->reload_again &&
+            s_audit_reload(self, self->version, file_sha256, NULL, &err,
                            &audit_err))
             kh_log_error("audit_failed",
                          "action=rules.reload_failed msg=\"%s\"",

@@ -103,12 +103,13 @@ static const char s_unroutable_sql[] =
 
 /* A reload, loaded or refused: $5 is the rules version in force after it
  * (the new one, or the one kept), $6 the hex SHA-256 of the file it read
- * (NULL when its bytes could not be read). */
+ * (NULL when its bytes could not be read). Returns its transaction's id,
+ * for txid_status should the COMMIT's answer be lost. */
 static const char s_reload_sql[] =
     "INSERT INTO audit_events (actor_kind, actor_id, action, outcome,"
     " reason_code, reason_path, rules_version, payload_hash, origin_service)"
     " VALUES ('service', 'routing', $1, $2, $3, $4, $5, decode($6, 'hex'),"
-    " 'routing')";
+    " 'routing') RETURNING txid_current()";
 
 /* The statements, prepared on each new connection (by their index as
  * name): a pass no longer parses and plans its statements. */

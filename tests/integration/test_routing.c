@@ -903,6 +903,44 @@ START_TEST(sighup_reload_that_cannot_be_audited_keeps_old_rules)
 }
 END_TEST
 
+/* A reload whose COMMIT's answer was lost (the server committed it, and
+ * the connection went before it said so) is tried again once routing is
+ * connected again, as one the database was away for: txid_status says its
+ * event is in, and it is not written twice; the new rules take over. */
+START_TEST(a_reload_whose_commit_answer_was_lost_is_recorded_once)
+{
+    setenv("PGOPTIONS", "-c synchronous_commit=on", 1);
+    pid_t pid = s_start_editable();
+    unsetenv("PGOPTIONS");
+    char want[65];
+    s_edit_rules(want);
+    khtest_sync_standby(s_db, "kh_test_nobody");
+    ck_assert_int_eq(kill(pid, SIGHUP), 0);
+    bool ended = khtest_end_commit_waiter(s_db, S_DB);
+    khtest_sync_standby(s_db, NULL);
+    ck_assert_msg(ended, "no commit waited: see %s", s_path("routing.log"));
+    s_assert_reloaded(want, 10000);
+    long deliveries = s_insert_many(3);
+    ck_assert(s_wait_count(S_ROUTED, 3, 10000));
+    char routed[256];
+    snprintf(routed, sizeof routed,
+             "SELECT count(*) FROM audit_events WHERE action ="
+             " 'referral.routed' AND rules_version LIKE '%s%%'",
+             want);
+    ck_assert_int_eq(s_count(routed), 3);
+    int status = khproc_stop(pid, SIGTERM, 5000);
+    ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    /* The reload once, and no failure (one tried again is not refused). */
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE"
+                             " action LIKE 'rules.reload%'"
+                             " AND reason_code IS DISTINCT FROM 'started'"),
+                     1);
+    ck_assert_msg(s_log_count("routing.log", "status=committed written=true"),
+                  "not settled: see %s", s_path("routing.log"));
+    s_assert_routed_once(3, deliveries);
+}
+END_TEST
+
 /* A SIGHUP while the database is away: the file cannot be checked
  * against the registry nor its loading recorded, so it is refused, and
  * tried again once the database is back, without another SIGHUP. */
@@ -1609,6 +1647,7 @@ int main(void)
     tcase_add_test(tc, sighup_reload_that_cannot_be_audited_keeps_old_rules);
     tcase_add_test(
         tc, sighup_while_the_database_is_away_is_retried_when_it_is_back);
+    tcase_add_test(tc, a_reload_whose_commit_answer_was_lost_is_recorded_once);
     tcase_add_test(tc, unreadable_referrals_are_set_aside_not_retried);
     tcase_add_test(tc, payloads_that_are_not_text_are_set_aside);
     tcase_add_test(tc, pass_statements_reach_referrals_by_key);
