@@ -683,7 +683,7 @@ static void s_take(intake_t *self, kh_jarena_t *arena, s_request_t *req,
 }
 
 /* Place a valid SUBMIT in the batch, or make it follow an earlier request
- * of this batch with the same partner and key. */
+ * of this batch with the same partner, idempotency key and CURVE key. */
 static void s_batch_submit(s_batch_t *batch, s_request_t *req)
 {
     const char *idem =
@@ -691,6 +691,19 @@ static void s_batch_submit(s_batch_t *batch, s_request_t *req)
     char batch_key[KH_IDEM_KEY_MAX + 80];
     snprintf(batch_key, sizeof batch_key, "%s\n%s", req->partner, idem);
     intptr_t leader = (intptr_t) zhashx_lookup(batch->keys, batch_key);
+    if (leader && strcmp(batch->requests[leader - 1].key, req->key) != 0) {
+        /* The same idempotency key on another CURVE key of the partner
+         * (a rotation's overlap): the first's answer may not hold for
+         * this key, which the batch's statement checks on its own. Sent
+         * again, it goes in a batch of its own. */
+        kh_error_t err;
+        kh_error_set(&err, KH_E_UNAVAILABLE, "",
+                     "a request with this idempotency key is being "
+                     "committed on another key of yours; send the same "
+                     "request again");
+        s_refuse(req, &err);
+        return;
+    }
     if (leader) {
         req->leader = (int) leader - 1;
         if (kh_payload_hash(json_object_get(req->msg, "referral"), req->hash)) {

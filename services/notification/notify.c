@@ -1411,6 +1411,28 @@ static void s_queue_answer(notify_t *self, const char *partner, const char *key,
                            const json_t *msg, const char *cid, kh_cmd_t cmd,
                            bool charged)
 {
+    const char *id = json_string_value(json_object_get(msg, "delivery_id"));
+    bool nack = cmd == KH_CMD_NACK;
+    /* The same id twice in one round: one commit, the rest are duplicates
+     * of it, which take its outcome. Keys are "partner id". */
+    char same[80];
+    snprintf(same, sizeof same, "%s %s", partner, id);
+    size_t leader =
+        nack ? 0 : (size_t) (uintptr_t) zhashx_lookup(self->batch_ids, same);
+    if (leader && strcmp(self->pending[leader - 1].answer.key, key) != 0) {
+        /* ... but only on the same key: on another one (a rotation's
+         * overlap) the outcome may not hold for this key, which the
+         * statement checks on its own. Sent again, it goes in a round of
+         * its own. */
+        if (charged)
+            kh_ratelimit_refund(self->refusals, partner, zclock_usecs());
+        kh_error_t busy;
+        kh_error_set(&busy, KH_E_UNAVAILABLE, "",
+                     "this delivery is being acknowledged on another key of "
+                     "yours; send the same request again");
+        s_reject(self, identity, cid, &busy);
+        return;
+    }
     s_pending_t *p = &self->pending[self->npending];
     memset(p, 0, sizeof *p);
     p->identity = zframe_dup(identity);
@@ -1419,29 +1441,18 @@ static void s_queue_answer(notify_t *self, const char *partner, const char *key,
     self->npending++;
     p->charged = charged;
     snprintf(p->cid, sizeof p->cid, "%s", cid);
-    snprintf(p->answer.id, sizeof p->answer.id, "%s",
-             json_string_value(json_object_get(msg, "delivery_id")));
+    snprintf(p->answer.id, sizeof p->answer.id, "%s", id);
     snprintf(p->answer.partner, sizeof p->answer.partner, "%s", partner);
     snprintf(p->answer.key, sizeof p->answer.key, "%s", key);
     snprintf(p->answer.peer, sizeof p->answer.peer, "%s", peer);
-    p->nack = cmd == KH_CMD_NACK;
+    p->nack = nack;
     p->permanent =
-        p->nack && strcmp(json_string_value(json_object_get(msg, "reason")),
-                          "permanent") == 0;
-    p->leader = -1;
-    if (!p->nack) {
-        /* The same id twice in one round: one commit, the rest are
-         * duplicates of it. Keys are "partner id". */
-        char same[80];
-        snprintf(same, sizeof same, "%s %s", partner, p->answer.id);
-        size_t index =
-            (size_t) (uintptr_t) zhashx_lookup(self->batch_ids, same);
-        if (index)
-            p->leader = (int) index - 1;
-        else
-            zhashx_insert(self->batch_ids, same,
-                          (void *) (uintptr_t) self->npending);
-    }
+        nack && strcmp(json_string_value(json_object_get(msg, "reason")),
+                       "permanent") == 0;
+    p->leader = (int) leader - 1;
+    if (!nack && !leader)
+        zhashx_insert(self->batch_ids, same,
+                      (void *) (uintptr_t) self->npending);
 }
 
 /* Drop conn, registered under a routing id that a frame of another
