@@ -102,9 +102,9 @@ int store_socket(store_t *self);
 bool store_sending(const store_t *self);
 
 /* Start committing subs[0..nsubs) and refs[0..nrefs) (they must stay put
- * until the batch ends). Within a batch every (partner, key) appears at
- * most once. Never blocks: what the socket does not take at once is sent
- * by store_commit_poll (see store_sending). 0, or -1 with err (nothing was
+ * until the batch ends). Within a batch every (partner, idempotency key)
+ * appears at most once. Never blocks: what the socket does not take at once is
+ * sent by store_commit_poll (see store_sending). 0, or -1 with err (nothing was
  * committed). */
 int store_commit_send(store_t *self, store_submit_t *subs, size_t nsubs,
                       const store_refusal_t *refs, size_t nrefs,

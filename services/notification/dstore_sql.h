@@ -188,18 +188,17 @@ static const char *s_claim_pending_sql =
  * sent_at, since an administrator's retry of a dead letter starts its
  * attempts again) and is not acknowledged yet (a dead letter that the
  * partner did take, retried or not, is acknowledged after all). Returns per
- * request, in order, done, duplicate or not_found. Every step joins on the
- * request's number: a batch costs the same per ACK whatever its size (no
- * request scans another's rows), and the deliveries are looked up again only
- * for the ACKs that changed nothing (duplicate or not_found).
- * The deliveries are locked first, in the order of their ids, and only
- * then changed: updated straight from the requests, they were locked in
- * the join's order, the requests' own, and two batches of the same
- * deliveries in other orders (two replicas, a partner answering on a
- * connection to each) could each hold one the other waited for: a
- * deadlock, and one batch failed. Every statement that waits for several
- * deliveries takes them by id (the claims and sweeps skip what is
- * locked and wait for none). */
+ * request, in order, done, duplicate, not_found or not_admitted. Every step
+ * joins on the request's number: a batch costs the same per ACK whatever its
+ * size (no request scans another's rows), and the deliveries are looked up
+ * again only for the ACKs that changed nothing (duplicate or not_found). The
+ * deliveries are locked first, in the order of their ids, and only then
+ * changed: updated straight from the requests, they were locked in the join's
+ * order, the requests' own, and two batches of the same deliveries in other
+ * orders (two replicas, a partner answering on a connection to each) could each
+ * hold one the other waited for: a deadlock, and one batch failed. Every
+ * statement that waits for several deliveries takes them by id (the claims and
+ * sweeps skip what is locked and wait for none). */
 /* clang-format off */
 static const char *s_ack_sql =
     "WITH req AS ("

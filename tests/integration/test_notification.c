@@ -3457,7 +3457,8 @@ START_TEST(a_key_whose_overlap_ended_untold_is_served_nothing)
     ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events"
                              " WHERE action = 'delivery.acked'"),
                      0);
-    ck_assert(s_log_has("notification.log", "reason=key_not_admitted", 3000));
+    ck_assert(
+        s_log_has("notification.log", "ACK reason=key_not_admitted", 3000));
     /* Read again: refused for good, and in the trail. */
     s_answer_refused(old, first, NULL, "unknown_partner");
     ck_assert(s_wait_count("SELECT count(*) FROM audit_events WHERE action ="

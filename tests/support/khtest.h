@@ -156,7 +156,10 @@ PGconn *khtest_revoke_unreadably(PGconn *db, const char *conninfo,
 /* Run sql (a change to the registry) on db, a superuser's connection,
  * without telling the services: triggers off for it
  * (session_replication_role), so no NOTIFY goes out. As if the notice
- * came late: a service's key map still admits what the change ended. */
+ * came late: a service's key map still admits what the change ended.
+ * Every ordinary trigger is off, and the foreign keys' checks with them:
+ * for revocations and ends of overlaps, not for a change that
+ * partners_keys_follow must follow (a new key). */
 void khtest_change_untold(PGconn *db, const char *sql);
 
 /* How often text occurs in the file at path (0 when it cannot be read). */
