@@ -332,8 +332,9 @@ int dstore_resend(dstore_t *self, const char *partner, const char *key,
                   const char *peer, size_t credit, bool reclaim,
                   const char *const *keep, size_t nkeep, const char *const *out,
                   size_t nout, dstore_delivery_fn *fn, void *arg,
-                  kh_error_t *err)
+                  bool *admitted, kh_error_t *err)
 {
+    *admitted = true;
     int lengths[10] = {0};
     static const int formats[10] = {0, 0, 0, 0, 0, 0, 0, 1, 1, 0};
     const char *skeep = s_ids(self, 0, keep, nkeep, &lengths[7], err);
@@ -354,18 +355,22 @@ int dstore_resend(dstore_t *self, const char *partner, const char *key,
         s_exec(self, S_RESEND, NULL, 10, params, lengths, formats, err);
     if (!res)
         return -1;
-    int rows = PQntuples(res);
-    for (int i = 0; i < rows; i++) {
+    int claimed = 0;
+    for (int i = 0; i < PQntuples(res); i++) {
+        if (PQgetisnull(res, i, 0)) { /* its key does not admit it */
+            *admitted = false;
+            continue;
+        }
         dstore_delivery_t d = s_claimed(res, i, 0);
         fn(&d, arg);
+        claimed++;
     }
     PQclear(res);
-    return rows;
+    return claimed;
 }
 
-int dstore_claim_pending(dstore_t *self, const dstore_claim_t *claims,
-                         size_t count, dstore_claimed_fn *fn, void *arg,
-                         kh_error_t *err)
+int dstore_claim_pending(dstore_t *self, dstore_claim_t *claims, size_t count,
+                         dstore_claimed_fn *fn, void *arg, kh_error_t *err)
 {
     kh_pgarray_t *array = self->claims;
     for (int k = 0; k < 4; k++)
@@ -373,6 +378,7 @@ int dstore_claim_pending(dstore_t *self, const dstore_claim_t *claims,
     for (size_t i = 0; i < count; i++) {
         char limit[24];
         snprintf(limit, sizeof limit, "%zu", claims[i].limit);
+        claims[i].admitted = true;
         kh_pgarray_add_str(&array[0], claims[i].partner);
         kh_pgarray_add_str(&array[1], limit);
         kh_pgarray_add_str(&array[2], claims[i].peer);
@@ -393,15 +399,21 @@ int dstore_claim_pending(dstore_t *self, const dstore_claim_t *claims,
         s_exec(self, S_CLAIM_PENDING, NULL, 6, params, lengths, formats, err);
     if (!res)
         return -1;
-    int rows = PQntuples(res);
-    for (int i = 0; i < rows; i++) {
+    int claimed = 0;
+    for (int i = 0; i < PQntuples(res); i++) {
         long which = strtol(PQgetvalue(res, i, 0), NULL, 10) - 1;
+        if (which < 0 || (size_t) which >= count)
+            continue;
+        if (PQgetisnull(res, i, 1)) { /* its key does not admit it */
+            claims[which].admitted = false;
+            continue;
+        }
         dstore_delivery_t d = s_claimed(res, i, 1);
-        if (which >= 0 && (size_t) which < count)
-            fn((size_t) which, &d, arg);
+        fn((size_t) which, &d, arg);
+        claimed++;
     }
     PQclear(res);
-    return rows;
+    return claimed;
 }
 
 static dstore_outcome_t s_outcome(const char *text)

@@ -82,19 +82,21 @@ typedef void(dstore_delivery_fn)(const dstore_delivery_t *delivery, void *arg);
  * oldest first; those others share credit with partner's pending
  * deliveries in that order, leaving what a pending one outranks to
  * dstore_claim_pending. None when key (the connection's, Z85) no longer
- * admits partner. fn is called for each, in that order (inside the
- * caller's transaction, if any: send nothing before it commits). Returns the
- * number claimed, -1 with err. */
+ * admits partner, and *admitted is set false (else true). fn is called for
+ * each, in that order (inside the caller's transaction, if any: send
+ * nothing before it commits). Returns the number claimed, -1 with err. */
 int dstore_resend(dstore_t *self, const char *partner, const char *key,
                   const char *peer, size_t credit, bool reclaim,
                   const char *const *keep, size_t nkeep, const char *const *out,
                   size_t nout, dstore_delivery_fn *fn, void *arg,
-                  kh_error_t *err);
+                  bool *admitted, kh_error_t *err);
 
 /* One connection's part of a claim of pending deliveries. */
 typedef struct {
     const char *partner, *key, *peer; /* key: the connection's (Z85) */
     size_t limit;                     /* at least 1 */
+    bool admitted; /* set by the claim: false when key no longer admits
+                    * partner (none was claimed for it) */
 } dstore_claim_t;
 
 typedef void(dstore_claimed_fn)(size_t which, const dstore_delivery_t *delivery,
@@ -103,14 +105,13 @@ typedef void(dstore_claimed_fn)(size_t which, const dstore_delivery_t *delivery,
 /* Claim, mark as sent and audit (delivery.sent) up to claims[i].limit
  * pending deliveries of claims[i].partner for each of the count claims
  * (a partner's first claim whose key admits it: none for a revoked
- * partner, nor on a key past its rotation's overlap), most urgent
- * then oldest first, in one statement; fn is called with i for each, in
- * that order (inside the
+ * partner, nor on a key past its rotation's overlap, for which
+ * claims[i].admitted is set false), most urgent then oldest first, in one
+ * statement; fn is called with i for each, in that order (inside the
  * caller's transaction, if any: send nothing before it commits). Returns
  * the number claimed, -1 with err. */
-int dstore_claim_pending(dstore_t *self, const dstore_claim_t *claims,
-                         size_t count, dstore_claimed_fn *fn, void *arg,
-                         kh_error_t *err);
+int dstore_claim_pending(dstore_t *self, dstore_claim_t *claims, size_t count,
+                         dstore_claimed_fn *fn, void *arg, kh_error_t *err);
 
 /* Make the count ids (partner's) that are sent, unacknowledged and not at
  * their last attempt due for a re-send now: they were out on a connection

@@ -100,7 +100,8 @@
  * last attempt is left to the sweep too. The overdue ones are a range of that
  * index, which a re-send reads alone unless it reclaims (every connection
  * re-sends at every sweep: when a re-send read all that was in flight for every
- * partner, the sweeps cost the square of the partners). */
+ * partner, the sweeps cost the square of the partners). On a key that no
+ * longer admits its partner, the one row is NULLs. */
 /* clang-format off */
 static const char *s_resend_sql =
     "WITH"
@@ -127,9 +128,12 @@ static const char *s_resend_sql =
     " claimed AS ("
     " UPDATE deliveries d SET" S_SEND_SET
     " WHERE d.id IN (SELECT id FROM resend)" S_SENT_RETURNING "),"
-    " audit AS (" S_SENT_AUDIT("$7") " FROM claimed)"
+    " audit AS (" S_SENT_AUDIT("$7") " FROM claimed),"
+    " asked AS (SELECT" KH_PARTNER_ADMITTED("$10", "$1") " AS admitted)"
     " SELECT" S_SENT_COLUMNS("claimed")
-    " FROM claimed ORDER BY priority_rank DESC, created_at";
+    " FROM asked LEFT JOIN claimed ON true"
+    " WHERE claimed.id IS NOT NULL OR NOT asked.admitted"
+    " ORDER BY claimed.priority_rank DESC, claimed.created_at";
 /* clang-format on */
 
 /* $1 partners, $2 limits, $3 peers, $6 the connections' keys (text
@@ -145,7 +149,9 @@ static const char *s_resend_sql =
  * that does not handle cases (the ketenregisseur: routing never
  * addresses one, and should a delivery to one be there, it stays unsent,
  * waiting in the status of that partner).
- * Rows come by request number, then as the partner is to get them.
+ * Rows come by request number, then as the partner is to get them; a
+ * request whose key does not admit its partner has one row, of its number
+ * and NULLs (the service's key map is stale: it reads it again).
  * The claimed rows find their request by partner, among the few requests:
  * matched by id against the pending rows, a CTE the planner cannot index
  * and may expect a row or two of, every claimed row was compared with
@@ -173,9 +179,15 @@ static const char *s_claim_pending_sql =
     " WHERE d.id IN (SELECT id FROM pending)" S_SENT_RETURNING "),"
     " sent AS (SELECT req.n, req.peer, claimed.* FROM claimed"
     "  JOIN req ON req.partner = claimed.partner_id),"
-    " audit AS (" S_SENT_AUDIT("peer") " FROM sent)"
-    " SELECT n::text," S_SENT_COLUMNS("sent")
-    " FROM sent ORDER BY n, priority_rank DESC, created_at";
+    " audit AS (" S_SENT_AUDIT("peer") " FROM sent),"
+    /* each request, and whether its key admits its partner */
+    " asked AS (SELECT r.n," KH_PARTNER_ADMITTED("r.key", "r.partner")
+    "  AS admitted FROM unnest($1::text[], $6::text[]) WITH ORDINALITY"
+    "  AS r(partner, key, n))"
+    " SELECT asked.n::text," S_SENT_COLUMNS("sent")
+    " FROM asked LEFT JOIN sent ON sent.n = asked.n"
+    " WHERE sent.n IS NOT NULL OR NOT asked.admitted"
+    " ORDER BY asked.n, sent.priority_rank DESC, sent.created_at";
 /* clang-format on */
 
 /* $1 ids, $2 partners, $3 peers, $4 the keys they came with (arrays of

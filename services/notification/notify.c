@@ -593,6 +593,17 @@ static void s_registry_check(notify_t *self)
         s_load_partners(self);
 }
 
+/* A statement found a key the registry as read admits no longer admitting
+ * its partner (revoked, or past a rotation's overlap, by a change not
+ * heard of yet): the registry is stale, and read again before the next
+ * frame or round (s_registry_check), which drops the connections of such
+ * keys. */
+static void s_registry_outdated(notify_t *self)
+{
+    self->partners_stale = self->partners != NULL;
+    self->reread_at = 0;
+}
+
 /* The id of the partner that key admits in the registry as last read
  * (none while it is stale), or NULL. */
 static const char *s_admitted(const notify_t *self, const char *key)
@@ -721,13 +732,17 @@ static int s_resend(notify_t *self, s_conn_t *conn, s_conn_t **conns,
     }
     for (void *v = zhashx_first(conn->out); v; v = zhashx_next(conn->out))
         out[nout++] = zhashx_cursor(conn->out);
-    int claimed = dstore_resend(self->store, conn->partner, conn->key,
-                                conn->peer, s_credit(self, conn), reclaim, keep,
-                                nkeep, out, nout, s_queue_delivery, &ctx, err);
+    bool admitted;
+    int claimed =
+        dstore_resend(self->store, conn->partner, conn->key, conn->peer,
+                      s_credit(self, conn), reclaim, keep, nkeep, out, nout,
+                      s_queue_delivery, &ctx, &admitted, err);
     free(keep);
     free(out);
     if (claimed < 0)
         return -1;
+    if (!admitted)
+        s_registry_outdated(self);
     if (reclaim) {
         conn->reclaim = false;
         conn->reclaiming = true;
@@ -800,7 +815,7 @@ static int s_claim_pending(notify_t *self, s_conn_t **conns, size_t count,
             size_t limit =
                 had[i] < S_CLAIM_ROWS / n ? had[i] : S_CLAIM_ROWS / n;
             claims[i] = (dstore_claim_t){conns[i]->partner, conns[i]->key,
-                                         conns[i]->peer, limit};
+                                         conns[i]->peer, limit, true};
             got[i] = 0;
         }
         s_pending_ctx_t ctx = {self, conns, got};
@@ -817,6 +832,10 @@ static int s_claim_pending(notify_t *self, s_conn_t **conns, size_t count,
         int64_t now = zclock_mono();
         for (size_t i = 0; rc == 0 && i < n; i++) {
             conns[i]->looked = now;
+            /* A connection that only receives is dropped as soon as
+             * the registry is read again, not at its next refresh. */
+            if (!claims[i].admitted)
+                s_registry_outdated(self);
             if (got[i] < claims[i].limit)
                 conns[i]->more = false;
             else if (got[i] < had[i] &&
@@ -1027,7 +1046,8 @@ static void s_answers_settle(notify_t *self, bool acked, bool nacked)
 static void s_answer_refused(notify_t *self, const s_pending_t *p)
 {
     bool admitted = p->answer.outcome != DSTORE_NOT_ADMITTED;
-    self->stats.refused++;
+    if (admitted)
+        self->stats.refused++;
     kh_log_warn(
         "answer_refused", "partner=%s peer=%s delivery=%s cmd=%s reason=%s",
         p->answer.partner, p->answer.peer, p->answer.id,
@@ -1037,15 +1057,12 @@ static void s_answer_refused(notify_t *self, const s_pending_t *p)
         kh_error_set(&err, KH_E_NOT_FOUND, "delivery_id",
                      "no delivery with this id was sent to you");
     else {
-        /* Its key was revoked, or its rotation's overlap ended, by a
-         * change the registry as read has not heard of yet: the registry
-         * is stale (s_registry_check reads it again before the next
-         * frame), and the frame is refused as any is while it is. Sent
-         * again, it is refused for good (unknown_partner, audited) or, on
-         * a key that still admits its partner (the same id ACKed in the
-         * round on another key), taken. */
-        self->partners_stale = self->partners != NULL;
-        self->reread_at = 0;
+        /* Refused as any frame is while the registry is stale (not
+         * counted as refused: it is to be sent again). Sent again, it is
+         * refused for good (unknown_partner, audited) or, on a key that
+         * still admits its partner (the same id ACKed in the round on
+         * another key), taken. */
+        s_registry_outdated(self);
         s_registry_unread(&err);
     }
     s_reject(self, p->identity, p->cid, &err);

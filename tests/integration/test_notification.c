@@ -3421,10 +3421,9 @@ static void s_answer_refused(zsock_t *sock, const char *id, const char *nack,
 /* What notification does for a connection checks in the same statement
  * that its key still admits its partner: a key whose overlap ended, by a
  * change notification has not heard of yet, is sent nothing, neither new
- * deliveries nor re-sends, and its ACK changes nothing. Refused as while
- * the registry is stale, the ACK makes notification read the registry;
- * sent again, it is refused for good. The partner's new key gets it
- * all. */
+ * deliveries nor re-sends; the claim that finds it so makes notification
+ * read the registry, and the key's ACK is refused for good. The partner's
+ * new key gets it all. */
 START_TEST(a_key_whose_overlap_ended_untold_is_served_nothing)
 {
     char previous[KH_PARTNER_KEY_LEN + 1];
@@ -3452,15 +3451,8 @@ START_TEST(a_key_whose_overlap_ended_untold_is_served_nothing)
     snprintf(sql, sizeof sql, "SELECT attempts FROM deliveries WHERE id = '%s'",
              first);
     ck_assert_int_eq(s_count(sql), 1); /* not re-sent */
-    s_answer_refused(old, first, NULL, "unavailable");
-    ck_assert_str_eq(s_state(first, state), "delivered");
-    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events"
-                             " WHERE action = 'delivery.acked'"),
-                     0);
-    ck_assert(
-        s_log_has("notification.log", "ACK reason=key_not_admitted", 3000));
-    /* Read again: refused for good, and in the trail. */
     s_answer_refused(old, first, NULL, "unknown_partner");
+    ck_assert_str_eq(s_state(first, state), "delivered");
     ck_assert(s_wait_count("SELECT count(*) FROM audit_events WHERE action ="
                            " 'auth.refused' AND origin_service ="
                            " 'notification' AND reason_code ="
@@ -3476,16 +3468,60 @@ START_TEST(a_key_whose_overlap_ended_untold_is_served_nothing)
 }
 END_TEST
 
-/* A NACK on the key of a partner revoked by a change notification has not
- * heard of yet changes nothing: a permanent one makes no dead letter. */
-START_TEST(a_nack_of_a_partner_revoked_untold_changes_nothing)
+/* A connection that only receives, on a key whose rotation's overlap ended
+ * by a change notification has not heard of: the next claim or re-send for
+ * it finds the key no longer admitting avim, so the registry is read again
+ * and the connection dropped, and what it had out goes at once on avim's
+ * other connection: not after the ACK timeout, nor at the next refresh. */
+START_TEST(a_receiving_key_whose_overlap_ended_untold_is_dropped_at_once)
 {
-    char first[37], state[16];
+    char previous[KH_PARTNER_KEY_LEN + 1];
+    s_rotate_avim(previous);
+    char first[37], second[37];
     s_delivery("avim", "normal", 0, NULL, first);
     char *env[] = {"KH_PARTNER_REFRESH_MS=3600000",
                    "KH_NOTIFY_PEER_TIMEOUT_MS=120000",
                    "KH_NOTIFY_ACK_TIMEOUT_MS=30000",
                    "KH_NOTIFY_BACKOFF_MAX_MS=60000", NULL};
+    pid_t pid = s_start_env("notification.log", env);
+    zsock_t *old = s_partner("avim");
+    s_hello(old, 4);
+    s_expect_delivery(old, first, 0, 5000);
+    zsock_t *now = s_partner("avim-new");
+    s_hello(now, 4);
+
+    khtest_change_untold(s_db,
+                         "UPDATE partner_keys SET expires_at = now() WHERE"
+                         " partner_id = 'avim' AND expires_at IS NOT NULL");
+    s_delivery("avim", "normal", 0, NULL, second);
+    s_expect_both(now, first, second);
+    ck_assert(s_log_has("notification.log",
+                        "partner=avim peer=127.0.0.1 reason=key_not_admitted"
+                        " unacknowledged=1",
+                        3000));
+    json_t *msg = s_expect(old, "DELIVER", 500);
+    ck_assert_msg(msg == NULL, "a key past its overlap was sent %s",
+                  msg ? s_str(msg, "delivery_id") : "");
+    zsock_destroy(&old);
+    zsock_destroy(&now);
+    s_stop(pid);
+}
+END_TEST
+
+/* An ACK, or a NACK with reason nack, of what avim had out, on its key,
+ * after avim was revoked by a change notification has not heard of yet:
+ * it changes nothing and writes nothing, and is refused as while the
+ * registry is stale, which makes notification read it; sent again, it is
+ * refused for good. No sweep comes between (its re-send would find the
+ * key not admitting avim first, and the connection be dropped). */
+static void s_answer_revoked_untold(const char *nack)
+{
+    char first[37], state[16];
+    s_delivery("avim", "normal", 0, NULL, first);
+    char *env[] = {
+        "KH_PARTNER_REFRESH_MS=3600000",  "KH_NOTIFY_PEER_TIMEOUT_MS=120000",
+        "KH_NOTIFY_ACK_TIMEOUT_MS=30000", "KH_NOTIFY_BACKOFF_MAX_MS=60000",
+        "KH_NOTIFY_SWEEP_MS=60000",       NULL};
     pid_t pid = s_start_env("notification.log", env);
     zsock_t *avim = s_partner("avim");
     s_hello(avim, 4);
@@ -3493,14 +3529,36 @@ START_TEST(a_nack_of_a_partner_revoked_untold_changes_nothing)
 
     khtest_change_untold(
         s_db, "UPDATE partners SET revoked_at = now() WHERE id = 'avim'");
-    s_answer_refused(avim, first, "permanent", "unavailable");
+    s_answer_refused(avim, first, nack, "unavailable");
     ck_assert_str_eq(s_state(first, state), "delivered");
-    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events"
-                             " WHERE action = 'delivery.nacked'"),
-                     0);
-    s_answer_refused(avim, first, "permanent", "unknown_partner");
+    ck_assert_int_eq(
+        s_count("SELECT count(*) FROM audit_events WHERE"
+                " action IN ('delivery.acked', 'delivery.nacked')"),
+        0);
+    ck_assert(s_log_has("notification.log",
+                        nack ? "NACK reason=key_not_admitted"
+                             : "ACK reason=key_not_admitted",
+                        3000));
+    s_answer_refused(avim, first, nack, "unknown_partner");
+    ck_assert(s_wait_count("SELECT count(*) FROM audit_events WHERE action ="
+                           " 'auth.refused' AND origin_service ="
+                           " 'notification' AND reason_code ="
+                           " 'unknown_partner'",
+                           1, 3000));
     zsock_destroy(&avim);
     s_stop(pid);
+}
+
+START_TEST(an_ack_of_a_partner_revoked_untold_changes_nothing)
+{
+    s_answer_revoked_untold(NULL);
+}
+END_TEST
+
+/* A permanent NACK makes no dead letter. */
+START_TEST(a_nack_of_a_partner_revoked_untold_changes_nothing)
+{
+    s_answer_revoked_untold("permanent");
 }
 END_TEST
 
@@ -4036,6 +4094,9 @@ static Suite *s_suite(void)
     tcase_add_test(odd,
                    a_connection_whose_key_overlap_ended_is_sent_nothing_more);
     tcase_add_test(odd, a_key_whose_overlap_ended_untold_is_served_nothing);
+    tcase_add_test(
+        odd, a_receiving_key_whose_overlap_ended_untold_is_dropped_at_once);
+    tcase_add_test(odd, an_ack_of_a_partner_revoked_untold_changes_nothing);
     tcase_add_test(odd, a_nack_of_a_partner_revoked_untold_changes_nothing);
     tcase_add_test(odd,
                    a_partner_refused_too_often_is_throttled_before_the_trail);
