@@ -369,6 +369,9 @@ static void s_follow_registry(intake_t *self)
     if (store_registry_changed(self->store)) {
         self->partners_stale = true;
         s_load_partners(self);
+        if (!self->partners_stale)
+            kh_log_info("partners_changed", "partners=%zu",
+                        zhashx_size(self->partners));
     }
 }
 

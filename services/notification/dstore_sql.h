@@ -149,9 +149,10 @@ static const char *s_resend_sql =
  * that does not handle cases (the ketenregisseur: routing never
  * addresses one, and should a delivery to one be there, it stays unsent,
  * waiting in the status of that partner).
- * Rows come by request number, then as the partner is to get them; a
- * request whose key does not admit its partner has one row, of its number
- * and NULLs (the service's key map is stale: it reads it again).
+ * Rows come by request number, then as the partner is to get them (the
+ * last three columns order them); a request whose key does not admit its
+ * partner has one row, of its number and NULLs (the service's key map is
+ * stale: it reads it again).
  * The claimed rows find their request by partner, among the few requests:
  * matched by id against the pending rows, a CTE the planner cannot index
  * and may expect a row or two of, every claimed row was compared with
@@ -179,15 +180,16 @@ static const char *s_claim_pending_sql =
     " WHERE d.id IN (SELECT id FROM pending)" S_SENT_RETURNING "),"
     " sent AS (SELECT req.n, req.peer, claimed.* FROM claimed"
     "  JOIN req ON req.partner = claimed.partner_id),"
-    " audit AS (" S_SENT_AUDIT("peer") " FROM sent),"
-    /* each request, and whether its key admits its partner */
-    " asked AS (SELECT r.n," KH_PARTNER_ADMITTED("r.key", "r.partner")
-    "  AS admitted FROM unnest($1::text[], $6::text[]) WITH ORDINALITY"
-    "  AS r(partner, key, n))"
-    " SELECT asked.n::text," S_SENT_COLUMNS("sent")
-    " FROM asked LEFT JOIN sent ON sent.n = asked.n"
-    " WHERE sent.n IS NOT NULL OR NOT asked.admitted"
-    " ORDER BY asked.n, sent.priority_rank DESC, sent.created_at";
+    " audit AS (" S_SENT_AUDIT("peer") " FROM sent)"
+    " SELECT n::text," S_SENT_COLUMNS("sent") ","
+    "  n AS by_n, priority_rank AS by_rank, created_at AS by_age FROM sent"
+    /* a row for each request whose key does not admit its partner (not
+     * joined to the sent ones: a CTE the planner cannot index) */
+    " UNION ALL SELECT r.n::text, NULL, NULL, NULL, NULL, NULL, NULL, NULL,"
+    "  NULL, NULL, r.n, NULL, NULL"
+    "  FROM unnest($1::text[], $6::text[]) WITH ORDINALITY AS r(partner, key, n)"
+    "  WHERE NOT" KH_PARTNER_ADMITTED("r.key", "r.partner")
+    " ORDER BY by_n, by_rank DESC, by_age";
 /* clang-format on */
 
 /* $1 ids, $2 partners, $3 peers, $4 the keys they came with (arrays of

@@ -105,7 +105,8 @@ struct _notify_t {
     zhashx_t *partners;    /* Z85 key -> partner id */
     bool partners_read;    /* re-read since s_drop_unadmitted last ran */
     bool partners_stale;   /* changed since it was read: admits no key */
-    int64_t reread_at;     /* zclock_mono before which a stale one waits */
+    bool outdated;     /* a statement of the round found a key not admitted */
+    int64_t reread_at; /* zclock_mono before which a stale one waits */
     kh_throttle_t *unknown_keys; /* key: one registry re-read a second */
     zhashx_t *conns;             /* identity (hex) -> s_conn_t */
     s_pending_t *pending;
@@ -588,20 +589,24 @@ static void s_registry_check(notify_t *self)
     if (dstore_registry_changed(self->store)) {
         self->partners_stale = self->partners != NULL;
         s_load_partners(self);
+        if (!self->partners_stale && self->partners)
+            kh_log_info("partners_changed", "partners=%zu",
+                        zhashx_size(self->partners));
     } else if (self->partners_stale && dstore_up(self->store) &&
                zclock_mono() >= self->reread_at)
         s_load_partners(self);
 }
 
-/* A statement found a key the registry as read admits no longer admitting
- * its partner (revoked, or past a rotation's overlap, by a change not
- * heard of yet): the registry is stale, and read again before the next
- * frame or round (s_registry_check), which drops the connections of such
- * keys. */
+/* A statement of the round found a key the registry as read admits no
+ * longer admitting its partner (revoked, or past a rotation's overlap, by
+ * a change not heard of yet): the registry is stale from the end of the
+ * round (s_round), and read again before the next frame or round
+ * (s_registry_check), which drops the connections of such keys. Not
+ * before: a stale registry would hold what the round places on other
+ * connections. */
 static void s_registry_outdated(notify_t *self)
 {
-    self->partners_stale = self->partners != NULL;
-    self->reread_at = 0;
+    self->outdated = true;
 }
 
 /* The id of the partner that key admits in the registry as last read
@@ -1373,6 +1378,11 @@ static void s_round(notify_t *self, bool resend)
     if (zlistx_size(self->held))
         s_held_flush(self);
     s_outbox_flush(self, rc == 0);
+    if (self->outdated) {
+        self->outdated = false;
+        self->partners_stale = self->partners != NULL;
+        self->reread_at = 0;
+    }
     /* A connection that may have more due (its window was full, or an
      * ACK was its cue) and whose ACKs freed credit claims again at once
      * when no partner frame is waiting (one would start the next round

@@ -2713,14 +2713,17 @@ START_TEST(batch_statements_join_no_ctes_row_by_row)
                                  " '{k}'"));
     char *key = khtest_db_value(
         s_db, "SELECT curve_public_key FROM partners WHERE id = 'avim'");
+    /* With a second request, on a key that admits no partner. */
     char execute[256];
     snprintf(execute, sizeof execute,
-             "(ANALYZE, TIMING OFF) EXECUTE claim_pending('{avim}', '{1024}',"
-             " '{x}', 400, 800, '{\"%s\"}')",
+             "EXECUTE claim_pending('{avim,zorgcoordinator}', '{1024,1}',"
+             " '{x,y}', 400, 800, '{\"%s\",none}')",
              key);
     free(key);
     khtest_db_exec(s_db, "BEGIN", 0, NULL);
-    plan = khtest_db_plan(s_db, execute);
+    char analyze[320];
+    snprintf(analyze, sizeof analyze, "(ANALYZE, TIMING OFF) %s", execute);
+    plan = khtest_db_plan(s_db, analyze);
     khtest_db_exec(s_db, "ROLLBACK", 0, NULL);
     /* The whole batch is claimed, and the rows a join compared in vain
      * are fewer than the rows. */
@@ -2732,6 +2735,18 @@ START_TEST(batch_statements_join_no_ctes_row_by_row)
     ck_assert_msg(compared < 1024, "%ld rows compared in vain:\n%s", compared,
                   plan);
     free(plan);
+    /* The request not admitted has one row, of NULLs, after the others'. */
+    khtest_db_exec(s_db, "BEGIN", 0, NULL);
+    PGresult *res = PQexec(s_db, execute);
+    ck_assert_msg(PQresultStatus(res) == PGRES_TUPLES_OK, "%s",
+                  PQresultErrorMessage(res));
+    ck_assert_int_eq(PQntuples(res), 1025);
+    for (int row = 0; row < 1025; row++) {
+        ck_assert_str_eq(PQgetvalue(res, row, 0), row < 1024 ? "1" : "2");
+        ck_assert_int_eq(PQgetisnull(res, row, 1), row == 1024);
+    }
+    PQclear(res);
+    khtest_db_exec(s_db, "ROLLBACK", 0, NULL);
 }
 END_TEST
 
@@ -3430,10 +3445,12 @@ START_TEST(a_key_whose_overlap_ended_untold_is_served_nothing)
     s_rotate_avim(previous);
     char first[37], second[37], state[16];
     s_delivery("avim", "normal", 0, NULL, first);
-    /* No refresh but the notices; re-sends due 0.4 s after a send,
-     * and a claim every sweep (50 ms). */
-    char *env[] = {"KH_PARTNER_REFRESH_MS=3600000",
-                   "KH_NOTIFY_PEER_TIMEOUT_MS=120000", NULL};
+    /* No refresh but the notices; re-sends due 0.8-1.2 s after a send
+     * (after the change below, and before the 2 s that the test waits
+     * for them), and a claim every sweep (50 ms). */
+    char *env[] = {
+        "KH_PARTNER_REFRESH_MS=3600000", "KH_NOTIFY_PEER_TIMEOUT_MS=120000",
+        "KH_NOTIFY_ACK_TIMEOUT_MS=1000", "KH_NOTIFY_BACKOFF_MAX_MS=2000", NULL};
     pid_t pid = s_start_env("notification.log", env);
     zsock_t *old = s_partner("avim");
     s_hello(old, 4);
