@@ -114,10 +114,12 @@ static const char *s_resend_sql =
            " AND id <> ALL ($8::uuid[])",
            "greatest($2 - (SELECT count(*) FROM due), 0)")
     /* the pending ones that would take the credit first (read from
-     * the claims' index, not locked: the claim locks what it takes) */
+     * the claims' index, not locked: the claim locks what it takes);
+     * none read when nothing is to be re-sent, as at most sweeps */
     " pend AS (SELECT priority_rank, created_at FROM deliveries"
     "  WHERE partner_id = $1 AND state = 'pending' AND payload IS NOT NULL"
     "  AND next_attempt_at <= now()"
+    "  AND EXISTS (SELECT FROM due UNION ALL SELECT FROM reclaimed)"
     "  ORDER BY priority_rank DESC, created_at LIMIT $2),"
     " credit AS (SELECT id FROM"
     "  (SELECT * FROM due UNION ALL SELECT * FROM reclaimed"

@@ -2681,6 +2681,39 @@ START_TEST(sent_deliveries_are_read_by_key_or_due_time)
 }
 END_TEST
 
+/* A re-send with nothing due reads none of the partner's pending
+ * deliveries: every connection re-sends at every sweep, and reading the
+ * pending ones that would share its credit (up to the whole window) when
+ * there was nothing to share it with cost a few per cent of the server's
+ * time under load. */
+START_TEST(a_resend_with_nothing_due_reads_no_pending_delivery)
+{
+    s_many(2000, false, "normal");
+    khtest_db_exec(s_db, "SET plan_cache_mode = force_generic_plan", 0, NULL);
+    free(khtest_db_plan_prepared(
+        s_db, s_statements[S_RESEND].name, *s_statements[S_RESEND].sql,
+        "'avim', 1024, false, 400, 800, 3, 'x', '{}', '{}', 'k'"));
+    char *key = khtest_db_value(
+        s_db, "SELECT curve_public_key FROM partners WHERE id = 'avim'");
+    char execute[256];
+    snprintf(execute, sizeof execute,
+             "(ANALYZE, TIMING OFF) EXECUTE resend('avim', 1024, false, 400,"
+             " 800, 3, 'x', '{}', '{}', '%s')",
+             key);
+    free(key);
+    khtest_db_exec(s_db, "BEGIN", 0, NULL);
+    char *plan = khtest_db_plan(s_db, execute);
+    khtest_db_exec(s_db, "ROLLBACK", 0, NULL);
+    const char *scan = strstr(plan, "deliveries_pending_partner_rank_created");
+    ck_assert_ptr_nonnull(scan);
+    const char *eol = strchr(scan, '\n');
+    const char *never = strstr(scan, "(never executed)");
+    ck_assert_msg(never && (!eol || never < eol), "the re-send read %.*s",
+                  eol ? (int) (eol - scan) : (int) strlen(scan), scan);
+    free(plan);
+}
+END_TEST
+
 /* A claim of a window of rows compares each with only the few requests
  * of its statement, and an ACK batch joins no CTEs row by row. The
  * planner cannot index a CTE, and a generic plan made on statistics that
@@ -4030,6 +4063,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, statements_never_walk_all_deliveries);
     tcase_add_test(tc, sent_deliveries_are_read_by_key_or_due_time);
     tcase_add_test(tc, batch_statements_join_no_ctes_row_by_row);
+    tcase_add_test(tc, a_resend_with_nothing_due_reads_no_pending_delivery);
     suite_add_tcase(suite, tc);
     /* Escalations and dead letters against each other. */
     TCase *esc = tcase_create("escalation");
