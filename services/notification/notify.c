@@ -735,8 +735,19 @@ static int s_resend(notify_t *self, s_conn_t *conn, s_conn_t **conns,
         free(keep);
         return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
     }
+    /* Those whose re-send may be due: none comes sooner than 80 % of the
+     * ACK timeout (or of the back-off maximum, when smaller) after the
+     * send, which the database timed before this process noted it; half
+     * that leaves a margin. Asking for the others, which cannot be
+     * overdue, cost a look-up each for every connection at every sweep,
+     * a window of them at a time. */
+    const dstore_policy_t *p = &self->cfg.policy;
+    int soonest = p->ack_timeout_ms < p->backoff_max_ms ? p->ack_timeout_ms
+                                                        : p->backoff_max_ms;
+    int64_t sent_before = zclock_mono() - soonest / 2;
     for (void *v = zhashx_first(conn->out); v; v = zhashx_next(conn->out))
-        out[nout++] = zhashx_cursor(conn->out);
+        if ((intptr_t) v <= sent_before)
+            out[nout++] = zhashx_cursor(conn->out);
     bool admitted;
     int claimed =
         dstore_resend(self->store, conn->partner, conn->key, conn->peer,
