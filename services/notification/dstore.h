@@ -76,7 +76,8 @@ typedef void(dstore_delivery_fn)(const dstore_delivery_t *delivery, void *arg);
 
 /* Claim, mark as sent again and audit (delivery.sent) the sent deliveries
  * of partner whose ACK is overdue: those among the nout ids in out (out on
- * the connection: they take no more of its window), and up to credit
+ * the connection, those of them whose re-send may be due: they take no
+ * more of its window), and up to credit
  * others (reclaim: also sent, unacknowledged ones not yet overdue, but
  * the nkeep ids in keep, for a partner that reconnected), most urgent then
  * oldest first; those others share credit with partner's pending

@@ -83,8 +83,8 @@ typedef struct {
         dead, escalated, rounds, failures;
 } s_stats_t;
 
-/* An entry of a connection's out: the zclock_mono time of its last
- * send there (never 0). */
+/* An entry of a connection's out: the zclock_mono time of its last send
+ * there, as the round that claimed it began (never 0). */
 #define S_OUT_AT(t) ((void *) (intptr_t) (t))
 
 struct _notify_t {
@@ -105,7 +105,10 @@ struct _notify_t {
     zhashx_t *partners;    /* Z85 key -> partner id */
     bool partners_read;    /* re-read since s_drop_unadmitted last ran */
     bool partners_stale;   /* changed since it was read: admits no key */
-    bool outdated;     /* a statement of the round found a key not admitted */
+    bool outdated; /* a statement of the round found a key not admitted */
+    /* zclock_mono as the round's transaction began: before the database's
+     * now(), which times its sends */
+    int64_t round_began;
     int64_t reread_at; /* zclock_mono before which a stale one waits */
     kh_throttle_t *unknown_keys; /* key: one registry re-read a second */
     zhashx_t *conns;             /* identity (hex) -> s_conn_t */
@@ -388,7 +391,7 @@ typedef struct {
     char referral[37];
     char priority[16];
     int attempt;
-    int64_t claimed; /* zclock_mono when it was claimed */
+    int64_t claimed; /* zclock_mono as its claim's round began */
     /* The connection's S_OUT_AT for it before the claim (a re-send of
      * what it has out), 0 when it had none: after a rollback it is out
      * there as before, since the partner still holds the earlier send. */
@@ -537,13 +540,13 @@ static void s_queue_delivery(const dstore_delivery_t *d, void *arg)
         snprintf(out->referral, sizeof out->referral, "%s", d->referral_id);
         snprintf(out->priority, sizeof out->priority, "%s", d->priority);
         out->attempt = d->attempt;
-        out->claimed = zclock_mono();
+        out->claimed = self->round_began;
         out->was_out = (intptr_t) zhashx_lookup(ctx->conn->out, d->id);
     }
     /* What cannot be queued is re-sent after its ACK timeout. */
     if (out && out->identity && out->body &&
         zlistx_add_end(self->outbox, out)) {
-        zhashx_update(ctx->conn->out, d->id, S_OUT_AT(zclock_mono()));
+        zhashx_update(ctx->conn->out, d->id, S_OUT_AT(out->claimed));
         /* A re-send (an overdue one) may be taken from another
          * connection of the partner in this process: out there no more,
          * it holds no place in that connection's window (its ACK frees
@@ -735,16 +738,15 @@ static int s_resend(notify_t *self, s_conn_t *conn, s_conn_t **conns,
         free(keep);
         return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
     }
-    /* Those whose re-send may be due: none comes sooner than 80 % of the
-     * ACK timeout (or of the back-off maximum, when smaller) after the
-     * send, which the database timed before this process noted it; half
-     * that leaves a margin. Asking for the others, which cannot be
-     * overdue, cost a look-up each for every connection at every sweep,
-     * a window of them at a time. */
-    const dstore_policy_t *p = &self->cfg.policy;
-    int soonest = p->ack_timeout_ms < p->backoff_max_ms ? p->ack_timeout_ms
-                                                        : p->backoff_max_ms;
-    int64_t sent_before = zclock_mono() - soonest / 2;
+    /* Those whose re-send may be due by now: none is due sooner than 80 %
+     * of the ACK timeout (the back-off maximum is never less: main.c)
+     * after the send, which the database timed at the start of its round,
+     * after this process did (S_OUT_AT); half of it leaves a margin. The
+     * others, which cannot be overdue, cost the statement work for every
+     * connection at every sweep, a window of them at a time. (Should one
+     * be made due at once all the same, dstore_due_now for a connection
+     * gone that had it too, it goes as a re-send that takes credit.) */
+    int64_t sent_before = zclock_mono() - self->cfg.policy.ack_timeout_ms / 2;
     for (void *v = zhashx_first(conn->out); v; v = zhashx_next(conn->out))
         if ((intptr_t) v <= sent_before)
             out[nout++] = zhashx_cursor(conn->out);
@@ -1183,7 +1185,7 @@ static bool s_place(notify_t *self, s_outgoing_t *out)
             s_send_t rc = s_send_to(self, c->identity, zframe_data(out->body),
                                     zframe_size(out->body));
             if (rc == S_SENT) {
-                zhashx_update(c->out, out->id, S_OUT_AT(zclock_mono()));
+                zhashx_update(c->out, out->id, S_OUT_AT(out->claimed));
                 s_sent(self, out);
                 self->stats.moved++;
                 kh_log_debug("delivery_moved", "delivery=%s partner=%s peer=%s",
@@ -1347,6 +1349,7 @@ static void s_round(notify_t *self, bool resend)
         return;
     kh_error_t err, ack_err;
     int acks = s_acks_send(self, &ack_err);
+    self->round_began = zclock_mono();
     int rc = dstore_begin(self->store, &err);
     const char *during = "begin";
     if (rc == 0 && (rc = s_nacks_commit(self, &err)) != 0)

@@ -2689,7 +2689,10 @@ END_TEST
 START_TEST(a_resend_with_nothing_due_reads_no_pending_delivery)
 {
     s_many(2000, false, "normal");
-    khtest_db_exec(s_db, "SET plan_cache_mode = force_generic_plan", 0, NULL);
+    khtest_db_exec(s_db,
+                   "SET plan_cache_mode = force_generic_plan;"
+                   " SET enable_seqscan = off",
+                   0, NULL);
     free(khtest_db_plan_prepared(
         s_db, s_statements[S_RESEND].name, *s_statements[S_RESEND].sql,
         "'avim', 1024, false, 400, 800, 3, 'x', '{}', '{}', 'k'"));
@@ -3242,6 +3245,32 @@ START_TEST(a_resend_rolled_back_still_takes_its_place_in_the_window)
     for (int i = 0; i < ngot - 1; i++)
         ck_assert_str_eq(got[i], x);
     zsock_destroy(&sock);
+    s_stop(pid);
+}
+END_TEST
+
+/* A delivery out on a connection that is made due at once while its
+ * send is young (as a connection of the partner that also had it went
+ * away) is re-sent with its id, not only once the ACK timeout could be
+ * over: the re-send asks the database about the young ones of its window
+ * only as others, with the credit. */
+START_TEST(a_young_delivery_made_due_at_once_is_resent)
+{
+    char first[37];
+    s_delivery("avim", "normal", 0, NULL, first);
+    char *env[] = {"KH_NOTIFY_ACK_TIMEOUT_MS=30000",
+                   "KH_NOTIFY_BACKOFF_MAX_MS=60000", NULL};
+    pid_t pid = s_start_env("notification.log", env);
+    zsock_t *avim = s_partner("avim");
+    s_hello(avim, 4);
+    s_expect_delivery(avim, first, 1, 5000);
+    const char *params[] = {first};
+    khtest_db_exec(s_db,
+                   "UPDATE deliveries SET next_attempt_at = now()"
+                   " WHERE id = $1",
+                   1, params);
+    s_expect_delivery(avim, first, 2, 3000);
+    zsock_destroy(&avim);
     s_stop(pid);
 }
 END_TEST
@@ -4110,6 +4139,7 @@ static Suite *s_suite(void)
     tcase_add_test(window,
                    a_resend_rolled_back_still_takes_its_place_in_the_window);
     tcase_add_test(window, a_reclaim_rolled_back_is_made_again);
+    tcase_add_test(window, a_young_delivery_made_due_at_once_is_resent);
     suite_add_tcase(suite, window);
 
     TCase *rid = tcase_create("routing_id");
