@@ -1195,6 +1195,19 @@ static void s_waits_for(PGconn *holder)
                   PQbackendPID(holder));
 }
 
+/* Send on dealer a SUBMIT of payload under key (cid "hold") while another
+ * process holds that key, and wait until its batch waits at its commit,
+ * so that what is sent next waits for the next batch. The holder
+ * (s_hold_key), for the caller to end. */
+static PGconn *s_send_held(zsock_t *dealer, const char *key, json_t *payload)
+{
+    PGconn *holder = s_hold_key(key, payload);
+    zframe_t *frame = s_frame(s_submit_envelope(key, payload), "hold");
+    zframe_send(&frame, dealer, 0);
+    s_waits_for(holder);
+    return holder;
+}
+
 static long s_conflict_events(const json_t *payload)
 {
     char hash[65], sql[512];
@@ -1218,12 +1231,9 @@ static zsock_t *s_send_pair_in_one_batch(const char *key, json_t *first,
 {
     char hold[64];
     snprintf(hold, sizeof hold, "%s-hold", key);
-    *holder = s_hold_key(hold, first);
     zsock_t *dealer = s_dealer(S_TIMEOUT);
-    zframe_t *frame = s_frame(s_submit_envelope(hold, first), "hold");
-    zframe_send(&frame, dealer, 0);
-    s_waits_for(*holder);
-    frame = s_frame(s_submit_envelope(key, first), "first");
+    *holder = s_send_held(dealer, hold, first);
+    zframe_t *frame = s_frame(s_submit_envelope(key, first), "first");
     zframe_send(&frame, dealer, 0);
     frame = s_frame(s_submit_envelope(key, other), "other");
     zframe_send(&frame, dealer, 0);
@@ -1409,15 +1419,12 @@ END_TEST
 START_TEST(a_status_not_found_is_not_answered_before_its_audit_event)
 {
     json_t *referral = s_example();
-    PGconn *holder = s_hold_key("status-hold", referral);
     zsock_t *dealer = s_dealer(S_TIMEOUT);
+    PGconn *holder = s_send_held(dealer, "status-hold", referral);
     zframe_t *frame =
-        s_frame(s_submit_envelope("status-hold", referral), "hold");
-    zframe_send(&frame, dealer, 0);
-    s_waits_for(holder); /* its commit waits for the holder */
-    frame = s_frame(json_pack("{s:s, s:s}", "cmd", "STATUS", "referral_id",
-                              "01900000-0000-7000-8000-000000000000"),
-                    "status");
+        s_frame(json_pack("{s:s, s:s}", "cmd", "STATUS", "referral_id",
+                          "01900000-0000-7000-8000-000000000000"),
+                "status");
     zframe_send(&frame, dealer, 0);
     zclock_sleep(300); /* read, refused, waiting for the next commit */
     /* The writer goes: the waiting commit fails, and so does the next. */
@@ -1560,13 +1567,10 @@ START_TEST(a_refusal_in_a_batch_committed_unread_is_final)
     json_object_set_new(bad, "summary", json_integer(7));
     /* A batch held at its commit, so that the next two wait together;
      * and the key of one of those, held by "another process". */
-    PGconn *held = s_hold_key("unread-hold", first);
     PGconn *theirs = s_hold_key("unread-1", first);
     zsock_t *dealer = s_dealer(S_TIMEOUT);
-    zframe_t *frame = s_frame(s_submit_envelope("unread-hold", first), "hold");
-    zframe_send(&frame, dealer, 0);
-    s_waits_for(held);
-    frame = s_frame(s_submit_envelope("unread-1", ours), "first");
+    PGconn *held = s_send_held(dealer, "unread-hold", first);
+    zframe_t *frame = s_frame(s_submit_envelope("unread-1", ours), "first");
     zframe_send(&frame, dealer, 0);
     frame = s_frame(s_submit_envelope("unread-bad", bad), "other");
     zframe_send(&frame, dealer, 0);
@@ -1646,12 +1650,9 @@ START_TEST(a_repeat_on_another_key_does_not_take_the_first_answer)
                                " AND expires_at IS NOT NULL");
 
     json_t *first = s_example();
-    PGconn *held = s_hold_key("tk-hold", first);
     zsock_t *vt = s_dealer(S_TIMEOUT);
-    zframe_t *frame = s_frame(s_submit_envelope("tk-hold", first), "hold");
-    zframe_send(&frame, vt, 0);
-    s_waits_for(held);
-    frame = s_frame(s_submit_envelope("tk-1", first), "fresh");
+    PGconn *held = s_send_held(vt, "tk-hold", first);
+    zframe_t *frame = s_frame(s_submit_envelope("tk-1", first), "fresh");
     zframe_send(&frame, fresh, 0);
     zclock_sleep(300); /* read before the other */
     frame = s_frame(s_submit_envelope("tk-1", first), "stale");
