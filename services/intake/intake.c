@@ -83,8 +83,9 @@ typedef struct {
     s_request_t *requests;
     store_submit_t *subs;
     store_refusal_t *refs;
+    store_repeat_t *reps;        /* later requests with a submission's key */
     store_conflict_t *conflicts; /* found after the commit, to audit */
-    size_t count, nsubs, nrefs;
+    size_t count, nsubs, nreps, nrefs;
     size_t bytes;        /* frames of the requests kept, for the memory bound */
     kh_jarena_t *arena;  /* the requests' decoded envelopes */
     zhashx_t *keys;      /* "partner\nkey" -> index + 1, to find repeats */
@@ -228,12 +229,13 @@ intake_t *intake_new(const intake_config_t *config, kh_error_t *err)
         batch->subs = calloc(config->batch_max, sizeof *batch->subs);
         batch->refs =
             calloc(config->batch_max + S_AUTH_PENDING, sizeof *batch->refs);
+        batch->reps = calloc(config->batch_max, sizeof *batch->reps);
         batch->conflicts = calloc(config->batch_max, sizeof *batch->conflicts);
         batch->keys = zhashx_new();
         batch->arena = kh_jarena_new(S_ARENA_KEEP);
         allocated = allocated && batch->requests && batch->subs &&
-                    batch->refs && batch->conflicts && batch->keys &&
-                    batch->arena;
+                    batch->refs && batch->reps && batch->conflicts &&
+                    batch->keys && batch->arena;
     }
     if (!allocated) {
         kh_error_set(err, KH_E_NOMEM, "", "out of memory");
@@ -277,6 +279,7 @@ void intake_destroy(intake_t **self_p)
         free(self->batches[i].requests);
         free(self->batches[i].subs);
         free(self->batches[i].refs);
+        free(self->batches[i].reps);
         free(self->batches[i].conflicts);
     }
     free(self);
@@ -713,7 +716,12 @@ static void s_batch_submit(s_batch_t *batch, s_request_t *req)
             kh_error_t err;
             kh_error_set(&err, KH_E_NOMEM, "", "out of memory");
             s_refuse(req, &err);
+            return;
         }
+        batch->reps[batch->nreps++] =
+            (store_repeat_t){.sub = (size_t) batch->requests[req->leader].sub,
+                             .hash = req->hash,
+                             .peer = req->peer};
         return;
     }
     store_submit_t *sub = &batch->subs[batch->nsubs];
@@ -895,11 +903,12 @@ static void s_follow_unadmitted(intake_t *self, const s_batch_t *batch)
 
 /*
  * Write the idempotency conflicts of a committed batch that its statement
- * could not see, before they are answered: a repeat of a key within the
- * batch (only the first submission of a key is in the statement), and a
- * key another intake process committed while the statement ran (its
- * snapshot did not hold that row; the look-up after it did). The batch's
- * statement writes the others, so every idempotency_conflict answer has
+ * could not see, before they are answered: those with a key another
+ * intake process committed while the statement ran (its snapshot did not
+ * hold that row; the look-up after it did), of the submission and of its
+ * repeats within the batch. The batch's statement writes the others (its
+ * repeats are passed to it with the submissions, so that the common case
+ * costs no read that blocks intake), so every idempotency_conflict answer has
  * exactly one event, and is given only once that event is committed (as
  * ACCEPTED is only once its referral is: promise 1). If it cannot be
  * written, those submissions get a retryable refusal instead: the same
@@ -926,7 +935,7 @@ static void s_audit_conflicts(intake_t *self, s_batch_t *batch)
         /* Each conflict is a refusal in the trail, whoever writes it. */
         if (self->refusals)
             kh_ratelimit_charge(self->refusals, req->partner, zclock_usecs());
-        if (req->leader < 0 && !sub->late)
+        if (!sub->late)
             continue; /* the statement wrote it */
         store_conflict_t *conflict = &batch->conflicts[n++];
         conflict->partner_id = req->partner;
@@ -1015,7 +1024,8 @@ static void s_batch_reply(intake_t *self, s_batch_t *batch,
                      "commit_ms=%.3f outcome=%s",
                      batch->count, batch->nsubs, batch->nrefs, commit_ms,
                      commit_err ? kh_error_name(commit_err->code) : "ok");
-    batch->count = batch->nsubs = batch->nrefs = batch->bytes = 0;
+    batch->count = batch->nsubs = batch->nreps = batch->nrefs = 0;
+    batch->bytes = 0;
     batch->sent_at = 0;
     batch->refs_dropped = batch->committed = false;
     zhashx_purge(batch->keys);
@@ -1062,8 +1072,8 @@ static void s_watch_db(intake_t *self, bool watch)
 /* Start committing batch. 0, or -1 with err (nothing was sent). */
 static int s_commit_start(intake_t *self, s_batch_t *batch, kh_error_t *err)
 {
-    if (store_commit_send(self->store, batch->subs, batch->nsubs, batch->refs,
-                          batch->nrefs, err))
+    if (store_commit_send(self->store, batch->subs, batch->nsubs, batch->reps,
+                          batch->nreps, batch->refs, batch->nrefs, err))
         return -1;
     batch->sent_at = zclock_usecs();
     self->committing = batch;
@@ -1104,37 +1114,51 @@ static void s_dispatch(intake_t *self)
     s_set_reading(self, true);
 }
 
-/* Tell routing which referrals a batch committed. Only a hint that saves
- * routing a wait: routing finds every accepted referral in PostgreSQL in
- * any case, so a wake-up that cannot be sent at once is dropped. */
-static void s_wake_routing(intake_t *self, const s_batch_t *batch)
+/* Send routing a wake-up naming ids (a JSON array, taken); dropped when
+ * it cannot be sent at once. */
+static void s_send_wakeup(intake_t *self, json_t *ids)
 {
-    if (!self->routing)
-        return;
-    json_t *ids = json_array();
-    for (size_t i = 0; ids && i < batch->nsubs; i++)
-        if (batch->subs[i].inserted)
-            json_array_append_new(ids, json_string(batch->subs[i].stored_id));
-    json_t *msg = ids && json_array_size(ids)
-                      ? json_pack("{s:i, s:s, s:o}", "v", KH_PROTO_VERSION,
-                                  "cmd", "ROUTE", "referral_ids", ids)
-                      : NULL;
-    if (!msg) {
-        json_decref(ids);
-        return;
-    }
+    size_t count = json_array_size(ids);
+    json_t *msg = json_pack("{s:i, s:s, s:o}", "v", KH_PROTO_VERSION, "cmd",
+                            "ROUTE", "referral_ids", ids);
     char *data = NULL;
     size_t size = 0;
     kh_error_t err;
-    if (kh_msgpack_encode(msg, &data, &size, &err) == 0) {
+    if (msg && kh_msgpack_encode(msg, &data, &size, &err) == 0) {
         zframe_t *frame = zframe_new(data, size);
         if (zframe_send(&frame, self->routing, ZFRAME_DONTWAIT))
-            kh_log_debug("routing_wakeup_dropped", "referrals=%zu",
-                         json_array_size(ids));
+            kh_log_debug("routing_wakeup_dropped", "referrals=%zu", count);
         zframe_destroy(&frame);
     }
     free(data);
     json_decref(msg);
+}
+
+/* Tell routing which referrals a batch committed. Only a hint that saves
+ * routing a wait: routing finds every accepted referral in PostgreSQL in
+ * any case, so a wake-up that cannot be sent at once is dropped. A batch
+ * (KH_INTAKE_BATCH up to 4096) may insert more referrals than a message
+ * may name (the decoder's limit on an array), so they go in wake-ups of at
+ * most that many. */
+static void s_wake_routing(intake_t *self, const s_batch_t *batch)
+{
+    if (!self->routing)
+        return;
+    size_t limit = kh_limits_default().max_elements;
+    json_t *ids = NULL;
+    for (size_t i = 0; i < batch->nsubs; i++) {
+        if (!batch->subs[i].inserted)
+            continue;
+        if (!ids && !(ids = json_array()))
+            return;
+        json_array_append_new(ids, json_string(batch->subs[i].stored_id));
+        if (json_array_size(ids) == limit) {
+            s_send_wakeup(self, ids);
+            ids = NULL;
+        }
+    }
+    if (ids)
+        s_send_wakeup(self, ids);
 }
 
 /* Whether the database refused a batch's statement for its data (SQLSTATE

@@ -448,9 +448,9 @@ static PGresult *s_read(store_t *self, const char *name, int nparams,
 
 /* The element types of the commit statement's binary arrays. */
 static const unsigned s_commit_types[S_COMMIT_PARAMS] = {
-    KH_PG_UUID,  KH_PG_TEXT, KH_PG_TEXT, KH_PG_TEXT, KH_PG_BYTEA,
-    KH_PG_BYTEA, KH_PG_TEXT, KH_PG_TEXT, KH_PG_TEXT, KH_PG_TEXT,
-    KH_PG_TEXT,  KH_PG_TEXT, KH_PG_TEXT};
+    KH_PG_UUID, KH_PG_TEXT, KH_PG_TEXT,  KH_PG_TEXT, KH_PG_BYTEA, KH_PG_BYTEA,
+    KH_PG_TEXT, KH_PG_TEXT, KH_PG_TEXT,  KH_PG_TEXT, KH_PG_TEXT,  KH_PG_TEXT,
+    KH_PG_TEXT, KH_PG_TEXT, KH_PG_BYTEA, KH_PG_TEXT};
 
 typedef struct {
     kh_pgarray_t columns[S_COMMIT_PARAMS];
@@ -458,7 +458,8 @@ typedef struct {
 
 /* Fill params from the batch, column by column. */
 static void s_build_params(s_params_t *params, const store_submit_t *subs,
-                           size_t nsubs, const store_refusal_t *refs,
+                           size_t nsubs, const store_repeat_t *reps,
+                           size_t nreps, const store_refusal_t *refs,
                            size_t nrefs)
 {
     kh_pgarray_t *col = params->columns;
@@ -483,6 +484,15 @@ static void s_build_params(s_params_t *params, const store_submit_t *subs,
         kh_pgarray_add_str(&col[9], refs[i].code);
         kh_pgarray_add_str(&col[10], refs[i].path);
         kh_pgarray_add_str(&col[11], refs[i].peer);
+    }
+    for (size_t i = 0; i < nreps; i++) {
+        char sub[24];
+        unsigned char hash[32];
+        snprintf(sub, sizeof sub, "%zu", reps[i].sub + 1);
+        sodium_hex2bin(hash, sizeof hash, reps[i].hash, 64, NULL, NULL, NULL);
+        kh_pgarray_add_str(&col[13], sub);
+        kh_pgarray_add(&col[14], hash, sizeof hash);
+        kh_pgarray_add_str(&col[15], reps[i].peer);
     }
 }
 
@@ -521,6 +531,7 @@ static int s_lookup(store_t *self, store_submit_t *sub, kh_error_t *err)
 }
 
 int store_commit_send(store_t *self, store_submit_t *subs, size_t nsubs,
+                      const store_repeat_t *reps, size_t nreps,
                       const store_refusal_t *refs, size_t nrefs,
                       kh_error_t *err)
 {
@@ -530,7 +541,7 @@ int store_commit_send(store_t *self, store_submit_t *subs, size_t nsubs,
         return s_fail(self->writer, NULL, "commit", err);
     s_params_t params;
     memset(&params, 0, sizeof params);
-    s_build_params(&params, subs, nsubs, refs, nrefs);
+    s_build_params(&params, subs, nsubs, reps, nreps, refs, nrefs);
     const char *values[S_COMMIT_PARAMS];
     int lengths[S_COMMIT_PARAMS], formats[S_COMMIT_PARAMS];
     for (int i = 0; i < S_COMMIT_PARAMS; i++) {

@@ -55,9 +55,18 @@ typedef struct {
     const char *peer;     /* peer address, may be NULL */
 } store_refusal_t;
 
-/* An idempotency conflict the batch's statement could not write: a
- * repeat of a key within the batch, or a key committed by another intake
- * process while the statement ran. */
+/* A later request of a batch with the key of submission subs[sub]: the
+ * batch's statement writes its idempotency conflict, if it has one with
+ * the row that key holds after the statement (unless another process
+ * committed that row meanwhile: late). */
+typedef struct {
+    size_t sub;
+    const char *hash; /* SHA-256 of its referral (hex) */
+    const char *peer; /* peer address, may be NULL */
+} store_repeat_t;
+
+/* An idempotency conflict the batch's statement could not write: with a
+ * key committed by another intake process while the statement ran. */
 typedef struct {
     const char *partner_id;
     const char *hash; /* SHA-256 of the refused referral (hex) */
@@ -101,12 +110,13 @@ int store_socket(store_t *self);
  * socket for writing too, and call store_commit_poll when it is. */
 bool store_sending(const store_t *self);
 
-/* Start committing subs[0..nsubs) and refs[0..nrefs) (they must stay put
- * until the batch ends). Within a batch every (partner, idempotency key)
- * appears at most once. Never blocks: what the socket does not take at once is
- * sent by store_commit_poll (see store_sending). 0, or -1 with err (nothing was
- * committed). */
+/* Start committing subs[0..nsubs), the conflicts of reps[0..nreps) and
+ * refs[0..nrefs) (they must stay put until the batch ends). Within subs
+ * every (partner, idempotency key) appears at most once. Never blocks: what the
+ * socket does not take at once is sent by store_commit_poll (see
+ * store_sending). 0, or -1 with err (nothing was committed). */
 int store_commit_send(store_t *self, store_submit_t *subs, size_t nsubs,
+                      const store_repeat_t *reps, size_t nreps,
                       const store_refusal_t *refs, size_t nrefs,
                       kh_error_t *err);
 

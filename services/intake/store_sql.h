@@ -10,7 +10,9 @@
 #define S_TS_FORMAT "'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'"
 
 /* $1..$7 and $13: the submissions, column by column; $8..$12: the
- * refusals. All are binary arrays (no text to parse). Rows out: input
+ * refusals; $14..$16: the repeats, later requests of the batch with the
+ * key of a submission (its 1-based index, the repeat's payload hash and
+ * peer). All are binary arrays (no text to parse). Rows out: input
  * index (1-based), inserted?, id, stored payload hash (only when not
  * inserted), accepted_at, admitted?. A submission whose key ($13) no
  * longer admits its partner (revoked, or past a rotation's overlap, by a
@@ -62,12 +64,25 @@ static const char *s_commit_sql =
     "    AND partner_id = input.partner_id"
     "    AND idempotency_key = input.idem LIMIT 1) r ON true"
     "), conflicts AS ("
-    /* The same key for another referral: refused, and in the trail. */
+    /* The same key for another referral: refused, and in the trail; a
+     * repeat is held to the row its key has after the statement (the
+     * submission's own when it was inserted). A row another process
+     * committed meanwhile is not seen (neither inserted nor found):
+     * intake writes the conflicts with it after the statement. */
     "  INSERT INTO audit_events (actor_kind, actor_id, action, outcome,"
     "    reason_code, reason_path, payload_hash, origin_service, origin_peer)"
     "  SELECT 'partner', partner_id, 'referral.rejected', 'refused',"
     "    'idempotency_conflict', 'idempotency_key', hash, 'intake', peer"
-    "  FROM stored WHERE payload_hash <> hash ORDER BY i"
+    "  FROM (SELECT i, 0 AS j, partner_id, hash, peer FROM stored"
+    "    WHERE payload_hash <> hash"
+    "   UNION ALL"
+    "   SELECT s.i, rep.j, s.partner_id, rep.hash, rep.peer"
+    "   FROM unnest($14::text[], $15::bytea[], $16::text[]) WITH ORDINALITY"
+    "    AS rep(sub, hash, peer, j)"
+    "   JOIN stored s ON s.i = rep.sub::bigint"
+    "   WHERE rep.hash <> CASE WHEN s.new_id IS NOT NULL THEN s.hash"
+    "    ELSE s.payload_hash END) c"
+    "  ORDER BY i, j"
     ")"
     " SELECT i, new_id IS NOT NULL, coalesce(new_id, id),"
     "   encode(payload_hash, 'hex'),"
@@ -76,6 +91,6 @@ static const char *s_commit_sql =
     " FROM stored";
 /* clang-format on */
 
-#define S_COMMIT_PARAMS 13
+#define S_COMMIT_PARAMS 16
 
 #endif

@@ -1288,10 +1288,69 @@ START_TEST(a_conflict_within_a_batch_is_audited)
     ck_assert_int_eq(s_count(sql), 1);
     ck_assert_int_eq(s_conflict_events(other), 1);
     ck_assert_int_eq(s_conflict_events(first), 0);
+    /* The conflict committed with the batch, by its statement: no read
+     * of its own held intake up. */
+    char hash[65];
+    ck_assert_int_eq(kh_payload_hash(other, hash), 0);
+    snprintf(sql, sizeof sql,
+             "SELECT count(DISTINCT xmin::text) FROM audit_events WHERE"
+             " (action = 'referral.accepted' AND referral_id = '%s') OR"
+             " (reason_code = 'idempotency_conflict' AND"
+             " payload_hash = decode('%s', 'hex'))",
+             s_str(replies[1], "referral_id"), hash);
+    ck_assert_int_eq(s_count(sql), 1);
     for (int i = 0; i < 3; i++)
         json_decref(replies[i]);
     json_decref(first);
     json_decref(other);
+}
+END_TEST
+
+/* Two more referrals in one batch under a key stored before: each is
+ * held to the stored referral, refused, and in the trail once, written
+ * with the batch. */
+START_TEST(repeats_within_a_batch_are_held_to_the_stored_referral)
+{
+    json_t *first = s_example();
+    json_t *other = s_another(first);
+    json_t *third = json_deep_copy(first);
+    json_object_set_new(third, "summary", json_string("a third referral"));
+    kh_client_t *client = s_client("vt");
+    kh_error_t err;
+    json_t *accepted =
+        kh_client_submit(client, first, "pair-stored", S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(accepted);
+    ck_assert_str_eq(kh_client_reply_cmd(accepted), "ACCEPTED");
+    kh_client_destroy(&client);
+
+    PGconn *holder;
+    zsock_t *dealer =
+        s_send_pair_in_one_batch("pair-stored", other, third, &holder);
+    zclock_sleep(300);
+    khtest_db_exec(holder, "ROLLBACK", 0, NULL);
+    PQfinish(holder);
+    json_t *replies[3];
+    s_pair_replies(&dealer, replies);
+    ck_assert_str_eq(kh_client_reply_cmd(replies[0]), "ACCEPTED");
+    ck_assert_str_eq(s_str(replies[1], "code"), "idempotency_conflict");
+    ck_assert_str_eq(s_str(replies[2], "code"), "idempotency_conflict");
+    ck_assert_int_eq(s_conflict_events(other), 1);
+    ck_assert_int_eq(s_conflict_events(third), 1);
+    char hashes[2][65], sql[512];
+    ck_assert_int_eq(kh_payload_hash(other, hashes[0]), 0);
+    ck_assert_int_eq(kh_payload_hash(third, hashes[1]), 0);
+    snprintf(sql, sizeof sql,
+             "SELECT count(DISTINCT xmin::text) FROM audit_events WHERE"
+             " reason_code = 'idempotency_conflict' AND payload_hash IN"
+             " (decode('%s', 'hex'), decode('%s', 'hex'))",
+             hashes[0], hashes[1]);
+    ck_assert_int_eq(s_count(sql), 1);
+    for (int i = 0; i < 3; i++)
+        json_decref(replies[i]);
+    json_decref(accepted);
+    json_decref(first);
+    json_decref(other);
+    json_decref(third);
 }
 END_TEST
 
@@ -1475,56 +1534,98 @@ START_TEST(a_status_not_found_is_not_answered_before_its_audit_event)
 }
 END_TEST
 
-START_TEST(a_conflict_not_yet_audited_is_not_answered)
+/* Intake again, with no registry refresh: its reader is used only for
+ * what the tests below make it do. */
+static void s_restart_intake_unrefreshed(void)
 {
-    /* No registry refresh: the reader is used only for the events. */
     khproc_stop(s_intake, SIGTERM, 5000);
     char routing[128];
     snprintf(routing, sizeof routing, "KH_ROUTING_ENDPOINT=%s", s_routing);
     char *extra[] = {routing, "KH_PARTNER_REFRESH_MS=600000", NULL};
     s_intake = khtest_start_intake(s_dir, s_endpoint, s_conninfo, extra);
     s_wait_ready();
+}
 
-    json_t *first = s_example();
-    json_t *other = s_another(first);
-    PGconn *holder;
-    zsock_t *dealer = s_send_pair_in_one_batch("late-1", first, other, &holder);
-    /* Both read (and their partner admitted) first: a reader gone makes
-     * the registry stale, and a request read after that is refused
-     * unavailable whatever its key. */
-    zclock_sleep(300);
-    /* The reader, which writes such events, is gone (intake finds out
-     * when it next uses it). */
+/* End intake's reader, the connection of its reads (not the writer,
+ * whose statement may be waiting): intake finds out when it next uses
+ * it. */
+static void s_end_reader(void)
+{
     ck_assert_int_eq(s_count("SELECT count(pg_terminate_backend(pid)) FROM "
                              "pg_stat_activity WHERE application_name = "
                              "'ketenhub-intake' AND query NOT LIKE "
                              "'WITH input%'"),
                      1);
+}
+
+/* A repeat's conflict within a batch is written by the batch's own
+ * statement: with intake's reader gone, it is answered all the same. */
+START_TEST(a_conflict_within_a_batch_needs_no_read)
+{
+    s_restart_intake_unrefreshed();
+    json_t *first = s_example();
+    json_t *other = s_another(first);
+    PGconn *holder;
+    zsock_t *dealer = s_send_pair_in_one_batch("late-0", first, other, &holder);
+    /* Both read (and their partner admitted) first: a reader gone makes
+     * the registry stale, and a request read after that is refused
+     * unavailable whatever its key. */
     zclock_sleep(300);
+    s_end_reader();
     khtest_db_exec(holder, "ROLLBACK", 0, NULL);
     PQfinish(holder);
     json_t *replies[3];
     s_pair_replies(&dealer, replies);
     ck_assert_str_eq(kh_client_reply_cmd(replies[0]), "ACCEPTED");
     ck_assert_str_eq(kh_client_reply_cmd(replies[1]), "ACCEPTED");
-    ck_assert_str_eq(kh_client_reply_cmd(replies[2]), "REJECTED");
-    ck_assert_str_eq(s_str(replies[2], "code"), "unavailable");
-    ck_assert(json_is_true(json_object_get(replies[2], "retryable")));
+    ck_assert_str_eq(s_str(replies[2], "code"), "idempotency_conflict");
+    ck_assert_int_eq(s_conflict_events(other), 1);
     for (int i = 0; i < 3; i++)
         json_decref(replies[i]);
-    ck_assert_int_eq(s_conflict_events(other), 0);
+    json_decref(first);
+    json_decref(other);
+}
+END_TEST
+
+/* A conflict with a key another process committed while the batch's
+ * statement ran is found, and written, by reads after the statement: with
+ * the reader gone, the submission is told to send again, not answered
+ * without its event; sent again, it gets the conflict, in the trail
+ * once. */
+START_TEST(a_conflict_not_yet_audited_is_not_answered)
+{
+    s_restart_intake_unrefreshed();
+    json_t *theirs = s_example();
+    json_t *ours = s_another(theirs);
+    PGconn *holder = s_hold_key("late-1", theirs);
+    zsock_t *dealer = s_dealer(S_TIMEOUT);
+    zframe_t *frame = s_frame(s_submit_envelope("late-1", ours), "late");
+    zframe_send(&frame, dealer, 0);
+    s_waits_for(holder);
+    s_end_reader();
+    khtest_db_exec(holder, "COMMIT", 0, NULL);
+    PQfinish(holder);
+    frame = zframe_recv(dealer);
+    ck_assert_ptr_nonnull(frame);
+    json_t *reply = s_decoded(&frame);
+    zsock_destroy(&dealer);
+    ck_assert_str_eq(kh_client_reply_cmd(reply), "REJECTED");
+    ck_assert_str_eq(s_str(reply, "code"), "unavailable");
+    ck_assert(json_is_true(json_object_get(reply, "retryable")));
+    json_decref(reply);
+    ck_assert_int_eq(s_conflict_events(ours), 0);
 
     kh_client_t *client = s_client("vt");
     kh_client_set_retries(client, 20);
     kh_error_t err;
-    json_t *reply = kh_client_submit(client, other, "late-1", 1000, &err);
+    reply = kh_client_submit(client, ours, "late-1", 1000, &err);
     ck_assert_ptr_nonnull(reply);
     ck_assert_str_eq(s_str(reply, "code"), "idempotency_conflict");
-    ck_assert_int_eq(s_conflict_events(other), 1);
+    ck_assert_int_eq(s_conflict_events(ours), 1);
     json_decref(reply);
     kh_client_destroy(&client);
-    json_decref(first);
-    json_decref(other);
+    json_decref(theirs);
+    json_decref(ours);
 }
 END_TEST
 
@@ -2329,6 +2430,79 @@ START_TEST(the_partner_tool_stops_at_once_when_interrupted)
                                log),
                      0);
     ck_assert_int_ne(khproc_sh("grep -q 'within' %s", log), 0);
+}
+END_TEST
+
+/* A batch that inserts more referrals than one message may name (the
+ * decoder's limit on an array, 1024) wakes routing with several messages,
+ * each within that limit, naming all of them. */
+START_TEST(a_large_batch_wakes_routing_in_messages_routing_accepts)
+{
+    enum { S_MANY = 1100 };
+    khproc_stop(s_intake, SIGTERM, 5000);
+    char routing[128];
+    snprintf(routing, sizeof routing, "KH_ROUTING_ENDPOINT=%s", s_routing);
+    char *extra[] = {routing, "KH_INTAKE_BATCH=2048", "KH_LOG_LEVEL=debug",
+                     NULL};
+    s_intake = khtest_start_intake(s_dir, s_endpoint, s_conninfo, extra);
+    s_wait_ready();
+    zcert_t *hub = zcert_load(s_path("hub.cert"));
+    zsock_t *pull = zsock_new(ZMQ_PULL);
+    zcert_apply(hub, pull);
+    zsock_set_curve_server(pull, 1);
+    zsock_set_rcvtimeo(pull, 10000);
+    ck_assert_int_ge(zsock_bind(pull, "%s", s_routing), 0);
+    zclock_sleep(500); /* intake's PUSH reconnects */
+
+    /* All of them wait together for the batch after the held one, sent on
+     * a few connections (each gets its replies all at once, and a
+     * connection holds at most 1,000 of them). */
+    enum { S_DEALERS = 4 };
+    json_t *referral = s_example();
+    zsock_t *dealers[S_DEALERS];
+    for (int d = 0; d < S_DEALERS; d++)
+        dealers[d] = s_dealer(30000);
+    PGconn *holder = s_send_held(dealers[0], "many-hold", referral);
+    for (int i = 0; i < S_MANY; i++) {
+        char key[32];
+        snprintf(key, sizeof key, "many-%d", i);
+        zframe_t *frame = s_frame(s_submit_envelope(key, referral), key);
+        zframe_send(&frame, dealers[i % S_DEALERS], 0);
+    }
+    khtest_db_exec(holder, "ROLLBACK", 0, NULL);
+    PQfinish(holder);
+    for (int i = 0; i < S_MANY + 1; i++) {
+        /* The held one first, then in turn. */
+        int d = i == 0 ? 0 : (i - 1) % S_DEALERS;
+        zframe_t *frame = zframe_recv(dealers[d]);
+        ck_assert_msg(frame != NULL, "reply %d of %d", i, S_MANY + 1);
+        json_t *reply = s_decoded(&frame);
+        ck_assert_str_eq(kh_client_reply_cmd(reply), "ACCEPTED");
+        json_decref(reply);
+    }
+    for (int d = 0; d < S_DEALERS; d++)
+        zsock_destroy(&dealers[d]);
+
+    size_t named = 0, messages = 0;
+    while (named < S_MANY + 1) {
+        zframe_t *frame = zframe_recv(pull);
+        ck_assert_msg(frame != NULL, "%zu of %d named", named, S_MANY + 1);
+        json_t *wakeup = NULL;
+        kh_error_t err;
+        kh_limits_t limits = kh_limits_default();
+        ck_assert_msg(kh_msgpack_decode(zframe_data(frame), zframe_size(frame),
+                                        &limits, &wakeup, &err) == 0,
+                      "a wake-up routing refuses: %s", err.message);
+        zframe_destroy(&frame);
+        named += json_array_size(json_object_get(wakeup, "referral_ids"));
+        messages++;
+        json_decref(wakeup);
+    }
+    ck_assert_uint_eq(named, S_MANY + 1);
+    ck_assert_uint_ge(messages, 3); /* the held one, then 1,100 in two */
+    json_decref(referral);
+    zsock_destroy(&pull);
+    zcert_destroy(&hub);
 }
 END_TEST
 
@@ -3724,8 +3898,8 @@ static void s_batch_on(PGconn *conn, const char *keys, bool wait)
     strcat(peers, "}");
     strcat(curve_keys, "}");
     const char *params[S_COMMIT_PARAMS] = {
-        ids,  partners, idems, versions, payloads, hashes,    peers,
-        "{}", "{}",     "{}",  "{}",     "{}",     curve_keys};
+        ids,  partners, idems, versions, payloads,   hashes, peers, "{}",
+        "{}", "{}",     "{}",  "{}",     curve_keys, "{}",   "{}",  "{}"};
     if (wait) {
         PGresult *res = PQexecParams(conn, s_commit_sql, S_COMMIT_PARAMS, NULL,
                                      params, NULL, NULL, 0);
@@ -4049,6 +4223,8 @@ int main(void)
     tcase_add_test(tc, the_partner_tool_sends_the_key_given_after_the_file);
     tcase_add_test(tc, names_of_the_partner_stay_out_of_the_trail_and_logs);
     tcase_add_test(tc, a_conflict_within_a_batch_is_audited);
+    tcase_add_test(tc, repeats_within_a_batch_are_held_to_the_stored_referral);
+    tcase_add_test(tc, a_conflict_within_a_batch_needs_no_read);
     tcase_add_test(tc, a_conflict_not_yet_audited_is_not_answered);
     tcase_add_test(tc,
                    a_status_not_found_is_not_answered_before_its_audit_event);
@@ -4070,6 +4246,7 @@ int main(void)
     tcase_add_test(tc, the_partner_tool_exits_3_for_a_revoked_key);
     tcase_add_test(tc, the_partner_tool_stops_at_once_when_interrupted);
     tcase_add_test(tc, accepted_referrals_wake_routing);
+    tcase_add_test(tc, a_large_batch_wakes_routing_in_messages_routing_accepts);
     tcase_add_test(tc, submitted_referrals_are_routed_with_their_projections);
     tcase_add_test(tc, killed_before_commit_then_retry_succeeds_once);
     tcase_add_test(tc, database_down_gives_retryable_refusal_then_recovers);
