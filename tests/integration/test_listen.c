@@ -483,6 +483,33 @@ START_TEST(test_exec_reconnect_stop)
 }
 END_TEST
 
+/* A listener started with SIGCHLD ignored (a parent's setting that exec
+ * keeps) still reads its command's exit status: ACK on 0, NACK permanent
+ * on 3, not "cannot start the command" for both. */
+START_TEST(test_exec_sigchld_ignored)
+{
+    s_hub_t h;
+    s_hub_new(&h, true);
+    struct sigaction ignore = {.sa_handler = SIG_IGN}, was;
+    ck_assert_int_eq(sigaction(SIGCHLD, &ignore, &was), 0);
+    char *mode[] = {"--exec", "if grep -q perm; then exit 3; fi", NULL};
+    pid_t pid = s_spawn(&h, h.log, mode, NULL);
+    ck_assert_int_eq(sigaction(SIGCHLD, &was, NULL), 0);
+    s_hub_await_hello(&h, 5000);
+    s_hub_send(&h, s_deliver(D1, 1, "{\"summary\":\"ok\"}", NULL, "high"));
+    s_expect(&h, D1, NULL);
+    s_hub_send(&h, s_deliver(D2, 1, "{\"summary\":\"perm\"}", NULL, "high"));
+    s_expect(&h, D2, "permanent");
+    int status = khproc_stop(pid, SIGTERM, 5000);
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "status %d",
+                  status);
+    char *text = khtest_read_file(h.log);
+    ck_assert_ptr_null(strstr(text, "cannot_start_command"));
+    free(text);
+    s_hub_destroy(&h);
+}
+END_TEST
+
 /* A re-send is ACKed again only when what has its name in DIR is a file
  * that could be made durable: something else there (here a directory) is
  * not the delivery stored, so it is NACKed for a re-send, and stored once
@@ -957,6 +984,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_dir_name_taken);
     tcase_add_test(tc, test_dir_stale_and_exec_window);
     tcase_add_test(tc, test_exec_reconnect_stop);
+    tcase_add_test(tc, test_exec_sigchld_ignored);
     tcase_add_test(tc, test_exec_stop_while_running);
     tcase_add_test(tc, test_exec_timeout);
     tcase_add_test(tc, test_exec_slow_hub_not_silent);

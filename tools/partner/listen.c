@@ -836,6 +836,10 @@ int partner_listen(int argc, char **argv, const char *endpoint,
     sigaddset(&self.stop_signals, SIGTERM);
     pthread_sigmask(SIG_BLOCK, &self.stop_signals, NULL);
     signal(SIGPIPE, SIG_IGN);
+    /* A SIGCHLD ignored by whatever started us stays ignored across exec:
+     * the kernel would then reap --exec's commands itself, and their exit
+     * status (ACK, NACK retry or permanent) would be lost. */
+    signal(SIGCHLD, SIG_DFL);
     zsys_handler_set(NULL);
 
     kh_error_t err;
