@@ -92,6 +92,11 @@ struct _notify_t {
     zcert_t *cert;
     kh_zap_t *zap; /* handshakes: partners, and the hub's key for wake-ups */
     zsock_t *router;
+    /* zclock_mono when the router last had no frame left to read: a
+     * connection is silent when nothing of it was read in the time before
+     * (frames waiting unread, while the loop was held up by the database,
+     * say nothing of their peers). */
+    int64_t read_all_at;
     kh_peers_t *peers; /* the router's connections (ZeroMQ's socket monitor) */
     bool dropped;      /* a connection was dropped as closed since the last
                           s_monitor_drain */
@@ -1545,6 +1550,10 @@ static void s_take(notify_t *self, zframe_t *identity, zmq_msg_t *body,
         s_conn_taken(self, known, key, peer);
         known = NULL; /* gone */
     }
+    /* A registered connection is alive while it sends, whatever the hub
+     * makes of its frames (refused while the registry is unread, say). */
+    if (known)
+        known->last_seen = zclock_mono();
     if (chosen && *chosen) {
         /* The hub tells its peers apart by routing ids it gives; a peer
          * that chooses one could take a gone connection's. */
@@ -1731,6 +1740,8 @@ static int s_on_router(zloop_t *loop, zsock_t *sock, void *arg)
         if (rc < 0)
             break;
     }
+    if (!(zsock_events(sock) & ZMQ_POLLIN))
+        self->read_all_at = zclock_mono();
     self->stats.rounds++;
     s_round(self, false);
     return 0;
@@ -1856,6 +1867,8 @@ static int s_on_tick(zloop_t *loop, int timer_id, void *arg)
     (void) loop;
     (void) timer_id;
     notify_t *self = arg;
+    if (!(zsock_events(self->router) & ZMQ_POLLIN))
+        self->read_all_at = zclock_mono();
     kh_error_t err;
     if (!dstore_up(self->store)) {
         kh_health_connected(false);
@@ -1893,7 +1906,7 @@ static int s_on_tick(zloop_t *loop, int timer_id, void *arg)
     for (const char *key = keys ? zlistx_first(keys) : NULL; key;
          key = zlistx_next(keys)) {
         s_conn_t *conn = zhashx_lookup(self->conns, key);
-        if (now - conn->last_seen > self->cfg.peer_timeout_ms)
+        if (self->read_all_at - conn->last_seen > self->cfg.peer_timeout_ms)
             s_conn_drop(self, conn, "silent");
         else {
             conn->more = true;

@@ -3141,6 +3141,55 @@ START_TEST(an_urgent_delivery_goes_before_an_overdue_normal_resend)
 }
 END_TEST
 
+/* A loop held up by the database (an ACK batch waiting out its
+ * lock_timeout of 5 s) finds no connection silent afterwards for the
+ * frames it had not read meanwhile: the partner, PINGing every 300 ms,
+ * stays connected with a peer timeout of 1 s. */
+START_TEST(a_loop_held_up_finds_no_connection_silent)
+{
+    char id[37];
+    s_delivery("avim", "normal", 0, NULL, id);
+    pid_t pid = s_start_slow(60000, 1000);
+    zsock_t *sock = s_partner("avim");
+    s_hello(sock, 2);
+    s_expect_delivery(sock, id, 1, 5000);
+
+    PGconn *locker = PQconnectdb(s_conninfo);
+    ck_assert_int_eq(PQstatus(locker), CONNECTION_OK);
+    const char *params[] = {id};
+    khtest_db_exec(locker, "BEGIN", 0, NULL);
+    khtest_db_exec(locker, "SELECT 1 FROM deliveries WHERE id = $1 FOR UPDATE",
+                   1, params);
+    s_answer(sock, id, NULL);
+    /* PING throughout, until 2 s after the ACK was refused. */
+    int64_t refused_at = 0, until = zclock_mono() + 20000;
+    while (zclock_mono() < until &&
+           (!refused_at || zclock_mono() < refused_at + 2000)) {
+        khpartner_send(sock, kh_proto_new(KH_CMD_PING, "p"));
+        json_t *reply;
+        while ((reply = khpartner_recv(sock, 300)) != NULL) {
+            const char *cmd = s_str(reply, "cmd");
+            ck_assert_msg(strcmp(cmd, "PONG") == 0 ||
+                              strcmp(cmd, "REJECTED") == 0,
+                          "%s", cmd);
+            if (strcmp(cmd, "REJECTED") == 0)
+                refused_at = zclock_mono();
+            json_decref(reply);
+        }
+    }
+    ck_assert_msg(refused_at, "the ACK was not refused");
+    khtest_db_exec(locker, "ROLLBACK", 0, NULL);
+    PQfinish(locker);
+    ck_assert_int_eq(s_log_count("notification.log", "reason=silent"), 0);
+    s_answer(sock, id, NULL);
+    json_t *reply = s_expect(sock, "ACKED", 5000);
+    ck_assert_msg(reply != NULL, "the ACK sent again was not taken");
+    json_decref(reply);
+    zsock_destroy(&sock);
+    s_stop(pid);
+}
+END_TEST
+
 /* A round claims with the credit its ACK batch frees. When that batch
  * fails (a row it changes is locked past lock_timeout), what the claim
  * took waits until an ACK commits: the window holds throughout. */
@@ -4086,6 +4135,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, unknown_key_and_bad_frames_are_refused);
     tcase_add_test(tc, a_key_refused_while_the_database_is_away_is_logged);
     tcase_add_test(tc, a_failed_ack_batch_never_overfills_the_window);
+    tcase_add_test(tc, a_loop_held_up_finds_no_connection_silent);
 
     tcase_add_test(tc, a_gone_connections_deliveries_wait_for_room_on_another);
     tcase_add_test(tc, claims_have_no_index_but_their_own);
