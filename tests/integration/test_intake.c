@@ -1261,6 +1261,17 @@ static void s_pair_replies(zsock_t **dealer, json_t *replies[3])
         ck_assert_msg(replies[i] != NULL, "request %d not answered", i);
 }
 
+/* Let the batch that holder holds up commit, once intake has read the
+ * pair s_send_pair_in_one_batch sent after it (its loop is idle while the
+ * commit waits: 300 ms is ample), and collect the three replies. */
+static void s_pair_release(PGconn *holder, zsock_t **dealer, json_t *replies[3])
+{
+    zclock_sleep(300);
+    khtest_db_exec(holder, "ROLLBACK", 0, NULL);
+    PQfinish(holder);
+    s_pair_replies(dealer, replies);
+}
+
 /* Two referrals under one key in the same batch: the first is accepted,
  * the second refused, and both answers are in the trail, as they are when
  * the two come in different batches. */
@@ -1271,11 +1282,8 @@ START_TEST(a_conflict_within_a_batch_is_audited)
 
     PGconn *holder;
     zsock_t *dealer = s_send_pair_in_one_batch("pair-1", first, other, &holder);
-    zclock_sleep(300);
-    khtest_db_exec(holder, "ROLLBACK", 0, NULL);
-    PQfinish(holder);
     json_t *replies[3];
-    s_pair_replies(&dealer, replies);
+    s_pair_release(holder, &dealer, replies);
     ck_assert_str_eq(kh_client_reply_cmd(replies[0]), "ACCEPTED");
     ck_assert_str_eq(kh_client_reply_cmd(replies[1]), "ACCEPTED");
     ck_assert_str_eq(s_str(replies[2], "code"), "idempotency_conflict");
@@ -1326,11 +1334,8 @@ START_TEST(repeats_within_a_batch_are_held_to_the_stored_referral)
     PGconn *holder;
     zsock_t *dealer =
         s_send_pair_in_one_batch("pair-stored", other, third, &holder);
-    zclock_sleep(300);
-    khtest_db_exec(holder, "ROLLBACK", 0, NULL);
-    PQfinish(holder);
     json_t *replies[3];
-    s_pair_replies(&dealer, replies);
+    s_pair_release(holder, &dealer, replies);
     ck_assert_str_eq(kh_client_reply_cmd(replies[0]), "ACCEPTED");
     ck_assert_str_eq(s_str(replies[1], "code"), "idempotency_conflict");
     ck_assert_str_eq(s_str(replies[2], "code"), "idempotency_conflict");
@@ -1407,11 +1412,8 @@ START_TEST(a_cancelled_batch_answers_its_refusals_retryable)
     }
     free(since);
 #undef S_WAITING
-    zclock_sleep(300);
-    khtest_db_exec(holder, "ROLLBACK", 0, NULL);
-    PQfinish(holder);
     json_t *replies[3];
-    s_pair_replies(&dealer, replies);
+    s_pair_release(holder, &dealer, replies);
     for (int i = 1; i < 3; i++)
         ck_assert_msg(json_is_true(json_object_get(replies[i], "retryable")),
                       "%s answered %s %s, final", i == 1 ? "first" : "other",
@@ -1449,11 +1451,8 @@ START_TEST(a_refusal_event_refused_itself_costs_the_batch_nothing)
     PGconn *holder;
     zsock_t *dealer =
         s_send_pair_in_one_batch("poison", referral, bad, &holder);
-    zclock_sleep(300);
-    khtest_db_exec(holder, "ROLLBACK", 0, NULL);
-    PQfinish(holder);
     json_t *replies[3];
-    s_pair_replies(&dealer, replies);
+    s_pair_release(holder, &dealer, replies);
     ck_assert_str_eq(kh_client_reply_cmd(replies[1]), "ACCEPTED");
     ck_assert_str_eq(kh_client_reply_cmd(replies[2]), "REJECTED");
     ck_assert(!json_is_true(json_object_get(replies[2], "retryable")));
