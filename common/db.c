@@ -90,8 +90,20 @@ const char *kh_db_gssencmode(const char *conninfo)
     return told ? "" : "disable";
 }
 
-PGconn *kh_db_connect_app(const char *conninfo, const char *application_name,
-                          kh_error_t *err)
+/* The target_session_attrs a service's connections give libpq:
+ * "read-write", unless PGTARGETSESSIONATTRS says otherwise (""; a
+ * connection string's own setting comes after it, and wins). */
+static const char *s_writer_attrs(void)
+{
+    const char *env = getenv("PGTARGETSESSIONATTRS");
+    return env && *env ? "" : "read-write";
+}
+
+/* kh_db_connect_app; writer: for a service, which writes, so that of the
+ * hosts a connection string names (host=a,b) one that takes no writes (a
+ * standby, a primary set read-only) is passed over for the next. */
+static PGconn *s_connect(const char *conninfo, const char *application_name,
+                         bool writer, kh_error_t *err)
 {
     if (kh_db_conninfo_check(conninfo, err) < 0)
         return NULL;
@@ -109,6 +121,7 @@ PGconn *kh_db_connect_app(const char *conninfo, const char *application_name,
                               "keepalives_count",
                               "tcp_user_timeout",
                               "gssencmode",
+                              "target_session_attrs",
                               "password",
                               "dbname",
                               "fallback_application_name",
@@ -120,6 +133,7 @@ PGconn *kh_db_connect_app(const char *conninfo, const char *application_name,
                             "3",
                             "10000",
                             kh_db_gssencmode(conninfo),
+                            writer ? s_writer_attrs() : "",
                             password, /* "" is ignored by libpq */
                             conninfo ? conninfo : "",
                             application_name ? application_name : "ketenhub",
@@ -148,6 +162,12 @@ PGconn *kh_db_connect_app(const char *conninfo, const char *application_name,
         return NULL;
     }
     return conn;
+}
+
+PGconn *kh_db_connect_app(const char *conninfo, const char *application_name,
+                          kh_error_t *err)
+{
+    return s_connect(conninfo, application_name, false, err);
 }
 
 PGconn *kh_db_connect(const char *conninfo, kh_error_t *err)
@@ -187,7 +207,7 @@ static void *s_connecting_main(void *arg)
     kh_error_t err;
     kh_error_clear(&err);
     PGconn *conn =
-        kh_db_connect_app(self->conninfo, self->application_name, &err);
+        s_connect(self->conninfo, self->application_name, true, &err);
     pthread_mutex_lock(&self->mutex);
     self->conn = conn;
     self->err = err;
@@ -342,6 +362,13 @@ const char *kh_db_env_conninfo(void)
 {
     const char *url = getenv("KH_DATABASE_URL");
     return url && *url ? url : "";
+}
+
+bool kh_db_session_ended(const char *sqlstate)
+{
+    return sqlstate &&
+           (strncmp(sqlstate, "08", 2) == 0 ||
+            strncmp(sqlstate, "57P", 3) == 0 || strcmp(sqlstate, "25006") == 0);
 }
 
 bool kh_db_retryable_sqlstate(const char *sqlstate)

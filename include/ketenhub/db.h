@@ -72,7 +72,9 @@ PGconn *kh_db_connect_app(const char *conninfo, const char *application_name,
 typedef struct _kh_db_connecting_t kh_db_connecting_t;
 
 /* The connection of the attempt *pending, once it is made. The first call
- * (*pending NULL) starts kh_db_connect_app on a thread of its own; while
+ * (*pending NULL) starts kh_db_connect_app on a thread of its own, for a
+ * service: one that takes writes (target_session_attrs read-write, unless
+ * the connection string or PGTARGETSESSIONATTRS says otherwise); while
  * it runs, every call returns NULL with err KH_E_UNAVAILABLE and *pending
  * stays set; then a call returns the connection (the caller owns it), or
  * NULL with the attempt's error, and sets *pending to NULL. A database
@@ -136,6 +138,16 @@ void kh_db_pair_abandon(kh_db_pair_t *pair);
 /* The connection string the tools and services use: $KH_DATABASE_URL if
  * set and not empty, else "" (libpq's environment defaults). Never NULL. */
 const char *kh_db_env_conninfo(void);
+
+/* Whether a failure with this SQLSTATE leaves the connection of no more
+ * use, so that only a new one can succeed: connection exceptions (class
+ * 08), the server ending the session (57P01 admin_shutdown, 57P02, 57P03,
+ * and the rest of 57P), and a server that takes no more writes (25006: a
+ * primary demoted to a standby, or set read-only; a new connection finds
+ * the primary, kh_db_connect_async). A deadlock, a serialization failure
+ * or a lock timeout leaves the connection as good as it was. NULL or ""
+ * -> false. */
+bool kh_db_session_ended(const char *sqlstate);
 
 /* Whether a failure with this SQLSTATE may succeed if the transaction is
  * retried (possibly on a new connection): connection exceptions (class

@@ -252,7 +252,8 @@ static int s_main(int argc, char **argv)
                 kh_log_warn("seal_failed", "code=%s retry_ms=%d msg=\"%s\"",
                             kh_error_name(err.code), retry_ms,
                             KH_LOG_Q(err.message));
-                if (PQstatus(conn) != CONNECTION_OK) {
+                if (PQstatus(conn) != CONNECTION_OK ||
+                    kh_db_session_ended(err.sqlstate)) {
                     PQfinish(conn);
                     conn = NULL;
                     fault = S_FAULT_DB;

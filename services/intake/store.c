@@ -258,15 +258,10 @@ static int s_fail(PGconn *conn, PGresult *res, const char *what,
 
 /* Whether a failure on conn means the connection is gone (or of no more
  * use), rather than that one statement failed on a connection that goes
- * on: libpq's own failures (no SQLSTATE), connection exceptions (class
- * 08), the server ending the session (57P01 admin_shutdown, 57P02, 57P03,
- * and the rest of 57P), and a server that became a standby (25006: only
- * a new connection finds the primary). A deadlock, a serialization
- * failure or a lock timeout leaves the connection as good as it was. */
+ * on: libpq's own failures (no SQLSTATE), and kh_db_session_ended. */
 static bool s_lost(PGconn *conn, const char *state)
 {
-    return !s_conn_up(conn) || !state || strncmp(state, "08", 2) == 0 ||
-           strncmp(state, "57P", 3) == 0 || strcmp(state, "25006") == 0;
+    return !s_conn_up(conn) || !state || kh_db_session_ended(state);
 }
 
 /* s_fail for a statement on one of the store's connections, *conn_p: a

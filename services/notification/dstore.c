@@ -172,12 +172,14 @@ int dstore_commit(dstore_t *self, kh_error_t *err)
     return -1;
 }
 
-void dstore_rollback(dstore_t *self)
+void dstore_rollback(dstore_t *self, const kh_error_t *why)
 {
     self->begin_pending = false;
     /* A connection that could not leave its pipeline (the BEGIN goes in
-     * one) refuses every statement after: the next tick opens a new one. */
-    if (self->conn && PQpipelineStatus(self->conn) != PQ_PIPELINE_OFF) {
+     * one) refuses every statement after, as one the server ended or that
+     * takes no more writes does: the next tick opens a new one. */
+    if (self->conn && (PQpipelineStatus(self->conn) != PQ_PIPELINE_OFF ||
+                       kh_db_session_ended(why->sqlstate))) {
         PQfinish(self->conn);
         self->conn = NULL;
     } else if (dstore_up(self))
@@ -494,6 +496,11 @@ int dstore_ack_wait(dstore_t *self, kh_error_t *err)
     }
     if (first) /* no result at all: the connection is gone */
         kh_db_error(err, self->ack_conn, NULL, "ack");
+    if (rc && kh_db_session_ended(err->sqlstate)) {
+        /* of no more use: the next tick connects again */
+        PQfinish(self->ack_conn);
+        self->ack_conn = NULL;
+    }
     self->acks = NULL;
     self->nacks = 0;
     return rc;

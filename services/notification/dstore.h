@@ -46,7 +46,9 @@ bool dstore_connecting(const dstore_t *self);
  * err. */
 int dstore_begin(dstore_t *self, kh_error_t *err);
 int dstore_commit(dstore_t *self, kh_error_t *err);
-void dstore_rollback(dstore_t *self);
+/* Roll back after a failure, why: a connection it left of no use is
+ * closed (dstore_up turns false; the next dstore_connect makes another). */
+void dstore_rollback(dstore_t *self, const kh_error_t *why);
 
 /* Whether the last call found the connection working. */
 bool dstore_up(const dstore_t *self);

@@ -1364,7 +1364,7 @@ static void s_round(notify_t *self, bool resend)
     if (rc == 0 && (rc = dstore_commit(self->store, &err)) != 0)
         during = "commit";
     if (rc) {
-        dstore_rollback(self->store);
+        dstore_rollback(self->store, &err);
         s_db_failed(self, during, &err);
         kh_error_set(&err, KH_E_UNAVAILABLE, "",
                      "the hub could not commit this now; send it again");

@@ -1039,9 +1039,11 @@ fail:;
                 KH_LOG_Q(err.message));
     kh_db_rollback_quietly(self->conn);
     /* A connection that could not leave its pipeline refuses every
-     * statement after; the next pass opens a new one. */
+     * statement after, as one the server ended or that takes no more
+     * writes does; the next pass opens a new one. */
     if (PQstatus(self->conn) != CONNECTION_OK ||
-        PQpipelineStatus(self->conn) != PQ_PIPELINE_OFF) {
+        PQpipelineStatus(self->conn) != PQ_PIPELINE_OFF ||
+        kh_db_session_ended(err.sqlstate)) {
         PQfinish(self->conn);
         self->conn = NULL;
     }

@@ -467,6 +467,53 @@ START_TEST(begin_and_statement_go_in_one_round_trip)
 }
 END_TEST
 
+/* The connection of kh_db_connect_async (a service's), waited for. */
+static PGconn *s_service_connection(const char *conninfo, kh_error_t *err)
+{
+    kh_db_connecting_t *pending = NULL;
+    PGconn *conn;
+    while (!(conn = kh_db_connect_async(&pending, conninfo, "t", err)) &&
+           pending)
+        usleep(10000);
+    return conn;
+}
+
+/* A service's connection takes a session that takes writes: of the hosts
+ * a connection string names, one that does not (a standby, a server set
+ * read-only: here the session is made so) is passed over, and with none
+ * left the attempt fails as the database being away. The tools' may read
+ * from one. PGTARGETSESSIONATTRS, or the connection string, says
+ * otherwise. */
+START_TEST(a_services_connection_passes_over_a_server_that_takes_no_writes)
+{
+    char read_only[1400];
+    snprintf(read_only, sizeof read_only,
+             "%s options='-c default_transaction_read_only=on'",
+             khtest_pg_conninfo());
+    kh_error_t err;
+    PGconn *conn = s_service_connection(read_only, &err);
+    ck_assert_ptr_null(conn);
+    ck_assert_int_eq(err.code, KH_E_UNAVAILABLE);
+    ck_assert_msg(strstr(err.message, "read-only") != NULL, "%s", err.message);
+
+    conn = kh_db_connect_app(read_only, "t", &err);
+    ck_assert_msg(conn != NULL, "%s", err.message);
+    s_show(conn, "transaction_read_only", "on");
+    PQfinish(conn);
+
+    setenv("PGTARGETSESSIONATTRS", "any", 1);
+    conn = s_service_connection(read_only, &err);
+    unsetenv("PGTARGETSESSIONATTRS");
+    ck_assert_msg(conn != NULL, "%s", err.message);
+    PQfinish(conn);
+    char told[1500];
+    snprintf(told, sizeof told, "%s target_session_attrs=any", read_only);
+    conn = s_service_connection(told, &err);
+    ck_assert_msg(conn != NULL, "%s", err.message);
+    PQfinish(conn);
+}
+END_TEST
+
 int main(void)
 {
     Suite *suite = suite_create("db");
@@ -482,6 +529,8 @@ int main(void)
     tcase_add_test(tc, a_connection_string_that_does_not_parse_is_a_setting);
     tcase_add_test(tc, binary_arrays_reach_the_server_intact);
     tcase_add_test(tc, begin_and_statement_go_in_one_round_trip);
+    tcase_add_test(
+        tc, a_services_connection_passes_over_a_server_that_takes_no_writes);
     suite_add_tcase(suite, tc);
     return khtest_run_suite(suite);
 }

@@ -1226,6 +1226,45 @@ START_TEST(a_failed_pass_neither_alerts_nor_counts)
 }
 END_TEST
 
+/* A pass refused because the server takes no more writes (25006: a
+ * primary demoted, or set read-only; here a trigger says so) leaves that
+ * session for a new connection, which finds the primary where the
+ * connection string names several hosts: routing does not keep failing
+ * on the one it had. */
+START_TEST(a_server_that_takes_no_writes_is_left_for_a_new_connection)
+{
+    pid_t pid = s_start(s_endpoint(), NULL, 50, "routing.log");
+    ck_assert(s_log_has("routing.log", "event=ready", 10000));
+    char *first = khtest_db_value(s_db, "SELECT pid FROM pg_stat_activity"
+                                        " WHERE application_name ="
+                                        " 'ketenhub-routing'");
+    s_sql("CREATE TABLE test_read_only (x int)", 0, NULL);
+    s_sql("INSERT INTO test_read_only VALUES (1)", 0, NULL);
+    s_sql("CREATE FUNCTION test_read_only() RETURNS trigger LANGUAGE plpgsql"
+          " AS $$BEGIN IF EXISTS (SELECT 1 FROM test_read_only) THEN RAISE"
+          " EXCEPTION 'cannot execute INSERT in a read-only transaction'"
+          " USING ERRCODE = '25006'; END IF; RETURN NEW; END$$",
+          0, NULL);
+    s_sql("CREATE TRIGGER test_read_only BEFORE INSERT ON deliveries"
+          " FOR EACH ROW EXECUTE FUNCTION test_read_only()",
+          0, NULL);
+    s_insert_many(2);
+    ck_assert(s_log_has("routing.log", "event=pass_failed", 10000));
+    char sql[256];
+    snprintf(sql, sizeof sql,
+             "SELECT count(*) FROM pg_stat_activity WHERE application_name ="
+             " 'ketenhub-routing' AND pid <> %s",
+             first);
+    ck_assert_msg(s_wait_count(sql, 1, 10000),
+                  "routing kept its session (pid %s)", first);
+    free(first);
+    s_sql("DELETE FROM test_read_only", 0, NULL);
+    ck_assert(s_wait_count(S_ROUTED, 2, 10000));
+    int status = khproc_stop(pid, SIGTERM, 5000);
+    ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+}
+END_TEST
+
 /* The connection lost with the answer to the COMMIT of a pass that went
  * through: routing asks txid_status on its next connection and, told it
  * committed, alerts the referral the pass set aside, as after any
@@ -1679,6 +1718,8 @@ int main(void)
     tcase_add_checked_fixture(tc_failed, s_setup, s_teardown);
     tcase_set_timeout(tc_failed, 60);
     tcase_add_test(tc_failed, a_failed_pass_neither_alerts_nor_counts);
+    tcase_add_test(tc_failed,
+                   a_server_that_takes_no_writes_is_left_for_a_new_connection);
     tcase_add_test(tc_failed,
                    a_pass_whose_commit_answer_was_lost_alerts_once_it_is_known);
     tcase_add_test(tc_failed, a_referral_that_fails_alone_holds_up_no_other);
