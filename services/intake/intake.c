@@ -915,7 +915,11 @@ static void s_follow_unadmitted(intake_t *self, const s_batch_t *batch)
  * key again finds the conflict in a later batch's statement, which writes
  * it. (A write that timed out may still have committed, as a batch whose
  * commit stalled may have: then the conflict is in the trail twice, once
- * for the answer that said unavailable.)
+ * for the answer that said unavailable. So it is when a batch committed
+ * but a look-up after it failed: every submission of the batch is told to
+ * send again, those whose conflict its statement wrote too.) Which
+ * conflicts the statement writes is its conflicts CTE's condition
+ * (store_sql.h): this one's complement, for rows it could see.
  */
 static void s_audit_conflicts(intake_t *self, s_batch_t *batch)
 {

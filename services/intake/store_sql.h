@@ -68,7 +68,8 @@ static const char *s_commit_sql =
      * repeat is held to the row its key has after the statement (the
      * submission's own when it was inserted). A row another process
      * committed meanwhile is not seen (neither inserted nor found):
-     * intake writes the conflicts with it after the statement. */
+     * intake writes the conflicts with it after the statement
+     * (s_audit_conflicts, whose condition is this one's complement). */
     "  INSERT INTO audit_events (actor_kind, actor_id, action, outcome,"
     "    reason_code, reason_path, payload_hash, origin_service, origin_peer)"
     "  SELECT 'partner', partner_id, 'referral.rejected', 'refused',"

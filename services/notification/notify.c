@@ -30,7 +30,12 @@
 #include "ketenhub/throttle.h"
 #include "ketenhub/zap.h"
 
-#define S_READ_MAX 4096      /* frames read in one round */
+#define S_READ_MAX 4096 /* frames read in one round */
+/* How far the router's reading may lag when silence is judged: longer
+ * than the loop is ever held up by the database (a statement's 10 s, with
+ * its commit), and bounded, so that frames coming faster than they are
+ * read (a partner flooding) do not keep every silent connection. */
+#define S_READ_LAG_MAX_MS 30000
 #define S_STATS_MS 10000     /* stats line */
 #define S_WAKE_MAX 65536     /* bytes of a wake-up */
 #define S_RELOAD_MIN_MS 1000 /* registry re-read per unknown key */
@@ -95,7 +100,7 @@ struct _notify_t {
     /* zclock_mono when the router last had no frame left to read: a
      * connection is silent when nothing of it was read in the time before
      * (frames waiting unread, while the loop was held up by the database,
-     * say nothing of their peers). */
+     * say nothing of their peers), up to S_READ_LAG_MAX_MS ago. */
     int64_t read_all_at;
     kh_peers_t *peers; /* the router's connections (ZeroMQ's socket monitor) */
     bool dropped;      /* a connection was dropped as closed since the last
@@ -1902,11 +1907,14 @@ static int s_on_tick(zloop_t *loop, int timer_id, void *arg)
     if (dstore_sweep(self->store, s_on_sweep_event, self, &err) < 0)
         s_db_failed(self, "sweep", &err);
     int64_t now = zclock_mono();
+    int64_t read_up_to = self->read_all_at > now - S_READ_LAG_MAX_MS
+                             ? self->read_all_at
+                             : now - S_READ_LAG_MAX_MS;
     zlistx_t *keys = zhashx_keys(self->conns);
     for (const char *key = keys ? zlistx_first(keys) : NULL; key;
          key = zlistx_next(keys)) {
         s_conn_t *conn = zhashx_lookup(self->conns, key);
-        if (self->read_all_at - conn->last_seen > self->cfg.peer_timeout_ms)
+        if (read_up_to - conn->last_seen > self->cfg.peer_timeout_ms)
             s_conn_drop(self, conn, "silent");
         else {
             conn->more = true;

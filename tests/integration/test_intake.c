@@ -1538,10 +1538,7 @@ END_TEST
 static void s_restart_intake_unrefreshed(void)
 {
     khproc_stop(s_intake, SIGTERM, 5000);
-    char routing[128];
-    snprintf(routing, sizeof routing, "KH_ROUTING_ENDPOINT=%s", s_routing);
-    char *extra[] = {routing, "KH_PARTNER_REFRESH_MS=600000", NULL};
-    s_intake = khtest_start_intake(s_dir, s_endpoint, s_conninfo, extra);
+    s_start_intake_refreshing("600000");
     s_wait_ready();
 }
 
@@ -1586,45 +1583,66 @@ START_TEST(a_conflict_within_a_batch_needs_no_read)
 }
 END_TEST
 
-/* A conflict with a key another process committed while the batch's
- * statement ran is found, and written, by reads after the statement: with
- * the reader gone, the submission is told to send again, not answered
- * without its event; sent again, it gets the conflict, in the trail
- * once. */
+/* The conflicts with a key another process committed while the batch's
+ * statement ran (of the submission, and of its repeat in the batch) are
+ * written after the statement, and answered only once they are: when they
+ * cannot be written (here a trigger refuses them), both submissions are
+ * told to send again, and nothing is in the trail; sent again, each gets
+ * its conflict, in the trail once. */
 START_TEST(a_conflict_not_yet_audited_is_not_answered)
 {
-    s_restart_intake_unrefreshed();
     json_t *theirs = s_example();
     json_t *ours = s_another(theirs);
-    PGconn *holder = s_hold_key("late-1", theirs);
-    zsock_t *dealer = s_dealer(S_TIMEOUT);
-    zframe_t *frame = s_frame(s_submit_envelope("late-1", ours), "late");
-    zframe_send(&frame, dealer, 0);
-    s_waits_for(holder);
-    s_end_reader();
-    khtest_db_exec(holder, "COMMIT", 0, NULL);
+    json_t *again = json_deep_copy(theirs);
+    json_object_set_new(again, "summary", json_string("a third referral"));
+    /* Before any batch waits: the trigger waits for their statements. */
+    khtest_db_exec(s_db,
+                   "CREATE FUNCTION s_unaudited() RETURNS trigger LANGUAGE"
+                   " plpgsql AS $$BEGIN RAISE EXCEPTION 'no space left' USING"
+                   " ERRCODE = 'disk_full'; END$$;"
+                   " CREATE TRIGGER s_unaudited BEFORE INSERT ON audit_events"
+                   " FOR EACH ROW WHEN (NEW.reason_code ="
+                   " 'idempotency_conflict') EXECUTE FUNCTION s_unaudited()",
+                   0, NULL);
+    PGconn *other_intake = s_hold_key("late-1", theirs);
+    PGconn *holder;
+    zsock_t *dealer = s_send_pair_in_one_batch("late-1", ours, again, &holder);
+    zclock_sleep(300); /* the pair is read: intake reads while it commits */
+    khtest_db_exec(holder, "ROLLBACK", 0, NULL);
     PQfinish(holder);
-    frame = zframe_recv(dealer);
-    ck_assert_ptr_nonnull(frame);
-    json_t *reply = s_decoded(&frame);
-    zsock_destroy(&dealer);
-    ck_assert_str_eq(kh_client_reply_cmd(reply), "REJECTED");
-    ck_assert_str_eq(s_str(reply, "code"), "unavailable");
-    ck_assert(json_is_true(json_object_get(reply, "retryable")));
-    json_decref(reply);
+    s_waits_for(other_intake);
+    khtest_db_exec(other_intake, "COMMIT", 0, NULL);
+    PQfinish(other_intake);
+    json_t *replies[3];
+    s_pair_replies(&dealer, replies);
+    ck_assert_str_eq(kh_client_reply_cmd(replies[0]), "ACCEPTED");
+    for (int i = 1; i < 3; i++) {
+        ck_assert_str_eq(kh_client_reply_cmd(replies[i]), "REJECTED");
+        ck_assert_str_eq(s_str(replies[i], "code"), "unavailable");
+        ck_assert(json_is_true(json_object_get(replies[i], "retryable")));
+    }
+    for (int i = 0; i < 3; i++)
+        json_decref(replies[i]);
     ck_assert_int_eq(s_conflict_events(ours), 0);
+    ck_assert_int_eq(s_conflict_events(again), 0);
 
+    khtest_db_exec(s_db, "DROP TRIGGER s_unaudited ON audit_events", 0, NULL);
     kh_client_t *client = s_client("vt");
     kh_client_set_retries(client, 20);
     kh_error_t err;
-    reply = kh_client_submit(client, ours, "late-1", 1000, &err);
-    ck_assert_ptr_nonnull(reply);
-    ck_assert_str_eq(s_str(reply, "code"), "idempotency_conflict");
-    ck_assert_int_eq(s_conflict_events(ours), 1);
-    json_decref(reply);
+    json_t *referrals[] = {ours, again};
+    for (int i = 0; i < 2; i++) {
+        json_t *reply =
+            kh_client_submit(client, referrals[i], "late-1", 1000, &err);
+        ck_assert_ptr_nonnull(reply);
+        ck_assert_str_eq(s_str(reply, "code"), "idempotency_conflict");
+        ck_assert_int_eq(s_conflict_events(referrals[i]), 1);
+        json_decref(reply);
+    }
     kh_client_destroy(&client);
     json_decref(theirs);
     json_decref(ours);
+    json_decref(again);
 }
 END_TEST
 
@@ -2331,6 +2349,8 @@ START_TEST(the_next_hub_key_is_served_beside_the_current_one)
                  "event=hub_key key=%s peer=127.0.0.1 "
                  "hub_key=%s",
                  zcert_public_txt(vt), n ? "next" : "current");
+        khproc_sh("grep -E 'batch|warn' %s | tail -20 >&2",
+                  s_path("intake.log"));
         ck_assert_msg(khtest_log_has(s_path("intake.log"), told, 2000),
                       "no '%s' in %s", told, s_path("intake.log"));
     }
@@ -2437,14 +2457,11 @@ END_TEST
  * each within that limit, naming all of them. */
 START_TEST(a_large_batch_wakes_routing_in_messages_routing_accepts)
 {
-    enum { S_MANY = 1100 };
-    khproc_stop(s_intake, SIGTERM, 5000);
-    char routing[128];
-    snprintf(routing, sizeof routing, "KH_ROUTING_ENDPOINT=%s", s_routing);
-    char *extra[] = {routing, "KH_INTAKE_BATCH=2048", "KH_LOG_LEVEL=debug",
-                     NULL};
-    s_intake = khtest_start_intake(s_dir, s_endpoint, s_conninfo, extra);
-    s_wait_ready();
+    /* More than a wake-up may name, fewer than fill a batch's 8 MiB. */
+    enum { S_MANY = 1050 };
+    const char *settings[] = {"KH_INTAKE_BATCH", "2048", "KH_LOG_LEVEL",
+                              "debug", NULL};
+    s_restart_intake_with(settings);
     zcert_t *hub = zcert_load(s_path("hub.cert"));
     zsock_t *pull = zsock_new(ZMQ_PULL);
     zcert_apply(hub, pull);
@@ -2468,6 +2485,7 @@ START_TEST(a_large_batch_wakes_routing_in_messages_routing_accepts)
         zframe_t *frame = s_frame(s_submit_envelope(key, referral), key);
         zframe_send(&frame, dealers[i % S_DEALERS], 0);
     }
+    zclock_sleep(2000); /* intake reads them all while the held one waits */
     khtest_db_exec(holder, "ROLLBACK", 0, NULL);
     PQfinish(holder);
     for (int i = 0; i < S_MANY + 1; i++) {
@@ -2482,7 +2500,11 @@ START_TEST(a_large_batch_wakes_routing_in_messages_routing_accepts)
     for (int d = 0; d < S_DEALERS; d++)
         zsock_destroy(&dealers[d]);
 
-    size_t named = 0, messages = 0;
+    ck_assert_msg(khtest_log_has(s_path("intake.log"),
+                                 "requests=1050 submissions=1050", 5000),
+                  "the 1,050 were not committed together: see %s",
+                  s_path("intake.log"));
+    size_t named = 0, messages = 0, most = 0;
     while (named < S_MANY + 1) {
         zframe_t *frame = zframe_recv(pull);
         ck_assert_msg(frame != NULL, "%zu of %d named", named, S_MANY + 1);
@@ -2493,12 +2515,15 @@ START_TEST(a_large_batch_wakes_routing_in_messages_routing_accepts)
                                         &limits, &wakeup, &err) == 0,
                       "a wake-up routing refuses: %s", err.message);
         zframe_destroy(&frame);
-        named += json_array_size(json_object_get(wakeup, "referral_ids"));
+        size_t ids = json_array_size(json_object_get(wakeup, "referral_ids"));
+        named += ids;
+        most = ids > most ? ids : most;
         messages++;
         json_decref(wakeup);
     }
     ck_assert_uint_eq(named, S_MANY + 1);
-    ck_assert_uint_ge(messages, 3); /* the held one, then 1,100 in two */
+    ck_assert_uint_eq(messages, 3); /* the held one, then 1,050 in two */
+    ck_assert_uint_eq(most, 1024);
     json_decref(referral);
     zsock_destroy(&pull);
     zcert_destroy(&hub);
