@@ -498,6 +498,50 @@ static int s_cert_path(char *path, size_t size, const char *dir, const char *id,
     return 0;
 }
 
+/* Sync the file or directory at path: 0, or -1 (errno set). */
+static int s_sync_path(const char *path)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    int rc = fsync(fd);
+    int e = errno;
+    close(fd);
+    errno = e;
+    return rc;
+}
+
+/* Whether the certificate file at path holds cert's public key, and its
+ * secret key too when secret is set. zcert_save and zcert_save_public say
+ * they succeeded whatever their writes did (CZMQ does not look): a full
+ * disk or a quota leaves an empty or cut file behind them, which the
+ * handshake would skip, so what they wrote is read back. */
+static bool s_cert_holds(const char *path, zcert_t *cert, bool secret)
+{
+    zconfig_t *root = zconfig_load(path);
+    const char *pub = root ? zconfig_get(root, "curve/public-key", NULL) : NULL;
+    const char *sec = root ? zconfig_get(root, "curve/secret-key", NULL) : NULL;
+    bool holds = pub && strcmp(pub, zcert_public_txt(cert)) == 0 &&
+                 (!secret || (sec && strcmp(sec, zcert_secret_txt(cert)) == 0));
+    zconfig_destroy(&root);
+    return holds;
+}
+
+/* The public certificate just written at path checked (s_cert_holds) and
+ * synced, before it is put in place: 0, or -1 with err. */
+static int s_cert_written(const char *path, zcert_t *cert, kh_error_t *err)
+{
+    if (!s_cert_holds(path, cert, false))
+        return kh_error_set(err, KH_E_IO, path,
+                            "the certificate written does not read back "
+                            "(is the disk full?)");
+    if (s_sync_path(path) != 0)
+        return kh_error_set(err, KH_E_IO, path,
+                            "cannot write public certificate: %s",
+                            strerror(errno));
+    return 0;
+}
+
 int kh_partner_cert_install(zcert_t *cert, const char *id, const char *cert_dir,
                             kh_error_t *err)
 {
@@ -529,6 +573,10 @@ int kh_partner_cert_install(zcert_t *cert, const char *id, const char *cert_dir,
         return kh_error_set(err, KH_E_IO, temp,
                             "cannot write public certificate");
     }
+    if (s_cert_written(temp, cert, err) != 0) {
+        unlink(temp);
+        return -1;
+    }
     chmod(temp, 0644);
     /* link() refuses to replace a file that appeared meanwhile. */
     if (link(temp, final) != 0) {
@@ -539,6 +587,7 @@ int kh_partner_cert_install(zcert_t *cert, const char *id, const char *cert_dir,
                             strerror(e));
     }
     unlink(temp);
+    s_sync_path(cert_dir);
     return 0;
 }
 
@@ -580,6 +629,18 @@ int kh_partner_cert_export(zcert_t *cert, const char *id, const char *out_dir,
                             "cannot restrict secret certificate: %s",
                             strerror(e));
     }
+    int rc = s_cert_written(pub, cert, err);
+    if (rc == 0 &&
+        (!s_cert_holds(secret, cert, true) || s_sync_path(secret) != 0))
+        rc = kh_error_set(err, KH_E_IO, secret,
+                          "the secret certificate written does not read "
+                          "back (is the disk full?)");
+    if (rc != 0) {
+        unlink(pub);
+        unlink(secret);
+        return -1;
+    }
+    s_sync_path(out_dir);
     return 0;
 }
 
@@ -622,13 +683,24 @@ static int s_cert_replace(zcert_t *cert, const char *path, kh_error_t *err)
         return kh_error_set(err, KH_E_CONFIG, path,
                             "certificate directory path is too long");
     unlink(temp);
-    if (zcert_save_public(cert, temp) != 0 || chmod(temp, 0644) != 0 ||
-        rename(temp, path) != 0) {
+    if (zcert_save_public(cert, temp) != 0) {
+        unlink(temp);
+        return kh_error_set(err, KH_E_IO, path,
+                            "cannot write public certificate");
+    }
+    if (s_cert_written(temp, cert, err) != 0) {
+        unlink(temp);
+        return -1;
+    }
+    if (chmod(temp, 0644) != 0 || rename(temp, path) != 0) {
         int e = errno;
         unlink(temp);
         return kh_error_set(err, KH_E_IO, path,
                             "cannot write public certificate: %s", strerror(e));
     }
+    char dir[PATH_MAX];
+    snprintf(dir, sizeof dir, "%.*s", (int) (slash - path), path);
+    s_sync_path(dir);
     return 0;
 }
 

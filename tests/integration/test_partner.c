@@ -455,6 +455,89 @@ static int s_ctl_stdout(char **output, const char *const *args)
     return khtest_run(argv, output);
 }
 
+/* ketenhubctl with args (NULL-ended, at most 10) where no file can grow
+ * (ulimit -f 0: a full disk, to the files it writes): its exit status. */
+static int s_ctl_disk_full(const char *const *args)
+{
+    char ctl[512];
+    snprintf(ctl, sizeof ctl, "%s/tools/ctl/ketenhubctl", KH_TEST_BINARY_DIR);
+    char *argv[16] = {"/bin/sh", "-c",
+                      "trap '' XFSZ; ulimit -f 0; exec \"$0\" \"$@\"", ctl};
+    int i = 4;
+    for (; args[i - 4] && i < 15; i++)
+        argv[i] = (char *) args[i - 4];
+    argv[i] = NULL;
+    char *output = NULL;
+    int rc = khtest_run(argv, &output);
+    free(output);
+    return rc;
+}
+
+/* A certificate that cannot be written whole (CZMQ's zcert_save says it
+ * was, whatever its writes did) is not put in place, and the change it
+ * belongs to does not commit: partner add, with and without --out, and
+ * partner rotate, on a disk that takes no more bytes, exit 1 and leave
+ * the registry and the certificate directory as they were. */
+START_TEST(test_ctl_certificate_not_written_whole_changes_nothing)
+{
+    PGconn *conn = s_ctl_db();
+    char *cert_dir = khtest_tmpdir();
+    char *out = khtest_tmpdir();
+    char *text = NULL;
+    ck_assert_int_eq(KHTEST_CTL(&text, "migrate"), 0);
+    free(text);
+    const char *add[] = {"partner", "add",    "avim",   "--name",
+                         "AVIM",    "--kind", "police", "--cert-dir",
+                         cert_dir,  "--out",  out,      NULL};
+    ck_assert_int_eq(s_ctl_disk_full(add), 1);
+    ck_assert(!s_file_exists(out, "avim.cert"));
+    ck_assert(!s_file_exists(out, "avim.cert_secret"));
+    ck_assert(!s_file_exists(cert_dir, "avim.cert"));
+    /* The partner's own key: only the copy in --cert-dir is written. */
+    char own[4096];
+    snprintf(own, sizeof own, "%s/own.cert", out);
+    zcert_t *theirs = zcert_new();
+    ck_assert_int_eq(zcert_save_public(theirs, own), 0);
+    zcert_destroy(&theirs);
+    add[9] = "--public-cert";
+    add[10] = own;
+    ck_assert_int_eq(s_ctl_disk_full(add), 1);
+    ck_assert(!s_file_exists(cert_dir, "avim.cert"));
+    ck_assert_int_eq(khtest_db_count(conn, "SELECT count(*) FROM partners"), 0);
+
+    char *out2 = khtest_tmpdir();
+    s_migrated_with_avim(cert_dir, out2);
+    char path[4096];
+    snprintf(path, sizeof path, "%s/avim.cert", cert_dir);
+    zcert_t *before = zcert_load(path);
+    ck_assert_ptr_nonnull(before);
+    snprintf(own, sizeof own, "%s/own2.cert", out);
+    theirs = zcert_new();
+    ck_assert_int_eq(zcert_save_public(theirs, own), 0);
+    zcert_destroy(&theirs);
+    const char *rotate[] = {"partner", "rotate",        "avim", "--cert-dir",
+                            cert_dir,  "--public-cert", own,    NULL};
+    ck_assert_int_eq(s_ctl_disk_full(rotate), 1);
+    zcert_t *after = zcert_load(path);
+    ck_assert_ptr_nonnull(after);
+    ck_assert_str_eq(zcert_public_txt(after), zcert_public_txt(before));
+    char sql[256];
+    snprintf(sql, sizeof sql,
+             "SELECT count(*) FROM partner_keys WHERE partner_id = 'avim'"
+             " AND curve_public_key = '%s'",
+             zcert_public_txt(before));
+    ck_assert_int_eq(khtest_db_count(conn, sql), 1);
+    ck_assert_int_eq(khtest_db_count(conn, "SELECT count(*) FROM partner_keys"),
+                     1);
+    zcert_destroy(&before);
+    zcert_destroy(&after);
+    free(out2);
+    free(out);
+    free(cert_dir);
+    PQfinish(conn);
+}
+END_TEST
+
 /* partner list on a database that is not migrated, or as a login without
  * the rights to read the partners: exit 1, why on stderr, and nothing on
  * stdout (a header there reads as an empty list). */
@@ -1693,6 +1776,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_bad_input_refused);
     tcase_add_test(tc, test_cert_files);
     tcase_add_test(tc, test_ctl_list_fails_with_nothing_on_stdout);
+    tcase_add_test(tc, test_ctl_certificate_not_written_whole_changes_nothing);
     tcase_add_test(tc, test_ctl_end_to_end);
     tcase_add_test(tc, test_ctl_options_given_twice_are_refused);
     tcase_add_test(tc, test_ctl_out_apart_from_cert_dir);
