@@ -167,7 +167,9 @@ static void s_path_index(char *out, const char *parent, size_t index)
  * YAML parser takes NEL (U+0085) and those two for line breaks where an
  * editor, a diff and YAML 1.2 see none, so that a "comment" holding one
  * could hide a key (`# note<U+2028>  continue: false`) from whoever
- * reviews the file. Lines are counted as the parser counts them (LF, CR
+ * reviews the file. The noncharacters U+FFFE and U+FFFF, which the parser
+ * refuses without saying where, are refused here with their place. Lines
+ * are counted as the parser counts them (LF, CR
  * LF or a lone CR), so that every problem has the same place. */
 static int s_check_text(s_ctx_t *ctx, const unsigned char *data, size_t len)
 {
@@ -200,6 +202,13 @@ static int s_check_text(s_ctx_t *ctx, const unsigned char *data, size_t len)
             if (cp <= 0x9F) {
                 s_error_at(ctx, KH_E_RULES_ENCODING, "", line, column,
                            "control character or binary data in the file");
+                return -1;
+            }
+            if (cp == 0xFFFE || cp == 0xFFFF) {
+                /* The YAML parser refuses them too, but with no place. */
+                s_error_at(ctx, KH_E_RULES_ENCODING, "", line, column,
+                           "a Unicode noncharacter (U+%04X) in the file",
+                           (unsigned) cp);
                 return -1;
             }
             if (cp == 0x2028 || cp == 0x2029) {
@@ -1590,6 +1599,8 @@ static kh_rcond_t *s_cond(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
         c->op = KH_RC_NOT;
         s_path_key(p, path, "not");
         c->kids = calloc(1, sizeof *c->kids);
+        if (!c->kids)
+            s_error(ctx, KH_E_NOMEM, p, not, "out of memory");
         if (!c->kids || !(c->kids[0] = s_cond(ctx, not, p, failed))) {
             *failed = true;
             return c;
@@ -1610,6 +1621,8 @@ static kh_rcond_t *s_cond(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
     }
     c->kids = calloc(list->n ? list->n : 1, sizeof *c->kids);
     if (!c->kids) {
+        /* Reported: an all left empty would hold for every referral. */
+        s_error(ctx, KH_E_NOMEM, p, list, "out of memory");
         *failed = true;
         return c;
     }
@@ -2138,7 +2151,8 @@ static void s_rule(s_ctx_t *ctx, const s_ynode_t *n, size_t index)
                         "rule name %s is used twice", s);
                 break;
             }
-        rule->name = strdup(s);
+        if (!(rule->name = strdup(s)))
+            s_error(ctx, KH_E_NOMEM, p, name, "out of memory");
     }
     s_path_key(p, path, "description");
     if (desc)
