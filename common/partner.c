@@ -596,17 +596,17 @@ int kh_partner_cert_export(zcert_t *cert, const char *id, const char *out_dir,
 {
     if (!kh_partner_id_valid(id))
         return kh_error_set(err, KH_E_CONFIG, "id", "bad partner id");
-    char pub[PATH_MAX], secret[PATH_MAX];
+    char pub[PATH_MAX], secret[PATH_MAX], dir[PATH_MAX], tpub[PATH_MAX + 32],
+        tsecret[PATH_MAX + 32];
     if (s_cert_path(pub, sizeof pub, out_dir, id, ".cert", err) != 0 ||
         s_cert_path(secret, sizeof secret, out_dir, id, ".cert_secret", err) !=
-            0)
+            0 ||
+        s_cert_path(dir, sizeof dir, out_dir, ".export-XXXXXX", "", err) != 0)
         return -1;
     if (s_ensure_dir(out_dir, 0700, err) != 0)
         return -1;
     /* Named as it is there: a partner who finds only NAME.cert named
-     * must not go looking for a secret file. lstat, since zcert_save
-     * writes through a symbolic link: one planted there, even to nothing,
-     * would have the secret written where it points. */
+     * must not go looking for a secret file. */
     struct stat st;
     const char *existing = lstat(secret, &st) == 0 ? secret
                            : lstat(pub, &st) == 0  ? pub
@@ -614,34 +614,47 @@ int kh_partner_cert_export(zcert_t *cert, const char *id, const char *out_dir,
     if (existing)
         return kh_error_set(err, KH_E_CONFIG, existing,
                             "refusing to overwrite an existing certificate");
-    /* zcert_save writes pub, then secret with a private umask. */
-    if (zcert_save(cert, pub) != 0 || access(pub, F_OK) != 0) {
-        unlink(pub);
-        unlink(secret);
+    /* Written in a directory of its own (mode 0700), then linked into
+     * place: zcert_save opens the names it is given as they are, and in an
+     * --out others may write to, a symbolic link planted at the secret's
+     * name after the look above would have it written where the link
+     * points. link() makes no file through a link, and refuses a name
+     * that exists. */
+    if (!mkdtemp(dir))
         return kh_error_set(err, KH_E_IO, out_dir,
-                            "cannot write partner certificate");
-    }
-    if (chmod(secret, 0600) != 0) {
-        int e = errno;
-        unlink(pub);
-        unlink(secret);
-        return kh_error_set(err, KH_E_IO, secret,
-                            "cannot restrict secret certificate: %s",
-                            strerror(e));
-    }
-    int rc = s_cert_written(pub, cert, err);
+                            "cannot write partner certificate: %s",
+                            strerror(errno));
+    snprintf(tpub, sizeof tpub, "%s/key.cert", dir);
+    snprintf(tsecret, sizeof tsecret, "%s/key.cert_secret", dir);
+    int rc = 0;
+    /* zcert_save writes pub, then secret with a private umask. */
+    if (zcert_save(cert, tpub) != 0 || chmod(tsecret, 0600) != 0)
+        rc = kh_error_set(err, KH_E_IO, out_dir,
+                          "cannot write partner certificate: %s",
+                          strerror(errno));
+    if (rc == 0)
+        rc = s_cert_written(tpub, cert, err);
     if (rc == 0 &&
-        (!s_cert_holds(secret, cert, true) || s_sync_path(secret) != 0))
+        (!s_cert_holds(tsecret, cert, true) || s_sync_path(tsecret) != 0))
         rc = kh_error_set(err, KH_E_IO, secret,
                           "the secret certificate written does not read "
                           "back (is the disk full?)");
-    if (rc != 0) {
-        unlink(pub);
+    if (rc == 0 && link(tsecret, secret) != 0)
+        rc = kh_error_set(err, errno == EEXIST ? KH_E_CONFIG : KH_E_IO, secret,
+                          "cannot write secret certificate: %s",
+                          strerror(errno));
+    else if (rc == 0 && link(tpub, pub) != 0) {
+        rc = kh_error_set(err, errno == EEXIST ? KH_E_CONFIG : KH_E_IO, pub,
+                          "cannot write public certificate: %s",
+                          strerror(errno));
         unlink(secret);
-        return -1;
     }
-    s_sync_path(out_dir);
-    return 0;
+    unlink(tpub);
+    unlink(tsecret);
+    rmdir(dir);
+    if (rc == 0)
+        s_sync_path(out_dir);
+    return rc;
 }
 
 /* The file of a rotation in cert_dir: its name (id + suffix) and the

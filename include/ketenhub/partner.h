@@ -172,8 +172,10 @@ int kh_partner_cert_install(zcert_t *cert, const char *id, const char *cert_dir,
                             kh_error_t *err);
 
 /* Write <out_dir>/<id>.cert and <id>.cert_secret (mode 0600) for the
- * partner to take; creates out_dir (mode 0700) if missing. Refuses to
- * overwrite an existing secret. Returns 0 or -1 with err. */
+ * partner to take; creates out_dir (mode 0700) if missing. They are
+ * written in a directory of their own, read back, synced, and linked into
+ * place: never through a link planted there, never over a file that
+ * exists, never cut short. Returns 0 or -1 with err. */
 int kh_partner_cert_export(zcert_t *cert, const char *id, const char *out_dir,
                            kh_error_t *err);
 

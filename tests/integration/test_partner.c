@@ -455,6 +455,20 @@ static int s_ctl_stdout(char **output, const char *const *args)
     return khtest_run(argv, output);
 }
 
+/* Whether directory dir holds no entry at all. */
+static bool s_dir_empty(const char *dir)
+{
+    DIR *d = opendir(dir);
+    ck_assert_ptr_nonnull(d);
+    struct dirent *e;
+    bool empty = true;
+    while ((e = readdir(d)) != NULL)
+        if (strcmp(e->d_name, ".") != 0 && strcmp(e->d_name, "..") != 0)
+            empty = false;
+    closedir(d);
+    return empty;
+}
+
 /* ketenhubctl with args (NULL-ended, at most 10) where no file can grow
  * (ulimit -f 0: a full disk, to the files it writes): its exit status. */
 static int s_ctl_disk_full(const char *const *args)
@@ -493,6 +507,7 @@ START_TEST(test_ctl_certificate_not_written_whole_changes_nothing)
     ck_assert(!s_file_exists(out, "avim.cert"));
     ck_assert(!s_file_exists(out, "avim.cert_secret"));
     ck_assert(!s_file_exists(cert_dir, "avim.cert"));
+    ck_assert(s_dir_empty(out)); /* nothing half-made left there */
     /* The partner's own key: only the copy in --cert-dir is written. */
     char own[4096];
     snprintf(own, sizeof own, "%s/own.cert", out);
