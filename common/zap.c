@@ -34,6 +34,7 @@ struct _kh_zap_t {
     bool next_bound;  /* a socket serves the next hub key too */
     zhashx_t *told;   /* "current KEY" / "next KEY": said in the log */
     time_t modified;  /* the directory as last read */
+    int64_t changed;  /* its newest status change then (s_last_change) */
     time_t read_at;   /* when it was read */
     size_t count, size;
     /* May refuse a partner key the directory admits, or NULL. */
@@ -54,6 +55,27 @@ static time_t s_expiry(zcert_t *cert)
     const char *end = strptime(text, "%Y-%m-%dT%H:%M:%SZ", &tm);
     time_t at = end && *end == '\0' ? timegm(&tm) : (time_t) -1;
     return at > 0 ? at : 1;
+}
+
+/* The newest status change (ctime, in ns) of the directory at path and
+ * of its files, which no one can set: a certificate replaced in place by
+ * one of the same size with its old time kept (cp -p, rsync -a) changes
+ * neither the newest modification time, nor the count, nor the size. */
+static int64_t s_last_change(zdir_t *dir, const char *path)
+{
+    struct stat st;
+    int64_t newest = 0;
+    if (stat(path, &st) == 0)
+        newest = (int64_t) st.st_ctim.tv_sec * 1000000000 + st.st_ctim.tv_nsec;
+    zfile_t **files = zdir_flatten(dir);
+    for (size_t i = 0; files && files[i]; i++)
+        if (stat(zfile_filename(files[i], NULL), &st) == 0) {
+            int64_t at =
+                (int64_t) st.st_ctim.tv_sec * 1000000000 + st.st_ctim.tv_nsec;
+            newest = at > newest ? at : newest;
+        }
+    zdir_flatten_free(&files);
+    return newest;
 }
 
 /* Re-read the partner directory if it changed since the last look. */
@@ -77,10 +99,11 @@ static void s_refresh(kh_zap_t *self)
     }
     /* A change in the second the directory was last read in may not have
      * moved its time: such a reading is done again. */
+    int64_t changed = s_last_change(dir, self->cert_dir);
     if (zdir_modified(dir) != self->modified ||
         zdir_count(dir) != self->count ||
         (size_t) zdir_cursize(dir) != self->size ||
-        self->modified >= self->read_at) {
+        self->modified >= self->read_at || changed != self->changed) {
         zhashx_purge(self->keys);
         zfile_t **files = zdir_flatten(dir);
         for (size_t i = 0; files && files[i]; i++) {
@@ -110,6 +133,7 @@ static void s_refresh(kh_zap_t *self)
         self->read_at = time(NULL);
         self->count = zdir_count(dir);
         self->size = (size_t) zdir_cursize(dir);
+        self->changed = changed;
     }
     zdir_destroy(&dir);
 }

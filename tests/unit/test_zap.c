@@ -6,10 +6,12 @@
  */
 #include <czmq.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "ketenhub/zap.h"
@@ -127,6 +129,56 @@ START_TEST(a_directory_that_cannot_be_read_now_keeps_its_keys)
 }
 END_TEST
 
+/* Set path's modification time to when (seconds since the epoch). */
+static void s_set_mtime(const char *path, time_t when)
+{
+    struct timespec times[2] = {{when, 0}, {when, 0}};
+    ck_assert_int_eq(utimensat(AT_FDCWD, path, times, 0), 0);
+}
+
+/* A certificate replaced in place by another of the same size, its old
+ * time kept (cp -p, rsync -a): the new key is admitted, the old one no
+ * longer, though no file time, count or size of the directory moved. */
+START_TEST(a_certificate_replaced_with_its_time_kept_is_read_again)
+{
+    char *dir = khtest_tmpdir();
+    char path[1024], staged[1024];
+    snprintf(path, sizeof path, "%s/avim.cert", dir);
+    snprintf(staged, sizeof staged, "%s/.staged", dir);
+    time_t then = time(NULL) - 100;
+    zcert_t *old = s_cert(dir, "avim.cert", NULL);
+    s_set_mtime(path, then);
+    kh_error_t err;
+    kh_zap_t *zap = kh_zap_new(dir, NULL, &err);
+    ck_assert_ptr_nonnull(zap);
+    zsock_t *req = zsock_new_req("inproc://zeromq.zap.01");
+    ck_assert(s_admits(zap, req, old));
+
+    zcert_t *new = s_cert(dir, ".staged", NULL);
+    char *text = khtest_read_file(staged);
+    ck_assert_ptr_nonnull(text);
+    struct stat was, now;
+    ck_assert_int_eq(stat(path, &was), 0);
+    int fd = open(path, O_WRONLY | O_TRUNC | O_CLOEXEC);
+    ck_assert_int_ge(fd, 0);
+    ck_assert_int_eq(write(fd, text, strlen(text)), (ssize_t) strlen(text));
+    close(fd);
+    free(text);
+    unlink(staged);
+    s_set_mtime(path, then);
+    ck_assert_int_eq(stat(path, &now), 0);
+    ck_assert_int_eq(now.st_size, was.st_size);
+    ck_assert(s_admits(zap, req, new));
+    ck_assert(!s_admits(zap, req, old));
+    zsock_destroy(&req);
+    kh_zap_destroy(&zap);
+    zcert_destroy(&old);
+    zcert_destroy(&new);
+    khtest_rmtree(dir);
+    free(dir);
+}
+END_TEST
+
 static Suite *s_suite(void)
 {
     Suite *suite = suite_create("zap");
@@ -134,6 +186,7 @@ static Suite *s_suite(void)
     tcase_set_timeout(tc, 30);
     tcase_add_test(tc, a_certificate_is_admitted_until_the_end_it_names);
     tcase_add_test(tc, a_directory_that_cannot_be_read_now_keeps_its_keys);
+    tcase_add_test(tc, a_certificate_replaced_with_its_time_kept_is_read_again);
     suite_add_tcase(suite, tc);
     return suite;
 }
