@@ -1332,8 +1332,10 @@ static bool s_leaf_same(const kh_rcond_t *a, const kh_rcond_t *b)
     return true;
 }
 
-/* Pairs of a leaf and a negated leaf compared at most: beyond, a hostile
- * file would make the check slow, and it is skipped. */
+/* Comparisons of a leaf with a negated leaf at most, a pair counting one
+ * and each value compared one more: beyond, a hostile file (long lists of
+ * the same values, under many nested alls) would make the check slow, and
+ * it is given up. */
 #define S_NEGATED_PAIRS_MAX 1000000
 
 /* Values compared at most by the check that no value of a field is left
@@ -1357,10 +1359,16 @@ static bool s_all_contradicts(const kh_rules_t *rules, const kh_rcond_t *c)
     s_all_leaves(c, leaves, 0);
     s_all_negated(c, leaves + n, 0);
     bool never = false;
-    if (nn && n <= S_NEGATED_PAIRS_MAX / nn)
-        for (size_t i = 0; i < n && !never; i++)
-            for (size_t k = n; k < n + nn && !never; k++)
-                never = s_leaf_same(leaves[i], leaves[k]);
+    size_t work = 0;
+    for (size_t i = 0; i < n && !never && work <= S_NEGATED_PAIRS_MAX; i++)
+        for (size_t k = n; k < n + nn && !never; k++) {
+            /* s_leaf_same compares values only when the counts agree */
+            work += 1 + (leaves[i]->nvals == leaves[k]->nvals ? leaves[i]->nvals
+                                                              : 0);
+            if (work > S_NEGATED_PAIRS_MAX)
+                break;
+            never = s_leaf_same(leaves[i], leaves[k]);
+        }
     for (size_t i = 0; i < n && !never; i++) {
         bool first = true; /* each field once */
         for (size_t k = 0; k < i && first; k++)
