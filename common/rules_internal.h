@@ -39,6 +39,10 @@ typedef struct {
     const json_t *item_enum; /* arrays: the items' allowed values */
     bool has_min, has_max;
     double min, max; /* inclusive bounds (integers: exclusive made inclusive) */
+    /* text: the pattern (borrowed from the schema, or NULL) and the
+     * length in code points its values have */
+    const char *pattern;
+    size_t min_len, max_len; /* max_len 0: no bound */
 } kh_rfield_t;
 
 typedef enum { KH_RV_NULL, KH_RV_BOOL, KH_RV_NUM, KH_RV_STR } kh_rvkind_t;

@@ -8,7 +8,9 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <locale.h>
 #include <math.h>
+#include <regex.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
@@ -829,6 +831,11 @@ static int s_load_fields(kh_rules_t *rules, const json_t *schema, int parent,
                 return -1;
             f->enums = one;
         }
+        f->pattern = json_string_value(json_object_get(prop, "pattern"));
+        json_int_t len = json_integer_value(json_object_get(prop, "minLength"));
+        f->min_len = len > 0 ? (size_t) len : 0;
+        len = json_integer_value(json_object_get(prop, "maxLength"));
+        f->max_len = len > 0 ? (size_t) len : 0;
         bool integer = f->kind == KH_RK_INTEGER;
         f->has_min = s_bound(prop, "minimum", "exclusiveMinimum", &f->min, true,
                              integer);
@@ -1092,6 +1099,44 @@ static void s_no_field(s_ctx_t *ctx, kh_errcode_t code, const char *where,
             p >= 0 ? rules->fields[p].path : "the top level", l.text);
 }
 
+/* Whether text s (UTF-8, len bytes) is one that text field f may hold:
+ * its length in code points and its pattern (POSIX ERE in the C locale,
+ * as the referral schema's patterns are checked: common/schema.c). false
+ * with why (size bytes) when it is not. */
+static bool s_text_fits(const kh_rfield_t *f, const char *s, size_t len,
+                        char *why, size_t size)
+{
+    size_t points = 0;
+    for (size_t i = 0; i < len; i++)
+        points += ((unsigned char) s[i] & 0xC0) != 0x80;
+    if (points < f->min_len || (f->max_len && points > f->max_len)) {
+        if (f->max_len)
+            snprintf(why, size, "it has %zu characters, and %s has %zu to %zu",
+                     points, f->path, f->min_len, f->max_len);
+        else
+            snprintf(why, size, "it has %zu characters, and %s at least %zu",
+                     points, f->path, f->min_len);
+        return false;
+    }
+    if (!f->pattern)
+        return true;
+    locale_t c = newlocale(LC_ALL_MASK, "C", (locale_t) 0);
+    locale_t old = c ? uselocale(c) : (locale_t) 0;
+    regex_t re;
+    bool fits = true;
+    if (regcomp(&re, f->pattern, REG_EXTENDED | REG_NOSUB) == 0) {
+        fits = regexec(&re, s, 0, NULL, 0) == 0;
+        regfree(&re);
+    }
+    if (c) {
+        uselocale(old);
+        freelocale(c);
+    }
+    if (!fits)
+        snprintf(why, size, "%s matches %.80s", f->path, f->pattern);
+    return fits;
+}
+
 /* Convert scalar n to a constant for a field of kind (nullable, enums,
  * bounds from f when not items). Reports and returns -1 on a mismatch. */
 static int s_value(s_ctx_t *ctx, const kh_rfield_t *f, bool items,
@@ -1156,6 +1201,16 @@ static int s_value(s_ctx_t *ctx, const kh_rfield_t *f, bool items,
                         f->path, items ? " items" : "", l.text);
                 return -1;
             }
+            /* A value no referral can hold (GM363 for a municipality, PL
+             * for a language) makes its test never hold: a note, not an
+             * error, so that a file that loaded before this check still
+             * loads (as for the other checks of s_note_no_value). */
+            char why[160];
+            if (!items && !s_text_fits(f, n->str, n->len, why, sizeof why))
+                s_note(ctx, KH_E_RULES_NEVER_MATCHES, path, n,
+                       "%.40s is no value a referral can have (%s), so a "
+                       "test for it never holds",
+                       n->str, why);
             out->kind = KH_RV_STR;
             out->s = strdup(n->str);
             out->len = n->len;

@@ -1054,6 +1054,41 @@ START_TEST(test_no_value_left_is_a_note)
 }
 END_TEST
 
+/* A text value that no valid referral holds (outside the field's pattern
+ * or length) is a note with its place: a test for it never holds. The
+ * rule loads, and fires through the values that can be there. */
+START_TEST(test_a_value_no_referral_holds_is_a_note)
+{
+    static const struct {
+        const char *cond, *note;
+    } cases[] = {
+        {"{field: subject.municipality, equals: GM363}",
+         "note rules.never_matches 5:47 rules[0].when.equals;"},
+        {"{field: subject.language, in: [pl, RO]}",
+         "note rules.never_matches 5:44 rules[0].when.in[1];"},
+        {"{field: subject.reference, equals: ab}",
+         "note rules.never_matches 5:44 rules[0].when.equals;"},
+        {"{field: subject.municipality, in: [GM0363, abroad]}", ""},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char yaml[1024], reports[2048];
+        snprintf(yaml, sizeof yaml,
+                 "version: 1\n"
+                 "fallback: {targets: [{partner: zorgcoordinator, fields: "
+                 "[needs]}]}\n"
+                 "rules:\n"
+                 "- name: r1\n"
+                 "  when: %s\n"
+                 "  then: {targets: [{partner: avim, fields: [risk]}]}\n",
+                 cases[i].cond);
+        kh_rules_t *rules = s_load_noting(yaml, reports);
+        ck_assert_msg(strcmp(reports, cases[i].note) == 0, "%s: %s",
+                      cases[i].cond, reports);
+        kh_rules_destroy(&rules);
+    }
+}
+END_TEST
+
 /* Two long `in`s on one field: the check that some value is left would
  * compare every value of one with every value of the other (10^10
  * comparisons here, minutes at each load of the file, during which
@@ -2270,6 +2305,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_unknown_key_hides_nothing);
     tcase_add_test(tc, test_never_matches_only_when_impossible);
     tcase_add_test(tc, test_no_value_left_is_a_note);
+    tcase_add_test(tc, test_a_value_no_referral_holds_is_a_note);
     tcase_add_test(tc, test_long_ins_load_without_the_note);
     tcase_add_test(tc, test_decision_version_follows_the_recipe);
     tcase_add_test(tc, test_core_schema_numbers);
