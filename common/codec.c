@@ -104,6 +104,14 @@ static s_utf8_t s_utf8_scan(const unsigned char *s, size_t len, bool allow_nul,
     return S_UTF8_OK;
 }
 
+size_t kh_utf8_length(const char *s, size_t len)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < len; i++)
+        n += ((unsigned char) s[i] & 0xC0) != 0x80;
+    return n;
+}
+
 bool kh_utf8_valid(const char *s, size_t len)
 {
     size_t bad;

@@ -498,6 +498,16 @@ static int s_cert_path(char *path, size_t size, const char *dir, const char *id,
     return 0;
 }
 
+/* Remove path if it is the file other is (a link made to it), not one
+ * that someone else put there. */
+static void s_unlink_same(const char *path, const char *other)
+{
+    struct stat a, b;
+    if (lstat(path, &a) == 0 && lstat(other, &b) == 0 && a.st_dev == b.st_dev &&
+        a.st_ino == b.st_ino)
+        unlink(path);
+}
+
 /* Sync the file or directory at path: 0, or -1 (errno set). */
 static int s_sync_path(const char *path)
 {
@@ -511,12 +521,7 @@ static int s_sync_path(const char *path)
     return rc;
 }
 
-/* Whether the certificate file at path holds cert's public key, and its
- * secret key too when secret is set. zcert_save and zcert_save_public say
- * they succeeded whatever their writes did (CZMQ does not look): a full
- * disk or a quota leaves an empty or cut file behind them, which the
- * handshake would skip, so what they wrote is read back. */
-static bool s_cert_holds(const char *path, zcert_t *cert, bool secret)
+bool kh_partner_cert_holds(const char *path, zcert_t *cert, bool secret)
 {
     zconfig_t *root = zconfig_load(path);
     const char *pub = root ? zconfig_get(root, "curve/public-key", NULL) : NULL;
@@ -531,7 +536,7 @@ static bool s_cert_holds(const char *path, zcert_t *cert, bool secret)
  * synced, before it is put in place: 0, or -1 with err. */
 static int s_cert_written(const char *path, zcert_t *cert, kh_error_t *err)
 {
-    if (!s_cert_holds(path, cert, false))
+    if (!kh_partner_cert_holds(path, cert, false))
         return kh_error_set(err, KH_E_IO, path,
                             "the certificate written does not read back "
                             "(is the disk full?)");
@@ -587,7 +592,13 @@ int kh_partner_cert_install(zcert_t *cert, const char *id, const char *cert_dir,
                             strerror(e));
     }
     unlink(temp);
-    s_sync_path(cert_dir);
+    if (s_sync_path(cert_dir) != 0) {
+        int e = errno;
+        unlink(final);
+        return kh_error_set(err, KH_E_IO, cert_dir,
+                            "cannot install public certificate: %s",
+                            strerror(e));
+    }
     return 0;
 }
 
@@ -619,7 +630,9 @@ int kh_partner_cert_export(zcert_t *cert, const char *id, const char *out_dir,
      * --out others may write to, a symbolic link planted at the secret's
      * name after the look above would have it written where the link
      * points. link() makes no file through a link, and refuses a name
-     * that exists. */
+     * that exists. A process killed meanwhile leaves that directory
+     * (.export-XXXXXX, the secret in it) behind, for whoever runs it to
+     * remove. */
     if (!mkdtemp(dir))
         return kh_error_set(err, KH_E_IO, out_dir,
                             "cannot write partner certificate: %s",
@@ -634,8 +647,8 @@ int kh_partner_cert_export(zcert_t *cert, const char *id, const char *out_dir,
                           strerror(errno));
     if (rc == 0)
         rc = s_cert_written(tpub, cert, err);
-    if (rc == 0 &&
-        (!s_cert_holds(tsecret, cert, true) || s_sync_path(tsecret) != 0))
+    if (rc == 0 && (!kh_partner_cert_holds(tsecret, cert, true) ||
+                    s_sync_path(tsecret) != 0))
         rc = kh_error_set(err, KH_E_IO, secret,
                           "the secret certificate written does not read "
                           "back (is the disk full?)");
@@ -643,17 +656,21 @@ int kh_partner_cert_export(zcert_t *cert, const char *id, const char *out_dir,
         rc = kh_error_set(err, errno == EEXIST ? KH_E_CONFIG : KH_E_IO, secret,
                           "cannot write secret certificate: %s",
                           strerror(errno));
-    else if (rc == 0 && link(tpub, pub) != 0) {
+    else if (rc == 0 && link(tpub, pub) != 0)
         rc = kh_error_set(err, errno == EEXIST ? KH_E_CONFIG : KH_E_IO, pub,
                           "cannot write public certificate: %s",
                           strerror(errno));
-        unlink(secret);
+    else if (rc == 0 && s_sync_path(out_dir) != 0)
+        rc = kh_error_set(err, KH_E_IO, out_dir,
+                          "cannot write partner certificate: %s",
+                          strerror(errno));
+    if (rc != 0) { /* the names linked to this pair go, and only those */
+        s_unlink_same(secret, tsecret);
+        s_unlink_same(pub, tpub);
     }
     unlink(tpub);
     unlink(tsecret);
     rmdir(dir);
-    if (rc == 0)
-        s_sync_path(out_dir);
     return rc;
 }
 
@@ -713,7 +730,10 @@ static int s_cert_replace(zcert_t *cert, const char *path, kh_error_t *err)
     }
     char dir[PATH_MAX];
     snprintf(dir, sizeof dir, "%.*s", (int) (slash - path), path);
-    s_sync_path(dir);
+    if (s_sync_path(dir) != 0)
+        return kh_error_set(err, KH_E_IO, dir,
+                            "cannot write public certificate: %s",
+                            strerror(errno));
     return 0;
 }
 

@@ -6,6 +6,7 @@
 #ifndef KH_RULES_INTERNAL_H_INCLUDED
 #define KH_RULES_INTERNAL_H_INCLUDED
 
+#include <regex.h>
 #include <stdint.h>
 
 #include "ketenhub/rules.h"
@@ -39,10 +40,11 @@ typedef struct {
     const json_t *item_enum; /* arrays: the items' allowed values */
     bool has_min, has_max;
     double min, max; /* inclusive bounds (integers: exclusive made inclusive) */
-    /* text: the pattern (borrowed from the schema, or NULL) and the
-     * length in code points its values have */
-    const char *pattern;
-    size_t min_len, max_len; /* max_len 0: no bound */
+    /* text: the schema's pattern, compiled (NULL: none), and the length
+     * in code points its values have */
+    regex_t *pattern;
+    const char *pattern_text; /* borrowed from the schema */
+    size_t min_len, max_len;  /* max_len 0: no bound */
 } kh_rfield_t;
 
 typedef enum { KH_RV_NULL, KH_RV_BOOL, KH_RV_NUM, KH_RV_STR } kh_rvkind_t;

@@ -8,9 +8,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
-#include <locale.h>
 #include <math.h>
-#include <regex.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,6 +17,7 @@
 #include <unistd.h>
 #include <yaml.h>
 
+#include "ketenhub/codec.h"
 #include "ketenhub/partner.h"
 #include "ketenhub/proto.h"
 #include "rules_internal.h"
@@ -260,6 +259,10 @@ static bool s_scalar_binary(const unsigned char *value, size_t len)
             return true;
         if (value[i] == 0xE2 && i + 2 < len && value[i + 1] == 0x80 &&
             (value[i + 2] == 0xA8 || value[i + 2] == 0xA9))
+            return true;
+        /* U+FFFE and U+FFFF, which s_check_text refuses as bytes */
+        if (value[i] == 0xEF && i + 2 < len && value[i + 1] == 0xBF &&
+            (value[i + 2] == 0xBE || value[i + 2] == 0xBF))
             return true;
     }
     return false;
@@ -831,7 +834,19 @@ static int s_load_fields(kh_rules_t *rules, const json_t *schema, int parent,
                 return -1;
             f->enums = one;
         }
-        f->pattern = json_string_value(json_object_get(prop, "pattern"));
+        /* POSIX ERE, as common/schema.c checks the referral's (the hub
+         * never calls setlocale: the C locale); one that does not compile
+         * here checks nothing. */
+        f->pattern_text = json_string_value(json_object_get(prop, "pattern"));
+        if (f->pattern_text) {
+            if (!(f->pattern = malloc(sizeof *f->pattern)))
+                return -1;
+            if (regcomp(f->pattern, f->pattern_text,
+                        REG_EXTENDED | REG_NOSUB) != 0) {
+                free(f->pattern);
+                f->pattern = NULL;
+            }
+        }
         json_int_t len = json_integer_value(json_object_get(prop, "minLength"));
         f->min_len = len > 0 ? (size_t) len : 0;
         len = json_integer_value(json_object_get(prop, "maxLength"));
@@ -1100,15 +1115,12 @@ static void s_no_field(s_ctx_t *ctx, kh_errcode_t code, const char *where,
 }
 
 /* Whether text s (UTF-8, len bytes) is one that text field f may hold:
- * its length in code points and its pattern (POSIX ERE in the C locale,
- * as the referral schema's patterns are checked: common/schema.c). false
- * with why (size bytes) when it is not. */
+ * its length in code points and its pattern. false with why (size bytes)
+ * when it is not. */
 static bool s_text_fits(const kh_rfield_t *f, const char *s, size_t len,
                         char *why, size_t size)
 {
-    size_t points = 0;
-    for (size_t i = 0; i < len; i++)
-        points += ((unsigned char) s[i] & 0xC0) != 0x80;
+    size_t points = kh_utf8_length(s, len);
     if (points < f->min_len || (f->max_len && points > f->max_len)) {
         if (f->max_len)
             snprintf(why, size, "it has %zu characters, and %s has %zu to %zu",
@@ -1118,23 +1130,11 @@ static bool s_text_fits(const kh_rfield_t *f, const char *s, size_t len,
                      points, f->path, f->min_len);
         return false;
     }
-    if (!f->pattern)
-        return true;
-    locale_t c = newlocale(LC_ALL_MASK, "C", (locale_t) 0);
-    locale_t old = c ? uselocale(c) : (locale_t) 0;
-    regex_t re;
-    bool fits = true;
-    if (regcomp(&re, f->pattern, REG_EXTENDED | REG_NOSUB) == 0) {
-        fits = regexec(&re, s, 0, NULL, 0) == 0;
-        regfree(&re);
+    if (f->pattern && regexec(f->pattern, s, 0, NULL, 0) != 0) {
+        snprintf(why, size, "%s matches %.80s", f->path, f->pattern_text);
+        return false;
     }
-    if (c) {
-        uselocale(old);
-        freelocale(c);
-    }
-    if (!fits)
-        snprintf(why, size, "%s matches %.80s", f->path, f->pattern);
-    return fits;
+    return true;
 }
 
 /* Convert scalar n to a constant for a field of kind (nullable, enums,
@@ -1417,9 +1417,13 @@ static bool s_all_contradicts(const kh_rules_t *rules, const kh_rcond_t *c)
     size_t work = 0;
     for (size_t i = 0; i < n && !never && work <= S_NEGATED_PAIRS_MAX; i++)
         for (size_t k = n; k < n + nn && !never; k++) {
-            /* s_leaf_same compares values only when the counts agree */
-            work += 1 + (leaves[i]->nvals == leaves[k]->nvals ? leaves[i]->nvals
-                                                              : 0);
+            /* s_leaf_same compares values only for the same test of the
+             * same field with as many values */
+            const kh_rcond_t *a = leaves[i], *b = leaves[k];
+            work += 1 + (a->op == b->op && a->field == b->field &&
+                                 a->nvals == b->nvals
+                             ? a->nvals
+                             : 0);
             if (work > S_NEGATED_PAIRS_MAX)
                 break;
             never = s_leaf_same(leaves[i], leaves[k]);
@@ -2346,8 +2350,12 @@ void kh_rules_destroy(kh_rules_t **self_p)
     for (size_t i = 0; i < self->npartners; i++)
         free(self->partner_ids[i]);
     free(self->partner_ids);
-    for (size_t i = 0; i < self->nfields; i++)
+    for (size_t i = 0; i < self->nfields; i++) {
         free(self->fields[i].path);
+        if (self->fields[i].pattern)
+            regfree(self->fields[i].pattern);
+        free(self->fields[i].pattern);
+    }
     free(self->fields);
     json_decref(self->schema);
     free(self);

@@ -26,6 +26,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "ketenhub/codec.h"
+
 /* Bounds that keep a schema (not a document) reasonable. */
 #define S_FILE_MAX (4 * 1024 * 1024) /* bytes of a schema file */
 #define S_DEPTH_MAX 32               /* nesting of instance levels */
@@ -224,16 +226,6 @@ static prop_t *s_find_prop(const node_t *n, const char *name, size_t len)
             lo = mid + 1;
     }
     return NULL;
-}
-
-/* Number of Unicode code points in a valid UTF-8 string: every byte that
- * is not a continuation byte starts one. */
-static size_t s_utf8_length(const char *s, size_t len)
-{
-    size_t n = 0;
-    for (size_t i = 0; i < len; i++)
-        n += ((unsigned char) s[i] & 0xC0) != 0x80;
-    return n;
 }
 
 static bool s_is_leap(int y)
@@ -1472,7 +1464,7 @@ static int s_check_string(vc_t *vc, const node_t *n, const json_t *v)
     const char *s = json_string_value(v);
     size_t len = json_string_length(v);
     if (n->min_length >= 0 || n->max_length >= 0) {
-        size_t chars = s_utf8_length(s, len);
+        size_t chars = kh_utf8_length(s, len);
         if (n->min_length >= 0 && chars < (size_t) n->min_length)
             return s_fail(vc, KH_E_SCHEMA_LENGTH,
                           "must have at least %lld characters", n->min_length);

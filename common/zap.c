@@ -98,12 +98,14 @@ static void s_refresh(kh_zap_t *self)
         return;
     }
     /* A change in the second the directory was last read in may not have
-     * moved its time: such a reading is done again. */
+     * moved its time (timestamps come from a clock that may tick coarsely):
+     * such a reading is done again. */
     int64_t changed = s_last_change(dir, self->cert_dir);
     if (zdir_modified(dir) != self->modified ||
         zdir_count(dir) != self->count ||
         (size_t) zdir_cursize(dir) != self->size ||
-        self->modified >= self->read_at || changed != self->changed) {
+        self->modified >= self->read_at || changed != self->changed ||
+        changed / 1000000000 >= self->read_at) {
         zhashx_purge(self->keys);
         zfile_t **files = zdir_flatten(dir);
         for (size_t i = 0; files && files[i]; i++) {

@@ -101,6 +101,11 @@ int kh_msgpack_encode(const json_t *value, char **data, size_t *size,
  * on its own. s NULL is valid only with len 0. */
 bool kh_utf8_valid(const char *s, size_t len);
 
+/* The number of Unicode code points in s[0..len), valid UTF-8: every byte
+ * that is not a continuation byte starts one. (JSON Schema's minLength
+ * and maxLength count these.) */
+size_t kh_utf8_length(const char *s, size_t len);
+
 /* Whether s (NUL-ended) is valid UTF-8 holding no control character: no
  * C0 (U+0000..U+001F), no DEL, no C1 (U+0080..U+009F), as a one-line name
  * the database admits must be. */

@@ -171,6 +171,13 @@ zcert_t *kh_partner_cert_load_public(const char *path, const char *id,
 int kh_partner_cert_install(zcert_t *cert, const char *id, const char *cert_dir,
                             kh_error_t *err);
 
+/* Whether the certificate file at path holds cert's public key, and its
+ * secret key too when secret is set. zcert_save and zcert_save_public
+ * report success whatever their writes did (CZMQ does not look: a full
+ * disk or a quota leaves an empty or cut file behind them): what they
+ * wrote is read back with this before it is put in place. */
+bool kh_partner_cert_holds(const char *path, zcert_t *cert, bool secret);
+
 /* Write <out_dir>/<id>.cert and <id>.cert_secret (mode 0600) for the
  * partner to take; creates out_dir (mode 0700) if missing. They are
  * written in a directory of their own, read back, synced, and linked into

@@ -546,6 +546,23 @@ START_TEST(test_ctl_certificate_not_written_whole_changes_nothing)
                      1);
     zcert_destroy(&before);
     zcert_destroy(&after);
+
+    /* hub keygen --force: the working pair stays. */
+    char *hub = khtest_tmpdir();
+    ck_assert_int_eq(KHTEST_CTL(&text, "hub", "keygen", "--out", hub), 0);
+    free(text);
+    snprintf(path, sizeof path, "%s/hub.cert", hub);
+    before = zcert_load(path);
+    ck_assert_ptr_nonnull(before);
+    const char *keygen[] = {"hub", "keygen", "--out", hub, "--force", NULL};
+    ck_assert_int_eq(s_ctl_disk_full(keygen), 1);
+    after = zcert_load(path); /* with its secret, hub.cert_secret */
+    ck_assert_ptr_nonnull(after);
+    ck_assert_str_eq(zcert_public_txt(after), zcert_public_txt(before));
+    ck_assert_str_eq(zcert_secret_txt(after), zcert_secret_txt(before));
+    zcert_destroy(&before);
+    zcert_destroy(&after);
+    free(hub);
     free(out2);
     free(out);
     free(cert_dir);

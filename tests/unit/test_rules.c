@@ -1486,6 +1486,9 @@ START_TEST(test_escaped_control_characters)
         {"description: \"one\\u2028two\"", 16},
         {"description: \"one\\Ltwo\"", 16},
         {"description: \"one\\Ptwo\"", 16},
+        /* and so are the noncharacters U+FFFE and U+FFFF */
+        {"description: \"one\\ufffetwo\"", 16},
+        {"description: \"one\\uFFFFtwo\"", 16},
     };
     kh_rules_options_t o = s_opts(s_demo, S_DEMO_COUNT);
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {

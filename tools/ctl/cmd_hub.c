@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "ctl.h"
+#include "ketenhub/partner.h"
 
 static void s_usage(FILE *out)
 {
@@ -62,6 +63,12 @@ static int s_save(zcert_t *cert, const char *out, const char *pub,
     int rc = zcert_save(cert, tpub);
     if (rc == 0)
         rc = chmod(tsecret, 0600);
+    /* Read back: zcert_save reports success whatever its writes did, and
+     * on a full disk --force would put an empty secret in the place of a
+     * working one. */
+    if (rc == 0 && (!kh_partner_cert_holds(tpub, cert, false) ||
+                    !kh_partner_cert_holds(tsecret, cert, true)))
+        rc = -1;
     if (rc == 0)
         rc = s_sync(tpub) || s_sync(tsecret) ? -1 : 0;
     bool kept = rc == 0 && link(secret, old) == 0;
