@@ -434,6 +434,22 @@ static kh_rules_t *s_load_noting(const char *yaml, char *reports)
     return rules;
 }
 
+/* s_load_noting of a file with one rule, r1, whose condition is cond. */
+static kh_rules_t *s_load_one_rule_noting(const char *cond, char *reports)
+{
+    char yaml[1024];
+    snprintf(yaml, sizeof yaml,
+             "version: 1\n"
+             "fallback: {targets: [{partner: zorgcoordinator, fields: "
+             "[needs]}]}\n"
+             "rules:\n"
+             "- name: r1\n"
+             "  when: %s\n"
+             "  then: {targets: [{partner: avim, fields: [risk]}]}\n",
+             cond);
+    return s_load_noting(yaml, reports);
+}
+
 static void s_sorted_targets(const kh_rules_result_t *r, char *out,
                              size_t size);
 
@@ -1030,23 +1046,8 @@ START_TEST(test_no_value_left_is_a_note)
          "note rules.never_matches 5:58 rules[0].when.any[1];"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-        char yaml[1024];
-        snprintf(yaml, sizeof yaml,
-                 "version: 1\n"
-                 "fallback: {targets: [{partner: zorgcoordinator, fields: "
-                 "[needs]}]}\n"
-                 "rules:\n"
-                 "- name: r1\n"
-                 "  when: %s\n"
-                 "  then: {targets: [{partner: avim, fields: [risk]}]}\n",
-                 cases[i].cond);
-        char reports[2048] = "";
-        kh_rules_options_t o = s_opts(s_demo, S_DEMO_COUNT);
-        o.report = s_collect;
-        o.report_arg = reports;
-        kh_error_t err;
-        kh_rules_t *rules = kh_rules_load_buffer(yaml, strlen(yaml), &o, &err);
-        ck_assert_msg(rules != NULL, "%s: %s", cases[i].cond, err.message);
+        char reports[2048];
+        kh_rules_t *rules = s_load_one_rule_noting(cases[i].cond, reports);
         ck_assert_msg(strcmp(reports, cases[i].note) == 0, "%s: %s",
                       cases[i].cond, reports);
         kh_rules_destroy(&rules);
@@ -1071,17 +1072,8 @@ START_TEST(test_a_value_no_referral_holds_is_a_note)
         {"{field: subject.municipality, in: [GM0363, abroad]}", ""},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-        char yaml[1024], reports[2048];
-        snprintf(yaml, sizeof yaml,
-                 "version: 1\n"
-                 "fallback: {targets: [{partner: zorgcoordinator, fields: "
-                 "[needs]}]}\n"
-                 "rules:\n"
-                 "- name: r1\n"
-                 "  when: %s\n"
-                 "  then: {targets: [{partner: avim, fields: [risk]}]}\n",
-                 cases[i].cond);
-        kh_rules_t *rules = s_load_noting(yaml, reports);
+        char reports[2048];
+        kh_rules_t *rules = s_load_one_rule_noting(cases[i].cond, reports);
         ck_assert_msg(strcmp(reports, cases[i].note) == 0, "%s: %s",
                       cases[i].cond, reports);
         kh_rules_destroy(&rules);
