@@ -508,8 +508,7 @@ static void s_unlink_same(const char *path, const char *other)
         unlink(path);
 }
 
-/* Sync the file or directory at path: 0, or -1 (errno set). */
-static int s_sync_path(const char *path)
+int kh_partner_sync_path(const char *path)
 {
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
@@ -540,7 +539,7 @@ static int s_cert_written(const char *path, zcert_t *cert, kh_error_t *err)
         return kh_error_set(err, KH_E_IO, path,
                             "the certificate written does not read back "
                             "(is the disk full?)");
-    if (s_sync_path(path) != 0)
+    if (kh_partner_sync_path(path) != 0)
         return kh_error_set(err, KH_E_IO, path,
                             "cannot write public certificate: %s",
                             strerror(errno));
@@ -592,7 +591,7 @@ int kh_partner_cert_install(zcert_t *cert, const char *id, const char *cert_dir,
                             strerror(e));
     }
     unlink(temp);
-    if (s_sync_path(cert_dir) != 0) {
+    if (kh_partner_sync_path(cert_dir) != 0) {
         int e = errno;
         unlink(final);
         return kh_error_set(err, KH_E_IO, cert_dir,
@@ -648,7 +647,7 @@ int kh_partner_cert_export(zcert_t *cert, const char *id, const char *out_dir,
     if (rc == 0)
         rc = s_cert_written(tpub, cert, err);
     if (rc == 0 && (!kh_partner_cert_holds(tsecret, cert, true) ||
-                    s_sync_path(tsecret) != 0))
+                    kh_partner_sync_path(tsecret) != 0))
         rc = kh_error_set(err, KH_E_IO, secret,
                           "the secret certificate written does not read "
                           "back (is the disk full?)");
@@ -660,7 +659,7 @@ int kh_partner_cert_export(zcert_t *cert, const char *id, const char *out_dir,
         rc = kh_error_set(err, errno == EEXIST ? KH_E_CONFIG : KH_E_IO, pub,
                           "cannot write public certificate: %s",
                           strerror(errno));
-    else if (rc == 0 && s_sync_path(out_dir) != 0)
+    else if (rc == 0 && kh_partner_sync_path(out_dir) != 0)
         rc = kh_error_set(err, KH_E_IO, out_dir,
                           "cannot write partner certificate: %s",
                           strerror(errno));
@@ -730,7 +729,7 @@ static int s_cert_replace(zcert_t *cert, const char *path, kh_error_t *err)
     }
     char dir[PATH_MAX];
     snprintf(dir, sizeof dir, "%.*s", (int) (slash - path), path);
-    if (s_sync_path(dir) != 0)
+    if (kh_partner_sync_path(dir) != 0)
         return kh_error_set(err, KH_E_IO, dir,
                             "cannot write public certificate: %s",
                             strerror(errno));

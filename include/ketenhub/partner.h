@@ -178,6 +178,10 @@ int kh_partner_cert_install(zcert_t *cert, const char *id, const char *cert_dir,
  * wrote is read back with this before it is put in place. */
 bool kh_partner_cert_holds(const char *path, zcert_t *cert, bool secret);
 
+/* Sync the certificate file or directory at path (fsync): 0, or -1 with
+ * errno set. */
+int kh_partner_sync_path(const char *path);
+
 /* Write <out_dir>/<id>.cert and <id>.cert_secret (mode 0600) for the
  * partner to take; creates out_dir (mode 0700) if missing. They are
  * written in a directory of their own, read back, synced, and linked into

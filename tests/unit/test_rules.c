@@ -434,10 +434,11 @@ static kh_rules_t *s_load_noting(const char *yaml, char *reports)
     return rules;
 }
 
-/* s_load_noting of a file with one rule, r1, whose condition is cond. */
-static kh_rules_t *s_load_one_rule_noting(const char *cond, char *reports)
+/* A file with one rule, r1, whose condition is cond: it loads, and its
+ * notes (s_collect) are note ("" for none). */
+static void s_one_rule_notes(const char *cond, const char *note)
 {
-    char yaml[1024];
+    char yaml[1024], reports[2048];
     snprintf(yaml, sizeof yaml,
              "version: 1\n"
              "fallback: {targets: [{partner: zorgcoordinator, fields: "
@@ -447,7 +448,9 @@ static kh_rules_t *s_load_one_rule_noting(const char *cond, char *reports)
              "  when: %s\n"
              "  then: {targets: [{partner: avim, fields: [risk]}]}\n",
              cond);
-    return s_load_noting(yaml, reports);
+    kh_rules_t *rules = s_load_noting(yaml, reports);
+    ck_assert_msg(strcmp(reports, note) == 0, "%s: %s", cond, reports);
+    kh_rules_destroy(&rules);
 }
 
 static void s_sorted_targets(const kh_rules_result_t *r, char *out,
@@ -1045,13 +1048,8 @@ START_TEST(test_no_value_left_is_a_note)
          "scope, in: [domestic]}, {field: scope, in: [unknown]}]}]}",
          "note rules.never_matches 5:58 rules[0].when.any[1];"},
     };
-    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-        char reports[2048];
-        kh_rules_t *rules = s_load_one_rule_noting(cases[i].cond, reports);
-        ck_assert_msg(strcmp(reports, cases[i].note) == 0, "%s: %s",
-                      cases[i].cond, reports);
-        kh_rules_destroy(&rules);
-    }
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
+        s_one_rule_notes(cases[i].cond, cases[i].note);
 }
 END_TEST
 
@@ -1071,13 +1069,8 @@ START_TEST(test_a_value_no_referral_holds_is_a_note)
          "note rules.never_matches 5:44 rules[0].when.equals;"},
         {"{field: subject.municipality, in: [GM0363, abroad]}", ""},
     };
-    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-        char reports[2048];
-        kh_rules_t *rules = s_load_one_rule_noting(cases[i].cond, reports);
-        ck_assert_msg(strcmp(reports, cases[i].note) == 0, "%s: %s",
-                      cases[i].cond, reports);
-        kh_rules_destroy(&rules);
-    }
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
+        s_one_rule_notes(cases[i].cond, cases[i].note);
 }
 END_TEST
 

@@ -5,7 +5,6 @@
  */
 #include <czmq.h>
 #include <errno.h>
-#include <fcntl.h>
 #include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -29,17 +28,6 @@ static void s_usage(FILE *out)
                  "missing)\n"
                  "  --force     replace an existing key pair\n"
                  "  --help      this text\n");
-}
-
-/* Sync the file or directory at path; 0, or -1. */
-static int s_sync(const char *path)
-{
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return -1;
-    int rc = fsync(fd);
-    close(fd);
-    return rc;
 }
 
 /* Save cert as pub and secret: written into a new private directory in
@@ -70,7 +58,8 @@ static int s_save(zcert_t *cert, const char *out, const char *pub,
                     !kh_partner_cert_holds(tsecret, cert, true)))
         rc = -1;
     if (rc == 0)
-        rc = s_sync(tpub) || s_sync(tsecret) ? -1 : 0;
+        rc = kh_partner_sync_path(tpub) || kh_partner_sync_path(tsecret) ? -1
+                                                                         : 0;
     bool kept = rc == 0 && link(secret, old) == 0;
     if (rc == 0)
         rc = rename(tsecret, secret);
@@ -81,7 +70,7 @@ static int s_save(zcert_t *cert, const char *out, const char *pub,
         else
             unlink(secret);
     }
-    s_sync(out);
+    kh_partner_sync_path(out);
     unlink(tpub);
     unlink(tsecret);
     unlink(old);
