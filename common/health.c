@@ -39,6 +39,8 @@
 #define S_HTTP_MAX (1024 * 1024)
 #define S_HTTP_CONNECTIONS 32 /* open connections to the endpoint */
 #define S_HTTP_PER_ADDRESS 8  /* of those, from one address */
+/* What the library may hold while connections given way close. */
+#define S_HTTP_ACCEPTED (2 * S_HTTP_CONNECTIONS)
 
 const char *kh_version(void)
 {
@@ -455,6 +457,12 @@ void kh_metrics_table(FILE *out)
 
 /* ---- the endpoint -------------------------------------------------------- */
 
+typedef struct {
+    struct MHD_Connection *conn; /* NULL: free */
+    MHD_socket fd;
+    long long since; /* monotonic ms of its accept */
+} s_http_conn_t;
+
 struct _kh_health_t {
     char service[32];
     char *conninfo;  /* NULL: no database check */
@@ -462,6 +470,9 @@ struct _kh_health_t {
     bool needs_rules;
     struct MHD_Daemon *daemon;
     int port;
+    /* The endpoint's open connections (its one thread's alone): the
+     * oldest gives way to a new one when all are taken. */
+    s_http_conn_t http[S_HTTP_CONNECTIONS];
     atomic_bool sockets, rules, db;
     bool gauges_failed; /* the last gauge query failed (probe thread) */
     _Atomic(const char *) fault; /* kh_health_set_fault; NULL: none */
@@ -783,6 +794,40 @@ static char *s_metrics(const kh_health_t *self)
     return text;
 }
 
+/* Keeps the endpoint's connections to S_HTTP_CONNECTIONS: a new one past
+ * them takes the place of the oldest, which is shut down (the library then
+ * closes it). Peers that hold connections open, sending a request a byte
+ * at a time, so keep none of them long once others come: a probe's
+ * connection ends the oldest. The library calls this on its one thread,
+ * and tells of a connection's close before it closes the socket, so the
+ * descriptor shut down is still that connection's. */
+static void s_http_notify(void *cls, struct MHD_Connection *connection,
+                          void **socket_context,
+                          enum MHD_ConnectionNotificationCode code)
+{
+    kh_health_t *self = cls;
+    s_http_conn_t *slot = *socket_context;
+    if (code == MHD_CONNECTION_NOTIFY_CLOSED) {
+        if (slot && slot->conn == connection)
+            slot->conn = NULL;
+        return;
+    }
+    slot = &self->http[0];
+    for (size_t i = 0; i < S_HTTP_CONNECTIONS && slot->conn; i++) {
+        s_http_conn_t *next = &self->http[i];
+        if (!next->conn || next->since < slot->since)
+            slot = next;
+    }
+    if (slot->conn)
+        shutdown(slot->fd, SHUT_RDWR);
+    const union MHD_ConnectionInfo *info =
+        MHD_get_connection_info(connection, MHD_CONNECTION_INFO_CONNECTION_FD);
+    slot->conn = connection;
+    slot->fd = info ? info->connect_fd : MHD_INVALID_SOCKET;
+    slot->since = s_now_ms();
+    *socket_context = slot;
+}
+
 static enum MHD_Result s_handler(void *cls, struct MHD_Connection *connection,
                                  const char *url, const char *method,
                                  const char *version, const char *upload_data,
@@ -922,17 +967,18 @@ kh_health_t *kh_health_new(const kh_health_config_t *config, kh_error_t *err)
                              (v6 ? MHD_USE_IPv6 : 0);
         /* The timeout is one of silence: a client that sends its request
          * a byte every few seconds keeps its connection. One address may
-         * hold only a few of them, so that one peer reaching the port
+         * hold only a few of them, and when all are taken the oldest
+         * gives way (s_http_notify), so that peers reaching the port
          * cannot leave the probes and the scraper without an answer
          * (while 32 such connections stopped /livez for as long as they
          * lasted). */
         self->daemon = MHD_start_daemon(
             flags, 0, NULL, NULL, s_handler, self, MHD_OPTION_SOCK_ADDR,
             (const struct sockaddr *) &addr, MHD_OPTION_CONNECTION_LIMIT,
-            (unsigned int) S_HTTP_CONNECTIONS,
-            MHD_OPTION_PER_IP_CONNECTION_LIMIT,
+            (unsigned int) S_HTTP_ACCEPTED, MHD_OPTION_PER_IP_CONNECTION_LIMIT,
             (unsigned int) S_HTTP_PER_ADDRESS, MHD_OPTION_CONNECTION_TIMEOUT,
-            (unsigned int) 10, MHD_OPTION_END);
+            (unsigned int) 10, MHD_OPTION_NOTIFY_CONNECTION, s_http_notify,
+            self, MHD_OPTION_END);
         if (!self->daemon && !config->bind_optional) {
             kh_error_set(err, KH_E_CONFIG, "KH_HEALTH_ENDPOINT",
                          "cannot bind KH_HEALTH_ENDPOINT %s", endpoint);

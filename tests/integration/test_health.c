@@ -12,6 +12,7 @@
 #include <errno.h>
 #include <libpq-fe.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -1519,11 +1520,12 @@ START_TEST(status_and_health_refuse_an_endpoint_that_is_no_host_port)
 }
 END_TEST
 
-/* Connections from one address that send their request a byte at a time
- * (each byte within the idle timeout) hold the endpoint's connections:
- * they may take only a few, and /livez still answers another address.
- * (127.0.0.2 is the loopback too.) */
-START_TEST(slow_clients_of_one_address_leave_livez_answering)
+/* Connections that send their request a byte at a time (each byte within
+ * the idle timeout) hold the endpoint's connections: one address may take
+ * only a few, and when all are taken by several addresses the oldest gives
+ * way, so /livez still answers another address. (127.0.0.0/8 is all
+ * loopback.) */
+START_TEST(slow_clients_leave_livez_answering)
 {
     kh_error_t err;
     kh_health_config_t cfg = {.service = "intake", .endpoint = "127.0.0.1:0"};
@@ -1533,11 +1535,17 @@ START_TEST(slow_clients_of_one_address_leave_livez_answering)
                              .sin_port =
                                  htons((uint16_t) kh_health_port(health)),
                              .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    struct sockaddr_in from = {.sin_family = AF_INET,
-                               .sin_addr.s_addr = htonl(0x7f000002)};
-    enum { S_SLOW = 40 };
+    char hostport[64];
+    snprintf(hostport, sizeof hostport, "127.0.0.1:%d", kh_health_port(health));
+    /* 10 from one address, then 8 from each of 5 more: 48, all taken. */
+    enum { S_SLOW = 50, S_ADDRESSES = 6 };
     int slow[S_SLOW];
     for (int i = 0; i < S_SLOW; i++) {
+        int address = i < 10 ? 0 : 1 + (i - 10) / 8;
+        struct sockaddr_in from = {.sin_family = AF_INET,
+                                   .sin_addr.s_addr =
+                                       htonl(0x7f000002 + (uint32_t) address)};
+        ck_assert_int_lt(address, S_ADDRESSES);
         slow[i] = socket(AF_INET, SOCK_STREAM, 0);
         ck_assert_int_ge(slow[i], 0);
         ck_assert_int_eq(bind(slow[i], (struct sockaddr *) &from, sizeof from),
@@ -1547,13 +1555,21 @@ START_TEST(slow_clients_of_one_address_leave_livez_answering)
         ck_assert_int_gt(send(slow[i], "GET /livez HTTP/1.1\r\n", 21, 0), 0);
     }
     zclock_sleep(300);
-    char hostport[64];
-    snprintf(hostport, sizeof hostport, "127.0.0.1:%d", kh_health_port(health));
-    char *body = NULL;
-    int status = kh_http_get(hostport, "/livez", 2000, &body, &err);
-    ck_assert_msg(status == 200, "/livez: %d %s", status,
-                  status < 0 ? err.message : "");
-    free(body);
+    for (int round = 0; round < 3; round++) {
+        char *body = NULL;
+        int status = kh_http_get(hostport, "/livez", 2000, &body, &err);
+        ck_assert_msg(status == 200, "/livez (%d): %d %s", round, status,
+                      status < 0 ? err.message : "");
+        free(body);
+    }
+    /* The connections that gave way were the oldest: the first address's
+     * are ended, the newest address's still open. */
+    char byte;
+    struct pollfd first = {.fd = slow[0], .events = POLLIN};
+    ck_assert_int_eq(poll(&first, 1, 2000), 1);
+    ck_assert_int_le(recv(slow[0], &byte, 1, MSG_DONTWAIT), 0);
+    ck_assert_int_eq(recv(slow[S_SLOW - 1], &byte, 1, MSG_DONTWAIT), -1);
+    ck_assert_int_eq(errno, EAGAIN);
     for (int i = 0; i < S_SLOW; i++)
         close(slow[i]);
     kh_health_destroy(&health);
@@ -1632,7 +1648,7 @@ int main(void)
                    status_and_health_refuse_an_endpoint_that_is_no_host_port);
     suite_add_tcase(suite, reference);
     TCase *http = tcase_create("http");
-    tcase_add_test(http, slow_clients_of_one_address_leave_livez_answering);
+    tcase_add_test(http, slow_clients_leave_livez_answering);
     tcase_add_test(http, a_slow_gauge_query_leaves_the_database_up);
     tcase_set_timeout(http, 60);
     suite_add_tcase(suite, http);
