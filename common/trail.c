@@ -221,8 +221,8 @@ int kh_trail_parse_time(const char *text, int64_t *at_us)
 }
 
 /* Sync the directory that holds path, so that a rename or link in it
- * lasts. */
-static void s_sync_dir_of(const char *path)
+ * lasts: 0, or -1 with errno set. */
+static int s_sync_dir_of(const char *path)
 {
     char dir[4096];
     snprintf(dir, sizeof dir, "%s", path);
@@ -234,10 +234,13 @@ static void s_sync_dir_of(const char *path)
     else
         snprintf(dir, sizeof dir, ".");
     int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd >= 0) {
-        fsync(fd);
-        close(fd);
-    }
+    if (fd < 0)
+        return -1;
+    int rc = fsync(fd);
+    int e = errno;
+    close(fd);
+    errno = e;
+    return rc;
 }
 
 /* Write text to path whole or not at all: into a new file beside it with
@@ -273,7 +276,10 @@ static int s_write_key(const char *path, const char *text, mode_t mode,
         return kh_error_set(err, KH_E_IO, path, "cannot write key file: %s",
                             saved == EEXIST ? "it exists already"
                                             : strerror(saved));
-    s_sync_dir_of(path);
+    if (s_sync_dir_of(path) != 0)
+        return kh_error_set(err, KH_E_IO, path,
+                            "cannot sync the key file's directory: %s",
+                            strerror(errno));
     return 0;
 }
 

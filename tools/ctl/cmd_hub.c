@@ -70,7 +70,8 @@ static int s_save(zcert_t *cert, const char *out, const char *pub,
         else
             unlink(secret);
     }
-    kh_partner_sync_path(out);
+    if (kh_partner_sync_path(out) != 0)
+        rc = -1; /* in place, but may not last a crash */
     unlink(tpub);
     unlink(tsecret);
     unlink(old);
