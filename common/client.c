@@ -489,6 +489,10 @@ int kh_client_delivery_check(const json_t *deliver, json_t **payload,
     json_error_t jerr;
     json_t *doc = json_loadb(json_string_value(text), json_string_length(text),
                              JSON_REJECT_DUPLICATES, &jerr);
+    if (!doc && json_error_code(&jerr) == json_error_out_of_memory) {
+        kh_error_set(err, KH_E_NOMEM, "payload", "out of memory");
+        return -2; /* a re-send may find the memory */
+    }
     if (!json_is_object(doc)) {
         json_decref(doc);
         return kh_error_set(err, KH_E_BAD_ENVELOPE, "payload",

@@ -103,7 +103,8 @@ json_t *kh_client_recv(kh_client_t *self, int timeout_ms, kh_error_t *err);
  * that payload is a JSON object. Returns 0 and *payload (a new object,
  * caller owns it); -1 when the message is malformed (it will not get
  * better when sent again); -2 when the payload does not match its hash
- * (damaged on the way: NACK it for a re-send). */
+ * (damaged on the way) or memory ran out reading it: NACK it for a
+ * re-send. */
 int kh_client_delivery_check(const json_t *deliver, json_t **payload,
                              kh_error_t *err);
 

@@ -304,6 +304,16 @@ START_TEST(test_usage)
                      "--dir", "/nonexistent/dir", NULL};
     ck_assert_int_eq(khtest_run(nodir, &out), 2);
     free(out);
+    /* An empty command would run sh -c '' and ACK every delivery. */
+    const char *empties[] = {"", " \t"};
+    for (size_t i = 0; i < 2; i++) {
+        char *empty[] = {PARTNER, "--hub-cert", "x",      "--cert",
+                         "y",     "listen",     "--exec", (char *) empties[i],
+                         NULL};
+        ck_assert_int_eq(khtest_run(empty, &out), 2);
+        ck_assert_ptr_nonnull(strstr(out, "--exec needs a command"));
+        free(out);
+    }
     char *help[] = {PARTNER, "listen", "--help", NULL};
     ck_assert_int_eq(khtest_run(help, &out), 0);
     ck_assert_ptr_nonnull(strstr(out, "--exec CMD"));
@@ -530,6 +540,13 @@ START_TEST(test_dir_name_taken)
     ck_assert_int_eq(rmdir(taken), 0);
     s_hub_send(&h, s_deliver(D1, 2, "{\"summary\":\"x\"}", NULL, "high"));
     s_expect(&h, D1, NULL);
+    /* A symbolic link at the name, even to a regular file, is not the
+     * delivery stored: never followed, it is NACKed too. */
+    char *linked = s_path(out, D2 ".json");
+    ck_assert_int_eq(symlink(taken, linked), 0);
+    s_hub_send(&h, s_deliver(D2, 1, "{\"summary\":\"y\"}", NULL, "high"));
+    s_expect(&h, D2, "retry");
+    free(linked);
     json_error_t jerr;
     json_t *doc = json_load_file(taken, 0, &jerr);
     ck_assert_ptr_nonnull(doc);

@@ -302,7 +302,8 @@ static int s_existing(s_listener_t *self, const char *id)
 {
     char final[48];
     snprintf(final, sizeof final, "%s.json", id);
-    int fd = openat(self->dirfd, final, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    int fd = openat(self->dirfd, final,
+                    O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOFOLLOW);
     if (fd < 0)
         return errno == ENOENT ? 0 : -1;
     struct stat st;
@@ -509,7 +510,9 @@ static void s_deliver(s_listener_t *self, const json_t *msg)
         return;
     }
     if (rc == -2) {
-        s_log_delivery(msg, "nack_retry", "payload_sha256_mismatch");
+        s_log_delivery(msg, "nack_retry",
+                       err.code == KH_E_NOMEM ? "out_of_memory"
+                                              : "payload_sha256_mismatch");
         s_answer(self, id, true, false);
         return;
     }
@@ -585,6 +588,16 @@ static void s_deliver(s_listener_t *self, const json_t *msg)
 }
 
 /* A reply to an ACK or NACK (cid "ack:ID" / "nack:ID"). */
+/* The wait an answer asks for, ms: at most 10 minutes (the hub's own
+ * longest backoff), so that a wrong value can neither overflow the time
+ * it is added to nor leave the listener waiting for ever. */
+static json_int_t s_retry_after(const json_t *msg)
+{
+    json_int_t after =
+        json_integer_value(json_object_get(msg, "retry_after_ms"));
+    return after < 0 ? 0 : after > 600000 ? 600000 : after;
+}
+
 static void s_reply(s_listener_t *self, const json_t *msg, const char *cmd)
 {
     const char *cid = json_string_value(json_object_get(msg, "cid"));
@@ -603,8 +616,7 @@ static void s_reply(s_listener_t *self, const json_t *msg, const char *cmd)
          * again. The hub answered, so it is not silent meanwhile. */
         if (code && strcmp(code, "throttled") == 0 && cid &&
             strncmp(cid, "hello:", 6) == 0) {
-            json_int_t after =
-                json_integer_value(json_object_get(msg, "retry_after_ms"));
+            json_int_t after = s_retry_after(msg);
             self->next_hello =
                 zclock_mono() + (after > S_HELLO_MS ? after : S_HELLO_MS);
             self->last_welcome = self->next_hello;
@@ -625,8 +637,7 @@ static void s_reply(s_listener_t *self, const json_t *msg, const char *cmd)
         if (json_is_true(json_object_get(msg, "retryable")) &&
             strncmp(cid, "ack:", 4) == 0 && !self->stopping) {
             s_reack_t *again = calloc(1, sizeof *again);
-            json_int_t after =
-                json_integer_value(json_object_get(msg, "retry_after_ms"));
+            json_int_t after = s_retry_after(msg);
             if (again && strlen(id) < sizeof again->id) {
                 snprintf(again->id, sizeof again->id, "%s", id);
                 /* Never sooner than the hub asks: retry_after_ms is the
@@ -795,6 +806,12 @@ int partner_listen(int argc, char **argv, const char *endpoint,
         fprintf(stderr, "ketenhub-partner: listen takes one of --dir DIR or "
                         "--exec CMD\n");
         s_usage(stderr);
+        return S_EXIT_USAGE;
+    }
+    /* An empty command (an unset variable, say) would run sh -c '',
+     * which exits 0: every delivery ACKed and stored nowhere. */
+    if (self.exec && !self.exec[strspn(self.exec, " \t\n")]) {
+        fprintf(stderr, "ketenhub-partner: --exec needs a command\n");
         return S_EXIT_USAGE;
     }
     if (self.exec_timeout_ms && !self.exec) {
