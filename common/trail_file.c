@@ -164,7 +164,7 @@ int kh_trail_export(PGconn *conn, FILE *out, int64_t from, int64_t to,
     }
     /* Widen to whole checkpoint intervals. */
     const kh_trail_checkpoint_t *anchor = NULL;
-    int64_t end = to > 0 ? to : INT64_MAX;
+    int64_t end = INT64_MAX;
     for (size_t i = 0; i < n; i++) {
         if (cps[i].seq < from)
             anchor = &cps[i];
@@ -172,6 +172,26 @@ int kh_trail_export(PGconn *conn, FILE *out, int64_t from, int64_t to,
             end = cps[i].seq;
             break;
         }
+    }
+    /* The end is a checkpoint, which verify holds the events to: events
+     * past the last one are signed by none yet, and an export that said
+     * it ended there would read as cut short. */
+    if (to > 0 && end == INT64_MAX) {
+        if (n)
+            kh_error_set(err, KH_E_NOT_FOUND, "--to",
+                         "--to %" PRId64 " is past the last checkpoint (seq "
+                         "%" PRId64 "): give --to %" PRId64 " or less, or "
+                         "leave --to out to export up to the end",
+                         to, cps[n - 1].seq, cps[n - 1].seq);
+        else
+            kh_error_set(err, KH_E_NOT_FOUND, "--to",
+                         "there is no checkpoint yet for --to %" PRId64
+                         " to end at: leave --to out to export up to the end",
+                         to);
+        free(cps);
+        if (own)
+            kh_db_rollback_quietly(conn);
+        return -1;
     }
     /* Without an anchor, from the very first row: also one at or below seq
      * 0, put there by hand, which verify then finds. */

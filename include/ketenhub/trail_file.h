@@ -20,7 +20,9 @@ extern "C" {
 /* Write the events with from <= seq <= to (to 0: up to the sealed head)
  * to out, widened to whole checkpoint intervals: from the checkpoint
  * before `from` (its head anchors the chain; none: the genesis) up to
- * the first checkpoint at or after `to`. With events false only the
+ * the first checkpoint at or after `to` (none: KH_E_NOT_FOUND, nothing
+ * written, since events past the last checkpoint are signed by none yet
+ * and the header's end must be one). With events false only the
  * checkpoints are written (the file to publish). In the caller's
  * transaction if one is open. *count gets the events written. Returns 0
  * or -1 with err. */

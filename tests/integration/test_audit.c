@@ -1763,6 +1763,15 @@ START_TEST(auditor_options_are_checked_before_anything_runs)
     /* No UTF-8, or a C1 control: refused here, not by the database. */
     S_REFUSED("--actor", "query", "--actor", "jan\xff");
     S_REFUSED("--actor", "query", "--actor", "jan\xc2\x85");
+    /* 1 to 64 characters as the trail counts them, not bytes: 65 ASCII
+     * letters are refused, 64 characters of 4 bytes each taken. */
+    char longest[4 * 64 + 16] = "auditor:", too_long[66] = "";
+    for (int i = 0; i < 64; i++)
+        strcat(longest, "\xf0\x9f\x98\x80");
+    memset(too_long, 'a', 65);
+    ck_assert_int_eq(S_QUERY_COUNT("--actor", longest), 0);
+    ck_assert_int_eq(S_QUERY_COUNT("--actor", longest + strlen("auditor:")), 0);
+    S_REFUSED("--actor", "query", "--actor", too_long);
 
     /* A time without a zone is UTC, as the trail prints it, whatever the
      * time zone of the session: event 10 and those after it are at or
@@ -3469,7 +3478,8 @@ static void s_cut_export(const char *src, const char *dst, int64_t cp,
 START_TEST(an_export_cut_before_the_end_its_header_names_is_found)
 {
     kh_trail_checkpoint_t *cps = NULL;
-    s_sealed_thirty(&cps);
+    size_t ncps = s_sealed_thirty(&cps);
+    int64_t last_cp = cps[ncps - 1].seq;
     free(cps);
     char *dir = khtest_tmpdir();
     char path[512], cut[512];
@@ -3480,6 +3490,17 @@ START_TEST(an_export_cut_before_the_end_its_header_names_is_found)
     kh_error_t err;
     kh_error_clear(&err);
     long count = 0;
+    /* Past the last checkpoint there is none to end at: refused, nothing
+     * written, rather than a file that verify finds cut short. */
+    ck_assert_int_eq(
+        kh_trail_export(s_db, f, 1, last_cp + 1, true, &count, &err), -1);
+    ck_assert_int_eq(err.code, KH_E_NOT_FOUND);
+    ck_assert_str_eq(err.path, "--to");
+    char said[64];
+    snprintf(said, sizeof said, "checkpoint (seq %lld)", (long long) last_cp);
+    ck_assert_msg(strstr(err.message, said), "%s", err.message);
+    ck_assert_int_eq(ftell(f), 0);
+    kh_error_clear(&err);
     ck_assert_int_eq(kh_trail_export(s_db, f, 1, 20, true, &count, &err), 0);
     fclose(f);
     ck_assert_int_eq(count, 20);

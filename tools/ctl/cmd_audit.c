@@ -99,6 +99,14 @@ static bool s_matches(const char *text, const char *re)
     return ok;
 }
 
+/* Whether id (valid UTF-8) has the 1 to 64 characters of an actor id in
+ * the trail (migration 011). */
+static bool s_actor_length(const char *id)
+{
+    size_t chars = kh_utf8_length(id, strlen(id));
+    return chars >= 1 && chars <= 64;
+}
+
 static bool s_seq_arg(const char *text, int64_t *out)
 {
     char *end = NULL;
@@ -458,9 +466,10 @@ static int s_query(int argc, char **argv)
              * + = / ? & < > { } [ ] % $ #, or a login's name outside
              * ASCII (migration 025): up to 4 bytes a character. */
             if (!kh_text_plain(optarg) ||
-                (!s_matches(optarg, "^[^[:space:][:cntrl:]]{1,255}$") &&
-                 !s_matches(optarg, "^(partner|service|admin|auditor):"
-                                    "[^[:space:][:cntrl:]]{1,255}$")))
+                !s_matches(optarg, "^[^[:space:][:cntrl:]]+$") ||
+                (!s_actor_length(optarg) &&
+                 !(s_matches(optarg, "^(partner|service|admin|auditor):") &&
+                   s_actor_length(strchr(optarg, ':') + 1))))
                 return ctl_usage_error(
                     "audit query: --actor takes an actor "
                     "id (1 to 64 characters of UTF-8, no space or "
