@@ -567,7 +567,7 @@ int kh_partner_cert_install(zcert_t *cert, const char *id, const char *cert_dir,
                                       zcert_public_txt(cert)) == 0;
         zcert_destroy(&present);
         if (same)
-            return 0;
+            return 1;
         return kh_error_set(err, KH_E_CONFIG, final,
                             "a certificate for this partner already exists");
     }

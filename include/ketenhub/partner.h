@@ -167,7 +167,9 @@ zcert_t *kh_partner_cert_load_public(const char *path, const char *id,
  * hub accepts the key. Refuses to replace an existing file with another
  * key (KH_E_CONFIG); one with the same key counts as installed, so the
  * export directory may be the certificate directory itself.
- * Returns 0 or -1 with err (KH_E_IO, path = the file). */
+ * Returns 0 when it wrote the file, 1 when the same key was there
+ * already (a caller that undoes its work leaves that file alone), or -1
+ * with err (KH_E_IO, path = the file). */
 int kh_partner_cert_install(zcert_t *cert, const char *id, const char *cert_dir,
                             kh_error_t *err);
 

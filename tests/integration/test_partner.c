@@ -349,7 +349,7 @@ START_TEST(test_cert_files)
                      -1);
     ck_assert_int_eq(err.code, KH_E_CONFIG);
     zcert_destroy(&imposter);
-    ck_assert_int_eq(kh_partner_cert_install(cert, "vt-gv", cert_dir, &err), 0);
+    ck_assert_int_eq(kh_partner_cert_install(cert, "vt-gv", cert_dir, &err), 1);
     ck_assert_int_eq(kh_partner_cert_export(cert, "vt-gv", out_sub, &err), -1);
     ck_assert_int_eq(err.code, KH_E_CONFIG);
     /* The refusal names the file that is there, not one that is not. */
@@ -392,7 +392,7 @@ START_TEST(test_cert_files)
     zcert_t *other = kh_partner_cert_new("same-dir", &err);
     ck_assert_ptr_nonnull(other);
     ck_assert_int_eq(kh_partner_cert_export(other, "same-dir", same, &err), 0);
-    ck_assert_int_eq(kh_partner_cert_install(other, "same-dir", same, &err), 0);
+    ck_assert_int_eq(kh_partner_cert_install(other, "same-dir", same, &err), 1);
     ck_assert_int_eq(kh_partner_cert_install(cert, "same-dir", same, &err), -1);
     ck_assert_int_eq(err.code, KH_E_CONFIG);
     zcert_destroy(&other);
@@ -1429,6 +1429,52 @@ static void s_rotate_staged(PGconn *conn, const char *id, zcert_t *cert,
                      0);
 }
 
+/* An add whose commit is refused undoes the files it wrote, but not the
+ * partner's certificate that an administrator put in --cert-dir before
+ * and named with --public-cert: that one it did not write. */
+START_TEST(test_add_refused_keeps_the_certificate_it_found)
+{
+    PGconn *conn = s_ctl_db();
+    char *cert_dir = khtest_tmpdir();
+    char *text = NULL;
+    ck_assert_int_eq(KHTEST_CTL(&text, "migrate"), 0);
+    free(text);
+    char own[4096];
+    snprintf(own, sizeof own, "%s/avim.cert", cert_dir);
+    zcert_t *theirs = zcert_new();
+    ck_assert_int_eq(zcert_save_public(theirs, own), 0);
+    zcert_destroy(&theirs);
+    khtest_db_exec(conn,
+                   "CREATE FUNCTION kh_test_cut() RETURNS trigger"
+                   " LANGUAGE plpgsql AS $$ BEGIN"
+                   " RAISE EXCEPTION 'refused at commit'; END $$",
+                   0, NULL);
+    khtest_db_exec(conn,
+                   "CREATE CONSTRAINT TRIGGER kh_test_cut AFTER INSERT ON"
+                   " partners DEFERRABLE INITIALLY DEFERRED FOR EACH ROW"
+                   " EXECUTE FUNCTION kh_test_cut()",
+                   0, NULL);
+    int rc =
+        KHTEST_CTL(&text, "partner", "add", "avim", "--name", "AVIM", "--kind",
+                   "police", "--cert-dir", cert_dir, "--public-cert", own);
+    ck_assert_msg(rc == 1, "add with its commit refused: %d: %s", rc, text);
+    free(text);
+    ck_assert(s_file_exists(cert_dir, "avim.cert"));
+    ck_assert_int_eq(khtest_db_count(conn, "SELECT count(*) FROM partners"), 0);
+    khtest_db_exec(conn, "DROP TRIGGER kh_test_cut ON partners", 0, NULL);
+    khtest_db_exec(conn, "DROP FUNCTION kh_test_cut()", 0, NULL);
+    /* Without the trigger it goes in, with that certificate. */
+    rc = KHTEST_CTL(&text, "partner", "add", "avim", "--name", "AVIM", "--kind",
+                    "police", "--cert-dir", cert_dir, "--public-cert", own);
+    ck_assert_msg(rc == 0, "add: %d: %s", rc, text);
+    free(text);
+    ck_assert(s_file_exists(cert_dir, "avim.cert"));
+    khtest_rmtree(cert_dir);
+    free(cert_dir);
+    PQfinish(conn);
+}
+END_TEST
+
 /* A connection lost during the COMMIT of a rotation: the tool reads on a
  * new connection whether it went through, and here it did not, so the
  * files are put back as they were and the new pair is removed. */
@@ -1814,6 +1860,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_ctl_out_apart_from_cert_dir);
     tcase_add_test(tc, test_rotate);
     tcase_add_test(tc, test_rotate_commit_lost);
+    tcase_add_test(tc, test_add_refused_keeps_the_certificate_it_found);
     tcase_add_test(tc, test_revoke_commit_refused);
     tcase_add_test(tc, test_rotate_cut_short);
     tcase_add_test(tc, test_kept_copies_of_a_rotation_cut_short_go);

@@ -363,7 +363,8 @@ static int s_add(const char *id, const char *name, kh_partner_kind_t kind,
     }
     if (rc == 0) {
         rc = kh_partner_cert_install(cert, id, cert_dir, &err);
-        installed = rc == 0;
+        installed = rc == 0; /* not when the same key was there (1) */
+        rc = rc < 0 ? -1 : 0;
     }
     /* The copies a rotation cut short kept of a partner of this id (the
      * registry has none now: a database restored without it) admit
@@ -611,9 +612,17 @@ static int s_cmd_list(int argc, char **argv)
     kh_error_clear(&err);
     int n;
     if (as_json) {
+        /* The partners and their keys from one snapshot: a rotation
+         * committed between two reads would show the old key as the
+         * partner's with an end under keys. */
         json_t *array = json_array();
-        n = array ? kh_partner_list(conn, !active, s_json_partner, array, &err)
-                  : kh_error_set(&err, KH_E_NOMEM, NULL, "out of memory");
+        n = array
+                ? kh_db_exec(conn,
+                             "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+                             &err)
+                : kh_error_set(&err, KH_E_NOMEM, NULL, "out of memory");
+        if (n == 0)
+            n = kh_partner_list(conn, !active, s_json_partner, array, &err);
         if (n >= 0 && (size_t) n != json_array_size(array))
             n = kh_error_set(&err, KH_E_NOMEM, NULL, "out of memory");
         if (n >= 0 && s_json_keys(conn, array, &err) != 0)
