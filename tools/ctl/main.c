@@ -70,6 +70,7 @@ static void s_usage(FILE *out)
             "  KH_SCHEMA_DIR        where rules --schema's default, "
             "referral.v1.json, is\n"
             "  KH_AUDIT_PUBLIC_KEY  default for audit verify --public-key\n"
+            "  KH_AUDIT_KEY         default for audit seal --key\n"
             "  KH_INTAKE_HEALTH, KH_ROUTING_HEALTH, KH_NOTIFY_HEALTH, "
             "KH_AUDIT_HEALTH\n"
             "                       the services' health endpoints for "

@@ -109,6 +109,8 @@ static void s_usage(FILE *out)
             "               below the hub's ACK timeout (default: no limit)\n"
             "endpoint: --endpoint, else KH_DELIVERY_ENDPOINT, else "
             "tcp://127.0.0.1:7703.\n"
+            "log: logfmt lines on stderr; KH_LOG_LEVEL debug, info (default), "
+            "warn or error.\n"
             "exit: 0 stopped (SIGINT, SIGTERM or --count), 2 usage, 3 key "
             "refused or revoked\n");
 }
