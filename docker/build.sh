@@ -168,6 +168,9 @@ build_image() {
   say "building $pg_image from $base"
   podman build --format docker --build-arg "BASE=$base" \
     -f "$here/docker/postgres.Dockerfile" -t "$pg_image" "$here/docker"
+  # The images these builds replaced (untagged now) and their build
+  # stages: each run would leave some hundreds of MB behind.
+  podman image prune -f >/dev/null
   podman image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' "$image"
   podman image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' "$pg_image"
 }

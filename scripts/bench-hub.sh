@@ -113,7 +113,14 @@ run_load() {
   "$build/tools/bench/ketenhub-bench" --endpoint "$intake" \
     --hub-cert "$run/hub/hub.cert" --cert "$run/keys/bench.cert" \
     $referral_args --seconds "$seconds" --json "$run/$label.json" \
-    --times "$run/$label-submitted.csv" "$@" | sed 's/^/  intake: /'
+    --times "$run/$label-submitted.csv" "$@" >"$run/$label-submit.txt" ||
+    {
+      status=$?
+      cat "$run/$label-submit.txt" >&2
+      echo "bench-hub.sh: ketenhub-bench exited $status" >&2
+      exit 1
+    }
+  sed 's/^/  intake: /' "$run/$label-submit.txt"
   wait "$receiver" || true
   cpu_after=$(cpu_now)
   sed 's/^/  partners: /' "$run/$label-receive.txt"

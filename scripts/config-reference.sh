@@ -13,8 +13,10 @@ echo "|---|---|---|---|"
 for service in intake routing notification audit; do
     bin="$build/services/$service/ketenhub-$service"
     [ -x "$bin" ] || { echo "config-reference.sh: $bin is not built" >&2; exit 1; }
+    help=$("$bin" --help 2>&1) ||
+        { echo "config-reference.sh: $bin --help failed" >&2; exit 1; }
     # Lines of --help: "  NAME  meaning (default: VALUE)".
-    "$bin" --help 2>&1 | awk -v service="$service" '
+    printf '%s\n' "$help" | awk -v service="$service" '
         /^  KH_[A-Z0-9_]+ / {
             name = $1
             line = $0

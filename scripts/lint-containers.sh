@@ -2,8 +2,8 @@
 # Lint the container files: the Dockerfiles with dockerfilelint and
 # dockerfile-utils, the compose files with dclint and `docker-compose config
 # -q` (which validates without a daemon). The npm linters are installed at
-# pinned versions into a cache directory the first time; docker-compose
-# comes from Debian (installed when missing and run as root).
+# pinned versions into a cache directory the first time (Node.js and npm,
+# like docker-compose, come from Debian when missing and run as root).
 #   scripts/lint-containers.sh
 # Environment: KH_LINT_CACHE (default ~/.cache/ketenhub-lint).
 set -eu
@@ -16,7 +16,12 @@ die() {
   exit 1
 }
 
-command -v npm >/dev/null || die "npm is missing (Node.js and npm are needed)"
+if ! command -v npm >/dev/null; then
+  [ "$(id -u)" -eq 0 ] || die "npm is missing (apt-get install nodejs npm)"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+    --no-install-recommends nodejs npm >/dev/null
+fi
 if [ "$(cat "$cache/pins" 2>/dev/null || true)" != "$pins" ]; then
   rm -rf "$cache"
   mkdir -p "$cache"

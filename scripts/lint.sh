@@ -1,6 +1,6 @@
 #!/bin/sh
-# Style and static checks: clang-format (one style), cppcheck, shellcheck
-# when it is installed. Exits non-zero on any finding.
+# Style and static checks: clang-format (one style), cppcheck, shellcheck.
+# Exits non-zero on any finding.
 set -eu
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
@@ -11,7 +11,7 @@ clang-format --dry-run --Werror $files
 # shellcheck disable=SC2086
 cppcheck --quiet --error-exitcode=1 --enable=warning,performance,portability \
   --inline-suppr --std=c11 -I include $files
-if command -v shellcheck >/dev/null 2>&1; then
-  shellcheck scripts/*.sh docker/*.sh tests/*.sh .ci/run
-fi
+command -v shellcheck >/dev/null 2>&1 ||
+  { echo "lint.sh: shellcheck is missing (scripts/setup.sh installs it)" >&2; exit 1; }
+shellcheck scripts/*.sh docker/*.sh tests/*.sh .ci/run
 echo "lint: clean"

@@ -11,7 +11,7 @@ build=${1:-"$here/build"}
 packages="build-essential cmake pkg-config git ca-certificates
   libzmq3-dev libczmq-dev libmsgpack-dev libpq-dev check libsodium-dev
   libjansson-dev libyaml-dev libmicrohttpd-dev postgresql python3 python3-jsonschema
-  clang-format cppcheck clang libclang-rt-14-dev"
+  clang-format cppcheck shellcheck clang libclang-rt-14-dev"
 
 missing=""
 for p in $packages; do

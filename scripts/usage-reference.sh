@@ -20,10 +20,19 @@ done
 # The "usage:" block of a --help text, up to its first empty line, with
 # "usage: " and the indentation of further synopses taken off.
 synopsis() {
-  "$@" --help 2>&1 | awk '
+  help=$("$@" --help 2>&1) || {
+    echo "usage-reference.sh: $* --help failed" >&2
+    exit 1
+  }
+  lines=$(printf '%s\n' "$help" | awk '
     /^usage: / { on = 1; sub(/^usage: /, ""); print; next }
     on && /^$/ { exit }
-    on { sub(/^       /, ""); print }'
+    on { sub(/^       /, ""); print }')
+  [ -n "$lines" ] || {
+    echo "usage-reference.sh: $* --help has no usage: lines" >&2
+    exit 1
+  }
+  printf '%s\n' "$lines"
 }
 
 reference() {
@@ -42,7 +51,8 @@ reference() {
 if [ "${2:-}" = --check ]; then
   file=${3:?--check wants a file}
   missing=0
-  reference | while IFS= read -r line; do
+  ref=$(reference) # a --help that fails stops the check
+  printf '%s\n' "$ref" | while IFS= read -r line; do
     [ "$line" = '```' ] || [ -z "$line" ] && continue
     grep -qxF -- "$line" "$file" || {
       echo "usage-reference.sh: not in $file: $line" >&2
