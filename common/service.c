@@ -44,9 +44,10 @@ int kh_signals_take(int fd, bool *stopping, bool *hup)
 {
     int signo;
     while ((signo = kh_signals_read(fd)) > 0) {
-        if (signo == SIGHUP && hup)
+        if (signo == SIGHUP && hup) {
+            kh_log_info("sighup", "action=later");
             *hup = true;
-        else if (signo == SIGHUP)
+        } else if (signo == SIGHUP)
             kh_log_info("sighup", "action=none");
         else {
             kh_log_info("stopping", "signal=%d", signo);

@@ -41,8 +41,8 @@ int kh_signals_open(void);
 int kh_signals_read(int fd);
 
 /* Read every pending signal from fd, for a loop's signal handler: SIGTERM
- * and SIGINT are logged (event=stopping) and set *stopping; SIGHUP sets
- * *hup, or, when hup is NULL, is logged and ignored. Returns -1 when a
+ * and SIGINT are logged (event=stopping) and set *stopping; SIGHUP is
+ * logged and sets *hup, or, when hup is NULL, is ignored. Returns -1 when a
  * stop was asked (now or before: the loop ends), else 0. */
 int kh_signals_take(int fd, bool *stopping, bool *hup);
 

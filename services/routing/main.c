@@ -6,6 +6,7 @@
  */
 #include <czmq.h>
 #include <poll.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -134,7 +135,7 @@ static int s_main(int argc, char **argv)
      * (its tables or columns missing: 42P01, 42703): wait for it, as the
      * other services do, until it answers or a SIGTERM comes. */
     routing_t *routing = routing_new(&config, &err);
-    bool stopping = false;
+    bool stopping = false, hup = false;
     for (int wait_ms = 0; routing && routing_start(routing, &err);) {
         if (err.code != KH_E_UNAVAILABLE &&
             strcmp(err.sqlstate, "42P01") != 0 &&
@@ -151,7 +152,7 @@ static int s_main(int argc, char **argv)
         }
         struct pollfd pfd = {signal_fd, POLLIN, 0};
         if (poll(&pfd, 1, ms) > 0 &&
-            kh_signals_take(signal_fd, &stopping, NULL) < 0) {
+            kh_signals_take(signal_fd, &stopping, &hup) < 0) {
             routing_destroy(&routing);
             kh_health_destroy(&health);
             close(signal_fd);
@@ -173,6 +174,12 @@ static int s_main(int argc, char **argv)
      * failed reload keeps them. */
     kh_health_set_sockets(health, true);
     kh_health_set_rules(health, true);
+    /* A SIGHUP while it waited may have come after the rules were read
+     * (the first attempt that connects reads them): the loop reloads for
+     * it, as for one that comes now (blocked, it is read from
+     * signal_fd). */
+    if (hup)
+        raise(SIGHUP);
     int rc = routing_run(routing, signal_fd);
     kh_health_destroy(&health);
     routing_destroy(&routing);

@@ -940,6 +940,7 @@ static int s_pass(routing_t *self)
     if (s_pass_connect(self) || s_settle(self, false))
         return -1;
     kh_error_t err;
+    kh_error_clear(&err);
     int64_t started = zclock_mono();
     size_t deliveries = self->deliveries;
     char limit[24], bytes[24];
@@ -1018,10 +1019,13 @@ fail:;
     bool again = res && s_data_failure(&err) && s_isolate(self, res, &err);
     /* The connection lost with the COMMIT's answer: whether the pass
      * committed is asked on the next one (s_settle). Notification finds
-     * its deliveries at its next sweep. */
+     * its deliveries at its next sweep. A server gone away in pipeline
+     * mode can leave PQstatus at CONNECTION_OK with a failure of no
+     * SQLSTATE (db.c, kh_db_pipeline_end): that too is a lost answer. */
     zhashx_purge(self->targets);
-    if (committing && PQstatus(self->conn) != CONNECTION_OK &&
-        PQntuples(res) > 0) {
+    if (committing && PQntuples(res) > 0 &&
+        (PQstatus(self->conn) != CONNECTION_OK || !*err.sqlstate ||
+         kh_db_session_ended(err.sqlstate))) {
         s_settle(self, true); /* one before it still in progress */
         snprintf(self->unsure_xid, sizeof self->unsure_xid, "%s",
                  PQgetvalue(res, 0, 4));

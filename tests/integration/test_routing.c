@@ -1049,6 +1049,31 @@ START_TEST(started_before_the_migrations_it_waits_for_them)
 }
 END_TEST
 
+/* A SIGHUP while routing waits to record its start (the rules read, the
+ * trail's table not there yet) is not lost: once started, it reloads the
+ * file as it is now. */
+START_TEST(sighup_while_it_waits_to_start_reloads_once_started)
+{
+    khtest_db_exec(s_db, "ALTER TABLE audit_events RENAME TO audit_later", 0,
+                   NULL);
+    s_write_default_rules();
+    pid_t pid = s_start(s_endpoint(), s_path("rules.yaml"), 50, "routing.log");
+    bool waited = s_log_has("routing.log", "sqlstate 42P01", 10000);
+    char want[65];
+    s_edit_rules(want);
+    ck_assert_int_eq(kill(pid, SIGHUP), 0);
+    /* read while it waits (action=later; it was action=none) */
+    bool told = s_log_has("routing.log", "event=sighup", 5000);
+    khtest_db_exec(s_db, "ALTER TABLE audit_later RENAME TO audit_events", 0,
+                   NULL);
+    ck_assert_msg(waited && told, "see %s", s_path("routing.log"));
+    ck_assert(s_log_has("routing.log", "event=ready", 15000));
+    s_assert_reloaded(want, 15000);
+    int status = khproc_stop(pid, SIGTERM, 5000);
+    ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+}
+END_TEST
+
 /* A rules file replaced by a FIFO (or anything that is not a regular
  * file): the reload is refused at once and audited, routing goes on by the
  * old rules instead of waiting for a writer that never comes. */
@@ -1737,6 +1762,7 @@ int main(void)
     tcase_set_timeout(away, 60);
     tcase_add_test(away, a_database_away_is_tried_ever_more_slowly);
     tcase_add_test(away, started_before_the_migrations_it_waits_for_them);
+    tcase_add_test(away, sighup_while_it_waits_to_start_reloads_once_started);
     suite_add_tcase(suite, away);
     return khtest_run_suite(suite);
 }
