@@ -70,8 +70,10 @@
 /* The CTE name: the sent deliveries of partner $1 (handling cases, and
  * admitted by the connection's key $10: see s_claim_pending_sql) with
  * attempts left (fewer than $6) for which where holds, from the index of
- * sent ones by due time; up to limit of them, the first due first,
- * locked; with their rank and age, the order they are sent in. */
+ * sent ones by due time; up to limit of them, most urgent then oldest
+ * first (the order they are sent in: taken in the order they fell due,
+ * an urgent one waited behind normal ones due sooner when more were due
+ * than the window took), locked; with their rank and age. */
 #define S_SENT(name, where, limit)                                             \
     " " name " AS (SELECT id, priority_rank, created_at FROM deliveries"       \
     " WHERE state = 'delivered' AND " where " AND partner_id = $1"             \
@@ -79,7 +81,8 @@
     "   JOIN partner_keys k ON k.partner_id = p.id WHERE p.id = $1"            \
     "   AND p.handles_cases AND k.curve_public_key = $10"                      \
     "   AND" KH_PARTNER_KEY_ADMITS ")"                                         \
-    " ORDER BY next_attempt_at LIMIT " limit " FOR UPDATE SKIP LOCKED),"
+    " ORDER BY priority_rank DESC, created_at LIMIT " limit                    \
+    " FOR UPDATE SKIP LOCKED),"
 
 /* $1 partner, $2 credit, $3 reclaim, $4 ACK timeout ms, $5 backoff max
  * ms, $6 max attempts, $7 peer, $8 ids a reclaim leaves alone, $9 ids out

@@ -3141,6 +3141,65 @@ START_TEST(an_urgent_delivery_goes_before_an_overdue_normal_resend)
 }
 END_TEST
 
+/* Sent deliveries to avim, two normal and then one urgent, whose re-sends
+ * are due at the times given (intervals from now, the urgent one's
+ * last): with a window of 1 the urgent one is re-sent first all the same,
+ * then the normal ones, the one sent first first; count of them are
+ * waited for. */
+static void s_urgent_resent_first(const char *normal_due,
+                                  const char *urgent_due, int count)
+{
+    char ids[3][37], got[8][37];
+    int ngot = 0;
+    s_delivery("avim", "normal", 60000, NULL, ids[0]);
+    s_delivery("avim", "normal", 50000, NULL, ids[1]);
+    s_delivery("avim", "urgent", 40000, NULL, ids[2]);
+    for (int i = 0; i < 3; i++) {
+        /* the first normal one due a minute before the second */
+        const char *params[] = {ids[i], i < 2 ? normal_due : urgent_due,
+                                i == 0 ? "1 minute" : "0"};
+        khtest_db_exec(s_db,
+                       "UPDATE deliveries SET state = 'delivered',"
+                       " attempts = 1, sent_at = now() - interval '1 hour',"
+                       " next_attempt_at = now() + $2::interval - $3::interval"
+                       " WHERE id = $1",
+                       3, params);
+    }
+    pid_t pid = s_start_slow(60000, 60000);
+    zsock_t *avim = s_partner("avim");
+    s_hello(avim, 1);
+    for (int i = 0; i < count; i++) {
+        int want = (i + 2) % 3; /* urgent, then the normal ones */
+        ck_assert_ptr_null(s_next_noting(avim, 1000, got, 8, &ngot));
+        ck_assert_int_eq(ngot, i + 1);
+        ck_assert_msg(strcmp(got[i], ids[want]) == 0,
+                      "re-send %d is %s, not %s", i, got[i], ids[want]);
+        s_answer(avim, got[i], NULL);
+        json_t *msg = s_expect(avim, "ACKED", 1500);
+        ck_assert_ptr_nonnull(msg);
+        json_decref(msg);
+    }
+    zsock_destroy(&avim);
+    s_stop(pid);
+}
+
+/* More re-sends due than the window holds: they take it most urgent
+ * first, as pending deliveries do, not in the order they fell due (an
+ * urgent one waited behind normal ones due sooner). */
+START_TEST(overdue_resends_go_most_urgent_first)
+{
+    s_urgent_resent_first("-2 minutes", "-10 seconds", 3);
+}
+END_TEST
+
+/* So does a reclaim, which re-sends at once, as far as the window goes,
+ * what a partner coming back had unanswered (the rest when due). */
+START_TEST(a_reclaim_resends_most_urgent_first)
+{
+    s_urgent_resent_first("10 minutes", "50 minutes", 1);
+}
+END_TEST
+
 /* A loop held up by the database (an ACK batch waiting out its
  * lock_timeout of 5 s) finds no connection silent afterwards for the
  * frames it had not read meanwhile: the partner, PINGing every 300 ms,
@@ -4179,6 +4238,8 @@ static Suite *s_suite(void)
     tcase_set_timeout(priority, 60);
     tcase_add_test(priority,
                    an_urgent_delivery_goes_before_an_overdue_normal_resend);
+    tcase_add_test(priority, overdue_resends_go_most_urgent_first);
+    tcase_add_test(priority, a_reclaim_resends_most_urgent_first);
     tcase_add_test(priority,
                    an_urgent_retry_goes_before_a_backlog_that_fills_the_window);
     suite_add_tcase(suite, priority);
