@@ -786,9 +786,10 @@ struct kh_trail_sealer_t {
     int64_t bound; /* the sequence's last value when it was taken */
     char *vxids;   /* array literal of the transactions to wait for */
     bool prepared; /* and prepared ones were there (pg_prepared_xacts) */
-    int64_t pending_since; /* when the pending bound was taken (µs) */
-    int64_t cp_seq;        /* last checkpoint */
-    int64_t cp_at_us;      /* when it was made (0: none) */
+    int64_t
+        pending_since; /* when the pending bound was taken (µs, s_mono_us) */
+    int64_t cp_seq;    /* last checkpoint */
+    int64_t cp_at_us;  /* when it was made (0: none) */
     /* The highest sealed head and checkpoint this sealer has seen or
      * written: neither ever goes down while it runs. */
     int64_t seen_head, seen_cp;
@@ -825,11 +826,24 @@ void kh_trail_sealer_destroy(kh_trail_sealer_t **self_p)
     *self_p = NULL;
 }
 
-static int64_t s_now_us(void)
+/* µs on clock: CLOCK_REALTIME for the times a checkpoint is signed with,
+ * CLOCK_MONOTONIC for waits (which a step of the wall clock must neither
+ * end nor stretch). */
+static int64_t s_clock_us(clockid_t clock)
 {
     struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
+    clock_gettime(clock, &ts);
     return (int64_t) ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+static int64_t s_now_us(void)
+{
+    return s_clock_us(CLOCK_REALTIME);
+}
+
+static int64_t s_mono_us(void)
+{
+    return s_clock_us(CLOCK_MONOTONIC);
 }
 
 /* Insert a checkpoint at (seq, head), signed now. */
@@ -1316,7 +1330,7 @@ static int s_take_bound(kh_trail_sealer_t *self, PGconn *conn, kh_error_t *err)
     if (!self->vxids)
         return kh_error_set(err, KH_E_NOMEM, NULL, "out of memory");
     self->pending = true;
-    self->pending_since = s_now_us();
+    self->pending_since = s_mono_us();
     return 0;
 }
 
@@ -1399,7 +1413,7 @@ long kh_trail_sealer_flush(kh_trail_sealer_t *self, PGconn *conn,
 {
     self->pending = self->partial = false; /* from a bound taken now */
     long total = 0;
-    int64_t deadline = s_now_us() + (int64_t) timeout_ms * 1000;
+    int64_t deadline = s_mono_us() + (int64_t) timeout_ms * 1000;
     if (s_take_bound(self, conn, err) != 0)
         return -1;
     int64_t target = self->bound;
@@ -1409,7 +1423,7 @@ long kh_trail_sealer_flush(kh_trail_sealer_t *self, PGconn *conn,
             return -1;
         total += n;
         if (n > 0) /* the time is for waiting, not for sealing */
-            deadline = s_now_us() + (int64_t) timeout_ms * 1000;
+            deadline = s_mono_us() + (int64_t) timeout_ms * 1000;
         /* Done when the seals reach every event at or below target. */
         char sql[256];
         snprintf(sql, sizeof sql,
@@ -1423,7 +1437,7 @@ long kh_trail_sealer_flush(kh_trail_sealer_t *self, PGconn *conn,
         PQclear(res);
         if (done)
             return total;
-        if (s_now_us() > deadline)
+        if (s_mono_us() > deadline)
             return kh_error_set(err, KH_E_TIMEOUT, NULL,
                                 "transactions still running, not sealed");
         usleep(10000);
@@ -1439,7 +1453,7 @@ int64_t kh_trail_sealer_waiting_ms(const kh_trail_sealer_t *self)
 {
     if (!self->pending || self->partial || !s_waits(self))
         return 0;
-    return (s_now_us() - self->pending_since) / 1000;
+    return (s_mono_us() - self->pending_since) / 1000;
 }
 
 int kh_trail_sealer_checkpoint(kh_trail_sealer_t *self, PGconn *conn,
