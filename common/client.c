@@ -25,6 +25,8 @@ struct _kh_client_t {
     int retries;
     bool interrupted; /* a signal ended the last wait for a reply */
     bool unconnected; /* refused at the handshake: connect before a send */
+    uint64_t dropped; /* frames received that were no message */
+    kh_error_t dropped_why; /* the last one's */
 };
 
 static zcert_t *s_load_cert(const char *path, bool need_secret, kh_error_t *err)
@@ -416,11 +418,23 @@ json_t *kh_client_recv(kh_client_t *self, int timeout_ms, kh_error_t *err)
         if (rc == 0 && json_is_object(msg) &&
             json_is_string(json_object_get(msg, "cmd")))
             return msg;
+        if (rc == 0)
+            kh_error_set(&decode_err, KH_E_BAD_ENVELOPE, "cmd",
+                         "not a map with a cmd");
+        self->dropped++;
+        self->dropped_why = decode_err;
         json_decref(msg);
     } while ((left = deadline - zclock_mono()) > 0);
     kh_error_set(err, KH_E_TIMEOUT, "", "nothing from the hub within %d ms",
                  timeout_ms);
     return NULL;
+}
+
+uint64_t kh_client_dropped(const kh_client_t *self, kh_error_t *why)
+{
+    if (why)
+        *why = self->dropped_why;
+    return self->dropped;
 }
 
 static bool s_hex64(const char *s)

@@ -14,6 +14,7 @@
 
 #include <jansson.h>
 #include <stdbool.h>
+#include <stdint.h>
 
 #include "ketenhub/error.h"
 
@@ -95,8 +96,13 @@ int kh_client_nack(kh_client_t *self, const char *delivery_id, bool permanent,
  * interrupted by a signal), KH_E_UNKNOWN_PARTNER when the hub refused
  * this key in the handshake. A frame may hold a string of up to 1 MiB
  * (a DELIVER's payload) and that string's envelope. Frames that are not
- * a valid envelope are dropped and waiting goes on. */
+ * a valid envelope are dropped and waiting goes on (kh_client_dropped
+ * counts them). */
 json_t *kh_client_recv(kh_client_t *self, int timeout_ms, kh_error_t *err);
+
+/* How many frames kh_client_recv dropped so far, and into why (when not
+ * NULL) the last one's reason: code, field path and message. */
+uint64_t kh_client_dropped(const kh_client_t *self, kh_error_t *why);
 
 /* Check a DELIVER message: its fields and types (KH_E_BAD_ENVELOPE with
  * the field's path), that payload_sha256 is the SHA-256 of payload, and

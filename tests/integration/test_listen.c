@@ -937,6 +937,32 @@ START_TEST(test_hub_silent_from_start)
 }
 END_TEST
 
+/* A frame from the hub that is no message (not MessagePack, or no map
+ * with a cmd) cannot be answered: the log says it was dropped and why,
+ * and the deliveries after it are stored as ever. */
+START_TEST(test_frame_dropped_is_logged)
+{
+    s_hub_t h;
+    s_hub_new(&h, true);
+    char *out = h.out, *log = h.log;
+    char *mode[] = {"--dir", out, NULL};
+    pid_t pid = s_spawn(&h, log, mode, NULL);
+    s_hub_await_hello(&h, 5000);
+    zmsg_t *m = zmsg_new();
+    zmsg_append(m, &(zframe_t *){zframe_dup(h.peer)});
+    zmsg_addmem(m, "\xc1", 1); /* a byte MessagePack never uses */
+    ck_assert_int_eq(zmsg_send(&m, h.router), 0);
+    ck_assert_msg(khtest_log_has(log, "event=frame_dropped count=1", 5000),
+                  "no frame_dropped in %s", log);
+    s_hub_send(&h, s_deliver(D1, 1, "{\"summary\":\"x\"}", NULL, "high"));
+    s_expect(&h, D1, NULL);
+    int status = khproc_stop(pid, SIGTERM, 5000);
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "status %d",
+                  status);
+    s_hub_destroy(&h);
+}
+END_TEST
+
 /* A HELLO refused throttled (the partner has as many connections as the
  * hub serves) is sent again only after retry_after_ms, and the hub, which
  * answered, is not taken for silent meanwhile. */
@@ -1010,6 +1036,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_dir_large_delivery);
     tcase_add_test(tc, test_dir_stale_same_pid);
     tcase_add_test(tc, test_hub_silent_from_start);
+    tcase_add_test(tc, test_frame_dropped_is_logged);
     tcase_add_test(tc, test_hello_throttled_waits);
     tcase_add_test(tc, test_ack_unavailable_waits);
     suite_add_tcase(s, tc);

@@ -59,9 +59,10 @@ typedef struct {
     const char *exec;
     int exec_timeout_ms; /* --exec-timeout; 0: none */
     int window;
-    long count;      /* 0: no limit */
-    long done;       /* deliveries stored (or accepted by CMD) */
-    int unconfirmed; /* ACKs and NACKs sent without a reply yet */
+    long count;       /* 0: no limit */
+    long done;        /* deliveries stored (or accepted by CMD) */
+    uint64_t dropped; /* frames the client dropped, as last logged */
+    int unconfirmed;  /* ACKs and NACKs sent without a reply yet */
     int64_t next_hello, last_welcome; /* last_welcome: or the start */
     bool connected; /* a WELCOME came since the start or the last silence */
     bool silent;    /* hub_silent logged, and no WELCOME since */
@@ -733,6 +734,17 @@ static int s_loop(s_listener_t *self)
         if (!msg && err.code == KH_E_UNKNOWN_PARTNER) {
             kh_log_error("key_refused", "code=%s", kh_error_name(err.code));
             return S_EXIT_UNREACHABLE;
+        }
+        kh_error_t why;
+        uint64_t dropped = kh_client_dropped(self->client, &why);
+        if (dropped > self->dropped) {
+            /* Unanswered, it comes again until it is a dead letter: the
+             * log says why, for the hub's administrators. */
+            kh_log_error(
+                "frame_dropped", "count=%llu code=%s path=%s msg=\"%s\"",
+                (unsigned long long) (dropped - self->dropped),
+                kh_error_name(why.code), why.path, KH_LOG_Q(why.message));
+            self->dropped = dropped;
         }
         if (!msg)
             s_check_silence(self);
