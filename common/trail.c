@@ -221,8 +221,8 @@ int kh_trail_parse_time(const char *text, int64_t *at_us)
 }
 
 /* Sync the directory that holds path, so that a rename or link in it
- * lasts: 0, or -1 with errno set. */
-static int s_sync_dir_of(const char *path)
+ * lasts. */
+static void s_sync_dir_of(const char *path)
 {
     char dir[4096];
     snprintf(dir, sizeof dir, "%s", path);
@@ -234,13 +234,10 @@ static int s_sync_dir_of(const char *path)
     else
         snprintf(dir, sizeof dir, ".");
     int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0)
-        return -1;
-    int rc = fsync(fd);
-    int e = errno;
-    close(fd);
-    errno = e;
-    return rc;
+    if (fd >= 0) {
+        fsync(fd);
+        close(fd);
+    }
 }
 
 /* Write text to path whole or not at all: into a new file beside it with
@@ -276,10 +273,7 @@ static int s_write_key(const char *path, const char *text, mode_t mode,
         return kh_error_set(err, KH_E_IO, path, "cannot write key file: %s",
                             saved == EEXIST ? "it exists already"
                                             : strerror(saved));
-    if (s_sync_dir_of(path) != 0)
-        return kh_error_set(err, KH_E_IO, path,
-                            "cannot sync the key file's directory: %s",
-                            strerror(errno));
+    s_sync_dir_of(path);
     return 0;
 }
 

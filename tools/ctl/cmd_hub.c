@@ -70,8 +70,7 @@ static int s_save(zcert_t *cert, const char *out, const char *pub,
         else
             unlink(secret);
     }
-    if (kh_partner_sync_path(out) != 0)
-        rc = -1; /* in place, but may not last a crash */
+    kh_partner_sync_path(out);
     unlink(tpub);
     unlink(tsecret);
     unlink(old);
