@@ -460,7 +460,7 @@ void kh_metrics_table(FILE *out)
 typedef struct {
     struct MHD_Connection *conn; /* NULL: free */
     MHD_socket fd;
-    long long since; /* monotonic ms of its accept */
+    unsigned long long accepted; /* its place in the order of accepts */
 } s_http_conn_t;
 
 struct _kh_health_t {
@@ -473,6 +473,7 @@ struct _kh_health_t {
     /* The endpoint's open connections (its one thread's alone): the
      * oldest gives way to a new one when all are taken. */
     s_http_conn_t http[S_HTTP_CONNECTIONS];
+    unsigned long long accepts; /* connections accepted so far */
     atomic_bool sockets, rules, db;
     bool gauges_failed; /* the last gauge query failed (probe thread) */
     _Atomic(const char *) fault; /* kh_health_set_fault; NULL: none */
@@ -815,7 +816,7 @@ static void s_http_notify(void *cls, struct MHD_Connection *connection,
     slot = &self->http[0];
     for (size_t i = 0; i < S_HTTP_CONNECTIONS && slot->conn; i++) {
         s_http_conn_t *next = &self->http[i];
-        if (!next->conn || next->since < slot->since)
+        if (!next->conn || next->accepted < slot->accepted)
             slot = next;
     }
     if (slot->conn)
@@ -824,7 +825,7 @@ static void s_http_notify(void *cls, struct MHD_Connection *connection,
         MHD_get_connection_info(connection, MHD_CONNECTION_INFO_CONNECTION_FD);
     slot->conn = connection;
     slot->fd = info ? info->connect_fd : MHD_INVALID_SOCKET;
-    slot->since = s_now_ms();
+    slot->accepted = ++self->accepts;
     *socket_context = slot;
 }
 
