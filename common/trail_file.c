@@ -177,17 +177,10 @@ int kh_trail_export(PGconn *conn, FILE *out, int64_t from, int64_t to,
      * past the last one are signed by none yet, and an export that said
      * it ended there would read as cut short. */
     if (to > 0 && end == INT64_MAX) {
-        if (n)
-            kh_error_set(err, KH_E_NOT_FOUND, "--to",
-                         "--to %" PRId64 " is past the last checkpoint (seq "
-                         "%" PRId64 "): give --to %" PRId64 " or less, or "
-                         "leave --to out to export up to the end",
-                         to, cps[n - 1].seq, cps[n - 1].seq);
-        else
-            kh_error_set(err, KH_E_NOT_FOUND, "--to",
-                         "there is no checkpoint yet for --to %" PRId64
-                         " to end at: leave --to out to export up to the end",
-                         to);
+        kh_error_set(err, KH_E_NOT_FOUND, "to",
+                     "no checkpoint at or after seq %" PRId64
+                     " to end the export at (the last is at seq %" PRId64 ")",
+                     to, n ? cps[n - 1].seq : 0);
         free(cps);
         if (own)
             kh_db_rollback_quietly(conn);

@@ -1702,6 +1702,15 @@ START_TEST(auditor_options_are_checked_before_anything_runs)
     S_REFUSED("--to", "export", "--out", "/nonexistent/x", "--from", "200",
               "--to", "100");
     S_REFUSED("--out", "export", "--out", "");
+    /* No checkpoint at or after --to to end at: refused before the access
+     * is recorded, and no file made. */
+    char *dir = khtest_tmpdir();
+    char to_path[512];
+    snprintf(to_path, sizeof to_path, "%s/trail.jsonl", dir);
+    S_REFUSED("--to", "export", "--out", to_path, "--to", "1000");
+    ck_assert_int_ne(access(to_path, F_OK), 0);
+    khtest_rmtree(dir);
+    free(dir);
     /* A file whose directory is not there: a mistyped path, as for every
      * --out and --cert-dir. */
     S_REFUSED("--out", "export", "--out", "/nonexistent/a/trail.jsonl");
@@ -3495,9 +3504,9 @@ START_TEST(an_export_cut_before_the_end_its_header_names_is_found)
     ck_assert_int_eq(
         kh_trail_export(s_db, f, 1, last_cp + 1, true, &count, &err), -1);
     ck_assert_int_eq(err.code, KH_E_NOT_FOUND);
-    ck_assert_str_eq(err.path, "--to");
+    ck_assert_str_eq(err.path, "to");
     char said[64];
-    snprintf(said, sizeof said, "checkpoint (seq %lld)", (long long) last_cp);
+    snprintf(said, sizeof said, "the last is at seq %lld", (long long) last_cp);
     ck_assert_msg(strstr(err.message, said), "%s", err.message);
     ck_assert_int_eq(ftell(f), 0);
     kh_error_clear(&err);

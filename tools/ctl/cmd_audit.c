@@ -611,6 +611,22 @@ static int s_publish(const char *tmp, const char *out)
     return rename(tmp, out);
 }
 
+/* The seq of the last checkpoint (0: none) into *last: 0, or -1 said. */
+static int s_last_checkpoint(PGconn *conn, int64_t *last)
+{
+    kh_trail_checkpoint_t *cps = NULL;
+    size_t n = 0;
+    kh_error_t err;
+    kh_error_clear(&err);
+    if (kh_trail_db_checkpoints(conn, &cps, &n, &err) != 0) {
+        ctl_print_error(&err);
+        return -1;
+    }
+    *last = n ? cps[n - 1].seq : 0;
+    free(cps);
+    return 0;
+}
+
 static int s_export(int argc, char **argv)
 {
     static const struct option options[] = {
@@ -660,6 +676,28 @@ static int s_export(int argc, char **argv)
     PGconn *conn = ctl_connect();
     if (!conn)
         return CTL_FAIL;
+    /* An export ends at a checkpoint (verify holds its events to it):
+     * --to past the last one has none to end at, and is refused before
+     * the access is recorded. */
+    int64_t last = 0;
+    bool ends = events && to > 0;
+    int checked = ends ? s_last_checkpoint(conn, &last) : 0;
+    if (checked == 0 && ends && to > last) {
+        PQfinish(conn);
+        return last ? ctl_usage_error("audit export: --to %" PRId64
+                                      " is past the last checkpoint (seq "
+                                      "%" PRId64 "): give --to %" PRId64
+                                      " or less, or leave --to out to export "
+                                      "up to the end",
+                                      to, last, last)
+                    : ctl_usage_error("audit export: there is no checkpoint "
+                                      "yet for --to to end at: leave --to out "
+                                      "to export up to the end");
+    }
+    if (checked != 0) {
+        PQfinish(conn);
+        return CTL_FAIL;
+    }
     /* Written under a name of its own and given the one asked for only
      * when whole: an export cut short (killed, a full disk, a crash)
      * must not stand under that name looking complete, since its events
