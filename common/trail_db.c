@@ -786,10 +786,10 @@ struct kh_trail_sealer_t {
     int64_t bound; /* the sequence's last value when it was taken */
     char *vxids;   /* array literal of the transactions to wait for */
     bool prepared; /* and prepared ones were there (pg_prepared_xacts) */
-    int64_t
-        pending_since; /* when the pending bound was taken (µs, s_mono_us) */
-    int64_t cp_seq;    /* last checkpoint */
-    int64_t cp_at_us;  /* when it was made (0: none) */
+    /* when the pending bound was taken (µs, s_mono_us) */
+    int64_t pending_since;
+    int64_t cp_seq;   /* last checkpoint */
+    int64_t cp_at_us; /* when it was made (0: none) */
     /* The highest sealed head and checkpoint this sealer has seen or
      * written: neither ever goes down while it runs. */
     int64_t seen_head, seen_cp;

@@ -116,6 +116,7 @@ run_load() {
     --times "$run/$label-submitted.csv" "$@" >"$run/$label-submit.txt" ||
     {
       status=$?
+      kill "$receiver" 2>/dev/null || true
       cat "$run/$label-submit.txt" >&2
       echo "bench-hub.sh: ketenhub-bench exited $status" >&2
       exit 1

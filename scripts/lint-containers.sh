@@ -16,12 +16,18 @@ die() {
   exit 1
 }
 
-if ! command -v npm >/dev/null; then
-  [ "$(id -u)" -eq 0 ] || die "npm is missing (apt-get install nodejs npm)"
+# Install Debian packages $2... for command $1 when it is missing.
+need() {
+  command -v "$1" >/dev/null && return 0
+  cmd=$1
+  shift
+  [ "$(id -u)" -eq 0 ] || die "$cmd is missing (apt-get install $*)"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-    --no-install-recommends nodejs npm >/dev/null
-fi
+    --no-install-recommends "$@" >/dev/null
+}
+
+need npm nodejs npm
 if [ "$(cat "$cache/pins" 2>/dev/null || true)" != "$pins" ]; then
   rm -rf "$cache"
   mkdir -p "$cache"
@@ -30,12 +36,7 @@ if [ "$(cat "$cache/pins" 2>/dev/null || true)" != "$pins" ]; then
     die "npm install of $pins failed"
   echo "$pins" >"$cache/pins"
 fi
-if ! command -v docker-compose >/dev/null; then
-  [ "$(id -u)" -eq 0 ] || die "docker-compose is missing (apt-get install docker-compose)"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-    --no-install-recommends docker-compose >/dev/null
-fi
+need docker-compose docker-compose
 bin="$cache/node_modules/.bin"
 
 cd "$here"

@@ -19,8 +19,9 @@ trap '"$pgtmp" stop "$dir"; exit 1' INT TERM
 # Ended before ctest's own limit (300 s), which kills this script too, so
 # that the cluster is still stopped and removed: its server is no child
 # of the test and would run on, loading the machine for the tests after.
-KH_TEST_PG_DIR=$dir timeout -k 10 280 "$@"
+# --foreground: in the caller's process group, an interrupt reaches it.
+KH_TEST_PG_DIR=$dir timeout --foreground -k 10 280 "$@"
 rc=$?
-[ "$rc" -ne 124 ] || echo "with_pg.sh: $* ran past 280 s" >&2
+case $rc in 124 | 137) echo "with_pg.sh: $* ran past 280 s" >&2 ;; esac
 "$pgtmp" stop "$dir" || rc=1
 exit "$rc"

@@ -1062,7 +1062,7 @@ START_TEST(sighup_while_it_waits_to_start_reloads_once_started)
     char want[65];
     s_edit_rules(want);
     ck_assert_int_eq(kill(pid, SIGHUP), 0);
-    /* read while it waits (action=later; it was action=none) */
+    /* read while it waits */
     bool told = s_log_has("routing.log", "event=sighup", 5000);
     khtest_db_exec(s_db, "ALTER TABLE audit_later RENAME TO audit_events", 0,
                    NULL);

@@ -590,10 +590,9 @@ static void s_deliver(s_listener_t *self, const json_t *msg)
     free(text);
 }
 
-/* A reply to an ACK or NACK (cid "ack:ID" / "nack:ID"). */
-/* The wait an answer asks for, ms: at most 10 minutes (the hub's own
- * longest backoff), so that a wrong value can neither overflow the time
- * it is added to nor leave the listener waiting for ever. */
+/* The wait an answer asks for (retry_after_ms), ms: at most 10 minutes,
+ * the listener's own bound, so that a wrong value can neither overflow the
+ * time it is added to nor leave the listener waiting for ever. */
 static json_int_t s_retry_after(const json_t *msg)
 {
     json_int_t after =
@@ -601,6 +600,7 @@ static json_int_t s_retry_after(const json_t *msg)
     return after < 0 ? 0 : after > 600000 ? 600000 : after;
 }
 
+/* A reply to an ACK or NACK (cid "ack:ID" / "nack:ID"). */
 static void s_reply(s_listener_t *self, const json_t *msg, const char *cmd)
 {
     const char *cid = json_string_value(json_object_get(msg, "cid"));
