@@ -406,6 +406,11 @@ typedef struct {
      * what it has out), 0 when it had none: after a rollback it is out
      * there as before, since the partner still holds the earlier send. */
     int64_t was_out;
+    /* The other connection of the partner it was out on, taken from it
+     * (NULL: none), and its S_OUT_AT there: after a rollback it is out
+     * there again. */
+    zframe_t *from;
+    int64_t from_out;
     bool left; /* sent on its connection (s_outbox_flush) */
 } s_outgoing_t;
 
@@ -415,6 +420,7 @@ static void s_outgoing_free(void **item)
     if (out) {
         zframe_destroy(&out->identity);
         zframe_destroy(&out->body);
+        zframe_destroy(&out->from);
         free(out);
     }
     *item = NULL;
@@ -561,10 +567,20 @@ static void s_queue_delivery(const dstore_delivery_t *d, void *arg)
          * connection of the partner in this process: out there no more,
          * it holds no place in that connection's window (its ACK frees
          * this one's). */
-        for (size_t k = 0; k < ctx->nothers; k++)
-            if (ctx->others[k] != ctx->conn &&
-                strcmp(ctx->others[k]->partner, ctx->conn->partner) == 0)
-                zhashx_delete(ctx->others[k]->out, d->id);
+        for (size_t k = 0; k < ctx->nothers; k++) {
+            s_conn_t *other = ctx->others[k];
+            intptr_t at = other != ctx->conn && strcmp(other->partner,
+                                                       ctx->conn->partner) == 0
+                              ? (intptr_t) zhashx_lookup(other->out, d->id)
+                              : 0;
+            if (!at)
+                continue;
+            zhashx_delete(other->out, d->id);
+            if (!out->from) {
+                out->from = zframe_dup(other->identity);
+                out->from_out = at;
+            }
+        }
     } else
         s_outgoing_free((void **) &out);
     msgpack_sbuffer_destroy(&buf);
@@ -1292,11 +1308,14 @@ static void s_outbox_flush(notify_t *self, bool sent)
         if (!sent) {
             /* unless the partner's ACK of it committed meanwhile (the
              * round's re-send had it locked, and the ACK batch waited) */
-            if (conn && out->was_out &&
-                !s_acked_has(self, out->partner, out->id))
+            bool acked = s_acked_has(self, out->partner, out->id);
+            if (conn && out->was_out && !acked)
                 zhashx_update(conn->out, out->id, S_OUT_AT(out->was_out));
             else if (conn)
                 zhashx_delete(conn->out, out->id);
+            s_conn_t *from = out->from ? s_conn_of(self, out->from) : NULL;
+            if (from && !acked)
+                zhashx_update(from->out, out->id, S_OUT_AT(out->from_out));
             continue;
         }
         s_send_t rc =
