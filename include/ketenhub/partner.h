@@ -63,10 +63,14 @@ typedef struct {
 #define KH_PARTNER_KEY_ADMITS                                                  \
     " p.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > now())"
 
-/* The keys that admit a partner now, each with its partner's id. The
- * services' key maps. */
+/* The keys that admit a partner now, each with its partner's id, and in
+ * every row the ms until the first of them ends (a rotation's overlap;
+ * NULL: none ends): the services' key maps, read again when that time
+ * comes, since no change is committed, and none told, when it does. */
 #define KH_PARTNER_KEYS_SQL                                                    \
-    "SELECT k.curve_public_key, k.partner_id FROM partner_keys k"              \
+    "SELECT k.curve_public_key, k.partner_id,"                                 \
+    " ceil(extract(epoch FROM min(k.expires_at) OVER () - now()) * 1000)"      \
+    "::bigint FROM partner_keys k"                                             \
     " JOIN partners p ON p.id = k.partner_id WHERE" KH_PARTNER_KEY_ADMITS
 
 /* Whether the key (Z85 text, an SQL expression) admits partner (its id,

@@ -118,6 +118,8 @@ struct _intake_t {
      * the reader was away) and has not been read since: partners may
      * admit a key that is revoked now, so it admits none until then. */
     bool partners_stale;
+    /* zclock_mono when the first key of partners ends (0: none does) */
+    int64_t partners_end;
     int64_t unread_told; /* zclock_mono of the last partners_unread line */
     zloop_t *loop;
     int reconnect_timer; /* zloop timer id, 0 if none */
@@ -345,7 +347,8 @@ static void s_db_failed(intake_t *self)
 static void s_load_partners(intake_t *self)
 {
     kh_error_t err;
-    zhashx_t *partners = store_partners(self->store, &err);
+    int64_t ends_in = -1;
+    zhashx_t *partners = store_partners(self->store, &ends_in, &err);
     self->partners_read = partners != NULL;
     if (!partners) {
         /* Each key may try a read a second: one line every 10 s. */
@@ -361,15 +364,19 @@ static void s_load_partners(intake_t *self)
     zhashx_destroy(&self->partners);
     self->partners = partners;
     self->partners_stale = false;
+    self->partners_end = ends_in < 0 ? 0 : zclock_mono() + ends_in;
     kh_health_connected(store_up(self->store));
 }
 
 /* Re-read the registry now if it changed since it was read: before a
  * request is taken, so that a partner revoked, or a key ended, is refused
- * from the first request read after the change's notice came. */
+ * from the first request read after the change's notice came, or after
+ * a rotation's overlap ended (which no change tells). */
 static void s_follow_registry(intake_t *self)
 {
-    if (store_registry_changed(self->store)) {
+    if (store_registry_changed(self->store) ||
+        (!self->partners_stale && self->partners_end &&
+         zclock_mono() >= self->partners_end)) {
         self->partners_stale = true;
         s_load_partners(self);
         if (!self->partners_stale)

@@ -729,7 +729,7 @@ static void s_free_string(void **item)
     *item = NULL;
 }
 
-zhashx_t *store_partners(store_t *self, kh_error_t *err)
+zhashx_t *store_partners(store_t *self, int64_t *ends_in_ms, kh_error_t *err)
 {
     if (!s_conn_up(self->reader)) {
         s_unavailable(err);
@@ -742,6 +742,9 @@ zhashx_t *store_partners(store_t *self, kh_error_t *err)
     }
     zhashx_t *partners = zhashx_new();
     zhashx_set_destructor(partners, s_free_string);
+    *ends_in_ms = PQntuples(res) && !PQgetisnull(res, 0, 2)
+                      ? strtoll(PQgetvalue(res, 0, 2), NULL, 10)
+                      : -1;
     for (int row = 0; row < PQntuples(res); row++) {
         char *id = strdup(PQgetvalue(res, row, 1));
         if (id)

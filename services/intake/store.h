@@ -164,7 +164,8 @@ int store_status(store_t *self, const char *partner_id, const char *key,
 bool store_registry_changed(store_t *self);
 
 /* Load active partners into a new hash: Z85 key -> partner id (strings,
- * owned by the hash). NULL with err on failure. */
-zhashx_t *store_partners(store_t *self, kh_error_t *err);
+ * owned by the hash), and into *ends_in_ms the ms until the first of those
+ * keys ends (-1: none ends). NULL with err on failure. */
+zhashx_t *store_partners(store_t *self, int64_t *ends_in_ms, kh_error_t *err);
 
 #endif

@@ -248,7 +248,7 @@ static PGresult *s_run(dstore_t *self, s_stmt_t stmt, const char *sql,
     return s_exec(self, stmt, sql, nparams, params, lengths, formats, err);
 }
 
-zhashx_t *dstore_partners(dstore_t *self, kh_error_t *err)
+zhashx_t *dstore_partners(dstore_t *self, int64_t *ends_in_ms, kh_error_t *err)
 {
     /* In a transaction of its own that waits S_REGISTRY_LOCK_TIMEOUT for
      * a lock, not the session's 5 s: the service's loop waits with it, and
@@ -286,6 +286,9 @@ zhashx_t *dstore_partners(dstore_t *self, kh_error_t *err)
     zhashx_set_destructor(partners, (zhashx_destructor_fn *) zstr_free);
     for (int i = 0; i < PQntuples(res); i++)
         zhashx_insert(partners, PQgetvalue(res, i, 0), PQgetvalue(res, i, 1));
+    *ends_in_ms = PQntuples(res) && !PQgetisnull(res, 0, 2)
+                      ? strtoll(PQgetvalue(res, 0, 2), NULL, 10)
+                      : -1;
     PQclear(res);
     return partners;
 }

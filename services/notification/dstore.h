@@ -58,9 +58,10 @@ bool dstore_up(const dstore_t *self);
  * broke counts as changed, so that the read fails and says so. */
 bool dstore_registry_changed(dstore_t *self);
 
-/* The active partners: Z85 public key -> partner id (hash owns both);
- * NULL with err. */
-zhashx_t *dstore_partners(dstore_t *self, kh_error_t *err);
+/* The active partners: Z85 public key -> partner id (hash owns both),
+ * and into *ends_in_ms the ms until the first of those keys ends (-1:
+ * none ends); NULL with err. */
+zhashx_t *dstore_partners(dstore_t *self, int64_t *ends_in_ms, kh_error_t *err);
 
 /* One delivery as claimed; strings valid during the callback only. */
 typedef struct {

@@ -115,6 +115,7 @@ struct _notify_t {
     zhashx_t *partners;    /* Z85 key -> partner id */
     bool partners_read;    /* re-read since s_drop_unadmitted last ran */
     bool partners_stale;   /* changed since it was read: admits no key */
+    int64_t partners_end;  /* zclock_mono when a key of it ends; 0: none */
     bool outdated; /* a statement of the round found a key not admitted */
     /* zclock_mono as the round's transaction began: before the database's
      * now(), which times its sends */
@@ -591,7 +592,8 @@ static void s_queue_delivery(const dstore_delivery_t *d, void *arg)
 static void s_load_partners(notify_t *self)
 {
     kh_error_t err;
-    zhashx_t *partners = dstore_partners(self->store, &err);
+    int64_t ends_in = -1;
+    zhashx_t *partners = dstore_partners(self->store, &ends_in, &err);
     if (!partners) {
         kh_log_warn("partners_unread", "code=%s stale=%s",
                     kh_error_name(err.code),
@@ -603,6 +605,7 @@ static void s_load_partners(notify_t *self)
     self->partners = partners;
     self->partners_read = true;
     self->partners_stale = false;
+    self->partners_end = ends_in < 0 ? 0 : zclock_mono() + ends_in;
 }
 
 /* Read the registry again when it changed (a partner revoked, a key
@@ -612,10 +615,13 @@ static void s_load_partners(notify_t *self)
  * read before is stale: it admits no key and nothing is sent, as a key
  * it admits may be revoked by now. The read is tried again here a second
  * after it failed (not for each key, as an unknown one is: a read that
- * waits out the lock_timeout holds up the loop). */
+ * waits out the lock_timeout holds up the loop). A rotation's overlap
+ * that ended, which no change tells, is read as a change. */
 static void s_registry_check(notify_t *self)
 {
-    if (dstore_registry_changed(self->store)) {
+    if (dstore_registry_changed(self->store) ||
+        (!self->partners_stale && self->partners_end &&
+         zclock_mono() >= self->partners_end)) {
         self->partners_stale = self->partners != NULL;
         s_load_partners(self);
         if (!self->partners_stale && self->partners)

@@ -1728,6 +1728,50 @@ START_TEST(a_refusal_in_a_batch_committed_unread_is_final)
 }
 END_TEST
 
+/* A PING on the key a rotation left, answered while its overlap lasts, is
+ * refused once the overlap ends: no change is committed, and none told,
+ * when it does, so intake reads the registry again at that time itself
+ * (here with no periodic refresh). */
+START_TEST(a_key_whose_overlap_ended_is_refused_without_a_notice)
+{
+    khproc_stop(s_intake, SIGTERM, 5000);
+    s_start_intake_refreshing("3600000");
+    s_wait_ready();
+    zcert_t *current = s_make_cert("ov-new", true);
+    zcert_t *previous = s_make_cert("ov-old", true);
+    s_register("overlap", current);
+    const char *params[] = {zcert_public_txt(previous)};
+    khtest_db_exec(s_db,
+                   "INSERT INTO partner_keys (curve_public_key, partner_id,"
+                   " expires_at) VALUES ($1, 'overlap', now() + '2 s')",
+                   1, params);
+    zsock_t *stale = khpartner_connect(s_path("ov-old.cert"),
+                                       s_path("hub.cert"), s_endpoint);
+    zsock_set_rcvtimeo(stale, S_TIMEOUT);
+    const char *want[] = {"PONG", "REJECTED"};
+    for (int i = 0; i < 2; i++) {
+        if (i) /* until the overlap's end has passed */
+            ck_assert(khtest_wait_count(s_db,
+                                        "SELECT count(*) FROM partner_keys"
+                                        " WHERE partner_id = 'overlap'"
+                                        " AND expires_at <= now()",
+                                        1, 5000));
+        zframe_t *ping = s_frame(json_pack("{s:s}", "cmd", "PING"), "ping");
+        zframe_send(&ping, stale, 0);
+        zframe_t *frame = zframe_recv(stale);
+        ck_assert_msg(frame != NULL, "PING %d not answered", i);
+        json_t *reply = s_decoded(&frame);
+        ck_assert_str_eq(kh_client_reply_cmd(reply), want[i]);
+        if (i)
+            ck_assert_str_eq(s_str(reply, "code"), "unknown_partner");
+        json_decref(reply);
+    }
+    zsock_destroy(&stale);
+    zcert_destroy(&current);
+    zcert_destroy(&previous);
+}
+END_TEST
+
 /* Two SUBMITs of one idempotency key in one batch, on two keys of one
  * partner (a rotation's overlap): the second does not take the first's
  * answer, which may not hold for its key (here one whose overlap ended by
@@ -4255,6 +4299,7 @@ int main(void)
     tcase_add_test(tc, a_conflict_with_a_concurrent_commit_is_audited);
     tcase_add_test(tc, a_refusal_in_a_batch_committed_unread_is_final);
     tcase_add_test(tc, a_repeat_on_another_key_does_not_take_the_first_answer);
+    tcase_add_test(tc, a_key_whose_overlap_ended_is_refused_without_a_notice);
     tcase_add_test(tc, unknown_keys_and_plain_clients_are_refused);
     tcase_add_test(tc,
                    made_up_keys_at_the_handshake_are_audited_within_a_bound);

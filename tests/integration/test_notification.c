@@ -3695,6 +3695,44 @@ START_TEST(a_receiving_key_whose_overlap_ended_untold_is_dropped_at_once)
 }
 END_TEST
 
+/* A PING on the key a rotation left is answered while its overlap lasts
+ * and refused once it ended: no change is committed, and none told, when
+ * it does, so notification reads the registry again at that time itself
+ * (here with no periodic refresh). */
+START_TEST(a_ping_on_a_key_whose_overlap_ended_is_refused)
+{
+    char previous[KH_PARTNER_KEY_LEN + 1];
+    s_rotate_avim(previous);
+    /* told: the registry is read again with the overlap's end */
+    khtest_db_exec(s_db,
+                   "UPDATE partner_keys SET expires_at = now() + '2 s' WHERE"
+                   " partner_id = 'avim' AND expires_at IS NOT NULL",
+                   0, NULL);
+    /* No sweep either, whose claim for the connection would find the key
+     * ended (a_receiving_key_whose_overlap_ended_untold_is_dropped_at_once). */
+    char *env[] = {"KH_PARTNER_REFRESH_MS=3600000",
+                   "KH_NOTIFY_PEER_TIMEOUT_MS=120000",
+                   "KH_NOTIFY_SWEEP_MS=60000", NULL};
+    pid_t pid = s_start_env("notification.log", env);
+    zsock_t *old = s_partner("avim");
+    s_hello(old, 4);
+    khpartner_send(old, kh_proto_new(KH_CMD_PING, "p1"));
+    json_t *msg = s_expect(old, "PONG", 3000);
+    ck_assert_ptr_nonnull(msg);
+    json_decref(msg);
+    ck_assert(s_wait_count("SELECT count(*) FROM partner_keys WHERE"
+                           " partner_id = 'avim' AND expires_at <= now()",
+                           1, 5000));
+    khpartner_send(old, kh_proto_new(KH_CMD_PING, "p2"));
+    msg = s_expect(old, "REJECTED", 3000);
+    ck_assert_msg(msg != NULL, "a PING on a key past its overlap was answered");
+    ck_assert_str_eq(s_str(msg, "code"), "unknown_partner");
+    json_decref(msg);
+    zsock_destroy(&old);
+    s_stop(pid);
+}
+END_TEST
+
 /* An ACK, or a NACK with reason nack, of what avim had out, on its key,
  * after avim was revoked by a change notification has not heard of yet:
  * it changes nothing and writes nothing, and is refused as while the
@@ -4286,6 +4324,7 @@ static Suite *s_suite(void)
     tcase_add_test(odd,
                    a_connection_whose_key_overlap_ended_is_sent_nothing_more);
     tcase_add_test(odd, a_key_whose_overlap_ended_untold_is_served_nothing);
+    tcase_add_test(odd, a_ping_on_a_key_whose_overlap_ended_is_refused);
     tcase_add_test(
         odd, a_receiving_key_whose_overlap_ended_untold_is_dropped_at_once);
     tcase_add_test(odd, an_ack_of_a_partner_revoked_untold_changes_nothing);
