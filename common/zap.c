@@ -83,7 +83,9 @@ static void s_refresh(kh_zap_t *self)
 {
     if (!self->cert_dir)
         return;
-    zdir_t *dir = zdir_new(self->cert_dir, NULL);
+    /* Its files alone ("-"): a subdirectory is no partner's, and one that
+     * cannot be read would end the process (CZMQ asserts on it). */
+    zdir_t *dir = zdir_new(self->cert_dir, "-");
     if (!dir) {
         /* A directory that is gone admits nobody; one that cannot be read
          * now (no file descriptor left) keeps the keys last read, rather
@@ -99,13 +101,17 @@ static void s_refresh(kh_zap_t *self)
     }
     /* A change in the second the directory was last read in may not have
      * moved its time (timestamps come from a clock that may tick coarsely):
-     * such a reading is done again. */
+     * such a reading is done again. A time in the future (a file's, set
+     * by anyone, or the clock set back) is no such second: it would have
+     * every handshake read every file until that time. */
     int64_t changed = s_last_change(dir, self->cert_dir);
+    time_t now = time(NULL);
+    time_t changed_s = (time_t) (changed / 1000000000);
     if (zdir_modified(dir) != self->modified ||
         zdir_count(dir) != self->count ||
-        (size_t) zdir_cursize(dir) != self->size ||
-        self->modified >= self->read_at || changed != self->changed ||
-        changed / 1000000000 >= self->read_at) {
+        (size_t) zdir_cursize(dir) != self->size || changed != self->changed ||
+        (self->modified >= self->read_at && self->modified <= now) ||
+        (changed_s >= self->read_at && changed_s <= now)) {
         zhashx_purge(self->keys);
         zfile_t **files = zdir_flatten(dir);
         for (size_t i = 0; files && files[i]; i++) {
@@ -119,11 +125,13 @@ static void s_refresh(kh_zap_t *self)
             if (expiry) {
                 *expiry = s_expiry(cert);
                 /* Of two files with one key, the one without an end (the
-                 * current key) decides. */
+                 * current key) decides, else the later end. */
                 time_t *other =
                     zhashx_lookup(self->keys, zcert_public_txt(cert));
                 if (other && (*other == 0 || *expiry == 0))
                     *other = 0;
+                else if (other && *expiry > *other)
+                    *other = *expiry;
                 if (other || zhashx_insert(self->keys, zcert_public_txt(cert),
                                            expiry) != 0)
                     free(expiry);

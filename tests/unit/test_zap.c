@@ -86,6 +86,42 @@ START_TEST(a_certificate_is_admitted_until_the_end_it_names)
 }
 END_TEST
 
+/* The directory's own files alone: a certificate in a subdirectory (one
+ * an administrator moved aside, say) admits nobody. Of two files with one
+ * key that both name an end, the later end counts, whatever their names'
+ * order. */
+START_TEST(subdirectories_are_not_read_and_the_later_end_counts)
+{
+    char *dir = khtest_tmpdir();
+    char sub[1024];
+    snprintf(sub, sizeof sub, "%s/aside", dir);
+    ck_assert_int_eq(mkdir(sub, 0700), 0);
+    zcert_t *aside = s_cert(sub, "vt.cert", NULL);
+    zcert_t *twice = s_cert(dir, "a.previous.cert", "2001-01-01T00:00:00Z");
+    zcert_t *later =
+        zcert_new_from(zcert_public_key(twice), zcert_secret_key(twice));
+    ck_assert_ptr_nonnull(later);
+    zcert_set_meta(later, "expires-at", "2999-01-01T00:00:00Z");
+    char path[1024];
+    snprintf(path, sizeof path, "%s/b.previous.cert", dir);
+    ck_assert_int_eq(zcert_save_public(later, path), 0);
+    zcert_destroy(&later);
+    kh_error_t err;
+    kh_zap_t *zap = kh_zap_new(dir, NULL, &err);
+    ck_assert_ptr_nonnull(zap);
+    zsock_t *req = zsock_new_req("inproc://zeromq.zap.01");
+    ck_assert_ptr_nonnull(req);
+    ck_assert(!s_admits(zap, req, aside));
+    ck_assert(s_admits(zap, req, twice));
+    zsock_destroy(&req);
+    kh_zap_destroy(&zap);
+    zcert_destroy(&aside);
+    zcert_destroy(&twice);
+    khtest_rmtree(dir);
+    free(dir);
+}
+END_TEST
+
 /* Out of file descriptors, the directory cannot be read: the keys read
  * before still admit their partners (a refusal would stop their clients
  * for good). A directory that is gone admits nobody. */
@@ -185,6 +221,7 @@ static Suite *s_suite(void)
     TCase *tc = tcase_create("zap");
     tcase_set_timeout(tc, 30);
     tcase_add_test(tc, a_certificate_is_admitted_until_the_end_it_names);
+    tcase_add_test(tc, subdirectories_are_not_read_and_the_later_end_counts);
     tcase_add_test(tc, a_directory_that_cannot_be_read_now_keeps_its_keys);
     tcase_add_test(tc, a_certificate_replaced_with_its_time_kept_is_read_again);
     suite_add_tcase(suite, tc);
