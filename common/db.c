@@ -32,8 +32,13 @@ int kh_db_password(char *buf, size_t size, kh_error_t *err)
                             strerror(errno));
     size_t n = fread(buf, 1, size, f);
     bool failed = ferror(f) != 0;
+    /* A file that fills buf and holds more is too long, whatever the
+     * last byte read was (a line break, which is trimmed next). */
+    bool more = n == size && fgetc(f) != EOF;
     fclose(f);
-    if (n > 0 && buf[n - 1] == '\n')
+    if (more)
+        n = size;
+    else if (n > 0 && buf[n - 1] == '\n')
         n--;
     if (n > 0 && buf[n - 1] == '\r')
         n--;

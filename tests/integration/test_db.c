@@ -292,7 +292,11 @@ START_TEST(password_comes_from_the_password_file)
 
     /* Missing, empty or two-line files are configuration errors that name
      * the variable; no connection is tried. */
-    const char *bad[] = {NULL, "", "\n", "one\ntwo\n"};
+    /* A first line that fills the 256 bytes read, and more after it. */
+    char filled[300];
+    memset(filled, 'a', 255);
+    snprintf(filled + 255, sizeof filled - 255, "\njunk\n");
+    const char *bad[] = {NULL, "", "\n", "one\ntwo\n", filled};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         if (bad[i])
             s_write(path, sizeof path, "pw", bad[i]);
