@@ -593,6 +593,7 @@ static void s_load_partners(notify_t *self)
 {
     kh_error_t err;
     int64_t ends_in = -1;
+    int64_t asked = zclock_mono(); /* the end counts from before the read */
     zhashx_t *partners = dstore_partners(self->store, &ends_in, &err);
     if (!partners) {
         kh_log_warn("partners_unread", "code=%s stale=%s",
@@ -605,7 +606,7 @@ static void s_load_partners(notify_t *self)
     self->partners = partners;
     self->partners_read = true;
     self->partners_stale = false;
-    self->partners_end = ends_in < 0 ? 0 : zclock_mono() + ends_in;
+    self->partners_end = ends_in < 0 ? 0 : asked + ends_in;
 }
 
 /* Read the registry again when it changed (a partner revoked, a key
@@ -1423,10 +1424,16 @@ static void s_round(notify_t *self, bool resend)
     s_monitor_drain(self);
     if (rc == 0)
         s_outbox_trim(self);
+    /* Rolled back, the windows are first put back as they were (a re-send
+     * taken from a connection is out there again): a held DELIVER must not
+     * take that place. */
+    if (rc)
+        s_outbox_flush(self, false);
     /* What was held goes first, with the credit the ACKs just freed. */
     if (zlistx_size(self->held))
         s_held_flush(self);
-    s_outbox_flush(self, rc == 0);
+    if (rc == 0)
+        s_outbox_flush(self, true);
     if (self->outdated) {
         self->outdated = false;
         self->partners_stale = self->partners != NULL;
