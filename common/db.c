@@ -33,10 +33,15 @@ int kh_db_password(char *buf, size_t size, kh_error_t *err)
     size_t n = fread(buf, 1, size, f);
     bool failed = ferror(f) != 0;
     /* A file that fills buf and holds more is too long, whatever the
-     * last byte read was (a line break, which is trimmed next). */
-    bool more = n == size && fgetc(f) != EOF;
+     * last byte read was (a line break, which is trimmed next), but for
+     * the line's CRLF across the end of buf. */
+    int next = n == size ? fgetc(f) : EOF;
+    if (next == '\n' && buf[size - 1] == '\r' && fgetc(f) == EOF) {
+        next = EOF;
+        n = size - 1;
+    }
     fclose(f);
-    if (more)
+    if (next != EOF)
         n = size;
     else if (n > 0 && buf[n - 1] == '\n')
         n--;

@@ -69,8 +69,9 @@ typedef struct {
  * comes, since no change is committed, and none told, when it does. */
 #define KH_PARTNER_KEYS_SQL                                                    \
     "SELECT k.curve_public_key, k.partner_id,"                                 \
-    " ceil(extract(epoch FROM min(k.expires_at) OVER () - now()) * 1000)"      \
-    "::bigint FROM partner_keys k"                                             \
+    " ceil(extract(epoch FROM min(k.expires_at)"                               \
+    " FILTER (WHERE isfinite(k.expires_at)) OVER () - now()) * 1000)::bigint"  \
+    " FROM partner_keys k"                                                     \
     " JOIN partners p ON p.id = k.partner_id WHERE" KH_PARTNER_KEY_ADMITS
 
 /* Whether the key (Z85 text, an SQL expression) admits partner (its id,

@@ -348,6 +348,7 @@ static void s_load_partners(intake_t *self)
 {
     kh_error_t err;
     int64_t ends_in = -1;
+    int64_t asked = zclock_mono(); /* the end counts from before the read */
     zhashx_t *partners = store_partners(self->store, &ends_in, &err);
     self->partners_read = partners != NULL;
     if (!partners) {
@@ -364,7 +365,7 @@ static void s_load_partners(intake_t *self)
     zhashx_destroy(&self->partners);
     self->partners = partners;
     self->partners_stale = false;
-    self->partners_end = ends_in < 0 ? 0 : zclock_mono() + ends_in;
+    self->partners_end = ends_in < 0 ? 0 : asked + ends_in;
     kh_health_connected(store_up(self->store));
 }
 

@@ -277,6 +277,19 @@ START_TEST(password_comes_from_the_password_file)
     ck_assert_str_eq(password, "s3cret");
     free(password);
     PQfinish(conn);
+    /* The longest, 255 bytes, with its line's CRLF across the end of the
+     * 256 read. */
+    char longest[300];
+    memset(longest, 'p', 255);
+    snprintf(longest + 255, sizeof longest - 255, "\r\n");
+    s_write(path, sizeof path, "pw", longest);
+    conn = kh_db_connect(khtest_pg_conninfo(), &err);
+    ck_assert_msg(conn != NULL, "%s", err.message);
+    password = s_setting(conn, "password");
+    longest[255] = '\0';
+    ck_assert_str_eq(password, longest);
+    free(password);
+    PQfinish(conn);
 
     /* A password in the connection string wins. */
     char conninfo[2048];

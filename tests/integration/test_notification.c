@@ -3703,11 +3703,6 @@ START_TEST(a_ping_on_a_key_whose_overlap_ended_is_refused)
 {
     char previous[KH_PARTNER_KEY_LEN + 1];
     s_rotate_avim(previous);
-    /* told: the registry is read again with the overlap's end */
-    khtest_db_exec(s_db,
-                   "UPDATE partner_keys SET expires_at = now() + '2 s' WHERE"
-                   " partner_id = 'avim' AND expires_at IS NOT NULL",
-                   0, NULL);
     /* No sweep either, whose claim for the connection would find the key
      * ended (a_receiving_key_whose_overlap_ended_untold_is_dropped_at_once). */
     char *env[] = {"KH_PARTNER_REFRESH_MS=3600000",
@@ -3716,6 +3711,11 @@ START_TEST(a_ping_on_a_key_whose_overlap_ended_is_refused)
     pid_t pid = s_start_env("notification.log", env);
     zsock_t *old = s_partner("avim");
     s_hello(old, 4);
+    /* told: the registry is read again with the overlap's end */
+    khtest_db_exec(s_db,
+                   "UPDATE partner_keys SET expires_at = now() + '2 s' WHERE"
+                   " partner_id = 'avim' AND expires_at IS NOT NULL",
+                   0, NULL);
     khpartner_send(old, kh_proto_new(KH_CMD_PING, "p1"));
     json_t *msg = s_expect(old, "PONG", 3000);
     ck_assert_ptr_nonnull(msg);
