@@ -546,6 +546,25 @@ static int s_cert_written(const char *path, zcert_t *cert, kh_error_t *err)
     return 0;
 }
 
+/* Write the public half of cert at temp (a name of its own, replaced if
+ * there), read back and synced: 0, or -1 with err (naming the file named)
+ * and nothing left at temp. */
+static int s_save_public(zcert_t *cert, const char *temp, const char *named,
+                         kh_error_t *err)
+{
+    unlink(temp);
+    if (zcert_save_public(cert, temp) != 0) {
+        unlink(temp);
+        return kh_error_set(err, KH_E_IO, named,
+                            "cannot write public certificate");
+    }
+    if (s_cert_written(temp, cert, err) != 0) {
+        unlink(temp);
+        return -1;
+    }
+    return 0;
+}
+
 int kh_partner_cert_install(zcert_t *cert, const char *id, const char *cert_dir,
                             kh_error_t *err)
 {
@@ -571,16 +590,8 @@ int kh_partner_cert_install(zcert_t *cert, const char *id, const char *cert_dir,
         return kh_error_set(err, KH_E_CONFIG, final,
                             "a certificate for this partner already exists");
     }
-    unlink(temp);
-    if (zcert_save_public(cert, temp) != 0) {
-        unlink(temp);
-        return kh_error_set(err, KH_E_IO, temp,
-                            "cannot write public certificate");
-    }
-    if (s_cert_written(temp, cert, err) != 0) {
-        unlink(temp);
+    if (s_save_public(cert, temp, temp, err) != 0)
         return -1;
-    }
     chmod(temp, 0644);
     /* link() refuses to replace a file that appeared meanwhile. */
     if (link(temp, final) != 0) {
@@ -711,16 +722,8 @@ static int s_cert_replace(zcert_t *cert, const char *path, kh_error_t *err)
     if (n < 0 || (size_t) n >= sizeof temp)
         return kh_error_set(err, KH_E_CONFIG, path,
                             "certificate directory path is too long");
-    unlink(temp);
-    if (zcert_save_public(cert, temp) != 0) {
-        unlink(temp);
-        return kh_error_set(err, KH_E_IO, path,
-                            "cannot write public certificate");
-    }
-    if (s_cert_written(temp, cert, err) != 0) {
-        unlink(temp);
+    if (s_save_public(cert, temp, path, err) != 0)
         return -1;
-    }
     if (chmod(temp, 0644) != 0 || rename(temp, path) != 0) {
         int e = errno;
         unlink(temp);
