@@ -5,6 +5,7 @@
  * (each must be found with the right kind and sequence number), and the
  * export file verified offline.
  */
+#include <dirent.h>
 #include <libpq-fe.h>
 #include <pthread.h>
 #include <signal.h>
@@ -2194,9 +2195,9 @@ START_TEST(a_verify_that_cannot_be_recorded_is_a_failure)
 END_TEST
 
 /* An export that dies half-way (here at the file size limit; a kill, a
- * closed terminal or a crash alike) leaves no file under the name asked
- * for: a cut export would stand there looking whole, and its events after
- * its last checkpoint would verify intact. The next run can have the
+ * closed terminal or a crash alike) leaves no file, under the name asked
+ * for or another: a cut export would stand there looking whole, and its events
+ * after its last checkpoint would verify intact. The next run can have the
  * name. */
 START_TEST(an_interrupted_export_leaves_no_file_under_its_name)
 {
@@ -2217,6 +2218,14 @@ START_TEST(an_interrupted_export_leaves_no_file_under_its_name)
     free(out);
     ck_assert_msg(access(path, F_OK) != 0, "%s is there after exit %d", path,
                   rc);
+    /* nor any file under another name */
+    DIR *d = opendir(dir);
+    ck_assert_ptr_nonnull(d);
+    for (struct dirent *e = readdir(d); e; e = readdir(d))
+        ck_assert_msg(strcmp(e->d_name, ".") == 0 ||
+                          strcmp(e->d_name, "..") == 0,
+                      "%s is left in %s", e->d_name, dir);
+    closedir(d);
     rc = KHTEST_CTL(&out, "audit", "export", "--out", path);
     ck_assert_msg(rc == 0, "exit %d: %s", rc, out);
     /* The events, the cut run's trail.exported and this run's. */

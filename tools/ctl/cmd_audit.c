@@ -11,9 +11,11 @@
  * auditor's database login and the filter, never the results.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <getopt.h>
 #include <inttypes.h>
 #include <jansson.h>
+#include <libgen.h>
 #include <limits.h>
 #include <regex.h>
 #include <sodium.h>
@@ -596,10 +598,52 @@ static int s_query(int argc, char **argv)
 
 /* ---- export ---- */
 
-/* Give the finished export tmp its name out, never over a file that
- * took that name meanwhile. 0, or -1 with errno. */
-static int s_publish(const char *tmp, const char *out)
+/* The file an export is written to before it has its name: a file
+ * without a name (O_TMPFILE) in out's directory, which nothing leaves
+ * behind when the export is cut short (killed, a full disk, a crash), or
+ * on a file system without those, out.partial-XXXXXX beside it (tmp,
+ * else ""). Its mode is that of a new file. The descriptor, or -1 with
+ * errno. */
+static int s_unnamed(const char *out, char tmp[PATH_MAX])
 {
+    tmp[0] = '\0';
+    char dir[PATH_MAX];
+    if ((size_t) snprintf(dir, sizeof dir, "%s", out) >= sizeof dir) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    /* linked by its /proc name, which needs no privilege */
+    int fd = access("/proc/self/fd", X_OK) == 0
+                 ? open(dirname(dir), O_TMPFILE | O_WRONLY | O_CLOEXEC, 0666)
+                 : -1;
+    if (fd >= 0 || (errno != EOPNOTSUPP && errno != EISDIR && errno != EINVAL &&
+                    errno != ENOENT))
+        return fd;
+    if ((size_t) snprintf(tmp, PATH_MAX, "%s.partial-XXXXXX", out) >=
+        PATH_MAX) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    fd = mkstemp(tmp);
+    if (fd < 0)
+        return -1;
+    /* The mode a new file gets (mkstemp makes it 0600). */
+    mode_t mask = umask(0);
+    umask(mask);
+    fchmod(fd, 0666 & ~mask);
+    return fd;
+}
+
+/* Give the finished export (fd, and tmp unless it has no name) its name
+ * out, never over a file that took that name meanwhile. 0, or -1 with
+ * errno. */
+static int s_publish(int fd, const char *tmp, const char *out)
+{
+    if (!*tmp) {
+        char self[64];
+        snprintf(self, sizeof self, "/proc/self/fd/%d", fd);
+        return linkat(AT_FDCWD, self, AT_FDCWD, out, AT_SYMLINK_FOLLOW);
+    }
     if (link(tmp, out) == 0) {
         unlink(tmp); /* left behind at worst: out is whole */
         return 0;
@@ -698,20 +742,17 @@ static int s_export(int argc, char **argv)
         PQfinish(conn);
         return CTL_FAIL;
     }
-    /* Written under a name of its own and given the one asked for only
-     * when whole: an export cut short (killed, a full disk, a crash)
-     * must not stand under that name looking complete, since its events
-     * after its last checkpoint would verify intact. */
-    char tmp[PATH_MAX];
+    /* Written with no name, or one of its own, and given the one asked
+     * for only when whole: an export cut short must not stand under that
+     * name looking complete, since its events after its last checkpoint
+     * would verify intact. */
+    char tmp[PATH_MAX] = "";
     struct stat st;
     int fd = -1;
     if (stat(out, &st) == 0)
         errno = EEXIST;
-    else if (snprintf(tmp, sizeof tmp, "%s.partial-XXXXXX", out) >=
-             (int) sizeof tmp)
-        errno = ENAMETOOLONG;
     else
-        fd = mkstemp(tmp);
+        fd = s_unnamed(out, tmp);
     FILE *f = fd >= 0 ? fdopen(fd, "w") : NULL;
     if (!f && errno == EEXIST)
         fprintf(stderr,
@@ -722,17 +763,13 @@ static int s_export(int argc, char **argv)
         fprintf(stderr, "ketenhubctl: %s: cannot create: %s\n", out,
                 strerror(errno));
     if (!f) {
-        if (fd >= 0) {
+        if (fd >= 0)
             close(fd);
+        if (*tmp)
             unlink(tmp);
-        }
         PQfinish(conn);
         return CTL_FAIL;
     }
-    /* The mode a new file gets, as before (mkstemp makes it 0600). */
-    mode_t mask = umask(0);
-    umask(mask);
-    fchmod(fd, 0666 & ~mask);
     char filter[128];
     snprintf(filter, sizeof filter, "from=%" PRId64 " to=%" PRId64 "%s", from,
              to, events ? "" : " checkpoints-only");
@@ -750,15 +787,14 @@ static int s_export(int argc, char **argv)
     if (rc == 0 && (fflush(f) != 0 || fsync(fd) != 0))
         rc = kh_error_set(&err, KH_E_IO, out, "cannot write: %s",
                           strerror(errno));
-    if (fclose(f) != 0 && rc == 0)
-        rc = kh_error_set(&err, KH_E_IO, out, "cannot write: %s",
-                          strerror(errno));
-    if (rc == 0 && s_publish(tmp, out) != 0)
+    if (rc == 0 && s_publish(fd, tmp, out) != 0)
         rc = kh_error_set(&err, KH_E_IO, out, "cannot create: %s",
                           strerror(errno));
+    fclose(f); /* when rc is 0, flushed and synced above */
     if (rc != 0) {
         ctl_print_error(&err);
-        unlink(tmp);
+        if (*tmp)
+            unlink(tmp);
     } else if (!events)
         printf("exported the checkpoints (no events) to %s\n", out);
     else
