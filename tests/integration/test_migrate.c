@@ -1052,6 +1052,47 @@ START_TEST(test_admin_and_auditor_events_name_their_login)
 }
 END_TEST
 
+/* audit_record_access runs as the owner and looks up nothing in a schema
+ * its caller writes (028): an auditor's temporary audit_events, with a
+ * trigger that would run as the owner, neither takes the access event
+ * nor sees its trigger fire; the event lands in the trail. */
+START_TEST(test_access_event_is_not_captured_by_a_temporary_table)
+{
+    PGconn *conn = khtest_db_fresh(DB);
+    PGconn *auditor =
+        khtest_db_login(conn, DB, "kh_test_m_temp", "ketenhub_auditor");
+    PGresult *res = PQexec(
+        auditor,
+        "CREATE TEMP TABLE audit_events (seq bigint, actor_kind text,"
+        " actor_id text, action text, outcome text, reason_code text,"
+        " query_filter text, origin_service text, origin_peer text);"
+        " CREATE TEMP TABLE ran_as (who text);"
+        " CREATE FUNCTION pg_temp.capture() RETURNS trigger LANGUAGE plpgsql"
+        " AS $$ BEGIN INSERT INTO pg_temp.ran_as VALUES (current_user::text);"
+        " RETURN NULL; END $$;"
+        " CREATE TRIGGER capture BEFORE INSERT ON pg_temp.audit_events"
+        " FOR EACH ROW EXECUTE FUNCTION pg_temp.capture();"
+        " GRANT ALL ON pg_temp.audit_events, pg_temp.ran_as TO PUBLIC;"
+        " SELECT audit_record_access('trail.queried', 'auditor', NULL,"
+        " 'ok', NULL, NULL, 'test', 'x@y')");
+    ck_assert_msg(PQresultStatus(res) == PGRES_TUPLES_OK, "%s",
+                  PQresultErrorMessage(res));
+    PQclear(res);
+    ck_assert_int_eq(
+        khtest_db_count(auditor, "SELECT count(*) FROM pg_temp.ran_as"), 0);
+    ck_assert_int_eq(khtest_db_count(auditor, "SELECT count(*)"
+                                              " FROM pg_temp.audit_events"),
+                     0);
+    ck_assert_int_eq(khtest_db_count(conn,
+                                     "SELECT count(*) FROM public.audit_events"
+                                     " WHERE action = 'trail.queried'"
+                                     " AND actor_id = 'kh_test_m_temp'"),
+                     1);
+    PQfinish(auditor);
+    PQfinish(conn);
+}
+END_TEST
+
 /* Administrators read no payload (022): not a referral's, not a
  * delivery's, not an escalation copy's, not even in a condition; they
  * read each payload's size, and their commands' statements run: list,
@@ -1427,6 +1468,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_services_hold_least_privilege);
     tcase_add_test(tc, test_writers_choose_no_seq_nor_time_of_events);
     tcase_add_test(tc, test_admin_and_auditor_events_name_their_login);
+    tcase_add_test(tc, test_access_event_is_not_captured_by_a_temporary_table);
     tcase_add_test(tc, test_admin_reads_no_payload);
     tcase_add_test(tc, test_auditor_reads_partner_keys);
     tcase_add_test(tc, test_payloads_are_only_purged);
