@@ -6,6 +6,7 @@
  * schema and the partner list. Every problem is reported with its line and
  * column; loading fails if there was any error.
  */
+#include <czmq.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
@@ -74,6 +75,8 @@ typedef struct {
     const kh_rules_options_t *opts;
     kh_error_t *err;
     int errors;
+    zhashx_t *partner_index; /* partner id -> its index in rules + 1 */
+    size_t partner_cap;      /* room in rules->partner_ids */
 } s_ctx_t;
 
 static void s_vreport(s_ctx_t *ctx, bool is_error, kh_errcode_t code,
@@ -487,6 +490,21 @@ static s_stype_t s_scalar_type(const s_ynode_t *n, bool *b, double *d)
         *b = false;
         return S_TBOOL;
     }
+    /* .inf, -.inf and .nan, in the spellings the core schema has: numbers
+     * to YAML (so that a text field does not take them for text, as it
+     * takes no other number), though none a referral can hold (JSON has no
+     * infinity and no NaN): the callers that want a number refuse them. */
+    const char *inf = s + (s[0] == '-' || s[0] == '+');
+    if (strcmp(inf, ".inf") == 0 || strcmp(inf, ".Inf") == 0 ||
+        strcmp(inf, ".INF") == 0) {
+        *d = s[0] == '-' ? -INFINITY : INFINITY;
+        return S_TFLOAT;
+    }
+    if (strcmp(s, ".nan") == 0 || strcmp(s, ".NaN") == 0 ||
+        strcmp(s, ".NAN") == 0) {
+        *d = NAN;
+        return S_TFLOAT;
+    }
     /* 0o17 and 0x1F: whole numbers in another base (no sign, as in the
      * core schema). */
     if (n->len > 2 && s[0] == '0' && (s[1] == 'o' || s[1] == 'x')) {
@@ -551,7 +569,7 @@ static const char *s_type_hint(const s_ynode_t *n, s_stype_t t, bool numeric,
                                bool whole, bool boolean)
 {
     bool b;
-    double d;
+    double d = 0;
     if (t == S_TNULL)
         return " and may not be null";
     if (!n->plain) {
@@ -559,10 +577,15 @@ static const char *s_type_hint(const s_ynode_t *n, s_stype_t t, bool numeric,
         plain.plain = true;
         s_stype_t pt = s_scalar_type(&plain, &b, &d);
         if ((boolean && pt == S_TBOOL) ||
-            (numeric && (pt == S_TINT || (pt == S_TFLOAT && !whole))))
+            (numeric &&
+             (pt == S_TINT || (pt == S_TFLOAT && !whole && isfinite(d)))))
             return ": write the value without quotes";
         return "";
     }
+    if (numeric && t == S_TFLOAT && s_scalar_type(n, &b, &d) == S_TFLOAT &&
+        !isfinite(d))
+        return ": infinity and NaN are no values a referral can hold (JSON "
+               "has neither)";
     if (boolean &&
         (strcasecmp(n->str, "yes") == 0 || strcasecmp(n->str, "no") == 0 ||
          strcasecmp(n->str, "on") == 0 || strcasecmp(n->str, "off") == 0))
@@ -574,8 +597,8 @@ static const char *s_type_hint(const s_ynode_t *n, s_stype_t t, bool numeric,
                    ? ": write it in decimal digits only"
                    : ", not a fraction";
     if (numeric && t == S_TSTR && n->len > 0 &&
-        strchr("+-0123456789", n->str[0]) && strtod(n->str, NULL) != 0 &&
-        !isfinite(strtod(n->str, NULL)))
+        strchr("+-0123456789", n->str[0]) && strpbrk(n->str, "0123456789") &&
+        strtod(n->str, NULL) != 0 && !isfinite(strtod(n->str, NULL)))
         return ": the value is too large to be a number";
     return "";
 }
@@ -620,19 +643,26 @@ static void s_list_add(s_list_t *l, const char *name, size_t len)
                                  "%s%.*s", sep, (int) len, name);
 }
 
+/* The most keys a mapping of the format may have: far more than any of
+ * its mappings allows, and few enough that checking each key against the
+ * others, with the allowed keys listed in each message, stays cheap. */
+#define S_KEYS_MAX 64
+
 /* Report keys of map that are not in allowed (NULL-terminated), and keys
- * given twice. Returns the number of problems. Callers go on checking the
- * known keys (the first of a repeated one), so that one check reports
- * every error, not only the first typo. */
+ * given twice; a map of more than S_KEYS_MAX keys only as too large.
+ * Returns the number of problems. Callers go on checking the known keys
+ * (the first of a repeated one), so that one check reports every error,
+ * not only the first typo. */
 static int s_check_keys(s_ctx_t *ctx, const s_ynode_t *map, const char *path,
                         const char *const *allowed)
 {
     int problems = 0;
-    if (map->n > 64) {
-        s_error(ctx, KH_E_RULES_SYNTAX, path, map,
-                "too many keys (%zu; no mapping of the format has more than "
-                "64)",
-                map->n / 2);
+    /* map->items holds the keys and their values. */
+    if (map->n / 2 > S_KEYS_MAX) {
+        s_error(ctx, KH_E_RULES_TOO_LARGE, path, map,
+                "a mapping of %zu keys; no mapping of the rules format has "
+                "more than %d",
+                map->n / 2, S_KEYS_MAX);
         return 1;
     }
     for (size_t i = 0; i + 1 < map->n; i += 2) {
@@ -887,19 +917,32 @@ static int s_field_find(const kh_rules_t *rules, const char *path)
 
 /* ---- partners ------------------------------------------------------------ */
 
-static int s_partner_intern(kh_rules_t *rules, const char *id)
+/* The index of id in rules->partner_ids, where it is added when new; -1
+ * when out of memory. Looked up by hash, so that a file naming many
+ * partners takes time in proportion to their number, not its square. */
+static int s_partner_intern(s_ctx_t *ctx, const char *id)
 {
-    for (size_t i = 0; i < rules->npartners; i++)
-        if (strcmp(rules->partner_ids[i], id) == 0)
-            return (int) i;
-    char **ids =
-        realloc(rules->partner_ids, (rules->npartners + 1) * sizeof *ids);
-    if (!ids)
+    kh_rules_t *rules = ctx->rules;
+    if (!ctx->partner_index && !(ctx->partner_index = zhashx_new()))
         return -1;
-    rules->partner_ids = ids;
-    ids[rules->npartners] = strdup(id);
-    if (!ids[rules->npartners])
+    uintptr_t known = (uintptr_t) zhashx_lookup(ctx->partner_index, id);
+    if (known)
+        return (int) (known - 1);
+    if (rules->npartners == ctx->partner_cap) {
+        size_t cap = ctx->partner_cap ? ctx->partner_cap * 2 : 16;
+        char **ids = realloc(rules->partner_ids, cap * sizeof *ids);
+        if (!ids)
+            return -1;
+        rules->partner_ids = ids;
+        ctx->partner_cap = cap;
+    }
+    char *copy = strdup(id);
+    if (!copy || zhashx_insert(ctx->partner_index, id,
+                               (void *) (uintptr_t) (rules->npartners + 1))) {
+        free(copy);
         return -1;
+    }
+    rules->partner_ids[rules->npartners] = copy;
     return (int) rules->npartners++;
 }
 
@@ -1164,7 +1207,8 @@ static int s_value(s_ctx_t *ctx, const kh_rfield_t *f, bool items,
         break;
     case KH_RK_INTEGER:
     case KH_RK_NUMBER:
-        if (t == S_TINT || (t == S_TFLOAT && kind == KH_RK_NUMBER)) {
+        if (t == S_TINT ||
+            (t == S_TFLOAT && kind == KH_RK_NUMBER && isfinite(d))) {
             out->kind = KH_RV_NUM;
             out->d = d;
             if (!items &&
@@ -1605,7 +1649,7 @@ static kh_rcond_t *s_leaf(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
         s_stype_t t = S_TSTR;
         if (vn->kind == S_YSCALAR)
             t = s_scalar_type(vn, &b, &c->vals[0].d);
-        if (t != S_TINT && t != S_TFLOAT) {
+        if (t != S_TINT && (t != S_TFLOAT || !isfinite(c->vals[0].d))) {
             s_error(ctx, KH_E_RULES_TYPE, p, vn, "%s needs a number%s",
                     s_ops[c->op],
                     vn->kind == S_YSCALAR
@@ -2011,11 +2055,15 @@ static int s_escalate_to(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
                 "a target cannot escalate to its own partner");
         return -1;
     }
-    target->escalate_named = s_partner_intern(ctx->rules, to);
+    target->escalate_named = s_partner_intern(ctx, to);
     if (target->escalate_named < 0) {
         s_error(ctx, KH_E_NOMEM, path, n, "out of memory");
         return -1;
     }
+    /* An optional target's escalation partner that is absent makes no
+     * copy now, but one once it is registered (kh_rules_set_partners): the
+     * note on the priority below holds all the same. */
+    bool absent = false;
     if (ctx->opts->partners) {
         const kh_rules_partner_t *reg = s_registered(ctx->opts, to);
         if (!reg && target->optional) {
@@ -2023,17 +2071,15 @@ static int s_escalate_to(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
                    "escalation partner %s is not registered; no copy on "
                    "escalation",
                    to);
-            return rc;
-        }
-        if (!reg) {
+            absent = true;
+        } else if (!reg) {
             s_error(ctx, KH_E_RULES_UNKNOWN_PARTNER, path, n,
                     "escalation partner %s is not registered (or was "
                     "revoked): correct the id, or register the partner "
                     "first (ketenhubctl partner add)",
                     to);
             return -1;
-        }
-        if (!reg->handles_cases) {
+        } else if (!reg->handles_cases) {
             s_error(ctx, KH_E_RULES_NO_CASES_PARTNER, path, n,
                     "partner %s does not handle cases and may not receive "
                     "a copy of case data: name a partner that handles cases",
@@ -2045,7 +2091,8 @@ static int s_escalate_to(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
         s_note(ctx, KH_E_RULES_ESCALATION, path, n,
                "only urgent deliveries are escalated; this target is %s",
                kh_priority_name(target->priority));
-    target->escalate = target->escalate_named;
+    if (!absent)
+        target->escalate = target->escalate_named;
     return rc;
 }
 
@@ -2133,17 +2180,20 @@ static int s_targets(s_ctx_t *ctx, const s_ynode_t *n, const char *path,
                 rc = -1;
             }
         }
-        for (size_t k = 0; k < *count; k++)
-            if (strcmp(ctx->rules->partner_ids[(*out)[k].partner], id) == 0) {
-                s_error(ctx, KH_E_RULES_DUPLICATE_NAME, p, pn,
-                        "partner %s is named twice in these targets", id);
-                rc = -1;
-            }
-        target->partner = s_partner_intern(ctx->rules, id);
+        target->partner = s_partner_intern(ctx, id);
         if (target->partner < 0) {
             s_error(ctx, KH_E_NOMEM, p, pn, "out of memory");
             return -1;
         }
+        /* One error per repeat, at the repeat: not one per earlier
+         * mention, which a list naming a partner often would make many. */
+        for (size_t k = 0; k < *count; k++)
+            if ((*out)[k].partner == target->partner) {
+                s_error(ctx, KH_E_RULES_DUPLICATE_NAME, p, pn,
+                        "partner %s is named twice in these targets", id);
+                rc = -1;
+                break;
+            }
         const s_ynode_t *en = s_get(t, "escalate_to");
         s_path_key(p, tp, "escalate_to");
         if (en && s_escalate_to(ctx, en, p, id, target))
@@ -2455,6 +2505,7 @@ kh_rules_t *kh_rules_load_buffer(const void *data, size_t len,
     if (root)
         s_document(&ctx, root);
     s_ynode_free(root);
+    zhashx_destroy(&ctx.partner_index);
     if (ctx.errors > 0)
         kh_rules_destroy(&self);
     return self;

@@ -1873,6 +1873,253 @@ START_TEST(test_default_rules_route_examples)
 }
 END_TEST
 
+/* ---- limits and repeats ---------------------------------------------- */
+
+/* The errors a load reports, and how many of them have one code. */
+typedef struct {
+    kh_errcode_t code;
+    int errors, of_code, notes;
+} s_tally_t;
+
+static void s_tally(const kh_error_t *err, bool is_error, void *arg)
+{
+    s_tally_t *t = arg;
+    if (!is_error) {
+        t->notes++;
+        return;
+    }
+    t->errors++;
+    t->of_code += err->code == t->code;
+}
+
+/* Load yaml with the demo partners, tallying what it reports into t (its
+ * code set by the caller); the rules, or NULL with *err. */
+static kh_rules_t *s_load_tally(const char *yaml, s_tally_t *t, kh_error_t *err)
+{
+    kh_rules_options_t o = s_opts(s_demo, S_DEMO_COUNT);
+    o.report = s_tally;
+    o.report_arg = t;
+    return kh_rules_load_buffer(yaml, strlen(yaml), &o, err);
+}
+
+/* A partner named again in one target list is one error per repeat, at
+ * the repeat: not one per earlier mention (a list naming avim 2,000 times
+ * made some two million). Every error is reported: the loader has no cap. */
+START_TEST(test_partner_repeated_in_targets)
+{
+    enum { TIMES = 2000 };
+    static const char head[] =
+        "version: 1\n"
+        "fallback: {targets: [{partner: zorgcoordinator, fields: [needs]}]}\n"
+        "rules:\n"
+        "- name: r1\n"
+        "  when: {field: subject.minor, equals: true}\n"
+        "  then:\n"
+        "    targets:\n";
+    static const char target[] = "    - {partner: avim, fields: [risk]}\n";
+    size_t size = sizeof head + TIMES * (sizeof target - 1);
+    char *yaml = malloc(size);
+    ck_assert_ptr_nonnull(yaml);
+    size_t used = (size_t) snprintf(yaml, size, "%s", head);
+    for (int i = 0; i < TIMES; i++)
+        used += (size_t) snprintf(yaml + used, size - used, "%s", target);
+    s_tally_t t = {.code = KH_E_RULES_DUPLICATE_NAME};
+    kh_error_t err;
+    ck_assert_ptr_null(s_load_tally(yaml, &t, &err));
+    ck_assert_int_eq(t.errors, TIMES - 1);
+    ck_assert_int_eq(t.of_code, TIMES - 1);
+    /* The first repeat is the second target, on line 9. */
+    ck_assert_int_eq(err.code, KH_E_RULES_DUPLICATE_NAME);
+    ck_assert_int_eq(err.line, 9);
+    ck_assert_int_eq(err.column, 17);
+    ck_assert_str_eq(err.path, "rules[0].then.targets[1].partner");
+    free(yaml);
+}
+END_TEST
+
+/* A mapping may have 64 keys (each then checked: here 63 unknown ones
+ * besides targets); one of 65 is too large, said once, at the mapping,
+ * with the code of the other limits. */
+START_TEST(test_keys_limit)
+{
+    for (int keys = 64; keys <= 65; keys++) {
+        char yaml[4096];
+        size_t used = (size_t) snprintf(
+            yaml, sizeof yaml,
+            "version: 1\n"
+            "fallback:\n"
+            "  targets: [{partner: zorgcoordinator, fields: [needs]}]\n");
+        for (int k = 1; k < keys; k++)
+            used += (size_t) snprintf(yaml + used, sizeof yaml - used,
+                                      "  k%d: 1\n", k);
+        snprintf(yaml + used, sizeof yaml - used,
+                 "rules:\n"
+                 "- name: r1\n"
+                 "  when: {field: subject.minor, equals: true}\n"
+                 "  then: {targets: [{partner: avim, fields: [risk]}]}\n");
+        s_tally_t t = {.code = KH_E_RULES_UNKNOWN_KEY};
+        kh_error_t err;
+        ck_assert_ptr_null(s_load_tally(yaml, &t, &err));
+        if (keys == 64) {
+            ck_assert_int_eq(t.errors, 63);
+            ck_assert_int_eq(t.of_code, 63);
+            ck_assert_int_eq(err.code, KH_E_RULES_UNKNOWN_KEY);
+            continue;
+        }
+        ck_assert_int_eq(t.errors, 1);
+        ck_assert_int_eq(err.code, KH_E_RULES_TOO_LARGE);
+        ck_assert_int_eq(err.line, 3);
+        ck_assert_int_eq(err.column, 3);
+        ck_assert_str_eq(err.path, "fallback");
+        ck_assert_msg(strstr(err.message, "65 keys") &&
+                          strstr(err.message, "more than 64"),
+                      "%s", err.message);
+    }
+}
+END_TEST
+
+/* .inf, -.inf and .nan are numbers to YAML's core schema, though none a
+ * referral can hold: a type error where a number is wanted, saying so,
+ * and where text is wanted the same error as for any other number (a
+ * quoted one is text). Spellings the core schema does not have are
+ * text. */
+START_TEST(test_infinity_and_nan)
+{
+    static const char *const special[] = {".inf",  "-.inf", "+.inf", ".Inf",
+                                          "-.Inf", ".INF",  "+.INF", ".nan",
+                                          ".NaN",  ".NAN"};
+    /* Where the value goes: into a condition (between before and after)
+     * or, without one, for the description. */
+    static const struct {
+        const char *before, *after;
+        bool numeric;
+        int line, column;
+    } places[] = {
+        {"{field: subject.age, lt: ", "}", true, 6, 34},
+        {"{field: subject.age, equals: ", "}", true, 6, 38},
+        {"{field: suspects, equals: ", "}", false, 6, 35},
+        {NULL, NULL, false, 5, 16},
+    };
+    for (size_t i = 0; i < sizeof special / sizeof special[0]; i++)
+        for (size_t k = 0; k < sizeof places / sizeof places[0]; k++) {
+            const char *v = special[i], *before = places[k].before;
+            char yaml[1024];
+            snprintf(yaml, sizeof yaml,
+                     "version: 1\n"
+                     "fallback: {targets: [{partner: zorgcoordinator, "
+                     "fields: [needs]}]}\n"
+                     "rules:\n"
+                     "- name: r1\n"
+                     "  description: %s\n"
+                     "  when: %s%s%s\n"
+                     "  then: {targets: [{partner: avim, fields: [risk]}]}\n",
+                     before ? "d" : v,
+                     before ? before : "{field: subject.minor, equals: true",
+                     before ? v : "", before ? places[k].after : "}");
+            s_tally_t t = {.code = KH_E_RULES_TYPE};
+            kh_error_t err;
+            kh_rules_t *rules = s_load_tally(yaml, &t, &err);
+            ck_assert_msg(rules == NULL, "%s (place %zu) loaded", v, k);
+            ck_assert_msg(t.errors == 1 && err.code == KH_E_RULES_TYPE,
+                          "%s (place %zu): %d errors, %s: %s", v, k, t.errors,
+                          kh_error_name(err.code), err.message);
+            ck_assert_int_eq(err.line, places[k].line);
+            ck_assert_int_eq(err.column, places[k].column);
+            ck_assert_msg(
+                !places[k].numeric ||
+                    strstr(err.message, ": infinity and NaN are no values"),
+                "%s (place %zu): %s", v, k, err.message);
+            if (k == 2)
+                ck_assert_str_eq(err.message, "suspects is text");
+            if (k == 3)
+                ck_assert_str_eq(err.message, "description must be text");
+        }
+    /* As any other number is text only in quotes. */
+    s_tally_t t = {.code = KH_E_RULES_TYPE};
+    kh_error_t err;
+    ck_assert_ptr_null(s_load_tally(
+        "version: 1\n"
+        "fallback: {targets: [{partner: zorgcoordinator, fields: [needs]}]}\n"
+        "rules:\n"
+        "- {name: r1, when: {field: suspects, equals: 12},\n"
+        "   then: {targets: [{partner: avim, fields: [risk]}]}}\n",
+        &t, &err));
+    ck_assert_str_eq(err.message, "suspects is text");
+    static const char *const text[] = {"'.inf'", "\".nan\"", ".InF", "+.nan",
+                                       "-.nan",  "inf",      "-inf", "nan"};
+    for (size_t i = 0; i < sizeof text / sizeof text[0]; i++) {
+        char yaml[1024];
+        snprintf(yaml, sizeof yaml,
+                 "version: 1\n"
+                 "fallback: {targets: [{partner: zorgcoordinator, fields: "
+                 "[needs]}]}\n"
+                 "rules:\n"
+                 "- {name: r1, description: %s,\n"
+                 "   when: {field: suspects, equals: %s},\n"
+                 "   then: {targets: [{partner: avim, fields: [risk]}]}}\n",
+                 text[i], text[i]);
+        kh_rules_t *rules = s_load_text(yaml, s_demo, S_DEMO_COUNT);
+        kh_rules_destroy(&rules);
+        /* Nor is such text said to be a number too large. */
+        snprintf(yaml, sizeof yaml,
+                 "version: 1\n"
+                 "fallback: {targets: [{partner: zorgcoordinator, fields: "
+                 "[needs]}]}\n"
+                 "rules:\n"
+                 "- {name: r1, when: {field: subject.age, lt: %s},\n"
+                 "   then: {targets: [{partner: avim, fields: [risk]}]}}\n",
+                 text[i]);
+        ck_assert_ptr_null(s_load_tally(yaml, &t, &err));
+        ck_assert_int_eq(err.code, KH_E_RULES_TYPE);
+        ck_assert_msg(strcmp(err.message, "lt needs a number") == 0, "%s: %s",
+                      text[i], err.message);
+    }
+}
+END_TEST
+
+/* An optional target whose escalation partner is absent gets the note of
+ * a target that is not urgent all the same (escalate_to never takes
+ * effect there, registered or not), besides the note that the partner is
+ * absent; and no copy. */
+START_TEST(test_optional_escalation_absent_not_urgent)
+{
+    static const char yaml[] =
+        "version: 1\n"
+        "fallback: {targets: [{partner: zorgcoordinator, fields: [needs]}]}\n"
+        "rules:\n"
+        "- name: r1\n"
+        "  when: {field: subject.minor, equals: true}\n"
+        "  then:\n"
+        "    targets:\n"
+        "    - {partner: py, optional: true, priority: high,\n"
+        "       escalate_to: {partner: absent-one, fields: [risk]},\n"
+        "       fields: [scope]}\n"
+        "    - {partner: pz, optional: true,\n"
+        "       escalate_to: {partner: px, fields: [risk]},\n"
+        "       fields: [scope]}\n";
+    char reports[2048];
+    kh_rules_t *rules = s_load_noting(yaml, reports);
+    ck_assert_str_eq(reports,
+                     "note rules.partner_absent 9:31 rules[0].then.targets[0]."
+                     "escalate_to.partner;"
+                     "note rules.escalation 9:31 rules[0].then.targets[0]."
+                     "escalate_to.partner;"
+                     "note rules.escalation 12:31 rules[0].then.targets[1]."
+                     "escalate_to.partner;");
+    kh_rules_result_t *r = kh_rules_result_new(rules);
+    ck_assert_ptr_nonnull(r);
+    json_t *doc = khtest_json(s_base);
+    s_apply(doc, "{'subject':{'minor':true,'age':16}}", NULL);
+    kh_rules_eval(rules, doc, r);
+    int py = kh_rules_result_find(r, "py");
+    ck_assert_int_ge(py, 0);
+    ck_assert_ptr_null(kh_rules_result_escalate_to(r, (size_t) py));
+    json_decref(doc);
+    kh_rules_result_destroy(&r);
+    kh_rules_destroy(&rules);
+}
+END_TEST
+
 /* ---- ketenhubctl rules -------------------------------------------------- */
 
 START_TEST(test_ctl_exit_codes)
@@ -2275,6 +2522,99 @@ START_TEST(test_ctl_rules_test)
 }
 END_TEST
 
+/* One partner as ketenhubctl partner list --json prints it (revoked_at
+ * NULL: not revoked). */
+static void s_listed_partner(FILE *f, const char *id, const char *kind,
+                             bool cases, const char *revoked_at)
+{
+    static const char key[] = "rq:rM>}U?@Lns47E1%kR.o@n7FcmvQ&gY79b(Ix";
+    char revoked[64] = "null";
+    if (revoked_at)
+        snprintf(revoked, sizeof revoked, "\"%s\"", revoked_at);
+    fprintf(f,
+            "{\"id\": \"%s\", \"display_name\": \"%s\", \"kind\": \"%s\", "
+            "\"handles_cases\": %s, \"public_key\": \"%s\", "
+            "\"previous_key_until\": null, "
+            "\"created_at\": \"2026-01-05T09:00:00Z\", \"revoked_at\": %s, "
+            "\"keys\": [{\"public_key\": \"%s\", "
+            "\"added_at\": \"2026-01-05T09:00:00Z\", \"expires_at\": %s}]}",
+            id, id, kind, cases ? "true" : "false", key, revoked, key, revoked);
+}
+
+/* The registry of the demo as partner list --json prints it, with
+ * arbeidsinspectie revoked, and avim too when avim_revoked, into path. */
+static void s_write_listed(const char *path, bool avim_revoked)
+{
+    FILE *f = fopen(path, "w");
+    ck_assert_ptr_nonnull(f);
+    fputc('[', f);
+    s_listed_partner(f, "arbeidsinspectie", "inspectorate", true,
+                     "2026-02-01T10:00:00Z");
+    fputs(",\n ", f);
+    s_listed_partner(f, "avim", "police", true,
+                     avim_revoked ? "2026-02-02T10:00:00Z" : NULL);
+    fputs(",\n ", f);
+    s_listed_partner(f, "ketenregisseur", "chain_director", false, NULL);
+    fputs(",\n ", f);
+    s_listed_partner(f, "veilig-thuis", "veilig_thuis", true, NULL);
+    fputs(",\n ", f);
+    s_listed_partner(f, "zorgcoordinator", "zorgcoordinator", true, NULL);
+    fputs("]\n", f);
+    ck_assert_int_eq(fclose(f), 0);
+}
+
+/* rules explain --partners takes the registry as partner list --json
+ * prints it, revoked partners and all. A revoked partner cannot receive:
+ * it counts as not registered, as in rules check with the database (which
+ * reads only the partners not revoked) and in routing. An optional
+ * target's revoked partner is skipped; a required target's refuses the
+ * file, with the errors rules check gives, as routing would refuse it at
+ * a reload. */
+START_TEST(test_ctl_revoked_partners)
+{
+    char ctl[4096], partners[4096], def[4096], ex[4096];
+    snprintf(ctl, sizeof ctl, "%s/tools/ctl/ketenhubctl", KH_TEST_BINARY_DIR);
+    snprintf(def, sizeof def, "%s", khtest_src("schemas/rules/default.yaml"));
+    snprintf(ex, sizeof ex, "%s",
+             khtest_src("schemas/examples/adult-labour-agriculture-shelter."
+                        "json"));
+    char *dir = khtest_tmpdir();
+    snprintf(partners, sizeof partners, "%s/partners.json", dir);
+    s_write_listed(partners, false);
+    char *out = NULL;
+    char *explain[] = {ctl, "rules",      "explain", def,
+                       ex,  "--partners", partners,  NULL};
+    ck_assert_int_eq(khtest_run(explain, &out), 0);
+    ck_assert_msg(strstr(out, "-> arbeidsinspectie (normal), optional partner "
+                              "not registered: skipped\n") &&
+                      strstr(out, "rules.partner_absent: optional partner "
+                                  "arbeidsinspectie is not registered") &&
+                      !strstr(out, "partner arbeidsinspectie, priority") &&
+                      strstr(out, "\npartner zorgcoordinator, priority") &&
+                      !strstr(out, "partners not checked"),
+                  "%s", out);
+    free(out);
+    char *check[] = {ctl, "rules", "check", def, "--partners", partners, NULL};
+    ck_assert_int_eq(khtest_run(check, &out), 0);
+    free(out);
+
+    /* avim revoked: named by rules that are not optional. */
+    s_write_listed(partners, true);
+    char *explain_out = NULL, *check_out = NULL;
+    ck_assert_int_eq(khtest_run(explain, &explain_out), 1);
+    ck_assert_int_eq(khtest_run(check, &check_out), 1);
+    ck_assert_msg(strstr(explain_out, "rules.unknown_partner: partner avim is "
+                                      "not registered (or was revoked)") &&
+                      !strstr(explain_out, "\npartner "),
+                  "%s", explain_out);
+    ck_assert_str_eq(explain_out, check_out);
+    free(explain_out);
+    free(check_out);
+    khtest_rmtree(dir);
+    free(dir);
+}
+END_TEST
+
 static Suite *s_suite(void)
 {
     Suite *s = suite_create("rules");
@@ -2306,6 +2646,11 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_ctl_exit_codes);
     tcase_add_test(tc, test_ctl_rules_test);
     tcase_add_test(tc, test_schema_deeper_than_a_projection_is_refused);
+    tcase_add_test(tc, test_partner_repeated_in_targets);
+    tcase_add_test(tc, test_keys_limit);
+    tcase_add_test(tc, test_infinity_and_nan);
+    tcase_add_test(tc, test_optional_escalation_absent_not_urgent);
+    tcase_add_test(tc, test_ctl_revoked_partners);
     suite_add_tcase(s, tc);
     return s;
 }
