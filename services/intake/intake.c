@@ -633,15 +633,28 @@ static void s_take(intake_t *self, kh_jarena_t *arena, s_request_t *req,
     const char *chosen = zmq_msg_gets(body, "Identity");
     int rc = 0;
     bool decoded = false; /* the body went to the decoder */
-    if (extra)
+    if (!partner) {
+        /* Who sends comes first: a key no active partner holds is told
+         * so whatever its frame holds, and the trail records the refused
+         * key as such, not as a malformed request. While the registry
+         * cannot be read (the database is not up yet, or away) no key
+         * can be told it is unknown: that answer is final for a partner,
+         * and the key may be that of a partner added since the registry
+         * was read last. */
+        if (unsure)
+            s_registry_unread(&err);
+        else
+            kh_error_set(&err, KH_E_UNKNOWN_PARTNER, "",
+                         "this key belongs to no active partner");
+        rc = -1;
+    } else if (extra)
         rc = kh_error_set(&err, KH_E_BAD_ENVELOPE, "",
                           "a request is exactly one frame");
     else if (chosen && *chosen)
         rc = kh_error_set(&err, KH_E_BAD_ENVELOPE, "",
                           "the connection set its own routing id; a "
                           "partner's connection must leave it to the hub");
-    else if (partner &&
-             !kh_peers_take(self->peers, req->fd, zframe_data(identity),
+    else if (!kh_peers_take(self->peers, req->fd, zframe_data(identity),
                             zframe_size(identity), partner))
         rc = s_over_connections(self, req, &err);
     else {
@@ -676,18 +689,6 @@ static void s_take(intake_t *self, kh_jarena_t *arena, s_request_t *req,
                               kh_cmd_name(req->cmd));
         if (rc)
             s_refuse(req, &err);
-    }
-    /* While the registry cannot be read (the database is not up yet, or
-     * away) no key can be told it is unknown: that answer is final for a
-     * partner, and the key may be that of a partner added since the
-     * registry was read last. */
-    if (!req->refused && !partner && unsure) {
-        s_registry_unread(&err);
-        s_refuse(req, &err);
-    } else if (!req->refused && !partner) {
-        kh_error_set(&err, KH_E_UNKNOWN_PARTNER, "",
-                     "this key belongs to no active partner");
-        s_refuse(req, &err);
     }
     s_check_rates(self, req);
     if (!req->refused && req->cmd == KH_CMD_SUBMIT)

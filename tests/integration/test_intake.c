@@ -509,6 +509,38 @@ static zsock_t *s_dealer(int timeout_ms)
     return dealer;
 }
 
+/* A DEALER of partner name whose CURVE handshake with intake is over. */
+static zsock_t *s_dealer_shaken_as(const char *name)
+{
+    zsock_t *dealer = zsock_new(ZMQ_DEALER);
+    ck_assert_ptr_nonnull(dealer);
+    char file[64];
+    snprintf(file, sizeof file, "%s.cert", name);
+    zcert_t *mine = zcert_load(s_path(file));
+    zcert_t *hub = zcert_load(s_path("hub.cert"));
+    ck_assert(mine && hub);
+    zcert_apply(mine, dealer);
+    zsock_set_curve_serverkey(dealer, zcert_public_txt(hub));
+    zsock_set_linger(dealer, 0);
+    zcert_destroy(&mine);
+    zcert_destroy(&hub);
+    char endpoint[64];
+    snprintf(endpoint, sizeof endpoint, "inproc://shaken-%p", (void *) dealer);
+    ck_assert_int_eq(zmq_socket_monitor(zsock_resolve(dealer), endpoint,
+                                        ZMQ_EVENT_HANDSHAKE_SUCCEEDED),
+                     0);
+    zsock_t *monitor = zsock_new(ZMQ_PAIR);
+    ck_assert_int_eq(zsock_connect(monitor, "%s", endpoint), 0);
+    ck_assert_int_eq(zsock_connect(dealer, "%s", s_endpoint), 0);
+    zsock_set_rcvtimeo(monitor, S_TIMEOUT);
+    zmsg_t *event = zmsg_recv(monitor);
+    ck_assert_msg(event != NULL, "no handshake within %d ms", S_TIMEOUT);
+    zmsg_destroy(&event);
+    zmq_socket_monitor(zsock_resolve(dealer), NULL, 0);
+    zsock_destroy(&monitor);
+    return dealer;
+}
+
 /* Send raw bytes on a CURVE DEALER as partner vt and return the decoded
  * reply, or NULL when none came within timeout_ms. */
 static json_t *s_raw(const void *data, size_t size, int frames, int timeout_ms)
@@ -1908,6 +1940,57 @@ START_TEST(unknown_keys_and_plain_clients_are_refused)
 
     ck_assert_int_eq(s_count("SELECT count(*) FROM referrals"), referrals);
     json_decref(referral);
+}
+END_TEST
+
+/* A key no active partner holds is refused as such whatever its frame
+ * holds: a body that does not decode, an envelope with a key the protocol
+ * lacks, a command of another socket. Each answer carries the frame's cid
+ * where it has one, and each refusal is in the trail as the key's, for
+ * unknown_partner: not as a malformed request of some partner. */
+START_TEST(an_unknown_key_is_refused_as_unknown_before_its_frame)
+{
+    zcert_t *cert = zcert_load(s_path("unregistered.cert"));
+    ck_assert_ptr_nonnull(cert);
+    char actor[64];
+    snprintf(actor, sizeof actor, "key:%s", zcert_public_txt(cert));
+    zcert_destroy(&cert);
+    json_t *referral = s_example();
+    json_t *bogus = s_submit_envelope("u-bogus", referral);
+    json_object_set_new(bogus, "bogus", json_true());
+    zframe_t *frames[] = {
+        zframe_new("\xc1", 1),
+        s_frame(bogus, "c-bogus"),
+        s_frame(json_pack("{s:s}", "cmd", "HELLO"), "c-hello"),
+    };
+    const char *cids[] = {"", "c-bogus", "c-hello"};
+    json_decref(referral);
+
+    zsock_t *dealer = s_dealer_shaken_as("unregistered");
+    for (size_t i = 0; i < sizeof frames / sizeof *frames; i++) {
+        zframe_send(&frames[i], dealer, 0);
+        zsock_set_rcvtimeo(dealer, S_TIMEOUT);
+        zframe_t *frame = zframe_recv(dealer);
+        ck_assert_msg(frame != NULL, "frame %zu: no answer", i);
+        json_t *reply = s_decoded(&frame);
+        ck_assert_str_eq(kh_client_reply_cmd(reply), "REJECTED");
+        ck_assert_str_eq(s_str(reply, "code"), "unknown_partner");
+        ck_assert_str_eq(s_str(reply, "cid"), cids[i]);
+        json_decref(reply);
+    }
+    zsock_destroy(&dealer);
+
+    char sql[256];
+    snprintf(sql, sizeof sql,
+             "SELECT count(*) FROM audit_events WHERE actor_id = '%s'", actor);
+    ck_assert_int_eq(s_count(sql), 3);
+    snprintf(sql, sizeof sql,
+             "SELECT count(*) FROM audit_events WHERE actor_id = '%s' AND "
+             "action = 'auth.refused' AND reason_code = 'unknown_partner' "
+             "AND reason_path IS NULL",
+             actor);
+    ck_assert_int_eq(s_count(sql), 3);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM referrals"), 0);
 }
 END_TEST
 
@@ -3682,38 +3765,6 @@ static json_t *s_ping_on(zsock_t *dealer, const char *cid, int timeout_ms)
     return frame ? s_decoded(&frame) : NULL;
 }
 
-/* A DEALER of partner name whose CURVE handshake with intake is over. */
-static zsock_t *s_dealer_shaken_as(const char *name)
-{
-    zsock_t *dealer = zsock_new(ZMQ_DEALER);
-    ck_assert_ptr_nonnull(dealer);
-    char file[64];
-    snprintf(file, sizeof file, "%s.cert", name);
-    zcert_t *mine = zcert_load(s_path(file));
-    zcert_t *hub = zcert_load(s_path("hub.cert"));
-    ck_assert(mine && hub);
-    zcert_apply(mine, dealer);
-    zsock_set_curve_serverkey(dealer, zcert_public_txt(hub));
-    zsock_set_linger(dealer, 0);
-    zcert_destroy(&mine);
-    zcert_destroy(&hub);
-    char endpoint[64];
-    snprintf(endpoint, sizeof endpoint, "inproc://shaken-%p", (void *) dealer);
-    ck_assert_int_eq(zmq_socket_monitor(zsock_resolve(dealer), endpoint,
-                                        ZMQ_EVENT_HANDSHAKE_SUCCEEDED),
-                     0);
-    zsock_t *monitor = zsock_new(ZMQ_PAIR);
-    ck_assert_int_eq(zsock_connect(monitor, "%s", endpoint), 0);
-    ck_assert_int_eq(zsock_connect(dealer, "%s", s_endpoint), 0);
-    zsock_set_rcvtimeo(monitor, S_TIMEOUT);
-    zmsg_t *event = zmsg_recv(monitor);
-    ck_assert_msg(event != NULL, "no handshake within %d ms", S_TIMEOUT);
-    zmsg_destroy(&event);
-    zmq_socket_monitor(zsock_resolve(dealer), NULL, 0);
-    zsock_destroy(&monitor);
-    return dealer;
-}
-
 static zsock_t *s_dealer_shaken(void)
 {
     return s_dealer_shaken_as("vt");
@@ -4301,6 +4352,7 @@ int main(void)
     tcase_add_test(tc, a_repeat_on_another_key_does_not_take_the_first_answer);
     tcase_add_test(tc, a_key_whose_overlap_ended_is_refused_without_a_notice);
     tcase_add_test(tc, unknown_keys_and_plain_clients_are_refused);
+    tcase_add_test(tc, an_unknown_key_is_refused_as_unknown_before_its_frame);
     tcase_add_test(tc,
                    made_up_keys_at_the_handshake_are_audited_within_a_bound);
     tcase_add_test(tc, partners_added_and_removed_while_running);
