@@ -166,8 +166,12 @@ static PGconn *s_connect(const char *conninfo, const char *application_name,
      * plan at every execution once its estimated cost passes
      * jit_above_cost, which a seq scan that enable_seqscan = off rules out
      * always does (it costs 10^10): 0.5-0.8 s an execution, measured on a
-     * dead-letter sweep of 0.2 ms. */
-    if (kh_db_exec(conn, "SET jit = off", err)) {
+     * dead-letter sweep of 0.2 ms.
+     * UTF-8 whatever PGCLIENTENCODING or the connection string ask for:
+     * every text the hub and its tools send and read is UTF-8 (a name
+     * matched in other bytes would match nothing, and one printed in
+     * them would not be the trail's). */
+    if (kh_db_exec(conn, "SET jit = off; SET client_encoding = 'UTF8'", err)) {
         PQfinish(conn);
         return NULL;
     }

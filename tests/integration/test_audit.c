@@ -1767,6 +1767,19 @@ START_TEST(auditor_options_are_checked_before_anything_runs)
                    " 'm\xc3\xbcller', 'trail.queried', 'ok', 'ketenhubctl')",
                    0, NULL);
     ck_assert_int_eq(S_QUERY_COUNT("--actor", "auditor:m\xc3\xbcller"), 1);
+    /* ketenhubctl speaks UTF-8 to the database whatever the environment
+     * asks for: with LATIN1 the name would be matched and printed in
+     * other bytes (and a name LATIN1 lacks refused). */
+    setenv("PGCLIENTENCODING", "LATIN1", 1);
+    ck_assert_int_eq(S_QUERY_COUNT("--actor", "auditor:m\xc3\xbcller"), 1);
+    out = NULL;
+    rc = KHTEST_CTL(&out, "audit", "query", "--format", "json", "--actor",
+                    "auditor:m\xc3\xbcller");
+    ck_assert_msg(rc == 0 &&
+                      strstr(out, "\"actor_id\":\"m\\u00FCller\"") != NULL,
+                  "exit %d: %s", rc, out);
+    free(out);
+    unsetenv("PGCLIENTENCODING");
     S_REFUSED("--actor", "query", "--actor", "two words");
     S_REFUSED("--actor", "query", "--actor", "tab\there");
     S_REFUSED("--actor", "query", "--actor", "");
