@@ -383,6 +383,14 @@ int kh_trail_load_public_keys(const char *path, kh_trail_keys_t *keys,
                             strerror(errno));
     char line[256];
     int rc = 0, lineno = 0, found = 0;
+    /* Where in keys the file's last key stands: a file may repeat keys
+     * of the files before it (an auditor's old.pub, then the hub-audit.pub
+     * that a rotation left, which holds that key too), in the same order,
+     * and add new keys after the newest only (a file that starts with a
+     * new key puts it after them all); any other order leaves the
+     * order of the keys in doubt, and with it which key signs after
+     * which. */
+    ptrdiff_t at = -1;
     while (rc == 0 && fgets(line, sizeof line, f)) {
         lineno++;
         line[strcspn(line, "\r\n")] = '\0';
@@ -396,17 +404,32 @@ int kh_trail_load_public_keys(const char *path, kh_trail_keys_t *keys,
                               lineno);
             break;
         }
-        for (size_t i = 0; i < keys->count; i++)
+        ptrdiff_t known = -1;
+        for (size_t i = 0; i < keys->count && known < 0; i++)
             if (memcmp(keys->key[i], key, sizeof key) == 0)
-                rc = kh_error_set(err, KH_E_CONFIG, path,
-                                  "line %d: the key %s is given twice", lineno,
-                                  line);
-        if (rc == 0 && keys->count == KH_TRAIL_MAX_KEYS)
+                known = (ptrdiff_t) i;
+        if (known >= 0 && known <= at)
+            rc = kh_error_set(err, KH_E_CONFIG, path,
+                              "line %d: the key %s is given twice, or out of "
+                              "the order of the keys before it: give each "
+                              "key once, oldest first",
+                              lineno, line);
+        else if (known < 0 && at >= 0 && at + 1 < (ptrdiff_t) keys->count)
+            rc = kh_error_set(err, KH_E_CONFIG, path,
+                              "line %d: the key %s follows a key that is not "
+                              "the newest given before it: give each key "
+                              "once, oldest first",
+                              lineno, line);
+        else if (known < 0 && keys->count == KH_TRAIL_MAX_KEYS)
             rc = kh_error_set(err, KH_E_CONFIG, path,
                               "line %d: more than %d audit keys", lineno,
                               KH_TRAIL_MAX_KEYS);
+        else if (known < 0) {
+            memcpy(keys->key[keys->count], key, sizeof key);
+            known = (ptrdiff_t) keys->count++;
+        }
         if (rc == 0) {
-            memcpy(keys->key[keys->count++], key, sizeof key);
+            at = known;
             found++;
         }
     }

@@ -144,8 +144,11 @@ int kh_trail_keygen(const char *secret_path, const char *public_path,
                     const kh_trail_keys_t *kept, bool force, kh_error_t *err);
 
 /* Append the keys of a public key file (one key of 64 hex digits a line,
- * oldest first; blank lines are skipped) to keys. A file without a key,
- * a line that is no key, a key given twice or more than KH_TRAIL_MAX_KEYS
+ * oldest first; blank lines are skipped) to keys. Keys already in keys
+ * may be given again, in their order there, and new ones after the
+ * newest of them (an old key file, then the file of a rotation that
+ * holds its key too). A file without a key, a line that is no key, a key
+ * twice in the file or out of that order, or more than KH_TRAIL_MAX_KEYS
  * keys in all: -1 with err (KH_E_CONFIG, path the file). */
 int kh_trail_load_public_keys(const char *path, kh_trail_keys_t *keys,
                               kh_error_t *err);

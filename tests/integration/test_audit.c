@@ -1561,6 +1561,12 @@ START_TEST(the_trail_verifies_across_an_audit_key_rotation)
     ck_assert_msg(rc == 1 && strstr(out, "after key 2 signed"), "exit %d: %s",
                   rc, out);
     free(out);
+    /* The auditor's old key, then the hub-audit.pub that holds it too:
+     * the same keys in the same order. */
+    rc = S_AUDIT(&out, "verify", "--public-key", old_pk, "--public-key",
+                 pk_path);
+    ck_assert_msg(rc == 0 && strstr(out, "intact"), "exit %d: %s", rc, out);
+    free(out);
 
     /* Offline, with the checkpoints published. */
     rc = S_AUDIT(&out, "export", "--out", trail);

@@ -606,6 +606,52 @@ START_TEST(verifier_accepts_the_keys_of_a_rotation_in_turn)
             ck_assert_int_eq(err.code, KH_E_CONFIG);
         }
     }
+
+    /* Key files given one after the other: a later one may repeat keys of
+     * those before in their order (old.pub, then the hub-audit.pub that
+     * the rotation left, which holds its key too) and add new keys after
+     * the newest; any other order is refused. */
+    unsigned char pk3[32], sk3[64];
+    crypto_sign_keypair(pk3, sk3);
+    char hex3[65];
+    kh_trail_hex(pk3, 32, hex3);
+    const struct {
+        const char *files[2];
+        int rc;
+        size_t count;
+    } merges[] = {
+        {{hex1, "12"}, 0, 2},  {{"12", "12"}, 0, 2},  {{hex1, hex2}, 0, 2},
+        {{"12", "2"}, 0, 2},   {{"12", "23"}, 0, 3},  {{hex2, "12"}, -1, 0},
+        {{"12", "13"}, -1, 0}, {{"12", "21"}, -1, 0}, {{"12", "122"}, -1, 0},
+    };
+    const char *by_digit[] = {NULL, hex1, hex2, hex3};
+    const unsigned char *pk_by_digit[] = {NULL, s_pk, pk2, pk3};
+    for (size_t m = 0; m < sizeof merges / sizeof *merges; m++) {
+        kh_trail_keys_t keys = {.count = 0};
+        kh_error_t err;
+        kh_error_clear(&err);
+        int rc = 0;
+        for (int i = 0; i < 2 && rc == 0; i++) {
+            FILE *f = fopen(path, "w");
+            ck_assert_ptr_nonnull(f);
+            const char *spec = merges[m].files[i];
+            if (strlen(spec) == 64)
+                fprintf(f, "%s\n", spec);
+            else
+                for (const char *d = spec; *d; d++)
+                    fprintf(f, "%s\n", by_digit[*d - '0']);
+            fclose(f);
+            rc = kh_trail_load_public_keys(path, &keys, &err);
+        }
+        ck_assert_msg(rc == merges[m].rc, "merge %zu: %d (%s)", m, rc,
+                      err.message);
+        if (rc == 0) {
+            ck_assert_uint_eq(keys.count, merges[m].count);
+            for (size_t k = 0; k < keys.count; k++)
+                ck_assert_mem_eq(keys.key[k], pk_by_digit[k + 1], 32);
+        } else
+            ck_assert_int_eq(err.code, KH_E_CONFIG);
+    }
     unlink(path);
     rmdir(dir);
 }
