@@ -1620,7 +1620,22 @@ static void s_take(notify_t *self, zframe_t *identity, zmq_msg_t *body,
         partner && !kh_peers_count(self->peers, fd, zframe_data(identity),
                                    zframe_size(identity), partner);
 
-    if (extra_frames)
+    /* Who sends comes first, as on intake: a key no active partner holds
+     * is told so whatever its frame holds. Until the registry has been
+     * read (the database is not up yet), or read again since it changed,
+     * no key can be told it is revoked: that answer makes a partner
+     * stop. */
+    if (!partner && (!self->partners || self->partners_stale))
+        s_registry_unread(&err);
+    else if (!partner) {
+        /* A key the directory still admits that the registry no longer
+         * does (revoked, or past its rotation's overlap): refused and
+         * audited, as intake does. */
+        kh_error_set(&err, KH_E_UNKNOWN_PARTNER, "",
+                     "this key belongs to no active partner");
+        s_audit_refused(self, key ? key : "", peer ? peer : "",
+                        "unknown_partner", NULL);
+    } else if (extra_frames)
         kh_error_set(&err, KH_E_BAD_ENVELOPE, "",
                      "a message is exactly one frame");
     else if (over)
@@ -1642,24 +1657,9 @@ static void s_take(notify_t *self, zframe_t *identity, zmq_msg_t *body,
                          "%s is not a command for the delivery socket",
                          kh_cmd_name(cmd));
     }
-    /* v is checked before anything else, as intake does. */
-    if (!msg && !extra_frames && !over)
+    /* v is checked before anything else in the frame, as intake does. */
+    if (!msg && partner && !extra_frames && !over)
         kh_proto_other_version(zmq_msg_data(body), zmq_msg_size(body), &err);
-    /* Until the registry has been read (the database is not up yet), or
-     * read again since it changed, no key can be told it is revoked: that
-     * answer makes a partner stop. */
-    if (err.code == KH_E_OK && !partner &&
-        (!self->partners || self->partners_stale))
-        s_registry_unread(&err);
-    else if (err.code == KH_E_OK && !partner) {
-        /* A key the directory still admits that the registry no longer
-         * does (revoked, or past its rotation's overlap): refused and
-         * audited, as intake does. */
-        kh_error_set(&err, KH_E_UNKNOWN_PARTNER, "",
-                     "this key belongs to no active partner");
-        s_audit_refused(self, key ? key : "", peer ? peer : "",
-                        "unknown_partner", NULL);
-    }
     /* Only a HELLO registers a connection for deliveries: a connection
      * that only PINGs (a probe) or answers is served without being sent
      * any, since nothing says it reads them. A registered one is kept

@@ -909,6 +909,64 @@ START_TEST(a_revoked_partners_connection_is_forgotten_at_once)
 }
 END_TEST
 
+/* A revoked partner's key is refused as such whatever its frame holds, as
+ * intake does: a body that does not decode, a message of two frames, a
+ * command of another socket; each answer under the frame's cid where it
+ * has one, and the refusal in the trail under the key. */
+START_TEST(a_revoked_key_is_refused_as_unknown_before_its_frame)
+{
+    pid_t pid = s_start_unhurried();
+    zsock_t *avim = s_partner("avim");
+    s_hello(avim, 4);
+    khtest_db_exec(s_db,
+                   "UPDATE partners SET revoked_at = now() WHERE id = 'avim'",
+                   0, NULL);
+    /* Told of the change as it commits: refused for good from the next
+     * frame on, or at most until the registry has been read again. */
+    json_t *msg = NULL;
+    int64_t until_ms = zclock_mono() + 10000;
+    do {
+        json_decref(msg);
+        khpartner_send(avim, kh_proto_new(KH_CMD_PING, "p1"));
+        msg = s_expect(avim, "REJECTED", 3000);
+        ck_assert_msg(msg != NULL, "a PING of a revoked partner was answered");
+    } while (strcmp(s_str(msg, "code"), "unavailable") == 0 &&
+             zclock_mono() < until_ms);
+    ck_assert_str_eq(s_str(msg, "code"), "unknown_partner");
+    json_decref(msg);
+
+    json_t *submit = kh_proto_new(KH_CMD_SUBMIT, "c-submit");
+    json_object_set_new(submit, "bogus", json_true());
+    khpartner_send(avim, submit);
+    zframe_t *bad = zframe_new("\xc1", 1);
+    zframe_send(&bad, avim, 0);
+    zmsg_t *two = zmsg_new();
+    zmsg_addstr(two, "one");
+    zmsg_addstr(two, "two");
+    zmsg_send(&two, avim);
+    const char *cids[] = {"c-submit", "", ""};
+    for (size_t i = 0; i < 3; i++) {
+        msg = khpartner_recv(avim, 3000);
+        ck_assert_msg(msg != NULL, "frame %zu: no answer", i);
+        ck_assert_str_eq(s_str(msg, "cmd"), "REJECTED");
+        ck_assert_str_eq(s_str(msg, "code"), "unknown_partner");
+        ck_assert_str_eq(s_str(msg, "cid"), cids[i]);
+        json_decref(msg);
+    }
+    zsock_destroy(&avim);
+    ck_assert(s_wait_count("SELECT count(*) FROM audit_events WHERE action ="
+                           " 'auth.refused' AND origin_service ="
+                           " 'notification' AND reason_code ="
+                           " 'unknown_partner' AND actor_id LIKE 'key:%'",
+                           1, 3000));
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE"
+                             " origin_service = 'notification' AND"
+                             " reason_code <> 'unknown_partner'"),
+                     0);
+    s_stop(pid);
+}
+END_TEST
+
 /* A change to the registry that notification cannot read yet (the read
  * waits on a lock past its lock_timeout) leaves the registry as read
  * before stale: until the read succeeds it admits no key, since any may
@@ -4268,6 +4326,7 @@ static Suite *s_suite(void)
     tcase_add_test(moved,
                    a_moved_key_counts_among_its_new_partners_connections);
     tcase_add_test(moved, a_revoked_partners_connection_is_forgotten_at_once);
+    tcase_add_test(moved, a_revoked_key_is_refused_as_unknown_before_its_frame);
     tcase_add_test(moved, a_registry_change_not_yet_read_admits_no_key);
     suite_add_tcase(suite, moved);
 
