@@ -16,18 +16,29 @@
 #include <time.h>
 #include <unistd.h>
 
-const char *const kh_trail_actions[] = {
-    "referral.accepted",  "referral.rejected",
-    "referral.routed",    "referral.purged",
-    "request.rejected",   "delivery.created",
-    "delivery.sent",      "delivery.acked",
-    "delivery.nacked",    "delivery.dead",
-    "delivery.escalated", "delivery.retried",
-    "rules.reloaded",     "rules.reload_failed",
-    "auth.refused",       "partner.added",
-    "partner.revoked",    "partner.key_rotated",
-    "trail.queried",      "trail.exported",
-    "trail.verified",     NULL};
+const char *const kh_trail_actions[] = {"referral.accepted",
+                                        "referral.rejected",
+                                        "referral.routed",
+                                        "referral.purged",
+                                        "request.rejected",
+                                        "delivery.created",
+                                        "delivery.sent",
+                                        "delivery.unsent",
+                                        "delivery.acked",
+                                        "delivery.nacked",
+                                        "delivery.dead",
+                                        "delivery.escalated",
+                                        "delivery.retried",
+                                        "rules.reloaded",
+                                        "rules.reload_failed",
+                                        "auth.refused",
+                                        "partner.added",
+                                        "partner.revoked",
+                                        "partner.key_rotated",
+                                        "trail.queried",
+                                        "trail.exported",
+                                        "trail.verified",
+                                        NULL};
 
 static const char *const s_field_names[KH_TRAIL_FIELD_COUNT] = {
     "actor_kind",  "actor_id",      "action",        "referral_id",

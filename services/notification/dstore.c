@@ -23,7 +23,7 @@ struct _dstore_t {
     PGconn *ack_conn;        /* ACK batches only, each committing alone */
     kh_db_pair_t connecting; /* attempts to make conn and ack_conn */
     kh_pgarray_t arrays[4];  /* the ACK statement's parameters */
-    kh_pgarray_t ids[2];     /* re-send and due: ids, on conn */
+    kh_pgarray_t ids[2];     /* re-send, due and unsent: ids, on conn */
     kh_pgarray_t claims[4];  /* the pending claim's parameters, on conn */
     dstore_answer_t *acks;   /* the batch in flight on ack_conn, or NULL */
     size_t nacks;
@@ -542,6 +542,35 @@ int dstore_due_now(dstore_t *self, const char *partner, const char *const *ids,
     snprintf(sattempts, sizeof sattempts, "%d", self->policy.max_attempts);
     const char *params[] = {sids, partner, sattempts};
     PGresult *res = s_run(self, S_DUE, NULL, 3, params, 0, ids_len, err);
+    if (!res)
+        return -1;
+    int rows = atoi(PQcmdTuples(res));
+    PQclear(res);
+    return rows;
+}
+
+int dstore_unsent(dstore_t *self, const char *const *ids, const int *attempts,
+                  size_t count, kh_error_t *err)
+{
+    if (count == 0)
+        return 0;
+    int lengths[2] = {0};
+    static const int formats[2] = {1, 1};
+    const char *sids = s_ids(self, 0, ids, count, &lengths[0], err);
+    if (!sids)
+        return -1;
+    kh_pgarray_t *array = &self->ids[1];
+    kh_pgarray_reset(array, KH_PG_TEXT);
+    for (size_t i = 0; i < count; i++) {
+        char attempt[24];
+        snprintf(attempt, sizeof attempt, "%d", attempts[i]);
+        kh_pgarray_add_str(array, attempt);
+    }
+    const char *params[] = {sids, kh_pgarray_data(array, &lengths[1])};
+    if (!params[1])
+        return kh_error_set(err, KH_E_NOMEM, "", "out of memory");
+    PGresult *res =
+        s_exec(self, S_UNSENT, NULL, 2, params, lengths, formats, err);
     if (!res)
         return -1;
     int rows = atoi(PQcmdTuples(res));

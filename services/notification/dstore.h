@@ -123,6 +123,14 @@ int dstore_claim_pending(dstore_t *self, dstore_claim_t *claims, size_t count,
 int dstore_due_now(dstore_t *self, const char *partner, const char *const *ids,
                    size_t count, kh_error_t *err);
 
+/* Give back the attempt of each of the count ids whose send (attempts[i],
+ * its attempt number as claimed) committed but never left the hub: due
+ * again now, with a delivery.unsent event each (in the caller's
+ * transaction). One sent again since, answered or dead is left alone.
+ * Returns how many changed, or -1 with err. */
+int dstore_unsent(dstore_t *self, const char *const *ids, const int *attempts,
+                  size_t count, kh_error_t *err);
+
 typedef enum {
     DSTORE_DONE,      /* committed with its audit event */
     DSTORE_DUPLICATE, /* ACK of an acknowledged delivery: nothing changed */

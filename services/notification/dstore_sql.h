@@ -435,6 +435,35 @@ static const char *s_due_sql =
     " WHERE d.id = due.id AND" S_DUE_WHERE("d.");
 /* clang-format on */
 
+/* $1 ids, $2 their attempts (as text). Deliveries whose send (attempt $2)
+ * committed but never left the hub (its connection went, and no other
+ * connection of the partner took it in time) get that attempt back and
+ * are due now (pending again when it was the first: never sent), with a
+ * delivery.unsent event each; one sent again since, answered or dead is
+ * left alone. Locked first, in the order of their
+ * ids, as an ACK batch locks its deliveries (S_DUE). */
+/* clang-format off */
+#define S_UNSENT_WHERE(p) S_OUT(p) " AND " p "attempts = u.attempt"
+static const char *s_unsent_sql =
+    "WITH u AS (SELECT * FROM unnest($1::uuid[], $2::text[]::int[])"
+    "  AS u(id, attempt)),"
+    " locked AS MATERIALIZED ("
+    " SELECT d.id, u.attempt FROM deliveries d JOIN u ON d.id = u.id"
+    " WHERE" S_UNSENT_WHERE("d.") " ORDER BY d.id FOR UPDATE OF d),"
+    " given AS ("
+    " UPDATE deliveries d SET attempts = d.attempts - 1,"
+    "  state = CASE WHEN d.attempts = 1 THEN 'pending' ELSE d.state END,"
+    "  sent_at = CASE WHEN d.attempts = 1 THEN NULL ELSE d.sent_at END,"
+    "  next_attempt_at = now(), updated_at = now() FROM locked u"
+    " WHERE d.id = u.id AND" S_UNSENT_WHERE("d.")
+    " RETURNING d.id, d.referral_id, d.partner_id, d.payload_hash)"
+    " INSERT INTO audit_events (actor_kind, actor_id, action, referral_id,"
+    "  delivery_id, partner_id, outcome, reason_code, payload_hash,"
+    "  origin_service)"
+    " SELECT 'service', 'notification', 'delivery.unsent', referral_id, id,"
+    "  partner_id, 'ok', 'not_sent', payload_hash, 'notification' FROM given";
+/* clang-format on */
+
 /* The prepared statements, by index. */
 typedef enum {
     S_RESEND,
@@ -444,6 +473,7 @@ typedef enum {
     S_DEAD,
     S_ESCALATE,
     S_DUE,
+    S_UNSENT,
     S_STATEMENTS
 } s_stmt_t;
 
@@ -456,7 +486,7 @@ static const struct {
     {"resend", &s_resend_sql, 1}, {"claim_pending", &s_claim_pending_sql, 1},
     {"ack", &s_ack_sql, 0},       {"nack", &s_nack_sql, 0},
     {"dead", &s_dead_sql, 0},     {"escalate", &s_escalate_sql, 0},
-    {"due", &s_due_sql, 0},
+    {"due", &s_due_sql, 0},       {"unsent", &s_unsent_sql, 0},
 };
 
 #endif

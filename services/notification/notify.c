@@ -42,6 +42,8 @@
 #define S_LINGER_MS 100
 #define S_INTERNAL_DOMAIN "ketenhub-internal" /* ZAP domain of wake-ups */
 #define S_HELD_MAX (KH_WINDOW_MAX * 4) /* DELIVERs that lost their peer */
+/* Sends that never left, waiting to be given back (s_give_back). */
+#define S_UNSENT_MAX S_HELD_MAX
 #define S_CLAIM_ROWS 1024 /* deliveries one claim statement asks for */
 #define S_ACKED_MAX (KH_WINDOW_MAX * 4) /* acknowledged ids remembered */
 #define S_ACKED_KEY 80                  /* "partner id" */
@@ -129,7 +131,12 @@ struct _notify_t {
     s_pending_t **nacks;   /* the round's NACKs, in the order they run */
     zlistx_t *outbox;      /* s_outgoing_t: sent when the round commits */
     zlistx_t *held;        /* s_outgoing_t whose connection was gone */
-    zhashx_t *batch_ids;   /* delivery id -> index + 1 in pending (ACKs) */
+    /* Committed sends that never left (s_give_back): delivery id and its
+     * attempt, given back in the next round's transaction. */
+    char unsent_id[S_UNSENT_MAX][37];
+    int unsent_attempt[S_UNSENT_MAX];
+    size_t nunsent;
+    zhashx_t *batch_ids; /* delivery id -> index + 1 in pending (ACKs) */
     kh_refusal_gate_t *auth_gate;   /* which refusals are audited */
     kh_ratelimit_t *refusals;       /* per partner refused answers, or NULL */
     kh_throttle_t *throttle_logged; /* partner: one "throttled" line / 10 s */
@@ -1235,6 +1242,46 @@ static bool s_place(notify_t *self, s_outgoing_t *out)
     return false;
 }
 
+/* Let go of a committed DELIVER that never left (out, which the caller
+ * frees): the next round's transaction gives its attempt back, with a
+ * delivery.unsent event (dstore_unsent), and the database sends it again,
+ * as the same attempt. Only a hub with more of them waiting than it keeps
+ * leaves the attempt counted (re-sent after its ACK timeout). */
+static void s_give_back(notify_t *self, const s_outgoing_t *out)
+{
+    bool kept = self->nunsent < S_UNSENT_MAX;
+    kh_log_warn("delivery_unsent", "delivery=%s partner=%s attempt=%s", out->id,
+                out->partner, kept ? "given_back" : "counted");
+    if (!kept)
+        return;
+    snprintf(self->unsent_id[self->nunsent], sizeof self->unsent_id[0], "%s",
+             out->id);
+    self->unsent_attempt[self->nunsent++] = out->attempt;
+}
+
+/* Give back in the round's transaction the attempts of the first n sends
+ * that never left (s_give_back). 0, or -1 with err. */
+static int s_unsent_commit(notify_t *self, size_t n, kh_error_t *err)
+{
+    const char *ids[S_UNSENT_MAX];
+    for (size_t i = 0; i < n; i++)
+        ids[i] = self->unsent_id[i];
+    int rows = dstore_unsent(self->store, ids, self->unsent_attempt, n, err);
+    if (rows > 0)
+        kh_log_info("attempts_given_back", "deliveries=%d", rows);
+    return rows < 0 ? -1 : 0;
+}
+
+/* Forget the first n sends given back, which their round committed. */
+static void s_unsent_committed(notify_t *self, size_t n)
+{
+    self->nunsent -= n;
+    memmove(self->unsent_id, self->unsent_id + n,
+            self->nunsent * sizeof self->unsent_id[0]);
+    memmove(self->unsent_attempt, self->unsent_attempt + n,
+            self->nunsent * sizeof self->unsent_attempt[0]);
+}
+
 /* A committed DELIVER that never left (its connection is gone): on
  * another connection of the partner now, or held until one has credit.
  * Takes out. */
@@ -1246,16 +1293,15 @@ static void s_orphan(notify_t *self, s_outgoing_t *out)
              zlistx_add_end(self->held, out))
         return;
     else {
-        /* Sent after its ACK timeout, as a new attempt. */
-        kh_log_warn("delivery_unsent", "delivery=%s partner=%s", out->id,
-                    out->partner);
+        s_give_back(self, out);
         s_outgoing_free((void **) &out);
     }
 }
 
 /* Send the held DELIVERs that a connection of their partner has credit
- * for. One whose re-send may be due by now is let go: the database
- * re-sends it (the earliest re-send is at 80 % of the ACK timeout). */
+ * for. One whose re-send may be due by now is let go (s_give_back): the
+ * database re-sends it (the earliest re-send is at 80 % of the ACK
+ * timeout). */
 static void s_held_flush(notify_t *self)
 {
     int64_t now = zclock_mono();
@@ -1266,8 +1312,7 @@ static void s_held_flush(notify_t *self)
         if (!expired && !s_place(self, out))
             continue;
         if (expired)
-            kh_log_warn("delivery_unsent", "delivery=%s partner=%s", out->id,
-                        out->partner);
+            s_give_back(self, out);
         zlistx_detach_cur(self->held);
         s_outgoing_free((void **) &out);
     }
@@ -1381,7 +1426,8 @@ static void s_round(notify_t *self, bool resend)
     /* Nothing is claimed or re-sent while the registry is stale. */
     bool send = !self->partners_stale;
     if (self->npending == 0 &&
-        (!dstore_up(self->store) || !send || (!resend && !s_has_work(self))))
+        (!dstore_up(self->store) ||
+         (self->nunsent == 0 && (!send || (!resend && !s_has_work(self))))))
         return;
     kh_error_t err, ack_err;
     int acks = s_acks_send(self, &ack_err);
@@ -1390,10 +1436,15 @@ static void s_round(notify_t *self, bool resend)
     const char *during = "begin";
     if (rc == 0 && (rc = s_nacks_commit(self, &err)) != 0)
         during = "answers";
+    size_t unsent = self->nunsent; /* more may come once it commits */
+    if (rc == 0 && (rc = s_unsent_commit(self, unsent, &err)) != 0)
+        during = "unsent";
     if (rc == 0 && send && (rc = s_pump(self, resend, &err)) != 0)
         during = "claim";
     if (rc == 0 && (rc = dstore_commit(self->store, &err)) != 0)
         during = "commit";
+    if (rc == 0)
+        s_unsent_committed(self, unsent);
     if (rc) {
         dstore_rollback(self->store, &err);
         s_db_failed(self, during, &err);

@@ -440,12 +440,16 @@ static void s_check_trail(PGconn *conn, const e2e_run_t *run)
               " delivery_id, count(*) n FROM audit_events WHERE action ="
               " 'delivery.sent' GROUP BY 1) e ON e.delivery_id = d.id WHERE"
               " coalesce(e.n, 0) < 1");
-    /* Each send counts an attempt in the same statement as its event. */
+    /* Each send counts an attempt in the same statement as its event,
+     * and one that never left gives it back in the same statement as
+     * its delivery.unsent. */
     long attempts = s_count(
         conn, "SELECT count(*) FROM deliveries d LEFT JOIN (SELECT"
-              " delivery_id, count(*) n FROM audit_events WHERE action ="
-              " 'delivery.sent' GROUP BY 1) e ON e.delivery_id = d.id WHERE"
-              " coalesce(e.n, 0) <> d.attempts");
+              " delivery_id, count(*) FILTER (WHERE action = 'delivery.sent')"
+              " - count(*) FILTER (WHERE action = 'delivery.unsent') n FROM"
+              " audit_events WHERE action IN ('delivery.sent',"
+              " 'delivery.unsent') GROUP BY 1) e ON e.delivery_id = d.id"
+              " WHERE coalesce(e.n, 0) <> d.attempts");
     long acked = s_count(
         conn, "SELECT count(*) FROM deliveries d LEFT JOIN (SELECT"
               " delivery_id, count(*) n FROM audit_events WHERE action ="

@@ -1953,6 +1953,16 @@ START_TEST(report_counts_what_the_trail_says)
     s_report_event("2026-11-05T09:00:00Z", "service", "notification",
                    "delivery.dead", d3, "veilig-thuis", "ok", "max_attempts",
                    NULL);
+    /* veilig-thuis: a send that never left (its connection went), then
+     * the one that did: sent once, not again. */
+    const char *d5 = "55555555-5555-7555-8555-555555555555";
+    s_report_event("2026-11-04T10:00:00Z", "service", "notification",
+                   "delivery.sent", d5, "veilig-thuis", "ok", NULL, NULL);
+    s_report_event("2026-11-04T10:00:03Z", "service", "notification",
+                   "delivery.unsent", d5, "veilig-thuis", "ok", "not_sent",
+                   NULL);
+    s_report_event("2026-11-04T10:00:04Z", "service", "notification",
+                   "delivery.sent", d5, "veilig-thuis", "ok", NULL, NULL);
     /* The escalation's copy, to avim. */
     s_report_event("2026-11-04T09:00:00Z", "service", "notification",
                    "delivery.created", "44444444-4444-7444-8444-444444444444",
@@ -1977,7 +1987,7 @@ START_TEST(report_counts_what_the_trail_says)
     ck_assert_int_eq(s_report_int(refs, "routed"), 3);
     ck_assert_int_eq(s_report_int(refs, "routed_no_rule_matched"), 1);
     ck_assert_int_eq(s_report_int(json_object_get(doc, "events"), "events"),
-                     20);
+                     23);
     ck_assert_int_eq(s_report_int(s_report_row(doc, "accepted_by_partner",
                                                "partner", "meldpunt"),
                                   "accepted"),
@@ -2000,7 +2010,8 @@ START_TEST(report_counts_what_the_trail_says)
     ck_assert_double_eq_tol(json_real_value(json_object_get(avim, "ack_p50_s")),
                             30.0, 1e-6);
     json_t *vt = s_report_row(doc, "deliveries", "partner", "veilig-thuis");
-    ck_assert_int_eq(s_report_int(vt, "sent"), 2);
+    ck_assert_int_eq(s_report_int(vt, "sent"), 3);
+    ck_assert_int_eq(s_report_int(vt, "sent_again"), 0);
     ck_assert_int_eq(s_report_int(vt, "acked"), 1);
     ck_assert_int_eq(s_report_int(vt, "dead"), 1);
     ck_assert_int_eq(s_report_int(vt, "escalated"), 1);

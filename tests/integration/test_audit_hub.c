@@ -568,6 +568,11 @@ START_TEST(a_hub_trail_is_complete_sealed_and_free_of_personal_data)
         snprintf(sql, sizeof sql,
                  "SELECT count(*) FROM audit_events WHERE action = '%s'",
                  kh_trail_actions[i]);
+        /* A send that never left takes a connection that goes between
+         * the commit of its claim and its send: not in a run that goes
+         * well (test_notification makes one). */
+        if (strcmp(kh_trail_actions[i], "delivery.unsent") == 0)
+            continue;
         if (strcmp(kh_trail_actions[i], "trail.verified") == 0 ||
             strcmp(kh_trail_actions[i], "trail.exported") == 0 ||
             strcmp(kh_trail_actions[i], "trail.queried") == 0)
@@ -579,7 +584,8 @@ START_TEST(a_hub_trail_is_complete_sealed_and_free_of_personal_data)
         s_db, "SELECT count(*) FROM audit_events WHERE action NOT IN ("
               "'referral.accepted', 'referral.rejected', 'referral.routed',"
               " 'referral.purged', 'request.rejected',"
-              " 'delivery.created', 'delivery.sent', 'delivery.acked',"
+              " 'delivery.created', 'delivery.sent', 'delivery.unsent',"
+              " 'delivery.acked',"
               " 'delivery.nacked', 'delivery.dead', 'delivery.escalated',"
               " 'delivery.retried', 'rules.reloaded', 'rules.reload_failed',"
               " 'auth.refused', 'partner.added', 'partner.revoked',"

@@ -909,6 +909,78 @@ START_TEST(a_revoked_partners_connection_is_forgotten_at_once)
 }
 END_TEST
 
+/* A send that committed while its connection went never left the hub:
+ * held for another connection of the partner, and none came in time, it
+ * gets its attempt back, with a delivery.unsent event, and is pending
+ * again (it was the first). Here its one attempt allowed: it was a dead
+ * letter without ever being sent. The claim is slowed down (a trigger
+ * sleeps in it) so that the connection can go while it commits. */
+START_TEST(a_send_that_never_left_gives_its_attempt_back)
+{
+    char first[37], state[16];
+    s_delivery("avim", "normal", 0, NULL, first);
+    khtest_db_exec(s_db,
+                   "CREATE FUNCTION kh_test_slow_claim() RETURNS trigger"
+                   " LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(1.5);"
+                   " RETURN NEW; END $$;"
+                   " CREATE TRIGGER kh_test_slow_claim BEFORE UPDATE ON"
+                   " deliveries FOR EACH ROW WHEN (OLD.state = 'pending' AND"
+                   " NEW.state = 'delivered') EXECUTE FUNCTION"
+                   " kh_test_slow_claim()",
+                   0, NULL);
+    char *env[] = {
+        "KH_NOTIFY_ACK_TIMEOUT_MS=4000", "KH_NOTIFY_BACKOFF_MAX_MS=60000",
+        "KH_NOTIFY_MAX_ATTEMPTS=1",      "KH_NOTIFY_ESCALATE_MS=600000",
+        "KH_PARTNER_REFRESH_MS=3600000", NULL};
+    pid_t pid = s_start_env("notification.log", env);
+    zsock_t *avim = s_partner("avim");
+    s_hello(avim, 4);
+    zsock_destroy(&avim); /* while its claim sleeps */
+    char sql[256];
+    snprintf(sql, sizeof sql,
+             "SELECT count(*) FROM audit_events WHERE delivery_id = '%s'"
+             " AND action = 'delivery.sent'",
+             first);
+    ck_assert(s_wait_count(sql, 1, 5000));
+    khtest_db_exec(s_db,
+                   "DROP TRIGGER kh_test_slow_claim ON deliveries;"
+                   " DROP FUNCTION kh_test_slow_claim()",
+                   0, NULL);
+    /* Held 70 % of the ACK timeout, then given back: before the sweep
+     * would have made it a dead letter at its ACK timeout (80 % or more
+     * of it, with jitter). */
+    snprintf(sql, sizeof sql,
+             "SELECT count(*) FROM audit_events WHERE delivery_id = '%s'"
+             " AND action = 'delivery.unsent' AND outcome = 'ok' AND"
+             " reason_code = 'not_sent' AND actor_id = 'notification'",
+             first);
+    ck_assert_msg(s_wait_count(sql, 1, 8000), "no delivery.unsent; state %s",
+                  s_state(first, state));
+    ck_assert_str_eq(s_state(first, state), "pending");
+    snprintf(sql, sizeof sql,
+             "SELECT count(*) FROM deliveries WHERE id = '%s' AND attempts ="
+             " 0 AND sent_at IS NULL",
+             first);
+    ck_assert_int_eq(s_count(sql), 1);
+    ck_assert(
+        s_log_has("notification.log", "event=delivery_unsent delivery=", 100));
+
+    /* Past the time it would have died: the partner gets it, and its ACK
+     * counts. */
+    zclock_sleep(2000);
+    ck_assert_str_eq(s_state(first, state), "pending");
+    avim = s_partner("avim");
+    s_hello(avim, 4);
+    s_expect_delivery(avim, first, 1, 5000);
+    s_answer(avim, first, NULL);
+    ck_assert(s_wait_count("SELECT count(*) FROM deliveries WHERE state ="
+                           " 'acknowledged'",
+                           1, 5000));
+    zsock_destroy(&avim);
+    s_stop(pid);
+}
+END_TEST
+
 /* A revoked partner's key is refused as such whatever its frame holds, as
  * intake does: a body that does not decode, a message of two frames, a
  * command of another socket; each answer under the frame's cid where it
@@ -2680,6 +2752,7 @@ START_TEST(statements_never_walk_all_deliveries)
         [S_DEAD] = "3, 259200",
         [S_ESCALATE] = "1000",
         [S_DUE] = "'{00000000-0000-7000-8000-000000000000}', 'avim', 3",
+        [S_UNSENT] = "'{00000000-0000-7000-8000-000000000000}', '{1}'",
     };
     for (int i = 0; i < S_STATEMENTS; i++) {
         char *plan = khtest_db_plan_prepared(s_db, s_statements[i].name,
@@ -4327,6 +4400,7 @@ static Suite *s_suite(void)
                    a_moved_key_counts_among_its_new_partners_connections);
     tcase_add_test(moved, a_revoked_partners_connection_is_forgotten_at_once);
     tcase_add_test(moved, a_revoked_key_is_refused_as_unknown_before_its_frame);
+    tcase_add_test(moved, a_send_that_never_left_gives_its_attempt_back);
     tcase_add_test(moved, a_registry_change_not_yet_read_admits_no_key);
     suite_add_tcase(suite, moved);
 

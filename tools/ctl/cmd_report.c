@@ -77,14 +77,16 @@ static const s_section_t s_sections[] = {
      * period and again in it was sent again, and its wait is not from the
      * send in the period. Time to acknowledge: from a delivery's first
      * send to its ACK, for the deliveries both sent and acknowledged in
-     * the period. */
+     * the period. A send that never left (delivery.unsent) is no send
+     * again. */
     {"deliveries",
      "DELIVERIES BY PARTNER (ack_*: seconds from first send to ACK)",
      "WITH e AS (SELECT action, outcome, reason_code, partner_id,"
      "  delivery_id, at"
      "  FROM audit_trail WHERE partner_id IS NOT NULL"
-     "  AND action IN ('delivery.created', 'delivery.sent', 'delivery.acked',"
-     "   'delivery.nacked', 'delivery.dead', 'delivery.escalated')"
+     "  AND action IN ('delivery.created', 'delivery.sent',"
+     "   'delivery.unsent', 'delivery.acked', 'delivery.nacked',"
+     "   'delivery.dead', 'delivery.escalated')"
      "  AND" S_PERIOD "),"
      " first AS (SELECT d.delivery_id, s.at,"
      "  s.at >= coalesce($1::timestamptz, '-infinity') AS new"
@@ -102,9 +104,12 @@ static const s_section_t s_sections[] = {
      " counts AS (SELECT partner_id,"
      "  count(DISTINCT delivery_id) FILTER (WHERE action = 'delivery.sent'"
      "   AND outcome = 'ok' AND f.new) AS sent,"
-     "  count(*) FILTER (WHERE action = 'delivery.sent' AND outcome = 'ok')"
+     "  greatest(count(*) FILTER (WHERE action = 'delivery.sent'"
+     "   AND outcome = 'ok')"
+     "  - count(*) FILTER (WHERE action = 'delivery.unsent'"
+     "   AND outcome = 'ok')"
      "  - count(DISTINCT delivery_id) FILTER (WHERE action = 'delivery.sent'"
-     "   AND outcome = 'ok' AND f.new) AS sent_again,"
+     "   AND outcome = 'ok' AND f.new), 0) AS sent_again,"
      "  count(*) FILTER (WHERE action = 'delivery.acked' AND outcome = 'ok')"
      "   AS acked,"
      "  count(*) FILTER (WHERE action = 'delivery.nacked' AND outcome = 'ok')"
