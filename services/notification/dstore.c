@@ -316,7 +316,7 @@ static const char *s_value_or_null(const PGresult *res, int i, int c)
 
 /* Row i of a claim's result, its columns (S_SENT_COLUMNS) from first on:
  * id, referral id, priority, attempts, routed at, payload, payload hash,
- * overdue partner and since. */
+ * overdue partner and since, sent at. */
 static dstore_delivery_t s_claimed(const PGresult *res, int i, int first)
 {
     return (dstore_delivery_t){
@@ -330,6 +330,7 @@ static dstore_delivery_t s_claimed(const PGresult *res, int i, int first)
         .payload_sha256 = PQgetvalue(res, i, first + 6),
         .overdue_partner = s_value_or_null(res, i, first + 7),
         .overdue_since = s_value_or_null(res, i, first + 8),
+        .sent_at = PQgetvalue(res, i, first + 9),
     };
 }
 
@@ -549,8 +550,8 @@ int dstore_due_now(dstore_t *self, const char *partner, const char *const *ids,
     return rows;
 }
 
-int dstore_unsent(dstore_t *self, const char *const *ids, const int *attempts,
-                  size_t count, kh_error_t *err)
+int dstore_unsent(dstore_t *self, const char *const *ids,
+                  const char *const *sent_at, size_t count, kh_error_t *err)
 {
     if (count == 0)
         return 0;
@@ -561,11 +562,8 @@ int dstore_unsent(dstore_t *self, const char *const *ids, const int *attempts,
         return -1;
     kh_pgarray_t *array = &self->ids[1];
     kh_pgarray_reset(array, KH_PG_TEXT);
-    for (size_t i = 0; i < count; i++) {
-        char attempt[24];
-        snprintf(attempt, sizeof attempt, "%d", attempts[i]);
-        kh_pgarray_add_str(array, attempt);
-    }
+    for (size_t i = 0; i < count; i++)
+        kh_pgarray_add_str(array, sent_at[i]);
     const char *params[] = {sids, kh_pgarray_data(array, &lengths[1])};
     if (!params[1])
         return kh_error_set(err, KH_E_NOMEM, "", "out of memory");

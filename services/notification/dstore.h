@@ -73,6 +73,9 @@ typedef struct {
      * not acknowledged in time, and when that delivery's wait began (RFC
      * 3339); NULL for any other delivery. */
     const char *overdue_partner, *overdue_since;
+    /* When this send was committed (RFC 3339, to the microsecond): it
+     * names the send (dstore_unsent). */
+    const char *sent_at;
 } dstore_delivery_t;
 
 typedef void(dstore_delivery_fn)(const dstore_delivery_t *delivery, void *arg);
@@ -123,13 +126,13 @@ int dstore_claim_pending(dstore_t *self, dstore_claim_t *claims, size_t count,
 int dstore_due_now(dstore_t *self, const char *partner, const char *const *ids,
                    size_t count, kh_error_t *err);
 
-/* Give back the attempt of each of the count ids whose send (attempts[i],
- * its attempt number as claimed) committed but never left the hub: due
- * again now, with a delivery.unsent event each (in the caller's
- * transaction). One sent again since, answered or dead is left alone.
- * Returns how many changed, or -1 with err. */
-int dstore_unsent(dstore_t *self, const char *const *ids, const int *attempts,
-                  size_t count, kh_error_t *err);
+/* Give back the attempt of each of the count ids whose send (sent_at[i],
+ * as its claim gave it) committed but never left the hub: due again now,
+ * with a delivery.unsent event each (in the caller's transaction). One
+ * sent again since, answered or dead is left alone. Returns how many
+ * changed, or -1 with err. */
+int dstore_unsent(dstore_t *self, const char *const *ids,
+                  const char *const *sent_at, size_t count, kh_error_t *err);
 
 typedef enum {
     DSTORE_DONE,      /* committed with its audit event */

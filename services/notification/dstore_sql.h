@@ -38,7 +38,7 @@
  * order: id, referral id, priority, attempts, routed at, payload, hash,
  * and for an escalation copy the overdue delivery's partner and the time
  * its wait counted from, else NULLs; that delivery is looked up only for
- * a copy).
+ * a copy; and the time of this send, which names it).
  * The claims' results are binary: the payload comes as the stored bytes,
  * neither converted (bytes that are not UTF-8 would fail every claim of
  * every partner) nor in bytea's hex text, twice its size; the other
@@ -50,7 +50,7 @@
 #define S_SENT_RETURNING                                                       \
     " RETURNING d.id, d.referral_id, d.partner_id, d.priority,"                \
     " d.priority_rank, d.attempts, d.created_at, d.payload, d.payload_hash,"   \
-    " d.escalation_of"
+    " d.escalation_of, d.sent_at"
 #define S_SENT_AUDIT(peer)                                                     \
     " INSERT INTO audit_events (actor_kind, actor_id, action, referral_id,"    \
     " delivery_id, partner_id, outcome, payload_hash, origin_service,"         \
@@ -64,7 +64,8 @@
     " id::text, referral_id::text, priority, attempts::text,"                 \
     " " S_UTC("created_at") ", payload, encode(payload_hash, 'hex'),"         \
     S_OVERDUE(rel, "o.partner_id") ","                                         \
-    S_OVERDUE(rel, S_UTC("coalesce(o.urgent_since, o.created_at)"))
+    S_OVERDUE(rel, S_UTC("coalesce(o.urgent_since, o.created_at)")) ","     \
+    " " S_UTC("sent_at")
 /* clang-format on */
 
 /* The CTE name: the sent deliveries of partner $1 (handling cases, and
@@ -191,7 +192,7 @@ static const char *s_claim_pending_sql =
     /* a row for each request whose key does not admit its partner (not
      * joined to the sent ones: a CTE the planner cannot index) */
     " UNION ALL SELECT r.n::text, NULL, NULL, NULL, NULL, NULL, NULL, NULL,"
-    "  NULL, NULL, r.n, NULL, NULL"
+    "  NULL, NULL, NULL, r.n, NULL, NULL"
     "  FROM unnest($1::text[], $6::text[]) WITH ORDINALITY AS r(partner, key, n)"
     "  WHERE NOT" KH_PARTNER_ADMITTED("r.key", "r.partner")
     " ORDER BY by_n, by_rank DESC, by_age";
@@ -435,25 +436,26 @@ static const char *s_due_sql =
     " WHERE d.id = due.id AND" S_DUE_WHERE("d.");
 /* clang-format on */
 
-/* $1 ids, $2 their attempts (as text). Deliveries whose send (attempt $2)
- * committed but never left the hub (its connection went, and no other
- * connection of the partner took it in time) get that attempt back and
- * are due now (pending again when it was the first: never sent), with a
- * delivery.unsent event each; one sent again since, answered or dead is
- * left alone. Locked first, in the order of their
- * ids, as an ACK batch locks its deliveries (S_DUE). */
+/* $1 ids, $2 the times their sends were committed (sent_at, as the claim
+ * gave it). Deliveries whose send committed at that time but never left
+ * the hub (its connection went, and no other connection of the partner
+ * took it in time) get its attempt back and are due now (pending again
+ * when no attempt is left counted), with a delivery.unsent event each.
+ * One sent again since (its sent_at is that send's), answered or dead is
+ * left alone. sent_at stays: a send before an administrator's retry did
+ * leave, and its late ACK still counts (S_ACK). Locked first, in the
+ * order of their ids, as an ACK batch locks its deliveries (S_DUE). */
 /* clang-format off */
-#define S_UNSENT_WHERE(p) S_OUT(p) " AND " p "attempts = u.attempt"
+#define S_UNSENT_WHERE(p) S_OUT(p) " AND " p "sent_at = u.sent_at"
 static const char *s_unsent_sql =
-    "WITH u AS (SELECT * FROM unnest($1::uuid[], $2::text[]::int[])"
-    "  AS u(id, attempt)),"
+    "WITH u AS (SELECT id, sent_at::timestamptz FROM"
+    "  unnest($1::uuid[], $2::text[]) AS u(id, sent_at)),"
     " locked AS MATERIALIZED ("
-    " SELECT d.id, u.attempt FROM deliveries d JOIN u ON d.id = u.id"
+    " SELECT d.id, u.sent_at FROM deliveries d JOIN u ON d.id = u.id"
     " WHERE" S_UNSENT_WHERE("d.") " ORDER BY d.id FOR UPDATE OF d),"
     " given AS ("
     " UPDATE deliveries d SET attempts = d.attempts - 1,"
     "  state = CASE WHEN d.attempts = 1 THEN 'pending' ELSE d.state END,"
-    "  sent_at = CASE WHEN d.attempts = 1 THEN NULL ELSE d.sent_at END,"
     "  next_attempt_at = now(), updated_at = now() FROM locked u"
     " WHERE d.id = u.id AND" S_UNSENT_WHERE("d.")
     " RETURNING d.id, d.referral_id, d.partner_id, d.payload_hash)"

@@ -131,10 +131,10 @@ struct _notify_t {
     s_pending_t **nacks;   /* the round's NACKs, in the order they run */
     zlistx_t *outbox;      /* s_outgoing_t: sent when the round commits */
     zlistx_t *held;        /* s_outgoing_t whose connection was gone */
-    /* Committed sends that never left (s_give_back): delivery id and its
-     * attempt, given back in the next round's transaction. */
+    /* Committed sends that never left (s_give_back): delivery id and the
+     * send's time, given back in the next round's transaction. */
     char unsent_id[S_UNSENT_MAX][37];
-    int unsent_attempt[S_UNSENT_MAX];
+    char unsent_at[S_UNSENT_MAX][40];
     size_t nunsent;
     zhashx_t *batch_ids; /* delivery id -> index + 1 in pending (ACKs) */
     kh_refusal_gate_t *auth_gate;   /* which refusals are audited */
@@ -409,7 +409,8 @@ typedef struct {
     char referral[37];
     char priority[16];
     int attempt;
-    int64_t claimed; /* zclock_mono as its claim's round began */
+    char sent_at[40]; /* the send's time in the database: names it */
+    int64_t claimed;  /* zclock_mono as its claim's round began */
     /* The connection's S_OUT_AT for it before the claim (a re-send of
      * what it has out), 0 when it had none: after a rollback it is out
      * there as before, since the partner still holds the earlier send. */
@@ -564,6 +565,7 @@ static void s_queue_delivery(const dstore_delivery_t *d, void *arg)
         snprintf(out->referral, sizeof out->referral, "%s", d->referral_id);
         snprintf(out->priority, sizeof out->priority, "%s", d->priority);
         out->attempt = d->attempt;
+        snprintf(out->sent_at, sizeof out->sent_at, "%s", d->sent_at);
         out->claimed = self->round_began;
         out->was_out = (intptr_t) zhashx_lookup(ctx->conn->out, d->id);
     }
@@ -1256,17 +1258,21 @@ static void s_give_back(notify_t *self, const s_outgoing_t *out)
         return;
     snprintf(self->unsent_id[self->nunsent], sizeof self->unsent_id[0], "%s",
              out->id);
-    self->unsent_attempt[self->nunsent++] = out->attempt;
+    snprintf(self->unsent_at[self->nunsent], sizeof self->unsent_at[0], "%s",
+             out->sent_at);
+    self->nunsent++;
 }
 
 /* Give back in the round's transaction the attempts of the first n sends
  * that never left (s_give_back). 0, or -1 with err. */
 static int s_unsent_commit(notify_t *self, size_t n, kh_error_t *err)
 {
-    const char *ids[S_UNSENT_MAX];
-    for (size_t i = 0; i < n; i++)
+    const char *ids[S_UNSENT_MAX], *at[S_UNSENT_MAX];
+    for (size_t i = 0; i < n; i++) {
         ids[i] = self->unsent_id[i];
-    int rows = dstore_unsent(self->store, ids, self->unsent_attempt, n, err);
+        at[i] = self->unsent_at[i];
+    }
+    int rows = dstore_unsent(self->store, ids, at, n, err);
     if (rows > 0)
         kh_log_info("attempts_given_back", "deliveries=%d", rows);
     return rows < 0 ? -1 : 0;
@@ -1278,8 +1284,8 @@ static void s_unsent_committed(notify_t *self, size_t n)
     self->nunsent -= n;
     memmove(self->unsent_id, self->unsent_id + n,
             self->nunsent * sizeof self->unsent_id[0]);
-    memmove(self->unsent_attempt, self->unsent_attempt + n,
-            self->nunsent * sizeof self->unsent_attempt[0]);
+    memmove(self->unsent_at, self->unsent_at + n,
+            self->nunsent * sizeof self->unsent_at[0]);
 }
 
 /* A committed DELIVER that never left (its connection is gone): on

@@ -1963,6 +1963,13 @@ START_TEST(report_counts_what_the_trail_says)
                    NULL);
     s_report_event("2026-11-04T10:00:04Z", "service", "notification",
                    "delivery.sent", d5, "veilig-thuis", "ok", NULL, NULL);
+    /* ... and one whose only send never left: not sent. */
+    const char *d6 = "66666666-6666-7666-8666-666666666666";
+    s_report_event("2026-11-04T11:00:00Z", "service", "notification",
+                   "delivery.sent", d6, "veilig-thuis", "ok", NULL, NULL);
+    s_report_event("2026-11-04T11:00:03Z", "service", "notification",
+                   "delivery.unsent", d6, "veilig-thuis", "ok", "not_sent",
+                   NULL);
     /* The escalation's copy, to avim. */
     s_report_event("2026-11-04T09:00:00Z", "service", "notification",
                    "delivery.created", "44444444-4444-7444-8444-444444444444",
@@ -1987,7 +1994,7 @@ START_TEST(report_counts_what_the_trail_says)
     ck_assert_int_eq(s_report_int(refs, "routed"), 3);
     ck_assert_int_eq(s_report_int(refs, "routed_no_rule_matched"), 1);
     ck_assert_int_eq(s_report_int(json_object_get(doc, "events"), "events"),
-                     23);
+                     25);
     ck_assert_int_eq(s_report_int(s_report_row(doc, "accepted_by_partner",
                                                "partner", "meldpunt"),
                                   "accepted"),

@@ -77,8 +77,9 @@ static const s_section_t s_sections[] = {
      * period and again in it was sent again, and its wait is not from the
      * send in the period. Time to acknowledge: from a delivery's first
      * send to its ACK, for the deliveries both sent and acknowledged in
-     * the period. A send that never left (delivery.unsent) is no send
-     * again. */
+     * the period. A send that never left (delivery.unsent, of the same
+     * delivery) is no send: a delivery none of whose sends left is not
+     * sent, and not sent again. */
     {"deliveries",
      "DELIVERIES BY PARTNER (ack_*: seconds from first send to ACK)",
      "WITH e AS (SELECT action, outcome, reason_code, partner_id,"
@@ -101,15 +102,17 @@ static const s_section_t s_sections[] = {
      "   WHERE action = 'delivery.acked' AND outcome = 'ok'"
      "   GROUP BY partner_id, delivery_id) a"
      "  JOIN first f USING (delivery_id) WHERE f.new),"
+     /* per delivery, its sends in the period that left the hub */
+     " left_hub AS (SELECT partner_id, delivery_id, coalesce(f.new, false)"
+     "  AS new, count(*) FILTER (WHERE action = 'delivery.sent')"
+     "  - count(*) FILTER (WHERE action = 'delivery.unsent') AS n"
+     "  FROM e LEFT JOIN first f USING (delivery_id) WHERE outcome = 'ok'"
+     "  AND action IN ('delivery.sent', 'delivery.unsent')"
+     "  GROUP BY partner_id, delivery_id, f.new),"
+     " sends AS (SELECT partner_id, count(*) FILTER (WHERE new AND n > 0)"
+     "  AS sent, sum(greatest(n - CASE WHEN new THEN 1 ELSE 0 END, 0))::bigint"
+     "  AS sent_again FROM left_hub GROUP BY partner_id),"
      " counts AS (SELECT partner_id,"
-     "  count(DISTINCT delivery_id) FILTER (WHERE action = 'delivery.sent'"
-     "   AND outcome = 'ok' AND f.new) AS sent,"
-     "  greatest(count(*) FILTER (WHERE action = 'delivery.sent'"
-     "   AND outcome = 'ok')"
-     "  - count(*) FILTER (WHERE action = 'delivery.unsent'"
-     "   AND outcome = 'ok')"
-     "  - count(DISTINCT delivery_id) FILTER (WHERE action = 'delivery.sent'"
-     "   AND outcome = 'ok' AND f.new), 0) AS sent_again,"
      "  count(*) FILTER (WHERE action = 'delivery.acked' AND outcome = 'ok')"
      "   AS acked,"
      "  count(*) FILTER (WHERE action = 'delivery.nacked' AND outcome = 'ok')"
@@ -123,9 +126,11 @@ static const s_section_t s_sections[] = {
      "   'delivery.escalated' AND reason_code = 'raised_to_urgent')))"
      "   AS escalations_received"
      "  FROM e LEFT JOIN first f USING (delivery_id) GROUP BY partner_id)"
-     " SELECT c.partner_id, sent, sent_again, acked, nacked, dead, escalated,"
-     "  escalations_received, w.p50, w.p90, w.max"
-     " FROM counts c LEFT JOIN (SELECT partner_id,"
+     " SELECT c.partner_id, coalesce(s.sent, 0), coalesce(s.sent_again, 0),"
+     "  acked, nacked, dead, escalated, escalations_received, w.p50, w.p90,"
+     "  w.max"
+     " FROM counts c LEFT JOIN sends s USING (partner_id)"
+     " LEFT JOIN (SELECT partner_id,"
      "  percentile_cont(0.5) WITHIN GROUP (ORDER BY wait) AS p50,"
      "  percentile_cont(0.9) WITHIN GROUP (ORDER BY wait) AS p90,"
      "  max(wait) AS max FROM waits GROUP BY partner_id) w USING (partner_id)"
