@@ -1144,6 +1144,16 @@ static int s_copy_seals(PGconn *conn, const char *data, size_t len,
 /* Seal the events up to bound in one transaction, at most
  * S_CHUNK_BATCHES batches of them; *complete says whether it reached
  * bound. Returns the count. */
+/* Whether the sealed head (at head) is due to be signed by time: a
+ * checkpoint at least every checkpoint_ms when something new was sealed
+ * (compared so that no time read from the table, which may be far off,
+ * takes part in a subtraction). */
+static bool s_checkpoint_due(const kh_trail_sealer_t *self, int64_t head)
+{
+    return head > self->cp_seq && head > 0 &&
+           self->cp_at_us <= s_now_us() - self->cfg.checkpoint_ms * 1000;
+}
+
 static long s_seal(kh_trail_sealer_t *self, PGconn *conn, int64_t bound,
                    long *checkpoints, bool *complete, kh_error_t *err)
 {
@@ -1244,11 +1254,7 @@ static long s_seal(kh_trail_sealer_t *self, PGconn *conn, int64_t bound,
         }
     }
     bool reached = exhausted || head >= bound;
-    /* A checkpoint at least every checkpoint_ms when something new was
-     * sealed (compared so that no time read from the table, which may be
-     * far off, takes part in a subtraction). */
-    if (rc == 0 && head > last_cp && head > 0 &&
-        self->cp_at_us <= s_now_us() - self->cfg.checkpoint_ms * 1000) {
+    if (rc == 0 && s_checkpoint_due(self, head)) {
         rc = s_write_checkpoint(self, conn, head, prev, err);
         if (rc == 0 && checkpoints)
             (*checkpoints)++;
@@ -1356,6 +1362,51 @@ static int s_bound_final(kh_trail_sealer_t *self, PGconn *conn, kh_error_t *err)
     return final;
 }
 
+/* Sign the sealed head when it is past the last checkpoint: 1 written,
+ * 0 not, -1 with err. wait: for a sealing round in progress (else one
+ * that is at work, another sealer's, leaves it to that round: 0). */
+static int s_checkpoint_head(kh_trail_sealer_t *self, PGconn *conn, bool wait,
+                             kh_error_t *err)
+{
+    if (kh_db_exec(conn, "BEGIN", err) != 0)
+        return -1;
+    /* After a sealing round in progress (the audit service's, while an
+     * administrator asks for a checkpoint): the head and the last
+     * checkpoint are then read as one state. Read while a round commits,
+     * the head from before it and its checkpoint from after it said that
+     * seals were removed; and both could sign the same seq. */
+    char sql[64];
+    snprintf(sql, sizeof sql, "SELECT pg_%sadvisory_xact_lock(%d)",
+             wait ? "" : "try_", S_LOCK_KEY);
+    PGresult *res = s_query(conn, sql, 0, err);
+    if (!res) {
+        kh_db_rollback_quietly(conn);
+        return -1;
+    }
+    bool locked = wait || strcmp(PQgetvalue(res, 0, 0), "t") == 0;
+    PQclear(res);
+    if (!locked) {
+        kh_db_rollback_quietly(conn);
+        return 0;
+    }
+    int64_t head;
+    unsigned char prev[KH_TRAIL_HASH_SIZE];
+    int rc = s_read_head(self, conn, &head, prev, err);
+    int wrote = 0;
+    if (rc == 0 && head > self->cp_seq) {
+        rc = s_write_checkpoint(self, conn, head, prev, err);
+        wrote = rc == 0;
+    }
+    if (rc == 0)
+        rc = kh_db_exec(conn, "COMMIT", err);
+    if (rc != 0) {
+        kh_db_rollback_quietly(conn);
+        return -1;
+    }
+    self->written += wrote;
+    return wrote;
+}
+
 /* Seal up to the pending bound, which is final, and let it go. Returns
  * the events sealed, or -1 with err; *cps gets the checkpoints written,
  * counted once committed (a round that fails rolls them back). */
@@ -1384,9 +1435,20 @@ long kh_trail_sealer_step(kh_trail_sealer_t *self, PGconn *conn,
     if (self->pending) {
         /* sealed in part: final already */
         int final = self->partial ? 1 : s_bound_final(self, conn, err);
+        int wrote = 0;
         if (final < 0 ||
             (final && (sealed = s_seal_bound(self, conn, &cps, err)) < 0))
             rc = -1;
+        /* A transaction that stays open (a backup, a long export, a
+         * session idle in one) holds up sealing past the bound, never the
+         * signing of what is sealed: a checkpoint every checkpoint_ms all
+         * the same, else what a superuser could rewrite unseen grows with
+         * that transaction. */
+        else if (!final && s_checkpoint_due(self, self->seen_head) &&
+                 (wrote = s_checkpoint_head(self, conn, false, err)) < 0)
+            rc = -1;
+        else
+            cps += wrote;
     }
     /* A new bound once the last one is sealed; with nothing running, it
      * is final at once. */
@@ -1459,37 +1521,7 @@ int64_t kh_trail_sealer_waiting_ms(const kh_trail_sealer_t *self)
 int kh_trail_sealer_checkpoint(kh_trail_sealer_t *self, PGconn *conn,
                                kh_error_t *err)
 {
-    if (kh_db_exec(conn, "BEGIN", err) != 0)
-        return -1;
-    /* After a sealing round in progress (the audit service's, while an
-     * administrator asks for a checkpoint): the head and the last
-     * checkpoint are then read as one state. Read while a round commits,
-     * the head from before it and its checkpoint from after it said that
-     * seals were removed; and both could sign the same seq. */
-    char sql[64];
-    snprintf(sql, sizeof sql, "SELECT pg_advisory_xact_lock(%d)", S_LOCK_KEY);
-    PGresult *res = s_query(conn, sql, 0, err);
-    if (!res) {
-        kh_db_rollback_quietly(conn);
-        return -1;
-    }
-    PQclear(res);
-    int64_t head;
-    unsigned char prev[KH_TRAIL_HASH_SIZE];
-    int rc = s_read_head(self, conn, &head, prev, err);
-    int wrote = 0;
-    if (rc == 0 && head > self->cp_seq) {
-        rc = s_write_checkpoint(self, conn, head, prev, err);
-        wrote = rc == 0;
-    }
-    if (rc == 0)
-        rc = kh_db_exec(conn, "COMMIT", err);
-    if (rc != 0) {
-        kh_db_rollback_quietly(conn);
-        return -1;
-    }
-    self->written += wrote;
-    return wrote;
+    return s_checkpoint_head(self, conn, true, err);
 }
 
 long kh_trail_sealer_checkpoints_written(const kh_trail_sealer_t *self)

@@ -80,6 +80,13 @@ static void s_events(PGconn *conn, int n)
     }
 }
 
+/* n events without a gap in seq (the tests below name exact seqs). */
+static void s_events_dense(int n)
+{
+    for (int i = 0; i < n; i++)
+        khtest_db_exec(s_db, s_insert_sql, 0, NULL);
+}
+
 static kh_trail_sealer_t *s_sealer(long every)
 {
     kh_trail_sealer_config_t cfg = {
@@ -212,6 +219,53 @@ static void s_nothing_sealed_from(const char *held)
              "SELECT count(*) FROM audit_seals WHERE seq >= %s", held);
     ck_assert_int_eq(khtest_db_count(s_db, sql), 0);
 }
+
+/* A transaction left open (a backup, a long export, a session idle in
+ * one) holds up sealing past the bound taken while it runs, never the
+ * signing of what is sealed: the sealed head gets its checkpoint every
+ * checkpoint_ms all the same. It stayed unsigned for as long as that
+ * transaction lasted. */
+START_TEST(a_transaction_left_open_does_not_hold_up_checkpoints)
+{
+    char *conninfo = khtest_db_conninfo(S_DB);
+    PGconn *slow = PQconnectdb(conninfo);
+    ck_assert_int_eq(PQstatus(slow), CONNECTION_OK);
+    kh_trail_sealer_config_t cfg = {
+        .checkpoint_every = 1000000, .checkpoint_ms = 1500, .batch = 500};
+    kh_trail_sealer_t *sealer = kh_trail_sealer_new(s_sk, &cfg);
+    ck_assert_ptr_nonnull(sealer);
+    s_events_dense(3);
+    s_flush(sealer); /* and its first checkpoint */
+    s_events_dense(3);
+    s_flush(sealer); /* within checkpoint_ms: sealed, not signed */
+    const char *signed_sql = "SELECT count(*) FROM audit_checkpoints WHERE"
+                             " seq = (SELECT max(seq) FROM audit_seals)";
+    ck_assert_int_eq(khtest_db_count(s_db, signed_sql), 0);
+
+    khtest_db_exec(slow, "BEGIN", 0, NULL);
+    khtest_db_exec(slow, s_insert_sql, 0, NULL);
+    char *held = khtest_db_value(slow, "SELECT max(seq) FROM audit_events");
+    khtest_db_exec(s_db, s_insert_sql, 0, NULL);
+    kh_error_t err;
+    bool signed_head = false;
+    for (int i = 0; i < 80 && !signed_head; i++) {
+        ck_assert_int_ge(kh_trail_sealer_step(sealer, s_db, NULL, &err), 0);
+        signed_head = khtest_db_count(s_db, signed_sql) == 1;
+        usleep(50000);
+    }
+    ck_assert_msg(signed_head, "the sealed head was not signed in 4 s");
+    s_nothing_sealed_from(held);
+    khtest_db_exec(slow, "COMMIT", 0, NULL);
+    s_flush(sealer);
+    kh_trail_report_t report;
+    ck_assert_int_eq(s_verify(NULL, 0, &report), 0);
+    ck_assert_int_eq(report.sealed, 8);
+    kh_trail_sealer_destroy(&sealer);
+    free(held);
+    free(conninfo);
+    PQfinish(slow);
+}
+END_TEST
 
 /* A prepared transaction (PREPARE TRANSACTION) holds no virtualxid lock:
  * one that holds a seq is waited for like a running one, whether it was
@@ -1361,13 +1415,6 @@ START_TEST(an_export_is_verified_from_a_pipe)
     free(dir);
 }
 END_TEST
-
-/* n events without a gap in seq (the tests below name exact seqs). */
-static void s_events_dense(int n)
-{
-    for (int i = 0; i < n; i++)
-        khtest_db_exec(s_db, s_insert_sql, 0, NULL);
-}
 
 /* Run ketenhubctl audit with args against the test database; its exit
  * status, its output in *out (caller frees). */
@@ -3795,6 +3842,7 @@ int main(void)
     tcase_set_timeout(tc, 280);
     tcase_add_test(tc, sealed_trail_verifies);
     tcase_add_test(tc, seals_wait_for_a_lower_seq_still_in_flight);
+    tcase_add_test(tc, a_transaction_left_open_does_not_hold_up_checkpoints);
     tcase_add_test(tc, seals_wait_for_a_prepared_transaction);
     tcase_add_test(tc, roles_cannot_change_the_trail);
     tcase_add_test(tc, least_privilege_roles_do_their_work);
