@@ -2772,6 +2772,7 @@ enum {
     S_COL_ORIGIN_SERVICE,
     S_COL_ORIGIN_PEER,
     S_COL_RULES_MATCHED,
+    S_COL_RULES_VERSION,
     S_NCOLS
 };
 
@@ -2784,15 +2785,17 @@ static const char *s_try_event(int col, const char *value)
 {
     static char refused_by[64];
     const char *params[S_NCOLS] = {
-        "partner",    "veilig-thuis", "delivery.nacked", "avim",       "ok",
-        "nack_retry", "delivery_id",  "notification",    "10.0.0.1:5", "a,b"};
+        "partner",    "veilig-thuis", "delivery.nacked", "avim",
+        "ok",         "nack_retry",   "delivery_id",     "notification",
+        "10.0.0.1:5", "a,b",          "3f1c.50d8"};
     params[col] = value;
     khtest_db_exec(s_db, "SAVEPOINT try", 0, NULL);
     PGresult *res = PQexecParams(
         s_db,
         "INSERT INTO audit_events (actor_kind, actor_id, action, partner_id,"
         " outcome, reason_code, reason_path, origin_service, origin_peer,"
-        " rules_matched) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        " rules_matched, rules_version)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
         S_NCOLS, NULL, params, NULL, NULL, 0);
     const char *result = NULL;
     if (PQresultStatus(res) != PGRES_COMMAND_OK) {
@@ -2921,6 +2924,11 @@ START_TEST(checks_refuse_what_they_refused)
         {S_COL_ORIGIN_PEER, "10.0.0.1\r", "audit_events_origin_peer_length"},
         {S_COL_RULES_MATCHED, "minor always",
          "audit_events_rules_matched_format"},
+        /* 030: no control character in a rules version either */
+        {S_COL_RULES_VERSION, "3f1c\r\x1b[2K",
+         "audit_events_rules_version_format"},
+        {S_COL_RULES_VERSION, "", "audit_events_rules_version_format"},
+        {S_COL_RULES_VERSION, "test", NULL},
     };
     for (size_t i = 0; i < sizeof others / sizeof *others; i++) {
         const char *by = s_try_event(others[i].col, others[i].value);
