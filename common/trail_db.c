@@ -728,15 +728,21 @@ int kh_trail_db_verify_keys(PGconn *conn, const kh_trail_keys_t *keys,
          * events read all come after it). */
         rc = s_verify_pass(conn, keys, anchor, cps, ncps, published, npublished,
                            report, err);
+        /* ... unless the published one is no checkpoint of these keys (a
+         * forged copy, another hub's): then that copy is at fault, and
+         * nothing it anchors is to be trusted. */
+        bool forged = kh_trail_keys_signer(keys, anchor) < 0;
         if (rc >= 0) {
-            report->kind = KH_TRAIL_MISSING;
+            report->kind = forged ? KH_TRAIL_BAD_SIGNATURE : KH_TRAIL_MISSING;
             report->seq = anchor->seq;
             report->other_seq = 0;
             snprintf(report->detail, sizeof report->detail,
                      "seq %" PRId64 ": the published checkpoint at seq %" PRId64
-                     ", where verification starts, is gone from the trail's "
-                     "checkpoints",
-                     anchor->seq, anchor->seq);
+                     ", where verification starts, %s",
+                     anchor->seq, anchor->seq,
+                     forged ? "is signed by none of the keys given: the "
+                              "published copy is not the hub's"
+                            : "is gone from the trail's checkpoints");
             rc = 1;
         }
     } else if (rc == 0 && own) {

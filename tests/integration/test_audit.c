@@ -3349,6 +3349,16 @@ START_TEST(a_published_checkpoint_gone_from_the_database_is_found)
     ck_assert_int_eq(r.seq, 20);
     ck_assert_msg(strstr(r.detail, "where verification starts"), "%s",
                   r.detail);
+    /* A published copy of it that the key did not sign (forged, or
+     * another hub's): the copy is at fault, not the database. */
+    cps[1].signature[0] ^= 1;
+    ck_assert_int_eq(kh_trail_db_verify(s_db, s_pk, 20, cps, ncps, &r, &err),
+                     1);
+    ck_assert_int_eq(r.kind, KH_TRAIL_BAD_SIGNATURE);
+    ck_assert_int_eq(r.seq, 20);
+    ck_assert_msg(strstr(r.detail, "signed by none of the keys given"), "%s",
+                  r.detail);
+    cps[1].signature[0] ^= 1;
     ck_assert_int_eq(kh_trail_db_verify(s_db, s_pk, 30, cps, ncps, &r, &err),
                      0);
     /* Without them the database cannot know (README, Verify). */
