@@ -1222,6 +1222,14 @@ int kh_http_get(const char *hostport, const char *path, int timeout_ms,
         return kh_error_set(err, KH_E_UNAVAILABLE, "",
                             "no whole HTTP answer from %s in time", hostport);
     }
+    /* A status of three digits: any other (a negative one, say) would
+     * pass for this function's own failure, with no error said. */
+    if (status < 100 || status > 599) {
+        free(reply);
+        return kh_error_set(err, KH_E_UNAVAILABLE, "",
+                            "%s answered status %d, which HTTP has not",
+                            hostport, status);
+    }
     if (body) {
         *body = strdup(head_end + 4);
         if (!*body) {

@@ -18,6 +18,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "ketenhub/client.h"
@@ -1511,6 +1512,40 @@ START_TEST(status_and_health_refuse_an_endpoint_that_is_no_host_port)
     free(output);
     ck_assert_int_eq(KHTEST_CTL(&output, "health", "127.0.0.1:"), 2);
     free(output);
+    /* An endpoint that answers a status HTTP has not (-1 would pass for
+     * the probe's own failure, its error unset): down, saying so. */
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in addr = {.sin_family = AF_INET,
+                               .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    ck_assert_int_eq(bind(fd, (struct sockaddr *) &addr, sizeof addr), 0);
+    ck_assert_int_eq(listen(fd, 4), 0);
+    socklen_t len = sizeof addr;
+    ck_assert_int_eq(getsockname(fd, (struct sockaddr *) &addr, &len), 0);
+    pid_t server = fork();
+    ck_assert_int_ge(server, 0);
+    if (server == 0) {
+        for (;;) {
+            int c = accept(fd, NULL, NULL);
+            char request[512];
+            if (c >= 0 && recv(c, request, sizeof request, 0) >= 0) {
+                static const char answer[] = "HTTP/1.0 -1 x\r\n\r\nbody";
+                ssize_t sent = send(c, answer, sizeof answer - 1, 0);
+                (void) sent;
+            }
+            close(c);
+        }
+    }
+    close(fd);
+    char odd[64];
+    snprintf(odd, sizeof odd, "127.0.0.1:%d", ntohs(addr.sin_port));
+    ck_assert_int_eq(KHTEST_CTL(&output, "health", odd), 1);
+    ck_assert_msg(strstr(output, "answered status -1"), "%s", output);
+    free(output);
+    ck_assert_int_eq(KHTEST_CTL(&output, "status", "--intake", odd), 1);
+    ck_assert_msg(strstr(output, "answered status -1"), "%s", output);
+    free(output);
+    kill(server, SIGKILL);
+    waitpid(server, NULL, 0);
     /* A well-formed endpoint where nothing listens is down: exit 1. */
     char down[64];
     snprintf(down, sizeof down, "http://127.0.0.1:%d/", khproc_free_port());
