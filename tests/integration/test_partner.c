@@ -689,6 +689,30 @@ START_TEST(test_ctl_options_given_twice_are_refused)
                       strstr(text, "not an audit key file"),
                   "%s", text);
     free(text);
+    /* A value forgotten: the option after it is no value (--name
+     * --no-cases registered a partner of that name that handles cases),
+     * unless attached with = (then it is meant). */
+    static const char *const swallowed[][12] = {
+        {"--name", "partner", "add", "cdx", "--kind", "other", "--name",
+         "--no-cases", "--out", "/tmp/x", NULL},
+        {"--partner", "deadletters", "list", "--partner", "--json", NULL},
+        {"--out", "audit", "export", "--out", "--checkpoints-only", NULL},
+    };
+    for (size_t i = 0; i < sizeof swallowed / sizeof swallowed[0]; i++) {
+        int rc = khtest_ctl(&text, swallowed[i] + 1);
+        char named[64];
+        snprintf(named, sizeof named, "option '%s' takes a value, and",
+                 swallowed[i][0]);
+        ck_assert_msg(rc == 2 && strstr(text, named), "%s %s: exit %d: %s",
+                      swallowed[i][1], swallowed[i][2], rc, text);
+        free(text);
+    }
+    ck_assert_int_eq(KHTEST_CTL(&text, "partner", "add", "cdx", "--kind",
+                                "other", "--name=--no-cases"),
+                     2);
+    ck_assert_msg(!strstr(text, "takes a value") && strstr(text, "--cert-dir"),
+                  "%s", text);
+    free(text);
     /* --checkpoints-only exports them all: a range with it is refused,
      * not ignored. */
     ck_assert_int_eq(KHTEST_CTL(&text, "audit", "export", "--out", "/tmp/x",

@@ -114,19 +114,54 @@ int ctl_usage_error(const char *fmt, ...)
     return CTL_USAGE;
 }
 
+/* Whether text is one of the options (--name, --name=..., -c). */
+static bool s_names_option(const char *text, const char *shortopts,
+                           const struct option *longopts)
+{
+    if (strncmp(text, "--", 2) == 0) {
+        size_t len = strcspn(text + 2, "=");
+        for (const struct option *o = longopts; o->name; o++)
+            if (strlen(o->name) == len && strncmp(o->name, text + 2, len) == 0)
+                return true;
+        return false;
+    }
+    return text[0] == '-' && text[1] && text[1] != ':' && !text[2] &&
+           strchr(shortopts, text[1]);
+}
+
 int ctl_getopt(int argc, char **argv, const char *shortopts,
                const struct option *longopts, ctl_opts_t *opts)
 {
     int c = getopt_long(argc, argv, shortopts, longopts, NULL);
-    if (c <= 0 || c > UCHAR_MAX || c == '?' || c == ':' ||
-        strchr(opts->repeatable, c))
-        return c; /* (an option of a value past a char is not checked) */
+    if (c <= 0 || c == '?' || c == ':')
+        return c;
     const struct option *o = longopts;
     while (o->name && o->val != c)
         o++;
-    const char *spec = strchr(shortopts, c);
+    const char *spec = c <= UCHAR_MAX ? strchr(shortopts, c) : NULL;
     bool value =
         o->name ? o->has_arg == required_argument : spec && spec[1] == ':';
+    /* The word after an option that takes a value is its value, also when
+     * it is another option (a value forgotten: --name --no-cases named a
+     * partner "--no-cases" that handles cases). Attached (--name=--x), it
+     * is meant. */
+    if (value && optarg == argv[optind - 1] &&
+        s_names_option(optarg, shortopts, longopts)) {
+        if (o->name)
+            fprintf(stderr,
+                    "%s: option '--%s' takes a value, and '%s' is an "
+                    "option (--%s=%s for that value)\n",
+                    argv[0], o->name, optarg, o->name, optarg);
+        else
+            fprintf(stderr,
+                    "%s: option '-%c' takes a value, and '%s' is an "
+                    "option\n",
+                    argv[0], c, optarg);
+        return '?';
+    }
+    /* (an option of a value past a char is not counted) */
+    if (c > UCHAR_MAX || strchr(opts->repeatable, c))
+        return c;
     if (!value) /* a flag: once or twice says the same */
         return c;
     if (!opts->seen[(unsigned char) c]) {
