@@ -17,6 +17,7 @@
 
 #include "ketenhub/db.h"
 #include "ketenhub/partner.h"
+#include "khproc.h"
 #include "khtest.h"
 
 #define DB "kh_test_partner"
@@ -1549,6 +1550,67 @@ START_TEST(test_rotate_commit_lost)
 }
 END_TEST
 
+/* A rotation whose commit went through, its answer lost: the tool reads
+ * the transaction's status on a new connection (not the row, which a
+ * commit that is durable but not yet visible does not show), says that
+ * it went through, keeps the new files and exits 0. The answer is lost
+ * by holding the commit in a wait for a synchronous standby that never
+ * comes, and ending the server process while it waits. */
+START_TEST(test_rotate_commit_answer_lost)
+{
+    PGconn *conn = s_ctl_db();
+    char *cert_dir = khtest_tmpdir();
+    char *out[2] = {khtest_tmpdir(), khtest_tmpdir()};
+    s_migrated_with_avim(cert_dir, out[0]);
+    char before[KH_PARTNER_KEY_LEN + 1], key[KH_PARTNER_KEY_LEN + 1];
+    char expires[40];
+    s_cert_key(cert_dir, "avim.cert", before, expires);
+    char log[] = "/tmp/kh-partner-rotate-XXXXXX";
+    int fd = mkstemp(log);
+    ck_assert_int_ge(fd, 0);
+    close(fd);
+    khtest_sync_standby(conn, "kh_test_nobody");
+    char *argv[] = {KH_TEST_BINARY_DIR "/tools/ctl/ketenhubctl",
+                    "partner",
+                    "rotate",
+                    "avim",
+                    "--cert-dir",
+                    cert_dir,
+                    "--out",
+                    out[1],
+                    "--overlap",
+                    "0",
+                    NULL};
+    char *env[] = {"PGOPTIONS=-c synchronous_commit=on", NULL};
+    pid_t pid = khproc_spawn(argv[0], argv, env, log);
+    ck_assert_int_gt(pid, 0);
+    bool ended = khtest_end_commit_waiter(conn, DB);
+    khtest_sync_standby(conn, NULL);
+    int status = khproc_stop(pid, 0, 30000);
+    char *text = khtest_read_file(log);
+    unlink(log);
+    ck_assert_msg(ended, "no commit waited: %s", text);
+    ck_assert_msg(status >= 0 && WIFEXITED(status) && WEXITSTATUS(status) == 0,
+                  "rotate: status %d: %s", status, text);
+    ck_assert_msg(strstr(text, "went through after all"), "%s", text);
+    free(text);
+    s_cert_key(cert_dir, "avim.cert", key, expires);
+    ck_assert_str_ne(key, before);
+    kh_error_t err;
+    kh_partner_t p;
+    ck_assert_int_eq(kh_partner_get(conn, "avim", &p, &err), 0);
+    ck_assert_str_eq(p.public_key, key);
+    ck_assert(s_file_exists(out[1], "avim.cert_secret"));
+    khtest_rmtree(cert_dir);
+    free(cert_dir);
+    for (int i = 0; i < 2; i++) {
+        khtest_rmtree(out[i]);
+        free(out[i]);
+    }
+    PQfinish(conn);
+}
+END_TEST
+
 /* A revocation whose commit the server refuses, or whose connection is
  * lost at the commit (and which did not go through): the certificate is
  * put back, so that the files and the registry agree (the partner still
@@ -1884,6 +1946,7 @@ static Suite *s_suite(void)
     tcase_add_test(tc, test_ctl_out_apart_from_cert_dir);
     tcase_add_test(tc, test_rotate);
     tcase_add_test(tc, test_rotate_commit_lost);
+    tcase_add_test(tc, test_rotate_commit_answer_lost);
     tcase_add_test(tc, test_add_refused_keeps_the_certificate_it_found);
     tcase_add_test(tc, test_revoke_commit_refused);
     tcase_add_test(tc, test_rotate_cut_short);

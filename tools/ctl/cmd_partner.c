@@ -298,31 +298,21 @@ static void s_print_handover(const char *id, const char *out)
         printf("the partner keeps its secret key; it needs hub.cert only\n");
 }
 
-/* After a COMMIT that failed on conn: 0 when it did not go through (the
- * server refused it, or partner id's current key is not key), 1 when it
- * did after all (the connection was lost with the answer), -1 when that
- * cannot be found out. */
-static int s_commit_outcome(PGconn *conn, const char *id, const char *key)
+/* COMMIT a partner's change: 0 when it went through (also when only a
+ * new connection could tell: *outcome 1), else -1 with err, and *outcome
+ * -1 when whether it went through cannot be found out (the files are then
+ * left admitting both keys), 0 when not. Told by the transaction's status
+ * (ctl_commit_xact), not by reading the row: a commit that is durable but
+ * not yet visible (waiting for a synchronous standby) read as not made,
+ * and the files were put back under a change that then showed. */
+static int s_commit(PGconn *conn, int *outcome, kh_error_t *err)
 {
-    const char *params[] = {id, key};
-    return ctl_commit_outcome(conn,
-                              "SELECT curve_public_key = $2 FROM partners"
-                              " WHERE id = $1",
-                              2, params);
-}
-
-/* COMMIT a change that makes key partner id's current one: 0 when it
- * went through (also when only a new connection could tell: *outcome 1),
- * else -1 with err, and *outcome -1 when whether it went through cannot be
- * found out (the files are then left admitting both keys), 0 when not. */
-static int s_commit(PGconn *conn, const char *id, const char *key, int *outcome,
-                    kh_error_t *err)
-{
-    *outcome = 0;
-    if (kh_db_exec(conn, "COMMIT", err) == 0)
+    bool lost;
+    int committed = ctl_commit_xact(conn, &lost, err);
+    *outcome = committed == 1 ? lost : committed;
+    if (committed == 1 && !lost)
         return 0;
-    *outcome = s_commit_outcome(conn, id, key);
-    if (*outcome == 0)
+    if (committed == 0)
         return -1;
     ctl_print_error(err);
     if (*outcome < 0) {
@@ -379,7 +369,7 @@ static int s_add(const char *id, const char *name, kh_partner_kind_t kind,
         rc = kh_partner_cert_forget_kept(id, cert_dir, &err) < 0 ? -1 : 0;
     int outcome = 0;
     if (rc == 0)
-        rc = s_commit(conn, id, zcert_public_txt(cert), &outcome, &err);
+        rc = s_commit(conn, &outcome, &err);
     kh_partner_cert_unlock(&lock);
     if (rc != 0 && outcome == 0) {
         kh_db_rollback_quietly(conn);
@@ -683,7 +673,7 @@ static int s_rotate(const char *id, const char *cert_dir, const char *out,
     }
     int outcome = 0;
     if (rc == 0)
-        rc = s_commit(conn, id, zcert_public_txt(cert), &outcome, &err);
+        rc = s_commit(conn, &outcome, &err);
     if (staged) {
         kh_error_t end_err;
         kh_error_clear(&end_err);
@@ -841,15 +831,9 @@ static int s_cmd_revoke(int argc, char **argv)
     }
     int committed = 0;
     if (rc == 0) {
-        rc = kh_db_exec(conn, "COMMIT", &err);
-        const char *params[] = {id};
-        committed = rc == 0 ? 1
-                            : ctl_commit_outcome(conn,
-                                                 "SELECT revoked_at IS NOT NULL"
-                                                 " FROM partners WHERE id = $1",
-                                                 1, params);
-        if (committed == 1)
-            rc = 0; /* it went through; only the answer was lost */
+        bool lost; /* it went through; only the answer was lost */
+        committed = ctl_commit_xact(conn, &lost, &err);
+        rc = committed == 1 ? 0 : -1;
     }
     if (removed >= 0) {
         /* Whether it committed unknown: the files stay removed (revoke

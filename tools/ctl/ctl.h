@@ -119,15 +119,6 @@ PGconn *ctl_connect(void);
  * while the server cannot be reached (a database container starting). */
 PGconn *ctl_connect_wait(int wait_s);
 
-/* After a COMMIT that failed on conn: 0 when it did not go through (the
- * server answered, refusing it, or check says not), 1 when it did after all
- * (the connection was lost with the answer, and check, a query with
- * nparams params run on a new connection, answers true in the first column
- * of its one row), -1 when that cannot be found out (no new connection,
- * check failed or answered NULL). No row is "not". */
-int ctl_commit_outcome(PGconn *conn, const char *check, int nparams,
-                       const char *const *params);
-
 /* COMMIT the transaction open on conn, having read its id first: 1 when
  * it went through, also when only a new connection could tell
  * (txid_status: the connection was lost with the answer, *lost set), 0
@@ -135,8 +126,8 @@ int ctl_commit_outcome(PGconn *conn, const char *check, int nparams,
  * unless it went through and nothing was lost. */
 int ctl_commit_xact(PGconn *conn, bool *lost, kh_error_t *err);
 
-/* ctl_commit_outcome's decision from conn's status after the failed COMMIT
- * and check's result (not read when status is CONNECTION_OK). */
+/* The decision of ctl_commit_xact from conn's status after the failed
+ * COMMIT and check's result (not read when status is CONNECTION_OK). */
 int ctl_commit_checked(ConnStatusType status, const PGresult *res);
 
 #endif

@@ -393,8 +393,14 @@ int ctl_commit_checked(ConnStatusType status, const PGresult *res)
     return strcmp(PQgetvalue(res, 0, 0), "t") == 0 ? 1 : 0;
 }
 
-int ctl_commit_outcome(PGconn *conn, const char *check, int nparams,
-                       const char *const *params)
+/* After a COMMIT that failed on conn: 0 when it did not go through (the
+ * server answered, refusing it, or check says not), 1 when it did after all
+ * (the connection was lost with the answer, and check, a query with
+ * nparams params run on a new connection, answers true in the first column
+ * of its one row), -1 when that cannot be found out (no new connection,
+ * check failed or answered NULL). No row is "not". */
+static int s_commit_outcome(PGconn *conn, const char *check, int nparams,
+                            const char *const *params)
 {
     if (PQstatus(conn) == CONNECTION_OK)
         return ctl_commit_checked(CONNECTION_OK, NULL);
@@ -426,7 +432,7 @@ int ctl_commit_xact(PGconn *conn, bool *lost, kh_error_t *err)
     /* Whether the transaction committed, as the server knows it: true,
      * false, or NULL while that cannot be told. */
     const char *params[] = {xid};
-    int outcome = ctl_commit_outcome(
+    int outcome = s_commit_outcome(
         conn,
         "SELECT CASE txid_status($1::bigint) WHEN 'committed' THEN true"
         " WHEN 'aborted' THEN false END",
