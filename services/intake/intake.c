@@ -61,10 +61,13 @@ typedef struct {
     char trail_path[KH_ERROR_PATH_MAX]; /* err.path as the trail holds it */
     char *canonical; /* SUBMIT: the referral's canonical JSON (owned) */
     int sub;         /* index in the batch's submissions, or -1 */
-    int leader;     /* earlier request of this batch with the same key, or -1 */
-    char hash[65];  /* a repeat of a key (leader set): its referral's hash */
-    bool unaudited; /* a conflict whose audit event failed: err says why */
-    bool in_trail;  /* a refusal whose event goes in with its batch */
+    int leader;    /* earlier request of this batch with the same key, or -1 */
+    char hash[65]; /* a repeat of a key (leader set): its referral's hash */
+    /* A repeat whose referral differs from its leader's: a refusal token
+     * taken ahead, kept when it is a conflict, given back when not. */
+    bool charged;
+    bool unaudited;   /* a conflict whose audit event failed: err says why */
+    bool in_trail;    /* a refusal whose event goes in with its batch */
     bool audit_first; /* ... answered only once that event commits */
     json_t *status;   /* STATUS: its reply, read at receipt (in the arena) */
     /* The key it came with (Z85), "" if none. */
@@ -698,8 +701,14 @@ static void s_take(intake_t *self, kh_jarena_t *arena, s_request_t *req,
 }
 
 /* Place a valid SUBMIT in the batch, or make it follow an earlier request
- * of this batch with the same partner, idempotency key and CURVE key. */
-static void s_batch_submit(s_batch_t *batch, s_request_t *req)
+ * of this batch with the same partner, idempotency key and CURVE key. A
+ * follower whose referral differs from its leader's is most likely an
+ * idempotency conflict, an audit event, which only the commit can tell:
+ * it takes a refusal token now (s_audit_conflicts keeps it or gives it
+ * back), so that a partner pipelining one key with other referrals is
+ * throttled at receipt like any partner refused too often, rather than
+ * writing a conflict event for each of a batch. */
+static void s_batch_submit(intake_t *self, s_batch_t *batch, s_request_t *req)
 {
     const char *idem =
         json_string_value(json_object_get(req->msg, "idempotency_key"));
@@ -727,10 +736,16 @@ static void s_batch_submit(s_batch_t *batch, s_request_t *req)
             s_refuse(req, &err);
             return;
         }
+        const store_submit_t *first =
+            &batch->subs[batch->requests[req->leader].sub];
         batch->reps[batch->nreps++] =
             (store_repeat_t){.sub = (size_t) batch->requests[req->leader].sub,
                              .hash = req->hash,
                              .peer = req->peer};
+        if (self->refusals && strcmp(req->hash, first->hash) != 0) {
+            kh_ratelimit_charge(self->refusals, req->actor, zclock_usecs());
+            req->charged = true;
+        }
         return;
     }
     store_submit_t *sub = &batch->subs[batch->nsubs];
@@ -930,23 +945,37 @@ static void s_follow_unadmitted(intake_t *self, const s_batch_t *batch)
  * conflicts the statement writes is its conflicts CTE's condition
  * (store_sql.h): this one's complement, for rows it could see.
  */
+/* Give back the refusal token req took ahead (s_batch_submit), if it
+ * did: it wrote no refusal. */
+static void s_uncharge(intake_t *self, s_request_t *req)
+{
+    if (!req->charged)
+        return;
+    kh_ratelimit_refund(self->refusals, req->actor, zclock_usecs());
+    req->charged = false;
+}
+
 static void s_audit_conflicts(intake_t *self, s_batch_t *batch)
 {
     size_t n = 0;
     for (size_t i = 0; i < batch->count; i++) {
         s_request_t *req = &batch->requests[i];
-        if (req->refused || req->cmd != KH_CMD_SUBMIT)
+        if (req->cmd != KH_CMD_SUBMIT)
             continue;
         const s_request_t *owner =
             req->leader >= 0 ? &batch->requests[req->leader] : req;
-        if (owner->refused)
+        if (req->refused || owner->refused) {
+            s_uncharge(self, req); /* refused since, unaudited */
             continue;
+        }
         const store_submit_t *sub = &batch->subs[owner->sub];
         const char *hash = req->leader >= 0 ? req->hash : sub->hash;
-        if (!sub->admitted || strcmp(hash, sub->stored_hash) == 0)
-            continue; /* nothing stored for it, or no conflict */
+        if (!sub->admitted || strcmp(hash, sub->stored_hash) == 0) {
+            s_uncharge(self, req); /* nothing stored for it, or no conflict */
+            continue;
+        }
         /* Each conflict is a refusal in the trail, whoever writes it. */
-        if (self->refusals)
+        if (self->refusals && !req->charged)
             kh_ratelimit_charge(self->refusals, req->partner, zclock_usecs());
         if (!sub->late)
             continue; /* the statement wrote it */
@@ -1217,6 +1246,9 @@ static void s_commit_done(intake_t *self, int rc, const kh_error_t *err)
     batch->committed = rc == 0 || rc == STORE_COMMITTED_UNREAD;
     if (batch->committed)
         s_wake_routing(self, batch);
+    else /* nothing written: the tokens taken ahead go back */
+        for (size_t i = 0; i < batch->count; i++)
+            s_uncharge(self, &batch->requests[i]);
     /* Keep PostgreSQL busy with the next batch while this one is
      * answered (the batches swap roles only after this one is empty). */
     s_dispatch(self);
@@ -1302,7 +1334,7 @@ static int s_on_router(zloop_t *loop, zsock_t *router, void *arg)
         s_take(self, batch->arena, req, identity, &body, extra);
         zmq_msg_close(&body);
         if (!req->refused && req->cmd == KH_CMD_SUBMIT)
-            s_batch_submit(batch, req);
+            s_batch_submit(self, batch, req);
         if (!req->refused)
             batch->bytes += req->size;
         /* Neither a throttled request nor one refused because the

@@ -3596,6 +3596,66 @@ START_TEST(idempotency_conflicts_count_among_the_refusals)
 }
 END_TEST
 
+/* The same, pipelined on one connection: a key sent again with other
+ * referrals, faster than batches commit. The repeats of a key in a batch
+ * take their refusal ahead (the commit tells which were conflicts), so
+ * they are throttled once the partner's refusals are used up, as one at
+ * a time; before, a batch's every conflict passed the check while the
+ * batch before committed (277 conflict events of 300, the bound 21). */
+#define S_PIPELINED 300
+START_TEST(pipelined_conflicts_count_among_the_refusals)
+{
+    s_restart_intake_with(
+        (const char *const[]){"KH_PARTNER_REFUSALS", "2", NULL});
+    json_t *referral = s_example();
+    kh_client_t *vt = s_client("vt");
+    kh_error_t err;
+    json_t *reply = kh_client_submit(vt, referral, "same", S_TIMEOUT, &err);
+    ck_assert_ptr_nonnull(reply);
+    ck_assert_str_eq(kh_client_reply_cmd(reply), "ACCEPTED");
+    json_decref(reply);
+    kh_client_destroy(&vt);
+
+    json_t **envelopes = calloc(S_PIPELINED, sizeof *envelopes);
+    json_t **replies = calloc(S_PIPELINED, sizeof *replies);
+    for (int i = 0; i < S_PIPELINED; i++) {
+        json_t *other = json_deep_copy(referral);
+        char summary[32];
+        snprintf(summary, sizeof summary, "another referral %d", i);
+        json_object_set_new(other, "summary", json_string(summary));
+        envelopes[i] = s_submit_envelope("same", other);
+        json_decref(other);
+    }
+    int64_t start = zclock_mono();
+    s_pipeline(envelopes, S_PIPELINED, replies, S_TIMEOUT);
+    int64_t elapsed = zclock_mono() - start;
+    int conflicts = 0, throttled = 0;
+    for (int i = 0; i < S_PIPELINED; i++) {
+        ck_assert_msg(replies[i] != NULL, "no reply to %d", i);
+        const char *code = s_str(replies[i], "code");
+        if (strcmp(code, "idempotency_conflict") == 0)
+            conflicts++;
+        else {
+            ck_assert_str_eq(code, "throttled");
+            throttled++;
+        }
+        json_decref(replies[i]);
+    }
+    /* The first of the key in a batch is no repeat there: its conflict
+     * with the stored referral is known, and counted, at its commit
+     * only (a few batches at most in this time). */
+    ck_assert_int_gt(throttled, 0);
+    ck_assert_msg(conflicts <= khtest_bucket_max(20, 2, elapsed) + 3,
+                  "%d conflicts in %" PRId64 " ms", conflicts, elapsed);
+    ck_assert_int_eq(s_count("SELECT count(*) FROM audit_events WHERE"
+                             " reason_code = 'idempotency_conflict'"),
+                     conflicts);
+    free(envelopes);
+    free(replies);
+    json_decref(referral);
+}
+END_TEST
+
 START_TEST(sighup_does_not_stop_and_sigterm_exits_zero)
 {
     kill(s_intake, SIGHUP);
@@ -4387,6 +4447,7 @@ int main(void)
     tcase_add_test(tc,
                    a_partner_refused_too_often_is_throttled_before_the_trail);
     tcase_add_test(tc, idempotency_conflicts_count_among_the_refusals);
+    tcase_add_test(tc, pipelined_conflicts_count_among_the_refusals);
     tcase_add_test(tc, sighup_does_not_stop_and_sigterm_exits_zero);
     tcase_add_test(tc, the_client_never_resends_before_retry_after_ms);
     tcase_add_test(tc, refused_pings_are_throttled_before_the_trail);
