@@ -1488,6 +1488,19 @@ START_TEST(test_add_refused_keeps_the_certificate_it_found)
     ck_assert_int_eq(khtest_db_count(conn, "SELECT count(*) FROM partners"), 0);
     khtest_db_exec(conn, "DROP TRIGGER kh_test_cut ON partners", 0, NULL);
     khtest_db_exec(conn, "DROP FUNCTION kh_test_cut()", 0, NULL);
+    /* A new pair where that file holds another key (an add killed after
+     * it installed its certificate, before its commit): refused, the file
+     * kept, and the refusal says it admits no partner, to be removed. */
+    char *out = khtest_tmpdir();
+    rc = KHTEST_CTL(&text, "partner", "add", "avim", "--name", "AVIM", "--kind",
+                    "police", "--cert-dir", cert_dir, "--out", out);
+    ck_assert_msg(rc == 1 && strstr(text, "already exists") &&
+                      strstr(text, "no partner avim is registered"),
+                  "add over another key's file: %d: %s", rc, text);
+    free(text);
+    ck_assert_int_eq(khtest_db_count(conn, "SELECT count(*) FROM partners"), 0);
+    khtest_rmtree(out);
+    free(out);
     /* Without the trigger it goes in, with that certificate. */
     rc = KHTEST_CTL(&text, "partner", "add", "avim", "--name", "AVIM", "--kind",
                     "police", "--cert-dir", cert_dir, "--public-cert", own);

@@ -351,9 +351,11 @@ static int s_add(const char *id, const char *name, kh_partner_kind_t kind,
         rc = kh_partner_cert_export(cert, id, out, &err);
         exported = rc == 0;
     }
+    bool stray = false; /* another key's DIR/ID.cert, no partner ID */
     if (rc == 0) {
         rc = kh_partner_cert_install(cert, id, cert_dir, &err);
         installed = rc == 0; /* not when the same key was there (1) */
+        stray = rc < 0 && err.code == KH_E_CONFIG;
         rc = rc < 0 ? -1 : 0;
     }
     /* The copies a rotation cut short kept of a partner of this id (the
@@ -376,6 +378,12 @@ static int s_add(const char *id, const char *name, kh_partner_kind_t kind,
         s_unlink_files(installed ? cert_dir : NULL, exported ? out : NULL,
                        made_dir, id);
         ctl_print_error(&err);
+        if (stray)
+            fprintf(stderr,
+                    "ketenhubctl: no partner %s is registered, so that "
+                    "file admits no partner (an add cut short left it, or "
+                    "it was put there by hand): remove it and add again\n",
+                    id);
     } else if (rc == 0) {
         printf("partner %s registered (kind %s, handles cases: %s)\n", id,
                kh_partner_kind_name(kind), cases ? "yes" : "no");
