@@ -1147,9 +1147,6 @@ static int s_copy_seals(PGconn *conn, const char *data, size_t len,
  * would roll back, and the next start begin again. */
 #define S_CHUNK_BATCHES 5
 
-/* Seal the events up to bound in one transaction, at most
- * S_CHUNK_BATCHES batches of them; *complete says whether it reached
- * bound. Returns the count. */
 /* Whether the sealed head (at head) is due to be signed by time: a
  * checkpoint at least every checkpoint_ms when something new was sealed
  * (compared so that no time read from the table, which may be far off,
@@ -1160,6 +1157,9 @@ static bool s_checkpoint_due(const kh_trail_sealer_t *self, int64_t head)
            self->cp_at_us <= s_now_us() - self->cfg.checkpoint_ms * 1000;
 }
 
+/* Seal the events up to bound in one transaction, at most
+ * S_CHUNK_BATCHES batches of them; *complete says whether it reached
+ * bound. Returns the count. */
 static long s_seal(kh_trail_sealer_t *self, PGconn *conn, int64_t bound,
                    long *checkpoints, bool *complete, kh_error_t *err)
 {
@@ -1441,7 +1441,6 @@ long kh_trail_sealer_step(kh_trail_sealer_t *self, PGconn *conn,
     if (self->pending) {
         /* sealed in part: final already */
         int final = self->partial ? 1 : s_bound_final(self, conn, err);
-        int wrote = 0;
         if (final < 0 ||
             (final && (sealed = s_seal_bound(self, conn, &cps, err)) < 0))
             rc = -1;
@@ -1450,11 +1449,13 @@ long kh_trail_sealer_step(kh_trail_sealer_t *self, PGconn *conn,
          * signing of what is sealed: a checkpoint every checkpoint_ms all
          * the same, else what a superuser could rewrite unseen grows with
          * that transaction. */
-        else if (!final && s_checkpoint_due(self, self->seen_head) &&
-                 (wrote = s_checkpoint_head(self, conn, false, err)) < 0)
-            rc = -1;
-        else
-            cps += wrote;
+        else if (!final && s_checkpoint_due(self, self->seen_head)) {
+            int wrote = s_checkpoint_head(self, conn, false, err);
+            if (wrote < 0)
+                rc = -1;
+            else
+                cps += wrote;
+        }
     }
     /* A new bound once the last one is sealed; with nothing running, it
      * is final at once. */

@@ -925,6 +925,16 @@ static void s_follow_unadmitted(intake_t *self, const s_batch_t *batch)
             s_unadmitted(self, batch->subs[i].partner_id, batch->subs[i].peer);
 }
 
+/* Give back the refusal token req took ahead (s_batch_submit), if it
+ * did: it wrote no refusal. */
+static void s_uncharge(intake_t *self, s_request_t *req)
+{
+    if (!req->charged)
+        return;
+    kh_ratelimit_refund(self->refusals, req->actor, zclock_usecs());
+    req->charged = false;
+}
+
 /*
  * Write the idempotency conflicts of a committed batch that its statement
  * could not see, before they are answered: those with a key another
@@ -945,16 +955,6 @@ static void s_follow_unadmitted(intake_t *self, const s_batch_t *batch)
  * conflicts the statement writes is its conflicts CTE's condition
  * (store_sql.h): this one's complement, for rows it could see.
  */
-/* Give back the refusal token req took ahead (s_batch_submit), if it
- * did: it wrote no refusal. */
-static void s_uncharge(intake_t *self, s_request_t *req)
-{
-    if (!req->charged)
-        return;
-    kh_ratelimit_refund(self->refusals, req->actor, zclock_usecs());
-    req->charged = false;
-}
-
 static void s_audit_conflicts(intake_t *self, s_batch_t *batch)
 {
     size_t n = 0;
